@@ -1,0 +1,33 @@
+"""geste: durable workflows for asyncio Python, recorded step by step in SQLite or PostgreSQL.
+
+Only the names below are public; everything in ``geste._*`` may change without notice.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from ._app import App
+from ._context import ActivityContext, WorkflowContext
+from ._definitions import Activity, Workflow
+from ._handle import WorkflowHandle
+from ._models import Event, HistoryEntry, InstanceInfo, Status, StepKind
+from ._retry import RetryPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activity",
+    "ActivityContext",
+    "App",
+    "Event",
+    "HistoryEntry",
+    "InstanceInfo",
+    "RetryPolicy",
+    "Status",
+    "StepKind",
+    "Workflow",
+    "WorkflowContext",
+    "WorkflowHandle",
+    "__version__",
+    "errors",
+]

@@ -1,0 +1,465 @@
+"""The App: the registry of workflows and activities, the open database, the worker, the client calls."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
+
+from ._context import ActivityContext, WorkflowContext
+from ._definitions import Activity, Workflow, check_name
+from ._engine import Engine
+from ._handle import WorkflowHandle
+from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
+from ._retry import DEFAULT_RETRY, RetryPolicy, seconds
+from ._serde import decode, decode_error, encode
+from ._worker import Worker
+from .errors import (
+    AppNotOpenError,
+    ConfigurationError,
+    InstanceAlreadyExistsError,
+    InstanceNotFoundError,
+    ResultTimeout,
+    UnknownWorkflowError,
+    WorkflowCancelled,
+    WorkflowFailed,
+)
+from .storage import Storage, create_storage
+from .storage.base import Claim, InstanceRow, Lease, NewEvent, NewInstance
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_URL = "sqlite:///geste.db"
+MAX_ID_LENGTH = 200
+
+
+def _positive_int(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{what} must be a positive int, not {value!r}")
+    return value
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        raise ConfigurationError(f"{what} must be a non-empty string of at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+class App:
+    """A geste application: where workflows and activities are registered and run.
+
+    ``App()`` stores in ``./geste.db`` (SQLite) unless ``url`` or ``GESTE_DATABASE_URL`` says otherwise.
+    ``async with app:`` opens the database (migrating it) and, unless ``run_worker=False``, starts a
+    worker in this process that runs instances, this process's and others'.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        worker_id: str | None = None,
+        run_worker: bool = True,
+        concurrency: int = 100,
+        lock_timeout: float | timedelta = 15.0,
+        poll_interval: float | timedelta = 1.0,
+        shutdown_grace: float | timedelta = 10.0,
+        max_payload_bytes: int = 1024 * 1024,
+        default_retry: RetryPolicy = DEFAULT_RETRY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
+        self.storage: Storage = create_storage(self.url)
+        self.worker_id = _check_id(
+            worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", "worker_id"
+        )
+        self.run_worker = run_worker
+        self.concurrency = _positive_int(concurrency, "concurrency")
+        self.lock_timeout = seconds(lock_timeout, what="lock_timeout", allow_zero=False)
+        self.poll_interval = seconds(poll_interval, what="poll_interval", allow_zero=False)
+        self.shutdown_grace = seconds(shutdown_grace, what="shutdown_grace")
+        self.max_payload_bytes = _positive_int(max_payload_bytes, "max_payload_bytes")
+        if not isinstance(default_retry, RetryPolicy):
+            raise ConfigurationError("default_retry must be a geste.RetryPolicy")
+        self.default_retry = default_retry
+        self.clock = clock
+        self._workflows: dict[str, Workflow[Any, Any]] = {}
+        self._activities: dict[str, Activity[Any, Any]] = {}
+        self._worker: Worker | None = None
+        self._open = False
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._stop: asyncio.Event | None = None
+        self._engine = Engine(
+            storage=self.storage,
+            workflows=self._workflows,
+            clock=self.clock,
+            lock_timeout=self.lock_timeout,
+            max_payload_bytes=self.max_payload_bytes,
+            on_suspended=self._on_suspended,
+            on_finished=self._on_finished,
+        )
+
+    # -- registration ------------------------------------------------------------------------------
+    @overload
+    def workflow(
+        self, fn: Callable[Concatenate[WorkflowContext, P], Awaitable[R]], /
+    ) -> Workflow[P, R]: ...
+
+    @overload
+    def workflow(
+        self, *, name: str | None = None
+    ) -> Callable[[Callable[Concatenate[WorkflowContext, P], Awaitable[R]]], Workflow[P, R]]: ...
+
+    def workflow(self, fn: Any = None, /, *, name: str | None = None) -> Any:
+        """Register an ``async def`` workflow taking a ``WorkflowContext`` first."""
+
+        def register(f: Callable[Concatenate[WorkflowContext, P], Awaitable[R]]) -> Workflow[P, R]:
+            wf = Workflow(self, f, name=name or f.__name__)
+            if wf.name in self._workflows:
+                raise ConfigurationError(f"a workflow named {wf.name!r} is registered already")
+            self._workflows[wf.name] = wf
+            return wf
+
+        return register if fn is None else register(fn)
+
+    @overload
+    def activity(
+        self, fn: Callable[Concatenate[ActivityContext, P], Awaitable[R]], /
+    ) -> Activity[P, R]: ...
+
+    @overload
+    def activity(
+        self,
+        *,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Callable[[Callable[Concatenate[ActivityContext, P], Awaitable[R]]], Activity[P, R]]: ...
+
+    def activity(
+        self,
+        fn: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Any:
+        """Register an ``async def`` activity taking an ``ActivityContext`` first.
+
+        ``retry`` defaults to the App's ``default_retry``; ``timeout`` (per attempt) overrides the
+        policy's.
+        """
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError("retry must be a geste.RetryPolicy")
+        policy = retry or self.default_retry
+        if timeout is not None:
+            seconds(timeout, what="timeout", allow_zero=False)
+            policy = RetryPolicy(
+                max_attempts=policy.max_attempts,
+                initial_interval=policy.initial_interval,
+                backoff=policy.backoff,
+                max_interval=policy.max_interval,
+                timeout=timeout,
+                non_retryable=policy.non_retryable,
+            )
+
+        def register(f: Callable[Concatenate[ActivityContext, P], Awaitable[R]]) -> Activity[P, R]:
+            act = Activity(f, name=name or f.__name__, retry=policy)
+            if act.name in self._activities:
+                raise ConfigurationError(f"an activity named {act.name!r} is registered already")
+            self._activities[act.name] = act
+            return act
+
+        return register if fn is None else register(fn)
+
+    @property
+    def workflows(self) -> dict[str, Workflow[Any, Any]]:
+        return dict(self._workflows)
+
+    @property
+    def activities(self) -> dict[str, Activity[Any, Any]]:
+        return dict(self._activities)
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open (and migrate) the database; start the worker unless ``run_worker=False``."""
+        if self._open:
+            return
+        await self.storage.open()
+        self._open = True
+        self._stop = asyncio.Event()
+        if self.run_worker:
+            self._worker = Worker(
+                engine=self._engine,
+                storage=self.storage,
+                worker_id=self.worker_id,
+                clock=self.clock,
+                concurrency=self.concurrency,
+                poll_interval=self.poll_interval,
+                lock_timeout=self.lock_timeout,
+                shutdown_grace=self.shutdown_grace,
+            )
+            await self._worker.start()
+
+    async def close(self) -> None:
+        """Drain the worker (finish or release what it runs) and close the database."""
+        if not self._open:
+            return
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.stop()
+        for futures in self._waiters.values():
+            for future in futures:
+                future.cancel()
+        self._waiters.clear()
+        self._open = False
+        await self.storage.close()
+
+    async def __aenter__(self) -> App:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def run(self) -> None:
+        """Open the App and run its worker until ``shutdown()`` is called; then drain and close."""
+        await self.open()
+        assert self._stop is not None
+        try:
+            await self._stop.wait()
+        finally:
+            await self.close()
+
+    def shutdown(self) -> None:
+        """Ask ``run()`` to stop: no new claims, running instances finish or are released."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise AppNotOpenError("the App is not open: use `async with app:` or `await app.open()` first")
+
+    # -- starting and looking ----------------------------------------------------------------------
+    async def start_workflow(
+        self, workflow: str | Workflow[Any, Any], /, *args: Any, instance_id: str | None = None, **kwargs: Any
+    ) -> WorkflowHandle[Any]:
+        """Start ``workflow`` (an object or a registered name); an existing ``instance_id`` is returned."""
+        if isinstance(workflow, str):
+            found = self._workflows.get(workflow)
+            if found is None:
+                raise UnknownWorkflowError(workflow)
+            workflow = found
+        return await self._start(workflow, args, kwargs, instance_id=instance_id)
+
+    async def _start(
+        self,
+        workflow: Workflow[Any, R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        instance_id: str | None,
+    ) -> WorkflowHandle[R]:
+        self._require_open()
+        if self._workflows.get(workflow.name) is not workflow:
+            raise UnknownWorkflowError(workflow.name)
+        workflow.signature.bind(args, kwargs, what=f"workflow {workflow.name}")
+        stored = encode(
+            {"args": args, "kwargs": kwargs},
+            what=f"input of workflow {workflow.name}",
+            limit=self.max_payload_bytes,
+        )
+        iid = uuid.uuid4().hex if instance_id is None else _check_id(instance_id, "instance_id")
+        now = self.clock()
+        reserved = self._worker.reserve() if self._worker is not None else None
+        lease = None if reserved is None else Lease(iid, reserved.lease_id)
+        try:
+            row, created = await self.storage.create_instance(
+                NewInstance(iid, workflow.name, stored, now),
+                lease=lease,
+                worker_id=self.worker_id,
+                lock_expires_at=now + self.lock_timeout,
+            )
+        except BaseException:
+            if self._worker is not None and lease is not None:
+                self._worker.run_reserved(None)
+            raise
+        if self._worker is not None:
+            if lease is not None:
+                claim = Claim(lease, workflow.name, stored, Status.RUNNING, now, False) if created else None
+                self._worker.run_reserved(claim, ())
+            elif created:
+                self._worker.poke()
+        if not created and row.workflow_name != workflow.name:
+            raise InstanceAlreadyExistsError(
+                f"instance {iid!r} exists already as a {row.workflow_name!r} workflow, not {workflow.name!r}"
+            )
+        return WorkflowHandle(self, iid, created=created)
+
+    def get_handle(self, instance_id: str) -> WorkflowHandle[Any]:
+        return WorkflowHandle(self, instance_id, created=False)
+
+    async def get_instance(self, instance_id: str) -> InstanceInfo:
+        self._require_open()
+        row = await self.storage.get_instance(instance_id)
+        if row is None:
+            raise InstanceNotFoundError(instance_id)
+        return _info(row)
+
+    async def list_instances(
+        self,
+        *,
+        workflow: str | None = None,
+        status: Status | str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[InstanceInfo]:
+        """Instances, newest first, optionally of one workflow name and/or status."""
+        self._require_open()
+        try:
+            wanted = None if status is None else Status(status)
+        except ValueError:
+            raise ConfigurationError(
+                f"unknown status {status!r}; one of {', '.join(s.value for s in Status)}"
+            ) from None
+        if not isinstance(limit, int) or not 0 < limit <= 10_000 or not isinstance(offset, int) or offset < 0:
+            raise ConfigurationError("limit must be in 1..10000 and offset >= 0")
+        rows = await self.storage.list_instances(workflow_name=workflow, status=wanted, limit=limit, offset=offset)
+        return [_info(row) for row in rows]
+
+    async def history(self, instance_id: str) -> list[HistoryEntry]:
+        """The recorded steps of an instance, in order."""
+        self._require_open()
+        if await self.storage.get_instance(instance_id) is None:
+            raise InstanceNotFoundError(instance_id)
+        return [
+            HistoryEntry(
+                seq=row.seq,
+                kind=StepKind(row.kind),
+                name=row.name,
+                payload=decode(row.payload),
+                is_error=row.is_error,
+                created_at=to_datetime(row.created_at) or to_datetime(0.0),  # type: ignore[arg-type]
+            )
+            for row in await self.storage.get_history(instance_id)
+        ]
+
+    async def cancel(self, instance_id: str) -> InstanceInfo:
+        """Cancel an instance: at once if it never ran, else at its next step, after its compensations."""
+        self._require_open()
+        row = await self.storage.request_cancel(instance_id, self.clock())
+        if row is None:
+            raise InstanceNotFoundError(instance_id)
+        if row.status.is_finished:
+            self._on_finished(instance_id)
+        elif self._worker is not None:
+            self._worker.poke()
+        return _info(row)
+
+    async def send_event(
+        self,
+        event_type: str,
+        data: Any = None,
+        *,
+        source: str | None = None,
+        event_id: str | None = None,
+        instance_id: str | None = None,
+        extensions: dict[str, Any] | None = None,
+    ) -> str:
+        """Send an event to the workflows waiting (now or later) for ``event_type``.
+
+        It is kept for every instance started before it that waits for it with a matching ``match``;
+        with ``instance_id`` it goes to that instance only. An ``event_id`` sent twice is stored once
+        (duplicate deliveries are harmless). Returns the event id.
+        """
+        self._require_open()
+        check_name(event_type, "event type")
+        eid = uuid.uuid4().hex if event_id is None else _check_id(event_id, "event_id")
+        body = encode(data, what=f"data of event {event_type}", limit=self.max_payload_bytes)
+        ext = None if extensions is None else encode(extensions, what="event extensions", limit=self.max_payload_bytes)
+        if instance_id is not None and await self.storage.get_instance(instance_id) is None:
+            raise InstanceNotFoundError(instance_id)
+        _, woken = await self.storage.send_event(
+            NewEvent(eid, event_type, body, source, instance_id, ext, self.clock())
+        )
+        if woken and self._worker is not None:
+            self._worker.poke()
+        return eid
+
+    # -- results -----------------------------------------------------------------------------------
+    async def _result(self, instance_id: str, timeout: float | timedelta | None) -> Any:
+        self._require_open()
+        limit = None if timeout is None else seconds(timeout, what="timeout")
+        deadline = None if limit is None else time.monotonic() + limit
+        delay = 0.01
+        loop = asyncio.get_running_loop()
+        while True:
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(instance_id, []).append(future)
+            try:
+                row = await self.storage.get_instance(instance_id)
+                if row is None:
+                    raise InstanceNotFoundError(instance_id)
+                if row.status.is_finished:
+                    return self._outcome(row)
+                wait = delay if deadline is None else min(delay, deadline - time.monotonic())
+                if wait <= 0:
+                    raise ResultTimeout(f"instance {instance_id} did not finish within {limit}s")
+                try:
+                    await asyncio.wait_for(asyncio.shield(future), wait)
+                except TimeoutError:
+                    delay = min(delay * 2, self.poll_interval)
+            finally:
+                waiters = self._waiters.get(instance_id)
+                if waiters is not None and future in waiters:
+                    waiters.remove(future)
+                    if not waiters:
+                        del self._waiters[instance_id]
+
+    def _outcome(self, row: InstanceRow) -> Any:
+        if row.status == Status.COMPLETED:
+            workflow = self._workflows.get(row.workflow_name)
+            value = decode(row.result)
+            return value if workflow is None else workflow.signature.load_result(value)
+        error = decode(row.error) or {}
+        if row.status == Status.CANCELLED:
+            raise WorkflowCancelled(f"workflow instance {row.instance_id} was cancelled")
+        failure = WorkflowFailed(row.instance_id, error)
+        raise failure from decode_error(error)
+
+    # -- engine hooks ------------------------------------------------------------------------------
+    def _on_suspended(self, instance_id: str, run_at: float | None) -> None:
+        if run_at is not None and self._worker is not None:
+            self._worker.poke()
+
+    def _on_finished(self, instance_id: str) -> None:
+        for future in self._waiters.get(instance_id, ()):
+            if not future.done():
+                future.set_result(None)
+
+
+def _info(row: InstanceRow) -> InstanceInfo:
+    return InstanceInfo(
+        instance_id=row.instance_id,
+        workflow_name=row.workflow_name,
+        status=row.status,
+        input=decode(row.input),
+        result=decode(row.result),
+        error=decode(row.error),
+        created_at=to_datetime(row.created_at),  # type: ignore[arg-type]
+        updated_at=to_datetime(row.updated_at),  # type: ignore[arg-type]
+        finished_at=to_datetime(row.finished_at),
+        locked_by=row.locked_by,
+        lock_expires_at=to_datetime(row.lock_expires_at),
+        cancel_requested=row.cancel_requested,
+        steps=row.steps,
+    )

@@ -1,0 +1,463 @@
+"""The contexts user code receives: ``WorkflowContext`` (replay-aware steps) and ``ActivityContext``.
+
+A ``WorkflowContext`` numbers every step the workflow takes. A step whose number is in the recorded
+history returns its recorded outcome; the first step past the history runs and its outcome is committed
+before the workflow goes on. Outcomes that need no durability of their own (``now``, ``uuid4``,
+``random``, the start of a wait) are buffered and written in the same transaction as the next commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random as _random
+import uuid
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from ._models import Event, Status, StepKind
+from ._retry import seconds
+from ._serde import decode, decode_error, encode, encode_error
+from .errors import (
+    ActivityTimeout,
+    EventTimeout,
+    NonDeterminismError,
+    SerializationError,
+    StorageError,
+    WorkflowCancelled,
+)
+from .storage.base import (
+    EventWait,
+    HistoryRow,
+    Lease,
+    LeaseLost,
+    StoredEvent,
+    Suspension,
+    event_history_payload,
+)
+
+if TYPE_CHECKING:
+    from ._definitions import Activity
+    from ._engine import Engine
+
+logger = logging.getLogger("geste.workflow")
+
+
+class _Unwind(BaseException):
+    """Base of the engine's own signals: ``BaseException`` so a user's ``except Exception`` lets them by."""
+
+
+class Suspended(_Unwind):
+    """The wait was committed and the instance released; unwind the coroutine, keep nothing."""
+
+
+class Abandon(_Unwind):
+    """The lease is lost or the database failed: stop this run without writing anything more."""
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityContext:
+    """What an activity knows about the call it serves.
+
+    ``idempotency_key`` is the same for every attempt and every replay of this step of this instance:
+    hand it to external systems so a retried call is not applied twice.
+    """
+
+    instance_id: str
+    workflow_name: str
+    activity_name: str
+    seq: int
+    attempt: int
+    max_attempts: int
+    is_compensation: bool = False
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.instance_id}:{self.seq}"
+
+
+class _ReplayQuietLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger that says nothing while the workflow replays steps it already took."""
+
+    def __init__(self, ctx: WorkflowContext) -> None:
+        super().__init__(logger, {"instance_id": ctx.instance_id})
+        self._ctx = ctx
+
+    def isEnabledFor(self, level: int) -> bool:
+        return not self._ctx.is_replaying and super().isEnabledFor(level)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return f"[{self._ctx.workflow_name} {self._ctx.instance_id}] {msg}", kwargs
+
+
+class WorkflowContext:
+    """Passed to every workflow as its first argument; every durable operation goes through it."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        lease: Lease,
+        workflow_name: str,
+        created_at: float,
+        history: Sequence[HistoryRow],
+        cancel_requested: bool,
+    ) -> None:
+        self._engine = engine
+        self._lease = lease
+        self.instance_id = lease.instance_id
+        self.workflow_name = workflow_name
+        self._created_at = created_at
+        self._history = {row.seq: row for row in history}
+        self._last_recorded = max(self._history, default=0)
+        self._seq = 0
+        self._pending: list[HistoryRow] = []
+        self._cancel_requested = cancel_requested
+        self._cancel_delivered = any(row.kind == StepKind.CANCELLED for row in history)
+        self._compensations: list[tuple[Activity[Any, Any], tuple[Any, ...], dict[str, Any]]] = []
+        self._compensating = False
+        self._suspended = False
+        self.logger = _ReplayQuietLogger(self)
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def is_replaying(self) -> bool:
+        """True while the workflow re-runs steps it took before (side effects outside steps repeat)."""
+        return self._seq < self._last_recorded
+
+    # -- deterministic helpers ---------------------------------------------------------------------
+    def now(self) -> datetime:
+        """The current time (UTC), recorded so that a replay sees the same value."""
+        value = self._helper(StepKind.NOW, lambda: self._engine.clock())
+        return datetime.fromtimestamp(value, UTC)
+
+    def uuid4(self) -> uuid.UUID:
+        """A random UUID, recorded so that a replay sees the same value."""
+        return uuid.UUID(self._helper(StepKind.UUID, lambda: str(uuid.uuid4())))
+
+    def random(self) -> float:
+        """A random float in [0, 1), recorded so that a replay sees the same value."""
+        value: float = self._helper(StepKind.RANDOM, _random.random)
+        return value
+
+    def _helper(self, kind: StepKind, make: Any) -> Any:
+        seq = self._next()
+        row = self._replay(seq, kind, kind.value)
+        if row is not None:
+            return decode(row.payload)
+        if self._suspended:
+            raise Suspended()
+        value = make()
+        self._pending.append(HistoryRow(seq, kind, kind.value, encode(value, what=kind.value), False, self._engine.clock()))
+        return value
+
+    # -- activities --------------------------------------------------------------------------------
+    def on_failure(self, activity: Activity[Any, Any], /, *args: Any, **kwargs: Any) -> None:
+        """Register a compensation: run (newest first) if the workflow fails or is cancelled."""
+        from ._definitions import Activity
+
+        if not isinstance(activity, Activity):
+            raise TypeError(f"on_failure takes an activity (decorated with @app.activity), not {activity!r}")
+        activity.signature.bind(args, kwargs, what=f"compensation {activity.name}")
+        encode({"args": args, "kwargs": kwargs}, what=f"arguments of compensation {activity.name}",
+               limit=self._engine.max_payload_bytes)
+        self._compensations.append((activity, args, kwargs))
+
+    async def _activity(
+        self,
+        activity: Activity[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        kind: StepKind = StepKind.ACTIVITY,
+    ) -> Any:
+        seq = self._next()
+        row = self._replay(seq, kind, activity.name)
+        if row is None:
+            self._begin(seq)
+            activity.signature.bind(args, kwargs, what=f"activity {activity.name}")
+            encoded_args = encode(
+                {"args": args, "kwargs": kwargs},
+                what=f"arguments of activity {activity.name}",
+                limit=self._engine.max_payload_bytes,
+            )
+            row = await self._execute(activity, seq, kind, args, kwargs, encoded_args)
+        payload = decode(row.payload)
+        if row.is_error:
+            raise decode_error(payload["error"])
+        return activity.signature.load_result(payload["result"])
+
+    async def _execute(
+        self,
+        activity: Activity[Any, Any],
+        seq: int,
+        kind: StepKind,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        encoded_args: str,
+    ) -> HistoryRow:
+        policy = activity.retry
+        timeout = policy.timeout_seconds
+        started = self._engine.clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            actx = ActivityContext(
+                instance_id=self.instance_id,
+                workflow_name=self.workflow_name,
+                activity_name=activity.name,
+                seq=seq,
+                attempt=attempt,
+                max_attempts=policy.max_attempts,
+                is_compensation=kind == StepKind.COMPENSATION,
+            )
+            error: BaseException | None = None
+            try:
+                if timeout is None:
+                    result = await activity.fn(actx, *args, **kwargs)
+                else:
+                    scope = asyncio.timeout(timeout)
+                    try:
+                        async with scope:
+                            result = await activity.fn(actx, *args, **kwargs)
+                    except TimeoutError as exc:
+                        if not scope.expired():
+                            raise
+                        raise ActivityTimeout(
+                            f"attempt {attempt} of activity {activity.name} ran past {timeout}s"
+                        ) from exc
+            except Exception as exc:
+                error = exc
+            if error is None:
+                try:
+                    body = encode_body(
+                        {"result": result}, started, self._engine.clock(), attempt, encoded_args,
+                        what=f"result of activity {activity.name}", limit=self._engine.max_payload_bytes,
+                    )
+                except SerializationError as exc:  # deterministic: retrying would fail the same way
+                    error, attempt_final = exc, True
+                else:
+                    return await self._commit(HistoryRow(seq, kind, activity.name, body, False, started))
+            else:
+                attempt_final = attempt >= policy.max_attempts or not policy.is_retryable(error)
+            if attempt_final:
+                body = encode_body(
+                    {"error": encode_error(error)}, started, self._engine.clock(), attempt, encoded_args,
+                    what="error", limit=None,
+                )
+                return await self._commit(HistoryRow(seq, kind, activity.name, body, True, started))
+            delay = policy.delay(attempt)
+            logger.warning(
+                "activity %s of %s attempt %d/%d failed (%s: %s); retrying in %.3gs",
+                activity.name, self.instance_id, attempt, policy.max_attempts,
+                type(error).__name__, error, delay,
+            )
+            await asyncio.sleep(delay)
+
+    # -- durable timers ----------------------------------------------------------------------------
+    async def sleep(self, duration: float | timedelta) -> None:
+        """Wait durably: the instance is released and resumed (on any worker) once the time is up."""
+        secs = seconds(duration, what="sleep duration")
+        seq = self._next()
+        row = self._replay(seq, StepKind.SLEEP, "sleep")
+        now = self._engine.clock()
+        if row is None:
+            self._begin(seq)
+            expires_at = now + secs
+            self._pending.append(
+                HistoryRow(seq, StepKind.SLEEP, "sleep",
+                           encode({"seconds": secs, "expires_at": expires_at}, what="sleep"), False, now)
+            )
+        else:
+            expires_at = float(decode(row.payload)["expires_at"])
+            if self._last_recorded > seq:
+                self._cancelled_here()
+                return
+        if now >= expires_at:
+            return
+        if self._cancel_pending():
+            self._deliver_cancel(self._next())
+        await self._suspend(run_at=expires_at, timer=(seq, expires_at))
+
+    async def sleep_until(self, when: datetime) -> None:
+        """Wait durably until ``when`` (an aware datetime; a naive one is taken as UTC)."""
+        if not isinstance(when, datetime):
+            raise TypeError(f"sleep_until takes a datetime, not {when!r}")
+        moment = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        seq_time = self.now().timestamp()
+        await self.sleep(max(0.0, moment.timestamp() - seq_time))
+
+    # -- events --------------------------------------------------------------------------------------
+    async def wait_event(
+        self,
+        event_type: str,
+        *,
+        match: Mapping[str, Any] | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Event:
+        """Wait durably for an event of ``event_type`` whose data has every key/value of ``match``.
+
+        Events sent with ``app.send_event`` at or after this instance was started are kept until it takes
+        them, so an event that arrives before the workflow waits is not lost. Raises
+        ``geste.errors.EventTimeout`` after ``timeout``.
+        """
+        if not isinstance(event_type, str) or not event_type:
+            raise TypeError("event_type must be a non-empty string")
+        match_dict = dict(match) if match is not None else None
+        secs = None if timeout is None else seconds(timeout, what="timeout")
+        seq = self._next()
+        row = self._replay(seq, StepKind.WAIT_EVENT, event_type)
+        if row is None:
+            self._begin(seq)
+            now = self._engine.clock()
+            deadline = None if secs is None else now + secs
+            body = encode({"match": match_dict, "timeout": secs, "deadline": deadline}, what="event match")
+            self._pending.append(HistoryRow(seq, StepKind.WAIT_EVENT, event_type, body, False, now))
+        else:
+            deadline = decode(row.payload)["deadline"]
+        out_seq = self._next()
+        out = self._history.get(out_seq)
+        if out is not None:
+            if out.kind == StepKind.CANCELLED:
+                raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
+            if out.kind == StepKind.EVENT and out.name == event_type:
+                return _event(out)
+            if out.kind == StepKind.EVENT_TIMEOUT and out.name == event_type:
+                raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
+            raise NonDeterminismError(out_seq, f"{out.kind} {out.name!r}", f"event {event_type!r}")
+        if self._cancel_pending():
+            self._deliver_cancel(out_seq)
+        now = self._engine.clock()
+        wait = EventWait(event_type, match_dict, self._created_at, deadline, out_seq)
+        try:
+            outcome = await self._engine.storage.take_event_or_suspend(
+                self._lease, self._pending, wait, now=now, lock_expires_at=now + self._engine.lock_timeout
+            )
+        except (LeaseLost, StorageError) as exc:
+            raise Abandon(exc) from exc
+        if isinstance(outcome, StoredEvent):
+            self._pending = []
+            return _event(HistoryRow(out_seq, StepKind.EVENT, event_type, event_history_payload(outcome)))
+        if outcome is None:
+            self._pending.append(HistoryRow(out_seq, StepKind.EVENT_TIMEOUT, event_type, None, True, now))
+            raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
+        if outcome is Suspension.CANCEL_REQUESTED:
+            self._cancel_requested = True
+            self._deliver_cancel(out_seq)
+        self._pending = []
+        self._suspended = True
+        self._engine.on_suspended(self.instance_id, deadline)
+        raise Suspended()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _replay(self, seq: int, kind: StepKind, name: str) -> HistoryRow | None:
+        row = self._history.get(seq)
+        if row is None:
+            return None
+        if row.kind == StepKind.CANCELLED:
+            raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
+        if row.kind != kind or row.name != name:
+            raise NonDeterminismError(seq, f"{row.kind} {row.name!r}", f"{kind.value} {name!r}")
+        return row
+
+    def _begin(self, seq: int) -> None:
+        """Checks before a new step: nothing runs after a suspension; a pending cancel is delivered."""
+        if self._suspended:
+            raise Suspended()
+        if self._cancel_pending():
+            self._deliver_cancel(seq)
+
+    def _cancel_pending(self) -> bool:
+        return self._cancel_requested and not self._cancel_delivered and not self._compensating
+
+    def _deliver_cancel(self, seq: int) -> None:
+        self._cancel_delivered = True
+        self._pending.append(HistoryRow(seq, StepKind.CANCELLED, "cancelled", None, False, self._engine.clock()))
+        raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
+
+    def _cancelled_here(self) -> None:
+        """A wait recorded as interrupted by cancellation raises at the wait, as it did live."""
+        after = self._history.get(self._seq + 1)
+        if after is not None and after.kind == StepKind.CANCELLED:
+            self._seq += 1
+            raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
+
+    async def _commit(self, row: HistoryRow) -> HistoryRow:
+        records, self._pending = [*self._pending, row], []
+        status = Status.COMPENSATING if self._compensating else None
+        now = self._engine.clock()
+        try:
+            outcome = await self._engine.storage.record(
+                self._lease, records, now=now, lock_expires_at=now + self._engine.lock_timeout, status=status
+            )
+        except (LeaseLost, StorageError) as exc:
+            raise Abandon(exc) from exc
+        if outcome.cancel_requested:
+            self._cancel_requested = True
+        return row
+
+    async def _suspend(self, *, run_at: float, timer: tuple[int, float]) -> None:
+        try:
+            outcome = await self._engine.storage.suspend(
+                self._lease, self._pending, now=self._engine.clock(), run_at=run_at, timer=timer
+            )
+        except (LeaseLost, StorageError) as exc:
+            raise Abandon(exc) from exc
+        if outcome is Suspension.CANCEL_REQUESTED:
+            self._cancel_requested = True
+            self._deliver_cancel(self._next())
+        self._pending = []
+        self._suspended = True
+        self._engine.on_suspended(self.instance_id, run_at)
+        raise Suspended()
+
+    async def _run_compensations(self) -> list[dict[str, Any]]:
+        """Run the registered compensations newest first; collect (not raise) their final errors."""
+        self._compensating = True
+        errors = []
+        for activity, args, kwargs in reversed(self._compensations):
+            try:
+                await self._activity(activity, args, kwargs, kind=StepKind.COMPENSATION)
+            except Exception as exc:
+                if isinstance(exc, NonDeterminismError):
+                    raise
+                errors.append({"activity": activity.name, **encode_error(exc)})
+        return errors
+
+
+def encode_body(
+    outcome: dict[str, Any],
+    started: float,
+    finished: float,
+    attempts: int,
+    encoded_args: str,
+    *,
+    what: str,
+    limit: int | None,
+) -> str:
+    """The history payload of an activity: its outcome, timing, attempts and (already encoded) input."""
+    text = encode(
+        {**outcome, "attempts": attempts, "started_at": started, "duration": finished - started},
+        what=what,
+        limit=limit,
+    )
+    return text[:-1] + ',"input":' + encoded_args + "}"
+
+
+def _event(row: HistoryRow) -> Event:
+    body = decode(row.payload)
+    time = body.get("time")
+    return Event(
+        event_id=body["event_id"],
+        type=body["type"],
+        data=body.get("data"),
+        source=body.get("source"),
+        time=None if time is None else datetime.fromtimestamp(time, UTC),
+        extensions=body.get("extensions") or {},
+    )

@@ -1,0 +1,93 @@
+"""What ``@app.workflow`` and ``@app.activity`` turn a user's function into."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
+
+from ._retry import RetryPolicy
+from ._serde import Signature
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._context import ActivityContext, WorkflowContext
+    from ._handle import WorkflowHandle
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def check_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise ConfigurationError(f"{what} name must be a non-empty string of at most 200 characters")
+    return name
+
+
+def _check_coroutine_function(fn: Callable[..., Any], what: str) -> None:
+    if not inspect.iscoroutinefunction(fn):
+        raise ConfigurationError(f"{what} {getattr(fn, '__qualname__', fn)!r} must be an `async def` function")
+    if not list(inspect.signature(fn).parameters):
+        raise ConfigurationError(f"{what} {fn.__qualname__!r} must take the context as first parameter")
+
+
+class Activity(Generic[P, R]):
+    """A step with side effects: run at least once, its outcome recorded exactly once.
+
+    Call it from a workflow with the workflow's context first: ``await charge(ctx, order_id)``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[Concatenate[ActivityContext, P], Awaitable[R]],
+        *,
+        name: str,
+        retry: RetryPolicy,
+    ) -> None:
+        _check_coroutine_function(fn, "activity")
+        self.fn = fn
+        self.name = check_name(name, "activity")
+        self.retry = retry
+        self.signature = Signature(fn, skip_first=True)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __call__(self, ctx: WorkflowContext, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        from ._context import WorkflowContext
+
+        if not isinstance(ctx, WorkflowContext):
+            raise TypeError(
+                f"activity {self.name!r} is called from a workflow with its context first: "
+                f"`await {self.name}(ctx, ...)`"
+            )
+        return ctx._activity(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<geste.Activity {self.name}>"
+
+
+class Workflow(Generic[P, R]):
+    """A durable function: replayed from its recorded history wherever and whenever it resumes."""
+
+    def __init__(
+        self, app: App, fn: Callable[Concatenate[WorkflowContext, P], Awaitable[R]], *, name: str
+    ) -> None:
+        _check_coroutine_function(fn, "workflow")
+        self.app = app
+        self.fn = fn
+        self.name = check_name(name, "workflow")
+        self.signature = Signature(fn, skip_first=True)
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    async def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle[R]:
+        """Start a new instance with a generated id."""
+        return await self.app._start(self, args, kwargs, instance_id=None)
+
+    async def start_with_id(self, instance_id: str, /, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle[R]:
+        """Start the instance ``instance_id``, or return the existing one: it never runs twice."""
+        return await self.app._start(self, args, kwargs, instance_id=instance_id)
+
+    def __repr__(self) -> str:
+        return f"<geste.Workflow {self.name}>"

@@ -1,0 +1,145 @@
+"""One run of one instance: load its history, replay the workflow, record what is new, store the end.
+
+The engine holds no state between runs: whatever a run needs is in the database, so any worker can run
+any instance, and a waiting instance costs no memory anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._context import Abandon, Suspended, WorkflowContext
+from ._models import Status
+from ._serde import decode, encode, encode_error
+from .errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
+from .storage.base import Claim, HistoryRow, LeaseLost, Storage
+
+if TYPE_CHECKING:
+    from ._definitions import Workflow
+
+logger = logging.getLogger("geste.engine")
+
+UNKNOWN_WORKFLOW_RETRY = 30.0
+"""Seconds before an instance of a workflow this worker does not know is offered again (to a peer)."""
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        workflows: Mapping[str, Workflow[Any, Any]],
+        clock: Callable[[], float],
+        lock_timeout: float,
+        max_payload_bytes: int,
+        on_suspended: Callable[[str, float | None], None],
+        on_finished: Callable[[str], None],
+    ) -> None:
+        self.storage = storage
+        self.workflows = workflows
+        self.clock = clock
+        self.lock_timeout = lock_timeout
+        self.max_payload_bytes = max_payload_bytes
+        self.on_suspended = on_suspended
+        self.on_finished = on_finished
+
+    async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
+        """Run the claimed instance until it suspends, finishes, or cannot go on."""
+        instance_id = claim.lease.instance_id
+        workflow = self.workflows.get(claim.workflow_name)
+        if workflow is None:
+            logger.warning(
+                "instance %s is of workflow %r, unknown to this worker; offering it again in %ss",
+                instance_id, claim.workflow_name, UNKNOWN_WORKFLOW_RETRY,
+            )
+            now = self.clock()
+            await self.storage.release([claim.lease], now, run_at=now + UNKNOWN_WORKFLOW_RETRY)
+            return
+        if history is None:
+            history = await self.storage.get_history(instance_id)
+        ctx = WorkflowContext(
+            self,
+            lease=claim.lease,
+            workflow_name=claim.workflow_name,
+            created_at=claim.created_at,
+            history=history,
+            cancel_requested=claim.cancel_requested,
+        )
+        try:
+            await self._drive(ctx, workflow, claim.input)
+        except (Suspended, Abandon) as signal:
+            if isinstance(signal, Abandon):
+                await self._abandon(ctx, signal)
+            return
+        self.on_finished(instance_id)
+
+    async def _drive(self, ctx: WorkflowContext, workflow: Workflow[Any, Any], stored_input: str) -> None:
+        try:
+            args, kwargs = workflow.signature.load_args(decode(stored_input))
+            result = await workflow.fn(ctx, *args, **kwargs)
+            encoded = encode(
+                result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes
+            )
+        except NonDeterminismError as exc:
+            # Leave the history as it is: an operator decides (fix the code and retry, or cancel).
+            logger.error("instance %s stopped: %s", ctx.instance_id, exc)
+            await self._finish(ctx, [], Status.FAILED, error=encode_error(exc))
+            return
+        except Exception as exc:
+            await self._fail(ctx, exc)
+            return
+        await self._finish(ctx, ctx._pending, Status.COMPLETED, result=encoded)
+
+    async def _fail(self, ctx: WorkflowContext, exc: Exception) -> None:
+        cancelled = isinstance(exc, WorkflowCancelled)
+        error = encode_error(exc)
+        if ctx._compensations:
+            try:
+                failures = await ctx._run_compensations()
+            except NonDeterminismError as nd:
+                logger.error("instance %s stopped during compensation: %s", ctx.instance_id, nd)
+                await self._finish(ctx, [], Status.FAILED, error=encode_error(nd))
+                return
+            if failures:
+                error["compensation_errors"] = failures
+        if not cancelled and not isinstance(exc, SerializationError):
+            ctx.logger.info("failed: %s: %s", type(exc).__name__, exc)
+        await self._finish(ctx, ctx._pending, Status.CANCELLED if cancelled else Status.FAILED, error=error)
+
+    async def _finish(
+        self,
+        ctx: WorkflowContext,
+        records: Sequence[HistoryRow],
+        status: Status,
+        *,
+        result: str | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            await self.storage.finish(
+                ctx._lease,
+                records,
+                now=self.clock(),
+                status=status,
+                result=result,
+                error=None if error is None else encode(error, what="error"),
+            )
+        except (LeaseLost, StorageError) as exc:
+            raise Abandon(exc) from exc
+        ctx._pending = []
+
+    async def _abandon(self, ctx: WorkflowContext, signal: Abandon) -> None:
+        cause = signal.args[0] if signal.args else signal
+        if isinstance(cause, LeaseLost):
+            logger.warning("instance %s: lease lost to another worker; this run stops", ctx.instance_id)
+            return
+        logger.error("instance %s: storage failed (%s); releasing it to be run again", ctx.instance_id, cause)
+        try:
+            await self.storage.release([ctx._lease], self.clock())
+        except (StorageError, LeaseLost):
+            pass  # the lease expires by itself after lock_timeout
+        except asyncio.CancelledError:
+            raise

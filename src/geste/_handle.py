@@ -1,0 +1,53 @@
+"""A handle on one workflow instance: wait for its result, look at it, cancel it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._models import HistoryEntry, InstanceInfo, Status
+
+if TYPE_CHECKING:
+    from ._app import App
+
+R = TypeVar("R")
+
+
+class WorkflowHandle(Generic[R]):
+    """Returned by ``start``; also made from an id with ``app.get_handle(instance_id)``."""
+
+    def __init__(self, app: App, instance_id: str, *, created: bool = True) -> None:
+        self.app = app
+        self.instance_id = instance_id
+        self.created = created
+        """False when ``start`` found an instance with this id already: it was not started again."""
+
+    async def result(self, timeout: float | timedelta | None = None) -> R:
+        """Wait for the instance to finish and return its result.
+
+        Raises ``WorkflowFailed`` / ``WorkflowCancelled`` for those ends, ``ResultTimeout`` when
+        ``timeout`` runs out first (the instance goes on running).
+        """
+        value: R = await self.app._result(self.instance_id, timeout)
+        return value
+
+    async def info(self) -> InstanceInfo:
+        return await self.app.get_instance(self.instance_id)
+
+    async def status(self) -> Status:
+        return (await self.info()).status
+
+    async def history(self) -> list[HistoryEntry]:
+        return await self.app.history(self.instance_id)
+
+    async def cancel(self) -> InstanceInfo:
+        return await self.app.cancel(self.instance_id)
+
+    def __repr__(self) -> str:
+        return f"<WorkflowHandle {self.instance_id}>"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, WorkflowHandle) and other.instance_id == self.instance_id
+
+    def __hash__(self) -> int:
+        return hash(self.instance_id)

@@ -1,0 +1,95 @@
+"""The values geste hands to users (instance info, history entries, events) and the stored statuses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    """The status of a workflow instance; the values are what the database stores."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING = "waiting"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+
+
+class StepKind(StrEnum):
+    """What one history entry records; the values are what the database stores."""
+
+    ACTIVITY = "activity"
+    COMPENSATION = "compensation"
+    SLEEP = "sleep"
+    WAIT_EVENT = "wait_event"
+    EVENT = "event"
+    EVENT_TIMEOUT = "event_timeout"
+    NOW = "now"
+    UUID = "uuid"
+    RANDOM = "random"
+    CANCELLED = "cancelled"
+
+
+def to_datetime(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """What is known of one workflow instance, as read from the database."""
+
+    instance_id: str
+    workflow_name: str
+    status: Status
+    input: dict[str, Any]
+    result: Any
+    error: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    locked_by: str | None
+    lock_expires_at: datetime | None
+    cancel_requested: bool
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One recorded step of an instance: its position, kind, name and outcome."""
+
+    seq: int
+    kind: StepKind
+    name: str
+    payload: Any
+    is_error: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An event as delivered to ``ctx.wait_event``."""
+
+    event_id: str
+    type: str
+    data: Any
+    source: str | None = None
+    time: datetime | None = None
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+
+def matches(match: dict[str, Any] | None, data: Any) -> bool:
+    """Whether event ``data`` has every key of ``match`` with an equal value (top-level keys)."""
+    if not match:
+        return True
+    if not isinstance(data, dict):
+        return False
+    return all(key in data and data[key] == value for key, value in match.items())

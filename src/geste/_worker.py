@@ -1,0 +1,179 @@
+"""The worker: claims runnable instances, runs them under renewed leases, drains on shutdown.
+
+It sleeps until the earliest of: a local poke (work started, an event sent, a slot freed), the next
+instance the database says becomes runnable, or ``poll_interval`` (the safety net that finds work of other
+processes and leases of dead workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+
+from ._engine import Engine
+from .errors import StorageError
+from .storage.base import Claim, HistoryRow, Lease, Storage
+
+logger = logging.getLogger("geste.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        storage: Storage,
+        worker_id: str,
+        clock: Callable[[], float],
+        concurrency: int,
+        poll_interval: float,
+        lock_timeout: float,
+        shutdown_grace: float,
+    ) -> None:
+        self.engine = engine
+        self.storage = storage
+        self.worker_id = worker_id
+        self.clock = clock
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.lock_timeout = lock_timeout
+        self.shutdown_grace = shutdown_grace
+        self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
+        self._reserved = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name=f"geste-claim-{self.worker_id}"),
+            asyncio.create_task(self._heartbeat_loop(), name=f"geste-heartbeat-{self.worker_id}"),
+        ]
+        logger.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
+
+    async def stop(self) -> None:
+        """Stop claiming, let running instances finish for ``shutdown_grace``, release the rest."""
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        running = [task for _, task in self._running.values()]
+        if running:
+            logger.info("worker %s draining %d running instance(s)", self.worker_id, len(running))
+            await asyncio.wait(running, timeout=self.shutdown_grace)
+        leftover = list(self._running.values())
+        for _, task in leftover:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in leftover), return_exceptions=True)
+        if leftover:
+            try:
+                await self.storage.release([lease for lease, _ in leftover], self.clock())
+                logger.info("worker %s released %d lease(s)", self.worker_id, len(leftover))
+            except StorageError as exc:
+                logger.warning("worker %s could not release its leases (%s); they expire", self.worker_id, exc)
+        logger.info("worker %s stopped", self.worker_id)
+
+    # -- wake-ups ----------------------------------------------------------------------------------
+    def poke(self) -> None:
+        """Look for work now rather than at the next poll."""
+        self._wake.set()
+
+    def reserve(self) -> Lease | None:
+        """A slot and a lease id for an instance this process is about to create and run at once."""
+        if self._stopping or len(self._running) + self._reserved >= self.concurrency:
+            return None
+        self._reserved += 1
+        return Lease("", uuid.uuid4().hex)
+
+    def run_reserved(self, claim: Claim | None, history: Sequence[HistoryRow] = ()) -> None:
+        """Run an instance created already claimed (or just give the reserved slot back)."""
+        self._reserved -= 1
+        if claim is not None:
+            self._spawn(claim, history)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _free(self) -> int:
+        return self.concurrency - len(self._running) - self._reserved
+
+    def _spawn(self, claim: Claim, history: Sequence[HistoryRow] | None) -> None:
+        instance_id = claim.lease.instance_id
+        task = asyncio.create_task(self._run(claim, history), name=f"geste-run-{instance_id}")
+        self._running[instance_id] = (claim.lease, task)
+
+    async def _run(self, claim: Claim, history: Sequence[HistoryRow] | None) -> None:
+        instance_id = claim.lease.instance_id
+        try:
+            await self.engine.run(claim, history)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("instance %s: unexpected error in the engine; releasing it", instance_id)
+            try:
+                await self.storage.release([claim.lease], self.clock(), run_at=self.clock() + self.poll_interval)
+            except Exception:
+                pass  # the lease expires by itself
+        finally:
+            current = self._running.get(instance_id)
+            if current is not None and current[0] == claim.lease:
+                del self._running[instance_id]
+            self._wake.set()
+
+    async def _claim_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            try:
+                timeout = await self._claim_round()
+                failures = 0
+            except StorageError as exc:
+                failures += 1
+                timeout = min(self.poll_interval * 2**failures, 30.0)
+                logger.warning("worker %s: claiming failed (%s); retrying in %.1fs", self.worker_id, exc, timeout)
+            if timeout > 0:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+
+    async def _claim_round(self) -> float:
+        """Claim what is runnable; return how long to sleep before looking again."""
+        free = self._free()
+        if free <= 0:
+            return self.poll_interval
+        batch = min(free, 100)
+        now = self.clock()
+        claims = await self.storage.claim(self.worker_id, now, now + self.lock_timeout, batch)
+        for claim in claims:
+            stale = self._running.get(claim.lease.instance_id)
+            if stale is not None:  # our own expired lease, taken back: the old run must not go on
+                stale[1].cancel()
+            self._spawn(claim, None)
+        if len(claims) == batch:
+            return 0.0
+        next_run = await self.storage.next_run_at()
+        if next_run is None:
+            return self.poll_interval
+        return max(0.0, min(self.poll_interval, next_run - self.clock()))
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.lock_timeout / 3
+        while True:
+            await asyncio.sleep(interval)
+            leases = [lease for lease, _ in self._running.values()]
+            if not leases:
+                continue
+            try:
+                kept = await self.storage.renew(leases, self.clock() + self.lock_timeout)
+            except StorageError as exc:
+                logger.warning("worker %s: renewing leases failed (%s)", self.worker_id, exc)
+                continue
+            for lease in leases:
+                if lease.instance_id not in kept:
+                    current = self._running.get(lease.instance_id)
+                    if current is not None and current[0] == lease:
+                        logger.warning("instance %s: lease lost; stopping its run here", lease.instance_id)
+                        current[1].cancel()

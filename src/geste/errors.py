@@ -1,0 +1,174 @@
+"""Every error geste raises, in one tree, so callers can catch exactly what they mean.
+
+```
+GesteError
+├── ConfigurationError          bad options given to App / RetryPolicy / a decorator
+├── AppNotOpenError             an operation that needs the database before `async with app:`
+├── UnknownWorkflowError        no workflow registered under that name
+├── SerializationError          a value that cannot be stored as JSON (or read back)
+│   └── PayloadTooLargeError    an encoded value larger than App(max_payload_bytes=...)
+├── StorageError                the database failed or is not usable
+│   ├── NotAGesteDatabaseError  the file / schema holds something that is not geste's
+│   └── SchemaVersionError      written by a newer geste than this one
+├── InstanceNotFoundError       no instance with that id
+├── InstanceAlreadyExistsError  reserved for callers that ask start() to refuse an existing id
+├── ResultTimeout               handle.result(timeout=...) ran out (also a builtins.TimeoutError)
+├── WorkflowFailed              handle.result() of a failed instance; .error describes the cause
+├── WorkflowCancelled           handle.result() of a cancelled instance
+├── NonDeterminismError         replay met a step that differs from the recorded history
+├── ActivityError               a recorded activity error whose exception type cannot be rebuilt
+├── ActivityTimeout             one attempt of an activity ran past RetryPolicy(timeout=...)
+├── EventTimeout                ctx.wait_event(..., timeout=...) ran out
+└── ReceiveTimeout              ctx.receive(..., timeout=...) ran out
+```
+
+Driver exceptions never escape raw: storage backends map them at their boundary with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ActivityError",
+    "AppNotOpenError",
+    "ActivityTimeout",
+    "ConfigurationError",
+    "EventTimeout",
+    "GesteError",
+    "InstanceAlreadyExistsError",
+    "InstanceNotFoundError",
+    "NonDeterminismError",
+    "NotAGesteDatabaseError",
+    "PayloadTooLargeError",
+    "ReceiveTimeout",
+    "ResultTimeout",
+    "SchemaVersionError",
+    "SerializationError",
+    "StorageError",
+    "UnknownWorkflowError",
+    "WorkflowCancelled",
+    "WorkflowFailed",
+]
+
+
+class GesteError(Exception):
+    """Base class of every error raised by geste itself."""
+
+
+class ConfigurationError(GesteError, ValueError):
+    """An option has a value geste cannot work with; raised at construction, never later."""
+
+
+class AppNotOpenError(GesteError, RuntimeError):
+    """The App is not open: use ``async with app:`` (or ``await app.open()``) first."""
+
+
+class UnknownWorkflowError(GesteError, LookupError):
+    """No workflow is registered under this name in this App."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no workflow named {name!r} is registered")
+        self.name = name
+
+
+class SerializationError(GesteError, TypeError):
+    """A value could not be encoded as JSON, or decoded into the declared type."""
+
+
+class PayloadTooLargeError(SerializationError):
+    """An encoded value is larger than the configured limit; nothing was written."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(f"{what} is {size} bytes once encoded, over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class StorageError(GesteError):
+    """The database failed, went away, or cannot be used."""
+
+
+class NotAGesteDatabaseError(StorageError):
+    """The database holds tables that geste did not create; geste refuses to touch it."""
+
+
+class SchemaVersionError(StorageError):
+    """The schema was written by a newer geste; upgrade geste rather than risk the data."""
+
+    def __init__(self, found: int, supported: int) -> None:
+        super().__init__(
+            f"database schema version {found} is newer than this geste supports ({supported}); "
+            "upgrade geste"
+        )
+        self.found = found
+        self.supported = supported
+
+
+class InstanceNotFoundError(GesteError, LookupError):
+    """No workflow instance has this id."""
+
+    def __init__(self, instance_id: str) -> None:
+        super().__init__(f"no workflow instance with id {instance_id!r}")
+        self.instance_id = instance_id
+
+
+class InstanceAlreadyExistsError(GesteError):
+    """An instance with this id exists already (raised only when the caller asked to refuse)."""
+
+
+class ResultTimeout(GesteError, TimeoutError):
+    """The instance did not finish within the time given to ``handle.result()``."""
+
+
+class WorkflowFailed(GesteError):
+    """The workflow ended with an error; ``error`` holds its recorded type, message and traceback."""
+
+    def __init__(self, instance_id: str, error: dict[str, Any]) -> None:
+        super().__init__(
+            f"workflow instance {instance_id!r} failed: {error.get('type')}: {error.get('message')}"
+        )
+        self.instance_id = instance_id
+        self.error = error
+
+
+class WorkflowCancelled(GesteError):
+    """The workflow was cancelled; raised inside it at a step boundary, and by ``handle.result()``."""
+
+
+class NonDeterminismError(GesteError):
+    """Replaying the workflow reached a step that differs from the one recorded at this position.
+
+    The code changed under a running instance (or depends on something that is not recorded). The
+    instance is left as it is, for an operator to decide.
+    """
+
+    def __init__(self, seq: int, expected: str, found: str) -> None:
+        super().__init__(
+            f"non-deterministic replay at step {seq}: history has {expected}, the code now asks for {found}"
+        )
+        self.seq = seq
+        self.expected = expected
+        self.found = found
+
+
+class ActivityError(GesteError):
+    """An activity error recorded in history whose original exception type cannot be rebuilt."""
+
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+
+class ActivityTimeout(GesteError, TimeoutError):
+    """One attempt of an activity ran longer than its policy's ``timeout``."""
+
+
+class EventTimeout(GesteError, TimeoutError):
+    """No matching event arrived before the wait's timeout."""
+
+
+class ReceiveTimeout(GesteError, TimeoutError):
+    """No message arrived on the channel before the receive's timeout."""

@@ -1,0 +1,264 @@
+"""The storage interface: the domain operations the engine needs, each one transaction.
+
+Every write that runs under a lease names the lease; a backend applies it only while that lease is still
+held (``LeaseLost`` otherwise), so a worker that lost an instance can never write into its history.
+Timestamps are Unix seconds (float) supplied by the caller, so a test clock drives the whole engine.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .._models import Status
+
+
+class LeaseLost(Exception):
+    """The instance's lease is no longer ours (expired and taken over); stop without writing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    instance_id: str
+    lease_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    instance_id: str
+    workflow_name: str
+    status: Status
+    input: str
+    result: str | None
+    error: str | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    run_at: float | None
+    locked_by: str | None
+    lock_expires_at: float | None
+    cancel_requested: bool
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    seq: int
+    kind: str
+    name: str
+    payload: str | None
+    is_error: bool = False
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An instance this worker now holds: what the engine needs to run it."""
+
+    lease: Lease
+    workflow_name: str
+    input: str
+    status: Status
+    created_at: float
+    cancel_requested: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewInstance:
+    instance_id: str
+    workflow_name: str
+    input: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    event_id: str
+    event_type: str
+    data: str
+    source: str | None
+    target_instance_id: str | None
+    extensions: str | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    event_id: str
+    event_type: str
+    data: str
+    source: str | None
+    extensions: str | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EventWait:
+    """Take the oldest matching event not yet delivered to the instance, or wait for one."""
+
+    event_type: str
+    match: dict[str, Any] | None
+    since: float
+    deadline: float | None
+    outcome_seq: int
+
+
+class Suspension(Enum):
+    SUSPENDED = "suspended"
+    CANCEL_REQUESTED = "cancel_requested"
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    cancel_requested: bool
+
+
+class Storage(abc.ABC):
+    """One database holding instances, their histories, timers, event waits and events."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, check the schema is geste's and not newer, apply pending migrations."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int: ...
+
+    # -- instances ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_instance(
+        self, new: NewInstance, *, lease: Lease | None, worker_id: str | None, lock_expires_at: float | None
+    ) -> tuple[InstanceRow, bool]:
+        """Insert the instance unless its id exists; return the row and whether it was created.
+
+        With ``lease`` the new instance is created already claimed by ``worker_id`` (a local start).
+        """
+
+    @abc.abstractmethod
+    async def get_instance(self, instance_id: str) -> InstanceRow | None: ...
+
+    @abc.abstractmethod
+    async def list_instances(
+        self,
+        *,
+        workflow_name: str | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[InstanceRow]: ...
+
+    @abc.abstractmethod
+    async def get_history(self, instance_id: str) -> list[HistoryRow]: ...
+
+    @abc.abstractmethod
+    async def request_cancel(self, instance_id: str, now: float) -> InstanceRow | None:
+        """Cancel an instance that never ran at once; otherwise flag it and make it runnable."""
+
+    # -- leases ------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def claim(self, worker_id: str, now: float, lock_expires_at: float, limit: int) -> list[Claim]:
+        """Atomically take up to ``limit`` runnable instances whose lease is free or expired."""
+
+    @abc.abstractmethod
+    async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
+        """Extend the given leases; return the instance ids whose lease is still ours."""
+
+    @abc.abstractmethod
+    async def release(self, leases: Sequence[Lease], now: float, *, run_at: float | None = None) -> None:
+        """Give leases back; the instances are runnable again at ``run_at`` (default: at once)."""
+
+    # -- steps under a lease -----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def record(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        lock_expires_at: float,
+        status: Status | None = None,
+    ) -> StepResult:
+        """Append history rows and renew the lease, in one transaction."""
+
+    @abc.abstractmethod
+    async def suspend(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        run_at: float | None,
+        timer: tuple[int, float] | None = None,
+    ) -> Suspension:
+        """Append rows, register the timer, mark the instance waiting and release it.
+
+        Refuses (``CANCEL_REQUESTED``, lease kept) when a cancellation is pending, so it is delivered.
+        """
+
+    @abc.abstractmethod
+    async def take_event_or_suspend(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        wait: EventWait,
+        *,
+        now: float,
+        lock_expires_at: float,
+    ) -> StoredEvent | Suspension | None:
+        """Deliver the oldest matching event (recorded at ``wait.outcome_seq``) or suspend until one.
+
+        ``None`` (nothing written) when no event is there and the deadline has passed.
+
+        Checking for the event and registering the wait are one transaction, so an event sent in
+        between is never missed.
+        """
+
+    @abc.abstractmethod
+    async def finish(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Append rows, store the outcome, release the instance and forget its waits."""
+
+    # -- events ------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
+        """Store an event (once per ``event_id``) and wake the instances waiting for it.
+
+        Returns whether it was new and the ids of the woken instances.
+        """
+
+    # -- wake-ups ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def next_run_at(self) -> float | None:
+        """The earliest time an unlocked instance becomes runnable (for a precise poller)."""
+
+
+def event_history_payload(event: StoredEvent) -> str:
+    """The history form of a delivered event; ``data`` is already JSON text and is inlined as such."""
+    head = json.dumps(
+        {
+            "event_id": event.event_id,
+            "type": event.event_type,
+            "source": event.source,
+            "time": event.created_at,
+            "extensions": None if event.extensions is None else json.loads(event.extensions),
+        },
+        separators=(",", ":"),
+    )
+    return head[:-1] + ',"data":' + event.data + "}"

@@ -1,0 +1,522 @@
+"""The SQLite backend: one file in WAL mode, one connection driven from one thread.
+
+Each operation is one transaction run whole in that thread (one hop from the event loop). Writes start
+with ``BEGIN IMMEDIATE``, so the write lock is taken before anything is read and claims can never race
+between processes sharing the file; ``busy_timeout`` makes a second process wait its turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+from .._models import Status, matches
+from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
+from ._sql import load_migrations, load_queries
+from .base import (
+    Claim,
+    EventWait,
+    HistoryRow,
+    InstanceRow,
+    Lease,
+    LeaseLost,
+    NewEvent,
+    NewInstance,
+    StepResult,
+    Storage,
+    StoredEvent,
+    Suspension,
+    event_history_payload,
+)
+
+Q = load_queries("sqlite")
+MIGRATIONS = load_migrations("sqlite")
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+_T = TypeVar("_T")
+_SYNCHRONOUS = {"off", "normal", "full", "extra"}
+
+
+def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
+    """``sqlite:///relative.db``, ``sqlite:////abs/path.db`` or ``sqlite:///:memory:`` → path, options."""
+    if not url.startswith("sqlite://"):
+        raise ConfigurationError(f"not a SQLite URL: {url!r}")
+    rest = url[len("sqlite://") :]
+    rest, _, query = rest.partition("?")
+    if rest.startswith("/"):
+        rest = rest[1:]
+    if not rest:
+        raise ConfigurationError(f"SQLite URL without a file name: {url!r}")
+    options = dict(parse_qsl(query))
+    unknown = set(options) - {"synchronous", "busy_timeout"}
+    if unknown:
+        raise ConfigurationError(f"unknown SQLite URL options: {sorted(unknown)}")
+    if options.get("synchronous", "normal").lower() not in _SYNCHRONOUS:
+        raise ConfigurationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
+    return rest, options
+
+
+def _instance(row: Sequence[Any]) -> InstanceRow:
+    return InstanceRow(
+        instance_id=row[0],
+        workflow_name=row[1],
+        status=Status(row[2]),
+        input=row[3],
+        result=row[4],
+        error=row[5],
+        created_at=row[6],
+        updated_at=row[7],
+        finished_at=row[8],
+        run_at=row[9],
+        locked_by=row[10],
+        lock_expires_at=row[11],
+        cancel_requested=bool(row[12]),
+        steps=row[13],
+    )
+
+
+class SQLiteStorage(Storage):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path, options = parse_sqlite_url(url)
+        self._synchronous = options.get("synchronous", "normal").upper()
+        self._busy_timeout_ms = int(options.get("busy_timeout", "30000"))
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    async def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._executor is None or self._conn is None:
+            raise StorageError("the SQLite storage is not open")
+        conn = self._conn
+
+        def run() -> _T:
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise StorageError(f"SQLite error on {self.path}: {exc}") from exc
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` inside ``BEGIN IMMEDIATE`` ... ``COMMIT``."""
+
+        def tx(conn: sqlite3.Connection) -> _T:
+            conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn)
+            conn.execute("COMMIT")
+            return result
+
+        return await self._call(tx)
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geste-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            self._conn = await loop.run_in_executor(self._executor, self._connect)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if self.path != ":memory:" and not os.path.isdir(directory):
+            raise StorageError(f"cannot create {self.path}: directory {directory} does not exist")
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if self.path != ":memory:" and str(mode).lower() != "wal":
+                raise StorageError(f"cannot put {self.path} in WAL mode (got {mode})")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                raise NotAGesteDatabaseError(f"{self.path} is not a geste database: {exc}") from exc
+            raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._read_version(conn)
+            if version > SCHEMA_VERSION:
+                raise SchemaVersionError(version, SCHEMA_VERSION)
+            for number, script in MIGRATIONS:
+                if number > version:
+                    for statement in _statements(script):
+                        conn.execute(statement)
+                    conn.execute(Q["set_meta"], ("schema_version", str(number)))
+            if version == 0:
+                conn.execute(Q["set_meta"], ("application", "geste"))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.rollback()
+            raise
+
+    @staticmethod
+    def _read_version(conn: sqlite3.Connection) -> int:
+        tables = {row[0] for row in conn.execute(Q["list_tables"])}
+        if not tables:
+            return 0
+        if "geste_meta" not in tables:
+            raise NotAGesteDatabaseError(
+                f"the database holds tables that are not geste's ({', '.join(sorted(tables)[:5])}); "
+                "point geste at its own file"
+            )
+        app = conn.execute(Q["get_meta"], ("application",)).fetchone()
+        version = conn.execute(Q["get_meta"], ("schema_version",)).fetchone()
+        if app is None or app[0] != "geste" or version is None or not str(version[0]).isdigit():
+            raise NotAGesteDatabaseError("geste_meta exists but does not describe a geste schema")
+        return int(version[0])
+
+    async def close(self) -> None:
+        conn, executor = self._conn, self._executor
+        self._conn = self._executor = None
+        if conn is not None and executor is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    async def schema_version(self) -> int:
+        return await self._call(self._read_version)
+
+    # -- instances ---------------------------------------------------------------------------------
+    async def create_instance(
+        self, new: NewInstance, *, lease: Lease | None, worker_id: str | None, lock_expires_at: float | None
+    ) -> tuple[InstanceRow, bool]:
+        params = {
+            "instance_id": new.instance_id,
+            "workflow_name": new.workflow_name,
+            "status": Status.RUNNING if lease else Status.PENDING,
+            "input": new.input,
+            "now": new.now,
+            "locked_by": worker_id if lease else None,
+            "lease_id": lease.lease_id if lease else None,
+            "lock_expires_at": lock_expires_at if lease else None,
+        }
+
+        def tx(conn: sqlite3.Connection) -> tuple[InstanceRow, bool]:
+            created = conn.execute(Q["insert_instance"], params).rowcount == 1
+            row = conn.execute(Q["get_instance"], (new.instance_id,)).fetchone()
+            return _instance(row), created
+
+        return await self._write(tx)
+
+    async def get_instance(self, instance_id: str) -> InstanceRow | None:
+        def read(conn: sqlite3.Connection) -> InstanceRow | None:
+            row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
+            return None if row is None else _instance(row)
+
+        return await self._call(read)
+
+    async def list_instances(
+        self,
+        *,
+        workflow_name: str | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[InstanceRow]:
+        params = {
+            "workflow_name": workflow_name,
+            "status": None if status is None else str(status),
+            "limit": limit,
+            "offset": offset,
+        }
+        return await self._call(lambda c: [_instance(r) for r in c.execute(Q["list_instances"], params)])
+
+    async def get_history(self, instance_id: str) -> list[HistoryRow]:
+        def read(conn: sqlite3.Connection) -> list[HistoryRow]:
+            rows = conn.execute(Q["get_history"], (instance_id,))
+            return [HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
+
+        return await self._call(read)
+
+    async def request_cancel(self, instance_id: str, now: float) -> InstanceRow | None:
+        params = {"instance_id": instance_id, "now": now}
+
+        def tx(conn: sqlite3.Connection) -> InstanceRow | None:
+            if conn.execute(Q["cancel_unstarted"], params).rowcount == 0:
+                conn.execute(Q["flag_cancel"], params)
+            row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
+            return None if row is None else _instance(row)
+
+        return await self._write(tx)
+
+    # -- leases ------------------------------------------------------------------------------------
+    async def claim(self, worker_id: str, now: float, lock_expires_at: float, limit: int) -> list[Claim]:
+        params = {
+            "worker_id": worker_id,
+            "lease_prefix": f"{uuid.uuid4().hex[:12]}/",
+            "lock_expires_at": lock_expires_at,
+            "now": now,
+            "limit": limit,
+        }
+
+        def tx(conn: sqlite3.Connection) -> list[Claim]:
+            return [
+                Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], bool(r[6]))
+                for r in conn.execute(Q["claim"], params).fetchall()
+            ]
+
+        return await self._write(tx)
+
+    async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
+        def tx(conn: sqlite3.Connection) -> set[str]:
+            kept = set()
+            for lease in leases:
+                if conn.execute(Q["renew"], (lock_expires_at, lease.instance_id, lease.lease_id)).rowcount:
+                    kept.add(lease.instance_id)
+            return kept
+
+        return await self._write(tx)
+
+    async def release(self, leases: Sequence[Lease], now: float, *, run_at: float | None = None) -> None:
+        when = now if run_at is None else run_at
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.executemany(Q["release"], [(when, now, x.instance_id, x.lease_id) for x in leases])
+
+        await self._write(tx)
+
+    # -- steps under a lease -----------------------------------------------------------------------
+    @staticmethod
+    def _insert_history(conn: sqlite3.Connection, instance_id: str, records: Sequence[HistoryRow]) -> None:
+        if records:
+            conn.executemany(
+                Q["insert_history"],
+                [(instance_id, r.seq, r.kind, r.name, r.payload, int(r.is_error), r.created_at) for r in records],
+            )
+
+    @staticmethod
+    def _touch(
+        conn: sqlite3.Connection,
+        lease: Lease,
+        *,
+        now: float,
+        lock_expires_at: float,
+        steps: int,
+        status: Status | None = None,
+    ) -> bool:
+        """Renew the lease (raising ``LeaseLost`` if it is gone); return whether cancel is requested."""
+        row = conn.execute(
+            Q["touch_lease"],
+            {
+                "instance_id": lease.instance_id,
+                "lease_id": lease.lease_id,
+                "lock_expires_at": lock_expires_at,
+                "now": now,
+                "steps": steps,
+                "status": None if status is None else str(status),
+            },
+        ).fetchone()
+        if row is None:
+            raise LeaseLost(lease.instance_id)
+        return bool(row[0])
+
+    async def record(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        lock_expires_at: float,
+        status: Status | None = None,
+    ) -> StepResult:
+        def tx(conn: sqlite3.Connection) -> StepResult:
+            cancel = self._touch(
+                conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records), status=status
+            )
+            self._insert_history(conn, lease.instance_id, records)
+            return StepResult(cancel_requested=cancel)
+
+        return await self._write(tx)
+
+    def _suspend_tx(
+        self,
+        conn: sqlite3.Connection,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        run_at: float | None,
+    ) -> Suspension:
+        params = {
+            "instance_id": lease.instance_id,
+            "lease_id": lease.lease_id,
+            "run_at": run_at,
+            "now": now,
+            "steps": len(records),
+        }
+        if conn.execute(Q["suspend"], params).rowcount == 0:
+            state = conn.execute(Q["lease_state"], params).fetchone()
+            if state is None or not state[0]:
+                raise LeaseLost(lease.instance_id)
+            return Suspension.CANCEL_REQUESTED
+        self._insert_history(conn, lease.instance_id, records)
+        conn.execute(Q["clear_timers"], (lease.instance_id,))
+        conn.execute(Q["clear_event_wait"], (lease.instance_id,))
+        return Suspension.SUSPENDED
+
+    async def suspend(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        run_at: float | None,
+        timer: tuple[int, float] | None = None,
+    ) -> Suspension:
+        def tx(conn: sqlite3.Connection) -> Suspension:
+            outcome = self._suspend_tx(conn, lease, records, now=now, run_at=run_at)
+            if outcome is Suspension.SUSPENDED and timer is not None:
+                conn.execute(Q["insert_timer"], (lease.instance_id, timer[0], timer[1]))
+            return outcome
+
+        return await self._write(tx)
+
+    async def take_event_or_suspend(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        wait: EventWait,
+        *,
+        now: float,
+        lock_expires_at: float,
+    ) -> StoredEvent | Suspension | None:
+        def tx(conn: sqlite3.Connection) -> StoredEvent | Suspension | None:
+            found = self._find_event(conn, lease.instance_id, wait)
+            if found is None and wait.deadline is not None and wait.deadline <= now:
+                return None
+            if found is None:
+                outcome = self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
+                if outcome is Suspension.SUSPENDED:
+                    match = None if wait.match is None else json.dumps(wait.match)
+                    conn.execute(
+                        Q["insert_event_wait"],
+                        (lease.instance_id, wait.event_type, match, wait.since, wait.deadline),
+                    )
+                    if wait.deadline is not None:
+                        conn.execute(Q["insert_timer"], (lease.instance_id, wait.outcome_seq, wait.deadline))
+                return outcome
+            outcome_row = HistoryRow(
+                wait.outcome_seq, "event", wait.event_type, event_history_payload(found), False, now
+            )
+            self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
+            self._insert_history(conn, lease.instance_id, [*records, outcome_row])
+            conn.execute(Q["insert_delivery"], (lease.instance_id, found.seq))
+            return found
+
+        return await self._write(tx)
+
+    @staticmethod
+    def _find_event(conn: sqlite3.Connection, instance_id: str, wait: EventWait) -> StoredEvent | None:
+        params = {"event_type": wait.event_type, "since": wait.since, "instance_id": instance_id}
+        for row in conn.execute(Q["candidate_events"], params):
+            event = StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+            if matches(wait.match, json.loads(event.data)):
+                return event
+        return None
+
+    async def finish(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        params = {
+            "instance_id": lease.instance_id,
+            "lease_id": lease.lease_id,
+            "status": str(status),
+            "result": result,
+            "error": error,
+            "now": now,
+            "steps": len(records),
+        }
+
+        def tx(conn: sqlite3.Connection) -> None:
+            if conn.execute(Q["finish"], params).rowcount == 0:
+                raise LeaseLost(lease.instance_id)
+            self._insert_history(conn, lease.instance_id, records)
+            conn.execute(Q["clear_timers"], (lease.instance_id,))
+            conn.execute(Q["clear_event_wait"], (lease.instance_id,))
+
+        await self._write(tx)
+
+    # -- events ------------------------------------------------------------------------------------
+    async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
+        def tx(conn: sqlite3.Connection) -> tuple[bool, list[str]]:
+            inserted = conn.execute(
+                Q["insert_event"],
+                (
+                    event.event_id,
+                    event.event_type,
+                    event.source,
+                    event.data,
+                    event.extensions,
+                    event.target_instance_id,
+                    event.now,
+                ),
+            ).rowcount
+            if not inserted:
+                return False, []
+            data = json.loads(event.data)
+            params = {"event_type": event.event_type, "now": event.now, "target": event.target_instance_id}
+            woken = []
+            for instance_id, match, _since in conn.execute(Q["waits_for_event"], params).fetchall():
+                if matches(None if match is None else json.loads(match), data):
+                    if conn.execute(Q["wake"], {"instance_id": instance_id, "now": event.now}).rowcount:
+                        woken.append(instance_id)
+            return True, woken
+
+        return await self._write(tx)
+
+    async def next_run_at(self) -> float | None:
+        def read(conn: sqlite3.Connection) -> float | None:
+            value = conn.execute(Q["next_run_at"]).fetchone()[0]
+            return None if value is None else float(value)
+
+        return await self._call(read)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements, the way SQLite itself sees their ends."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    if current.strip() and not all(x.strip().startswith("--") for x in current.strip().splitlines()):
+        raise RuntimeError(f"incomplete statement at the end of a migration: {current.strip()[:80]}")
+    return statements
