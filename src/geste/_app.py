@@ -107,13 +107,11 @@ class App:
 
     # -- registration ------------------------------------------------------------------------------
     @overload
-    def workflow(
-        self, fn: Callable[Concatenate[WorkflowContext, P], Awaitable[R]], /
-    ) -> Workflow[P, R]: ...
+    def workflow(self, fn: Callable[Concatenate[WorkflowContext, P], Awaitable[R]], /) -> Workflow[P, R]: ...
 
     @overload
     def workflow(
-        self, *, name: str | None = None
+        self, fn: None = None, /, *, name: str | None = None
     ) -> Callable[[Callable[Concatenate[WorkflowContext, P], Awaitable[R]]], Workflow[P, R]]: ...
 
     def workflow(self, fn: Any = None, /, *, name: str | None = None) -> Any:
@@ -129,13 +127,13 @@ class App:
         return register if fn is None else register(fn)
 
     @overload
-    def activity(
-        self, fn: Callable[Concatenate[ActivityContext, P], Awaitable[R]], /
-    ) -> Activity[P, R]: ...
+    def activity(self, fn: Callable[Concatenate[ActivityContext, P], Awaitable[R]], /) -> Activity[P, R]: ...
 
     @overload
     def activity(
         self,
+        fn: None = None,
+        /,
         *,
         name: str | None = None,
         retry: RetryPolicy | None = None,
@@ -333,7 +331,9 @@ class App:
             ) from None
         if not isinstance(limit, int) or not 0 < limit <= 10_000 or not isinstance(offset, int) or offset < 0:
             raise ConfigurationError("limit must be in 1..10000 and offset >= 0")
-        rows = await self.storage.list_instances(workflow_name=workflow, status=wanted, limit=limit, offset=offset)
+        rows = await self.storage.list_instances(
+            workflow_name=workflow, status=wanted, limit=limit, offset=offset
+        )
         return [_info(row) for row in rows]
 
     async def history(self, instance_id: str) -> list[HistoryEntry]:
@@ -385,7 +385,11 @@ class App:
         check_name(event_type, "event type")
         eid = uuid.uuid4().hex if event_id is None else _check_id(event_id, "event_id")
         body = encode(data, what=f"data of event {event_type}", limit=self.max_payload_bytes)
-        ext = None if extensions is None else encode(extensions, what="event extensions", limit=self.max_payload_bytes)
+        ext = (
+            None
+            if extensions is None
+            else encode(extensions, what="event extensions", limit=self.max_payload_bytes)
+        )
         if instance_id is not None and await self.storage.get_instance(instance_id) is None:
             raise InstanceNotFoundError(instance_id)
         _, woken = await self.storage.send_event(

@@ -150,7 +150,9 @@ class WorkflowContext:
         if self._suspended:
             raise Suspended()
         value = make()
-        self._pending.append(HistoryRow(seq, kind, kind.value, encode(value, what=kind.value), False, self._engine.clock()))
+        self._pending.append(
+            HistoryRow(seq, kind, kind.value, encode(value, what=kind.value), False, self._engine.clock())
+        )
         return value
 
     # -- activities --------------------------------------------------------------------------------
@@ -161,8 +163,11 @@ class WorkflowContext:
         if not isinstance(activity, Activity):
             raise TypeError(f"on_failure takes an activity (decorated with @app.activity), not {activity!r}")
         activity.signature.bind(args, kwargs, what=f"compensation {activity.name}")
-        encode({"args": args, "kwargs": kwargs}, what=f"arguments of compensation {activity.name}",
-               limit=self._engine.max_payload_bytes)
+        encode(
+            {"args": args, "kwargs": kwargs},
+            what=f"arguments of compensation {activity.name}",
+            limit=self._engine.max_payload_bytes,
+        )
         self._compensations.append((activity, args, kwargs))
 
     async def _activity(
@@ -233,8 +238,13 @@ class WorkflowContext:
             if error is None:
                 try:
                     body = encode_body(
-                        {"result": result}, started, self._engine.clock(), attempt, encoded_args,
-                        what=f"result of activity {activity.name}", limit=self._engine.max_payload_bytes,
+                        {"result": result},
+                        started,
+                        self._engine.clock(),
+                        attempt,
+                        encoded_args,
+                        what=f"result of activity {activity.name}",
+                        limit=self._engine.max_payload_bytes,
                     )
                 except SerializationError as exc:  # deterministic: retrying would fail the same way
                     error, attempt_final = exc, True
@@ -244,15 +254,25 @@ class WorkflowContext:
                 attempt_final = attempt >= policy.max_attempts or not policy.is_retryable(error)
             if attempt_final:
                 body = encode_body(
-                    {"error": encode_error(error)}, started, self._engine.clock(), attempt, encoded_args,
-                    what="error", limit=None,
+                    {"error": encode_error(error)},
+                    started,
+                    self._engine.clock(),
+                    attempt,
+                    encoded_args,
+                    what="error",
+                    limit=None,
                 )
                 return await self._commit(HistoryRow(seq, kind, activity.name, body, True, started))
             delay = policy.delay(attempt)
             logger.warning(
                 "activity %s of %s attempt %d/%d failed (%s: %s); retrying in %.3gs",
-                activity.name, self.instance_id, attempt, policy.max_attempts,
-                type(error).__name__, error, delay,
+                activity.name,
+                self.instance_id,
+                attempt,
+                policy.max_attempts,
+                type(error).__name__,
+                error,
+                delay,
             )
             await asyncio.sleep(delay)
 
@@ -267,8 +287,14 @@ class WorkflowContext:
             self._begin(seq)
             expires_at = now + secs
             self._pending.append(
-                HistoryRow(seq, StepKind.SLEEP, "sleep",
-                           encode({"seconds": secs, "expires_at": expires_at}, what="sleep"), False, now)
+                HistoryRow(
+                    seq,
+                    StepKind.SLEEP,
+                    "sleep",
+                    encode({"seconds": secs, "expires_at": expires_at}, what="sleep"),
+                    False,
+                    now,
+                )
             )
         else:
             expires_at = float(decode(row.payload)["expires_at"])
@@ -378,7 +404,9 @@ class WorkflowContext:
 
     def _deliver_cancel(self, seq: int) -> None:
         self._cancel_delivered = True
-        self._pending.append(HistoryRow(seq, StepKind.CANCELLED, "cancelled", None, False, self._engine.clock()))
+        self._pending.append(
+            HistoryRow(seq, StepKind.CANCELLED, "cancelled", None, False, self._engine.clock())
+        )
         raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
 
     def _cancelled_here(self) -> None:

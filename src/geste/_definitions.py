@@ -27,7 +27,9 @@ def check_name(name: object, what: str) -> str:
 
 def _check_coroutine_function(fn: Callable[..., Any], what: str) -> None:
     if not inspect.iscoroutinefunction(fn):
-        raise ConfigurationError(f"{what} {getattr(fn, '__qualname__', fn)!r} must be an `async def` function")
+        raise ConfigurationError(
+            f"{what} {getattr(fn, '__qualname__', fn)!r} must be an `async def` function"
+        )
     if not list(inspect.signature(fn).parameters):
         raise ConfigurationError(f"{what} {fn.__qualname__!r} must take the context as first parameter")
 
@@ -85,7 +87,9 @@ class Workflow(Generic[P, R]):
         """Start a new instance with a generated id."""
         return await self.app._start(self, args, kwargs, instance_id=None)
 
-    async def start_with_id(self, instance_id: str, /, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle[R]:
+    async def start_with_id(
+        self, instance_id: str, /, *args: P.args, **kwargs: P.kwargs
+    ) -> WorkflowHandle[R]:
         """Start the instance ``instance_id``, or return the existing one: it never runs twice."""
         return await self.app._start(self, args, kwargs, instance_id=instance_id)
 

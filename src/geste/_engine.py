@@ -53,7 +53,9 @@ class Engine:
         if workflow is None:
             logger.warning(
                 "instance %s is of workflow %r, unknown to this worker; offering it again in %ss",
-                instance_id, claim.workflow_name, UNKNOWN_WORKFLOW_RETRY,
+                instance_id,
+                claim.workflow_name,
+                UNKNOWN_WORKFLOW_RETRY,
             )
             now = self.clock()
             await self.storage.release([claim.lease], now, run_at=now + UNKNOWN_WORKFLOW_RETRY)
@@ -80,9 +82,7 @@ class Engine:
         try:
             args, kwargs = workflow.signature.load_args(decode(stored_input))
             result = await workflow.fn(ctx, *args, **kwargs)
-            encoded = encode(
-                result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes
-            )
+            encoded = encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)
         except NonDeterminismError as exc:
             # Leave the history as it is: an operator decides (fix the code and retry, or cancel).
             logger.error("instance %s stopped: %s", ctx.instance_id, exc)

@@ -127,7 +127,7 @@ def encode_error(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _find_class(type_name: str) -> type[BaseException] | None:
+def _find_class(type_name: str) -> type[Exception] | None:
     module_name, _, qualname = type_name.rpartition(".")
     while module_name:
         try:
@@ -145,7 +145,7 @@ def _find_class(type_name: str) -> type[BaseException] | None:
         obj = getattr(builtins, qualname, None)
     if isinstance(obj, type) and issubclass(obj, Exception):
         return obj
-    return None
+    return None  # not an Exception (BaseExceptions are not rebuilt)
 
 
 def decode_error(error: dict[str, Any]) -> Exception:

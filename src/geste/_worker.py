@@ -8,6 +8,7 @@ processes and leases of dead workers).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -74,7 +75,9 @@ class Worker:
                 await self.storage.release([lease for lease, _ in leftover], self.clock())
                 logger.info("worker %s released %d lease(s)", self.worker_id, len(leftover))
             except StorageError as exc:
-                logger.warning("worker %s could not release its leases (%s); they expire", self.worker_id, exc)
+                logger.warning(
+                    "worker %s could not release its leases (%s); they expire", self.worker_id, exc
+                )
         logger.info("worker %s stopped", self.worker_id)
 
     # -- wake-ups ----------------------------------------------------------------------------------
@@ -112,10 +115,10 @@ class Worker:
             raise
         except Exception:
             logger.exception("instance %s: unexpected error in the engine; releasing it", instance_id)
-            try:
-                await self.storage.release([claim.lease], self.clock(), run_at=self.clock() + self.poll_interval)
-            except Exception:
-                pass  # the lease expires by itself
+            with contextlib.suppress(Exception):  # else the lease expires by itself
+                await self.storage.release(
+                    [claim.lease], self.clock(), run_at=self.clock() + self.poll_interval
+                )
         finally:
             current = self._running.get(instance_id)
             if current is not None and current[0] == claim.lease:
@@ -131,12 +134,12 @@ class Worker:
             except StorageError as exc:
                 failures += 1
                 timeout = min(self.poll_interval * 2**failures, 30.0)
-                logger.warning("worker %s: claiming failed (%s); retrying in %.1fs", self.worker_id, exc, timeout)
+                logger.warning(
+                    "worker %s: claiming failed (%s); retrying in %.1fs", self.worker_id, exc, timeout
+                )
             if timeout > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
             self._wake.clear()
 
     async def _claim_round(self) -> float:

@@ -31,8 +31,8 @@ from typing import Any
 
 __all__ = [
     "ActivityError",
-    "AppNotOpenError",
     "ActivityTimeout",
+    "AppNotOpenError",
     "ConfigurationError",
     "EventTimeout",
     "GesteError",
@@ -98,8 +98,7 @@ class SchemaVersionError(StorageError):
 
     def __init__(self, found: int, supported: int) -> None:
         super().__init__(
-            f"database schema version {found} is newer than this geste supports ({supported}); "
-            "upgrade geste"
+            f"database schema version {found} is newer than this geste supports ({supported}); upgrade geste"
         )
         self.found = found
         self.supported = supported

@@ -310,7 +310,10 @@ class SQLiteStorage(Storage):
         if records:
             conn.executemany(
                 Q["insert_history"],
-                [(instance_id, r.seq, r.kind, r.name, r.payload, int(r.is_error), r.created_at) for r in records],
+                [
+                    (instance_id, r.seq, r.kind, r.name, r.payload, int(r.is_error), r.created_at)
+                    for r in records
+                ],
             )
 
     @staticmethod
@@ -493,9 +496,12 @@ class SQLiteStorage(Storage):
             params = {"event_type": event.event_type, "now": event.now, "target": event.target_instance_id}
             woken = []
             for instance_id, match, _since in conn.execute(Q["waits_for_event"], params).fetchall():
-                if matches(None if match is None else json.loads(match), data):
-                    if conn.execute(Q["wake"], {"instance_id": instance_id, "now": event.now}).rowcount:
-                        woken.append(instance_id)
+                wanted = None if match is None else json.loads(match)
+                if (
+                    matches(wanted, data)
+                    and conn.execute(Q["wake"], {"instance_id": instance_id, "now": event.now}).rowcount
+                ):
+                    woken.append(instance_id)
             return True, woken
 
         return await self._write(tx)
