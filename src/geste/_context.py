@@ -119,6 +119,7 @@ class WorkflowContext:
         self._compensations: list[tuple[Activity[Any, Any], tuple[Any, ...], dict[str, Any]]] = []
         self._compensating = False
         self._suspended = False
+        self._divergence: NonDeterminismError | None = None
         self.logger = _ReplayQuietLogger(self)
 
     # -- introspection ---------------------------------------------------------------------------
@@ -352,7 +353,9 @@ class WorkflowContext:
                 return _event(out)
             if out.kind == StepKind.EVENT_TIMEOUT and out.name == event_type:
                 raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
-            raise NonDeterminismError(out_seq, f"{out.kind} {out.name!r}", f"event {event_type!r}")
+            raise self._diverged(
+                NonDeterminismError(out_seq, f"{out.kind} {out.name!r}", f"event {event_type!r}")
+            )
         if self._cancel_pending():
             self._deliver_cancel(out_seq)
         now = self._engine.clock()
@@ -382,14 +385,23 @@ class WorkflowContext:
         self._seq += 1
         return self._seq
 
+    def _diverged(self, error: NonDeterminismError) -> NonDeterminismError:
+        """Remember the divergence: user code that swallows it still cannot take another step."""
+        self._divergence = error
+        return error
+
     def _replay(self, seq: int, kind: StepKind, name: str) -> HistoryRow | None:
+        if self._divergence is not None:
+            raise self._divergence
         row = self._history.get(seq)
         if row is None:
             return None
         if row.kind == StepKind.CANCELLED:
             raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
         if row.kind != kind or row.name != name:
-            raise NonDeterminismError(seq, f"{row.kind} {row.name!r}", f"{kind.value} {name!r}")
+            raise self._diverged(
+                NonDeterminismError(seq, f"{row.kind} {row.name!r}", f"{kind.value} {name!r}")
+            )
         return row
 
     def _begin(self, seq: int) -> None:

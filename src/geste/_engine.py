@@ -89,7 +89,12 @@ class Engine:
             await self._finish(ctx, [], Status.FAILED, error=encode_error(exc))
             return
         except Exception as exc:
-            await self._fail(ctx, exc)
+            if ctx._divergence is None:
+                await self._fail(ctx, exc)
+                return
+        if ctx._divergence is not None:  # raised, then swallowed by the workflow's own code
+            logger.error("instance %s stopped: %s", ctx.instance_id, ctx._divergence)
+            await self._finish(ctx, [], Status.FAILED, error=encode_error(ctx._divergence))
             return
         await self._finish(ctx, ctx._pending, Status.COMPLETED, result=encoded)
 
