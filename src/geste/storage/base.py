@@ -262,3 +262,23 @@ def event_history_payload(event: StoredEvent) -> str:
         separators=(",", ":"),
     )
     return head[:-1] + ',"data":' + event.data + "}"
+
+
+def instance_from_row(row: Sequence[Any]) -> InstanceRow:
+    """An ``InstanceRow`` from a row selected in the column order of the ``get_instance`` queries."""
+    return InstanceRow(
+        instance_id=row[0],
+        workflow_name=row[1],
+        status=Status(row[2]),
+        input=row[3],
+        result=row[4],
+        error=row[5],
+        created_at=row[6],
+        updated_at=row[7],
+        finished_at=row[8],
+        run_at=row[9],
+        locked_by=row[10],
+        lock_expires_at=row[11],
+        cancel_requested=bool(row[12]),
+        steps=row[13],
+    )

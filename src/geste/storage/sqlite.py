@@ -14,7 +14,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import parse_qsl
 
 from .._models import Status, matches
@@ -34,6 +34,7 @@ from .base import (
     StoredEvent,
     Suspension,
     event_history_payload,
+    instance_from_row,
 )
 
 Q = load_queries("sqlite")
@@ -60,25 +61,6 @@ def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
     if options.get("synchronous", "normal").lower() not in _SYNCHRONOUS:
         raise ConfigurationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
     return rest, options
-
-
-def _instance(row: Sequence[Any]) -> InstanceRow:
-    return InstanceRow(
-        instance_id=row[0],
-        workflow_name=row[1],
-        status=Status(row[2]),
-        input=row[3],
-        result=row[4],
-        error=row[5],
-        created_at=row[6],
-        updated_at=row[7],
-        finished_at=row[8],
-        run_at=row[9],
-        locked_by=row[10],
-        lock_expires_at=row[11],
-        cancel_requested=bool(row[12]),
-        steps=row[13],
-    )
 
 
 class SQLiteStorage(Storage):
@@ -223,14 +205,14 @@ class SQLiteStorage(Storage):
         def tx(conn: sqlite3.Connection) -> tuple[InstanceRow, bool]:
             created = conn.execute(Q["insert_instance"], params).rowcount == 1
             row = conn.execute(Q["get_instance"], (new.instance_id,)).fetchone()
-            return _instance(row), created
+            return instance_from_row(row), created
 
         return await self._write(tx)
 
     async def get_instance(self, instance_id: str) -> InstanceRow | None:
         def read(conn: sqlite3.Connection) -> InstanceRow | None:
             row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            return None if row is None else _instance(row)
+            return None if row is None else instance_from_row(row)
 
         return await self._call(read)
 
@@ -248,7 +230,9 @@ class SQLiteStorage(Storage):
             "limit": limit,
             "offset": offset,
         }
-        return await self._call(lambda c: [_instance(r) for r in c.execute(Q["list_instances"], params)])
+        return await self._call(
+            lambda c: [instance_from_row(r) for r in c.execute(Q["list_instances"], params)]
+        )
 
     async def get_history(self, instance_id: str) -> list[HistoryRow]:
         def read(conn: sqlite3.Connection) -> list[HistoryRow]:
@@ -264,7 +248,7 @@ class SQLiteStorage(Storage):
             if conn.execute(Q["cancel_unstarted"], params).rowcount == 0:
                 conn.execute(Q["flag_cancel"], params)
             row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            return None if row is None else _instance(row)
+            return None if row is None else instance_from_row(row)
 
         return await self._write(tx)
 
