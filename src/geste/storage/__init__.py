@@ -7,13 +7,19 @@ from .base import Storage
 
 
 def create_storage(url: str) -> Storage:
-    """The backend for ``url``: ``sqlite:///path.db`` (PostgreSQL arrives with its backend)."""
+    """The backend for ``url``: ``sqlite:///path.db`` or ``postgresql://user@host:port/db``."""
     if url.startswith("sqlite://"):
         from .sqlite import SQLiteStorage
 
         return SQLiteStorage(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStorage
+
+        return PostgresStorage(url)
     scheme = url.partition(":")[0]
-    raise ConfigurationError(f"unsupported database URL scheme {scheme!r} in {url!r}; use sqlite:///path.db")
+    raise ConfigurationError(
+        f"unsupported database URL scheme {scheme!r} in {url!r}; use sqlite:///path.db or postgresql://..."
+    )
 
 
 __all__ = ["Storage", "create_storage"]

@@ -1,0 +1,468 @@
+"""The PostgreSQL backend, on asyncpg: a pool, prepared statements, one round trip per step commit.
+
+asyncpg prepares and caches every statement per connection, so each query below is parsed once per
+connection. Step commits (``record``) and claims are single statements (their own transaction);
+operations that need several statements run in one explicit transaction. Driver errors become
+``StorageError`` at this boundary; the pool replaces broken connections by itself, so a restarted server
+costs the operations in flight, not the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .._models import Status, matches
+from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
+from ._sql import load_migrations, load_queries
+from .base import (
+    Claim,
+    EventWait,
+    HistoryRow,
+    InstanceRow,
+    Lease,
+    LeaseLost,
+    NewEvent,
+    NewInstance,
+    StepResult,
+    Storage,
+    StoredEvent,
+    Suspension,
+    event_history_payload,
+    instance_from_row,
+)
+
+try:
+    import asyncpg
+except ImportError:  # pragma: no cover - depends on the installation
+    asyncpg = None
+
+_QUERIES = load_queries("postgres")
+_MIGRATIONS = load_migrations("postgres")
+SCHEMA_VERSION = _MIGRATIONS[-1][0]
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout"}
+_T = TypeVar("_T")
+
+Conn = Any  # asyncpg.Connection / pool proxy; asyncpg ships no type hints
+
+
+def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
+    """Split geste's own options (``schema``, ``pool_min_size``, ...) off a ``postgresql://`` URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"not a PostgreSQL URL: {url!r}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options = {k: v for k, v in query if k in _OPTIONS}
+    rest = [(k, v) for k, v in query if k not in _OPTIONS]
+    schema = options.setdefault("schema", "public")
+    if not _IDENTIFIER.fullmatch(schema):
+        raise ConfigurationError(f"schema must be a plain identifier (letters, digits, _), not {schema!r}")
+    for key in ("pool_min_size", "pool_max_size"):
+        if key in options and (not options[key].isdigit() or int(options[key]) < 1):
+            raise ConfigurationError(f"{key} must be a positive integer, not {options[key]!r}")
+    return urlunsplit(parts._replace(query=urlencode(rest))), options
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    return asyncpg is not None and isinstance(
+        exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | ConnectionError
+    )
+
+
+class PostgresStorage(Storage):
+    def __init__(self, url: str, *, pool_size: int | None = None) -> None:
+        if asyncpg is None:
+            raise ConfigurationError("PostgreSQL needs asyncpg: pip install 'geste[postgres]'")
+        self.url = url
+        self._dsn, options = parse_postgres_url(url)
+        self.schema = options["schema"]
+        self._min_size = int(options.get("pool_min_size", "1"))
+        self._max_size = int(options.get("pool_max_size", str(pool_size or 10)))
+        if self._min_size > self._max_size:
+            raise ConfigurationError("pool_min_size must not exceed pool_max_size")
+        self._command_timeout = float(options.get("command_timeout", "60"))
+        quoted = f'"{self.schema}"'
+        self._q = {name: sql.replace("{schema}", quoted) for name, sql in _QUERIES.items()}
+        self._migrations = [(n, script.replace("{schema}", quoted)) for n, script in _MIGRATIONS]
+        self._pool: Any = None
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Conn]:
+        if self._pool is None:
+            raise StorageError("the PostgreSQL storage is not open")
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except (LeaseLost, StorageError):
+            raise
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise StorageError(f"PostgreSQL error: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def _run(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
+        async with self._conn() as conn:
+            return await fn(conn)
+
+    async def _tx(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
+        async with self._conn() as conn, conn.transaction():
+            return await fn(conn)
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                command_timeout=self._command_timeout,
+                server_settings={"application_name": "geste"},
+            )
+        except Exception as exc:
+            if _is_driver_error(exc):
+                raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
+            raise
+        try:
+            await self._run(self._migrate)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _migrate(self, conn: Conn) -> None:
+        """Apply pending migrations under an advisory lock, so workers starting together migrate once."""
+        key = f"geste_migrate:{self.schema}"
+        await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+        try:
+            async with conn.transaction():
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                version = await self._read_version(conn)
+                if version > SCHEMA_VERSION:
+                    raise SchemaVersionError(version, SCHEMA_VERSION)
+                for number, script in self._migrations:
+                    if number > version:
+                        await conn.execute(script)
+                        await conn.execute(self._q["set_meta"], "schema_version", str(number))
+                if version == 0:
+                    await conn.execute(self._q["set_meta"], "application", "geste")
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+
+    async def _read_version(self, conn: Conn) -> int:
+        tables = {row[0] for row in await conn.fetch(self._q["find_tables"], self.schema)}
+        if not tables:
+            return 0
+        if "geste_meta" not in tables:
+            raise NotAGesteDatabaseError(
+                f"schema {self.schema!r} holds tables named like geste's ({', '.join(sorted(tables)[:5])}) "
+                "but no geste_meta: they are not geste's; use another schema"
+            )
+        app = await conn.fetchval(self._q["get_meta"], "application")
+        version = await conn.fetchval(self._q["get_meta"], "schema_version")
+        if app != "geste" or version is None or not str(version).isdigit():
+            raise NotAGesteDatabaseError("geste_meta exists but does not describe a geste schema")
+        return int(version)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await pool.close()
+            except Exception:
+                pool.terminate()
+
+    async def schema_version(self) -> int:
+        return await self._run(self._read_version)
+
+    # -- instances ---------------------------------------------------------------------------------
+    async def create_instance(
+        self, new: NewInstance, *, lease: Lease | None, worker_id: str | None, lock_expires_at: float | None
+    ) -> tuple[InstanceRow, bool]:
+        async def go(conn: Conn) -> tuple[InstanceRow, bool]:
+            row = await conn.fetchrow(
+                self._q["insert_instance"],
+                new.instance_id,
+                new.workflow_name,
+                str(Status.RUNNING if lease else Status.PENDING),
+                new.input,
+                new.now,
+                worker_id if lease else None,
+                lease.lease_id if lease else None,
+                lock_expires_at if lease else None,
+            )
+            return instance_from_row(list(row)[1:]), bool(row[0])
+
+        return await self._run(go)
+
+    async def get_instance(self, instance_id: str) -> InstanceRow | None:
+        async def go(conn: Conn) -> InstanceRow | None:
+            row = await conn.fetchrow(self._q["get_instance"], instance_id)
+            return None if row is None else instance_from_row(row)
+
+        return await self._run(go)
+
+    async def list_instances(
+        self,
+        *,
+        workflow_name: str | None = None,
+        status: Status | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[InstanceRow]:
+        async def go(conn: Conn) -> list[InstanceRow]:
+            wanted = None if status is None else str(status)
+            rows = await conn.fetch(self._q["list_instances"], workflow_name, wanted, limit, offset)
+            return [instance_from_row(row) for row in rows]
+
+        return await self._run(go)
+
+    async def get_history(self, instance_id: str) -> list[HistoryRow]:
+        async def go(conn: Conn) -> list[HistoryRow]:
+            rows = await conn.fetch(self._q["get_history"], instance_id)
+            return [HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+        return await self._run(go)
+
+    async def request_cancel(self, instance_id: str, now: float) -> InstanceRow | None:
+        async def go(conn: Conn) -> InstanceRow | None:
+            done = await conn.execute(self._q["cancel_unstarted"], instance_id, now)
+            if done.endswith(" 0"):
+                await conn.execute(self._q["flag_cancel"], instance_id, now)
+            row = await conn.fetchrow(self._q["get_instance"], instance_id)
+            return None if row is None else instance_from_row(row)
+
+        return await self._tx(go)
+
+    # -- leases ------------------------------------------------------------------------------------
+    async def claim(self, worker_id: str, now: float, lock_expires_at: float, limit: int) -> list[Claim]:
+        async def go(conn: Conn) -> list[Claim]:
+            rows = await conn.fetch(
+                self._q["claim"], worker_id, f"{uuid.uuid4().hex[:12]}/", now, lock_expires_at, limit
+            )
+            return [Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], r[6]) for r in rows]
+
+        return await self._run(go)
+
+    async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
+        async def go(conn: Conn) -> set[str]:
+            rows = await conn.fetch(
+                self._q["renew"],
+                lock_expires_at,
+                [x.instance_id for x in leases],
+                [x.lease_id for x in leases],
+            )
+            return {row[0] for row in rows}
+
+        return await self._run(go)
+
+    async def release(self, leases: Sequence[Lease], now: float, *, run_at: float | None = None) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.execute(
+                self._q["release"],
+                now if run_at is None else run_at,
+                now,
+                [x.instance_id for x in leases],
+                [x.lease_id for x in leases],
+            )
+
+        await self._run(go)
+
+    # -- steps under a lease -----------------------------------------------------------------------
+    @staticmethod
+    def _columns(records: Sequence[HistoryRow]) -> tuple[list[Any], ...]:
+        return (
+            [r.seq for r in records],
+            [r.kind for r in records],
+            [r.name for r in records],
+            [r.payload for r in records],
+            [r.is_error for r in records],
+            [r.created_at for r in records],
+        )
+
+    async def _insert_history(self, conn: Conn, instance_id: str, records: Sequence[HistoryRow]) -> None:
+        if records:
+            await conn.execute(self._q["insert_history"], instance_id, *self._columns(records))
+
+    async def record(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        lock_expires_at: float,
+        status: Status | None = None,
+    ) -> StepResult:
+        async def go(conn: Conn) -> StepResult:
+            row = await conn.fetchrow(
+                self._q["record"],
+                lease.instance_id,
+                lease.lease_id,
+                lock_expires_at,
+                now,
+                *self._columns(records),
+                None if status is None else str(status),
+            )
+            if row is None:
+                raise LeaseLost(lease.instance_id)
+            return StepResult(cancel_requested=row[0])
+
+        return await self._run(go)
+
+    async def _suspend_tx(
+        self, conn: Conn, lease: Lease, records: Sequence[HistoryRow], *, now: float, run_at: float | None
+    ) -> Suspension:
+        done = await conn.execute(
+            self._q["suspend"], lease.instance_id, lease.lease_id, run_at, now, len(records)
+        )
+        if done.endswith(" 0"):
+            state = await conn.fetchrow(self._q["lease_state"], lease.instance_id, lease.lease_id)
+            if state is None or not state[0]:
+                raise LeaseLost(lease.instance_id)
+            return Suspension.CANCEL_REQUESTED
+        await self._insert_history(conn, lease.instance_id, records)
+        await conn.execute(self._q["clear_waits"], lease.instance_id)
+        return Suspension.SUSPENDED
+
+    async def suspend(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        run_at: float | None,
+        timer: tuple[int, float] | None = None,
+    ) -> Suspension:
+        async def go(conn: Conn) -> Suspension:
+            outcome = await self._suspend_tx(conn, lease, records, now=now, run_at=run_at)
+            if outcome is Suspension.SUSPENDED and timer is not None:
+                await conn.execute(self._q["insert_timer"], lease.instance_id, timer[0], timer[1])
+            return outcome
+
+        return await self._tx(go)
+
+    async def take_event_or_suspend(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        wait: EventWait,
+        *,
+        now: float,
+        lock_expires_at: float,
+    ) -> StoredEvent | Suspension | None:
+        async def go(conn: Conn) -> StoredEvent | Suspension | None:
+            await conn.execute(self._q["lock_event_type"], wait.event_type)
+            found = await self._find_event(conn, lease.instance_id, wait)
+            if found is None and wait.deadline is not None and wait.deadline <= now:
+                return None
+            if found is None:
+                outcome = await self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
+                if outcome is Suspension.SUSPENDED:
+                    match = None if wait.match is None else json.dumps(wait.match)
+                    await conn.execute(
+                        self._q["insert_event_wait"],
+                        lease.instance_id,
+                        wait.event_type,
+                        match,
+                        wait.since,
+                        wait.deadline,
+                    )
+                    if wait.deadline is not None:
+                        await conn.execute(
+                            self._q["insert_timer"], lease.instance_id, wait.outcome_seq, wait.deadline
+                        )
+                return outcome
+            outcome_row = HistoryRow(
+                wait.outcome_seq, "event", wait.event_type, event_history_payload(found), False, now
+            )
+            touched = await conn.fetchrow(
+                self._q["touch_lease"],
+                lease.instance_id,
+                lease.lease_id,
+                lock_expires_at,
+                now,
+                len(records) + 1,
+            )
+            if touched is None:
+                raise LeaseLost(lease.instance_id)
+            await self._insert_history(conn, lease.instance_id, [*records, outcome_row])
+            await conn.execute(self._q["insert_delivery"], lease.instance_id, found.seq)
+            return found
+
+        return await self._tx(go)
+
+    async def _find_event(self, conn: Conn, instance_id: str, wait: EventWait) -> StoredEvent | None:
+        rows = await conn.fetch(self._q["candidate_events"], wait.event_type, wait.since, instance_id)
+        for row in rows:
+            event = StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+            if matches(wait.match, json.loads(event.data)):
+                return event
+        return None
+
+    async def finish(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        async def go(conn: Conn) -> None:
+            done = await conn.execute(
+                self._q["finish"],
+                lease.instance_id,
+                lease.lease_id,
+                str(status),
+                result,
+                error,
+                now,
+                len(records),
+            )
+            if done.endswith(" 0"):
+                raise LeaseLost(lease.instance_id)
+            await self._insert_history(conn, lease.instance_id, records)
+            await conn.execute(self._q["clear_waits"], lease.instance_id)
+
+        await self._tx(go)
+
+    # -- events ------------------------------------------------------------------------------------
+    async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
+        async def go(conn: Conn) -> tuple[bool, list[str]]:
+            await conn.execute(self._q["lock_event_type"], event.event_type)
+            seq = await conn.fetchval(
+                self._q["insert_event"],
+                event.event_id,
+                event.event_type,
+                event.source,
+                event.data,
+                event.extensions,
+                event.target_instance_id,
+                event.now,
+            )
+            if seq is None:
+                return False, []
+            data = json.loads(event.data)
+            waits = await conn.fetch(self._q["waits_for_event"], event.event_type, event.target_instance_id)
+            wanted = [w[0] for w in waits if matches(None if w[1] is None else json.loads(w[1]), data)]
+            if not wanted:
+                return True, []
+            woken = await conn.fetch(self._q["wake"], wanted, event.now)
+            return True, [row[0] for row in woken]
+
+        return await self._tx(go)
+
+    async def next_run_at(self) -> float | None:
+        async def go(conn: Conn) -> float | None:
+            value = await conn.fetchval(self._q["next_run_at"])
+            return None if value is None else float(value)
+
+        return await self._run(go)

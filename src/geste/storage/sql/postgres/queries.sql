@@ -1,0 +1,180 @@
+-- Every query of the PostgreSQL backend, by name. {schema} is replaced by the configured schema, quoted.
+-- Single statements run as their own transaction: one round trip, one commit.
+
+-- name: find_tables
+SELECT table_name FROM information_schema.tables
+WHERE table_schema = $1 AND table_name LIKE 'geste%';
+
+-- name: get_meta
+SELECT value FROM {schema}.geste_meta WHERE key = $1;
+
+-- name: set_meta
+INSERT INTO {schema}.geste_meta (key, value) VALUES ($1, $2)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
+-- name: insert_instance
+-- Concurrent starts of one id: ON CONFLICT waits for the other insert and then does nothing.
+WITH inserted AS (
+    INSERT INTO {schema}.geste_instances
+        (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
+         locked_by, lease_id, lock_expires_at)
+    VALUES ($1, $2, $3, $4, $5, $5, $5, $6, $7, $8)
+    ON CONFLICT (instance_id) DO NOTHING
+    RETURNING instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
+              run_at, locked_by, lock_expires_at, cancel_requested, steps
+)
+SELECT true AS created, * FROM inserted
+UNION ALL
+SELECT false, instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
+       run_at, locked_by, lock_expires_at, cancel_requested, steps
+FROM {schema}.geste_instances WHERE instance_id = $1 AND NOT EXISTS (SELECT 1 FROM inserted);
+
+-- name: get_instance
+SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
+       run_at, locked_by, lock_expires_at, cancel_requested, steps
+FROM {schema}.geste_instances WHERE instance_id = $1;
+
+-- name: list_instances
+SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
+       run_at, locked_by, lock_expires_at, cancel_requested, steps
+FROM {schema}.geste_instances
+WHERE ($1::text IS NULL OR workflow_name = $1) AND ($2::text IS NULL OR status = $2)
+ORDER BY created_at DESC, instance_id DESC
+LIMIT $3 OFFSET $4;
+
+-- name: get_history
+SELECT seq, kind, name, payload, is_error, created_at
+FROM {schema}.geste_history WHERE instance_id = $1 ORDER BY seq;
+
+-- name: insert_history
+INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+SELECT $1, * FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::boolean[],
+                         $7::double precision[]);
+
+-- name: cancel_unstarted
+UPDATE {schema}.geste_instances
+SET status = 'cancelled', cancel_requested = true, run_at = NULL, finished_at = $2, updated_at = $2
+WHERE instance_id = $1 AND status = 'pending' AND lease_id IS NULL;
+
+-- name: flag_cancel
+UPDATE {schema}.geste_instances
+SET cancel_requested = true, updated_at = $2,
+    run_at = CASE WHEN run_at IS NULL OR run_at > $2 THEN $2 ELSE run_at END
+WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- name: claim
+-- FOR UPDATE SKIP LOCKED: concurrent claimers take disjoint sets without waiting on each other.
+WITH picked AS (
+    SELECT instance_id FROM {schema}.geste_instances
+    WHERE run_at <= $3 AND (lease_id IS NULL OR lock_expires_at <= $3)
+    ORDER BY run_at
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.geste_instances AS i
+SET locked_by = $1,
+    lease_id = $2 || i.instance_id,
+    lock_expires_at = $4,
+    status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
+    updated_at = $3
+FROM picked
+WHERE i.instance_id = picked.instance_id
+RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested;
+
+-- name: renew
+UPDATE {schema}.geste_instances AS i SET lock_expires_at = $1
+FROM unnest($2::text[], $3::text[]) AS l(instance_id, lease_id)
+WHERE i.instance_id = l.instance_id AND i.lease_id = l.lease_id
+RETURNING i.instance_id;
+
+-- name: release
+UPDATE {schema}.geste_instances AS i
+SET locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, run_at = $1, updated_at = $2
+FROM unnest($3::text[], $4::text[]) AS l(instance_id, lease_id)
+WHERE i.instance_id = l.instance_id AND i.lease_id = l.lease_id;
+
+-- name: record
+-- A step commit in one statement: prove the lease is ours and renew it, then append the rows.
+WITH lease AS (
+    UPDATE {schema}.geste_instances
+    SET lock_expires_at = $3, updated_at = $4, steps = steps + cardinality($5::integer[]),
+        status = COALESCE($11, status)
+    WHERE instance_id = $1 AND lease_id = $2
+    RETURNING cancel_requested
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $1, r.* FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
+                               $10::double precision[]) AS r
+    WHERE EXISTS (SELECT 1 FROM lease)
+)
+SELECT cancel_requested FROM lease;
+
+-- name: lock_event_type
+-- Serialises, per event type, "send an event" with "take an event or wait": no lost wake-up.
+SELECT pg_advisory_xact_lock(hashtextextended('geste_event:' || $1, 0));
+
+-- name: suspend
+UPDATE {schema}.geste_instances
+SET status = 'waiting', run_at = $3, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
+    updated_at = $4, steps = steps + $5
+WHERE instance_id = $1 AND lease_id = $2 AND NOT cancel_requested;
+
+-- name: lease_state
+SELECT lease_id = $2, cancel_requested FROM {schema}.geste_instances WHERE instance_id = $1;
+
+-- name: touch_lease
+UPDATE {schema}.geste_instances
+SET lock_expires_at = $3, updated_at = $4, steps = steps + $5
+WHERE instance_id = $1 AND lease_id = $2
+RETURNING cancel_requested;
+
+-- name: finish
+UPDATE {schema}.geste_instances
+SET status = $3, result = $4, error = $5, finished_at = $6, updated_at = $6,
+    run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, steps = steps + $7
+WHERE instance_id = $1 AND lease_id = $2;
+
+-- name: clear_waits
+WITH timers AS (DELETE FROM {schema}.geste_timers WHERE instance_id = $1)
+DELETE FROM {schema}.geste_event_waits WHERE instance_id = $1;
+
+-- name: insert_timer
+INSERT INTO {schema}.geste_timers (instance_id, seq, expires_at) VALUES ($1, $2, $3);
+
+-- name: insert_event_wait
+INSERT INTO {schema}.geste_event_waits (instance_id, event_type, match, since, deadline)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (instance_id) DO UPDATE SET
+    event_type = excluded.event_type, match = excluded.match, since = excluded.since,
+    deadline = excluded.deadline;
+
+-- name: candidate_events
+SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
+FROM {schema}.geste_events e
+WHERE e.event_type = $1 AND e.created_at >= $2
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = $3)
+  AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
+                  WHERE d.instance_id = $3 AND d.event_seq = e.seq)
+ORDER BY e.seq;
+
+-- name: insert_delivery
+INSERT INTO {schema}.geste_event_deliveries (instance_id, event_seq) VALUES ($1, $2);
+
+-- name: insert_event
+INSERT INTO {schema}.geste_events (event_id, event_type, source, data, extensions, target_instance_id, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING seq;
+
+-- name: waits_for_event
+SELECT instance_id, match FROM {schema}.geste_event_waits
+WHERE event_type = $1 AND ($2::text IS NULL OR instance_id = $2);
+
+-- name: wake
+UPDATE {schema}.geste_instances SET run_at = $2, updated_at = $2
+WHERE instance_id = ANY($1::text[]) AND status IN ('waiting', 'running')
+  AND (run_at IS NULL OR run_at > $2)
+RETURNING instance_id;
+
+-- name: next_run_at
+SELECT min(run_at) FROM {schema}.geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL;
