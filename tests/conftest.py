@@ -1,8 +1,16 @@
-"""Shared fixtures: every test gets its own real database (a SQLite file in a temporary folder)."""
+"""Shared fixtures: every test gets its own real database, on each backend.
+
+SQLite: a file in the test's temporary folder. PostgreSQL: a fresh schema in the database named by
+``GESTE_TEST_POSTGRES_URL`` (default ``postgresql://postgres@127.0.0.1:5432/test``), dropped afterwards.
+An unreachable PostgreSQL is an error, never a skip: CI must not pass without it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +18,43 @@ import pytest
 
 import geste
 
-BACKENDS = ["sqlite"]
+POSTGRES_URL = os.environ.get("GESTE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+BACKENDS = ["sqlite", "postgres"]
+
+
+def _admin(sql: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        try:
+            conn = await asyncpg.connect(POSTGRES_URL, timeout=10)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise RuntimeError(
+                f"PostgreSQL is required by the test suite and does not answer at {POSTGRES_URL}: {exc}. "
+                "Start it (bash .ci/ensure-postgres) or set GESTE_TEST_POSTGRES_URL."
+            ) from exc
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def with_query(url: str, **params: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return url + sep + "&".join(f"{k}={v}" for k, v in params.items())
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose geste tables live in a schema of their own, dropped after the test."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    _admin(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield with_query(POSTGRES_URL, schema=schema)
+    finally:
+        _admin(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 @pytest.fixture(params=BACKENDS)
@@ -18,7 +62,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty database for this test, on each backend."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'geste.db'}"
-    raise AssertionError(request.param)
+    url: str = request.getfixturevalue("pg_url")
+    return url
 
 
 @pytest.fixture
