@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ from .errors import (
     InstanceAlreadyExistsError,
     InstanceNotFoundError,
     ResultTimeout,
+    StorageError,
     UnknownWorkflowError,
     WorkflowCancelled,
     WorkflowFailed,
@@ -35,6 +37,8 @@ from .storage.base import Claim, InstanceRow, Lease, NewEvent, NewInstance
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+logger = logging.getLogger("geste.app")
 
 DEFAULT_URL = "sqlite:///geste.db"
 MAX_ID_LENGTH = 200
@@ -410,11 +414,16 @@ class App:
             future: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault(instance_id, []).append(future)
             try:
-                row = await self.storage.get_instance(instance_id)
-                if row is None:
-                    raise InstanceNotFoundError(instance_id)
-                if row.status.is_finished:
-                    return self._outcome(row)
+                try:
+                    row = await self.storage.get_instance(instance_id)
+                except StorageError as exc:  # the database went away: keep waiting, it may come back
+                    logger.warning("waiting for %s: %s; trying again", instance_id, exc)
+                    row = None
+                else:
+                    if row is None:
+                        raise InstanceNotFoundError(instance_id)
+                    if row.status.is_finished:
+                        return self._outcome(row)
                 wait = delay if deadline is None else min(delay, deadline - time.monotonic())
                 if wait <= 0:
                     raise ResultTimeout(f"instance {instance_id} did not finish within {limit}s")

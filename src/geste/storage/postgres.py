@@ -9,6 +9,7 @@ costs the operations in flight, not the worker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -71,8 +72,29 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
 
 def _is_driver_error(exc: BaseException) -> bool:
     return asyncpg is not None and isinstance(
-        exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | ConnectionError
+        exc,
+        asyncpg.PostgresError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | OSError
+        | ConnectionError,
     )
+
+
+def _is_connection_loss(exc: BaseException) -> bool:
+    """The connection broke (killed backend, restarted server): a read may simply be tried again."""
+    return asyncpg is not None and isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.OperatorInterventionError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | OSError
+        | ConnectionError,
+    )
+
+
+READ_ATTEMPTS = 3
 
 
 class PostgresStorage(Storage):
@@ -110,6 +132,17 @@ class PostgresStorage(Storage):
     async def _run(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
         async with self._conn() as conn:
             return await fn(conn)
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
+        """A read-only operation: on a broken connection, tried again on another (reads are idempotent)."""
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return await self._run(fn)
+            except StorageError as exc:
+                if attempt == READ_ATTEMPTS or not _is_connection_loss(exc.__cause__ or exc):
+                    raise
+                await asyncio.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")
 
     async def _tx(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
         async with self._conn() as conn, conn.transaction():
@@ -180,7 +213,7 @@ class PostgresStorage(Storage):
                 pool.terminate()
 
     async def schema_version(self) -> int:
-        return await self._run(self._read_version)
+        return await self._read(self._read_version)
 
     # -- instances ---------------------------------------------------------------------------------
     async def create_instance(
@@ -207,7 +240,7 @@ class PostgresStorage(Storage):
             row = await conn.fetchrow(self._q["get_instance"], instance_id)
             return None if row is None else instance_from_row(row)
 
-        return await self._run(go)
+        return await self._read(go)
 
     async def list_instances(
         self,
@@ -222,14 +255,14 @@ class PostgresStorage(Storage):
             rows = await conn.fetch(self._q["list_instances"], workflow_name, wanted, limit, offset)
             return [instance_from_row(row) for row in rows]
 
-        return await self._run(go)
+        return await self._read(go)
 
     async def get_history(self, instance_id: str) -> list[HistoryRow]:
         async def go(conn: Conn) -> list[HistoryRow]:
             rows = await conn.fetch(self._q["get_history"], instance_id)
             return [HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
-        return await self._run(go)
+        return await self._read(go)
 
     async def request_cancel(self, instance_id: str, now: float) -> InstanceRow | None:
         async def go(conn: Conn) -> InstanceRow | None:
@@ -316,20 +349,31 @@ class PostgresStorage(Storage):
 
         return await self._run(go)
 
-    async def _suspend_tx(
-        self, conn: Conn, lease: Lease, records: Sequence[HistoryRow], *, now: float, run_at: float | None
+    async def _suspend(
+        self,
+        conn: Conn,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        now: float,
+        run_at: float | None,
+        timer: tuple[int, float] | None,
     ) -> Suspension:
-        done = await conn.execute(
-            self._q["suspend"], lease.instance_id, lease.lease_id, run_at, now, len(records)
+        suspended, ours = await conn.fetchrow(
+            self._q["suspend"],
+            lease.instance_id,
+            lease.lease_id,
+            run_at,
+            now,
+            *self._columns(records),
+            None if timer is None else timer[0],
+            None if timer is None else timer[1],
         )
-        if done.endswith(" 0"):
-            state = await conn.fetchrow(self._q["lease_state"], lease.instance_id, lease.lease_id)
-            if state is None or not state[0]:
-                raise LeaseLost(lease.instance_id)
-            return Suspension.CANCEL_REQUESTED
-        await self._insert_history(conn, lease.instance_id, records)
-        await conn.execute(self._q["clear_waits"], lease.instance_id)
-        return Suspension.SUSPENDED
+        if suspended:
+            return Suspension.SUSPENDED
+        if not ours:
+            raise LeaseLost(lease.instance_id)
+        return Suspension.CANCEL_REQUESTED
 
     async def suspend(
         self,
@@ -341,12 +385,9 @@ class PostgresStorage(Storage):
         timer: tuple[int, float] | None = None,
     ) -> Suspension:
         async def go(conn: Conn) -> Suspension:
-            outcome = await self._suspend_tx(conn, lease, records, now=now, run_at=run_at)
-            if outcome is Suspension.SUSPENDED and timer is not None:
-                await conn.execute(self._q["insert_timer"], lease.instance_id, timer[0], timer[1])
-            return outcome
+            return await self._suspend(conn, lease, records, now=now, run_at=run_at, timer=timer)
 
-        return await self._tx(go)
+        return await self._run(go)
 
     async def take_event_or_suspend(
         self,
@@ -363,7 +404,10 @@ class PostgresStorage(Storage):
             if found is None and wait.deadline is not None and wait.deadline <= now:
                 return None
             if found is None:
-                outcome = await self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
+                timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
+                outcome = await self._suspend(
+                    conn, lease, records, now=now, run_at=wait.deadline, timer=timer
+                )
                 if outcome is Suspension.SUSPENDED:
                     match = None if wait.match is None else json.dumps(wait.match)
                     await conn.execute(
@@ -374,10 +418,6 @@ class PostgresStorage(Storage):
                         wait.since,
                         wait.deadline,
                     )
-                    if wait.deadline is not None:
-                        await conn.execute(
-                            self._q["insert_timer"], lease.instance_id, wait.outcome_seq, wait.deadline
-                        )
                 return outcome
             outcome_row = HistoryRow(
                 wait.outcome_seq, "event", wait.event_type, event_history_payload(found), False, now
@@ -417,7 +457,7 @@ class PostgresStorage(Storage):
         error: str | None = None,
     ) -> None:
         async def go(conn: Conn) -> None:
-            done = await conn.execute(
+            done = await conn.fetchval(
                 self._q["finish"],
                 lease.instance_id,
                 lease.lease_id,
@@ -425,14 +465,12 @@ class PostgresStorage(Storage):
                 result,
                 error,
                 now,
-                len(records),
+                *self._columns(records),
             )
-            if done.endswith(" 0"):
+            if not done:
                 raise LeaseLost(lease.instance_id)
-            await self._insert_history(conn, lease.instance_id, records)
-            await conn.execute(self._q["clear_waits"], lease.instance_id)
 
-        await self._tx(go)
+        await self._run(go)
 
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
@@ -465,4 +503,4 @@ class PostgresStorage(Storage):
             value = await conn.fetchval(self._q["next_run_at"])
             return None if value is None else float(value)
 
-        return await self._run(go)
+        return await self._read(go)

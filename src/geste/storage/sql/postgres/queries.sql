@@ -114,13 +114,31 @@ SELECT cancel_requested FROM lease;
 SELECT pg_advisory_xact_lock(hashtextextended('geste_event:' || $1, 0));
 
 -- name: suspend
-UPDATE {schema}.geste_instances
-SET status = 'waiting', run_at = $3, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
-    updated_at = $4, steps = steps + $5
-WHERE instance_id = $1 AND lease_id = $2 AND NOT cancel_requested;
-
--- name: lease_state
-SELECT lease_id = $2, cancel_requested FROM {schema}.geste_instances WHERE instance_id = $1;
+-- One statement: mark waiting and release, append the rows, replace the timers and event wait.
+-- Refused (no row updated) while a cancellation is pending. Returns (suspended, lease was ours).
+WITH suspended AS (
+    UPDATE {schema}.geste_instances
+    SET status = 'waiting', run_at = $3, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
+        updated_at = $4, steps = steps + cardinality($5::integer[])
+    WHERE instance_id = $1 AND lease_id = $2 AND NOT cancel_requested
+    RETURNING instance_id
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $1, r.* FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
+                               $10::double precision[]) AS r
+    WHERE EXISTS (SELECT 1 FROM suspended)
+), old_timers AS (
+    DELETE FROM {schema}.geste_timers
+    WHERE instance_id = $1 AND seq IS DISTINCT FROM $11 AND EXISTS (SELECT 1 FROM suspended)
+), old_wait AS (
+    DELETE FROM {schema}.geste_event_waits WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM suspended)
+), timer AS (
+    INSERT INTO {schema}.geste_timers (instance_id, seq, expires_at)
+    SELECT $1, $11, $12 WHERE $11::integer IS NOT NULL AND EXISTS (SELECT 1 FROM suspended)
+    ON CONFLICT (instance_id, seq) DO UPDATE SET expires_at = excluded.expires_at
+)
+SELECT EXISTS (SELECT 1 FROM suspended),
+       COALESCE((SELECT lease_id = $2 FROM {schema}.geste_instances WHERE instance_id = $1), false);
 
 -- name: touch_lease
 UPDATE {schema}.geste_instances
@@ -129,17 +147,25 @@ WHERE instance_id = $1 AND lease_id = $2
 RETURNING cancel_requested;
 
 -- name: finish
-UPDATE {schema}.geste_instances
-SET status = $3, result = $4, error = $5, finished_at = $6, updated_at = $6,
-    run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, steps = steps + $7
-WHERE instance_id = $1 AND lease_id = $2;
-
--- name: clear_waits
-WITH timers AS (DELETE FROM {schema}.geste_timers WHERE instance_id = $1)
-DELETE FROM {schema}.geste_event_waits WHERE instance_id = $1;
-
--- name: insert_timer
-INSERT INTO {schema}.geste_timers (instance_id, seq, expires_at) VALUES ($1, $2, $3);
+-- One statement: store the outcome and release, append the last rows, forget timers and waits.
+WITH done AS (
+    UPDATE {schema}.geste_instances
+    SET status = $3, result = $4, error = $5, finished_at = $6, updated_at = $6,
+        run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
+        steps = steps + cardinality($7::integer[])
+    WHERE instance_id = $1 AND lease_id = $2
+    RETURNING instance_id
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $1, r.* FROM unnest($7::integer[], $8::text[], $9::text[], $10::text[], $11::boolean[],
+                               $12::double precision[]) AS r
+    WHERE EXISTS (SELECT 1 FROM done)
+), timers AS (
+    DELETE FROM {schema}.geste_timers WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM done)
+), waits AS (
+    DELETE FROM {schema}.geste_event_waits WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM done)
+)
+SELECT count(*) FROM done;
 
 -- name: insert_event_wait
 INSERT INTO {schema}.geste_event_waits (instance_id, event_type, match, since, deadline)
