@@ -1,0 +1,300 @@
+"""Crash safety on a real SQLite file, with workers in subprocesses killed, restarted and stopped.
+
+Workers run ``tests/apps/crash_app.py``; each activity logs its start and end to a side-effect file, so a
+test can count executions (at least once) and compare them with the history (recorded exactly once).
+Nothing sleeps and hopes: every wait is for a condition (a file, a log line, a row) with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import geste
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
+    sys.path.insert(0, str(ROOT))
+
+from tests.apps.crash_app import build_app, read_log  # noqa: E402
+
+LOCK_TIMEOUT = 1.0
+
+
+async def wait_until(
+    check: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 15.0, interval: float = 0.02
+) -> Any:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class Cluster:
+    """One SQLite file, a side-effect log, a marker folder and the worker processes started on them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.db = folder / "geste.db"
+        self.url = f"sqlite:///{self.db}"
+        self.log = folder / "side-effects.jsonl"
+        self.markers = folder / "markers"
+        self.markers.mkdir()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.outputs: dict[int, Path] = {}
+
+    async def spawn(self, worker_id: str, *, lock_timeout: float = LOCK_TIMEOUT, **options: Any) -> Any:
+        ready = self.markers / f"ready-{worker_id}"
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.apps.crash_app",
+            str(self.db),
+            f"--worker-id={worker_id}",
+            f"--log={self.log}",
+            f"--markers={self.markers}",
+            f"--lock-timeout={lock_timeout}",
+            *(f"--{key.replace('_', '-')}={value}" for key, value in options.items()),
+        ]
+        output = self.folder / f"worker-{worker_id}-{len(self.procs)}.out"
+        with output.open("wb") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        self.outputs[proc.pid] = output
+
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"worker {worker_id} exited with {proc.returncode}:\n{self.output(proc)}"
+                )
+            return ready.exists()
+
+        await wait_until(started, f"worker {worker_id} to be ready")
+        return proc
+
+    def output(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.outputs[proc.pid].read_text(errors="replace")
+
+    def go(self, instance_id: str) -> None:
+        """Let the ``block`` activity of ``instance_id`` return."""
+        (self.markers / f"go-{instance_id}").touch()
+
+    def entries(self, *, event: str = "start", **where: Any) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in read_log(self.log)
+            if e["event"] == event and all(e[key] == value for key, value in where.items())
+        ]
+
+    def row(self, instance_id: str) -> dict[str, Any]:
+        with sqlite3.connect(self.db) as conn:
+            conn.row_factory = sqlite3.Row
+            found = conn.execute(
+                "SELECT * FROM geste_instances WHERE instance_id = ?", (instance_id,)
+            ).fetchone()
+        conn.close()
+        assert found is not None, instance_id
+        return dict(found)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    group = Cluster(tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+@pytest.fixture
+async def client(cluster: Cluster) -> AsyncIterator[geste.App]:
+    """An App that only starts, queries and cancels (no worker); it also creates the schema."""
+    async with build_app(cluster.url, run_worker=False, poll_interval=0.05) as app:
+        yield app
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+
+
+async def assert_recorded_once(app: geste.App, instance_id: str, activities: list[str]) -> None:
+    history = await app.history(instance_id)
+    seqs = [entry.seq for entry in history]
+    assert seqs == sorted(set(seqs)), seqs
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+    recorded = [e.name for e in history if e.kind in (geste.StepKind.ACTIVITY, geste.StepKind.COMPENSATION)]
+    assert recorded == activities
+    with sqlite3.connect(app.url.removeprefix("sqlite:///")) as conn:
+        raw = conn.execute(
+            "SELECT seq, COUNT(*) FROM geste_history WHERE instance_id = ? GROUP BY seq HAVING COUNT(*) > 1",
+            (instance_id,),
+        ).fetchall()
+    conn.close()
+    assert raw == []
+
+
+async def _kill_in_block_then_take_over(cluster: Cluster, client: geste.App, second_worker: str) -> None:
+    first = await cluster.spawn("w1")
+    handle = await client.start_workflow("pipeline", 7, instance_id="order-1")
+    iid = handle.instance_id
+    await wait_until(lambda: cluster.entries(activity="block"), "block to start in w1")
+    before_kill = {(e["activity"], e["worker"]) for e in cluster.entries()}
+    assert before_kill == {("one", "w1"), ("two", "w1"), ("block", "w1")}
+    assert [e.name for e in await client.history(iid)] == ["one", "two"]
+
+    kill(first)
+    dead_lease = cluster.row(iid)
+    assert dead_lease["locked_by"] == "w1"
+    assert dead_lease["status"] == "running"
+    cluster.go(iid)  # the next attempt of `block` returns at once
+
+    await cluster.spawn(second_worker)
+    result = await handle.result(timeout=15)
+    assert result == ["one:7", "two:7", "block:7", "three:7"]
+
+    starts = Counter(e["activity"] for e in cluster.entries(instance=iid))
+    assert starts == {"one": 1, "two": 1, "block": 2, "three": 1}  # only the interrupted one ran twice
+    retaken = cluster.entries(activity="block")[1]
+    assert retaken["pid"] != first.pid and retaken["worker"] == second_worker
+    # taken over only once the dead worker's lease had expired, not before
+    assert retaken["t"] >= dead_lease["lock_expires_at"]
+    await assert_recorded_once(client, iid, ["one", "two", "block", "three"])
+    info = await handle.info()
+    assert info.status == geste.Status.COMPLETED and info.locked_by is None
+
+
+async def test_sigkill_mid_activity_another_worker_takes_over(cluster: Cluster, client: geste.App) -> None:
+    await _kill_in_block_then_take_over(cluster, client, "w2")
+
+
+async def test_restart_with_the_same_worker_id_does_not_double_run(
+    cluster: Cluster, client: geste.App
+) -> None:
+    await _kill_in_block_then_take_over(cluster, client, "w1")
+
+
+async def test_heartbeat_keeps_a_long_activity_from_being_taken_over(
+    cluster: Cluster, client: geste.App
+) -> None:
+    await cluster.spawn("w1")
+    await cluster.spawn("w2")
+    seconds = 3.5 * LOCK_TIMEOUT
+    handle = await client.start_workflow("long", seconds)
+    started = await wait_until(lambda: cluster.entries(activity="slow"), "the slow activity to start")
+    runner = started[0]["worker"]
+    assert await handle.result(timeout=15) == "slow+one:0"
+    slow = cluster.entries(activity="slow")
+    assert len(slow) == 1, slow  # the other worker, polling all along, never took it over
+    ended = cluster.entries(activity="slow", event="end")
+    assert len(ended) == 1 and ended[0]["t"] - slow[0]["t"] >= seconds
+    assert {e["worker"] for e in cluster.entries(instance=handle.instance_id)} == {runner}
+    await assert_recorded_once(client, handle.instance_id, ["slow", "one"])
+
+
+async def test_many_instances_on_three_worker_processes(cluster: Cluster, client: geste.App) -> None:
+    for name in ("w1", "w2", "w3"):
+        await cluster.spawn(name, concurrency=20, lock_timeout=2.0)
+    handles = await asyncio.gather(*(client.start_workflow("batch", i) for i in range(100)))
+    results = await asyncio.gather(*(h.result(timeout=25) for h in handles))
+    assert results == [[f"one:{i}", f"two:{i}", f"three:{i}"] for i in range(100)]
+
+    starts = cluster.entries()
+    ends = cluster.entries(event="end")
+    ran = Counter((e["instance"], e["activity"]) for e in starts)
+    expected = {(h.instance_id, a) for h in handles for a in ("one", "two", "three")}
+    assert set(ran) == expected
+    assert set(ran.values()) == {1}, [k for k, n in ran.items() if n > 1]  # no activity ran twice
+    assert Counter((e["instance"], e["activity"]) for e in ends) == ran
+
+    intervals: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
+    end_of = {(e["instance"], e["activity"]): e["t"] for e in ends}
+    for e in starts:
+        intervals[e["instance"]].append((e["t"], end_of[e["instance"], e["activity"]], e["pid"]))
+    for iid, spans in intervals.items():
+        spans.sort()
+        for (_, end, pid), (start, _, other) in itertools.pairwise(spans):
+            assert start >= end, f"{iid}: run by {pid} and {other} at the same time"
+    assert len({e["worker"] for e in starts}) > 1, "all the work went to one worker"
+
+    for handle in handles:
+        await assert_recorded_once(client, handle.instance_id, ["one", "two", "three"])
+    finished = await client.list_instances(status=geste.Status.COMPLETED, limit=1000)
+    assert len(finished) == 100
+
+
+async def test_sigterm_releases_the_lease_for_another_worker_at_once(
+    cluster: Cluster, client: geste.App
+) -> None:
+    lock_timeout = 30.0  # far longer than the test: only a released lease can be taken this fast
+    first = await cluster.spawn("w1", lock_timeout=lock_timeout, shutdown_grace=0.2)
+    handle = await client.start_workflow("pipeline", 1)
+    iid = handle.instance_id
+    await wait_until(lambda: cluster.entries(activity="block"), "block to start in w1")
+    assert cluster.row(iid)["locked_by"] == "w1"
+
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=10) == 0, cluster.output(first)
+    exited = time.time()
+    row = cluster.row(iid)
+    assert row["locked_by"] is None and row["lease_id"] is None and row["lock_expires_at"] is None
+    assert row["run_at"] is not None and row["run_at"] <= exited  # runnable at once
+
+    cluster.go(iid)
+    await cluster.spawn("w2", lock_timeout=lock_timeout)
+    assert await handle.result(timeout=10) == ["one:1", "two:1", "block:1", "three:1"]
+    retaken = cluster.entries(activity="block", worker="w2")
+    assert len(retaken) == 1 and retaken[0]["t"] - exited < lock_timeout / 3
+    assert Counter(e["activity"] for e in cluster.entries()) == {"one": 1, "two": 1, "block": 2, "three": 1}
+    await assert_recorded_once(client, iid, ["one", "two", "block", "three"])
+
+
+async def test_cancel_from_another_process_runs_compensations(cluster: Cluster, client: geste.App) -> None:
+    await cluster.spawn("w1")
+    handle = await client.start_workflow("saga", 3)
+    iid = handle.instance_id
+    await wait_until(lambda: cluster.entries(activity="block"), "block to start")
+
+    info = await client.cancel(iid)
+    assert info.cancel_requested and not info.status.is_finished
+    cluster.go(iid)  # the running activity finishes; the cancel is delivered at the next step
+    with pytest.raises(geste.errors.WorkflowCancelled):
+        await handle.result(timeout=15)
+
+    info = await handle.info()
+    assert info.status == geste.Status.CANCELLED and info.locked_by is None
+    assert Counter(e["activity"] for e in cluster.entries()) == {"one": 1, "block": 1, "undo": 1}
+    assert cluster.entries(activity="undo")[0]["what"] == "one:3"
+    history = await client.history(iid)
+    assert [(e.kind, e.name) for e in history] == [
+        (geste.StepKind.ACTIVITY, "one"),
+        (geste.StepKind.ACTIVITY, "block"),
+        (geste.StepKind.CANCELLED, "cancelled"),
+        (geste.StepKind.COMPENSATION, "undo"),
+    ]
+    await assert_recorded_once(client, iid, ["one", "block", "undo"])
