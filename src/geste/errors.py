@@ -80,9 +80,13 @@ class PayloadTooLargeError(SerializationError):
     """An encoded value is larger than the configured limit; nothing was written."""
 
     def __init__(self, what: str, size: int, limit: int) -> None:
-        super().__init__(f"{what} is {size} bytes once encoded, over the limit of {limit} bytes")
+        super().__init__(what, size, limit)  # the args rebuild it from a recorded step (and unpickle it)
+        self.what = what
         self.size = size
         self.limit = limit
+
+    def __str__(self) -> str:
+        return f"{self.what} is {self.size} bytes once encoded, over the limit of {self.limit} bytes"
 
 
 class StorageError(GesteError):
