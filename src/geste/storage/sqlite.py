@@ -126,6 +126,7 @@ class SQLiteStorage(Storage):
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            self._read_version(conn)  # refuse a foreign file before WAL mode rewrites its header
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if self.path != ":memory:" and str(mode).lower() != "wal":
                 raise StorageError(f"cannot put {self.path} in WAL mode (got {mode})")
