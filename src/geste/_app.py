@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._context import ActivityContext, WorkflowContext
-from ._definitions import Activity, Workflow, check_name
+from ._definitions import Activity, Workflow, check_name, storable_text
 from ._engine import Engine
 from ._handle import WorkflowHandle
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
@@ -51,8 +51,10 @@ def _positive_int(value: object, what: str) -> int:
 
 
 def _check_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
-        raise ConfigurationError(f"{what} must be a non-empty string of at most {MAX_ID_LENGTH} characters")
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH or not storable_text(value):
+        raise ConfigurationError(
+            f"{what} must be a non-empty string of at most {MAX_ID_LENGTH} characters (no NUL, valid UTF-8)"
+        )
     return value
 
 

@@ -19,9 +19,20 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def storable_text(value: str) -> bool:
+    """Whether every backend stores ``value`` verbatim: no NUL (PostgreSQL refuses it), valid UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return "\x00" not in value
+
+
 def check_name(name: object, what: str) -> str:
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise ConfigurationError(f"{what} name must be a non-empty string of at most 200 characters")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not storable_text(name):
+        raise ConfigurationError(
+            f"{what} name must be a non-empty string of at most 200 characters (no NUL, valid UTF-8)"
+        )
     return name
 
 
