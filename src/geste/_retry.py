@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -50,8 +50,16 @@ class RetryPolicy:
         seconds(self.max_interval, what="max_interval")
         if self.timeout is not None:
             seconds(self.timeout, what="timeout", allow_zero=False)
-        if not isinstance(self.backoff, int | float) or self.backoff < 1:
-            raise ConfigurationError(f"backoff must be a number >= 1, not {self.backoff!r}")
+        if (
+            not isinstance(self.backoff, int | float)
+            or isinstance(self.backoff, bool)
+            or not 1 <= self.backoff < float("inf")
+        ):
+            raise ConfigurationError(f"backoff must be a finite number >= 1, not {self.backoff!r}")
+        if isinstance(self.non_retryable, str | type) or not isinstance(self.non_retryable, Collection):
+            raise ConfigurationError(
+                f"non_retryable must be a list of exception classes or names, not {self.non_retryable!r}"
+            )
         for item in self.non_retryable:
             if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, BaseException))):
                 raise ConfigurationError(f"non_retryable holds {item!r}: give exception classes or names")
