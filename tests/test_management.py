@@ -512,3 +512,26 @@ def test_invalid_registrations_raise_configuration_error(db_url: str) -> None:
         app.workflow(flow)
     with pytest.raises(ConfigurationError):
         app.workflow(name="")(flow)
+
+
+async def test_a_result_awaited_while_the_app_closes_raises_app_not_open(make_app: MakeApp) -> None:
+    """Regression: the waiting task used to end with a CancelledError, as if it had been cancelled."""
+    app = make_app()
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        await ctx.wait_event("never")
+
+    async with app:
+        handle = await flow.start()
+        waiter = asyncio.create_task(handle.result())
+        await wait_status(app, handle.instance_id, geste.Status.WAITING)
+
+        async def parked_on_a_future() -> bool:
+            return handle.instance_id in app._waiters
+
+        await until(parked_on_a_future)
+
+    with pytest.raises(AppNotOpenError):
+        await asyncio.wait_for(waiter, 5)
+    assert not waiter.cancelled()

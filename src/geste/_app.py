@@ -221,7 +221,8 @@ class App:
             await worker.stop()
         for futures in self._waiters.values():
             for future in futures:
-                future.cancel()
+                if not future.done():
+                    future.set_result(None)  # wake result() waiters: they see the App closed
         self._waiters.clear()
         self._open = False
         await self.storage.close()
@@ -413,6 +414,7 @@ class App:
         delay = 0.01
         loop = asyncio.get_running_loop()
         while True:
+            self._require_open()
             future: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault(instance_id, []).append(future)
             try:
