@@ -361,3 +361,43 @@ async def test_non_determinism_error_names_the_step(make_app: MakeApp) -> None:
 
     assert len(seen) == 1
     assert (seen[0].seq, seen[0].expected, seen[0].found) == (1, "uuid 'uuid'", "random 'random'")
+
+
+async def test_values_handed_to_an_activity_survive_its_rerun_after_a_restart(make_app: MakeApp) -> None:
+    """Regression: now/uuid4/random were only buffered while the activity ran, so an App that stopped
+    during the activity lost them and the rerun got new values under the same idempotency key."""
+    seen: list[tuple[str, list[Any]]] = []
+    started = asyncio.Event()
+    hang = {"on": True}
+
+    def register(app: geste.App) -> None:
+        @app.activity
+        async def create(ctx: geste.ActivityContext, values: list[Any]) -> list[Any]:
+            seen.append((ctx.idempotency_key, values))
+            if hang["on"]:
+                started.set()
+                await asyncio.Event().wait()  # the App closes meanwhile: this run is cut off
+            return values
+
+        @app.workflow
+        async def flow(ctx: geste.WorkflowContext) -> list[Any]:
+            values = [ctx.now().isoformat(), str(ctx.uuid4()), ctx.random()]
+            return await create(ctx, values)
+
+    first_app = make_app(shutdown_grace=0.1)
+    register(first_app)
+    async with first_app:
+        await first_app.start_workflow("flow", instance_id="rerun-1")
+        await asyncio.wait_for(started.wait(), 10)
+
+    hang["on"] = False
+    second_app = make_app()
+    register(second_app)
+    async with second_app:
+        result = await second_app.get_handle("rerun-1").result(timeout=10)
+        history = await second_app.history("rerun-1")
+
+    assert len(seen) == 2
+    assert seen[0] == seen[1]
+    assert result == seen[0][1]
+    assert [str(e.kind) for e in history] == ["now", "uuid", "random", "activity"]

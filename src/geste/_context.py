@@ -189,6 +189,8 @@ class WorkflowContext:
                 what=f"arguments of activity {activity.name}",
                 limit=self._engine.max_payload_bytes,
             )
+            if self._pending:  # what the workflow saw (now, uuid4, random, a timeout) may be in the
+                await self._flush()  # arguments: a rerun of the activity after a crash must see it too
             row = await self._execute(activity, seq, kind, args, kwargs, encoded_args)
         payload = decode(row.payload)
         if row.is_error:
@@ -429,7 +431,13 @@ class WorkflowContext:
             raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
 
     async def _commit(self, row: HistoryRow) -> HistoryRow:
-        records, self._pending = [*self._pending, row], []
+        self._pending.append(row)
+        await self._flush()
+        return row
+
+    async def _flush(self) -> None:
+        """Commit the buffered rows in one transaction that also renews the lease."""
+        records, self._pending = self._pending, []
         status = Status.COMPENSATING if self._compensating else None
         now = self._engine.clock()
         try:
@@ -440,7 +448,6 @@ class WorkflowContext:
             raise Abandon(exc) from exc
         if outcome.cancel_requested:
             self._cancel_requested = True
-        return row
 
     async def _suspend(self, *, run_at: float, timer: tuple[int, float]) -> None:
         try:
