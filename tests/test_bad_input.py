@@ -436,3 +436,24 @@ async def test_ids_and_event_types_that_no_backend_can_store_are_refused(
         assert await app.list_instances() == []
     with pytest.raises(ConfigurationError):
         make_app(worker_id=bad)
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "lone \ud800 surrogate", ""], ids=["nul", "surrogate", "empty"])
+async def test_waiting_for_an_event_type_no_backend_can_store_fails_at_the_call(
+    make_app: Callable[..., geste.App], bad: str
+) -> None:
+    # Before the check, PostgreSQL refused the NUL at the commit of the wait, and the instance was
+    # released and re-run at once, forever.
+    app = make_app()
+
+    @app.workflow
+    async def waits(ctx: geste.WorkflowContext) -> str:
+        try:
+            await ctx.wait_event(bad)
+        except TypeError as exc:
+            return f"refused: {exc}"
+        return "waited"
+
+    async with app:
+        result = await (await waits.start()).result(timeout=10)
+    assert result.startswith("refused: event_type must be a non-empty string")

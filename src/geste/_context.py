@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from ._definitions import storable_text
 from ._models import Event, Status, StepKind
 from ._retry import seconds
 from ._serde import decode, decode_error, encode, encode_error
@@ -332,8 +333,8 @@ class WorkflowContext:
         them, so an event that arrives before the workflow waits is not lost. Raises
         ``geste.errors.EventTimeout`` after ``timeout``.
         """
-        if not isinstance(event_type, str) or not event_type:
-            raise TypeError("event_type must be a non-empty string")
+        if not isinstance(event_type, str) or not event_type or not storable_text(event_type):
+            raise TypeError("event_type must be a non-empty string (no NUL, valid UTF-8)")
         match_dict = dict(match) if match is not None else None
         secs = None if timeout is None else seconds(timeout, what="timeout")
         seq = self._next()
@@ -467,6 +468,7 @@ class WorkflowContext:
     async def _run_compensations(self) -> list[dict[str, Any]]:
         """Run the registered compensations newest first; collect (not raise) their final errors."""
         self._compensating = True
+        await self._flush()  # the status says "compensating" from the first compensation on
         errors = []
         for activity, args, kwargs in reversed(self._compensations):
             try:
