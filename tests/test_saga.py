@@ -308,3 +308,70 @@ async def test_on_failure_takes_a_registered_activity_with_fitting_arguments(mak
     async with app:
         result = await (await flow.start()).result(timeout=10)
     assert result == ["TypeError", "SerializationError", "SerializationError"]
+
+
+async def test_the_status_is_compensating_while_compensations_run(make_app: MakeApp) -> None:
+    """Regression: the status stayed "running" until the first compensation had finished."""
+    entered, opened = asyncio.Event(), asyncio.Event()
+    app = make_app()
+
+    @app.activity
+    async def undo(ctx: geste.ActivityContext) -> None:
+        entered.set()
+        await opened.wait()
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        ctx.on_failure(undo)
+        raise OutOfStock("gone")
+
+    async with app:
+        handle = await flow.start()
+        await asyncio.wait_for(entered.wait(), 10)
+        assert await handle.status() == geste.Status.COMPENSATING
+        opened.set()
+        with pytest.raises(WorkflowFailed):
+            await handle.result(timeout=10)
+        assert await handle.status() == geste.Status.FAILED
+
+
+async def test_cancelling_a_workflow_inside_an_activity_stops_it_at_its_next_step(make_app: MakeApp) -> None:
+    entered, opened = asyncio.Event(), asyncio.Event()
+    done: list[str] = []
+    undone: list[str] = []
+    app = make_app()
+
+    @app.activity
+    async def gate(ctx: geste.ActivityContext) -> str:
+        entered.set()
+        await opened.wait()
+        return "through"
+
+    @app.activity
+    async def step(ctx: geste.ActivityContext, what: str) -> None:
+        done.append(what)
+
+    @app.activity
+    async def undo(ctx: geste.ActivityContext, what: str) -> None:
+        undone.append(what)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        ctx.on_failure(undo, "gate")
+        await gate(ctx)
+        await step(ctx, "after the gate")
+
+    async with app:
+        handle = await flow.start()
+        await asyncio.wait_for(entered.wait(), 10)
+        info = await app.cancel(handle.instance_id)
+        assert info.status == geste.Status.RUNNING and info.cancel_requested
+        opened.set()
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=10)
+        history = await handle.history()
+
+    assert done == []
+    assert undone == ["gate"]
+    assert steps(history) == [("activity", "gate"), ("cancelled", "cancelled"), ("compensation", "undo")]
+    assert history[0].payload["result"] == "through"
