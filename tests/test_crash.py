@@ -202,9 +202,10 @@ async def test_restart_with_the_same_worker_id_does_not_double_run(
 async def test_heartbeat_keeps_a_long_activity_from_being_taken_over(
     cluster: Cluster, client: geste.App
 ) -> None:
-    await cluster.spawn("w1")
-    await cluster.spawn("w2")
-    seconds = 3.5 * LOCK_TIMEOUT
+    lock_timeout = 1.5  # renewed every 0.5 s; a little slack for a loaded machine
+    await cluster.spawn("w1", lock_timeout=lock_timeout)
+    await cluster.spawn("w2", lock_timeout=lock_timeout)
+    seconds = 3.5 * lock_timeout
     handle = await client.start_workflow("long", seconds)
     started = await wait_until(lambda: cluster.entries(activity="slow"), "the slow activity to start")
     runner = started[0]["worker"]
