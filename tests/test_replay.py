@@ -7,6 +7,7 @@ new App object on the same database file, with the same (or, for divergence, cha
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -192,7 +193,10 @@ async def test_now_uuid_and_random_return_the_recorded_values_on_replay(make_app
     assert [str(e.kind) for e in history] == ["now", "uuid", "random", "wait_event", "event"]
 
 
-async def test_is_replaying_is_true_only_for_steps_taken_before(make_app: MakeApp) -> None:
+async def test_is_replaying_is_true_only_for_steps_taken_before(
+    make_app: MakeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="geste.workflow")
     flags: list[tuple[str, bool]] = []
 
     def register(app: geste.App) -> None:
@@ -203,10 +207,12 @@ async def test_is_replaying_is_true_only_for_steps_taken_before(make_app: MakeAp
         @app.workflow
         async def flow(ctx: geste.WorkflowContext) -> None:
             flags.append(("start", ctx.is_replaying))
+            ctx.logger.info("starting")  # said once: the logger is quiet while replaying
             await step(ctx)
             flags.append(("after step", ctx.is_replaying))
             await ctx.wait_event("go")
             flags.append(("after event", ctx.is_replaying))
+            ctx.logger.info("got the event")
             await step(ctx)
             flags.append(("end", ctx.is_replaying))
 
@@ -224,6 +230,8 @@ async def test_is_replaying_is_true_only_for_steps_taken_before(make_app: MakeAp
         await second_app.get_handle("flags-1").result(timeout=10)
 
     assert flags[2:] == [("start", True), ("after step", True), ("after event", False), ("end", False)]
+    said = [r.getMessage() for r in caplog.records if r.name == "geste.workflow"]
+    assert said == ["[flow flags-1] starting", "[flow flags-1] got the event"]
 
 
 def _changed_activity(app: geste.App, calls: list[str]) -> None:
