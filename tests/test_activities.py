@@ -479,3 +479,37 @@ async def test_arguments_that_cannot_be_stored_fail_the_call_before_the_activity
     assert result.startswith("refused: arguments of activity takes_anything cannot be stored as JSON")
     assert calls == []
     assert history == []
+
+
+async def test_an_activity_gets_its_arguments_as_recorded_typed_by_its_hints(make_app: MakeApp) -> None:
+    """Regression: the activity got the workflow's own objects, untyped (a dict where it declares a model)
+    and shared (its mutation of a list leaked into the workflow, which a replay would not repeat)."""
+    received: list[Any] = []
+    app = make_app()
+
+    @app.activity
+    async def act(ctx: geste.ActivityContext, order: Order, items: list[int], when: datetime) -> int:
+        received.append((order, when))
+        items.append(99)
+        return len(items)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> list[Any]:
+        items = [1, 2]
+        stamp = "2024-05-01T12:30:00Z"
+        raw = {"order_id": "A", "amount": 1.5, "placed_at": stamp}
+        count = await act(ctx, raw, items, stamp)  # type: ignore[arg-type]
+        try:
+            await act(ctx, {"no": "order"}, items, stamp)  # type: ignore[arg-type]
+        except SerializationError:
+            refused = True
+        else:
+            refused = False
+        return [count, items, refused]
+
+    async with app:
+        result = await (await flow.start()).result(timeout=10)
+
+    placed = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
+    assert result == [3, [1, 2], True]
+    assert received == [(Order(order_id="A", amount=1.5, placed_at=placed), placed)]

@@ -190,9 +190,12 @@ class WorkflowContext:
                 what=f"arguments of activity {activity.name}",
                 limit=self._engine.max_payload_bytes,
             )
+            # the activity gets its arguments as recorded (JSON, typed by its hints), never the
+            # workflow's own objects: what it mutates cannot leak into the workflow
+            loaded_args, loaded_kwargs = activity.signature.load_args(decode(encoded_args))
             if self._pending:  # what the workflow saw (now, uuid4, random, a timeout) may be in the
                 await self._flush()  # arguments: a rerun of the activity after a crash must see it too
-            row = await self._execute(activity, seq, kind, args, kwargs, encoded_args)
+            row = await self._execute(activity, seq, kind, tuple(loaded_args), loaded_kwargs, encoded_args)
         payload = decode(row.payload)
         if row.is_error:
             raise decode_error(payload["error"])
