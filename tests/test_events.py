@@ -320,3 +320,27 @@ async def test_an_event_sent_before_the_instance_started_is_not_delivered_to_it(
         await wait_status(app, "late-1", geste.Status.WAITING)
         await app.send_event("announcement", "after the start")
         assert await handle.result(timeout=10) == "after the start"
+
+
+async def test_an_event_sent_while_no_worker_runs_is_delivered_when_one_starts(make_app: MakeApp) -> None:
+    def register(app: geste.App) -> None:
+        @app.workflow
+        async def flow(ctx: geste.WorkflowContext) -> Any:
+            return (await ctx.wait_event("mail")).data
+
+    worker = make_app()
+    register(worker)
+    async with worker:
+        await worker.start_workflow("flow", instance_id="offline-1")
+        await wait_status(worker, "offline-1", geste.Status.WAITING)
+
+    client = make_app(run_worker=False)
+    register(client)
+    async with client:
+        await client.send_event("mail", "sent while nobody ran")
+        assert await client.get_handle("offline-1").status() == geste.Status.WAITING
+
+    second_worker = make_app()
+    register(second_worker)
+    async with second_worker:
+        assert await second_worker.get_handle("offline-1").result(timeout=10) == "sent while nobody ran"
