@@ -1,4 +1,4 @@
-"""Crash safety on a real SQLite file, with workers in subprocesses killed, restarted and stopped.
+"""Crash safety on each backend, with workers in subprocesses killed, restarted and stopped.
 
 Workers run ``tests/apps/crash_app.py``; each activity logs its start and end to a side-effect file, so a
 test can count executions (at least once) and compare them with the history (recorded exactly once).
@@ -49,12 +49,11 @@ async def wait_until(
 
 
 class Cluster:
-    """One SQLite file, a side-effect log, a marker folder and the worker processes started on them."""
+    """One database, a side-effect log, a marker folder and the worker processes started on them."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, url: str) -> None:
         self.folder = folder
-        self.db = folder / "geste.db"
-        self.url = f"sqlite:///{self.db}"
+        self.url = url
         self.log = folder / "side-effects.jsonl"
         self.markers = folder / "markers"
         self.markers.mkdir()
@@ -68,7 +67,7 @@ class Cluster:
             sys.executable,
             "-m",
             "tests.apps.crash_app",
-            str(self.db),
+            self.url,
             f"--worker-id={worker_id}",
             f"--log={self.log}",
             f"--markers={self.markers}",
@@ -105,15 +104,10 @@ class Cluster:
             if e["event"] == event and all(e[key] == value for key, value in where.items())
         ]
 
-    def row(self, instance_id: str) -> dict[str, Any]:
-        with sqlite3.connect(self.db) as conn:
-            conn.row_factory = sqlite3.Row
-            found = conn.execute(
-                "SELECT * FROM geste_instances WHERE instance_id = ?", (instance_id,)
-            ).fetchone()
-        conn.close()
-        assert found is not None, instance_id
-        return dict(found)
+    async def row(self, instance_id: str) -> dict[str, Any]:
+        found = await raw_query(self.url, "SELECT * FROM geste_instances WHERE instance_id = $1", instance_id)
+        assert len(found) == 1, instance_id
+        return found[0]
 
     def stop_all(self) -> None:
         for proc in self.procs:
@@ -122,9 +116,29 @@ class Cluster:
             proc.wait()
 
 
+async def raw_query(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
+    """Rows read straight from the database, past geste (``$n`` parameters on both backends)."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = [dict(r) for r in conn.execute(query.replace("$", "?"), args).fetchall()]
+        conn.close()
+        return rows
+    import asyncpg
+
+    from geste.storage.postgres import parse_postgres_url
+
+    dsn, options = parse_postgres_url(url)
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
+    try:
+        return [dict(r) for r in await conn.fetch(query, *args)]
+    finally:
+        await conn.close()
+
+
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    group = Cluster(tmp_path)
+async def cluster(tmp_path: Path, db_url: str) -> AsyncIterator[Cluster]:
+    group = Cluster(tmp_path, db_url)
     try:
         yield group
     finally:
@@ -150,12 +164,11 @@ async def assert_recorded_once(app: geste.App, instance_id: str, activities: lis
     assert seqs == list(range(1, len(seqs) + 1)), seqs
     recorded = [e.name for e in history if e.kind in (geste.StepKind.ACTIVITY, geste.StepKind.COMPENSATION)]
     assert recorded == activities
-    with sqlite3.connect(app.url.removeprefix("sqlite:///")) as conn:
-        raw = conn.execute(
-            "SELECT seq, COUNT(*) FROM geste_history WHERE instance_id = ? GROUP BY seq HAVING COUNT(*) > 1",
-            (instance_id,),
-        ).fetchall()
-    conn.close()
+    raw = await raw_query(
+        app.url,
+        "SELECT seq, COUNT(*) FROM geste_history WHERE instance_id = $1 GROUP BY seq HAVING COUNT(*) > 1",
+        instance_id,
+    )
     assert raw == []
 
 
@@ -169,7 +182,7 @@ async def _kill_in_block_then_take_over(cluster: Cluster, client: geste.App, sec
     assert [e.name for e in await client.history(iid)] == ["one", "two"]
 
     kill(first)
-    dead_lease = cluster.row(iid)
+    dead_lease = await cluster.row(iid)
     assert dead_lease["locked_by"] == "w1"
     assert dead_lease["status"] == "running"
     cluster.go(iid)  # the next attempt of `block` returns at once
@@ -218,12 +231,14 @@ async def test_heartbeat_keeps_a_long_activity_from_being_taken_over(
     await assert_recorded_once(client, handle.instance_id, ["slow", "one"])
 
 
-async def test_many_instances_on_three_worker_processes(cluster: Cluster, client: geste.App) -> None:
-    for name in ("w1", "w2", "w3"):
-        await cluster.spawn(name, concurrency=20, lock_timeout=2.0)
-    handles = await asyncio.gather(*(client.start_workflow("batch", i) for i in range(100)))
-    results = await asyncio.gather(*(h.result(timeout=25) for h in handles))
-    assert results == [[f"one:{i}", f"two:{i}", f"three:{i}"] for i in range(100)]
+async def test_many_instances_on_several_worker_processes(cluster: Cluster, client: geste.App) -> None:
+    """Three workers and 100 instances on a SQLite file; four workers and 300 on PostgreSQL."""
+    workers, count = (3, 100) if cluster.url.startswith("sqlite") else (4, 300)
+    for n in range(workers):
+        await cluster.spawn(f"w{n + 1}", concurrency=20, lock_timeout=2.0)
+    handles = await asyncio.gather(*(client.start_workflow("batch", i) for i in range(count)))
+    results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+    assert results == [[f"one:{i}", f"two:{i}", f"three:{i}"] for i in range(count)]
 
     starts = cluster.entries()
     ends = cluster.entries(event="end")
@@ -246,7 +261,7 @@ async def test_many_instances_on_three_worker_processes(cluster: Cluster, client
     for handle in handles:
         await assert_recorded_once(client, handle.instance_id, ["one", "two", "three"])
     finished = await client.list_instances(status=geste.Status.COMPLETED, limit=1000)
-    assert len(finished) == 100
+    assert len(finished) == count
 
 
 async def test_sigterm_releases_the_lease_for_another_worker_at_once(
@@ -257,12 +272,12 @@ async def test_sigterm_releases_the_lease_for_another_worker_at_once(
     handle = await client.start_workflow("pipeline", 1)
     iid = handle.instance_id
     await wait_until(lambda: cluster.entries(activity="block"), "block to start in w1")
-    assert cluster.row(iid)["locked_by"] == "w1"
+    assert (await cluster.row(iid))["locked_by"] == "w1"
 
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=10) == 0, cluster.output(first)
     exited = time.time()
-    row = cluster.row(iid)
+    row = await cluster.row(iid)
     assert row["locked_by"] is None and row["lease_id"] is None and row["lock_expires_at"] is None
     assert row["run_at"] is not None and row["run_at"] <= exited  # runnable at once
 

@@ -2,7 +2,7 @@
 
 Run as a worker process from the repository root::
 
-    python -m tests.apps.crash_app DB_PATH --worker-id W --log LOG --markers DIR [--lock-timeout S ...]
+    python -m tests.apps.crash_app DATABASE_URL --worker-id W --log LOG --markers DIR [--lock-timeout S ...]
 
 It writes ``DIR/ready-W`` once its App is open, runs until SIGTERM/SIGINT (``app.shutdown()``), drains and
 exits 0. Every activity appends JSON lines to the side-effect log ``LOG``: one when it starts, one when it
@@ -133,7 +133,7 @@ def build_app(
 
 async def _serve(args: argparse.Namespace) -> None:
     app = build_app(
-        f"sqlite:///{args.db}",
+        args.url if "://" in args.url else f"sqlite:///{args.url}",
         log=args.log,
         markers=args.markers,
         worker_id=args.worker_id,
@@ -152,7 +152,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.apps.crash_app")
-    parser.add_argument("db")
+    parser.add_argument("url", help="a database URL (a bare path is a SQLite file)")
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--log", required=True)
     parser.add_argument("--markers", required=True)
