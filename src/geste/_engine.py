@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("geste.engine")
 
+ABANDONED_RETRY = 1.0
+"""Seconds before a run abandoned on a storage error is tried again: a database that keeps refusing a
+write (or is down) costs one attempt a second, not a busy loop."""
+
 UNKNOWN_WORKFLOW_RETRY = 30.0
 """Seconds before an instance of a workflow this worker does not know is offered again (to a peer)."""
 
@@ -141,9 +145,15 @@ class Engine:
         if isinstance(cause, LeaseLost):
             logger.warning("instance %s: lease lost to another worker; this run stops", ctx.instance_id)
             return
-        logger.error("instance %s: storage failed (%s); releasing it to be run again", ctx.instance_id, cause)
+        logger.error(
+            "instance %s: storage failed (%s); releasing it to be run again in %ss",
+            ctx.instance_id,
+            cause,
+            ABANDONED_RETRY,
+        )
         try:
-            await self.storage.release([ctx._lease], self.clock())
+            now = self.clock()
+            await self.storage.release([ctx._lease], now, run_at=now + ABANDONED_RETRY)
         except (StorageError, LeaseLost):
             pass  # the lease expires by itself after lock_timeout
         except asyncio.CancelledError:
