@@ -1,0 +1,446 @@
+"""The ``geste`` command: run workers, start and inspect workflow instances, try the demo.
+
+Commands that need no user code open ``App(--database-url, run_worker=False)``; ``worker`` and ``start``
+import the user's App (``module:attribute``). Every ``geste.errors.GesteError`` ends the command with a
+one-line message on stderr and exit code 1; invalid arguments are usage errors (exit code 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Coroutine
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import click
+
+from . import __version__
+from ._app import DEFAULT_URL, App
+from ._demo import run_demo
+from ._models import HistoryEntry, InstanceInfo, Status, StepKind
+from .errors import GesteError, UnknownWorkflowError
+
+T = TypeVar("T")
+
+
+class CommandError(click.ClickException):
+    """A one-line error message, and exit code 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+class BadInputError(CommandError):
+    """A one-line error about what the user typed, and exit code 2."""
+
+    exit_code = 2
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GesteError as exc:
+            raise CommandError(str(exc) or type(exc).__name__) from None
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(main)
+
+
+@contextlib.asynccontextmanager
+async def _client(url: str) -> AsyncIterator[App]:
+    async with App(url, run_worker=False) as app:
+        yield app
+
+
+def _json_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc})") from None
+
+
+def _load_app(spec: str) -> App:
+    """Import ``module:attribute`` (the current directory first on ``sys.path``) and check it is an App."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise BadInputError(f"expected MODULE:APP (like myapp:app), not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise BadInputError(f"cannot import {module_name!r}: no module named {exc.name!r}") from None
+        raise BadInputError(f"error while importing {module_name!r}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        raise BadInputError(f"error while importing {module_name!r}: {type(exc).__name__}: {exc}") from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise BadInputError(f"{module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, App):
+        raise BadInputError(f"{spec} is a {type(obj).__name__}, not a geste.App")
+    return obj
+
+
+# -- formatting -------------------------------------------------------------------------------------
+def _safe_url(url: str) -> str:
+    """``url`` without its password, fit for logs and output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+def _js(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+def _error_line(error: dict[str, Any] | None) -> str:
+    if not error:
+        return ""
+    return f"{str(error.get('type', 'Error')).rpartition('.')[2]}: {error.get('message', '')}"
+
+
+def _outcome(entry: HistoryEntry) -> str:
+    """A short human description of what a history entry recorded."""
+    p = entry.payload
+    if entry.kind in (StepKind.ACTIVITY, StepKind.COMPENSATION):
+        if entry.is_error:
+            text = "error " + _error_line(p.get("error"))
+        else:
+            text = "done" if p.get("result") is None else "→ " + _js(p.get("result"))
+        attempts = p.get("attempts", 1)
+        return text + (f" ({attempts} attempts)" if attempts > 1 else "")
+    if entry.kind == StepKind.SLEEP:
+        return f"{p['seconds']:g}s, until {_clock(p['expires_at'])}"
+    if entry.kind == StepKind.WAIT_EVENT:
+        parts = ["waiting"]
+        if p.get("match"):
+            parts.append(f"for {_js(p['match'])}")
+        if p.get("timeout") is not None:
+            parts.append(f"(timeout {p['timeout']:g}s)")
+        return " ".join(parts)
+    if entry.kind == StepKind.EVENT:
+        return "received " + _js(p.get("data"))
+    if entry.kind == StepKind.EVENT_TIMEOUT:
+        return "timed out"
+    if entry.kind == StepKind.CANCELLED:
+        return "cancellation delivered here"
+    return _js(p)
+
+
+def _entry_line(entry: HistoryEntry, started: datetime) -> str:
+    offset = (entry.created_at - started).total_seconds()
+    since = f"+{offset:.3f}s"
+    return f"  {entry.seq:>3}  {since:>9}  {entry.kind.value:<12}  {entry.name:<20}  {_outcome(entry)}"
+
+
+def _stamp(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _dump(value: Any) -> str:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, datetime):
+            return obj.isoformat()
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return dataclasses.asdict(obj)
+        return str(obj)
+
+    return json.dumps(value, default=default, indent=2, ensure_ascii=False)
+
+
+# -- commands ---------------------------------------------------------------------------------------
+database_url_option = click.option(
+    "--database-url",
+    envvar="GESTE_DATABASE_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="Database to use (env GESTE_DATABASE_URL).",
+)
+log_level_option = click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="Logging level (to stderr).",
+)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="geste")
+def main() -> None:
+    """geste: durable workflows for asyncio Python."""
+
+
+@main.command()
+@click.option("--database-url", default=None, help="Database to use (default: a temporary SQLite file).")
+@click.option("--decline", is_flag=True, help="Have the bank decline the payment, to see compensations run.")
+def demo(database_url: str | None, decline: bool) -> None:
+    """Run the order demo, printing its history as it is recorded."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="  [%(levelname)s] %(message)s")
+    with tempfile.TemporaryDirectory(prefix="geste-demo-") as folder:
+        url = database_url or f"sqlite:///{os.path.join(folder, 'demo.db')}"
+        click.echo(f"database: {_safe_url(url)}")
+        info = _run(run_demo(url, approved=not decline, echo=click.echo, describe=_entry_line))
+    click.echo(f"status: {info.status}")
+    if info.status == Status.COMPLETED:
+        click.echo(f"result: {_js(info.result, 200)}")
+    else:
+        click.echo(f"error: {_error_line(info.error)} (compensations ran, newest first)")
+
+
+@main.command()
+@click.argument("app_spec", metavar="MODULE:APP")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Instances run at once.")
+@log_level_option
+def worker(app_spec: str, concurrency: int | None, log_level: str) -> None:
+    """Run a worker for MODULE:APP until SIGTERM/SIGINT.
+
+    On the signal it stops claiming, lets running instances finish (up to the App's
+    ``shutdown_grace``), releases the rest and exits 0.
+    """
+    app = _load_app(app_spec)
+    _configure_logging(log_level)
+    app.run_worker = True
+    if concurrency is not None:
+        app.concurrency = concurrency
+    _run(_work(app))
+
+
+async def _work(app: App) -> None:
+    log = logging.getLogger("geste.cli")
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal stopping
+        if stopping:
+            log.warning("%s again: still draining", signal.Signals(signum).name)
+        else:
+            log.info("%s received: shutting down", signal.Signals(signum).name)
+        stopping = True
+        app.shutdown()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        log.info(
+            "opening %s with workflows %s", _safe_url(app.url), ", ".join(sorted(app.workflows)) or "(none)"
+        )
+        await app.open()
+        if stopping:  # a signal during open() came before run() could hear it
+            app.shutdown()
+        await app.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+@main.command("list")
+@database_url_option
+@click.option("--workflow", default=None, help="Only instances of this workflow name.")
+@click.option(
+    "--status", type=click.Choice([s.value for s in Status]), default=None, help="Only this status."
+)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_(database_url: str, workflow: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    """List instances, newest first."""
+
+    async def go() -> list[InstanceInfo]:
+        async with _client(database_url) as app:
+            return await app.list_instances(workflow=workflow, status=status, limit=limit)
+
+    infos = _run(go())
+    if as_json:
+        click.echo(_dump(infos))
+        return
+    if not infos:
+        click.echo("no instances")
+        return
+    header = ("ID", "WORKFLOW", "STATUS", "STEPS", "CREATED", "UPDATED")
+    rows = [
+        (
+            i.instance_id,
+            i.workflow_name,
+            i.status.value,
+            str(i.steps),
+            _stamp(i.created_at),
+            _stamp(i.updated_at),
+        )
+        for i in infos
+    ]
+    widths = [max(len(row[n]) for row in [header, *rows]) for n in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command()
+@click.argument("instance_id", metavar="ID")
+@database_url_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with error tracebacks).")
+def show(instance_id: str, database_url: str, as_json: bool) -> None:
+    """Show an instance and its history as a timeline."""
+
+    async def go() -> tuple[InstanceInfo, list[HistoryEntry]]:
+        async with _client(database_url) as app:
+            return await app.get_instance(instance_id), await app.history(instance_id)
+
+    info, history = _run(go())
+    if as_json:
+        click.echo(_dump({"instance": info, "history": history}))
+        return
+    fields = [
+        ("instance", info.instance_id),
+        ("workflow", info.workflow_name),
+        ("status", info.status.value + (" (cancel requested)" if info.cancel_requested else "")),
+        ("created", _stamp(info.created_at)),
+        ("updated", _stamp(info.updated_at)),
+        ("finished", _stamp(info.finished_at)),
+        ("steps", str(info.steps)),
+        ("input", _js(info.input, 200)),
+    ]
+    if info.locked_by:
+        fields.append(("locked by", f"{info.locked_by} until {_stamp(info.lock_expires_at)}"))
+    if info.status == Status.COMPLETED:
+        fields.append(("result", _js(info.result, 200)))
+    if info.error:
+        fields.append(("error", _error_line(info.error)))
+        for failure in info.error.get("compensation_errors", []):
+            fields.append(("", f"compensation {failure.get('activity')} failed: {_error_line(failure)}"))
+    for label, value in fields:
+        click.echo(f"{label:<10} {value}")
+    click.echo("history:" if history else "history:  (empty)")
+    for entry in history:
+        click.echo(_entry_line(entry, info.created_at))
+
+
+@main.command()
+@click.argument("instance_id", metavar="ID")
+@database_url_option
+@click.option("--wait", type=click.FloatRange(min=0), default=0, help="Seconds to wait for it to end.")
+def cancel(instance_id: str, database_url: str, wait: float) -> None:
+    """Request the cancellation of an instance and print its status."""
+
+    async def go() -> InstanceInfo:
+        async with _client(database_url) as app:
+            info = await app.cancel(instance_id)
+            deadline = time.monotonic() + wait
+            while not info.status.is_finished and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                info = await app.get_instance(instance_id)
+            return info
+
+    info = _run(go())
+    note = "" if info.status.is_finished else " (cancel requested: a worker ends it at its next step)"
+    click.echo(f"{info.instance_id}: {info.status.value}{note}")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("args", metavar="[ARGS_JSON]", required=False, callback=_json_arg)
+@click.option("--id", "instance_id", default=None, help="Instance id (default: a random one).")
+@click.option(
+    "--app",
+    "app_spec",
+    metavar="MODULE:APP",
+    envvar="GESTE_APP",
+    required=True,
+    help="The App that registers NAME (env GESTE_APP).",
+)
+@click.option("--database-url", default=None, help="Database to use (default: the App's).")
+@click.option("--wait", type=click.FloatRange(min=0), default=None, help="Seconds to wait for the result.")
+def start(
+    name: str, args: Any, instance_id: str | None, app_spec: str, database_url: str | None, wait: float | None
+) -> None:
+    """Start workflow NAME. ARGS_JSON: a list of arguments, an object of keyword arguments, or one value."""
+    user_app = _load_app(app_spec)
+    if name not in user_app.workflows:
+        known = ", ".join(sorted(user_app.workflows)) or "none"
+        raise CommandError(f"{UnknownWorkflowError(name)} in {app_spec} (known: {known})")
+    positional: list[Any] = [] if args is None else args if isinstance(args, list) else [args]
+    keywords: dict[str, Any] = {}
+    if isinstance(args, dict):
+        positional, keywords = [], args
+    # A client App of our own: the user's App stays as configured (its worker, its URL).
+    client = App(database_url or user_app.url, run_worker=False, max_payload_bytes=user_app.max_payload_bytes)
+    for registered, workflow in user_app.workflows.items():
+        client.workflow(name=registered)(workflow.fn)
+
+    async def go() -> None:
+        async with client:
+            handle = await client.start_workflow(name, *positional, instance_id=instance_id, **keywords)
+            if handle.created:
+                click.echo(f"started {name} instance {handle.instance_id}")
+            else:
+                info = await handle.info()
+                click.echo(f"instance {handle.instance_id} exists already ({info.status.value}); not started")
+            if wait is not None:
+                click.echo(f"result: {_js(await handle.result(timeout=wait), 10_000)}")
+
+    _run(go())
+
+
+@main.command("send-event")
+@click.argument("event_type", metavar="TYPE")
+@click.argument("data", metavar="[DATA_JSON]", required=False, callback=_json_arg)
+@database_url_option
+@click.option("--instance", "instance_id", default=None, help="Deliver to this instance only.")
+@click.option("--id", "event_id", default=None, help="Event id; an id sent twice is stored once.")
+def send_event(
+    event_type: str, data: Any, database_url: str, instance_id: str | None, event_id: str | None
+) -> None:
+    """Send an event of TYPE to the workflows waiting for it.
+
+    DATA_JSON is its data (any JSON value). Instances started before it keep it until they wait for it.
+    """
+
+    async def go() -> str:
+        async with _client(database_url) as app:
+            return await app.send_event(event_type, data, instance_id=instance_id, event_id=event_id)
+
+    click.echo(f"sent {event_type} event {_run(go())}")
+
+
+@main.command()
+@database_url_option
+def migrate(database_url: str) -> None:
+    """Create or upgrade the schema, and print its version."""
+
+    async def go() -> int:
+        async with _client(database_url) as app:
+            return await app.storage.schema_version()
+
+    click.echo(f"schema version {_run(go())} ({_safe_url(database_url)})")
+
+
+if __name__ == "__main__":
+    main()
