@@ -18,8 +18,9 @@ from ._definitions import Activity, Workflow, check_name, storable_text
 from ._engine import Engine
 from ._handle import WorkflowHandle
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
-from ._retry import DEFAULT_RETRY, RetryPolicy, seconds
+from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
+from ._wakeups import Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
 from ._worker import Worker
 from .errors import (
     AppNotOpenError,
@@ -42,12 +43,6 @@ logger = logging.getLogger("geste.app")
 
 DEFAULT_URL = "sqlite:///geste.db"
 MAX_ID_LENGTH = 200
-
-
-def _positive_int(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(f"{what} must be a positive int, not {value!r}")
-    return value
 
 
 def _check_id(value: object, what: str) -> str:
@@ -78,19 +73,36 @@ class App:
         shutdown_grace: float | timedelta = 10.0,
         max_payload_bytes: int = 1024 * 1024,
         default_retry: RetryPolicy = DEFAULT_RETRY,
+        listen_notify: bool | None = None,
+        notify_fallback_interval: float | timedelta = 30.0,
+        notify_reconnect_delay: float | timedelta = 60.0,
+        max_workflows_per_batch: int = 100,
+        max_timers_per_batch: int = 100,
+        max_messages_per_batch: int = 100,
+        listen_database_url: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
-        self.storage: Storage = create_storage(self.url)
+        self.notify = NotifyConfig.build(
+            url=self.url,
+            listen_notify=listen_notify,
+            fallback_interval=seconds(notify_fallback_interval, what="notify_fallback_interval"),
+            reconnect_delay=seconds(notify_reconnect_delay, what="notify_reconnect_delay"),
+            max_workflows_per_batch=max_workflows_per_batch,
+            max_timers_per_batch=max_timers_per_batch,
+            max_messages_per_batch=max_messages_per_batch,
+            listen_database_url=listen_database_url,
+        )
+        self.storage: Storage = create_storage(self.url, notify=self.notify.enabled)
         self.worker_id = _check_id(
             worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", "worker_id"
         )
         self.run_worker = run_worker
-        self.concurrency = _positive_int(concurrency, "concurrency")
+        self.concurrency = positive_int(concurrency, "concurrency")
         self.lock_timeout = seconds(lock_timeout, what="lock_timeout", allow_zero=False)
         self.poll_interval = seconds(poll_interval, what="poll_interval", allow_zero=False)
         self.shutdown_grace = seconds(shutdown_grace, what="shutdown_grace")
-        self.max_payload_bytes = _positive_int(max_payload_bytes, "max_payload_bytes")
+        self.max_payload_bytes = positive_int(max_payload_bytes, "max_payload_bytes")
         if not isinstance(default_retry, RetryPolicy):
             raise ConfigurationError("default_retry must be a geste.RetryPolicy")
         self.default_retry = default_retry
@@ -101,6 +113,8 @@ class App:
         self._open = False
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._stop: asyncio.Event | None = None
+        self._stop_requested = False
+        self._listener: Listener | None = None
         self._engine = Engine(
             storage=self.storage,
             workflows=self._workflows,
@@ -198,25 +212,53 @@ class App:
             return
         await self.storage.open()
         self._open = True
-        self._stop = asyncio.Event()
         if self.run_worker:
+            wakeups = Wakeups(
+                poll_interval=self.poll_interval,
+                fallback_interval=min(self.notify.fallback_interval, self.lock_timeout),
+                clock=self.clock,
+            )
             self._worker = Worker(
                 engine=self._engine,
                 storage=self.storage,
+                wakeups=wakeups,
                 worker_id=self.worker_id,
                 clock=self.clock,
                 concurrency=self.concurrency,
-                poll_interval=self.poll_interval,
                 lock_timeout=self.lock_timeout,
                 shutdown_grace=self.shutdown_grace,
+                max_workflows_per_batch=self.notify.max_workflows_per_batch,
+                max_timers_per_batch=self.notify.max_timers_per_batch,
             )
             await self._worker.start()
+            if self.notify.enabled:
+                self._listener = Listener(
+                    self._listen_dsn(),
+                    wakeups=wakeups,
+                    reconnect_delay=self.notify.reconnect_delay,
+                    on_caught_up=wakeups.poke,
+                )
+                self._listener.start()
+
+    def _listen_dsn(self) -> str:
+        from .storage.postgres import parse_postgres_url
+
+        return parse_postgres_url(self.notify.listen_url or self.url)[0]
+
+    def listener_status(self) -> ListenerStatus:
+        """State of this process's LISTEN/NOTIFY connection (``disabled`` when it has none)."""
+        if self._listener is None:
+            return ListenerStatus(state=ListenerState.DISABLED)
+        return self._listener.status()
 
     async def close(self) -> None:
         """Drain the worker (finish or release what it runs) and close the database."""
         if not self._open:
             return
         worker, self._worker = self._worker, None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
         if worker is not None:
             await worker.stop()
         for futures in self._waiters.values():
@@ -238,15 +280,20 @@ class App:
 
     async def run(self) -> None:
         """Open the App and run its worker until ``shutdown()`` is called; then drain and close."""
+        self._stop = asyncio.Event()
+        if self._stop_requested:
+            self._stop.set()
         await self.open()
-        assert self._stop is not None
         try:
             await self._stop.wait()
         finally:
+            self._stop, self._stop_requested = None, False
             await self.close()
 
     def shutdown(self) -> None:
-        """Ask ``run()`` to stop: no new claims, running instances finish or are released."""
+        """Ask ``run()`` to stop (also if asked before it started): no new claims, running instances
+        finish or are released."""
+        self._stop_requested = True
         if self._stop is not None:
             self._stop.set()
 
@@ -456,7 +503,7 @@ class App:
     # -- engine hooks ------------------------------------------------------------------------------
     def _on_suspended(self, instance_id: str, run_at: float | None) -> None:
         if run_at is not None and self._worker is not None:
-            self._worker.poke()
+            self._worker.wakeups.wake_at(run_at)
 
     def _on_finished(self, instance_id: str) -> None:
         for future in self._waiters.get(instance_id, ()):

@@ -24,6 +24,12 @@ def seconds(value: float | timedelta, *, what: str, allow_zero: bool = True) -> 
     return result
 
 
+def positive_int(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{what} must be a positive int, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """When an activity attempt fails, whether and when to try again.

@@ -1,8 +1,8 @@
 """The worker: claims runnable instances, runs them under renewed leases, drains on shutdown.
 
-It sleeps until the earliest of: a local poke (work started, an event sent, a slot freed), the next
-instance the database says becomes runnable, or ``poll_interval`` (the safety net that finds work of other
-processes and leases of dead workers).
+It sleeps until the earliest of: a poke (work started here, an event sent, a slot freed, a notification
+from another process), a local timer, the next instance the database says becomes runnable, or the poll
+interval that ``Wakeups`` gives (the safety net that finds work of other processes and expired leases).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from ._engine import Engine
+from ._wakeups import Wakeups
 from .errors import StorageError
 from .storage.base import Claim, HistoryRow, Lease, Storage
 
@@ -29,21 +30,24 @@ class Worker:
         worker_id: str,
         clock: Callable[[], float],
         concurrency: int,
-        poll_interval: float,
+        wakeups: Wakeups,
         lock_timeout: float,
         shutdown_grace: float,
+        max_workflows_per_batch: int = 100,
+        max_timers_per_batch: int = 100,
     ) -> None:
         self.engine = engine
         self.storage = storage
         self.worker_id = worker_id
         self.clock = clock
         self.concurrency = concurrency
-        self.poll_interval = poll_interval
+        self.wakeups = wakeups
+        self.max_workflows_per_batch = max_workflows_per_batch
+        self.max_timers_per_batch = max_timers_per_batch
         self.lock_timeout = lock_timeout
         self.shutdown_grace = shutdown_grace
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
         self._reserved = 0
-        self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -58,7 +62,7 @@ class Worker:
     async def stop(self) -> None:
         """Stop claiming, let running instances finish for ``shutdown_grace``, release the rest."""
         self._stopping = True
-        self._wake.set()
+        self.wakeups.poke()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -83,7 +87,7 @@ class Worker:
     # -- wake-ups ----------------------------------------------------------------------------------
     def poke(self) -> None:
         """Look for work now rather than at the next poll."""
-        self._wake.set()
+        self.wakeups.poke()
 
     def reserve(self) -> Lease | None:
         """A slot and a lease id for an instance this process is about to create and run at once."""
@@ -117,13 +121,13 @@ class Worker:
             logger.exception("instance %s: unexpected error in the engine; releasing it", instance_id)
             with contextlib.suppress(Exception):  # else the lease expires by itself
                 await self.storage.release(
-                    [claim.lease], self.clock(), run_at=self.clock() + self.poll_interval
+                    [claim.lease], self.clock(), run_at=self.clock() + self.wakeups.poll_interval
                 )
         finally:
             current = self._running.get(instance_id)
             if current is not None and current[0] == claim.lease:
                 del self._running[instance_id]
-            self._wake.set()
+            self.wakeups.poke()
 
     async def _claim_loop(self) -> None:
         failures = 0
@@ -133,21 +137,22 @@ class Worker:
                 failures = 0
             except StorageError as exc:
                 failures += 1
-                timeout = min(self.poll_interval * 2**failures, 30.0)
+                timeout = min(self.wakeups.poll_interval * 2**failures, 30.0)
                 logger.warning(
                     "worker %s: claiming failed (%s); retrying in %.1fs", self.worker_id, exc, timeout
                 )
             if timeout > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-            self._wake.clear()
+                    await asyncio.wait_for(self.wakeups.event.wait(), timeout)
+            self.wakeups.event.clear()
 
     async def _claim_round(self) -> float:
         """Claim what is runnable; return how long to sleep before looking again."""
         free = self._free()
         if free <= 0:
-            return self.poll_interval
-        batch = min(free, 100)
+            return self.wakeups.interval()  # a finishing run pokes
+        limit = self.max_timers_per_batch if self.wakeups.timer_due() else self.max_workflows_per_batch
+        batch = min(free, limit)
         now = self.clock()
         claims = await self.storage.claim(self.worker_id, now, now + self.lock_timeout, batch)
         for claim in claims:
@@ -157,10 +162,11 @@ class Worker:
             self._spawn(claim, None)
         if len(claims) == batch:
             return 0.0
+        interval = self.wakeups.interval()
         next_run = await self.storage.next_run_at()
         if next_run is None:
-            return self.poll_interval
-        return max(0.0, min(self.poll_interval, next_run - self.clock()))
+            return interval
+        return max(0.0, min(interval, next_run - self.clock()))
 
     async def _heartbeat_loop(self) -> None:
         interval = self.lock_timeout / 3

@@ -98,10 +98,12 @@ READ_ATTEMPTS = 3
 
 
 class PostgresStorage(Storage):
-    def __init__(self, url: str, *, pool_size: int | None = None) -> None:
+    def __init__(self, url: str, *, pool_size: int | None = None, notify: bool = True) -> None:
         if asyncpg is None:
             raise ConfigurationError("PostgreSQL needs asyncpg: pip install 'geste[postgres]'")
         self.url = url
+        self.notify = notify
+        """Send NOTIFYs where another process may be waiting (off with ``listen_notify=False``)."""
         self._dsn, options = parse_postgres_url(url)
         self.schema = options["schema"]
         self._min_size = int(options.get("pool_min_size", "1"))
@@ -230,6 +232,7 @@ class PostgresStorage(Storage):
                 worker_id if lease else None,
                 lease.lease_id if lease else None,
                 lock_expires_at if lease else None,
+                self.notify,
             )
             return instance_from_row(list(row)[1:]), bool(row[0])
 
@@ -268,7 +271,7 @@ class PostgresStorage(Storage):
         async def go(conn: Conn) -> InstanceRow | None:
             done = await conn.execute(self._q["cancel_unstarted"], instance_id, now)
             if done.endswith(" 0"):
-                await conn.execute(self._q["flag_cancel"], instance_id, now)
+                await conn.execute(self._q["flag_cancel"], instance_id, now, self.notify)
             row = await conn.fetchrow(self._q["get_instance"], instance_id)
             return None if row is None else instance_from_row(row)
 
@@ -304,6 +307,7 @@ class PostgresStorage(Storage):
                 now,
                 [x.instance_id for x in leases],
                 [x.lease_id for x in leases],
+                self.notify,
             )
 
         await self._run(go)
@@ -359,7 +363,7 @@ class PostgresStorage(Storage):
         run_at: float | None,
         timer: tuple[int, float] | None,
     ) -> Suspension:
-        suspended, ours = await conn.fetchrow(
+        suspended, ours, _notified = await conn.fetchrow(
             self._q["suspend"],
             lease.instance_id,
             lease.lease_id,
@@ -368,6 +372,7 @@ class PostgresStorage(Storage):
             *self._columns(records),
             None if timer is None else timer[0],
             None if timer is None else timer[1],
+            self.notify,
         )
         if suspended:
             return Suspension.SUSPENDED
@@ -493,7 +498,7 @@ class PostgresStorage(Storage):
             wanted = [w[0] for w in waits if matches(None if w[1] is None else json.loads(w[1]), data)]
             if not wanted:
                 return True, []
-            woken = await conn.fetch(self._q["wake"], wanted, event.now)
+            woken = await conn.fetch(self._q["wake"], wanted, event.now, self.notify)
             return True, [row[0] for row in woken]
 
         return await self._tx(go)

@@ -1,5 +1,8 @@
 -- Every query of the PostgreSQL backend, by name. {schema} is replaced by the configured schema, quoted.
 -- Single statements run as their own transaction: one round trip, one commit.
+-- NOTIFYs (pg_notify) are sent inside the statement that makes the work claimable, so they reach the
+-- listeners only if it commits, and only once the instance can be claimed. A parameter says whether
+-- notifications are on (listen_notify); ordinary step commits (record, finish) never notify.
 
 -- name: find_tables
 SELECT table_name FROM information_schema.tables
@@ -22,11 +25,15 @@ WITH inserted AS (
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
               run_at, locked_by, lock_expires_at, cancel_requested, steps
+), notified AS (  -- a new instance nobody holds: a worker elsewhere may take it at once
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', $1::text, 'workflow_name', $2::text)::text)
+    FROM inserted WHERE $9 AND $7::text IS NULL
 )
-SELECT true AS created, * FROM inserted
+SELECT true AS created, *, (SELECT count(*) FROM notified) FROM inserted
 UNION ALL
 SELECT false, instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, 0
 FROM {schema}.geste_instances WHERE instance_id = $1 AND NOT EXISTS (SELECT 1 FROM inserted);
 
 -- name: get_instance
@@ -57,10 +64,17 @@ SET status = 'cancelled', cancel_requested = true, run_at = NULL, finished_at = 
 WHERE instance_id = $1 AND status = 'pending' AND lease_id IS NULL;
 
 -- name: flag_cancel
-UPDATE {schema}.geste_instances
-SET cancel_requested = true, updated_at = $2,
-    run_at = CASE WHEN run_at IS NULL OR run_at > $2 THEN $2 ELSE run_at END
-WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating');
+-- A held instance learns of it at its next step commit; a waiting one is woken (and notified).
+WITH flagged AS (
+    UPDATE {schema}.geste_instances
+    SET cancel_requested = true, updated_at = $2,
+        run_at = CASE WHEN run_at IS NULL OR run_at > $2 THEN $2 ELSE run_at END
+    WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating')
+    RETURNING instance_id, workflow_name, lease_id
+)
+SELECT count(pg_notify('geste_workflow_resumable',
+                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text))
+FROM flagged WHERE $3 AND lease_id IS NULL;
 
 -- name: claim
 -- FOR UPDATE SKIP LOCKED: concurrent claimers take disjoint sets without waiting on each other.
@@ -88,10 +102,23 @@ WHERE i.instance_id = l.instance_id AND i.lease_id = l.lease_id
 RETURNING i.instance_id;
 
 -- name: release
-UPDATE {schema}.geste_instances AS i
-SET locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, run_at = $1, updated_at = $2
-FROM unnest($3::text[], $4::text[]) AS l(instance_id, lease_id)
-WHERE i.instance_id = l.instance_id AND i.lease_id = l.lease_id;
+-- Leases given back with work left: resumable now (notified after the release commits), or at $1.
+WITH released AS (
+    UPDATE {schema}.geste_instances AS i
+    SET locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, run_at = $1, updated_at = $2
+    FROM unnest($3::text[], $4::text[]) AS l(instance_id, lease_id)
+    WHERE i.instance_id = l.instance_id AND i.lease_id = l.lease_id
+    RETURNING i.instance_id, i.workflow_name
+)
+SELECT count(CASE WHEN $1 <= $2
+                  THEN pg_notify('geste_workflow_resumable',
+                                 json_build_object('instance_id', instance_id,
+                                                   'workflow_name', workflow_name)::text)
+                  ELSE pg_notify('geste_timer_expired',
+                                 json_build_object('instance_id', instance_id, 'timer_id', NULL,
+                                                   'expires_at', $1)::text)
+             END)
+FROM released WHERE $5;
 
 -- name: record
 -- A step commit in one statement: prove the lease is ours and renew it, then append the rows.
@@ -136,9 +163,15 @@ WITH suspended AS (
     INSERT INTO {schema}.geste_timers (instance_id, seq, expires_at)
     SELECT $1, $11, $12 WHERE $11::integer IS NOT NULL AND EXISTS (SELECT 1 FROM suspended)
     ON CONFLICT (instance_id, seq) DO UPDATE SET expires_at = excluded.expires_at
+), notified AS (  -- every listener schedules a precise local wake-up at expires_at
+    SELECT pg_notify('geste_timer_expired',
+                     json_build_object('instance_id', $1::text, 'timer_id', $11::integer,
+                                       'expires_at', $12::double precision)::text)
+    WHERE $13 AND $11::integer IS NOT NULL AND EXISTS (SELECT 1 FROM suspended)
 )
 SELECT EXISTS (SELECT 1 FROM suspended),
-       COALESCE((SELECT lease_id = $2 FROM {schema}.geste_instances WHERE instance_id = $1), false);
+       COALESCE((SELECT lease_id = $2 FROM {schema}.geste_instances WHERE instance_id = $1), false),
+       (SELECT count(*) FROM notified);
 
 -- name: touch_lease
 UPDATE {schema}.geste_instances
@@ -197,10 +230,19 @@ SELECT instance_id, match FROM {schema}.geste_event_waits
 WHERE event_type = $1 AND ($2::text IS NULL OR instance_id = $2);
 
 -- name: wake
-UPDATE {schema}.geste_instances SET run_at = $2, updated_at = $2
-WHERE instance_id = ANY($1::text[]) AND status IN ('waiting', 'running')
-  AND (run_at IS NULL OR run_at > $2)
-RETURNING instance_id;
+-- Instances an event was delivered to: runnable now; the unlocked ones are notified.
+WITH woken AS (
+    UPDATE {schema}.geste_instances SET run_at = $2, updated_at = $2
+    WHERE instance_id = ANY($1::text[]) AND status IN ('waiting', 'running')
+      AND (run_at IS NULL OR run_at > $2)
+    RETURNING instance_id, workflow_name, lease_id
+)
+SELECT instance_id,
+       CASE WHEN $3 AND lease_id IS NULL
+            THEN pg_notify('geste_workflow_resumable',
+                           json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text)
+       END
+FROM woken;
 
 -- name: next_run_at
 SELECT min(run_at) FROM {schema}.geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL;

@@ -1,0 +1,348 @@
+"""Every way a worker learns there is work: LISTEN/NOTIFY first, local timers, polling as the net.
+
+The ``Listener`` owns one dedicated PostgreSQL connection (never from the pool), LISTENs on geste's
+channels and turns notifications into wake-ups: a resumable instance pokes the worker's claim loop, a
+registered timer becomes a precise local wake-up at its ``expires_at``. On any (re)connect it LISTENs
+first and then asks for one catch-up poll, because nothing sent while it was away is replayed. A periodic
+self-NOTIFY proves the connection still delivers (a half-open TCP connection looks alive for hours).
+
+``Wakeups`` is what the worker sees: how long it may sleep (the poll interval while the listener is
+down or disabled, ``notify_fallback_interval`` while it listens, less when a local timer is due sooner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from ._models import to_datetime
+
+logger = logging.getLogger("geste.wakeups")
+
+WORKFLOW_RESUMABLE = "geste_workflow_resumable"
+TIMER_EXPIRED = "geste_timer_expired"
+CHANNEL_MESSAGE = "geste_channel_message"
+OUTBOX_PENDING = "geste_outbox_pending"
+CHANNELS = (WORKFLOW_RESUMABLE, TIMER_EXPIRED, CHANNEL_MESSAGE, OUTBOX_PENDING)
+
+RECONNECT_CAP = 600.0
+"""Longest wait between reconnection attempts (the first is ``notify_reconnect_delay``)."""
+MAX_LOCAL_TIMERS = 100_000
+"""Local wake-ups kept at most; beyond, later timers are found through the database's next run_at."""
+PROBE_INTERVAL = 15.0
+"""How often the listener NOTIFYs itself to prove the connection still delivers."""
+PROBE_TIMEOUT = 5.0
+"""A probe not heard back within this long means the connection is dead: reconnect."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyConfig:
+    """The LISTEN/NOTIFY options of an App, checked once at construction."""
+
+    enabled: bool
+    fallback_interval: float
+    reconnect_delay: float
+    max_workflows_per_batch: int
+    max_timers_per_batch: int
+    max_messages_per_batch: int
+    listen_url: str | None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        url: str,
+        listen_notify: bool | None,
+        fallback_interval: float,
+        reconnect_delay: float,
+        max_workflows_per_batch: int,
+        max_timers_per_batch: int,
+        max_messages_per_batch: int,
+        listen_database_url: str | None,
+    ) -> NotifyConfig:
+        from ._retry import positive_int
+        from .errors import ConfigurationError
+
+        postgres = url.startswith(("postgresql://", "postgres://"))
+        if listen_notify not in (None, True, False):
+            raise ConfigurationError(f"listen_notify must be None, True or False, not {listen_notify!r}")
+        if listen_notify and not postgres:
+            raise ConfigurationError("listen_notify=True needs PostgreSQL: SQLite has no LISTEN/NOTIFY")
+        if listen_database_url is not None:
+            if not postgres:
+                raise ConfigurationError("listen_database_url is for PostgreSQL deployments only")
+            if not isinstance(listen_database_url, str) or not listen_database_url.startswith(
+                ("postgresql://", "postgres://")
+            ):
+                raise ConfigurationError(
+                    f"listen_database_url must be a postgresql:// URL: {listen_database_url!r}"
+                )
+        if fallback_interval <= 0 or reconnect_delay <= 0:
+            raise ConfigurationError("notify_fallback_interval and notify_reconnect_delay must be > 0")
+        return cls(
+            enabled=postgres if listen_notify is None else listen_notify,
+            fallback_interval=fallback_interval,
+            reconnect_delay=reconnect_delay,
+            max_workflows_per_batch=positive_int(max_workflows_per_batch, "max_workflows_per_batch"),
+            max_timers_per_batch=positive_int(max_timers_per_batch, "max_timers_per_batch"),
+            max_messages_per_batch=positive_int(max_messages_per_batch, "max_messages_per_batch"),
+            listen_url=listen_database_url,
+        )
+
+
+class ListenerState(StrEnum):
+    DISABLED = "disabled"
+    CONNECTING = "connecting"
+    LISTENING = "listening"
+    RECONNECTING = "reconnecting"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStatus:
+    """What ``app.listener_status()`` reports about this process's LISTEN/NOTIFY connection."""
+
+    state: ListenerState
+    connected_since: datetime | None = None
+    reconnects: int = 0
+    last_notification_at: datetime | None = None
+    notifications: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "connected_since": None if self.connected_since is None else self.connected_since.isoformat(),
+            "reconnects": self.reconnects,
+            "last_notification_at": (
+                None if self.last_notification_at is None else self.last_notification_at.isoformat()
+            ),
+            "notifications": dict(self.notifications),
+            "last_error": self.last_error,
+        }
+
+
+class Wakeups:
+    """The worker's alarm clock: pokes, local timers, and the poll interval that fits the listener."""
+
+    def __init__(self, *, poll_interval: float, fallback_interval: float, clock: Callable[[], float]) -> None:
+        self.poll_interval = poll_interval
+        self.fallback_interval = fallback_interval
+        self.clock = clock
+        self.listening = False
+        self.event = asyncio.Event()
+        self._timers: list[float] = []
+
+    def poke(self) -> None:
+        self.event.set()
+
+    def wake_at(self, when: float) -> None:
+        """Wake the worker at ``when`` (a timer someone registered), without holding anything else."""
+        if when <= self.clock():
+            self.poke()
+            return
+        if len(self._timers) >= MAX_LOCAL_TIMERS and when > self._timers[0]:
+            return  # bounded: after the earliest fires, the database's next run_at finds this one
+        heapq.heappush(self._timers, when)
+        if self._timers[0] == when:
+            self.poke()  # the worker may be sleeping past it: let it recompute
+
+    def interval(self) -> float:
+        """How long the worker may sleep without a poke: the net's period, or until a local timer."""
+        base = self.fallback_interval if self.listening else self.poll_interval
+        now = self.clock()
+        while self._timers and self._timers[0] <= now:
+            heapq.heappop(self._timers)
+        if self._timers:
+            return max(0.0, min(base, self._timers[0] - now))
+        return base
+
+    def timer_due(self) -> bool:
+        """Whether a local timer fired since it was last looked at (consumes the fired ones)."""
+        now = self.clock()
+        due = False
+        while self._timers and self._timers[0] <= now:
+            heapq.heappop(self._timers)
+            due = True
+        return due
+
+
+class Listener:
+    """LISTEN on geste's channels over one dedicated connection; reconnect with backoff; probe it."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        wakeups: Wakeups,
+        reconnect_delay: float,
+        on_caught_up: Callable[[], None],
+        handlers: dict[str, Callable[[dict[str, Any]], None]] | None = None,
+        probe_interval: float = PROBE_INTERVAL,
+        probe_timeout: float = PROBE_TIMEOUT,
+    ) -> None:
+        self.dsn = dsn
+        self.wakeups = wakeups
+        self.reconnect_delay = reconnect_delay
+        self.on_caught_up = on_caught_up
+        self.handlers = handlers or {}
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.state = ListenerState.CONNECTING
+        self.connected_since: float | None = None
+        self.reconnects = 0
+        self.last_notification_at: float | None = None
+        self.counts: dict[str, int] = dict.fromkeys(CHANNELS, 0)
+        self.last_error: str | None = None
+        self._probe_channel = f"geste_probe_{uuid.uuid4().hex[:16]}"
+        self._probe_heard = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._conn: Any = None
+
+    # -- life cycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        logger.info("LISTEN/NOTIFY configured: listening on %s", ", ".join(CHANNELS))
+        self._task = asyncio.create_task(self._run(), name="geste-listener")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._close()
+        self.wakeups.listening = False
+
+    def status(self) -> ListenerStatus:
+        return ListenerStatus(
+            state=self.state,
+            connected_since=to_datetime(self.connected_since),
+            reconnects=self.reconnects,
+            last_notification_at=to_datetime(self.last_notification_at),
+            notifications=dict(self.counts),
+            last_error=self.last_error,
+        )
+
+    # -- the connection ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = self.reconnect_delay
+        while True:
+            try:
+                await self._connect()
+                delay = self.reconnect_delay  # connected: the next loss starts the backoff afresh
+                await self._watch()
+                error: BaseException = ConnectionError("connection closed")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = exc
+            self.wakeups.listening = False
+            self.wakeups.poke()  # the pollers take over at their normal pace at once
+            await self._close()
+            self.state = ListenerState.RECONNECTING
+            self.connected_since = None
+            self.last_error = f"{type(error).__name__}: {error}"
+            wait = delay * random.uniform(0.8, 1.2)
+            logger.warning(
+                "LISTEN/NOTIFY connection lost (%s); polling every %ss, reconnecting in %.1fs",
+                self.last_error,
+                self.wakeups.poll_interval,
+                wait,
+            )
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, max(RECONNECT_CAP, self.reconnect_delay))
+            self.reconnects += 1
+
+    async def _connect(self) -> None:
+        import asyncpg
+
+        self._lost.clear()
+        conn = await asyncpg.connect(
+            self.dsn, timeout=10, server_settings={"application_name": "geste-listener"}
+        )
+        self._conn = conn
+        _enable_keepalives(conn)
+        conn.add_termination_listener(lambda _conn: self._lost.set())
+        for channel in (*CHANNELS, self._probe_channel):
+            await conn.add_listener(channel, self._on_notification)
+        self.state = ListenerState.LISTENING
+        self.connected_since = time.time()
+        self.wakeups.listening = True
+        logger.info(
+            "LISTEN/NOTIFY connected; polling falls back to every %ss", self.wakeups.fallback_interval
+        )
+        self.on_caught_up()  # LISTEN first, then rescan: what came while away is found by this poll
+
+    async def _watch(self) -> None:
+        """Return when the connection is lost: closed by the server, or silent to a probe."""
+        while True:
+            try:
+                await asyncio.wait_for(self._lost.wait(), self.probe_interval)
+                return
+            except TimeoutError:
+                pass
+            self._probe_heard.clear()
+            await asyncio.wait_for(
+                self._conn.execute("SELECT pg_notify($1, '')", self._probe_channel), self.probe_timeout
+            )
+            try:
+                await asyncio.wait_for(self._probe_heard.wait(), self.probe_timeout)
+            except TimeoutError:
+                raise ConnectionError(f"no answer to a probe within {self.probe_timeout}s") from None
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except Exception:
+                conn.terminate()
+
+    # -- dispatch ------------------------------------------------------------------------------------
+    def _on_notification(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+        if channel == self._probe_channel:
+            self._probe_heard.set()
+            return
+        self.last_notification_at = time.time()
+        self.counts[channel] = self.counts.get(channel, 0) + 1
+        try:
+            body = json.loads(payload) if payload else {}
+        except ValueError:
+            logger.warning("ignoring a malformed %s notification: %.200r", channel, payload)
+            return
+        if channel == WORKFLOW_RESUMABLE:
+            self.wakeups.poke()
+        elif channel == TIMER_EXPIRED:
+            expires_at = body.get("expires_at") if isinstance(body, dict) else None
+            if isinstance(expires_at, int | float):
+                self.wakeups.wake_at(float(expires_at))
+            else:
+                self.wakeups.poke()
+        handler = self.handlers.get(channel)
+        if handler is not None and isinstance(body, dict):
+            handler(body)
+
+
+def _enable_keepalives(conn: Any) -> None:
+    """TCP keepalives on the listener's socket: a dead peer is noticed by the kernel, not after hours."""
+    transport = getattr(conn, "_transport", None)
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
