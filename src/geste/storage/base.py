@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 from .._models import Status
+from .._status import QueueStats
 
 
 class LeaseLost(Exception):
@@ -106,6 +107,21 @@ class EventWait:
     since: float
     deadline: float | None
     outcome_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """A worker's row in the registry (``geste_workers``); ``listener`` is JSON text."""
+
+    worker_id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    running: int
+    concurrency: int
+    listener: str | None
+    stopped_at: float | None = None
 
 
 class Suspension(Enum):
@@ -247,6 +263,31 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def next_run_at(self) -> float | None:
         """The earliest time an unlocked instance becomes runnable (for a precise poller)."""
+
+    # -- workers and status ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def upsert_worker(self, worker: WorkerRow) -> None:
+        """Register a worker or refresh its heartbeat (one statement); clears ``stopped_at``."""
+
+    @abc.abstractmethod
+    async def mark_worker_stopped(self, worker_id: str, now: float) -> None:
+        """Record a graceful stop (``stopped_at``; running 0)."""
+
+    @abc.abstractmethod
+    async def prune_workers(self, before: float) -> int:
+        """Forget workers not heard from since ``before``; return how many."""
+
+    @abc.abstractmethod
+    async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
+        """Registered workers, most recent heartbeat first."""
+
+    @abc.abstractmethod
+    async def queue_stats(self, now: float) -> QueueStats:
+        """Counts per status, runnable now, held leases (per worker), age of the oldest waiting instance.
+
+        Read in one snapshot; every query goes through an index of ``geste_instances`` (its cost grows
+        with the instances of the statuses counted, the finished ones included).
+        """
 
 
 def event_history_payload(event: StoredEvent) -> str:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._models import Status, matches
+from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
 from ._sql import load_migrations, load_queries
 from .base import (
@@ -34,6 +35,7 @@ from .base import (
     Storage,
     StoredEvent,
     Suspension,
+    WorkerRow,
     event_history_payload,
     instance_from_row,
 )
@@ -507,5 +509,60 @@ class PostgresStorage(Storage):
         async def go(conn: Conn) -> float | None:
             value = await conn.fetchval(self._q["next_run_at"])
             return None if value is None else float(value)
+
+        return await self._read(go)
+
+    # -- workers and status ------------------------------------------------------------------------
+    async def upsert_worker(self, worker: WorkerRow) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.execute(
+                self._q["upsert_worker"],
+                worker.worker_id,
+                worker.host,
+                worker.pid,
+                worker.started_at,
+                worker.heartbeat_at,
+                worker.running,
+                worker.concurrency,
+                worker.listener,
+            )
+
+        await self._run(go)
+
+    async def mark_worker_stopped(self, worker_id: str, now: float) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.execute(self._q["mark_worker_stopped"], worker_id, now)
+
+        await self._run(go)
+
+    async def prune_workers(self, before: float) -> int:
+        async def go(conn: Conn) -> int:
+            done = await conn.execute(self._q["prune_workers"], before)
+            return int(done.rpartition(" ")[2])
+
+        return await self._run(go)
+
+    async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
+        async def go(conn: Conn) -> list[WorkerRow]:
+            return [WorkerRow(*row) for row in await conn.fetch(self._q["list_workers"], limit)]
+
+        return await self._read(go)
+
+    async def queue_stats(self, now: float) -> QueueStats:
+        async def go(conn: Conn) -> QueueStats:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
+                counts = dict.fromkeys(Status, 0)
+                for status, n in await conn.fetch(self._q["count_by_status"]):
+                    counts[Status(status)] = n
+                runnable = await conn.fetchval(self._q["count_runnable"], now)
+                leases = {r[0]: r[1] for r in await conn.fetch(self._q["held_leases"], now)}
+                oldest = await conn.fetchval(self._q["oldest_waiting"])
+            return QueueStats(
+                counts=counts,
+                runnable=runnable,
+                held_leases=sum(leases.values()),
+                leases_by_worker=leases,
+                oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
+            )
 
         return await self._read(go)

@@ -18,6 +18,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl
 
 from .._models import Status, matches
+from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
 from ._sql import load_migrations, load_queries
 from .base import (
@@ -33,6 +34,7 @@ from .base import (
     Storage,
     StoredEvent,
     Suspension,
+    WorkerRow,
     event_history_payload,
     instance_from_row,
 )
@@ -495,6 +497,52 @@ class SQLiteStorage(Storage):
         def read(conn: sqlite3.Connection) -> float | None:
             value = conn.execute(Q["next_run_at"]).fetchone()[0]
             return None if value is None else float(value)
+
+        return await self._call(read)
+
+    # -- workers and status ------------------------------------------------------------------------
+    async def upsert_worker(self, worker: WorkerRow) -> None:
+        params = {
+            "worker_id": worker.worker_id,
+            "host": worker.host,
+            "pid": worker.pid,
+            "started_at": worker.started_at,
+            "heartbeat_at": worker.heartbeat_at,
+            "running": worker.running,
+            "concurrency": worker.concurrency,
+            "listener": worker.listener,
+        }
+        await self._write(lambda c: c.execute(Q["upsert_worker"], params))
+
+    async def mark_worker_stopped(self, worker_id: str, now: float) -> None:
+        params = {"worker_id": worker_id, "now": now}
+        await self._write(lambda c: c.execute(Q["mark_worker_stopped"], params))
+
+    async def prune_workers(self, before: float) -> int:
+        return await self._write(lambda c: c.execute(Q["prune_workers"], (before,)).rowcount)
+
+    async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
+        return await self._call(
+            lambda c: [WorkerRow(*row) for row in c.execute(Q["list_workers"], (limit,)).fetchall()]
+        )
+
+    async def queue_stats(self, now: float) -> QueueStats:
+        def read(conn: sqlite3.Connection) -> QueueStats:
+            conn.execute("BEGIN")  # one read snapshot for the four queries
+            counts = dict.fromkeys(Status, 0)
+            for status, n in conn.execute(Q["count_by_status"]):
+                counts[Status(status)] = n
+            runnable = conn.execute(Q["count_runnable"], {"now": now}).fetchone()[0]
+            leases = dict(conn.execute(Q["held_leases"], {"now": now}).fetchall())
+            oldest = conn.execute(Q["oldest_waiting"]).fetchone()[0]
+            conn.execute("COMMIT")
+            return QueueStats(
+                counts=counts,
+                runnable=runnable,
+                held_leases=sum(leases.values()),
+                leases_by_worker=leases,
+                oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
+            )
 
         return await self._call(read)
 

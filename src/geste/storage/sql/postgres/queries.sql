@@ -246,3 +246,47 @@ FROM woken;
 
 -- name: next_run_at
 SELECT min(run_at) FROM {schema}.geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL;
+
+-- name: upsert_worker
+-- Registration and every heartbeat: one statement (a HOT update: no index covers what it changes). A
+-- worker id seen again (a restart) starts afresh.
+INSERT INTO {schema}.geste_workers
+    (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)
+ON CONFLICT (worker_id) DO UPDATE SET
+    host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
+    heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
+    listener = excluded.listener, stopped_at = NULL;
+
+-- name: mark_worker_stopped
+UPDATE {schema}.geste_workers SET stopped_at = $2, running = 0 WHERE worker_id = $1;
+
+-- name: prune_workers
+DELETE FROM {schema}.geste_workers WHERE heartbeat_at < $1;
+
+-- name: list_workers
+-- The table holds the workers heard from within a week (pruned at each start): a small scan.
+SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at
+FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
+
+-- name: count_by_status
+-- An index-only scan of geste_instances_by_status (status, created_at) where the visibility map allows.
+SELECT status, count(*) FROM {schema}.geste_instances GROUP BY status;
+
+-- name: count_runnable
+-- What a claim at $1 could take; through geste_instances_runnable (run_at), so it reads the instances
+-- that are runnable or running, never the finished or the waiting ones.
+SELECT count(*) FROM {schema}.geste_instances
+WHERE run_at <= $1 AND (lease_id IS NULL OR lock_expires_at <= $1);
+
+-- name: held_leases
+-- A lease is only ever held by a running or compensating instance (claims and local starts make it
+-- running; suspending and finishing release it), so geste_instances_by_status bounds the read.
+SELECT locked_by, count(*) FROM {schema}.geste_instances
+WHERE status IN ('running', 'compensating') AND lease_id IS NOT NULL AND lock_expires_at > $1
+GROUP BY locked_by;
+
+-- name: oldest_waiting
+-- Through geste_instances_by_status: reads the waiting instances only (updated_at has no index of its
+-- own, which every step commit would have to maintain).
+SELECT min(updated_at) FROM {schema}.geste_instances WHERE status = 'waiting';

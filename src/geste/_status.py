@@ -1,0 +1,105 @@
+"""What ``app.status()`` and ``geste status`` report: the queue, the registered workers, the listener."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ._models import Status
+from ._wakeups import ListenerStatus
+
+STALE_AFTER = 3
+"""A worker not heard from for this many ``lock_timeout`` is not alive (it heartbeats every third of one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The instances table at one moment (read in one snapshot)."""
+
+    counts: dict[Status, int]
+    """Instances per status, every status present (0 when none)."""
+    runnable: int
+    """Instances a worker could claim now: ``run_at`` reached, lease free or expired."""
+    held_leases: int
+    """Leases held and not expired."""
+    leases_by_worker: dict[str, int] = field(default_factory=dict)
+    """Held leases per ``locked_by`` worker id."""
+    oldest_waiting_age: float | None = None
+    """Seconds since the longest-waiting ``waiting`` instance last changed (None: nothing waits)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "counts": {str(status): n for status, n in self.counts.items()},
+            "runnable": self.runnable,
+            "held_leases": self.held_leases,
+            "leases_by_worker": dict(self.leases_by_worker),
+            "oldest_waiting_age": self.oldest_waiting_age,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker as registered in the database, as of its last heartbeat."""
+
+    worker_id: str
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    running: int
+    """Instances it was running at its last heartbeat."""
+    concurrency: int
+    listener: dict[str, Any]
+    """Its ``listener_status().as_dict()`` at its last heartbeat (``{}`` if it reported none)."""
+    heartbeat_age: float
+    """Seconds since its last heartbeat, when the status was read."""
+    alive: bool
+    """Not stopped, and heard from within 3 x the reading App's ``lock_timeout``."""
+    leases: int = 0
+    """Leases the database shows it holding now (unexpired)."""
+
+    @property
+    def state(self) -> str:
+        """``alive``, ``stale`` (not heard from: killed, hung or cut off) or ``stopped`` (graceful stop)."""
+        if self.stopped_at is not None:
+            return "stopped"
+        return "alive" if self.alive else "stale"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "host": self.host,
+            "pid": self.pid,
+            "state": self.state,
+            "alive": self.alive,
+            "started_at": self.started_at.isoformat(),
+            "heartbeat_at": self.heartbeat_at.isoformat(),
+            "heartbeat_age": self.heartbeat_age,
+            "stopped_at": None if self.stopped_at is None else self.stopped_at.isoformat(),
+            "running": self.running,
+            "concurrency": self.concurrency,
+            "leases": self.leases,
+            "listener": dict(self.listener),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SystemStatus:
+    """``await app.status()``: the queue, the workers (most recently heard from first), this process's
+    listener."""
+
+    checked_at: datetime
+    queue: QueueStats
+    workers: list[WorkerInfo]
+    listener: ListenerStatus
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (what ``geste status --json`` prints)."""
+        return {
+            "checked_at": self.checked_at.isoformat(),
+            "queue": self.queue.as_dict(),
+            "workers": [worker.as_dict() for worker in self.workers],
+            "listener": self.listener.as_dict(),
+        }
