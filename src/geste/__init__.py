@@ -12,6 +12,8 @@ from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._models import Event, HistoryEntry, InstanceInfo, Status, StepKind
 from ._retry import RetryPolicy
+from ._status import QueueStats, SystemStatus, WorkerInfo
+from ._wakeups import ListenerState, ListenerStatus
 
 __version__ = "0.1.0"
 
@@ -22,9 +24,14 @@ __all__ = [
     "Event",
     "HistoryEntry",
     "InstanceInfo",
+    "ListenerState",
+    "ListenerStatus",
+    "QueueStats",
     "RetryPolicy",
     "Status",
     "StepKind",
+    "SystemStatus",
+    "WorkerInfo",
     "Workflow",
     "WorkflowContext",
     "WorkflowHandle",

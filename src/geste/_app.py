@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ from ._handle import WorkflowHandle
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
+from ._status import STALE_AFTER, SystemStatus, WorkerInfo
 from ._wakeups import Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
 from ._worker import Worker
 from .errors import (
@@ -34,7 +36,7 @@ from .errors import (
     WorkflowFailed,
 )
 from .storage import Storage, create_storage
-from .storage.base import Claim, InstanceRow, Lease, NewEvent, NewInstance
+from .storage.base import Claim, InstanceRow, Lease, NewEvent, NewInstance, WorkerRow
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -229,9 +231,9 @@ class App:
                 shutdown_grace=self.shutdown_grace,
                 max_workflows_per_batch=self.notify.max_workflows_per_batch,
                 max_timers_per_batch=self.notify.max_timers_per_batch,
+                listener_status=lambda: self.listener_status().as_dict(),
             )
-            await self._worker.start()
-            if self.notify.enabled:
+            if self.notify.enabled:  # before the worker registers, so it shows `connecting`, not `disabled`
                 self._listener = Listener(
                     self._listen_dsn(),
                     wakeups=wakeups,
@@ -239,6 +241,7 @@ class App:
                     on_caught_up=wakeups.poke,
                 )
                 self._listener.start()
+            await self._worker.start()
 
     def _listen_dsn(self) -> str:
         from .storage.postgres import parse_postgres_url
@@ -250,6 +253,26 @@ class App:
         if self._listener is None:
             return ListenerStatus(state=ListenerState.DISABLED)
         return self._listener.status()
+
+    async def status(self) -> SystemStatus:
+        """The queue, the registered workers and this process's listener (what ``geste status`` shows).
+
+        A worker is ``alive`` unless it stopped or has not been heard from within 3 x this App's
+        ``lock_timeout`` (workers heartbeat every ``lock_timeout / 3``).
+        """
+        self._require_open()
+        now = self.clock()
+        queue = await self.storage.queue_stats(now)
+        rows = await self.storage.list_workers()
+        workers = [
+            _worker_info(row, now, STALE_AFTER * self.lock_timeout, queue.leases_by_worker) for row in rows
+        ]
+        return SystemStatus(
+            checked_at=to_datetime(now),  # type: ignore[arg-type]
+            queue=queue,
+            workers=workers,
+            listener=self.listener_status(),
+        )
 
     async def close(self) -> None:
         """Drain the worker (finish or release what it runs) and close the database."""
@@ -526,4 +549,25 @@ def _info(row: InstanceRow) -> InstanceInfo:
         lock_expires_at=to_datetime(row.lock_expires_at),
         cancel_requested=row.cancel_requested,
         steps=row.steps,
+    )
+
+
+def _worker_info(row: WorkerRow, now: float, stale_after: float, leases: dict[str, int]) -> WorkerInfo:
+    try:
+        listener = json.loads(row.listener) if row.listener else {}
+    except ValueError:
+        listener = {}
+    return WorkerInfo(
+        worker_id=row.worker_id,
+        host=row.host,
+        pid=row.pid,
+        started_at=to_datetime(row.started_at),  # type: ignore[arg-type]
+        heartbeat_at=to_datetime(row.heartbeat_at),  # type: ignore[arg-type]
+        stopped_at=to_datetime(row.stopped_at),
+        running=row.running,
+        concurrency=row.concurrency,
+        listener=listener if isinstance(listener, dict) else {},
+        heartbeat_age=max(0.0, now - row.heartbeat_at),
+        alive=row.stopped_at is None and now - row.heartbeat_at <= stale_after,
+        leases=leases.get(row.worker_id, 0),
     )

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._engine import Engine
 from ._wakeups import Wakeups
 from .errors import StorageError
-from .storage.base import Claim, HistoryRow, Lease, Storage
+from .storage.base import Claim, HistoryRow, Lease, Storage, WorkerRow
 
 logger = logging.getLogger("geste.worker")
+
+WORKER_RETENTION = 7 * 24 * 3600.0
+"""Registered workers not heard from for this long are forgotten when a worker starts."""
 
 
 class Worker:
@@ -35,6 +42,7 @@ class Worker:
         shutdown_grace: float,
         max_workflows_per_batch: int = 100,
         max_timers_per_batch: int = 100,
+        listener_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.engine = engine
         self.storage = storage
@@ -46,6 +54,9 @@ class Worker:
         self.max_timers_per_batch = max_timers_per_batch
         self.lock_timeout = lock_timeout
         self.shutdown_grace = shutdown_grace
+        self.listener_status = listener_status
+        """What the registry shows of this process's listener (the App's ``listener_status().as_dict()``)."""
+        self._started_at = 0.0
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
         self._reserved = 0
         self._stopping = False
@@ -53,6 +64,12 @@ class Worker:
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._started_at = self.clock()
+        try:
+            await self.storage.prune_workers(self._started_at - WORKER_RETENTION)
+            await self._heartbeat()
+        except StorageError as exc:  # the heartbeat tries again: running instances matters more
+            logger.warning("worker %s: registering failed (%s)", self.worker_id, exc)
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name=f"geste-claim-{self.worker_id}"),
             asyncio.create_task(self._heartbeat_loop(), name=f"geste-heartbeat-{self.worker_id}"),
@@ -82,6 +99,10 @@ class Worker:
                 logger.warning(
                     "worker %s could not release its leases (%s); they expire", self.worker_id, exc
                 )
+        try:
+            await self.storage.mark_worker_stopped(self.worker_id, self.clock())
+        except StorageError as exc:
+            logger.warning("worker %s could not record its stop (%s)", self.worker_id, exc)
         logger.info("worker %s stopped", self.worker_id)
 
     # -- wake-ups ----------------------------------------------------------------------------------
@@ -168,10 +189,32 @@ class Worker:
             return interval
         return max(0.0, min(interval, next_run - self.clock()))
 
+    async def _heartbeat(self) -> None:
+        """Register this worker or refresh its row: one statement."""
+        listener = None if self.listener_status is None else json.dumps(self.listener_status())
+        await self.storage.upsert_worker(
+            WorkerRow(
+                worker_id=self.worker_id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=self._started_at,
+                heartbeat_at=self.clock(),
+                running=len(self._running),
+                concurrency=self.concurrency,
+                listener=listener,
+            )
+        )
+
     async def _heartbeat_loop(self) -> None:
         interval = self.lock_timeout / 3
         while True:
             await asyncio.sleep(interval)
+            try:
+                await self._heartbeat()
+            except StorageError as exc:
+                logger.warning("worker %s: heartbeat failed (%s)", self.worker_id, exc)
+            except Exception:  # the registry must never stop the lease renewals below
+                logger.exception("worker %s: heartbeat failed", self.worker_id)
             leases = [lease for lease, _ in self._running.values()]
             if not leases:
                 continue
