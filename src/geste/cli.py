@@ -29,6 +29,7 @@ from . import __version__
 from ._app import DEFAULT_URL, App
 from ._demo import run_demo
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind
+from ._status import SystemStatus, WorkerInfo
 from .errors import GesteError, UnknownWorkflowError
 
 T = TypeVar("T")
@@ -440,6 +441,97 @@ def migrate(database_url: str) -> None:
             return await app.storage.schema_version()
 
     click.echo(f"schema version {_run(go())} ({_safe_url(database_url)})")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)  # clocks of two hosts may disagree a little
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h"
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
+
+
+def _notifications(counts: Any) -> str:
+    if not isinstance(counts, dict):
+        return "-"
+    shown = [f"{str(channel).removeprefix('geste_')}={n}" for channel, n in sorted(counts.items()) if n]
+    return " ".join(shown) or "-"
+
+
+def _worker_row(worker: WorkerInfo, checked_at: datetime) -> tuple[str, ...]:
+    listener = {} if worker.stopped_at is not None else worker.listener  # a stopped one listens no more
+    last = listener.get("last_notification_at")
+    try:
+        last_age = _age((checked_at - datetime.fromisoformat(last)).total_seconds()) + " ago" if last else "-"
+    except (TypeError, ValueError):
+        last_age = str(last)
+    return (
+        worker.worker_id,
+        worker.host,
+        str(worker.pid),
+        worker.state,
+        f"{worker.running}/{worker.concurrency}",
+        str(worker.leases),
+        str(listener.get("state", "-")),
+        str(listener.get("reconnects", "-")),
+        last_age,
+        _notifications(listener.get("notifications")),
+        _age(worker.heartbeat_age) + " ago",
+    )
+
+
+@main.command()
+@database_url_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def status(database_url: str, as_json: bool) -> None:
+    """Show the queue (instances per status, runnable, leases, oldest wait) and the workers.
+
+    A worker is stale when not heard from within 45 s (3 x the default lock_timeout of 15 s: it heartbeats
+    every lock_timeout / 3), stopped when it shut down gracefully.
+    """
+
+    async def go() -> SystemStatus:
+        async with _client(database_url) as app:
+            return await app.status()
+
+    found = _run(go())
+    if as_json:
+        click.echo(json.dumps(found.as_dict(), indent=2, ensure_ascii=False))
+        return
+    queue = found.queue
+    click.echo(f"queue ({_safe_url(database_url)}):")
+    click.echo("  " + "  ".join(f"{state.value} {n}" for state, n in queue.counts.items()))
+    click.echo(
+        f"  runnable now {queue.runnable}  held leases {queue.held_leases}"
+        f"  oldest waiting {_age(queue.oldest_waiting_age)}"
+    )
+    if not found.workers:
+        click.echo("workers: none registered")
+        return
+    click.echo("workers:")
+    header = (
+        "WORKER",
+        "HOST",
+        "PID",
+        "STATE",
+        "RUNNING",
+        "LEASES",
+        "LISTENER",
+        "RECONNECTS",
+        "LAST NOTIFICATION",
+        "NOTIFICATIONS",
+        "HEARTBEAT",
+    )
+    rows = [_worker_row(worker, found.checked_at) for worker in found.workers]
+    widths = [max(len(row[n]) for row in [header, *rows]) for n in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 if __name__ == "__main__":
