@@ -8,6 +8,7 @@ An unreachable PostgreSQL is an error, never a skip: CI must not pass without it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,6 +40,16 @@ def _admin(sql: str) -> None:
             await conn.close()
 
     asyncio.run(run())
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for worker subprocesses: killed when the test process dies, never left orphaned
+    (an orphaned worker would keep PostgreSQL connections and disturb the next runs)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def with_query(url: str, **params: str) -> str:

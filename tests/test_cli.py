@@ -24,6 +24,8 @@ from click.testing import CliRunner, Result
 
 from geste.cli import _safe_url, main
 
+from .conftest import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.apps.cli_app:app"
 
@@ -129,6 +131,7 @@ def worker(db_url: str, tmp_path: Path) -> Iterator[Worker]:
             env={**os.environ, "GESTE_DATABASE_URL": db_url},
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
     running = Worker(process, log)
     try:

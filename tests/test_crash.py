@@ -23,6 +23,8 @@ import pytest
 
 import geste
 
+from .conftest import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
     sys.path.insert(0, str(ROOT))
@@ -76,7 +78,9 @@ class Cluster:
         ]
         output = self.folder / f"worker-{worker_id}-{len(self.procs)}.out"
         with output.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            )
         self.procs.append(proc)
         self.outputs[proc.pid] = output
 

@@ -31,7 +31,7 @@ from geste.storage._sql import load_migrations
 from geste.storage.base import HistoryRow, Lease, NewInstance
 from geste.storage.postgres import parse_postgres_url
 from geste.storage.sqlite import SCHEMA_VERSION
-from tests.conftest import POSTGRES_URL
+from tests.conftest import POSTGRES_URL, die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.apps.cli_app:app"  # lock_timeout=2.0: heartbeats every 0.67 s, stale after 6 s
@@ -186,6 +186,7 @@ def spawn_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
             env={**os.environ, "GESTE_DATABASE_URL": url},
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
 
 
