@@ -76,7 +76,7 @@ class NotifyConfig:
         from .errors import ConfigurationError
 
         postgres = url.startswith(("postgresql://", "postgres://"))
-        if listen_notify not in (None, True, False):
+        if listen_notify is not None and not isinstance(listen_notify, bool):  # 1 == True: not enough
             raise ConfigurationError(f"listen_notify must be None, True or False, not {listen_notify!r}")
         if listen_notify and not postgres:
             raise ConfigurationError("listen_notify=True needs PostgreSQL: SQLite has no LISTEN/NOTIFY")
@@ -89,6 +89,9 @@ class NotifyConfig:
                 raise ConfigurationError(
                     f"listen_database_url must be a postgresql:// URL: {listen_database_url!r}"
                 )
+            from .storage.postgres import parse_postgres_url
+
+            parse_postgres_url(listen_database_url)  # its options too, now rather than at open()
         if fallback_interval <= 0 or reconnect_delay <= 0:
             raise ConfigurationError("notify_fallback_interval and notify_reconnect_delay must be > 0")
         return cls(
