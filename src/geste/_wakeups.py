@@ -222,7 +222,11 @@ class Listener:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            # Python 3.11's wait_for drops a cancel that arrives as its awaitable completes (a probe
+            # answered, say): cancel again until the task has really ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._close()
