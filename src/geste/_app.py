@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._context import ActivityContext, WorkflowContext
 from ._definitions import Activity, Workflow, check_name, storable_text
@@ -37,6 +37,9 @@ from .errors import (
 )
 from .storage import Storage, create_storage
 from .storage.base import Claim, InstanceRow, Lease, NewEvent, NewInstance, WorkerRow
+
+if TYPE_CHECKING:
+    from .http import GesteASGI
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -458,6 +461,22 @@ class App:
         with ``instance_id`` it goes to that instance only. An ``event_id`` sent twice is stored once
         (duplicate deliveries are harmless). Returns the event id.
         """
+        eid, _ = await self._send_event(
+            event_type, data, source=source, event_id=event_id, instance_id=instance_id, extensions=extensions
+        )
+        return eid
+
+    async def _send_event(
+        self,
+        event_type: str,
+        data: Any,
+        *,
+        source: str | None,
+        event_id: str | None,
+        instance_id: str | None,
+        extensions: dict[str, Any] | None,
+    ) -> tuple[str, bool]:
+        """``send_event``, also saying whether the event was stored (False: its id was there already)."""
         self._require_open()
         check_name(event_type, "event type")
         eid = uuid.uuid4().hex if event_id is None else _check_id(event_id, "event_id")
@@ -469,12 +488,24 @@ class App:
         )
         if instance_id is not None and await self.storage.get_instance(instance_id) is None:
             raise InstanceNotFoundError(instance_id)
-        _, woken = await self.storage.send_event(
+        stored, woken = await self.storage.send_event(
             NewEvent(eid, event_type, body, source, instance_id, ext, self.clock())
         )
         if woken and self._worker is not None:
             self._worker.poke()
-        return eid
+        return eid, stored
+
+    def asgi(self, *, token: str | None = None, max_body_bytes: int | None = None) -> GesteASGI:
+        """This App as an ASGI application: CloudEvents at ``POST /events``, and endpoints to start,
+        look at and cancel instances (README, "HTTP: CloudEvents and the API"); ``geste serve`` runs it.
+
+        ``token`` (default ``$GESTE_HTTP_TOKEN``) makes every endpoint but ``/health`` require
+        ``Authorization: Bearer <token>``; bodies over ``max_body_bytes`` (default ``max_payload_bytes``
+        plus 64 KiB) are refused with 413.
+        """
+        from .http import GesteASGI
+
+        return GesteASGI(self, token=token, max_body_bytes=max_body_bytes)
 
     # -- results -----------------------------------------------------------------------------------
     async def _result(self, instance_id: str, timeout: float | timedelta | None) -> Any:

@@ -1,0 +1,361 @@
+"""The HTTP endpoints of a geste App, as one ASGI application: CloudEvents in, and the instance API.
+
+Every endpoint goes through the App's public calls (``send_event``, ``start_workflow``, ``get_instance``,
+``list_instances``, ``history``, ``cancel``, a handle's ``result``), which take values as parameters: no
+request text ever becomes SQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import logging
+import math
+import os
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from .._models import InstanceInfo, Status
+from ..errors import (
+    AppNotOpenError,
+    ConfigurationError,
+    GesteError,
+    InstanceAlreadyExistsError,
+    InstanceNotFoundError,
+    PayloadTooLargeError,
+    ResultTimeout,
+    SerializationError,
+    StorageError,
+    UnknownWorkflowError,
+    WorkflowCancelled,
+    WorkflowFailed,
+)
+from ._cloudevents import check_binary_content_type, is_structured, parse_binary, parse_structured
+from ._routing import (
+    ClientDisconnected,
+    HTTPError,
+    Receive,
+    Request,
+    Response,
+    Router,
+    Scope,
+    Send,
+    bad_request,
+    error_response,
+    is_utf8,
+    json_response,
+    load_json,
+    path_segments,
+    unsupported_media_type,
+)
+
+if TYPE_CHECKING:
+    from .._app import App
+    from .._models import HistoryEntry
+
+logger = logging.getLogger("geste.http")
+
+TOKEN_ENV = "GESTE_HTTP_TOKEN"
+BODY_MARGIN = 64 * 1024
+"""Room above the App's ``max_payload_bytes`` for a structured event's attributes and JSON quoting."""
+MAX_RESULT_WAIT = 30.0
+"""The longest ``GET /instances/{id}/result?wait=`` holds a request open, in seconds."""
+
+_STATUS_OF_ERROR: tuple[tuple[type[GesteError], int], ...] = (
+    (InstanceNotFoundError, 404),
+    (UnknownWorkflowError, 404),
+    (PayloadTooLargeError, 413),
+    (InstanceAlreadyExistsError, 409),
+    (WorkflowFailed, 409),
+    (WorkflowCancelled, 409),
+    (AppNotOpenError, 503),
+    (StorageError, 503),
+)
+
+
+class GesteASGI:
+    """An App served over HTTP (``app.asgi()``); see the README's "HTTP: CloudEvents and the API".
+
+    ``token`` (default: ``$GESTE_HTTP_TOKEN``) makes every endpoint but ``GET /health`` require
+    ``Authorization: Bearer <token>``. Request bodies over ``max_body_bytes`` (default: the App's
+    ``max_payload_bytes`` plus 64 KiB) are refused with 413. Under an ASGI server with lifespan events,
+    the App is opened at startup unless it is open already, and closed at shutdown if it was opened then.
+    """
+
+    def __init__(self, app: App, *, token: str | None = None, max_body_bytes: int | None = None) -> None:
+        if token is None:
+            token = os.environ.get(TOKEN_ENV) or None
+        if token is not None and (
+            not isinstance(token, str)
+            or not token
+            or not token.isascii()
+            or not token.isprintable()
+            or " " in token
+        ):
+            raise ConfigurationError("token must be a non-empty string of printable ASCII without spaces")
+        if max_body_bytes is None:
+            max_body_bytes = app.max_payload_bytes + BODY_MARGIN
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ConfigurationError("max_body_bytes must be a positive integer")
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self._token = None if token is None else token.encode("ascii")
+        self._opened_app = False
+        router = Router()
+        router.add("GET", "/health", self._health)
+        router.add("POST", "/events", self._event)
+        router.add("POST", "/workflows/{name}", self._start)
+        router.add("GET", "/instances", self._list)
+        router.add("GET", "/instances/{id}", self._instance)
+        router.add("GET", "/instances/{id}/history", self._history)
+        router.add("GET", "/instances/{id}/result", self._result)
+        router.add("POST", "/instances/{id}/cancel", self._cancel)
+        self._router = router
+
+    @property
+    def token_required(self) -> bool:
+        return self._token is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # websockets: refused
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        request = Request(scope, receive, max_body_bytes=self.max_body_bytes)
+        try:
+            response = await self._dispatch(request)
+        except ClientDisconnected:
+            return
+        except HTTPError as exc:
+            response = exc.response()
+        except GesteError as exc:
+            response = _error_response(exc)
+        except Exception:
+            logger.exception("%s %s failed", request.method, request.path)
+            response = error_response(500, "InternalError", "the server failed to handle the request")
+        await response.send(send)
+
+    async def _dispatch(self, request: Request) -> Response:
+        segments = path_segments(request.scope)
+        if segments != ("health",):
+            self._authorize(request)
+        handler, params = self._router.resolve(request.method, segments)
+        return await handler(request, params)
+
+    def _authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        values = request.header_values(b"authorization")
+        scheme, _, credentials = (values[0] if len(values) == 1 else b"").strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self._token):
+            raise HTTPError(
+                401,
+                "Unauthorized",
+                "this endpoint needs the header `Authorization: Bearer <token>` with the server's token",
+                headers=[("www-authenticate", 'Bearer realm="geste"')],
+            )
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if not self.app._open:
+                        await self.app.open()
+                        self._opened_app = True
+                except Exception as exc:
+                    logger.exception("cannot open the App")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    if self._opened_app:
+                        self._opened_app = False
+                        await self.app.close()
+                except Exception as exc:
+                    logger.exception("cannot close the App")
+                    await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- endpoints ---------------------------------------------------------------------------------
+    async def _health(self, request: Request, params: dict[str, str]) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    async def _event(self, request: Request, params: dict[str, str]) -> Response:
+        content_type = request.content_type()
+        has_ce_headers = any(name.startswith(b"ce-") for name, _ in request.raw_headers)
+        structured = is_structured(content_type, has_ce_headers)
+        if not structured:
+            check_binary_content_type(content_type)
+        body = await request.body()
+        event = (
+            parse_structured(body) if structured else parse_binary(request.raw_headers, content_type, body)
+        )
+        event_id, stored = await self.app._send_event(
+            event.type,
+            event.data,
+            source=event.source,
+            event_id=event.id,
+            instance_id=event.instance_id,
+            extensions=event.attributes,
+        )
+        return json_response(202, {"event_id": event_id, "duplicate": not stored})
+
+    async def _start(self, request: Request, params: dict[str, str]) -> Response:
+        body = await self._json_body(request)
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise bad_request('the body must be a JSON object: {"args": [...], "kwargs": {...}}')
+        unknown = sorted(set(body) - {"args", "kwargs", "instance_id"})
+        if unknown:
+            raise bad_request(f"unknown field(s) {', '.join(unknown)}: expected args, kwargs, instance_id")
+        args = body.get("args", [])
+        kwargs = body.get("kwargs", {})
+        instance_id = body.get("instance_id")
+        if not isinstance(args, list):
+            raise bad_request("args must be a JSON array")
+        if not isinstance(kwargs, dict):
+            raise bad_request("kwargs must be a JSON object")
+        if "instance_id" in kwargs:
+            raise bad_request("kwargs cannot hold instance_id: give that argument in args")
+        if instance_id is not None and not isinstance(instance_id, str):
+            raise bad_request("instance_id must be a string")
+        handle = await self.app.start_workflow(params["name"], *args, instance_id=instance_id, **kwargs)
+        return json_response(
+            201 if handle.created else 200,
+            {"instance_id": handle.instance_id, "created": handle.created},
+            headers=[("location", f"/instances/{quote(handle.instance_id, safe='')}")],
+        )
+
+    async def _list(self, request: Request, params: dict[str, str]) -> Response:
+        query = request.query("workflow", "status", "limit", "offset")
+        infos = await self.app.list_instances(
+            workflow=query.get("workflow"),
+            status=query.get("status"),
+            limit=_integer(query, "limit", 100),
+            offset=_integer(query, "offset", 0),
+        )
+        return json_response(200, {"instances": [_instance(info) for info in infos]})
+
+    async def _instance(self, request: Request, params: dict[str, str]) -> Response:
+        request.query()
+        return json_response(200, _instance(await self.app.get_instance(params["id"])))
+
+    async def _history(self, request: Request, params: dict[str, str]) -> Response:
+        request.query()
+        entries = await self.app.history(params["id"])
+        return json_response(200, {"instance_id": params["id"], "history": [_entry(e) for e in entries]})
+
+    async def _result(self, request: Request, params: dict[str, str]) -> Response:
+        wait = _wait(request.query("wait").get("wait"))
+        info = await self.app.get_instance(params["id"])
+        if not info.status.is_finished and wait > 0:
+            # The outcome is read back below, as stored, whichever way it ended.
+            with contextlib.suppress(ResultTimeout, WorkflowFailed, WorkflowCancelled, SerializationError):
+                await self.app.get_handle(info.instance_id).result(timeout=wait)
+            info = await self.app.get_instance(info.instance_id)
+        body: dict[str, Any] = {"instance_id": info.instance_id, "status": info.status.value}
+        if info.status == Status.COMPLETED:
+            return json_response(200, {**body, "result": info.result})
+        if info.status.is_finished:
+            return json_response(409, {**body, "error": _outcome_error(info)})
+        return json_response(202, body)
+
+    async def _cancel(self, request: Request, params: dict[str, str]) -> Response:
+        request.query()
+        info = await self.app.cancel(params["id"])
+        return json_response(
+            202,
+            {
+                "instance_id": info.instance_id,
+                "status": info.status.value,
+                "cancel_requested": info.cancel_requested,
+            },
+        )
+
+    async def _json_body(self, request: Request) -> Any:
+        """The request's JSON body, None when it has none; a 415 unless it says it is JSON."""
+        content_type = request.content_type()
+        body = await request.body()
+        if not body:
+            return None
+        if content_type is None or not content_type.is_json or not is_utf8(content_type.charset):
+            raise unsupported_media_type("the body must be JSON, sent with Content-Type: application/json")
+        return load_json(body, "the body")
+
+
+def _error_response(exc: GesteError) -> Response:
+    status = next((code for cls, code in _STATUS_OF_ERROR if isinstance(exc, cls)), 400)
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, StorageError):  # its text may name hosts and paths: it goes to the log only
+        logger.warning("storage error answered with 503: %s", exc)
+        message = "the database is not available; try again later"
+    return error_response(status, type(exc).__name__, " ".join(message.split()))
+
+
+def _integer(query: dict[str, str], name: str, default: int) -> int:
+    value = query.get(name)
+    if value is None:
+        return default
+    if not value.isascii() or not value.isdigit() or len(value) > 9:
+        raise bad_request(f"{name} must be a non-negative integer, not {value!r}")
+    return int(value)
+
+
+def _wait(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise bad_request(f"wait must be a number of seconds >= 0, not {value!r}")
+    return min(seconds, MAX_RESULT_WAIT)
+
+
+def _public_error(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A recorded error without its tracebacks: they stay in the database (``geste show --json``)."""
+    if error is None:
+        return None
+    shown = {key: value for key, value in error.items() if key != "traceback"}
+    if isinstance(shown.get("compensation_errors"), list):
+        shown["compensation_errors"] = [
+            _public_error(item) if isinstance(item, dict) else item for item in shown["compensation_errors"]
+        ]
+    return shown
+
+
+def _outcome_error(info: InstanceInfo) -> dict[str, Any]:
+    default = (
+        "geste.errors.WorkflowCancelled" if info.status == Status.CANCELLED else "geste.errors.WorkflowFailed"
+    )
+    error = _public_error(info.error) or {}
+    return {
+        **error,
+        "type": error.get("type") or default,
+        "message": error.get("message") or f"workflow instance {info.instance_id} {info.status.value}",
+    }
+
+
+def _instance(info: InstanceInfo) -> dict[str, Any]:
+    shown = dataclasses.asdict(info)
+    shown["status"] = info.status.value
+    shown["error"] = _public_error(info.error)
+    return shown
+
+
+def _entry(entry: HistoryEntry) -> dict[str, Any]:
+    shown = dataclasses.asdict(entry)
+    shown["kind"] = entry.kind.value
+    payload = shown["payload"]
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        shown["payload"] = {**payload, "error": _public_error(payload["error"])}
+    return shown

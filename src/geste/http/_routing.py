@@ -1,0 +1,295 @@
+"""Requests, responses and routes for geste's ASGI application: what it needs of a web framework, no more.
+
+Every answer is JSON. Errors are ``{"error": {"type": ..., "message": ...}}`` with their HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]+"
+_MEDIA_TYPE = re.compile(rf"({_TOKEN}/{_TOKEN})\Z")
+
+
+class HTTPError(Exception):
+    """An answer with an error status and the JSON error body."""
+
+    def __init__(
+        self, status: int, type_: str, message: str, *, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.headers = list(headers)
+
+    def response(self) -> Response:
+        return error_response(self.status, self.type, self.message, headers=self.headers)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request body was read: there is no one to answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    headers: Sequence[tuple[str, str]] = ()
+
+    async def send(self, send: Send) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.body)).encode("ascii")),
+            (b"cache-control", b"no-store"),
+            (b"x-content-type-options", b"nosniff"),
+        ]
+        headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def json_response(status: int, value: Any, *, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    # ensure_ascii: stored strings may hold lone surrogates (JSON allows "\ud800"), which UTF-8 cannot.
+    body = json.dumps(value, default=_jsonable, separators=(",", ":")).encode("ascii")
+    return Response(status, body, headers)
+
+
+def error_response(
+    status: int, type_: str, message: str, *, headers: Sequence[tuple[str, str]] = ()
+) -> Response:
+    return json_response(status, {"error": {"type": type_, "message": message}}, headers=headers)
+
+
+def bad_request(message: str, type_: str = "BadRequest") -> HTTPError:
+    return HTTPError(400, type_, message)
+
+
+def unsupported_media_type(message: str) -> HTTPError:
+    return HTTPError(415, "UnsupportedMediaType", message)
+
+
+# -- media types --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class MediaType:
+    """A parsed ``Content-Type``: ``essence`` is ``type/subtype`` in lower case, without parameters."""
+
+    essence: str
+    params: dict[str, str]
+    raw: str
+
+    @property
+    def is_json(self) -> bool:
+        """``*/json`` or ``*/*+json``, as the CloudEvents JSON format defines JSON-formatted content."""
+        subtype = self.essence.partition("/")[2]
+        return subtype == "json" or subtype.endswith("+json")
+
+    @property
+    def is_text(self) -> bool:
+        return self.essence.startswith("text/")
+
+    @property
+    def charset(self) -> str | None:
+        return self.params.get("charset")
+
+
+def parse_media_type(value: str) -> MediaType | None:
+    """Parse a media type (``type/subtype; name=value; ...``); None when it is malformed."""
+    essence, *rest = value.split(";")
+    essence = essence.strip().lower()
+    if not _MEDIA_TYPE.match(essence):
+        return None
+    params: dict[str, str] = {}
+    for param in rest:
+        name, sep, val = param.partition("=")
+        name = name.strip().lower()
+        if not name and not sep:
+            continue  # a trailing ";"
+        if not sep or not re.fullmatch(_TOKEN, name):
+            return None
+        val = val.strip()
+        if len(val) >= 2 and val[0] == val[-1] == '"':
+            val = re.sub(r"\\(.)", r"\1", val[1:-1])
+        params[name] = val
+    return MediaType(essence, params, value.strip())
+
+
+def is_utf8(charset: str | None) -> bool:
+    return charset is None or charset.lower().replace("_", "-") in ("utf-8", "utf8")
+
+
+def load_json(body: bytes, what: str) -> Any:
+    """Strict JSON: UTF-8, no NaN or Infinity; a 400 ``InvalidJSON`` otherwise."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=refuse)
+    except UnicodeDecodeError:
+        raise bad_request(f"{what} is not valid UTF-8", "InvalidJSON") from None
+    except (ValueError, RecursionError) as exc:
+        raise bad_request(f"{what} is not valid JSON: {exc}", "InvalidJSON") from None
+
+
+# -- requests -----------------------------------------------------------------------------------------
+class Request:
+    """One HTTP request: its method, path, headers and query, and its body read within a size limit."""
+
+    def __init__(self, scope: Scope, receive: Receive, *, max_body_bytes: int) -> None:
+        self.scope = scope
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.raw_headers: list[tuple[bytes, bytes]] = list(scope.get("headers", ()))
+        self._receive = receive
+        self.max_body_bytes = max_body_bytes
+
+    def header_values(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.raw_headers if key == name]
+
+    def header(self, name: str) -> str | None:
+        """One header's value (latin-1, as HTTP has it); a 400 if the request has it twice."""
+        values = self.header_values(name.encode("latin-1"))
+        if len(values) > 1:
+            raise bad_request(f"the {name} header is given more than once")
+        return values[0].decode("latin-1") if values else None
+
+    def content_type(self) -> MediaType | None:
+        raw = self.header("content-type")
+        if raw is None:
+            return None
+        media = parse_media_type(raw)
+        if media is None:
+            raise unsupported_media_type(f"malformed Content-Type {raw!r}")
+        return media
+
+    def query(self, *allowed: str) -> dict[str, str]:
+        """The query parameters, each at most once, only those ``allowed``."""
+        try:
+            pairs = parse_qsl(
+                self.scope.get("query_string", b"").decode("latin-1"),
+                keep_blank_values=True,
+                errors="strict",
+                max_num_fields=50,
+            )
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise bad_request(f"malformed query string: {exc}") from None
+        found: dict[str, str] = {}
+        for name, value in pairs:
+            if name not in allowed:
+                known = ", ".join(allowed) or "none"
+                raise bad_request(f"unknown query parameter {name!r} (known: {known})")
+            if name in found:
+                raise bad_request(f"query parameter {name!r} is given more than once")
+            found[name] = value
+        return found
+
+    async def body(self) -> bytes:
+        """The whole body, or a 413 as soon as it is known to be over ``max_body_bytes``.
+
+        A ``Content-Length`` over the limit is refused before anything is read; a body that grows past
+        it (chunked, or a lying length) is refused at the chunk that crosses it.
+        """
+        length = self.header("content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                raise bad_request(f"malformed Content-Length {length!r}")
+            if int(length) > self.max_body_bytes:
+                raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> HTTPError:
+        return HTTPError(
+            413,
+            "PayloadTooLarge",
+            f"the request body is larger than the limit of {self.max_body_bytes} bytes",
+        )
+
+
+def path_segments(scope: Scope) -> tuple[str, ...]:
+    """The path's segments, each percent-decoded on its own, so that an id may hold an encoded ``/``."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1").split("?", 1)[0] if raw else scope["path"]
+    segments = path.split("/")[1:]
+    root = scope.get("root_path", "")
+    if root and scope["path"].startswith(root):  # mounted under a prefix that `path` still includes
+        segments = segments[len([part for part in root.split("/") if part]) :]
+    try:
+        return tuple(unquote(segment, errors="strict") for segment in segments)
+    except UnicodeDecodeError:
+        raise bad_request("the path is not valid percent-encoded UTF-8") from None
+
+
+# -- routes -------------------------------------------------------------------------------------------
+Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
+
+
+class Router:
+    """Routes ``METHOD /literal/{param}/...`` patterns; a known path with another method is a 405."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[str, tuple[str, ...], Handler]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        self._routes.append((method, tuple(pattern.strip("/").split("/")), handler))
+
+    def resolve(self, method: str, segments: tuple[str, ...]) -> tuple[Handler, dict[str, str]]:
+        allowed: list[str] = []
+        for route_method, pattern, handler in self._routes:
+            params = _match(pattern, segments)
+            if params is None:
+                continue
+            if route_method == method:
+                return handler, params
+            allowed.append(route_method)
+        if allowed:
+            raise HTTPError(
+                405,
+                "MethodNotAllowed",
+                f"{method} is not allowed here; allowed: {', '.join(allowed)}",
+                headers=[("allow", ", ".join(allowed))],
+            )
+        raise HTTPError(404, "NotFound", "no such endpoint")
+
+
+def _match(pattern: tuple[str, ...], segments: tuple[str, ...]) -> dict[str, str] | None:
+    if len(pattern) != len(segments):
+        return None
+    params: dict[str, str] = {}
+    for part, segment in zip(pattern, segments, strict=True):
+        if part.startswith("{") and part.endswith("}"):
+            if not segment:
+                return None
+            params[part[1:-1]] = segment
+        elif part != segment:
+            return None
+    return params
