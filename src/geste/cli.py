@@ -534,5 +534,60 @@ def status(database_url: str, as_json: bool) -> None:
         click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+@main.command()
+@click.argument("app_spec", metavar="[MODULE:APP]", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any).")
+@click.option(
+    "--token",
+    envvar="GESTE_HTTP_TOKEN",
+    default=None,
+    help="Require `Authorization: Bearer TOKEN` on every endpoint but /health (env GESTE_HTTP_TOKEN).",
+)
+@click.option(
+    "--database-url",
+    default=None,
+    help="Without MODULE:APP, the database to serve (default: $GESTE_DATABASE_URL, else sqlite:///geste.db).",
+)
+@click.option("--no-worker", is_flag=True, help="Do not run MODULE:APP's worker in this process.")
+@log_level_option
+def serve(
+    app_spec: str | None,
+    host: str,
+    port: int,
+    token: str | None,
+    database_url: str | None,
+    no_worker: bool,
+    log_level: str,
+) -> None:
+    """Serve CloudEvents (POST /events) and the instance API over HTTP until SIGTERM/SIGINT.
+
+    With MODULE:APP its workflows can be started by name and, unless --no-worker, its worker runs in this
+    process. Without it, a client App on --database-url takes events, shows and cancels instances.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("uvicorn") is None:
+        raise CommandError("geste serve needs uvicorn: pip install 'geste[http]'")
+    from .http._serve import bind
+    from .http._serve import serve as serve_http
+
+    if app_spec is not None:
+        if database_url is not None:
+            raise BadInputError("--database-url serves without MODULE:APP; an App has its own database")
+        app = _load_app(app_spec)
+        if no_worker:
+            app.run_worker = False
+    else:
+        app = App(database_url, run_worker=False)
+    asgi = app.asgi(token=token)
+    _configure_logging(log_level)
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    _run(serve_http(app, asgi, sock))
+
+
 if __name__ == "__main__":
     main()
