@@ -1,0 +1,250 @@
+"""``geste serve`` end to end: a real uvicorn subprocess, driven with ``curl``, stopped with signals.
+
+Also the README's HTTP example, run as written (its ``curl`` commands against ``geste serve shop:app``),
+and the command's one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from geste.cli import main
+
+from .conftest import die_with_parent
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def curl(*args: str) -> tuple[int, Any]:
+    """Run curl; return the HTTP status and the JSON body."""
+    done = subprocess.run(
+        ["curl", "-s", "-w", "\n%{http_code}", "--max-time", "30", *args],
+        capture_output=True,
+        text=True,
+        timeout=40,
+    )
+    body, _, status = done.stdout.rpartition("\n")
+    return int(status or 0), json.loads(body) if body else None
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    log: Path
+    url: str
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
+        return self.process.wait(timeout=20)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start ``geste serve ARGS... --port <free>`` and wait until ``/health`` answers."""
+    started: list[Server] = []
+
+    def start(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> Server:
+        port = free_port()
+        log = tmp_path / f"serve-{len(started)}.log"
+        environment = {k: v for k, v in os.environ.items() if k != "GESTE_HTTP_TOKEN"}
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "geste.cli", "serve", *args, "--port", str(port)],
+                cwd=cwd,
+                env={**environment, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
+        server = Server(process, log, f"http://127.0.0.1:{port}")
+        started.append(server)
+
+        def healthy() -> bool:
+            assert process.poll() is None, server.text()
+            return curl(f"{server.url}/health")[0] == 200
+
+        wait_for(healthy, "geste serve to answer /health")
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            if server.process.poll() is None:
+                server.process.kill()
+                server.process.wait(timeout=10)
+
+
+def test_an_event_sent_with_curl_completes_the_waiting_workflow(
+    serve: Callable[..., Server], db_url: str
+) -> None:
+    server = serve("tests.apps.http_app:app", env={"GESTE_DATABASE_URL": db_url})
+    status, body = curl(
+        f"{server.url}/workflows/payment",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        json.dumps({"args": ["ORD-7"], "instance_id": "ORD-7"}),
+    )
+    assert (status, body) == (201, {"instance_id": "ORD-7", "created": True})
+
+    def waiting() -> bool:
+        return curl(f"{server.url}/instances/ORD-7")[1]["status"] == "waiting"
+
+    wait_for(waiting, "the workflow to wait for its event")
+    event = [
+        *("-H", "ce-specversion: 1.0", "-H", "ce-id: bank-123", "-H", "ce-source: /bank"),
+        *("-H", "ce-type: payment.confirmed", "-H", "Content-Type: application/json"),
+        *("-d", json.dumps({"order_id": "ORD-7", "amount": 12.5})),
+    ]
+    assert curl(f"{server.url}/events", *event) == (202, {"event_id": "bank-123", "duplicate": False})
+    status, body = curl(f"{server.url}/instances/ORD-7/result?wait=20")
+    assert status == 200, body
+    assert body["result"] == {"order_id": "ORD-7", "amount": 12.5, "by": "/bank"}
+    assert curl(f"{server.url}/events", *event) == (202, {"event_id": "bank-123", "duplicate": True})
+
+    assert server.stop(signal.SIGTERM) == 0, server.text()
+    log = server.text()
+    assert "SIGTERM received" in log and "stopped" in log
+    assert "Traceback" not in log
+
+
+def test_the_readme_http_example_runs_as_written(serve: Callable[..., Server], tmp_path: Path) -> None:
+    section = README.read_text(encoding="utf-8").split("## HTTP: CloudEvents and the API", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    (code,) = re.findall(r"```py\n(.*?)```", section, re.DOTALL)
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert "geste serve shop:app" in blocks[0]
+    (tmp_path / "shop.py").write_text(code, encoding="utf-8")
+    server = serve("shop:app", cwd=tmp_path)
+
+    steps = [step.strip() for step in blocks[1].split("\n\n") if step.strip()]
+    assert len(steps) == 4
+    for step in steps:
+        command, _, expected = step.rpartition("\n# ")
+        assert command.startswith("curl "), step
+        done = subprocess.run(
+            ["bash", "-c", command.replace("localhost:8000", server.url.removeprefix("http://"))],
+            capture_output=True,
+            text=True,
+            timeout=40,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == json.loads(expected), command
+
+    assert server.stop(signal.SIGINT) == 0, server.text()
+
+
+def test_without_an_app_it_serves_a_client_behind_a_token(serve: Callable[..., Server], db_url: str) -> None:
+    server = serve("--database-url", db_url, env={"GESTE_HTTP_TOKEN": "t0ken"})
+    status, body = curl(f"{server.url}/instances")
+    assert status == 401 and body["error"]["type"] == "Unauthorized"
+    auth = ["-H", "Authorization: Bearer t0ken"]
+    assert curl(f"{server.url}/instances", *auth) == (200, {"instances": []})
+    status, body = curl(
+        f"{server.url}/workflows/payment", *auth, "-H", "Content-Type: application/json", "-d", "{}"
+    )
+    assert status == 404 and body["error"]["type"] == "UnknownWorkflowError"
+    attributes = ["ce-specversion: 1.0", "ce-id: e1", "ce-source: /s", "ce-type: nobody.waits"]
+    headers = [arg for header in attributes for arg in ("-H", header)]
+    status, body = curl(f"{server.url}/events", "-X", "POST", *auth, *headers)  # an event without data
+    assert (status, body) == (202, {"event_id": "e1", "duplicate": False})
+    assert "token required" in server.text()
+    assert server.stop(signal.SIGTERM) == 0, server.text()
+
+
+# -- one-line errors ----------------------------------------------------------------------------------
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv("GESTE_HTTP_TOKEN", raising=False)
+
+    def invoke(*args: str) -> Result:
+        result = CliRunner().invoke(main, ["serve", *args])
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise AssertionError(f"geste serve crashed:\n{result.output}") from result.exception
+        return result
+
+    return invoke
+
+
+def one_line_error(result: Result, exit_code: int, fragment: str) -> None:
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert fragment in errors[0], errors[0]
+
+
+def test_a_taken_port_is_a_one_line_error(cli: Callable[..., Result], tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = cli("--database-url", f"sqlite:///{tmp_path / 'x.db'}", "--port", port)
+    one_line_error(result, 1, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_a_database_that_cannot_open_is_a_one_line_error(cli: Callable[..., Result], tmp_path: Path) -> None:
+    result = cli("--database-url", f"sqlite:///{tmp_path / 'missing' / 'x.db'}", "--port", "0")
+    one_line_error(result, 1, "does not exist")
+
+
+def test_bad_arguments_are_usage_errors(cli: Callable[..., Result]) -> None:
+    result = cli("tests.apps.http_app:app", "--database-url", "sqlite:///x.db")
+    one_line_error(result, 2, "--database-url")
+    one_line_error(cli("tests.apps.nope:app"), 2, "cannot import")
+    one_line_error(cli("--token", "two words", "--port", "0"), 1, "token")
+
+
+def test_without_uvicorn_it_says_what_to_install(
+    cli: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a)
+    )
+    one_line_error(cli(), 1, "pip install 'geste[http]'")
