@@ -121,8 +121,10 @@ class GesteASGI:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
             return
-        if scope["type"] != "http":  # websockets: refused
+        if scope["type"] == "websocket":  # refused: closed before being accepted
             await send({"type": "websocket.close", "code": 1003})
+            return
+        if scope["type"] != "http":
             return
         request = Request(scope, receive, max_body_bytes=self.max_body_bytes)
         try:
