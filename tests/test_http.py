@@ -86,7 +86,7 @@ def build(make_app: MakeApp, **options: Any) -> geste.App:
 
 def client(app: geste.App, **options: Any) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app.asgi(**options))
-    return httpx.AsyncClient(transport=transport, base_url="http://geste.test")
+    return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000")
 
 
 @contextlib.asynccontextmanager
@@ -854,3 +854,45 @@ def test_lifespan_reports_an_app_that_cannot_open(tmp_path: Any) -> None:
 def _no_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("GESTE_HTTP_TOKEN", raising=False)
     yield
+
+
+# -- what a browser could send behind the user's back --------------------------------------------
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"origin": "http://evil.example"},
+        {"origin": "null"},
+        {"sec-fetch-site": "cross-site"},
+    ],
+)
+async def test_cross_site_requests_are_refused(
+    make_app: Callable[..., geste.App], headers: dict[str, str]
+) -> None:
+    app = build(make_app, run_worker=False)
+    async with app, client(app) as http:
+        handle = await app.start_workflow("hold", instance_id="victim")
+        response = await http.post(f"/instances/{handle.instance_id}/cancel", headers=headers)
+        assert response.status_code == 403
+        assert response.json()["error"]["type"] == "Forbidden"
+        assert not (await app.get_instance("victim")).cancel_requested
+
+
+async def test_same_origin_requests_pass(make_app: Callable[..., geste.App]) -> None:
+    app = build(make_app, run_worker=False)
+    async with app, client(app) as http:
+        await app.start_workflow("hold", instance_id="mine")
+        response = await http.post("/instances/mine/cancel", headers={"origin": "http://127.0.0.1:8000"})
+        assert response.status_code == 202
+
+
+async def test_a_dns_name_as_host_needs_the_token(make_app: Callable[..., geste.App]) -> None:
+    """DNS rebinding: a hostile name resolving to 127.0.0.1 is refused unless a token protects the API."""
+    app = build(make_app, run_worker=False)
+    async with app:
+        transport = httpx.ASGITransport(app=app.asgi())
+        async with httpx.AsyncClient(transport=transport, base_url="http://rebound.example:8000") as http:
+            assert (await http.get("/instances")).status_code == 403
+        transport = httpx.ASGITransport(app=app.asgi(token="s3cret"))
+        async with httpx.AsyncClient(transport=transport, base_url="http://rebound.example:8000") as http:
+            response = await http.get("/instances", headers={"authorization": "Bearer s3cret"})
+            assert response.status_code == 200

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hmac
+import ipaddress
 import logging
 import math
 import os
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .._models import InstanceInfo, Status
 from ..errors import (
@@ -142,6 +143,7 @@ class GesteASGI:
 
     async def _dispatch(self, request: Request) -> Response:
         segments = path_segments(request.scope)
+        _refuse_cross_site(request, token_set=self._token is not None)
         if segments != ("health",):
             self._authorize(request)
         handler, params = self._router.resolve(request.method, segments)
@@ -291,6 +293,44 @@ class GesteASGI:
         if content_type is None or not content_type.is_json or not is_utf8(content_type.charset):
             raise unsupported_media_type("the body must be JSON, sent with Content-Type: application/json")
         return load_json(body, "the body")
+
+
+def _refuse_cross_site(request: Request, *, token_set: bool) -> None:
+    """Refuse what a web page in a browser could send here behind the user's back.
+
+    A cross-site request carries an ``Origin`` (or ``Sec-Fetch-Site: cross-site``) that does not match
+    the ``Host``: refused, so a page cannot POST a cancel to a local server. Without a token, the
+    ``Host`` must also be an IP address or ``localhost``: a DNS name pointed at 127.0.0.1 (DNS
+    rebinding) would otherwise make a hostile page same-origin.
+    """
+    host = (request.header("host") or "").strip().lower()
+    origin = request.header("origin")
+    if request.header("sec-fetch-site") == "cross-site" or (
+        origin is not None
+        and origin.strip().lower() != "null"
+        and urlsplit(origin.strip().lower()).netloc != host
+    ):
+        raise HTTPError(403, "Forbidden", "cross-site requests are refused")
+    if origin is not None and origin.strip().lower() == "null":
+        raise HTTPError(403, "Forbidden", "requests from an opaque origin are refused")
+    if not token_set and host and not _is_address_or_localhost(host):
+        raise HTTPError(
+            403,
+            "Forbidden",
+            f"Host {host!r} refused: without a token only IP addresses and localhost are served",
+        )
+
+
+def _is_address_or_localhost(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]")
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _error_response(exc: GesteError) -> Response:
