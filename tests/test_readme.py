@@ -17,6 +17,8 @@ EXPECTED = {
     2: ["failed: card refused - still booked: []"],
     3: ["approved by ada"],
     4: ["still waiting", "cancelled", "went", "2 event go"],
+    5: ["shipped", "delivered order.shipped ORD-7:1 {'order_id': 'ORD-7'}", "ORD-7:1 delivered 1 None"],
+    6: ["published 3 readings", "max 22.0 of [20.5, 22.0, 21.5]"],
 }
 
 

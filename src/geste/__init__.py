@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from . import errors
 from ._app import App
+from ._channels import Message
 from ._context import ActivityContext, WorkflowContext
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._models import Event, HistoryEntry, InstanceInfo, Status, StepKind
+from ._outbox import OutboxEntry, OutboxEvent, OutboxStatus
 from ._retry import RetryPolicy
 from ._status import QueueStats, SystemStatus, WorkerInfo
 from ._wakeups import ListenerState, ListenerStatus
@@ -26,6 +28,10 @@ __all__ = [
     "InstanceInfo",
     "ListenerState",
     "ListenerStatus",
+    "Message",
+    "OutboxEntry",
+    "OutboxEvent",
+    "OutboxStatus",
     "QueueStats",
     "RetryPolicy",
     "Status",

@@ -9,20 +9,22 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
+from ._channels import ChannelMaintenance, check_channel
 from ._context import ActivityContext, WorkflowContext
 from ._definitions import Activity, Workflow, check_name, storable_text
 from ._engine import Engine
 from ._handle import WorkflowHandle
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
+from ._outbox import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Relay, entry_from_row
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
 from ._status import STALE_AFTER, SystemStatus, WorkerInfo
-from ._wakeups import Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
+from ._wakeups import OUTBOX_PENDING, Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
 from ._worker import Worker
 from .errors import (
     AppNotOpenError,
@@ -36,7 +38,7 @@ from .errors import (
     WorkflowFailed,
 )
 from .storage import Storage, create_storage
-from .storage.base import Claim, InstanceRow, Lease, NewEvent, NewInstance, WorkerRow
+from .storage.base import Claim, InstanceRow, Lease, NewEvent, NewInstance, NewMessage, WorkerRow
 
 if TYPE_CHECKING:
     from .http import GesteASGI
@@ -85,6 +87,15 @@ class App:
         max_timers_per_batch: int = 100,
         max_messages_per_batch: int = 100,
         listen_database_url: str | None = None,
+        outbox_endpoint: str | None = None,
+        outbox_handler: OutboxHandler | None = None,
+        outbox_headers: Mapping[str, str] | None = None,
+        outbox_max_attempts: int = 10,
+        outbox_initial_backoff: float | timedelta = 1.0,
+        outbox_max_backoff: float | timedelta = 300.0,
+        outbox_timeout: float | timedelta = 10.0,
+        message_retention: float | timedelta = timedelta(days=7),
+        event_retention: float | timedelta = timedelta(days=7),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
@@ -112,6 +123,19 @@ class App:
             raise ConfigurationError("default_retry must be a geste.RetryPolicy")
         self.default_retry = default_retry
         self.clock = clock
+        self.message_retention = seconds(message_retention, what="message_retention")
+        self.event_retention = seconds(event_retention, what="event_retention")
+        self._maintenance: ChannelMaintenance | None = None
+        self.outbox_config = OutboxConfig.build(
+            endpoint=outbox_endpoint,
+            handler=outbox_handler,
+            headers=outbox_headers,
+            max_attempts=outbox_max_attempts,
+            initial_backoff=outbox_initial_backoff,
+            max_backoff=outbox_max_backoff,
+            timeout=outbox_timeout,
+        )
+        self._relay: Relay | None = None
         self._workflows: dict[str, Workflow[Any, Any]] = {}
         self._activities: dict[str, Activity[Any, Any]] = {}
         self._worker: Worker | None = None
@@ -234,6 +258,7 @@ class App:
                 shutdown_grace=self.shutdown_grace,
                 max_workflows_per_batch=self.notify.max_workflows_per_batch,
                 max_timers_per_batch=self.notify.max_timers_per_batch,
+                max_messages_per_batch=self.notify.max_messages_per_batch,
                 listener_status=lambda: self.listener_status().as_dict(),
             )
             if self.notify.enabled:  # before the worker registers, so it shows `connecting`, not `disabled`
@@ -245,6 +270,47 @@ class App:
                 )
                 self._listener.start()
             await self._worker.start()
+            self._start_channel_maintenance(self._worker)
+            if self.outbox_config.enabled:
+                self._start_relay(wakeups)
+
+    def _start_relay(self, wakeups: Wakeups) -> None:
+        """The outbox relay of this process: poked by local sends and by ``geste_outbox_pending``."""
+        relay = Relay(
+            storage=self.storage,
+            config=self.outbox_config,
+            relay_id=self.worker_id,
+            clock=self.clock,
+            wakeups=wakeups,
+            lock_timeout=self.lock_timeout,
+            shutdown_grace=self.shutdown_grace,
+        )
+        self._relay = relay
+        self._engine.on_outbox = relay.poke
+        listener = self._listener
+        if listener is not None:
+            listener.handlers[OUTBOX_PENDING] = lambda _body: relay.poke()
+            caught_up = listener.on_caught_up
+
+            def catch_up() -> None:  # after a (re)connect, what was sent meanwhile is found by a round
+                caught_up()
+                relay.poke()
+
+            listener.on_caught_up = catch_up
+        relay.start()
+
+    def _start_channel_maintenance(self, worker: Worker) -> None:
+        """Messages published by this process's workflows poke its worker; the channel chores run here."""
+        self._engine.on_channel_woken = worker.poke
+        self._maintenance = ChannelMaintenance(
+            self.storage,
+            clock=self.clock,
+            message_retention=self.message_retention,
+            event_retention=self.event_retention,
+            on_woken=worker.poke,
+            batch=self.notify.max_messages_per_batch,
+        )
+        self._maintenance.start()
 
     def _listen_dsn(self) -> str:
         from .storage.postgres import parse_postgres_url
@@ -285,8 +351,16 @@ class App:
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.stop()
+        maintenance, self._maintenance = self._maintenance, None
+        if maintenance is not None:
+            self._engine.on_channel_woken = lambda: None
+            await maintenance.stop()
         if worker is not None:
             await worker.stop()
+        relay, self._relay = self._relay, None
+        if relay is not None:  # in-flight deliveries end (or are given back); nothing new is claimed
+            self._engine.on_outbox = lambda: None
+            await relay.stop()
         for futures in self._waiters.values():
             for future in futures:
                 if not future.done():
@@ -494,6 +568,72 @@ class App:
         if woken and self._worker is not None:
             self._worker.poke()
         return eid, stored
+
+    # -- the transactional outbox ------------------------------------------------------------------
+    async def outbox(
+        self,
+        *,
+        status: OutboxStatus | str | None = None,
+        instance_id: str | None = None,
+        limit: int = 100,
+    ) -> list[OutboxEntry]:
+        """Events emitted with ``ctx.send_event``, newest first: their status (``pending``,
+        ``delivered``, ``dead``), attempts and last error; optionally of one status and/or instance."""
+        self._require_open()
+        try:
+            wanted = None if status is None else OutboxStatus(status)
+        except ValueError:
+            raise ConfigurationError(
+                f"unknown outbox status {status!r}; one of {', '.join(s.value for s in OutboxStatus)}"
+            ) from None
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 10_000:
+            raise ConfigurationError("limit must be in 1..10000")
+        rows = await self.storage.outbox_list(
+            status=None if wanted is None else wanted.value, instance_id=instance_id, limit=limit
+        )
+        return [entry_from_row(row) for row in rows]
+
+    async def retry_outbox_event(self, event_id: str) -> bool:
+        """Re-queue a dead outbox event (pending again, attempts from zero); False when no dead event
+        has that id. The instance's later events may have gone out meanwhile: it comes after them."""
+        self._require_open()
+        found = await self.storage.outbox_retry(event_id, self.clock())
+        if found and self._relay is not None:
+            self._relay.poke()
+        return found
+
+    # -- channels ----------------------------------------------------------------------------------
+    async def publish(self, channel: str, data: Any = None, *, message_id: str | None = None) -> str:
+        """Publish ``data`` (JSON-serialisable) on ``channel`` from outside a workflow; return its id.
+
+        Every broadcast subscriber of the channel gets it, one of its competing subscribers takes it
+        (README, "Channels"); the waiting ones are woken. A ``message_id`` published twice is stored once.
+        """
+        return await self._publish(channel, data, target=None, message_id=message_id)
+
+    async def send_to(
+        self, instance_id: str, channel: str, data: Any = None, *, message_id: str | None = None
+    ) -> str:
+        """Send ``data`` on ``channel`` to instance ``instance_id`` only; return the message id.
+
+        The instance takes it with ``ctx.receive(channel)`` whenever it does; it is kept until then.
+        Raises ``geste.errors.InstanceNotFoundError`` when no instance has that id.
+        """
+        target = _check_id(instance_id, "instance_id")
+        return await self._publish(channel, data, target=target, message_id=message_id)
+
+    async def _publish(self, channel: str, data: Any, *, target: str | None, message_id: str | None) -> str:
+        self._require_open()
+        check_channel(channel)
+        mid = uuid.uuid4().hex if message_id is None else _check_id(message_id, "message_id")
+        body = encode(data, what=f"data of a message on channel {channel}", limit=self.max_payload_bytes)
+        message = NewMessage(mid, channel, body, None, target, self.clock())
+        result = await self.storage.channel_publish(message)
+        if result.target_missing:
+            raise InstanceNotFoundError(str(target))
+        if result.woken and self._worker is not None:
+            self._worker.poke()
+        return mid
 
     def asgi(self, *, token: str | None = None, max_body_bytes: int | None = None) -> GesteASGI:
         """This App as an ASGI application: CloudEvents at ``POST /events``, and endpoints to start,

@@ -16,15 +16,20 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
+from ._channels import BROADCAST, Message, check_channel, check_mode, message_from_payload
 from ._definitions import storable_text
 from ._models import Event, Status, StepKind
 from ._retry import seconds
 from ._serde import decode, decode_error, encode, encode_error
 from .errors import (
     ActivityTimeout,
+    ConfigurationError,
     EventTimeout,
+    InstanceNotFoundError,
     NonDeterminismError,
+    ReceiveTimeout,
     SerializationError,
     StorageError,
     WorkflowCancelled,
@@ -34,9 +39,14 @@ from .storage.base import (
     HistoryRow,
     Lease,
     LeaseLost,
+    MessageWait,
+    NewMessage,
+    NewOutboxEvent,
     StoredEvent,
+    StoredMessage,
     Suspension,
     event_history_payload,
+    message_history_payload,
 )
 
 if TYPE_CHECKING:
@@ -121,6 +131,8 @@ class WorkflowContext:
         self._compensating = False
         self._suspended = False
         self._divergence: NonDeterminismError | None = None
+        self._subscriptions: dict[str, str] = {}
+        """channel -> mode of this instance's subscriptions, rebuilt by the replay of its steps."""
         self.logger = _ReplayQuietLogger(self)
 
     # -- introspection ---------------------------------------------------------------------------
@@ -385,6 +397,257 @@ class WorkflowContext:
         self._suspended = True
         self._engine.on_suspended(self.instance_id, deadline)
         raise Suspended()
+
+    # -- the transactional outbox ------------------------------------------------------------------
+    async def send_event(
+        self,
+        event_type: str,
+        data: Any = None,
+        *,
+        source: str | None = None,
+        subject: str | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """Emit an event to the outside world through the transactional outbox; return its id.
+
+        A step of its own: its history row and the outbox row commit in one transaction (with the
+        buffered rows before it), so the event exists exactly when the step is recorded, and a replay
+        returns the recorded id without emitting it again. The relay delivers it at least once, after
+        this instance's earlier events (README, "The transactional outbox"). ``event_id`` defaults to
+        ``"<instance id>:<seq>"``, the same on every replay; an id already in the outbox is not stored
+        again. ``source`` defaults to ``/geste/<workflow name>``.
+        """
+        for value, what in ((event_type, "event_type"), (source, "source"), (subject, "subject")):
+            if value is None and what != "event_type":
+                continue
+            if not isinstance(value, str) or not value or len(value) > 1000 or not storable_text(value):
+                raise TypeError(f"{what} must be a non-empty string of at most 1000 characters (no NUL)")
+        if event_id is not None and (
+            not isinstance(event_id, str)
+            or not event_id
+            or len(event_id) > 200
+            or not storable_text(event_id)
+        ):
+            raise TypeError("event_id must be a non-empty string of at most 200 characters (no NUL)")
+        seq = self._next()
+        row = self._replay(seq, StepKind.SEND_EVENT, event_type)
+        if row is not None:
+            return str(decode(row.payload)["event_id"])
+        self._begin(seq)
+        encoded = (
+            None
+            if data is None
+            else encode(data, what=f"data of event {event_type}", limit=self._engine.max_payload_bytes)
+        )
+        eid = f"{self.instance_id}:{seq}" if event_id is None else event_id
+        src = f"/geste/{quote(self.workflow_name, safe='')}" if source is None else source
+        now = self._engine.clock()
+        body = encode({"event_id": eid, "type": event_type, "source": src, "subject": subject}, what="event")
+        self._pending.append(HistoryRow(seq, StepKind.SEND_EVENT, event_type, body, False, now))
+        records, self._pending = self._pending, []
+        try:
+            outcome = await self._engine.storage.outbox_record(
+                self._lease,
+                records,
+                NewOutboxEvent(eid, seq, event_type, src, subject, encoded),
+                now=now,
+                lock_expires_at=now + self._engine.lock_timeout,
+                status=Status.COMPENSATING if self._compensating else None,
+            )
+        except (LeaseLost, StorageError) as exc:
+            raise Abandon(exc) from exc
+        if outcome.cancel_requested:
+            self._cancel_requested = True
+        self._engine.on_outbox()
+        return eid
+
+    # -- channels ------------------------------------------------------------------------------------
+    async def subscribe(self, channel: str, mode: str = "broadcast") -> None:
+        """Subscribe this instance to ``channel``: it receives the messages published from now on.
+
+        ``"broadcast"``: every message, in publication order. ``"competing"``: the channel's competing
+        subscribers share its messages, each taken by exactly one of them. A step of its own (one
+        commit). Subscribing again in the same mode does nothing; in the other mode raises
+        ``geste.errors.ConfigurationError``. A first ``receive`` on a channel subscribes in broadcast mode.
+        """
+        check_channel(channel)
+        check_mode(mode)
+        if self._subscribed(channel, mode):
+            return
+        seq = self._next()
+        row = self._replay(seq, StepKind.SUBSCRIBE, channel)
+        if row is not None:
+            self._replayed_subscription(seq, row, channel, mode)
+            return
+        self._begin(seq)
+        now = self._engine.clock()
+        body = encode({"mode": mode}, what="subscription")
+        self._pending.append(HistoryRow(seq, StepKind.SUBSCRIBE, channel, body, False, now))
+        records, self._pending = self._pending, []
+        try:
+            outcome = await self._engine.storage.channel_subscribe(
+                self._lease,
+                records,
+                channel=channel,
+                mode=mode,
+                now=now,
+                lock_expires_at=now + self._engine.lock_timeout,
+            )
+        except (LeaseLost, StorageError) as exc:
+            raise Abandon(exc) from exc
+        self._subscriptions[channel] = mode
+        if outcome.cancel_requested:
+            self._cancel_requested = True
+
+    async def receive(self, channel: str, timeout: float | timedelta | None = None) -> Message:
+        """Wait durably for this instance's next message on ``channel`` and return it.
+
+        Subscribed in broadcast mode: the next message published after the subscription, in order;
+        in competing mode: the oldest one no other competing subscriber took. A message sent to this
+        instance with ``send_to`` comes in publication order with them. A message published while the
+        instance is not waiting (running, suspended, crashed) is kept until it receives. Never
+        subscribed to ``channel``: this receive subscribes it in broadcast mode, from now on. Raises
+        ``geste.errors.ReceiveTimeout`` after ``timeout``.
+        """
+        check_channel(channel)
+        secs = None if timeout is None else seconds(timeout, what="timeout")
+        mode = self._subscriptions.get(channel)
+        if mode is None:  # an implicit subscription: its row is written with the receive's transaction
+            mode = BROADCAST
+            seq = self._next()
+            row = self._replay(seq, StepKind.SUBSCRIBE, channel)
+            if row is not None:
+                self._replayed_subscription(seq, row, channel, mode)
+            else:
+                self._begin(seq)
+                body = encode({"mode": mode, "implicit": True}, what="subscription")
+                self._pending.append(
+                    HistoryRow(seq, StepKind.SUBSCRIBE, channel, body, False, self._engine.clock())
+                )
+                self._subscriptions[channel] = mode
+        seq = self._next()
+        row = self._replay(seq, StepKind.RECEIVE, channel)
+        if row is None:
+            self._begin(seq)
+            now = self._engine.clock()
+            deadline = None if secs is None else now + secs
+            body = encode({"timeout": secs, "deadline": deadline}, what="receive")
+            self._pending.append(HistoryRow(seq, StepKind.RECEIVE, channel, body, False, now))
+        else:
+            deadline = decode(row.payload)["deadline"]
+        out_seq = self._next()
+        out = self._history.get(out_seq)
+        if out is not None:
+            if out.kind == StepKind.CANCELLED:
+                raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
+            if out.kind == StepKind.MESSAGE and out.name == channel:
+                return message_from_payload(out.payload)
+            if out.kind == StepKind.RECEIVE_TIMEOUT and out.name == channel:
+                raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
+            raise self._diverged(
+                NonDeterminismError(out_seq, f"{out.kind} {out.name!r}", f"message on channel {channel!r}")
+            )
+        if self._cancel_pending():
+            self._deliver_cancel(out_seq)
+        now = self._engine.clock()
+        wait = MessageWait(channel, mode, deadline, out_seq)
+        try:
+            outcome = await self._engine.storage.channel_take_or_suspend(
+                self._lease, self._pending, wait, now=now, lock_expires_at=now + self._engine.lock_timeout
+            )
+        except (LeaseLost, StorageError) as exc:
+            raise Abandon(exc) from exc
+        if isinstance(outcome, StoredMessage):
+            self._pending = []
+            return message_from_payload(message_history_payload(outcome))
+        if outcome is None:
+            self._pending.append(HistoryRow(out_seq, StepKind.RECEIVE_TIMEOUT, channel, None, True, now))
+            raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
+        if outcome is Suspension.CANCEL_REQUESTED:
+            self._cancel_requested = True
+            self._deliver_cancel(out_seq)
+        self._pending = []
+        self._suspended = True
+        self._engine.on_suspended(self.instance_id, deadline)
+        raise Suspended()
+
+    async def publish(self, channel: str, data: Any = None) -> str:
+        """Publish ``data`` (JSON-serialisable) on ``channel``; return the message id.
+
+        A step of its own: the message and its history row commit in one transaction (with the rows
+        buffered before it), so a replay returns the recorded id and never publishes again. The
+        subscribers waiting on the channel are made runnable in that transaction.
+        """
+        return await self._publish(StepKind.PUBLISH, channel, data, None)
+
+    async def send_to(self, instance_id: str, channel: str, data: Any = None) -> str:
+        """Send ``data`` to instance ``instance_id`` only, on ``channel``; return the message id.
+
+        It takes it with ``receive(channel)``, whenever it does (the message is kept until then). A step
+        like ``publish``; an instance id that does not exist raises ``geste.errors.InstanceNotFoundError``
+        (recorded: a replay raises it again).
+        """
+        if not isinstance(instance_id, str) or not instance_id or not storable_text(instance_id):
+            raise ConfigurationError("instance_id must be a non-empty string (no NUL, valid UTF-8)")
+        return await self._publish(StepKind.SEND_TO, channel, data, instance_id)
+
+    async def _publish(self, kind: StepKind, channel: str, data: Any, target: str | None) -> str:
+        check_channel(channel)
+        seq = self._next()
+        row = self._replay(seq, kind, channel)
+        if row is not None:
+            recorded = decode(row.payload)
+            if row.is_error:
+                raise InstanceNotFoundError(recorded["target_instance_id"])
+            return str(recorded["message_id"])
+        self._begin(seq)
+        encoded = encode(
+            data, what=f"data of a message on channel {channel}", limit=self._engine.max_payload_bytes
+        )
+        message_id = uuid.uuid4().hex
+        now = self._engine.clock()
+        body = encode({"message_id": message_id, "target_instance_id": target}, what="message")
+        records = [*self._pending, HistoryRow(seq, kind, channel, body, False, now)]
+        try:
+            result = await self._engine.storage.channel_publish(
+                NewMessage(message_id, channel, encoded, self.instance_id, target, now),
+                lease=self._lease,
+                records=records,
+                lock_expires_at=now + self._engine.lock_timeout,
+            )
+        except (LeaseLost, StorageError) as exc:
+            raise Abandon(exc) from exc
+        if result.target_missing:  # nothing was written: record the outcome, so a replay raises it too
+            missing = encode({"message_id": None, "target_instance_id": target}, what="message")
+            await self._commit(HistoryRow(seq, kind, channel, missing, True, now))
+            raise InstanceNotFoundError(str(target))
+        self._pending = []
+        if result.cancel_requested:
+            self._cancel_requested = True
+        if result.woken:
+            self._engine.on_channel_woken()
+        return message_id
+
+    def _subscribed(self, channel: str, mode: str) -> bool:
+        current = self._subscriptions.get(channel)
+        if current is None:
+            return False
+        if current != mode:
+            raise ConfigurationError(
+                f"instance {self.instance_id} is subscribed to channel {channel!r} in {current} mode "
+                f"already; it cannot subscribe in {mode} mode too"
+            )
+        return True
+
+    def _replayed_subscription(self, seq: int, row: HistoryRow, channel: str, mode: str) -> None:
+        recorded = decode(row.payload)["mode"]
+        if recorded != mode:
+            raise self._diverged(
+                NonDeterminismError(
+                    seq, f"subscribe {channel!r} ({recorded})", f"subscribe {channel!r} ({mode})"
+                )
+            )
+        self._subscriptions[channel] = mode
 
     # -- internals -----------------------------------------------------------------------------------
     def _next(self) -> int:

@@ -33,10 +33,17 @@ class StepKind(StrEnum):
     WAIT_EVENT = "wait_event"
     EVENT = "event"
     EVENT_TIMEOUT = "event_timeout"
+    SUBSCRIBE = "subscribe"
+    RECEIVE = "receive"
+    MESSAGE = "message"
+    RECEIVE_TIMEOUT = "receive_timeout"
+    PUBLISH = "publish"
+    SEND_TO = "send_to"
     NOW = "now"
     UUID = "uuid"
     RANDOM = "random"
     CANCELLED = "cancelled"
+    SEND_EVENT = "send_event"
 
 
 def to_datetime(ts: float | None) -> datetime | None:

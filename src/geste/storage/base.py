@@ -134,6 +134,99 @@ class StepResult:
     cancel_requested: bool
 
 
+@dataclass(frozen=True, slots=True)
+class NewOutboxEvent:
+    """An event a workflow emits (``ctx.send_event``), stored with the step that emits it."""
+
+    event_id: str
+    step_seq: int
+    event_type: str
+    source: str
+    subject: str | None
+    data: str | None  # JSON text; None: no data
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxClaim:
+    """An outbox event a relay claimed for one delivery attempt (``attempts`` counts this one)."""
+
+    event_id: str
+    instance_id: str
+    step_seq: int
+    event_type: str
+    source: str
+    subject: str | None
+    data: str | None
+    attempts: int
+    created_at: float
+    claim_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """An outbox event as the operator sees it (``app.outbox()``)."""
+
+    event_id: str
+    instance_id: str
+    step_seq: int
+    event_type: str
+    source: str
+    subject: str | None
+    data: str | None
+    status: str
+    attempts: int
+    next_attempt_at: float | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    delivered_at: float | None
+    claimed_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message to publish on a channel; with ``target_instance_id`` (``send_to``) for that one only."""
+
+    message_id: str
+    channel: str
+    data: str
+    sender_instance_id: str | None
+    target_instance_id: str | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    seq: int
+    message_id: str
+    channel: str
+    data: str
+    sender_instance_id: str | None
+    target_instance_id: str | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageWait:
+    """Take the next message of ``channel`` for the instance (subscribed in ``mode``), or wait for one."""
+
+    channel: str
+    mode: str
+    deadline: float | None
+    outcome_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What ``channel_publish`` did: ``stored`` False when the message id existed already or the target
+    does not exist (``target_missing``: nothing was written); ``woken``: the receivers made runnable."""
+
+    stored: bool
+    woken: list[str]
+    target_missing: bool = False
+    cancel_requested: bool = False
+
+
 class Storage(abc.ABC):
     """One database holding instances, their histories, timers, event waits and events."""
 
@@ -289,6 +382,130 @@ class Storage(abc.ABC):
         with the instances of the statuses counted, the finished ones included).
         """
 
+    # -- the transactional outbox ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def outbox_record(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        event: NewOutboxEvent,
+        *,
+        now: float,
+        lock_expires_at: float,
+        status: Status | None = None,
+    ) -> StepResult:
+        """``record`` plus the outbox row of ``event``, in one transaction (notified when it is new)."""
+
+    @abc.abstractmethod
+    async def outbox_claim(
+        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int
+    ) -> list[OutboxClaim]:
+        """Take up to ``limit`` due events whose claim is free or expired, the first pending one of each
+        instance only; count the attempt."""
+
+    @abc.abstractmethod
+    async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> bool:
+        """Mark a claimed event delivered; False when the claim was no longer ours."""
+
+    @abc.abstractmethod
+    async def outbox_mark_failed(
+        self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
+    ) -> bool:
+        """Record a failed attempt: pending again at ``next_attempt_at``, or dead when it is None."""
+
+    @abc.abstractmethod
+    async def outbox_release(self, claims: Sequence[tuple[str, str]], now: float) -> None:
+        """Give back ``(event_id, claim_id)`` claims (a relay stopping): claimable again at once."""
+
+    @abc.abstractmethod
+    async def outbox_next_attempt_at(self) -> float | None:
+        """The earliest time a pending event (first of its instance) may be claimed."""
+
+    @abc.abstractmethod
+    async def outbox_list(
+        self, *, status: str | None = None, instance_id: str | None = None, limit: int = 100
+    ) -> list[OutboxRow]:
+        """Outbox events, newest first."""
+
+    @abc.abstractmethod
+    async def outbox_retry(self, event_id: str, now: float) -> bool:
+        """Make a dead event pending again (attempts from zero); False when no dead event has that id."""
+
+    # -- channels ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def channel_subscribe(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        channel: str,
+        mode: str,
+        now: float,
+        lock_expires_at: float,
+    ) -> StepResult:
+        """Subscribe the instance to ``channel`` from its last message on, with the step's rows, in one
+        transaction (a subscription left by an unrecorded attempt is replaced)."""
+
+    @abc.abstractmethod
+    async def channel_publish(
+        self,
+        message: NewMessage,
+        *,
+        lease: Lease | None = None,
+        records: Sequence[HistoryRow] = (),
+        lock_expires_at: float | None = None,
+    ) -> PublishResult:
+        """Store a message (once per ``message_id``) and make its waiting receivers runnable: every
+        broadcast subscriber, one idle competing subscriber, or the target of a direct message.
+
+        With ``lease`` (a workflow's ``ctx.publish``) the lease is renewed and ``records`` (the step)
+        written in the same transaction. A ``target_instance_id`` that does not exist writes nothing.
+        """
+
+    @abc.abstractmethod
+    async def channel_take_or_suspend(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        wait: MessageWait,
+        *,
+        now: float,
+        lock_expires_at: float,
+    ) -> StoredMessage | Suspension | None:
+        """Take the instance's next message on the channel (recorded at ``wait.outcome_seq``) or suspend
+        until one is published; subscribes the instance in ``wait.mode`` if it is not yet.
+
+        ``None`` (only the waiting mark cleared) when no message is there and the deadline has passed.
+        Looking for the message and registering the wait are one transaction, serialised with publishes
+        on the same channel, so a message published in between is never missed.
+        """
+
+    @abc.abstractmethod
+    async def channel_rewake(self, now: float, *, published_before: float, limit: int) -> list[str]:
+        """Make runnable the idle competing receivers for which a message older than ``published_before``
+        is still unclaimed (a woken receiver that did not take it: cancelled, failed)."""
+
+    @abc.abstractmethod
+    async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
+        """Delete up to ``limit`` rows of each: subscriptions of finished instances, messages published
+        before ``messages_before`` that no subscriber still needs, events sent before ``events_before``
+        with their deliveries. Returns the number of rows deleted."""
+
+
+def message_history_payload(message: StoredMessage) -> str:
+    """The history form of a received message; ``data`` is already JSON text and is inlined as such."""
+    head = json.dumps(
+        {
+            "message_id": message.message_id,
+            "channel": message.channel,
+            "sender_instance_id": message.sender_instance_id,
+            "published_at": message.created_at,
+            "direct": message.target_instance_id is not None,
+        },
+        separators=(",", ":"),
+    )
+    return head[:-1] + ',"data":' + message.data + "}"
+
 
 def event_history_payload(event: StoredEvent) -> str:
     """The history form of a delivered event; ``data`` is already JSON text and is inlined as such."""
@@ -322,4 +539,20 @@ def instance_from_row(row: Sequence[Any]) -> InstanceRow:
         lock_expires_at=row[11],
         cancel_requested=bool(row[12]),
         steps=row[13],
+    )
+
+
+def outbox_claim_from_row(row: Sequence[Any], claim_id: str) -> OutboxClaim:
+    """An ``OutboxClaim`` from a row returned by the ``outbox_claim`` queries."""
+    return OutboxClaim(
+        event_id=row[0],
+        instance_id=row[1],
+        step_seq=row[2],
+        event_type=row[3],
+        source=row[4],
+        subject=row[5],
+        data=row[6],
+        attempts=row[7],
+        created_at=row[8],
+        claim_id=claim_id,
     )

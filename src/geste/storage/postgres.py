@@ -29,15 +29,24 @@ from .base import (
     InstanceRow,
     Lease,
     LeaseLost,
+    MessageWait,
     NewEvent,
     NewInstance,
+    NewMessage,
+    NewOutboxEvent,
+    OutboxClaim,
+    OutboxRow,
+    PublishResult,
     StepResult,
     Storage,
     StoredEvent,
+    StoredMessage,
     Suspension,
     WorkerRow,
     event_history_payload,
     instance_from_row,
+    message_history_payload,
+    outbox_claim_from_row,
 )
 
 try:
@@ -566,3 +575,226 @@ class PostgresStorage(Storage):
             )
 
         return await self._read(go)
+
+    # -- the transactional outbox ------------------------------------------------------------------
+    async def outbox_record(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        event: NewOutboxEvent,
+        *,
+        now: float,
+        lock_expires_at: float,
+        status: Status | None = None,
+    ) -> StepResult:
+        async def go(conn: Conn) -> StepResult:
+            row = await conn.fetchrow(
+                self._q["outbox_record"],
+                lease.instance_id,
+                lease.lease_id,
+                lock_expires_at,
+                now,
+                *self._columns(records),
+                None if status is None else str(status),
+                event.event_id,
+                event.step_seq,
+                event.event_type,
+                event.source,
+                event.subject,
+                event.data,
+                self.notify,
+            )
+            if row is None:
+                raise LeaseLost(lease.instance_id)
+            return StepResult(cancel_requested=row[0])
+
+        return await self._run(go)
+
+    async def outbox_claim(
+        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int
+    ) -> list[OutboxClaim]:
+        async def go(conn: Conn) -> list[OutboxClaim]:
+            rows = await conn.fetch(self._q["outbox_claim"], relay_id, claim_id, now, claim_expires_at, limit)
+            return [outbox_claim_from_row(row, claim_id) for row in rows]
+
+        return await self._run(go)
+
+    async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> bool:
+        async def go(conn: Conn) -> bool:
+            done = await conn.execute(self._q["outbox_mark_delivered"], event_id, claim_id, now)
+            return bool(done == "UPDATE 1")
+
+        return await self._run(go)
+
+    async def outbox_mark_failed(
+        self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
+    ) -> bool:
+        async def go(conn: Conn) -> bool:
+            done = await conn.execute(
+                self._q["outbox_mark_failed"], event_id, claim_id, now, error, next_attempt_at
+            )
+            return bool(done == "UPDATE 1")
+
+        return await self._run(go)
+
+    async def outbox_release(self, claims: Sequence[tuple[str, str]], now: float) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.executemany(self._q["outbox_release"], [(e, c, now) for e, c in claims])
+
+        if claims:
+            await self._run(go)
+
+    async def outbox_next_attempt_at(self) -> float | None:
+        async def go(conn: Conn) -> float | None:
+            value = await conn.fetchval(self._q["outbox_next_attempt_at"])
+            return None if value is None else float(value)
+
+        return await self._read(go)
+
+    async def outbox_list(
+        self, *, status: str | None = None, instance_id: str | None = None, limit: int = 100
+    ) -> list[OutboxRow]:
+        async def go(conn: Conn) -> list[OutboxRow]:
+            rows = await conn.fetch(self._q["outbox_list"], status, instance_id, limit)
+            return [OutboxRow(*row) for row in rows]
+
+        return await self._read(go)
+
+    async def outbox_retry(self, event_id: str, now: float) -> bool:
+        async def go(conn: Conn) -> bool:
+            found = await conn.fetchval(self._q["outbox_retry"], event_id, now, self.notify)
+            return bool(found)
+
+        return await self._run(go)
+
+    # -- channels ----------------------------------------------------------------------------------
+    async def channel_subscribe(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        channel: str,
+        mode: str,
+        now: float,
+        lock_expires_at: float,
+    ) -> StepResult:
+        # No channel lock: publishes on a channel commit in seq order (they hold it), so the last
+        # message this statement sees is a correct starting point.
+        async def go(conn: Conn) -> StepResult:
+            row = await conn.fetchrow(
+                self._q["channel_subscribe"],
+                lease.instance_id,
+                lease.lease_id,
+                lock_expires_at,
+                now,
+                *self._columns(records),
+                channel,
+                mode,
+            )
+            if row is None:
+                raise LeaseLost(lease.instance_id)
+            return StepResult(cancel_requested=row[0])
+
+        return await self._run(go)
+
+    async def channel_publish(
+        self,
+        message: NewMessage,
+        *,
+        lease: Lease | None = None,
+        records: Sequence[HistoryRow] = (),
+        lock_expires_at: float | None = None,
+    ) -> PublishResult:
+        async def go(conn: Conn) -> PublishResult:
+            await conn.execute(self._q["channel_lock"], message.channel)
+            target_ok, stored, cancel, woken, _notified = await conn.fetchrow(
+                self._q["channel_publish"],
+                message.message_id,
+                message.channel,
+                message.data,
+                message.sender_instance_id,
+                message.target_instance_id,
+                message.now,
+                self.notify,
+                None if lease is None else lease.instance_id,
+                None if lease is None else lease.lease_id,
+                lock_expires_at,
+                *self._columns(records),
+            )
+            if not target_ok:
+                return PublishResult(stored=False, woken=[], target_missing=True)
+            if lease is not None and cancel is None:
+                raise LeaseLost(lease.instance_id)
+            return PublishResult(stored=stored, woken=list(woken), cancel_requested=bool(cancel))
+
+        return await self._tx(go)
+
+    async def channel_take_or_suspend(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        wait: MessageWait,
+        *,
+        now: float,
+        lock_expires_at: float,
+    ) -> StoredMessage | Suspension | None:
+        instance_id = lease.instance_id
+
+        async def go(conn: Conn) -> StoredMessage | Suspension | None:
+            await conn.execute(self._q["channel_lock"], wait.channel)
+            row = await conn.fetchrow(self._q["channel_find"], wait.channel, instance_id, wait.mode, now)
+            if row is None:
+                raise StorageError(f"no subscription of {instance_id} to channel {wait.channel!r}")
+            if row[1] is None and wait.deadline is not None and wait.deadline <= now:
+                await conn.execute(self._q["channel_stop_waiting"], wait.channel, instance_id)
+                return None
+            if row[1] is None:
+                timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
+                outcome = await self._suspend(
+                    conn, lease, records, now=now, run_at=wait.deadline, timer=timer
+                )
+                if outcome is Suspension.SUSPENDED:
+                    await conn.execute(self._q["channel_set_waiting"], wait.channel, instance_id, now)
+                return outcome
+            found = StoredMessage(*row[1:])
+            direct = found.target_instance_id is not None
+            outcome_row = HistoryRow(
+                wait.outcome_seq, "message", wait.channel, message_history_payload(found), False, now
+            )
+            cancel, taken = await conn.fetchrow(
+                self._q["channel_take"],
+                instance_id,
+                lease.lease_id,
+                lock_expires_at,
+                now,
+                *self._columns([*records, outcome_row]),
+                wait.channel,
+                found.seq,
+                direct,
+                direct or row[0] == "competing",
+            )
+            if not taken:
+                if cancel is None:
+                    raise LeaseLost(instance_id)
+                raise StorageError(f"message {found.message_id} was taken by another instance")
+            return found
+
+        return await self._tx(go)
+
+    async def channel_rewake(self, now: float, *, published_before: float, limit: int) -> list[str]:
+        async def go(conn: Conn) -> list[str]:
+            rows = await conn.fetch(self._q["channel_rewake"], now, published_before, limit)
+            return [row[0] for row in rows]
+
+        return await self._run(go)
+
+    async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
+        async def go(conn: Conn) -> int:
+            done = await conn.execute(self._q["channel_cleanup_subscriptions"], limit)
+            deleted = int(done.rpartition(" ")[2])
+            done = await conn.execute(self._q["channel_cleanup_messages"], messages_before, limit)
+            deleted += int(done.rpartition(" ")[2])
+            events: int = await conn.fetchval(self._q["channel_cleanup_events"], events_before, limit)
+            return deleted + events
+
+        return await self._run(go)

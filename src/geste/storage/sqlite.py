@@ -28,15 +28,24 @@ from .base import (
     InstanceRow,
     Lease,
     LeaseLost,
+    MessageWait,
     NewEvent,
     NewInstance,
+    NewMessage,
+    NewOutboxEvent,
+    OutboxClaim,
+    OutboxRow,
+    PublishResult,
     StepResult,
     Storage,
     StoredEvent,
+    StoredMessage,
     Suspension,
     WorkerRow,
     event_history_payload,
     instance_from_row,
+    message_history_payload,
+    outbox_claim_from_row,
 )
 
 Q = load_queries("sqlite")
@@ -545,6 +554,212 @@ class SQLiteStorage(Storage):
             )
 
         return await self._call(read)
+
+    # -- the transactional outbox ------------------------------------------------------------------
+    async def outbox_record(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        event: NewOutboxEvent,
+        *,
+        now: float,
+        lock_expires_at: float,
+        status: Status | None = None,
+    ) -> StepResult:
+        params = {
+            "event_id": event.event_id,
+            "instance_id": lease.instance_id,
+            "step_seq": event.step_seq,
+            "event_type": event.event_type,
+            "source": event.source,
+            "subject": event.subject,
+            "data": event.data,
+            "now": now,
+        }
+
+        def tx(conn: sqlite3.Connection) -> StepResult:
+            cancel = self._touch(
+                conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records), status=status
+            )
+            self._insert_history(conn, lease.instance_id, records)
+            conn.execute(Q["outbox_insert"], params)
+            return StepResult(cancel_requested=cancel)
+
+        return await self._write(tx)
+
+    async def outbox_claim(
+        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int
+    ) -> list[OutboxClaim]:
+        params = {
+            "relay_id": relay_id,
+            "claim_id": claim_id,
+            "claim_expires_at": claim_expires_at,
+            "now": now,
+            "limit": limit,
+        }
+
+        def tx(conn: sqlite3.Connection) -> list[OutboxClaim]:
+            rows = conn.execute(Q["outbox_claim"], params).fetchall()
+            return [outbox_claim_from_row(row, claim_id) for row in rows]
+
+        return await self._write(tx)
+
+    async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> bool:
+        params = {"event_id": event_id, "claim_id": claim_id, "now": now}
+        return await self._write(lambda c: c.execute(Q["outbox_mark_delivered"], params).rowcount == 1)
+
+    async def outbox_mark_failed(
+        self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
+    ) -> bool:
+        params = {
+            "event_id": event_id,
+            "claim_id": claim_id,
+            "now": now,
+            "error": error,
+            "next_attempt_at": next_attempt_at,
+        }
+        return await self._write(lambda c: c.execute(Q["outbox_mark_failed"], params).rowcount == 1)
+
+    async def outbox_release(self, claims: Sequence[tuple[str, str]], now: float) -> None:
+        params = [{"event_id": e, "claim_id": c, "now": now} for e, c in claims]
+        if params:
+            await self._write(lambda c: c.executemany(Q["outbox_release"], params))
+
+    async def outbox_next_attempt_at(self) -> float | None:
+        def read(conn: sqlite3.Connection) -> float | None:
+            value = conn.execute(Q["outbox_next_attempt_at"]).fetchone()[0]
+            return None if value is None else float(value)
+
+        return await self._call(read)
+
+    async def outbox_list(
+        self, *, status: str | None = None, instance_id: str | None = None, limit: int = 100
+    ) -> list[OutboxRow]:
+        params = {"status": status, "instance_id": instance_id, "limit": limit}
+        return await self._call(lambda c: [OutboxRow(*row) for row in c.execute(Q["outbox_list"], params)])
+
+    async def outbox_retry(self, event_id: str, now: float) -> bool:
+        params = {"event_id": event_id, "now": now}
+        return await self._write(lambda c: c.execute(Q["outbox_retry"], params).rowcount == 1)
+
+    # -- channels (every write inside BEGIN IMMEDIATE: publishes and receives never interleave) -------
+    async def channel_subscribe(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        *,
+        channel: str,
+        mode: str,
+        now: float,
+        lock_expires_at: float,
+    ) -> StepResult:
+        params = {"channel": channel, "instance_id": lease.instance_id, "mode": mode, "now": now}
+
+        def tx(conn: sqlite3.Connection) -> StepResult:
+            cancel = self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records))
+            self._insert_history(conn, lease.instance_id, records)
+            conn.execute(Q["channel_subscribe"], params)
+            return StepResult(cancel_requested=cancel)
+
+        return await self._write(tx)
+
+    async def channel_publish(
+        self,
+        message: NewMessage,
+        *,
+        lease: Lease | None = None,
+        records: Sequence[HistoryRow] = (),
+        lock_expires_at: float | None = None,
+    ) -> PublishResult:
+        target = message.target_instance_id
+
+        def tx(conn: sqlite3.Connection) -> PublishResult:
+            exists = target is None or conn.execute(Q["channel_instance_exists"], (target,)).fetchone()
+            if not exists:
+                return PublishResult(stored=False, woken=[], target_missing=True)
+            cancel = False
+            if lease is not None:
+                expires = message.now if lock_expires_at is None else lock_expires_at
+                cancel = self._touch(
+                    conn, lease, now=message.now, lock_expires_at=expires, steps=len(records)
+                )
+                self._insert_history(conn, lease.instance_id, records)
+            inserted = conn.execute(
+                Q["channel_insert_message"],
+                (
+                    message.message_id,
+                    message.channel,
+                    message.data,
+                    message.sender_instance_id,
+                    target,
+                    message.now,
+                ),
+            ).rowcount
+            if not inserted:
+                return PublishResult(stored=False, woken=[], cancel_requested=cancel)
+            params = {"channel": message.channel, "target": target, "now": message.now}
+            woken = [row[0] for row in conn.execute(Q["channel_wake_receivers"], params).fetchall()]
+            return PublishResult(stored=True, woken=woken, cancel_requested=cancel)
+
+        return await self._write(tx)
+
+    async def channel_take_or_suspend(
+        self,
+        lease: Lease,
+        records: Sequence[HistoryRow],
+        wait: MessageWait,
+        *,
+        now: float,
+        lock_expires_at: float,
+    ) -> StoredMessage | Suspension | None:
+        instance_id = lease.instance_id
+        key = {"channel": wait.channel, "instance_id": instance_id}
+
+        def tx(conn: sqlite3.Connection) -> StoredMessage | Suspension | None:
+            conn.execute(Q["channel_ensure_subscription"], {**key, "mode": wait.mode, "now": now})
+            mode, cursor = conn.execute(Q["channel_subscription"], key).fetchone()
+            row = conn.execute(Q["channel_next_message"], {**key, "mode": mode, "cursor": cursor}).fetchone()
+            if row is None and wait.deadline is not None and wait.deadline <= now:
+                conn.execute(Q["channel_stop_waiting"], key)
+                return None
+            if row is None:
+                outcome = self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
+                if outcome is Suspension.SUSPENDED:
+                    conn.execute(Q["channel_set_waiting"], {**key, "now": now})
+                    if wait.deadline is not None:
+                        conn.execute(Q["insert_timer"], (instance_id, wait.outcome_seq, wait.deadline))
+                return outcome
+            found = StoredMessage(*row)
+            direct = found.target_instance_id is not None
+            self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
+            if direct or mode == "competing":
+                claim = {"instance_id": instance_id, "seq": found.seq}
+                if conn.execute(Q["channel_claim"], claim).rowcount != 1:  # the write lock makes it so
+                    raise StorageError(f"message {found.message_id} was taken by another instance")
+            conn.execute(Q["channel_advance"], {**key, "direct": direct, "seq": found.seq})
+            outcome_row = HistoryRow(
+                wait.outcome_seq, "message", wait.channel, message_history_payload(found), False, now
+            )
+            self._insert_history(conn, instance_id, [*records, outcome_row])
+            return found
+
+        return await self._write(tx)
+
+    async def channel_rewake(self, now: float, *, published_before: float, limit: int) -> list[str]:
+        params = {"now": now, "published_before": published_before, "limit": limit}
+        return await self._write(lambda c: [r[0] for r in c.execute(Q["channel_rewake"], params).fetchall()])
+
+    async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            deleted = conn.execute(Q["channel_cleanup_subscriptions"], {"limit": limit}).rowcount
+            messages = {"before": messages_before, "limit": limit}
+            deleted += conn.execute(Q["channel_cleanup_messages"], messages).rowcount
+            events = {"before": events_before, "limit": limit}
+            deleted += conn.execute(Q["channel_cleanup_event_deliveries"], events).rowcount
+            deleted += conn.execute(Q["channel_cleanup_events"], events).rowcount
+            return int(deleted)
+
+        return await self._write(tx)
 
 
 def _statements(script: str) -> list[str]:

@@ -290,3 +290,321 @@ GROUP BY locked_by;
 -- Through geste_instances_by_status: reads the waiting instances only (updated_at has no index of its
 -- own, which every step commit would have to maintain).
 SELECT min(updated_at) FROM {schema}.geste_instances WHERE status = 'waiting';
+
+-- name: outbox_record
+-- ctx.send_event in one statement: the step commit of `record` (prove and renew the lease, append the
+-- rows) plus the outbox row, and a geste_outbox_pending NOTIFY ($18) for the relays of other processes.
+-- An event id already in the outbox is not stored again (nor notified).
+WITH lease AS (
+    UPDATE {schema}.geste_instances
+    SET lock_expires_at = $3, updated_at = $4, steps = steps + cardinality($5::integer[]),
+        status = COALESCE($11, status)
+    WHERE instance_id = $1 AND lease_id = $2
+    RETURNING cancel_requested
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $1, r.* FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
+                               $10::double precision[]) AS r
+    WHERE EXISTS (SELECT 1 FROM lease)
+), event AS (
+    INSERT INTO {schema}.geste_outbox
+        (event_id, instance_id, step_seq, event_type, source, subject, data, status, attempts,
+         next_attempt_at, created_at, updated_at)
+    SELECT $12, $1, $13, $14, $15, $16, $17, 'pending', 0, $4, $4, $4
+    WHERE EXISTS (SELECT 1 FROM lease)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+), notified AS (
+    SELECT pg_notify('geste_outbox_pending', json_build_object('event_id', event_id)::text)
+    FROM event WHERE $18
+)
+SELECT cancel_requested, (SELECT count(*) FROM event), (SELECT count(*) FROM notified) FROM lease;
+
+-- name: outbox_claim
+-- FOR UPDATE SKIP LOCKED: relays take disjoint sets without waiting on each other. Due events whose
+-- claim is free or expired, only the first pending event of each instance (per-instance order); each
+-- claim counts as an attempt.
+WITH picked AS (
+    SELECT o.event_id FROM {schema}.geste_outbox o
+    WHERE o.status = 'pending' AND o.next_attempt_at <= $3
+      AND (o.claim_id IS NULL OR o.claim_expires_at <= $3)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.geste_outbox e
+                      WHERE e.status = 'pending' AND e.instance_id = o.instance_id
+                        AND e.step_seq < o.step_seq)
+    ORDER BY o.next_attempt_at
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.geste_outbox AS o
+SET claimed_by = $1, claim_id = $2, claim_expires_at = $4, attempts = o.attempts + 1, updated_at = $3
+FROM picked
+WHERE o.event_id = picked.event_id
+RETURNING o.event_id, o.instance_id, o.step_seq, o.event_type, o.source, o.subject, o.data, o.attempts,
+          o.created_at;
+
+-- name: outbox_mark_delivered
+UPDATE {schema}.geste_outbox
+SET status = 'delivered', delivered_at = $3, updated_at = $3, next_attempt_at = NULL,
+    claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
+WHERE event_id = $1 AND claim_id = $2 AND status = 'pending';
+
+-- name: outbox_mark_failed
+-- A NULL next attempt ($5) means no attempt is left: the event is dead (kept, with its last error).
+UPDATE {schema}.geste_outbox
+SET status = CASE WHEN $5::double precision IS NULL THEN 'dead' ELSE 'pending' END,
+    next_attempt_at = $5, last_error = $4, updated_at = $3,
+    claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
+WHERE event_id = $1 AND claim_id = $2 AND status = 'pending';
+
+-- name: outbox_release
+-- A relay stopping gives back the claims it could not finish: claimable again at once.
+UPDATE {schema}.geste_outbox SET claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL, updated_at = $3
+WHERE event_id = $1 AND claim_id = $2 AND status = 'pending';
+
+-- name: outbox_next_attempt_at
+-- When the relay should look again: the earliest due time of the first pending event of each instance
+-- (or the expiry of its claim, while another relay holds it).
+SELECT min(CASE WHEN o.claim_expires_at > o.next_attempt_at THEN o.claim_expires_at
+                ELSE o.next_attempt_at END)
+FROM {schema}.geste_outbox o
+WHERE o.status = 'pending'
+  AND NOT EXISTS (SELECT 1 FROM {schema}.geste_outbox e
+                  WHERE e.status = 'pending' AND e.instance_id = o.instance_id AND e.step_seq < o.step_seq);
+
+-- name: outbox_list
+SELECT event_id, instance_id, step_seq, event_type, source, subject, data, status, attempts,
+       next_attempt_at, last_error, created_at, updated_at, delivered_at, claimed_by
+FROM {schema}.geste_outbox
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR instance_id = $2)
+ORDER BY created_at DESC, instance_id, step_seq DESC
+LIMIT $3;
+
+-- name: outbox_retry
+-- An operator re-queues a dead event: pending again, attempts from zero (its last error is kept), and
+-- the relays of other processes are told ($3).
+WITH requeued AS (
+    UPDATE {schema}.geste_outbox
+    SET status = 'pending', attempts = 0, next_attempt_at = $2, updated_at = $2
+    WHERE event_id = $1 AND status = 'dead'
+    RETURNING event_id
+)
+SELECT count(*), count(CASE WHEN $3 THEN pg_notify('geste_outbox_pending',
+                                                   json_build_object('event_id', event_id)::text) END)
+FROM requeued;
+
+-- Channels (ctx.subscribe / receive / publish / send_to). A publish and a receive on one channel take
+-- the channel's advisory lock first (channel_lock, its own statement, so that what they read next
+-- includes everything committed before they got it): no lost wake-up, and on a channel the messages
+-- commit in the order of their seq, which is what the subscribers' cursors rely on.
+
+-- name: channel_lock
+SELECT pg_advisory_xact_lock(hashtextextended('geste_channel:' || $1, 0));
+
+-- name: channel_subscribe
+-- An explicit ctx.subscribe, in one statement: renew the lease, append the rows, subscribe from the
+-- channel's last message on (replacing a subscription left by an attempt whose step was not recorded).
+WITH lease AS (
+    UPDATE {schema}.geste_instances
+    SET lock_expires_at = $3, updated_at = $4, steps = steps + cardinality($5::integer[])
+    WHERE instance_id = $1 AND lease_id = $2
+    RETURNING cancel_requested
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $1, r.* FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
+                               $10::double precision[]) AS r
+    WHERE EXISTS (SELECT 1 FROM lease)
+), sub AS (
+    INSERT INTO {schema}.geste_channel_subscriptions
+        (channel, instance_id, mode, cursor_seq, waiting_since, created_at)
+    SELECT $11, $1, $12,
+           (SELECT COALESCE(max(seq), 0) FROM {schema}.geste_channel_messages WHERE channel = $11), NULL, $4
+    WHERE EXISTS (SELECT 1 FROM lease)
+    ON CONFLICT (channel, instance_id) DO UPDATE SET
+        mode = excluded.mode, cursor_seq = excluded.cursor_seq, waiting_since = NULL,
+        created_at = excluded.created_at
+)
+SELECT cancel_requested FROM lease;
+
+-- name: channel_find
+-- receive(): ensure the subscription (a first receive subscribes, from the channel's last message on),
+-- then the instance's next message, oldest first: one after its cursor (broadcast: every one;
+-- competing: one nobody took), or a direct one not yet taken. Returns (mode, message columns or NULLs).
+WITH new_sub AS (
+    INSERT INTO {schema}.geste_channel_subscriptions
+        (channel, instance_id, mode, cursor_seq, waiting_since, created_at)
+    VALUES ($1, $2, $3,
+            (SELECT COALESCE(max(seq), 0) FROM {schema}.geste_channel_messages WHERE channel = $1), NULL, $4)
+    ON CONFLICT (channel, instance_id) DO NOTHING
+    RETURNING mode, cursor_seq
+), sub AS (
+    SELECT mode, cursor_seq FROM new_sub
+    UNION ALL
+    SELECT mode, cursor_seq FROM {schema}.geste_channel_subscriptions WHERE channel = $1 AND instance_id = $2
+    LIMIT 1
+)
+SELECT sub.mode, m.seq, m.message_id, m.channel, m.data, m.sender_instance_id, m.target_instance_id,
+       m.created_at
+FROM sub LEFT JOIN LATERAL (
+    SELECT * FROM (
+        (SELECT seq, message_id, channel, data, sender_instance_id, target_instance_id, created_at
+         FROM {schema}.geste_channel_messages
+         WHERE channel = $1 AND seq > sub.cursor_seq AND target_instance_id IS NULL
+           AND (sub.mode = 'broadcast' OR claimed_by IS NULL)
+         ORDER BY seq LIMIT 1)
+        UNION ALL
+        (SELECT seq, message_id, channel, data, sender_instance_id, target_instance_id, created_at
+         FROM {schema}.geste_channel_messages
+         WHERE target_instance_id = $2 AND channel = $1 AND claimed_by IS NULL
+         ORDER BY seq LIMIT 1)
+    ) AS c ORDER BY seq LIMIT 1
+) AS m ON true;
+
+-- name: channel_take
+-- A message taken, in one statement: renew the lease, claim the message (direct or competing: only if
+-- nobody did), move the cursor past it and end the wait, append the rows with the message's.
+-- Returns (cancel_requested, taken); nothing is written unless both the lease and the claim hold.
+WITH lease AS (
+    UPDATE {schema}.geste_instances
+    SET lock_expires_at = $3, updated_at = $4, steps = steps + cardinality($5::integer[])
+    WHERE instance_id = $1 AND lease_id = $2
+    RETURNING cancel_requested
+), claimed AS (
+    UPDATE {schema}.geste_channel_messages SET claimed_by = $1
+    WHERE seq = $12 AND claimed_by IS NULL AND $14 AND EXISTS (SELECT 1 FROM lease)
+    RETURNING seq
+), taken AS (
+    SELECT EXISTS (SELECT 1 FROM lease) AND (NOT $14 OR EXISTS (SELECT 1 FROM claimed)) AS ok
+), advanced AS (
+    UPDATE {schema}.geste_channel_subscriptions
+    SET cursor_seq = CASE WHEN $13 THEN cursor_seq ELSE GREATEST(cursor_seq, $12) END, waiting_since = NULL
+    WHERE channel = $11 AND instance_id = $1 AND (SELECT ok FROM taken)
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $1, r.* FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
+                               $10::double precision[]) AS r
+    WHERE (SELECT ok FROM taken)
+)
+SELECT (SELECT cancel_requested FROM lease), (SELECT ok FROM taken);
+
+-- name: channel_set_waiting
+-- The instance waits on this channel, and on no other (a wait it left without taking a message or
+-- timing out, by catching its cancellation, must not wake it).
+UPDATE {schema}.geste_channel_subscriptions
+SET waiting_since = CASE WHEN channel = $1 THEN $3::double precision END
+WHERE instance_id = $2 AND (channel = $1 OR waiting_since IS NOT NULL);
+
+-- name: channel_stop_waiting
+UPDATE {schema}.geste_channel_subscriptions SET waiting_since = NULL WHERE channel = $1 AND instance_id = $2;
+
+-- name: channel_publish
+-- A publish in one statement (after channel_lock): with a lease (ctx.publish / ctx.send_to) renew it and
+-- append the step's rows; store the message (once per id; nothing at all when the target of a direct
+-- message does not exist); make its receivers runnable: the target, or every waiting broadcast
+-- subscriber and the competing one idle the longest; then one geste_channel_message notification if a
+-- woken instance can be claimed (nobody holds its lease).
+-- $1 message_id, $2 channel, $3 data, $4 sender, $5 target, $6 now, $7 notify, $8 instance_id (lease),
+-- $9 lease_id, $10 lock_expires_at, $11..$16 history columns.
+-- Returns (target exists, stored, cancel_requested or NULL without a lease / lease lost, woken ids).
+WITH target_ok AS (
+    SELECT $5::text IS NULL
+           OR EXISTS (SELECT 1 FROM {schema}.geste_instances WHERE instance_id = $5) AS ok
+), lease AS (
+    UPDATE {schema}.geste_instances
+    SET lock_expires_at = $10, updated_at = $6, steps = steps + cardinality($11::integer[])
+    WHERE $8::text IS NOT NULL AND instance_id = $8 AND lease_id = $9 AND (SELECT ok FROM target_ok)
+    RETURNING cancel_requested
+), proceed AS (
+    SELECT (SELECT ok FROM target_ok) AND ($8::text IS NULL OR EXISTS (SELECT 1 FROM lease)) AS ok
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $8, r.* FROM unnest($11::integer[], $12::text[], $13::text[], $14::text[], $15::boolean[],
+                               $16::double precision[]) AS r
+    WHERE EXISTS (SELECT 1 FROM lease)
+), inserted AS (
+    INSERT INTO {schema}.geste_channel_messages
+        (message_id, channel, data, sender_instance_id, target_instance_id, created_at)
+    SELECT $1, $2, $3, $4, $5, $6 WHERE (SELECT ok FROM proceed)
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING seq
+), chosen AS (
+    SELECT s.instance_id FROM {schema}.geste_channel_subscriptions s
+    WHERE s.channel = $2 AND s.waiting_since IS NOT NULL AND EXISTS (SELECT 1 FROM inserted)
+      AND CASE WHEN $5::text IS NOT NULL THEN s.instance_id = $5 ELSE s.mode = 'broadcast' END
+    UNION ALL
+    (SELECT s.instance_id FROM {schema}.geste_channel_subscriptions s
+     JOIN {schema}.geste_instances i ON i.instance_id = s.instance_id
+     WHERE $5::text IS NULL AND s.channel = $2 AND s.mode = 'competing' AND s.waiting_since IS NOT NULL
+       AND i.status = 'waiting' AND (i.run_at IS NULL OR i.run_at > $6) AND EXISTS (SELECT 1 FROM inserted)
+     ORDER BY s.waiting_since LIMIT 1)
+), woken AS (
+    UPDATE {schema}.geste_instances SET run_at = $6, updated_at = $6
+    WHERE instance_id IN (SELECT instance_id FROM chosen) AND status = 'waiting'
+      AND (run_at IS NULL OR run_at > $6)
+    RETURNING instance_id, lease_id
+), notified AS (
+    SELECT pg_notify('geste_channel_message',
+                     json_build_object('channel_name', $2::text, 'message_id', $1::text,
+                                       'target_instance_id', $5::text)::text)
+    WHERE $7 AND EXISTS (SELECT 1 FROM woken WHERE lease_id IS NULL)
+)
+SELECT (SELECT ok FROM target_ok), EXISTS (SELECT 1 FROM inserted), (SELECT cancel_requested FROM lease),
+       ARRAY(SELECT instance_id FROM woken), (SELECT count(*) FROM notified);
+
+-- name: channel_rewake
+-- The net under "a publish wakes one competing receiver": idle competing receivers for which an older
+-- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed).
+UPDATE {schema}.geste_instances SET run_at = $1, updated_at = $1
+WHERE instance_id IN (
+    SELECT s.instance_id FROM {schema}.geste_channel_subscriptions s
+    JOIN {schema}.geste_instances i ON i.instance_id = s.instance_id
+    WHERE s.mode = 'competing' AND s.waiting_since IS NOT NULL
+      AND i.status = 'waiting' AND i.lease_id IS NULL AND (i.run_at IS NULL OR i.run_at > $1)
+      AND EXISTS (SELECT 1 FROM {schema}.geste_channel_messages m
+                  WHERE m.channel = s.channel AND m.seq > s.cursor_seq AND m.target_instance_id IS NULL
+                    AND m.claimed_by IS NULL AND m.created_at < $2)
+    LIMIT $3
+) AND status = 'waiting' AND lease_id IS NULL
+RETURNING instance_id;
+
+-- name: channel_cleanup_subscriptions
+-- Maintenance, bounded like every cleanup: the subscriptions of finished (or deleted) instances.
+DELETE FROM {schema}.geste_channel_subscriptions AS d
+USING (
+    SELECT s.channel, s.instance_id FROM {schema}.geste_channel_subscriptions s
+    LEFT JOIN {schema}.geste_instances i ON i.instance_id = s.instance_id
+    WHERE i.instance_id IS NULL OR i.status IN ('completed', 'failed', 'cancelled')
+    LIMIT $1
+) AS g
+WHERE d.channel = g.channel AND d.instance_id = g.instance_id;
+
+-- name: channel_cleanup_messages
+-- Messages past the retention that no subscriber needs: a direct one once taken or its target finished;
+-- another once every broadcast subscriber's cursor is past it and, if a competing subscriber could
+-- take it, one did.
+DELETE FROM {schema}.geste_channel_messages WHERE seq IN (
+    SELECT m.seq FROM {schema}.geste_channel_messages m
+    WHERE m.created_at < $1 AND CASE
+        WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
+            SELECT 1 FROM {schema}.geste_instances i
+            WHERE i.instance_id = m.target_instance_id
+              AND i.status NOT IN ('completed', 'failed', 'cancelled'))
+        ELSE NOT EXISTS (
+            SELECT 1 FROM {schema}.geste_channel_subscriptions s
+            WHERE s.channel = m.channel AND s.cursor_seq < m.seq
+              AND (s.mode = 'broadcast' OR m.claimed_by IS NULL))
+        END
+    ORDER BY m.seq LIMIT $2
+);
+
+-- name: channel_cleanup_events
+-- Events past their retention, with their deliveries; returns the rows deleted.
+WITH events AS (
+    DELETE FROM {schema}.geste_events WHERE seq IN (
+        SELECT seq FROM {schema}.geste_events WHERE created_at < $1 ORDER BY seq LIMIT $2
+    )
+    RETURNING seq
+), deliveries AS (
+    DELETE FROM {schema}.geste_event_deliveries WHERE event_seq IN (SELECT seq FROM events)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries);

@@ -185,3 +185,218 @@ GROUP BY locked_by;
 -- Through geste_instances_by_status: reads the waiting instances only (updated_at has no index of its
 -- own, which every step commit would have to maintain).
 SELECT min(updated_at) FROM geste_instances WHERE status = 'waiting';
+
+-- name: outbox_insert
+-- With the step that emits it (outbox_record). An event id already there is not stored again.
+INSERT INTO geste_outbox
+    (event_id, instance_id, step_seq, event_type, source, subject, data, status, attempts,
+     next_attempt_at, created_at, updated_at)
+VALUES (:event_id, :instance_id, :step_seq, :event_type, :source, :subject, :data, 'pending', 0,
+        :now, :now, :now)
+ON CONFLICT (event_id) DO NOTHING;
+
+-- name: outbox_claim
+-- Inside BEGIN IMMEDIATE: take up to :limit due events whose claim is free or expired, only the first
+-- pending event of each instance (per-instance order); each claim counts as an attempt.
+UPDATE geste_outbox
+SET claimed_by = :relay_id, claim_id = :claim_id, claim_expires_at = :claim_expires_at,
+    attempts = attempts + 1, updated_at = :now
+WHERE event_id IN (
+    SELECT o.event_id FROM geste_outbox o
+    WHERE o.status = 'pending' AND o.next_attempt_at <= :now
+      AND (o.claim_id IS NULL OR o.claim_expires_at <= :now)
+      AND NOT EXISTS (SELECT 1 FROM geste_outbox e
+                      WHERE e.status = 'pending' AND e.instance_id = o.instance_id
+                        AND e.step_seq < o.step_seq)
+    ORDER BY o.next_attempt_at
+    LIMIT :limit
+)
+RETURNING event_id, instance_id, step_seq, event_type, source, subject, data, attempts, created_at;
+
+-- name: outbox_mark_delivered
+UPDATE geste_outbox
+SET status = 'delivered', delivered_at = :now, updated_at = :now, next_attempt_at = NULL,
+    claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
+WHERE event_id = :event_id AND claim_id = :claim_id AND status = 'pending';
+
+-- name: outbox_mark_failed
+-- A NULL :next_attempt_at means no attempt is left: the event is dead (kept, with its last error).
+UPDATE geste_outbox
+SET status = CASE WHEN :next_attempt_at IS NULL THEN 'dead' ELSE 'pending' END,
+    next_attempt_at = :next_attempt_at, last_error = :error, updated_at = :now,
+    claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
+WHERE event_id = :event_id AND claim_id = :claim_id AND status = 'pending';
+
+-- name: outbox_release
+-- A relay stopping gives back the claims it could not finish: claimable again at once.
+UPDATE geste_outbox SET claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL, updated_at = :now
+WHERE event_id = :event_id AND claim_id = :claim_id AND status = 'pending';
+
+-- name: outbox_next_attempt_at
+-- When the relay should look again: the earliest due time of the first pending event of each instance
+-- (or the expiry of its claim, while another relay holds it).
+SELECT min(CASE WHEN o.claim_expires_at > o.next_attempt_at THEN o.claim_expires_at
+                ELSE o.next_attempt_at END)
+FROM geste_outbox o
+WHERE o.status = 'pending'
+  AND NOT EXISTS (SELECT 1 FROM geste_outbox e
+                  WHERE e.status = 'pending' AND e.instance_id = o.instance_id AND e.step_seq < o.step_seq);
+
+-- name: outbox_list
+SELECT event_id, instance_id, step_seq, event_type, source, subject, data, status, attempts,
+       next_attempt_at, last_error, created_at, updated_at, delivered_at, claimed_by
+FROM geste_outbox
+WHERE (:status IS NULL OR status = :status) AND (:instance_id IS NULL OR instance_id = :instance_id)
+ORDER BY created_at DESC, instance_id, step_seq DESC
+LIMIT :limit;
+
+-- name: outbox_retry
+-- An operator re-queues a dead event: pending again, attempts from zero (its last error is kept).
+UPDATE geste_outbox
+SET status = 'pending', attempts = 0, next_attempt_at = :now, updated_at = :now
+WHERE event_id = :event_id AND status = 'dead';
+
+-- Channels (ctx.subscribe / receive / publish / send_to). Every write runs inside BEGIN IMMEDIATE, so a
+-- publish and a receive on the same channel never interleave: no lost wake-up, atomic competing claims.
+
+-- name: channel_subscribe
+-- An explicit ctx.subscribe: from the channel's last message on. Replaces a subscription left by an
+-- attempt whose step was never recorded.
+INSERT INTO geste_channel_subscriptions (channel, instance_id, mode, cursor_seq, waiting_since, created_at)
+VALUES (:channel, :instance_id, :mode,
+        (SELECT COALESCE(MAX(seq), 0) FROM geste_channel_messages WHERE channel = :channel), NULL, :now)
+ON CONFLICT (channel, instance_id) DO UPDATE SET
+    mode = excluded.mode, cursor_seq = excluded.cursor_seq, waiting_since = NULL,
+    created_at = excluded.created_at;
+
+-- name: channel_ensure_subscription
+-- receive() on a channel: the subscription the workflow made (or the implicit one of a first receive).
+INSERT INTO geste_channel_subscriptions (channel, instance_id, mode, cursor_seq, waiting_since, created_at)
+VALUES (:channel, :instance_id, :mode,
+        (SELECT COALESCE(MAX(seq), 0) FROM geste_channel_messages WHERE channel = :channel), NULL, :now)
+ON CONFLICT (channel, instance_id) DO NOTHING;
+
+-- name: channel_subscription
+SELECT mode, cursor_seq FROM geste_channel_subscriptions
+WHERE channel = :channel AND instance_id = :instance_id;
+
+-- name: channel_next_message
+-- The instance's next message, oldest first: one after its cursor (broadcast: every one; competing: one
+-- nobody took), or a direct one not yet taken.
+SELECT seq, message_id, channel, data, sender_instance_id, target_instance_id, created_at FROM (
+    SELECT * FROM (
+        SELECT seq, message_id, channel, data, sender_instance_id, target_instance_id, created_at
+        FROM geste_channel_messages
+        WHERE channel = :channel AND seq > :cursor AND target_instance_id IS NULL
+          AND (:mode = 'broadcast' OR claimed_by IS NULL)
+        ORDER BY seq LIMIT 1
+    )
+    UNION ALL
+    SELECT * FROM (
+        SELECT seq, message_id, channel, data, sender_instance_id, target_instance_id, created_at
+        FROM geste_channel_messages
+        WHERE target_instance_id = :instance_id AND channel = :channel AND claimed_by IS NULL
+        ORDER BY seq LIMIT 1
+    )
+) ORDER BY seq LIMIT 1;
+
+-- name: channel_claim
+UPDATE geste_channel_messages SET claimed_by = :instance_id WHERE seq = :seq AND claimed_by IS NULL;
+
+-- name: channel_advance
+-- A message taken: the cursor moves past it (a direct one has no place in it); the wait is over.
+UPDATE geste_channel_subscriptions
+SET cursor_seq = CASE WHEN :direct THEN cursor_seq ELSE MAX(cursor_seq, :seq) END, waiting_since = NULL
+WHERE channel = :channel AND instance_id = :instance_id;
+
+-- name: channel_set_waiting
+-- The instance waits on this channel, and on no other (a wait it left without taking a message or
+-- timing out, by catching its cancellation, must not wake it).
+UPDATE geste_channel_subscriptions
+SET waiting_since = CASE WHEN channel = :channel THEN :now END
+WHERE instance_id = :instance_id AND (channel = :channel OR waiting_since IS NOT NULL);
+
+-- name: channel_stop_waiting
+UPDATE geste_channel_subscriptions SET waiting_since = NULL
+WHERE channel = :channel AND instance_id = :instance_id;
+
+-- name: channel_instance_exists
+SELECT 1 FROM geste_instances WHERE instance_id = ?;
+
+-- name: channel_insert_message
+INSERT INTO geste_channel_messages
+    (message_id, channel, data, sender_instance_id, target_instance_id, created_at)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (message_id) DO NOTHING;
+
+-- name: channel_wake_receivers
+-- The receivers a new message makes runnable: its target (a direct message); otherwise every waiting
+-- broadcast subscriber and the competing subscriber idle the longest (one: only one can take it).
+UPDATE geste_instances SET run_at = :now, updated_at = :now
+WHERE instance_id IN (
+    SELECT s.instance_id FROM geste_channel_subscriptions s
+    WHERE s.channel = :channel AND s.waiting_since IS NOT NULL
+      AND CASE WHEN :target IS NOT NULL THEN s.instance_id = :target ELSE s.mode = 'broadcast' END
+    UNION ALL
+    SELECT * FROM (
+        SELECT s.instance_id FROM geste_channel_subscriptions s
+        JOIN geste_instances i ON i.instance_id = s.instance_id
+        WHERE :target IS NULL AND s.channel = :channel AND s.mode = 'competing'
+          AND s.waiting_since IS NOT NULL AND i.status = 'waiting' AND (i.run_at IS NULL OR i.run_at > :now)
+        ORDER BY s.waiting_since LIMIT 1
+    )
+) AND status = 'waiting' AND (run_at IS NULL OR run_at > :now)
+RETURNING instance_id;
+
+-- name: channel_rewake
+-- The net under "a publish wakes one competing receiver": idle competing receivers for which an older
+-- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed).
+UPDATE geste_instances SET run_at = :now, updated_at = :now
+WHERE instance_id IN (
+    SELECT s.instance_id FROM geste_channel_subscriptions s
+    JOIN geste_instances i ON i.instance_id = s.instance_id
+    WHERE s.mode = 'competing' AND s.waiting_since IS NOT NULL
+      AND i.status = 'waiting' AND i.lease_id IS NULL AND (i.run_at IS NULL OR i.run_at > :now)
+      AND EXISTS (SELECT 1 FROM geste_channel_messages m
+                  WHERE m.channel = s.channel AND m.seq > s.cursor_seq AND m.target_instance_id IS NULL
+                    AND m.claimed_by IS NULL AND m.created_at < :published_before)
+    LIMIT :limit
+)
+RETURNING instance_id;
+
+-- name: channel_cleanup_subscriptions
+DELETE FROM geste_channel_subscriptions WHERE (channel, instance_id) IN (
+    SELECT s.channel, s.instance_id FROM geste_channel_subscriptions s
+    LEFT JOIN geste_instances i ON i.instance_id = s.instance_id
+    WHERE i.instance_id IS NULL OR i.status IN ('completed', 'failed', 'cancelled')
+    LIMIT :limit
+);
+
+-- name: channel_cleanup_messages
+-- Messages past the retention that no subscriber needs: a direct one once taken or its target finished;
+-- another once every broadcast subscriber's cursor is past it and, if a competing subscriber could
+-- take it, one did.
+DELETE FROM geste_channel_messages WHERE seq IN (
+    SELECT m.seq FROM geste_channel_messages m
+    WHERE m.created_at < :before AND CASE
+        WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
+            SELECT 1 FROM geste_instances i
+            WHERE i.instance_id = m.target_instance_id
+              AND i.status NOT IN ('completed', 'failed', 'cancelled'))
+        ELSE NOT EXISTS (
+            SELECT 1 FROM geste_channel_subscriptions s
+            WHERE s.channel = m.channel AND s.cursor_seq < m.seq
+              AND (s.mode = 'broadcast' OR m.claimed_by IS NULL))
+        END
+    ORDER BY m.seq LIMIT :limit
+);
+
+-- name: channel_cleanup_event_deliveries
+DELETE FROM geste_event_deliveries WHERE event_seq IN (
+    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY seq LIMIT :limit
+);
+
+-- name: channel_cleanup_events
+DELETE FROM geste_events WHERE seq IN (
+    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY seq LIMIT :limit
+);

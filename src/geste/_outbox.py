@@ -1,0 +1,494 @@
+"""The transactional outbox: events a workflow emits (``ctx.send_event``) and the relay that delivers them.
+
+``ctx.send_event`` is a step of its own: its history row and its ``geste_outbox`` row commit in one
+transaction, so an event exists exactly when the step that emits it is recorded, and a replay never emits
+it again. The ``Relay`` (one per process whose App runs a worker and has a destination) delivers pending
+events **at least once**:
+
+- it claims due events with a lease (``claim_id``, ``claim_expires_at``: ``FOR UPDATE SKIP LOCKED`` on
+  PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so several relays never send one event at the same time;
+  the claim of a relay that died expires after ``outbox_timeout + lock_timeout`` and is taken over;
+- only the first pending event of an instance can be claimed, so an instance's events go out in the
+  order it emitted them (a later one waits until the earlier is delivered or dead);
+- a failed attempt (a non-2xx answer, a connection error, a timeout, an exception of the handler) is
+  retried after ``outbox_initial_backoff * 2 ** (attempts - 1)`` (capped at ``outbox_max_backoff``);
+  after ``outbox_max_attempts`` the event is ``dead``: kept, with its last error, until an operator
+  re-queues it (``app.retry_outbox_event``);
+- a relay killed after sending but before marking the event delivered leaves it pending: it is sent
+  again. Receivers deduplicate with the event id (stable across attempts and relays).
+
+Destinations: an HTTP endpoint receiving CloudEvents 1.0 in **structured mode** (one JSON object, content
+type ``application/cloudevents+json``: every attribute survives, whatever characters it holds), or an
+async callable receiving an ``OutboxEvent``.
+
+Wake-ups: the step that records an event pokes this process's relay directly; on PostgreSQL it also
+sends ``geste_outbox_pending`` (``{"event_id"}``) for the relays of other processes. Otherwise the relay
+polls (``poll_interval``, or ``notify_fallback_interval`` while the listener listens), and wakes at the
+earliest time a retry is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from ._retry import positive_int, seconds
+from ._serde import decode
+from ._wakeups import Wakeups
+from .errors import ConfigurationError, StorageError
+from .storage.base import OutboxClaim, OutboxRow, Storage
+
+logger = logging.getLogger("geste.outbox")
+
+MAX_IN_FLIGHT = 100
+"""Deliveries one relay runs at once (one per instance at most: the per-instance order)."""
+MIN_IDLE_WAIT = 0.01
+"""Shortest sleep after a round that claimed nothing (a due event another relay just locked)."""
+MAX_ERROR_LENGTH = 1000
+CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
+
+OutboxHandler = Callable[["OutboxEvent"], Awaitable[Any]]
+
+
+class OutboxStatus(StrEnum):
+    """The state of an outbox event; the values are what the database stores."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """An event as a destination receives it (the callable destination gets this object)."""
+
+    event_id: str
+    type: str
+    source: str
+    subject: str | None
+    data: Any
+    time: datetime
+    instance_id: str
+    attempt: int
+
+    def to_cloudevent(self) -> dict[str, Any]:
+        """The event in the CloudEvents 1.0 JSON format (what the HTTP destination receives)."""
+        body: dict[str, Any] = json.loads(
+            _structured(self.event_id, self.type, self.source, self.subject, self.time, self.instance_id)
+        )
+        if self.data is not None:
+            body["data"] = self.data
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One outbox event as the operator sees it (``app.outbox()``)."""
+
+    event_id: str
+    instance_id: str
+    seq: int
+    type: str
+    source: str
+    subject: str | None
+    data: Any
+    status: OutboxStatus
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    claimed_by: str | None
+
+
+def entry_from_row(row: OutboxRow) -> OutboxEntry:
+    return OutboxEntry(
+        event_id=row.event_id,
+        instance_id=row.instance_id,
+        seq=row.step_seq,
+        type=row.event_type,
+        source=row.source,
+        subject=row.subject,
+        data=decode(row.data),
+        status=OutboxStatus(row.status),
+        attempts=row.attempts,
+        last_error=row.last_error,
+        created_at=_dt(row.created_at),
+        updated_at=_dt(row.updated_at),
+        next_attempt_at=None if row.next_attempt_at is None else _dt(row.next_attempt_at),
+        delivered_at=None if row.delivered_at is None else _dt(row.delivered_at),
+        claimed_by=row.claimed_by,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    """The outbox options of an App, checked once at construction."""
+
+    endpoint: str | None = None
+    handler: OutboxHandler | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    max_attempts: int = 10
+    initial_backoff: float = 1.0
+    max_backoff: float = 300.0
+    timeout: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a destination is configured (the relay runs where the App also runs a worker)."""
+        return self.endpoint is not None or self.handler is not None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        endpoint: str | None,
+        handler: OutboxHandler | None,
+        headers: Mapping[str, str] | None,
+        max_attempts: int,
+        initial_backoff: float | timedelta,
+        max_backoff: float | timedelta,
+        timeout: float | timedelta,
+    ) -> OutboxConfig:
+        if endpoint is not None and handler is not None:
+            raise ConfigurationError("outbox_endpoint and outbox_handler are exclusive: give one destination")
+        if endpoint is not None:
+            _check_endpoint(endpoint)
+        if handler is not None and not (
+            inspect.iscoroutinefunction(handler)
+            or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004
+        ):
+            raise ConfigurationError(
+                f"outbox_handler must be an async callable taking a geste.OutboxEvent, not {handler!r}"
+            )
+        checked_headers = _check_headers(headers)
+        if checked_headers and endpoint is None:
+            raise ConfigurationError("outbox_headers are sent to outbox_endpoint, which is not set")
+        initial = seconds(initial_backoff, what="outbox_initial_backoff", allow_zero=False)
+        maximum = seconds(max_backoff, what="outbox_max_backoff", allow_zero=False)
+        if maximum < initial:
+            raise ConfigurationError("outbox_max_backoff must not be less than outbox_initial_backoff")
+        return cls(
+            endpoint=endpoint,
+            handler=handler,
+            headers=checked_headers,
+            max_attempts=positive_int(max_attempts, "outbox_max_attempts"),
+            initial_backoff=initial,
+            max_backoff=maximum,
+            timeout=seconds(timeout, what="outbox_timeout", allow_zero=False),
+        )
+
+    def backoff(self, attempts: int) -> float:
+        """The delay after the ``attempts``-th failed attempt."""
+        return float(min(self.max_backoff, self.initial_backoff * 2 ** min(attempts - 1, 60)))
+
+
+def _check_endpoint(endpoint: object) -> None:
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise ConfigurationError(
+            "outbox_endpoint needs httpx: pip install 'geste[http]' (or pass outbox_handler instead)"
+        ) from None
+    if not isinstance(endpoint, str):
+        raise ConfigurationError(f"outbox_endpoint must be an http(s):// URL string, not {endpoint!r}")
+    try:
+        url = httpx.URL(endpoint)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise ConfigurationError(f"outbox_endpoint is not a valid URL: {endpoint!r} ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError(
+            f"outbox_endpoint must be an http:// or https:// URL with a host: {endpoint!r}"
+        )
+
+
+def _check_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ConfigurationError(
+            f"outbox_headers must be a mapping of header names to values, not {headers!r}"
+        )
+    checked = {}
+    for name, value in headers.items():
+        if (
+            not isinstance(name, str)
+            or not isinstance(value, str)
+            or not name
+            or any(c in name for c in ":\r\n\x00 ")
+            or any(c in value for c in "\r\n\x00")
+            or not (name + value).isascii()
+        ):
+            raise ConfigurationError(
+                f"outbox_headers: {name!r}: {value!r} is not a valid header (ASCII strings, no line breaks)"
+            )
+        if name.lower() == "content-type":
+            raise ConfigurationError(
+                "outbox_headers cannot set Content-Type: the outbox sends CloudEvents JSON"
+            )
+        checked[name] = value
+    return checked
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _structured(
+    event_id: str, event_type: str, source: str, subject: str | None, time: datetime, instance_id: str
+) -> str:
+    """The CloudEvents attributes as a JSON object (``data`` is appended by the caller)."""
+    attributes: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": source,
+        "type": event_type,
+        "time": _rfc3339(time),
+        "datacontenttype": "application/json",
+        "gesteinstanceid": instance_id,
+    }
+    if subject is not None:
+        attributes["subject"] = subject
+    return json.dumps(attributes, separators=(",", ":"), ensure_ascii=False)
+
+
+def cloudevent_body(claim: OutboxClaim) -> bytes:
+    """The structured-mode body of a claimed event; its stored JSON data is inlined, not re-encoded."""
+    head = _structured(
+        claim.event_id,
+        claim.event_type,
+        claim.source,
+        claim.subject,
+        _dt(claim.created_at),
+        claim.instance_id,
+    )
+    text = head if claim.data is None else head[:-1] + ',"data":' + claim.data + "}"
+    return text.encode("utf-8")
+
+
+class Relay:
+    """Delivers pending outbox events of every instance, at least once, in order per instance."""
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        config: OutboxConfig,
+        relay_id: str,
+        clock: Callable[[], float],
+        wakeups: Wakeups,
+        lock_timeout: float,
+        shutdown_grace: float,
+    ) -> None:
+        self.storage = storage
+        self.config = config
+        self.relay_id = relay_id
+        self.clock = clock
+        self.wakeups = wakeups
+        self.lease = config.timeout + lock_timeout
+        """How long a claim holds: longer than a delivery may take (``outbox_timeout``), so a live
+        relay's claim never expires under it, and short enough that a dead relay's is taken over soon."""
+        self.shutdown_grace = shutdown_grace
+        self._event = asyncio.Event()
+        self._inflight: dict[str, tuple[OutboxClaim, asyncio.Task[None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._client: Any = None
+        self._stopping = False
+
+    # -- life cycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.config.endpoint is not None:
+            import httpx
+
+            self._client = httpx.AsyncClient(timeout=self.config.timeout, follow_redirects=False)
+        self._task = asyncio.create_task(self._loop(), name=f"geste-outbox-{self.relay_id}")
+        destination = self.config.endpoint or getattr(self.config.handler, "__qualname__", "a handler")
+        logger.info("outbox relay %s started, delivering to %s", self.relay_id, destination)
+
+    async def stop(self) -> None:
+        """Stop claiming; let deliveries in flight end within ``shutdown_grace``; give back the rest."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            while not task.done():  # see Listener.stop: a cancel can be swallowed by wait_for on 3.11
+                task.cancel()
+                await asyncio.wait([task], timeout=0.1)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        running = [t for _, t in self._inflight.values()]
+        if running:
+            await asyncio.wait(running, timeout=self.shutdown_grace)
+        leftover = list(self._inflight.values())
+        for _, t in leftover:
+            t.cancel()
+        await asyncio.gather(*(t for _, t in leftover), return_exceptions=True)
+        if leftover:
+            try:
+                await self.storage.outbox_release(
+                    [(claim.event_id, claim.claim_id) for claim, _ in leftover], self.clock()
+                )
+            except StorageError as exc:
+                logger.warning(
+                    "outbox relay %s could not give back its claims (%s); they expire", self.relay_id, exc
+                )
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+        logger.info("outbox relay %s stopped", self.relay_id)
+
+    def poke(self) -> None:
+        """Look for due events now (an event was recorded, a notification came)."""
+        self._event.set()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _interval(self) -> float:
+        return self.wakeups.fallback_interval if self.wakeups.listening else self.wakeups.poll_interval
+
+    async def _loop(self) -> None:
+        failures = 0
+        poked = True  # at start: look at once
+        while not self._stopping:
+            try:
+                timeout = await self._round(poked)
+                failures = 0
+            except StorageError as exc:
+                failures += 1
+                timeout = min(self.wakeups.poll_interval * 2**failures, 30.0)
+                logger.warning(
+                    "outbox relay %s: claiming failed (%s); retrying in %.1fs", self.relay_id, exc, timeout
+                )
+            except Exception:
+                failures += 1
+                timeout = min(self.wakeups.poll_interval * 2**failures, 30.0)
+                logger.exception(
+                    "outbox relay %s: unexpected error; retrying in %.1fs", self.relay_id, timeout
+                )
+            poked = True
+            if timeout > 0:
+                try:
+                    await asyncio.wait_for(self._event.wait(), timeout)
+                except TimeoutError:
+                    poked = False
+            self._event.clear()
+
+    async def _round(self, poked: bool) -> float:
+        """Claim what is due and start delivering it; return how long to sleep before looking again."""
+        interval = self._interval()
+        free = MAX_IN_FLIGHT - len(self._inflight)
+        if free <= 0:
+            return interval  # a finishing delivery pokes
+        if not poked:  # a poll: one read tells whether anything is due, before taking a write lock
+            due = await self.storage.outbox_next_attempt_at()
+            if due is None or due > self.clock():
+                return interval if due is None else min(interval, due - self.clock())
+        now = self.clock()
+        claims = await self.storage.outbox_claim(self.relay_id, uuid.uuid4().hex, now, now + self.lease, free)
+        for claim in claims:
+            task = asyncio.create_task(self._deliver(claim), name=f"geste-outbox-send-{claim.event_id}")
+            self._inflight[claim.event_id] = (claim, task)
+        if len(claims) == free:
+            return 0.0
+        due = await self.storage.outbox_next_attempt_at()
+        if due is None:
+            return interval
+        return min(interval, max(due - self.clock(), 0.0 if claims else MIN_IDLE_WAIT))
+
+    # -- one delivery ------------------------------------------------------------------------------
+    async def _deliver(self, claim: OutboxClaim) -> None:
+        try:
+            error = await self._send(claim)
+            now = self.clock()
+            if error is None:
+                kept = await self.storage.outbox_mark_delivered(claim.event_id, claim.claim_id, now)
+                logger.debug("outbox event %s delivered (attempt %d)", claim.event_id, claim.attempts)
+            else:
+                dead = claim.attempts >= self.config.max_attempts
+                next_at = None if dead else now + self.config.backoff(claim.attempts)
+                kept = await self.storage.outbox_mark_failed(
+                    claim.event_id, claim.claim_id, now, error[:MAX_ERROR_LENGTH], next_at
+                )
+                if dead:
+                    logger.error(
+                        "outbox event %s (%s of instance %s) is dead after %d attempts: %s",
+                        claim.event_id,
+                        claim.event_type,
+                        claim.instance_id,
+                        claim.attempts,
+                        error,
+                    )
+                else:
+                    logger.warning(
+                        "outbox event %s: attempt %d/%d failed (%s); retrying in %.3gs",
+                        claim.event_id,
+                        claim.attempts,
+                        self.config.max_attempts,
+                        error,
+                        next_at - now if next_at is not None else 0.0,
+                    )
+            if not kept:
+                logger.warning(
+                    "outbox event %s: the claim expired before the outcome was recorded; another relay "
+                    "owns it now (the event may be sent again)",
+                    claim.event_id,
+                )
+        except StorageError as exc:
+            logger.warning(
+                "outbox event %s: recording the outcome failed (%s); it is sent again once the claim expires",
+                claim.event_id,
+                exc,
+            )
+        finally:
+            current = self._inflight.get(claim.event_id)
+            if current is not None and current[0] is claim:
+                del self._inflight[claim.event_id]
+            self.poke()  # the instance's next event may be claimable now
+
+    async def _send(self, claim: OutboxClaim) -> str | None:
+        """One attempt; None when delivered, else what went wrong."""
+        scope = asyncio.timeout(self.config.timeout)
+        try:
+            async with scope:
+                if self.config.handler is None:
+                    return await self._post(claim)
+                await self.config.handler(
+                    OutboxEvent(
+                        event_id=claim.event_id,
+                        type=claim.event_type,
+                        source=claim.source,
+                        subject=claim.subject,
+                        data=decode(claim.data),
+                        time=_dt(claim.created_at),
+                        instance_id=claim.instance_id,
+                        attempt=claim.attempts,
+                    )
+                )
+                return None
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and scope.expired():
+                return f"no answer within outbox_timeout ({self.config.timeout:g}s)"
+            return f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
+
+    async def _post(self, claim: OutboxClaim) -> str | None:
+        assert self.config.endpoint is not None and self._client is not None
+        headers = {**self.config.headers, "Content-Type": CLOUDEVENTS_CONTENT_TYPE}
+        response = await self._client.post(
+            self.config.endpoint, content=cloudevent_body(claim), headers=headers
+        )
+        if 200 <= response.status_code < 300:
+            return None
+        text = response.text.strip().replace("\n", " ")
+        return f"HTTP {response.status_code}" + (f": {text[:200]}" if text else "")

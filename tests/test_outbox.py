@@ -1,0 +1,735 @@
+"""The transactional outbox: ``ctx.send_event``, the relay, and what an operator sees.
+
+Deliveries go over real HTTP to ``Receiver``, a small HTTP/1.1 server on 127.0.0.1 (a free port) that
+records every request, answers what the test tells it, and counts requests in flight per event id. Each
+test runs on SQLite and PostgreSQL; waits poll with deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import geste
+from geste.errors import ConfigurationError, SerializationError, StorageError
+from tests.apps.outbox_app import build_app
+from tests.conftest import die_with_parent
+
+MakeApp = Callable[..., geste.App]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- a real HTTP server receiving the deliveries ---------------------------------------------------
+@dataclass
+class Delivery:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+    status: int | None = None  # what the server answered; None: no answer (yet, or ever)
+
+    @property
+    def event(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.body)
+        return value
+
+    @property
+    def event_id(self) -> str:
+        return str(self.event["id"])
+
+
+Respond = Callable[[Delivery], "int | Awaitable[int | None] | None"]
+
+
+@dataclass
+class Receiver:
+    """An HTTP/1.1 server (keep-alive, Content-Length bodies) recording what the relays post.
+
+    ``respond(delivery)`` gives the status to answer (default 200), or None to drop the connection
+    without answering; it may be async (to hold a request).
+    """
+
+    respond: Respond | None = None
+    deliveries: list[Delivery] = field(default_factory=list)
+    in_flight: Counter[str] = field(default_factory=Counter)
+    max_in_flight: Counter[str] = field(default_factory=Counter)
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/events"
+
+    async def __aenter__(self) -> Receiver:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    def answered(self, status_class: int = 2) -> list[Delivery]:
+        return [d for d in self.deliveries if d.status is not None and d.status // 100 == status_class]
+
+    def ids(self, status_class: int = 2) -> list[str]:
+        return [d.event_id for d in self.answered(status_class)]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                method, path, _ = line.decode("latin-1").split(" ", 2)
+                headers: dict[str, str] = {}
+                while True:
+                    raw = await reader.readline()
+                    if raw in (b"\r\n", b"\n", b""):
+                        break
+                    name, _, value = raw.decode("latin-1").partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                delivery = Delivery(method, path, headers, body, time.monotonic())
+                self.deliveries.append(delivery)
+                event_id = delivery.event_id
+                self.in_flight[event_id] += 1
+                self.max_in_flight[event_id] = max(self.max_in_flight[event_id], self.in_flight[event_id])
+                try:
+                    status: int | None = 200
+                    if self.respond is not None:
+                        outcome = self.respond(delivery)
+                        status = await outcome if inspect.isawaitable(outcome) else outcome
+                finally:
+                    self.in_flight[event_id] -= 1
+                if status is None:
+                    return  # hang up without an answer
+                delivery.status = status
+                text = b"ok" if status < 300 else b"no thanks"
+                writer.write(
+                    f"HTTP/1.1 {status} Whatever\r\nContent-Type: text/plain\r\n"
+                    f"Content-Length: {len(text)}\r\n\r\n".encode()
+                    + text
+                )
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with Receiver() as server:
+        yield server
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def outbox_status(app: geste.App, event_id: str) -> geste.OutboxEntry:
+    [entry] = [e for e in await app.outbox(limit=10_000) if e.event_id == event_id]
+    return entry
+
+
+def register(app: geste.App) -> geste.Workflow[[int], list[str]]:
+    @app.workflow
+    async def emit(ctx: geste.WorkflowContext, count: int) -> list[str]:
+        return [await ctx.send_event("test.emitted", {"i": i}) for i in range(count)]
+
+    return emit
+
+
+def check_order(deliveries: list[Delivery]) -> None:
+    """Per instance, each event is first sent only after the one before it was answered 2xx (or died)."""
+    by_instance: dict[str, list[Delivery]] = {}
+    for d in deliveries:
+        by_instance.setdefault(d.event["gesteinstanceid"], []).append(d)
+    for instance, sent in by_instance.items():
+        done: set[int] = set()
+        for d in sent:
+            i = d.event["data"]["i"]
+            assert all(k in done for k in range(i)), f"{instance}: event {i} sent before {sorted(done)}"
+            if d.status is not None and d.status < 300:
+                done.add(i)
+
+
+# -- delivery -----------------------------------------------------------------------------------------
+async def test_http_delivery_is_a_structured_cloudevent(make_app: MakeApp, receiver: Receiver) -> None:
+    app = make_app(outbox_endpoint=receiver.url, outbox_headers={"Authorization": "Bearer s3cret"})
+
+    @app.workflow
+    async def order(ctx: geste.WorkflowContext, order_id: str) -> str:
+        return await ctx.send_event("order.paid", {"order_id": order_id, "total": 9.5}, subject=order_id)
+
+    async with app:
+        handle = await order.start_with_id("order-1", "ORD-1")
+        event_id = await handle.result(timeout=10)
+        assert event_id == "order-1:1"  # deterministic: instance id and step
+        await until(lambda: receiver.answered(), what="a delivery")
+        [delivery] = receiver.deliveries
+        assert delivery.method == "POST" and delivery.path == "/hooks/events"
+        assert delivery.headers["content-type"] == "application/cloudevents+json; charset=utf-8"
+        assert delivery.headers["authorization"] == "Bearer s3cret"
+        body = delivery.event
+        sent_at = datetime.fromisoformat(body.pop("time"))
+        assert sent_at.utcoffset() is not None
+        assert abs(sent_at.timestamp() - time.time()) < 60
+        assert body == {
+            "specversion": "1.0",
+            "id": "order-1:1",
+            "source": "/geste/order",
+            "type": "order.paid",
+            "subject": "ORD-1",
+            "datacontenttype": "application/json",
+            "gesteinstanceid": "order-1",
+            "data": {"order_id": "ORD-1", "total": 9.5},
+        }
+        await until(lambda: _delivered(app, event_id), what="marked delivered")
+        entry = await outbox_status(app, event_id)
+        assert (entry.status, entry.attempts, entry.last_error) == (geste.OutboxStatus.DELIVERED, 1, None)
+        assert entry.instance_id == "order-1" and entry.seq == 1 and entry.type == "order.paid"
+        assert entry.delivered_at is not None and entry.next_attempt_at is None
+        [step] = await handle.history()
+        assert step.kind == geste.StepKind.SEND_EVENT and step.name == "order.paid"
+        assert step.payload == {
+            "event_id": "order-1:1",
+            "type": "order.paid",
+            "source": "/geste/order",
+            "subject": "ORD-1",
+        }
+
+
+async def _delivered(app: geste.App, event_id: str) -> bool:
+    return (await outbox_status(app, event_id)).status == geste.OutboxStatus.DELIVERED
+
+
+async def all_delivered(app: geste.App, count: int) -> bool:
+    entries = await app.outbox(limit=10_000)
+    return len(entries) == count and all(e.status == geste.OutboxStatus.DELIVERED for e in entries)
+
+
+async def test_callable_destination(make_app: MakeApp) -> None:
+    received: list[geste.OutboxEvent] = []
+
+    async def handler(event: geste.OutboxEvent) -> None:
+        received.append(event)
+
+    app = make_app(outbox_handler=handler)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> list[str]:
+        first = await ctx.send_event("a.b", [1, "two"], source="https://shop.example/orders")
+        second = await ctx.send_event("a.c", event_id="my-own-id")  # no data
+        return [first, second]
+
+    async with app:
+        handle = await flow.start_with_id("f")
+        assert await handle.result(timeout=10) == ["f:1", "my-own-id"]
+        await until(lambda: len(received) == 2, what="two events")
+        first, second = received
+        assert (first.event_id, first.type, first.source, first.data) == (
+            "f:1",
+            "a.b",
+            "https://shop.example/orders",
+            [1, "two"],
+        )
+        assert (first.instance_id, first.attempt, first.subject) == ("f", 1, None)
+        assert first.to_cloudevent()["data"] == [1, "two"]
+        assert (second.event_id, second.data, second.source) == ("my-own-id", None, "/geste/flow")
+        assert "data" not in second.to_cloudevent()
+        assert second.to_cloudevent()["specversion"] == "1.0"
+
+
+async def test_the_event_is_in_the_outbox_with_its_step_and_replay_does_not_emit_it_again(
+    make_app: MakeApp, receiver: Receiver
+) -> None:
+    runs = 0
+    app = make_app(outbox_endpoint=receiver.url)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> list[str]:
+        nonlocal runs
+        runs += 1
+        first = await ctx.send_event("step.one", {"n": 1})
+        await ctx.sleep(0.2)  # suspends: the rest runs after a replay from the top
+        second = await ctx.send_event("step.two", {"n": 2})
+        return [first, second]
+
+    async with app:
+        handle = await flow.start_with_id("r")
+        assert await handle.result(timeout=10) == ["r:1", "r:3"]
+        assert runs == 2
+        await until(lambda: all_delivered(app, 2), what="two deliveries")
+        assert receiver.ids() == ["r:1", "r:3"]  # and nothing is left to send
+        assert [e.event_id for e in await app.outbox()] == ["r:3", "r:1"]  # newest first
+        kinds = [(e.seq, str(e.kind)) for e in await handle.history()]
+        assert kinds == [(1, "send_event"), (2, "sleep"), (3, "send_event")]
+
+
+async def test_buffered_rows_commit_with_the_event(make_app: MakeApp) -> None:
+    received: list[geste.OutboxEvent] = []
+
+    async def handler(event: geste.OutboxEvent) -> None:
+        received.append(event)
+
+    app = make_app(outbox_handler=handler)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> str:
+        token = str(ctx.uuid4())  # buffered; committed with the send_event step, before the event
+        await ctx.send_event("with.token", {"token": token})
+        return token
+
+    async with app:
+        handle = await flow.start()
+        token = await handle.result(timeout=10)
+        await until(lambda: received, what="the event")
+        assert received[0].data == {"token": token}
+        assert [str(e.kind) for e in await handle.history()] == ["uuid", "send_event"]
+
+
+# -- retries, dead letters, order -----------------------------------------------------------------
+async def test_failed_attempts_are_retried_with_backoff_then_delivered(make_app: MakeApp) -> None:
+    async def respond(d: Delivery) -> int:
+        return 503 if len(receiver.deliveries) <= 2 else 200
+
+    async with Receiver(respond) as receiver:
+        app = make_app(outbox_endpoint=receiver.url, outbox_initial_backoff=0.2, outbox_max_backoff=10)
+        emit = register(app)
+        async with app:
+            handle = await emit.start_with_id("x", 1)
+            [event_id] = await handle.result(timeout=10)
+            await until(lambda: _delivered(app, event_id), what="delivered")
+            entry = await outbox_status(app, event_id)
+            assert entry.attempts == 3
+            assert entry.last_error is not None and entry.last_error.startswith("HTTP 503")
+            first, second, third = receiver.deliveries
+            assert [d.status for d in receiver.deliveries] == [503, 503, 200]
+            assert second.at - first.at >= 0.18  # initial_backoff
+            assert third.at - second.at >= 0.38  # doubled
+            assert {d.event_id for d in receiver.deliveries} == {event_id}
+
+
+async def test_dead_letter_after_max_attempts_and_retry_by_an_operator(make_app: MakeApp) -> None:
+    refuse = True
+
+    def respond(d: Delivery) -> int:
+        return 500 if refuse and d.event["data"]["i"] == 0 else 200
+
+    async with Receiver(respond) as receiver:
+        app = make_app(outbox_endpoint=receiver.url, outbox_max_attempts=3, outbox_initial_backoff=0.05)
+        emit = register(app)
+        async with app:
+            handle = await emit.start_with_id("d", 2)
+            first, second = await handle.result(timeout=10)
+            await until(lambda: _delivered(app, second), what="the next event, once the first is dead")
+            dead = await outbox_status(app, first)
+            assert (dead.status, dead.attempts) == (geste.OutboxStatus.DEAD, 3)
+            assert dead.last_error is not None and dead.last_error.startswith("HTTP 500")
+            assert dead.next_attempt_at is None and dead.delivered_at is None
+            assert receiver.ids(5) == [first] * 3
+            assert [e.event_id for e in await app.outbox(status="dead")] == [first]
+            assert [e.event_id for e in await app.outbox(status=geste.OutboxStatus.DELIVERED)] == [second]
+            assert len(await app.outbox(instance_id="d")) == 2 and await app.outbox(instance_id="zz") == []
+
+            refuse = False
+            assert await app.retry_outbox_event(first) is True
+            await until(lambda: _delivered(app, first), what="the re-queued event delivered")
+            entry = await outbox_status(app, first)
+            assert entry.attempts == 1 and entry.last_error is not None  # the last error is kept
+            assert await app.retry_outbox_event(first) is False  # not dead any more
+            assert await app.retry_outbox_event("no-such-event") is False
+
+
+async def test_connection_errors_and_timeouts_are_failed_attempts(make_app: MakeApp) -> None:
+    async def hold(d: Delivery) -> int:
+        await asyncio.sleep(5)
+        return 200
+
+    async with Receiver() as closed:
+        pass  # shut: nothing listens on its port any more
+    async with Receiver(hold) as slow:
+        apps = [
+            make_app(outbox_endpoint=closed.url, outbox_max_attempts=2, outbox_initial_backoff=0.05),
+            make_app(
+                outbox_endpoint=slow.url,
+                outbox_max_attempts=1,
+                outbox_timeout=0.3,
+                worker_id="slow",
+            ),
+        ]
+        for app, expected in zip(
+            apps, ("ConnectError", "no answer within outbox_timeout (0.3s)"), strict=True
+        ):
+            emit = register(app)
+            async with app:
+                [event_id] = await (await emit.start(1)).result(timeout=10)
+
+                async def dead(app: geste.App = app, event_id: str = event_id) -> bool:
+                    return (await outbox_status(app, event_id)).status == geste.OutboxStatus.DEAD
+
+                await until(dead, what="dead")
+                entry = await outbox_status(app, event_id)
+                assert entry.last_error is not None and expected in entry.last_error, entry.last_error
+
+
+async def test_a_failing_handler_is_retried(make_app: MakeApp) -> None:
+    attempts: list[int] = []
+
+    async def handler(event: geste.OutboxEvent) -> None:
+        attempts.append(event.attempt)
+        if event.attempt < 3:
+            raise RuntimeError(f"downstream busy ({event.attempt})")
+
+    app = make_app(outbox_handler=handler, outbox_initial_backoff=0.02)
+    emit = register(app)
+    async with app:
+        [event_id] = await (await emit.start(1)).result(timeout=10)
+        await until(lambda: _delivered(app, event_id), what="delivered")
+        assert attempts == [1, 2, 3]
+        entry = await outbox_status(app, event_id)
+        assert entry.last_error == "RuntimeError: downstream busy (2)"
+
+
+async def test_events_of_an_instance_go_out_in_order(make_app: MakeApp) -> None:
+    failed: set[str] = set()
+
+    async def respond(d: Delivery) -> int:
+        await asyncio.sleep(0.002)
+        if d.event["data"]["i"] in (0, 2) and d.event_id not in failed:  # the first try of two of them
+            failed.add(d.event_id)
+            return 500
+        return 200
+
+    async with Receiver(respond) as receiver:
+        app = make_app(outbox_endpoint=receiver.url, outbox_initial_backoff=0.05)
+        emit = register(app)
+        async with app:
+            handles = [await emit.start_with_id(f"o{n}", 5) for n in range(4)]
+            ids = [eid for h in handles for eid in await h.result(timeout=10)]
+            await until(lambda: set(receiver.ids()) == set(ids), what="all delivered")
+        check_order(receiver.deliveries)
+        assert len(receiver.deliveries) == len(ids) + 8  # each event once, plus the refused tries
+        for h in handles:  # per instance, the answered order is the emitted order
+            assert [
+                d.event["data"]["i"]
+                for d in receiver.answered()
+                if d.event["gesteinstanceid"] == h.instance_id
+            ] == list(range(5))
+
+
+# -- wake-ups ----------------------------------------------------------------------------------------
+async def test_relay_is_poked_locally_and_wakes_at_the_next_attempt(make_app: MakeApp) -> None:
+    def respond(d: Delivery) -> int:
+        return 500 if len(receiver.deliveries) == 1 else 200
+
+    async with Receiver(respond) as receiver:
+        # polls every minute: only the local poke and the wake-up at next_attempt_at can be this fast
+        app = make_app(
+            outbox_endpoint=receiver.url,
+            outbox_initial_backoff=0.3,
+            poll_interval=60,
+            notify_fallback_interval=60,
+        )
+        emit = register(app)
+        async with app:
+            await asyncio.sleep(0.2)  # the relay's first look is over: it sleeps for a minute
+            started = time.monotonic()
+            [event_id] = await (await emit.start(1)).result(timeout=10)
+            await until(lambda: _delivered(app, event_id), timeout=5, what="delivered")
+        first, second = receiver.deliveries
+        assert first.at - started < 2
+        assert 0.28 <= second.at - first.at < 2
+
+
+async def test_outbox_pending_notification_wakes_the_relay_of_another_process(pg_url: str) -> None:
+    import asyncpg
+
+    from tests.conftest import POSTGRES_URL
+
+    received: list[tuple[float, geste.OutboxEvent]] = []
+
+    async def handler(event: geste.OutboxEvent) -> None:
+        received.append((time.monotonic(), event))
+
+    emitter = geste.App(pg_url, poll_interval=0.05, lock_timeout=2)  # runs the workflow, no relay
+    emit = register(emitter)
+    relay = geste.App(pg_url, outbox_handler=handler, poll_interval=60, notify_fallback_interval=60)
+    notes: list[dict[str, Any]] = []
+    conn = await asyncpg.connect(POSTGRES_URL)
+    await conn.add_listener("geste_outbox_pending", lambda *args: notes.append(json.loads(args[3])))
+    try:
+        async with emitter, relay:
+            await until(
+                lambda: relay.listener_status().state == geste.ListenerState.LISTENING, what="listening"
+            )
+            await asyncio.sleep(0.2)  # its catch-up round is over: it sleeps for a minute
+            started = time.monotonic()
+            handle = await emit.start_with_id(f"n-{uuid.uuid4().hex[:6]}", 2)  # runs in `emitter`
+            ids = await handle.result(timeout=10)
+            await until(lambda: len(received) == 2, timeout=5, what="both events through the notification")
+            assert [e.event_id for _, e in received] == ids
+            assert received[0][0] - started < 3
+            await until(lambda: len(notes) == 2, what="two notifications")
+            assert notes == [{"event_id": ids[0]}, {"event_id": ids[1]}]
+            assert relay.listener_status().notifications["geste_outbox_pending"] == 2
+    finally:
+        await conn.close()
+
+
+async def test_a_client_app_does_not_relay(make_app: MakeApp) -> None:
+    received: list[geste.OutboxEvent] = []
+
+    async def handler(event: geste.OutboxEvent) -> None:
+        received.append(event)
+
+    worker = make_app()  # runs workflows, has no destination: no relay
+    emit = register(worker)
+    client = make_app(run_worker=False, outbox_handler=handler)  # a destination but no worker: no relay
+    async with worker, client:
+        [event_id] = await (await emit.start(1)).result(timeout=10)
+        await asyncio.sleep(0.3)
+        assert received == []
+        assert (await outbox_status(client, event_id)).status == geste.OutboxStatus.PENDING
+    relay = make_app(outbox_handler=handler)
+    async with relay:
+        await until(lambda: _delivered(relay, event_id), what="delivered by a relay started later")
+        assert [e.event_id for e in received] == [event_id]
+
+
+# -- at least once, never concurrently -------------------------------------------------------------
+async def test_a_failed_mark_sends_the_event_again(make_app: MakeApp, receiver: Receiver) -> None:
+    app = make_app(outbox_endpoint=receiver.url, outbox_timeout=0.5, lock_timeout=0.5)
+    emit = register(app)
+    real_mark = app.storage.outbox_mark_delivered
+    marks = 0
+
+    async def failing_mark(event_id: str, claim_id: str, now: float) -> bool:
+        nonlocal marks
+        marks += 1
+        if marks == 1:
+            raise StorageError("the database went away while marking")
+        return await real_mark(event_id, claim_id, now)
+
+    app.storage.outbox_mark_delivered = failing_mark  # type: ignore[method-assign]
+    async with app:
+        [event_id] = await (await emit.start(1)).result(timeout=10)
+        await until(lambda: _delivered(app, event_id), what="delivered after the claim expired")
+        assert receiver.ids() == [event_id, event_id]  # at least once: sent again
+        assert receiver.deliveries[1].at - receiver.deliveries[0].at >= 0.5  # after the claim expired
+        assert (await outbox_status(app, event_id)).attempts == 2
+
+
+def spawn_worker(url: str, endpoint: str, ready: Path, log: Path, worker_id: str) -> subprocess.Popen[bytes]:
+    """A worker process (tests/apps/outbox_app.py) whose relay posts to ``endpoint``."""
+    args = ["--endpoint", endpoint, "--ready", str(ready), "--worker-id", worker_id]
+    with log.open("wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.apps.outbox_app", url, *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=die_with_parent,
+        )
+
+
+async def test_relay_killed_after_sending_before_marking_sends_again(db_url: str, tmp_path: Path) -> None:
+    proc: subprocess.Popen[bytes] | None = None
+    held: list[str] = []
+
+    def respond(d: Delivery) -> int | None:
+        if not held:  # the first request: kill its sender while it waits for the answer
+            held.append(d.event_id)
+            assert proc is not None
+            os.kill(proc.pid, signal.SIGKILL)
+            return None
+        return 200
+
+    async with Receiver(respond) as receiver:
+        ready = tmp_path / "ready"
+        proc = spawn_worker(db_url, receiver.url, ready, tmp_path / "worker.log", "doomed")
+        try:
+            await until(ready.exists, timeout=30, what="the worker ready")
+            client = build_app(db_url, run_worker=False)
+            async with client:
+                await client.start_workflow("emit", 3, instance_id="k")
+                await until(lambda: proc.poll() is not None, what="the worker killed")
+                [first] = held
+                assert first == "k:1"
+                entry = await outbox_status(client, first)
+                assert (entry.status, entry.attempts, entry.claimed_by) == (
+                    geste.OutboxStatus.PENDING,
+                    1,
+                    "doomed",
+                )
+
+            # another worker and relay take over: the lease and the claim expire, the event goes again
+            successor = build_app(
+                db_url,
+                worker_id="successor",
+                outbox_endpoint=receiver.url,
+                poll_interval=0.05,
+                lock_timeout=1.0,
+            )
+            async with successor:
+                assert await successor.get_handle("k").result(timeout=20) == ["k:1", "k:2", "k:3"]
+                await until(lambda: all_delivered(successor, 3), timeout=20, what="all delivered")
+                entries = {e.event_id: e for e in await successor.outbox()}
+                assert [entries[k].attempts for k in ("k:1", "k:2", "k:3")] == [2, 1, 1]
+            assert [d.event_id for d in receiver.deliveries] == ["k:1", "k:1", "k:2", "k:3"]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+
+
+async def test_two_relays_never_send_one_event_concurrently(make_app: MakeApp) -> None:
+    async def respond(d: Delivery) -> int:
+        await asyncio.sleep(0.01)  # widen the window a second sender would hit
+        return 200
+
+    async with Receiver(respond) as receiver:
+        apps = [make_app(outbox_endpoint=receiver.url, worker_id=f"relay-{n}") for n in range(2)]
+        emits = [register(app) for app in apps]
+        async with apps[0], apps[1]:
+            handles = [await emits[n % 2].start_with_id(f"race-{n}", 4) for n in range(16)]
+            ids = [eid for h in handles for eid in await h.result(timeout=20)]
+            await until(lambda: all_delivered(apps[1], len(ids)), timeout=30, what="all delivered")
+            entries = await apps[0].outbox(limit=1000)
+        assert sorted(receiver.ids()) == sorted(ids)  # each event exactly once: nothing crashed
+        assert len(receiver.deliveries) == len(ids)
+        assert set(receiver.max_in_flight.values()) == {1}
+        check_order(receiver.deliveries)
+        assert {e.status for e in entries} == {geste.OutboxStatus.DELIVERED}
+        assert {e.attempts for e in entries} == {1}
+
+
+# -- bad input -------------------------------------------------------------------------------------
+async def _handler(event: geste.OutboxEvent) -> None:
+    return None
+
+
+def _sync_handler(event: geste.OutboxEvent) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"outbox_endpoint": "http://h/x", "outbox_handler": _handler}, "exclusive"),
+        ({"outbox_endpoint": "ftp://h/x"}, "http:// or https://"),
+        ({"outbox_endpoint": "http://"}, "with a host"),
+        ({"outbox_endpoint": 42}, "URL string"),
+        ({"outbox_handler": _sync_handler}, "async callable"),
+        ({"outbox_handler": "not callable"}, "async callable"),
+        ({"outbox_handler": _handler, "outbox_max_attempts": 0}, "outbox_max_attempts"),
+        ({"outbox_handler": _handler, "outbox_max_attempts": True}, "outbox_max_attempts"),
+        ({"outbox_handler": _handler, "outbox_initial_backoff": -1}, "outbox_initial_backoff"),
+        ({"outbox_handler": _handler, "outbox_initial_backoff": 0}, "outbox_initial_backoff"),
+        (
+            {"outbox_handler": _handler, "outbox_initial_backoff": 5, "outbox_max_backoff": 1},
+            "outbox_max_backoff",
+        ),
+        ({"outbox_handler": _handler, "outbox_timeout": 0}, "outbox_timeout"),
+        ({"outbox_handler": _handler, "outbox_timeout": "10"}, "outbox_timeout"),
+        ({"outbox_endpoint": "http://h/x", "outbox_headers": {"X-A": "1\r\nX-B: 2"}}, "not a valid header"),
+        ({"outbox_endpoint": "http://h/x", "outbox_headers": {"Bad Name": "1"}}, "not a valid header"),
+        ({"outbox_endpoint": "http://h/x", "outbox_headers": {"X-A": 1}}, "not a valid header"),
+        ({"outbox_endpoint": "http://h/x", "outbox_headers": {"Content-Type": "text/plain"}}, "Content-Type"),
+        ({"outbox_endpoint": "http://h/x", "outbox_headers": ["X-A"]}, "mapping"),
+        ({"outbox_handler": _handler, "outbox_headers": {"X-A": "1"}}, "outbox_endpoint"),
+    ],
+)
+def test_bad_outbox_configuration_is_refused_at_construction(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        geste.App(f"sqlite:///{tmp_path / 'x.db'}", **options)
+
+
+def test_valid_outbox_configuration_is_kept(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    app = geste.App(
+        f"sqlite:///{tmp_path / 'x.db'}",
+        outbox_endpoint="https://hooks.example/in",
+        outbox_headers={"Authorization": "Bearer t"},
+        outbox_max_attempts=4,
+        outbox_initial_backoff=timedelta(milliseconds=500),
+        outbox_max_backoff=2,
+        outbox_timeout=3,
+    )
+    config = app.outbox_config
+    assert (config.endpoint, config.max_attempts, config.initial_backoff, config.max_backoff) == (
+        "https://hooks.example/in",
+        4,
+        0.5,
+        2.0,
+    )
+    assert [config.backoff(n) for n in (1, 2, 3, 4, 100)] == [0.5, 1.0, 2.0, 2.0, 2.0]
+    assert geste.App(f"sqlite:///{tmp_path / 'y.db'}").outbox_config.enabled is False
+
+
+async def test_bad_send_event_arguments_fail_the_workflow_and_emit_nothing(make_app: MakeApp) -> None:
+    app = make_app(outbox_handler=_handler)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext, case: str) -> str:
+        if case == "type":
+            return await ctx.send_event("")
+        if case == "subject":
+            return await ctx.send_event("t", subject="")
+        if case == "id":
+            return await ctx.send_event("t", event_id="x" * 201)
+        return await ctx.send_event("t", {"not json": object()})
+
+    async with app:
+        for case, error in (
+            ("type", TypeError),
+            ("subject", TypeError),
+            ("id", TypeError),
+            ("data", SerializationError),
+        ):
+            handle = await flow.start(case)
+            with pytest.raises(geste.errors.WorkflowFailed) as failed:
+                await handle.result(timeout=10)
+            assert isinstance(failed.value.__cause__, error), failed.value.error
+        assert await app.outbox() == []
+        with pytest.raises(ConfigurationError, match="unknown outbox status"):
+            await app.outbox(status="lost")
+        with pytest.raises(ConfigurationError, match="limit"):
+            await app.outbox(limit=0)
