@@ -146,6 +146,7 @@ class Wakeups:
         self.listening = False
         self.event = asyncio.Event()
         self._timers: list[float] = []
+        self._messages = False
 
     def poke(self) -> None:
         self.event.set()
@@ -160,6 +161,16 @@ class Wakeups:
         heapq.heappush(self._timers, when)
         if self._timers[0] == when:
             self.poke()  # the worker may be sleeping past it: let it recompute
+
+    def message_arrived(self) -> None:
+        """A message was published for receivers that another process made runnable: claim them."""
+        self._messages = True
+        self.poke()
+
+    def messages_due(self) -> bool:
+        """Whether a message arrived since it was last looked at (consumes it)."""
+        due, self._messages = self._messages, False
+        return due
 
     def interval(self) -> float:
         """How long the worker may sleep without a poke: the net's period, or until a local timer."""
@@ -331,6 +342,8 @@ class Listener:
             return
         if channel == WORKFLOW_RESUMABLE:
             self.wakeups.poke()
+        elif channel == CHANNEL_MESSAGE:
+            self.wakeups.message_arrived()
         elif channel == TIMER_EXPIRED:
             expires_at = body.get("expires_at") if isinstance(body, dict) else None
             if isinstance(expires_at, int | float):

@@ -42,6 +42,7 @@ class Worker:
         shutdown_grace: float,
         max_workflows_per_batch: int = 100,
         max_timers_per_batch: int = 100,
+        max_messages_per_batch: int = 100,
         listener_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.engine = engine
@@ -52,6 +53,7 @@ class Worker:
         self.wakeups = wakeups
         self.max_workflows_per_batch = max_workflows_per_batch
         self.max_timers_per_batch = max_timers_per_batch
+        self.max_messages_per_batch = max_messages_per_batch
         self.lock_timeout = lock_timeout
         self.shutdown_grace = shutdown_grace
         self.listener_status = listener_status
@@ -173,6 +175,8 @@ class Worker:
         if free <= 0:
             return self.wakeups.interval()  # a finishing run pokes
         limit = self.max_timers_per_batch if self.wakeups.timer_due() else self.max_workflows_per_batch
+        if self.wakeups.messages_due():  # woken by geste_channel_message: its own batch size
+            limit = self.max_messages_per_batch
         batch = min(free, limit)
         now = self.clock()
         claims = await self.storage.claim(self.worker_id, now, now + self.lock_timeout, batch)

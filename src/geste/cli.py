@@ -148,6 +148,19 @@ def _outcome(entry: HistoryEntry) -> str:
         return "timed out"
     if entry.kind == StepKind.CANCELLED:
         return "cancellation delivered here"
+    if entry.kind == StepKind.SUBSCRIBE:
+        return str(p.get("mode", ""))
+    if entry.kind == StepKind.RECEIVE:
+        return "waiting" + ("" if p.get("timeout") is None else f" (timeout {p['timeout']:g}s)")
+    if entry.kind == StepKind.MESSAGE:
+        return "received " + _js(p.get("data")) + (" (direct)" if p.get("direct") else "")
+    if entry.kind == StepKind.RECEIVE_TIMEOUT:
+        return "timed out"
+    if entry.kind in (StepKind.PUBLISH, StepKind.SEND_TO):
+        if entry.is_error:
+            return f"no instance {p.get('target_instance_id')!r}"
+        to = "" if p.get("target_instance_id") is None else f" to {p['target_instance_id']}"
+        return f"message {p.get('message_id')}{to}"
     return _js(p)
 
 
@@ -429,6 +442,32 @@ def send_event(
             return await app.send_event(event_type, data, instance_id=instance_id, event_id=event_id)
 
     click.echo(f"sent {event_type} event {_run(go())}")
+
+
+@main.command()
+@click.argument("channel")
+@click.argument("data", metavar="[DATA_JSON]", required=False, callback=_json_arg)
+@database_url_option
+@click.option("--to", "instance_id", default=None, help="Send to this instance only (send_to).")
+@click.option("--id", "message_id", default=None, help="Message id; an id published twice is stored once.")
+def publish(
+    channel: str, data: Any, database_url: str, instance_id: str | None, message_id: str | None
+) -> None:
+    """Publish a message on CHANNEL (or, with --to, send it to one instance).
+
+    DATA_JSON is its data (any JSON value). Broadcast subscribers each get it, one competing subscriber
+    takes it; a subscriber that is not waiting keeps it until it receives.
+    """
+
+    async def go() -> str:
+        async with _client(database_url) as app:
+            if instance_id is None:
+                return await app.publish(channel, data, message_id=message_id)
+            return await app.send_to(instance_id, channel, data, message_id=message_id)
+
+    mid = _run(go())
+    to = "" if instance_id is None else f" to {instance_id}"
+    click.echo(f"published message {mid} on {channel}{to}")
 
 
 @main.command()

@@ -1,0 +1,173 @@
+"""Channels: messages between workflow instances, and from the outside world to them.
+
+A message is published on a named channel (``ctx.publish``, ``app.publish``) or sent to one instance
+(``ctx.send_to``, ``app.send_to``) and stored; an instance takes messages with ``ctx.receive``:
+
+- **broadcast** subscribers (``ctx.subscribe(channel)``, or a first ``receive`` on a channel) each take
+  every message published on the channel after they subscribed, in publication order;
+- **competing** subscribers (``ctx.subscribe(channel, mode="competing")``) share the channel's messages:
+  each one published after a competing subscriber subscribed is taken by exactly one of them;
+- a **direct** message (``send_to``) is taken by its target only, whenever it receives on that channel
+  (also if it was sent before the target subscribed).
+
+The storage makes taking a message and recording it in the history one transaction, and a publish makes
+the waiting receivers runnable in its own transaction (every waiting broadcast subscriber, the competing
+subscriber idle the longest, or the target). ``ChannelMaintenance`` runs with each worker: it re-wakes
+competing receivers when a message stays unclaimed (the one woken for it was cancelled or failed) and
+deletes what nobody needs any more, after the retention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ._definitions import storable_text
+from ._serde import decode
+from .errors import ConfigurationError, StorageError
+from .storage.base import Storage
+
+logger = logging.getLogger("geste.channels")
+
+MAX_CHANNEL_LENGTH = 200
+BROADCAST = "broadcast"
+COMPETING = "competing"
+MODES = (BROADCAST, COMPETING)
+
+REWAKE_INTERVAL = 5.0
+"""Seconds between the sweeps that re-wake competing receivers for a message left unclaimed."""
+CLEANUP_INTERVAL = 60.0
+"""Seconds between two cleanups of old messages, subscriptions and events."""
+CLEANUP_BATCH = 1000
+"""Rows deleted per statement; a cleanup runs at most ``CLEANUP_ROUNDS`` statements of each kind."""
+CLEANUP_ROUNDS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as ``ctx.receive`` returns it.
+
+    ``sender_instance_id`` is the publishing instance (``None`` when published from outside a workflow);
+    ``direct`` says it was sent to this instance with ``send_to``.
+    """
+
+    message_id: str
+    channel: str
+    data: Any
+    sender_instance_id: str | None
+    published_at: datetime
+    direct: bool = False
+
+
+def check_channel(channel: object) -> str:
+    """A channel name: any non-empty string of at most 200 characters that every backend stores verbatim."""
+    if (
+        not isinstance(channel, str)
+        or not channel
+        or len(channel) > MAX_CHANNEL_LENGTH
+        or not storable_text(channel)
+    ):
+        raise ConfigurationError(
+            f"a channel name must be a non-empty string of at most {MAX_CHANNEL_LENGTH} characters "
+            f"(no NUL, valid UTF-8), not {channel!r:.80}"
+        )
+    return channel
+
+
+def check_mode(mode: object) -> str:
+    if mode not in MODES:
+        raise ConfigurationError(f"mode must be 'broadcast' or 'competing', not {mode!r:.80}")
+    return str(mode)
+
+
+def message_from_payload(payload: str | None) -> Message:
+    """The ``Message`` a history row of kind ``message`` recorded."""
+    body = decode(payload)
+    return Message(
+        message_id=body["message_id"],
+        channel=body["channel"],
+        data=body.get("data"),
+        sender_instance_id=body.get("sender_instance_id"),
+        published_at=datetime.fromtimestamp(body["published_at"], UTC),
+        direct=bool(body.get("direct")),
+    )
+
+
+class ChannelMaintenance:
+    """The background chores of channels, in each process that runs a worker: a re-wake sweep every
+    ``REWAKE_INTERVAL`` and a bounded cleanup every ``CLEANUP_INTERVAL`` (the first at start)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        clock: Callable[[], float],
+        message_retention: float,
+        event_retention: float,
+        on_woken: Callable[[], None],
+        batch: int = 100,
+    ) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.message_retention = message_retention
+        self.event_retention = event_retention
+        self.on_woken = on_woken
+        self.batch = batch
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="geste-channel-maintenance")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def rewake(self) -> list[str]:
+        """Re-wake idle competing receivers of messages unclaimed for longer than the sweep interval."""
+        now = self.clock()
+        woken = await self.storage.channel_rewake(
+            now, published_before=now - REWAKE_INTERVAL, limit=self.batch
+        )
+        if woken:
+            logger.info("re-woke %d competing receiver(s) of unclaimed messages", len(woken))
+            self.on_woken()
+        return woken
+
+    async def cleanup(self) -> int:
+        """Delete, in bounded batches, what no instance needs: returns the number of rows deleted."""
+        now = self.clock()
+        deleted = 0
+        for _ in range(CLEANUP_ROUNDS):
+            done = await self.storage.channel_cleanup(
+                messages_before=now - self.message_retention,
+                events_before=now - self.event_retention,
+                limit=CLEANUP_BATCH,
+            )
+            deleted += done
+            if done < CLEANUP_BATCH:
+                break
+        if deleted:
+            logger.info("cleanup deleted %d old message, subscription, event and delivery row(s)", deleted)
+        return deleted
+
+    async def _run(self) -> None:
+        next_cleanup = 0.0
+        while True:
+            try:
+                if self.clock() >= next_cleanup:
+                    next_cleanup = self.clock() + CLEANUP_INTERVAL
+                    await self.cleanup()
+                await self.rewake()
+            except StorageError as exc:
+                logger.warning("channel maintenance failed (%s); trying again later", exc)
+            except Exception:  # never let a chore die silently: it is retried next round
+                logger.exception("channel maintenance failed")
+            await asyncio.sleep(REWAKE_INTERVAL)
