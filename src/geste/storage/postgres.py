@@ -245,6 +245,9 @@ class PostgresStorage(Storage):
                 lock_expires_at if lease else None,
                 self.notify,
             )
+            if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
+                existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
+                return instance_from_row(existing), False
             return instance_from_row(list(row)[1:]), bool(row[0])
 
         return await self._run(go)
@@ -619,21 +622,21 @@ class PostgresStorage(Storage):
 
         return await self._run(go)
 
-    async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> bool:
-        async def go(conn: Conn) -> bool:
-            done = await conn.execute(self._q["outbox_mark_delivered"], event_id, claim_id, now)
-            return bool(done == "UPDATE 1")
+    async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> tuple[bool, bool]:
+        async def go(conn: Conn) -> tuple[bool, bool]:
+            ours, later = await conn.fetchrow(self._q["outbox_mark_delivered"], event_id, claim_id, now)
+            return bool(ours), bool(later)
 
         return await self._run(go)
 
     async def outbox_mark_failed(
         self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
-    ) -> bool:
-        async def go(conn: Conn) -> bool:
-            done = await conn.execute(
+    ) -> tuple[bool, bool]:
+        async def go(conn: Conn) -> tuple[bool, bool]:
+            ours, later = await conn.fetchrow(
                 self._q["outbox_mark_failed"], event_id, claim_id, now, error, next_attempt_at
             )
-            return bool(done == "UPDATE 1")
+            return bool(ours), bool(later)
 
         return await self._run(go)
 
