@@ -286,10 +286,10 @@ class App:
             shutdown_grace=self.shutdown_grace,
         )
         self._relay = relay
-        self._engine.on_outbox = relay.poke
+        self._engine.on_outbox = relay.recorded
         listener = self._listener
         if listener is not None:
-            listener.handlers[OUTBOX_PENDING] = lambda _body: relay.poke()
+            listener.handlers[OUTBOX_PENDING] = relay.notified
             caught_up = listener.on_caught_up
 
             def catch_up() -> None:  # after a (re)connect, what was sent meanwhile is found by a round
@@ -359,7 +359,7 @@ class App:
             await worker.stop()
         relay, self._relay = self._relay, None
         if relay is not None:  # in-flight deliveries end (or are given back); nothing new is claimed
-            self._engine.on_outbox = lambda: None
+            self._engine.on_outbox = lambda _event_id: None
             await relay.stop()
         for futures in self._waiters.values():
             for future in futures:

@@ -458,7 +458,7 @@ class WorkflowContext:
             raise Abandon(exc) from exc
         if outcome.cancel_requested:
             self._cancel_requested = True
-        self._engine.on_outbox()
+        self._engine.on_outbox(eid)
         return eid
 
     # -- channels ------------------------------------------------------------------------------------

@@ -51,8 +51,8 @@ class Engine:
         self.on_finished = on_finished
         self.on_channel_woken: Callable[[], None] = lambda: None
         """Called after a step published a message that made receivers runnable: the App pokes its worker."""
-        self.on_outbox: Callable[[], None] = lambda: None
-        """Called after a step recorded an outbox event: the App pokes its relay."""
+        self.on_outbox: Callable[[str], None] = lambda _event_id: None
+        """Called with the event id after a step recorded an outbox event: the App pokes its relay."""
 
     async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
         """Run the claimed instance until it suspends, finishes, or cannot go on."""

@@ -54,6 +54,8 @@ MAX_IN_FLIGHT = 100
 MIN_IDLE_WAIT = 0.01
 """Shortest sleep after a round that claimed nothing (a due event another relay just locked)."""
 MAX_ERROR_LENGTH = 1000
+MAX_LOCAL_IDS = 10_000
+"""Ids of events recorded in this process whose notification has not come back yet, kept at most."""
 CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
 
 OutboxHandler = Callable[["OutboxEvent"], Awaitable[Any]]
@@ -308,6 +310,7 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._client: Any = None
         self._stopping = False
+        self._local: set[str] = set()
 
     # -- life cycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -351,8 +354,23 @@ class Relay:
         logger.info("outbox relay %s stopped", self.relay_id)
 
     def poke(self) -> None:
-        """Look for due events now (an event was recorded, a notification came)."""
+        """Look for due events now."""
         self._event.set()
+
+    def recorded(self, event_id: str) -> None:
+        """A step of this process recorded an event: look now, and ignore its own notification."""
+        if len(self._local) >= MAX_LOCAL_IDS:  # notifications are off or lost: forget, do not grow
+            self._local.clear()
+        self._local.add(event_id)
+        self.poke()
+
+    def notified(self, body: dict[str, Any]) -> None:
+        """``geste_outbox_pending`` arrived: an event recorded elsewhere (this process's own are known)."""
+        event_id = body.get("event_id")
+        if isinstance(event_id, str) and event_id in self._local:
+            self._local.discard(event_id)
+            return
+        self.poke()
 
     # -- the loop ----------------------------------------------------------------------------------
     def _interval(self) -> float:
@@ -409,18 +427,21 @@ class Relay:
 
     # -- one delivery ------------------------------------------------------------------------------
     async def _deliver(self, claim: OutboxClaim) -> None:
+        look_again = True  # unless the mark says nothing of this instance waits behind the event
         try:
             error = await self._send(claim)
             now = self.clock()
             if error is None:
-                kept = await self.storage.outbox_mark_delivered(claim.event_id, claim.claim_id, now)
+                kept, later = await self.storage.outbox_mark_delivered(claim.event_id, claim.claim_id, now)
+                look_again = later
                 logger.debug("outbox event %s delivered (attempt %d)", claim.event_id, claim.attempts)
             else:
                 dead = claim.attempts >= self.config.max_attempts
                 next_at = None if dead else now + self.config.backoff(claim.attempts)
-                kept = await self.storage.outbox_mark_failed(
+                kept, later = await self.storage.outbox_mark_failed(
                     claim.event_id, claim.claim_id, now, error[:MAX_ERROR_LENGTH], next_at
                 )
+                look_again = later or not dead  # a retry: the loop's next wake-up is that time
                 if dead:
                     logger.error(
                         "outbox event %s (%s of instance %s) is dead after %d attempts: %s",
@@ -440,6 +461,7 @@ class Relay:
                         next_at - now if next_at is not None else 0.0,
                     )
             if not kept:
+                look_again = True
                 logger.warning(
                     "outbox event %s: the claim expired before the outcome was recorded; another relay "
                     "owns it now (the event may be sent again)",
@@ -455,7 +477,8 @@ class Relay:
             current = self._inflight.get(claim.event_id)
             if current is not None and current[0] is claim:
                 del self._inflight[claim.event_id]
-            self.poke()  # the instance's next event may be claimable now
+            if look_again:
+                self.poke()  # the instance's next event may be claimable now, or a retry is due sooner
 
     async def _send(self, claim: OutboxClaim) -> str | None:
         """One attempt; None when delivered, else what went wrong."""

@@ -404,14 +404,16 @@ class Storage(abc.ABC):
         instance only; count the attempt."""
 
     @abc.abstractmethod
-    async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> bool:
-        """Mark a claimed event delivered; False when the claim was no longer ours."""
+    async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> tuple[bool, bool]:
+        """Mark a claimed event delivered. Returns whether the claim was still ours, and whether the
+        instance has a later pending event (which this may have made claimable)."""
 
     @abc.abstractmethod
     async def outbox_mark_failed(
         self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
-    ) -> bool:
-        """Record a failed attempt: pending again at ``next_attempt_at``, or dead when it is None."""
+    ) -> tuple[bool, bool]:
+        """Record a failed attempt: pending again at ``next_attempt_at``, or dead when it is None.
+        Returns what ``outbox_mark_delivered`` returns."""
 
     @abc.abstractmethod
     async def outbox_release(self, claims: Sequence[tuple[str, str]], now: float) -> None:

@@ -604,13 +604,19 @@ class SQLiteStorage(Storage):
 
         return await self._write(tx)
 
-    async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> bool:
+    async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> tuple[bool, bool]:
         params = {"event_id": event_id, "claim_id": claim_id, "now": now}
-        return await self._write(lambda c: c.execute(Q["outbox_mark_delivered"], params).rowcount == 1)
+        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_delivered", params))
+
+    @staticmethod
+    def _outbox_mark(conn: sqlite3.Connection, query: str, params: dict[str, object]) -> tuple[bool, bool]:
+        if conn.execute(Q[query], params).rowcount != 1:
+            return False, False
+        return True, bool(conn.execute(Q["outbox_has_later"], params).fetchone()[0])
 
     async def outbox_mark_failed(
         self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
-    ) -> bool:
+    ) -> tuple[bool, bool]:
         params = {
             "event_id": event_id,
             "claim_id": claim_id,
@@ -618,7 +624,7 @@ class SQLiteStorage(Storage):
             "error": error,
             "next_attempt_at": next_attempt_at,
         }
-        return await self._write(lambda c: c.execute(Q["outbox_mark_failed"], params).rowcount == 1)
+        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_failed", params))
 
     async def outbox_release(self, claims: Sequence[tuple[str, str]], now: float) -> None:
         params = [{"event_id": e, "claim_id": c, "now": now} for e, c in claims]

@@ -343,18 +343,32 @@ RETURNING o.event_id, o.instance_id, o.step_seq, o.event_type, o.source, o.subje
           o.created_at;
 
 -- name: outbox_mark_delivered
-UPDATE {schema}.geste_outbox
-SET status = 'delivered', delivered_at = $3, updated_at = $3, next_attempt_at = NULL,
-    claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
-WHERE event_id = $1 AND claim_id = $2 AND status = 'pending';
+-- Returns (the claim was ours, the instance has a later pending event: the relay looks again at once).
+WITH marked AS (
+    UPDATE {schema}.geste_outbox
+    SET status = 'delivered', delivered_at = $3, updated_at = $3, next_attempt_at = NULL,
+        claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
+    WHERE event_id = $1 AND claim_id = $2 AND status = 'pending'
+    RETURNING instance_id, step_seq
+)
+SELECT EXISTS (SELECT 1 FROM marked),
+       EXISTS (SELECT 1 FROM {schema}.geste_outbox e JOIN marked m ON e.instance_id = m.instance_id
+               WHERE e.status = 'pending' AND e.step_seq > m.step_seq);
 
 -- name: outbox_mark_failed
 -- A NULL next attempt ($5) means no attempt is left: the event is dead (kept, with its last error).
-UPDATE {schema}.geste_outbox
-SET status = CASE WHEN $5::double precision IS NULL THEN 'dead' ELSE 'pending' END,
-    next_attempt_at = $5, last_error = $4, updated_at = $3,
-    claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
-WHERE event_id = $1 AND claim_id = $2 AND status = 'pending';
+-- Returns (the claim was ours, the instance has a later pending event).
+WITH marked AS (
+    UPDATE {schema}.geste_outbox
+    SET status = CASE WHEN $5::double precision IS NULL THEN 'dead' ELSE 'pending' END,
+        next_attempt_at = $5, last_error = $4, updated_at = $3,
+        claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
+    WHERE event_id = $1 AND claim_id = $2 AND status = 'pending'
+    RETURNING instance_id, step_seq
+)
+SELECT EXISTS (SELECT 1 FROM marked),
+       EXISTS (SELECT 1 FROM {schema}.geste_outbox e JOIN marked m ON e.instance_id = m.instance_id
+               WHERE e.status = 'pending' AND e.step_seq > m.step_seq);
 
 -- name: outbox_release
 -- A relay stopping gives back the claims it could not finish: claimable again at once.

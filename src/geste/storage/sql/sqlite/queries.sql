@@ -227,6 +227,13 @@ SET status = CASE WHEN :next_attempt_at IS NULL THEN 'dead' ELSE 'pending' END,
     claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
 WHERE event_id = :event_id AND claim_id = :claim_id AND status = 'pending';
 
+-- name: outbox_has_later
+-- After a mark: whether the instance has a later pending event, which the mark may have unblocked.
+SELECT EXISTS (SELECT 1 FROM geste_outbox
+               WHERE instance_id = (SELECT instance_id FROM geste_outbox WHERE event_id = :event_id)
+                 AND status = 'pending'
+                 AND step_seq > (SELECT step_seq FROM geste_outbox WHERE event_id = :event_id));
+
 -- name: outbox_release
 -- A relay stopping gives back the claims it could not finish: claimable again at once.
 UPDATE geste_outbox SET claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL, updated_at = :now
