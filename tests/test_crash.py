@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 import geste
 
 from .conftest import die_with_parent
+from .support import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
@@ -32,22 +33,6 @@ if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pyte
 from tests.apps.crash_app import build_app, read_log  # noqa: E402
 
 LOCK_TIMEOUT = 1.0
-
-
-async def wait_until(
-    check: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 15.0, interval: float = 0.02
-) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 class Cluster:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 import pytest
 
 import geste
+
+from .support import wait_status
 
 
 async def test_swallowed_non_determinism_still_fails_the_instance(make_app: Callable[..., geste.App]) -> None:
@@ -25,7 +26,7 @@ async def test_swallowed_non_determinism_still_fails_the_instance(make_app: Call
 
     async with first:
         handle = await flow.start_with_id("diverge")
-        await _wait_for_status(first, "diverge", geste.Status.WAITING)
+        await wait_status(first, "diverge", geste.Status.WAITING)
 
     second = make_app()
 
@@ -50,11 +51,3 @@ async def test_swallowed_non_determinism_still_fails_the_instance(make_app: Call
         assert failed.value.error["type"] == "geste.errors.NonDeterminismError"
         assert "step 1" in failed.value.error["message"]
         assert await second.history("diverge") == before
-
-
-async def _wait_for_status(app: geste.App, instance_id: str, status: geste.Status) -> None:
-    for _ in range(500):
-        if (await app.get_instance(instance_id)).status == status:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{instance_id} never reached {status}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +16,8 @@ import pytest
 
 import geste
 from geste.errors import EventTimeout
+
+from .support import wait_status, wait_until
 
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
@@ -32,21 +34,6 @@ class MovableClock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-async def wait_status(app: geste.App, instance_id: str, status: geste.Status) -> None:
-    async def reached() -> bool:
-        return (await app.get_instance(instance_id)).status == status
-
-    await until(reached)
 
 
 def kinds(history: list[geste.HistoryEntry]) -> list[tuple[str, str, bool]]:
@@ -221,7 +208,7 @@ async def test_an_event_in_time_cancels_the_timeout_and_a_timeout_survives_a_res
                 and (await first_app.get_instance("deadline-1")).status == geste.Status.WAITING
             )
 
-        await until(second_wait)
+        await wait_until(second_wait)
 
     clock.advance(HOUR + 60)  # past the first deadline only: nothing happens
     second_app = make_app(clock=clock)

@@ -23,26 +23,13 @@ from geste.errors import (
     WorkflowFailed,
 )
 
+from .support import wait_status, wait_until
+
 MakeApp = Callable[..., geste.App]
 
 
 class InvoiceRejected(Exception):
     pass
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-async def wait_status(app: geste.App, instance_id: str, status: geste.Status) -> None:
-    async def reached() -> bool:
-        return (await app.get_instance(instance_id)).status == status
-
-    await until(reached)
 
 
 # -- starting by id ------------------------------------------------------------------------------------
@@ -530,7 +517,7 @@ async def test_a_result_awaited_while_the_app_closes_raises_app_not_open(make_ap
         async def parked_on_a_future() -> bool:
             return handle.instance_id in app._waiters
 
-        await until(parked_on_a_future)
+        await wait_until(parked_on_a_future)
 
     with pytest.raises(AppNotOpenError):
         await asyncio.wait_for(waiter, 5)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from geste._wakeups import CHANNELS, TIMER_EXPIRED, WORKFLOW_RESUMABLE, Listener
 from geste.errors import ConfigurationError, StorageError
 from geste.storage.postgres import parse_postgres_url
 
+from .support import wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
     sys.path.insert(0, str(ROOT))
@@ -44,22 +46,6 @@ SLOW = 300.0
 """Poll interval, lock timeout and fallback interval of workers that only a notification may wake."""
 FAST_BOUND = 5.0
 """A wake-up by notification must take less than this (far below SLOW)."""
-
-
-async def wait_until(
-    check: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 10.0, interval: float = 0.005
-) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def new_id(prefix: str) -> str:

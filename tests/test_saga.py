@@ -4,13 +4,14 @@ cancelled, each recorded as a ``compensation`` step and retried by its own polic
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import pytest
 
 import geste
 from geste.errors import WorkflowCancelled, WorkflowFailed
+
+from .support import wait_status
 
 MakeApp = Callable[..., geste.App]
 
@@ -21,21 +22,6 @@ class OutOfStock(Exception):
 
 class RefundRejected(Exception):
     pass
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-async def wait_status(app: geste.App, instance_id: str, status: geste.Status) -> None:
-    async def reached() -> bool:
-        return (await app.get_instance(instance_id)).status == status
-
-    await until(reached)
 
 
 def steps(history: list[geste.HistoryEntry]) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import pytest
 
 import geste
+
+from .support import wait_until
 
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
@@ -34,14 +36,6 @@ class MovableClock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def timer_rows(db_url: str, instance_id: str) -> list[tuple[int, float]]:
@@ -75,7 +69,7 @@ async def assert_parked(app: geste.App, instance_id: str, *, alone: bool = True)
         assert app._worker is not None
         return info.status == geste.Status.WAITING and instance_id not in app._worker._running
 
-    await until(parked)
+    await wait_until(parked)
     if alone:
         assert app._worker is not None and app._worker._running == {}
     assert not [t for t in asyncio.all_tasks() if t.get_name() == f"geste-run-{instance_id}"]
