@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,34 +51,12 @@ if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pyte
 
 from tests.apps.channels_app import build_app  # noqa: E402
 from tests.conftest import die_with_parent  # noqa: E402
+from tests.support import wait_status, wait_until  # noqa: E402
 
 MakeApp = Callable[..., geste.App]
 SLOW = 300.0
 """Poll interval, lock timeout and fallback interval of a worker that only a notification may wake."""
 FAST_BOUND = 5.0
-
-
-async def wait_until(
-    check: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 10.0, interval: float = 0.01
-) -> Any:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-async def wait_status(app: geste.App, instance_id: str, status: geste.Status, timeout: float = 10.0) -> None:
-    async def reached() -> bool:
-        return (await app.get_instance(instance_id)).status == status
-
-    await wait_until(reached, f"{instance_id} to be {status}", timeout)
 
 
 async def sql(db_url: str, query: str) -> list[tuple[Any, ...]]:
