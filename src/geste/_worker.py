@@ -184,7 +184,7 @@ class Worker:
             stale = self._running.get(claim.lease.instance_id)
             if stale is not None:  # our own expired lease, taken back: the old run must not go on
                 stale[1].cancel()
-            self._spawn(claim, None)
+            self._spawn(claim, claim.history)
         if len(claims) == batch:
             return 0.0
         interval = self.wakeups.interval()

@@ -66,6 +66,8 @@ class Claim:
     status: Status
     created_at: float
     cancel_requested: bool
+    history: tuple[HistoryRow, ...] | None = None
+    """The instance's history, when the backend read it in the claim's own round trip."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,20 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(query=urlencode(rest))), options
 
 
+def _history_from_json(text: str | None) -> tuple[HistoryRow, ...]:
+    """The history aggregated by the claim statement (``json_agg`` of rows, or NULL when empty)."""
+    if text is None:
+        return ()
+    return tuple(HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in json.loads(text))
+
+
+async def _keep_session(_conn: Any) -> None:
+    """The pool's reset: geste leaves no session state on pooled connections (no LISTEN, no session
+    advisory lock past the migration's explicit unlock, no SET), so the default reset query — one
+    more round trip on every release, half of an idle worker's statements — is skipped. asyncpg still
+    rolls back any open transaction before calling this."""
+
+
 def _is_driver_error(exc: BaseException) -> bool:
     return asyncpg is not None and isinstance(
         exc,
@@ -172,6 +186,7 @@ class PostgresStorage(Storage):
                 max_size=self._max_size,
                 command_timeout=self._command_timeout,
                 server_settings={"application_name": "geste"},
+                reset=_keep_session,
             )
         except Exception as exc:
             if _is_driver_error(exc):
@@ -297,7 +312,10 @@ class PostgresStorage(Storage):
             rows = await conn.fetch(
                 self._q["claim"], worker_id, f"{uuid.uuid4().hex[:12]}/", now, lock_expires_at, limit
             )
-            return [Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], r[6]) for r in rows]
+            return [
+                Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], r[6], _history_from_json(r[7]))
+                for r in rows
+            ]
 
         return await self._run(go)
 

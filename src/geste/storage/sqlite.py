@@ -246,12 +246,13 @@ class SQLiteStorage(Storage):
             lambda c: [instance_from_row(r) for r in c.execute(Q["list_instances"], params)]
         )
 
-    async def get_history(self, instance_id: str) -> list[HistoryRow]:
-        def read(conn: sqlite3.Connection) -> list[HistoryRow]:
-            rows = conn.execute(Q["get_history"], (instance_id,))
-            return [HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
+    @staticmethod
+    def _history(conn: sqlite3.Connection, instance_id: str) -> tuple[HistoryRow, ...]:
+        rows = conn.execute(Q["get_history"], (instance_id,))
+        return tuple(HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows)
 
-        return await self._call(read)
+    async def get_history(self, instance_id: str) -> list[HistoryRow]:
+        return await self._call(lambda conn: list(self._history(conn, instance_id)))
 
     async def request_cancel(self, instance_id: str, now: float) -> InstanceRow | None:
         params = {"instance_id": instance_id, "now": now}
@@ -275,9 +276,12 @@ class SQLiteStorage(Storage):
         }
 
         def tx(conn: sqlite3.Connection) -> list[Claim]:
-            return [
-                Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], bool(r[6]))
-                for r in conn.execute(Q["claim"], params).fetchall()
+            rows = conn.execute(Q["claim"], params).fetchall()
+            return [  # each with its history, read in the same hop to the SQLite thread
+                Claim(
+                    Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], bool(r[6]), self._history(conn, r[0])
+                )
+                for r in rows
             ]
 
         return await self._write(tx)

@@ -78,22 +78,29 @@ FROM flagged WHERE $3 AND lease_id IS NULL;
 
 -- name: claim
 -- FOR UPDATE SKIP LOCKED: concurrent claimers take disjoint sets without waiting on each other.
+-- Each claimed instance comes back with its history (JSON), so a wake-up costs one round trip, not two.
 WITH picked AS (
     SELECT instance_id FROM {schema}.geste_instances
     WHERE run_at <= $3 AND (lease_id IS NULL OR lock_expires_at <= $3)
     ORDER BY run_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {schema}.geste_instances AS i
+    SET locked_by = $1,
+        lease_id = $2 || i.instance_id,
+        lock_expires_at = $4,
+        status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
+        updated_at = $3
+    FROM picked
+    WHERE i.instance_id = picked.instance_id
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
 )
-UPDATE {schema}.geste_instances AS i
-SET locked_by = $1,
-    lease_id = $2 || i.instance_id,
-    lock_expires_at = $4,
-    status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
-    updated_at = $3
-FROM picked
-WHERE i.instance_id = picked.instance_id
-RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested;
+SELECT c.*,
+       (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
+                        ORDER BY h.seq)
+        FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
+FROM claimed c;
 
 -- name: renew
 UPDATE {schema}.geste_instances AS i SET lock_expires_at = $1
