@@ -331,3 +331,53 @@ async def test_an_event_sent_while_no_worker_runs_is_delivered_when_one_starts(m
     register(second_worker)
     async with second_worker:
         assert await second_worker.get_handle("offline-1").result(timeout=10) == "sent while nobody ran"
+
+
+async def test_an_event_is_written_into_a_waiting_instances_history_by_send_event(make_app: MakeApp) -> None:
+    """The event is handed over in send_event's own transaction: the woken run only replays it."""
+    client = make_app(run_worker=False)
+
+    @client.workflow
+    async def waiter(ctx: geste.WorkflowContext) -> Any:
+        return (await ctx.wait_event("ping")).data
+
+    runner = make_app()
+    runner.workflow(name="waiter")(waiter.fn)
+    async with runner:
+        await runner.start_workflow("waiter", instance_id="w-1")
+        await wait_status(runner, "w-1", geste.Status.WAITING)
+    async with client:  # nobody runs it now: whatever is in the history was written by send_event
+        await client.send_event("ping", {"n": 1})
+        entries = await client.history("w-1")
+        assert [(e.seq, e.kind, e.name) for e in entries] == [(1, "wait_event", "ping"), (2, "event", "ping")]
+        assert entries[1].payload["data"] == {"n": 1}
+        info = await client.get_instance("w-1")
+        assert info.status == geste.Status.WAITING and info.locked_by is None
+    async with runner:
+        assert await runner.get_handle("w-1").result(timeout=10) == {"n": 1}
+        assert len(await runner.history("w-1")) == 2  # nothing taken twice
+
+
+async def test_an_instance_held_by_a_worker_takes_the_event_itself(make_app: MakeApp) -> None:
+    """While a worker holds the instance, send_event only wakes it; the holder records the event."""
+    app = make_app()
+    gate = asyncio.Event()
+
+    @app.activity
+    async def hold(ctx: geste.ActivityContext) -> None:
+        await gate.wait()
+
+    @app.workflow
+    async def busy(ctx: geste.WorkflowContext) -> Any:
+        await hold(ctx)
+        return (await ctx.wait_event("ping")).data
+
+    async with app:
+        handle = await busy.start_with_id("b-1")
+        await wait_until(lambda: app._worker is not None and "b-1" in app._worker._running, "b-1 to run")
+        await app.send_event("ping", {"n": 2})
+        assert [e.kind for e in await app.history("b-1")] == []  # held: nothing written for it yet
+        gate.set()
+        assert await handle.result(timeout=10) == {"n": 2}
+        kinds = [(e.kind, e.name) for e in await app.history("b-1")]
+        assert kinds == [("activity", "hold"), ("wait_event", "ping"), ("event", "ping")]

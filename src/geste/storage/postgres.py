@@ -454,6 +454,7 @@ class PostgresStorage(Storage):
                         match,
                         wait.since,
                         wait.deadline,
+                        wait.outcome_seq,
                     )
                 return outcome
             outcome_row = HistoryRow(
@@ -527,11 +528,29 @@ class PostgresStorage(Storage):
                 return False, []
             data = json.loads(event.data)
             waits = await conn.fetch(self._q["waits_for_event"], event.event_type, event.target_instance_id)
-            wanted = [w[0] for w in waits if matches(None if w[1] is None else json.loads(w[1]), data)]
+            wanted = [w for w in waits if matches(None if w[1] is None else json.loads(w[1]), data)]
             if not wanted:
                 return True, []
-            woken = await conn.fetch(self._q["wake"], wanted, event.now, self.notify)
-            return True, [row[0] for row in woken]
+            stored = StoredEvent(
+                seq, event.event_id, event.event_type, event.data, event.source, event.extensions, event.now
+            )
+            direct = [w for w in wanted if w[2] is not None]
+            delivered: set[str] = set()
+            if direct:  # straight into the histories of the waiting instances nobody holds
+                rows = await conn.fetch(
+                    self._q["deliver_event"],
+                    [w[0] for w in direct],
+                    [w[2] for w in direct],
+                    event.now,
+                    event.event_type,
+                    event_history_payload(stored),
+                    seq,
+                    self.notify,
+                )
+                delivered = {row[0] for row in rows}
+            rest = [w[0] for w in wanted if w[0] not in delivered]
+            woken = await conn.fetch(self._q["wake"], rest, event.now, self.notify) if rest else []
+            return True, [*delivered, *(row[0] for row in woken)]
 
         return await self._tx(go)
 

@@ -422,7 +422,14 @@ class SQLiteStorage(Storage):
                     match = None if wait.match is None else json.dumps(wait.match)
                     conn.execute(
                         Q["insert_event_wait"],
-                        (lease.instance_id, wait.event_type, match, wait.since, wait.deadline),
+                        (
+                            lease.instance_id,
+                            wait.event_type,
+                            match,
+                            wait.since,
+                            wait.deadline,
+                            wait.outcome_seq,
+                        ),
                     )
                     if wait.deadline is not None:
                         conn.execute(Q["insert_timer"], (lease.instance_id, wait.outcome_seq, wait.deadline))
@@ -478,7 +485,7 @@ class SQLiteStorage(Storage):
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
         def tx(conn: sqlite3.Connection) -> tuple[bool, list[str]]:
-            inserted = conn.execute(
+            cursor = conn.execute(
                 Q["insert_event"],
                 (
                     event.event_id,
@@ -489,22 +496,52 @@ class SQLiteStorage(Storage):
                     event.target_instance_id,
                     event.now,
                 ),
-            ).rowcount
-            if not inserted:
+            )
+            if not cursor.rowcount:
                 return False, []
+            stored = StoredEvent(
+                cursor.lastrowid or 0,
+                event.event_id,
+                event.event_type,
+                event.data,
+                event.source,
+                event.extensions,
+                event.now,
+            )
             data = json.loads(event.data)
             params = {"event_type": event.event_type, "now": event.now, "target": event.target_instance_id}
             woken = []
-            for instance_id, match, _since in conn.execute(Q["waits_for_event"], params).fetchall():
-                wanted = None if match is None else json.loads(match)
-                if (
-                    matches(wanted, data)
-                    and conn.execute(Q["wake"], {"instance_id": instance_id, "now": event.now}).rowcount
-                ):
+            for instance_id, match, outcome_seq in conn.execute(Q["waits_for_event"], params).fetchall():
+                if not matches(None if match is None else json.loads(match), data):
+                    continue
+                if outcome_seq is not None and self._deliver(conn, instance_id, outcome_seq, stored):
                     woken.append(instance_id)
+                elif conn.execute(Q["wake"], {"instance_id": instance_id, "now": event.now}).rowcount:
+                    woken.append(instance_id)  # held by a worker: it takes the event itself
             return True, woken
 
         return await self._write(tx)
+
+    @staticmethod
+    def _deliver(conn: sqlite3.Connection, instance_id: str, outcome_seq: int, event: StoredEvent) -> bool:
+        """Write the event into a waiting, unheld instance's history at its wait's outcome position."""
+        params = {"instance_id": instance_id, "now": event.created_at}
+        if conn.execute(Q["deliver_event"], params).fetchone() is None:
+            return False
+        row = (
+            instance_id,
+            outcome_seq,
+            "event",
+            event.event_type,
+            event_history_payload(event),
+            0,
+            event.created_at,
+        )
+        conn.execute(Q["insert_history"], row)
+        conn.execute(Q["insert_delivery"], (instance_id, event.seq))
+        conn.execute(Q["clear_event_wait"], (instance_id,))
+        conn.execute(Q["clear_timers"], (instance_id,))
+        return True
 
     async def next_run_at(self) -> float | None:
         def read(conn: sqlite3.Connection) -> float | None:

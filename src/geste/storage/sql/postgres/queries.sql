@@ -208,11 +208,11 @@ WITH done AS (
 SELECT count(*) FROM done;
 
 -- name: insert_event_wait
-INSERT INTO {schema}.geste_event_waits (instance_id, event_type, match, since, deadline)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO {schema}.geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (instance_id) DO UPDATE SET
     event_type = excluded.event_type, match = excluded.match, since = excluded.since,
-    deadline = excluded.deadline;
+    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq;
 
 -- name: candidate_events
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
@@ -233,8 +233,36 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING seq;
 
 -- name: waits_for_event
-SELECT instance_id, match FROM {schema}.geste_event_waits
+SELECT instance_id, match, outcome_seq FROM {schema}.geste_event_waits
 WHERE event_type = $1 AND ($2::text IS NULL OR instance_id = $2);
+
+-- name: deliver_event
+-- The event handed straight to the instances that wait for it and that nobody holds ($1 ids, $2 their
+-- outcome seqs): their outcome rows, deliveries and run_at in one statement, the waits and timers
+-- forgotten, each notified. Held instances are left to take the event themselves.
+WITH target AS (
+    SELECT * FROM unnest($1::text[], $2::integer[]) AS t(instance_id, seq)
+), woken AS (
+    UPDATE {schema}.geste_instances AS i SET run_at = $3, updated_at = $3, steps = steps + 1
+    FROM target
+    WHERE i.instance_id = target.instance_id AND i.status = 'waiting' AND i.lease_id IS NULL
+    RETURNING i.instance_id, i.workflow_name, target.seq
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT instance_id, seq, 'event', $4, $5, false, $3 FROM woken
+), deliveries AS (
+    INSERT INTO {schema}.geste_event_deliveries (instance_id, event_seq) SELECT instance_id, $6 FROM woken
+), waits AS (
+    DELETE FROM {schema}.geste_event_waits w USING woken WHERE w.instance_id = woken.instance_id
+), timers AS (
+    DELETE FROM {schema}.geste_timers t USING woken WHERE t.instance_id = woken.instance_id
+)
+SELECT instance_id,
+       CASE WHEN $7 THEN pg_notify('geste_workflow_resumable',
+                                   json_build_object('instance_id', instance_id,
+                                                     'workflow_name', workflow_name)::text)
+       END
+FROM woken;
 
 -- name: wake
 -- Instances an event was delivered to: runnable now; the unlocked ones are notified.

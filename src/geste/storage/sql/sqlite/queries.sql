@@ -108,10 +108,11 @@ DELETE FROM geste_event_waits WHERE instance_id = ?;
 INSERT INTO geste_timers (instance_id, seq, expires_at) VALUES (?, ?, ?);
 
 -- name: insert_event_wait
-INSERT INTO geste_event_waits (instance_id, event_type, match, since, deadline) VALUES (?, ?, ?, ?, ?)
+INSERT INTO geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq)
+VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (instance_id) DO UPDATE SET
     event_type = excluded.event_type, match = excluded.match, since = excluded.since,
-    deadline = excluded.deadline;
+    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq;
 
 -- name: candidate_events
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
@@ -131,9 +132,16 @@ VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (event_id) DO NOTHING;
 
 -- name: waits_for_event
-SELECT instance_id, match, since FROM geste_event_waits
+SELECT instance_id, match, outcome_seq FROM geste_event_waits
 WHERE event_type = :event_type AND since <= :now
   AND (:target IS NULL OR instance_id = :target);
+
+-- name: deliver_event
+-- An event handed straight to an instance that waits for it and that nobody holds: the outcome row is
+-- written here, so the woken run only replays (no event-taking transaction of its own).
+UPDATE geste_instances SET run_at = :now, updated_at = :now, steps = steps + 1
+WHERE instance_id = :instance_id AND status = 'waiting' AND lease_id IS NULL
+RETURNING workflow_name;
 
 -- name: wake
 UPDATE geste_instances SET run_at = :now, updated_at = :now
