@@ -8,8 +8,8 @@ event in a loop. This process, a client App (``run_worker=False``), sends each e
 ``app.send_event(..., instance_id=...)`` and takes the time just after that call returns: the event and the
 wake-up it causes have committed. The workflow takes ``time.time()`` right after ``ctx.wait_event``
 returns and writes it to its stdout pipe (no database round trip before the timestamp). Latency is the
-difference: same host, same clock. send_event returns one round trip after its COMMIT is answered (the
-pool's reset query), so the table also counts from the COMMIT's reply, timed in this process.
+difference: same host, same clock. send_event returns a little after its COMMIT is answered (the
+pool's release), so the table also counts from the COMMIT's reply, timed in this process.
 
 Modes: LISTEN/NOTIFY (the default options on PostgreSQL) and polling only (``listen_notify=False``, the
 default ``poll_interval`` of 1 s). Sizes: 1 waiting instance (woken over and over: a few instances one
@@ -407,7 +407,7 @@ LAST_COMMIT = [0.0]
 
 
 def hook_commits() -> None:
-    """In the client: note when a COMMIT is answered; send_event returns later (the pool's reset query)."""
+    """In the client: note when a COMMIT is answered; send_event returns a little later."""
     from asyncpg.transaction import Transaction
 
     original = Transaction.__aexit__
@@ -672,7 +672,7 @@ def print_latency(results: dict[tuple[str, int], list[RunResult]], args: argpars
     print(
         "\nWake-up latency, ms: from the client's send_event returning (the event committed) to the"
         " workflow's code running\nagain in the worker process; the last two columns count from the"
-        " COMMIT's reply instead (send_event returns after\none more round trip: the pool's reset query)."
+        " COMMIT's reply instead (send_event returns once\nits connection is back in the pool)."
         f" {args.workers} worker process(es), concurrency 100. Each figure is the median\nover"
         f" {args.runs} run(s) of that run's figure; n = wake-ups per run (with a small n, p99 ~ max)."
     )
@@ -692,18 +692,18 @@ def print_stages(results: dict[tuple[str, int], list[RunResult]], args: argparse
         "\nWhere the time goes: ms, median of each stage over all runs' wake-ups (medians do not add up"
         " exactly).\n  return: COMMIT reply -> send_event returned (client); notified: COMMIT reply -> NOTIFY"
         " in the worker's listener;\n  claim wait: from it (polling: from the COMMIT reply) to the claim"
-        " call's start; claim: the claim call (acquire, query,\n  pool reset); history: to the history"
-        " read's end; replay: to the event-taking transaction's start; take: that\n  transaction (its"
-        " per-event-type lock wait included); code: to the workflow's next line; total: COMMIT reply ->"
-        " code"
+        " call's start; claim: the claim call (one statement that\n  also returns the history);"
+        " replay+code: to the workflow's next line (send_event wrote the event into the history,\n  so"
+        " there is no event-taking transaction; an instance held by a worker takes it itself: counted in"
+        " replay+code); total: COMMIT reply -> code"
     )
-    columns = ("return", "notified", "claim wait", "claim", "history", "replay", "take", "code", "total")
+    columns = ("return", "notified", "claim wait", "claim", "replay+code", "total")
     print(f"{'mode':<15}{'waiting':>8}  {'wake':<6}" + "".join(f"{c:>11}" for c in columns))
     for (mode, size), runs in results.items():
         for wake, pick in (("one", "stages"), ("burst", "burst_stages")):
             parts: dict[str, list[float]] = {c: [] for c in columns}
             for s in (s for r in runs for s in getattr(r, pick)):
-                if not {"claim_start", "claimed", "history", "take_start", "taken"} <= s.keys():
+                if not {"claim_start", "claimed"} <= s.keys():
                     continue
                 origin = s.get("notified", s["committed"])
                 parts["return"].append(s["returned"] - s["committed"])
@@ -711,10 +711,7 @@ def print_stages(results: dict[tuple[str, int], list[RunResult]], args: argparse
                     parts["notified"].append(s["notified"] - s["committed"])
                 parts["claim wait"].append(s["claim_start"] - origin)
                 parts["claim"].append(s["claimed"] - s["claim_start"])
-                parts["history"].append(s["history"] - s["claimed"])
-                parts["replay"].append(s["take_start"] - s["history"])
-                parts["take"].append(s["taken"] - s["take_start"])
-                parts["code"].append(s["resumed"] - s["taken"])
+                parts["replay+code"].append(s["resumed"] - s["claimed"])
                 parts["total"].append(s["resumed"] - s["committed"])
             if not parts["total"]:
                 continue
