@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote
 
 from ._channels import BROADCAST, Message, check_channel, check_mode, message_from_payload
@@ -390,13 +390,7 @@ class WorkflowContext:
         if outcome is None:
             self._pending.append(HistoryRow(out_seq, StepKind.EVENT_TIMEOUT, event_type, None, True, now))
             raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
-        if outcome is Suspension.CANCEL_REQUESTED:
-            self._cancel_requested = True
-            self._deliver_cancel(out_seq)
-        self._pending = []
-        self._suspended = True
-        self._engine.on_suspended(self.instance_id, deadline)
-        raise Suspended()
+        self._waited(outcome, out_seq, deadline)
 
     # -- the transactional outbox ------------------------------------------------------------------
     async def send_event(
@@ -563,13 +557,7 @@ class WorkflowContext:
         if outcome is None:
             self._pending.append(HistoryRow(out_seq, StepKind.RECEIVE_TIMEOUT, channel, None, True, now))
             raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
-        if outcome is Suspension.CANCEL_REQUESTED:
-            self._cancel_requested = True
-            self._deliver_cancel(out_seq)
-        self._pending = []
-        self._suspended = True
-        self._engine.on_suspended(self.instance_id, deadline)
-        raise Suspended()
+        self._waited(outcome, out_seq, deadline)
 
     async def publish(self, channel: str, data: Any = None) -> str:
         """Publish ``data`` (JSON-serialisable) on ``channel``; return the message id.
@@ -715,6 +703,17 @@ class WorkflowContext:
             raise Abandon(exc) from exc
         if outcome.cancel_requested:
             self._cancel_requested = True
+
+    def _waited(self, outcome: Suspension, out_seq: int, deadline: float | None) -> NoReturn:
+        """After a wait's take-or-suspend transaction found nothing: deliver a pending cancel at the
+        wait's outcome position, or unwind the suspended workflow."""
+        if outcome is Suspension.CANCEL_REQUESTED:
+            self._cancel_requested = True
+            self._deliver_cancel(out_seq)
+        self._pending = []
+        self._suspended = True
+        self._engine.on_suspended(self.instance_id, deadline)
+        raise Suspended()
 
     async def _suspend(self, *, run_at: float, timer: tuple[int, float]) -> None:
         try:
