@@ -10,6 +10,19 @@ from typing import Any
 import geste
 
 
+class MovableClock:
+    """The real time plus an offset the test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
 async def wait_until(
     check: Callable[[], Any | Awaitable[Any]],
     what: str = "the condition",

@@ -45,6 +45,8 @@ from geste.errors import (
 )
 from geste.storage.postgres import parse_postgres_url
 
+from .support import MovableClock
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
     sys.path.insert(0, str(ROOT))
@@ -83,19 +85,6 @@ def kinds(history: list[geste.HistoryEntry]) -> list[tuple[str, str]]:
 
 def received(history: list[geste.HistoryEntry]) -> list[Any]:
     return [e.payload["data"] for e in history if e.kind == geste.StepKind.MESSAGE]
-
-
-class MovableClock:
-    """The real time plus an offset the test can move forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 # -- broadcast ---------------------------------------------------------------------------------------

@@ -17,23 +17,10 @@ import pytest
 import geste
 from geste.errors import EventTimeout
 
-from .support import wait_status, wait_until
+from .support import MovableClock, wait_status, wait_until
 
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
-
-
-class MovableClock:
-    """The real time plus an offset the test can move forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 def kinds(history: list[geste.HistoryEntry]) -> list[tuple[str, str, bool]]:

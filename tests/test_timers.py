@@ -19,23 +19,10 @@ import pytest
 
 import geste
 
-from .support import wait_until
+from .support import MovableClock, wait_until
 
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
-
-
-class MovableClock:
-    """The real time plus an offset the test can move forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 async def timer_rows(db_url: str, instance_id: str) -> list[tuple[int, float]]:
