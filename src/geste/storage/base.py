@@ -498,32 +498,31 @@ class Storage(abc.ABC):
 
 def message_history_payload(message: StoredMessage) -> str:
     """The history form of a received message; ``data`` is already JSON text and is inlined as such."""
-    head = json.dumps(
-        {
-            "message_id": message.message_id,
-            "channel": message.channel,
-            "sender_instance_id": message.sender_instance_id,
-            "published_at": message.created_at,
-            "direct": message.target_instance_id is not None,
-        },
-        separators=(",", ":"),
-    )
-    return head[:-1] + ',"data":' + message.data + "}"
+    head = {
+        "message_id": message.message_id,
+        "channel": message.channel,
+        "sender_instance_id": message.sender_instance_id,
+        "published_at": message.created_at,
+        "direct": message.target_instance_id is not None,
+    }
+    return _with_data(head, message.data)
 
 
 def event_history_payload(event: StoredEvent) -> str:
     """The history form of a delivered event; ``data`` is already JSON text and is inlined as such."""
-    head = json.dumps(
-        {
-            "event_id": event.event_id,
-            "type": event.event_type,
-            "source": event.source,
-            "time": event.created_at,
-            "extensions": None if event.extensions is None else json.loads(event.extensions),
-        },
-        separators=(",", ":"),
-    )
-    return head[:-1] + ',"data":' + event.data + "}"
+    head = {
+        "event_id": event.event_id,
+        "type": event.event_type,
+        "source": event.source,
+        "time": event.created_at,
+        "extensions": None if event.extensions is None else json.loads(event.extensions),
+    }
+    return _with_data(head, event.data)
+
+
+def _with_data(head: dict[str, Any], data: str) -> str:
+    """``head`` as compact JSON with a last key ``data`` whose value is JSON text already (not re-encoded)."""
+    return json.dumps(head, separators=(",", ":"))[:-1] + ',"data":' + data + "}"
 
 
 def instance_from_row(row: Sequence[Any]) -> InstanceRow:
