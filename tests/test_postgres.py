@@ -103,11 +103,26 @@ async def test_an_unreachable_server_is_a_storage_error() -> None:
         'postgresql://postgres@127.0.0.1/test?schema=x";drop',
         "postgresql://postgres@127.0.0.1/test?pool_max_size=0",
         "postgresql://postgres@127.0.0.1/test?pool_min_size=5&pool_max_size=2",
+        "postgresql://postgres@127.0.0.1/test?application_name=",
+        "postgresql://postgres@127.0.0.1/test?application_name=caf%C3%A9",
     ],
 )
 def test_bad_options_in_the_url_are_configuration_errors(url: str) -> None:
     with pytest.raises(geste.errors.ConfigurationError):
         geste.App(url)
+
+
+async def test_the_application_name_names_the_pool_and_the_listener(pg_url: str) -> None:
+    name = f"orders-{os.getpid()}"
+    app = geste.App(with_query(pg_url, application_name=name), poll_interval=0.05)
+    async with app:
+        while app.listener_status().state != "listening":
+            await asyncio.sleep(0.01)
+        rows = await _sql(
+            "SELECT DISTINCT application_name FROM pg_stat_activity WHERE application_name LIKE $1",
+            f"{name}%",
+        )
+    assert sorted(r[0] for r in rows) == [name, f"{name}-listener"]
 
 
 async def _terminate_geste_backends() -> int:

@@ -262,8 +262,10 @@ class App:
                 listener_status=lambda: self.listener_status().as_dict(),
             )
             if self.notify.enabled:  # before the worker registers, so it shows `connecting`, not `disabled`
+                dsn, options = self._listen_dsn()
                 self._listener = Listener(
-                    self._listen_dsn(),
+                    dsn,
+                    application_name=f"{options['application_name']}-listener",
                     wakeups=wakeups,
                     reconnect_delay=self.notify.reconnect_delay,
                     on_caught_up=wakeups.poke,
@@ -312,10 +314,10 @@ class App:
         )
         self._maintenance.start()
 
-    def _listen_dsn(self) -> str:
+    def _listen_dsn(self) -> tuple[str, dict[str, str]]:
         from .storage.postgres import parse_postgres_url
 
-        return parse_postgres_url(self.notify.listen_url or self.url)[0]
+        return parse_postgres_url(self.notify.listen_url or self.url)
 
     def listener_status(self) -> ListenerStatus:
         """State of this process's LISTEN/NOTIFY connection (``disabled`` when it has none)."""

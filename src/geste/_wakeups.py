@@ -202,11 +202,13 @@ class Listener:
         wakeups: Wakeups,
         reconnect_delay: float,
         on_caught_up: Callable[[], None],
+        application_name: str = "geste-listener",
         handlers: dict[str, Callable[[dict[str, Any]], None]] | None = None,
         probe_interval: float = PROBE_INTERVAL,
         probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.dsn = dsn
+        self.application_name = application_name
         self.wakeups = wakeups
         self.reconnect_delay = reconnect_delay
         self.on_caught_up = on_caught_up
@@ -288,7 +290,7 @@ class Listener:
 
         self._lost.clear()
         conn = await asyncpg.connect(
-            self.dsn, timeout=10, server_settings={"application_name": "geste-listener"}
+            self.dsn, timeout=10, server_settings={"application_name": self.application_name}
         )
         self._conn = conn
         _enable_keepalives(conn)

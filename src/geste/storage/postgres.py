@@ -58,7 +58,7 @@ _QUERIES = load_queries("postgres")
 _MIGRATIONS = load_migrations("postgres")
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout"}
+_OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout", "application_name"}
 _T = TypeVar("_T")
 
 Conn = Any  # asyncpg.Connection / pool proxy; asyncpg ships no type hints
@@ -75,6 +75,9 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
     schema = options.setdefault("schema", "public")
     if not _IDENTIFIER.fullmatch(schema):
         raise ConfigurationError(f"schema must be a plain identifier (letters, digits, _), not {schema!r}")
+    name = options.setdefault("application_name", "geste")
+    if not name or len(name) > 50 or not name.isprintable() or not name.isascii():
+        raise ConfigurationError(f"application_name must be 1-50 printable ASCII characters, not {name!r}")
     for key in ("pool_min_size", "pool_max_size"):
         if key in options and (not options[key].isdigit() or int(options[key]) < 1):
             raise ConfigurationError(f"{key} must be a positive integer, not {options[key]!r}")
@@ -136,6 +139,7 @@ class PostgresStorage(Storage):
         if self._min_size > self._max_size:
             raise ConfigurationError("pool_min_size must not exceed pool_max_size")
         self._command_timeout = float(options.get("command_timeout", "60"))
+        self._application_name = options["application_name"]
         quoted = f'"{self.schema}"'
         self._q = {name: sql.replace("{schema}", quoted) for name, sql in _QUERIES.items()}
         self._migrations = [(n, script.replace("{schema}", quoted)) for n, script in _MIGRATIONS]
@@ -185,7 +189,7 @@ class PostgresStorage(Storage):
                 min_size=self._min_size,
                 max_size=self._max_size,
                 command_timeout=self._command_timeout,
-                server_settings={"application_name": "geste"},
+                server_settings={"application_name": self._application_name},
                 reset=_keep_session,
             )
         except Exception as exc:
