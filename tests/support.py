@@ -1,11 +1,14 @@
-"""Waiting helpers shared by the tests: every wait is for a condition, with a deadline, never a bare sleep."""
+"""Helpers shared by the tests: waits for a condition with a deadline (never a bare sleep), raw
+queries, a server restart."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import geste
 
@@ -52,3 +55,43 @@ async def wait_status(app: geste.App, instance_id: str, status: geste.Status, ti
         return (await app.get_instance(instance_id)).status == status
 
     await wait_until(reached, f"{instance_id} to be {status}", timeout)
+
+
+async def raw_query(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
+    """Rows read straight from the database, past geste (``$n`` parameters on both backends)."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = [dict(r) for r in conn.execute(query.replace("$", "?"), args).fetchall()]
+        conn.close()
+        return rows
+    import asyncpg
+
+    from geste.storage.postgres import parse_postgres_url
+
+    dsn, options = parse_postgres_url(url)
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
+    try:
+        return [dict(r) for r in await conn.fetch(query, *args)]
+    finally:
+        await conn.close()
+
+
+async def restart_postgres(url: str) -> None:
+    """Restart the local PostgreSQL cluster that serves ``url`` (found by its port with ``pg_lsclusters``,
+    as Debian's packages set it up; CI has ``main`` on 5432)."""
+    port = urlsplit(url).port or 5432
+    listing = await asyncio.create_subprocess_exec(
+        "pg_lsclusters", "--no-header", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await listing.communicate()
+    clusters = [line.split()[:3] for line in out.decode().splitlines() if line.strip()]
+    found = [(version, name) for version, name, p in clusters if p == str(port)]
+    if not found:
+        raise AssertionError(f"no local PostgreSQL cluster on port {port} to restart: {clusters}")
+    version, name = found[0]
+    process = await asyncio.create_subprocess_exec(
+        "pg_ctlcluster", "--skip-systemctl-redirect", version, name, "restart"
+    )
+    if await process.wait() != 0:
+        raise AssertionError(f"pg_ctlcluster {version} {name} restart failed")

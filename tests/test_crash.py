@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pytest
 import geste
 
 from .conftest import die_with_parent
-from .support import wait_until
+from .support import raw_query, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
@@ -103,26 +102,6 @@ class Cluster:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-
-
-async def raw_query(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
-    """Rows read straight from the database, past geste (``$n`` parameters on both backends)."""
-    if url.startswith("sqlite"):
-        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
-            conn.row_factory = sqlite3.Row
-            rows = [dict(r) for r in conn.execute(query.replace("$", "?"), args).fetchall()]
-        conn.close()
-        return rows
-    import asyncpg
-
-    from geste.storage.postgres import parse_postgres_url
-
-    dsn, options = parse_postgres_url(url)
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
-    try:
-        return [dict(r) for r in await conn.fetch(query, *args)]
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import geste
 from geste.storage.postgres import SCHEMA_VERSION, PostgresStorage, parse_postgres_url
 
 from .conftest import POSTGRES_URL, with_query
+from .support import restart_postgres
 
 
 def _schema(url: str) -> str:
@@ -163,10 +164,6 @@ async def test_killed_connections_are_survived(pg_url: str) -> None:
             assert names == [(1, "activity"), (2, "activity")]
 
 
-def _pg_version() -> str:
-    return sorted(os.listdir("/etc/postgresql"), key=lambda v: [int(x) for x in v.split(".")])[-1]
-
-
 async def test_a_server_restart_is_survived(pg_url: str) -> None:
     """PostgreSQL restarted while workflows run and wait: every instance still completes, once."""
     app = geste.App(pg_url, poll_interval=0.05, lock_timeout=1.0)
@@ -184,10 +181,7 @@ async def test_a_server_restart_is_survived(pg_url: str) -> None:
 
     async with app:
         handles = [await sleeper.start() for _ in range(10)]
-        process = await asyncio.create_subprocess_exec(
-            "pg_ctlcluster", "--skip-systemctl-redirect", _pg_version(), "main", "restart"
-        )
-        assert await process.wait() == 0
+        await restart_postgres(pg_url)
         assert [await h.result(timeout=60) for h in handles] == ["ok"] * 10
         for handle in handles:
             kinds = [e.kind for e in await handle.history()]

@@ -1,0 +1,70 @@
+"""``python -m tests.chaos``: the chaos suite's long mode, from the repository root.
+
+    python -m tests.chaos --long --runs 10             # PostgreSQL, then SQLite, ten times each
+    python -m tests.chaos --backend postgres --orders 300
+
+Each run gets a fresh PostgreSQL schema (dropped afterwards when it passed) or SQLite file, in a folder
+under ``--keep`` (default: a temporary one) that keeps the workers' output and the side-effect logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from ..conftest import POSTGRES_URL, _admin, with_query
+from .controller import ChaosConfig
+from .run import run_chaos
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--long", action="store_true", help="the long mode: 600 orders, 4 workers")
+    parser.add_argument("--runs", type=int, default=1, help="runs in a row (stops at the first failure)")
+    parser.add_argument("--backend", choices=["postgres", "sqlite", "both"], default="both")
+    parser.add_argument("--orders", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="a folder to keep each run's files in")
+    args = parser.parse_args(argv)
+    overrides = {
+        k: v for k, v in (("orders", args.orders), ("workers", args.workers), ("seed", args.seed)) if v
+    }
+    config = ChaosConfig.long(**overrides) if args.long else ChaosConfig.short(**overrides)
+    backends = ["postgres", "sqlite"] if args.backend == "both" else [args.backend]
+    root = args.keep or Path(tempfile.mkdtemp(prefix="geste-chaos-"))
+    began = time.monotonic()
+    for run in range(1, args.runs + 1):
+        for backend in backends:
+            folder = root / f"run{run}-{backend}"
+            folder.mkdir(parents=True)
+            print(f"== run {run}/{args.runs} on {backend} (files in {folder})", flush=True)
+            try:
+                print(asyncio.run(_one(backend, folder, config)), flush=True)
+            except AssertionError as exc:
+                print(f"FAILED after {run - 1} passing run(s):\n{exc}", flush=True)
+                return 1
+    print(
+        f"== {args.runs} run(s) on {', '.join(backends)} passed in {time.monotonic() - began:.0f}s",
+        flush=True,
+    )
+    return 0
+
+
+async def _one(backend: str, folder: Path, config: ChaosConfig) -> str:
+    if backend == "sqlite":
+        return await run_chaos(f"sqlite:///{folder / 'geste.db'}", folder, config)
+    schema = f"chaos_{uuid.uuid4().hex[:10]}"
+    await asyncio.to_thread(_admin, f'CREATE SCHEMA "{schema}"')
+    report = await run_chaos(with_query(POSTGRES_URL, schema=schema), folder, config)
+    await asyncio.to_thread(_admin, f'DROP SCHEMA "{schema}" CASCADE')
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The chaos checker: what must hold once a run is over, read from the database and the side-effect logs.
+
+Each check is a named function that returns a one-line summary of what it verified, or raises
+``AssertionError`` with what it found wrong; ``check`` runs them all and reports every failure, not
+only the first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..support import raw_query
+from .app import LEDGERS, NEWS_EVERY, read_lines, value_of
+from .controller import ChaosConfig
+
+ACTIVITIES = ("reserve", "charge", "ship", "book", "work")
+
+
+@dataclass
+class Facts:
+    """Everything the checks look at, read once."""
+
+    config: ChaosConfig
+    instances: dict[str, dict[str, Any]]
+    history: dict[str, list[dict[str, Any]]]
+    outbox: list[dict[str, Any]]
+    messages: list[dict[str, Any]]
+    leftovers: dict[str, int]
+    effects: list[dict[str, Any]]
+    deliveries: list[dict[str, Any]]
+
+    def result(self, instance_id: str) -> Any:
+        return json.loads(self.instances[instance_id]["result"])
+
+
+async def gather(url: str, folder: Path, config: ChaosConfig) -> Facts:
+    instances = {r["instance_id"]: r for r in await raw_query(url, "SELECT * FROM geste_instances")}
+    history: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in await raw_query(url, "SELECT * FROM geste_history ORDER BY instance_id, seq"):
+        history[row["instance_id"]].append(row)
+    leftovers = {}
+    for table, where in (
+        ("geste_timers", "true"),
+        ("geste_event_waits", "true"),
+        ("geste_channel_subscriptions", "waiting_since IS NOT NULL"),
+        ("geste_instances", "locked_by IS NOT NULL OR run_at IS NOT NULL OR lease_id IS NOT NULL"),
+    ):
+        rows = await raw_query(url, f"SELECT count(*) AS n FROM {table} WHERE {where}")
+        leftovers[table] = int(rows[0]["n"])
+    return Facts(
+        config=config,
+        instances=instances,
+        history=dict(history),
+        outbox=await raw_query(url, "SELECT * FROM geste_outbox"),
+        messages=await raw_query(url, "SELECT * FROM geste_channel_messages"),
+        leftovers=leftovers,
+        effects=read_lines(folder / "effects.jsonl"),
+        deliveries=read_lines(folder / "deliveries.jsonl"),
+    )
+
+
+def _activity_rows(facts: Facts, instance_id: str) -> list[dict[str, Any]]:
+    return [r for r in facts.history.get(instance_id, []) if r["kind"] == "activity" and not r["is_error"]]
+
+
+def _recorded_run(row: dict[str, Any]) -> str:
+    payload = json.loads(row["payload"])
+    return str(payload["result"]["run"])
+
+
+def every_instance_completed(facts: Facts) -> str:
+    config = facts.config
+    expected = config.orders + LEDGERS + config.listeners + config.competitors
+    statuses = Counter(r["status"] for r in facts.instances.values())
+    assert len(facts.instances) == expected, f"{len(facts.instances)} instances, expected {expected}"
+    bad = {i: (r["status"], r["error"]) for i, r in facts.instances.items() if r["status"] != "completed"}
+    assert not bad, f"not completed: {dict(list(bad.items())[:5])} ({len(bad)} in all)"
+    return f"{expected} instances, all completed ({dict(statuses)})"
+
+
+def orders_have_the_right_results(facts: Facts) -> str:
+    for n in range(facts.config.orders):
+        instance_id = f"order-{n}"
+        result = facts.result(instance_id)
+        assert result["order"] == n and result["amount"] == n * 2, (instance_id, result)
+        assert result["values"] == [value_of(s, n) for s in ("reserve", "charge", "ship")], (
+            instance_id,
+            result,
+        )
+        assert result["event_id"] == f"{instance_id}:{_outbox_seq(facts, instance_id)}", (instance_id, result)
+        recorded = [_recorded_run(r) for r in _activity_rows(facts, instance_id)]
+        assert result["runs"] == recorded, f"{instance_id} used {result['runs']}, history has {recorded}"
+    return f"{facts.config.orders} orders: values, amounts, event ids right; each used its recorded results"
+
+
+def _outbox_seq(facts: Facts, instance_id: str) -> int:
+    seqs = [r["seq"] for r in facts.history[instance_id] if r["kind"] == "send_event"]
+    assert len(seqs) == 1, (instance_id, seqs)
+    return int(seqs[0])
+
+
+def histories_are_whole(facts: Facts) -> str:
+    rows = 0
+    for instance_id, history in facts.history.items():
+        seqs = [r["seq"] for r in history]
+        assert seqs == list(range(1, len(seqs) + 1)), f"{instance_id}: history seqs {seqs}"
+        rows += len(seqs)
+    return f"{rows} history rows, every instance's seqs contiguous from 1"
+
+
+def no_activity_result_recorded_twice(facts: Facts) -> str:
+    """Each activity call has one recorded result, from an execution that really ended (its token is in
+    the side-effect log exactly once), and no two recorded results share an execution."""
+    ended = Counter(e["run"] for e in facts.effects if e["event"] == "end")
+    started = Counter((e["instance"], e["key"]) for e in facts.effects if e["event"] == "start")
+    keys: Counter[tuple[str, str, int]] = Counter()
+    recorded = 0
+    for instance_id in facts.instances:
+        for row in _activity_rows(facts, instance_id):
+            run = _recorded_run(row)
+            assert ended[run] == 1, f"{instance_id} seq {row['seq']}: run {run} ended {ended[run]} times"
+            keys[(instance_id, row["name"], row["seq"])] += 1
+            recorded += 1
+    twice = [k for k, c in keys.items() if c > 1]
+    assert not twice, f"recorded twice: {twice[:5]}"
+    orders_steps = sum(len(_activity_rows(facts, f"order-{n}")) for n in range(facts.config.orders))
+    assert orders_steps == 3 * facts.config.orders, f"{orders_steps} order activities recorded"
+    executions = sum(started.values())
+    return (
+        f"{recorded} activity results recorded once each; {executions} executions started "
+        f"({executions - recorded} re-runs after failures, kills or lost leases: at least once)"
+    )
+
+
+def direct_messages_received_exactly_once(facts: Facts) -> str:
+    config = facts.config
+    for k in range(LEDGERS):
+        result = facts.result(f"ledger-{k}")
+        orders = result["orders"]
+        assert sorted(orders) == list(range(k, config.orders, LEDGERS)), f"ledger-{k} got {sorted(orders)}"
+        recorded = [_recorded_run(r) for r in _activity_rows(facts, f"ledger-{k}")]
+        assert result["runs"] == recorded, f"ledger-{k} used other results than recorded"
+    direct = [m for m in facts.messages if m["target_instance_id"]]
+    unclaimed = [m["message_id"] for m in direct if m["claimed_by"] is None]
+    assert len(direct) == config.orders and not unclaimed, (len(direct), unclaimed[:5])
+    return f"{config.orders} direct messages, each received by its ledger exactly once"
+
+
+def broadcasts_received_exactly_once_by_each(facts: Facts) -> str:
+    config = facts.config
+    news = [m for m in facts.messages if m["channel"] == "chaos.news"]
+    published = [m["message_id"] for m in sorted(news, key=lambda m: m["seq"])]
+    assert len(published) == config.news, f"{len(published)} news stored, expected {config.news}"
+    for k in range(config.listeners):
+        got = facts.result(f"listener-{k}")
+        assert got == published, (
+            f"listener-{k} got {len(got)} ({len(set(got))} distinct), not the {config.news}"
+        )
+    orders_news = len(range(0, config.orders, NEWS_EVERY))
+    return (
+        f"{config.news} broadcasts ({orders_news} from workflows, {config.client_news} from outside, "
+        f"duplicates stored once), each received once and in order by all {config.listeners} listeners"
+    )
+
+
+def competing_messages_taken_exactly_once(facts: Facts) -> str:
+    config = facts.config
+    taken: list[int] = []
+    stops = []
+    for k in range(config.competitors):
+        result = facts.result(f"competitor-{k}")
+        taken += result["jobs"]
+        stops.append(result["stop"])
+        recorded = [_recorded_run(r) for r in _activity_rows(facts, f"competitor-{k}")]
+        assert result["runs"] == recorded, f"competitor-{k} used other results than recorded"
+    assert sorted(taken) == list(range(config.jobs)), (
+        f"jobs taken: {Counter(taken).most_common(3)}, {len(taken)}"
+    )
+    assert sorted(stops) == sorted(f"stop-{k}" for k in range(config.competitors)), stops
+    return f"{config.jobs} jobs shared by {config.competitors} competitors, each taken exactly once"
+
+
+def outbox_events_delivered(facts: Facts) -> str:
+    config = facts.config
+    ids = sorted(r["event_id"] for r in facts.outbox)
+    assert ids == sorted(f"order-{n}:{_outbox_seq(facts, f'order-{n}')}" for n in range(config.orders)), (
+        f"{len(ids)} outbox rows for {config.orders} orders"
+    )
+    pending = [r["event_id"] for r in facts.outbox if r["status"] != "delivered"]
+    assert not pending, f"not delivered: {pending[:5]}"
+    delivered = Counter(d["event_id"] for d in facts.deliveries)
+    missing = [i for i in ids if delivered[i] == 0]
+    assert not missing, f"no delivery seen for {missing[:5]}"
+    extra = sum(delivered.values()) - len(ids)
+    return (
+        f"{len(ids)} outbox events, one per order, each delivered (at least once: {extra} extra deliveries)"
+    )
+
+
+def nothing_left_locked_or_waiting(facts: Facts) -> str:
+    left = {table: n for table, n in facts.leftovers.items() if n}
+    assert not left, f"left behind: {left}"
+    return (
+        "no instance locked, runnable, sleeping or waiting; no timer, event wait or waiting subscription left"
+    )
+
+
+CHECKS = (
+    every_instance_completed,
+    orders_have_the_right_results,
+    histories_are_whole,
+    no_activity_result_recorded_twice,
+    direct_messages_received_exactly_once,
+    broadcasts_received_exactly_once_by_each,
+    competing_messages_taken_exactly_once,
+    outbox_events_delivered,
+    nothing_left_locked_or_waiting,
+)
+
+
+async def check(url: str, folder: Path, config: ChaosConfig) -> list[str]:
+    """Run every check; return their summaries, or raise one AssertionError listing every failure."""
+    facts = await gather(url, folder, config)
+    passed, failed = [], []
+    for fn in CHECKS:
+        try:
+            passed.append(f"ok    {fn.__name__}: {fn(facts)}")
+        except (AssertionError, KeyError, TypeError, ValueError) as exc:
+            failed.append(f"FAIL  {fn.__name__}: {type(exc).__name__}: {exc}")
+    if failed:
+        raise AssertionError("\n".join([*failed, *passed]))
+    return passed

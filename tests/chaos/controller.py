@@ -1,0 +1,344 @@
+"""The chaos controller: a load of workflows on worker processes, and faults injected while it runs.
+
+It starts the receivers (ledgers, news listeners, competitors), waits until they have subscribed, then
+starts the orders and feeds them: a ``chaos.paid`` event per order (some sent twice, the same id),
+news from outside (some published twice, the same id), jobs and the competitors' stops. Meanwhile it
+SIGKILLs random workers and restarts them (under the same id or a new one), terminates the pool's and
+the listener's backends of random workers with ``pg_terminate_backend``, and restarts PostgreSQL once.
+Its own client calls are retried on ``StorageError`` with the same ids, as a user's would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import geste
+
+from ..conftest import die_with_parent
+from ..support import raw_query, restart_postgres, wait_until
+from .app import LEDGERS, NEWS_EVERY, build_app
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """The size of a run and how hard the faults hit."""
+
+    orders: int = 200
+    workers: int = 3
+    listeners: int = 3
+    competitors: int = 3
+    jobs: int = 40
+    client_news: int = 10
+    duration: float = 20.0
+    """Seconds over which the orders are started (the faults go on until everything finished)."""
+    fault_interval: float = 0.7
+    """Seconds between two faults (randomised ±50%)."""
+    restart_postgres: bool = True
+    timeout: float = 240.0
+    seed: int | None = None
+
+    @classmethod
+    def short(cls, **overrides: Any) -> ChaosConfig:
+        return cls(**overrides)
+
+    @classmethod
+    def long(cls, **overrides: Any) -> ChaosConfig:
+        values: dict[str, Any] = {
+            "orders": 600,
+            "workers": 4,
+            "listeners": 4,
+            "competitors": 4,
+            "jobs": 120,
+            "client_news": 30,
+            "fault_interval": 0.5,
+            "duration": 60.0,
+            "timeout": 600.0,
+        }
+        return cls(**{**values, **overrides})
+
+    @property
+    def news(self) -> int:
+        """Broadcast messages every listener must receive: from orders and from outside."""
+        return len(range(0, self.orders, NEWS_EVERY)) + self.client_news
+
+
+@dataclass
+class Journal:
+    """What the controller did, for the report."""
+
+    started: float = field(default_factory=time.monotonic)
+    counts: Counter[str] = field(default_factory=Counter)
+    lines: list[str] = field(default_factory=list)
+
+    def note(self, what: str, detail: str = "") -> None:
+        self.counts[what] += 1
+        self.lines.append(f"{time.monotonic() - self.started:7.2f}s  {what}{': ' + detail if detail else ''}")
+
+
+class Controller:
+    """One chaos run on one database: worker processes, the load, the faults."""
+
+    def __init__(self, url: str, folder: Path, config: ChaosConfig) -> None:
+        self.url = url
+        self.folder = folder
+        self.config = config
+        self.postgres = url.startswith("postgres")
+        self.tag = f"chaos{uuid.uuid4().hex[:6]}"
+        self.seed = config.seed if config.seed is not None else random.randrange(1_000_000)
+        self.rng = random.Random(self.seed)
+        self.listener_reconnects = 0
+        self.journal = Journal()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.outputs: list[Path] = []
+        self._next_worker = 0
+        self._done = asyncio.Event()
+        self.client: geste.App | None = None
+
+    # -- worker processes ----------------------------------------------------------------------------
+    def _worker_url(self, worker_id: str) -> str:
+        if not self.postgres:
+            return self.url
+        sep = "&" if "?" in self.url else "?"
+        return f"{self.url}{sep}application_name={self.tag}-{worker_id}"
+
+    async def spawn(self, worker_id: str | None = None) -> str:
+        if worker_id is None:
+            self._next_worker += 1
+            worker_id = f"w{self._next_worker}"
+        ready = self.folder / f"ready-{worker_id}"
+        ready.unlink(missing_ok=True)
+        output = self.folder / f"worker-{worker_id}-{len(self.outputs)}.out"
+        self.outputs.append(output)
+        cmd = [sys.executable, "-m", "tests.chaos.app", self._worker_url(worker_id)]
+        cmd += [f"--worker-id={worker_id}", f"--dir={self.folder}"]
+        with output.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            )
+        self.procs[worker_id] = proc
+
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"worker {worker_id} exited with {proc.returncode}:\n{output.read_text()}"
+                )
+            return ready.exists()
+
+        await wait_until(started, f"worker {worker_id} to be ready", timeout=60)
+        return worker_id
+
+    def stop_all(self, *, kill: bool = False) -> list[int]:
+        """Stop every worker (SIGTERM: drain; or SIGKILL) and return their exit codes."""
+        codes = []
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                if kill:
+                    proc.kill()
+                else:
+                    proc.terminate()
+        for proc in self.procs.values():
+            try:
+                codes.append(proc.wait(timeout=30))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+        return codes
+
+    # -- faults ----------------------------------------------------------------------------------------
+    async def kill_and_restart(self) -> None:
+        live = [w for w, p in self.procs.items() if p.poll() is None]
+        victim = self.rng.choice(live)
+        self.procs[victim].kill()
+        self.procs[victim].wait()
+        same = self.rng.random() < 0.5
+        del self.procs[victim]
+        new = await self.spawn(victim if same else None)
+        self.journal.note("worker SIGKILLed and restarted", f"{victim} -> {new}")
+
+    async def terminate_backends(self) -> None:
+        victim = self.rng.choice(sorted(self.procs))
+        which = self.rng.choice(["pool", "listener", "both"])
+        name = f"{self.tag}-{victim}"
+        names = {"pool": [name], "listener": [f"{name}-listener"], "both": [name, f"{name}-listener"]}[which]
+        rows = await self._admin(
+            "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity "
+            "WHERE application_name = ANY($1::text[])",
+            names,
+        )
+        self.journal.note(f"backends terminated ({which})", f"{victim}: {len(rows)} connection(s)")
+
+    async def restart_server(self) -> None:
+        began = time.monotonic()
+        await restart_postgres(self.url)
+        self.journal.note("PostgreSQL restarted", f"{time.monotonic() - began:.1f}s")
+
+    async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        return await self.retried(lambda: raw_query(self.url, query, *args))
+
+    async def faults(self, progress: Callable[[], Awaitable[float]]) -> None:
+        """Inject faults until the load is done; restart PostgreSQL once, when a third has completed."""
+        restarted = not (self.postgres and self.config.restart_postgres)
+        while not self._done.is_set():
+            pause = self.config.fault_interval * self.rng.uniform(0.5, 1.5)
+            try:
+                await asyncio.wait_for(self._done.wait(), pause)
+                return
+            except TimeoutError:
+                pass
+            if not restarted and await progress() >= 0.33:
+                restarted = True
+                await self.restart_server()
+            elif self.postgres and self.rng.random() < 0.5:
+                await self.terminate_backends()
+            else:
+                await self.kill_and_restart()
+
+    # -- the client's calls ------------------------------------------------------------------------------
+    async def retried(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A client call retried on ``StorageError`` (the server restarting), as a user would."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return await call()
+            except (geste.errors.StorageError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self.journal.note("client call retried", type(exc).__name__)
+                await asyncio.sleep(0.2)
+
+    async def load(self, client: geste.App) -> None:
+        config = self.config
+        receivers = []
+        for k in range(LEDGERS):
+            expected = len(range(k, config.orders, LEDGERS))
+            receivers.append(("ledger", f"ledger-{k}", (k, expected)))
+        receivers += [("listener", f"listener-{k}", (k, config.news)) for k in range(config.listeners)]
+        receivers += [("competitor", f"competitor-{k}", (k,)) for k in range(config.competitors)]
+        for name, instance_id, args in receivers:
+            await self.retried(
+                lambda n=name, i=instance_id, a=args: client.start_workflow(n, *a, instance_id=i)
+            )
+
+        async def subscribed() -> bool:
+            rows = await self._admin("SELECT count(*) AS n FROM geste_channel_subscriptions")
+            return bool(rows[0]["n"] == len(receivers))
+
+        await wait_until(subscribed, "every receiver to subscribe", timeout=60, interval=0.05)
+        self.journal.note("receivers subscribed", str(len(receivers)))
+
+        numbers = list(range(config.orders))
+        self.rng.shuffle(numbers)
+        news = [f"client-news-{i}" for i in range(config.client_news)]
+        jobs = list(range(config.jobs))
+        began = time.monotonic()
+        orders = []
+        for index, n in enumerate(numbers):
+            # paced over the duration, so that faults hit every phase of the orders' lives
+            await asyncio.sleep(max(0.0, began + config.duration * index / config.orders - time.monotonic()))
+            await self.retried(lambda n=n: client.start_workflow("order", n, instance_id=f"order-{n}"))
+            orders.append(asyncio.create_task(self.pay(client, n, after=self.rng.uniform(0, 2))))
+            if news and self.rng.random() < 2 * config.client_news / config.orders:
+                await self.publish_news(client, news.pop())
+            if jobs and self.rng.random() < 2 * config.jobs / config.orders:
+                await self.publish_job(client, jobs.pop())
+        await asyncio.gather(*orders)
+        for message_id in news:
+            await self.publish_news(client, message_id)
+        for job in jobs:
+            await self.publish_job(client, job)
+        for k in range(config.competitors):
+            await self.retried(lambda k=k: client.publish("chaos.jobs", "stop", message_id=f"stop-{k}"))
+        self.journal.note(
+            "load sent", f"{config.orders} orders, {config.jobs} jobs, {len(receivers)} receivers"
+        )
+
+    async def pay(self, client: geste.App, n: int, *, after: float) -> None:
+        """The order's ``chaos.paid`` event, ``after`` seconds (before or after the order waits for it);
+        one in five is sent twice (a duplicate delivery)."""
+        await asyncio.sleep(after)
+        times = 2 if self.rng.random() < 0.2 else 1
+        for _ in range(times):
+            await self.retried(
+                lambda: client.send_event("chaos.paid", {"order": n, "amount": n * 2}, event_id=f"paid-{n}")
+            )
+        if times == 2:
+            self.journal.counts["duplicate events sent"] += 1
+
+    async def publish_news(self, client: geste.App, message_id: str) -> None:
+        times = 2 if self.rng.random() < 0.3 else 1
+        for _ in range(times):
+            await self.retried(
+                lambda: client.publish("chaos.news", {"from": message_id}, message_id=message_id)
+            )
+        if times == 2:
+            self.journal.counts["duplicate messages published"] += 1
+
+    async def publish_job(self, client: geste.App, job: int) -> None:
+        await self.retried(lambda: client.publish("chaos.jobs", {"job": job}, message_id=f"job-{job}"))
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Start the workers, send the load with faults, wait until everything finished and drained."""
+        config = self.config
+        client_url = self._worker_url("client")
+        self.client = client = build_app(client_url, folder=self.folder, run_worker=False)
+        await client.open()
+        try:
+            for _ in range(config.workers):
+                await self.spawn()
+            total = config.orders + LEDGERS + config.listeners + config.competitors
+
+            async def finished() -> int:
+                rows = await self._admin(
+                    "SELECT count(*) AS n FROM geste_instances "
+                    "WHERE status IN ('completed', 'failed', 'cancelled')"
+                )
+                return int(rows[0]["n"])
+
+            async def progress() -> float:
+                return await finished() / total
+
+            fault_task = asyncio.create_task(self.faults(progress))
+            try:
+                await self.load(client)
+
+                async def all_done() -> bool:
+                    if fault_task.done():
+                        fault_task.result()  # a failing fault injector fails the run
+                    return await finished() == total
+
+                await wait_until(all_done, "every instance to finish", timeout=config.timeout, interval=0.1)
+
+                async def outbox_drained() -> bool:
+                    rows = await self._admin(
+                        "SELECT count(*) AS n FROM geste_outbox WHERE status <> 'delivered'"
+                    )
+                    return rows[0]["n"] == 0
+
+                await wait_until(outbox_drained, "the outbox to drain", timeout=60, interval=0.1)
+            finally:
+                self._done.set()
+                await fault_task
+            codes = self.stop_all()
+            self.journal.note("workers stopped (SIGTERM)", f"exit codes {sorted(set(codes))}")
+            assert set(codes) == {0}, f"workers did not drain and exit cleanly: exit codes {codes}"
+            if self.postgres:
+                rows = await self._admin("SELECT listener FROM geste_workers WHERE listener IS NOT NULL")
+                self.listener_reconnects = sum(json.loads(r["listener"])["reconnects"] for r in rows)
+        finally:
+            self.stop_all(kill=True)
+            await client.close()
