@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..conftest import POSTGRES_URL, _admin, with_query
 from .controller import ChaosConfig
-from .run import run_chaos
+from .run import ChaosReport, run_chaos
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _one(backend: str, folder: Path, config: ChaosConfig) -> str:
+async def _one(backend: str, folder: Path, config: ChaosConfig) -> ChaosReport:
     if backend == "sqlite":
         return await run_chaos(f"sqlite:///{folder / 'geste.db'}", folder, config)
     schema = f"chaos_{uuid.uuid4().hex[:10]}"

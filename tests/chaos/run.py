@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from .checker import check
 from .controller import ChaosConfig, Controller
 
 
-async def run_chaos(url: str, folder: Path, config: ChaosConfig) -> str:
+@dataclass(frozen=True)
+class ChaosReport:
+    text: str
+    faults: Counter[str]
+    """How many times the controller did each thing (``"worker SIGKILLed and restarted"``, ...)."""
+
+    def __str__(self) -> str:
+        return self.text
+
+
+async def run_chaos(url: str, folder: Path, config: ChaosConfig) -> ChaosReport:
     """Run the load under faults on ``url`` and check it; return the report, or raise ``AssertionError``
     with the report of what failed (and the controller's journal)."""
     backend = "PostgreSQL" if url.startswith("postgres") else "SQLite"
@@ -35,4 +47,4 @@ async def run_chaos(url: str, folder: Path, config: ChaosConfig) -> str:
         "  what the checker verified:",
         *(f"    {line}" for line in checks),
     ]
-    return "\n".join(lines)
+    return ChaosReport("\n".join(lines), Counter(counts))
