@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import tempfile
 import time
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="a folder to keep each run's files in")
     args = parser.parse_args(argv)
+    # the client's pool logs each failed reconnect during the server restart with a traceback: the report
+    # counts the restart and the retried calls instead
+    logging.getLogger("asyncpg.pool").setLevel(logging.CRITICAL)
     overrides = {
         k: v for k, v in (("orders", args.orders), ("workers", args.workers), ("seed", args.seed)) if v
     }
