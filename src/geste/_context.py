@@ -12,13 +12,13 @@ import asyncio
 import logging
 import random as _random
 import uuid
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import quote
 
-from ._channels import BROADCAST, Message, check_channel, check_mode, message_from_payload
+from ._channels import BROADCAST, MODES, Message, check_channel, check_mode, message_from_body
 from ._definitions import storable_text
 from ._models import Event, Status, StepKind
 from ._retry import seconds
@@ -27,6 +27,7 @@ from .errors import (
     ActivityTimeout,
     ConfigurationError,
     EventTimeout,
+    HistoryCorruptedError,
     InstanceNotFoundError,
     NonDeterminismError,
     ReceiveTimeout,
@@ -54,6 +55,35 @@ if TYPE_CHECKING:
     from ._engine import Engine
 
 logger = logging.getLogger("geste.workflow")
+
+T = TypeVar("T")
+
+_KINDS = frozenset(kind.value for kind in StepKind)
+_WAIT_KINDS = frozenset(
+    kind.value
+    for kind in (
+        StepKind.SLEEP,
+        StepKind.WAIT_EVENT,
+        StepKind.EVENT,
+        StepKind.EVENT_TIMEOUT,
+        StepKind.RECEIVE,
+        StepKind.MESSAGE,
+        StepKind.RECEIVE_TIMEOUT,
+    )
+)
+"""Rows of waits: a wait is never inside a gather, so everything before one was recorded before it."""
+_UNREADABLE = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    OSError,
+    RecursionError,
+)
+"""What reading a recorded row raises when the row is not what its step wrote (JSONDecodeError is a
+ValueError; a missing key, a list for a dict, a string for a number...)."""
 
 
 class _Unwind(BaseException):
@@ -123,6 +153,7 @@ class WorkflowContext:
         self._created_at = created_at
         self._history = {row.seq: row for row in history}
         self._last_recorded = max(self._history, default=0)
+        self._last_wait = max((row.seq for row in history if row.kind in _WAIT_KINDS), default=0)
         self._seq = 0
         self._pending: list[HistoryRow] = []
         self._cancel_requested = cancel_requested
@@ -144,30 +175,33 @@ class WorkflowContext:
     # -- deterministic helpers ---------------------------------------------------------------------
     def now(self) -> datetime:
         """The current time (UTC), recorded so that a replay sees the same value."""
-        value = self._helper(StepKind.NOW, lambda: self._engine.clock())
-        return datetime.fromtimestamp(value, UTC)
+        return self._helper(
+            StepKind.NOW, self._engine.clock, lambda value: datetime.fromtimestamp(_number(value), UTC)
+        )
 
     def uuid4(self) -> uuid.UUID:
         """A random UUID, recorded so that a replay sees the same value."""
-        return uuid.UUID(self._helper(StepKind.UUID, lambda: str(uuid.uuid4())))
+        return self._helper(StepKind.UUID, lambda: str(uuid.uuid4()), lambda value: uuid.UUID(_text(value)))
 
     def random(self) -> float:
         """A random float in [0, 1), recorded so that a replay sees the same value."""
-        value: float = self._helper(StepKind.RANDOM, _random.random)
-        return value
+        return self._helper(StepKind.RANDOM, _random.random, _number)
 
-    def _helper(self, kind: StepKind, make: Any) -> Any:
+    def _helper(self, kind: StepKind, make: Callable[[], Any], read: Callable[[Any], T]) -> T:
+        """A recorded value: ``make`` it and record it, or read it back (``read`` turns both into what
+        the workflow gets)."""
         seq = self._next()
         row = self._replay(seq, kind, kind.value)
         if row is not None:
-            return decode(row.payload)
+            return self._read(row, read)
         if self._suspended:
             raise Suspended()
+        self._live(seq)
         value = make()
         self._pending.append(
             HistoryRow(seq, kind, kind.value, encode(value, what=kind.value), False, self._engine.clock())
         )
-        return value
+        return read(value)
 
     # -- activities --------------------------------------------------------------------------------
     def on_failure(self, activity: Activity[Any, Any], /, *args: Any, **kwargs: Any) -> None:
@@ -205,13 +239,15 @@ class WorkflowContext:
             # the activity gets its arguments as recorded (JSON, typed by its hints), never the
             # workflow's own objects: what it mutates cannot leak into the workflow
             loaded_args, loaded_kwargs = activity.signature.load_args(decode(encoded_args))
+            self._live(seq, ordered=False)
             if self._pending:  # what the workflow saw (now, uuid4, random, a timeout) may be in the
                 await self._flush()  # arguments: a rerun of the activity after a crash must see it too
+                if self._cancel_pending():  # the flush is where a cancel requested meanwhile shows
+                    self._deliver_cancel(seq)
             row = await self._execute(activity, seq, kind, tuple(loaded_args), loaded_kwargs, encoded_args)
-        payload = decode(row.payload)
         if row.is_error:
-            raise decode_error(payload["error"])
-        return activity.signature.load_result(payload["result"])
+            raise self._read(row, lambda body: decode_error(body["error"]))
+        return activity.signature.load_result(self._read(row, lambda body: body["result"]))
 
     async def _execute(
         self,
@@ -268,7 +304,7 @@ class WorkflowContext:
                 except SerializationError as exc:  # deterministic: retrying would fail the same way
                     error, attempt_final = exc, True
                 else:
-                    return await self._commit(HistoryRow(seq, kind, activity.name, body, False, started))
+                    return self._settled(HistoryRow(seq, kind, activity.name, body, False, started))
             else:
                 attempt_final = attempt >= policy.max_attempts or not policy.is_retryable(error)
             if attempt_final:
@@ -281,7 +317,7 @@ class WorkflowContext:
                     what="error",
                     limit=None,
                 )
-                return await self._commit(HistoryRow(seq, kind, activity.name, body, True, started))
+                return self._settled(HistoryRow(seq, kind, activity.name, body, True, started))
             delay = policy.delay(attempt)
             logger.warning(
                 "activity %s of %s attempt %d/%d failed (%s: %s); retrying in %.3gs",
@@ -304,6 +340,7 @@ class WorkflowContext:
         now = self._engine.clock()
         if row is None:
             self._begin(seq)
+            self._live(seq)
             expires_at = now + secs
             self._pending.append(
                 HistoryRow(
@@ -316,7 +353,7 @@ class WorkflowContext:
                 )
             )
         else:
-            expires_at = float(decode(row.payload)["expires_at"])
+            expires_at = self._read(row, lambda body: _number(body["expires_at"]))
             if self._last_recorded > seq:
                 self._cancelled_here()
                 return
@@ -348,8 +385,16 @@ class WorkflowContext:
         them, so an event that arrives before the workflow waits is not lost. Raises
         ``geste.errors.EventTimeout`` after ``timeout``.
         """
-        if not isinstance(event_type, str) or not event_type or not storable_text(event_type):
-            raise TypeError("event_type must be a non-empty string (no NUL, valid UTF-8)")
+        if (  # what app.send_event accepts (check_name): a type it refuses would be waited for forever
+            not isinstance(event_type, str)
+            or not event_type.strip()
+            or len(event_type) > 200
+            or not storable_text(event_type)
+        ):
+            raise TypeError(
+                "event_type must be a non-empty string of at most 200 characters, not only spaces "
+                "(no NUL, valid UTF-8)"
+            )
         match_dict = dict(match) if match is not None else None
         secs = None if timeout is None else seconds(timeout, what="timeout")
         seq = self._next()
@@ -358,22 +403,31 @@ class WorkflowContext:
             self._begin(seq)
             now = self._engine.clock()
             deadline = None if secs is None else now + secs
-            body = encode({"match": match_dict, "timeout": secs, "deadline": deadline}, what="event match")
+            body = encode(
+                {"match": match_dict, "timeout": secs, "deadline": deadline},
+                what="event match",
+                limit=self._engine.max_payload_bytes,
+            )
+            self._live(seq)
             self._pending.append(HistoryRow(seq, StepKind.WAIT_EVENT, event_type, body, False, now))
+            # matched as recorded (JSON), like the events it is compared with, whether it finds one
+            # now or app.send_event brings one later: a tuple, a date or an int key match the same
+            match_dict = decode(body)["match"]
         else:
-            deadline = decode(row.payload)["deadline"]
+            deadline, match_dict = self._read(row, _wait_body)
         out_seq = self._next()
-        out = self._history.get(out_seq)
+        out = self._row(out_seq)
         if out is not None:
             if out.kind == StepKind.CANCELLED:
                 raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
             if out.kind == StepKind.EVENT and out.name == event_type:
-                return _event(out)
+                return self._read(out, _event)
             if out.kind == StepKind.EVENT_TIMEOUT and out.name == event_type:
                 raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
             raise self._diverged(
                 NonDeterminismError(out_seq, f"{out.kind} {out.name!r}", f"event {event_type!r}")
             )
+        self._live(out_seq)
         if self._cancel_pending():
             self._deliver_cancel(out_seq)
         now = self._engine.clock()
@@ -386,7 +440,7 @@ class WorkflowContext:
             raise Abandon(exc) from exc
         if isinstance(outcome, StoredEvent):
             self._pending = []
-            return _event(HistoryRow(out_seq, StepKind.EVENT, event_type, event_history_payload(outcome)))
+            return _event(decode(event_history_payload(outcome)))
         if outcome is None:
             self._pending.append(HistoryRow(out_seq, StepKind.EVENT_TIMEOUT, event_type, None, True, now))
             raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
@@ -426,13 +480,14 @@ class WorkflowContext:
         seq = self._next()
         row = self._replay(seq, StepKind.SEND_EVENT, event_type)
         if row is not None:
-            return str(decode(row.payload)["event_id"])
+            return self._read(row, lambda body: _text(body["event_id"]))
         self._begin(seq)
         encoded = (
             None
             if data is None
             else encode(data, what=f"data of event {event_type}", limit=self._engine.max_payload_bytes)
         )
+        self._live(seq, ordered=False)
         eid = f"{self.instance_id}:{seq}" if event_id is None else event_id
         src = f"/geste/{quote(self.workflow_name, safe='')}" if source is None else source
         now = self._engine.clock()
@@ -474,6 +529,7 @@ class WorkflowContext:
             self._replayed_subscription(seq, row, channel, mode)
             return
         self._begin(seq)
+        self._live(seq, ordered=False)
         now = self._engine.clock()
         body = encode({"mode": mode}, what="subscription")
         self._pending.append(HistoryRow(seq, StepKind.SUBSCRIBE, channel, body, False, now))
@@ -514,6 +570,7 @@ class WorkflowContext:
                 self._replayed_subscription(seq, row, channel, mode)
             else:
                 self._begin(seq)
+                self._live(seq)
                 body = encode({"mode": mode, "implicit": True}, what="subscription")
                 self._pending.append(
                     HistoryRow(seq, StepKind.SUBSCRIBE, channel, body, False, self._engine.clock())
@@ -523,24 +580,26 @@ class WorkflowContext:
         row = self._replay(seq, StepKind.RECEIVE, channel)
         if row is None:
             self._begin(seq)
+            self._live(seq)
             now = self._engine.clock()
             deadline = None if secs is None else now + secs
             body = encode({"timeout": secs, "deadline": deadline}, what="receive")
             self._pending.append(HistoryRow(seq, StepKind.RECEIVE, channel, body, False, now))
         else:
-            deadline = decode(row.payload)["deadline"]
+            deadline = self._read(row, lambda body: _optional_number(body["deadline"]))
         out_seq = self._next()
-        out = self._history.get(out_seq)
+        out = self._row(out_seq)
         if out is not None:
             if out.kind == StepKind.CANCELLED:
                 raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
             if out.kind == StepKind.MESSAGE and out.name == channel:
-                return message_from_payload(out.payload)
+                return self._read(out, message_from_body)
             if out.kind == StepKind.RECEIVE_TIMEOUT and out.name == channel:
                 raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
             raise self._diverged(
                 NonDeterminismError(out_seq, f"{out.kind} {out.name!r}", f"message on channel {channel!r}")
             )
+        self._live(out_seq)
         if self._cancel_pending():
             self._deliver_cancel(out_seq)
         now = self._engine.clock()
@@ -553,7 +612,7 @@ class WorkflowContext:
             raise Abandon(exc) from exc
         if isinstance(outcome, StoredMessage):
             self._pending = []
-            return message_from_payload(message_history_payload(outcome))
+            return message_from_body(decode(message_history_payload(outcome)))
         if outcome is None:
             self._pending.append(HistoryRow(out_seq, StepKind.RECEIVE_TIMEOUT, channel, None, True, now))
             raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
@@ -584,14 +643,14 @@ class WorkflowContext:
         seq = self._next()
         row = self._replay(seq, kind, channel)
         if row is not None:
-            recorded = decode(row.payload)
             if row.is_error:
-                raise InstanceNotFoundError(recorded["target_instance_id"])
-            return str(recorded["message_id"])
+                raise InstanceNotFoundError(self._read(row, lambda body: _text(body["target_instance_id"])))
+            return self._read(row, lambda body: _text(body["message_id"]))
         self._begin(seq)
         encoded = encode(
             data, what=f"data of a message on channel {channel}", limit=self._engine.max_payload_bytes
         )
+        self._live(seq, ordered=False)
         message_id = uuid.uuid4().hex
         now = self._engine.clock()
         body = encode({"message_id": message_id, "target_instance_id": target}, what="message")
@@ -628,7 +687,7 @@ class WorkflowContext:
         return True
 
     def _replayed_subscription(self, seq: int, row: HistoryRow, channel: str, mode: str) -> None:
-        recorded = decode(row.payload)["mode"]
+        recorded = self._read(row, lambda body: _mode(body["mode"]))
         if recorded != mode:
             raise self._diverged(
                 NonDeterminismError(
@@ -647,10 +706,43 @@ class WorkflowContext:
         self._divergence = error
         return error
 
+    def _corrupted(self, seq: int, problem: str) -> HistoryCorruptedError:
+        error = HistoryCorruptedError(self.instance_id, seq, problem)
+        self._diverged(error)
+        return error
+
+    def _row(self, seq: int) -> HistoryRow | None:
+        """The recorded row at ``seq``, if any; one of a kind geste never writes is corruption."""
+        row = self._history.get(seq)
+        if row is not None and row.kind not in _KINDS:
+            raise self._corrupted(seq, f"unknown step kind {row.kind!r:.80}")
+        return row
+
+    def _read(self, row: HistoryRow, read: Callable[[Any], T]) -> T:
+        """What a recorded row says, through ``read`` (given the decoded payload). A row that cannot say
+        it (not JSON, not the shape its step writes) was not written by geste: it fails the instance
+        like a divergence, even if the workflow catches the error, and is left as it is."""
+        try:
+            return read(decode(row.payload))
+        except _UNREADABLE as exc:
+            raise self._corrupted(
+                row.seq, f"{row.kind} {row.name!r:.80} row unreadable ({type(exc).__name__}: {exc!s:.200})"
+            ) from exc
+
+    def _live(self, seq: int, *, ordered: bool = True) -> None:
+        """Before a step at ``seq`` is taken live: below later recorded steps it fills a hole, a row
+        removed by hand. Rows are written in order, except for steps that commit on their own
+        (activities, publish, send_event, subscribe), which a gather may commit out of order (a crash
+        can then lose the earlier one): those may fill a hole, unless a wait, which is never in a
+        gather, was recorded after it. (A step that fails before it is recorded leaves a hole too; a
+        replay fails there again, before this check.)"""
+        if seq < (self._last_recorded if ordered else self._last_wait):
+            raise self._corrupted(seq, "no row at this step, but later steps are recorded")
+
     def _replay(self, seq: int, kind: StepKind, name: str) -> HistoryRow | None:
         if self._divergence is not None:
             raise self._divergence
-        row = self._history.get(seq)
+        row = self._row(seq)
         if row is None:
             return None
         if row.kind == StepKind.CANCELLED:
@@ -684,6 +776,15 @@ class WorkflowContext:
         if after is not None and after.kind == StepKind.CANCELLED:
             self._seq += 1
             raise WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
+
+    def _settled(self, row: HistoryRow) -> HistoryRow:
+        """An activity's outcome joins the buffered rows and commits with the workflow's next write:
+        before the next activity starts, or with the suspension, publication or end that follows. That
+        saves a transaction per activity, and the last activity commits with the instance's end. No side
+        effect can happen in between (workflow code is deterministic), so a crash before that commit only
+        re-runs this activity, as a crash during it would: at least once, recorded once."""
+        self._pending.append(row)
+        return row
 
     async def _commit(self, row: HistoryRow) -> HistoryRow:
         self._pending.append(row)
@@ -764,8 +865,38 @@ def encode_body(
     return text[:-1] + ',"input":' + encoded_args + "}"
 
 
-def _event(row: HistoryRow) -> Event:
-    body = decode(row.payload)
+def _number(value: Any) -> float:
+    """A recorded number (a time, a random value); anything else was not written by geste."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{value!r:.80} is not a number")
+    return float(value)
+
+
+def _optional_number(value: Any) -> float | None:
+    return None if value is None else _number(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r:.80} is not a string")
+    return value
+
+
+def _mode(value: Any) -> str:
+    if value not in MODES:
+        raise ValueError(f"{value!r:.80} is not a subscription mode")
+    return str(value)
+
+
+def _wait_body(body: Any) -> tuple[float | None, dict[str, Any] | None]:
+    """The deadline and the match of a recorded ``wait_event`` row."""
+    match = body["match"]
+    if match is not None and not isinstance(match, dict):
+        raise TypeError(f"match {match!r:.80} is not an object")
+    return _optional_number(body["deadline"]), match
+
+
+def _event(body: Any) -> Event:
     time = body.get("time")
     return Event(
         event_id=body["event_id"],
