@@ -61,6 +61,9 @@ class Worker:
         self._started_at = 0.0
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
         self._reserved = 0
+        self._backlog = False
+        """The last claim round was cut short by this worker's free slots: a slot that frees up is a
+        reason to claim again. Without a backlog, a finishing run claims nothing (no empty round trip)."""
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -150,7 +153,8 @@ class Worker:
             current = self._running.get(instance_id)
             if current is not None and current[0] == claim.lease:
                 del self._running[instance_id]
-            self.wakeups.poke()
+            if self._backlog:
+                self.wakeups.poke()
 
     async def _claim_loop(self) -> None:
         failures = 0
@@ -173,13 +177,15 @@ class Worker:
         """Claim what is runnable; return how long to sleep before looking again."""
         free = self._free()
         if free <= 0:
-            return self.wakeups.interval()  # a finishing run pokes
+            self._backlog = True  # a finishing run pokes
+            return self.wakeups.interval()
         limit = self.max_timers_per_batch if self.wakeups.timer_due() else self.max_workflows_per_batch
         if self.wakeups.messages_due():  # woken by geste_channel_message: its own batch size
             limit = self.max_messages_per_batch
         batch = min(free, limit)
         now = self.clock()
         claims = await self.storage.claim(self.worker_id, now, now + self.lock_timeout, batch)
+        self._backlog = len(claims) == batch
         for claim in claims:
             stale = self._running.get(claim.lease.instance_id)
             if stale is not None:  # our own expired lease, taken back: the old run must not go on
