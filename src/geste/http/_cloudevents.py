@@ -120,9 +120,13 @@ def _data_kind(media: MediaType, error: ErrorFactory) -> str:
     if media.is_text:
         charset = media.charset or "utf-8"
         try:
-            return codecs.lookup(charset).name
+            name = codecs.lookup(charset).name
+            b"x".decode(name)  # a LookupError for codecs that are not text encodings (base64, rot13, ...)
+        except UnicodeError:
+            pass  # a text encoding: whether this body decodes is for _decode_data to say
         except LookupError:
             raise error(f"unknown charset {charset!r} in {media.raw!r}") from None
+        return name
     return "binary"
 
 
@@ -134,7 +138,7 @@ def _decode_data(body: bytes, media: MediaType | None, error: ErrorFactory) -> A
         return base64.b64encode(body).decode("ascii")
     try:
         return body.decode(kind)
-    except UnicodeDecodeError:
+    except UnicodeError:  # not only UnicodeDecodeError: the idna and punycode codecs raise UnicodeError
         raise bad_request(f"the event data is not valid {kind}", "InvalidCloudEvent") from None
 
 
@@ -254,6 +258,11 @@ def _validated(attributes: dict[str, Any], data: Any, where: Callable[[str], str
         raise _invalid(
             f"{where('source')} must be a URI-reference (RFC 3986; percent-encode other characters)"
         )
+    declared = attributes.get("datacontenttype")
+    if declared is not None and parse_media_type(declared) is None:
+        # checked here, not only when data_base64 is decoded: a malformed type must not be stored and
+        # handed on to the workflow with JSON `data`
+        raise _invalid(f"{where('datacontenttype')} must be a media type (RFC 2046), like application/json")
     schema = attributes.get("dataschema")
     if schema is not None and not (_URI_REFERENCE.match(schema) and _SCHEME.match(schema)):
         raise _invalid(f"{where('dataschema')} must be an absolute URI")

@@ -139,6 +139,11 @@ class GesteASGI:
         except Exception:
             logger.exception("%s %s failed", request.method, request.path)
             response = error_response(500, "InternalError", "the server failed to handle the request")
+        if request.body_left_unread() and scope.get("http_version", "1.1") in ("1.0", "1.1"):
+            # Else the server reads (and drops) the rest of the body to keep the connection, all of it:
+            # uvicorn went on reading a declared terabyte after the 413, as long as the client sent it.
+            # (HTTP/2 has no such header: a server resets the stream instead.)
+            response = dataclasses.replace(response, headers=[*response.headers, ("connection", "close")])
         await response.send(send)
 
     async def _dispatch(self, request: Request) -> Response:
@@ -306,9 +311,7 @@ def _refuse_cross_site(request: Request, *, token_set: bool) -> None:
     host = (request.header("host") or "").strip().lower()
     origin = request.header("origin")
     if request.header("sec-fetch-site") == "cross-site" or (
-        origin is not None
-        and origin.strip().lower() != "null"
-        and urlsplit(origin.strip().lower()).netloc != host
+        origin is not None and origin.strip().lower() != "null" and _origin_netloc(origin) != host
     ):
         raise HTTPError(403, "Forbidden", "cross-site requests are refused")
     if origin is not None and origin.strip().lower() == "null":
@@ -319,6 +322,15 @@ def _refuse_cross_site(request: Request, *, token_set: bool) -> None:
             "Forbidden",
             f"Host {host!r} refused: without a token only IP addresses and localhost are served",
         )
+
+
+def _origin_netloc(origin: str) -> str | None:
+    """An ``Origin``'s host and port; None for one ``urlsplit`` cannot parse (``http://[::1``), which
+    matches no ``Host``: refused as cross-site rather than a ValueError answered with 500."""
+    try:
+        return urlsplit(origin.strip().lower()).netloc
+    except ValueError:
+        return None
 
 
 def _is_address_or_localhost(host: str) -> bool:
@@ -387,15 +399,21 @@ def _outcome_error(info: InstanceInfo) -> dict[str, Any]:
     }
 
 
+def _fields(value: InstanceInfo | HistoryEntry) -> dict[str, Any]:
+    """A dataclass's fields, values as they are: ``dataclasses.asdict`` would deep-copy a result or a
+    payload recursively, two frames a level, and fail with RecursionError (a 500) on deep JSON."""
+    return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+
+
 def _instance(info: InstanceInfo) -> dict[str, Any]:
-    shown = dataclasses.asdict(info)
+    shown = _fields(info)
     shown["status"] = info.status.value
     shown["error"] = _public_error(info.error)
     return shown
 
 
 def _entry(entry: HistoryEntry) -> dict[str, Any]:
-    shown = dataclasses.asdict(entry)
+    shown = _fields(entry)
     shown["kind"] = entry.kind.value
     payload = shown["payload"]
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):

@@ -136,17 +136,41 @@ def is_utf8(charset: str | None) -> bool:
 
 
 def load_json(body: bytes, what: str) -> Any:
-    """Strict JSON: UTF-8, no NaN or Infinity; a 400 ``InvalidJSON`` otherwise."""
+    """Strict JSON: UTF-8, no NaN or Infinity, nested at most ``MAX_JSON_DEPTH`` deep; a 400
+    ``InvalidJSON`` otherwise."""
 
     def refuse(constant: str) -> Any:
         raise ValueError(f"{constant} is not JSON")
 
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=refuse)
+        value = json.loads(body.decode("utf-8"), parse_constant=refuse)
     except UnicodeDecodeError:
         raise bad_request(f"{what} is not valid UTF-8", "InvalidJSON") from None
     except (ValueError, RecursionError) as exc:
         raise bad_request(f"{what} is not valid JSON: {exc}", "InvalidJSON") from None
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _too_deep(value):
+        raise bad_request(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels", "InvalidJSON")
+    return value
+
+
+MAX_JSON_DEPTH = 128
+"""The deepest nesting of arrays and objects taken in a request body (as serde_json's default).
+
+Deeper values parse here but come near Python's recursion limit wherever they are encoded, decoded or
+copied again (the App, the worker, ``GET /instances``), and would fail there rather than here.
+"""
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests arrays and objects deeper than ``MAX_JSON_DEPTH``, found without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 # -- requests -----------------------------------------------------------------------------------------
@@ -160,6 +184,7 @@ class Request:
         self.raw_headers: list[tuple[bytes, bytes]] = list(scope.get("headers", ()))
         self._receive = receive
         self.max_body_bytes = max_body_bytes
+        self._body_read = False
 
     def header_values(self, name: bytes) -> list[bytes]:
         return [value for key, value in self.raw_headers if key == name]
@@ -193,6 +218,8 @@ class Request:
             raise bad_request(f"malformed query string: {exc}") from None
         found: dict[str, str] = {}
         for name, value in pairs:
+            if "\x00" in name or "\x00" in value:
+                raise bad_request("a query parameter holds a NUL character (PostgreSQL cannot compare it)")
             if name not in allowed:
                 known = ", ".join(allowed) or "none"
                 raise bad_request(f"unknown query parameter {name!r} (known: {known})")
@@ -209,9 +236,13 @@ class Request:
         """
         length = self.header("content-length")
         if length is not None:
-            if not length.strip().isdigit():
+            # ASCII digits only ("²" is a digit to str.isdigit, not to int), and never more of them than
+            # int() converts: a length of thousands of digits is over the limit, not a ValueError (500).
+            digits = length.strip()
+            if not digits.isascii() or not digits.isdigit():
                 raise bad_request(f"malformed Content-Length {length!r}")
-            if int(length) > self.max_body_bytes:
+            significant = digits.lstrip("0")
+            if len(significant) > 18 or int(significant or "0") > self.max_body_bytes:
                 raise self._too_large()
         chunks: list[bytes] = []
         size = 0
@@ -225,7 +256,16 @@ class Request:
                 raise self._too_large()
             chunks.append(chunk)
             if not message.get("more_body", False):
+                self._body_read = True
                 return b"".join(chunks)
+
+    def body_left_unread(self) -> bool:
+        """Whether the request announced a body (a ``Content-Length`` other than 0, or chunked) that was
+        not read to its end: answered before it, or refused at the limit."""
+        if self._body_read:
+            return False
+        lengths = [value.strip() for value in self.header_values(b"content-length")]
+        return any(value.lstrip(b"0") for value in lengths) or bool(self.header_values(b"transfer-encoding"))
 
     def _too_large(self) -> HTTPError:
         return HTTPError(
@@ -244,9 +284,14 @@ def path_segments(scope: Scope) -> tuple[str, ...]:
     if root and scope["path"].startswith(root):  # mounted under a prefix that `path` still includes
         segments = segments[len([part for part in root.split("/") if part]) :]
     try:
-        return tuple(unquote(segment, errors="strict") for segment in segments)
+        decoded = tuple(unquote(segment, errors="strict") for segment in segments)
     except UnicodeDecodeError:
         raise bad_request("the path is not valid percent-encoded UTF-8") from None
+    if any("\x00" in segment for segment in decoded):
+        # No id or name holds one (geste refuses them at creation), and PostgreSQL fails on a NUL in a
+        # parameter, which would be answered as a 503 "database not available".
+        raise bad_request("the path holds a NUL character (%00): no id or name has one")
+    return decoded
 
 
 # -- routes -------------------------------------------------------------------------------------------
