@@ -29,6 +29,7 @@ from ._worker import Worker
 from .errors import (
     AppNotOpenError,
     ConfigurationError,
+    HistoryCorruptedError,
     InstanceAlreadyExistsError,
     InstanceNotFoundError,
     ResultTimeout,
@@ -58,6 +59,16 @@ def _check_id(value: object, what: str) -> str:
             f"{what} must be a non-empty string of at most {MAX_ID_LENGTH} characters (no NUL, valid UTF-8)"
         )
     return value
+
+
+def _findable(value: object, what: str) -> bool:
+    """Whether ``value`` can be the id or name of a stored row. A non-string is the caller's mistake; a
+    string no backend stores (NUL, a lone surrogate) names nothing, and is not sent to the database,
+    where it would fail as a driver error (a StorageError on PostgreSQL, a UnicodeEncodeError from
+    sqlite3) rather than find nothing."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{what} must be a string, not {type(value).__name__}")
+    return storable_text(value)
 
 
 class App:
@@ -413,6 +424,8 @@ class App:
             if found is None:
                 raise UnknownWorkflowError(workflow)
             workflow = found
+        elif not isinstance(workflow, Workflow):
+            raise TypeError(f"start_workflow takes a workflow or its registered name, not {workflow!r:.80}")
         return await self._start(workflow, args, kwargs, instance_id=instance_id)
 
     async def _start(
@@ -464,6 +477,8 @@ class App:
 
     async def get_instance(self, instance_id: str) -> InstanceInfo:
         self._require_open()
+        if not _findable(instance_id, "instance_id"):
+            raise InstanceNotFoundError(instance_id)
         row = await self.storage.get_instance(instance_id)
         if row is None:
             raise InstanceNotFoundError(instance_id)
@@ -487,31 +502,48 @@ class App:
             ) from None
         if not isinstance(limit, int) or not 0 < limit <= 10_000 or not isinstance(offset, int) or offset < 0:
             raise ConfigurationError("limit must be in 1..10000 and offset >= 0")
+        if workflow is not None and not _findable(workflow, "workflow"):
+            return []
         rows = await self.storage.list_instances(
             workflow_name=workflow, status=wanted, limit=limit, offset=offset
         )
         return [_info(row) for row in rows]
 
     async def history(self, instance_id: str) -> list[HistoryEntry]:
-        """The recorded steps of an instance, in order."""
+        """The recorded steps of an instance, in order.
+
+        Raises ``geste.errors.HistoryCorruptedError`` for a row geste cannot read (changed by hand).
+        """
         self._require_open()
-        if await self.storage.get_instance(instance_id) is None:
+        if not _findable(instance_id, "instance_id") or await self.storage.get_instance(instance_id) is None:
             raise InstanceNotFoundError(instance_id)
-        return [
-            HistoryEntry(
-                seq=row.seq,
-                kind=StepKind(row.kind),
-                name=row.name,
-                payload=decode(row.payload),
-                is_error=row.is_error,
-                created_at=to_datetime(row.created_at) or to_datetime(0.0),  # type: ignore[arg-type]
+        entries = []
+        for row in await self.storage.get_history(instance_id):
+            try:
+                kind, payload = StepKind(row.kind), decode(row.payload)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                raise HistoryCorruptedError(
+                    instance_id,
+                    row.seq,
+                    f"{row.kind!r:.80} row unreadable ({type(exc).__name__}: {exc!s:.200})",
+                ) from exc
+            entries.append(
+                HistoryEntry(
+                    seq=row.seq,
+                    kind=kind,
+                    name=row.name,
+                    payload=payload,
+                    is_error=row.is_error,
+                    created_at=to_datetime(row.created_at) or to_datetime(0.0),  # type: ignore[arg-type]
+                )
             )
-            for row in await self.storage.get_history(instance_id)
-        ]
+        return entries
 
     async def cancel(self, instance_id: str) -> InstanceInfo:
         """Cancel an instance: at once if it never ran, else at its next step, after its compensations."""
         self._require_open()
+        if not _findable(instance_id, "instance_id"):
+            raise InstanceNotFoundError(instance_id)
         row = await self.storage.request_cancel(instance_id, self.clock())
         if row is None:
             raise InstanceNotFoundError(instance_id)
@@ -556,13 +588,17 @@ class App:
         self._require_open()
         check_name(event_type, "event type")
         eid = uuid.uuid4().hex if event_id is None else _check_id(event_id, "event_id")
+        if source is not None and (not isinstance(source, str) or not storable_text(source)):
+            raise ConfigurationError("source must be a string (no NUL, valid UTF-8)")
         body = encode(data, what=f"data of event {event_type}", limit=self.max_payload_bytes)
         ext = (
             None
             if extensions is None
             else encode(extensions, what="event extensions", limit=self.max_payload_bytes)
         )
-        if instance_id is not None and await self.storage.get_instance(instance_id) is None:
+        if instance_id is not None and (
+            not _findable(instance_id, "instance_id") or await self.storage.get_instance(instance_id) is None
+        ):
             raise InstanceNotFoundError(instance_id)
         stored, woken = await self.storage.send_event(
             NewEvent(eid, event_type, body, source, instance_id, ext, self.clock())
@@ -590,6 +626,8 @@ class App:
             ) from None
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 10_000:
             raise ConfigurationError("limit must be in 1..10000")
+        if instance_id is not None and not _findable(instance_id, "instance_id"):
+            return []
         rows = await self.storage.outbox_list(
             status=None if wanted is None else wanted.value, instance_id=instance_id, limit=limit
         )
@@ -599,6 +637,8 @@ class App:
         """Re-queue a dead outbox event (pending again, attempts from zero); False when no dead event
         has that id. The instance's later events may have gone out meanwhile: it comes after them."""
         self._require_open()
+        if not _findable(event_id, "event_id"):
+            return False
         found = await self.storage.outbox_retry(event_id, self.clock())
         if found and self._relay is not None:
             self._relay.poke()
@@ -652,6 +692,8 @@ class App:
     # -- results -----------------------------------------------------------------------------------
     async def _result(self, instance_id: str, timeout: float | timedelta | None) -> Any:
         self._require_open()
+        if not _findable(instance_id, "instance_id"):  # else PostgreSQL's refusal looks like an outage
+            raise InstanceNotFoundError(instance_id)
         limit = None if timeout is None else seconds(timeout, what="timeout")
         deadline = None if limit is None else time.monotonic() + limit
         delay = 0.01

@@ -87,7 +87,11 @@ def check_mode(mode: object) -> str:
 
 def message_from_payload(payload: str | None) -> Message:
     """The ``Message`` a history row of kind ``message`` recorded."""
-    body = decode(payload)
+    return message_from_body(decode(payload))
+
+
+def message_from_body(body: Any) -> Message:
+    """The ``Message`` of a ``message`` row's decoded payload."""
     return Message(
         message_id=body["message_id"],
         channel=body["channel"],

@@ -11,9 +11,11 @@ import builtins
 import importlib
 import inspect
 import json
+import re
 import traceback
 from collections.abc import Callable
 from functools import cache
+from itertools import accumulate
 from typing import Any, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
@@ -22,6 +24,14 @@ from pydantic_core import PydanticSerializationError, to_jsonable_python
 from .errors import ActivityError, PayloadTooLargeError, SerializationError
 
 _PLAIN_JSON = (str, int, float, bool, type(None), dict, list, Any)
+
+MAX_NESTING = 128
+"""How deeply arrays and objects may nest in stored JSON. ``json`` recurses once a level and fails
+(RecursionError) near Python's recursion limit, counted from wherever it is called: a value encoded
+in a shallow stack could be undecodable in a deeper one (the worker, an HTTP handler)."""
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def _default(value: Any) -> Any:
@@ -37,11 +47,23 @@ def encode(value: Any, *, what: str, limit: int | None = None) -> str:
         text = json.dumps(value, default=_default, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from exc
+    if too_deep(text):
+        raise SerializationError(f"{what} cannot be stored: nested more than {MAX_NESTING} levels deep")
     if limit is not None:
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
         if size > limit:
             raise PayloadTooLargeError(what, size, limit)
     return text
+
+
+def too_deep(text: str) -> bool:
+    """Whether arrays and objects nest more than ``MAX_NESTING`` levels in JSON ``text`` (compact, as
+    ``encode`` writes it). Counting the brackets settles most texts; the others are scanned in C
+    (strings removed, the brackets' running depth)."""
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return False
+    brackets = _BRACKET.findall(_JSON_STRING.sub("", text))
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > MAX_NESTING
 
 
 def decode(text: str | None) -> Any:
@@ -116,8 +138,9 @@ def encode_error(exc: BaseException) -> dict[str, Any]:
     """The recorded form of an exception: enough to rebuild it, or to show it to a person."""
     cls = type(exc)
     try:
-        args = json.loads(json.dumps(list(exc.args), allow_nan=False))
-    except (TypeError, ValueError):
+        text = json.dumps(list(exc.args), allow_nan=False)
+        args = None if too_deep(text) else json.loads(text)
+    except (TypeError, ValueError, RecursionError):
         args = None
     return {
         "type": f"{cls.__module__}.{cls.__qualname__}",

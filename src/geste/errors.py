@@ -16,6 +16,7 @@ GesteError
 ├── WorkflowFailed              handle.result() of a failed instance; .error describes the cause
 ├── WorkflowCancelled           handle.result() of a cancelled instance
 ├── NonDeterminismError         replay met a step that differs from the recorded history
+│   └── HistoryCorruptedError   a recorded row geste cannot read (not JSON, wrong shape, a gap)
 ├── ActivityError               a recorded activity error whose exception type cannot be rebuilt
 ├── ActivityTimeout             one attempt of an activity ran past RetryPolicy(timeout=...)
 ├── EventTimeout                ctx.wait_event(..., timeout=...) ran out
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigurationError",
     "EventTimeout",
     "GesteError",
+    "HistoryCorruptedError",
     "InstanceAlreadyExistsError",
     "InstanceNotFoundError",
     "NonDeterminismError",
@@ -147,12 +149,39 @@ class NonDeterminismError(GesteError):
     """
 
     def __init__(self, seq: int, expected: str, found: str) -> None:
-        super().__init__(
-            f"non-deterministic replay at step {seq}: history has {expected}, the code now asks for {found}"
-        )
+        super().__init__(seq, expected, found)  # the args rebuild it from a recorded error
         self.seq = seq
         self.expected = expected
         self.found = found
+
+    def __str__(self) -> str:
+        return (
+            f"non-deterministic replay at step {self.seq}: history has {self.expected}, "
+            f"the code now asks for {self.found}"
+        )
+
+
+class HistoryCorruptedError(NonDeterminismError):
+    """A recorded history row cannot be what geste wrote: its payload is not JSON or not of its step's
+    shape, its kind is unknown, or a step is missing below later ones (a row removed by hand).
+
+    Handled like its base: the instance ends ``failed`` with this error and its history as it is; the
+    row is never rewritten. ``seq`` is the position of the row (or of the missing one).
+    """
+
+    def __init__(self, instance_id: str, seq: int, problem: str) -> None:
+        GesteError.__init__(self, instance_id, seq, problem)  # the args rebuild it from a recorded error
+        self.instance_id = instance_id
+        self.seq = seq
+        self.problem = problem
+        self.expected = "a row geste can read"
+        self.found = problem
+
+    def __str__(self) -> str:
+        return (
+            f"history of workflow instance {self.instance_id!r} is corrupted at step {self.seq}: "
+            f"{self.problem}"
+        )
 
 
 class ActivityError(GesteError):
