@@ -15,12 +15,14 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._models import Status, matches
 from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
+from ._group_commit import GroupCommit
 from ._sql import load_migrations, load_queries
 from .base import (
     Claim,
@@ -125,6 +127,49 @@ def _is_connection_loss(exc: BaseException) -> bool:
 READ_ATTEMPTS = 3
 
 
+GROUP_COMMIT_MAX = 100
+"""At most this many instances' step commits in one statement."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """One instance's step commit, waiting for its batch."""
+
+    lease: Lease
+    records: tuple[HistoryRow, ...]
+    now: float
+    lock_expires_at: float
+    status: Status | None
+
+
+def _batch_columns(batch: Sequence[_Record]) -> tuple[list[Any], ...]:
+    """The arrays of ``record_batch``: one entry per instance, then one per history row."""
+    rows = [(item.lease.instance_id, r) for item in batch for r in item.records]
+    return (
+        [item.lease.instance_id for item in batch],
+        [item.lease.lease_id for item in batch],
+        [item.lock_expires_at for item in batch],
+        [item.now for item in batch],
+        [None if item.status is None else str(item.status) for item in batch],
+        [len(item.records) for item in batch],
+        [instance_id for instance_id, _ in rows],
+        [r.seq for _, r in rows],
+        [r.kind for _, r in rows],
+        [r.name for _, r in rows],
+        [r.payload for _, r in rows],
+        [r.is_error for _, r in rows],
+        [r.created_at for _, r in rows],
+    )
+
+
+async def _outcome(call: Awaitable[_T]) -> _T | BaseException:
+    """The value of ``call``, or the error it raised (for one item of a batch)."""
+    try:
+        return await call
+    except (LeaseLost, StorageError) as exc:
+        return exc
+
+
 class PostgresStorage(Storage):
     def __init__(self, url: str, *, pool_size: int | None = None, notify: bool = True) -> None:
         if asyncpg is None:
@@ -144,6 +189,12 @@ class PostgresStorage(Storage):
         self._q = {name: sql.replace("{schema}", quoted) for name, sql in _QUERIES.items()}
         self._migrations = [(n, script.replace("{schema}", quoted)) for n, script in _MIGRATIONS]
         self._pool: Any = None
+        self._records: GroupCommit[_Record, StepResult] = GroupCommit(
+            self._record_batch, max_in_flight=1, max_batch=GROUP_COMMIT_MAX
+        )
+        """Step commits of concurrent instances share statements and commits (``_group_commit.py``)."""
+        self.step_commits = 0
+        """Step-commit statements run (each one commit): fewer than steps when batches form."""
 
     # -- plumbing ----------------------------------------------------------------------------------
     @asynccontextmanager
@@ -373,18 +424,44 @@ class PostgresStorage(Storage):
         lock_expires_at: float,
         status: Status | None = None,
     ) -> StepResult:
+        return await self._records.submit(_Record(lease, tuple(records), now, lock_expires_at, status))
+
+    async def _record_batch(self, batch: Sequence[_Record]) -> list[StepResult | BaseException]:
+        """One step commit alone (``record``), or several instances' in one statement (``record_batch``);
+        a batch that fails for any other reason than a lost connection (a deadlock, say) is split up,
+        so one instance's trouble never fails its neighbours' steps."""
+        if len(batch) == 1:
+            return [await self._record_one(batch[0])]
+        try:
+            self.step_commits += 1
+            found = await self._run(lambda conn: conn.fetch(self._q["record_batch"], *_batch_columns(batch)))
+        except StorageError as exc:
+            if _is_connection_loss(exc.__cause__ or exc):
+                raise
+            return [await _outcome(self._record_one(item)) for item in batch]
+        held = {row[0]: row[1] for row in found}
+        return [
+            StepResult(cancel_requested=held[item.lease.instance_id])
+            if item.lease.instance_id in held
+            else LeaseLost(item.lease.instance_id)
+            for item in batch
+        ]
+
+    async def _record_one(self, item: _Record) -> StepResult:
+        self.step_commits += 1
+
         async def go(conn: Conn) -> StepResult:
             row = await conn.fetchrow(
                 self._q["record"],
-                lease.instance_id,
-                lease.lease_id,
-                lock_expires_at,
-                now,
-                *self._columns(records),
-                None if status is None else str(status),
+                item.lease.instance_id,
+                item.lease.lease_id,
+                item.lock_expires_at,
+                item.now,
+                *self._columns(item.records),
+                None if item.status is None else str(item.status),
             )
             if row is None:
-                raise LeaseLost(lease.instance_id)
+                raise LeaseLost(item.lease.instance_id)
             return StepResult(cancel_requested=row[0])
 
         return await self._run(go)

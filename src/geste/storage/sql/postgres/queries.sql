@@ -143,6 +143,36 @@ WITH lease AS (
 )
 SELECT cancel_requested FROM lease;
 
+-- name: record_batch
+-- Group commit: the step commits of several instances (each with its own lease) in one statement. An
+-- instance's rows are appended only where its lease is proven and renewed; the instance rows are locked
+-- in instance_id order, so two batches never wait on each other in a cycle. Returns the instances whose
+-- lease held.
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::double precision[], $4::double precision[],
+                         $5::text[], $6::integer[])
+        AS i(instance_id, lease_id, lock_expires_at, now, status, added)
+), locked AS (
+    SELECT g.instance_id FROM {schema}.geste_instances g JOIN input i USING (instance_id)
+    WHERE g.lease_id = i.lease_id
+    ORDER BY g.instance_id
+    FOR UPDATE OF g
+), lease AS (
+    UPDATE {schema}.geste_instances g
+    SET lock_expires_at = i.lock_expires_at, updated_at = i.now, steps = g.steps + i.added,
+        status = COALESCE(i.status, g.status)
+    FROM input i
+    WHERE g.instance_id = i.instance_id AND g.instance_id IN (SELECT instance_id FROM locked)
+    RETURNING g.instance_id, g.cancel_requested
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT r.* FROM unnest($7::text[], $8::integer[], $9::text[], $10::text[], $11::text[],
+                           $12::boolean[], $13::double precision[])
+        AS r(instance_id, seq, kind, name, payload, is_error, created_at)
+    WHERE r.instance_id IN (SELECT instance_id FROM lease)
+)
+SELECT instance_id, cancel_requested FROM lease;
+
 -- name: lock_event_type
 -- Serialises, per event type, "send an event" with "take an event or wait": no lost wake-up.
 SELECT pg_advisory_xact_lock(hashtextextended('geste_event:' || $1, 0));

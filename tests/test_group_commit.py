@@ -1,0 +1,133 @@
+"""Group commit: concurrent instances' step commits share one statement and one commit on PostgreSQL,
+and each caller still gets its own outcome (its lease lost, its cancel flag, its own error)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from geste.errors import StorageError
+from geste.storage._group_commit import GroupCommit
+from geste.storage.base import HistoryRow, Lease, LeaseLost, NewInstance
+from geste.storage.postgres import PostgresStorage
+
+
+# -- the batching itself ------------------------------------------------------------------------------
+async def test_calls_made_while_a_batch_is_in_flight_leave_together() -> None:
+    batches: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def flush(items: Sequence[int]) -> list[int | BaseException]:
+        batches.append(list(items))
+        if len(batches) == 1:
+            await gate.wait()
+        return [item * 10 for item in items]
+
+    group: GroupCommit[int, int] = GroupCommit(flush, max_in_flight=1, max_batch=100)
+    first = asyncio.create_task(group.submit(0))
+    await asyncio.sleep(0)  # the first call goes at once, alone
+    others = [asyncio.create_task(group.submit(n)) for n in range(1, 6)]
+    await asyncio.sleep(0)
+    gate.set()
+    assert await first == 0 and [await o for o in others] == [10, 20, 30, 40, 50]
+    assert batches == [[0], [1, 2, 3, 4, 5]]
+
+
+async def test_each_caller_gets_its_own_outcome_and_a_failed_batch_fails_its_callers_only() -> None:
+    calls = 0
+
+    async def flush(items: Sequence[int]) -> list[int | BaseException]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise StorageError("this batch failed")
+        return [ValueError(str(item)) if item < 0 else item for item in items]
+
+    group: GroupCommit[int, int] = GroupCommit(flush, max_in_flight=1, max_batch=100)
+    with pytest.raises(ValueError, match="-1"):
+        await group.submit(-1)
+    with pytest.raises(StorageError):
+        await group.submit(1)
+    assert await group.submit(2) == 2
+
+
+async def test_batches_hold_at_most_max_batch_items() -> None:
+    sizes: list[int] = []
+
+    async def flush(items: Sequence[int]) -> list[int | BaseException]:
+        sizes.append(len(items))
+        await asyncio.sleep(0)
+        return list(items)
+
+    group: GroupCommit[int, int] = GroupCommit(flush, max_in_flight=1, max_batch=3)
+    assert await asyncio.gather(*(group.submit(n) for n in range(10))) == list(range(10))
+    assert max(sizes) == 3 and sum(sizes) == 10
+
+
+# -- on PostgreSQL -------------------------------------------------------------------------------------------
+@pytest.fixture
+async def storage(pg_url: str) -> AsyncIterator[PostgresStorage]:
+    s = PostgresStorage(pg_url)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def _claimed(storage: PostgresStorage, count: int) -> list[Lease]:
+    """``count`` instances created already claimed, with their leases."""
+    leases = []
+    for n in range(count):
+        lease = Lease(f"i{n}", uuid.uuid4().hex)
+        await storage.create_instance(
+            NewInstance(lease.instance_id, "w", "{}", 1.0), lease=lease, worker_id="me", lock_expires_at=1e12
+        )
+        leases.append(lease)
+    return leases
+
+
+def _row(seq: int) -> tuple[HistoryRow, ...]:
+    return (HistoryRow(seq, "activity", "step", '{"result": 1}', False, 1.0),)
+
+
+async def test_concurrent_step_commits_share_statements_and_keep_their_own_outcomes(
+    storage: PostgresStorage,
+) -> None:
+    leases = await _claimed(storage, 30)
+    stolen = leases[7]
+    wrong = Lease(stolen.instance_id, "not-the-lease")
+    before = storage.step_commits
+    results = await asyncio.gather(
+        *(
+            storage.record(wrong if lease is stolen else lease, _row(1), now=2.0, lock_expires_at=1e12)
+            for lease in leases
+        ),
+        return_exceptions=True,
+    )
+    assert storage.step_commits - before <= 2  # one alone, then the 29 that queued meanwhile, together
+    assert isinstance(results[7], LeaseLost)
+    assert all(
+        not isinstance(r, BaseException) and r.cancel_requested is False
+        for i, r in enumerate(results)
+        if i != 7
+    )
+    for n, lease in enumerate(leases):
+        history = await storage.get_history(lease.instance_id)
+        assert [r.seq for r in history] == ([] if n == 7 else [1])
+
+
+async def test_a_batch_that_fails_is_split_so_neighbours_still_commit(storage: PostgresStorage) -> None:
+    """One instance's rows violate the history's key (its seq 1 is there already): the batch statement
+    fails; each step is then committed alone, and only that instance gets the error."""
+    leases = await _claimed(storage, 10)
+    await storage.record(leases[3], _row(1), now=2.0, lock_expires_at=1e12)
+    results = await asyncio.gather(
+        *(storage.record(lease, _row(1), now=2.0, lock_expires_at=1e12) for lease in leases),
+        return_exceptions=True,
+    )
+    assert isinstance(results[3], StorageError)
+    assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 3)
+    for lease in leases:
+        assert [r.seq for r in await storage.get_history(lease.instance_id)] == [1]
