@@ -152,8 +152,9 @@ class WorkflowContext:
         self.workflow_name = workflow_name
         self._created_at = created_at
         self._history = {row.seq: row for row in history}
-        self._last_recorded = max(self._history, default=0)
-        self._last_wait = max((row.seq for row in history if row.kind in _WAIT_KINDS), default=0)
+        numbered = [row for row in history if type(row.seq) is int]  # SQLite keeps what an UPDATE puts
+        self._last_recorded = max((row.seq for row in numbered), default=0)
+        self._last_wait = max((row.seq for row in numbered if row.kind in _WAIT_KINDS), default=0)
         self._seq = 0
         self._pending: list[HistoryRow] = []
         self._cancel_requested = cancel_requested
@@ -165,6 +166,9 @@ class WorkflowContext:
         self._subscriptions: dict[str, str] = {}
         """channel -> mode of this instance's subscriptions, rebuilt by the replay of its steps."""
         self.logger = _ReplayQuietLogger(self)
+        if len(numbered) < len(history):  # fail the run like a divergence, not the engine at every claim
+            position, row = next((i, r) for i, r in enumerate(history, 1) if type(r.seq) is not int)
+            self._corrupted(position, f"the row in position {position} has the step number {row.seq!r:.80}")
 
     # -- introspection ---------------------------------------------------------------------------
     @property
