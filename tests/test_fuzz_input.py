@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import geste
@@ -509,6 +509,42 @@ def test_instance_ids(harness: Callable[..., Harness]) -> None:
             h.run(check())
 
         prop()
+        not_workflows: list[Any] = [42, None, named.fn]
+        for not_a_workflow in not_workflows:
+            call: Any = lambda: h.app.start_workflow(not_a_workflow)  # noqa: E731, B023
+            h.run(refused(h.db, TypeError, call))
+
+
+async def test_a_match_is_compared_as_recorded_whether_the_event_came_first_or_not(
+    make_app: Callable[..., geste.App],
+) -> None:
+    # The wait records its match as JSON and send_event compares events with that; the wait itself
+    # compared them with the Python dict: a tuple, an int key or a date matched an event sent after
+    # the wait, not one sent before it (and a date could not be stored at all: a raw TypeError).
+    app = make_app()
+    matches: list[dict[Any, Any]] = [{"pair": (1, 2)}, {7: "seven"}, {"day": dt.date(2030, 1, 2)}]
+    data = [{"pair": [1, 2]}, {"7": "seven"}, {"day": "2030-01-02"}]
+
+    @app.workflow
+    async def picky(ctx: geste.WorkflowContext, which: int, tag: str) -> Any:
+        await ctx.wait_event("picky.go", match={"tag": tag})
+        return (await ctx.wait_event("picky", match=matches[which], timeout=30)).data
+
+    async with app:
+        for which in range(len(matches)):
+            early = await picky.start(which, f"early-{which}")
+            await app.send_event("picky", data[which])  # before it waits: kept for it
+            await app.send_event("picky.go", {"tag": f"early-{which}"})
+            assert await early.result(timeout=15) == data[which]
+            late = await picky.start(which, f"late-{which}")
+            await app.send_event("picky.go", {"tag": f"late-{which}"})
+
+            async def waits(handle: geste.WorkflowHandle[Any] = late) -> bool:
+                return [e.name for e in await handle.history()] == ["picky.go", "picky.go", "picky"]
+
+            await wait_until(waits, "the second wait")
+            await app.send_event("picky", data[which])
+            assert await late.result(timeout=15) == data[which]
 
 
 def test_event_types_matches_data_ids_and_sources(harness: Callable[..., Harness]) -> None:
@@ -523,6 +559,9 @@ def test_event_types_matches_data_ids_and_sources(harness: Callable[..., Harness
             return {"id": event.event_id, "type": event.type, "data": event.data, "source": event.source}
 
         @FUZZ
+        @example(event_type=" \t", data={}, picked=[], event_id=None, source=None)  # blank: never sendable
+        @example(event_type="é" * 201, data={}, picked=[], event_id=None, source=None)  # too long: neither
+        @example(event_type="t", data={"k": 1}, picked=[True], event_id="\x00", source="\ud800")
         @given(
             event_type=names,
             data=st.dictionaries(odd_text, json_values, max_size=4),
@@ -545,6 +584,7 @@ def test_event_types_matches_data_ids_and_sources(harness: Callable[..., Harness
                     return
                 src = source
                 if not storable(eid) or (source is not None and not text_ok(source)):
+                    await wait_status(h.app, handle.instance_id, geste.Status.WAITING)  # settled: snapshots
                     call = lambda: h.app.send_event(event_type, data, event_id=eid, source=source)  # noqa: E731
                     await refused(h.db, ConfigurationError, call)
                     eid_ok, src = h.unique("event"), None
@@ -599,6 +639,7 @@ def test_channel_names_message_data_and_ids(harness: Callable[..., Harness]) -> 
                 if storable(mid):
                     assert await h.app.send_to(direct.instance_id, channel, data, message_id=mid) == mid
                 else:
+                    await wait_status(h.app, direct.instance_id, geste.Status.WAITING)  # settled: snapshots
                     call = lambda: h.app.send_to(direct.instance_id, channel, data, message_id=mid)  # noqa: E731
                     await refused(h.db, ConfigurationError, call)
                     mid = await (await sender.start(direct.instance_id, channel, data)).result(timeout=15)
