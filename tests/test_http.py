@@ -25,6 +25,7 @@ from geste.errors import ConfigurationError, StorageError
 from geste.http import _endpoints
 
 from .conftest import POSTGRES_URL
+from .support import raw_query
 
 MakeApp = Callable[..., geste.App]
 
@@ -641,7 +642,7 @@ async def test_starting_badly_is_refused_and_writes_nothing(make_app: MakeApp, d
         assert await table_counts(db_url) == before
 
 
-async def test_look_at_instances(make_app: MakeApp) -> None:
+async def test_look_at_instances(make_app: MakeApp, db_url: str) -> None:
     app = build(make_app)
     async with serving(app) as http:
         done = await app.start_workflow("add", 1, b=2, instance_id="done")
@@ -673,6 +674,9 @@ async def test_look_at_instances(make_app: MakeApp) -> None:
         assert [(e["seq"], e["kind"], e["name"]) for e in history["history"]] == [
             (1, "wait_event", "release")
         ]
+
+        await raw_query(db_url, "UPDATE geste_history SET payload = $1 WHERE instance_id = $2", "{", "held")
+        assert_error(await http.get("/instances/held/history"), 500, "HistoryCorruptedError", "held")
 
         assert_error(await http.get("/instances/nope"), 404, "InstanceNotFoundError", "nope")
         assert_error(await http.get("/instances/nope/history"), 404, "InstanceNotFoundError")

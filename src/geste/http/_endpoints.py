@@ -22,6 +22,7 @@ from ..errors import (
     AppNotOpenError,
     ConfigurationError,
     GesteError,
+    HistoryCorruptedError,
     InstanceAlreadyExistsError,
     InstanceNotFoundError,
     PayloadTooLargeError,
@@ -72,6 +73,7 @@ _STATUS_OF_ERROR: tuple[tuple[type[GesteError], int], ...] = (
     (WorkflowCancelled, 409),
     (AppNotOpenError, 503),
     (StorageError, 503),
+    (HistoryCorruptedError, 500),  # the stored data is damaged: the server's problem, not the request's
 )
 
 
