@@ -608,7 +608,9 @@ def test_the_listener_turns_a_channel_message_into_a_batch_of_message_size() -> 
     class Storage:
         limits: list[int] = []
 
-        async def claim(self, worker_id: str, now: float, expires: float, limit: int) -> list[Any]:
+        async def claim(
+            self, worker_id: str, now: float, expires: float, limit: int, *, due_before: float | None = None
+        ) -> list[Any]:
             self.limits.append(limit)
             return []
 

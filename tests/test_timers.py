@@ -218,3 +218,23 @@ async def test_an_invalid_sleep_duration_fails_the_workflow(make_app: MakeApp, b
         with pytest.raises(geste.errors.WorkflowFailed) as failed:
             await (await flow.start()).result(timeout=10)
     assert failed.value.error["type"] == "geste.errors.ConfigurationError"
+
+
+async def test_a_claim_takes_what_is_due_within_its_horizon_and_nothing_later(make_app: MakeApp) -> None:
+    """The worker claims a timer a little before its time (``due_before``) and waits for it in memory;
+    the storage takes exactly what is due by the horizon, and judges leases by ``now`` alone."""
+    from geste.storage.base import Lease, NewInstance
+
+    app = make_app(run_worker=False)
+    async with app:
+        storage = app.storage
+        for name, run_at in (("soon", 100.02), ("later", 100.5)):
+            lease = Lease(name, f"lease-{name}")
+            await storage.create_instance(
+                NewInstance(name, "w", "{}", 1.0), lease=lease, worker_id="w0", lock_expires_at=99.0
+            )
+            await storage.release([lease], 99.0, run_at=run_at)
+        assert await storage.claim("w1", 100.0, 110.0, 10) == []
+        (claim,) = await storage.claim("w1", 100.0, 110.0, 10, due_before=100.05)
+        assert claim.lease.instance_id == "soon" and claim.run_at == pytest.approx(100.02)
+        assert await storage.claim("w2", 100.0, 110.0, 10, due_before=100.05) == []  # held by w1

@@ -136,6 +136,12 @@ class ListenerStatus:
         }
 
 
+TIMER_LOOKAHEAD = 0.025
+"""Seconds before its time a due instance may be claimed: the worker holds its lease and waits for the exact
+time in memory, so a durable timer fires with the event loop's precision, not after a database round trip
+(made under load). A sleeping instance holds nothing for the rest of its sleep."""
+
+
 class Wakeups:
     """The worker's alarm clock: pokes, local timers, and the poll interval that fits the listener."""
 
@@ -152,7 +158,9 @@ class Wakeups:
         self.event.set()
 
     def wake_at(self, when: float) -> None:
-        """Wake the worker at ``when`` (a timer someone registered), without holding anything else."""
+        """Wake the worker for a timer due at ``when`` (``TIMER_LOOKAHEAD`` before it: the claim's round
+        trip is done by then), without holding anything else."""
+        when -= TIMER_LOOKAHEAD
         if when <= self.clock():
             self.poke()
             return

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._engine import Engine
-from ._wakeups import Wakeups
+from ._wakeups import TIMER_LOOKAHEAD, Wakeups
 from .errors import StorageError
 from .storage.base import Claim, HistoryRow, Lease, Storage, WorkerRow
 
@@ -140,6 +140,9 @@ class Worker:
     async def _run(self, claim: Claim, history: Sequence[HistoryRow] | None) -> None:
         instance_id = claim.lease.instance_id
         try:
+            early = 0.0 if claim.run_at is None else claim.run_at - self.clock()
+            if early > 0:  # claimed just before its time (a timer): run it at the time, not before
+                await asyncio.sleep(early)
             await self.engine.run(claim, history)
         except asyncio.CancelledError:
             raise
@@ -184,7 +187,9 @@ class Worker:
             limit = self.max_messages_per_batch
         batch = min(free, limit)
         now = self.clock()
-        claims = await self.storage.claim(self.worker_id, now, now + self.lock_timeout, batch)
+        claims = await self.storage.claim(
+            self.worker_id, now, now + self.lock_timeout, batch, due_before=now + TIMER_LOOKAHEAD
+        )
         self._backlog = len(claims) == batch
         for claim in claims:
             stale = self._running.get(claim.lease.instance_id)
@@ -197,7 +202,7 @@ class Worker:
         next_run = await self.storage.next_run_at()
         if next_run is None:
             return interval
-        return max(0.0, min(interval, next_run - self.clock()))
+        return max(0.0, min(interval, next_run - TIMER_LOOKAHEAD - self.clock()))
 
     async def _heartbeat(self) -> None:
         """Register this worker or refresh its row: one statement."""

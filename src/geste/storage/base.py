@@ -68,6 +68,8 @@ class Claim:
     cancel_requested: bool
     history: tuple[HistoryRow, ...] | None = None
     """The instance's history, when the backend read it in the claim's own round trip."""
+    run_at: float | None = None
+    """When it became (or becomes: claimed a little early, see ``due_before``) runnable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,8 +278,17 @@ class Storage(abc.ABC):
 
     # -- leases ------------------------------------------------------------------------------------
     @abc.abstractmethod
-    async def claim(self, worker_id: str, now: float, lock_expires_at: float, limit: int) -> list[Claim]:
-        """Atomically take up to ``limit`` runnable instances whose lease is free or expired."""
+    async def claim(
+        self,
+        worker_id: str,
+        now: float,
+        lock_expires_at: float,
+        limit: int,
+        *,
+        due_before: float | None = None,
+    ) -> list[Claim]:
+        """Atomically take up to ``limit`` instances runnable by ``due_before`` (default ``now``) whose
+        lease is free or expired at ``now``."""
 
     @abc.abstractmethod
     async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:

@@ -362,13 +362,23 @@ class PostgresStorage(Storage):
         return await self._tx(go)
 
     # -- leases ------------------------------------------------------------------------------------
-    async def claim(self, worker_id: str, now: float, lock_expires_at: float, limit: int) -> list[Claim]:
+    async def claim(
+        self,
+        worker_id: str,
+        now: float,
+        lock_expires_at: float,
+        limit: int,
+        *,
+        due_before: float | None = None,
+    ) -> list[Claim]:
+        due = now if due_before is None else due_before
+
         async def go(conn: Conn) -> list[Claim]:
             rows = await conn.fetch(
-                self._q["claim"], worker_id, f"{uuid.uuid4().hex[:12]}/", now, lock_expires_at, limit
+                self._q["claim"], worker_id, f"{uuid.uuid4().hex[:12]}/", now, lock_expires_at, limit, due
             )
             return [
-                Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], r[6], _history_from_json(r[7]))
+                Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], r[6], _history_from_json(r[8]), r[7])
                 for r in rows
             ]
 

@@ -266,8 +266,17 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     # -- leases ------------------------------------------------------------------------------------
-    async def claim(self, worker_id: str, now: float, lock_expires_at: float, limit: int) -> list[Claim]:
+    async def claim(
+        self,
+        worker_id: str,
+        now: float,
+        lock_expires_at: float,
+        limit: int,
+        *,
+        due_before: float | None = None,
+    ) -> list[Claim]:
         params = {
+            "due": now if due_before is None else due_before,
             "worker_id": worker_id,
             "lease_prefix": f"{uuid.uuid4().hex[:12]}/",
             "lock_expires_at": lock_expires_at,
@@ -279,7 +288,14 @@ class SQLiteStorage(Storage):
             rows = conn.execute(Q["claim"], params).fetchall()
             return [  # each with its history, read in the same hop to the SQLite thread
                 Claim(
-                    Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], bool(r[6]), self._history(conn, r[0])
+                    Lease(r[0], r[1]),
+                    r[2],
+                    r[3],
+                    Status(r[4]),
+                    r[5],
+                    bool(r[6]),
+                    self._history(conn, r[0]),
+                    r[7],
                 )
                 for r in rows
             ]

@@ -81,7 +81,7 @@ FROM flagged WHERE $3 AND lease_id IS NULL;
 -- Each claimed instance comes back with its history (JSON), so a wake-up costs one round trip, not two.
 WITH picked AS (
     SELECT instance_id FROM {schema}.geste_instances
-    WHERE run_at <= $3 AND (lease_id IS NULL OR lock_expires_at <= $3)
+    WHERE run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
     ORDER BY run_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
@@ -94,7 +94,8 @@ WITH picked AS (
         updated_at = $3
     FROM picked
     WHERE i.instance_id = picked.instance_id
-    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
+              i.run_at
 )
 SELECT c.*,
        (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)

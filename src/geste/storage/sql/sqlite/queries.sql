@@ -61,11 +61,11 @@ SET locked_by = :worker_id,
     updated_at = :now
 WHERE instance_id IN (
     SELECT instance_id FROM geste_instances
-    WHERE run_at <= :now AND (lease_id IS NULL OR lock_expires_at <= :now)
+    WHERE run_at <= :due AND (lease_id IS NULL OR lock_expires_at <= :now)
     ORDER BY run_at
     LIMIT :limit
 )
-RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested;
+RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run_at;
 
 -- name: renew
 UPDATE geste_instances SET lock_expires_at = ? WHERE instance_id = ? AND lease_id = ?;
