@@ -27,6 +27,8 @@ from geste.errors import (
 )
 from geste.storage.sqlite import SCHEMA_VERSION
 
+from .support import wait_until
+
 MiB = 1024 * 1024
 
 
@@ -457,3 +459,37 @@ async def test_waiting_for_an_event_type_no_backend_can_store_fails_at_the_call(
     async with app:
         result = await (await waits.start()).result(timeout=10)
     assert result.startswith("refused: event_type must be a non-empty string")
+
+
+async def test_an_instance_that_keeps_failing_in_the_engine_backs_off_and_the_worker_goes_on(
+    make_app: Callable[..., geste.App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error in the engine (a bug, not the workflow's own error) releases the instance to
+    be offered again after a delay that doubles each time: no hot loop, and the other instances run."""
+    app = make_app(poll_interval=0.02)
+
+    @app.workflow
+    async def fine(ctx: geste.WorkflowContext) -> str:
+        return "ok"
+
+    delays: list[float] = []
+    release = app.storage.release
+
+    async def recording_release(leases: Any, now: float, *, run_at: float | None = None) -> None:
+        delays.append((now if run_at is None else run_at) - now)
+        await release(leases, now, run_at=run_at)
+
+    run = geste._engine.Engine.run
+
+    async def failing_run(self: geste._engine.Engine, claim: Any, history: Any = None) -> None:
+        if claim.lease.instance_id == "broken":
+            raise RuntimeError("a bug in the engine")
+        await run(self, claim, history)
+
+    monkeypatch.setattr(app.storage, "release", recording_release)
+    monkeypatch.setattr(geste._engine.Engine, "run", failing_run)
+    async with app:
+        await app.start_workflow(fine, instance_id="broken")
+        await wait_until(lambda: len(delays) >= 4, "four failed runs")
+        assert await (await app.start_workflow(fine, instance_id="healthy")).result(timeout=10) == "ok"
+    assert delays[:4] == pytest.approx([0.02, 0.04, 0.08, 0.16], abs=0.005)

@@ -24,6 +24,11 @@ from .storage.base import Claim, HistoryRow, Lease, Storage, WorkerRow
 
 logger = logging.getLogger("geste.worker")
 
+ENGINE_ERROR_BACKOFF_CAP = 300.0
+"""The longest an instance that keeps failing in the engine (a bug, not the workflow's own error) waits
+before it is offered again: it neither spins nor floods the log."""
+MAX_TRACKED_FAILURES = 10_000
+
 WORKER_RETENTION = 7 * 24 * 3600.0
 """Registered workers not heard from for this long are forgotten when a worker starts."""
 
@@ -62,6 +67,8 @@ class Worker:
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
         self._reserved = 0
         self._backlog = False
+        self._failures: dict[str, int] = {}
+        """Unexpected engine errors in a row, per instance: each waits twice as long to be offered again."""
         """The last claim round was cut short by this worker's free slots: a slot that frees up is a
         reason to claim again. Without a backlog, a finishing run claims nothing (no empty round trip)."""
         self._stopping = False
@@ -144,14 +151,22 @@ class Worker:
             if early > 0:  # claimed just before its time (a timer): run it at the time, not before
                 await asyncio.sleep(early)
             await self.engine.run(claim, history)
+            self._failures.pop(instance_id, None)
         except asyncio.CancelledError:
             raise
         except Exception:
-            logger.exception("instance %s: unexpected error in the engine; releasing it", instance_id)
+            if len(self._failures) >= MAX_TRACKED_FAILURES:
+                self._failures.clear()
+            failures = self._failures[instance_id] = self._failures.get(instance_id, 0) + 1
+            delay = min(self.wakeups.poll_interval * 2 ** (failures - 1), ENGINE_ERROR_BACKOFF_CAP)
+            logger.exception(
+                "instance %s: unexpected error in the engine (%d in a row here); offered again in %.3gs",
+                instance_id,
+                failures,
+                delay,
+            )
             with contextlib.suppress(Exception):  # else the lease expires by itself
-                await self.storage.release(
-                    [claim.lease], self.clock(), run_at=self.clock() + self.wakeups.poll_interval
-                )
+                await self.storage.release([claim.lease], self.clock(), run_at=self.clock() + delay)
         finally:
             current = self._running.get(instance_id)
             if current is not None and current[0] == claim.lease:
