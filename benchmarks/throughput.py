@@ -161,7 +161,10 @@ def serve(url: str) -> None:
         loop.add_signal_handler(signal.SIGTERM, app.shutdown)
         await app.open()
         print("ready", flush=True)
+        worker = app._worker
         await app.run()
+        if os.environ.get("GESTE_BENCH_VERBOSE") and worker is not None:
+            print(f"worker: {worker.claim_rounds} claim rounds took {worker.claimed}", file=sys.stderr)
 
     asyncio.run(run())
 

@@ -68,6 +68,9 @@ class Worker:
         self._reserved = 0
         self._backlog = False
         self._failures: dict[str, int] = {}
+        self.claim_rounds = 0
+        """Claim statements run, and instances they took (an empty round is a wasted round trip)."""
+        self.claimed = 0
         """Unexpected engine errors in a row, per instance: each waits twice as long to be offered again."""
         """The last claim round was cut short by this worker's free slots: a slot that frees up is a
         reason to claim again. Without a backlog, a finishing run claims nothing (no empty round trip)."""
@@ -206,6 +209,8 @@ class Worker:
             self.worker_id, now, now + self.lock_timeout, batch, due_before=now + TIMER_LOOKAHEAD
         )
         self._backlog = len(claims) == batch
+        self.claim_rounds += 1
+        self.claimed += len(claims)
         for claim in claims:
             stale = self._running.get(claim.lease.instance_id)
             if stale is not None:  # our own expired lease, taken back: the old run must not go on
