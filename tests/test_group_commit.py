@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
+from geste import Status
 from geste.errors import StorageError
 from geste.storage._group_commit import GroupCommit
 from geste.storage.base import HistoryRow, Lease, LeaseLost, NewInstance
@@ -131,3 +132,32 @@ async def test_a_batch_that_fails_is_split_so_neighbours_still_commit(storage: P
     assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 3)
     for lease in leases:
         assert [r.seq for r in await storage.get_history(lease.instance_id)] == [1]
+
+
+async def test_concurrent_ends_share_statements_and_keep_their_own_outcomes(storage: PostgresStorage) -> None:
+    leases = await _claimed(storage, 20)
+    await storage.suspend(leases[2], (), now=2.0, run_at=50.0, timer=(1, 50.0))  # leaves a timer, then
+    leases[2] = (await storage.claim("me", 60.0, 1e12, 1))[0].lease  # claimed back under a new lease
+    wrong = Lease(leases[5].instance_id, "not-the-lease")
+    before = storage.step_commits
+    results = await asyncio.gather(
+        *(
+            storage.finish(
+                wrong if n == 5 else lease, _row(9), now=3.0, status=Status.COMPLETED, result=f'"{n}"'
+            )
+            for n, lease in enumerate(leases)
+        ),
+        return_exceptions=True,
+    )
+    assert storage.step_commits - before <= 2
+    assert isinstance(results[5], LeaseLost)
+    assert all(r is None for n, r in enumerate(results) if n != 5)
+    for n, lease in enumerate(leases):
+        row = await storage.get_instance(lease.instance_id)
+        assert row is not None
+        if n == 5:
+            assert row.status == Status.RUNNING and list(await storage.get_history(lease.instance_id)) == []
+        else:
+            assert (row.status, row.result, row.locked_by) == (Status.COMPLETED, f'"{n}"', None)
+            assert [r.seq for r in await storage.get_history(lease.instance_id)][-1] == 9
+    assert await storage.next_run_at() is None  # the ended instance's timer went with it

@@ -142,16 +142,22 @@ class _Record:
     status: Status | None
 
 
-def _batch_columns(batch: Sequence[_Record]) -> tuple[list[Any], ...]:
-    """The arrays of ``record_batch``: one entry per instance, then one per history row."""
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    """One instance's end, waiting for its batch."""
+
+    lease: Lease
+    records: tuple[HistoryRow, ...]
+    now: float
+    status: Status
+    result: str | None
+    error: str | None
+
+
+def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
+    """The history rows of a batch, as the arrays that follow its per-instance ones."""
     rows = [(item.lease.instance_id, r) for item in batch for r in item.records]
     return (
-        [item.lease.instance_id for item in batch],
-        [item.lease.lease_id for item in batch],
-        [item.lock_expires_at for item in batch],
-        [item.now for item in batch],
-        [None if item.status is None else str(item.status) for item in batch],
-        [len(item.records) for item in batch],
         [instance_id for instance_id, _ in rows],
         [r.seq for _, r in rows],
         [r.kind for _, r in rows],
@@ -159,6 +165,33 @@ def _batch_columns(batch: Sequence[_Record]) -> tuple[list[Any], ...]:
         [r.payload for _, r in rows],
         [r.is_error for _, r in rows],
         [r.created_at for _, r in rows],
+    )
+
+
+def _record_columns(batch: Sequence[_Record]) -> tuple[list[Any], ...]:
+    """The arrays of ``record_batch``: one entry per instance, then one per history row."""
+    return (
+        [item.lease.instance_id for item in batch],
+        [item.lease.lease_id for item in batch],
+        [item.lock_expires_at for item in batch],
+        [item.now for item in batch],
+        [None if item.status is None else str(item.status) for item in batch],
+        [len(item.records) for item in batch],
+        *_row_columns(batch),
+    )
+
+
+def _finish_columns(batch: Sequence[_Finish]) -> tuple[list[Any], ...]:
+    """The arrays of ``finish_batch``: one entry per instance, then one per history row."""
+    return (
+        [item.lease.instance_id for item in batch],
+        [item.lease.lease_id for item in batch],
+        [str(item.status) for item in batch],
+        [item.result for item in batch],
+        [item.error for item in batch],
+        [item.now for item in batch],
+        [len(item.records) for item in batch],
+        *_row_columns(batch),
     )
 
 
@@ -192,9 +225,13 @@ class PostgresStorage(Storage):
         self._records: GroupCommit[_Record, StepResult] = GroupCommit(
             self._record_batch, max_in_flight=1, max_batch=GROUP_COMMIT_MAX
         )
-        """Step commits of concurrent instances share statements and commits (``_group_commit.py``)."""
+        self._finishes: GroupCommit[_Finish, None] = GroupCommit(
+            self._finish_batch, max_in_flight=1, max_batch=GROUP_COMMIT_MAX
+        )
+        """Step commits and ends of concurrent instances share statements and commits
+        (``_group_commit.py``)."""
         self.step_commits = 0
-        """Step-commit statements run (each one commit): fewer than steps when batches form."""
+        """Step-commit and end statements run (each one commit): fewer than steps when batches form."""
 
     # -- plumbing ----------------------------------------------------------------------------------
     @asynccontextmanager
@@ -444,7 +481,7 @@ class PostgresStorage(Storage):
             return [await self._record_one(batch[0])]
         try:
             self.step_commits += 1
-            found = await self._run(lambda conn: conn.fetch(self._q["record_batch"], *_batch_columns(batch)))
+            found = await self._run(lambda conn: conn.fetch(self._q["record_batch"], *_record_columns(batch)))
         except StorageError as exc:
             if _is_connection_loss(exc.__cause__ or exc):
                 raise
@@ -585,19 +622,39 @@ class PostgresStorage(Storage):
         result: str | None = None,
         error: str | None = None,
     ) -> None:
+        await self._finishes.submit(_Finish(lease, tuple(records), now, status, result, error))
+
+    async def _finish_batch(self, batch: Sequence[_Finish]) -> list[BaseException | None]:
+        """Ends of instances, alone (``finish``) or together (``finish_batch``); split like steps."""
+        if len(batch) == 1:
+            await self._finish_one(batch[0])
+            return [None]
+        try:
+            self.step_commits += 1
+            found = await self._run(lambda conn: conn.fetch(self._q["finish_batch"], *_finish_columns(batch)))
+        except StorageError as exc:
+            if _is_connection_loss(exc.__cause__ or exc):
+                raise
+            return [await _outcome(self._finish_one(item)) for item in batch]
+        done = {row[0] for row in found}
+        return [None if i.lease.instance_id in done else LeaseLost(i.lease.instance_id) for i in batch]
+
+    async def _finish_one(self, item: _Finish) -> None:
+        self.step_commits += 1
+
         async def go(conn: Conn) -> None:
             done = await conn.fetchval(
                 self._q["finish"],
-                lease.instance_id,
-                lease.lease_id,
-                str(status),
-                result,
-                error,
-                now,
-                *self._columns(records),
+                item.lease.instance_id,
+                item.lease.lease_id,
+                str(item.status),
+                item.result,
+                item.error,
+                item.now,
+                *self._columns(item.records),
             )
             if not done:
-                raise LeaseLost(lease.instance_id)
+                raise LeaseLost(item.lease.instance_id)
 
         await self._run(go)
 

@@ -238,6 +238,38 @@ WITH done AS (
 )
 SELECT count(*) FROM done;
 
+-- name: finish_batch
+-- Group commit of ends: several instances' outcomes in one statement, each under its own lease (locked
+-- in instance_id order, as record_batch). Returns the instances whose lease held.
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::double precision[], $7::integer[])
+        AS i(instance_id, lease_id, status, result, error, now, added)
+), locked AS (
+    SELECT g.instance_id FROM {schema}.geste_instances g JOIN input i USING (instance_id)
+    WHERE g.lease_id = i.lease_id
+    ORDER BY g.instance_id
+    FOR UPDATE OF g
+), done AS (
+    UPDATE {schema}.geste_instances g
+    SET status = i.status, result = i.result, error = i.error, finished_at = i.now, updated_at = i.now,
+        run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, steps = g.steps + i.added
+    FROM input i
+    WHERE g.instance_id = i.instance_id AND g.instance_id IN (SELECT instance_id FROM locked)
+    RETURNING g.instance_id
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT r.* FROM unnest($8::text[], $9::integer[], $10::text[], $11::text[], $12::text[],
+                           $13::boolean[], $14::double precision[])
+        AS r(instance_id, seq, kind, name, payload, is_error, created_at)
+    WHERE r.instance_id IN (SELECT instance_id FROM done)
+), timers AS (
+    DELETE FROM {schema}.geste_timers WHERE instance_id IN (SELECT instance_id FROM done)
+), waits AS (
+    DELETE FROM {schema}.geste_event_waits WHERE instance_id IN (SELECT instance_id FROM done)
+)
+SELECT instance_id FROM done;
+
 -- name: insert_event_wait
 INSERT INTO {schema}.geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq)
 VALUES ($1, $2, $3, $4, $5, $6)
