@@ -104,9 +104,19 @@ SELECT c.*,
 FROM claimed c;
 
 -- name: renew
+-- The heartbeat's renewal of every lease a worker holds: its rows are locked in instance_id order, as
+-- record_batch and finish_batch lock theirs, so the worker's renewal and its group commits (which touch
+-- the same rows) never deadlock.
+WITH locked AS (
+    SELECT i.instance_id FROM {schema}.geste_instances i
+    JOIN unnest($2::text[], $3::text[]) AS l(instance_id, lease_id)
+        ON i.instance_id = l.instance_id AND i.lease_id = l.lease_id
+    ORDER BY i.instance_id
+    FOR UPDATE OF i
+)
 UPDATE {schema}.geste_instances AS i SET lock_expires_at = $1
-FROM unnest($2::text[], $3::text[]) AS l(instance_id, lease_id)
-WHERE i.instance_id = l.instance_id AND i.lease_id = l.lease_id
+FROM locked
+WHERE i.instance_id = locked.instance_id
 RETURNING i.instance_id;
 
 -- name: release
