@@ -18,6 +18,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -166,13 +167,13 @@ class Child:
             return
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # a worker also stops when its stdin closes
         try:
             await asyncio.wait_for(self.proc.wait(), timeout)
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
 
@@ -182,11 +183,11 @@ def stop_on_sigterm(stop: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop)
 
-    async def orphaned() -> None:
-        await asyncio.to_thread(sys.stdin.read)
-        stop()
+    def orphaned() -> None:
+        sys.stdin.read()
+        loop.call_soon_threadsafe(stop)
 
-    loop.create_task(orphaned())  # noqa: RUF006 (lives as long as the worker)
+    threading.Thread(target=orphaned, daemon=True).start()  # a daemon: it does not hold the exit
 
 
 def _admin_url(db_url: str) -> str:
