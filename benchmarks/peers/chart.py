@@ -123,10 +123,12 @@ def main() -> None:
         )
         if log:
             ax.set_yscale("log")
+            low = min((v for _, row in groups for v in row["values"].values() if v), default=1)
+            ax.set_ylim(low * 0.5, top * 6)
         else:
-            ax.set_ylim(0, top * 1.18)
+            ax.set_ylim(0, top * 1.3)
         ax.tick_params(axis="y", labelsize=8)
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left", ncol=len(shown))
         ax.grid(axis="y", alpha=0.3)
     kind = "quick run (small sizes, 1 run)" if doc.get("quick") else f"medians of {doc['runs']} runs"
     m = doc["machine"]
