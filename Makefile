@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint check bench chaos clean
+.PHONY: demo test lint check bench compare chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ chaos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+
+compare: $(STAMP)
+	$(BIN)/python benchmarks/compare.py
 
 clean:
 	rm -rf $(VENV) geste.db geste.db-wal geste.db-shm .pytest_cache .mypy_cache .ruff_cache
