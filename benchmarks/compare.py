@@ -286,7 +286,14 @@ def machine() -> dict[str, Any]:
         finally:
             await conn.close()
 
+    def commit() -> str:
+        git = ["git", "-C", str(HERE.parent)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "src"], capture_output=True, text=True)
+        return head.strip() + (" + uncommitted changes in src/" if dirty.stdout.strip() else "")
+
     info: dict[str, Any] = {
+        "geste_commit": commit(),
         "cpus": os.cpu_count(),
         "memory": meminfo(),
         "platform": platform.platform(),
