@@ -87,6 +87,7 @@ class Case:
 
 WPS = Metric("workflows_per_s", "workflows/s", "/s", True)
 CPU = Metric("cpu_ms_per_workflow", "client CPU per workflow", "ms", False)
+WINDOW_CPU = Metric("cpu_ms_per_workflow_window", "CPU per workflow, workers + client", "ms", False)
 TX = Metric("transactions_per_workflow", "transactions per workflow", "", False)
 P50 = Metric("p50_ms", "p50", "ms", False)
 P99 = Metric("p99_ms", "p99", "ms", False)
@@ -118,7 +119,7 @@ def cases(args: argparse.Namespace) -> list[Case]:
             "throughput_workers",
             "postgres",
             [GESTE, DBOS, EDDA],
-            [WPS, CPU],
+            [WPS, WINDOW_CPU],
             {"instances": n, "workers": workers},
         ),
         Case(
@@ -401,18 +402,21 @@ def report(
     info: dict[str, Any],
     runs: int,
     done: int,
-    began: float,
+    began: float | None,
+    generated: str | None = None,
 ) -> None:
-    """Print the table and write compare.json and compare.png (after every run: a stop leaves them)."""
-    info["load_average_after"] = os.getloadavg()[0]
-    info["total_seconds"] = round(time.monotonic() - began)
+    """Print the table and write compare.json and compare.png (after every run: a stop leaves them).
+    ``began`` None: the results are an earlier run's (``--from-json``), the machine's readings stay."""
+    if began is not None:
+        info["load_average_after"] = os.getloadavg()[0]
+        info["total_seconds"] = round(time.monotonic() - began)
     entrants = [e for e in (GESTE, DBOS, DBOS_THREADS, EDDA) if any(e in c.entrants for c in chosen)]
     rows = summarise(chosen, raw)
     print(f"\nmachine: {json.dumps(info)}")
     print_table(rows, entrants, done)
     args.out.mkdir(parents=True, exist_ok=True)
     document = {
-        "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "generated": generated or time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "quick": args.quick,
         "runs": done,
         "runs_planned": runs,
@@ -441,6 +445,18 @@ def report(
         print("(no chart: benchmarks/.peers-venv, which has matplotlib, is missing)")
 
 
+def again(args: argparse.Namespace) -> None:
+    """The report of an earlier compare.json, with this version's cases and metrics."""
+    doc = json.loads(args.from_json.read_text())
+    args.quick = bool(doc["quick"])
+    args.systems, args.scenarios = "geste,dbos,edda", ""
+    chosen = [c for c in cases(args) if c.key in doc["raw"]]
+    for case in chosen:
+        case.entrants = [e for e in case.entrants if e.name in doc["raw"][case.key]]
+    runs = int(doc["runs"])
+    report(args, chosen, doc["raw"], doc["machine"], int(doc["runs_planned"]), runs, None, doc["generated"])
+
+
 # -- main --------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -455,7 +471,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for one measurement")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where compare.json and compare.png go")
     parser.add_argument("--no-install", action="store_true", help="use benchmarks/.peers-venv as it is")
+    parser.add_argument(
+        "--from-json", type=Path, help="measure nothing: print, write and draw again from this compare.json"
+    )
     args = parser.parse_args()
+    if args.from_json is not None:
+        again(args)
+        return
     runs = args.runs if args.runs is not None else (1 if args.quick else 5)
     peers_wanted = any(s != "geste" for s in args.systems.split(","))
     if peers_wanted and not args.no_install:

@@ -76,6 +76,13 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of another process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int | None = None) -> float:
     with open(f"/proc/{pid or 'self'}/status") as f:
         for line in f:
@@ -370,10 +377,13 @@ async def scenario_throughput_workers(system: Any, args: argparse.Namespace, scr
         for w in workers:
             await w.expect("ready")
         await system.open(worker=False)
+        pids = [w.proc.pid for w in workers if w.proc is not None]
+        workers_before = sum(process_cpu_seconds(pid) for pid in pids)
         cpu, started = cpu_seconds(), time.perf_counter()
         await system.enqueue(args.instances)
         done = await wait_count(args.db, system.completed_sql, args.instances, timeout=600)
         client_cpu = cpu_seconds() - cpu
+        workers_window = sum(process_cpu_seconds(pid) for pid in pids) - workers_before
         await system.close()
     finally:
         for w in workers:
@@ -384,6 +394,7 @@ async def scenario_throughput_workers(system: Any, args: argparse.Namespace, scr
         "workflows_per_s": args.instances / elapsed,
         "seconds": elapsed,
         "cpu_ms_per_workflow": (worker_cpu + client_cpu) / args.instances * 1000,
+        "cpu_ms_per_workflow_window": (workers_window + client_cpu) / args.instances * 1000,
         "instances": args.instances,
         "workers": args.workers,
     }
