@@ -389,6 +389,36 @@ def print_table(rows: list[dict[str, Any]], entrants: list[Entrant], runs: int) 
         print(f"  samples per run, {title}: {counts}")
 
 
+def markdown(rows: list[dict[str, Any]], entrants: list[Entrant], runs: int, info: dict[str, Any]) -> str:
+    """The table as Markdown (results/compare.md), for benchmarks/README.md."""
+    names = [e.name for e in entrants]
+    peers = [n for n in names if n != "geste"]
+    lines = [
+        f"Medians of {runs} run(s), {info['cpus']} cores, {info['postgresql'].split(' on ')[0]};"
+        f" geste {info.get('geste_commit', '?')}. Ratio: geste / peer.",
+        "",
+        "| scenario | figure | " + " | ".join(names) + " | " + " | ".join(f"geste/{p}" for p in peers) + " |",
+        "|---|---|" + "---:|" * (len(names) + len(peers)),
+    ]
+    for row in rows:
+        unit = f" ({row['unit']})" if row["unit"] and row["unit"] != "/s" else ""
+        cells = [fmt(row["values"].get(n)) if n in row["values"] else "-" for n in names]
+        g = row["values"].get("geste")
+        ratios = []
+        for p in peers:
+            v = row["values"].get(p)
+            ratios.append(f"{g / v:.3g}" if p in row["values"] and g is not None and v else "-")
+        lines.append(f"| {row['title']} | {row['label']}{unit} | " + " | ".join(cells + ratios) + " |")
+    notes = sorted({(name, reason) for row in rows for name, reason in row["na"].items()})
+    if notes:
+        lines += ["", *(f"- n/a, {name}: {reason}" for name, reason in notes)]
+    for row in rows:
+        if row.get("samples") and row["metric"] == "p50_ms":
+            counts = ", ".join(f"{k} {v:g}" for k, v in row["samples"].items())
+            lines.append(f"- samples per run, {row['title']}: {counts}")
+    return "\n".join(lines) + "\n"
+
+
 def draw(path_json: Path, path_png: Path) -> None:
     subprocess.run(
         [str(peers_python()), str(PEERS_DIR / "chart.py"), str(path_json), str(path_png)], check=True
@@ -437,6 +467,7 @@ def report(
     }
     path_json = args.out / "compare.json"
     path_json.write_text(json.dumps(document, indent=1) + "\n")
+    (args.out / "compare.md").write_text(markdown(rows, entrants, done, info))
     print(f"\nwrote {path_json}")
     if peers_python().exists():
         draw(path_json, args.out / "compare.png")
