@@ -151,6 +151,15 @@ def cases(args: argparse.Namespace) -> list[Case]:
             {"sleepers": 20 if quick else 100, "sleep": 0.1},
         ),
         Case(
+            "sleep_sqlite",
+            f"durable sleep 100 ms, {20 if quick else 100} concurrent: lateness, SQLite",
+            "sleep",
+            "sqlite",
+            everyone,
+            [P50, P99],
+            {"sleepers": 20 if quick else 100, "sleep": 0.1},
+        ),
+        Case(
             "idle_pg",
             f"{200 if quick else 10_000} waiting workflows, idle {5 if quick else 30} s, PostgreSQL",
             "idle",
@@ -477,8 +486,12 @@ def report(
 
 
 def again(args: argparse.Namespace) -> None:
-    """The report of an earlier compare.json, with this version's cases and metrics."""
-    doc = json.loads(args.from_json.read_text())
+    """The report of earlier compare.json files, with this version's cases and metrics. Several files
+    (runs of different cases, on the same machine) are merged; the first gives the machine and date."""
+    docs = [json.loads(path.read_text()) for path in args.from_json]
+    doc = docs[0]
+    for other in docs[1:]:
+        doc["raw"].update(other["raw"])
     args.quick = bool(doc["quick"])
     args.systems, args.scenarios = "geste,dbos,edda", ""
     chosen = [c for c in cases(args) if c.key in doc["raw"]]
@@ -503,7 +516,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where compare.json and compare.png go")
     parser.add_argument("--no-install", action="store_true", help="use benchmarks/.peers-venv as it is")
     parser.add_argument(
-        "--from-json", type=Path, help="measure nothing: print, write and draw again from this compare.json"
+        "--from-json",
+        type=Path,
+        nargs="+",
+        help="measure nothing: print, write and draw again from compare.json file(s) (cases merged)",
     )
     args = parser.parse_args()
     if args.from_json is not None:
