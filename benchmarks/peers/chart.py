@@ -37,14 +37,20 @@ PANELS: list[tuple[str, list[tuple[str, str, str]], str, bool]] = [
     ),
     ("Client CPU per workflow (PostgreSQL)", [("throughput_pg", "cpu_ms_per_workflow", "")], "ms", False),
     (
-        "Wake-up across processes",
+        "Wake-up across processes, PostgreSQL",
         [("wakeup_pg", "p50_ms", "p50"), ("wakeup_pg", "p99_ms", "p99")],
         "ms (log)",
         True,
     ),
     (
-        "Durable sleep 100 ms: lateness",
+        "Durable sleep 100 ms: lateness, PostgreSQL",
         [("sleep_pg", "p50_ms", "p50"), ("sleep_pg", "p99_ms", "p99")],
+        "ms (log)",
+        True,
+    ),
+    (
+        "Durable sleep 100 ms: lateness, SQLite",
+        [("sleep_sqlite", "p50_ms", "p50"), ("sleep_sqlite", "p99_ms", "p99")],
         "ms (log)",
         True,
     ),
@@ -79,8 +85,6 @@ def main() -> None:
         for prefix, metric, group in picks:
             for row in rows:
                 if row["case"].startswith(prefix) and row["metric"] == metric:
-                    if prefix != "throughput_pg" and prefix == "throughput_" and row["case"] != prefix:
-                        continue
                     name = group if group != "*" else row["title"].split(", ")[1].replace(" recorded", "")
                     groups.append((name, row))
         if groups:
