@@ -158,6 +158,7 @@ def cases(args: argparse.Namespace) -> list[Case]:
             everyone,
             [P50, P99],
             {"sleepers": 20 if quick else 100, "sleep": 0.1},
+            overrides={"edda": {"concurrency": 1}},  # more at once: "database is locked" errors
         ),
         Case(
             "idle_pg",
