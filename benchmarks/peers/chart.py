@@ -23,7 +23,7 @@ COLORS = {"geste": "#2a7ab9", "dbos": "#e4872b", "dbos-threads": "#f2bd6f", "edd
 PANELS: list[tuple[str, list[tuple[str, str, str]], str, bool]] = [
     ("Throughput, one process, PostgreSQL", [("throughput_pg", "workflows_per_s", "")], "workflows/s", False),
     (
-        "Throughput, worker processes",
+        "Throughput, worker processes + a client, PostgreSQL",
         [("throughput_workers_pg", "workflows_per_s", "")],
         "workflows/s",
         False,
@@ -61,7 +61,12 @@ PANELS: list[tuple[str, list[tuple[str, str, str]], str, bool]] = [
         "transactions/min",
         False,
     ),
-    ("Resume after restart vs history length", [("replay_", "from_start_ms", "*")], "ms (log)", True),
+    (
+        "Resume after a restart vs history length, PostgreSQL",
+        [("replay_", "from_start_ms", "*")],
+        "ms (log)",
+        True,
+    ),
 ]
 
 
@@ -103,16 +108,17 @@ def main() -> None:
                 x = gi + (ei - (len(shown) - 1) / 2) * width
                 value = row["values"].get(name)
                 if value is None:
-                    if name in row["values"]:
+                    if name in row["values"]:  # at the foot of the axis, in the entrant's place
                         ax.text(
                             x,
-                            top * (0.02 if not log else 1.0) if not log else 1,
-                            "n/a",
+                            0.03,
+                            f"{name}: n/a",
                             ha="center",
                             va="bottom",
                             fontsize=8,
                             rotation=90,
                             color="#666",
+                            transform=ax.get_xaxis_transform(),
                         )
                     continue
                 ax.bar(
@@ -121,6 +127,7 @@ def main() -> None:
                 ax.text(x, value, label_of(value), ha="center", va="bottom", fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_xlim(-0.5, len(groups) - 0.5)
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(
             [g for g, _ in groups] if any(g for g, _ in groups) else [""] * len(groups), fontsize=8
@@ -134,7 +141,7 @@ def main() -> None:
         ax.tick_params(axis="y", labelsize=8)
         ax.legend(fontsize=7, loc="upper left", ncol=len(shown))
         ax.grid(axis="y", alpha=0.3)
-    kind = "quick run (small sizes, 1 run)" if doc.get("quick") else f"medians of {doc['runs']} runs"
+    kind = "quick run (small sizes, 1 run)" if doc.get("quick") else f"medians of {doc['runs']} run(s)"
     m = doc["machine"]
     fig.suptitle(
         f"geste vs DBOS {m.get('peers_venv', {}).get('dbos', '?')} vs Edda"
