@@ -281,6 +281,13 @@ class CountedTransactions:
     async def __aexit__(self, *exc: object) -> None:
         if self.conn is not None and not self.conn.is_closed():
             await self.conn.close()
+            import asyncpg
+
+            admin = await asyncpg.connect(_admin_url(self.db_url))  # finish() was not reached
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{self.control}" WITH (FORCE)')
+            finally:
+                await admin.close()
 
     @property
     def net(self) -> int:
