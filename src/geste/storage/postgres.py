@@ -195,6 +195,9 @@ def _finish_columns(batch: Sequence[_Finish]) -> tuple[list[Any], ...]:
     )
 
 
+_BatchItem = TypeVar("_BatchItem", _Record, _Finish)
+
+
 async def _outcome(call: Awaitable[_T]) -> _T | BaseException:
     """The value of ``call``, or the error it raised (for one item of a batch)."""
     try:
@@ -474,21 +477,39 @@ class PostgresStorage(Storage):
         return await self._records.submit(_Record(lease, tuple(records), now, lock_expires_at, status))
 
     async def _record_batch(self, batch: Sequence[_Record]) -> list[StepResult | BaseException]:
-        """One step commit alone (``record``), or several instances' in one statement (``record_batch``);
-        a batch that fails for any other reason than a lost connection (a deadlock, say) is split up,
-        so one instance's trouble never fails its neighbours' steps."""
+        """Step commits: alone (``record``) or several instances' together (``record_batch``)."""
+        return await self._in_one_statement(
+            batch,
+            self._record_one,
+            "record_batch",
+            _record_columns,
+            lambda row: StepResult(cancel_requested=row[1]),
+        )
+
+    async def _in_one_statement(
+        self,
+        batch: Sequence[_BatchItem],
+        one: Callable[[_BatchItem], Awaitable[_T]],
+        query: str,
+        columns: Callable[[Sequence[_BatchItem]], tuple[list[Any], ...]],
+        outcome: Callable[[Any], _T],
+    ) -> list[_T | BaseException]:
+        """A group commit's batch: one item goes alone (``one``), several in the statement ``query``, which
+        returns a row (instance id first) for each instance whose lease held. A batch that fails for any
+        other reason than a lost connection (a deadlock, say) is split up, so one instance's trouble never
+        fails its neighbours' writes."""
         if len(batch) == 1:
-            return [await self._record_one(batch[0])]
+            return [await _outcome(one(batch[0]))]
         try:
             self.step_commits += 1
-            found = await self._run(lambda conn: conn.fetch(self._q["record_batch"], *_record_columns(batch)))
+            found = await self._run(lambda conn: conn.fetch(self._q[query], *columns(batch)))
         except StorageError as exc:
             if _is_connection_loss(exc.__cause__ or exc):
                 raise
-            return [await _outcome(self._record_one(item)) for item in batch]
-        held = {row[0]: row[1] for row in found}
+            return [await _outcome(one(item)) for item in batch]
+        held = {row[0]: row for row in found}
         return [
-            StepResult(cancel_requested=held[item.lease.instance_id])
+            outcome(held[item.lease.instance_id])
             if item.lease.instance_id in held
             else LeaseLost(item.lease.instance_id)
             for item in batch
@@ -625,19 +646,10 @@ class PostgresStorage(Storage):
         await self._finishes.submit(_Finish(lease, tuple(records), now, status, result, error))
 
     async def _finish_batch(self, batch: Sequence[_Finish]) -> list[BaseException | None]:
-        """Ends of instances, alone (``finish``) or together (``finish_batch``); split like steps."""
-        if len(batch) == 1:
-            await self._finish_one(batch[0])
-            return [None]
-        try:
-            self.step_commits += 1
-            found = await self._run(lambda conn: conn.fetch(self._q["finish_batch"], *_finish_columns(batch)))
-        except StorageError as exc:
-            if _is_connection_loss(exc.__cause__ or exc):
-                raise
-            return [await _outcome(self._finish_one(item)) for item in batch]
-        done = {row[0] for row in found}
-        return [None if i.lease.instance_id in done else LeaseLost(i.lease.instance_id) for i in batch]
+        """Ends of instances: alone (``finish``) or several together (``finish_batch``)."""
+        return await self._in_one_statement(
+            batch, self._finish_one, "finish_batch", _finish_columns, lambda row: None
+        )
 
     async def _finish_one(self, item: _Finish) -> None:
         self.step_commits += 1
