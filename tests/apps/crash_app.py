@@ -28,7 +28,7 @@ import geste
 ACTIVITIES = ("one", "two", "three")
 
 
-def append_line(path: str, record: dict[str, Any]) -> None:
+def append_line(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line in a single ``write`` on an ``O_APPEND`` file: atomic between processes."""
     data = (json.dumps(record) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -27,22 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import geste
+from tests.apps.crash_app import append_line
 
 LEDGERS = 4
 """Orders send one direct message each to ``ledger-<order % LEDGERS>``."""
 NEWS_EVERY = 10
 """Orders whose number is a multiple of this publish one broadcast message on ``chaos.news``."""
 RETRY = geste.RetryPolicy(max_attempts=6, initial_interval=0.02, max_interval=0.2)
-
-
-def append_line(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line in a single ``write`` on an ``O_APPEND`` file: atomic between processes."""
-    data = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
