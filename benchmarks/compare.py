@@ -80,6 +80,9 @@ class Case:
     count_transactions: bool = False
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Options of one entrant only (by name), with the reason in the README."""
+    timeout: float | None = None
+    """Seconds one measurement of this case may take (at most ``--timeout``): a peer that hangs costs
+    minutes, not the half hour a throughput run may need."""
 
     def options_of(self, entrant: Entrant) -> dict[str, Any]:
         return {**self.options, **self.overrides.get(entrant.name, {})}
@@ -149,6 +152,7 @@ def cases(args: argparse.Namespace) -> list[Case]:
             everyone,
             [P50, P99],
             {"sleepers": 20 if quick else 100, "sleep": 0.1},
+            timeout=300,
         ),
         Case(
             "sleep_sqlite",
@@ -159,6 +163,7 @@ def cases(args: argparse.Namespace) -> list[Case]:
             [P50, P99],
             {"sleepers": 20 if quick else 100, "sleep": 0.1},
             overrides={"edda": {"concurrency": 1}},  # more at once: "database is locked" errors
+            timeout=300,  # once, Edda's leader lease lapsed here and a sleeper never fired
         ),
         Case(
             "idle_pg",
@@ -340,6 +345,8 @@ def summarise(all_cases: list[Case], raw: dict[str, dict[str, list[dict[str, Any
                 errors = [r["error"] for r in results if "error" in r]
                 ok = [r for r in results if "na" not in r and "error" not in r]
                 row["runs"][entrant.name] = len(ok)
+                if errors and ok:  # the median is over the runs that ended; the table says so
+                    row.setdefault("failed", {})[entrant.name] = (len(errors), errors[0].splitlines()[0])
                 if na is not None:
                     row["na"][entrant.name] = na
                 elif not ok:
@@ -397,6 +404,8 @@ def print_table(rows: list[dict[str, Any]], entrants: list[Entrant], runs: int) 
     for title, samples in sampled:
         counts = ", ".join(f"{k} {v:g}" for k, v in samples.items())
         print(f"  samples per run, {title}: {counts}")
+    for line in failed_runs(rows):
+        print(f"  {line}")
 
 
 def markdown(rows: list[dict[str, Any]], entrants: list[Entrant], runs: int, info: dict[str, Any]) -> str:
@@ -426,7 +435,19 @@ def markdown(rows: list[dict[str, Any]], entrants: list[Entrant], runs: int, inf
         if row.get("samples") and row["metric"] == "p50_ms":
             counts = ", ".join(f"{k} {v:g}" for k, v in row["samples"].items())
             lines.append(f"- samples per run, {row['title']}: {counts}")
+    lines += [f"- {line}" for line in failed_runs(rows)]
     return "\n".join(lines) + "\n"
+
+
+def failed_runs(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per case and entrant where some runs failed: the median is over the others."""
+    seen: dict[tuple[str, str], str] = {}
+    for row in rows:
+        for name, (count, error) in row.get("failed", {}).items():
+            seen[(row["title"], name)] = (
+                f"{name}, {row['title']}: {count} run(s) failed ({error}); the median is over the rest"
+            )
+    return list(seen.values())
 
 
 def draw(path_json: Path, path_png: Path) -> None:
@@ -544,7 +565,8 @@ def main() -> None:
                         continue  # it said n/a once: it will again
                     took = time.monotonic()
                     try:
-                        out = asyncio.run(measure(case, entrant, Path(tmp), args.timeout))
+                        timeout = min(args.timeout, case.timeout or args.timeout)
+                        out = asyncio.run(measure(case, entrant, Path(tmp), timeout))
                     except Exception as exc:
                         out = {"error": f"{type(exc).__name__}: {exc}"}
                     out["run"] = run + 1
