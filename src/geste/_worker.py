@@ -67,13 +67,13 @@ class Worker:
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
         self._reserved = 0
         self._backlog = False
+        """The last claim round was cut short by this worker's free slots: a slot that frees up is a
+        reason to claim again. Without a backlog, a finishing run claims nothing (no empty round trip)."""
         self._failures: dict[str, int] = {}
+        """Unexpected engine errors in a row, per instance: each waits twice as long to be offered again."""
         self.claim_rounds = 0
         """Claim statements run, and instances they took (an empty round is a wasted round trip)."""
         self.claimed = 0
-        """Unexpected engine errors in a row, per instance: each waits twice as long to be offered again."""
-        """The last claim round was cut short by this worker's free slots: a slot that frees up is a
-        reason to claim again. Without a backlog, a finishing run claims nothing (no empty round trip)."""
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
