@@ -80,3 +80,29 @@ async def test_a_finishing_run_claims_again_when_work_waits_for_a_slot(
         assert await first.result(timeout=10) == 4
         assert await second.result(timeout=10) == 13
     assert writes["claim"] >= 1
+
+
+async def test_a_claim_round_is_one_round_trip(
+    make_app: Callable[..., geste.App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that takes less than it asked for says when to look again: the worker never runs a
+    second query for the next run_at (it did, one more round trip per claim round)."""
+    asked: list[str] = []
+    for cls in (SQLiteStorage, PostgresStorage):
+
+        async def next_run_at(self: Any) -> float | None:
+            asked.append("next_run_at")
+            return None
+
+        monkeypatch.setattr(cls, "next_run_at", next_run_at)
+    app = make_app(run_worker=False)
+    workflow = _three_steps(app)
+    async with app:
+        handles = [await workflow.start(i) for i in range(3)]  # created unclaimed: the worker claims them
+    worker = make_app(concurrency=10)
+    _three_steps(worker)
+    async with worker:
+        for i, handle in enumerate(handles):
+            assert await worker.get_handle(handle.instance_id).result(timeout=10) == i + 3
+        assert worker._worker is not None and worker._worker.claim_rounds >= 1
+    assert asked == []

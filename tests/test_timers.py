@@ -238,3 +238,32 @@ async def test_a_claim_takes_what_is_due_within_its_horizon_and_nothing_later(ma
         (claim,) = await storage.claim("w1", 100.0, 110.0, 10, due_before=100.05)
         assert claim.lease.instance_id == "soon" and claim.run_at == pytest.approx(100.02)
         assert await storage.claim("w2", 100.0, 110.0, 10, due_before=100.05) == []  # held by w1
+
+
+async def test_a_claim_tells_when_the_next_free_instance_becomes_runnable(make_app: MakeApp) -> None:
+    """The worker sleeps on what its claim returns (no second query): the earliest ``run_at`` after the
+    horizon among instances nobody holds, not counting the ones the claim just took."""
+    from geste.storage.base import Lease, NewInstance
+
+    app = make_app(run_worker=False)
+    async with app:
+        storage = app.storage
+        for name, run_at in (("due", 100.0), ("held", 100.2), ("next", 100.5), ("last", 107.0)):
+            lease = Lease(name, f"lease-{name}")
+            await storage.create_instance(
+                NewInstance(name, "w", "{}", 1.0), lease=lease, worker_id="w0", lock_expires_at=99.0
+            )
+            await storage.release([lease], 99.0, run_at=run_at)
+        held = await storage.claim("w2", 100.2, 200.0, 10, due_before=100.2)  # takes "due" and "held"
+        assert sorted(c.lease.instance_id for c in held) == ["due", "held"]
+        assert held.next_run_at == pytest.approx(100.5)
+        assert (await storage.claim("w1", 100.3, 200.0, 10)) == [] and (
+            await storage.claim("w1", 100.3, 200.0, 10)
+        ).next_run_at == pytest.approx(100.5)
+        (taken,) = await storage.claim("w1", 100.5, 200.0, 10)
+        assert taken.lease.instance_id == "next"
+        last = await storage.claim("w1", 100.6, 200.0, 10)
+        assert last == [] and last.next_run_at == pytest.approx(107.0)
+        (final,) = await storage.claim("w1", 107.0, 200.0, 10)
+        assert final.lease.instance_id == "last"
+        assert (await storage.claim("w1", 107.0, 200.0, 10)).next_run_at is None

@@ -219,7 +219,7 @@ class Worker:
         if len(claims) == batch:
             return 0.0
         interval = self.wakeups.interval()
-        next_run = await self.storage.next_run_at()
+        next_run = claims.next_run_at
         if next_run is None:
             return interval
         return max(0.0, min(interval, next_run - TIMER_LOOKAHEAD - self.clock()))

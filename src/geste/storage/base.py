@@ -72,6 +72,21 @@ class Claim:
     """When it became (or becomes: claimed a little early, see ``due_before``) runnable."""
 
 
+class Claims(list[Claim]):
+    """The instances one claim took, and when the next one becomes runnable.
+
+    ``next_run_at`` is the earliest ``run_at`` after the claim's ``due_before`` among instances nobody
+    holds (None: none), read in the claim's own round trip, so that a worker that took less than it asked
+    for knows how long it may sleep without a second query.
+    """
+
+    __slots__ = ("next_run_at",)
+
+    def __init__(self, claims: Sequence[Claim] = (), next_run_at: float | None = None) -> None:
+        super().__init__(claims)
+        self.next_run_at = next_run_at
+
+
 @dataclass(frozen=True, slots=True)
 class NewInstance:
     instance_id: str
@@ -286,9 +301,9 @@ class Storage(abc.ABC):
         limit: int,
         *,
         due_before: float | None = None,
-    ) -> list[Claim]:
+    ) -> Claims:
         """Atomically take up to ``limit`` instances runnable by ``due_before`` (default ``now``) whose
-        lease is free or expired at ``now``."""
+        lease is free or expired at ``now``; with them, the next ``run_at`` after ``due_before``."""
 
     @abc.abstractmethod
     async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:

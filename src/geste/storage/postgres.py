@@ -26,6 +26,7 @@ from ._group_commit import GroupCommit
 from ._sql import load_migrations, load_queries
 from .base import (
     Claim,
+    Claims,
     EventWait,
     HistoryRow,
     InstanceRow,
@@ -410,17 +411,22 @@ class PostgresStorage(Storage):
         limit: int,
         *,
         due_before: float | None = None,
-    ) -> list[Claim]:
+    ) -> Claims:
         due = now if due_before is None else due_before
 
-        async def go(conn: Conn) -> list[Claim]:
+        async def go(conn: Conn) -> Claims:
             rows = await conn.fetch(
                 self._q["claim"], worker_id, f"{uuid.uuid4().hex[:12]}/", now, lock_expires_at, limit, due
             )
-            return [
-                Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], r[6], _history_from_json(r[8]), r[7])
-                for r in rows
-            ]
+            claims, later = Claims(), None
+            for r in rows:
+                if r[0] is None:  # not a claim: the row that carries the next run_at
+                    later = r[7]
+                    continue
+                history = _history_from_json(r[8])
+                claims.append(Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], r[6], history, r[7]))
+            claims.next_run_at = later
+            return claims
 
         return await self._run(go)
 

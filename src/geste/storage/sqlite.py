@@ -23,6 +23,7 @@ from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionEr
 from ._sql import load_migrations, load_queries
 from .base import (
     Claim,
+    Claims,
     EventWait,
     HistoryRow,
     InstanceRow,
@@ -274,7 +275,7 @@ class SQLiteStorage(Storage):
         limit: int,
         *,
         due_before: float | None = None,
-    ) -> list[Claim]:
+    ) -> Claims:
         params = {
             "due": now if due_before is None else due_before,
             "worker_id": worker_id,
@@ -284,9 +285,9 @@ class SQLiteStorage(Storage):
             "limit": limit,
         }
 
-        def tx(conn: sqlite3.Connection) -> list[Claim]:
+        def tx(conn: sqlite3.Connection) -> Claims:
             rows = conn.execute(Q["claim"], params).fetchall()
-            return [  # each with its history, read in the same hop to the SQLite thread
+            claims = [  # each with its history, read in the same hop to the SQLite thread
                 Claim(
                     Lease(r[0], r[1]),
                     r[2],
@@ -299,6 +300,8 @@ class SQLiteStorage(Storage):
                 )
                 for r in rows
             ]
+            later = None if len(claims) == limit else conn.execute(Q["next_run_after"], params).fetchone()[0]
+            return Claims(claims, later)
 
         return await self._write(tx)
 

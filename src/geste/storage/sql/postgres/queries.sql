@@ -79,6 +79,8 @@ FROM flagged WHERE $3 AND lease_id IS NULL;
 -- name: claim
 -- FOR UPDATE SKIP LOCKED: concurrent claimers take disjoint sets without waiting on each other.
 -- Each claimed instance comes back with its history (JSON), so a wake-up costs one round trip, not two.
+-- One more row, with a NULL instance_id, is no claim: its run_at is the next one after $6 among free instances (read in the same
+-- snapshot, so the instances just picked, still free there, are not counted), for the worker's sleep.
 WITH picked AS (
     SELECT instance_id FROM {schema}.geste_instances
     WHERE run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
@@ -97,11 +99,14 @@ WITH picked AS (
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
               i.run_at
 )
-SELECT c.*,
-       (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
-                        ORDER BY h.seq)
-        FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
-FROM claimed c;
+(SELECT c.*,
+        (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
+                         ORDER BY h.seq)
+         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
+ FROM claimed c)
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(run_at), NULL
+FROM {schema}.geste_instances WHERE run_at > $6 AND lease_id IS NULL;
 
 -- name: renew
 -- The heartbeat's renewal of every lease a worker holds: its rows are locked in instance_id order, as

@@ -148,6 +148,10 @@ UPDATE geste_instances SET run_at = :now, updated_at = :now
 WHERE instance_id = :instance_id AND status IN ('waiting', 'running')
   AND (run_at IS NULL OR run_at > :now);
 
+-- name: next_run_after
+-- After a claim that took less than it asked for, in its transaction: how long the worker may sleep.
+SELECT MIN(run_at) FROM geste_instances WHERE run_at > :due AND lease_id IS NULL;
+
 -- name: next_run_at
 SELECT MIN(run_at) FROM geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL;
 
