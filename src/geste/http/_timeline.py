@@ -1,0 +1,628 @@
+"""The web viewer's page of one instance: its facts, what it waits for now, input and outcome, and its
+history as a timeline.
+
+Each history row is shown by its kind, from the payload its step writes (``_context``): an activity's
+timing, attempts, arguments and outcome; a timer's due time; the wait for an event or a message and what
+ended it; channel publications with who took them; events emitted through the outbox with their delivery.
+A row that cannot be read (changed by hand) is shown as such, never a failed page.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._models import Status, StepKind
+from ._html import Child, Html, code_block, duration, join, short, tag, utc, when
+from ._pages import arguments, frame, status_badge
+
+if TYPE_CHECKING:
+    from ..storage.base import HistoryRow, InstanceExtras, InstanceRow, MessageRow, OutboxRow
+    from ._viewer import Link
+
+_UNREADABLE = object()
+_WAITS = (StepKind.WAIT_EVENT, StepKind.RECEIVE)
+_OUTCOMES = (
+    StepKind.EVENT,
+    StepKind.EVENT_TIMEOUT,
+    StepKind.MESSAGE,
+    StepKind.RECEIVE_TIMEOUT,
+    StepKind.CANCELLED,
+)
+_CSS_KIND: dict[str, str] = {
+    StepKind.ACTIVITY: "activity",
+    StepKind.COMPENSATION: "compensation",
+    StepKind.SLEEP: "timer",
+    StepKind.WAIT_EVENT: "event",
+    StepKind.EVENT: "event",
+    StepKind.EVENT_TIMEOUT: "event",
+    StepKind.SUBSCRIBE: "channel",
+    StepKind.RECEIVE: "channel",
+    StepKind.MESSAGE: "channel",
+    StepKind.RECEIVE_TIMEOUT: "channel",
+    StepKind.PUBLISH: "channel",
+    StepKind.SEND_TO: "channel",
+    StepKind.NOW: "helper",
+    StepKind.UUID: "helper",
+    StepKind.RANDOM: "helper",
+    StepKind.CANCELLED: "cancel",
+    StepKind.SEND_EVENT: "outbox",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A history row with its payload decoded (``_UNREADABLE`` when it is not JSON)."""
+
+    seq: int
+    kind: str
+    name: str
+    body: Any
+    is_error: bool
+    at: float
+
+
+def _decode(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _UNREADABLE
+
+
+def _field(body: Any, key: str) -> Any:
+    return body.get(key) if isinstance(body, dict) else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def instance_page(
+    link: Link,
+    *,
+    row: InstanceRow,
+    history: Sequence[HistoryRow],
+    extras: InstanceExtras,
+    now: float,
+    signed_in: bool,
+    elapsed: float,
+) -> Html:
+    steps = [Step(r.seq, r.kind, r.name, _decode(r.payload), bool(r.is_error), r.created_at) for r in history]
+    body = [
+        tag(
+            "p",
+            tag("a", "← Instances", href=link.list()),
+            " · ",
+            tag("a", f"all {row.workflow_name}", href=link.list(workflow=row.workflow_name)),
+            class_="muted",
+        ),
+        tag("h1", row.instance_id, " ", status_badge(row.status)),
+        _facts(link, row, extras, now),
+        _now_panel(link, row, steps, extras, now),
+        tag(
+            "div",
+            tag("section", tag("h2", "Input"), code_block(_decode(row.input)), class_="panel"),
+            tag("section", tag("h2", _outcome_title(row.status)), _outcome(row), class_="panel"),
+            class_="cols",
+        ),
+        tag(
+            "section",
+            tag("h2", f"History · {len(steps)} step{'s' if len(steps) != 1 else ''}"),
+            _timeline(link, row, steps, extras, now)
+            if steps
+            else tag("p", "Nothing recorded yet.", class_="muted"),
+            class_="panel",
+        ),
+    ]
+    footer = f"{utc(now)} · rendered in {duration(elapsed)}"
+    return frame(link, row.instance_id, body, signed_in=signed_in, footer=footer)
+
+
+# -- facts, now, outcome ----------------------------------------------------------------------------------
+def _facts(link: Link, row: InstanceRow, extras: InstanceExtras, now: float) -> Html:
+    end = row.finished_at if row.finished_at is not None else now
+    took = duration(end - row.created_at) + ("" if row.finished_at is not None else " so far")
+    facts: list[tuple[str, Child]] = [
+        ("Workflow", tag("a", row.workflow_name, href=link.list(workflow=row.workflow_name))),
+        ("Status", status_badge(row.status)),
+        ("Created", [when(row.created_at, now), tag("div", utc(row.created_at), class_="muted")]),
+        ("Last change", when(row.updated_at, now)),
+        ("Finished", when(row.finished_at, now) if row.finished_at is not None else "not yet"),
+        ("Duration", took),
+        ("Steps recorded", str(row.steps)),
+    ]
+    if row.locked_by:
+        facts.append(
+            ("Lease", [tag("span", row.locked_by, class_="mono"), " until ", when(row.lock_expires_at, now)])
+        )
+    if row.cancel_requested:
+        facts.append(("Cancellation", "requested"))
+    if extras.subscriptions:
+        facts.append(
+            (
+                "Channels",
+                join(tag("span", tag("code", s.channel), f" ({s.mode})") for s in extras.subscriptions),
+            )
+        )
+    return tag(
+        "section",
+        tag("dl", [tag("div", tag("dt", name), tag("dd", value)) for name, value in facts], class_="facts"),
+        class_="panel",
+    )
+
+
+def _now_panel(
+    link: Link, row: InstanceRow, steps: Sequence[Step], extras: InstanceExtras, now: float
+) -> Html:
+    items: list[Child] = []
+    state = "waiting"
+    if row.status.is_finished:
+        state = "finished"
+        items.append(["Finished ", when(row.finished_at, now), ": it waits for nothing."])
+    elif row.status in (Status.RUNNING, Status.COMPENSATING):
+        state = row.status.value
+        doing = "Running its compensations" if row.status == Status.COMPENSATING else "Running"
+        if row.locked_by and row.lock_expires_at is not None and row.lock_expires_at > now:
+            items.append(
+                [
+                    f"{doing} on worker ",
+                    tag("code", row.locked_by),
+                    "; its lease runs until ",
+                    when(row.lock_expires_at, now),
+                    ".",
+                ]
+            )
+        elif row.locked_by:
+            items.append(
+                [
+                    f"{doing} on worker ",
+                    tag("code", row.locked_by),
+                    " whose lease expired ",
+                    when(row.lock_expires_at, now),
+                    ": another worker will take it over.",
+                ]
+            )
+        else:
+            items.append(f"{doing}.")
+    elif row.status == Status.PENDING:
+        items.append(["Not started: ready for a worker to claim it", _runnable(row, now), "."])
+    else:
+        items.extend(_waits(row, steps, extras, now))
+    if row.cancel_requested and not row.status.is_finished:
+        items.append("Cancellation requested: it is delivered when the instance next runs.")
+    return tag(
+        "section",
+        tag("h2", "Now"),
+        tag("ul", [tag("li", item) for item in items]),
+        class_=f"panel now st-{state}",
+    )
+
+
+def _runnable(row: InstanceRow, now: float) -> Child:
+    if row.run_at is None:
+        return None
+    return [" (runnable ", when(row.run_at, now), ")"]
+
+
+def _waits(row: InstanceRow, steps: Sequence[Step], extras: InstanceExtras, now: float) -> list[Child]:
+    """What a waiting instance waits for: its registered event wait, the channels it waits on, its
+    timers (a sleep's, or a wait's timeout)."""
+    items: list[Child] = []
+    by_seq = {step.seq: step for step in steps}
+    wait = extras.event_wait
+    if wait is not None:
+        match = _decode(wait.match)
+        items.append(
+            [
+                "An event of type ",
+                tag("code", wait.event_type),
+                [" whose data has ", tag("code", short(json.dumps(match, ensure_ascii=False), 300))]
+                if match
+                else None,
+                ", since ",
+                when(_waiting_since(steps, wait.event_type, wait.since), now),
+                ["; it times out ", when(wait.deadline, now)] if wait.deadline is not None else None,
+                ".",
+            ]
+        )
+    for sub in extras.subscriptions:
+        if sub.waiting_since is None:
+            continue
+        deadline = _receive_deadline(steps, sub.channel)
+        items.append(
+            [
+                "A message on channel ",
+                tag("code", sub.channel),
+                f" ({sub.mode}), since ",
+                when(sub.waiting_since, now),
+                ["; it times out ", when(deadline, now)] if deadline is not None else None,
+                ".",
+            ]
+        )
+    for seq, expires_at in extras.timers:
+        step = by_seq.get(seq)
+        if step is not None and step.kind == StepKind.SLEEP:
+            secs = _number(_field(step.body, "seconds"))
+            items.append(
+                [
+                    "Its timer",
+                    f" of {duration(secs)}" if secs is not None else None,
+                    " (step ",
+                    str(seq),
+                    "): due ",
+                    when(expires_at, now),
+                    f", {utc(expires_at)}.",
+                ]
+            )
+        elif wait is None and not any(s.waiting_since is not None for s in extras.subscriptions):
+            items.append(["A timer (step ", str(seq), ") due ", when(expires_at, now), "."])
+    if not items:
+        if row.run_at is not None and row.run_at <= now:
+            items.append(["Woken: ready for a worker to resume it (runnable ", when(row.run_at, now), ")."])
+        elif row.run_at is not None:
+            items.append(["Resumes ", when(row.run_at, now), f", {utc(row.run_at)}."])
+        else:
+            items.append("Nothing is registered for it to wait for.")
+    return items
+
+
+def _waiting_since(steps: Sequence[Step], event_type: str, default: float) -> float:
+    """When the instance began its wait for ``event_type`` (the registered wait's ``since`` is its
+    start: it takes the events sent since then)."""
+    for step in reversed(steps):
+        if step.kind == StepKind.WAIT_EVENT and step.name == event_type:
+            return step.at
+    return default
+
+
+def _receive_deadline(steps: Sequence[Step], channel: str) -> float | None:
+    for step in reversed(steps):
+        if step.kind == StepKind.RECEIVE and step.name == channel:
+            return _number(_field(step.body, "deadline"))
+    return None
+
+
+def _outcome_title(status: Status) -> str:
+    if status == Status.COMPLETED:
+        return "Result"
+    if status in (Status.FAILED, Status.CANCELLED):
+        return "Error"
+    return "Result"
+
+
+def _outcome(row: InstanceRow) -> Html:
+    if row.status == Status.COMPLETED:
+        return code_block(_decode(row.result))
+    if row.status in (Status.FAILED, Status.CANCELLED):
+        error = _decode(row.error)
+        if isinstance(error, dict):
+            return error_block(error)
+        if row.status == Status.CANCELLED:
+            return tag("p", "Cancelled.", class_="muted")
+        return code_block(error)
+    return tag("p", "Not finished yet.", class_="muted")
+
+
+def error_block(error: Any) -> Html:
+    """A recorded error: its type and message, its traceback folded, the compensations that failed."""
+    if not isinstance(error, dict):
+        return code_block(error)
+    kind = str(error.get("type") or "error")
+    message = str(error.get("message") or "")
+    parts: list[Child] = [
+        tag(
+            "div",
+            short(kind.rpartition(".")[2], 120),
+            ": " if message else "",
+            message,
+            class_="error-title",
+            title=kind,
+        )
+    ]
+    traceback = error.get("traceback")
+    if isinstance(traceback, str) and traceback:
+        parts.append(tag("details", tag("summary", "Traceback"), tag("pre", traceback)))
+    others = error.get("compensation_errors")
+    if isinstance(others, list) and others:
+        parts.append(
+            tag(
+                "details",
+                tag("summary", f"{len(others)} compensation{'s' if len(others) != 1 else ''} failed too"),
+                [tag("div", tag("code", str(_field(e, "activity") or "")), error_block(e)) for e in others],
+                open=True,
+            )
+        )
+    return tag("div", parts)
+
+
+# -- the timeline -------------------------------------------------------------------------------------------
+def _timeline(
+    link: Link, row: InstanceRow, steps: Sequence[Step], extras: InstanceExtras, now: float
+) -> Html:
+    by_seq = {step.seq: step for step in steps}
+    pending_timers = {seq for seq, _ in extras.timers}
+    outbox = {entry.event_id: entry for entry in extras.outbox}
+    messages = {message.message_id: message for message in extras.messages}
+    last_seq = steps[-1].seq
+    items: list[Html] = []
+    compensating = False
+    for step in steps:
+        if step.kind == StepKind.COMPENSATION and not compensating:
+            compensating = True
+            items.append(
+                tag(
+                    "li",
+                    tag("div", class_="at"),
+                    tag("div"),
+                    tag("div", "compensating, newest first", class_="body"),
+                    class_="divider",
+                )
+            )
+        waiting_here = (
+            row.status == Status.WAITING and step.seq == last_seq and step.kind in (*_WAITS, StepKind.SLEEP)
+        )
+        title, chips, details = _describe(link, step, by_seq, pending_timers, outbox, messages, row, now)
+        if waiting_here:
+            chips.insert(0, tag("span", "waiting now", class_="chip warn"))
+        css = ["k-" + _CSS_KIND.get(_kind(step.kind), "helper")]
+        if step.is_error:
+            css.append("error")
+        if waiting_here:
+            css.append("current")
+        offset = step.at - row.created_at
+        items.append(
+            tag(
+                "li",
+                tag(
+                    "div",
+                    f"+{duration(offset)}" if offset >= 0 else f"-{duration(offset)}",
+                    class_="at",
+                    title=utc(step.at),
+                ),
+                tag("div", tag("div", class_="marker")),
+                tag(
+                    "div",
+                    tag("div", title, tag("span", chips, class_="chips") if chips else None, class_="title"),
+                    details,
+                    class_="body",
+                ),
+                class_=" ".join(css),
+                id=f"step-{step.seq}",
+            )
+        )
+    return tag("ol", items, class_="timeline")
+
+
+def _kind(kind: str) -> StepKind | str:
+    try:
+        return StepKind(kind)
+    except ValueError:
+        return kind
+
+
+def _label(text: str) -> Html:
+    return tag("span", text, class_="kind")
+
+
+def _chip(text: str, tone: str | None = None) -> Html:
+    return tag("span", text, class_=f"chip {tone}" if tone else "chip")
+
+
+def _call(name: str, recorded_input: Any) -> str:
+    """``name(arg, key=value)`` from an activity's recorded ``{"args": [...], "kwargs": {...}}``."""
+    return f"{name}({arguments(recorded_input)})"
+
+
+def _value_line(label: str, value: Any) -> Html:
+    """A short value on one line (``→ "ok"``); a long one folded under ``label``."""
+    text = json.dumps(value, ensure_ascii=False)
+    if len(text) <= 100 and "\n" not in text:
+        return tag("div", "→ ", tag("code", text), class_="line")
+    return tag("details", tag("summary", label), code_block(value))
+
+
+def _describe(
+    link: Link,
+    step: Step,
+    by_seq: dict[int, Step],
+    pending_timers: set[int],
+    outbox: dict[str, OutboxRow],
+    messages: dict[str, MessageRow],
+    row: InstanceRow,
+    now: float,
+) -> tuple[Child, list[Html], Child]:
+    """The title line, the chips beside it and the details below of one step."""
+    body = step.body
+    kind = _kind(step.kind)
+    label = _label
+    if body is _UNREADABLE:
+        return [label(str(step.kind)), step.name], [_chip("unreadable row", "bad")], None
+    if kind in (StepKind.ACTIVITY, StepKind.COMPENSATION):
+        chips = [_chip("failed", "bad") if step.is_error else _chip("ok", "good")]
+        took = _number(_field(body, "duration"))
+        if took is not None:
+            chips.append(_chip(duration(took)))
+        attempts = _field(body, "attempts")
+        if isinstance(attempts, int) and not isinstance(attempts, bool):
+            chips.append(
+                _chip(f"{attempts} attempt{'s' if attempts != 1 else ''}", "warn" if attempts > 1 else None)
+            )
+        details: list[Child] = []
+        if step.is_error:
+            details.append(error_block(_field(body, "error")))
+        else:
+            details.append(_value_line("Result", _field(body, "result")))
+        call = _call(step.name, _field(body, "input"))
+        if len(call) > 160:
+            details.append(tag("details", tag("summary", "Arguments"), code_block(_field(body, "input"))))
+        what = "compensation" if kind == StepKind.COMPENSATION else "activity"
+        return [label(what), tag("code", short(call, 160))], chips, details
+    if kind == StepKind.SLEEP:
+        secs = _number(_field(body, "seconds"))
+        due = _number(_field(body, "expires_at"))
+        chips = []
+        if step.seq in pending_timers:
+            if step.seq != max(by_seq):  # the last step is marked "waiting now" already
+                chips.append(_chip("pending", "warn"))
+        elif _next_is(by_seq, step.seq, StepKind.CANCELLED):
+            chips.append(_chip("interrupted by the cancellation", "bad"))
+        elif any(seq > step.seq for seq in by_seq) or row.status != Status.WAITING:
+            chips.append(_chip("fired", "good"))
+        line = (
+            tag("div", "due ", when(due, now), f" · {utc(due)}", class_="line") if due is not None else None
+        )
+        return [label("timer"), f"sleep {duration(secs)}" if secs is not None else "sleep"], chips, line
+    if kind in _WAITS:
+        timeout = _number(_field(body, "timeout"))
+        deadline = _number(_field(body, "deadline"))
+        chips = [_chip(f"timeout {duration(timeout)}")] if timeout is not None else []
+        lines: list[Child] = []
+        if kind == StepKind.WAIT_EVENT:
+            match = _field(body, "match")
+            if match:
+                lines.append(
+                    tag(
+                        "div",
+                        "whose data has ",
+                        tag("code", short(json.dumps(match, ensure_ascii=False), 300)),
+                        class_="line",
+                    )
+                )
+            title = [label("waits for event"), tag("code", step.name)]
+        else:
+            title = [label("waits for a message on"), tag("code", step.name)]
+        if deadline is not None:
+            lines.append(tag("div", "times out ", when(deadline, now), f" · {utc(deadline)}", class_="line"))
+        return title, chips, lines
+    if kind == StepKind.EVENT:
+        chips = _waited(step, by_seq)
+        source = _field(body, "source")
+        line = tag(
+            "div",
+            "id ",
+            tag("code", str(_field(body, "event_id"))),
+            [" from ", tag("code", str(source))] if source else None,
+            class_="line",
+        )
+        data = _value_line("Data", _field(body, "data"))
+        extensions = _field(body, "extensions")
+        more = tag("details", tag("summary", "Attributes"), code_block(extensions)) if extensions else None
+        return [label("event received"), tag("code", step.name)], chips, [line, data, more]
+    if kind in (StepKind.EVENT_TIMEOUT, StepKind.RECEIVE_TIMEOUT):
+        missing = "no event" if kind == StepKind.EVENT_TIMEOUT else "no message on"
+        chips = [_chip("timeout", "bad"), *_waited(step, by_seq)]
+        return [label("timed out:"), f"{missing} ", tag("code", step.name)], chips, None
+    if kind == StepKind.MESSAGE:
+        chips = _waited(step, by_seq)
+        sender = _field(body, "sender_instance_id")
+        line = tag(
+            "div",
+            "id ",
+            tag("code", str(_field(body, "message_id"))),
+            [" from ", tag("a", str(sender), href=link.instance(str(sender)))]
+            if isinstance(sender, str) and sender
+            else None,
+            " (sent to this instance)" if _field(body, "direct") else None,
+            class_="line",
+        )
+        data = _value_line("Data", _field(body, "data"))
+        return [label("message received on"), tag("code", step.name)], chips, [line, data]
+    if kind == StepKind.SUBSCRIBE:
+        mode = str(_field(body, "mode") or "")
+        implicit = " (by its first receive)" if _field(body, "implicit") else ""
+        return [label("subscribed to"), tag("code", step.name)], [_chip(mode + implicit)], None
+    if kind in (StepKind.PUBLISH, StepKind.SEND_TO):
+        return _publication(link, step, messages)
+    if kind == StepKind.SEND_EVENT:
+        return _emitted(step, outbox, now)
+    if kind in (StepKind.NOW, StepKind.UUID, StepKind.RANDOM):
+        value = body
+        if kind == StepKind.NOW and _number(body) is not None:
+            value = utc(float(body))
+        return [label(f"ctx.{'uuid4' if kind == StepKind.UUID else kind}()"), f"→ {value}"], [], None
+    if kind == StepKind.CANCELLED:
+        return [label("cancellation delivered")], [], None
+    return [label(str(step.kind)), step.name], [], code_block(body)
+
+
+def _next_is(by_seq: dict[int, Step], seq: int, kind: StepKind) -> bool:
+    following = by_seq.get(seq + 1)
+    return following is not None and following.kind == kind
+
+
+def _waited(step: Step, by_seq: dict[int, Step]) -> list[Html]:
+    """How long the wait before an outcome row lasted."""
+    wait = by_seq.get(step.seq - 1)
+    if wait is None or wait.kind not in _WAITS or wait.name != step.name:
+        return []
+    return [_chip(f"after {duration(step.at - wait.at)}")]
+
+
+def _publication(link: Link, step: Step, messages: dict[str, MessageRow]) -> tuple[Child, list[Html], Child]:
+    body = step.body
+    target = _field(body, "target_instance_id")
+    label = tag("span", "published on" if step.kind == StepKind.PUBLISH else "sent on", class_="kind")
+    title: list[Child] = [label, tag("code", step.name)]
+    if isinstance(target, str) and target:
+        title += [" to ", tag("a", target, href=link.instance(target))]
+    if step.is_error:
+        return title, [_chip("no such instance", "bad")], None
+    message_id = _field(body, "message_id")
+    chips: list[Html] = []
+    details: list[Child] = [tag("div", "id ", tag("code", str(message_id)), class_="line")]
+    message = messages.get(message_id) if isinstance(message_id, str) else None
+    if message is not None:
+        if message.claimed_by:
+            details.append(
+                tag(
+                    "div",
+                    "taken by ",
+                    tag("a", message.claimed_by, href=link.instance(message.claimed_by)),
+                    class_="line",
+                )
+            )
+            chips.append(_chip("taken", "good"))
+        elif message.target_instance_id:
+            chips.append(_chip("not taken yet", "warn"))
+        details.append(_value_line("Data", _decode(message.data)))
+    else:
+        details.append(tag("div", "the message is no longer stored (retention)", class_="line"))
+    return title, chips, details
+
+
+def _emitted(step: Step, outbox: dict[str, OutboxRow], now: float) -> tuple[Child, list[Html], Child]:
+    body = step.body
+    event_id = _field(body, "event_id")
+    title: list[Child] = [tag("span", "event emitted", class_="kind"), tag("code", step.name)]
+    line = tag(
+        "div",
+        "id ",
+        tag("code", str(event_id)),
+        " from ",
+        tag("code", str(_field(body, "source"))),
+        [" about ", tag("code", str(_field(body, "subject")))] if _field(body, "subject") else None,
+        class_="line",
+    )
+    entry = outbox.get(event_id) if isinstance(event_id, str) else None
+    if entry is None:
+        return title, [_chip("outbox row deleted")], line
+    tries = f"{entry.attempts} attempt{'s' if entry.attempts != 1 else ''}"
+    details: list[Child] = [line]
+    if entry.status == "delivered":
+        chips = [_chip("delivered", "good"), _chip(tries)]
+        details.append(tag("div", "delivered ", when(entry.delivered_at, now), class_="line"))
+    elif entry.status == "dead":
+        chips = [_chip("dead: gave up", "bad"), _chip(tries)]
+    else:
+        chips = [_chip("pending", "warn"), _chip(tries)]
+        if entry.next_attempt_at is not None:
+            details.append(tag("div", "next attempt ", when(entry.next_attempt_at, now), class_="line"))
+    if entry.last_error:
+        details.append(tag("details", tag("summary", "Last error"), tag("pre", entry.last_error)))
+    if entry.data is not None:
+        details.append(_value_line("Data", _decode(entry.data)))
+    return title, chips, details
