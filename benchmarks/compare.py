@@ -100,6 +100,42 @@ RESUME = Metric("from_start_ms", "restart to resumed", "ms", False)
 AFTER_EVENT = Metric("from_event_ms", "event to resumed", "ms", False)
 
 
+class Progress:
+    """One line per measurement on stderr; on a terminal, also a rich progress bar with the time left."""
+
+    def __init__(self, total: int) -> None:
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self._bar = Bar(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self._task = self._bar.add_task("measuring", total=total)
+            self._bar.start()
+
+    def measuring(self, what: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=what)
+
+    def done(self, line: str) -> None:
+        if self._bar is None:
+            print(line, file=sys.stderr)
+        else:
+            self._bar.console.print(line, highlight=False, markup=False)
+            self._bar.advance(self._task)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
 def cases(args: argparse.Namespace) -> list[Case]:
     quick = args.quick
     n = 100 if quick else 1000
@@ -557,12 +593,15 @@ def main() -> None:
         c.key: {e.name: [] for e in c.entrants} for c in chosen
     }
     began = time.monotonic()
+    progress = Progress(runs * sum(len(c.entrants) for c in chosen))
     with tempfile.TemporaryDirectory() as tmp:
         for run in range(runs):
             for case in chosen:
                 for entrant in case.entrants:  # alternating: every system once, then the next run
                     if any("na" in r for r in raw[case.key][entrant.name]):
+                        progress.done(f"run {run + 1}/{runs} {case.key:<22} {entrant.name:<13} n/a")
                         continue  # it said n/a once: it will again
+                    progress.measuring(f"run {run + 1}/{runs} {case.key} {entrant.name}")
                     took = time.monotonic()
                     try:
                         timeout = min(args.timeout, case.timeout or args.timeout)
@@ -572,15 +611,12 @@ def main() -> None:
                     out["run"] = run + 1
                     raw[case.key][entrant.name].append(out)
                     status = "n/a" if "na" in out else ("FAILED" if "error" in out else "ok")
-                    print(
-                        f"run {run + 1}/{runs} {case.key:<22} {entrant.name:<13} {status:<6}"
-                        f" {time.monotonic() - took:6.1f} s",
-                        file=sys.stderr,
-                    )
-                    if "error" in out:
-                        print(f"  {out['error']}", file=sys.stderr)
+                    line = f"run {run + 1}/{runs} {case.key:<22} {entrant.name:<13} {status:<6}"
+                    line += f" {time.monotonic() - took:6.1f} s"
+                    progress.done(line + (f"\n  {out['error']}" if "error" in out else ""))
             if run + 1 < runs:
                 report(args, chosen, raw, info, runs, run + 1, began)  # a stop leaves the runs so far
+    progress.close()
     report(args, chosen, raw, info, runs, runs, began)
 
 
