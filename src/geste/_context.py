@@ -333,7 +333,7 @@ class WorkflowContext:
                 error,
                 delay,
             )
-            await asyncio.sleep(delay)
+            await self._engine.retry_wait(self.instance_id, delay)
 
     # -- durable timers ----------------------------------------------------------------------------
     async def sleep(self, duration: float | timedelta) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._context import Abandon, Suspended, WorkflowContext
@@ -28,6 +28,10 @@ write (or is down) costs one attempt a second, not a busy loop."""
 
 UNKNOWN_WORKFLOW_RETRY = 30.0
 """Seconds before an instance of a workflow this worker does not know is offered again (to a peer)."""
+
+
+async def _retry_sleep(_instance_id: str, delay: float) -> None:
+    await asyncio.sleep(delay)
 
 
 class Engine:
@@ -53,6 +57,9 @@ class Engine:
         """Called after a step published a message that made receivers runnable: the App pokes its worker."""
         self.on_outbox: Callable[[str], None] = lambda _event_id: None
         """Called with the event id after a step recorded an outbox event: the App pokes its relay."""
+        self.retry_wait: Callable[[str, float], Awaitable[None]] = _retry_sleep
+        """How an activity's retry back-off waits, given the instance id and the seconds: in real time;
+        ``geste.testing`` makes it wait for its virtual clock instead."""
 
     async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
         """Run the claimed instance until it suspends, finishes, or cannot go on."""

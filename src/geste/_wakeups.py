@@ -151,6 +151,9 @@ class Wakeups:
         self.clock = clock
         self.listening = False
         self.event = asyncio.Event()
+        self.lookahead = TIMER_LOOKAHEAD
+        """Seconds before its time a timer wakes the worker and its instance may be claimed (0 under the
+        frozen clock of ``geste.testing``, where waiting in real time for a virtual moment never ends)."""
         self._timers: list[float] = []
         self._messages = False
 
@@ -160,7 +163,7 @@ class Wakeups:
     def wake_at(self, when: float) -> None:
         """Wake the worker for a timer due at ``when`` (``TIMER_LOOKAHEAD`` before it: the claim's round
         trip is done by then), without holding anything else."""
-        when -= TIMER_LOOKAHEAD
+        when -= self.lookahead
         if when <= self.clock():
             self.poke()
             return

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._engine import Engine
-from ._wakeups import TIMER_LOOKAHEAD, Wakeups
+from ._wakeups import Wakeups
 from .errors import StorageError
 from .storage.base import Claim, HistoryRow, Lease, Storage, WorkerRow
 
@@ -206,7 +206,7 @@ class Worker:
         batch = min(free, limit)
         now = self.clock()
         claims = await self.storage.claim(
-            self.worker_id, now, now + self.lock_timeout, batch, due_before=now + TIMER_LOOKAHEAD
+            self.worker_id, now, now + self.lock_timeout, batch, due_before=now + self.wakeups.lookahead
         )
         self._backlog = len(claims) == batch
         self.claim_rounds += 1
@@ -222,7 +222,7 @@ class Worker:
         next_run = claims.next_run_at
         if next_run is None:
             return interval
-        return max(0.0, min(interval, next_run - TIMER_LOOKAHEAD - self.clock()))
+        return max(0.0, min(interval, next_run - self.wakeups.lookahead - self.clock()))
 
     async def _heartbeat(self) -> None:
         """Register this worker or refresh its row: one statement."""

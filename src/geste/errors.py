@@ -13,6 +13,7 @@ GesteError
 ├── InstanceNotFoundError       no instance with that id
 ├── InstanceAlreadyExistsError  reserved for callers that ask start() to refuse an existing id
 ├── ResultTimeout               handle.result(timeout=...) ran out (also a builtins.TimeoutError)
+├── IdleTimeout                 geste.testing: instances still busy when the wait for them ran out
 ├── WorkflowFailed              handle.result() of a failed instance; .error describes the cause
 ├── WorkflowCancelled           handle.result() of a cancelled instance
 ├── NonDeterminismError         replay met a step that differs from the recorded history
@@ -38,6 +39,7 @@ __all__ = [
     "EventTimeout",
     "GesteError",
     "HistoryCorruptedError",
+    "IdleTimeout",
     "InstanceAlreadyExistsError",
     "InstanceNotFoundError",
     "NonDeterminismError",
@@ -124,6 +126,12 @@ class InstanceAlreadyExistsError(GesteError):
 
 class ResultTimeout(GesteError, TimeoutError):
     """The instance did not finish within the time given to ``handle.result()``."""
+
+
+class IdleTimeout(GesteError, TimeoutError):
+    """``geste.testing``: instances were still running when the (real-time) wait for them to wait again,
+    finish or fail ran out: an activity that does not return, a workflow awaiting something outside
+    geste. The message names them."""
 
 
 class WorkflowFailed(GesteError):

@@ -1,0 +1,388 @@
+"""Recorded histories for the replay check: read from a database without writing to it, or from files.
+
+The file format (``geste-history``, version 1) is one JSON object per instance::
+
+    {"format": "geste-history", "version": 1,
+     "instance": {"instance_id", "workflow_name", "status", "input", "result", "error",
+                  "created_at", "finished_at"},
+     "history": [{"seq", "kind", "name", "is_error", "created_at", "payload"}, ...]}
+
+``input``, ``result``, ``error`` and each ``payload`` are the stored JSON values; times are ISO 8601
+strings (numbers of Unix seconds are read too). A payload that is not JSON (a row changed by hand) is
+kept verbatim as ``"payload_text"`` instead, so that the replay check reports it. ``geste show ID --json``
+prints the same ``instance`` and ``history`` objects, so its output is read as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from ._models import Status
+from ._serde import encode
+from .errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
+from .storage._sql import load_migrations, load_queries
+from .storage.base import HistoryRow
+
+if TYPE_CHECKING:
+    from ._app import App
+
+FORMAT = "geste-history"
+VERSION = 1
+_UNFINISHED = (Status.RUNNING, Status.COMPENSATING, Status.WAITING, Status.PENDING)
+_FINISHED = (Status.FAILED, Status.CANCELLED, Status.COMPLETED)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedHistory:
+    """One instance as the replay check needs it: its workflow, input, status and history rows."""
+
+    instance_id: str
+    workflow_name: str
+    status: Status
+    input: str
+    """The stored JSON text of ``{"args": [...], "kwargs": {...}}``."""
+    created_at: float
+    rows: tuple[HistoryRow, ...]
+    source: str
+    """Where it was read: ``<database URL without password>#<instance id>``, or the file's path."""
+    error_type: str | None = None
+    """The dotted type of the recorded error of a failed instance."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A source that does not hold a history geste can read (not JSON, not the format, a bad field)."""
+
+    source: str
+    problem: str
+    instance_id: str = "?"
+    workflow_name: str = "?"
+
+
+# -- files -----------------------------------------------------------------------------------------------
+def history_document(instance: dict[str, Any], rows: Sequence[HistoryRow]) -> dict[str, Any]:
+    """The ``geste-history`` document of an instance (fields as stored) and its raw history rows."""
+    history = []
+    for row in rows:
+        entry: dict[str, Any] = {
+            "seq": row.seq,
+            "kind": row.kind,
+            "name": row.name,
+            "is_error": bool(row.is_error),
+            "created_at": _iso(row.created_at),
+        }
+        try:
+            entry["payload"] = None if row.payload is None else json.loads(row.payload)
+        except (ValueError, RecursionError):
+            entry["payload_text"] = row.payload
+        history.append(entry)
+    return {"format": FORMAT, "version": VERSION, "instance": instance, "history": history}
+
+
+async def export_history(
+    app: App, instance_id: str, path: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Export an instance of an open App with its history as a ``geste-history`` document.
+
+    Written to ``path`` (UTF-8 JSON, indented) when given, and returned. Keep such files next to your
+    tests and give them to ``geste.testing.check_replay(app, files=[...])`` or ``geste replay-check``:
+    they prove that a change of the workflow's code still replays the instances recorded before it.
+    """
+    info = await app.get_instance(instance_id)
+    rows = await app.storage.get_history(instance_id)
+    instance = {
+        "instance_id": info.instance_id,
+        "workflow_name": info.workflow_name,
+        "status": info.status.value,
+        "input": info.input,
+        "result": info.result,
+        "error": info.error,
+        "created_at": info.created_at.isoformat(),
+        "finished_at": None if info.finished_at is None else info.finished_at.isoformat(),
+    }
+    document = history_document(instance, rows)
+    if path is not None:
+        text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+        await asyncio.to_thread(Path(path).write_text, text, encoding="utf-8")
+    return document
+
+
+def history_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The files named, a folder standing for the ``*.json`` files in it (sorted)."""
+    if isinstance(paths, str | os.PathLike):
+        raise ConfigurationError("files must be a list of paths, not one path")
+    found: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file()))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ConfigurationError(f"no such history file or folder: {str(path)!r}")
+    return found
+
+
+def read_history_file(path: Path) -> RecordedHistory | Unreadable:
+    """Read one exported history; whatever is wrong with it comes back as ``Unreadable``."""
+    source = str(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {source!r}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
+        return Unreadable(source, f"not a JSON file ({type(exc).__name__}: {exc!s:.200})")
+    try:
+        return _from_document(document, source)
+    except _Bad as exc:
+        instance = document.get("instance") if isinstance(document, dict) else None
+        ids = {}
+        if isinstance(instance, dict):
+            ids = {k: v for k in ("instance_id", "workflow_name") if isinstance(v := instance.get(k), str)}
+        return Unreadable(source, str(exc), **ids)
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _from_document(document: Any, source: str) -> RecordedHistory:
+    if not isinstance(document, dict) or not isinstance(document.get("instance"), dict):
+        raise _Bad('not a geste history: no "instance" object')
+    marker, version = document.get("format"), document.get("version")
+    if marker is not None and (marker != FORMAT or version != VERSION):
+        raise _Bad(f"format {marker!r} version {version!r}; this geste reads {FORMAT!r} version {VERSION}")
+    instance, history = document["instance"], document.get("history")
+    if not isinstance(history, list):
+        raise _Bad('not a geste history: no "history" list')
+    instance_id = _field(instance, "instance_id", str)
+    workflow_name = _field(instance, "workflow_name", str)
+    try:
+        status = Status(_field(instance, "status", str))
+    except ValueError:
+        raise _Bad(f"unknown instance status {instance.get('status')!r:.80}") from None
+    error = instance.get("error")
+    error_type = error.get("type") if isinstance(error, dict) else None
+    rows = []
+    for position, entry in enumerate(history, 1):
+        if not isinstance(entry, dict):
+            raise _Bad(f"history entry {position} is not an object")
+        if "payload_text" in entry:
+            payload = entry["payload_text"]
+            if payload is not None and not isinstance(payload, str):
+                raise _Bad(f"history entry {position}: payload_text is not a string")
+        elif "payload" in entry:
+            payload = (
+                None if entry["payload"] is None else json.dumps(entry["payload"], separators=(",", ":"))
+            )
+        else:
+            raise _Bad(f"history entry {position} has no payload")
+        seq = entry.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise _Bad(f"history entry {position} has the step number {seq!r:.80}")
+        rows.append(
+            HistoryRow(
+                seq,
+                _field(entry, "kind", str, position),
+                _field(entry, "name", str, position),
+                payload,
+                _field(entry, "is_error", bool, position),
+                _seconds(entry.get("created_at"), f"history entry {position}: created_at"),
+            )
+        )
+    return RecordedHistory(
+        instance_id=instance_id,
+        workflow_name=workflow_name,
+        status=status,
+        input=encode(instance.get("input"), what="input"),
+        created_at=_seconds(instance.get("created_at"), "created_at"),
+        rows=tuple(rows),
+        source=source,
+        error_type=error_type if isinstance(error_type, str) else None,
+    )
+
+
+def _field(obj: dict[str, Any], key: str, kind: type, position: int | None = None) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, kind):
+        where = "instance" if position is None else f"history entry {position}"
+        raise _Bad(f"{where}: {key} is {value!r:.80}, not a {kind.__name__}")
+    return value
+
+
+def _seconds(value: Any, what: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    raise _Bad(f"{what} is {value!r:.80}, not a time")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+# -- databases, read-only ----------------------------------------------------------------------------------
+async def read_database(url: str, *, workflow: str | None, limit: int) -> list[RecordedHistory]:
+    """Up to ``limit`` instances (of ``workflow``, if given) with their histories, read without writing:
+    the unfinished ones first (those a deploy affects), then the finished ones, newest first in each."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigurationError(f"limit must be a positive int, not {limit!r}")
+    if workflow is not None and not isinstance(workflow, str):
+        raise ConfigurationError(f"workflow must be a workflow name, not {workflow!r}")
+    if url.startswith(("postgresql://", "postgres://")):
+        return await _read_postgres(url, workflow, limit)
+    if url.startswith("sqlite:"):
+        return await asyncio.to_thread(_read_sqlite, url, workflow, limit)
+    raise ConfigurationError(f"unsupported database URL (sqlite:/// or postgresql://): {url!r:.200}")
+
+
+def _row_history(row: Sequence[Any], history: Sequence[Sequence[Any]], source: str) -> RecordedHistory:
+    """A ``RecordedHistory`` from a row of ``list_instances`` and the rows of ``get_history``."""
+    try:
+        error = json.loads(row[5]) if row[5] else None
+    except (ValueError, RecursionError):
+        error = None
+    error_type = error.get("type") if isinstance(error, dict) else None
+    return RecordedHistory(
+        instance_id=row[0],
+        workflow_name=row[1],
+        status=Status(row[2]),
+        input=row[3],
+        created_at=float(row[6]),
+        rows=tuple(HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), float(r[5])) for r in history),
+        source=f"{source}#{row[0]}",
+        error_type=error_type if isinstance(error_type, str) else None,
+    )
+
+
+def _picked(rows_by_status: Iterable[Sequence[Sequence[Any]]], limit: int) -> Iterator[Sequence[Any]]:
+    """The unfinished instances first, then the finished ones, newest first in each, ``limit`` in all."""
+    unfinished: list[Sequence[Any]] = []
+    finished: list[Sequence[Any]] = []
+    for rows in rows_by_status:
+        for row in rows:
+            (finished if Status(row[2]).is_finished else unfinished).append(row)
+    for group in (unfinished, finished):
+        group.sort(key=lambda r: (r[6], r[0]), reverse=True)
+    yield from [*unfinished, *finished][:limit]
+
+
+def _read_sqlite(url: str, workflow: str | None, limit: int) -> list[RecordedHistory]:
+    from .storage.sqlite import parse_sqlite_url
+
+    path, _ = parse_sqlite_url(url)
+    if path == ":memory:" or not os.path.isfile(path):
+        raise StorageError(f"no SQLite database at {path!r}")
+    # Read-only, and immutable when no write-ahead log is there: nothing is created next to the file
+    # (a read-only connection to a WAL database otherwise makes its -shm and -wal files).
+    immutable = "" if os.path.exists(path + "-wal") else "&immutable=1"
+    try:
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro{immutable}", uri=True)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open SQLite database {path} read-only: {exc}") from exc
+    queries = load_queries("sqlite")
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        tables = {row[0] for row in conn.execute(queries["list_tables"])}
+        _check_schema(
+            tables, lambda: conn.execute(queries["get_meta"], ("schema_version",)).fetchone(), "sqlite"
+        )
+        conn.execute("BEGIN")  # one snapshot for the whole read
+        per_status = [
+            conn.execute(
+                queries["list_instances"],
+                {"workflow_name": workflow, "status": status.value, "limit": limit, "offset": 0},
+            ).fetchall()
+            for status in (*_UNFINISHED, *_FINISHED)
+        ]
+        found = [
+            _row_history(row, conn.execute(queries["get_history"], (row[0],)).fetchall(), url)
+            for row in _picked(per_status, limit)
+        ]
+        conn.execute("COMMIT")
+        return found
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise NotAGesteDatabaseError(f"{path} is not a geste database: {exc}") from exc
+        raise StorageError(f"cannot read SQLite database {path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def _check_schema(tables: set[str], version_row: Any, backend: str) -> None:
+    if "geste_instances" not in tables or "geste_history" not in tables or "geste_meta" not in tables:
+        raise NotAGesteDatabaseError("the database holds no geste tables (geste_instances, geste_history)")
+    row = version_row()
+    try:
+        version = int(row[0]) if row else 0
+    except (TypeError, ValueError):
+        raise NotAGesteDatabaseError(f"geste_meta holds the schema version {row[0]!r:.80}") from None
+    supported = len(load_migrations(backend))
+    if version > supported:
+        raise SchemaVersionError(version, supported)
+
+
+async def _read_postgres(url: str, workflow: str | None, limit: int) -> list[RecordedHistory]:
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover - the postgres extra is not installed
+        raise ConfigurationError("reading PostgreSQL needs asyncpg: pip install 'geste[postgres]'") from None
+    from .storage.postgres import parse_postgres_url
+
+    dsn, options = parse_postgres_url(url)
+    quoted = f'"{options["schema"]}"'
+    queries = {name: sql.replace("{schema}", quoted) for name, sql in load_queries("postgres").items()}
+    safe = _without_password(url)
+    try:
+        # Every transaction of this connection is read-only: PostgreSQL itself refuses any write.
+        conn = await asyncpg.connect(
+            dsn,
+            timeout=10,
+            server_settings={"default_transaction_read_only": "on", "application_name": "geste-replay-check"},
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StorageError(f"cannot connect to {safe}: {exc}") from exc
+    try:
+        async with conn.transaction(readonly=True, isolation="repeatable_read"):
+            tables = {row[0] for row in await conn.fetch(queries["find_tables"], options["schema"])}
+            version = (
+                await conn.fetchrow(queries["get_meta"], "schema_version") if "geste_meta" in tables else None
+            )
+            _check_schema(tables, lambda: version, "postgres")
+            per_status = [
+                await conn.fetch(queries["list_instances"], workflow, status.value, limit, 0)
+                for status in (*_UNFINISHED, *_FINISHED)
+            ]
+            found = []
+            for row in _picked(per_status, limit):
+                history = await conn.fetch(queries["get_history"], row[0])
+                found.append(_row_history(row, history, safe))
+            return found
+    except asyncpg.PostgresError as exc:
+        raise StorageError(f"cannot read {safe}: {exc}") from exc
+    finally:
+        await conn.close()
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()

@@ -1,0 +1,347 @@
+"""The replay check: run recorded histories against the workflows' current code, report what diverges.
+
+Each history is replayed by the engine's own ``WorkflowContext``, the one a worker uses, so a step is
+matched exactly as a real resume would match it. The replay stops at the end of the recorded history: a
+step the history does not hold raises ``_EndOfHistory`` before anything of it runs (no activity, no
+timer, no message, no event), and the context's storage is a stand-in that has no database behind it and
+takes no write. The histories themselves were read beforehand, read-only (``_histories``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, NoReturn, cast
+
+from ._context import Abandon, Suspended, WorkflowContext
+from ._engine import Engine
+from ._histories import RecordedHistory, Unreadable, history_files, read_database, read_history_file
+from ._models import Status, StepKind
+from ._retry import seconds
+from ._serde import decode, encode
+from .errors import ConfigurationError, HistoryCorruptedError, NonDeterminismError, WorkflowCancelled
+from .storage.base import HistoryRow, Lease, StepResult, Storage
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._definitions import Workflow
+
+_DIVERGENCE_TYPES = ("geste.errors.NonDeterminismError", "geste.errors.HistoryCorruptedError")
+"""Recorded errors of instances stopped by a divergence: their history ends there, not at their end."""
+
+
+class ReplayStatus(StrEnum):
+    """The verdict on one recorded history."""
+
+    OK = "ok"
+    """The current code takes every recorded step (and, for a finished instance, ends as it did)."""
+    DIVERGED = "diverged"
+    """The code takes another step than the recorded one, or ends elsewhere: a resume would fail."""
+    CORRUPTED = "corrupted"
+    """The history holds a row geste cannot read (changed by hand, a damaged file)."""
+    UNKNOWN_WORKFLOW = "unknown_workflow"
+    """An unfinished instance of a workflow the App does not register: nothing could resume it."""
+    SKIPPED = "skipped"
+    """A finished instance of a workflow the App no longer registers: nothing will run it again."""
+    ERROR = "error"
+    """The replay itself could not run to a verdict (it did not end within its time limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What replaying one recorded history found."""
+
+    instance_id: str
+    workflow_name: str
+    status: ReplayStatus
+    source: str
+    """Where the history was read (``<database URL>#<instance id>`` or a file's path)."""
+    instance_status: Status | None = None
+    """The recorded status of the instance (None when its history could not be read)."""
+    steps: int = 0
+    """Rows in the recorded history."""
+    seq: int | None = None
+    """The step where the replay diverged (or the corrupted row's position)."""
+    expected: str | None = None
+    """What the history holds at ``seq``."""
+    found: str | None = None
+    """What the current code does at ``seq``."""
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether this history is no reason to hold a deploy (``ok`` or ``skipped``)."""
+        return self.status in (ReplayStatus.OK, ReplayStatus.SKIPPED)
+
+    def describe(self) -> str:
+        """One line for a person: the verdict, the instance, and what differs."""
+        head = f"{self.status.value.upper():<16} {self.instance_id} ({self.workflow_name})"
+        return f"{head}: {self.message}" if self.message else head
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayReport:
+    """The verdicts of a replay check, one per history, in the order they were checked."""
+
+    results: tuple[ReplayResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when no history diverged, was corrupted, failed to replay or lost its workflow."""
+        return all(result.ok for result in self.results)
+
+    @property
+    def failures(self) -> list[ReplayResult]:
+        return [result for result in self.results if not result.ok]
+
+    def counts(self) -> dict[ReplayStatus, int]:
+        counts = dict.fromkeys(ReplayStatus, 0)
+        for result in self.results:
+            counts[result.status] += 1
+        return counts
+
+    def summary(self) -> str:
+        shown = ", ".join(f"{n} {status.value}" for status, n in self.counts().items() if n)
+        return f"{len(self.results)} histories replayed: {shown or 'none'}"
+
+
+async def check_replay(
+    app: App,
+    *,
+    database_url: str | None = None,
+    files: Iterable[str | os.PathLike[str]] | None = None,
+    workflow: str | None = None,
+    limit: int = 1000,
+    timeout: float = 30.0,
+    on_result: Callable[[ReplayResult], None] | None = None,
+) -> ReplayReport:
+    """Replay recorded histories against the workflows ``app`` registers now; report each verdict.
+
+    Give either ``database_url`` (a copy of production, say: it is only read, never written; at most
+    ``limit`` instances, of ``workflow`` if given, the unfinished ones first) or ``files`` (exported with
+    ``export_history``; a folder stands for its ``*.json`` files). The App need not be open: only its
+    registry of workflows is used. Activities are never run: a replay stops where its history ends.
+    ``timeout`` (seconds) bounds each replay; ``on_result`` is called after each one (progress).
+    """
+    if (database_url is None) == (files is None):
+        raise ConfigurationError("check_replay takes either database_url or files")
+    limit_seconds = seconds(timeout, what="timeout", allow_zero=False)
+    histories: Sequence[RecordedHistory | Unreadable]
+    if database_url is not None:
+        histories = await read_database(database_url, workflow=workflow, limit=limit)
+    else:
+        assert files is not None
+        histories = [read_history_file(path) for path in history_files(files)]
+        if workflow is not None:
+            histories = [h for h in histories if h.workflow_name == workflow]
+    results = []
+    for history in histories:
+        result = await replay_history(app, history, timeout=limit_seconds)
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return ReplayReport(tuple(results))
+
+
+async def replay_history(
+    app: App, history: RecordedHistory | Unreadable, *, timeout: float = 30.0
+) -> ReplayResult:
+    """Replay one recorded history against ``app``'s current code."""
+    if isinstance(history, Unreadable):
+        return ReplayResult(
+            history.instance_id,
+            history.workflow_name,
+            ReplayStatus.CORRUPTED,
+            history.source,
+            message=f"unreadable history: {history.problem}",
+        )
+    base: dict[str, Any] = {
+        "instance_id": history.instance_id,
+        "workflow_name": history.workflow_name,
+        "source": history.source,
+        "instance_status": history.status,
+        "steps": len(history.rows),
+    }
+    workflow = app.workflows.get(history.workflow_name)
+    if workflow is None:
+        if history.status.is_finished:
+            return ReplayResult(
+                **base, status=ReplayStatus.SKIPPED, message="finished; its workflow is not registered"
+            )
+        return ReplayResult(
+            **base,
+            status=ReplayStatus.UNKNOWN_WORKFLOW,
+            message=f"{history.status.value}, and no workflow named {history.workflow_name!r} is registered",
+        )
+    try:
+        async with asyncio.timeout(timeout):
+            verdict = await _Replay(app, workflow, history).run()
+    except TimeoutError:
+        return ReplayResult(
+            **base,
+            status=ReplayStatus.ERROR,
+            message=f"the replay did not end within {timeout:g}s (does the workflow await something "
+            "outside geste?)",
+        )
+    return ReplayResult(**base, **verdict)
+
+
+class _EndOfHistory(BaseException):
+    """The code asks for a step the history does not hold: the replay stops before it does anything.
+
+    A ``BaseException``, like the engine's own signals, so the workflow's ``except Exception`` lets it by.
+    """
+
+    def __init__(self, seq: int, step: str) -> None:
+        super().__init__(seq, step)
+        self.seq = seq
+        self.step = step
+
+
+class _ReplayContext(WorkflowContext):
+    """The worker's context, stopped at the first step past the recorded history."""
+
+    _asked: tuple[int, str] = (0, "")
+
+    def _replay(self, seq: int, kind: StepKind, name: str) -> HistoryRow | None:
+        self._asked = (seq, f"{kind.value} {name!r}")
+        return super()._replay(seq, kind, name)
+
+    def _live(self, seq: int, *, ordered: bool = True) -> None:
+        super()._live(seq, ordered=ordered)  # a step missing below later ones is corruption
+        asked, step = self._asked
+        raise _EndOfHistory(seq, step if asked == seq else f"the outcome of the wait at step {asked}")
+
+
+class _NoDatabase:
+    """The storage of a replay: it takes no write. A step that would write is past the history."""
+
+    def __init__(self, context: Callable[[], _ReplayContext]) -> None:
+        self._context = context
+
+    async def record(self, lease: Lease, records: Sequence[HistoryRow], **_: Any) -> StepResult:
+        if records:  # pragma: no cover - a recorded row is only ever new after _live, which stops
+            self._stop()
+        return StepResult(cancel_requested=False)  # the status change at compensations' start
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        async def refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
+            self._stop()
+
+        return refuse
+
+    def _stop(self) -> NoReturn:
+        ctx = self._context()
+        raise _EndOfHistory(ctx._seq, f"the wait at step {ctx._seq}")
+
+
+class _Replay:
+    """One replay: the workflow run by a ``_ReplayContext`` to its end or to the end of its history."""
+
+    def __init__(self, app: App, workflow: Workflow[Any, Any], history: RecordedHistory) -> None:
+        self.app = app
+        self.workflow = workflow
+        self.history = history
+        storage = _NoDatabase(lambda: self.ctx)
+        engine = Engine(
+            storage=cast(Storage, storage),
+            workflows={workflow.name: workflow},
+            clock=time.time,
+            lock_timeout=3600.0,
+            max_payload_bytes=app.max_payload_bytes,
+            on_suspended=lambda _instance_id, _run_at: None,
+            on_finished=lambda _instance_id: None,
+        )
+        self.ctx = _ReplayContext(
+            engine,
+            lease=Lease(history.instance_id, "replay-check"),
+            workflow_name=workflow.name,
+            created_at=history.created_at,
+            history=history.rows,
+            cancel_requested=False,
+        )
+
+    async def run(self) -> dict[str, Any]:
+        """The verdict's fields: status, and where and how it diverged."""
+        ctx, history = self.ctx, self.history
+        try:
+            try:
+                args, kwargs = self.workflow.signature.load_args(decode(history.input))
+            except Exception as exc:
+                return _diverged(
+                    None,
+                    "the recorded input",
+                    f"a workflow that does not accept it ({type(exc).__name__}: {exc!s:.200})",
+                )
+            ending = await self._drive(args, kwargs)
+        except _EndOfHistory as end:
+            if ctx._divergence is not None:  # raised inside a gather's other branch first
+                return _divergence(ctx._divergence)
+            if self._ends_with_the_workflow():
+                return _diverged(end.seq, f"the end of the workflow ({history.status.value})", end.step)
+            return {"status": ReplayStatus.OK, "message": f"replays its {len(history.rows)} steps"}
+        except (Suspended, Abandon) as signal:  # pragma: no cover - nothing here suspends or abandons
+            return {"status": ReplayStatus.ERROR, "message": f"unexpected {type(signal).__name__}"}
+        if ctx._divergence is not None:
+            return _divergence(ctx._divergence)
+        leftover = sorted(row.seq for row in history.rows if type(row.seq) is int and row.seq > ctx._seq)
+        if leftover:
+            row = next(r for r in history.rows if r.seq == leftover[0])
+            return _diverged(row.seq, f"{row.kind} {row.name!r}", f"the end of the workflow ({ending})")
+        if self._ends_with_the_workflow() and not ending.startswith(history.status.value):
+            return _diverged(ctx._seq + 1, f"the end of the workflow ({history.status.value})", f"{ending}")
+        return {
+            "status": ReplayStatus.OK,
+            "message": f"replays its {len(history.rows)} steps and ends {ending}",
+        }
+
+    def _ends_with_the_workflow(self) -> bool:
+        """Whether the history is the instance's whole run: finished, and not stopped by a divergence."""
+        history = self.history
+        return history.status.is_finished and history.error_type not in _DIVERGENCE_TYPES
+
+    async def _drive(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+        """Run the workflow as the engine does (its compensations too, on failure); say how it ended."""
+        ctx, workflow = self.ctx, self.workflow
+        try:
+            result = await workflow.fn(ctx, *args, **kwargs)
+            encode(result, what=f"result of workflow {workflow.name}", limit=self.app.max_payload_bytes)
+        except Exception as exc:
+            if ctx._divergence is not None:
+                return "diverged"
+            if ctx._compensations:
+                try:
+                    await ctx._run_compensations()
+                except NonDeterminismError:  # kept in ctx._divergence
+                    return "diverged"
+            if isinstance(exc, WorkflowCancelled):
+                return Status.CANCELLED.value
+            return f"{Status.FAILED.value}: {type(exc).__name__}: {exc!s:.200}"
+        return Status.COMPLETED.value
+
+
+def _diverged(seq: int | None, expected: str, found: str) -> dict[str, Any]:
+    where = "" if seq is None else f"at step {seq}: "
+    return {
+        "status": ReplayStatus.DIVERGED,
+        "seq": seq,
+        "expected": expected,
+        "found": found,
+        "message": f"{where}history has {expected}, the code now does {found}",
+    }
+
+
+def _divergence(error: NonDeterminismError) -> dict[str, Any]:
+    if isinstance(error, HistoryCorruptedError):
+        return {
+            "status": ReplayStatus.CORRUPTED,
+            "seq": error.seq,
+            "expected": error.expected,
+            "found": error.problem,
+            "message": f"at step {error.seq}: {error.problem}",
+        }
+    return _diverged(error.seq, error.expected, error.found)
