@@ -77,6 +77,21 @@ class ReplayResult:
         """Whether this history is no reason to hold a deploy (``ok`` or ``skipped``)."""
         return self.status in (ReplayStatus.OK, ReplayStatus.SKIPPED)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready values (what ``geste replay-check --json`` prints)."""
+        return {
+            "instance_id": self.instance_id,
+            "workflow_name": self.workflow_name,
+            "status": self.status.value,
+            "source": self.source,
+            "instance_status": None if self.instance_status is None else self.instance_status.value,
+            "steps": self.steps,
+            "seq": self.seq,
+            "expected": self.expected,
+            "found": self.found,
+            "message": self.message,
+        }
+
     def describe(self) -> str:
         """One line for a person: the verdict, the instance, and what differs."""
         head = f"{self.status.value.upper():<16} {self.instance_id} ({self.workflow_name})"
@@ -127,17 +142,8 @@ async def check_replay(
     registry of workflows is used. Activities are never run: a replay stops where its history ends.
     ``timeout`` (seconds) bounds each replay; ``on_result`` is called after each one (progress).
     """
-    if (database_url is None) == (files is None):
-        raise ConfigurationError("check_replay takes either database_url or files")
     limit_seconds = seconds(timeout, what="timeout", allow_zero=False)
-    histories: Sequence[RecordedHistory | Unreadable]
-    if database_url is not None:
-        histories = await read_database(database_url, workflow=workflow, limit=limit)
-    else:
-        assert files is not None
-        histories = [read_history_file(path) for path in history_files(files)]
-        if workflow is not None:
-            histories = [h for h in histories if h.workflow_name == workflow]
+    histories = await load_histories(database_url=database_url, files=files, workflow=workflow, limit=limit)
     results = []
     for history in histories:
         result = await replay_history(app, history, timeout=limit_seconds)
@@ -145,6 +151,23 @@ async def check_replay(
         if on_result is not None:
             on_result(result)
     return ReplayReport(tuple(results))
+
+
+async def load_histories(
+    *,
+    database_url: str | None = None,
+    files: Iterable[str | os.PathLike[str]] | None = None,
+    workflow: str | None = None,
+    limit: int = 1000,
+) -> Sequence[RecordedHistory | Unreadable]:
+    """The histories ``check_replay`` replays (its arguments of the same names)."""
+    if (database_url is None) == (files is None):
+        raise ConfigurationError("check_replay takes either database_url or files")
+    if database_url is not None:
+        return await read_database(database_url, workflow=workflow, limit=limit)
+    assert files is not None
+    histories = [read_history_file(path) for path in history_files(files)]
+    return [h for h in histories if workflow is None or h.workflow_name == workflow]
 
 
 async def replay_history(
@@ -271,6 +294,7 @@ class _Replay:
         try:
             try:
                 args, kwargs = self.workflow.signature.load_args(decode(history.input))
+                self.workflow.signature.bind(tuple(args), kwargs, what=f"input of {self.workflow.name}")
             except Exception as exc:
                 return _diverged(
                     None,
