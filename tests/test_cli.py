@@ -271,10 +271,15 @@ def test_send_event_wakes_a_waiting_instance(cli: Cli, db_url: str, worker: Work
     assert shown["instance"]["result"] == {"order_id": "E", "by": "ann"}
 
 
-def test_migrate_prints_the_schema_version(cli: Cli, db_url: str) -> None:
-    first = ok(cli("migrate", "--database-url", db_url))
-    assert re.match(r"schema version \d+ ", first)
-    assert ok(cli("migrate", "--database-url", db_url)) == first
+def test_migrate_prints_each_migration_and_the_schema_version(cli: Cli, db_url: str) -> None:
+    from geste.storage._sql import migration_names
+
+    names = migration_names("sqlite" if db_url.startswith("sqlite") else "postgres")
+    first = ok(cli("migrate", "--database-url", db_url)).splitlines()
+    # not a terminal: plain lines, one per migration applied
+    assert first[:-1] == [f"migrating {n}/{len(names)}: {names[n]}" for n in sorted(names)]
+    assert first[-1] == f"schema version {len(names)} ({_safe_url(db_url)})"
+    assert ok(cli("migrate", "--database-url", db_url)).splitlines() == first[-1:]  # nothing to apply
 
 
 # -- errors ---------------------------------------------------------------------------------------------

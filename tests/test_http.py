@@ -535,6 +535,8 @@ async def test_the_token_is_required_when_set(make_app: MakeApp, db_url: str) ->
                 ("GET", "/instances"),
                 ("GET", "/instances/x/result"),
                 ("POST", "/instances/x/cancel"),
+                ("POST", "/instances/x/retry"),
+                ("POST", "/instances/x/resume"),
                 ("GET", "/no/such/path"),
             ]:
                 answer = await http.request(method, url, headers={**EVENT_HEADERS, **headers}, content=BODY)

@@ -11,10 +11,13 @@ from ._channels import Message
 from ._context import ActivityContext, WorkflowContext
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
+from ._metrics import MetricFamily, Metrics, MetricSample, MetricsSnapshot
+from ._metrics_http import MetricsServer
 from ._models import Event, HistoryEntry, InstanceInfo, Status, StepKind
+from ._operations import ResumeResult, RetryRecord
 from ._outbox import OutboxEntry, OutboxEvent, OutboxStatus
 from ._retry import RetryPolicy
-from ._status import QueueStats, SystemStatus, WorkerInfo
+from ._status import LeaseInfo, QueueStats, SystemStatus, WorkerInfo
 from ._wakeups import ListenerState, ListenerStatus
 
 __version__ = "0.1.0"
@@ -26,14 +29,22 @@ __all__ = [
     "Event",
     "HistoryEntry",
     "InstanceInfo",
+    "LeaseInfo",
     "ListenerState",
     "ListenerStatus",
     "Message",
+    "MetricFamily",
+    "MetricSample",
+    "Metrics",
+    "MetricsServer",
+    "MetricsSnapshot",
     "OutboxEntry",
     "OutboxEvent",
     "OutboxStatus",
     "QueueStats",
+    "ResumeResult",
     "RetryPolicy",
+    "RetryRecord",
     "Status",
     "StepKind",
     "SystemStatus",

@@ -14,16 +14,19 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
+from . import _operations
 from ._channels import ChannelMaintenance, check_channel
 from ._context import ActivityContext, WorkflowContext
 from ._definitions import Activity, Workflow, check_name, storable_text
 from ._engine import Engine
 from ._handle import WorkflowHandle
+from ._metrics import POLL, Metrics, app_collector
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
+from ._operations import ResumeResult, RetryRecord
 from ._outbox import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Relay, entry_from_row
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
-from ._status import STALE_AFTER, SystemStatus, WorkerInfo
+from ._status import LEASES_SHOWN, STALE_AFTER, LeaseInfo, SystemStatus, WorkerInfo
 from ._wakeups import OUTBOX_PENDING, Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
 from ._worker import Worker
 from .errors import (
@@ -155,6 +158,10 @@ class App:
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
         self._listener: Listener | None = None
+        self.metrics = Metrics()
+        """This App's metrics (README, "Metrics"): ``await app.metrics.snapshot()``; ``GET /metrics``."""
+        self.metrics.add_collector(app_collector(self))
+        self.storage.observe_group_commits(self.metrics.group_commit_batch_size.observe)
         self._engine = Engine(
             storage=self.storage,
             workflows=self._workflows,
@@ -163,6 +170,7 @@ class App:
             max_payload_bytes=self.max_payload_bytes,
             on_suspended=self._on_suspended,
             on_finished=self._on_finished,
+            metrics=self.metrics,
         )
 
     # -- registration ------------------------------------------------------------------------------
@@ -271,6 +279,7 @@ class App:
                 max_timers_per_batch=self.notify.max_timers_per_batch,
                 max_messages_per_batch=self.notify.max_messages_per_batch,
                 listener_status=lambda: self.listener_status().as_dict(),
+                metrics=self.metrics,
             )
             if self.notify.enabled:  # before the worker registers, so it shows `connecting`, not `disabled`
                 dsn, options = self._listen_dsn()
@@ -279,7 +288,8 @@ class App:
                     application_name=f"{options['application_name']}-listener",
                     wakeups=wakeups,
                     reconnect_delay=self.notify.reconnect_delay,
-                    on_caught_up=wakeups.poke,
+                    on_caught_up=lambda: wakeups.poke(POLL),  # the catch-up poll after a (re)connect
+                    metrics=self.metrics,
                 )
                 self._listener.start()
             await self._worker.start()
@@ -297,6 +307,7 @@ class App:
             wakeups=wakeups,
             lock_timeout=self.lock_timeout,
             shutdown_grace=self.shutdown_grace,
+            metrics=self.metrics,
         )
         self._relay = relay
         self._engine.on_outbox = relay.recorded
@@ -337,7 +348,8 @@ class App:
         return self._listener.status()
 
     async def status(self) -> SystemStatus:
-        """The queue, the registered workers and this process's listener (what ``geste status`` shows).
+        """The queue, the registered workers, the held leases and this process's listener (what
+        ``geste status`` shows).
 
         A worker is ``alive`` unless it stopped or has not been heard from within 3 x this App's
         ``lock_timeout`` (workers heartbeat every ``lock_timeout / 3``).
@@ -349,11 +361,17 @@ class App:
         workers = [
             _worker_info(row, now, STALE_AFTER * self.lock_timeout, queue.leases_by_worker) for row in rows
         ]
+        states = {worker.worker_id: worker.state for worker in workers}
+        leases = [
+            LeaseInfo(iid, name, holder, max(0.0, expires - now), states.get(holder, "unregistered"))
+            for iid, name, holder, expires in await self.storage.list_leases(now, LEASES_SHOWN)
+        ]
         return SystemStatus(
             checked_at=to_datetime(now),  # type: ignore[arg-type]
             queue=queue,
             workers=workers,
             listener=self.listener_status(),
+            leases=leases,
         )
 
     async def close(self) -> None:
@@ -460,6 +478,8 @@ class App:
             if self._worker is not None and lease is not None:
                 self._worker.run_reserved(None)
             raise
+        if created:
+            self.metrics.workflows_started.values[workflow.name] += 1
         if self._worker is not None:
             if lease is not None:
                 claim = Claim(lease, workflow.name, stored, Status.RUNNING, now, False) if created else None
@@ -552,6 +572,56 @@ class App:
         elif self._worker is not None:
             self._worker.poke()
         return _info(row)
+
+    async def retry(self, instance_id: str) -> RetryRecord:
+        """Run a failed instance again from its failed step; return what the retry removed.
+
+        The activities whose last attempt failed, at the end of its history, run again (with fresh
+        attempts); every step before them is replayed as recorded, not run again. Its error is cleared
+        and a worker takes it at once. The removed rows and the error are kept (``app.retries``).
+        Raises ``geste.errors.InstanceStateError`` unless it is ``failed`` and none of its
+        compensations ran (nothing is written then): of two concurrent retries, one applies.
+        """
+        self._require_open()
+        if not _findable(instance_id, "instance_id"):
+            raise InstanceNotFoundError(instance_id)
+        record = await _operations.retry(self.storage, instance_id, self.clock())
+        if self._worker is not None:
+            self._worker.poke()
+        return record
+
+    async def retries(self, instance_id: str) -> list[RetryRecord]:
+        """The retries of an instance, oldest first: what each removed from its history and cleared."""
+        self._require_open()
+        if not _findable(instance_id, "instance_id") or await self.storage.get_instance(instance_id) is None:
+            raise InstanceNotFoundError(instance_id)
+        return [_operations.retry_record(row) for row in await self.storage.list_retries(instance_id)]
+
+    async def resume(self, instance_id: str, *, force: bool = False) -> ResumeResult:
+        """Make an unfinished instance runnable now: a worker takes it at once.
+
+        For an instance put back with a delay (an engine or database error, a workflow its worker did
+        not know), one whose lease a dead worker holds (stopped, or not heard from within 3 x
+        ``lock_timeout``: the lease is broken), or a waiting one that should look at its wait again.
+        It never changes the history: a sleep or a wait's timeout is not cut short (the instance
+        replays and waits again). A lease held by a live worker is broken only with ``force=True``
+        (else ``geste.errors.InstanceLeasedError``); its run then stops at its next write, without
+        writing. A finished instance raises ``geste.errors.InstanceStateError``.
+        """
+        self._require_open()
+        if not _findable(instance_id, "instance_id"):
+            raise InstanceNotFoundError(instance_id)
+        now = self.clock()
+        result = await _operations.resume(
+            self.storage,
+            instance_id,
+            now,
+            alive_since=now - STALE_AFTER * self.lock_timeout,
+            force=force is True,
+        )
+        if self._worker is not None:
+            self._worker.poke()
+        return result
 
     async def send_event(
         self,

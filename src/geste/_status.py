@@ -11,6 +11,8 @@ from ._wakeups import ListenerStatus
 
 STALE_AFTER = 3
 """A worker not heard from for this many ``lock_timeout`` is not alive (it heartbeats every third of one)."""
+LEASES_SHOWN = 100
+"""At most this many held leases are listed in a status (``SystemStatus.leases``); all are counted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,28 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseInfo:
+    """An instance a worker holds now (its lease is not expired)."""
+
+    instance_id: str
+    workflow_name: str
+    worker_id: str
+    expires_in: float
+    """Seconds until the lease expires unless its worker renews it (every ``lock_timeout / 3``)."""
+    worker_state: str
+    """The holder's ``WorkerInfo.state`` (``alive``, ``stale``, ``stopped``), or ``unregistered``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "workflow_name": self.workflow_name,
+            "worker_id": self.worker_id,
+            "expires_in": self.expires_in,
+            "worker_state": self.worker_state,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class SystemStatus:
     """``await app.status()``: the queue, the workers (most recently heard from first), this process's
     listener."""
@@ -94,6 +118,9 @@ class SystemStatus:
     queue: QueueStats
     workers: list[WorkerInfo]
     listener: ListenerStatus
+    leases: list[LeaseInfo] = field(default_factory=list)
+    """The held leases, soonest to expire first (at most 100; ``queue.held_leases`` counts them all):
+    one held by a ``stale`` worker keeps its instance until it expires, or ``app.resume`` breaks it."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (what ``geste status --json`` prints)."""
@@ -102,4 +129,5 @@ class SystemStatus:
             "queue": self.queue.as_dict(),
             "workers": [worker.as_dict() for worker in self.workers],
             "listener": self.listener.as_dict(),
+            "leases": [lease.as_dict() for lease in self.leases],
         }

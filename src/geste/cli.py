@@ -18,19 +18,22 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import click
 
-from . import __version__
+from . import __version__, _operations
 from ._app import DEFAULT_URL, App
 from ._demo import run_demo
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind
+from ._operations import ResumeResult, RetryRecord
+from ._progress import Progress
 from ._status import SystemStatus, WorkerInfo
 from .errors import GesteError, UnknownWorkflowError
+from .storage.base import MigrationStep
 
 T = TypeVar("T")
 
@@ -234,23 +237,48 @@ def demo(database_url: str | None, decline: bool) -> None:
 @main.command()
 @click.argument("app_spec", metavar="MODULE:APP")
 @click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Instances run at once.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (and nothing else).",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of --metrics-port.")
+@click.option(
+    "--metrics-token",
+    default=None,
+    help="Bearer token the metrics endpoint requires (default: $GESTE_HTTP_TOKEN).",
+)
 @log_level_option
-def worker(app_spec: str, concurrency: int | None, log_level: str) -> None:
+def worker(
+    app_spec: str,
+    concurrency: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    metrics_token: str | None,
+    log_level: str,
+) -> None:
     """Run a worker for MODULE:APP until SIGTERM/SIGINT.
 
     On the signal it stops claiming, lets running instances finish (up to the App's
-    ``shutdown_grace``), releases the rest and exits 0.
+    ``shutdown_grace``), releases the rest and exits 0. With --metrics-port it also serves its
+    metrics for Prometheus.
     """
     app = _load_app(app_spec)
     _configure_logging(log_level)
     app.run_worker = True
     if concurrency is not None:
         app.concurrency = concurrency
-    _run(_work(app))
+    metrics = None if metrics_port is None else (metrics_host, metrics_port, metrics_token)
+    _run(_work(app, metrics=metrics))
 
 
-async def _work(app: App) -> None:
+async def _work(app: App, *, metrics: tuple[str, int, str | None] | None = None) -> None:
     log = logging.getLogger("geste.cli")
+    server = None
+    if metrics is not None:  # before open(): a port in use fails the command at once
+        host, port, token = metrics
+        server = await app.metrics.serve(host=host, port=port, token=token)
     loop = asyncio.get_running_loop()
     stopping = False
 
@@ -276,6 +304,8 @@ async def _work(app: App) -> None:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if server is not None:
+            await server.close()
 
 
 @main.command("list")
@@ -324,13 +354,14 @@ def list_(database_url: str, workflow: str | None, status: str | None, limit: in
 def show(instance_id: str, database_url: str, as_json: bool) -> None:
     """Show an instance and its history as a timeline."""
 
-    async def go() -> tuple[InstanceInfo, list[HistoryEntry]]:
+    async def go() -> tuple[InstanceInfo, list[HistoryEntry], list[RetryRecord]]:
         async with _client(database_url) as app:
-            return await app.get_instance(instance_id), await app.history(instance_id)
+            info = await app.get_instance(instance_id)
+            return info, await app.history(instance_id), await app.retries(instance_id)
 
-    info, history = _run(go())
+    info, history, retries = _run(go())
     if as_json:
-        click.echo(_dump({"instance": info, "history": history}))
+        click.echo(_dump({"instance": info, "history": history, "retries": retries}))
         return
     fields = [
         ("instance", info.instance_id),
@@ -355,14 +386,55 @@ def show(instance_id: str, database_url: str, as_json: bool) -> None:
     click.echo("history:" if history else "history:  (empty)")
     for entry in history:
         click.echo(_entry_line(entry, info.created_at))
+    if retries:
+        click.echo("retries:")
+    for record in retries:
+        removed = ", ".join(f"{e.seq} {e.name} ({_outcome(e)})" for e in record.removed) or "nothing"
+        click.echo(
+            f"  {record.retry:>3}  {_stamp(record.retried_at)}  from step {record.from_seq}; "
+            f"had failed with {_error_line(record.error)}; removed {removed}"
+        )
+
+
+_CANCEL_STATUSES = [s.value for s in (Status.PENDING, Status.RUNNING, Status.WAITING, Status.COMPENSATING)]
 
 
 @main.command()
-@click.argument("instance_id", metavar="ID")
+@click.argument("instance_id", metavar="[ID]", required=False)
 @database_url_option
-@click.option("--wait", type=click.FloatRange(min=0), default=0, help="Seconds to wait for it to end.")
-def cancel(instance_id: str, database_url: str, wait: float) -> None:
-    """Request the cancellation of an instance and print its status."""
+@click.option("--wait", type=click.FloatRange(min=0), default=0, help="Seconds to wait for ID to end.")
+@click.option("--workflow", default=None, help="Cancel the unfinished instances of this workflow name.")
+@click.option(
+    "--status",
+    type=click.Choice(_CANCEL_STATUSES),
+    default=None,
+    help="Cancel the instances in this status (default: pending, running and waiting ones).",
+)
+@click.option("--all", "every", is_flag=True, help="Cancel every unfinished instance (no ID, no filter).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (what was cancelled) and no progress.")
+def cancel(
+    instance_id: str | None,
+    database_url: str,
+    wait: float,
+    workflow: str | None,
+    status: str | None,
+    every: bool,
+    as_json: bool,
+) -> None:
+    """Cancel instance ID, or every unfinished instance --workflow/--status select (or --all).
+
+    An instance that never ran ends at once; the others end at their next step, after their
+    compensations. The filters select the instances matching when the command lists them.
+    """
+    if instance_id is None:
+        if workflow is None and status is None and not every:
+            raise BadInputError("give an instance ID, or select instances with --workflow/--status, or --all")
+        if wait:
+            raise BadInputError("--wait goes with one instance ID")
+        _run(_cancel_many(database_url, workflow, status, as_json))
+        return
+    if workflow is not None or status is not None or every:
+        raise BadInputError("give an instance ID or the filters --workflow/--status/--all, not both")
 
     async def go() -> InstanceInfo:
         async with _client(database_url) as app:
@@ -374,8 +446,112 @@ def cancel(instance_id: str, database_url: str, wait: float) -> None:
             return info
 
     info = _run(go())
+    if as_json:
+        click.echo(_dump(info))
+        return
     note = "" if info.status.is_finished else " (cancel requested: a worker ends it at its next step)"
     click.echo(f"{info.instance_id}: {info.status.value}{note}")
+
+
+async def _cancel_many(database_url: str, workflow: str | None, status: str | None, as_json: bool) -> None:
+    statuses = [Status(status)] if status is not None else list(_operations.CANCELLABLE)
+    outcomes: dict[str, list[str]] = {"cancelled": [], "cancel_requested": [], "finished_before": []}
+    async with _client(database_url) as app:
+        ids = await _operations.cancellable(app, workflow=workflow, statuses=statuses)
+        what = ", ".join(
+            part
+            for part in (
+                f"workflow {workflow}" if workflow is not None else "",
+                f"status {status}" if status is not None else "",
+            )
+            if part
+        )
+        with Progress("cancelling", total=len(ids), enabled=not as_json) as progress:
+            progress.note(f"{len(ids)} instance(s) to cancel" + (f" ({what})" if what else ""))
+
+            def done(info: InstanceInfo) -> None:
+                if info.status == Status.CANCELLED:
+                    outcomes["cancelled"].append(info.instance_id)
+                elif info.status.is_finished:
+                    outcomes["finished_before"].append(info.instance_id)
+                else:
+                    outcomes["cancel_requested"].append(info.instance_id)
+                progress.advance()
+
+            await _operations.cancel_each(app, ids, on_done=done)
+    if as_json:
+        click.echo(_dump({"matched": len(ids), **outcomes}))
+        return
+    click.echo(
+        f"{len(ids)} instance(s): {len(outcomes['cancelled'])} cancelled, "
+        f"{len(outcomes['cancel_requested'])} cancel requested (a worker ends each at its next step), "
+        f"{len(outcomes['finished_before'])} finished before the cancel"
+    )
+
+
+@main.command()
+@click.argument("instance_id", metavar="ID")
+@database_url_option
+@click.option("--wait", type=click.FloatRange(min=0), default=None, help="Seconds to wait for its result.")
+@click.option("--json", "as_json", is_flag=True, help="Print the retry (what it removed) as JSON.")
+def retry(instance_id: str, database_url: str, wait: float | None, as_json: bool) -> None:
+    """Run failed instance ID again from its failed step.
+
+    The activities whose last attempt failed, at the end of its history, run again; the steps before
+    them are replayed from the history, not run again. What the retry removed is kept (geste show ID).
+    An instance whose compensations ran is not retried.
+    """
+
+    async def go() -> tuple[RetryRecord, Any]:
+        async with _client(database_url) as app:
+            record = await app.retry(instance_id)
+            if wait is None:
+                return record, None
+            return record, await app.get_handle(instance_id).result(timeout=wait)
+
+    record, result = _run(go())
+    if as_json:
+        click.echo(_dump({"retry": record, **({} if wait is None else {"result": result})}))
+        return
+    removed = ", ".join(entry.name for entry in record.removed) or "none"
+    click.echo(
+        f"{record.instance_id}: retry {record.retry}, runs again from step {record.from_seq} "
+        f"(failed steps removed: {removed}; it had failed with {_error_line(record.error)})"
+    )
+    if wait is not None:
+        click.echo(f"result: {_js(result, 10_000)}")
+
+
+@main.command()
+@click.argument("instance_id", metavar="ID")
+@database_url_option
+@click.option("--force", is_flag=True, help="Break the lease even if the worker holding it is alive.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def resume(instance_id: str, database_url: str, force: bool, as_json: bool) -> None:
+    """Make stuck instance ID runnable now.
+
+    For an instance put back with a delay after an error, held by a dead worker (stopped, or not heard
+    from within 45 s: 3 x the default lock_timeout), or waiting and to look at its wait again. It never
+    cuts a sleep or a timeout short. The lease of a live worker is broken only with --force.
+    """
+
+    async def go() -> ResumeResult:
+        async with _client(database_url) as app:
+            return await app.resume(instance_id, force=force)
+
+    result = _run(go())
+    if as_json:
+        click.echo(_dump(result))
+        return
+    if result.lease_broken_from is not None:
+        note = f"lease of worker {result.lease_broken_from} broken"
+    elif result.already_runnable:
+        note = "it was runnable already: nothing held it back"
+    elif result.was_due_at is None:
+        note = "it waited with no deadline: it looks at its wait again"
+    else:
+        note = f"it was due at {_stamp(result.was_due_at)}"
+    click.echo(f"{result.instance_id}: {result.status.value}, runnable now ({note})")
 
 
 @main.command()
@@ -473,11 +649,26 @@ def publish(
 @main.command()
 @database_url_option
 def migrate(database_url: str) -> None:
-    """Create or upgrade the schema, and print its version."""
+    """Create or upgrade the schema, showing each migration applied, and print its version."""
+    app = App(database_url, run_worker=False)
+    progress: Progress | None = None
+
+    def announce(step: MigrationStep) -> None:  # called by the storage, maybe from its own thread
+        nonlocal progress
+        if progress is None:
+            progress = Progress("migrating", total=step.total).__enter__()
+        if step.done:
+            progress.advance(label=step.name)
+
+    app.storage.on_migration = announce
 
     async def go() -> int:
-        async with _client(database_url) as app:
-            return await app.storage.schema_version()
+        try:
+            async with app:
+                return await app.storage.schema_version()
+        finally:
+            if progress is not None:
+                progress.__exit__(None, None, None)
 
     click.echo(f"schema version {_run(go())} ({_safe_url(database_url)})")
 
@@ -529,7 +720,7 @@ def _worker_row(worker: WorkerInfo, checked_at: datetime) -> tuple[str, ...]:
 @database_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def status(database_url: str, as_json: bool) -> None:
-    """Show the queue (instances per status, runnable, leases, oldest wait) and the workers.
+    """Show the queue (instances per status, runnable, leases, oldest wait), the workers and the leases.
 
     A worker is stale when not heard from within 45 s (3 x the default lock_timeout of 15 s: it heartbeats
     every lock_timeout / 3), stopped when it shut down gracefully.
@@ -552,7 +743,13 @@ def status(database_url: str, as_json: bool) -> None:
     )
     if not found.workers:
         click.echo("workers: none registered")
-        return
+    else:
+        _print_workers(found)
+    if found.leases:
+        _print_leases(found)
+
+
+def _print_workers(found: SystemStatus) -> None:
     click.echo("workers:")
     header = (
         "WORKER",
@@ -568,6 +765,27 @@ def status(database_url: str, as_json: bool) -> None:
         "HEARTBEAT",
     )
     rows = [_worker_row(worker, found.checked_at) for worker in found.workers]
+    _table(header, rows)
+
+
+def _print_leases(found: SystemStatus) -> None:
+    held = found.queue.held_leases
+    shown = "" if held <= len(found.leases) else f", the {len(found.leases)} expiring soonest"
+    click.echo(f"leases ({held} held{shown}):")
+    header = ("INSTANCE", "WORKFLOW", "WORKER", "WORKER STATE", "EXPIRES IN")
+    rows = [
+        (lease.instance_id, lease.workflow_name, lease.worker_id, lease.worker_state, _age(lease.expires_in))
+        for lease in found.leases
+    ]
+    _table(header, rows)
+    if any(lease.worker_state != "alive" for lease in found.leases):
+        click.echo(
+            "  a lease of a worker that is not alive holds its instance until it expires; "
+            "`geste resume ID` frees it now"
+        )
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[n]) for row in [header, *rows]) for n in range(len(header))]
     for row in [header, *rows]:
         click.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

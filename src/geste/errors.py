@@ -11,6 +11,8 @@ GesteError
 │   ├── NotAGesteDatabaseError  the file / schema holds something that is not geste's
 │   └── SchemaVersionError      written by a newer geste than this one
 ├── InstanceNotFoundError       no instance with that id
+├── InstanceStateError          an operator action its status refuses (retry of an instance not failed)
+│   └── InstanceLeasedError     resume of an instance a live worker holds, without force=True
 ├── InstanceAlreadyExistsError  reserved for callers that ask start() to refuse an existing id
 ├── ResultTimeout               handle.result(timeout=...) ran out (also a builtins.TimeoutError)
 ├── IdleTimeout                 geste.testing: instances still busy when the wait for them ran out
@@ -41,7 +43,9 @@ __all__ = [
     "HistoryCorruptedError",
     "IdleTimeout",
     "InstanceAlreadyExistsError",
+    "InstanceLeasedError",
     "InstanceNotFoundError",
+    "InstanceStateError",
     "NonDeterminismError",
     "NotAGesteDatabaseError",
     "PayloadTooLargeError",
@@ -118,6 +122,30 @@ class InstanceNotFoundError(GesteError, LookupError):
     def __init__(self, instance_id: str) -> None:
         super().__init__(f"no workflow instance with id {instance_id!r}")
         self.instance_id = instance_id
+
+
+class InstanceStateError(GesteError):
+    """The instance's state does not allow this operator action: a retry of an instance that is not
+    ``failed`` (or whose compensations ran), a resume of a finished one. Nothing was written."""
+
+    def __init__(self, instance_id: str, status: str, message: str) -> None:
+        super().__init__(message)
+        self.instance_id = instance_id
+        self.status = status
+
+
+class InstanceLeasedError(InstanceStateError):
+    """A live worker holds the instance's lease (it is running it): ``resume`` leaves it alone unless
+    given ``force=True``. ``worker_id`` names the holder."""
+
+    def __init__(self, instance_id: str, status: str, worker_id: str) -> None:
+        super().__init__(
+            instance_id,
+            status,
+            f"workflow instance {instance_id!r} is held by worker {worker_id!r}, which is alive; "
+            "force=True (geste resume --force) breaks its lease",
+        )
+        self.worker_id = worker_id
 
 
 class InstanceAlreadyExistsError(GesteError):

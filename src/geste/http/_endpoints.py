@@ -1,8 +1,8 @@
 """The HTTP endpoints of a geste App, as one ASGI application: CloudEvents in, and the instance API.
 
 Every endpoint goes through the App's public calls (``send_event``, ``start_workflow``, ``get_instance``,
-``list_instances``, ``history``, ``cancel``, a handle's ``result``), which take values as parameters: no
-request text ever becomes SQL.
+``list_instances``, ``history``, ``cancel``, ``retry``, ``resume``, a handle's ``result``), which take
+values as parameters: no request text ever becomes SQL.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..errors import (
     HistoryCorruptedError,
     InstanceAlreadyExistsError,
     InstanceNotFoundError,
+    InstanceStateError,
     PayloadTooLargeError,
     ResultTimeout,
     SerializationError,
@@ -51,6 +52,7 @@ from ._routing import (
     path_segments,
     unsupported_media_type,
 )
+from ._viewer import Viewer
 
 if TYPE_CHECKING:
     from .._app import App
@@ -69,6 +71,7 @@ _STATUS_OF_ERROR: tuple[tuple[type[GesteError], int], ...] = (
     (UnknownWorkflowError, 404),
     (PayloadTooLargeError, 413),
     (InstanceAlreadyExistsError, 409),
+    (InstanceStateError, 409),  # a retry of an instance that did not fail, a resume a live worker holds
     (WorkflowFailed, 409),
     (WorkflowCancelled, 409),
     (AppNotOpenError, 503),
@@ -114,6 +117,14 @@ class GesteASGI:
         router.add("GET", "/instances/{id}/history", self._history)
         router.add("GET", "/instances/{id}/result", self._result)
         router.add("POST", "/instances/{id}/cancel", self._cancel)
+        router.add("POST", "/instances/{id}/retry", self._retry)
+        router.add("POST", "/instances/{id}/resume", self._resume)
+        router.add("GET", "/metrics", self._metrics)
+        self._viewer = Viewer(app, token=self._token)  # the read-only web viewer (HTML), /ui
+        router.add("GET", "/ui", self._viewer.instances)
+        router.add("GET", "/ui/instances/{id}", self._viewer.instance)
+        router.add("POST", "/ui/login", self._viewer.login)
+        router.add("POST", "/ui/logout", self._viewer.logout)
         self._router = router
 
     @property
@@ -151,7 +162,7 @@ class GesteASGI:
     async def _dispatch(self, request: Request) -> Response:
         segments = path_segments(request.scope)
         _refuse_cross_site(request, token_set=self._token is not None)
-        if segments != ("health",):
+        if segments != ("health",) and not self._viewer.admits(request, segments):
             self._authorize(request)
         handler, params = self._router.resolve(request.method, segments)
         return await handler(request, params)
@@ -288,6 +299,43 @@ class GesteASGI:
                 "instance_id": info.instance_id,
                 "status": info.status.value,
                 "cancel_requested": info.cancel_requested,
+            },
+        )
+
+    async def _metrics(self, request: Request, params: dict[str, str]) -> Response:
+        """Prometheus text exposition of ``app.metrics`` (the queue gauges cost one query); a query
+        string is ignored, as scrapers may add one."""
+        text = await self.app.metrics.exposition()
+        return Response(200, text.encode("utf-8"), content_type=self.app.metrics.CONTENT_TYPE)
+
+    async def _retry(self, request: Request, params: dict[str, str]) -> Response:
+        request.query()
+        record = await self.app.retry(params["id"])
+        return json_response(
+            202,
+            {
+                "instance_id": record.instance_id,
+                "retry": record.retry,
+                "from_seq": record.from_seq,
+                "retried_at": record.retried_at,
+                "error": _public_error(record.error),
+                "removed": [_entry(entry) for entry in record.removed],
+            },
+        )
+
+    async def _resume(self, request: Request, params: dict[str, str]) -> Response:
+        force = request.query("force").get("force", "false").lower()
+        if force not in ("true", "false", "1", "0"):
+            raise bad_request(f"force must be true or false, not {force!r}")
+        result = await self.app.resume(params["id"], force=force in ("true", "1"))
+        return json_response(
+            202,
+            {
+                "instance_id": result.instance_id,
+                "status": result.status.value,
+                "was_due_at": result.was_due_at,
+                "lease_broken_from": result.lease_broken_from,
+                "already_runnable": result.already_runnable,
             },
         )
 

@@ -35,3 +35,13 @@ def load_migrations(backend: str) -> list[tuple[int, str]]:
     if versions != list(range(1, len(found) + 1)):
         raise RuntimeError(f"migrations of {backend} are not numbered 1..n: {versions}")
     return found
+
+
+def migration_names(backend: str) -> dict[int, str]:
+    """The name of each migration of the backend (its file name without ``.sql``), by version."""
+    names = {}
+    for entry in _folder(backend).iterdir():
+        match = re.fullmatch(r"(\d{4})_\w+\.sql", entry.name)
+        if match:
+            names[int(match.group(1))] = entry.name.removesuffix(".sql")
+    return names

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -70,6 +71,9 @@ class Claim:
     """The instance's history, when the backend read it in the claim's own round trip."""
     run_at: float | None = None
     """When it became (or becomes: claimed a little early, see ``due_before``) runnable."""
+    lease_expired_at: float | None = None
+    """When the previous lease ran out, if the claim took over an expired lease (its worker died or
+    stalled) rather than a free instance; None otherwise."""
 
 
 class Claims(list[Claim]):
@@ -141,6 +145,53 @@ class WorkerRow:
     concurrency: int
     listener: str | None
     stopped_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRow:
+    """One operator retry of an instance (``geste_retries``): the rows it removed, the error it cleared."""
+
+    instance_id: str
+    retry: int
+    retried_at: float
+    from_seq: int
+    error: str | None
+    failed_at: float | None
+    removed: tuple[HistoryRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryOutcome:
+    """What ``retry_instance`` found and did: ``instance`` as it is afterwards (None: no such instance),
+    ``record`` the retry, None when refused (not ``failed``, or ``compensated``: compensations ran)."""
+
+    instance: InstanceRow | None
+    record: RetryRow | None = None
+    compensated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeOutcome:
+    """What ``resume_instance`` found (``before``; None: no such instance) and did (``after``; None when
+    refused: the instance is finished, or a live worker holds its lease and ``force`` was not given)."""
+
+    before: InstanceRow | None
+    after: InstanceRow | None = None
+    holder_alive: bool = False
+    """The lease was held (unexpired) by a worker heard from recently and not stopped."""
+    lease_broken: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStep:
+    """A schema migration being applied (``Storage.on_migration``): the ``index``-th of ``total`` pending,
+    announced before (``done`` False) and after it ran."""
+
+    version: int
+    name: str
+    index: int
+    total: int
+    done: bool
 
 
 class Suspension(Enum):
@@ -246,10 +297,93 @@ class PublishResult:
     cancel_requested: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class InstanceFilter:
+    """Which instances a page or a count covers; ``created_from`` is inclusive, ``created_to`` exclusive."""
+
+    workflow_name: str | None = None
+    status: Status | None = None
+    created_from: float | None = None
+    created_to: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSummary:
+    """One line of a list of instances: no result or error, only the head of the input."""
+
+    instance_id: str
+    workflow_name: str
+    status: Status
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    locked_by: str | None
+    cancel_requested: bool
+    steps: int
+    input_head: str
+    """The first ``INPUT_HEAD`` characters of the input's JSON text."""
+
+
+INPUT_HEAD = 200
+
+
+@dataclass(frozen=True, slots=True)
+class EventWaitRow:
+    """An instance's registered wait for an event (``match`` as JSON text)."""
+
+    event_type: str
+    match: str | None
+    since: float
+    deadline: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRow:
+    """An instance's subscription to a channel; ``waiting_since`` is set while it waits in ``receive``."""
+
+    channel: str
+    mode: str
+    cursor_seq: int
+    waiting_since: float | None
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """A channel message as stored, with the instance that took it (direct and competing messages)."""
+
+    message_id: str
+    channel: str
+    data: str
+    sender_instance_id: str | None
+    target_instance_id: str | None
+    created_at: float
+    claimed_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceExtras:
+    """What an instance's history does not hold: what it waits for now, and what became of the
+    messages it published and the events it emitted (those still stored)."""
+
+    timers: tuple[tuple[int, float], ...]
+    """``(seq, expires_at)`` of its timers, soonest first."""
+    event_wait: EventWaitRow | None
+    subscriptions: tuple[SubscriptionRow, ...]
+    outbox: tuple[OutboxRow, ...]
+    messages: tuple[MessageRow, ...]
+
+
 class Storage(abc.ABC):
     """One database holding instances, their histories, timers, event waits and events."""
 
     url: str
+    on_migration: Callable[[MigrationStep], None] | None = None
+    """Called before and after each migration ``open`` applies (``geste migrate`` shows them)."""
+
+    def _announce(self, step: MigrationStep) -> None:
+        if self.on_migration is not None:
+            self.on_migration(step)
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -290,6 +424,28 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def request_cancel(self, instance_id: str, now: float) -> InstanceRow | None:
         """Cancel an instance that never ran at once; otherwise flag it and make it runnable."""
+
+    # -- operator actions --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
+        """Make a failed instance run again from its failed step, in one transaction: the history rows
+        of the activities whose last attempt failed, at its end, are removed (and kept in
+        ``geste_retries`` with the error), its outcome is cleared and it is runnable now (notified).
+        Refused, writing nothing, unless it is ``failed`` and none of its compensations ran. Concurrent
+        retries serialise on the instance's row: exactly one of them applies."""
+
+    @abc.abstractmethod
+    async def list_retries(self, instance_id: str) -> list[RetryRow]:
+        """The retries of an instance, oldest first."""
+
+    @abc.abstractmethod
+    async def resume_instance(
+        self, instance_id: str, now: float, *, alive_since: float, force: bool
+    ) -> ResumeOutcome:
+        """Make an unfinished instance runnable now, in one transaction (notified): its ``run_at`` moves
+        to ``now``, and a lease still held is broken when its worker is not alive (stopped, unknown, or
+        not heard from since ``alive_since``) or ``force`` is given. Refused, writing nothing, for a
+        finished instance and for a lease held by a live worker without ``force``."""
 
     # -- leases ------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -380,6 +536,10 @@ class Storage(abc.ABC):
         Returns whether it was new and the ids of the woken instances.
         """
 
+    def observe_group_commits(self, observe: Callable[[str, int], None]) -> None:  # noqa: B027
+        """Have ``observe(kind, size)`` called for each group-commit batch sent (kind ``step``: step
+        commits, ``end``: ends); a backend without group commit (SQLite) never calls it."""
+
     # -- wake-ups ----------------------------------------------------------------------------------
     @abc.abstractmethod
     async def next_run_at(self) -> float | None:
@@ -401,6 +561,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
         """Registered workers, most recent heartbeat first."""
+
+    @abc.abstractmethod
+    async def list_leases(self, now: float, limit: int) -> list[tuple[str, str, str, float]]:
+        """``(instance_id, workflow_name, locked_by, lock_expires_at)`` of up to ``limit`` leases held
+        at ``now``, soonest to expire first."""
 
     @abc.abstractmethod
     async def queue_stats(self, now: float) -> QueueStats:
@@ -521,6 +686,93 @@ class Storage(abc.ABC):
         before ``messages_before`` that no subscriber still needs, events sent before ``events_before``
         with their deliveries. Returns the number of rows deleted."""
 
+    # -- the web viewer ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def page_instances(
+        self,
+        which: InstanceFilter,
+        *,
+        before: tuple[float, str] | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[InstanceSummary]:
+        """Up to ``limit`` instances, newest first (by ``created_at``, then ``instance_id``): those just
+        older than the key ``before``, or just newer than the key ``after``, or the newest.
+
+        A keyset page: one index range scan of ``limit`` rows however deep it is (an index per filter
+        combination, migration 6), and no instance is skipped or shown twice when others are added.
+        """
+
+    @abc.abstractmethod
+    async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
+        """Instances per status (``which.status`` ignored), each count stopping at ``cap``: at most
+        ``cap`` index entries read per status, however many instances there are."""
+
+    @abc.abstractmethod
+    async def workflow_names(self, *, limit: int) -> list[str]:
+        """The distinct workflow names of the instances, sorted (one index probe per name)."""
+
+    @abc.abstractmethod
+    async def instance_extras(
+        self, instance_id: str, *, event_ids: Sequence[str] = (), message_ids: Sequence[str] = ()
+    ) -> InstanceExtras:
+        """The instance's timers, event wait and subscriptions, and the outbox rows and channel messages
+        of the given ids (the events it emitted and the messages it published)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PagePlan:
+    """How a backend reads one page of ``page_instances``: which named query, with which bounds."""
+
+    query: str
+    """``page_instances_<all|workflow|status|workflow_status>_<older|newer>``."""
+    newer: bool
+    """The query reads upwards from ``key``: the page comes oldest first and is to be reversed."""
+    key: tuple[float, str]
+    bound: float
+    """The other end of the created_at range: ``created_at >= bound`` (older), ``< bound`` (newer)."""
+    filters: tuple[str, ...]
+    """The workflow name and/or the status the query compares, in that order."""
+
+
+def plan_page(
+    which: InstanceFilter, before: tuple[float, str] | None, after: tuple[float, str] | None
+) -> PagePlan:
+    """The query and bounds of a keyset page. The created_at range's near end is folded into the key:
+    ``created_at < to`` is ``(created_at, instance_id) < (to, "")``, and an instance id is never empty,
+    so ``created_at >= from`` is ``(created_at, instance_id) > (from, "")``."""
+    if before is not None and after is not None:
+        raise ValueError("a page is read before a key or after one, not both")
+    lo = -math.inf if which.created_from is None else which.created_from
+    hi = math.inf if which.created_to is None else which.created_to
+    combo = "_".join(
+        name
+        for name, value in (("workflow", which.workflow_name), ("status", which.status))
+        if value is not None
+    )
+    filters = tuple(str(value) for value in (which.workflow_name, which.status) if value is not None)
+    if after is not None:
+        key = max(after, (lo, ""))
+        return PagePlan(f"page_instances_{combo or 'all'}_newer", True, key, hi, filters)
+    key = (hi, "") if before is None else min(before, (hi, ""))
+    return PagePlan(f"page_instances_{combo or 'all'}_older", False, key, lo, filters)
+
+
+def summary_from_row(row: Sequence[Any]) -> InstanceSummary:
+    """An ``InstanceSummary`` from a row of the ``page_instances_*`` queries."""
+    return InstanceSummary(
+        instance_id=row[0],
+        workflow_name=row[1],
+        status=Status(row[2]),
+        created_at=row[3],
+        updated_at=row[4],
+        finished_at=row[5],
+        locked_by=row[6],
+        cancel_requested=bool(row[7]),
+        steps=row[8],
+        input_head=row[9],
+    )
+
 
 def message_history_payload(message: StoredMessage) -> str:
     """The history form of a received message; ``data`` is already JSON text and is inlined as such."""
@@ -569,6 +821,17 @@ def instance_from_row(row: Sequence[Any]) -> InstanceRow:
         cancel_requested=bool(row[12]),
         steps=row[13],
     )
+
+
+def removed_rows_json(rows: Sequence[HistoryRow]) -> str:
+    """The ``removed`` column of ``geste_retries``: the rows as JSON arrays (payloads as JSON text)."""
+    return json.dumps([[r.seq, r.kind, r.name, r.payload, bool(r.is_error), r.created_at] for r in rows])
+
+
+def retry_from_row(row: Sequence[Any]) -> RetryRow:
+    """A ``RetryRow`` from a row selected in the column order of the ``list_retries`` queries."""
+    removed = tuple(HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in json.loads(row[6]))
+    return RetryRow(row[0], row[1], row[2], row[3], row[4], row[5], removed)
 
 
 def outbox_claim_from_row(row: Sequence[Any], claim_id: str) -> OutboxClaim:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -23,16 +24,23 @@ from .._models import Status, matches
 from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
 from ._group_commit import GroupCommit
-from ._sql import load_migrations, load_queries
+from ._sql import load_migrations, load_queries, migration_names
 from .base import (
+    INPUT_HEAD,
     Claim,
     Claims,
     EventWait,
+    EventWaitRow,
     HistoryRow,
+    InstanceExtras,
+    InstanceFilter,
     InstanceRow,
+    InstanceSummary,
     Lease,
     LeaseLost,
+    MessageRow,
     MessageWait,
+    MigrationStep,
     NewEvent,
     NewInstance,
     NewMessage,
@@ -40,16 +48,23 @@ from .base import (
     OutboxClaim,
     OutboxRow,
     PublishResult,
+    ResumeOutcome,
+    RetryOutcome,
+    RetryRow,
     StepResult,
     Storage,
     StoredEvent,
     StoredMessage,
+    SubscriptionRow,
     Suspension,
     WorkerRow,
     event_history_payload,
     instance_from_row,
     message_history_payload,
     outbox_claim_from_row,
+    plan_page,
+    retry_from_row,
+    summary_from_row,
 )
 
 try:
@@ -59,6 +74,7 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 _QUERIES = load_queries("postgres")
 _MIGRATIONS = load_migrations("postgres")
+_MIGRATION_NAMES = migration_names("postgres")
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout", "application_name"}
@@ -237,6 +253,10 @@ class PostgresStorage(Storage):
         self.step_commits = 0
         """Step-commit and end statements run (each one commit): fewer than steps when batches form."""
 
+    def observe_group_commits(self, observe: Callable[[str, int], None]) -> None:
+        self._records.on_batch = lambda size: observe("step", size)
+        self._finishes.on_batch = lambda size: observe("end", size)
+
     # -- plumbing ----------------------------------------------------------------------------------
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[Conn]:
@@ -304,10 +324,13 @@ class PostgresStorage(Storage):
                 version = await self._read_version(conn)
                 if version > SCHEMA_VERSION:
                     raise SchemaVersionError(version, SCHEMA_VERSION)
-                for number, script in self._migrations:
-                    if number > version:
-                        await conn.execute(script)
-                        await conn.execute(self._q["set_meta"], "schema_version", str(number))
+                pending = [(number, script) for number, script in self._migrations if number > version]
+                for index, (number, script) in enumerate(pending, 1):
+                    name = _MIGRATION_NAMES.get(number, f"{number:04}")
+                    self._announce(MigrationStep(number, name, index, len(pending), False))
+                    await conn.execute(script)
+                    await conn.execute(self._q["set_meta"], "schema_version", str(number))
+                    self._announce(MigrationStep(number, name, index, len(pending), True))
                 if version == 0:
                     await conn.execute(self._q["set_meta"], "application", "geste")
         finally:
@@ -402,6 +425,53 @@ class PostgresStorage(Storage):
 
         return await self._tx(go)
 
+    # -- operator actions --------------------------------------------------------------------------
+    async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
+        async def go(conn: Conn) -> RetryOutcome:
+            found = await conn.fetchrow(self._q["lock_instance"], instance_id)
+            if found is None:
+                return RetryOutcome(None)
+            row = instance_from_row(found)
+            if row.status != Status.FAILED:
+                return RetryOutcome(row)
+            if await conn.fetchval(self._q["retry_compensated"], instance_id):
+                return RetryOutcome(row, compensated=True)
+            done = await conn.fetchrow(self._q["retry_instance"], instance_id, now, self.notify)
+            after = instance_from_row(await conn.fetchrow(self._q["get_instance"], instance_id))
+            record = retry_from_row((instance_id, done[0], now, done[1], row.error, row.finished_at, done[2]))
+            return RetryOutcome(after, record)
+
+        return await self._tx(go)
+
+    async def list_retries(self, instance_id: str) -> list[RetryRow]:
+        async def go(conn: Conn) -> list[RetryRow]:
+            return [retry_from_row(r) for r in await conn.fetch(self._q["list_retries"], instance_id)]
+
+        return await self._read(go)
+
+    async def resume_instance(
+        self, instance_id: str, now: float, *, alive_since: float, force: bool
+    ) -> ResumeOutcome:
+        async def go(conn: Conn) -> ResumeOutcome:
+            found = await conn.fetchrow(self._q["lock_instance"], instance_id)
+            if found is None:
+                return ResumeOutcome(None)
+            before = instance_from_row(found)
+            if before.status.is_finished:
+                return ResumeOutcome(before)
+            held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
+            alive = False
+            if held:
+                worker = await conn.fetchrow(self._q["worker_liveness"], before.locked_by)
+                alive = worker is not None and worker[1] is None and worker[0] >= alive_since
+                if alive and not force:
+                    return ResumeOutcome(before, holder_alive=True)
+            await conn.execute(self._q["resume"], instance_id, now, held, self.notify)
+            after = instance_from_row(await conn.fetchrow(self._q["get_instance"], instance_id))
+            return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
+
+        return await self._tx(go)
+
     # -- leases ------------------------------------------------------------------------------------
     async def claim(
         self,
@@ -423,8 +493,8 @@ class PostgresStorage(Storage):
                 if r[0] is None:  # not a claim: the row that carries the next run_at
                     later = r[7]
                     continue
-                history = _history_from_json(r[8])
-                claims.append(Claim(Lease(r[0], r[1]), r[2], r[3], Status(r[4]), r[5], r[6], history, r[7]))
+                lease, history = Lease(r[0], r[1]), _history_from_json(r[9])
+                claims.append(Claim(lease, r[2], r[3], Status(r[4]), r[5], r[6], history, r[7], r[8]))
             claims.next_run_at = later
             return claims
 
@@ -763,6 +833,12 @@ class PostgresStorage(Storage):
 
         return await self._read(go)
 
+    async def list_leases(self, now: float, limit: int) -> list[tuple[str, str, str, float]]:
+        async def go(conn: Conn) -> list[tuple[str, str, str, float]]:
+            return [tuple(r) for r in await conn.fetch(self._q["list_leases"], now, limit)]
+
+        return await self._read(go)
+
     async def queue_stats(self, now: float) -> QueueStats:
         async def go(conn: Conn) -> QueueStats:
             async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
@@ -1004,3 +1080,66 @@ class PostgresStorage(Storage):
             return deleted + events
 
         return await self._run(go)
+
+    # -- the web viewer ----------------------------------------------------------------------------
+    async def page_instances(
+        self,
+        which: InstanceFilter,
+        *,
+        before: tuple[float, str] | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[InstanceSummary]:
+        plan = plan_page(which, before, after)
+
+        async def go(conn: Conn) -> list[InstanceSummary]:
+            rows = await conn.fetch(
+                self._q[plan.query], *plan.key, plan.bound, limit, INPUT_HEAD, *plan.filters
+            )
+            page = [summary_from_row(row) for row in rows]
+            return page[::-1] if plan.newer else page
+
+        return await self._read(go)
+
+    async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
+        lo = -math.inf if which.created_from is None else which.created_from
+        hi = math.inf if which.created_to is None else which.created_to
+        statuses = [str(status) for status in Status]
+
+        async def go(conn: Conn) -> dict[Status, int]:
+            if which.workflow_name is None:
+                rows = await conn.fetch(self._q["count_instances_all"], lo, hi, cap, statuses)
+            else:
+                query = self._q["count_instances_workflow"]
+                rows = await conn.fetch(query, lo, hi, cap, statuses, which.workflow_name)
+            return {Status(status): n for status, n in rows}
+
+        return await self._read(go)
+
+    async def workflow_names(self, *, limit: int) -> list[str]:
+        async def go(conn: Conn) -> list[str]:
+            return [row[0] for row in await conn.fetch(self._q["workflow_names"], limit)]
+
+        return await self._read(go)
+
+    async def instance_extras(
+        self, instance_id: str, *, event_ids: Sequence[str] = (), message_ids: Sequence[str] = ()
+    ) -> InstanceExtras:
+        async def go(conn: Conn) -> InstanceExtras:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
+                timers = await conn.fetch(self._q["extras_timers"], instance_id)
+                wait = await conn.fetchrow(self._q["extras_event_wait"], instance_id)
+                subscriptions = await conn.fetch(self._q["extras_subscriptions"], instance_id)
+                outbox = await conn.fetch(self._q["extras_outbox"], list(event_ids)) if event_ids else []
+                messages = (
+                    await conn.fetch(self._q["extras_messages"], list(message_ids)) if message_ids else []
+                )
+            return InstanceExtras(
+                timers=tuple((row[0], row[1]) for row in timers),
+                event_wait=None if wait is None else EventWaitRow(*wait),
+                subscriptions=tuple(SubscriptionRow(*row) for row in subscriptions),
+                outbox=tuple(OutboxRow(*row) for row in outbox),
+                messages=tuple(MessageRow(*row) for row in messages),
+            )
+
+        return await self._read(go)

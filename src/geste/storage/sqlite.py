@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sqlite3
 import uuid
@@ -20,16 +21,23 @@ from urllib.parse import parse_qsl
 from .._models import Status, matches
 from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
-from ._sql import load_migrations, load_queries
+from ._sql import load_migrations, load_queries, migration_names
 from .base import (
+    INPUT_HEAD,
     Claim,
     Claims,
     EventWait,
+    EventWaitRow,
     HistoryRow,
+    InstanceExtras,
+    InstanceFilter,
     InstanceRow,
+    InstanceSummary,
     Lease,
     LeaseLost,
+    MessageRow,
     MessageWait,
+    MigrationStep,
     NewEvent,
     NewInstance,
     NewMessage,
@@ -37,20 +45,29 @@ from .base import (
     OutboxClaim,
     OutboxRow,
     PublishResult,
+    ResumeOutcome,
+    RetryOutcome,
+    RetryRow,
     StepResult,
     Storage,
     StoredEvent,
     StoredMessage,
+    SubscriptionRow,
     Suspension,
     WorkerRow,
     event_history_payload,
     instance_from_row,
     message_history_payload,
     outbox_claim_from_row,
+    plan_page,
+    removed_rows_json,
+    retry_from_row,
+    summary_from_row,
 )
 
 Q = load_queries("sqlite")
 MIGRATIONS = load_migrations("sqlite")
+MIGRATION_NAMES = migration_names("sqlite")
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _T = TypeVar("_T")
 _SYNCHRONOUS = {"off", "normal", "full", "extra"}
@@ -161,11 +178,14 @@ class SQLiteStorage(Storage):
             version = self._read_version(conn)
             if version > SCHEMA_VERSION:
                 raise SchemaVersionError(version, SCHEMA_VERSION)
-            for number, script in MIGRATIONS:
-                if number > version:
-                    for statement in _statements(script):
-                        conn.execute(statement)
-                    conn.execute(Q["set_meta"], ("schema_version", str(number)))
+            pending = [(number, script) for number, script in MIGRATIONS if number > version]
+            for index, (number, script) in enumerate(pending, 1):
+                name = MIGRATION_NAMES.get(number, f"{number:04}")
+                self._announce(MigrationStep(number, name, index, len(pending), False))
+                for statement in _statements(script):
+                    conn.execute(statement)
+                conn.execute(Q["set_meta"], ("schema_version", str(number)))
+                self._announce(MigrationStep(number, name, index, len(pending), True))
             if version == 0:
                 conn.execute(Q["set_meta"], ("application", "geste"))
             conn.execute("COMMIT")
@@ -266,6 +286,61 @@ class SQLiteStorage(Storage):
 
         return await self._write(tx)
 
+    # -- operator actions --------------------------------------------------------------------------
+    async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
+        def tx(conn: sqlite3.Connection) -> RetryOutcome:
+            found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
+            if found is None:
+                return RetryOutcome(None)
+            row = instance_from_row(found)
+            if row.status != Status.FAILED:
+                return RetryOutcome(row)
+            if conn.execute(Q["retry_compensated"], (instance_id,)).fetchone()[0]:
+                return RetryOutcome(row, compensated=True)
+            from_seq = conn.execute(Q["retry_from_seq"], (instance_id,)).fetchone()[0]
+            removed = tuple(
+                HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5])
+                for r in conn.execute(Q["retry_removed_rows"], (instance_id, from_seq))
+            )
+            params = {"instance_id": instance_id, "now": now, "from_seq": from_seq}
+            retry = conn.execute(Q["retry_archive"], {**params, "removed": removed_rows_json(removed)})
+            number = retry.fetchone()[0]
+            conn.execute(Q["retry_delete_rows"], (instance_id, from_seq))
+            conn.execute(Q["retry_reopen"], {**params, "removed": len(removed)})
+            after = instance_from_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
+            record = RetryRow(instance_id, number, now, from_seq, row.error, row.finished_at, removed)
+            return RetryOutcome(after, record)
+
+        return await self._write(tx)
+
+    async def list_retries(self, instance_id: str) -> list[RetryRow]:
+        return await self._call(
+            lambda conn: [retry_from_row(r) for r in conn.execute(Q["list_retries"], (instance_id,))]
+        )
+
+    async def resume_instance(
+        self, instance_id: str, now: float, *, alive_since: float, force: bool
+    ) -> ResumeOutcome:
+        def tx(conn: sqlite3.Connection) -> ResumeOutcome:
+            found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
+            if found is None:
+                return ResumeOutcome(None)
+            before = instance_from_row(found)
+            if before.status.is_finished:
+                return ResumeOutcome(before)
+            held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
+            alive = False
+            if held:
+                worker = conn.execute(Q["worker_liveness"], (before.locked_by,)).fetchone()
+                alive = worker is not None and worker[1] is None and worker[0] >= alive_since
+                if alive and not force:
+                    return ResumeOutcome(before, holder_alive=True)
+            conn.execute(Q["resume"], {"instance_id": instance_id, "now": now, "break": held})
+            after = instance_from_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
+            return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
+
+        return await self._write(tx)
+
     # -- leases ------------------------------------------------------------------------------------
     async def claim(
         self,
@@ -286,7 +361,10 @@ class SQLiteStorage(Storage):
         }
 
         def tx(conn: sqlite3.Connection) -> Claims:
-            rows = conn.execute(Q["claim"], params).fetchall()
+            picked = conn.execute(Q["claim_pick"], params).fetchall()
+            expired = {r[0]: r[1] for r in picked if r[1] is not None}  # taken over: when the lease ran out
+            ids = json.dumps([r[0] for r in picked])
+            rows = conn.execute(Q["claim"], {**params, "ids": ids}).fetchall() if picked else []
             claims = [  # each with its history, read in the same hop to the SQLite thread
                 Claim(
                     Lease(r[0], r[1]),
@@ -297,6 +375,7 @@ class SQLiteStorage(Storage):
                     bool(r[6]),
                     self._history(conn, r[0]),
                     r[7],
+                    expired.get(r[0]),
                 )
                 for r in rows
             ]
@@ -595,6 +674,10 @@ class SQLiteStorage(Storage):
             lambda c: [WorkerRow(*row) for row in c.execute(Q["list_workers"], (limit,)).fetchall()]
         )
 
+    async def list_leases(self, now: float, limit: int) -> list[tuple[str, str, str, float]]:
+        params = {"now": now, "limit": limit}
+        return await self._call(lambda conn: [tuple(r) for r in conn.execute(Q["list_leases"], params)])
+
     async def queue_stats(self, now: float) -> QueueStats:
         def read(conn: sqlite3.Connection) -> QueueStats:
             conn.execute("BEGIN")  # one read snapshot for the four queries
@@ -826,6 +909,68 @@ class SQLiteStorage(Storage):
             return int(deleted)
 
         return await self._write(tx)
+
+    # -- the web viewer ----------------------------------------------------------------------------
+    async def page_instances(
+        self,
+        which: InstanceFilter,
+        *,
+        before: tuple[float, str] | None = None,
+        after: tuple[float, str] | None = None,
+        limit: int = 50,
+    ) -> list[InstanceSummary]:
+        plan = plan_page(which, before, after)
+        params = {
+            "key_at": plan.key[0],
+            "key_id": plan.key[1],
+            "bound": plan.bound,
+            "limit": limit,
+            "head": INPUT_HEAD,
+            **dict(zip(("f1", "f2"), plan.filters, strict=False)),
+        }
+
+        def read(conn: sqlite3.Connection) -> list[InstanceSummary]:
+            page = [summary_from_row(row) for row in conn.execute(Q[plan.query], params)]
+            return page[::-1] if plan.newer else page
+
+        return await self._call(read)
+
+    async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
+        params = {
+            "lo": -math.inf if which.created_from is None else which.created_from,
+            "hi": math.inf if which.created_to is None else which.created_to,
+            "cap": cap,
+            "statuses": json.dumps([str(status) for status in Status]),
+            "workflow_name": which.workflow_name,
+        }
+        query = Q["count_instances_all" if which.workflow_name is None else "count_instances_workflow"]
+        return await self._call(lambda c: {Status(s): n for s, n in c.execute(query, params)})
+
+    async def workflow_names(self, *, limit: int) -> list[str]:
+        return await self._call(lambda c: [r[0] for r in c.execute(Q["workflow_names"], {"limit": limit})])
+
+    async def instance_extras(
+        self, instance_id: str, *, event_ids: Sequence[str] = (), message_ids: Sequence[str] = ()
+    ) -> InstanceExtras:
+        def read(conn: sqlite3.Connection) -> InstanceExtras:
+            conn.execute("BEGIN")  # one snapshot for the five reads
+            try:
+                timers = tuple((r[0], r[1]) for r in conn.execute(Q["extras_timers"], (instance_id,)))
+                wait = conn.execute(Q["extras_event_wait"], (instance_id,)).fetchone()
+                subscriptions = conn.execute(Q["extras_subscriptions"], (instance_id,)).fetchall()
+                outbox = conn.execute(Q["extras_outbox"], (json.dumps(list(event_ids)),)).fetchall()
+                messages = conn.execute(Q["extras_messages"], (json.dumps(list(message_ids)),)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return InstanceExtras(
+                timers=timers,
+                event_wait=None if wait is None else EventWaitRow(*wait),
+                subscriptions=tuple(SubscriptionRow(*row) for row in subscriptions),
+                outbox=tuple(OutboxRow(*row) for row in outbox),
+                messages=tuple(MessageRow(*row) for row in messages),
+            )
+
+        return await self._call(read)
 
 
 def _statements(script: str) -> list[str]:

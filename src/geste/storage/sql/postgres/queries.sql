@@ -76,13 +76,88 @@ SELECT count(pg_notify('geste_workflow_resumable',
                        json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text))
 FROM flagged WHERE $3 AND lease_id IS NULL;
 
+-- Operator actions (app.retry, app.resume): one transaction each, which first locks the instance's row
+-- (lock_instance). Its later statements take their snapshot after the lock was granted, so of two
+-- operators acting at once the second waits, then sees the first's work.
+
+-- name: lock_instance
+SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
+       run_at, locked_by, lock_expires_at, cancel_requested, steps
+FROM {schema}.geste_instances WHERE instance_id = $1 FOR UPDATE;
+
+-- name: retry_compensated
+SELECT EXISTS (SELECT 1 FROM {schema}.geste_history WHERE instance_id = $1 AND kind = 'compensation');
+
+-- name: retry_instance
+-- A failed instance (checked under lock_instance) runs again from its failed step: the rows after the
+-- last one that is not a failed activity (the activities whose last attempt failed, at the end of the
+-- history) move to geste_retries with the error; it is runnable now, held by nobody, status 'waiting'
+-- (not 'pending': a cancel would end a pending instance at once, without the compensations its
+-- replayed steps register), and notified.
+WITH cut AS (
+    SELECT COALESCE(max(seq), 0) + 1 AS from_seq FROM {schema}.geste_history
+    WHERE instance_id = $1 AND NOT (kind = 'activity' AND is_error)
+), removed AS (
+    DELETE FROM {schema}.geste_history h USING cut
+    WHERE h.instance_id = $1 AND h.seq >= cut.from_seq
+    RETURNING h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at
+), archived AS (
+    INSERT INTO {schema}.geste_retries (instance_id, retry, retried_at, from_seq, error, failed_at, removed)
+    SELECT i.instance_id,
+           COALESCE((SELECT max(r.retry) FROM {schema}.geste_retries r WHERE r.instance_id = $1), 0) + 1,
+           $2, cut.from_seq, i.error, i.finished_at,
+           COALESCE((SELECT json_agg(json_build_array(seq, kind, name, payload, is_error, created_at)
+                                     ORDER BY seq)
+                     FROM removed)::text, '[]')
+    FROM {schema}.geste_instances i, cut
+    WHERE i.instance_id = $1 AND i.status = 'failed'
+    RETURNING retry, from_seq, removed
+), reopened AS (
+    UPDATE {schema}.geste_instances
+    SET status = 'waiting', result = NULL, error = NULL, finished_at = NULL, run_at = $2, updated_at = $2,
+        steps = steps - (SELECT count(*) FROM removed)
+    WHERE instance_id = $1 AND status = 'failed'
+    RETURNING instance_id, workflow_name
+), notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text)
+    FROM reopened WHERE $3
+)
+SELECT retry, from_seq, removed, (SELECT count(*) FROM notified) FROM archived;
+
+-- name: list_retries
+SELECT instance_id, retry, retried_at, from_seq, error, failed_at, removed
+FROM {schema}.geste_retries WHERE instance_id = $1 ORDER BY retry;
+
+-- name: worker_liveness
+SELECT heartbeat_at, stopped_at FROM {schema}.geste_workers WHERE worker_id = $1;
+
+-- name: resume
+-- Runnable now (an earlier run_at is kept); with $3 the lease goes too: its holder's next write names a
+-- lease_id that is gone, so it stops without writing (LeaseLost). Notified once nobody holds it.
+WITH resumed AS (
+    UPDATE {schema}.geste_instances
+    SET locked_by = CASE WHEN $3 THEN NULL ELSE locked_by END,
+        lease_id = CASE WHEN $3 THEN NULL ELSE lease_id END,
+        lock_expires_at = CASE WHEN $3 THEN NULL ELSE lock_expires_at END,
+        run_at = CASE WHEN $3 OR run_at IS NULL OR run_at > $2 THEN $2 ELSE run_at END,
+        updated_at = $2
+    WHERE instance_id = $1
+    RETURNING instance_id, workflow_name, lease_id, lock_expires_at
+)
+SELECT count(pg_notify('geste_workflow_resumable',
+                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text))
+FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
+
 -- name: claim
 -- FOR UPDATE SKIP LOCKED: concurrent claimers take disjoint sets without waiting on each other.
 -- Each claimed instance comes back with its history (JSON), so a wake-up costs one round trip, not two.
 -- One more row, with a NULL instance_id, is no claim: its run_at is the next one after $6 among free instances (read in the same
 -- snapshot, so the instances just picked, still free there, are not counted), for the worker's sleep.
+-- expired_at: when the previous lease of an instance taken over (expired, not released) ran out; else NULL.
 WITH picked AS (
-    SELECT instance_id FROM {schema}.geste_instances
+    SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+    FROM {schema}.geste_instances
     WHERE run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
     ORDER BY run_at
     LIMIT $5
@@ -97,7 +172,7 @@ WITH picked AS (
     FROM picked
     WHERE i.instance_id = picked.instance_id
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run_at
+              i.run_at, picked.expired_at
 )
 (SELECT c.*,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
@@ -105,7 +180,7 @@ WITH picked AS (
          FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
  FROM claimed c)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(run_at), NULL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(run_at), NULL, NULL
 FROM {schema}.geste_instances WHERE run_at > $6 AND lease_id IS NULL;
 
 -- name: renew
@@ -398,6 +473,12 @@ WHERE run_at <= $1 AND (lease_id IS NULL OR lock_expires_at <= $1);
 SELECT locked_by, count(*) FROM {schema}.geste_instances
 WHERE status IN ('running', 'compensating') AND lease_id IS NOT NULL AND lock_expires_at > $1
 GROUP BY locked_by;
+
+-- name: list_leases
+-- The held leases themselves, soonest to expire first (bounded like held_leases, then sorted).
+SELECT instance_id, workflow_name, locked_by, lock_expires_at FROM {schema}.geste_instances
+WHERE status IN ('running', 'compensating') AND lease_id IS NOT NULL AND lock_expires_at > $1
+ORDER BY lock_expires_at, instance_id LIMIT $2;
 
 -- name: oldest_waiting
 -- Through geste_instances_by_status: reads the waiting instances only (updated_at has no index of its
@@ -735,3 +816,141 @@ WITH events AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries);
+
+-- == the web viewer (migration 6) ===================================================================
+-- Keyset pages of instances, newest first by (created_at, instance_id): one query per filter
+-- combination, each with its own index, so that a prepared statement's plan never depends on which
+-- filters are set. The key bounds the page on one side and the created_at range on the other (the
+-- caller folds the range's other end into the key).
+
+-- name: page_instances_all_older
+-- Through geste_instances_by_created: a range scan of the index, from the key down.
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, $5)
+FROM {schema}.geste_instances
+WHERE (created_at, instance_id) < ($1, $2) AND created_at >= $3
+ORDER BY created_at DESC, instance_id DESC
+LIMIT $4;
+
+-- name: page_instances_all_newer
+-- Through geste_instances_by_created, from the key up (the caller reverses the page).
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, $5)
+FROM {schema}.geste_instances
+WHERE (created_at, instance_id) > ($1, $2) AND created_at < $3
+ORDER BY created_at, instance_id
+LIMIT $4;
+
+-- name: page_instances_workflow_older
+-- Through geste_instances_by_name: a range scan of the index, from the key down.
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, $5)
+FROM {schema}.geste_instances
+WHERE (created_at, instance_id) < ($1, $2) AND created_at >= $3
+  AND workflow_name = $6
+ORDER BY created_at DESC, instance_id DESC
+LIMIT $4;
+
+-- name: page_instances_workflow_newer
+-- Through geste_instances_by_name, from the key up (the caller reverses the page).
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, $5)
+FROM {schema}.geste_instances
+WHERE (created_at, instance_id) > ($1, $2) AND created_at < $3
+  AND workflow_name = $6
+ORDER BY created_at, instance_id
+LIMIT $4;
+
+-- name: page_instances_status_older
+-- Through geste_instances_by_status: a range scan of the index, from the key down.
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, $5)
+FROM {schema}.geste_instances
+WHERE (created_at, instance_id) < ($1, $2) AND created_at >= $3
+  AND status = $6
+ORDER BY created_at DESC, instance_id DESC
+LIMIT $4;
+
+-- name: page_instances_status_newer
+-- Through geste_instances_by_status, from the key up (the caller reverses the page).
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, $5)
+FROM {schema}.geste_instances
+WHERE (created_at, instance_id) > ($1, $2) AND created_at < $3
+  AND status = $6
+ORDER BY created_at, instance_id
+LIMIT $4;
+
+-- name: page_instances_workflow_status_older
+-- Through geste_instances_by_name_status: a range scan of the index, from the key down.
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, $5)
+FROM {schema}.geste_instances
+WHERE (created_at, instance_id) < ($1, $2) AND created_at >= $3
+  AND workflow_name = $6 AND status = $7
+ORDER BY created_at DESC, instance_id DESC
+LIMIT $4;
+
+-- name: page_instances_workflow_status_newer
+-- Through geste_instances_by_name_status, from the key up (the caller reverses the page).
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, $5)
+FROM {schema}.geste_instances
+WHERE (created_at, instance_id) > ($1, $2) AND created_at < $3
+  AND workflow_name = $6 AND status = $7
+ORDER BY created_at, instance_id
+LIMIT $4;
+
+-- name: count_instances_all
+-- Per status (the names in $4), at most $3 entries of geste_instances_by_status read: a count that
+-- costs the same on a million instances as on a thousand, and says "at least $3" beyond.
+SELECT s.status, (
+    SELECT count(*) FROM (
+        SELECT 1 FROM {schema}.geste_instances i
+        WHERE i.status = s.status AND i.created_at >= $1 AND i.created_at < $2
+        LIMIT $3
+    ) AS capped
+)
+FROM unnest($4::text[]) AS s(status);
+
+-- name: count_instances_workflow
+-- As count_instances_all for one workflow name ($5), through geste_instances_by_name_status.
+SELECT s.status, (
+    SELECT count(*) FROM (
+        SELECT 1 FROM {schema}.geste_instances i
+        WHERE i.workflow_name = $5 AND i.status = s.status AND i.created_at >= $1 AND i.created_at < $2
+        LIMIT $3
+    ) AS capped
+)
+FROM unnest($4::text[]) AS s(status);
+
+-- name: workflow_names
+-- A loose index scan of geste_instances_by_name: one probe per distinct name, never every instance.
+WITH RECURSIVE names(name) AS (
+    SELECT min(workflow_name) FROM {schema}.geste_instances
+    UNION ALL
+    SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i WHERE i.workflow_name > n.name)
+    FROM names n WHERE n.name IS NOT NULL
+)
+SELECT name FROM names WHERE name IS NOT NULL LIMIT $1;
+
+-- name: extras_timers
+SELECT seq, expires_at FROM {schema}.geste_timers WHERE instance_id = $1 ORDER BY expires_at, seq;
+
+-- name: extras_event_wait
+SELECT event_type, match, since, deadline FROM {schema}.geste_event_waits WHERE instance_id = $1;
+
+-- name: extras_subscriptions
+SELECT channel, mode, cursor_seq, waiting_since, created_at
+FROM {schema}.geste_channel_subscriptions WHERE instance_id = $1 ORDER BY channel;
+
+-- name: extras_outbox
+-- By primary key: the ids of the events the instance emitted, read from its history.
+SELECT event_id, instance_id, step_seq, event_type, source, subject, data, status, attempts,
+       next_attempt_at, last_error, created_at, updated_at, delivered_at, claimed_by
+FROM {schema}.geste_outbox WHERE event_id = ANY($1::text[]) ORDER BY step_seq;
+
+-- name: extras_messages
+-- By their unique message_id: the messages the instance published (those not yet deleted).
+SELECT message_id, channel, data, sender_instance_id, target_instance_id, created_at, claimed_by
+FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY seq;

@@ -51,20 +51,75 @@ SET cancel_requested = 1, updated_at = :now,
     run_at = CASE WHEN run_at IS NULL OR run_at > :now THEN :now ELSE run_at END
 WHERE instance_id = :instance_id AND status IN ('pending', 'running', 'waiting', 'compensating');
 
+-- Operator actions (app.retry, app.resume): each in one BEGIN IMMEDIATE transaction with a read of
+-- the instance first, so two operators acting at once are serialised and the second sees the first's work.
+
+-- name: retry_compensated
+SELECT EXISTS (SELECT 1 FROM geste_history WHERE instance_id = ? AND kind = 'compensation');
+
+-- name: retry_from_seq
+-- The first step a retry runs again: the one after the last row that is not a failed activity. The
+-- activities whose last attempt failed, at the end of the history, run again; the rest is replayed.
+SELECT COALESCE(MAX(seq), 0) + 1 FROM geste_history
+WHERE instance_id = ? AND NOT (kind = 'activity' AND is_error);
+
+-- name: retry_removed_rows
+SELECT seq, kind, name, payload, is_error, created_at FROM geste_history
+WHERE instance_id = ? AND seq >= ? ORDER BY seq;
+
+-- name: retry_archive
+INSERT INTO geste_retries (instance_id, retry, retried_at, from_seq, error, failed_at, removed)
+SELECT instance_id,
+       (SELECT COALESCE(MAX(retry), 0) + 1 FROM geste_retries WHERE instance_id = :instance_id),
+       :now, :from_seq, error, finished_at, :removed
+FROM geste_instances WHERE instance_id = :instance_id
+RETURNING retry;
+
+-- name: retry_delete_rows
+DELETE FROM geste_history WHERE instance_id = ? AND seq >= ?;
+
+-- name: retry_reopen
+-- Runnable now, held by nobody, status 'waiting' (not 'pending': a cancel would end a pending instance
+-- at once, without running the compensations its replayed steps register).
+UPDATE geste_instances
+SET status = 'waiting', result = NULL, error = NULL, finished_at = NULL, run_at = :now, updated_at = :now,
+    steps = steps - :removed
+WHERE instance_id = :instance_id AND status = 'failed';
+
+-- name: list_retries
+SELECT instance_id, retry, retried_at, from_seq, error, failed_at, removed
+FROM geste_retries WHERE instance_id = ? ORDER BY retry;
+
+-- name: worker_liveness
+SELECT heartbeat_at, stopped_at FROM geste_workers WHERE worker_id = ?;
+
+-- name: resume
+-- Runnable now (an earlier run_at is kept); with :break the lease goes too: its holder's next write
+-- names a lease_id that is gone, so it stops without writing (LeaseLost).
+UPDATE geste_instances
+SET locked_by = CASE WHEN :break THEN NULL ELSE locked_by END,
+    lease_id = CASE WHEN :break THEN NULL ELSE lease_id END,
+    lock_expires_at = CASE WHEN :break THEN NULL ELSE lock_expires_at END,
+    run_at = CASE WHEN :break OR run_at IS NULL OR run_at > :now THEN :now ELSE run_at END,
+    updated_at = :now
+WHERE instance_id = :instance_id;
+
+-- name: claim_pick
+-- The runnable instances whose lease is free or expired, with when an expired lease ran out (a take-over;
+-- NULL for a free instance). `claim` then takes them, in the same transaction.
+SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END FROM geste_instances
+WHERE run_at <= :due AND (lease_id IS NULL OR lock_expires_at <= :now)
+ORDER BY run_at
+LIMIT :limit;
+
 -- name: claim
--- One statement: pick the runnable instances whose lease is free or expired and take them.
 UPDATE geste_instances
 SET locked_by = :worker_id,
     lease_id = :lease_prefix || instance_id,
     lock_expires_at = :lock_expires_at,
     status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END,
     updated_at = :now
-WHERE instance_id IN (
-    SELECT instance_id FROM geste_instances
-    WHERE run_at <= :due AND (lease_id IS NULL OR lock_expires_at <= :now)
-    ORDER BY run_at
-    LIMIT :limit
-)
+WHERE instance_id IN (SELECT value FROM json_each(:ids))
 RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run_at;
 
 -- name: renew
@@ -192,6 +247,12 @@ WHERE run_at <= :now AND (lease_id IS NULL OR lock_expires_at <= :now);
 SELECT locked_by, count(*) FROM geste_instances
 WHERE status IN ('running', 'compensating') AND lease_id IS NOT NULL AND lock_expires_at > :now
 GROUP BY locked_by;
+
+-- name: list_leases
+-- The held leases themselves, soonest to expire first (bounded like held_leases, then sorted).
+SELECT instance_id, workflow_name, locked_by, lock_expires_at FROM geste_instances
+WHERE status IN ('running', 'compensating') AND lease_id IS NOT NULL AND lock_expires_at > :now
+ORDER BY lock_expires_at, instance_id LIMIT :limit;
 
 -- name: oldest_waiting
 -- Through geste_instances_by_status: reads the waiting instances only (updated_at has no index of its
@@ -419,3 +480,142 @@ DELETE FROM geste_event_deliveries WHERE event_seq IN (
 DELETE FROM geste_events WHERE seq IN (
     SELECT seq FROM geste_events WHERE created_at < :before ORDER BY seq LIMIT :limit
 );
+
+-- == the web viewer (migration 6) ===================================================================
+-- Keyset pages of instances, newest first by (created_at, instance_id): one query per filter
+-- combination, each with its own index, so that a prepared statement's plan never depends on which
+-- filters are set. The key bounds the page on one side and the created_at range on the other (the
+-- caller folds the range's other end into the key).
+
+-- name: page_instances_all_older
+-- Through geste_instances_by_created: a range scan of the index, from the key down.
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, :head)
+FROM geste_instances
+WHERE (created_at, instance_id) < (:key_at, :key_id) AND created_at >= :bound
+ORDER BY created_at DESC, instance_id DESC
+LIMIT :limit;
+
+-- name: page_instances_all_newer
+-- Through geste_instances_by_created, from the key up (the caller reverses the page).
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, :head)
+FROM geste_instances
+WHERE (created_at, instance_id) > (:key_at, :key_id) AND created_at < :bound
+ORDER BY created_at, instance_id
+LIMIT :limit;
+
+-- name: page_instances_workflow_older
+-- Through geste_instances_by_name: a range scan of the index, from the key down.
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, :head)
+FROM geste_instances
+WHERE (created_at, instance_id) < (:key_at, :key_id) AND created_at >= :bound
+  AND workflow_name = :f1
+ORDER BY created_at DESC, instance_id DESC
+LIMIT :limit;
+
+-- name: page_instances_workflow_newer
+-- Through geste_instances_by_name, from the key up (the caller reverses the page).
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, :head)
+FROM geste_instances
+WHERE (created_at, instance_id) > (:key_at, :key_id) AND created_at < :bound
+  AND workflow_name = :f1
+ORDER BY created_at, instance_id
+LIMIT :limit;
+
+-- name: page_instances_status_older
+-- Through geste_instances_by_status: a range scan of the index, from the key down.
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, :head)
+FROM geste_instances
+WHERE (created_at, instance_id) < (:key_at, :key_id) AND created_at >= :bound
+  AND status = :f1
+ORDER BY created_at DESC, instance_id DESC
+LIMIT :limit;
+
+-- name: page_instances_status_newer
+-- Through geste_instances_by_status, from the key up (the caller reverses the page).
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, :head)
+FROM geste_instances
+WHERE (created_at, instance_id) > (:key_at, :key_id) AND created_at < :bound
+  AND status = :f1
+ORDER BY created_at, instance_id
+LIMIT :limit;
+
+-- name: page_instances_workflow_status_older
+-- Through geste_instances_by_name_status: a range scan of the index, from the key down.
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, :head)
+FROM geste_instances
+WHERE (created_at, instance_id) < (:key_at, :key_id) AND created_at >= :bound
+  AND workflow_name = :f1 AND status = :f2
+ORDER BY created_at DESC, instance_id DESC
+LIMIT :limit;
+
+-- name: page_instances_workflow_status_newer
+-- Through geste_instances_by_name_status, from the key up (the caller reverses the page).
+SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
+       cancel_requested, steps, substr(input, 1, :head)
+FROM geste_instances
+WHERE (created_at, instance_id) > (:key_at, :key_id) AND created_at < :bound
+  AND workflow_name = :f1 AND status = :f2
+ORDER BY created_at, instance_id
+LIMIT :limit;
+
+-- name: count_instances_all
+-- Per status, at most :cap entries of geste_instances_by_status read: a count that costs the same on a
+-- million instances as on a thousand, and says "at least :cap" beyond.
+SELECT s.status, (
+    SELECT count(*) FROM (
+        SELECT 1 FROM geste_instances i
+        WHERE i.status = s.status AND i.created_at >= :lo AND i.created_at < :hi
+        LIMIT :cap
+    )
+)
+FROM (SELECT value AS status FROM json_each(:statuses)) AS s;
+
+-- name: count_instances_workflow
+-- As count_instances_all for one workflow name, through geste_instances_by_name_status.
+SELECT s.status, (
+    SELECT count(*) FROM (
+        SELECT 1 FROM geste_instances i
+        WHERE i.workflow_name = :workflow_name AND i.status = s.status
+          AND i.created_at >= :lo AND i.created_at < :hi
+        LIMIT :cap
+    )
+)
+FROM (SELECT value AS status FROM json_each(:statuses)) AS s;
+
+-- name: workflow_names
+-- A loose index scan of geste_instances_by_name: one probe per distinct name, never every instance.
+WITH RECURSIVE names(name) AS (
+    SELECT min(workflow_name) FROM geste_instances
+    UNION ALL
+    SELECT (SELECT min(i.workflow_name) FROM geste_instances i WHERE i.workflow_name > n.name)
+    FROM names n WHERE n.name IS NOT NULL
+)
+SELECT name FROM names WHERE name IS NOT NULL LIMIT :limit;
+
+-- name: extras_timers
+SELECT seq, expires_at FROM geste_timers WHERE instance_id = ? ORDER BY expires_at, seq;
+
+-- name: extras_event_wait
+SELECT event_type, match, since, deadline FROM geste_event_waits WHERE instance_id = ?;
+
+-- name: extras_subscriptions
+SELECT channel, mode, cursor_seq, waiting_since, created_at
+FROM geste_channel_subscriptions WHERE instance_id = ? ORDER BY channel;
+
+-- name: extras_outbox
+-- By primary key: the ids (a JSON array) of the events the instance emitted, read from its history.
+SELECT event_id, instance_id, step_seq, event_type, source, subject, data, status, attempts,
+       next_attempt_at, last_error, created_at, updated_at, delivered_at, claimed_by
+FROM geste_outbox WHERE event_id IN (SELECT value FROM json_each(?)) ORDER BY step_seq;
+
+-- name: extras_messages
+-- By their unique message_id (a JSON array): the messages the instance published (those not deleted).
+SELECT message_id, channel, data, sender_instance_id, target_instance_id, created_at, claimed_by
+FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?)) ORDER BY seq;

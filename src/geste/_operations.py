@@ -1,0 +1,208 @@
+"""Operator actions on one instance: retry a failed one from its failed step, resume a stuck one.
+
+Each is one storage transaction that re-reads the instance under its lock (``BEGIN IMMEDIATE`` on SQLite,
+``SELECT ... FOR UPDATE`` on PostgreSQL), so two operators acting at once are serialised: one applies,
+the other gets a typed error saying why. What each may and may not do: docs/design.md, "Operator
+actions".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
+from ._serde import decode
+from .errors import InstanceLeasedError, InstanceNotFoundError, InstanceStateError
+from .storage.base import HistoryRow, RetryRow, Storage
+
+if TYPE_CHECKING:
+    from ._app import App
+
+logger = logging.getLogger("geste.operations")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRecord:
+    """One retry of a failed instance (``app.retry``, ``app.retries``): what it removed and cleared.
+
+    The history rows from ``from_seq`` on (the activities whose last attempt had failed, at the end of
+    the history) were removed so that those steps run again; everything before is replayed as recorded.
+    """
+
+    instance_id: str
+    retry: int
+    """1 for the instance's first retry, then 2, ..."""
+    retried_at: datetime
+    from_seq: int
+    """The first step run again."""
+    error: dict[str, Any] | None
+    """The error the instance had failed with."""
+    failed_at: datetime | None
+    removed: list[HistoryEntry]
+    """The removed history rows, as they were (the failed attempts' errors, their count and timing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeResult:
+    """What ``app.resume`` did to an unfinished instance."""
+
+    instance_id: str
+    status: Status
+    was_due_at: datetime | None
+    """When it was to run before (None: it waited for an event or a message with no deadline)."""
+    lease_broken_from: str | None
+    """The worker whose lease was broken (dead, or alive and ``force=True``); None: no lease was held."""
+    already_runnable: bool
+    """Nothing held it back: it was due and no lease was held (a worker takes it at its next claim)."""
+
+
+async def retry(storage: Storage, instance_id: str, now: float) -> RetryRecord:
+    """``app.retry`` after its checks of the id: one transaction (``Storage.retry_instance``)."""
+    outcome = await storage.retry_instance(instance_id, now)
+    if outcome.instance is None:
+        raise InstanceNotFoundError(instance_id)
+    if outcome.record is None:
+        status = outcome.instance.status
+        if outcome.compensated:
+            message = (
+                f"workflow instance {instance_id!r} cannot be retried: its compensations ran, so the "
+                "effects of its recorded steps were undone and replaying them as done would be wrong; "
+                "start a new instance instead"
+            )
+        else:
+            message = (
+                f"workflow instance {instance_id!r} is {status.value}, not failed: "
+                "only a failed instance can be retried"
+            )
+        raise InstanceStateError(instance_id, status.value, message)
+    record = retry_record(outcome.record)
+    logger.info(
+        "instance %s retried (retry %d): runs again from step %d, %d failed step row(s) archived",
+        instance_id,
+        record.retry,
+        record.from_seq,
+        len(record.removed),
+    )
+    return record
+
+
+async def resume(
+    storage: Storage, instance_id: str, now: float, *, alive_since: float, force: bool
+) -> ResumeResult:
+    """``app.resume`` after its checks of the id: one transaction (``Storage.resume_instance``)."""
+    outcome = await storage.resume_instance(instance_id, now, alive_since=alive_since, force=force)
+    before = outcome.before
+    if before is None:
+        raise InstanceNotFoundError(instance_id)
+    if outcome.after is None:
+        if outcome.holder_alive:
+            raise InstanceLeasedError(instance_id, before.status.value, str(before.locked_by))
+        hint = ""
+        if before.status == Status.FAILED:
+            hint = "; retry it (geste retry) to run it again from its failed step"
+        raise InstanceStateError(
+            instance_id,
+            before.status.value,
+            f"workflow instance {instance_id!r} is {before.status.value}: only an unfinished instance can "
+            f"be resumed{hint}",
+        )
+    broken = before.locked_by if outcome.lease_broken else None
+    if broken is not None:
+        logger.warning(
+            "instance %s resumed: the lease of worker %s (%s) was broken",
+            instance_id,
+            broken,
+            "alive, forced" if outcome.holder_alive else "not alive",
+        )
+    return ResumeResult(
+        instance_id=instance_id,
+        status=outcome.after.status,
+        was_due_at=to_datetime(before.run_at),
+        lease_broken_from=broken,
+        already_runnable=broken is None and before.run_at is not None and before.run_at <= now,
+    )
+
+
+CANCELLABLE = (Status.PENDING, Status.RUNNING, Status.WAITING)
+"""What a bulk cancel looks at unless told a status: compensating instances are ending already."""
+
+
+async def cancellable(
+    app: App, *, workflow: str | None, statuses: Sequence[Status], page: int = 1000, passes: int = 3
+) -> list[str]:
+    """Ids of the instances of ``workflow`` (any when None) in ``statuses`` not yet asked to cancel.
+
+    The listing pages by offset while other processes change statuses, which can shift an instance
+    past a page boundary: the listing is done again (up to ``passes`` times) until a pass finds no
+    new one. Instances started after the last pass are not included.
+    """
+    found: dict[str, None] = {}
+    for _ in range(passes):
+        added = 0
+        for status in statuses:
+            offset = 0
+            while True:
+                infos = await app.list_instances(workflow=workflow, status=status, limit=page, offset=offset)
+                for info in infos:
+                    if not info.cancel_requested and info.instance_id not in found:
+                        found[info.instance_id] = None
+                        added += 1
+                if len(infos) < page:
+                    break
+                offset += page
+        if not added:
+            break
+    return list(found)
+
+
+async def cancel_each(
+    app: App, instance_ids: Sequence[str], *, on_done: Callable[[InstanceInfo], None], concurrency: int = 8
+) -> None:
+    """``app.cancel`` each instance, ``concurrency`` at a time; ``on_done`` gets each answer."""
+    pending = iter(instance_ids)
+
+    async def work() -> None:
+        for instance_id in pending:  # shared by the tasks: each id is taken once
+            on_done(await app.cancel(instance_id))
+
+    await asyncio.gather(*(work() for _ in range(min(concurrency, len(instance_ids)))))
+
+
+def retry_record(row: RetryRow) -> RetryRecord:
+    return RetryRecord(
+        instance_id=row.instance_id,
+        retry=row.retry,
+        retried_at=to_datetime(row.retried_at),  # type: ignore[arg-type]
+        from_seq=row.from_seq,
+        error=_decoded(row.error),
+        failed_at=to_datetime(row.failed_at),
+        removed=[_entry(r) for r in row.removed],
+    )
+
+
+def _entry(row: HistoryRow) -> HistoryEntry:
+    try:
+        kind = StepKind(row.kind)
+    except ValueError:
+        kind = StepKind.ACTIVITY  # only failed activity rows are ever archived
+    return HistoryEntry(
+        seq=row.seq,
+        kind=kind,
+        name=row.name,
+        payload=_decoded(row.payload),
+        is_error=row.is_error,
+        created_at=to_datetime(row.created_at),  # type: ignore[arg-type]
+    )
+
+
+def _decoded(text: str | None) -> Any:
+    """A stored JSON text, or the text itself if it is not JSON (an archive is shown, never refused)."""
+    try:
+        return decode(text)
+    except (ValueError, RecursionError):
+        return text

@@ -1,0 +1,16 @@
+-- geste schema, version 7 (PostgreSQL): the audit trail of operator retries (app.retry, `geste retry`).
+-- A retry of a failed instance removes the history rows of the steps that run again (the activities
+-- whose last attempt failed, at the end of the history) and clears the instance's error; this table
+-- keeps what it removed and what it cleared, one row per retry, so the story of the instance is never
+-- lost: `removed` holds the rows as JSON [[seq, kind, name, payload, is_error, created_at], ...].
+
+CREATE TABLE {schema}.geste_retries (
+    instance_id text NOT NULL,
+    retry       integer NOT NULL,            -- 1 for the first retry of the instance, then 2, ...
+    retried_at  double precision NOT NULL,
+    from_seq    integer NOT NULL,            -- the first step run again: the rows from it on were removed
+    error       text,                        -- the error the instance had failed with (JSON)
+    failed_at   double precision,            -- when it had failed (its finished_at)
+    removed     text NOT NULL,               -- the removed history rows (JSON)
+    PRIMARY KEY (instance_id, retry)
+);
