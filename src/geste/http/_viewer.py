@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -50,9 +50,6 @@ MAX_PAGE_SIZE = 500
 COUNT_CAP = 10_000
 """Counts per status stop here (shown as "10,000+"): each costs at most this many index entries."""
 MAX_WORKFLOW_NAMES = 200
-
-Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
-
 
 @dataclass(frozen=True, slots=True)
 class PageResponse(Response):
@@ -119,10 +116,10 @@ class Link:
 class Viewer:
     """The viewer's handlers, for ``GesteASGI`` to route, and its authentication (``admits``)."""
 
-    def __init__(self, app: App, *, token: bytes | None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, app: App, *, token: bytes | None) -> None:
         self.app = app
         self._token = token
-        self._clock = clock
+        self._clock: Callable[[], float] = app.clock  # "now" on the pages, and the sessions' expiry
 
     # -- authentication ----------------------------------------------------------------------------
     def admits(self, request: Request, segments: tuple[str, ...]) -> bool:
@@ -216,10 +213,9 @@ class Viewer:
     async def instances(self, request: Request, params: dict[str, str]) -> Response:
         """``GET /ui``: instances, newest first, filtered, a keyset page at a time."""
         started = time.perf_counter()
-        query = request.query("workflow", "status", "from", "to", "limit", "before", "after")
         link = _link(request)
         try:
-            view = _list_query(query)
+            view = _list_query(request.query("workflow", "status", "from", "to", "limit", "before", "after"))
         except HTTPError as exc:
             return self._error_page(request, exc.status, exc.message)
         now = self._clock()
@@ -265,7 +261,10 @@ class Viewer:
     async def instance(self, request: Request, params: dict[str, str]) -> Response:
         """``GET /ui/instances/{id}``: the instance, what it waits for, its history as a timeline."""
         started = time.perf_counter()
-        request.query()
+        try:
+            request.query()
+        except HTTPError as exc:
+            return self._error_page(request, exc.status, exc.message)
         instance_id = params["id"]
         link = _link(request)
         storage = self.app.storage
