@@ -272,3 +272,101 @@ async def test_damaged_files_are_reported_not_crashed_on(tmp_path: Path) -> None
 
 if __name__ == "__main__":  # python -m tests.test_replay_check: rewrite tests/golden
     asyncio.run(record_golden(GOLDEN))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def replay_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from geste.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))  # the CLI puts the current directory on it
+    result = CliRunner().invoke(main, ["replay-check", *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"replay-check crashed:\n{result.output}") from result.exception
+    return result
+
+
+def test_cli_passes_on_the_golden_histories_and_fails_on_a_breaking_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    result = replay_cli(monkeypatch, "tests.apps.replay_app:app", "tests/golden")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "3 histories replayed: 3 ok"
+
+    result = replay_cli(monkeypatch, "tests.apps.replay_app:extended", "tests/golden", "-v")
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert (
+        "DIVERGED         done (order): at step 6: history has the end of the workflow (completed), "
+        "the code now does activity 'notify'"
+    ) in lines
+    assert any(line.startswith("OK               waiting (order)") for line in lines)
+    assert lines[-1] == "3 histories replayed: 2 ok, 1 diverged"
+
+    result = replay_cli(
+        monkeypatch, "tests.apps.replay_app:renamed", "tests/golden/order-done.json", "--json"
+    )
+    assert result.exit_code == 1
+    printed = json.loads(result.stdout)
+    assert printed["ok"] is False
+    assert printed["results"][0] | {"source": None} == {
+        "instance_id": "done",
+        "workflow_name": "order",
+        "status": "diverged",
+        "source": None,
+        "instance_status": "completed",
+        "steps": 5,
+        "seq": 1,
+        "expected": "activity 'reserve'",
+        "found": "activity 'reserve_stock'",
+        "message": "at step 1: history has activity 'reserve', the code now does activity 'reserve_stock'",
+    }
+
+
+def test_cli_reads_a_database_and_checks_its_arguments(
+    monkeypatch: pytest.MonkeyPatch, recorded_sqlite: str
+) -> None:
+    result = replay_cli(monkeypatch, "tests.apps.replay_app:app", "--database-url", recorded_sqlite)
+    assert result.exit_code == 0, result.output
+    result = replay_cli(
+        monkeypatch, "tests.apps.replay_app:removed", "--database-url", recorded_sqlite, "--limit", "1"
+    )
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        "DIVERGED         waiting (order): at step 2: history has activity 'pay', the code now does "
+        "wait_event 'shipped'",
+        "replaying: 1/1",  # progress: plain lines when not on a terminal
+        "1 history replayed: 1 diverged",
+    ]
+    both = replay_cli(
+        monkeypatch, "tests.apps.replay_app:app", "tests/golden", "--database-url", recorded_sqlite
+    )
+    neither = replay_cli(monkeypatch, "tests.apps.replay_app:app")
+    for result in (both, neither):
+        assert result.exit_code == 2 and "either --database-url URL or history FILES" in result.output
+    missing = replay_cli(monkeypatch, "tests.apps.replay_app:app", "--database-url", "sqlite:///nowhere/x.db")
+    assert missing.exit_code == 1 and "no SQLite database" in missing.output
+
+
+@pytest.fixture
+def recorded_sqlite(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'recorded.db'}"
+    clock = MovableClock()
+
+    async def record() -> None:
+        app = replay_app.build("v1", url, clock=clock, poll_interval=0.05)
+
+        async def advance(seconds: float) -> None:
+            clock.advance(seconds)
+            assert app._worker is not None
+            app._worker.poke()
+
+        async with app:
+            await record_v1(app, advance)
+
+    asyncio.run(record())
+    return url

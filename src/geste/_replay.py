@@ -121,7 +121,8 @@ class ReplayReport:
 
     def summary(self) -> str:
         shown = ", ".join(f"{n} {status.value}" for status, n in self.counts().items() if n)
-        return f"{len(self.results)} histories replayed: {shown or 'none'}"
+        count = len(self.results)
+        return f"{count} histor{'y' if count == 1 else 'ies'} replayed: {shown or 'none'}"
 
 
 async def check_replay(

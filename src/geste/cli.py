@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -644,6 +645,64 @@ def publish(
     mid = _run(go())
     to = "" if instance_id is None else f" to {instance_id}"
     click.echo(f"published message {mid} on {channel}{to}")
+
+
+@main.command("replay-check")
+@click.argument("app_spec", metavar="MODULE:APP")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--database-url", default=None, help="Replay this database's instances; it is only read.")
+@click.option("--workflow", default=None, help="Only instances of this workflow name.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Instances read from the database at most, the unfinished ones first.",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Print a line for each history, not only the failures.")
+@click.option("--json", "as_json", is_flag=True, help="Print every verdict as JSON.")
+def replay_check(
+    app_spec: str,
+    files: tuple[Path, ...],
+    database_url: str | None,
+    workflow: str | None,
+    limit: int,
+    verbose: bool,
+    as_json: bool,
+) -> None:
+    """Replay recorded histories against MODULE:APP's current code; exit 1 if any diverges.
+
+    The histories come from --database-url (a copy of production, say: read-only, never written) or from
+    FILES exported with geste.testing.export_history (a folder stands for its *.json files). Nothing is
+    run but the workflows' code up to the end of each history: no activity, no write.
+    """
+    from . import _replay
+
+    if (database_url is None) == (not files):
+        raise BadInputError("give either --database-url URL or history FILES")
+    app = _load_app(app_spec)
+
+    async def go() -> _replay.ReplayReport:
+        histories = await _replay.load_histories(
+            database_url=database_url, files=files or None, workflow=workflow, limit=limit
+        )
+        results = []
+        with Progress("replaying", total=len(histories), enabled=not as_json) as progress:
+            for history in histories:
+                result = await _replay.replay_history(app, history)
+                results.append(result)
+                if verbose or not result.ok:
+                    progress.note(result.describe())
+                progress.advance()
+        return _replay.ReplayReport(tuple(results))
+
+    report = _run(go())
+    if as_json:
+        click.echo(_dump({"ok": report.ok, "results": [result.as_dict() for result in report.results]}))
+    else:
+        click.echo(report.summary())
+    if not report.ok:
+        raise click.exceptions.Exit(1)
 
 
 @main.command()
