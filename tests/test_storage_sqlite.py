@@ -226,12 +226,13 @@ async def test_the_claim_is_one_conditional_update_inside_begin_immediate(storag
     finally:
         storage._conn.set_trace_callback(None)
     assert claim.lease.instance_id == "a"
-    # one conditional UPDATE takes the lease; the claimed instance's history is read in the same hop, and
-    # (it took less than it asked for) when the next instance becomes runnable
-    assert [s.split()[0] for s in statements] == ["BEGIN", "UPDATE", "SELECT", "SELECT", "COMMIT"]
+    # a SELECT picks the runnable instances (with the expiry of any lease it takes over), one conditional
+    # UPDATE takes the lease; the claimed instance's history is read in the same hop, and (it took less
+    # than it asked for) when the next instance becomes runnable
+    assert [s.split()[0] for s in statements] == ["BEGIN", "SELECT", "UPDATE", "SELECT", "SELECT", "COMMIT"]
     assert statements[0] == "BEGIN IMMEDIATE"
-    assert "geste_history" in statements[2]
-    assert "MIN(run_at)" in statements[3]
+    assert "geste_history" in statements[3]
+    assert "MIN(run_at)" in statements[4]
 
 
 async def test_two_storages_racing_to_claim_never_both_get_one(path: Path, storage: SQLiteStorage) -> None:

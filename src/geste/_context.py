@@ -265,9 +265,11 @@ class WorkflowContext:
         policy = activity.retry
         timeout = policy.timeout_seconds
         started = self._engine.clock()
+        metrics = self._engine.metrics
         attempt = 0
         while True:
             attempt += 1
+            metrics.activity_attempts.values[activity.name] += 1
             actx = ActivityContext(
                 instance_id=self.instance_id,
                 workflow_name=self.workflow_name,
@@ -311,7 +313,9 @@ class WorkflowContext:
                     return self._settled(HistoryRow(seq, kind, activity.name, body, False, started))
             else:
                 attempt_final = attempt >= policy.max_attempts or not policy.is_retryable(error)
+            metrics.activity_attempt_failures.values[activity.name] += 1
             if attempt_final:
+                metrics.activity_failures.values[activity.name] += 1
                 body = encode_body(
                     {"error": encode_error(error)},
                     started,
@@ -323,6 +327,7 @@ class WorkflowContext:
                 )
                 return self._settled(HistoryRow(seq, kind, activity.name, body, True, started))
             delay = policy.delay(attempt)
+            metrics.activity_retries.values[activity.name] += 1
             logger.warning(
                 "activity %s of %s attempt %d/%d failed (%s: %s); retrying in %.3gs",
                 activity.name,
@@ -443,6 +448,8 @@ class WorkflowContext:
         except (LeaseLost, StorageError) as exc:
             raise Abandon(exc) from exc
         if isinstance(outcome, StoredEvent):
+            self._engine.metrics.recorded(self._pending)
+            self._engine.metrics.steps.values[StepKind.EVENT] += 1
             self._pending = []
             return _event(decode(event_history_payload(outcome)))
         if outcome is None:
@@ -509,6 +516,7 @@ class WorkflowContext:
             )
         except (LeaseLost, StorageError) as exc:
             raise Abandon(exc) from exc
+        self._engine.metrics.recorded(records)
         if outcome.cancel_requested:
             self._cancel_requested = True
         self._engine.on_outbox(eid)
@@ -549,6 +557,7 @@ class WorkflowContext:
             )
         except (LeaseLost, StorageError) as exc:
             raise Abandon(exc) from exc
+        self._engine.metrics.recorded(records)
         self._subscriptions[channel] = mode
         if outcome.cancel_requested:
             self._cancel_requested = True
@@ -615,6 +624,8 @@ class WorkflowContext:
         except (LeaseLost, StorageError) as exc:
             raise Abandon(exc) from exc
         if isinstance(outcome, StoredMessage):
+            self._engine.metrics.recorded(self._pending)
+            self._engine.metrics.steps.values[StepKind.MESSAGE] += 1
             self._pending = []
             return message_from_body(decode(message_history_payload(outcome)))
         if outcome is None:
@@ -672,6 +683,7 @@ class WorkflowContext:
             missing = encode({"message_id": None, "target_instance_id": target}, what="message")
             await self._commit(HistoryRow(seq, kind, channel, missing, True, now))
             raise InstanceNotFoundError(str(target))
+        self._engine.metrics.recorded(records)
         self._pending = []
         if result.cancel_requested:
             self._cancel_requested = True
@@ -806,6 +818,7 @@ class WorkflowContext:
             )
         except (LeaseLost, StorageError) as exc:
             raise Abandon(exc) from exc
+        self._engine.metrics.recorded(records)
         if outcome.cancel_requested:
             self._cancel_requested = True
 
@@ -815,6 +828,7 @@ class WorkflowContext:
         if outcome is Suspension.CANCEL_REQUESTED:
             self._cancel_requested = True
             self._deliver_cancel(out_seq)
+        self._engine.metrics.recorded(self._pending)
         self._pending = []
         self._suspended = True
         self._engine.on_suspended(self.instance_id, deadline)
@@ -830,6 +844,7 @@ class WorkflowContext:
         if outcome is Suspension.CANCEL_REQUESTED:
             self._cancel_requested = True
             self._deliver_cancel(self._next())
+        self._engine.metrics.recorded(self._pending)
         self._pending = []
         self._suspended = True
         self._engine.on_suspended(self.instance_id, run_at)

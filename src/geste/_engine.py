@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._context import Abandon, Suspended, WorkflowContext
+from ._metrics import Metrics
 from ._models import Status
 from ._serde import decode, encode, encode_error
 from .errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
@@ -45,8 +46,11 @@ class Engine:
         max_payload_bytes: int,
         on_suspended: Callable[[str, float | None], None],
         on_finished: Callable[[str], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self.storage = storage
+        self.metrics = metrics or Metrics()
+        """Counted here and by the contexts: steps recorded, activity attempts, instances ended."""
         self.workflows = workflows
         self.clock = clock
         self.lock_timeout = lock_timeout
@@ -149,6 +153,8 @@ class Engine:
             )
         except (LeaseLost, StorageError) as exc:
             raise Abandon(exc) from exc
+        self.metrics.recorded(records)
+        self.metrics.workflows_ended.values[(ctx.workflow_name, status)] += 1
         ctx._pending = []
 
     async def _abandon(self, ctx: WorkflowContext, signal: Abandon) -> None:

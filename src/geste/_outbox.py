@@ -41,6 +41,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from ._metrics import Metrics
 from ._retry import positive_int, seconds
 from ._serde import decode
 from ._wakeups import Wakeups
@@ -295,9 +296,11 @@ class Relay:
         wakeups: Wakeups,
         lock_timeout: float,
         shutdown_grace: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self.storage = storage
         self.config = config
+        self.metrics = metrics or Metrics()
         self.relay_id = relay_id
         self.clock = clock
         self.wakeups = wakeups
@@ -432,11 +435,13 @@ class Relay:
             error = await self._send(claim)
             now = self.clock()
             if error is None:
+                self.metrics.outbox_deliveries.values[()] += 1
                 kept, later = await self.storage.outbox_mark_delivered(claim.event_id, claim.claim_id, now)
                 look_again = later
                 logger.debug("outbox event %s delivered (attempt %d)", claim.event_id, claim.attempts)
             else:
                 dead = claim.attempts >= self.config.max_attempts
+                self.metrics.outbox_failures.values["dead" if dead else "retry"] += 1
                 next_at = None if dead else now + self.config.backoff(claim.attempts)
                 kept, later = await self.storage.outbox_mark_failed(
                     claim.event_id, claim.claim_id, now, error[:MAX_ERROR_LENGTH], next_at

@@ -27,6 +27,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from ._metrics import LOCAL, NOTIFY, POLL, TIMER, Metrics
 from ._models import to_datetime
 
 logger = logging.getLogger("geste.wakeups")
@@ -154,29 +155,35 @@ class Wakeups:
         self.lookahead = TIMER_LOOKAHEAD
         """Seconds before its time a timer wakes the worker and its instance may be claimed (0 under the
         frozen clock of ``geste.testing``, where waiting in real time for a virtual moment never ends)."""
+        self.cause = POLL
+        """What set ``event`` (the first poke since it was cleared): a wake-up cause of ``_metrics``."""
+        self.timer_bound = False
+        """Whether the last ``interval()`` was cut short by a local timer (else it is the poll period)."""
         self._timers: list[float] = []
         self._messages = False
 
-    def poke(self) -> None:
-        self.event.set()
+    def poke(self, cause: str = LOCAL) -> None:
+        if not self.event.is_set():
+            self.cause = cause
+            self.event.set()
 
     def wake_at(self, when: float) -> None:
         """Wake the worker for a timer due at ``when`` (``TIMER_LOOKAHEAD`` before it: the claim's round
         trip is done by then), without holding anything else."""
         when -= self.lookahead
         if when <= self.clock():
-            self.poke()
+            self.poke(TIMER)
             return
         if len(self._timers) >= MAX_LOCAL_TIMERS and when > self._timers[0]:
             return  # bounded: after the earliest fires, the database's next run_at finds this one
         heapq.heappush(self._timers, when)
         if self._timers[0] == when:
-            self.poke()  # the worker may be sleeping past it: let it recompute
+            self.poke(TIMER)  # the worker may be sleeping past it: let it recompute
 
     def message_arrived(self) -> None:
         """A message was published for receivers that another process made runnable: claim them."""
         self._messages = True
-        self.poke()
+        self.poke(NOTIFY)
 
     def messages_due(self) -> bool:
         """Whether a message arrived since it was last looked at (consumes it)."""
@@ -189,6 +196,7 @@ class Wakeups:
         now = self.clock()
         while self._timers and self._timers[0] <= now:
             heapq.heappop(self._timers)
+        self.timer_bound = bool(self._timers) and self._timers[0] - now < base
         if self._timers:
             return max(0.0, min(base, self._timers[0] - now))
         return base
@@ -217,8 +225,10 @@ class Listener:
         handlers: dict[str, Callable[[dict[str, Any]], None]] | None = None,
         probe_interval: float = PROBE_INTERVAL,
         probe_timeout: float = PROBE_TIMEOUT,
+        metrics: Metrics | None = None,
     ) -> None:
         self.dsn = dsn
+        self.metrics = metrics or Metrics()
         self.application_name = application_name
         self.wakeups = wakeups
         self.reconnect_delay = reconnect_delay
@@ -231,6 +241,8 @@ class Listener:
         self.reconnects = 0
         self.last_notification_at: float | None = None
         self.counts: dict[str, int] = dict.fromkeys(CHANNELS, 0)
+        for channel in CHANNELS:  # every channel's series exists from the start, at 0
+            self.metrics.listener_notifications.values[channel] += 0
         self.last_error: str | None = None
         self._probe_channel = f"geste_probe_{uuid.uuid4().hex[:16]}"
         self._probe_heard = asyncio.Event()
@@ -280,7 +292,7 @@ class Listener:
             except Exception as exc:
                 error = exc
             self.wakeups.listening = False
-            self.wakeups.poke()  # the pollers take over at their normal pace at once
+            self.wakeups.poke(POLL)  # the pollers take over at their normal pace at once
             await self._close()
             self.state = ListenerState.RECONNECTING
             self.connected_since = None
@@ -295,6 +307,7 @@ class Listener:
             await asyncio.sleep(wait)
             delay = min(delay * 2, max(RECONNECT_CAP, self.reconnect_delay))
             self.reconnects += 1
+            self.metrics.listener_reconnects.values[()] += 1
 
     async def _connect(self) -> None:
         import asyncpg
@@ -348,13 +361,14 @@ class Listener:
             return
         self.last_notification_at = time.time()
         self.counts[channel] = self.counts.get(channel, 0) + 1
+        self.metrics.listener_notifications.values[channel] += 1
         try:
             body = json.loads(payload) if payload else {}
         except ValueError:
             logger.warning("ignoring a malformed %s notification: %.200r", channel, payload)
             return
         if channel == WORKFLOW_RESUMABLE:
-            self.wakeups.poke()
+            self.wakeups.poke(NOTIFY)
         elif channel == CHANNEL_MESSAGE:
             self.wakeups.message_arrived()
         elif channel == TIMER_EXPIRED:
@@ -362,7 +376,7 @@ class Listener:
             if isinstance(expires_at, int | float):
                 self.wakeups.wake_at(float(expires_at))
             else:
-                self.wakeups.poke()
+                self.wakeups.poke(NOTIFY)
         handler = self.handlers.get(channel)
         if handler is not None and isinstance(body, dict):
             handler(body)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._engine import Engine
+from ._metrics import BACKLOG, POLL, START, TIMER, Metrics
 from ._wakeups import Wakeups
 from .errors import StorageError
 from .storage.base import Claim, HistoryRow, Lease, Storage, WorkerRow
@@ -49,8 +50,10 @@ class Worker:
         max_timers_per_batch: int = 100,
         max_messages_per_batch: int = 100,
         listener_status: Callable[[], dict[str, Any]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics or Metrics()
         self.storage = storage
         self.worker_id = worker_id
         self.clock = clock
@@ -74,6 +77,8 @@ class Worker:
         self.claim_rounds = 0
         """Claim statements run, and instances they took (an empty round is a wasted round trip)."""
         self.claimed = 0
+        self._sleep_cause = POLL
+        """The wake-up cause of the next claim round if the sleep before it runs out (poll or timer)."""
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -136,23 +141,30 @@ class Worker:
         """Run an instance created already claimed (or just give the reserved slot back)."""
         self._reserved -= 1
         if claim is not None:
-            self._spawn(claim, history)
+            self._spawn(claim, history, START)
 
     # -- internals ---------------------------------------------------------------------------------
     def _free(self) -> int:
         return self.concurrency - len(self._running) - self._reserved
 
-    def _spawn(self, claim: Claim, history: Sequence[HistoryRow] | None) -> None:
+    def _spawn(self, claim: Claim, history: Sequence[HistoryRow] | None, cause: str) -> None:
         instance_id = claim.lease.instance_id
-        task = asyncio.create_task(self._run(claim, history), name=f"geste-run-{instance_id}")
+        task = asyncio.create_task(self._run(claim, history, cause), name=f"geste-run-{instance_id}")
         self._running[instance_id] = (claim.lease, task)
 
-    async def _run(self, claim: Claim, history: Sequence[HistoryRow] | None) -> None:
+    async def _run(self, claim: Claim, history: Sequence[HistoryRow] | None, cause: str) -> None:
         instance_id = claim.lease.instance_id
         try:
             early = 0.0 if claim.run_at is None else claim.run_at - self.clock()
             if early > 0:  # claimed just before its time (a timer): run it at the time, not before
                 await asyncio.sleep(early)
+            # Wake-up latency: from when the instance became runnable (its run_at: the event or message
+            # committed, the timer due, the release; its start; or when a dead worker's lease ran out)
+            # to now, as its run starts.
+            since = claim.created_at if claim.run_at is None else claim.run_at
+            if claim.lease_expired_at is not None and claim.lease_expired_at > since:
+                since = claim.lease_expired_at
+            self.metrics.wakeup_latency.observe(cause, max(0.0, self.clock() - since))
             await self.engine.run(claim, history)
             self._failures.pop(instance_id, None)
         except asyncio.CancelledError:
@@ -175,30 +187,37 @@ class Worker:
             if current is not None and current[0] == claim.lease:
                 del self._running[instance_id]
             if self._backlog:
-                self.wakeups.poke()
+                self.wakeups.poke(BACKLOG)
 
     async def _claim_loop(self) -> None:
         failures = 0
+        cause = POLL  # the first round looks for whatever is runnable
         while not self._stopping:
             try:
-                timeout = await self._claim_round()
+                timeout = await self._claim_round(cause)
                 failures = 0
             except StorageError as exc:
                 failures += 1
                 timeout = min(self.wakeups.poll_interval * 2**failures, 30.0)
+                self._sleep_cause = POLL
                 logger.warning(
                     "worker %s: claiming failed (%s); retrying in %.1fs", self.worker_id, exc, timeout
                 )
+            cause = self._sleep_cause
             if timeout > 0:
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(self.wakeups.event.wait(), timeout)
+                    cause = self.wakeups.cause
+                except TimeoutError:
+                    pass
             self.wakeups.event.clear()
 
-    async def _claim_round(self) -> float:
+    async def _claim_round(self, cause: str = POLL) -> float:
         """Claim what is runnable; return how long to sleep before looking again."""
         free = self._free()
         if free <= 0:
             self._backlog = True  # a finishing run pokes
+            self._sleep_cause = POLL
             return self.wakeups.interval()
         limit = self.max_timers_per_batch if self.wakeups.timer_due() else self.max_workflows_per_batch
         if self.wakeups.messages_due():  # woken by geste_channel_message: its own batch size
@@ -211,18 +230,31 @@ class Worker:
         self._backlog = len(claims) == batch
         self.claim_rounds += 1
         self.claimed += len(claims)
+        metrics = self.metrics
+        metrics.claim_rounds.values[cause] += 1
+        if claims:
+            metrics.claimed.values[cause] += len(claims)
+        else:
+            metrics.claim_rounds_empty.values[cause] += 1
         for claim in claims:
             stale = self._running.get(claim.lease.instance_id)
             if stale is not None:  # our own expired lease, taken back: the old run must not go on
                 stale[1].cancel()
-            self._spawn(claim, claim.history)
+            if claim.lease_expired_at is not None:
+                metrics.lease_takeovers.values[claim.workflow_name] += 1
+            self._spawn(claim, claim.history, cause)
         if len(claims) == batch:
+            self._sleep_cause = BACKLOG
             return 0.0
         interval = self.wakeups.interval()
+        self._sleep_cause = TIMER if self.wakeups.timer_bound else POLL
         next_run = claims.next_run_at
         if next_run is None:
             return interval
-        return max(0.0, min(interval, next_run - self.wakeups.lookahead - self.clock()))
+        until = next_run - self.wakeups.lookahead - self.clock()
+        if until < interval:
+            self._sleep_cause = TIMER  # the next instance due, known from the database
+        return max(0.0, min(interval, until))
 
     async def _heartbeat(self) -> None:
         """Register this worker or refresh its row: one statement."""

@@ -47,10 +47,11 @@ class Response:
     status: int
     body: bytes
     headers: Sequence[tuple[str, str]] = ()
+    content_type: str = "application/json"
 
     async def send(self, send: Send) -> None:
         headers = [
-            (b"content-type", b"application/json"),
+            (b"content-type", self.content_type.encode("latin-1")),
             (b"content-length", str(len(self.body)).encode("ascii")),
             (b"cache-control", b"no-store"),
             (b"x-content-type-options", b"nosniff"),

@@ -34,6 +34,8 @@ class GroupCommit(Generic[Item, Result]):
         self.batches = 0
         """Batches sent so far (for tests and benchmarks: items per commit)."""
         self.items = 0
+        self.on_batch: Callable[[int], None] | None = None
+        """Called with the size of each batch as it is sent (the App's metrics)."""
 
     async def submit(self, item: Item) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -55,6 +57,8 @@ class GroupCommit(Generic[Item, Result]):
                     continue
                 self.batches += 1
                 self.items += len(batch)
+                if self.on_batch is not None:
+                    self.on_batch(len(batch))
                 try:
                     outcomes = await self._flush([item for item, _ in batch])
                 except Exception as exc:  # the whole batch failed: every caller gets the error
