@@ -19,6 +19,12 @@ EXPECTED = {
     4: ["still waiting", "cancelled", "went", "2 event go"],
     5: ["shipped", "delivered order.shipped ORD-7:1 {'order_id': 'ORD-7'}", "ORD-7:1 delivered 1 None"],
     6: ["published 3 readings", "max 22.0 of [20.5, 22.0, 21.5]"],
+    7: [
+        "bob: cancelled",
+        "ada: charged ada after 15 days, 0:30:00",
+        "3 attempts, from 2030-01-16 00:00:00+00:00",
+        "1 history replayed: 1 ok",
+    ],
 }
 
 
