@@ -65,6 +65,7 @@ def assert_safe_page(answer: httpx.Response) -> None:
     assert answer.headers["x-content-type-options"] == "nosniff"
     assert answer.headers["x-frame-options"] == "DENY"
     assert answer.headers["cache-control"] == "no-store"
+    assert answer.headers["referrer-policy"] == "same-origin"
     body = answer.text
     assert "<script" not in body.lower()
     assert not re.search(r"<[^>]*\son[a-z]+\s*=", body, re.IGNORECASE), "an inline event handler"

@@ -61,7 +61,9 @@ def build(url: str) -> geste.App:
         return {"to": email, "subject": f"Your order {order_id}", "queued": True}
 
     @app.workflow
-    async def checkout(ctx: geste.WorkflowContext, order_id: str, amount: float, items: int = 1) -> dict[str, Any]:
+    async def checkout(
+        ctx: geste.WorkflowContext, order_id: str, amount: float, items: int = 1
+    ) -> dict[str, Any]:
         reservation = await reserve_stock(ctx, order_id, items)
         ctx.on_failure(release_stock, reservation)
         charge = await charge_card(ctx, order_id, amount)
@@ -70,7 +72,12 @@ def build(url: str) -> geste.App:
         await ctx.publish("orders", {"order_id": order_id, "status": "shipped"})
         await ctx.send_event("order.shipped", {"order_id": order_id, "carrier": shipped.data["carrier"]})
         receipt = await send_receipt(ctx, order_id, "ada@example.com")
-        return {"order_id": order_id, "charge": charge, "tracking": shipped.data["tracking"], "receipt": receipt}
+        return {
+            "order_id": order_id,
+            "charge": charge,
+            "tracking": shipped.data["tracking"],
+            "receipt": receipt,
+        }
 
     @app.workflow
     async def trial_reminder(ctx: geste.WorkflowContext, user: str) -> str:
@@ -113,8 +120,12 @@ async def seed(url: str) -> dict[str, str]:
 
         for order_id in ("ORD-1041", "ORD-1042", "ORD-1043"):
             await wait_until(lambda order_id=order_id: waiting(order_id), f"{order_id} to wait")
-        await app.send_event("parcel.shipped", {"order_id": "ORD-1041", "carrier": "DHL", "tracking": "JD0142"})
-        await app.send_event("parcel.shipped", {"order_id": "ORD-1042", "carrier": "UPS", "tracking": "1Z999"})
+        await app.send_event(
+            "parcel.shipped", {"order_id": "ORD-1041", "carrier": "DHL", "tracking": "JD0142"}
+        )
+        await app.send_event(
+            "parcel.shipped", {"order_id": "ORD-1042", "carrier": "UPS", "tracking": "1Z999"}
+        )
         for order_id in ("ORD-1041", "ORD-1042", "ORD-1044"):
             try:
                 await app.get_handle(order_id).result(timeout=20)

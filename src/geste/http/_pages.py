@@ -47,7 +47,7 @@ def frame(link: Link, title: str, body: Child, *, signed_in: bool = False, foote
                 "head",
                 raw('<meta charset="utf-8">'),
                 raw('<meta name="viewport" content="width=device-width, initial-scale=1">'),
-                raw('<meta name="referrer" content="no-referrer">'),
+                raw('<meta name="referrer" content="same-origin">'),
                 raw('<link rel="icon" href="data:,">'),  # no request for /favicon.ico
                 tag("title", f"{title} · geste"),
                 tag("style", raw(STYLESHEET)),

@@ -51,6 +51,7 @@ COUNT_CAP = 10_000
 """Counts per status stop here (shown as "10,000+"): each costs at most this many index entries."""
 MAX_WORKFLOW_NAMES = 200
 
+
 @dataclass(frozen=True, slots=True)
 class PageResponse(Response):
     """An HTML page, with the headers that keep a browser from running or framing anything in it."""
@@ -63,7 +64,9 @@ class PageResponse(Response):
             (b"x-content-type-options", b"nosniff"),
             (b"content-security-policy", _pages.CSP.encode("ascii")),
             (b"x-frame-options", b"DENY"),
-            (b"referrer-policy", b"no-referrer"),
+            # not no-referrer: with it a browser sends the sign-in form with `Origin: null`, which the
+            # cross-site check refuses; same-origin still tells other sites nothing
+            (b"referrer-policy", b"same-origin"),
             (b"cross-origin-opener-policy", b"same-origin"),
         ]
         headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers]
