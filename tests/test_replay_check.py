@@ -13,7 +13,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +370,47 @@ def recorded_sqlite(tmp_path: Path) -> str:
 
     asyncio.run(record())
     return url
+
+
+async def test_every_kind_of_step_replays_from_a_live_database_at_each_wait(tmp_path: Path) -> None:
+    """Histories stopped at a sleep, at a receive, and finished, through every kind of step, read from
+    the database of a running environment (its write-ahead log in use): all ok, nothing run."""
+    app = geste.App(f"sqlite:///{tmp_path / 'kinds.db'}")
+    ran: list[str] = []
+
+    @app.activity
+    async def part(ctx: geste.ActivityContext, n: int) -> int:
+        ran.append(f"part{n}")
+        return n * 10
+
+    @app.workflow
+    async def kinds(ctx: geste.WorkflowContext) -> list[Any]:
+        stamp, token, dice = ctx.now(), ctx.uuid4(), ctx.random()
+        parts = await asyncio.gather(part(ctx, 1), part(ctx, 2))
+        await ctx.subscribe("news", mode="competing")
+        await ctx.publish("log", {"parts": parts})
+        await ctx.send_event("kinds.started", {"token": str(token)})
+        await ctx.sleep(timedelta(hours=1))
+        message = await ctx.receive("news", timeout=timedelta(hours=2))
+        try:
+            await ctx.receive("news", timeout=60)
+        except geste.errors.ReceiveTimeout:
+            pass
+        return [stamp.isoformat(), dice, parts, message.data]
+
+    async with WorkflowEnvironment(app, start_at=T0) as env:
+        cancelled = await env.start_with_id(kinds, "cancelled")
+        waiting_receive = await env.start_with_id(kinds, "at-receive")
+        finished = await env.start_with_id(kinds, "finished")
+        await env.advance(timedelta(hours=1))
+        await env.send_to(finished.instance_id, "news", "hello")
+        await env.advance(60)
+        assert (await finished.result())[3] == "hello"
+        assert await waiting_receive.status() == geste.Status.WAITING
+        await env.cancel(cancelled.instance_id)  # at its receive: its history says so
+        await env.start_with_id(kinds, "at-sleep")
+        ran.clear()
+        report = await check_replay(app, database_url=env.database_url)
+        assert verdicts(report) == {"at-sleep": OK, "at-receive": OK, "finished": OK, "cancelled": OK}
+        assert ran == []
+        assert [r.instance_id for r in report.results][2:] == ["finished", "cancelled"]  # unfinished first
