@@ -414,3 +414,21 @@ async def test_every_kind_of_step_replays_from_a_live_database_at_each_wait(tmp_
         assert verdicts(report) == {"at-sleep": OK, "at-receive": OK, "finished": OK, "cancelled": OK}
         assert ran == []
         assert [r.instance_id for r in report.results][2:] == ["finished", "cancelled"]  # unfinished first
+
+
+async def test_an_instance_stopped_by_a_divergence_replays_once_the_code_is_fixed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'deploys.db'}"
+    async with replay_app.build("v1", url, poll_interval=0.05) as before:
+        await before.workflows["order"].start_with_id("caught", "lamp")
+        await wait_status(before, "caught", geste.Status.WAITING)
+    async with replay_app.build("renamed", url, poll_interval=0.05) as broken:  # a breaking deploy
+        await broken.send_event("shipped", {"item": "lamp"})
+        with pytest.raises(geste.errors.WorkflowFailed, match="NonDeterminismError"):
+            await broken.get_handle("caught").result(timeout=10)
+    # Its history ends where the broken code stopped, not at the workflow's end: the fixed code (v1)
+    # replays it, the broken one still diverges.
+    fixed = await check_replay(replay_app.app, database_url=url)
+    assert verdicts(fixed) == {"caught": OK}
+    assert fixed.results[0].instance_status == geste.Status.FAILED
+    still = await check_replay(replay_app.renamed, database_url=url)
+    assert verdicts(still)["caught"][:2] == ("diverged", 1)
