@@ -225,7 +225,7 @@ def _table(link: Link, rows: Sequence[InstanceSummary], now: float) -> Html:
                 tag("td", when(row.finished_at or row.updated_at, now)),
                 tag("td", took),
                 tag("td", str(row.steps), class_="num"),
-                tag("td", short(_input_preview(row.input_head), 90), class_="input mono"),
+                tag("td", short(_input_preview(row.input_head), 90) or "—", class_="input mono"),
             )
         )
     return tag(

@@ -495,7 +495,7 @@ def _describe(
             title = [label("waits for event"), tag("code", step.name)]
         else:
             title = [label("waits for a message on"), tag("code", step.name)]
-        if deadline is not None:
+        if deadline is not None and step.seq + 1 not in by_seq:  # still waiting: when it gives up
             lines.append(tag("div", "times out ", when(deadline, now), f" · {utc(deadline)}", class_="line"))
         return title, chips, lines
     if kind == StepKind.EVENT:
