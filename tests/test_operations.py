@@ -7,6 +7,7 @@ Every wait is for a condition, with a deadline. Worker subprocesses run ``tests/
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import time
@@ -307,6 +308,29 @@ async def test_resume_breaks_the_lease_of_a_dead_worker(make_app: MakeApp) -> No
         async with build(make_app, switch) as worker:
             assert await worker.get_handle("held-by-ghost").result(timeout=10) == 20
             assert await worker.get_handle("held-by-stranger").result(timeout=10) == 20
+
+
+async def test_a_worker_with_long_leases_is_alive_between_its_heartbeats(make_app: MakeApp) -> None:
+    """Liveness uses the longer of the worker's lock_timeout and the reader's: a worker with 300 s leases
+    heartbeats every 100 s, and one heard from 100 s ago is alive for a reader with 2 s leases."""
+    switch = Switch()
+    async with build(make_app, switch, run_worker=False, lock_timeout=2.0) as client:
+        await client.start_workflow("listener", instance_id="long")
+        now = time.time()
+        assert len(await client.storage.claim("patient", now, now + 300, 1)) == 1
+        row = WorkerRow("patient", "h", 1, now - 500, now - 100, 1, 1, None, lock_timeout=300.0)
+        await client.storage.upsert_worker(row)
+        with pytest.raises(InstanceLeasedError):
+            await client.resume("long")
+        (worker,) = (await client.status()).workers
+        assert (worker.worker_id, worker.state, worker.lock_timeout) == ("patient", "alive", 300.0)
+        # without its lock_timeout recorded (a row of an older geste), the reader's own decides
+        await client.storage.upsert_worker(dataclasses.replace(row, lock_timeout=None))
+        assert (await client.status()).workers[0].state == "stale"
+        assert (await client.resume("long")).lease_broken_from == "patient"
+    async with build(make_app, switch) as app:  # a worker records its own lock_timeout
+        (worker,) = [w for w in (await app.status()).workers if w.worker_id == app.worker_id]
+        assert worker.lock_timeout == app.lock_timeout == 2.0
 
 
 async def test_a_live_workers_lease_is_broken_only_when_forced_and_its_result_is_recorded_once(

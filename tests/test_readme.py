@@ -16,10 +16,21 @@ EXPECTED = {
     1: ["ch_A-1"],
     2: ["failed: card refused - still booked: []"],
     3: ["approved by ada"],
-    4: ["still waiting", "cancelled", "went", "2 event go"],
+    4: [
+        "still waiting",
+        "cancelled",
+        "resumed job-42 None",
+        "went",
+        "2 event go",
+        "failed: carrier API down",
+        "retry 1 from step 2 ['ship']",
+        "shipped R-lamp",
+        "is completed, not failed",
+    ],
     5: ["shipped", "delivered order.shipped ORD-7:1 {'order_id': 'ORD-7'}", "ORD-7:1 delivered 1 None"],
     6: ["published 3 readings", "max 22.0 of [20.5, 22.0, 21.5]"],
-    7: [
+    7: ["retries: 1.0", "completed: 1.0", "steps: 1.0", 'geste_activity_attempts_total{activity="fetch"} 2'],
+    8: [
         "bob: cancelled",
         "ada: charged ada after 15 days, 0:30:00",
         "3 attempts, from 2030-01-16 00:00:00+00:00",

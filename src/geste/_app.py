@@ -26,7 +26,7 @@ from ._operations import ResumeResult, RetryRecord
 from ._outbox import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Relay, entry_from_row
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
-from ._status import LEASES_SHOWN, STALE_AFTER, LeaseInfo, SystemStatus, WorkerInfo
+from ._status import LEASES_SHOWN, LeaseInfo, SystemStatus, WorkerInfo, is_alive
 from ._wakeups import OUTBOX_PENDING, Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
 from ._worker import Worker
 from .errors import (
@@ -358,9 +358,7 @@ class App:
         now = self.clock()
         queue = await self.storage.queue_stats(now)
         rows = await self.storage.list_workers()
-        workers = [
-            _worker_info(row, now, STALE_AFTER * self.lock_timeout, queue.leases_by_worker) for row in rows
-        ]
+        workers = [_worker_info(row, now, self.lock_timeout, queue.leases_by_worker) for row in rows]
         states = {worker.worker_id: worker.state for worker in workers}
         leases = [
             LeaseInfo(iid, name, holder, max(0.0, expires - now), states.get(holder, "unregistered"))
@@ -611,13 +609,8 @@ class App:
         self._require_open()
         if not _findable(instance_id, "instance_id"):
             raise InstanceNotFoundError(instance_id)
-        now = self.clock()
         result = await _operations.resume(
-            self.storage,
-            instance_id,
-            now,
-            alive_since=now - STALE_AFTER * self.lock_timeout,
-            force=force is True,
+            self.storage, instance_id, self.clock(), lock_timeout=self.lock_timeout, force=force is True
         )
         if self._worker is not None:
             self._worker.poke()
@@ -837,7 +830,7 @@ def _info(row: InstanceRow) -> InstanceInfo:
     )
 
 
-def _worker_info(row: WorkerRow, now: float, stale_after: float, leases: dict[str, int]) -> WorkerInfo:
+def _worker_info(row: WorkerRow, now: float, lock_timeout: float, leases: dict[str, int]) -> WorkerInfo:
     try:
         listener = json.loads(row.listener) if row.listener else {}
     except ValueError:
@@ -853,6 +846,9 @@ def _worker_info(row: WorkerRow, now: float, stale_after: float, leases: dict[st
         concurrency=row.concurrency,
         listener=listener if isinstance(listener, dict) else {},
         heartbeat_age=max(0.0, now - row.heartbeat_at),
-        alive=row.stopped_at is None and now - row.heartbeat_at <= stale_after,
+        alive=is_alive(
+            row.heartbeat_at, row.stopped_at, row.lock_timeout, now=now, reader_lock_timeout=lock_timeout
+        ),
         leases=leases.get(row.worker_id, 0),
+        lock_timeout=row.lock_timeout,
     )

@@ -92,10 +92,10 @@ async def retry(storage: Storage, instance_id: str, now: float) -> RetryRecord:
 
 
 async def resume(
-    storage: Storage, instance_id: str, now: float, *, alive_since: float, force: bool
+    storage: Storage, instance_id: str, now: float, *, lock_timeout: float, force: bool
 ) -> ResumeResult:
     """``app.resume`` after its checks of the id: one transaction (``Storage.resume_instance``)."""
-    outcome = await storage.resume_instance(instance_id, now, alive_since=alive_since, force=force)
+    outcome = await storage.resume_instance(instance_id, now, lock_timeout=lock_timeout, force=force)
     before = outcome.before
     if before is None:
         raise InstanceNotFoundError(instance_id)

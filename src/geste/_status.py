@@ -11,6 +11,22 @@ from ._wakeups import ListenerStatus
 
 STALE_AFTER = 3
 """A worker not heard from for this many ``lock_timeout`` is not alive (it heartbeats every third of one)."""
+
+
+def is_alive(
+    heartbeat_at: float,
+    stopped_at: float | None,
+    lock_timeout: float | None,
+    *,
+    now: float,
+    reader_lock_timeout: float,
+) -> bool:
+    """Whether a registered worker is alive: not stopped, and heard from within ``STALE_AFTER`` times
+    the longer of its own ``lock_timeout`` (None: not recorded) and the reader's."""
+    window = STALE_AFTER * max(reader_lock_timeout, lock_timeout or 0.0)
+    return stopped_at is None and now - heartbeat_at <= window
+
+
 LEASES_SHOWN = 100
 """At most this many held leases are listed in a status (``SystemStatus.leases``); all are counted."""
 
@@ -58,9 +74,11 @@ class WorkerInfo:
     heartbeat_age: float
     """Seconds since its last heartbeat, when the status was read."""
     alive: bool
-    """Not stopped, and heard from within 3 x the reading App's ``lock_timeout``."""
+    """Not stopped, and heard from within 3 x its ``lock_timeout`` (or the reading App's, if longer)."""
     leases: int = 0
     """Leases the database shows it holding now (unexpired)."""
+    lock_timeout: float | None = None
+    """Its own ``lock_timeout`` (it heartbeats every third of it); None for a row of an older geste."""
 
     @property
     def state(self) -> str:
@@ -83,6 +101,7 @@ class WorkerInfo:
             "running": self.running,
             "concurrency": self.concurrency,
             "leases": self.leases,
+            "lock_timeout": self.lock_timeout,
             "listener": dict(self.listener),
         }
 

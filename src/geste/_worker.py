@@ -269,6 +269,7 @@ class Worker:
                 running=len(self._running),
                 concurrency=self.concurrency,
                 listener=listener,
+                lock_timeout=self.lock_timeout,
             )
         )
 

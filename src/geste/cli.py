@@ -532,7 +532,7 @@ def resume(instance_id: str, database_url: str, force: bool, as_json: bool) -> N
     """Make stuck instance ID runnable now.
 
     For an instance put back with a delay after an error, held by a dead worker (stopped, or not heard
-    from within 45 s: 3 x the default lock_timeout), or waiting and to look at its wait again. It never
+    from within 3 x its lock_timeout, at least 45 s), or waiting and to look at its wait again. It never
     cuts a sleep or a timeout short. The lease of a live worker is broken only with --force.
     """
 
@@ -781,8 +781,8 @@ def _worker_row(worker: WorkerInfo, checked_at: datetime) -> tuple[str, ...]:
 def status(database_url: str, as_json: bool) -> None:
     """Show the queue (instances per status, runnable, leases, oldest wait), the workers and the leases.
 
-    A worker is stale when not heard from within 45 s (3 x the default lock_timeout of 15 s: it heartbeats
-    every lock_timeout / 3), stopped when it shut down gracefully.
+    A worker is stale when not heard from within 3 x its lock_timeout (it heartbeats every lock_timeout /
+    3), at least 45 s (3 x the default of 15 s); stopped when it shut down gracefully.
     """
 
     async def go() -> SystemStatus:

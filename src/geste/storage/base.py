@@ -145,6 +145,8 @@ class WorkerRow:
     concurrency: int
     listener: str | None
     stopped_at: float | None = None
+    lock_timeout: float | None = None
+    """The worker's own ``lock_timeout`` (None in rows written before schema version 7)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,11 +442,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def resume_instance(
-        self, instance_id: str, now: float, *, alive_since: float, force: bool
+        self, instance_id: str, now: float, *, lock_timeout: float, force: bool
     ) -> ResumeOutcome:
         """Make an unfinished instance runnable now, in one transaction (notified): its ``run_at`` moves
         to ``now``, and a lease still held is broken when its worker is not alive (stopped, unknown, or
-        not heard from since ``alive_since``) or ``force`` is given. Refused, writing nothing, for a
+        not heard from recently: ``_status.is_alive`` with the reader's ``lock_timeout``) or ``force``
+        is given. Refused, writing nothing, for a
         finished instance and for a lease held by a live worker without ``force``."""
 
     # -- leases ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._models import Status, matches
-from .._status import QueueStats
+from .._status import QueueStats, is_alive
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
 from ._group_commit import GroupCommit
 from ._sql import load_migrations, load_queries, migration_names
@@ -450,7 +450,7 @@ class PostgresStorage(Storage):
         return await self._read(go)
 
     async def resume_instance(
-        self, instance_id: str, now: float, *, alive_since: float, force: bool
+        self, instance_id: str, now: float, *, lock_timeout: float, force: bool
     ) -> ResumeOutcome:
         async def go(conn: Conn) -> ResumeOutcome:
             found = await conn.fetchrow(self._q["lock_instance"], instance_id)
@@ -463,7 +463,7 @@ class PostgresStorage(Storage):
             alive = False
             if held:
                 worker = await conn.fetchrow(self._q["worker_liveness"], before.locked_by)
-                alive = worker is not None and worker[1] is None and worker[0] >= alive_since
+                alive = worker is not None and is_alive(*worker, now=now, reader_lock_timeout=lock_timeout)
                 if alive and not force:
                     return ResumeOutcome(before, holder_alive=True)
             await conn.execute(self._q["resume"], instance_id, now, held, self.notify)
@@ -810,6 +810,7 @@ class PostgresStorage(Storage):
                 worker.running,
                 worker.concurrency,
                 worker.listener,
+                worker.lock_timeout,
             )
 
         await self._run(go)

@@ -19,7 +19,7 @@ from typing import TypeVar
 from urllib.parse import parse_qsl
 
 from .._models import Status, matches
-from .._status import QueueStats
+from .._status import QueueStats, is_alive
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
 from ._sql import load_migrations, load_queries, migration_names
 from .base import (
@@ -319,7 +319,7 @@ class SQLiteStorage(Storage):
         )
 
     async def resume_instance(
-        self, instance_id: str, now: float, *, alive_since: float, force: bool
+        self, instance_id: str, now: float, *, lock_timeout: float, force: bool
     ) -> ResumeOutcome:
         def tx(conn: sqlite3.Connection) -> ResumeOutcome:
             found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
@@ -332,7 +332,7 @@ class SQLiteStorage(Storage):
             alive = False
             if held:
                 worker = conn.execute(Q["worker_liveness"], (before.locked_by,)).fetchone()
-                alive = worker is not None and worker[1] is None and worker[0] >= alive_since
+                alive = worker is not None and is_alive(*worker, now=now, reader_lock_timeout=lock_timeout)
                 if alive and not force:
                     return ResumeOutcome(before, holder_alive=True)
             conn.execute(Q["resume"], {"instance_id": instance_id, "now": now, "break": held})
@@ -659,6 +659,7 @@ class SQLiteStorage(Storage):
             "running": worker.running,
             "concurrency": worker.concurrency,
             "listener": worker.listener,
+            "lock_timeout": worker.lock_timeout,
         }
         await self._write(lambda c: c.execute(Q["upsert_worker"], params))
 

@@ -130,7 +130,7 @@ SELECT instance_id, retry, retried_at, from_seq, error, failed_at, removed
 FROM {schema}.geste_retries WHERE instance_id = $1 ORDER BY retry;
 
 -- name: worker_liveness
-SELECT heartbeat_at, stopped_at FROM {schema}.geste_workers WHERE worker_id = $1;
+SELECT heartbeat_at, stopped_at, lock_timeout FROM {schema}.geste_workers WHERE worker_id = $1;
 
 -- name: resume
 -- Runnable now (an earlier run_at is kept); with $3 the lease goes too: its holder's next write names a
@@ -439,12 +439,12 @@ SELECT min(run_at) FROM {schema}.geste_instances WHERE run_at IS NOT NULL AND le
 -- Registration and every heartbeat: one statement (a HOT update: no index covers what it changes). A
 -- worker id seen again (a restart) starts afresh.
 INSERT INTO {schema}.geste_workers
-    (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)
+    (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
-    listener = excluded.listener, stopped_at = NULL;
+    listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout;
 
 -- name: mark_worker_stopped
 UPDATE {schema}.geste_workers SET stopped_at = $2, running = 0 WHERE worker_id = $1;
@@ -454,7 +454,8 @@ DELETE FROM {schema}.geste_workers WHERE heartbeat_at < $1;
 
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
-SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at
+SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
+       lock_timeout
 FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 
 -- name: count_by_status

@@ -1,4 +1,5 @@
--- geste schema, version 7 (SQLite): the audit trail of operator retries (app.retry, `geste retry`).
+-- geste schema, version 7 (SQLite): the audit trail of operator retries (app.retry, `geste retry`),
+-- and each worker's lock_timeout in the registry.
 -- A retry of a failed instance removes the history rows of the steps that run again (the activities
 -- whose last attempt failed, at the end of the history) and clears the instance's error; this table
 -- keeps what it removed and what it cleared, one row per retry, so the story of the instance is never
@@ -14,3 +15,8 @@ CREATE TABLE geste_retries (
     removed     TEXT NOT NULL,        -- the removed history rows (JSON)
     PRIMARY KEY (instance_id, retry)
 ) WITHOUT ROWID;
+
+-- A worker's own lock_timeout (it heartbeats every third of it): a reader judges it alive by the longer
+-- of its own and the worker's, so a worker with long leases is not called stale, nor its lease broken by
+-- `geste resume`, between two of its heartbeats. NULL for rows written before this version.
+ALTER TABLE geste_workers ADD COLUMN lock_timeout REAL;

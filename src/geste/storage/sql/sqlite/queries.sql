@@ -91,7 +91,7 @@ SELECT instance_id, retry, retried_at, from_seq, error, failed_at, removed
 FROM geste_retries WHERE instance_id = ? ORDER BY retry;
 
 -- name: worker_liveness
-SELECT heartbeat_at, stopped_at FROM geste_workers WHERE worker_id = ?;
+SELECT heartbeat_at, stopped_at, lock_timeout FROM geste_workers WHERE worker_id = ?;
 
 -- name: resume
 -- Runnable now (an earlier run_at is kept); with :break the lease goes too: its holder's next write
@@ -213,12 +213,13 @@ SELECT MIN(run_at) FROM geste_instances WHERE run_at IS NOT NULL AND lease_id IS
 -- name: upsert_worker
 -- Registration and every heartbeat: one statement. A worker id seen again (a restart) starts afresh.
 INSERT INTO geste_workers
-    (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at)
-VALUES (:worker_id, :host, :pid, :started_at, :heartbeat_at, :running, :concurrency, :listener, NULL)
+    (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout)
+VALUES (:worker_id, :host, :pid, :started_at, :heartbeat_at, :running, :concurrency, :listener, NULL,
+        :lock_timeout)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
-    listener = excluded.listener, stopped_at = NULL;
+    listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout;
 
 -- name: mark_worker_stopped
 UPDATE geste_workers SET stopped_at = :now, running = 0 WHERE worker_id = :worker_id;
@@ -228,7 +229,8 @@ DELETE FROM geste_workers WHERE heartbeat_at < ?;
 
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
-SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at
+SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
+       lock_timeout
 FROM geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT ?;
 
 -- name: count_by_status
