@@ -766,3 +766,28 @@ async def test_the_viewer_pages_100000_instances_on_postgres(pg_url: str) -> Non
             assert older is not None
             text = await page(http, older)
             assert ids_on(text) == [f"inst-{i:06d}" for i in matching[::-1][50:100]]
+
+
+def test_the_viewer_benchmark_runs_at_a_tiny_size() -> None:
+    """benchmarks/viewer.py end to end on both backends, 300 instances, one run: it seeds, renders every
+    page (each answered 200) and prints its table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import POSTGRES_URL, die_with_parent
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "viewer.py"), "--instances", "300", "--runs", "1"],
+        env={**os.environ, "GESTE_BENCH_POSTGRES_URL": POSTGRES_URL},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=die_with_parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| page | sqlite | postgres |" in done.stdout
+    for row in ("first page", "deep page (key, 90 % down)", "filtered page", "API ?offset="):
+        assert f"| {row}" in done.stdout, row
