@@ -8,10 +8,14 @@ import asyncio
 import contextlib
 import html
 import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -24,6 +28,7 @@ import geste
 from geste.http import _viewer
 from geste.storage.base import InstanceFilter
 
+from .conftest import POSTGRES_URL, die_with_parent
 from .support import MovableClock, wait_status
 from .viewer_demo import seed
 
@@ -771,13 +776,6 @@ async def test_the_viewer_pages_100000_instances_on_postgres(pg_url: str) -> Non
 def test_the_viewer_benchmark_runs_at_a_tiny_size() -> None:
     """benchmarks/viewer.py end to end on both backends, 300 instances, one run: it seeds, renders every
     page (each answered 200) and prints its table."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from .conftest import POSTGRES_URL, die_with_parent
-
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, str(root / "benchmarks" / "viewer.py"), "--instances", "300", "--runs", "1"],
