@@ -230,7 +230,7 @@ def test_a_browser_signs_in_lists_filters_and_follows_an_instance(server: tuple[
     # the browser said nothing of the Content-Security-Policy (nothing was refused), and reported no
     # error but the 401 answers it was given on purpose (the sign-in form, the wrong token, after signing out)
     problems += [f"{kind}: {text}" for kind, text in console if "Content Security Policy" in text]
-    problems += [f"{kind}: {text}" for kind, text in console if kind == "error" and "status of 401" not in text]
+    problems += [f"{kind}: {text}" for kind, text in console if kind == "error" and "of 401" not in text]
     assert sum("status of 401" in text for _, text in console) == 3, console
     assert problems == [], problems
 
