@@ -103,6 +103,7 @@ def server(tmp_path: Path, browser_ready: None) -> Iterator[tuple[str, str]]:
                 pass
             assert time.monotonic() < deadline, f"geste serve did not answer: {log.read_text()}"
             time.sleep(0.05)
+        assert f"web viewer: {base}/ui" in log.read_text()  # where to point a browser
         yield base, db_url
     finally:
         process.terminate()

@@ -91,6 +91,7 @@ async def serve(app: App, asgi: GesteASGI, sock: socket.socket) -> None:
             "bearer token required" if asgi.token_required else "no token",
             ", ".join(sorted(app.workflows)) or "none",
         )
+        logger.info("web viewer: http://%s:%d/ui", f"[{host}]" if ":" in host else host, port)
         if not is_loopback(host) and not asgi.token_required:
             logger.warning(
                 "listening on %s without a token: whoever reaches this port can start and cancel workflows",
