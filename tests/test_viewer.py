@@ -789,3 +789,22 @@ def test_the_viewer_benchmark_runs_at_a_tiny_size() -> None:
     assert "| page | sqlite | postgres |" in done.stdout
     for row in ("first page", "deep page (key, 90 % down)", "filtered page", "API ?offset="):
         assert f"| {row}" in done.stdout, row
+
+
+async def test_under_a_root_path_the_links_and_the_cookie_keep_the_prefix(make_app: MakeApp) -> None:
+    """Mounted at /geste behind a proxy (ASGI ``root_path``): every link and the cookie's path say so."""
+    app = make_app(run_worker=False)
+    async with app:
+        await insert_instances(app.url, [("r-1", "w", "completed", 1e6)])
+        transport = httpx.ASGITransport(app=app.asgi(token=TOKEN), root_path="/geste")
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            answer = await http.post(
+                "/geste/ui/login", data={"token": TOKEN, "next": "/geste/ui?status=completed"}
+            )
+            assert answer.headers["location"] == "/geste/ui?status=completed"
+            cookie, header = cookie_of(answer)
+            assert "Path=/geste/ui;" in header
+            text = await page(http, "/geste/ui", headers={"cookie": cookie})
+            assert ids_on(text.replace('href="/geste/ui/', 'href="/ui/')) == ["r-1"]
+            hrefs = re.findall(r'(?:href|action)="([^"]*)"', text)
+            assert hrefs and all(h.startswith("/geste/ui") or h.startswith("data:") for h in hrefs), hrefs
