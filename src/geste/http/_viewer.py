@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from .._definitions import storable_text
 from .._models import Status, StepKind
@@ -447,6 +447,8 @@ def _safe_next(value: str | None, link: Link) -> str:
     home = link.list()
     if not value or any(c in value for c in "\\\r\n\t\x00") or not value.isprintable():
         return home
+    if any(part in (".", "..") for part in unquote(value.split("?", 1)[0]).split("/")):
+        return home  # "/ui/../instances": a browser resolves the dots
     viewer = f"{link.root}/ui"
     if value == viewer or value.startswith((f"{viewer}/", f"{viewer}?")):
         return quote(value, safe="/?=&%:+,;@!$'()*-._~")
