@@ -811,3 +811,42 @@ async def test_under_a_root_path_the_links_and_the_cookie_keep_the_prefix(make_a
             assert ids_on(text.replace('href="/geste/ui/', 'href="/ui/')) == ["r-1"]
             hrefs = re.findall(r'(?:href|action)="([^"]*)"', text)
             assert hrefs and all(h.startswith("/geste/ui") or h.startswith("data:") for h in hrefs), hrefs
+
+
+async def test_a_cancelled_instance_shows_the_interrupted_timer_and_the_failed_compensations(
+    make_app: MakeApp,
+) -> None:
+    app = make_app()
+
+    @app.activity
+    async def book(ctx: geste.ActivityContext, what: str) -> str:
+        return what
+
+    @app.activity(retry=geste.RetryPolicy(max_attempts=2, initial_interval=0.01))
+    async def unbook(ctx: geste.ActivityContext, what: str) -> None:
+        raise RuntimeError(f"cannot unbook {what}")
+
+    @app.workflow
+    async def trip(ctx: geste.WorkflowContext) -> None:
+        for what in ("flight", "hotel"):
+            await book(ctx, what)
+            ctx.on_failure(unbook, what)
+        await ctx.sleep(3600)
+
+    async with serving(app) as http:
+        await trip.start_with_id("trip-1")
+        await wait_status(app, "trip-1", geste.Status.WAITING)
+        assert re.search(
+            r"Its timer of 1 h \(step 3\): due in (59 min|1 h)",
+            now_panel(await page(http, "/ui/instances/trip-1")),
+        )
+        await app.cancel("trip-1")
+        await wait_status(app, "trip-1", geste.Status.CANCELLED)
+        text = await page(http, "/ui/instances/trip-1")
+        shown = plain(text)
+        assert "WorkflowCancelled: workflow instance trip-1 was cancelled" in shown
+        assert "2 compensations failed too" in shown
+        assert "RuntimeError: cannot unbook hotel" in shown and "RuntimeError: cannot unbook flight" in shown
+        assert "interrupted by the cancellation" in shown and "cancellation delivered" in shown
+        assert shown.index('compensation  unbook("hotel")') < shown.index('compensation  unbook("flight")')
+        assert "2 attempts" in shown
