@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 
 import geste
 from geste.errors import InstanceLeasedError, InstanceNotFoundError, InstanceStateError
-from geste.storage.base import WorkerRow
+from geste.storage.base import HistoryRow, WorkerRow, retry_cut
 
 from .conftest import die_with_parent
 from .support import raw_query, wait_status, wait_until
@@ -146,6 +147,105 @@ async def test_a_workflow_that_failed_by_its_own_exception_replays_all_its_steps
         assert (record.from_seq, record.removed) == (2, [])
         assert await app.get_handle("s").result(timeout=10) == 2
         assert switch.runs == ["first:s"]
+
+
+async def test_a_failed_activity_of_a_gather_runs_again_with_its_siblings(make_app: MakeApp) -> None:
+    """In a gather the sibling that succeeded may be recorded after the failed one: both run again."""
+    switch = Switch()
+    async with build(make_app, switch) as app:
+        sibling_done = asyncio.Event()
+
+        @app.activity
+        async def sibling(ctx: geste.ActivityContext) -> str:
+            switch.runs.append("sibling")
+            return "ok"
+
+        @app.activity(retry=geste.RetryPolicy(max_attempts=1))
+        async def fragile(ctx: geste.ActivityContext) -> str:
+            switch.runs.append("fragile")
+            await asyncio.wait_for(sibling_done.wait(), 10)
+            if switch.broken:
+                raise RuntimeError("fragile broke")
+            return "fixed"
+
+        @app.activity
+        async def signal(ctx: geste.ActivityContext) -> str:
+            result = await sibling.fn(ctx)
+            sibling_done.set()
+            return result
+
+        @app.workflow
+        async def fan(ctx: geste.WorkflowContext) -> list[Any]:
+            head = await first(ctx, 1)
+            return [head, *await asyncio.gather(fragile(ctx), signal(ctx))]
+
+        first = app.activities["first"]
+        await failed(app, "fan", instance_id="fan")
+        assert [(e.seq, e.name, e.is_error) for e in await app.history("fan")] == [
+            (1, "first", False),
+            (2, "fragile", True),
+            (3, "signal", False),
+        ]
+        switch.broken = False
+        sibling_done.clear()
+        record = await app.retry("fan")
+        assert record.from_seq == 2 and [e.name for e in record.removed] == ["fragile", "signal"]
+        assert await app.get_handle("fan").result(timeout=10) == [2, "fixed", "ok"]
+        assert switch.runs.count("first:fan") == 1 and switch.runs.count("sibling") == 2
+
+
+async def test_a_failed_activity_the_workflow_handled_is_kept(make_app: MakeApp) -> None:
+    """The workflow caught the failure and went on, then failed by itself: its own failure is retried,
+    the handled activity is replayed as failed."""
+    switch = Switch()
+    async with build(make_app, switch) as app:
+        second = app.activities["second"]
+        first = app.activities["first"]
+
+        @app.workflow
+        async def tolerant(ctx: geste.WorkflowContext) -> str:
+            try:
+                await second(ctx, 1)
+            except ConnectionError:
+                pass
+            value = await first(ctx, 1)
+            if switch.broken:
+                raise ValueError("not yet")
+            return f"went on with {value}"
+
+        await failed(app, "tolerant", instance_id="t")
+        switch.broken = False
+        record = await app.retry("t")
+        assert (record.from_seq, record.removed) == (3, [])
+        assert await app.get_handle("t").result(timeout=10) == "went on with 2"
+        assert [r for r in switch.runs if r.startswith("second")] == ["second:t:1", "second:t:2"]
+
+
+def test_the_retry_cut() -> None:
+    def activity(seq: int, start: float, duration: float, error: bool = False) -> HistoryRow:
+        body = {"result": 1, "attempts": 1, "started_at": start, "duration": duration}
+        return HistoryRow(seq, "activity", f"a{seq}", json.dumps(body), error, start)
+
+    def row(seq: int, kind: str, at: float) -> HistoryRow:
+        return HistoryRow(seq, kind, kind, "1", False, at)
+
+    assert retry_cut([]) == 1
+    assert retry_cut([activity(1, 0, 1), activity(2, 1, 1)]) == 3  # nothing failed
+    assert retry_cut([activity(1, 0, 1), activity(2, 1, 1, error=True)]) == 2  # the last step failed
+    # in a gather: the failed one and the siblings that started before it ended
+    gather = [activity(1, 0, 1), activity(2, 1, 5, error=True), activity(3, 1, 1), row(4, "now", 2)]
+    assert retry_cut(gather) == 2
+    two_failed = [activity(1, 1, 5, error=True), activity(2, 1, 1, error=True), activity(3, 1, 1)]
+    assert retry_cut(two_failed) == 1
+    # handled: the workflow went on after it ended, or a wait / publication came after it
+    assert retry_cut([activity(1, 0, 1, error=True), activity(2, 2, 1)]) == 3
+    assert retry_cut([activity(1, 0, 5, error=True), row(2, "publish", 1)]) == 3
+    assert retry_cut([activity(1, 0, 5, error=True), row(2, "sleep", 1)]) == 3
+    assert retry_cut([activity(1, 0, 1, error=True), activity(2, 2, 1), activity(3, 3, 1, error=True)]) == 3
+    unreadable = HistoryRow(1, "activity", "x", "not json", True, 0)
+    assert retry_cut([unreadable]) == 2  # kept: the replay reports the corruption
+    text_seq = HistoryRow("2", "now", "now", "1", False, 0)  # type: ignore[arg-type]
+    assert retry_cut([activity(1, 0, 1, error=True), text_seq]) == 2  # a step number changed by hand: none
 
 
 async def test_concurrent_retries_one_applies(make_app: MakeApp, db_url: str) -> None:

@@ -574,11 +574,12 @@ class App:
     async def retry(self, instance_id: str) -> RetryRecord:
         """Run a failed instance again from its failed step; return what the retry removed.
 
-        The activities whose last attempt failed, at the end of its history, run again (with fresh
-        attempts); every step before them is replayed as recorded, not run again. Its error is cleared
-        and a worker takes it at once. The removed rows and the error are kept (``app.retries``).
-        Raises ``geste.errors.InstanceStateError`` unless it is ``failed`` and none of its
-        compensations ran (nothing is written then): of two concurrent retries, one applies.
+        The activity whose last attempt failed at the end of its history runs again (with fresh
+        attempts, and with the activities of its ``gather``); every step before it is replayed as
+        recorded, not run again. A workflow that failed by its own exception replays all its steps.
+        Its error is cleared and a worker takes it at once. The removed rows and the error are kept
+        (``app.retries``). Raises ``geste.errors.InstanceStateError`` unless it is ``failed`` and none
+        of its compensations ran (nothing is written then): of two concurrent retries, one applies.
         """
         self._require_open()
         if not _findable(instance_id, "instance_id"):

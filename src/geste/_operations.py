@@ -30,8 +30,9 @@ logger = logging.getLogger("geste.operations")
 class RetryRecord:
     """One retry of a failed instance (``app.retry``, ``app.retries``): what it removed and cleared.
 
-    The history rows from ``from_seq`` on (the activities whose last attempt had failed, at the end of
-    the history) were removed so that those steps run again; everything before is replayed as recorded.
+    The history rows from ``from_seq`` on (the activity whose last attempt had failed at the end of the
+    history, with those of its ``gather``) were removed so that those steps run again; everything
+    before is replayed as recorded. None when the workflow failed by its own exception.
     """
 
     instance_id: str

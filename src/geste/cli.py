@@ -498,9 +498,9 @@ async def _cancel_many(database_url: str, workflow: str | None, status: str | No
 def retry(instance_id: str, database_url: str, wait: float | None, as_json: bool) -> None:
     """Run failed instance ID again from its failed step.
 
-    The activities whose last attempt failed, at the end of its history, run again; the steps before
-    them are replayed from the history, not run again. What the retry removed is kept (geste show ID).
-    An instance whose compensations ran is not retried.
+    The activity whose last attempt failed at the end of its history runs again (with those of its
+    gather); the steps before it are replayed from the history, not run again. What the retry removed
+    is kept (geste show ID). An instance whose compensations ran is not retried.
     """
 
     async def go() -> tuple[RetryRecord, Any]:

@@ -431,8 +431,8 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
         """Make a failed instance run again from its failed step, in one transaction: the history rows
-        of the activities whose last attempt failed, at its end, are removed (and kept in
-        ``geste_retries`` with the error), its outcome is cleared and it is runnable now (notified).
+        from ``retry_cut`` on are removed (and kept in ``geste_retries`` with the error), its outcome
+        is cleared and it is runnable now (notified).
         Refused, writing nothing, unless it is ``failed`` and none of its compensations ran. Concurrent
         retries serialise on the instance's row: exactly one of them applies."""
 
@@ -824,6 +824,49 @@ def instance_from_row(row: Sequence[Any]) -> InstanceRow:
         cancel_requested=bool(row[12]),
         steps=row[13],
     )
+
+
+RETRY_SAFE_KINDS = frozenset({"activity", "now", "uuid", "random"})
+"""Rows a retry may remove to have them taken again: activities (at least once, as after a crash) and the
+deterministic helpers. A received event or message, a publication, an outbox event or a subscription left
+traces outside the history (a delivery, a cursor, a claim, a stored message) that a re-run would not find
+as it left them."""
+
+
+def retry_cut(rows: Sequence[HistoryRow]) -> int:
+    """The first ``seq`` a retry of a failed instance runs again (one past the last row: none).
+
+    A failed activity (``is_error``: its last attempt failed) runs again with every row after it when all
+    those rows are activities or helpers that started before it ended: they ran alongside it (a
+    ``gather``), so none of them can be the workflow's handling of its error. The earliest such activity
+    is the cut; at the end of a history, a failed activity always is. One after which the workflow went
+    on (it caught the error) is kept: its code handled it, and the failure is the workflow's own, so
+    nothing is cut and the replay runs the workflow's current code from the end of its history.
+    """
+    numbered = sorted((r for r in rows if type(r.seq) is int), key=lambda r: r.seq)
+    cut = numbered[-1].seq + 1 if numbered else 1
+    if len(numbered) < len(rows):  # a step number changed by hand (SQLite): the replay reports it
+        return cut
+    latest = -math.inf  # the latest start among the rows after the one looked at
+    safe = True  # the rows after it are all activities or helpers
+    for row in reversed(numbered):
+        if row.kind == "activity" and row.is_error and safe:
+            end = _activity_end(row)
+            if end is not None and latest < end:
+                cut = row.seq
+        safe = safe and row.kind in RETRY_SAFE_KINDS
+        latest = max(latest, row.created_at)
+    return cut
+
+
+def _activity_end(row: HistoryRow) -> float | None:
+    """When an activity's last attempt ended (its row's start plus duration); None if unreadable."""
+    try:
+        body = json.loads(row.payload or "")
+        end = float(body["started_at"]) + float(body["duration"])
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return None
+    return end if math.isfinite(end) else None
 
 
 def removed_rows_json(rows: Sequence[HistoryRow]) -> str:

@@ -63,6 +63,7 @@ from .base import (
     message_history_payload,
     outbox_claim_from_row,
     plan_page,
+    retry_cut,
     retry_from_row,
     summary_from_row,
 )
@@ -434,9 +435,14 @@ class PostgresStorage(Storage):
             row = instance_from_row(found)
             if row.status != Status.FAILED:
                 return RetryOutcome(row)
-            if await conn.fetchval(self._q["retry_compensated"], instance_id):
+            history = [
+                HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5])
+                for r in await conn.fetch(self._q["get_history"], instance_id)
+            ]
+            if any(r.kind == "compensation" for r in history):
                 return RetryOutcome(row, compensated=True)
-            done = await conn.fetchrow(self._q["retry_instance"], instance_id, now, self.notify)
+            from_seq = retry_cut(history)
+            done = await conn.fetchrow(self._q["retry_instance"], instance_id, now, self.notify, from_seq)
             after = instance_from_row(await conn.fetchrow(self._q["get_instance"], instance_id))
             record = retry_from_row((instance_id, done[0], now, done[1], row.error, row.finished_at, done[2]))
             return RetryOutcome(after, record)

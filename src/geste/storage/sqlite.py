@@ -61,6 +61,7 @@ from .base import (
     outbox_claim_from_row,
     plan_page,
     removed_rows_json,
+    retry_cut,
     retry_from_row,
     summary_from_row,
 )
@@ -295,17 +296,15 @@ class SQLiteStorage(Storage):
             row = instance_from_row(found)
             if row.status != Status.FAILED:
                 return RetryOutcome(row)
-            if conn.execute(Q["retry_compensated"], (instance_id,)).fetchone()[0]:
+            history = self._history(conn, instance_id)
+            if any(r.kind == "compensation" for r in history):
                 return RetryOutcome(row, compensated=True)
-            from_seq = conn.execute(Q["retry_from_seq"], (instance_id,)).fetchone()[0]
-            removed = tuple(
-                HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5])
-                for r in conn.execute(Q["retry_removed_rows"], (instance_id, from_seq))
-            )
+            from_seq = retry_cut(history)
+            removed = tuple(r for r in history if type(r.seq) is int and r.seq >= from_seq)
             params = {"instance_id": instance_id, "now": now, "from_seq": from_seq}
             retry = conn.execute(Q["retry_archive"], {**params, "removed": removed_rows_json(removed)})
             number = retry.fetchone()[0]
-            conn.execute(Q["retry_delete_rows"], (instance_id, from_seq))
+            conn.executemany(Q["retry_delete_row"], [(instance_id, r.seq) for r in removed])
             conn.execute(Q["retry_reopen"], {**params, "removed": len(removed)})
             after = instance_from_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
             record = RetryRow(instance_id, number, now, from_seq, row.error, row.finished_at, removed)

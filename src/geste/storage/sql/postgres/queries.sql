@@ -85,18 +85,13 @@ SELECT instance_id, workflow_name, status, input, result, error, created_at, upd
        run_at, locked_by, lock_expires_at, cancel_requested, steps
 FROM {schema}.geste_instances WHERE instance_id = $1 FOR UPDATE;
 
--- name: retry_compensated
-SELECT EXISTS (SELECT 1 FROM {schema}.geste_history WHERE instance_id = $1 AND kind = 'compensation');
-
 -- name: retry_instance
--- A failed instance (checked under lock_instance) runs again from its failed step: the rows after the
--- last one that is not a failed activity (the activities whose last attempt failed, at the end of the
--- history) move to geste_retries with the error; it is runnable now, held by nobody, status 'waiting'
--- (not 'pending': a cancel would end a pending instance at once, without the compensations its
--- replayed steps register), and notified.
+-- A failed instance (checked under lock_instance) runs again from its failed step $4 (base.retry_cut, on
+-- the history read after the lock): the rows from it on move to geste_retries with the error; it is
+-- runnable now, held by nobody, status 'waiting' (not 'pending': a cancel would end a pending instance at
+-- once, without the compensations its replayed steps register), and notified.
 WITH cut AS (
-    SELECT COALESCE(max(seq), 0) + 1 AS from_seq FROM {schema}.geste_history
-    WHERE instance_id = $1 AND NOT (kind = 'activity' AND is_error)
+    SELECT $4::integer AS from_seq
 ), removed AS (
     DELETE FROM {schema}.geste_history h USING cut
     WHERE h.instance_id = $1 AND h.seq >= cut.from_seq

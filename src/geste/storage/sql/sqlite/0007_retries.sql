@@ -1,7 +1,7 @@
 -- geste schema, version 7 (SQLite): the audit trail of operator retries (app.retry, `geste retry`),
 -- and each worker's lock_timeout in the registry.
--- A retry of a failed instance removes the history rows of the steps that run again (the activities
--- whose last attempt failed, at the end of the history) and clears the instance's error; this table
+-- A retry of a failed instance removes the history rows of the steps that run again (the activity whose
+-- last attempt failed at the end of the history, with its gather) and clears the instance's error; this table
 -- keeps what it removed and what it cleared, one row per retry, so the story of the instance is never
 -- lost: `removed` holds the rows as JSON [[seq, kind, name, payload, is_error, created_at], ...].
 

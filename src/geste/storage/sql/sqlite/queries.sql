@@ -54,20 +54,9 @@ WHERE instance_id = :instance_id AND status IN ('pending', 'running', 'waiting',
 -- Operator actions (app.retry, app.resume): each in one BEGIN IMMEDIATE transaction with a read of
 -- the instance first, so two operators acting at once are serialised and the second sees the first's work.
 
--- name: retry_compensated
-SELECT EXISTS (SELECT 1 FROM geste_history WHERE instance_id = ? AND kind = 'compensation');
-
--- name: retry_from_seq
--- The first step a retry runs again: the one after the last row that is not a failed activity. The
--- activities whose last attempt failed, at the end of the history, run again; the rest is replayed.
-SELECT COALESCE(MAX(seq), 0) + 1 FROM geste_history
-WHERE instance_id = ? AND NOT (kind = 'activity' AND is_error);
-
--- name: retry_removed_rows
-SELECT seq, kind, name, payload, is_error, created_at FROM geste_history
-WHERE instance_id = ? AND seq >= ? ORDER BY seq;
-
 -- name: retry_archive
+-- A retry (app.retry) keeps what it removes: the rows from :from_seq on (base.retry_cut says which step
+-- runs again, from the history read in the same transaction) and the error it clears.
 INSERT INTO geste_retries (instance_id, retry, retried_at, from_seq, error, failed_at, removed)
 SELECT instance_id,
        (SELECT COALESCE(MAX(retry), 0) + 1 FROM geste_retries WHERE instance_id = :instance_id),
@@ -75,8 +64,8 @@ SELECT instance_id,
 FROM geste_instances WHERE instance_id = :instance_id
 RETURNING retry;
 
--- name: retry_delete_rows
-DELETE FROM geste_history WHERE instance_id = ? AND seq >= ?;
+-- name: retry_delete_row
+DELETE FROM geste_history WHERE instance_id = ? AND seq = ?;
 
 -- name: retry_reopen
 -- Runnable now, held by nobody, status 'waiting' (not 'pending': a cancel would end a pending instance
