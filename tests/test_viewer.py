@@ -850,3 +850,29 @@ async def test_a_cancelled_instance_shows_the_interrupted_timer_and_the_failed_c
         assert "interrupted by the cancellation" in shown and "cancellation delivered" in shown
         assert shown.index('compensation  unbook("hotel")') < shown.index('compensation  unbook("flight")')
         assert "2 attempts" in shown
+
+
+async def test_a_long_history_shows_its_first_and_last_steps(
+    make_app: MakeApp, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geste.http import _timeline
+
+    monkeypatch.setattr(_timeline, "MAX_STEPS_SHOWN", 4)
+    app = make_app(run_worker=False)
+    async with serving(app) as http:
+        await insert_instances(db_url, [("long", "w", "completed", 1e6)])
+        values = ", ".join(
+            f"('long', {seq}, 'random', 'random', '0.{seq}', false, {1e6 + seq})" for seq in range(1, 11)
+        )
+        columns = "instance_id, seq, kind, name, payload, is_error, created_at"
+        query = f"INSERT INTO geste_history ({columns}) VALUES {values}"
+        if db_url.startswith("sqlite"):
+            with contextlib.closing(sqlite3.connect(db_url.removeprefix("sqlite:///"))) as conn, conn:
+                conn.execute(query.replace("false", "0"))
+        else:
+            from .support import raw_query
+
+            await raw_query(db_url, query)
+        text = await page(http, "/ui/instances/long")
+        assert re.findall(r'id="step-(\d+)"', text) == ["1", "2", "9", "10"]
+        assert "… 6 steps not shown" in plain(text) and "History · 10 steps" in plain(text)

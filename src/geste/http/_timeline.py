@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from ._viewer import Link
 
 _UNREADABLE = object()
+MAX_STEPS_SHOWN = 2000
+"""A longer history shows its first and last thousand steps (a page of megabytes helps nobody)."""
 _WAITS = (StepKind.WAIT_EVENT, StepKind.RECEIVE)
 _OUTCOMES = (
     StepKind.EVENT,
@@ -350,18 +352,18 @@ def _timeline(
     last_seq = steps[-1].seq
     items: list[Html] = []
     compensating = False
-    for step in steps:
+    for position, step in enumerate(steps):
+        if (
+            len(steps) > MAX_STEPS_SHOWN
+            and MAX_STEPS_SHOWN // 2 <= position < len(steps) - MAX_STEPS_SHOWN // 2
+        ):
+            if position == MAX_STEPS_SHOWN // 2:
+                left_out = len(steps) - MAX_STEPS_SHOWN
+                items.append(_divider(f"… {left_out:,} steps not shown (geste show --json has them all) …"))
+            continue
         if step.kind == StepKind.COMPENSATION and not compensating:
             compensating = True
-            items.append(
-                tag(
-                    "li",
-                    tag("div", class_="at"),
-                    tag("div"),
-                    tag("div", "compensating, newest first", class_="body"),
-                    class_="divider",
-                )
-            )
+            items.append(_divider("compensating, newest first"))
         waiting_here = (
             row.status == Status.WAITING and step.seq == last_seq and step.kind in (*_WAITS, StepKind.SLEEP)
         )
@@ -395,6 +397,10 @@ def _timeline(
             )
         )
     return tag("ol", items, class_="timeline")
+
+
+def _divider(text: str) -> Html:
+    return tag("li", tag("div", class_="at"), tag("div"), tag("div", text, class_="body"), class_="divider")
 
 
 def _kind(kind: str) -> StepKind | str:
