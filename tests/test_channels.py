@@ -43,6 +43,7 @@ from geste.errors import (
     WorkflowCancelled,
     WorkflowFailed,
 )
+from geste.storage.base import Claims
 from geste.storage.postgres import parse_postgres_url
 
 from .support import MovableClock
@@ -610,9 +611,9 @@ def test_the_listener_turns_a_channel_message_into_a_batch_of_message_size() -> 
 
         async def claim(
             self, worker_id: str, now: float, expires: float, limit: int, *, due_before: float | None = None
-        ) -> list[Any]:
+        ) -> Claims:
             self.limits.append(limit)
-            return []
+            return Claims()
 
         async def next_run_at(self) -> None:
             return None
