@@ -817,7 +817,9 @@ SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries);
 -- Keyset pages of instances, newest first by (created_at, instance_id): one query per filter
 -- combination, each with its own index, so that a prepared statement's plan never depends on which
 -- filters are set. The key bounds the page on one side and the created_at range on the other (the
--- caller folds the range's other end into the key).
+-- caller folds the range's other end into the key). The row comparison starts with the filter's
+-- equality columns, as the index does: PostgreSQL takes a row comparison as an index condition only
+-- from the index's first column on (else it reads the filter's whole range and filters it).
 
 -- name: page_instances_all_older
 -- Through geste_instances_by_created: a range scan of the index, from the key down.
@@ -842,8 +844,8 @@ LIMIT $4;
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
        cancel_requested, steps, substr(input, 1, $5)
 FROM {schema}.geste_instances
-WHERE (created_at, instance_id) < ($1, $2) AND created_at >= $3
-  AND workflow_name = $6
+WHERE (workflow_name, created_at, instance_id) < ($6, $1, $2)
+  AND workflow_name = $6 AND created_at >= $3
 ORDER BY created_at DESC, instance_id DESC
 LIMIT $4;
 
@@ -852,8 +854,8 @@ LIMIT $4;
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
        cancel_requested, steps, substr(input, 1, $5)
 FROM {schema}.geste_instances
-WHERE (created_at, instance_id) > ($1, $2) AND created_at < $3
-  AND workflow_name = $6
+WHERE (workflow_name, created_at, instance_id) > ($6, $1, $2)
+  AND workflow_name = $6 AND created_at < $3
 ORDER BY created_at, instance_id
 LIMIT $4;
 
@@ -862,8 +864,8 @@ LIMIT $4;
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
        cancel_requested, steps, substr(input, 1, $5)
 FROM {schema}.geste_instances
-WHERE (created_at, instance_id) < ($1, $2) AND created_at >= $3
-  AND status = $6
+WHERE (status, created_at, instance_id) < ($6, $1, $2)
+  AND status = $6 AND created_at >= $3
 ORDER BY created_at DESC, instance_id DESC
 LIMIT $4;
 
@@ -872,8 +874,8 @@ LIMIT $4;
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
        cancel_requested, steps, substr(input, 1, $5)
 FROM {schema}.geste_instances
-WHERE (created_at, instance_id) > ($1, $2) AND created_at < $3
-  AND status = $6
+WHERE (status, created_at, instance_id) > ($6, $1, $2)
+  AND status = $6 AND created_at < $3
 ORDER BY created_at, instance_id
 LIMIT $4;
 
@@ -882,8 +884,8 @@ LIMIT $4;
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
        cancel_requested, steps, substr(input, 1, $5)
 FROM {schema}.geste_instances
-WHERE (created_at, instance_id) < ($1, $2) AND created_at >= $3
-  AND workflow_name = $6 AND status = $7
+WHERE (workflow_name, status, created_at, instance_id) < ($6, $7, $1, $2)
+  AND workflow_name = $6 AND status = $7 AND created_at >= $3
 ORDER BY created_at DESC, instance_id DESC
 LIMIT $4;
 
@@ -892,18 +894,21 @@ LIMIT $4;
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
        cancel_requested, steps, substr(input, 1, $5)
 FROM {schema}.geste_instances
-WHERE (created_at, instance_id) > ($1, $2) AND created_at < $3
-  AND workflow_name = $6 AND status = $7
+WHERE (workflow_name, status, created_at, instance_id) > ($6, $7, $1, $2)
+  AND workflow_name = $6 AND status = $7 AND created_at < $3
 ORDER BY created_at, instance_id
 LIMIT $4;
 
 -- name: count_instances_all
 -- Per status (the names in $4), at most $3 entries of geste_instances_by_status read: a count that
--- costs the same on a million instances as on a thousand, and says "at least $3" beyond.
+-- costs the same on a million instances as on a thousand, and says "at least $3" beyond. The ORDER BY
+-- is the index's: without it a plan made for a frequent status (a generic one: the status comes from
+-- the outer row) may scan the table and stop at the limit, which for a rare status reads it all.
 SELECT s.status, (
     SELECT count(*) FROM (
         SELECT 1 FROM {schema}.geste_instances i
         WHERE i.status = s.status AND i.created_at >= $1 AND i.created_at < $2
+        ORDER BY i.created_at
         LIMIT $3
     ) AS capped
 )
@@ -915,6 +920,7 @@ SELECT s.status, (
     SELECT count(*) FROM (
         SELECT 1 FROM {schema}.geste_instances i
         WHERE i.workflow_name = $5 AND i.status = s.status AND i.created_at >= $1 AND i.created_at < $2
+        ORDER BY i.created_at
         LIMIT $3
     ) AS capped
 )

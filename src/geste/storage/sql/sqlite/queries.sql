@@ -476,7 +476,8 @@ DELETE FROM geste_events WHERE seq IN (
 -- Keyset pages of instances, newest first by (created_at, instance_id): one query per filter
 -- combination, each with its own index, so that a prepared statement's plan never depends on which
 -- filters are set. The key bounds the page on one side and the created_at range on the other (the
--- caller folds the range's other end into the key).
+-- caller folds the range's other end into the key). SQLite takes the row comparison on the index's
+-- columns after the equality ones as the range of the scan (PostgreSQL wants them in the row too).
 
 -- name: page_instances_all_older
 -- Through geste_instances_by_created: a range scan of the index, from the key down.
@@ -558,11 +559,13 @@ LIMIT :limit;
 
 -- name: count_instances_all
 -- Per status, at most :cap entries of geste_instances_by_status read: a count that costs the same on a
--- million instances as on a thousand, and says "at least :cap" beyond.
+-- million instances as on a thousand, and says "at least :cap" beyond. The ORDER BY is the index's,
+-- so that no plan scans the table instead.
 SELECT s.status, (
     SELECT count(*) FROM (
         SELECT 1 FROM geste_instances i
         WHERE i.status = s.status AND i.created_at >= :lo AND i.created_at < :hi
+        ORDER BY i.created_at
         LIMIT :cap
     )
 )
@@ -575,6 +578,7 @@ SELECT s.status, (
         SELECT 1 FROM geste_instances i
         WHERE i.workflow_name = :workflow_name AND i.status = s.status
           AND i.created_at >= :lo AND i.created_at < :hi
+        ORDER BY i.created_at
         LIMIT :cap
     )
 )
