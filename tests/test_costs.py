@@ -15,6 +15,8 @@ import geste
 from geste.storage.postgres import PostgresStorage
 from geste.storage.sqlite import SQLiteStorage
 
+from .support import wait_until
+
 WRITES = ("create_instance", "claim", "renew", "release", "record", "suspend", "finish")
 
 
@@ -106,3 +108,51 @@ async def test_a_claim_round_is_one_round_trip(
             assert await worker.get_handle(handle.instance_id).result(timeout=10) == i + 3
         assert worker._worker is not None and worker._worker.claim_rounds >= 1
     assert asked == []
+
+
+async def test_awaiting_a_result_completed_here_reads_nothing(
+    make_app: Callable[..., geste.App], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine hands a completion's committed result to the App: ``result()`` of an instance this
+    process completed needs no read. Large results, and the oldest past the bound, are read again."""
+    import geste._app
+
+    reads: list[str] = []
+    for cls in (SQLiteStorage, PostgresStorage):
+        original = cls.get_instance
+
+        async def get_instance(self: Any, instance_id: str, original: Any = original) -> Any:
+            reads.append(instance_id)
+            return await original(self, instance_id)
+
+        monkeypatch.setattr(cls, "get_instance", get_instance)
+    monkeypatch.setattr(geste._app, "COMPLETED_KEPT", 3)
+    app = make_app()
+
+    @app.workflow
+    async def echo(ctx: geste.WorkflowContext, value: str) -> dict[str, str]:
+        return {"echo": value}
+
+    async with app:
+        small = []
+        for i in range(4):  # one after the other: completed in this order
+            small.append(await echo.start(str(i)))
+            await _wait_ended(app, small[-1].instance_id)
+        big = await echo.start("x" * 3000)
+        await _wait_ended(app, big.instance_id)
+        reads.clear()
+        assert [await h.result(timeout=10) for h in small[1:]] == [{"echo": str(i)} for i in range(1, 4)]
+        assert reads == []  # the latest three, kept
+        assert await small[0].result(timeout=10) == {"echo": "0"}  # dropped from the bound: read
+        assert await big.result(timeout=10) == {"echo": "x" * 3000}  # too large to keep: read
+        assert reads == [small[0].instance_id, big.instance_id]
+
+
+async def _wait_ended(app: geste.App, instance_id: str) -> None:
+    """Until the instance ended (seen through the listing, which is not ``get_instance``)."""
+
+    async def ended() -> bool:
+        rows = await app.storage.list_instances(limit=10_000)
+        return any(r.instance_id == instance_id and r.status.is_finished for r in rows)
+
+    await wait_until(ended, f"{instance_id} ended")

@@ -54,6 +54,10 @@ logger = logging.getLogger("geste.app")
 
 DEFAULT_URL = "sqlite:///geste.db"
 MAX_ID_LENGTH = 200
+COMPLETED_KEPT = 5_000
+COMPLETED_KEPT_SIZE = 2_048
+"""Results of instances completed in this process kept for ``result()``: the latest 5,000 of at most
+2 KiB each (10 MiB at worst); a larger result is read from the database."""
 
 
 def _check_id(value: object, what: str) -> str:
@@ -155,6 +159,9 @@ class App:
         self._worker: Worker | None = None
         self._open = False
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._completed: dict[str, tuple[str, str]] = {}
+        """Workflow name and stored result of instances this process completed lately (a completion is
+        final): ``result()`` of one of them needs no read. Oldest dropped past ``COMPLETED_KEPT``."""
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
         self._listener: Listener | None = None
@@ -172,6 +179,7 @@ class App:
             on_finished=self._on_finished,
             metrics=self.metrics,
         )
+        self._engine.on_completed = self._on_completed
 
     # -- registration ------------------------------------------------------------------------------
     @overload
@@ -764,6 +772,9 @@ class App:
         loop = asyncio.get_running_loop()
         while True:
             self._require_open()
+            completed = self._completed.get(instance_id)
+            if completed is not None:  # completed here: the committed result, without a read
+                return self._completed_value(*completed)
             future: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault(instance_id, []).append(future)
             try:
@@ -791,11 +802,14 @@ class App:
                     if not waiters:
                         del self._waiters[instance_id]
 
+    def _completed_value(self, workflow_name: str, result: str | None) -> Any:
+        workflow = self._workflows.get(workflow_name)
+        value = decode(result)
+        return value if workflow is None else workflow.signature.load_result(value)
+
     def _outcome(self, row: InstanceRow) -> Any:
         if row.status == Status.COMPLETED:
-            workflow = self._workflows.get(row.workflow_name)
-            value = decode(row.result)
-            return value if workflow is None else workflow.signature.load_result(value)
+            return self._completed_value(row.workflow_name, row.result)
         error = decode(row.error) or {}
         if row.status == Status.CANCELLED:
             raise WorkflowCancelled(f"workflow instance {row.instance_id} was cancelled")
@@ -806,6 +820,13 @@ class App:
     def _on_suspended(self, instance_id: str, run_at: float | None) -> None:
         if run_at is not None and self._worker is not None:
             self._worker.wakeups.wake_at(run_at)
+
+    def _on_completed(self, instance_id: str, workflow_name: str, result: str) -> None:
+        if len(result) > COMPLETED_KEPT_SIZE:
+            return
+        if len(self._completed) >= COMPLETED_KEPT:
+            del self._completed[next(iter(self._completed))]
+        self._completed[instance_id] = (workflow_name, result)
 
     def _on_finished(self, instance_id: str) -> None:
         for future in self._waiters.get(instance_id, ()):

@@ -57,6 +57,9 @@ class Engine:
         self.max_payload_bytes = max_payload_bytes
         self.on_suspended = on_suspended
         self.on_finished = on_finished
+        self.on_completed: Callable[[str, str, str], None] = lambda _id, _workflow, _result: None
+        """Called with the instance id, workflow name and stored result once a completion committed: the
+        App keeps it, so that awaiting a result this process produced costs no read."""
         self.on_channel_woken: Callable[[], None] = lambda: None
         """Called after a step published a message that made receivers runnable: the App pokes its worker."""
         self.on_outbox: Callable[[str], None] = lambda _event_id: None
@@ -90,14 +93,19 @@ class Engine:
             cancel_requested=claim.cancel_requested,
         )
         try:
-            await self._drive(ctx, workflow, claim.input)
+            result = await self._drive(ctx, workflow, claim.input)
         except (Suspended, Abandon) as signal:
             if isinstance(signal, Abandon):
                 await self._abandon(ctx, signal)
             return
+        if result is not None:
+            self.on_completed(instance_id, claim.workflow_name, result)
         self.on_finished(instance_id)
 
-    async def _drive(self, ctx: WorkflowContext, workflow: Workflow[Any, Any], stored_input: str) -> None:
+    async def _drive(
+        self, ctx: WorkflowContext, workflow: Workflow[Any, Any], stored_input: str
+    ) -> str | None:
+        """Run the workflow's code to its end (or a suspension, raised); the stored result if it completed."""
         try:
             args, kwargs = workflow.signature.load_args(decode(stored_input))
             result = await workflow.fn(ctx, *args, **kwargs)
@@ -106,16 +114,17 @@ class Engine:
             # Leave the history as it is: an operator decides (fix the code and retry, or cancel).
             logger.error("instance %s stopped: %s", ctx.instance_id, exc)
             await self._finish(ctx, [], Status.FAILED, error=encode_error(exc))
-            return
+            return None
         except Exception as exc:
             if ctx._divergence is None:
                 await self._fail(ctx, exc)
-                return
+                return None
         if ctx._divergence is not None:  # raised, then swallowed by the workflow's own code
             logger.error("instance %s stopped: %s", ctx.instance_id, ctx._divergence)
             await self._finish(ctx, [], Status.FAILED, error=encode_error(ctx._divergence))
-            return
+            return None
         await self._finish(ctx, ctx._pending, Status.COMPLETED, result=encoded)
+        return encoded
 
     async def _fail(self, ctx: WorkflowContext, exc: Exception) -> None:
         cancelled = isinstance(exc, WorkflowCancelled)
