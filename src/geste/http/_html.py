@@ -38,30 +38,38 @@ def escape(value: object) -> str:
 
 
 def render(child: Child) -> str:
+    kind = type(child)
+    if kind is Html:
+        return child  # type: ignore[return-value]
+    if kind is str:
+        return escape(child)
     if child is None:
         return ""
-    if isinstance(child, Html):
-        return str(child)
-    if isinstance(child, str):
-        return escape(child)
+    if isinstance(child, str):  # Html, or another str subclass: text unless it is Html
+        return str(child) if isinstance(child, Html) else escape(child)
     if isinstance(child, int | float):
         return escape(child)
-    return "".join(render(item) for item in child)
+    return "".join([render(item) for item in child])
+
+
+_ATTRIBUTES: dict[str, str] = {}
+"""Keyword to attribute name (``class_`` → ``class``, ``data_x`` → ``data-x``), as met."""
 
 
 def tag(element: str, /, *children: Child, **attrs: str | int | bool | None) -> Html:
     """``<element attrs>children</element>``. ``class_`` is ``class``, ``data_x`` is ``data-x``; ``True``
     writes a bare attribute, ``None`` and ``False`` leave it out."""
-    parts = [element]
+    opening = "<" + element
     for key, value in attrs.items():
         if value is None or value is False:
             continue
-        attribute = key.rstrip("_").replace("_", "-")
-        parts.append(attribute if value is True else f'{attribute}="{escape(value)}"')
-    opening = f"<{' '.join(parts)}>"
+        attribute = _ATTRIBUTES.get(key)
+        if attribute is None:
+            attribute = _ATTRIBUTES[key] = key.rstrip("_").replace("_", "-")
+        opening += f" {attribute}" if value is True else f' {attribute}="{escape(value)}"'
     if element in _VOID:
-        return Html(opening)
-    return Html(f"{opening}{render(children)}</{element}>")
+        return Html(opening + ">")
+    return Html(f"{opening}>{render(children)}</{element}>")
 
 
 def join(children: Iterable[Child], separator: Child = ", ") -> Html:
@@ -101,22 +109,23 @@ def code_block(value: Any, *, class_: str = "json") -> Html:
 
 
 # -- times --------------------------------------------------------------------------------------------
+def _moment(ts: float) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d} UTC"
+
+
 def utc(ts: float | None) -> str:
     """``2026-11-26 14:03:12.345 UTC``; an empty string for None."""
     if ts is None or not math.isfinite(ts):
         return ""
-    try:
-        moment = datetime.fromtimestamp(ts, UTC)
-    except (OverflowError, OSError, ValueError):
-        return f"{ts!r} (Unix seconds)"
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d} UTC"
-
-
-def iso(ts: float) -> str:
-    try:
-        return datetime.fromtimestamp(ts, UTC).isoformat()
-    except (OverflowError, OSError, ValueError):
-        return ""
+    moment = _moment(ts)
+    return f"{ts!r} (Unix seconds)" if moment is None else _utc_text(moment)
 
 
 def duration(seconds: float) -> str:
@@ -153,4 +162,7 @@ def when(ts: float | None, now: float) -> Html:
     """A ``<time>``: relative to ``now``, with the UTC time as its tooltip."""
     if ts is None:
         return raw('<span class="muted">—</span>')
-    return tag("time", relative(ts, now), datetime=iso(ts), title=utc(ts))
+    moment = _moment(ts) if math.isfinite(ts) else None
+    if moment is None:
+        return tag("time", utc(ts))
+    return tag("time", relative(ts, now), datetime=moment.isoformat(), title=_utc_text(moment))
