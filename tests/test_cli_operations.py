@@ -148,7 +148,7 @@ def test_geste_retry(cli: Cli, db_url: str, markers: Path, worker: subprocess.Po
         f'result: {{"value": 50, "pid": {worker.pid}}}',
     ]
     assert (markers / "first-r1").read_text().splitlines() == [str(worker.pid)]
-    refused(cli("retry", "r1"), 1, "workflow instance 'r1' is completed, not failed")
+    refused(cli("retry", "r1"), 1, "workflow instance 'r1' is completed (retry 1 at ", "UTC), not failed")
     refused(cli("retry", "nope"), 1, "no workflow instance with id 'nope'")
 
     shown = ok(cli("show", "r1")).splitlines()

@@ -264,8 +264,10 @@ async def test_concurrent_retries_one_applies(make_app: MakeApp, db_url: str) ->
         records = [o for o in outcomes if isinstance(o, geste.RetryRecord)]
         refused = [o for o in outcomes if isinstance(o, InstanceStateError)]
         assert len(records) == 1 and len(refused) == 3, outcomes
-        for error in refused:
-            assert "not failed: only a failed instance can be retried" in str(error)
+        for error in refused:  # the losers are told of the winner's retry
+            assert "(retry 1 at " in str(
+                error
+            ) and "not failed: only a failed instance can be retried" in str(error)
             assert error.status in ("waiting", "running", "completed")
         assert await app.get_handle("c").result(timeout=10) == 20
         assert len(await app.retries("c")) == 1
@@ -581,7 +583,7 @@ async def test_retry_and_resume_over_http(make_app: MakeApp, db_url: str) -> Non
             answer = await http.post("/instances/a%2Fb/retry")
             assert answer.status_code == 409
             assert answer.json()["error"]["type"] == "InstanceStateError"
-            assert "is completed, not failed" in answer.json()["error"]["message"]
+            assert "is completed (retry 1 at " in answer.json()["error"]["message"]
             assert (await http.post("/instances/nope/retry")).status_code == 404
             assert (await http.post("/instances/a%2Fb/retry?x=1")).status_code == 400
 

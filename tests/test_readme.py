@@ -25,7 +25,7 @@ EXPECTED = {
         "failed: carrier API down",
         "retry 1 from step 2 ['ship']",
         "shipped R-lamp",
-        "is completed, not failed",
+        "is completed (retry 1 at ",
     ],
     5: ["shipped", "delivered order.shipped ORD-7:1 {'order_id': 'ORD-7'}", "ORD-7:1 delivered 1 None"],
     6: ["published 3 readings", "max 22.0 of [20.5, 22.0, 21.5]"],

@@ -1,9 +1,10 @@
-"""Operator actions on one instance: retry a failed one from its failed step, resume a stuck one.
+"""Operator actions: retry a failed instance from its failed step, resume a stuck one, and the listing
+and cancelling behind ``geste cancel``'s filters.
 
-Each is one storage transaction that re-reads the instance under its lock (``BEGIN IMMEDIATE`` on SQLite,
-``SELECT ... FOR UPDATE`` on PostgreSQL), so two operators acting at once are serialised: one applies,
-the other gets a typed error saying why. What each may and may not do: docs/design.md, "Operator
-actions".
+Retry and resume are each one storage transaction that re-reads the instance under its lock (``BEGIN
+IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL), so two operators acting at once are
+serialised: one applies, the other gets a typed error saying why. What each may and may not do:
+docs/design.md, "Operator actions".
 """
 
 from __future__ import annotations
@@ -76,8 +77,12 @@ async def retry(storage: Storage, instance_id: str, now: float) -> RetryRecord:
                 "start a new instance instead"
             )
         else:
+            retried = ""
+            if outcome.last_retry is not None:
+                number, at = outcome.last_retry
+                retried = f" (retry {number} at {to_datetime(at):%Y-%m-%d %H:%M:%S} UTC)"
             message = (
-                f"workflow instance {instance_id!r} is {status.value}, not failed: "
+                f"workflow instance {instance_id!r} is {status.value}{retried}, not failed: "
                 "only a failed instance can be retried"
             )
         raise InstanceStateError(instance_id, status.value, message)

@@ -170,6 +170,8 @@ class RetryOutcome:
     instance: InstanceRow | None
     record: RetryRow | None = None
     compensated: bool = False
+    last_retry: tuple[int, float] | None = None
+    """When refused: the number and time of the instance's latest retry, if any (a concurrent one)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -434,7 +434,8 @@ class PostgresStorage(Storage):
                 return RetryOutcome(None)
             row = instance_from_row(found)
             if row.status != Status.FAILED:
-                return RetryOutcome(row)
+                last = await conn.fetchrow(self._q["last_retry"], instance_id)
+                return RetryOutcome(row, last_retry=None if last is None else (last[0], last[1]))
             history = [
                 HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5])
                 for r in await conn.fetch(self._q["get_history"], instance_id)

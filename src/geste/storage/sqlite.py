@@ -295,7 +295,8 @@ class SQLiteStorage(Storage):
                 return RetryOutcome(None)
             row = instance_from_row(found)
             if row.status != Status.FAILED:
-                return RetryOutcome(row)
+                last = conn.execute(Q["last_retry"], (instance_id,)).fetchone()
+                return RetryOutcome(row, last_retry=None if last is None else (last[0], last[1]))
             history = self._history(conn, instance_id)
             if any(r.kind == "compensation" for r in history):
                 return RetryOutcome(row, compensated=True)

@@ -120,6 +120,9 @@ WITH cut AS (
 )
 SELECT retry, from_seq, removed, (SELECT count(*) FROM notified) FROM archived;
 
+-- name: last_retry
+SELECT retry, retried_at FROM {schema}.geste_retries WHERE instance_id = $1 ORDER BY retry DESC LIMIT 1;
+
 -- name: list_retries
 SELECT instance_id, retry, retried_at, from_seq, error, failed_at, removed
 FROM {schema}.geste_retries WHERE instance_id = $1 ORDER BY retry;

@@ -75,6 +75,9 @@ SET status = 'waiting', result = NULL, error = NULL, finished_at = NULL, run_at 
     steps = steps - :removed
 WHERE instance_id = :instance_id AND status = 'failed';
 
+-- name: last_retry
+SELECT retry, retried_at FROM geste_retries WHERE instance_id = ? ORDER BY retry DESC LIMIT 1;
+
 -- name: list_retries
 SELECT instance_id, retry, retried_at, from_seq, error, failed_at, removed
 FROM geste_retries WHERE instance_id = ? ORDER BY retry;
