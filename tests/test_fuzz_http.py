@@ -177,13 +177,17 @@ async def call(
 
 
 def assert_answered(answer: Answer) -> None:
-    """One complete JSON response, its length right, never a traceback."""
+    """One complete JSON response (or the Prometheus text of a GET /metrics), its length right, never a
+    traceback."""
     assert [m["type"] for m in answer.messages] == ["http.response.start", "http.response.body"], answer
     assert not answer.messages[1].get("more_body", False)
-    assert answer.headers["content-type"] == "application/json"
     assert int(answer.headers["content-length"]) == len(answer.body)
-    assert answer.body.isascii()
     assert b"Traceback" not in answer.body and b'File "' not in answer.body
+    if answer.headers["content-type"] == geste.Metrics.CONTENT_TYPE:
+        assert answer.status == 200 and answer.body.startswith(b"# HELP geste_"), answer
+        return
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.body.isascii()
     answer.json()
 
 
@@ -1340,6 +1344,7 @@ async def test_an_unexpected_exception_on_any_route_is_a_generic_500_never_raise
             "resume",
         ):
             monkeypatch.setattr(app, name, broken)
+        monkeypatch.setattr(app.metrics, "exposition", broken)
         for method, pattern in routes(asgi):
             if pattern == ("health",):
                 continue
