@@ -1118,8 +1118,8 @@ class PostgresStorage(Storage):
             if which.workflow_name is None:
                 rows = await conn.fetch(self._q["count_instances_all"], lo, hi, cap, statuses)
             else:
-                query = self._q["count_instances_workflow"]
-                rows = await conn.fetch(query, lo, hi, cap, statuses, which.workflow_name)
+                name = which.workflow_name
+                rows = await conn.fetch(self._q["count_instances_workflow"], lo, hi, cap, statuses, name)
             return {Status(status): n for status, n in rows}
 
         return await self._read(go)

@@ -944,8 +944,8 @@ class SQLiteStorage(Storage):
             "statuses": json.dumps([str(status) for status in Status]),
             "workflow_name": which.workflow_name,
         }
-        query = Q["count_instances_all" if which.workflow_name is None else "count_instances_workflow"]
-        return await self._call(lambda c: {Status(s): n for s, n in c.execute(query, params)})
+        name = "count_instances_all" if which.workflow_name is None else "count_instances_workflow"
+        return await self._call(lambda c: {Status(s): n for s, n in c.execute(Q[name], params)})
 
     async def workflow_names(self, *, limit: int) -> list[str]:
         return await self._call(lambda c: [r[0] for r in c.execute(Q["workflow_names"], {"limit": limit})])
