@@ -195,3 +195,26 @@ def test_every_postgres_test_fails_without_a_server(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(conftest, "POSTGRES_URL", "postgresql://postgres@127.0.0.1:1/test")
     with pytest.raises(RuntimeError, match="does not answer"):
         conftest._admin("SELECT 1")
+
+
+async def test_a_migration_and_those_waiting_for_it_outlast_the_command_timeout(pg_url: str) -> None:
+    """An upgrade that builds indexes on a big table takes minutes: neither it nor the processes waiting
+    for its lock are cut off by ``command_timeout`` (cut off, it would roll back and start over)."""
+    slow = with_query(pg_url, command_timeout="0.3")
+    holder = await asyncpg.connect(POSTGRES_URL)
+    try:  # another process migrating: it holds the lock for longer than the command timeout
+        await holder.execute(
+            "SELECT pg_advisory_lock(hashtextextended($1, 0))", f"geste_migrate:{_schema(pg_url)}"
+        )
+        storage = PostgresStorage(slow)
+        opening = asyncio.create_task(storage.open())
+        await asyncio.sleep(1.0)  # three command timeouts: the open must still be waiting, not failed
+        assert not opening.done()
+        await holder.execute("SELECT pg_advisory_unlock_all()")
+        await asyncio.wait_for(opening, 30)
+        try:
+            assert await storage.schema_version() == SCHEMA_VERSION
+        finally:
+            await storage.close()
+    finally:
+        await holder.close()

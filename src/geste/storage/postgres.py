@@ -78,6 +78,8 @@ _MIGRATIONS = load_migrations("postgres")
 _MIGRATION_NAMES = migration_names("postgres")
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+MIGRATION_TIMEOUT = 24 * 3600.0
+"""How long a migration (and a process waiting for another's) may take: no ``command_timeout``."""
 _OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout", "application_name"}
 _T = TypeVar("_T")
 
@@ -318,7 +320,9 @@ class PostgresStorage(Storage):
     async def _migrate(self, conn: Conn) -> None:
         """Apply pending migrations under an advisory lock, so workers starting together migrate once."""
         key = f"geste_migrate:{self.schema}"
-        await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+        # Not under command_timeout: an index build on a big table (migration 6) takes minutes, and the
+        # workers starting meanwhile wait for this lock; cut off, the upgrade would roll back and start over.
+        await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key, timeout=MIGRATION_TIMEOUT)
         try:
             async with conn.transaction():
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
@@ -329,7 +333,7 @@ class PostgresStorage(Storage):
                 for index, (number, script) in enumerate(pending, 1):
                     name = _MIGRATION_NAMES.get(number, f"{number:04}")
                     self._announce(MigrationStep(number, name, index, len(pending), False))
-                    await conn.execute(script)
+                    await conn.execute(script, timeout=MIGRATION_TIMEOUT)
                     await conn.execute(self._q["set_meta"], "schema_version", str(number))
                     self._announce(MigrationStep(number, name, index, len(pending), True))
                 if version == 0:
