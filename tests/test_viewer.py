@@ -328,6 +328,8 @@ async def test_bad_list_parameters_get_a_400_page(make_app: MakeApp) -> None:
             ({"limit": "0"}, "limit must be"),
             ({"limit": "100000"}, "limit must be"),
             ({"from": "yesterday"}, "from must be a date"),
+            ({"from": "0001-01-01T00:00+05:00"}, "from must be a date"),  # before year 1 in UTC
+            ({"to": "9999-12-31T23:59-05:00"}, "to must be a date"),  # after year 9999 in UTC
             ({"before": "nope"}, "page key"),
             ({"before": "inf:x"}, "page key"),
             ({"before": "1.0:a", "after": "2.0:b"}, "not both"),

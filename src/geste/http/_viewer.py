@@ -393,15 +393,16 @@ def _moment(text: str, name: str) -> tuple[float | None, str]:
         return None, ""
     try:
         moment = datetime.fromisoformat(text.replace(" ", "T", 1))
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        moment = moment.astimezone(UTC)  # OverflowError past year 1 or 9999 once in UTC
+        stamp = moment.timestamp()
+    except (ValueError, OverflowError):
         raise bad_request(
             f"{name} must be a date and time like 2026-05-01T12:00 (UTC), not {text!r}"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    moment = moment.astimezone(UTC)
     shown = moment.strftime("%Y-%m-%dT%H:%M:%S" if moment.second or moment.microsecond else "%Y-%m-%dT%H:%M")
-    return moment.timestamp(), shown
+    return stamp, shown
 
 
 def key_text(row: InstanceSummary) -> str:
