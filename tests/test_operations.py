@@ -467,6 +467,9 @@ async def test_a_live_workers_lease_is_broken_only_when_forced_and_its_result_is
         assert (refused.value.worker_id, refused.value.status) == ("worker-a", "running")
         assert "--force" in str(refused.value)
         assert (await a.get_instance("h")).locked_by == "worker-a"
+        with pytest.raises(geste.errors.ConfigurationError, match="force must be True or False"):
+            await a.resume("h", force=1)  # type: ignore[arg-type]
+        assert (await a.get_instance("h")).locked_by == "worker-a"
 
         forced = await a.resume("h", force=True)
         assert forced.lease_broken_from == "worker-a"

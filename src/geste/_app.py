@@ -616,10 +616,12 @@ class App:
         writing. A finished instance raises ``geste.errors.InstanceStateError``.
         """
         self._require_open()
+        if not isinstance(force, bool):  # force=1 or "yes" must not quietly mean no, nor break a lease
+            raise ConfigurationError(f"force must be True or False, not {force!r}")
         if not _findable(instance_id, "instance_id"):
             raise InstanceNotFoundError(instance_id)
         result = await _operations.resume(
-            self.storage, instance_id, self.clock(), lock_timeout=self.lock_timeout, force=force is True
+            self.storage, instance_id, self.clock(), lock_timeout=self.lock_timeout, force=force
         )
         if self._worker is not None:
             self._worker.poke()
