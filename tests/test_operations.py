@@ -607,3 +607,25 @@ async def test_retry_and_resume_over_http(make_app: MakeApp, db_url: str) -> Non
             assert (answer.status_code, answer.json()["error"]["type"]) == (409, "InstanceStateError")
             assert (await http.post("/instances/nope/resume")).status_code == 404
             assert (await http.get("/instances/w/resume")).status_code == 405
+
+
+async def test_a_bulk_cancel_lists_every_match_once_across_keyset_pages(make_app: MakeApp) -> None:
+    """The listing pages by creation key (the viewer's indexes): pages smaller than the matches still
+    find each instance once; a status or a name nothing has finds none, a name no database holds too."""
+    from geste import _operations
+
+    app = make_app(run_worker=False)
+
+    @app.workflow
+    async def idle(ctx: geste.WorkflowContext) -> None:
+        await ctx.wait_event("never")
+
+    async with app:
+        ids = [(await idle.start_with_id(f"i{n:02}")).instance_id for n in range(12)]
+        await app.cancel("i03")  # asked already: not listed again
+        listing, every = _operations.cancellable, _operations.CANCELLABLE
+        found = await listing(app, workflow="idle", statuses=every, page=5)
+        assert sorted(found) == sorted(set(ids) - {"i03"})
+        assert await listing(app, workflow=None, statuses=[geste.Status.WAITING], page=5) == []  # pending
+        assert await listing(app, workflow="other", statuses=every) == []
+        assert await listing(app, workflow="a\x00b", statuses=every) == []

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ._definitions import storable_text
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
 from ._serde import decode
 from .errors import InstanceLeasedError, InstanceNotFoundError, InstanceStateError
-from .storage.base import HistoryRow, RetryRow, Storage
+from .storage.base import HistoryRow, InstanceFilter, RetryRow, Storage
 
 if TYPE_CHECKING:
     from ._app import App
@@ -139,30 +140,28 @@ CANCELLABLE = (Status.PENDING, Status.RUNNING, Status.WAITING)
 
 
 async def cancellable(
-    app: App, *, workflow: str | None, statuses: Sequence[Status], page: int = 1000, passes: int = 3
+    app: App, *, workflow: str | None, statuses: Sequence[Status], page: int = 1000
 ) -> list[str]:
     """Ids of the instances of ``workflow`` (any when None) in ``statuses`` not yet asked to cancel.
 
-    The listing pages by offset while other processes change statuses, which can shift an instance
-    past a page boundary: the listing is done again (up to ``passes`` times) until a pass finds no
-    new one. Instances started after the last pass are not included.
+    Keyset pages (newest first, by creation key, through the indexes the viewer uses): one index range
+    scan per page however deep, and an instance whose status changes meanwhile is neither skipped nor
+    listed twice within its status. Instances started after the listing began are not included.
     """
+    if workflow is not None and not storable_text(workflow):
+        return []  # a name no database could hold (NUL, a lone surrogate): no instance has it
     found: dict[str, None] = {}
-    for _ in range(passes):
-        added = 0
-        for status in statuses:
-            offset = 0
-            while True:
-                infos = await app.list_instances(workflow=workflow, status=status, limit=page, offset=offset)
-                for info in infos:
-                    if not info.cancel_requested and info.instance_id not in found:
-                        found[info.instance_id] = None
-                        added += 1
-                if len(infos) < page:
-                    break
-                offset += page
-        if not added:
-            break
+    for status in statuses:
+        which = InstanceFilter(workflow_name=workflow, status=status)
+        before: tuple[float, str] | None = None
+        while True:
+            rows = await app.storage.page_instances(which, before=before, limit=page)
+            for row in rows:
+                if not row.cancel_requested:
+                    found[row.instance_id] = None
+            if len(rows) < page:
+                break
+            before = (rows[-1].created_at, rows[-1].instance_id)
     return list(found)
 
 
