@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import os
 from typing import TYPE_CHECKING
 
+from ._access import bearer_matches, is_address_or_localhost, resolve_token
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -27,7 +26,6 @@ MAX_HEAD = 16 * 1024
 """The most bytes of request line and headers read; a longer head is refused with 431."""
 READ_TIMEOUT = 10.0
 """Seconds a client has to send its request head."""
-TOKEN_ENV = "GESTE_HTTP_TOKEN"
 
 _REASONS = {
     200: "OK",
@@ -47,20 +45,10 @@ class MetricsServer:
     def __init__(self, metrics: Metrics, *, host: str, port: int, token: str | None) -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigurationError(f"the metrics port must be an integer in 0..65535, not {port!r}")
-        if token is None:
-            token = os.environ.get(TOKEN_ENV) or None
-        if token is not None and (
-            not isinstance(token, str)
-            or not token
-            or not token.isascii()
-            or not token.isprintable()
-            or " " in token
-        ):
-            raise ConfigurationError("token must be a non-empty string of printable ASCII without spaces")
         self.metrics = metrics
         self.host = host
         self.port = port
-        self._token = None if token is None else token.encode("ascii")
+        self._token = resolve_token(token)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -123,20 +111,15 @@ class MetricsServer:
             return 405, "only GET is allowed\n", [("Allow", "GET")]
         if self._token is not None:
             auth = headers.get("authorization", [])
-            scheme, _, credentials = (auth[0] if len(auth) == 1 else "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                credentials.strip().encode("latin-1"), self._token
-            ):
+            if not bearer_matches((auth[0] if len(auth) == 1 else "").encode("latin-1"), self._token):
                 return (
                     401,
                     "Authorization: Bearer <token> required\n",
                     [("WWW-Authenticate", 'Bearer realm="geste"')],
                 )
         else:
-            from .http._endpoints import _is_address_or_localhost
-
             hosts = headers.get("host", [])
-            if len(hosts) > 1 or (hosts and hosts[0] and not _is_address_or_localhost(hosts[0].lower())):
+            if len(hosts) > 1 or (hosts and hosts[0] and not is_address_or_localhost(hosts[0].lower())):
                 return 403, "without a token only IP addresses and localhost are served\n", []
         return 200, await self.metrics.exposition(), [("Content-Type", self.metrics.CONTENT_TYPE)]
 

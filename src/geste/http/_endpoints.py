@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hmac
-import ipaddress
 import logging
 import math
-import os
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
+from .._access import bearer_matches, is_address_or_localhost, resolve_token
 from .._models import InstanceInfo, Status
 from ..errors import (
     AppNotOpenError,
@@ -60,7 +58,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("geste.http")
 
-TOKEN_ENV = "GESTE_HTTP_TOKEN"
 BODY_MARGIN = 64 * 1024
 """Room above the App's ``max_payload_bytes`` for a structured event's attributes and JSON quoting."""
 MAX_RESULT_WAIT = 30.0
@@ -90,23 +87,14 @@ class GesteASGI:
     """
 
     def __init__(self, app: App, *, token: str | None = None, max_body_bytes: int | None = None) -> None:
-        if token is None:
-            token = os.environ.get(TOKEN_ENV) or None
-        if token is not None and (
-            not isinstance(token, str)
-            or not token
-            or not token.isascii()
-            or not token.isprintable()
-            or " " in token
-        ):
-            raise ConfigurationError("token must be a non-empty string of printable ASCII without spaces")
+        token_bytes = resolve_token(token)
         if max_body_bytes is None:
             max_body_bytes = app.max_payload_bytes + BODY_MARGIN
         if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
             raise ConfigurationError("max_body_bytes must be a positive integer")
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self._token = None if token is None else token.encode("ascii")
+        self._token = token_bytes
         self._opened_app = False
         router = Router()
         router.add("GET", "/health", self._health)
@@ -171,8 +159,7 @@ class GesteASGI:
         if self._token is None:
             return
         values = request.header_values(b"authorization")
-        scheme, _, credentials = (values[0] if len(values) == 1 else b"").strip().partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self._token):
+        if not bearer_matches(values[0].strip() if len(values) == 1 else b"", self._token):
             raise HTTPError(
                 401,
                 "Unauthorized",
@@ -366,7 +353,7 @@ def _refuse_cross_site(request: Request, *, token_set: bool) -> None:
         raise HTTPError(403, "Forbidden", "cross-site requests are refused")
     if origin is not None and origin.strip().lower() == "null":
         raise HTTPError(403, "Forbidden", "requests from an opaque origin are refused")
-    if not token_set and host and not _is_address_or_localhost(host):
+    if not token_set and host and not is_address_or_localhost(host):
         raise HTTPError(
             403,
             "Forbidden",
@@ -381,18 +368,6 @@ def _origin_netloc(origin: str) -> str | None:
         return urlsplit(origin.strip().lower()).netloc
     except ValueError:
         return None
-
-
-def _is_address_or_localhost(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    name = name.strip("[]")
-    if name in ("localhost", "localhost."):
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _error_response(exc: GesteError) -> Response:
