@@ -1,0 +1,217 @@
+"""The ``geste`` command: run workers, start and inspect workflow instances, try the demo.
+
+This module holds the command group and what every command shares; ``_instances`` the commands on
+instances (list, show, start, cancel, retry, resume, send-event, publish), ``_operate`` those that run or
+watch the system (demo, worker, serve, migrate, status, replay-check).
+
+Commands that need no user code open ``App(--database-url, run_worker=False)``; ``worker`` and ``start``
+import the user's App (``module:attribute``). Every ``geste.errors.GesteError`` ends the command with a
+one-line message on stderr and exit code 1; invalid arguments are usage errors (exit code 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Coroutine
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import click
+
+from .. import __version__
+from .._app import DEFAULT_URL, App
+from .._models import HistoryEntry, StepKind
+from ..errors import GesteError
+
+T = TypeVar("T")
+
+
+class CommandError(click.ClickException):
+    """A one-line error message, and exit code 1."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+class BadInputError(CommandError):
+    """A one-line error about what the user typed, and exit code 2."""
+
+    exit_code = 2
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GesteError as exc:
+            raise CommandError(str(exc) or type(exc).__name__) from None
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(main)
+
+
+@contextlib.asynccontextmanager
+async def _client(url: str) -> AsyncIterator[App]:
+    async with App(url, run_worker=False) as app:
+        yield app
+
+
+def _json_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc})") from None
+
+
+def _load_app(spec: str) -> App:
+    """Import ``module:attribute`` (the current directory first on ``sys.path``) and check it is an App."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise BadInputError(f"expected MODULE:APP (like myapp:app), not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise BadInputError(f"cannot import {module_name!r}: no module named {exc.name!r}") from None
+        raise BadInputError(f"error while importing {module_name!r}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        raise BadInputError(f"error while importing {module_name!r}: {type(exc).__name__}: {exc}") from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise BadInputError(f"{module_name!r} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, App):
+        raise BadInputError(f"{spec} is a {type(obj).__name__}, not a geste.App")
+    return obj
+
+
+# -- formatting -------------------------------------------------------------------------------------
+def _safe_url(url: str) -> str:
+    """``url`` without its password, fit for logs and output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
+def _js(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+def _error_line(error: dict[str, Any] | None) -> str:
+    if not error:
+        return ""
+    return f"{str(error.get('type', 'Error')).rpartition('.')[2]}: {error.get('message', '')}"
+
+
+def _outcome(entry: HistoryEntry) -> str:
+    """A short human description of what a history entry recorded."""
+    p = entry.payload
+    if entry.kind in (StepKind.ACTIVITY, StepKind.COMPENSATION):
+        if entry.is_error:
+            text = "error " + _error_line(p.get("error"))
+        else:
+            text = "done" if p.get("result") is None else "→ " + _js(p.get("result"))
+        attempts = p.get("attempts", 1)
+        return text + (f" ({attempts} attempts)" if attempts > 1 else "")
+    if entry.kind == StepKind.SLEEP:
+        return f"{p['seconds']:g}s, until {_clock(p['expires_at'])}"
+    if entry.kind == StepKind.WAIT_EVENT:
+        parts = ["waiting"]
+        if p.get("match"):
+            parts.append(f"for {_js(p['match'])}")
+        if p.get("timeout") is not None:
+            parts.append(f"(timeout {p['timeout']:g}s)")
+        return " ".join(parts)
+    if entry.kind == StepKind.EVENT:
+        return "received " + _js(p.get("data"))
+    if entry.kind == StepKind.EVENT_TIMEOUT:
+        return "timed out"
+    if entry.kind == StepKind.CANCELLED:
+        return "cancellation delivered here"
+    if entry.kind == StepKind.SUBSCRIBE:
+        return str(p.get("mode", ""))
+    if entry.kind == StepKind.RECEIVE:
+        return "waiting" + ("" if p.get("timeout") is None else f" (timeout {p['timeout']:g}s)")
+    if entry.kind == StepKind.MESSAGE:
+        return "received " + _js(p.get("data")) + (" (direct)" if p.get("direct") else "")
+    if entry.kind == StepKind.RECEIVE_TIMEOUT:
+        return "timed out"
+    if entry.kind in (StepKind.PUBLISH, StepKind.SEND_TO):
+        if entry.is_error:
+            return f"no instance {p.get('target_instance_id')!r}"
+        to = "" if p.get("target_instance_id") is None else f" to {p['target_instance_id']}"
+        return f"message {p.get('message_id')}{to}"
+    return _js(p)
+
+
+def _entry_line(entry: HistoryEntry, started: datetime) -> str:
+    offset = (entry.created_at - started).total_seconds()
+    since = f"+{offset:.3f}s"
+    return f"  {entry.seq:>3}  {since:>9}  {entry.kind.value:<12}  {entry.name:<20}  {_outcome(entry)}"
+
+
+def _stamp(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _dump(value: Any) -> str:
+    def default(obj: Any) -> Any:
+        if isinstance(obj, datetime):
+            return obj.isoformat()
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return dataclasses.asdict(obj)
+        return str(obj)
+
+    return json.dumps(value, default=default, indent=2, ensure_ascii=False)
+
+
+# -- commands ---------------------------------------------------------------------------------------
+database_url_option = click.option(
+    "--database-url",
+    envvar="GESTE_DATABASE_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="Database to use (env GESTE_DATABASE_URL).",
+)
+log_level_option = click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="Logging level (to stderr).",
+)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="geste")
+def main() -> None:
+    """geste: durable workflows for asyncio Python."""
+
+
+# The commands register themselves on ``main`` when imported (they need it defined first).
+from . import _instances, _operate  # noqa: E402,F401

@@ -1,0 +1,5 @@
+"""``python -m geste.cli``."""
+
+from . import main
+
+main()
