@@ -295,23 +295,21 @@ def _read_sqlite(url: str, workflow: str | None, limit: int) -> list[RecordedHis
         conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro{immutable}", uri=True)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open SQLite database {path} read-only: {exc}") from exc
-    queries = load_queries("sqlite")
+    Q = load_queries("sqlite")
     try:
         conn.execute("PRAGMA query_only = ON")
-        tables = {row[0] for row in conn.execute(queries["list_tables"])}
-        _check_schema(
-            tables, lambda: conn.execute(queries["get_meta"], ("schema_version",)).fetchone(), "sqlite"
-        )
+        tables = {row[0] for row in conn.execute(Q["list_tables"])}
+        _check_schema(tables, lambda: conn.execute(Q["get_meta"], ("schema_version",)).fetchone(), "sqlite")
         conn.execute("BEGIN")  # one snapshot for the whole read
         per_status = [
             conn.execute(
-                queries["list_instances"],
+                Q["list_instances"],
                 {"workflow_name": workflow, "status": status.value, "limit": limit, "offset": 0},
             ).fetchall()
             for status in (*_UNFINISHED, *_FINISHED)
         ]
         found = [
-            _row_history(row, conn.execute(queries["get_history"], (row[0],)).fetchall(), url)
+            _row_history(row, conn.execute(Q["get_history"], (row[0],)).fetchall(), url)
             for row in _picked(per_status, limit)
         ]
         conn.execute("COMMIT")
@@ -342,11 +340,10 @@ async def _read_postgres(url: str, workflow: str | None, limit: int) -> list[Rec
         import asyncpg
     except ImportError:  # pragma: no cover - the postgres extra is not installed
         raise ConfigurationError("reading PostgreSQL needs asyncpg: pip install 'geste[postgres]'") from None
-    from .storage.postgres import parse_postgres_url
+    from .storage.postgres import parse_postgres_url, schema_queries
 
     dsn, options = parse_postgres_url(url)
-    quoted = f'"{options["schema"]}"'
-    queries = {name: sql.replace("{schema}", quoted) for name, sql in load_queries("postgres").items()}
+    Q = schema_queries(options["schema"])
     safe = _without_password(url)
     try:
         # Every transaction of this connection is read-only: PostgreSQL itself refuses any write.
@@ -359,18 +356,16 @@ async def _read_postgres(url: str, workflow: str | None, limit: int) -> list[Rec
         raise StorageError(f"cannot connect to {safe}: {exc}") from exc
     try:
         async with conn.transaction(readonly=True, isolation="repeatable_read"):
-            tables = {row[0] for row in await conn.fetch(queries["find_tables"], options["schema"])}
-            version = (
-                await conn.fetchrow(queries["get_meta"], "schema_version") if "geste_meta" in tables else None
-            )
+            tables = {row[0] for row in await conn.fetch(Q["find_tables"], options["schema"])}
+            version = await conn.fetchrow(Q["get_meta"], "schema_version") if "geste_meta" in tables else None
             _check_schema(tables, lambda: version, "postgres")
             per_status = [
-                await conn.fetch(queries["list_instances"], workflow, status.value, limit, 0)
+                await conn.fetch(Q["list_instances"], workflow, status.value, limit, 0)
                 for status in (*_UNFINISHED, *_FINISHED)
             ]
             found = []
             for row in _picked(per_status, limit):
-                history = await conn.fetch(queries["get_history"], row[0])
+                history = await conn.fetch(Q["get_history"], row[0])
                 found.append(_row_history(row, history, safe))
             return found
     except asyncpg.PostgresError as exc:

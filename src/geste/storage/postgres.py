@@ -226,6 +226,13 @@ async def _outcome(call: Awaitable[_T]) -> _T | BaseException:
         return exc
 
 
+def schema_queries(schema: str) -> dict[str, str]:
+    """Every named query with the schema (an identifier checked by ``parse_postgres_url``) filled in:
+    the one place query text is completed, for the storage and the read-only replay check alike."""
+    quoted = f'"{schema}"'
+    return {name: sql.replace("{schema}", quoted) for name, sql in _QUERIES.items()}
+
+
 class PostgresStorage(Storage):
     def __init__(self, url: str, *, pool_size: int | None = None, notify: bool = True) -> None:
         if asyncpg is None:
@@ -242,7 +249,7 @@ class PostgresStorage(Storage):
         self._command_timeout = float(options.get("command_timeout", "60"))
         self._application_name = options["application_name"]
         quoted = f'"{self.schema}"'
-        self._q = {name: sql.replace("{schema}", quoted) for name, sql in _QUERIES.items()}
+        self._q = schema_queries(self.schema)
         self._migrations = [(n, script.replace("{schema}", quoted)) for n, script in _MIGRATIONS]
         self._pool: Any = None
         self._records: GroupCommit[_Record, StepResult] = GroupCommit(
