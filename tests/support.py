@@ -13,6 +13,20 @@ from urllib.parse import urlsplit
 import geste
 
 
+def run_cli(args: list[str], **kwargs: Any) -> Any:
+    """``geste ARGS`` in this process (click's ``CliRunner``): its ``Result``, exit code and output as
+    the command left them; an exception other than the command's own exit fails the test with the
+    output, so that a crash never passes for a refusal."""
+    from click.testing import CliRunner
+
+    from geste.cli import main
+
+    result = CliRunner().invoke(main, args, **kwargs)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"geste {' '.join(args)} crashed:\n{result.output}") from result.exception
+    return result
+
+
 class MovableClock:
     """The real time plus an offset the test can move forward."""
 

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from geste.cli import _safe_url, main
+from geste.cli import _safe_url
 
 from .conftest import die_with_parent
+from .support import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.apps.cli_app:app"
@@ -64,12 +65,9 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Cli:
     monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI puts the current directory on it
     monkeypatch.delenv("GESTE_DATABASE_URL", raising=False)
     monkeypatch.delenv("GESTE_APP", raising=False)
-    runner = CliRunner()
 
     def invoke(*args: str, **kwargs: Any) -> Result:
-        result = runner.invoke(main, list(args), **kwargs)
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise AssertionError(f"geste {' '.join(args)} crashed:\n{result.output}") from result.exception
+        result: Result = run_cli(list(args), **kwargs)
         return result
 
     return invoke

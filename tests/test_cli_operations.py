@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 import geste
 from geste._progress import Progress
-from geste.cli import main
 from geste.storage.base import WorkerRow
 from tests.apps.operations_app import build_app
+from tests.support import run_cli
 
 from .conftest import die_with_parent
 
@@ -39,12 +39,9 @@ def cli(monkeypatch: pytest.MonkeyPatch, db_url: str) -> Cli:
     """``geste ARGS... --database-url <the test database>`` in this process; it must not crash."""
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("GESTE_DATABASE_URL", raising=False)
-    runner = CliRunner()
 
     def invoke(*args: str) -> Result:
-        result = runner.invoke(main, [*args, "--database-url", db_url])
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise AssertionError(f"geste {' '.join(args)} crashed:\n{result.output}") from result.exception
+        result: Result = run_cli([*args, "--database-url", db_url])
         return result
 
     return invoke

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
-
-from geste.cli import main
+from click.testing import Result
 
 from .conftest import die_with_parent
+from .support import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -201,9 +200,7 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
     monkeypatch.delenv("GESTE_HTTP_TOKEN", raising=False)
 
     def invoke(*args: str) -> Result:
-        result = CliRunner().invoke(main, ["serve", *args])
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise AssertionError(f"geste serve crashed:\n{result.output}") from result.exception
+        result: Result = run_cli(["serve", *args])
         return result
 
     return invoke

@@ -23,7 +23,7 @@ import geste
 from geste.testing import ReplayReport, ReplayStatus, WorkflowEnvironment, check_replay, export_history
 
 from .apps import replay_app
-from .support import MovableClock, raw_query, wait_status
+from .support import MovableClock, raw_query, run_cli, wait_status
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 IDS = ("done", "failed", "waiting")
@@ -278,16 +278,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def replay_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
-    from click.testing import CliRunner
-
-    from geste.cli import main
-
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr("sys.path", list(__import__("sys").path))  # the CLI puts the current directory on it
-    result = CliRunner().invoke(main, ["replay-check", *args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"replay-check crashed:\n{result.output}") from result.exception
-    return result
+    return run_cli(["replay-check", *args])
 
 
 def test_cli_passes_on_the_golden_histories_and_fails_on_a_breaking_change(

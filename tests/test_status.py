@@ -23,15 +23,15 @@ from typing import Any
 
 import asyncpg
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 import geste
-from geste.cli import main
 from geste.storage._sql import load_migrations
 from geste.storage.base import HistoryRow, Lease, NewInstance
 from geste.storage.postgres import parse_postgres_url
 from geste.storage.sqlite import SCHEMA_VERSION
 from tests.conftest import POSTGRES_URL, die_with_parent
+from tests.support import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.apps.cli_app:app"  # lock_timeout=2.0: heartbeats every 0.67 s, stale after 6 s
@@ -384,12 +384,9 @@ async def test_a_version_1_database_is_upgraded_on_open(db_url: str, tmp_path: P
 def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("GESTE_DATABASE_URL", raising=False)
-    runner = CliRunner()
 
     def invoke(*args: str) -> Result:
-        result = runner.invoke(main, list(args))
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise AssertionError(f"geste {' '.join(args)} crashed:\n{result.output}") from result.exception
+        result: Result = run_cli(list(args))
         return result
 
     return invoke
