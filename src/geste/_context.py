@@ -142,7 +142,6 @@ class WorkflowContext:
         *,
         lease: Lease,
         workflow_name: str,
-        created_at: float,
         history: Sequence[HistoryRow],
         cancel_requested: bool,
     ) -> None:
@@ -150,7 +149,6 @@ class WorkflowContext:
         self._lease = lease
         self.instance_id = lease.instance_id
         self.workflow_name = workflow_name
-        self._created_at = created_at
         self._history = {row.seq: row for row in history}
         numbered = [row for row in history if type(row.seq) is int]  # SQLite keeps what an UPDATE puts
         self._last_recorded = max((row.seq for row in numbered), default=0)
@@ -440,7 +438,7 @@ class WorkflowContext:
         if self._cancel_pending():
             self._deliver_cancel(out_seq)
         now = self._engine.clock()
-        wait = EventWait(event_type, match_dict, self._created_at, deadline, out_seq)
+        wait = EventWait(event_type, match_dict, deadline, out_seq)
         try:
             outcome = await self._engine.storage.take_event_or_suspend(
                 self._lease, self._pending, wait, now=now, lock_expires_at=now + self._engine.lock_timeout

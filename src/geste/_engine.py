@@ -88,7 +88,6 @@ class Engine:
             self,
             lease=claim.lease,
             workflow_name=claim.workflow_name,
-            created_at=claim.created_at,
             history=history,
             cancel_requested=claim.cancel_requested,
         )

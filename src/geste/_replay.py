@@ -284,7 +284,6 @@ class _Replay:
             engine,
             lease=Lease(history.instance_id, "replay-check"),
             workflow_name=workflow.name,
-            created_at=history.created_at,
             history=history.rows,
             cancel_requested=False,
         )

@@ -12,9 +12,19 @@ def _folder(backend: str) -> resources.abc.Traversable:
     return resources.files("geste.storage").joinpath("sql", backend)
 
 
+DB_CLOCK = {
+    "postgres": "extract(epoch FROM statement_timestamp())::double precision",
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+}
+"""``{db_clock}`` in a query: the database's own time in Unix seconds. A process that makes an instance
+runnable "now" (a start, an event, a message, a cancel) sets its ``run_at`` to the earlier of its clock and
+this one, so a process whose clock runs ahead cannot push the work of others into the future."""
+
+
 def load_queries(backend: str) -> dict[str, str]:
-    """The ``-- name: x`` blocks of ``sql/<backend>/queries.sql``, by name."""
+    """The ``-- name: x`` blocks of ``sql/<backend>/queries.sql``, by name (``{db_clock}`` filled in)."""
     text = _folder(backend).joinpath("queries.sql").read_text(encoding="utf-8")
+    text = text.replace("{db_clock}", DB_CLOCK[backend])
     parts = _NAME.split(text)
     queries: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):

@@ -123,11 +123,13 @@ class StoredEvent:
 
 @dataclass(frozen=True, slots=True)
 class EventWait:
-    """Take the oldest matching event not yet delivered to the instance, or wait for one."""
+    """Take the oldest matching event not yet delivered to the instance, or wait for one.
+
+    The events it may take are those sent after the instance was created, as the database orders them
+    (above the instance's ``event_floor``), never by comparing clocks."""
 
     event_type: str
     match: dict[str, Any] | None
-    since: float
     deadline: float | None
     outcome_seq: int
 
@@ -333,7 +335,8 @@ INPUT_HEAD = 200
 
 @dataclass(frozen=True, slots=True)
 class EventWaitRow:
-    """An instance's registered wait for an event (``match`` as JSON text)."""
+    """An instance's registered wait for an event (``match`` as JSON text); ``since``: when it was
+    registered (the registering worker's clock: for operators, not for matching)."""
 
     event_type: str
     match: str | None

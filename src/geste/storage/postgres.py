@@ -695,7 +695,7 @@ class PostgresStorage(Storage):
                         lease.instance_id,
                         wait.event_type,
                         match,
-                        wait.since,
+                        now,
                         wait.deadline,
                         wait.outcome_seq,
                     )
@@ -720,7 +720,7 @@ class PostgresStorage(Storage):
         return await self._tx(go)
 
     async def _find_event(self, conn: Conn, instance_id: str, wait: EventWait) -> StoredEvent | None:
-        rows = await conn.fetch(self._q["candidate_events"], wait.event_type, wait.since, instance_id)
+        rows = await conn.fetch(self._q["candidate_events"], wait.event_type, instance_id)
         for row in rows:
             event = StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
             if matches(wait.match, json.loads(event.data)):
@@ -781,7 +781,9 @@ class PostgresStorage(Storage):
             if seq is None:
                 return False, []
             data = json.loads(event.data)
-            waits = await conn.fetch(self._q["waits_for_event"], event.event_type, event.target_instance_id)
+            waits = await conn.fetch(
+                self._q["waits_for_event"], event.event_type, event.target_instance_id, seq
+            )
             wanted = [w for w in waits if matches(None if w[1] is None else json.loads(w[1]), data)]
             if not wanted:
                 return True, []

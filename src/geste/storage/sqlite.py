@@ -524,7 +524,7 @@ class SQLiteStorage(Storage):
                             lease.instance_id,
                             wait.event_type,
                             match,
-                            wait.since,
+                            now,
                             wait.deadline,
                             wait.outcome_seq,
                         ),
@@ -544,7 +544,7 @@ class SQLiteStorage(Storage):
 
     @staticmethod
     def _find_event(conn: sqlite3.Connection, instance_id: str, wait: EventWait) -> StoredEvent | None:
-        params = {"event_type": wait.event_type, "since": wait.since, "instance_id": instance_id}
+        params = {"event_type": wait.event_type, "instance_id": instance_id}
         for row in conn.execute(Q["candidate_events"], params):
             event = StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
             if matches(wait.match, json.loads(event.data)):
@@ -607,7 +607,7 @@ class SQLiteStorage(Storage):
                 event.now,
             )
             data = json.loads(event.data)
-            params = {"event_type": event.event_type, "now": event.now, "target": event.target_instance_id}
+            params = {"event_type": event.event_type, "seq": stored.seq, "target": event.target_instance_id}
             woken = []
             for instance_id, match, outcome_seq in conn.execute(Q["waits_for_event"], params).fetchall():
                 if not matches(None if match is None else json.loads(match), data):

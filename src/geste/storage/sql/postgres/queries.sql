@@ -17,11 +17,13 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 -- name: insert_instance
 -- Concurrent starts of one id: ON CONFLICT waits for the other insert and then does nothing.
+-- event_floor: a value drawn from the events' sequence, so the instance sees exactly the events that draw
+-- their seq after it (the database decides, not the clocks of the starter and the sender).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
-         locked_by, lease_id, lock_expires_at)
-    VALUES ($1, $2, $3, $4, $5, $5, $5, $6, $7, $8)
+         locked_by, lease_id, lock_expires_at, event_floor)
+    VALUES ($1, $2, $3, $4, $5, $5, LEAST($5, {db_clock}), $6, $7, $8, nextval('{schema}.geste_events_seq_seq'))
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
               run_at, locked_by, lock_expires_at, cancel_requested, steps
@@ -65,10 +67,11 @@ WHERE instance_id = $1 AND status = 'pending' AND lease_id IS NULL;
 
 -- name: flag_cancel
 -- A held instance learns of it at its next step commit; a waiting one is woken (and notified).
+-- Runnable "now" is the earlier of the caller's clock and the database's ({db_clock}): a caller whose
+-- clock runs ahead of the workers' must not make them wait. LEAST ignores a NULL run_at.
 WITH flagged AS (
     UPDATE {schema}.geste_instances
-    SET cancel_requested = true, updated_at = $2,
-        run_at = CASE WHEN run_at IS NULL OR run_at > $2 THEN $2 ELSE run_at END
+    SET cancel_requested = true, updated_at = $2, run_at = LEAST(run_at, $2, {db_clock})
     WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating')
     RETURNING instance_id, workflow_name, lease_id
 )
@@ -109,7 +112,8 @@ WITH cut AS (
     RETURNING retry, from_seq, removed
 ), reopened AS (
     UPDATE {schema}.geste_instances
-    SET status = 'waiting', result = NULL, error = NULL, finished_at = NULL, run_at = $2, updated_at = $2,
+    SET status = 'waiting', result = NULL, error = NULL, finished_at = NULL, run_at = LEAST($2, {db_clock}),
+        updated_at = $2,
         steps = steps - (SELECT count(*) FROM removed)
     WHERE instance_id = $1 AND status = 'failed'
     RETURNING instance_id, workflow_name
@@ -138,7 +142,7 @@ WITH resumed AS (
     SET locked_by = CASE WHEN $3 THEN NULL ELSE locked_by END,
         lease_id = CASE WHEN $3 THEN NULL ELSE lease_id END,
         lock_expires_at = CASE WHEN $3 THEN NULL ELSE lock_expires_at END,
-        run_at = CASE WHEN $3 OR run_at IS NULL OR run_at > $2 THEN $2 ELSE run_at END,
+        run_at = CASE WHEN $3 THEN LEAST($2, {db_clock}) ELSE LEAST(run_at, $2, {db_clock}) END,
         updated_at = $2
     WHERE instance_id = $1
     RETURNING instance_id, workflow_name, lease_id, lock_expires_at
@@ -359,19 +363,25 @@ WITH input AS (
 SELECT instance_id FROM done;
 
 -- name: insert_event_wait
-INSERT INTO {schema}.geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq)
-VALUES ($1, $2, $3, $4, $5, $6)
+-- The wait keeps the instance's event floor: send_event delivers only an event above it. since: when the
+-- wait was registered (shown to operators).
+INSERT INTO {schema}.geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq, after_seq)
+VALUES ($1, $2, $3, $4, $5, $6,
+        (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $1))
 ON CONFLICT (instance_id) DO UPDATE SET
     event_type = excluded.event_type, match = excluded.match, since = excluded.since,
-    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq;
+    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq;
 
 -- name: candidate_events
+-- The events of the type above the instance's event floor (geste_events_by_type: (event_type, seq)),
+-- not yet delivered to it, oldest first.
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
 FROM {schema}.geste_events e
-WHERE e.event_type = $1 AND e.created_at >= $2
-  AND (e.target_instance_id IS NULL OR e.target_instance_id = $3)
+WHERE e.event_type = $1
+  AND e.seq > (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $2)
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
   AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
-                  WHERE d.instance_id = $3 AND d.event_seq = e.seq)
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq)
 ORDER BY e.seq;
 
 -- name: insert_delivery
@@ -384,8 +394,9 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING seq;
 
 -- name: waits_for_event
+-- The waits an event ($3: its seq) is visible to: those whose instance's floor is below it.
 SELECT instance_id, match, outcome_seq FROM {schema}.geste_event_waits
-WHERE event_type = $1 AND ($2::text IS NULL OR instance_id = $2);
+WHERE event_type = $1 AND ($2::text IS NULL OR instance_id = $2) AND coalesce(after_seq, 0) < $3;
 
 -- name: deliver_event
 -- The event handed straight to the instances that wait for it and that nobody holds ($1 ids, $2 their
@@ -394,7 +405,8 @@ WHERE event_type = $1 AND ($2::text IS NULL OR instance_id = $2);
 WITH target AS (
     SELECT * FROM unnest($1::text[], $2::integer[]) AS t(instance_id, seq)
 ), woken AS (
-    UPDATE {schema}.geste_instances AS i SET run_at = $3, updated_at = $3, steps = steps + 1
+    UPDATE {schema}.geste_instances AS i
+    SET run_at = LEAST($3, {db_clock}), updated_at = $3, steps = steps + 1
     FROM target
     WHERE i.instance_id = target.instance_id AND i.status = 'waiting' AND i.lease_id IS NULL
     RETURNING i.instance_id, i.workflow_name, target.seq
@@ -418,9 +430,9 @@ FROM woken;
 -- name: wake
 -- Instances an event was delivered to: runnable now; the unlocked ones are notified.
 WITH woken AS (
-    UPDATE {schema}.geste_instances SET run_at = $2, updated_at = $2
+    UPDATE {schema}.geste_instances SET run_at = LEAST($2, {db_clock}), updated_at = $2
     WHERE instance_id = ANY($1::text[]) AND status IN ('waiting', 'running')
-      AND (run_at IS NULL OR run_at > $2)
+      AND (run_at IS NULL OR run_at > LEAST($2, {db_clock}))
     RETURNING instance_id, workflow_name, lease_id
 )
 SELECT instance_id,
@@ -741,12 +753,13 @@ WITH target_ok AS (
     (SELECT s.instance_id FROM {schema}.geste_channel_subscriptions s
      JOIN {schema}.geste_instances i ON i.instance_id = s.instance_id
      WHERE $5::text IS NULL AND s.channel = $2 AND s.mode = 'competing' AND s.waiting_since IS NOT NULL
-       AND i.status = 'waiting' AND (i.run_at IS NULL OR i.run_at > $6) AND EXISTS (SELECT 1 FROM inserted)
+       AND i.status = 'waiting' AND (i.run_at IS NULL OR i.run_at > LEAST($6, {db_clock}))
+       AND EXISTS (SELECT 1 FROM inserted)
      ORDER BY s.waiting_since LIMIT 1)
 ), woken AS (
-    UPDATE {schema}.geste_instances SET run_at = $6, updated_at = $6
+    UPDATE {schema}.geste_instances SET run_at = LEAST($6, {db_clock}), updated_at = $6
     WHERE instance_id IN (SELECT instance_id FROM chosen) AND status = 'waiting'
-      AND (run_at IS NULL OR run_at > $6)
+      AND (run_at IS NULL OR run_at > LEAST($6, {db_clock}))
     RETURNING instance_id, lease_id
 ), notified AS (
     SELECT pg_notify('geste_channel_message',

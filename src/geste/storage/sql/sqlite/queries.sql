@@ -13,9 +13,10 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- name: insert_instance
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
-     locked_by, lease_id, lock_expires_at)
-VALUES (:instance_id, :workflow_name, :status, :input, :now, :now, :now,
-        :locked_by, :lease_id, :lock_expires_at)
+     locked_by, lease_id, lock_expires_at, event_floor)
+VALUES (:instance_id, :workflow_name, :status, :input, :now, :now, min(:now, {db_clock}),
+        :locked_by, :lease_id, :lock_expires_at,
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0))
 ON CONFLICT (instance_id) DO NOTHING;
 
 -- name: get_instance
@@ -46,9 +47,12 @@ SET status = 'cancelled', cancel_requested = 1, run_at = NULL, finished_at = :no
 WHERE instance_id = :instance_id AND status = 'pending' AND lease_id IS NULL;
 
 -- name: flag_cancel
+-- Runnable "now" is the earlier of the caller's clock and the database's ({db_clock}): a caller whose
+-- clock runs ahead of the workers' must not make them wait.
 UPDATE geste_instances
 SET cancel_requested = 1, updated_at = :now,
-    run_at = CASE WHEN run_at IS NULL OR run_at > :now THEN :now ELSE run_at END
+    run_at = CASE WHEN run_at IS NULL OR run_at > min(:now, {db_clock}) THEN min(:now, {db_clock})
+                  ELSE run_at END
 WHERE instance_id = :instance_id AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- Operator actions (app.retry, app.resume): each in one BEGIN IMMEDIATE transaction with a read of
@@ -71,7 +75,8 @@ DELETE FROM geste_history WHERE instance_id = ? AND seq = ?;
 -- Runnable now, held by nobody, status 'waiting' (not 'pending': a cancel would end a pending instance
 -- at once, without running the compensations its replayed steps register).
 UPDATE geste_instances
-SET status = 'waiting', result = NULL, error = NULL, finished_at = NULL, run_at = :now, updated_at = :now,
+SET status = 'waiting', result = NULL, error = NULL, finished_at = NULL, run_at = min(:now, {db_clock}),
+    updated_at = :now,
     steps = steps - :removed
 WHERE instance_id = :instance_id AND status = 'failed';
 
@@ -92,7 +97,8 @@ UPDATE geste_instances
 SET locked_by = CASE WHEN :break THEN NULL ELSE locked_by END,
     lease_id = CASE WHEN :break THEN NULL ELSE lease_id END,
     lock_expires_at = CASE WHEN :break THEN NULL ELSE lock_expires_at END,
-    run_at = CASE WHEN :break OR run_at IS NULL OR run_at > :now THEN :now ELSE run_at END,
+    run_at = CASE WHEN :break OR run_at IS NULL OR run_at > min(:now, {db_clock}) THEN min(:now, {db_clock})
+                  ELSE run_at END,
     updated_at = :now
 WHERE instance_id = :instance_id;
 
@@ -155,16 +161,22 @@ DELETE FROM geste_event_waits WHERE instance_id = ?;
 INSERT INTO geste_timers (instance_id, seq, expires_at) VALUES (?, ?, ?);
 
 -- name: insert_event_wait
-INSERT INTO geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq)
-VALUES (?, ?, ?, ?, ?, ?)
+-- The wait keeps the instance's event floor: send_event delivers only an event above it. since: when the
+-- wait was registered (shown to operators).
+INSERT INTO geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq, after_seq)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6,
+        (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = ?1))
 ON CONFLICT (instance_id) DO UPDATE SET
     event_type = excluded.event_type, match = excluded.match, since = excluded.since,
-    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq;
+    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq;
 
 -- name: candidate_events
+-- The events of the type above the instance's event floor (geste_events_by_type: (event_type, seq)),
+-- not yet delivered to it, oldest first.
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
 FROM geste_events e
-WHERE e.event_type = :event_type AND e.created_at >= :since
+WHERE e.event_type = :event_type
+  AND e.seq > (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = :instance_id)
   AND (e.target_instance_id IS NULL OR e.target_instance_id = :instance_id)
   AND NOT EXISTS (SELECT 1 FROM geste_event_deliveries d
                   WHERE d.instance_id = :instance_id AND d.event_seq = e.seq)
@@ -179,21 +191,22 @@ VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (event_id) DO NOTHING;
 
 -- name: waits_for_event
+-- The waits an event (:seq) is visible to: those whose instance's floor is below it.
 SELECT instance_id, match, outcome_seq FROM geste_event_waits
-WHERE event_type = :event_type AND since <= :now
+WHERE event_type = :event_type AND coalesce(after_seq, 0) < :seq
   AND (:target IS NULL OR instance_id = :target);
 
 -- name: deliver_event
 -- An event handed straight to an instance that waits for it and that nobody holds: the outcome row is
 -- written here, so the woken run only replays (no event-taking transaction of its own).
-UPDATE geste_instances SET run_at = :now, updated_at = :now, steps = steps + 1
+UPDATE geste_instances SET run_at = min(:now, {db_clock}), updated_at = :now, steps = steps + 1
 WHERE instance_id = :instance_id AND status = 'waiting' AND lease_id IS NULL
 RETURNING workflow_name;
 
 -- name: wake
-UPDATE geste_instances SET run_at = :now, updated_at = :now
+UPDATE geste_instances SET run_at = min(:now, {db_clock}), updated_at = :now
 WHERE instance_id = :instance_id AND status IN ('waiting', 'running')
-  AND (run_at IS NULL OR run_at > :now);
+  AND (run_at IS NULL OR run_at > min(:now, {db_clock}));
 
 -- name: next_run_after
 -- After a claim that took less than it asked for, in its transaction: how long the worker may sleep.
@@ -406,7 +419,7 @@ ON CONFLICT (message_id) DO NOTHING;
 -- name: channel_wake_receivers
 -- The receivers a new message makes runnable: its target (a direct message); otherwise every waiting
 -- broadcast subscriber and the competing subscriber idle the longest (one: only one can take it).
-UPDATE geste_instances SET run_at = :now, updated_at = :now
+UPDATE geste_instances SET run_at = min(:now, {db_clock}), updated_at = :now
 WHERE instance_id IN (
     SELECT s.instance_id FROM geste_channel_subscriptions s
     WHERE s.channel = :channel AND s.waiting_since IS NOT NULL
@@ -416,10 +429,11 @@ WHERE instance_id IN (
         SELECT s.instance_id FROM geste_channel_subscriptions s
         JOIN geste_instances i ON i.instance_id = s.instance_id
         WHERE :target IS NULL AND s.channel = :channel AND s.mode = 'competing'
-          AND s.waiting_since IS NOT NULL AND i.status = 'waiting' AND (i.run_at IS NULL OR i.run_at > :now)
+          AND s.waiting_since IS NOT NULL AND i.status = 'waiting'
+          AND (i.run_at IS NULL OR i.run_at > min(:now, {db_clock}))
         ORDER BY s.waiting_since LIMIT 1
     )
-) AND status = 'waiting' AND (run_at IS NULL OR run_at > :now)
+) AND status = 'waiting' AND (run_at IS NULL OR run_at > min(:now, {db_clock}))
 RETURNING instance_id;
 
 -- name: channel_rewake
