@@ -10,16 +10,22 @@ is sent right after the start, while the instance runs an activity, or while it 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import asyncpg
 import pytest
 
 import geste
+from geste.storage._sql import load_migrations
+from geste.storage.base import NewEvent
+from geste.storage.postgres import parse_postgres_url
 
-from .support import wait_status, wait_until
+from .conftest import POSTGRES_URL
+from .support import raw_query, wait_status, wait_until
 
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
@@ -137,4 +143,69 @@ async def test_events_are_seen_oldest_first_in_the_database_order(make_app: Make
         assert await handle.result(timeout=15) == [
             "sent first, stamped an hour ahead",
             "sent second, stamped an hour behind",
+        ]
+
+
+async def test_schema_8_gives_the_instances_that_may_still_wait_the_floor_of_the_old_rule(
+    db_url: str,
+) -> None:
+    """An upgraded database: each instance that may still wait gets as its floor the highest seq of the
+    events sent before it was created (by the old rule's timestamps), and a registered wait keeps it;
+    finished instances are left alone. The waiting instance then takes a new event, not an old one."""
+    name = "sqlite" if db_url.startswith("sqlite") else "postgres"
+    rows = [
+        "INSERT INTO {t}geste_events (event_id, event_type, data, created_at) VALUES ('e1', 'x', '1', 10.0)",
+        "INSERT INTO {t}geste_events (event_id, event_type, data, created_at) VALUES ('e2', 'x', '2', 30.0)",
+        "INSERT INTO {t}geste_events (event_id, event_type, data, created_at) VALUES ('e3', 'x', '3', 20.0)",
+        "INSERT INTO {t}geste_instances (instance_id, workflow_name, status, input, created_at, updated_at) "
+        "VALUES ('waiting', 'w', 'waiting', '{{}}', 25.0, 25.0)",
+        "INSERT INTO {t}geste_instances (instance_id, workflow_name, status, input, created_at, updated_at) "
+        "VALUES ('early', 'w', 'failed', '{{}}', 5.0, 5.0)",
+        "INSERT INTO {t}geste_instances (instance_id, workflow_name, status, input, created_at, updated_at) "
+        "VALUES ('done', 'w', 'completed', '{{}}', 40.0, 40.0)",
+        "INSERT INTO {t}geste_event_waits (instance_id, event_type, since, outcome_seq) "
+        "VALUES ('waiting', 'x', 25.0, 2)",
+    ]
+    migrations = [script for version, script in load_migrations(name) if version <= 7]
+    if name == "sqlite":
+        conn = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+        try:
+            for script in migrations:
+                conn.executescript(script)
+            conn.executemany(
+                "INSERT INTO geste_meta VALUES (?, ?)", [("application", "geste"), ("schema_version", "7")]
+            )
+            for row in rows:
+                conn.execute(row.format(t=""))
+            conn.commit()
+        finally:
+            conn.close()
+    else:
+        schema = f'"{parse_postgres_url(db_url)[1]["schema"]}"'
+        pg = await asyncpg.connect(POSTGRES_URL)
+        try:
+            async with pg.transaction():
+                for script in migrations:
+                    await pg.execute(script.replace("{schema}", schema))
+                meta = "('application', 'geste'), ('schema_version', '7')"
+                await pg.execute(f"INSERT INTO {schema}.geste_meta VALUES {meta}")
+                for row in rows:
+                    await pg.execute(row.format(t=schema + "."))
+        finally:
+            await pg.close()
+
+    async with geste.App(db_url, run_worker=False) as app:
+        floors = await raw_query(db_url, "SELECT instance_id, event_floor FROM geste_instances")
+        assert {r["instance_id"]: r["event_floor"] for r in floors} == {
+            "waiting": 3,  # e1 (10.0) and e3 (20.0) were sent before it (25.0): e3 has seq 3
+            "early": 0,
+            "done": None,
+        }
+        waits = await raw_query(db_url, "SELECT instance_id, after_seq FROM geste_event_waits")
+        assert waits == [{"instance_id": "waiting", "after_seq": 3}]
+        _, woken = await app.storage.send_event(NewEvent("e4", "x", "4", None, None, None, app.clock()))
+        assert woken == ["waiting"]
+        history = await app.history("waiting")
+        assert [(e.kind, e.payload["event_id"]) for e in history if e.kind == geste.StepKind.EVENT] == [
+            (geste.StepKind.EVENT, "e4")
         ]
