@@ -8,7 +8,9 @@ No peer is needed and nothing is installed; the report code of compare.py is che
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -60,42 +62,121 @@ def run(scenario: str, db: str, *options: str) -> dict[str, Any]:
     return dict(result)
 
 
+def query(db: str, sql: str) -> list[tuple[Any, ...]]:
+    """What the scenario left in its database, read behind its back (PostgreSQL or SQLite)."""
+    if db.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(db[len("sqlite:///") :])) as conn:
+            return [tuple(row) for row in conn.execute(sql).fetchall()]
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        import asyncpg
+
+        conn = await asyncpg.connect(db)
+        try:
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
+def steps_match_history(db: str) -> bool:
+    """Every instance's ``steps`` counts its history rows."""
+    return not query(
+        db,
+        "SELECT i.instance_id FROM geste_instances i "
+        "WHERE i.steps <> (SELECT count(*) FROM geste_history h WHERE h.instance_id = i.instance_id)",
+    )
+
+
+def assert_three_step_workflows_done(db: str, count: int) -> None:
+    """``count`` three_steps instances completed, each with its right result and three activity rows."""
+    done = query(db, "SELECT workflow_name, status, result FROM geste_instances")
+    assert sorted(int(result) for _, _, result in done) == [i + 3 for i in range(count)]
+    assert {(name, status) for name, status, _ in done} == {("three_steps", "completed")}
+    assert query(db, "SELECT kind, count(*) FROM geste_history GROUP BY kind") == [("activity", 3 * count)]
+    assert steps_match_history(db)
+
+
+def assert_rate_consistent(out: dict[str, Any]) -> None:
+    assert out["seconds"] > 0 and out["cpu_ms_per_workflow"] > 0
+    assert out["workflows_per_s"] == pytest.approx(out["instances"] / out["seconds"])
+
+
 def test_throughput(database: str) -> None:
     run("setup", database)
+    assert query(database, "SELECT count(*) FROM geste_instances") == [(0,)]  # setup ran no workflow
     out = run("throughput", database, "--instances", "20")
-    assert out["instances"] == 20 and out["workflows_per_s"] > 0 and out["cpu_ms_per_workflow"] > 0
+    assert out["instances"] == 20
+    assert_rate_consistent(out)
+    assert_three_step_workflows_done(database, 20)
 
 
 def test_throughput_on_sqlite(tmp_path: Path) -> None:
-    out = run("throughput", f"sqlite:///{tmp_path / 'bench.db'}", "--instances", "20")
-    assert out["workflows_per_s"] > 0
+    db = f"sqlite:///{tmp_path / 'bench.db'}"
+    out = run("throughput", db, "--instances", "20")
+    assert out["instances"] == 20
+    assert_rate_consistent(out)
+    assert_three_step_workflows_done(db, 20)
 
 
 def test_throughput_with_worker_processes(database: str) -> None:
     out = run("throughput_workers", database, "--instances", "20", "--workers", "2")
-    assert out["workers"] == 2 and out["workflows_per_s"] > 0 and out["cpu_ms_per_workflow"] > 0
+    assert out["workers"] == 2 and out["instances"] == 20
+    assert_rate_consistent(out)
+    # the workers' whole lives (start-up included) against the window of the run
+    assert out["cpu_ms_per_workflow"] >= out["cpu_ms_per_workflow_window"] > 0
+    assert_three_step_workflows_done(database, 20)
+    workers = query(database, "SELECT DISTINCT locked_by FROM geste_instances")
+    assert workers == [(None,)]  # every lease given back
 
 
 def test_wakeup(database: str) -> None:
     out = run("wakeup", database, "--samples", "3")
     assert out["n"] == 3 and out["timeouts_40s"] == 0
-    assert 0 < out["p50_ms"] <= out["p99_ms"] < 5000
+    assert 0 < out["p50_ms"] <= out["p99_ms"] <= out["max_ms"]
+    # one waiter (10 rounds each) woken three times by an event, each delivered once
+    waiters = query(database, "SELECT workflow_name, status FROM geste_instances")
+    assert waiters == [("waiter", "waiting")]
+    assert query(database, "SELECT count(*) FROM geste_history WHERE kind = 'event'") == [(3,)]
+    assert steps_match_history(database)
 
 
 def test_sleep(database: str) -> None:
     out = run("sleep", database, "--sleepers", "5", "--sleep", "0.05")
-    assert out["n"] == 5 and out["p50_ms"] >= 0
+    assert out["n"] == 5  # every sleeper reported how late it woke
+    assert 0 <= out["p50_ms"] <= out["p99_ms"] <= out["max_ms"]
+    assert query(database, "SELECT workflow_name, status, count(*) FROM geste_instances GROUP BY 1, 2") == [
+        ("sleeper", "completed", 5)
+    ]
+    kinds = query(database, "SELECT kind, count(*) FROM geste_history GROUP BY kind ORDER BY kind")
+    assert kinds == [("now", 5), ("sleep", 5)]
+    assert steps_match_history(database)
 
 
 def test_idle(database: str) -> None:
     out = run("idle", database, "--waiting", "20", "--idle-seconds", "1", "--settle", "0")
-    assert out["waiting"] == 20 and out["rss_mib"] > 10
-    assert out["transactions_per_min"] is not None and out["transactions_per_min_raw"] >= 0
+    assert out["waiting"] == 20 and out["rss_mib"] > 10 and out["setup_s"] > 0
+    net, raw, control = out["transactions_per_min"], out["transactions_per_min_raw"], out["control_per_min"]
+    assert raw >= 0 and control >= 0 and net == pytest.approx(raw - control)
+    # the waiting workflows were really there, none of them finished (SIGKILLed while they wait)
+    idlers = query(
+        database, "SELECT workflow_name, count(*) FROM geste_instances WHERE finished_at IS NULL GROUP BY 1"
+    )
+    assert idlers == [("idler", 20)]
+    assert query(database, "SELECT count(*) FROM geste_instances") == [(20,)]
 
 
 def test_replay(database: str) -> None:
     out = run("replay", database, "--steps", "3")
     assert out["steps"] == 3 and out["from_start_ms"] > 0 and out["from_event_ms"] > 0
+    # the instance killed while waiting ended in the second process, its three steps replayed, not re-run
+    assert query(database, "SELECT workflow_name, status, result FROM geste_instances") == [
+        ("long_history", "completed", "3")
+    ]
+    kinds = query(database, "SELECT kind FROM geste_history ORDER BY seq")
+    assert kinds == [("activity",), ("activity",), ("activity",), ("wait_event",), ("event",)]
+    assert steps_match_history(database)
 
 
 def test_compare_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,5 +205,33 @@ def test_compare_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     workers = next(r for r in rows if r["case"] == "throughput_workers_pg")
     assert workers["na"]["edda"] == "no queue"
     compare.print_table(rows, [compare.GESTE, compare.DBOS, compare.DBOS_THREADS, compare.EDDA], 3)
-    printed = capsys.readouterr().out
-    assert "2" in printed and "no queue" in printed and "geste/dbos" in printed
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("case / metric")).split()
+    assert header[3:] == [
+        "geste",
+        "dbos",
+        "dbos-threads",
+        "edda",
+        "geste/dbos",
+        "geste/dbos-threads",
+        "geste/edda",
+    ]
+    table = [line.split() for line in lines if line.startswith("  ") and not line.startswith("  samples")]
+    # the first case's rows: geste's and DBOS's medians and the ratio geste / DBOS (n/a: no run, failed)
+    assert table[0] == ["workflows/s", "200", "100", "n/a", "n/a", "2", "nan", "nan"]
+    assert table[2] == [
+        "client",
+        "CPU",
+        "per",
+        "workflow",
+        "(ms)",
+        "1.00",
+        "4.00",
+        "n/a",
+        "n/a",
+        "0.25",
+        "nan",
+        "nan",
+    ]
+    notes = lines[lines.index("n/a:") + 1 :]
+    assert "  edda: failed: RuntimeError: boom" in notes and "  edda: no queue" in notes

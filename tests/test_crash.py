@@ -2,6 +2,10 @@
 
 Workers run ``tests/apps/crash_app.py``; each activity logs its start and end to a side-effect file, so a
 test can count executions (at least once) and compare them with the history (recorded exactly once).
+What geste promises is asserted, no more: an activity recorded in the history never runs again, one that
+was not may (a crash, or a lease that ran out on a loaded machine, runs it again). So counts of runs are
+exact for the recorded ones, and for the others only where the test rules a lost lease out (a lease far
+longer than the test, or the heartbeat under test); elsewhere they are "at least once".
 Nothing sleeps and hopes: every wait is for a condition (a file, a log line, a row) with a deadline.
 """
 
@@ -160,7 +164,8 @@ async def _kill_in_block_then_take_over(cluster: Cluster, client: geste.App, sec
     assert result == ["one:7", "two:7", "block:7", "three:7"]
 
     starts = Counter(e["activity"] for e in cluster.entries(instance=iid))
-    assert starts == {"one": 1, "two": 1, "block": 2, "three": 1}  # only the interrupted one ran twice
+    assert (starts["one"], starts["two"]) == (1, 1), starts  # recorded before the kill: replayed, not run
+    assert starts["block"] >= 2 and starts["three"] >= 1, starts  # the interrupted one ran again
     retaken = cluster.entries(activity="block")[1]
     assert retaken["pid"] != first.pid and retaken["worker"] == second_worker
     # taken over only once the dead worker's lease had expired, not before
@@ -212,14 +217,20 @@ async def test_many_instances_on_several_worker_processes(cluster: Cluster, clie
     ends = cluster.entries(event="end")
     ran = Counter((e["instance"], e["activity"]) for e in starts)
     expected = {(h.instance_id, a) for h in handles for a in ("one", "two", "three")}
-    assert set(ran) == expected
-    assert set(ran.values()) == {1}, [k for k, n in ran.items() if n > 1]  # no activity ran twice
-    assert Counter((e["instance"], e["activity"]) for e in ends) == ran
+    assert set(ran) == expected  # every activity ran (at least once), nothing else did
+    assert {(e["instance"], e["activity"]) for e in ends} == expected  # and each finished at least once
+    again = {key: n for key, n in ran.items() if n > 1}  # allowed: a lease that ran out under load
+    if again:
+        print(f"{len(again)} activities ran more than once (a lease taken over): {sorted(again)[:10]}")
 
+    # one worker at a time runs an instance: its activities never overlap, unless its lease was taken
+    # over (which is what re-runs an activity; the old run may still be in one until it tries to write)
+    taken_over = {instance for instance, _ in again}
     intervals: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
     end_of = {(e["instance"], e["activity"]): e["t"] for e in ends}
     for e in starts:
-        intervals[e["instance"]].append((e["t"], end_of[e["instance"], e["activity"]], e["pid"]))
+        if e["instance"] not in taken_over:
+            intervals[e["instance"]].append((e["t"], end_of[e["instance"], e["activity"]], e["pid"]))
     for iid, spans in intervals.items():
         spans.sort()
         for (_, end, pid), (start, _, other) in itertools.pairwise(spans):
@@ -272,8 +283,9 @@ async def test_cancel_from_another_process_runs_compensations(cluster: Cluster, 
 
     info = await handle.info()
     assert info.status == geste.Status.CANCELLED and info.locked_by is None
-    assert Counter(e["activity"] for e in cluster.entries()) == {"one": 1, "block": 1, "undo": 1}
-    assert cluster.entries(activity="undo")[0]["what"] == "one:3"
+    runs = Counter(e["activity"] for e in cluster.entries())
+    assert set(runs) == {"one", "block", "undo"} and runs["one"] == 1, runs  # `one`: recorded before block
+    assert {e["what"] for e in cluster.entries(activity="undo")} == {"one:3"}
     history = await client.history(iid)
     assert [(e.kind, e.name) for e in history] == [
         (geste.StepKind.ACTIVITY, "one"),

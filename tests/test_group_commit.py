@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import pytest
 
+import geste
 from geste import Status
 from geste.errors import StorageError
 from geste.storage._group_commit import GroupCommit
@@ -66,6 +68,49 @@ async def test_batches_hold_at_most_max_batch_items() -> None:
     group: GroupCommit[int, int] = GroupCommit(flush, max_in_flight=1, max_batch=3)
     assert await asyncio.gather(*(group.submit(n) for n in range(10))) == list(range(10))
     assert max(sizes) == 3 and sum(sizes) == 10
+
+
+# -- through a workflow, on each backend -------------------------------------------------------------------
+async def test_steps_count_every_row_when_one_instance_commits_twice_in_a_batch(
+    make_app: Callable[..., geste.App],
+) -> None:
+    """A gather of activity chains: each chain's next activity commits the previous one's row, so one
+    instance queues several step commits while a batch is in flight, and they leave together. ``steps``
+    must still be the number of history rows (on PostgreSQL one ``UPDATE ... FROM`` applied only one of
+    an instance's input rows)."""
+    app = make_app()
+
+    @app.activity
+    async def step(ctx: geste.ActivityContext, chain: int, n: int) -> int:
+        return chain * 10 + n
+
+    @app.workflow
+    async def fan(ctx: geste.WorkflowContext) -> list[list[int]]:
+        async def chain(c: int) -> list[int]:
+            return [await step(ctx, c, n) for n in range(4)]
+
+        return list(await asyncio.gather(*(chain(c) for c in range(5))))
+
+    batches: list[list[str]] = []
+    async with app:
+        records = getattr(app.storage, "_records", None)  # PostgreSQL's group commit of step commits
+        if records is not None:
+            flush = records._flush
+
+            async def spy(items: Sequence[Any]) -> Any:
+                batches.append([item.lease.instance_id for item in items])
+                return await flush(items)
+
+            records._flush = spy
+        handle = await fan.start()
+        assert await handle.result(timeout=20) == [[c * 10 + n for n in range(4)] for c in range(5)]
+        history = await handle.history()
+        info = await handle.info()
+
+    assert len(history) == 20 and sorted(e.seq for e in history) == list(range(1, 21))
+    assert info.steps == len(history)
+    if records is not None:  # the case under test did happen: one instance twice in one statement
+        assert any(len(batch) > len(set(batch)) for batch in batches), batches
 
 
 # -- on PostgreSQL -------------------------------------------------------------------------------------------
@@ -161,3 +206,69 @@ async def test_concurrent_ends_share_statements_and_keep_their_own_outcomes(stor
             assert (row.status, row.result, row.locked_by) == (Status.COMPLETED, f'"{n}"', None)
             assert [r.seq for r in await storage.get_history(lease.instance_id)][-1] == 9
     assert await storage.next_run_at() is None  # the ended instance's timer went with it
+
+
+async def test_one_instance_twice_in_a_batch_adds_up_its_steps(storage: PostgresStorage) -> None:
+    """Several step commits of one instance queued behind a batch leave in one statement: every row is
+    counted in ``steps``, the lease ends renewed to the latest expiry, the compensating status sticks."""
+    (lease, other) = await _claimed(storage, 2)
+    first = asyncio.create_task(storage.record(other, _row(1), now=2.0, lock_expires_at=100.0))
+    await asyncio.sleep(0)  # it goes alone; what follows queues behind it, then leaves together
+    before = storage.step_commits
+    rows = [HistoryRow(seq, "activity", "step", "{}", False, 2.0) for seq in range(1, 6)]
+    results = await asyncio.gather(
+        storage.record(lease, rows[0:2], now=2.0, lock_expires_at=200.0),
+        storage.record(lease, rows[2:3], now=3.0, lock_expires_at=300.0, status=Status.COMPENSATING),
+        storage.record(lease, rows[3:5], now=2.5, lock_expires_at=250.0),
+        storage.record(other, _row(2), now=2.0, lock_expires_at=100.0),
+    )
+    await first
+    assert storage.step_commits - before == 2  # the first alone, then the four in one statement
+    assert all(r.cancel_requested is False for r in results)
+    row = await storage.get_instance(lease.instance_id)
+    assert row is not None
+    assert (row.steps, row.lock_expires_at, row.updated_at, row.status) == (
+        5,
+        300.0,
+        3.0,
+        Status.COMPENSATING,
+    )
+    assert [r.seq for r in await storage.get_history(lease.instance_id)] == [1, 2, 3, 4, 5]
+    other_row = await storage.get_instance(other.instance_id)
+    assert other_row is not None and other_row.steps == 2
+
+
+async def test_a_stale_lease_beside_the_live_one_in_a_batch_is_lost_and_writes_nothing(
+    storage: PostgresStorage,
+) -> None:
+    """Two runs of one instance, one under a lease that is gone, commit in one statement: only the live
+    lease's rows and values are written, and the stale caller learns its lease is lost."""
+    (lease, other) = await _claimed(storage, 2)
+    stale = Lease(lease.instance_id, "gone")
+    first = asyncio.create_task(storage.record(other, _row(1), now=2.0, lock_expires_at=100.0))
+    await asyncio.sleep(0)
+    results = await asyncio.gather(
+        storage.record(
+            stale, (HistoryRow(7, "activity", "stale", "{}", False, 2.0),), now=9.0, lock_expires_at=900.0
+        ),
+        storage.record(lease, _row(1), now=2.0, lock_expires_at=200.0),
+        return_exceptions=True,
+    )
+    await first
+    assert isinstance(results[0], LeaseLost) and not isinstance(results[1], BaseException)
+    row = await storage.get_instance(lease.instance_id)
+    assert row is not None and (row.steps, row.lock_expires_at) == (1, 200.0)
+    assert [r.seq for r in await storage.get_history(lease.instance_id)] == [1]
+
+    first = asyncio.create_task(storage.finish(other, (), now=3.0, status=Status.COMPLETED, result='"o"'))
+    await asyncio.sleep(0)
+    ends = await asyncio.gather(
+        storage.finish(stale, _row(8), now=3.0, status=Status.FAILED, error='"stale"'),
+        storage.finish(lease, _row(2), now=3.0, status=Status.COMPLETED, result='"live"'),
+        return_exceptions=True,
+    )
+    await first
+    assert isinstance(ends[0], LeaseLost) and ends[1] is None
+    row = await storage.get_instance(lease.instance_id)
+    assert row is not None and (row.status, row.result, row.steps) == (Status.COMPLETED, '"live"', 2)
+    assert [r.seq for r in await storage.get_history(lease.instance_id)] == [1, 2]

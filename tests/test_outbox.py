@@ -476,40 +476,82 @@ async def test_relay_is_poked_locally_and_wakes_at_the_next_attempt(make_app: Ma
         assert 0.28 <= second.at - first.at < 2
 
 
-async def test_outbox_pending_notification_wakes_the_relay_of_another_process(pg_url: str) -> None:
-    import asyncpg
+async def test_outbox_pending_notification_wakes_the_relay_of_another_process(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's process records nothing itself: it claims only in its start-up rounds (the first, and
+    the catch-up once it listens), in a poll, when told (a notification) or when a delivery ends. Its
+    polls are two minutes apart and its start-up rounds are over before the event exists, so the round
+    that claims the first event must have been started by notifications alone. (The second event is
+    claimed when the first one's delivery ends: an instance's events go out in order.)"""
+    from geste._outbox import Relay
 
-    from tests.conftest import POSTGRES_URL
+    log: list[tuple[str, Any]] = []  # in order: what woke the relay, and its claims
+    notifying = False
+    real_notified, real_poke = Relay.notified, Relay.poke
 
-    received: list[tuple[float, geste.OutboxEvent]] = []
+    def notified(self: Relay, body: dict[str, Any]) -> None:
+        nonlocal notifying
+        log.append(("notified", body.get("event_id")))
+        notifying = True
+        try:
+            real_notified(self, body)
+        finally:
+            notifying = False
+
+    def poke(self: Relay) -> None:
+        log.append(("poke", "notification" if notifying else "other"))
+        real_poke(self)
+
+    monkeypatch.setattr(Relay, "notified", notified)
+    monkeypatch.setattr(Relay, "poke", poke)
+
+    received: list[geste.OutboxEvent] = []
 
     async def handler(event: geste.OutboxEvent) -> None:
-        received.append((time.monotonic(), event))
+        received.append(event)
 
     emitter = geste.App(pg_url, poll_interval=0.05, lock_timeout=2)  # runs the workflow, no relay
     emit = register(emitter)
-    relay = geste.App(pg_url, outbox_handler=handler, poll_interval=60, notify_fallback_interval=60)
-    notes: list[dict[str, Any]] = []
-    conn = await asyncpg.connect(POSTGRES_URL)
-    await conn.add_listener("geste_outbox_pending", lambda *args: notes.append(json.loads(args[3])))
-    try:
-        async with emitter, relay:
-            await until(
-                lambda: relay.listener_status().state == geste.ListenerState.LISTENING, what="listening"
-            )
-            await asyncio.sleep(0.2)  # its catch-up round is over: it sleeps for a minute
-            started = time.monotonic()
-            handle = await emit.start_with_id(f"n-{uuid.uuid4().hex[:6]}", 2)  # runs in `emitter`
-            ids = await handle.result(timeout=10)
-            await until(lambda: len(received) == 2, timeout=5, what="both events through the notification")
-            assert [e.event_id for _, e in received] == ids
-            assert received[0][0] - started < 3
-            # notifications are per database: other tests' schemas may add theirs, so look for ours
-            ours = [{"event_id": eid} for eid in ids]
-            await until(lambda: [n for n in notes if n in ours] == ours, what="two notifications")
-            assert relay.listener_status().notifications["geste_outbox_pending"] >= 2
-    finally:
-        await conn.close()
+    relay = geste.App(
+        pg_url, outbox_handler=handler, poll_interval=120, notify_fallback_interval=120, lock_timeout=120
+    )
+    real_claim = relay.storage.outbox_claim
+
+    async def claim(*args: Any, **kwargs: Any) -> Any:
+        log.append(("claim", None))
+        claims = await real_claim(*args, **kwargs)
+        log.append(("claimed", [c.event_id for c in claims]))
+        return claims
+
+    relay.storage.outbox_claim = claim  # type: ignore[method-assign]
+
+    def settled(after: int) -> bool:
+        """The relay's round started after the poke at ``after`` is over and nothing poked it since: it
+        sleeps until its next poll. Its first round is not enough (a poke before it leaves one more)."""
+        starts = [i for i, (kind, _) in enumerate(log) if kind == "claim"]
+        return (
+            len(starts) >= 2
+            and starts[-1] > after
+            and log[-1][0] == "claimed"
+            and not any(kind == "poke" for kind, _ in log[starts[-1] :])
+        )
+
+    async with emitter, relay:
+        await until(lambda: relay.listener_status().state == geste.ListenerState.LISTENING, what="listening")
+        catch_up = max(i for i, entry in enumerate(log) if entry == ("poke", "other"))
+        await until(lambda: settled(catch_up), what="the relay's start-up rounds over")
+        assert received == []
+        handle = await emit.start_with_id(f"n-{uuid.uuid4().hex[:6]}", 2)  # runs in `emitter`
+        ids = await handle.result(timeout=10)
+        await until(lambda: len(received) == 2, what="both events delivered")
+        assert [e.event_id for e in received] == ids
+    # both events' notifications reached the relay (other schemas' may come too: one database)
+    assert ("notified", ids[0]) in log and ("notified", ids[1]) in log
+    first = next(i for i, (kind, value) in enumerate(log) if kind == "claimed" and ids[0] in value)
+    starts = [i for i, (kind, _) in enumerate(log[:first]) if kind == "claim"]
+    woken_by = [value for kind, value in log[starts[-2] : starts[-1]] if kind == "poke"]
+    assert woken_by and set(woken_by) == {"notification"}, log
 
 
 async def test_a_client_app_does_not_relay(make_app: MakeApp) -> None:
@@ -521,11 +563,22 @@ async def test_a_client_app_does_not_relay(make_app: MakeApp) -> None:
     worker = make_app()  # runs workflows, has no destination: no relay
     emit = register(worker)
     client = make_app(run_worker=False, outbox_handler=handler)  # a destination but no worker: no relay
+    claims = 0
+    real_claim = client.storage.outbox_claim
+
+    async def claim(*args: Any, **kwargs: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await real_claim(*args, **kwargs)
+
+    client.storage.outbox_claim = claim  # type: ignore[method-assign]
     async with worker, client:
+        # a relay starts with its App, as a task that claims at once: none was started
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("geste-outbox")]
         [event_id] = await (await emit.start(1)).result(timeout=10)
-        await asyncio.sleep(0.3)
-        assert received == []
-        assert (await outbox_status(client, event_id)).status == geste.OutboxStatus.PENDING
+        entry = await outbox_status(client, event_id)
+        assert (entry.status, entry.attempts, entry.claimed_by) == (geste.OutboxStatus.PENDING, 0, None)
+    assert received == [] and claims == 0
     relay = make_app(outbox_handler=handler)
     async with relay:
         await until(lambda: _delivered(relay, event_id), what="delivered by a relay started later")

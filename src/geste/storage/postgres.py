@@ -175,10 +175,12 @@ class _Finish:
 
 
 def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
-    """The history rows of a batch, as the arrays that follow its per-instance ones."""
-    rows = [(item.lease.instance_id, r) for item in batch for r in item.records]
+    """The history rows of a batch, each with its instance's lease, as the arrays that follow the
+    per-instance ones."""
+    rows = [(item.lease, r) for item in batch for r in item.records]
     return (
-        [instance_id for instance_id, _ in rows],
+        [lease.instance_id for lease, _ in rows],
+        [lease.lease_id for lease, _ in rows],
         [r.seq for _, r in rows],
         [r.kind for _, r in rows],
         [r.name for _, r in rows],
@@ -577,7 +579,7 @@ class PostgresStorage(Storage):
             self._record_one,
             "record_batch",
             _record_columns,
-            lambda row: StepResult(cancel_requested=row[1]),
+            lambda row: StepResult(cancel_requested=row[2]),
         )
 
     async def _in_one_statement(
@@ -589,7 +591,7 @@ class PostgresStorage(Storage):
         outcome: Callable[[Any], _T],
     ) -> list[_T | BaseException]:
         """A group commit's batch: one item goes alone (``one``), several in the statement ``query``, which
-        returns a row (instance id first) for each instance whose lease held. A batch that fails for any
+        returns a row (instance id and lease id first) for each lease that held. A batch that fails for any
         other reason than a lost connection (a deadlock, say) is split up, so one instance's trouble never
         fails its neighbours' writes."""
         if len(batch) == 1:
@@ -601,11 +603,9 @@ class PostgresStorage(Storage):
             if _is_connection_loss(exc.__cause__ or exc):
                 raise
             return [await _outcome(one(item)) for item in batch]
-        held = {row[0]: row for row in found}
+        held = {Lease(row[0], row[1]): row for row in found}
         return [
-            outcome(held[item.lease.instance_id])
-            if item.lease.instance_id in held
-            else LeaseLost(item.lease.instance_id)
+            outcome(held[item.lease]) if item.lease in held else LeaseLost(item.lease.instance_id)
             for item in batch
         ]
 

@@ -239,14 +239,21 @@ SELECT cancel_requested FROM lease;
 -- name: record_batch
 -- Group commit: the step commits of several instances (each with its own lease) in one statement. An
 -- instance's rows are appended only where its lease is proven and renewed; the instance rows are locked
--- in instance_id order, so two batches never wait on each other in a cycle. Returns the instances whose
--- lease held.
+-- in instance_id order, so two batches never wait on each other in a cycle. One instance may come more
+-- than once (the branches of a gather each commit): an UPDATE ... FROM applies one input row per target
+-- row, so its commits are merged first, as if applied in turn (steps added up, the latest expiry, the
+-- last status given). Returns the leases that held.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::double precision[], $4::double precision[],
-                         $5::text[], $6::integer[])
-        AS i(instance_id, lease_id, lock_expires_at, now, status, added)
+                         $5::text[], $6::integer[]) WITH ORDINALITY
+        AS i(instance_id, lease_id, lock_expires_at, now, status, added, n)
+), merged AS (
+    SELECT instance_id, lease_id, max(lock_expires_at) AS lock_expires_at, max(now) AS now,
+           (array_agg(status ORDER BY n DESC) FILTER (WHERE status IS NOT NULL))[1] AS status,
+           sum(added)::integer AS added
+    FROM input GROUP BY instance_id, lease_id
 ), locked AS (
-    SELECT g.instance_id FROM {schema}.geste_instances g JOIN input i USING (instance_id)
+    SELECT g.instance_id FROM {schema}.geste_instances g JOIN merged i USING (instance_id)
     WHERE g.lease_id = i.lease_id
     ORDER BY g.instance_id
     FOR UPDATE OF g
@@ -254,17 +261,19 @@ WITH input AS (
     UPDATE {schema}.geste_instances g
     SET lock_expires_at = i.lock_expires_at, updated_at = i.now, steps = g.steps + i.added,
         status = COALESCE(i.status, g.status)
-    FROM input i
-    WHERE g.instance_id = i.instance_id AND g.instance_id IN (SELECT instance_id FROM locked)
-    RETURNING g.instance_id, g.cancel_requested
+    FROM merged i
+    WHERE g.instance_id = i.instance_id AND g.lease_id = i.lease_id
+      AND g.instance_id IN (SELECT instance_id FROM locked)
+    RETURNING g.instance_id, i.lease_id, g.cancel_requested
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
-    SELECT r.* FROM unnest($7::text[], $8::integer[], $9::text[], $10::text[], $11::text[],
-                           $12::boolean[], $13::double precision[])
-        AS r(instance_id, seq, kind, name, payload, is_error, created_at)
-    WHERE r.instance_id IN (SELECT instance_id FROM lease)
+    SELECT r.instance_id, r.seq, r.kind, r.name, r.payload, r.is_error, r.created_at
+    FROM unnest($7::text[], $8::text[], $9::integer[], $10::text[], $11::text[], $12::text[],
+                $13::boolean[], $14::double precision[])
+        AS r(instance_id, lease_id, seq, kind, name, payload, is_error, created_at)
+    WHERE (r.instance_id, r.lease_id) IN (SELECT instance_id, lease_id FROM lease)
 )
-SELECT instance_id, cancel_requested FROM lease;
+SELECT instance_id, lease_id, cancel_requested FROM lease;
 
 -- name: lock_event_type
 -- Serialises, per event type, "send an event" with "take an event or wait": no lost wake-up.
@@ -332,7 +341,8 @@ SELECT count(*) FROM done;
 
 -- name: finish_batch
 -- Group commit of ends: several instances' outcomes in one statement, each under its own lease (locked
--- in instance_id order, as record_batch). Returns the instances whose lease held.
+-- in instance_id order, as record_batch). An instance ends once per lease, so a lease comes at most once
+-- here; another lease of the same instance (gone) matches nothing. Returns the leases that held.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::double precision[], $7::integer[])
@@ -347,20 +357,22 @@ WITH input AS (
     SET status = i.status, result = i.result, error = i.error, finished_at = i.now, updated_at = i.now,
         run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, steps = g.steps + i.added
     FROM input i
-    WHERE g.instance_id = i.instance_id AND g.instance_id IN (SELECT instance_id FROM locked)
-    RETURNING g.instance_id
+    WHERE g.instance_id = i.instance_id AND g.lease_id = i.lease_id
+      AND g.instance_id IN (SELECT instance_id FROM locked)
+    RETURNING g.instance_id, i.lease_id
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
-    SELECT r.* FROM unnest($8::text[], $9::integer[], $10::text[], $11::text[], $12::text[],
-                           $13::boolean[], $14::double precision[])
-        AS r(instance_id, seq, kind, name, payload, is_error, created_at)
-    WHERE r.instance_id IN (SELECT instance_id FROM done)
+    SELECT r.instance_id, r.seq, r.kind, r.name, r.payload, r.is_error, r.created_at
+    FROM unnest($8::text[], $9::text[], $10::integer[], $11::text[], $12::text[], $13::text[],
+                $14::boolean[], $15::double precision[])
+        AS r(instance_id, lease_id, seq, kind, name, payload, is_error, created_at)
+    WHERE (r.instance_id, r.lease_id) IN (SELECT instance_id, lease_id FROM done)
 ), timers AS (
     DELETE FROM {schema}.geste_timers WHERE instance_id IN (SELECT instance_id FROM done)
 ), waits AS (
     DELETE FROM {schema}.geste_event_waits WHERE instance_id IN (SELECT instance_id FROM done)
 )
-SELECT instance_id FROM done;
+SELECT instance_id, lease_id FROM done;
 
 -- name: insert_event_wait
 -- The wait keeps the instance's event floor: send_event delivers only an event above it. since: when the
