@@ -244,8 +244,21 @@ async def test_the_same_ce_id_twice_is_stored_once(make_app: MakeApp, db_url: st
         ({"content-type": "application/vnd.api+json"}, b'["a", 1]', ["a", 1]),
         ({"content-type": "text/json"}, b'"just a string"', "just a string"),
         ({}, b"", None),
+        # no Content-Type: JSON when the body is JSON as application/json data must be, else bytes
+        ({}, '{"k": [1, "é"]}'.encode(), {"k": [1, "é"]}),
+        ({}, b'"just a string"', "just a string"),
+        ({}, b"hello", base64.b64encode(b"hello").decode()),
+        ({}, b"\x00\xffbin", base64.b64encode(b"\x00\xffbin").decode()),
+        ({}, b"[NaN]", base64.b64encode(b"[NaN]").decode()),
+        ({}, '"é"'.encode("latin-1"), base64.b64encode('"é"'.encode("latin-1")).decode()),  # not UTF-8
+        ({}, b"\xef\xbb\xbf{}", base64.b64encode(b"\xef\xbb\xbf{}").decode()),  # a BOM: not JSON
+        ({}, b"[" * 129 + b"]" * 129, base64.b64encode(b"[" * 129 + b"]" * 129).decode()),  # too deep
     ],
-    ids=["text", "text-latin-1", "binary", "plus-json", "text-json", "no-data"],
+    ids=[
+        *("text", "text-latin-1", "binary", "plus-json", "text-json", "no-data"),
+        *("untyped-json", "untyped-json-string", "untyped-text", "untyped-bytes", "untyped-nan"),
+        *("untyped-latin-1", "untyped-bom", "untyped-too-deep"),
+    ],
 )
 async def test_binary_mode_data_by_content_type(
     make_app: MakeApp, headers: dict[str, str], body: bytes, expected: Any
@@ -353,7 +366,6 @@ BAD_EVENTS: dict[str, tuple[dict[str, str] | list[tuple[str, str]], bytes, int, 
     "json-nan": (EVENT_HEADERS, b'{"amount": NaN}', 400, "InvalidJSON"),
     "json-not-utf8": (EVENT_HEADERS, '{"a": "é"}'.encode("latin-1"), 400, "InvalidJSON"),
     "text-not-utf8": ({**EVENT_HEADERS, "content-type": "text/plain"}, b"\xff\xfe", 400, "InvalidCloudEvent"),
-    "no-content-type": (_without("content-type"), BODY, 415, "UnsupportedMediaType"),
     "unknown-charset": (
         {**EVENT_HEADERS, "content-type": "text/plain; charset=nope"},
         b"x",

@@ -10,7 +10,14 @@ UTF-8, as the HTTP binding asks. Batched mode and event formats other than JSON 
 The event's data, stored as JSON, is decided by its content type, the same way in both modes:
 JSON types (``*/json``, ``*/*+json``) are parsed into the JSON value; ``text/*`` is decoded into a string
 (its ``charset``, UTF-8 by default); any other type is kept as a base64 string. A structured event's
-``data`` member is taken as it is; its ``data_base64`` is decoded and then treated like a binary body.
+``data`` member is taken as it is; its ``data_base64`` is decoded and then treated like a binary body of
+its ``datacontenttype``, and stays bytes (base64) without one: ``data_base64`` says the data is binary.
+
+A binary-mode body without a ``Content-Type`` (what the Python SDK, ``cloudevents``, sends for an event
+without ``datacontenttype``) is its JSON value when it is JSON as ``application/json`` data must be
+(UTF-8, no ``NaN`` or ``Infinity``, nested at most 128 levels), and bytes otherwise, kept as a base64
+string like ``application/octet-stream``: it is never refused for its type. Text sent that way arrives as
+base64 unless it happens to be JSON; a sender of text gives ``text/plain``.
 """
 
 from __future__ import annotations
@@ -142,6 +149,15 @@ def _decode_data(body: bytes, media: MediaType | None, error: ErrorFactory) -> A
         raise bad_request(f"the event data is not valid {kind}", "InvalidCloudEvent") from None
 
 
+def _untyped_data(body: bytes) -> Any:
+    """A body without a content type: its JSON value when it is JSON as ``application/json`` data must be
+    (UTF-8, strict, at most ``MAX_JSON_DEPTH`` deep), otherwise bytes, kept as a base64 string."""
+    try:
+        return load_json(body, "the event data")
+    except HTTPError:
+        return base64.b64encode(body).decode("ascii")
+
+
 # -- binary mode --------------------------------------------------------------------------------------
 def parse_binary(
     headers: list[tuple[bytes, bytes]], content_type: MediaType | None, body: bytes
@@ -164,8 +180,9 @@ def parse_binary(
     data = None
     if body:
         if content_type is None:
-            raise unsupported_media_type("binary mode: the data needs a Content-Type saying what it is")
-        data = _decode_data(body, content_type, unsupported_media_type)
+            data = _untyped_data(body)
+        else:
+            data = _decode_data(body, content_type, unsupported_media_type)
     return _validated(attributes, data, lambda name: f"header ce-{name}")
 
 
