@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -610,7 +611,14 @@ def test_the_listener_turns_a_channel_message_into_a_batch_of_message_size() -> 
         limits: list[int] = []
 
         async def claim(
-            self, worker_id: str, now: float, expires: float, limit: int, *, due_before: float | None = None
+            self,
+            worker_id: str,
+            now: float,
+            expires: float,
+            limit: int,
+            *,
+            due_before: float | None = None,
+            workflows: Sequence[str] = (),
         ) -> Claims:
             self.limits.append(limit)
             return Claims()
@@ -625,7 +633,7 @@ def test_the_listener_turns_a_channel_message_into_a_batch_of_message_size() -> 
         )
         storage = Storage()
         worker = Worker(
-            engine=None,  # type: ignore[arg-type]
+            engine=SimpleNamespace(workflows={"w": None}),  # type: ignore[arg-type]
             storage=storage,  # type: ignore[arg-type]
             worker_id="w",
             clock=time.time,

@@ -182,7 +182,7 @@ def test_geste_resume(cli: Cli, db_url: str) -> None:
         await app.storage.upsert_worker(WorkerRow("busy", "h", 2, now, now, 1, 1, None))
         for instance_id, holder in (("g", "ghost"), ("b", "busy")):
             await app.start_workflow("waiter", instance_id=instance_id)
-            claimed = await app.storage.claim(holder, time.time(), time.time() + 600, 1)
+            claimed = await app.storage.claim(holder, time.time(), time.time() + 600, 1, workflows=["waiter"])
             assert [c.lease.instance_id for c in claimed] == [instance_id]
         await app.start_workflow("waiter", instance_id="p")
 
@@ -264,7 +264,7 @@ def test_geste_status_lists_the_leases_and_their_holders(cli: Cli, db_url: str) 
         now = time.time()
         await app.storage.upsert_worker(WorkerRow("ghost", "h", 1, now - 3600, now - 3600, 1, 1, None))
         await app.start_workflow("waiter", instance_id="held")
-        await app.storage.claim("ghost", time.time(), time.time() + 600, 1)
+        await app.storage.claim("ghost", time.time(), time.time() + 600, 1, workflows=["waiter"])
 
     with_client(db_url, hold)
     lines = ok(cli("status")).splitlines()

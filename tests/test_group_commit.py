@@ -182,7 +182,9 @@ async def test_a_batch_that_fails_is_split_so_neighbours_still_commit(storage: P
 async def test_concurrent_ends_share_statements_and_keep_their_own_outcomes(storage: PostgresStorage) -> None:
     leases = await _claimed(storage, 20)
     await storage.suspend(leases[2], (), now=2.0, run_at=50.0, timer=(1, 50.0))  # leaves a timer, then
-    leases[2] = (await storage.claim("me", 60.0, 1e12, 1))[0].lease  # claimed back under a new lease
+    leases[2] = (await storage.claim("me", 60.0, 1e12, 1, workflows=["w"]))[
+        0
+    ].lease  # claimed back under a new lease
     wrong = Lease(leases[5].instance_id, "not-the-lease")
     before = storage.step_commits
     results = await asyncio.gather(

@@ -481,13 +481,15 @@ async def test_a_claim_says_when_it_takes_over_an_expired_lease(make_app: MakeAp
     async with app:
         await idle.start()
         now = app.clock()
-        (first,) = await app.storage.claim("w1", now, now + 1.0, 10)
+        (first,) = await app.storage.claim("w1", now, now + 1.0, 10, workflows=["idle"])
         assert first.lease_expired_at is None  # a free instance
-        assert await app.storage.claim("w2", now + 0.5, now + 2.0, 10) == []  # its lease still holds
-        (second,) = await app.storage.claim("w2", now + 5.0, now + 6.0, 10)
+        assert (
+            await app.storage.claim("w2", now + 0.5, now + 2.0, 10, workflows=["idle"]) == []
+        )  # its lease still holds
+        (second,) = await app.storage.claim("w2", now + 5.0, now + 6.0, 10, workflows=["idle"])
         assert second.lease_expired_at == pytest.approx(now + 1.0)  # taken over: when w1's ran out
         await app.storage.release([second.lease], now + 6.0)
-        (third,) = await app.storage.claim("w3", now + 7.0, now + 8.0, 10)
+        (third,) = await app.storage.claim("w3", now + 7.0, now + 8.0, 10, workflows=["idle"])
         assert third.lease_expired_at is None  # released, not expired: no take-over
 
 

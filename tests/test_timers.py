@@ -234,10 +234,12 @@ async def test_a_claim_takes_what_is_due_within_its_horizon_and_nothing_later(ma
                 NewInstance(name, "w", "{}", 1.0), lease=lease, worker_id="w0", lock_expires_at=99.0
             )
             await storage.release([lease], 99.0, run_at=run_at)
-        assert await storage.claim("w1", 100.0, 110.0, 10) == []
-        (claim,) = await storage.claim("w1", 100.0, 110.0, 10, due_before=100.05)
+        assert await storage.claim("w1", 100.0, 110.0, 10, workflows=["w"]) == []
+        (claim,) = await storage.claim("w1", 100.0, 110.0, 10, due_before=100.05, workflows=["w"])
         assert claim.lease.instance_id == "soon" and claim.run_at == pytest.approx(100.02)
-        assert await storage.claim("w2", 100.0, 110.0, 10, due_before=100.05) == []  # held by w1
+        assert (
+            await storage.claim("w2", 100.0, 110.0, 10, due_before=100.05, workflows=["w"]) == []
+        )  # held by w1
 
 
 async def test_a_claim_tells_when_the_next_free_instance_becomes_runnable(make_app: MakeApp) -> None:
@@ -254,16 +256,18 @@ async def test_a_claim_tells_when_the_next_free_instance_becomes_runnable(make_a
                 NewInstance(name, "w", "{}", 1.0), lease=lease, worker_id="w0", lock_expires_at=99.0
             )
             await storage.release([lease], 99.0, run_at=run_at)
-        held = await storage.claim("w2", 100.2, 200.0, 10, due_before=100.2)  # takes "due" and "held"
+        held = await storage.claim(
+            "w2", 100.2, 200.0, 10, due_before=100.2, workflows=["w"]
+        )  # takes "due" and "held"
         assert sorted(c.lease.instance_id for c in held) == ["due", "held"]
         assert held.next_run_at == pytest.approx(100.5)
-        assert (await storage.claim("w1", 100.3, 200.0, 10)) == [] and (
-            await storage.claim("w1", 100.3, 200.0, 10)
+        assert (await storage.claim("w1", 100.3, 200.0, 10, workflows=["w"])) == [] and (
+            await storage.claim("w1", 100.3, 200.0, 10, workflows=["w"])
         ).next_run_at == pytest.approx(100.5)
-        (taken,) = await storage.claim("w1", 100.5, 200.0, 10)
+        (taken,) = await storage.claim("w1", 100.5, 200.0, 10, workflows=["w"])
         assert taken.lease.instance_id == "next"
-        last = await storage.claim("w1", 100.6, 200.0, 10)
+        last = await storage.claim("w1", 100.6, 200.0, 10, workflows=["w"])
         assert last == [] and last.next_run_at == pytest.approx(107.0)
-        (final,) = await storage.claim("w1", 107.0, 200.0, 10)
+        (final,) = await storage.claim("w1", 107.0, 200.0, 10, workflows=["w"])
         assert final.lease.instance_id == "last"
-        assert (await storage.claim("w1", 107.0, 200.0, 10)).next_run_at is None
+        assert (await storage.claim("w1", 107.0, 200.0, 10, workflows=["w"])).next_run_at is None

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._engine import Engine
+from ._loops import backoff, cancel_and_wait, failed, stop_within, watch
 from ._metrics import BACKLOG, POLL, START, TIMER, Metrics
 from ._wakeups import Wakeups
 from .errors import StorageError
@@ -80,7 +81,10 @@ class Worker:
         self._sleep_cause = POLL
         """The wake-up cause of the next claim round if the sleep before it runs out (poll or timer)."""
         self._stopping = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._claim_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self.health: str | None = None
+        """None while every loop of this process runs; else why one ended (shown in the registry)."""
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -90,23 +94,48 @@ class Worker:
             await self._heartbeat()
         except StorageError as exc:  # the heartbeat tries again: running instances matters more
             logger.warning("worker %s: registering failed (%s)", self.worker_id, exc)
-        self._tasks = [
-            asyncio.create_task(self._claim_loop(), name=f"geste-claim-{self.worker_id}"),
-            asyncio.create_task(self._heartbeat_loop(), name=f"geste-heartbeat-{self.worker_id}"),
-        ]
+        self._claim_task = asyncio.create_task(self._claim_loop(), name=f"geste-claim-{self.worker_id}")
+        self._heartbeat_task = asyncio.create_task(
+            self._heartbeat_loop(), name=f"geste-heartbeat-{self.worker_id}"
+        )
+        stopping = lambda: self._stopping  # noqa: E731
+        watch(self._claim_task, f"worker {self.worker_id}: the claim loop", self.mark_unhealthy, stopping)
+        watch(
+            self._heartbeat_task,
+            f"worker {self.worker_id}: the heartbeat loop",
+            self.mark_unhealthy,
+            stopping,
+        )
         logger.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
 
+    def mark_unhealthy(self, reason: str) -> None:
+        """A loop of this process ended for good: say so in the registry (``geste status``), at once and
+        at every heartbeat, so that operators do not take a worker that no longer claims for a live one."""
+        if self._stopping:
+            return
+        self.health = reason if self.health is None else f"{self.health}; {reason}"
+        asyncio.get_running_loop().create_task(self._report_health(), name=f"geste-health-{self.worker_id}")
+
+    async def _report_health(self) -> None:
+        try:
+            await self._heartbeat()
+        except Exception as exc:
+            logger.error("worker %s could not record that it is unhealthy (%s)", self.worker_id, exc)
+
     async def stop(self) -> None:
-        """Stop claiming, let running instances finish for ``shutdown_grace``, release the rest."""
+        """Stop claiming at a boundary (a claim round in flight ends, and what it took is handed back at
+        once), let running instances finish for ``shutdown_grace`` (their leases still renewed), release
+        the rest. A cancellation of the caller propagates; ``abort`` then ends what is left."""
         self._stopping = True
         self.wakeups.poke()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._claim_task is not None:
+            await stop_within(self._claim_task, self.shutdown_grace)
         running = [task for _, task in self._running.values()]
         if running:
             logger.info("worker %s draining %d running instance(s)", self.worker_id, len(running))
             await asyncio.wait(running, timeout=self.shutdown_grace)
+        if self._heartbeat_task is not None:
+            await cancel_and_wait(self._heartbeat_task)
         leftover = list(self._running.values())
         for _, task in leftover:
             task.cancel()
@@ -124,6 +153,14 @@ class Worker:
         except StorageError as exc:
             logger.warning("worker %s could not record its stop (%s)", self.worker_id, exc)
         logger.info("worker %s stopped", self.worker_id)
+
+    def abort(self) -> None:
+        """End everything at once, waiting for nothing (a cancelled ``App.close``): the leases of the runs
+        cut short expire by themselves after ``lock_timeout``."""
+        self._stopping = True
+        for task in (self._claim_task, self._heartbeat_task, *(t for _, t in self._running.values())):
+            if task is not None:
+                task.cancel()
 
     # -- wake-ups ----------------------------------------------------------------------------------
     def poke(self) -> None:
@@ -190,19 +227,20 @@ class Worker:
                 self.wakeups.poke(BACKLOG)
 
     async def _claim_loop(self) -> None:
+        """Claim rounds until the worker stops; any error is logged and retried after a back-off."""
         failures = 0
         cause = POLL  # the first round looks for whatever is runnable
         while not self._stopping:
             try:
                 timeout = await self._claim_round(cause)
                 failures = 0
-            except StorageError as exc:
+            except Exception as exc:
                 failures += 1
-                timeout = min(self.wakeups.poll_interval * 2**failures, 30.0)
+                timeout = backoff(failures, self.wakeups.poll_interval)
                 self._sleep_cause = POLL
-                logger.warning(
-                    "worker %s: claiming failed (%s); retrying in %.1fs", self.worker_id, exc, timeout
-                )
+                failed(logger, f"worker {self.worker_id}: claiming", exc, timeout)
+            if self._stopping:
+                break
             cause = self._sleep_cause
             if timeout > 0:
                 try:
@@ -219,14 +257,29 @@ class Worker:
             self._backlog = True  # a finishing run pokes
             self._sleep_cause = POLL
             return self.wakeups.interval()
+        if not self.engine.workflows:  # a client App: nothing it could run, nothing to claim
+            self._sleep_cause = POLL
+            return self.wakeups.interval()
         limit = self.max_timers_per_batch if self.wakeups.timer_due() else self.max_workflows_per_batch
         if self.wakeups.messages_due():  # woken by geste_channel_message: its own batch size
             limit = self.max_messages_per_batch
         batch = min(free, limit)
         now = self.clock()
         claims = await self.storage.claim(
-            self.worker_id, now, now + self.lock_timeout, batch, due_before=now + self.wakeups.lookahead
+            self.worker_id,
+            now,
+            now + self.lock_timeout,
+            batch,
+            due_before=now + self.wakeups.lookahead,
+            workflows=list(self.engine.workflows),
         )
+        if self._stopping:  # stopped while the claim ran: hand its instances back at once, unrun
+            if claims:
+                await self.storage.release([claim.lease for claim in claims], self.clock())
+                logger.info(
+                    "worker %s handed back %d instance(s) claimed as it stopped", self.worker_id, len(claims)
+                )
+            return 0.0
         self._backlog = len(claims) == batch
         self.claim_rounds += 1
         self.claimed += len(claims)
@@ -270,27 +323,31 @@ class Worker:
                 concurrency=self.concurrency,
                 listener=listener,
                 lock_timeout=self.lock_timeout,
+                workflows=json.dumps(sorted(self.engine.workflows)),
+                health=self.health,
             )
         )
 
     async def _heartbeat_loop(self) -> None:
+        """Every third of ``lock_timeout``: the registry's heartbeat, then the renewal of every lease held;
+        each survives any error (the registry failing must never stop the renewals)."""
         interval = self.lock_timeout / 3
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._heartbeat()
-            except StorageError as exc:
-                logger.warning("worker %s: heartbeat failed (%s)", self.worker_id, exc)
-            except Exception:  # the registry must never stop the lease renewals below
-                logger.exception("worker %s: heartbeat failed", self.worker_id)
-            leases = [lease for lease, _ in self._running.values()]
-            if not leases:
-                continue
+            except Exception as exc:
+                failed(logger, f"worker {self.worker_id}: heartbeat", exc, interval)
             try:
-                kept = await self.storage.renew(leases, self.clock() + self.lock_timeout)
-            except StorageError as exc:
-                logger.warning("worker %s: renewing leases failed (%s)", self.worker_id, exc)
-                continue
+                await self._renew()
+            except Exception as exc:
+                failed(logger, f"worker {self.worker_id}: renewing leases", exc, interval)
+
+    async def _renew(self) -> None:
+        """Extend every lease this worker holds; stop the runs whose lease was lost."""
+        leases = [lease for lease, _ in self._running.values()]
+        if leases:
+            kept = await self.storage.renew(leases, self.clock() + self.lock_timeout)
             for lease in leases:
                 if lease.instance_id not in kept:
                     current = self._running.get(lease.instance_id)

@@ -149,6 +149,10 @@ class WorkerRow:
     stopped_at: float | None = None
     lock_timeout: float | None = None
     """The worker's own ``lock_timeout`` (None in rows written before schema version 7)."""
+    workflows: str | None = None
+    """The workflow names it registers, a JSON array (None in rows written before schema version 9)."""
+    health: str | None = None
+    """None while all its background loops run; else why one ended (schema version 9)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,9 +469,12 @@ class Storage(abc.ABC):
         limit: int,
         *,
         due_before: float | None = None,
+        workflows: Sequence[str],
     ) -> Claims:
-        """Atomically take up to ``limit`` instances runnable by ``due_before`` (default ``now``) whose
-        lease is free or expired at ``now``; with them, the next ``run_at`` after ``due_before``."""
+        """Atomically take up to ``limit`` instances of the named ``workflows`` (those the worker
+        registers; none: nothing is read), runnable by ``due_before`` (default ``now``), of a status this
+        version knows, whose lease is free or expired at ``now``; with them, the next ``run_at`` after
+        ``due_before`` among those workflows' free instances. Reads at most ``limit`` rows per name."""
 
     @abc.abstractmethod
     async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:

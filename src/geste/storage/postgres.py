@@ -501,12 +501,23 @@ class PostgresStorage(Storage):
         limit: int,
         *,
         due_before: float | None = None,
+        workflows: Sequence[str],
     ) -> Claims:
         due = now if due_before is None else due_before
+        names = sorted(set(workflows))
+        if not names:
+            return Claims()
 
         async def go(conn: Conn) -> Claims:
             rows = await conn.fetch(
-                self._q["claim"], worker_id, f"{uuid.uuid4().hex[:12]}/", now, lock_expires_at, limit, due
+                self._q["claim"],
+                worker_id,
+                f"{uuid.uuid4().hex[:12]}/",
+                now,
+                lock_expires_at,
+                limit,
+                due,
+                names,
             )
             claims, later = Claims(), None
             for r in rows:
@@ -831,6 +842,8 @@ class PostgresStorage(Storage):
                 worker.concurrency,
                 worker.listener,
                 worker.lock_timeout,
+                worker.workflows,
+                worker.health,
             )
 
         await self._run(go)

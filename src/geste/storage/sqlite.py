@@ -8,6 +8,7 @@ between processes sharing the file; ``busy_timeout`` makes a second process wait
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import math
 import os
@@ -350,7 +351,11 @@ class SQLiteStorage(Storage):
         limit: int,
         *,
         due_before: float | None = None,
+        workflows: Sequence[str],
     ) -> Claims:
+        names = sorted(set(workflows))
+        if not names:
+            return Claims()
         params = {
             "due": now if due_before is None else due_before,
             "worker_id": worker_id,
@@ -361,7 +366,8 @@ class SQLiteStorage(Storage):
         }
 
         def tx(conn: sqlite3.Connection) -> Claims:
-            picked = conn.execute(Q["claim_pick"], params).fetchall()
+            heads = [r for name in names for r in conn.execute(Q["claim_pick"], {**params, "name": name})]
+            picked = heapq.nsmallest(limit, heads, key=lambda r: r[2]) if len(names) > 1 else heads
             expired = {r[0]: r[1] for r in picked if r[1] is not None}  # taken over: when the lease ran out
             ids = json.dumps([r[0] for r in picked])
             rows = conn.execute(Q["claim"], {**params, "ids": ids}).fetchall() if picked else []
@@ -379,7 +385,12 @@ class SQLiteStorage(Storage):
                 )
                 for r in rows
             ]
-            later = None if len(claims) == limit else conn.execute(Q["next_run_after"], params).fetchone()[0]
+            later = None
+            if len(claims) < limit:
+                found = [
+                    conn.execute(Q["next_run_after"], {**params, "name": n}).fetchone()[0] for n in names
+                ]
+                later = min((t for t in found if t is not None), default=None)
             return Claims(claims, later)
 
         return await self._write(tx)
@@ -660,6 +671,8 @@ class SQLiteStorage(Storage):
             "concurrency": worker.concurrency,
             "listener": worker.listener,
             "lock_timeout": worker.lock_timeout,
+            "workflows": worker.workflows,
+            "health": worker.health,
         }
         await self._write(lambda c: c.execute(Q["upsert_worker"], params))
 

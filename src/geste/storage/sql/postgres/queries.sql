@@ -157,13 +157,25 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 -- One more row, with a NULL instance_id, is no claim: its run_at is the next one after $6 among free instances (read in the same
 -- snapshot, so the instances just picked, still free there, are not counted), for the worker's sleep.
 -- expired_at: when the previous lease of an instance taken over (expired, not released) ran out; else NULL.
-WITH picked AS (
-    SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
-    FROM {schema}.geste_instances
-    WHERE run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
-    ORDER BY run_at
-    LIMIT $5
-    FOR UPDATE SKIP LOCKED
+-- Only the workflows the worker registers ($7), of a status this version knows: per name, the head of
+-- its range of geste_instances_runnable_by_name (workflow_name, run_at), locked as it is read (SKIP LOCKED
+-- skips what another claim holds and reads on), then the earliest $5 of all. It reads at most $5 rows per
+-- name, however many instances of other workflows are due; when more than $5 are due in all, the rows
+-- locked past the $5 taken are free again at commit.
+WITH heads AS (
+    SELECT h.instance_id, h.run_at, h.expired_at
+    FROM unnest($7::text[]) AS n(name)
+    CROSS JOIN LATERAL (
+        SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+        FROM {schema}.geste_instances
+        WHERE workflow_name = n.name AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
+          AND status IN ('pending', 'running', 'waiting', 'compensating')
+        ORDER BY run_at
+        LIMIT $5
+        FOR UPDATE SKIP LOCKED
+    ) AS h
+), picked AS (
+    SELECT instance_id, expired_at FROM heads ORDER BY run_at LIMIT $5
 ), claimed AS (
     UPDATE {schema}.geste_instances AS i
     SET locked_by = $1,
@@ -182,8 +194,13 @@ WITH picked AS (
          FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
  FROM claimed c)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(run_at), NULL, NULL
-FROM {schema}.geste_instances WHERE run_at > $6 AND lease_id IS NULL;
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at), NULL, NULL
+FROM unnest($7::text[]) AS w(name)
+CROSS JOIN LATERAL (
+    SELECT run_at FROM {schema}.geste_instances
+    WHERE workflow_name = w.name AND run_at > $6 AND lease_id IS NULL
+    ORDER BY run_at LIMIT 1
+) AS n;
 
 -- name: renew
 -- The heartbeat's renewal of every lease a worker holds: its rows are locked in instance_id order, as
@@ -461,12 +478,14 @@ SELECT min(run_at) FROM {schema}.geste_instances WHERE run_at IS NOT NULL AND le
 -- Registration and every heartbeat: one statement (a HOT update: no index covers what it changes). A
 -- worker id seen again (a restart) starts afresh.
 INSERT INTO {schema}.geste_workers
-    (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9)
+    (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout,
+     workflows, health)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
-    listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout;
+    listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
+    workflows = excluded.workflows, health = excluded.health;
 
 -- name: mark_worker_stopped
 UPDATE {schema}.geste_workers SET stopped_at = $2, running = 0 WHERE worker_id = $1;
@@ -477,7 +496,7 @@ DELETE FROM {schema}.geste_workers WHERE heartbeat_at < $1;
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout
+       lock_timeout, workflows, health
 FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 
 -- name: count_by_status

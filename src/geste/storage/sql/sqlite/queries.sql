@@ -103,10 +103,13 @@ SET locked_by = CASE WHEN :break THEN NULL ELSE locked_by END,
 WHERE instance_id = :instance_id;
 
 -- name: claim_pick
--- The runnable instances whose lease is free or expired, with when an expired lease ran out (a take-over;
--- NULL for a free instance). `claim` then takes them, in the same transaction.
-SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END FROM geste_instances
-WHERE run_at <= :due AND (lease_id IS NULL OR lock_expires_at <= :now)
+-- The runnable instances of one workflow the worker registers (:name, a status this version knows) whose
+-- lease is free or expired, with when an expired lease ran out (a take-over; NULL for a free instance):
+-- the head of its range of geste_instances_runnable_by_name. `claim` merges the heads of its names and
+-- takes the earliest, in the same transaction.
+SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END, run_at FROM geste_instances
+WHERE workflow_name = :name AND run_at <= :due AND (lease_id IS NULL OR lock_expires_at <= :now)
+  AND status IN ('pending', 'running', 'waiting', 'compensating')
 ORDER BY run_at
 LIMIT :limit;
 
@@ -210,7 +213,8 @@ WHERE instance_id = :instance_id AND status IN ('waiting', 'running')
 
 -- name: next_run_after
 -- After a claim that took less than it asked for, in its transaction: how long the worker may sleep.
-SELECT MIN(run_at) FROM geste_instances WHERE run_at > :due AND lease_id IS NULL;
+-- One probe of geste_instances_runnable_by_name per registered workflow (:name).
+SELECT MIN(run_at) FROM geste_instances WHERE workflow_name = :name AND run_at > :due AND lease_id IS NULL;
 
 -- name: next_run_at
 SELECT MIN(run_at) FROM geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL;
@@ -218,13 +222,15 @@ SELECT MIN(run_at) FROM geste_instances WHERE run_at IS NOT NULL AND lease_id IS
 -- name: upsert_worker
 -- Registration and every heartbeat: one statement. A worker id seen again (a restart) starts afresh.
 INSERT INTO geste_workers
-    (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout)
+    (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout,
+     workflows, health)
 VALUES (:worker_id, :host, :pid, :started_at, :heartbeat_at, :running, :concurrency, :listener, NULL,
-        :lock_timeout)
+        :lock_timeout, :workflows, :health)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
-    listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout;
+    listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
+    workflows = excluded.workflows, health = excluded.health;
 
 -- name: mark_worker_stopped
 UPDATE geste_workers SET stopped_at = :now, running = 0 WHERE worker_id = :worker_id;
@@ -235,7 +241,7 @@ DELETE FROM geste_workers WHERE heartbeat_at < ?;
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout
+       lock_timeout, workflows, health
 FROM geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT ?;
 
 -- name: count_by_status

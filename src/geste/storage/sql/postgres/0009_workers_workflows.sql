@@ -1,0 +1,11 @@
+-- geste schema, version 9 (PostgreSQL): each worker claims only the workflows it registers, and says so.
+-- geste_workers.workflows: the names it registers (a JSON array, sorted), so `geste status` can tell the
+-- workflows with runnable instances that no live worker runs; geste_workers.health: NULL while every
+-- background loop of the worker runs, else why one ended (it no longer does that work).
+ALTER TABLE {schema}.geste_workers ADD COLUMN workflows text;
+ALTER TABLE {schema}.geste_workers ADD COLUMN health text;
+
+-- The claim of a worker that registers some workflows reads the runnable instances of each of them in
+-- run_at order: one range of this index per name, however many instances of other workflows are due.
+CREATE INDEX geste_instances_runnable_by_name ON {schema}.geste_instances (workflow_name, run_at)
+    WHERE run_at IS NOT NULL;
