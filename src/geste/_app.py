@@ -26,7 +26,7 @@ from ._operations import ResumeResult, RetryRecord
 from ._outbox import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Relay, entry_from_row
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
-from ._status import LEASES_SHOWN, LeaseInfo, SystemStatus, WorkerInfo, is_alive
+from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, SystemStatus, WorkerInfo, is_alive
 from ._wakeups import OUTBOX_PENDING, Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
 from ._worker import Worker
 from .errors import (
@@ -298,6 +298,7 @@ class App:
                     reconnect_delay=self.notify.reconnect_delay,
                     on_caught_up=lambda: wakeups.poke(POLL),  # the catch-up poll after a (re)connect
                     metrics=self.metrics,
+                    on_death=self._worker.mark_unhealthy,
                 )
                 self._listener.start()
             await self._worker.start()
@@ -316,6 +317,7 @@ class App:
             lock_timeout=self.lock_timeout,
             shutdown_grace=self.shutdown_grace,
             metrics=self.metrics,
+            on_death=self._worker.mark_unhealthy if self._worker is not None else None,
         )
         self._relay = relay
         self._engine.on_outbox = relay.recorded
@@ -341,6 +343,7 @@ class App:
             event_retention=self.event_retention,
             on_woken=worker.poke,
             batch=self.notify.max_messages_per_batch,
+            on_death=worker.mark_unhealthy,
         )
         self._maintenance.start()
 
@@ -372,39 +375,62 @@ class App:
             LeaseInfo(iid, name, holder, max(0.0, expires - now), states.get(holder, "unregistered"))
             for iid, name, holder, expires in await self.storage.list_leases(now, LEASES_SHOWN)
         ]
+        live = [worker for worker in workers if worker.alive]
+        unserved: dict[str, int] = {}
+        if all(worker.workflows is not None for worker in live):  # an older worker claims any workflow
+            served = {name for worker in live for name in worker.workflows or ()}
+            runnable = await self.storage.runnable_workflows(now, cap=UNSERVED_CAP, limit=1000)
+            unserved = {name: n for name, n in runnable if name not in served}
         return SystemStatus(
             checked_at=to_datetime(now),  # type: ignore[arg-type]
             queue=queue,
             workers=workers,
             listener=self.listener_status(),
             leases=leases,
+            unserved=unserved,
         )
 
     async def close(self) -> None:
-        """Drain the worker (finish or release what it runs) and close the database."""
+        """Drain the worker (finish or release what it runs) and close the database.
+
+        Cancelling it (``asyncio.timeout``, a second Ctrl-C) is honoured: the drain stops where it is,
+        everything left is ended at once without waiting (runs cut short keep their leases until they
+        expire, as after a crash) and the cancellation propagates.
+        """
         if not self._open:
             return
         worker, self._worker = self._worker, None
         listener, self._listener = self._listener, None
-        if listener is not None:
-            await listener.stop()
         maintenance, self._maintenance = self._maintenance, None
-        if maintenance is not None:
-            self._engine.on_channel_woken = lambda: None
-            await maintenance.stop()
-        if worker is not None:
-            await worker.stop()
         relay, self._relay = self._relay, None
-        if relay is not None:  # in-flight deliveries end (or are given back); nothing new is claimed
-            self._engine.on_outbox = lambda _event_id: None
-            await relay.stop()
+        try:
+            if listener is not None:
+                await listener.stop()
+            if maintenance is not None:
+                self._engine.on_channel_woken = lambda: None
+                await maintenance.stop()
+            if worker is not None:
+                await worker.stop()
+            if relay is not None:  # in-flight deliveries end (or are given back); nothing new is claimed
+                self._engine.on_outbox = lambda _event_id: None
+                await relay.stop()
+        except asyncio.CancelledError:
+            for part in (listener, maintenance, worker, relay):
+                if part is not None:
+                    part.abort()
+            self._closed()
+            self.storage.terminate()
+            raise
+        self._closed()
+        await self.storage.close()
+
+    def _closed(self) -> None:
         for futures in self._waiters.values():
             for future in futures:
                 if not future.done():
                     future.set_result(None)  # wake result() waiters: they see the App closed
         self._waiters.clear()
         self._open = False
-        await self.storage.close()
 
     async def __aenter__(self) -> App:
         await self.open()
@@ -875,4 +901,17 @@ def _worker_info(row: WorkerRow, now: float, lock_timeout: float, leases: dict[s
         ),
         leases=leases.get(row.worker_id, 0),
         lock_timeout=row.lock_timeout,
+        workflows=_names(row.workflows),
+        health=row.health,
     )
+
+
+def _names(stored: str | None) -> tuple[str, ...] | None:
+    """The workflow names of a registry row (a JSON array); None when absent or unreadable."""
+    try:
+        names = json.loads(stored) if stored else None
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return None
+    return tuple(names)

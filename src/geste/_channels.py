@@ -20,7 +20,6 @@ deletes what nobody needs any more, after the retention.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ._definitions import storable_text
+from ._loops import cancel_and_wait, failed, watch
 from ._serde import decode
-from .errors import ConfigurationError, StorageError
+from .errors import ConfigurationError
 from .storage.base import Storage
 
 logger = logging.getLogger("geste.channels")
@@ -115,8 +115,11 @@ class ChannelMaintenance:
         event_retention: float,
         on_woken: Callable[[], None],
         batch: int = 100,
+        on_death: Callable[[str], None] | None = None,
     ) -> None:
         self.storage = storage
+        self.on_death = on_death
+        """Told why if the chores' loop ends by itself (the App marks its worker unhealthy)."""
         self.clock = clock
         self.message_retention = message_retention
         self.event_retention = event_retention
@@ -126,13 +129,20 @@ class ChannelMaintenance:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="geste-channel-maintenance")
+        if self.on_death is not None:
+            watch(self._task, "channel maintenance", self.on_death, lambda: self._task is None)
 
     async def stop(self) -> None:
+        """Cancel the chores (each is one short bounded statement: nothing is left half done); a
+        cancellation of the caller propagates."""
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
+
+    def abort(self) -> None:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def rewake(self) -> list[str]:
         """Re-wake idle competing receivers of messages unclaimed for longer than the sweep interval."""
@@ -170,8 +180,6 @@ class ChannelMaintenance:
                     next_cleanup = self.clock() + CLEANUP_INTERVAL
                     await self.cleanup()
                 await self.rewake()
-            except StorageError as exc:
-                logger.warning("channel maintenance failed (%s); trying again later", exc)
-            except Exception:  # never let a chore die silently: it is retried next round
-                logger.exception("channel maintenance failed")
+            except Exception as exc:  # never let a chore die: it is tried again next round
+                failed(logger, "channel maintenance", exc, REWAKE_INTERVAL)
             await asyncio.sleep(REWAKE_INTERVAL)

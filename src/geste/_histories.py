@@ -261,7 +261,7 @@ def _row_history(row: Sequence[Any], history: Sequence[Sequence[Any]], source: s
     return RecordedHistory(
         instance_id=row[0],
         workflow_name=row[1],
-        status=Status(row[2]),
+        status=Status.stored(row[2]),
         input=row[3],
         created_at=float(row[6]),
         rows=tuple(HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), float(r[5])) for r in history),
@@ -276,7 +276,7 @@ def _picked(rows_by_status: Iterable[Sequence[Sequence[Any]]], limit: int) -> It
     finished: list[Sequence[Any]] = []
     for rows in rows_by_status:
         for row in rows:
-            (finished if Status(row[2]).is_finished else unfinished).append(row)
+            (finished if Status.stored(row[2]).is_finished else unfinished).append(row)
     for group in (unfinished, finished):
         group.sort(key=lambda r: (r[6], r[0]), reverse=True)
     yield from [*unfinished, *finished][:limit]

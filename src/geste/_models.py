@@ -23,6 +23,25 @@ class Status(StrEnum):
     def is_finished(self) -> bool:
         return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
 
+    @property
+    def is_known(self) -> bool:
+        """False for a status read from the database that this version does not know (``stored``)."""
+        return self._name_ != "UNKNOWN"
+
+    @classmethod
+    def stored(cls, value: str) -> Status:
+        """A status as read from the database. A value this version does not know (written by a newer
+        geste during a rolling upgrade, or by hand) is kept as an unknown status (``is_known`` False,
+        neither finished nor runnable: no worker claims it) instead of failing every read of the row,
+        so lists, ``geste status`` and the viewer show it. ``Status(value)`` stays strict for input."""
+        try:
+            return cls(value)
+        except ValueError:
+            member = str.__new__(cls, str(value))
+            member._name_ = "UNKNOWN"
+            member._value_ = str(value)
+            return member
+
 
 class StepKind(StrEnum):
     """What one history entry records; the values are what the database stores."""

@@ -112,6 +112,8 @@ async def resume(
         hint = ""
         if before.status == Status.FAILED:
             hint = "; retry it (geste retry) to run it again from its failed step"
+        elif not before.status.is_known:
+            hint = " (a status this version of geste does not know: a newer version wrote it?)"
         raise InstanceStateError(
             instance_id,
             before.status.value,

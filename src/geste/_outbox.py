@@ -30,7 +30,6 @@ earliest time a retry is due.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
@@ -41,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from ._loops import backoff, failed, stop_within, watch
 from ._metrics import Metrics
 from ._retry import positive_int, seconds
 from ._serde import decode
@@ -297,8 +297,11 @@ class Relay:
         lock_timeout: float,
         shutdown_grace: float,
         metrics: Metrics | None = None,
+        on_death: Callable[[str], None] | None = None,
     ) -> None:
         self.storage = storage
+        self.on_death = on_death
+        """Told why if the relay's loop ends by itself (the App marks its worker unhealthy)."""
         self.config = config
         self.metrics = metrics or Metrics()
         self.relay_id = relay_id
@@ -322,19 +325,20 @@ class Relay:
 
             self._client = httpx.AsyncClient(timeout=self.config.timeout, follow_redirects=False)
         self._task = asyncio.create_task(self._loop(), name=f"geste-outbox-{self.relay_id}")
+        if self.on_death is not None:
+            watch(self._task, f"outbox relay {self.relay_id}", self.on_death, lambda: self._stopping)
         destination = self.config.endpoint or getattr(self.config.handler, "__qualname__", "a handler")
         logger.info("outbox relay %s started, delivering to %s", self.relay_id, destination)
 
     async def stop(self) -> None:
-        """Stop claiming; let deliveries in flight end within ``shutdown_grace``; give back the rest."""
+        """Stop claiming at a boundary (a claim in flight ends, and what it took is given back at once);
+        let deliveries in flight end within ``shutdown_grace``; give back the rest. A cancellation of the
+        caller propagates; ``abort`` then ends what is left."""
         self._stopping = True
+        self.poke()
         task, self._task = self._task, None
         if task is not None:
-            while not task.done():  # see Listener.stop: a cancel can be swallowed by wait_for on 3.11
-                task.cancel()
-                await asyncio.wait([task], timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_within(task, self.shutdown_grace)
         running = [t for _, t in self._inflight.values()]
         if running:
             await asyncio.wait(running, timeout=self.shutdown_grace)
@@ -355,6 +359,14 @@ class Relay:
         if client is not None:
             await client.aclose()
         logger.info("outbox relay %s stopped", self.relay_id)
+
+    def abort(self) -> None:
+        """End everything at once, waiting for nothing (a cancelled ``App.close``): the claims of the
+        deliveries cut short expire by themselves."""
+        self._stopping = True
+        for task in (self._task, *(t for _, t in self._inflight.values())):
+            if task is not None:
+                task.cancel()
 
     def poke(self) -> None:
         """Look for due events now."""
@@ -386,18 +398,12 @@ class Relay:
             try:
                 timeout = await self._round(poked)
                 failures = 0
-            except StorageError as exc:
+            except Exception as exc:
                 failures += 1
-                timeout = min(self.wakeups.poll_interval * 2**failures, 30.0)
-                logger.warning(
-                    "outbox relay %s: claiming failed (%s); retrying in %.1fs", self.relay_id, exc, timeout
-                )
-            except Exception:
-                failures += 1
-                timeout = min(self.wakeups.poll_interval * 2**failures, 30.0)
-                logger.exception(
-                    "outbox relay %s: unexpected error; retrying in %.1fs", self.relay_id, timeout
-                )
+                timeout = backoff(failures, self.wakeups.poll_interval)
+                failed(logger, f"outbox relay {self.relay_id}: claiming", exc, timeout)
+            if self._stopping:
+                break
             poked = True
             if timeout > 0:
                 try:
@@ -418,6 +424,10 @@ class Relay:
                 return interval if due is None else min(interval, due - self.clock())
         now = self.clock()
         claims = await self.storage.outbox_claim(self.relay_id, uuid.uuid4().hex, now, now + self.lease, free)
+        if self._stopping:  # stopped while the claim ran: give its events back at once, unsent
+            if claims:
+                await self.storage.outbox_release([(c.event_id, c.claim_id) for c in claims], self.clock())
+            return 0.0
         for claim in claims:
             task = asyncio.create_task(self._deliver(claim), name=f"geste-outbox-send-{claim.event_id}")
             self._inflight[claim.event_id] = (claim, task)

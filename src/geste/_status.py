@@ -27,6 +27,9 @@ def is_alive(
     return stopped_at is None and now - heartbeat_at <= window
 
 
+UNSERVED_CAP = 1000
+"""Runnable instances counted per workflow that no live worker registers (``SystemStatus.unserved``)."""
+
 LEASES_SHOWN = 100
 """At most this many held leases are listed in a status (``SystemStatus.leases``); all are counted."""
 
@@ -36,7 +39,8 @@ class QueueStats:
     """The instances table at one moment (read in one snapshot)."""
 
     counts: dict[Status, int]
-    """Instances per status, every status present (0 when none)."""
+    """Instances per status, every status present (0 when none); a status this version does not know
+    (``Status.is_known`` False: written by a newer geste, or by hand) is counted under its own value."""
     runnable: int
     """Instances a worker could claim now: ``run_at`` reached, lease free or expired."""
     held_leases: int
@@ -79,13 +83,20 @@ class WorkerInfo:
     """Leases the database shows it holding now (unexpired)."""
     lock_timeout: float | None = None
     """Its own ``lock_timeout`` (it heartbeats every third of it); None for a row of an older geste."""
+    workflows: tuple[str, ...] | None = None
+    """The workflows it registers (and claims); None for a row of an older geste (it claimed any)."""
+    health: str | None = None
+    """None while all its background loops run; else why one ended (it no longer does that work)."""
 
     @property
     def state(self) -> str:
-        """``alive``, ``stale`` (not heard from: killed, hung or cut off) or ``stopped`` (graceful stop)."""
+        """``alive``, ``unhealthy`` (alive, but a background loop of it ended: see ``health``),
+        ``stale`` (not heard from: killed, hung or cut off) or ``stopped`` (graceful stop)."""
         if self.stopped_at is not None:
             return "stopped"
-        return "alive" if self.alive else "stale"
+        if not self.alive:
+            return "stale"
+        return "alive" if self.health is None else "unhealthy"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -103,6 +114,8 @@ class WorkerInfo:
             "leases": self.leases,
             "lock_timeout": self.lock_timeout,
             "listener": dict(self.listener),
+            "workflows": None if self.workflows is None else list(self.workflows),
+            "health": self.health,
         }
 
 
@@ -140,6 +153,10 @@ class SystemStatus:
     leases: list[LeaseInfo] = field(default_factory=list)
     """The held leases, soonest to expire first (at most 100; ``queue.held_leases`` counts them all):
     one held by a ``stale`` worker keeps its instance until it expires, or ``app.resume`` breaks it."""
+    unserved: dict[str, int] = field(default_factory=dict)
+    """Workflows with runnable instances that no live worker registers (none claims them), with how
+    many (counted up to ``UNSERVED_CAP``); empty when a live worker of a geste older than schema 9,
+    which claimed any workflow, is registered."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (what ``geste status --json`` prints)."""
@@ -149,4 +166,5 @@ class SystemStatus:
             "workers": [worker.as_dict() for worker in self.workers],
             "listener": self.listener.as_dict(),
             "leases": [lease.as_dict() for lease in self.leases],
+            "unserved": dict(self.unserved),
         }

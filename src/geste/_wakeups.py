@@ -27,6 +27,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from ._loops import cancel_and_wait, watch
 from ._metrics import LOCAL, NOTIFY, POLL, TIMER, Metrics
 from ._models import to_datetime
 
@@ -226,8 +227,11 @@ class Listener:
         probe_interval: float = PROBE_INTERVAL,
         probe_timeout: float = PROBE_TIMEOUT,
         metrics: Metrics | None = None,
+        on_death: Callable[[str], None] | None = None,
     ) -> None:
         self.dsn = dsn
+        self.on_death = on_death
+        """Told why if the listener's loop ends by itself (the App marks its worker unhealthy)."""
         self.metrics = metrics or Metrics()
         self.application_name = application_name
         self.wakeups = wakeups
@@ -254,17 +258,24 @@ class Listener:
     def start(self) -> None:
         logger.info("LISTEN/NOTIFY configured: listening on %s", ", ".join(CHANNELS))
         self._task = asyncio.create_task(self._run(), name="geste-listener")
+        if self.on_death is not None:
+            watch(self._task, "the LISTEN/NOTIFY listener", self.on_death, lambda: self._task is None)
 
-    async def stop(self) -> None:
+    def abort(self) -> None:
+        """End at once, waiting for nothing (a cancelled ``App.close``)."""
         task, self._task = self._task, None
         if task is not None:
-            # Python 3.11's wait_for drops a cancel that arrives as its awaitable completes (a probe
-            # answered, say): cancel again until the task has really ended.
-            while not task.done():
-                task.cancel()
-                await asyncio.wait([task], timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            task.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+        self.wakeups.listening = False
+
+    async def stop(self) -> None:
+        """End the listener (a cancellation of the caller propagates) and close its connection."""
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
         await self._close()
         self.wakeups.listening = False
 

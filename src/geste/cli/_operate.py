@@ -279,15 +279,29 @@ def status(database_url: str, as_json: bool) -> None:
         return
     queue = found.queue
     click.echo(f"queue ({_safe_url(database_url)}):")
-    click.echo("  " + "  ".join(f"{state.value} {n}" for state, n in queue.counts.items()))
+    known = {state: n for state, n in queue.counts.items() if state.is_known}
+    unknown = {state: n for state, n in queue.counts.items() if not state.is_known}
+    click.echo("  " + "  ".join(f"{state.value} {n}" for state, n in known.items()))
     click.echo(
         f"  runnable now {queue.runnable}  held leases {queue.held_leases}"
         f"  oldest waiting {_age(queue.oldest_waiting_age)}"
     )
+    if unknown:
+        shown = ", ".join(f"{state.value!r} {n}" for state, n in sorted(unknown.items()))
+        click.echo(
+            f"  statuses this version of geste does not know (a newer version wrote them?): {shown}; "
+            "no worker of this version claims those instances"
+        )
+    if found.unserved:
+        shown = ", ".join(f"{name} {n}" for name, n in sorted(found.unserved.items()))
+        click.echo(f"  runnable, but no live worker registers the workflow: {shown}")
     if not found.workers:
         click.echo("workers: none registered")
     else:
         _print_workers(found)
+        for worker in found.workers:
+            if worker.health is not None and worker.stopped_at is None:
+                click.echo(f"  {worker.worker_id} is unhealthy: {worker.health}")
     if found.leases:
         _print_leases(found)
 

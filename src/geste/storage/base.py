@@ -404,6 +404,11 @@ class Storage(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
+    def terminate(self) -> None:
+        """Close at once, waiting for nothing (a cancelled ``App.close``): connections are dropped, a
+        transaction in flight is rolled back by the database."""
+
+    @abc.abstractmethod
     async def schema_version(self) -> int: ...
 
     # -- instances ---------------------------------------------------------------------------------
@@ -576,6 +581,12 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
         """Registered workers, most recent heartbeat first."""
+
+    @abc.abstractmethod
+    async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
+        """Up to ``limit`` workflow names with instances runnable at ``now``, each with how many (counted
+        up to ``cap``), by name: one index probe per distinct name with a ``run_at``, then at most ``cap``
+        index entries per name."""
 
     @abc.abstractmethod
     async def list_leases(self, now: float, limit: int) -> list[tuple[str, str, str, float]]:
@@ -778,7 +789,7 @@ def summary_from_row(row: Sequence[Any]) -> InstanceSummary:
     return InstanceSummary(
         instance_id=row[0],
         workflow_name=row[1],
-        status=Status(row[2]),
+        status=Status.stored(row[2]),
         created_at=row[3],
         updated_at=row[4],
         finished_at=row[5],
@@ -823,7 +834,7 @@ def instance_from_row(row: Sequence[Any]) -> InstanceRow:
     return InstanceRow(
         instance_id=row[0],
         workflow_name=row[1],
-        status=Status(row[2]),
+        status=Status.stored(row[2]),
         input=row[3],
         result=row[4],
         error=row[5],

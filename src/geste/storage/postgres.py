@@ -373,6 +373,11 @@ class PostgresStorage(Storage):
             except Exception:
                 pool.terminate()
 
+    def terminate(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()
+
     async def schema_version(self) -> int:
         return await self._read(self._read_version)
 
@@ -477,7 +482,7 @@ class PostgresStorage(Storage):
             if found is None:
                 return ResumeOutcome(None)
             before = instance_from_row(found)
-            if before.status.is_finished:
+            if before.status.is_finished or not before.status.is_known:
                 return ResumeOutcome(before)
             held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
             alive = False
@@ -525,7 +530,7 @@ class PostgresStorage(Storage):
                     later = r[7]
                     continue
                 lease, history = Lease(r[0], r[1]), _history_from_json(r[9])
-                claims.append(Claim(lease, r[2], r[3], Status(r[4]), r[5], r[6], history, r[7], r[8]))
+                claims.append(Claim(lease, r[2], r[3], Status.stored(r[4]), r[5], r[6], history, r[7], r[8]))
             claims.next_run_at = later
             return claims
 
@@ -878,7 +883,7 @@ class PostgresStorage(Storage):
             async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
                 counts = dict.fromkeys(Status, 0)
                 for status, n in await conn.fetch(self._q["count_by_status"]):
-                    counts[Status(status)] = n
+                    counts[Status.stored(status)] = n
                 runnable = await conn.fetchval(self._q["count_runnable"], now)
                 leases = {r[0]: r[1] for r in await conn.fetch(self._q["held_leases"], now)}
                 oldest = await conn.fetchval(self._q["oldest_waiting"])
@@ -1147,6 +1152,13 @@ class PostgresStorage(Storage):
                 name = which.workflow_name
                 rows = await conn.fetch(self._q["count_instances_workflow"], lo, hi, cap, statuses, name)
             return {Status(status): n for status, n in rows}
+
+        return await self._read(go)
+
+    async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
+        async def go(conn: Conn) -> list[tuple[str, int]]:
+            rows = await conn.fetch(self._q["runnable_workflows"], now, cap, limit)
+            return [(row[0], row[1]) for row in rows if row[1]]
 
         return await self._read(go)
 

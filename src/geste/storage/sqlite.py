@@ -219,6 +219,14 @@ class SQLiteStorage(Storage):
         if executor is not None:
             executor.shutdown(wait=True)
 
+    def terminate(self) -> None:
+        conn, executor = self._conn, self._executor
+        self._conn = self._executor = None
+        if conn is not None and executor is not None:
+            executor.submit(conn.close)  # after what the thread is running now: it owns the connection
+        if executor is not None:
+            executor.shutdown(wait=False)
+
     async def schema_version(self) -> int:
         return await self._call(self._read_version)
 
@@ -327,7 +335,7 @@ class SQLiteStorage(Storage):
             if found is None:
                 return ResumeOutcome(None)
             before = instance_from_row(found)
-            if before.status.is_finished:
+            if before.status.is_finished or not before.status.is_known:
                 return ResumeOutcome(before)
             held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
             alive = False
@@ -376,7 +384,7 @@ class SQLiteStorage(Storage):
                     Lease(r[0], r[1]),
                     r[2],
                     r[3],
-                    Status(r[4]),
+                    Status.stored(r[4]),
                     r[5],
                     bool(r[6]),
                     self._history(conn, r[0]),
@@ -697,7 +705,7 @@ class SQLiteStorage(Storage):
             conn.execute("BEGIN")  # one read snapshot for the four queries
             counts = dict.fromkeys(Status, 0)
             for status, n in conn.execute(Q["count_by_status"]):
-                counts[Status(status)] = n
+                counts[Status.stored(status)] = n
             runnable = conn.execute(Q["count_runnable"], {"now": now}).fetchone()[0]
             leases = dict(conn.execute(Q["held_leases"], {"now": now}).fetchall())
             oldest = conn.execute(Q["oldest_waiting"]).fetchone()[0]
@@ -959,6 +967,12 @@ class SQLiteStorage(Storage):
         }
         name = "count_instances_all" if which.workflow_name is None else "count_instances_workflow"
         return await self._call(lambda c: {Status(s): n for s, n in c.execute(Q[name], params)})
+
+    async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
+        params = {"now": now, "cap": cap, "limit": limit}
+        return await self._call(
+            lambda c: [(r[0], r[1]) for r in c.execute(Q["runnable_workflows"], params) if r[1]]
+        )
 
     async def workflow_names(self, *, limit: int) -> list[str]:
         return await self._call(lambda c: [r[0] for r in c.execute(Q["workflow_names"], {"limit": limit})])

@@ -973,6 +973,24 @@ SELECT s.status, (
 )
 FROM unnest($4::text[]) AS s(status);
 
+-- name: runnable_workflows
+-- The workflow names that have instances runnable at $1 (lease free or expired, a status this version
+-- knows), each with how many, counted up to $2: a loose index scan of geste_instances_runnable_by_name
+-- (one probe per distinct name with a run_at), then at most $2 index entries per name.
+WITH RECURSIVE names(name) AS (
+    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    FROM names n WHERE n.name IS NOT NULL
+)
+SELECT n.name, (SELECT count(*) FROM (
+    SELECT 1 FROM {schema}.geste_instances i
+    WHERE i.workflow_name = n.name AND i.run_at <= $1 AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
+      AND i.status IN ('pending', 'running', 'waiting', 'compensating')
+    LIMIT $2) AS c)
+FROM names n WHERE n.name IS NOT NULL LIMIT $3;
+
 -- name: workflow_names
 -- A loose index scan of geste_instances_by_name: one probe per distinct name, never every instance.
 WITH RECURSIVE names(name) AS (
