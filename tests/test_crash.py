@@ -269,6 +269,35 @@ async def test_sigterm_releases_the_lease_for_another_worker_at_once(
     await assert_recorded_once(client, iid, ["one", "two", "block", "three"])
 
 
+async def test_sigterm_during_a_claim_hands_back_what_it_claimed(cluster: Cluster, client: geste.App) -> None:
+    """SIGTERM while a claim is in flight (committed, its answer not yet back): the worker stops at the
+    end of the round and hands those instances back at once, instead of leaving them leased until
+    lock_timeout (the loop used to be cancelled in the middle of the claim)."""
+    lock_timeout = 30.0  # far longer than the test: only a hand-back frees them this fast
+    first = await cluster.spawn(
+        "w1", lock_timeout=lock_timeout, shutdown_grace=5, claim_holds_until_shutdown=1
+    )
+    handles = [await client.start_workflow("batch", n) for n in range(3)]
+    claimed = cluster.markers / "claimed-w1"
+    await wait_until(claimed.exists, "w1 to claim")
+    rows = [await cluster.row(h.instance_id) for h in handles]
+    assert any(row["locked_by"] == "w1" for row in rows)  # the claim committed
+
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=15) == 0, cluster.output(first)
+    exited = time.time()
+    for handle in handles:
+        row = await cluster.row(handle.instance_id)
+        assert row["locked_by"] is None and row["lease_id"] is None, row
+        assert row["run_at"] is not None and row["run_at"] <= exited  # runnable at once
+    assert "handed back" in cluster.output(first)
+    assert not cluster.entries()  # nothing ran in w1
+
+    await cluster.spawn("w2", lock_timeout=lock_timeout)
+    for n, handle in enumerate(handles):
+        assert await handle.result(timeout=10) == [f"one:{n}", f"two:{n}", f"three:{n}"]
+
+
 async def test_cancel_from_another_process_runs_compensations(cluster: Cluster, client: geste.App) -> None:
     await cluster.spawn("w1")
     handle = await client.start_workflow("saga", 3)

@@ -5,7 +5,8 @@ Run as a worker process from the repository root::
     python -m tests.apps.crash_app DATABASE_URL --worker-id W --log LOG --markers DIR [--lock-timeout S ...]
 
 It writes ``DIR/ready-W`` once its App is open, runs until SIGTERM/SIGINT (``app.shutdown()``), drains and
-exits 0. Every activity appends JSON lines to the side-effect log ``LOG``: one when it starts, one when it
+exits 0. With ``--claim-holds-until-shutdown``, a claim that took instances writes ``DIR/claimed-W`` and
+answers only once a shutdown was asked for (a claim in flight when SIGTERM comes). Every activity appends JSON lines to the side-effect log ``LOG``: one when it starts, one when it
 ends, with the instance, activity, attempt, worker id, pid and time. A ``block`` activity waits until the
 file ``DIR/go-<instance id>`` exists, so a test can kill or stop a worker in the middle of it.
 """
@@ -142,12 +143,30 @@ async def _serve(args: argparse.Namespace) -> None:
         shutdown_grace=args.shutdown_grace,
         concurrency=args.concurrency,
     )
+    if args.claim_holds_until_shutdown:
+        hold_claims_until_shutdown(app, Path(args.markers) / f"claimed-{args.worker_id}")
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, app.shutdown)
     await app.open()
     (Path(args.markers) / f"ready-{args.worker_id}").write_text(str(os.getpid()))
     await app.run()  # already open: runs until shutdown(), then drains and closes
+
+
+def hold_claims_until_shutdown(app: geste.App, marker: Path) -> None:
+    """A claim that took instances (committed) answers only once the worker is stopping."""
+    real = app.storage.claim
+
+    async def claim(*args: Any, **kwargs: Any) -> Any:
+        worker = app._worker
+        claims = await real(*args, **kwargs)
+        if claims and worker is not None:
+            marker.write_text(json.dumps([c.lease.instance_id for c in claims]))
+            while not worker._stopping:
+                await asyncio.sleep(0.01)
+        return claims
+
+    app.storage.claim = claim  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poll-interval", type=float, default=0.05)
     parser.add_argument("--shutdown-grace", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--claim-holds-until-shutdown", type=int, default=0, help="1: see the module doc")
     args = parser.parse_args(argv)
 
     logging.basicConfig(
