@@ -5,10 +5,11 @@ Run as a worker process from the repository root::
     python -m tests.apps.crash_app DATABASE_URL --worker-id W --log LOG --markers DIR [--lock-timeout S ...]
 
 It writes ``DIR/ready-W`` once its App is open, runs until SIGTERM/SIGINT (``app.shutdown()``), drains and
-exits 0. With ``--claim-holds-until-shutdown``, a claim that took instances writes ``DIR/claimed-W`` and
-answers only once a shutdown was asked for (a claim in flight when SIGTERM comes). Every activity appends JSON lines to the side-effect log ``LOG``: one when it starts, one when it
-ends, with the instance, activity, attempt, worker id, pid and time. A ``block`` activity waits until the
-file ``DIR/go-<instance id>`` exists, so a test can kill or stop a worker in the middle of it.
+exits 0. With ``--claim-holds-until-shutdown=1``, a claim that took instances writes ``DIR/claimed-W`` and
+answers only once the worker stops (a claim in flight when SIGTERM comes). Every activity appends JSON
+lines to the side-effect log ``LOG``: one when it starts, one when it ends, with the instance, activity,
+attempt, worker id, pid and time. A ``block`` activity waits until the file ``DIR/go-<instance id>``
+exists, so a test can kill or stop a worker in the middle of it.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def hold_claims_until_shutdown(app: geste.App, marker: Path) -> None:
         worker = app._worker
         claims = await real(*args, **kwargs)
         if claims and worker is not None:
-            marker.write_text(json.dumps([c.lease.instance_id for c in claims]))
+            marker.write_text(json.dumps([c.lease.instance_id for c in claims]))  # noqa: ASYNC240
             while not worker._stopping:
                 await asyncio.sleep(0.01)
         return claims
