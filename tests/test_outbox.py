@@ -29,6 +29,7 @@ import geste
 from geste.errors import ConfigurationError, SerializationError, StorageError
 from tests.apps.outbox_app import build_app
 from tests.conftest import die_with_parent
+from tests.support import wait_status, wait_until
 
 MakeApp = Callable[..., geste.App]
 ROOT = Path(__file__).resolve().parent.parent
@@ -452,6 +453,135 @@ async def test_events_of_an_instance_go_out_in_order(make_app: MakeApp) -> None:
             ] == list(range(5))
 
 
+# -- outages, on a clock that only the test moves -----------------------------------------------------
+class VirtualClock:
+    """The App's ``clock``: it stands still until the test moves it, so an hour passes in no time."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Destination:
+    """A callable destination, down while ``refuses(event)`` says so; every attempt recorded in order."""
+
+    refuses: Callable[[geste.OutboxEvent], bool] = lambda event: False
+    clock: Callable[[], float] = time.time
+    attempts: list[tuple[str, str, int, bool]] = field(default_factory=list)
+    """(event id, instance id, the event's data["i"], delivered), in the order of the calls."""
+    last_delivery: float | None = None
+
+    async def __call__(self, event: geste.OutboxEvent) -> None:
+        ok = not self.refuses(event)
+        self.attempts.append((event.event_id, event.instance_id, event.data["i"], ok))
+        if ok:
+            self.last_delivery = self.clock()
+        if not ok:
+            raise ConnectionError("the destination is down")
+
+    def delivered(self, instance_id: str) -> list[int]:
+        return [i for _, iid, i, ok in self.attempts if ok and iid == instance_id]
+
+    def check_order(self) -> None:
+        """Per instance, no event is tried before the one before it was delivered, none delivered twice."""
+        done: dict[str, list[int]] = {}
+        for event_id, iid, i, ok in self.attempts:
+            got = done.setdefault(iid, [])
+            assert got == list(range(i)), f"{event_id} tried after {got} only"
+            if ok:
+                got.append(i)
+
+
+def register_waiting(app: geste.App) -> geste.Workflow[[int, bool], list[str]]:
+    """``emit(count, more)``: ``count`` events, then, if ``more``, ``count`` others after a "more" event."""
+
+    @app.workflow
+    async def emit(ctx: geste.WorkflowContext, count: int, more: bool) -> list[str]:
+        ids = [await ctx.send_event("test.emitted", {"i": i}) for i in range(count)]
+        if more:
+            await ctx.wait_event("more")
+            ids += [await ctx.send_event("test.emitted", {"i": count + i}) for i in range(count)]
+        return ids
+
+    return emit
+
+
+def relay_of(app: geste.App) -> Any:
+    assert app._relay is not None
+    return app._relay
+
+
+async def settle(app: geste.App, clock: VirtualClock) -> None:
+    """Let the relay do what is due at ``clock.now``: poke it; wait until nothing is being sent and the
+    earliest moment it could claim an event (what it sleeps until) is later."""
+    relay = relay_of(app)
+    relay.poke()
+
+    async def quiet() -> bool:
+        if relay._inflight:
+            return False
+        due = await app.storage.outbox_next_attempt_at()
+        return due is None or due > clock.now
+
+    await wait_until(quiet, "the relay to be done with what is due")
+
+
+async def run_until(app: geste.App, clock: VirtualClock, end: float) -> None:
+    """Move the clock from one moment the relay has work to the next, until ``end`` (or until nothing is
+    left to send), letting the relay do the work of each."""
+    while True:
+        await settle(app, clock)
+        due = await app.storage.outbox_next_attempt_at()
+        if due is None or due > end:
+            clock.now = max(clock.now, end)
+            return
+        clock.now = max(clock.now, due)
+
+
+async def test_an_hour_long_outage_loses_nothing_and_keeps_the_order(make_app: MakeApp) -> None:
+    clock = VirtualClock()
+    start = clock.now
+    up = False
+    destination = Destination(lambda event: not up, clock)
+    app = make_app(outbox_handler=destination, clock=clock)  # the defaults: never give up, back-off <= 300 s
+    assert app.outbox_config.max_attempts is None
+    emit = register_waiting(app)
+    async with app:
+        early = [await emit.start_with_id(f"early-{n}", 3, True) for n in range(3)]
+        for handle in early:
+            await wait_status(app, handle.instance_id, geste.Status.WAITING)
+        await run_until(app, clock, start + 1800)
+        # half an hour in: the early instances emit three more events each, and new instances start
+        await app.send_event("more")
+        late = [await emit.start_with_id(f"late-{n}", 2, False) for n in range(2)]
+        for handle in early + late:
+            await handle.result(timeout=10)
+        await run_until(app, clock, start + 3600)
+
+        entries = await app.outbox(limit=10_000)
+        assert len(entries) == 3 * 6 + 2 * 2
+        assert {e.status for e in entries} == {geste.OutboxStatus.PENDING}  # none dead, none lost
+        assert {i for _, _, i, _ in destination.attempts} == {0}  # only the first event of each instance
+        first = {e.instance_id: e.attempts for e in entries if e.seq == 1}
+        assert min(first[h.instance_id] for h in early) >= 15  # far past the 10 attempts of before
+        assert all(not ok for *_, ok in destination.attempts)
+
+        up = True  # the destination is back: everything goes out, in order, at the next attempts
+        await run_until(app, clock, start + 2 * 3600)
+        entries = await app.outbox(limit=10_000)
+        assert {e.status for e in entries} == {geste.OutboxStatus.DELIVERED}
+        assert destination.last_delivery is not None
+        assert destination.last_delivery - start <= 3600 + 300  # within one maximal back-off of the return
+    destination.check_order()
+    for handle in early:
+        assert destination.delivered(handle.instance_id) == list(range(6))
+    for handle in late:
+        assert destination.delivered(handle.instance_id) == [0, 1]
+
+
 # -- wake-ups ----------------------------------------------------------------------------------------
 async def test_relay_is_poked_locally_and_wakes_at_the_next_attempt(make_app: MakeApp) -> None:
     def respond(d: Delivery) -> int:
@@ -659,6 +789,9 @@ def _sync_handler(event: geste.OutboxEvent) -> None:
         ({"outbox_handler": "not callable"}, "async callable"),
         ({"outbox_handler": _handler, "outbox_max_attempts": 0}, "outbox_max_attempts"),
         ({"outbox_handler": _handler, "outbox_max_attempts": True}, "outbox_max_attempts"),
+        ({"outbox_handler": _handler, "outbox_max_attempts": -3}, "outbox_max_attempts"),
+        ({"outbox_handler": _handler, "outbox_max_attempts": 2.0}, "outbox_max_attempts"),
+        ({"outbox_handler": _handler, "outbox_max_attempts": "10"}, "outbox_max_attempts"),
         ({"outbox_handler": _handler, "outbox_initial_backoff": -1}, "outbox_initial_backoff"),
         ({"outbox_handler": _handler, "outbox_initial_backoff": 0}, "outbox_initial_backoff"),
         (
@@ -702,7 +835,12 @@ def test_valid_outbox_configuration_is_kept(tmp_path: Path) -> None:
         2.0,
     )
     assert [config.backoff(n) for n in (1, 2, 3, 4, 100)] == [0.5, 1.0, 2.0, 2.0, 2.0]
-    assert geste.App(f"sqlite:///{tmp_path / 'y.db'}").outbox_config.enabled is False
+    default = geste.App(f"sqlite:///{tmp_path / 'y.db'}").outbox_config
+    assert default.enabled is False
+    assert (default.max_attempts, default.initial_backoff, default.max_backoff) == (None, 1.0, 300.0)
+    assert [default.backoff(n) for n in (1, 9, 10, 10_000)] == [1.0, 256.0, 300.0, 300.0]
+    explicit = geste.App(f"sqlite:///{tmp_path / 'z.db'}", outbox_max_attempts=None).outbox_config
+    assert explicit.max_attempts is None
 
 
 async def test_bad_send_event_arguments_fail_the_workflow_and_emit_nothing(make_app: MakeApp) -> None:

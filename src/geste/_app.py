@@ -108,7 +108,7 @@ class App:
         outbox_endpoint: str | None = None,
         outbox_handler: OutboxHandler | None = None,
         outbox_headers: Mapping[str, str] | None = None,
-        outbox_max_attempts: int = 10,
+        outbox_max_attempts: int | None = None,
         outbox_initial_backoff: float | timedelta = 1.0,
         outbox_max_backoff: float | timedelta = 300.0,
         outbox_timeout: float | timedelta = 10.0,

@@ -11,9 +11,10 @@ events **at least once**:
 - only the first pending event of an instance can be claimed, so an instance's events go out in the
   order it emitted them (a later one waits until the earlier is delivered or dead);
 - a failed attempt (a non-2xx answer, a connection error, a timeout, an exception of the handler) is
-  retried after ``outbox_initial_backoff * 2 ** (attempts - 1)`` (capped at ``outbox_max_backoff``);
-  after ``outbox_max_attempts`` the event is ``dead``: kept, with its last error, until an operator
-  re-queues it (``app.retry_outbox_event``);
+  retried after ``outbox_initial_backoff * 2 ** (attempts - 1)`` (capped at ``outbox_max_backoff``, 300 s
+  by default), **until it is delivered**: an outage of any length loses nothing. Only with an explicit
+  ``outbox_max_attempts`` does an event become ``dead`` after that many attempts: kept, with its last
+  error, until an operator re-queues it (``app.retry_outbox_event``);
 - a relay killed after sending but before marking the event delivered leaves it pending: it is sent
   again. Receivers deduplicate with the event id (stable across attempts and relays).
 
@@ -42,7 +43,7 @@ from enum import StrEnum
 from typing import Any
 
 from ._metrics import Metrics
-from ._retry import positive_int, seconds
+from ._retry import seconds
 from ._serde import decode
 from ._wakeups import Wakeups
 from .errors import ConfigurationError, StorageError
@@ -141,7 +142,8 @@ class OutboxConfig:
     endpoint: str | None = None
     handler: OutboxHandler | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    max_attempts: int = 10
+    max_attempts: int | None = None
+    """Failed attempts after which an event is ``dead``; None (the default): it is tried until delivered."""
     initial_backoff: float = 1.0
     max_backoff: float = 300.0
     timeout: float = 10.0
@@ -158,7 +160,7 @@ class OutboxConfig:
         endpoint: str | None,
         handler: OutboxHandler | None,
         headers: Mapping[str, str] | None,
-        max_attempts: int,
+        max_attempts: int | None,
         initial_backoff: float | timedelta,
         max_backoff: float | timedelta,
         timeout: float | timedelta,
@@ -185,7 +187,7 @@ class OutboxConfig:
             endpoint=endpoint,
             handler=handler,
             headers=checked_headers,
-            max_attempts=positive_int(max_attempts, "outbox_max_attempts"),
+            max_attempts=_check_max_attempts(max_attempts),
             initial_backoff=initial,
             max_backoff=maximum,
             timeout=seconds(timeout, what="outbox_timeout", allow_zero=False),
@@ -194,6 +196,16 @@ class OutboxConfig:
     def backoff(self, attempts: int) -> float:
         """The delay after the ``attempts``-th failed attempt."""
         return float(min(self.max_backoff, self.initial_backoff * 2 ** min(attempts - 1, 60)))
+
+
+def _check_max_attempts(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(
+            f"outbox_max_attempts must be a positive int, or None to retry until delivered, not {value!r}"
+        )
+    return value
 
 
 def _check_endpoint(endpoint: object) -> None:
@@ -440,7 +452,8 @@ class Relay:
                 look_again = later
                 logger.debug("outbox event %s delivered (attempt %d)", claim.event_id, claim.attempts)
             else:
-                dead = claim.attempts >= self.config.max_attempts
+                limit = self.config.max_attempts
+                dead = limit is not None and claim.attempts >= limit
                 self.metrics.outbox_failures.values["dead" if dead else "retry"] += 1
                 next_at = None if dead else now + self.config.backoff(claim.attempts)
                 kept, later = await self.storage.outbox_mark_failed(
@@ -458,10 +471,10 @@ class Relay:
                     )
                 else:
                     logger.warning(
-                        "outbox event %s: attempt %d/%d failed (%s); retrying in %.3gs",
+                        "outbox event %s: attempt %d%s failed (%s); retrying in %.3gs",
                         claim.event_id,
                         claim.attempts,
-                        self.config.max_attempts,
+                        "" if limit is None else f"/{limit}",
                         error,
                         next_at - now if next_at is not None else 0.0,
                     )
