@@ -690,7 +690,8 @@ class App:
         limit: int = 100,
     ) -> list[OutboxEntry]:
         """Events emitted with ``ctx.send_event``, newest first: their status (``pending``,
-        ``delivered``, ``dead``), attempts and last error; optionally of one status and/or instance."""
+        ``delivered``, ``dead``, ``discarded``), attempts and last error; optionally of one status and/or
+        instance."""
         self._require_open()
         try:
             wanted = None if status is None else OutboxStatus(status)
@@ -709,11 +710,23 @@ class App:
 
     async def retry_outbox_event(self, event_id: str) -> bool:
         """Re-queue a dead outbox event (pending again, attempts from zero); False when no dead event
-        has that id. The instance's later events may have gone out meanwhile: it comes after them."""
+        has that id. It goes out before the later events of its instance, which waited behind it."""
         self._require_open()
         if not _findable(event_id, "event_id"):
             return False
         found = await self.storage.outbox_retry(event_id, self.clock())
+        if found and self._relay is not None:
+            self._relay.poke()
+        return found
+
+    async def discard_outbox_event(self, event_id: str) -> bool:
+        """Give up a pending or dead outbox event: ``discarded``, never sent again (kept, with its last
+        error), and the later events of its instance, which waited behind it, go out. False when no
+        pending or dead event has that id. An attempt running at that moment may still deliver it."""
+        self._require_open()
+        if not _findable(event_id, "event_id"):
+            return False
+        found = await self.storage.outbox_discard(event_id, self.clock())
         if found and self._relay is not None:
             self._relay.poke()
         return found

@@ -8,13 +8,19 @@ events **at least once**:
 - it claims due events with a lease (``claim_id``, ``claim_expires_at``: ``FOR UPDATE SKIP LOCKED`` on
   PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so several relays never send one event at the same time;
   the claim of a relay that died expires after ``outbox_timeout + lock_timeout`` and is taken over;
-- only the first pending event of an instance can be claimed, so an instance's events go out in the
-  order it emitted them (a later one waits until the earlier is delivered or dead);
+- only the first event of an instance that is not done (delivered or discarded) can be claimed, so an
+  instance's events go out in the order it emitted them: a later one waits while an earlier one is
+  pending (retried, however long) or ``dead``. An operator re-queues a dead event
+  (``app.retry_outbox_event``: it goes out first, then the later ones in order) or gives an event up
+  (``app.discard_outbox_event``: ``discarded``, never sent; the later ones go);
+- a claim round reads at most ``CLAIM_WINDOW`` due events; one that waits behind an earlier event of its
+  instance leaves the due range (held: ``next_attempt_at`` None) until that event is done, so a backlog
+  behind a failing event is read once, not by every round (docs/design.md, "The transactional outbox");
 - a failed attempt (a non-2xx answer, a connection error, a timeout, an exception of the handler) is
   retried after ``outbox_initial_backoff * 2 ** (attempts - 1)`` (capped at ``outbox_max_backoff``, 300 s
-  by default), **until it is delivered**: an outage of any length loses nothing. Only with an explicit
-  ``outbox_max_attempts`` does an event become ``dead`` after that many attempts: kept, with its last
-  error, until an operator re-queues it (``app.retry_outbox_event``);
+  by default), **until it is delivered**: an outage of any length loses nothing and changes no order.
+  Only with an explicit ``outbox_max_attempts`` does an event become ``dead`` after that many attempts:
+  kept, with its last error, holding the later events of its instance back, until an operator acts;
 - a relay killed after sending but before marking the event delivered leaves it pending: it is sent
   again. Receivers deduplicate with the event id (stable across attempts and relays).
 
@@ -53,6 +59,9 @@ logger = logging.getLogger("geste.outbox")
 
 MAX_IN_FLIGHT = 100
 """Deliveries one relay runs at once (one per instance at most: the per-instance order)."""
+CLAIM_WINDOW = 1000
+"""Due events one claim round reads at most (soonest first): it claims the first of their instances and
+takes the others out of the due range (held behind the earlier event), so a backlog is read once."""
 MIN_IDLE_WAIT = 0.01
 """Shortest sleep after a round that claimed nothing (a due event another relay just locked)."""
 MAX_ERROR_LENGTH = 1000
@@ -67,8 +76,14 @@ class OutboxStatus(StrEnum):
     """The state of an outbox event; the values are what the database stores."""
 
     PENDING = "pending"
+    """To deliver: ``next_attempt_at`` says when, or is None while it waits behind an earlier event of its
+    instance that is not done."""
     DELIVERED = "delivered"
     DEAD = "dead"
+    """Failed ``outbox_max_attempts`` times (only with that option set): kept, and holding the later
+    events of its instance back, until an operator retries or discards it."""
+    DISCARDED = "discarded"
+    """Given up by an operator (``app.discard_outbox_event``): never sent again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,7 +444,9 @@ class Relay:
             if due is None or due > self.clock():
                 return interval if due is None else min(interval, due - self.clock())
         now = self.clock()
-        claims = await self.storage.outbox_claim(self.relay_id, uuid.uuid4().hex, now, now + self.lease, free)
+        claims = await self.storage.outbox_claim(
+            self.relay_id, uuid.uuid4().hex, now, now + self.lease, free, CLAIM_WINDOW
+        )
         for claim in claims:
             task = asyncio.create_task(self._deliver(claim), name=f"geste-outbox-send-{claim.event_id}")
             self._inflight[claim.event_id] = (claim, task)
@@ -481,8 +498,8 @@ class Relay:
             if not kept:
                 look_again = True
                 logger.warning(
-                    "outbox event %s: the claim expired before the outcome was recorded; another relay "
-                    "owns it now (the event may be sent again)",
+                    "outbox event %s: the outcome was not recorded, the event changed meanwhile: its claim "
+                    "expired and another relay owns it now (it may be sent again), or it was discarded",
                     claim.event_id,
                 )
         except StorageError as exc:

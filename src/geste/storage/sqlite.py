@@ -732,7 +732,7 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     async def outbox_claim(
-        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int
+        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int, window: int
     ) -> list[OutboxClaim]:
         params = {
             "relay_id": relay_id,
@@ -740,9 +740,11 @@ class SQLiteStorage(Storage):
             "claim_expires_at": claim_expires_at,
             "now": now,
             "limit": limit,
+            "window": window,
         }
 
         def tx(conn: sqlite3.Connection) -> list[OutboxClaim]:
+            conn.execute(Q["outbox_hold"], params)
             rows = conn.execute(Q["outbox_claim"], params).fetchall()
             return [outbox_claim_from_row(row, claim_id) for row in rows]
 
@@ -750,12 +752,18 @@ class SQLiteStorage(Storage):
 
     async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> tuple[bool, bool]:
         params = {"event_id": event_id, "claim_id": claim_id, "now": now}
-        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_delivered", params))
+        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_delivered", params, done=True))
 
     @staticmethod
-    def _outbox_mark(conn: sqlite3.Connection, query: str, params: dict[str, object]) -> tuple[bool, bool]:
+    def _outbox_mark(
+        conn: sqlite3.Connection, query: str, params: dict[str, object], *, done: bool
+    ) -> tuple[bool, bool]:
         if conn.execute(Q[query], params).rowcount != 1:
             return False, False
+        if done:  # the next event of the instance, if held behind this one, is due now
+            conn.execute(Q["outbox_promote"], params)
+        else:  # it waits behind this one
+            conn.execute(Q["outbox_hold_next"], params)
         return True, bool(conn.execute(Q["outbox_has_later"], params).fetchone()[0])
 
     async def outbox_mark_failed(
@@ -768,7 +776,7 @@ class SQLiteStorage(Storage):
             "error": error,
             "next_attempt_at": next_attempt_at,
         }
-        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_failed", params))
+        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_failed", params, done=False))
 
     async def outbox_release(self, claims: Sequence[tuple[str, str]], now: float) -> None:
         params = [{"event_id": e, "claim_id": c, "now": now} for e, c in claims]
@@ -791,6 +799,17 @@ class SQLiteStorage(Storage):
     async def outbox_retry(self, event_id: str, now: float) -> bool:
         params = {"event_id": event_id, "now": now}
         return await self._write(lambda c: c.execute(Q["outbox_retry"], params).rowcount == 1)
+
+    async def outbox_discard(self, event_id: str, now: float) -> bool:
+        params = {"event_id": event_id, "now": now}
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            if conn.execute(Q["outbox_discard"], params).rowcount != 1:
+                return False
+            conn.execute(Q["outbox_promote"], params)
+            return True
+
+        return await self._write(tx)
 
     # -- channels (every write inside BEGIN IMMEDIATE: publishes and receives never interleave) -------
     async def channel_subscribe(
