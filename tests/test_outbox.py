@@ -701,6 +701,44 @@ async def test_discarding_an_event_lets_the_later_ones_go(make_app: MakeApp) -> 
         assert destination.delivered("stuck") == [1, 2]
 
 
+async def test_status_and_metrics_show_the_dead_events_and_the_oldest_pending_one(make_app: MakeApp) -> None:
+    clock = VirtualClock()
+    start = clock.now
+    destination = Destination(lambda event: event.event_id == "refused:1", clock)
+    app = make_app(outbox_handler=destination, clock=clock, outbox_max_attempts=2)
+    emit = register_waiting(app)
+
+    async def shown() -> tuple[tuple[Any, ...], tuple[float, ...]]:
+        queue = (await app.status()).queue
+        snap = await app.metrics.snapshot()
+        assert {snap.families[name].type for name in GAUGES} == {"gauge"}
+        return (
+            (queue.outbox_pending, queue.outbox_dead, queue.outbox_oldest_pending_age),
+            tuple(snap.value(name) for name in GAUGES),
+        )
+
+    async with app:
+        assert await shown() == ((0, 0, None), (0, 0, 0))
+        await (await emit.start_with_id("refused", 3, False)).result(timeout=10)
+        clock.now += 100
+        await (await emit.start_with_id("accepted", 2, False)).result(timeout=10)
+        await run_until(app, clock, start + 600)
+        # refused:1 is dead; the two after it wait, the oldest of them emitted 600 s ago
+        assert await shown() == ((2, 1, 600.0), (2, 1, 600.0))
+        queue = (await app.status()).queue
+        assert queue.as_dict()["outbox_dead"] == 1 and queue.as_dict()["outbox_oldest_pending_age"] == 600
+        text = await app.metrics.exposition()
+        assert "# TYPE geste_outbox_dead gauge\ngeste_outbox_dead 1\n" in text
+        assert "geste_outbox_oldest_pending_seconds 600\n" in text
+
+        assert await app.discard_outbox_event("refused:1") is True
+        await run_until(app, clock, start + 700)
+        assert await shown() == ((0, 0, None), (0, 0, 0))
+
+
+GAUGES = ("geste_outbox_pending", "geste_outbox_dead", "geste_outbox_oldest_pending_seconds")
+
+
 async def test_a_backlog_behind_a_failing_event_is_read_once_and_holds_no_other_instance(
     make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -574,10 +574,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def queue_stats(self, now: float) -> QueueStats:
-        """Counts per status, runnable now, held leases (per worker), age of the oldest waiting instance.
+        """Counts per status, runnable now, held leases (per worker), age of the oldest waiting instance;
+        the outbox's pending and dead events and the age of its oldest pending one.
 
         Read in one snapshot; every query goes through an index of ``geste_instances`` (its cost grows
-        with the instances of the statuses counted, the finished ones included).
+        with the instances of the statuses counted, the finished ones included) or a partial index of
+        ``geste_outbox`` (its cost grows with the pending and dead events, not the delivered ones).
         """
 
     # -- the transactional outbox ------------------------------------------------------------------

@@ -867,12 +867,16 @@ class PostgresStorage(Storage):
                 runnable = await conn.fetchval(self._q["count_runnable"], now)
                 leases = {r[0]: r[1] for r in await conn.fetch(self._q["held_leases"], now)}
                 oldest = await conn.fetchval(self._q["oldest_waiting"])
+                outbox_pending, outbox_dead, oldest_event = await conn.fetchrow(self._q["outbox_stats"])
             return QueueStats(
                 counts=counts,
                 runnable=runnable,
                 held_leases=sum(leases.values()),
                 leases_by_worker=leases,
                 oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
+                outbox_pending=outbox_pending,
+                outbox_dead=outbox_dead,
+                outbox_oldest_pending_age=None if oldest_event is None else max(0.0, now - oldest_event),
             )
 
         return await self._read(go)

@@ -681,13 +681,14 @@ class SQLiteStorage(Storage):
 
     async def queue_stats(self, now: float) -> QueueStats:
         def read(conn: sqlite3.Connection) -> QueueStats:
-            conn.execute("BEGIN")  # one read snapshot for the four queries
+            conn.execute("BEGIN")  # one read snapshot for the five queries
             counts = dict.fromkeys(Status, 0)
             for status, n in conn.execute(Q["count_by_status"]):
                 counts[Status(status)] = n
             runnable = conn.execute(Q["count_runnable"], {"now": now}).fetchone()[0]
             leases = dict(conn.execute(Q["held_leases"], {"now": now}).fetchall())
             oldest = conn.execute(Q["oldest_waiting"]).fetchone()[0]
+            outbox_pending, outbox_dead, oldest_event = conn.execute(Q["outbox_stats"]).fetchone()
             conn.execute("COMMIT")
             return QueueStats(
                 counts=counts,
@@ -695,6 +696,9 @@ class SQLiteStorage(Storage):
                 held_leases=sum(leases.values()),
                 leases_by_worker=leases,
                 oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
+                outbox_pending=outbox_pending,
+                outbox_dead=outbox_dead,
+                outbox_oldest_pending_age=None if oldest_event is None else max(0.0, now - oldest_event),
             )
 
         return await self._call(read)

@@ -484,6 +484,14 @@ ORDER BY lock_expires_at, instance_id LIMIT $2;
 -- own, which every step commit would have to maintain).
 SELECT min(updated_at) FROM {schema}.geste_instances WHERE status = 'waiting';
 
+-- name: outbox_stats
+-- For queue_stats: the pending and the dead outbox events, counted in their partial indexes (the cost
+-- grows with those events, not with the delivered ones), and the creation time of the oldest pending one
+-- (the first entry of geste_outbox_pending_by_created).
+SELECT (SELECT count(*) FROM {schema}.geste_outbox WHERE status = 'pending'),
+       (SELECT count(*) FROM {schema}.geste_outbox WHERE status = 'dead'),
+       (SELECT created_at FROM {schema}.geste_outbox WHERE status = 'pending' ORDER BY created_at LIMIT 1);
+
 -- name: outbox_record
 -- ctx.send_event in one statement: the step commit of `record` (prove and renew the lease, append the
 -- rows) plus the outbox row, and a geste_outbox_pending NOTIFY ($18) for the relays of other processes.

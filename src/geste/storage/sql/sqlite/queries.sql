@@ -253,6 +253,14 @@ ORDER BY lock_expires_at, instance_id LIMIT :limit;
 -- own, which every step commit would have to maintain).
 SELECT min(updated_at) FROM geste_instances WHERE status = 'waiting';
 
+-- name: outbox_stats
+-- For queue_stats: the pending and the dead outbox events, counted in their partial indexes (the cost
+-- grows with those events, not with the delivered ones), and the creation time of the oldest pending one
+-- (the first entry of geste_outbox_pending_by_created).
+SELECT (SELECT count(*) FROM geste_outbox WHERE status = 'pending'),
+       (SELECT count(*) FROM geste_outbox WHERE status = 'dead'),
+       (SELECT created_at FROM geste_outbox WHERE status = 'pending' ORDER BY created_at LIMIT 1);
+
 -- name: outbox_insert
 -- With the step that emits it (outbox_record). An event id already there is not stored again.
 INSERT INTO geste_outbox
