@@ -318,7 +318,7 @@ async def test_counters_after_a_failing_then_succeeding_activity(make_app: MakeA
     assert families["geste_worker_running"].value() == 0
 
 
-async def test_gauges_are_read_at_scrape_time(make_app: MakeApp) -> None:
+async def test_gauges_are_read_at_scrape_time(make_app: MakeApp, db_url: str) -> None:
     clock = MovableClock()
     app = make_app(run_worker=False, clock=clock)
 
@@ -337,6 +337,27 @@ async def test_gauges_are_read_at_scrape_time(make_app: MakeApp) -> None:
         assert families["geste_instances_runnable"].value() == 3  # the queue depth
         assert families["geste_leases_held"].value() == 0
         assert "geste_worker_running" not in families  # no worker in this process
+        for name in ("geste_outbox_pending", "geste_outbox_dead", "geste_outbox_oldest_pending_seconds"):
+            assert (families[name].type, families[name].value()) == ("gauge", 0)
+
+        emitted = clock() - 90  # the outbox: one dead event, one waiting behind it, emitted 90 s ago
+        for seq, status in ((1, "dead"), (2, "pending")):
+            await raw_query(
+                db_url,
+                "INSERT INTO geste_outbox (event_id, instance_id, step_seq, event_type, source, status,"
+                " attempts, created_at, updated_at) VALUES ($1, 'i', $2, 't', 's', $3, 0, $4, $4)",
+                f"i:{seq}",
+                seq,
+                status,
+                emitted,
+            )
+        families = await exposition(app)
+        assert families["geste_outbox_pending"].value() == 1
+        assert families["geste_outbox_dead"].value() == 1
+        assert 90 <= families["geste_outbox_oldest_pending_seconds"].value() < 150
+        clock.advance(3600)  # read at the scrape: an hour later, an hour older
+        families = await exposition(app)
+        assert 3690 <= families["geste_outbox_oldest_pending_seconds"].value() < 3750
 
 
 # -- wake-up causes and latency -------------------------------------------------------------------------
@@ -639,6 +660,8 @@ async def test_get_metrics_parses_and_follows_the_token_rule(make_app: MakeApp) 
     assert families["geste_wakeup_latency_seconds"].type == "histogram"
     assert families["geste_steps_total"].type == "counter"
     assert families["geste_instances"].type == "gauge"
+    assert families["geste_outbox_dead"].type == "gauge" and families["geste_outbox_dead"].value() == 0
+    assert families["geste_outbox_oldest_pending_seconds"].type == "gauge"
     assert open_answer.status_code == 200
     parse_exposition(open_answer.text)
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import geste
 from geste.errors import ConfigurationError, SerializationError, StorageError
 from tests.apps.outbox_app import build_app
 from tests.conftest import die_with_parent
+from tests.support import wait_status, wait_until
 
 MakeApp = Callable[..., geste.App]
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,19 +358,27 @@ async def test_dead_letter_after_max_attempts_and_retry_by_an_operator(make_app:
         async with app:
             handle = await emit.start_with_id("d", 2)
             first, second = await handle.result(timeout=10)
-            await until(lambda: _delivered(app, second), what="the next event, once the first is dead")
+
+            async def dead_and_holding() -> bool:
+                entries = {e.event_id: e for e in await app.outbox()}
+                return entries[first].status == "dead" and entries[second].next_attempt_at is None
+
+            await until(dead_and_holding, what="the first event dead, the second held behind it")
             dead = await outbox_status(app, first)
             assert (dead.status, dead.attempts) == (geste.OutboxStatus.DEAD, 3)
             assert dead.last_error is not None and dead.last_error.startswith("HTTP 500")
             assert dead.next_attempt_at is None and dead.delivered_at is None
-            assert receiver.ids(5) == [first] * 3
+            held = await outbox_status(app, second)
+            assert (held.status, held.attempts) == (geste.OutboxStatus.PENDING, 0)  # never sent
+            assert receiver.ids(5) == [first] * 3 and receiver.ids() == []
             assert [e.event_id for e in await app.outbox(status="dead")] == [first]
-            assert [e.event_id for e in await app.outbox(status=geste.OutboxStatus.DELIVERED)] == [second]
+            assert [e.event_id for e in await app.outbox(status=geste.OutboxStatus.PENDING)] == [second]
             assert len(await app.outbox(instance_id="d")) == 2 and await app.outbox(instance_id="zz") == []
 
             refuse = False
             assert await app.retry_outbox_event(first) is True
-            await until(lambda: _delivered(app, first), what="the re-queued event delivered")
+            await until(lambda: all_delivered(app, 2), what="the re-queued event, then the held one")
+            assert receiver.ids() == [first, second]  # the re-queued event first
             entry = await outbox_status(app, first)
             assert entry.attempts == 1 and entry.last_error is not None  # the last error is kept
             assert await app.retry_outbox_event(first) is False  # not dead any more
@@ -450,6 +460,313 @@ async def test_events_of_an_instance_go_out_in_order(make_app: MakeApp) -> None:
                 for d in receiver.answered()
                 if d.event["gesteinstanceid"] == h.instance_id
             ] == list(range(5))
+
+
+# -- outages, on a clock that only the test moves -----------------------------------------------------
+class VirtualClock:
+    """The App's ``clock``: it stands still until the test moves it, so an hour passes in no time."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Destination:
+    """A callable destination, down while ``refuses(event)`` says so; every attempt recorded in order."""
+
+    refuses: Callable[[geste.OutboxEvent], bool] = lambda event: False
+    clock: Callable[[], float] = time.time
+    attempts: list[tuple[str, str, int, bool]] = field(default_factory=list)
+    """(event id, instance id, the event's data["i"], delivered), in the order of the calls."""
+    last_delivery: float | None = None
+
+    async def __call__(self, event: geste.OutboxEvent) -> None:
+        ok = not self.refuses(event)
+        self.attempts.append((event.event_id, event.instance_id, event.data["i"], ok))
+        if ok:
+            self.last_delivery = self.clock()
+        if not ok:
+            raise ConnectionError("the destination is down")
+
+    def delivered(self, instance_id: str) -> list[int]:
+        return [i for _, iid, i, ok in self.attempts if ok and iid == instance_id]
+
+    def check_order(self) -> None:
+        """Per instance, no event is tried before the one before it was delivered, none delivered twice."""
+        done: dict[str, list[int]] = {}
+        for event_id, iid, i, ok in self.attempts:
+            got = done.setdefault(iid, [])
+            assert got == list(range(i)), f"{event_id} tried after {got} only"
+            if ok:
+                got.append(i)
+
+
+def register_waiting(app: geste.App) -> geste.Workflow[[int, bool], list[str]]:
+    """``emit(count, more)``: ``count`` events, then, if ``more``, ``count`` others after a "more" event."""
+
+    @app.workflow
+    async def emit(ctx: geste.WorkflowContext, count: int, more: bool) -> list[str]:
+        ids = [await ctx.send_event("test.emitted", {"i": i}) for i in range(count)]
+        if more:
+            await ctx.wait_event("more")
+            ids += [await ctx.send_event("test.emitted", {"i": count + i}) for i in range(count)]
+        return ids
+
+    return emit
+
+
+def relay_of(app: geste.App) -> Any:
+    assert app._relay is not None
+    return app._relay
+
+
+async def settle(app: geste.App, clock: VirtualClock) -> None:
+    """Let the relay do what is due at ``clock.now``: poke it, then wait until it is idle: nothing being
+    sent or claimed, nothing it could claim due (the moment it sleeps until is later), and the outbox
+    the same before and after that look (so no round ran in between)."""
+    relay = relay_of(app)
+    relay.poke()
+
+    async def state() -> list[tuple[Any, ...]]:
+        return [
+            (e.event_id, e.status, e.attempts, e.next_attempt_at, e.claimed_by)
+            for e in await app.outbox(limit=10_000)
+        ]
+
+    async def idle() -> bool:
+        before = await state()
+        if relay._inflight or any(claimed_by for *_, claimed_by in before):
+            return False
+        due = await app.storage.outbox_next_attempt_at()
+        if due is not None and due <= clock.now:
+            return False
+        return not relay._inflight and await state() == before
+
+    await wait_until(idle, "the relay to be done with what is due")
+
+
+async def run_until(app: geste.App, clock: VirtualClock, end: float) -> None:
+    """Move the clock from one moment the relay has work to the next, until ``end`` (or until nothing is
+    left to send), letting the relay do the work of each."""
+    while True:
+        await settle(app, clock)
+        due = await app.storage.outbox_next_attempt_at()
+        if due is None or due > end:
+            clock.now = max(clock.now, end)
+            return
+        clock.now = max(clock.now, due)
+
+
+async def test_an_hour_long_outage_loses_nothing_and_keeps_the_order(make_app: MakeApp) -> None:
+    clock = VirtualClock()
+    start = clock.now
+    up = False
+    destination = Destination(lambda event: not up, clock)
+    app = make_app(outbox_handler=destination, clock=clock)  # the defaults: never give up, back-off <= 300 s
+    assert app.outbox_config.max_attempts is None
+    emit = register_waiting(app)
+    async with app:
+        early = [await emit.start_with_id(f"early-{n}", 3, True) for n in range(3)]
+        for handle in early:
+            await wait_status(app, handle.instance_id, geste.Status.WAITING)
+        await run_until(app, clock, start + 1800)
+        # half an hour in: the early instances emit three more events each, and new instances start
+        await app.send_event("more")
+        late = [await emit.start_with_id(f"late-{n}", 2, False) for n in range(2)]
+        for handle in early + late:
+            await handle.result(timeout=10)
+        await run_until(app, clock, start + 3600)
+
+        entries = await app.outbox(limit=10_000)
+        assert len(entries) == 3 * 6 + 2 * 2
+        assert {e.status for e in entries} == {geste.OutboxStatus.PENDING}  # none dead, none lost
+        assert {i for _, _, i, _ in destination.attempts} == {0}  # only the first event of each instance
+        first = {e.instance_id: e.attempts for e in entries if e.seq == 1}
+        assert min(first[h.instance_id] for h in early) >= 15  # far past the 10 attempts of before
+        assert all(not ok for *_, ok in destination.attempts)
+
+        up = True  # the destination is back: everything goes out, in order, at the next attempts
+        await run_until(app, clock, start + 2 * 3600)
+        entries = await app.outbox(limit=10_000)
+        assert {e.status for e in entries} == {geste.OutboxStatus.DELIVERED}
+        assert destination.last_delivery is not None
+        assert destination.last_delivery - start <= 3600 + 300  # within one maximal back-off of the return
+    destination.check_order()
+    for handle in early:
+        assert destination.delivered(handle.instance_id) == list(range(6))
+    for handle in late:
+        assert destination.delivered(handle.instance_id) == [0, 1]
+
+
+async def viewer_text(app: geste.App, instance_id: str) -> str:
+    """The text of the instance's page in the web viewer (its timeline shows each event's delivery)."""
+    import html
+    import re
+
+    import httpx
+
+    transport = httpx.ASGITransport(app=app.asgi())
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+        answer = await http.get(f"/ui/instances/{instance_id}", headers={"accept": "text/html"})
+    assert answer.status_code == 200, answer.text[:500]
+    return html.unescape(re.sub(r"<[^>]+>", " ", answer.text))
+
+
+def tried(destination: Destination, instance_id: str) -> list[int]:
+    """The events of ``instance_id`` the destination was called with, in order (its ``data["i"]``)."""
+    return [i for _, iid, i, _ in destination.attempts if iid == instance_id]
+
+
+async def entries_of(app: geste.App, instance_id: str) -> list[geste.OutboxEntry]:
+    return sorted(await app.outbox(instance_id=instance_id, limit=1000), key=lambda e: e.seq)
+
+
+async def test_a_dead_event_holds_the_later_events_of_its_instance_until_retried(make_app: MakeApp) -> None:
+    clock = VirtualClock()
+    refused = {"held:1"}
+    destination = Destination(lambda event: event.event_id in refused, clock)
+    app = make_app(outbox_handler=destination, clock=clock, outbox_max_attempts=3)
+    emit = register_waiting(app)
+    async with app:
+        held = await emit.start_with_id("held", 3, True)
+        other = await emit.start_with_id("other", 3, False)
+        await other.result(timeout=10)
+        await wait_status(app, "held", geste.Status.WAITING)
+        await run_until(app, clock, clock.now + 3600)
+        first, *later = await entries_of(app, "held")
+        assert (first.event_id, first.status, first.attempts) == ("held:1", geste.OutboxStatus.DEAD, 3)
+        assert [(e.status, e.attempts, e.next_attempt_at) for e in later] == [("pending", 0, None)] * 2
+        assert tried(destination, "held") == [0, 0, 0]  # nothing after the dead event went out
+        assert destination.delivered("other") == [0, 1, 2]  # another instance is not held back
+
+        await app.send_event("more")  # the instance emits three more events: they wait too
+        await held.result(timeout=10)
+        await run_until(app, clock, clock.now + 3600)
+        assert tried(destination, "held") == [0, 0, 0]
+        assert [e.status for e in await entries_of(app, "held")] == ["dead"] + ["pending"] * 5
+
+        refused.clear()
+        assert await app.retry_outbox_event("held:1") is True
+        await run_until(app, clock, clock.now + 60)
+        assert {e.status for e in await entries_of(app, "held")} == {geste.OutboxStatus.DELIVERED}
+    assert destination.delivered("held") == list(range(6))  # the re-queued event first, then the rest
+    destination.check_order()
+
+
+async def test_discarding_an_event_lets_the_later_ones_go(make_app: MakeApp) -> None:
+    clock = VirtualClock()
+    poison = {"dead-end:1", "stuck:1"}
+    destination = Destination(lambda event: event.event_id in poison, clock)
+    emit_options = {"outbox_handler": destination, "clock": clock}
+
+    # with outbox_max_attempts, the event is dead: discarding it releases the events behind it
+    app = make_app(**emit_options, outbox_max_attempts=2)
+    emit = register_waiting(app)
+    async with app:
+        await (await emit.start_with_id("dead-end", 3, False)).result(timeout=10)
+        await run_until(app, clock, clock.now + 600)
+        assert [e.status for e in await entries_of(app, "dead-end")] == ["dead", "pending", "pending"]
+        timeline = await viewer_text(app, "dead-end")
+        assert "dead: gave up" in timeline
+        assert timeline.count("waits for an earlier event of this instance") == 2
+        assert await app.discard_outbox_event("dead-end:1") is True
+        await run_until(app, clock, clock.now + 60)
+        assert [e.status for e in await entries_of(app, "dead-end")] == ["discarded"] + ["delivered"] * 2
+        timeline = await viewer_text(app, "dead-end")
+        assert "discarded by an operator" in timeline and "waits for an earlier" not in timeline
+        assert destination.delivered("dead-end") == [1, 2]
+        assert tried(destination, "dead-end") == [0, 0, 1, 2]  # the discarded one never again
+        [discarded] = await app.outbox(status="discarded")
+        assert discarded.event_id == "dead-end:1" and discarded.last_error is not None
+        assert await app.discard_outbox_event("dead-end:1") is False  # discarded already
+        assert await app.discard_outbox_event("dead-end:2") is False  # delivered
+        assert await app.retry_outbox_event("dead-end:1") is False  # not dead: discarded is final
+        assert await app.discard_outbox_event("no-such-event") is False
+
+    # by default the event never dies: discarding the pending one that nothing accepts does the same
+    app = make_app(**emit_options)
+    emit = register_waiting(app)
+    async with app:
+        await (await emit.start_with_id("stuck", 3, False)).result(timeout=10)
+        await run_until(app, clock, clock.now + 3600)
+        first, *later = await entries_of(app, "stuck")
+        assert first.status == "pending" and first.attempts > 10
+        assert [(e.status, e.next_attempt_at) for e in later] == [("pending", None)] * 2
+        assert await app.discard_outbox_event("stuck:1") is True
+        await run_until(app, clock, clock.now + 60)
+        assert [e.status for e in await entries_of(app, "stuck")] == ["discarded"] + ["delivered"] * 2
+        assert destination.delivered("stuck") == [1, 2]
+
+
+async def test_status_and_metrics_show_the_dead_events_and_the_oldest_pending_one(make_app: MakeApp) -> None:
+    clock = VirtualClock()
+    start = clock.now
+    destination = Destination(lambda event: event.event_id == "refused:1", clock)
+    app = make_app(outbox_handler=destination, clock=clock, outbox_max_attempts=2)
+    emit = register_waiting(app)
+
+    async def shown() -> tuple[tuple[Any, ...], tuple[float, ...]]:
+        queue = (await app.status()).queue
+        snap = await app.metrics.snapshot()
+        assert {snap.families[name].type for name in GAUGES} == {"gauge"}
+        return (
+            (queue.outbox_pending, queue.outbox_dead, queue.outbox_oldest_pending_age),
+            tuple(snap.value(name) for name in GAUGES),
+        )
+
+    async with app:
+        assert await shown() == ((0, 0, None), (0, 0, 0))
+        await (await emit.start_with_id("refused", 3, False)).result(timeout=10)
+        clock.now += 100
+        await (await emit.start_with_id("accepted", 2, False)).result(timeout=10)
+        await run_until(app, clock, start + 600)
+        # refused:1 is dead; the two after it wait, the oldest of them emitted 600 s ago
+        assert await shown() == ((2, 1, 600.0), (2, 1, 600.0))
+        queue = (await app.status()).queue
+        assert queue.as_dict()["outbox_dead"] == 1 and queue.as_dict()["outbox_oldest_pending_age"] == 600
+        text = await app.metrics.exposition()
+        assert "# TYPE geste_outbox_dead gauge\ngeste_outbox_dead 1\n" in text
+        assert "geste_outbox_oldest_pending_seconds 600\n" in text
+
+        assert await app.discard_outbox_event("refused:1") is True
+        await run_until(app, clock, start + 700)
+        assert await shown() == ((0, 0, None), (0, 0, 0))
+
+
+GAUGES = ("geste_outbox_pending", "geste_outbox_dead", "geste_outbox_oldest_pending_seconds")
+
+
+async def test_a_backlog_behind_a_failing_event_is_read_once_and_holds_no_other_instance(
+    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import geste._outbox
+
+    monkeypatch.setattr(geste._outbox, "CLAIM_WINDOW", 4)  # a claim round reads 4 due events at most
+    clock = VirtualClock()
+    up = False
+    destination = Destination(lambda event: event.instance_id == "busy" and not up, clock)
+    app = make_app(outbox_handler=destination, clock=clock)
+    emit = register_waiting(app)
+    async with app:
+        await (await emit.start_with_id("busy", 12, False)).result(timeout=10)
+        await run_until(app, clock, clock.now + 30)
+        # 11 events wait behind the failing first one, out of the due range: a claim reads none of them
+        first, *later = await entries_of(app, "busy")
+        assert first.attempts >= 4 and {e.next_attempt_at for e in later} == {None}
+        clock.now += 1
+        # another instance's events, recorded after the backlog, go out at once, in order
+        await (await emit.start_with_id("quiet", 3, False)).result(timeout=10)
+        await settle(app, clock)
+        assert destination.delivered("quiet") == [0, 1, 2]
+        assert set(tried(destination, "busy")) == {0}
+
+        up = True
+        await run_until(app, clock, clock.now + 600)
+        assert destination.delivered("busy") == list(range(12))
+    destination.check_order()
 
 
 # -- wake-ups ----------------------------------------------------------------------------------------
@@ -692,6 +1009,39 @@ async def test_two_relays_never_send_one_event_concurrently(make_app: MakeApp) -
         assert {e.attempts for e in entries} == {1}
 
 
+async def test_bursts_and_failures_on_two_relays_lose_nothing_and_keep_the_order(make_app: MakeApp) -> None:
+    """Events recorded while the one before them is being sent, retried or not yet held: each delivered
+    once, in its instance's order, by one relay at a time."""
+    refused: set[str] = set()
+
+    async def respond(d: Delivery) -> int:
+        await asyncio.sleep(0.003)
+        if zlib.crc32(d.event_id.encode()) % 4 == 0 and d.event_id not in refused:  # a quarter, once
+            refused.add(d.event_id)
+            return 503
+        return 200
+
+    async with Receiver(respond) as receiver:
+        apps = [
+            make_app(
+                outbox_endpoint=receiver.url,
+                outbox_initial_backoff=0.02,
+                outbox_max_backoff=0.1,
+                worker_id=f"relay-{n}",
+            )
+            for n in range(2)
+        ]
+        emits = [register(app) for app in apps]
+        async with apps[0], apps[1]:
+            handles = [await emits[n % 2].start_with_id(f"burst-{n}", 12) for n in range(10)]
+            ids = [eid for h in handles for eid in await h.result(timeout=30)]
+            await until(lambda: all_delivered(apps[0], len(ids)), timeout=60, what="all delivered")
+    assert sorted(receiver.ids()) == sorted(ids)  # each once: nothing crashed
+    assert len(receiver.deliveries) == len(ids) + len(refused) and refused
+    assert set(receiver.max_in_flight.values()) == {1}
+    check_order(receiver.deliveries)
+
+
 # -- bad input -------------------------------------------------------------------------------------
 async def _handler(event: geste.OutboxEvent) -> None:
     return None
@@ -712,6 +1062,9 @@ def _sync_handler(event: geste.OutboxEvent) -> None:
         ({"outbox_handler": "not callable"}, "async callable"),
         ({"outbox_handler": _handler, "outbox_max_attempts": 0}, "outbox_max_attempts"),
         ({"outbox_handler": _handler, "outbox_max_attempts": True}, "outbox_max_attempts"),
+        ({"outbox_handler": _handler, "outbox_max_attempts": -3}, "outbox_max_attempts"),
+        ({"outbox_handler": _handler, "outbox_max_attempts": 2.0}, "outbox_max_attempts"),
+        ({"outbox_handler": _handler, "outbox_max_attempts": "10"}, "outbox_max_attempts"),
         ({"outbox_handler": _handler, "outbox_initial_backoff": -1}, "outbox_initial_backoff"),
         ({"outbox_handler": _handler, "outbox_initial_backoff": 0}, "outbox_initial_backoff"),
         (
@@ -755,7 +1108,12 @@ def test_valid_outbox_configuration_is_kept(tmp_path: Path) -> None:
         2.0,
     )
     assert [config.backoff(n) for n in (1, 2, 3, 4, 100)] == [0.5, 1.0, 2.0, 2.0, 2.0]
-    assert geste.App(f"sqlite:///{tmp_path / 'y.db'}").outbox_config.enabled is False
+    default = geste.App(f"sqlite:///{tmp_path / 'y.db'}").outbox_config
+    assert default.enabled is False
+    assert (default.max_attempts, default.initial_backoff, default.max_backoff) == (None, 1.0, 300.0)
+    assert [default.backoff(n) for n in (1, 9, 10, 10_000)] == [1.0, 256.0, 300.0, 300.0]
+    explicit = geste.App(f"sqlite:///{tmp_path / 'z.db'}", outbox_max_attempts=None).outbox_config
+    assert explicit.max_attempts is None
 
 
 async def test_bad_send_event_arguments_fail_the_workflow_and_emit_nothing(make_app: MakeApp) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -31,7 +32,7 @@ from geste.storage.base import HistoryRow, Lease, NewInstance
 from geste.storage.postgres import parse_postgres_url
 from geste.storage.sqlite import SCHEMA_VERSION
 from tests.conftest import POSTGRES_URL, die_with_parent
-from tests.support import run_cli
+from tests.support import raw_query, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.apps.cli_app:app"  # lock_timeout=2.0: heartbeats every 0.67 s, stale after 6 s
@@ -307,6 +308,44 @@ async def test_queue_stats_match_a_known_set_of_instances(db_url: str) -> None:
         assert queue.as_dict()["counts"]["waiting"] == 2
 
 
+async def insert_outbox(url: str, rows: list[tuple[str, str, float]]) -> None:
+    """``(event_id, status, created_at)`` outbox rows of instance "i", inserted past geste, in that order."""
+    for seq, (event_id, status, created_at) in enumerate(rows, 1):
+        await raw_query(
+            url,
+            "INSERT INTO geste_outbox (event_id, instance_id, step_seq, event_type, source, status, attempts,"
+            " next_attempt_at, created_at, updated_at) VALUES ($1, 'i', $2, 't', 's', $3, 0, NULL, $4, $4)",
+            event_id,
+            seq,
+            status,
+            created_at,
+        )
+
+
+async def test_queue_stats_count_the_outbox(db_url: str) -> None:
+    now = [T0 + 1000]
+    async with geste.App(db_url, run_worker=False, clock=lambda: now[0]) as app:
+        queue = (await app.status()).queue
+        assert (queue.outbox_pending, queue.outbox_dead, queue.outbox_oldest_pending_age) == (0, 0, None)
+        await insert_outbox(
+            db_url,
+            [
+                ("sent", "delivered", T0),
+                ("dropped", "discarded", T0 + 1),
+                ("dead", "dead", T0 + 2),
+                ("p1", "pending", T0 + 400),
+                ("p2", "pending", T0 + 300),
+                ("p3", "pending", T0 + 900),
+            ],
+        )
+        queue = (await app.status()).queue
+        assert (queue.outbox_pending, queue.outbox_dead) == (3, 1)
+        assert queue.outbox_oldest_pending_age == pytest.approx(700)  # p2, the oldest pending one
+        assert queue.as_dict()["outbox_oldest_pending_age"] == pytest.approx(700)
+        now[0] = T0 + 1300
+        assert (await app.status()).queue.outbox_oldest_pending_age == pytest.approx(1000)
+
+
 async def test_an_empty_database(db_url: str) -> None:
     async with geste.App(db_url, run_worker=False) as app:
         found = await app.status()
@@ -327,6 +366,11 @@ async def test_the_status_queries_read_through_indexes_on_sqlite(tmp_path: Path)
             plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + Q[name], {"now": 1.0})]
             assert any("INDEX geste_instances_" in step for step in plan), (name, plan)
             assert "SCAN geste_instances" not in plan, (name, plan)  # never the table itself, whole
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + Q["outbox_stats"])]
+        assert sum("INDEX geste_outbox_" in step for step in plan) == 3, plan  # the partial indexes
+        assert "SCAN geste_outbox" not in plan, plan
+        assert any("geste_outbox_dead_by_instance" in step for step in plan), plan
+        assert any("geste_outbox_pending_by_created" in step for step in plan), plan
     finally:
         conn.close()
 
@@ -458,10 +502,11 @@ def test_geste_status_end_to_end(
     assert lines[0].startswith("queue (")
     assert "waiting 1" in lines[1] and "pending 0" in lines[1]
     assert "runnable now 0" in lines[2] and "held leases 0" in lines[2] and "oldest waiting" in lines[2]
-    assert lines[3] == "workers:"
-    header = lines[4].split()
+    assert lines[3] == "  outbox: pending 0  dead 0  oldest pending -"
+    assert lines[4] == "workers:"
+    header = lines[5].split()
     assert header[:8] == ["WORKER", "HOST", "PID", "STATE", "RUNNING", "LEASES", "LISTENER", "RECONNECTS"]
-    row = lines[5].split()
+    row = lines[6].split()
     assert row[:8] == [
         worker["worker_id"],
         socket.gethostname(),
@@ -472,14 +517,31 @@ def test_geste_status_end_to_end(
         listener,
         "0",
     ]
-    assert lines[5].endswith(" ago")
+    assert lines[6].endswith(" ago")
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=15) == 0, log.read_text()
     (stopped,) = status_json(cli, db_url)["workers"]
     assert (stopped["state"], stopped["alive"], stopped["running"]) == ("stopped", False, 0)
-    row = cli("status", "--database-url", db_url).stdout.splitlines()[5].split()
+    row = cli("status", "--database-url", db_url).stdout.splitlines()[6].split()
     assert row[3:7] == ["stopped", "0/3", "0", "-"]
+
+
+def test_geste_status_shows_the_outbox(cli: Callable[..., Result], db_url: str) -> None:
+    async def setup() -> None:
+        async with geste.App(db_url, run_worker=False):
+            pass  # the schema
+        now = time.time()
+        await insert_outbox(
+            db_url, [("d", "dead", now - 500), ("p", "pending", now - 125), ("q", "pending", now)]
+        )
+
+    asyncio.run(setup())
+    found = status_json(cli, db_url)["queue"]
+    assert (found["outbox_pending"], found["outbox_dead"]) == (2, 1)
+    assert 125 <= found["outbox_oldest_pending_age"] < 185
+    lines = cli("status", "--database-url", db_url).stdout.splitlines()
+    assert re.fullmatch(r"  outbox: pending 2  dead 1  oldest pending 2m \d+s", lines[3]), lines
 
 
 def test_geste_status_errors_are_one_line(cli: Callable[..., Result], tmp_path: Path) -> None:
@@ -500,5 +562,6 @@ def test_geste_status_on_an_empty_database(cli: Callable[..., Result], tmp_path:
     assert result.stdout.splitlines()[1:] == [
         "  pending 0  running 0  waiting 0  compensating 0  completed 0  failed 0  cancelled 0",
         "  runnable now 0  held leases 0  oldest waiting -",
+        "  outbox: pending 0  dead 0  oldest pending -",
         "workers: none registered",
     ]

@@ -108,7 +108,7 @@ class App:
         outbox_endpoint: str | None = None,
         outbox_handler: OutboxHandler | None = None,
         outbox_headers: Mapping[str, str] | None = None,
-        outbox_max_attempts: int = 10,
+        outbox_max_attempts: int | None = None,
         outbox_initial_backoff: float | timedelta = 1.0,
         outbox_max_backoff: float | timedelta = 300.0,
         outbox_timeout: float | timedelta = 10.0,
@@ -716,7 +716,8 @@ class App:
         limit: int = 100,
     ) -> list[OutboxEntry]:
         """Events emitted with ``ctx.send_event``, newest first: their status (``pending``,
-        ``delivered``, ``dead``), attempts and last error; optionally of one status and/or instance."""
+        ``delivered``, ``dead``, ``discarded``), attempts and last error; optionally of one status and/or
+        instance."""
         self._require_open()
         try:
             wanted = None if status is None else OutboxStatus(status)
@@ -735,11 +736,23 @@ class App:
 
     async def retry_outbox_event(self, event_id: str) -> bool:
         """Re-queue a dead outbox event (pending again, attempts from zero); False when no dead event
-        has that id. The instance's later events may have gone out meanwhile: it comes after them."""
+        has that id. It goes out before the later events of its instance, which waited behind it."""
         self._require_open()
         if not _findable(event_id, "event_id"):
             return False
         found = await self.storage.outbox_retry(event_id, self.clock())
+        if found and self._relay is not None:
+            self._relay.poke()
+        return found
+
+    async def discard_outbox_event(self, event_id: str) -> bool:
+        """Give up a pending or dead outbox event: ``discarded``, never sent again (kept, with its last
+        error), and the later events of its instance, which waited behind it, go out. False when no
+        pending or dead event has that id. An attempt running at that moment may still deliver it."""
+        self._require_open()
+        if not _findable(event_id, "event_id"):
+            return False
+        found = await self.storage.outbox_discard(event_id, self.clock())
         if found and self._relay is not None:
             self._relay.poke()
         return found
@@ -820,7 +833,8 @@ class App:
                 if wait <= 0:
                     raise ResultTimeout(f"instance {instance_id} did not finish within {limit}s")
                 try:
-                    await asyncio.wait_for(asyncio.shield(future), wait)
+                    async with asyncio.timeout(wait):
+                        await asyncio.shield(future)
                 except TimeoutError:
                     delay = min(delay * 2, self.poll_interval)
             finally:

@@ -57,8 +57,9 @@ def watch(
 
 
 async def cancel_and_wait(task: asyncio.Task[None]) -> None:
-    """Cancel ``task`` and wait until it has really ended (Python 3.11's ``wait_for`` can drop a cancel
-    that arrives as its awaitable completes: cancel again). A cancellation of the caller propagates."""
+    """Cancel ``task`` and wait until it has really ended (a cancel that arrives as the task's own
+    awaitable completes can be dropped by code it runs, as 3.11's ``wait_for`` does: cancel again). A
+    cancellation of the caller propagates."""
     while not task.done():
         task.cancel()
         await asyncio.wait([task], timeout=0.1)

@@ -3,8 +3,9 @@
 What happens in this process (steps recorded, activity attempts, claims, wake-ups, notifications, group
 commits, outbox deliveries) is counted where it happens, by adding to an entry of a dict: no lock (one
 event loop), no allocation beyond a small key, no database access. What the database knows (instances per
-status, the runnable queue, held leases, the oldest wait) is read only when the metrics are collected (a
-scrape): one snapshot read, ``storage.queue_stats``.
+status, the runnable queue, held leases, the oldest wait, the outbox's pending and dead events and its
+oldest pending one) is read only when the metrics are collected (a scrape): one snapshot read,
+``storage.queue_stats``.
 
 ``app.metrics`` is the App's ``Metrics``; ``await app.metrics.snapshot()`` returns the values as typed
 objects, ``await app.metrics.exposition()`` the Prometheus text (format 0.0.4) that ``GET /metrics``
@@ -391,6 +392,24 @@ def app_collector(app: App) -> Collector:
                 "geste_oldest_waiting_seconds",
                 "Age of the longest-waiting instance's last change (0 when nothing waits).",
                 {(): queue.oldest_waiting_age or 0.0},
+            ),
+            gauge(
+                "geste_outbox_pending",
+                "Outbox events not delivered yet (all instances): being retried, or waiting behind an "
+                "earlier event of their instance.",
+                {(): queue.outbox_pending},
+            ),
+            gauge(
+                "geste_outbox_dead",
+                "Outbox events given up after outbox_max_attempts; each holds back the later events of its "
+                "instance until retried or discarded.",
+                {(): queue.outbox_dead},
+            ),
+            gauge(
+                "geste_outbox_oldest_pending_seconds",
+                "Age of the oldest pending outbox event (0 when none is pending): how far behind the "
+                "outbox is.",
+                {(): queue.outbox_oldest_pending_age or 0.0},
             ),
         ]
         return families

@@ -8,12 +8,19 @@ events **at least once**:
 - it claims due events with a lease (``claim_id``, ``claim_expires_at``: ``FOR UPDATE SKIP LOCKED`` on
   PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so several relays never send one event at the same time;
   the claim of a relay that died expires after ``outbox_timeout + lock_timeout`` and is taken over;
-- only the first pending event of an instance can be claimed, so an instance's events go out in the
-  order it emitted them (a later one waits until the earlier is delivered or dead);
+- only the first event of an instance that is not done (delivered or discarded) can be claimed, so an
+  instance's events go out in the order it emitted them: a later one waits while an earlier one is
+  pending (retried, however long) or ``dead``. An operator re-queues a dead event
+  (``app.retry_outbox_event``: it goes out first, then the later ones in order) or gives an event up
+  (``app.discard_outbox_event``: ``discarded``, never sent; the later ones go);
+- a claim round reads at most ``CLAIM_WINDOW`` due events; one that waits behind an earlier event of its
+  instance leaves the due range (held: ``next_attempt_at`` None) until that event is done, so a backlog
+  behind a failing event is read once, not by every round (docs/design.md, "The transactional outbox");
 - a failed attempt (a non-2xx answer, a connection error, a timeout, an exception of the handler) is
-  retried after ``outbox_initial_backoff * 2 ** (attempts - 1)`` (capped at ``outbox_max_backoff``);
-  after ``outbox_max_attempts`` the event is ``dead``: kept, with its last error, until an operator
-  re-queues it (``app.retry_outbox_event``);
+  retried after ``outbox_initial_backoff * 2 ** (attempts - 1)`` (capped at ``outbox_max_backoff``, 300 s
+  by default), **until it is delivered**: an outage of any length loses nothing and changes no order.
+  Only with an explicit ``outbox_max_attempts`` does an event become ``dead`` after that many attempts:
+  kept, with its last error, holding the later events of its instance back, until an operator acts;
 - a relay killed after sending but before marking the event delivered leaves it pending: it is sent
   again. Receivers deduplicate with the event id (stable across attempts and relays).
 
@@ -42,7 +49,7 @@ from typing import Any
 
 from ._loops import backoff, failed, stop_within, watch
 from ._metrics import Metrics
-from ._retry import positive_int, seconds
+from ._retry import seconds
 from ._serde import decode
 from ._wakeups import Wakeups
 from .errors import ConfigurationError, StorageError
@@ -52,6 +59,9 @@ logger = logging.getLogger("geste.outbox")
 
 MAX_IN_FLIGHT = 100
 """Deliveries one relay runs at once (one per instance at most: the per-instance order)."""
+CLAIM_WINDOW = 1000
+"""Due events one claim round reads at most (soonest first): it claims the first of their instances and
+takes the others out of the due range (held behind the earlier event), so a backlog is read once."""
 MIN_IDLE_WAIT = 0.01
 """Shortest sleep after a round that claimed nothing (a due event another relay just locked)."""
 MAX_ERROR_LENGTH = 1000
@@ -66,8 +76,14 @@ class OutboxStatus(StrEnum):
     """The state of an outbox event; the values are what the database stores."""
 
     PENDING = "pending"
+    """To deliver: ``next_attempt_at`` says when, or is None while it waits behind an earlier event of its
+    instance that is not done."""
     DELIVERED = "delivered"
     DEAD = "dead"
+    """Failed ``outbox_max_attempts`` times (only with that option set): kept, and holding the later
+    events of its instance back, until an operator retries or discards it."""
+    DISCARDED = "discarded"
+    """Given up by an operator (``app.discard_outbox_event``): never sent again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +157,8 @@ class OutboxConfig:
     endpoint: str | None = None
     handler: OutboxHandler | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    max_attempts: int = 10
+    max_attempts: int | None = None
+    """Failed attempts after which an event is ``dead``; None (the default): it is tried until delivered."""
     initial_backoff: float = 1.0
     max_backoff: float = 300.0
     timeout: float = 10.0
@@ -158,7 +175,7 @@ class OutboxConfig:
         endpoint: str | None,
         handler: OutboxHandler | None,
         headers: Mapping[str, str] | None,
-        max_attempts: int,
+        max_attempts: int | None,
         initial_backoff: float | timedelta,
         max_backoff: float | timedelta,
         timeout: float | timedelta,
@@ -185,7 +202,7 @@ class OutboxConfig:
             endpoint=endpoint,
             handler=handler,
             headers=checked_headers,
-            max_attempts=positive_int(max_attempts, "outbox_max_attempts"),
+            max_attempts=_check_max_attempts(max_attempts),
             initial_backoff=initial,
             max_backoff=maximum,
             timeout=seconds(timeout, what="outbox_timeout", allow_zero=False),
@@ -194,6 +211,16 @@ class OutboxConfig:
     def backoff(self, attempts: int) -> float:
         """The delay after the ``attempts``-th failed attempt."""
         return float(min(self.max_backoff, self.initial_backoff * 2 ** min(attempts - 1, 60)))
+
+
+def _check_max_attempts(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(
+            f"outbox_max_attempts must be a positive int, or None to retry until delivered, not {value!r}"
+        )
+    return value
 
 
 def _check_endpoint(endpoint: object) -> None:
@@ -407,7 +434,8 @@ class Relay:
             poked = True
             if timeout > 0:
                 try:
-                    await asyncio.wait_for(self._event.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._event.wait()
                 except TimeoutError:
                     poked = False
             self._event.clear()
@@ -423,7 +451,9 @@ class Relay:
             if due is None or due > self.clock():
                 return interval if due is None else min(interval, due - self.clock())
         now = self.clock()
-        claims = await self.storage.outbox_claim(self.relay_id, uuid.uuid4().hex, now, now + self.lease, free)
+        claims = await self.storage.outbox_claim(
+            self.relay_id, uuid.uuid4().hex, now, now + self.lease, free, CLAIM_WINDOW
+        )
         if self._stopping:  # stopped while the claim ran: give its events back at once, unsent
             if claims:
                 await self.storage.outbox_release([(c.event_id, c.claim_id) for c in claims], self.clock())
@@ -450,7 +480,8 @@ class Relay:
                 look_again = later
                 logger.debug("outbox event %s delivered (attempt %d)", claim.event_id, claim.attempts)
             else:
-                dead = claim.attempts >= self.config.max_attempts
+                limit = self.config.max_attempts
+                dead = limit is not None and claim.attempts >= limit
                 self.metrics.outbox_failures.values["dead" if dead else "retry"] += 1
                 next_at = None if dead else now + self.config.backoff(claim.attempts)
                 kept, later = await self.storage.outbox_mark_failed(
@@ -468,18 +499,18 @@ class Relay:
                     )
                 else:
                     logger.warning(
-                        "outbox event %s: attempt %d/%d failed (%s); retrying in %.3gs",
+                        "outbox event %s: attempt %d%s failed (%s); retrying in %.3gs",
                         claim.event_id,
                         claim.attempts,
-                        self.config.max_attempts,
+                        "" if limit is None else f"/{limit}",
                         error,
                         next_at - now if next_at is not None else 0.0,
                     )
             if not kept:
                 look_again = True
                 logger.warning(
-                    "outbox event %s: the claim expired before the outcome was recorded; another relay "
-                    "owns it now (the event may be sent again)",
+                    "outbox event %s: the outcome was not recorded, the event changed meanwhile: its claim "
+                    "expired and another relay owns it now (it may be sent again), or it was discarded",
                     claim.event_id,
                 )
         except StorageError as exc:

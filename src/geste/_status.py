@@ -49,6 +49,14 @@ class QueueStats:
     """Held leases per ``locked_by`` worker id."""
     oldest_waiting_age: float | None = None
     """Seconds since the longest-waiting ``waiting`` instance last changed (None: nothing waits)."""
+    outbox_pending: int = 0
+    """Outbox events not delivered yet (``pending``: being retried, or waiting behind an earlier event)."""
+    outbox_dead: int = 0
+    """Outbox events given up after ``outbox_max_attempts`` (``dead``): each holds back the later events
+    of its instance until an operator retries or discards it."""
+    outbox_oldest_pending_age: float | None = None
+    """Seconds since the oldest pending outbox event was emitted (None: none is pending): how far behind
+    the outbox is."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +65,9 @@ class QueueStats:
             "held_leases": self.held_leases,
             "leases_by_worker": dict(self.leases_by_worker),
             "oldest_waiting_age": self.oldest_waiting_age,
+            "outbox_pending": self.outbox_pending,
+            "outbox_dead": self.outbox_dead,
+            "outbox_oldest_pending_age": self.outbox_oldest_pending_age,
         }
 
 

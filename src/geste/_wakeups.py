@@ -344,16 +344,17 @@ class Listener:
         """Return when the connection is lost: closed by the server, or silent to a probe."""
         while True:
             try:
-                await asyncio.wait_for(self._lost.wait(), self.probe_interval)
+                async with asyncio.timeout(self.probe_interval):
+                    await self._lost.wait()
                 return
             except TimeoutError:
                 pass
             self._probe_heard.clear()
-            await asyncio.wait_for(
-                self._conn.execute("SELECT pg_notify($1, '')", self._probe_channel), self.probe_timeout
-            )
+            async with asyncio.timeout(self.probe_timeout):
+                await self._conn.execute("SELECT pg_notify($1, '')", self._probe_channel)
             try:
-                await asyncio.wait_for(self._probe_heard.wait(), self.probe_timeout)
+                async with asyncio.timeout(self.probe_timeout):
+                    await self._probe_heard.wait()
             except TimeoutError:
                 raise ConnectionError(f"no answer to a probe within {self.probe_timeout}s") from None
 
@@ -361,7 +362,8 @@ class Listener:
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
-                await asyncio.wait_for(conn.close(), 2)
+                async with asyncio.timeout(2):  # not wait_for: on 3.11 it can drop the caller's cancel
+                    await conn.close()
             except Exception:
                 conn.terminate()
 

@@ -244,7 +244,8 @@ class Worker:
             cause = self._sleep_cause
             if timeout > 0:
                 try:
-                    await asyncio.wait_for(self.wakeups.event.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self.wakeups.event.wait()
                     cause = self.wakeups.cause
                 except TimeoutError:
                     pass

@@ -263,7 +263,8 @@ def _worker_row(worker: WorkerInfo, checked_at: datetime) -> tuple[str, ...]:
 @database_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def status(database_url: str, as_json: bool) -> None:
-    """Show the queue (instances per status, runnable, leases, oldest wait), the workers and the leases.
+    """Show the queue (instances per status, runnable, leases, oldest wait; the outbox's pending and dead
+    events and its oldest pending one), the workers and the leases.
 
     A worker is stale when not heard from within 3 x its lock_timeout (it heartbeats every lock_timeout /
     3), at least 45 s (3 x the default of 15 s); stopped when it shut down gracefully.
@@ -285,6 +286,10 @@ def status(database_url: str, as_json: bool) -> None:
     click.echo(
         f"  runnable now {queue.runnable}  held leases {queue.held_leases}"
         f"  oldest waiting {_age(queue.oldest_waiting_age)}"
+    )
+    click.echo(
+        f"  outbox: pending {queue.outbox_pending}  dead {queue.outbox_dead}"
+        f"  oldest pending {_age(queue.outbox_oldest_pending_age)}"
     )
     if unknown:
         shown = ", ".join(f"{state.value!r} {n}" for state, n in sorted(unknown.items()))

@@ -623,10 +623,14 @@ def _emitted(step: Step, outbox: dict[str, OutboxRow], now: float) -> tuple[Chil
         details.append(tag("div", "delivered ", when(entry.delivered_at, now), class_="line"))
     elif entry.status == "dead":
         chips = [_chip("dead: gave up", "bad"), _chip(tries)]
+    elif entry.status == "discarded":
+        chips = [_chip("discarded by an operator", "bad"), _chip(tries)]
     else:
         chips = [_chip("pending", "warn"), _chip(tries)]
         if entry.next_attempt_at is not None:
             details.append(tag("div", "next attempt ", when(entry.next_attempt_at, now), class_="line"))
+        else:
+            details.append(tag("div", "waits for an earlier event of this instance", class_="line"))
     if entry.last_error:
         details.append(tag("details", tag("summary", "Last error"), tag("pre", entry.last_error)))
     if entry.data is not None:

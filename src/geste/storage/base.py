@@ -595,10 +595,12 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def queue_stats(self, now: float) -> QueueStats:
-        """Counts per status, runnable now, held leases (per worker), age of the oldest waiting instance.
+        """Counts per status, runnable now, held leases (per worker), age of the oldest waiting instance;
+        the outbox's pending and dead events and the age of its oldest pending one.
 
         Read in one snapshot; every query goes through an index of ``geste_instances`` (its cost grows
-        with the instances of the statuses counted, the finished ones included).
+        with the instances of the statuses counted, the finished ones included) or a partial index of
+        ``geste_outbox`` (its cost grows with the pending and dead events, not the delivered ones).
         """
 
     # -- the transactional outbox ------------------------------------------------------------------
@@ -617,22 +619,26 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def outbox_claim(
-        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int
+        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int, window: int
     ) -> list[OutboxClaim]:
-        """Take up to ``limit`` due events whose claim is free or expired, the first pending one of each
-        instance only; count the attempt."""
+        """Of the first ``window`` due events (soonest first), take up to ``limit`` whose claim is free or
+        expired and that are the first of their instance not done (no earlier pending or dead event);
+        count the attempt. The others of the window leave the due range: held (``next_attempt_at``
+        None) behind an event nobody sends, or moved to ``claim_expires_at`` behind one being sent."""
 
     @abc.abstractmethod
     async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> tuple[bool, bool]:
-        """Mark a claimed event delivered. Returns whether the claim was still ours, and whether the
-        instance has a later pending event (which this may have made claimable)."""
+        """Mark a claimed event delivered, and make the next pending event of its instance due if it was
+        held. Returns whether the claim was still ours, and whether the instance has a later pending
+        event (which this may have made claimable)."""
 
     @abc.abstractmethod
     async def outbox_mark_failed(
         self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
     ) -> tuple[bool, bool]:
-        """Record a failed attempt: pending again at ``next_attempt_at``, or dead when it is None.
-        Returns what ``outbox_mark_delivered`` returns."""
+        """Record a failed attempt: pending again at ``next_attempt_at``, or dead when it is None; the
+        next pending event of its instance is held behind it. Returns what ``outbox_mark_delivered``
+        returns."""
 
     @abc.abstractmethod
     async def outbox_release(self, claims: Sequence[tuple[str, str]], now: float) -> None:
@@ -640,7 +646,9 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def outbox_next_attempt_at(self) -> float | None:
-        """The earliest time a pending event (first of its instance) may be claimed."""
+        """The earliest ``next_attempt_at`` of a pending event nobody sends (held events left out; one
+        waiting behind another but not held yet counts: a claim round holds it), or the expiry of a
+        claim, if sooner."""
 
     @abc.abstractmethod
     async def outbox_list(
@@ -651,6 +659,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def outbox_retry(self, event_id: str, now: float) -> bool:
         """Make a dead event pending again (attempts from zero); False when no dead event has that id."""
+
+    @abc.abstractmethod
+    async def outbox_discard(self, event_id: str, now: float) -> bool:
+        """Give a pending or dead event up (``discarded``: never sent again) and make the next pending
+        event of its instance due; False when no pending or dead event has that id."""
 
     # -- channels ----------------------------------------------------------------------------------
     @abc.abstractmethod

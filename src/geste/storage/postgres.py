@@ -887,12 +887,16 @@ class PostgresStorage(Storage):
                 runnable = await conn.fetchval(self._q["count_runnable"], now)
                 leases = {r[0]: r[1] for r in await conn.fetch(self._q["held_leases"], now)}
                 oldest = await conn.fetchval(self._q["oldest_waiting"])
+                outbox_pending, outbox_dead, oldest_event = await conn.fetchrow(self._q["outbox_stats"])
             return QueueStats(
                 counts=counts,
                 runnable=runnable,
                 held_leases=sum(leases.values()),
                 leases_by_worker=leases,
                 oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
+                outbox_pending=outbox_pending,
+                outbox_dead=outbox_dead,
+                outbox_oldest_pending_age=None if oldest_event is None else max(0.0, now - oldest_event),
             )
 
         return await self._read(go)
@@ -932,10 +936,12 @@ class PostgresStorage(Storage):
         return await self._run(go)
 
     async def outbox_claim(
-        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int
+        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int, window: int
     ) -> list[OutboxClaim]:
         async def go(conn: Conn) -> list[OutboxClaim]:
-            rows = await conn.fetch(self._q["outbox_claim"], relay_id, claim_id, now, claim_expires_at, limit)
+            rows = await conn.fetch(
+                self._q["outbox_claim"], relay_id, claim_id, now, claim_expires_at, limit, window
+            )
             return [outbox_claim_from_row(row, claim_id) for row in rows]
 
         return await self._run(go)
@@ -987,6 +993,17 @@ class PostgresStorage(Storage):
             return bool(found)
 
         return await self._run(go)
+
+    async def outbox_discard(self, event_id: str, now: float) -> bool:
+        async def go(conn: Conn) -> bool:
+            row = await conn.fetchrow(self._q["outbox_discard"], event_id, now)
+            if row is None:
+                return False
+            # a statement of its own: a snapshot taken after the discard got its row (see outbox_promote)
+            await conn.fetchrow(self._q["outbox_promote"], row[0], row[1], now, self.notify)
+            return True
+
+        return await self._tx(go)
 
     # -- channels ----------------------------------------------------------------------------------
     async def channel_subscribe(

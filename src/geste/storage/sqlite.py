@@ -702,13 +702,14 @@ class SQLiteStorage(Storage):
 
     async def queue_stats(self, now: float) -> QueueStats:
         def read(conn: sqlite3.Connection) -> QueueStats:
-            conn.execute("BEGIN")  # one read snapshot for the four queries
+            conn.execute("BEGIN")  # one read snapshot for the five queries
             counts = dict.fromkeys(Status, 0)
             for status, n in conn.execute(Q["count_by_status"]):
                 counts[Status.stored(status)] = n
             runnable = conn.execute(Q["count_runnable"], {"now": now}).fetchone()[0]
             leases = dict(conn.execute(Q["held_leases"], {"now": now}).fetchall())
             oldest = conn.execute(Q["oldest_waiting"]).fetchone()[0]
+            outbox_pending, outbox_dead, oldest_event = conn.execute(Q["outbox_stats"]).fetchone()
             conn.execute("COMMIT")
             return QueueStats(
                 counts=counts,
@@ -716,6 +717,9 @@ class SQLiteStorage(Storage):
                 held_leases=sum(leases.values()),
                 leases_by_worker=leases,
                 oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
+                outbox_pending=outbox_pending,
+                outbox_dead=outbox_dead,
+                outbox_oldest_pending_age=None if oldest_event is None else max(0.0, now - oldest_event),
             )
 
         return await self._call(read)
@@ -753,7 +757,7 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     async def outbox_claim(
-        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int
+        self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int, window: int
     ) -> list[OutboxClaim]:
         params = {
             "relay_id": relay_id,
@@ -761,9 +765,11 @@ class SQLiteStorage(Storage):
             "claim_expires_at": claim_expires_at,
             "now": now,
             "limit": limit,
+            "window": window,
         }
 
         def tx(conn: sqlite3.Connection) -> list[OutboxClaim]:
+            conn.execute(Q["outbox_hold"], params)
             rows = conn.execute(Q["outbox_claim"], params).fetchall()
             return [outbox_claim_from_row(row, claim_id) for row in rows]
 
@@ -771,12 +777,18 @@ class SQLiteStorage(Storage):
 
     async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> tuple[bool, bool]:
         params = {"event_id": event_id, "claim_id": claim_id, "now": now}
-        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_delivered", params))
+        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_delivered", params, done=True))
 
     @staticmethod
-    def _outbox_mark(conn: sqlite3.Connection, query: str, params: dict[str, object]) -> tuple[bool, bool]:
+    def _outbox_mark(
+        conn: sqlite3.Connection, query: str, params: dict[str, object], *, done: bool
+    ) -> tuple[bool, bool]:
         if conn.execute(Q[query], params).rowcount != 1:
             return False, False
+        if done:  # the next event of the instance, if held behind this one, is due now
+            conn.execute(Q["outbox_promote"], params)
+        else:  # it waits behind this one
+            conn.execute(Q["outbox_hold_next"], params)
         return True, bool(conn.execute(Q["outbox_has_later"], params).fetchone()[0])
 
     async def outbox_mark_failed(
@@ -789,7 +801,7 @@ class SQLiteStorage(Storage):
             "error": error,
             "next_attempt_at": next_attempt_at,
         }
-        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_failed", params))
+        return await self._write(lambda c: self._outbox_mark(c, "outbox_mark_failed", params, done=False))
 
     async def outbox_release(self, claims: Sequence[tuple[str, str]], now: float) -> None:
         params = [{"event_id": e, "claim_id": c, "now": now} for e, c in claims]
@@ -812,6 +824,17 @@ class SQLiteStorage(Storage):
     async def outbox_retry(self, event_id: str, now: float) -> bool:
         params = {"event_id": event_id, "now": now}
         return await self._write(lambda c: c.execute(Q["outbox_retry"], params).rowcount == 1)
+
+    async def outbox_discard(self, event_id: str, now: float) -> bool:
+        params = {"event_id": event_id, "now": now}
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            if conn.execute(Q["outbox_discard"], params).rowcount != 1:
+                return False
+            conn.execute(Q["outbox_promote"], params)
+            return True
+
+        return await self._write(tx)
 
     # -- channels (every write inside BEGIN IMMEDIATE: publishes and receives never interleave) -------
     async def channel_subscribe(

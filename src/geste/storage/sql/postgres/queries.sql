@@ -527,6 +527,14 @@ ORDER BY lock_expires_at, instance_id LIMIT $2;
 -- own, which every step commit would have to maintain).
 SELECT min(updated_at) FROM {schema}.geste_instances WHERE status = 'waiting';
 
+-- name: outbox_stats
+-- For queue_stats: the pending and the dead outbox events, counted in their partial indexes (the cost
+-- grows with those events, not with the delivered ones), and the creation time of the oldest pending one
+-- (the first entry of geste_outbox_pending_by_created).
+SELECT (SELECT count(*) FROM {schema}.geste_outbox WHERE status = 'pending'),
+       (SELECT count(*) FROM {schema}.geste_outbox WHERE status = 'dead'),
+       (SELECT created_at FROM {schema}.geste_outbox WHERE status = 'pending' ORDER BY created_at LIMIT 1);
+
 -- name: outbox_record
 -- ctx.send_event in one statement: the step commit of `record` (prove and renew the lease, append the
 -- rows) plus the outbox row, and a geste_outbox_pending NOTIFY ($18) for the relays of other processes.
@@ -557,19 +565,58 @@ WITH lease AS (
 SELECT cancel_requested, (SELECT count(*) FROM event), (SELECT count(*) FROM notified) FROM lease;
 
 -- name: outbox_claim
--- FOR UPDATE SKIP LOCKED: relays take disjoint sets without waiting on each other. Due events whose
--- claim is free or expired, only the first pending event of each instance (per-instance order); each
--- claim counts as an attempt.
-WITH picked AS (
-    SELECT o.event_id FROM {schema}.geste_outbox o
+-- One round of a relay, reading at most $6 due rows (the window, soonest first) and, for each, the event
+-- of its instance just before it that is not done (the nearer of the last earlier pending one and the
+-- last earlier dead one: two probes of the partial indexes by instance). A row with none is the first of
+-- its instance: claimed, at most $5 (FOR UPDATE SKIP LOCKED: relays take disjoint sets), each claim
+-- counting as an attempt. A row with one leaves the due range, so that no round reads it again: held
+-- (next_attempt_at NULL) behind an event nobody sends (dead, or pending and unclaimed), which is locked
+-- FOR SHARE and read again, so that it cannot be claimed nor discarded before this commits (whoever ends
+-- it later sees the held row, and makes it due: outbox_mark_delivered, outbox_promote); behind an event
+-- being sent, moved to the end of a claim ($4) instead, as that sender may mark it from a snapshot
+-- older than the row (it makes it due if it sees it; otherwise the row is looked at again then).
+WITH win AS MATERIALIZED (
+    SELECT o.event_id, o.instance_id, o.step_seq
+    FROM {schema}.geste_outbox o
     WHERE o.status = 'pending' AND o.next_attempt_at <= $3
+    ORDER BY o.next_attempt_at
+    LIMIT $6
+), seen AS MATERIALIZED (
+    SELECT w.event_id,
+           (SELECT b.event_id
+            FROM ((SELECT e.event_id, e.step_seq FROM {schema}.geste_outbox e
+                   WHERE e.status = 'pending' AND e.instance_id = w.instance_id AND e.step_seq < w.step_seq
+                   ORDER BY e.step_seq DESC LIMIT 1)
+                  UNION ALL
+                  (SELECT e.event_id, e.step_seq FROM {schema}.geste_outbox e
+                   WHERE e.status = 'dead' AND e.instance_id = w.instance_id AND e.step_seq < w.step_seq
+                   ORDER BY e.step_seq DESC LIMIT 1)) b
+            ORDER BY b.step_seq DESC
+            LIMIT 1) AS before_id
+    FROM win w
+), picked AS (
+    SELECT o.event_id
+    FROM {schema}.geste_outbox o
+    WHERE o.event_id = ANY (ARRAY(SELECT event_id FROM seen WHERE before_id IS NULL))  -- by primary key
+      AND o.status = 'pending' AND o.next_attempt_at <= $3
       AND (o.claim_id IS NULL OR o.claim_expires_at <= $3)
-      AND NOT EXISTS (SELECT 1 FROM {schema}.geste_outbox e
-                      WHERE e.status = 'pending' AND e.instance_id = o.instance_id
-                        AND e.step_seq < o.step_seq)
     ORDER BY o.next_attempt_at
     LIMIT $5
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF o SKIP LOCKED
+), behind AS (
+    SELECT o.event_id, b.claim_id IS NULL AS idle
+    FROM {schema}.geste_outbox o
+    JOIN seen s ON s.event_id = o.event_id
+    JOIN {schema}.geste_outbox b ON b.event_id = s.before_id
+    WHERE o.event_id = ANY (ARRAY(SELECT event_id FROM seen WHERE before_id IS NOT NULL))
+      AND o.status = 'pending' AND o.next_attempt_at <= $3 AND b.status IN ('pending', 'dead')
+    FOR UPDATE OF o SKIP LOCKED
+    FOR SHARE OF b SKIP LOCKED
+), moved AS (
+    UPDATE {schema}.geste_outbox o
+    SET next_attempt_at = CASE WHEN behind.idle THEN NULL ELSE $4::double precision END
+    FROM behind
+    WHERE o.event_id = behind.event_id
 )
 UPDATE {schema}.geste_outbox AS o
 SET claimed_by = $1, claim_id = $2, claim_expires_at = $4, attempts = o.attempts + 1, updated_at = $3
@@ -580,19 +627,33 @@ RETURNING o.event_id, o.instance_id, o.step_seq, o.event_type, o.source, o.subje
 
 -- name: outbox_mark_delivered
 -- Returns (the claim was ours, the instance has a later pending event: the relay looks again at once).
+-- That next event is made due now if it was held (or moved to a claim's end) behind this one: always
+-- written, so that a claim round holding it at this moment is waited for and its value read again.
 WITH marked AS (
     UPDATE {schema}.geste_outbox
     SET status = 'delivered', delivered_at = $3, updated_at = $3, next_attempt_at = NULL,
         claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
     WHERE event_id = $1 AND claim_id = $2 AND status = 'pending'
     RETURNING instance_id, step_seq
+), next_one AS (
+    SELECT e.event_id
+    FROM {schema}.geste_outbox e JOIN marked m ON e.instance_id = m.instance_id
+    WHERE e.status = 'pending' AND e.step_seq > m.step_seq
+    ORDER BY e.step_seq
+    LIMIT 1
+), promoted AS (
+    UPDATE {schema}.geste_outbox o
+    SET next_attempt_at = CASE WHEN o.next_attempt_at IS NULL OR o.next_attempt_at > $3 THEN $3
+                               ELSE o.next_attempt_at END
+    FROM next_one n
+    WHERE o.event_id = n.event_id AND o.status = 'pending'
 )
-SELECT EXISTS (SELECT 1 FROM marked),
-       EXISTS (SELECT 1 FROM {schema}.geste_outbox e JOIN marked m ON e.instance_id = m.instance_id
-               WHERE e.status = 'pending' AND e.step_seq > m.step_seq);
+SELECT EXISTS (SELECT 1 FROM marked), EXISTS (SELECT 1 FROM next_one);
 
 -- name: outbox_mark_failed
 -- A NULL next attempt ($5) means no attempt is left: the event is dead (kept, with its last error).
+-- The next pending event of the instance is held behind it (next_attempt_at NULL), if it was not: a claim
+-- round had moved it to the end of the claim, the event being sent then.
 -- Returns (the claim was ours, the instance has a later pending event).
 WITH marked AS (
     UPDATE {schema}.geste_outbox
@@ -601,10 +662,19 @@ WITH marked AS (
         claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
     WHERE event_id = $1 AND claim_id = $2 AND status = 'pending'
     RETURNING instance_id, step_seq
+), next_one AS (
+    SELECT e.event_id
+    FROM {schema}.geste_outbox e JOIN marked m ON e.instance_id = m.instance_id
+    WHERE e.status = 'pending' AND e.step_seq > m.step_seq
+    ORDER BY e.step_seq
+    LIMIT 1
+), held AS (
+    UPDATE {schema}.geste_outbox o
+    SET next_attempt_at = NULL
+    FROM next_one n
+    WHERE o.event_id = n.event_id AND o.status = 'pending' AND o.next_attempt_at IS NOT NULL
 )
-SELECT EXISTS (SELECT 1 FROM marked),
-       EXISTS (SELECT 1 FROM {schema}.geste_outbox e JOIN marked m ON e.instance_id = m.instance_id
-               WHERE e.status = 'pending' AND e.step_seq > m.step_seq);
+SELECT EXISTS (SELECT 1 FROM marked), EXISTS (SELECT 1 FROM next_one);
 
 -- name: outbox_release
 -- A relay stopping gives back the claims it could not finish: claimable again at once.
@@ -612,14 +682,22 @@ UPDATE {schema}.geste_outbox SET claimed_by = NULL, claim_id = NULL, claim_expir
 WHERE event_id = $1 AND claim_id = $2 AND status = 'pending';
 
 -- name: outbox_next_attempt_at
--- When the relay should look again: the earliest due time of the first pending event of each instance
--- (or the expiry of its claim, while another relay holds it).
-SELECT min(CASE WHEN o.claim_expires_at > o.next_attempt_at THEN o.claim_expires_at
-                ELSE o.next_attempt_at END)
-FROM {schema}.geste_outbox o
-WHERE o.status = 'pending'
-  AND NOT EXISTS (SELECT 1 FROM {schema}.geste_outbox e
-                  WHERE e.status = 'pending' AND e.instance_id = o.instance_id AND e.step_seq < o.step_seq);
+-- When the relay should look again: the earliest next_attempt_at of an event nobody sends (read in
+-- next_attempt_at order until one is found: past the events being sent only), or the expiry of a claim
+-- before it, if sooner (a relay that died: its events are taken over then). Held events (NULL) are not
+-- read; an event that waits behind another but is not held yet counts (a claim round holds it).
+WITH first AS MATERIALIZED (
+    SELECT o.next_attempt_at AS at
+    FROM {schema}.geste_outbox o
+    WHERE o.status = 'pending' AND o.next_attempt_at IS NOT NULL
+      AND (o.claim_id IS NULL OR o.claim_expires_at <= o.next_attempt_at)
+    ORDER BY o.next_attempt_at
+    LIMIT 1
+)
+SELECT LEAST((SELECT at FROM first),
+             (SELECT min(c.claim_expires_at) FROM {schema}.geste_outbox c
+              WHERE c.status = 'pending' AND c.claim_id IS NOT NULL AND c.claim_expires_at > c.next_attempt_at
+                AND c.next_attempt_at <= COALESCE((SELECT at FROM first), 'infinity')));
 
 -- name: outbox_list
 SELECT event_id, instance_id, step_seq, event_type, source, subject, data, status, attempts,
@@ -641,6 +719,35 @@ WITH requeued AS (
 SELECT count(*), count(CASE WHEN $3 THEN pg_notify('geste_outbox_pending',
                                                    json_build_object('event_id', event_id)::text) END)
 FROM requeued;
+
+-- name: outbox_discard
+-- An operator gives an event up (pending or dead): never sent again. In a transaction with outbox_promote.
+UPDATE {schema}.geste_outbox
+SET status = 'discarded', next_attempt_at = NULL, claimed_by = NULL, claim_id = NULL,
+    claim_expires_at = NULL, updated_at = $2
+WHERE event_id = $1 AND status IN ('pending', 'dead')
+RETURNING instance_id, step_seq;
+
+-- name: outbox_promote
+-- After outbox_discard, in its transaction but a statement of its own: its snapshot, taken once the
+-- discard had its row (a claim round holding the row FOR SHARE was waited for), sees every event held
+-- behind it. The instance's next pending event (instance $1, after seq $2) is made due now if it was
+-- held; the relays of other processes are told ($4) that it may be claimable.
+WITH next_one AS (
+    SELECT e.event_id FROM {schema}.geste_outbox e
+    WHERE e.status = 'pending' AND e.instance_id = $1 AND e.step_seq > $2
+    ORDER BY e.step_seq
+    LIMIT 1
+), promoted AS (
+    UPDATE {schema}.geste_outbox o
+    SET next_attempt_at = $3
+    FROM next_one n
+    WHERE o.event_id = n.event_id AND o.status = 'pending'
+      AND (o.next_attempt_at IS NULL OR o.next_attempt_at > $3)
+)
+SELECT count(*), count(CASE WHEN $4 THEN pg_notify('geste_outbox_pending',
+                                                   json_build_object('event_id', event_id)::text) END)
+FROM next_one;
 
 -- Channels (ctx.subscribe / receive / publish / send_to). A publish and a receive on one channel take
 -- the channel's advisory lock first (channel_lock, its own statement, so that what they read next

@@ -272,6 +272,14 @@ ORDER BY lock_expires_at, instance_id LIMIT :limit;
 -- own, which every step commit would have to maintain).
 SELECT min(updated_at) FROM geste_instances WHERE status = 'waiting';
 
+-- name: outbox_stats
+-- For queue_stats: the pending and the dead outbox events, counted in their partial indexes (the cost
+-- grows with those events, not with the delivered ones), and the creation time of the oldest pending one
+-- (the first entry of geste_outbox_pending_by_created).
+SELECT (SELECT count(*) FROM geste_outbox WHERE status = 'pending'),
+       (SELECT count(*) FROM geste_outbox WHERE status = 'dead'),
+       (SELECT created_at FROM geste_outbox WHERE status = 'pending' ORDER BY created_at LIMIT 1);
+
 -- name: outbox_insert
 -- With the step that emits it (outbox_record). An event id already there is not stored again.
 INSERT INTO geste_outbox
@@ -281,18 +289,58 @@ VALUES (:event_id, :instance_id, :step_seq, :event_type, :source, :subject, :dat
         :now, :now, :now)
 ON CONFLICT (event_id) DO NOTHING;
 
+-- name: outbox_hold
+-- Inside BEGIN IMMEDIATE, before outbox_claim: of the first :window due rows (soonest first), those with
+-- an event of their instance before them that is not done (pending or dead: two probes of the partial
+-- indexes by instance) leave the due range, so that no round reads them again: held (next_attempt_at
+-- NULL) behind an event nobody sends (dead, or pending and unclaimed), until whoever ends that one makes
+-- them due (outbox_promote); behind an event being sent, moved to the end of a claim (:claim_expires_at)
+-- (its mark makes them due at once), as on PostgreSQL.
+WITH win AS (
+    SELECT event_id, instance_id, step_seq FROM geste_outbox
+    WHERE status = 'pending' AND next_attempt_at <= :now
+    ORDER BY next_attempt_at
+    LIMIT :window
+), before AS MATERIALIZED (
+    SELECT w.event_id,
+           (SELECT e.step_seq FROM geste_outbox e
+            WHERE e.status = 'pending' AND e.instance_id = w.instance_id AND e.step_seq < w.step_seq
+            ORDER BY e.step_seq DESC LIMIT 1) AS pending_seq,
+           (SELECT e.claim_id IS NOT NULL FROM geste_outbox e
+            WHERE e.status = 'pending' AND e.instance_id = w.instance_id AND e.step_seq < w.step_seq
+            ORDER BY e.step_seq DESC LIMIT 1) AS pending_sent,
+           (SELECT e.step_seq FROM geste_outbox e
+            WHERE e.status = 'dead' AND e.instance_id = w.instance_id AND e.step_seq < w.step_seq
+            ORDER BY e.step_seq DESC LIMIT 1) AS dead_seq
+    FROM win w
+)
+UPDATE geste_outbox
+SET next_attempt_at = CASE WHEN before.pending_sent
+                                AND (before.dead_seq IS NULL OR before.dead_seq < before.pending_seq)
+                           THEN :claim_expires_at END
+FROM before
+WHERE geste_outbox.event_id = before.event_id
+  AND (before.pending_seq IS NOT NULL OR before.dead_seq IS NOT NULL);
+
 -- name: outbox_claim
--- Inside BEGIN IMMEDIATE: take up to :limit due events whose claim is free or expired, only the first
--- pending event of each instance (per-instance order); each claim counts as an attempt.
+-- Inside BEGIN IMMEDIATE, after outbox_hold: of the first :window due rows, take up to :limit whose claim
+-- is free or expired and that are the first of their instance not done (no earlier pending or dead
+-- event: per-instance order); each claim counts as an attempt.
 UPDATE geste_outbox
 SET claimed_by = :relay_id, claim_id = :claim_id, claim_expires_at = :claim_expires_at,
     attempts = attempts + 1, updated_at = :now
 WHERE event_id IN (
     SELECT o.event_id FROM geste_outbox o
-    WHERE o.status = 'pending' AND o.next_attempt_at <= :now
+    WHERE o.event_id IN (SELECT event_id FROM geste_outbox
+                         WHERE status = 'pending' AND next_attempt_at <= :now
+                         ORDER BY next_attempt_at
+                         LIMIT :window)
       AND (o.claim_id IS NULL OR o.claim_expires_at <= :now)
       AND NOT EXISTS (SELECT 1 FROM geste_outbox e
                       WHERE e.status = 'pending' AND e.instance_id = o.instance_id
+                        AND e.step_seq < o.step_seq)
+      AND NOT EXISTS (SELECT 1 FROM geste_outbox e
+                      WHERE e.status = 'dead' AND e.instance_id = o.instance_id
                         AND e.step_seq < o.step_seq)
     ORDER BY o.next_attempt_at
     LIMIT :limit
@@ -313,6 +361,26 @@ SET status = CASE WHEN :next_attempt_at IS NULL THEN 'dead' ELSE 'pending' END,
     claimed_by = NULL, claim_id = NULL, claim_expires_at = NULL
 WHERE event_id = :event_id AND claim_id = :claim_id AND status = 'pending';
 
+-- name: outbox_promote
+-- After an event is done (delivered, discarded): the next pending event of its instance is due now if it
+-- was held (or moved to a claim's end) behind it.
+UPDATE geste_outbox SET next_attempt_at = :now
+WHERE event_id = (SELECT e.event_id FROM geste_outbox e, geste_outbox d
+                  WHERE d.event_id = :event_id AND e.instance_id = d.instance_id
+                    AND e.status = 'pending' AND e.step_seq > d.step_seq
+                  ORDER BY e.step_seq LIMIT 1)
+  AND (next_attempt_at IS NULL OR next_attempt_at > :now);
+
+-- name: outbox_hold_next
+-- After a failed attempt: the next pending event of the instance is held behind it (next_attempt_at
+-- NULL), if it was not (moved to the end of the claim by outbox_hold while this one was being sent).
+UPDATE geste_outbox SET next_attempt_at = NULL
+WHERE event_id = (SELECT e.event_id FROM geste_outbox e, geste_outbox d
+                  WHERE d.event_id = :event_id AND e.instance_id = d.instance_id
+                    AND e.status = 'pending' AND e.step_seq > d.step_seq
+                  ORDER BY e.step_seq LIMIT 1)
+  AND next_attempt_at IS NOT NULL;
+
 -- name: outbox_has_later
 -- After a mark: whether the instance has a later pending event, which the mark may have unblocked.
 SELECT EXISTS (SELECT 1 FROM geste_outbox
@@ -326,14 +394,25 @@ UPDATE geste_outbox SET claimed_by = NULL, claim_id = NULL, claim_expires_at = N
 WHERE event_id = :event_id AND claim_id = :claim_id AND status = 'pending';
 
 -- name: outbox_next_attempt_at
--- When the relay should look again: the earliest due time of the first pending event of each instance
--- (or the expiry of its claim, while another relay holds it).
-SELECT min(CASE WHEN o.claim_expires_at > o.next_attempt_at THEN o.claim_expires_at
-                ELSE o.next_attempt_at END)
-FROM geste_outbox o
-WHERE o.status = 'pending'
-  AND NOT EXISTS (SELECT 1 FROM geste_outbox e
-                  WHERE e.status = 'pending' AND e.instance_id = o.instance_id AND e.step_seq < o.step_seq);
+-- When the relay should look again: the earliest next_attempt_at of an event nobody sends (read in
+-- next_attempt_at order until one is found: past the events being sent only), or the expiry of a claim
+-- before it, if sooner (a relay that died: its events are taken over then). Held events (NULL) are not
+-- read; an event that waits behind another but is not held yet counts (a claim round holds it).
+WITH first AS MATERIALIZED (
+    SELECT o.next_attempt_at AS at
+    FROM geste_outbox o
+    WHERE o.status = 'pending' AND o.next_attempt_at IS NOT NULL
+      AND (o.claim_id IS NULL OR o.claim_expires_at <= o.next_attempt_at)
+    ORDER BY o.next_attempt_at
+    LIMIT 1
+), sent AS MATERIALIZED (
+    SELECT min(c.claim_expires_at) AS at
+    FROM geste_outbox c
+    WHERE c.status = 'pending' AND c.next_attempt_at <= coalesce((SELECT at FROM first), 1e308)
+      AND c.claim_id IS NOT NULL AND c.claim_expires_at > c.next_attempt_at
+)
+SELECT CASE WHEN sent.at IS NULL OR first.at <= sent.at THEN first.at ELSE sent.at END
+FROM sent LEFT JOIN first;
 
 -- name: outbox_list
 SELECT event_id, instance_id, step_seq, event_type, source, subject, data, status, attempts,
@@ -348,6 +427,13 @@ LIMIT :limit;
 UPDATE geste_outbox
 SET status = 'pending', attempts = 0, next_attempt_at = :now, updated_at = :now
 WHERE event_id = :event_id AND status = 'dead';
+
+-- name: outbox_discard
+-- An operator gives an event up (pending or dead): never sent again; then outbox_promote.
+UPDATE geste_outbox
+SET status = 'discarded', next_attempt_at = NULL, claimed_by = NULL, claim_id = NULL,
+    claim_expires_at = NULL, updated_at = :now
+WHERE event_id = :event_id AND status IN ('pending', 'dead');
 
 -- Channels (ctx.subscribe / receive / publish / send_to). Every write runs inside BEGIN IMMEDIATE, so a
 -- publish and a receive on the same channel never interleave: no lost wake-up, atomic competing claims.
