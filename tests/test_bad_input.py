@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import math
 import os
 import sqlite3
@@ -56,10 +55,11 @@ async def test_unknown_workflow_name(make_app: Callable[..., geste.App]) -> None
         assert await app.list_instances() == []
 
 
-async def test_an_instance_of_a_workflow_this_worker_lacks_is_released_not_lost(
-    make_app: Callable[..., geste.App], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def test_an_instance_of_a_workflow_this_worker_lacks_is_left_for_a_worker_that_has_it(
+    make_app: Callable[..., geste.App],
 ) -> None:
-    monkeypatch.setattr(geste._engine, "UNKNOWN_WORKFLOW_RETRY", 0.5)  # 30 s in production
+    """A worker never claims an instance of a workflow it does not register (it used to claim it and
+    put it back for 30 s): the instance waits, untouched, for a worker that can run it."""
     client = make_app(run_worker=False)
     knowing = make_app(worker_id="knowing")
     for app in (client, knowing):
@@ -75,17 +75,19 @@ async def test_an_instance_of_a_workflow_this_worker_lacks_is_released_not_lost(
 
     async with client:
         handle = await client.start_workflow("report", 5)
-        with caplog.at_level(logging.WARNING, logger="geste.engine"):
-            async with ignorant:
-                await wait_for_status(client, handle.instance_id, geste.Status.RUNNING)
-                for _ in range(500):  # claimed by `ignorant`, then released
-                    info = await handle.info()
-                    if info.locked_by is None:
-                        break
-                    await asyncio.sleep(0.01)
-        assert any("'report', unknown to this worker" in r.getMessage() for r in caplog.records)
-        info = await handle.info()
-        assert info.locked_by is None and not info.status.is_finished
+        before = await client.storage.get_instance(handle.instance_id)
+        assert before is not None
+        async with ignorant:
+            worker = ignorant._worker
+            assert worker is not None
+            rounds = worker.claim_rounds
+            for _ in range(3):  # three claim rounds after the start: none takes it
+                worker.poke()
+                await wait_until(lambda: worker.claim_rounds > rounds, "a claim round")  # noqa: B023
+                rounds = worker.claim_rounds
+            assert worker.claimed == 0
+        after = await client.storage.get_instance(handle.instance_id)
+        assert after == before  # not claimed, run_at not pushed back
         assert await handle.history() == []
 
         async with knowing:

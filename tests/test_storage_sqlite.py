@@ -222,7 +222,7 @@ async def test_the_claim_is_one_conditional_update_inside_begin_immediate(storag
     assert storage._conn is not None
     storage._conn.set_trace_callback(statements.append)
     try:
-        (claim,) = await storage.claim("w", 2.0, 10.0, 10)
+        (claim,) = await storage.claim("w", 2.0, 10.0, 10, workflows=["wf"])
     finally:
         storage._conn.set_trace_callback(None)
     assert claim.lease.instance_id == "a"
@@ -251,7 +251,8 @@ async def test_two_storages_racing_to_claim_never_both_get_one(path: Path, stora
                 free.add(f"r{rnd}-{i}")
             limit_a, limit_b = rng.randint(1, count), rng.randint(1, count)
             got_a, got_b = await asyncio.gather(
-                storage.claim("A", now, now + 10_000, limit_a), other.claim("B", now, now + 10_000, limit_b)
+                storage.claim("A", now, now + 10_000, limit_a, workflows=["wf"]),
+                other.claim("B", now, now + 10_000, limit_b, workflows=["wf"]),
             )
             ids_a = {c.lease.instance_id for c in got_a}
             ids_b = {c.lease.instance_id for c in got_b}
@@ -277,13 +278,13 @@ async def test_only_an_expired_lease_is_taken_over_and_the_old_holder_cannot_wri
     await other.open()
     try:
         await create(storage, "x", 1.0)
-        (first,) = await storage.claim("A", 2.0, 12.0, 10)
-        assert await other.claim("B", 11.9, 21.9, 10) == []  # lease still live
+        (first,) = await storage.claim("A", 2.0, 12.0, 10, workflows=["wf"])
+        assert await other.claim("B", 11.9, 21.9, 10, workflows=["wf"]) == []  # lease still live
         assert await storage.renew([first.lease], 15.0) == {"x"}
-        assert await other.claim("B", 14.0, 24.0, 10) == []  # renewed: still live
+        assert await other.claim("B", 14.0, 24.0, 10, workflows=["wf"]) == []  # renewed: still live
 
         racers = await asyncio.gather(
-            *(s.claim(w, 15.0, 25.0, 10) for s, w in ((storage, "A"), (other, "B")))
+            *(s.claim(w, 15.0, 25.0, 10, workflows=["wf"]) for s, w in ((storage, "A"), (other, "B")))
         )
         (second,) = [c for claims in racers for c in claims]  # expired: exactly one takes it over
         assert second.lease != first.lease
