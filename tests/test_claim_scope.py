@@ -5,7 +5,7 @@ instance and put back the ones it does not register for 30 s); a worker that reg
 nothing; a workflow registered on an open App is claimed from then on; ``app.status()`` and
 ``geste status`` name the workflows with runnable instances that no live worker registers. The claim
 reads, per registered name, the head of ``geste_instances_runnable_by_name`` however many instances of
-other workflows are due: checked on the plans (SQLite) over a seeded table.
+other workflows are due: checked on the plans (PostgreSQL custom and generic, SQLite) over a seeded table.
 Two worker processes racing on a backlog of two workflows run every instance exactly once.
 
 Every wait is for a condition (claim rounds counted, a row, a result) with a deadline: never a sleep.
@@ -266,6 +266,110 @@ MINE = 10
 MINE_LATER = 1_000
 """A seeded table: OTHERS instances of ``other`` due for a while (another service's backlog, older than
 anything of ``mine``), MINE of ``mine`` due, and MINE_LATER of ``mine`` sleeping (run_at an hour ahead)."""
+
+SEED_POSTGRES = """
+INSERT INTO geste_instances (instance_id, workflow_name, status, input, created_at, updated_at, run_at)
+SELECT 'other-' || g, 'other', 'pending', '{"args": [], "kwargs": {}}', $1 - 600, $1 - 600,
+       $1 - 600 + g * 0.001
+FROM generate_series(1, $2::integer) AS g
+UNION ALL
+SELECT 'mine-' || g, 'mine', 'pending', '{"args": [], "kwargs": {}}', $1 - 60, $1 - 60,
+       CASE WHEN g <= $3 THEN $1 - 60 + g ELSE $1 + 3600 + g END
+FROM generate_series(1, $3::integer + $4::integer) AS g
+"""
+
+
+def sql_literal(value: Any) -> str:
+    """A parameter of the test's own making as SQL text (``EXPLAIN EXECUTE`` takes no ``$n``)."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list):
+        return f"ARRAY[{', '.join(sql_literal(item) for item in value)}]::text[]"
+    if isinstance(value, float):
+        return f"{value!r}::double precision"
+    return str(int(value))
+
+
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes += plan_nodes(child)
+    return nodes
+
+
+def instances_read(nodes: list[dict[str, Any]]) -> int:
+    """Rows the plan took from geste_instances, kept or filtered out, over all its loops (EXPLAIN gives
+    per-loop averages)."""
+    total = 0.0
+    for node in nodes:
+        if node.get("Relation Name") == "geste_instances" and node["Node Type"] != "ModifyTable":
+            removed = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+            total += (node["Actual Rows"] + removed) * node["Actual Loops"]
+    return round(total)
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_a_claim_reads_only_its_own_workflows_index_range_on_postgres(
+    pg_url: str, plan_cache_mode: str
+) -> None:
+    """EXPLAIN ANALYZE of the real claim, with the parameters ``PostgresStorage.claim`` passes, over
+    100,000 due instances of another workflow: the plan reads ``geste_instances_runnable_by_name``, never
+    the table sequentially, and about as many rows as it claims (not the other service's backlog, not its
+    own sleeping instances), with the custom plan and with the generic one asyncpg's prepared statement
+    switches to after five runs. The same for ``runnable_workflows`` (``geste status``), which reads at
+    most its cap per name. Then the storage's own claim takes exactly the due instances of ``mine``."""
+    import asyncpg
+
+    from geste.storage.postgres import parse_postgres_url, schema_queries
+
+    dsn, options = parse_postgres_url(pg_url)
+    queries = schema_queries(options["schema"])
+    now = time.time()
+    async with geste.App(pg_url, run_worker=False) as app:  # migrated
+        conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
+        try:
+            await conn.execute(SEED_POSTGRES, now, OTHERS, MINE, MINE_LATER)
+            await conn.execute("ANALYZE geste_instances")
+            await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
+            cases = {
+                # worker_id, lease prefix, now, lock_expires_at, limit, due (now + lookahead), names
+                "claim": ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, ["mine"]),
+                "runnable_workflows": (now, UNSERVED_CAP, 1000),
+            }
+            for name, params in cases.items():
+                arguments = ", ".join(sql_literal(value) for value in params)  # EXECUTE takes no $n
+                transaction = conn.transaction()
+                await transaction.start()
+                try:  # EXPLAIN ANALYZE runs the claim's UPDATE: rolled back
+                    await conn.execute(f"PREPARE plan_under_test AS {queries[name]}")
+                    found = await conn.fetchval(
+                        f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE plan_under_test({arguments})"
+                    )
+                finally:
+                    await transaction.rollback()
+                    await conn.execute("DEALLOCATE ALL")
+                nodes = plan_nodes(json.loads(found)[0]["Plan"])
+                on_table = [node for node in nodes if node.get("Relation Name") == "geste_instances"]
+                shown = (name, [(n["Node Type"], n.get("Index Name"), instances_read([n])) for n in on_table])
+                assert not any(node["Node Type"] == "Seq Scan" for node in on_table), shown
+                assert any(n.get("Index Name") == "geste_instances_runnable_by_name" for n in on_table), shown
+                read = instances_read(nodes)
+                if name == "claim":  # MINE claimed, the next run_at: not OTHERS, not MINE_LATER
+                    assert read < 100, shown
+                else:  # each name's count stops at the cap: `other` reads UNSERVED_CAP rows, `mine` its own
+                    assert read < UNSERVED_CAP + 100, shown
+        finally:
+            await conn.close()
+
+        claims = await app.storage.claim(
+            "w1", now, now + 15.0, 100, due_before=now + 0.025, workflows=["mine"]
+        )
+        assert [c.lease.instance_id for c in claims] == [f"mine-{g}" for g in range(1, MINE + 1)]
+        assert claims.next_run_at == pytest.approx(now + 3600 + MINE + 1)
+        assert await app.storage.runnable_workflows(now, cap=UNSERVED_CAP, limit=1000) == [
+            ("other", UNSERVED_CAP)
+        ]
+
 
 SEED_SQLITE = """
 WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < :others + :mine + :later)
