@@ -162,15 +162,21 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 -- skips what another claim holds and reads on), then the earliest $5 of all. It reads at most $5 rows per
 -- name, however many instances of other workflows are due; when more than $5 are due in all, the rows
 -- locked past the $5 taken are free again at commit.
+-- The planner cannot tell how many rows a name has (it comes from $7), and "workflow_name = n.name ORDER BY
+-- run_at" lets it walk geste_instances_runnable (run_at) instead, filtering on the name: through every due
+-- instance of the other workflows before the first of this one. So the name is matched with = ANY(ARRAY[..])
+-- (no equivalence class: the ORDER BY keeps workflow_name) and the order is (workflow_name, run_at), which
+-- only geste_instances_runnable_by_name gives; the UPDATE finds its rows by key (= ANY(ARRAY(..))), not
+-- by a join whose size a generic plan guesses from LIMIT $5 (a hash join over the whole table).
 WITH heads AS (
     SELECT h.instance_id, h.run_at, h.expired_at
     FROM unnest($7::text[]) AS n(name)
     CROSS JOIN LATERAL (
         SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
         FROM {schema}.geste_instances
-        WHERE workflow_name = n.name AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
+        WHERE workflow_name = ANY(ARRAY[n.name]) AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
           AND status IN ('pending', 'running', 'waiting', 'compensating')
-        ORDER BY run_at
+        ORDER BY workflow_name, run_at
         LIMIT $5
         FOR UPDATE SKIP LOCKED
     ) AS h
@@ -183,23 +189,22 @@ WITH heads AS (
         lock_expires_at = $4,
         status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
         updated_at = $3
-    FROM picked
-    WHERE i.instance_id = picked.instance_id
+    WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run_at, picked.expired_at
+              i.run_at
 )
-(SELECT c.*,
+(SELECT c.*, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
          FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
- FROM claimed c)
+ FROM claimed c JOIN picked p ON p.instance_id = c.instance_id)
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at), NULL, NULL
 FROM unnest($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.geste_instances
-    WHERE workflow_name = w.name AND run_at > $6 AND lease_id IS NULL
-    ORDER BY run_at LIMIT 1
+    WHERE workflow_name = ANY(ARRAY[w.name]) AND run_at > $6 AND lease_id IS NULL
+    ORDER BY workflow_name, run_at LIMIT 1
 ) AS n;
 
 -- name: renew
@@ -1083,7 +1088,8 @@ FROM unnest($4::text[]) AS s(status);
 -- name: runnable_workflows
 -- The workflow names that have instances runnable at $1 (lease free or expired, a status this version
 -- knows), each with how many, counted up to $2: a loose index scan of geste_instances_runnable_by_name
--- (one probe per distinct name with a run_at), then at most $2 index entries per name.
+-- (one probe per distinct name with a run_at), then at most $2 index entries per name (matched and
+-- ordered as in the claim, so that the planner can neither walk another index nor scan the table).
 WITH RECURSIVE names(name) AS (
     SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
     UNION ALL
@@ -1093,9 +1099,10 @@ WITH RECURSIVE names(name) AS (
 )
 SELECT n.name, (SELECT count(*) FROM (
     SELECT 1 FROM {schema}.geste_instances i
-    WHERE i.workflow_name = n.name AND i.run_at <= $1 AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
+    WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at <= $1
+      AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    LIMIT $2) AS c)
+    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS c)
 FROM names n WHERE n.name IS NOT NULL LIMIT $3;
 
 -- name: workflow_names
