@@ -401,6 +401,36 @@ def vm_steps(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> int:
     return steps
 
 
+async def test_a_concurrent_claim_gets_what_another_claim_wanted_but_not(pg_url: str) -> None:
+    """Claim A (batch 1, two names) is in flight, its transaction open; claim B at the same moment takes
+    the other due instance. A claim locks only the rows it takes: one that locked a head per name and
+    kept one made B come back empty while work was due, and sleep."""
+    import asyncpg
+
+    from geste.storage.postgres import parse_postgres_url, schema_queries
+
+    dsn, options = parse_postgres_url(pg_url)
+    async with geste.App(pg_url, run_worker=False) as app:
+        conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
+        try:
+            now = time.time()
+            await conn.execute(
+                "INSERT INTO geste_instances"
+                " (instance_id, workflow_name, status, input, created_at, updated_at, run_at) VALUES"
+                " ('x1', 'x', 'pending', '[]', $1::float8, $1::float8, $1::float8 - 2),"
+                " ('y1', 'y', 'pending', '[]', $1::float8, $1::float8, $1::float8 - 1)",
+                now,
+            )
+            claim = schema_queries(options["schema"])["claim"]
+            async with conn.transaction():
+                rows = await conn.fetch(claim, "A", "a/", now, now + 60, 1, now, ["x", "y"])
+                assert [r[0] for r in rows if r[0] is not None] == ["x1"]
+                taken = await app.storage.claim("B", now, now + 60, 10, workflows=["x", "y"])
+                assert [c.lease.instance_id for c in taken] == ["y1"]
+        finally:
+            await conn.close()
+
+
 async def test_a_claim_reads_only_its_own_workflows_index_range_on_sqlite(tmp_path: Path) -> None:
     """The same seeded table on SQLite: ``claim_pick`` and ``next_run_after`` (run once per registered
     name) and ``runnable_workflows`` search ``geste_instances_runnable_by_name`` and never scan the table;

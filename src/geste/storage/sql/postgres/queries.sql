@@ -154,34 +154,42 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 -- name: claim
 -- FOR UPDATE SKIP LOCKED: concurrent claimers take disjoint sets without waiting on each other.
 -- Each claimed instance comes back with its history (JSON), so a wake-up costs one round trip, not two.
--- One more row, with a NULL instance_id, is no claim: its run_at is the next one after $6 among free instances (read in the same
--- snapshot, so the instances just picked, still free there, are not counted), for the worker's sleep.
+-- One more row, with a NULL instance_id, is no claim: its run_at is the next one after $6 among free
+-- instances (read in the same snapshot, so the instances just picked, still free there, are not counted),
+-- for the worker's sleep.
 -- expired_at: when the previous lease of an instance taken over (expired, not released) ran out; else NULL.
 -- Only the workflows the worker registers ($7), of a status this version knows: per name, the head of
--- its range of geste_instances_runnable_by_name (workflow_name, run_at), locked as it is read (SKIP LOCKED
--- skips what another claim holds and reads on), then the earliest $5 of all. It reads at most $5 rows per
--- name, however many instances of other workflows are due; when more than $5 are due in all, the rows
--- locked past the $5 taken are free again at commit.
+-- its range of geste_instances_runnable_by_name (workflow_name, run_at), at most $5 rows, then the earliest
+-- $5 of all ("wanted"), which alone are locked, SKIP LOCKED, their conditions checked again under the lock.
+-- It reads at most $5 rows per name, however many instances of other workflows are due, and locks no row
+-- it does not take: a wanted row skipped is one another claim is taking (it takes every row it locks), so
+-- a concurrent claimer never comes back short because of rows locked and then left.
 -- The planner cannot tell how many rows a name has (it comes from $7), and "workflow_name = n.name ORDER BY
 -- run_at" lets it walk geste_instances_runnable (run_at) instead, filtering on the name: through every due
 -- instance of the other workflows before the first of this one. So the name is matched with = ANY(ARRAY[..])
 -- (no equivalence class: the ORDER BY keeps workflow_name) and the order is (workflow_name, run_at), which
--- only geste_instances_runnable_by_name gives; the UPDATE finds its rows by key (= ANY(ARRAY(..))), not
--- by a join whose size a generic plan guesses from LIMIT $5 (a hash join over the whole table).
+-- only geste_instances_runnable_by_name gives; rows are found by key (= ANY(ARRAY(..))), not by a join
+-- whose size a generic plan guesses from LIMIT $5 (a hash join over the whole table).
 WITH heads AS (
-    SELECT h.instance_id, h.run_at, h.expired_at
+    SELECT h.instance_id, h.run_at
     FROM unnest($7::text[]) AS n(name)
     CROSS JOIN LATERAL (
-        SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+        SELECT instance_id, run_at
         FROM {schema}.geste_instances
         WHERE workflow_name = ANY(ARRAY[n.name]) AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
           AND status IN ('pending', 'running', 'waiting', 'compensating')
         ORDER BY workflow_name, run_at
         LIMIT $5
-        FOR UPDATE SKIP LOCKED
     ) AS h
+), wanted AS MATERIALIZED (
+    SELECT instance_id FROM heads ORDER BY run_at LIMIT $5
 ), picked AS (
-    SELECT instance_id, expired_at FROM heads ORDER BY run_at LIMIT $5
+    SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+    FROM {schema}.geste_instances
+    WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM wanted))
+      AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE {schema}.geste_instances AS i
     SET locked_by = $1,
@@ -197,7 +205,8 @@ WITH heads AS (
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
          FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
- FROM claimed c JOIN picked p ON p.instance_id = c.instance_id)
+ FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
+ ORDER BY c.run_at)
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at), NULL, NULL
 FROM unnest($7::text[]) AS w(name)
