@@ -83,6 +83,7 @@ class Worker:
         self._stopping = False
         self._claim_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._reports: set[asyncio.Task[None]] = set()
         self.health: str | None = None
         """None while every loop of this process runs; else why one ended (shown in the registry)."""
 
@@ -114,7 +115,11 @@ class Worker:
         if self._stopping:
             return
         self.health = reason if self.health is None else f"{self.health}; {reason}"
-        asyncio.get_running_loop().create_task(self._report_health(), name=f"geste-health-{self.worker_id}")
+        task = asyncio.get_running_loop().create_task(
+            self._report_health(), name=f"geste-health-{self.worker_id}"
+        )
+        self._reports.add(task)  # held until done: the loop keeps only a weak reference to a task
+        task.add_done_callback(self._reports.discard)
 
     async def _report_health(self) -> None:
         try:

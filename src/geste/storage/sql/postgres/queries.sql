@@ -213,6 +213,7 @@ FROM unnest($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.geste_instances
     WHERE workflow_name = ANY(ARRAY[w.name]) AND run_at > $6 AND lease_id IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY workflow_name, run_at LIMIT 1
 ) AS n;
 

@@ -214,7 +214,9 @@ WHERE instance_id = :instance_id AND status IN ('waiting', 'running')
 -- name: next_run_after
 -- After a claim that took less than it asked for, in its transaction: how long the worker may sleep.
 -- One probe of geste_instances_runnable_by_name per registered workflow (:name).
-SELECT MIN(run_at) FROM geste_instances WHERE workflow_name = :name AND run_at > :due AND lease_id IS NULL;
+SELECT MIN(run_at) FROM geste_instances
+WHERE workflow_name = :name AND run_at > :due AND lease_id IS NULL
+  AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: next_run_at
 SELECT MIN(run_at) FROM geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL;
