@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -109,3 +109,43 @@ async def restart_postgres(url: str) -> None:
     )
     if await process.wait() != 0:
         raise AssertionError(f"pg_ctlcluster {version} {name} restart failed")
+
+
+async def database_at_version(url: str, version: int, statements: Sequence[str] = ()) -> None:
+    """Make the empty database of ``url`` what an older geste left: its migrations up to ``version``
+    applied as they were, its meta rows, then ``statements`` (``{t}`` in each is the tables' prefix: the
+    quoted schema and a dot on PostgreSQL, nothing on SQLite)."""
+    from geste.storage._sql import load_migrations
+
+    if url.startswith("sqlite"):
+        scripts = [script for number, script in load_migrations("sqlite") if number <= version]
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            for script in scripts:
+                conn.executescript(script)
+            meta = [("application", "geste"), ("schema_version", str(version))]
+            conn.executemany("INSERT INTO geste_meta VALUES (?, ?)", meta)
+            for statement in statements:
+                conn.execute(statement.format(t=""))
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    import asyncpg
+
+    from geste.storage.postgres import parse_postgres_url
+
+    dsn, options = parse_postgres_url(url)
+    schema = f'"{options["schema"]}"'
+    scripts = [script for number, script in load_migrations("postgres") if number <= version]
+    pg = await asyncpg.connect(dsn)
+    try:
+        async with pg.transaction():
+            for script in scripts:
+                await pg.execute(script.replace("{schema}", schema))
+            meta = f"('application', 'geste'), ('schema_version', '{version}')"
+            await pg.execute(f"INSERT INTO {schema}.geste_meta VALUES {meta}")
+            for statement in statements:
+                await pg.execute(statement.format(t=schema + "."))
+    finally:
+        await pg.close()

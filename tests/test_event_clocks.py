@@ -10,22 +10,17 @@ is sent right after the start, while the instance runs an activity, or while it 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-import asyncpg
 import pytest
 
 import geste
-from geste.storage._sql import load_migrations
 from geste.storage.base import NewEvent
-from geste.storage.postgres import parse_postgres_url
 
-from .conftest import POSTGRES_URL
-from .support import raw_query, wait_status, wait_until
+from .support import database_at_version, raw_query, wait_status, wait_until
 
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
@@ -154,7 +149,6 @@ async def test_schema_8_gives_the_instances_that_may_still_wait_the_floor_of_the
     """An upgraded database: each instance that may still wait gets as its floor the highest seq of the
     events sent before it was created (by the old rule's timestamps), and a registered wait keeps it;
     finished instances are left alone. The waiting instance then takes a new event, not an old one."""
-    name = "sqlite" if db_url.startswith("sqlite") else "postgres"
     rows = [
         "INSERT INTO {t}geste_events (event_id, event_type, data, created_at) VALUES ('e1', 'x', '1', 10.0)",
         "INSERT INTO {t}geste_events (event_id, event_type, data, created_at) VALUES ('e2', 'x', '2', 30.0)",
@@ -168,33 +162,7 @@ async def test_schema_8_gives_the_instances_that_may_still_wait_the_floor_of_the
         "INSERT INTO {t}geste_event_waits (instance_id, event_type, since, outcome_seq) "
         "VALUES ('waiting', 'x', 25.0, 2)",
     ]
-    migrations = [script for version, script in load_migrations(name) if version <= 7]
-    if name == "sqlite":
-        conn = sqlite3.connect(db_url.removeprefix("sqlite:///"))
-        try:
-            for script in migrations:
-                conn.executescript(script)
-            conn.executemany(
-                "INSERT INTO geste_meta VALUES (?, ?)", [("application", "geste"), ("schema_version", "7")]
-            )
-            for row in rows:
-                conn.execute(row.format(t=""))
-            conn.commit()
-        finally:
-            conn.close()
-    else:
-        schema = f'"{parse_postgres_url(db_url)[1]["schema"]}"'
-        pg = await asyncpg.connect(POSTGRES_URL)
-        try:
-            async with pg.transaction():
-                for script in migrations:
-                    await pg.execute(script.replace("{schema}", schema))
-                meta = "('application', 'geste'), ('schema_version', '7')"
-                await pg.execute(f"INSERT INTO {schema}.geste_meta VALUES {meta}")
-                for row in rows:
-                    await pg.execute(row.format(t=schema + "."))
-        finally:
-            await pg.close()
+    await database_at_version(db_url, 7, rows)
 
     async with geste.App(db_url, run_worker=False) as app:
         floors = await raw_query(db_url, "SELECT instance_id, event_floor FROM geste_instances")

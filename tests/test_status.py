@@ -22,17 +22,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from click.testing import Result
 
 import geste
-from geste.storage._sql import load_migrations
 from geste.storage.base import HistoryRow, Lease, NewInstance
-from geste.storage.postgres import parse_postgres_url
 from geste.storage.sqlite import SCHEMA_VERSION
-from tests.conftest import POSTGRES_URL, die_with_parent
-from tests.support import raw_query, run_cli
+from tests.conftest import die_with_parent
+from tests.support import database_at_version, raw_query, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.apps.cli_app:app"  # lock_timeout=2.0: heartbeats every 0.67 s, stale after 6 s
@@ -383,35 +380,11 @@ async def test_the_status_of_a_closed_app_is_refused(db_url: str) -> None:
 
 # -- migration from version 1 ----------------------------------------------------------------------------
 async def test_a_version_1_database_is_upgraded_on_open(db_url: str, tmp_path: Path) -> None:
-    name = backend(db_url)
-    version_1 = dict(load_migrations(name))[1]
     insert_old = (
         "INSERT INTO {t}geste_instances (instance_id, workflow_name, status, input, created_at, updated_at) "
         "VALUES ('old', 'wf', 'pending', '{{}}', 1.0, 1.0)"
     )
-    if name == "sqlite":
-        path = db_url.removeprefix("sqlite:///")
-        conn = sqlite3.connect(path)
-        try:
-            conn.executescript(version_1)
-            conn.executemany(
-                "INSERT INTO geste_meta VALUES (?, ?)", [("application", "geste"), ("schema_version", "1")]
-            )
-            conn.execute(insert_old.format(t=""))
-            conn.commit()
-        finally:
-            conn.close()
-    else:
-        schema = f'"{parse_postgres_url(db_url)[1]["schema"]}"'
-        pg = await asyncpg.connect(POSTGRES_URL)
-        try:
-            async with pg.transaction():
-                await pg.execute(version_1.replace("{schema}", schema))
-                meta = "('application', 'geste'), ('schema_version', '1')"
-                await pg.execute(f"INSERT INTO {schema}.geste_meta VALUES {meta}")
-                await pg.execute(insert_old.format(t=schema + "."))
-        finally:
-            await pg.close()
+    await database_at_version(db_url, 1, [insert_old])
 
     assert SCHEMA_VERSION >= 2
     async with geste.App(db_url, run_worker=False) as app:
