@@ -16,6 +16,26 @@ from .support import raw_query, wait_until
 MakeApp = Callable[..., geste.App]
 
 
+def answer_once_stopping(app: geste.App, method: str, part: str) -> asyncio.Event:
+    """Make ``app.storage.<method>`` (a claim) answer, when it took something, only once the App's
+    ``part`` (``_worker`` or ``_relay``) is stopping: a claim in flight when the App closes. The event
+    returned is set when such a claim has committed."""
+    real = getattr(app.storage, method)
+    claimed = asyncio.Event()
+
+    async def late(*args: Any, **kwargs: Any) -> Any:
+        owner = getattr(app, part)
+        assert owner is not None
+        claims = await real(*args, **kwargs)
+        if claims:
+            claimed.set()
+            await wait_until(lambda: owner._stopping, f"{part} to stop", timeout=30)
+        return claims
+
+    setattr(app.storage, method, late)
+    return claimed
+
+
 async def test_a_claim_in_flight_when_the_app_closes_is_handed_back(make_app: MakeApp, db_url: str) -> None:
     """The claim has committed (the instances are leased) but its answer is not back when close() is
     called: the worker waits for the round to end and hands the instances back at once."""
@@ -25,19 +45,7 @@ async def test_a_claim_in_flight_when_the_app_closes_is_handed_back(make_app: Ma
     async def flow(ctx: geste.WorkflowContext, n: int) -> int:
         return n
 
-    real = worker.storage.claim
-    claimed = asyncio.Event()
-
-    async def claim(*args: Any, **kwargs: Any) -> Any:
-        running = worker._worker
-        assert running is not None
-        claims = await real(*args, **kwargs)
-        if claims:
-            claimed.set()
-            await wait_until(lambda: running._stopping, "the worker to stop", timeout=30)
-        return claims
-
-    worker.storage.claim = claim  # type: ignore[method-assign]
+    claimed = answer_once_stopping(worker, "claim", "_worker")
     client = make_app(run_worker=False)
     client.workflow(flow.fn)
     async with client:
@@ -72,19 +80,7 @@ async def test_a_relay_claim_in_flight_when_the_app_closes_gives_its_events_back
     async def emit(ctx: geste.WorkflowContext) -> str:
         return await ctx.send_event("thing.done", {"n": 1})
 
-    real = app.storage.outbox_claim
-    claimed = asyncio.Event()
-
-    async def outbox_claim(*args: Any, **kwargs: Any) -> Any:
-        relay = app._relay
-        assert relay is not None
-        claims = await real(*args, **kwargs)
-        if claims:
-            claimed.set()
-            await wait_until(lambda: relay._stopping, "the relay to stop", timeout=30)
-        return claims
-
-    app.storage.outbox_claim = outbox_claim  # type: ignore[method-assign]
+    claimed = answer_once_stopping(app, "outbox_claim", "_relay")
     await app.open()
     try:
         event_id = await (await emit.start()).result(timeout=10)
