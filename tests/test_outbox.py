@@ -793,6 +793,34 @@ async def test_relay_is_poked_locally_and_wakes_at_the_next_attempt(make_app: Ma
         assert 0.28 <= second.at - first.at < 2
 
 
+async def test_a_full_relay_looks_again_as_soon_as_a_delivery_ends(
+    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay with every slot taken skips its rounds; the first delivery to end must start one, even when
+    its instance has nothing more to send: the due events of other instances wait for that slot (they
+    waited for the next poll, here a minute, once per batch: a backlog went out a batch per poll)."""
+    import geste._outbox
+
+    monkeypatch.setattr(geste._outbox, "MAX_IN_FLIGHT", 2)
+    gate = asyncio.Event()
+    received: list[str] = []
+
+    async def handler(event: geste.OutboxEvent) -> None:
+        await gate.wait()
+        received.append(event.event_id)
+
+    app = make_app(outbox_handler=handler, poll_interval=60, notify_fallback_interval=60, lock_timeout=60)
+    emit = register(app)
+    async with app:
+        handles = [await emit.start_with_id(f"full-{n}", 1) for n in range(5)]  # one event each
+        for handle in handles:
+            await handle.result(timeout=10)
+        await until(lambda: len(relay_of(app)._inflight) == 2, what="the relay full")
+        assert len(await app.outbox(status="pending")) == 5  # three of them due, not claimed
+        gate.set()
+        await until(lambda: len(received) == 5, timeout=5, what="all delivered without waiting for a poll")
+
+
 async def test_outbox_pending_notification_wakes_the_relay_of_another_process(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

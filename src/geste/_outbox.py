@@ -344,6 +344,8 @@ class Relay:
         self._client: Any = None
         self._stopping = False
         self._local: set[str] = set()
+        self._full = False
+        """A round found no free slot: the next delivery to end pokes, whatever its mark says."""
 
     # -- life cycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -445,7 +447,8 @@ class Relay:
         interval = self._interval()
         free = MAX_IN_FLIGHT - len(self._inflight)
         if free <= 0:
-            return interval  # a finishing delivery pokes
+            self._full = True  # the next delivery to end pokes
+            return interval
         if not poked:  # a poll: one read tells whether anything is due, before taking a write lock
             due = await self.storage.outbox_next_attempt_at()
             if due is None or due > self.clock():
@@ -523,8 +526,11 @@ class Relay:
             current = self._inflight.get(claim.event_id)
             if current is not None and current[0] is claim:
                 del self._inflight[claim.event_id]
-            if look_again:
-                self.poke()  # the instance's next event may be claimable now, or a retry is due sooner
+            if look_again or self._full:
+                # the instance's next event may be claimable now, or a retry is due sooner; or the relay
+                # was full and skipped a round: due events of other instances wait for this free slot
+                self._full = False
+                self.poke()
 
     async def _send(self, claim: OutboxClaim) -> str | None:
         """One attempt; None when delivered, else what went wrong."""
