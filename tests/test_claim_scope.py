@@ -333,7 +333,8 @@ async def test_a_claim_reads_only_its_own_workflows_index_range_on_postgres(
             await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
             cases = {
                 # worker_id, lease prefix, now, lock_expires_at, limit, due (now + lookahead), names
-                "claim": ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, ["mine"]),
+                "claim": ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, "mine"),
+                "claim_names": ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, ["mine", "mine2"]),
                 "runnable_workflows": (now, UNSERVED_CAP, 1000),
             }
             for name, params in cases.items():
@@ -354,7 +355,7 @@ async def test_a_claim_reads_only_its_own_workflows_index_range_on_postgres(
                 assert not any(node["Node Type"] == "Seq Scan" for node in on_table), shown
                 assert any(n.get("Index Name") == "geste_instances_runnable_by_name" for n in on_table), shown
                 read = instances_read(nodes)
-                if name == "claim":  # MINE claimed, the next run_at: not OTHERS, not MINE_LATER
+                if name.startswith("claim"):  # MINE claimed, the next run_at: not OTHERS, not MINE_LATER
                     assert read < 100, shown
                 else:  # each name's count stops at the cap: `other` reads UNSERVED_CAP rows, `mine` its own
                     assert read < UNSERVED_CAP + 100, shown
@@ -421,7 +422,7 @@ async def test_a_concurrent_claim_gets_what_another_claim_wanted_but_not(pg_url:
                 " ('y1', 'y', 'pending', '[]', $1::float8, $1::float8, $1::float8 - 1)",
                 now,
             )
-            claim = schema_queries(options["schema"])["claim"]
+            claim = schema_queries(options["schema"])["claim_names"]
             async with conn.transaction():
                 rows = await conn.fetch(claim, "A", "a/", now, now + 60, 1, now, ["x", "y"])
                 assert [r[0] for r in rows if r[0] is not None] == ["x1"]

@@ -175,12 +175,11 @@ class _Finish:
 
 
 def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
-    """The history rows of a batch, each with its instance's lease, as the arrays that follow the
-    per-instance ones."""
+    """The history rows of a batch (one item per instance), as the arrays that follow the per-instance
+    ones."""
     rows = [(item.lease, r) for item in batch for r in item.records]
     return (
         [lease.instance_id for lease, _ in rows],
-        [lease.lease_id for lease, _ in rows],
         [r.seq for _, r in rows],
         [r.kind for _, r in rows],
         [r.name for _, r in rows],
@@ -218,6 +217,18 @@ def _finish_columns(batch: Sequence[_Finish]) -> tuple[list[Any], ...]:
 
 
 _BatchItem = TypeVar("_BatchItem", _Record, _Finish)
+
+
+def _merge_records(first: _Record, then: _Record) -> _Record:
+    """Two step commits of one instance under one lease (the branches of a gather) as one, applied in
+    turn: the rows of both, the later expiry and time, the last status given."""
+    return _Record(
+        first.lease,
+        first.records + then.records,
+        max(first.now, then.now),
+        max(first.lock_expires_at, then.lock_expires_at),
+        then.status if then.status is not None else first.status,
+    )
 
 
 async def _outcome(call: Awaitable[_T]) -> _T | BaseException:
@@ -515,14 +526,14 @@ class PostgresStorage(Storage):
 
         async def go(conn: Conn) -> Claims:
             rows = await conn.fetch(
-                self._q["claim"],
+                self._q["claim" if len(names) == 1 else "claim_names"],
                 worker_id,
                 f"{uuid.uuid4().hex[:12]}/",
                 now,
                 lock_expires_at,
                 limit,
                 due,
-                names,
+                names[0] if len(names) == 1 else names,
             )
             claims, later = Claims(), None
             for r in rows:
@@ -596,6 +607,7 @@ class PostgresStorage(Storage):
             "record_batch",
             _record_columns,
             lambda row: StepResult(cancel_requested=row[2]),
+            _merge_records,
         )
 
     async def _in_one_statement(
@@ -605,25 +617,42 @@ class PostgresStorage(Storage):
         query: str,
         columns: Callable[[Sequence[_BatchItem]], tuple[list[Any], ...]],
         outcome: Callable[[Any], _T],
+        merge: Callable[[_BatchItem, _BatchItem], _BatchItem] | None = None,
     ) -> list[_T | BaseException]:
         """A group commit's batch: one item goes alone (``one``), several in the statement ``query``, which
-        returns a row (instance id and lease id first) for each lease that held. A batch that fails for any
-        other reason than a lost connection (a deadlock, say) is split up, so one instance's trouble never
-        fails its neighbours' writes."""
+        returns a row (instance id and lease id first) for each lease that held. The statement takes each
+        instance once (an ``UPDATE ... FROM`` applies one input row per target row): an instance's items
+        under one lease are ``merge``d first; one under another lease (a lease lost and taken again) goes
+        alone after it. A batch that fails for any other reason than a lost connection (a deadlock, say)
+        is split up, so one instance's trouble never fails its neighbours' writes."""
         if len(batch) == 1:
             return [await _outcome(one(batch[0]))]
+        by_instance: dict[str, _BatchItem] = {}
+        alone: list[int] = []
+        for n, item in enumerate(batch):
+            seen = by_instance.get(item.lease.instance_id)
+            if seen is None:
+                by_instance[item.lease.instance_id] = item
+            elif merge is not None and seen.lease == item.lease:
+                by_instance[item.lease.instance_id] = merge(seen, item)
+            else:
+                alone.append(n)
+        together = list(by_instance.values())
         try:
             self.step_commits += 1
-            found = await self._run(lambda conn: conn.fetch(self._q[query], *columns(batch)))
+            found = await self._run(lambda conn: conn.fetch(self._q[query], *columns(together)))
         except StorageError as exc:
             if _is_connection_loss(exc.__cause__ or exc):
                 raise
             return [await _outcome(one(item)) for item in batch]
         held = {Lease(row[0], row[1]): row for row in found}
-        return [
+        results: list[_T | BaseException] = [
             outcome(held[item.lease]) if item.lease in held else LeaseLost(item.lease.instance_id)
             for item in batch
         ]
+        for n in alone:
+            results[n] = await _outcome(one(batch[n]))
+        return results
 
     async def _record_one(self, item: _Record) -> StepResult:
         self.step_commits += 1

@@ -152,27 +152,68 @@ SELECT count(pg_notify('geste_workflow_resumable',
 FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 
 -- name: claim
--- FOR UPDATE SKIP LOCKED: concurrent claimers take disjoint sets without waiting on each other.
--- Each claimed instance comes back with its history (JSON), so a wake-up costs one round trip, not two.
--- One more row, with a NULL instance_id, is no claim: its run_at is the next one after $6 among free
--- instances (read in the same snapshot, so the instances just picked, still free there, are not counted),
--- for the worker's sleep.
+-- The claim of a worker that registers one workflow ($7, a name), the common case; `claim_names` is the
+-- same for several. FOR UPDATE SKIP LOCKED: concurrent claimers take disjoint sets without waiting on
+-- each other. Each claimed instance comes back with its history (JSON), so a wake-up costs one round
+-- trip, not two. One more row, with a NULL instance_id, is no claim: its run_at is the next one after $6
+-- among free instances (read in the same snapshot, so the instances just picked, still free there, are
+-- not counted), for the worker's sleep.
 -- expired_at: when the previous lease of an instance taken over (expired, not released) ran out; else NULL.
--- Only the workflows the worker registers ($7), of a status this version knows: per name, the head of
--- its range of geste_instances_runnable_by_name (workflow_name, run_at), at most $5 rows, then the earliest
--- $5 of all ("wanted"), which alone are locked, SKIP LOCKED, their conditions checked again under the lock.
--- It reads at most $5 rows per name, however many instances of other workflows are due, and locks no row
--- it does not take: a wanted row skipped is one another claim is taking (it takes every row it locks), so
--- a concurrent claimer never comes back short because of rows locked and then left.
--- The planner cannot tell how many rows a name has (it comes from $7), and "workflow_name = n.name ORDER BY
+-- Of a status this version knows, the head of the name's range of geste_instances_runnable_by_name
+-- (workflow_name, run_at), locked as it is read, at most $5: every row it locks it takes. It reads what is
+-- due of this workflow only, however many instances of other workflows are due.
+-- The planner cannot tell how many rows a name has (it is a parameter), and "workflow_name = $7 ORDER BY
 -- run_at" lets it walk geste_instances_runnable (run_at) instead, filtering on the name: through every due
 -- instance of the other workflows before the first of this one. So the name is matched with = ANY(ARRAY[..])
 -- (no equivalence class: the ORDER BY keeps workflow_name) and the order is (workflow_name, run_at), which
--- only geste_instances_runnable_by_name gives; rows are found by key (= ANY(ARRAY(..))), not by a join
--- whose size a generic plan guesses from LIMIT $5 (a hash join over the whole table).
+-- only geste_instances_runnable_by_name gives. The UPDATE finds its rows by key (= ANY(ARRAY(..))), not by
+-- a join whose size a generic plan guesses from LIMIT $5 (a hash join over the whole table).
+WITH picked AS (
+    SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+    FROM {schema}.geste_instances
+    WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY workflow_name, run_at
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {schema}.geste_instances AS i
+    SET locked_by = $1,
+        lease_id = $2 || i.instance_id,
+        lock_expires_at = $4,
+        status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
+        updated_at = $3
+    WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
+              i.run_at
+)
+(SELECT c.*, p.expired_at,
+        (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
+                         ORDER BY h.seq)
+         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
+ FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
+ ORDER BY c.run_at)
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       (SELECT run_at FROM {schema}.geste_instances
+        WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at > $6 AND lease_id IS NULL
+          AND status IN ('pending', 'running', 'waiting', 'compensating')
+        ORDER BY workflow_name, run_at LIMIT 1),
+       NULL, NULL;
+
+-- name: claim_names
+-- `claim` for a worker that registers several workflows ($7, their names), with the same result. Per
+-- name, the head of its range of geste_instances_runnable_by_name, at most $5 rows, read without a lock;
+-- then the earliest $5 of all ("wanted"), which alone are locked, SKIP LOCKED, their conditions checked
+-- again under the lock, and taken. It reads at most $5 rows per name, however many instances of other
+-- workflows are due, and locks no row it does not take: a wanted row skipped is one another claim is
+-- taking, so a concurrent claimer never comes back short because of rows locked and then left (locking a
+-- head per name and keeping the earliest did that). The names come through geste_names (schema 9), a set
+-- function the planner counts as one row: through unnest it counts ten, which made every generic plan
+-- look ten times dearer than a custom one, and the statement was planned again at every call.
 WITH heads AS (
     SELECT h.instance_id, h.run_at
-    FROM unnest($7::text[]) AS n(name)
+    FROM {schema}.geste_names($7::text[]) AS n(name)
     CROSS JOIN LATERAL (
         SELECT instance_id, run_at
         FROM {schema}.geste_instances
@@ -209,7 +250,7 @@ WITH heads AS (
  ORDER BY c.run_at)
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at), NULL, NULL
-FROM unnest($7::text[]) AS w(name)
+FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.geste_instances
     WHERE workflow_name = ANY(ARRAY[w.name]) AND run_at > $6 AND lease_id IS NULL
@@ -269,23 +310,17 @@ WITH lease AS (
 SELECT cancel_requested FROM lease;
 
 -- name: record_batch
--- Group commit: the step commits of several instances (each with its own lease) in one statement. An
--- instance's rows are appended only where its lease is proven and renewed; the instance rows are locked
--- in instance_id order, so two batches never wait on each other in a cycle. One instance may come more
--- than once (the branches of a gather each commit): an UPDATE ... FROM applies one input row per target
--- row, so its commits are merged first, as if applied in turn (steps added up, the latest expiry, the
--- last status given). Returns the leases that held.
+-- Group commit: the step commits of several instances (each with its own lease) in one statement, each
+-- instance once (the storage merges an instance's commits under one lease first: an UPDATE ... FROM
+-- applies one input row per target row). An instance's rows are appended only where its lease is proven
+-- and renewed; the instance rows are locked in instance_id order, so two batches never wait on each other
+-- in a cycle. Returns the leases that held.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::double precision[], $4::double precision[],
-                         $5::text[], $6::integer[]) WITH ORDINALITY
-        AS i(instance_id, lease_id, lock_expires_at, now, status, added, n)
-), merged AS (
-    SELECT instance_id, lease_id, max(lock_expires_at) AS lock_expires_at, max(now) AS now,
-           (array_agg(status ORDER BY n DESC) FILTER (WHERE status IS NOT NULL))[1] AS status,
-           sum(added)::integer AS added
-    FROM input GROUP BY instance_id, lease_id
+                         $5::text[], $6::integer[])
+        AS i(instance_id, lease_id, lock_expires_at, now, status, added)
 ), locked AS (
-    SELECT g.instance_id FROM {schema}.geste_instances g JOIN merged i USING (instance_id)
+    SELECT g.instance_id FROM {schema}.geste_instances g JOIN input i USING (instance_id)
     WHERE g.lease_id = i.lease_id
     ORDER BY g.instance_id
     FOR UPDATE OF g
@@ -293,17 +328,16 @@ WITH input AS (
     UPDATE {schema}.geste_instances g
     SET lock_expires_at = i.lock_expires_at, updated_at = i.now, steps = g.steps + i.added,
         status = COALESCE(i.status, g.status)
-    FROM merged i
+    FROM input i
     WHERE g.instance_id = i.instance_id AND g.lease_id = i.lease_id
       AND g.instance_id IN (SELECT instance_id FROM locked)
     RETURNING g.instance_id, i.lease_id, g.cancel_requested
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
-    SELECT r.instance_id, r.seq, r.kind, r.name, r.payload, r.is_error, r.created_at
-    FROM unnest($7::text[], $8::text[], $9::integer[], $10::text[], $11::text[], $12::text[],
-                $13::boolean[], $14::double precision[])
-        AS r(instance_id, lease_id, seq, kind, name, payload, is_error, created_at)
-    WHERE (r.instance_id, r.lease_id) IN (SELECT instance_id, lease_id FROM lease)
+    SELECT r.* FROM unnest($7::text[], $8::integer[], $9::text[], $10::text[], $11::text[],
+                           $12::boolean[], $13::double precision[])
+        AS r(instance_id, seq, kind, name, payload, is_error, created_at)
+    WHERE r.instance_id IN (SELECT instance_id FROM lease)
 )
 SELECT instance_id, lease_id, cancel_requested FROM lease;
 
@@ -373,8 +407,8 @@ SELECT count(*) FROM done;
 
 -- name: finish_batch
 -- Group commit of ends: several instances' outcomes in one statement, each under its own lease (locked
--- in instance_id order, as record_batch). An instance ends once per lease, so a lease comes at most once
--- here; another lease of the same instance (gone) matches nothing. Returns the leases that held.
+-- in instance_id order, as record_batch), each instance once (the storage sends another lease of an
+-- instance in a batch alone). Returns the leases that held.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::double precision[], $7::integer[])
@@ -394,11 +428,10 @@ WITH input AS (
     RETURNING g.instance_id, i.lease_id
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
-    SELECT r.instance_id, r.seq, r.kind, r.name, r.payload, r.is_error, r.created_at
-    FROM unnest($8::text[], $9::text[], $10::integer[], $11::text[], $12::text[], $13::text[],
-                $14::boolean[], $15::double precision[])
-        AS r(instance_id, lease_id, seq, kind, name, payload, is_error, created_at)
-    WHERE (r.instance_id, r.lease_id) IN (SELECT instance_id, lease_id FROM done)
+    SELECT r.* FROM unnest($8::text[], $9::integer[], $10::text[], $11::text[], $12::text[],
+                           $13::boolean[], $14::double precision[])
+        AS r(instance_id, seq, kind, name, payload, is_error, created_at)
+    WHERE r.instance_id IN (SELECT instance_id FROM done)
 ), timers AS (
     DELETE FROM {schema}.geste_timers WHERE instance_id IN (SELECT instance_id FROM done)
 ), waits AS (
