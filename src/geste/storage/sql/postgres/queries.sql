@@ -162,11 +162,11 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 -- Of a status this version knows, the head of the name's range of geste_instances_runnable_by_name
 -- (workflow_name, run_at), locked as it is read, at most $5: every row it locks it takes. It reads what is
 -- due of this workflow only, however many instances of other workflows are due.
--- The planner cannot tell how many rows a name has (it is a parameter), and "workflow_name = $7 ORDER BY
--- run_at" lets it walk geste_instances_runnable (run_at) instead, filtering on the name: through every due
+-- The planner cannot tell how many rows a name has (it is a parameter): with "workflow_name = $7 ORDER BY
+-- run_at" it walked an index on run_at (schema 8 had one), filtering on the name, through every due
 -- instance of the other workflows before the first of this one. So the name is matched with = ANY(ARRAY[..])
 -- (no equivalence class: the ORDER BY keeps workflow_name) and the order is (workflow_name, run_at), which
--- only geste_instances_runnable_by_name gives. The UPDATE finds its rows by key (= ANY(ARRAY(..))), not by
+-- only geste_instances_runnable_by_name gives, whatever other index a later schema adds. The UPDATE finds its rows by key (= ANY(ARRAY(..))), not by
 -- a join whose size a generic plan guesses from LIMIT $5 (a hash join over the whole table).
 WITH picked AS (
     SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
@@ -520,7 +520,18 @@ SELECT instance_id,
 FROM woken;
 
 -- name: next_run_at
-SELECT min(run_at) FROM {schema}.geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL;
+-- One probe of geste_instances_runnable_by_name per distinct workflow name with a run_at (a loose scan).
+WITH RECURSIVE names(name) AS (
+    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    FROM names n WHERE n.name IS NOT NULL
+)
+SELECT min((SELECT i.run_at FROM {schema}.geste_instances i
+            WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at IS NOT NULL AND i.lease_id IS NULL
+            ORDER BY i.workflow_name, i.run_at LIMIT 1))
+FROM names n WHERE n.name IS NOT NULL;
 
 -- name: upsert_worker
 -- Registration and every heartbeat: one statement (a HOT update: no index covers what it changes). A
@@ -552,10 +563,21 @@ FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 SELECT status, count(*) FROM {schema}.geste_instances GROUP BY status;
 
 -- name: count_runnable
--- What a claim at $1 could take; through geste_instances_runnable (run_at), so it reads the instances
--- that are runnable or running, never the finished or the waiting ones.
-SELECT count(*) FROM {schema}.geste_instances
-WHERE run_at <= $1 AND (lease_id IS NULL OR lock_expires_at <= $1);
+-- What claims at $1 could take (a status this version runs); per distinct workflow name with a run_at
+-- (a loose scan of geste_instances_runnable_by_name), its range up to $1: it reads the instances that
+-- are runnable or running, never the finished ones nor those waiting for later.
+WITH RECURSIVE names(name) AS (
+    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    FROM names n WHERE n.name IS NOT NULL
+)
+SELECT coalesce(sum((SELECT count(*) FROM {schema}.geste_instances i
+                     WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at <= $1
+                       AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
+                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)::bigint
+FROM names n WHERE n.name IS NOT NULL;
 
 -- name: held_leases
 -- A lease is only ever held by a running or compensating instance (claims and local starts make it

@@ -219,7 +219,17 @@ WHERE workflow_name = :name AND run_at > :due AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: next_run_at
-SELECT MIN(run_at) FROM geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL;
+-- One probe of geste_instances_runnable_by_name per distinct workflow name with a run_at (a loose scan).
+WITH RECURSIVE names(name) AS (
+    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(i.workflow_name) FROM geste_instances i
+            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    FROM names n WHERE n.name IS NOT NULL
+)
+SELECT min((SELECT min(i.run_at) FROM geste_instances i
+            WHERE i.workflow_name = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL))
+FROM names n WHERE n.name IS NOT NULL;
 
 -- name: upsert_worker
 -- Registration and every heartbeat: one statement. A worker id seen again (a restart) starts afresh.
@@ -251,10 +261,21 @@ FROM geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT ?;
 SELECT status, count(*) FROM geste_instances GROUP BY status;
 
 -- name: count_runnable
--- What a claim at :now could take; through geste_instances_runnable (run_at), so it reads the instances
--- that are runnable or running, never the finished or the waiting ones.
-SELECT count(*) FROM geste_instances
-WHERE run_at <= :now AND (lease_id IS NULL OR lock_expires_at <= :now);
+-- What claims at :now could take (a status this version runs); per distinct workflow name with a run_at
+-- (a loose scan of geste_instances_runnable_by_name), its range up to :now: it reads the instances that
+-- are runnable or running, never the finished ones nor those waiting for later.
+WITH RECURSIVE names(name) AS (
+    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(i.workflow_name) FROM geste_instances i
+            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    FROM names n WHERE n.name IS NOT NULL
+)
+SELECT coalesce(sum((SELECT count(*) FROM geste_instances i
+                     WHERE i.workflow_name = n.name AND i.run_at <= :now
+                       AND (i.lease_id IS NULL OR i.lock_expires_at <= :now)
+                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)
+FROM names n WHERE n.name IS NOT NULL;
 
 -- name: held_leases
 -- A lease is only ever held by a running or compensating instance (claims and local starts make it
