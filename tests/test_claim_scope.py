@@ -279,6 +279,17 @@ FROM generate_series(1, $3::integer + $4::integer) AS g
 """
 
 
+async def assert_the_storage_takes_mine(app: geste.App, now: float) -> None:
+    """On a seeded table: the storage's own claim takes exactly the due instances of ``mine``, and
+    ``runnable_workflows`` counts ``other`` up to its cap."""
+    claims = await app.storage.claim("w1", now, now + 15.0, 100, due_before=now + 0.025, workflows=["mine"])
+    assert [c.lease.instance_id for c in claims] == [f"mine-{g}" for g in range(1, MINE + 1)]
+    assert claims.next_run_at == pytest.approx(now + 3600 + MINE + 1)
+    assert await app.storage.runnable_workflows(now, cap=UNSERVED_CAP, limit=1000) == [
+        ("other", UNSERVED_CAP)
+    ]
+
+
 def sql_literal(value: Any) -> str:
     """A parameter of the test's own making as SQL text (``EXPLAIN EXECUTE`` takes no ``$n``)."""
     if isinstance(value, str):
@@ -362,14 +373,7 @@ async def test_a_claim_reads_only_its_own_workflows_index_range_on_postgres(
         finally:
             await conn.close()
 
-        claims = await app.storage.claim(
-            "w1", now, now + 15.0, 100, due_before=now + 0.025, workflows=["mine"]
-        )
-        assert [c.lease.instance_id for c in claims] == [f"mine-{g}" for g in range(1, MINE + 1)]
-        assert claims.next_run_at == pytest.approx(now + 3600 + MINE + 1)
-        assert await app.storage.runnable_workflows(now, cap=UNSERVED_CAP, limit=1000) == [
-            ("other", UNSERVED_CAP)
-        ]
+        await assert_the_storage_takes_mine(app, now)
 
 
 SEED_SQLITE = """
@@ -464,14 +468,7 @@ async def test_a_claim_reads_only_its_own_workflows_index_range_on_sqlite(tmp_pa
                 limit = one_pass // 20 if name == "runnable_workflows" else one_pass // 200
                 assert steps <= limit, (name, steps, one_pass)  # runnable_workflows: UNSERVED_CAP of `other`
 
-        claims = await app.storage.claim(
-            "w1", now, now + 15.0, 100, due_before=now + 0.025, workflows=["mine"]
-        )
-        assert [c.lease.instance_id for c in claims] == [f"mine-{g}" for g in range(1, MINE + 1)]
-        assert claims.next_run_at == pytest.approx(now + 3600 + MINE + 1)
-        assert await app.storage.runnable_workflows(now, cap=UNSERVED_CAP, limit=1000) == [
-            ("other", UNSERVED_CAP)
-        ]
+        await assert_the_storage_takes_mine(app, now)
 
 
 # -- two worker processes racing on a backlog of two workflows --------------------------------------------
@@ -486,10 +483,10 @@ async def cluster(tmp_path: Path, db_url: str) -> AsyncIterator[Cluster]:
 
 async def test_two_worker_processes_race_on_a_backlog_of_two_workflows(cluster: Cluster) -> None:
     """Both processes register the same workflows (``tests/apps/crash_app.py``); a backlog of ``batch``
-    and ``long`` instances waits before they start together. Each claim locks up to its batch per name
-    and keeps its batch of the earliest (the rows locked past it are free again at its commit, the other
-    process skips them meanwhile): every instance runs exactly once, in one process, its history one run's
-    steps, and none is left leased. Leases of 30 s rule a lost lease out: the counts are exact."""
+    and ``long`` instances waits before they start together. Each claim locks only the rows it takes (the
+    other process skips them while it runs): every instance runs exactly once, in one process, its
+    history one run's steps, and none is left leased. Leases of 30 s rule a lost lease out: the counts
+    are exact."""
     per_workflow = 150 if cluster.url.startswith("postgres") else 75
     async with build_app(cluster.url, run_worker=False, poll_interval=0.05) as client:
         handles: list[geste.WorkflowHandle[Any]] = []

@@ -49,7 +49,7 @@ from typing import Any
 
 from ._loops import backoff, failed, stop_within, watch
 from ._metrics import Metrics
-from ._retry import seconds
+from ._retry import positive_int, seconds
 from ._serde import decode
 from ._wakeups import Wakeups
 from .errors import ConfigurationError, StorageError
@@ -202,7 +202,9 @@ class OutboxConfig:
             endpoint=endpoint,
             handler=handler,
             headers=checked_headers,
-            max_attempts=_check_max_attempts(max_attempts),
+            max_attempts=None
+            if max_attempts is None
+            else positive_int(max_attempts, "outbox_max_attempts (or None: retried until delivered)"),
             initial_backoff=initial,
             max_backoff=maximum,
             timeout=seconds(timeout, what="outbox_timeout", allow_zero=False),
@@ -211,16 +213,6 @@ class OutboxConfig:
     def backoff(self, attempts: int) -> float:
         """The delay after the ``attempts``-th failed attempt."""
         return float(min(self.max_backoff, self.initial_backoff * 2 ** min(attempts - 1, 60)))
-
-
-def _check_max_attempts(value: object) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigurationError(
-            f"outbox_max_attempts must be a positive int, or None to retry until delivered, not {value!r}"
-        )
-    return value
 
 
 def _check_endpoint(endpoint: object) -> None:

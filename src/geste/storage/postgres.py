@@ -177,9 +177,9 @@ class _Finish:
 def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
     """The history rows of a batch (one item per instance), as the arrays that follow the per-instance
     ones."""
-    rows = [(item.lease, r) for item in batch for r in item.records]
+    rows = [(item.lease.instance_id, r) for item in batch for r in item.records]
     return (
-        [lease.instance_id for lease, _ in rows],
+        [instance_id for instance_id, _ in rows],
         [r.seq for _, r in rows],
         [r.kind for _, r in rows],
         [r.name for _, r in rows],
