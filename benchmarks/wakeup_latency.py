@@ -114,18 +114,18 @@ def record_resume(instance_id: str, tag: str, resumed: float) -> None:
 
 def instrument() -> None:
     """Timestamps along a wake-up, and the suspensions/finishes the client waits for; no database work."""
-    from geste._wakeups import WORKFLOW_RESUMABLE, Listener
+    from geste.runtime.wakeups import WORKFLOW_RESUMABLE, Listener
     from geste.storage.base import StoredEvent, Suspension
     from geste.storage.postgres import PostgresStorage
 
     on_notification = Listener._on_notification
 
-    def traced_notification(self, conn, pid, channel, payload):  # type: ignore[no-untyped-def]
+    def traced_notification(self, channel, payload):  # type: ignore[no-untyped-def]
         if channel == WORKFLOW_RESUMABLE:
             now = time.time()
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 TRACE.setdefault(json.loads(payload)["instance_id"], {}).setdefault("notified", now)
-        on_notification(self, conn, pid, channel, payload)
+        on_notification(self, channel, payload)
 
     claim = PostgresStorage.claim
 

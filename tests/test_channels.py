@@ -30,9 +30,7 @@ import pytest
 from click.testing import CliRunner
 
 import geste
-import geste._channels as channels
-from geste._wakeups import CHANNEL_MESSAGE, Listener, Wakeups
-from geste._worker import Worker
+import geste.runtime.chores as chores
 from geste.cli import main as geste_main
 from geste.errors import (
     AppNotOpenError,
@@ -44,8 +42,10 @@ from geste.errors import (
     WorkflowCancelled,
     WorkflowFailed,
 )
+from geste.runtime.wakeups import CHANNEL_MESSAGE, Listener, Wakeups
+from geste.runtime.worker import Worker
 from geste.storage.base import Claims
-from geste.storage.postgres import parse_postgres_url
+from geste.storage.postgres import PostgresStorage, parse_postgres_url
 
 from .support import MovableClock
 
@@ -225,7 +225,7 @@ async def test_a_competing_message_left_by_a_cancelled_receiver_goes_to_another(
 ) -> None:
     """A publish wakes one competing receiver (the one idle the longest). If it does not take the
     message (cancelled meanwhile), the maintenance sweep wakes the others."""
-    monkeypatch.setattr(channels, "REWAKE_INTERVAL", 0.2)
+    monkeypatch.setattr(chores, "REWAKE_INTERVAL", 0.2)
 
     def define(app: geste.App) -> geste.Workflow[[], Any]:
         @app.workflow
@@ -629,11 +629,14 @@ def test_the_listener_turns_a_channel_message_into_a_batch_of_message_size() -> 
     async def run() -> list[int]:
         wakeups = Wakeups(poll_interval=1.0, fallback_interval=1.0, clock=time.time)
         listener = Listener(
-            "postgresql://unused", wakeups=wakeups, reconnect_delay=1.0, on_caught_up=wakeups.poke
+            PostgresStorage("postgresql://unused").listen,
+            wakeups=wakeups,
+            reconnect_delay=1.0,
+            on_caught_up=wakeups.poke,
         )
         storage = Storage()
         worker = Worker(
-            engine=SimpleNamespace(workflows={"w": None}),  # type: ignore[arg-type]
+            runner=SimpleNamespace(workflows={"w": None}),  # type: ignore[arg-type]
             storage=storage,  # type: ignore[arg-type]
             worker_id="w",
             clock=time.time,
@@ -645,7 +648,7 @@ def test_the_listener_turns_a_channel_message_into_a_batch_of_message_size() -> 
             max_messages_per_batch=7,
         )
         await worker._claim_round()
-        listener._on_notification(None, 0, CHANNEL_MESSAGE, '{"channel_name": "c", "message_id": "m"}')
+        listener._on_notification(CHANNEL_MESSAGE, '{"channel_name": "c", "message_id": "m"}')
         assert wakeups.event.is_set()
         await worker._claim_round()
         await worker._claim_round()
@@ -679,8 +682,8 @@ async def test_cleanup_keeps_what_a_subscriber_needs_and_deletes_the_rest(
         return (await ctx.wait_event("ping")).data
 
     async with app:
-        assert app._maintenance is not None
-        cleanup = app._maintenance.cleanup
+        assert app.runtime.maintenance is not None
+        cleanup = app.runtime.maintenance.cleanup
         done = await reader.start()
         stuck = await idler.start()
         listens = await eventful.start()
@@ -717,8 +720,8 @@ async def test_cleanup_keeps_what_a_subscriber_needs_and_deletes_the_rest(
 async def test_the_maintenance_runs_by_itself(
     make_app: MakeApp, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(channels, "REWAKE_INTERVAL", 0.05)
-    monkeypatch.setattr(channels, "CLEANUP_INTERVAL", 0.05)
+    monkeypatch.setattr(chores, "REWAKE_INTERVAL", 0.05)
+    monkeypatch.setattr(chores, "CLEANUP_INTERVAL", 0.05)
     app = make_app(message_retention=0, event_retention=timedelta(0))
     async with app:
         await app.publish("void", "gone soon")

@@ -28,7 +28,7 @@ import pytest
 
 import geste
 from geste._status import UNSERVED_CAP
-from geste._worker import Worker
+from geste.runtime.worker import Worker
 from geste.storage.base import WorkerRow
 
 from .support import raw_query, run_cli, wait_until

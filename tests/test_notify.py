@@ -29,9 +29,9 @@ import asyncpg
 import pytest
 
 import geste
-from geste._wakeups import CHANNELS, TIMER_EXPIRED, WORKFLOW_RESUMABLE, Listener, Wakeups
 from geste.errors import ConfigurationError, StorageError
-from geste.storage.postgres import parse_postgres_url
+from geste.runtime.wakeups import CHANNELS, TIMER_EXPIRED, WORKFLOW_RESUMABLE, Listener, Wakeups
+from geste.storage.postgres import PostgresStorage, parse_postgres_url
 
 from .support import wait_until
 
@@ -754,7 +754,7 @@ async def test_probe_unanswered_means_reconnect(pg_url: str, caplog: pytest.LogC
     wakeups = Wakeups(poll_interval=1.0, fallback_interval=30.0, clock=time.time)
     caught_up: list[float] = []
     listener = Listener(
-        parse_postgres_url(pg_url)[0],
+        PostgresStorage(pg_url).listen,
         wakeups=wakeups,
         reconnect_delay=0.05,
         on_caught_up=lambda: caught_up.append(time.time()),
@@ -765,21 +765,21 @@ async def test_probe_unanswered_means_reconnect(pg_url: str, caplog: pytest.LogC
     probes: list[int] = []
     deaf = False
 
-    def on_notification(conn: Any, pid: int, channel: str, payload: str) -> None:
+    def on_notification(channel: str, payload: str) -> None:
         if channel == listener._probe_channel:
-            probes.append(pid)
+            probes.append(listener._conn.connection.get_server_pid())
             if deaf:
                 return  # the probe is lost, as on a half-open connection
-        deliver(conn, pid, channel, payload)
+        deliver(channel, payload)
 
     listener._on_notification = on_notification  # type: ignore[method-assign]
     listener.start()
     try:
         await wait_until(lambda: listener.state == "listening", "listening")
-        first_pid = listener._conn.get_server_pid()
+        first_pid = listener._conn.connection.get_server_pid()
         await wait_until(lambda: len(probes) >= 5, "five probes answered")
         reconnects, caught = listener.reconnects, len(caught_up)  # 0 and 1 unless a connection was refused
-        assert listener._conn.get_server_pid() == first_pid  # answered probes: no reconnect
+        assert listener._conn.connection.get_server_pid() == first_pid  # answered probes: no reconnect
         assert wakeups.listening
 
         deaf = True
@@ -788,7 +788,7 @@ async def test_probe_unanswered_means_reconnect(pg_url: str, caplog: pytest.LogC
         assert "probe" in (listener.last_error or "")
         assert any("probe" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
         await wait_until(lambda: listener.state == "listening" and len(caught_up) > caught, "listening again")
-        assert listener._conn.get_server_pid() != first_pid
+        assert listener._conn.connection.get_server_pid() != first_pid
         heard = len(probes)
         await wait_until(lambda: len(probes) >= heard + 3, "probes answered on the new connection")
     finally:
@@ -802,7 +802,7 @@ async def test_stop_right_after_a_probe_answer_returns(pg_url: str) -> None:
     once, the cancel was lost, and stop (so ``App.close()``) hung for ever."""
     wakeups = Wakeups(poll_interval=1.0, fallback_interval=30.0, clock=time.time)
     listener = Listener(
-        parse_postgres_url(pg_url)[0],
+        PostgresStorage(pg_url).listen,
         wakeups=wakeups,
         reconnect_delay=0.05,
         on_caught_up=lambda: None,
@@ -812,8 +812,8 @@ async def test_stop_right_after_a_probe_answer_returns(pg_url: str) -> None:
     deliver = listener._on_notification
     stopping: list[asyncio.Task[None]] = []
 
-    def on_notification(conn: Any, pid: int, channel: str, payload: str) -> None:
-        deliver(conn, pid, channel, payload)
+    def on_notification(channel: str, payload: str) -> None:
+        deliver(channel, payload)
         if channel == listener._probe_channel and not stopping:
             stopping.append(asyncio.get_running_loop().create_task(listener.stop()))
 

@@ -742,9 +742,9 @@ GAUGES = ("geste_outbox_pending", "geste_outbox_dead", "geste_outbox_oldest_pend
 async def test_a_backlog_behind_a_failing_event_is_read_once_and_holds_no_other_instance(
     make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import geste._outbox
+    import geste.runtime.relay
 
-    monkeypatch.setattr(geste._outbox, "CLAIM_WINDOW", 4)  # a claim round reads 4 due events at most
+    monkeypatch.setattr(geste.runtime.relay, "CLAIM_WINDOW", 4)  # a claim round reads 4 due events at most
     clock = VirtualClock()
     up = False
     destination = Destination(lambda event: event.instance_id == "busy" and not up, clock)
@@ -799,9 +799,9 @@ async def test_a_full_relay_looks_again_as_soon_as_a_delivery_ends(
     """A relay with every slot taken skips its rounds; the first delivery to end must start one, even when
     its instance has nothing more to send: the due events of other instances wait for that slot (they
     waited for the next poll, here a minute, once per batch: a backlog went out a batch per poll)."""
-    import geste._outbox
+    import geste.runtime.relay
 
-    monkeypatch.setattr(geste._outbox, "MAX_IN_FLIGHT", 2)
+    monkeypatch.setattr(geste.runtime.relay, "MAX_IN_FLIGHT", 2)
     gate = asyncio.Event()
     received: list[str] = []
 
@@ -829,7 +829,7 @@ async def test_outbox_pending_notification_wakes_the_relay_of_another_process(
     polls are two minutes apart and its start-up rounds are over before the event exists, so the round
     that claims the first event must have been started by notifications alone. (The second event is
     claimed when the first one's delivery ends: an instance's events go out in order.)"""
-    from geste._outbox import Relay
+    from geste.runtime.relay import Relay
 
     log: list[tuple[str, Any]] = []  # in order: what woke the relay, and its claims
     notifying = False

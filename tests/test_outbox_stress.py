@@ -94,10 +94,10 @@ async def test_many_relays_failures_retries_discards_and_a_dead_relay(
 ) -> None:
     """``narrow``: a claim round reads 16 due events and a relay sends 4 at once, so that rounds often
     find the window full (of events being sent, or waiting) and relays full."""
-    import geste._outbox
+    import geste.runtime.relay
 
-    monkeypatch.setattr(geste._outbox, "CLAIM_WINDOW", window)
-    monkeypatch.setattr(geste._outbox, "MAX_IN_FLIGHT", slots)
+    monkeypatch.setattr(geste.runtime.relay, "CLAIM_WINDOW", window)
+    monkeypatch.setattr(geste.runtime.relay, "MAX_IN_FLIGHT", slots)
     seed = int(os.environ.get("GESTE_OUTBOX_STRESS_SEED", str(random.randrange(1 << 30))))
     print(f"seed {seed}")
     rng = random.Random(seed)

@@ -29,7 +29,7 @@ def answer_once_stopping(app: geste.App, method: str, part: str) -> asyncio.Even
         claims = await real(*args, **kwargs)
         if claims:
             claimed.set()
-            await wait_until(lambda: owner._stopping, f"{part} to stop", timeout=30)
+            await wait_until(lambda: owner.stopping, f"{part} to stop", timeout=30)
         return claims
 
     setattr(app.storage, method, late)

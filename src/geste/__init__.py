@@ -15,10 +15,9 @@ from ._metrics import MetricFamily, Metrics, MetricSample, MetricsSnapshot
 from ._metrics_http import MetricsServer
 from ._models import Event, HistoryEntry, InstanceInfo, Status, StepKind
 from ._operations import ResumeResult, RetryRecord
-from ._outbox import OutboxEntry, OutboxEvent, OutboxStatus
 from ._retry import RetryPolicy
-from ._status import LeaseInfo, QueueStats, SystemStatus, WorkerInfo
-from ._wakeups import ListenerState, ListenerStatus
+from ._status import LeaseInfo, ListenerState, ListenerStatus, QueueStats, SystemStatus, WorkerInfo
+from .runtime.relay import OutboxEntry, OutboxEvent, OutboxStatus
 
 __version__ = "0.1.0"
 

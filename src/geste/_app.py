@@ -15,20 +15,17 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _operations
-from ._channels import ChannelMaintenance, check_channel
+from ._channels import check_channel
 from ._context import ActivityContext, WorkflowContext
 from ._definitions import Activity, Workflow, check_name, storable_text
 from ._engine import Engine
 from ._handle import WorkflowHandle
-from ._metrics import POLL, Metrics, app_collector
+from ._metrics import Metrics, app_collector
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
 from ._operations import ResumeResult, RetryRecord
-from ._outbox import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Relay, entry_from_row
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
-from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, SystemStatus, WorkerInfo, is_alive
-from ._wakeups import OUTBOX_PENDING, Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
-from ._worker import Worker
+from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, ListenerStatus, SystemStatus, WorkerInfo, is_alive
 from .errors import (
     AppNotOpenError,
     ConfigurationError,
@@ -41,6 +38,10 @@ from .errors import (
     WorkflowCancelled,
     WorkflowFailed,
 )
+from .runtime import Runtime, RuntimeOptions
+from .runtime.relay import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Relay, entry_from_row
+from .runtime.wakeups import NotifyConfig
+from .runtime.worker import Worker
 from .storage import Storage, create_storage
 from .storage.base import Claim, InstanceRow, Lease, NewEvent, NewInstance, NewMessage, WorkerRow
 
@@ -143,7 +144,6 @@ class App:
         self.clock = clock
         self.message_retention = seconds(message_retention, what="message_retention")
         self.event_retention = seconds(event_retention, what="event_retention")
-        self._maintenance: ChannelMaintenance | None = None
         self.outbox_config = OutboxConfig.build(
             endpoint=outbox_endpoint,
             handler=outbox_handler,
@@ -153,10 +153,8 @@ class App:
             max_backoff=outbox_max_backoff,
             timeout=outbox_timeout,
         )
-        self._relay: Relay | None = None
         self._workflows: dict[str, Workflow[Any, Any]] = {}
         self._activities: dict[str, Activity[Any, Any]] = {}
-        self._worker: Worker | None = None
         self._open = False
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._completed: dict[str, tuple[str, str]] = {}
@@ -164,22 +162,60 @@ class App:
         final): ``result()`` of one of them needs no read. Oldest dropped past ``COMPLETED_KEPT``."""
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
-        self._listener: Listener | None = None
         self.metrics = Metrics()
         """This App's metrics (README, "Metrics"): ``await app.metrics.snapshot()``; ``GET /metrics``."""
-        self.metrics.add_collector(app_collector(self))
-        self.storage.observe_group_commits(self.metrics.group_commit_batch_size.observe)
-        self._engine = Engine(
-            storage=self.storage,
-            workflows=self._workflows,
-            clock=self.clock,
+        self._engine, self.runtime = self._wire(
+            self.storage, self.clock, self.metrics, self._runtime_options()
+        )
+
+    def _runtime_options(self, **extra: Any) -> RuntimeOptions:
+        """The runtime's options, from this App's (read again by ``open``: a worker command sets
+        ``run_worker`` and ``concurrency`` on the App it loads)."""
+        return RuntimeOptions(
+            worker_id=self.worker_id,
+            run_worker=self.run_worker,
+            concurrency=self.concurrency,
             lock_timeout=self.lock_timeout,
+            poll_interval=self.poll_interval,
+            shutdown_grace=self.shutdown_grace,
+            notify=self.notify,
+            outbox=self.outbox_config,
+            message_retention=self.message_retention,
+            event_retention=self.event_retention,
+            **extra,
+        )
+
+    def _wire(
+        self, storage: Storage, clock: Callable[[], float], metrics: Metrics, options: RuntimeOptions
+    ) -> tuple[Engine, Runtime]:
+        """The engine running this App's workflows on ``storage``, and the runtime running it."""
+        metrics.add_collector(lambda: app_collector(self.runtime)())
+        storage.observe_group_commits(metrics.group_commit_batch_size.observe)
+        engine = Engine(
+            storage=storage,
+            workflows=self._workflows,
+            clock=clock,
+            lock_timeout=options.lock_timeout,
             max_payload_bytes=self.max_payload_bytes,
             on_suspended=self._on_suspended,
             on_finished=self._on_finished,
-            metrics=self.metrics,
+            metrics=metrics,
         )
-        self._engine.on_completed = self._on_completed
+        runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics)
+        engine.on_completed = self._on_completed
+        engine.on_outbox = runtime.outbox_recorded
+        engine.on_channel_woken = runtime.channel_woken
+        return engine, runtime
+
+    @property
+    def _worker(self) -> Worker | None:
+        """This process's worker while open (None: closed, or ``run_worker=False``)."""
+        return self.runtime.worker
+
+    @property
+    def _relay(self) -> Relay | None:
+        """This process's outbox relay while open (None: closed, or none runs here)."""
+        return self.runtime.relay
 
     # -- registration ------------------------------------------------------------------------------
     @overload
@@ -266,97 +302,13 @@ class App:
         """Open (and migrate) the database; start the worker unless ``run_worker=False``."""
         if self._open:
             return
-        await self.storage.open()
+        self.runtime.options = self._runtime_options(lookahead=self.runtime.options.lookahead)
+        await self.runtime.open()
         self._open = True
-        if self.run_worker:
-            wakeups = Wakeups(
-                poll_interval=self.poll_interval,
-                fallback_interval=min(self.notify.fallback_interval, self.lock_timeout),
-                clock=self.clock,
-            )
-            self._worker = Worker(
-                engine=self._engine,
-                storage=self.storage,
-                wakeups=wakeups,
-                worker_id=self.worker_id,
-                clock=self.clock,
-                concurrency=self.concurrency,
-                lock_timeout=self.lock_timeout,
-                shutdown_grace=self.shutdown_grace,
-                max_workflows_per_batch=self.notify.max_workflows_per_batch,
-                max_timers_per_batch=self.notify.max_timers_per_batch,
-                max_messages_per_batch=self.notify.max_messages_per_batch,
-                listener_status=lambda: self.listener_status().as_dict(),
-                metrics=self.metrics,
-            )
-            if self.notify.enabled:  # before the worker registers, so it shows `connecting`, not `disabled`
-                dsn, options = self._listen_dsn()
-                self._listener = Listener(
-                    dsn,
-                    application_name=f"{options['application_name']}-listener",
-                    wakeups=wakeups,
-                    reconnect_delay=self.notify.reconnect_delay,
-                    on_caught_up=lambda: wakeups.poke(POLL),  # the catch-up poll after a (re)connect
-                    metrics=self.metrics,
-                    on_death=self._worker.mark_unhealthy,
-                )
-                self._listener.start()
-            await self._worker.start()
-            self._start_channel_maintenance(self._worker)
-            if self.outbox_config.enabled:
-                self._start_relay(wakeups)
-
-    def _start_relay(self, wakeups: Wakeups) -> None:
-        """The outbox relay of this process: poked by local sends and by ``geste_outbox_pending``."""
-        relay = Relay(
-            storage=self.storage,
-            config=self.outbox_config,
-            relay_id=self.worker_id,
-            clock=self.clock,
-            wakeups=wakeups,
-            lock_timeout=self.lock_timeout,
-            shutdown_grace=self.shutdown_grace,
-            metrics=self.metrics,
-            on_death=self._worker.mark_unhealthy if self._worker is not None else None,
-        )
-        self._relay = relay
-        self._engine.on_outbox = relay.recorded
-        listener = self._listener
-        if listener is not None:
-            listener.handlers[OUTBOX_PENDING] = relay.notified
-            caught_up = listener.on_caught_up
-
-            def catch_up() -> None:  # after a (re)connect, what was sent meanwhile is found by a round
-                caught_up()
-                relay.poke()
-
-            listener.on_caught_up = catch_up
-        relay.start()
-
-    def _start_channel_maintenance(self, worker: Worker) -> None:
-        """Messages published by this process's workflows poke its worker; the channel chores run here."""
-        self._engine.on_channel_woken = worker.poke
-        self._maintenance = ChannelMaintenance(
-            self.storage,
-            clock=self.clock,
-            message_retention=self.message_retention,
-            event_retention=self.event_retention,
-            on_woken=worker.poke,
-            batch=self.notify.max_messages_per_batch,
-            on_death=worker.mark_unhealthy,
-        )
-        self._maintenance.start()
-
-    def _listen_dsn(self) -> tuple[str, dict[str, str]]:
-        from .storage.postgres import parse_postgres_url
-
-        return parse_postgres_url(self.notify.listen_url or self.url)
 
     def listener_status(self) -> ListenerStatus:
         """State of this process's LISTEN/NOTIFY connection (``disabled`` when it has none)."""
-        if self._listener is None:
-            return ListenerStatus(state=ListenerState.DISABLED)
-        return self._listener.status()
+        return self.runtime.listener_status()
 
     async def status(self) -> SystemStatus:
         """The queue, the registered workers, the held leases and this process's listener (what
@@ -399,30 +351,10 @@ class App:
         """
         if not self._open:
             return
-        worker, self._worker = self._worker, None
-        listener, self._listener = self._listener, None
-        maintenance, self._maintenance = self._maintenance, None
-        relay, self._relay = self._relay, None
         try:
-            if listener is not None:
-                await listener.stop()
-            if maintenance is not None:
-                self._engine.on_channel_woken = lambda: None
-                await maintenance.stop()
-            if worker is not None:
-                await worker.stop()
-            if relay is not None:  # in-flight deliveries end (or are given back); nothing new is claimed
-                self._engine.on_outbox = lambda _event_id: None
-                await relay.stop()
-        except asyncio.CancelledError:
-            for part in (listener, maintenance, worker, relay):
-                if part is not None:
-                    part.abort()
+            await self.runtime.close()
+        finally:
             self._closed()
-            self.storage.terminate()
-            raise
-        self._closed()
-        await self.storage.close()
 
     def _closed(self) -> None:
         for futures in self._waiters.values():
@@ -860,8 +792,7 @@ class App:
 
     # -- engine hooks ------------------------------------------------------------------------------
     def _on_suspended(self, instance_id: str, run_at: float | None) -> None:
-        if run_at is not None and self._worker is not None:
-            self._worker.wakeups.wake_at(run_at)
+        self.runtime.on_suspended(instance_id, run_at)
 
     def _on_completed(self, instance_id: str, workflow_name: str, result: str) -> None:
         if len(result) > COMPLETED_KEPT_SIZE:

@@ -19,33 +19,18 @@ deletes what nobody needs any more, after the retention.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from ._definitions import storable_text
-from ._loops import cancel_and_wait, failed, watch
 from ._serde import decode
 from .errors import ConfigurationError
-from .storage.base import Storage
-
-logger = logging.getLogger("geste.channels")
 
 MAX_CHANNEL_LENGTH = 200
 BROADCAST = "broadcast"
 COMPETING = "competing"
 MODES = (BROADCAST, COMPETING)
-
-REWAKE_INTERVAL = 5.0
-"""Seconds between the sweeps that re-wake competing receivers for a message left unclaimed."""
-CLEANUP_INTERVAL = 60.0
-"""Seconds between two cleanups of old messages, subscriptions and events."""
-CLEANUP_BATCH = 1000
-"""Rows deleted per statement; a cleanup runs at most ``CLEANUP_ROUNDS`` statements of each kind."""
-CLEANUP_ROUNDS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,86 +85,3 @@ def message_from_body(body: Any) -> Message:
         published_at=datetime.fromtimestamp(body["published_at"], UTC),
         direct=bool(body.get("direct")),
     )
-
-
-class ChannelMaintenance:
-    """The background chores of channels, in each process that runs a worker: a re-wake sweep every
-    ``REWAKE_INTERVAL`` and a bounded cleanup every ``CLEANUP_INTERVAL`` (the first at start)."""
-
-    def __init__(
-        self,
-        storage: Storage,
-        *,
-        clock: Callable[[], float],
-        message_retention: float,
-        event_retention: float,
-        on_woken: Callable[[], None],
-        batch: int = 100,
-        on_death: Callable[[str], None] | None = None,
-    ) -> None:
-        self.storage = storage
-        self.on_death = on_death
-        """Told why if the chores' loop ends by itself (the App marks its worker unhealthy)."""
-        self.clock = clock
-        self.message_retention = message_retention
-        self.event_retention = event_retention
-        self.on_woken = on_woken
-        self.batch = batch
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="geste-channel-maintenance")
-        if self.on_death is not None:
-            watch(self._task, "channel maintenance", self.on_death, lambda: self._task is None)
-
-    async def stop(self) -> None:
-        """Cancel the chores (each is one short bounded statement: nothing is left half done); a
-        cancellation of the caller propagates."""
-        task, self._task = self._task, None
-        if task is not None:
-            await cancel_and_wait(task)
-
-    def abort(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-
-    async def rewake(self) -> list[str]:
-        """Re-wake idle competing receivers of messages unclaimed for longer than the sweep interval."""
-        now = self.clock()
-        woken = await self.storage.channel_rewake(
-            now, published_before=now - REWAKE_INTERVAL, limit=self.batch
-        )
-        if woken:
-            logger.info("re-woke %d competing receiver(s) of unclaimed messages", len(woken))
-            self.on_woken()
-        return woken
-
-    async def cleanup(self) -> int:
-        """Delete, in bounded batches, what no instance needs: returns the number of rows deleted."""
-        now = self.clock()
-        deleted = 0
-        for _ in range(CLEANUP_ROUNDS):
-            done = await self.storage.channel_cleanup(
-                messages_before=now - self.message_retention,
-                events_before=now - self.event_retention,
-                limit=CLEANUP_BATCH,
-            )
-            deleted += done
-            if done < CLEANUP_BATCH:
-                break
-        if deleted:
-            logger.info("cleanup deleted %d old message, subscription, event and delivery row(s)", deleted)
-        return deleted
-
-    async def _run(self) -> None:
-        next_cleanup = 0.0
-        while True:
-            try:
-                if self.clock() >= next_cleanup:
-                    next_cleanup = self.clock() + CLEANUP_INTERVAL
-                    await self.cleanup()
-                await self.rewake()
-            except Exception as exc:  # never let a chore die: it is tried again next round
-                failed(logger, "channel maintenance", exc, REWAKE_INTERVAL)
-            await asyncio.sleep(REWAKE_INTERVAL)

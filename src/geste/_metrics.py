@@ -19,11 +19,11 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ._app import App
     from ._metrics_http import MetricsServer
+    from ._status import QueueStats
     from .storage.base import HistoryRow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -332,18 +332,33 @@ class Metrics:
         return server
 
 
-def app_collector(app: App) -> Collector:
-    """The gauges of ``app`` read at collection time: its worker's slots, its listener, and the queue
+class GaugeSource(Protocol):
+    """What ``app_collector`` reads at collection time (the App's runtime)."""
+
+    def worker_slots(self) -> tuple[int, int] | None:
+        """Instances running in this process and slots free; None when it runs no worker."""
+        ...
+
+    def listener_connected(self) -> bool:
+        """Whether this process's LISTEN/NOTIFY connection listens."""
+        ...
+
+    async def queue_stats(self) -> QueueStats | None:
+        """The queue (one snapshot read; raises ``StorageError``); None while closed."""
+        ...
+
+
+def app_collector(source: GaugeSource) -> Collector:
+    """The gauges of an App read at collection time: its worker's slots, its listener, and the queue
     (``storage.queue_stats``: one snapshot read, only while the App is open)."""
     from ._models import Status
-    from ._wakeups import ListenerState
     from .errors import StorageError
 
     async def collect() -> list[MetricFamily]:
         families = []
-        worker = app._worker
-        if worker is not None:
-            running = len(worker._running)
+        slots = source.worker_slots()
+        if slots is not None:
+            running, free = slots
             families.append(
                 gauge("geste_worker_running", "Instances running in this process now.", {(): running})
             )
@@ -351,24 +366,24 @@ def app_collector(app: App) -> Collector:
                 gauge(
                     "geste_worker_free_slots",
                     "Instances this process could still run at once.",
-                    {(): worker._free()},
+                    {(): free},
                 )
             )
         families.append(
             gauge(
                 "geste_listener_connected",
                 "1 while this process's LISTEN/NOTIFY connection listens, else 0.",
-                {(): int(app.listener_status().state == ListenerState.LISTENING)},
+                {(): int(source.listener_connected())},
             )
         )
-        if not app._open:
-            return families
         try:
-            queue = await app.storage.queue_stats(app.clock())
+            queue = await source.queue_stats()
         except StorageError:
             families.append(
                 gauge("geste_queue_up", "1 when the queue could be read at this scrape.", {(): 0})
             )
+            return families
+        if queue is None:  # closed
             return families
         families += [
             gauge("geste_queue_up", "1 when the queue could be read at this scrape.", {(): 1}),

@@ -1,13 +1,14 @@
-"""What ``app.status()`` and ``geste status`` report: the queue, the registered workers, the listener."""
+"""What ``app.status()`` and ``geste status`` report: the queue, the registered workers, the listener
+(value types only: the listener itself is in ``geste.runtime.wakeups``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from ._models import Status
-from ._wakeups import ListenerStatus
 
 STALE_AFTER = 3
 """A worker not heard from for this many ``lock_timeout`` is not alive (it heartbeats every third of one)."""
@@ -25,6 +26,37 @@ def is_alive(
     the longer of its own ``lock_timeout`` (None: not recorded) and the reader's."""
     window = STALE_AFTER * max(reader_lock_timeout, lock_timeout or 0.0)
     return stopped_at is None and now - heartbeat_at <= window
+
+
+class ListenerState(StrEnum):
+    DISABLED = "disabled"
+    CONNECTING = "connecting"
+    LISTENING = "listening"
+    RECONNECTING = "reconnecting"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStatus:
+    """What ``app.listener_status()`` reports about this process's LISTEN/NOTIFY connection."""
+
+    state: ListenerState
+    connected_since: datetime | None = None
+    reconnects: int = 0
+    last_notification_at: datetime | None = None
+    notifications: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "connected_since": None if self.connected_since is None else self.connected_since.isoformat(),
+            "reconnects": self.reconnects,
+            "last_notification_at": (
+                None if self.last_notification_at is None else self.last_notification_at.isoformat()
+            ),
+            "notifications": dict(self.notifications),
+            "last_error": self.last_error,
+        }
 
 
 UNSERVED_CAP = 1000

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -31,11 +32,14 @@ from ._app import App
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._histories import export_history
+from ._metrics import Metrics
 from ._models import InstanceInfo
 from ._replay import ReplayReport, ReplayResult, ReplayStatus, check_replay
 from ._retry import seconds
-from ._worker import Worker
 from .errors import ConfigurationError, IdleTimeout, ResultTimeout
+from .runtime.relay import OutboxConfig
+from .runtime.worker import Worker
+from .storage import create_storage
 
 __all__ = [
     "ReplayReport",
@@ -60,7 +64,8 @@ class WorkflowEnvironment:
     """Your App, in this process, on a temporary SQLite database and a clock that only the test moves.
 
     Entering it re-binds ``app`` itself (its workflows and activities stay registered) to a fresh
-    database in a temporary folder and to the environment's clock, and starts its worker; so
+    database in a temporary folder, to the environment's clock and to a runtime of its own (its worker
+    claims nothing ahead of the clock and stops without a grace), and starts its worker; so
     ``order.start(...)``, ``app.send_event(...)`` and the rest of the App's API, called by the test or
     by the code under test, act on the test database. Leaving it closes that App, deletes the folder and
     gives ``app`` back exactly as it was (same attributes, same objects). The App must be closed.
@@ -116,39 +121,37 @@ class WorkflowEnvironment:
             )
         self._entered = True
         fakes = self._check_fakes()
-        saved = self._saved = dict(app.__dict__)
+        self._saved = dict(app.__dict__)
         self._folder = tempfile.mkdtemp(prefix="geste-testing-")
         try:
-            App.__init__(
-                app,
-                f"sqlite:///{Path(self._folder) / 'geste.db'}",
-                worker_id="geste-testing",
-                run_worker=True,
-                concurrency=saved["concurrency"],
-                lock_timeout=LEASE,
-                poll_interval=saved["poll_interval"],
-                shutdown_grace=0.0,
-                max_payload_bytes=saved["max_payload_bytes"],
-                default_retry=saved["default_retry"],
-                max_workflows_per_batch=saved["notify"].max_workflows_per_batch,
-                max_timers_per_batch=saved["notify"].max_timers_per_batch,
-                max_messages_per_batch=saved["notify"].max_messages_per_batch,
-                message_retention=saved["message_retention"],
-                event_retention=saved["event_retention"],
-                clock=self._time,
-            )
-            app._workflows.update(saved["_workflows"])
-            app._activities.update(saved["_activities"])
-            app._engine.retry_wait = self._retry_wait
+            self._bind(f"sqlite:///{Path(self._folder) / 'geste.db'}")
             for activity, fake in fakes:
                 self._swapped.append((activity, activity.fn))
                 activity.fn = fake
             await app.open()
-            assert app._worker is not None
-            app._worker.wakeups.lookahead = 0.0  # no claim ahead of a moment that only advance() brings
         except BaseException:
             await self._restore()
             raise
+
+    def _bind(self, url: str) -> None:
+        """Point the App at a database of its own, this clock, and a runtime built for them: the App's
+        options for what runs, a lease outliving any jump of the clock, no grace, no claim ahead of the
+        clock, no listener, no outbox relay; the activities' retry back-off waits for ``advance``."""
+        app = self.app
+        app.url, app.storage, app.clock, app.metrics = url, create_storage(url), self._time, Metrics()
+        app.worker_id, app.run_worker, app.lock_timeout, app.shutdown_grace = (
+            "geste-testing",
+            True,
+            LEASE,
+            0.0,
+        )
+        app.notify = replace(app.notify, enabled=False, listen_url=None)
+        app.outbox_config = OutboxConfig()
+        app._open, app._waiters, app._completed = False, {}, {}
+        app._stop, app._stop_requested = None, False
+        options = app._runtime_options(lookahead=0.0)  # no claim ahead of a moment only advance() brings
+        app._engine, app.runtime = app._wire(app.storage, app.clock, app.metrics, options)
+        app._engine.retry_wait = self._retry_wait
 
     async def close(self) -> None:
         """Close the App, delete the temporary database, and give the App back as it was."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from .._models import Status
 from .._status import QueueStats
+from ._listen import Listening
 
 
 class LeaseLost(Exception):
@@ -410,6 +411,21 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def schema_version(self) -> int: ...
+
+    async def listen(
+        self,
+        channels: Sequence[str],
+        on_notification: Callable[[str, str], None],
+        on_lost: Callable[[], None],
+        *,
+        url: str | None = None,
+    ) -> Listening:
+        """LISTEN on ``channels`` over a dedicated connection (to ``url``, default this database's);
+        ``on_notification(channel, payload)`` for each notification, ``on_lost()`` if the server closes
+        it. Only PostgreSQL has LISTEN/NOTIFY."""
+        from ..errors import ConfigurationError
+
+        raise ConfigurationError(f"{type(self).__name__} has no LISTEN/NOTIFY")
 
     # -- instances ---------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -24,6 +24,7 @@ from .._models import Status, matches
 from .._status import QueueStats, is_alive
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
 from ._group_commit import GroupCommit
+from ._listen import Listening
 from ._sql import load_migrations, load_queries, migration_names
 from .base import (
     INPUT_HEAD,
@@ -388,6 +389,18 @@ class PostgresStorage(Storage):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.terminate()
+
+    async def listen(
+        self,
+        channels: Sequence[str],
+        on_notification: Callable[[str, str], None],
+        on_lost: Callable[[], None],
+        *,
+        url: str | None = None,
+    ) -> Listening:
+        from ._listen import listen_postgres
+
+        return await listen_postgres(url or self.url, channels, on_notification, on_lost)
 
     async def schema_version(self) -> int:
         return await self._read(self._read_version)

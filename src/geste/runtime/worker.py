@@ -14,15 +14,14 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
-from ._engine import Engine
-from ._loops import backoff, cancel_and_wait, failed, stop_within, watch
-from ._metrics import BACKLOG, POLL, START, TIMER, Metrics
-from ._wakeups import Wakeups
-from .errors import StorageError
-from .storage.base import Claim, HistoryRow, Lease, Storage, WorkerRow
+from .._metrics import BACKLOG, POLL, START, TIMER, Metrics
+from ..errors import StorageError
+from ..storage.base import Claim, HistoryRow, Lease, Storage, WorkerRow
+from .loops import Loop, failed
+from .wakeups import Wakeups
 
 logger = logging.getLogger("geste.worker")
 
@@ -35,11 +34,29 @@ WORKER_RETENTION = 7 * 24 * 3600.0
 """Registered workers not heard from for this long are forgotten when a worker starts."""
 
 
-class Worker:
+class Runner(Protocol):
+    """What the worker runs claims with (the engine): the runtime never imports the engine."""
+
+    @property
+    def workflows(self) -> Mapping[str, object]:
+        """The workflows it can run, by name: the worker claims instances of these only."""
+        ...
+
+    async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
+        """Run one claimed instance until it suspends, finishes, or cannot go on."""
+        ...
+
+
+class Worker(Loop):
+    """Claims runnable instances and runs them (its claim loop is this ``Loop``; the heartbeat and the
+    lease renewals are a second one, ``Heartbeat``)."""
+
+    log = logger
+
     def __init__(
         self,
         *,
-        engine: Engine,
+        runner: Runner,
         storage: Storage,
         worker_id: str,
         clock: Callable[[], float],
@@ -53,7 +70,11 @@ class Worker:
         listener_status: Callable[[], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.engine = engine
+        super().__init__(name=f"geste-claim-{worker_id}", what=f"worker {worker_id}: the claim loop")
+        self.on_death = self.mark_unhealthy
+        self.doing = f"worker {worker_id}: claiming"
+        self.retry_base = wakeups.poll_interval
+        self.runner = runner
         self.metrics = metrics or Metrics()
         self.storage = storage
         self.worker_id = worker_id
@@ -80,39 +101,31 @@ class Worker:
         self.claimed = 0
         self._sleep_cause = POLL
         """The wake-up cause of the next claim round if the sleep before it runs out (poll or timer)."""
-        self._stopping = False
-        self._claim_task: asyncio.Task[None] | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._cause = POLL
+        """The wake-up cause of the next claim round (the first looks for whatever is runnable)."""
+        self._heartbeat = Heartbeat(self)
         self._reports: set[asyncio.Task[None]] = set()
         self.health: str | None = None
         """None while every loop of this process runs; else why one ended (shown in the registry)."""
 
     # -- life cycle --------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self) -> None:  # type: ignore[override]
+        """Register this worker, then start the claim loop and the heartbeat."""
         self._started_at = self.clock()
         try:
             await self.storage.prune_workers(self._started_at - WORKER_RETENTION)
-            await self._heartbeat()
+            await self.beat()
         except StorageError as exc:  # the heartbeat tries again: running instances matters more
             logger.warning("worker %s: registering failed (%s)", self.worker_id, exc)
-        self._claim_task = asyncio.create_task(self._claim_loop(), name=f"geste-claim-{self.worker_id}")
-        self._heartbeat_task = asyncio.create_task(
-            self._heartbeat_loop(), name=f"geste-heartbeat-{self.worker_id}"
-        )
-        stopping = lambda: self._stopping  # noqa: E731
-        watch(self._claim_task, f"worker {self.worker_id}: the claim loop", self.mark_unhealthy, stopping)
-        watch(
-            self._heartbeat_task,
-            f"worker {self.worker_id}: the heartbeat loop",
-            self.mark_unhealthy,
-            stopping,
-        )
+        self._cause = POLL
+        super().start()
+        self._heartbeat.start()
         logger.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
 
     def mark_unhealthy(self, reason: str) -> None:
         """A loop of this process ended for good: say so in the registry (``geste status``), at once and
         at every heartbeat, so that operators do not take a worker that no longer claims for a live one."""
-        if self._stopping:
+        if self.stopping:
             return
         self.health = reason if self.health is None else f"{self.health}; {reason}"
         task = asyncio.get_running_loop().create_task(
@@ -123,24 +136,20 @@ class Worker:
 
     async def _report_health(self) -> None:
         try:
-            await self._heartbeat()
+            await self.beat()
         except Exception as exc:
             logger.error("worker %s could not record that it is unhealthy (%s)", self.worker_id, exc)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         """Stop claiming at a boundary (a claim round in flight ends, and what it took is handed back at
         once), let running instances finish for ``shutdown_grace`` (their leases still renewed), release
         the rest. A cancellation of the caller propagates; ``abort`` then ends what is left."""
-        self._stopping = True
-        self.wakeups.poke()
-        if self._claim_task is not None:
-            await stop_within(self._claim_task, self.shutdown_grace)
+        await super().stop(self.shutdown_grace if grace is None else grace)
         running = [task for _, task in self._running.values()]
         if running:
             logger.info("worker %s draining %d running instance(s)", self.worker_id, len(running))
             await asyncio.wait(running, timeout=self.shutdown_grace)
-        if self._heartbeat_task is not None:
-            await cancel_and_wait(self._heartbeat_task)
+        await self._heartbeat.stop()
         leftover = list(self._running.values())
         for _, task in leftover:
             task.cancel()
@@ -162,19 +171,22 @@ class Worker:
     def abort(self) -> None:
         """End everything at once, waiting for nothing (a cancelled ``App.close``): the leases of the runs
         cut short expire by themselves after ``lock_timeout``."""
-        self._stopping = True
-        for task in (self._claim_task, self._heartbeat_task, *(t for _, t in self._running.values())):
-            if task is not None:
-                task.cancel()
+        super().abort()
+        self._heartbeat.abort()
+        for _, task in self._running.values():
+            task.cancel()
 
     # -- wake-ups ----------------------------------------------------------------------------------
+    def wake(self) -> None:
+        self.wakeups.poke()
+
     def poke(self) -> None:
         """Look for work now rather than at the next poll."""
         self.wakeups.poke()
 
     def reserve(self) -> Lease | None:
         """A slot and a lease id for an instance this process is about to create and run at once."""
-        if self._stopping or len(self._running) + self._reserved >= self.concurrency:
+        if self.stopping or len(self._running) + self._reserved >= self.concurrency:
             return None
         self._reserved += 1
         return Lease("", uuid.uuid4().hex)
@@ -207,7 +219,7 @@ class Worker:
             if claim.lease_expired_at is not None and claim.lease_expired_at > since:
                 since = claim.lease_expired_at
             self.metrics.wakeup_latency.observe(cause, max(0.0, self.clock() - since))
-            await self.engine.run(claim, history)
+            await self.runner.run(claim, history)
             self._failures.pop(instance_id, None)
         except asyncio.CancelledError:
             raise
@@ -231,30 +243,24 @@ class Worker:
             if self._backlog:
                 self.wakeups.poke(BACKLOG)
 
-    async def _claim_loop(self) -> None:
-        """Claim rounds until the worker stops; any error is logged and retried after a back-off."""
-        failures = 0
-        cause = POLL  # the first round looks for whatever is runnable
-        while not self._stopping:
+    async def round(self) -> float:
+        return await self._claim_round(self._cause)
+
+    async def recover(self, exc: Exception, failures: int) -> float:
+        self._sleep_cause = POLL
+        return await super().recover(exc, failures)
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep until a poke (its cause is the next round's) or the time is up (poll or timer)."""
+        self._cause = self._sleep_cause
+        if seconds > 0:
             try:
-                timeout = await self._claim_round(cause)
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                timeout = backoff(failures, self.wakeups.poll_interval)
-                self._sleep_cause = POLL
-                failed(logger, f"worker {self.worker_id}: claiming", exc, timeout)
-            if self._stopping:
-                break
-            cause = self._sleep_cause
-            if timeout > 0:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await self.wakeups.event.wait()
-                    cause = self.wakeups.cause
-                except TimeoutError:
-                    pass
-            self.wakeups.event.clear()
+                async with asyncio.timeout(seconds):
+                    await self.wakeups.event.wait()
+                self._cause = self.wakeups.cause
+            except TimeoutError:
+                pass
+        self.wakeups.event.clear()
 
     async def _claim_round(self, cause: str = POLL) -> float:
         """Claim what is runnable; return how long to sleep before looking again."""
@@ -263,7 +269,7 @@ class Worker:
             self._backlog = True  # a finishing run pokes
             self._sleep_cause = POLL
             return self.wakeups.interval()
-        if not self.engine.workflows:  # a client App: nothing it could run, nothing to claim
+        if not self.runner.workflows:  # a client App: nothing it could run, nothing to claim
             self._sleep_cause = POLL
             return self.wakeups.interval()
         limit = self.max_timers_per_batch if self.wakeups.timer_due() else self.max_workflows_per_batch
@@ -277,9 +283,9 @@ class Worker:
             now + self.lock_timeout,
             batch,
             due_before=now + self.wakeups.lookahead,
-            workflows=list(self.engine.workflows),
+            workflows=list(self.runner.workflows),
         )
-        if self._stopping:  # stopped while the claim ran: hand its instances back at once, unrun
+        if self.stopping:  # stopped while the claim ran: hand its instances back at once, unrun
             if claims:
                 await self.storage.release([claim.lease for claim in claims], self.clock())
                 logger.info(
@@ -315,7 +321,7 @@ class Worker:
             self._sleep_cause = TIMER  # the next instance due, known from the database
         return max(0.0, min(interval, until))
 
-    async def _heartbeat(self) -> None:
+    async def beat(self) -> None:
         """Register this worker or refresh its row: one statement."""
         listener = None if self.listener_status is None else json.dumps(self.listener_status())
         await self.storage.upsert_worker(
@@ -329,27 +335,12 @@ class Worker:
                 concurrency=self.concurrency,
                 listener=listener,
                 lock_timeout=self.lock_timeout,
-                workflows=json.dumps(sorted(self.engine.workflows)),
+                workflows=json.dumps(sorted(self.runner.workflows)),
                 health=self.health,
             )
         )
 
-    async def _heartbeat_loop(self) -> None:
-        """Every third of ``lock_timeout``: the registry's heartbeat, then the renewal of every lease held;
-        each survives any error (the registry failing must never stop the renewals)."""
-        interval = self.lock_timeout / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._heartbeat()
-            except Exception as exc:
-                failed(logger, f"worker {self.worker_id}: heartbeat", exc, interval)
-            try:
-                await self._renew()
-            except Exception as exc:
-                failed(logger, f"worker {self.worker_id}: renewing leases", exc, interval)
-
-    async def _renew(self) -> None:
+    async def renew(self) -> None:
         """Extend every lease this worker holds; stop the runs whose lease was lost."""
         leases = [lease for lease, _ in self._running.values()]
         if leases:
@@ -360,3 +351,30 @@ class Worker:
                     if current is not None and current[0] == lease:
                         logger.warning("instance %s: lease lost; stopping its run here", lease.instance_id)
                         current[1].cancel()
+
+
+class Heartbeat(Loop):
+    """Every third of ``lock_timeout``: the registry's heartbeat, then the renewal of every lease held;
+    each survives any error (the registry failing must never stop the renewals)."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(
+            name=f"geste-heartbeat-{worker.worker_id}",
+            what=f"worker {worker.worker_id}: the heartbeat loop",
+            on_death=worker.mark_unhealthy,
+        )
+        self.worker = worker
+
+    async def round(self) -> float:
+        worker = self.worker
+        interval = worker.lock_timeout / 3
+        await asyncio.sleep(interval)
+        try:
+            await worker.beat()
+        except Exception as exc:
+            failed(logger, f"worker {worker.worker_id}: heartbeat", exc, interval)
+        try:
+            await worker.renew()
+        except Exception as exc:
+            failed(logger, f"worker {worker.worker_id}: renewing leases", exc, interval)
+        return 0.0

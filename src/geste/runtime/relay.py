@@ -47,13 +47,13 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from ._loops import backoff, failed, stop_within, watch
-from ._metrics import Metrics
-from ._retry import positive_int, seconds
-from ._serde import decode
-from ._wakeups import Wakeups
-from .errors import ConfigurationError, StorageError
-from .storage.base import OutboxClaim, OutboxRow, Storage
+from .._metrics import Metrics
+from .._retry import positive_int, seconds
+from .._serde import decode
+from ..errors import ConfigurationError, StorageError
+from ..storage.base import OutboxClaim, OutboxRow, Storage
+from .loops import Loop
+from .wakeups import Wakeups
 
 logger = logging.getLogger("geste.outbox")
 
@@ -302,8 +302,10 @@ def cloudevent_body(claim: OutboxClaim) -> bytes:
     return text.encode("utf-8")
 
 
-class Relay:
+class Relay(Loop):
     """Delivers pending outbox events of every instance, at least once, in order per instance."""
+
+    log = logger
 
     def __init__(
         self,
@@ -318,9 +320,10 @@ class Relay:
         metrics: Metrics | None = None,
         on_death: Callable[[str], None] | None = None,
     ) -> None:
+        super().__init__(name=f"geste-outbox-{relay_id}", what=f"outbox relay {relay_id}", on_death=on_death)
+        self.doing = f"outbox relay {relay_id}: claiming"
+        self.retry_base = wakeups.poll_interval
         self.storage = storage
-        self.on_death = on_death
-        """Told why if the relay's loop ends by itself (the App marks its worker unhealthy)."""
         self.config = config
         self.metrics = metrics or Metrics()
         self.relay_id = relay_id
@@ -330,11 +333,10 @@ class Relay:
         """How long a claim holds: longer than a delivery may take (``outbox_timeout``), so a live
         relay's claim never expires under it, and short enough that a dead relay's is taken over soon."""
         self.shutdown_grace = shutdown_grace
-        self._event = asyncio.Event()
         self._inflight: dict[str, tuple[OutboxClaim, asyncio.Task[None]]] = {}
-        self._task: asyncio.Task[None] | None = None
         self._client: Any = None
-        self._stopping = False
+        self._poked = True
+        """Whether the next round was poked (else its pause ran out: a poll); at start: look at once."""
         self._local: set[str] = set()
         self._full = False
         """A round found no free slot: the next delivery to end pokes, whatever its mark says."""
@@ -345,21 +347,16 @@ class Relay:
             import httpx
 
             self._client = httpx.AsyncClient(timeout=self.config.timeout, follow_redirects=False)
-        self._task = asyncio.create_task(self._loop(), name=f"geste-outbox-{self.relay_id}")
-        if self.on_death is not None:
-            watch(self._task, f"outbox relay {self.relay_id}", self.on_death, lambda: self._stopping)
+        self._poked = True
+        super().start()
         destination = self.config.endpoint or getattr(self.config.handler, "__qualname__", "a handler")
         logger.info("outbox relay %s started, delivering to %s", self.relay_id, destination)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         """Stop claiming at a boundary (a claim in flight ends, and what it took is given back at once);
         let deliveries in flight end within ``shutdown_grace``; give back the rest. A cancellation of the
         caller propagates; ``abort`` then ends what is left."""
-        self._stopping = True
-        self.poke()
-        task, self._task = self._task, None
-        if task is not None:
-            await stop_within(task, self.shutdown_grace)
+        await super().stop(self.shutdown_grace if grace is None else grace)
         running = [t for _, t in self._inflight.values()]
         if running:
             await asyncio.wait(running, timeout=self.shutdown_grace)
@@ -384,14 +381,13 @@ class Relay:
     def abort(self) -> None:
         """End everything at once, waiting for nothing (a cancelled ``App.close``): the claims of the
         deliveries cut short expire by themselves."""
-        self._stopping = True
-        for task in (self._task, *(t for _, t in self._inflight.values())):
-            if task is not None:
-                task.cancel()
+        super().abort()
+        for _, task in self._inflight.values():
+            task.cancel()
 
     def poke(self) -> None:
         """Look for due events now."""
-        self._event.set()
+        self.wake()
 
     def recorded(self, event_id: str) -> None:
         """A step of this process recorded an event: look now, and ignore its own notification."""
@@ -412,27 +408,18 @@ class Relay:
     def _interval(self) -> float:
         return self.wakeups.fallback_interval if self.wakeups.listening else self.wakeups.poll_interval
 
-    async def _loop(self) -> None:
-        failures = 0
-        poked = True  # at start: look at once
-        while not self._stopping:
+    async def round(self) -> float:
+        return await self._round(self._poked)
+
+    async def pause(self, seconds: float) -> None:
+        self._poked = True
+        if seconds > 0:
             try:
-                timeout = await self._round(poked)
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                timeout = backoff(failures, self.wakeups.poll_interval)
-                failed(logger, f"outbox relay {self.relay_id}: claiming", exc, timeout)
-            if self._stopping:
-                break
-            poked = True
-            if timeout > 0:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await self._event.wait()
-                except TimeoutError:
-                    poked = False
-            self._event.clear()
+                async with asyncio.timeout(seconds):
+                    await self._wake.wait()
+            except TimeoutError:
+                self._poked = False
+        self._wake.clear()
 
     async def _round(self, poked: bool) -> float:
         """Claim what is due and start delivering it; return how long to sleep before looking again."""
@@ -449,7 +436,7 @@ class Relay:
         claims = await self.storage.outbox_claim(
             self.relay_id, uuid.uuid4().hex, now, now + self.lease, free, CLAIM_WINDOW
         )
-        if self._stopping:  # stopped while the claim ran: give its events back at once, unsent
+        if self.stopping:  # stopped while the claim ran: give its events back at once, unsent
             if claims:
                 await self.storage.outbox_release([(c.event_id, c.claim_id) for c in claims], self.clock())
             return 0.0

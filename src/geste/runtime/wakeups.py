@@ -1,10 +1,11 @@
 """Every way a worker learns there is work: LISTEN/NOTIFY first, local timers, polling as the net.
 
-The ``Listener`` owns one dedicated PostgreSQL connection (never from the pool), LISTENs on geste's
-channels and turns notifications into wake-ups: a resumable instance pokes the worker's claim loop, a
-registered timer becomes a precise local wake-up at its ``expires_at``. On any (re)connect it LISTENs
-first and then asks for one catch-up poll, because nothing sent while it was away is replayed. A periodic
-self-NOTIFY proves the connection still delivers (a half-open TCP connection looks alive for hours).
+The ``Listener`` keeps one dedicated connection LISTENing on geste's channels (``Storage.listen`` opens
+it: on PostgreSQL, never from the pool) and turns notifications into wake-ups: a resumable instance pokes
+the worker's claim loop, a registered timer becomes a precise local wake-up at its ``expires_at``. On any
+(re)connect it LISTENs first and then asks for one catch-up poll, because nothing sent while it was away
+is replayed. A periodic self-NOTIFY proves the connection still delivers (a half-open TCP connection
+looks alive for hours).
 
 ``Wakeups`` is what the worker sees: how long it may sleep (the poll interval while the listener is
 down or disabled, ``notify_fallback_interval`` while it listens, less when a local timer is due sooner).
@@ -13,23 +14,21 @@ down or disabled, ``notify_fallback_interval`` while it listens, less when a loc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import json
 import logging
 import random
-import socket
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
-from enum import StrEnum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from ._loops import cancel_and_wait, watch
-from ._metrics import LOCAL, NOTIFY, POLL, TIMER, Metrics
-from ._models import to_datetime
+from .._metrics import LOCAL, NOTIFY, POLL, TIMER, Metrics
+from .._models import to_datetime
+from .._status import ListenerState, ListenerStatus
+from ..storage._listen import Listening, OnNotification
+from .loops import Loop
 
 logger = logging.getLogger("geste.wakeups")
 
@@ -74,8 +73,8 @@ class NotifyConfig:
         max_messages_per_batch: int,
         listen_database_url: str | None,
     ) -> NotifyConfig:
-        from ._retry import positive_int
-        from .errors import ConfigurationError
+        from .._retry import positive_int
+        from ..errors import ConfigurationError
 
         postgres = url.startswith(("postgresql://", "postgres://"))
         if listen_notify is not None and not isinstance(listen_notify, bool):  # 1 == True: not enough
@@ -91,9 +90,9 @@ class NotifyConfig:
                 raise ConfigurationError(
                     f"listen_database_url must be a postgresql:// URL: {listen_database_url!r}"
                 )
-            from .storage.postgres import parse_postgres_url
+            from ..storage._listen import listen_dsn
 
-            parse_postgres_url(listen_database_url)  # its options too, now rather than at open()
+            listen_dsn(listen_database_url)  # its options too, now rather than at open()
         if fallback_interval <= 0 or reconnect_delay <= 0:
             raise ConfigurationError("notify_fallback_interval and notify_reconnect_delay must be > 0")
         return cls(
@@ -107,37 +106,6 @@ class NotifyConfig:
         )
 
 
-class ListenerState(StrEnum):
-    DISABLED = "disabled"
-    CONNECTING = "connecting"
-    LISTENING = "listening"
-    RECONNECTING = "reconnecting"
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerStatus:
-    """What ``app.listener_status()`` reports about this process's LISTEN/NOTIFY connection."""
-
-    state: ListenerState
-    connected_since: datetime | None = None
-    reconnects: int = 0
-    last_notification_at: datetime | None = None
-    notifications: dict[str, int] = field(default_factory=dict)
-    last_error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value,
-            "connected_since": None if self.connected_since is None else self.connected_since.isoformat(),
-            "reconnects": self.reconnects,
-            "last_notification_at": (
-                None if self.last_notification_at is None else self.last_notification_at.isoformat()
-            ),
-            "notifications": dict(self.notifications),
-            "last_error": self.last_error,
-        }
-
-
 TIMER_LOOKAHEAD = 0.025
 """Seconds before its time a due instance may be claimed: the worker holds its lease and waits for the exact
 time in memory, so a durable timer fires with the event loop's precision, not after a database round trip
@@ -147,13 +115,20 @@ time in memory, so a durable timer fires with the event loop's precision, not af
 class Wakeups:
     """The worker's alarm clock: pokes, local timers, and the poll interval that fits the listener."""
 
-    def __init__(self, *, poll_interval: float, fallback_interval: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        *,
+        poll_interval: float,
+        fallback_interval: float,
+        clock: Callable[[], float],
+        lookahead: float = TIMER_LOOKAHEAD,
+    ) -> None:
         self.poll_interval = poll_interval
         self.fallback_interval = fallback_interval
         self.clock = clock
         self.listening = False
         self.event = asyncio.Event()
-        self.lookahead = TIMER_LOOKAHEAD
+        self.lookahead = lookahead
         """Seconds before its time a timer wakes the worker and its instance may be claimed (0 under the
         frozen clock of ``geste.testing``, where waiting in real time for a virtual moment never ends)."""
         self.cause = POLL
@@ -212,31 +187,35 @@ class Wakeups:
         return due
 
 
-class Listener:
+Connect = Callable[[tuple[str, ...], OnNotification, Callable[[], None]], Awaitable[Listening]]
+"""Opens a LISTEN connection on the channels given (``Storage.listen``, its ``url`` bound)."""
+
+
+class Listener(Loop):
     """LISTEN on geste's channels over one dedicated connection; reconnect with backoff; probe it."""
+
+    log = logger
 
     def __init__(
         self,
-        dsn: str,
+        connect: Connect,
         *,
         wakeups: Wakeups,
         reconnect_delay: float,
         on_caught_up: Callable[[], None],
-        application_name: str = "geste-listener",
         handlers: dict[str, Callable[[dict[str, Any]], None]] | None = None,
         probe_interval: float = PROBE_INTERVAL,
         probe_timeout: float = PROBE_TIMEOUT,
         metrics: Metrics | None = None,
         on_death: Callable[[str], None] | None = None,
     ) -> None:
-        self.dsn = dsn
-        self.on_death = on_death
-        """Told why if the listener's loop ends by itself (the App marks its worker unhealthy)."""
+        super().__init__(name="geste-listener", what="the LISTEN/NOTIFY listener", on_death=on_death)
+        self.connect = connect
         self.metrics = metrics or Metrics()
-        self.application_name = application_name
         self.wakeups = wakeups
         self.reconnect_delay = reconnect_delay
         self.on_caught_up = on_caught_up
+        """Called once LISTENing after each (re)connect: the catch-up poll (what came while away)."""
         self.handlers = handlers or {}
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
@@ -251,31 +230,25 @@ class Listener:
         self._probe_channel = f"geste_probe_{uuid.uuid4().hex[:16]}"
         self._probe_heard = asyncio.Event()
         self._lost = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._conn: Any = None
+        self._delay = reconnect_delay
+        self._conn: Listening | None = None
 
     # -- life cycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         logger.info("LISTEN/NOTIFY configured: listening on %s", ", ".join(CHANNELS))
-        self._task = asyncio.create_task(self._run(), name="geste-listener")
-        if self.on_death is not None:
-            watch(self._task, "the LISTEN/NOTIFY listener", self.on_death, lambda: self._task is None)
+        super().start()
 
     def abort(self) -> None:
         """End at once, waiting for nothing (a cancelled ``App.close``)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
+        super().abort()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()
         self.wakeups.listening = False
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float | None = None) -> None:
         """End the listener (a cancellation of the caller propagates) and close its connection."""
-        task, self._task = self._task, None
-        if task is not None:
-            await cancel_and_wait(task)
+        await super().stop()
         await self._close()
         self.wakeups.listening = False
 
@@ -290,48 +263,41 @@ class Listener:
         )
 
     # -- the connection ------------------------------------------------------------------------------
-    async def _run(self) -> None:
-        delay = self.reconnect_delay
-        while True:
-            try:
-                await self._connect()
-                delay = self.reconnect_delay  # connected: the next loss starts the backoff afresh
-                await self._watch()
-                error: BaseException = ConnectionError("connection closed")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                error = exc
-            self.wakeups.listening = False
-            self.wakeups.poke(POLL)  # the pollers take over at their normal pace at once
-            await self._close()
-            self.state = ListenerState.RECONNECTING
-            self.connected_since = None
-            self.last_error = f"{type(error).__name__}: {error}"
-            wait = delay * random.uniform(0.8, 1.2)
-            logger.warning(
-                "LISTEN/NOTIFY connection lost (%s); polling every %ss, reconnecting in %.1fs",
-                self.last_error,
-                self.wakeups.poll_interval,
-                wait,
-            )
-            await asyncio.sleep(wait)
-            delay = min(delay * 2, max(RECONNECT_CAP, self.reconnect_delay))
-            self.reconnects += 1
-            self.metrics.listener_reconnects.values[()] += 1
+    async def round(self) -> float:
+        """Connect, LISTEN, and watch the connection until it is lost (this round never returns)."""
+        await self._connect()
+        self._delay = self.reconnect_delay  # connected: the next loss starts the backoff afresh
+        await self._watch()
+        raise ConnectionError("connection closed")
+
+    async def recover(self, exc: Exception, failures: int) -> float:
+        """The connection is lost (or could not be made): the pollers take over; reconnect later."""
+        self.wakeups.listening = False
+        self.wakeups.poke(POLL)  # the pollers take over at their normal pace at once
+        await self._close()
+        self.state = ListenerState.RECONNECTING
+        self.connected_since = None
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        wait = self._delay * random.uniform(0.8, 1.2)
+        logger.warning(
+            "LISTEN/NOTIFY connection lost (%s); polling every %ss, reconnecting in %.1fs",
+            self.last_error,
+            self.wakeups.poll_interval,
+            wait,
+        )
+        self._delay = min(self._delay * 2, max(RECONNECT_CAP, self.reconnect_delay))
+        return wait
+
+    async def pause(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self.reconnects += 1
+        self.metrics.listener_reconnects.values[()] += 1
 
     async def _connect(self) -> None:
-        import asyncpg
-
         self._lost.clear()
-        conn = await asyncpg.connect(
-            self.dsn, timeout=10, server_settings={"application_name": self.application_name}
+        self._conn = await self.connect(
+            (*CHANNELS, self._probe_channel), self._on_notification, self._lost.set
         )
-        self._conn = conn
-        _enable_keepalives(conn)
-        conn.add_termination_listener(lambda _conn: self._lost.set())
-        for channel in (*CHANNELS, self._probe_channel):
-            await conn.add_listener(channel, self._on_notification)
         self.state = ListenerState.LISTENING
         self.connected_since = time.time()
         self.wakeups.listening = True
@@ -350,8 +316,9 @@ class Listener:
             except TimeoutError:
                 pass
             self._probe_heard.clear()
+            assert self._conn is not None
             async with asyncio.timeout(self.probe_timeout):
-                await self._conn.execute("SELECT pg_notify($1, '')", self._probe_channel)
+                await self._conn.notify(self._probe_channel)
             try:
                 async with asyncio.timeout(self.probe_timeout):
                     await self._probe_heard.wait()
@@ -361,14 +328,10 @@ class Listener:
     async def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                async with asyncio.timeout(2):  # not wait_for: on 3.11 it can drop the caller's cancel
-                    await conn.close()
-            except Exception:
-                conn.terminate()
+            await conn.close()
 
     # -- dispatch ------------------------------------------------------------------------------------
-    def _on_notification(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+    def _on_notification(self, channel: str, payload: str) -> None:
         if channel == self._probe_channel:
             self._probe_heard.set()
             return
@@ -393,16 +356,3 @@ class Listener:
         handler = self.handlers.get(channel)
         if handler is not None and isinstance(body, dict):
             handler(body)
-
-
-def _enable_keepalives(conn: Any) -> None:
-    """TCP keepalives on the listener's socket: a dead peer is noticed by the kernel, not after hours."""
-    transport = getattr(conn, "_transport", None)
-    sock = None if transport is None else transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)

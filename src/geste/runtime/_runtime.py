@@ -1,0 +1,254 @@
+"""The runtime of one process: the worker, its wake-ups, the listener, the outbox relay and the chores.
+
+``Runtime`` is built from a storage, its options and the engine's ``Runner`` (it never imports the
+engine); ``open`` opens the storage and starts the loops, ``close`` stops them at a boundary and closes the
+storage, a cancelled ``close`` ends everything at once. Its hooks (``on_suspended``, ``outbox_recorded``,
+``channel_woken``) are the engine's, and ``poke``/``poke_relay``/``reserve``/``run_reserved`` the client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from .._metrics import POLL, Metrics
+from .._status import ListenerState, ListenerStatus, QueueStats
+from ..storage.base import Claim, HistoryRow, Lease, Storage
+from .chores import ChannelMaintenance
+from .relay import OutboxConfig, Relay
+from .wakeups import OUTBOX_PENDING, TIMER_LOOKAHEAD, Listener, NotifyConfig, Wakeups
+from .worker import Runner, Worker
+
+logger = logging.getLogger("geste.runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """What the runtime of a process needs of the App's options (checked by the App)."""
+
+    worker_id: str
+    run_worker: bool
+    concurrency: int
+    lock_timeout: float
+    poll_interval: float
+    shutdown_grace: float
+    notify: NotifyConfig
+    outbox: OutboxConfig
+    message_retention: float
+    event_retention: float
+    lookahead: float = TIMER_LOOKAHEAD
+    """Seconds before its time a timer wakes the worker (0 under the frozen clock of ``geste.testing``,
+    where waiting in real time for a virtual moment never ends)."""
+
+
+class Runtime:
+    """Opens the storage and runs this process's background work while open."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        options: RuntimeOptions,
+        *,
+        runner: Runner,
+        clock: Callable[[], float],
+        metrics: Metrics,
+    ) -> None:
+        self.storage = storage
+        self.options = options
+        self.runner = runner
+        self.clock = clock
+        self.metrics = metrics
+        self.is_open = False
+        self.worker: Worker | None = None
+        self.listener: Listener | None = None
+        self.relay: Relay | None = None
+        self.maintenance: ChannelMaintenance | None = None
+        self._relay_hook: Relay | None = None
+        """The relay that ``outbox_recorded`` pokes (unhooked just before it stops)."""
+        self._chores_hook: Worker | None = None
+        """The worker that ``channel_woken`` pokes (unhooked just before the chores stop)."""
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open (and migrate) the storage; start the worker, listener, relay and chores if it runs one."""
+        await self.storage.open()
+        self.is_open = True
+        if self.options.run_worker:
+            try:
+                await self._start()
+            except BaseException:
+                self._abort()
+                self.is_open = False
+                self.storage.terminate()
+                raise
+
+    async def _start(self) -> None:
+        options = self.options
+        wakeups = Wakeups(
+            poll_interval=options.poll_interval,
+            fallback_interval=min(options.notify.fallback_interval, options.lock_timeout),
+            clock=self.clock,
+            lookahead=options.lookahead,
+        )
+        worker = self.worker = Worker(
+            runner=self.runner,
+            storage=self.storage,
+            wakeups=wakeups,
+            worker_id=options.worker_id,
+            clock=self.clock,
+            concurrency=options.concurrency,
+            lock_timeout=options.lock_timeout,
+            shutdown_grace=options.shutdown_grace,
+            max_workflows_per_batch=options.notify.max_workflows_per_batch,
+            max_timers_per_batch=options.notify.max_timers_per_batch,
+            max_messages_per_batch=options.notify.max_messages_per_batch,
+            listener_status=lambda: self.listener_status().as_dict(),
+            metrics=self.metrics,
+        )
+        relay = None
+        if options.outbox.enabled:
+            relay = Relay(
+                storage=self.storage,
+                config=options.outbox,
+                relay_id=options.worker_id,
+                clock=self.clock,
+                wakeups=wakeups,
+                lock_timeout=options.lock_timeout,
+                shutdown_grace=options.shutdown_grace,
+                metrics=self.metrics,
+                on_death=worker.mark_unhealthy,
+            )
+        if options.notify.enabled:  # before the worker registers, so it shows `connecting`, not `disabled`
+            self.listener = Listener(
+                partial(self.storage.listen, url=options.notify.listen_url),
+                wakeups=wakeups,
+                reconnect_delay=options.notify.reconnect_delay,
+                on_caught_up=partial(self._caught_up, wakeups, relay),
+                handlers={} if relay is None else {OUTBOX_PENDING: relay.notified},
+                metrics=self.metrics,
+                on_death=worker.mark_unhealthy,
+            )
+            self.listener.start()
+        await worker.start()
+        self.maintenance = ChannelMaintenance(
+            self.storage,
+            clock=self.clock,
+            message_retention=options.message_retention,
+            event_retention=options.event_retention,
+            on_woken=worker.poke,
+            batch=options.notify.max_messages_per_batch,
+            on_death=worker.mark_unhealthy,
+        )
+        self._chores_hook = worker
+        self.maintenance.start()
+        if relay is not None:
+            self.relay = self._relay_hook = relay
+            relay.start()
+
+    @staticmethod
+    def _caught_up(wakeups: Wakeups, relay: Relay | None) -> None:
+        """After a (re)connect of the listener: one catch-up round of the worker (and of the relay), for
+        what was sent while it was away."""
+        wakeups.poke(POLL)
+        if relay is not None:
+            relay.poke()
+
+    async def close(self) -> None:
+        """Stop the listener and the chores, drain the worker (finish or release what it runs), stop the
+        relay (in-flight deliveries end or are given back), close the storage.
+
+        A cancellation (``asyncio.timeout``, a second Ctrl-C) is honoured: the drain stops where it is,
+        everything left is ended at once without waiting (runs cut short keep their leases until they
+        expire, as after a crash) and the cancellation propagates."""
+        if not self.is_open:
+            return
+        worker, self.worker = self.worker, None
+        listener, self.listener = self.listener, None
+        maintenance, self.maintenance = self.maintenance, None
+        relay, self.relay = self.relay, None
+        try:
+            if listener is not None:
+                await listener.stop()
+            if maintenance is not None:
+                self._chores_hook = None
+                await maintenance.stop()
+            if worker is not None:
+                await worker.stop()
+            if relay is not None:
+                self._relay_hook = None
+                await relay.stop()
+        except asyncio.CancelledError:
+            for part in (listener, maintenance, worker, relay):
+                if part is not None:
+                    part.abort()
+            self._relay_hook = self._chores_hook = None
+            self.is_open = False
+            self.storage.terminate()
+            raise
+        self.is_open = False
+        await self.storage.close()
+
+    def _abort(self) -> None:
+        for part in (self.listener, self.maintenance, self.worker, self.relay):
+            if part is not None:
+                part.abort()
+        self.worker = self.listener = self.maintenance = self.relay = None
+        self._relay_hook = self._chores_hook = None
+
+    # -- what the engine calls ---------------------------------------------------------------------
+    def on_suspended(self, instance_id: str, run_at: float | None) -> None:
+        """An instance suspended until ``run_at``: a local wake-up at that time."""
+        if run_at is not None and self.worker is not None:
+            self.worker.wakeups.wake_at(run_at)
+
+    def outbox_recorded(self, event_id: str) -> None:
+        """A step recorded an outbox event: this process's relay looks now."""
+        if self._relay_hook is not None:
+            self._relay_hook.recorded(event_id)
+
+    def channel_woken(self) -> None:
+        """A step published a message that made receivers runnable: claim them."""
+        if self._chores_hook is not None:
+            self._chores_hook.poke()
+
+    # -- what the client calls ---------------------------------------------------------------------
+    def poke(self) -> None:
+        """Look for runnable instances now rather than at the next poll (work was made runnable here)."""
+        if self.worker is not None:
+            self.worker.poke()
+
+    def poke_relay(self) -> None:
+        """Look for due outbox events now (one was re-queued or discarded here)."""
+        if self.relay is not None:
+            self.relay.poke()
+
+    def reserve(self) -> Lease | None:
+        """A slot and a lease id for an instance about to be created and run here at once (None: none)."""
+        return None if self.worker is None else self.worker.reserve()
+
+    def run_reserved(self, claim: Claim | None, history: Sequence[HistoryRow] = ()) -> None:
+        """Run an instance created already claimed (or give the reserved slot back)."""
+        if self.worker is not None:
+            self.worker.run_reserved(claim, history)
+
+    # -- what it reports ---------------------------------------------------------------------------
+    def listener_status(self) -> ListenerStatus:
+        """State of this process's LISTEN/NOTIFY connection (``disabled`` when it has none)."""
+        if self.listener is None:
+            return ListenerStatus(state=ListenerState.DISABLED)
+        return self.listener.status()
+
+    def worker_slots(self) -> tuple[int, int] | None:
+        """Instances running here now and slots free (None: no worker runs here)."""
+        worker = self.worker
+        return None if worker is None else (len(worker._running), worker._free())
+
+    def listener_connected(self) -> bool:
+        return self.listener_status().state == ListenerState.LISTENING
+
+    async def queue_stats(self) -> QueueStats | None:
+        """The queue now (``storage.queue_stats``: one snapshot read); None while closed."""
+        return await self.storage.queue_stats(self.clock()) if self.is_open else None

@@ -1,0 +1,104 @@
+"""The connection a worker LISTENs on: ``Storage.listen`` and what it returns, ``Listening``.
+
+Only PostgreSQL has LISTEN/NOTIFY: it listens on one dedicated connection (never from the pool), with TCP
+keepalives (a dead peer is noticed by the kernel, not after hours), named ``<application_name>-listener``.
+What to do with a notification, when to probe the connection and how to reconnect is the runtime's
+(``geste.runtime.wakeups.Listener``): this module only opens the connection, LISTENs and NOTIFYs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+OnNotification = Callable[[str, str], None]
+"""Called with the channel and the payload of each notification heard."""
+
+
+class Listening(Protocol):
+    """An open LISTEN connection (``Storage.listen``)."""
+
+    async def notify(self, channel: str, payload: str = "") -> None:
+        """Send a notification on ``channel`` over this connection (the listener probes itself so)."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection (within 2 seconds, else it is dropped)."""
+        ...
+
+    def terminate(self) -> None:
+        """Drop the connection at once, waiting for nothing."""
+        ...
+
+
+def listen_dsn(url: str) -> tuple[str, str]:
+    """The connection string and the application name (``<application_name>-listener``) of the LISTEN
+    connection for ``url`` (a ``postgresql://`` URL, geste's options checked)."""
+    from .postgres import parse_postgres_url
+
+    dsn, options = parse_postgres_url(url)
+    return dsn, f"{options['application_name']}-listener"
+
+
+class PostgresListening:
+    """A LISTEN connection of asyncpg."""
+
+    def __init__(self, conn: Any) -> None:
+        self.connection = conn
+
+    async def notify(self, channel: str, payload: str = "") -> None:
+        await self.connection.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(2):  # not wait_for: on 3.11 it can drop the caller's cancel
+                await self.connection.close()
+        except Exception:
+            self.connection.terminate()
+
+    def terminate(self) -> None:
+        self.connection.terminate()
+
+
+async def listen_postgres(
+    url: str,
+    channels: Sequence[str],
+    on_notification: OnNotification,
+    on_lost: Callable[[], None],
+) -> PostgresListening:
+    """Connect to ``url`` (10 s at most), LISTEN on ``channels``; ``on_lost`` is called if the server
+    closes the connection. A failure to connect or to LISTEN raises (the connection is dropped)."""
+    import asyncpg
+
+    dsn, application_name = listen_dsn(url)
+    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": application_name})
+    listening = PostgresListening(conn)
+    try:
+        _enable_keepalives(conn)
+        conn.add_termination_listener(lambda _conn: on_lost())
+
+        def heard(_conn: Any, _pid: int, channel: str, payload: str) -> None:
+            on_notification(channel, payload)
+
+        for channel in channels:
+            await conn.add_listener(channel, heard)
+    except BaseException:
+        listening.terminate()
+        raise
+    return listening
+
+
+def _enable_keepalives(conn: Any) -> None:
+    """TCP keepalives on the listener's socket: a dead peer is noticed by the kernel, not after hours."""
+    transport = getattr(conn, "_transport", None)
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
