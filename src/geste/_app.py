@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _operations
@@ -38,7 +37,7 @@ from .errors import (
     WorkflowCancelled,
     WorkflowFailed,
 )
-from .runtime import Runtime, RuntimeOptions
+from .runtime import OpenClose, Runtime, RuntimeOptions
 from .runtime.relay import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Relay, entry_from_row
 from .runtime.wakeups import NotifyConfig
 from .runtime.worker import Worker
@@ -79,7 +78,7 @@ def _findable(value: object, what: str) -> bool:
     return storable_text(value)
 
 
-class App:
+class App(OpenClose):
     """A geste application: where workflows and activities are registered and run.
 
     ``App()`` stores in ``./geste.db`` (SQLite) unless ``url`` or ``GESTE_DATABASE_URL`` says otherwise.
@@ -363,15 +362,6 @@ class App:
                     future.set_result(None)  # wake result() waiters: they see the App closed
         self._waiters.clear()
         self._open = False
-
-    async def __aenter__(self) -> App:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def run(self) -> None:
         """Open the App and run its worker until ``shutdown()`` is called; then drain and close."""

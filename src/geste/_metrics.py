@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from ._metrics_http import MetricsServer
     from ._status import QueueStats
-    from .storage.base import HistoryRow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The media type of the Prometheus text exposition format this module writes."""
@@ -292,7 +291,7 @@ class Metrics:
         )
         self._collectors: list[Collector] = []
 
-    def recorded(self, records: Iterable[HistoryRow]) -> None:
+    def recorded(self, records: Iterable[Recorded]) -> None:
         """Count history rows just committed (a step commit, suspension, end...), by kind."""
         steps = self.steps.values
         for row in records:
@@ -330,6 +329,13 @@ class Metrics:
         server = MetricsServer(self, host=host, port=port, token=token)
         await server.start()
         return server
+
+
+class Recorded(Protocol):
+    """A history row as ``Metrics.recorded`` counts it (``storage.base.HistoryRow``): by kind."""
+
+    @property
+    def kind(self) -> str: ...
 
 
 class GaugeSource(Protocol):

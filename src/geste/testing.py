@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 from ._app import App
@@ -37,6 +36,7 @@ from ._models import InstanceInfo
 from ._replay import ReplayReport, ReplayResult, ReplayStatus, check_replay
 from ._retry import seconds
 from .errors import ConfigurationError, IdleTimeout, ResultTimeout
+from .runtime import OpenClose
 from .runtime.relay import OutboxConfig
 from .runtime.worker import Worker
 from .storage import create_storage
@@ -60,7 +60,7 @@ _POLL = 0.002
 """Seconds between two looks at the instances while some still run (or a task finishes first)."""
 
 
-class WorkflowEnvironment:
+class WorkflowEnvironment(OpenClose):
     """Your App, in this process, on a temporary SQLite database and a clock that only the test moves.
 
     Entering it re-binds ``app`` itself (its workflows and activities stay registered) to a fresh
@@ -156,15 +156,6 @@ class WorkflowEnvironment:
     async def close(self) -> None:
         """Close the App, delete the temporary database, and give the App back as it was."""
         await self._restore()
-
-    async def __aenter__(self) -> WorkflowEnvironment:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def _check_fakes(self) -> list[tuple[Activity[Any, Any], Callable[..., Any]]]:
         found = []

@@ -8,7 +8,7 @@ imports the storage and the core, never the engine or the App.
 
 from __future__ import annotations
 
-from ._runtime import Runtime, RuntimeOptions
+from ._runtime import OpenClose, Runtime, RuntimeOptions
 from .worker import Runner
 
-__all__ = ["Runner", "Runtime", "RuntimeOptions"]
+__all__ = ["OpenClose", "Runner", "Runtime", "RuntimeOptions"]

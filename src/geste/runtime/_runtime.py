@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from types import TracebackType
+from typing import Self
 
 from .._metrics import POLL, Metrics
 from .._status import ListenerState, ListenerStatus, QueueStats
@@ -23,6 +25,25 @@ from .wakeups import OUTBOX_PENDING, TIMER_LOOKAHEAD, Listener, NotifyConfig, Wa
 from .worker import Runner, Worker
 
 logger = logging.getLogger("geste.runtime")
+
+
+class OpenClose:
+    """``async with`` for what has ``open`` and ``close`` (the runtime, the App, the test environment)."""
+
+    async def open(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +65,7 @@ class RuntimeOptions:
     where waiting in real time for a virtual moment never ends)."""
 
 
-class Runtime:
+class Runtime(OpenClose):
     """Opens the storage and runs this process's background work while open."""
 
     def __init__(
