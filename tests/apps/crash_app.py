@@ -163,7 +163,7 @@ def hold_claims_until_shutdown(app: geste.App, marker: Path) -> None:
         claims = await real(*args, **kwargs)
         if claims and worker is not None:
             marker.write_text(json.dumps([c.lease.instance_id for c in claims]))  # noqa: ASYNC240
-            while not worker._stopping:
+            while not worker.stopping:
                 await asyncio.sleep(0.01)
         return claims
 
