@@ -15,9 +15,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _operations
-from ._channels import ChannelMaintenance, check_channel
+from ._channels import ChannelMaintenance
 from ._context import ActivityContext, WorkflowContext
-from ._definitions import Activity, Workflow, check_name, storable_text
+from ._definitions import Activity, Workflow
 from ._engine import Engine
 from ._handle import WorkflowHandle
 from ._metrics import POLL, Metrics, app_collector
@@ -27,6 +27,7 @@ from ._outbox import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Rel
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
 from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, SystemStatus, WorkerInfo, is_alive
+from ._validation import check_channel, check_name, storable_text
 from ._wakeups import OUTBOX_PENDING, Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
 from ._worker import Worker
 from .errors import (

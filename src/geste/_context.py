@@ -18,11 +18,20 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import quote
 
-from ._channels import BROADCAST, MODES, Message, check_channel, check_mode, message_from_body
-from ._definitions import storable_text
+from ._channels import Message, message_from_body
 from ._models import Event, Status, StepKind
 from ._retry import seconds
 from ._serde import decode, decode_error, encode, encode_error
+from ._validation import (
+    BROADCAST,
+    MODES,
+    check_channel,
+    check_event_attribute,
+    check_event_id,
+    check_event_type,
+    check_instance_id,
+    check_mode,
+)
 from .errors import (
     ActivityTimeout,
     ConfigurationError,
@@ -392,16 +401,7 @@ class WorkflowContext:
         them, so an event that arrives before the workflow waits is not lost. Raises
         ``geste.errors.EventTimeout`` after ``timeout``.
         """
-        if (  # what app.send_event accepts (check_name): a type it refuses would be waited for forever
-            not isinstance(event_type, str)
-            or not event_type.strip()
-            or len(event_type) > 200
-            or not storable_text(event_type)
-        ):
-            raise TypeError(
-                "event_type must be a non-empty string of at most 200 characters, not only spaces "
-                "(no NUL, valid UTF-8)"
-            )
+        check_event_type(event_type)
         match_dict = dict(match) if match is not None else None
         secs = None if timeout is None else seconds(timeout, what="timeout")
         seq = self._next()
@@ -474,18 +474,13 @@ class WorkflowContext:
         ``"<instance id>:<seq>"``, the same on every replay; an id already in the outbox is not stored
         again. ``source`` defaults to ``/geste/<workflow name>``.
         """
-        for value, what in ((event_type, "event_type"), (source, "source"), (subject, "subject")):
-            if value is None and what != "event_type":
-                continue
-            if not isinstance(value, str) or not value or len(value) > 1000 or not storable_text(value):
-                raise TypeError(f"{what} must be a non-empty string of at most 1000 characters (no NUL)")
-        if event_id is not None and (
-            not isinstance(event_id, str)
-            or not event_id
-            or len(event_id) > 200
-            or not storable_text(event_id)
-        ):
-            raise TypeError("event_id must be a non-empty string of at most 200 characters (no NUL)")
+        check_event_attribute(event_type, "event_type")
+        if source is not None:
+            check_event_attribute(source, "source")
+        if subject is not None:
+            check_event_attribute(subject, "subject")
+        if event_id is not None:
+            check_event_id(event_id)
         seq = self._next()
         row = self._replay(seq, StepKind.SEND_EVENT, event_type)
         if row is not None:
@@ -647,8 +642,7 @@ class WorkflowContext:
         like ``publish``; an instance id that does not exist raises ``geste.errors.InstanceNotFoundError``
         (recorded: a replay raises it again).
         """
-        if not isinstance(instance_id, str) or not instance_id or not storable_text(instance_id):
-            raise ConfigurationError("instance_id must be a non-empty string (no NUL, valid UTF-8)")
+        check_instance_id(instance_id)
         return await self._publish(StepKind.SEND_TO, channel, data, instance_id)
 
     async def _publish(self, kind: StepKind, channel: str, data: Any, target: str | None) -> str:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from ._retry import RetryPolicy
 from ._serde import Signature
+from ._validation import check_name
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -17,23 +18,6 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def storable_text(value: str) -> bool:
-    """Whether every backend stores ``value`` verbatim: no NUL (PostgreSQL refuses it), valid UTF-8."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return "\x00" not in value
-
-
-def check_name(name: object, what: str) -> str:
-    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not storable_text(name):
-        raise ConfigurationError(
-            f"{what} name must be a non-empty string of at most 200 characters (no NUL, valid UTF-8)"
-        )
-    return name
 
 
 def _check_coroutine_function(fn: Callable[..., Any], what: str) -> None:
