@@ -8,7 +8,6 @@ from __future__ import annotations
 from . import errors
 from ._app import App
 from ._channels import Message
-from ._context import ActivityContext, WorkflowContext
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import MetricFamily, Metrics, MetricSample, MetricsSnapshot
@@ -19,6 +18,7 @@ from ._outbox import OutboxEntry, OutboxEvent, OutboxStatus
 from ._retry import RetryPolicy
 from ._status import LeaseInfo, QueueStats, SystemStatus, WorkerInfo
 from ._wakeups import ListenerState, ListenerStatus
+from .engine.context import ActivityContext, WorkflowContext
 
 __version__ = "0.1.0"
 

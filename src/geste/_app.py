@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _operations
 from ._channels import ChannelMaintenance
-from ._context import ActivityContext, WorkflowContext
 from ._definitions import Activity, Workflow
-from ._engine import Engine
 from ._handle import WorkflowHandle
 from ._metrics import POLL, Metrics, app_collector
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
@@ -30,6 +28,8 @@ from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, SystemStatus, Worker
 from ._validation import check_channel, check_name, storable_text
 from ._wakeups import OUTBOX_PENDING, Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
 from ._worker import Worker
+from .engine.context import ActivityContext, WorkflowContext
+from .engine.run import Engine
 from .errors import (
     AppNotOpenError,
     ConfigurationError,

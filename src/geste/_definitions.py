@@ -13,8 +13,8 @@ from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._app import App
-    from ._context import ActivityContext, WorkflowContext
     from ._handle import WorkflowHandle
+    from .engine.context import ActivityContext, WorkflowContext
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -51,7 +51,7 @@ class Activity(Generic[P, R]):
         self.__wrapped__ = fn
 
     def __call__(self, ctx: WorkflowContext, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
-        from ._context import WorkflowContext
+        from .engine.context import WorkflowContext
 
         if not isinstance(ctx, WorkflowContext):
             raise TypeError(

@@ -17,10 +17,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._engine import Engine
 from ._loops import backoff, cancel_and_wait, failed, stop_within, watch
 from ._metrics import BACKLOG, POLL, START, TIMER, Metrics
 from ._wakeups import Wakeups
+from .engine.run import Engine
 from .errors import StorageError
 from .storage.base import Claim, HistoryRow, Lease, Storage, WorkerRow
 

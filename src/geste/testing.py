@@ -32,9 +32,9 @@ from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._histories import export_history
 from ._models import InstanceInfo
-from ._replay import ReplayReport, ReplayResult, ReplayStatus, check_replay
 from ._retry import seconds
 from ._worker import Worker
+from .engine.replay import ReplayReport, ReplayResult, ReplayStatus, check_replay
 from .errors import ConfigurationError, IdleTimeout, ResultTimeout
 
 __all__ = [

@@ -160,7 +160,7 @@ def replay_check(
     FILES exported with geste.testing.export_history (a folder stands for its *.json files). Nothing is
     run but the workflows' code up to the end of each history: no activity, no write.
     """
-    from .. import _replay
+    from ..engine import replay as _replay
 
     if (database_url is None) == (not files):
         raise BadInputError("give either --database-url URL or history FILES")

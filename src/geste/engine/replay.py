@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from ._context import Abandon, Suspended, WorkflowContext
-from ._engine import Engine
-from ._histories import RecordedHistory, Unreadable, history_files, read_database, read_history_file
-from ._models import Status, StepKind
-from ._retry import seconds
-from ._serde import decode, encode
-from .errors import ConfigurationError, HistoryCorruptedError, NonDeterminismError, WorkflowCancelled
-from .storage.base import HistoryRow, Lease, StepResult, Storage
+from .._histories import RecordedHistory, Unreadable, history_files, read_database, read_history_file
+from .._models import Status, StepKind
+from .._retry import seconds
+from .._serde import decode, encode
+from ..errors import ConfigurationError, HistoryCorruptedError, NonDeterminismError, WorkflowCancelled
+from ..storage.base import HistoryRow, Lease, StepResult, Storage
+from .context import Abandon, Suspended, WorkflowContext
+from .run import Engine
 
 if TYPE_CHECKING:
-    from ._app import App
-    from ._definitions import Workflow
+    from .._app import App
+    from .._definitions import Workflow
 
 _DIVERGENCE_TYPES = ("geste.errors.NonDeterminismError", "geste.errors.HistoryCorruptedError")
 """Recorded errors of instances stopped by a divergence: their history ends there, not at their end."""

@@ -18,11 +18,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import quote
 
-from ._channels import Message, message_from_body
-from ._models import Event, Status, StepKind
-from ._retry import seconds
-from ._serde import decode, decode_error, encode, encode_error
-from ._validation import (
+from .._channels import Message, message_from_body
+from .._models import Event, Status, StepKind
+from .._retry import seconds
+from .._serde import decode, decode_error, encode, encode_error
+from .._validation import (
     BROADCAST,
     MODES,
     check_channel,
@@ -32,7 +32,7 @@ from ._validation import (
     check_instance_id,
     check_mode,
 )
-from .errors import (
+from ..errors import (
     ActivityTimeout,
     ConfigurationError,
     EventTimeout,
@@ -44,7 +44,7 @@ from .errors import (
     StorageError,
     WorkflowCancelled,
 )
-from .storage.base import (
+from ..storage.base import (
     EventWait,
     HistoryRow,
     Lease,
@@ -60,8 +60,8 @@ from .storage.base import (
 )
 
 if TYPE_CHECKING:
-    from ._definitions import Activity
-    from ._engine import Engine
+    from .._definitions import Activity
+    from .run import Engine
 
 logger = logging.getLogger("geste.workflow")
 
@@ -217,7 +217,7 @@ class WorkflowContext:
     # -- activities --------------------------------------------------------------------------------
     def on_failure(self, activity: Activity[Any, Any], /, *args: Any, **kwargs: Any) -> None:
         """Register a compensation: run (newest first) if the workflow fails or is cancelled."""
-        from ._definitions import Activity
+        from .._definitions import Activity
 
         if not isinstance(activity, Activity):
             raise TypeError(f"on_failure takes an activity (decorated with @app.activity), not {activity!r}")

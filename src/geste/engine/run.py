@@ -11,15 +11,15 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._context import Abandon, Suspended, WorkflowContext
-from ._metrics import Metrics
-from ._models import Status
-from ._serde import decode, encode, encode_error
-from .errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
-from .storage.base import Claim, HistoryRow, LeaseLost, Storage
+from .._metrics import Metrics
+from .._models import Status
+from .._serde import decode, encode, encode_error
+from ..errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
+from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
+from .context import Abandon, Suspended, WorkflowContext
 
 if TYPE_CHECKING:
-    from ._definitions import Workflow
+    from .._definitions import Workflow
 
 logger = logging.getLogger("geste.engine")
 
