@@ -223,19 +223,11 @@ class WorkflowContext:
         else:
             deadline, match_dict = journal.read(row, payloads.wait_body)
         out_seq = journal.next()
-        out = journal.row(out_seq)
+        out = journal.wait_outcome(out_seq, event_type, StepKind.EVENT, StepKind.EVENT_TIMEOUT, "event")
         if out is not None:
-            if out.kind == StepKind.CANCELLED:
-                raise journal.cancelled()
-            if out.kind == StepKind.EVENT and out.name == event_type:
-                return journal.read(out, payloads.event)
-            if out.kind == StepKind.EVENT_TIMEOUT and out.name == event_type:
+            if out.kind == StepKind.EVENT_TIMEOUT:
                 raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
-            raise journal.diverged(
-                NonDeterminismError(out_seq, f"{out.kind} {out.name!r}", f"event {event_type!r}")
-            )
-        journal.live(out_seq)
-        journal.cancel_if_requested(out_seq)
+            return journal.read(out, payloads.event)
         now = self._host.clock()
         taken = await journal.take_event_or_suspend(EventWait(event_type, match_dict, deadline, out_seq), now)
         if taken is not None:
@@ -358,19 +350,13 @@ class WorkflowContext:
         else:
             deadline = journal.read(row, payloads.deadline)
         out_seq = journal.next()
-        out = journal.row(out_seq)
+        out = journal.wait_outcome(
+            out_seq, channel, StepKind.MESSAGE, StepKind.RECEIVE_TIMEOUT, "message on channel"
+        )
         if out is not None:
-            if out.kind == StepKind.CANCELLED:
-                raise journal.cancelled()
-            if out.kind == StepKind.MESSAGE and out.name == channel:
-                return journal.read(out, message_from_body)
-            if out.kind == StepKind.RECEIVE_TIMEOUT and out.name == channel:
+            if out.kind == StepKind.RECEIVE_TIMEOUT:
                 raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
-            raise journal.diverged(
-                NonDeterminismError(out_seq, f"{out.kind} {out.name!r}", f"message on channel {channel!r}")
-            )
-        journal.live(out_seq)
-        journal.cancel_if_requested(out_seq)
+            return journal.read(out, message_from_body)
         now = self._host.clock()
         taken = await journal.take_message_or_suspend(MessageWait(channel, mode, deadline, out_seq), now)
         if taken is not None:

@@ -307,7 +307,9 @@ class Journal:
             outcome = await host.storage.record(
                 self.lease, records, now=now, lock_expires_at=now + host.lock_timeout, status=status
             )
-        self._recorded(records, outcome.cancel_requested)
+        host.metrics.recorded(records)
+        if outcome.cancel_requested:
+            self._cancel_requested = True
 
     async def send_event(self, row: HistoryRow, event: NewOutboxEvent, now: float) -> None:
         """Record the ``send_event`` step ``row`` and its outbox event in one transaction."""
@@ -374,6 +376,24 @@ class Journal:
         self._pending = []
 
     # -- waits ---------------------------------------------------------------------------------------------
+    def wait_outcome(
+        self, seq: int, name: str, taken: StepKind, timed_out: StepKind, waited_for: str
+    ) -> HistoryRow | None:
+        """The recorded outcome (a ``taken`` or ``timed_out`` row named ``name``) of the wait whose
+        outcome is step ``seq``; None past the history, once the wait may go on live (a cancel requested
+        meanwhile is delivered there). ``waited_for`` says what the wait expects, for a divergence."""
+        out = self.row(seq)
+        if out is None:
+            self.live(seq)
+            if self._cancel_requested and not self._cancel_delivered and not self._compensating:
+                self.deliver_cancel(seq)
+            return None
+        if out.kind == StepKind.CANCELLED:
+            raise self.cancelled()
+        if out.name == name and (out.kind == taken or out.kind == timed_out):
+            return out
+        raise self.diverged(NonDeterminismError(seq, f"{out.kind} {out.name!r}", f"{waited_for} {name!r}"))
+
     async def take_event_or_suspend(self, wait: EventWait, now: float) -> StoredEvent | None:
         """The event the wait takes (recorded with the buffered rows), None if its deadline passed; or
         the wait is committed and the run unwinds (``Suspended``), or a cancel is delivered there."""
@@ -382,14 +402,7 @@ class Journal:
             outcome = await host.storage.take_event_or_suspend(
                 self.lease, self._pending, wait, now=now, lock_expires_at=now + host.lock_timeout
             )
-        if isinstance(outcome, StoredEvent):
-            host.metrics.recorded(self._pending)
-            host.metrics.steps.values[StepKind.EVENT] += 1
-            self._pending = []
-            return outcome
-        if outcome is None:
-            return None
-        self._waited(outcome, wait.outcome_seq, wait.deadline)
+        return self._took(outcome, StepKind.EVENT, wait.outcome_seq, wait.deadline)
 
     async def take_message_or_suspend(self, wait: MessageWait, now: float) -> StoredMessage | None:
         """The message the receive takes (recorded with the buffered rows), None if its deadline passed;
@@ -399,14 +412,22 @@ class Journal:
             outcome = await host.storage.channel_take_or_suspend(
                 self.lease, self._pending, wait, now=now, lock_expires_at=now + host.lock_timeout
             )
-        if isinstance(outcome, StoredMessage):
-            host.metrics.recorded(self._pending)
-            host.metrics.steps.values[StepKind.MESSAGE] += 1
-            self._pending = []
-            return outcome
+        return self._took(outcome, StepKind.MESSAGE, wait.outcome_seq, wait.deadline)
+
+    def _took(
+        self, outcome: T | Suspension | None, kind: StepKind, out_seq: int, deadline: float | None
+    ) -> T | None:
+        """After a wait's take-or-suspend transaction: what it took (recorded with the buffered rows, a
+        ``kind`` row), None if the deadline passed, or ``_waited``."""
         if outcome is None:
             return None
-        self._waited(outcome, wait.outcome_seq, wait.deadline)
+        if isinstance(outcome, Suspension):
+            self._waited(outcome, out_seq, deadline)
+        metrics = self.host.metrics
+        metrics.recorded(self._pending)
+        metrics.steps.values[kind] += 1
+        self._pending = []
+        return outcome
 
     def _waited(self, outcome: Suspension, out_seq: int, deadline: float | None) -> NoReturn:
         """After a wait's take-or-suspend transaction found nothing: deliver a pending cancel at the
