@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import geste
-import geste._engine
+import geste.engine.run
 from geste.errors import (
     ConfigurationError,
     NotAGesteDatabaseError,
@@ -481,15 +481,15 @@ async def test_an_instance_that_keeps_failing_in_the_engine_backs_off_and_the_wo
         delays.append((now if run_at is None else run_at) - now)
         await release(leases, now, run_at=run_at)
 
-    run = geste._engine.Engine.run
+    run = geste.engine.run.Engine.run
 
-    async def failing_run(self: geste._engine.Engine, claim: Any, history: Any = None) -> None:
+    async def failing_run(self: geste.engine.run.Engine, claim: Any, history: Any = None) -> None:
         if claim.lease.instance_id == "broken":
             raise RuntimeError("a bug in the engine")
         await run(self, claim, history)
 
     monkeypatch.setattr(app.storage, "release", recording_release)
-    monkeypatch.setattr(geste._engine.Engine, "run", failing_run)
+    monkeypatch.setattr(geste.engine.run.Engine, "run", failing_run)
     async with app:
         await app.start_workflow(fine, instance_id="broken")
         await wait_until(lambda: len(delays) >= 4, "four failed runs")

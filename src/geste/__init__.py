@@ -8,7 +8,6 @@ from __future__ import annotations
 from . import errors
 from ._app import App
 from ._channels import Message
-from ._context import ActivityContext, WorkflowContext
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import MetricFamily, Metrics, MetricSample, MetricsSnapshot
@@ -17,6 +16,7 @@ from ._models import Event, HistoryEntry, InstanceInfo, Status, StepKind
 from ._operations import ResumeResult, RetryRecord
 from ._retry import RetryPolicy
 from ._status import LeaseInfo, ListenerState, ListenerStatus, QueueStats, SystemStatus, WorkerInfo
+from .engine.context import ActivityContext, WorkflowContext
 from .runtime.relay import OutboxEntry, OutboxEvent, OutboxStatus
 
 __version__ = "0.1.0"

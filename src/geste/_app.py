@@ -14,10 +14,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _operations
-from ._channels import check_channel
-from ._context import ActivityContext, WorkflowContext
-from ._definitions import Activity, Workflow, check_name, storable_text
-from ._engine import Engine
+from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics, app_collector
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
@@ -25,6 +22,9 @@ from ._operations import ResumeResult, RetryRecord
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
 from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, ListenerStatus, SystemStatus, WorkerInfo, is_alive
+from ._validation import check_channel, check_name, storable_text
+from .engine.context import ActivityContext, WorkflowContext
+from .engine.run import Engine
 from .errors import (
     AppNotOpenError,
     ConfigurationError,

@@ -23,14 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ._definitions import storable_text
 from ._serde import decode
-from .errors import ConfigurationError
-
-MAX_CHANNEL_LENGTH = 200
-BROADCAST = "broadcast"
-COMPETING = "competing"
-MODES = (BROADCAST, COMPETING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,27 +40,6 @@ class Message:
     sender_instance_id: str | None
     published_at: datetime
     direct: bool = False
-
-
-def check_channel(channel: object) -> str:
-    """A channel name: any non-empty string of at most 200 characters that every backend stores verbatim."""
-    if (
-        not isinstance(channel, str)
-        or not channel
-        or len(channel) > MAX_CHANNEL_LENGTH
-        or not storable_text(channel)
-    ):
-        raise ConfigurationError(
-            f"a channel name must be a non-empty string of at most {MAX_CHANNEL_LENGTH} characters "
-            f"(no NUL, valid UTF-8), not {channel!r:.80}"
-        )
-    return channel
-
-
-def check_mode(mode: object) -> str:
-    if mode not in MODES:
-        raise ConfigurationError(f"mode must be 'broadcast' or 'competing', not {mode!r:.80}")
-    return str(mode)
 
 
 def message_from_payload(payload: str | None) -> Message:

@@ -8,32 +8,16 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from ._retry import RetryPolicy
 from ._serde import Signature
+from ._validation import check_name
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
     from ._app import App
-    from ._context import ActivityContext, WorkflowContext
     from ._handle import WorkflowHandle
+    from .engine.context import ActivityContext, WorkflowContext
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def storable_text(value: str) -> bool:
-    """Whether every backend stores ``value`` verbatim: no NUL (PostgreSQL refuses it), valid UTF-8."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return "\x00" not in value
-
-
-def check_name(name: object, what: str) -> str:
-    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not storable_text(name):
-        raise ConfigurationError(
-            f"{what} name must be a non-empty string of at most 200 characters (no NUL, valid UTF-8)"
-        )
-    return name
 
 
 def _check_coroutine_function(fn: Callable[..., Any], what: str) -> None:
@@ -67,7 +51,7 @@ class Activity(Generic[P, R]):
         self.__wrapped__ = fn
 
     def __call__(self, ctx: WorkflowContext, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
-        from ._context import WorkflowContext
+        from .engine.context import WorkflowContext
 
         if not isinstance(ctx, WorkflowContext):
             raise TypeError(

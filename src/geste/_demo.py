@@ -16,10 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from ._app import App
-from ._context import ActivityContext, WorkflowContext
 from ._definitions import Workflow
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind
 from ._retry import RetryPolicy
+from .engine.context import ActivityContext, WorkflowContext
 from .errors import ResultTimeout
 
 DEADLINE = 30.0

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ._definitions import storable_text
 from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
 from ._serde import decode
+from ._validation import storable_text
 from .errors import InstanceLeasedError, InstanceNotFoundError, InstanceStateError
 from .storage.base import HistoryRow, InstanceFilter, RetryRow, Storage
 

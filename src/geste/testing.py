@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import inspect
+import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,8 +34,9 @@ from ._handle import WorkflowHandle
 from ._histories import export_history
 from ._metrics import Metrics
 from ._models import InstanceInfo
-from ._replay import ReplayReport, ReplayResult, ReplayStatus, check_replay
 from ._retry import seconds
+from .engine import replay as _replay
+from .engine.replay import ReplayReport, ReplayResult, ReplayStatus
 from .errors import ConfigurationError, IdleTimeout, ResultTimeout
 from .runtime import OpenClose
 from .runtime.relay import OutboxConfig
@@ -409,3 +411,33 @@ class WorkflowEnvironment(OpenClose):
                     f"max_advance ({datetime.fromtimestamp(due, UTC).isoformat()})"
                 )
             await self._advance_to(due)
+
+
+async def check_replay(
+    app: App,
+    *,
+    database_url: str | None = None,
+    files: Iterable[str | os.PathLike[str]] | None = None,
+    workflow: str | None = None,
+    limit: int = 1000,
+    timeout: float = 30.0,
+    on_result: Callable[[ReplayResult], None] | None = None,
+) -> ReplayReport:
+    """Replay recorded histories against the workflows ``app`` registers now; report each verdict.
+
+    Give either ``database_url`` (a copy of production, say: it is only read, never written; at most
+    ``limit`` instances, of ``workflow`` if given, the unfinished ones first) or ``files`` (exported with
+    ``export_history``; a folder stands for its ``*.json`` files). The App need not be open: only its
+    registry of workflows is used. Activities are never run: a replay stops where its history ends.
+    ``timeout`` (seconds) bounds each replay; ``on_result`` is called after each one (progress).
+    """
+    return await _replay.check_replay(
+        app.workflows,
+        max_payload_bytes=app.max_payload_bytes,
+        database_url=database_url,
+        files=files,
+        workflow=workflow,
+        limit=limit,
+        timeout=timeout,
+        on_result=on_result,
+    )

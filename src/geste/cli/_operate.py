@@ -160,7 +160,7 @@ def replay_check(
     FILES exported with geste.testing.export_history (a folder stands for its *.json files). Nothing is
     run but the workflows' code up to the end of each history: no activity, no write.
     """
-    from .. import _replay
+    from ..engine import replay as _replay
 
     if (database_url is None) == (not files):
         raise BadInputError("give either --database-url URL or history FILES")
@@ -170,10 +170,12 @@ def replay_check(
         histories = await _replay.load_histories(
             database_url=database_url, files=files or None, workflow=workflow, limit=limit
         )
-        results = []
+        results, workflows = [], app.workflows
         with Progress("replaying", total=len(histories), enabled=not as_json) as progress:
             for history in histories:
-                result = await _replay.replay_history(app, history)
+                result = await _replay.replay_history(
+                    workflows, history, max_payload_bytes=app.max_payload_bytes
+                )
                 results.append(result)
                 if verbose or not result.ok:
                     progress.note(result.describe())

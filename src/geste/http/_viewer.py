@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
-from .._definitions import storable_text
 from .._models import Status, StepKind
+from .._validation import storable_text
 from ..errors import AppNotOpenError, InstanceNotFoundError, StorageError
 from ..storage.base import InstanceFilter, InstanceSummary
 from . import _pages, _timeline

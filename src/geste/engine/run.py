@@ -11,15 +11,17 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._context import Abandon, Suspended, WorkflowContext
-from ._metrics import Metrics
-from ._models import Status
-from ._serde import decode, encode, encode_error
-from .errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
-from .storage.base import Claim, HistoryRow, LeaseLost, Storage
+from .._metrics import Metrics
+from .._models import Status
+from .._serde import decode, encode, encode_error
+from ..errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
+from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
+from .activities import ActivityRunner
+from .context import WorkflowContext
+from .journal import Abandon, Journal, Suspended
 
 if TYPE_CHECKING:
-    from ._definitions import Workflow
+    from .._definitions import Workflow
 
 logger = logging.getLogger("geste.engine")
 
@@ -35,7 +37,25 @@ async def _retry_sleep(_instance_id: str, delay: float) -> None:
     await asyncio.sleep(delay)
 
 
+def _ignore_completed(_instance_id: str, _workflow_name: str, _result: str) -> None:
+    pass
+
+
+def _ignore_woken() -> None:
+    pass
+
+
+def _ignore_outbox(_event_id: str) -> None:
+    pass
+
+
 class Engine:
+    """Runs claimed instances (``run``): what it needs of the rest of geste it is given here.
+
+    The callbacks are attributes an App may set again later (``on_channel_woken`` and ``on_outbox`` once
+    its worker and relay run, ``retry_wait`` by ``geste.testing``): a run reads them when it calls them.
+    """
+
     def __init__(
         self,
         *,
@@ -47,26 +67,35 @@ class Engine:
         on_suspended: Callable[[str, float | None], None],
         on_finished: Callable[[str], None],
         metrics: Metrics | None = None,
+        on_completed: Callable[[str, str, str], None] = _ignore_completed,
+        on_channel_woken: Callable[[], None] = _ignore_woken,
+        on_outbox: Callable[[str], None] = _ignore_outbox,
+        retry_wait: Callable[[str, float], Awaitable[None]] = _retry_sleep,
     ) -> None:
         self.storage = storage
         self.metrics = metrics or Metrics()
-        """Counted here and by the contexts: steps recorded, activity attempts, instances ended."""
+        """Counted here, by the journals and the activity runner: steps recorded, activity attempts,
+        instances ended."""
         self.workflows = workflows
         self.clock = clock
         self.lock_timeout = lock_timeout
         self.max_payload_bytes = max_payload_bytes
         self.on_suspended = on_suspended
+        """Called with the instance id and when it is due (None: when a message or an event comes) once a
+        suspension committed."""
         self.on_finished = on_finished
-        self.on_completed: Callable[[str, str, str], None] = lambda _id, _workflow, _result: None
+        """Called with the instance id once its end committed."""
+        self.on_completed = on_completed
         """Called with the instance id, workflow name and stored result once a completion committed: the
         App keeps it, so that awaiting a result this process produced costs no read."""
-        self.on_channel_woken: Callable[[], None] = lambda: None
+        self.on_channel_woken = on_channel_woken
         """Called after a step published a message that made receivers runnable: the App pokes its worker."""
-        self.on_outbox: Callable[[str], None] = lambda _event_id: None
+        self.on_outbox = on_outbox
         """Called with the event id after a step recorded an outbox event: the App pokes its relay."""
-        self.retry_wait: Callable[[str, float], Awaitable[None]] = _retry_sleep
+        self.retry_wait = retry_wait
         """How an activity's retry back-off waits, given the instance id and the seconds: in real time;
         ``geste.testing`` makes it wait for its virtual clock instead."""
+        self.activities = ActivityRunner(self)
 
     async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
         """Run the claimed instance until it suspends, finishes, or cannot go on."""
@@ -84,25 +113,26 @@ class Engine:
             return
         if history is None:
             history = await self.storage.get_history(instance_id)
-        ctx = WorkflowContext(
+        journal = Journal(
             self,
             lease=claim.lease,
             workflow_name=claim.workflow_name,
             history=history,
             cancel_requested=claim.cancel_requested,
         )
+        ctx = WorkflowContext(journal, self.activities)
         try:
-            result = await self._drive(ctx, workflow, claim.input)
+            result = await self._drive(journal, ctx, workflow, claim.input)
         except (Suspended, Abandon) as signal:
             if isinstance(signal, Abandon):
-                await self._abandon(ctx, signal)
+                await self._abandon(journal, signal)
             return
         if result is not None:
             self.on_completed(instance_id, claim.workflow_name, result)
         self.on_finished(instance_id)
 
     async def _drive(
-        self, ctx: WorkflowContext, workflow: Workflow[Any, Any], stored_input: str
+        self, journal: Journal, ctx: WorkflowContext, workflow: Workflow[Any, Any], stored_input: str
     ) -> str | None:
         """Run the workflow's code to its end (or a suspension, raised); the stored result if it completed."""
         try:
@@ -111,74 +141,68 @@ class Engine:
             encoded = encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)
         except NonDeterminismError as exc:
             # Leave the history as it is: an operator decides (fix the code and retry, or cancel).
-            logger.error("instance %s stopped: %s", ctx.instance_id, exc)
-            await self._finish(ctx, [], Status.FAILED, error=encode_error(exc))
+            logger.error("instance %s stopped: %s", journal.instance_id, exc)
+            await self._finish(journal, Status.FAILED, discard=True, error=encode_error(exc))
             return None
         except Exception as exc:
-            if ctx._divergence is None:
-                await self._fail(ctx, exc)
+            if journal.divergence is None:
+                await self._fail(journal, ctx, exc)
                 return None
-        if ctx._divergence is not None:  # raised, then swallowed by the workflow's own code
-            logger.error("instance %s stopped: %s", ctx.instance_id, ctx._divergence)
-            await self._finish(ctx, [], Status.FAILED, error=encode_error(ctx._divergence))
+        if journal.divergence is not None:  # raised, then swallowed by the workflow's own code
+            logger.error("instance %s stopped: %s", journal.instance_id, journal.divergence)
+            await self._finish(journal, Status.FAILED, discard=True, error=encode_error(journal.divergence))
             return None
-        await self._finish(ctx, ctx._pending, Status.COMPLETED, result=encoded)
+        await self._finish(journal, Status.COMPLETED, result=encoded)
         return encoded
 
-    async def _fail(self, ctx: WorkflowContext, exc: Exception) -> None:
+    async def _fail(self, journal: Journal, ctx: WorkflowContext, exc: Exception) -> None:
         cancelled = isinstance(exc, WorkflowCancelled)
         error = encode_error(exc)
-        if ctx._compensations:
+        if journal.compensations:
             try:
-                failures = await ctx._run_compensations()
+                failures = await self.activities.compensate(journal)
             except NonDeterminismError as nd:
-                logger.error("instance %s stopped during compensation: %s", ctx.instance_id, nd)
-                await self._finish(ctx, [], Status.FAILED, error=encode_error(nd))
+                logger.error("instance %s stopped during compensation: %s", journal.instance_id, nd)
+                await self._finish(journal, Status.FAILED, discard=True, error=encode_error(nd))
                 return
             if failures:
                 error["compensation_errors"] = failures
         if not cancelled and not isinstance(exc, SerializationError):
             ctx.logger.info("failed: %s: %s", type(exc).__name__, exc)
-        await self._finish(ctx, ctx._pending, Status.CANCELLED if cancelled else Status.FAILED, error=error)
+        await self._finish(journal, Status.CANCELLED if cancelled else Status.FAILED, error=error)
 
     async def _finish(
         self,
-        ctx: WorkflowContext,
-        records: Sequence[HistoryRow],
+        journal: Journal,
         status: Status,
         *,
+        discard: bool = False,
         result: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> None:
-        try:
-            await self.storage.finish(
-                ctx._lease,
-                records,
-                now=self.clock(),
-                status=status,
-                result=result,
-                error=None if error is None else encode(error, what="error"),
-            )
-        except (LeaseLost, StorageError) as exc:
-            raise Abandon(exc) from exc
-        self.metrics.recorded(records)
-        self.metrics.workflows_ended.values[(ctx.workflow_name, status)] += 1
-        ctx._pending = []
+        """Store the end (with the buffered rows, unless ``discard``)."""
+        await journal.finish(
+            status,
+            discard=discard,
+            result=result,
+            error=None if error is None else encode(error, what="error"),
+        )
+        self.metrics.workflows_ended.values[(journal.workflow_name, status)] += 1
 
-    async def _abandon(self, ctx: WorkflowContext, signal: Abandon) -> None:
+    async def _abandon(self, journal: Journal, signal: Abandon) -> None:
         cause = signal.args[0] if signal.args else signal
         if isinstance(cause, LeaseLost):
-            logger.warning("instance %s: lease lost to another worker; this run stops", ctx.instance_id)
+            logger.warning("instance %s: lease lost to another worker; this run stops", journal.instance_id)
             return
         logger.error(
             "instance %s: storage failed (%s); releasing it to be run again in %ss",
-            ctx.instance_id,
+            journal.instance_id,
             cause,
             ABANDONED_RETRY,
         )
         try:
             now = self.clock()
-            await self.storage.release([ctx._lease], now, run_at=now + ABANDONED_RETRY)
+            await self.storage.release([journal.lease], now, run_at=now + ABANDONED_RETRY)
         except (StorageError, LeaseLost):
             pass  # the lease expires by itself after lock_timeout
         except asyncio.CancelledError:

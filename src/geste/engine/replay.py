@@ -1,10 +1,11 @@
 """The replay check: run recorded histories against the workflows' current code, report what diverges.
 
-Each history is replayed by the engine's own ``WorkflowContext``, the one a worker uses, so a step is
-matched exactly as a real resume would match it. The replay stops at the end of the recorded history: a
-step the history does not hold raises ``_EndOfHistory`` before anything of it runs (no activity, no
-timer, no message, no event), and the context's storage is a stand-in that has no database behind it and
-takes no write. The histories themselves were read beforehand, read-only (``_histories``).
+Each history is replayed by the engine's own ``WorkflowContext`` and ``Journal``, the ones a worker uses,
+so a step is matched exactly as a real resume would match it. The replay stops at the end of the recorded
+history: a step the history does not hold raises ``_EndOfHistory`` before anything of it runs (no
+activity, no timer, no message, no event; the journal's ``live`` hook), and the journal's storage is a
+stand-in that has no database behind it and takes no write. The histories themselves were read
+beforehand, read-only (``_histories``). The check needs no App: the workflows and the payload limit.
 """
 
 from __future__ import annotations
@@ -12,23 +13,23 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from ._context import Abandon, Suspended, WorkflowContext
-from ._engine import Engine
-from ._histories import RecordedHistory, Unreadable, history_files, read_database, read_history_file
-from ._models import Status, StepKind
-from ._retry import seconds
-from ._serde import decode, encode
-from .errors import ConfigurationError, HistoryCorruptedError, NonDeterminismError, WorkflowCancelled
-from .storage.base import HistoryRow, Lease, StepResult, Storage
+from .._histories import RecordedHistory, Unreadable, history_files, read_database, read_history_file
+from .._models import Status, StepKind
+from .._retry import seconds
+from .._serde import decode, encode
+from ..errors import ConfigurationError, HistoryCorruptedError, NonDeterminismError, WorkflowCancelled
+from ..storage.base import HistoryRow, Lease, StepResult, Storage
+from .context import WorkflowContext
+from .journal import Abandon, Journal, Suspended
+from .run import Engine
 
 if TYPE_CHECKING:
-    from ._app import App
-    from ._definitions import Workflow
+    from .._definitions import Workflow
 
 _DIVERGENCE_TYPES = ("geste.errors.NonDeterminismError", "geste.errors.HistoryCorruptedError")
 """Recorded errors of instances stopped by a divergence: their history ends there, not at their end."""
@@ -126,8 +127,9 @@ class ReplayReport:
 
 
 async def check_replay(
-    app: App,
+    workflows: Mapping[str, Workflow[Any, Any]],
     *,
+    max_payload_bytes: int,
     database_url: str | None = None,
     files: Iterable[str | os.PathLike[str]] | None = None,
     workflow: str | None = None,
@@ -135,19 +137,22 @@ async def check_replay(
     timeout: float = 30.0,
     on_result: Callable[[ReplayResult], None] | None = None,
 ) -> ReplayReport:
-    """Replay recorded histories against the workflows ``app`` registers now; report each verdict.
+    """Replay recorded histories against the current code of ``workflows`` (by name); report each verdict.
 
     Give either ``database_url`` (a copy of production, say: it is only read, never written; at most
     ``limit`` instances, of ``workflow`` if given, the unfinished ones first) or ``files`` (exported with
-    ``export_history``; a folder stands for its ``*.json`` files). The App need not be open: only its
-    registry of workflows is used. Activities are never run: a replay stops where its history ends.
+    ``export_history``; a folder stands for its ``*.json`` files). Activities are never run: a replay
+    stops where its history ends. A result larger than ``max_payload_bytes`` fails as it would in a run.
     ``timeout`` (seconds) bounds each replay; ``on_result`` is called after each one (progress).
+    ``geste.testing.check_replay`` calls it with an App's workflows and settings.
     """
     limit_seconds = seconds(timeout, what="timeout", allow_zero=False)
     histories = await load_histories(database_url=database_url, files=files, workflow=workflow, limit=limit)
     results = []
     for history in histories:
-        result = await replay_history(app, history, timeout=limit_seconds)
+        result = await replay_history(
+            workflows, history, max_payload_bytes=max_payload_bytes, timeout=limit_seconds
+        )
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -172,9 +177,13 @@ async def load_histories(
 
 
 async def replay_history(
-    app: App, history: RecordedHistory | Unreadable, *, timeout: float = 30.0
+    workflows: Mapping[str, Workflow[Any, Any]],
+    history: RecordedHistory | Unreadable,
+    *,
+    max_payload_bytes: int,
+    timeout: float = 30.0,
 ) -> ReplayResult:
-    """Replay one recorded history against ``app``'s current code."""
+    """Replay one recorded history against the current code of ``workflows`` (by name)."""
     if isinstance(history, Unreadable):
         return ReplayResult(
             history.instance_id,
@@ -190,7 +199,7 @@ async def replay_history(
         "instance_status": history.status,
         "steps": len(history.rows),
     }
-    workflow = app.workflows.get(history.workflow_name)
+    workflow = workflows.get(history.workflow_name)
     if workflow is None:
         if history.status.is_finished:
             return ReplayResult(
@@ -203,7 +212,7 @@ async def replay_history(
         )
     try:
         async with asyncio.timeout(timeout):
-            verdict = await _Replay(app, workflow, history).run()
+            verdict = await _Replay(workflow, history, max_payload_bytes=max_payload_bytes).run()
     except TimeoutError:
         return ReplayResult(
             **base,
@@ -226,17 +235,17 @@ class _EndOfHistory(BaseException):
         self.step = step
 
 
-class _ReplayContext(WorkflowContext):
-    """The worker's context, stopped at the first step past the recorded history."""
+class _ReplayJournal(Journal):
+    """The worker's journal, stopped at the first step past the recorded history (its two hooks)."""
 
     _asked: tuple[int, str] = (0, "")
 
-    def _replay(self, seq: int, kind: StepKind, name: str) -> HistoryRow | None:
+    def replay(self, seq: int, kind: StepKind, name: str) -> HistoryRow | None:
         self._asked = (seq, f"{kind.value} {name!r}")
-        return super()._replay(seq, kind, name)
+        return super().replay(seq, kind, name)
 
-    def _live(self, seq: int, *, ordered: bool = True) -> None:
-        super()._live(seq, ordered=ordered)  # a step missing below later ones is corruption
+    def live(self, seq: int, *, ordered: bool = True) -> None:
+        super().live(seq, ordered=ordered)  # a step missing below later ones is corruption
         asked, step = self._asked
         raise _EndOfHistory(seq, step if asked == seq else f"the outcome of the wait at step {asked}")
 
@@ -244,11 +253,11 @@ class _ReplayContext(WorkflowContext):
 class _NoDatabase:
     """The storage of a replay: it takes no write. A step that would write is past the history."""
 
-    def __init__(self, context: Callable[[], _ReplayContext]) -> None:
-        self._context = context
+    def __init__(self, journal: Callable[[], Journal]) -> None:
+        self._journal = journal
 
     async def record(self, lease: Lease, records: Sequence[HistoryRow], **_: Any) -> StepResult:
-        if records:  # pragma: no cover - a recorded row is only ever new after _live, which stops
+        if records:  # pragma: no cover - a recorded row is only ever new after live, which stops
             self._stop()
         return StepResult(cancel_requested=False)  # the status change at compensations' start
 
@@ -259,38 +268,41 @@ class _NoDatabase:
         return refuse
 
     def _stop(self) -> NoReturn:
-        ctx = self._context()
-        raise _EndOfHistory(ctx._seq, f"the wait at step {ctx._seq}")
+        seq = self._journal().seq
+        raise _EndOfHistory(seq, f"the wait at step {seq}")
 
 
 class _Replay:
-    """One replay: the workflow run by a ``_ReplayContext`` to its end or to the end of its history."""
+    """One replay: the workflow run on a ``_ReplayJournal`` to its end or to the end of its history."""
 
-    def __init__(self, app: App, workflow: Workflow[Any, Any], history: RecordedHistory) -> None:
-        self.app = app
+    def __init__(
+        self, workflow: Workflow[Any, Any], history: RecordedHistory, *, max_payload_bytes: int
+    ) -> None:
         self.workflow = workflow
         self.history = history
-        storage = _NoDatabase(lambda: self.ctx)
-        engine = Engine(
+        self.max_payload_bytes = max_payload_bytes
+        storage = _NoDatabase(lambda: self.journal)
+        self.engine = Engine(
             storage=cast(Storage, storage),
             workflows={workflow.name: workflow},
             clock=time.time,
             lock_timeout=3600.0,
-            max_payload_bytes=app.max_payload_bytes,
+            max_payload_bytes=max_payload_bytes,
             on_suspended=lambda _instance_id, _run_at: None,
             on_finished=lambda _instance_id: None,
         )
-        self.ctx = _ReplayContext(
-            engine,
+        self.journal = _ReplayJournal(
+            self.engine,
             lease=Lease(history.instance_id, "replay-check"),
             workflow_name=workflow.name,
             history=history.rows,
             cancel_requested=False,
         )
+        self.ctx = WorkflowContext(self.journal, self.engine.activities)
 
     async def run(self) -> dict[str, Any]:
         """The verdict's fields: status, and where and how it diverged."""
-        ctx, history = self.ctx, self.history
+        journal, history = self.journal, self.history
         try:
             try:
                 args, kwargs = self.workflow.signature.load_args(decode(history.input))
@@ -303,21 +315,23 @@ class _Replay:
                 )
             ending = await self._drive(args, kwargs)
         except _EndOfHistory as end:
-            if ctx._divergence is not None:  # raised inside a gather's other branch first
-                return _divergence(ctx._divergence)
+            if journal.divergence is not None:  # raised inside a gather's other branch first
+                return _divergence(journal.divergence)
             if self._ends_with_the_workflow():
                 return _diverged(end.seq, f"the end of the workflow ({history.status.value})", end.step)
             return {"status": ReplayStatus.OK, "message": f"replays its {len(history.rows)} steps"}
         except (Suspended, Abandon) as signal:  # pragma: no cover - nothing here suspends or abandons
             return {"status": ReplayStatus.ERROR, "message": f"unexpected {type(signal).__name__}"}
-        if ctx._divergence is not None:
-            return _divergence(ctx._divergence)
-        leftover = sorted(row.seq for row in history.rows if type(row.seq) is int and row.seq > ctx._seq)
+        if journal.divergence is not None:
+            return _divergence(journal.divergence)
+        leftover = sorted(row.seq for row in history.rows if type(row.seq) is int and row.seq > journal.seq)
         if leftover:
             row = next(r for r in history.rows if r.seq == leftover[0])
             return _diverged(row.seq, f"{row.kind} {row.name!r}", f"the end of the workflow ({ending})")
         if self._ends_with_the_workflow() and not ending.startswith(history.status.value):
-            return _diverged(ctx._seq + 1, f"the end of the workflow ({history.status.value})", f"{ending}")
+            return _diverged(
+                journal.seq + 1, f"the end of the workflow ({history.status.value})", f"{ending}"
+            )
         return {
             "status": ReplayStatus.OK,
             "message": f"replays its {len(history.rows)} steps and ends {ending}",
@@ -330,17 +344,17 @@ class _Replay:
 
     async def _drive(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
         """Run the workflow as the engine does (its compensations too, on failure); say how it ended."""
-        ctx, workflow = self.ctx, self.workflow
+        journal, workflow = self.journal, self.workflow
         try:
-            result = await workflow.fn(ctx, *args, **kwargs)
-            encode(result, what=f"result of workflow {workflow.name}", limit=self.app.max_payload_bytes)
+            result = await workflow.fn(self.ctx, *args, **kwargs)
+            encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)
         except Exception as exc:
-            if ctx._divergence is not None:
+            if journal.divergence is not None:
                 return "diverged"
-            if ctx._compensations:
+            if journal.compensations:
                 try:
-                    await ctx._run_compensations()
-                except NonDeterminismError:  # kept in ctx._divergence
+                    await self.engine.activities.compensate(journal)
+                except NonDeterminismError:  # kept in journal.divergence
                     return "diverged"
             if isinstance(exc, WorkflowCancelled):
                 return Status.CANCELLED.value

@@ -1,0 +1,210 @@
+"""Activities: the step that calls one (replayed, or run live with its attempts, timeouts and retries) and
+the compensations run when a workflow fails.
+
+An activity runs at least once and its outcome is recorded once: the row is buffered in the journal and
+commits with the workflow's next write (``Journal.buffer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._models import StepKind
+from .._serde import decode, encode, encode_error
+from ..errors import ActivityTimeout, NonDeterminismError, SerializationError
+from ..storage.base import HistoryRow
+from . import payloads
+from .journal import Host, Journal
+
+if TYPE_CHECKING:
+    from .._definitions import Activity
+
+logger = logging.getLogger("geste.workflow")
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityContext:
+    """What an activity knows about the call it serves.
+
+    ``idempotency_key`` is the same for every attempt and every replay of this step of this instance:
+    hand it to external systems so a retried call is not applied twice.
+    """
+
+    instance_id: str
+    workflow_name: str
+    activity_name: str
+    seq: int
+    attempt: int
+    max_attempts: int
+    is_compensation: bool = False
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.instance_id}:{self.seq}"
+
+
+class ActivityRunner:
+    """Runs the activity steps of the runs of one engine (``host``)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    async def step(
+        self,
+        journal: Journal,
+        activity: Activity[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        kind: StepKind = StepKind.ACTIVITY,
+    ) -> Any:
+        """The activity step: its recorded outcome, or its outcome now (buffered); raises its error."""
+        seq = journal.next()
+        row = journal.replay(seq, kind, activity.name)
+        if row is None:
+            journal.begin(seq)
+            activity.signature.bind(args, kwargs, what=f"activity {activity.name}")
+            encoded_args = encode(
+                {"args": args, "kwargs": kwargs},
+                what=f"arguments of activity {activity.name}",
+                limit=self.host.max_payload_bytes,
+            )
+            # the activity gets its arguments as recorded (JSON, typed by its hints), never the
+            # workflow's own objects: what it mutates cannot leak into the workflow
+            loaded_args, loaded_kwargs = activity.signature.load_args(decode(encoded_args))
+            journal.live(seq, ordered=False)
+            if journal.has_buffered():  # what the workflow saw (now, uuid4, random, a timeout) may be in
+                await journal.flush()  # the arguments: a rerun of the activity after a crash must see it too
+                journal.cancel_if_requested(seq)  # the flush is where a cancel requested meanwhile shows
+            row = await self._execute(
+                journal, activity, seq, kind, tuple(loaded_args), loaded_kwargs, encoded_args
+            )
+            journal.buffer(row)
+        if row.is_error:
+            raise journal.read(row, payloads.activity_error)
+        return activity.signature.load_result(journal.read(row, payloads.activity_result))
+
+    async def _execute(
+        self,
+        journal: Journal,
+        activity: Activity[Any, Any],
+        seq: int,
+        kind: StepKind,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        encoded_args: str,
+    ) -> HistoryRow:
+        """Run the activity's attempts to its outcome: the row that records it."""
+        host = self.host
+        policy = activity.retry
+        timeout = policy.timeout_seconds
+        started = host.clock()
+        metrics = host.metrics
+        attempt = 0
+        while True:
+            attempt += 1
+            metrics.activity_attempts.values[activity.name] += 1
+            actx = ActivityContext(
+                instance_id=journal.instance_id,
+                workflow_name=journal.workflow_name,
+                activity_name=activity.name,
+                seq=seq,
+                attempt=attempt,
+                max_attempts=policy.max_attempts,
+                is_compensation=kind == StepKind.COMPENSATION,
+            )
+            error: BaseException | None = None
+            try:
+                if timeout is None:
+                    result = await activity.fn(actx, *args, **kwargs)
+                else:
+                    scope = asyncio.timeout(timeout)
+                    try:
+                        async with scope:
+                            result = await activity.fn(actx, *args, **kwargs)
+                    except TimeoutError as exc:
+                        if not scope.expired():
+                            raise
+                        raise ActivityTimeout(
+                            f"attempt {attempt} of activity {activity.name} ran past {timeout}s"
+                        ) from exc
+            except Exception as exc:
+                error = exc
+            if error is None:
+                try:
+                    body = encode_body(
+                        {"result": result},
+                        started,
+                        host.clock(),
+                        attempt,
+                        encoded_args,
+                        what=f"result of activity {activity.name}",
+                        limit=host.max_payload_bytes,
+                    )
+                except SerializationError as exc:  # deterministic: retrying would fail the same way
+                    error, attempt_final = exc, True
+                else:
+                    return HistoryRow(seq, kind, activity.name, body, False, started)
+            else:
+                attempt_final = attempt >= policy.max_attempts or not policy.is_retryable(error)
+            metrics.activity_attempt_failures.values[activity.name] += 1
+            if attempt_final:
+                metrics.activity_failures.values[activity.name] += 1
+                body = encode_body(
+                    {"error": encode_error(error)},
+                    started,
+                    host.clock(),
+                    attempt,
+                    encoded_args,
+                    what="error",
+                    limit=None,
+                )
+                return HistoryRow(seq, kind, activity.name, body, True, started)
+            delay = policy.delay(attempt)
+            metrics.activity_retries.values[activity.name] += 1
+            logger.warning(
+                "activity %s of %s attempt %d/%d failed (%s: %s); retrying in %.3gs",
+                activity.name,
+                journal.instance_id,
+                attempt,
+                policy.max_attempts,
+                type(error).__name__,
+                error,
+                delay,
+            )
+            await host.retry_wait(journal.instance_id, delay)
+
+    async def compensate(self, journal: Journal) -> list[dict[str, Any]]:
+        """Run the registered compensations newest first; collect (not raise) their final errors."""
+        journal.compensate()
+        await journal.flush()  # the status says "compensating" from the first compensation on
+        errors = []
+        for activity, args, kwargs in reversed(journal.compensations):
+            try:
+                await self.step(journal, activity, args, kwargs, StepKind.COMPENSATION)
+            except Exception as exc:
+                if isinstance(exc, NonDeterminismError):
+                    raise
+                errors.append({"activity": activity.name, **encode_error(exc)})
+        return errors
+
+
+def encode_body(
+    outcome: dict[str, Any],
+    started: float,
+    finished: float,
+    attempts: int,
+    encoded_args: str,
+    *,
+    what: str,
+    limit: int | None,
+) -> str:
+    """The history payload of an activity: its outcome, timing, attempts and (already encoded) input."""
+    text = encode(
+        {**outcome, "attempts": attempts, "started_at": started, "duration": finished - started},
+        what=what,
+        limit=limit,
+    )
+    return text[:-1] + ',"input":' + encoded_args + "}"

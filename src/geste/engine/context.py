@@ -1,0 +1,436 @@
+"""The contexts user code receives: ``WorkflowContext`` (replay-aware steps) and ``ActivityContext``.
+
+A ``WorkflowContext`` numbers every step the workflow takes. A step whose number is in the recorded
+history returns its recorded outcome; the first step past the history runs and its outcome is committed
+before the workflow goes on. Outcomes that need no durability of their own (``now``, ``uuid4``,
+``random``, the start of a wait) are buffered and written in the same transaction as the next commit.
+The numbering, the replay and the recording are the journal's (``journal``); the activities are run by
+the activity runner (``activities``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random as _random
+import uuid
+from collections.abc import Callable, Coroutine, Mapping, MutableMapping
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
+
+from .._channels import Message, message_from_body
+from .._models import Event, StepKind
+from .._retry import seconds
+from .._serde import decode, encode
+from .._validation import (
+    BROADCAST,
+    check_channel,
+    check_event_attribute,
+    check_event_id,
+    check_event_type,
+    check_instance_id,
+    check_mode,
+)
+from ..errors import (
+    ConfigurationError,
+    EventTimeout,
+    InstanceNotFoundError,
+    NonDeterminismError,
+    ReceiveTimeout,
+)
+from ..storage.base import (
+    EventWait,
+    HistoryRow,
+    MessageWait,
+    NewMessage,
+    NewOutboxEvent,
+    event_history_payload,
+    message_history_payload,
+)
+from . import payloads
+from .activities import ActivityContext, ActivityRunner
+from .journal import Journal
+
+if TYPE_CHECKING:
+    from .._definitions import Activity
+
+__all__ = ["ActivityContext", "WorkflowContext"]
+
+logger = logging.getLogger("geste.workflow")
+
+T = TypeVar("T")
+
+
+class _ReplayQuietLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger that says nothing while the workflow replays steps it already took."""
+
+    def __init__(self, ctx: WorkflowContext) -> None:
+        super().__init__(logger, {"instance_id": ctx.instance_id})
+        self._ctx = ctx
+
+    def isEnabledFor(self, level: int) -> bool:
+        return not self._ctx.is_replaying and super().isEnabledFor(level)
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return f"[{self._ctx.workflow_name} {self._ctx.instance_id}] {msg}", kwargs
+
+
+class WorkflowContext:
+    """Passed to every workflow as its first argument; every durable operation goes through it."""
+
+    def __init__(self, journal: Journal, activities: ActivityRunner) -> None:
+        """The context of the run that ``journal`` records (built by the engine, never by user code)."""
+        self._journal = journal
+        self._host = journal.host
+        self._activities = activities
+        self.instance_id = journal.instance_id
+        self.workflow_name = journal.workflow_name
+        self._subscriptions: dict[str, str] = {}
+        """channel -> mode of this instance's subscriptions, rebuilt by the replay of its steps."""
+        self.logger = _ReplayQuietLogger(self)
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def is_replaying(self) -> bool:
+        """True while the workflow re-runs steps it took before (side effects outside steps repeat)."""
+        return self._journal.is_replaying
+
+    # -- deterministic helpers ---------------------------------------------------------------------
+    def now(self) -> datetime:
+        """The current time (UTC), recorded so that a replay sees the same value."""
+        return self._helper(StepKind.NOW, self._host.clock, payloads.moment)
+
+    def uuid4(self) -> uuid.UUID:
+        """A random UUID, recorded so that a replay sees the same value."""
+        return self._helper(StepKind.UUID, _new_uuid, payloads.uuid4)
+
+    def random(self) -> float:
+        """A random float in [0, 1), recorded so that a replay sees the same value."""
+        return self._helper(StepKind.RANDOM, _random.random, payloads.number)
+
+    def _helper(self, kind: StepKind, make: Callable[[], Any], read: Callable[[Any], T]) -> T:
+        """A recorded value: ``make`` it and record it, or read it back (``read`` turns both into what
+        the workflow gets)."""
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, kind, kind.value)
+        if row is not None:
+            return journal.read(row, read)
+        journal.running()
+        journal.live(seq)
+        value = make()
+        journal.buffer(
+            HistoryRow(seq, kind, kind.value, encode(value, what=kind.value), False, self._host.clock())
+        )
+        return read(value)
+
+    # -- activities --------------------------------------------------------------------------------
+    def on_failure(self, activity: Activity[Any, Any], /, *args: Any, **kwargs: Any) -> None:
+        """Register a compensation: run (newest first) if the workflow fails or is cancelled."""
+        from .._definitions import Activity
+
+        if not isinstance(activity, Activity):
+            raise TypeError(f"on_failure takes an activity (decorated with @app.activity), not {activity!r}")
+        activity.signature.bind(args, kwargs, what=f"compensation {activity.name}")
+        encode(
+            {"args": args, "kwargs": kwargs},
+            what=f"arguments of compensation {activity.name}",
+            limit=self._host.max_payload_bytes,
+        )
+        self._journal.compensations.append((activity, args, kwargs))
+
+    def _activity(
+        self, activity: Activity[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Coroutine[Any, Any, Any]:
+        """The step of a call of ``activity`` (what ``Activity.__call__`` returns to be awaited)."""
+        return self._activities.step(self._journal, activity, args, kwargs)
+
+    # -- durable timers ----------------------------------------------------------------------------
+    async def sleep(self, duration: float | timedelta) -> None:
+        """Wait durably: the instance is released and resumed (on any worker) once the time is up."""
+        secs = seconds(duration, what="sleep duration")
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.SLEEP, "sleep")
+        now = self._host.clock()
+        if row is None:
+            journal.begin(seq)
+            journal.live(seq)
+            expires_at = now + secs
+            journal.buffer(
+                HistoryRow(
+                    seq,
+                    StepKind.SLEEP,
+                    "sleep",
+                    encode({"seconds": secs, "expires_at": expires_at}, what="sleep"),
+                    False,
+                    now,
+                )
+            )
+        else:
+            expires_at = journal.read(row, payloads.expires_at)
+            if journal.last_recorded > seq:
+                journal.cancelled_here()
+                return
+        if now >= expires_at:
+            return
+        if journal.cancel_pending():
+            journal.deliver_cancel(journal.next())
+        await journal.suspend(run_at=expires_at, timer=(seq, expires_at))
+
+    async def sleep_until(self, when: datetime) -> None:
+        """Wait durably until ``when`` (an aware datetime; a naive one is taken as UTC)."""
+        if not isinstance(when, datetime):
+            raise TypeError(f"sleep_until takes a datetime, not {when!r}")
+        moment = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        seq_time = self.now().timestamp()
+        await self.sleep(max(0.0, moment.timestamp() - seq_time))
+
+    # -- events --------------------------------------------------------------------------------------
+    async def wait_event(
+        self,
+        event_type: str,
+        *,
+        match: Mapping[str, Any] | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Event:
+        """Wait durably for an event of ``event_type`` whose data has every key/value of ``match``.
+
+        Events sent with ``app.send_event`` at or after this instance was started are kept until it takes
+        them, so an event that arrives before the workflow waits is not lost. Raises
+        ``geste.errors.EventTimeout`` after ``timeout``.
+        """
+        check_event_type(event_type)
+        match_dict = dict(match) if match is not None else None
+        secs = None if timeout is None else seconds(timeout, what="timeout")
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.WAIT_EVENT, event_type)
+        if row is None:
+            journal.begin(seq)
+            now = self._host.clock()
+            deadline = None if secs is None else now + secs
+            body = encode(
+                {"match": match_dict, "timeout": secs, "deadline": deadline},
+                what="event match",
+                limit=self._host.max_payload_bytes,
+            )
+            journal.live(seq)
+            journal.buffer(HistoryRow(seq, StepKind.WAIT_EVENT, event_type, body, False, now))
+            # matched as recorded (JSON), like the events it is compared with, whether it finds one
+            # now or app.send_event brings one later: a tuple, a date or an int key match the same
+            match_dict = decode(body)["match"]
+        else:
+            deadline, match_dict = journal.read(row, payloads.wait_body)
+        out_seq = journal.next()
+        out = journal.wait_outcome(out_seq, event_type, StepKind.EVENT, StepKind.EVENT_TIMEOUT, "event")
+        if out is not None:
+            if out.kind == StepKind.EVENT_TIMEOUT:
+                raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
+            return journal.read(out, payloads.event)
+        now = self._host.clock()
+        taken = await journal.take_event_or_suspend(EventWait(event_type, match_dict, deadline, out_seq), now)
+        if taken is not None:
+            return payloads.event(decode(event_history_payload(taken)))
+        journal.buffer(HistoryRow(out_seq, StepKind.EVENT_TIMEOUT, event_type, None, True, now))
+        raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
+
+    # -- the transactional outbox ------------------------------------------------------------------
+    async def send_event(
+        self,
+        event_type: str,
+        data: Any = None,
+        *,
+        source: str | None = None,
+        subject: str | None = None,
+        event_id: str | None = None,
+    ) -> str:
+        """Emit an event to the outside world through the transactional outbox; return its id.
+
+        A step of its own: its history row and the outbox row commit in one transaction (with the
+        buffered rows before it), so the event exists exactly when the step is recorded, and a replay
+        returns the recorded id without emitting it again. The relay delivers it at least once, after
+        this instance's earlier events (README, "The transactional outbox"). ``event_id`` defaults to
+        ``"<instance id>:<seq>"``, the same on every replay; an id already in the outbox is not stored
+        again. ``source`` defaults to ``/geste/<workflow name>``.
+        """
+        check_event_attribute(event_type, "event_type")
+        if source is not None:
+            check_event_attribute(source, "source")
+        if subject is not None:
+            check_event_attribute(subject, "subject")
+        if event_id is not None:
+            check_event_id(event_id)
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.SEND_EVENT, event_type)
+        if row is not None:
+            return journal.read(row, payloads.event_id)
+        journal.begin(seq)
+        encoded = (
+            None
+            if data is None
+            else encode(data, what=f"data of event {event_type}", limit=self._host.max_payload_bytes)
+        )
+        journal.live(seq, ordered=False)
+        eid = f"{self.instance_id}:{seq}" if event_id is None else event_id
+        src = f"/geste/{quote(self.workflow_name, safe='')}" if source is None else source
+        now = self._host.clock()
+        body = encode({"event_id": eid, "type": event_type, "source": src, "subject": subject}, what="event")
+        await journal.send_event(
+            HistoryRow(seq, StepKind.SEND_EVENT, event_type, body, False, now),
+            NewOutboxEvent(eid, seq, event_type, src, subject, encoded),
+            now,
+        )
+        return eid
+
+    # -- channels ------------------------------------------------------------------------------------
+    async def subscribe(self, channel: str, mode: str = "broadcast") -> None:
+        """Subscribe this instance to ``channel``: it receives the messages published from now on.
+
+        ``"broadcast"``: every message, in publication order. ``"competing"``: the channel's competing
+        subscribers share its messages, each taken by exactly one of them. A step of its own (one
+        commit). Subscribing again in the same mode does nothing; in the other mode raises
+        ``geste.errors.ConfigurationError``. A first ``receive`` on a channel subscribes in broadcast mode.
+        """
+        check_channel(channel)
+        check_mode(mode)
+        if self._subscribed(channel, mode):
+            return
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.SUBSCRIBE, channel)
+        if row is not None:
+            self._replayed_subscription(seq, row, channel, mode)
+            return
+        journal.begin(seq)
+        journal.live(seq, ordered=False)
+        now = self._host.clock()
+        body = encode({"mode": mode}, what="subscription")
+        await journal.subscribe(
+            HistoryRow(seq, StepKind.SUBSCRIBE, channel, body, False, now), channel, mode, now
+        )
+        self._subscriptions[channel] = mode
+
+    async def receive(self, channel: str, timeout: float | timedelta | None = None) -> Message:
+        """Wait durably for this instance's next message on ``channel`` and return it.
+
+        Subscribed in broadcast mode: the next message published after the subscription, in order;
+        in competing mode: the oldest one no other competing subscriber took. A message sent to this
+        instance with ``send_to`` comes in publication order with them. A message published while the
+        instance is not waiting (running, suspended, crashed) is kept until it receives. Never
+        subscribed to ``channel``: this receive subscribes it in broadcast mode, from now on. Raises
+        ``geste.errors.ReceiveTimeout`` after ``timeout``.
+        """
+        check_channel(channel)
+        secs = None if timeout is None else seconds(timeout, what="timeout")
+        journal = self._journal
+        mode = self._subscriptions.get(channel)
+        if mode is None:  # an implicit subscription: its row is written with the receive's transaction
+            mode = BROADCAST
+            seq = journal.next()
+            row = journal.replay(seq, StepKind.SUBSCRIBE, channel)
+            if row is not None:
+                self._replayed_subscription(seq, row, channel, mode)
+            else:
+                journal.begin(seq)
+                journal.live(seq)
+                body = encode({"mode": mode, "implicit": True}, what="subscription")
+                journal.buffer(HistoryRow(seq, StepKind.SUBSCRIBE, channel, body, False, self._host.clock()))
+                self._subscriptions[channel] = mode
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.RECEIVE, channel)
+        if row is None:
+            journal.begin(seq)
+            journal.live(seq)
+            now = self._host.clock()
+            deadline = None if secs is None else now + secs
+            body = encode({"timeout": secs, "deadline": deadline}, what="receive")
+            journal.buffer(HistoryRow(seq, StepKind.RECEIVE, channel, body, False, now))
+        else:
+            deadline = journal.read(row, payloads.deadline)
+        out_seq = journal.next()
+        out = journal.wait_outcome(
+            out_seq, channel, StepKind.MESSAGE, StepKind.RECEIVE_TIMEOUT, "message on channel"
+        )
+        if out is not None:
+            if out.kind == StepKind.RECEIVE_TIMEOUT:
+                raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
+            return journal.read(out, message_from_body)
+        now = self._host.clock()
+        taken = await journal.take_message_or_suspend(MessageWait(channel, mode, deadline, out_seq), now)
+        if taken is not None:
+            return message_from_body(decode(message_history_payload(taken)))
+        journal.buffer(HistoryRow(out_seq, StepKind.RECEIVE_TIMEOUT, channel, None, True, now))
+        raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
+
+    async def publish(self, channel: str, data: Any = None) -> str:
+        """Publish ``data`` (JSON-serialisable) on ``channel``; return the message id.
+
+        A step of its own: the message and its history row commit in one transaction (with the rows
+        buffered before it), so a replay returns the recorded id and never publishes again. The
+        subscribers waiting on the channel are made runnable in that transaction.
+        """
+        return await self._publish(StepKind.PUBLISH, channel, data, None)
+
+    async def send_to(self, instance_id: str, channel: str, data: Any = None) -> str:
+        """Send ``data`` to instance ``instance_id`` only, on ``channel``; return the message id.
+
+        It takes it with ``receive(channel)``, whenever it does (the message is kept until then). A step
+        like ``publish``; an instance id that does not exist raises ``geste.errors.InstanceNotFoundError``
+        (recorded: a replay raises it again).
+        """
+        check_instance_id(instance_id)
+        return await self._publish(StepKind.SEND_TO, channel, data, instance_id)
+
+    async def _publish(self, kind: StepKind, channel: str, data: Any, target: str | None) -> str:
+        check_channel(channel)
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, kind, channel)
+        if row is not None:
+            if row.is_error:
+                raise InstanceNotFoundError(journal.read(row, payloads.target_instance_id))
+            return journal.read(row, payloads.message_id)
+        journal.begin(seq)
+        encoded = encode(
+            data, what=f"data of a message on channel {channel}", limit=self._host.max_payload_bytes
+        )
+        journal.live(seq, ordered=False)
+        message_id = uuid.uuid4().hex
+        now = self._host.clock()
+        body = encode({"message_id": message_id, "target_instance_id": target}, what="message")
+        if not await journal.publish(
+            HistoryRow(seq, kind, channel, body, False, now),
+            NewMessage(message_id, channel, encoded, self.instance_id, target, now),
+            now,
+        ):  # nothing was written: record the outcome, so a replay raises it too
+            missing = encode({"message_id": None, "target_instance_id": target}, what="message")
+            await journal.commit(HistoryRow(seq, kind, channel, missing, True, now))
+            raise InstanceNotFoundError(str(target))
+        return message_id
+
+    def _subscribed(self, channel: str, mode: str) -> bool:
+        current = self._subscriptions.get(channel)
+        if current is None:
+            return False
+        if current != mode:
+            raise ConfigurationError(
+                f"instance {self.instance_id} is subscribed to channel {channel!r} in {current} mode "
+                f"already; it cannot subscribe in {mode} mode too"
+            )
+        return True
+
+    def _replayed_subscription(self, seq: int, row: HistoryRow, channel: str, mode: str) -> None:
+        recorded = self._journal.read(row, payloads.subscription_mode)
+        if recorded != mode:
+            raise self._journal.diverged(
+                NonDeterminismError(
+                    seq, f"subscribe {channel!r} ({recorded})", f"subscribe {channel!r} ({mode})"
+                )
+            )
+        self._subscriptions[channel] = mode
+
+
+def _new_uuid() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,457 @@
+"""The journal of one run: the recorded history the workflow's steps replay, and what they record next.
+
+Every step the workflow takes gets the next number (``next``). A step whose number is in the recorded
+history returns its recorded outcome (``replay``, ``read``); the first step past the history runs
+(``live``) and its outcome is committed before the workflow goes on. Outcomes that need no durability of
+their own (``now``, ``uuid4``, ``random``, the start of a wait, an activity's result) are buffered
+(``buffer``) and written in the same transaction as the next commit (``flush``, or the storage call of
+the step that commits: a suspension, a publication, an event sent, the end).
+
+The journal holds the run's state (step numbers, the divergence that stops it, the cancellation and its
+delivery, the compensations registered, the suspension) and makes every storage call that records: one
+place maps what storage raises (the lease lost, a database error) to ``Abandon``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
+
+from .._metrics import Metrics
+from .._models import Status, StepKind
+from .._serde import decode
+from ..errors import HistoryCorruptedError, NonDeterminismError, StorageError, WorkflowCancelled
+from ..storage.base import (
+    EventWait,
+    HistoryRow,
+    Lease,
+    LeaseLost,
+    MessageWait,
+    NewMessage,
+    NewOutboxEvent,
+    Storage,
+    StoredEvent,
+    StoredMessage,
+    Suspension,
+)
+
+if TYPE_CHECKING:
+    from .._definitions import Activity
+
+T = TypeVar("T")
+
+_KINDS = frozenset(kind.value for kind in StepKind)
+_WAIT_KINDS = frozenset(
+    kind.value
+    for kind in (
+        StepKind.SLEEP,
+        StepKind.WAIT_EVENT,
+        StepKind.EVENT,
+        StepKind.EVENT_TIMEOUT,
+        StepKind.RECEIVE,
+        StepKind.MESSAGE,
+        StepKind.RECEIVE_TIMEOUT,
+    )
+)
+"""Rows of waits: a wait is never inside a gather, so everything before one was recorded before it."""
+_UNREADABLE = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    OSError,
+    RecursionError,
+)
+"""What reading a recorded row raises when the row is not what its step wrote (JSONDecodeError is a
+ValueError; a missing key, a list for a dict, a string for a number...)."""
+
+
+class _Unwind(BaseException):
+    """Base of the engine's own signals: ``BaseException`` so a user's ``except Exception`` lets them by."""
+
+
+class Suspended(_Unwind):
+    """The wait was committed and the instance released; unwind the coroutine, keep nothing."""
+
+
+class Abandon(_Unwind):
+    """The lease is lost or the database failed: stop this run without writing anything more."""
+
+
+_STORAGE_FAILURES = (LeaseLost, StorageError)
+
+
+class _AbandonOnStorageFailure:
+    """``with _abandon_on_failure:`` around every storage call that records: the lease lost to another
+    worker or a database error stops the run (``Abandon``, with the cause as its argument), written once.
+    A stateless singleton: no allocation, no await."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if exc is not None and isinstance(exc, _STORAGE_FAILURES):
+            raise Abandon(exc) from exc
+
+
+_abandon_on_failure = _AbandonOnStorageFailure()
+
+
+class Host(Protocol):
+    """What a run uses of the engine that runs it (``Engine`` is one; the replay check builds its own)."""
+
+    storage: Storage
+    metrics: Metrics
+    """Counted by the journal and the activity runner: steps recorded, activity attempts."""
+    clock: Callable[[], float]
+    lock_timeout: float
+    max_payload_bytes: int
+    on_suspended: Callable[[str, float | None], None]
+    """Called with the instance id and when it is due (None: when a message or an event comes) after a
+    suspension committed."""
+    on_channel_woken: Callable[[], None]
+    """Called after a step published a message that made receivers runnable."""
+    on_outbox: Callable[[str], None]
+    """Called with the event id after a step recorded an outbox event."""
+    retry_wait: Callable[[str, float], Awaitable[None]]
+    """How an activity's retry back-off waits, given the instance id and the seconds."""
+
+
+class Journal:
+    """The history of one instance as one run replays and extends it (see the module's docstring).
+
+    ``replay`` and ``live`` are the hooks of the replay check (``engine.replay``): a subclass that stops
+    at the first step past the recorded history, before anything of it runs.
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        *,
+        lease: Lease,
+        workflow_name: str,
+        history: Sequence[HistoryRow],
+        cancel_requested: bool,
+    ) -> None:
+        self.host = host
+        self.lease = lease
+        self.instance_id = lease.instance_id
+        self.workflow_name = workflow_name
+        self._history = {row.seq: row for row in history}
+        numbered = [row for row in history if type(row.seq) is int]  # SQLite keeps what an UPDATE puts
+        self.last_recorded = max((row.seq for row in numbered), default=0)
+        """The number of the last recorded step: the steps up to it replay."""
+        self._last_wait = max((row.seq for row in numbered if row.kind in _WAIT_KINDS), default=0)
+        self.seq = 0
+        """The number of the step taken last."""
+        self._pending: list[HistoryRow] = []
+        self._cancel_requested = cancel_requested
+        self._cancel_delivered = any(row.kind == StepKind.CANCELLED for row in history)
+        self.compensations: list[tuple[Activity[Any, Any], tuple[Any, ...], dict[str, Any]]] = []
+        """The compensations the workflow registered (``on_failure``), oldest first."""
+        self._compensating = False
+        self._suspended = False
+        self.divergence: NonDeterminismError | None = None
+        """The divergence (or corruption) that stops the run, even if the workflow swallowed it."""
+        if len(numbered) < len(history):  # fail the run like a divergence, not the engine at every claim
+            position, row = next((i, r) for i, r in enumerate(history, 1) if type(r.seq) is not int)
+            self.corrupted(position, f"the row in position {position} has the step number {row.seq!r:.80}")
+
+    @property
+    def is_replaying(self) -> bool:
+        return self.seq < self.last_recorded
+
+    # -- step numbers and the recorded history -------------------------------------------------------
+    def next(self) -> int:
+        """The number of the step the workflow takes now."""
+        self.seq += 1
+        return self.seq
+
+    def replay(self, seq: int, kind: StepKind, name: str) -> HistoryRow | None:
+        """The recorded row of the step ``seq`` (a ``kind`` step named ``name``), None past the history.
+
+        Raises the run's divergence again if there is one, ``WorkflowCancelled`` at a recorded
+        cancellation, and a new divergence if the recorded step is another one. A hook of the replay check.
+        """
+        if self.divergence is not None:
+            raise self.divergence
+        row = self.row(seq)
+        if row is None:
+            return None
+        if row.kind == StepKind.CANCELLED:
+            raise self.cancelled()
+        if row.kind != kind or row.name != name:
+            raise self.diverged(
+                NonDeterminismError(seq, f"{row.kind} {row.name!r}", f"{kind.value} {name!r}")
+            )
+        return row
+
+    def row(self, seq: int) -> HistoryRow | None:
+        """The recorded row at ``seq``, if any; one of a kind geste never writes is corruption."""
+        row = self._history.get(seq)
+        if row is not None and row.kind not in _KINDS:
+            raise self.corrupted(seq, f"unknown step kind {row.kind!r:.80}")
+        return row
+
+    def read(self, row: HistoryRow, read: Callable[[Any], T]) -> T:
+        """What a recorded row says, through ``read`` (given the decoded payload). A row that cannot say
+        it (not JSON, not the shape its step writes) was not written by geste: it fails the instance
+        like a divergence, even if the workflow catches the error, and is left as it is."""
+        try:
+            return read(decode(row.payload))
+        except _UNREADABLE as exc:
+            raise self.corrupted(
+                row.seq, f"{row.kind} {row.name!r:.80} row unreadable ({type(exc).__name__}: {exc!s:.200})"
+            ) from exc
+
+    def live(self, seq: int, *, ordered: bool = True) -> None:
+        """Before a step at ``seq`` is taken live: below later recorded steps it fills a hole, a row
+        removed by hand. Rows are written in order, except for steps that commit on their own
+        (activities, publish, send_event, subscribe), which a gather may commit out of order (a crash
+        can then lose the earlier one): those may fill a hole, unless a wait, which is never in a
+        gather, was recorded after it. (A step that fails before it is recorded leaves a hole too; a
+        replay fails there again, before this check.) A hook of the replay check."""
+        if seq < (self.last_recorded if ordered else self._last_wait):
+            raise self.corrupted(seq, "no row at this step, but later steps are recorded")
+
+    def diverged(self, error: NonDeterminismError) -> NonDeterminismError:
+        """Remember the divergence: user code that swallows it still cannot take another step."""
+        self.divergence = error
+        return error
+
+    def corrupted(self, seq: int, problem: str) -> HistoryCorruptedError:
+        error = HistoryCorruptedError(self.instance_id, seq, problem)
+        self.diverged(error)
+        return error
+
+    # -- suspension and cancellation ------------------------------------------------------------------
+    def running(self) -> None:
+        """Nothing runs after a suspension: a step a gather's other branch takes unwinds too."""
+        if self._suspended:
+            raise Suspended()
+
+    def begin(self, seq: int) -> None:
+        """Checks before a new step: nothing runs after a suspension; a pending cancel is delivered."""
+        if self._suspended:
+            raise Suspended()
+        if self._cancel_requested and not self._cancel_delivered and not self._compensating:
+            self.deliver_cancel(seq)
+
+    def cancel_if_requested(self, seq: int) -> None:
+        """Deliver a cancel requested and not delivered yet at ``seq``."""
+        if self._cancel_requested and not self._cancel_delivered and not self._compensating:
+            self.deliver_cancel(seq)
+
+    def cancel_pending(self) -> bool:
+        """A cancel was requested and is not delivered yet (never while compensating)."""
+        return self._cancel_requested and not self._cancel_delivered and not self._compensating
+
+    def deliver_cancel(self, seq: int) -> NoReturn:
+        """Record the cancellation at ``seq`` (with the next commit) and raise it in the workflow."""
+        self._cancel_delivered = True
+        self._pending.append(HistoryRow(seq, StepKind.CANCELLED, "cancelled", None, False, self.host.clock()))
+        raise self.cancelled()
+
+    def cancelled(self) -> WorkflowCancelled:
+        return WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
+
+    def cancelled_here(self) -> None:
+        """A wait recorded as interrupted by cancellation raises at the wait, as it did live."""
+        after = self._history.get(self.seq + 1)
+        if after is not None and after.kind == StepKind.CANCELLED:
+            self.seq += 1
+            raise self.cancelled()
+
+    def compensate(self) -> None:
+        """From now on the compensations run: a cancel is not delivered, the status says so."""
+        self._compensating = True
+
+    # -- recording ---------------------------------------------------------------------------------------
+    def buffer(self, row: HistoryRow) -> None:
+        """Record ``row`` with the next commit.
+
+        An activity's outcome is buffered too: it commits with the workflow's next write, before the next
+        activity starts, or with the suspension, publication or end that follows. That saves a transaction
+        per activity, and the last activity commits with the instance's end. No side effect can happen in
+        between (workflow code is deterministic), so a crash before that commit only re-runs this
+        activity, as a crash during it would: at least once, recorded once."""
+        self._pending.append(row)
+
+    def has_buffered(self) -> bool:
+        return bool(self._pending)
+
+    async def commit(self, row: HistoryRow) -> None:
+        """Record ``row`` (and the rows buffered before it) now."""
+        self._pending.append(row)
+        await self.flush()
+
+    def _recorded(self, records: Sequence[HistoryRow], outcome_cancel_requested: bool) -> None:
+        self.host.metrics.recorded(records)
+        if outcome_cancel_requested:
+            self._cancel_requested = True
+
+    async def flush(self) -> None:
+        """Commit the buffered rows in one transaction that also renews the lease."""
+        records, self._pending = self._pending, []
+        host = self.host
+        status = Status.COMPENSATING if self._compensating else None
+        now = host.clock()
+        with _abandon_on_failure:
+            outcome = await host.storage.record(
+                self.lease, records, now=now, lock_expires_at=now + host.lock_timeout, status=status
+            )
+        host.metrics.recorded(records)
+        if outcome.cancel_requested:
+            self._cancel_requested = True
+
+    async def send_event(self, row: HistoryRow, event: NewOutboxEvent, now: float) -> None:
+        """Record the ``send_event`` step ``row`` and its outbox event in one transaction."""
+        self._pending.append(row)
+        records, self._pending = self._pending, []
+        host = self.host
+        with _abandon_on_failure:
+            outcome = await host.storage.outbox_record(
+                self.lease,
+                records,
+                event,
+                now=now,
+                lock_expires_at=now + host.lock_timeout,
+                status=Status.COMPENSATING if self._compensating else None,
+            )
+        self._recorded(records, outcome.cancel_requested)
+        host.on_outbox(event.event_id)
+
+    async def subscribe(self, row: HistoryRow, channel: str, mode: str, now: float) -> None:
+        """Record the ``subscribe`` step ``row`` and the subscription in one transaction."""
+        self._pending.append(row)
+        records, self._pending = self._pending, []
+        host = self.host
+        with _abandon_on_failure:
+            outcome = await host.storage.channel_subscribe(
+                self.lease,
+                records,
+                channel=channel,
+                mode=mode,
+                now=now,
+                lock_expires_at=now + host.lock_timeout,
+            )
+        self._recorded(records, outcome.cancel_requested)
+
+    async def publish(self, row: HistoryRow, message: NewMessage, now: float) -> bool:
+        """Record the ``publish``/``send_to`` step ``row`` and its message in one transaction; False (and
+        nothing written) when the message's target instance does not exist."""
+        records = [*self._pending, row]
+        host = self.host
+        with _abandon_on_failure:
+            result = await host.storage.channel_publish(
+                message, lease=self.lease, records=records, lock_expires_at=now + host.lock_timeout
+            )
+        if result.target_missing:
+            return False
+        self._pending = []
+        self._recorded(records, result.cancel_requested)
+        if result.woken:
+            host.on_channel_woken()
+        return True
+
+    async def finish(
+        self, status: Status, *, discard: bool, result: str | None = None, error: str | None = None
+    ) -> None:
+        """Store the instance's end with the buffered rows (none if ``discard``: a divergence keeps the
+        history as it is, for an operator to decide)."""
+        records = [] if discard else self._pending
+        host = self.host
+        with _abandon_on_failure:
+            await host.storage.finish(
+                self.lease, records, now=host.clock(), status=status, result=result, error=error
+            )
+        host.metrics.recorded(records)
+        self._pending = []
+
+    # -- waits ---------------------------------------------------------------------------------------------
+    def wait_outcome(
+        self, seq: int, name: str, taken: StepKind, timed_out: StepKind, waited_for: str
+    ) -> HistoryRow | None:
+        """The recorded outcome (a ``taken`` or ``timed_out`` row named ``name``) of the wait whose
+        outcome is step ``seq``; None past the history, once the wait may go on live (a cancel requested
+        meanwhile is delivered there). ``waited_for`` says what the wait expects, for a divergence."""
+        out = self.row(seq)
+        if out is None:
+            self.live(seq)
+            if self._cancel_requested and not self._cancel_delivered and not self._compensating:
+                self.deliver_cancel(seq)
+            return None
+        if out.kind == StepKind.CANCELLED:
+            raise self.cancelled()
+        if out.name == name and (out.kind == taken or out.kind == timed_out):
+            return out
+        raise self.diverged(NonDeterminismError(seq, f"{out.kind} {out.name!r}", f"{waited_for} {name!r}"))
+
+    async def take_event_or_suspend(self, wait: EventWait, now: float) -> StoredEvent | None:
+        """The event the wait takes (recorded with the buffered rows), None if its deadline passed; or
+        the wait is committed and the run unwinds (``Suspended``), or a cancel is delivered there."""
+        host = self.host
+        with _abandon_on_failure:
+            outcome = await host.storage.take_event_or_suspend(
+                self.lease, self._pending, wait, now=now, lock_expires_at=now + host.lock_timeout
+            )
+        return self._took(outcome, StepKind.EVENT, wait.outcome_seq, wait.deadline)
+
+    async def take_message_or_suspend(self, wait: MessageWait, now: float) -> StoredMessage | None:
+        """The message the receive takes (recorded with the buffered rows), None if its deadline passed;
+        or the wait is committed and the run unwinds (``Suspended``), or a cancel is delivered there."""
+        host = self.host
+        with _abandon_on_failure:
+            outcome = await host.storage.channel_take_or_suspend(
+                self.lease, self._pending, wait, now=now, lock_expires_at=now + host.lock_timeout
+            )
+        return self._took(outcome, StepKind.MESSAGE, wait.outcome_seq, wait.deadline)
+
+    def _took(
+        self, outcome: T | Suspension | None, kind: StepKind, out_seq: int, deadline: float | None
+    ) -> T | None:
+        """After a wait's take-or-suspend transaction: what it took (recorded with the buffered rows, a
+        ``kind`` row), None if the deadline passed, or ``_waited``."""
+        if outcome is None:
+            return None
+        if isinstance(outcome, Suspension):
+            self._waited(outcome, out_seq, deadline)
+        metrics = self.host.metrics
+        metrics.recorded(self._pending)
+        metrics.steps.values[kind] += 1
+        self._pending = []
+        return outcome
+
+    def _waited(self, outcome: Suspension, out_seq: int, deadline: float | None) -> NoReturn:
+        """After a wait's take-or-suspend transaction found nothing: deliver a pending cancel at the
+        wait's outcome position, or unwind the suspended workflow."""
+        if outcome is Suspension.CANCEL_REQUESTED:
+            self._cancel_requested = True
+            self.deliver_cancel(out_seq)
+        self._suspended_until(deadline)
+
+    async def suspend(self, *, run_at: float, timer: tuple[int, float]) -> NoReturn:
+        """Commit the buffered rows and the timer, release the instance until ``run_at`` and unwind."""
+        host = self.host
+        with _abandon_on_failure:
+            outcome = await host.storage.suspend(
+                self.lease, self._pending, now=host.clock(), run_at=run_at, timer=timer
+            )
+        if outcome is Suspension.CANCEL_REQUESTED:
+            self._cancel_requested = True
+            self.deliver_cancel(self.next())
+        self._suspended_until(run_at)
+
+    def _suspended_until(self, run_at: float | None) -> NoReturn:
+        self.host.metrics.recorded(self._pending)
+        self._pending = []
+        self._suspended = True
+        self.host.on_suspended(self.instance_id, run_at)
+        raise Suspended()
