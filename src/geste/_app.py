@@ -21,18 +21,18 @@ from ._definitions import Activity, Workflow, check_name, storable_text
 from ._engine import Engine
 from ._handle import WorkflowHandle
 from ._metrics import POLL, Metrics, app_collector
-from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
+from ._models import HistoryEntry, InstanceInfo, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
 from ._outbox import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Relay, entry_from_row
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
 from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, SystemStatus, WorkerInfo, is_alive
+from ._steps import read_row
 from ._wakeups import OUTBOX_PENDING, Listener, ListenerState, ListenerStatus, NotifyConfig, Wakeups
 from ._worker import Worker
 from .errors import (
     AppNotOpenError,
     ConfigurationError,
-    HistoryCorruptedError,
     InstanceAlreadyExistsError,
     InstanceNotFoundError,
     ResultTimeout,
@@ -571,14 +571,7 @@ class App:
             raise InstanceNotFoundError(instance_id)
         entries = []
         for row in await self.storage.get_history(instance_id):
-            try:
-                kind, payload = StepKind(row.kind), decode(row.payload)
-            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-                raise HistoryCorruptedError(
-                    instance_id,
-                    row.seq,
-                    f"{row.kind!r:.80} row unreadable ({type(exc).__name__}: {exc!s:.200})",
-                ) from exc
+            kind, payload = read_row(row, instance_id=instance_id)  # an unknown kind, not JSON: corrupted
             entries.append(
                 HistoryEntry(
                     seq=row.seq,
