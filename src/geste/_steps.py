@@ -130,6 +130,10 @@ def _nothing(body: Any) -> None:
         raise ValueError(f"the payload {body!r:.80} should be null")
 
 
+def _json(payload: str | None) -> Any:
+    return None if payload is None else json.loads(payload)
+
+
 def _with_data(head: dict[str, Any], data: str) -> str:
     """``head`` as compact JSON with a last key ``data`` whose value is JSON text already (not re-encoded)."""
     return json.dumps(head, separators=(",", ":"))[:-1] + ',"data":' + data + "}"
@@ -139,9 +143,40 @@ def _raw(value: Any, what: str) -> str:
     return value if type(value) is RawJSON else encode(value, what=what)
 
 
+class _Payload:
+    """What every step has: ``decode`` reads the payload text through the step's ``from_json``."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
+        """The step whose payload decodes to ``body`` (a row's ``is_error`` says which outcome an
+        activity or a send_to records); raises one of ``UNREADABLE`` if it is not that shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
+        """The step whose payload is the text ``payload``; raises one of ``UNREADABLE`` if it is not."""
+        return cls.from_json(_json(payload), is_error=is_error)
+
+
+class _NoPayload(_Payload):
+    """A step that writes no payload (NULL): a timeout, a cancellation."""
+
+    __slots__ = ()
+
+    def encode(self) -> None:
+        return None
+
+    @classmethod
+    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
+        _nothing(body)
+        return cls()
+
+
 # -- activities ------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class ActivityStep:
+class ActivityStep(_Payload):
     """An activity's outcome: its ``result``, or its recorded ``error`` (then the row is ``is_error``),
     after ``attempts`` attempts that began at ``started_at`` and took ``duration`` seconds in all;
     ``input`` is its recorded ``{"args": [...], "kwargs": {...}}`` (a ``RawJSON`` text when written)."""
@@ -170,10 +205,6 @@ class ActivityStep:
         return text[:-1] + ',"input":' + _raw(self.input, "activity input") + "}"
 
     @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
         body = _object(body)
         if is_error:
@@ -199,7 +230,7 @@ class CompensationStep(ActivityStep):
 
 # -- timers and events -----------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class SleepStep:
+class SleepStep(_Payload):
     """A durable sleep of ``seconds``, due at ``expires_at``."""
 
     kind: ClassVar[StepKind] = StepKind.SLEEP
@@ -210,17 +241,13 @@ class SleepStep:
         return encode({"seconds": self.seconds, "expires_at": self.expires_at}, what="sleep")
 
     @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
         body = _object(body)
         return cls(_number(body["seconds"]), _number(body["expires_at"]))
 
 
 @dataclass(frozen=True, slots=True)
-class WaitEventStep:
+class WaitEventStep(_Payload):
     """The start of a wait for an event (the row's name is its type) whose data has ``match``; it times
     out at ``deadline`` (``timeout`` seconds after it began), or never."""
 
@@ -235,10 +262,6 @@ class WaitEventStep:
         return encode(body, what="event match", limit=limit)
 
     @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
         body = _object(body)
         match = _optional_object(body["match"], "match")
@@ -246,7 +269,7 @@ class WaitEventStep:
 
 
 @dataclass(frozen=True, slots=True)
-class EventStep:
+class EventStep(_Payload):
     """The event a wait took (the row's name is its type). ``data`` is a ``RawJSON`` text when written
     from the stored event; ``time`` is when it was sent (Unix seconds)."""
 
@@ -278,10 +301,6 @@ class EventStep:
             time=None if self.time is None else datetime.fromtimestamp(self.time, UTC),
             extensions=self.extensions or {},
         )
-
-    @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
@@ -327,27 +346,15 @@ def event_history_payload(event: StoredEventFields) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class EventTimeoutStep:
+class EventTimeoutStep(_NoPayload):
     """A wait for an event that timed out (the row is ``is_error``; no payload)."""
 
     kind: ClassVar[StepKind] = StepKind.EVENT_TIMEOUT
 
-    def encode(self) -> None:
-        return None
-
-    @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
-    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
-        _nothing(body)
-        return cls()
-
 
 # -- channels --------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class SubscribeStep:
+class SubscribeStep(_Payload):
     """A subscription to a channel (the row's name) in ``mode``; ``implicit`` when a first ``receive``
     made it."""
 
@@ -358,10 +365,6 @@ class SubscribeStep:
     def encode(self) -> str:
         body = {"mode": self.mode, "implicit": True} if self.implicit else {"mode": self.mode}
         return encode(body, what="subscription")
-
-    @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
@@ -376,7 +379,7 @@ class SubscribeStep:
 
 
 @dataclass(frozen=True, slots=True)
-class ReceiveStep:
+class ReceiveStep(_Payload):
     """The start of a wait for a message on a channel (the row's name); it times out at ``deadline``
     (``timeout`` seconds after it began), or never."""
 
@@ -388,17 +391,13 @@ class ReceiveStep:
         return encode({"timeout": self.timeout, "deadline": self.deadline}, what="receive")
 
     @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
         body = _object(body)
         return cls(_optional_number(body.get("timeout")), _optional_number(body["deadline"]))
 
 
 @dataclass(frozen=True, slots=True)
-class MessageStep:
+class MessageStep(_Payload):
     """The message a receive took on a channel (the row's name): published at ``published_at`` by
     ``sender_instance_id`` (None from outside a workflow), ``direct`` when sent to this instance only.
     ``data`` is a ``RawJSON`` text when written from the stored message."""
@@ -420,10 +419,6 @@ class MessageStep:
             "direct": self.direct,
         }
         return _with_data(head, _raw(self.data, "message data"))
-
-    @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
@@ -469,26 +464,14 @@ def message_history_payload(message: StoredMessageFields) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class ReceiveTimeoutStep:
+class ReceiveTimeoutStep(_NoPayload):
     """A wait for a message that timed out (the row is ``is_error``; no payload)."""
 
     kind: ClassVar[StepKind] = StepKind.RECEIVE_TIMEOUT
 
-    def encode(self) -> None:
-        return None
-
-    @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
-    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
-        _nothing(body)
-        return cls()
-
 
 @dataclass(frozen=True, slots=True)
-class PublishStep:
+class PublishStep(_Payload):
     """A message published on a channel (the row's name): its ``message_id``, and the instance it was
     sent to (``send_to``). A ``send_to`` whose target does not exist records a null ``message_id`` in
     a row that ``is_error``."""
@@ -504,10 +487,6 @@ class PublishStep:
     def encode(self) -> str:
         body = {"message_id": self.message_id, "target_instance_id": self.target_instance_id}
         return encode(body, what="message")
-
-    @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
@@ -526,7 +505,7 @@ class SendToStep(PublishStep):
 
 # -- recorded values -------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class NowStep:
+class NowStep(_Payload):
     """``ctx.now()``: the time it returned (Unix seconds)."""
 
     kind: ClassVar[StepKind] = StepKind.NOW
@@ -539,16 +518,12 @@ class NowStep:
         return datetime.fromtimestamp(self.value, UTC)
 
     @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
         return cls(_time(body))
 
 
 @dataclass(frozen=True, slots=True)
-class UuidStep:
+class UuidStep(_Payload):
     """``ctx.uuid4()``: the UUID it returned."""
 
     kind: ClassVar[StepKind] = StepKind.UUID
@@ -558,16 +533,12 @@ class UuidStep:
         return encode(str(self.value), what="uuid")
 
     @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
         return cls(uuid.UUID(_text(body)))
 
 
 @dataclass(frozen=True, slots=True)
-class RandomStep:
+class RandomStep(_Payload):
     """``ctx.random()``: the number it returned."""
 
     kind: ClassVar[StepKind] = StepKind.RANDOM
@@ -577,35 +548,19 @@ class RandomStep:
         return encode(self.value, what="random")
 
     @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
         return cls(_number(body))
 
 
 @dataclass(frozen=True, slots=True)
-class CancelledStep:
+class CancelledStep(_NoPayload):
     """Where the cancellation was delivered (no payload)."""
 
     kind: ClassVar[StepKind] = StepKind.CANCELLED
 
-    def encode(self) -> None:
-        return None
-
-    @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
-
-    @classmethod
-    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
-        _nothing(body)
-        return cls()
-
 
 @dataclass(frozen=True, slots=True)
-class SendEventStep:
+class SendEventStep(_Payload):
     """An event emitted through the outbox (the row's name is its type): its id, source and subject."""
 
     kind: ClassVar[StepKind] = StepKind.SEND_EVENT
@@ -617,10 +572,6 @@ class SendEventStep:
     def encode(self) -> str:
         body = {"event_id": self.event_id, "type": self.type, "source": self.source, "subject": self.subject}
         return encode(body, what="event")
-
-    @classmethod
-    def decode(cls, payload: str | None, *, is_error: bool = False) -> Self:
-        return cls.from_json(_json(payload), is_error=is_error)
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
@@ -678,10 +629,6 @@ STEPS: dict[str, type[Step]] = {
     )
 }
 """The step class of each kind (by its stored value)."""
-
-
-def _json(payload: str | None) -> Any:
-    return None if payload is None else json.loads(payload)
 
 
 def _unreadable(row: Row, instance_id: str, exc: BaseException) -> HistoryCorruptedError:
