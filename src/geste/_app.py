@@ -17,18 +17,18 @@ from . import _operations
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics, app_collector
-from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
+from ._models import HistoryEntry, InstanceInfo, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._serde import decode, decode_error, encode
 from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, ListenerStatus, SystemStatus, WorkerInfo, is_alive
+from ._steps import read_row
 from ._validation import check_channel, check_name, storable_text
 from .engine.context import ActivityContext, WorkflowContext
 from .engine.run import Engine
 from .errors import (
     AppNotOpenError,
     ConfigurationError,
-    HistoryCorruptedError,
     InstanceAlreadyExistsError,
     InstanceNotFoundError,
     ResultTimeout,
@@ -493,14 +493,7 @@ class App(OpenClose):
             raise InstanceNotFoundError(instance_id)
         entries = []
         for row in await self.storage.get_history(instance_id):
-            try:
-                kind, payload = StepKind(row.kind), decode(row.payload)
-            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-                raise HistoryCorruptedError(
-                    instance_id,
-                    row.seq,
-                    f"{row.kind!r:.80} row unreadable ({type(exc).__name__}: {exc!s:.200})",
-                ) from exc
+            kind, payload = read_row(row, instance_id=instance_id)  # an unknown kind, not JSON: corrupted
             entries.append(
                 HistoryEntry(
                     seq=row.seq,

@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 from ._models import Status
 from ._serde import encode
+from ._steps import document_payload, payload_from_document
 from .errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
 from .storage._sql import load_migrations, load_queries
 from .storage.base import HistoryRow
@@ -79,11 +80,8 @@ def history_document(instance: dict[str, Any], rows: Sequence[HistoryRow]) -> di
             "name": row.name,
             "is_error": bool(row.is_error),
             "created_at": _iso(row.created_at),
+            **document_payload(row.payload),
         }
-        try:
-            entry["payload"] = None if row.payload is None else json.loads(row.payload)
-        except (ValueError, RecursionError):
-            entry["payload_text"] = row.payload
         history.append(entry)
     return {"format": FORMAT, "version": VERSION, "instance": instance, "history": history}
 
@@ -181,9 +179,7 @@ def _from_document(document: Any, source: str) -> RecordedHistory:
             if payload is not None and not isinstance(payload, str):
                 raise _Bad(f"history entry {position}: payload_text is not a string")
         elif "payload" in entry:
-            payload = (
-                None if entry["payload"] is None else json.dumps(entry["payload"], separators=(",", ":"))
-            )
+            payload = payload_from_document(entry["payload"])
         else:
             raise _Bad(f"history entry {position} has no payload")
         seq = entry.get("seq")

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ._models import HistoryEntry, InstanceInfo, Status, StepKind, to_datetime
+from ._models import HistoryEntry, InstanceInfo, Status, to_datetime
 from ._serde import decode
+from ._steps import STEPS, ActivityStep
 from ._validation import storable_text
 from .errors import InstanceLeasedError, InstanceNotFoundError, InstanceStateError
 from .storage.base import HistoryRow, InstanceFilter, RetryRow, Storage
@@ -193,13 +194,9 @@ def retry_record(row: RetryRow) -> RetryRecord:
 
 
 def _entry(row: HistoryRow) -> HistoryEntry:
-    try:
-        kind = StepKind(row.kind)
-    except ValueError:
-        kind = StepKind.ACTIVITY  # only failed activity rows are ever archived
     return HistoryEntry(
         seq=row.seq,
-        kind=kind,
+        kind=STEPS.get(row.kind, ActivityStep).kind,  # only failed activity rows are ever archived
         name=row.name,
         payload=_decoded(row.payload),
         is_error=row.is_error,

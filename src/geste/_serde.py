@@ -41,10 +41,14 @@ def _default(value: Any) -> Any:
         raise TypeError(f"{type(value).__name__} is not JSON serialisable") from exc
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_default)
+"""What ``json.dumps`` builds at each call for these options, built once: the same text, ~1 us sooner."""
+
+
 def encode(value: Any, *, what: str, limit: int | None = None) -> str:
     """Encode ``value`` as compact JSON, or raise a typed error naming ``what`` it was."""
     try:
-        text = json.dumps(value, default=_default, separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"{what} cannot be stored as JSON: {exc}") from exc
     if too_deep(text):

@@ -28,7 +28,21 @@ import click
 
 from .. import __version__
 from .._app import DEFAULT_URL, App
-from .._models import HistoryEntry, StepKind
+from .._models import HistoryEntry
+from .._steps import (
+    ActivityStep,
+    CancelledStep,
+    EventStep,
+    EventTimeoutStep,
+    MessageStep,
+    PublishStep,
+    ReceiveStep,
+    ReceiveTimeoutStep,
+    SleepStep,
+    SubscribeStep,
+    WaitEventStep,
+    entry_step,
+)
 from ..errors import GesteError
 
 T = TypeVar("T")
@@ -123,44 +137,42 @@ def _error_line(error: dict[str, Any] | None) -> str:
 
 
 def _outcome(entry: HistoryEntry) -> str:
-    """A short human description of what a history entry recorded."""
-    p = entry.payload
-    if entry.kind in (StepKind.ACTIVITY, StepKind.COMPENSATION):
-        if entry.is_error:
-            text = "error " + _error_line(p.get("error"))
+    """A short human description of what a history entry recorded (its payload as it is when the row
+    is not its kind's shape)."""
+    step = entry_step(entry)
+    if isinstance(step, ActivityStep):  # or a compensation
+        if step.error is not None:
+            text = "error " + _error_line(step.error)
         else:
-            text = "done" if p.get("result") is None else "→ " + _js(p.get("result"))
-        attempts = p.get("attempts", 1)
-        return text + (f" ({attempts} attempts)" if attempts > 1 else "")
-    if entry.kind == StepKind.SLEEP:
-        return f"{p['seconds']:g}s, until {_clock(p['expires_at'])}"
-    if entry.kind == StepKind.WAIT_EVENT:
+            text = "done" if step.result is None else "→ " + _js(step.result)
+        return text + (f" ({step.attempts} attempts)" if step.attempts > 1 else "")
+    if isinstance(step, SleepStep):
+        return f"{step.seconds:g}s, until {_clock(step.expires_at)}"
+    if isinstance(step, WaitEventStep):
         parts = ["waiting"]
-        if p.get("match"):
-            parts.append(f"for {_js(p['match'])}")
-        if p.get("timeout") is not None:
-            parts.append(f"(timeout {p['timeout']:g}s)")
+        if step.match:
+            parts.append(f"for {_js(step.match)}")
+        if step.timeout is not None:
+            parts.append(f"(timeout {step.timeout:g}s)")
         return " ".join(parts)
-    if entry.kind == StepKind.EVENT:
-        return "received " + _js(p.get("data"))
-    if entry.kind == StepKind.EVENT_TIMEOUT:
+    if isinstance(step, EventStep):
+        return "received " + _js(step.data)
+    if isinstance(step, EventTimeoutStep | ReceiveTimeoutStep):
         return "timed out"
-    if entry.kind == StepKind.CANCELLED:
+    if isinstance(step, CancelledStep):
         return "cancellation delivered here"
-    if entry.kind == StepKind.SUBSCRIBE:
-        return str(p.get("mode", ""))
-    if entry.kind == StepKind.RECEIVE:
-        return "waiting" + ("" if p.get("timeout") is None else f" (timeout {p['timeout']:g}s)")
-    if entry.kind == StepKind.MESSAGE:
-        return "received " + _js(p.get("data")) + (" (direct)" if p.get("direct") else "")
-    if entry.kind == StepKind.RECEIVE_TIMEOUT:
-        return "timed out"
-    if entry.kind in (StepKind.PUBLISH, StepKind.SEND_TO):
+    if isinstance(step, SubscribeStep):
+        return step.mode
+    if isinstance(step, ReceiveStep):
+        return "waiting" + ("" if step.timeout is None else f" (timeout {step.timeout:g}s)")
+    if isinstance(step, MessageStep):
+        return "received " + _js(step.data) + (" (direct)" if step.direct else "")
+    if isinstance(step, PublishStep):  # or a send_to
         if entry.is_error:
-            return f"no instance {p.get('target_instance_id')!r}"
-        to = "" if p.get("target_instance_id") is None else f" to {p['target_instance_id']}"
-        return f"message {p.get('message_id')}{to}"
-    return _js(p)
+            return f"no instance {step.target_instance_id!r}"
+        to = "" if step.target_instance_id is None else f" to {step.target_instance_id}"
+        return f"message {step.message_id}{to}"
+    return _js(entry.payload)
 
 
 def _entry_line(entry: HistoryEntry, started: datetime) -> str:

@@ -1,10 +1,11 @@
 """The web viewer's page of one instance: its facts, what it waits for now, input and outcome, and its
 history as a timeline.
 
-Each history row is shown by its kind, from the payload its step writes (``_context``): an activity's
+Each history row is shown by its kind, from its typed step (``_steps``): an activity's
 timing, attempts, arguments and outcome; a timer's due time; the wait for an event or a message and what
 ended it; channel publications with who took them; events emitted through the outbox with their delivery.
-A row that cannot be read (changed by hand) is shown as such, never a failed page.
+A row that cannot be read (changed by hand: not JSON, or not its step's shape) is shown as such, never a
+failed page; a row of a kind this version does not know shows its payload.
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._models import Status, StepKind
+from .._steps import (
+    ActivityStep,
+    EventStep,
+    MessageStep,
+    NowStep,
+    PublishStep,
+    ReceiveStep,
+    SendEventStep,
+    SleepStep,
+    SubscribeStep,
+    WaitEventStep,
+    step_or_none,
+)
 from ._html import Child, Html, code_block, duration, join, short, tag, utc, when
 from ._pages import arguments, frame, status_badge
 
@@ -56,14 +70,22 @@ _CSS_KIND: dict[str, str] = {
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """A history row with its payload decoded (``_UNREADABLE`` when it is not JSON)."""
+    """A history row with its payload decoded (``_UNREADABLE`` when it is not JSON) and its typed step
+    (None when the payload is not its kind's shape, or the kind is unknown)."""
 
     seq: int
     kind: str
     name: str
     body: Any
+    typed: Any
     is_error: bool
     at: float
+
+
+def _step(row: HistoryRow) -> Step:
+    body = _decode(row.payload)
+    typed = None if body is _UNREADABLE else step_or_none(row.kind, body, is_error=bool(row.is_error))
+    return Step(row.seq, row.kind, row.name, body, typed, bool(row.is_error), row.created_at)
 
 
 def _decode(text: str | None) -> Any:
@@ -79,10 +101,6 @@ def _field(body: Any, key: str) -> Any:
     return body.get(key) if isinstance(body, dict) else None
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def instance_page(
     link: Link,
     *,
@@ -93,7 +111,7 @@ def instance_page(
     signed_in: bool,
     elapsed: float,
 ) -> Html:
-    steps = [Step(r.seq, r.kind, r.name, _decode(r.payload), bool(r.is_error), r.created_at) for r in history]
+    steps = [_step(r) for r in history]
     body = [
         tag(
             "p",
@@ -248,7 +266,7 @@ def _waits(row: InstanceRow, steps: Sequence[Step], extras: InstanceExtras, now:
     for seq, expires_at in extras.timers:
         step = by_seq.get(seq)
         if step is not None and step.kind == StepKind.SLEEP:
-            secs = _number(_field(step.body, "seconds"))
+            secs = step.typed.seconds if isinstance(step.typed, SleepStep) else None
             items.append(
                 [
                     "Its timer",
@@ -284,7 +302,7 @@ def _waiting_since(steps: Sequence[Step], event_type: str, default: float) -> fl
 def _receive_deadline(steps: Sequence[Step], channel: str) -> float | None:
     for step in reversed(steps):
         if step.kind == StepKind.RECEIVE and step.name == channel:
-            return _number(_field(step.body, "deadline"))
+            return step.typed.deadline if isinstance(step.typed, ReceiveStep) else None
     return None
 
 
@@ -442,34 +460,32 @@ def _describe(
     now: float,
 ) -> tuple[Child, list[Html], Child]:
     """The title line, the chips beside it and the details below of one step."""
-    body = step.body
+    body, typed = step.body, step.typed
     kind = _kind(step.kind)
     label = _label
-    if body is _UNREADABLE:
-        return [label(str(step.kind)), step.name], [_chip("unreadable row", "bad")], None
-    if kind in (StepKind.ACTIVITY, StepKind.COMPENSATION):
+    if typed is None:
+        if body is _UNREADABLE or isinstance(kind, StepKind):  # not JSON, or not its step's shape
+            return [label(str(step.kind)), step.name], [_chip("unreadable row", "bad")], None
+        return [label(str(step.kind)), step.name], [], code_block(body)  # a kind of a newer version
+    if isinstance(typed, ActivityStep):  # or a compensation
         chips = [_chip("failed", "bad") if step.is_error else _chip("ok", "good")]
-        took = _number(_field(body, "duration"))
-        if took is not None:
-            chips.append(_chip(duration(took)))
-        attempts = _field(body, "attempts")
-        if isinstance(attempts, int) and not isinstance(attempts, bool):
-            chips.append(
-                _chip(f"{attempts} attempt{'s' if attempts != 1 else ''}", "warn" if attempts > 1 else None)
-            )
+        chips.append(_chip(duration(typed.duration)))
+        attempts = typed.attempts
+        chips.append(
+            _chip(f"{attempts} attempt{'s' if attempts != 1 else ''}", "warn" if attempts > 1 else None)
+        )
         details: list[Child] = []
         if step.is_error:
-            details.append(error_block(_field(body, "error")))
+            details.append(error_block(typed.error))
         else:
-            details.append(_value_line("Result", _field(body, "result")))
-        call = _call(step.name, _field(body, "input"))
+            details.append(_value_line("Result", typed.result))
+        call = _call(step.name, typed.input)
         if len(call) > 160:
-            details.append(tag("details", tag("summary", "Arguments"), code_block(_field(body, "input"))))
+            details.append(tag("details", tag("summary", "Arguments"), code_block(typed.input)))
         what = "compensation" if kind == StepKind.COMPENSATION else "activity"
         return [label(what), tag("code", short(call, 160))], chips, details
-    if kind == StepKind.SLEEP:
-        secs = _number(_field(body, "seconds"))
-        due = _number(_field(body, "expires_at"))
+    if isinstance(typed, SleepStep):
+        secs, due = typed.seconds, typed.expires_at
         chips = []
         if step.seq in pending_timers:
             if step.seq != max(by_seq):  # the last step is marked "waiting now" already
@@ -478,17 +494,14 @@ def _describe(
             chips.append(_chip("interrupted by the cancellation", "bad"))
         elif any(seq > step.seq for seq in by_seq) or row.status != Status.WAITING:
             chips.append(_chip("fired", "good"))
-        line = (
-            tag("div", "due ", when(due, now), f" · {utc(due)}", class_="line") if due is not None else None
-        )
-        return [label("timer"), f"sleep {duration(secs)}" if secs is not None else "sleep"], chips, line
-    if kind in _WAITS:
-        timeout = _number(_field(body, "timeout"))
-        deadline = _number(_field(body, "deadline"))
+        line = tag("div", "due ", when(due, now), f" · {utc(due)}", class_="line")
+        return [label("timer"), f"sleep {duration(secs)}"], chips, line
+    if isinstance(typed, WaitEventStep | ReceiveStep):
+        timeout, deadline = typed.timeout, typed.deadline
         chips = [_chip(f"timeout {duration(timeout)}")] if timeout is not None else []
         lines: list[Child] = []
-        if kind == StepKind.WAIT_EVENT:
-            match = _field(body, "match")
+        if isinstance(typed, WaitEventStep):
+            match = typed.match
             if match:
                 lines.append(
                     tag(
@@ -504,51 +517,48 @@ def _describe(
         if deadline is not None and step.seq + 1 not in by_seq:  # still waiting: when it gives up
             lines.append(tag("div", "times out ", when(deadline, now), f" · {utc(deadline)}", class_="line"))
         return title, chips, lines
-    if kind == StepKind.EVENT:
+    if isinstance(typed, EventStep):
         chips = _waited(step, by_seq)
-        source = _field(body, "source")
+        source = typed.source
         line = tag(
             "div",
             "id ",
-            tag("code", str(_field(body, "event_id"))),
-            [" from ", tag("code", str(source))] if source else None,
+            tag("code", typed.event_id),
+            [" from ", tag("code", source)] if source else None,
             class_="line",
         )
-        data = _value_line("Data", _field(body, "data"))
-        extensions = _field(body, "extensions")
+        data = _value_line("Data", typed.data)
+        extensions = typed.extensions
         more = tag("details", tag("summary", "Attributes"), code_block(extensions)) if extensions else None
         return [label("event received"), tag("code", step.name)], chips, [line, data, more]
     if kind in (StepKind.EVENT_TIMEOUT, StepKind.RECEIVE_TIMEOUT):
         missing = "no event" if kind == StepKind.EVENT_TIMEOUT else "no message on"
         chips = [_chip("timeout", "bad"), *_waited(step, by_seq)]
         return [label("timed out:"), f"{missing} ", tag("code", step.name)], chips, None
-    if kind == StepKind.MESSAGE:
+    if isinstance(typed, MessageStep):
         chips = _waited(step, by_seq)
-        sender = _field(body, "sender_instance_id")
+        sender = typed.sender_instance_id
         line = tag(
             "div",
             "id ",
-            tag("code", str(_field(body, "message_id"))),
-            [" from ", tag("a", str(sender), href=link.instance(str(sender)))]
-            if isinstance(sender, str) and sender
-            else None,
-            " (sent to this instance)" if _field(body, "direct") else None,
+            tag("code", typed.message_id),
+            [" from ", tag("a", sender, href=link.instance(sender))] if sender else None,
+            " (sent to this instance)" if typed.direct else None,
             class_="line",
         )
-        data = _value_line("Data", _field(body, "data"))
+        data = _value_line("Data", typed.data)
         return [label("message received on"), tag("code", step.name)], chips, [line, data]
-    if kind == StepKind.SUBSCRIBE:
-        mode = str(_field(body, "mode") or "")
-        implicit = " (by its first receive)" if _field(body, "implicit") else ""
-        return [label("subscribed to"), tag("code", step.name)], [_chip(mode + implicit)], None
-    if kind in (StepKind.PUBLISH, StepKind.SEND_TO):
-        return _publication(link, step, messages)
-    if kind == StepKind.SEND_EVENT:
-        return _emitted(step, outbox, now)
+    if isinstance(typed, SubscribeStep):
+        implicit = " (by its first receive)" if typed.implicit else ""
+        return [label("subscribed to"), tag("code", step.name)], [_chip(typed.mode + implicit)], None
+    if isinstance(typed, PublishStep):  # or a send_to
+        return _publication(link, step, typed, messages)
+    if isinstance(typed, SendEventStep):
+        return _emitted(step, typed, outbox, now)
     if kind in (StepKind.NOW, StepKind.UUID, StepKind.RANDOM):
         value = body
-        if kind == StepKind.NOW and _number(body) is not None:
-            value = utc(float(body))
+        if isinstance(typed, NowStep):
+            value = utc(float(typed.value))
         return [label(f"ctx.{'uuid4' if kind == StepKind.UUID else kind}()"), f"→ {value}"], [], None
     if kind == StepKind.CANCELLED:
         return [label("cancellation delivered")], [], None
@@ -568,16 +578,17 @@ def _waited(step: Step, by_seq: dict[int, Step]) -> list[Html]:
     return [_chip(f"after {duration(step.at - wait.at)}")]
 
 
-def _publication(link: Link, step: Step, messages: dict[str, MessageRow]) -> tuple[Child, list[Html], Child]:
-    body = step.body
-    target = _field(body, "target_instance_id")
+def _publication(
+    link: Link, step: Step, typed: PublishStep, messages: dict[str, MessageRow]
+) -> tuple[Child, list[Html], Child]:
+    target = typed.target_instance_id
     label = tag("span", "published on" if step.kind == StepKind.PUBLISH else "sent on", class_="kind")
     title: list[Child] = [label, tag("code", step.name)]
-    if isinstance(target, str) and target:
+    if target:
         title += [" to ", tag("a", target, href=link.instance(target))]
     if step.is_error:
         return title, [_chip("no such instance", "bad")], None
-    message_id = _field(body, "message_id")
+    message_id = typed.message_id
     chips: list[Html] = []
     details: list[Child] = [tag("div", "id ", tag("code", str(message_id)), class_="line")]
     message = messages.get(message_id) if isinstance(message_id, str) else None
@@ -600,20 +611,21 @@ def _publication(link: Link, step: Step, messages: dict[str, MessageRow]) -> tup
     return title, chips, details
 
 
-def _emitted(step: Step, outbox: dict[str, OutboxRow], now: float) -> tuple[Child, list[Html], Child]:
-    body = step.body
-    event_id = _field(body, "event_id")
+def _emitted(
+    step: Step, typed: SendEventStep, outbox: dict[str, OutboxRow], now: float
+) -> tuple[Child, list[Html], Child]:
+    event_id = typed.event_id
     title: list[Child] = [tag("span", "event emitted", class_="kind"), tag("code", step.name)]
     line = tag(
         "div",
         "id ",
-        tag("code", str(event_id)),
+        tag("code", event_id),
         " from ",
-        tag("code", str(_field(body, "source"))),
-        [" about ", tag("code", str(_field(body, "subject")))] if _field(body, "subject") else None,
+        tag("code", typed.source),
+        [" about ", tag("code", typed.subject)] if typed.subject else None,
         class_="line",
     )
-    entry = outbox.get(event_id) if isinstance(event_id, str) else None
+    entry = outbox.get(event_id)
     if entry is None:
         return title, [_chip("outbox row deleted")], line
     tries = f"{entry.attempts} attempt{'s' if entry.attempts != 1 else ''}"

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from .._models import Status, StepKind
+from .._steps import PublishStep, SendEventStep, step_or_none
 from .._validation import storable_text
 from ..errors import AppNotOpenError, InstanceNotFoundError, StorageError
 from ..storage.base import InstanceFilter, InstanceSummary
@@ -469,13 +470,12 @@ def _emitted_ids(history: Sequence[Any]) -> tuple[list[str], list[str]]:
         if row.kind not in (StepKind.SEND_EVENT, StepKind.PUBLISH, StepKind.SEND_TO):
             continue
         try:
-            body = json.loads(row.payload or "null")
+            step = step_or_none(row.kind, json.loads(row.payload or "null"), is_error=bool(row.is_error))
         except (ValueError, RecursionError):
             continue
-        if not isinstance(body, dict):
-            continue
-        key = "event_id" if row.kind == StepKind.SEND_EVENT else "message_id"
-        value = body.get(key)
+        value = step.message_id if isinstance(step, PublishStep) else None  # or a send_to
+        if isinstance(step, SendEventStep):
+            value = step.event_id
         if isinstance(value, str) and storable_text(value):
             (events if row.kind == StepKind.SEND_EVENT else messages).append(value)
     return events, messages

@@ -17,6 +17,8 @@ from typing import Any
 
 from .._models import Status
 from .._status import QueueStats
+from .._steps import event_history_payload as event_history_payload  # the EVENT step's encoder
+from .._steps import message_history_payload as message_history_payload  # the MESSAGE step's
 from ._listen import Listening
 
 
@@ -827,35 +829,6 @@ def summary_from_row(row: Sequence[Any]) -> InstanceSummary:
         steps=row[8],
         input_head=row[9],
     )
-
-
-def message_history_payload(message: StoredMessage) -> str:
-    """The history form of a received message; ``data`` is already JSON text and is inlined as such."""
-    head = {
-        "message_id": message.message_id,
-        "channel": message.channel,
-        "sender_instance_id": message.sender_instance_id,
-        "published_at": message.created_at,
-        "direct": message.target_instance_id is not None,
-    }
-    return _with_data(head, message.data)
-
-
-def event_history_payload(event: StoredEvent) -> str:
-    """The history form of a delivered event; ``data`` is already JSON text and is inlined as such."""
-    head = {
-        "event_id": event.event_id,
-        "type": event.event_type,
-        "source": event.source,
-        "time": event.created_at,
-        "extensions": None if event.extensions is None else json.loads(event.extensions),
-    }
-    return _with_data(head, event.data)
-
-
-def _with_data(head: dict[str, Any], data: str) -> str:
-    """``head`` as compact JSON with a last key ``data`` whose value is JSON text already (not re-encoded)."""
-    return json.dumps(head, separators=(",", ":"))[:-1] + ',"data":' + data + "}"
 
 
 def instance_from_row(row: Sequence[Any]) -> InstanceRow:
