@@ -137,8 +137,7 @@ class WorkflowEnvironment:
                 event_retention=saved["event_retention"],
                 clock=self._time,
             )
-            app._workflows.update(saved["_workflows"])
-            app._activities.update(saved["_activities"])
+            app.registry.include(saved["registry"])
             app._engine.retry_wait = self._retry_wait
             for activity, fake in fakes:
                 self._swapped.append((activity, activity.fn))
@@ -166,7 +165,7 @@ class WorkflowEnvironment:
     def _check_fakes(self) -> list[tuple[Activity[Any, Any], Callable[..., Any]]]:
         found = []
         for key, fake in self._fakes.items():
-            activity = key if isinstance(key, Activity) else self.app._activities.get(key)
+            activity = key if isinstance(key, Activity) else self.app.registry.activities.get(key)
             if activity is None:
                 raise ConfigurationError(f"no activity named {key!r:.80} is registered to replace")
             if not inspect.iscoroutinefunction(fake):
@@ -347,7 +346,7 @@ class WorkflowEnvironment:
     ) -> WorkflowHandle[R]:
         """Start an instance (a generated id), and return once it waits, finishes or fails."""
         self._require_open()
-        handle = await self.app._start(workflow, args, kwargs, instance_id=None)
+        handle = await self.app.client.start_instance(workflow, args, kwargs, instance_id=None)
         await self.wait_until_idle()
         return handle
 
@@ -356,7 +355,7 @@ class WorkflowEnvironment:
     ) -> WorkflowHandle[R]:
         """Start the instance ``instance_id`` (or find it), and return once it waits, finishes or fails."""
         self._require_open()
-        handle = await self.app._start(workflow, args, kwargs, instance_id=instance_id)
+        handle = await self.app.client.start_instance(workflow, args, kwargs, instance_id=instance_id)
         await self.wait_until_idle()
         return handle
 
