@@ -115,7 +115,7 @@ async def test_awaiting_a_result_completed_here_reads_nothing(
 ) -> None:
     """The engine hands a completion's committed result to the App: ``result()`` of an instance this
     process completed needs no read. Large results, and the oldest past the bound, are read again."""
-    import geste._app
+    import geste._client
 
     reads: list[str] = []
     for cls in (SQLiteStorage, PostgresStorage):
@@ -126,7 +126,7 @@ async def test_awaiting_a_result_completed_here_reads_nothing(
             return await original(self, instance_id)
 
         monkeypatch.setattr(cls, "get_instance", get_instance)
-    monkeypatch.setattr(geste._app, "COMPLETED_KEPT", 3)
+    monkeypatch.setattr(geste._client, "COMPLETED_KEPT", 3)
     app = make_app()
 
     @app.workflow

@@ -1334,8 +1334,8 @@ async def test_an_unexpected_exception_on_any_route_is_a_generic_500_never_raise
         async def broken(*args: Any, **kwargs: Any) -> Any:
             raise error
 
+        monkeypatch.setattr(app.client, "send_event", broken)  # what POST /events calls
         for name in (
-            "_send_event",
             "start_workflow",
             "get_instance",
             "list_instances",

@@ -515,7 +515,7 @@ async def test_a_result_awaited_while_the_app_closes_raises_app_not_open(make_ap
         await wait_status(app, handle.instance_id, geste.Status.WAITING)
 
         async def parked_on_a_future() -> bool:
-            return handle.instance_id in app._waiters
+            return handle.instance_id in app.client._waiters
 
         await wait_until(parked_on_a_future)
 

@@ -610,7 +610,7 @@ async def test_retry_and_resume_over_http(make_app: MakeApp, db_url: str) -> Non
 async def test_a_bulk_cancel_lists_every_match_once_across_keyset_pages(make_app: MakeApp) -> None:
     """The listing pages by creation key (the viewer's indexes): pages smaller than the matches still
     find each instance once; a status or a name nothing has finds none, a name no database holds too."""
-    from geste import _operations
+    from geste._client import CANCELLABLE
 
     app = make_app(run_worker=False)
 
@@ -621,9 +621,9 @@ async def test_a_bulk_cancel_lists_every_match_once_across_keyset_pages(make_app
     async with app:
         ids = [(await idle.start_with_id(f"i{n:02}")).instance_id for n in range(12)]
         await app.cancel("i03")  # asked already: not listed again
-        listing, every = _operations.cancellable, _operations.CANCELLABLE
-        found = await listing(app, workflow="idle", statuses=every, page=5)
+        listing, every = app.client.cancellable, CANCELLABLE
+        found = await listing(workflow="idle", statuses=every, page=5)
         assert sorted(found) == sorted(set(ids) - {"i03"})
-        assert await listing(app, workflow=None, statuses=[geste.Status.WAITING], page=5) == []  # pending
-        assert await listing(app, workflow="other", statuses=every) == []
-        assert await listing(app, workflow="a\x00b", statuses=every) == []
+        assert await listing(workflow=None, statuses=[geste.Status.WAITING], page=5) == []  # pending
+        assert await listing(workflow="other", statuses=every) == []
+        assert await listing(workflow="a\x00b", statuses=every) == []

@@ -345,7 +345,7 @@ async def test_the_users_app_is_given_back_unchanged_and_still_works(tmp_path: P
         return await hello(ctx)
 
     before = dict(app.__dict__)
-    workflows, activities = dict(app._workflows), dict(app._activities)
+    workflows, activities = app.workflows, app.activities
     async with WorkflowEnvironment(app, start_at=T0) as env:
         assert app.url != before["url"] and app.clock() == T0.timestamp()
         assert (await greet.start()) is not None  # the workflow's own start() goes to the test database
@@ -356,7 +356,7 @@ async def test_the_users_app_is_given_back_unchanged_and_still_works(tmp_path: P
     assert not exists(test_db)  # the temporary database is gone
     assert app.__dict__.keys() == before.keys()
     assert all(app.__dict__[key] is value for key, value in before.items())
-    assert app._workflows == workflows and app._activities == activities
+    assert app.workflows == workflows and app.activities == activities
     assert not exists(tmp_path / "user.db")  # the user's own database was never touched
 
     async with app:  # and it runs on its own database, with the real clock, as before

@@ -1,10 +1,13 @@
-"""What ``@app.workflow`` and ``@app.activity`` turn a user's function into."""
+"""What ``@app.workflow`` and ``@app.activity`` turn a user's function into.
+
+A core module: a workflow reaches the client that starts its instances through ``Owner`` (the App), an
+activity the workflow context that runs it through ``ActivityCaller``; neither is imported here."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 from ._retry import RetryPolicy
 from ._serde import Signature
@@ -12,9 +15,7 @@ from ._validation import check_name
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from ._app import App
     from ._handle import WorkflowHandle
-    from .engine.context import ActivityContext, WorkflowContext
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -29,6 +30,36 @@ def _check_coroutine_function(fn: Callable[..., Any], what: str) -> None:
         raise ConfigurationError(f"{what} {fn.__qualname__!r} must take the context as first parameter")
 
 
+class ActivityCaller(Protocol):
+    """What an activity is called with: the calling workflow's context (``geste.WorkflowContext``),
+    which records the call as the workflow's next step."""
+
+    def _activity(
+        self, activity: Activity[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Coroutine[Any, Any, Any]: ...
+
+
+class Starter(Protocol):
+    """What starts instances of a workflow: the client of the App that registered it."""
+
+    def start_instance(
+        self,
+        workflow: Workflow[Any, R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        instance_id: str | None,
+    ) -> Awaitable[WorkflowHandle[R]]: ...
+
+
+class Owner(Protocol):
+    """What a workflow is registered with (the App): its ``client`` is read at each start, so that a
+    ``WorkflowEnvironment`` re-binding the App to its test database is followed."""
+
+    @property
+    def client(self) -> Starter: ...
+
+
 class Activity(Generic[P, R]):
     """A step with side effects: run at least once, its outcome recorded exactly once.
 
@@ -37,7 +68,7 @@ class Activity(Generic[P, R]):
 
     def __init__(
         self,
-        fn: Callable[Concatenate[ActivityContext, P], Awaitable[R]],
+        fn: Callable[Concatenate[Any, P], Awaitable[R]],
         *,
         name: str,
         retry: RetryPolicy,
@@ -50,15 +81,15 @@ class Activity(Generic[P, R]):
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
-    def __call__(self, ctx: WorkflowContext, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
-        from .engine.context import WorkflowContext
-
-        if not isinstance(ctx, WorkflowContext):
+    def __call__(self, ctx: ActivityCaller, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        call = getattr(ctx, "_activity", None)  # a WorkflowContext (which this core module does not import)
+        if call is None:
             raise TypeError(
                 f"activity {self.name!r} is called from a workflow with its context first: "
                 f"`await {self.name}(ctx, ...)`"
             )
-        return ctx._activity(self, args, kwargs)
+        coroutine: Coroutine[Any, Any, R] = call(self, args, kwargs)
+        return coroutine
 
     def __repr__(self) -> str:
         return f"<geste.Activity {self.name}>"
@@ -67,9 +98,7 @@ class Activity(Generic[P, R]):
 class Workflow(Generic[P, R]):
     """A durable function: replayed from its recorded history wherever and whenever it resumes."""
 
-    def __init__(
-        self, app: App, fn: Callable[Concatenate[WorkflowContext, P], Awaitable[R]], *, name: str
-    ) -> None:
+    def __init__(self, app: Owner, fn: Callable[Concatenate[Any, P], Awaitable[R]], *, name: str) -> None:
         _check_coroutine_function(fn, "workflow")
         self.app = app
         self.fn = fn
@@ -80,13 +109,13 @@ class Workflow(Generic[P, R]):
 
     async def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle[R]:
         """Start a new instance with a generated id."""
-        return await self.app._start(self, args, kwargs, instance_id=None)
+        return await self.app.client.start_instance(self, args, kwargs, instance_id=None)
 
     async def start_with_id(
         self, instance_id: str, /, *args: P.args, **kwargs: P.kwargs
     ) -> WorkflowHandle[R]:
         """Start the instance ``instance_id``, or return the existing one: it never runs twice."""
-        return await self.app._start(self, args, kwargs, instance_id=instance_id)
+        return await self.app.client.start_instance(self, args, kwargs, instance_id=instance_id)
 
     def __repr__(self) -> str:
         return f"<geste.Workflow {self.name}>"

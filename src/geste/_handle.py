@@ -1,23 +1,36 @@
-"""A handle on one workflow instance: wait for its result, look at it, cancel it."""
+"""A handle on one workflow instance: wait for its result, look at it, cancel it.
+
+It holds the client that made it (``geste._client.Client``), reached through ``HandleClient``: this
+module imports nothing above the core models, so that ``Workflow.start`` (``_definitions.py``) can name
+what it returns."""
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ._models import HistoryEntry, InstanceInfo, Status
 
-if TYPE_CHECKING:
-    from ._app import App
-
 R = TypeVar("R")
+
+
+class HandleClient(Protocol):
+    """What a handle asks of the client that made it."""
+
+    async def result(self, instance_id: str, timeout: float | timedelta | None) -> Any: ...
+
+    async def get_instance(self, instance_id: str) -> InstanceInfo: ...
+
+    async def history(self, instance_id: str) -> list[HistoryEntry]: ...
+
+    async def cancel(self, instance_id: str) -> InstanceInfo: ...
 
 
 class WorkflowHandle(Generic[R]):
     """Returned by ``start``; also made from an id with ``app.get_handle(instance_id)``."""
 
-    def __init__(self, app: App, instance_id: str, *, created: bool = True) -> None:
-        self.app = app
+    def __init__(self, client: HandleClient, instance_id: str, *, created: bool = True) -> None:
+        self.client = client
         self.instance_id = instance_id
         self.created = created
         """False when ``start`` found an instance with this id already: it was not started again."""
@@ -28,20 +41,20 @@ class WorkflowHandle(Generic[R]):
         Raises ``WorkflowFailed`` / ``WorkflowCancelled`` for those ends, ``ResultTimeout`` when
         ``timeout`` runs out first (the instance goes on running).
         """
-        value: R = await self.app._result(self.instance_id, timeout)
+        value: R = await self.client.result(self.instance_id, timeout)
         return value
 
     async def info(self) -> InstanceInfo:
-        return await self.app.get_instance(self.instance_id)
+        return await self.client.get_instance(self.instance_id)
 
     async def status(self) -> Status:
         return (await self.info()).status
 
     async def history(self) -> list[HistoryEntry]:
-        return await self.app.history(self.instance_id)
+        return await self.client.history(self.instance_id)
 
     async def cancel(self) -> InstanceInfo:
-        return await self.app.cancel(self.instance_id)
+        return await self.client.cancel(self.instance_id)
 
     def __repr__(self) -> str:
         return f"<WorkflowHandle {self.instance_id}>"

@@ -1,5 +1,6 @@
-"""Operator actions: retry a failed instance from its failed step, resume a stuck one, and the listing
-and cancelling behind ``geste cancel``'s filters.
+"""Operator actions, used by the client (``_client.py``): retry a failed instance from its failed step,
+resume a stuck one (the bulk cancel behind ``geste cancel``'s filters is ``Client.cancellable`` and
+``Client.cancel_each``).
 
 Retry and resume are each one storage transaction that re-reads the instance under its lock (``BEGIN
 IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL), so two operators acting at once are
@@ -9,22 +10,16 @@ docs/design.md, "Operator actions".
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._models import HistoryEntry, InstanceInfo, Status, to_datetime
+from ._models import HistoryEntry, Status, to_datetime
 from ._serde import decode
 from ._steps import STEPS, ActivityStep
-from ._validation import storable_text
 from .errors import InstanceLeasedError, InstanceNotFoundError, InstanceStateError
-from .storage.base import HistoryRow, InstanceFilter, RetryRow, Storage
-
-if TYPE_CHECKING:
-    from ._app import App
+from .storage.base import HistoryRow, RetryRow, Storage
 
 logger = logging.getLogger("geste.operations")
 
@@ -136,49 +131,6 @@ async def resume(
         lease_broken_from=broken,
         already_runnable=broken is None and before.run_at is not None and before.run_at <= now,
     )
-
-
-CANCELLABLE = (Status.PENDING, Status.RUNNING, Status.WAITING)
-"""What a bulk cancel looks at unless told a status: compensating instances are ending already."""
-
-
-async def cancellable(
-    app: App, *, workflow: str | None, statuses: Sequence[Status], page: int = 1000
-) -> list[str]:
-    """Ids of the instances of ``workflow`` (any when None) in ``statuses`` not yet asked to cancel.
-
-    Keyset pages (newest first, by creation key, through the indexes the viewer uses): one index range
-    scan per page however deep, and an instance whose status changes meanwhile is neither skipped nor
-    listed twice within its status. Instances started after the listing began are not included.
-    """
-    if workflow is not None and not storable_text(workflow):
-        return []  # a name no database could hold (NUL, a lone surrogate): no instance has it
-    found: dict[str, None] = {}
-    for status in statuses:
-        which = InstanceFilter(workflow_name=workflow, status=status)
-        before: tuple[float, str] | None = None
-        while True:
-            rows = await app.storage.page_instances(which, before=before, limit=page)
-            for row in rows:
-                if not row.cancel_requested:
-                    found[row.instance_id] = None
-            if len(rows) < page:
-                break
-            before = (rows[-1].created_at, rows[-1].instance_id)
-    return list(found)
-
-
-async def cancel_each(
-    app: App, instance_ids: Sequence[str], *, on_done: Callable[[InstanceInfo], None], concurrency: int = 8
-) -> None:
-    """``app.cancel`` each instance, ``concurrency`` at a time; ``on_done`` gets each answer."""
-    pending = iter(instance_ids)
-
-    async def work() -> None:
-        for instance_id in pending:  # shared by the tasks: each id is taken once
-            on_done(await app.cancel(instance_id))
-
-    await asyncio.gather(*(work() for _ in range(min(concurrency, len(instance_ids)))))
 
 
 def retry_record(row: RetryRow) -> RetryRecord:

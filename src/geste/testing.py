@@ -149,10 +149,10 @@ class WorkflowEnvironment(OpenClose):
         )
         app.notify = replace(app.notify, enabled=False, listen_url=None)
         app.outbox_config = OutboxConfig()
-        app._open, app._waiters, app._completed = False, {}, {}
+        app._open = False
         app._stop, app._stop_requested = None, False
         options = app._runtime_options(lookahead=0.0)  # no claim ahead of a moment only advance() brings
-        app._engine, app.runtime = app._wire(app.storage, app.clock, app.metrics, options)
+        app.client, app._engine, app.runtime = app._wire(app.storage, app.clock, app.metrics, options)
         app._engine.retry_wait = self._retry_wait
 
     async def close(self) -> None:
@@ -162,7 +162,7 @@ class WorkflowEnvironment(OpenClose):
     def _check_fakes(self) -> list[tuple[Activity[Any, Any], Callable[..., Any]]]:
         found = []
         for key, fake in self._fakes.items():
-            activity = key if isinstance(key, Activity) else self.app._activities.get(key)
+            activity = key if isinstance(key, Activity) else self.app.registry.activities.get(key)
             if activity is None:
                 raise ConfigurationError(f"no activity named {key!r:.80} is registered to replace")
             if not inspect.iscoroutinefunction(fake):
@@ -343,7 +343,7 @@ class WorkflowEnvironment(OpenClose):
     ) -> WorkflowHandle[R]:
         """Start an instance (a generated id), and return once it waits, finishes or fails."""
         self._require_open()
-        handle = await self.app._start(workflow, args, kwargs, instance_id=None)
+        handle = await self.app.client.start_instance(workflow, args, kwargs, instance_id=None)
         await self.wait_until_idle()
         return handle
 
@@ -352,7 +352,7 @@ class WorkflowEnvironment(OpenClose):
     ) -> WorkflowHandle[R]:
         """Start the instance ``instance_id`` (or find it), and return once it waits, finishes or fails."""
         self._require_open()
-        handle = await self.app._start(workflow, args, kwargs, instance_id=instance_id)
+        handle = await self.app.client.start_instance(workflow, args, kwargs, instance_id=instance_id)
         await self.wait_until_idle()
         return handle
 

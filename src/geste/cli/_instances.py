@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from .. import _operations
 from .._app import App
+from .._client import CANCELLABLE
 from .._models import HistoryEntry, InstanceInfo, Status
 from .._operations import ResumeResult, RetryRecord
 from .._progress import Progress
@@ -178,10 +178,10 @@ def cancel(
 
 
 async def _cancel_many(database_url: str, workflow: str | None, status: str | None, as_json: bool) -> None:
-    statuses = [Status(status)] if status is not None else list(_operations.CANCELLABLE)
+    statuses = [Status(status)] if status is not None else list(CANCELLABLE)
     outcomes: dict[str, list[str]] = {"cancelled": [], "cancel_requested": [], "finished_before": []}
     async with _client(database_url) as app:
-        ids = await _operations.cancellable(app, workflow=workflow, statuses=statuses)
+        ids = await app.client.cancellable(workflow=workflow, statuses=statuses)
         what = ", ".join(
             part
             for part in (
@@ -202,7 +202,7 @@ async def _cancel_many(database_url: str, workflow: str | None, status: str | No
                     outcomes["cancel_requested"].append(info.instance_id)
                 progress.advance()
 
-            await _operations.cancel_each(app, ids, on_done=done)
+            await app.client.cancel_each(ids, on_done=done)
     if as_json:
         click.echo(_dump({"matched": len(ids), **outcomes}))
         return

@@ -172,7 +172,7 @@ class GesteASGI:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    if not self.app._open:
+                    if not self.app.is_open:
                         await self.app.open()
                         self._opened_app = True
                 except Exception as exc:
@@ -206,7 +206,7 @@ class GesteASGI:
         event = (
             parse_structured(body) if structured else parse_binary(request.raw_headers, content_type, body)
         )
-        event_id, stored = await self.app._send_event(
+        sent = await self.app.client.send_event(
             event.type,
             event.data,
             source=event.source,
@@ -214,7 +214,7 @@ class GesteASGI:
             instance_id=event.instance_id,
             extensions=event.attributes,
         )
-        return json_response(202, {"event_id": event_id, "duplicate": not stored})
+        return json_response(202, {"event_id": sent.event_id, "duplicate": not sent.stored})
 
     async def _start(self, request: Request, params: dict[str, str]) -> Response:
         body = await self._json_body(request)

@@ -1,0 +1,577 @@
+"""The client: every call that starts, looks at, acts on or sends to instances through the database.
+
+``App``'s public methods delegate here. The client holds no worker: what it asks of this process's
+runtime (run a started instance at once on a reserved slot, poke the worker or the relay after a write
+that makes work for them) comes through the callables it is built with, which return None when this
+process runs no worker (``run_worker=False``, or not open yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol, TypeVar
+
+from . import _operations
+from ._definitions import Workflow
+from ._handle import WorkflowHandle
+from ._metrics import Metrics
+from ._models import HistoryEntry, InstanceInfo, Status, to_datetime
+from ._operations import ResumeResult, RetryRecord
+from ._registry import Registry
+from ._retry import seconds
+from ._serde import decode, decode_error, encode
+from ._steps import read_row
+from ._validation import check_channel, check_name, storable_text
+from .errors import (
+    AppNotOpenError,
+    ConfigurationError,
+    InstanceAlreadyExistsError,
+    InstanceNotFoundError,
+    ResultTimeout,
+    StorageError,
+    UnknownWorkflowError,
+    WorkflowCancelled,
+    WorkflowFailed,
+)
+from .runtime.relay import OutboxEntry, OutboxStatus, entry_from_row
+from .storage.base import (
+    Claim,
+    HistoryRow,
+    InstanceFilter,
+    InstanceRow,
+    Lease,
+    NewEvent,
+    NewInstance,
+    NewMessage,
+    Storage,
+)
+
+R = TypeVar("R")
+
+logger = logging.getLogger("geste.app")
+
+MAX_ID_LENGTH = 200
+COMPLETED_KEPT = 5_000
+COMPLETED_KEPT_SIZE = 2_048
+"""Results of instances completed in this process kept for ``result()``: the latest 5,000 of at most
+2 KiB each (10 MiB at worst); a larger result is read from the database."""
+
+CANCELLABLE = (Status.PENDING, Status.RUNNING, Status.WAITING)
+"""What a bulk cancel looks at unless told a status: compensating instances are ending already."""
+
+
+def check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH or not storable_text(value):
+        raise ConfigurationError(
+            f"{what} must be a non-empty string of at most {MAX_ID_LENGTH} characters (no NUL, valid UTF-8)"
+        )
+    return value
+
+
+def findable(value: object, what: str) -> bool:
+    """Whether ``value`` can be the id or name of a stored row. A non-string is the caller's mistake; a
+    string no backend stores (NUL, a lone surrogate) names nothing, and is not sent to the database,
+    where it would fail as a driver error (a StorageError on PostgreSQL, a UnicodeEncodeError from
+    sqlite3) rather than find nothing."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{what} must be a string, not {type(value).__name__}")
+    return storable_text(value)
+
+
+class LocalWorker(Protocol):
+    """This process's worker, as the client uses it (``geste._worker.Worker`` is one)."""
+
+    def reserve(self) -> Lease | None:
+        """A slot and a lease id for an instance about to be created and run at once; None when full."""
+        ...
+
+    def run_reserved(self, claim: Claim | None, history: Sequence[HistoryRow] = ()) -> None:
+        """Run the instance created claimed with the reserved lease (None: give the slot back)."""
+        ...
+
+    def poke(self) -> None:
+        """Look for work now: a write made an instance runnable."""
+        ...
+
+
+class LocalRelay(Protocol):
+    """This process's outbox relay, as the client uses it (``geste._outbox.Relay`` is one)."""
+
+    def poke(self) -> None:
+        """Look for outbox events to send now."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SentEvent:
+    """What ``Client.send_event`` did: the event's id, and whether it was stored (False: an event of
+    that id was stored already, and this one was dropped as a duplicate)."""
+
+    event_id: str
+    stored: bool
+
+
+class Client:
+    """Starts, looks at, acts on and sends to instances through ``storage``.
+
+    ``is_open`` says whether calls are served (else ``AppNotOpenError``); ``worker`` and ``relay`` return
+    this process's worker and outbox relay, or None when it runs none. ``on_completed`` and
+    ``on_finished`` are the engine's hooks: they feed ``result()`` without a read or a poll.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        registry: Registry,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        max_payload_bytes: int,
+        lock_timeout: float,
+        poll_interval: float,
+        worker_id: str,
+        is_open: Callable[[], bool],
+        worker: Callable[[], LocalWorker | None],
+        relay: Callable[[], LocalRelay | None],
+    ) -> None:
+        self.storage = storage
+        self.registry = registry
+        self.metrics = metrics
+        self.clock = clock
+        self.max_payload_bytes = max_payload_bytes
+        self.lock_timeout = lock_timeout
+        self.poll_interval = poll_interval
+        self.worker_id = worker_id
+        self._is_open = is_open
+        self._worker = worker
+        self._relay = relay
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._completed: dict[str, tuple[str, str]] = {}
+        """Workflow name and stored result of instances this process completed lately (a completion is
+        final): ``result()`` of one of them needs no read. Oldest dropped past ``COMPLETED_KEPT``."""
+
+    def _require_open(self) -> None:
+        if not self._is_open():
+            raise AppNotOpenError("the App is not open: use `async with app:` or `await app.open()` first")
+
+    def _poke_worker(self) -> None:
+        worker = self._worker()
+        if worker is not None:
+            worker.poke()
+
+    # -- starting and looking ----------------------------------------------------------------------
+    async def start_workflow(
+        self, workflow: str | Workflow[Any, Any], /, *args: Any, instance_id: str | None = None, **kwargs: Any
+    ) -> WorkflowHandle[Any]:
+        """Start ``workflow`` (an object or a registered name); an existing ``instance_id`` is returned."""
+        if isinstance(workflow, str):
+            found = self.registry.workflows.get(workflow)
+            if found is None:
+                raise UnknownWorkflowError(workflow)
+            workflow = found
+        elif not isinstance(workflow, Workflow):
+            raise TypeError(f"start_workflow takes a workflow or its registered name, not {workflow!r:.80}")
+        return await self.start_instance(workflow, args, kwargs, instance_id=instance_id)
+
+    async def start_instance(
+        self,
+        workflow: Workflow[Any, R],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        instance_id: str | None,
+    ) -> WorkflowHandle[R]:
+        """Start an instance of ``workflow`` with these arguments (``Workflow.start`` comes here)."""
+        self._require_open()
+        if not self.registry.registered(workflow):
+            raise UnknownWorkflowError(workflow.name)
+        workflow.signature.bind(args, kwargs, what=f"workflow {workflow.name}")
+        stored = encode(
+            {"args": args, "kwargs": kwargs},
+            what=f"input of workflow {workflow.name}",
+            limit=self.max_payload_bytes,
+        )
+        iid = uuid.uuid4().hex if instance_id is None else check_id(instance_id, "instance_id")
+        now = self.clock()
+        worker = self._worker()
+        reserved = worker.reserve() if worker is not None else None
+        lease = None if reserved is None else Lease(iid, reserved.lease_id)
+        try:
+            row, created = await self.storage.create_instance(
+                NewInstance(iid, workflow.name, stored, now),
+                lease=lease,
+                worker_id=self.worker_id,
+                lock_expires_at=now + self.lock_timeout,
+            )
+        except BaseException:
+            worker = self._worker()  # read again after the write: the App may have closed meanwhile
+            if worker is not None and lease is not None:
+                worker.run_reserved(None)
+            raise
+        if created:
+            self.metrics.workflows_started.values[workflow.name] += 1
+        worker = self._worker()
+        if worker is not None:
+            if lease is not None:
+                claim = Claim(lease, workflow.name, stored, Status.RUNNING, now, False) if created else None
+                worker.run_reserved(claim, ())
+            elif created:
+                worker.poke()
+        if not created and row.workflow_name != workflow.name:
+            raise InstanceAlreadyExistsError(
+                f"instance {iid!r} exists already as a {row.workflow_name!r} workflow, not {workflow.name!r}"
+            )
+        return WorkflowHandle(self, iid, created=created)
+
+    def get_handle(self, instance_id: str) -> WorkflowHandle[Any]:
+        return WorkflowHandle(self, instance_id, created=False)
+
+    async def get_instance(self, instance_id: str) -> InstanceInfo:
+        self._require_open()
+        if not findable(instance_id, "instance_id"):
+            raise InstanceNotFoundError(instance_id)
+        row = await self.storage.get_instance(instance_id)
+        if row is None:
+            raise InstanceNotFoundError(instance_id)
+        return instance_info(row)
+
+    async def list_instances(
+        self,
+        *,
+        workflow: str | None = None,
+        status: Status | str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[InstanceInfo]:
+        """Instances, newest first, optionally of one workflow name and/or status."""
+        self._require_open()
+        try:
+            wanted = None if status is None else Status(status)
+        except ValueError:
+            raise ConfigurationError(
+                f"unknown status {status!r}; one of {', '.join(s.value for s in Status)}"
+            ) from None
+        if not isinstance(limit, int) or not 0 < limit <= 10_000 or not isinstance(offset, int) or offset < 0:
+            raise ConfigurationError("limit must be in 1..10000 and offset >= 0")
+        if workflow is not None and not findable(workflow, "workflow"):
+            return []
+        rows = await self.storage.list_instances(
+            workflow_name=workflow, status=wanted, limit=limit, offset=offset
+        )
+        return [instance_info(row) for row in rows]
+
+    async def history(self, instance_id: str) -> list[HistoryEntry]:
+        """The recorded steps of an instance, in order.
+
+        Raises ``geste.errors.HistoryCorruptedError`` for a row geste cannot read (changed by hand).
+        """
+        self._require_open()
+        if not findable(instance_id, "instance_id") or await self.storage.get_instance(instance_id) is None:
+            raise InstanceNotFoundError(instance_id)
+        entries = []
+        for row in await self.storage.get_history(instance_id):
+            kind, payload = read_row(row, instance_id=instance_id)  # an unknown kind, not JSON: corrupted
+            entries.append(
+                HistoryEntry(
+                    seq=row.seq,
+                    kind=kind,
+                    name=row.name,
+                    payload=payload,
+                    is_error=row.is_error,
+                    created_at=to_datetime(row.created_at) or to_datetime(0.0),  # type: ignore[arg-type]
+                )
+            )
+        return entries
+
+    # -- operator actions --------------------------------------------------------------------------
+    async def cancel(self, instance_id: str) -> InstanceInfo:
+        """Cancel an instance: at once if it never ran, else at its next step, after its compensations."""
+        self._require_open()
+        if not findable(instance_id, "instance_id"):
+            raise InstanceNotFoundError(instance_id)
+        row = await self.storage.request_cancel(instance_id, self.clock())
+        if row is None:
+            raise InstanceNotFoundError(instance_id)
+        if row.status.is_finished:
+            self.on_finished(instance_id)
+        else:
+            self._poke_worker()
+        return instance_info(row)
+
+    async def cancellable(
+        self, *, workflow: str | None, statuses: Sequence[Status], page: int = 1000
+    ) -> list[str]:
+        """Ids of the instances of ``workflow`` (any when None) in ``statuses`` not yet asked to cancel.
+
+        Keyset pages (newest first, by creation key, through the indexes the viewer uses): one index range
+        scan per page however deep, and an instance whose status changes meanwhile is neither skipped nor
+        listed twice within its status. Instances started after the listing began are not included.
+        """
+        if workflow is not None and not storable_text(workflow):
+            return []  # a name no database could hold (NUL, a lone surrogate): no instance has it
+        found: dict[str, None] = {}
+        for status in statuses:
+            which = InstanceFilter(workflow_name=workflow, status=status)
+            before: tuple[float, str] | None = None
+            while True:
+                rows = await self.storage.page_instances(which, before=before, limit=page)
+                for row in rows:
+                    if not row.cancel_requested:
+                        found[row.instance_id] = None
+                if len(rows) < page:
+                    break
+                before = (rows[-1].created_at, rows[-1].instance_id)
+        return list(found)
+
+    async def cancel_each(
+        self, instance_ids: Sequence[str], *, on_done: Callable[[InstanceInfo], None], concurrency: int = 8
+    ) -> None:
+        """``cancel`` each instance, ``concurrency`` at a time; ``on_done`` gets each answer."""
+        pending = iter(instance_ids)
+
+        async def work() -> None:
+            for instance_id in pending:  # shared by the tasks: each id is taken once
+                on_done(await self.cancel(instance_id))
+
+        await asyncio.gather(*(work() for _ in range(min(concurrency, len(instance_ids)))))
+
+    async def retry(self, instance_id: str) -> RetryRecord:
+        """``App.retry``: run a failed instance again from its failed step; return what it removed."""
+        self._require_open()
+        if not findable(instance_id, "instance_id"):
+            raise InstanceNotFoundError(instance_id)
+        record = await _operations.retry(self.storage, instance_id, self.clock())
+        self._poke_worker()
+        return record
+
+    async def retries(self, instance_id: str) -> list[RetryRecord]:
+        """The retries of an instance, oldest first: what each removed from its history and cleared."""
+        self._require_open()
+        if not findable(instance_id, "instance_id") or await self.storage.get_instance(instance_id) is None:
+            raise InstanceNotFoundError(instance_id)
+        return [_operations.retry_record(row) for row in await self.storage.list_retries(instance_id)]
+
+    async def resume(self, instance_id: str, *, force: bool = False) -> ResumeResult:
+        """``App.resume``: make an unfinished instance runnable now."""
+        self._require_open()
+        if not isinstance(force, bool):  # force=1 or "yes" must not quietly mean no, nor break a lease
+            raise ConfigurationError(f"force must be True or False, not {force!r}")
+        if not findable(instance_id, "instance_id"):
+            raise InstanceNotFoundError(instance_id)
+        result = await _operations.resume(
+            self.storage, instance_id, self.clock(), lock_timeout=self.lock_timeout, force=force
+        )
+        self._poke_worker()
+        return result
+
+    # -- events ------------------------------------------------------------------------------------
+    async def send_event(
+        self,
+        event_type: str,
+        data: Any = None,
+        *,
+        source: str | None = None,
+        event_id: str | None = None,
+        instance_id: str | None = None,
+        extensions: dict[str, Any] | None = None,
+    ) -> SentEvent:
+        """``App.send_event``, also saying whether the event was stored (False: its id was there already)."""
+        self._require_open()
+        check_name(event_type, "event type")
+        eid = uuid.uuid4().hex if event_id is None else check_id(event_id, "event_id")
+        if source is not None and (not isinstance(source, str) or not storable_text(source)):
+            raise ConfigurationError("source must be a string (no NUL, valid UTF-8)")
+        body = encode(data, what=f"data of event {event_type}", limit=self.max_payload_bytes)
+        ext = (
+            None
+            if extensions is None
+            else encode(extensions, what="event extensions", limit=self.max_payload_bytes)
+        )
+        if instance_id is not None and (
+            not findable(instance_id, "instance_id") or await self.storage.get_instance(instance_id) is None
+        ):
+            raise InstanceNotFoundError(instance_id)
+        stored, woken = await self.storage.send_event(
+            NewEvent(eid, event_type, body, source, instance_id, ext, self.clock())
+        )
+        if woken:
+            self._poke_worker()
+        return SentEvent(eid, stored)
+
+    # -- the transactional outbox ------------------------------------------------------------------
+    async def outbox(
+        self,
+        *,
+        status: OutboxStatus | str | None = None,
+        instance_id: str | None = None,
+        limit: int = 100,
+    ) -> list[OutboxEntry]:
+        """``App.outbox``: events emitted with ``ctx.send_event``, newest first."""
+        self._require_open()
+        try:
+            wanted = None if status is None else OutboxStatus(status)
+        except ValueError:
+            raise ConfigurationError(
+                f"unknown outbox status {status!r}; one of {', '.join(s.value for s in OutboxStatus)}"
+            ) from None
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= 10_000:
+            raise ConfigurationError("limit must be in 1..10000")
+        if instance_id is not None and not findable(instance_id, "instance_id"):
+            return []
+        rows = await self.storage.outbox_list(
+            status=None if wanted is None else wanted.value, instance_id=instance_id, limit=limit
+        )
+        return [entry_from_row(row) for row in rows]
+
+    async def retry_outbox_event(self, event_id: str) -> bool:
+        """``App.retry_outbox_event``: re-queue a dead outbox event; False when no dead event has that id."""
+        self._require_open()
+        if not findable(event_id, "event_id"):
+            return False
+        found = await self.storage.outbox_retry(event_id, self.clock())
+        if found:
+            self._poke_relay()
+        return found
+
+    async def discard_outbox_event(self, event_id: str) -> bool:
+        """``App.discard_outbox_event``: give up a pending or dead outbox event; False when none had that
+        id."""
+        self._require_open()
+        if not findable(event_id, "event_id"):
+            return False
+        found = await self.storage.outbox_discard(event_id, self.clock())
+        if found:
+            self._poke_relay()
+        return found
+
+    def _poke_relay(self) -> None:
+        relay = self._relay()
+        if relay is not None:
+            relay.poke()
+
+    # -- channels ----------------------------------------------------------------------------------
+    async def publish(self, channel: str, data: Any = None, *, message_id: str | None = None) -> str:
+        """``App.publish``: publish ``data`` on ``channel`` from outside a workflow; return its id."""
+        return await self._publish(channel, data, target=None, message_id=message_id)
+
+    async def send_to(
+        self, instance_id: str, channel: str, data: Any = None, *, message_id: str | None = None
+    ) -> str:
+        """``App.send_to``: send ``data`` on ``channel`` to instance ``instance_id`` only; return its id."""
+        target = check_id(instance_id, "instance_id")
+        return await self._publish(channel, data, target=target, message_id=message_id)
+
+    async def _publish(self, channel: str, data: Any, *, target: str | None, message_id: str | None) -> str:
+        self._require_open()
+        check_channel(channel)
+        mid = uuid.uuid4().hex if message_id is None else check_id(message_id, "message_id")
+        body = encode(data, what=f"data of a message on channel {channel}", limit=self.max_payload_bytes)
+        message = NewMessage(mid, channel, body, None, target, self.clock())
+        result = await self.storage.channel_publish(message)
+        if result.target_missing:
+            raise InstanceNotFoundError(str(target))
+        if result.woken:
+            self._poke_worker()
+        return mid
+
+    # -- results -----------------------------------------------------------------------------------
+    async def result(self, instance_id: str, timeout: float | timedelta | None) -> Any:
+        """Wait for the instance to finish and return its result (``WorkflowHandle.result``)."""
+        self._require_open()
+        if not findable(instance_id, "instance_id"):  # else PostgreSQL's refusal looks like an outage
+            raise InstanceNotFoundError(instance_id)
+        limit = None if timeout is None else seconds(timeout, what="timeout")
+        deadline = None if limit is None else time.monotonic() + limit
+        delay = 0.01
+        loop = asyncio.get_running_loop()
+        while True:
+            self._require_open()
+            completed = self._completed.get(instance_id)
+            if completed is not None:  # completed here: the committed result, without a read
+                return self._completed_value(*completed)
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(instance_id, []).append(future)
+            try:
+                try:
+                    row = await self.storage.get_instance(instance_id)
+                except StorageError as exc:  # the database went away: keep waiting, it may come back
+                    logger.warning("waiting for %s: %s; trying again", instance_id, exc)
+                    row = None
+                else:
+                    if row is None:
+                        raise InstanceNotFoundError(instance_id)
+                    if row.status.is_finished:
+                        return self._outcome(row)
+                wait = delay if deadline is None else min(delay, deadline - time.monotonic())
+                if wait <= 0:
+                    raise ResultTimeout(f"instance {instance_id} did not finish within {limit}s")
+                try:
+                    async with asyncio.timeout(wait):
+                        await asyncio.shield(future)
+                except TimeoutError:
+                    delay = min(delay * 2, self.poll_interval)
+            finally:
+                waiters = self._waiters.get(instance_id)
+                if waiters is not None and future in waiters:
+                    waiters.remove(future)
+                    if not waiters:
+                        del self._waiters[instance_id]
+
+    def _completed_value(self, workflow_name: str, result: str | None) -> Any:
+        return self.registry.load_result(workflow_name, decode(result))
+
+    def _outcome(self, row: InstanceRow) -> Any:
+        if row.status == Status.COMPLETED:
+            return self._completed_value(row.workflow_name, row.result)
+        error = decode(row.error) or {}
+        if row.status == Status.CANCELLED:
+            raise WorkflowCancelled(f"workflow instance {row.instance_id} was cancelled")
+        failure = WorkflowFailed(row.instance_id, error)
+        raise failure from decode_error(error)
+
+    # -- the engine's hooks ------------------------------------------------------------------------
+    def on_completed(self, instance_id: str, workflow_name: str, result: str) -> None:
+        """A completion committed in this process: its result is kept for ``result()`` (if small)."""
+        if len(result) > COMPLETED_KEPT_SIZE:
+            return
+        if len(self._completed) >= COMPLETED_KEPT:
+            del self._completed[next(iter(self._completed))]
+        self._completed[instance_id] = (workflow_name, result)
+
+    def on_finished(self, instance_id: str) -> None:
+        """An instance ended in this process: its ``result()`` waiters look at it now."""
+        for future in self._waiters.get(instance_id, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def release_waiters(self) -> None:
+        """The App closed: every ``result()`` waiter wakes, and sees it closed."""
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+        self._waiters.clear()
+
+
+def instance_info(row: InstanceRow) -> InstanceInfo:
+    return InstanceInfo(
+        instance_id=row.instance_id,
+        workflow_name=row.workflow_name,
+        status=row.status,
+        input=decode(row.input),
+        result=decode(row.result),
+        error=decode(row.error),
+        created_at=to_datetime(row.created_at),  # type: ignore[arg-type]
+        updated_at=to_datetime(row.updated_at),  # type: ignore[arg-type]
+        finished_at=to_datetime(row.finished_at),
+        locked_by=row.locked_by,
+        lock_expires_at=to_datetime(row.lock_expires_at),
+        cancel_requested=row.cancel_requested,
+        steps=row.steps,
+    )
