@@ -170,7 +170,7 @@ async def test_only_the_newer_migrations_run_on_an_older_database(
         await upgraded.open()
         assert await upgraded.schema_version() == newer
         assert await upgraded.get_instance("old") is not None
-        assert await upgraded._call(lambda c: c.execute("SELECT x FROM geste_extra").fetchall()) == [(7,)]
+        assert await upgraded._call(lambda c: [r["x"] for r in c.execute("SELECT x FROM geste_extra")]) == [7]
         await upgraded.close()
 
 

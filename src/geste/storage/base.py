@@ -797,22 +797,6 @@ def plan_page(
     return PagePlan(f"page_instances_{combo or 'all'}_older", False, key, lo, filters)
 
 
-def summary_from_row(row: Sequence[Any]) -> InstanceSummary:
-    """An ``InstanceSummary`` from a row of the ``page_instances_*`` queries."""
-    return InstanceSummary(
-        instance_id=row[0],
-        workflow_name=row[1],
-        status=Status.stored(row[2]),
-        created_at=row[3],
-        updated_at=row[4],
-        finished_at=row[5],
-        locked_by=row[6],
-        cancel_requested=bool(row[7]),
-        steps=row[8],
-        input_head=row[9],
-    )
-
-
 def message_history_payload(message: StoredMessage) -> str:
     """The history form of a received message; ``data`` is already JSON text and is inlined as such."""
     head = {
@@ -840,26 +824,6 @@ def event_history_payload(event: StoredEvent) -> str:
 def _with_data(head: dict[str, Any], data: str) -> str:
     """``head`` as compact JSON with a last key ``data`` whose value is JSON text already (not re-encoded)."""
     return json.dumps(head, separators=(",", ":"))[:-1] + ',"data":' + data + "}"
-
-
-def instance_from_row(row: Sequence[Any]) -> InstanceRow:
-    """An ``InstanceRow`` from a row selected in the column order of the ``get_instance`` queries."""
-    return InstanceRow(
-        instance_id=row[0],
-        workflow_name=row[1],
-        status=Status.stored(row[2]),
-        input=row[3],
-        result=row[4],
-        error=row[5],
-        created_at=row[6],
-        updated_at=row[7],
-        finished_at=row[8],
-        run_at=row[9],
-        locked_by=row[10],
-        lock_expires_at=row[11],
-        cancel_requested=bool(row[12]),
-        steps=row[13],
-    )
 
 
 RETRY_SAFE_KINDS = frozenset({"activity", "now", "uuid", "random"})
@@ -903,30 +867,3 @@ def _activity_end(row: HistoryRow) -> float | None:
     except (ValueError, TypeError, KeyError, RecursionError):
         return None
     return end if math.isfinite(end) else None
-
-
-def removed_rows_json(rows: Sequence[HistoryRow]) -> str:
-    """The ``removed`` column of ``geste_retries``: the rows as JSON arrays (payloads as JSON text)."""
-    return json.dumps([[r.seq, r.kind, r.name, r.payload, bool(r.is_error), r.created_at] for r in rows])
-
-
-def retry_from_row(row: Sequence[Any]) -> RetryRow:
-    """A ``RetryRow`` from a row selected in the column order of the ``list_retries`` queries."""
-    removed = tuple(HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in json.loads(row[6]))
-    return RetryRow(row[0], row[1], row[2], row[3], row[4], row[5], removed)
-
-
-def outbox_claim_from_row(row: Sequence[Any], claim_id: str) -> OutboxClaim:
-    """An ``OutboxClaim`` from a row returned by the ``outbox_claim`` queries."""
-    return OutboxClaim(
-        event_id=row[0],
-        instance_id=row[1],
-        step_seq=row[2],
-        event_type=row[3],
-        source=row[4],
-        subject=row[5],
-        data=row[6],
-        attempts=row[7],
-        created_at=row[8],
-        claim_id=claim_id,
-    )

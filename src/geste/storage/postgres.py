@@ -21,16 +21,15 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._models import Status, matches
-from .._status import QueueStats, is_alive
+from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
+from . import _rows as rows
 from ._group_commit import GroupCommit
 from ._sql import load_migrations, load_queries, migration_names
 from .base import (
     INPUT_HEAD,
-    Claim,
     Claims,
     EventWait,
-    EventWaitRow,
     HistoryRow,
     InstanceExtras,
     InstanceFilter,
@@ -38,7 +37,6 @@ from .base import (
     InstanceSummary,
     Lease,
     LeaseLost,
-    MessageRow,
     MessageWait,
     MigrationStep,
     NewEvent,
@@ -55,17 +53,12 @@ from .base import (
     Storage,
     StoredEvent,
     StoredMessage,
-    SubscriptionRow,
     Suspension,
     WorkerRow,
     event_history_payload,
-    instance_from_row,
     message_history_payload,
-    outbox_claim_from_row,
     plan_page,
     retry_cut,
-    retry_from_row,
-    summary_from_row,
 )
 
 try:
@@ -107,10 +100,8 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
 
 
 def _history_from_json(text: str | None) -> tuple[HistoryRow, ...]:
-    """The history aggregated by the claim statement (``json_agg`` of rows, or NULL when empty)."""
-    if text is None:
-        return ()
-    return tuple(HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in json.loads(text))
+    """The history aggregated by the claim statement (``json_agg`` of arrays, or NULL when empty)."""
+    return () if text is None else rows.history_from_arrays(json.loads(text))
 
 
 async def _keep_session(_conn: Any) -> None:
@@ -177,15 +168,15 @@ class _Finish:
 def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
     """The history rows of a batch (one item per instance), as the arrays that follow the per-instance
     ones."""
-    rows = [(item.lease.instance_id, r) for item in batch for r in item.records]
+    written = [(item.lease.instance_id, r) for item in batch for r in item.records]
     return (
-        [instance_id for instance_id, _ in rows],
-        [r.seq for _, r in rows],
-        [r.kind for _, r in rows],
-        [r.name for _, r in rows],
-        [r.payload for _, r in rows],
-        [r.is_error for _, r in rows],
-        [r.created_at for _, r in rows],
+        [instance_id for instance_id, _ in written],
+        [r.seq for _, r in written],
+        [r.kind for _, r in written],
+        [r.name for _, r in written],
+        [r.payload for _, r in written],
+        [r.is_error for _, r in written],
+        [r.created_at for _, r in written],
     )
 
 
@@ -362,7 +353,7 @@ class PostgresStorage(Storage):
             await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
 
     async def _read_version(self, conn: Conn) -> int:
-        tables = {row[0] for row in await conn.fetch(self._q["find_tables"], self.schema)}
+        tables = {row["name"] for row in await conn.fetch(self._q["find_tables"], self.schema)}
         if not tables:
             return 0
         if "geste_meta" not in tables:
@@ -411,15 +402,15 @@ class PostgresStorage(Storage):
             )
             if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
-                return instance_from_row(existing), False
-            return instance_from_row(list(row)[1:]), bool(row[0])
+                return rows.instance_row(existing), False
+            return rows.instance_row(row), bool(row["created"])
 
         return await self._run(go)
 
     async def get_instance(self, instance_id: str) -> InstanceRow | None:
         async def go(conn: Conn) -> InstanceRow | None:
             row = await conn.fetchrow(self._q["get_instance"], instance_id)
-            return None if row is None else instance_from_row(row)
+            return None if row is None else rows.instance_row(row)
 
         return await self._read(go)
 
@@ -433,15 +424,14 @@ class PostgresStorage(Storage):
     ) -> list[InstanceRow]:
         async def go(conn: Conn) -> list[InstanceRow]:
             wanted = None if status is None else str(status)
-            rows = await conn.fetch(self._q["list_instances"], workflow_name, wanted, limit, offset)
-            return [instance_from_row(row) for row in rows]
+            found = await conn.fetch(self._q["list_instances"], workflow_name, wanted, limit, offset)
+            return [rows.instance_row(row) for row in found]
 
         return await self._read(go)
 
     async def get_history(self, instance_id: str) -> list[HistoryRow]:
         async def go(conn: Conn) -> list[HistoryRow]:
-            rows = await conn.fetch(self._q["get_history"], instance_id)
-            return [HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+            return [rows.history_row(r) for r in await conn.fetch(self._q["get_history"], instance_id)]
 
         return await self._read(go)
 
@@ -451,7 +441,7 @@ class PostgresStorage(Storage):
             if done.endswith(" 0"):
                 await conn.execute(self._q["flag_cancel"], instance_id, now, self.notify)
             row = await conn.fetchrow(self._q["get_instance"], instance_id)
-            return None if row is None else instance_from_row(row)
+            return None if row is None else rows.instance_row(row)
 
         return await self._tx(go)
 
@@ -461,27 +451,29 @@ class PostgresStorage(Storage):
             found = await conn.fetchrow(self._q["lock_instance"], instance_id)
             if found is None:
                 return RetryOutcome(None)
-            row = instance_from_row(found)
+            row = rows.instance_row(found)
             if row.status != Status.FAILED:
                 last = await conn.fetchrow(self._q["last_retry"], instance_id)
-                return RetryOutcome(row, last_retry=None if last is None else (last[0], last[1]))
-            history = [
-                HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5])
-                for r in await conn.fetch(self._q["get_history"], instance_id)
-            ]
+                return RetryOutcome(
+                    row, last_retry=None if last is None else (last["retry"], last["retried_at"])
+                )
+            history = [rows.history_row(r) for r in await conn.fetch(self._q["get_history"], instance_id)]
             if any(r.kind == "compensation" for r in history):
                 return RetryOutcome(row, compensated=True)
             from_seq = retry_cut(history)
             done = await conn.fetchrow(self._q["retry_instance"], instance_id, now, self.notify, from_seq)
-            after = instance_from_row(await conn.fetchrow(self._q["get_instance"], instance_id))
-            record = retry_from_row((instance_id, done[0], now, done[1], row.error, row.finished_at, done[2]))
+            after = rows.instance_row(await conn.fetchrow(self._q["get_instance"], instance_id))
+            removed = rows.history_from_arrays(json.loads(done["removed"]))
+            record = RetryRow(
+                instance_id, done["retry"], now, done["from_seq"], row.error, row.finished_at, removed
+            )
             return RetryOutcome(after, record)
 
         return await self._tx(go)
 
     async def list_retries(self, instance_id: str) -> list[RetryRow]:
         async def go(conn: Conn) -> list[RetryRow]:
-            return [retry_from_row(r) for r in await conn.fetch(self._q["list_retries"], instance_id)]
+            return [rows.retry_row(r) for r in await conn.fetch(self._q["list_retries"], instance_id)]
 
         return await self._read(go)
 
@@ -492,18 +484,18 @@ class PostgresStorage(Storage):
             found = await conn.fetchrow(self._q["lock_instance"], instance_id)
             if found is None:
                 return ResumeOutcome(None)
-            before = instance_from_row(found)
+            before = rows.instance_row(found)
             if before.status.is_finished or not before.status.is_known:
                 return ResumeOutcome(before)
             held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
             alive = False
             if held:
                 worker = await conn.fetchrow(self._q["worker_liveness"], before.locked_by)
-                alive = worker is not None and is_alive(*worker, now=now, reader_lock_timeout=lock_timeout)
+                alive = rows.worker_alive(worker, now=now, lock_timeout=lock_timeout)
                 if alive and not force:
                     return ResumeOutcome(before, holder_alive=True)
             await conn.execute(self._q["resume"], instance_id, now, held, self.notify)
-            after = instance_from_row(await conn.fetchrow(self._q["get_instance"], instance_id))
+            after = rows.instance_row(await conn.fetchrow(self._q["get_instance"], instance_id))
             return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
 
         return await self._tx(go)
@@ -525,7 +517,7 @@ class PostgresStorage(Storage):
             return Claims()
 
         async def go(conn: Conn) -> Claims:
-            rows = await conn.fetch(
+            found = await conn.fetch(
                 self._q["claim" if len(names) == 1 else "claim_names"],
                 worker_id,
                 f"{uuid.uuid4().hex[:12]}/",
@@ -536,12 +528,11 @@ class PostgresStorage(Storage):
                 names[0] if len(names) == 1 else names,
             )
             claims, later = Claims(), None
-            for r in rows:
-                if r[0] is None:  # not a claim: the row that carries the next run_at
-                    later = r[7]
+            for r in found:
+                if r["instance_id"] is None:  # not a claim: the row that carries the next run_at
+                    later = r["run_at"]
                     continue
-                lease, history = Lease(r[0], r[1]), _history_from_json(r[9])
-                claims.append(Claim(lease, r[2], r[3], Status.stored(r[4]), r[5], r[6], history, r[7], r[8]))
+                claims.append(rows.claim(r, _history_from_json(r["history"]), r["expired_at"]))
             claims.next_run_at = later
             return claims
 
@@ -549,13 +540,13 @@ class PostgresStorage(Storage):
 
     async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
         async def go(conn: Conn) -> set[str]:
-            rows = await conn.fetch(
+            kept = await conn.fetch(
                 self._q["renew"],
                 lock_expires_at,
                 [x.instance_id for x in leases],
                 [x.lease_id for x in leases],
             )
-            return {row[0] for row in rows}
+            return {row["instance_id"] for row in kept}
 
         return await self._run(go)
 
@@ -606,7 +597,7 @@ class PostgresStorage(Storage):
             self._record_one,
             "record_batch",
             _record_columns,
-            lambda row: StepResult(cancel_requested=row[2]),
+            lambda row: StepResult(cancel_requested=row["cancel_requested"]),
             _merge_records,
         )
 
@@ -645,7 +636,7 @@ class PostgresStorage(Storage):
             if _is_connection_loss(exc.__cause__ or exc):
                 raise
             return [await _outcome(one(item)) for item in batch]
-        held = {Lease(row[0], row[1]): row for row in found}
+        held = {Lease(row["instance_id"], row["lease_id"]): row for row in found}
         results: list[_T | BaseException] = [
             outcome(held[item.lease]) if item.lease in held else LeaseLost(item.lease.instance_id)
             for item in batch
@@ -669,7 +660,7 @@ class PostgresStorage(Storage):
             )
             if row is None:
                 raise LeaseLost(item.lease.instance_id)
-            return StepResult(cancel_requested=row[0])
+            return StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
@@ -683,7 +674,7 @@ class PostgresStorage(Storage):
         run_at: float | None,
         timer: tuple[int, float] | None,
     ) -> Suspension:
-        suspended, ours, _notified = await conn.fetchrow(
+        row = await conn.fetchrow(
             self._q["suspend"],
             lease.instance_id,
             lease.lease_id,
@@ -694,9 +685,9 @@ class PostgresStorage(Storage):
             None if timer is None else timer[1],
             self.notify,
         )
-        if suspended:
+        if row["suspended"]:
             return Suspension.SUSPENDED
-        if not ours:
+        if not row["ours"]:
             raise LeaseLost(lease.instance_id)
         return Suspension.CANCEL_REQUESTED
 
@@ -765,9 +756,8 @@ class PostgresStorage(Storage):
         return await self._tx(go)
 
     async def _find_event(self, conn: Conn, instance_id: str, wait: EventWait) -> StoredEvent | None:
-        rows = await conn.fetch(self._q["candidate_events"], wait.event_type, instance_id)
-        for row in rows:
-            event = StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+        for row in await conn.fetch(self._q["candidate_events"], wait.event_type, instance_id):
+            event = rows.stored_event(row)
             if matches(wait.match, json.loads(event.data)):
                 return event
         return None
@@ -829,29 +819,31 @@ class PostgresStorage(Storage):
             waits = await conn.fetch(
                 self._q["waits_for_event"], event.event_type, event.target_instance_id, seq
             )
-            wanted = [w for w in waits if matches(None if w[1] is None else json.loads(w[1]), data)]
+            wanted = [
+                w for w in waits if matches(None if w["match"] is None else json.loads(w["match"]), data)
+            ]
             if not wanted:
                 return True, []
             stored = StoredEvent(
                 seq, event.event_id, event.event_type, event.data, event.source, event.extensions, event.now
             )
-            direct = [w for w in wanted if w[2] is not None]
+            direct = [w for w in wanted if w["outcome_seq"] is not None]
             delivered: set[str] = set()
             if direct:  # straight into the histories of the waiting instances nobody holds
-                rows = await conn.fetch(
+                handed = await conn.fetch(
                     self._q["deliver_event"],
-                    [w[0] for w in direct],
-                    [w[2] for w in direct],
+                    [w["instance_id"] for w in direct],
+                    [w["outcome_seq"] for w in direct],
                     event.now,
                     event.event_type,
                     event_history_payload(stored),
                     seq,
                     self.notify,
                 )
-                delivered = {row[0] for row in rows}
-            rest = [w[0] for w in wanted if w[0] not in delivered]
+                delivered = {row["instance_id"] for row in handed}
+            rest = [w["instance_id"] for w in wanted if w["instance_id"] not in delivered]
             woken = await conn.fetch(self._q["wake"], rest, event.now, self.notify) if rest else []
-            return True, [*delivered, *(row[0] for row in woken)]
+            return True, [*delivered, *(row["instance_id"] for row in woken)]
 
         return await self._tx(go)
 
@@ -897,13 +889,13 @@ class PostgresStorage(Storage):
 
     async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
         async def go(conn: Conn) -> list[WorkerRow]:
-            return [WorkerRow(*row) for row in await conn.fetch(self._q["list_workers"], limit)]
+            return [rows.worker_row(r) for r in await conn.fetch(self._q["list_workers"], limit)]
 
         return await self._read(go)
 
     async def list_leases(self, now: float, limit: int) -> list[tuple[str, str, str, float]]:
         async def go(conn: Conn) -> list[tuple[str, str, str, float]]:
-            return [tuple(r) for r in await conn.fetch(self._q["list_leases"], now, limit)]
+            return [rows.lease_info(r) for r in await conn.fetch(self._q["list_leases"], now, limit)]
 
         return await self._read(go)
 
@@ -911,12 +903,17 @@ class PostgresStorage(Storage):
         async def go(conn: Conn) -> QueueStats:
             async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
                 counts = dict.fromkeys(Status, 0)
-                for status, n in await conn.fetch(self._q["count_by_status"]):
-                    counts[Status.stored(status)] = n
+                for row in await conn.fetch(self._q["count_by_status"]):
+                    counts[Status.stored(row["status"])] = row["n"]
                 runnable = await conn.fetchval(self._q["count_runnable"], now)
-                leases = {r[0]: r[1] for r in await conn.fetch(self._q["held_leases"], now)}
+                leases = {r["locked_by"]: r["n"] for r in await conn.fetch(self._q["held_leases"], now)}
                 oldest = await conn.fetchval(self._q["oldest_waiting"])
-                outbox_pending, outbox_dead, oldest_event = await conn.fetchrow(self._q["outbox_stats"])
+                outbox = await conn.fetchrow(self._q["outbox_stats"])
+                outbox_pending, outbox_dead, oldest_event = (
+                    outbox["pending"],
+                    outbox["dead"],
+                    outbox["oldest_pending"],
+                )
             return QueueStats(
                 counts=counts,
                 runnable=runnable,
@@ -960,7 +957,7 @@ class PostgresStorage(Storage):
             )
             if row is None:
                 raise LeaseLost(lease.instance_id)
-            return StepResult(cancel_requested=row[0])
+            return StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
@@ -968,17 +965,17 @@ class PostgresStorage(Storage):
         self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int, window: int
     ) -> list[OutboxClaim]:
         async def go(conn: Conn) -> list[OutboxClaim]:
-            rows = await conn.fetch(
+            claimed = await conn.fetch(
                 self._q["outbox_claim"], relay_id, claim_id, now, claim_expires_at, limit, window
             )
-            return [outbox_claim_from_row(row, claim_id) for row in rows]
+            return [rows.outbox_claim(r, claim_id) for r in claimed]
 
         return await self._run(go)
 
     async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> tuple[bool, bool]:
         async def go(conn: Conn) -> tuple[bool, bool]:
-            ours, later = await conn.fetchrow(self._q["outbox_mark_delivered"], event_id, claim_id, now)
-            return bool(ours), bool(later)
+            row = await conn.fetchrow(self._q["outbox_mark_delivered"], event_id, claim_id, now)
+            return bool(row["ours"]), bool(row["later"])
 
         return await self._run(go)
 
@@ -986,10 +983,10 @@ class PostgresStorage(Storage):
         self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
     ) -> tuple[bool, bool]:
         async def go(conn: Conn) -> tuple[bool, bool]:
-            ours, later = await conn.fetchrow(
+            row = await conn.fetchrow(
                 self._q["outbox_mark_failed"], event_id, claim_id, now, error, next_attempt_at
             )
-            return bool(ours), bool(later)
+            return bool(row["ours"]), bool(row["later"])
 
         return await self._run(go)
 
@@ -1011,15 +1008,17 @@ class PostgresStorage(Storage):
         self, *, status: str | None = None, instance_id: str | None = None, limit: int = 100
     ) -> list[OutboxRow]:
         async def go(conn: Conn) -> list[OutboxRow]:
-            rows = await conn.fetch(self._q["outbox_list"], status, instance_id, limit)
-            return [OutboxRow(*row) for row in rows]
+            return [
+                rows.outbox_row(r)
+                for r in await conn.fetch(self._q["outbox_list"], status, instance_id, limit)
+            ]
 
         return await self._read(go)
 
     async def outbox_retry(self, event_id: str, now: float) -> bool:
         async def go(conn: Conn) -> bool:
-            found = await conn.fetchval(self._q["outbox_retry"], event_id, now, self.notify)
-            return bool(found)
+            row = await conn.fetchrow(self._q["outbox_retry"], event_id, now, self.notify)
+            return bool(row["found"])
 
         return await self._run(go)
 
@@ -1029,7 +1028,9 @@ class PostgresStorage(Storage):
             if row is None:
                 return False
             # a statement of its own: a snapshot taken after the discard got its row (see outbox_promote)
-            await conn.fetchrow(self._q["outbox_promote"], row[0], row[1], now, self.notify)
+            await conn.fetchrow(
+                self._q["outbox_promote"], row["instance_id"], row["step_seq"], now, self.notify
+            )
             return True
 
         return await self._tx(go)
@@ -1060,7 +1061,7 @@ class PostgresStorage(Storage):
             )
             if row is None:
                 raise LeaseLost(lease.instance_id)
-            return StepResult(cancel_requested=row[0])
+            return StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
@@ -1074,7 +1075,7 @@ class PostgresStorage(Storage):
     ) -> PublishResult:
         async def go(conn: Conn) -> PublishResult:
             await conn.execute(self._q["channel_lock"], message.channel)
-            target_ok, stored, cancel, woken, _notified = await conn.fetchrow(
+            row = await conn.fetchrow(
                 self._q["channel_publish"],
                 message.message_id,
                 message.channel,
@@ -1088,11 +1089,13 @@ class PostgresStorage(Storage):
                 lock_expires_at,
                 *self._columns(records),
             )
-            if not target_ok:
+            if not row["target_ok"]:
                 return PublishResult(stored=False, woken=[], target_missing=True)
-            if lease is not None and cancel is None:
+            if lease is not None and row["cancel_requested"] is None:
                 raise LeaseLost(lease.instance_id)
-            return PublishResult(stored=stored, woken=list(woken), cancel_requested=bool(cancel))
+            return PublishResult(
+                stored=row["stored"], woken=list(row["woken"]), cancel_requested=bool(row["cancel_requested"])
+            )
 
         return await self._tx(go)
 
@@ -1112,10 +1115,10 @@ class PostgresStorage(Storage):
             row = await conn.fetchrow(self._q["channel_find"], wait.channel, instance_id, wait.mode, now)
             if row is None:
                 raise StorageError(f"no subscription of {instance_id} to channel {wait.channel!r}")
-            if row[1] is None and wait.deadline is not None and wait.deadline <= now:
+            if row["seq"] is None and wait.deadline is not None and wait.deadline <= now:
                 await conn.execute(self._q["channel_stop_waiting"], wait.channel, instance_id)
                 return None
-            if row[1] is None:
+            if row["seq"] is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
                 outcome = await self._suspend(
                     conn, lease, records, now=now, run_at=wait.deadline, timer=timer
@@ -1123,12 +1126,12 @@ class PostgresStorage(Storage):
                 if outcome is Suspension.SUSPENDED:
                     await conn.execute(self._q["channel_set_waiting"], wait.channel, instance_id, now)
                 return outcome
-            found = StoredMessage(*row[1:])
+            found = rows.stored_message(row)
             direct = found.target_instance_id is not None
             outcome_row = HistoryRow(
                 wait.outcome_seq, "message", wait.channel, message_history_payload(found), False, now
             )
-            cancel, taken = await conn.fetchrow(
+            took = await conn.fetchrow(
                 self._q["channel_take"],
                 instance_id,
                 lease.lease_id,
@@ -1138,10 +1141,10 @@ class PostgresStorage(Storage):
                 wait.channel,
                 found.seq,
                 direct,
-                direct or row[0] == "competing",
+                direct or row["mode"] == "competing",
             )
-            if not taken:
-                if cancel is None:
+            if not took["taken"]:
+                if took["cancel_requested"] is None:
                     raise LeaseLost(instance_id)
                 raise StorageError(f"message {found.message_id} was taken by another instance")
             return found
@@ -1150,8 +1153,10 @@ class PostgresStorage(Storage):
 
     async def channel_rewake(self, now: float, *, published_before: float, limit: int) -> list[str]:
         async def go(conn: Conn) -> list[str]:
-            rows = await conn.fetch(self._q["channel_rewake"], now, published_before, limit)
-            return [row[0] for row in rows]
+            return [
+                r["instance_id"]
+                for r in await conn.fetch(self._q["channel_rewake"], now, published_before, limit)
+            ]
 
         return await self._run(go)
 
@@ -1178,10 +1183,10 @@ class PostgresStorage(Storage):
         plan = plan_page(which, before, after)
 
         async def go(conn: Conn) -> list[InstanceSummary]:
-            rows = await conn.fetch(
+            found = await conn.fetch(
                 self._q[plan.query], *plan.key, plan.bound, limit, INPUT_HEAD, *plan.filters
             )
-            page = [summary_from_row(row) for row in rows]
+            page = [rows.summary(r) for r in found]
             return page[::-1] if plan.newer else page
 
         return await self._read(go)
@@ -1193,24 +1198,24 @@ class PostgresStorage(Storage):
 
         async def go(conn: Conn) -> dict[Status, int]:
             if which.workflow_name is None:
-                rows = await conn.fetch(self._q["count_instances_all"], lo, hi, cap, statuses)
+                found = await conn.fetch(self._q["count_instances_all"], lo, hi, cap, statuses)
             else:
                 name = which.workflow_name
-                rows = await conn.fetch(self._q["count_instances_workflow"], lo, hi, cap, statuses, name)
-            return {Status(status): n for status, n in rows}
+                found = await conn.fetch(self._q["count_instances_workflow"], lo, hi, cap, statuses, name)
+            return {Status(r["status"]): r["n"] for r in found}
 
         return await self._read(go)
 
     async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
         async def go(conn: Conn) -> list[tuple[str, int]]:
-            rows = await conn.fetch(self._q["runnable_workflows"], now, cap, limit)
-            return [(row[0], row[1]) for row in rows if row[1]]
+            found = await conn.fetch(self._q["runnable_workflows"], now, cap, limit)
+            return [(r["workflow_name"], r["runnable"]) for r in found if r["runnable"]]
 
         return await self._read(go)
 
     async def workflow_names(self, *, limit: int) -> list[str]:
         async def go(conn: Conn) -> list[str]:
-            return [row[0] for row in await conn.fetch(self._q["workflow_names"], limit)]
+            return [r["name"] for r in await conn.fetch(self._q["workflow_names"], limit)]
 
         return await self._read(go)
 
@@ -1227,11 +1232,11 @@ class PostgresStorage(Storage):
                     await conn.fetch(self._q["extras_messages"], list(message_ids)) if message_ids else []
                 )
             return InstanceExtras(
-                timers=tuple((row[0], row[1]) for row in timers),
-                event_wait=None if wait is None else EventWaitRow(*wait),
-                subscriptions=tuple(SubscriptionRow(*row) for row in subscriptions),
-                outbox=tuple(OutboxRow(*row) for row in outbox),
-                messages=tuple(MessageRow(*row) for row in messages),
+                timers=tuple(rows.timer(r) for r in timers),
+                event_wait=None if wait is None else rows.event_wait_row(wait),
+                subscriptions=tuple(rows.subscription_row(r) for r in subscriptions),
+                outbox=tuple(rows.outbox_row(r) for r in outbox),
+                messages=tuple(rows.message_row(r) for r in messages),
             )
 
         return await self._read(go)

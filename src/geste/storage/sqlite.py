@@ -20,15 +20,14 @@ from typing import TypeVar
 from urllib.parse import parse_qsl
 
 from .._models import Status, matches
-from .._status import QueueStats, is_alive
+from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
+from . import _rows as rows
 from ._sql import load_migrations, load_queries, migration_names
 from .base import (
     INPUT_HEAD,
-    Claim,
     Claims,
     EventWait,
-    EventWaitRow,
     HistoryRow,
     InstanceExtras,
     InstanceFilter,
@@ -36,7 +35,6 @@ from .base import (
     InstanceSummary,
     Lease,
     LeaseLost,
-    MessageRow,
     MessageWait,
     MigrationStep,
     NewEvent,
@@ -53,18 +51,12 @@ from .base import (
     Storage,
     StoredEvent,
     StoredMessage,
-    SubscriptionRow,
     Suspension,
     WorkerRow,
     event_history_payload,
-    instance_from_row,
     message_history_payload,
-    outbox_claim_from_row,
     plan_page,
-    removed_rows_json,
     retry_cut,
-    retry_from_row,
-    summary_from_row,
 )
 
 Q = load_queries("sqlite")
@@ -153,12 +145,13 @@ class SQLiteStorage(Storage):
             raise StorageError(f"cannot create {self.path}: directory {directory} does not exist")
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row  # rows read by column name (_rows)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
             self._read_version(conn)  # refuse a foreign file before WAL mode rewrites its header
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()["journal_mode"]
             if self.path != ":memory:" and str(mode).lower() != "wal":
                 raise StorageError(f"cannot put {self.path} in WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
@@ -197,7 +190,7 @@ class SQLiteStorage(Storage):
 
     @staticmethod
     def _read_version(conn: sqlite3.Connection) -> int:
-        tables = {row[0] for row in conn.execute(Q["list_tables"])}
+        tables = {row["name"] for row in conn.execute(Q["list_tables"])}
         if not tables:
             return 0
         if "geste_meta" not in tables:
@@ -207,9 +200,9 @@ class SQLiteStorage(Storage):
             )
         app = conn.execute(Q["get_meta"], ("application",)).fetchone()
         version = conn.execute(Q["get_meta"], ("schema_version",)).fetchone()
-        if app is None or app[0] != "geste" or version is None or not str(version[0]).isdigit():
+        if app is None or app["value"] != "geste" or version is None or not str(version["value"]).isdigit():
             raise NotAGesteDatabaseError("geste_meta exists but does not describe a geste schema")
-        return int(version[0])
+        return int(version["value"])
 
     async def close(self) -> None:
         conn, executor = self._conn, self._executor
@@ -248,14 +241,14 @@ class SQLiteStorage(Storage):
         def tx(conn: sqlite3.Connection) -> tuple[InstanceRow, bool]:
             created = conn.execute(Q["insert_instance"], params).rowcount == 1
             row = conn.execute(Q["get_instance"], (new.instance_id,)).fetchone()
-            return instance_from_row(row), created
+            return rows.instance_row(row), created
 
         return await self._write(tx)
 
     async def get_instance(self, instance_id: str) -> InstanceRow | None:
         def read(conn: sqlite3.Connection) -> InstanceRow | None:
             row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            return None if row is None else instance_from_row(row)
+            return None if row is None else rows.instance_row(row)
 
         return await self._call(read)
 
@@ -274,13 +267,13 @@ class SQLiteStorage(Storage):
             "offset": offset,
         }
         return await self._call(
-            lambda c: [instance_from_row(r) for r in c.execute(Q["list_instances"], params)]
+            lambda c: [rows.instance_row(r) for r in c.execute(Q["list_instances"], params)]
         )
 
     @staticmethod
     def _history(conn: sqlite3.Connection, instance_id: str) -> tuple[HistoryRow, ...]:
-        rows = conn.execute(Q["get_history"], (instance_id,))
-        return tuple(HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows)
+        found = conn.execute(Q["get_history"], (instance_id,))
+        return tuple(rows.history_row(r) for r in found)
 
     async def get_history(self, instance_id: str) -> list[HistoryRow]:
         return await self._call(lambda conn: list(self._history(conn, instance_id)))
@@ -292,7 +285,7 @@ class SQLiteStorage(Storage):
             if conn.execute(Q["cancel_unstarted"], params).rowcount == 0:
                 conn.execute(Q["flag_cancel"], params)
             row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            return None if row is None else instance_from_row(row)
+            return None if row is None else rows.instance_row(row)
 
         return await self._write(tx)
 
@@ -302,21 +295,23 @@ class SQLiteStorage(Storage):
             found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
             if found is None:
                 return RetryOutcome(None)
-            row = instance_from_row(found)
+            row = rows.instance_row(found)
             if row.status != Status.FAILED:
                 last = conn.execute(Q["last_retry"], (instance_id,)).fetchone()
-                return RetryOutcome(row, last_retry=None if last is None else (last[0], last[1]))
+                return RetryOutcome(
+                    row, last_retry=None if last is None else (last["retry"], last["retried_at"])
+                )
             history = self._history(conn, instance_id)
             if any(r.kind == "compensation" for r in history):
                 return RetryOutcome(row, compensated=True)
             from_seq = retry_cut(history)
             removed = tuple(r for r in history if type(r.seq) is int and r.seq >= from_seq)
             params = {"instance_id": instance_id, "now": now, "from_seq": from_seq}
-            retry = conn.execute(Q["retry_archive"], {**params, "removed": removed_rows_json(removed)})
-            number = retry.fetchone()[0]
+            retry = conn.execute(Q["retry_archive"], {**params, "removed": rows.history_arrays_json(removed)})
+            number = retry.fetchone()["retry"]
             conn.executemany(Q["retry_delete_row"], [(instance_id, r.seq) for r in removed])
             conn.execute(Q["retry_reopen"], {**params, "removed": len(removed)})
-            after = instance_from_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
+            after = rows.instance_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
             record = RetryRow(instance_id, number, now, from_seq, row.error, row.finished_at, removed)
             return RetryOutcome(after, record)
 
@@ -324,7 +319,7 @@ class SQLiteStorage(Storage):
 
     async def list_retries(self, instance_id: str) -> list[RetryRow]:
         return await self._call(
-            lambda conn: [retry_from_row(r) for r in conn.execute(Q["list_retries"], (instance_id,))]
+            lambda conn: [rows.retry_row(r) for r in conn.execute(Q["list_retries"], (instance_id,))]
         )
 
     async def resume_instance(
@@ -334,18 +329,18 @@ class SQLiteStorage(Storage):
             found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
             if found is None:
                 return ResumeOutcome(None)
-            before = instance_from_row(found)
+            before = rows.instance_row(found)
             if before.status.is_finished or not before.status.is_known:
                 return ResumeOutcome(before)
             held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
             alive = False
             if held:
                 worker = conn.execute(Q["worker_liveness"], (before.locked_by,)).fetchone()
-                alive = worker is not None and is_alive(*worker, now=now, reader_lock_timeout=lock_timeout)
+                alive = rows.worker_alive(worker, now=now, lock_timeout=lock_timeout)
                 if alive and not force:
                     return ResumeOutcome(before, holder_alive=True)
             conn.execute(Q["resume"], {"instance_id": instance_id, "now": now, "break": held})
-            after = instance_from_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
+            after = rows.instance_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
             return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
 
         return await self._write(tx)
@@ -375,28 +370,20 @@ class SQLiteStorage(Storage):
 
         def tx(conn: sqlite3.Connection) -> Claims:
             heads = [r for name in names for r in conn.execute(Q["claim_pick"], {**params, "name": name})]
-            picked = heapq.nsmallest(limit, heads, key=lambda r: r[2]) if len(names) > 1 else heads
-            expired = {r[0]: r[1] for r in picked if r[1] is not None}  # taken over: when the lease ran out
-            ids = json.dumps([r[0] for r in picked])
-            rows = conn.execute(Q["claim"], {**params, "ids": ids}).fetchall() if picked else []
+            picked = heapq.nsmallest(limit, heads, key=lambda r: r["run_at"]) if len(names) > 1 else heads
+            # taken over: when the lease ran out
+            expired = {r["instance_id"]: r["expired_at"] for r in picked if r["expired_at"] is not None}
+            ids = json.dumps([r["instance_id"] for r in picked])
+            taken = conn.execute(Q["claim"], {**params, "ids": ids}).fetchall() if picked else []
             claims = [  # each with its history, read in the same hop to the SQLite thread
-                Claim(
-                    Lease(r[0], r[1]),
-                    r[2],
-                    r[3],
-                    Status.stored(r[4]),
-                    r[5],
-                    bool(r[6]),
-                    self._history(conn, r[0]),
-                    r[7],
-                    expired.get(r[0]),
-                )
-                for r in rows
+                rows.claim(r, self._history(conn, r["instance_id"]), expired.get(r["instance_id"]))
+                for r in taken
             ]
             later = None
             if len(claims) < limit:
                 found = [
-                    conn.execute(Q["next_run_after"], {**params, "name": n}).fetchone()[0] for n in names
+                    conn.execute(Q["next_run_after"], {**params, "name": n}).fetchone()["run_at"]
+                    for n in names
                 ]
                 later = min((t for t in found if t is not None), default=None)
             return Claims(claims, later)
@@ -457,7 +444,7 @@ class SQLiteStorage(Storage):
         ).fetchone()
         if row is None:
             raise LeaseLost(lease.instance_id)
-        return bool(row[0])
+        return bool(row["cancel_requested"])
 
     async def record(
         self,
@@ -495,7 +482,7 @@ class SQLiteStorage(Storage):
         }
         if conn.execute(Q["suspend"], params).rowcount == 0:
             state = conn.execute(Q["lease_state"], params).fetchone()
-            if state is None or not state[0]:
+            if state is None or not state["ours"]:
                 raise LeaseLost(lease.instance_id)
             return Suspension.CANCEL_REQUESTED
         self._insert_history(conn, lease.instance_id, records)
@@ -565,7 +552,7 @@ class SQLiteStorage(Storage):
     def _find_event(conn: sqlite3.Connection, instance_id: str, wait: EventWait) -> StoredEvent | None:
         params = {"event_type": wait.event_type, "instance_id": instance_id}
         for row in conn.execute(Q["candidate_events"], params):
-            event = StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+            event = rows.stored_event(row)
             if matches(wait.match, json.loads(event.data)):
                 return event
         return None
@@ -628,7 +615,8 @@ class SQLiteStorage(Storage):
             data = json.loads(event.data)
             params = {"event_type": event.event_type, "seq": stored.seq, "target": event.target_instance_id}
             woken = []
-            for instance_id, match, outcome_seq in conn.execute(Q["waits_for_event"], params).fetchall():
+            for wait in conn.execute(Q["waits_for_event"], params).fetchall():
+                instance_id, match, outcome_seq = wait["instance_id"], wait["match"], wait["outcome_seq"]
                 if not matches(None if match is None else json.loads(match), data):
                     continue
                 if outcome_seq is not None and self._deliver(conn, instance_id, outcome_seq, stored):
@@ -662,7 +650,7 @@ class SQLiteStorage(Storage):
 
     async def next_run_at(self) -> float | None:
         def read(conn: sqlite3.Connection) -> float | None:
-            value = conn.execute(Q["next_run_at"]).fetchone()[0]
+            value = conn.execute(Q["next_run_at"]).fetchone()["run_at"]
             return None if value is None else float(value)
 
         return await self._call(read)
@@ -693,23 +681,30 @@ class SQLiteStorage(Storage):
 
     async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
         return await self._call(
-            lambda c: [WorkerRow(*row) for row in c.execute(Q["list_workers"], (limit,)).fetchall()]
+            lambda c: [rows.worker_row(r) for r in c.execute(Q["list_workers"], (limit,)).fetchall()]
         )
 
     async def list_leases(self, now: float, limit: int) -> list[tuple[str, str, str, float]]:
         params = {"now": now, "limit": limit}
-        return await self._call(lambda conn: [tuple(r) for r in conn.execute(Q["list_leases"], params)])
+        return await self._call(
+            lambda conn: [rows.lease_info(r) for r in conn.execute(Q["list_leases"], params)]
+        )
 
     async def queue_stats(self, now: float) -> QueueStats:
         def read(conn: sqlite3.Connection) -> QueueStats:
             conn.execute("BEGIN")  # one read snapshot for the five queries
             counts = dict.fromkeys(Status, 0)
-            for status, n in conn.execute(Q["count_by_status"]):
-                counts[Status.stored(status)] = n
-            runnable = conn.execute(Q["count_runnable"], {"now": now}).fetchone()[0]
-            leases = dict(conn.execute(Q["held_leases"], {"now": now}).fetchall())
-            oldest = conn.execute(Q["oldest_waiting"]).fetchone()[0]
-            outbox_pending, outbox_dead, oldest_event = conn.execute(Q["outbox_stats"]).fetchone()
+            for row in conn.execute(Q["count_by_status"]):
+                counts[Status.stored(row["status"])] = row["n"]
+            runnable = conn.execute(Q["count_runnable"], {"now": now}).fetchone()["n"]
+            leases = {r["locked_by"]: r["n"] for r in conn.execute(Q["held_leases"], {"now": now})}
+            oldest = conn.execute(Q["oldest_waiting"]).fetchone()["oldest"]
+            outbox = conn.execute(Q["outbox_stats"]).fetchone()
+            outbox_pending, outbox_dead, oldest_event = (
+                outbox["pending"],
+                outbox["dead"],
+                outbox["oldest_pending"],
+            )
             conn.execute("COMMIT")
             return QueueStats(
                 counts=counts,
@@ -770,8 +765,9 @@ class SQLiteStorage(Storage):
 
         def tx(conn: sqlite3.Connection) -> list[OutboxClaim]:
             conn.execute(Q["outbox_hold"], params)
-            rows = conn.execute(Q["outbox_claim"], params).fetchall()
-            return [outbox_claim_from_row(row, claim_id) for row in rows]
+            return [
+                rows.outbox_claim(r, claim_id) for r in conn.execute(Q["outbox_claim"], params).fetchall()
+            ]
 
         return await self._write(tx)
 
@@ -789,7 +785,7 @@ class SQLiteStorage(Storage):
             conn.execute(Q["outbox_promote"], params)
         else:  # it waits behind this one
             conn.execute(Q["outbox_hold_next"], params)
-        return True, bool(conn.execute(Q["outbox_has_later"], params).fetchone()[0])
+        return True, bool(conn.execute(Q["outbox_has_later"], params).fetchone()["later"])
 
     async def outbox_mark_failed(
         self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
@@ -810,7 +806,7 @@ class SQLiteStorage(Storage):
 
     async def outbox_next_attempt_at(self) -> float | None:
         def read(conn: sqlite3.Connection) -> float | None:
-            value = conn.execute(Q["outbox_next_attempt_at"]).fetchone()[0]
+            value = conn.execute(Q["outbox_next_attempt_at"]).fetchone()["at"]
             return None if value is None else float(value)
 
         return await self._call(read)
@@ -819,7 +815,7 @@ class SQLiteStorage(Storage):
         self, *, status: str | None = None, instance_id: str | None = None, limit: int = 100
     ) -> list[OutboxRow]:
         params = {"status": status, "instance_id": instance_id, "limit": limit}
-        return await self._call(lambda c: [OutboxRow(*row) for row in c.execute(Q["outbox_list"], params)])
+        return await self._call(lambda c: [rows.outbox_row(r) for r in c.execute(Q["outbox_list"], params)])
 
     async def outbox_retry(self, event_id: str, now: float) -> bool:
         params = {"event_id": event_id, "now": now}
@@ -892,7 +888,7 @@ class SQLiteStorage(Storage):
             if not inserted:
                 return PublishResult(stored=False, woken=[], cancel_requested=cancel)
             params = {"channel": message.channel, "target": target, "now": message.now}
-            woken = [row[0] for row in conn.execute(Q["channel_wake_receivers"], params).fetchall()]
+            woken = [r["instance_id"] for r in conn.execute(Q["channel_wake_receivers"], params).fetchall()]
             return PublishResult(stored=True, woken=woken, cancel_requested=cancel)
 
         return await self._write(tx)
@@ -911,7 +907,8 @@ class SQLiteStorage(Storage):
 
         def tx(conn: sqlite3.Connection) -> StoredMessage | Suspension | None:
             conn.execute(Q["channel_ensure_subscription"], {**key, "mode": wait.mode, "now": now})
-            mode, cursor = conn.execute(Q["channel_subscription"], key).fetchone()
+            sub = conn.execute(Q["channel_subscription"], key).fetchone()
+            mode, cursor = sub["mode"], sub["cursor_seq"]
             row = conn.execute(Q["channel_next_message"], {**key, "mode": mode, "cursor": cursor}).fetchone()
             if row is None and wait.deadline is not None and wait.deadline <= now:
                 conn.execute(Q["channel_stop_waiting"], key)
@@ -923,7 +920,7 @@ class SQLiteStorage(Storage):
                     if wait.deadline is not None:
                         conn.execute(Q["insert_timer"], (instance_id, wait.outcome_seq, wait.deadline))
                 return outcome
-            found = StoredMessage(*row)
+            found = rows.stored_message(row)
             direct = found.target_instance_id is not None
             self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
             if direct or mode == "competing":
@@ -941,7 +938,9 @@ class SQLiteStorage(Storage):
 
     async def channel_rewake(self, now: float, *, published_before: float, limit: int) -> list[str]:
         params = {"now": now, "published_before": published_before, "limit": limit}
-        return await self._write(lambda c: [r[0] for r in c.execute(Q["channel_rewake"], params).fetchall()])
+        return await self._write(
+            lambda c: [r["instance_id"] for r in c.execute(Q["channel_rewake"], params).fetchall()]
+        )
 
     async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
         def tx(conn: sqlite3.Connection) -> int:
@@ -975,7 +974,7 @@ class SQLiteStorage(Storage):
         }
 
         def read(conn: sqlite3.Connection) -> list[InstanceSummary]:
-            page = [summary_from_row(row) for row in conn.execute(Q[plan.query], params)]
+            page = [rows.summary(r) for r in conn.execute(Q[plan.query], params)]
             return page[::-1] if plan.newer else page
 
         return await self._call(read)
@@ -989,16 +988,22 @@ class SQLiteStorage(Storage):
             "workflow_name": which.workflow_name,
         }
         name = "count_instances_all" if which.workflow_name is None else "count_instances_workflow"
-        return await self._call(lambda c: {Status(s): n for s, n in c.execute(Q[name], params)})
+        return await self._call(lambda c: {Status(r["status"]): r["n"] for r in c.execute(Q[name], params)})
 
     async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
         params = {"now": now, "cap": cap, "limit": limit}
         return await self._call(
-            lambda c: [(r[0], r[1]) for r in c.execute(Q["runnable_workflows"], params) if r[1]]
+            lambda c: [
+                (r["workflow_name"], r["runnable"])
+                for r in c.execute(Q["runnable_workflows"], params)
+                if r["runnable"]
+            ]
         )
 
     async def workflow_names(self, *, limit: int) -> list[str]:
-        return await self._call(lambda c: [r[0] for r in c.execute(Q["workflow_names"], {"limit": limit})])
+        return await self._call(
+            lambda c: [r["name"] for r in c.execute(Q["workflow_names"], {"limit": limit})]
+        )
 
     async def instance_extras(
         self, instance_id: str, *, event_ids: Sequence[str] = (), message_ids: Sequence[str] = ()
@@ -1006,7 +1011,7 @@ class SQLiteStorage(Storage):
         def read(conn: sqlite3.Connection) -> InstanceExtras:
             conn.execute("BEGIN")  # one snapshot for the five reads
             try:
-                timers = tuple((r[0], r[1]) for r in conn.execute(Q["extras_timers"], (instance_id,)))
+                timers = tuple(rows.timer(r) for r in conn.execute(Q["extras_timers"], (instance_id,)))
                 wait = conn.execute(Q["extras_event_wait"], (instance_id,)).fetchone()
                 subscriptions = conn.execute(Q["extras_subscriptions"], (instance_id,)).fetchall()
                 outbox = conn.execute(Q["extras_outbox"], (json.dumps(list(event_ids)),)).fetchall()
@@ -1015,10 +1020,10 @@ class SQLiteStorage(Storage):
                 conn.execute("COMMIT")
             return InstanceExtras(
                 timers=timers,
-                event_wait=None if wait is None else EventWaitRow(*wait),
-                subscriptions=tuple(SubscriptionRow(*row) for row in subscriptions),
-                outbox=tuple(OutboxRow(*row) for row in outbox),
-                messages=tuple(MessageRow(*row) for row in messages),
+                event_wait=None if wait is None else rows.event_wait_row(wait),
+                subscriptions=tuple(rows.subscription_row(r) for r in subscriptions),
+                outbox=tuple(rows.outbox_row(r) for r in outbox),
+                messages=tuple(rows.message_row(r) for r in messages),
             )
 
         return await self._call(read)
