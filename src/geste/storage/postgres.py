@@ -22,10 +22,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._models import Status, matches
 from .._status import QueueStats
-from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
+from ..errors import ConfigurationError, StorageError
+from . import _migrations
 from . import _rows as rows
 from ._group_commit import GroupCommit
-from ._sql import load_migrations, load_queries, migration_names
+from ._sql import load_queries
 from .base import (
     INPUT_HEAD,
     Claims,
@@ -38,7 +39,6 @@ from .base import (
     Lease,
     LeaseLost,
     MessageWait,
-    MigrationStep,
     NewEvent,
     NewInstance,
     NewMessage,
@@ -67,9 +67,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     asyncpg = None
 
 _QUERIES = load_queries("postgres")
-_MIGRATIONS = load_migrations("postgres")
-_MIGRATION_NAMES = migration_names("postgres")
-SCHEMA_VERSION = _MIGRATIONS[-1][0]
+SCHEMA_VERSION = _migrations.load("postgres")[-1].version
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MIGRATION_TIMEOUT = 24 * 3600.0
 """How long a migration (and a process waiting for another's) may take: no ``command_timeout``."""
@@ -254,7 +252,7 @@ class PostgresStorage(Storage):
         self._application_name = options["application_name"]
         quoted = f'"{self.schema}"'
         self._q = schema_queries(self.schema)
-        self._migrations = [(n, script.replace("{schema}", quoted)) for n, script in _MIGRATIONS]
+        self._migrations = _migrations.load("postgres", lambda script: script.replace("{schema}", quoted))
         self._pool: Any = None
         self._records: GroupCommit[_Record, StepResult] = GroupCommit(
             self._record_batch, max_in_flight=1, max_batch=GROUP_COMMIT_MAX
@@ -337,35 +335,28 @@ class PostgresStorage(Storage):
         try:
             async with conn.transaction():
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-                version = await self._read_version(conn)
-                if version > SCHEMA_VERSION:
-                    raise SchemaVersionError(version, SCHEMA_VERSION)
-                pending = [(number, script) for number, script in self._migrations if number > version]
-                for index, (number, script) in enumerate(pending, 1):
-                    name = _MIGRATION_NAMES.get(number, f"{number:04}")
-                    self._announce(MigrationStep(number, name, index, len(pending), False))
-                    await conn.execute(script, timeout=MIGRATION_TIMEOUT)
-                    await conn.execute(self._q["set_meta"], "schema_version", str(number))
-                    self._announce(MigrationStep(number, name, index, len(pending), True))
-                if version == 0:
-                    await conn.execute(self._q["set_meta"], "application", "geste")
+                found = await self._read_version(conn)
+                for write in _migrations.migrate(found, self._migrations, self._announce):
+                    if isinstance(write, _migrations.Migration):
+                        script = write.script  # one simple-protocol call runs the whole file
+                        await conn.execute(script, timeout=MIGRATION_TIMEOUT)
+                    else:
+                        await conn.execute(self._q["set_meta"], *write)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
 
     async def _read_version(self, conn: Conn) -> int:
         tables = {row["name"] for row in await conn.fetch(self._q["find_tables"], self.schema)}
-        if not tables:
+        if _migrations.is_new(tables, self._foreign_tables):
             return 0
-        if "geste_meta" not in tables:
-            raise NotAGesteDatabaseError(
-                f"schema {self.schema!r} holds tables named like geste's ({', '.join(sorted(tables)[:5])}) "
-                "but no geste_meta: they are not geste's; use another schema"
-            )
         app = await conn.fetchval(self._q["get_meta"], "application")
-        version = await conn.fetchval(self._q["get_meta"], "schema_version")
-        if app != "geste" or version is None or not str(version).isdigit():
-            raise NotAGesteDatabaseError("geste_meta exists but does not describe a geste schema")
-        return int(version)
+        return _migrations.meta_version(app, await conn.fetchval(self._q["get_meta"], "schema_version"))
+
+    def _foreign_tables(self, names: str) -> str:
+        return (
+            f"schema {self.schema!r} holds tables named like geste's ({names}) "
+            "but no geste_meta: they are not geste's; use another schema"
+        )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -21,9 +21,10 @@ from urllib.parse import parse_qsl
 
 from .._models import Status, matches
 from .._status import QueueStats
-from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
+from ..errors import ConfigurationError, NotAGesteDatabaseError, StorageError
+from . import _migrations
 from . import _rows as rows
-from ._sql import load_migrations, load_queries, migration_names
+from ._sql import load_queries
 from .base import (
     INPUT_HEAD,
     Claims,
@@ -36,7 +37,6 @@ from .base import (
     Lease,
     LeaseLost,
     MessageWait,
-    MigrationStep,
     NewEvent,
     NewInstance,
     NewMessage,
@@ -60,10 +60,10 @@ from .base import (
 )
 
 Q = load_queries("sqlite")
-MIGRATIONS = load_migrations("sqlite")
-MIGRATION_NAMES = migration_names("sqlite")
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+MIGRATIONS = _migrations.load("sqlite")
+SCHEMA_VERSION = MIGRATIONS[-1].version
 _T = TypeVar("_T")
+_FOREIGN_TABLES = "the database holds tables that are not geste's ({}); point geste at its own file"
 _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 
 
@@ -170,19 +170,12 @@ class SQLiteStorage(Storage):
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            version = self._read_version(conn)
-            if version > SCHEMA_VERSION:
-                raise SchemaVersionError(version, SCHEMA_VERSION)
-            pending = [(number, script) for number, script in MIGRATIONS if number > version]
-            for index, (number, script) in enumerate(pending, 1):
-                name = MIGRATION_NAMES.get(number, f"{number:04}")
-                self._announce(MigrationStep(number, name, index, len(pending), False))
-                for statement in _statements(script):
-                    conn.execute(statement)
-                conn.execute(Q["set_meta"], ("schema_version", str(number)))
-                self._announce(MigrationStep(number, name, index, len(pending), True))
-            if version == 0:
-                conn.execute(Q["set_meta"], ("application", "geste"))
+            for write in _migrations.migrate(self._read_version(conn), MIGRATIONS, self._announce):
+                if isinstance(write, _migrations.Migration):
+                    for statement in _statements(write.script):
+                        conn.execute(statement)
+                else:
+                    conn.execute(Q["set_meta"], write)
             conn.execute("COMMIT")
         except BaseException:
             conn.rollback()
@@ -191,18 +184,11 @@ class SQLiteStorage(Storage):
     @staticmethod
     def _read_version(conn: sqlite3.Connection) -> int:
         tables = {row["name"] for row in conn.execute(Q["list_tables"])}
-        if not tables:
+        if _migrations.is_new(tables, _FOREIGN_TABLES.format):
             return 0
-        if "geste_meta" not in tables:
-            raise NotAGesteDatabaseError(
-                f"the database holds tables that are not geste's ({', '.join(sorted(tables)[:5])}); "
-                "point geste at its own file"
-            )
         app = conn.execute(Q["get_meta"], ("application",)).fetchone()
         version = conn.execute(Q["get_meta"], ("schema_version",)).fetchone()
-        if app is None or app["value"] != "geste" or version is None or not str(version["value"]).isdigit():
-            raise NotAGesteDatabaseError("geste_meta exists but does not describe a geste schema")
-        return int(version["value"])
+        return _migrations.meta_version(app and app["value"], version and version["value"])
 
     async def close(self) -> None:
         conn, executor = self._conn, self._executor
