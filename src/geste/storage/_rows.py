@@ -16,12 +16,15 @@ from .._models import Status
 from .._status import is_alive
 from .base import (
     Claim,
+    EventWait,
     EventWaitRow,
     HistoryRow,
     InstanceRow,
     InstanceSummary,
     Lease,
     MessageRow,
+    NewEvent,
+    NewMessage,
     OutboxClaim,
     OutboxRow,
     RetryRow,
@@ -234,3 +237,40 @@ def message_row(r: Record) -> MessageRow:
 def timer(r: Record) -> tuple[int, float]:
     """``(seq, expires_at)`` from a record of ``extras_timers``."""
     return r["seq"], r["expires_at"]
+
+
+def maybe_instance(r: Record | None) -> InstanceRow | None:
+    """``instance_row`` of a record that may be missing (no such instance)."""
+    return None if r is None else instance_row(r)
+
+
+# -- the other way: the parameters that write a row, in the order of both backends' queries ---------------
+def event_columns(event: NewEvent) -> tuple[Any, ...]:
+    """The parameters of ``insert_event``: id, type, source, data, extensions, target, time."""
+    return (
+        event.event_id,
+        event.event_type,
+        event.source,
+        event.data,
+        event.extensions,
+        event.target_instance_id,
+        event.now,
+    )
+
+
+def event_wait_columns(instance_id: str, wait: EventWait, now: float) -> tuple[Any, ...]:
+    """The parameters of ``insert_event_wait``: instance, type, match (JSON), since, deadline, outcome seq."""
+    match = None if wait.match is None else json.dumps(wait.match)
+    return instance_id, wait.event_type, match, now, wait.deadline, wait.outcome_seq
+
+
+def message_columns(message: NewMessage) -> tuple[Any, ...]:
+    """The message parameters of a publish: id, channel, data, sender, target, time."""
+    return (
+        message.message_id,
+        message.channel,
+        message.data,
+        message.sender_instance_id,
+        message.target_instance_id,
+        message.now,
+    )

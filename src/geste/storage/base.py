@@ -759,44 +759,6 @@ class Storage(abc.ABC):
         of the given ids (the events it emitted and the messages it published)."""
 
 
-@dataclass(frozen=True, slots=True)
-class PagePlan:
-    """How a backend reads one page of ``page_instances``: which named query, with which bounds."""
-
-    query: str
-    """``page_instances_<all|workflow|status|workflow_status>_<older|newer>``."""
-    newer: bool
-    """The query reads upwards from ``key``: the page comes oldest first and is to be reversed."""
-    key: tuple[float, str]
-    bound: float
-    """The other end of the created_at range: ``created_at >= bound`` (older), ``< bound`` (newer)."""
-    filters: tuple[str, ...]
-    """The workflow name and/or the status the query compares, in that order."""
-
-
-def plan_page(
-    which: InstanceFilter, before: tuple[float, str] | None, after: tuple[float, str] | None
-) -> PagePlan:
-    """The query and bounds of a keyset page. The created_at range's near end is folded into the key:
-    ``created_at < to`` is ``(created_at, instance_id) < (to, "")``, and an instance id is never empty,
-    so ``created_at >= from`` is ``(created_at, instance_id) > (from, "")``."""
-    if before is not None and after is not None:
-        raise ValueError("a page is read before a key or after one, not both")
-    lo = -math.inf if which.created_from is None else which.created_from
-    hi = math.inf if which.created_to is None else which.created_to
-    combo = "_".join(
-        name
-        for name, value in (("workflow", which.workflow_name), ("status", which.status))
-        if value is not None
-    )
-    filters = tuple(str(value) for value in (which.workflow_name, which.status) if value is not None)
-    if after is not None:
-        key = max(after, (lo, ""))
-        return PagePlan(f"page_instances_{combo or 'all'}_newer", True, key, hi, filters)
-    key = (hi, "") if before is None else min(before, (hi, ""))
-    return PagePlan(f"page_instances_{combo or 'all'}_older", False, key, lo, filters)
-
-
 def message_history_payload(message: StoredMessage) -> str:
     """The history form of a received message; ``data`` is already JSON text and is inlined as such."""
     head = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -20,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .._models import Status, matches
+from .._models import Status
 from .._status import QueueStats
 from ..errors import ConfigurationError, StorageError
+from . import _decisions as decide
 from . import _migrations
 from . import _rows as rows
 from ._group_commit import GroupCommit
@@ -56,9 +56,6 @@ from .base import (
     Suspension,
     WorkerRow,
     event_history_payload,
-    message_history_payload,
-    plan_page,
-    retry_cut,
 )
 
 try:
@@ -378,17 +375,19 @@ class PostgresStorage(Storage):
     async def create_instance(
         self, new: NewInstance, *, lease: Lease | None, worker_id: str | None, lock_expires_at: float | None
     ) -> tuple[InstanceRow, bool]:
+        starts = decide.new_row(lease, worker_id, lock_expires_at)
+
         async def go(conn: Conn) -> tuple[InstanceRow, bool]:
             row = await conn.fetchrow(
                 self._q["insert_instance"],
                 new.instance_id,
                 new.workflow_name,
-                str(Status.RUNNING if lease else Status.PENDING),
+                str(starts.status),
                 new.input,
                 new.now,
-                worker_id if lease else None,
-                lease.lease_id if lease else None,
-                lock_expires_at if lease else None,
+                starts.locked_by,
+                starts.lease_id,
+                starts.lock_expires_at,
                 self.notify,
             )
             if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
@@ -400,8 +399,7 @@ class PostgresStorage(Storage):
 
     async def get_instance(self, instance_id: str) -> InstanceRow | None:
         async def go(conn: Conn) -> InstanceRow | None:
-            row = await conn.fetchrow(self._q["get_instance"], instance_id)
-            return None if row is None else rows.instance_row(row)
+            return rows.maybe_instance(await conn.fetchrow(self._q["get_instance"], instance_id))
 
         return await self._read(go)
 
@@ -431,34 +429,27 @@ class PostgresStorage(Storage):
             done = await conn.execute(self._q["cancel_unstarted"], instance_id, now)
             if done.endswith(" 0"):
                 await conn.execute(self._q["flag_cancel"], instance_id, now, self.notify)
-            row = await conn.fetchrow(self._q["get_instance"], instance_id)
-            return None if row is None else rows.instance_row(row)
+            return rows.maybe_instance(await conn.fetchrow(self._q["get_instance"], instance_id))
 
         return await self._tx(go)
 
     # -- operator actions --------------------------------------------------------------------------
     async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
         async def go(conn: Conn) -> RetryOutcome:
-            found = await conn.fetchrow(self._q["lock_instance"], instance_id)
-            if found is None:
+            row = rows.maybe_instance(await conn.fetchrow(self._q["lock_instance"], instance_id))
+            if row is None:
                 return RetryOutcome(None)
-            row = rows.instance_row(found)
             if row.status != Status.FAILED:
-                last = await conn.fetchrow(self._q["last_retry"], instance_id)
-                return RetryOutcome(
-                    row, last_retry=None if last is None else (last["retry"], last["retried_at"])
-                )
+                return decide.retry_refused(row, await conn.fetchrow(self._q["last_retry"], instance_id))
             history = [rows.history_row(r) for r in await conn.fetch(self._q["get_history"], instance_id)]
-            if any(r.kind == "compensation" for r in history):
-                return RetryOutcome(row, compensated=True)
-            from_seq = retry_cut(history)
+            from_seq = decide.retry_from(row, history)
+            if isinstance(from_seq, RetryOutcome):
+                return from_seq
+            # the rows from from_seq on are deleted, archived and counted by the statement itself
             done = await conn.fetchrow(self._q["retry_instance"], instance_id, now, self.notify, from_seq)
             after = rows.instance_row(await conn.fetchrow(self._q["get_instance"], instance_id))
             removed = rows.history_from_arrays(json.loads(done["removed"]))
-            record = RetryRow(
-                instance_id, done["retry"], now, done["from_seq"], row.error, row.finished_at, removed
-            )
-            return RetryOutcome(after, record)
+            return decide.retried(row, after, done["retry"], now, done["from_seq"], removed)
 
         return await self._tx(go)
 
@@ -473,18 +464,14 @@ class PostgresStorage(Storage):
     ) -> ResumeOutcome:
         async def go(conn: Conn) -> ResumeOutcome:
             found = await conn.fetchrow(self._q["lock_instance"], instance_id)
-            if found is None:
-                return ResumeOutcome(None)
-            before = rows.instance_row(found)
-            if before.status.is_finished or not before.status.is_known:
-                return ResumeOutcome(before)
-            held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
-            alive = False
-            if held:
-                worker = await conn.fetchrow(self._q["worker_liveness"], before.locked_by)
-                alive = rows.worker_alive(worker, now=now, lock_timeout=lock_timeout)
-                if alive and not force:
-                    return ResumeOutcome(before, holder_alive=True)
+            before = decide.resumable(rows.maybe_instance(found))
+            if isinstance(before, ResumeOutcome):
+                return before
+            held = decide.lease_held(before, now)
+            holder = await conn.fetchrow(self._q["worker_liveness"], before.locked_by) if held else None
+            alive = rows.worker_alive(holder, now=now, lock_timeout=lock_timeout)
+            if alive and not force:
+                return ResumeOutcome(before, holder_alive=True)
             await conn.execute(self._q["resume"], instance_id, now, held, self.notify)
             after = rows.instance_row(await conn.fetchrow(self._q["get_instance"], instance_id))
             return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
@@ -707,8 +694,9 @@ class PostgresStorage(Storage):
     ) -> StoredEvent | Suspension | None:
         async def go(conn: Conn) -> StoredEvent | Suspension | None:
             await conn.execute(self._q["lock_event_type"], wait.event_type)
-            found = await self._find_event(conn, lease.instance_id, wait)
-            if found is None and wait.deadline is not None and wait.deadline <= now:
+            candidates = await conn.fetch(self._q["candidate_events"], wait.event_type, lease.instance_id)
+            found = decide.first_match(wait, candidates)
+            if found is None and decide.timed_out(wait.deadline, now):
                 return None
             if found is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
@@ -716,20 +704,10 @@ class PostgresStorage(Storage):
                     conn, lease, records, now=now, run_at=wait.deadline, timer=timer
                 )
                 if outcome is Suspension.SUSPENDED:
-                    match = None if wait.match is None else json.dumps(wait.match)
-                    await conn.execute(
-                        self._q["insert_event_wait"],
-                        lease.instance_id,
-                        wait.event_type,
-                        match,
-                        now,
-                        wait.deadline,
-                        wait.outcome_seq,
-                    )
+                    waiting = rows.event_wait_columns(lease.instance_id, wait, now)
+                    await conn.execute(self._q["insert_event_wait"], *waiting)
                 return outcome
-            outcome_row = HistoryRow(
-                wait.outcome_seq, "event", wait.event_type, event_history_payload(found), False, now
-            )
+            taken = decide.event_outcome(wait.outcome_seq, found, now)
             touched = await conn.fetchrow(
                 self._q["touch_lease"],
                 lease.instance_id,
@@ -740,18 +718,11 @@ class PostgresStorage(Storage):
             )
             if touched is None:
                 raise LeaseLost(lease.instance_id)
-            await self._insert_history(conn, lease.instance_id, [*records, outcome_row])
+            await self._insert_history(conn, lease.instance_id, [*records, taken])
             await conn.execute(self._q["insert_delivery"], lease.instance_id, found.seq)
             return found
 
         return await self._tx(go)
-
-    async def _find_event(self, conn: Conn, instance_id: str, wait: EventWait) -> StoredEvent | None:
-        for row in await conn.fetch(self._q["candidate_events"], wait.event_type, instance_id):
-            event = rows.stored_event(row)
-            if matches(wait.match, json.loads(event.data)):
-                return event
-        return None
 
     async def finish(
         self,
@@ -794,30 +765,16 @@ class PostgresStorage(Storage):
     async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
         async def go(conn: Conn) -> tuple[bool, list[str]]:
             await conn.execute(self._q["lock_event_type"], event.event_type)
-            seq = await conn.fetchval(
-                self._q["insert_event"],
-                event.event_id,
-                event.event_type,
-                event.source,
-                event.data,
-                event.extensions,
-                event.target_instance_id,
-                event.now,
-            )
+            seq = await conn.fetchval(self._q["insert_event"], *rows.event_columns(event))
             if seq is None:
                 return False, []
-            data = json.loads(event.data)
             waits = await conn.fetch(
                 self._q["waits_for_event"], event.event_type, event.target_instance_id, seq
             )
-            wanted = [
-                w for w in waits if matches(None if w["match"] is None else json.loads(w["match"]), data)
-            ]
+            wanted = decide.waits_matched(waits, json.loads(event.data))
             if not wanted:
                 return True, []
-            stored = StoredEvent(
-                seq, event.event_id, event.event_type, event.data, event.source, event.extensions, event.now
-            )
+            stored = decide.stored_event(event, seq)
             direct = [w for w in wanted if w["outcome_seq"] is not None]
             delivered: set[str] = set()
             if direct:  # straight into the histories of the waiting instances nobody holds
@@ -893,28 +850,14 @@ class PostgresStorage(Storage):
     async def queue_stats(self, now: float) -> QueueStats:
         async def go(conn: Conn) -> QueueStats:
             async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-                counts = dict.fromkeys(Status, 0)
-                for row in await conn.fetch(self._q["count_by_status"]):
-                    counts[Status.stored(row["status"])] = row["n"]
-                runnable = await conn.fetchval(self._q["count_runnable"], now)
-                leases = {r["locked_by"]: r["n"] for r in await conn.fetch(self._q["held_leases"], now)}
-                oldest = await conn.fetchval(self._q["oldest_waiting"])
-                outbox = await conn.fetchrow(self._q["outbox_stats"])
-                outbox_pending, outbox_dead, oldest_event = (
-                    outbox["pending"],
-                    outbox["dead"],
-                    outbox["oldest_pending"],
+                return decide.queue_stats(
+                    now,
+                    await conn.fetch(self._q["count_by_status"]),
+                    await conn.fetchval(self._q["count_runnable"], now),
+                    await conn.fetch(self._q["held_leases"], now),
+                    await conn.fetchval(self._q["oldest_waiting"]),
+                    await conn.fetchrow(self._q["outbox_stats"]),
                 )
-            return QueueStats(
-                counts=counts,
-                runnable=runnable,
-                held_leases=sum(leases.values()),
-                leases_by_worker=leases,
-                oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
-                outbox_pending=outbox_pending,
-                outbox_dead=outbox_dead,
-                outbox_oldest_pending_age=None if oldest_event is None else max(0.0, now - oldest_event),
-            )
 
         return await self._read(go)
 
@@ -1106,7 +1049,7 @@ class PostgresStorage(Storage):
             row = await conn.fetchrow(self._q["channel_find"], wait.channel, instance_id, wait.mode, now)
             if row is None:
                 raise StorageError(f"no subscription of {instance_id} to channel {wait.channel!r}")
-            if row["seq"] is None and wait.deadline is not None and wait.deadline <= now:
+            if row["seq"] is None and decide.timed_out(wait.deadline, now):
                 await conn.execute(self._q["channel_stop_waiting"], wait.channel, instance_id)
                 return None
             if row["seq"] is None:
@@ -1118,21 +1061,17 @@ class PostgresStorage(Storage):
                     await conn.execute(self._q["channel_set_waiting"], wait.channel, instance_id, now)
                 return outcome
             found = rows.stored_message(row)
-            direct = found.target_instance_id is not None
-            outcome_row = HistoryRow(
-                wait.outcome_seq, "message", wait.channel, message_history_payload(found), False, now
-            )
             took = await conn.fetchrow(
                 self._q["channel_take"],
                 instance_id,
                 lease.lease_id,
                 lock_expires_at,
                 now,
-                *self._columns([*records, outcome_row]),
+                *self._columns([*records, decide.message_outcome(wait, found, now)]),
                 wait.channel,
                 found.seq,
-                direct,
-                direct or row["mode"] == "competing",
+                found.target_instance_id is not None,
+                decide.claims_message(found, row["mode"]),
             )
             if not took["taken"]:
                 if took["cancel_requested"] is None:
@@ -1171,20 +1110,17 @@ class PostgresStorage(Storage):
         after: tuple[float, str] | None = None,
         limit: int = 50,
     ) -> list[InstanceSummary]:
-        plan = plan_page(which, before, after)
+        plan = decide.plan_page(which, before, after)
 
         async def go(conn: Conn) -> list[InstanceSummary]:
-            found = await conn.fetch(
-                self._q[plan.query], *plan.key, plan.bound, limit, INPUT_HEAD, *plan.filters
+            return plan.page(
+                await conn.fetch(self._q[plan.query], *plan.key, plan.bound, limit, INPUT_HEAD, *plan.filters)
             )
-            page = [rows.summary(r) for r in found]
-            return page[::-1] if plan.newer else page
 
         return await self._read(go)
 
     async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
-        lo = -math.inf if which.created_from is None else which.created_from
-        hi = math.inf if which.created_to is None else which.created_to
+        lo, hi = decide.created_range(which)
         statuses = [str(status) for status in Status]
 
         async def go(conn: Conn) -> dict[Status, int]:
@@ -1193,14 +1129,13 @@ class PostgresStorage(Storage):
             else:
                 name = which.workflow_name
                 found = await conn.fetch(self._q["count_instances_workflow"], lo, hi, cap, statuses, name)
-            return {Status(r["status"]): r["n"] for r in found}
+            return decide.counts_by_status(found)
 
         return await self._read(go)
 
     async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
         async def go(conn: Conn) -> list[tuple[str, int]]:
-            found = await conn.fetch(self._q["runnable_workflows"], now, cap, limit)
-            return [(r["workflow_name"], r["runnable"]) for r in found if r["runnable"]]
+            return decide.runnable_by_name(await conn.fetch(self._q["runnable_workflows"], now, cap, limit))
 
         return await self._read(go)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
-import math
 import os
 import sqlite3
 import uuid
@@ -19,9 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from urllib.parse import parse_qsl
 
-from .._models import Status, matches
+from .._models import Status
 from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, StorageError
+from . import _decisions as decide
 from . import _migrations
 from . import _rows as rows
 from ._sql import load_queries
@@ -53,10 +53,6 @@ from .base import (
     StoredMessage,
     Suspension,
     WorkerRow,
-    event_history_payload,
-    message_history_payload,
-    plan_page,
-    retry_cut,
 )
 
 Q = load_queries("sqlite")
@@ -213,15 +209,16 @@ class SQLiteStorage(Storage):
     async def create_instance(
         self, new: NewInstance, *, lease: Lease | None, worker_id: str | None, lock_expires_at: float | None
     ) -> tuple[InstanceRow, bool]:
+        starts = decide.new_row(lease, worker_id, lock_expires_at)
         params = {
             "instance_id": new.instance_id,
             "workflow_name": new.workflow_name,
-            "status": Status.RUNNING if lease else Status.PENDING,
+            "status": starts.status,
             "input": new.input,
             "now": new.now,
-            "locked_by": worker_id if lease else None,
-            "lease_id": lease.lease_id if lease else None,
-            "lock_expires_at": lock_expires_at if lease else None,
+            "locked_by": starts.locked_by,
+            "lease_id": starts.lease_id,
+            "lock_expires_at": starts.lock_expires_at,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[InstanceRow, bool]:
@@ -233,8 +230,7 @@ class SQLiteStorage(Storage):
 
     async def get_instance(self, instance_id: str) -> InstanceRow | None:
         def read(conn: sqlite3.Connection) -> InstanceRow | None:
-            row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            return None if row is None else rows.instance_row(row)
+            return rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
 
         return await self._call(read)
 
@@ -270,36 +266,30 @@ class SQLiteStorage(Storage):
         def tx(conn: sqlite3.Connection) -> InstanceRow | None:
             if conn.execute(Q["cancel_unstarted"], params).rowcount == 0:
                 conn.execute(Q["flag_cancel"], params)
-            row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            return None if row is None else rows.instance_row(row)
+            return rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
 
         return await self._write(tx)
 
     # -- operator actions --------------------------------------------------------------------------
     async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
         def tx(conn: sqlite3.Connection) -> RetryOutcome:
-            found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            if found is None:
+            row = rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
+            if row is None:
                 return RetryOutcome(None)
-            row = rows.instance_row(found)
             if row.status != Status.FAILED:
-                last = conn.execute(Q["last_retry"], (instance_id,)).fetchone()
-                return RetryOutcome(
-                    row, last_retry=None if last is None else (last["retry"], last["retried_at"])
-                )
+                return decide.retry_refused(row, conn.execute(Q["last_retry"], (instance_id,)).fetchone())
             history = self._history(conn, instance_id)
-            if any(r.kind == "compensation" for r in history):
-                return RetryOutcome(row, compensated=True)
-            from_seq = retry_cut(history)
-            removed = tuple(r for r in history if type(r.seq) is int and r.seq >= from_seq)
+            from_seq = decide.retry_from(row, history)
+            if isinstance(from_seq, RetryOutcome):
+                return from_seq
+            removed = decide.retry_removed(history, from_seq)
             params = {"instance_id": instance_id, "now": now, "from_seq": from_seq}
             retry = conn.execute(Q["retry_archive"], {**params, "removed": rows.history_arrays_json(removed)})
             number = retry.fetchone()["retry"]
             conn.executemany(Q["retry_delete_row"], [(instance_id, r.seq) for r in removed])
             conn.execute(Q["retry_reopen"], {**params, "removed": len(removed)})
             after = rows.instance_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
-            record = RetryRow(instance_id, number, now, from_seq, row.error, row.finished_at, removed)
-            return RetryOutcome(after, record)
+            return decide.retried(row, after, number, now, from_seq, removed)
 
         return await self._write(tx)
 
@@ -313,18 +303,14 @@ class SQLiteStorage(Storage):
     ) -> ResumeOutcome:
         def tx(conn: sqlite3.Connection) -> ResumeOutcome:
             found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            if found is None:
-                return ResumeOutcome(None)
-            before = rows.instance_row(found)
-            if before.status.is_finished or not before.status.is_known:
-                return ResumeOutcome(before)
-            held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
-            alive = False
-            if held:
-                worker = conn.execute(Q["worker_liveness"], (before.locked_by,)).fetchone()
-                alive = rows.worker_alive(worker, now=now, lock_timeout=lock_timeout)
-                if alive and not force:
-                    return ResumeOutcome(before, holder_alive=True)
+            before = decide.resumable(rows.maybe_instance(found))
+            if isinstance(before, ResumeOutcome):
+                return before
+            held = decide.lease_held(before, now)
+            holder = conn.execute(Q["worker_liveness"], (before.locked_by,)).fetchone() if held else None
+            alive = rows.worker_alive(holder, now=now, lock_timeout=lock_timeout)
+            if alive and not force:
+                return ResumeOutcome(before, holder_alive=True)
             conn.execute(Q["resume"], {"instance_id": instance_id, "now": now, "break": held})
             after = rows.instance_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
             return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
@@ -503,45 +489,26 @@ class SQLiteStorage(Storage):
         lock_expires_at: float,
     ) -> StoredEvent | Suspension | None:
         def tx(conn: sqlite3.Connection) -> StoredEvent | Suspension | None:
-            found = self._find_event(conn, lease.instance_id, wait)
-            if found is None and wait.deadline is not None and wait.deadline <= now:
+            params = {"event_type": wait.event_type, "instance_id": lease.instance_id}
+            found = decide.first_match(wait, conn.execute(Q["candidate_events"], params))
+            if found is None and decide.timed_out(wait.deadline, now):
                 return None
             if found is None:
                 outcome = self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
                 if outcome is Suspension.SUSPENDED:
-                    match = None if wait.match is None else json.dumps(wait.match)
                     conn.execute(
-                        Q["insert_event_wait"],
-                        (
-                            lease.instance_id,
-                            wait.event_type,
-                            match,
-                            now,
-                            wait.deadline,
-                            wait.outcome_seq,
-                        ),
+                        Q["insert_event_wait"], rows.event_wait_columns(lease.instance_id, wait, now)
                     )
                     if wait.deadline is not None:
                         conn.execute(Q["insert_timer"], (lease.instance_id, wait.outcome_seq, wait.deadline))
                 return outcome
-            outcome_row = HistoryRow(
-                wait.outcome_seq, "event", wait.event_type, event_history_payload(found), False, now
-            )
+            taken = decide.event_outcome(wait.outcome_seq, found, now)
             self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
-            self._insert_history(conn, lease.instance_id, [*records, outcome_row])
+            self._insert_history(conn, lease.instance_id, [*records, taken])
             conn.execute(Q["insert_delivery"], (lease.instance_id, found.seq))
             return found
 
         return await self._write(tx)
-
-    @staticmethod
-    def _find_event(conn: sqlite3.Connection, instance_id: str, wait: EventWait) -> StoredEvent | None:
-        params = {"event_type": wait.event_type, "instance_id": instance_id}
-        for row in conn.execute(Q["candidate_events"], params):
-            event = rows.stored_event(row)
-            if matches(wait.match, json.loads(event.data)):
-                return event
-        return None
 
     async def finish(
         self,
@@ -575,36 +542,15 @@ class SQLiteStorage(Storage):
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
         def tx(conn: sqlite3.Connection) -> tuple[bool, list[str]]:
-            cursor = conn.execute(
-                Q["insert_event"],
-                (
-                    event.event_id,
-                    event.event_type,
-                    event.source,
-                    event.data,
-                    event.extensions,
-                    event.target_instance_id,
-                    event.now,
-                ),
-            )
+            cursor = conn.execute(Q["insert_event"], rows.event_columns(event))
             if not cursor.rowcount:
                 return False, []
-            stored = StoredEvent(
-                cursor.lastrowid or 0,
-                event.event_id,
-                event.event_type,
-                event.data,
-                event.source,
-                event.extensions,
-                event.now,
-            )
-            data = json.loads(event.data)
+            stored = decide.stored_event(event, cursor.lastrowid or 0)
             params = {"event_type": event.event_type, "seq": stored.seq, "target": event.target_instance_id}
+            waits = conn.execute(Q["waits_for_event"], params).fetchall()
             woken = []
-            for wait in conn.execute(Q["waits_for_event"], params).fetchall():
-                instance_id, match, outcome_seq = wait["instance_id"], wait["match"], wait["outcome_seq"]
-                if not matches(None if match is None else json.loads(match), data):
-                    continue
+            for wait in decide.waits_matched(waits, json.loads(event.data)):
+                instance_id, outcome_seq = wait["instance_id"], wait["outcome_seq"]
                 if outcome_seq is not None and self._deliver(conn, instance_id, outcome_seq, stored):
                     woken.append(instance_id)
                 elif conn.execute(Q["wake"], {"instance_id": instance_id, "now": event.now}).rowcount:
@@ -619,16 +565,9 @@ class SQLiteStorage(Storage):
         params = {"instance_id": instance_id, "now": event.created_at}
         if conn.execute(Q["deliver_event"], params).fetchone() is None:
             return False
-        row = (
-            instance_id,
-            outcome_seq,
-            "event",
-            event.event_type,
-            event_history_payload(event),
-            0,
-            event.created_at,
+        SQLiteStorage._insert_history(
+            conn, instance_id, [decide.event_outcome(outcome_seq, event, event.created_at)]
         )
-        conn.execute(Q["insert_history"], row)
         conn.execute(Q["insert_delivery"], (instance_id, event.seq))
         conn.execute(Q["clear_event_wait"], (instance_id,))
         conn.execute(Q["clear_timers"], (instance_id,))
@@ -679,29 +618,16 @@ class SQLiteStorage(Storage):
     async def queue_stats(self, now: float) -> QueueStats:
         def read(conn: sqlite3.Connection) -> QueueStats:
             conn.execute("BEGIN")  # one read snapshot for the five queries
-            counts = dict.fromkeys(Status, 0)
-            for row in conn.execute(Q["count_by_status"]):
-                counts[Status.stored(row["status"])] = row["n"]
-            runnable = conn.execute(Q["count_runnable"], {"now": now}).fetchone()["n"]
-            leases = {r["locked_by"]: r["n"] for r in conn.execute(Q["held_leases"], {"now": now})}
-            oldest = conn.execute(Q["oldest_waiting"]).fetchone()["oldest"]
-            outbox = conn.execute(Q["outbox_stats"]).fetchone()
-            outbox_pending, outbox_dead, oldest_event = (
-                outbox["pending"],
-                outbox["dead"],
-                outbox["oldest_pending"],
+            stats = decide.queue_stats(
+                now,
+                conn.execute(Q["count_by_status"]).fetchall(),
+                conn.execute(Q["count_runnable"], {"now": now}).fetchone()["n"],
+                conn.execute(Q["held_leases"], {"now": now}).fetchall(),
+                conn.execute(Q["oldest_waiting"]).fetchone()["oldest"],
+                conn.execute(Q["outbox_stats"]).fetchone(),
             )
             conn.execute("COMMIT")
-            return QueueStats(
-                counts=counts,
-                runnable=runnable,
-                held_leases=sum(leases.values()),
-                leases_by_worker=leases,
-                oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
-                outbox_pending=outbox_pending,
-                outbox_dead=outbox_dead,
-                outbox_oldest_pending_age=None if oldest_event is None else max(0.0, now - oldest_event),
-            )
+            return stats
 
         return await self._call(read)
 
@@ -860,17 +786,7 @@ class SQLiteStorage(Storage):
                     conn, lease, now=message.now, lock_expires_at=expires, steps=len(records)
                 )
                 self._insert_history(conn, lease.instance_id, records)
-            inserted = conn.execute(
-                Q["channel_insert_message"],
-                (
-                    message.message_id,
-                    message.channel,
-                    message.data,
-                    message.sender_instance_id,
-                    target,
-                    message.now,
-                ),
-            ).rowcount
+            inserted = conn.execute(Q["channel_insert_message"], rows.message_columns(message)).rowcount
             if not inserted:
                 return PublishResult(stored=False, woken=[], cancel_requested=cancel)
             params = {"channel": message.channel, "target": target, "now": message.now}
@@ -896,7 +812,7 @@ class SQLiteStorage(Storage):
             sub = conn.execute(Q["channel_subscription"], key).fetchone()
             mode, cursor = sub["mode"], sub["cursor_seq"]
             row = conn.execute(Q["channel_next_message"], {**key, "mode": mode, "cursor": cursor}).fetchone()
-            if row is None and wait.deadline is not None and wait.deadline <= now:
+            if row is None and decide.timed_out(wait.deadline, now):
                 conn.execute(Q["channel_stop_waiting"], key)
                 return None
             if row is None:
@@ -909,15 +825,12 @@ class SQLiteStorage(Storage):
             found = rows.stored_message(row)
             direct = found.target_instance_id is not None
             self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
-            if direct or mode == "competing":
+            if decide.claims_message(found, mode):
                 claim = {"instance_id": instance_id, "seq": found.seq}
                 if conn.execute(Q["channel_claim"], claim).rowcount != 1:  # the write lock makes it so
                     raise StorageError(f"message {found.message_id} was taken by another instance")
             conn.execute(Q["channel_advance"], {**key, "direct": direct, "seq": found.seq})
-            outcome_row = HistoryRow(
-                wait.outcome_seq, "message", wait.channel, message_history_payload(found), False, now
-            )
-            self._insert_history(conn, instance_id, [*records, outcome_row])
+            self._insert_history(conn, instance_id, [*records, decide.message_outcome(wait, found, now)])
             return found
 
         return await self._write(tx)
@@ -949,7 +862,7 @@ class SQLiteStorage(Storage):
         after: tuple[float, str] | None = None,
         limit: int = 50,
     ) -> list[InstanceSummary]:
-        plan = plan_page(which, before, after)
+        plan = decide.plan_page(which, before, after)
         params = {
             "key_at": plan.key[0],
             "key_id": plan.key[1],
@@ -959,32 +872,23 @@ class SQLiteStorage(Storage):
             **dict(zip(("f1", "f2"), plan.filters, strict=False)),
         }
 
-        def read(conn: sqlite3.Connection) -> list[InstanceSummary]:
-            page = [rows.summary(r) for r in conn.execute(Q[plan.query], params)]
-            return page[::-1] if plan.newer else page
-
-        return await self._call(read)
+        return await self._call(lambda c: plan.page(c.execute(Q[plan.query], params)))
 
     async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
+        lo, hi = decide.created_range(which)
         params = {
-            "lo": -math.inf if which.created_from is None else which.created_from,
-            "hi": math.inf if which.created_to is None else which.created_to,
+            "lo": lo,
+            "hi": hi,
             "cap": cap,
             "statuses": json.dumps([str(status) for status in Status]),
             "workflow_name": which.workflow_name,
         }
         name = "count_instances_all" if which.workflow_name is None else "count_instances_workflow"
-        return await self._call(lambda c: {Status(r["status"]): r["n"] for r in c.execute(Q[name], params)})
+        return await self._call(lambda c: decide.counts_by_status(c.execute(Q[name], params)))
 
     async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
         params = {"now": now, "cap": cap, "limit": limit}
-        return await self._call(
-            lambda c: [
-                (r["workflow_name"], r["runnable"])
-                for r in c.execute(Q["runnable_workflows"], params)
-                if r["runnable"]
-            ]
-        )
+        return await self._call(lambda c: decide.runnable_by_name(c.execute(Q["runnable_workflows"], params)))
 
     async def workflow_names(self, *, limit: int) -> list[str]:
         return await self._call(
