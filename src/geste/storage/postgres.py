@@ -343,7 +343,7 @@ class PostgresStorage(Storage):
             await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
 
     async def _read_version(self, conn: Conn) -> int:
-        tables = {row["name"] for row in await conn.fetch(self._q["find_tables"], self.schema)}
+        tables = {row["name"] for row in await conn.fetch(self._q["list_tables"], self.schema)}
         if _migrations.is_new(tables, self._foreign_tables):
             return 0
         app = await conn.fetchval(self._q["get_meta"], "application")

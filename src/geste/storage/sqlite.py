@@ -346,7 +346,7 @@ class SQLiteStorage(Storage):
             # taken over: when the lease ran out
             expired = {r["instance_id"]: r["expired_at"] for r in picked if r["expired_at"] is not None}
             ids = json.dumps([r["instance_id"] for r in picked])
-            taken = conn.execute(Q["claim"], {**params, "ids": ids}).fetchall() if picked else []
+            taken = conn.execute(Q["claim_picked"], {**params, "ids": ids}).fetchall() if picked else []
             claims = [  # each with its history, read in the same hop to the SQLite thread
                 rows.claim(r, self._history(conn, r["instance_id"]), expired.get(r["instance_id"]))
                 for r in taken

@@ -4,7 +4,7 @@
 -- listeners only if it commits, and only once the instance can be claimed. A parameter says whether
 -- notifications are on (listen_notify); ordinary step commits (record, finish) never notify.
 
--- name: find_tables
+-- name: list_tables
 SELECT table_name AS name FROM information_schema.tables
 WHERE table_schema = $1 AND table_name LIKE 'geste%';
 

@@ -105,8 +105,8 @@ WHERE instance_id = :instance_id;
 -- name: claim_pick
 -- The runnable instances of one workflow the worker registers (:name, a status this version knows) whose
 -- lease is free or expired, with when an expired lease ran out (a take-over; NULL for a free instance):
--- the head of its range of geste_instances_runnable_by_name. `claim` merges the heads of its names and
--- takes the earliest, in the same transaction.
+-- the head of its range of geste_instances_runnable_by_name. The storage's claim merges the heads of its
+-- names and takes the earliest (claim_picked), in the same transaction.
 SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at, run_at
 FROM geste_instances
 WHERE workflow_name = :name AND run_at <= :due AND (lease_id IS NULL OR lock_expires_at <= :now)
@@ -114,7 +114,9 @@ WHERE workflow_name = :name AND run_at <= :due AND (lease_id IS NULL OR lock_exp
 ORDER BY run_at
 LIMIT :limit;
 
--- name: claim
+-- name: claim_picked
+-- The instances claim_pick chose (:ids, a JSON array), taken under a new lease. PostgreSQL's `claim` and
+-- `claim_names` pick and take in one statement.
 UPDATE geste_instances
 SET locked_by = :worker_id,
     lease_id = :lease_prefix || instance_id,
