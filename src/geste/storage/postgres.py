@@ -24,8 +24,10 @@ from .._status import QueueStats
 from ..errors import ConfigurationError, StorageError
 from . import _decisions as decide
 from . import _migrations
+from . import _read_only as read_only
 from . import _rows as rows
 from ._group_commit import GroupCommit
+from ._read_only import StoredHistory
 from ._sql import load_queries
 from .base import (
     INPUT_HEAD,
@@ -1166,3 +1168,39 @@ class PostgresStorage(Storage):
             )
 
         return await self._read(go)
+
+
+async def read_histories(url: str, workflow: str | None, limit: int) -> list[StoredHistory]:
+    """The replay check's read (``_read_only.read_histories``), on a connection of its own whose every
+    transaction is read-only: PostgreSQL itself refuses any write. One repeatable-read snapshot."""
+    if asyncpg is None:  # pragma: no cover - the postgres extra is not installed
+        raise ConfigurationError("reading PostgreSQL needs asyncpg: pip install 'geste[postgres]'")
+    dsn, options = parse_postgres_url(url)
+    Q = schema_queries(options["schema"])
+    safe = read_only.without_password(url)
+    try:
+        conn = await asyncpg.connect(
+            dsn,
+            timeout=10,
+            server_settings={"default_transaction_read_only": "on", "application_name": "geste-replay-check"},
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StorageError(f"cannot connect to {safe}: {exc}") from exc
+    try:
+        async with conn.transaction(readonly=True, isolation="repeatable_read"):
+            tables = {row["name"] for row in await conn.fetch(Q["list_tables"], options["schema"])}
+            read_only.check_tables(tables)
+            read_only.check_version(await conn.fetchrow(Q["get_meta"], "schema_version"), SCHEMA_VERSION)
+            by_status = [
+                await conn.fetch(Q["list_instances"], workflow, status.value, limit, 0)
+                for status in (*read_only.UNFINISHED, *read_only.FINISHED)
+            ]
+            found = []
+            for row in read_only.picked(by_status, limit):
+                history = await conn.fetch(Q["get_history"], row["instance_id"])
+                found.append(read_only.stored_history(row, history, safe))
+            return found
+    except asyncpg.PostgresError as exc:
+        raise StorageError(f"cannot read {safe}: {exc}") from exc
+    finally:
+        await conn.close()

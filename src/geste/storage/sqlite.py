@@ -16,14 +16,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from .._models import Status
 from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, StorageError
 from . import _decisions as decide
 from . import _migrations
+from . import _read_only as read_only
 from . import _rows as rows
+from ._read_only import StoredHistory
 from ._sql import load_queries
 from .base import (
     INPUT_HEAD,
@@ -931,3 +933,42 @@ def _statements(script: str) -> list[str]:
     if current.strip() and not all(x.strip().startswith("--") for x in current.strip().splitlines()):
         raise RuntimeError(f"incomplete statement at the end of a migration: {current.strip()[:80]}")
     return statements
+
+
+def read_histories(url: str, workflow: str | None, limit: int) -> list[StoredHistory]:
+    """The replay check's read (``_read_only.read_histories``), on a connection that cannot write: read-only,
+    and immutable when no write-ahead log is there, so nothing is created next to the file (a read-only
+    connection to a WAL database otherwise makes its -shm and -wal files)."""
+    path, _ = parse_sqlite_url(url)
+    if path == ":memory:" or not os.path.isfile(path):
+        raise StorageError(f"no SQLite database at {path!r}")
+    immutable = "" if os.path.exists(path + "-wal") else "&immutable=1"
+    try:
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro{immutable}", uri=True)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open SQLite database {path} read-only: {exc}") from exc
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        read_only.check_tables(row["name"] for row in conn.execute(Q["list_tables"]))
+        read_only.check_version(conn.execute(Q["get_meta"], ("schema_version",)).fetchone(), SCHEMA_VERSION)
+        conn.execute("BEGIN")  # one snapshot for the whole read
+        by_status = [
+            conn.execute(
+                Q["list_instances"],
+                {"workflow_name": workflow, "status": status.value, "limit": limit, "offset": 0},
+            ).fetchall()
+            for status in (*read_only.UNFINISHED, *read_only.FINISHED)
+        ]
+        found = [
+            read_only.stored_history(row, conn.execute(Q["get_history"], (row["instance_id"],)), url)
+            for row in read_only.picked(by_status, limit)
+        ]
+        conn.execute("COMMIT")
+        return found
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise NotAGesteDatabaseError(f"{path} is not a geste database: {exc}") from exc
+        raise StorageError(f"cannot read SQLite database {path}: {exc}") from exc
+    finally:
+        conn.close()
