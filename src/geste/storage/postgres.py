@@ -1013,12 +1013,7 @@ class PostgresStorage(Storage):
             await conn.execute(self._q["channel_lock"], message.channel)
             row = await conn.fetchrow(
                 self._q["channel_publish"],
-                message.message_id,
-                message.channel,
-                message.data,
-                message.sender_instance_id,
-                message.target_instance_id,
-                message.now,
+                *rows.message_columns(message),
                 self.notify,
                 None if lease is None else lease.instance_id,
                 None if lease is None else lease.lease_id,
