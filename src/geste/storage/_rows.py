@@ -8,9 +8,10 @@ geste writes itself in one fixed order (``HISTORY_ARRAY``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .._models import Status
 from .._status import is_alive
@@ -39,6 +40,18 @@ class Record(Protocol):
     """A database row read by column name (``sqlite3.Row``, ``asyncpg.Record``)."""
 
     def __getitem__(self, key: str, /) -> Any: ...
+
+
+_T = TypeVar("_T")
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _by_field(cls: type[_T], r: Record, **given: Any) -> _T:
+    """A typed row whose fields are the record's columns of the same names (``given`` ones aside)."""
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    return cls(**{name: given[name] if name in given else r[name] for name in names})
 
 
 def instance_row(r: Record) -> InstanceRow:
@@ -99,7 +112,8 @@ def claim(r: Record, history: tuple[HistoryRow, ...], lease_expired_at: float | 
 
 
 def stored_event(r: Record) -> StoredEvent:
-    """A ``StoredEvent`` from a record with the columns of ``candidate_events``."""
+    """A ``StoredEvent`` from a record with the columns of ``candidate_events`` (spelt out: every candidate
+    event of a wait is read through it)."""
     return StoredEvent(
         r["seq"], r["event_id"], r["event_type"], r["data"], r["source"], r["extensions"], r["created_at"]
     )
@@ -107,15 +121,7 @@ def stored_event(r: Record) -> StoredEvent:
 
 def stored_message(r: Record) -> StoredMessage:
     """A ``StoredMessage`` from a record with the message columns of the channel queries."""
-    return StoredMessage(
-        r["seq"],
-        r["message_id"],
-        r["channel"],
-        r["data"],
-        r["sender_instance_id"],
-        r["target_instance_id"],
-        r["created_at"],
-    )
+    return _by_field(StoredMessage, r)
 
 
 def retry_row(r: Record) -> RetryRow:
@@ -128,20 +134,7 @@ def retry_row(r: Record) -> RetryRow:
 
 def worker_row(r: Record) -> WorkerRow:
     """A ``WorkerRow`` from a record with the columns of ``list_workers``."""
-    return WorkerRow(
-        worker_id=r["worker_id"],
-        host=r["host"],
-        pid=r["pid"],
-        started_at=r["started_at"],
-        heartbeat_at=r["heartbeat_at"],
-        running=r["running"],
-        concurrency=r["concurrency"],
-        listener=r["listener"],
-        stopped_at=r["stopped_at"],
-        lock_timeout=r["lock_timeout"],
-        workflows=r["workflows"],
-        health=r["health"],
-    )
+    return _by_field(WorkerRow, r)
 
 
 def worker_alive(r: Record | None, *, now: float, lock_timeout: float) -> bool:
@@ -160,78 +153,34 @@ def lease_info(r: Record) -> tuple[str, str, str, float]:
 
 def outbox_claim(r: Record, claim_id: str) -> OutboxClaim:
     """An ``OutboxClaim`` from a record returned by the ``outbox_claim`` queries."""
-    return OutboxClaim(
-        event_id=r["event_id"],
-        instance_id=r["instance_id"],
-        step_seq=r["step_seq"],
-        event_type=r["event_type"],
-        source=r["source"],
-        subject=r["subject"],
-        data=r["data"],
-        attempts=r["attempts"],
-        created_at=r["created_at"],
-        claim_id=claim_id,
-    )
+    return _by_field(OutboxClaim, r, claim_id=claim_id)
 
 
 def outbox_row(r: Record) -> OutboxRow:
     """An ``OutboxRow`` from a record with the columns of ``outbox_list`` and ``extras_outbox``."""
-    return OutboxRow(
-        event_id=r["event_id"],
-        instance_id=r["instance_id"],
-        step_seq=r["step_seq"],
-        event_type=r["event_type"],
-        source=r["source"],
-        subject=r["subject"],
-        data=r["data"],
-        status=r["status"],
-        attempts=r["attempts"],
-        next_attempt_at=r["next_attempt_at"],
-        last_error=r["last_error"],
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-        delivered_at=r["delivered_at"],
-        claimed_by=r["claimed_by"],
-    )
+    return _by_field(OutboxRow, r)
 
 
 def summary(r: Record) -> InstanceSummary:
     """An ``InstanceSummary`` from a record of the ``page_instances_*`` queries."""
-    return InstanceSummary(
-        instance_id=r["instance_id"],
-        workflow_name=r["workflow_name"],
-        status=Status.stored(r["status"]),
-        created_at=r["created_at"],
-        updated_at=r["updated_at"],
-        finished_at=r["finished_at"],
-        locked_by=r["locked_by"],
-        cancel_requested=bool(r["cancel_requested"]),
-        steps=r["steps"],
-        input_head=r["input_head"],
+    return _by_field(
+        InstanceSummary, r, status=Status.stored(r["status"]), cancel_requested=bool(r["cancel_requested"])
     )
 
 
 def event_wait_row(r: Record) -> EventWaitRow:
     """An ``EventWaitRow`` from a record of ``extras_event_wait``."""
-    return EventWaitRow(r["event_type"], r["match"], r["since"], r["deadline"])
+    return _by_field(EventWaitRow, r)
 
 
 def subscription_row(r: Record) -> SubscriptionRow:
     """A ``SubscriptionRow`` from a record of ``extras_subscriptions``."""
-    return SubscriptionRow(r["channel"], r["mode"], r["cursor_seq"], r["waiting_since"], r["created_at"])
+    return _by_field(SubscriptionRow, r)
 
 
 def message_row(r: Record) -> MessageRow:
     """A ``MessageRow`` from a record of ``extras_messages``."""
-    return MessageRow(
-        r["message_id"],
-        r["channel"],
-        r["data"],
-        r["sender_instance_id"],
-        r["target_instance_id"],
-        r["created_at"],
-        r["claimed_by"],
-    )
+    return _by_field(MessageRow, r)
 
 
 def timer(r: Record) -> tuple[int, float]:
