@@ -1079,8 +1079,7 @@ def test_queries_are_named_text_with_only_the_schema_to_substitute() -> None:
     assert filled == {
         ("storage/postgres.py", "__init__"),
         ("storage/postgres.py", "schema_queries"),  # the only place the schema is substituted
-        ("_histories.py", "_read_sqlite"),  # the replay check's read-only reads: from load_queries ...
-        ("_histories.py", "_read_postgres"),  # ... and schema_queries, never edited
+        ("storage/postgres.py", "read_histories"),  # the replay check's read-only read: schema_queries
     }
     # and the schema is a plain identifier, or the App is not built
     for schema in ('x"; DROP SCHEMA public; --', "a b", "a-b", "1abc", "é", "x" * 64, ""):

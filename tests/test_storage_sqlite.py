@@ -18,6 +18,7 @@ import pytest
 import geste
 import geste.storage.sqlite as sqlite_backend
 from geste.errors import StorageError
+from geste.storage._migrations import Migration
 from geste.storage._sql import load_migrations
 from geste.storage.base import HistoryRow, Lease, LeaseLost, NewInstance
 from geste.storage.sqlite import SQLiteStorage
@@ -162,7 +163,8 @@ async def test_only_the_newer_migrations_run_on_an_older_database(
     await first.close()
 
     newer = sqlite_backend.SCHEMA_VERSION + 1
-    extra = (newer, "CREATE TABLE geste_extra (x INTEGER NOT NULL);\nINSERT INTO geste_extra VALUES (7);\n")
+    script = "CREATE TABLE geste_extra (x INTEGER NOT NULL);\nINSERT INTO geste_extra VALUES (7);\n"
+    extra = Migration(newer, f"{newer:04}_extra", script)
     monkeypatch.setattr(sqlite_backend, "MIGRATIONS", [*sqlite_backend.MIGRATIONS, extra])
     monkeypatch.setattr(sqlite_backend, "SCHEMA_VERSION", newer)
     for _ in range(2):  # the second open finds it at the new version and does nothing
@@ -170,7 +172,7 @@ async def test_only_the_newer_migrations_run_on_an_older_database(
         await upgraded.open()
         assert await upgraded.schema_version() == newer
         assert await upgraded.get_instance("old") is not None
-        assert await upgraded._call(lambda c: c.execute("SELECT x FROM geste_extra").fetchall()) == [(7,)]
+        assert await upgraded._call(lambda c: [r["x"] for r in c.execute("SELECT x FROM geste_extra")]) == [7]
         await upgraded.close()
 
 

@@ -18,19 +18,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 from ._models import Status
 from ._serde import encode
 from ._steps import document_payload, payload_from_document
-from .errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
-from .storage._sql import load_migrations, load_queries
+from .errors import ConfigurationError
+from .storage._read_only import StoredHistory, read_histories
 from .storage.base import HistoryRow
 
 if TYPE_CHECKING:
@@ -38,8 +36,6 @@ if TYPE_CHECKING:
 
 FORMAT = "geste-history"
 VERSION = 1
-_UNFINISHED = (Status.RUNNING, Status.COMPENSATING, Status.WAITING, Status.PENDING)
-_FINISHED = (Status.FAILED, Status.CANCELLED, Status.COMPLETED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,146 +230,26 @@ def _iso(ts: float) -> str:
 
 # -- databases, read-only ----------------------------------------------------------------------------------
 async def read_database(url: str, *, workflow: str | None, limit: int) -> list[RecordedHistory]:
-    """Up to ``limit`` instances (of ``workflow``, if given) with their histories, read without writing:
-    the unfinished ones first (those a deploy affects), then the finished ones, newest first in each."""
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ConfigurationError(f"limit must be a positive int, not {limit!r}")
-    if workflow is not None and not isinstance(workflow, str):
-        raise ConfigurationError(f"workflow must be a workflow name, not {workflow!r}")
-    if url.startswith(("postgresql://", "postgres://")):
-        return await _read_postgres(url, workflow, limit)
-    if url.startswith("sqlite:"):
-        return await asyncio.to_thread(_read_sqlite, url, workflow, limit)
-    raise ConfigurationError(f"unsupported database URL (sqlite:/// or postgresql://): {url!r:.200}")
+    """Up to ``limit`` instances (of ``workflow``, if given) with their histories, read without writing
+    (``storage._read_only``): the unfinished ones first (those a deploy affects), then the finished ones,
+    newest first in each."""
+    return [_recorded(found) for found in await read_histories(url, workflow=workflow, limit=limit)]
 
 
-def _row_history(row: Sequence[Any], history: Sequence[Sequence[Any]], source: str) -> RecordedHistory:
-    """A ``RecordedHistory`` from a row of ``list_instances`` and the rows of ``get_history``."""
+def _recorded(found: StoredHistory) -> RecordedHistory:
+    instance = found.instance
     try:
-        error = json.loads(row[5]) if row[5] else None
+        error = json.loads(instance.error) if instance.error else None
     except (ValueError, RecursionError):
         error = None
     error_type = error.get("type") if isinstance(error, dict) else None
     return RecordedHistory(
-        instance_id=row[0],
-        workflow_name=row[1],
-        status=Status.stored(row[2]),
-        input=row[3],
-        created_at=float(row[6]),
-        rows=tuple(HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), float(r[5])) for r in history),
-        source=f"{source}#{row[0]}",
+        instance_id=instance.instance_id,
+        workflow_name=instance.workflow_name,
+        status=instance.status,
+        input=instance.input,
+        created_at=instance.created_at,
+        rows=found.rows,
+        source=found.source,
         error_type=error_type if isinstance(error_type, str) else None,
     )
-
-
-def _picked(rows_by_status: Iterable[Sequence[Sequence[Any]]], limit: int) -> Iterator[Sequence[Any]]:
-    """The unfinished instances first, then the finished ones, newest first in each, ``limit`` in all."""
-    unfinished: list[Sequence[Any]] = []
-    finished: list[Sequence[Any]] = []
-    for rows in rows_by_status:
-        for row in rows:
-            (finished if Status.stored(row[2]).is_finished else unfinished).append(row)
-    for group in (unfinished, finished):
-        group.sort(key=lambda r: (r[6], r[0]), reverse=True)
-    yield from [*unfinished, *finished][:limit]
-
-
-def _read_sqlite(url: str, workflow: str | None, limit: int) -> list[RecordedHistory]:
-    from .storage.sqlite import parse_sqlite_url
-
-    path, _ = parse_sqlite_url(url)
-    if path == ":memory:" or not os.path.isfile(path):
-        raise StorageError(f"no SQLite database at {path!r}")
-    # Read-only, and immutable when no write-ahead log is there: nothing is created next to the file
-    # (a read-only connection to a WAL database otherwise makes its -shm and -wal files).
-    immutable = "" if os.path.exists(path + "-wal") else "&immutable=1"
-    try:
-        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro{immutable}", uri=True)
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot open SQLite database {path} read-only: {exc}") from exc
-    Q = load_queries("sqlite")
-    try:
-        conn.execute("PRAGMA query_only = ON")
-        tables = {row[0] for row in conn.execute(Q["list_tables"])}
-        _check_schema(tables, lambda: conn.execute(Q["get_meta"], ("schema_version",)).fetchone(), "sqlite")
-        conn.execute("BEGIN")  # one snapshot for the whole read
-        per_status = [
-            conn.execute(
-                Q["list_instances"],
-                {"workflow_name": workflow, "status": status.value, "limit": limit, "offset": 0},
-            ).fetchall()
-            for status in (*_UNFINISHED, *_FINISHED)
-        ]
-        found = [
-            _row_history(row, conn.execute(Q["get_history"], (row[0],)).fetchall(), url)
-            for row in _picked(per_status, limit)
-        ]
-        conn.execute("COMMIT")
-        return found
-    except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc) or "malformed" in str(exc):
-            raise NotAGesteDatabaseError(f"{path} is not a geste database: {exc}") from exc
-        raise StorageError(f"cannot read SQLite database {path}: {exc}") from exc
-    finally:
-        conn.close()
-
-
-def _check_schema(tables: set[str], version_row: Any, backend: str) -> None:
-    if "geste_instances" not in tables or "geste_history" not in tables or "geste_meta" not in tables:
-        raise NotAGesteDatabaseError("the database holds no geste tables (geste_instances, geste_history)")
-    row = version_row()
-    try:
-        version = int(row[0]) if row else 0
-    except (TypeError, ValueError):
-        raise NotAGesteDatabaseError(f"geste_meta holds the schema version {row[0]!r:.80}") from None
-    supported = len(load_migrations(backend))
-    if version > supported:
-        raise SchemaVersionError(version, supported)
-
-
-async def _read_postgres(url: str, workflow: str | None, limit: int) -> list[RecordedHistory]:
-    try:
-        import asyncpg
-    except ImportError:  # pragma: no cover - the postgres extra is not installed
-        raise ConfigurationError("reading PostgreSQL needs asyncpg: pip install 'geste[postgres]'") from None
-    from .storage.postgres import parse_postgres_url, schema_queries
-
-    dsn, options = parse_postgres_url(url)
-    Q = schema_queries(options["schema"])
-    safe = _without_password(url)
-    try:
-        # Every transaction of this connection is read-only: PostgreSQL itself refuses any write.
-        conn = await asyncpg.connect(
-            dsn,
-            timeout=10,
-            server_settings={"default_transaction_read_only": "on", "application_name": "geste-replay-check"},
-        )
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise StorageError(f"cannot connect to {safe}: {exc}") from exc
-    try:
-        async with conn.transaction(readonly=True, isolation="repeatable_read"):
-            tables = {row[0] for row in await conn.fetch(Q["find_tables"], options["schema"])}
-            version = await conn.fetchrow(Q["get_meta"], "schema_version") if "geste_meta" in tables else None
-            _check_schema(tables, lambda: version, "postgres")
-            per_status = [
-                await conn.fetch(Q["list_instances"], workflow, status.value, limit, 0)
-                for status in (*_UNFINISHED, *_FINISHED)
-            ]
-            found = []
-            for row in _picked(per_status, limit):
-                history = await conn.fetch(Q["get_history"], row[0])
-                found.append(_row_history(row, history, safe))
-            return found
-    except asyncpg.PostgresError as exc:
-        raise StorageError(f"cannot read {safe}: {exc}") from exc
-    finally:
-        await conn.close()
-
-
-def _without_password(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()

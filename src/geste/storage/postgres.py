@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -20,18 +19,21 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .._models import Status, matches
-from .._status import QueueStats, is_alive
-from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
+from .._models import Status
+from .._status import QueueStats
+from ..errors import ConfigurationError, StorageError
+from . import _decisions as decide
+from . import _migrations
+from . import _read_only as read_only
+from . import _rows as rows
 from ._group_commit import GroupCommit
 from ._listen import Listening
-from ._sql import load_migrations, load_queries, migration_names
+from ._read_only import StoredHistory
+from ._sql import load_queries
 from .base import (
     INPUT_HEAD,
-    Claim,
     Claims,
     EventWait,
-    EventWaitRow,
     HistoryRow,
     InstanceExtras,
     InstanceFilter,
@@ -39,9 +41,7 @@ from .base import (
     InstanceSummary,
     Lease,
     LeaseLost,
-    MessageRow,
     MessageWait,
-    MigrationStep,
     NewEvent,
     NewInstance,
     NewMessage,
@@ -56,17 +56,9 @@ from .base import (
     Storage,
     StoredEvent,
     StoredMessage,
-    SubscriptionRow,
     Suspension,
     WorkerRow,
     event_history_payload,
-    instance_from_row,
-    message_history_payload,
-    outbox_claim_from_row,
-    plan_page,
-    retry_cut,
-    retry_from_row,
-    summary_from_row,
 )
 
 try:
@@ -75,9 +67,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     asyncpg = None
 
 _QUERIES = load_queries("postgres")
-_MIGRATIONS = load_migrations("postgres")
-_MIGRATION_NAMES = migration_names("postgres")
-SCHEMA_VERSION = _MIGRATIONS[-1][0]
+SCHEMA_VERSION = _migrations.load("postgres")[-1].version
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MIGRATION_TIMEOUT = 24 * 3600.0
 """How long a migration (and a process waiting for another's) may take: no ``command_timeout``."""
@@ -108,10 +98,8 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
 
 
 def _history_from_json(text: str | None) -> tuple[HistoryRow, ...]:
-    """The history aggregated by the claim statement (``json_agg`` of rows, or NULL when empty)."""
-    if text is None:
-        return ()
-    return tuple(HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in json.loads(text))
+    """The history aggregated by the claim statement (``json_agg`` of arrays, or NULL when empty)."""
+    return () if text is None else rows.history_from_arrays(json.loads(text))
 
 
 async def _keep_session(_conn: Any) -> None:
@@ -178,15 +166,15 @@ class _Finish:
 def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
     """The history rows of a batch (one item per instance), as the arrays that follow the per-instance
     ones."""
-    rows = [(item.lease.instance_id, r) for item in batch for r in item.records]
+    written = [(item.lease.instance_id, r) for item in batch for r in item.records]
     return (
-        [instance_id for instance_id, _ in rows],
-        [r.seq for _, r in rows],
-        [r.kind for _, r in rows],
-        [r.name for _, r in rows],
-        [r.payload for _, r in rows],
-        [r.is_error for _, r in rows],
-        [r.created_at for _, r in rows],
+        [instance_id for instance_id, _ in written],
+        [r.seq for _, r in written],
+        [r.kind for _, r in written],
+        [r.name for _, r in written],
+        [r.payload for _, r in written],
+        [r.is_error for _, r in written],
+        [r.created_at for _, r in written],
     )
 
 
@@ -264,7 +252,7 @@ class PostgresStorage(Storage):
         self._application_name = options["application_name"]
         quoted = f'"{self.schema}"'
         self._q = schema_queries(self.schema)
-        self._migrations = [(n, script.replace("{schema}", quoted)) for n, script in _MIGRATIONS]
+        self._migrations = _migrations.load("postgres", lambda script: script.replace("{schema}", quoted))
         self._pool: Any = None
         self._records: GroupCommit[_Record, StepResult] = GroupCommit(
             self._record_batch, max_in_flight=1, max_batch=GROUP_COMMIT_MAX
@@ -347,35 +335,28 @@ class PostgresStorage(Storage):
         try:
             async with conn.transaction():
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-                version = await self._read_version(conn)
-                if version > SCHEMA_VERSION:
-                    raise SchemaVersionError(version, SCHEMA_VERSION)
-                pending = [(number, script) for number, script in self._migrations if number > version]
-                for index, (number, script) in enumerate(pending, 1):
-                    name = _MIGRATION_NAMES.get(number, f"{number:04}")
-                    self._announce(MigrationStep(number, name, index, len(pending), False))
-                    await conn.execute(script, timeout=MIGRATION_TIMEOUT)
-                    await conn.execute(self._q["set_meta"], "schema_version", str(number))
-                    self._announce(MigrationStep(number, name, index, len(pending), True))
-                if version == 0:
-                    await conn.execute(self._q["set_meta"], "application", "geste")
+                found = await self._read_version(conn)
+                for write in _migrations.migrate(found, self._migrations, self._announce):
+                    if isinstance(write, _migrations.Migration):
+                        script = write.script  # one simple-protocol call runs the whole file
+                        await conn.execute(script, timeout=MIGRATION_TIMEOUT)
+                    else:
+                        await conn.execute(self._q["set_meta"], *write)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
 
     async def _read_version(self, conn: Conn) -> int:
-        tables = {row[0] for row in await conn.fetch(self._q["find_tables"], self.schema)}
-        if not tables:
+        tables = {row["name"] for row in await conn.fetch(self._q["list_tables"], self.schema)}
+        if _migrations.is_new(tables, self._foreign_tables):
             return 0
-        if "geste_meta" not in tables:
-            raise NotAGesteDatabaseError(
-                f"schema {self.schema!r} holds tables named like geste's ({', '.join(sorted(tables)[:5])}) "
-                "but no geste_meta: they are not geste's; use another schema"
-            )
         app = await conn.fetchval(self._q["get_meta"], "application")
-        version = await conn.fetchval(self._q["get_meta"], "schema_version")
-        if app != "geste" or version is None or not str(version).isdigit():
-            raise NotAGesteDatabaseError("geste_meta exists but does not describe a geste schema")
-        return int(version)
+        return _migrations.meta_version(app, await conn.fetchval(self._q["get_meta"], "schema_version"))
+
+    def _foreign_tables(self, names: str) -> str:
+        return (
+            f"schema {self.schema!r} holds tables named like geste's ({names}) "
+            "but no geste_meta: they are not geste's; use another schema"
+        )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -409,30 +390,31 @@ class PostgresStorage(Storage):
     async def create_instance(
         self, new: NewInstance, *, lease: Lease | None, worker_id: str | None, lock_expires_at: float | None
     ) -> tuple[InstanceRow, bool]:
+        starts = decide.new_row(lease, worker_id, lock_expires_at)
+
         async def go(conn: Conn) -> tuple[InstanceRow, bool]:
             row = await conn.fetchrow(
                 self._q["insert_instance"],
                 new.instance_id,
                 new.workflow_name,
-                str(Status.RUNNING if lease else Status.PENDING),
+                str(starts.status),
                 new.input,
                 new.now,
-                worker_id if lease else None,
-                lease.lease_id if lease else None,
-                lock_expires_at if lease else None,
+                starts.locked_by,
+                starts.lease_id,
+                starts.lock_expires_at,
                 self.notify,
             )
             if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
-                return instance_from_row(existing), False
-            return instance_from_row(list(row)[1:]), bool(row[0])
+                return rows.instance_row(existing), False
+            return rows.instance_row(row), bool(row["created"])
 
         return await self._run(go)
 
     async def get_instance(self, instance_id: str) -> InstanceRow | None:
         async def go(conn: Conn) -> InstanceRow | None:
-            row = await conn.fetchrow(self._q["get_instance"], instance_id)
-            return None if row is None else instance_from_row(row)
+            return rows.maybe_instance(await conn.fetchrow(self._q["get_instance"], instance_id))
 
         return await self._read(go)
 
@@ -446,15 +428,14 @@ class PostgresStorage(Storage):
     ) -> list[InstanceRow]:
         async def go(conn: Conn) -> list[InstanceRow]:
             wanted = None if status is None else str(status)
-            rows = await conn.fetch(self._q["list_instances"], workflow_name, wanted, limit, offset)
-            return [instance_from_row(row) for row in rows]
+            found = await conn.fetch(self._q["list_instances"], workflow_name, wanted, limit, offset)
+            return [rows.instance_row(row) for row in found]
 
         return await self._read(go)
 
     async def get_history(self, instance_id: str) -> list[HistoryRow]:
         async def go(conn: Conn) -> list[HistoryRow]:
-            rows = await conn.fetch(self._q["get_history"], instance_id)
-            return [HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+            return [rows.history_row(r) for r in await conn.fetch(self._q["get_history"], instance_id)]
 
         return await self._read(go)
 
@@ -463,38 +444,33 @@ class PostgresStorage(Storage):
             done = await conn.execute(self._q["cancel_unstarted"], instance_id, now)
             if done.endswith(" 0"):
                 await conn.execute(self._q["flag_cancel"], instance_id, now, self.notify)
-            row = await conn.fetchrow(self._q["get_instance"], instance_id)
-            return None if row is None else instance_from_row(row)
+            return rows.maybe_instance(await conn.fetchrow(self._q["get_instance"], instance_id))
 
         return await self._tx(go)
 
     # -- operator actions --------------------------------------------------------------------------
     async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
         async def go(conn: Conn) -> RetryOutcome:
-            found = await conn.fetchrow(self._q["lock_instance"], instance_id)
-            if found is None:
+            row = rows.maybe_instance(await conn.fetchrow(self._q["lock_instance"], instance_id))
+            if row is None:
                 return RetryOutcome(None)
-            row = instance_from_row(found)
             if row.status != Status.FAILED:
-                last = await conn.fetchrow(self._q["last_retry"], instance_id)
-                return RetryOutcome(row, last_retry=None if last is None else (last[0], last[1]))
-            history = [
-                HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5])
-                for r in await conn.fetch(self._q["get_history"], instance_id)
-            ]
-            if any(r.kind == "compensation" for r in history):
-                return RetryOutcome(row, compensated=True)
-            from_seq = retry_cut(history)
+                return decide.retry_refused(row, await conn.fetchrow(self._q["last_retry"], instance_id))
+            history = [rows.history_row(r) for r in await conn.fetch(self._q["get_history"], instance_id)]
+            from_seq = decide.retry_from(row, history)
+            if isinstance(from_seq, RetryOutcome):
+                return from_seq
+            # the rows from from_seq on are deleted, archived and counted by the statement itself
             done = await conn.fetchrow(self._q["retry_instance"], instance_id, now, self.notify, from_seq)
-            after = instance_from_row(await conn.fetchrow(self._q["get_instance"], instance_id))
-            record = retry_from_row((instance_id, done[0], now, done[1], row.error, row.finished_at, done[2]))
-            return RetryOutcome(after, record)
+            after = rows.instance_row(await conn.fetchrow(self._q["get_instance"], instance_id))
+            removed = rows.history_from_arrays(json.loads(done["removed"]))
+            return decide.retried(row, after, done["retry"], now, done["from_seq"], removed)
 
         return await self._tx(go)
 
     async def list_retries(self, instance_id: str) -> list[RetryRow]:
         async def go(conn: Conn) -> list[RetryRow]:
-            return [retry_from_row(r) for r in await conn.fetch(self._q["list_retries"], instance_id)]
+            return [rows.retry_row(r) for r in await conn.fetch(self._q["list_retries"], instance_id)]
 
         return await self._read(go)
 
@@ -503,20 +479,16 @@ class PostgresStorage(Storage):
     ) -> ResumeOutcome:
         async def go(conn: Conn) -> ResumeOutcome:
             found = await conn.fetchrow(self._q["lock_instance"], instance_id)
-            if found is None:
-                return ResumeOutcome(None)
-            before = instance_from_row(found)
-            if before.status.is_finished or not before.status.is_known:
-                return ResumeOutcome(before)
-            held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
-            alive = False
-            if held:
-                worker = await conn.fetchrow(self._q["worker_liveness"], before.locked_by)
-                alive = worker is not None and is_alive(*worker, now=now, reader_lock_timeout=lock_timeout)
-                if alive and not force:
-                    return ResumeOutcome(before, holder_alive=True)
+            before = decide.resumable(rows.maybe_instance(found))
+            if isinstance(before, ResumeOutcome):
+                return before
+            held = decide.lease_held(before, now)
+            holder = await conn.fetchrow(self._q["worker_liveness"], before.locked_by) if held else None
+            alive = rows.worker_alive(holder, now=now, lock_timeout=lock_timeout)
+            if alive and not force:
+                return ResumeOutcome(before, holder_alive=True)
             await conn.execute(self._q["resume"], instance_id, now, held, self.notify)
-            after = instance_from_row(await conn.fetchrow(self._q["get_instance"], instance_id))
+            after = rows.instance_row(await conn.fetchrow(self._q["get_instance"], instance_id))
             return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
 
         return await self._tx(go)
@@ -538,7 +510,7 @@ class PostgresStorage(Storage):
             return Claims()
 
         async def go(conn: Conn) -> Claims:
-            rows = await conn.fetch(
+            found = await conn.fetch(
                 self._q["claim" if len(names) == 1 else "claim_names"],
                 worker_id,
                 f"{uuid.uuid4().hex[:12]}/",
@@ -549,12 +521,11 @@ class PostgresStorage(Storage):
                 names[0] if len(names) == 1 else names,
             )
             claims, later = Claims(), None
-            for r in rows:
-                if r[0] is None:  # not a claim: the row that carries the next run_at
-                    later = r[7]
+            for r in found:
+                if r["instance_id"] is None:  # not a claim: the row that carries the next run_at
+                    later = r["run_at"]
                     continue
-                lease, history = Lease(r[0], r[1]), _history_from_json(r[9])
-                claims.append(Claim(lease, r[2], r[3], Status.stored(r[4]), r[5], r[6], history, r[7], r[8]))
+                claims.append(rows.claim(r, _history_from_json(r["history"]), r["expired_at"]))
             claims.next_run_at = later
             return claims
 
@@ -562,13 +533,13 @@ class PostgresStorage(Storage):
 
     async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
         async def go(conn: Conn) -> set[str]:
-            rows = await conn.fetch(
+            kept = await conn.fetch(
                 self._q["renew"],
                 lock_expires_at,
                 [x.instance_id for x in leases],
                 [x.lease_id for x in leases],
             )
-            return {row[0] for row in rows}
+            return {row["instance_id"] for row in kept}
 
         return await self._run(go)
 
@@ -619,7 +590,7 @@ class PostgresStorage(Storage):
             self._record_one,
             "record_batch",
             _record_columns,
-            lambda row: StepResult(cancel_requested=row[2]),
+            lambda row: StepResult(cancel_requested=row["cancel_requested"]),
             _merge_records,
         )
 
@@ -658,7 +629,7 @@ class PostgresStorage(Storage):
             if _is_connection_loss(exc.__cause__ or exc):
                 raise
             return [await _outcome(one(item)) for item in batch]
-        held = {Lease(row[0], row[1]): row for row in found}
+        held = {Lease(row["instance_id"], row["lease_id"]): row for row in found}
         results: list[_T | BaseException] = [
             outcome(held[item.lease]) if item.lease in held else LeaseLost(item.lease.instance_id)
             for item in batch
@@ -682,7 +653,7 @@ class PostgresStorage(Storage):
             )
             if row is None:
                 raise LeaseLost(item.lease.instance_id)
-            return StepResult(cancel_requested=row[0])
+            return StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
@@ -696,7 +667,7 @@ class PostgresStorage(Storage):
         run_at: float | None,
         timer: tuple[int, float] | None,
     ) -> Suspension:
-        suspended, ours, _notified = await conn.fetchrow(
+        row = await conn.fetchrow(
             self._q["suspend"],
             lease.instance_id,
             lease.lease_id,
@@ -707,9 +678,9 @@ class PostgresStorage(Storage):
             None if timer is None else timer[1],
             self.notify,
         )
-        if suspended:
+        if row["suspended"]:
             return Suspension.SUSPENDED
-        if not ours:
+        if not row["ours"]:
             raise LeaseLost(lease.instance_id)
         return Suspension.CANCEL_REQUESTED
 
@@ -738,8 +709,9 @@ class PostgresStorage(Storage):
     ) -> StoredEvent | Suspension | None:
         async def go(conn: Conn) -> StoredEvent | Suspension | None:
             await conn.execute(self._q["lock_event_type"], wait.event_type)
-            found = await self._find_event(conn, lease.instance_id, wait)
-            if found is None and wait.deadline is not None and wait.deadline <= now:
+            candidates = await conn.fetch(self._q["candidate_events"], wait.event_type, lease.instance_id)
+            found = decide.first_match(wait, candidates)
+            if found is None and decide.timed_out(wait.deadline, now):
                 return None
             if found is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
@@ -747,20 +719,10 @@ class PostgresStorage(Storage):
                     conn, lease, records, now=now, run_at=wait.deadline, timer=timer
                 )
                 if outcome is Suspension.SUSPENDED:
-                    match = None if wait.match is None else json.dumps(wait.match)
-                    await conn.execute(
-                        self._q["insert_event_wait"],
-                        lease.instance_id,
-                        wait.event_type,
-                        match,
-                        now,
-                        wait.deadline,
-                        wait.outcome_seq,
-                    )
+                    waiting = rows.event_wait_columns(lease.instance_id, wait, now)
+                    await conn.execute(self._q["insert_event_wait"], *waiting)
                 return outcome
-            outcome_row = HistoryRow(
-                wait.outcome_seq, "event", wait.event_type, event_history_payload(found), False, now
-            )
+            taken = decide.event_outcome(wait.outcome_seq, found, now)
             touched = await conn.fetchrow(
                 self._q["touch_lease"],
                 lease.instance_id,
@@ -771,19 +733,11 @@ class PostgresStorage(Storage):
             )
             if touched is None:
                 raise LeaseLost(lease.instance_id)
-            await self._insert_history(conn, lease.instance_id, [*records, outcome_row])
+            await self._insert_history(conn, lease.instance_id, [*records, taken])
             await conn.execute(self._q["insert_delivery"], lease.instance_id, found.seq)
             return found
 
         return await self._tx(go)
-
-    async def _find_event(self, conn: Conn, instance_id: str, wait: EventWait) -> StoredEvent | None:
-        rows = await conn.fetch(self._q["candidate_events"], wait.event_type, instance_id)
-        for row in rows:
-            event = StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
-            if matches(wait.match, json.loads(event.data)):
-                return event
-        return None
 
     async def finish(
         self,
@@ -826,45 +780,33 @@ class PostgresStorage(Storage):
     async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
         async def go(conn: Conn) -> tuple[bool, list[str]]:
             await conn.execute(self._q["lock_event_type"], event.event_type)
-            seq = await conn.fetchval(
-                self._q["insert_event"],
-                event.event_id,
-                event.event_type,
-                event.source,
-                event.data,
-                event.extensions,
-                event.target_instance_id,
-                event.now,
-            )
+            seq = await conn.fetchval(self._q["insert_event"], *rows.event_columns(event))
             if seq is None:
                 return False, []
-            data = json.loads(event.data)
             waits = await conn.fetch(
                 self._q["waits_for_event"], event.event_type, event.target_instance_id, seq
             )
-            wanted = [w for w in waits if matches(None if w[1] is None else json.loads(w[1]), data)]
+            wanted = decide.waits_matched(waits, json.loads(event.data))
             if not wanted:
                 return True, []
-            stored = StoredEvent(
-                seq, event.event_id, event.event_type, event.data, event.source, event.extensions, event.now
-            )
-            direct = [w for w in wanted if w[2] is not None]
+            stored = decide.stored_event(event, seq)
+            direct = [w for w in wanted if w["outcome_seq"] is not None]
             delivered: set[str] = set()
             if direct:  # straight into the histories of the waiting instances nobody holds
-                rows = await conn.fetch(
+                handed = await conn.fetch(
                     self._q["deliver_event"],
-                    [w[0] for w in direct],
-                    [w[2] for w in direct],
+                    [w["instance_id"] for w in direct],
+                    [w["outcome_seq"] for w in direct],
                     event.now,
                     event.event_type,
                     event_history_payload(stored),
                     seq,
                     self.notify,
                 )
-                delivered = {row[0] for row in rows}
-            rest = [w[0] for w in wanted if w[0] not in delivered]
+                delivered = {row["instance_id"] for row in handed}
+            rest = [w["instance_id"] for w in wanted if w["instance_id"] not in delivered]
             woken = await conn.fetch(self._q["wake"], rest, event.now, self.notify) if rest else []
-            return True, [*delivered, *(row[0] for row in woken)]
+            return True, [*delivered, *(row["instance_id"] for row in woken)]
 
         return await self._tx(go)
 
@@ -910,36 +852,27 @@ class PostgresStorage(Storage):
 
     async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
         async def go(conn: Conn) -> list[WorkerRow]:
-            return [WorkerRow(*row) for row in await conn.fetch(self._q["list_workers"], limit)]
+            return [rows.worker_row(r) for r in await conn.fetch(self._q["list_workers"], limit)]
 
         return await self._read(go)
 
     async def list_leases(self, now: float, limit: int) -> list[tuple[str, str, str, float]]:
         async def go(conn: Conn) -> list[tuple[str, str, str, float]]:
-            return [tuple(r) for r in await conn.fetch(self._q["list_leases"], now, limit)]
+            return [rows.lease_info(r) for r in await conn.fetch(self._q["list_leases"], now, limit)]
 
         return await self._read(go)
 
     async def queue_stats(self, now: float) -> QueueStats:
         async def go(conn: Conn) -> QueueStats:
             async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-                counts = dict.fromkeys(Status, 0)
-                for status, n in await conn.fetch(self._q["count_by_status"]):
-                    counts[Status.stored(status)] = n
-                runnable = await conn.fetchval(self._q["count_runnable"], now)
-                leases = {r[0]: r[1] for r in await conn.fetch(self._q["held_leases"], now)}
-                oldest = await conn.fetchval(self._q["oldest_waiting"])
-                outbox_pending, outbox_dead, oldest_event = await conn.fetchrow(self._q["outbox_stats"])
-            return QueueStats(
-                counts=counts,
-                runnable=runnable,
-                held_leases=sum(leases.values()),
-                leases_by_worker=leases,
-                oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
-                outbox_pending=outbox_pending,
-                outbox_dead=outbox_dead,
-                outbox_oldest_pending_age=None if oldest_event is None else max(0.0, now - oldest_event),
-            )
+                return decide.queue_stats(
+                    now,
+                    await conn.fetch(self._q["count_by_status"]),
+                    await conn.fetchval(self._q["count_runnable"], now),
+                    await conn.fetch(self._q["held_leases"], now),
+                    await conn.fetchval(self._q["oldest_waiting"]),
+                    await conn.fetchrow(self._q["outbox_stats"]),
+                )
 
         return await self._read(go)
 
@@ -973,7 +906,7 @@ class PostgresStorage(Storage):
             )
             if row is None:
                 raise LeaseLost(lease.instance_id)
-            return StepResult(cancel_requested=row[0])
+            return StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
@@ -981,17 +914,17 @@ class PostgresStorage(Storage):
         self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int, window: int
     ) -> list[OutboxClaim]:
         async def go(conn: Conn) -> list[OutboxClaim]:
-            rows = await conn.fetch(
+            claimed = await conn.fetch(
                 self._q["outbox_claim"], relay_id, claim_id, now, claim_expires_at, limit, window
             )
-            return [outbox_claim_from_row(row, claim_id) for row in rows]
+            return [rows.outbox_claim(r, claim_id) for r in claimed]
 
         return await self._run(go)
 
     async def outbox_mark_delivered(self, event_id: str, claim_id: str, now: float) -> tuple[bool, bool]:
         async def go(conn: Conn) -> tuple[bool, bool]:
-            ours, later = await conn.fetchrow(self._q["outbox_mark_delivered"], event_id, claim_id, now)
-            return bool(ours), bool(later)
+            row = await conn.fetchrow(self._q["outbox_mark_delivered"], event_id, claim_id, now)
+            return bool(row["ours"]), bool(row["later"])
 
         return await self._run(go)
 
@@ -999,10 +932,10 @@ class PostgresStorage(Storage):
         self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
     ) -> tuple[bool, bool]:
         async def go(conn: Conn) -> tuple[bool, bool]:
-            ours, later = await conn.fetchrow(
+            row = await conn.fetchrow(
                 self._q["outbox_mark_failed"], event_id, claim_id, now, error, next_attempt_at
             )
-            return bool(ours), bool(later)
+            return bool(row["ours"]), bool(row["later"])
 
         return await self._run(go)
 
@@ -1024,15 +957,17 @@ class PostgresStorage(Storage):
         self, *, status: str | None = None, instance_id: str | None = None, limit: int = 100
     ) -> list[OutboxRow]:
         async def go(conn: Conn) -> list[OutboxRow]:
-            rows = await conn.fetch(self._q["outbox_list"], status, instance_id, limit)
-            return [OutboxRow(*row) for row in rows]
+            return [
+                rows.outbox_row(r)
+                for r in await conn.fetch(self._q["outbox_list"], status, instance_id, limit)
+            ]
 
         return await self._read(go)
 
     async def outbox_retry(self, event_id: str, now: float) -> bool:
         async def go(conn: Conn) -> bool:
-            found = await conn.fetchval(self._q["outbox_retry"], event_id, now, self.notify)
-            return bool(found)
+            row = await conn.fetchrow(self._q["outbox_retry"], event_id, now, self.notify)
+            return bool(row["found"])
 
         return await self._run(go)
 
@@ -1042,7 +977,9 @@ class PostgresStorage(Storage):
             if row is None:
                 return False
             # a statement of its own: a snapshot taken after the discard got its row (see outbox_promote)
-            await conn.fetchrow(self._q["outbox_promote"], row[0], row[1], now, self.notify)
+            await conn.fetchrow(
+                self._q["outbox_promote"], row["instance_id"], row["step_seq"], now, self.notify
+            )
             return True
 
         return await self._tx(go)
@@ -1073,7 +1010,7 @@ class PostgresStorage(Storage):
             )
             if row is None:
                 raise LeaseLost(lease.instance_id)
-            return StepResult(cancel_requested=row[0])
+            return StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
@@ -1087,25 +1024,22 @@ class PostgresStorage(Storage):
     ) -> PublishResult:
         async def go(conn: Conn) -> PublishResult:
             await conn.execute(self._q["channel_lock"], message.channel)
-            target_ok, stored, cancel, woken, _notified = await conn.fetchrow(
+            row = await conn.fetchrow(
                 self._q["channel_publish"],
-                message.message_id,
-                message.channel,
-                message.data,
-                message.sender_instance_id,
-                message.target_instance_id,
-                message.now,
+                *rows.message_columns(message),
                 self.notify,
                 None if lease is None else lease.instance_id,
                 None if lease is None else lease.lease_id,
                 lock_expires_at,
                 *self._columns(records),
             )
-            if not target_ok:
+            if not row["target_ok"]:
                 return PublishResult(stored=False, woken=[], target_missing=True)
-            if lease is not None and cancel is None:
+            if lease is not None and row["cancel_requested"] is None:
                 raise LeaseLost(lease.instance_id)
-            return PublishResult(stored=stored, woken=list(woken), cancel_requested=bool(cancel))
+            return PublishResult(
+                stored=row["stored"], woken=list(row["woken"]), cancel_requested=bool(row["cancel_requested"])
+            )
 
         return await self._tx(go)
 
@@ -1125,10 +1059,10 @@ class PostgresStorage(Storage):
             row = await conn.fetchrow(self._q["channel_find"], wait.channel, instance_id, wait.mode, now)
             if row is None:
                 raise StorageError(f"no subscription of {instance_id} to channel {wait.channel!r}")
-            if row[1] is None and wait.deadline is not None and wait.deadline <= now:
+            if row["seq"] is None and decide.timed_out(wait.deadline, now):
                 await conn.execute(self._q["channel_stop_waiting"], wait.channel, instance_id)
                 return None
-            if row[1] is None:
+            if row["seq"] is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
                 outcome = await self._suspend(
                     conn, lease, records, now=now, run_at=wait.deadline, timer=timer
@@ -1136,25 +1070,21 @@ class PostgresStorage(Storage):
                 if outcome is Suspension.SUSPENDED:
                     await conn.execute(self._q["channel_set_waiting"], wait.channel, instance_id, now)
                 return outcome
-            found = StoredMessage(*row[1:])
-            direct = found.target_instance_id is not None
-            outcome_row = HistoryRow(
-                wait.outcome_seq, "message", wait.channel, message_history_payload(found), False, now
-            )
-            cancel, taken = await conn.fetchrow(
+            found = rows.stored_message(row)
+            took = await conn.fetchrow(
                 self._q["channel_take"],
                 instance_id,
                 lease.lease_id,
                 lock_expires_at,
                 now,
-                *self._columns([*records, outcome_row]),
+                *self._columns([*records, decide.message_outcome(wait, found, now)]),
                 wait.channel,
                 found.seq,
-                direct,
-                direct or row[0] == "competing",
+                found.target_instance_id is not None,
+                decide.claims_message(found, row["mode"]),
             )
-            if not taken:
-                if cancel is None:
+            if not took["taken"]:
+                if took["cancel_requested"] is None:
                     raise LeaseLost(instance_id)
                 raise StorageError(f"message {found.message_id} was taken by another instance")
             return found
@@ -1163,8 +1093,10 @@ class PostgresStorage(Storage):
 
     async def channel_rewake(self, now: float, *, published_before: float, limit: int) -> list[str]:
         async def go(conn: Conn) -> list[str]:
-            rows = await conn.fetch(self._q["channel_rewake"], now, published_before, limit)
-            return [row[0] for row in rows]
+            return [
+                r["instance_id"]
+                for r in await conn.fetch(self._q["channel_rewake"], now, published_before, limit)
+            ]
 
         return await self._run(go)
 
@@ -1188,42 +1120,38 @@ class PostgresStorage(Storage):
         after: tuple[float, str] | None = None,
         limit: int = 50,
     ) -> list[InstanceSummary]:
-        plan = plan_page(which, before, after)
+        plan = decide.plan_page(which, before, after)
 
         async def go(conn: Conn) -> list[InstanceSummary]:
-            rows = await conn.fetch(
-                self._q[plan.query], *plan.key, plan.bound, limit, INPUT_HEAD, *plan.filters
+            return plan.page(
+                await conn.fetch(self._q[plan.query], *plan.key, plan.bound, limit, INPUT_HEAD, *plan.filters)
             )
-            page = [summary_from_row(row) for row in rows]
-            return page[::-1] if plan.newer else page
 
         return await self._read(go)
 
     async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
-        lo = -math.inf if which.created_from is None else which.created_from
-        hi = math.inf if which.created_to is None else which.created_to
+        lo, hi = decide.created_range(which)
         statuses = [str(status) for status in Status]
 
         async def go(conn: Conn) -> dict[Status, int]:
             if which.workflow_name is None:
-                rows = await conn.fetch(self._q["count_instances_all"], lo, hi, cap, statuses)
+                found = await conn.fetch(self._q["count_instances_all"], lo, hi, cap, statuses)
             else:
                 name = which.workflow_name
-                rows = await conn.fetch(self._q["count_instances_workflow"], lo, hi, cap, statuses, name)
-            return {Status(status): n for status, n in rows}
+                found = await conn.fetch(self._q["count_instances_workflow"], lo, hi, cap, statuses, name)
+            return decide.counts_by_status(found)
 
         return await self._read(go)
 
     async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
         async def go(conn: Conn) -> list[tuple[str, int]]:
-            rows = await conn.fetch(self._q["runnable_workflows"], now, cap, limit)
-            return [(row[0], row[1]) for row in rows if row[1]]
+            return decide.runnable_by_name(await conn.fetch(self._q["runnable_workflows"], now, cap, limit))
 
         return await self._read(go)
 
     async def workflow_names(self, *, limit: int) -> list[str]:
         async def go(conn: Conn) -> list[str]:
-            return [row[0] for row in await conn.fetch(self._q["workflow_names"], limit)]
+            return [r["name"] for r in await conn.fetch(self._q["workflow_names"], limit)]
 
         return await self._read(go)
 
@@ -1240,11 +1168,47 @@ class PostgresStorage(Storage):
                     await conn.fetch(self._q["extras_messages"], list(message_ids)) if message_ids else []
                 )
             return InstanceExtras(
-                timers=tuple((row[0], row[1]) for row in timers),
-                event_wait=None if wait is None else EventWaitRow(*wait),
-                subscriptions=tuple(SubscriptionRow(*row) for row in subscriptions),
-                outbox=tuple(OutboxRow(*row) for row in outbox),
-                messages=tuple(MessageRow(*row) for row in messages),
+                timers=tuple(rows.timer(r) for r in timers),
+                event_wait=None if wait is None else rows.event_wait_row(wait),
+                subscriptions=tuple(rows.subscription_row(r) for r in subscriptions),
+                outbox=tuple(rows.outbox_row(r) for r in outbox),
+                messages=tuple(rows.message_row(r) for r in messages),
             )
 
         return await self._read(go)
+
+
+async def read_histories(url: str, workflow: str | None, limit: int) -> list[StoredHistory]:
+    """The replay check's read (``_read_only.read_histories``), on a connection of its own whose every
+    transaction is read-only: PostgreSQL itself refuses any write. One repeatable-read snapshot."""
+    if asyncpg is None:  # pragma: no cover - the postgres extra is not installed
+        raise ConfigurationError("reading PostgreSQL needs asyncpg: pip install 'geste[postgres]'")
+    dsn, options = parse_postgres_url(url)
+    Q = schema_queries(options["schema"])
+    safe = read_only.without_password(url)
+    try:
+        conn = await asyncpg.connect(
+            dsn,
+            timeout=10,
+            server_settings={"default_transaction_read_only": "on", "application_name": "geste-replay-check"},
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise StorageError(f"cannot connect to {safe}: {exc}") from exc
+    try:
+        async with conn.transaction(readonly=True, isolation="repeatable_read"):
+            tables = {row["name"] for row in await conn.fetch(Q["list_tables"], options["schema"])}
+            read_only.check_tables(tables)
+            read_only.check_version(await conn.fetchrow(Q["get_meta"], "schema_version"), SCHEMA_VERSION)
+            by_status = [
+                await conn.fetch(Q["list_instances"], workflow, status.value, limit, 0)
+                for status in (*read_only.UNFINISHED, *read_only.FINISHED)
+            ]
+            found = []
+            for row in read_only.picked(by_status, limit):
+                history = await conn.fetch(Q["get_history"], row["instance_id"])
+                found.append(read_only.stored_history(row, history, safe))
+            return found
+    except asyncpg.PostgresError as exc:
+        raise StorageError(f"cannot read {safe}: {exc}") from exc
+    finally:
+        await conn.close()

@@ -10,25 +10,27 @@ from __future__ import annotations
 import asyncio
 import heapq
 import json
-import math
 import os
 import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
-from .._models import Status, matches
-from .._status import QueueStats, is_alive
-from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError, StorageError
-from ._sql import load_migrations, load_queries, migration_names
+from .._models import Status
+from .._status import QueueStats
+from ..errors import ConfigurationError, NotAGesteDatabaseError, StorageError
+from . import _decisions as decide
+from . import _migrations
+from . import _read_only as read_only
+from . import _rows as rows
+from ._read_only import StoredHistory
+from ._sql import load_queries
 from .base import (
     INPUT_HEAD,
-    Claim,
     Claims,
     EventWait,
-    EventWaitRow,
     HistoryRow,
     InstanceExtras,
     InstanceFilter,
@@ -36,9 +38,7 @@ from .base import (
     InstanceSummary,
     Lease,
     LeaseLost,
-    MessageRow,
     MessageWait,
-    MigrationStep,
     NewEvent,
     NewInstance,
     NewMessage,
@@ -53,25 +53,15 @@ from .base import (
     Storage,
     StoredEvent,
     StoredMessage,
-    SubscriptionRow,
     Suspension,
     WorkerRow,
-    event_history_payload,
-    instance_from_row,
-    message_history_payload,
-    outbox_claim_from_row,
-    plan_page,
-    removed_rows_json,
-    retry_cut,
-    retry_from_row,
-    summary_from_row,
 )
 
 Q = load_queries("sqlite")
-MIGRATIONS = load_migrations("sqlite")
-MIGRATION_NAMES = migration_names("sqlite")
-SCHEMA_VERSION = MIGRATIONS[-1][0]
+MIGRATIONS = _migrations.load("sqlite")
+SCHEMA_VERSION = MIGRATIONS[-1].version
 _T = TypeVar("_T")
+_FOREIGN_TABLES = "the database holds tables that are not geste's ({}); point geste at its own file"
 _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 
 
@@ -153,12 +143,13 @@ class SQLiteStorage(Storage):
             raise StorageError(f"cannot create {self.path}: directory {directory} does not exist")
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row  # rows read by column name (_rows)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
             self._read_version(conn)  # refuse a foreign file before WAL mode rewrites its header
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()["journal_mode"]
             if self.path != ":memory:" and str(mode).lower() != "wal":
                 raise StorageError(f"cannot put {self.path} in WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
@@ -177,19 +168,12 @@ class SQLiteStorage(Storage):
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            version = self._read_version(conn)
-            if version > SCHEMA_VERSION:
-                raise SchemaVersionError(version, SCHEMA_VERSION)
-            pending = [(number, script) for number, script in MIGRATIONS if number > version]
-            for index, (number, script) in enumerate(pending, 1):
-                name = MIGRATION_NAMES.get(number, f"{number:04}")
-                self._announce(MigrationStep(number, name, index, len(pending), False))
-                for statement in _statements(script):
-                    conn.execute(statement)
-                conn.execute(Q["set_meta"], ("schema_version", str(number)))
-                self._announce(MigrationStep(number, name, index, len(pending), True))
-            if version == 0:
-                conn.execute(Q["set_meta"], ("application", "geste"))
+            for write in _migrations.migrate(self._read_version(conn), MIGRATIONS, self._announce):
+                if isinstance(write, _migrations.Migration):
+                    for statement in _statements(write.script):
+                        conn.execute(statement)
+                else:
+                    conn.execute(Q["set_meta"], write)
             conn.execute("COMMIT")
         except BaseException:
             conn.rollback()
@@ -197,19 +181,12 @@ class SQLiteStorage(Storage):
 
     @staticmethod
     def _read_version(conn: sqlite3.Connection) -> int:
-        tables = {row[0] for row in conn.execute(Q["list_tables"])}
-        if not tables:
+        tables = {row["name"] for row in conn.execute(Q["list_tables"])}
+        if _migrations.is_new(tables, _FOREIGN_TABLES.format):
             return 0
-        if "geste_meta" not in tables:
-            raise NotAGesteDatabaseError(
-                f"the database holds tables that are not geste's ({', '.join(sorted(tables)[:5])}); "
-                "point geste at its own file"
-            )
         app = conn.execute(Q["get_meta"], ("application",)).fetchone()
         version = conn.execute(Q["get_meta"], ("schema_version",)).fetchone()
-        if app is None or app[0] != "geste" or version is None or not str(version[0]).isdigit():
-            raise NotAGesteDatabaseError("geste_meta exists but does not describe a geste schema")
-        return int(version[0])
+        return _migrations.meta_version(app and app["value"], version and version["value"])
 
     async def close(self) -> None:
         conn, executor = self._conn, self._executor
@@ -234,28 +211,28 @@ class SQLiteStorage(Storage):
     async def create_instance(
         self, new: NewInstance, *, lease: Lease | None, worker_id: str | None, lock_expires_at: float | None
     ) -> tuple[InstanceRow, bool]:
+        starts = decide.new_row(lease, worker_id, lock_expires_at)
         params = {
             "instance_id": new.instance_id,
             "workflow_name": new.workflow_name,
-            "status": Status.RUNNING if lease else Status.PENDING,
+            "status": starts.status,
             "input": new.input,
             "now": new.now,
-            "locked_by": worker_id if lease else None,
-            "lease_id": lease.lease_id if lease else None,
-            "lock_expires_at": lock_expires_at if lease else None,
+            "locked_by": starts.locked_by,
+            "lease_id": starts.lease_id,
+            "lock_expires_at": starts.lock_expires_at,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[InstanceRow, bool]:
             created = conn.execute(Q["insert_instance"], params).rowcount == 1
             row = conn.execute(Q["get_instance"], (new.instance_id,)).fetchone()
-            return instance_from_row(row), created
+            return rows.instance_row(row), created
 
         return await self._write(tx)
 
     async def get_instance(self, instance_id: str) -> InstanceRow | None:
         def read(conn: sqlite3.Connection) -> InstanceRow | None:
-            row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            return None if row is None else instance_from_row(row)
+            return rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
 
         return await self._call(read)
 
@@ -274,13 +251,13 @@ class SQLiteStorage(Storage):
             "offset": offset,
         }
         return await self._call(
-            lambda c: [instance_from_row(r) for r in c.execute(Q["list_instances"], params)]
+            lambda c: [rows.instance_row(r) for r in c.execute(Q["list_instances"], params)]
         )
 
     @staticmethod
     def _history(conn: sqlite3.Connection, instance_id: str) -> tuple[HistoryRow, ...]:
-        rows = conn.execute(Q["get_history"], (instance_id,))
-        return tuple(HistoryRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows)
+        found = conn.execute(Q["get_history"], (instance_id,))
+        return tuple(rows.history_row(r) for r in found)
 
     async def get_history(self, instance_id: str) -> list[HistoryRow]:
         return await self._call(lambda conn: list(self._history(conn, instance_id)))
@@ -291,40 +268,36 @@ class SQLiteStorage(Storage):
         def tx(conn: sqlite3.Connection) -> InstanceRow | None:
             if conn.execute(Q["cancel_unstarted"], params).rowcount == 0:
                 conn.execute(Q["flag_cancel"], params)
-            row = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            return None if row is None else instance_from_row(row)
+            return rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
 
         return await self._write(tx)
 
     # -- operator actions --------------------------------------------------------------------------
     async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
         def tx(conn: sqlite3.Connection) -> RetryOutcome:
-            found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            if found is None:
+            row = rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
+            if row is None:
                 return RetryOutcome(None)
-            row = instance_from_row(found)
             if row.status != Status.FAILED:
-                last = conn.execute(Q["last_retry"], (instance_id,)).fetchone()
-                return RetryOutcome(row, last_retry=None if last is None else (last[0], last[1]))
+                return decide.retry_refused(row, conn.execute(Q["last_retry"], (instance_id,)).fetchone())
             history = self._history(conn, instance_id)
-            if any(r.kind == "compensation" for r in history):
-                return RetryOutcome(row, compensated=True)
-            from_seq = retry_cut(history)
-            removed = tuple(r for r in history if type(r.seq) is int and r.seq >= from_seq)
+            from_seq = decide.retry_from(row, history)
+            if isinstance(from_seq, RetryOutcome):
+                return from_seq
+            removed = decide.retry_removed(history, from_seq)
             params = {"instance_id": instance_id, "now": now, "from_seq": from_seq}
-            retry = conn.execute(Q["retry_archive"], {**params, "removed": removed_rows_json(removed)})
-            number = retry.fetchone()[0]
+            retry = conn.execute(Q["retry_archive"], {**params, "removed": rows.history_arrays_json(removed)})
+            number = retry.fetchone()["retry"]
             conn.executemany(Q["retry_delete_row"], [(instance_id, r.seq) for r in removed])
             conn.execute(Q["retry_reopen"], {**params, "removed": len(removed)})
-            after = instance_from_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
-            record = RetryRow(instance_id, number, now, from_seq, row.error, row.finished_at, removed)
-            return RetryOutcome(after, record)
+            after = rows.instance_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
+            return decide.retried(row, after, number, now, from_seq, removed)
 
         return await self._write(tx)
 
     async def list_retries(self, instance_id: str) -> list[RetryRow]:
         return await self._call(
-            lambda conn: [retry_from_row(r) for r in conn.execute(Q["list_retries"], (instance_id,))]
+            lambda conn: [rows.retry_row(r) for r in conn.execute(Q["list_retries"], (instance_id,))]
         )
 
     async def resume_instance(
@@ -332,20 +305,16 @@ class SQLiteStorage(Storage):
     ) -> ResumeOutcome:
         def tx(conn: sqlite3.Connection) -> ResumeOutcome:
             found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
-            if found is None:
-                return ResumeOutcome(None)
-            before = instance_from_row(found)
-            if before.status.is_finished or not before.status.is_known:
-                return ResumeOutcome(before)
-            held = before.locked_by is not None and (before.lock_expires_at or 0.0) > now
-            alive = False
-            if held:
-                worker = conn.execute(Q["worker_liveness"], (before.locked_by,)).fetchone()
-                alive = worker is not None and is_alive(*worker, now=now, reader_lock_timeout=lock_timeout)
-                if alive and not force:
-                    return ResumeOutcome(before, holder_alive=True)
+            before = decide.resumable(rows.maybe_instance(found))
+            if isinstance(before, ResumeOutcome):
+                return before
+            held = decide.lease_held(before, now)
+            holder = conn.execute(Q["worker_liveness"], (before.locked_by,)).fetchone() if held else None
+            alive = rows.worker_alive(holder, now=now, lock_timeout=lock_timeout)
+            if alive and not force:
+                return ResumeOutcome(before, holder_alive=True)
             conn.execute(Q["resume"], {"instance_id": instance_id, "now": now, "break": held})
-            after = instance_from_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
+            after = rows.instance_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
             return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
 
         return await self._write(tx)
@@ -375,28 +344,20 @@ class SQLiteStorage(Storage):
 
         def tx(conn: sqlite3.Connection) -> Claims:
             heads = [r for name in names for r in conn.execute(Q["claim_pick"], {**params, "name": name})]
-            picked = heapq.nsmallest(limit, heads, key=lambda r: r[2]) if len(names) > 1 else heads
-            expired = {r[0]: r[1] for r in picked if r[1] is not None}  # taken over: when the lease ran out
-            ids = json.dumps([r[0] for r in picked])
-            rows = conn.execute(Q["claim"], {**params, "ids": ids}).fetchall() if picked else []
+            picked = heapq.nsmallest(limit, heads, key=lambda r: r["run_at"]) if len(names) > 1 else heads
+            # taken over: when the lease ran out
+            expired = {r["instance_id"]: r["expired_at"] for r in picked if r["expired_at"] is not None}
+            ids = json.dumps([r["instance_id"] for r in picked])
+            taken = conn.execute(Q["claim_picked"], {**params, "ids": ids}).fetchall() if picked else []
             claims = [  # each with its history, read in the same hop to the SQLite thread
-                Claim(
-                    Lease(r[0], r[1]),
-                    r[2],
-                    r[3],
-                    Status.stored(r[4]),
-                    r[5],
-                    bool(r[6]),
-                    self._history(conn, r[0]),
-                    r[7],
-                    expired.get(r[0]),
-                )
-                for r in rows
+                rows.claim(r, self._history(conn, r["instance_id"]), expired.get(r["instance_id"]))
+                for r in taken
             ]
             later = None
             if len(claims) < limit:
                 found = [
-                    conn.execute(Q["next_run_after"], {**params, "name": n}).fetchone()[0] for n in names
+                    conn.execute(Q["next_run_after"], {**params, "name": n}).fetchone()["run_at"]
+                    for n in names
                 ]
                 later = min((t for t in found if t is not None), default=None)
             return Claims(claims, later)
@@ -457,7 +418,7 @@ class SQLiteStorage(Storage):
         ).fetchone()
         if row is None:
             raise LeaseLost(lease.instance_id)
-        return bool(row[0])
+        return bool(row["cancel_requested"])
 
     async def record(
         self,
@@ -495,7 +456,7 @@ class SQLiteStorage(Storage):
         }
         if conn.execute(Q["suspend"], params).rowcount == 0:
             state = conn.execute(Q["lease_state"], params).fetchone()
-            if state is None or not state[0]:
+            if state is None or not state["ours"]:
                 raise LeaseLost(lease.instance_id)
             return Suspension.CANCEL_REQUESTED
         self._insert_history(conn, lease.instance_id, records)
@@ -530,45 +491,26 @@ class SQLiteStorage(Storage):
         lock_expires_at: float,
     ) -> StoredEvent | Suspension | None:
         def tx(conn: sqlite3.Connection) -> StoredEvent | Suspension | None:
-            found = self._find_event(conn, lease.instance_id, wait)
-            if found is None and wait.deadline is not None and wait.deadline <= now:
+            params = {"event_type": wait.event_type, "instance_id": lease.instance_id}
+            found = decide.first_match(wait, conn.execute(Q["candidate_events"], params))
+            if found is None and decide.timed_out(wait.deadline, now):
                 return None
             if found is None:
                 outcome = self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
                 if outcome is Suspension.SUSPENDED:
-                    match = None if wait.match is None else json.dumps(wait.match)
                     conn.execute(
-                        Q["insert_event_wait"],
-                        (
-                            lease.instance_id,
-                            wait.event_type,
-                            match,
-                            now,
-                            wait.deadline,
-                            wait.outcome_seq,
-                        ),
+                        Q["insert_event_wait"], rows.event_wait_columns(lease.instance_id, wait, now)
                     )
                     if wait.deadline is not None:
                         conn.execute(Q["insert_timer"], (lease.instance_id, wait.outcome_seq, wait.deadline))
                 return outcome
-            outcome_row = HistoryRow(
-                wait.outcome_seq, "event", wait.event_type, event_history_payload(found), False, now
-            )
+            taken = decide.event_outcome(wait.outcome_seq, found, now)
             self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
-            self._insert_history(conn, lease.instance_id, [*records, outcome_row])
+            self._insert_history(conn, lease.instance_id, [*records, taken])
             conn.execute(Q["insert_delivery"], (lease.instance_id, found.seq))
             return found
 
         return await self._write(tx)
-
-    @staticmethod
-    def _find_event(conn: sqlite3.Connection, instance_id: str, wait: EventWait) -> StoredEvent | None:
-        params = {"event_type": wait.event_type, "instance_id": instance_id}
-        for row in conn.execute(Q["candidate_events"], params):
-            event = StoredEvent(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
-            if matches(wait.match, json.loads(event.data)):
-                return event
-        return None
 
     async def finish(
         self,
@@ -602,35 +544,15 @@ class SQLiteStorage(Storage):
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
         def tx(conn: sqlite3.Connection) -> tuple[bool, list[str]]:
-            cursor = conn.execute(
-                Q["insert_event"],
-                (
-                    event.event_id,
-                    event.event_type,
-                    event.source,
-                    event.data,
-                    event.extensions,
-                    event.target_instance_id,
-                    event.now,
-                ),
-            )
+            cursor = conn.execute(Q["insert_event"], rows.event_columns(event))
             if not cursor.rowcount:
                 return False, []
-            stored = StoredEvent(
-                cursor.lastrowid or 0,
-                event.event_id,
-                event.event_type,
-                event.data,
-                event.source,
-                event.extensions,
-                event.now,
-            )
-            data = json.loads(event.data)
+            stored = decide.stored_event(event, cursor.lastrowid or 0)
             params = {"event_type": event.event_type, "seq": stored.seq, "target": event.target_instance_id}
+            waits = conn.execute(Q["waits_for_event"], params).fetchall()
             woken = []
-            for instance_id, match, outcome_seq in conn.execute(Q["waits_for_event"], params).fetchall():
-                if not matches(None if match is None else json.loads(match), data):
-                    continue
+            for wait in decide.waits_matched(waits, json.loads(event.data)):
+                instance_id, outcome_seq = wait["instance_id"], wait["outcome_seq"]
                 if outcome_seq is not None and self._deliver(conn, instance_id, outcome_seq, stored):
                     woken.append(instance_id)
                 elif conn.execute(Q["wake"], {"instance_id": instance_id, "now": event.now}).rowcount:
@@ -645,16 +567,9 @@ class SQLiteStorage(Storage):
         params = {"instance_id": instance_id, "now": event.created_at}
         if conn.execute(Q["deliver_event"], params).fetchone() is None:
             return False
-        row = (
-            instance_id,
-            outcome_seq,
-            "event",
-            event.event_type,
-            event_history_payload(event),
-            0,
-            event.created_at,
+        SQLiteStorage._insert_history(
+            conn, instance_id, [decide.event_outcome(outcome_seq, event, event.created_at)]
         )
-        conn.execute(Q["insert_history"], row)
         conn.execute(Q["insert_delivery"], (instance_id, event.seq))
         conn.execute(Q["clear_event_wait"], (instance_id,))
         conn.execute(Q["clear_timers"], (instance_id,))
@@ -662,7 +577,7 @@ class SQLiteStorage(Storage):
 
     async def next_run_at(self) -> float | None:
         def read(conn: sqlite3.Connection) -> float | None:
-            value = conn.execute(Q["next_run_at"]).fetchone()[0]
+            value = conn.execute(Q["next_run_at"]).fetchone()["run_at"]
             return None if value is None else float(value)
 
         return await self._call(read)
@@ -693,34 +608,28 @@ class SQLiteStorage(Storage):
 
     async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
         return await self._call(
-            lambda c: [WorkerRow(*row) for row in c.execute(Q["list_workers"], (limit,)).fetchall()]
+            lambda c: [rows.worker_row(r) for r in c.execute(Q["list_workers"], (limit,)).fetchall()]
         )
 
     async def list_leases(self, now: float, limit: int) -> list[tuple[str, str, str, float]]:
         params = {"now": now, "limit": limit}
-        return await self._call(lambda conn: [tuple(r) for r in conn.execute(Q["list_leases"], params)])
+        return await self._call(
+            lambda conn: [rows.lease_info(r) for r in conn.execute(Q["list_leases"], params)]
+        )
 
     async def queue_stats(self, now: float) -> QueueStats:
         def read(conn: sqlite3.Connection) -> QueueStats:
             conn.execute("BEGIN")  # one read snapshot for the five queries
-            counts = dict.fromkeys(Status, 0)
-            for status, n in conn.execute(Q["count_by_status"]):
-                counts[Status.stored(status)] = n
-            runnable = conn.execute(Q["count_runnable"], {"now": now}).fetchone()[0]
-            leases = dict(conn.execute(Q["held_leases"], {"now": now}).fetchall())
-            oldest = conn.execute(Q["oldest_waiting"]).fetchone()[0]
-            outbox_pending, outbox_dead, oldest_event = conn.execute(Q["outbox_stats"]).fetchone()
-            conn.execute("COMMIT")
-            return QueueStats(
-                counts=counts,
-                runnable=runnable,
-                held_leases=sum(leases.values()),
-                leases_by_worker=leases,
-                oldest_waiting_age=None if oldest is None else max(0.0, now - oldest),
-                outbox_pending=outbox_pending,
-                outbox_dead=outbox_dead,
-                outbox_oldest_pending_age=None if oldest_event is None else max(0.0, now - oldest_event),
+            stats = decide.queue_stats(
+                now,
+                conn.execute(Q["count_by_status"]).fetchall(),
+                conn.execute(Q["count_runnable"], {"now": now}).fetchone()["n"],
+                conn.execute(Q["held_leases"], {"now": now}).fetchall(),
+                conn.execute(Q["oldest_waiting"]).fetchone()["oldest"],
+                conn.execute(Q["outbox_stats"]).fetchone(),
             )
+            conn.execute("COMMIT")
+            return stats
 
         return await self._call(read)
 
@@ -770,8 +679,9 @@ class SQLiteStorage(Storage):
 
         def tx(conn: sqlite3.Connection) -> list[OutboxClaim]:
             conn.execute(Q["outbox_hold"], params)
-            rows = conn.execute(Q["outbox_claim"], params).fetchall()
-            return [outbox_claim_from_row(row, claim_id) for row in rows]
+            return [
+                rows.outbox_claim(r, claim_id) for r in conn.execute(Q["outbox_claim"], params).fetchall()
+            ]
 
         return await self._write(tx)
 
@@ -789,7 +699,7 @@ class SQLiteStorage(Storage):
             conn.execute(Q["outbox_promote"], params)
         else:  # it waits behind this one
             conn.execute(Q["outbox_hold_next"], params)
-        return True, bool(conn.execute(Q["outbox_has_later"], params).fetchone()[0])
+        return True, bool(conn.execute(Q["outbox_has_later"], params).fetchone()["later"])
 
     async def outbox_mark_failed(
         self, event_id: str, claim_id: str, now: float, error: str, next_attempt_at: float | None
@@ -810,7 +720,7 @@ class SQLiteStorage(Storage):
 
     async def outbox_next_attempt_at(self) -> float | None:
         def read(conn: sqlite3.Connection) -> float | None:
-            value = conn.execute(Q["outbox_next_attempt_at"]).fetchone()[0]
+            value = conn.execute(Q["outbox_next_attempt_at"]).fetchone()["at"]
             return None if value is None else float(value)
 
         return await self._call(read)
@@ -819,7 +729,7 @@ class SQLiteStorage(Storage):
         self, *, status: str | None = None, instance_id: str | None = None, limit: int = 100
     ) -> list[OutboxRow]:
         params = {"status": status, "instance_id": instance_id, "limit": limit}
-        return await self._call(lambda c: [OutboxRow(*row) for row in c.execute(Q["outbox_list"], params)])
+        return await self._call(lambda c: [rows.outbox_row(r) for r in c.execute(Q["outbox_list"], params)])
 
     async def outbox_retry(self, event_id: str, now: float) -> bool:
         params = {"event_id": event_id, "now": now}
@@ -878,21 +788,11 @@ class SQLiteStorage(Storage):
                     conn, lease, now=message.now, lock_expires_at=expires, steps=len(records)
                 )
                 self._insert_history(conn, lease.instance_id, records)
-            inserted = conn.execute(
-                Q["channel_insert_message"],
-                (
-                    message.message_id,
-                    message.channel,
-                    message.data,
-                    message.sender_instance_id,
-                    target,
-                    message.now,
-                ),
-            ).rowcount
+            inserted = conn.execute(Q["channel_insert_message"], rows.message_columns(message)).rowcount
             if not inserted:
                 return PublishResult(stored=False, woken=[], cancel_requested=cancel)
             params = {"channel": message.channel, "target": target, "now": message.now}
-            woken = [row[0] for row in conn.execute(Q["channel_wake_receivers"], params).fetchall()]
+            woken = [r["instance_id"] for r in conn.execute(Q["channel_wake_receivers"], params).fetchall()]
             return PublishResult(stored=True, woken=woken, cancel_requested=cancel)
 
         return await self._write(tx)
@@ -911,9 +811,10 @@ class SQLiteStorage(Storage):
 
         def tx(conn: sqlite3.Connection) -> StoredMessage | Suspension | None:
             conn.execute(Q["channel_ensure_subscription"], {**key, "mode": wait.mode, "now": now})
-            mode, cursor = conn.execute(Q["channel_subscription"], key).fetchone()
+            sub = conn.execute(Q["channel_subscription"], key).fetchone()
+            mode, cursor = sub["mode"], sub["cursor_seq"]
             row = conn.execute(Q["channel_next_message"], {**key, "mode": mode, "cursor": cursor}).fetchone()
-            if row is None and wait.deadline is not None and wait.deadline <= now:
+            if row is None and decide.timed_out(wait.deadline, now):
                 conn.execute(Q["channel_stop_waiting"], key)
                 return None
             if row is None:
@@ -923,25 +824,24 @@ class SQLiteStorage(Storage):
                     if wait.deadline is not None:
                         conn.execute(Q["insert_timer"], (instance_id, wait.outcome_seq, wait.deadline))
                 return outcome
-            found = StoredMessage(*row)
+            found = rows.stored_message(row)
             direct = found.target_instance_id is not None
             self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
-            if direct or mode == "competing":
+            if decide.claims_message(found, mode):
                 claim = {"instance_id": instance_id, "seq": found.seq}
                 if conn.execute(Q["channel_claim"], claim).rowcount != 1:  # the write lock makes it so
                     raise StorageError(f"message {found.message_id} was taken by another instance")
             conn.execute(Q["channel_advance"], {**key, "direct": direct, "seq": found.seq})
-            outcome_row = HistoryRow(
-                wait.outcome_seq, "message", wait.channel, message_history_payload(found), False, now
-            )
-            self._insert_history(conn, instance_id, [*records, outcome_row])
+            self._insert_history(conn, instance_id, [*records, decide.message_outcome(wait, found, now)])
             return found
 
         return await self._write(tx)
 
     async def channel_rewake(self, now: float, *, published_before: float, limit: int) -> list[str]:
         params = {"now": now, "published_before": published_before, "limit": limit}
-        return await self._write(lambda c: [r[0] for r in c.execute(Q["channel_rewake"], params).fetchall()])
+        return await self._write(
+            lambda c: [r["instance_id"] for r in c.execute(Q["channel_rewake"], params).fetchall()]
+        )
 
     async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
         def tx(conn: sqlite3.Connection) -> int:
@@ -964,7 +864,7 @@ class SQLiteStorage(Storage):
         after: tuple[float, str] | None = None,
         limit: int = 50,
     ) -> list[InstanceSummary]:
-        plan = plan_page(which, before, after)
+        plan = decide.plan_page(which, before, after)
         params = {
             "key_at": plan.key[0],
             "key_id": plan.key[1],
@@ -974,31 +874,28 @@ class SQLiteStorage(Storage):
             **dict(zip(("f1", "f2"), plan.filters, strict=False)),
         }
 
-        def read(conn: sqlite3.Connection) -> list[InstanceSummary]:
-            page = [summary_from_row(row) for row in conn.execute(Q[plan.query], params)]
-            return page[::-1] if plan.newer else page
-
-        return await self._call(read)
+        return await self._call(lambda c: plan.page(c.execute(Q[plan.query], params)))
 
     async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
+        lo, hi = decide.created_range(which)
         params = {
-            "lo": -math.inf if which.created_from is None else which.created_from,
-            "hi": math.inf if which.created_to is None else which.created_to,
+            "lo": lo,
+            "hi": hi,
             "cap": cap,
             "statuses": json.dumps([str(status) for status in Status]),
             "workflow_name": which.workflow_name,
         }
         name = "count_instances_all" if which.workflow_name is None else "count_instances_workflow"
-        return await self._call(lambda c: {Status(s): n for s, n in c.execute(Q[name], params)})
+        return await self._call(lambda c: decide.counts_by_status(c.execute(Q[name], params)))
 
     async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
         params = {"now": now, "cap": cap, "limit": limit}
-        return await self._call(
-            lambda c: [(r[0], r[1]) for r in c.execute(Q["runnable_workflows"], params) if r[1]]
-        )
+        return await self._call(lambda c: decide.runnable_by_name(c.execute(Q["runnable_workflows"], params)))
 
     async def workflow_names(self, *, limit: int) -> list[str]:
-        return await self._call(lambda c: [r[0] for r in c.execute(Q["workflow_names"], {"limit": limit})])
+        return await self._call(
+            lambda c: [r["name"] for r in c.execute(Q["workflow_names"], {"limit": limit})]
+        )
 
     async def instance_extras(
         self, instance_id: str, *, event_ids: Sequence[str] = (), message_ids: Sequence[str] = ()
@@ -1006,7 +903,7 @@ class SQLiteStorage(Storage):
         def read(conn: sqlite3.Connection) -> InstanceExtras:
             conn.execute("BEGIN")  # one snapshot for the five reads
             try:
-                timers = tuple((r[0], r[1]) for r in conn.execute(Q["extras_timers"], (instance_id,)))
+                timers = tuple(rows.timer(r) for r in conn.execute(Q["extras_timers"], (instance_id,)))
                 wait = conn.execute(Q["extras_event_wait"], (instance_id,)).fetchone()
                 subscriptions = conn.execute(Q["extras_subscriptions"], (instance_id,)).fetchall()
                 outbox = conn.execute(Q["extras_outbox"], (json.dumps(list(event_ids)),)).fetchall()
@@ -1015,10 +912,10 @@ class SQLiteStorage(Storage):
                 conn.execute("COMMIT")
             return InstanceExtras(
                 timers=timers,
-                event_wait=None if wait is None else EventWaitRow(*wait),
-                subscriptions=tuple(SubscriptionRow(*row) for row in subscriptions),
-                outbox=tuple(OutboxRow(*row) for row in outbox),
-                messages=tuple(MessageRow(*row) for row in messages),
+                event_wait=None if wait is None else rows.event_wait_row(wait),
+                subscriptions=tuple(rows.subscription_row(r) for r in subscriptions),
+                outbox=tuple(rows.outbox_row(r) for r in outbox),
+                messages=tuple(rows.message_row(r) for r in messages),
             )
 
         return await self._call(read)
@@ -1036,3 +933,42 @@ def _statements(script: str) -> list[str]:
     if current.strip() and not all(x.strip().startswith("--") for x in current.strip().splitlines()):
         raise RuntimeError(f"incomplete statement at the end of a migration: {current.strip()[:80]}")
     return statements
+
+
+def read_histories(url: str, workflow: str | None, limit: int) -> list[StoredHistory]:
+    """The replay check's read (``_read_only.read_histories``), on a connection that cannot write: read-only,
+    and immutable when no write-ahead log is there, so nothing is created next to the file (a read-only
+    connection to a WAL database otherwise makes its -shm and -wal files)."""
+    path, _ = parse_sqlite_url(url)
+    if path == ":memory:" or not os.path.isfile(path):
+        raise StorageError(f"no SQLite database at {path!r}")
+    immutable = "" if os.path.exists(path + "-wal") else "&immutable=1"
+    try:
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro{immutable}", uri=True)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open SQLite database {path} read-only: {exc}") from exc
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        read_only.check_tables(row["name"] for row in conn.execute(Q["list_tables"]))
+        read_only.check_version(conn.execute(Q["get_meta"], ("schema_version",)).fetchone(), SCHEMA_VERSION)
+        conn.execute("BEGIN")  # one snapshot for the whole read
+        by_status = [
+            conn.execute(
+                Q["list_instances"],
+                {"workflow_name": workflow, "status": status.value, "limit": limit, "offset": 0},
+            ).fetchall()
+            for status in (*read_only.UNFINISHED, *read_only.FINISHED)
+        ]
+        found = [
+            read_only.stored_history(row, conn.execute(Q["get_history"], (row["instance_id"],)), url)
+            for row in read_only.picked(by_status, limit)
+        ]
+        conn.execute("COMMIT")
+        return found
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise NotAGesteDatabaseError(f"{path} is not a geste database: {exc}") from exc
+        raise StorageError(f"cannot read SQLite database {path}: {exc}") from exc
+    finally:
+        conn.close()

@@ -4,8 +4,8 @@
 -- listeners only if it commits, and only once the instance can be claimed. A parameter says whether
 -- notifications are on (listen_notify); ordinary step commits (record, finish) never notify.
 
--- name: find_tables
-SELECT table_name FROM information_schema.tables
+-- name: list_tables
+SELECT table_name AS name FROM information_schema.tables
 WHERE table_schema = $1 AND table_name LIKE 'geste%';
 
 -- name: get_meta
@@ -32,7 +32,7 @@ WITH inserted AS (
                      json_build_object('instance_id', $1::text, 'workflow_name', $2::text)::text)
     FROM inserted WHERE $9 AND $7::text IS NULL
 )
-SELECT true AS created, *, (SELECT count(*) FROM notified) FROM inserted
+SELECT true AS created, *, (SELECT count(*) FROM notified) AS notified FROM inserted
 UNION ALL
 SELECT false, instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps, 0
@@ -77,6 +77,7 @@ WITH flagged AS (
 )
 SELECT count(pg_notify('geste_workflow_resumable',
                        json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text))
+       AS notified
 FROM flagged WHERE $3 AND lease_id IS NULL;
 
 -- Operator actions (app.retry, app.resume): one transaction each, which first locks the instance's row
@@ -122,7 +123,7 @@ WITH cut AS (
                      json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text)
     FROM reopened WHERE $3
 )
-SELECT retry, from_seq, removed, (SELECT count(*) FROM notified) FROM archived;
+SELECT retry, from_seq, removed, (SELECT count(*) FROM notified) AS notified FROM archived;
 
 -- name: last_retry
 SELECT retry, retried_at FROM {schema}.geste_retries WHERE instance_id = $1 ORDER BY retry DESC LIMIT 1;
@@ -149,6 +150,7 @@ WITH resumed AS (
 )
 SELECT count(pg_notify('geste_workflow_resumable',
                        json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text))
+       AS notified
 FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 
 -- name: claim
@@ -190,7 +192,7 @@ WITH picked AS (
 (SELECT c.*, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
-         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
+         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  ORDER BY c.run_at)
 UNION ALL
@@ -245,7 +247,7 @@ WITH heads AS (
 (SELECT c.*, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
-         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id)
+         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  ORDER BY c.run_at)
 UNION ALL
@@ -290,7 +292,7 @@ SELECT count(CASE WHEN $1 <= $2
                   ELSE pg_notify('geste_timer_expired',
                                  json_build_object('instance_id', instance_id, 'timer_id', NULL,
                                                    'expires_at', $1)::text)
-             END)
+             END) AS notified
 FROM released WHERE $5;
 
 -- name: record
@@ -374,9 +376,9 @@ WITH suspended AS (
                                        'expires_at', $12::double precision)::text)
     WHERE $13 AND $11::integer IS NOT NULL AND EXISTS (SELECT 1 FROM suspended)
 )
-SELECT EXISTS (SELECT 1 FROM suspended),
-       COALESCE((SELECT lease_id = $2 FROM {schema}.geste_instances WHERE instance_id = $1), false),
-       (SELECT count(*) FROM notified);
+SELECT EXISTS (SELECT 1 FROM suspended) AS suspended,
+       COALESCE((SELECT lease_id = $2 FROM {schema}.geste_instances WHERE instance_id = $1), false) AS ours,
+       (SELECT count(*) FROM notified) AS notified;
 
 -- name: touch_lease
 UPDATE {schema}.geste_instances
@@ -403,7 +405,7 @@ WITH done AS (
 ), waits AS (
     DELETE FROM {schema}.geste_event_waits WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM done)
 )
-SELECT count(*) FROM done;
+SELECT count(*) AS done FROM done;
 
 -- name: finish_batch
 -- Group commit of ends: several instances' outcomes in one statement, each under its own lease (locked
@@ -501,7 +503,7 @@ SELECT instance_id,
        CASE WHEN $7 THEN pg_notify('geste_workflow_resumable',
                                    json_build_object('instance_id', instance_id,
                                                      'workflow_name', workflow_name)::text)
-       END
+       END AS notified
 FROM woken;
 
 -- name: wake
@@ -516,7 +518,7 @@ SELECT instance_id,
        CASE WHEN $3 AND lease_id IS NULL
             THEN pg_notify('geste_workflow_resumable',
                            json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text)
-       END
+       END AS notified
 FROM woken;
 
 -- name: next_run_at
@@ -530,7 +532,7 @@ WITH RECURSIVE names(name) AS (
 )
 SELECT min((SELECT i.run_at FROM {schema}.geste_instances i
             WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at IS NOT NULL AND i.lease_id IS NULL
-            ORDER BY i.workflow_name, i.run_at LIMIT 1))
+            ORDER BY i.workflow_name, i.run_at LIMIT 1)) AS run_at
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: upsert_worker
@@ -560,7 +562,7 @@ FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 
 -- name: count_by_status
 -- An index-only scan of geste_instances_by_status (status, created_at) where the visibility map allows.
-SELECT status, count(*) FROM {schema}.geste_instances GROUP BY status;
+SELECT status, count(*) AS n FROM {schema}.geste_instances GROUP BY status;
 
 -- name: count_runnable
 -- What claims at $1 could take (a status this version runs); per distinct workflow name with a run_at
@@ -576,13 +578,13 @@ WITH RECURSIVE names(name) AS (
 SELECT coalesce(sum((SELECT count(*) FROM {schema}.geste_instances i
                      WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at <= $1
                        AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
-                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)::bigint
+                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)::bigint AS n
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: held_leases
 -- A lease is only ever held by a running or compensating instance (claims and local starts make it
 -- running; suspending and finishing release it), so geste_instances_by_status bounds the read.
-SELECT locked_by, count(*) FROM {schema}.geste_instances
+SELECT locked_by, count(*) AS n FROM {schema}.geste_instances
 WHERE status IN ('running', 'compensating') AND lease_id IS NOT NULL AND lock_expires_at > $1
 GROUP BY locked_by;
 
@@ -595,15 +597,16 @@ ORDER BY lock_expires_at, instance_id LIMIT $2;
 -- name: oldest_waiting
 -- Through geste_instances_by_status: reads the waiting instances only (updated_at has no index of its
 -- own, which every step commit would have to maintain).
-SELECT min(updated_at) FROM {schema}.geste_instances WHERE status = 'waiting';
+SELECT min(updated_at) AS oldest FROM {schema}.geste_instances WHERE status = 'waiting';
 
 -- name: outbox_stats
 -- For queue_stats: the pending and the dead outbox events, counted in their partial indexes (the cost
 -- grows with those events, not with the delivered ones), and the creation time of the oldest pending one
 -- (the first entry of geste_outbox_pending_by_created).
-SELECT (SELECT count(*) FROM {schema}.geste_outbox WHERE status = 'pending'),
-       (SELECT count(*) FROM {schema}.geste_outbox WHERE status = 'dead'),
-       (SELECT created_at FROM {schema}.geste_outbox WHERE status = 'pending' ORDER BY created_at LIMIT 1);
+SELECT (SELECT count(*) FROM {schema}.geste_outbox WHERE status = 'pending') AS pending,
+       (SELECT count(*) FROM {schema}.geste_outbox WHERE status = 'dead') AS dead,
+       (SELECT created_at FROM {schema}.geste_outbox WHERE status = 'pending' ORDER BY created_at LIMIT 1)
+           AS oldest_pending;
 
 -- name: outbox_record
 -- ctx.send_event in one statement: the step commit of `record` (prove and renew the lease, append the
@@ -632,7 +635,8 @@ WITH lease AS (
     SELECT pg_notify('geste_outbox_pending', json_build_object('event_id', event_id)::text)
     FROM event WHERE $18
 )
-SELECT cancel_requested, (SELECT count(*) FROM event), (SELECT count(*) FROM notified) FROM lease;
+SELECT cancel_requested, (SELECT count(*) FROM event) AS stored, (SELECT count(*) FROM notified) AS notified
+FROM lease;
 
 -- name: outbox_claim
 -- One round of a relay, reading at most $6 due rows (the window, soonest first) and, for each, the event
@@ -718,7 +722,7 @@ WITH marked AS (
     FROM next_one n
     WHERE o.event_id = n.event_id AND o.status = 'pending'
 )
-SELECT EXISTS (SELECT 1 FROM marked), EXISTS (SELECT 1 FROM next_one);
+SELECT EXISTS (SELECT 1 FROM marked) AS ours, EXISTS (SELECT 1 FROM next_one) AS later;
 
 -- name: outbox_mark_failed
 -- A NULL next attempt ($5) means no attempt is left: the event is dead (kept, with its last error).
@@ -744,7 +748,7 @@ WITH marked AS (
     FROM next_one n
     WHERE o.event_id = n.event_id AND o.status = 'pending' AND o.next_attempt_at IS NOT NULL
 )
-SELECT EXISTS (SELECT 1 FROM marked), EXISTS (SELECT 1 FROM next_one);
+SELECT EXISTS (SELECT 1 FROM marked) AS ours, EXISTS (SELECT 1 FROM next_one) AS later;
 
 -- name: outbox_release
 -- A relay stopping gives back the claims it could not finish: claimable again at once.
@@ -767,7 +771,7 @@ WITH first AS MATERIALIZED (
 SELECT LEAST((SELECT at FROM first),
              (SELECT min(c.claim_expires_at) FROM {schema}.geste_outbox c
               WHERE c.status = 'pending' AND c.claim_id IS NOT NULL AND c.claim_expires_at > c.next_attempt_at
-                AND c.next_attempt_at <= COALESCE((SELECT at FROM first), 'infinity')));
+                AND c.next_attempt_at <= COALESCE((SELECT at FROM first), 'infinity'))) AS at;
 
 -- name: outbox_list
 SELECT event_id, instance_id, step_seq, event_type, source, subject, data, status, attempts,
@@ -786,8 +790,9 @@ WITH requeued AS (
     WHERE event_id = $1 AND status = 'dead'
     RETURNING event_id
 )
-SELECT count(*), count(CASE WHEN $3 THEN pg_notify('geste_outbox_pending',
-                                                   json_build_object('event_id', event_id)::text) END)
+SELECT count(*) AS found,
+       count(CASE WHEN $3 THEN pg_notify('geste_outbox_pending', json_build_object('event_id', event_id)::text)
+             END) AS notified
 FROM requeued;
 
 -- name: outbox_discard
@@ -815,8 +820,9 @@ WITH next_one AS (
     WHERE o.event_id = n.event_id AND o.status = 'pending'
       AND (o.next_attempt_at IS NULL OR o.next_attempt_at > $3)
 )
-SELECT count(*), count(CASE WHEN $4 THEN pg_notify('geste_outbox_pending',
-                                                   json_build_object('event_id', event_id)::text) END)
+SELECT count(*) AS promoted,
+       count(CASE WHEN $4 THEN pg_notify('geste_outbox_pending', json_build_object('event_id', event_id)::text)
+             END) AS notified
 FROM next_one;
 
 -- Channels (ctx.subscribe / receive / publish / send_to). A publish and a receive on one channel take
@@ -911,7 +917,7 @@ WITH lease AS (
                                $10::double precision[]) AS r
     WHERE (SELECT ok FROM taken)
 )
-SELECT (SELECT cancel_requested FROM lease), (SELECT ok FROM taken);
+SELECT (SELECT cancel_requested FROM lease) AS cancel_requested, (SELECT ok FROM taken) AS taken;
 
 -- name: channel_set_waiting
 -- The instance waits on this channel, and on no other (a wait it left without taking a message or
@@ -975,8 +981,9 @@ WITH target_ok AS (
                                        'target_instance_id', $5::text)::text)
     WHERE $7 AND EXISTS (SELECT 1 FROM woken WHERE lease_id IS NULL)
 )
-SELECT (SELECT ok FROM target_ok), EXISTS (SELECT 1 FROM inserted), (SELECT cancel_requested FROM lease),
-       ARRAY(SELECT instance_id FROM woken), (SELECT count(*) FROM notified);
+SELECT (SELECT ok FROM target_ok) AS target_ok, EXISTS (SELECT 1 FROM inserted) AS stored,
+       (SELECT cancel_requested FROM lease) AS cancel_requested, ARRAY(SELECT instance_id FROM woken) AS woken,
+       (SELECT count(*) FROM notified) AS notified;
 
 -- name: channel_rewake
 -- The net under "a publish wakes one competing receiver": idle competing receivers for which an older
@@ -1035,7 +1042,7 @@ WITH events AS (
     DELETE FROM {schema}.geste_event_deliveries WHERE event_seq IN (SELECT seq FROM events)
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries);
+SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries) AS deleted;
 
 -- == the web viewer (migration 6) ===================================================================
 -- Keyset pages of instances, newest first by (created_at, instance_id): one query per filter
@@ -1048,7 +1055,7 @@ SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries);
 -- name: page_instances_all_older
 -- Through geste_instances_by_created: a range scan of the index, from the key down.
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, $5)
+       cancel_requested, steps, substr(input, 1, $5) AS input_head
 FROM {schema}.geste_instances
 WHERE (created_at, instance_id) < ($1, $2) AND created_at >= $3
 ORDER BY created_at DESC, instance_id DESC
@@ -1057,7 +1064,7 @@ LIMIT $4;
 -- name: page_instances_all_newer
 -- Through geste_instances_by_created, from the key up (the caller reverses the page).
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, $5)
+       cancel_requested, steps, substr(input, 1, $5) AS input_head
 FROM {schema}.geste_instances
 WHERE (created_at, instance_id) > ($1, $2) AND created_at < $3
 ORDER BY created_at, instance_id
@@ -1066,7 +1073,7 @@ LIMIT $4;
 -- name: page_instances_workflow_older
 -- Through geste_instances_by_name: a range scan of the index, from the key down.
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, $5)
+       cancel_requested, steps, substr(input, 1, $5) AS input_head
 FROM {schema}.geste_instances
 WHERE (workflow_name, created_at, instance_id) < ($6, $1, $2)
   AND workflow_name = $6 AND created_at >= $3
@@ -1076,7 +1083,7 @@ LIMIT $4;
 -- name: page_instances_workflow_newer
 -- Through geste_instances_by_name, from the key up (the caller reverses the page).
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, $5)
+       cancel_requested, steps, substr(input, 1, $5) AS input_head
 FROM {schema}.geste_instances
 WHERE (workflow_name, created_at, instance_id) > ($6, $1, $2)
   AND workflow_name = $6 AND created_at < $3
@@ -1086,7 +1093,7 @@ LIMIT $4;
 -- name: page_instances_status_older
 -- Through geste_instances_by_status: a range scan of the index, from the key down.
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, $5)
+       cancel_requested, steps, substr(input, 1, $5) AS input_head
 FROM {schema}.geste_instances
 WHERE (status, created_at, instance_id) < ($6, $1, $2)
   AND status = $6 AND created_at >= $3
@@ -1096,7 +1103,7 @@ LIMIT $4;
 -- name: page_instances_status_newer
 -- Through geste_instances_by_status, from the key up (the caller reverses the page).
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, $5)
+       cancel_requested, steps, substr(input, 1, $5) AS input_head
 FROM {schema}.geste_instances
 WHERE (status, created_at, instance_id) > ($6, $1, $2)
   AND status = $6 AND created_at < $3
@@ -1106,7 +1113,7 @@ LIMIT $4;
 -- name: page_instances_workflow_status_older
 -- Through geste_instances_by_name_status: a range scan of the index, from the key down.
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, $5)
+       cancel_requested, steps, substr(input, 1, $5) AS input_head
 FROM {schema}.geste_instances
 WHERE (workflow_name, status, created_at, instance_id) < ($6, $7, $1, $2)
   AND workflow_name = $6 AND status = $7 AND created_at >= $3
@@ -1116,7 +1123,7 @@ LIMIT $4;
 -- name: page_instances_workflow_status_newer
 -- Through geste_instances_by_name_status, from the key up (the caller reverses the page).
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, $5)
+       cancel_requested, steps, substr(input, 1, $5) AS input_head
 FROM {schema}.geste_instances
 WHERE (workflow_name, status, created_at, instance_id) > ($6, $7, $1, $2)
   AND workflow_name = $6 AND status = $7 AND created_at < $3
@@ -1135,7 +1142,7 @@ SELECT s.status, (
         ORDER BY i.created_at
         LIMIT $3
     ) AS capped
-)
+) AS n
 FROM unnest($4::text[]) AS s(status);
 
 -- name: count_instances_workflow
@@ -1147,7 +1154,7 @@ SELECT s.status, (
         ORDER BY i.created_at
         LIMIT $3
     ) AS capped
-)
+) AS n
 FROM unnest($4::text[]) AS s(status);
 
 -- name: runnable_workflows
@@ -1162,12 +1169,12 @@ WITH RECURSIVE names(name) AS (
             WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
     FROM names n WHERE n.name IS NOT NULL
 )
-SELECT n.name, (SELECT count(*) FROM (
+SELECT n.name AS workflow_name, (SELECT count(*) FROM (
     SELECT 1 FROM {schema}.geste_instances i
     WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at <= $1
       AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS c)
+    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS c) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT $3;
 
 -- name: workflow_names

@@ -105,15 +105,18 @@ WHERE instance_id = :instance_id;
 -- name: claim_pick
 -- The runnable instances of one workflow the worker registers (:name, a status this version knows) whose
 -- lease is free or expired, with when an expired lease ran out (a take-over; NULL for a free instance):
--- the head of its range of geste_instances_runnable_by_name. `claim` merges the heads of its names and
--- takes the earliest, in the same transaction.
-SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END, run_at FROM geste_instances
+-- the head of its range of geste_instances_runnable_by_name. The storage's claim merges the heads of its
+-- names and takes the earliest (claim_picked), in the same transaction.
+SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at, run_at
+FROM geste_instances
 WHERE workflow_name = :name AND run_at <= :due AND (lease_id IS NULL OR lock_expires_at <= :now)
   AND status IN ('pending', 'running', 'waiting', 'compensating')
 ORDER BY run_at
 LIMIT :limit;
 
--- name: claim
+-- name: claim_picked
+-- The instances claim_pick chose (:ids, a JSON array), taken under a new lease. PostgreSQL's `claim` and
+-- `claim_names` pick and take in one statement.
 UPDATE geste_instances
 SET locked_by = :worker_id,
     lease_id = :lease_prefix || instance_id,
@@ -146,7 +149,7 @@ SET status = 'waiting', run_at = :run_at, locked_by = NULL, lease_id = NULL, loc
 WHERE instance_id = :instance_id AND lease_id = :lease_id AND cancel_requested = 0;
 
 -- name: lease_state
-SELECT lease_id = :lease_id, cancel_requested FROM geste_instances WHERE instance_id = :instance_id;
+SELECT lease_id = :lease_id AS ours, cancel_requested FROM geste_instances WHERE instance_id = :instance_id;
 
 -- name: finish
 UPDATE geste_instances
@@ -214,7 +217,7 @@ WHERE instance_id = :instance_id AND status IN ('waiting', 'running')
 -- name: next_run_after
 -- After a claim that took less than it asked for, in its transaction: how long the worker may sleep.
 -- One probe of geste_instances_runnable_by_name per registered workflow (:name).
-SELECT MIN(run_at) FROM geste_instances
+SELECT MIN(run_at) AS run_at FROM geste_instances
 WHERE workflow_name = :name AND run_at > :due AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
 
@@ -228,7 +231,7 @@ WITH RECURSIVE names(name) AS (
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT min(i.run_at) FROM geste_instances i
-            WHERE i.workflow_name = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL))
+            WHERE i.workflow_name = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL)) AS run_at
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: upsert_worker
@@ -258,7 +261,7 @@ FROM geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT ?;
 
 -- name: count_by_status
 -- Covered by geste_instances_by_status (status, created_at): no table rows read.
-SELECT status, count(*) FROM geste_instances GROUP BY status;
+SELECT status, count(*) AS n FROM geste_instances GROUP BY status;
 
 -- name: count_runnable
 -- What claims at :now could take (a status this version runs); per distinct workflow name with a run_at
@@ -274,13 +277,13 @@ WITH RECURSIVE names(name) AS (
 SELECT coalesce(sum((SELECT count(*) FROM geste_instances i
                      WHERE i.workflow_name = n.name AND i.run_at <= :now
                        AND (i.lease_id IS NULL OR i.lock_expires_at <= :now)
-                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)
+                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0) AS n
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: held_leases
 -- A lease is only ever held by a running or compensating instance (claims and local starts make it
 -- running; suspending and finishing release it), so geste_instances_by_status bounds the read.
-SELECT locked_by, count(*) FROM geste_instances
+SELECT locked_by, count(*) AS n FROM geste_instances
 WHERE status IN ('running', 'compensating') AND lease_id IS NOT NULL AND lock_expires_at > :now
 GROUP BY locked_by;
 
@@ -293,15 +296,15 @@ ORDER BY lock_expires_at, instance_id LIMIT :limit;
 -- name: oldest_waiting
 -- Through geste_instances_by_status: reads the waiting instances only (updated_at has no index of its
 -- own, which every step commit would have to maintain).
-SELECT min(updated_at) FROM geste_instances WHERE status = 'waiting';
+SELECT min(updated_at) AS oldest FROM geste_instances WHERE status = 'waiting';
 
 -- name: outbox_stats
 -- For queue_stats: the pending and the dead outbox events, counted in their partial indexes (the cost
 -- grows with those events, not with the delivered ones), and the creation time of the oldest pending one
 -- (the first entry of geste_outbox_pending_by_created).
-SELECT (SELECT count(*) FROM geste_outbox WHERE status = 'pending'),
-       (SELECT count(*) FROM geste_outbox WHERE status = 'dead'),
-       (SELECT created_at FROM geste_outbox WHERE status = 'pending' ORDER BY created_at LIMIT 1);
+SELECT (SELECT count(*) FROM geste_outbox WHERE status = 'pending') AS pending,
+       (SELECT count(*) FROM geste_outbox WHERE status = 'dead') AS dead,
+       (SELECT created_at FROM geste_outbox WHERE status = 'pending' ORDER BY created_at LIMIT 1) AS oldest_pending;
 
 -- name: outbox_insert
 -- With the step that emits it (outbox_record). An event id already there is not stored again.
@@ -409,7 +412,7 @@ WHERE event_id = (SELECT e.event_id FROM geste_outbox e, geste_outbox d
 SELECT EXISTS (SELECT 1 FROM geste_outbox
                WHERE instance_id = (SELECT instance_id FROM geste_outbox WHERE event_id = :event_id)
                  AND status = 'pending'
-                 AND step_seq > (SELECT step_seq FROM geste_outbox WHERE event_id = :event_id));
+                 AND step_seq > (SELECT step_seq FROM geste_outbox WHERE event_id = :event_id)) AS later;
 
 -- name: outbox_release
 -- A relay stopping gives back the claims it could not finish: claimable again at once.
@@ -434,7 +437,7 @@ WITH first AS MATERIALIZED (
     WHERE c.status = 'pending' AND c.next_attempt_at <= coalesce((SELECT at FROM first), 1e308)
       AND c.claim_id IS NOT NULL AND c.claim_expires_at > c.next_attempt_at
 )
-SELECT CASE WHEN sent.at IS NULL OR first.at <= sent.at THEN first.at ELSE sent.at END
+SELECT CASE WHEN sent.at IS NULL OR first.at <= sent.at THEN first.at ELSE sent.at END AS at
 FROM sent LEFT JOIN first;
 
 -- name: outbox_list
@@ -523,7 +526,7 @@ UPDATE geste_channel_subscriptions SET waiting_since = NULL
 WHERE channel = :channel AND instance_id = :instance_id;
 
 -- name: channel_instance_exists
-SELECT 1 FROM geste_instances WHERE instance_id = ?;
+SELECT 1 AS found FROM geste_instances WHERE instance_id = ?;
 
 -- name: channel_insert_message
 INSERT INTO geste_channel_messages
@@ -614,7 +617,7 @@ DELETE FROM geste_events WHERE seq IN (
 -- name: page_instances_all_older
 -- Through geste_instances_by_created: a range scan of the index, from the key down.
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, :head)
+       cancel_requested, steps, substr(input, 1, :head) AS input_head
 FROM geste_instances
 WHERE (created_at, instance_id) < (:key_at, :key_id) AND created_at >= :bound
 ORDER BY created_at DESC, instance_id DESC
@@ -623,7 +626,7 @@ LIMIT :limit;
 -- name: page_instances_all_newer
 -- Through geste_instances_by_created, from the key up (the caller reverses the page).
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, :head)
+       cancel_requested, steps, substr(input, 1, :head) AS input_head
 FROM geste_instances
 WHERE (created_at, instance_id) > (:key_at, :key_id) AND created_at < :bound
 ORDER BY created_at, instance_id
@@ -632,7 +635,7 @@ LIMIT :limit;
 -- name: page_instances_workflow_older
 -- Through geste_instances_by_name: a range scan of the index, from the key down.
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, :head)
+       cancel_requested, steps, substr(input, 1, :head) AS input_head
 FROM geste_instances
 WHERE (created_at, instance_id) < (:key_at, :key_id) AND created_at >= :bound
   AND workflow_name = :f1
@@ -642,7 +645,7 @@ LIMIT :limit;
 -- name: page_instances_workflow_newer
 -- Through geste_instances_by_name, from the key up (the caller reverses the page).
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, :head)
+       cancel_requested, steps, substr(input, 1, :head) AS input_head
 FROM geste_instances
 WHERE (created_at, instance_id) > (:key_at, :key_id) AND created_at < :bound
   AND workflow_name = :f1
@@ -652,7 +655,7 @@ LIMIT :limit;
 -- name: page_instances_status_older
 -- Through geste_instances_by_status: a range scan of the index, from the key down.
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, :head)
+       cancel_requested, steps, substr(input, 1, :head) AS input_head
 FROM geste_instances
 WHERE (created_at, instance_id) < (:key_at, :key_id) AND created_at >= :bound
   AND status = :f1
@@ -662,7 +665,7 @@ LIMIT :limit;
 -- name: page_instances_status_newer
 -- Through geste_instances_by_status, from the key up (the caller reverses the page).
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, :head)
+       cancel_requested, steps, substr(input, 1, :head) AS input_head
 FROM geste_instances
 WHERE (created_at, instance_id) > (:key_at, :key_id) AND created_at < :bound
   AND status = :f1
@@ -672,7 +675,7 @@ LIMIT :limit;
 -- name: page_instances_workflow_status_older
 -- Through geste_instances_by_name_status: a range scan of the index, from the key down.
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, :head)
+       cancel_requested, steps, substr(input, 1, :head) AS input_head
 FROM geste_instances
 WHERE (created_at, instance_id) < (:key_at, :key_id) AND created_at >= :bound
   AND workflow_name = :f1 AND status = :f2
@@ -682,7 +685,7 @@ LIMIT :limit;
 -- name: page_instances_workflow_status_newer
 -- Through geste_instances_by_name_status, from the key up (the caller reverses the page).
 SELECT instance_id, workflow_name, status, created_at, updated_at, finished_at, locked_by,
-       cancel_requested, steps, substr(input, 1, :head)
+       cancel_requested, steps, substr(input, 1, :head) AS input_head
 FROM geste_instances
 WHERE (created_at, instance_id) > (:key_at, :key_id) AND created_at < :bound
   AND workflow_name = :f1 AND status = :f2
@@ -700,7 +703,7 @@ SELECT s.status, (
         ORDER BY i.created_at
         LIMIT :cap
     )
-)
+) AS n
 FROM (SELECT value AS status FROM json_each(:statuses)) AS s;
 
 -- name: count_instances_workflow
@@ -713,7 +716,7 @@ SELECT s.status, (
         ORDER BY i.created_at
         LIMIT :cap
     )
-)
+) AS n
 FROM (SELECT value AS status FROM json_each(:statuses)) AS s;
 
 -- name: runnable_workflows
@@ -727,11 +730,11 @@ WITH RECURSIVE names(name) AS (
             WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
     FROM names n WHERE n.name IS NOT NULL
 )
-SELECT n.name, (SELECT count(*) FROM (
+SELECT n.name AS workflow_name, (SELECT count(*) FROM (
     SELECT 1 FROM geste_instances i
     WHERE i.workflow_name = n.name AND i.run_at <= :now AND (i.lease_id IS NULL OR i.lock_expires_at <= :now)
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    LIMIT :cap))
+    LIMIT :cap)) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT :limit;
 
 -- name: workflow_names

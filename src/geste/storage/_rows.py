@@ -1,0 +1,225 @@
+"""The typed rows of ``base`` built from database records, each by one function, read by column name.
+
+Both backends hand their records here: a ``sqlite3.Row`` (the SQLite connection's row factory) and an
+asyncpg ``Record`` are both read by name, so a query's columns may come in any order, and each column
+is named in its query (``count(*) AS n``). The only positional reads left are of JSON arrays that
+geste writes itself in one fixed order (``HISTORY_ARRAY``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from .._models import Status
+from .._status import is_alive
+from .base import (
+    Claim,
+    EventWait,
+    EventWaitRow,
+    HistoryRow,
+    InstanceRow,
+    InstanceSummary,
+    Lease,
+    MessageRow,
+    NewEvent,
+    NewMessage,
+    OutboxClaim,
+    OutboxRow,
+    RetryRow,
+    StoredEvent,
+    StoredMessage,
+    SubscriptionRow,
+    WorkerRow,
+)
+
+
+class Record(Protocol):
+    """A database row read by column name (``sqlite3.Row``, ``asyncpg.Record``)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+_T = TypeVar("_T")
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _by_field(cls: type[_T], r: Record, **given: Any) -> _T:
+    """A typed row whose fields are the record's columns of the same names (``given`` ones aside)."""
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    return cls(**{name: given[name] if name in given else r[name] for name in names})
+
+
+def instance_row(r: Record) -> InstanceRow:
+    """An ``InstanceRow`` from a record with the columns of the ``get_instance`` queries."""
+    return InstanceRow(
+        instance_id=r["instance_id"],
+        workflow_name=r["workflow_name"],
+        status=Status.stored(r["status"]),
+        input=r["input"],
+        result=r["result"],
+        error=r["error"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        finished_at=r["finished_at"],
+        run_at=r["run_at"],
+        locked_by=r["locked_by"],
+        lock_expires_at=r["lock_expires_at"],
+        cancel_requested=bool(r["cancel_requested"]),
+        steps=r["steps"],
+    )
+
+
+def history_row(r: Record) -> HistoryRow:
+    """A ``HistoryRow`` from a record with the columns of the ``get_history`` queries."""
+    return HistoryRow(r["seq"], r["kind"], r["name"], r["payload"], bool(r["is_error"]), r["created_at"])
+
+
+HISTORY_ARRAY = ("seq", "kind", "name", "payload", "is_error", "created_at")
+"""The order of a history row written as a JSON array: the ``removed`` column of ``geste_retries``, and
+the history a PostgreSQL claim aggregates (``json_build_array``)."""
+
+
+def history_from_arrays(items: Iterable[Sequence[Any]]) -> tuple[HistoryRow, ...]:
+    """History rows from JSON arrays in the order of ``HISTORY_ARRAY``."""
+    return tuple(
+        HistoryRow(seq, kind, name, payload, bool(err), at) for seq, kind, name, payload, err, at in items
+    )
+
+
+def history_arrays_json(rows: Sequence[HistoryRow]) -> str:
+    """History rows as the JSON arrays ``history_from_arrays`` reads (payloads as JSON text)."""
+    return json.dumps([[r.seq, r.kind, r.name, r.payload, bool(r.is_error), r.created_at] for r in rows])
+
+
+def claim(r: Record, history: tuple[HistoryRow, ...], lease_expired_at: float | None) -> Claim:
+    """A ``Claim`` from a record with the columns a claim returns (``instance_id``, ``lease_id``, ...)."""
+    return Claim(
+        Lease(r["instance_id"], r["lease_id"]),
+        r["workflow_name"],
+        r["input"],
+        Status.stored(r["status"]),
+        r["created_at"],
+        bool(r["cancel_requested"]),
+        history,
+        r["run_at"],
+        lease_expired_at,
+    )
+
+
+def stored_event(r: Record) -> StoredEvent:
+    """A ``StoredEvent`` from a record with the columns of ``candidate_events`` (spelt out: every candidate
+    event of a wait is read through it)."""
+    return StoredEvent(
+        r["seq"], r["event_id"], r["event_type"], r["data"], r["source"], r["extensions"], r["created_at"]
+    )
+
+
+def stored_message(r: Record) -> StoredMessage:
+    """A ``StoredMessage`` from a record with the message columns of the channel queries."""
+    return _by_field(StoredMessage, r)
+
+
+def retry_row(r: Record) -> RetryRow:
+    """A ``RetryRow`` from a record with the columns of ``list_retries``."""
+    removed = history_from_arrays(json.loads(r["removed"]))
+    return RetryRow(
+        r["instance_id"], r["retry"], r["retried_at"], r["from_seq"], r["error"], r["failed_at"], removed
+    )
+
+
+def worker_row(r: Record) -> WorkerRow:
+    """A ``WorkerRow`` from a record with the columns of ``list_workers``."""
+    return _by_field(WorkerRow, r)
+
+
+def worker_alive(r: Record | None, *, now: float, lock_timeout: float) -> bool:
+    """Whether the worker of a ``worker_liveness`` record (None: unknown) is alive (``is_alive``)."""
+    if r is None:
+        return False
+    return is_alive(
+        r["heartbeat_at"], r["stopped_at"], r["lock_timeout"], now=now, reader_lock_timeout=lock_timeout
+    )
+
+
+def lease_info(r: Record) -> tuple[str, str, str, float]:
+    """``(instance_id, workflow_name, locked_by, lock_expires_at)`` from a record of ``list_leases``."""
+    return r["instance_id"], r["workflow_name"], r["locked_by"], r["lock_expires_at"]
+
+
+def outbox_claim(r: Record, claim_id: str) -> OutboxClaim:
+    """An ``OutboxClaim`` from a record returned by the ``outbox_claim`` queries."""
+    return _by_field(OutboxClaim, r, claim_id=claim_id)
+
+
+def outbox_row(r: Record) -> OutboxRow:
+    """An ``OutboxRow`` from a record with the columns of ``outbox_list`` and ``extras_outbox``."""
+    return _by_field(OutboxRow, r)
+
+
+def summary(r: Record) -> InstanceSummary:
+    """An ``InstanceSummary`` from a record of the ``page_instances_*`` queries."""
+    return _by_field(
+        InstanceSummary, r, status=Status.stored(r["status"]), cancel_requested=bool(r["cancel_requested"])
+    )
+
+
+def event_wait_row(r: Record) -> EventWaitRow:
+    """An ``EventWaitRow`` from a record of ``extras_event_wait``."""
+    return _by_field(EventWaitRow, r)
+
+
+def subscription_row(r: Record) -> SubscriptionRow:
+    """A ``SubscriptionRow`` from a record of ``extras_subscriptions``."""
+    return _by_field(SubscriptionRow, r)
+
+
+def message_row(r: Record) -> MessageRow:
+    """A ``MessageRow`` from a record of ``extras_messages``."""
+    return _by_field(MessageRow, r)
+
+
+def timer(r: Record) -> tuple[int, float]:
+    """``(seq, expires_at)`` from a record of ``extras_timers``."""
+    return r["seq"], r["expires_at"]
+
+
+def maybe_instance(r: Record | None) -> InstanceRow | None:
+    """``instance_row`` of a record that may be missing (no such instance)."""
+    return None if r is None else instance_row(r)
+
+
+# -- the other way: the parameters that write a row, in the order of both backends' queries ---------------
+def event_columns(event: NewEvent) -> tuple[Any, ...]:
+    """The parameters of ``insert_event``: id, type, source, data, extensions, target, time."""
+    return (
+        event.event_id,
+        event.event_type,
+        event.source,
+        event.data,
+        event.extensions,
+        event.target_instance_id,
+        event.now,
+    )
+
+
+def event_wait_columns(instance_id: str, wait: EventWait, now: float) -> tuple[Any, ...]:
+    """The parameters of ``insert_event_wait``: instance, type, match (JSON), since, deadline, outcome seq."""
+    match = None if wait.match is None else json.dumps(wait.match)
+    return instance_id, wait.event_type, match, now, wait.deadline, wait.outcome_seq
+
+
+def message_columns(message: NewMessage) -> tuple[Any, ...]:
+    """The message parameters of a publish: id, channel, data, sender, target, time."""
+    return (
+        message.message_id,
+        message.channel,
+        message.data,
+        message.sender_instance_id,
+        message.target_instance_id,
+        message.now,
+    )

@@ -1,0 +1,206 @@
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 10), written for a reader.
+--
+-- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
+-- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
+-- version in geste_meta; tests/test_storage_schema.py applies them all to a fresh schema and this file to
+-- another, and compares the two catalogues (tables and their storage options, columns with types,
+-- nullability and defaults, constraints, indexes, sequences, functions), so the two cannot drift apart.
+-- A migration that changes the schema changes this file too, in the same commit.
+--
+-- Names are written unqualified here: every object lives in the configured schema (the URL's ?schema=,
+-- public by default), which the migrations name as {schema}. Times are Unix seconds (double precision)
+-- from the workers' clocks; JSON is text. Columns added by a later migration come last in their table,
+-- marked with the version that added them.
+
+-- key/value pairs: application = 'geste', schema_version = the last migration applied
+CREATE TABLE geste_meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+
+-- One row per workflow instance: its outcome, its lease, when it runs next. Room is left on each page
+-- (fillfactor 80): every step commit updates the row, and a HOT update needs room on its page.
+CREATE TABLE geste_instances (
+    instance_id      text PRIMARY KEY,
+    workflow_name    text NOT NULL,
+    status           text NOT NULL,     -- pending, running, waiting, compensating, completed, failed, cancelled
+    input            text NOT NULL,     -- JSON {"args": [...], "kwargs": {...}}
+    result           text,              -- JSON, once completed
+    error            text,              -- JSON, once failed
+    created_at       double precision NOT NULL,
+    updated_at       double precision NOT NULL,
+    finished_at      double precision,
+    run_at           double precision,  -- when it should next run once unlocked; NULL: only a wake-up
+    locked_by        text,              -- the worker holding the lease
+    lease_id         text,              -- every write under a lease names it (LeaseLost otherwise)
+    lock_expires_at  double precision,
+    cancel_requested boolean NOT NULL DEFAULT false,
+    steps            integer NOT NULL DEFAULT 0,   -- history rows written
+    event_floor      bigint             -- (8) drawn from geste_events_seq_seq at creation: later events are seen
+) WITH (fillfactor = 80);
+-- keyset pages of the viewer and the status counts: one index per filter combination (6)
+CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
+CREATE INDEX geste_instances_by_name ON geste_instances (workflow_name, created_at, instance_id);
+CREATE INDEX geste_instances_by_created ON geste_instances (created_at, instance_id);
+CREATE INDEX geste_instances_by_name_status ON geste_instances (workflow_name, status, created_at, instance_id);
+-- the claim of a worker: per workflow it registers, its runnable instances in run_at order (9)
+CREATE INDEX geste_instances_runnable_by_name ON geste_instances (workflow_name, run_at)
+    WHERE run_at IS NOT NULL;
+
+-- The journal: one row per step of an instance, numbered from 1.
+CREATE TABLE geste_history (
+    instance_id text NOT NULL,
+    seq         integer NOT NULL,
+    kind        text NOT NULL,          -- activity, sleep, event, message, publish, ...
+    name        text NOT NULL,
+    payload     text,                   -- JSON
+    is_error    boolean NOT NULL DEFAULT false,
+    created_at  double precision NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+);
+
+-- The timers of waiting instances (a sleep, a wait's deadline).
+CREATE TABLE geste_timers (
+    instance_id text NOT NULL,
+    seq         integer NOT NULL,       -- the history position of the step that waits
+    expires_at  double precision NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+);
+CREATE INDEX geste_timers_due ON geste_timers (expires_at);
+
+-- An instance's registered wait for an event (at most one).
+CREATE TABLE geste_event_waits (
+    instance_id text PRIMARY KEY,
+    event_type  text NOT NULL,
+    match       text,                   -- JSON object of top-level keys the data must have
+    since       double precision NOT NULL,   -- when it was registered (shown to operators)
+    deadline    double precision,
+    outcome_seq integer,                -- (5) where send_event writes the event into the history
+    after_seq   bigint                  -- (8) the instance's event_floor: only later events match
+);
+CREATE INDEX geste_event_waits_by_type ON geste_event_waits (event_type);
+
+-- Events sent to the app (send_event, POST /events), in the order their sequence gave them (seq).
+CREATE TABLE geste_events (
+    seq                bigserial PRIMARY KEY,   -- geste_events_seq_seq: also draws the instances' floors
+    event_id           text NOT NULL UNIQUE,
+    event_type         text NOT NULL,
+    source             text,
+    data               text NOT NULL,   -- JSON
+    extensions         text,            -- JSON
+    target_instance_id text,            -- for that instance only
+    created_at         double precision NOT NULL
+);
+CREATE INDEX geste_events_by_type ON geste_events (event_type, seq);
+
+-- Which instance took which event (each event at most once per instance).
+CREATE TABLE geste_event_deliveries (
+    instance_id text NOT NULL,
+    event_seq   bigint NOT NULL,
+    PRIMARY KEY (instance_id, event_seq)
+);
+-- the retention of events deletes deliveries with their event (3)
+CREATE INDEX geste_event_deliveries_by_event ON geste_event_deliveries (event_seq);
+
+-- The registry of workers, for `geste status` (2): upserted at start and by every heartbeat. No index on
+-- heartbeat_at and room on each page (fillfactor 50), so that a heartbeat is a HOT update.
+CREATE TABLE geste_workers (
+    worker_id    text PRIMARY KEY,
+    host         text NOT NULL,
+    pid          integer NOT NULL,
+    started_at   double precision NOT NULL,
+    heartbeat_at double precision NOT NULL,
+    running      integer NOT NULL DEFAULT 0,   -- instances it runs, as of its last heartbeat
+    concurrency  integer NOT NULL,
+    listener     text,                         -- ListenerStatus.as_dict() as JSON, as of its last heartbeat
+    stopped_at   double precision,             -- a graceful stop
+    lock_timeout double precision,             -- (7) its own; NULL in rows written before
+    workflows    text,                         -- (9) the names it registers, a JSON array
+    health       text                          -- (9) NULL while every background loop runs, else why one ended
+) WITH (fillfactor = 50);
+
+-- Channels (3): every published message in publication order. claimed_by: the instance that took a
+-- message only one may take (a direct one, or one taken by a competing subscriber).
+CREATE TABLE geste_channel_messages (
+    seq                bigserial PRIMARY KEY,
+    message_id         text NOT NULL UNIQUE,
+    channel            text NOT NULL,
+    data               text NOT NULL,   -- JSON
+    sender_instance_id text,
+    target_instance_id text,            -- send_to: for that instance only
+    created_at         double precision NOT NULL,
+    claimed_by         text
+);
+CREATE INDEX geste_channel_messages_by_channel ON geste_channel_messages (channel, seq);
+CREATE INDEX geste_channel_messages_direct ON geste_channel_messages (target_instance_id, channel, seq)
+    WHERE target_instance_id IS NOT NULL AND claimed_by IS NULL;
+
+-- One row per (channel, instance): the instance takes the messages after cursor_seq; waiting_since is set
+-- while it is suspended in receive() on this channel.
+CREATE TABLE geste_channel_subscriptions (
+    channel       text NOT NULL,
+    instance_id   text NOT NULL,
+    mode          text NOT NULL,          -- 'broadcast' or 'competing'
+    cursor_seq    bigint NOT NULL,
+    waiting_since double precision,
+    created_at    double precision NOT NULL,
+    PRIMARY KEY (channel, instance_id)
+);
+CREATE INDEX geste_channel_subscriptions_by_instance ON geste_channel_subscriptions (instance_id);
+CREATE INDEX geste_channel_subscriptions_waiting ON geste_channel_subscriptions (channel, mode, waiting_since)
+    WHERE waiting_since IS NOT NULL;
+
+-- The transactional outbox (4): one row per event a workflow emitted (ctx.send_event), written by the
+-- statement that records the step, delivered by a relay in per-instance order. status: pending,
+-- delivered, dead, discarded (10). Rows change a few times each: room on each page (fillfactor 70).
+CREATE TABLE geste_outbox (
+    event_id         text PRIMARY KEY,
+    instance_id      text NOT NULL,
+    step_seq         integer NOT NULL,      -- the history seq of the send_event step
+    event_type       text NOT NULL,
+    source           text NOT NULL,
+    subject          text,
+    data             text,                  -- JSON text; NULL: no data
+    status           text NOT NULL,
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  double precision,      -- pending rows only; NULL: held behind an earlier event
+    last_error       text,
+    created_at       double precision NOT NULL,
+    updated_at       double precision NOT NULL,
+    delivered_at     double precision,
+    claimed_by       text,                  -- the relay sending it, under claim_id until claim_expires_at
+    claim_id         text,
+    claim_expires_at double precision
+) WITH (fillfactor = 70);
+-- claims and the relay's next wake-up read the pending rows only
+CREATE INDEX geste_outbox_due ON geste_outbox (next_attempt_at) WHERE status = 'pending';
+-- the event of an instance just before a due one, pending or dead (10): the per-instance order
+CREATE INDEX geste_outbox_pending_by_instance ON geste_outbox (instance_id, step_seq)
+    WHERE status = 'pending';
+CREATE INDEX geste_outbox_dead_by_instance ON geste_outbox (instance_id, step_seq)
+    WHERE status = 'dead';
+-- the operator's listing, newest first; the oldest pending event (its age in geste status) (10)
+CREATE INDEX geste_outbox_by_created ON geste_outbox (created_at);
+CREATE INDEX geste_outbox_pending_by_created ON geste_outbox (created_at)
+    WHERE status = 'pending';
+
+-- The audit trail of operator retries (7): what each retry removed and cleared.
+CREATE TABLE geste_retries (
+    instance_id text NOT NULL,
+    retry       integer NOT NULL,            -- 1 for the first retry of the instance, then 2, ...
+    retried_at  double precision NOT NULL,
+    from_seq    integer NOT NULL,            -- the first step run again: the rows from it on were removed
+    error       text,                        -- the error the instance had failed with (JSON)
+    failed_at   double precision,            -- when it had failed (its finished_at)
+    removed     text NOT NULL,               -- the removed rows, JSON [[seq, kind, name, payload, is_error, created_at], ...]
+    PRIMARY KEY (instance_id, retry)
+);
+
+-- The names of a claim's workflows as a set the planner counts as one row (9): with it the generic plan
+-- of claim_names costs what its custom plans do and is kept (unnest is counted as ten rows).
+CREATE FUNCTION geste_names(names text[]) RETURNS SETOF text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE ROWS 1 AS $$
+BEGIN
+    RETURN QUERY SELECT unnest(names);
+END
+$$;

@@ -1,0 +1,191 @@
+-- The geste schema on SQLite as the migrations leave it (schema version 10), written for a reader.
+--
+-- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
+-- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
+-- tests/test_storage_schema.py applies them all to a fresh file and this file to another, and compares
+-- the two catalogues (tables, columns, indexes), so the two cannot drift apart. A migration that changes
+-- the schema changes this file too, in the same commit.
+--
+-- Times are Unix seconds (REAL) from the workers' clocks. Booleans are INTEGER 0/1. JSON is TEXT.
+-- Columns added by a later migration come last in their table (SQLite's ADD COLUMN appends), marked with
+-- the version that added them.
+
+-- key/value pairs: application = 'geste', schema_version = the last migration applied
+CREATE TABLE geste_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+-- One row per workflow instance: its outcome, its lease, when it runs next.
+CREATE TABLE geste_instances (
+    instance_id      TEXT PRIMARY KEY,
+    workflow_name    TEXT NOT NULL,
+    status           TEXT NOT NULL,     -- pending, running, waiting, compensating, completed, failed, cancelled
+    input            TEXT NOT NULL,     -- JSON {"args": [...], "kwargs": {...}}
+    result           TEXT,              -- JSON, once completed
+    error            TEXT,              -- JSON, once failed
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    finished_at      REAL,
+    run_at           REAL,              -- when it should next run once unlocked; NULL: only a wake-up
+    locked_by        TEXT,              -- the worker holding the lease
+    lease_id         TEXT,              -- every write under a lease names it (LeaseLost otherwise)
+    lock_expires_at  REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    steps            INTEGER NOT NULL DEFAULT 0,   -- history rows written
+    event_floor      INTEGER            -- (8) the last event seq when it was created: it sees the later ones
+);
+-- keyset pages of the viewer and the status counts: one index per filter combination (6)
+CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
+CREATE INDEX geste_instances_by_name ON geste_instances (workflow_name, created_at, instance_id);
+CREATE INDEX geste_instances_by_created ON geste_instances (created_at, instance_id);
+CREATE INDEX geste_instances_by_name_status ON geste_instances (workflow_name, status, created_at, instance_id);
+-- the claim of a worker: per workflow it registers, its runnable instances in run_at order (9)
+CREATE INDEX geste_instances_runnable_by_name ON geste_instances (workflow_name, run_at)
+    WHERE run_at IS NOT NULL;
+
+-- The journal: one row per step of an instance, numbered from 1.
+CREATE TABLE geste_history (
+    instance_id TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    kind        TEXT NOT NULL,          -- activity, sleep, event, message, publish, ...
+    name        TEXT NOT NULL,
+    payload     TEXT,                   -- JSON
+    is_error    INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+) WITHOUT ROWID;
+
+-- The timers of waiting instances (a sleep, a wait's deadline).
+CREATE TABLE geste_timers (
+    instance_id TEXT NOT NULL,
+    seq         INTEGER NOT NULL,       -- the history position of the step that waits
+    expires_at  REAL NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX geste_timers_due ON geste_timers (expires_at);
+
+-- An instance's registered wait for an event (at most one).
+CREATE TABLE geste_event_waits (
+    instance_id TEXT PRIMARY KEY,
+    event_type  TEXT NOT NULL,
+    match       TEXT,                   -- JSON object of top-level keys the data must have
+    since       REAL NOT NULL,          -- when it was registered (shown to operators)
+    deadline    REAL,
+    outcome_seq INTEGER,                -- (5) where send_event writes the event into the history
+    after_seq   INTEGER                 -- (8) the instance's event_floor: only later events match
+);
+CREATE INDEX geste_event_waits_by_type ON geste_event_waits (event_type);
+
+-- Events sent to the app (send_event, POST /events), in the order the database gave them (seq).
+CREATE TABLE geste_events (
+    seq                INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: event floors compare it
+    event_id           TEXT NOT NULL UNIQUE,
+    event_type         TEXT NOT NULL,
+    source             TEXT,
+    data               TEXT NOT NULL,   -- JSON
+    extensions         TEXT,            -- JSON
+    target_instance_id TEXT,            -- for that instance only
+    created_at         REAL NOT NULL
+);
+CREATE INDEX geste_events_by_type ON geste_events (event_type, seq);
+
+-- Which instance took which event (each event at most once per instance).
+CREATE TABLE geste_event_deliveries (
+    instance_id TEXT NOT NULL,
+    event_seq   INTEGER NOT NULL,
+    PRIMARY KEY (instance_id, event_seq)
+) WITHOUT ROWID;
+-- the retention of events deletes deliveries with their event (3)
+CREATE INDEX geste_event_deliveries_by_event ON geste_event_deliveries (event_seq);
+
+-- The registry of workers, for `geste status` (2): upserted at start and by every heartbeat. No index on
+-- heartbeat_at: every heartbeat would add an entry, for a read `geste status` makes once in a while.
+CREATE TABLE geste_workers (
+    worker_id    TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    running      INTEGER NOT NULL DEFAULT 0,   -- instances it runs, as of its last heartbeat
+    concurrency  INTEGER NOT NULL,
+    listener     TEXT,                         -- ListenerStatus.as_dict() as JSON, as of its last heartbeat
+    stopped_at   REAL,                         -- a graceful stop
+    lock_timeout REAL,                         -- (7) its own; NULL in rows written before
+    workflows    TEXT,                         -- (9) the names it registers, a JSON array
+    health       TEXT                          -- (9) NULL while every background loop runs, else why one ended
+);
+
+-- Channels (3): every published message in publication order. claimed_by: the instance that took a
+-- message only one may take (a direct one, or one taken by a competing subscriber).
+CREATE TABLE geste_channel_messages (
+    seq                INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id         TEXT NOT NULL UNIQUE,
+    channel            TEXT NOT NULL,
+    data               TEXT NOT NULL,   -- JSON
+    sender_instance_id TEXT,
+    target_instance_id TEXT,            -- send_to: for that instance only
+    created_at         REAL NOT NULL,
+    claimed_by         TEXT
+);
+CREATE INDEX geste_channel_messages_by_channel ON geste_channel_messages (channel, seq);
+CREATE INDEX geste_channel_messages_direct ON geste_channel_messages (target_instance_id, channel, seq)
+    WHERE target_instance_id IS NOT NULL AND claimed_by IS NULL;
+
+-- One row per (channel, instance): the instance takes the messages after cursor_seq; waiting_since is set
+-- while it is suspended in receive() on this channel.
+CREATE TABLE geste_channel_subscriptions (
+    channel       TEXT NOT NULL,
+    instance_id   TEXT NOT NULL,
+    mode          TEXT NOT NULL,          -- 'broadcast' or 'competing'
+    cursor_seq    INTEGER NOT NULL,
+    waiting_since REAL,
+    created_at    REAL NOT NULL,
+    PRIMARY KEY (channel, instance_id)
+) WITHOUT ROWID;
+CREATE INDEX geste_channel_subscriptions_by_instance ON geste_channel_subscriptions (instance_id);
+CREATE INDEX geste_channel_subscriptions_waiting ON geste_channel_subscriptions (channel, mode, waiting_since)
+    WHERE waiting_since IS NOT NULL;
+
+-- The transactional outbox (4): one row per event a workflow emitted (ctx.send_event), written with the
+-- step, delivered by a relay in per-instance order. status: pending, delivered, dead, discarded (10).
+CREATE TABLE geste_outbox (
+    event_id         TEXT PRIMARY KEY,
+    instance_id      TEXT NOT NULL,
+    step_seq         INTEGER NOT NULL,      -- the history seq of the send_event step
+    event_type       TEXT NOT NULL,
+    source           TEXT NOT NULL,
+    subject          TEXT,
+    data             TEXT,                  -- JSON text; NULL: no data
+    status           TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL,                  -- pending rows only; NULL: held behind an earlier event
+    last_error       TEXT,
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL,
+    delivered_at     REAL,
+    claimed_by       TEXT,                  -- the relay sending it, under claim_id until claim_expires_at
+    claim_id         TEXT,
+    claim_expires_at REAL
+) WITHOUT ROWID;
+-- claims and the relay's next wake-up read the pending rows only
+CREATE INDEX geste_outbox_due ON geste_outbox (next_attempt_at) WHERE status = 'pending';
+-- the event of an instance just before a due one, pending or dead (10): the per-instance order
+CREATE INDEX geste_outbox_pending_by_instance ON geste_outbox (instance_id, step_seq)
+    WHERE status = 'pending';
+CREATE INDEX geste_outbox_dead_by_instance ON geste_outbox (instance_id, step_seq) WHERE status = 'dead';
+-- the operator's listing, newest first; the oldest pending event (its age in geste status) (10)
+CREATE INDEX geste_outbox_by_created ON geste_outbox (created_at);
+CREATE INDEX geste_outbox_pending_by_created ON geste_outbox (created_at) WHERE status = 'pending';
+
+-- The audit trail of operator retries (7): what each retry removed and cleared.
+CREATE TABLE geste_retries (
+    instance_id TEXT NOT NULL,
+    retry       INTEGER NOT NULL,     -- 1 for the first retry of the instance, then 2, ...
+    retried_at  REAL NOT NULL,
+    from_seq    INTEGER NOT NULL,     -- the first step run again: the rows from it on were removed
+    error       TEXT,                 -- the error the instance had failed with (JSON)
+    failed_at   REAL,                 -- when it had failed (its finished_at)
+    removed     TEXT NOT NULL,        -- the removed history rows, JSON [[seq, kind, name, payload, is_error, created_at], ...]
+    PRIMARY KEY (instance_id, retry)
+) WITHOUT ROWID;

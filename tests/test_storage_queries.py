@@ -1,0 +1,93 @@
+"""The named queries of the two backends: one name for one job on both, every query used.
+
+A job both backends do in one statement each has one name in both ``queries.sql``; the queries below are
+those of one backend only, each with why the other has none (it does that job in more statements, or
+in fewer, or does not need it). A query added to one backend only, or renamed in one, fails here until
+it is named alike or listed.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from pathlib import Path
+
+import pytest
+
+from geste._models import Status
+from geste.storage._decisions import plan_page
+from geste.storage._sql import load_queries
+from geste.storage.base import InstanceFilter
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "geste" / "storage"
+
+SQLITE_ONLY = {
+    # several statements in one BEGIN IMMEDIATE where PostgreSQL has one statement
+    "claim_pick": "one workflow's runnable heads (claim), merged in Python; PostgreSQL: claim, claim_names",
+    "claim_picked": "takes the picked instances (claim); PostgreSQL: claim, claim_names",
+    "next_run_after": "the next run_at after a short claim; PostgreSQL: the claim's last row",
+    "lease_state": "why suspend updated nothing; PostgreSQL: suspend returns it",
+    "clear_timers": "part of suspend, finish, a delivery; PostgreSQL: inside those statements",
+    "clear_event_wait": "part of suspend, finish, a delivery; PostgreSQL: inside those statements",
+    "insert_timer": "a suspension's timer; PostgreSQL: inside suspend",
+    "retry_archive": "retry, 1/3; PostgreSQL: retry_instance",
+    "retry_delete_row": "retry, 2/3; PostgreSQL: retry_instance",
+    "retry_reopen": "retry, 3/3; PostgreSQL: retry_instance",
+    "outbox_insert": "the outbox row of a step (record + this); PostgreSQL: outbox_record",
+    "outbox_hold": "a claim round's holds, before outbox_claim; PostgreSQL: inside outbox_claim",
+    "outbox_hold_next": "a failed attempt's hold; PostgreSQL: inside outbox_mark_failed",
+    "outbox_has_later": "after a mark; PostgreSQL: returned by the marks",
+    "channel_ensure_subscription": "receive, 1/3; PostgreSQL: channel_find",
+    "channel_subscription": "receive, 2/3; PostgreSQL: channel_find",
+    "channel_next_message": "receive, 3/3; PostgreSQL: channel_find",
+    "channel_claim": "taking a message, 1/2; PostgreSQL: channel_take",
+    "channel_advance": "taking a message, 2/2; PostgreSQL: channel_take",
+    "channel_instance_exists": "publish, 1/3; PostgreSQL: channel_publish",
+    "channel_insert_message": "publish, 2/3; PostgreSQL: channel_publish",
+    "channel_wake_receivers": "publish, 3/3; PostgreSQL: channel_publish",
+    "channel_cleanup_event_deliveries": "before channel_cleanup_events; PostgreSQL: inside it",
+}
+POSTGRES_ONLY = {
+    # one statement where SQLite has several, or what only PostgreSQL needs
+    "claim": "pick and take for one workflow name, with the histories; SQLite: claim_pick, claim_picked",
+    "claim_names": "the same for several names; SQLite: claim_pick, claim_picked",
+    "record": "a step commit in one statement; SQLite: touch_lease, insert_history",
+    "record_batch": "group commit of step commits (SQLite has no group commit)",
+    "finish_batch": "group commit of ends (SQLite has no group commit)",
+    "outbox_record": "record plus the outbox row; SQLite: touch_lease, insert_history, outbox_insert",
+    "retry_instance": "a retry's writes; SQLite: retry_archive, retry_delete_row, retry_reopen",
+    "lock_instance": "an operator action's row lock; SQLite: get_instance inside BEGIN IMMEDIATE",
+    "lock_event_type": "an advisory lock per event type; SQLite: BEGIN IMMEDIATE serialises writers",
+    "channel_lock": "an advisory lock per channel; SQLite: BEGIN IMMEDIATE serialises writers",
+    "channel_find": "receive in one statement; SQLite: channel_ensure_subscription and two more",
+    "channel_take": "taking a message in one statement; SQLite: channel_claim, channel_advance",
+    "channel_publish": "publish in one statement; SQLite: channel_instance_exists and two more",
+}
+
+
+def test_a_job_of_both_backends_has_one_name_in_both() -> None:
+    sqlite, postgres = set(load_queries("sqlite")), set(load_queries("postgres"))
+    assert sqlite - postgres == set(SQLITE_ONLY), "a SQLite query named unlike PostgreSQL's, or not listed"
+    assert postgres - sqlite == set(POSTGRES_ONLY), "a PostgreSQL query named unlike SQLite's, or not listed"
+    assert len(sqlite & postgres) > 50
+
+
+def _names_in(module: str) -> set[str]:
+    """Every string constant of a backend module (the query names it subscripts its table with, directly
+    or through a variable), with the page queries ``plan_page`` names for it."""
+    tree = ast.parse((SRC / module).read_text(encoding="utf-8"))
+    found = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    filters = [
+        InstanceFilter(workflow_name=w, status=s)
+        for w, s in itertools.product((None, "x"), (None, Status.FAILED))
+    ]
+    for which, key in itertools.product(filters, (None, (1.0, "id"))):
+        found.add(plan_page(which, None, key).query)
+        found.add(plan_page(which, key, None).query)
+    return found
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_every_query_is_used_by_its_backend(backend: str) -> None:
+    unused = set(load_queries(backend)) - _names_in(f"{backend}.py")
+    assert not unused, f"queries of {backend} that storage/{backend}.py never names: {sorted(unused)}"
