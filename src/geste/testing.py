@@ -31,11 +31,11 @@ from typing import Any, ParamSpec, TypeVar
 from ._app import App
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
-from ._histories import export_history
 from ._metrics import Metrics
 from ._models import InstanceInfo
 from ._retry import seconds
 from .engine import replay as _replay
+from .engine.histories import export_history
 from .engine.replay import ReplayReport, ReplayResult, ReplayStatus
 from .errors import ConfigurationError, IdleTimeout, ResultTimeout
 from .runtime import OpenClose

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
-from .._histories import RecordedHistory, Unreadable, history_files, read_database, read_history_file
 from .._models import Status, StepKind
 from .._retry import seconds
 from .._serde import decode, encode
 from ..errors import ConfigurationError, HistoryCorruptedError, NonDeterminismError, WorkflowCancelled
 from ..storage.base import HistoryRow, Lease, StepResult, Storage
 from .context import WorkflowContext
+from .histories import RecordedHistory, Unreadable, history_files, read_database, read_history_file
 from .journal import Abandon, Journal, Suspended
 from .run import Engine
 

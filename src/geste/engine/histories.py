@@ -22,17 +22,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ._models import Status
-from ._serde import encode
-from ._steps import document_payload, payload_from_document
-from .errors import ConfigurationError
-from .storage._read_only import StoredHistory, read_histories
-from .storage.base import HistoryRow
+from .._models import InstanceInfo, Status
+from .._serde import encode
+from .._steps import document_payload, payload_from_document
+from ..errors import ConfigurationError
+from ..storage._read_only import StoredHistory, read_histories
+from ..storage.base import HistoryRow, Storage
 
-if TYPE_CHECKING:
-    from ._app import App
+
+class HistorySource(Protocol):
+    """What ``export_history`` reads an instance from: an open App (or its client)."""
+
+    @property
+    def storage(self) -> Storage: ...
+
+    async def get_instance(self, instance_id: str) -> InstanceInfo: ...
+
 
 FORMAT = "geste-history"
 VERSION = 1
@@ -83,7 +90,7 @@ def history_document(instance: dict[str, Any], rows: Sequence[HistoryRow]) -> di
 
 
 async def export_history(
-    app: App, instance_id: str, path: str | os.PathLike[str] | None = None
+    app: HistorySource, instance_id: str, path: str | os.PathLike[str] | None = None
 ) -> dict[str, Any]:
     """Export an instance of an open App with its history as a ``geste-history`` document.
 
