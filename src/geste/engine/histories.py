@@ -28,7 +28,8 @@ from .._models import InstanceInfo, Status
 from .._serde import encode
 from .._steps import document_payload, payload_from_document
 from ..errors import ConfigurationError
-from ..storage._read_only import StoredHistory, read_histories
+from ..storage import read_histories
+from ..storage._read_only import StoredHistory
 from ..storage.base import HistoryRow, Storage
 
 

@@ -90,7 +90,7 @@ class NotifyConfig:
                 raise ConfigurationError(
                     f"listen_database_url must be a postgresql:// URL: {listen_database_url!r}"
                 )
-            from ..storage._listen import listen_dsn
+            from ..storage import listen_dsn
 
             listen_dsn(listen_database_url)  # its options too, now rather than at open()
         if fallback_interval <= 0 or reconnect_delay <= 0:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from ..errors import ConfigurationError
+from ._read_only import StoredHistory
 from .base import Storage
 
 
@@ -22,4 +25,30 @@ def create_storage(url: str, *, notify: bool = False) -> Storage:
     )
 
 
-__all__ = ["Storage", "create_storage"]
+async def read_histories(url: str, *, workflow: str | None, limit: int) -> list[StoredHistory]:
+    """Up to ``limit`` instances (of ``workflow``, if given) with their histories, read without writing:
+    the unfinished ones first, then the finished ones, newest first in each."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ConfigurationError(f"limit must be a positive int, not {limit!r}")
+    if workflow is not None and not isinstance(workflow, str):
+        raise ConfigurationError(f"workflow must be a workflow name, not {workflow!r}")
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import read_histories as read_postgres
+
+        return await read_postgres(url, workflow, limit)
+    if url.startswith("sqlite:"):
+        from .sqlite import read_histories as read_sqlite
+
+        return await asyncio.to_thread(read_sqlite, url, workflow, limit)
+    raise ConfigurationError(f"unsupported database URL (sqlite:/// or postgresql://): {url!r:.200}")
+
+
+def listen_dsn(url: str) -> tuple[str, str]:
+    """The connection string and application name of a LISTEN connection to ``url`` (a ``postgresql://``
+    URL, geste's options checked): ``listen_database_url`` is checked with it when the App is built."""
+    from .postgres import listen_dsn as postgres_listen_dsn
+
+    return postgres_listen_dsn(url)
+
+
+__all__ = ["Storage", "create_storage", "listen_dsn", "read_histories"]

@@ -34,15 +34,6 @@ class Listening(Protocol):
         ...
 
 
-def listen_dsn(url: str) -> tuple[str, str]:
-    """The connection string and the application name (``<application_name>-listener``) of the LISTEN
-    connection for ``url`` (a ``postgresql://`` URL, geste's options checked)."""
-    from .postgres import parse_postgres_url
-
-    dsn, options = parse_postgres_url(url)
-    return dsn, f"{options['application_name']}-listener"
-
-
 class PostgresListening:
     """A LISTEN connection of asyncpg."""
 
@@ -64,16 +55,16 @@ class PostgresListening:
 
 
 async def listen_postgres(
-    url: str,
+    dsn: str,
+    application_name: str,
     channels: Sequence[str],
     on_notification: OnNotification,
     on_lost: Callable[[], None],
 ) -> PostgresListening:
-    """Connect to ``url`` (10 s at most), LISTEN on ``channels``; ``on_lost`` is called if the server
+    """Connect to ``dsn`` (10 s at most), LISTEN on ``channels``; ``on_lost`` is called if the server
     closes the connection. A failure to connect or to LISTEN raises (the connection is dropped)."""
     import asyncpg
 
-    dsn, application_name = listen_dsn(url)
     conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": application_name})
     listening = PostgresListening(conn)
     try:

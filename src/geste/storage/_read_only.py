@@ -9,14 +9,13 @@ this version reads.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .._models import Status
-from ..errors import ConfigurationError, NotAGesteDatabaseError, SchemaVersionError
+from ..errors import NotAGesteDatabaseError, SchemaVersionError
 from . import _rows as rows
 from ._rows import Record
 from .base import HistoryRow, InstanceRow
@@ -33,24 +32,6 @@ class StoredHistory:
     instance: InstanceRow
     rows: tuple[HistoryRow, ...]
     source: str
-
-
-async def read_histories(url: str, *, workflow: str | None, limit: int) -> list[StoredHistory]:
-    """Up to ``limit`` instances (of ``workflow``, if given) with their histories, read without writing:
-    the unfinished ones first, then the finished ones, newest first in each."""
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ConfigurationError(f"limit must be a positive int, not {limit!r}")
-    if workflow is not None and not isinstance(workflow, str):
-        raise ConfigurationError(f"workflow must be a workflow name, not {workflow!r}")
-    if url.startswith(("postgresql://", "postgres://")):
-        from .postgres import read_histories as read_postgres
-
-        return await read_postgres(url, workflow, limit)
-    if url.startswith("sqlite:"):
-        from .sqlite import read_histories as read_sqlite
-
-        return await asyncio.to_thread(read_sqlite, url, workflow, limit)
-    raise ConfigurationError(f"unsupported database URL (sqlite:/// or postgresql://): {url!r:.200}")
 
 
 def check_tables(tables: Iterable[str]) -> None:

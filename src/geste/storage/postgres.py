@@ -381,7 +381,8 @@ class PostgresStorage(Storage):
     ) -> Listening:
         from ._listen import listen_postgres
 
-        return await listen_postgres(url or self.url, channels, on_notification, on_lost)
+        dsn, application_name = listen_dsn(url or self.url)
+        return await listen_postgres(dsn, application_name, channels, on_notification, on_lost)
 
     async def schema_version(self) -> int:
         return await self._read(self._read_version)
@@ -1176,6 +1177,13 @@ class PostgresStorage(Storage):
             )
 
         return await self._read(go)
+
+
+def listen_dsn(url: str) -> tuple[str, str]:
+    """The connection string and the application name (``<application_name>-listener``) of the LISTEN
+    connection for ``url`` (a ``postgresql://`` URL, geste's options checked)."""
+    dsn, options = parse_postgres_url(url)
+    return dsn, f"{options['application_name']}-listener"
 
 
 async def read_histories(url: str, workflow: str | None, limit: int) -> list[StoredHistory]:
