@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, Self
 
+from ._channels import Message
 from ._models import Event, HistoryEntry, StepKind
 from ._serde import encode
 from .errors import HistoryCorruptedError
@@ -165,7 +166,8 @@ class _NoPayload(_Payload):
 
     __slots__ = ()
 
-    def encode(self) -> None:
+    def encode(self) -> str | None:
+        """The payload: none (NULL), the ``payload`` of the row as other steps' ``encode`` give it."""
         return None
 
     @classmethod
@@ -419,6 +421,17 @@ class MessageStep(_Payload):
             "direct": self.direct,
         }
         return _with_data(head, _raw(self.data, "message data"))
+
+    def message(self) -> Message:
+        """The ``Message`` that ``ctx.receive`` returns."""
+        return Message(
+            self.message_id,
+            self.channel,
+            self.data,
+            self.sender_instance_id,
+            datetime.fromtimestamp(self.published_at, UTC),
+            self.direct,
+        )
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._models import StepKind
-from .._serde import decode, encode, encode_error
+from .._serde import decode, decode_error, encode, encode_error
+from .._steps import ActivityStep, CompensationStep, RawJSON
 from ..errors import ActivityTimeout, NonDeterminismError, SerializationError
 from ..storage.base import HistoryRow
-from . import payloads
 from .journal import Host, Journal
 
 if TYPE_CHECKING:
@@ -82,9 +82,10 @@ class ActivityRunner:
                 journal, activity, seq, kind, tuple(loaded_args), loaded_kwargs, encoded_args
             )
             journal.buffer(row)
-        if row.is_error:
-            raise journal.read(row, payloads.activity_error)
-        return activity.signature.load_result(journal.read(row, payloads.activity_result))
+        step = journal.read(row, ActivityStep)  # a CompensationStep is one
+        if step.error is not None:
+            raise decode_error(step.error)
+        return activity.signature.load_result(step.result)
 
     async def _execute(
         self,
@@ -98,6 +99,8 @@ class ActivityRunner:
     ) -> HistoryRow:
         """Run the activity's attempts to its outcome: the row that records it."""
         host = self.host
+        step = CompensationStep if kind is StepKind.COMPENSATION else ActivityStep
+        recorded_args = RawJSON(encoded_args)
         policy = activity.retry
         timeout = policy.timeout_seconds
         started = host.clock()
@@ -134,14 +137,8 @@ class ActivityRunner:
                 error = exc
             if error is None:
                 try:
-                    body = encode_body(
-                        {"result": result},
-                        started,
-                        host.clock(),
-                        attempt,
-                        encoded_args,
-                        what=f"result of activity {activity.name}",
-                        limit=host.max_payload_bytes,
+                    body = step(result, None, attempt, started, host.clock() - started, recorded_args).encode(
+                        what=f"result of activity {activity.name}", limit=host.max_payload_bytes
                     )
                 except SerializationError as exc:  # deterministic: retrying would fail the same way
                     error, attempt_final = exc, True
@@ -152,15 +149,10 @@ class ActivityRunner:
             metrics.activity_attempt_failures.values[activity.name] += 1
             if attempt_final:
                 metrics.activity_failures.values[activity.name] += 1
-                body = encode_body(
-                    {"error": encode_error(error)},
-                    started,
-                    host.clock(),
-                    attempt,
-                    encoded_args,
-                    what="error",
-                    limit=None,
+                outcome = step(
+                    None, encode_error(error), attempt, started, host.clock() - started, recorded_args
                 )
+                body = outcome.encode(what="error", limit=None)
                 return HistoryRow(seq, kind, activity.name, body, True, started)
             delay = policy.delay(attempt)
             metrics.activity_retries.values[activity.name] += 1
@@ -189,22 +181,3 @@ class ActivityRunner:
                     raise
                 errors.append({"activity": activity.name, **encode_error(exc)})
         return errors
-
-
-def encode_body(
-    outcome: dict[str, Any],
-    started: float,
-    finished: float,
-    attempts: int,
-    encoded_args: str,
-    *,
-    what: str,
-    limit: int | None,
-) -> str:
-    """The history payload of an activity: its outcome, timing, attempts and (already encoded) input."""
-    text = encode(
-        {**outcome, "attempts": attempts, "started_at": started, "duration": finished - started},
-        what=what,
-        limit=limit,
-    )
-    return text[:-1] + ',"input":' + encoded_args + "}"

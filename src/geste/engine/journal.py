@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from .._metrics import Metrics
 from .._models import Status, StepKind
-from .._serde import decode
+from .._steps import STEPS, CancelledStep, Step, decode_step
 from ..errors import HistoryCorruptedError, NonDeterminismError, StorageError, WorkflowCancelled
 from ..storage.base import (
     EventWait,
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from .._definitions import Activity
 
 T = TypeVar("T")
+S = TypeVar("S", bound=Step)
 
-_KINDS = frozenset(kind.value for kind in StepKind)
 _WAIT_KINDS = frozenset(
     kind.value
     for kind in (
@@ -55,18 +55,6 @@ _WAIT_KINDS = frozenset(
     )
 )
 """Rows of waits: a wait is never inside a gather, so everything before one was recorded before it."""
-_UNREADABLE = (
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    AttributeError,
-    OverflowError,
-    OSError,
-    RecursionError,
-)
-"""What reading a recorded row raises when the row is not what its step wrote (JSONDecodeError is a
-ValueError; a missing key, a list for a dict, a string for a number...)."""
 
 
 class _Unwind(BaseException):
@@ -196,20 +184,21 @@ class Journal:
     def row(self, seq: int) -> HistoryRow | None:
         """The recorded row at ``seq``, if any; one of a kind geste never writes is corruption."""
         row = self._history.get(seq)
-        if row is not None and row.kind not in _KINDS:
+        if row is not None and row.kind not in STEPS:
             raise self.corrupted(seq, f"unknown step kind {row.kind!r:.80}")
         return row
 
-    def read(self, row: HistoryRow, read: Callable[[Any], T]) -> T:
-        """What a recorded row says, through ``read`` (given the decoded payload). A row that cannot say
-        it (not JSON, not the shape its step writes) was not written by geste: it fails the instance
-        like a divergence, even if the workflow catches the error, and is left as it is."""
+    def read(self, row: HistoryRow, cls: type[S]) -> S:
+        """The step a recorded row records (a ``cls``: its kind was checked by ``replay``). A row that is
+        not what its step writes (not JSON, not its shape) was not written by geste: it fails the
+        instance like a divergence, even if the workflow catches the error, and is left as it is."""
         try:
-            return read(decode(row.payload))
-        except _UNREADABLE as exc:
-            raise self.corrupted(
-                row.seq, f"{row.kind} {row.name!r:.80} row unreadable ({type(exc).__name__}: {exc!s:.200})"
-            ) from exc
+            step = decode_step(row, instance_id=self.instance_id)
+        except HistoryCorruptedError as error:
+            self.diverged(error)
+            raise
+        assert isinstance(step, cls)
+        return step
 
     def live(self, seq: int, *, ordered: bool = True) -> None:
         """Before a step at ``seq`` is taken live: below later recorded steps it fills a hole, a row
@@ -256,7 +245,10 @@ class Journal:
     def deliver_cancel(self, seq: int) -> NoReturn:
         """Record the cancellation at ``seq`` (with the next commit) and raise it in the workflow."""
         self._cancel_delivered = True
-        self._pending.append(HistoryRow(seq, StepKind.CANCELLED, "cancelled", None, False, self.host.clock()))
+        payload = CancelledStep().encode()
+        self._pending.append(
+            HistoryRow(seq, StepKind.CANCELLED, "cancelled", payload, False, self.host.clock())
+        )
         raise self.cancelled()
 
     def cancelled(self) -> WorkflowCancelled:
