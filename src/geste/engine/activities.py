@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._models import StepKind
 from .._serde import decode, decode_error, encode, encode_error
-from .._steps import ActivityStep, CompensationStep, RawJSON
+from .._steps import ActivityStep, CompensationStep, RawJSON, activity_payload
 from ..errors import ActivityTimeout, NonDeterminismError, SerializationError
 from ..storage.base import HistoryRow
 from .journal import Host, Journal
@@ -61,7 +61,7 @@ class ActivityRunner:
         kind: StepKind = StepKind.ACTIVITY,
     ) -> Any:
         """The activity step: its recorded outcome, or its outcome now (buffered); raises its error."""
-        seq = journal.next()
+        journal.seq = seq = journal.seq + 1  # journal.next(), inline on the hot path
         row = journal.replay(seq, kind, activity.name)
         if row is None:
             journal.begin(seq)
@@ -75,13 +75,13 @@ class ActivityRunner:
             # workflow's own objects: what it mutates cannot leak into the workflow
             loaded_args, loaded_kwargs = activity.signature.load_args(decode(encoded_args))
             journal.live(seq, ordered=False)
-            if journal.has_buffered():  # what the workflow saw (now, uuid4, random, a timeout) may be in
+            if journal.pending:  # what the workflow saw (now, uuid4, random, a timeout) may be in
                 await journal.flush()  # the arguments: a rerun of the activity after a crash must see it too
                 journal.cancel_if_requested(seq)  # the flush is where a cancel requested meanwhile shows
             row = await self._execute(
                 journal, activity, seq, kind, tuple(loaded_args), loaded_kwargs, encoded_args
             )
-            journal.buffer(row)
+            journal.pending.append(row)  # journal.buffer(row), inline: see there why it can wait
         step = journal.read(row, ActivityStep)  # a CompensationStep is one
         if step.error is not None:
             raise decode_error(step.error)
@@ -99,8 +99,6 @@ class ActivityRunner:
     ) -> HistoryRow:
         """Run the activity's attempts to its outcome: the row that records it."""
         host = self.host
-        step = CompensationStep if kind is StepKind.COMPENSATION else ActivityStep
-        recorded_args = RawJSON(encoded_args)
         policy = activity.retry
         timeout = policy.timeout_seconds
         started = host.clock()
@@ -137,8 +135,15 @@ class ActivityRunner:
                 error = exc
             if error is None:
                 try:
-                    body = step(result, None, attempt, started, host.clock() - started, recorded_args).encode(
-                        what=f"result of activity {activity.name}", limit=host.max_payload_bytes
+                    body = activity_payload(  # ActivityStep(...).encode(), the step not built (hot path)
+                        result,
+                        None,
+                        attempt,
+                        started,
+                        host.clock() - started,
+                        encoded_args,
+                        what=f"result of activity {activity.name}",
+                        limit=host.max_payload_bytes,
                     )
                 except SerializationError as exc:  # deterministic: retrying would fail the same way
                     error, attempt_final = exc, True
@@ -149,8 +154,9 @@ class ActivityRunner:
             metrics.activity_attempt_failures.values[activity.name] += 1
             if attempt_final:
                 metrics.activity_failures.values[activity.name] += 1
+                step = CompensationStep if kind is StepKind.COMPENSATION else ActivityStep
                 outcome = step(
-                    None, encode_error(error), attempt, started, host.clock() - started, recorded_args
+                    None, encode_error(error), attempt, started, host.clock() - started, RawJSON(encoded_args)
                 )
                 body = outcome.encode(what="error", limit=None)
                 return HistoryRow(seq, kind, activity.name, body, True, started)
