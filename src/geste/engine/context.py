@@ -37,6 +37,8 @@ from .._steps import (
     SubscribeStep,
     UuidStep,
     WaitEventStep,
+    event_history_payload,
+    message_history_payload,
 )
 from .._validation import (
     BROADCAST,
@@ -60,8 +62,6 @@ from ..storage.base import (
     MessageWait,
     NewMessage,
     NewOutboxEvent,
-    event_history_payload,
-    message_history_payload,
 )
 from .activities import ActivityContext, ActivityRunner
 from .journal import Journal
