@@ -172,6 +172,12 @@ def test_the_fast_paths_inline_encoded_json() -> None:
     assert message.encode() == GOLDEN[14][3]
     direct = StoredMessage(4, "m-2", "box", '{"for":"me"}', None, "me", 1893456201.0)
     assert message_history_payload(direct) == GOLDEN[15][3]
+    assert (
+        _steps.activity_payload(
+            {"id": "r-1", "n": 1.5}, None, 1, 1893456000.25, 0.5, ARGS_TEXT, what="result", limit=None
+        )
+        == GOLDEN[0][3]
+    )  # the engine's writer: the step not built
 
 
 def test_the_limit_and_the_errors_of_user_values() -> None:
@@ -196,6 +202,13 @@ def test_values_as_the_workflow_gets_them() -> None:
         {"traceparent": "00-ab"},
     )
     assert EventStep("e", "t", None, None, None, None).event().extensions == {}
+    message = decode_step(HistoryRow(5, "message", "box", GOLDEN[14][3], False, 0.0), instance_id="i")
+    assert isinstance(message, MessageStep)
+    assert message.message() == geste.Message(
+        "m-1", "box", [1, "two"], "sender-1", datetime.fromtimestamp(1893456200.5, UTC), False
+    )
+    activity = decode_step(HistoryRow(1, "compensation", "a", GOLDEN[0][3], False, 0.0), instance_id="i")
+    assert activity == CompensationStep({"id": "r-1", "n": 1.5}, None, 1, 1893456000.25, 0.5, ARGS)
     now = NowStep.decode("1893456000.5")
     assert now.moment() == datetime.fromtimestamp(1893456000.5, UTC)
     assert UuidStep.decode(f'"{A_UUID}"').value == uuid.UUID(A_UUID)

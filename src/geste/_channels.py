@@ -20,10 +20,8 @@ deletes what nobody needs any more, after the retention.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
-
-from ._serde import decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,20 +38,3 @@ class Message:
     sender_instance_id: str | None
     published_at: datetime
     direct: bool = False
-
-
-def message_from_payload(payload: str | None) -> Message:
-    """The ``Message`` a history row of kind ``message`` recorded."""
-    return message_from_body(decode(payload))
-
-
-def message_from_body(body: Any) -> Message:
-    """The ``Message`` of a ``message`` row's decoded payload."""
-    return Message(
-        message_id=body["message_id"],
-        channel=body["channel"],
-        data=body.get("data"),
-        sender_instance_id=body.get("sender_instance_id"),
-        published_at=datetime.fromtimestamp(body["published_at"], UTC),
-        direct=bool(body.get("direct")),
-    )

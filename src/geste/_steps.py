@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, Self
 
+from ._channels import Message
 from ._models import Event, HistoryEntry, StepKind
 from ._serde import encode
 from .errors import HistoryCorruptedError
@@ -86,6 +87,10 @@ def _object(body: Any) -> dict[str, Any]:
     if type(body) is not dict:
         raise TypeError(f"the payload {body!r:.80} is not an object")
     return body
+
+
+_NUMBERS = (float, int)
+"""The types of a recorded number (``type(value) in _NUMBERS``: not a bool)."""
 
 
 def _number(value: Any) -> float:
@@ -165,7 +170,8 @@ class _NoPayload(_Payload):
 
     __slots__ = ()
 
-    def encode(self) -> None:
+    def encode(self) -> str | None:
+        """The payload: none (NULL), the ``payload`` of the row as other steps' ``encode`` give it."""
         return None
 
     @classmethod
@@ -195,18 +201,23 @@ class ActivityStep(_Payload):
 
     def encode(self, *, what: str = "activity outcome", limit: int | None = None) -> str:
         """The payload; ``what`` and ``limit`` apply to the outcome (the input was checked when encoded)."""
-        if self.error is None:
-            body = {"result": self.result, "attempts": self.attempts}
-        else:
-            body = {"error": self.error, "attempts": self.attempts}
-        body["started_at"] = self.started_at
-        body["duration"] = self.duration
-        text = encode(body, what=what, limit=limit)
-        return text[:-1] + ',"input":' + _raw(self.input, "activity input") + "}"
+        return activity_payload(
+            self.result,
+            self.error,
+            self.attempts,
+            self.started_at,
+            self.duration,
+            _raw(self.input, "activity input"),
+            what=what,
+            limit=limit,
+        )
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
-        body = _object(body)
+        # the checks of _object and _number inline (the hot path: every activity is read back), the
+        # helpers called only to raise
+        if type(body) is not dict:
+            _object(body)
         if is_error:
             result, error = None, _optional_object(body["error"], "error")
             if error is None:
@@ -216,9 +227,45 @@ class ActivityStep(_Payload):
         attempts = body["attempts"]
         if type(attempts) is not int:
             raise TypeError(f"attempts {attempts!r:.80} is not an integer")
-        return cls(
-            result, error, attempts, _number(body["started_at"]), _number(body["duration"]), body["input"]
-        )
+        started_at, duration = body["started_at"], body["duration"]
+        if type(started_at) not in _NUMBERS or type(duration) not in _NUMBERS:
+            _number(started_at), _number(duration)
+        # built as __init__ builds it, without its object.__setattr__ per field (twice as fast)
+        step = _new(cls)
+        _set_result(step, result)
+        _set_error(step, error)
+        _set_attempts(step, attempts)
+        _set_started_at(step, started_at)
+        _set_duration(step, duration)
+        _set_input(step, body["input"])
+        return step
+
+
+_new = object.__new__
+_set_result, _set_error, _set_attempts, _set_started_at, _set_duration, _set_input = (
+    getattr(ActivityStep, field.name).__set__ for field in fields(ActivityStep)
+)
+"""The slots of ActivityStep (a CompensationStep's too) as ActivityStep.from_json fills them."""
+
+
+def activity_payload(
+    result: Any,
+    error: dict[str, Any] | None,
+    attempts: int,
+    started_at: float,
+    duration: float,
+    input_json: str,
+    *,
+    what: str,
+    limit: int | None,
+) -> str:
+    """The payload ``ActivityStep.encode`` writes (of a compensation too), without building the step:
+    the engine writes one per activity it runs, ``input_json`` the text of its recorded arguments."""
+    if error is None:
+        body = {"result": result, "attempts": attempts, "started_at": started_at, "duration": duration}
+    else:
+        body = {"error": error, "attempts": attempts, "started_at": started_at, "duration": duration}
+    return encode(body, what=what, limit=limit)[:-1] + ',"input":' + input_json + "}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,6 +466,17 @@ class MessageStep(_Payload):
             "direct": self.direct,
         }
         return _with_data(head, _raw(self.data, "message data"))
+
+    def message(self) -> Message:
+        """The ``Message`` that ``ctx.receive`` returns."""
+        return Message(
+            self.message_id,
+            self.channel,
+            self.data,
+            self.sender_instance_id,
+            datetime.fromtimestamp(self.published_at, UTC),
+            self.direct,
+        )
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
@@ -647,9 +705,12 @@ def decode_step(row: Row, *, instance_id: str) -> Step:
     """The step a history row of ``instance_id`` records. A row that is not what geste writes (an
     unknown kind, a payload that is not JSON or not its step's shape) raises ``HistoryCorruptedError``
     naming the row's position and what is wrong with it."""
-    cls = _step_class(row, instance_id)
+    cls = STEPS.get(row.kind)  # _step_class and _json inline: every replayed step is read here
+    if cls is None:
+        raise HistoryCorruptedError(instance_id, row.seq, f"unknown step kind {row.kind!r:.80}")
+    payload = row.payload
     try:
-        return cls.from_json(_json(row.payload), is_error=row.is_error)
+        return cls.from_json(None if payload is None else json.loads(payload), is_error=row.is_error)
     except UNREADABLE as exc:
         raise _unreadable(row, instance_id, exc) from exc
 

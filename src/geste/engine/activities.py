@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._models import StepKind
-from .._serde import decode, encode, encode_error
+from .._serde import decode, decode_error, encode, encode_error
+from .._steps import ActivityStep, CompensationStep, RawJSON, activity_payload
 from ..errors import ActivityTimeout, NonDeterminismError, SerializationError
 from ..storage.base import HistoryRow
-from . import payloads
 from .journal import Host, Journal
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class ActivityRunner:
         kind: StepKind = StepKind.ACTIVITY,
     ) -> Any:
         """The activity step: its recorded outcome, or its outcome now (buffered); raises its error."""
-        seq = journal.next()
+        journal.seq = seq = journal.seq + 1  # journal.next(), inline on the hot path
         row = journal.replay(seq, kind, activity.name)
         if row is None:
             journal.begin(seq)
@@ -75,16 +75,17 @@ class ActivityRunner:
             # workflow's own objects: what it mutates cannot leak into the workflow
             loaded_args, loaded_kwargs = activity.signature.load_args(decode(encoded_args))
             journal.live(seq, ordered=False)
-            if journal.has_buffered():  # what the workflow saw (now, uuid4, random, a timeout) may be in
+            if journal.pending:  # what the workflow saw (now, uuid4, random, a timeout) may be in
                 await journal.flush()  # the arguments: a rerun of the activity after a crash must see it too
                 journal.cancel_if_requested(seq)  # the flush is where a cancel requested meanwhile shows
             row = await self._execute(
                 journal, activity, seq, kind, tuple(loaded_args), loaded_kwargs, encoded_args
             )
-            journal.buffer(row)
-        if row.is_error:
-            raise journal.read(row, payloads.activity_error)
-        return activity.signature.load_result(journal.read(row, payloads.activity_result))
+            journal.pending.append(row)  # journal.buffer(row), inline: see there why it can wait
+        step = journal.read(row, ActivityStep)  # a CompensationStep is one
+        if step.error is not None:
+            raise decode_error(step.error)
+        return activity.signature.load_result(step.result)
 
     async def _execute(
         self,
@@ -134,11 +135,12 @@ class ActivityRunner:
                 error = exc
             if error is None:
                 try:
-                    body = encode_body(
-                        {"result": result},
-                        started,
-                        host.clock(),
+                    body = activity_payload(  # ActivityStep(...).encode(), the step not built (hot path)
+                        result,
+                        None,
                         attempt,
+                        started,
+                        host.clock() - started,
                         encoded_args,
                         what=f"result of activity {activity.name}",
                         limit=host.max_payload_bytes,
@@ -152,15 +154,11 @@ class ActivityRunner:
             metrics.activity_attempt_failures.values[activity.name] += 1
             if attempt_final:
                 metrics.activity_failures.values[activity.name] += 1
-                body = encode_body(
-                    {"error": encode_error(error)},
-                    started,
-                    host.clock(),
-                    attempt,
-                    encoded_args,
-                    what="error",
-                    limit=None,
+                step = CompensationStep if kind is StepKind.COMPENSATION else ActivityStep
+                outcome = step(
+                    None, encode_error(error), attempt, started, host.clock() - started, RawJSON(encoded_args)
                 )
+                body = outcome.encode(what="error", limit=None)
                 return HistoryRow(seq, kind, activity.name, body, True, started)
             delay = policy.delay(attempt)
             metrics.activity_retries.values[activity.name] += 1
@@ -189,22 +187,3 @@ class ActivityRunner:
                     raise
                 errors.append({"activity": activity.name, **encode_error(exc)})
         return errors
-
-
-def encode_body(
-    outcome: dict[str, Any],
-    started: float,
-    finished: float,
-    attempts: int,
-    encoded_args: str,
-    *,
-    what: str,
-    limit: int | None,
-) -> str:
-    """The history payload of an activity: its outcome, timing, attempts and (already encoded) input."""
-    text = encode(
-        {**outcome, "attempts": attempts, "started_at": started, "duration": finished - started},
-        what=what,
-        limit=limit,
-    )
-    return text[:-1] + ',"input":' + encoded_args + "}"

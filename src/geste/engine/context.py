@@ -13,15 +13,33 @@ from __future__ import annotations
 import logging
 import random as _random
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, MutableMapping
+from collections.abc import Coroutine, Mapping, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-from .._channels import Message, message_from_body
+from .._channels import Message
 from .._models import Event, StepKind
 from .._retry import seconds
-from .._serde import decode, encode
+from .._serde import encode
+from .._steps import (
+    EventStep,
+    EventTimeoutStep,
+    MessageStep,
+    NowStep,
+    PublishStep,
+    RandomStep,
+    ReceiveStep,
+    ReceiveTimeoutStep,
+    SendEventStep,
+    SendToStep,
+    SleepStep,
+    SubscribeStep,
+    UuidStep,
+    WaitEventStep,
+    event_history_payload,
+    message_history_payload,
+)
 from .._validation import (
     BROADCAST,
     check_channel,
@@ -44,10 +62,7 @@ from ..storage.base import (
     MessageWait,
     NewMessage,
     NewOutboxEvent,
-    event_history_payload,
-    message_history_payload,
 )
-from . import payloads
 from .activities import ActivityContext, ActivityRunner
 from .journal import Journal
 
@@ -98,31 +113,46 @@ class WorkflowContext:
     # -- deterministic helpers ---------------------------------------------------------------------
     def now(self) -> datetime:
         """The current time (UTC), recorded so that a replay sees the same value."""
-        return self._helper(StepKind.NOW, self._host.clock, payloads.moment)
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.NOW, "now")
+        if row is not None:
+            return journal.read(row, NowStep).moment()
+        journal.running()
+        journal.live(seq)
+        step = NowStep(self._host.clock())
+        self._record_value(seq, StepKind.NOW, step.encode())
+        return step.moment()
 
     def uuid4(self) -> uuid.UUID:
         """A random UUID, recorded so that a replay sees the same value."""
-        return self._helper(StepKind.UUID, _new_uuid, payloads.uuid4)
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.UUID, "uuid")
+        if row is not None:
+            return journal.read(row, UuidStep).value
+        journal.running()
+        journal.live(seq)
+        value = uuid.uuid4()
+        self._record_value(seq, StepKind.UUID, UuidStep(value).encode())
+        return value
 
     def random(self) -> float:
         """A random float in [0, 1), recorded so that a replay sees the same value."""
-        return self._helper(StepKind.RANDOM, _random.random, payloads.number)
-
-    def _helper(self, kind: StepKind, make: Callable[[], Any], read: Callable[[Any], T]) -> T:
-        """A recorded value: ``make`` it and record it, or read it back (``read`` turns both into what
-        the workflow gets)."""
         journal = self._journal
         seq = journal.next()
-        row = journal.replay(seq, kind, kind.value)
+        row = journal.replay(seq, StepKind.RANDOM, "random")
         if row is not None:
-            return journal.read(row, read)
+            return float(journal.read(row, RandomStep).value)
         journal.running()
         journal.live(seq)
-        value = make()
-        journal.buffer(
-            HistoryRow(seq, kind, kind.value, encode(value, what=kind.value), False, self._host.clock())
-        )
-        return read(value)
+        value = _random.random()
+        self._record_value(seq, StepKind.RANDOM, RandomStep(value).encode())
+        return value
+
+    def _record_value(self, seq: int, kind: StepKind, payload: str) -> None:
+        """Record the value a ``now``, ``uuid4`` or ``random`` step made (with the next commit)."""
+        self._journal.buffer(HistoryRow(seq, kind, kind.value, payload, False, self._host.clock()))
 
     # -- activities --------------------------------------------------------------------------------
     def on_failure(self, activity: Activity[Any, Any], /, *args: Any, **kwargs: Any) -> None:
@@ -158,17 +188,10 @@ class WorkflowContext:
             journal.live(seq)
             expires_at = now + secs
             journal.buffer(
-                HistoryRow(
-                    seq,
-                    StepKind.SLEEP,
-                    "sleep",
-                    encode({"seconds": secs, "expires_at": expires_at}, what="sleep"),
-                    False,
-                    now,
-                )
+                HistoryRow(seq, StepKind.SLEEP, "sleep", SleepStep(secs, expires_at).encode(), False, now)
             )
         else:
-            expires_at = journal.read(row, payloads.expires_at)
+            expires_at = float(journal.read(row, SleepStep).expires_at)
             if journal.last_recorded > seq:
                 journal.cancelled_here()
                 return
@@ -210,29 +233,28 @@ class WorkflowContext:
             journal.begin(seq)
             now = self._host.clock()
             deadline = None if secs is None else now + secs
-            body = encode(
-                {"match": match_dict, "timeout": secs, "deadline": deadline},
-                what="event match",
-                limit=self._host.max_payload_bytes,
-            )
+            body = WaitEventStep(match_dict, secs, deadline).encode(limit=self._host.max_payload_bytes)
             journal.live(seq)
             journal.buffer(HistoryRow(seq, StepKind.WAIT_EVENT, event_type, body, False, now))
             # matched as recorded (JSON), like the events it is compared with, whether it finds one
             # now or app.send_event brings one later: a tuple, a date or an int key match the same
-            match_dict = decode(body)["match"]
+            match_dict = WaitEventStep.decode(body).match
         else:
-            deadline, match_dict = journal.read(row, payloads.wait_body)
+            wait = journal.read(row, WaitEventStep)
+            deadline, match_dict = _optional_float(wait.deadline), wait.match
         out_seq = journal.next()
         out = journal.wait_outcome(out_seq, event_type, StepKind.EVENT, StepKind.EVENT_TIMEOUT, "event")
         if out is not None:
             if out.kind == StepKind.EVENT_TIMEOUT:
                 raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
-            return journal.read(out, payloads.event)
+            return journal.read(out, EventStep).event()
         now = self._host.clock()
         taken = await journal.take_event_or_suspend(EventWait(event_type, match_dict, deadline, out_seq), now)
         if taken is not None:
-            return payloads.event(decode(event_history_payload(taken)))
-        journal.buffer(HistoryRow(out_seq, StepKind.EVENT_TIMEOUT, event_type, None, True, now))
+            return EventStep.decode(event_history_payload(taken)).event()
+        journal.buffer(
+            HistoryRow(out_seq, StepKind.EVENT_TIMEOUT, event_type, EventTimeoutStep().encode(), True, now)
+        )
         raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
 
     # -- the transactional outbox ------------------------------------------------------------------
@@ -265,7 +287,7 @@ class WorkflowContext:
         seq = journal.next()
         row = journal.replay(seq, StepKind.SEND_EVENT, event_type)
         if row is not None:
-            return journal.read(row, payloads.event_id)
+            return journal.read(row, SendEventStep).event_id
         journal.begin(seq)
         encoded = (
             None
@@ -276,7 +298,7 @@ class WorkflowContext:
         eid = f"{self.instance_id}:{seq}" if event_id is None else event_id
         src = f"/geste/{quote(self.workflow_name, safe='')}" if source is None else source
         now = self._host.clock()
-        body = encode({"event_id": eid, "type": event_type, "source": src, "subject": subject}, what="event")
+        body = SendEventStep(eid, event_type, src, subject).encode()
         await journal.send_event(
             HistoryRow(seq, StepKind.SEND_EVENT, event_type, body, False, now),
             NewOutboxEvent(eid, seq, event_type, src, subject, encoded),
@@ -306,7 +328,7 @@ class WorkflowContext:
         journal.begin(seq)
         journal.live(seq, ordered=False)
         now = self._host.clock()
-        body = encode({"mode": mode}, what="subscription")
+        body = SubscribeStep(mode).encode()
         await journal.subscribe(
             HistoryRow(seq, StepKind.SUBSCRIBE, channel, body, False, now), channel, mode, now
         )
@@ -335,7 +357,7 @@ class WorkflowContext:
             else:
                 journal.begin(seq)
                 journal.live(seq)
-                body = encode({"mode": mode, "implicit": True}, what="subscription")
+                body = SubscribeStep(mode, implicit=True).encode()
                 journal.buffer(HistoryRow(seq, StepKind.SUBSCRIBE, channel, body, False, self._host.clock()))
                 self._subscriptions[channel] = mode
         seq = journal.next()
@@ -345,10 +367,10 @@ class WorkflowContext:
             journal.live(seq)
             now = self._host.clock()
             deadline = None if secs is None else now + secs
-            body = encode({"timeout": secs, "deadline": deadline}, what="receive")
+            body = ReceiveStep(secs, deadline).encode()
             journal.buffer(HistoryRow(seq, StepKind.RECEIVE, channel, body, False, now))
         else:
-            deadline = journal.read(row, payloads.deadline)
+            deadline = _optional_float(journal.read(row, ReceiveStep).deadline)
         out_seq = journal.next()
         out = journal.wait_outcome(
             out_seq, channel, StepKind.MESSAGE, StepKind.RECEIVE_TIMEOUT, "message on channel"
@@ -356,12 +378,14 @@ class WorkflowContext:
         if out is not None:
             if out.kind == StepKind.RECEIVE_TIMEOUT:
                 raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
-            return journal.read(out, message_from_body)
+            return journal.read(out, MessageStep).message()
         now = self._host.clock()
         taken = await journal.take_message_or_suspend(MessageWait(channel, mode, deadline, out_seq), now)
         if taken is not None:
-            return message_from_body(decode(message_history_payload(taken)))
-        journal.buffer(HistoryRow(out_seq, StepKind.RECEIVE_TIMEOUT, channel, None, True, now))
+            return MessageStep.decode(message_history_payload(taken)).message()
+        journal.buffer(
+            HistoryRow(out_seq, StepKind.RECEIVE_TIMEOUT, channel, ReceiveTimeoutStep().encode(), True, now)
+        )
         raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
 
     async def publish(self, channel: str, data: Any = None) -> str:
@@ -389,9 +413,10 @@ class WorkflowContext:
         seq = journal.next()
         row = journal.replay(seq, kind, channel)
         if row is not None:
+            published = journal.read(row, PublishStep)  # a SendToStep is one
             if row.is_error:
-                raise InstanceNotFoundError(journal.read(row, payloads.target_instance_id))
-            return journal.read(row, payloads.message_id)
+                raise InstanceNotFoundError(str(published.target_instance_id))
+            return str(published.message_id)
         journal.begin(seq)
         encoded = encode(
             data, what=f"data of a message on channel {channel}", limit=self._host.max_payload_bytes
@@ -399,13 +424,14 @@ class WorkflowContext:
         journal.live(seq, ordered=False)
         message_id = uuid.uuid4().hex
         now = self._host.clock()
-        body = encode({"message_id": message_id, "target_instance_id": target}, what="message")
+        step = PublishStep if kind is StepKind.PUBLISH else SendToStep
+        body = step(message_id, target).encode()
         if not await journal.publish(
             HistoryRow(seq, kind, channel, body, False, now),
             NewMessage(message_id, channel, encoded, self.instance_id, target, now),
             now,
         ):  # nothing was written: record the outcome, so a replay raises it too
-            missing = encode({"message_id": None, "target_instance_id": target}, what="message")
+            missing = step(None, target).encode()
             await journal.commit(HistoryRow(seq, kind, channel, missing, True, now))
             raise InstanceNotFoundError(str(target))
         return message_id
@@ -422,7 +448,7 @@ class WorkflowContext:
         return True
 
     def _replayed_subscription(self, seq: int, row: HistoryRow, channel: str, mode: str) -> None:
-        recorded = self._journal.read(row, payloads.subscription_mode)
+        recorded = self._journal.read(row, SubscribeStep).mode
         if recorded != mode:
             raise self._journal.diverged(
                 NonDeterminismError(
@@ -432,5 +458,6 @@ class WorkflowContext:
         self._subscriptions[channel] = mode
 
 
-def _new_uuid() -> str:
-    return str(uuid.uuid4())
+def _optional_float(value: float | None) -> float | None:
+    """A recorded deadline as the run uses it (a float, as it was written)."""
+    return None if value is None else float(value)

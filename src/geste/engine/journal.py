@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from .._metrics import Metrics
 from .._models import Status, StepKind
-from .._serde import decode
+from .._steps import STEPS, CancelledStep, Step, decode_step
 from ..errors import HistoryCorruptedError, NonDeterminismError, StorageError, WorkflowCancelled
 from ..storage.base import (
     EventWait,
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from .._definitions import Activity
 
 T = TypeVar("T")
+S = TypeVar("S", bound=Step)
 
-_KINDS = frozenset(kind.value for kind in StepKind)
 _WAIT_KINDS = frozenset(
     kind.value
     for kind in (
@@ -55,18 +55,6 @@ _WAIT_KINDS = frozenset(
     )
 )
 """Rows of waits: a wait is never inside a gather, so everything before one was recorded before it."""
-_UNREADABLE = (
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    AttributeError,
-    OverflowError,
-    OSError,
-    RecursionError,
-)
-"""What reading a recorded row raises when the row is not what its step wrote (JSONDecodeError is a
-ValueError; a missing key, a list for a dict, a string for a number...)."""
 
 
 class _Unwind(BaseException):
@@ -144,24 +132,41 @@ class Journal:
         self.lease = lease
         self.instance_id = lease.instance_id
         self.workflow_name = workflow_name
-        self._history = {row.seq: row for row in history}
-        numbered = [row for row in history if type(row.seq) is int]  # SQLite keeps what an UPDATE puts
-        self.last_recorded = max((row.seq for row in numbered), default=0)
+        self._history: dict[int, HistoryRow] = {}
+        last_recorded = last_wait = 0
+        cancel_delivered = False
+        misnumbered: tuple[int, HistoryRow] | None = None
+        for position, row in enumerate(history, 1):  # one pass, no generator: every run does it
+            seq = row.seq
+            self._history[seq] = row
+            kind = row.kind
+            if kind == StepKind.CANCELLED:
+                cancel_delivered = True
+            if type(seq) is not int:  # SQLite keeps what an UPDATE puts
+                if misnumbered is None:
+                    misnumbered = position, row
+                continue
+            if seq > last_recorded:
+                last_recorded = seq
+            if seq > last_wait and kind in _WAIT_KINDS:
+                last_wait = seq
+        self.last_recorded = last_recorded
         """The number of the last recorded step: the steps up to it replay."""
-        self._last_wait = max((row.seq for row in numbered if row.kind in _WAIT_KINDS), default=0)
+        self._last_wait = last_wait
         self.seq = 0
-        """The number of the step taken last."""
-        self._pending: list[HistoryRow] = []
+        """The number of the step taken last (``next``; the activity step counts inline)."""
+        self.pending: list[HistoryRow] = []
+        """The rows buffered for the next commit (``buffer``; the activity step appends inline)."""
         self._cancel_requested = cancel_requested
-        self._cancel_delivered = any(row.kind == StepKind.CANCELLED for row in history)
+        self._cancel_delivered = cancel_delivered
         self.compensations: list[tuple[Activity[Any, Any], tuple[Any, ...], dict[str, Any]]] = []
         """The compensations the workflow registered (``on_failure``), oldest first."""
         self._compensating = False
         self._suspended = False
         self.divergence: NonDeterminismError | None = None
         """The divergence (or corruption) that stops the run, even if the workflow swallowed it."""
-        if len(numbered) < len(history):  # fail the run like a divergence, not the engine at every claim
-            position, row = next((i, r) for i, r in enumerate(history, 1) if type(r.seq) is not int)
+        if misnumbered is not None:  # fail the run like a divergence, not the engine at every claim
+            position, row = misnumbered
             self.corrupted(position, f"the row in position {position} has the step number {row.seq!r:.80}")
 
     @property
@@ -182,12 +187,13 @@ class Journal:
         """
         if self.divergence is not None:
             raise self.divergence
-        row = self.row(seq)
+        row = self._history.get(seq)
         if row is None:
             return None
-        if row.kind == StepKind.CANCELLED:
-            raise self.cancelled()
-        if row.kind != kind or row.name != name:
+        if row.kind != kind or row.name != name:  # (the row of the step asked for is of a known kind)
+            self.row(seq)  # a kind geste never writes is corruption
+            if row.kind == StepKind.CANCELLED:
+                raise self.cancelled()
             raise self.diverged(
                 NonDeterminismError(seq, f"{row.kind} {row.name!r}", f"{kind.value} {name!r}")
             )
@@ -196,20 +202,21 @@ class Journal:
     def row(self, seq: int) -> HistoryRow | None:
         """The recorded row at ``seq``, if any; one of a kind geste never writes is corruption."""
         row = self._history.get(seq)
-        if row is not None and row.kind not in _KINDS:
+        if row is not None and row.kind not in STEPS:
             raise self.corrupted(seq, f"unknown step kind {row.kind!r:.80}")
         return row
 
-    def read(self, row: HistoryRow, read: Callable[[Any], T]) -> T:
-        """What a recorded row says, through ``read`` (given the decoded payload). A row that cannot say
-        it (not JSON, not the shape its step writes) was not written by geste: it fails the instance
-        like a divergence, even if the workflow catches the error, and is left as it is."""
+    def read(self, row: HistoryRow, cls: type[S]) -> S:
+        """The step a recorded row records (a ``cls``: its kind was checked by ``replay``). A row that is
+        not what its step writes (not JSON, not its shape) was not written by geste: it fails the
+        instance like a divergence, even if the workflow catches the error, and is left as it is."""
         try:
-            return read(decode(row.payload))
-        except _UNREADABLE as exc:
-            raise self.corrupted(
-                row.seq, f"{row.kind} {row.name!r:.80} row unreadable ({type(exc).__name__}: {exc!s:.200})"
-            ) from exc
+            step = decode_step(row, instance_id=self.instance_id)
+        except HistoryCorruptedError as error:
+            self.diverged(error)
+            raise
+        assert isinstance(step, cls)
+        return step
 
     def live(self, seq: int, *, ordered: bool = True) -> None:
         """Before a step at ``seq`` is taken live: below later recorded steps it fills a hole, a row
@@ -256,7 +263,10 @@ class Journal:
     def deliver_cancel(self, seq: int) -> NoReturn:
         """Record the cancellation at ``seq`` (with the next commit) and raise it in the workflow."""
         self._cancel_delivered = True
-        self._pending.append(HistoryRow(seq, StepKind.CANCELLED, "cancelled", None, False, self.host.clock()))
+        payload = CancelledStep().encode()
+        self.pending.append(
+            HistoryRow(seq, StepKind.CANCELLED, "cancelled", payload, False, self.host.clock())
+        )
         raise self.cancelled()
 
     def cancelled(self) -> WorkflowCancelled:
@@ -282,14 +292,11 @@ class Journal:
         per activity, and the last activity commits with the instance's end. No side effect can happen in
         between (workflow code is deterministic), so a crash before that commit only re-runs this
         activity, as a crash during it would: at least once, recorded once."""
-        self._pending.append(row)
-
-    def has_buffered(self) -> bool:
-        return bool(self._pending)
+        self.pending.append(row)
 
     async def commit(self, row: HistoryRow) -> None:
         """Record ``row`` (and the rows buffered before it) now."""
-        self._pending.append(row)
+        self.pending.append(row)
         await self.flush()
 
     def _recorded(self, records: Sequence[HistoryRow], outcome_cancel_requested: bool) -> None:
@@ -299,7 +306,7 @@ class Journal:
 
     async def flush(self) -> None:
         """Commit the buffered rows in one transaction that also renews the lease."""
-        records, self._pending = self._pending, []
+        records, self.pending = self.pending, []
         host = self.host
         status = Status.COMPENSATING if self._compensating else None
         now = host.clock()
@@ -313,8 +320,8 @@ class Journal:
 
     async def send_event(self, row: HistoryRow, event: NewOutboxEvent, now: float) -> None:
         """Record the ``send_event`` step ``row`` and its outbox event in one transaction."""
-        self._pending.append(row)
-        records, self._pending = self._pending, []
+        self.pending.append(row)
+        records, self.pending = self.pending, []
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.outbox_record(
@@ -330,8 +337,8 @@ class Journal:
 
     async def subscribe(self, row: HistoryRow, channel: str, mode: str, now: float) -> None:
         """Record the ``subscribe`` step ``row`` and the subscription in one transaction."""
-        self._pending.append(row)
-        records, self._pending = self._pending, []
+        self.pending.append(row)
+        records, self.pending = self.pending, []
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.channel_subscribe(
@@ -347,7 +354,7 @@ class Journal:
     async def publish(self, row: HistoryRow, message: NewMessage, now: float) -> bool:
         """Record the ``publish``/``send_to`` step ``row`` and its message in one transaction; False (and
         nothing written) when the message's target instance does not exist."""
-        records = [*self._pending, row]
+        records = [*self.pending, row]
         host = self.host
         with _abandon_on_failure:
             result = await host.storage.channel_publish(
@@ -355,7 +362,7 @@ class Journal:
             )
         if result.target_missing:
             return False
-        self._pending = []
+        self.pending = []
         self._recorded(records, result.cancel_requested)
         if result.woken:
             host.on_channel_woken()
@@ -366,14 +373,14 @@ class Journal:
     ) -> None:
         """Store the instance's end with the buffered rows (none if ``discard``: a divergence keeps the
         history as it is, for an operator to decide)."""
-        records = [] if discard else self._pending
+        records = [] if discard else self.pending
         host = self.host
         with _abandon_on_failure:
             await host.storage.finish(
                 self.lease, records, now=host.clock(), status=status, result=result, error=error
             )
         host.metrics.recorded(records)
-        self._pending = []
+        self.pending = []
 
     # -- waits ---------------------------------------------------------------------------------------------
     def wait_outcome(
@@ -400,7 +407,7 @@ class Journal:
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.take_event_or_suspend(
-                self.lease, self._pending, wait, now=now, lock_expires_at=now + host.lock_timeout
+                self.lease, self.pending, wait, now=now, lock_expires_at=now + host.lock_timeout
             )
         return self._took(outcome, StepKind.EVENT, wait.outcome_seq, wait.deadline)
 
@@ -410,7 +417,7 @@ class Journal:
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.channel_take_or_suspend(
-                self.lease, self._pending, wait, now=now, lock_expires_at=now + host.lock_timeout
+                self.lease, self.pending, wait, now=now, lock_expires_at=now + host.lock_timeout
             )
         return self._took(outcome, StepKind.MESSAGE, wait.outcome_seq, wait.deadline)
 
@@ -424,9 +431,9 @@ class Journal:
         if isinstance(outcome, Suspension):
             self._waited(outcome, out_seq, deadline)
         metrics = self.host.metrics
-        metrics.recorded(self._pending)
+        metrics.recorded(self.pending)
         metrics.steps.values[kind] += 1
-        self._pending = []
+        self.pending = []
         return outcome
 
     def _waited(self, outcome: Suspension, out_seq: int, deadline: float | None) -> NoReturn:
@@ -442,7 +449,7 @@ class Journal:
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.suspend(
-                self.lease, self._pending, now=host.clock(), run_at=run_at, timer=timer
+                self.lease, self.pending, now=host.clock(), run_at=run_at, timer=timer
             )
         if outcome is Suspension.CANCEL_REQUESTED:
             self._cancel_requested = True
@@ -450,8 +457,8 @@ class Journal:
         self._suspended_until(run_at)
 
     def _suspended_until(self, run_at: float | None) -> NoReturn:
-        self.host.metrics.recorded(self._pending)
-        self._pending = []
+        self.host.metrics.recorded(self.pending)
+        self.pending = []
         self._suspended = True
         self.host.on_suspended(self.instance_id, run_at)
         raise Suspended()
