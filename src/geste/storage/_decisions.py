@@ -16,6 +16,7 @@ from typing import Any
 
 from .._models import Status, matches
 from .._status import QueueStats
+from .._steps import event_history_payload, message_history_payload
 from . import _rows as rows
 from ._rows import Record
 from .base import (
@@ -32,8 +33,6 @@ from .base import (
     RetryRow,
     StoredEvent,
     StoredMessage,
-    event_history_payload,
-    message_history_payload,
     retry_cut,
 )
 

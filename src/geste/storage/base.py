@@ -17,8 +17,6 @@ from typing import Any
 
 from .._models import Status
 from .._status import QueueStats
-from .._steps import event_history_payload as event_history_payload  # the EVENT step's encoder
-from .._steps import message_history_payload as message_history_payload  # the MESSAGE step's
 from ._listen import Listening
 
 

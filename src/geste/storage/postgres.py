@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._models import Status
 from .._status import QueueStats
+from .._steps import event_history_payload
 from ..errors import ConfigurationError, StorageError
 from . import _decisions as decide
 from . import _migrations
@@ -58,7 +59,6 @@ from .base import (
     StoredMessage,
     Suspension,
     WorkerRow,
-    event_history_payload,
 )
 
 try:
