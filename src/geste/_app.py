@@ -14,7 +14,6 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from ._client import Client
-from ._client import check_id as _check_id
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics, app_collector
@@ -23,6 +22,7 @@ from ._operations import ResumeResult, RetryRecord
 from ._registry import Registry
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, ListenerStatus, SystemStatus, WorkerInfo, is_alive
+from ._validation import check_id as _check_id
 from .engine.context import ActivityContext, WorkflowContext
 from .engine.run import Engine
 from .errors import AppNotOpenError

@@ -27,7 +27,7 @@ from ._registry import Registry
 from ._retry import seconds
 from ._serde import decode, decode_error, encode
 from ._steps import read_row
-from ._validation import check_channel, check_name, storable_text
+from ._validation import check_channel, check_id, check_name, findable, storable_text
 from .errors import (
     AppNotOpenError,
     ConfigurationError,
@@ -56,7 +56,6 @@ R = TypeVar("R")
 
 logger = logging.getLogger("geste.app")
 
-MAX_ID_LENGTH = 200
 COMPLETED_KEPT = 5_000
 COMPLETED_KEPT_SIZE = 2_048
 """Results of instances completed in this process kept for ``result()``: the latest 5,000 of at most
@@ -64,24 +63,6 @@ COMPLETED_KEPT_SIZE = 2_048
 
 CANCELLABLE = (Status.PENDING, Status.RUNNING, Status.WAITING)
 """What a bulk cancel looks at unless told a status: compensating instances are ending already."""
-
-
-def check_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH or not storable_text(value):
-        raise ConfigurationError(
-            f"{what} must be a non-empty string of at most {MAX_ID_LENGTH} characters (no NUL, valid UTF-8)"
-        )
-    return value
-
-
-def findable(value: object, what: str) -> bool:
-    """Whether ``value`` can be the id or name of a stored row. A non-string is the caller's mistake; a
-    string no backend stores (NUL, a lone surrogate) names nothing, and is not sent to the database,
-    where it would fail as a driver error (a StorageError on PostgreSQL, a UnicodeEncodeError from
-    sqlite3) rather than find nothing."""
-    if not isinstance(value, str):
-        raise ConfigurationError(f"{what} must be a string, not {type(value).__name__}")
-    return storable_text(value)
 
 
 class LocalWorker(Protocol):

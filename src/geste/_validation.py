@@ -110,3 +110,25 @@ def check_instance_id(instance_id: object) -> str:
     if not isinstance(instance_id, str) or not instance_id or not storable_text(instance_id):
         raise ConfigurationError("instance_id must be a non-empty string (no NUL, valid UTF-8)")
     return instance_id
+
+
+MAX_ID_LENGTH = 200
+"""The longest instance or worker id."""
+
+
+def check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH or not storable_text(value):
+        raise ConfigurationError(
+            f"{what} must be a non-empty string of at most {MAX_ID_LENGTH} characters (no NUL, valid UTF-8)"
+        )
+    return value
+
+
+def findable(value: object, what: str) -> bool:
+    """Whether ``value`` can be the id or name of a stored row. A non-string is the caller's mistake; a
+    string no backend stores (NUL, a lone surrogate) names nothing, and is not sent to the database,
+    where it would fail as a driver error (a StorageError on PostgreSQL, a UnicodeEncodeError from
+    sqlite3) rather than find nothing."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"{what} must be a string, not {type(value).__name__}")
+    return storable_text(value)
