@@ -486,7 +486,10 @@ async def test_two_worker_processes_race_on_a_backlog_of_two_workflows(cluster: 
     and ``long`` instances waits before they start together. Each claim locks only the rows it takes (the
     other process skips them while it runs): every instance runs exactly once, in one process, its
     history one run's steps, and none is left leased. Leases of 30 s rule a lost lease out: the counts
-    are exact."""
+    are exact. Each ``long`` instance sleeps 0.1 s in an activity and a worker runs 5 at a time, so one
+    process alone needs at least 1.5 s (SQLite) or 3 s (PostgreSQL) for the backlog: far longer than
+    the other takes to start after it, so both take part in the race (with no sleep, a worker that
+    started first could empty a SQLite backlog alone)."""
     per_workflow = 150 if cluster.url.startswith("postgres") else 75
     async with build_app(cluster.url, run_worker=False, poll_interval=0.05) as client:
         handles: list[geste.WorkflowHandle[Any]] = []
@@ -494,11 +497,11 @@ async def test_two_worker_processes_race_on_a_backlog_of_two_workflows(cluster: 
         for i in range(per_workflow):
             for handle, steps in (
                 (await client.start_workflow("batch", i), ["one", "two", "three"]),
-                (await client.start_workflow("long", 0.0), ["slow", "one"]),
+                (await client.start_workflow("long", 0.1), ["slow", "one"]),
             ):
                 handles.append(handle)
                 activities[handle.instance_id] = steps
-        await asyncio.gather(*(cluster.spawn(f"w{n}", concurrency=20, lock_timeout=30.0) for n in (1, 2)))
+        await asyncio.gather(*(cluster.spawn(f"w{n}", concurrency=5, lock_timeout=30.0) for n in (1, 2)))
         results = await asyncio.gather(*(h.result(timeout=90) for h in handles))
         assert results == [
             r for i in range(per_workflow) for r in ([f"one:{i}", f"two:{i}", f"three:{i}"], "slow+one:0")
