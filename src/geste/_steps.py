@@ -41,10 +41,8 @@ from typing import Any, ClassVar, Protocol, Self
 from ._channels import Message
 from ._models import Event, HistoryEntry, StepKind
 from ._serde import encode
+from ._validation import MODES  # the subscription modes a ``subscribe`` row records
 from .errors import HistoryCorruptedError
-
-MODES = ("broadcast", "competing")
-"""The subscription modes a ``subscribe`` row records."""
 
 UNREADABLE = (
     ValueError,
