@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import geste
-from geste.testing import WorkflowEnvironment
+from geste.testing import LEASE, WorkflowEnvironment
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -344,18 +344,33 @@ async def test_the_users_app_is_given_back_unchanged_and_still_works(tmp_path: P
     async def greet(ctx: geste.WorkflowContext) -> str:
         return await hello(ctx)
 
-    before = dict(app.__dict__)
+    parts = (
+        "url",
+        "storage",
+        "clock",
+        "metrics",
+        "client",
+        "runtime",
+        "registry",
+        "worker_id",
+        "lock_timeout",
+    )
+    before = {name: getattr(app, name) for name in parts}
     workflows, activities = app.workflows, app.activities
     async with WorkflowEnvironment(app, start_at=T0) as env:
         assert app.url != before["url"] and app.clock() == T0.timestamp()
+        assert app.storage is not before["storage"] and app.runtime is not before["runtime"]
+        assert app.registry is before["registry"]
+        # the environment swapped one object: the App's settings are untouched, its runtime has its own
+        assert app.lock_timeout == before["lock_timeout"] and app.runtime.options.lock_timeout == LEASE
+        assert app.runtime.options.worker_id == "geste-testing" and app.worker_id == before["worker_id"]
         assert (await greet.start()) is not None  # the workflow's own start() goes to the test database
         await env.wait_until_idle()
         assert len(await app.list_instances()) == 1
         test_db = env.database_url.removeprefix("sqlite:///")
         assert exists(test_db)
     assert not exists(test_db)  # the temporary database is gone
-    assert app.__dict__.keys() == before.keys()
-    assert all(app.__dict__[key] is value for key, value in before.items())
+    assert all(getattr(app, name) is value for name, value in before.items())
     assert app.workflows == workflows and app.activities == activities
     assert not exists(tmp_path / "user.db")  # the user's own database was never touched
 
@@ -398,3 +413,14 @@ async def test_a_run_that_never_ends_is_reported_after_the_idle_timeout(tmp_path
             await env.start_with_id(stuck, "stuck-1")
         with pytest.raises(geste.errors.ConfigurationError, match="back in time"):
             await env.advance_to(env.now - timedelta(seconds=1))
+
+
+async def test_an_open_app_refuses_to_swap_what_it_runs_on(tmp_path: Path) -> None:
+    app = user_app(tmp_path)
+    async with app:
+        with pytest.raises(geste.errors.ConfigurationError, match="close it"):
+            app._swap(app._parts)
+        with pytest.raises(geste.errors.ConfigurationError, match="close it"):
+            async with WorkflowEnvironment(app):
+                pass
+        assert app.is_open and app.url.endswith("user.db")

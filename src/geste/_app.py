@@ -10,6 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
@@ -25,7 +26,7 @@ from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, ListenerStatus, Syst
 from ._validation import check_id as _check_id
 from .engine.context import ActivityContext, WorkflowContext
 from .engine.run import Engine
-from .errors import AppNotOpenError
+from .errors import AppNotOpenError, ConfigurationError
 from .runtime import OpenClose, Runtime, RuntimeOptions
 from .runtime.relay import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatus, Relay
 from .runtime.wakeups import NotifyConfig
@@ -82,9 +83,9 @@ class App(OpenClose):
         event_retention: float | timedelta = timedelta(days=7),
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
+        url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
         self.notify = NotifyConfig.build(
-            url=self.url,
+            url=url,
             listen_notify=listen_notify,
             fallback_interval=seconds(notify_fallback_interval, what="notify_fallback_interval"),
             reconnect_delay=seconds(notify_reconnect_delay, what="notify_reconnect_delay"),
@@ -93,7 +94,6 @@ class App(OpenClose):
             max_messages_per_batch=max_messages_per_batch,
             listen_database_url=listen_database_url,
         )
-        self.storage: Storage = create_storage(self.url, notify=self.notify.enabled)
         self.worker_id = _check_id(
             worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", "worker_id"
         )
@@ -103,7 +103,6 @@ class App(OpenClose):
         self.poll_interval = seconds(poll_interval, what="poll_interval", allow_zero=False)
         self.shutdown_grace = seconds(shutdown_grace, what="shutdown_grace")
         self.max_payload_bytes = positive_int(max_payload_bytes, "max_payload_bytes")
-        self.clock = clock
         self.message_retention = seconds(message_retention, what="message_retention")
         self.event_retention = seconds(event_retention, what="event_retention")
         self.outbox_config = OutboxConfig.build(
@@ -118,39 +117,47 @@ class App(OpenClose):
         self._open = False
         self._stop: asyncio.Event | None = None
         self._stop_requested = False
-        self.metrics = Metrics()
-        """This App's metrics (README, "Metrics"): ``await app.metrics.snapshot()``; ``GET /metrics``."""
-        # -- the registry, the client, the engine and the runtime, each built with what it needs
+        # -- the registry, then the parts it runs on (a client, an engine and a runtime on one storage)
         self.default_retry = default_retry
         self.registry = Registry(self, default_retry=default_retry)
         """The registered workflows and activities (``app.workflows`` and ``app.activities`` copy them)."""
-        self.client, self._engine, self.runtime = self._wire(
-            self.storage, self.clock, self.metrics, self._runtime_options()
+        self._parts = self._assemble(
+            url, create_storage(url, notify=self.notify.enabled), clock=clock, metrics=Metrics()
         )
 
-    def _runtime_options(self, **extra: Any) -> RuntimeOptions:
-        """The runtime's options, from this App's (read again by ``open``: a worker command sets
-        ``run_worker`` and ``concurrency`` on the App it loads)."""
-        return RuntimeOptions(
-            worker_id=self.worker_id,
-            run_worker=self.run_worker,
-            concurrency=self.concurrency,
-            lock_timeout=self.lock_timeout,
-            poll_interval=self.poll_interval,
-            shutdown_grace=self.shutdown_grace,
-            notify=self.notify,
-            outbox=self.outbox_config,
-            message_retention=self.message_retention,
-            event_retention=self.event_retention,
-            **extra,
-        )
+    def _runtime_options(self, overrides: Mapping[str, Any]) -> RuntimeOptions:
+        """The runtime's options: this App's settings (read again by ``open``: a worker command sets
+        ``run_worker`` and ``concurrency`` on the App it loads), then ``overrides``."""
+        settings: dict[str, Any] = {
+            "worker_id": self.worker_id,
+            "run_worker": self.run_worker,
+            "concurrency": self.concurrency,
+            "lock_timeout": self.lock_timeout,
+            "poll_interval": self.poll_interval,
+            "shutdown_grace": self.shutdown_grace,
+            "notify": self.notify,
+            "outbox": self.outbox_config,
+            "message_retention": self.message_retention,
+            "event_retention": self.event_retention,
+        }
+        return RuntimeOptions(**(settings | dict(overrides)))
 
-    def _wire(
-        self, storage: Storage, clock: Callable[[], float], metrics: Metrics, options: RuntimeOptions
-    ) -> tuple[Client, Engine, Runtime]:
-        """The client of ``storage``, the engine running this App's workflows on it, and the runtime
-        running the engine (``geste.testing`` wires its own on a database and clock of its own)."""
-        metrics.add_collector(lambda: app_collector(self.runtime)())
+    def _assemble(
+        self,
+        url: str,
+        storage: Storage,
+        *,
+        clock: Callable[[], float],
+        metrics: Metrics,
+        retry_wait: Callable[[str, float], Awaitable[None]] | None = None,
+        **overrides: Any,
+    ) -> _Parts:
+        """The parts that run this App's registry on ``storage``: its client, the engine and the
+        runtime, each built with what it needs (``overrides`` replace runtime options, ``retry_wait``
+        the engine's real-time back-off). ``geste.testing`` assembles its own and swaps them in."""
+        options = self._runtime_options(overrides)
+        runtime: Runtime
+        metrics.add_collector(lambda: app_collector(runtime)())
         storage.observe_group_commits(metrics.group_commit_batch_size.observe)
         client = Client(
             storage,
@@ -162,8 +169,8 @@ class App(OpenClose):
             poll_interval=options.poll_interval,
             worker_id=options.worker_id,
             is_open=lambda: self._open,
-            worker=lambda: self.runtime.worker,
-            relay=lambda: self.runtime.relay,
+            worker=lambda: runtime.worker,
+            relay=lambda: runtime.relay,
         )
         engine = Engine(
             storage=storage,
@@ -171,15 +178,59 @@ class App(OpenClose):
             clock=clock,
             lock_timeout=options.lock_timeout,
             max_payload_bytes=self.max_payload_bytes,
-            on_suspended=self._on_suspended,
+            on_suspended=lambda instance_id, run_at: runtime.on_suspended(instance_id, run_at),
             on_finished=client.on_finished,
             on_completed=client.on_completed,
+            on_outbox=lambda event_id: runtime.outbox_recorded(event_id),
+            on_channel_woken=lambda: runtime.channel_woken(),
             metrics=metrics,
+            **({} if retry_wait is None else {"retry_wait": retry_wait}),
         )
         runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics)
-        engine.on_outbox = runtime.outbox_recorded
-        engine.on_channel_woken = runtime.channel_woken
-        return client, engine, runtime
+        return _Parts(url, storage, clock, metrics, client, engine, runtime, dict(overrides))
+
+    def _swap(self, parts: _Parts) -> _Parts:
+        """Run on ``parts`` from now on and return the parts run on until now (``geste.testing``: a
+        database and clock of its own, then the App's own again). The App must be closed."""
+        if self._open:
+            raise ConfigurationError("the App is open: close it before swapping what it runs on")
+        previous, self._parts = self._parts, parts
+        return previous
+
+    # -- what the App runs on (one object, swapped whole) ----------------------------------------
+    @property
+    def url(self) -> str:
+        """The database URL."""
+        return self._parts.url
+
+    @property
+    def storage(self) -> Storage:
+        """The open database's backend (read by the CLI, the HTTP layer and the viewer)."""
+        return self._parts.storage
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock every part reads (``time.time`` unless the App was given another)."""
+        return self._parts.clock
+
+    @property
+    def metrics(self) -> Metrics:
+        """This App's metrics (README, "Metrics"): ``await app.metrics.snapshot()``; ``GET /metrics``."""
+        return self._parts.metrics
+
+    @property
+    def client(self) -> Client:
+        """Starts, looks at, sends to and cancels instances (the App's calls delegate to it)."""
+        return self._parts.client
+
+    @property
+    def runtime(self) -> Runtime:
+        """This process's worker, wake-ups, relay and chores."""
+        return self._parts.runtime
+
+    @property
+    def _engine(self) -> Engine:
+        return self._parts.engine
 
     @property
     def _worker(self) -> Worker | None:
@@ -247,7 +298,7 @@ class App(OpenClose):
         """Open (and migrate) the database; start the worker unless ``run_worker=False``."""
         if self._open:
             return
-        self.runtime.options = self._runtime_options(lookahead=self.runtime.options.lookahead)
+        self.runtime.options = self._runtime_options(self._parts.overrides)
         await self.runtime.open()
         self._open = True
 
@@ -266,7 +317,8 @@ class App(OpenClose):
         now = self.clock()
         queue = await self.storage.queue_stats(now)
         rows = await self.storage.list_workers()
-        workers = [_worker_info(row, now, self.lock_timeout, queue.leases_by_worker) for row in rows]
+        lock_timeout = self.runtime.options.lock_timeout
+        workers = [_worker_info(row, now, lock_timeout, queue.leases_by_worker) for row in rows]
         states = {worker.worker_id: worker.state for worker in workers}
         leases = [
             LeaseInfo(iid, name, holder, max(0.0, expires - now), states.get(holder, "unregistered"))
@@ -473,9 +525,20 @@ class App(OpenClose):
 
         return GesteASGI(self, token=token, max_body_bytes=max_body_bytes)
 
-    # -- engine hooks ------------------------------------------------------------------------------
-    def _on_suspended(self, instance_id: str, run_at: float | None) -> None:
-        self.runtime.on_suspended(instance_id, run_at)
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What an App runs on, held in one object so that it is swapped whole (``App._swap``)."""
+
+    url: str
+    storage: Storage
+    clock: Callable[[], float]
+    metrics: Metrics
+    client: Client
+    engine: Engine
+    runtime: Runtime
+    overrides: Mapping[str, Any]
+    """Runtime options that replace the App's settings (``geste.testing``: its lease, no listener...)."""
 
 
 def _worker_info(row: WorkerRow, now: float, lock_timeout: float, leases: dict[str, int]) -> WorkerInfo:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from ._app import App
+from ._app import App, _Parts
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics
@@ -65,12 +65,13 @@ _POLL = 0.002
 class WorkflowEnvironment(OpenClose):
     """Your App, in this process, on a temporary SQLite database and a clock that only the test moves.
 
-    Entering it re-binds ``app`` itself (its workflows and activities stay registered) to a fresh
-    database in a temporary folder, to the environment's clock and to a runtime of its own (its worker
-    claims nothing ahead of the clock and stops without a grace), and starts its worker; so
-    ``order.start(...)``, ``app.send_event(...)`` and the rest of the App's API, called by the test or
-    by the code under test, act on the test database. Leaving it closes that App, deletes the folder and
-    gives ``app`` back exactly as it was (same attributes, same objects). The App must be closed.
+    Entering it swaps what ``app`` runs on (its workflows and activities stay registered) for parts the
+    environment assembles: a fresh database in a temporary folder, the environment's clock and a runtime
+    of their own (its worker claims nothing ahead of the clock and stops without a grace), and starts its
+    worker; so ``order.start(...)``, ``app.send_event(...)`` and the rest of the App's API, called by the
+    test or by the code under test, act on the test database. Leaving it closes that App, deletes the
+    folder and swaps the App's own parts back (the same objects: its database, clock and metrics). The
+    App must be closed.
 
     Time stands still at ``start_at`` (default: now) until ``advance`` moves it: a workflow's ``ctx.now()``,
     its timers, the deadlines of its waits and the back-off between the attempts of an activity all read
@@ -100,7 +101,8 @@ class WorkflowEnvironment(OpenClose):
         self._now = time.time() if moment is None else moment.timestamp()
         self._fakes = dict(activities or {})
         self.idle_timeout = seconds(idle_timeout, what="idle_timeout", allow_zero=False)
-        self._saved: dict[str, Any] | None = None
+        self._saved: _Parts | None = None
+        """The App's own parts while it runs on the environment's."""
         self._swapped: list[tuple[Activity[Any, Any], Callable[..., Any]]] = []
         self._folder: str | None = None
         self._retries: list[tuple[float, int, str, asyncio.Future[None]]] = []
@@ -112,21 +114,21 @@ class WorkflowEnvironment(OpenClose):
 
     # -- life cycle --------------------------------------------------------------------------------
     async def open(self) -> None:
-        """Re-bind the App to a temporary database and this clock, and start its worker."""
+        """Swap the App onto parts of its own (a temporary database, this clock, a runtime for them) and
+        start its worker."""
         if self._entered:
             raise ConfigurationError("a WorkflowEnvironment can be opened once")
         app = self.app
-        if app._open:
+        if app.is_open:
             raise ConfigurationError(
                 "the App is open: close it before testing it in a WorkflowEnvironment (which opens it "
                 "on a database of its own)"
             )
         self._entered = True
         fakes = self._check_fakes()
-        self._saved = dict(app.__dict__)
         self._folder = tempfile.mkdtemp(prefix="geste-testing-")
         try:
-            self._bind(f"sqlite:///{Path(self._folder) / 'geste.db'}")
+            self._saved = app._swap(self._assemble(f"sqlite:///{Path(self._folder) / 'geste.db'}"))
             for activity, fake in fakes:
                 self._swapped.append((activity, activity.fn))
                 activity.fn = fake
@@ -135,28 +137,27 @@ class WorkflowEnvironment(OpenClose):
             await self._restore()
             raise
 
-    def _bind(self, url: str) -> None:
-        """Point the App at a database of its own, this clock, and a runtime built for them: the App's
-        options for what runs, a lease outliving any jump of the clock, no grace, no claim ahead of the
-        clock, no listener, no outbox relay; the activities' retry back-off waits for ``advance``."""
-        app = self.app
-        app.url, app.storage, app.clock, app.metrics = url, create_storage(url), self._time, Metrics()
-        app.worker_id, app.run_worker, app.lock_timeout, app.shutdown_grace = (
-            "geste-testing",
-            True,
-            LEASE,
-            0.0,
+    def _assemble(self, url: str) -> _Parts:
+        """The App's registry on a database of its own, this clock, and a runtime built for them: the
+        App's options for what runs, a lease outliving any jump of the clock, no grace, no claim ahead of
+        the clock, no listener, no outbox relay; the activities' retry back-off waits for ``advance``."""
+        return self.app._assemble(
+            url,
+            create_storage(url),
+            clock=self._time,
+            metrics=Metrics(),
+            retry_wait=self._retry_wait,
+            worker_id="geste-testing",
+            run_worker=True,
+            lock_timeout=LEASE,
+            shutdown_grace=0.0,
+            notify=replace(self.app.notify, enabled=False, listen_url=None),
+            outbox=OutboxConfig(),
+            lookahead=0.0,  # no claim ahead of a moment only advance() brings
         )
-        app.notify = replace(app.notify, enabled=False, listen_url=None)
-        app.outbox_config = OutboxConfig()
-        app._open = False
-        app._stop, app._stop_requested = None, False
-        options = app._runtime_options(lookahead=0.0)  # no claim ahead of a moment only advance() brings
-        app.client, app._engine, app.runtime = app._wire(app.storage, app.clock, app.metrics, options)
-        app._engine.retry_wait = self._retry_wait
 
     async def close(self) -> None:
-        """Close the App, delete the temporary database, and give the App back as it was."""
+        """Close the App, delete the temporary database, and give the App back its own parts."""
         await self._restore()
 
     def _check_fakes(self) -> list[tuple[Activity[Any, Any], Callable[..., Any]]]:
@@ -173,11 +174,9 @@ class WorkflowEnvironment(OpenClose):
         return found
 
     async def _restore(self) -> None:
-        app, saved = self.app, self._saved
-        if saved is None:
-            return
+        app = self.app
         try:
-            if app._open:
+            if app.is_open:
                 await app.close()
         finally:
             for future in (entry[3] for entry in self._retries):
@@ -187,9 +186,9 @@ class WorkflowEnvironment(OpenClose):
             for activity, fn in reversed(self._swapped):
                 activity.fn = fn
             self._swapped.clear()
-            app.__dict__.clear()
-            app.__dict__.update(saved)
-            self._saved = None
+            if self._saved is not None:
+                app._swap(self._saved)
+                self._saved = None
             if self._folder is not None:
                 shutil.rmtree(self._folder, ignore_errors=True)
                 self._folder = None
