@@ -15,7 +15,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -34,6 +34,7 @@ from ._sql import load_queries
 from .base import (
     INPUT_HEAD,
     Claims,
+    Commit,
     EventWait,
     HistoryRow,
     InstanceExtras,
@@ -142,12 +143,9 @@ GROUP_COMMIT_MAX = 100
 
 @dataclass(frozen=True, slots=True)
 class _Record:
-    """One instance's step commit, waiting for its batch."""
+    """One instance's step commit, waiting for its batch (its rows a tuple: the caller's list may change)."""
 
-    lease: Lease
-    records: tuple[HistoryRow, ...]
-    now: float
-    lock_expires_at: float
+    commit: Commit
     status: Status | None
 
 
@@ -155,18 +153,21 @@ class _Record:
 class _Finish:
     """One instance's end, waiting for its batch."""
 
-    lease: Lease
-    records: tuple[HistoryRow, ...]
-    now: float
+    commit: Commit
     status: Status
     result: str | None
     error: str | None
 
 
+def _queued(commit: Commit) -> Commit:
+    """The commit as a batch item keeps it: its rows copied into a tuple."""
+    return replace(commit, records=tuple(commit.records))
+
+
 def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
     """The history rows of a batch (one item per instance), as the arrays that follow the per-instance
     ones."""
-    written = [(item.lease.instance_id, r) for item in batch for r in item.records]
+    written = [(item.commit.lease.instance_id, r) for item in batch for r in item.commit.records]
     return (
         [instance_id for instance_id, _ in written],
         [r.seq for _, r in written],
@@ -181,12 +182,12 @@ def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
 def _record_columns(batch: Sequence[_Record]) -> tuple[list[Any], ...]:
     """The arrays of ``record_batch``: one entry per instance, then one per history row."""
     return (
-        [item.lease.instance_id for item in batch],
-        [item.lease.lease_id for item in batch],
-        [item.lock_expires_at for item in batch],
-        [item.now for item in batch],
+        [item.commit.lease.instance_id for item in batch],
+        [item.commit.lease.lease_id for item in batch],
+        [item.commit.lock_expires_at for item in batch],
+        [item.commit.now for item in batch],
         [None if item.status is None else str(item.status) for item in batch],
-        [len(item.records) for item in batch],
+        [len(item.commit.records) for item in batch],
         *_row_columns(batch),
     )
 
@@ -194,13 +195,13 @@ def _record_columns(batch: Sequence[_Record]) -> tuple[list[Any], ...]:
 def _finish_columns(batch: Sequence[_Finish]) -> tuple[list[Any], ...]:
     """The arrays of ``finish_batch``: one entry per instance, then one per history row."""
     return (
-        [item.lease.instance_id for item in batch],
-        [item.lease.lease_id for item in batch],
+        [item.commit.lease.instance_id for item in batch],
+        [item.commit.lease.lease_id for item in batch],
         [str(item.status) for item in batch],
         [item.result for item in batch],
         [item.error for item in batch],
-        [item.now for item in batch],
-        [len(item.records) for item in batch],
+        [item.commit.now for item in batch],
+        [len(item.commit.records) for item in batch],
         *_row_columns(batch),
     )
 
@@ -211,13 +212,12 @@ _BatchItem = TypeVar("_BatchItem", _Record, _Finish)
 def _merge_records(first: _Record, then: _Record) -> _Record:
     """Two step commits of one instance under one lease (the branches of a gather) as one, applied in
     turn: the rows of both, the later expiry and time, the last status given."""
-    return _Record(
-        first.lease,
-        first.records + then.records,
-        max(first.now, then.now),
-        max(first.lock_expires_at, then.lock_expires_at),
-        then.status if then.status is not None else first.status,
+    a, b = first.commit, then.commit
+    assert a.lock_expires_at is not None and b.lock_expires_at is not None  # a step commit renews its lease
+    merged = Commit(
+        a.lease, (*a.records, *b.records), max(a.now, b.now), max(a.lock_expires_at, b.lock_expires_at)
     )
+    return _Record(merged, then.status if then.status is not None else first.status)
 
 
 async def _outcome(call: Awaitable[_T]) -> _T | BaseException:
@@ -569,20 +569,25 @@ class PostgresStorage(Storage):
             [r.created_at for r in records],
         )
 
+    @classmethod
+    def _lease_columns(cls, commit: Commit) -> tuple[Any, ...]:
+        """The parameters that open every statement of a step commit that renews the lease: instance,
+        lease id, new expiry, time, then the history columns."""
+        lease = commit.lease
+        return (
+            lease.instance_id,
+            lease.lease_id,
+            commit.lock_expires_at,
+            commit.now,
+            *cls._columns(commit.records),
+        )
+
     async def _insert_history(self, conn: Conn, instance_id: str, records: Sequence[HistoryRow]) -> None:
         if records:
             await conn.execute(self._q["insert_history"], instance_id, *self._columns(records))
 
-    async def record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
-    ) -> StepResult:
-        return await self._records.submit(_Record(lease, tuple(records), now, lock_expires_at, status))
+    async def record(self, commit: Commit, *, status: Status | None = None) -> StepResult:
+        return await self._records.submit(_Record(_queued(commit), status))
 
     async def _record_batch(self, batch: Sequence[_Record]) -> list[StepResult | BaseException]:
         """Step commits: alone (``record``) or several instances' together (``record_batch``)."""
@@ -615,11 +620,12 @@ class PostgresStorage(Storage):
         by_instance: dict[str, _BatchItem] = {}
         alone: list[int] = []
         for n, item in enumerate(batch):
-            seen = by_instance.get(item.lease.instance_id)
+            lease = item.commit.lease
+            seen = by_instance.get(lease.instance_id)
             if seen is None:
-                by_instance[item.lease.instance_id] = item
-            elif merge is not None and seen.lease == item.lease:
-                by_instance[item.lease.instance_id] = merge(seen, item)
+                by_instance[lease.instance_id] = item
+            elif merge is not None and seen.commit.lease == lease:
+                by_instance[lease.instance_id] = merge(seen, item)
             else:
                 alone.append(n)
         together = list(by_instance.values())
@@ -632,7 +638,7 @@ class PostgresStorage(Storage):
             return [await _outcome(one(item)) for item in batch]
         held = {Lease(row["instance_id"], row["lease_id"]): row for row in found}
         results: list[_T | BaseException] = [
-            outcome(held[item.lease]) if item.lease in held else LeaseLost(item.lease.instance_id)
+            outcome(held[lease]) if (lease := item.commit.lease) in held else LeaseLost(lease.instance_id)
             for item in batch
         ]
         for n in alone:
@@ -641,40 +647,31 @@ class PostgresStorage(Storage):
 
     async def _record_one(self, item: _Record) -> StepResult:
         self.step_commits += 1
+        commit = item.commit
 
         async def go(conn: Conn) -> StepResult:
             row = await conn.fetchrow(
                 self._q["record"],
-                item.lease.instance_id,
-                item.lease.lease_id,
-                item.lock_expires_at,
-                item.now,
-                *self._columns(item.records),
+                *self._lease_columns(commit),
                 None if item.status is None else str(item.status),
             )
             if row is None:
-                raise LeaseLost(item.lease.instance_id)
+                raise LeaseLost(commit.lease.instance_id)
             return StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
     async def _suspend(
-        self,
-        conn: Conn,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        run_at: float | None,
-        timer: tuple[int, float] | None,
+        self, conn: Conn, commit: Commit, *, run_at: float | None, timer: tuple[int, float] | None
     ) -> Suspension:
+        lease = commit.lease
         row = await conn.fetchrow(
             self._q["suspend"],
             lease.instance_id,
             lease.lease_id,
             run_at,
-            now,
-            *self._columns(records),
+            commit.now,
+            *self._columns(commit.records),
             None if timer is None else timer[0],
             None if timer is None else timer[1],
             self.notify,
@@ -686,28 +683,13 @@ class PostgresStorage(Storage):
         return Suspension.CANCEL_REQUESTED
 
     async def suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        run_at: float | None,
-        timer: tuple[int, float] | None = None,
+        self, commit: Commit, *, run_at: float | None, timer: tuple[int, float] | None = None
     ) -> Suspension:
-        async def go(conn: Conn) -> Suspension:
-            return await self._suspend(conn, lease, records, now=now, run_at=run_at, timer=timer)
+        return await self._run(lambda conn: self._suspend(conn, commit, run_at=run_at, timer=timer))
 
-        return await self._run(go)
+    async def take_event_or_suspend(self, commit: Commit, wait: EventWait) -> StoredEvent | Suspension | None:
+        lease, records, now = commit.lease, commit.records, commit.now
 
-    async def take_event_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: EventWait,
-        *,
-        now: float,
-        lock_expires_at: float,
-    ) -> StoredEvent | Suspension | None:
         async def go(conn: Conn) -> StoredEvent | Suspension | None:
             await conn.execute(self._q["lock_event_type"], wait.event_type)
             candidates = await conn.fetch(self._q["candidate_events"], wait.event_type, lease.instance_id)
@@ -716,9 +698,7 @@ class PostgresStorage(Storage):
                 return None
             if found is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
-                outcome = await self._suspend(
-                    conn, lease, records, now=now, run_at=wait.deadline, timer=timer
-                )
+                outcome = await self._suspend(conn, commit, run_at=wait.deadline, timer=timer)
                 if outcome is Suspension.SUSPENDED:
                     waiting = rows.event_wait_columns(lease.instance_id, wait, now)
                     await conn.execute(self._q["insert_event_wait"], *waiting)
@@ -728,7 +708,7 @@ class PostgresStorage(Storage):
                 self._q["touch_lease"],
                 lease.instance_id,
                 lease.lease_id,
-                lock_expires_at,
+                commit.lock_expires_at,
                 now,
                 len(records) + 1,
             )
@@ -741,16 +721,9 @@ class PostgresStorage(Storage):
         return await self._tx(go)
 
     async def finish(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        status: Status,
-        result: str | None = None,
-        error: str | None = None,
+        self, commit: Commit, *, status: Status, result: str | None = None, error: str | None = None
     ) -> None:
-        await self._finishes.submit(_Finish(lease, tuple(records), now, status, result, error))
+        await self._finishes.submit(_Finish(_queued(commit), status, result, error))
 
     async def _finish_batch(self, batch: Sequence[_Finish]) -> list[BaseException | None]:
         """Ends of instances: alone (``finish``) or several together (``finish_batch``)."""
@@ -760,20 +733,21 @@ class PostgresStorage(Storage):
 
     async def _finish_one(self, item: _Finish) -> None:
         self.step_commits += 1
+        commit = item.commit
 
         async def go(conn: Conn) -> None:
             done = await conn.fetchval(
                 self._q["finish"],
-                item.lease.instance_id,
-                item.lease.lease_id,
+                commit.lease.instance_id,
+                commit.lease.lease_id,
                 str(item.status),
                 item.result,
                 item.error,
-                item.now,
-                *self._columns(item.records),
+                commit.now,
+                *self._columns(commit.records),
             )
             if not done:
-                raise LeaseLost(item.lease.instance_id)
+                raise LeaseLost(commit.lease.instance_id)
 
         await self._run(go)
 
@@ -879,23 +853,12 @@ class PostgresStorage(Storage):
 
     # -- the transactional outbox ------------------------------------------------------------------
     async def outbox_record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        event: NewOutboxEvent,
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
+        self, commit: Commit, event: NewOutboxEvent, *, status: Status | None = None
     ) -> StepResult:
         async def go(conn: Conn) -> StepResult:
             row = await conn.fetchrow(
                 self._q["outbox_record"],
-                lease.instance_id,
-                lease.lease_id,
-                lock_expires_at,
-                now,
-                *self._columns(records),
+                *self._lease_columns(commit),
                 None if status is None else str(status),
                 event.event_id,
                 event.step_seq,
@@ -906,7 +869,7 @@ class PostgresStorage(Storage):
                 self.notify,
             )
             if row is None:
-                raise LeaseLost(lease.instance_id)
+                raise LeaseLost(commit.lease.instance_id)
             return StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
@@ -986,58 +949,35 @@ class PostgresStorage(Storage):
         return await self._tx(go)
 
     # -- channels ----------------------------------------------------------------------------------
-    async def channel_subscribe(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        channel: str,
-        mode: str,
-        now: float,
-        lock_expires_at: float,
-    ) -> StepResult:
+    async def channel_subscribe(self, commit: Commit, *, channel: str, mode: str) -> StepResult:
         # No channel lock: publishes on a channel commit in seq order (they hold it), so the last
         # message this statement sees is a correct starting point.
         async def go(conn: Conn) -> StepResult:
             row = await conn.fetchrow(
-                self._q["channel_subscribe"],
-                lease.instance_id,
-                lease.lease_id,
-                lock_expires_at,
-                now,
-                *self._columns(records),
-                channel,
-                mode,
+                self._q["channel_subscribe"], *self._lease_columns(commit), channel, mode
             )
             if row is None:
-                raise LeaseLost(lease.instance_id)
+                raise LeaseLost(commit.lease.instance_id)
             return StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
-    async def channel_publish(
-        self,
-        message: NewMessage,
-        *,
-        lease: Lease | None = None,
-        records: Sequence[HistoryRow] = (),
-        lock_expires_at: float | None = None,
-    ) -> PublishResult:
+    async def channel_publish(self, message: NewMessage, *, commit: Commit | None = None) -> PublishResult:
         async def go(conn: Conn) -> PublishResult:
             await conn.execute(self._q["channel_lock"], message.channel)
             row = await conn.fetchrow(
                 self._q["channel_publish"],
                 *rows.message_columns(message),
                 self.notify,
-                None if lease is None else lease.instance_id,
-                None if lease is None else lease.lease_id,
-                lock_expires_at,
-                *self._columns(records),
+                None if commit is None else commit.lease.instance_id,
+                None if commit is None else commit.lease.lease_id,
+                None if commit is None else commit.lock_expires_at,
+                *self._columns(() if commit is None else commit.records),
             )
             if not row["target_ok"]:
                 return PublishResult(stored=False, woken=[], target_missing=True)
-            if lease is not None and row["cancel_requested"] is None:
-                raise LeaseLost(lease.instance_id)
+            if commit is not None and row["cancel_requested"] is None:
+                raise LeaseLost(commit.lease.instance_id)
             return PublishResult(
                 stored=row["stored"], woken=list(row["woken"]), cancel_requested=bool(row["cancel_requested"])
             )
@@ -1045,14 +985,9 @@ class PostgresStorage(Storage):
         return await self._tx(go)
 
     async def channel_take_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: MessageWait,
-        *,
-        now: float,
-        lock_expires_at: float,
+        self, commit: Commit, wait: MessageWait
     ) -> StoredMessage | Suspension | None:
+        lease, records, now = commit.lease, commit.records, commit.now
         instance_id = lease.instance_id
 
         async def go(conn: Conn) -> StoredMessage | Suspension | None:
@@ -1065,9 +1000,7 @@ class PostgresStorage(Storage):
                 return None
             if row["seq"] is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
-                outcome = await self._suspend(
-                    conn, lease, records, now=now, run_at=wait.deadline, timer=timer
-                )
+                outcome = await self._suspend(conn, commit, run_at=wait.deadline, timer=timer)
                 if outcome is Suspension.SUSPENDED:
                     await conn.execute(self._q["channel_set_waiting"], wait.channel, instance_id, now)
                 return outcome
@@ -1076,7 +1009,7 @@ class PostgresStorage(Storage):
                 self._q["channel_take"],
                 instance_id,
                 lease.lease_id,
-                lock_expires_at,
+                commit.lock_expires_at,
                 now,
                 *self._columns([*records, decide.message_outcome(wait, found, now)]),
                 wait.channel,

@@ -15,6 +15,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote
 
@@ -30,6 +31,7 @@ from ._sql import load_queries
 from .base import (
     INPUT_HEAD,
     Claims,
+    Commit,
     EventWait,
     HistoryRow,
     InstanceExtras,
@@ -395,63 +397,44 @@ class SQLiteStorage(Storage):
             )
 
     @staticmethod
-    def _touch(
-        conn: sqlite3.Connection,
-        lease: Lease,
-        *,
-        now: float,
-        lock_expires_at: float,
-        steps: int,
-        status: Status | None = None,
-    ) -> bool:
-        """Renew the lease (raising ``LeaseLost`` if it is gone); return whether cancel is requested."""
+    def _touch(conn: sqlite3.Connection, commit: Commit, *, steps: int, status: Status | None = None) -> bool:
+        """Renew the commit's lease (raising ``LeaseLost`` if it is gone), counting ``steps`` more steps;
+        return whether cancel is requested."""
         row = conn.execute(
             Q["touch_lease"],
             {
-                "instance_id": lease.instance_id,
-                "lease_id": lease.lease_id,
-                "lock_expires_at": lock_expires_at,
-                "now": now,
+                "instance_id": commit.lease.instance_id,
+                "lease_id": commit.lease.lease_id,
+                "lock_expires_at": commit.lock_expires_at,
+                "now": commit.now,
                 "steps": steps,
                 "status": None if status is None else str(status),
             },
         ).fetchone()
         if row is None:
-            raise LeaseLost(lease.instance_id)
+            raise LeaseLost(commit.lease.instance_id)
         return bool(row["cancel_requested"])
 
-    async def record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
-    ) -> StepResult:
+    @classmethod
+    def _append(cls, conn: sqlite3.Connection, commit: Commit, *, status: Status | None = None) -> bool:
+        """Renew the commit's lease and append its rows (``_touch``); return whether cancel is requested."""
+        cancel = cls._touch(conn, commit, steps=len(commit.records), status=status)
+        cls._insert_history(conn, commit.lease.instance_id, commit.records)
+        return cancel
+
+    async def record(self, commit: Commit, *, status: Status | None = None) -> StepResult:
         def tx(conn: sqlite3.Connection) -> StepResult:
-            cancel = self._touch(
-                conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records), status=status
-            )
-            self._insert_history(conn, lease.instance_id, records)
-            return StepResult(cancel_requested=cancel)
+            return StepResult(cancel_requested=self._append(conn, commit, status=status))
 
         return await self._write(tx)
 
-    def _suspend_tx(
-        self,
-        conn: sqlite3.Connection,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        run_at: float | None,
-    ) -> Suspension:
+    def _suspend_tx(self, conn: sqlite3.Connection, commit: Commit, *, run_at: float | None) -> Suspension:
+        lease, records = commit.lease, commit.records
         params = {
             "instance_id": lease.instance_id,
             "lease_id": lease.lease_id,
             "run_at": run_at,
-            "now": now,
+            "now": commit.now,
             "steps": len(records),
         }
         if conn.execute(Q["suspend"], params).rowcount == 0:
@@ -465,38 +448,26 @@ class SQLiteStorage(Storage):
         return Suspension.SUSPENDED
 
     async def suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        run_at: float | None,
-        timer: tuple[int, float] | None = None,
+        self, commit: Commit, *, run_at: float | None, timer: tuple[int, float] | None = None
     ) -> Suspension:
         def tx(conn: sqlite3.Connection) -> Suspension:
-            outcome = self._suspend_tx(conn, lease, records, now=now, run_at=run_at)
+            outcome = self._suspend_tx(conn, commit, run_at=run_at)
             if outcome is Suspension.SUSPENDED and timer is not None:
-                conn.execute(Q["insert_timer"], (lease.instance_id, timer[0], timer[1]))
+                conn.execute(Q["insert_timer"], (commit.lease.instance_id, timer[0], timer[1]))
             return outcome
 
         return await self._write(tx)
 
-    async def take_event_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: EventWait,
-        *,
-        now: float,
-        lock_expires_at: float,
-    ) -> StoredEvent | Suspension | None:
+    async def take_event_or_suspend(self, commit: Commit, wait: EventWait) -> StoredEvent | Suspension | None:
+        lease, records, now = commit.lease, commit.records, commit.now
+
         def tx(conn: sqlite3.Connection) -> StoredEvent | Suspension | None:
             params = {"event_type": wait.event_type, "instance_id": lease.instance_id}
             found = decide.first_match(wait, conn.execute(Q["candidate_events"], params))
             if found is None and decide.timed_out(wait.deadline, now):
                 return None
             if found is None:
-                outcome = self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
+                outcome = self._suspend_tx(conn, commit, run_at=wait.deadline)
                 if outcome is Suspension.SUSPENDED:
                     conn.execute(
                         Q["insert_event_wait"], rows.event_wait_columns(lease.instance_id, wait, now)
@@ -505,7 +476,7 @@ class SQLiteStorage(Storage):
                         conn.execute(Q["insert_timer"], (lease.instance_id, wait.outcome_seq, wait.deadline))
                 return outcome
             taken = decide.event_outcome(wait.outcome_seq, found, now)
-            self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
+            self._touch(conn, commit, steps=len(records) + 1)
             self._insert_history(conn, lease.instance_id, [*records, taken])
             conn.execute(Q["insert_delivery"], (lease.instance_id, found.seq))
             return found
@@ -513,22 +484,16 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     async def finish(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        status: Status,
-        result: str | None = None,
-        error: str | None = None,
+        self, commit: Commit, *, status: Status, result: str | None = None, error: str | None = None
     ) -> None:
+        lease, records = commit.lease, commit.records
         params = {
             "instance_id": lease.instance_id,
             "lease_id": lease.lease_id,
             "status": str(status),
             "result": result,
             "error": error,
-            "now": now,
+            "now": commit.now,
             "steps": len(records),
         }
 
@@ -635,31 +600,21 @@ class SQLiteStorage(Storage):
 
     # -- the transactional outbox ------------------------------------------------------------------
     async def outbox_record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        event: NewOutboxEvent,
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
+        self, commit: Commit, event: NewOutboxEvent, *, status: Status | None = None
     ) -> StepResult:
         params = {
             "event_id": event.event_id,
-            "instance_id": lease.instance_id,
+            "instance_id": commit.lease.instance_id,
             "step_seq": event.step_seq,
             "event_type": event.event_type,
             "source": event.source,
             "subject": event.subject,
             "data": event.data,
-            "now": now,
+            "now": commit.now,
         }
 
         def tx(conn: sqlite3.Connection) -> StepResult:
-            cancel = self._touch(
-                conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records), status=status
-            )
-            self._insert_history(conn, lease.instance_id, records)
+            cancel = self._append(conn, commit, status=status)
             conn.execute(Q["outbox_insert"], params)
             return StepResult(cancel_requested=cancel)
 
@@ -747,47 +702,34 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     # -- channels (every write inside BEGIN IMMEDIATE: publishes and receives never interleave) -------
-    async def channel_subscribe(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        channel: str,
-        mode: str,
-        now: float,
-        lock_expires_at: float,
-    ) -> StepResult:
-        params = {"channel": channel, "instance_id": lease.instance_id, "mode": mode, "now": now}
+    async def channel_subscribe(self, commit: Commit, *, channel: str, mode: str) -> StepResult:
+        params = {
+            "channel": channel,
+            "instance_id": commit.lease.instance_id,
+            "mode": mode,
+            "now": commit.now,
+        }
 
         def tx(conn: sqlite3.Connection) -> StepResult:
-            cancel = self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records))
-            self._insert_history(conn, lease.instance_id, records)
+            cancel = self._append(conn, commit)
             conn.execute(Q["channel_subscribe"], params)
             return StepResult(cancel_requested=cancel)
 
         return await self._write(tx)
 
-    async def channel_publish(
-        self,
-        message: NewMessage,
-        *,
-        lease: Lease | None = None,
-        records: Sequence[HistoryRow] = (),
-        lock_expires_at: float | None = None,
-    ) -> PublishResult:
+    async def channel_publish(self, message: NewMessage, *, commit: Commit | None = None) -> PublishResult:
         target = message.target_instance_id
+        if commit is not None:  # the lease renewed at the message's time (until then, if no expiry is given)
+            expires = message.now if commit.lock_expires_at is None else commit.lock_expires_at
+            commit = replace(commit, now=message.now, lock_expires_at=expires)
 
         def tx(conn: sqlite3.Connection) -> PublishResult:
             exists = target is None or conn.execute(Q["channel_instance_exists"], (target,)).fetchone()
             if not exists:
                 return PublishResult(stored=False, woken=[], target_missing=True)
             cancel = False
-            if lease is not None:
-                expires = message.now if lock_expires_at is None else lock_expires_at
-                cancel = self._touch(
-                    conn, lease, now=message.now, lock_expires_at=expires, steps=len(records)
-                )
-                self._insert_history(conn, lease.instance_id, records)
+            if commit is not None:
+                cancel = self._append(conn, commit)
             inserted = conn.execute(Q["channel_insert_message"], rows.message_columns(message)).rowcount
             if not inserted:
                 return PublishResult(stored=False, woken=[], cancel_requested=cancel)
@@ -798,15 +740,10 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     async def channel_take_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: MessageWait,
-        *,
-        now: float,
-        lock_expires_at: float,
+        self, commit: Commit, wait: MessageWait
     ) -> StoredMessage | Suspension | None:
-        instance_id = lease.instance_id
+        records, now = commit.records, commit.now
+        instance_id = commit.lease.instance_id
         key = {"channel": wait.channel, "instance_id": instance_id}
 
         def tx(conn: sqlite3.Connection) -> StoredMessage | Suspension | None:
@@ -818,7 +755,7 @@ class SQLiteStorage(Storage):
                 conn.execute(Q["channel_stop_waiting"], key)
                 return None
             if row is None:
-                outcome = self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
+                outcome = self._suspend_tx(conn, commit, run_at=wait.deadline)
                 if outcome is Suspension.SUSPENDED:
                     conn.execute(Q["channel_set_waiting"], {**key, "now": now})
                     if wait.deadline is not None:
@@ -826,7 +763,7 @@ class SQLiteStorage(Storage):
                 return outcome
             found = rows.stored_message(row)
             direct = found.target_instance_id is not None
-            self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
+            self._touch(conn, commit, steps=len(records) + 1)
             if decide.claims_message(found, mode):
                 claim = {"instance_id": instance_id, "seq": found.seq}
                 if conn.execute(Q["channel_claim"], claim).rowcount != 1:  # the write lock makes it so
