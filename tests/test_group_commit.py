@@ -98,7 +98,7 @@ async def test_steps_count_every_row_when_one_instance_commits_twice_in_a_batch(
             flush = records._flush
 
             async def spy(items: Sequence[Any]) -> Any:
-                batches.append([item.commit.lease.instance_id for item in items])
+                batches.append([item.lease.instance_id for item in items])
                 return await flush(items)
 
             records._flush = spy

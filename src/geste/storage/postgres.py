@@ -142,18 +142,27 @@ GROUP_COMMIT_MAX = 100
 
 
 @dataclass(frozen=True, slots=True)
-class _Record:
-    """One instance's step commit, waiting for its batch (its rows a tuple: the caller's list may change)."""
+class _Queued:
+    """One instance's write, waiting for its batch (its rows a tuple: the caller's list may change)."""
 
     commit: Commit
+
+    @property
+    def lease(self) -> Lease:
+        return self.commit.lease
+
+
+@dataclass(frozen=True, slots=True)
+class _Record(_Queued):
+    """A step commit."""
+
     status: Status | None
 
 
 @dataclass(frozen=True, slots=True)
-class _Finish:
-    """One instance's end, waiting for its batch."""
+class _Finish(_Queued):
+    """An end."""
 
-    commit: Commit
     status: Status
     result: str | None
     error: str | None
@@ -167,7 +176,7 @@ def _queued(commit: Commit) -> Commit:
 def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
     """The history rows of a batch (one item per instance), as the arrays that follow the per-instance
     ones."""
-    written = [(item.commit.lease.instance_id, r) for item in batch for r in item.commit.records]
+    written = [(item.lease.instance_id, r) for item in batch for r in item.commit.records]
     return (
         [instance_id for instance_id, _ in written],
         [r.seq for _, r in written],
@@ -182,8 +191,8 @@ def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
 def _record_columns(batch: Sequence[_Record]) -> tuple[list[Any], ...]:
     """The arrays of ``record_batch``: one entry per instance, then one per history row."""
     return (
-        [item.commit.lease.instance_id for item in batch],
-        [item.commit.lease.lease_id for item in batch],
+        [item.lease.instance_id for item in batch],
+        [item.lease.lease_id for item in batch],
         [item.commit.lock_expires_at for item in batch],
         [item.commit.now for item in batch],
         [None if item.status is None else str(item.status) for item in batch],
@@ -195,8 +204,8 @@ def _record_columns(batch: Sequence[_Record]) -> tuple[list[Any], ...]:
 def _finish_columns(batch: Sequence[_Finish]) -> tuple[list[Any], ...]:
     """The arrays of ``finish_batch``: one entry per instance, then one per history row."""
     return (
-        [item.commit.lease.instance_id for item in batch],
-        [item.commit.lease.lease_id for item in batch],
+        [item.lease.instance_id for item in batch],
+        [item.lease.lease_id for item in batch],
         [str(item.status) for item in batch],
         [item.result for item in batch],
         [item.error for item in batch],
@@ -620,12 +629,11 @@ class PostgresStorage(Storage):
         by_instance: dict[str, _BatchItem] = {}
         alone: list[int] = []
         for n, item in enumerate(batch):
-            lease = item.commit.lease
-            seen = by_instance.get(lease.instance_id)
+            seen = by_instance.get(item.lease.instance_id)
             if seen is None:
-                by_instance[lease.instance_id] = item
-            elif merge is not None and seen.commit.lease == lease:
-                by_instance[lease.instance_id] = merge(seen, item)
+                by_instance[item.lease.instance_id] = item
+            elif merge is not None and seen.lease == item.lease:
+                by_instance[item.lease.instance_id] = merge(seen, item)
             else:
                 alone.append(n)
         together = list(by_instance.values())
@@ -638,7 +646,7 @@ class PostgresStorage(Storage):
             return [await _outcome(one(item)) for item in batch]
         held = {Lease(row["instance_id"], row["lease_id"]): row for row in found}
         results: list[_T | BaseException] = [
-            outcome(held[lease]) if (lease := item.commit.lease) in held else LeaseLost(lease.instance_id)
+            outcome(held[item.lease]) if item.lease in held else LeaseLost(item.lease.instance_id)
             for item in batch
         ]
         for n in alone:
