@@ -1090,13 +1090,7 @@ class PostgresStorage(base.Storage):
                 messages = (
                     await conn.fetch(self._q["extras_messages"], list(message_ids)) if message_ids else []
                 )
-            return base.InstanceExtras(
-                timers=tuple(rows.timer(r) for r in timers),
-                event_wait=None if wait is None else rows.event_wait_row(wait),
-                subscriptions=tuple(rows.subscription_row(r) for r in subscriptions),
-                outbox=tuple(rows.outbox_row(r) for r in outbox),
-                messages=tuple(rows.message_row(r) for r in messages),
-            )
+            return rows.instance_extras(timers, wait, subscriptions, outbox, messages)
 
         return await self._read(go)
 

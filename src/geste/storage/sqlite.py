@@ -827,20 +827,14 @@ class SQLiteStorage(base.Storage):
         def read(conn: sqlite3.Connection) -> base.InstanceExtras:
             conn.execute("BEGIN")  # one snapshot for the five reads
             try:
-                timers = tuple(rows.timer(r) for r in conn.execute(Q["extras_timers"], (instance_id,)))
+                timers = conn.execute(Q["extras_timers"], (instance_id,)).fetchall()
                 wait = conn.execute(Q["extras_event_wait"], (instance_id,)).fetchone()
                 subscriptions = conn.execute(Q["extras_subscriptions"], (instance_id,)).fetchall()
                 outbox = conn.execute(Q["extras_outbox"], (json.dumps(list(event_ids)),)).fetchall()
                 messages = conn.execute(Q["extras_messages"], (json.dumps(list(message_ids)),)).fetchall()
             finally:
                 conn.execute("COMMIT")
-            return base.InstanceExtras(
-                timers=timers,
-                event_wait=None if wait is None else rows.event_wait_row(wait),
-                subscriptions=tuple(rows.subscription_row(r) for r in subscriptions),
-                outbox=tuple(rows.outbox_row(r) for r in outbox),
-                messages=tuple(rows.message_row(r) for r in messages),
-            )
+            return rows.instance_extras(timers, wait, subscriptions, outbox, messages)
 
         return await self._call(read)
 
