@@ -147,23 +147,24 @@ def instrument() -> None:
 
     take = PostgresStorage.take_event_or_suspend
 
-    async def traced_take(self, lease, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def traced_take(self, commit, *args, **kwargs):  # type: ignore[no-untyped-def]
         start = time.time()
-        outcome = await take(self, lease, *args, **kwargs)
+        outcome = await take(self, commit, *args, **kwargs)
         end = time.time()
+        instance_id = commit.lease.instance_id
         if isinstance(outcome, StoredEvent):
-            trace = TRACE.setdefault(lease.instance_id, {})
+            trace = TRACE.setdefault(instance_id, {})
             trace["take_start"], trace["taken"] = start, end
         elif outcome is Suspension.SUSPENDED:
-            TRACE.pop(lease.instance_id, None)
-            emit(f"S {lease.instance_id}")
+            TRACE.pop(instance_id, None)
+            emit(f"S {instance_id}")
         return outcome
 
     finish = PostgresStorage.finish
 
-    async def traced_finish(self, lease, *args, **kwargs):  # type: ignore[no-untyped-def]
-        await finish(self, lease, *args, **kwargs)
-        emit(f"F {lease.instance_id}")
+    async def traced_finish(self, commit, *args, **kwargs):  # type: ignore[no-untyped-def]
+        await finish(self, commit, *args, **kwargs)
+        emit(f"F {commit.lease.instance_id}")
 
     Listener._on_notification = traced_notification  # type: ignore[method-assign]
     PostgresStorage.claim = traced_claim  # type: ignore[method-assign]

@@ -14,7 +14,7 @@ import geste
 from geste import Status
 from geste.errors import StorageError
 from geste.storage._group_commit import GroupCommit
-from geste.storage.base import HistoryRow, Lease, LeaseLost, NewInstance
+from geste.storage.base import Commit, HistoryRow, Lease, LeaseLost, NewInstance
 from geste.storage.postgres import PostgresStorage
 
 
@@ -147,7 +147,7 @@ async def test_concurrent_step_commits_share_statements_and_keep_their_own_outco
     before = storage.step_commits
     results = await asyncio.gather(
         *(
-            storage.record(wrong if lease is stolen else lease, _row(1), now=2.0, lock_expires_at=1e12)
+            storage.record(Commit(wrong if lease is stolen else lease, _row(1), 2.0, 1e12))
             for lease in leases
         ),
         return_exceptions=True,
@@ -168,9 +168,9 @@ async def test_a_batch_that_fails_is_split_so_neighbours_still_commit(storage: P
     """One instance's rows violate the history's key (its seq 1 is there already): the batch statement
     fails; each step is then committed alone, and only that instance gets the error."""
     leases = await _claimed(storage, 10)
-    await storage.record(leases[3], _row(1), now=2.0, lock_expires_at=1e12)
+    await storage.record(Commit(leases[3], _row(1), 2.0, 1e12))
     results = await asyncio.gather(
-        *(storage.record(lease, _row(1), now=2.0, lock_expires_at=1e12) for lease in leases),
+        *(storage.record(Commit(lease, _row(1), 2.0, 1e12)) for lease in leases),
         return_exceptions=True,
     )
     assert isinstance(results[3], StorageError)
@@ -181,7 +181,7 @@ async def test_a_batch_that_fails_is_split_so_neighbours_still_commit(storage: P
 
 async def test_concurrent_ends_share_statements_and_keep_their_own_outcomes(storage: PostgresStorage) -> None:
     leases = await _claimed(storage, 20)
-    await storage.suspend(leases[2], (), now=2.0, run_at=50.0, timer=(1, 50.0))  # leaves a timer, then
+    await storage.suspend(Commit(leases[2], (), 2.0), run_at=50.0, timer=(1, 50.0))  # leaves a timer, then
     leases[2] = (await storage.claim("me", 60.0, 1e12, 1, workflows=["w"]))[
         0
     ].lease  # claimed back under a new lease
@@ -190,7 +190,7 @@ async def test_concurrent_ends_share_statements_and_keep_their_own_outcomes(stor
     results = await asyncio.gather(
         *(
             storage.finish(
-                wrong if n == 5 else lease, _row(9), now=3.0, status=Status.COMPLETED, result=f'"{n}"'
+                Commit(wrong if n == 5 else lease, _row(9), 3.0), status=Status.COMPLETED, result=f'"{n}"'
             )
             for n, lease in enumerate(leases)
         ),
@@ -214,15 +214,15 @@ async def test_one_instance_twice_in_a_batch_adds_up_its_steps(storage: Postgres
     """Several step commits of one instance queued behind a batch leave in one statement: every row is
     counted in ``steps``, the lease ends renewed to the latest expiry, the compensating status sticks."""
     (lease, other) = await _claimed(storage, 2)
-    first = asyncio.create_task(storage.record(other, _row(1), now=2.0, lock_expires_at=100.0))
+    first = asyncio.create_task(storage.record(Commit(other, _row(1), 2.0, 100.0)))
     await asyncio.sleep(0)  # it goes alone; what follows queues behind it, then leaves together
     before = storage.step_commits
     rows = [HistoryRow(seq, "activity", "step", "{}", False, 2.0) for seq in range(1, 6)]
     results = await asyncio.gather(
-        storage.record(lease, rows[0:2], now=2.0, lock_expires_at=200.0),
-        storage.record(lease, rows[2:3], now=3.0, lock_expires_at=300.0, status=Status.COMPENSATING),
-        storage.record(lease, rows[3:5], now=2.5, lock_expires_at=250.0),
-        storage.record(other, _row(2), now=2.0, lock_expires_at=100.0),
+        storage.record(Commit(lease, rows[0:2], 2.0, 200.0)),
+        storage.record(Commit(lease, rows[2:3], 3.0, 300.0), status=Status.COMPENSATING),
+        storage.record(Commit(lease, rows[3:5], 2.5, 250.0)),
+        storage.record(Commit(other, _row(2), 2.0, 100.0)),
     )
     await first
     assert storage.step_commits - before == 2  # the first alone, then the four in one statement
@@ -247,13 +247,11 @@ async def test_a_stale_lease_beside_the_live_one_in_a_batch_is_lost_and_writes_n
     lease's rows and values are written, and the stale caller learns its lease is lost."""
     (lease, other) = await _claimed(storage, 2)
     stale = Lease(lease.instance_id, "gone")
-    first = asyncio.create_task(storage.record(other, _row(1), now=2.0, lock_expires_at=100.0))
+    first = asyncio.create_task(storage.record(Commit(other, _row(1), 2.0, 100.0)))
     await asyncio.sleep(0)
     results = await asyncio.gather(
-        storage.record(
-            stale, (HistoryRow(7, "activity", "stale", "{}", False, 2.0),), now=9.0, lock_expires_at=900.0
-        ),
-        storage.record(lease, _row(1), now=2.0, lock_expires_at=200.0),
+        storage.record(Commit(stale, (HistoryRow(7, "activity", "stale", "{}", False, 2.0),), 9.0, 900.0)),
+        storage.record(Commit(lease, _row(1), 2.0, 200.0)),
         return_exceptions=True,
     )
     await first
@@ -262,11 +260,11 @@ async def test_a_stale_lease_beside_the_live_one_in_a_batch_is_lost_and_writes_n
     assert row is not None and (row.steps, row.lock_expires_at) == (1, 200.0)
     assert [r.seq for r in await storage.get_history(lease.instance_id)] == [1]
 
-    first = asyncio.create_task(storage.finish(other, (), now=3.0, status=Status.COMPLETED, result='"o"'))
+    first = asyncio.create_task(storage.finish(Commit(other, (), 3.0), status=Status.COMPLETED, result='"o"'))
     await asyncio.sleep(0)
     ends = await asyncio.gather(
-        storage.finish(stale, _row(8), now=3.0, status=Status.FAILED, error='"stale"'),
-        storage.finish(lease, _row(2), now=3.0, status=Status.COMPLETED, result='"live"'),
+        storage.finish(Commit(stale, _row(8), 3.0), status=Status.FAILED, error='"stale"'),
+        storage.finish(Commit(lease, _row(2), 3.0), status=Status.COMPLETED, result='"live"'),
         return_exceptions=True,
     )
     await first

@@ -26,7 +26,7 @@ import pytest
 from click.testing import Result
 
 import geste
-from geste.storage.base import HistoryRow, Lease, NewInstance
+from geste.storage.base import Commit, HistoryRow, Lease, NewInstance
 from geste.storage.sqlite import SCHEMA_VERSION
 from tests.conftest import die_with_parent
 from tests.support import database_at_version, raw_query, run_cli
@@ -259,17 +259,17 @@ async def build_known_instances(storage: Any) -> None:
     await leased("expired", "w2", T0 + 1)  # running, lease expired at T0+1: runnable again
     compensating = await leased("compensating", "w1", T0 + 100)
     row = HistoryRow(1, "activity", "a", '{"result": 1}', False, T0 + 1)
-    await storage.record(
-        compensating, [row], now=T0 + 1, lock_expires_at=T0 + 100, status=geste.Status.COMPENSATING
-    )
-    await storage.suspend(await leased("waiting-long", "w1", T0 + 100), [], now=T0 + 0.5, run_at=None)
+    await storage.record(Commit(compensating, [row], T0 + 1, T0 + 100), status=geste.Status.COMPENSATING)
+    await storage.suspend(Commit(await leased("waiting-long", "w1", T0 + 100), [], T0 + 0.5), run_at=None)
     await storage.suspend(
-        await leased("waiting-timer", "w1", T0 + 100), [], now=T0 + 2, run_at=T0 + 100, timer=(1, T0 + 100)
+        Commit(await leased("waiting-timer", "w1", T0 + 100), [], T0 + 2),
+        run_at=T0 + 100,
+        timer=(1, T0 + 100),
     )
     done = await leased("done", "w1", T0 + 100)
-    await storage.finish(done, [], now=T0 + 1, status=geste.Status.COMPLETED, result="1")
+    await storage.finish(Commit(done, [], T0 + 1), status=geste.Status.COMPLETED, result="1")
     failed = await leased("failed", "w1", T0 + 100)
-    await storage.finish(failed, [], now=T0 + 1, status=geste.Status.FAILED, error="{}")
+    await storage.finish(Commit(failed, [], T0 + 1), status=geste.Status.FAILED, error="{}")
     await pending("cancelled", T0)
     await storage.request_cancel("cancelled", T0 + 1)
     for iid in ("p1", "p2", "p3"):

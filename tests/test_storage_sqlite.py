@@ -20,7 +20,7 @@ import geste.storage.sqlite as sqlite_backend
 from geste.errors import StorageError
 from geste.storage._migrations import Migration
 from geste.storage._sql import load_migrations
-from geste.storage.base import HistoryRow, Lease, LeaseLost, NewInstance
+from geste.storage.base import Commit, HistoryRow, Lease, LeaseLost, NewInstance
 from geste.storage.sqlite import SQLiteStorage
 
 INPUT = '{"args":[],"kwargs":{}}'
@@ -293,15 +293,15 @@ async def test_only_an_expired_lease_is_taken_over_and_the_old_holder_cannot_wri
 
         row = HistoryRow(1, "activity", "late", '{"result":null}', False, 16.0)
         with pytest.raises(LeaseLost):
-            await storage.record(first.lease, [row], now=16.0, lock_expires_at=26.0)
+            await storage.record(Commit(first.lease, [row], 16.0, 26.0))
         with pytest.raises(LeaseLost):
-            await storage.finish(first.lease, [], now=16.0, status=geste.Status.COMPLETED, result="1")
+            await storage.finish(Commit(first.lease, [], 16.0), status=geste.Status.COMPLETED, result="1")
         assert await storage.renew([first.lease], 30.0) == set()
         await storage.release([first.lease], 16.0)  # a stale release changes nothing
         info = await other.get_instance("x")
         assert info is not None and info.lock_expires_at == 25.0 and not info.status.is_finished
         assert await other.get_history("x") == []
-        await other.record(second.lease, [row], now=16.0, lock_expires_at=26.0)
+        await other.record(Commit(second.lease, [row], 16.0, 26.0))
         assert [r.name for r in await storage.get_history("x")] == ["late"]
     finally:
         await other.close()

@@ -23,6 +23,7 @@ from .._models import Status, StepKind
 from .._steps import STEPS, CancelledStep, Step, decode_step
 from ..errors import HistoryCorruptedError, NonDeterminismError, StorageError, WorkflowCancelled
 from ..storage.base import (
+    Commit,
     EventWait,
     HistoryRow,
     Lease,
@@ -299,6 +300,11 @@ class Journal:
         self.pending.append(row)
         await self.flush()
 
+    def _commit(self, records: Sequence[HistoryRow], now: float, *, ends_lease: bool = False) -> Commit:
+        """A write of ``records`` at ``now`` under the run's lease, renewed for ``lock_timeout`` from then
+        (not where the write ends the lease: a suspension, the end)."""
+        return Commit(self.lease, records, now, None if ends_lease else now + self.host.lock_timeout)
+
     def _recorded(self, records: Sequence[HistoryRow], outcome_cancel_requested: bool) -> None:
         self.host.metrics.recorded(records)
         if outcome_cancel_requested:
@@ -309,11 +315,8 @@ class Journal:
         records, self.pending = self.pending, []
         host = self.host
         status = Status.COMPENSATING if self._compensating else None
-        now = host.clock()
         with _abandon_on_failure:
-            outcome = await host.storage.record(
-                self.lease, records, now=now, lock_expires_at=now + host.lock_timeout, status=status
-            )
+            outcome = await host.storage.record(self._commit(records, host.clock()), status=status)
         host.metrics.recorded(records)
         if outcome.cancel_requested:
             self._cancel_requested = True
@@ -325,12 +328,7 @@ class Journal:
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.outbox_record(
-                self.lease,
-                records,
-                event,
-                now=now,
-                lock_expires_at=now + host.lock_timeout,
-                status=Status.COMPENSATING if self._compensating else None,
+                self._commit(records, now), event, status=Status.COMPENSATING if self._compensating else None
             )
         self._recorded(records, outcome.cancel_requested)
         host.on_outbox(event.event_id)
@@ -342,12 +340,7 @@ class Journal:
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.channel_subscribe(
-                self.lease,
-                records,
-                channel=channel,
-                mode=mode,
-                now=now,
-                lock_expires_at=now + host.lock_timeout,
+                self._commit(records, now), channel=channel, mode=mode
             )
         self._recorded(records, outcome.cancel_requested)
 
@@ -357,9 +350,7 @@ class Journal:
         records = [*self.pending, row]
         host = self.host
         with _abandon_on_failure:
-            result = await host.storage.channel_publish(
-                message, lease=self.lease, records=records, lock_expires_at=now + host.lock_timeout
-            )
+            result = await host.storage.channel_publish(message, commit=self._commit(records, now))
         if result.target_missing:
             return False
         self.pending = []
@@ -375,10 +366,9 @@ class Journal:
         history as it is, for an operator to decide)."""
         records = [] if discard else self.pending
         host = self.host
+        commit = self._commit(records, host.clock(), ends_lease=True)
         with _abandon_on_failure:
-            await host.storage.finish(
-                self.lease, records, now=host.clock(), status=status, result=result, error=error
-            )
+            await host.storage.finish(commit, status=status, result=result, error=error)
         host.metrics.recorded(records)
         self.pending = []
 
@@ -406,9 +396,7 @@ class Journal:
         the wait is committed and the run unwinds (``Suspended``), or a cancel is delivered there."""
         host = self.host
         with _abandon_on_failure:
-            outcome = await host.storage.take_event_or_suspend(
-                self.lease, self.pending, wait, now=now, lock_expires_at=now + host.lock_timeout
-            )
+            outcome = await host.storage.take_event_or_suspend(self._commit(self.pending, now), wait)
         return self._took(outcome, StepKind.EVENT, wait.outcome_seq, wait.deadline)
 
     async def take_message_or_suspend(self, wait: MessageWait, now: float) -> StoredMessage | None:
@@ -416,9 +404,7 @@ class Journal:
         or the wait is committed and the run unwinds (``Suspended``), or a cancel is delivered there."""
         host = self.host
         with _abandon_on_failure:
-            outcome = await host.storage.channel_take_or_suspend(
-                self.lease, self.pending, wait, now=now, lock_expires_at=now + host.lock_timeout
-            )
+            outcome = await host.storage.channel_take_or_suspend(self._commit(self.pending, now), wait)
         return self._took(outcome, StepKind.MESSAGE, wait.outcome_seq, wait.deadline)
 
     def _took(
@@ -447,10 +433,9 @@ class Journal:
     async def suspend(self, *, run_at: float, timer: tuple[int, float]) -> NoReturn:
         """Commit the buffered rows and the timer, release the instance until ``run_at`` and unwind."""
         host = self.host
+        commit = self._commit(self.pending, host.clock(), ends_lease=True)
         with _abandon_on_failure:
-            outcome = await host.storage.suspend(
-                self.lease, self.pending, now=host.clock(), run_at=run_at, timer=timer
-            )
+            outcome = await host.storage.suspend(commit, run_at=run_at, timer=timer)
         if outcome is Suspension.CANCEL_REQUESTED:
             self._cancel_requested = True
             self.deliver_cancel(self.next())

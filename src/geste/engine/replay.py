@@ -22,7 +22,7 @@ from .._models import Status, StepKind
 from .._retry import seconds
 from .._serde import decode, encode
 from ..errors import ConfigurationError, HistoryCorruptedError, NonDeterminismError, WorkflowCancelled
-from ..storage.base import HistoryRow, Lease, StepResult, Storage
+from ..storage.base import Commit, HistoryRow, Lease, StepResult, Storage
 from .context import WorkflowContext
 from .histories import RecordedHistory, Unreadable, history_files, read_database, read_history_file
 from .journal import Abandon, Journal, Suspended
@@ -256,8 +256,8 @@ class _NoDatabase:
     def __init__(self, journal: Callable[[], Journal]) -> None:
         self._journal = journal
 
-    async def record(self, lease: Lease, records: Sequence[HistoryRow], **_: Any) -> StepResult:
-        if records:  # pragma: no cover - a recorded row is only ever new after live, which stops
+    async def record(self, commit: Commit, **_: Any) -> StepResult:
+        if commit.records:  # pragma: no cover - a recorded row is only ever new after live, which stops
             self._stop()
         return StepResult(cancel_requested=False)  # the status change at compensations' start
 

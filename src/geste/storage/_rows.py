@@ -20,6 +20,7 @@ from .base import (
     EventWait,
     EventWaitRow,
     HistoryRow,
+    InstanceExtras,
     InstanceRow,
     InstanceSummary,
     Lease,
@@ -186,6 +187,23 @@ def message_row(r: Record) -> MessageRow:
 def timer(r: Record) -> tuple[int, float]:
     """``(seq, expires_at)`` from a record of ``extras_timers``."""
     return r["seq"], r["expires_at"]
+
+
+def instance_extras(
+    timers: Iterable[Record],
+    wait: Record | None,
+    subscriptions: Iterable[Record],
+    outbox: Iterable[Record],
+    messages: Iterable[Record],
+) -> InstanceExtras:
+    """``InstanceExtras`` from the records of the five ``extras_*`` queries (read in one snapshot)."""
+    return InstanceExtras(
+        timers=tuple(timer(r) for r in timers),
+        event_wait=None if wait is None else event_wait_row(wait),
+        subscriptions=tuple(subscription_row(r) for r in subscriptions),
+        outbox=tuple(outbox_row(r) for r in outbox),
+        messages=tuple(message_row(r) for r in messages),
+    )
 
 
 def maybe_instance(r: Record | None) -> InstanceRow | None:

@@ -1,7 +1,8 @@
 """The storage interface: the domain operations the engine needs, each one transaction.
 
-Every write that runs under a lease names the lease; a backend applies it only while that lease is still
-held (``LeaseLost`` otherwise), so a worker that lost an instance can never write into its history.
+Every write that runs under a lease names the lease (its ``Commit``); a backend applies it only while that
+lease is still held (``LeaseLost`` otherwise), so a worker that lost an instance can never write into its
+history.
 Timestamps are Unix seconds (float) supplied by the caller, so a test clock drives the whole engine.
 """
 
@@ -56,6 +57,21 @@ class HistoryRow:
     payload: str | None
     is_error: bool = False
     created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """The rows a run writes under its lease, at ``now``, renewing the lease until ``lock_expires_at``
+    (None where the write ends the lease: ``suspend``, ``finish``).
+
+    Every step-writing method takes one: what such a write carries is said in one place, so what it must
+    carry later (a fencing token, a sequence number) is added once, not to each method of each backend.
+    """
+
+    lease: Lease
+    records: Sequence[HistoryRow]
+    now: float
+    lock_expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,43 +523,22 @@ class Storage(abc.ABC):
 
     # -- steps under a lease -----------------------------------------------------------------------
     @abc.abstractmethod
-    async def record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
-    ) -> StepResult:
-        """Append history rows and renew the lease, in one transaction."""
+    async def record(self, commit: Commit, *, status: Status | None = None) -> StepResult:
+        """Append the commit's rows and renew its lease (to ``lock_expires_at``), in one transaction."""
 
     @abc.abstractmethod
     async def suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        run_at: float | None,
-        timer: tuple[int, float] | None = None,
+        self, commit: Commit, *, run_at: float | None, timer: tuple[int, float] | None = None
     ) -> Suspension:
-        """Append rows, register the timer, mark the instance waiting and release it.
+        """Append the commit's rows, register the timer, mark the instance waiting and release it.
 
         Refuses (``CANCEL_REQUESTED``, lease kept) when a cancellation is pending, so it is delivered.
         """
 
     @abc.abstractmethod
-    async def take_event_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: EventWait,
-        *,
-        now: float,
-        lock_expires_at: float,
-    ) -> StoredEvent | Suspension | None:
-        """Deliver the oldest matching event (recorded at ``wait.outcome_seq``) or suspend until one.
+    async def take_event_or_suspend(self, commit: Commit, wait: EventWait) -> StoredEvent | Suspension | None:
+        """Deliver the oldest matching event (recorded at ``wait.outcome_seq``) after the commit's rows, or
+        suspend until one (the lease released rather than renewed).
 
         ``None`` (nothing written) when no event is there and the deadline has passed.
 
@@ -553,16 +548,9 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def finish(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        status: Status,
-        result: str | None = None,
-        error: str | None = None,
+        self, commit: Commit, *, status: Status, result: str | None = None, error: str | None = None
     ) -> None:
-        """Append rows, store the outcome, release the instance and forget its waits."""
+        """Append the commit's rows, store the outcome, release the instance and forget its waits."""
 
     # -- events ------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -622,14 +610,7 @@ class Storage(abc.ABC):
     # -- the transactional outbox ------------------------------------------------------------------
     @abc.abstractmethod
     async def outbox_record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        event: NewOutboxEvent,
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
+        self, commit: Commit, event: NewOutboxEvent, *, status: Status | None = None
     ) -> StepResult:
         """``record`` plus the outbox row of ``event``, in one transaction (notified when it is new)."""
 
@@ -683,47 +664,27 @@ class Storage(abc.ABC):
 
     # -- channels ----------------------------------------------------------------------------------
     @abc.abstractmethod
-    async def channel_subscribe(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        channel: str,
-        mode: str,
-        now: float,
-        lock_expires_at: float,
-    ) -> StepResult:
-        """Subscribe the instance to ``channel`` from its last message on, with the step's rows, in one
-        transaction (a subscription left by an unrecorded attempt is replaced)."""
+    async def channel_subscribe(self, commit: Commit, *, channel: str, mode: str) -> StepResult:
+        """Subscribe the instance to ``channel`` from its last message on, with the commit (the step's
+        rows), in one transaction (a subscription left by an unrecorded attempt is replaced)."""
 
     @abc.abstractmethod
-    async def channel_publish(
-        self,
-        message: NewMessage,
-        *,
-        lease: Lease | None = None,
-        records: Sequence[HistoryRow] = (),
-        lock_expires_at: float | None = None,
-    ) -> PublishResult:
+    async def channel_publish(self, message: NewMessage, *, commit: Commit | None = None) -> PublishResult:
         """Store a message (once per ``message_id``) and make its waiting receivers runnable: every
         broadcast subscriber, one idle competing subscriber, or the target of a direct message.
 
-        With ``lease`` (a workflow's ``ctx.publish``) the lease is renewed and ``records`` (the step)
-        written in the same transaction. A ``target_instance_id`` that does not exist writes nothing.
+        With ``commit`` (a workflow's ``ctx.publish``) its lease is renewed (at the message's ``now``) and
+        its rows (the step) written in the same transaction; without, it is a publish from outside a
+        workflow. A ``target_instance_id`` that does not exist writes nothing.
         """
 
     @abc.abstractmethod
     async def channel_take_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: MessageWait,
-        *,
-        now: float,
-        lock_expires_at: float,
+        self, commit: Commit, wait: MessageWait
     ) -> StoredMessage | Suspension | None:
-        """Take the instance's next message on the channel (recorded at ``wait.outcome_seq``) or suspend
-        until one is published; subscribes the instance in ``wait.mode`` if it is not yet.
+        """Take the instance's next message on the channel (recorded at ``wait.outcome_seq``, after the
+        commit's rows) or suspend until one is published; subscribes the instance in ``wait.mode`` if it
+        is not yet.
 
         ``None`` (only the waiting mark cleared) when no message is there and the deadline has passed.
         Looking for the message and registering the wait are one transaction, serialised with publishes

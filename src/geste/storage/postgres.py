@@ -15,7 +15,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -24,42 +24,13 @@ from .._status import QueueStats
 from .._steps import event_history_payload
 from ..errors import ConfigurationError, StorageError
 from . import _decisions as decide
-from . import _migrations
+from . import _migrations, base
 from . import _read_only as read_only
 from . import _rows as rows
 from ._group_commit import GroupCommit
 from ._listen import Listening
 from ._read_only import StoredHistory
 from ._sql import load_queries
-from .base import (
-    INPUT_HEAD,
-    Claims,
-    EventWait,
-    HistoryRow,
-    InstanceExtras,
-    InstanceFilter,
-    InstanceRow,
-    InstanceSummary,
-    Lease,
-    LeaseLost,
-    MessageWait,
-    NewEvent,
-    NewInstance,
-    NewMessage,
-    NewOutboxEvent,
-    OutboxClaim,
-    OutboxRow,
-    PublishResult,
-    ResumeOutcome,
-    RetryOutcome,
-    RetryRow,
-    StepResult,
-    Storage,
-    StoredEvent,
-    StoredMessage,
-    Suspension,
-    WorkerRow,
-)
 
 try:
     import asyncpg
@@ -97,7 +68,7 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(query=urlencode(rest))), options
 
 
-def _history_from_json(text: str | None) -> tuple[HistoryRow, ...]:
+def _history_from_json(text: str | None) -> tuple[base.HistoryRow, ...]:
     """The history aggregated by the claim statement (``json_agg`` of arrays, or NULL when empty)."""
     return () if text is None else rows.history_from_arrays(json.loads(text))
 
@@ -141,32 +112,41 @@ GROUP_COMMIT_MAX = 100
 
 
 @dataclass(frozen=True, slots=True)
-class _Record:
-    """One instance's step commit, waiting for its batch."""
+class _Queued:
+    """One instance's write, waiting for its batch (its rows a tuple: the caller's list may change)."""
 
-    lease: Lease
-    records: tuple[HistoryRow, ...]
-    now: float
-    lock_expires_at: float
+    commit: base.Commit
+
+    @property
+    def lease(self) -> base.Lease:
+        return self.commit.lease
+
+
+@dataclass(frozen=True, slots=True)
+class _Record(_Queued):
+    """A step commit."""
+
     status: Status | None
 
 
 @dataclass(frozen=True, slots=True)
-class _Finish:
-    """One instance's end, waiting for its batch."""
+class _Finish(_Queued):
+    """An end."""
 
-    lease: Lease
-    records: tuple[HistoryRow, ...]
-    now: float
     status: Status
     result: str | None
     error: str | None
 
 
+def _queued(commit: base.Commit) -> base.Commit:
+    """The commit as a batch item keeps it: its rows copied into a tuple."""
+    return replace(commit, records=tuple(commit.records))
+
+
 def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
     """The history rows of a batch (one item per instance), as the arrays that follow the per-instance
     ones."""
-    written = [(item.lease.instance_id, r) for item in batch for r in item.records]
+    written = [(item.lease.instance_id, r) for item in batch for r in item.commit.records]
     return (
         [instance_id for instance_id, _ in written],
         [r.seq for _, r in written],
@@ -183,10 +163,10 @@ def _record_columns(batch: Sequence[_Record]) -> tuple[list[Any], ...]:
     return (
         [item.lease.instance_id for item in batch],
         [item.lease.lease_id for item in batch],
-        [item.lock_expires_at for item in batch],
-        [item.now for item in batch],
+        [item.commit.lock_expires_at for item in batch],
+        [item.commit.now for item in batch],
         [None if item.status is None else str(item.status) for item in batch],
-        [len(item.records) for item in batch],
+        [len(item.commit.records) for item in batch],
         *_row_columns(batch),
     )
 
@@ -199,8 +179,8 @@ def _finish_columns(batch: Sequence[_Finish]) -> tuple[list[Any], ...]:
         [str(item.status) for item in batch],
         [item.result for item in batch],
         [item.error for item in batch],
-        [item.now for item in batch],
-        [len(item.records) for item in batch],
+        [item.commit.now for item in batch],
+        [len(item.commit.records) for item in batch],
         *_row_columns(batch),
     )
 
@@ -211,20 +191,19 @@ _BatchItem = TypeVar("_BatchItem", _Record, _Finish)
 def _merge_records(first: _Record, then: _Record) -> _Record:
     """Two step commits of one instance under one lease (the branches of a gather) as one, applied in
     turn: the rows of both, the later expiry and time, the last status given."""
-    return _Record(
-        first.lease,
-        first.records + then.records,
-        max(first.now, then.now),
-        max(first.lock_expires_at, then.lock_expires_at),
-        then.status if then.status is not None else first.status,
+    a, b = first.commit, then.commit
+    assert a.lock_expires_at is not None and b.lock_expires_at is not None  # a step commit renews its lease
+    merged = base.Commit(
+        a.lease, (*a.records, *b.records), max(a.now, b.now), max(a.lock_expires_at, b.lock_expires_at)
     )
+    return _Record(merged, then.status if then.status is not None else first.status)
 
 
 async def _outcome(call: Awaitable[_T]) -> _T | BaseException:
     """The value of ``call``, or the error it raised (for one item of a batch)."""
     try:
         return await call
-    except (LeaseLost, StorageError) as exc:
+    except (base.LeaseLost, StorageError) as exc:
         return exc
 
 
@@ -235,7 +214,7 @@ def schema_queries(schema: str) -> dict[str, str]:
     return {name: sql.replace("{schema}", quoted) for name, sql in _QUERIES.items()}
 
 
-class PostgresStorage(Storage):
+class PostgresStorage(base.Storage):
     def __init__(self, url: str, *, pool_size: int | None = None, notify: bool = True) -> None:
         if asyncpg is None:
             raise ConfigurationError("PostgreSQL needs asyncpg: pip install 'geste[postgres]'")
@@ -254,7 +233,7 @@ class PostgresStorage(Storage):
         self._q = schema_queries(self.schema)
         self._migrations = _migrations.load("postgres", lambda script: script.replace("{schema}", quoted))
         self._pool: Any = None
-        self._records: GroupCommit[_Record, StepResult] = GroupCommit(
+        self._records: GroupCommit[_Record, base.StepResult] = GroupCommit(
             self._record_batch, max_in_flight=1, max_batch=GROUP_COMMIT_MAX
         )
         self._finishes: GroupCommit[_Finish, None] = GroupCommit(
@@ -277,7 +256,7 @@ class PostgresStorage(Storage):
         try:
             async with self._pool.acquire() as conn:
                 yield conn
-        except (LeaseLost, StorageError):
+        except (base.LeaseLost, StorageError):
             raise
         except Exception as exc:
             if _is_driver_error(exc):
@@ -389,11 +368,16 @@ class PostgresStorage(Storage):
 
     # -- instances ---------------------------------------------------------------------------------
     async def create_instance(
-        self, new: NewInstance, *, lease: Lease | None, worker_id: str | None, lock_expires_at: float | None
-    ) -> tuple[InstanceRow, bool]:
+        self,
+        new: base.NewInstance,
+        *,
+        lease: base.Lease | None,
+        worker_id: str | None,
+        lock_expires_at: float | None,
+    ) -> tuple[base.InstanceRow, bool]:
         starts = decide.new_row(lease, worker_id, lock_expires_at)
 
-        async def go(conn: Conn) -> tuple[InstanceRow, bool]:
+        async def go(conn: Conn) -> tuple[base.InstanceRow, bool]:
             row = await conn.fetchrow(
                 self._q["insert_instance"],
                 new.instance_id,
@@ -413,8 +397,8 @@ class PostgresStorage(Storage):
 
         return await self._run(go)
 
-    async def get_instance(self, instance_id: str) -> InstanceRow | None:
-        async def go(conn: Conn) -> InstanceRow | None:
+    async def get_instance(self, instance_id: str) -> base.InstanceRow | None:
+        async def go(conn: Conn) -> base.InstanceRow | None:
             return rows.maybe_instance(await conn.fetchrow(self._q["get_instance"], instance_id))
 
         return await self._read(go)
@@ -426,22 +410,22 @@ class PostgresStorage(Storage):
         status: Status | None = None,
         limit: int = 100,
         offset: int = 0,
-    ) -> list[InstanceRow]:
-        async def go(conn: Conn) -> list[InstanceRow]:
+    ) -> list[base.InstanceRow]:
+        async def go(conn: Conn) -> list[base.InstanceRow]:
             wanted = None if status is None else str(status)
             found = await conn.fetch(self._q["list_instances"], workflow_name, wanted, limit, offset)
             return [rows.instance_row(row) for row in found]
 
         return await self._read(go)
 
-    async def get_history(self, instance_id: str) -> list[HistoryRow]:
-        async def go(conn: Conn) -> list[HistoryRow]:
+    async def get_history(self, instance_id: str) -> list[base.HistoryRow]:
+        async def go(conn: Conn) -> list[base.HistoryRow]:
             return [rows.history_row(r) for r in await conn.fetch(self._q["get_history"], instance_id)]
 
         return await self._read(go)
 
-    async def request_cancel(self, instance_id: str, now: float) -> InstanceRow | None:
-        async def go(conn: Conn) -> InstanceRow | None:
+    async def request_cancel(self, instance_id: str, now: float) -> base.InstanceRow | None:
+        async def go(conn: Conn) -> base.InstanceRow | None:
             done = await conn.execute(self._q["cancel_unstarted"], instance_id, now)
             if done.endswith(" 0"):
                 await conn.execute(self._q["flag_cancel"], instance_id, now, self.notify)
@@ -450,16 +434,16 @@ class PostgresStorage(Storage):
         return await self._tx(go)
 
     # -- operator actions --------------------------------------------------------------------------
-    async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
-        async def go(conn: Conn) -> RetryOutcome:
+    async def retry_instance(self, instance_id: str, now: float) -> base.RetryOutcome:
+        async def go(conn: Conn) -> base.RetryOutcome:
             row = rows.maybe_instance(await conn.fetchrow(self._q["lock_instance"], instance_id))
             if row is None:
-                return RetryOutcome(None)
+                return base.RetryOutcome(None)
             if row.status != Status.FAILED:
                 return decide.retry_refused(row, await conn.fetchrow(self._q["last_retry"], instance_id))
             history = [rows.history_row(r) for r in await conn.fetch(self._q["get_history"], instance_id)]
             from_seq = decide.retry_from(row, history)
-            if isinstance(from_seq, RetryOutcome):
+            if isinstance(from_seq, base.RetryOutcome):
                 return from_seq
             # the rows from from_seq on are deleted, archived and counted by the statement itself
             done = await conn.fetchrow(self._q["retry_instance"], instance_id, now, self.notify, from_seq)
@@ -469,28 +453,28 @@ class PostgresStorage(Storage):
 
         return await self._tx(go)
 
-    async def list_retries(self, instance_id: str) -> list[RetryRow]:
-        async def go(conn: Conn) -> list[RetryRow]:
+    async def list_retries(self, instance_id: str) -> list[base.RetryRow]:
+        async def go(conn: Conn) -> list[base.RetryRow]:
             return [rows.retry_row(r) for r in await conn.fetch(self._q["list_retries"], instance_id)]
 
         return await self._read(go)
 
     async def resume_instance(
         self, instance_id: str, now: float, *, lock_timeout: float, force: bool
-    ) -> ResumeOutcome:
-        async def go(conn: Conn) -> ResumeOutcome:
+    ) -> base.ResumeOutcome:
+        async def go(conn: Conn) -> base.ResumeOutcome:
             found = await conn.fetchrow(self._q["lock_instance"], instance_id)
             before = decide.resumable(rows.maybe_instance(found))
-            if isinstance(before, ResumeOutcome):
+            if isinstance(before, base.ResumeOutcome):
                 return before
             held = decide.lease_held(before, now)
             holder = await conn.fetchrow(self._q["worker_liveness"], before.locked_by) if held else None
             alive = rows.worker_alive(holder, now=now, lock_timeout=lock_timeout)
             if alive and not force:
-                return ResumeOutcome(before, holder_alive=True)
+                return base.ResumeOutcome(before, holder_alive=True)
             await conn.execute(self._q["resume"], instance_id, now, held, self.notify)
             after = rows.instance_row(await conn.fetchrow(self._q["get_instance"], instance_id))
-            return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
+            return base.ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
 
         return await self._tx(go)
 
@@ -504,13 +488,13 @@ class PostgresStorage(Storage):
         *,
         due_before: float | None = None,
         workflows: Sequence[str],
-    ) -> Claims:
+    ) -> base.Claims:
         due = now if due_before is None else due_before
         names = sorted(set(workflows))
         if not names:
-            return Claims()
+            return base.Claims()
 
-        async def go(conn: Conn) -> Claims:
+        async def go(conn: Conn) -> base.Claims:
             found = await conn.fetch(
                 self._q["claim" if len(names) == 1 else "claim_names"],
                 worker_id,
@@ -521,7 +505,7 @@ class PostgresStorage(Storage):
                 due,
                 names[0] if len(names) == 1 else names,
             )
-            claims, later = Claims(), None
+            claims, later = base.Claims(), None
             for r in found:
                 if r["instance_id"] is None:  # not a claim: the row that carries the next run_at
                     later = r["run_at"]
@@ -532,7 +516,7 @@ class PostgresStorage(Storage):
 
         return await self._run(go)
 
-    async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
+    async def renew(self, leases: Sequence[base.Lease], lock_expires_at: float) -> set[str]:
         async def go(conn: Conn) -> set[str]:
             kept = await conn.fetch(
                 self._q["renew"],
@@ -544,7 +528,7 @@ class PostgresStorage(Storage):
 
         return await self._run(go)
 
-    async def release(self, leases: Sequence[Lease], now: float, *, run_at: float | None = None) -> None:
+    async def release(self, leases: Sequence[base.Lease], now: float, *, run_at: float | None = None) -> None:
         async def go(conn: Conn) -> None:
             await conn.execute(
                 self._q["release"],
@@ -559,7 +543,7 @@ class PostgresStorage(Storage):
 
     # -- steps under a lease -----------------------------------------------------------------------
     @staticmethod
-    def _columns(records: Sequence[HistoryRow]) -> tuple[list[Any], ...]:
+    def _columns(records: Sequence[base.HistoryRow]) -> tuple[list[Any], ...]:
         return (
             [r.seq for r in records],
             [r.kind for r in records],
@@ -569,29 +553,34 @@ class PostgresStorage(Storage):
             [r.created_at for r in records],
         )
 
-    async def _insert_history(self, conn: Conn, instance_id: str, records: Sequence[HistoryRow]) -> None:
+    @classmethod
+    def _lease_columns(cls, commit: base.Commit) -> tuple[Any, ...]:
+        """The parameters that open every statement of a step commit that renews the lease: instance,
+        lease id, new expiry, time, then the history columns."""
+        lease = commit.lease
+        return (
+            lease.instance_id,
+            lease.lease_id,
+            commit.lock_expires_at,
+            commit.now,
+            *cls._columns(commit.records),
+        )
+
+    async def _insert_history(self, conn: Conn, instance_id: str, records: Sequence[base.HistoryRow]) -> None:
         if records:
             await conn.execute(self._q["insert_history"], instance_id, *self._columns(records))
 
-    async def record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
-    ) -> StepResult:
-        return await self._records.submit(_Record(lease, tuple(records), now, lock_expires_at, status))
+    async def record(self, commit: base.Commit, *, status: Status | None = None) -> base.StepResult:
+        return await self._records.submit(_Record(_queued(commit), status))
 
-    async def _record_batch(self, batch: Sequence[_Record]) -> list[StepResult | BaseException]:
+    async def _record_batch(self, batch: Sequence[_Record]) -> list[base.StepResult | BaseException]:
         """Step commits: alone (``record``) or several instances' together (``record_batch``)."""
         return await self._in_one_statement(
             batch,
             self._record_one,
             "record_batch",
             _record_columns,
-            lambda row: StepResult(cancel_requested=row["cancel_requested"]),
+            lambda row: base.StepResult(cancel_requested=row["cancel_requested"]),
             _merge_records,
         )
 
@@ -630,85 +619,63 @@ class PostgresStorage(Storage):
             if _is_connection_loss(exc.__cause__ or exc):
                 raise
             return [await _outcome(one(item)) for item in batch]
-        held = {Lease(row["instance_id"], row["lease_id"]): row for row in found}
+        held = {base.Lease(row["instance_id"], row["lease_id"]): row for row in found}
         results: list[_T | BaseException] = [
-            outcome(held[item.lease]) if item.lease in held else LeaseLost(item.lease.instance_id)
+            outcome(held[item.lease]) if item.lease in held else base.LeaseLost(item.lease.instance_id)
             for item in batch
         ]
         for n in alone:
             results[n] = await _outcome(one(batch[n]))
         return results
 
-    async def _record_one(self, item: _Record) -> StepResult:
+    async def _record_one(self, item: _Record) -> base.StepResult:
         self.step_commits += 1
+        commit = item.commit
 
-        async def go(conn: Conn) -> StepResult:
+        async def go(conn: Conn) -> base.StepResult:
             row = await conn.fetchrow(
                 self._q["record"],
-                item.lease.instance_id,
-                item.lease.lease_id,
-                item.lock_expires_at,
-                item.now,
-                *self._columns(item.records),
+                *self._lease_columns(commit),
                 None if item.status is None else str(item.status),
             )
             if row is None:
-                raise LeaseLost(item.lease.instance_id)
-            return StepResult(cancel_requested=row["cancel_requested"])
+                raise base.LeaseLost(commit.lease.instance_id)
+            return base.StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
     async def _suspend(
-        self,
-        conn: Conn,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        run_at: float | None,
-        timer: tuple[int, float] | None,
-    ) -> Suspension:
+        self, conn: Conn, commit: base.Commit, *, run_at: float | None, timer: tuple[int, float] | None
+    ) -> base.Suspension:
+        lease = commit.lease
         row = await conn.fetchrow(
             self._q["suspend"],
             lease.instance_id,
             lease.lease_id,
             run_at,
-            now,
-            *self._columns(records),
+            commit.now,
+            *self._columns(commit.records),
             None if timer is None else timer[0],
             None if timer is None else timer[1],
             self.notify,
         )
         if row["suspended"]:
-            return Suspension.SUSPENDED
+            return base.Suspension.SUSPENDED
         if not row["ours"]:
-            raise LeaseLost(lease.instance_id)
-        return Suspension.CANCEL_REQUESTED
+            raise base.LeaseLost(lease.instance_id)
+        return base.Suspension.CANCEL_REQUESTED
 
     async def suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        run_at: float | None,
-        timer: tuple[int, float] | None = None,
-    ) -> Suspension:
-        async def go(conn: Conn) -> Suspension:
-            return await self._suspend(conn, lease, records, now=now, run_at=run_at, timer=timer)
-
-        return await self._run(go)
+        self, commit: base.Commit, *, run_at: float | None, timer: tuple[int, float] | None = None
+    ) -> base.Suspension:
+        return await self._run(lambda conn: self._suspend(conn, commit, run_at=run_at, timer=timer))
 
     async def take_event_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: EventWait,
-        *,
-        now: float,
-        lock_expires_at: float,
-    ) -> StoredEvent | Suspension | None:
-        async def go(conn: Conn) -> StoredEvent | Suspension | None:
+        self, commit: base.Commit, wait: base.EventWait
+    ) -> base.StoredEvent | base.Suspension | None:
+        lease, records, now = commit.lease, commit.records, commit.now
+
+        async def go(conn: Conn) -> base.StoredEvent | base.Suspension | None:
             await conn.execute(self._q["lock_event_type"], wait.event_type)
             candidates = await conn.fetch(self._q["candidate_events"], wait.event_type, lease.instance_id)
             found = decide.first_match(wait, candidates)
@@ -716,10 +683,8 @@ class PostgresStorage(Storage):
                 return None
             if found is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
-                outcome = await self._suspend(
-                    conn, lease, records, now=now, run_at=wait.deadline, timer=timer
-                )
-                if outcome is Suspension.SUSPENDED:
+                outcome = await self._suspend(conn, commit, run_at=wait.deadline, timer=timer)
+                if outcome is base.Suspension.SUSPENDED:
                     waiting = rows.event_wait_columns(lease.instance_id, wait, now)
                     await conn.execute(self._q["insert_event_wait"], *waiting)
                 return outcome
@@ -728,12 +693,12 @@ class PostgresStorage(Storage):
                 self._q["touch_lease"],
                 lease.instance_id,
                 lease.lease_id,
-                lock_expires_at,
+                commit.lock_expires_at,
                 now,
                 len(records) + 1,
             )
             if touched is None:
-                raise LeaseLost(lease.instance_id)
+                raise base.LeaseLost(lease.instance_id)
             await self._insert_history(conn, lease.instance_id, [*records, taken])
             await conn.execute(self._q["insert_delivery"], lease.instance_id, found.seq)
             return found
@@ -741,16 +706,9 @@ class PostgresStorage(Storage):
         return await self._tx(go)
 
     async def finish(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        status: Status,
-        result: str | None = None,
-        error: str | None = None,
+        self, commit: base.Commit, *, status: Status, result: str | None = None, error: str | None = None
     ) -> None:
-        await self._finishes.submit(_Finish(lease, tuple(records), now, status, result, error))
+        await self._finishes.submit(_Finish(_queued(commit), status, result, error))
 
     async def _finish_batch(self, batch: Sequence[_Finish]) -> list[BaseException | None]:
         """Ends of instances: alone (``finish``) or several together (``finish_batch``)."""
@@ -760,25 +718,26 @@ class PostgresStorage(Storage):
 
     async def _finish_one(self, item: _Finish) -> None:
         self.step_commits += 1
+        commit = item.commit
 
         async def go(conn: Conn) -> None:
             done = await conn.fetchval(
                 self._q["finish"],
-                item.lease.instance_id,
-                item.lease.lease_id,
+                commit.lease.instance_id,
+                commit.lease.lease_id,
                 str(item.status),
                 item.result,
                 item.error,
-                item.now,
-                *self._columns(item.records),
+                commit.now,
+                *self._columns(commit.records),
             )
             if not done:
-                raise LeaseLost(item.lease.instance_id)
+                raise base.LeaseLost(commit.lease.instance_id)
 
         await self._run(go)
 
     # -- events ------------------------------------------------------------------------------------
-    async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
+    async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
         async def go(conn: Conn) -> tuple[bool, list[str]]:
             await conn.execute(self._q["lock_event_type"], event.event_type)
             seq = await conn.fetchval(self._q["insert_event"], *rows.event_columns(event))
@@ -819,7 +778,7 @@ class PostgresStorage(Storage):
         return await self._read(go)
 
     # -- workers and status ------------------------------------------------------------------------
-    async def upsert_worker(self, worker: WorkerRow) -> None:
+    async def upsert_worker(self, worker: base.WorkerRow) -> None:
         async def go(conn: Conn) -> None:
             await conn.execute(
                 self._q["upsert_worker"],
@@ -851,8 +810,8 @@ class PostgresStorage(Storage):
 
         return await self._run(go)
 
-    async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
-        async def go(conn: Conn) -> list[WorkerRow]:
+    async def list_workers(self, limit: int = 1000) -> list[base.WorkerRow]:
+        async def go(conn: Conn) -> list[base.WorkerRow]:
             return [rows.worker_row(r) for r in await conn.fetch(self._q["list_workers"], limit)]
 
         return await self._read(go)
@@ -879,23 +838,12 @@ class PostgresStorage(Storage):
 
     # -- the transactional outbox ------------------------------------------------------------------
     async def outbox_record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        event: NewOutboxEvent,
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
-    ) -> StepResult:
-        async def go(conn: Conn) -> StepResult:
+        self, commit: base.Commit, event: base.NewOutboxEvent, *, status: Status | None = None
+    ) -> base.StepResult:
+        async def go(conn: Conn) -> base.StepResult:
             row = await conn.fetchrow(
                 self._q["outbox_record"],
-                lease.instance_id,
-                lease.lease_id,
-                lock_expires_at,
-                now,
-                *self._columns(records),
+                *self._lease_columns(commit),
                 None if status is None else str(status),
                 event.event_id,
                 event.step_seq,
@@ -906,15 +854,15 @@ class PostgresStorage(Storage):
                 self.notify,
             )
             if row is None:
-                raise LeaseLost(lease.instance_id)
-            return StepResult(cancel_requested=row["cancel_requested"])
+                raise base.LeaseLost(commit.lease.instance_id)
+            return base.StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
     async def outbox_claim(
         self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int, window: int
-    ) -> list[OutboxClaim]:
-        async def go(conn: Conn) -> list[OutboxClaim]:
+    ) -> list[base.OutboxClaim]:
+        async def go(conn: Conn) -> list[base.OutboxClaim]:
             claimed = await conn.fetch(
                 self._q["outbox_claim"], relay_id, claim_id, now, claim_expires_at, limit, window
             )
@@ -956,8 +904,8 @@ class PostgresStorage(Storage):
 
     async def outbox_list(
         self, *, status: str | None = None, instance_id: str | None = None, limit: int = 100
-    ) -> list[OutboxRow]:
-        async def go(conn: Conn) -> list[OutboxRow]:
+    ) -> list[base.OutboxRow]:
+        async def go(conn: Conn) -> list[base.OutboxRow]:
             return [
                 rows.outbox_row(r)
                 for r in await conn.fetch(self._q["outbox_list"], status, instance_id, limit)
@@ -986,76 +934,50 @@ class PostgresStorage(Storage):
         return await self._tx(go)
 
     # -- channels ----------------------------------------------------------------------------------
-    async def channel_subscribe(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        channel: str,
-        mode: str,
-        now: float,
-        lock_expires_at: float,
-    ) -> StepResult:
+    async def channel_subscribe(self, commit: base.Commit, *, channel: str, mode: str) -> base.StepResult:
         # No channel lock: publishes on a channel commit in seq order (they hold it), so the last
         # message this statement sees is a correct starting point.
-        async def go(conn: Conn) -> StepResult:
+        async def go(conn: Conn) -> base.StepResult:
             row = await conn.fetchrow(
-                self._q["channel_subscribe"],
-                lease.instance_id,
-                lease.lease_id,
-                lock_expires_at,
-                now,
-                *self._columns(records),
-                channel,
-                mode,
+                self._q["channel_subscribe"], *self._lease_columns(commit), channel, mode
             )
             if row is None:
-                raise LeaseLost(lease.instance_id)
-            return StepResult(cancel_requested=row["cancel_requested"])
+                raise base.LeaseLost(commit.lease.instance_id)
+            return base.StepResult(cancel_requested=row["cancel_requested"])
 
         return await self._run(go)
 
     async def channel_publish(
-        self,
-        message: NewMessage,
-        *,
-        lease: Lease | None = None,
-        records: Sequence[HistoryRow] = (),
-        lock_expires_at: float | None = None,
-    ) -> PublishResult:
-        async def go(conn: Conn) -> PublishResult:
+        self, message: base.NewMessage, *, commit: base.Commit | None = None
+    ) -> base.PublishResult:
+        async def go(conn: Conn) -> base.PublishResult:
             await conn.execute(self._q["channel_lock"], message.channel)
             row = await conn.fetchrow(
                 self._q["channel_publish"],
                 *rows.message_columns(message),
                 self.notify,
-                None if lease is None else lease.instance_id,
-                None if lease is None else lease.lease_id,
-                lock_expires_at,
-                *self._columns(records),
+                None if commit is None else commit.lease.instance_id,
+                None if commit is None else commit.lease.lease_id,
+                None if commit is None else commit.lock_expires_at,
+                *self._columns(() if commit is None else commit.records),
             )
             if not row["target_ok"]:
-                return PublishResult(stored=False, woken=[], target_missing=True)
-            if lease is not None and row["cancel_requested"] is None:
-                raise LeaseLost(lease.instance_id)
-            return PublishResult(
+                return base.PublishResult(stored=False, woken=[], target_missing=True)
+            if commit is not None and row["cancel_requested"] is None:
+                raise base.LeaseLost(commit.lease.instance_id)
+            return base.PublishResult(
                 stored=row["stored"], woken=list(row["woken"]), cancel_requested=bool(row["cancel_requested"])
             )
 
         return await self._tx(go)
 
     async def channel_take_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: MessageWait,
-        *,
-        now: float,
-        lock_expires_at: float,
-    ) -> StoredMessage | Suspension | None:
+        self, commit: base.Commit, wait: base.MessageWait
+    ) -> base.StoredMessage | base.Suspension | None:
+        lease, records, now = commit.lease, commit.records, commit.now
         instance_id = lease.instance_id
 
-        async def go(conn: Conn) -> StoredMessage | Suspension | None:
+        async def go(conn: Conn) -> base.StoredMessage | base.Suspension | None:
             await conn.execute(self._q["channel_lock"], wait.channel)
             row = await conn.fetchrow(self._q["channel_find"], wait.channel, instance_id, wait.mode, now)
             if row is None:
@@ -1065,10 +987,8 @@ class PostgresStorage(Storage):
                 return None
             if row["seq"] is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
-                outcome = await self._suspend(
-                    conn, lease, records, now=now, run_at=wait.deadline, timer=timer
-                )
-                if outcome is Suspension.SUSPENDED:
+                outcome = await self._suspend(conn, commit, run_at=wait.deadline, timer=timer)
+                if outcome is base.Suspension.SUSPENDED:
                     await conn.execute(self._q["channel_set_waiting"], wait.channel, instance_id, now)
                 return outcome
             found = rows.stored_message(row)
@@ -1076,7 +996,7 @@ class PostgresStorage(Storage):
                 self._q["channel_take"],
                 instance_id,
                 lease.lease_id,
-                lock_expires_at,
+                commit.lock_expires_at,
                 now,
                 *self._columns([*records, decide.message_outcome(wait, found, now)]),
                 wait.channel,
@@ -1086,7 +1006,7 @@ class PostgresStorage(Storage):
             )
             if not took["taken"]:
                 if took["cancel_requested"] is None:
-                    raise LeaseLost(instance_id)
+                    raise base.LeaseLost(instance_id)
                 raise StorageError(f"message {found.message_id} was taken by another instance")
             return found
 
@@ -1115,22 +1035,24 @@ class PostgresStorage(Storage):
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(
         self,
-        which: InstanceFilter,
+        which: base.InstanceFilter,
         *,
         before: tuple[float, str] | None = None,
         after: tuple[float, str] | None = None,
         limit: int = 50,
-    ) -> list[InstanceSummary]:
+    ) -> list[base.InstanceSummary]:
         plan = decide.plan_page(which, before, after)
 
-        async def go(conn: Conn) -> list[InstanceSummary]:
+        async def go(conn: Conn) -> list[base.InstanceSummary]:
             return plan.page(
-                await conn.fetch(self._q[plan.query], *plan.key, plan.bound, limit, INPUT_HEAD, *plan.filters)
+                await conn.fetch(
+                    self._q[plan.query], *plan.key, plan.bound, limit, base.INPUT_HEAD, *plan.filters
+                )
             )
 
         return await self._read(go)
 
-    async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
+    async def count_instances(self, which: base.InstanceFilter, *, cap: int) -> dict[Status, int]:
         lo, hi = decide.created_range(which)
         statuses = [str(status) for status in Status]
 
@@ -1158,8 +1080,8 @@ class PostgresStorage(Storage):
 
     async def instance_extras(
         self, instance_id: str, *, event_ids: Sequence[str] = (), message_ids: Sequence[str] = ()
-    ) -> InstanceExtras:
-        async def go(conn: Conn) -> InstanceExtras:
+    ) -> base.InstanceExtras:
+        async def go(conn: Conn) -> base.InstanceExtras:
             async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
                 timers = await conn.fetch(self._q["extras_timers"], instance_id)
                 wait = await conn.fetchrow(self._q["extras_event_wait"], instance_id)
@@ -1168,13 +1090,7 @@ class PostgresStorage(Storage):
                 messages = (
                     await conn.fetch(self._q["extras_messages"], list(message_ids)) if message_ids else []
                 )
-            return InstanceExtras(
-                timers=tuple(rows.timer(r) for r in timers),
-                event_wait=None if wait is None else rows.event_wait_row(wait),
-                subscriptions=tuple(rows.subscription_row(r) for r in subscriptions),
-                outbox=tuple(rows.outbox_row(r) for r in outbox),
-                messages=tuple(rows.message_row(r) for r in messages),
-            )
+            return rows.instance_extras(timers, wait, subscriptions, outbox, messages)
 
         return await self._read(go)
 

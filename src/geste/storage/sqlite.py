@@ -15,6 +15,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote
 
@@ -22,40 +23,11 @@ from .._models import Status
 from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, StorageError
 from . import _decisions as decide
-from . import _migrations
+from . import _migrations, base
 from . import _read_only as read_only
 from . import _rows as rows
 from ._read_only import StoredHistory
 from ._sql import load_queries
-from .base import (
-    INPUT_HEAD,
-    Claims,
-    EventWait,
-    HistoryRow,
-    InstanceExtras,
-    InstanceFilter,
-    InstanceRow,
-    InstanceSummary,
-    Lease,
-    LeaseLost,
-    MessageWait,
-    NewEvent,
-    NewInstance,
-    NewMessage,
-    NewOutboxEvent,
-    OutboxClaim,
-    OutboxRow,
-    PublishResult,
-    ResumeOutcome,
-    RetryOutcome,
-    RetryRow,
-    StepResult,
-    Storage,
-    StoredEvent,
-    StoredMessage,
-    Suspension,
-    WorkerRow,
-)
 
 Q = load_queries("sqlite")
 MIGRATIONS = _migrations.load("sqlite")
@@ -84,7 +56,7 @@ def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
     return rest, options
 
 
-class SQLiteStorage(Storage):
+class SQLiteStorage(base.Storage):
     def __init__(self, url: str) -> None:
         self.url = url
         self.path, options = parse_sqlite_url(url)
@@ -209,8 +181,13 @@ class SQLiteStorage(Storage):
 
     # -- instances ---------------------------------------------------------------------------------
     async def create_instance(
-        self, new: NewInstance, *, lease: Lease | None, worker_id: str | None, lock_expires_at: float | None
-    ) -> tuple[InstanceRow, bool]:
+        self,
+        new: base.NewInstance,
+        *,
+        lease: base.Lease | None,
+        worker_id: str | None,
+        lock_expires_at: float | None,
+    ) -> tuple[base.InstanceRow, bool]:
         starts = decide.new_row(lease, worker_id, lock_expires_at)
         params = {
             "instance_id": new.instance_id,
@@ -223,15 +200,15 @@ class SQLiteStorage(Storage):
             "lock_expires_at": starts.lock_expires_at,
         }
 
-        def tx(conn: sqlite3.Connection) -> tuple[InstanceRow, bool]:
+        def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
             created = conn.execute(Q["insert_instance"], params).rowcount == 1
             row = conn.execute(Q["get_instance"], (new.instance_id,)).fetchone()
             return rows.instance_row(row), created
 
         return await self._write(tx)
 
-    async def get_instance(self, instance_id: str) -> InstanceRow | None:
-        def read(conn: sqlite3.Connection) -> InstanceRow | None:
+    async def get_instance(self, instance_id: str) -> base.InstanceRow | None:
+        def read(conn: sqlite3.Connection) -> base.InstanceRow | None:
             return rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
 
         return await self._call(read)
@@ -243,7 +220,7 @@ class SQLiteStorage(Storage):
         status: Status | None = None,
         limit: int = 100,
         offset: int = 0,
-    ) -> list[InstanceRow]:
+    ) -> list[base.InstanceRow]:
         params = {
             "workflow_name": workflow_name,
             "status": None if status is None else str(status),
@@ -255,17 +232,17 @@ class SQLiteStorage(Storage):
         )
 
     @staticmethod
-    def _history(conn: sqlite3.Connection, instance_id: str) -> tuple[HistoryRow, ...]:
+    def _history(conn: sqlite3.Connection, instance_id: str) -> tuple[base.HistoryRow, ...]:
         found = conn.execute(Q["get_history"], (instance_id,))
         return tuple(rows.history_row(r) for r in found)
 
-    async def get_history(self, instance_id: str) -> list[HistoryRow]:
+    async def get_history(self, instance_id: str) -> list[base.HistoryRow]:
         return await self._call(lambda conn: list(self._history(conn, instance_id)))
 
-    async def request_cancel(self, instance_id: str, now: float) -> InstanceRow | None:
+    async def request_cancel(self, instance_id: str, now: float) -> base.InstanceRow | None:
         params = {"instance_id": instance_id, "now": now}
 
-        def tx(conn: sqlite3.Connection) -> InstanceRow | None:
+        def tx(conn: sqlite3.Connection) -> base.InstanceRow | None:
             if conn.execute(Q["cancel_unstarted"], params).rowcount == 0:
                 conn.execute(Q["flag_cancel"], params)
             return rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
@@ -273,16 +250,16 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     # -- operator actions --------------------------------------------------------------------------
-    async def retry_instance(self, instance_id: str, now: float) -> RetryOutcome:
-        def tx(conn: sqlite3.Connection) -> RetryOutcome:
+    async def retry_instance(self, instance_id: str, now: float) -> base.RetryOutcome:
+        def tx(conn: sqlite3.Connection) -> base.RetryOutcome:
             row = rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
             if row is None:
-                return RetryOutcome(None)
+                return base.RetryOutcome(None)
             if row.status != Status.FAILED:
                 return decide.retry_refused(row, conn.execute(Q["last_retry"], (instance_id,)).fetchone())
             history = self._history(conn, instance_id)
             from_seq = decide.retry_from(row, history)
-            if isinstance(from_seq, RetryOutcome):
+            if isinstance(from_seq, base.RetryOutcome):
                 return from_seq
             removed = decide.retry_removed(history, from_seq)
             params = {"instance_id": instance_id, "now": now, "from_seq": from_seq}
@@ -295,27 +272,27 @@ class SQLiteStorage(Storage):
 
         return await self._write(tx)
 
-    async def list_retries(self, instance_id: str) -> list[RetryRow]:
+    async def list_retries(self, instance_id: str) -> list[base.RetryRow]:
         return await self._call(
             lambda conn: [rows.retry_row(r) for r in conn.execute(Q["list_retries"], (instance_id,))]
         )
 
     async def resume_instance(
         self, instance_id: str, now: float, *, lock_timeout: float, force: bool
-    ) -> ResumeOutcome:
-        def tx(conn: sqlite3.Connection) -> ResumeOutcome:
+    ) -> base.ResumeOutcome:
+        def tx(conn: sqlite3.Connection) -> base.ResumeOutcome:
             found = conn.execute(Q["get_instance"], (instance_id,)).fetchone()
             before = decide.resumable(rows.maybe_instance(found))
-            if isinstance(before, ResumeOutcome):
+            if isinstance(before, base.ResumeOutcome):
                 return before
             held = decide.lease_held(before, now)
             holder = conn.execute(Q["worker_liveness"], (before.locked_by,)).fetchone() if held else None
             alive = rows.worker_alive(holder, now=now, lock_timeout=lock_timeout)
             if alive and not force:
-                return ResumeOutcome(before, holder_alive=True)
+                return base.ResumeOutcome(before, holder_alive=True)
             conn.execute(Q["resume"], {"instance_id": instance_id, "now": now, "break": held})
             after = rows.instance_row(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
-            return ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
+            return base.ResumeOutcome(before, after, holder_alive=alive, lease_broken=held)
 
         return await self._write(tx)
 
@@ -329,10 +306,10 @@ class SQLiteStorage(Storage):
         *,
         due_before: float | None = None,
         workflows: Sequence[str],
-    ) -> Claims:
+    ) -> base.Claims:
         names = sorted(set(workflows))
         if not names:
-            return Claims()
+            return base.Claims()
         params = {
             "due": now if due_before is None else due_before,
             "worker_id": worker_id,
@@ -342,7 +319,7 @@ class SQLiteStorage(Storage):
             "limit": limit,
         }
 
-        def tx(conn: sqlite3.Connection) -> Claims:
+        def tx(conn: sqlite3.Connection) -> base.Claims:
             heads = [r for name in names for r in conn.execute(Q["claim_pick"], {**params, "name": name})]
             picked = heapq.nsmallest(limit, heads, key=lambda r: r["run_at"]) if len(names) > 1 else heads
             # taken over: when the lease ran out
@@ -360,11 +337,11 @@ class SQLiteStorage(Storage):
                     for n in names
                 ]
                 later = min((t for t in found if t is not None), default=None)
-            return Claims(claims, later)
+            return base.Claims(claims, later)
 
         return await self._write(tx)
 
-    async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
+    async def renew(self, leases: Sequence[base.Lease], lock_expires_at: float) -> set[str]:
         def tx(conn: sqlite3.Connection) -> set[str]:
             kept = set()
             for lease in leases:
@@ -374,7 +351,7 @@ class SQLiteStorage(Storage):
 
         return await self._write(tx)
 
-    async def release(self, leases: Sequence[Lease], now: float, *, run_at: float | None = None) -> None:
+    async def release(self, leases: Sequence[base.Lease], now: float, *, run_at: float | None = None) -> None:
         when = now if run_at is None else run_at
 
         def tx(conn: sqlite3.Connection) -> None:
@@ -384,7 +361,9 @@ class SQLiteStorage(Storage):
 
     # -- steps under a lease -----------------------------------------------------------------------
     @staticmethod
-    def _insert_history(conn: sqlite3.Connection, instance_id: str, records: Sequence[HistoryRow]) -> None:
+    def _insert_history(
+        conn: sqlite3.Connection, instance_id: str, records: Sequence[base.HistoryRow]
+    ) -> None:
         if records:
             conn.executemany(
                 Q["insert_history"],
@@ -396,108 +375,83 @@ class SQLiteStorage(Storage):
 
     @staticmethod
     def _touch(
-        conn: sqlite3.Connection,
-        lease: Lease,
-        *,
-        now: float,
-        lock_expires_at: float,
-        steps: int,
-        status: Status | None = None,
+        conn: sqlite3.Connection, commit: base.Commit, *, steps: int, status: Status | None = None
     ) -> bool:
-        """Renew the lease (raising ``LeaseLost`` if it is gone); return whether cancel is requested."""
+        """Renew the commit's lease (raising ``LeaseLost`` if it is gone), counting ``steps`` more steps;
+        return whether cancel is requested."""
         row = conn.execute(
             Q["touch_lease"],
             {
-                "instance_id": lease.instance_id,
-                "lease_id": lease.lease_id,
-                "lock_expires_at": lock_expires_at,
-                "now": now,
+                "instance_id": commit.lease.instance_id,
+                "lease_id": commit.lease.lease_id,
+                "lock_expires_at": commit.lock_expires_at,
+                "now": commit.now,
                 "steps": steps,
                 "status": None if status is None else str(status),
             },
         ).fetchone()
         if row is None:
-            raise LeaseLost(lease.instance_id)
+            raise base.LeaseLost(commit.lease.instance_id)
         return bool(row["cancel_requested"])
 
-    async def record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
-    ) -> StepResult:
-        def tx(conn: sqlite3.Connection) -> StepResult:
-            cancel = self._touch(
-                conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records), status=status
-            )
-            self._insert_history(conn, lease.instance_id, records)
-            return StepResult(cancel_requested=cancel)
+    @classmethod
+    def _append(cls, conn: sqlite3.Connection, commit: base.Commit, *, status: Status | None = None) -> bool:
+        """Renew the commit's lease and append its rows (``_touch``); return whether cancel is requested."""
+        cancel = cls._touch(conn, commit, steps=len(commit.records), status=status)
+        cls._insert_history(conn, commit.lease.instance_id, commit.records)
+        return cancel
+
+    async def record(self, commit: base.Commit, *, status: Status | None = None) -> base.StepResult:
+        def tx(conn: sqlite3.Connection) -> base.StepResult:
+            return base.StepResult(cancel_requested=self._append(conn, commit, status=status))
 
         return await self._write(tx)
 
     def _suspend_tx(
-        self,
-        conn: sqlite3.Connection,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        run_at: float | None,
-    ) -> Suspension:
+        self, conn: sqlite3.Connection, commit: base.Commit, *, run_at: float | None
+    ) -> base.Suspension:
+        lease, records = commit.lease, commit.records
         params = {
             "instance_id": lease.instance_id,
             "lease_id": lease.lease_id,
             "run_at": run_at,
-            "now": now,
+            "now": commit.now,
             "steps": len(records),
         }
         if conn.execute(Q["suspend"], params).rowcount == 0:
             state = conn.execute(Q["lease_state"], params).fetchone()
             if state is None or not state["ours"]:
-                raise LeaseLost(lease.instance_id)
-            return Suspension.CANCEL_REQUESTED
+                raise base.LeaseLost(lease.instance_id)
+            return base.Suspension.CANCEL_REQUESTED
         self._insert_history(conn, lease.instance_id, records)
         conn.execute(Q["clear_timers"], (lease.instance_id,))
         conn.execute(Q["clear_event_wait"], (lease.instance_id,))
-        return Suspension.SUSPENDED
+        return base.Suspension.SUSPENDED
 
     async def suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        run_at: float | None,
-        timer: tuple[int, float] | None = None,
-    ) -> Suspension:
-        def tx(conn: sqlite3.Connection) -> Suspension:
-            outcome = self._suspend_tx(conn, lease, records, now=now, run_at=run_at)
-            if outcome is Suspension.SUSPENDED and timer is not None:
-                conn.execute(Q["insert_timer"], (lease.instance_id, timer[0], timer[1]))
+        self, commit: base.Commit, *, run_at: float | None, timer: tuple[int, float] | None = None
+    ) -> base.Suspension:
+        def tx(conn: sqlite3.Connection) -> base.Suspension:
+            outcome = self._suspend_tx(conn, commit, run_at=run_at)
+            if outcome is base.Suspension.SUSPENDED and timer is not None:
+                conn.execute(Q["insert_timer"], (commit.lease.instance_id, timer[0], timer[1]))
             return outcome
 
         return await self._write(tx)
 
     async def take_event_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: EventWait,
-        *,
-        now: float,
-        lock_expires_at: float,
-    ) -> StoredEvent | Suspension | None:
-        def tx(conn: sqlite3.Connection) -> StoredEvent | Suspension | None:
+        self, commit: base.Commit, wait: base.EventWait
+    ) -> base.StoredEvent | base.Suspension | None:
+        lease, records, now = commit.lease, commit.records, commit.now
+
+        def tx(conn: sqlite3.Connection) -> base.StoredEvent | base.Suspension | None:
             params = {"event_type": wait.event_type, "instance_id": lease.instance_id}
             found = decide.first_match(wait, conn.execute(Q["candidate_events"], params))
             if found is None and decide.timed_out(wait.deadline, now):
                 return None
             if found is None:
-                outcome = self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
-                if outcome is Suspension.SUSPENDED:
+                outcome = self._suspend_tx(conn, commit, run_at=wait.deadline)
+                if outcome is base.Suspension.SUSPENDED:
                     conn.execute(
                         Q["insert_event_wait"], rows.event_wait_columns(lease.instance_id, wait, now)
                     )
@@ -505,7 +459,7 @@ class SQLiteStorage(Storage):
                         conn.execute(Q["insert_timer"], (lease.instance_id, wait.outcome_seq, wait.deadline))
                 return outcome
             taken = decide.event_outcome(wait.outcome_seq, found, now)
-            self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
+            self._touch(conn, commit, steps=len(records) + 1)
             self._insert_history(conn, lease.instance_id, [*records, taken])
             conn.execute(Q["insert_delivery"], (lease.instance_id, found.seq))
             return found
@@ -513,28 +467,22 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     async def finish(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        now: float,
-        status: Status,
-        result: str | None = None,
-        error: str | None = None,
+        self, commit: base.Commit, *, status: Status, result: str | None = None, error: str | None = None
     ) -> None:
+        lease, records = commit.lease, commit.records
         params = {
             "instance_id": lease.instance_id,
             "lease_id": lease.lease_id,
             "status": str(status),
             "result": result,
             "error": error,
-            "now": now,
+            "now": commit.now,
             "steps": len(records),
         }
 
         def tx(conn: sqlite3.Connection) -> None:
             if conn.execute(Q["finish"], params).rowcount == 0:
-                raise LeaseLost(lease.instance_id)
+                raise base.LeaseLost(lease.instance_id)
             self._insert_history(conn, lease.instance_id, records)
             conn.execute(Q["clear_timers"], (lease.instance_id,))
             conn.execute(Q["clear_event_wait"], (lease.instance_id,))
@@ -542,7 +490,7 @@ class SQLiteStorage(Storage):
         await self._write(tx)
 
     # -- events ------------------------------------------------------------------------------------
-    async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
+    async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
         def tx(conn: sqlite3.Connection) -> tuple[bool, list[str]]:
             cursor = conn.execute(Q["insert_event"], rows.event_columns(event))
             if not cursor.rowcount:
@@ -562,7 +510,9 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     @staticmethod
-    def _deliver(conn: sqlite3.Connection, instance_id: str, outcome_seq: int, event: StoredEvent) -> bool:
+    def _deliver(
+        conn: sqlite3.Connection, instance_id: str, outcome_seq: int, event: base.StoredEvent
+    ) -> bool:
         """Write the event into a waiting, unheld instance's history at its wait's outcome position."""
         params = {"instance_id": instance_id, "now": event.created_at}
         if conn.execute(Q["deliver_event"], params).fetchone() is None:
@@ -583,7 +533,7 @@ class SQLiteStorage(Storage):
         return await self._call(read)
 
     # -- workers and status ------------------------------------------------------------------------
-    async def upsert_worker(self, worker: WorkerRow) -> None:
+    async def upsert_worker(self, worker: base.WorkerRow) -> None:
         params = {
             "worker_id": worker.worker_id,
             "host": worker.host,
@@ -606,7 +556,7 @@ class SQLiteStorage(Storage):
     async def prune_workers(self, before: float) -> int:
         return await self._write(lambda c: c.execute(Q["prune_workers"], (before,)).rowcount)
 
-    async def list_workers(self, limit: int = 1000) -> list[WorkerRow]:
+    async def list_workers(self, limit: int = 1000) -> list[base.WorkerRow]:
         return await self._call(
             lambda c: [rows.worker_row(r) for r in c.execute(Q["list_workers"], (limit,)).fetchall()]
         )
@@ -635,39 +585,29 @@ class SQLiteStorage(Storage):
 
     # -- the transactional outbox ------------------------------------------------------------------
     async def outbox_record(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        event: NewOutboxEvent,
-        *,
-        now: float,
-        lock_expires_at: float,
-        status: Status | None = None,
-    ) -> StepResult:
+        self, commit: base.Commit, event: base.NewOutboxEvent, *, status: Status | None = None
+    ) -> base.StepResult:
         params = {
             "event_id": event.event_id,
-            "instance_id": lease.instance_id,
+            "instance_id": commit.lease.instance_id,
             "step_seq": event.step_seq,
             "event_type": event.event_type,
             "source": event.source,
             "subject": event.subject,
             "data": event.data,
-            "now": now,
+            "now": commit.now,
         }
 
-        def tx(conn: sqlite3.Connection) -> StepResult:
-            cancel = self._touch(
-                conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records), status=status
-            )
-            self._insert_history(conn, lease.instance_id, records)
+        def tx(conn: sqlite3.Connection) -> base.StepResult:
+            cancel = self._append(conn, commit, status=status)
             conn.execute(Q["outbox_insert"], params)
-            return StepResult(cancel_requested=cancel)
+            return base.StepResult(cancel_requested=cancel)
 
         return await self._write(tx)
 
     async def outbox_claim(
         self, relay_id: str, claim_id: str, now: float, claim_expires_at: float, limit: int, window: int
-    ) -> list[OutboxClaim]:
+    ) -> list[base.OutboxClaim]:
         params = {
             "relay_id": relay_id,
             "claim_id": claim_id,
@@ -677,7 +617,7 @@ class SQLiteStorage(Storage):
             "window": window,
         }
 
-        def tx(conn: sqlite3.Connection) -> list[OutboxClaim]:
+        def tx(conn: sqlite3.Connection) -> list[base.OutboxClaim]:
             conn.execute(Q["outbox_hold"], params)
             return [
                 rows.outbox_claim(r, claim_id) for r in conn.execute(Q["outbox_claim"], params).fetchall()
@@ -727,7 +667,7 @@ class SQLiteStorage(Storage):
 
     async def outbox_list(
         self, *, status: str | None = None, instance_id: str | None = None, limit: int = 100
-    ) -> list[OutboxRow]:
+    ) -> list[base.OutboxRow]:
         params = {"status": status, "instance_id": instance_id, "limit": limit}
         return await self._call(lambda c: [rows.outbox_row(r) for r in c.execute(Q["outbox_list"], params)])
 
@@ -747,69 +687,53 @@ class SQLiteStorage(Storage):
         return await self._write(tx)
 
     # -- channels (every write inside BEGIN IMMEDIATE: publishes and receives never interleave) -------
-    async def channel_subscribe(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        *,
-        channel: str,
-        mode: str,
-        now: float,
-        lock_expires_at: float,
-    ) -> StepResult:
-        params = {"channel": channel, "instance_id": lease.instance_id, "mode": mode, "now": now}
+    async def channel_subscribe(self, commit: base.Commit, *, channel: str, mode: str) -> base.StepResult:
+        params = {
+            "channel": channel,
+            "instance_id": commit.lease.instance_id,
+            "mode": mode,
+            "now": commit.now,
+        }
 
-        def tx(conn: sqlite3.Connection) -> StepResult:
-            cancel = self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records))
-            self._insert_history(conn, lease.instance_id, records)
+        def tx(conn: sqlite3.Connection) -> base.StepResult:
+            cancel = self._append(conn, commit)
             conn.execute(Q["channel_subscribe"], params)
-            return StepResult(cancel_requested=cancel)
+            return base.StepResult(cancel_requested=cancel)
 
         return await self._write(tx)
 
     async def channel_publish(
-        self,
-        message: NewMessage,
-        *,
-        lease: Lease | None = None,
-        records: Sequence[HistoryRow] = (),
-        lock_expires_at: float | None = None,
-    ) -> PublishResult:
+        self, message: base.NewMessage, *, commit: base.Commit | None = None
+    ) -> base.PublishResult:
         target = message.target_instance_id
+        if commit is not None:  # the lease renewed at the message's time (until then, if no expiry is given)
+            expires = message.now if commit.lock_expires_at is None else commit.lock_expires_at
+            commit = replace(commit, now=message.now, lock_expires_at=expires)
 
-        def tx(conn: sqlite3.Connection) -> PublishResult:
+        def tx(conn: sqlite3.Connection) -> base.PublishResult:
             exists = target is None or conn.execute(Q["channel_instance_exists"], (target,)).fetchone()
             if not exists:
-                return PublishResult(stored=False, woken=[], target_missing=True)
+                return base.PublishResult(stored=False, woken=[], target_missing=True)
             cancel = False
-            if lease is not None:
-                expires = message.now if lock_expires_at is None else lock_expires_at
-                cancel = self._touch(
-                    conn, lease, now=message.now, lock_expires_at=expires, steps=len(records)
-                )
-                self._insert_history(conn, lease.instance_id, records)
+            if commit is not None:
+                cancel = self._append(conn, commit)
             inserted = conn.execute(Q["channel_insert_message"], rows.message_columns(message)).rowcount
             if not inserted:
-                return PublishResult(stored=False, woken=[], cancel_requested=cancel)
+                return base.PublishResult(stored=False, woken=[], cancel_requested=cancel)
             params = {"channel": message.channel, "target": target, "now": message.now}
             woken = [r["instance_id"] for r in conn.execute(Q["channel_wake_receivers"], params).fetchall()]
-            return PublishResult(stored=True, woken=woken, cancel_requested=cancel)
+            return base.PublishResult(stored=True, woken=woken, cancel_requested=cancel)
 
         return await self._write(tx)
 
     async def channel_take_or_suspend(
-        self,
-        lease: Lease,
-        records: Sequence[HistoryRow],
-        wait: MessageWait,
-        *,
-        now: float,
-        lock_expires_at: float,
-    ) -> StoredMessage | Suspension | None:
-        instance_id = lease.instance_id
+        self, commit: base.Commit, wait: base.MessageWait
+    ) -> base.StoredMessage | base.Suspension | None:
+        records, now = commit.records, commit.now
+        instance_id = commit.lease.instance_id
         key = {"channel": wait.channel, "instance_id": instance_id}
 
-        def tx(conn: sqlite3.Connection) -> StoredMessage | Suspension | None:
+        def tx(conn: sqlite3.Connection) -> base.StoredMessage | base.Suspension | None:
             conn.execute(Q["channel_ensure_subscription"], {**key, "mode": wait.mode, "now": now})
             sub = conn.execute(Q["channel_subscription"], key).fetchone()
             mode, cursor = sub["mode"], sub["cursor_seq"]
@@ -818,15 +742,15 @@ class SQLiteStorage(Storage):
                 conn.execute(Q["channel_stop_waiting"], key)
                 return None
             if row is None:
-                outcome = self._suspend_tx(conn, lease, records, now=now, run_at=wait.deadline)
-                if outcome is Suspension.SUSPENDED:
+                outcome = self._suspend_tx(conn, commit, run_at=wait.deadline)
+                if outcome is base.Suspension.SUSPENDED:
                     conn.execute(Q["channel_set_waiting"], {**key, "now": now})
                     if wait.deadline is not None:
                         conn.execute(Q["insert_timer"], (instance_id, wait.outcome_seq, wait.deadline))
                 return outcome
             found = rows.stored_message(row)
             direct = found.target_instance_id is not None
-            self._touch(conn, lease, now=now, lock_expires_at=lock_expires_at, steps=len(records) + 1)
+            self._touch(conn, commit, steps=len(records) + 1)
             if decide.claims_message(found, mode):
                 claim = {"instance_id": instance_id, "seq": found.seq}
                 if conn.execute(Q["channel_claim"], claim).rowcount != 1:  # the write lock makes it so
@@ -858,25 +782,25 @@ class SQLiteStorage(Storage):
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(
         self,
-        which: InstanceFilter,
+        which: base.InstanceFilter,
         *,
         before: tuple[float, str] | None = None,
         after: tuple[float, str] | None = None,
         limit: int = 50,
-    ) -> list[InstanceSummary]:
+    ) -> list[base.InstanceSummary]:
         plan = decide.plan_page(which, before, after)
         params = {
             "key_at": plan.key[0],
             "key_id": plan.key[1],
             "bound": plan.bound,
             "limit": limit,
-            "head": INPUT_HEAD,
+            "head": base.INPUT_HEAD,
             **dict(zip(("f1", "f2"), plan.filters, strict=False)),
         }
 
         return await self._call(lambda c: plan.page(c.execute(Q[plan.query], params)))
 
-    async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
+    async def count_instances(self, which: base.InstanceFilter, *, cap: int) -> dict[Status, int]:
         lo, hi = decide.created_range(which)
         params = {
             "lo": lo,
@@ -899,24 +823,18 @@ class SQLiteStorage(Storage):
 
     async def instance_extras(
         self, instance_id: str, *, event_ids: Sequence[str] = (), message_ids: Sequence[str] = ()
-    ) -> InstanceExtras:
-        def read(conn: sqlite3.Connection) -> InstanceExtras:
+    ) -> base.InstanceExtras:
+        def read(conn: sqlite3.Connection) -> base.InstanceExtras:
             conn.execute("BEGIN")  # one snapshot for the five reads
             try:
-                timers = tuple(rows.timer(r) for r in conn.execute(Q["extras_timers"], (instance_id,)))
+                timers = conn.execute(Q["extras_timers"], (instance_id,)).fetchall()
                 wait = conn.execute(Q["extras_event_wait"], (instance_id,)).fetchone()
                 subscriptions = conn.execute(Q["extras_subscriptions"], (instance_id,)).fetchall()
                 outbox = conn.execute(Q["extras_outbox"], (json.dumps(list(event_ids)),)).fetchall()
                 messages = conn.execute(Q["extras_messages"], (json.dumps(list(message_ids)),)).fetchall()
             finally:
                 conn.execute("COMMIT")
-            return InstanceExtras(
-                timers=timers,
-                event_wait=None if wait is None else rows.event_wait_row(wait),
-                subscriptions=tuple(rows.subscription_row(r) for r in subscriptions),
-                outbox=tuple(rows.outbox_row(r) for r in outbox),
-                messages=tuple(rows.message_row(r) for r in messages),
-            )
+            return rows.instance_extras(timers, wait, subscriptions, outbox, messages)
 
         return await self._call(read)
 
