@@ -15,7 +15,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -140,7 +140,7 @@ class _Finish(_Queued):
 
 def _queued(commit: base.Commit) -> base.Commit:
     """The commit as a batch item keeps it: its rows copied into a tuple."""
-    return replace(commit, records=tuple(commit.records))
+    return base.Commit(commit.lease, tuple(commit.records), commit.now, commit.lock_expires_at)
 
 
 def _row_columns(batch: Sequence[_Record | _Finish]) -> tuple[list[Any], ...]:
