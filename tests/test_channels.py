@@ -578,9 +578,17 @@ async def test_a_notification_wakes_a_receiver_in_another_process(
         assert time.monotonic() - sent < 2 * FAST_BOUND
         await raw.sync()
     assert result == {"data": ["broadcast", "direct"], "pids": [proc.pid, proc.pid]}
+    # one per woken instance (schema 13), routed to the worker that suspended it
+    (ran_it,) = {row[0] for row in await sql(pg_url, "SELECT last_worker FROM geste_instances")}
+    routing = {
+        "instance_id": handle.instance_id,
+        "workflow_name": "receiver",
+        "worker": ran_it,
+        "schema": parse_postgres_url(pg_url)[1]["schema"],
+    }
     assert raw.about(channel) == [
-        {"channel_name": channel, "message_id": first, "target_instance_id": None},
-        {"channel_name": channel, "message_id": second, "target_instance_id": handle.instance_id},
+        {"channel_name": channel, "message_id": first, "target_instance_id": None, **routing},
+        {"channel_name": channel, "message_id": second, "target_instance_id": handle.instance_id, **routing},
     ]
     assert raw.about(elsewhere) == []
 

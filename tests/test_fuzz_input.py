@@ -1055,7 +1055,9 @@ def test_queries_are_named_text_with_only_the_schema_to_substitute() -> None:
         assert used and used <= set(queries), used - set(queries)
         for text in [*queries.values(), *(script for _, script in load_migrations(backend))]:
             placeholders = set(re.findall(r"\{[^}]*\}", text))
-            assert placeholders <= {"{schema}"}, placeholders
+            # the schema, as an identifier and (schema 13, in notification payloads) as a string literal:
+            # both from the name parse_postgres_url checked, filled once at construction
+            assert placeholders <= {"{schema}", "{schema_name}"}, placeholders
     # the query tables are filled once, at construction (the schema substituted there), never after
     filled = set()
     for module, source in source_modules():

@@ -389,8 +389,28 @@ async def test_unreachable_listener_leaves_polling_on(pg_url: str) -> None:
 # -- 2. payloads -----------------------------------------------------------------------------------------
 
 
-def assert_resumable(body: dict[str, Any], instance_id: str, workflow: str) -> None:
-    assert body == {"instance_id": instance_id, "workflow_name": workflow}
+def schema_of(url: str) -> str:
+    return parse_postgres_url(url)[1]["schema"]
+
+
+def assert_resumable(
+    body: dict[str, Any],
+    instance_id: str,
+    workflow: str,
+    url: str,
+    *,
+    worker: str | None = None,
+    **routing: Any,
+) -> None:
+    """The specification's keys, then what routes it (schema 13): the worker it goes to (the instance's
+    last worker; None: a new one), a worker to avoid (one that gave it back), the schema."""
+    assert body == {
+        "instance_id": instance_id,
+        "workflow_name": workflow,
+        "worker": worker,
+        **routing,
+        "schema": schema_of(url),
+    }
 
 
 async def test_start_by_a_client_notifies_resumable(raw: RawListener, apps: Apps) -> None:
@@ -398,7 +418,7 @@ async def test_start_by_a_client_notifies_resumable(raw: RawListener, apps: Apps
     iid = new_id("start")
     await client.start_workflow("waiter", "never", instance_id=iid)
     [body] = await raw.wait(iid, WORKFLOW_RESUMABLE)
-    assert_resumable(body, iid, "waiter")
+    assert_resumable(body, iid, "waiter", raw.url)
     await raw.sync()
     assert raw.lease_seen[iid] == [None]  # claimable when the notification arrived
     await client.start_workflow("waiter", "never", instance_id=iid)  # exists already: nothing new
@@ -425,17 +445,18 @@ async def test_event_cancel_and_release_notify_once_claimable(
     await raw.sync()
     assert raw.about(woken) == raw.about(cancelled) == raw.about(held) == []  # started locally: no NOTIFY
 
+    ran_them = worker.worker_id
     await apps.close(worker)  # `hold` is cancelled after the grace period; its lease is released
     [body] = await raw.wait(held, WORKFLOW_RESUMABLE)
-    assert_resumable(body, held, "held")
+    assert_resumable(body, held, "held", raw.url, avoid=ran_them)  # given back: to another worker
 
     await client.send_event("ping", {"n": 1})
     [body] = await raw.wait(woken, WORKFLOW_RESUMABLE)
-    assert_resumable(body, woken, "waiter")
+    assert_resumable(body, woken, "waiter", raw.url, worker=ran_them)  # to the worker that suspended it
 
     await client.cancel(cancelled)
     [body] = await raw.wait(cancelled, WORKFLOW_RESUMABLE)
-    assert_resumable(body, cancelled, "waiter")
+    assert_resumable(body, cancelled, "waiter", raw.url, worker=ran_them)
 
     await raw.sync()
     for iid in (held, woken, cancelled):
@@ -454,7 +475,14 @@ async def test_sleep_notifies_timer_expired(raw: RawListener, apps: Apps) -> Non
     handle = await worker.start_workflow("sleeper", 0.5, instance_id=iid)
     [body] = await raw.wait(iid, TIMER_EXPIRED)
     [timer] = await query(raw.url, "SELECT seq, expires_at FROM geste_timers WHERE instance_id = $1", iid)
-    assert body == {"instance_id": iid, "timer_id": timer["seq"], "expires_at": timer["expires_at"]}
+    assert body == {
+        "instance_id": iid,
+        "timer_id": timer["seq"],
+        "expires_at": timer["expires_at"],
+        "workflow_name": "sleeper",  # schema 13: routed to the worker that keeps it
+        "worker": worker.worker_id,
+        "schema": schema_of(raw.url),
+    }
     assert await handle.result(timeout=10) == os.getpid()
     await raw.sync()
     assert raw.about(iid, WORKFLOW_RESUMABLE) == []  # the sleeper's own worker woke by its local timer

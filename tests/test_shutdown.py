@@ -46,12 +46,13 @@ async def test_a_claim_in_flight_when_the_app_closes_is_handed_back(make_app: Ma
         return n
 
     claimed = answer_once_stopping(worker, "claim", "_worker")
+    routed = answer_once_stopping(worker, "claim_ids", "_worker")  # the starts' notifications, routed to it
     client = make_app(run_worker=False)
     client.workflow(flow.fn)
     async with client:
         await worker.open()
         handles = [await client.start_workflow("flow", n) for n in range(3)]
-        await asyncio.wait_for(claimed.wait(), 15)
+        await wait_until(lambda: claimed.is_set() or routed.is_set(), "a claim to commit", timeout=15)
         await worker.close()
         rows = await raw_query(
             db_url, "SELECT instance_id, status, locked_by, lease_id, run_at FROM geste_instances"

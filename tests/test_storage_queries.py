@@ -46,6 +46,9 @@ SQLITE_ONLY = {
     "channel_insert_message": "publish, 2/3; PostgreSQL: channel_publish",
     "channel_wake_receivers": "publish, 3/3; PostgreSQL: channel_publish",
     "channel_cleanup_event_deliveries": "before channel_cleanup_events; PostgreSQL: inside it",
+    "claim_ids_pick": "a claim by ids, 1/3 (then claim_picked); PostgreSQL: claim_ids",
+    "claim_ids_later": "a claim by ids, 3/3: the named instances not due yet; PostgreSQL: claim_ids",
+    "worker_peers": "the heartbeat's read of the other workers, after upsert_worker; PostgreSQL: heartbeat",
 }
 POSTGRES_ONLY = {
     # one statement where SQLite has several, or what only PostgreSQL needs
@@ -62,6 +65,9 @@ POSTGRES_ONLY = {
     "channel_find": "receive in one statement; SQLite: channel_ensure_subscription and two more",
     "channel_take": "taking a message in one statement; SQLite: channel_claim, channel_advance",
     "channel_publish": "publish in one statement; SQLite: channel_instance_exists and two more",
+    "claim_ids": "a claim by ids with the histories; SQLite: claim_ids_pick, claim_picked, claim_ids_later",
+    "heartbeat": "upsert_worker and the read of the other workers in one statement; SQLite: worker_peers",
+    "route_wakeups": "a full worker hands its routed wake-ups on: NOTIFYs (SQLite has none)",
 }
 
 

@@ -76,16 +76,17 @@ class LocalWorker(Protocol):
         """Run the instance created claimed with the reserved lease (None: give the slot back)."""
         ...
 
-    def poke(self) -> None:
-        """Look for work now: a write made an instance runnable."""
+    def made_runnable(self) -> None:
+        """A write made an instance runnable: look for work now, unless its notification routes it (to
+        one worker, not necessarily this one)."""
         ...
 
 
 class LocalRelay(Protocol):
     """This process's outbox relay, as the client uses it (``geste._outbox.Relay`` is one)."""
 
-    def poke(self) -> None:
-        """Look for outbox events to send now."""
+    def made_due(self) -> None:
+        """A write made an outbox event due: look now, unless its notification routes it to one relay."""
         ...
 
 
@@ -144,7 +145,7 @@ class Client:
     def _poke_worker(self) -> None:
         worker = self._worker()
         if worker is not None:
-            worker.poke()
+            worker.made_runnable()
 
     # -- starting and looking ----------------------------------------------------------------------
     async def start_workflow(
@@ -203,7 +204,7 @@ class Client:
                 claim = Claim(lease, workflow.name, stored, Status.RUNNING, now, False) if created else None
                 worker.run_reserved(claim, ())
             elif created:
-                worker.poke()
+                worker.made_runnable()
         if not created and row.workflow_name != workflow.name:
             raise InstanceAlreadyExistsError(
                 f"instance {iid!r} exists already as a {row.workflow_name!r} workflow, not {workflow.name!r}"
@@ -434,7 +435,7 @@ class Client:
     def _poke_relay(self) -> None:
         relay = self._relay()
         if relay is not None:
-            relay.poke()
+            relay.made_due()
 
     # -- channels ----------------------------------------------------------------------------------
     async def publish(self, channel: str, data: Any = None, *, message_id: str | None = None) -> str:

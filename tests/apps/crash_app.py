@@ -155,19 +155,23 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def hold_claims_until_shutdown(app: geste.App, marker: Path) -> None:
-    """A claim that took instances (committed) answers only once the worker is stopping."""
-    real = app.storage.claim
+    """A claim that took instances (committed) answers only once the worker is stopping: a whole claim
+    or a claim by ids (a routed wake-up)."""
 
-    async def claim(*args: Any, **kwargs: Any) -> Any:
-        worker = app._worker
-        claims = await real(*args, **kwargs)
-        if claims and worker is not None:
-            marker.write_text(json.dumps([c.lease.instance_id for c in claims]))  # noqa: ASYNC240
-            while not worker.stopping:
-                await asyncio.sleep(0.01)
-        return claims
+    def holding(real: Any) -> Any:
+        async def claim(*args: Any, **kwargs: Any) -> Any:
+            worker = app._worker
+            claims = await real(*args, **kwargs)
+            if claims and worker is not None:
+                marker.write_text(json.dumps([c.lease.instance_id for c in claims]))  # noqa: ASYNC240
+                while not worker.stopping:
+                    await asyncio.sleep(0.01)
+            return claims
 
-    app.storage.claim = claim  # type: ignore[method-assign]
+        return claim
+
+    app.storage.claim = holding(app.storage.claim)  # type: ignore[method-assign]
+    app.storage.claim_ids = holding(app.storage.claim_ids)  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:

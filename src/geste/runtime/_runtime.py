@@ -21,6 +21,7 @@ from .._status import ListenerState, ListenerStatus, QueueStats
 from ..storage.base import Claim, HistoryRow, Lease, Storage
 from .chores import ChannelMaintenance
 from .relay import OutboxConfig, Relay
+from .routing import Router
 from .wakeups import OUTBOX_PENDING, TIMER_LOOKAHEAD, Listener, NotifyConfig, Wakeups
 from .worker import Runner, Worker
 
@@ -114,6 +115,15 @@ class Runtime(OpenClose):
             clock=self.clock,
             lookahead=options.lookahead,
         )
+        if options.notify.enabled:  # wake-ups routed to one worker while the listener listens
+            wakeups.router = Router(
+                options.worker_id,
+                workflows=lambda: self.runner.workflows,
+                relay=options.outbox.enabled,
+                lock_timeout=options.lock_timeout,
+                clock=self.clock,
+                schema=getattr(self.storage, "schema", None),
+            )
         worker = self.worker = Worker(
             runner=self.runner,
             storage=self.storage,
@@ -128,6 +138,7 @@ class Runtime(OpenClose):
             max_messages_per_batch=options.notify.max_messages_per_batch,
             listener_status=lambda: self.listener_status().as_dict(),
             metrics=self.metrics,
+            relay=options.outbox.enabled,
         )
         relay = None
         if options.outbox.enabled:
@@ -147,7 +158,7 @@ class Runtime(OpenClose):
                 partial(self.storage.listen, url=options.notify.listen_url),
                 wakeups=wakeups,
                 reconnect_delay=options.notify.reconnect_delay,
-                on_caught_up=partial(self._caught_up, wakeups, relay),
+                on_caught_up=partial(self._caught_up, wakeups, relay, worker),
                 handlers={} if relay is None else {OUTBOX_PENDING: relay.notified},
                 metrics=self.metrics,
                 on_death=worker.mark_unhealthy,
@@ -170,12 +181,13 @@ class Runtime(OpenClose):
             relay.start()
 
     @staticmethod
-    def _caught_up(wakeups: Wakeups, relay: Relay | None) -> None:
+    def _caught_up(wakeups: Wakeups, relay: Relay | None, worker: Worker) -> None:
         """After a (re)connect of the listener: one catch-up round of the worker (and of the relay), for
-        what was sent while it was away."""
+        what was sent while it was away; and a heartbeat, so that the other workers learn it listens."""
         wakeups.poke(POLL)
         if relay is not None:
             relay.poke()
+        worker.announce()
 
     async def close(self) -> None:
         """Stop the listener and the chores, drain the worker (finish or release what it runs), stop the
@@ -221,9 +233,10 @@ class Runtime(OpenClose):
 
     # -- what the engine calls ---------------------------------------------------------------------
     def on_suspended(self, instance_id: str, run_at: float | None) -> None:
-        """An instance suspended until ``run_at``: a local wake-up at that time."""
-        if run_at is not None and self.worker is not None:
-            self.worker.wakeups.wake_at(run_at)
+        """An instance suspended until ``run_at``: a local wake-up at that time (this worker keeps the
+        timer: the others are routed none)."""
+        if self.worker is not None:
+            self.worker.suspended(instance_id, run_at)
 
     def outbox_recorded(self, event_id: str) -> None:
         """A step recorded an outbox event: this process's relay looks now."""
@@ -231,9 +244,10 @@ class Runtime(OpenClose):
             self._relay_hook.recorded(event_id)
 
     def channel_woken(self) -> None:
-        """A step published a message that made receivers runnable: claim them."""
+        """A step published a message that made receivers runnable: claim them (unless the publish's
+        notifications route them, each to one worker)."""
         if self._chores_hook is not None:
-            self._chores_hook.poke()
+            self._chores_hook.made_runnable()
 
     # -- what the client calls ---------------------------------------------------------------------
     def poke(self) -> None:

@@ -389,6 +389,12 @@ class Relay(Loop):
         """Look for due events now."""
         self.wake()
 
+    def made_due(self) -> None:
+        """A write of this process made an event due (a retry, a discard): look now, unless its
+        notification routes it to one relay (maybe another one)."""
+        if not self.wakeups.routing:
+            self.wake()
+
     def recorded(self, event_id: str) -> None:
         """A step of this process recorded an event: look now, and ignore its own notification."""
         if len(self._local) >= MAX_LOCAL_IDS:  # notifications are off or lost: forget, do not grow
@@ -397,11 +403,17 @@ class Relay(Loop):
         self.poke()
 
     def notified(self, body: dict[str, Any]) -> None:
-        """``geste_outbox_pending`` arrived: an event recorded elsewhere (this process's own are known)."""
+        """``geste_outbox_pending`` arrived: an event recorded elsewhere (this process's own are known).
+        While routing, one relay looks: the recording worker's if it runs one (it was told directly),
+        else one chosen by the event id (``Router.relay_mine``)."""
         event_id = body.get("event_id")
         if isinstance(event_id, str) and event_id in self._local:
             self._local.discard(event_id)
             return
+        router = self.wakeups.router
+        routed = router is not None and isinstance(event_id, str) and "worker" in body
+        if routed and not router.relay_mine(event_id, body.get("worker")):  # type: ignore[union-attr,arg-type]
+            return  # another relay's
         self.poke()
 
     # -- the loop ----------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """Every way a worker learns there is work: LISTEN/NOTIFY first, local timers, polling as the net.
 
 The ``Listener`` keeps one dedicated connection LISTENing on geste's channels (``Storage.listen`` opens
-it: on PostgreSQL, never from the pool) and turns notifications into wake-ups: a resumable instance pokes
-the worker's claim loop, a registered timer becomes a precise local wake-up at its ``expires_at``. On any
-(re)connect it LISTENs first and then asks for one catch-up poll, because nothing sent while it was away
-is replayed. A periodic self-NOTIFY proves the connection still delivers (a half-open TCP connection
-looks alive for hours).
+it: on PostgreSQL, never from the pool) and turns notifications into wake-ups, each for one worker of the
+cluster (``routing.Router``): an instance made runnable is routed to the worker that should claim it, by
+id; a registered timer becomes a precise local wake-up in the worker that keeps it, and a note in the
+others, which claim it only if that worker is gone when it rings. On any (re)connect it LISTENs first and
+then asks for one catch-up poll, because nothing sent while it was away is replayed. A periodic
+self-NOTIFY proves the connection still delivers (a half-open TCP connection looks alive for hours).
 
-``Wakeups`` is what the worker sees: how long it may sleep (the poll interval while the listener is
-down or disabled, ``notify_fallback_interval`` while it listens, less when a local timer is due sooner).
+``Wakeups`` is what the worker sees: what was routed to it, its local timers, and how long it may sleep
+(the poll interval while the listener is down or disabled, ``notify_fallback_interval`` while it listens,
+less when a local timer is due sooner).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ from .._models import to_datetime
 from .._status import ListenerState, ListenerStatus
 from ..storage._listen import Listening, OnNotification
 from .loops import Loop
+from .routing import Router
 
 logger = logging.getLogger("geste.wakeups")
 
@@ -106,14 +109,38 @@ class NotifyConfig:
         )
 
 
+HAND_ON_AFTER = 1.0
+"""Seconds a wake-up waits for a free slot in the full worker it was routed to before that worker hands it
+on: a burst fills a worker for milliseconds (slots free up as fast as they fill: handing on would cost a
+notification each, heard by every listener, for nothing), long activities for longer."""
+
 TIMER_LOOKAHEAD = 0.025
 """Seconds before its time a due instance may be claimed: the worker holds its lease and waits for the exact
 time in memory, so a durable timer fires with the event loop's precision, not after a database round trip
 (made under load). A sleeping instance holds nothing for the rest of its sleep."""
 
 
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A wake-up routed to this worker: the instance to claim by id, and why."""
+
+    workflow: str | None
+    cause: str
+    forwardable: bool = True
+    """Whether a full worker may hand it on (not one handed on already: once is enough)."""
+    since: float = 0.0
+    """When it was routed here (a full worker hands on only what waited ``HAND_ON_AFTER``)."""
+
+
 class Wakeups:
-    """The worker's alarm clock: pokes, local timers, and the poll interval that fits the listener."""
+    """The worker's alarm clock: pokes, local timers, routed wake-ups, and the poll interval that fits
+    the listener.
+
+    Two modes. While the listener listens and a ``Router`` is set (``routing``), a notification or a timer
+    names an instance this worker alone should claim: it is kept in ``routed`` and claimed by id
+    (``Storage.claim_ids``); only a poke, the poll net and the catch-up after a reconnect make the worker
+    run a whole claim. Otherwise (SQLite, ``listen_notify=False``, the listener down) every wake-up makes
+    the worker claim whatever is runnable, as before routing existed."""
 
     def __init__(
         self,
@@ -127,6 +154,8 @@ class Wakeups:
         self.fallback_interval = fallback_interval
         self.clock = clock
         self.listening = False
+        self.router: Router | None = None
+        """Set by the runtime when notifications are on: who a wake-up goes to."""
         self.event = asyncio.Event()
         self.lookahead = lookahead
         """Seconds before its time a timer wakes the worker and its instance may be claimed (0 under the
@@ -135,26 +164,117 @@ class Wakeups:
         """What set ``event`` (the first poke since it was cleared): a wake-up cause of ``_metrics``."""
         self.timer_bound = False
         """Whether the last ``interval()`` was cut short by a local timer (else it is the poll period)."""
-        self._timers: list[float] = []
+        self.routed: dict[str, Routed] = {}
+        """Instances routed to this worker and not claimed yet, in arrival order."""
+        self._timers: list[tuple[float, int, str | None, str | None, str | None, float]] = []
+        """A heap of ``(moment, seq, instance id, workflow, keeper, heard at)``; keeper None: this
+        worker's own timer; another worker's id: a timer it keeps, watched here (``Router.takes_over``)."""
+        self._timer_of: dict[str, int] = {}
+        """The live entry (its seq) of each instance's timer: a newer one replaces it, a claim ends it."""
+        self._seq = 0
         self._messages = False
+        self._generic = False
 
-    def poke(self, cause: str = LOCAL) -> None:
+    @property
+    def routing(self) -> bool:
+        """Whether wake-ups are routed (listening, with a router) rather than each making a whole claim."""
+        return self.listening and self.router is not None
+
+    def _set(self, cause: str) -> None:
         if not self.event.is_set():
             self.cause = cause
             self.event.set()
 
-    def wake_at(self, when: float) -> None:
+    def poke(self, cause: str = LOCAL) -> None:
+        """Claim whatever is runnable now (a whole claim round)."""
+        self._generic = True
+        self._set(cause)
+
+    def route(
+        self, instance_id: str, workflow: str | None, cause: str = NOTIFY, *, forwardable: bool = True
+    ) -> None:
+        """Claim this instance by id at the next round (many before it runs make one claim)."""
+        self.routed[instance_id] = Routed(workflow, cause, forwardable, self.clock())
+        self._set(cause)
+
+    def wake_at(
+        self,
+        when: float,
+        instance_id: str | None = None,
+        workflow: str | None = None,
+        *,
+        keeper: str | None = None,
+    ) -> None:
         """Wake the worker for a timer due at ``when`` (``TIMER_LOOKAHEAD`` before it: the claim's round
-        trip is done by then), without holding anything else."""
+        trip is done by then), without holding anything else. With ``instance_id`` and routing, the ring
+        claims that instance by id; ``keeper``: another worker keeps the timer, this one watches it."""
         when -= self.lookahead
-        if when <= self.clock():
-            self.poke(TIMER)
+        if when <= self.clock() and keeper is None:
+            if instance_id is not None and self.routing:
+                self.route(instance_id, workflow, TIMER)
+            else:
+                self.poke(TIMER)
             return
-        if len(self._timers) >= MAX_LOCAL_TIMERS and when > self._timers[0]:
+        if len(self._timers) >= MAX_LOCAL_TIMERS and when > self._timers[0][0]:
             return  # bounded: after the earliest fires, the database's next run_at finds this one
-        heapq.heappush(self._timers, when)
-        if self._timers[0] == when:
-            self.poke(TIMER)  # the worker may be sleeping past it: let it recompute
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, instance_id, workflow, keeper, self.clock()))
+        if instance_id is not None:
+            self._timer_of[instance_id] = self._seq
+        if self._timers[0][1] == self._seq:
+            if self.routing:
+                self._set(TIMER)  # the worker may be sleeping past it: let it recompute, claiming nothing
+            else:
+                self.poke(TIMER)
+
+    def forget(self, instance_ids: Iterable[str]) -> None:
+        """These instances were claimed here: their pending wake-ups and local timers are over."""
+        for instance_id in instance_ids:
+            self.routed.pop(instance_id, None)
+            self._timer_of.pop(instance_id, None)
+
+    def _live(self, entry: tuple[float, int, str | None, str | None, str | None, float]) -> bool:
+        return entry[2] is None or self._timer_of.get(entry[2]) == entry[1]
+
+    def ring(self) -> None:
+        """Turn the local timers due now into wake-ups: routed ones (this worker's, or a watched one whose
+        keeper is gone, if it comes here) while routing, else a whole claim round."""
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            entry = heapq.heappop(self._timers)
+            if not self._live(entry):
+                continue
+            _, _, instance_id, workflow, keeper, heard = entry
+            if instance_id is not None:
+                del self._timer_of[instance_id]
+            if keeper is not None:
+                router = self.router
+                if instance_id is None or router is None or not self.routing:
+                    continue  # not routing: whole claims find it (the poll net)
+                if router.takes_over(instance_id, workflow, keeper, heard):
+                    self.route(instance_id, workflow, TIMER)
+            elif instance_id is not None and self.routing:
+                self.route(instance_id, workflow, TIMER)
+            else:
+                self._generic = True
+
+    def take(self, limit: int) -> dict[str, Routed]:
+        """Up to ``limit`` routed wake-ups, oldest first, removed from ``routed``."""
+        taken: dict[str, Routed] = {}
+        for instance_id in list(self.routed)[:limit]:
+            taken[instance_id] = self.routed.pop(instance_id)
+        return taken
+
+    def take_generic(self) -> bool:
+        """Whether a whole claim round was asked for since it was last looked at (consumes it)."""
+        generic, self._generic = self._generic, False
+        return generic
+
+    def next_timer(self) -> float | None:
+        """The moment the earliest local timer rings (None: none)."""
+        while self._timers and not self._live(self._timers[0]):
+            heapq.heappop(self._timers)
+        return self._timers[0][0] if self._timers else None
 
     def message_arrived(self) -> None:
         """A message was published for receivers that another process made runnable: claim them."""
@@ -170,20 +290,29 @@ class Wakeups:
         """How long the worker may sleep without a poke: the net's period, or until a local timer."""
         base = self.fallback_interval if self.listening else self.poll_interval
         now = self.clock()
-        while self._timers and self._timers[0] <= now:
-            heapq.heappop(self._timers)
-        self.timer_bound = bool(self._timers) and self._timers[0] - now < base
-        if self._timers:
-            return max(0.0, min(base, self._timers[0] - now))
+        self.ring() if self.routing else self._drop_due(now)
+        moment = self.next_timer()
+        self.timer_bound = moment is not None and moment - now < base
+        if moment is not None:
+            return max(0.0, min(base, moment - now))
         return base
+
+    def _drop_due(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            entry = heapq.heappop(self._timers)
+            if entry[2] is not None and self._live(entry):
+                del self._timer_of[entry[2]]
 
     def timer_due(self) -> bool:
         """Whether a local timer fired since it was last looked at (consumes the fired ones)."""
         now = self.clock()
         due = False
-        while self._timers and self._timers[0] <= now:
-            heapq.heappop(self._timers)
-            due = True
+        while self._timers and self._timers[0][0] <= now:
+            entry = heapq.heappop(self._timers)
+            if self._live(entry):
+                due = True
+                if entry[2] is not None:
+                    del self._timer_of[entry[2]]
         return due
 
 
@@ -343,16 +472,64 @@ class Listener(Loop):
         except ValueError:
             logger.warning("ignoring a malformed %s notification: %.200r", channel, payload)
             return
-        if channel == WORKFLOW_RESUMABLE:
+        handler = self.handlers.get(channel) if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            body = {}
+        router = self.wakeups.router
+        if router is not None and not router.ours(body):
+            return  # another schema's: channels are per database
+        try:
+            if channel == WORKFLOW_RESUMABLE:
+                if "finished" not in body:  # an end, for result() waiters: nothing to claim
+                    self._resumable(body, router)
+            elif channel == CHANNEL_MESSAGE:
+                self._message(body, router)
+            elif channel == TIMER_EXPIRED:
+                self._timer(body, router)
+        except Exception:  # the dispatch must survive anything: a whole claim round finds the work
+            logger.exception("routing a %s notification failed: %.200r", channel, payload)
             self.wakeups.poke(NOTIFY)
-        elif channel == CHANNEL_MESSAGE:
-            self.wakeups.message_arrived()
-        elif channel == TIMER_EXPIRED:
-            expires_at = body.get("expires_at") if isinstance(body, dict) else None
-            if isinstance(expires_at, int | float):
-                self.wakeups.wake_at(float(expires_at))
-            else:
-                self.wakeups.poke(NOTIFY)
-        handler = self.handlers.get(channel)
-        if handler is not None and isinstance(body, dict):
+        if handler is not None:
             handler(body)
+
+    @staticmethod
+    def _names(body: dict[str, Any]) -> tuple[str | None, str | None]:
+        """The instance id and workflow name a payload routes by (None: a payload without them, of an
+        older geste, which every worker acts on as it did)."""
+        instance_id, workflow = body.get("instance_id"), body.get("workflow_name")
+        if isinstance(instance_id, str) and isinstance(workflow, str):
+            return instance_id, workflow
+        return None, None
+
+    def _resumable(self, body: dict[str, Any], router: Router | None) -> None:
+        instance_id, workflow = self._names(body)
+        if router is None or instance_id is None:
+            self.wakeups.poke(NOTIFY)
+        elif router.mine(instance_id, workflow, body.get("worker"), body.get("avoid")):
+            self.wakeups.route(instance_id, workflow, NOTIFY, forwardable=not body.get("forwarded"))
+
+    def _message(self, body: dict[str, Any], router: Router | None) -> None:
+        instance_id, workflow = self._names(body)
+        if router is None or instance_id is None:
+            self.wakeups.message_arrived()
+        elif router.mine(instance_id, workflow, body.get("worker")):
+            self.wakeups.route(instance_id, workflow, NOTIFY)
+
+    def _timer(self, body: dict[str, Any], router: Router | None) -> None:
+        expires_at = body.get("expires_at")
+        if not isinstance(expires_at, int | float):
+            self.wakeups.poke(NOTIFY)
+            return
+        instance_id, workflow = self._names(body)
+        if router is None:
+            self.wakeups.wake_at(float(expires_at))
+            return
+        if instance_id is None:
+            return  # an older geste's: its worker keeps it, the poll net is the net (a claim in each: a herd)
+        keeper = body.get("worker")
+        if keeper == router.worker_id:
+            return  # this worker's own suspension or release: it set its local timer then
+        if router.mine(instance_id, workflow, keeper):
+            self.wakeups.wake_at(float(expires_at), instance_id, workflow)
+        elif isinstance(keeper, str):  # watched: claimed here only if its keeper is gone when it rings
+            self.wakeups.wake_at(float(expires_at), instance_id, workflow, keeper=keeper)

@@ -3,6 +3,12 @@
 It sleeps until the earliest of: a poke (work started here, an event sent, a slot freed, a notification
 from another process), a local timer, the next instance the database says becomes runnable, or the poll
 interval that ``Wakeups`` gives (the safety net that finds work of other processes and expired leases).
+
+While wake-ups are routed (``Wakeups.routing``: listening, with a ``Router``), a round claims by id what
+was routed here (``Storage.claim_ids``) and runs a whole claim only for a poke, the poll net (every
+``notify_fallback_interval``, however many routed rounds ran) or the catch-up after a reconnect; it wakes
+for the database's next run_at only while no other live worker registers its workflows (the others' timers
+ring where they are kept). A full worker hands what is routed to it on, once, when another had room.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from typing import Any, Protocol
 
 from .._metrics import BACKLOG, POLL, START, TIMER, Metrics
 from ..errors import StorageError
-from ..storage.base import Claim, HistoryRow, Lease, Storage, WorkerRow
+from ..storage.base import Claim, Claims, HistoryRow, Lease, Storage, WorkerRow
 from .loops import Loop, failed
-from .wakeups import Wakeups
+from .routing import Router
+from .wakeups import HAND_ON_AFTER, Routed, Wakeups
 
 logger = logging.getLogger("geste.worker")
 
@@ -69,6 +76,7 @@ class Worker(Loop):
         max_messages_per_batch: int = 100,
         listener_status: Callable[[], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
+        relay: bool = False,
     ) -> None:
         super().__init__(name=f"geste-claim-{worker_id}", what=f"worker {worker_id}: the claim loop")
         self.on_death = self.mark_unhealthy
@@ -107,6 +115,20 @@ class Worker(Loop):
         self._reports: set[asyncio.Task[None]] = set()
         self.health: str | None = None
         """None while every loop of this process runs; else why one ended (shown in the registry)."""
+        self.relay = relay
+        """Whether this process runs an outbox relay (shown in the registry: outbox wake-ups go to one)."""
+        self._names: dict[str, str] = {}
+        """The workflow of each instance running here (its timer, if it suspends, is routed with it)."""
+        self._poll_at = 0.0
+        """While routing: when the next whole claim round (the poll net) is due."""
+        self._db_next: float | None = None
+        """The database's next run_at, from the last whole claim (routing: woken for only if sole)."""
+        self.handed_on = 0
+        """Routed wake-ups this worker handed on to others (full, or stopping)."""
+
+    @property
+    def router(self) -> Router | None:
+        return self.wakeups.router
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:  # type: ignore[override]
@@ -140,11 +162,36 @@ class Worker(Loop):
         except Exception as exc:
             logger.error("worker %s could not record that it is unhealthy (%s)", self.worker_id, exc)
 
+    def announce(self) -> None:
+        """The listener (re)connected: heartbeat now rather than at the next period, so that the registry
+        says it listens (the other workers route wake-ups here from their next heartbeat on) and this
+        worker's view of them is fresh."""
+        if self.stopping or not self._started_at:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._announce(), name=f"geste-announce-{self.worker_id}"
+        )
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _announce(self) -> None:
+        try:
+            await self.beat()
+        except Exception as exc:  # the next heartbeat tries again
+            logger.warning(
+                "worker %s: heartbeat after the listener connected failed (%s)", self.worker_id, exc
+            )
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop claiming at a boundary (a claim round in flight ends, and what it took is handed back at
         once), let running instances finish for ``shutdown_grace`` (their leases still renewed), release
         the rest. A cancellation of the caller propagates; ``abort`` then ends what is left."""
         await super().stop(self.shutdown_grace if grace is None else grace)
+        if self.wakeups.routed:  # routed here, never to be claimed here: to another worker, at once
+            try:
+                await self._hand_on(list(self.wakeups.routed.items()))
+            except StorageError as exc:
+                logger.warning("worker %s could not hand its wake-ups on (%s)", self.worker_id, exc)
         running = [task for _, task in self._running.values()]
         if running:
             logger.info("worker %s draining %d running instance(s)", self.worker_id, len(running))
@@ -184,6 +231,17 @@ class Worker(Loop):
         """Look for work now rather than at the next poll."""
         self.wakeups.poke()
 
+    def made_runnable(self) -> None:
+        """This process made work runnable (a cancel, an event, a message, a retry): look now, unless a
+        notification routes it (to one worker, maybe another: a claim here would be one too many)."""
+        if not self.wakeups.routing:
+            self.wakeups.poke()
+
+    def suspended(self, instance_id: str, run_at: float | None) -> None:
+        """An instance running here suspended until ``run_at``: this worker keeps its timer."""
+        if run_at is not None:
+            self.wakeups.wake_at(run_at, instance_id, self._names.get(instance_id))
+
     def reserve(self) -> Lease | None:
         """A slot and a lease id for an instance this process is about to create and run at once."""
         if self.stopping or len(self._running) + self._reserved >= self.concurrency:
@@ -205,6 +263,7 @@ class Worker(Loop):
         instance_id = claim.lease.instance_id
         task = asyncio.create_task(self._run(claim, history, cause), name=f"geste-run-{instance_id}")
         self._running[instance_id] = (claim.lease, task)
+        self._names[instance_id] = claim.workflow_name
 
     async def _run(self, claim: Claim, history: Sequence[HistoryRow] | None, cause: str) -> None:
         instance_id = claim.lease.instance_id
@@ -235,15 +294,20 @@ class Worker(Loop):
                 delay,
             )
             with contextlib.suppress(Exception):  # else the lease expires by itself
-                await self.storage.release([claim.lease], self.clock(), run_at=self.clock() + delay)
+                run_at = self.clock() + delay
+                await self.storage.release([claim.lease], self.clock(), run_at=run_at)
+                self.wakeups.wake_at(run_at, instance_id, claim.workflow_name)  # this worker's timer
         finally:
             current = self._running.get(instance_id)
             if current is not None and current[0] == claim.lease:
                 del self._running[instance_id]
+                self._names.pop(instance_id, None)
             if self._backlog:
                 self.wakeups.poke(BACKLOG)
 
     async def round(self) -> float:
+        if self.wakeups.routing:
+            return await self._routed_round(self._cause)
         return await self._claim_round(self._cause)
 
     async def recover(self, exc: Exception, failures: int) -> float:
@@ -265,13 +329,20 @@ class Worker(Loop):
     async def _claim_round(self, cause: str = POLL) -> float:
         """Claim what is runnable; return how long to sleep before looking again."""
         free = self._free()
+        routing = self.wakeups.routing
+        self._poll_at = self.clock() + self.wakeups.fallback_interval  # whatever this round finds
         if free <= 0:
             self._backlog = True  # a finishing run pokes
             self._sleep_cause = POLL
+            if routing:
+                await self._hand_on_if_full()
+                return self._routed_sleep()
             return self.wakeups.interval()
         if not self.runner.workflows:  # a client App: nothing it could run, nothing to claim
             self._sleep_cause = POLL
-            return self.wakeups.interval()
+            self.wakeups.routed.clear()
+            return self._routed_sleep() if routing else self.wakeups.interval()
+        routed_before = list(self.wakeups.routed)
         limit = self.max_timers_per_batch if self.wakeups.timer_due() else self.max_workflows_per_batch
         if self.wakeups.messages_due():  # woken by geste_channel_message: its own batch size
             limit = self.max_messages_per_batch
@@ -293,24 +364,17 @@ class Worker(Loop):
                 )
             return 0.0
         self._backlog = len(claims) == batch
-        self.claim_rounds += 1
-        self.claimed += len(claims)
-        metrics = self.metrics
-        metrics.claim_rounds.values[cause] += 1
-        if claims:
-            metrics.claimed.values[cause] += len(claims)
-        else:
-            metrics.claim_rounds_empty.values[cause] += 1
-        for claim in claims:
-            stale = self._running.get(claim.lease.instance_id)
-            if stale is not None:  # our own expired lease, taken back: the old run must not go on
-                stale[1].cancel()
-            if claim.lease_expired_at is not None:
-                metrics.lease_takeovers.values[claim.workflow_name] += 1
-            self._spawn(claim, claim.history, cause)
+        self._count(claims, cause)
+        self._spawn_all(claims, {}, cause)
+        self._db_next = claims.next_run_at
         if len(claims) == batch:
             self._sleep_cause = BACKLOG
             return 0.0
+        # Not full: whatever was routed here before the claim was due and of these workflows, so it took
+        # it, unless another worker did (or it is not due yet by this clock: the poll net finds it).
+        self.wakeups.forget(routed_before)
+        if routing:
+            return self._routed_sleep()
         interval = self.wakeups.interval()
         self._sleep_cause = TIMER if self.wakeups.timer_bound else POLL
         next_run = claims.next_run_at
@@ -321,24 +385,155 @@ class Worker(Loop):
             self._sleep_cause = TIMER  # the next instance due, known from the database
         return max(0.0, min(interval, until))
 
-    async def beat(self) -> None:
-        """Register this worker or refresh its row: one statement."""
-        listener = None if self.listener_status is None else json.dumps(self.listener_status())
-        await self.storage.upsert_worker(
-            WorkerRow(
-                worker_id=self.worker_id,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                started_at=self._started_at,
-                heartbeat_at=self.clock(),
-                running=len(self._running),
-                concurrency=self.concurrency,
-                listener=listener,
-                lock_timeout=self.lock_timeout,
-                workflows=json.dumps(sorted(self.runner.workflows)),
-                health=self.health,
-            )
+    # -- routed rounds -----------------------------------------------------------------------------
+    async def _routed_round(self, cause: str) -> float:
+        """While routing: claim by id what was routed here; a whole claim only for a poke, the poll net, or
+        the database's next run_at when no other worker registers these workflows."""
+        wakeups = self.wakeups
+        wakeups.ring()
+        now = self.clock()
+        router = self.router
+        db_due = self._db_next is not None and now >= self._db_next - wakeups.lookahead
+        if (
+            wakeups.take_generic()
+            or now >= self._poll_at
+            or (db_due and router is not None and router.sole())
+        ):
+            return await self._claim_round(cause)
+        if not wakeups.routed:
+            return self._routed_sleep()  # a timer was set or watched: sleep again, claiming nothing
+        free = self._free()
+        if free <= 0:
+            self._backlog = True  # a finishing run pokes: a whole claim takes what waits then
+            await self._hand_on_if_full()
+            return self._routed_sleep()
+        workflows = list(self.runner.workflows)
+        if not workflows:
+            wakeups.routed.clear()
+            return self._routed_sleep()
+        taken = wakeups.take(min(free, self.max_workflows_per_batch))
+        claims = await self.storage.claim_ids(
+            self.worker_id,
+            now,
+            now + self.lock_timeout,
+            list(taken),
+            due_before=now + wakeups.lookahead,
+            workflows=workflows,
         )
+        if self.stopping:
+            await self._hand_back(claims)
+            return 0.0
+        self._count(claims, next(iter(taken.values())).cause)
+        self._spawn_all(claims, taken, TIMER)
+        for instance_id, run_at in claims.later.items():  # not due yet by this clock: when it is
+            wakeups.wake_at(run_at, instance_id, taken[instance_id].workflow)
+        return 0.0 if wakeups.routed else self._routed_sleep()
+
+    def _routed_sleep(self) -> float:
+        """How long a routing worker may sleep: until the poll net, its earliest local timer, or the
+        database's next run_at if no other worker registers its workflows."""
+        wakeups = self.wakeups
+        wakeups.ring()
+        now = self.clock()
+        until, self._sleep_cause = self._poll_at - now, POLL
+        moment = wakeups.next_timer()
+        if moment is not None and moment - now < until:
+            until, self._sleep_cause = moment - now, TIMER
+        router = self.router
+        if self._db_next is not None and router is not None and router.sole():
+            due = self._db_next - wakeups.lookahead - now
+            if due < until:
+                until, self._sleep_cause = due, TIMER
+        if self._free() <= 0:  # full: look again when the next routed wake-up may be handed on
+            moments = [r.since + HAND_ON_AFTER for r in wakeups.routed.values() if r.forwardable]
+            later = [m for m in moments if m > now]  # the others had nowhere to go: they wait for a slot
+            if later:
+                until = min(until, min(later) - now)
+        return max(0.0, until)
+
+    async def _hand_on_if_full(self) -> None:
+        """Full: hand the routed wake-ups that waited ``HAND_ON_AFTER`` for a slot here, and may be handed
+        on, to another worker, if one had room at its last heartbeat; the rest wait for a free slot here
+        (a finishing run pokes; or another worker's poll net takes them)."""
+        router = self.router
+        if router is None:
+            return
+        waited = self.clock() - HAND_ON_AFTER
+        movable = [
+            (instance_id, routed)
+            for instance_id, routed in self.wakeups.routed.items()
+            if routed.forwardable
+            and routed.since <= waited
+            and routed.workflow is not None
+            and router.room_elsewhere(routed.workflow)
+        ]
+        if movable:
+            await self._hand_on(movable)
+
+    async def _hand_on(self, wakeups: list[tuple[str, Routed]]) -> None:
+        """One statement: a notification per wake-up, naming this worker as the one to avoid."""
+        movable = [(instance_id, r.workflow) for instance_id, r in wakeups if r.workflow is not None]
+        if not movable:
+            return
+        sent = await self.storage.route_wakeups(movable, avoid=self.worker_id)
+        if sent:
+            self.handed_on += sent
+            self.wakeups.forget(instance_id for instance_id, _ in movable)
+
+    async def _hand_back(self, claims: Claims) -> None:
+        """Stopped while a claim ran: its instances go back at once, unrun."""
+        if claims:
+            await self.storage.release([claim.lease for claim in claims], self.clock())
+            logger.info(
+                "worker %s handed back %d instance(s) claimed as it stopped", self.worker_id, len(claims)
+            )
+
+    def _count(self, claims: Claims, cause: str) -> None:
+        self.claim_rounds += 1
+        self.claimed += len(claims)
+        metrics = self.metrics
+        metrics.claim_rounds.values[cause] += 1
+        if claims:
+            metrics.claimed.values[cause] += len(claims)
+        else:
+            metrics.claim_rounds_empty.values[cause] += 1
+
+    def _spawn_all(self, claims: Claims, routed: dict[str, Routed], cause: str) -> None:
+        """Run what a claim took, each with the cause of its wake-up (its routed one, else ``cause``)."""
+        self.wakeups.forget(claim.lease.instance_id for claim in claims)
+        for claim in claims:
+            stale = self._running.get(claim.lease.instance_id)
+            if stale is not None:  # our own expired lease, taken back: the old run must not go on
+                stale[1].cancel()
+            if claim.lease_expired_at is not None:
+                self.metrics.lease_takeovers.values[claim.workflow_name] += 1
+            why = routed.get(claim.lease.instance_id)
+            self._spawn(claim, claim.history, cause if why is None else why.cause)
+
+    async def beat(self) -> None:
+        """Register this worker or refresh its row: one statement (which, while wake-ups may be routed,
+        also reads the other workers: the router's view)."""
+        listener = None if self.listener_status is None else json.dumps(self.listener_status())
+        now = self.clock()
+        row = WorkerRow(
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self._started_at,
+            heartbeat_at=now,
+            running=len(self._running),
+            concurrency=self.concurrency,
+            listener=listener,
+            lock_timeout=self.lock_timeout,
+            workflows=json.dumps(sorted(self.runner.workflows)),
+            health=self.health,
+            relay=self.relay,
+        )
+        router = self.router
+        if router is None:
+            await self.storage.upsert_worker(row)
+        else:
+            router.update(await self.storage.heartbeat(row, peers_since=router.peers_since(now)))
 
     async def renew(self) -> None:
         """Extend every lease this worker holds; stop the runs whose lease was lost."""

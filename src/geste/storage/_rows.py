@@ -134,8 +134,8 @@ def retry_row(r: Record) -> RetryRow:
 
 
 def worker_row(r: Record) -> WorkerRow:
-    """A ``WorkerRow`` from a record with the columns of ``list_workers``."""
-    return _by_field(WorkerRow, r)
+    """A ``WorkerRow`` from a record with the columns of ``list_workers`` (SQLite's ``relay`` is 0 or 1)."""
+    return _by_field(WorkerRow, r, relay=bool(r["relay"]))
 
 
 def worker_alive(r: Record | None, *, now: float, lock_timeout: float) -> bool:

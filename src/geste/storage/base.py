@@ -98,14 +98,22 @@ class Claims(list[Claim]):
 
     ``next_run_at`` is the earliest ``run_at`` after the claim's ``due_before`` among instances nobody
     holds (None: none), read in the claim's own round trip, so that a worker that took less than it asked
-    for knows how long it may sleep without a second query.
+    for knows how long it may sleep without a second query. A claim by ids (``claim_ids``) reads no other
+    instance: its ``later`` gives, for each instance named that nobody holds and that is not due yet, its
+    ``run_at`` (a clock behind the database's, a timer rung early): the worker's local timer for it.
     """
 
-    __slots__ = ("next_run_at",)
+    __slots__ = ("later", "next_run_at")
 
-    def __init__(self, claims: Sequence[Claim] = (), next_run_at: float | None = None) -> None:
+    def __init__(
+        self,
+        claims: Sequence[Claim] = (),
+        next_run_at: float | None = None,
+        later: dict[str, float] | None = None,
+    ) -> None:
         super().__init__(claims)
         self.next_run_at = next_run_at
+        self.later = {} if later is None else later
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +178,8 @@ class WorkerRow:
     """The workflow names it registers, a JSON array (None in rows written before schema version 9)."""
     health: str | None = None
     """None while all its background loops run; else why one ended (schema version 9)."""
+    relay: bool = False
+    """Whether it runs an outbox relay (schema version 13: outbox notifications go to one relay)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,6 +524,28 @@ class Storage(abc.ABC):
         ``due_before`` among those workflows' free instances. Reads at most ``limit`` rows per name."""
 
     @abc.abstractmethod
+    async def claim_ids(
+        self,
+        worker_id: str,
+        now: float,
+        lock_expires_at: float,
+        instance_ids: Sequence[str],
+        *,
+        due_before: float | None = None,
+        workflows: Sequence[str],
+    ) -> Claims:
+        """``claim`` restricted to the named instances (a routed wake-up: a notification, a local timer):
+        of those, the ones of the named ``workflows`` that ``claim`` could take, by primary key, whatever
+        else is due; ``Claims.later`` holds the run_at of those nobody holds that are not due yet. Reads
+        the rows named, no other."""
+
+    async def route_wakeups(self, wakeups: Sequence[tuple[str, str]], *, avoid: str) -> int:
+        """Hand wake-ups routed to this worker (``(instance_id, workflow_name)``) on to the other workers,
+        naming this one as the worker to ``avoid`` (it is full or stopping); return how many were sent.
+        Without LISTEN/NOTIFY nothing can be handed on: the other workers' polls find them."""
+        return 0
+
+    @abc.abstractmethod
     async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
         """Extend the given leases; return the instance ids whose lease is still ours."""
 
@@ -573,6 +605,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def upsert_worker(self, worker: WorkerRow) -> None:
         """Register a worker or refresh its heartbeat (one statement); clears ``stopped_at``."""
+
+    @abc.abstractmethod
+    async def heartbeat(self, worker: WorkerRow, *, peers_since: float) -> list[WorkerRow]:
+        """``upsert_worker``, and in the same transaction the other workers heard from since
+        ``peers_since`` and not stopped, by id: what a worker routes its wake-ups over."""
 
     @abc.abstractmethod
     async def mark_worker_stopped(self, worker_id: str, now: float) -> None:

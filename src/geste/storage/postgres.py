@@ -210,8 +210,11 @@ async def _outcome(call: Awaitable[_T]) -> _T | BaseException:
 def schema_queries(schema: str) -> dict[str, str]:
     """Every named query with the schema (an identifier checked by ``parse_postgres_url``) filled in:
     the one place query text is completed, for the storage and the read-only replay check alike."""
-    quoted = f'"{schema}"'
-    return {name: sql.replace("{schema}", quoted) for name, sql in _QUERIES.items()}
+    quoted, literal = f'"{schema}"', f"'{schema}'"
+    return {
+        name: sql.replace("{schema}", quoted).replace("{schema_name}", literal)
+        for name, sql in _QUERIES.items()
+    }
 
 
 class PostgresStorage(base.Storage):
@@ -516,6 +519,54 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
+    async def claim_ids(
+        self,
+        worker_id: str,
+        now: float,
+        lock_expires_at: float,
+        instance_ids: Sequence[str],
+        *,
+        due_before: float | None = None,
+        workflows: Sequence[str],
+    ) -> base.Claims:
+        ids, names = list(dict.fromkeys(instance_ids)), sorted(set(workflows))
+        if not ids or not names:
+            return base.Claims()
+
+        async def go(conn: Conn) -> base.Claims:
+            found = await conn.fetch(
+                self._q["claim_ids"],
+                worker_id,
+                f"{uuid.uuid4().hex[:12]}/",
+                now,
+                lock_expires_at,
+                len(ids),
+                now if due_before is None else due_before,
+                ids,
+                names,
+            )
+            claims = base.Claims()
+            for r in found:
+                if r["lease_id"] is None:  # named, free, not due yet: when it is
+                    claims.later[r["instance_id"]] = r["run_at"]
+                else:
+                    claims.append(rows.claim(r, _history_from_json(r["history"]), r["expired_at"]))
+            return claims
+
+        return await self._run(go)
+
+    async def route_wakeups(self, wakeups: Sequence[tuple[str, str]], *, avoid: str) -> int:
+        if not self.notify or not wakeups:
+            return 0
+
+        async def go(conn: Conn) -> int:
+            sent = await conn.fetchval(
+                self._q["route_wakeups"], [w[0] for w in wakeups], [w[1] for w in wakeups], avoid
+            )
+            return int(sent)
+
+        return await self._run(go)
+
     async def renew(self, leases: Sequence[base.Lease], lock_expires_at: float) -> set[str]:
         async def go(conn: Conn) -> set[str]:
             kept = await conn.fetch(
@@ -778,24 +829,35 @@ class PostgresStorage(base.Storage):
         return await self._read(go)
 
     # -- workers and status ------------------------------------------------------------------------
+    @staticmethod
+    def _worker_columns(worker: base.WorkerRow) -> tuple[Any, ...]:
+        return (
+            worker.worker_id,
+            worker.host,
+            worker.pid,
+            worker.started_at,
+            worker.heartbeat_at,
+            worker.running,
+            worker.concurrency,
+            worker.listener,
+            worker.lock_timeout,
+            worker.workflows,
+            worker.health,
+            worker.relay,
+        )
+
     async def upsert_worker(self, worker: base.WorkerRow) -> None:
         async def go(conn: Conn) -> None:
-            await conn.execute(
-                self._q["upsert_worker"],
-                worker.worker_id,
-                worker.host,
-                worker.pid,
-                worker.started_at,
-                worker.heartbeat_at,
-                worker.running,
-                worker.concurrency,
-                worker.listener,
-                worker.lock_timeout,
-                worker.workflows,
-                worker.health,
-            )
+            await conn.execute(self._q["upsert_worker"], *self._worker_columns(worker))
 
         await self._run(go)
+
+    async def heartbeat(self, worker: base.WorkerRow, *, peers_since: float) -> list[base.WorkerRow]:
+        async def go(conn: Conn) -> list[base.WorkerRow]:
+            found = await conn.fetch(self._q["heartbeat"], *self._worker_columns(worker), peers_since)
+            return [rows.worker_row(r) for r in found]
+
+        return await self._run(go)
 
     async def mark_worker_stopped(self, worker_id: str, now: float) -> None:
         async def go(conn: Conn) -> None:

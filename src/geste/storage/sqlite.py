@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote
 
 from .._models import Status
@@ -341,6 +341,46 @@ class SQLiteStorage(base.Storage):
 
         return await self._write(tx)
 
+    async def claim_ids(
+        self,
+        worker_id: str,
+        now: float,
+        lock_expires_at: float,
+        instance_ids: Sequence[str],
+        *,
+        due_before: float | None = None,
+        workflows: Sequence[str],
+    ) -> base.Claims:
+        ids, names = list(dict.fromkeys(instance_ids)), sorted(set(workflows))
+        if not ids or not names:
+            return base.Claims()
+        params = {
+            "due": now if due_before is None else due_before,
+            "worker_id": worker_id,
+            "lease_prefix": f"{uuid.uuid4().hex[:12]}/",
+            "lock_expires_at": lock_expires_at,
+            "now": now,
+            "limit": len(ids),
+            "ids": json.dumps(ids),
+            "names": json.dumps(names),
+        }
+
+        def tx(conn: sqlite3.Connection) -> base.Claims:
+            picked = conn.execute(Q["claim_ids_pick"], params).fetchall()
+            expired = {r["instance_id"]: r["expired_at"] for r in picked if r["expired_at"] is not None}
+            taken = []
+            if picked:
+                chosen = json.dumps([r["instance_id"] for r in picked])
+                taken = conn.execute(Q["claim_picked"], {**params, "ids": chosen}).fetchall()
+            claims = [
+                rows.claim(r, self._history(conn, r["instance_id"]), expired.get(r["instance_id"]))
+                for r in sorted(taken, key=lambda r: r["run_at"])
+            ]
+            later = {r["instance_id"]: r["run_at"] for r in conn.execute(Q["claim_ids_later"], params)}
+            return base.Claims(claims, later=later)
+
+        return await self._write(tx)
+
     async def renew(self, leases: Sequence[base.Lease], lock_expires_at: float) -> set[str]:
         def tx(conn: sqlite3.Connection) -> set[str]:
             kept = set()
@@ -533,8 +573,9 @@ class SQLiteStorage(base.Storage):
         return await self._call(read)
 
     # -- workers and status ------------------------------------------------------------------------
-    async def upsert_worker(self, worker: base.WorkerRow) -> None:
-        params = {
+    @staticmethod
+    def _worker_params(worker: base.WorkerRow) -> dict[str, Any]:
+        return {
             "worker_id": worker.worker_id,
             "host": worker.host,
             "pid": worker.pid,
@@ -546,8 +587,21 @@ class SQLiteStorage(base.Storage):
             "lock_timeout": worker.lock_timeout,
             "workflows": worker.workflows,
             "health": worker.health,
+            "relay": int(worker.relay),
         }
+
+    async def upsert_worker(self, worker: base.WorkerRow) -> None:
+        params = self._worker_params(worker)
         await self._write(lambda c: c.execute(Q["upsert_worker"], params))
+
+    async def heartbeat(self, worker: base.WorkerRow, *, peers_since: float) -> list[base.WorkerRow]:
+        params = {**self._worker_params(worker), "since": peers_since}
+
+        def tx(conn: sqlite3.Connection) -> list[base.WorkerRow]:
+            conn.execute(Q["upsert_worker"], params)
+            return [rows.worker_row(r) for r in conn.execute(Q["worker_peers"], params).fetchall()]
+
+        return await self._write(tx)
 
     async def mark_worker_stopped(self, worker_id: str, now: float) -> None:
         params = {"worker_id": worker_id, "now": now}

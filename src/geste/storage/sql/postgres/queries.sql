@@ -3,6 +3,11 @@
 -- NOTIFYs (pg_notify) are sent inside the statement that makes the work claimable, so they reach the
 -- listeners only if it commits, and only once the instance can be claimed. A parameter says whether
 -- notifications are on (listen_notify); ordinary step commits (record, finish) never notify.
+-- Routing (schema 13, docs/design.md "Wake-ups"): a payload that makes an instance runnable also names the
+-- worker that should claim it ("worker": the instance's last_worker, NULL for a new one; the listeners
+-- route a NULL or dead one by a hash over the live workers), a worker that must not ("avoid": one that
+-- gave the instance back), and the schema ({schema_name}), so that the listeners of other schemas of
+-- the database (channels are per database) ignore it.
 
 -- name: list_tables
 SELECT table_name AS name FROM information_schema.tables
@@ -29,7 +34,8 @@ WITH inserted AS (
               run_at, locked_by, lock_expires_at, cancel_requested, steps
 ), notified AS (  -- a new instance nobody holds: a worker elsewhere may take it at once
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', $1::text, 'workflow_name', $2::text)::text)
+                     json_build_object('instance_id', $1::text, 'workflow_name', $2::text, 'worker', NULL,
+                                       'schema', {schema_name})::text)
     FROM inserted WHERE $9 AND $7::text IS NULL
 )
 SELECT true AS created, *, (SELECT count(*) FROM notified) AS notified FROM inserted
@@ -73,10 +79,11 @@ WITH flagged AS (
     UPDATE {schema}.geste_instances
     SET cancel_requested = true, updated_at = $2, run_at = LEAST(run_at, $2, {db_clock})
     WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating')
-    RETURNING instance_id, workflow_name, lease_id
+    RETURNING instance_id, workflow_name, lease_id, last_worker
 )
 SELECT count(pg_notify('geste_workflow_resumable',
-                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text))
+                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                         'worker', last_worker, 'schema', {schema_name})::text))
        AS notified
 FROM flagged WHERE $3 AND lease_id IS NULL;
 
@@ -117,10 +124,11 @@ WITH cut AS (
         updated_at = $2,
         steps = steps - (SELECT count(*) FROM removed)
     WHERE instance_id = $1 AND status = 'failed'
-    RETURNING instance_id, workflow_name
+    RETURNING instance_id, workflow_name, last_worker
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text)
+                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                       'worker', last_worker, 'schema', {schema_name})::text)
     FROM reopened WHERE $3
 )
 SELECT retry, from_seq, removed, (SELECT count(*) FROM notified) AS notified FROM archived;
@@ -146,10 +154,11 @@ WITH resumed AS (
         run_at = CASE WHEN $3 THEN LEAST($2, {db_clock}) ELSE LEAST(run_at, $2, {db_clock}) END,
         updated_at = $2
     WHERE instance_id = $1
-    RETURNING instance_id, workflow_name, lease_id, lock_expires_at
+    RETURNING instance_id, workflow_name, lease_id, lock_expires_at, last_worker
 )
 SELECT count(pg_notify('geste_workflow_resumable',
-                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text))
+                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                         'worker', last_worker, 'schema', {schema_name})::text))
        AS notified
 FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 
@@ -260,6 +269,62 @@ CROSS JOIN LATERAL (
     ORDER BY workflow_name, run_at LIMIT 1
 ) AS n;
 
+-- name: claim_ids
+-- A routed wake-up (schema 13): the instances a notification, a local timer or a forward gave this worker
+-- ($7, their ids), of the workflows it registers ($8), taken like `claim` takes them (due by $6 and free,
+-- or held by a lease that ran out at $3; a status this version knows; FOR UPDATE SKIP LOCKED: an instance
+-- another claim is taking is skipped). The named rows are read once, by primary key ("named"), and
+-- everything else works on them or on their keys (= ANY(ARRAY(..))): no plan can read another row, such
+-- as the runnable index's range of the workflow (a custom plan did, for the rows not due yet). After the
+-- claimed rows, one row per named instance nobody holds that is not due yet (a clock behind the
+-- database's, a timer rung early), with its run_at and no lease_id: the worker's local timer; nothing for
+-- the others (taken by another worker, finished, or waiting with no run_at: nothing to do). run_at of a
+-- claimed row is the value it had; the UPDATE keeps it, as `claim` does (a schema that makes a claimed
+-- run_at the lease's expiry, the take-over time, in `claim` must set it here too).
+WITH named AS MATERIALIZED (
+    SELECT instance_id, workflow_name, status, run_at, lease_id
+    FROM {schema}.geste_instances WHERE instance_id = ANY($7::text[])
+), picked AS (
+    SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+    FROM {schema}.geste_instances
+    WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM named WHERE workflow_name = ANY($8::text[])))
+      AND ((lease_id IS NULL AND run_at <= $6) OR (lease_id IS NOT NULL AND lock_expires_at <= $3))
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY run_at
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {schema}.geste_instances AS i
+    SET locked_by = $1,
+        lease_id = $2 || i.instance_id,
+        lock_expires_at = $4,
+        status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
+        updated_at = $3
+    WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
+)
+(SELECT c.*, p.run_at, p.expired_at,
+        (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
+                         ORDER BY h.seq)
+         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
+ FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
+ ORDER BY p.run_at)
+UNION ALL
+SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, run_at, NULL, NULL
+FROM named
+WHERE workflow_name = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
+  AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- name: route_wakeups
+-- A worker that cannot take the instances routed to it (full, or stopping) hands them on, once: one
+-- geste_workflow_resumable per instance ($1 ids, $2 workflow names), naming it as the worker to avoid
+-- ($3), so that the listeners route each to another live worker (schema 13).
+SELECT count(pg_notify('geste_workflow_resumable',
+                       json_build_object('instance_id', r.instance_id, 'workflow_name', r.workflow_name,
+                                         'worker', NULL, 'avoid', $3::text, 'forwarded', true,
+                                         'schema', {schema_name})::text)) AS notified
+FROM unnest($1::text[], $2::text[]) AS r(instance_id, workflow_name);
+
 -- name: renew
 -- The heartbeat's renewal of every lease a worker holds: its rows are locked in instance_id order, as
 -- record_batch and finish_batch lock theirs, so the worker's renewal and its group commits (which touch
@@ -277,21 +342,26 @@ WHERE i.instance_id = locked.instance_id
 RETURNING i.instance_id;
 
 -- name: release
--- Leases given back with work left: resumable now (notified after the release commits), or at $1.
+-- Leases given back with work left: resumable now (notified after the release commits), or at $1. The
+-- releaser is the instance's last worker; a release for now (a worker stopping, a run abandoned) asks
+-- the others to take it ("avoid": the releaser), one for later is the releaser's own timer ("worker").
 WITH released AS (
     UPDATE {schema}.geste_instances AS i
-    SET locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, run_at = $1, updated_at = $2
+    SET locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, run_at = $1, updated_at = $2,
+        last_worker = i.locked_by
     FROM unnest($3::text[], $4::text[]) AS l(instance_id, lease_id)
     WHERE i.instance_id = l.instance_id AND i.lease_id = l.lease_id
-    RETURNING i.instance_id, i.workflow_name
+    RETURNING i.instance_id, i.workflow_name, i.last_worker
 )
 SELECT count(CASE WHEN $1 <= $2
                   THEN pg_notify('geste_workflow_resumable',
-                                 json_build_object('instance_id', instance_id,
-                                                   'workflow_name', workflow_name)::text)
+                                 json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                                   'worker', NULL, 'avoid', last_worker,
+                                                   'schema', {schema_name})::text)
                   ELSE pg_notify('geste_timer_expired',
                                  json_build_object('instance_id', instance_id, 'timer_id', NULL,
-                                                   'expires_at', $1)::text)
+                                                   'expires_at', $1, 'workflow_name', workflow_name,
+                                                   'worker', last_worker, 'schema', {schema_name})::text)
              END) AS notified
 FROM released WHERE $5;
 
@@ -350,12 +420,14 @@ SELECT pg_advisory_xact_lock(hashtextextended('geste_event:' || $1, 0));
 -- name: suspend
 -- One statement: mark waiting and release, append the rows, replace the timers and event wait.
 -- Refused (no row updated) while a cancellation is pending. Returns (suspended, lease was ours).
+-- The suspending worker becomes the instance's last_worker (the old locked_by: SET reads the old row):
+-- its wake-ups and its timer go to it.
 WITH suspended AS (
     UPDATE {schema}.geste_instances
     SET status = 'waiting', run_at = $3, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
-        updated_at = $4, steps = steps + cardinality($5::integer[])
+        updated_at = $4, steps = steps + cardinality($5::integer[]), last_worker = locked_by
     WHERE instance_id = $1 AND lease_id = $2 AND NOT cancel_requested
-    RETURNING instance_id
+    RETURNING instance_id, workflow_name, last_worker
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
     SELECT $1, r.* FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
@@ -370,11 +442,12 @@ WITH suspended AS (
     INSERT INTO {schema}.geste_timers (instance_id, seq, expires_at)
     SELECT $1, $11, $12 WHERE $11::integer IS NOT NULL AND EXISTS (SELECT 1 FROM suspended)
     ON CONFLICT (instance_id, seq) DO UPDATE SET expires_at = excluded.expires_at
-), notified AS (  -- every listener schedules a precise local wake-up at expires_at
+), notified AS (  -- the suspender keeps a precise local wake-up at expires_at; the others watch it
     SELECT pg_notify('geste_timer_expired',
                      json_build_object('instance_id', $1::text, 'timer_id', $11::integer,
-                                       'expires_at', $12::double precision)::text)
-    WHERE $13 AND $11::integer IS NOT NULL AND EXISTS (SELECT 1 FROM suspended)
+                                       'expires_at', $12::double precision, 'workflow_name', workflow_name,
+                                       'worker', last_worker, 'schema', {schema_name})::text)
+    FROM suspended WHERE $13 AND $11::integer IS NOT NULL
 )
 SELECT EXISTS (SELECT 1 FROM suspended) AS suspended,
        COALESCE((SELECT lease_id = $2 FROM {schema}.geste_instances WHERE instance_id = $1), false) AS ours,
@@ -488,7 +561,7 @@ WITH target AS (
     SET run_at = LEAST($3, {db_clock}), updated_at = $3, steps = steps + 1
     FROM target
     WHERE i.instance_id = target.instance_id AND i.status = 'waiting' AND i.lease_id IS NULL
-    RETURNING i.instance_id, i.workflow_name, target.seq
+    RETURNING i.instance_id, i.workflow_name, i.last_worker, target.seq
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
     SELECT instance_id, seq, 'event', $4, $5, false, $3 FROM woken
@@ -502,7 +575,8 @@ WITH target AS (
 SELECT instance_id,
        CASE WHEN $7 THEN pg_notify('geste_workflow_resumable',
                                    json_build_object('instance_id', instance_id,
-                                                     'workflow_name', workflow_name)::text)
+                                                     'workflow_name', workflow_name, 'worker', last_worker,
+                                                     'schema', {schema_name})::text)
        END AS notified
 FROM woken;
 
@@ -512,12 +586,13 @@ WITH woken AS (
     UPDATE {schema}.geste_instances SET run_at = LEAST($2, {db_clock}), updated_at = $2
     WHERE instance_id = ANY($1::text[]) AND status IN ('waiting', 'running')
       AND (run_at IS NULL OR run_at > LEAST($2, {db_clock}))
-    RETURNING instance_id, workflow_name, lease_id
+    RETURNING instance_id, workflow_name, lease_id, last_worker
 )
 SELECT instance_id,
        CASE WHEN $3 AND lease_id IS NULL
             THEN pg_notify('geste_workflow_resumable',
-                           json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text)
+                           json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                             'worker', last_worker, 'schema', {schema_name})::text)
        END AS notified
 FROM woken;
 
@@ -540,13 +615,35 @@ FROM names n WHERE n.name IS NOT NULL;
 -- worker id seen again (a restart) starts afresh.
 INSERT INTO {schema}.geste_workers
     (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout,
-     workflows, health)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11)
+     workflows, health, relay)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
     listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
-    workflows = excluded.workflows, health = excluded.health;
+    workflows = excluded.workflows, health = excluded.health, relay = excluded.relay;
+
+-- name: heartbeat
+-- upsert_worker, and in the same statement the other workers heard from since $13 and not stopped: what
+-- the worker routes wake-ups over (schema 13; the routing view, docs/design.md "Wake-ups"). The SELECT
+-- reads the snapshot from before the upsert, which it does not need (it leaves this worker out). A
+-- sequential scan of a table as small as the fleet (pruned of the workers silent for a week).
+WITH beat AS (
+    INSERT INTO {schema}.geste_workers
+        (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
+         lock_timeout, workflows, health, relay)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12)
+    ON CONFLICT (worker_id) DO UPDATE SET
+        host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
+        heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
+        listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
+        workflows = excluded.workflows, health = excluded.health, relay = excluded.relay
+)
+SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
+       lock_timeout, workflows, health, relay
+FROM {schema}.geste_workers
+WHERE worker_id <> $1 AND stopped_at IS NULL AND heartbeat_at >= $13
+ORDER BY worker_id LIMIT 1000;
 
 -- name: mark_worker_stopped
 UPDATE {schema}.geste_workers SET stopped_at = $2, running = 0 WHERE worker_id = $1;
@@ -557,7 +654,7 @@ DELETE FROM {schema}.geste_workers WHERE heartbeat_at < $1;
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health
+       lock_timeout, workflows, health, relay
 FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 
 -- name: count_by_status
@@ -611,13 +708,14 @@ SELECT (SELECT count(*) FROM {schema}.geste_outbox WHERE status = 'pending') AS 
 -- name: outbox_record
 -- ctx.send_event in one statement: the step commit of `record` (prove and renew the lease, append the
 -- rows) plus the outbox row, and a geste_outbox_pending NOTIFY ($18) for the relays of other processes.
--- An event id already in the outbox is not stored again (nor notified).
+-- An event id already in the outbox is not stored again (nor notified). "worker": the recording worker,
+-- whose own relay was told already (the others leave the event to it if it runs one).
 WITH lease AS (
     UPDATE {schema}.geste_instances
     SET lock_expires_at = $3, updated_at = $4, steps = steps + cardinality($5::integer[]),
         status = COALESCE($11, status)
     WHERE instance_id = $1 AND lease_id = $2
-    RETURNING cancel_requested
+    RETURNING cancel_requested, locked_by
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
     SELECT $1, r.* FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
@@ -632,7 +730,9 @@ WITH lease AS (
     ON CONFLICT (event_id) DO NOTHING
     RETURNING event_id
 ), notified AS (
-    SELECT pg_notify('geste_outbox_pending', json_build_object('event_id', event_id)::text)
+    SELECT pg_notify('geste_outbox_pending',
+                     json_build_object('event_id', event_id, 'worker', (SELECT locked_by FROM lease),
+                                       'schema', {schema_name})::text)
     FROM event WHERE $18
 )
 SELECT cancel_requested, (SELECT count(*) FROM event) AS stored, (SELECT count(*) FROM notified) AS notified
@@ -791,7 +891,9 @@ WITH requeued AS (
     RETURNING event_id
 )
 SELECT count(*) AS found,
-       count(CASE WHEN $3 THEN pg_notify('geste_outbox_pending', json_build_object('event_id', event_id)::text)
+       count(CASE WHEN $3 THEN pg_notify('geste_outbox_pending',
+                                         json_build_object('event_id', event_id, 'worker', NULL,
+                                                           'schema', {schema_name})::text)
              END) AS notified
 FROM requeued;
 
@@ -821,7 +923,9 @@ WITH next_one AS (
       AND (o.next_attempt_at IS NULL OR o.next_attempt_at > $3)
 )
 SELECT count(*) AS promoted,
-       count(CASE WHEN $4 THEN pg_notify('geste_outbox_pending', json_build_object('event_id', event_id)::text)
+       count(CASE WHEN $4 THEN pg_notify('geste_outbox_pending',
+                                         json_build_object('event_id', event_id, 'worker', NULL,
+                                                           'schema', {schema_name})::text)
              END) AS notified
 FROM next_one;
 
@@ -933,8 +1037,9 @@ UPDATE {schema}.geste_channel_subscriptions SET waiting_since = NULL WHERE chann
 -- A publish in one statement (after channel_lock): with a lease (ctx.publish / ctx.send_to) renew it and
 -- append the step's rows; store the message (once per id; nothing at all when the target of a direct
 -- message does not exist); make its receivers runnable: the target, or every waiting broadcast
--- subscriber and the competing one idle the longest; then one geste_channel_message notification if a
--- woken instance can be claimed (nobody holds its lease).
+-- subscriber and the competing one idle the longest; then one geste_channel_message notification per
+-- woken instance that can be claimed (nobody holds its lease), naming it and its last worker, which
+-- claims it (schema 13: one notification per publish woke every worker).
 -- $1 message_id, $2 channel, $3 data, $4 sender, $5 target, $6 now, $7 notify, $8 instance_id (lease),
 -- $9 lease_id, $10 lock_expires_at, $11..$16 history columns.
 -- Returns (target exists, stored, cancel_requested or NULL without a lease / lease lost, woken ids).
@@ -974,12 +1079,14 @@ WITH target_ok AS (
     UPDATE {schema}.geste_instances SET run_at = LEAST($6, {db_clock}), updated_at = $6
     WHERE instance_id IN (SELECT instance_id FROM chosen) AND status = 'waiting'
       AND (run_at IS NULL OR run_at > LEAST($6, {db_clock}))
-    RETURNING instance_id, lease_id
+    RETURNING instance_id, lease_id, workflow_name, last_worker
 ), notified AS (
     SELECT pg_notify('geste_channel_message',
                      json_build_object('channel_name', $2::text, 'message_id', $1::text,
-                                       'target_instance_id', $5::text)::text)
-    WHERE $7 AND EXISTS (SELECT 1 FROM woken WHERE lease_id IS NULL)
+                                       'target_instance_id', $5::text, 'instance_id', instance_id,
+                                       'workflow_name', workflow_name, 'worker', last_worker,
+                                       'schema', {schema_name})::text)
+    FROM woken WHERE $7 AND lease_id IS NULL
 )
 SELECT (SELECT ok FROM target_ok) AS target_ok, EXISTS (SELECT 1 FROM inserted) AS stored,
        (SELECT cancel_requested FROM lease) AS cancel_requested, ARRAY(SELECT instance_id FROM woken) AS woken,

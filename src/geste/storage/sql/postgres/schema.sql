@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 10), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 13), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -36,7 +36,8 @@ CREATE TABLE geste_instances (
     lock_expires_at  double precision,
     cancel_requested boolean NOT NULL DEFAULT false,
     steps            integer NOT NULL DEFAULT 0,   -- history rows written
-    event_floor      bigint             -- (8) drawn from geste_events_seq_seq at creation: later events are seen
+    event_floor      bigint,            -- (8) drawn from geste_events_seq_seq at creation: later events are seen
+    last_worker      text               -- (14) the worker that last ran it: its wake-ups go there
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
@@ -116,7 +117,8 @@ CREATE TABLE geste_workers (
     stopped_at   double precision,             -- a graceful stop
     lock_timeout double precision,             -- (7) its own; NULL in rows written before
     workflows    text,                         -- (9) the names it registers, a JSON array
-    health       text                          -- (9) NULL while every background loop runs, else why one ended
+    health       text,                         -- (9) NULL while every background loop runs, else why one ended
+    relay        boolean NOT NULL DEFAULT false -- (14) it runs an outbox relay
 ) WITH (fillfactor = 50);
 
 -- Channels (3): every published message in publication order. claimed_by: the instance that took a

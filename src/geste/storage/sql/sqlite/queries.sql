@@ -126,12 +126,31 @@ SET locked_by = :worker_id,
 WHERE instance_id IN (SELECT value FROM json_each(:ids))
 RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run_at;
 
+-- name: claim_ids_pick
+-- The instances named (:ids, a JSON array) that claim_pick would take, by primary key (schema 13): what a
+-- worker's local timer names. claim_picked then takes them; claim_ids_later gives the run_at of those
+-- named that are not due yet.
+SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at, run_at
+FROM geste_instances
+WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND workflow_name IN (SELECT value FROM json_each(:names))
+  AND ((lease_id IS NULL AND run_at <= :due) OR (lease_id IS NOT NULL AND lock_expires_at <= :now))
+  AND status IN ('pending', 'running', 'waiting', 'compensating')
+ORDER BY run_at
+LIMIT :limit;
+
+-- name: claim_ids_later
+SELECT instance_id, run_at FROM geste_instances
+WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND workflow_name IN (SELECT value FROM json_each(:names))
+  AND run_at > :due AND lease_id IS NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
+
 -- name: renew
 UPDATE geste_instances SET lock_expires_at = ? WHERE instance_id = ? AND lease_id = ?;
 
 -- name: release
+-- The releaser becomes the instance's last worker (schema 13), as a suspension makes it.
 UPDATE geste_instances
-SET locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, run_at = ?, updated_at = ?
+SET locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, run_at = ?, updated_at = ?,
+    last_worker = locked_by
 WHERE instance_id = ? AND lease_id = ?;
 
 -- name: touch_lease
@@ -143,9 +162,10 @@ WHERE instance_id = :instance_id AND lease_id = :lease_id
 RETURNING cancel_requested;
 
 -- name: suspend
+-- The suspending worker becomes the instance's last_worker (schema 13; SET reads the old row).
 UPDATE geste_instances
 SET status = 'waiting', run_at = :run_at, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
-    updated_at = :now, steps = steps + :steps
+    updated_at = :now, steps = steps + :steps, last_worker = locked_by
 WHERE instance_id = :instance_id AND lease_id = :lease_id AND cancel_requested = 0;
 
 -- name: lease_state
@@ -238,14 +258,24 @@ FROM names n WHERE n.name IS NOT NULL;
 -- Registration and every heartbeat: one statement. A worker id seen again (a restart) starts afresh.
 INSERT INTO geste_workers
     (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout,
-     workflows, health)
+     workflows, health, relay)
 VALUES (:worker_id, :host, :pid, :started_at, :heartbeat_at, :running, :concurrency, :listener, NULL,
-        :lock_timeout, :workflows, :health)
+        :lock_timeout, :workflows, :health, :relay)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
     listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
-    workflows = excluded.workflows, health = excluded.health;
+    workflows = excluded.workflows, health = excluded.health, relay = excluded.relay;
+
+-- name: worker_peers
+-- The heartbeat's read of the other workers heard from since :since and not stopped, after its
+-- upsert_worker in the same transaction (schema 13: what a worker routes wake-ups over; PostgreSQL reads
+-- them in its `heartbeat` statement).
+SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
+       lock_timeout, workflows, health, relay
+FROM geste_workers
+WHERE worker_id <> :worker_id AND stopped_at IS NULL AND heartbeat_at >= :since
+ORDER BY worker_id LIMIT 1000;
 
 -- name: mark_worker_stopped
 UPDATE geste_workers SET stopped_at = :now, running = 0 WHERE worker_id = :worker_id;
@@ -256,7 +286,7 @@ DELETE FROM geste_workers WHERE heartbeat_at < ?;
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health
+       lock_timeout, workflows, health, relay
 FROM geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT ?;
 
 -- name: count_by_status

@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 10), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 13), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -33,7 +33,8 @@ CREATE TABLE geste_instances (
     lock_expires_at  REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     steps            INTEGER NOT NULL DEFAULT 0,   -- history rows written
-    event_floor      INTEGER            -- (8) the last event seq when it was created: it sees the later ones
+    event_floor      INTEGER,           -- (8) the last event seq when it was created: it sees the later ones
+    last_worker      TEXT               -- (14) the worker that last ran it: its wake-ups go there
 );
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
@@ -113,7 +114,8 @@ CREATE TABLE geste_workers (
     stopped_at   REAL,                         -- a graceful stop
     lock_timeout REAL,                         -- (7) its own; NULL in rows written before
     workflows    TEXT,                         -- (9) the names it registers, a JSON array
-    health       TEXT                          -- (9) NULL while every background loop runs, else why one ended
+    health       TEXT,                         -- (9) NULL while every background loop runs, else why one ended
+    relay        INTEGER NOT NULL DEFAULT 0    -- (14) it runs an outbox relay
 );
 
 -- Channels (3): every published message in publication order. claimed_by: the instance that took a
