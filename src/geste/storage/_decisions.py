@@ -56,6 +56,16 @@ def new_row(lease: Lease | None, worker_id: str | None, lock_expires_at: float |
     return NewRow(Status.RUNNING, worker_id, lease.lease_id, lock_expires_at)
 
 
+# -- leases -------------------------------------------------------------------------------------------------
+def takeover_threshold(lock_expires_at: float, now: float | None) -> float:
+    """A renewal to ``lock_expires_at`` at ``now`` moves a held instance's take-over time (its ``run_at``,
+    schema 11) to the new expiry only when it is less than half a lease ahead, that is before the
+    midpoint of ``now`` and the new expiry (always when ``now`` is not given): heartbeats come every third
+    of a lease, so the take-over time stays ahead of every claim while the worker lives, and each held row
+    changes an indexed column at most every other heartbeat."""
+    return lock_expires_at if now is None else (now + lock_expires_at) / 2
+
+
 # -- operator actions ------------------------------------------------------------------------------------
 def retry_refused(row: InstanceRow, last: Record | None) -> RetryOutcome:
     """A retry refused because the instance is not ``failed``; ``last`` is its latest retry

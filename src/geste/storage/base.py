@@ -511,11 +511,19 @@ class Storage(abc.ABC):
         """Atomically take up to ``limit`` instances of the named ``workflows`` (those the worker
         registers; none: nothing is read), runnable by ``due_before`` (default ``now``), of a status this
         version knows, whose lease is free or expired at ``now``; with them, the next ``run_at`` after
-        ``due_before`` among those workflows' free instances. Reads at most ``limit`` rows per name."""
+        ``due_before`` among those workflows' free instances. Reads at most ``limit`` rows of each of two
+        index ranges per name (the free instances due, the leases that ran out), never a lease still
+        held. A claimed instance's ``run_at`` becomes its lease's expiry (its take-over time); the claim
+        reports the ``run_at`` it had."""
 
     @abc.abstractmethod
-    async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
-        """Extend the given leases; return the instance ids whose lease is still ours."""
+    async def renew(
+        self, leases: Sequence[Lease], lock_expires_at: float, *, now: float | None = None
+    ) -> set[str]:
+        """Extend the given leases; return the instance ids whose lease is still ours. An instance's
+        take-over time (its ``run_at`` while held: when a claim may look at it) moves to the new expiry
+        too when it is less than half a lease ahead of ``now`` (always without ``now``), so that the
+        claims never read a lease its worker keeps renewing (``_decisions.takeover_threshold``)."""
 
     @abc.abstractmethod
     async def release(self, leases: Sequence[Lease], now: float, *, run_at: float | None = None) -> None:

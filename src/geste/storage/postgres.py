@@ -516,13 +516,16 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
-    async def renew(self, leases: Sequence[base.Lease], lock_expires_at: float) -> set[str]:
+    async def renew(
+        self, leases: Sequence[base.Lease], lock_expires_at: float, *, now: float | None = None
+    ) -> set[str]:
         async def go(conn: Conn) -> set[str]:
             kept = await conn.fetch(
                 self._q["renew"],
                 lock_expires_at,
                 [x.instance_id for x in leases],
                 [x.lease_id for x in leases],
+                decide.takeover_threshold(lock_expires_at, now),
             )
             return {row["instance_id"] for row in kept}
 

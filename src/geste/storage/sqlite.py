@@ -320,16 +320,21 @@ class SQLiteStorage(base.Storage):
         }
 
         def tx(conn: sqlite3.Connection) -> base.Claims:
+            # per name, the leases that ran out and the free instances due: the earliest `limit` of all
             heads = [r for name in names for r in conn.execute(Q["claim_pick"], {**params, "name": name})]
-            picked = heapq.nsmallest(limit, heads, key=lambda r: r["run_at"]) if len(names) > 1 else heads
-            # taken over: when the lease ran out
-            expired = {r["instance_id"]: r["expired_at"] for r in picked if r["expired_at"] is not None}
-            ids = json.dumps([r["instance_id"] for r in picked])
+            picked = {r["instance_id"]: r for r in heapq.nsmallest(limit, heads, key=lambda r: r["run_at"])}
+            ids = json.dumps(list(picked))
             taken = conn.execute(Q["claim_picked"], {**params, "ids": ids}).fetchall() if picked else []
-            claims = [  # each with its history, read in the same hop to the SQLite thread
-                rows.claim(r, self._history(conn, r["instance_id"]), expired.get(r["instance_id"]))
+            claims = [  # each with its history, read in the same hop to the SQLite thread; with the run_at
+                # it had (the claim made it the lease's expiry) and, taken over, when the lease ran out
+                rows.claim(
+                    {**dict(r), "run_at": picked[r["instance_id"]]["run_at"]},
+                    self._history(conn, r["instance_id"]),
+                    picked[r["instance_id"]]["expired_at"],
+                )
                 for r in taken
             ]
+            claims.sort(key=lambda c: c.run_at or 0.0)
             later = None
             if len(claims) < limit:
                 found = [
@@ -341,11 +346,21 @@ class SQLiteStorage(base.Storage):
 
         return await self._write(tx)
 
-    async def renew(self, leases: Sequence[base.Lease], lock_expires_at: float) -> set[str]:
+    async def renew(
+        self, leases: Sequence[base.Lease], lock_expires_at: float, *, now: float | None = None
+    ) -> set[str]:
+        params = {
+            "lock_expires_at": lock_expires_at,
+            "threshold": decide.takeover_threshold(lock_expires_at, now),
+        }
+
         def tx(conn: sqlite3.Connection) -> set[str]:
             kept = set()
             for lease in leases:
-                if conn.execute(Q["renew"], (lock_expires_at, lease.instance_id, lease.lease_id)).rowcount:
+                found = conn.execute(
+                    Q["renew"], {**params, "instance_id": lease.instance_id, "lease_id": lease.lease_id}
+                )
+                if found.rowcount:
                     kept.add(lease.instance_id)
             return kept
 

@@ -19,11 +19,14 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Concurrent starts of one id: ON CONFLICT waits for the other insert and then does nothing.
 -- event_floor: a value drawn from the events' sequence, so the instance sees exactly the events that draw
 -- their seq after it (the database decides, not the clocks of the starter and the sender).
+-- Created under a lease (a local start, run at once): its run_at is the lease's expiry, its take-over
+-- time, as a claim sets it (schema 11).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
          locked_by, lease_id, lock_expires_at, event_floor)
-    VALUES ($1, $2, $3, $4, $5, $5, LEAST($5, {db_clock}), $6, $7, $8, nextval('{schema}.geste_events_seq_seq'))
+    VALUES ($1, $2, $3, $4, $5, $5, CASE WHEN $7::text IS NULL THEN LEAST($5, {db_clock}) ELSE $8 END,
+            $6, $7, $8, nextval('{schema}.geste_events_seq_seq'))
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
               run_at, locked_by, lock_expires_at, cancel_requested, steps
@@ -68,10 +71,12 @@ WHERE instance_id = $1 AND status = 'pending' AND lease_id IS NULL;
 -- name: flag_cancel
 -- A held instance learns of it at its next step commit; a waiting one is woken (and notified).
 -- Runnable "now" is the earlier of the caller's clock and the database's ({db_clock}): a caller whose
--- clock runs ahead of the workers' must not make them wait. LEAST ignores a NULL run_at.
+-- clock runs ahead of the workers' must not make them wait. LEAST ignores a NULL run_at. A held instance's
+-- run_at (its take-over time, schema 11) is left as it is: its holder goes on, or its lease runs out.
 WITH flagged AS (
     UPDATE {schema}.geste_instances
-    SET cancel_requested = true, updated_at = $2, run_at = LEAST(run_at, $2, {db_clock})
+    SET cancel_requested = true, updated_at = $2,
+        run_at = CASE WHEN lease_id IS NULL THEN LEAST(run_at, $2, {db_clock}) ELSE run_at END
     WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating')
     RETURNING instance_id, workflow_name, lease_id
 )
@@ -161,40 +166,57 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 -- among free instances (read in the same snapshot, so the instances just picked, still free there, are
 -- not counted), for the worker's sleep.
 -- expired_at: when the previous lease of an instance taken over (expired, not released) ran out; else NULL.
--- Of a status this version knows, the head of the name's range of geste_instances_runnable_by_name
--- (workflow_name, run_at), locked as it is read, at most $5: every row it locks it takes. It reads what is
--- due of this workflow only, however many instances of other workflows are due.
+-- run_at: when it became runnable (the value before this claim, which moves it: see below).
+-- Two ranges of the name, each locked as it is read, every row it locks taken (schema 11): first the
+-- leases that ran out (geste_instances_leased_by_name, up to run_at <= $3: a held instance's run_at is its
+-- take-over time, the lease's expiry as of its claim or its worker's last heartbeat, so live leases are
+-- past the range and never read), then the free instances due (geste_instances_runnable_by_name, which
+-- holds no held row), at most $5 in all. Each range reads what it takes (plus rows another claim locks),
+-- however many instances of other workflows are due and however many leases are held. A claimed
+-- instance's run_at becomes its lease's expiry ($4): it leaves the free index for the leased one, past
+-- its due range.
 -- The planner cannot tell how many rows a name has (it is a parameter): with "workflow_name = $7 ORDER BY
 -- run_at" it walked an index on run_at (schema 8 had one), filtering on the name, through every due
 -- instance of the other workflows before the first of this one. So the name is matched with = ANY(ARRAY[..])
 -- (no equivalence class: the ORDER BY keeps workflow_name) and the order is (workflow_name, run_at), which
--- only geste_instances_runnable_by_name gives, whatever other index a later schema adds. The UPDATE finds its rows by key (= ANY(ARRAY(..))), not by
--- a join whose size a generic plan guesses from LIMIT $5 (a hash join over the whole table).
-WITH picked AS (
-    SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+-- only the two partial indexes give, whatever other index a later schema adds. The UPDATE finds its rows
+-- by key (= ANY(ARRAY(..))), not by a join whose size a generic plan guesses from LIMIT $5 (a hash join
+-- over the whole table).
+WITH expired AS (
+    SELECT instance_id, run_at, lock_expires_at AS expired_at
     FROM {schema}.geste_instances
-    WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
-      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    WHERE workflow_name = ANY(ARRAY[$7::text]) AND lease_id IS NOT NULL AND run_at <= $3
+      AND lock_expires_at <= $3 AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY workflow_name, run_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
+), free AS (
+    SELECT instance_id, run_at, NULL::double precision AS expired_at
+    FROM {schema}.geste_instances
+    WHERE workflow_name = ANY(ARRAY[$7::text]) AND lease_id IS NULL AND run_at <= $6
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY workflow_name, run_at
+    LIMIT $5 - (SELECT count(*) FROM expired)
+    FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT * FROM expired UNION ALL SELECT * FROM free
 ), claimed AS (
     UPDATE {schema}.geste_instances AS i
     SET locked_by = $1,
         lease_id = $2 || i.instance_id,
         lock_expires_at = $4,
+        run_at = $4,
         status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
-    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run_at
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
 )
-(SELECT c.*, p.expired_at,
+(SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
          FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
- ORDER BY c.run_at)
+ ORDER BY p.run_at)
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT run_at FROM {schema}.geste_instances
@@ -205,29 +227,37 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
 
 -- name: claim_names
 -- `claim` for a worker that registers several workflows ($7, their names), with the same result. Per
--- name, the head of its range of geste_instances_runnable_by_name, at most $5 rows, read without a lock;
--- then the earliest $5 of all ("wanted"), which alone are locked, SKIP LOCKED, their conditions checked
--- again under the lock, and taken. It reads at most $5 rows per name, however many instances of other
--- workflows are due, and locks no row it does not take: a wanted row skipped is one another claim is
--- taking, so a concurrent claimer never comes back short because of rows locked and then left (locking a
--- head per name and keeping the earliest did that). The names come through geste_names (schema 9), a set
--- function the planner counts as one row: through unnest it counts ten, which made every generic plan
--- look ten times dearer than a custom one, and the statement was planned again at every call.
+-- name, the heads of its two ranges (the leases that ran out, the free instances due: see `claim`), at
+-- most $5 rows each, read without a lock; then the earliest $5 of all ("wanted"), which alone are locked,
+-- SKIP LOCKED, their conditions checked again under the lock, and taken. It reads at most 2 x $5 rows per
+-- name, however many instances of other workflows are due and however many leases are held, and locks no
+-- row it does not take: a wanted row skipped is one another claim is taking, so a concurrent claimer
+-- never comes back short because of rows locked and then left (locking a head per name and keeping the
+-- earliest did that). The names come through geste_names (schema 9), a set function the planner counts
+-- as one row: through unnest it counts ten, which made every generic plan look ten times dearer than a
+-- custom one, and the statement was planned again at every call.
 WITH heads AS (
     SELECT h.instance_id, h.run_at
     FROM {schema}.geste_names($7::text[]) AS n(name)
     CROSS JOIN LATERAL (
-        SELECT instance_id, run_at
-        FROM {schema}.geste_instances
-        WHERE workflow_name = ANY(ARRAY[n.name]) AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
-          AND status IN ('pending', 'running', 'waiting', 'compensating')
-        ORDER BY workflow_name, run_at
-        LIMIT $5
+        (SELECT instance_id, run_at
+         FROM {schema}.geste_instances
+         WHERE workflow_name = ANY(ARRAY[n.name]) AND lease_id IS NOT NULL AND run_at <= $3
+           AND lock_expires_at <= $3 AND status IN ('pending', 'running', 'waiting', 'compensating')
+         ORDER BY workflow_name, run_at
+         LIMIT $5)
+        UNION ALL
+        (SELECT instance_id, run_at
+         FROM {schema}.geste_instances
+         WHERE workflow_name = ANY(ARRAY[n.name]) AND lease_id IS NULL AND run_at <= $6
+           AND status IN ('pending', 'running', 'waiting', 'compensating')
+         ORDER BY workflow_name, run_at
+         LIMIT $5)
     ) AS h
 ), wanted AS MATERIALIZED (
     SELECT instance_id FROM heads ORDER BY run_at LIMIT $5
 ), picked AS (
-    SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+    SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
     FROM {schema}.geste_instances
     WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM wanted))
       AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
@@ -238,18 +268,18 @@ WITH heads AS (
     SET locked_by = $1,
         lease_id = $2 || i.instance_id,
         lock_expires_at = $4,
+        run_at = $4,
         status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
-    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run_at
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
 )
-(SELECT c.*, p.expired_at,
+(SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
          FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
- ORDER BY c.run_at)
+ ORDER BY p.run_at)
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at), NULL, NULL
 FROM {schema}.geste_names($7::text[]) AS w(name)
@@ -263,7 +293,10 @@ CROSS JOIN LATERAL (
 -- name: renew
 -- The heartbeat's renewal of every lease a worker holds: its rows are locked in instance_id order, as
 -- record_batch and finish_batch lock theirs, so the worker's renewal and its group commits (which touch
--- the same rows) never deadlock.
+-- the same rows) never deadlock. A held instance's take-over time (its run_at, schema 11) moves to the
+-- new expiry when it is before $4 (half a lease ahead): so it stays past the claims' range while the
+-- worker lives, and changes (an indexed column: not a HOT update) at most every other heartbeat. Step
+-- commits renew lock_expires_at only, which no index holds.
 WITH locked AS (
     SELECT i.instance_id FROM {schema}.geste_instances i
     JOIN unnest($2::text[], $3::text[]) AS l(instance_id, lease_id)
@@ -271,7 +304,8 @@ WITH locked AS (
     ORDER BY i.instance_id
     FOR UPDATE OF i
 )
-UPDATE {schema}.geste_instances AS i SET lock_expires_at = $1
+UPDATE {schema}.geste_instances AS i
+SET lock_expires_at = $1, run_at = CASE WHEN i.run_at IS NULL OR i.run_at < $4 THEN $1 ELSE i.run_at END
 FROM locked
 WHERE i.instance_id = locked.instance_id
 RETURNING i.instance_id;
@@ -507,10 +541,11 @@ SELECT instance_id,
 FROM woken;
 
 -- name: wake
--- Instances an event was delivered to: runnable now; the unlocked ones are notified.
+-- Instances an event was delivered to: runnable now; the unlocked ones are notified. A held one is left
+-- as it is (it takes the event itself in take_event_or_suspend); its run_at is its take-over time.
 WITH woken AS (
     UPDATE {schema}.geste_instances SET run_at = LEAST($2, {db_clock}), updated_at = $2
-    WHERE instance_id = ANY($1::text[]) AND status IN ('waiting', 'running')
+    WHERE instance_id = ANY($1::text[]) AND status IN ('waiting', 'running') AND lease_id IS NULL
       AND (run_at IS NULL OR run_at > LEAST($2, {db_clock}))
     RETURNING instance_id, workflow_name, lease_id
 )
@@ -522,12 +557,13 @@ SELECT instance_id,
 FROM woken;
 
 -- name: next_run_at
--- One probe of geste_instances_runnable_by_name per distinct workflow name with a run_at (a loose scan).
+-- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
+-- name with a free instance that has a run_at (a loose scan of the same index).
 WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
+    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL
     UNION ALL
     SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name)
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT i.run_at FROM {schema}.geste_instances i
@@ -565,20 +601,28 @@ FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 SELECT status, count(*) AS n FROM {schema}.geste_instances GROUP BY status;
 
 -- name: count_runnable
--- What claims at $1 could take (a status this version runs); per distinct workflow name with a run_at
--- (a loose scan of geste_instances_runnable_by_name), its range up to $1: it reads the instances that
--- are runnable or running, never the finished ones nor those waiting for later.
-WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
+-- What claims at $1 could take (a status this version runs); per distinct workflow name with a free
+-- instance that has a run_at or a held one, the two ranges a claim reads (schema 11): the free
+-- instances due by $1 and the leases that ran out by $1. It reads the runnable instances, never the
+-- finished ones, nor those waiting for later, nor the leases still held.
+WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
+    SELECT LEAST((SELECT min(workflow_name) FROM {schema}.geste_instances
+                  WHERE run_at IS NOT NULL AND lease_id IS NULL),
+                 (SELECT min(workflow_name) FROM {schema}.geste_instances WHERE lease_id IS NOT NULL))
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    SELECT LEAST((SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name),
+                 (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+                  WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT coalesce(sum((SELECT count(*) FROM {schema}.geste_instances i
-                     WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at <= $1
-                       AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
-                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)::bigint AS n
+                     WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
+                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
+                    + (SELECT count(*) FROM {schema}.geste_instances i
+                       WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL
+                         AND i.run_at <= $1 AND i.lock_expires_at <= $1
+                         AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)::bigint AS n
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: held_leases
@@ -1160,21 +1204,29 @@ FROM unnest($4::text[]) AS s(status);
 -- name: runnable_workflows
 -- The workflow names that have instances runnable at $1 (lease free or expired, a status this version
 -- knows), each with how many, counted up to $2: a loose index scan of geste_instances_runnable_by_name
--- (one probe per distinct name with a run_at), then at most $2 index entries per name (matched and
--- ordered as in the claim, so that the planner can neither walk another index nor scan the table).
-WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
+-- and geste_instances_leased_by_name (one probe of each per distinct name), then at most $2 entries of
+-- each index per name, the two ranges a claim reads (matched and ordered as in the claim, so that the
+-- planner can neither walk another index nor scan the table).
+WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
+    SELECT LEAST((SELECT min(workflow_name) FROM {schema}.geste_instances
+                  WHERE run_at IS NOT NULL AND lease_id IS NULL),
+                 (SELECT min(workflow_name) FROM {schema}.geste_instances WHERE lease_id IS NOT NULL))
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    SELECT LEAST((SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name),
+                 (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+                  WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name))
     FROM names n WHERE n.name IS NOT NULL
 )
-SELECT n.name AS workflow_name, (SELECT count(*) FROM (
+SELECT n.name AS workflow_name, LEAST($2, (SELECT count(*) FROM (
     SELECT 1 FROM {schema}.geste_instances i
-    WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at <= $1
-      AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
+    WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS c) AS runnable
+    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS c) + (SELECT count(*) FROM (
+    SELECT 1 FROM {schema}.geste_instances i
+    WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL AND i.run_at <= $1
+      AND i.lock_expires_at <= $1 AND i.status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS e)) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT $3;
 
 -- name: workflow_names

@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 10), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 11), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -30,7 +30,9 @@ CREATE TABLE geste_instances (
     created_at       double precision NOT NULL,
     updated_at       double precision NOT NULL,
     finished_at      double precision,
-    run_at           double precision,  -- when it should next run once unlocked; NULL: only a wake-up
+    run_at           double precision,  -- when it should next run once unlocked; NULL: only a wake-up;
+                                        -- (11) while held: its take-over time, the lease's expiry as of
+                                        -- its claim or its worker's last heartbeat that moved it
     locked_by        text,              -- the worker holding the lease
     lease_id         text,              -- every write under a lease names it (LeaseLost otherwise)
     lock_expires_at  double precision,
@@ -43,9 +45,12 @@ CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, i
 CREATE INDEX geste_instances_by_name ON geste_instances (workflow_name, created_at, instance_id);
 CREATE INDEX geste_instances_by_created ON geste_instances (created_at, instance_id);
 CREATE INDEX geste_instances_by_name_status ON geste_instances (workflow_name, status, created_at, instance_id);
--- the claim of a worker: per workflow it registers, its runnable instances in run_at order (9)
+-- the claim of a worker: per workflow it registers, its free instances in run_at order (9; free only: 11)
 CREATE INDEX geste_instances_runnable_by_name ON geste_instances (workflow_name, run_at)
-    WHERE run_at IS NOT NULL;
+    WHERE run_at IS NOT NULL AND lease_id IS NULL;
+-- and its held instances in take-over order: a claim reads the leases that ran out only (11)
+CREATE INDEX geste_instances_leased_by_name ON geste_instances (workflow_name, run_at)
+    WHERE lease_id IS NOT NULL;
 
 -- The journal: one row per step of an instance, numbered from 1.
 CREATE TABLE geste_history (

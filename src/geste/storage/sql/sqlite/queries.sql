@@ -11,10 +11,13 @@ INSERT INTO geste_meta (key, value) VALUES (?, ?)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 -- name: insert_instance
+-- Created under a lease (a local start, run at once): its run_at is the lease's expiry, its take-over
+-- time, as a claim sets it (schema 11).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
      locked_by, lease_id, lock_expires_at, event_floor)
-VALUES (:instance_id, :workflow_name, :status, :input, :now, :now, min(:now, {db_clock}),
+VALUES (:instance_id, :workflow_name, :status, :input, :now, :now,
+        CASE WHEN :lease_id IS NULL THEN min(:now, {db_clock}) ELSE :lock_expires_at END,
         :locked_by, :lease_id, :lock_expires_at,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0))
 ON CONFLICT (instance_id) DO NOTHING;
@@ -48,11 +51,12 @@ WHERE instance_id = :instance_id AND status = 'pending' AND lease_id IS NULL;
 
 -- name: flag_cancel
 -- Runnable "now" is the earlier of the caller's clock and the database's ({db_clock}): a caller whose
--- clock runs ahead of the workers' must not make them wait.
+-- clock runs ahead of the workers' must not make them wait. A held instance's run_at (its take-over
+-- time, schema 11) is left as it is: its holder goes on, or its lease runs out.
 UPDATE geste_instances
 SET cancel_requested = 1, updated_at = :now,
-    run_at = CASE WHEN run_at IS NULL OR run_at > min(:now, {db_clock}) THEN min(:now, {db_clock})
-                  ELSE run_at END
+    run_at = CASE WHEN lease_id IS NULL AND (run_at IS NULL OR run_at > min(:now, {db_clock}))
+                  THEN min(:now, {db_clock}) ELSE run_at END
 WHERE instance_id = :instance_id AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- Operator actions (app.retry, app.resume): each in one BEGIN IMMEDIATE transaction with a read of
@@ -103,31 +107,44 @@ SET locked_by = CASE WHEN :break THEN NULL ELSE locked_by END,
 WHERE instance_id = :instance_id;
 
 -- name: claim_pick
--- The runnable instances of one workflow the worker registers (:name, a status this version knows) whose
--- lease is free or expired, with when an expired lease ran out (a take-over; NULL for a free instance):
--- the head of its range of geste_instances_runnable_by_name. The storage's claim merges the heads of its
--- names and takes the earliest (claim_picked), in the same transaction.
-SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at, run_at
-FROM geste_instances
-WHERE workflow_name = :name AND run_at <= :due AND (lease_id IS NULL OR lock_expires_at <= :now)
-  AND status IN ('pending', 'running', 'waiting', 'compensating')
-ORDER BY run_at
-LIMIT :limit;
+-- The runnable instances of one workflow the worker registers (:name, a status this version knows): the
+-- heads of its two ranges (schema 11), the leases that ran out (geste_instances_leased_by_name, up to
+-- run_at <= :now: a held instance's run_at is its take-over time, so live leases are past the range and
+-- never read), with when each ran out (a take-over), and the free instances due
+-- (geste_instances_runnable_by_name, which holds no held row), at most :limit of each. The storage's
+-- claim merges the heads of its names and takes the earliest (claim_picked), in the same transaction.
+SELECT * FROM (
+    SELECT instance_id, lock_expires_at AS expired_at, run_at FROM geste_instances
+    WHERE workflow_name = :name AND lease_id IS NOT NULL AND run_at <= :now AND lock_expires_at <= :now
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY run_at LIMIT :limit)
+UNION ALL
+SELECT * FROM (
+    SELECT instance_id, NULL AS expired_at, run_at FROM geste_instances
+    WHERE workflow_name = :name AND lease_id IS NULL AND run_at <= :due
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY run_at LIMIT :limit);
 
 -- name: claim_picked
--- The instances claim_pick chose (:ids, a JSON array), taken under a new lease. PostgreSQL's `claim` and
--- `claim_names` pick and take in one statement.
+-- The instances claim_pick chose (:ids, a JSON array), taken under a new lease; run_at becomes the lease's
+-- expiry, the take-over time. PostgreSQL's `claim` and `claim_names` pick and take in one statement.
 UPDATE geste_instances
 SET locked_by = :worker_id,
     lease_id = :lease_prefix || instance_id,
     lock_expires_at = :lock_expires_at,
+    run_at = :lock_expires_at,
     status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END,
     updated_at = :now
 WHERE instance_id IN (SELECT value FROM json_each(:ids))
-RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run_at;
+RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested;
 
 -- name: renew
-UPDATE geste_instances SET lock_expires_at = ? WHERE instance_id = ? AND lease_id = ?;
+-- A held instance's take-over time (run_at) moves to the new expiry when it is before :threshold (half a
+-- lease ahead, _decisions.takeover_threshold): past the claims' range while the worker lives.
+UPDATE geste_instances
+SET lock_expires_at = :lock_expires_at,
+    run_at = CASE WHEN run_at IS NULL OR run_at < :threshold THEN :lock_expires_at ELSE run_at END
+WHERE instance_id = :instance_id AND lease_id = :lease_id;
 
 -- name: release
 UPDATE geste_instances
@@ -210,8 +227,9 @@ WHERE instance_id = :instance_id AND status = 'waiting' AND lease_id IS NULL
 RETURNING workflow_name;
 
 -- name: wake
+-- A held instance is left as it is (it takes the event itself); its run_at is its take-over time.
 UPDATE geste_instances SET run_at = min(:now, {db_clock}), updated_at = :now
-WHERE instance_id = :instance_id AND status IN ('waiting', 'running')
+WHERE instance_id = :instance_id AND status IN ('waiting', 'running') AND lease_id IS NULL
   AND (run_at IS NULL OR run_at > min(:now, {db_clock}));
 
 -- name: next_run_after
@@ -222,12 +240,13 @@ WHERE workflow_name = :name AND run_at > :due AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: next_run_at
--- One probe of geste_instances_runnable_by_name per distinct workflow name with a run_at (a loose scan).
+-- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
+-- name with a free instance that has a run_at (a loose scan of the same index).
 WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL
+    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL
     UNION ALL
     SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name)
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT min(i.run_at) FROM geste_instances i
@@ -264,20 +283,30 @@ FROM geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT ?;
 SELECT status, count(*) AS n FROM geste_instances GROUP BY status;
 
 -- name: count_runnable
--- What claims at :now could take (a status this version runs); per distinct workflow name with a run_at
--- (a loose scan of geste_instances_runnable_by_name), its range up to :now: it reads the instances that
--- are runnable or running, never the finished ones nor those waiting for later.
-WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL
+-- What claims at :now could take (a status this version runs); per distinct workflow name with a free
+-- instance that has a run_at or a held one, the two ranges a claim reads (schema 11): the free
+-- instances due by :now and the leases that ran out by :now. It reads the runnable instances, never the
+-- finished ones, nor those waiting for later, nor the leases still held.
+WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
+    SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
+        SELECT (SELECT min(workflow_name) FROM geste_instances
+                WHERE run_at IS NOT NULL AND lease_id IS NULL) AS f,
+               (SELECT min(workflow_name) FROM geste_instances WHERE lease_id IS NOT NULL) AS h)
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
+        SELECT (SELECT min(i.workflow_name) FROM geste_instances i
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name) AS f,
+               (SELECT min(i.workflow_name) FROM geste_instances i
+                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT coalesce(sum((SELECT count(*) FROM geste_instances i
-                     WHERE i.workflow_name = n.name AND i.run_at <= :now
-                       AND (i.lease_id IS NULL OR i.lock_expires_at <= :now)
-                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0) AS n
+                     WHERE i.workflow_name = n.name AND i.lease_id IS NULL AND i.run_at <= :now
+                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
+                    + (SELECT count(*) FROM geste_instances i
+                       WHERE i.workflow_name = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
+                         AND i.lock_expires_at <= :now
+                         AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0) AS n
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: held_leases
@@ -722,19 +751,30 @@ FROM (SELECT value AS status FROM json_each(:statuses)) AS s;
 -- name: runnable_workflows
 -- The workflow names that have instances runnable at :now (lease free or expired, a status this version
 -- knows), each with how many, counted up to :cap: a loose index scan of geste_instances_runnable_by_name
--- (one probe per distinct name with a run_at), then at most :cap index entries per name.
-WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL
+-- and geste_instances_leased_by_name (one probe of each per distinct name), then at most :cap entries of
+-- each index per name, the two ranges a claim reads.
+WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
+    SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
+        SELECT (SELECT min(workflow_name) FROM geste_instances
+                WHERE run_at IS NOT NULL AND lease_id IS NULL) AS f,
+               (SELECT min(workflow_name) FROM geste_instances WHERE lease_id IS NOT NULL) AS h)
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
+        SELECT (SELECT min(i.workflow_name) FROM geste_instances i
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name) AS f,
+               (SELECT min(i.workflow_name) FROM geste_instances i
+                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
-SELECT n.name AS workflow_name, (SELECT count(*) FROM (
+SELECT n.name AS workflow_name, min(:cap, (SELECT count(*) FROM (
     SELECT 1 FROM geste_instances i
-    WHERE i.workflow_name = n.name AND i.run_at <= :now AND (i.lease_id IS NULL OR i.lock_expires_at <= :now)
+    WHERE i.workflow_name = n.name AND i.lease_id IS NULL AND i.run_at <= :now
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    LIMIT :cap)) AS runnable
+    LIMIT :cap)) + (SELECT count(*) FROM (
+    SELECT 1 FROM geste_instances i
+    WHERE i.workflow_name = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
+      AND i.lock_expires_at <= :now AND i.status IN ('pending', 'running', 'waiting', 'compensating')
+    LIMIT :cap))) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT :limit;
 
 -- name: workflow_names
