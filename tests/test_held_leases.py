@@ -38,7 +38,7 @@ LATER = 1_000
 """A seeded table: FINISHED completed instances of ``mine``; HELD instances of ``mine`` under a live lease
 of another worker, as a claim leaves them (run_at = lock_expires_at, 15 s ahead), older than every free
 one; EXPIRED of ``mine`` whose worker died (lease and take-over time a few seconds past); FREE of ``mine``
-due; LATER of ``mine`` sleeping (run_at an hour ahead)."""
+due (for ten minutes); LATER of ``mine`` sleeping (run_at an hour ahead)."""
 
 SEED_POSTGRES = """
 INSERT INTO geste_instances
@@ -56,7 +56,7 @@ SELECT 'expired-' || g, 'mine', 'running', '{}', $1 - 120, $1, NULL, $1 - 10 + g
 FROM generate_series(1, $4::integer) AS g
 UNION ALL
 SELECT 'free-' || g, 'mine', 'pending', '{}', $1 - 60, $1 - 60, NULL,
-       CASE WHEN g <= $5 THEN $1 - 60 + g ELSE $1 + 3600 + g END, NULL, NULL, NULL
+       CASE WHEN g <= $5 THEN $1 - 600 + g * 0.001 ELSE $1 + 3600 + g END, NULL, NULL, NULL
 FROM generate_series(1, $5::integer + $6::integer) AS g
 """
 
@@ -79,7 +79,7 @@ SELECT CASE WHEN n <= :finished THEN 'done-' || n
             WHEN n <= :finished + :held THEN :now + 15 - (n - :finished) * 0.0001
             WHEN n <= :finished + :held + :expired THEN :now - 10 + (n - :finished - :held)
             WHEN n <= :finished + :held + :expired + :free
-                THEN :now - 60 + (n - :finished - :held - :expired)
+                THEN :now - 600 + (n - :finished - :held - :expired) * 0.001
             ELSE :now + 3600 + (n - :finished - :held - :expired) END,
        CASE WHEN n <= :finished THEN NULL WHEN n <= :finished + :held THEN 'alive'
             WHEN n <= :finished + :held + :expired THEN 'dead' END,
@@ -100,7 +100,7 @@ async def assert_the_storage_takes_the_due_ones(storage: Storage, now: float) ->
     count those, and nothing else."""
     assert (await storage.queue_stats(now)).runnable == EXPIRED + FREE
     assert await storage.runnable_workflows(now, cap=UNSERVED_CAP, limit=1000) == [("mine", EXPIRED + FREE)]
-    assert await storage.next_run_at() == pytest.approx(now - 60 + 1)  # the first free one due
+    assert await storage.next_run_at() == pytest.approx(now - 600 + 0.001)  # the first free one due
     claims = await storage.claim("w1", now, now + 15.0, 100, due_before=now + 0.025, workflows=["mine"])
     assert sorted(c.lease.instance_id for c in claims) == sorted(EXPECTED)
     for claim in claims:
@@ -111,6 +111,22 @@ async def assert_the_storage_takes_the_due_ones(storage: Storage, now: float) ->
     assert claims.next_run_at == pytest.approx(now + 3600 + FREE + 1)
     stats = await storage.queue_stats(now)
     assert stats.runnable == 0 and stats.held_leases == HELD + EXPIRED + FREE
+
+
+async def explain(conn: Any, query: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """The nodes of ``EXPLAIN ANALYZE`` of the prepared ``query`` run with ``params`` (as the storage
+    passes them), in a transaction rolled back (a claim's UPDATE runs)."""
+    arguments = ", ".join(sql_literal(value) for value in params)
+    call = f"EXECUTE plan_under_test({arguments})" if params else "EXECUTE plan_under_test"
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(f"PREPARE plan_under_test AS {query}")
+        found = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {call}")
+    finally:
+        await transaction.rollback()
+        await conn.execute("DEALLOCATE ALL")
+    return plan_nodes(json.loads(found)[0]["Plan"])
 
 
 @pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
@@ -144,17 +160,7 @@ async def test_a_claim_reads_no_live_lease_on_postgres(pg_url: str, plan_cache_m
                 "next_run_at": ((), 10),
             }
             for name, (params, most) in cases.items():
-                arguments = ", ".join(sql_literal(value) for value in params)
-                call = f"EXECUTE plan_under_test({arguments})" if params else "EXECUTE plan_under_test"
-                transaction = conn.transaction()
-                await transaction.start()
-                try:  # EXPLAIN ANALYZE runs the claim's UPDATE: rolled back
-                    await conn.execute(f"PREPARE plan_under_test AS {queries[name]}")
-                    found = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {call}")
-                finally:
-                    await transaction.rollback()
-                    await conn.execute("DEALLOCATE ALL")
-                nodes = plan_nodes(json.loads(found)[0]["Plan"])
+                nodes = await explain(conn, queries[name], params)
                 on_table = [node for node in nodes if node.get("Relation Name") == "geste_instances"]
                 shown = (name, [(n["Node Type"], n.get("Index Name"), instances_read([n])) for n in on_table])
                 assert on_table and not any(node["Node Type"] == "Seq Scan" for node in on_table), shown
@@ -307,3 +313,55 @@ async def test_the_migration_gives_held_instances_their_take_over_time(db_url: s
         assert [c.lease.instance_id for c in claims] == ["free"]
         (taken,) = await app.storage.claim("B", now + 30, now + 90, 10, workflows=["wf"])
         assert taken.lease.instance_id == "held" and taken.lease_expired_at == now + 30
+
+
+BACKLOG = 100_000
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_a_claim_in_a_backlog_of_its_own_workflow_reads_what_it_takes(
+    pg_url: str, plan_cache_mode: str
+) -> None:
+    """100,000 instances of ``mine`` due and 5 leases of ``mine`` run out, under statistics taken before
+    (when 10,000 others were due, since claimed): a claim of 100 takes the 5 take-overs (a backlog never
+    starves them) and 95 of the backlog in run_at order, reading at most 100 rows of each index: index
+    scans that stop at their limit, a constant to the planner (with a limit it cannot read, it guesses a
+    tenth of the range, and on a million finished instances it chose a bitmap scan of the whole range
+    and a sort, 10 ms a claim)."""
+    import asyncpg
+
+    from geste.storage.postgres import parse_postgres_url, schema_queries
+
+    dsn, options = parse_postgres_url(pg_url)
+    queries = schema_queries(options["schema"])
+    now = time.time()
+    async with geste.App(pg_url, run_worker=False) as app:
+        conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
+        try:
+            # the statistics of a moment when 10,000 instances of `mine` were due among 100,000 finished
+            await conn.execute(SEED_POSTGRES, now, FINISHED, 0, 0, HELD, 0)
+            await conn.execute("VACUUM ANALYZE geste_instances")
+            # then claimed (their run_at their take-over time), and a backlog came: no ANALYZE since
+            await conn.execute(
+                "UPDATE geste_instances SET status = 'running', locked_by = 'alive', lease_id = instance_id,"
+                " lock_expires_at = $1 + 15, run_at = $1 + 15 WHERE instance_id LIKE 'free-%'",
+                now,
+            )
+            await conn.execute(
+                "UPDATE geste_instances SET instance_id = 'held-' || substr(instance_id, 6)"
+                " WHERE instance_id LIKE 'free-%'"
+            )
+            await conn.execute(SEED_POSTGRES, now, 0, 0, EXPIRED, BACKLOG, 0)
+            await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
+            for name, names in (("claim", "mine"), ("claim_names", ["mine", "mine2"])):
+                params = ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, names)
+                nodes = await explain(conn, queries[name], params)
+                on_table = [node for node in nodes if node.get("Relation Name") == "geste_instances"]
+                shown = (name, [(n["Node Type"], n.get("Index Name"), instances_read([n])) for n in on_table])
+                assert {n["Node Type"] for n in on_table} <= {"Index Scan", "ModifyTable"}, shown
+                assert instances_read(nodes) <= 350, shown  # 100 + 100 per range at most, the 100 taken
+        finally:
+            await conn.close()
+        claims = await app.storage.claim("w1", now, now + 15.0, 100, workflows=["mine"])
+        taken = {c.lease.instance_id for c in claims}
+        assert taken == {f"expired-{g}" for g in range(1, EXPIRED + 1)} | {f"free-{g}" for g in range(1, 96)}

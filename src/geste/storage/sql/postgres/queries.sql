@@ -167,14 +167,17 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 -- not counted), for the worker's sleep.
 -- expired_at: when the previous lease of an instance taken over (expired, not released) ran out; else NULL.
 -- run_at: when it became runnable (the value before this claim, which moves it: see below).
--- Two ranges of the name, each locked as it is read, every row it locks taken (schema 11): first the
--- leases that ran out (geste_instances_leased_by_name, up to run_at <= $3: a held instance's run_at is its
--- take-over time, the lease's expiry as of its claim or its worker's last heartbeat, so live leases are
--- past the range and never read), then the free instances due (geste_instances_runnable_by_name, which
--- holds no held row), at most $5 in all. Each range reads what it takes (plus rows another claim locks),
--- however many instances of other workflows are due and however many leases are held. A claimed
--- instance's run_at becomes its lease's expiry ($4): it leaves the free index for the leased one, past
--- its due range.
+-- Two ranges of the name, each locked as it is read (schema 11): the leases that ran out
+-- (geste_instances_leased_by_name, up to run_at <= $3: a held instance's run_at is its take-over time,
+-- the lease's expiry as of its claim or its worker's last heartbeat, so live leases are past the range
+-- and never read), taken first, so that a backlog never starves the take-over of a dead worker's
+-- instances; then the free instances due (geste_instances_runnable_by_name, which holds no held row), as
+-- many as are left of $5. Each range reads what it takes (plus rows another claim locks), however many
+-- instances of other workflows are due and however many leases are held. Both are limited by $5 itself,
+-- a constant to the planner (with "$5 - count(expired)" it guessed a tenth of the range and sorted the
+-- whole range of a backlog): a claim that takes over k leases may lock k free rows it leaves, skipped by
+-- a concurrent claim for the length of this statement, only while leases run out. A claimed instance's
+-- run_at becomes its lease's expiry ($4): it leaves the free index for the leased one, past its range.
 -- The planner cannot tell how many rows a name has (it is a parameter): with "workflow_name = $7 ORDER BY
 -- run_at" it walked an index on run_at (schema 8 had one), filtering on the name, through every due
 -- instance of the other workflows before the first of this one. So the name is matched with = ANY(ARRAY[..])
@@ -196,10 +199,12 @@ WITH expired AS (
     WHERE workflow_name = ANY(ARRAY[$7::text]) AND lease_id IS NULL AND run_at <= $6
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY workflow_name, run_at
-    LIMIT $5 - (SELECT count(*) FROM expired)
+    LIMIT $5
     FOR UPDATE SKIP LOCKED
 ), picked AS (
-    SELECT * FROM expired UNION ALL SELECT * FROM free
+    SELECT * FROM expired
+    UNION ALL
+    (SELECT * FROM free ORDER BY run_at LIMIT $5 - (SELECT count(*) FROM expired))
 ), claimed AS (
     UPDATE {schema}.geste_instances AS i
     SET locked_by = $1,
