@@ -46,6 +46,9 @@ SQLITE_ONLY = {
     "channel_insert_message": "publish, 2/3; PostgreSQL: channel_publish",
     "channel_wake_receivers": "publish, 3/3; PostgreSQL: channel_publish",
     "channel_cleanup_event_deliveries": "before channel_cleanup_events; PostgreSQL: inside it",
+    "channel_delete_subscriptions": "after channel_cleanup_subscriptions; PostgreSQL: inside it",
+    "channel_delete_messages": "after channel_cleanup_messages; PostgreSQL: inside it",
+    "chore_state": "after chore_take took nothing; PostgreSQL: chore_take returns it",
 }
 POSTGRES_ONLY = {
     # one statement where SQLite has several, or what only PostgreSQL needs

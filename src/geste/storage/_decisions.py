@@ -20,6 +20,9 @@ from .._steps import event_history_payload, message_history_payload
 from . import _rows as rows
 from ._rows import Record
 from .base import (
+    CLEANUP_START,
+    Cleanup,
+    CleanupPosition,
     EventWait,
     HistoryRow,
     InstanceFilter,
@@ -241,3 +244,31 @@ def plan_page(
         return PagePlan(f"page_instances_{combo or 'all'}_newer", True, key, hi, filters)
     key = (hi, "") if before is None else min(before, (hi, ""))
     return PagePlan(f"page_instances_{combo or 'all'}_older", False, key, lo, filters)
+
+
+# -- retention --------------------------------------------------------------------------------------------
+def cleanup(
+    limit: int,
+    subscriptions_deleted: int,
+    subscriptions_read: int,
+    last_subscription: tuple[str, str],
+    messages_deleted: int,
+    messages_read: int,
+    last_message: tuple[float, int],
+    events_deleted: int,
+    rows_deleted: int,
+) -> Cleanup:
+    """A round of ``channel_cleanup`` from what its statements report: each walk (subscriptions in key
+    order, old messages in age order) goes on after the last row it read, or from the start once it read
+    fewer than ``limit`` (it reached the end); the round was full when a statement read ``limit`` rows
+    (or deleted ``limit`` events): more may be due at once. ``rows_deleted``: the events' and their
+    deliveries'."""
+    start = CLEANUP_START
+    return Cleanup(
+        subscriptions_deleted + messages_deleted + rows_deleted,
+        subscriptions_read >= limit or messages_read >= limit or events_deleted >= limit,
+        CleanupPosition(
+            last_subscription if subscriptions_read >= limit else start.subscription,
+            last_message if messages_read >= limit else start.message,
+        ),
+    )

@@ -1024,16 +1024,52 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
-    async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
-        async def go(conn: Conn) -> int:
-            done = await conn.execute(self._q["channel_cleanup_subscriptions"], limit)
-            deleted = int(done.rpartition(" ")[2])
-            done = await conn.execute(self._q["channel_cleanup_messages"], messages_before, limit)
-            deleted += int(done.rpartition(" ")[2])
-            events: int = await conn.fetchval(self._q["channel_cleanup_events"], events_before, limit)
-            return deleted + events
+    async def channel_cleanup(
+        self,
+        *,
+        messages_before: float,
+        events_before: float,
+        limit: int,
+        position: base.CleanupPosition = base.CLEANUP_START,
+    ) -> base.Cleanup:
+        async def go(conn: Conn) -> base.Cleanup:
+            subs = await conn.fetchrow(
+                self._q["channel_cleanup_subscriptions"], *position.subscription, limit
+            )
+            at, seq = position.message
+            messages = await conn.fetchrow(
+                self._q["channel_cleanup_messages"], messages_before, at, seq, limit
+            )
+            events = await conn.fetchrow(self._q["channel_cleanup_events"], events_before, limit)
+            return decide.cleanup(
+                limit,
+                subs["deleted"],
+                subs["examined"],
+                (subs["last_channel"], subs["last_instance"]),
+                messages["deleted"],
+                messages["examined"],
+                (messages["last_at"], messages["last_seq"]),
+                events["events"],
+                events["deleted"],
+            )
 
         return await self._run(go)
+
+    # -- chores ------------------------------------------------------------------------------------
+    async def chore_take(
+        self, chore: str, worker_id: str, now: float, *, interval: float, grace: float
+    ) -> base.ChoreTurn:
+        async def go(conn: Conn) -> base.ChoreTurn:
+            row = await conn.fetchrow(self._q["chore_take"], chore, worker_id, now, interval, grace)
+            return base.ChoreTurn(row["taken"], row["next_at"], row["holder"])
+
+        return await self._run(go)
+
+    async def chore_release(self, worker_id: str) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.execute(self._q["chore_release"], worker_id)
+
+        await self._run(go)
 
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(

@@ -782,17 +782,66 @@ class SQLiteStorage(base.Storage):
             lambda c: [r["instance_id"] for r in c.execute(Q["channel_rewake"], params).fetchall()]
         )
 
-    async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
-        def tx(conn: sqlite3.Connection) -> int:
-            deleted = conn.execute(Q["channel_cleanup_subscriptions"], {"limit": limit}).rowcount
-            messages = {"before": messages_before, "limit": limit}
-            deleted += conn.execute(Q["channel_cleanup_messages"], messages).rowcount
+    async def channel_cleanup(
+        self,
+        *,
+        messages_before: float,
+        events_before: float,
+        limit: int,
+        position: base.CleanupPosition = base.CLEANUP_START,
+    ) -> base.Cleanup:
+        channel, instance_id = position.subscription
+        at, seq = position.message
+
+        def tx(conn: sqlite3.Connection) -> base.Cleanup:
+            subs = conn.execute(
+                Q["channel_cleanup_subscriptions"],
+                {"channel": channel, "instance_id": instance_id, "limit": limit},
+            ).fetchall()
+            gone = [[r["channel"], r["instance_id"]] for r in subs if r["gone"]]
+            if gone:
+                conn.execute(Q["channel_delete_subscriptions"], {"keys": json.dumps(gone)})
+            messages = conn.execute(
+                Q["channel_cleanup_messages"],
+                {"before": messages_before, "at": at, "seq": seq, "limit": limit},
+            ).fetchall()
+            old = [r["seq"] for r in messages if r["gone"]]
+            if old:
+                conn.execute(Q["channel_delete_messages"], {"seqs": json.dumps(old)})
             events = {"before": events_before, "limit": limit}
-            deleted += conn.execute(Q["channel_cleanup_event_deliveries"], events).rowcount
-            deleted += conn.execute(Q["channel_cleanup_events"], events).rowcount
-            return int(deleted)
+            deliveries = conn.execute(Q["channel_cleanup_event_deliveries"], events).rowcount
+            deleted_events = conn.execute(Q["channel_cleanup_events"], events).rowcount
+            return decide.cleanup(
+                limit,
+                len(gone),
+                len(subs),
+                (subs[-1]["channel"], subs[-1]["instance_id"]) if subs else ("", ""),
+                len(old),
+                len(messages),
+                (messages[-1]["created_at"], messages[-1]["seq"]) if messages else (at, seq),
+                deleted_events,
+                deleted_events + deliveries,
+            )
 
         return await self._write(tx)
+
+    # -- chores ------------------------------------------------------------------------------------
+    async def chore_take(
+        self, chore: str, worker_id: str, now: float, *, interval: float, grace: float
+    ) -> base.ChoreTurn:
+        params = {"chore": chore, "worker": worker_id, "now": now, "interval": interval, "grace": grace}
+
+        def tx(conn: sqlite3.Connection) -> base.ChoreTurn:
+            taken = conn.execute(Q["chore_take"], params).fetchone()
+            if taken is not None:
+                return base.ChoreTurn(True, taken["next_at"], taken["holder"])
+            row = conn.execute(Q["chore_state"], params).fetchone()
+            return base.ChoreTurn(False, row["next_at"], row["holder"])
+
+        return await self._write(tx)
+
+    async def chore_release(self, worker_id: str) -> None:
+        await self._write(lambda conn: conn.execute(Q["chore_release"], {"worker": worker_id}))
 
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(

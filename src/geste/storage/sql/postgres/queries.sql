@@ -1036,62 +1036,150 @@ SELECT (SELECT ok FROM target_ok) AS target_ok, EXISTS (SELECT 1 FROM inserted) 
 
 -- name: channel_rewake
 -- The net under "a publish wakes one competing receiver": idle competing receivers for which an older
--- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed).
-UPDATE {schema}.geste_instances SET run_at = $1, updated_at = $1
-WHERE instance_id IN (
-    SELECT s.instance_id FROM {schema}.geste_channel_subscriptions s
+-- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed). Per channel
+-- with a waiting subscriber (a loose scan of geste_channel_subscriptions_waiting: one probe per channel),
+-- the lowest cursor of its waiting competing subscribers (geste_channel_subscriptions_by_cursor), then the
+-- first message after it that nobody took, older than $2 (geste_channel_messages_unclaimed: it holds the
+-- messages not taken yet, so it reads past the fresh ones only); the waiting competing subscribers whose
+-- cursor is before that message are woken, at most $3. A message published before every competing
+-- subscriber subscribed is before every cursor: never read. Schema 11; before, it read every waiting
+-- competing subscription, and every message after each one's cursor, taken or not.
+WITH RECURSIVE channels(name) AS (
+    SELECT min(channel) FROM {schema}.geste_channel_subscriptions WHERE waiting_since IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(s.channel) FROM {schema}.geste_channel_subscriptions s
+            WHERE s.waiting_since IS NOT NULL AND s.channel > c.name)
+    FROM channels c WHERE c.name IS NOT NULL
+), lowest AS (
+    SELECT c.name AS channel,
+           (SELECT s.cursor_seq FROM {schema}.geste_channel_subscriptions s
+            WHERE s.channel = c.name AND s.mode = 'competing' AND s.waiting_since IS NOT NULL
+            ORDER BY s.channel, s.mode, s.cursor_seq LIMIT 1) AS cursor_seq
+    FROM channels c WHERE c.name IS NOT NULL
+), leftover AS (
+    SELECT l.channel,
+           (SELECT m.seq FROM {schema}.geste_channel_messages m
+            WHERE m.channel = l.channel AND m.seq > l.cursor_seq AND m.target_instance_id IS NULL
+              AND m.claimed_by IS NULL AND m.created_at < $2
+            ORDER BY m.channel, m.seq LIMIT 1) AS seq
+    FROM lowest l WHERE l.cursor_seq IS NOT NULL
+), chosen AS (
+    SELECT s.instance_id
+    FROM leftover l
+    JOIN {schema}.geste_channel_subscriptions s
+        ON s.channel = l.channel AND s.mode = 'competing' AND s.cursor_seq < l.seq
     JOIN {schema}.geste_instances i ON i.instance_id = s.instance_id
-    WHERE s.mode = 'competing' AND s.waiting_since IS NOT NULL
+    WHERE s.waiting_since IS NOT NULL
       AND i.status = 'waiting' AND i.lease_id IS NULL AND (i.run_at IS NULL OR i.run_at > $1)
-      AND EXISTS (SELECT 1 FROM {schema}.geste_channel_messages m
-                  WHERE m.channel = s.channel AND m.seq > s.cursor_seq AND m.target_instance_id IS NULL
-                    AND m.claimed_by IS NULL AND m.created_at < $2)
     LIMIT $3
-) AND status = 'waiting' AND lease_id IS NULL
+)
+UPDATE {schema}.geste_instances SET run_at = $1, updated_at = $1
+WHERE instance_id IN (SELECT instance_id FROM chosen) AND status = 'waiting' AND lease_id IS NULL
 RETURNING instance_id;
 
 -- name: channel_cleanup_subscriptions
--- Maintenance, bounded like every cleanup: the subscriptions of finished (or deleted) instances.
-DELETE FROM {schema}.geste_channel_subscriptions AS d
-USING (
+-- Maintenance, bounded like every cleanup: of the $3 subscriptions after the key ($1, $2) in key order
+-- (a range of the primary key), those of finished (or deleted) instances, each a probe of its instance.
+-- A round reads $3 subscriptions whatever the table holds; the next goes on after the last one read
+-- (returned), from the start again once a round reads fewer (schema 11; before, each round joined
+-- every subscription with its instance).
+WITH examined AS MATERIALIZED (
     SELECT s.channel, s.instance_id FROM {schema}.geste_channel_subscriptions s
-    LEFT JOIN {schema}.geste_instances i ON i.instance_id = s.instance_id
-    WHERE i.instance_id IS NULL OR i.status IN ('completed', 'failed', 'cancelled')
-    LIMIT $1
-) AS g
-WHERE d.channel = g.channel AND d.instance_id = g.instance_id;
+    WHERE (s.channel, s.instance_id) > ($1, $2)
+    ORDER BY s.channel, s.instance_id
+    LIMIT $3
+), deleted AS (
+    DELETE FROM {schema}.geste_channel_subscriptions d
+    USING examined e
+    WHERE d.channel = e.channel AND d.instance_id = e.instance_id
+      AND NOT EXISTS (SELECT 1 FROM {schema}.geste_instances i
+                      WHERE i.instance_id = e.instance_id AND i.status NOT IN ('completed', 'failed', 'cancelled'))
+    RETURNING 1
+), last AS (
+    SELECT channel, instance_id FROM examined ORDER BY channel DESC, instance_id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM examined) AS examined,
+       (SELECT channel FROM last) AS last_channel, (SELECT instance_id FROM last) AS last_instance;
 
 -- name: channel_cleanup_messages
--- Messages past the retention that no subscriber needs: a direct one once taken or its target finished;
--- another once every broadcast subscriber's cursor is past it and, if a competing subscriber could
--- take it, one did.
-DELETE FROM {schema}.geste_channel_messages WHERE seq IN (
-    SELECT m.seq FROM {schema}.geste_channel_messages m
-    WHERE m.created_at < $1 AND CASE
-        WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
-            SELECT 1 FROM {schema}.geste_instances i
-            WHERE i.instance_id = m.target_instance_id
-              AND i.status NOT IN ('completed', 'failed', 'cancelled'))
-        ELSE NOT EXISTS (
-            SELECT 1 FROM {schema}.geste_channel_subscriptions s
-            WHERE s.channel = m.channel AND s.cursor_seq < m.seq
-              AND (s.mode = 'broadcast' OR m.claimed_by IS NULL))
-        END
-    ORDER BY m.seq LIMIT $2
-);
+-- Messages past the retention ($1) that no subscriber needs: a direct one once taken or its target
+-- finished; another once no broadcast subscriber's cursor is before it and, unless it was taken, no
+-- competing subscriber's either (two probes of geste_channel_subscriptions_by_cursor, however many
+-- subscribers the channel has). It reads the $4 oldest messages after the key ($2, $3) in
+-- (created_at, seq) order, through geste_channel_messages_by_created: those kept for a subscriber are
+-- stepped over by the next round (it goes on after the last one read, returned), and read again once a
+-- round reaches the end (reads fewer) and the next starts over (schema 11; before, every round read the
+-- kept messages again from the first, and each subscription of their channels).
+WITH examined AS MATERIALIZED (
+    SELECT m.seq, m.created_at, m.channel, m.target_instance_id, m.claimed_by
+    FROM {schema}.geste_channel_messages m
+    WHERE (m.created_at, m.seq) > ($2, $3) AND m.created_at < $1
+    ORDER BY m.created_at, m.seq
+    LIMIT $4
+), deleted AS (
+    DELETE FROM {schema}.geste_channel_messages WHERE seq IN (
+        SELECT m.seq FROM examined m
+        WHERE CASE
+            WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
+                SELECT 1 FROM {schema}.geste_instances i
+                WHERE i.instance_id = m.target_instance_id AND i.status NOT IN ('completed', 'failed', 'cancelled'))
+            ELSE NOT EXISTS (
+                    SELECT 1 FROM {schema}.geste_channel_subscriptions s
+                    WHERE s.channel = m.channel AND s.mode = 'broadcast' AND s.cursor_seq < m.seq)
+                 AND (m.claimed_by IS NOT NULL OR NOT EXISTS (
+                    SELECT 1 FROM {schema}.geste_channel_subscriptions s
+                    WHERE s.channel = m.channel AND s.mode = 'competing' AND s.cursor_seq < m.seq))
+            END)
+    RETURNING 1
+), last AS (
+    SELECT created_at, seq FROM examined ORDER BY created_at DESC, seq DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM examined) AS examined,
+       (SELECT created_at FROM last) AS last_at, (SELECT seq FROM last) AS last_seq;
 
 -- name: channel_cleanup_events
--- Events past their retention, with their deliveries; returns the rows deleted.
+-- Events past their retention, the oldest first (geste_events_by_created, schema 11: before, a round
+-- walked the events in seq order past every younger one when fewer than $2 were old), with their
+-- deliveries (geste_event_deliveries_by_event); returns the events and the rows deleted.
 WITH events AS (
     DELETE FROM {schema}.geste_events WHERE seq IN (
-        SELECT seq FROM {schema}.geste_events WHERE created_at < $1 ORDER BY seq LIMIT $2
+        SELECT seq FROM {schema}.geste_events WHERE created_at < $1 ORDER BY created_at LIMIT $2
     )
     RETURNING seq
 ), deliveries AS (
     DELETE FROM {schema}.geste_event_deliveries WHERE event_seq IN (SELECT seq FROM events)
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries) AS deleted;
+SELECT (SELECT count(*) FROM events) AS events,
+       (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries) AS deleted;
+
+-- == chores (schema 11) ===============================================================================
+-- Each periodic chore (runtime/chores.py) runs in one worker of the cluster at a time: a round is taken
+-- with one upsert of its row in geste_chores, by primary key, whatever the tables hold.
+
+-- name: chore_take
+-- Take the chore $1 for worker $2 at $3 if its round is due: the next one is then due at $3 + $4. The
+-- worker that took the last round (the holder) takes it at next_at; another once the holder is $5 late
+-- (it died or stalls), or once it gave the chore back (holder NULL). A row locked by a concurrent take is
+-- waited for, then judged as it left it. Returns (taken, next_at, holder): the row as it is after the
+-- take, or as this statement's snapshot saw it when not taken (the worker tries again at next_at, or at
+-- next_at + $5 when another holds it).
+WITH taken AS (
+    INSERT INTO {schema}.geste_chores AS c (chore, holder, next_at, taken_at)
+    VALUES ($1::text, $2::text, $3::double precision + $4::double precision, $3::double precision)
+    ON CONFLICT (chore) DO UPDATE
+    SET holder = excluded.holder, next_at = excluded.next_at, taken_at = excluded.taken_at
+    WHERE c.next_at <= $3 AND (c.holder IS NULL OR c.holder = $2 OR c.next_at + $5::double precision <= $3)
+    RETURNING c.next_at, c.holder
+)
+SELECT true AS taken, next_at, holder FROM taken
+UNION ALL
+SELECT false, next_at, holder FROM {schema}.geste_chores
+WHERE chore = $1 AND NOT EXISTS (SELECT 1 FROM taken);
+
+-- name: chore_release
+-- A worker that stops gives its chores back: another takes each at its next round, without waiting.
+UPDATE {schema}.geste_chores SET holder = NULL WHERE holder = $1;
 
 -- == the web viewer (migration 6) ===================================================================
 -- Keyset pages of instances, newest first by (created_at, instance_id): one query per filter

@@ -97,6 +97,8 @@ CREATE TABLE geste_events (
     created_at         double precision NOT NULL
 );
 CREATE INDEX geste_events_by_type ON geste_events (event_type, seq);
+-- the retention of events: the oldest first (11)
+CREATE INDEX geste_events_by_created ON geste_events (created_at);
 
 -- Which instance took which event (each event at most once per instance).
 CREATE TABLE geste_event_deliveries (
@@ -139,6 +141,10 @@ CREATE TABLE geste_channel_messages (
 CREATE INDEX geste_channel_messages_by_channel ON geste_channel_messages (channel, seq);
 CREATE INDEX geste_channel_messages_direct ON geste_channel_messages (target_instance_id, channel, seq)
     WHERE target_instance_id IS NOT NULL AND claimed_by IS NULL;
+-- the re-wake: per channel, the first message nobody took (11); the retention: the oldest first (11)
+CREATE INDEX geste_channel_messages_unclaimed ON geste_channel_messages (channel, seq)
+    WHERE target_instance_id IS NULL AND claimed_by IS NULL;
+CREATE INDEX geste_channel_messages_by_created ON geste_channel_messages (created_at, seq);
 
 -- One row per (channel, instance): the instance takes the messages after cursor_seq; waiting_since is set
 -- while it is suspended in receive() on this channel.
@@ -154,6 +160,9 @@ CREATE TABLE geste_channel_subscriptions (
 CREATE INDEX geste_channel_subscriptions_by_instance ON geste_channel_subscriptions (instance_id);
 CREATE INDEX geste_channel_subscriptions_waiting ON geste_channel_subscriptions (channel, mode, waiting_since)
     WHERE waiting_since IS NOT NULL;
+-- the lowest cursor of a channel's subscribers of one mode: whether a message is still needed, and the
+-- waiting competing subscribers behind a message nobody took (11)
+CREATE INDEX geste_channel_subscriptions_by_cursor ON geste_channel_subscriptions (channel, mode, cursor_seq);
 
 -- The transactional outbox (4): one row per event a workflow emitted (ctx.send_event), written by the
 -- statement that records the step, delivered by a relay in per-instance order. status: pending,
@@ -200,6 +209,16 @@ CREATE TABLE geste_retries (
     removed     text NOT NULL,               -- the removed rows, JSON [[seq, kind, name, payload, is_error, created_at], ...]
     PRIMARY KEY (instance_id, retry)
 );
+
+-- The chores of the cluster (11): a row per chore, taken for a round by one worker at a time (a
+-- conditional upsert when the round is due); the holder of the last round takes the next, another only
+-- once it is a round late or gave the chore back (holder NULL). A row each: room for HOT updates.
+CREATE TABLE geste_chores (
+    chore    text PRIMARY KEY,              -- channel_rewake, channel_cleanup
+    holder   text,                          -- the worker that took the last round; NULL: given back
+    next_at  double precision NOT NULL,     -- when the next round is due
+    taken_at double precision               -- when the last round was taken
+) WITH (fillfactor = 50);
 
 -- The names of a claim's workflows as a set the planner counts as one row (9): with it the generic plan
 -- of claim_names costs what its custom plans do and is kept (unnest is counted as ten rows).

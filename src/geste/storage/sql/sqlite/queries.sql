@@ -585,56 +585,123 @@ RETURNING instance_id;
 
 -- name: channel_rewake
 -- The net under "a publish wakes one competing receiver": idle competing receivers for which an older
--- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed).
+-- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed). Per channel
+-- with a waiting subscriber (a loose scan of geste_channel_subscriptions_waiting), the lowest cursor of
+-- its waiting competing subscribers (geste_channel_subscriptions_by_cursor), then the first message after
+-- it that nobody took, older than :published_before (geste_channel_messages_unclaimed); the waiting
+-- competing subscribers whose cursor is before that message are woken, at most :limit (schema 11).
+WITH RECURSIVE channels(name) AS (
+    SELECT min(channel) FROM geste_channel_subscriptions WHERE waiting_since IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(s.channel) FROM geste_channel_subscriptions s
+            WHERE s.waiting_since IS NOT NULL AND s.channel > c.name)
+    FROM channels c WHERE c.name IS NOT NULL
+), lowest AS (
+    SELECT c.name AS channel,
+           (SELECT s.cursor_seq FROM geste_channel_subscriptions s
+            WHERE s.channel = c.name AND s.mode = 'competing' AND s.waiting_since IS NOT NULL
+            ORDER BY s.cursor_seq LIMIT 1) AS cursor_seq
+    FROM channels c WHERE c.name IS NOT NULL
+), leftover AS (
+    SELECT l.channel,
+           (SELECT m.seq FROM geste_channel_messages m
+            WHERE m.channel = l.channel AND m.seq > l.cursor_seq AND m.target_instance_id IS NULL
+              AND m.claimed_by IS NULL AND m.created_at < :published_before
+            ORDER BY m.seq LIMIT 1) AS seq
+    FROM lowest l WHERE l.cursor_seq IS NOT NULL
+)
 UPDATE geste_instances SET run_at = :now, updated_at = :now
 WHERE instance_id IN (
-    SELECT s.instance_id FROM geste_channel_subscriptions s
+    SELECT s.instance_id
+    FROM leftover l
+    JOIN geste_channel_subscriptions s
+        ON s.channel = l.channel AND s.mode = 'competing' AND s.cursor_seq < l.seq
     JOIN geste_instances i ON i.instance_id = s.instance_id
-    WHERE s.mode = 'competing' AND s.waiting_since IS NOT NULL
+    WHERE s.waiting_since IS NOT NULL
       AND i.status = 'waiting' AND i.lease_id IS NULL AND (i.run_at IS NULL OR i.run_at > :now)
-      AND EXISTS (SELECT 1 FROM geste_channel_messages m
-                  WHERE m.channel = s.channel AND m.seq > s.cursor_seq AND m.target_instance_id IS NULL
-                    AND m.claimed_by IS NULL AND m.created_at < :published_before)
     LIMIT :limit
-)
+) AND status = 'waiting' AND lease_id IS NULL
 RETURNING instance_id;
 
 -- name: channel_cleanup_subscriptions
-DELETE FROM geste_channel_subscriptions WHERE (channel, instance_id) IN (
-    SELECT s.channel, s.instance_id FROM geste_channel_subscriptions s
-    LEFT JOIN geste_instances i ON i.instance_id = s.instance_id
-    WHERE i.instance_id IS NULL OR i.status IN ('completed', 'failed', 'cancelled')
-    LIMIT :limit
+-- Maintenance, bounded like every cleanup: the :limit subscriptions after the key (:channel,
+-- :instance_id) in key order, each with whether its instance is finished (or deleted); the storage
+-- deletes those (channel_delete_subscriptions) and goes on after the last one read at the next round
+-- (schema 11; before, each round joined every subscription with its instance).
+SELECT s.channel, s.instance_id,
+       NOT EXISTS (SELECT 1 FROM geste_instances i
+                   WHERE i.instance_id = s.instance_id AND i.status NOT IN ('completed', 'failed', 'cancelled')) AS gone
+FROM geste_channel_subscriptions s
+WHERE (s.channel, s.instance_id) > (:channel, :instance_id)
+ORDER BY s.channel, s.instance_id
+LIMIT :limit;
+
+-- name: channel_delete_subscriptions
+DELETE FROM geste_channel_subscriptions
+WHERE (channel, instance_id) IN (
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:keys)
 );
 
 -- name: channel_cleanup_messages
--- Messages past the retention that no subscriber needs: a direct one once taken or its target finished;
--- another once every broadcast subscriber's cursor is past it and, if a competing subscriber could
--- take it, one did.
-DELETE FROM geste_channel_messages WHERE seq IN (
-    SELECT m.seq FROM geste_channel_messages m
-    WHERE m.created_at < :before AND CASE
-        WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
-            SELECT 1 FROM geste_instances i
-            WHERE i.instance_id = m.target_instance_id
-              AND i.status NOT IN ('completed', 'failed', 'cancelled'))
-        ELSE NOT EXISTS (
+-- Messages past the retention (:before) that no subscriber needs: a direct one once taken or its target
+-- finished; another once no broadcast subscriber's cursor is before it and, unless it was taken, no
+-- competing subscriber's either (two probes of geste_channel_subscriptions_by_cursor). The :limit oldest
+-- messages after the key (:at, :seq) in (created_at, seq) order (geste_channel_messages_by_created), each
+-- with whether it may go; the storage deletes those (channel_delete_messages) and goes on after the last
+-- one read at the next round (schema 11).
+SELECT m.seq, m.created_at, CASE
+    WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
+        SELECT 1 FROM geste_instances i
+        WHERE i.instance_id = m.target_instance_id AND i.status NOT IN ('completed', 'failed', 'cancelled'))
+    ELSE NOT EXISTS (
             SELECT 1 FROM geste_channel_subscriptions s
-            WHERE s.channel = m.channel AND s.cursor_seq < m.seq
-              AND (s.mode = 'broadcast' OR m.claimed_by IS NULL))
-        END
-    ORDER BY m.seq LIMIT :limit
-);
+            WHERE s.channel = m.channel AND s.mode = 'broadcast' AND s.cursor_seq < m.seq)
+         AND (m.claimed_by IS NOT NULL OR NOT EXISTS (
+            SELECT 1 FROM geste_channel_subscriptions s
+            WHERE s.channel = m.channel AND s.mode = 'competing' AND s.cursor_seq < m.seq))
+    END AS gone
+FROM geste_channel_messages m
+WHERE (m.created_at, m.seq) > (:at, :seq) AND m.created_at < :before
+ORDER BY m.created_at, m.seq
+LIMIT :limit;
+
+-- name: channel_delete_messages
+DELETE FROM geste_channel_messages WHERE seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: channel_cleanup_event_deliveries
+-- The deliveries of the events channel_cleanup_events deletes next, in the same transaction.
 DELETE FROM geste_event_deliveries WHERE event_seq IN (
-    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY seq LIMIT :limit
+    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY created_at LIMIT :limit
 );
 
 -- name: channel_cleanup_events
+-- Events past their retention, the oldest first (geste_events_by_created, schema 11).
 DELETE FROM geste_events WHERE seq IN (
-    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY seq LIMIT :limit
+    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY created_at LIMIT :limit
 );
+
+-- == chores (schema 11) ===============================================================================
+-- Each periodic chore (runtime/chores.py) runs in one worker at a time, whichever process of those that
+-- share this file it lives in: a round is taken with one upsert of its row in geste_chores.
+
+-- name: chore_take
+-- Take the chore :chore for worker :worker at :now if its round is due: the next one is then due at
+-- :now + :interval. The holder of the last round takes it at next_at; another once the holder is :grace
+-- late (it died or stalls), or once it gave the chore back (holder NULL). Returns the row if taken.
+INSERT INTO geste_chores (chore, holder, next_at, taken_at) VALUES (:chore, :worker, :now + :interval, :now)
+ON CONFLICT (chore) DO UPDATE
+SET holder = excluded.holder, next_at = excluded.next_at, taken_at = excluded.taken_at
+WHERE geste_chores.next_at <= :now
+  AND (geste_chores.holder IS NULL OR geste_chores.holder = :worker OR geste_chores.next_at + :grace <= :now)
+RETURNING next_at, holder;
+
+-- name: chore_state
+-- After chore_take took nothing, in its transaction: when the next round is due, and who holds it.
+SELECT next_at, holder FROM geste_chores WHERE chore = :chore;
+
+-- name: chore_release
+-- A worker that stops gives its chores back: another takes each at its next round, without waiting.
+UPDATE geste_chores SET holder = NULL WHERE holder = :worker;
 
 -- == the web viewer (migration 6) ===================================================================
 -- Keyset pages of instances, newest first by (created_at, instance_id): one query per filter

@@ -94,6 +94,8 @@ CREATE TABLE geste_events (
     created_at         REAL NOT NULL
 );
 CREATE INDEX geste_events_by_type ON geste_events (event_type, seq);
+-- the retention of events: the oldest first (11)
+CREATE INDEX geste_events_by_created ON geste_events (created_at);
 
 -- Which instance took which event (each event at most once per instance).
 CREATE TABLE geste_event_deliveries (
@@ -136,6 +138,10 @@ CREATE TABLE geste_channel_messages (
 CREATE INDEX geste_channel_messages_by_channel ON geste_channel_messages (channel, seq);
 CREATE INDEX geste_channel_messages_direct ON geste_channel_messages (target_instance_id, channel, seq)
     WHERE target_instance_id IS NOT NULL AND claimed_by IS NULL;
+-- the re-wake: per channel, the first message nobody took (11); the retention: the oldest first (11)
+CREATE INDEX geste_channel_messages_unclaimed ON geste_channel_messages (channel, seq)
+    WHERE target_instance_id IS NULL AND claimed_by IS NULL;
+CREATE INDEX geste_channel_messages_by_created ON geste_channel_messages (created_at, seq);
 
 -- One row per (channel, instance): the instance takes the messages after cursor_seq; waiting_since is set
 -- while it is suspended in receive() on this channel.
@@ -151,6 +157,9 @@ CREATE TABLE geste_channel_subscriptions (
 CREATE INDEX geste_channel_subscriptions_by_instance ON geste_channel_subscriptions (instance_id);
 CREATE INDEX geste_channel_subscriptions_waiting ON geste_channel_subscriptions (channel, mode, waiting_since)
     WHERE waiting_since IS NOT NULL;
+-- the lowest cursor of a channel's subscribers of one mode: whether a message is still needed, and the
+-- waiting competing subscribers behind a message nobody took (11)
+CREATE INDEX geste_channel_subscriptions_by_cursor ON geste_channel_subscriptions (channel, mode, cursor_seq);
 
 -- The transactional outbox (4): one row per event a workflow emitted (ctx.send_event), written with the
 -- step, delivered by a relay in per-instance order. status: pending, delivered, dead, discarded (10).
@@ -193,4 +202,14 @@ CREATE TABLE geste_retries (
     failed_at   REAL,                 -- when it had failed (its finished_at)
     removed     TEXT NOT NULL,        -- the removed history rows, JSON [[seq, kind, name, payload, is_error, created_at], ...]
     PRIMARY KEY (instance_id, retry)
+) WITHOUT ROWID;
+
+-- The chores of the cluster (11): a row per chore, taken for a round by one worker at a time (a
+-- conditional upsert when the round is due); the holder of the last round takes the next, another only
+-- once it is a round late or gave the chore back (holder NULL).
+CREATE TABLE geste_chores (
+    chore    TEXT PRIMARY KEY,     -- channel_rewake, channel_cleanup
+    holder   TEXT,                 -- the worker that took the last round; NULL: given back
+    next_at  REAL NOT NULL,        -- when the next round is due
+    taken_at REAL                  -- when the last round was taken
 ) WITHOUT ROWID;
