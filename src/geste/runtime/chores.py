@@ -6,11 +6,13 @@ deliveries), after the retention.
 
 Every worker process runs the loop, but each round of each chore is taken by one worker of the cluster
 (``Storage.chore_take``: a conditional upsert of the chore's row in ``geste_chores``, by key): the worker
-that took the last round takes the next when it is due; the others look once a round, a round later than
-it (``grace``: one interval), and take it only if it was not taken (the holder died, or stalls), or once the
-holder gave it back at its stop. So a chore costs the cluster one run per interval, plus one single-row
-statement per worker per interval, however many workers there are; a killed holder is replaced within
-two intervals, a stopped one within one. On SQLite the row is shared by every process on the file.
+that took the last round (the holder) takes the next when it is due. The others look once a round, a
+tenth of a round after the holder's time: they find it taken (and look again after the next), or given
+back by a holder that stopped (they take it), or not taken (the holder died or stalls: they take it once
+it is a whole round late, ``grace``). So a chore costs the cluster one run per interval, plus one
+single-row statement per worker per interval, however many workers there are; a stopped holder is
+replaced within a tenth of a round, a killed one within a round. On SQLite the row is shared by every
+process on the file.
 """
 
 from __future__ import annotations
@@ -139,10 +141,16 @@ class ChannelMaintenance(Loop):
             if chore.held and chore.name == CLEANUP:  # another worker took it over: its walks start afresh
                 self.position = CLEANUP_START
             chore.held = False
-            mine = turn.holder is None or turn.holder == self.worker_id
-            # the holder's round, or a round later (it may be dead); never sooner than a tenth of a round
-            # (a row another take held while this one waited is read as it was before)
-            chore.next_try = max(turn.next_at + (0.0 if mine else interval), now + interval / 10)
+            soon = interval / 10
+            if turn.holder is None or turn.holder == self.worker_id:
+                chore.next_try = turn.next_at  # its round is this worker's or anyone's
+            elif turn.next_at > now:  # the holder took its round: look just after its next one (taken
+                chore.next_try = turn.next_at + soon  # again, or given back at its stop: then take it)
+            else:  # the holder's round is due and not taken: take it once the holder is a round late
+                chore.next_try = turn.next_at + interval
+            # never sooner than a tenth of a round (a row a concurrent take held while this one waited
+            # for it is read as it was before)
+            chore.next_try = max(chore.next_try, now + soon)
             return
         chore.held = True
         chore.rounds += 1
