@@ -297,7 +297,7 @@ def sql_literal(value: Any) -> str:
     if isinstance(value, list):
         return f"ARRAY[{', '.join(sql_literal(item) for item in value)}]::text[]"
     if isinstance(value, float):
-        return f"{value!r}::double precision"
+        return f"'{value}'::double precision"
     return str(int(value))
 
 

@@ -125,7 +125,7 @@ async def explain(conn: Any, query: str, params: tuple[Any, ...]) -> list[dict[s
         found = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {call}")
     finally:
         await transaction.rollback()
-        await conn.execute("DEALLOCATE ALL")
+        await conn.execute("DEALLOCATE plan_under_test")  # not ALL: asyncpg's own statements stay
     return plan_nodes(json.loads(found)[0]["Plan"])
 
 

@@ -49,6 +49,7 @@ SQLITE_ONLY = {
     "channel_delete_subscriptions": "after channel_cleanup_subscriptions; PostgreSQL: inside it",
     "channel_delete_messages": "after channel_cleanup_messages; PostgreSQL: inside it",
     "chore_state": "after chore_take took nothing; PostgreSQL: chore_take returns it",
+    "channel_leftovers": "the re-wake's messages nobody took, before channel_rewake; PostgreSQL: inside it",
 }
 POSTGRES_ONLY = {
     # one statement where SQLite has several, or what only PostgreSQL needs

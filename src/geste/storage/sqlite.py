@@ -777,10 +777,23 @@ class SQLiteStorage(base.Storage):
         return await self._write(tx)
 
     async def channel_rewake(self, now: float, *, published_before: float, limit: int) -> list[str]:
-        params = {"now": now, "published_before": published_before, "limit": limit}
-        return await self._write(
-            lambda c: [r["instance_id"] for r in c.execute(Q["channel_rewake"], params).fetchall()]
-        )
+        def tx(conn: sqlite3.Connection) -> list[str]:
+            woken: list[str] = []
+            for left in conn.execute(
+                Q["channel_leftovers"], {"published_before": published_before}
+            ).fetchall():
+                if len(woken) >= limit:
+                    break
+                params = {
+                    "now": now,
+                    "channel": left["channel"],
+                    "seq": left["seq"],
+                    "limit": limit - len(woken),
+                }
+                woken += [r["instance_id"] for r in conn.execute(Q["channel_rewake"], params).fetchall()]
+            return woken
+
+        return await self._write(tx)
 
     async def channel_cleanup(
         self,

@@ -1074,7 +1074,8 @@ WITH RECURSIVE channels(name) AS (
     LIMIT $3
 )
 UPDATE {schema}.geste_instances SET run_at = $1, updated_at = $1
-WHERE instance_id IN (SELECT instance_id FROM chosen) AND status = 'waiting' AND lease_id IS NULL
+WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM chosen))  -- by key: IN (..) let it hash the table
+  AND status = 'waiting' AND lease_id IS NULL
 RETURNING instance_id;
 
 -- name: channel_cleanup_subscriptions
@@ -1084,16 +1085,18 @@ RETURNING instance_id;
 -- (returned), from the start again once a round reads fewer (schema 11; before, each round joined
 -- every subscription with its instance).
 WITH examined AS MATERIALIZED (
-    SELECT s.channel, s.instance_id FROM {schema}.geste_channel_subscriptions s
+    SELECT s.ctid AS row, s.channel, s.instance_id,
+           -- a probe of its instance per row: a scalar subquery, never hashed (a NOT EXISTS was, over a
+           -- scan of every instance)
+           coalesce((SELECT i.status FROM {schema}.geste_instances i WHERE i.instance_id = s.instance_id)
+                    IN ('completed', 'failed', 'cancelled'), true) AS gone
+    FROM {schema}.geste_channel_subscriptions s
     WHERE (s.channel, s.instance_id) > ($1, $2)
     ORDER BY s.channel, s.instance_id
     LIMIT $3
-), deleted AS (
-    DELETE FROM {schema}.geste_channel_subscriptions d
-    USING examined e
-    WHERE d.channel = e.channel AND d.instance_id = e.instance_id
-      AND NOT EXISTS (SELECT 1 FROM {schema}.geste_instances i
-                      WHERE i.instance_id = e.instance_id AND i.status NOT IN ('completed', 'failed', 'cancelled'))
+), deleted AS (  -- the rows read, by their address (a join let the planner scan the table)
+    DELETE FROM {schema}.geste_channel_subscriptions
+    WHERE ctid = ANY(ARRAY(SELECT row FROM examined WHERE gone))
     RETURNING 1
 ), last AS (
     SELECT channel, instance_id FROM examined ORDER BY channel DESC, instance_id DESC LIMIT 1
@@ -1104,32 +1107,34 @@ SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM examined
 -- name: channel_cleanup_messages
 -- Messages past the retention ($1) that no subscriber needs: a direct one once taken or its target
 -- finished; another once no broadcast subscriber's cursor is before it and, unless it was taken, no
--- competing subscriber's either (two probes of geste_channel_subscriptions_by_cursor, however many
--- subscribers the channel has). It reads the $4 oldest messages after the key ($2, $3) in
--- (created_at, seq) order, through geste_channel_messages_by_created: those kept for a subscriber are
--- stepped over by the next round (it goes on after the last one read, returned), and read again once a
--- round reaches the end (reads fewer) and the next starts over (schema 11; before, every round read the
--- kept messages again from the first, and each subscription of their channels).
+-- competing subscriber's either (the lowest cursor of each mode: two probes of
+-- geste_channel_subscriptions_by_cursor, however many subscribers the channel has). It reads the $4
+-- oldest messages after the key ($2, $3) in (created_at, seq) order, through
+-- geste_channel_messages_by_created: those kept for a subscriber are stepped over by the next round (it
+-- goes on after the last one read, returned), and read again once a round reaches the end (reads fewer)
+-- and the next starts over (schema 11; before, every round read the kept messages again from the first,
+-- and each subscription of their channels).
 WITH examined AS MATERIALIZED (
     SELECT m.seq, m.created_at, m.channel, m.target_instance_id, m.claimed_by
     FROM {schema}.geste_channel_messages m
     WHERE (m.created_at, m.seq) > ($2, $3) AND m.created_at < $1
     ORDER BY m.created_at, m.seq
     LIMIT $4
-), deleted AS (
-    DELETE FROM {schema}.geste_channel_messages WHERE seq IN (
+), deleted AS (  -- by primary key (= ANY(ARRAY(..)): "IN (..)" let the planner hash the table)
+    DELETE FROM {schema}.geste_channel_messages WHERE seq = ANY(ARRAY(
         SELECT m.seq FROM examined m
-        WHERE CASE
-            WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
-                SELECT 1 FROM {schema}.geste_instances i
-                WHERE i.instance_id = m.target_instance_id AND i.status NOT IN ('completed', 'failed', 'cancelled'))
-            ELSE NOT EXISTS (
-                    SELECT 1 FROM {schema}.geste_channel_subscriptions s
-                    WHERE s.channel = m.channel AND s.mode = 'broadcast' AND s.cursor_seq < m.seq)
-                 AND (m.claimed_by IS NOT NULL OR NOT EXISTS (
-                    SELECT 1 FROM {schema}.geste_channel_subscriptions s
-                    WHERE s.channel = m.channel AND s.mode = 'competing' AND s.cursor_seq < m.seq))
-            END)
+        WHERE CASE  -- scalar subqueries, a probe per message, never hashed (an EXISTS was: a table scan)
+            WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR coalesce(
+                (SELECT i.status FROM {schema}.geste_instances i WHERE i.instance_id = m.target_instance_id)
+                IN ('completed', 'failed', 'cancelled'), true)
+            ELSE coalesce((SELECT s.cursor_seq FROM {schema}.geste_channel_subscriptions s
+                           WHERE s.channel = m.channel AND s.mode = 'broadcast'
+                           ORDER BY s.channel, s.mode, s.cursor_seq LIMIT 1) >= m.seq, true)
+                 AND (m.claimed_by IS NOT NULL
+                      OR coalesce((SELECT s.cursor_seq FROM {schema}.geste_channel_subscriptions s
+                                   WHERE s.channel = m.channel AND s.mode = 'competing'
+                                   ORDER BY s.channel, s.mode, s.cursor_seq LIMIT 1) >= m.seq, true))
+            END))
     RETURNING 1
 ), last AS (
     SELECT created_at, seq FROM examined ORDER BY created_at DESC, seq DESC LIMIT 1
@@ -1142,12 +1147,12 @@ SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM examined
 -- walked the events in seq order past every younger one when fewer than $2 were old), with their
 -- deliveries (geste_event_deliveries_by_event); returns the events and the rows deleted.
 WITH events AS (
-    DELETE FROM {schema}.geste_events WHERE seq IN (
+    DELETE FROM {schema}.geste_events WHERE seq = ANY(ARRAY(
         SELECT seq FROM {schema}.geste_events WHERE created_at < $1 ORDER BY created_at LIMIT $2
-    )
+    ))
     RETURNING seq
 ), deliveries AS (
-    DELETE FROM {schema}.geste_event_deliveries WHERE event_seq IN (SELECT seq FROM events)
+    DELETE FROM {schema}.geste_event_deliveries WHERE event_seq = ANY(ARRAY(SELECT seq FROM events))
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM events) AS events,

@@ -583,13 +583,13 @@ WHERE instance_id IN (
 ) AND status = 'waiting' AND (run_at IS NULL OR run_at > min(:now, {db_clock}))
 RETURNING instance_id;
 
--- name: channel_rewake
--- The net under "a publish wakes one competing receiver": idle competing receivers for which an older
--- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed). Per channel
--- with a waiting subscriber (a loose scan of geste_channel_subscriptions_waiting), the lowest cursor of
--- its waiting competing subscribers (geste_channel_subscriptions_by_cursor), then the first message after
--- it that nobody took, older than :published_before (geste_channel_messages_unclaimed); the waiting
--- competing subscribers whose cursor is before that message are woken, at most :limit (schema 11).
+-- name: channel_leftovers
+-- The re-wake, 1/2 (schema 11): per channel with a waiting subscriber (a loose scan of
+-- geste_channel_subscriptions_waiting), the lowest cursor of its waiting competing subscribers
+-- (geste_channel_subscriptions_by_cursor), then the first message after it that nobody took, older than
+-- :published_before (geste_channel_messages_unclaimed: it holds the messages not taken yet, so it reads
+-- past the fresh ones only). A message published before every competing subscriber subscribed is before
+-- every cursor: never read.
 WITH RECURSIVE channels(name) AS (
     SELECT min(channel) FROM geste_channel_subscriptions WHERE waiting_since IS NOT NULL
     UNION ALL
@@ -602,23 +602,29 @@ WITH RECURSIVE channels(name) AS (
             WHERE s.channel = c.name AND s.mode = 'competing' AND s.waiting_since IS NOT NULL
             ORDER BY s.cursor_seq LIMIT 1) AS cursor_seq
     FROM channels c WHERE c.name IS NOT NULL
-), leftover AS (
+)
+SELECT * FROM (
     SELECT l.channel,
            (SELECT m.seq FROM geste_channel_messages m
             WHERE m.channel = l.channel AND m.seq > l.cursor_seq AND m.target_instance_id IS NULL
               AND m.claimed_by IS NULL AND m.created_at < :published_before
             ORDER BY m.seq LIMIT 1) AS seq
     FROM lowest l WHERE l.cursor_seq IS NOT NULL
-)
+) WHERE seq IS NOT NULL;
+
+-- name: channel_rewake
+-- The re-wake, 2/2, per channel channel_leftovers found: the idle waiting competing subscribers whose
+-- cursor is before its message nobody took (:seq), at most :limit, in cursor order
+-- (geste_channel_subscriptions_by_cursor), each instance a probe by key (an EXISTS, not a join: SQLite
+-- built a Bloom filter over every subscription of the channel for one).
 UPDATE geste_instances SET run_at = :now, updated_at = :now
 WHERE instance_id IN (
-    SELECT s.instance_id
-    FROM leftover l
-    JOIN geste_channel_subscriptions s
-        ON s.channel = l.channel AND s.mode = 'competing' AND s.cursor_seq < l.seq
-    JOIN geste_instances i ON i.instance_id = s.instance_id
-    WHERE s.waiting_since IS NOT NULL
-      AND i.status = 'waiting' AND i.lease_id IS NULL AND (i.run_at IS NULL OR i.run_at > :now)
+    SELECT s.instance_id FROM geste_channel_subscriptions s
+    WHERE s.channel = :channel AND s.mode = 'competing' AND s.cursor_seq < :seq AND s.waiting_since IS NOT NULL
+      AND EXISTS (SELECT 1 FROM geste_instances i
+                  WHERE i.instance_id = s.instance_id AND i.status = 'waiting' AND i.lease_id IS NULL
+                    AND (i.run_at IS NULL OR i.run_at > :now))
+    ORDER BY s.cursor_seq
     LIMIT :limit
 ) AND status = 'waiting' AND lease_id IS NULL
 RETURNING instance_id;
@@ -629,8 +635,8 @@ RETURNING instance_id;
 -- deletes those (channel_delete_subscriptions) and goes on after the last one read at the next round
 -- (schema 11; before, each round joined every subscription with its instance).
 SELECT s.channel, s.instance_id,
-       NOT EXISTS (SELECT 1 FROM geste_instances i
-                   WHERE i.instance_id = s.instance_id AND i.status NOT IN ('completed', 'failed', 'cancelled')) AS gone
+       coalesce((SELECT i.status FROM geste_instances i WHERE i.instance_id = s.instance_id)
+                IN ('completed', 'failed', 'cancelled'), 1) AS gone
 FROM geste_channel_subscriptions s
 WHERE (s.channel, s.instance_id) > (:channel, :instance_id)
 ORDER BY s.channel, s.instance_id
@@ -650,15 +656,16 @@ WHERE (channel, instance_id) IN (
 -- with whether it may go; the storage deletes those (channel_delete_messages) and goes on after the last
 -- one read at the next round (schema 11).
 SELECT m.seq, m.created_at, CASE
-    WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
-        SELECT 1 FROM geste_instances i
-        WHERE i.instance_id = m.target_instance_id AND i.status NOT IN ('completed', 'failed', 'cancelled'))
-    ELSE NOT EXISTS (
-            SELECT 1 FROM geste_channel_subscriptions s
-            WHERE s.channel = m.channel AND s.mode = 'broadcast' AND s.cursor_seq < m.seq)
-         AND (m.claimed_by IS NOT NULL OR NOT EXISTS (
-            SELECT 1 FROM geste_channel_subscriptions s
-            WHERE s.channel = m.channel AND s.mode = 'competing' AND s.cursor_seq < m.seq))
+    WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR coalesce(
+        (SELECT i.status FROM geste_instances i WHERE i.instance_id = m.target_instance_id)
+        IN ('completed', 'failed', 'cancelled'), 1)
+    ELSE coalesce((SELECT s.cursor_seq FROM geste_channel_subscriptions s
+                   WHERE s.channel = m.channel AND s.mode = 'broadcast'
+                   ORDER BY s.cursor_seq LIMIT 1) >= m.seq, 1)
+         AND (m.claimed_by IS NOT NULL
+              OR coalesce((SELECT s.cursor_seq FROM geste_channel_subscriptions s
+                           WHERE s.channel = m.channel AND s.mode = 'competing'
+                           ORDER BY s.cursor_seq LIMIT 1) >= m.seq, 1))
     END AS gone
 FROM geste_channel_messages m
 WHERE (m.created_at, m.seq) > (:at, :seq) AND m.created_at < :before
