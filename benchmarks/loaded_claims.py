@@ -2,18 +2,23 @@
 
     .venv/bin/python benchmarks/loaded_claims.py                        # PostgreSQL, 1,000,000 + 10,000
     .venv/bin/python benchmarks/loaded_claims.py --backend sqlite --finished 200000 --runs 3
+    .venv/bin/python benchmarks/loaded_claims.py --processes 0          # starts and runs in one process
 
 The loaded database holds ``finished`` completed instances (seeded by SQL: ``generate_series`` on
 PostgreSQL, a recursive CTE on SQLite) and ``held`` instances of the benchmark's own workflow under a live
 lease of another worker (taken by that worker's real claims, so the rows are exactly as the code under
-test leaves a held instance, lease an hour long). Each run starts ``instances`` workflows in one process
-(concurrency 200, the same as ``throughput.py``) and waits for every result; the claims of that process
-must step over the held instances of its workflow. Runs alternate empty / loaded; the empty database is a
-fresh one each time, the loaded one is seeded once (each run adds its few finished instances to it). It
-prints the medians and the ratio loaded / empty (the target of issue 15: at least 0.9).
+test leaves a held instance, lease an hour long; then vacuumed and analysed, as autovacuum would). Each
+run starts ``instances`` workflows and waits for their completion: by default a client (this process)
+starts them and one worker process (``throughput.py --serve``, concurrency 200) claims and runs them, so
+every instance goes through a claim that must step over the held instances of its workflow; with
+``--processes 0`` one process starts and runs them (most start with a free local slot, claimed at their
+creation: few claims). Runs alternate empty / loaded; the empty database is a fresh one each time, the
+loaded one is seeded once (each run adds its finished instances to it). First the median time of a claim
+round on each (nothing due; one instance due). It prints the medians and the ratio loaded / empty (the
+target of issue 15: at least 0.9).
 
-``seed`` and ``workflows_per_second`` are importable (``benchmarks/scale.py`` uses them), with the
-benchmarks folder on ``sys.path``.
+``seed``, ``workflows_per_second`` and ``claim_round_ms`` are importable (``benchmarks/scale.py`` uses
+them), with the benchmarks folder on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import geste
+from geste.storage.base import Commit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -226,6 +232,31 @@ def _completed_counter(url: str, prefix: str) -> Callable[[], Awaitable[int]]:
     return count_postgres
 
 
+async def claim_round_ms(url: str, *, rounds: int = 200) -> tuple[float, float]:
+    """Median milliseconds of a claim round of ``three_steps`` (the storage's own ``claim``, batch 100)
+    that finds nothing due, then of one that finds one instance (started just before): the cost of
+    stepping over what the database holds."""
+    app, workflow = build_app(url, run_worker=False)
+    empty: list[float] = []
+    one: list[float] = []
+    async with app:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            await app.storage.claim("bench", time.time(), time.time() + 60, 100, workflows=["three_steps"])
+            empty.append(time.perf_counter() - started)
+            handle = await workflow.start(0)
+            started = time.perf_counter()
+            claims = await app.storage.claim(
+                "bench", time.time(), time.time() + 60, 100, workflows=["three_steps"]
+            )
+            one.append(time.perf_counter() - started)
+            assert [c.lease.instance_id for c in claims] == [handle.instance_id]
+            await app.storage.finish(
+                Commit(claims[0].lease, [], time.time()), status=geste.Status.COMPLETED, result="3"
+            )
+    return statistics.median(empty) * 1000, statistics.median(one) * 1000
+
+
 def fresh_url(backend: str, folder: Path) -> tuple[str, str | None]:
     """A new database: a SQLite file in ``folder`` or a PostgreSQL schema (returned, to drop it)."""
     if backend == "sqlite":
@@ -246,6 +277,18 @@ async def compare(
             began = time.perf_counter()
             await seed(loaded_url, finished=finished, held=held)
             print(f"seeded {finished:,} finished and {held:,} held in {time.perf_counter() - began:.1f}s")
+            for label, url in (("loaded", loaded_url), ("empty", None)):
+                if url is None:
+                    url, schema = fresh_url(backend, Path(tmp))
+                try:
+                    empty_ms, one_ms = await claim_round_ms(url)
+                finally:
+                    if label == "empty" and schema is not None:
+                        await _drop_schema(schema)
+                print(
+                    f"claim round on the {label} database:"
+                    f" {empty_ms:.2f} ms finding nothing, {one_ms:.2f} ms finding one"
+                )
             for run in range(runs):
                 url, schema = fresh_url(backend, Path(tmp))
                 try:
