@@ -465,14 +465,17 @@ ON CONFLICT (instance_id) DO UPDATE SET
 
 -- name: candidate_events
 -- For a wait without a match: the first event of the type above the instance's event floor
--- (geste_events_by_type: (event_type, seq)) not yet delivered to it.
+-- (geste_events_by_type: (event_type, seq)) not yet delivered to it. Each candidate's delivery is one
+-- probe of the deliveries' key: OFFSET 0 keeps the NOT EXISTS a subquery per candidate (as an anti join
+-- the planner read the whole of geste_event_deliveries_by_event, filtering on the instance: 100,000
+-- entries of other instances' deliveries before the first event, measured).
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
 FROM {schema}.geste_events e
 WHERE e.event_type = $1
   AND e.seq > (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $2)
   AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
   AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
-                  WHERE d.instance_id = $2 AND d.event_seq = e.seq)
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq OFFSET 0)
 ORDER BY e.seq
 LIMIT 1;
 
@@ -488,7 +491,7 @@ WHERE k.match_key = $3
   AND e.event_type = $1
   AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
   AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
-                  WHERE d.instance_id = $2 AND d.event_seq = e.seq)
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq OFFSET 0)
 UNION ALL
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
 FROM {schema}.geste_events e
@@ -496,7 +499,7 @@ WHERE NOT e.keyed AND e.event_type = $1
   AND e.seq > (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $2)
   AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
   AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
-                  WHERE d.instance_id = $2 AND d.event_seq = e.seq)
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq OFFSET 0)
 ORDER BY seq;
 
 -- name: unkeyed_waits
