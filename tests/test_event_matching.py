@@ -735,3 +735,19 @@ async def test_many_senders_and_waiters_race_across_two_processes(
         deliveries = await raw_query(db_url, "SELECT instance_id, event_seq FROM geste_event_deliveries")
         assert Counter(d["instance_id"] for d in deliveries) == {i: len(w) for i, w in expected.items()}
         assert len({(d["instance_id"], d["event_seq"]) for d in deliveries}) == len(deliveries)
+
+
+async def test_the_benchmark_runs_at_a_tiny_size() -> None:
+    """``benchmarks/event_matching.py``'s ``event_wakeup`` (what ``benchmarks/scale.py`` imports), at CI
+    size: 200 seeded waiters, keyed as the storage keys them, and three wake-ups measured (counts, not
+    times)."""
+    from .conftest import POSTGRES_URL
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from event_matching import event_wakeup
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    sample = await event_wakeup(POSTGRES_URL, 200, samples=3, warmup=1)
+    assert sample.waiters == 200 and len(sample.wakeups) == len(sample.sends) == 3
+    assert all(value > 0 for value in (*sample.sends, *sample.wakeups))
