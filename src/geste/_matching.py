@@ -88,8 +88,8 @@ def type_key(event_type: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class EventKeys:
-    """What an event is found and locked by: its pairs' canonical texts and keys (in the same order,
-    sorted by key, without duplicates), and the type's key."""
+    """What an event is found and locked by: its pairs' canonical texts (sorted), their keys (sorted,
+    without duplicates: two pairs whose hashes collide share one), and the type's key."""
 
     pairs: tuple[str, ...]
     keys: tuple[int, ...]
@@ -109,13 +109,9 @@ class EventKeys:
 
 def event_keys(event_type: str, data: Any) -> EventKeys:
     """The keys of an event whose data (decoded) is ``data``: one per top-level pair of an object."""
-    found: dict[int, str] = {}
-    if isinstance(data, dict):
-        for key, value in data.items():
-            text = pair_text(key, value)
-            found.setdefault(pair_key(event_type, text), text)
-    ordered = sorted(found)
-    return EventKeys(tuple(found[k] for k in ordered), tuple(ordered), type_key(event_type))
+    pairs = sorted(pair_text(key, value) for key, value in data.items()) if isinstance(data, dict) else []
+    keys = sorted({pair_key(event_type, text) for text in pairs})
+    return EventKeys(tuple(pairs), tuple(keys), type_key(event_type))
 
 
 @dataclass(frozen=True, slots=True)
