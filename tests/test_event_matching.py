@@ -445,6 +445,8 @@ async def test_a_send_and_a_wait_read_by_index_on_postgres(pg_url: str, plan_cac
                 if name == "send_event":  # the waits were found through the index of their keys
                     by_key = [n for n in nodes if n.get("Index Name") in ("geste_event_waits_by_key",)]
                     assert by_key or params[5] is not None, shown
+                if name == "candidate_events_by_key":  # the range of its key in geste_event_keys
+                    assert any(n.get("Index Name") == "geste_event_keys_pkey" for n in nodes), shown
                 if "HOT" in what:
                     assert read["geste_event_waits"] >= HOT, (what, read)
         finally:
