@@ -103,6 +103,9 @@ def test_canonical_texts_and_keys() -> None:
     assert event_keys("t", {"k": 1}).keys != event_keys("u", {"k": 1}).keys  # the type is in the key
     assert event_keys("t", {"k": 1}).type_key == _matching.type_key("t") != event_keys("u", {}).type_key
     assert all(-(2**63) <= k < 2**63 for k in event_keys("t", {str(n): n for n in range(100)}).keys)
+    wide = _matching.WIDE_EVENT_PAIRS
+    assert not event_keys("t", {str(n): n for n in range(wide)}).wide  # a shared lock per pair
+    assert event_keys("t", {str(n): n for n in range(wide + 1)}).wide  # the type's lock, exclusive
     # the indexed pair prefers a value that tells instances apart over a flag, then the first key
     assert wait_key("t", {"paid": True, "order": "o-1"}).indexed == '"order":"o-1"'
     assert wait_key("t", {"b": 2, "a": 1}).indexed == '"a":1'

@@ -37,9 +37,10 @@ from typing import Any
 
 _CANONICAL = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), sort_keys=True, allow_nan=False)
 
-WIDE_EVENT_PAIRS = 32
+WIDE_EVENT_PAIRS = 16
 """An event with more top-level pairs than this takes one exclusive lock per event type on PostgreSQL
-instead of a shared lock per pair (``EventKeys.wide``): a bounded number of advisory locks per send."""
+instead of a shared lock per pair (``EventKeys.wide``): a bounded number of advisory locks per send (at
+most 18), in a lock table the whole cluster shares (``max_locks_per_transaction`` times the connections)."""
 
 
 def _normal(value: Any) -> Any:
