@@ -756,3 +756,17 @@ async def test_the_benchmark_runs_at_a_tiny_size() -> None:
     sample = await event_wakeup(POSTGRES_URL, 200, samples=3, warmup=1)
     assert sample.waiters == 200 and len(sample.wakeups) == len(sample.sends) == 3
     assert all(value > 0 for value in (*sample.sends, *sample.wakeups))
+
+
+def test_a_wait_whose_match_is_not_an_object_is_left_unkeyed() -> None:
+    """Migration 12's Python part gives a key to every wait geste wrote and skips a match changed by hand
+    (not JSON, or not an object) rather than failing the upgrade: that wait stays found by type."""
+    from geste.storage._decisions import keyed_waits
+
+    rows = [
+        {"instance_id": "a", "event_type": "t", "match": '{"k": 1}'},
+        {"instance_id": "b", "event_type": "t", "match": None},
+        {"instance_id": "c", "event_type": "t", "match": "[1]"},
+        {"instance_id": "d", "event_type": "t", "match": "{not json"},
+    ]
+    assert keyed_waits(rows) == [("a", wait_key("t", {"k": 1})), ("b", wait_key("t", None))]

@@ -129,11 +129,15 @@ match key theirs (``keyed_waits``), in the same transaction: a script cannot com
 
 def keyed_waits(unkeyed: Iterable[Record]) -> list[tuple[str, WaitKey]]:
     """The match keys of the waits registered before schema 12 (records of ``unkeyed_waits``). A match
-    that is not an object (never written by geste) is left without: such a wait is found by type, and
-    woken by every event of its type to look for itself."""
+    that is not a JSON object (never written by geste: a row changed by hand) is left without, and does
+    not stop the migration: such a wait is found by type and woken by every event of its type to look
+    for itself (its replay then reads its match from the history)."""
     keyed = []
     for r in unkeyed:
-        match = None if r["match"] is None else json.loads(r["match"])
+        try:
+            match = None if r["match"] is None else json.loads(r["match"])
+        except ValueError:
+            continue
         if match is None or isinstance(match, dict):
             keyed.append((r["instance_id"], wait_key(r["event_type"], match)))
     return keyed
