@@ -43,6 +43,8 @@ SEED_POSTGRES = [
        SELECT 'e-' || g, 't', '{}', $1 - 3600 FROM generate_series(1, $2) g""",
     """INSERT INTO geste_event_deliveries (instance_id, event_seq)
        SELECT 'sub-' || g, g FROM generate_series(1, $2) g WHERE $1::float8 > 0""",
+    """INSERT INTO geste_event_keys (match_key, event_seq)
+       SELECT g * 7919, g FROM generate_series(1, $2) g WHERE $1::float8 > 0""",
 ]
 DUE_POSTGRES = [  # a message nobody took, 1,000 old messages nobody needs, 500 old events
     """INSERT INTO geste_channel_messages (message_id, channel, data, created_at)
@@ -157,6 +159,8 @@ SEED_SQLITE = [
        SELECT 'e-' || n, 't', '{}', :now - 3600 FROM g""",
     """WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < :rows)
        INSERT INTO geste_event_deliveries (instance_id, event_seq) SELECT 'sub-' || n, n FROM g""",
+    """WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < :rows)
+       INSERT INTO geste_event_keys (match_key, event_seq) SELECT n * 7919, n FROM g""",
     """INSERT INTO geste_channel_messages (message_id, channel, data, created_at)
        VALUES ('left', 'jobs', '1', :now - 600)""",
     """WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < :rows / 100)
@@ -172,6 +176,7 @@ SEEDED = (
     "geste_channel_messages",
     "geste_events",
     "geste_event_deliveries",
+    "geste_event_keys",
 )
 
 

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._models import Status, matches
+from .._matching import WaitKey, matches, wait_key
+from .._models import Status
 from .._status import QueueStats
 from .._steps import event_history_payload, message_history_payload
 from . import _rows as rows
@@ -119,17 +120,40 @@ def lease_held(row: InstanceRow, now: float) -> bool:
 
 # -- events ------------------------------------------------------------------------------------------------
 def first_match(wait: EventWait, candidates: Iterable[Record]) -> StoredEvent | None:
-    """The first of the ``candidate_events`` records (oldest first) whose data the wait's match accepts."""
+    """The first of the ``candidate_events*`` records (oldest first) whose data the wait's match accepts
+    (``geste._matching``: the candidates share one pair with it, or a hash of one)."""
     for candidate in candidates:
         event = rows.stored_event(candidate)
-        if matches(wait.match, json.loads(event.data)):
+        if not wait.match or matches(wait.match, json.loads(event.data)):
             return event
     return None
 
 
 def waits_matched(waits: Iterable[Record], data: Any) -> list[Record]:
-    """The ``waits_for_event`` records whose match accepts an event's ``data`` (decoded)."""
+    """The ``waits_for_event*`` records whose match accepts an event's ``data`` (decoded), by the rule of
+    ``geste._matching`` (SQLite; PostgreSQL compares the canonical pairs in ``send_event``)."""
     return [w for w in waits if matches(None if w["match"] is None else json.loads(w["match"]), data)]
+
+
+EVENT_KEYS_MIGRATION = "event_keys"
+"""The migration (``NNNN_event_keys.sql``) after which each backend gives the waits it finds without a
+match key theirs (``keyed_waits``), in the same transaction: a script cannot compute them."""
+
+
+def keyed_waits(unkeyed: Iterable[Record]) -> list[tuple[str, WaitKey]]:
+    """The match keys of the waits registered before schema 12 (records of ``unkeyed_waits``). A match
+    that is not a JSON object (never written by geste: a row changed by hand) is left without, and does
+    not stop the migration: such a wait is found by type and woken by every event of its type to look
+    for itself (its replay then reads its match from the history)."""
+    keyed = []
+    for r in unkeyed:
+        try:
+            match = None if r["match"] is None else json.loads(r["match"])
+        except ValueError:
+            continue
+        if match is None or isinstance(match, dict):
+            keyed.append((r["instance_id"], wait_key(r["event_type"], match)))
+    return keyed
 
 
 def stored_event(event: NewEvent, seq: int) -> StoredEvent:

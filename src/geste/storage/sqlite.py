@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import TypeVar
 from urllib.parse import parse_qsl, quote
 
+from .._matching import event_keys, wait_key
 from .._models import Status
 from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, StorageError
@@ -144,6 +145,9 @@ class SQLiteStorage(base.Storage):
                 if isinstance(write, _migrations.Migration):
                     for statement in _statements(write.script):
                         conn.execute(statement)
+                    if write.name.endswith(decide.EVENT_KEYS_MIGRATION):  # its part in Python
+                        keyed = decide.keyed_waits(conn.execute(Q["unkeyed_waits"]).fetchall())
+                        conn.executemany(Q["key_wait"], [(i, key.key) for i, key in keyed])
                 else:
                     conn.execute(Q["set_meta"], write)
             conn.execute("COMMIT")
@@ -459,16 +463,19 @@ class SQLiteStorage(base.Storage):
     ) -> base.StoredEvent | base.Suspension | None:
         lease, records, now = commit.lease, commit.records, commit.now
 
+        key = wait_key(wait.event_type, wait.match)
+
         def tx(conn: sqlite3.Connection) -> base.StoredEvent | base.Suspension | None:
-            params = {"event_type": wait.event_type, "instance_id": lease.instance_id}
-            found = decide.first_match(wait, conn.execute(Q["candidate_events"], params))
+            params = {"event_type": wait.event_type, "instance_id": lease.instance_id, "match_key": key.key}
+            query = "candidate_events" if key.indexed is None else "candidate_events_by_key"
+            found = decide.first_match(wait, conn.execute(Q[query], params))
             if found is None and decide.timed_out(wait.deadline, now):
                 return None
             if found is None:
                 outcome = self._suspend_tx(conn, commit, run_at=wait.deadline)
                 if outcome is base.Suspension.SUSPENDED:
                     conn.execute(
-                        Q["insert_event_wait"], rows.event_wait_columns(lease.instance_id, wait, now)
+                        Q["insert_event_wait"], rows.event_wait_columns(lease.instance_id, wait, now, key.key)
                     )
                     if wait.deadline is not None:
                         conn.execute(Q["insert_timer"], (lease.instance_id, wait.outcome_seq, wait.deadline))
@@ -506,15 +513,23 @@ class SQLiteStorage(base.Storage):
 
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
+        data = json.loads(event.data)
+        keys = event_keys(event.event_type, data)
+
         def tx(conn: sqlite3.Connection) -> tuple[bool, list[str]]:
             cursor = conn.execute(Q["insert_event"], rows.event_columns(event))
             if not cursor.rowcount:
                 return False, []
             stored = decide.stored_event(event, cursor.lastrowid or 0)
+            if keys.keys:
+                conn.execute(Q["insert_event_keys"], {"seq": stored.seq, "keys": json.dumps(keys.keys)})
             params = {"event_type": event.event_type, "seq": stored.seq, "target": event.target_instance_id}
-            waits = conn.execute(Q["waits_for_event"], params).fetchall()
+            if event.target_instance_id is None:  # by key: the waits that may accept it
+                waits = conn.execute(Q["waits_for_event"], {**params, "keys": json.dumps(keys.lookup)})
+            else:
+                waits = conn.execute(Q["waits_for_event_target"], params)
             woken = []
-            for wait in decide.waits_matched(waits, json.loads(event.data)):
+            for wait in decide.waits_matched(waits.fetchall(), data):
                 instance_id, outcome_seq = wait["instance_id"], wait["outcome_seq"]
                 if outcome_seq is not None and self._deliver(conn, instance_id, outcome_seq, stored):
                     woken.append(instance_id)
@@ -823,6 +838,7 @@ class SQLiteStorage(base.Storage):
                 conn.execute(Q["channel_delete_messages"], {"seqs": json.dumps(old)})
             events = {"before": events_before, "limit": limit}
             deliveries = conn.execute(Q["channel_cleanup_event_deliveries"], events).rowcount
+            conn.execute(Q["channel_cleanup_event_keys"], events)  # not counted: the rounds stay as before
             deleted_events = conn.execute(Q["channel_cleanup_events"], events).rowcount
             return decide.cleanup(
                 limit,

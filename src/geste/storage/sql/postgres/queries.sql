@@ -382,9 +382,18 @@ WITH input AS (
 )
 SELECT instance_id, lease_id, cancel_requested FROM lease;
 
--- name: lock_event_type
--- Serialises, per event type, "send an event" with "take an event or wait": no lost wake-up.
-SELECT pg_advisory_xact_lock(hashtextextended('geste_event:' || $1, 0));
+-- name: lock_event_keys
+-- The advisory locks of a send or a wait (docs/design.md, "Events: matching by index"), in this order:
+-- the event type's lock ($1; shared, or exclusive when $3), then the match keys $2, each shared, or
+-- exclusive where $4 says so. A wait holds its one key exclusively, a send each of its keys shared: a send
+-- and a wait that may accept its event meet on the wait's key; sends never wait for each other, nor waits
+-- indexed under different keys. The type's lock is the one geste took for everything before schema 12:
+-- held shared by every send and wait, it keeps them apart from those of a geste still running an older
+-- version (exclusive), and a send of more than WIDE_EVENT_PAIRS pairs takes it exclusively instead of a
+-- lock per pair. A function scan of one array: the locks are taken in the array's order.
+SELECT CASE WHEN l.exclusive THEN pg_advisory_xact_lock(l.key) ELSE pg_advisory_xact_lock_shared(l.key) END
+FROM unnest(hashtextextended('geste_event:' || $1, 0) || $2::bigint[], $3::boolean || $4::boolean[])
+    AS l(key, exclusive);
 
 -- name: suspend
 -- One statement: mark waiting and release, append the rows, replace the timers and event wait.
@@ -482,84 +491,141 @@ SELECT instance_id, lease_id FROM done;
 
 -- name: insert_event_wait
 -- The wait keeps the instance's event floor: send_event delivers only an event above it. since: when the
--- wait was registered (shown to operators).
-INSERT INTO {schema}.geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq, after_seq)
+-- wait was registered (shown to operators). match_key ($7): the key it is found by; match_pairs ($8): the
+-- canonical pairs an event must all have (12).
+INSERT INTO {schema}.geste_event_waits
+    (instance_id, event_type, match, since, deadline, outcome_seq, after_seq, match_key, match_pairs)
 VALUES ($1, $2, $3, $4, $5, $6,
-        (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $1))
+        (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $1), $7, $8)
 ON CONFLICT (instance_id) DO UPDATE SET
     event_type = excluded.event_type, match = excluded.match, since = excluded.since,
-    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq;
+    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq,
+    match_key = excluded.match_key, match_pairs = excluded.match_pairs;
 
 -- name: candidate_events
--- The events of the type above the instance's event floor (geste_events_by_type: (event_type, seq)),
--- not yet delivered to it, oldest first.
+-- For a wait without a match: the first event of the type above the instance's event floor
+-- (geste_events_by_type: (event_type, seq)) not yet delivered to it. Each candidate's delivery is one
+-- probe of the deliveries' key: OFFSET 0 keeps the NOT EXISTS a subquery per candidate (as an anti join
+-- the planner read the whole of geste_event_deliveries_by_event, filtering on the instance: 100,000
+-- entries of other instances' deliveries before the first event, measured).
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
 FROM {schema}.geste_events e
 WHERE e.event_type = $1
   AND e.seq > (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $2)
   AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
   AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
-                  WHERE d.instance_id = $2 AND d.event_seq = e.seq)
-ORDER BY e.seq;
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq OFFSET 0)
+ORDER BY e.seq
+LIMIT 1;
+
+-- name: candidate_events_by_key
+-- For a wait with a match: the events above the instance's event floor that have the pair the wait is
+-- indexed by ($3, its match key: geste_event_keys' (match_key, event_seq) range), not yet delivered to
+-- it, oldest first; and those stored without keys (before schema 12, or by an older geste: the partial
+-- index geste_events_unkeyed, empty once they are gone). The caller compares the whole match.
+SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
+FROM {schema}.geste_event_keys k JOIN {schema}.geste_events e ON e.seq = k.event_seq
+WHERE k.match_key = $3
+  AND k.event_seq > (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $2)
+  AND e.event_type = $1
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
+  AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq OFFSET 0)
+UNION ALL
+SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
+FROM {schema}.geste_events e
+WHERE NOT e.keyed AND e.event_type = $1
+  AND e.seq > (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $2)
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
+  AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq OFFSET 0)
+ORDER BY seq;
+
+-- name: unkeyed_waits
+-- Migration 12's part in Python: the waits registered before it (geste_event_waits_unkeyed).
+SELECT instance_id, event_type, match FROM {schema}.geste_event_waits WHERE match_key IS NULL;
+
+-- name: key_wait
+UPDATE {schema}.geste_event_waits SET match_key = $2, match_pairs = $3
+WHERE instance_id = $1 AND match_key IS NULL;
 
 -- name: insert_delivery
 INSERT INTO {schema}.geste_event_deliveries (instance_id, event_seq) VALUES ($1, $2);
 
--- name: insert_event
-INSERT INTO {schema}.geste_events (event_id, event_type, source, data, extensions, target_instance_id, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING seq;
-
--- name: waits_for_event
--- The waits an event ($3: its seq) is visible to: those whose instance's floor is below it.
-SELECT instance_id, match, outcome_seq FROM {schema}.geste_event_waits
-WHERE event_type = $1 AND ($2::text IS NULL OR instance_id = $2) AND coalesce(after_seq, 0) < $3;
-
--- name: deliver_event
--- The event handed straight to the instances that wait for it and that nobody holds ($1 ids, $2 their
--- outcome seqs): their outcome rows, deliveries and run_at in one statement, the waits and timers
--- forgotten, each notified. Held instances are left to take the event themselves.
-WITH target AS (
-    SELECT * FROM unnest($1::text[], $2::integer[]) AS t(instance_id, seq)
-), woken AS (
-    UPDATE {schema}.geste_instances AS i
-    SET run_at = LEAST($3, {db_clock}), updated_at = $3, steps = steps + 1
-    FROM target
-    WHERE i.instance_id = target.instance_id AND i.status = 'waiting' AND i.lease_id IS NULL
-    RETURNING i.instance_id, i.workflow_name, target.seq
+-- name: send_event
+-- An event stored and handed over in one statement, run after lock_event_keys in the same transaction:
+-- its snapshot, taken once the locks are granted, holds every wait that may accept the event and was
+-- registered before (docs/design.md, "Events: matching by index"). $1-$7: the event's columns (id, type,
+-- source, data, extensions, target instance, time); $8: its pairs' match keys (its geste_event_keys rows);
+-- $9: the keys of the waits that may accept it (the type's, for the waits without a match, and its
+-- pairs'); $10: its pairs' canonical texts; $11: its history payload; $12: notify.
+-- found: the waits it may wake, by key (geste_event_waits_by_key), whose every pair it has, and whose
+-- instance's floor is below its seq; or the target's wait alone; or a wait of an older geste (no keys,
+-- by type through geste_event_waits_unkeyed), woken to look for itself. locked: their instances, locked
+-- in instance_id order (concurrent sends never deadlock), read again as they are now: the event is
+-- handed (written into the history at the wait's outcome seq) only to an instance still waiting, held by
+-- nobody, and with the history it had when the wait was found (steps unchanged: no other send handed it
+-- an event meanwhile); the others that wait or run, held by nobody, are made runnable now and take it
+-- themselves. A held instance is left as it is: it takes the event itself in take_event_or_suspend, and
+-- its run_at is its take-over time (schema 11).
+WITH event AS (
+    INSERT INTO {schema}.geste_events
+        (event_id, event_type, source, data, extensions, target_instance_id, created_at, keyed)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, true)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING seq
+), keys AS (
+    INSERT INTO {schema}.geste_event_keys (match_key, event_seq)
+    SELECT k, event.seq FROM event, unnest($8::bigint[]) AS k
+), found AS (
+    SELECT w.instance_id, w.outcome_seq, true AS exact, i.steps
+    FROM event, {schema}.geste_event_waits w JOIN {schema}.geste_instances i ON i.instance_id = w.instance_id
+    WHERE $6::text IS NULL AND w.match_key = ANY($9::bigint[]) AND w.event_type = $2
+      AND w.match_pairs <@ $10::text[] AND coalesce(w.after_seq, 0) < event.seq
+    UNION ALL
+    SELECT w.instance_id, w.outcome_seq, false, i.steps
+    FROM event, {schema}.geste_event_waits w JOIN {schema}.geste_instances i ON i.instance_id = w.instance_id
+    WHERE $6::text IS NULL AND w.match_key IS NULL AND w.event_type = $2
+      AND coalesce(w.after_seq, 0) < event.seq
+    UNION ALL
+    SELECT w.instance_id, w.outcome_seq, w.match_pairs IS NOT NULL, i.steps
+    FROM event, {schema}.geste_event_waits w JOIN {schema}.geste_instances i ON i.instance_id = w.instance_id
+    WHERE w.instance_id = $6::text AND w.event_type = $2 AND coalesce(w.after_seq, 0) < event.seq
+      AND (w.match_pairs IS NULL OR w.match_pairs <@ $10::text[])
+), locked AS (
+    SELECT i.instance_id, f.outcome_seq,
+           f.exact AND f.outcome_seq IS NOT NULL AND i.status = 'waiting' AND i.lease_id IS NULL
+               AND i.steps = f.steps AS handed
+    FROM {schema}.geste_instances i JOIN found f ON f.instance_id = i.instance_id
+    ORDER BY i.instance_id
+    FOR UPDATE OF i
+), touched AS (
+    UPDATE {schema}.geste_instances i
+    SET run_at = LEAST($7, {db_clock}), updated_at = $7,
+        steps = i.steps + CASE WHEN l.handed THEN 1 ELSE 0 END
+    FROM locked l
+    WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM locked)) AND i.instance_id = l.instance_id
+      AND i.status IN ('waiting', 'running') AND i.lease_id IS NULL
+      AND (l.handed OR i.run_at IS NULL OR i.run_at > LEAST($7, {db_clock}))
+    RETURNING i.instance_id, i.workflow_name, i.lease_id, l.outcome_seq, l.handed
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
-    SELECT instance_id, seq, 'event', $4, $5, false, $3 FROM woken
+    SELECT instance_id, outcome_seq, 'event', $2, $11, false, $7 FROM touched WHERE handed
 ), deliveries AS (
-    INSERT INTO {schema}.geste_event_deliveries (instance_id, event_seq) SELECT instance_id, $6 FROM woken
+    INSERT INTO {schema}.geste_event_deliveries (instance_id, event_seq)
+    SELECT t.instance_id, event.seq FROM touched t, event WHERE t.handed
 ), waits AS (
-    DELETE FROM {schema}.geste_event_waits w USING woken WHERE w.instance_id = woken.instance_id
+    DELETE FROM {schema}.geste_event_waits w USING touched t WHERE w.instance_id = t.instance_id AND t.handed
 ), timers AS (
-    DELETE FROM {schema}.geste_timers t USING woken WHERE t.instance_id = woken.instance_id
+    DELETE FROM {schema}.geste_timers tm USING touched t WHERE tm.instance_id = t.instance_id AND t.handed
+), notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text)
+    FROM touched WHERE $12 AND lease_id IS NULL
 )
-SELECT instance_id,
-       CASE WHEN $7 THEN pg_notify('geste_workflow_resumable',
-                                   json_build_object('instance_id', instance_id,
-                                                     'workflow_name', workflow_name)::text)
-       END AS notified
-FROM woken;
-
--- name: wake
--- Instances an event was delivered to: runnable now; the unlocked ones are notified. A held one is left
--- as it is (it takes the event itself in take_event_or_suspend); its run_at is its take-over time.
-WITH woken AS (
-    UPDATE {schema}.geste_instances SET run_at = LEAST($2, {db_clock}), updated_at = $2
-    WHERE instance_id = ANY($1::text[]) AND status IN ('waiting', 'running') AND lease_id IS NULL
-      AND (run_at IS NULL OR run_at > LEAST($2, {db_clock}))
-    RETURNING instance_id, workflow_name, lease_id
-)
-SELECT instance_id,
-       CASE WHEN $3 AND lease_id IS NULL
-            THEN pg_notify('geste_workflow_resumable',
-                           json_build_object('instance_id', instance_id, 'workflow_name', workflow_name)::text)
-       END AS notified
-FROM woken;
+SELECT EXISTS (SELECT 1 FROM event) AS stored,
+       ARRAY(SELECT instance_id FROM touched) AS woken,
+       (SELECT count(*) FROM notified) AS notified;
 
 -- name: next_run_at
 -- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
@@ -1154,6 +1220,8 @@ WITH events AS (
 ), deliveries AS (
     DELETE FROM {schema}.geste_event_deliveries WHERE event_seq = ANY(ARRAY(SELECT seq FROM events))
     RETURNING 1
+), keys AS (  -- their match keys (12), not counted: the count bounds the rounds as before
+    DELETE FROM {schema}.geste_event_keys WHERE event_seq = ANY(ARRAY(SELECT seq FROM events))
 )
 SELECT (SELECT count(*) FROM events) AS events,
        (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries) AS deleted;

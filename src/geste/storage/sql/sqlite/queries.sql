@@ -185,17 +185,18 @@ INSERT INTO geste_timers (instance_id, seq, expires_at) VALUES (?, ?, ?);
 
 -- name: insert_event_wait
 -- The wait keeps the instance's event floor: send_event delivers only an event above it. since: when the
--- wait was registered (shown to operators).
-INSERT INTO geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq, after_seq)
+-- wait was registered (shown to operators). match_key (?7): the key it is found by (12).
+INSERT INTO geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq, after_seq, match_key)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6,
-        (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = ?1))
+        (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = ?1), ?7)
 ON CONFLICT (instance_id) DO UPDATE SET
     event_type = excluded.event_type, match = excluded.match, since = excluded.since,
-    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq;
+    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq,
+    match_key = excluded.match_key;
 
 -- name: candidate_events
--- The events of the type above the instance's event floor (geste_events_by_type: (event_type, seq)),
--- not yet delivered to it, oldest first.
+-- For a wait without a match: the first event of the type above the instance's event floor
+-- (geste_events_by_type: (event_type, seq)) not yet delivered to it.
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
 FROM geste_events e
 WHERE e.event_type = :event_type
@@ -203,21 +204,67 @@ WHERE e.event_type = :event_type
   AND (e.target_instance_id IS NULL OR e.target_instance_id = :instance_id)
   AND NOT EXISTS (SELECT 1 FROM geste_event_deliveries d
                   WHERE d.instance_id = :instance_id AND d.event_seq = e.seq)
-ORDER BY e.seq;
+ORDER BY e.seq
+LIMIT 1;
+
+-- name: candidate_events_by_key
+-- For a wait with a match: the events above the instance's event floor that have the pair the wait is
+-- indexed by (:match_key: geste_event_keys' (match_key, event_seq) range), not yet delivered to it,
+-- oldest first; and those stored without keys (before schema 12, or by an older geste: the partial index
+-- geste_events_unkeyed, empty once they are gone). The caller compares the whole match.
+SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
+FROM geste_event_keys k JOIN geste_events e ON e.seq = k.event_seq
+WHERE k.match_key = :match_key
+  AND k.event_seq > (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = :instance_id)
+  AND e.event_type = :event_type
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = :instance_id)
+  AND NOT EXISTS (SELECT 1 FROM geste_event_deliveries d
+                  WHERE d.instance_id = :instance_id AND d.event_seq = e.seq)
+UNION ALL
+SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
+FROM geste_events e
+WHERE e.keyed = 0 AND e.event_type = :event_type
+  AND e.seq > (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = :instance_id)
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = :instance_id)
+  AND NOT EXISTS (SELECT 1 FROM geste_event_deliveries d
+                  WHERE d.instance_id = :instance_id AND d.event_seq = e.seq)
+ORDER BY 1;
+
+-- name: unkeyed_waits
+-- Migration 12's part in Python: the waits registered before it (geste_event_waits_unkeyed).
+SELECT instance_id, event_type, match FROM geste_event_waits WHERE match_key IS NULL;
+
+-- name: key_wait
+UPDATE geste_event_waits SET match_key = ?2 WHERE instance_id = ?1 AND match_key IS NULL;
 
 -- name: insert_delivery
 INSERT INTO geste_event_deliveries (instance_id, event_seq) VALUES (?, ?);
 
 -- name: insert_event
-INSERT INTO geste_events (event_id, event_type, source, data, extensions, target_instance_id, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+INSERT INTO geste_events
+    (event_id, event_type, source, data, extensions, target_instance_id, created_at, keyed)
+VALUES (?, ?, ?, ?, ?, ?, ?, 1)
 ON CONFLICT (event_id) DO NOTHING;
 
+-- name: insert_event_keys
+-- The event's rows in geste_event_keys: one per top-level pair (:keys, a JSON array of match keys).
+INSERT INTO geste_event_keys (match_key, event_seq) SELECT value, :seq FROM json_each(:keys);
+
 -- name: waits_for_event
--- The waits an event (:seq) is visible to: those whose instance's floor is below it.
+-- The waits an event (:seq) is visible to (their instance's floor is below it) that may accept it: by
+-- its keys (:keys, a JSON array: the type's, for the waits without a match, and its pairs'), and the
+-- waits of an older geste by type (no key: geste_event_waits_unkeyed). The caller compares the match.
 SELECT instance_id, match, outcome_seq FROM geste_event_waits
-WHERE event_type = :event_type AND coalesce(after_seq, 0) < :seq
-  AND (:target IS NULL OR instance_id = :target);
+WHERE match_key IN (SELECT value FROM json_each(:keys)) AND event_type = :event_type
+  AND coalesce(after_seq, 0) < :seq
+UNION ALL
+SELECT instance_id, match, outcome_seq FROM geste_event_waits
+WHERE match_key IS NULL AND event_type = :event_type AND coalesce(after_seq, 0) < :seq;
+
+-- name: waits_for_event_target
+-- The wait of the instance an event is sent to (:target), if the event (:seq) is visible to it.
+SELECT instance_id, match, outcome_seq FROM geste_event_waits
+WHERE instance_id = :target AND event_type = :event_type AND coalesce(after_seq, 0) < :seq;
 
 -- name: deliver_event
 -- An event handed straight to an instance that waits for it and that nobody holds: the outcome row is
@@ -678,6 +725,12 @@ DELETE FROM geste_channel_messages WHERE seq IN (SELECT value FROM json_each(:se
 -- name: channel_cleanup_event_deliveries
 -- The deliveries of the events channel_cleanup_events deletes next, in the same transaction.
 DELETE FROM geste_event_deliveries WHERE event_seq IN (
+    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY created_at LIMIT :limit
+);
+
+-- name: channel_cleanup_event_keys
+-- Their match keys (12), before the events (the same events: the same order).
+DELETE FROM geste_event_keys WHERE event_seq IN (
     SELECT seq FROM geste_events WHERE created_at < :before ORDER BY created_at LIMIT :limit
 );
 

@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 11), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 12), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -78,9 +78,12 @@ CREATE TABLE geste_event_waits (
     since       REAL NOT NULL,          -- when it was registered (shown to operators)
     deadline    REAL,
     outcome_seq INTEGER,                -- (5) where send_event writes the event into the history
-    after_seq   INTEGER                 -- (8) the instance's event_floor: only later events match
+    after_seq   INTEGER,                -- (8) the instance's event_floor: only later events match
+    match_key   INTEGER                 -- (12) one pair's key, or the type's (no match); NULL: older rows
 );
-CREATE INDEX geste_event_waits_by_type ON geste_event_waits (event_type);
+-- a send finds the waits that may accept it by its keys; rows of older versions by type (12)
+CREATE INDEX geste_event_waits_by_key ON geste_event_waits (match_key);
+CREATE INDEX geste_event_waits_unkeyed ON geste_event_waits (event_type) WHERE match_key IS NULL;
 
 -- Events sent to the app (send_event, POST /events), in the order the database gave them (seq).
 CREATE TABLE geste_events (
@@ -91,11 +94,24 @@ CREATE TABLE geste_events (
     data               TEXT NOT NULL,   -- JSON
     extensions         TEXT,            -- JSON
     target_instance_id TEXT,            -- for that instance only
-    created_at         REAL NOT NULL
+    created_at         REAL NOT NULL,
+    keyed              INTEGER NOT NULL DEFAULT 0   -- (12) its pairs are in geste_event_keys
 );
 CREATE INDEX geste_events_by_type ON geste_events (event_type, seq);
 -- the retention of events: the oldest first (11)
 CREATE INDEX geste_events_by_created ON geste_events (created_at);
+-- the events of older versions, read by type by the waits with a match (12)
+CREATE INDEX geste_events_unkeyed ON geste_events (event_type, seq) WHERE keyed = 0;
+
+-- The match keys of events (12): one row per top-level key/value pair of an event's data (a hash of the
+-- type and the pair's canonical JSON, geste/_matching.py), read by the waits with a match.
+CREATE TABLE geste_event_keys (
+    match_key INTEGER NOT NULL,
+    event_seq INTEGER NOT NULL,
+    PRIMARY KEY (match_key, event_seq)
+) WITHOUT ROWID;
+-- the retention of events deletes their keys with them
+CREATE INDEX geste_event_keys_by_event ON geste_event_keys (event_seq);
 
 -- Which instance took which event (each event at most once per instance).
 CREATE TABLE geste_event_deliveries (
