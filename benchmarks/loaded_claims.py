@@ -122,8 +122,9 @@ async def seed(url: str, *, finished: int, held: int) -> None:
 
 
 async def _vacuum(url: str) -> None:
-    """What autovacuum does to a database in its steady state: the claims' dead row versions cleaned up,
-    the statistics up to date (a claim moves its rows from one index to another)."""
+    """What autovacuum and the checkpointer do to a database in its steady state: dead row versions
+    cleaned up, statistics up to date (a claim moves its rows from one index to another), the seed's
+    writes flushed (CHECKPOINT needs a superuser, as the benchmark's PostgreSQL user is)."""
     if url.startswith("sqlite"):
         import sqlite3
 
@@ -141,6 +142,7 @@ async def _vacuum(url: str) -> None:
     conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
     try:
         await conn.execute("VACUUM ANALYZE geste_instances")
+        await conn.execute("CHECKPOINT")  # the seed's writes flushed now, not during a measured run
     finally:
         await conn.close()
 
@@ -296,6 +298,7 @@ async def compare(
                 finally:
                     if schema is not None:
                         await _drop_schema(schema)
+                await _vacuum(loaded_url)  # the last run's dead rows: autovacuum may be off (it is here)
                 loaded.append(await workflows_per_second(loaded_url, instances, processes))
                 print(f"run {run + 1}: empty {empty[-1]:.0f}/s, loaded {loaded[-1]:.0f}/s")
         finally:

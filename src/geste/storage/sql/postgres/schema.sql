@@ -47,10 +47,11 @@ CREATE INDEX geste_instances_by_created ON geste_instances (created_at, instance
 CREATE INDEX geste_instances_by_name_status ON geste_instances (workflow_name, status, created_at, instance_id);
 -- the claim of a worker: per workflow it registers, its free instances in run_at order (9; free only: 11)
 CREATE INDEX geste_instances_runnable_by_name ON geste_instances (workflow_name, run_at)
-    WHERE run_at IS NOT NULL AND lease_id IS NULL;
+    WHERE run_at IS NOT NULL AND lease_id IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating');
 -- and its held instances in take-over order: a claim reads the leases that ran out only (11)
 CREATE INDEX geste_instances_leased_by_name ON geste_instances (workflow_name, run_at)
-    WHERE lease_id IS NOT NULL;
+    WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- The journal: one row per step of an instance, numbered from 1.
 CREATE TABLE geste_history (

@@ -7,14 +7,16 @@
 -- in a second index, in take-over order, so a claim reads the free instances due and the leases that ran
 -- out, and never the live leases (before, a held instance kept the run_at of its claim, and every claim of
 -- its workflow read past it: 10,000 held leases made a claim read 10,000 rows to find one free
--- instance). The two indexes hold each row at most once, as the one they replace did. Held instances get
+-- instance). The two indexes hold each row at most once, as the one they replace did; both hold only
+-- the statuses a claim takes (as on PostgreSQL, where the planner needs it). Held instances get
 -- their take-over time here, once.
 UPDATE geste_instances SET run_at = lock_expires_at WHERE lease_id IS NOT NULL;
 DROP INDEX geste_instances_runnable_by_name;
 CREATE INDEX geste_instances_runnable_by_name ON geste_instances (workflow_name, run_at)
-    WHERE run_at IS NOT NULL AND lease_id IS NULL;
+    WHERE run_at IS NOT NULL AND lease_id IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating');
 CREATE INDEX geste_instances_leased_by_name ON geste_instances (workflow_name, run_at)
-    WHERE lease_id IS NOT NULL;
+    WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- Chores run by one worker of the cluster at a time (runtime/chores.py), across the processes that share
 -- this file: one row per chore, taken for a round by a conditional upsert when its next round is due. The

@@ -290,14 +290,18 @@ WHERE workflow_name = :name AND run_at > :due AND lease_id IS NULL
 -- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
 -- name with a free instance that has a run_at (a loose scan of the same index).
 WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL AND lease_id IS NULL
+    SELECT min(workflow_name) FROM geste_instances
+    WHERE run_at IS NOT NULL AND lease_id IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
     UNION ALL
     SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name)
+            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT min(i.run_at) FROM geste_instances i
-            WHERE i.workflow_name = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL)) AS run_at
+            WHERE i.workflow_name = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating'))) AS run_at
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: upsert_worker
@@ -337,14 +341,19 @@ SELECT status, count(*) AS n FROM geste_instances GROUP BY status;
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
     SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
         SELECT (SELECT min(workflow_name) FROM geste_instances
-                WHERE run_at IS NOT NULL AND lease_id IS NULL) AS f,
-               (SELECT min(workflow_name) FROM geste_instances WHERE lease_id IS NOT NULL) AS h)
+                WHERE run_at IS NOT NULL AND lease_id IS NULL
+                  AND status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
+               (SELECT min(workflow_name) FROM geste_instances
+                WHERE lease_id IS NOT NULL
+                  AND status IN ('pending', 'running', 'waiting', 'compensating')) AS h)
     UNION ALL
     SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
         SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name) AS f,
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+                  AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
                (SELECT min(i.workflow_name) FROM geste_instances i
-                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name) AS h))
+                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+                  AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT coalesce(sum((SELECT count(*) FROM geste_instances i
@@ -667,7 +676,8 @@ SELECT * FROM (
 UPDATE geste_instances SET run_at = :now, updated_at = :now
 WHERE instance_id IN (
     SELECT s.instance_id FROM geste_channel_subscriptions s
-    WHERE s.channel = :channel AND s.mode = 'competing' AND s.cursor_seq < :seq AND s.waiting_since IS NOT NULL
+    WHERE s.channel = :channel AND s.mode = 'competing' AND s.cursor_seq < :seq
+      AND s.waiting_since IS NOT NULL
       AND EXISTS (SELECT 1 FROM geste_instances i
                   WHERE i.instance_id = s.instance_id AND i.status = 'waiting' AND i.lease_id IS NULL
                     AND (i.run_at IS NULL OR i.run_at > :now))
@@ -883,14 +893,19 @@ FROM (SELECT value AS status FROM json_each(:statuses)) AS s;
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
     SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
         SELECT (SELECT min(workflow_name) FROM geste_instances
-                WHERE run_at IS NOT NULL AND lease_id IS NULL) AS f,
-               (SELECT min(workflow_name) FROM geste_instances WHERE lease_id IS NOT NULL) AS h)
+                WHERE run_at IS NOT NULL AND lease_id IS NULL
+                  AND status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
+               (SELECT min(workflow_name) FROM geste_instances
+                WHERE lease_id IS NOT NULL
+                  AND status IN ('pending', 'running', 'waiting', 'compensating')) AS h)
     UNION ALL
     SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
         SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name) AS f,
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+                  AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
                (SELECT min(i.workflow_name) FROM geste_instances i
-                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name) AS h))
+                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+                  AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT n.name AS workflow_name, min(:cap, (SELECT count(*) FROM (
