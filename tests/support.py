@@ -149,3 +149,50 @@ async def database_at_version(url: str, version: int, statements: Sequence[str] 
                 await pg.execute(statement.format(t=schema + "."))
     finally:
         await pg.close()
+
+
+# -- plans: what a query reads ----------------------------------------------------------------------
+def sql_literal(value: Any) -> str:
+    """A parameter of the test's own making as SQL text (``EXPLAIN EXECUTE`` takes no ``$n``)."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list):
+        return f"ARRAY[{', '.join(sql_literal(item) for item in value)}]::text[]"
+    if isinstance(value, float):
+        return f"'{value}'::double precision"
+    return str(int(value))
+
+
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes += plan_nodes(child)
+    return nodes
+
+
+def instances_read(nodes: list[dict[str, Any]]) -> int:
+    """Rows the plan took from geste_instances, kept or filtered out, over all its loops (EXPLAIN gives
+    per-loop averages)."""
+    total = 0.0
+    for node in nodes:
+        if node.get("Relation Name") == "geste_instances" and node["Node Type"] != "ModifyTable":
+            removed = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+            total += (node["Actual Rows"] + removed) * node["Actual Loops"]
+    return round(total)
+
+
+def vm_steps(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> int:
+    """Hundreds of SQLite VM instructions one query runs: a measure of the rows it reads."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn.set_progress_handler(count, 100)
+    try:
+        conn.execute(sql, params).fetchall()
+    finally:
+        conn.set_progress_handler(None, 100)
+    return steps

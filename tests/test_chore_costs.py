@@ -24,7 +24,7 @@ import pytest
 
 import geste
 
-from .test_claim_scope import vm_steps
+from .support import vm_steps
 from .test_held_leases import explain
 
 ROWS = 100_000

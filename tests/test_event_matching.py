@@ -42,7 +42,7 @@ from geste._matching import canonical, event_keys, matches, pair_text, wait_key
 from geste.storage.base import NewEvent
 
 from .conftest import die_with_parent
-from .support import database_at_version, raw_query, wait_status, wait_until
+from .support import database_at_version, raw_query, vm_steps, wait_status, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
@@ -454,23 +454,6 @@ async def test_a_send_and_a_wait_read_by_index_on_postgres(pg_url: str, plan_cac
                     assert read["geste_event_waits"] >= HOT, (what, read)
         finally:
             await conn.close()
-
-
-def vm_steps(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> int:
-    """Hundreds of SQLite VM instructions one query runs: a measure of the rows it reads."""
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
-    conn.set_progress_handler(count, 100)
-    try:
-        conn.execute(sql, params).fetchall()
-    finally:
-        conn.set_progress_handler(None, 100)
-    return steps
 
 
 async def test_a_send_and_a_wait_read_by_index_on_sqlite(tmp_path: Path) -> None:

@@ -27,8 +27,7 @@ import geste
 from geste._status import UNSERVED_CAP
 from geste.storage.base import Commit, HistoryRow, Lease, NewEvent, NewInstance, Storage
 
-from .support import database_at_version, raw_query
-from .test_claim_scope import instances_read, plan_nodes, sql_literal, vm_steps
+from .support import database_at_version, instances_read, plan_nodes, raw_query, sql_literal, vm_steps
 
 HELD = 10_000
 FINISHED = 100_000
