@@ -196,3 +196,21 @@ def vm_steps(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> int:
     finally:
         conn.set_progress_handler(None, 100)
     return steps
+
+
+CLAIM_INDEXES = ("geste_instances_runnable_by_name", "geste_instances_leased_by_name")
+
+
+def instance_steps_searching(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> list[str]:
+    """The steps of SQLite's plan of ``sql`` that read ``geste_instances``, asserted to be searches of one
+    of the claims' two indexes (never a scan): returned for the caller's further checks."""
+    plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+    on_table = [step for step in plan if step.split()[1:2] in (["geste_instances"], ["i"])]
+    assert on_table and all(
+        step.startswith("SEARCH")
+        and any(
+            f"USING {how} {index}" in step for how in ("INDEX", "COVERING INDEX") for index in CLAIM_INDEXES
+        )
+        for step in on_table
+    ), plan
+    return on_table

@@ -27,7 +27,15 @@ import geste
 from geste._status import UNSERVED_CAP
 from geste.storage.base import Commit, HistoryRow, Lease, NewEvent, NewInstance, Storage
 
-from .support import database_at_version, instances_read, plan_nodes, raw_query, sql_literal, vm_steps
+from .support import (
+    database_at_version,
+    instance_steps_searching,
+    instances_read,
+    plan_nodes,
+    raw_query,
+    sql_literal,
+    vm_steps,
+)
 
 HELD = 10_000
 FINISHED = 100_000
@@ -197,17 +205,7 @@ async def test_a_claim_reads_no_live_lease_on_sqlite(tmp_path: Path) -> None:
                 "count_runnable",
                 "next_run_at",
             ):
-                plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + Q[name], params)]
-                on_table = [step for step in plan if step.split()[1:2] in (["geste_instances"], ["i"])]
-                assert on_table and all(
-                    step.startswith("SEARCH")
-                    and any(
-                        f"USING {how} {index}" in step
-                        for how in ("INDEX", "COVERING INDEX")
-                        for index in ("geste_instances_runnable_by_name", "geste_instances_leased_by_name")
-                    )
-                    for step in on_table
-                ), (name, plan)
+                instance_steps_searching(conn, Q[name], params)
                 steps = vm_steps(conn, Q[name], params)
                 assert steps <= one_pass // 200, (name, steps, one_pass)
         await assert_the_storage_takes_the_due_ones(app.storage, now)
