@@ -149,3 +149,68 @@ async def database_at_version(url: str, version: int, statements: Sequence[str] 
                 await pg.execute(statement.format(t=schema + "."))
     finally:
         await pg.close()
+
+
+# -- plans: what a query reads ----------------------------------------------------------------------
+def sql_literal(value: Any) -> str:
+    """A parameter of the test's own making as SQL text (``EXPLAIN EXECUTE`` takes no ``$n``)."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    if isinstance(value, list):
+        return f"ARRAY[{', '.join(sql_literal(item) for item in value)}]::text[]"
+    if isinstance(value, float):
+        return f"'{value}'::double precision"
+    return str(int(value))
+
+
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes += plan_nodes(child)
+    return nodes
+
+
+def instances_read(nodes: list[dict[str, Any]]) -> int:
+    """Rows the plan took from geste_instances, kept or filtered out, over all its loops (EXPLAIN gives
+    per-loop averages)."""
+    total = 0.0
+    for node in nodes:
+        if node.get("Relation Name") == "geste_instances" and node["Node Type"] != "ModifyTable":
+            removed = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+            total += (node["Actual Rows"] + removed) * node["Actual Loops"]
+    return round(total)
+
+
+def vm_steps(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> int:
+    """Hundreds of SQLite VM instructions one query runs: a measure of the rows it reads."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn.set_progress_handler(count, 100)
+    try:
+        conn.execute(sql, params).fetchall()
+    finally:
+        conn.set_progress_handler(None, 100)
+    return steps
+
+
+CLAIM_INDEXES = ("geste_instances_runnable_by_name", "geste_instances_leased_by_name")
+
+
+def instance_steps_searching(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> list[str]:
+    """The steps of SQLite's plan of ``sql`` that read ``geste_instances``, asserted to be searches of one
+    of the claims' two indexes (never a scan): returned for the caller's further checks."""
+    plan = [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+    on_table = [step for step in plan if step.split()[1:2] in (["geste_instances"], ["i"])]
+    assert on_table and all(
+        step.startswith("SEARCH")
+        and any(
+            f"USING {how} {index}" in step for how in ("INDEX", "COVERING INDEX") for index in CLAIM_INDEXES
+        )
+        for step in on_table
+    ), plan
+    return on_table

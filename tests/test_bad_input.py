@@ -383,6 +383,7 @@ async def test_odd_ids_and_event_types_are_stored_verbatim(
         again = await app.start_workflow("echo", "ignored", instance_id=instance_id)
         assert not again.created
         await wait_for_status(app, instance_id, geste.Status.WAITING)
+        await wait_for_status(app, other.instance_id, geste.Status.WAITING)  # its wait is registered
         await app.send_event(ODD_EVENT, {"tag": instance_id}, event_id=instance_id)
         assert await handle.result(timeout=10) == {
             "id": instance_id,

@@ -211,6 +211,7 @@ class Snapshots:
     """Every row of every geste table, to compare before and after a request.
 
     ``geste_workers`` is compared by its worker ids only: the heartbeat updates its rows all the time.
+    ``geste_chores`` is left out: the worker's chores take their rounds in it whenever they are due.
     """
 
     def __init__(self, db_url: str) -> None:
@@ -257,6 +258,8 @@ class Snapshots:
     def _rows(name: str, rows: list[Any]) -> list[tuple[Any, ...]]:
         if name == "geste_workers":
             rows = [(row[0],) for row in rows]
+        elif name == "geste_chores":
+            rows = []
         return sorted((tuple(row) for row in rows), key=repr)
 
     async def close(self) -> None:

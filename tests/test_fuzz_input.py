@@ -112,10 +112,11 @@ class Database:
         return sorted(name for (name,) in rows if name.startswith("geste_"))
 
     async def snapshot(self) -> dict[str, list[str]]:
-        """Every row of every ``geste_`` table but the worker registry (its heartbeat moves)."""
+        """Every row of every ``geste_`` table but the worker registry (its heartbeat moves) and the
+        chores' rounds (taken whenever they are due)."""
         shot = {}
         for table in await self.tables():
-            if table != "geste_workers":
+            if table not in ("geste_workers", "geste_chores"):
                 shot[table] = sorted(repr(row) for row in await self.fetch(f"SELECT * FROM {table}"))
         return shot
 

@@ -316,7 +316,7 @@ async def test_rows_written_live_decode_and_encode_to_the_same_bytes(
 ) -> None:
     """A workflow takes a step of every kind; each row it recorded decodes, and encodes back to the very
     bytes the database holds. The event delivered to the waiting instance is the row that the storage
-    writes itself (PostgreSQL builds it in SQL, ``deliver_event``): it is what ``EventStep`` writes."""
+    writes itself (PostgreSQL builds it in SQL, ``send_event``): it is what ``EventStep`` writes."""
     app = make_app()
 
     @app.activity

@@ -49,6 +49,17 @@ SQLITE_ONLY = {
     "claim_ids_pick": "a claim by ids, 1/3 (then claim_picked); PostgreSQL: claim_ids",
     "claim_ids_later": "a claim by ids, 3/3: the named instances not due yet; PostgreSQL: claim_ids",
     "worker_peers": "the heartbeat's read of the other workers, after upsert_worker; PostgreSQL: heartbeat",
+    "channel_delete_subscriptions": "after channel_cleanup_subscriptions; PostgreSQL: inside it",
+    "channel_delete_messages": "after channel_cleanup_messages; PostgreSQL: inside it",
+    "chore_state": "after chore_take took nothing; PostgreSQL: chore_take returns it",
+    "channel_leftovers": "the re-wake's messages nobody took, before channel_rewake; PostgreSQL: inside it",
+    "channel_cleanup_event_keys": "before channel_cleanup_events; PostgreSQL: inside it",
+    "insert_event": "send_event, 1/5; PostgreSQL: send_event, one statement after lock_event_keys",
+    "insert_event_keys": "send_event, 2/5; PostgreSQL: send_event",
+    "waits_for_event": "send_event, 3/5 (the waits by key; matched in Python); PostgreSQL: send_event",
+    "waits_for_event_target": "send_event, 3/5 (the target's wait); PostgreSQL: send_event",
+    "deliver_event": "send_event, 4/5 (per instance handed the event); PostgreSQL: send_event",
+    "wake": "send_event, 5/5 (per instance that takes it itself); PostgreSQL: send_event",
 }
 POSTGRES_ONLY = {
     # one statement where SQLite has several, or what only PostgreSQL needs
@@ -60,7 +71,8 @@ POSTGRES_ONLY = {
     "outbox_record": "record plus the outbox row; SQLite: touch_lease, insert_history, outbox_insert",
     "retry_instance": "a retry's writes; SQLite: retry_archive, retry_delete_row, retry_reopen",
     "lock_instance": "an operator action's row lock; SQLite: get_instance inside BEGIN IMMEDIATE",
-    "lock_event_type": "an advisory lock per event type; SQLite: BEGIN IMMEDIATE serialises writers",
+    "lock_event_keys": "advisory locks per match key; SQLite: BEGIN IMMEDIATE serialises writers",
+    "send_event": "store and hand over an event in one statement; SQLite: insert_event and four more",
     "channel_lock": "an advisory lock per channel; SQLite: BEGIN IMMEDIATE serialises writers",
     "channel_find": "receive in one statement; SQLite: channel_ensure_subscription and two more",
     "channel_take": "taking a message in one statement; SQLite: channel_claim, channel_advance",

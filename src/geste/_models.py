@@ -110,12 +110,3 @@ class Event:
     source: str | None = None
     time: datetime | None = None
     extensions: dict[str, Any] = field(default_factory=dict)
-
-
-def matches(match: dict[str, Any] | None, data: Any) -> bool:
-    """Whether event ``data`` has every key of ``match`` with an equal value (top-level keys)."""
-    if not match:
-        return True
-    if not isinstance(data, dict):
-        return False
-    return all(key in data and data[key] == value for key, value in match.items())

@@ -171,6 +171,7 @@ class Runtime(OpenClose):
             message_retention=options.message_retention,
             event_retention=options.event_retention,
             on_woken=worker.poke,
+            worker_id=options.worker_id,
             batch=options.notify.max_messages_per_batch,
             on_death=worker.mark_unhealthy,
         )

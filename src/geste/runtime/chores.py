@@ -1,17 +1,29 @@
-"""The background chores of a worker: channel maintenance.
+"""The background chores of a worker: channel maintenance, each chore run by one worker of the cluster.
 
 ``ChannelMaintenance`` re-wakes competing receivers when a message stays unclaimed (the one woken for it
 was cancelled or failed) and deletes what nobody needs any more (old messages, subscriptions, events and
 deliveries), after the retention.
+
+Every worker process runs the loop, but each round of each chore is taken by one worker of the cluster
+(``Storage.chore_take``: a conditional upsert of the chore's row in ``geste_chores``, by key): the worker
+that took the last round (the holder) takes the next when it is due. The others look once a round, a
+tenth of a round after the holder's time: they find it taken (and look again after the next), or given
+back by a holder that stopped (they take it), or not taken (the holder died or stalls: they take it once
+it is a whole round late, ``grace``). So a chore costs the cluster one run per interval, plus one
+single-row statement per worker per interval, however many workers there are; a stopped holder is
+replaced within a tenth of a round, a killed one within a round. On SQLite the row is shared by every
+process on the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-from ..storage.base import Storage
+from ..errors import StorageError
+from ..storage.base import CLEANUP_START, Storage
 from .loops import Loop, failed
 
 logger = logging.getLogger("geste.channels")
@@ -21,14 +33,35 @@ REWAKE_INTERVAL = 5.0
 CLEANUP_INTERVAL = 60.0
 """Seconds between two cleanups of old messages, subscriptions and events."""
 CLEANUP_BATCH = 1000
-"""Rows deleted per statement; a cleanup runs at most ``CLEANUP_ROUNDS`` statements of each kind."""
+"""Rows read per statement; a cleanup runs at most ``CLEANUP_ROUNDS`` statements of each kind."""
 CLEANUP_ROUNDS = 10
+
+REWAKE = "channel_rewake"
+CLEANUP = "channel_cleanup"
+
+
+@dataclass
+class Chore:
+    """A periodic chore: its name (its row in ``geste_chores``), its interval (read at each turn: the
+    module's constants, which tests change) and what a round does."""
+
+    name: str
+    interval: Callable[[], float]
+    run: Callable[[], Awaitable[object]]
+    next_try: float = 0.0
+    """When this worker looks next (its clock): the round's time if it holds the chore, a round later
+    if another does."""
+    held: bool = False
+    """Whether this worker took the last round."""
+    rounds: int = 0
+    """Rounds this worker took."""
 
 
 class ChannelMaintenance(Loop):
     """The background chores of channels, in each process that runs a worker: a re-wake sweep every
-    ``REWAKE_INTERVAL`` and a bounded cleanup every ``CLEANUP_INTERVAL`` (the first at start). Each
-    round is one short bounded statement or a few: ``stop`` cancels it, leaving nothing half done."""
+    ``REWAKE_INTERVAL`` and a bounded cleanup every ``CLEANUP_INTERVAL``, each round taken by one worker of
+    the cluster (the first looks at once). Each round is one short bounded statement or a few: ``stop``
+    cancels it, leaving nothing half done, then gives the chores this worker holds back."""
 
     log = logger
     doing = "channel maintenance"
@@ -41,6 +74,7 @@ class ChannelMaintenance(Loop):
         message_retention: float,
         event_retention: float,
         on_woken: Callable[[], None],
+        worker_id: str = "",
         batch: int = 100,
         on_death: Callable[[str], None] | None = None,
     ) -> None:
@@ -50,8 +84,15 @@ class ChannelMaintenance(Loop):
         self.message_retention = message_retention
         self.event_retention = event_retention
         self.on_woken = on_woken
+        self.worker_id = worker_id
         self.batch = batch
-        self._next_cleanup = 0.0
+        self.position = CLEANUP_START
+        """Where the cleanup's walks of the subscriptions and the old messages stopped (kept by the
+        holder; a new holder starts from the first)."""
+        self.chores = [
+            Chore(CLEANUP, lambda: CLEANUP_INTERVAL, self.cleanup),
+            Chore(REWAKE, lambda: REWAKE_INTERVAL, self.rewake),
+        ]
 
     async def rewake(self) -> list[str]:
         """Re-wake idle competing receivers of messages unclaimed for longer than the sweep interval."""
@@ -73,20 +114,51 @@ class ChannelMaintenance(Loop):
                 messages_before=now - self.message_retention,
                 events_before=now - self.event_retention,
                 limit=CLEANUP_BATCH,
+                position=self.position,
             )
-            deleted += done
-            if done < CLEANUP_BATCH:
+            self.position = done.position
+            deleted += done.deleted
+            if not done.full:
                 break
         if deleted:
             logger.info("cleanup deleted %d old message, subscription, event and delivery row(s)", deleted)
         return deleted
 
     async def round(self) -> float:
-        if self.clock() >= self._next_cleanup:
-            self._next_cleanup = self.clock() + CLEANUP_INTERVAL
-            await self.cleanup()
-        await self.rewake()
-        return REWAKE_INTERVAL
+        for chore in self.chores:
+            if self.clock() >= chore.next_try:
+                await self._turn(chore)
+        return max(0.0, min(chore.next_try for chore in self.chores) - self.clock())
+
+    async def _turn(self, chore: Chore) -> None:
+        """Take the chore's round if it is this worker's, run it; set when to look next."""
+        interval = chore.interval()
+        now = self.clock()
+        turn = await self.storage.chore_take(
+            chore.name, self.worker_id, now, interval=interval, grace=interval
+        )
+        if not turn.taken:
+            if chore.held and chore.name == CLEANUP:  # another worker took it over: its walks start afresh
+                self.position = CLEANUP_START
+            chore.held = False
+            soon = interval / 10
+            if turn.holder is None or turn.holder == self.worker_id:
+                chore.next_try = turn.next_at  # its round is this worker's or anyone's
+            elif turn.next_at > now:  # the holder took its round: look just after its next one (taken
+                chore.next_try = turn.next_at + soon  # again, or given back at its stop: then take it)
+            else:  # the holder's round is due and not taken: take it once the holder is a round late
+                chore.next_try = turn.next_at + interval
+            # never sooner than a tenth of a round (a row a concurrent take held while this one waited
+            # for it is read as it was before)
+            chore.next_try = max(chore.next_try, now + soon)
+            return
+        chore.held = True
+        chore.rounds += 1
+        chore.next_try = turn.next_at
+        try:
+            await chore.run()
+        except Exception as exc:  # one chore failing never keeps the other from its rounds
+            failed(logger, f"{self.doing}: {chore.name}", exc, chore.next_try - self.clock())
 
     async def recover(self, exc: Exception, failures: int) -> float:
         failed(logger, self.doing, exc, REWAKE_INTERVAL)  # never let a chore die: tried again next round
@@ -94,3 +166,17 @@ class ChannelMaintenance(Loop):
 
     async def pause(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop the loop, then give back the chores this worker holds, so that another worker takes
+        each at its next round rather than a round later."""
+        await super().stop(grace)
+        if any(chore.held for chore in self.chores):
+            for chore in self.chores:
+                chore.held = False
+            try:
+                await self.storage.chore_release(self.worker_id)
+            except StorageError as exc:
+                logger.warning(
+                    "could not give the chores back (%s); another worker takes them when late", exc
+                )

@@ -539,7 +539,8 @@ class Worker(Loop):
         """Extend every lease this worker holds; stop the runs whose lease was lost."""
         leases = [lease for lease, _ in self._running.values()]
         if leases:
-            kept = await self.storage.renew(leases, self.clock() + self.lock_timeout)
+            now = self.clock()
+            kept = await self.storage.renew(leases, now + self.lock_timeout, now=now)
             for lease in leases:
                 if lease.instance_id not in kept:
                     current = self._running.get(lease.instance_id)

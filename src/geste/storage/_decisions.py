@@ -14,12 +14,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._models import Status, matches
+from .._matching import WaitKey, matches, wait_key
+from .._models import Status
 from .._status import QueueStats
 from .._steps import event_history_payload, message_history_payload
 from . import _rows as rows
 from ._rows import Record
 from .base import (
+    CLEANUP_START,
+    Cleanup,
+    CleanupPosition,
     EventWait,
     HistoryRow,
     InstanceFilter,
@@ -54,6 +58,16 @@ def new_row(lease: Lease | None, worker_id: str | None, lock_expires_at: float |
     if lease is None:
         return NewRow(Status.PENDING, None, None, None)
     return NewRow(Status.RUNNING, worker_id, lease.lease_id, lock_expires_at)
+
+
+# -- leases -------------------------------------------------------------------------------------------------
+def takeover_threshold(lock_expires_at: float, now: float | None) -> float:
+    """A renewal to ``lock_expires_at`` at ``now`` moves a held instance's take-over time (its ``run_at``,
+    schema 11) to the new expiry only when it is less than half a lease ahead, that is before the
+    midpoint of ``now`` and the new expiry (always when ``now`` is not given): heartbeats come every third
+    of a lease, so the take-over time stays ahead of every claim while the worker lives, and each held row
+    changes an indexed column at most every other heartbeat."""
+    return lock_expires_at if now is None else (now + lock_expires_at) / 2
 
 
 # -- operator actions ------------------------------------------------------------------------------------
@@ -106,17 +120,40 @@ def lease_held(row: InstanceRow, now: float) -> bool:
 
 # -- events ------------------------------------------------------------------------------------------------
 def first_match(wait: EventWait, candidates: Iterable[Record]) -> StoredEvent | None:
-    """The first of the ``candidate_events`` records (oldest first) whose data the wait's match accepts."""
+    """The first of the ``candidate_events*`` records (oldest first) whose data the wait's match accepts
+    (``geste._matching``: the candidates share one pair with it, or a hash of one)."""
     for candidate in candidates:
         event = rows.stored_event(candidate)
-        if matches(wait.match, json.loads(event.data)):
+        if not wait.match or matches(wait.match, json.loads(event.data)):
             return event
     return None
 
 
 def waits_matched(waits: Iterable[Record], data: Any) -> list[Record]:
-    """The ``waits_for_event`` records whose match accepts an event's ``data`` (decoded)."""
+    """The ``waits_for_event*`` records whose match accepts an event's ``data`` (decoded), by the rule of
+    ``geste._matching`` (SQLite; PostgreSQL compares the canonical pairs in ``send_event``)."""
     return [w for w in waits if matches(None if w["match"] is None else json.loads(w["match"]), data)]
+
+
+EVENT_KEYS_MIGRATION = "event_keys"
+"""The migration (``NNNN_event_keys.sql``) after which each backend gives the waits it finds without a
+match key theirs (``keyed_waits``), in the same transaction: a script cannot compute them."""
+
+
+def keyed_waits(unkeyed: Iterable[Record]) -> list[tuple[str, WaitKey]]:
+    """The match keys of the waits registered before schema 12 (records of ``unkeyed_waits``). A match
+    that is not a JSON object (never written by geste: a row changed by hand) is left without, and does
+    not stop the migration: such a wait is found by type and woken by every event of its type to look
+    for itself (its replay then reads its match from the history)."""
+    keyed = []
+    for r in unkeyed:
+        try:
+            match = None if r["match"] is None else json.loads(r["match"])
+        except ValueError:
+            continue
+        if match is None or isinstance(match, dict):
+            keyed.append((r["instance_id"], wait_key(r["event_type"], match)))
+    return keyed
 
 
 def stored_event(event: NewEvent, seq: int) -> StoredEvent:
@@ -231,3 +268,31 @@ def plan_page(
         return PagePlan(f"page_instances_{combo or 'all'}_newer", True, key, hi, filters)
     key = (hi, "") if before is None else min(before, (hi, ""))
     return PagePlan(f"page_instances_{combo or 'all'}_older", False, key, lo, filters)
+
+
+# -- retention --------------------------------------------------------------------------------------------
+def cleanup(
+    limit: int,
+    subscriptions_deleted: int,
+    subscriptions_read: int,
+    last_subscription: tuple[str, str],
+    messages_deleted: int,
+    messages_read: int,
+    last_message: tuple[float, int],
+    events_deleted: int,
+    rows_deleted: int,
+) -> Cleanup:
+    """A round of ``channel_cleanup`` from what its statements report: each walk (subscriptions in key
+    order, old messages in age order) goes on after the last row it read, or from the start once it read
+    fewer than ``limit`` (it reached the end); the round was full when a statement read ``limit`` rows
+    (or deleted ``limit`` events): more may be due at once. ``rows_deleted``: the events' and their
+    deliveries'."""
+    start = CLEANUP_START
+    return Cleanup(
+        subscriptions_deleted + messages_deleted + rows_deleted,
+        subscriptions_read >= limit or messages_read >= limit or events_deleted >= limit,
+        CleanupPosition(
+            last_subscription if subscriptions_read >= limit else start.subscription,
+            last_message if messages_read >= limit else start.message,
+        ),
+    )

@@ -225,10 +225,11 @@ def event_columns(event: NewEvent) -> tuple[Any, ...]:
     )
 
 
-def event_wait_columns(instance_id: str, wait: EventWait, now: float) -> tuple[Any, ...]:
-    """The parameters of ``insert_event_wait``: instance, type, match (JSON), since, deadline, outcome seq."""
+def event_wait_columns(instance_id: str, wait: EventWait, now: float, match_key: int) -> tuple[Any, ...]:
+    """The parameters of ``insert_event_wait``: instance, type, match (JSON), since, deadline, outcome seq,
+    match key (``geste._matching.wait_key``; PostgreSQL adds the canonical pairs)."""
     match = None if wait.match is None else json.dumps(wait.match)
-    return instance_id, wait.event_type, match, now, wait.deadline, wait.outcome_seq
+    return instance_id, wait.event_type, match, now, wait.deadline, wait.outcome_seq, match_key
 
 
 def message_columns(message: NewMessage) -> tuple[Any, ...]:

@@ -412,6 +412,40 @@ class InstanceExtras:
     messages: tuple[MessageRow, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ChoreTurn:
+    """What ``chore_take`` found: whether this worker took the chore's round, when the next round is
+    due (``next_at``) and who holds the chore (took the last round; None: given back)."""
+
+    taken: bool
+    next_at: float
+    holder: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CleanupPosition:
+    """Where a bounded cleanup stopped, so that the next goes on from there: the last subscription read
+    (``(channel, instance_id)``) and the last message read (``(created_at, seq)``), in the order each is
+    walked; the start (the default) before the first."""
+
+    subscription: tuple[str, str] = ("", "")
+    message: tuple[float, int] = (-math.inf, 0)
+
+
+CLEANUP_START = CleanupPosition()
+"""A cleanup's position before its first round: every walk from the start."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cleanup:
+    """What one ``channel_cleanup`` did: the rows it deleted, whether a statement read a full batch (more
+    may be due at once), and where the next one goes on."""
+
+    deleted: int
+    full: bool
+    position: CleanupPosition
+
+
 class Storage(abc.ABC):
     """One database holding instances, their histories, timers, event waits and events."""
 
@@ -521,7 +555,10 @@ class Storage(abc.ABC):
         """Atomically take up to ``limit`` instances of the named ``workflows`` (those the worker
         registers; none: nothing is read), runnable by ``due_before`` (default ``now``), of a status this
         version knows, whose lease is free or expired at ``now``; with them, the next ``run_at`` after
-        ``due_before`` among those workflows' free instances. Reads at most ``limit`` rows per name."""
+        ``due_before`` among those workflows' free instances. Reads at most ``limit`` rows of each of two
+        index ranges per name (the free instances due, the leases that ran out), never a lease still
+        held. A claimed instance's ``run_at`` becomes its lease's expiry (its take-over time); the claim
+        reports the ``run_at`` it had."""
 
     @abc.abstractmethod
     async def claim_ids(
@@ -546,8 +583,13 @@ class Storage(abc.ABC):
         return 0
 
     @abc.abstractmethod
-    async def renew(self, leases: Sequence[Lease], lock_expires_at: float) -> set[str]:
-        """Extend the given leases; return the instance ids whose lease is still ours."""
+    async def renew(
+        self, leases: Sequence[Lease], lock_expires_at: float, *, now: float | None = None
+    ) -> set[str]:
+        """Extend the given leases; return the instance ids whose lease is still ours. An instance's
+        take-over time (its ``run_at`` while held: when a claim may look at it) moves to the new expiry
+        too when it is less than half a lease ahead of ``now`` (always without ``now``), so that the
+        claims never read a lease its worker keeps renewing (``_decisions.takeover_threshold``)."""
 
     @abc.abstractmethod
     async def release(self, leases: Sequence[Lease], now: float, *, run_at: float | None = None) -> None:
@@ -734,10 +776,34 @@ class Storage(abc.ABC):
         is still unclaimed (a woken receiver that did not take it: cancelled, failed)."""
 
     @abc.abstractmethod
-    async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
-        """Delete up to ``limit`` rows of each: subscriptions of finished instances, messages published
-        before ``messages_before`` that no subscriber still needs, events sent before ``events_before``
-        with their deliveries. Returns the number of rows deleted."""
+    async def channel_cleanup(
+        self,
+        *,
+        messages_before: float,
+        events_before: float,
+        limit: int,
+        position: CleanupPosition = CLEANUP_START,
+    ) -> Cleanup:
+        """One bounded round of retention: of the ``limit`` subscriptions after ``position`` (key order),
+        those of finished instances; of the ``limit`` messages published before ``messages_before`` after
+        ``position`` (age order), those no subscriber still needs; the ``limit`` oldest events sent before
+        ``events_before``, with their deliveries. Each statement reads at most ``limit`` rows of its
+        table (and a few index probes per row), whatever the tables hold; the position returned goes on
+        after the last subscription and message read, or from the start once the end was reached."""
+
+    # -- chores ------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def chore_take(
+        self, chore: str, worker_id: str, now: float, *, interval: float, grace: float
+    ) -> ChoreTurn:
+        """Take the round of ``chore`` due at ``now`` for ``worker_id`` (the next then due at ``now +
+        interval``), if it is due and this worker holds the chore, nobody does, or its holder is ``grace``
+        late; one statement on the chore's row, by key. Returns the row as it is (taken or not)."""
+
+    @abc.abstractmethod
+    async def chore_release(self, worker_id: str) -> None:
+        """Give back the chores ``worker_id`` holds (it stops): another worker takes each at its next
+        round, without waiting for it to be late."""
 
     # -- the web viewer ----------------------------------------------------------------------------
     @abc.abstractmethod

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from .._matching import event_keys, wait_key
 from .._models import Status
 from .._status import QueueStats
 from .._steps import event_history_payload
@@ -322,10 +323,19 @@ class PostgresStorage(base.Storage):
                     if isinstance(write, _migrations.Migration):
                         script = write.script  # one simple-protocol call runs the whole file
                         await conn.execute(script, timeout=MIGRATION_TIMEOUT)
+                        if write.name.endswith(decide.EVENT_KEYS_MIGRATION):
+                            await self._key_waits(conn)
                     else:
                         await conn.execute(self._q["set_meta"], *write)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+
+    async def _key_waits(self, conn: Conn) -> None:
+        """Migration 12's part in Python: the match keys of the waits registered before it."""
+        keyed = decide.keyed_waits(await conn.fetch(self._q["unkeyed_waits"]))
+        if keyed:
+            params = [(instance_id, key.key, list(key.pairs)) for instance_id, key in keyed]
+            await conn.executemany(self._q["key_wait"], params, timeout=MIGRATION_TIMEOUT)
 
     async def _read_version(self, conn: Conn) -> int:
         tables = {row["name"] for row in await conn.fetch(self._q["list_tables"], self.schema)}
@@ -567,13 +577,16 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
-    async def renew(self, leases: Sequence[base.Lease], lock_expires_at: float) -> set[str]:
+    async def renew(
+        self, leases: Sequence[base.Lease], lock_expires_at: float, *, now: float | None = None
+    ) -> set[str]:
         async def go(conn: Conn) -> set[str]:
             kept = await conn.fetch(
                 self._q["renew"],
                 lock_expires_at,
                 [x.instance_id for x in leases],
                 [x.lease_id for x in leases],
+                decide.takeover_threshold(lock_expires_at, now),
             )
             return {row["instance_id"] for row in kept}
 
@@ -726,9 +739,17 @@ class PostgresStorage(base.Storage):
     ) -> base.StoredEvent | base.Suspension | None:
         lease, records, now = commit.lease, commit.records, commit.now
 
+        key = wait_key(wait.event_type, wait.match)
+
         async def go(conn: Conn) -> base.StoredEvent | base.Suspension | None:
-            await conn.execute(self._q["lock_event_type"], wait.event_type)
-            candidates = await conn.fetch(self._q["candidate_events"], wait.event_type, lease.instance_id)
+            # the type's lock shared, the wait's key exclusively: a send that may match waits for us
+            await conn.execute(self._q["lock_event_keys"], wait.event_type, [key.key], False, [True])
+            if key.indexed is None:  # no match: the first event of the type
+                candidates = await conn.fetch(self._q["candidate_events"], wait.event_type, lease.instance_id)
+            else:  # the events that have the wait's indexed pair (and those stored without keys)
+                candidates = await conn.fetch(
+                    self._q["candidate_events_by_key"], wait.event_type, lease.instance_id, key.key
+                )
             found = decide.first_match(wait, candidates)
             if found is None and decide.timed_out(wait.deadline, now):
                 return None
@@ -736,8 +757,8 @@ class PostgresStorage(base.Storage):
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)
                 outcome = await self._suspend(conn, commit, run_at=wait.deadline, timer=timer)
                 if outcome is base.Suspension.SUSPENDED:
-                    waiting = rows.event_wait_columns(lease.instance_id, wait, now)
-                    await conn.execute(self._q["insert_event_wait"], *waiting)
+                    waiting = rows.event_wait_columns(lease.instance_id, wait, now, key.key)
+                    await conn.execute(self._q["insert_event_wait"], *waiting, list(key.pairs))
                 return outcome
             taken = decide.event_outcome(wait.outcome_seq, found, now)
             touched = await conn.fetchrow(
@@ -789,35 +810,27 @@ class PostgresStorage(base.Storage):
 
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
+        keys = event_keys(event.event_type, json.loads(event.data))
+        payload = event_history_payload(decide.stored_event(event, 0))
+        # each key shared (the type's lock exclusively for a wide event): waits of those keys wait for us
+        lock = (
+            (event.event_type, [], True, [])
+            if keys.wide
+            else (event.event_type, keys.lookup, False, [False] * len(keys.lookup))
+        )
+
         async def go(conn: Conn) -> tuple[bool, list[str]]:
-            await conn.execute(self._q["lock_event_type"], event.event_type)
-            seq = await conn.fetchval(self._q["insert_event"], *rows.event_columns(event))
-            if seq is None:
-                return False, []
-            waits = await conn.fetch(
-                self._q["waits_for_event"], event.event_type, event.target_instance_id, seq
+            await conn.execute(self._q["lock_event_keys"], *lock)
+            row = await conn.fetchrow(
+                self._q["send_event"],
+                *rows.event_columns(event),
+                list(keys.keys),
+                keys.lookup,
+                list(keys.pairs),
+                payload,
+                self.notify,
             )
-            wanted = decide.waits_matched(waits, json.loads(event.data))
-            if not wanted:
-                return True, []
-            stored = decide.stored_event(event, seq)
-            direct = [w for w in wanted if w["outcome_seq"] is not None]
-            delivered: set[str] = set()
-            if direct:  # straight into the histories of the waiting instances nobody holds
-                handed = await conn.fetch(
-                    self._q["deliver_event"],
-                    [w["instance_id"] for w in direct],
-                    [w["outcome_seq"] for w in direct],
-                    event.now,
-                    event.event_type,
-                    event_history_payload(stored),
-                    seq,
-                    self.notify,
-                )
-                delivered = {row["instance_id"] for row in handed}
-            rest = [w["instance_id"] for w in wanted if w["instance_id"] not in delivered]
-            woken = await conn.fetch(self._q["wake"], rest, event.now, self.notify) if rest else []
-            return True, [*delivered, *(row["instance_id"] for row in woken)]
+            return row["stored"], list(row["woken"])
 
         return await self._tx(go)
 
@@ -1083,16 +1096,52 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
-    async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
-        async def go(conn: Conn) -> int:
-            done = await conn.execute(self._q["channel_cleanup_subscriptions"], limit)
-            deleted = int(done.rpartition(" ")[2])
-            done = await conn.execute(self._q["channel_cleanup_messages"], messages_before, limit)
-            deleted += int(done.rpartition(" ")[2])
-            events: int = await conn.fetchval(self._q["channel_cleanup_events"], events_before, limit)
-            return deleted + events
+    async def channel_cleanup(
+        self,
+        *,
+        messages_before: float,
+        events_before: float,
+        limit: int,
+        position: base.CleanupPosition = base.CLEANUP_START,
+    ) -> base.Cleanup:
+        async def go(conn: Conn) -> base.Cleanup:
+            subs = await conn.fetchrow(
+                self._q["channel_cleanup_subscriptions"], *position.subscription, limit
+            )
+            at, seq = position.message
+            messages = await conn.fetchrow(
+                self._q["channel_cleanup_messages"], messages_before, at, seq, limit
+            )
+            events = await conn.fetchrow(self._q["channel_cleanup_events"], events_before, limit)
+            return decide.cleanup(
+                limit,
+                subs["deleted"],
+                subs["examined"],
+                (subs["last_channel"], subs["last_instance"]),
+                messages["deleted"],
+                messages["examined"],
+                (messages["last_at"], messages["last_seq"]),
+                events["events"],
+                events["deleted"],
+            )
 
         return await self._run(go)
+
+    # -- chores ------------------------------------------------------------------------------------
+    async def chore_take(
+        self, chore: str, worker_id: str, now: float, *, interval: float, grace: float
+    ) -> base.ChoreTurn:
+        async def go(conn: Conn) -> base.ChoreTurn:
+            row = await conn.fetchrow(self._q["chore_take"], chore, worker_id, now, interval, grace)
+            return base.ChoreTurn(row["taken"], row["next_at"], row["holder"])
+
+        return await self._run(go)
+
+    async def chore_release(self, worker_id: str) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.execute(self._q["chore_release"], worker_id)
+
+        await self._run(go)
 
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(

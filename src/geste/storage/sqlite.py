@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote
 
+from .._matching import event_keys, wait_key
 from .._models import Status
 from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, StorageError
@@ -144,6 +145,9 @@ class SQLiteStorage(base.Storage):
                 if isinstance(write, _migrations.Migration):
                     for statement in _statements(write.script):
                         conn.execute(statement)
+                    if write.name.endswith(decide.EVENT_KEYS_MIGRATION):  # its part in Python
+                        keyed = decide.keyed_waits(conn.execute(Q["unkeyed_waits"]).fetchall())
+                        conn.executemany(Q["key_wait"], [(i, key.key) for i, key in keyed])
                 else:
                     conn.execute(Q["set_meta"], write)
             conn.execute("COMMIT")
@@ -320,16 +324,21 @@ class SQLiteStorage(base.Storage):
         }
 
         def tx(conn: sqlite3.Connection) -> base.Claims:
+            # per name, the leases that ran out and the free instances due: the earliest `limit` of all
             heads = [r for name in names for r in conn.execute(Q["claim_pick"], {**params, "name": name})]
-            picked = heapq.nsmallest(limit, heads, key=lambda r: r["run_at"]) if len(names) > 1 else heads
-            # taken over: when the lease ran out
-            expired = {r["instance_id"]: r["expired_at"] for r in picked if r["expired_at"] is not None}
-            ids = json.dumps([r["instance_id"] for r in picked])
+            picked = {r["instance_id"]: r for r in heapq.nsmallest(limit, heads, key=lambda r: r["run_at"])}
+            ids = json.dumps(list(picked))
             taken = conn.execute(Q["claim_picked"], {**params, "ids": ids}).fetchall() if picked else []
-            claims = [  # each with its history, read in the same hop to the SQLite thread
-                rows.claim(r, self._history(conn, r["instance_id"]), expired.get(r["instance_id"]))
+            claims = [  # each with its history, read in the same hop to the SQLite thread; with the run_at
+                # it had (the claim made it the lease's expiry) and, taken over, when the lease ran out
+                rows.claim(
+                    {**dict(r), "run_at": picked[r["instance_id"]]["run_at"]},
+                    self._history(conn, r["instance_id"]),
+                    picked[r["instance_id"]]["expired_at"],
+                )
                 for r in taken
             ]
+            claims.sort(key=lambda c: c.run_at or 0.0)
             later = None
             if len(claims) < limit:
                 found = [
@@ -366,26 +375,38 @@ class SQLiteStorage(base.Storage):
         }
 
         def tx(conn: sqlite3.Connection) -> base.Claims:
-            picked = conn.execute(Q["claim_ids_pick"], params).fetchall()
-            expired = {r["instance_id"]: r["expired_at"] for r in picked if r["expired_at"] is not None}
-            taken = []
-            if picked:
-                chosen = json.dumps([r["instance_id"] for r in picked])
-                taken = conn.execute(Q["claim_picked"], {**params, "ids": chosen}).fetchall()
-            claims = [
-                rows.claim(r, self._history(conn, r["instance_id"]), expired.get(r["instance_id"]))
-                for r in sorted(taken, key=lambda r: r["run_at"])
+            picked = {r["instance_id"]: r for r in conn.execute(Q["claim_ids_pick"], params)}
+            chosen = {**params, "ids": json.dumps(list(picked))}
+            taken = conn.execute(Q["claim_picked"], chosen).fetchall() if picked else []
+            claims = [  # with the run_at it had (claim_picked made it the lease's expiry), as `claim` does
+                rows.claim(
+                    {**dict(r), "run_at": picked[r["instance_id"]]["run_at"]},
+                    self._history(conn, r["instance_id"]),
+                    picked[r["instance_id"]]["expired_at"],
+                )
+                for r in taken
             ]
+            claims.sort(key=lambda c: c.run_at or 0.0)
             later = {r["instance_id"]: r["run_at"] for r in conn.execute(Q["claim_ids_later"], params)}
             return base.Claims(claims, later=later)
 
         return await self._write(tx)
 
-    async def renew(self, leases: Sequence[base.Lease], lock_expires_at: float) -> set[str]:
+    async def renew(
+        self, leases: Sequence[base.Lease], lock_expires_at: float, *, now: float | None = None
+    ) -> set[str]:
+        params = {
+            "lock_expires_at": lock_expires_at,
+            "threshold": decide.takeover_threshold(lock_expires_at, now),
+        }
+
         def tx(conn: sqlite3.Connection) -> set[str]:
             kept = set()
             for lease in leases:
-                if conn.execute(Q["renew"], (lock_expires_at, lease.instance_id, lease.lease_id)).rowcount:
+                found = conn.execute(
+                    Q["renew"], {**params, "instance_id": lease.instance_id, "lease_id": lease.lease_id}
+                )
+                if found.rowcount:
                     kept.add(lease.instance_id)
             return kept
 
@@ -484,16 +505,19 @@ class SQLiteStorage(base.Storage):
     ) -> base.StoredEvent | base.Suspension | None:
         lease, records, now = commit.lease, commit.records, commit.now
 
+        key = wait_key(wait.event_type, wait.match)
+
         def tx(conn: sqlite3.Connection) -> base.StoredEvent | base.Suspension | None:
-            params = {"event_type": wait.event_type, "instance_id": lease.instance_id}
-            found = decide.first_match(wait, conn.execute(Q["candidate_events"], params))
+            params = {"event_type": wait.event_type, "instance_id": lease.instance_id, "match_key": key.key}
+            query = "candidate_events" if key.indexed is None else "candidate_events_by_key"
+            found = decide.first_match(wait, conn.execute(Q[query], params))
             if found is None and decide.timed_out(wait.deadline, now):
                 return None
             if found is None:
                 outcome = self._suspend_tx(conn, commit, run_at=wait.deadline)
                 if outcome is base.Suspension.SUSPENDED:
                     conn.execute(
-                        Q["insert_event_wait"], rows.event_wait_columns(lease.instance_id, wait, now)
+                        Q["insert_event_wait"], rows.event_wait_columns(lease.instance_id, wait, now, key.key)
                     )
                     if wait.deadline is not None:
                         conn.execute(Q["insert_timer"], (lease.instance_id, wait.outcome_seq, wait.deadline))
@@ -531,15 +555,23 @@ class SQLiteStorage(base.Storage):
 
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
+        data = json.loads(event.data)
+        keys = event_keys(event.event_type, data)
+
         def tx(conn: sqlite3.Connection) -> tuple[bool, list[str]]:
             cursor = conn.execute(Q["insert_event"], rows.event_columns(event))
             if not cursor.rowcount:
                 return False, []
             stored = decide.stored_event(event, cursor.lastrowid or 0)
+            if keys.keys:
+                conn.execute(Q["insert_event_keys"], {"seq": stored.seq, "keys": json.dumps(keys.keys)})
             params = {"event_type": event.event_type, "seq": stored.seq, "target": event.target_instance_id}
-            waits = conn.execute(Q["waits_for_event"], params).fetchall()
+            if event.target_instance_id is None:  # by key: the waits that may accept it
+                waits = conn.execute(Q["waits_for_event"], {**params, "keys": json.dumps(keys.lookup)})
+            else:
+                waits = conn.execute(Q["waits_for_event_target"], params)
             woken = []
-            for wait in decide.waits_matched(waits, json.loads(event.data)):
+            for wait in decide.waits_matched(waits.fetchall(), data):
                 instance_id, outcome_seq = wait["instance_id"], wait["outcome_seq"]
                 if outcome_seq is not None and self._deliver(conn, instance_id, outcome_seq, stored):
                     woken.append(instance_id)
@@ -816,22 +848,85 @@ class SQLiteStorage(base.Storage):
         return await self._write(tx)
 
     async def channel_rewake(self, now: float, *, published_before: float, limit: int) -> list[str]:
-        params = {"now": now, "published_before": published_before, "limit": limit}
-        return await self._write(
-            lambda c: [r["instance_id"] for r in c.execute(Q["channel_rewake"], params).fetchall()]
-        )
-
-    async def channel_cleanup(self, *, messages_before: float, events_before: float, limit: int) -> int:
-        def tx(conn: sqlite3.Connection) -> int:
-            deleted = conn.execute(Q["channel_cleanup_subscriptions"], {"limit": limit}).rowcount
-            messages = {"before": messages_before, "limit": limit}
-            deleted += conn.execute(Q["channel_cleanup_messages"], messages).rowcount
-            events = {"before": events_before, "limit": limit}
-            deleted += conn.execute(Q["channel_cleanup_event_deliveries"], events).rowcount
-            deleted += conn.execute(Q["channel_cleanup_events"], events).rowcount
-            return int(deleted)
+        def tx(conn: sqlite3.Connection) -> list[str]:
+            woken: list[str] = []
+            for left in conn.execute(
+                Q["channel_leftovers"], {"published_before": published_before}
+            ).fetchall():
+                if len(woken) >= limit:
+                    break
+                params = {
+                    "now": now,
+                    "channel": left["channel"],
+                    "seq": left["seq"],
+                    "limit": limit - len(woken),
+                }
+                woken += [r["instance_id"] for r in conn.execute(Q["channel_rewake"], params).fetchall()]
+            return woken
 
         return await self._write(tx)
+
+    async def channel_cleanup(
+        self,
+        *,
+        messages_before: float,
+        events_before: float,
+        limit: int,
+        position: base.CleanupPosition = base.CLEANUP_START,
+    ) -> base.Cleanup:
+        channel, instance_id = position.subscription
+        at, seq = position.message
+
+        def tx(conn: sqlite3.Connection) -> base.Cleanup:
+            subs = conn.execute(
+                Q["channel_cleanup_subscriptions"],
+                {"channel": channel, "instance_id": instance_id, "limit": limit},
+            ).fetchall()
+            gone = [[r["channel"], r["instance_id"]] for r in subs if r["gone"]]
+            if gone:
+                conn.execute(Q["channel_delete_subscriptions"], {"keys": json.dumps(gone)})
+            messages = conn.execute(
+                Q["channel_cleanup_messages"],
+                {"before": messages_before, "at": at, "seq": seq, "limit": limit},
+            ).fetchall()
+            old = [r["seq"] for r in messages if r["gone"]]
+            if old:
+                conn.execute(Q["channel_delete_messages"], {"seqs": json.dumps(old)})
+            events = {"before": events_before, "limit": limit}
+            deliveries = conn.execute(Q["channel_cleanup_event_deliveries"], events).rowcount
+            conn.execute(Q["channel_cleanup_event_keys"], events)  # not counted: the rounds stay as before
+            deleted_events = conn.execute(Q["channel_cleanup_events"], events).rowcount
+            return decide.cleanup(
+                limit,
+                len(gone),
+                len(subs),
+                (subs[-1]["channel"], subs[-1]["instance_id"]) if subs else ("", ""),
+                len(old),
+                len(messages),
+                (messages[-1]["created_at"], messages[-1]["seq"]) if messages else (at, seq),
+                deleted_events,
+                deleted_events + deliveries,
+            )
+
+        return await self._write(tx)
+
+    # -- chores ------------------------------------------------------------------------------------
+    async def chore_take(
+        self, chore: str, worker_id: str, now: float, *, interval: float, grace: float
+    ) -> base.ChoreTurn:
+        params = {"chore": chore, "worker": worker_id, "now": now, "interval": interval, "grace": grace}
+
+        def tx(conn: sqlite3.Connection) -> base.ChoreTurn:
+            taken = conn.execute(Q["chore_take"], params).fetchone()
+            if taken is not None:
+                return base.ChoreTurn(True, taken["next_at"], taken["holder"])
+            row = conn.execute(Q["chore_state"], params).fetchone()
+            return base.ChoreTurn(False, row["next_at"], row["holder"])
+
+        return await self._write(tx)
+
+    async def chore_release(self, worker_id: str) -> None:
+        await self._write(lambda conn: conn.execute(Q["chore_release"], {"worker": worker_id}))
 
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(

@@ -24,11 +24,14 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- Concurrent starts of one id: ON CONFLICT waits for the other insert and then does nothing.
 -- event_floor: a value drawn from the events' sequence, so the instance sees exactly the events that draw
 -- their seq after it (the database decides, not the clocks of the starter and the sender).
+-- Created under a lease (a local start, run at once): its run_at is the lease's expiry, its take-over
+-- time, as a claim sets it (schema 11).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
          locked_by, lease_id, lock_expires_at, event_floor)
-    VALUES ($1, $2, $3, $4, $5, $5, LEAST($5, {db_clock}), $6, $7, $8, nextval('{schema}.geste_events_seq_seq'))
+    VALUES ($1, $2, $3, $4, $5, $5, CASE WHEN $7::text IS NULL THEN LEAST($5, {db_clock}) ELSE $8 END,
+            $6, $7, $8, nextval('{schema}.geste_events_seq_seq'))
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
               run_at, locked_by, lock_expires_at, cancel_requested, steps
@@ -74,10 +77,12 @@ WHERE instance_id = $1 AND status = 'pending' AND lease_id IS NULL;
 -- name: flag_cancel
 -- A held instance learns of it at its next step commit; a waiting one is woken (and notified).
 -- Runnable "now" is the earlier of the caller's clock and the database's ({db_clock}): a caller whose
--- clock runs ahead of the workers' must not make them wait. LEAST ignores a NULL run_at.
+-- clock runs ahead of the workers' must not make them wait. LEAST ignores a NULL run_at. A held instance's
+-- run_at (its take-over time, schema 11) is left as it is: its holder goes on, or its lease runs out.
 WITH flagged AS (
     UPDATE {schema}.geste_instances
-    SET cancel_requested = true, updated_at = $2, run_at = LEAST(run_at, $2, {db_clock})
+    SET cancel_requested = true, updated_at = $2,
+        run_at = CASE WHEN lease_id IS NULL THEN LEAST(run_at, $2, {db_clock}) ELSE run_at END
     WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating')
     RETURNING instance_id, workflow_name, lease_id, last_worker
 )
@@ -170,73 +175,116 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 -- among free instances (read in the same snapshot, so the instances just picked, still free there, are
 -- not counted), for the worker's sleep.
 -- expired_at: when the previous lease of an instance taken over (expired, not released) ran out; else NULL.
--- Of a status this version knows, the head of the name's range of geste_instances_runnable_by_name
--- (workflow_name, run_at), locked as it is read, at most $5: every row it locks it takes. It reads what is
--- due of this workflow only, however many instances of other workflows are due.
+-- run_at: when it became runnable (the value before this claim, which moves it: see below).
+-- Two ranges of the name, each locked as it is read (schema 11): the leases that ran out
+-- (geste_instances_leased_by_name, up to run_at <= $3: a held instance's run_at is its take-over time,
+-- the lease's expiry as of its claim or its worker's last heartbeat, so live leases are past the range
+-- and never read), taken first, so that a backlog never starves the take-over of a dead worker's
+-- instances; then the free instances due (geste_instances_runnable_by_name, which holds no held row), as
+-- many as are left of $5. Each range reads what it takes (plus rows another claim locks), however many
+-- instances of other workflows are due and however many leases are held. Both are limited by $5 itself,
+-- a constant to the planner (with "$5 - count(expired)" it guessed a tenth of the range and sorted the
+-- whole range of a backlog): a claim that takes over k leases may lock k free rows it leaves, skipped by
+-- a concurrent claim for the length of this statement, only while leases run out. A claimed instance's
+-- run_at becomes its lease's expiry ($4): it leaves the free index for the leased one, past its range.
+-- Two planner details, each measured on a million finished instances: the partial indexes hold the
+-- statuses a claim takes (without, the planner, which sees those statuses as rare, joined the status
+-- index's bitmap to the range and sorted it); each run_at range also has a constant bound on its open
+-- side (run_at > '-Infinity', < 'Infinity'): a range bounded by a parameter on one side only is
+-- guessed at a third of the rows, which made the generic plan look seven times dearer than the custom
+-- ones, and the statement was planned again at every call (0.46 ms a round instead of 0.16); as a
+-- two-sided range it is guessed at 0.5 %.
 -- The planner cannot tell how many rows a name has (it is a parameter): with "workflow_name = $7 ORDER BY
 -- run_at" it walked an index on run_at (schema 8 had one), filtering on the name, through every due
 -- instance of the other workflows before the first of this one. So the name is matched with = ANY(ARRAY[..])
 -- (no equivalence class: the ORDER BY keeps workflow_name) and the order is (workflow_name, run_at), which
--- only geste_instances_runnable_by_name gives, whatever other index a later schema adds. The UPDATE finds its rows by key (= ANY(ARRAY(..))), not by
--- a join whose size a generic plan guesses from LIMIT $5 (a hash join over the whole table).
-WITH picked AS (
-    SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+-- only the two partial indexes give, whatever other index a later schema adds. The UPDATE finds its rows
+-- by key (= ANY(ARRAY(..))), not by a join whose size a generic plan guesses from LIMIT $5 (a hash join
+-- over the whole table).
+WITH expired AS (
+    SELECT instance_id, run_at, lock_expires_at AS expired_at
     FROM {schema}.geste_instances
-    WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
+    WHERE workflow_name = ANY(ARRAY[$7::text]) AND lease_id IS NOT NULL
+      AND run_at <= $3 AND run_at > '-Infinity'
+      AND lock_expires_at <= $3 AND status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY workflow_name, run_at
+    LIMIT $5
+    FOR UPDATE SKIP LOCKED
+), free AS (
+    SELECT instance_id, run_at, NULL::double precision AS expired_at
+    FROM {schema}.geste_instances
+    WHERE workflow_name = ANY(ARRAY[$7::text]) AND lease_id IS NULL
+      AND run_at <= $6 AND run_at > '-Infinity'
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY workflow_name, run_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT * FROM expired
+    UNION ALL
+    (SELECT * FROM free ORDER BY run_at LIMIT $5 - (SELECT count(*) FROM expired))
 ), claimed AS (
     UPDATE {schema}.geste_instances AS i
     SET locked_by = $1,
         lease_id = $2 || i.instance_id,
         lock_expires_at = $4,
+        run_at = $4,
         status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
-    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run_at
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
 )
-(SELECT c.*, p.expired_at,
+(SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
          FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
- ORDER BY c.run_at)
+ ORDER BY p.run_at)
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT run_at FROM {schema}.geste_instances
-        WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at > $6 AND lease_id IS NULL
+        WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
+          AND lease_id IS NULL
           AND status IN ('pending', 'running', 'waiting', 'compensating')
         ORDER BY workflow_name, run_at LIMIT 1),
        NULL, NULL;
 
 -- name: claim_names
 -- `claim` for a worker that registers several workflows ($7, their names), with the same result. Per
--- name, the head of its range of geste_instances_runnable_by_name, at most $5 rows, read without a lock;
--- then the earliest $5 of all ("wanted"), which alone are locked, SKIP LOCKED, their conditions checked
--- again under the lock, and taken. It reads at most $5 rows per name, however many instances of other
--- workflows are due, and locks no row it does not take: a wanted row skipped is one another claim is
--- taking, so a concurrent claimer never comes back short because of rows locked and then left (locking a
--- head per name and keeping the earliest did that). The names come through geste_names (schema 9), a set
--- function the planner counts as one row: through unnest it counts ten, which made every generic plan
--- look ten times dearer than a custom one, and the statement was planned again at every call.
+-- name, the heads of its two ranges (the leases that ran out, the free instances due: see `claim`), at
+-- most $5 rows each, read without a lock; then the earliest $5 of all ("wanted"), which alone are locked,
+-- SKIP LOCKED, their conditions checked again under the lock, and taken. It reads at most 2 x $5 rows per
+-- name, however many instances of other workflows are due and however many leases are held, and locks no
+-- row it does not take: a wanted row skipped is one another claim is taking, so a concurrent claimer
+-- never comes back short because of rows locked and then left (locking a head per name and keeping the
+-- earliest did that). The names come through geste_names (schema 9), a set function the planner counts
+-- as one row: through unnest it counts ten, which made every generic plan look ten times dearer than a
+-- custom one, and the statement was planned again at every call. The run_at ranges have a constant
+-- bound on their open side, as in `claim`.
 WITH heads AS (
     SELECT h.instance_id, h.run_at
     FROM {schema}.geste_names($7::text[]) AS n(name)
     CROSS JOIN LATERAL (
-        SELECT instance_id, run_at
-        FROM {schema}.geste_instances
-        WHERE workflow_name = ANY(ARRAY[n.name]) AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
-          AND status IN ('pending', 'running', 'waiting', 'compensating')
-        ORDER BY workflow_name, run_at
-        LIMIT $5
+        (SELECT instance_id, run_at
+         FROM {schema}.geste_instances
+         WHERE workflow_name = ANY(ARRAY[n.name]) AND lease_id IS NOT NULL
+           AND run_at <= $3 AND run_at > '-Infinity'
+           AND lock_expires_at <= $3 AND status IN ('pending', 'running', 'waiting', 'compensating')
+         ORDER BY workflow_name, run_at
+         LIMIT $5)
+        UNION ALL
+        (SELECT instance_id, run_at
+         FROM {schema}.geste_instances
+         WHERE workflow_name = ANY(ARRAY[n.name]) AND lease_id IS NULL
+           AND run_at <= $6 AND run_at > '-Infinity'
+           AND status IN ('pending', 'running', 'waiting', 'compensating')
+         ORDER BY workflow_name, run_at
+         LIMIT $5)
     ) AS h
 ), wanted AS MATERIALIZED (
     SELECT instance_id FROM heads ORDER BY run_at LIMIT $5
 ), picked AS (
-    SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
+    SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
     FROM {schema}.geste_instances
     WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM wanted))
       AND run_at <= $6 AND (lease_id IS NULL OR lock_expires_at <= $3)
@@ -247,24 +295,24 @@ WITH heads AS (
     SET locked_by = $1,
         lease_id = $2 || i.instance_id,
         lock_expires_at = $4,
+        run_at = $4,
         status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
-    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run_at
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
 )
-(SELECT c.*, p.expired_at,
+(SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
          FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
- ORDER BY c.run_at)
+ ORDER BY p.run_at)
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at), NULL, NULL
 FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.geste_instances
-    WHERE workflow_name = ANY(ARRAY[w.name]) AND run_at > $6 AND lease_id IS NULL
+    WHERE workflow_name = ANY(ARRAY[w.name]) AND run_at > $6 AND run_at < 'Infinity' AND lease_id IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY workflow_name, run_at LIMIT 1
 ) AS n;
@@ -279,8 +327,8 @@ CROSS JOIN LATERAL (
 -- claimed rows, one row per named instance nobody holds that is not due yet (a clock behind the
 -- database's, a timer rung early), with its run_at and no lease_id: the worker's local timer; nothing for
 -- the others (taken by another worker, finished, or waiting with no run_at: nothing to do). run_at of a
--- claimed row is the value it had; the UPDATE keeps it, as `claim` does (a schema that makes a claimed
--- run_at the lease's expiry, the take-over time, in `claim` must set it here too).
+-- claimed row is the value it had; the UPDATE makes it the lease's expiry ($4), the take-over time, as
+-- `claim` does (schema 11).
 WITH named AS MATERIALIZED (
     SELECT instance_id, workflow_name, status, run_at, lease_id
     FROM {schema}.geste_instances WHERE instance_id = ANY($7::text[])
@@ -298,6 +346,7 @@ WITH named AS MATERIALIZED (
     SET locked_by = $1,
         lease_id = $2 || i.instance_id,
         lock_expires_at = $4,
+        run_at = $4,
         status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
@@ -328,7 +377,10 @@ FROM unnest($1::text[], $2::text[]) AS r(instance_id, workflow_name);
 -- name: renew
 -- The heartbeat's renewal of every lease a worker holds: its rows are locked in instance_id order, as
 -- record_batch and finish_batch lock theirs, so the worker's renewal and its group commits (which touch
--- the same rows) never deadlock.
+-- the same rows) never deadlock. A held instance's take-over time (its run_at, schema 11) moves to the
+-- new expiry when it is before $4 (half a lease ahead): so it stays past the claims' range while the
+-- worker lives, and changes (an indexed column: not a HOT update) at most every other heartbeat. Step
+-- commits renew lock_expires_at only, which no index holds.
 WITH locked AS (
     SELECT i.instance_id FROM {schema}.geste_instances i
     JOIN unnest($2::text[], $3::text[]) AS l(instance_id, lease_id)
@@ -336,7 +388,8 @@ WITH locked AS (
     ORDER BY i.instance_id
     FOR UPDATE OF i
 )
-UPDATE {schema}.geste_instances AS i SET lock_expires_at = $1
+UPDATE {schema}.geste_instances AS i
+SET lock_expires_at = $1, run_at = CASE WHEN i.run_at IS NULL OR i.run_at < $4 THEN $1 ELSE i.run_at END
 FROM locked
 WHERE i.instance_id = locked.instance_id
 RETURNING i.instance_id;
@@ -413,9 +466,18 @@ WITH input AS (
 )
 SELECT instance_id, lease_id, cancel_requested FROM lease;
 
--- name: lock_event_type
--- Serialises, per event type, "send an event" with "take an event or wait": no lost wake-up.
-SELECT pg_advisory_xact_lock(hashtextextended('geste_event:' || $1, 0));
+-- name: lock_event_keys
+-- The advisory locks of a send or a wait (docs/design.md, "Events: matching by index"), in this order:
+-- the event type's lock ($1; shared, or exclusive when $3), then the match keys $2, each shared, or
+-- exclusive where $4 says so. A wait holds its one key exclusively, a send each of its keys shared: a send
+-- and a wait that may accept its event meet on the wait's key; sends never wait for each other, nor waits
+-- indexed under different keys. The type's lock is the one geste took for everything before schema 12:
+-- held shared by every send and wait, it keeps them apart from those of a geste still running an older
+-- version (exclusive), and a send of more than WIDE_EVENT_PAIRS pairs takes it exclusively instead of a
+-- lock per pair. A function scan of one array: the locks are taken in the array's order.
+SELECT CASE WHEN l.exclusive THEN pg_advisory_xact_lock(l.key) ELSE pg_advisory_xact_lock_shared(l.key) END
+FROM unnest(hashtextextended('geste_event:' || $1, 0) || $2::bigint[], $3::boolean || $4::boolean[])
+    AS l(key, exclusive);
 
 -- name: suspend
 -- One statement: mark waiting and release, append the rows, replace the timers and event wait.
@@ -516,97 +578,159 @@ SELECT instance_id, lease_id FROM done;
 
 -- name: insert_event_wait
 -- The wait keeps the instance's event floor: send_event delivers only an event above it. since: when the
--- wait was registered (shown to operators).
-INSERT INTO {schema}.geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq, after_seq)
+-- wait was registered (shown to operators). match_key ($7): the key it is found by; match_pairs ($8): the
+-- canonical pairs an event must all have (12).
+INSERT INTO {schema}.geste_event_waits
+    (instance_id, event_type, match, since, deadline, outcome_seq, after_seq, match_key, match_pairs)
 VALUES ($1, $2, $3, $4, $5, $6,
-        (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $1))
+        (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $1), $7, $8)
 ON CONFLICT (instance_id) DO UPDATE SET
     event_type = excluded.event_type, match = excluded.match, since = excluded.since,
-    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq;
+    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq,
+    match_key = excluded.match_key, match_pairs = excluded.match_pairs;
 
 -- name: candidate_events
--- The events of the type above the instance's event floor (geste_events_by_type: (event_type, seq)),
--- not yet delivered to it, oldest first.
+-- For a wait without a match: the first event of the type above the instance's event floor
+-- (geste_events_by_type: (event_type, seq)) not yet delivered to it. Each candidate's delivery is one
+-- probe of the deliveries' key: OFFSET 0 keeps the NOT EXISTS a subquery per candidate (as an anti join
+-- the planner read the whole of geste_event_deliveries_by_event, filtering on the instance: 100,000
+-- entries of other instances' deliveries before the first event, measured).
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
 FROM {schema}.geste_events e
 WHERE e.event_type = $1
   AND e.seq > (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $2)
   AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
   AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
-                  WHERE d.instance_id = $2 AND d.event_seq = e.seq)
-ORDER BY e.seq;
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq OFFSET 0)
+ORDER BY e.seq
+LIMIT 1;
+
+-- name: candidate_events_by_key
+-- For a wait with a match: the events above the instance's event floor that have the pair the wait is
+-- indexed by ($3, its match key: geste_event_keys' (match_key, event_seq) range), not yet delivered to
+-- it, oldest first; and those stored without keys (before schema 12, or by an older geste: the partial
+-- index geste_events_unkeyed, empty once they are gone). The caller compares the whole match.
+SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
+FROM {schema}.geste_event_keys k JOIN {schema}.geste_events e ON e.seq = k.event_seq
+WHERE k.match_key = $3
+  AND k.event_seq > (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $2)
+  AND e.event_type = $1
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
+  AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq OFFSET 0)
+UNION ALL
+SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
+FROM {schema}.geste_events e
+WHERE NOT e.keyed AND e.event_type = $1
+  AND e.seq > (SELECT coalesce(event_floor, 0) FROM {schema}.geste_instances WHERE instance_id = $2)
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = $2)
+  AND NOT EXISTS (SELECT 1 FROM {schema}.geste_event_deliveries d
+                  WHERE d.instance_id = $2 AND d.event_seq = e.seq OFFSET 0)
+ORDER BY seq;
+
+-- name: unkeyed_waits
+-- Migration 12's part in Python: the waits registered before it (geste_event_waits_unkeyed).
+SELECT instance_id, event_type, match FROM {schema}.geste_event_waits WHERE match_key IS NULL;
+
+-- name: key_wait
+UPDATE {schema}.geste_event_waits SET match_key = $2, match_pairs = $3
+WHERE instance_id = $1 AND match_key IS NULL;
 
 -- name: insert_delivery
 INSERT INTO {schema}.geste_event_deliveries (instance_id, event_seq) VALUES ($1, $2);
 
--- name: insert_event
-INSERT INTO {schema}.geste_events (event_id, event_type, source, data, extensions, target_instance_id, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING seq;
-
--- name: waits_for_event
--- The waits an event ($3: its seq) is visible to: those whose instance's floor is below it.
-SELECT instance_id, match, outcome_seq FROM {schema}.geste_event_waits
-WHERE event_type = $1 AND ($2::text IS NULL OR instance_id = $2) AND coalesce(after_seq, 0) < $3;
-
--- name: deliver_event
--- The event handed straight to the instances that wait for it and that nobody holds ($1 ids, $2 their
--- outcome seqs): their outcome rows, deliveries and run_at in one statement, the waits and timers
--- forgotten, each notified. Held instances are left to take the event themselves.
-WITH target AS (
-    SELECT * FROM unnest($1::text[], $2::integer[]) AS t(instance_id, seq)
-), woken AS (
-    UPDATE {schema}.geste_instances AS i
-    SET run_at = LEAST($3, {db_clock}), updated_at = $3, steps = steps + 1
-    FROM target
-    WHERE i.instance_id = target.instance_id AND i.status = 'waiting' AND i.lease_id IS NULL
-    RETURNING i.instance_id, i.workflow_name, i.last_worker, target.seq
+-- name: send_event
+-- An event stored and handed over in one statement, run after lock_event_keys in the same transaction:
+-- its snapshot, taken once the locks are granted, holds every wait that may accept the event and was
+-- registered before (docs/design.md, "Events: matching by index"). $1-$7: the event's columns (id, type,
+-- source, data, extensions, target instance, time); $8: its pairs' match keys (its geste_event_keys rows);
+-- $9: the keys of the waits that may accept it (the type's, for the waits without a match, and its
+-- pairs'); $10: its pairs' canonical texts; $11: its history payload; $12: notify.
+-- found: the waits it may wake, by key (geste_event_waits_by_key), whose every pair it has, and whose
+-- instance's floor is below its seq; or the target's wait alone; or a wait of an older geste (no keys,
+-- by type through geste_event_waits_unkeyed), woken to look for itself. locked: their instances, locked
+-- in instance_id order (concurrent sends never deadlock), read again as they are now: the event is
+-- handed (written into the history at the wait's outcome seq) only to an instance still waiting, held by
+-- nobody, and with the history it had when the wait was found (steps unchanged: no other send handed it
+-- an event meanwhile); the others that wait or run, held by nobody, are made runnable now and take it
+-- themselves. A held instance is left as it is: it takes the event itself in take_event_or_suspend, and
+-- its run_at is its take-over time (schema 11).
+WITH event AS (
+    INSERT INTO {schema}.geste_events
+        (event_id, event_type, source, data, extensions, target_instance_id, created_at, keyed)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, true)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING seq
+), keys AS (
+    INSERT INTO {schema}.geste_event_keys (match_key, event_seq)
+    SELECT k, event.seq FROM event, unnest($8::bigint[]) AS k
+), found AS (
+    SELECT w.instance_id, w.outcome_seq, true AS exact, i.steps
+    FROM event, {schema}.geste_event_waits w JOIN {schema}.geste_instances i ON i.instance_id = w.instance_id
+    WHERE $6::text IS NULL AND w.match_key = ANY($9::bigint[]) AND w.event_type = $2
+      AND w.match_pairs <@ $10::text[] AND coalesce(w.after_seq, 0) < event.seq
+    UNION ALL
+    SELECT w.instance_id, w.outcome_seq, false, i.steps
+    FROM event, {schema}.geste_event_waits w JOIN {schema}.geste_instances i ON i.instance_id = w.instance_id
+    WHERE $6::text IS NULL AND w.match_key IS NULL AND w.event_type = $2
+      AND coalesce(w.after_seq, 0) < event.seq
+    UNION ALL
+    SELECT w.instance_id, w.outcome_seq, w.match_pairs IS NOT NULL, i.steps
+    FROM event, {schema}.geste_event_waits w JOIN {schema}.geste_instances i ON i.instance_id = w.instance_id
+    WHERE w.instance_id = $6::text AND w.event_type = $2 AND coalesce(w.after_seq, 0) < event.seq
+      AND (w.match_pairs IS NULL OR w.match_pairs <@ $10::text[])
+), locked AS (
+    SELECT i.instance_id, f.outcome_seq,
+           f.exact AND f.outcome_seq IS NOT NULL AND i.status = 'waiting' AND i.lease_id IS NULL
+               AND i.steps = f.steps AS handed
+    FROM {schema}.geste_instances i JOIN found f ON f.instance_id = i.instance_id
+    ORDER BY i.instance_id
+    FOR UPDATE OF i
+), touched AS (
+    UPDATE {schema}.geste_instances i
+    SET run_at = LEAST($7, {db_clock}), updated_at = $7,
+        steps = i.steps + CASE WHEN l.handed THEN 1 ELSE 0 END
+    FROM locked l
+    WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM locked)) AND i.instance_id = l.instance_id
+      AND i.status IN ('waiting', 'running') AND i.lease_id IS NULL
+      AND (l.handed OR i.run_at IS NULL OR i.run_at > LEAST($7, {db_clock}))
+    RETURNING i.instance_id, i.workflow_name, i.lease_id, i.last_worker, l.outcome_seq, l.handed
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
-    SELECT instance_id, seq, 'event', $4, $5, false, $3 FROM woken
+    SELECT instance_id, outcome_seq, 'event', $2, $11, false, $7 FROM touched WHERE handed
 ), deliveries AS (
-    INSERT INTO {schema}.geste_event_deliveries (instance_id, event_seq) SELECT instance_id, $6 FROM woken
+    INSERT INTO {schema}.geste_event_deliveries (instance_id, event_seq)
+    SELECT t.instance_id, event.seq FROM touched t, event WHERE t.handed
 ), waits AS (
-    DELETE FROM {schema}.geste_event_waits w USING woken WHERE w.instance_id = woken.instance_id
+    DELETE FROM {schema}.geste_event_waits w USING touched t WHERE w.instance_id = t.instance_id AND t.handed
 ), timers AS (
-    DELETE FROM {schema}.geste_timers t USING woken WHERE t.instance_id = woken.instance_id
+    DELETE FROM {schema}.geste_timers tm USING touched t WHERE tm.instance_id = t.instance_id AND t.handed
+), notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                       'worker', last_worker, 'schema', {schema_name})::text)
+    FROM touched WHERE $12 AND lease_id IS NULL
 )
-SELECT instance_id,
-       CASE WHEN $7 THEN pg_notify('geste_workflow_resumable',
-                                   json_build_object('instance_id', instance_id,
-                                                     'workflow_name', workflow_name, 'worker', last_worker,
-                                                     'schema', {schema_name})::text)
-       END AS notified
-FROM woken;
-
--- name: wake
--- Instances an event was delivered to: runnable now; the unlocked ones are notified.
-WITH woken AS (
-    UPDATE {schema}.geste_instances SET run_at = LEAST($2, {db_clock}), updated_at = $2
-    WHERE instance_id = ANY($1::text[]) AND status IN ('waiting', 'running')
-      AND (run_at IS NULL OR run_at > LEAST($2, {db_clock}))
-    RETURNING instance_id, workflow_name, lease_id, last_worker
-)
-SELECT instance_id,
-       CASE WHEN $3 AND lease_id IS NULL
-            THEN pg_notify('geste_workflow_resumable',
-                           json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
-                                             'worker', last_worker, 'schema', {schema_name})::text)
-       END AS notified
-FROM woken;
+SELECT EXISTS (SELECT 1 FROM event) AS stored,
+       ARRAY(SELECT instance_id FROM touched) AS woken,
+       (SELECT count(*) FROM notified) AS notified;
 
 -- name: next_run_at
--- One probe of geste_instances_runnable_by_name per distinct workflow name with a run_at (a loose scan).
+-- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
+-- name with a free instance that has a run_at (a loose scan of the same index).
 WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
+    SELECT min(workflow_name) FROM {schema}.geste_instances
+    WHERE run_at IS NOT NULL AND lease_id IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
     UNION ALL
     SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT i.run_at FROM {schema}.geste_instances i
             WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at IS NOT NULL AND i.lease_id IS NULL
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating')
             ORDER BY i.workflow_name, i.run_at LIMIT 1)) AS run_at
 FROM names n WHERE n.name IS NOT NULL;
 
@@ -662,20 +786,32 @@ FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 SELECT status, count(*) AS n FROM {schema}.geste_instances GROUP BY status;
 
 -- name: count_runnable
--- What claims at $1 could take (a status this version runs); per distinct workflow name with a run_at
--- (a loose scan of geste_instances_runnable_by_name), its range up to $1: it reads the instances that
--- are runnable or running, never the finished ones nor those waiting for later.
-WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
+-- What claims at $1 could take (a status this version runs); per distinct workflow name with a free
+-- instance that has a run_at or a held one, the two ranges a claim reads (schema 11): the free
+-- instances due by $1 and the leases that ran out by $1. It reads the runnable instances, never the
+-- finished ones, nor those waiting for later, nor the leases still held.
+WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
+    SELECT LEAST((SELECT min(workflow_name) FROM {schema}.geste_instances
+                  WHERE run_at IS NOT NULL AND lease_id IS NULL
+                    AND status IN ('pending', 'running', 'waiting', 'compensating')),
+                 (SELECT min(workflow_name) FROM {schema}.geste_instances
+                  WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating')))
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    SELECT LEAST((SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+                    AND i.status IN ('pending', 'running', 'waiting', 'compensating')),
+                 (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+                  WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+                    AND i.status IN ('pending', 'running', 'waiting', 'compensating')))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT coalesce(sum((SELECT count(*) FROM {schema}.geste_instances i
-                     WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at <= $1
-                       AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
-                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)::bigint AS n
+                     WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
+                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
+                    + (SELECT count(*) FROM {schema}.geste_instances i
+                       WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL
+                         AND i.run_at <= $1 AND i.lock_expires_at <= $1
+                         AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)::bigint AS n
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: held_leases
@@ -1094,62 +1230,157 @@ SELECT (SELECT ok FROM target_ok) AS target_ok, EXISTS (SELECT 1 FROM inserted) 
 
 -- name: channel_rewake
 -- The net under "a publish wakes one competing receiver": idle competing receivers for which an older
--- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed).
-UPDATE {schema}.geste_instances SET run_at = $1, updated_at = $1
-WHERE instance_id IN (
-    SELECT s.instance_id FROM {schema}.geste_channel_subscriptions s
+-- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed). Per channel
+-- with a waiting subscriber (a loose scan of geste_channel_subscriptions_waiting: one probe per channel),
+-- the lowest cursor of its waiting competing subscribers (geste_channel_subscriptions_by_cursor), then the
+-- first message after it that nobody took, older than $2 (geste_channel_messages_unclaimed: it holds the
+-- messages not taken yet, so it reads past the fresh ones only); the waiting competing subscribers whose
+-- cursor is before that message are woken, at most $3. A message published before every competing
+-- subscriber subscribed is before every cursor: never read. Schema 11; before, it read every waiting
+-- competing subscription, and every message after each one's cursor, taken or not.
+WITH RECURSIVE channels(name) AS (
+    SELECT min(channel) FROM {schema}.geste_channel_subscriptions WHERE waiting_since IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(s.channel) FROM {schema}.geste_channel_subscriptions s
+            WHERE s.waiting_since IS NOT NULL AND s.channel > c.name)
+    FROM channels c WHERE c.name IS NOT NULL
+), lowest AS (
+    SELECT c.name AS channel,
+           (SELECT s.cursor_seq FROM {schema}.geste_channel_subscriptions s
+            WHERE s.channel = c.name AND s.mode = 'competing' AND s.waiting_since IS NOT NULL
+            ORDER BY s.channel, s.mode, s.cursor_seq LIMIT 1) AS cursor_seq
+    FROM channels c WHERE c.name IS NOT NULL
+), leftover AS (
+    SELECT l.channel,
+           (SELECT m.seq FROM {schema}.geste_channel_messages m
+            WHERE m.channel = l.channel AND m.seq > l.cursor_seq AND m.target_instance_id IS NULL
+              AND m.claimed_by IS NULL AND m.created_at < $2
+            ORDER BY m.channel, m.seq LIMIT 1) AS seq
+    FROM lowest l WHERE l.cursor_seq IS NOT NULL
+), chosen AS (
+    SELECT s.instance_id
+    FROM leftover l
+    JOIN {schema}.geste_channel_subscriptions s
+        ON s.channel = l.channel AND s.mode = 'competing' AND s.cursor_seq < l.seq
     JOIN {schema}.geste_instances i ON i.instance_id = s.instance_id
-    WHERE s.mode = 'competing' AND s.waiting_since IS NOT NULL
+    WHERE s.waiting_since IS NOT NULL
       AND i.status = 'waiting' AND i.lease_id IS NULL AND (i.run_at IS NULL OR i.run_at > $1)
-      AND EXISTS (SELECT 1 FROM {schema}.geste_channel_messages m
-                  WHERE m.channel = s.channel AND m.seq > s.cursor_seq AND m.target_instance_id IS NULL
-                    AND m.claimed_by IS NULL AND m.created_at < $2)
     LIMIT $3
-) AND status = 'waiting' AND lease_id IS NULL
+)
+UPDATE {schema}.geste_instances SET run_at = $1, updated_at = $1
+WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM chosen))  -- by key: IN (..) let it hash the table
+  AND status = 'waiting' AND lease_id IS NULL
 RETURNING instance_id;
 
 -- name: channel_cleanup_subscriptions
--- Maintenance, bounded like every cleanup: the subscriptions of finished (or deleted) instances.
-DELETE FROM {schema}.geste_channel_subscriptions AS d
-USING (
-    SELECT s.channel, s.instance_id FROM {schema}.geste_channel_subscriptions s
-    LEFT JOIN {schema}.geste_instances i ON i.instance_id = s.instance_id
-    WHERE i.instance_id IS NULL OR i.status IN ('completed', 'failed', 'cancelled')
-    LIMIT $1
-) AS g
-WHERE d.channel = g.channel AND d.instance_id = g.instance_id;
+-- Maintenance, bounded like every cleanup: of the $3 subscriptions after the key ($1, $2) in key order
+-- (a range of the primary key), those of finished (or deleted) instances, each a probe of its instance.
+-- A round reads $3 subscriptions whatever the table holds; the next goes on after the last one read
+-- (returned), from the start again once a round reads fewer (schema 11; before, each round joined
+-- every subscription with its instance).
+WITH examined AS MATERIALIZED (
+    SELECT s.ctid AS row, s.channel, s.instance_id,
+           -- a probe of its instance per row: a scalar subquery, never hashed (a NOT EXISTS was, over a
+           -- scan of every instance)
+           coalesce((SELECT i.status FROM {schema}.geste_instances i WHERE i.instance_id = s.instance_id)
+                    IN ('completed', 'failed', 'cancelled'), true) AS gone
+    FROM {schema}.geste_channel_subscriptions s
+    WHERE (s.channel, s.instance_id) > ($1, $2)
+    ORDER BY s.channel, s.instance_id
+    LIMIT $3
+), deleted AS (  -- the rows read, by their address (a join let the planner scan the table)
+    DELETE FROM {schema}.geste_channel_subscriptions
+    WHERE ctid = ANY(ARRAY(SELECT row FROM examined WHERE gone))
+    RETURNING 1
+), last AS (
+    SELECT channel, instance_id FROM examined ORDER BY channel DESC, instance_id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM examined) AS examined,
+       (SELECT channel FROM last) AS last_channel, (SELECT instance_id FROM last) AS last_instance;
 
 -- name: channel_cleanup_messages
--- Messages past the retention that no subscriber needs: a direct one once taken or its target finished;
--- another once every broadcast subscriber's cursor is past it and, if a competing subscriber could
--- take it, one did.
-DELETE FROM {schema}.geste_channel_messages WHERE seq IN (
-    SELECT m.seq FROM {schema}.geste_channel_messages m
-    WHERE m.created_at < $1 AND CASE
-        WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
-            SELECT 1 FROM {schema}.geste_instances i
-            WHERE i.instance_id = m.target_instance_id
-              AND i.status NOT IN ('completed', 'failed', 'cancelled'))
-        ELSE NOT EXISTS (
-            SELECT 1 FROM {schema}.geste_channel_subscriptions s
-            WHERE s.channel = m.channel AND s.cursor_seq < m.seq
-              AND (s.mode = 'broadcast' OR m.claimed_by IS NULL))
-        END
-    ORDER BY m.seq LIMIT $2
-);
+-- Messages past the retention ($1) that no subscriber needs: a direct one once taken or its target
+-- finished; another once no broadcast subscriber's cursor is before it and, unless it was taken, no
+-- competing subscriber's either (the lowest cursor of each mode: two probes of
+-- geste_channel_subscriptions_by_cursor, however many subscribers the channel has). It reads the $4
+-- oldest messages after the key ($2, $3) in (created_at, seq) order, through
+-- geste_channel_messages_by_created: those kept for a subscriber are stepped over by the next round (it
+-- goes on after the last one read, returned), and read again once a round reaches the end (reads fewer)
+-- and the next starts over (schema 11; before, every round read the kept messages again from the first,
+-- and each subscription of their channels).
+WITH examined AS MATERIALIZED (
+    SELECT m.seq, m.created_at, m.channel, m.target_instance_id, m.claimed_by
+    FROM {schema}.geste_channel_messages m
+    WHERE (m.created_at, m.seq) > ($2, $3) AND m.created_at < $1
+    ORDER BY m.created_at, m.seq
+    LIMIT $4
+), deleted AS (  -- by primary key (= ANY(ARRAY(..)): "IN (..)" let the planner hash the table)
+    DELETE FROM {schema}.geste_channel_messages WHERE seq = ANY(ARRAY(
+        SELECT m.seq FROM examined m
+        WHERE CASE  -- scalar subqueries, a probe per message, never hashed (an EXISTS was: a table scan)
+            WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR coalesce(
+                (SELECT i.status FROM {schema}.geste_instances i WHERE i.instance_id = m.target_instance_id)
+                IN ('completed', 'failed', 'cancelled'), true)
+            ELSE coalesce((SELECT s.cursor_seq FROM {schema}.geste_channel_subscriptions s
+                           WHERE s.channel = m.channel AND s.mode = 'broadcast'
+                           ORDER BY s.channel, s.mode, s.cursor_seq LIMIT 1) >= m.seq, true)
+                 AND (m.claimed_by IS NOT NULL
+                      OR coalesce((SELECT s.cursor_seq FROM {schema}.geste_channel_subscriptions s
+                                   WHERE s.channel = m.channel AND s.mode = 'competing'
+                                   ORDER BY s.channel, s.mode, s.cursor_seq LIMIT 1) >= m.seq, true))
+            END))
+    RETURNING 1
+), last AS (
+    SELECT created_at, seq FROM examined ORDER BY created_at DESC, seq DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM deleted) AS deleted, (SELECT count(*) FROM examined) AS examined,
+       (SELECT created_at FROM last) AS last_at, (SELECT seq FROM last) AS last_seq;
 
 -- name: channel_cleanup_events
--- Events past their retention, with their deliveries; returns the rows deleted.
+-- Events past their retention, the oldest first (geste_events_by_created, schema 11: before, a round
+-- walked the events in seq order past every younger one when fewer than $2 were old), with their
+-- deliveries (geste_event_deliveries_by_event); returns the events and the rows deleted.
 WITH events AS (
-    DELETE FROM {schema}.geste_events WHERE seq IN (
-        SELECT seq FROM {schema}.geste_events WHERE created_at < $1 ORDER BY seq LIMIT $2
-    )
+    DELETE FROM {schema}.geste_events WHERE seq = ANY(ARRAY(
+        SELECT seq FROM {schema}.geste_events WHERE created_at < $1 ORDER BY created_at LIMIT $2
+    ))
     RETURNING seq
 ), deliveries AS (
-    DELETE FROM {schema}.geste_event_deliveries WHERE event_seq IN (SELECT seq FROM events)
+    DELETE FROM {schema}.geste_event_deliveries WHERE event_seq = ANY(ARRAY(SELECT seq FROM events))
     RETURNING 1
+), keys AS (  -- their match keys (12), not counted: the count bounds the rounds as before
+    DELETE FROM {schema}.geste_event_keys WHERE event_seq = ANY(ARRAY(SELECT seq FROM events))
 )
-SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries) AS deleted;
+SELECT (SELECT count(*) FROM events) AS events,
+       (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries) AS deleted;
+
+-- == chores (schema 11) ===============================================================================
+-- Each periodic chore (runtime/chores.py) runs in one worker of the cluster at a time: a round is taken
+-- with one upsert of its row in geste_chores, by primary key, whatever the tables hold.
+
+-- name: chore_take
+-- Take the chore $1 for worker $2 at $3 if its round is due: the next one is then due at $3 + $4. The
+-- worker that took the last round (the holder) takes it at next_at; another once the holder is $5 late
+-- (it died or stalls), or once it gave the chore back (holder NULL). A row locked by a concurrent take is
+-- waited for, then judged as it left it. Returns (taken, next_at, holder): the row as it is after the
+-- take, or as this statement's snapshot saw it when not taken (the worker tries again at next_at, or at
+-- next_at + $5 when another holds it).
+WITH taken AS (
+    INSERT INTO {schema}.geste_chores AS c (chore, holder, next_at, taken_at)
+    VALUES ($1::text, $2::text, $3::double precision + $4::double precision, $3::double precision)
+    ON CONFLICT (chore) DO UPDATE
+    SET holder = excluded.holder, next_at = excluded.next_at, taken_at = excluded.taken_at
+    WHERE c.next_at <= $3 AND (c.holder IS NULL OR c.holder = $2 OR c.next_at + $5::double precision <= $3)
+    RETURNING c.next_at, c.holder
+)
+SELECT true AS taken, next_at, holder FROM taken
+UNION ALL
+SELECT false, next_at, holder FROM {schema}.geste_chores
+WHERE chore = $1 AND NOT EXISTS (SELECT 1 FROM taken);
+
+-- name: chore_release
+-- A worker that stops gives its chores back: another takes each at its next round, without waiting.
+UPDATE {schema}.geste_chores SET holder = NULL WHERE holder = $1;
 
 -- == the web viewer (migration 6) ===================================================================
 -- Keyset pages of instances, newest first by (created_at, instance_id): one query per filter
@@ -1267,21 +1498,33 @@ FROM unnest($4::text[]) AS s(status);
 -- name: runnable_workflows
 -- The workflow names that have instances runnable at $1 (lease free or expired, a status this version
 -- knows), each with how many, counted up to $2: a loose index scan of geste_instances_runnable_by_name
--- (one probe per distinct name with a run_at), then at most $2 index entries per name (matched and
--- ordered as in the claim, so that the planner can neither walk another index nor scan the table).
-WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM {schema}.geste_instances WHERE run_at IS NOT NULL
+-- and geste_instances_leased_by_name (one probe of each per distinct name), then at most $2 entries of
+-- each index per name, the two ranges a claim reads (matched and ordered as in the claim, so that the
+-- planner can neither walk another index nor scan the table).
+WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
+    SELECT LEAST((SELECT min(workflow_name) FROM {schema}.geste_instances
+                  WHERE run_at IS NOT NULL AND lease_id IS NULL
+                    AND status IN ('pending', 'running', 'waiting', 'compensating')),
+                 (SELECT min(workflow_name) FROM {schema}.geste_instances
+                  WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating')))
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    SELECT LEAST((SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+                    AND i.status IN ('pending', 'running', 'waiting', 'compensating')),
+                 (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
+                  WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+                    AND i.status IN ('pending', 'running', 'waiting', 'compensating')))
     FROM names n WHERE n.name IS NOT NULL
 )
-SELECT n.name AS workflow_name, (SELECT count(*) FROM (
+SELECT n.name AS workflow_name, LEAST($2, (SELECT count(*) FROM (
     SELECT 1 FROM {schema}.geste_instances i
-    WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at <= $1
-      AND (i.lease_id IS NULL OR i.lock_expires_at <= $1)
+    WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS c) AS runnable
+    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS c) + (SELECT count(*) FROM (
+    SELECT 1 FROM {schema}.geste_instances i
+    WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL AND i.run_at <= $1
+      AND i.lock_expires_at <= $1 AND i.status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS e)) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT $3;
 
 -- name: workflow_names

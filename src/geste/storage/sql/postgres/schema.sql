@@ -30,23 +30,29 @@ CREATE TABLE geste_instances (
     created_at       double precision NOT NULL,
     updated_at       double precision NOT NULL,
     finished_at      double precision,
-    run_at           double precision,  -- when it should next run once unlocked; NULL: only a wake-up
+    run_at           double precision,  -- when it should next run once unlocked; NULL: only a wake-up;
+                                        -- (11) while held: its take-over time, the lease's expiry as of
+                                        -- its claim or its worker's last heartbeat that moved it
     locked_by        text,              -- the worker holding the lease
     lease_id         text,              -- every write under a lease names it (LeaseLost otherwise)
     lock_expires_at  double precision,
     cancel_requested boolean NOT NULL DEFAULT false,
     steps            integer NOT NULL DEFAULT 0,   -- history rows written
     event_floor      bigint,            -- (8) drawn from geste_events_seq_seq at creation: later events are seen
-    last_worker      text               -- (14) the worker that last ran it: its wake-ups go there
+    last_worker      text               -- (13) the worker that last ran it: its wake-ups go there
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
 CREATE INDEX geste_instances_by_name ON geste_instances (workflow_name, created_at, instance_id);
 CREATE INDEX geste_instances_by_created ON geste_instances (created_at, instance_id);
 CREATE INDEX geste_instances_by_name_status ON geste_instances (workflow_name, status, created_at, instance_id);
--- the claim of a worker: per workflow it registers, its runnable instances in run_at order (9)
+-- the claim of a worker: per workflow it registers, its free instances in run_at order (9; free only: 11)
 CREATE INDEX geste_instances_runnable_by_name ON geste_instances (workflow_name, run_at)
-    WHERE run_at IS NOT NULL;
+    WHERE run_at IS NOT NULL AND lease_id IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating');
+-- and its held instances in take-over order: a claim reads the leases that ran out only (11)
+CREATE INDEX geste_instances_leased_by_name ON geste_instances (workflow_name, run_at)
+    WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- The journal: one row per step of an instance, numbered from 1.
 CREATE TABLE geste_history (
@@ -77,9 +83,13 @@ CREATE TABLE geste_event_waits (
     since       double precision NOT NULL,   -- when it was registered (shown to operators)
     deadline    double precision,
     outcome_seq integer,                -- (5) where send_event writes the event into the history
-    after_seq   bigint                  -- (8) the instance's event_floor: only later events match
+    after_seq   bigint,                 -- (8) the instance's event_floor: only later events match
+    match_key   bigint,                 -- (12) one pair's key, or the type's (no match); NULL: older rows
+    match_pairs text[]                  -- (12) the canonical "key":value texts an event must all have
 );
-CREATE INDEX geste_event_waits_by_type ON geste_event_waits (event_type);
+-- a send finds the waits that may accept it by its keys; rows of older versions by type (12)
+CREATE INDEX geste_event_waits_by_key ON geste_event_waits (match_key);
+CREATE INDEX geste_event_waits_unkeyed ON geste_event_waits (event_type) WHERE match_key IS NULL;
 
 -- Events sent to the app (send_event, POST /events), in the order their sequence gave them (seq).
 CREATE TABLE geste_events (
@@ -90,9 +100,24 @@ CREATE TABLE geste_events (
     data               text NOT NULL,   -- JSON
     extensions         text,            -- JSON
     target_instance_id text,            -- for that instance only
-    created_at         double precision NOT NULL
+    created_at         double precision NOT NULL,
+    keyed              boolean NOT NULL DEFAULT false   -- (12) its pairs are in geste_event_keys
 );
 CREATE INDEX geste_events_by_type ON geste_events (event_type, seq);
+-- the retention of events: the oldest first (11)
+CREATE INDEX geste_events_by_created ON geste_events (created_at);
+-- the events of older versions, read by type by the waits with a match (12)
+CREATE INDEX geste_events_unkeyed ON geste_events (event_type, seq) WHERE NOT keyed;
+
+-- The match keys of events (12): one row per top-level key/value pair of an event's data (a hash of the
+-- type and the pair's canonical JSON, geste/_matching.py), read by the waits with a match.
+CREATE TABLE geste_event_keys (
+    match_key bigint NOT NULL,
+    event_seq bigint NOT NULL,
+    PRIMARY KEY (match_key, event_seq)
+);
+-- the retention of events deletes their keys with them
+CREATE INDEX geste_event_keys_by_event ON geste_event_keys (event_seq);
 
 -- Which instance took which event (each event at most once per instance).
 CREATE TABLE geste_event_deliveries (
@@ -118,7 +143,7 @@ CREATE TABLE geste_workers (
     lock_timeout double precision,             -- (7) its own; NULL in rows written before
     workflows    text,                         -- (9) the names it registers, a JSON array
     health       text,                         -- (9) NULL while every background loop runs, else why one ended
-    relay        boolean NOT NULL DEFAULT false -- (14) it runs an outbox relay
+    relay        boolean NOT NULL DEFAULT false -- (13) it runs an outbox relay
 ) WITH (fillfactor = 50);
 
 -- Channels (3): every published message in publication order. claimed_by: the instance that took a
@@ -136,6 +161,10 @@ CREATE TABLE geste_channel_messages (
 CREATE INDEX geste_channel_messages_by_channel ON geste_channel_messages (channel, seq);
 CREATE INDEX geste_channel_messages_direct ON geste_channel_messages (target_instance_id, channel, seq)
     WHERE target_instance_id IS NOT NULL AND claimed_by IS NULL;
+-- the re-wake: per channel, the first message nobody took (11); the retention: the oldest first (11)
+CREATE INDEX geste_channel_messages_unclaimed ON geste_channel_messages (channel, seq)
+    WHERE target_instance_id IS NULL AND claimed_by IS NULL;
+CREATE INDEX geste_channel_messages_by_created ON geste_channel_messages (created_at, seq);
 
 -- One row per (channel, instance): the instance takes the messages after cursor_seq; waiting_since is set
 -- while it is suspended in receive() on this channel.
@@ -151,6 +180,9 @@ CREATE TABLE geste_channel_subscriptions (
 CREATE INDEX geste_channel_subscriptions_by_instance ON geste_channel_subscriptions (instance_id);
 CREATE INDEX geste_channel_subscriptions_waiting ON geste_channel_subscriptions (channel, mode, waiting_since)
     WHERE waiting_since IS NOT NULL;
+-- the lowest cursor of a channel's subscribers of one mode: whether a message is still needed, and the
+-- waiting competing subscribers behind a message nobody took (11)
+CREATE INDEX geste_channel_subscriptions_by_cursor ON geste_channel_subscriptions (channel, mode, cursor_seq);
 
 -- The transactional outbox (4): one row per event a workflow emitted (ctx.send_event), written by the
 -- statement that records the step, delivered by a relay in per-instance order. status: pending,
@@ -197,6 +229,16 @@ CREATE TABLE geste_retries (
     removed     text NOT NULL,               -- the removed rows, JSON [[seq, kind, name, payload, is_error, created_at], ...]
     PRIMARY KEY (instance_id, retry)
 );
+
+-- The chores of the cluster (11): a row per chore, taken for a round by one worker at a time (a
+-- conditional upsert when the round is due); the holder of the last round takes the next, another only
+-- once it is a round late or gave the chore back (holder NULL). A row each: room for HOT updates.
+CREATE TABLE geste_chores (
+    chore    text PRIMARY KEY,              -- channel_rewake, channel_cleanup
+    holder   text,                          -- the worker that took the last round; NULL: given back
+    next_at  double precision NOT NULL,     -- when the next round is due
+    taken_at double precision               -- when the last round was taken
+) WITH (fillfactor = 50);
 
 -- The names of a claim's workflows as a set the planner counts as one row (9): with it the generic plan
 -- of claim_names costs what its custom plans do and is kept (unnest is counted as ten rows).

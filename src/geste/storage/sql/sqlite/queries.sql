@@ -11,10 +11,13 @@ INSERT INTO geste_meta (key, value) VALUES (?, ?)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 -- name: insert_instance
+-- Created under a lease (a local start, run at once): its run_at is the lease's expiry, its take-over
+-- time, as a claim sets it (schema 11).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
      locked_by, lease_id, lock_expires_at, event_floor)
-VALUES (:instance_id, :workflow_name, :status, :input, :now, :now, min(:now, {db_clock}),
+VALUES (:instance_id, :workflow_name, :status, :input, :now, :now,
+        CASE WHEN :lease_id IS NULL THEN min(:now, {db_clock}) ELSE :lock_expires_at END,
         :locked_by, :lease_id, :lock_expires_at,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0))
 ON CONFLICT (instance_id) DO NOTHING;
@@ -48,11 +51,12 @@ WHERE instance_id = :instance_id AND status = 'pending' AND lease_id IS NULL;
 
 -- name: flag_cancel
 -- Runnable "now" is the earlier of the caller's clock and the database's ({db_clock}): a caller whose
--- clock runs ahead of the workers' must not make them wait.
+-- clock runs ahead of the workers' must not make them wait. A held instance's run_at (its take-over
+-- time, schema 11) is left as it is: its holder goes on, or its lease runs out.
 UPDATE geste_instances
 SET cancel_requested = 1, updated_at = :now,
-    run_at = CASE WHEN run_at IS NULL OR run_at > min(:now, {db_clock}) THEN min(:now, {db_clock})
-                  ELSE run_at END
+    run_at = CASE WHEN lease_id IS NULL AND (run_at IS NULL OR run_at > min(:now, {db_clock}))
+                  THEN min(:now, {db_clock}) ELSE run_at END
 WHERE instance_id = :instance_id AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- Operator actions (app.retry, app.resume): each in one BEGIN IMMEDIATE transaction with a read of
@@ -103,28 +107,36 @@ SET locked_by = CASE WHEN :break THEN NULL ELSE locked_by END,
 WHERE instance_id = :instance_id;
 
 -- name: claim_pick
--- The runnable instances of one workflow the worker registers (:name, a status this version knows) whose
--- lease is free or expired, with when an expired lease ran out (a take-over; NULL for a free instance):
--- the head of its range of geste_instances_runnable_by_name. The storage's claim merges the heads of its
--- names and takes the earliest (claim_picked), in the same transaction.
-SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at, run_at
-FROM geste_instances
-WHERE workflow_name = :name AND run_at <= :due AND (lease_id IS NULL OR lock_expires_at <= :now)
-  AND status IN ('pending', 'running', 'waiting', 'compensating')
-ORDER BY run_at
-LIMIT :limit;
+-- The runnable instances of one workflow the worker registers (:name, a status this version knows): the
+-- heads of its two ranges (schema 11), the leases that ran out (geste_instances_leased_by_name, up to
+-- run_at <= :now: a held instance's run_at is its take-over time, so live leases are past the range and
+-- never read), with when each ran out (a take-over), and the free instances due
+-- (geste_instances_runnable_by_name, which holds no held row), at most :limit of each. The storage's
+-- claim merges the heads of its names and takes the earliest (claim_picked), in the same transaction.
+SELECT * FROM (
+    SELECT instance_id, lock_expires_at AS expired_at, run_at FROM geste_instances
+    WHERE workflow_name = :name AND lease_id IS NOT NULL AND run_at <= :now AND lock_expires_at <= :now
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY run_at LIMIT :limit)
+UNION ALL
+SELECT * FROM (
+    SELECT instance_id, NULL AS expired_at, run_at FROM geste_instances
+    WHERE workflow_name = :name AND lease_id IS NULL AND run_at <= :due
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    ORDER BY run_at LIMIT :limit);
 
 -- name: claim_picked
--- The instances claim_pick chose (:ids, a JSON array), taken under a new lease. PostgreSQL's `claim` and
--- `claim_names` pick and take in one statement.
+-- The instances claim_pick chose (:ids, a JSON array), taken under a new lease; run_at becomes the lease's
+-- expiry, the take-over time. PostgreSQL's `claim` and `claim_names` pick and take in one statement.
 UPDATE geste_instances
 SET locked_by = :worker_id,
     lease_id = :lease_prefix || instance_id,
     lock_expires_at = :lock_expires_at,
+    run_at = :lock_expires_at,
     status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END,
     updated_at = :now
 WHERE instance_id IN (SELECT value FROM json_each(:ids))
-RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run_at;
+RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested;
 
 -- name: claim_ids_pick
 -- The instances named (:ids, a JSON array) that claim_pick would take, by primary key (schema 13): what a
@@ -144,7 +156,12 @@ WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND workflow_name IN (S
   AND run_at > :due AND lease_id IS NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: renew
-UPDATE geste_instances SET lock_expires_at = ? WHERE instance_id = ? AND lease_id = ?;
+-- A held instance's take-over time (run_at) moves to the new expiry when it is before :threshold (half a
+-- lease ahead, _decisions.takeover_threshold): past the claims' range while the worker lives.
+UPDATE geste_instances
+SET lock_expires_at = :lock_expires_at,
+    run_at = CASE WHEN run_at IS NULL OR run_at < :threshold THEN :lock_expires_at ELSE run_at END
+WHERE instance_id = :instance_id AND lease_id = :lease_id;
 
 -- name: release
 -- The releaser becomes the instance's last worker (schema 13), as a suspension makes it.
@@ -188,17 +205,18 @@ INSERT INTO geste_timers (instance_id, seq, expires_at) VALUES (?, ?, ?);
 
 -- name: insert_event_wait
 -- The wait keeps the instance's event floor: send_event delivers only an event above it. since: when the
--- wait was registered (shown to operators).
-INSERT INTO geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq, after_seq)
+-- wait was registered (shown to operators). match_key (?7): the key it is found by (12).
+INSERT INTO geste_event_waits (instance_id, event_type, match, since, deadline, outcome_seq, after_seq, match_key)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6,
-        (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = ?1))
+        (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = ?1), ?7)
 ON CONFLICT (instance_id) DO UPDATE SET
     event_type = excluded.event_type, match = excluded.match, since = excluded.since,
-    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq;
+    deadline = excluded.deadline, outcome_seq = excluded.outcome_seq, after_seq = excluded.after_seq,
+    match_key = excluded.match_key;
 
 -- name: candidate_events
--- The events of the type above the instance's event floor (geste_events_by_type: (event_type, seq)),
--- not yet delivered to it, oldest first.
+-- For a wait without a match: the first event of the type above the instance's event floor
+-- (geste_events_by_type: (event_type, seq)) not yet delivered to it.
 SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
 FROM geste_events e
 WHERE e.event_type = :event_type
@@ -206,21 +224,67 @@ WHERE e.event_type = :event_type
   AND (e.target_instance_id IS NULL OR e.target_instance_id = :instance_id)
   AND NOT EXISTS (SELECT 1 FROM geste_event_deliveries d
                   WHERE d.instance_id = :instance_id AND d.event_seq = e.seq)
-ORDER BY e.seq;
+ORDER BY e.seq
+LIMIT 1;
+
+-- name: candidate_events_by_key
+-- For a wait with a match: the events above the instance's event floor that have the pair the wait is
+-- indexed by (:match_key: geste_event_keys' (match_key, event_seq) range), not yet delivered to it,
+-- oldest first; and those stored without keys (before schema 12, or by an older geste: the partial index
+-- geste_events_unkeyed, empty once they are gone). The caller compares the whole match.
+SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
+FROM geste_event_keys k JOIN geste_events e ON e.seq = k.event_seq
+WHERE k.match_key = :match_key
+  AND k.event_seq > (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = :instance_id)
+  AND e.event_type = :event_type
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = :instance_id)
+  AND NOT EXISTS (SELECT 1 FROM geste_event_deliveries d
+                  WHERE d.instance_id = :instance_id AND d.event_seq = e.seq)
+UNION ALL
+SELECT e.seq, e.event_id, e.event_type, e.data, e.source, e.extensions, e.created_at
+FROM geste_events e
+WHERE e.keyed = 0 AND e.event_type = :event_type
+  AND e.seq > (SELECT coalesce(event_floor, 0) FROM geste_instances WHERE instance_id = :instance_id)
+  AND (e.target_instance_id IS NULL OR e.target_instance_id = :instance_id)
+  AND NOT EXISTS (SELECT 1 FROM geste_event_deliveries d
+                  WHERE d.instance_id = :instance_id AND d.event_seq = e.seq)
+ORDER BY 1;
+
+-- name: unkeyed_waits
+-- Migration 12's part in Python: the waits registered before it (geste_event_waits_unkeyed).
+SELECT instance_id, event_type, match FROM geste_event_waits WHERE match_key IS NULL;
+
+-- name: key_wait
+UPDATE geste_event_waits SET match_key = ?2 WHERE instance_id = ?1 AND match_key IS NULL;
 
 -- name: insert_delivery
 INSERT INTO geste_event_deliveries (instance_id, event_seq) VALUES (?, ?);
 
 -- name: insert_event
-INSERT INTO geste_events (event_id, event_type, source, data, extensions, target_instance_id, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+INSERT INTO geste_events
+    (event_id, event_type, source, data, extensions, target_instance_id, created_at, keyed)
+VALUES (?, ?, ?, ?, ?, ?, ?, 1)
 ON CONFLICT (event_id) DO NOTHING;
 
+-- name: insert_event_keys
+-- The event's rows in geste_event_keys: one per top-level pair (:keys, a JSON array of match keys).
+INSERT INTO geste_event_keys (match_key, event_seq) SELECT value, :seq FROM json_each(:keys);
+
 -- name: waits_for_event
--- The waits an event (:seq) is visible to: those whose instance's floor is below it.
+-- The waits an event (:seq) is visible to (their instance's floor is below it) that may accept it: by
+-- its keys (:keys, a JSON array: the type's, for the waits without a match, and its pairs'), and the
+-- waits of an older geste by type (no key: geste_event_waits_unkeyed). The caller compares the match.
 SELECT instance_id, match, outcome_seq FROM geste_event_waits
-WHERE event_type = :event_type AND coalesce(after_seq, 0) < :seq
-  AND (:target IS NULL OR instance_id = :target);
+WHERE match_key IN (SELECT value FROM json_each(:keys)) AND event_type = :event_type
+  AND coalesce(after_seq, 0) < :seq
+UNION ALL
+SELECT instance_id, match, outcome_seq FROM geste_event_waits
+WHERE match_key IS NULL AND event_type = :event_type AND coalesce(after_seq, 0) < :seq;
+
+-- name: waits_for_event_target
+-- The wait of the instance an event is sent to (:target), if the event (:seq) is visible to it.
+SELECT instance_id, match, outcome_seq FROM geste_event_waits
+WHERE instance_id = :target AND event_type = :event_type AND coalesce(after_seq, 0) < :seq;
 
 -- name: deliver_event
 -- An event handed straight to an instance that waits for it and that nobody holds: the outcome row is
@@ -230,8 +294,9 @@ WHERE instance_id = :instance_id AND status = 'waiting' AND lease_id IS NULL
 RETURNING workflow_name;
 
 -- name: wake
+-- A held instance is left as it is (it takes the event itself); its run_at is its take-over time.
 UPDATE geste_instances SET run_at = min(:now, {db_clock}), updated_at = :now
-WHERE instance_id = :instance_id AND status IN ('waiting', 'running')
+WHERE instance_id = :instance_id AND status IN ('waiting', 'running') AND lease_id IS NULL
   AND (run_at IS NULL OR run_at > min(:now, {db_clock}));
 
 -- name: next_run_after
@@ -242,16 +307,21 @@ WHERE workflow_name = :name AND run_at > :due AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: next_run_at
--- One probe of geste_instances_runnable_by_name per distinct workflow name with a run_at (a loose scan).
+-- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
+-- name with a free instance that has a run_at (a loose scan of the same index).
 WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL
+    SELECT min(workflow_name) FROM geste_instances
+    WHERE run_at IS NOT NULL AND lease_id IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
     UNION ALL
     SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT min(i.run_at) FROM geste_instances i
-            WHERE i.workflow_name = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL)) AS run_at
+            WHERE i.workflow_name = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating'))) AS run_at
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: upsert_worker
@@ -294,20 +364,35 @@ FROM geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT ?;
 SELECT status, count(*) AS n FROM geste_instances GROUP BY status;
 
 -- name: count_runnable
--- What claims at :now could take (a status this version runs); per distinct workflow name with a run_at
--- (a loose scan of geste_instances_runnable_by_name), its range up to :now: it reads the instances that
--- are runnable or running, never the finished ones nor those waiting for later.
-WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL
+-- What claims at :now could take (a status this version runs); per distinct workflow name with a free
+-- instance that has a run_at or a held one, the two ranges a claim reads (schema 11): the free
+-- instances due by :now and the leases that ran out by :now. It reads the runnable instances, never the
+-- finished ones, nor those waiting for later, nor the leases still held.
+WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
+    SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
+        SELECT (SELECT min(workflow_name) FROM geste_instances
+                WHERE run_at IS NOT NULL AND lease_id IS NULL
+                  AND status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
+               (SELECT min(workflow_name) FROM geste_instances
+                WHERE lease_id IS NOT NULL
+                  AND status IN ('pending', 'running', 'waiting', 'compensating')) AS h)
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
+        SELECT (SELECT min(i.workflow_name) FROM geste_instances i
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+                  AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
+               (SELECT min(i.workflow_name) FROM geste_instances i
+                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+                  AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT coalesce(sum((SELECT count(*) FROM geste_instances i
-                     WHERE i.workflow_name = n.name AND i.run_at <= :now
-                       AND (i.lease_id IS NULL OR i.lock_expires_at <= :now)
-                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0) AS n
+                     WHERE i.workflow_name = n.name AND i.lease_id IS NULL AND i.run_at <= :now
+                       AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
+                    + (SELECT count(*) FROM geste_instances i
+                       WHERE i.workflow_name = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
+                         AND i.lock_expires_at <= :now
+                         AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0) AS n
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: held_leases
@@ -584,58 +669,139 @@ WHERE instance_id IN (
 ) AND status = 'waiting' AND (run_at IS NULL OR run_at > min(:now, {db_clock}))
 RETURNING instance_id;
 
+-- name: channel_leftovers
+-- The re-wake, 1/2 (schema 11): per channel with a waiting subscriber (a loose scan of
+-- geste_channel_subscriptions_waiting), the lowest cursor of its waiting competing subscribers
+-- (geste_channel_subscriptions_by_cursor), then the first message after it that nobody took, older than
+-- :published_before (geste_channel_messages_unclaimed: it holds the messages not taken yet, so it reads
+-- past the fresh ones only). A message published before every competing subscriber subscribed is before
+-- every cursor: never read.
+WITH RECURSIVE channels(name) AS (
+    SELECT min(channel) FROM geste_channel_subscriptions WHERE waiting_since IS NOT NULL
+    UNION ALL
+    SELECT (SELECT min(s.channel) FROM geste_channel_subscriptions s
+            WHERE s.waiting_since IS NOT NULL AND s.channel > c.name)
+    FROM channels c WHERE c.name IS NOT NULL
+), lowest AS (
+    SELECT c.name AS channel,
+           (SELECT s.cursor_seq FROM geste_channel_subscriptions s
+            WHERE s.channel = c.name AND s.mode = 'competing' AND s.waiting_since IS NOT NULL
+            ORDER BY s.cursor_seq LIMIT 1) AS cursor_seq
+    FROM channels c WHERE c.name IS NOT NULL
+)
+SELECT * FROM (
+    SELECT l.channel,
+           (SELECT m.seq FROM geste_channel_messages m
+            WHERE m.channel = l.channel AND m.seq > l.cursor_seq AND m.target_instance_id IS NULL
+              AND m.claimed_by IS NULL AND m.created_at < :published_before
+            ORDER BY m.seq LIMIT 1) AS seq
+    FROM lowest l WHERE l.cursor_seq IS NOT NULL
+) WHERE seq IS NOT NULL;
+
 -- name: channel_rewake
--- The net under "a publish wakes one competing receiver": idle competing receivers for which an older
--- message is still unclaimed (the receiver woken for it did not take it: cancelled, failed).
+-- The re-wake, 2/2, per channel channel_leftovers found: the idle waiting competing subscribers whose
+-- cursor is before its message nobody took (:seq), at most :limit, in cursor order
+-- (geste_channel_subscriptions_by_cursor), each instance a probe by key (an EXISTS, not a join: SQLite
+-- built a Bloom filter over every subscription of the channel for one).
 UPDATE geste_instances SET run_at = :now, updated_at = :now
 WHERE instance_id IN (
     SELECT s.instance_id FROM geste_channel_subscriptions s
-    JOIN geste_instances i ON i.instance_id = s.instance_id
-    WHERE s.mode = 'competing' AND s.waiting_since IS NOT NULL
-      AND i.status = 'waiting' AND i.lease_id IS NULL AND (i.run_at IS NULL OR i.run_at > :now)
-      AND EXISTS (SELECT 1 FROM geste_channel_messages m
-                  WHERE m.channel = s.channel AND m.seq > s.cursor_seq AND m.target_instance_id IS NULL
-                    AND m.claimed_by IS NULL AND m.created_at < :published_before)
+    WHERE s.channel = :channel AND s.mode = 'competing' AND s.cursor_seq < :seq
+      AND s.waiting_since IS NOT NULL
+      AND EXISTS (SELECT 1 FROM geste_instances i
+                  WHERE i.instance_id = s.instance_id AND i.status = 'waiting' AND i.lease_id IS NULL
+                    AND (i.run_at IS NULL OR i.run_at > :now))
+    ORDER BY s.cursor_seq
     LIMIT :limit
-)
+) AND status = 'waiting' AND lease_id IS NULL
 RETURNING instance_id;
 
 -- name: channel_cleanup_subscriptions
-DELETE FROM geste_channel_subscriptions WHERE (channel, instance_id) IN (
-    SELECT s.channel, s.instance_id FROM geste_channel_subscriptions s
-    LEFT JOIN geste_instances i ON i.instance_id = s.instance_id
-    WHERE i.instance_id IS NULL OR i.status IN ('completed', 'failed', 'cancelled')
-    LIMIT :limit
+-- Maintenance, bounded like every cleanup: the :limit subscriptions after the key (:channel,
+-- :instance_id) in key order, each with whether its instance is finished (or deleted); the storage
+-- deletes those (channel_delete_subscriptions) and goes on after the last one read at the next round
+-- (schema 11; before, each round joined every subscription with its instance).
+SELECT s.channel, s.instance_id,
+       coalesce((SELECT i.status FROM geste_instances i WHERE i.instance_id = s.instance_id)
+                IN ('completed', 'failed', 'cancelled'), 1) AS gone
+FROM geste_channel_subscriptions s
+WHERE (s.channel, s.instance_id) > (:channel, :instance_id)
+ORDER BY s.channel, s.instance_id
+LIMIT :limit;
+
+-- name: channel_delete_subscriptions
+DELETE FROM geste_channel_subscriptions
+WHERE (channel, instance_id) IN (
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(:keys)
 );
 
 -- name: channel_cleanup_messages
--- Messages past the retention that no subscriber needs: a direct one once taken or its target finished;
--- another once every broadcast subscriber's cursor is past it and, if a competing subscriber could
--- take it, one did.
-DELETE FROM geste_channel_messages WHERE seq IN (
-    SELECT m.seq FROM geste_channel_messages m
-    WHERE m.created_at < :before AND CASE
-        WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR NOT EXISTS (
-            SELECT 1 FROM geste_instances i
-            WHERE i.instance_id = m.target_instance_id
-              AND i.status NOT IN ('completed', 'failed', 'cancelled'))
-        ELSE NOT EXISTS (
-            SELECT 1 FROM geste_channel_subscriptions s
-            WHERE s.channel = m.channel AND s.cursor_seq < m.seq
-              AND (s.mode = 'broadcast' OR m.claimed_by IS NULL))
-        END
-    ORDER BY m.seq LIMIT :limit
-);
+-- Messages past the retention (:before) that no subscriber needs: a direct one once taken or its target
+-- finished; another once no broadcast subscriber's cursor is before it and, unless it was taken, no
+-- competing subscriber's either (two probes of geste_channel_subscriptions_by_cursor). The :limit oldest
+-- messages after the key (:at, :seq) in (created_at, seq) order (geste_channel_messages_by_created), each
+-- with whether it may go; the storage deletes those (channel_delete_messages) and goes on after the last
+-- one read at the next round (schema 11).
+SELECT m.seq, m.created_at, CASE
+    WHEN m.target_instance_id IS NOT NULL THEN m.claimed_by IS NOT NULL OR coalesce(
+        (SELECT i.status FROM geste_instances i WHERE i.instance_id = m.target_instance_id)
+        IN ('completed', 'failed', 'cancelled'), 1)
+    ELSE coalesce((SELECT s.cursor_seq FROM geste_channel_subscriptions s
+                   WHERE s.channel = m.channel AND s.mode = 'broadcast'
+                   ORDER BY s.cursor_seq LIMIT 1) >= m.seq, 1)
+         AND (m.claimed_by IS NOT NULL
+              OR coalesce((SELECT s.cursor_seq FROM geste_channel_subscriptions s
+                           WHERE s.channel = m.channel AND s.mode = 'competing'
+                           ORDER BY s.cursor_seq LIMIT 1) >= m.seq, 1))
+    END AS gone
+FROM geste_channel_messages m
+WHERE (m.created_at, m.seq) > (:at, :seq) AND m.created_at < :before
+ORDER BY m.created_at, m.seq
+LIMIT :limit;
+
+-- name: channel_delete_messages
+DELETE FROM geste_channel_messages WHERE seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: channel_cleanup_event_deliveries
+-- The deliveries of the events channel_cleanup_events deletes next, in the same transaction.
 DELETE FROM geste_event_deliveries WHERE event_seq IN (
-    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY seq LIMIT :limit
+    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY created_at LIMIT :limit
+);
+
+-- name: channel_cleanup_event_keys
+-- Their match keys (12), before the events (the same events: the same order).
+DELETE FROM geste_event_keys WHERE event_seq IN (
+    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY created_at LIMIT :limit
 );
 
 -- name: channel_cleanup_events
+-- Events past their retention, the oldest first (geste_events_by_created, schema 11).
 DELETE FROM geste_events WHERE seq IN (
-    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY seq LIMIT :limit
+    SELECT seq FROM geste_events WHERE created_at < :before ORDER BY created_at LIMIT :limit
 );
+
+-- == chores (schema 11) ===============================================================================
+-- Each periodic chore (runtime/chores.py) runs in one worker at a time, whichever process of those that
+-- share this file it lives in: a round is taken with one upsert of its row in geste_chores.
+
+-- name: chore_take
+-- Take the chore :chore for worker :worker at :now if its round is due: the next one is then due at
+-- :now + :interval. The holder of the last round takes it at next_at; another once the holder is :grace
+-- late (it died or stalls), or once it gave the chore back (holder NULL). Returns the row if taken.
+INSERT INTO geste_chores (chore, holder, next_at, taken_at) VALUES (:chore, :worker, :now + :interval, :now)
+ON CONFLICT (chore) DO UPDATE
+SET holder = excluded.holder, next_at = excluded.next_at, taken_at = excluded.taken_at
+WHERE geste_chores.next_at <= :now
+  AND (geste_chores.holder IS NULL OR geste_chores.holder = :worker OR geste_chores.next_at + :grace <= :now)
+RETURNING next_at, holder;
+
+-- name: chore_state
+-- After chore_take took nothing, in its transaction: when the next round is due, and who holds it.
+SELECT next_at, holder FROM geste_chores WHERE chore = :chore;
+
+-- name: chore_release
+-- A worker that stops gives its chores back: another takes each at its next round, without waiting.
+UPDATE geste_chores SET holder = NULL WHERE holder = :worker;
 
 -- == the web viewer (migration 6) ===================================================================
 -- Keyset pages of instances, newest first by (created_at, instance_id): one query per filter
@@ -752,19 +918,35 @@ FROM (SELECT value AS status FROM json_each(:statuses)) AS s;
 -- name: runnable_workflows
 -- The workflow names that have instances runnable at :now (lease free or expired, a status this version
 -- knows), each with how many, counted up to :cap: a loose index scan of geste_instances_runnable_by_name
--- (one probe per distinct name with a run_at), then at most :cap index entries per name.
-WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM geste_instances WHERE run_at IS NOT NULL
+-- and geste_instances_leased_by_name (one probe of each per distinct name), then at most :cap entries of
+-- each index per name, the two ranges a claim reads.
+WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
+    SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
+        SELECT (SELECT min(workflow_name) FROM geste_instances
+                WHERE run_at IS NOT NULL AND lease_id IS NULL
+                  AND status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
+               (SELECT min(workflow_name) FROM geste_instances
+                WHERE lease_id IS NOT NULL
+                  AND status IN ('pending', 'running', 'waiting', 'compensating')) AS h)
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.workflow_name > n.name)
+    SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
+        SELECT (SELECT min(i.workflow_name) FROM geste_instances i
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+                  AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
+               (SELECT min(i.workflow_name) FROM geste_instances i
+                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+                  AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
-SELECT n.name AS workflow_name, (SELECT count(*) FROM (
+SELECT n.name AS workflow_name, min(:cap, (SELECT count(*) FROM (
     SELECT 1 FROM geste_instances i
-    WHERE i.workflow_name = n.name AND i.run_at <= :now AND (i.lease_id IS NULL OR i.lock_expires_at <= :now)
+    WHERE i.workflow_name = n.name AND i.lease_id IS NULL AND i.run_at <= :now
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    LIMIT :cap)) AS runnable
+    LIMIT :cap)) + (SELECT count(*) FROM (
+    SELECT 1 FROM geste_instances i
+    WHERE i.workflow_name = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
+      AND i.lock_expires_at <= :now AND i.status IN ('pending', 'running', 'waiting', 'compensating')
+    LIMIT :cap))) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT :limit;
 
 -- name: workflow_names

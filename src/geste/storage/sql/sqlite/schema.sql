@@ -27,23 +27,29 @@ CREATE TABLE geste_instances (
     created_at       REAL NOT NULL,
     updated_at       REAL NOT NULL,
     finished_at      REAL,
-    run_at           REAL,              -- when it should next run once unlocked; NULL: only a wake-up
+    run_at           REAL,              -- when it should next run once unlocked; NULL: only a wake-up;
+                                        -- (11) while held: its take-over time, the lease's expiry as of
+                                        -- its claim or its worker's last heartbeat that moved it
     locked_by        TEXT,              -- the worker holding the lease
     lease_id         TEXT,              -- every write under a lease names it (LeaseLost otherwise)
     lock_expires_at  REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     steps            INTEGER NOT NULL DEFAULT 0,   -- history rows written
     event_floor      INTEGER,           -- (8) the last event seq when it was created: it sees the later ones
-    last_worker      TEXT               -- (14) the worker that last ran it: its wake-ups go there
+    last_worker      TEXT               -- (13) the worker that last ran it: its wake-ups go there
 );
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
 CREATE INDEX geste_instances_by_name ON geste_instances (workflow_name, created_at, instance_id);
 CREATE INDEX geste_instances_by_created ON geste_instances (created_at, instance_id);
 CREATE INDEX geste_instances_by_name_status ON geste_instances (workflow_name, status, created_at, instance_id);
--- the claim of a worker: per workflow it registers, its runnable instances in run_at order (9)
+-- the claim of a worker: per workflow it registers, its free instances in run_at order (9; free only: 11)
 CREATE INDEX geste_instances_runnable_by_name ON geste_instances (workflow_name, run_at)
-    WHERE run_at IS NOT NULL;
+    WHERE run_at IS NOT NULL AND lease_id IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating');
+-- and its held instances in take-over order: a claim reads the leases that ran out only (11)
+CREATE INDEX geste_instances_leased_by_name ON geste_instances (workflow_name, run_at)
+    WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- The journal: one row per step of an instance, numbered from 1.
 CREATE TABLE geste_history (
@@ -74,9 +80,12 @@ CREATE TABLE geste_event_waits (
     since       REAL NOT NULL,          -- when it was registered (shown to operators)
     deadline    REAL,
     outcome_seq INTEGER,                -- (5) where send_event writes the event into the history
-    after_seq   INTEGER                 -- (8) the instance's event_floor: only later events match
+    after_seq   INTEGER,                -- (8) the instance's event_floor: only later events match
+    match_key   INTEGER                 -- (12) one pair's key, or the type's (no match); NULL: older rows
 );
-CREATE INDEX geste_event_waits_by_type ON geste_event_waits (event_type);
+-- a send finds the waits that may accept it by its keys; rows of older versions by type (12)
+CREATE INDEX geste_event_waits_by_key ON geste_event_waits (match_key);
+CREATE INDEX geste_event_waits_unkeyed ON geste_event_waits (event_type) WHERE match_key IS NULL;
 
 -- Events sent to the app (send_event, POST /events), in the order the database gave them (seq).
 CREATE TABLE geste_events (
@@ -87,9 +96,24 @@ CREATE TABLE geste_events (
     data               TEXT NOT NULL,   -- JSON
     extensions         TEXT,            -- JSON
     target_instance_id TEXT,            -- for that instance only
-    created_at         REAL NOT NULL
+    created_at         REAL NOT NULL,
+    keyed              INTEGER NOT NULL DEFAULT 0   -- (12) its pairs are in geste_event_keys
 );
 CREATE INDEX geste_events_by_type ON geste_events (event_type, seq);
+-- the retention of events: the oldest first (11)
+CREATE INDEX geste_events_by_created ON geste_events (created_at);
+-- the events of older versions, read by type by the waits with a match (12)
+CREATE INDEX geste_events_unkeyed ON geste_events (event_type, seq) WHERE keyed = 0;
+
+-- The match keys of events (12): one row per top-level key/value pair of an event's data (a hash of the
+-- type and the pair's canonical JSON, geste/_matching.py), read by the waits with a match.
+CREATE TABLE geste_event_keys (
+    match_key INTEGER NOT NULL,
+    event_seq INTEGER NOT NULL,
+    PRIMARY KEY (match_key, event_seq)
+) WITHOUT ROWID;
+-- the retention of events deletes their keys with them
+CREATE INDEX geste_event_keys_by_event ON geste_event_keys (event_seq);
 
 -- Which instance took which event (each event at most once per instance).
 CREATE TABLE geste_event_deliveries (
@@ -115,7 +139,7 @@ CREATE TABLE geste_workers (
     lock_timeout REAL,                         -- (7) its own; NULL in rows written before
     workflows    TEXT,                         -- (9) the names it registers, a JSON array
     health       TEXT,                         -- (9) NULL while every background loop runs, else why one ended
-    relay        INTEGER NOT NULL DEFAULT 0    -- (14) it runs an outbox relay
+    relay        INTEGER NOT NULL DEFAULT 0    -- (13) it runs an outbox relay
 );
 
 -- Channels (3): every published message in publication order. claimed_by: the instance that took a
@@ -133,6 +157,10 @@ CREATE TABLE geste_channel_messages (
 CREATE INDEX geste_channel_messages_by_channel ON geste_channel_messages (channel, seq);
 CREATE INDEX geste_channel_messages_direct ON geste_channel_messages (target_instance_id, channel, seq)
     WHERE target_instance_id IS NOT NULL AND claimed_by IS NULL;
+-- the re-wake: per channel, the first message nobody took (11); the retention: the oldest first (11)
+CREATE INDEX geste_channel_messages_unclaimed ON geste_channel_messages (channel, seq)
+    WHERE target_instance_id IS NULL AND claimed_by IS NULL;
+CREATE INDEX geste_channel_messages_by_created ON geste_channel_messages (created_at, seq);
 
 -- One row per (channel, instance): the instance takes the messages after cursor_seq; waiting_since is set
 -- while it is suspended in receive() on this channel.
@@ -148,6 +176,9 @@ CREATE TABLE geste_channel_subscriptions (
 CREATE INDEX geste_channel_subscriptions_by_instance ON geste_channel_subscriptions (instance_id);
 CREATE INDEX geste_channel_subscriptions_waiting ON geste_channel_subscriptions (channel, mode, waiting_since)
     WHERE waiting_since IS NOT NULL;
+-- the lowest cursor of a channel's subscribers of one mode: whether a message is still needed, and the
+-- waiting competing subscribers behind a message nobody took (11)
+CREATE INDEX geste_channel_subscriptions_by_cursor ON geste_channel_subscriptions (channel, mode, cursor_seq);
 
 -- The transactional outbox (4): one row per event a workflow emitted (ctx.send_event), written with the
 -- step, delivered by a relay in per-instance order. status: pending, delivered, dead, discarded (10).
@@ -190,4 +221,14 @@ CREATE TABLE geste_retries (
     failed_at   REAL,                 -- when it had failed (its finished_at)
     removed     TEXT NOT NULL,        -- the removed history rows, JSON [[seq, kind, name, payload, is_error, created_at], ...]
     PRIMARY KEY (instance_id, retry)
+) WITHOUT ROWID;
+
+-- The chores of the cluster (11): a row per chore, taken for a round by one worker at a time (a
+-- conditional upsert when the round is due); the holder of the last round takes the next, another only
+-- once it is a round late or gave the chore back (holder NULL).
+CREATE TABLE geste_chores (
+    chore    TEXT PRIMARY KEY,     -- channel_rewake, channel_cleanup
+    holder   TEXT,                 -- the worker that took the last round; NULL: given back
+    next_at  REAL NOT NULL,        -- when the next round is due
+    taken_at REAL                  -- when the last round was taken
 ) WITHOUT ROWID;
