@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import pytest
 import geste
 from geste.errors import ConfigurationError, StorageError
 from geste.runtime.wakeups import CHANNELS, TIMER_EXPIRED, WORKFLOW_RESUMABLE, Listener, Wakeups
+from geste.storage._listen import PostgresListening
 from geste.storage.postgres import PostgresStorage, parse_postgres_url
 
 from .support import wait_until
@@ -470,9 +472,11 @@ async def test_event_cancel_and_release_notify_once_claimable(
 
 
 async def test_sleep_notifies_timer_expired(raw: RawListener, apps: Apps) -> None:
-    worker = await apps.open(poll_interval=0.05)
+    """A sleep that rings after the lease given up would have run out (1.2 s, a lease of 1 s) is
+    announced, naming its keeper; a shorter one is not (tests/test_routing.py)."""
+    worker = await apps.open(poll_interval=0.05, lock_timeout=1.0)
     iid = new_id("sleep")
-    handle = await worker.start_workflow("sleeper", 0.5, instance_id=iid)
+    handle = await worker.start_workflow("sleeper", 1.2, instance_id=iid)
     [body] = await raw.wait(iid, TIMER_EXPIRED)
     [timer] = await query(raw.url, "SELECT seq, expires_at FROM geste_timers WHERE instance_id = $1", iid)
     assert body == {
@@ -544,9 +548,9 @@ async def test_rolled_back_work_sends_nothing(raw: RawListener, apps: Apps) -> N
 
         # a sleep whose timer insert is refused: the suspension rolls back; the engine releases the
         # instance for a retry (that release commits and says so: a timer with no timer_id)
-        worker = await apps.open(poll_interval=0.05)
-        sleeper = "timeless-" + uuid.uuid4().hex
-        await worker.start_workflow("sleeper", 0.2, instance_id=sleeper)
+        worker = await apps.open(poll_interval=0.05, lock_timeout=1.0)
+        sleeper = "timeless-" + uuid.uuid4().hex  # longer than the lease: its suspension announces it
+        await worker.start_workflow("sleeper", 1.2, instance_id=sleeper)
         await raw.wait(sleeper, TIMER_EXPIRED)
         await raw.sync()
         assert all(body["timer_id"] is None for _, body in raw.about(sleeper)), raw.about(sleeper)
@@ -560,7 +564,7 @@ async def test_rolled_back_work_sends_nothing(raw: RawListener, apps: Apps) -> N
     await apps.close(worker)
     await client.send_event("doom", "data")
     await raw.wait(waiting, WORKFLOW_RESUMABLE)
-    worker = await apps.open(poll_interval=0.05)
+    worker = await apps.open(poll_interval=0.05, lock_timeout=1.0)
     assert (await client.get_handle(waiting).result(timeout=10))["data"] == "data"
     assert await client.get_handle(sleeper).result(timeout=10) == os.getpid()
     assert any(body["timer_id"] is not None for _, body in raw.about(sleeper, TIMER_EXPIRED))
@@ -589,12 +593,13 @@ async def test_other_process_wakes_at_once_for_a_start_and_an_event(
 
 
 async def test_timer_of_a_killed_worker_fires_on_another(workers: Worker, apps: Apps, pg_url: str) -> None:
-    """Worker A (a process) starts a sleeper and suspends; it is killed. Worker B (here, polls of
-    minutes, listening before A registered the timer) resumes it near expires_at, from the notification."""
+    """Worker A (a process, a lease of 1.5 s) starts a sleeper of 2 s, which rings after A's lease would
+    have run out, and suspends: the timer is announced; A is killed. Worker B (here, polls of minutes,
+    listening before A registered the timer) resumes it near expires_at, from the notification."""
     other = await apps.slow_worker()
     before = other.listener_status().notifications[TIMER_EXPIRED]
     iid = new_id("timer")
-    first = await workers.spawn(f"--start=sleeper:{iid}:2.0")
+    first = await workers.spawn("--lock-timeout=1.5", f"--start=sleeper:{iid}:2.0")
     row = await wait_status(pg_url, iid, "waiting")
     [timer] = await query(pg_url, "SELECT expires_at FROM geste_timers WHERE instance_id = $1", iid)
     assert row["lease_id"] is None and time.time() < timer["expires_at"], "the sleep was over already"
@@ -763,11 +768,19 @@ async def test_listener_status_counts_notifications(apps: Apps) -> None:
     }
 
     sent = time.time()
-    handle = await client.start_workflow("sleeper", 0.3)  # a resumable, then a timer notification
+    handle = await client.start_workflow("sleeper", 0.3)  # a resumable (the 0.3 s timer is not announced)
     assert await handle.result(timeout=FAST_BOUND) == os.getpid()
+    conn = await connect(worker.url)
+    try:  # every notification of a channel is counted, routed here or not
+        await conn.execute("SELECT pg_notify($1, '{}')", TIMER_EXPIRED)
+    finally:
+        await conn.close()
+    await wait_until(
+        lambda: worker.listener_status().notifications[TIMER_EXPIRED] > status.notifications[TIMER_EXPIRED],
+        "the timer notification counted",
+    )
     after = worker.listener_status()
     assert after.notifications[WORKFLOW_RESUMABLE] >= status.notifications[WORKFLOW_RESUMABLE] + 1
-    assert after.notifications[TIMER_EXPIRED] >= status.notifications[TIMER_EXPIRED] + 1
     assert after.last_notification_at is not None and after.last_notification_at.timestamp() >= sent - 0.01
     assert after.connected_since == status.connected_since and after.reconnects == status.reconnects
 
@@ -776,31 +789,29 @@ async def test_listener_status_counts_notifications(apps: Apps) -> None:
 
 
 async def test_probe_unanswered_means_reconnect(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    """The listener NOTIFYs itself every probe_interval; a probe not heard back within probe_timeout (as on
-    a half-open connection, where the socket looks fine and nothing arrives) makes it reconnect."""
+    """Every probe_interval the listener asks the server which channels its session listens on; a probe
+    not answered within probe_timeout (as on a half-open connection, where the socket looks fine and
+    nothing arrives) makes it reconnect, and so does an answer without one of geste's channels."""
     caplog.set_level(logging.WARNING, logger="geste.wakeups")
     wakeups = Wakeups(poll_interval=1.0, fallback_interval=30.0, clock=time.time)
     caught_up: list[float] = []
+    probes: list[int] = []
+    deaf = False
+
+    async def deaf_when_told(conn: Any) -> set[str]:
+        probes.append(conn.connection.get_server_pid())
+        if deaf:  # the question is sent and no answer ever comes, as on a half-open connection
+            await asyncio.Event().wait()
+        return await PostgresListening.channels(conn)
+
     listener = Listener(
-        PostgresStorage(pg_url).listen,
+        probed(PostgresStorage(pg_url), deaf_when_told),
         wakeups=wakeups,
         reconnect_delay=0.05,
         on_caught_up=lambda: caught_up.append(time.time()),
         probe_interval=0.1,
         probe_timeout=0.3,
     )
-    deliver = listener._on_notification
-    probes: list[int] = []
-    deaf = False
-
-    def on_notification(channel: str, payload: str) -> None:
-        if channel == listener._probe_channel:
-            probes.append(listener._conn.connection.get_server_pid())
-            if deaf:
-                return  # the probe is lost, as on a half-open connection
-        deliver(channel, payload)
-
-    listener._on_notification = on_notification  # type: ignore[method-assign]
     listener.start()
     try:
         await wait_until(lambda: listener.state == "listening", "listening")
@@ -816,9 +827,20 @@ async def test_probe_unanswered_means_reconnect(pg_url: str, caplog: pytest.LogC
         assert "probe" in (listener.last_error or "")
         assert any("probe" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
         await wait_until(lambda: listener.state == "listening" and len(caught_up) > caught, "listening again")
-        assert listener._conn.connection.get_server_pid() != first_pid
+        second_pid = listener._conn.connection.get_server_pid()
+        assert second_pid != first_pid
         heard = len(probes)
         await wait_until(lambda: len(probes) >= heard + 3, "probes answered on the new connection")
+
+        # the session stops listening on a channel (an UNLISTEN, a pooler that moved the session): the
+        # next probe sees it, and the listener connects and LISTENs again
+        reconnects = listener.reconnects
+        await listener._conn.connection.execute(f"UNLISTEN {TIMER_EXPIRED}")
+        await wait_until(lambda: listener.reconnects > reconnects, "a reconnect after a lost LISTEN")
+        assert TIMER_EXPIRED in (listener.last_error or "")
+        await wait_until(lambda: listener.state == "listening", "listening again")
+        assert listener._conn.connection.get_server_pid() != second_pid
+        assert await listener._conn.channels() >= set(CHANNELS)
     finally:
         await listener.stop()
     assert listener._conn is None and not wakeups.listening
@@ -829,23 +851,22 @@ async def test_stop_right_after_a_probe_answer_returns(pg_url: str) -> None:
     has just completed; ``Listener.stop()`` called as a probe's answer arrives cancelled the listener task
     once, the cancel was lost, and stop (so ``App.close()``) hung for ever."""
     wakeups = Wakeups(poll_interval=1.0, fallback_interval=30.0, clock=time.time)
+    stopping: list[asyncio.Task[None]] = []
+
+    async def stop_on_answer(conn: Any) -> set[str]:
+        found = await PostgresListening.channels(conn)
+        if not stopping:  # stop while the answer is handed back to the probe
+            stopping.append(asyncio.get_running_loop().create_task(listener.stop()))
+        return found
+
     listener = Listener(
-        PostgresStorage(pg_url).listen,
+        probed(PostgresStorage(pg_url), stop_on_answer),
         wakeups=wakeups,
         reconnect_delay=0.05,
         on_caught_up=lambda: None,
         probe_interval=0.05,
         probe_timeout=2.0,
     )
-    deliver = listener._on_notification
-    stopping: list[asyncio.Task[None]] = []
-
-    def on_notification(channel: str, payload: str) -> None:
-        deliver(channel, payload)
-        if channel == listener._probe_channel and not stopping:
-            stopping.append(asyncio.get_running_loop().create_task(listener.stop()))
-
-    listener._on_notification = on_notification  # type: ignore[method-assign]
     task = None
     try:
         listener.start()
@@ -859,3 +880,14 @@ async def test_stop_right_after_a_probe_answer_returns(pg_url: str) -> None:
             task.cancel()
             await asyncio.wait([task], timeout=5)
         await listener._close()
+
+
+def probed(storage: PostgresStorage, probe: Callable[[Any], Awaitable[set[str]]]) -> Any:
+    """``storage.listen`` whose connections answer the listener's probe with ``probe(connection)``."""
+
+    async def connect(*args: Any) -> Any:
+        conn = await storage.listen(*args)
+        conn.channels = partial(probe, conn)  # type: ignore[method-assign]
+        return conn
+
+    return connect

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 import geste
@@ -875,3 +876,35 @@ def instances_read(nodes: list[dict[str, Any]]) -> int:
             removed = node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
             total += (node["Actual Rows"] + removed) * node["Actual Loops"]
     return round(total)
+
+
+async def test_only_a_timer_that_outlives_the_lease_is_announced(own_database: str) -> None:
+    """A suspension announces its timer (geste_timer_expired, for the workers that watch it in case its
+    keeper dies) only when it rings after the lease given up would have run out: the others learn of a
+    death about a lease after the last heartbeat, so a note of a shorter timer is never used, and each
+    notifying commit makes every listening backend of the database read the queue. The short sleep
+    rings on time all the same (its keeper's local timer)."""
+    pg_url = own_database
+    heard: list[dict[str, Any]] = []
+    other = await asyncpg.connect(pg_url)
+    await other.add_listener(TIMER_EXPIRED, lambda *a: heard.append(json.loads(a[3])))
+    worker = build_app(pg_url, lock_timeout=4.0)
+
+    @worker.workflow
+    async def napper(ctx: geste.WorkflowContext, seconds: float) -> float:
+        await ctx.sleep(seconds)
+        return seconds
+
+    try:
+        async with worker:
+            await wait_until(lambda: worker.listener_status().state == "listening", "the listener")
+            short = await worker.start_workflow("napper", 0.3)
+            long = await worker.start_workflow("napper", 6.0)
+            await wait_until(lambda: _waiting(pg_url, long.instance_id), "the long sleep's suspension")
+            assert await short.result(timeout=10) == 0.3
+            await other.execute("SELECT 1")  # notifications are read between statements
+            assert [h["instance_id"] for h in heard] == [long.instance_id], heard
+            assert heard[0]["worker"] == worker.worker_id and heard[0]["workflow_name"] == "napper"
+            assert await long.result(timeout=20) == 6.0
+    finally:
+        await other.close()

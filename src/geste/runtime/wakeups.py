@@ -21,7 +21,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -46,9 +45,10 @@ RECONNECT_CAP = 600.0
 MAX_LOCAL_TIMERS = 100_000
 """Local wake-ups kept at most; beyond, later timers are found through the database's next run_at."""
 PROBE_INTERVAL = 15.0
-"""How often the listener NOTIFYs itself to prove the connection still delivers."""
+"""How often the listener asks the server which channels its session listens on (one round trip): a
+half-open connection, or one that no longer listens, is found within a probe."""
 PROBE_TIMEOUT = 5.0
-"""A probe not heard back within this long means the connection is dead: reconnect."""
+"""A probe not answered within this long means the connection is dead: reconnect."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,8 +356,6 @@ class Listener(Loop):
         for channel in CHANNELS:  # every channel's series exists from the start, at 0
             self.metrics.listener_notifications.values[channel] += 0
         self.last_error: str | None = None
-        self._probe_channel = f"geste_probe_{uuid.uuid4().hex[:16]}"
-        self._probe_heard = asyncio.Event()
         self._lost = asyncio.Event()
         self._delay = reconnect_delay
         self._conn: Listening | None = None
@@ -425,7 +423,7 @@ class Listener(Loop):
     async def _connect(self) -> None:
         self._lost.clear()
         self._conn = await self.connect(
-            (*CHANNELS, self._probe_channel), self._on_notification, self._lost.set
+            CHANNELS, self._on_notification, self._lost.set
         )
         self.state = ListenerState.LISTENING
         self.connected_since = time.time()
@@ -436,7 +434,8 @@ class Listener(Loop):
         self.on_caught_up()  # LISTEN first, then rescan: what came while away is found by this poll
 
     async def _watch(self) -> None:
-        """Return when the connection is lost: closed by the server, or silent to a probe."""
+        """Return when the connection is lost: closed by the server, silent to a probe, or no longer
+        listening on every channel."""
         while True:
             try:
                 async with asyncio.timeout(self.probe_interval):
@@ -444,15 +443,15 @@ class Listener(Loop):
                 return
             except TimeoutError:
                 pass
-            self._probe_heard.clear()
             assert self._conn is not None
-            async with asyncio.timeout(self.probe_timeout):
-                await self._conn.notify(self._probe_channel)
             try:
                 async with asyncio.timeout(self.probe_timeout):
-                    await self._probe_heard.wait()
+                    heard = await self._conn.channels()
             except TimeoutError:
                 raise ConnectionError(f"no answer to a probe within {self.probe_timeout}s") from None
+            missing = sorted(set(CHANNELS) - heard)
+            if missing:
+                raise ConnectionError(f"the probe found no LISTEN on {', '.join(missing)}")
 
     async def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -461,9 +460,6 @@ class Listener(Loop):
 
     # -- dispatch ------------------------------------------------------------------------------------
     def _on_notification(self, channel: str, payload: str) -> None:
-        if channel == self._probe_channel:
-            self._probe_heard.set()
-            return
         self.last_notification_at = time.time()
         self.counts[channel] = self.counts.get(channel, 0) + 1
         self.metrics.listener_notifications.values[channel] += 1

@@ -3,7 +3,8 @@
 Only PostgreSQL has LISTEN/NOTIFY: it listens on one dedicated connection (never from the pool), with TCP
 keepalives (a dead peer is noticed by the kernel, not after hours), named ``<application_name>-listener``.
 What to do with a notification, when to probe the connection and how to reconnect is the runtime's
-(``geste.runtime.wakeups.Listener``): this module only opens the connection, LISTENs and NOTIFYs.
+(``geste.runtime.wakeups.Listener``): this module only opens the connection, LISTENs and says on which
+channels the server has it listening.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ OnNotification = Callable[[str, str], None]
 class Listening(Protocol):
     """An open LISTEN connection (``Storage.listen``)."""
 
-    async def notify(self, channel: str, payload: str = "") -> None:
-        """Send a notification on ``channel`` over this connection (the listener probes itself so)."""
+    async def channels(self) -> set[str]:
+        """The channels the server has this session listening on (``pg_listening_channels()``): the
+        listener's probe. A round trip proves the connection answers (a half-open one does not), the
+        answer that it still LISTENs; unlike a NOTIFY to itself, it makes no other listener of the
+        database read the notification queue."""
         ...
 
     async def close(self) -> None:
@@ -40,8 +44,8 @@ class PostgresListening:
     def __init__(self, conn: Any) -> None:
         self.connection = conn
 
-    async def notify(self, channel: str, payload: str = "") -> None:
-        await self.connection.execute("SELECT pg_notify($1, $2)", channel, payload)
+    async def channels(self) -> set[str]:
+        return {r[0] for r in await self.connection.fetch("SELECT pg_listening_channels()")}
 
     async def close(self) -> None:
         try:

@@ -483,8 +483,15 @@ FROM unnest(hashtextextended('geste_event:' || $1, 0) || $2::bigint[], $3::boole
 -- One statement: mark waiting and release, append the rows, replace the timers and event wait.
 -- Refused (no row updated) while a cancellation is pending. Returns (suspended, lease was ours).
 -- The suspending worker becomes the instance's last_worker (the old locked_by: SET reads the old row):
--- its wake-ups and its timer go to it.
-WITH suspended AS (
+-- its wake-ups and its timer go to it. The timer is announced (geste_timer_expired, for the workers that
+-- watch it in case its keeper dies) only when it rings after the lease given up would have run out
+-- (`lease`: the row as this statement's snapshot has it, before the UPDATE): the others learn of a
+-- worker's death about a lease after its last heartbeat (two heartbeat periods and a slack), so a note
+-- of an earlier timer would almost never be used, and every notifying commit makes every listening
+-- backend of the database read the notification queue (docs/design.md, "Routing").
+WITH lease AS (
+    SELECT lock_expires_at FROM {schema}.geste_instances WHERE instance_id = $1 AND lease_id = $2
+), suspended AS (
     UPDATE {schema}.geste_instances
     SET status = 'waiting', run_at = $3, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
         updated_at = $4, steps = steps + cardinality($5::integer[]), last_worker = locked_by
@@ -504,15 +511,14 @@ WITH suspended AS (
     INSERT INTO {schema}.geste_timers (instance_id, seq, expires_at)
     SELECT $1, $11, $12 WHERE $11::integer IS NOT NULL AND EXISTS (SELECT 1 FROM suspended)
     ON CONFLICT (instance_id, seq) DO UPDATE SET expires_at = excluded.expires_at
-), notified AS (  -- the suspender keeps a precise local wake-up at expires_at; the others watch it
+), notified AS (  -- the suspender keeps a precise local wake-up at expires_at; the others watch a long one
     SELECT pg_notify('geste_timer_expired',
                      json_build_object('instance_id', $1::text, 'timer_id', $11::integer,
                                        'expires_at', $12::double precision, 'workflow_name', workflow_name,
                                        'worker', last_worker, 'schema', {schema_name})::text)
-    FROM suspended WHERE $13 AND $11::integer IS NOT NULL
+    FROM suspended WHERE $13 AND $11::integer IS NOT NULL AND $12 > (SELECT lock_expires_at FROM lease)
 )
-SELECT EXISTS (SELECT 1 FROM suspended) AS suspended,
-       COALESCE((SELECT lease_id = $2 FROM {schema}.geste_instances WHERE instance_id = $1), false) AS ours,
+SELECT EXISTS (SELECT 1 FROM suspended) AS suspended, EXISTS (SELECT 1 FROM lease) AS ours,
        (SELECT count(*) FROM notified) AS notified;
 
 -- name: touch_lease
