@@ -8,8 +8,9 @@ Run from the repository root::
 It opens its App (a worker), waits until its listener listens, optionally starts workflows itself (they
 run here at once), writes ``FILE`` (its pid) and runs until SIGTERM/SIGINT. On SIGUSR1 it appends one
 JSON line to the report file: its claim rounds and the runs they started by wake-up cause (its metrics),
-the instances they took, the wake-ups it handed on. With ``GESTE_TEST_HOLD=1`` the ``hold`` activity
-never returns here.
+the instances they took, the wake-ups it handed on, and the statements it sent by query name and the
+transactions it began (counted in the process by ``benchmarks/herd.py``'s ``count_statements``).
+With ``GESTE_TEST_HOLD=1`` the ``hold`` activity never returns here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from typing import Any
 
 import geste
 from geste._metrics import WAKE_CAUSES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import herd  # the benchmark's in-process statement counter
 
 EVENT = "routing.go"
 
@@ -82,6 +86,7 @@ def report(app: geste.App, path: str) -> None:
             },
             "claimed": snap.value("geste_claimed_instances_total"),
             "handed_on": 0 if worker is None else worker.handed_on,
+            "statements": dict(herd.STATEMENTS),
         }
         data = (json.dumps(line) + "\n").encode()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -107,6 +112,7 @@ def read_lines(path: str | Path) -> list[dict[str, Any]]:
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    herd.count_statements()
     app = build_app(
         args.url,
         worker_id=args.worker_id,
