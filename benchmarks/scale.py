@@ -64,8 +64,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -216,7 +217,66 @@ async def fresh_database(backend: str, folder: Path) -> AsyncIterator[str]:
     try:
         yield herd.with_database(SERVER, name)
     finally:
-        await herd._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', SERVER)
+        await drop_database(name)
+
+
+async def drop_database(name: str) -> None:
+    """Drop the database ``name``, waiting for the server if it is restarting (the test suite restarts
+    it: the machine may be shared); if it cannot, say so and go on."""
+    for attempt in range(30):
+        try:
+            await herd._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', SERVER)
+            return
+        except Exception as exc:
+            if attempt == 29:
+                say(f"could not drop the database {name}: {exc!r}")
+            await asyncio.sleep(2)
+
+
+async def pg_connect(url: str) -> Any:
+    """An asyncpg connection to the database of a geste URL, in its schema (``?schema=``, or public)."""
+    import asyncpg
+
+    from geste.storage.postgres import parse_postgres_url
+
+    dsn, options = parse_postgres_url(url)
+    return await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
+
+
+T = TypeVar("T")
+RETRIES = 2
+
+
+async def attempt(what: str, measure: Callable[[], Awaitable[T]], raw: dict[str, Any]) -> T:
+    """``measure()``; if it fails (the server restarted under it, say: the test suite does so), once the
+    server answers again, up to ``RETRIES`` times more, each failure logged and kept in ``raw["retries"]``."""
+    for tried in range(RETRIES + 1):
+        try:
+            return await measure()
+        except Exception as exc:
+            if tried == RETRIES:
+                raise
+            say(f"{what}: failed ({exc!r}); measured again once the server answers")
+            raw.setdefault("retries", []).append({"what": what, "error": repr(exc)})
+            await server_answers()
+    raise AssertionError("unreachable")
+
+
+async def server_answers(timeout: float = 300.0) -> None:
+    import asyncpg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = await asyncpg.connect(herd.with_database(SERVER, "postgres"), timeout=5)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1)
+        else:
+            await conn.close()
+            await asyncio.sleep(2)  # a restart's connections settle
+            return
 
 
 def sqlite_path(url: str) -> str:
@@ -234,8 +294,12 @@ async def part_workers(sizes: Sizes, runs: int, raw: dict[str, Any]) -> list[Row
     results: dict[int, list[herd.HerdResult]] = {n: [] for n in counts}
     for run in range(runs):
         for n in alternate(counts, run):
-            found = await herd.measure(
-                n, wakeups=sizes.wakeups, instances=sizes.herd_instances, server=SERVER
+            found = await attempt(
+                f"workers, {n}",
+                partial(
+                    herd.measure, n, wakeups=sizes.wakeups, instances=sizes.herd_instances, server=SERVER
+                ),
+                raw,
             )
             results[n].append(found)
             say(
@@ -274,8 +338,14 @@ async def part_waiters(sizes: Sizes, runs: int, raw: dict[str, Any], folder: Pat
     results: dict[int, list[event_matching.Sample]] = {n: [] for n in counts}
     for run in range(runs):
         for n in alternate(counts, run):
-            async with fresh_database("postgres", folder) as url:
-                sample = await event_matching.event_wakeup(url, n, samples=sizes.samples, warmup=sizes.warmup)
+
+            async def one(n: int = n) -> event_matching.Sample:
+                async with fresh_database("postgres", folder) as url:
+                    return await event_matching.event_wakeup(
+                        url, n, samples=sizes.samples, warmup=sizes.warmup
+                    )
+
+            sample = await attempt(f"waiters, {n}", one, raw)
             results[n].append(sample)
             say(f"waiters, run {run + 1}/{runs}, {count(n)}: p50 {sample.p50 * 1000:.2f} ms")
     raw["waiters"] = {
@@ -307,16 +377,21 @@ async def part_loaded(sizes: Sizes, runs: int, raw: dict[str, Any], folder: Path
         say(f"loaded ({backend}): seeded in {time.monotonic() - began:.0f} s")
         for run in range(runs):
             for which in alternate(["empty", "loaded"], run):
-                async with contextlib.AsyncExitStack() as stack:
-                    if which == "empty":
-                        url = await stack.enter_async_context(fresh_database(backend, folder))
-                    else:
-                        url = loaded_url
-                        await loaded_claims._vacuum(url)  # the last run's dead rows, as autovacuum would
-                    nothing, one = await loaded_claims.claim_round_ms(url, rounds=sizes.claim_rounds)
-                    if which == "loaded":
-                        await loaded_claims._vacuum(url)
-                    rate = await loaded_claims.workflows_per_second(url, sizes.instances, 1)
+
+                async def measure(which: str = which) -> tuple[float, float, float]:
+                    async with contextlib.AsyncExitStack() as stack:
+                        if which == "empty":
+                            url = await stack.enter_async_context(fresh_database(backend, folder))
+                        else:
+                            url = loaded_url
+                            await loaded_claims._vacuum(url)  # the last run's dead rows, as autovacuum would
+                        nothing, one = await loaded_claims.claim_round_ms(url, rounds=sizes.claim_rounds)
+                        if which == "loaded":
+                            await loaded_claims._vacuum(url)
+                        rate = await loaded_claims.workflows_per_second(url, sizes.instances, 1)
+                    return rate, nothing, one
+
+                rate, nothing, one = await attempt(f"loaded ({backend}), {which}", measure, raw)
                 figures["workflows_per_s"][which].append(rate)
                 figures["claim_nothing_ms"][which].append(nothing)
                 figures["claim_one_ms"][which].append(one)
@@ -409,12 +484,10 @@ async def seed_subscribers(url: str, subscribers: int) -> None:
     """``subscribers`` instances waiting in ``receive`` as competing subscribers of ``CHANNEL`` (rows as
     ``channel_take_or_suspend`` leaves them), with a ``waiting_since`` after the measured receiver's: a
     publish wakes the one idle the longest, the measured one, and the others are the index it searches."""
-    import asyncpg
-
     if subscribers == 0:
         return
     now = time.time()
-    conn = await asyncpg.connect(url)
+    conn = await pg_connect(url)
     try:
         await conn.execute(SEED_SUBSCRIBER_INSTANCES, subscribers, SEEDED_WORKFLOW, now)
         await conn.execute(SEED_SUBSCRIPTIONS, subscribers, CHANNEL, now)
@@ -477,11 +550,14 @@ async def part_channels(sizes: Sizes, runs: int, raw: dict[str, Any], folder: Pa
     rewakes: dict[int, list[float]] = {n: [] for n in counts}
     for run in range(runs):
         for n in alternate(counts, run):
-            async with fresh_database("postgres", folder) as url:
-                sample = await channel_wakeup(url, n, samples=sizes.samples, warmup=sizes.warmup)
-                async with geste.App(url, run_worker=False) as app:
-                    chores = maintenance(app)
-                    rewake = await timed(chores.rewake, sizes.chore_rounds)
+
+            async def one(n: int = n) -> tuple[event_matching.Sample, float]:
+                async with fresh_database("postgres", folder) as url:
+                    sample = await channel_wakeup(url, n, samples=sizes.samples, warmup=sizes.warmup)
+                    async with geste.App(url, run_worker=False) as app:
+                        return sample, await timed(maintenance(app).rewake, sizes.chore_rounds)
+
+            sample, rewake = await attempt(f"channels, {n}", one, raw)
             wakeups[n].append(sample)
             rewakes[n].append(rewake)
             say(
@@ -542,19 +618,26 @@ async def seed_chores(url: str, *, rows: int, finished: int, held: int) -> None:
         finally:
             conn.close()
         return
-    import asyncpg
-
-    conn = await asyncpg.connect(url)
+    conn = await pg_connect(url)
     try:
         for statement in CHORE_SEED_POSTGRES:
             await conn.execute(statement, now, rows)
         await conn.execute(SEED_OUTBOX_POSTGRES, now, rows)
-        await conn.execute("VACUUM ANALYZE")
+        await conn.execute(f"VACUUM ANALYZE {', '.join(SEEDED)}")
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
 
 
+SEEDED = (
+    "geste_instances",
+    "geste_channel_subscriptions",
+    "geste_channel_messages",
+    "geste_events",
+    "geste_event_deliveries",
+    "geste_event_keys",
+    "geste_outbox",
+)
 CHORES = ("chore_take", "channel_rewake", "channel_cleanup batch", "relay poll")
 
 
@@ -596,7 +679,11 @@ async def part_chores(sizes: Sizes, runs: int, raw: dict[str, Any], folder: Path
         say(f"chores ({backend}): seeded in {time.monotonic() - began:.0f} s")
         for run in range(runs):
             for which in alternate(["base", "loaded"], run):
-                medians = await chore_rounds(urls[which], sizes.chore_rounds)
+                medians = await attempt(
+                    f"chores ({backend}), {which}",
+                    partial(chore_rounds, urls[which], sizes.chore_rounds),
+                    raw,
+                )
                 for name, ms in medians.items():
                     found[name][which].append(ms)
                 shown = ", ".join(f"{name} {ms:.2f}" for name, ms in medians.items())
@@ -613,7 +700,13 @@ async def part_chores(sizes: Sizes, runs: int, raw: dict[str, Any], folder: Path
 
 # -- the run ---------------------------------------------------------------------------------------------
 PARTS = ("chores", "loaded", "channels", "waiters", "workers")
-"""In this order: the worker part last, as it counts the statements of this process too (``herd``)."""
+"""Run in this order: the worker part last, as it counts the statements of this process too (``herd``)."""
+SHOWN = ("workers", "waiters", "loaded", "channels", "chores")
+"""Shown in this order: issue 15's."""
+
+
+def in_order(found: dict[str, list[Row]]) -> list[Row]:
+    return [row for part in SHOWN for row in found.get(part, [])]
 
 
 def write_json(path: Path, document: dict[str, Any], rows: list[Row]) -> None:
@@ -626,7 +719,7 @@ async def bench(args: argparse.Namespace, info: dict[str, Any]) -> list[Row]:
     sizes = QUICK if args.quick else Sizes()
     parts = [p for p in PARTS if p in args.parts.split(",")]
     backends = args.backends.split(",")
-    rows: list[Row] = []
+    found: dict[str, list[Row]] = {}
     raw: dict[str, Any] = {}
     document: dict[str, Any] = {
         "generated": None,
@@ -643,6 +736,7 @@ async def bench(args: argparse.Namespace, info: dict[str, Any]) -> list[Row]:
         folder = Path(tmp)
         for part in parts:
             took = time.monotonic()
+            rows = found.setdefault(part, [])
             if part == "workers":
                 rows += await part_workers(sizes, args.runs, raw)
             elif part == "waiters":
@@ -661,9 +755,9 @@ async def bench(args: argparse.Namespace, info: dict[str, Any]) -> list[Row]:
                 info["total_seconds"] = round(time.monotonic() - began)
                 document["generated"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
                 document["parts_done"] = parts[: parts.index(part) + 1]
-                write_json(Path(args.json), document, rows)
+                write_json(Path(args.json), document, in_order(found))
     say(f"total {time.monotonic() - began:.0f} s")
-    return rows
+    return in_order(found)
 
 
 def main() -> None:
