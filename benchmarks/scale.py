@@ -67,6 +67,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -200,37 +201,66 @@ def count(n: int) -> str:
 
 
 # -- databases -----------------------------------------------------------------------------------------
-@contextlib.asynccontextmanager
-async def fresh_database(backend: str, folder: Path) -> AsyncIterator[str]:
-    """A new database, dropped (or deleted) afterwards: a PostgreSQL database of its own on ``SERVER``, or
-    a SQLite file in ``folder``."""
+async def create_database(backend: str, folder: Path) -> str:
+    """A new database: a PostgreSQL database of its own on ``SERVER``, or a SQLite file in ``folder``."""
     name = f"geste_scale_{uuid.uuid4().hex[:12]}"
     if backend == "sqlite":
-        path = folder / f"{name}.db"
-        try:
-            yield f"sqlite:///{path}"
-        finally:
-            for suffix in ("", "-wal", "-shm"):
-                await asyncio.to_thread(Path(f"{path}{suffix}").unlink, missing_ok=True)
-        return
+        return f"sqlite:///{folder / f'{name}.db'}"
     await herd._admin(f'CREATE DATABASE "{name}"', SERVER)
-    try:
-        yield herd.with_database(SERVER, name)
-    finally:
-        await drop_database(name)
+    return herd.with_database(SERVER, name)
 
 
-async def drop_database(name: str) -> None:
-    """Drop the database ``name``, waiting for the server if it is restarting (the test suite restarts
-    it: the machine may be shared); if it cannot, say so and go on."""
-    for attempt in range(30):
+async def remove_database(url: str) -> None:
+    """Drop (or delete) a database of ``create_database``, waiting for the server if it is restarting (the
+    test suite restarts it: the machine may be shared); if it cannot, say so and go on."""
+    if url.startswith("sqlite"):
+        for suffix in ("", "-wal", "-shm"):
+            await asyncio.to_thread(Path(f"{sqlite_path(url)}{suffix}").unlink, missing_ok=True)
+        return
+    name = urlsplit(url).path.lstrip("/")
+    for tried in range(30):
         try:
             await herd._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', SERVER)
             return
         except Exception as exc:
-            if attempt == 29:
+            if tried == 29:
                 say(f"could not drop the database {name}: {exc!r}")
             await asyncio.sleep(2)
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(backend: str, folder: Path) -> AsyncIterator[str]:
+    """A new database (``create_database``), removed afterwards."""
+    url = await create_database(backend, folder)
+    try:
+        yield url
+    finally:
+        await remove_database(url)
+
+
+@contextlib.asynccontextmanager
+async def seeded_database(
+    backend: str, folder: Path, seed: Callable[[str], Awaitable[object]], what: str, raw: dict[str, Any]
+) -> AsyncIterator[str]:
+    """A new database seeded by ``seed(url)`` (made again if the server restarted meanwhile), removed
+    afterwards."""
+
+    async def make() -> str:
+        url = await create_database(backend, folder)
+        try:
+            began = time.monotonic()
+            await seed(url)
+            say(f"{what}: seeded in {time.monotonic() - began:.0f} s")
+        except BaseException:
+            await remove_database(url)
+            raise
+        return url
+
+    url = await attempt(f"{what}: seeding", make, raw, discard=remove_database)
+    try:
+        yield url
+    finally:
+        await remove_database(url)
 
 
 async def pg_connect(url: str) -> Any:
@@ -244,39 +274,59 @@ async def pg_connect(url: str) -> Any:
 
 
 T = TypeVar("T")
-RETRIES = 2
+RETRIES = 3
 
 
-async def attempt(what: str, measure: Callable[[], Awaitable[T]], raw: dict[str, Any]) -> T:
-    """``measure()``; if it fails (the server restarted under it, say: the test suite does so), once the
-    server answers again, up to ``RETRIES`` times more, each failure logged and kept in ``raw["retries"]``."""
+async def attempt(
+    what: str,
+    measure: Callable[[], Awaitable[T]],
+    raw: dict[str, Any],
+    *,
+    discard: Callable[[T], Awaitable[object]] | None = None,
+) -> T:
+    """``measure()``, kept if it succeeded and the PostgreSQL server did not restart meanwhile (the test
+    suite restarts it, and a shared machine may run it: a restart fails a measurement or, worse, changes
+    its figures); else, once the server answers again, measured again (``discard`` is given a result not
+    kept), up to ``RETRIES`` times more. Each measurement not kept is logged and listed in
+    ``raw["retries"]``."""
     for tried in range(RETRIES + 1):
+        started = await server_started()
         try:
-            return await measure()
+            result = await measure()
         except Exception as exc:
             if tried == RETRIES:
                 raise
-            say(f"{what}: failed ({exc!r}); measured again once the server answers")
-            raw.setdefault("retries", []).append({"what": what, "error": repr(exc)})
-            await server_answers()
+            error = repr(exc)
+        else:
+            if await server_started() == started:
+                return result
+            error = "the server restarted during the measurement"
+            if discard is not None:
+                await discard(result)
+            if tried == RETRIES:
+                raise RuntimeError(f"{what}: {error}, {RETRIES + 1} times")
+        say(f"{what}: not kept ({error}); measured again")
+        raw.setdefault("retries", []).append({"what": what, "error": error, "at": time.time()})
     raise AssertionError("unreachable")
 
 
-async def server_answers(timeout: float = 300.0) -> None:
+async def server_started(timeout: float = 300.0) -> float:
+    """When the PostgreSQL server started (``pg_postmaster_start_time``), once it answers (waiting for it
+    at most ``timeout`` seconds)."""
     import asyncpg
 
     deadline = time.monotonic() + timeout
     while True:
         try:
             conn = await asyncpg.connect(herd.with_database(SERVER, "postgres"), timeout=5)
+            try:
+                return float(await conn.fetchval("SELECT extract(epoch FROM pg_postmaster_start_time())"))
+            finally:
+                await conn.close()
         except Exception:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(1)
-        else:
-            await conn.close()
-            await asyncio.sleep(2)  # a restart's connections settle
-            return
 
 
 def sqlite_path(url: str) -> str:
@@ -371,10 +421,8 @@ async def part_loaded(sizes: Sizes, runs: int, raw: dict[str, Any], folder: Path
     figures: dict[str, dict[str, list[float]]] = {
         k: {"empty": [], "loaded": []} for k in ("workflows_per_s", "claim_nothing_ms", "claim_one_ms")
     }
-    async with fresh_database(backend, folder) as loaded_url:
-        began = time.monotonic()
-        await loaded_claims.seed(loaded_url, finished=sizes.finished, held=sizes.held)
-        say(f"loaded ({backend}): seeded in {time.monotonic() - began:.0f} s")
+    seed = partial(loaded_claims.seed, finished=sizes.finished, held=sizes.held)
+    async with seeded_database(backend, folder, seed, f"loaded ({backend})", raw) as loaded_url:
         for run in range(runs):
             for which in alternate(["empty", "loaded"], run):
 
@@ -670,13 +718,14 @@ async def chore_rounds(url: str, rounds: int) -> dict[str, float]:
 
 async def part_chores(sizes: Sizes, runs: int, raw: dict[str, Any], folder: Path, backend: str) -> list[Row]:
     found: dict[str, dict[str, list[float]]] = {name: {"base": [], "loaded": []} for name in CHORES}
-    async with fresh_database(backend, folder) as small, fresh_database(backend, folder) as big:
-        urls = {"base": small, "loaded": big}
-        began = time.monotonic()
-        for url, n in ((small, 10), (big, 1)):
-            rows, finished, held = sizes.chore_rows // n, sizes.finished // n, sizes.held // n
-            await seed_chores(url, rows=rows, finished=finished, held=held)
-        say(f"chores ({backend}): seeded in {time.monotonic() - began:.0f} s")
+    urls: dict[str, str] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for which, n in (("base", 10), ("loaded", 1)):
+            seed = partial(
+                seed_chores, rows=sizes.chore_rows // n, finished=sizes.finished // n, held=sizes.held // n
+            )
+            what = f"chores ({backend}), {which}"
+            urls[which] = await stack.enter_async_context(seeded_database(backend, folder, seed, what, raw))
         for run in range(runs):
             for which in alternate(["base", "loaded"], run):
                 medians = await attempt(
