@@ -163,17 +163,18 @@ def percentile(values: list[float], p: float) -> float:
 
 
 class Worker:
-    """The worker subprocess and what it prints: ``ready``, ``S`` (suspended), ``R <i> <time>``."""
+    """The worker subprocess and what it prints: ``ready``, ``S`` (suspended), ``R <i> <time>``; run as
+    ``script --serve URL`` (``scale.py`` runs its channel receiver so)."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, url: str, script: str = __file__) -> None:
+        self.url, self.script = url, script
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: asyncio.Queue[list[str]] = asyncio.Queue()
         self.reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--serve", self.url, stdin=asyncio.subprocess.PIPE,
+            sys.executable, self.script, "--serve", self.url, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert self.proc.stdout is not None

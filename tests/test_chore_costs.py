@@ -161,6 +161,8 @@ SEED_SQLITE = [
        INSERT INTO geste_event_deliveries (instance_id, event_seq) SELECT 'sub-' || n, n FROM g""",
     """WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < :rows)
        INSERT INTO geste_event_keys (match_key, event_seq) SELECT n * 7919, n FROM g""",
+]
+DUE_SQLITE = [  # as DUE_POSTGRES
     """INSERT INTO geste_channel_messages (message_id, channel, data, created_at)
        VALUES ('left', 'jobs', '1', :now - 600)""",
     """WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < :rows / 100)
@@ -188,7 +190,7 @@ async def test_each_chore_statement_reads_what_is_due_on_sqlite(tmp_path: Path) 
     async with geste.App(f"sqlite:///{path}", run_worker=False) as app:
         with contextlib.closing(sqlite3.connect(path)) as conn:
             with conn:
-                for seed in SEED_SQLITE:
+                for seed in [*SEED_SQLITE, *DUE_SQLITE]:
                     conn.execute(seed, {"rows": ROWS, "now": now})
             conn.execute("ANALYZE")
             one_pass = vm_steps(conn, "SELECT count(*) FROM geste_channel_messages WHERE data <> ''", {})
