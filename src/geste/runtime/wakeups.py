@@ -422,9 +422,7 @@ class Listener(Loop):
 
     async def _connect(self) -> None:
         self._lost.clear()
-        self._conn = await self.connect(
-            CHANNELS, self._on_notification, self._lost.set
-        )
+        self._conn = await self.connect(CHANNELS, self._on_notification, self._lost.set)
         self.state = ListenerState.LISTENING
         self.connected_since = time.time()
         self.wakeups.listening = True

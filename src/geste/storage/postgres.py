@@ -13,7 +13,7 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -501,6 +501,7 @@ class PostgresStorage(base.Storage):
         *,
         due_before: float | None = None,
         workflows: Sequence[str],
+        known: Mapping[str, int] | None = None,
     ) -> base.Claims:
         due = now if due_before is None else due_before
         names = sorted(set(workflows))
@@ -517,13 +518,15 @@ class PostgresStorage(base.Storage):
                 limit,
                 due,
                 names[0] if len(names) == 1 else names,
+                json.dumps(known) if known else None,
             )
             claims, later = base.Claims(), None
             for r in found:
                 if r["instance_id"] is None:  # not a claim: the row that carries the next run_at
                     later = r["run_at"]
                     continue
-                claims.append(rows.claim(r, _history_from_json(r["history"]), r["expired_at"]))
+                after = known.get(r["instance_id"], 0) if known else 0
+                claims.append(rows.claim(r, _history_from_json(r["history"]), r["expired_at"], after))
             claims.next_run_at = later
             return claims
 
@@ -538,6 +541,7 @@ class PostgresStorage(base.Storage):
         *,
         due_before: float | None = None,
         workflows: Sequence[str],
+        known: Mapping[str, int] | None = None,
     ) -> base.Claims:
         ids, names = list(dict.fromkeys(instance_ids)), sorted(set(workflows))
         if not ids or not names:
@@ -554,13 +558,15 @@ class PostgresStorage(base.Storage):
                 now if due_before is None else due_before,
                 ids,
                 names,
+                json.dumps(known) if known else None,
             )
             claims = base.Claims()
             for r in found:
                 if r["lease_id"] is None:  # named, free, not due yet: when it is
                     claims.later[r["instance_id"]] = r["run_at"]
                 else:
-                    claims.append(rows.claim(r, _history_from_json(r["history"]), r["expired_at"]))
+                    after = known.get(r["instance_id"], 0) if known else 0
+                    claims.append(rows.claim(r, _history_from_json(r["history"]), r["expired_at"], after))
             return claims
 
         return await self._run(go)
