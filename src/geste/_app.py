@@ -170,6 +170,7 @@ class App(OpenClose):
         clock: Callable[[], float],
         metrics: Metrics,
         retry_wait: Callable[[str, float], Awaitable[None]] | None = None,
+        workflow_cache_size: int | None = None,
         **overrides: Any,
     ) -> _Parts:
         """The parts that run this App's registry on ``storage``: its client, the engine and the
@@ -204,7 +205,9 @@ class App(OpenClose):
             on_outbox=lambda event_id: runtime.outbox_recorded(event_id),
             on_channel_woken=lambda: runtime.channel_woken(),
             metrics=metrics,
-            workflow_cache_size=self.workflow_cache_size,
+            workflow_cache_size=(
+                self.workflow_cache_size if workflow_cache_size is None else workflow_cache_size
+            ),
             **({} if retry_wait is None else {"retry_wait": retry_wait}),
         )
         runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics)
