@@ -437,9 +437,7 @@ class Journal:
             outcome = await host.storage.take_event_or_suspend(self._commit(self.pending, now), wait)
         return await self._took(outcome, StepKind.EVENT, wait.outcome_seq, wait.deadline)
 
-    async def take_message_or_suspend(
-        self, wait: MessageWait, now: float
-    ) -> StoredMessage | Resumed | None:
+    async def take_message_or_suspend(self, wait: MessageWait, now: float) -> StoredMessage | Resumed | None:
         """The message the receive takes (recorded with the buffered rows), None if its deadline passed;
         or the wait is committed and the run unwinds or continues later (as ``take_event_or_suspend``),
         or a cancel is delivered there."""
