@@ -23,6 +23,7 @@ MakeApp = Callable[..., geste.App]
 def build(make_app: MakeApp, **options: Any) -> tuple[geste.App, dict[str, Any]]:
     """An App with ``looper`` (n rounds of: an activity, then a wait for its own ``tick`` event) and what
     the workflows' code saw (``seen``: runs started, ``finally`` blocks run)."""
+    options.setdefault("workflow_cache_size", 1000)  # whatever GESTE_WORKFLOW_CACHE_SIZE says
     app = make_app(**options)
     seen: dict[str, Any] = {"starts": 0, "finally": 0, "flip": False}
 
