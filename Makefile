@@ -21,6 +21,7 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
+	GESTE_WORKFLOW_CACHE_SIZE=0 $(BIN)/pytest -q  # again without the cache of suspended runs
 
 chaos: $(STAMP)
 	bash .ci/ensure-postgres

@@ -154,6 +154,8 @@ async def database_at_version(url: str, version: int, statements: Sequence[str] 
 # -- plans: what a query reads ----------------------------------------------------------------------
 def sql_literal(value: Any) -> str:
     """A parameter of the test's own making as SQL text (``EXPLAIN EXECUTE`` takes no ``$n``)."""
+    if value is None:
+        return "NULL"
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
     if isinstance(value, list):

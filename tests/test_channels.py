@@ -627,6 +627,7 @@ def test_the_listener_turns_a_channel_message_into_a_batch_of_message_size() -> 
             *,
             due_before: float | None = None,
             workflows: Sequence[str] = (),
+            known: object = None,
         ) -> Claims:
             self.limits.append(limit)
             return Claims()
@@ -644,7 +645,7 @@ def test_the_listener_turns_a_channel_message_into_a_batch_of_message_size() -> 
         )
         storage = Storage()
         worker = Worker(
-            runner=SimpleNamespace(workflows={"w": None}),  # type: ignore[arg-type]
+            runner=SimpleNamespace(workflows={"w": None}, cached=lambda ids=None: {}),  # type: ignore[arg-type]
             storage=storage,  # type: ignore[arg-type]
             worker_id="w",
             clock=time.time,

@@ -323,9 +323,12 @@ async def test_a_claim_reads_only_its_own_workflows_index_range_on_postgres(
             await conn.execute("ANALYZE geste_instances")
             await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
             cases = {
-                # worker_id, lease prefix, now, lock_expires_at, limit, due (now + lookahead), names
-                "claim": ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, "mine"),
-                "claim_names": ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, ["mine", "mine2"]),
+                # worker_id, lease prefix, now, lock_expires_at, limit, due (now + lookahead), names, known
+                "claim": ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, "mine", None),
+                "claim_names": (
+                    *("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025),
+                    *(["mine", "mine2"], None),
+                ),
                 "runnable_workflows": (now, UNSERVED_CAP, 1000),
             }
             for name, params in cases.items():
@@ -391,7 +394,7 @@ async def test_a_concurrent_claim_gets_what_another_claim_wanted_but_not(pg_url:
             )
             claim = schema_queries(options["schema"])["claim_names"]
             async with conn.transaction():
-                rows = await conn.fetch(claim, "A", "a/", now, now + 60, 1, now, ["x", "y"])
+                rows = await conn.fetch(claim, "A", "a/", now, now + 60, 1, now, ["x", "y"], None)
                 assert [r[0] for r in rows if r[0] is not None] == ["x1"]
                 taken = await app.storage.claim("B", now, now + 60, 10, workflows=["x", "y"])
                 assert [c.lease.instance_id for c in taken] == ["y1"]

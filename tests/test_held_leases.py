@@ -160,8 +160,8 @@ async def test_a_claim_reads_no_live_lease_on_postgres(pg_url: str, plan_cache_m
             claim = ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025)
             cases: dict[str, tuple[tuple[Any, ...], int]] = {
                 # parameters, most rows of geste_instances read
-                "claim": ((*claim, "mine"), 3 * len(EXPECTED)),
-                "claim_names": ((*claim, ["mine", "mine2"]), 3 * len(EXPECTED)),
+                "claim": ((*claim, "mine", None), 3 * len(EXPECTED)),
+                "claim_names": ((*claim, ["mine", "mine2"], None), 3 * len(EXPECTED)),
                 "runnable_workflows": ((now, UNSERVED_CAP, 1000), 3 * len(EXPECTED)),
                 "count_runnable": ((now,), 3 * len(EXPECTED)),
                 "next_run_at": ((), 10),
@@ -351,7 +351,7 @@ async def test_a_claim_in_a_backlog_of_its_own_workflow_reads_what_it_takes(
             await conn.execute(SEED_POSTGRES, now, 0, 0, EXPIRED, BACKLOG, 0)
             await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
             for name, names in (("claim", "mine"), ("claim_names", ["mine", "mine2"])):
-                params = ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, names)
+                params = ("w1", "0123456789ab/", now, now + 15.0, 100, now + 0.025, names, None)
                 nodes = await explain(conn, queries[name], params)
                 on_table = [node for node in nodes if node.get("Relation Name") == "geste_instances"]
                 shown = (name, [(n["Node Type"], n.get("Index Name"), instances_read([n])) for n in on_table])

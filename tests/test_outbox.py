@@ -280,7 +280,7 @@ async def test_the_event_is_in_the_outbox_with_its_step_and_replay_does_not_emit
     make_app: MakeApp, receiver: Receiver
 ) -> None:
     runs = 0
-    app = make_app(outbox_endpoint=receiver.url)
+    app = make_app(outbox_endpoint=receiver.url, workflow_cache_size=0)  # each wake-up replays
 
     @app.workflow
     async def flow(ctx: geste.WorkflowContext) -> list[str]:

@@ -34,7 +34,7 @@ from geste.runtime.routing import ROUTABLE_SLACK, Router, score
 from geste.runtime.wakeups import TIMER_EXPIRED, WORKFLOW_RESUMABLE, Listener, Wakeups
 from geste.storage.base import WorkerRow
 
-from .support import raw_query, wait_until
+from .support import plan_nodes, raw_query, sql_literal, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
@@ -819,7 +819,8 @@ async def test_a_claim_by_ids_reads_the_rows_it_names_whatever_the_table_holds(
             await conn.execute("ANALYZE geste_instances")
             await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
             named = [f"due-{g}" for g in (7, 700, 70000)] + [f"later-{g}" for g in (7, 70000)]
-            params = ("w1", "0123456789ab/", now, now + 15.0, 5, now + 0.025, named, ["mine"])
+            # the last: the steps this worker holds of cached runs (a JSON object), here of one named
+            params = ("w1", "0123456789ab/", now, now + 15.0, 5, now + 0.025, named, ["mine"], '{"due-7": 1}')
             arguments = ", ".join(sql_literal(value) for value in params)
             query = schema_queries(options["schema"])["claim_ids"]
             transaction = conn.transaction()
@@ -871,24 +872,6 @@ async def test_a_claim_by_ids_reads_the_rows_it_names_on_sqlite(tmp_path: Path) 
             ], (name, plan)
     finally:
         conn.close()
-
-
-def sql_literal(value: Any) -> str:
-    """A parameter of the test's own making as SQL text (``EXPLAIN EXECUTE`` takes no ``$n``)."""
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    if isinstance(value, list):
-        return f"ARRAY[{', '.join(sql_literal(item) for item in value)}]::text[]"
-    if isinstance(value, float):
-        return f"{value!r}::double precision"
-    return str(int(value))
-
-
-def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    nodes = [plan]
-    for child in plan.get("Plans", []):
-        nodes += plan_nodes(child)
-    return nodes
 
 
 def instances_read(nodes: list[dict[str, Any]]) -> int:

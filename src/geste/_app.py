@@ -44,6 +44,24 @@ logger = logging.getLogger("geste.app")
 
 DEFAULT_URL = "sqlite:///geste.db"
 
+DEFAULT_WORKFLOW_CACHE_SIZE = 1000
+"""Parked runs a worker keeps at most (``workflow_cache_size``), unless ``GESTE_WORKFLOW_CACHE_SIZE`` says
+otherwise (0: none, every wake-up replays; what CI runs the whole suite with too)."""
+
+
+def _cache_size(value: int | None) -> int:
+    if value is None:
+        env = os.environ.get("GESTE_WORKFLOW_CACHE_SIZE")
+        if env is None:
+            return DEFAULT_WORKFLOW_CACHE_SIZE
+        try:
+            value = int(env)
+        except ValueError:
+            raise ConfigurationError(f"GESTE_WORKFLOW_CACHE_SIZE must be an int >= 0, not {env!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigurationError(f"workflow_cache_size must be an int >= 0, not {value!r}")
+    return value
+
 
 class App(OpenClose):
     """A geste application: where workflows and activities are registered and run.
@@ -81,6 +99,7 @@ class App(OpenClose):
         outbox_timeout: float | timedelta = 10.0,
         message_retention: float | timedelta = timedelta(days=7),
         event_retention: float | timedelta = timedelta(days=7),
+        workflow_cache_size: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
@@ -103,6 +122,7 @@ class App(OpenClose):
         self.poll_interval = seconds(poll_interval, what="poll_interval", allow_zero=False)
         self.shutdown_grace = seconds(shutdown_grace, what="shutdown_grace")
         self.max_payload_bytes = positive_int(max_payload_bytes, "max_payload_bytes")
+        self.workflow_cache_size = _cache_size(workflow_cache_size)
         self.message_retention = seconds(message_retention, what="message_retention")
         self.event_retention = seconds(event_retention, what="event_retention")
         self.outbox_config = OutboxConfig.build(
@@ -150,6 +170,7 @@ class App(OpenClose):
         clock: Callable[[], float],
         metrics: Metrics,
         retry_wait: Callable[[str, float], Awaitable[None]] | None = None,
+        workflow_cache_size: int | None = None,
         **overrides: Any,
     ) -> _Parts:
         """The parts that run this App's registry on ``storage``: its client, the engine and the
@@ -184,6 +205,9 @@ class App(OpenClose):
             on_outbox=lambda event_id: runtime.outbox_recorded(event_id),
             on_channel_woken=lambda: runtime.channel_woken(),
             metrics=metrics,
+            workflow_cache_size=(
+                self.workflow_cache_size if workflow_cache_size is None else workflow_cache_size
+            ),
             **({} if retry_wait is None else {"retry_wait": retry_wait}),
         )
         runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics)
@@ -350,6 +374,7 @@ class App(OpenClose):
             return
         try:
             await self.runtime.close()
+            await self._parts.engine.close()
         finally:
             self._closed()
 

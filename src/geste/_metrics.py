@@ -264,6 +264,19 @@ class Metrics:
             "Instances claimed while a previous lease on them had expired (its worker died or stalled).",
             ("workflow",),
         )
+        self.workflow_cache_hits = Counter(
+            "geste_workflow_cache_hits_total",
+            "Wake-ups that continued a run kept in this worker's cache of suspended runs (no replay).",
+            keys=[()],
+        )
+        self.workflow_cache_drops = Counter(
+            "geste_workflow_cache_drops_total",
+            "Runs dropped from the cache of suspended runs, by reason: evicted (beyond its size), stale "
+            "(claimed with other rows than its wait's outcome, or with its whole history), replaced, "
+            "stopped (the worker stopped).",
+            ("reason",),
+            keys=("evicted", "stale", "replaced", "stopped"),
+        )
         self.listener_reconnects = Counter(
             "geste_listener_reconnects_total",
             "Reconnection attempts of the LISTEN/NOTIFY connection after it was lost or refused.",

@@ -140,13 +140,16 @@ class WorkflowEnvironment(OpenClose):
     def _assemble(self, url: str) -> _Parts:
         """The App's registry on a database of its own, this clock, and a runtime built for them: the
         App's options for what runs, a lease outliving any jump of the clock, no grace, no claim ahead of
-        the clock, no listener, no outbox relay; the activities' retry back-off waits for ``advance``."""
+        the clock, no listener, no outbox relay, no cache of suspended runs (each wake-up replays the
+        whole history, so a test meets a non-deterministic workflow at its first wake-up); the
+        activities' retry back-off waits for ``advance``."""
         return self.app._assemble(
             url,
             create_storage(url),
             clock=self._time,
             metrics=Metrics(),
             retry_wait=self._retry_wait,
+            workflow_cache_size=0,
             worker_id="geste-testing",
             run_worker=True,
             lock_timeout=LEASE,

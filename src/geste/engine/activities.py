@@ -19,6 +19,11 @@ from ..errors import ActivityTimeout, NonDeterminismError, SerializationError
 from ..storage.base import HistoryRow
 from .journal import Host, Journal
 
+REPLAY_SLICE_MASK = 255
+"""A replayed activity step whose number is a multiple of 256 yields to the event loop: replaying a long
+history is otherwise one piece of work on the loop, which holds up every other instance of the process
+(its heartbeats, its group commits) for as long as it takes."""
+
 if TYPE_CHECKING:
     from .._definitions import Activity
 
@@ -82,6 +87,8 @@ class ActivityRunner:
                 journal, activity, seq, kind, tuple(loaded_args), loaded_kwargs, encoded_args
             )
             journal.pending.append(row)  # journal.buffer(row), inline: see there why it can wait
+        elif not seq & REPLAY_SLICE_MASK:  # a long replay gives the event loop a turn now and then
+            await asyncio.sleep(0)
         step = journal.read(row, ActivityStep)  # a CompensationStep is one
         if step.error is not None:
             raise decode_error(step.error)

@@ -64,7 +64,7 @@ from ..storage.base import (
     NewOutboxEvent,
 )
 from .activities import ActivityContext, ActivityRunner
-from .journal import Journal
+from .journal import RESUMED, Journal, Resumed
 
 if TYPE_CHECKING:
     from .._definitions import Activity
@@ -195,11 +195,11 @@ class WorkflowContext:
             if journal.last_recorded > seq:
                 journal.cancelled_here()
                 return
-        if now >= expires_at:
-            return
-        if journal.cancel_pending():
-            journal.deliver_cancel(journal.next())
-        await journal.suspend(run_at=expires_at, timer=(seq, expires_at))
+        while now < expires_at:  # again after a wake-up that continues a cached run early
+            if journal.cancel_pending():
+                journal.deliver_cancel(journal.next())
+            await journal.suspend(run_at=expires_at, timer=(seq, expires_at))
+            now = self._host.clock()
 
     async def sleep_until(self, when: datetime) -> None:
         """Wait durably until ``when`` (an aware datetime; a naive one is taken as UTC)."""
@@ -243,14 +243,19 @@ class WorkflowContext:
             wait = journal.read(row, WaitEventStep)
             deadline, match_dict = _optional_float(wait.deadline), wait.match
         out_seq = journal.next()
-        out = journal.wait_outcome(out_seq, event_type, StepKind.EVENT, StepKind.EVENT_TIMEOUT, "event")
-        if out is not None:
-            if out.kind == StepKind.EVENT_TIMEOUT:
-                raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
-            return journal.read(out, EventStep).event()
-        now = self._host.clock()
-        taken = await journal.take_event_or_suspend(EventWait(event_type, match_dict, deadline, out_seq), now)
+        while True:  # once more when a cached run continues here: its outcome is recorded now
+            out = journal.wait_outcome(out_seq, event_type, StepKind.EVENT, StepKind.EVENT_TIMEOUT, "event")
+            if out is not None:
+                if out.kind == StepKind.EVENT_TIMEOUT:
+                    raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
+                return journal.read(out, EventStep).event()
+            now = self._host.clock()
+            event_wait = EventWait(event_type, match_dict, deadline, out_seq)
+            taken = await journal.take_event_or_suspend(event_wait, now)
+            if taken is not RESUMED:
+                break
         if taken is not None:
+            assert not isinstance(taken, Resumed)
             return EventStep.decode(event_history_payload(taken)).event()
         journal.buffer(
             HistoryRow(out_seq, StepKind.EVENT_TIMEOUT, event_type, EventTimeoutStep().encode(), True, now)
@@ -372,16 +377,20 @@ class WorkflowContext:
         else:
             deadline = _optional_float(journal.read(row, ReceiveStep).deadline)
         out_seq = journal.next()
-        out = journal.wait_outcome(
-            out_seq, channel, StepKind.MESSAGE, StepKind.RECEIVE_TIMEOUT, "message on channel"
-        )
-        if out is not None:
-            if out.kind == StepKind.RECEIVE_TIMEOUT:
-                raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
-            return journal.read(out, MessageStep).message()
-        now = self._host.clock()
-        taken = await journal.take_message_or_suspend(MessageWait(channel, mode, deadline, out_seq), now)
+        while True:  # once more when a cached run continues here: its outcome is recorded now
+            out = journal.wait_outcome(
+                out_seq, channel, StepKind.MESSAGE, StepKind.RECEIVE_TIMEOUT, "message on channel"
+            )
+            if out is not None:
+                if out.kind == StepKind.RECEIVE_TIMEOUT:
+                    raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
+                return journal.read(out, MessageStep).message()
+            now = self._host.clock()
+            taken = await journal.take_message_or_suspend(MessageWait(channel, mode, deadline, out_seq), now)
+            if taken is not RESUMED:
+                break
         if taken is not None:
+            assert not isinstance(taken, Resumed)
             return MessageStep.decode(message_history_payload(taken)).message()
         journal.buffer(
             HistoryRow(out_seq, StepKind.RECEIVE_TIMEOUT, channel, ReceiveTimeoutStep().encode(), True, now)

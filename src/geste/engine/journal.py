@@ -63,12 +63,27 @@ class _Unwind(BaseException):
 
 
 class Suspended(_Unwind):
-    """The wait was committed and the instance released; unwind the coroutine, keep nothing."""
+    """The wait was committed and the instance released; unwind the coroutine, keep nothing. Raised at
+    the wait when no cache keeps the run (``Journal.park`` is None), or later, when the cache drops it."""
 
 
 class Abandon(_Unwind):
     """The lease is lost or the database failed: stop this run without writing anything more."""
 
+
+class Resumed:
+    """What a take-or-suspend returns once a run parked at its wait continues (``engine.cache``): the
+    wait reads its outcome again, now in the history, as a replay would."""
+
+    __slots__ = ()
+
+
+RESUMED = Resumed()
+
+Park = Callable[["Journal", int], Awaitable[None]]
+"""Keep a suspended run alive (``engine.cache``): called with the journal and the last step it holds;
+returns when a wake-up here continues it (``Journal.resumed`` was called), raises ``Suspended`` when
+the cache drops it."""
 
 _STORAGE_FAILURES = (LeaseLost, StorageError)
 
@@ -164,6 +179,8 @@ class Journal:
         """The compensations the workflow registered (``on_failure``), oldest first."""
         self._compensating = False
         self._suspended = False
+        self.park: Park | None = None
+        """Set by the engine when a cache may keep the run at a wait (else a suspension unwinds)."""
         self.divergence: NonDeterminismError | None = None
         """The divergence (or corruption) that stops the run, even if the workflow swallowed it."""
         if misnumbered is not None:  # fail the run like a divergence, not the engine at every claim
@@ -173,6 +190,26 @@ class Journal:
     @property
     def is_replaying(self) -> bool:
         return self.seq < self.last_recorded
+
+    def resumed(self, lease: Lease, rows: Sequence[HistoryRow], cancel_requested: bool) -> None:
+        """A run parked at a wait continues under a new ``lease`` with the ``rows`` recorded since it
+        parked (its wait's outcome, if any: ``engine.cache`` checked them)."""
+        self.lease = lease
+        for row in rows:
+            self._history[row.seq] = row
+            self.last_recorded = max(self.last_recorded, row.seq)
+            if row.kind in _WAIT_KINDS:
+                self._last_wait = max(self._last_wait, row.seq)
+            if row.kind == StepKind.CANCELLED:
+                self._cancel_delivered = True
+        self._cancel_requested = self._cancel_requested or cancel_requested
+        self._suspended = False
+
+    def forget_replayed(self) -> None:
+        """Drop the rows of the steps taken already: a parked run never reads them again, and a cache
+        of long histories would otherwise hold every row."""
+        seq = self.seq
+        self._history = {s: r for s, r in self._history.items() if s > seq}
 
     # -- step numbers and the recorded history -------------------------------------------------------
     def next(self) -> int:
@@ -391,47 +428,51 @@ class Journal:
             return out
         raise self.diverged(NonDeterminismError(seq, f"{out.kind} {out.name!r}", f"{waited_for} {name!r}"))
 
-    async def take_event_or_suspend(self, wait: EventWait, now: float) -> StoredEvent | None:
+    async def take_event_or_suspend(self, wait: EventWait, now: float) -> StoredEvent | Resumed | None:
         """The event the wait takes (recorded with the buffered rows), None if its deadline passed; or
-        the wait is committed and the run unwinds (``Suspended``), or a cancel is delivered there."""
+        the wait is committed and the run unwinds (``Suspended``) or, kept by the cache, continues later
+        (``RESUMED``); or a cancel is delivered there."""
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.take_event_or_suspend(self._commit(self.pending, now), wait)
-        return self._took(outcome, StepKind.EVENT, wait.outcome_seq, wait.deadline)
+        return await self._took(outcome, StepKind.EVENT, wait.outcome_seq, wait.deadline)
 
-    async def take_message_or_suspend(self, wait: MessageWait, now: float) -> StoredMessage | None:
+    async def take_message_or_suspend(self, wait: MessageWait, now: float) -> StoredMessage | Resumed | None:
         """The message the receive takes (recorded with the buffered rows), None if its deadline passed;
-        or the wait is committed and the run unwinds (``Suspended``), or a cancel is delivered there."""
+        or the wait is committed and the run unwinds or continues later (as ``take_event_or_suspend``),
+        or a cancel is delivered there."""
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.channel_take_or_suspend(self._commit(self.pending, now), wait)
-        return self._took(outcome, StepKind.MESSAGE, wait.outcome_seq, wait.deadline)
+        return await self._took(outcome, StepKind.MESSAGE, wait.outcome_seq, wait.deadline)
 
-    def _took(
+    async def _took(
         self, outcome: T | Suspension | None, kind: StepKind, out_seq: int, deadline: float | None
-    ) -> T | None:
+    ) -> T | Resumed | None:
         """After a wait's take-or-suspend transaction: what it took (recorded with the buffered rows, a
-        ``kind`` row), None if the deadline passed, or ``_waited``."""
+        ``kind`` row), None if the deadline passed, or ``_waited`` (``RESUMED`` once a cached run goes on)."""
         if outcome is None:
             return None
         if isinstance(outcome, Suspension):
-            self._waited(outcome, out_seq, deadline)
+            await self._waited(outcome, out_seq, deadline)
+            return RESUMED
         metrics = self.host.metrics
         metrics.recorded(self.pending)
         metrics.steps.values[kind] += 1
         self.pending = []
         return outcome
 
-    def _waited(self, outcome: Suspension, out_seq: int, deadline: float | None) -> NoReturn:
+    async def _waited(self, outcome: Suspension, out_seq: int, deadline: float | None) -> None:
         """After a wait's take-or-suspend transaction found nothing: deliver a pending cancel at the
-        wait's outcome position, or unwind the suspended workflow."""
+        wait's outcome position, or suspend the workflow there."""
         if outcome is Suspension.CANCEL_REQUESTED:
             self._cancel_requested = True
             self.deliver_cancel(out_seq)
-        self._suspended_until(deadline)
+        await self._suspended_until(deadline, out_seq - 1)
 
-    async def suspend(self, *, run_at: float, timer: tuple[int, float]) -> NoReturn:
-        """Commit the buffered rows and the timer, release the instance until ``run_at`` and unwind."""
+    async def suspend(self, *, run_at: float, timer: tuple[int, float]) -> None:
+        """Commit the buffered rows and the timer, release the instance until ``run_at`` and unwind (or,
+        kept by the cache, return when a wake-up here continues the run)."""
         host = self.host
         commit = self._commit(self.pending, host.clock(), ends_lease=True)
         with _abandon_on_failure:
@@ -439,11 +480,14 @@ class Journal:
         if outcome is Suspension.CANCEL_REQUESTED:
             self._cancel_requested = True
             self.deliver_cancel(self.next())
-        self._suspended_until(run_at)
+        await self._suspended_until(run_at, timer[0])
 
-    def _suspended_until(self, run_at: float | None) -> NoReturn:
+    async def _suspended_until(self, run_at: float | None, known: int) -> None:
+        """The suspension committed (every step up to ``known`` is recorded): unwind, or park."""
         self.host.metrics.recorded(self.pending)
         self.pending = []
         self._suspended = True
         self.host.on_suspended(self.instance_id, run_at)
-        raise Suspended()
+        if self.park is None:
+            raise Suspended()
+        await self.park(self, known)

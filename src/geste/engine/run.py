@@ -1,14 +1,15 @@
 """One run of one instance: load its history, replay the workflow, record what is new, store the end.
 
-The engine holds no state between runs: whatever a run needs is in the database, so any worker can run
-any instance, and a waiting instance costs no memory anywhere.
+Whatever a run needs is in the database, so any worker can run any instance. The one state kept between
+runs is an optimisation that correctness never depends on: the cache of suspended runs (``cache``), which
+lets a wake-up in the worker where the run suspended continue it without a replay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._metrics import Metrics
@@ -17,6 +18,7 @@ from .._serde import decode, encode, encode_error
 from ..errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
 from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
 from .activities import ActivityRunner
+from .cache import PARKED, CachedRun, WorkflowCache
 from .context import WorkflowContext
 from .journal import Abandon, Journal, Suspended
 
@@ -28,6 +30,9 @@ logger = logging.getLogger("geste.engine")
 ABANDONED_RETRY = 1.0
 """Seconds before a run abandoned on a storage error is tried again: a database that keeps refusing a
 write (or is down) costs one attempt a second, not a busy loop."""
+
+CLOSE_UNWIND = 1.0
+"""Seconds ``Engine.close`` gives the dropped parked runs to unwind from their waits."""
 
 UNKNOWN_WORKFLOW_RETRY = 30.0
 """Seconds before an instance of a workflow this worker does not know is offered again (to a peer)."""
@@ -71,6 +76,7 @@ class Engine:
         on_channel_woken: Callable[[], None] = _ignore_woken,
         on_outbox: Callable[[str], None] = _ignore_outbox,
         retry_wait: Callable[[str, float], Awaitable[None]] = _retry_sleep,
+        workflow_cache_size: int = 0,
     ) -> None:
         self.storage = storage
         self.metrics = metrics or Metrics()
@@ -96,10 +102,35 @@ class Engine:
         """How an activity's retry back-off waits, given the instance id and the seconds: in real time;
         ``geste.testing`` makes it wait for its virtual clock instead."""
         self.activities = ActivityRunner(self)
+        self.cache = WorkflowCache(workflow_cache_size, self.metrics)
+        """The runs parked at a wait in this worker (``cache``; size 0: none)."""
+
+    def cached(self, instance_ids: Collection[str] | None = None) -> dict[str, int]:
+        """For a claim: the last step held by each parked run (of ``instance_ids``), by instance id."""
+        return self.cache.known(instance_ids) if self.cache.size else {}
+
+    async def close(self) -> None:
+        """Drop every parked run (the worker stops): their instances replay wherever they wake next. Each
+        unwinds from its wait (its ``finally`` blocks run), for a second at most."""
+        tasks = [t for t in self.cache.tasks() if not t.done()]
+        self.cache.clear()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_UNWIND)
 
     async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
         """Run the claimed instance until it suspends, finishes, or cannot go on."""
         instance_id = claim.lease.instance_id
+        cached = self.cache.take(instance_id) if self.cache.size else None
+        if cached is not None:
+            rows = cached.new_rows(claim, () if history is None else history)
+            if rows is not None:
+                self.metrics.workflow_cache_hits.values[()] += 1
+                cached.resume(claim, rows)
+                await self._until_stopped(cached, claim.workflow_name)
+                return
+            self.cache.drop(cached, "stale")
+        if claim.history_after:  # the claim read past a run this worker no longer holds: read it all
+            history = None
         workflow = self.workflows.get(claim.workflow_name)
         if workflow is None:
             logger.warning(
@@ -121,15 +152,67 @@ class Engine:
             cancel_requested=claim.cancel_requested,
         )
         ctx = WorkflowContext(journal, self.activities)
+        if self.cache.size:  # in a task of its own, which may outlive this claim, parked at a wait
+            run = CachedRun(journal)
+            journal.park = run.park
+            run.task = asyncio.get_running_loop().create_task(
+                self._drive_cached(run, ctx, workflow, claim.input), name=f"geste-workflow-{instance_id}"
+            )
+            await self._until_stopped(run, claim.workflow_name)
+            return
         try:
             result = await self._drive(journal, ctx, workflow, claim.input)
         except (Suspended, Abandon) as signal:
             if isinstance(signal, Abandon):
                 await self._abandon(journal, signal)
             return
+        self._ended(instance_id, claim.workflow_name, result)
+
+    def _ended(self, instance_id: str, workflow_name: str, result: str | None) -> None:
         if result is not None:
-            self.on_completed(instance_id, claim.workflow_name, result)
+            self.on_completed(instance_id, workflow_name, result)
         self.on_finished(instance_id)
+
+    async def _drive_cached(
+        self, run: CachedRun, ctx: WorkflowContext, workflow: Workflow[Any, Any], stored_input: str
+    ) -> None:
+        """``_drive`` in the run's own task: its outcome goes to ``run.stopped`` (whichever claim holds
+        the run then awaits it); a run dropped while parked ends here with ``Suspended``."""
+        journal = run.journal
+        try:
+            result = await self._drive(journal, ctx, workflow, stored_input)
+        except asyncio.CancelledError:
+            if not run.stopped.done():
+                run.stopped.cancel()
+            raise
+        except BaseException as exc:  # Suspended, Abandon, or an engine error: the claim's to handle
+            if not run.stopped.done():
+                run.stopped.set_exception(exc)
+            elif not isinstance(exc, Suspended):  # pragma: no cover - only a dropped run ends parked
+                logger.error("instance %s: its cached run ended while parked: %r", journal.instance_id, exc)
+            self.cache.discard(journal.instance_id, run)
+            return
+        if not run.stopped.done():
+            run.stopped.set_result(result)
+
+    async def _until_stopped(self, run: CachedRun, workflow_name: str) -> None:
+        """Wait for the run (in its own task) to stop under this claim: parked (kept in the cache), ended,
+        or stopped by a signal, handled as an inline run's."""
+        journal = run.journal
+        try:
+            outcome = await run.stopped
+        except (Suspended, Abandon) as signal:
+            if isinstance(signal, Abandon):
+                await self._abandon(journal, signal)
+            return
+        except asyncio.CancelledError:  # this claim's task is cancelled (the worker stops): the run too
+            if run.task is not None:
+                run.task.cancel()
+            raise
+        if outcome is PARKED:
+            self.cache.put(journal.instance_id, run)
+            return
+        self._ended(journal.instance_id, workflow_name, outcome)
 
     async def _drive(
         self, journal: Journal, ctx: WorkflowContext, workflow: Workflow[Any, Any], stored_input: str

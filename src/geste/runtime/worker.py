@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from .._metrics import BACKLOG, POLL, START, TIMER, Metrics
@@ -51,6 +51,11 @@ class Runner(Protocol):
 
     async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
         """Run one claimed instance until it suspends, finishes, or cannot go on."""
+        ...
+
+    def cached(self, instance_ids: Collection[str] | None = None) -> dict[str, int]:
+        """The runs it keeps parked in memory (of ``instance_ids``), with the last step each holds: a
+        claim of one of them reads the rows after that step only."""
         ...
 
 
@@ -355,6 +360,7 @@ class Worker(Loop):
             batch,
             due_before=now + self.wakeups.lookahead,
             workflows=list(self.runner.workflows),
+            known=self.runner.cached(),
         )
         if self.stopping:  # stopped while the claim ran: hand its instances back at once, unrun
             if claims:
@@ -419,6 +425,7 @@ class Worker(Loop):
             list(taken),
             due_before=now + wakeups.lookahead,
             workflows=workflows,
+            known=self.runner.cached(taken),
         )
         if self.stopping:
             await self._hand_back(claims)

@@ -97,8 +97,11 @@ def history_arrays_json(rows: Sequence[HistoryRow]) -> str:
     return json.dumps([[r.seq, r.kind, r.name, r.payload, bool(r.is_error), r.created_at] for r in rows])
 
 
-def claim(r: Record, history: tuple[HistoryRow, ...], lease_expired_at: float | None) -> Claim:
-    """A ``Claim`` from a record with the columns a claim returns (``instance_id``, ``lease_id``, ...)."""
+def claim(
+    r: Record, history: tuple[HistoryRow, ...], lease_expired_at: float | None, history_after: int = 0
+) -> Claim:
+    """A ``Claim`` from a record with the columns a claim returns (``instance_id``, ``lease_id``, ...);
+    ``history`` holds the rows after ``history_after`` (0: all)."""
     return Claim(
         Lease(r["instance_id"], r["lease_id"]),
         r["workflow_name"],
@@ -109,6 +112,7 @@ def claim(r: Record, history: tuple[HistoryRow, ...], lease_expired_at: float | 
         history,
         r["run_at"],
         lease_expired_at,
+        history_after,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -91,6 +91,9 @@ class Claim:
     lease_expired_at: float | None = None
     """When the previous lease ran out, if the claim took over an expired lease (its worker died or
     stalled) rather than a free instance; None otherwise."""
+    history_after: int = 0
+    """``history`` holds the rows after this step only: the claim was told the worker knows the rows up
+    to it (``known``: a run it keeps in memory, ``engine.cache``); 0: the whole history."""
 
 
 class Claims(list[Claim]):
@@ -551,6 +554,7 @@ class Storage(abc.ABC):
         *,
         due_before: float | None = None,
         workflows: Sequence[str],
+        known: Mapping[str, int] | None = None,
     ) -> Claims:
         """Atomically take up to ``limit`` instances of the named ``workflows`` (those the worker
         registers; none: nothing is read), runnable by ``due_before`` (default ``now``), of a status this
@@ -558,7 +562,9 @@ class Storage(abc.ABC):
         ``due_before`` among those workflows' free instances. Reads at most ``limit`` rows of each of two
         index ranges per name (the free instances due, the leases that ran out), never a lease still
         held. A claimed instance's ``run_at`` becomes its lease's expiry (its take-over time); the claim
-        reports the ``run_at`` it had."""
+        reports the ``run_at`` it had. Each claim carries its history, or, for an instance in ``known``
+        (instance id: the last step the worker holds in memory), the rows after that step only
+        (``Claim.history_after``): a cached run's wake-up reads one row, not its whole history."""
 
     @abc.abstractmethod
     async def claim_ids(
@@ -570,6 +576,7 @@ class Storage(abc.ABC):
         *,
         due_before: float | None = None,
         workflows: Sequence[str],
+        known: Mapping[str, int] | None = None,
     ) -> Claims:
         """``claim`` restricted to the named instances (a routed wake-up: a notification, a local timer):
         of those, the ones of the named ``workflows`` that ``claim`` could take, by primary key, whatever

@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -236,8 +236,8 @@ class SQLiteStorage(base.Storage):
         )
 
     @staticmethod
-    def _history(conn: sqlite3.Connection, instance_id: str) -> tuple[base.HistoryRow, ...]:
-        found = conn.execute(Q["get_history"], (instance_id,))
+    def _history(conn: sqlite3.Connection, instance_id: str, after: int = 0) -> tuple[base.HistoryRow, ...]:
+        found = conn.execute(Q["get_history"], (instance_id, after))
         return tuple(rows.history_row(r) for r in found)
 
     async def get_history(self, instance_id: str) -> list[base.HistoryRow]:
@@ -310,6 +310,7 @@ class SQLiteStorage(base.Storage):
         *,
         due_before: float | None = None,
         workflows: Sequence[str],
+        known: Mapping[str, int] | None = None,
     ) -> base.Claims:
         names = sorted(set(workflows))
         if not names:
@@ -323,6 +324,8 @@ class SQLiteStorage(base.Storage):
             "limit": limit,
         }
 
+        after = known or {}
+
         def tx(conn: sqlite3.Connection) -> base.Claims:
             # per name, the leases that ran out and the free instances due: the earliest `limit` of all
             heads = [r for name in names for r in conn.execute(Q["claim_pick"], {**params, "name": name})]
@@ -333,8 +336,9 @@ class SQLiteStorage(base.Storage):
                 # it had (the claim made it the lease's expiry) and, taken over, when the lease ran out
                 rows.claim(
                     {**dict(r), "run_at": picked[r["instance_id"]]["run_at"]},
-                    self._history(conn, r["instance_id"]),
+                    self._history(conn, r["instance_id"], after.get(r["instance_id"], 0)),
                     picked[r["instance_id"]]["expired_at"],
+                    after.get(r["instance_id"], 0),
                 )
                 for r in taken
             ]
@@ -359,6 +363,7 @@ class SQLiteStorage(base.Storage):
         *,
         due_before: float | None = None,
         workflows: Sequence[str],
+        known: Mapping[str, int] | None = None,
     ) -> base.Claims:
         ids, names = list(dict.fromkeys(instance_ids)), sorted(set(workflows))
         if not ids or not names:
@@ -374,6 +379,8 @@ class SQLiteStorage(base.Storage):
             "names": json.dumps(names),
         }
 
+        after = known or {}
+
         def tx(conn: sqlite3.Connection) -> base.Claims:
             picked = {r["instance_id"]: r for r in conn.execute(Q["claim_ids_pick"], params)}
             chosen = {**params, "ids": json.dumps(list(picked))}
@@ -381,8 +388,9 @@ class SQLiteStorage(base.Storage):
             claims = [  # with the run_at it had (claim_picked made it the lease's expiry), as `claim` does
                 rows.claim(
                     {**dict(r), "run_at": picked[r["instance_id"]]["run_at"]},
-                    self._history(conn, r["instance_id"]),
+                    self._history(conn, r["instance_id"], after.get(r["instance_id"], 0)),
                     picked[r["instance_id"]]["expired_at"],
+                    after.get(r["instance_id"], 0),
                 )
                 for r in taken
             ]
@@ -1028,7 +1036,7 @@ def read_histories(url: str, workflow: str | None, limit: int) -> list[StoredHis
             for status in (*read_only.UNFINISHED, *read_only.FINISHED)
         ]
         found = [
-            read_only.stored_history(row, conn.execute(Q["get_history"], (row["instance_id"],)), url)
+            read_only.stored_history(row, conn.execute(Q["get_history"], (row["instance_id"], 0)), url)
             for row in read_only.picked(by_status, limit)
         ]
         conn.execute("COMMIT")

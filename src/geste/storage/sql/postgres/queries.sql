@@ -237,7 +237,9 @@ WITH expired AS (
 (SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
-         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
+         FROM {schema}.geste_history h  -- the rows after the step the worker knows ($8: instance: step)
+         WHERE h.instance_id = c.instance_id AND h.seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0))
+           AS history
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  ORDER BY p.run_at)
 UNION ALL
@@ -304,7 +306,9 @@ WITH heads AS (
 (SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
-         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
+         FROM {schema}.geste_history h  -- the rows after the step the worker knows ($8: instance: step)
+         WHERE h.instance_id = c.instance_id AND h.seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0))
+           AS history
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  ORDER BY p.run_at)
 UNION ALL
@@ -355,7 +359,9 @@ WITH named AS MATERIALIZED (
 (SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
                          ORDER BY h.seq)
-         FROM {schema}.geste_history h WHERE h.instance_id = c.instance_id) AS history
+         FROM {schema}.geste_history h  -- the rows after the step the worker knows ($9: instance: step)
+         WHERE h.instance_id = c.instance_id AND h.seq > coalesce(($9::jsonb ->> c.instance_id)::integer, 0))
+           AS history
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  ORDER BY p.run_at)
 UNION ALL

@@ -37,8 +37,9 @@ ORDER BY created_at DESC, instance_id DESC
 LIMIT :limit OFFSET :offset;
 
 -- name: get_history
+-- The rows after step ? (0: all; a claim of a run the worker keeps in memory reads the rows after it).
 SELECT seq, kind, name, payload, is_error, created_at
-FROM geste_history WHERE instance_id = ? ORDER BY seq;
+FROM geste_history WHERE instance_id = ? AND seq > ? ORDER BY seq;
 
 -- name: insert_history
 INSERT INTO geste_history (instance_id, seq, kind, name, payload, is_error, created_at)

@@ -1,0 +1,242 @@
+"""The cache of suspended runs (``geste.engine.cache``, issue 16): a wake-up in the worker where a run
+parked continues it from its wait, reading the rows after the step it holds only; on any doubt the run is
+dropped and its instance replays as without the cache. Both backends; the whole suite also runs with the
+cache off (``GESTE_WORKFLOW_CACHE_SIZE=0`` in ``make test``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+import geste
+from geste.engine.journal import Suspended
+from geste.storage.base import Claim, HistoryRow
+
+from .support import wait_until
+
+MakeApp = Callable[..., geste.App]
+
+
+def build(make_app: MakeApp, **options: Any) -> tuple[geste.App, dict[str, Any]]:
+    """An App with ``looper`` (n rounds of: an activity, then a wait for its own ``tick`` event) and what
+    the workflows' code saw (``seen``: runs started, ``finally`` blocks run)."""
+    options.setdefault("workflow_cache_size", 1000)  # whatever GESTE_WORKFLOW_CACHE_SIZE says
+    app = make_app(**options)
+    seen: dict[str, Any] = {"starts": 0, "finally": 0, "flip": False}
+
+    @app.activity
+    async def add(ctx: geste.ActivityContext, total: int, n: int) -> int:
+        return total + n
+
+    @app.workflow
+    async def looper(ctx: geste.WorkflowContext, rounds: int) -> int:
+        seen["starts"] += 1  # each run of the code from the top: a replay, or the first run
+        total = 0
+        try:
+            for i in range(rounds):
+                total = await add(ctx, total, 1)
+                event = await ctx.wait_event("tick", match={"id": ctx.instance_id, "i": i})
+                total += int(event.data["add"])
+        finally:
+            seen["finally"] += 1
+        return total
+
+    @app.workflow
+    async def fickle(ctx: geste.WorkflowContext) -> str:
+        await ctx.wait_event("tick", match={"id": ctx.instance_id, "i": 0})
+        if seen["flip"]:  # the code changed under a parked run: only a replay can tell
+            await ctx.sleep(0)
+        await add(ctx, 0, 1)
+        await ctx.wait_event("tick", match={"id": ctx.instance_id, "i": 1})
+        return "done"
+
+    return app, seen
+
+
+async def waiting_at(app: geste.App, instance_id: str, steps: int) -> None:
+    """Until the instance waits with ``steps`` history rows."""
+
+    async def check() -> bool:
+        info = await app.get_handle(instance_id).info()
+        return info.status == geste.Status.WAITING and len(await app.history(instance_id)) == steps
+
+    await wait_until(check, f"{instance_id} waiting after {steps} steps")
+
+
+async def tick(app: geste.App, instance_id: str, i: int, add: int = 0) -> None:
+    await app.send_event("tick", {"id": instance_id, "i": i, "add": add})
+
+
+def cache_value(snapshot: Any, name: str, **labels: str) -> float:
+    return float(snapshot.value(name, **labels))
+
+
+async def test_a_looping_workflow_continues_from_the_cache_reading_only_the_new_rows(
+    make_app: MakeApp,
+) -> None:
+    """30 rounds, each an activity and a wait: one run of the code, no replay; each claim of a wake-up
+    read the rows after the step the run holds (one: the event), never the whole history."""
+    app, seen = build(make_app)
+    read: list[tuple[int, int]] = []
+    async with app:
+        storage = app.storage
+
+        def counted(claim: Any) -> Any:  # whole claims (SQLite) and claims by id (routed, PostgreSQL)
+            async def counting(*args: Any, **kwargs: Any) -> Any:
+                claims = await claim(*args, **kwargs)
+                read.extend((c.history_after, len(c.history or ())) for c in claims)
+                return claims
+
+            return counting
+
+        storage.claim, storage.claim_ids = counted(storage.claim), counted(storage.claim_ids)  # type: ignore[method-assign]
+        handle = await app.start_workflow("looper", 30)
+        for i in range(30):
+            await waiting_at(app, handle.instance_id, 3 * i + 2)
+            await tick(app, handle.instance_id, i, add=10)
+        assert await handle.result(timeout=20) == 330
+        snap = await app.metrics.snapshot()
+    assert seen["starts"] == 1 and seen["finally"] == 1
+    assert cache_value(snap, "geste_workflow_cache_hits_total") == 30
+    woken = [r for r in read if r[0] > 0]
+    assert read and woken == read and all(n == 1 for _, n in woken), read  # one row each: the event
+
+
+async def test_without_the_cache_every_wake_up_replays(make_app: MakeApp) -> None:
+    app, seen = build(make_app, workflow_cache_size=0)
+    async with app:
+        handle = await app.start_workflow("looper", 5)
+        for i in range(5):
+            await waiting_at(app, handle.instance_id, 3 * i + 2)
+            await tick(app, handle.instance_id, i)
+        assert await handle.result(timeout=20) == 5
+        snap = await app.metrics.snapshot()
+    assert seen["starts"] == 6  # the first run, then a replay per wake-up
+    assert cache_value(snap, "geste_workflow_cache_hits_total") == 0
+
+
+async def test_the_least_recently_parked_run_is_evicted_and_replays(make_app: MakeApp) -> None:
+    """A cache of one run, two instances parked in turn: each wake-up finds the other's run in the cache,
+    so the run it needs was evicted (its ``finally`` ran then, at its wait) and its instance replays."""
+    app, seen = build(make_app, workflow_cache_size=1)
+    async with app:
+        a = await app.start_workflow("looper", 3)
+        await waiting_at(app, a.instance_id, 2)
+        b = await app.start_workflow("looper", 3)
+        await waiting_at(app, b.instance_id, 2)  # a's run is evicted: the cache holds one
+        assert seen["finally"] == 1
+        for i in range(3):
+            for handle in (a, b):
+                await tick(app, handle.instance_id, i, add=1)
+                if i < 2:
+                    await waiting_at(app, handle.instance_id, 3 * i + 5)
+        assert await a.result(timeout=20) == 6 and await b.result(timeout=20) == 6
+        snap = await app.metrics.snapshot()
+    # 2 first runs, then 5 replays (the last wake-up of b finds its run cached: a ended without parking)
+    assert seen["starts"] == 7 and seen["finally"] == 7
+    assert cache_value(snap, "geste_workflow_cache_drops_total", reason="evicted") == 5
+
+
+async def test_a_run_that_another_worker_took_further_is_dropped_and_replays(make_app: MakeApp) -> None:
+    """Worker A parks the run at the first wait; worker B (another App on the database) takes the first
+    wake-up, replays and runs it to the second wait. A's next claim reads more than its wait's outcome
+    after the step it holds: it drops its run as stale and replays from the database. Polls of a minute
+    and no notifications: each worker claims only when its own process pokes it."""
+    options = {"poll_interval": 60.0, "listen_notify": False}
+    a, seen_a = build(make_app, worker_id="a", **options)
+    b, seen_b = build(make_app, worker_id="b", **options)
+    async with a, b:
+        handle = await a.start_workflow("looper", 2)  # runs in A at once
+        iid = handle.instance_id
+        await waiting_at(a, iid, 2)
+        await tick(b, iid, 0, add=5)  # B's send pokes B
+        await waiting_at(a, iid, 5)
+        assert seen_b["starts"] == 1
+        await tick(a, iid, 1, add=7)  # A's send pokes A
+        assert await handle.result(timeout=20) == 14
+        snap = await a.metrics.snapshot()
+    assert cache_value(snap, "geste_workflow_cache_drops_total", reason="stale") == 1
+    assert seen_a["starts"] == 2  # its first run, then a replay
+
+
+async def test_a_cancel_reaches_a_parked_run_at_its_wait(make_app: MakeApp) -> None:
+    app, seen = build(make_app)
+    async with app:
+        handle = await app.start_workflow("looper", 3)
+        await waiting_at(app, handle.instance_id, 2)
+        await app.cancel(handle.instance_id)
+        with pytest.raises(geste.errors.WorkflowCancelled):
+            await handle.result(timeout=20)
+        snap = await app.metrics.snapshot()
+    assert seen["starts"] == 1 and seen["finally"] == 1
+    assert cache_value(snap, "geste_workflow_cache_hits_total") == 1
+
+
+async def test_closing_the_worker_unwinds_its_parked_runs_and_another_replays_them(make_app: MakeApp) -> None:
+    app, seen = build(make_app)
+    async with app:
+        handle = await app.start_workflow("looper", 2)
+        await waiting_at(app, handle.instance_id, 2)
+    assert seen["finally"] == 1  # unwound at its wait when the App closed, nothing written
+    app, seen = build(make_app)
+    async with app:
+        assert len(await app.history(handle.instance_id)) == 2
+        await tick(app, handle.instance_id, 0)
+        await waiting_at(app, handle.instance_id, 5)
+        await tick(app, handle.instance_id, 1)
+        assert await app.get_handle(handle.instance_id).result(timeout=20) == 2
+    assert seen["starts"] == 1  # the replay at the first wake-up, then the cache
+
+
+async def test_the_cache_hides_no_divergence_from_a_replay(make_app: MakeApp) -> None:
+    """The workflow's code changes (``flip``) after a cached run took a decision it depends on. Once the
+    run is evicted, the replay meets the change and the instance fails with the divergence, as it would
+    without the cache."""
+    app, seen = build(make_app, workflow_cache_size=1)
+    async with app:
+        first = await app.start_workflow("fickle")
+        await waiting_at(app, first.instance_id, 1)
+        await tick(app, first.instance_id, 0)  # continued from the cache: no sleep, the activity, a wait
+        await waiting_at(app, first.instance_id, 4)
+        seen["flip"] = True
+        other = await app.start_workflow("looper", 1)  # parks too: the first run is evicted
+        await waiting_at(app, other.instance_id, 2)
+        await tick(app, first.instance_id, 1)  # replays with the new code: a sleep where an activity was
+        with pytest.raises(geste.errors.WorkflowFailed) as failed:
+            await first.result(timeout=20)
+    assert failed.value.error["type"] == "geste.errors.NonDeterminismError"
+    assert "step 3" in failed.value.error["message"]
+
+
+async def test_new_rows_accepts_only_the_wait_outcome_after_the_step_held() -> None:
+    """``CachedRun.new_rows``: the rows after ``known`` must be at most one, at the step the run waits
+    at; a claim that read from a later step than ``known`` cannot continue it."""
+    from geste.engine.cache import CachedRun
+    from geste.storage.base import Lease
+
+    def row(seq: int, kind: str = "event") -> HistoryRow:
+        return HistoryRow(seq, kind, "tick", "{}", False, 0.0)
+
+    def claim(after: int) -> Claim:
+        return Claim(Lease("i", "l"), "w", "[]", geste.Status.RUNNING, 0.0, False, history_after=after)
+
+    journal: Any = type("J", (), {"seq": 3, "forget_replayed": lambda self: None})()
+    run = CachedRun(journal)
+    run.task = asyncio.get_running_loop().create_task(run.park(journal, 2))
+    await asyncio.sleep(0)
+    cases: list[tuple[int, Sequence[HistoryRow], bool]] = [
+        (2, [], True),  # a spurious wake-up, a timer: nothing new
+        (2, [row(3)], True),  # the wait's outcome
+        (0, [row(1, "activity"), row(2, "wait_event"), row(3)], True),  # a whole history, same
+        (2, [row(3), row(4, "activity")], False),  # run further elsewhere
+        (2, [row(4)], False),  # not at the step it waits at
+        (3, [], False),  # read from a later step than the run holds
+    ]
+    for after, rows, fits in cases:
+        assert (run.new_rows(claim(after), rows) is not None) is fits, (after, rows)
+    run.drop()
+    with pytest.raises(Suspended):
+        await run.task
