@@ -266,16 +266,25 @@ async def test_a_worker_awaiting_an_instance_another_worker_runs_is_woken(apps: 
 
 
 async def test_a_result_awaited_where_the_instance_runs_registers_once_it_suspends(
-    apps: Apps, pg_url: str
+    apps: Apps, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Held by this process, an instance is awaited without a registration (its end here wakes the call
     in memory); its suspension wakes the call, which then registers, since it may end elsewhere now. Ended
     here after all, it wakes the call in memory and forgets the registration."""
+    released: list[str] = []
+    original = Client.on_released
+
+    def spy(self: Client, instance_id: str) -> None:
+        released.append(instance_id)
+        original(self, instance_id)
+
+    monkeypatch.setattr(Client, "on_released", spy)
     worker = await apps.worker()
     event = new_id("here")
     handle = await worker.start_workflow("waiter", event)  # created claimed: runs here, then suspends
     waiting = asyncio.create_task(handle.result(timeout=LONG))
     await wait_until(lambda: registered(pg_url, handle.instance_id, worker), "the call to register")
+    assert released == [handle.instance_id]  # the engine's suspension told the client
     await worker.send_event(event, "here")
     assert await promptly(waiting) == "here"
     assert await no_waiters(pg_url, handle.instance_id)
