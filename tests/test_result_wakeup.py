@@ -824,3 +824,18 @@ async def test_an_upgrade_from_schema_13(db_url: str) -> None:
         assert await promptly(waiting) == "upgraded"
     finally:
         await group.close_all()
+
+
+# -- the benchmark's measurement, at a tiny size ----------------------------------------------------------
+
+
+async def test_the_benchmark_measures_a_notified_result_across_processes(pg_url: str) -> None:
+    """``benchmarks/result_latency.measure`` runs end to end (its numbers are the benchmark's business)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from result_latency import NOTIFY, measure
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    measured = await measure(pg_url, samples=3, mode=NOTIFY, poll_interval=SLOW, spread=(0.01, 0.05), seed=1)
+    assert len(measured.samples) == 3
+    assert measured.p99 < FAST_BOUND  # with polls of minutes: every sample was notified
