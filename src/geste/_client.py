@@ -493,7 +493,8 @@ class Client:
         an end elsewhere is notified: once the instance is read unfinished and not held here, the call
         registers for its end (``Storage.watch_result``) and reads it again at once (an end that committed
         before the registration is seen by that read, one after is notified); then it waits for the
-        notification, reading again every ``poll_interval`` (the net for a lost notification). Otherwise,
+        notification, reading again ``SETTLE_READ`` after registering and every ``poll_interval`` (the net
+        for a lost notification), and deletes its registration when it stops waiting. Otherwise,
         and while the listener is not listening, it reads the instance after 10 ms, then twice as long each
         time up to ``poll_interval``.
         """
