@@ -493,8 +493,10 @@ async def test_sleep_notifies_timer_expired(raw: RawListener, apps: Apps) -> Non
 
 
 async def test_step_commits_send_nothing(raw: RawListener, apps: Apps) -> None:
-    """Record and finish never notify: a workflow started (and run) here is notified only by the event
-    delivered to it; one started by a client, by its start and the event."""
+    """Record never notifies, finish only for a result() awaited in another process (schema 14,
+    tests/test_result_wakeup.py): a workflow started (and run) here is notified only by the event
+    delivered to it; one started by a client, by its start and the event (and by its end if the client's
+    result() came before it)."""
     worker = await apps.open(poll_interval=0.05)
     client = await apps.client()
     here = await worker.start_workflow("waiter", "go-here")
@@ -508,7 +510,10 @@ async def test_step_commits_send_nothing(raw: RawListener, apps: Apps) -> None:
     assert len(await client.history(here.instance_id)) >= 3  # wait, event, activity: committed steps
     await raw.sync()
     assert [ch for ch, _ in raw.about(here.instance_id)] == [WORKFLOW_RESUMABLE]  # the event only
-    assert [ch for ch, _ in raw.about(there.instance_id)] == [WORKFLOW_RESUMABLE] * 2  # start, event
+    wakes = [ch for ch, body in raw.about(there.instance_id) if "finished" not in body]
+    assert wakes == [WORKFLOW_RESUMABLE] * 2  # start, event
+    ends = [body["finished"] for _, body in raw.about(there.instance_id) if "finished" in body]
+    assert ends in ([], ["completed"])  # awaited by the client: told, if it registered before the end
 
 
 FAIL_AT_COMMIT = """
@@ -717,7 +722,10 @@ async def test_fallback_polling_when_no_notification_arrives(apps: Apps, pg_url:
         heard = raw.about(handle.instance_id)
     assert worker.listener_status().state == "listening"
     # not sent: nothing; other database: the two notifications went where the worker does not listen
-    assert [ch for ch, _ in heard] == ([] if how == "not_sent" else [WORKFLOW_RESUMABLE] * 2)
+    wakes = [ch for ch, body in heard if "finished" not in body]
+    assert wakes == ([] if how == "not_sent" else [WORKFLOW_RESUMABLE] * 2)
+    # the end told the client's result() (the worker's notifications are on), if it registered in time
+    assert [body["finished"] for _, body in heard if "finished" in body] in ([], ["completed"])
 
 
 async def test_listen_notify_false_polls_only(apps: Apps, pg_url: str) -> None:

@@ -80,6 +80,9 @@ POSTGRES_ONLY = {
     "claim_ids": "a claim by ids with the histories; SQLite: claim_ids_pick, claim_picked, claim_ids_later",
     "heartbeat": "upsert_worker and the read of the other workers in one statement; SQLite: worker_peers",
     "route_wakeups": "a full worker hands its routed wake-ups on: NOTIFYs (SQLite has none)",
+    "watch_result": "a result() call registers for the end's NOTIFY (SQLite has none: it reads)",
+    "unwatch_results": "result() calls that stopped waiting forget their registrations (SQLite: none)",
+    "result_waiters_cleanup": "the cleanup chore's expired result() registrations (SQLite: none)",
 }
 
 

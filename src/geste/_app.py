@@ -192,14 +192,20 @@ class App(OpenClose):
             is_open=lambda: self._open,
             worker=lambda: runtime.worker,
             relay=lambda: runtime.relay,
+            listen=lambda start: runtime.listen_for_results(start),
         )
+
+        def on_suspended(instance_id: str, run_at: float | None) -> None:
+            runtime.on_suspended(instance_id, run_at)
+            client.on_released(instance_id)  # it may end elsewhere now: a result() here registers
+
         engine = Engine(
             storage=storage,
             workflows=self.registry.workflows,
             clock=clock,
             lock_timeout=options.lock_timeout,
             max_payload_bytes=self.max_payload_bytes,
-            on_suspended=lambda instance_id, run_at: runtime.on_suspended(instance_id, run_at),
+            on_suspended=on_suspended,
             on_finished=client.on_finished,
             on_completed=client.on_completed,
             on_outbox=lambda event_id: runtime.outbox_recorded(event_id),
@@ -210,7 +216,7 @@ class App(OpenClose):
             ),
             **({} if retry_wait is None else {"retry_wait": retry_wait}),
         )
-        runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics)
+        runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics, results=client)
         return _Parts(url, storage, clock, metrics, client, engine, runtime, dict(overrides))
 
     def _swap(self, parts: _Parts) -> _Parts:

@@ -61,6 +61,18 @@ COMPLETED_KEPT_SIZE = 2_048
 """Results of instances completed in this process kept for ``result()``: the latest 5,000 of at most
 2 KiB each (10 MiB at worst); a larger result is read from the database."""
 
+RESULT_WATCH_TTL = 600.0
+"""Seconds a ``result()`` call's registration for the end of its instance (``geste_result_waiters``,
+PostgreSQL) lasts unless renewed: a call that waits renews it once less than half is left, so only the
+registrations of waiters that died expire; the cleanup chore deletes those."""
+
+SETTLE_READ = 0.1
+"""Seconds after registering for an end before a ``result()`` call reads the instance once more, then only
+every ``poll_interval``. The read at once after the registration sees every end that committed before
+the registration did; an end whose statement had read the registrations before that commit and commits
+after that read is the one neither sees (docs/design.md, "The race"): this read finds it, unless the end's
+statement took longer than this (a lock wait), and then the poll does."""
+
 CANCELLABLE = (Status.PENDING, Status.RUNNING, Status.WAITING)
 """What a bulk cancel looks at unless told a status: compensating instances are ending already."""
 
@@ -103,8 +115,11 @@ class Client:
     """Starts, looks at, acts on and sends to instances through ``storage``.
 
     ``is_open`` says whether calls are served (else ``AppNotOpenError``); ``worker`` and ``relay`` return
-    this process's worker and outbox relay, or None when it runs none. ``on_completed`` and
-    ``on_finished`` are the engine's hooks: they feed ``result()`` without a read or a poll.
+    this process's worker and outbox relay, or None when it runs none; ``listen(start)`` whether an end
+    elsewhere can notify this process (``Runtime.listen_for_results``: True listening, False not yet,
+    None never; ``start``: a wait needs the listener, open it). ``on_completed``, ``on_finished`` and
+    ``on_released`` are the engine's hooks, ``on_finished`` and ``wake_waiters`` the listener's: they
+    feed ``result()`` without a read or a poll.
     """
 
     def __init__(
@@ -121,6 +136,7 @@ class Client:
         is_open: Callable[[], bool],
         worker: Callable[[], LocalWorker | None],
         relay: Callable[[], LocalRelay | None],
+        listen: Callable[[bool], bool | None] = lambda start: None,
     ) -> None:
         self.storage = storage
         self.registry = registry
@@ -133,7 +149,14 @@ class Client:
         self._is_open = is_open
         self._worker = worker
         self._relay = relay
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._listen = listen
+        self._waiters: dict[str, list[asyncio.Future[bool]]] = {}
+        """The ``result()`` calls waiting, by instance: each future is set when something may have changed
+        (True: the instance ended, and its end forgot the registrations it saw)."""
+        self._watches: dict[str, str] = {}
+        """The registrations for an end (``geste_result_waiters``) this process's waiting calls hold:
+        instance id by waiter id."""
+        self._unwatching: set[asyncio.Task[None]] = set()
         self._completed: dict[str, tuple[str, str]] = {}
         """Workflow name and stored result of instances this process completed lately (a completion is
         final): ``result()`` of one of them needs no read. Oldest dropped past ``COMPLETED_KEPT``."""
@@ -464,7 +487,17 @@ class Client:
 
     # -- results -----------------------------------------------------------------------------------
     async def result(self, instance_id: str, timeout: float | timedelta | None) -> Any:
-        """Wait for the instance to finish and return its result (``WorkflowHandle.result``)."""
+        """Wait for the instance to finish and return its result (``WorkflowHandle.result``).
+
+        An end in this process wakes the call without a read (the engine's ``on_finished``). On PostgreSQL
+        an end elsewhere is notified: once the instance is read unfinished and not held here, the call
+        registers for its end (``Storage.watch_result``) and reads it again at once (an end that committed
+        before the registration is seen by that read, one after is notified); then it waits for the
+        notification, reading again ``SETTLE_READ`` after registering and every ``poll_interval`` (the net
+        for a lost notification), and deletes its registration when it stops waiting. Otherwise,
+        and while the listener is not listening, it reads the instance after 10 ms, then twice as long each
+        time up to ``poll_interval``.
+        """
         self._require_open()
         if not findable(instance_id, "instance_id"):  # else PostgreSQL's refusal looks like an outage
             raise InstanceNotFoundError(instance_id)
@@ -472,38 +505,110 @@ class Client:
         deadline = None if limit is None else time.monotonic() + limit
         delay = 0.01
         loop = asyncio.get_running_loop()
-        while True:
-            self._require_open()
-            completed = self._completed.get(instance_id)
-            if completed is not None:  # completed here: the committed result, without a read
-                return self._completed_value(*completed)
-            future: asyncio.Future[None] = loop.create_future()
-            self._waiters.setdefault(instance_id, []).append(future)
-            try:
+        waiter: str | None = None  # this call's registration for the end, once written
+        renew_at = 0.0  # when it renews it (the App's clock)
+        settle_at: float | None = None  # a read is due then (monotonic), SETTLE_READ after registering
+        ended = False  # woken by the end, which forgot the registrations it saw
+        try:
+            while True:
+                self._require_open()
+                completed = self._completed.get(instance_id)
+                if completed is not None:  # completed here: the committed result, without a read
+                    return self._completed_value(*completed)
+                future: asyncio.Future[bool] = loop.create_future()
+                self._waiters.setdefault(instance_id, []).append(future)  # before the read: no end unseen
                 try:
-                    row = await self.storage.get_instance(instance_id)
-                except StorageError as exc:  # the database went away: keep waiting, it may come back
-                    logger.warning("waiting for %s: %s; trying again", instance_id, exc)
-                    row = None
-                else:
-                    if row is None:
-                        raise InstanceNotFoundError(instance_id)
-                    if row.status.is_finished:
-                        return self._outcome(row)
-                wait = delay if deadline is None else min(delay, deadline - time.monotonic())
-                if wait <= 0:
-                    raise ResultTimeout(f"instance {instance_id} did not finish within {limit}s")
-                try:
-                    async with asyncio.timeout(wait):
-                        await asyncio.shield(future)
-                except TimeoutError:
-                    delay = min(delay * 2, self.poll_interval)
-            finally:
-                waiters = self._waiters.get(instance_id)
-                if waiters is not None and future in waiters:
-                    waiters.remove(future)
-                    if not waiters:
-                        del self._waiters[instance_id]
+                    listening = self._listen(False)
+                    notified = False  # an end elsewhere notifies this call: it waits for that
+                    read_at = time.monotonic()
+                    if settle_at is not None and read_at >= settle_at - 0.001:  # (timers fire a hair early)
+                        settle_at = None  # this is the read after the registration settled
+                    try:
+                        row = await self.storage.get_instance(instance_id)
+                        if row is None:
+                            raise InstanceNotFoundError(instance_id)
+                        if row.status.is_finished:
+                            return self._outcome(row)
+                        if listening is False:  # a wait is needed: a process without a worker listens
+                            listening = self._listen(True)
+                        if listening is not None and row.locked_by != self.worker_id:  # else its end here
+                            if waiter is None or self.clock() >= renew_at:  # wakes this call in memory
+                                first = waiter is None
+                                waiter = await self._watch(instance_id, waiter)
+                                renew_at = self.clock() + RESULT_WATCH_TTL / 2
+                                if first:
+                                    settle_at = time.monotonic() + SETTLE_READ
+                                if first or waiter is None:
+                                    continue  # read again now: an end that committed meanwhile is seen
+                            notified = bool(listening)
+                    except StorageError as exc:  # the database went away: keep waiting, it may come back
+                        logger.warning("waiting for %s: %s; trying again", instance_id, exc)
+                    if notified:
+                        wait = min(self.poll_interval, max(0.0, renew_at - self.clock()))
+                        if settle_at is not None:
+                            wait = min(wait, max(0.0, settle_at - time.monotonic()))
+                    else:
+                        wait = delay
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            raise ResultTimeout(f"instance {instance_id} did not finish within {limit}s")
+                    try:
+                        async with asyncio.timeout(wait):
+                            await asyncio.shield(future)
+                    except TimeoutError:
+                        if not notified:
+                            delay = min(delay * 2, self.poll_interval)
+                finally:
+                    if future.done() and future.result():
+                        ended = True
+                    waiters = self._waiters.get(instance_id)
+                    if waiters is not None and future in waiters:
+                        waiters.remove(future)
+                        if not waiters:
+                            del self._waiters[instance_id]
+        finally:
+            if waiter is not None:
+                self._forget_watch(waiter, deleted=ended)
+
+    async def _watch(self, instance_id: str, waiter: str | None) -> str | None:
+        """Register this call for the instance's end (``waiter``: renew its registration); return its
+        waiter id, or None when nothing was written (the instance had ended)."""
+        waiter = waiter or uuid.uuid4().hex
+        written = await self.storage.watch_result(
+            instance_id, waiter=waiter, process=self.worker_id, expires_at=self.clock() + RESULT_WATCH_TTL
+        )
+        if not written:
+            self._watches.pop(waiter, None)
+            return None
+        self._watches[waiter] = instance_id
+        return waiter
+
+    def _forget_watch(self, waiter: str, *, deleted: bool) -> None:
+        """A call stopped waiting: its registration is deleted, in the background (the result is not
+        delayed by it), unless the end that woke it did so already (``deleted``)."""
+        instance_id = self._watches.pop(waiter, None)
+        if instance_id is None or deleted or not self._is_open():
+            return  # gone, or App.close forgets every registration at once
+        task = asyncio.get_running_loop().create_task(self._unwatch([(instance_id, waiter)]))
+        self._unwatching.add(task)
+        task.add_done_callback(self._unwatching.discard)
+
+    async def _unwatch(self, waits: list[tuple[str, str]]) -> None:
+        try:
+            await self.storage.unwatch_results(waits)
+        except StorageError as exc:  # it expires: the cleanup chore deletes it then
+            logger.info("could not forget %d result() registration(s): %s", len(waits), exc)
+
+    async def close_watches(self) -> None:
+        """The App closes: forget every registration of this process's waiting calls, in one statement,
+        before the database closes (the calls themselves wake and see the App closed)."""
+        if self._unwatching:
+            await asyncio.gather(*self._unwatching, return_exceptions=True)
+        waits = [(instance_id, waiter) for waiter, instance_id in self._watches.items()]
+        self._watches.clear()
+        if waits:
+            await self._unwatch(waits)
 
     def _completed_value(self, workflow_name: str, result: str | None) -> Any:
         return self.registry.load_result(workflow_name, decode(result))
@@ -527,18 +632,31 @@ class Client:
         self._completed[instance_id] = (workflow_name, result)
 
     def on_finished(self, instance_id: str) -> None:
-        """An instance ended in this process: its ``result()`` waiters look at it now."""
-        for future in self._waiters.get(instance_id, ()):
-            if not future.done():
-                future.set_result(None)
+        """An instance ended (in this process, or elsewhere and notified): its ``result()`` waiters look
+        at it now. The end forgot their registrations for it."""
+        self._wake(self._waiters.get(instance_id, ()), ended=True)
+
+    def on_released(self, instance_id: str) -> None:
+        """An instance this process ran suspended: it may end in another process now, so its ``result()``
+        waiters here look at it again (and register for that end)."""
+        self._wake(self._waiters.get(instance_id, ()))
+
+    def wake_waiters(self) -> None:
+        """Every ``result()`` waiter reads its instance now (the listener connected or reconnected: an end
+        notified while it was away is not replayed)."""
+        for futures in self._waiters.values():
+            self._wake(futures)
 
     def release_waiters(self) -> None:
         """The App closed: every ``result()`` waiter wakes, and sees it closed."""
-        for futures in self._waiters.values():
-            for future in futures:
-                if not future.done():
-                    future.set_result(None)
+        self.wake_waiters()
         self._waiters.clear()
+
+    @staticmethod
+    def _wake(futures: Sequence[asyncio.Future[bool]], *, ended: bool = False) -> None:
+        for future in futures:
+            if not future.done():
+                future.set_result(ended)
 
 
 def instance_info(row: InstanceRow) -> InstanceInfo:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import Any, Protocol, Self
 
 from .._metrics import POLL, Metrics
 from .._status import ListenerState, ListenerStatus, QueueStats
@@ -22,7 +22,15 @@ from ..storage.base import Claim, HistoryRow, Lease, Storage
 from .chores import ChannelMaintenance
 from .relay import OutboxConfig, Relay
 from .routing import Router
-from .wakeups import OUTBOX_PENDING, TIMER_LOOKAHEAD, Listener, NotifyConfig, Wakeups
+from .wakeups import (
+    FINISHED,
+    OUTBOX_PENDING,
+    TIMER_LOOKAHEAD,
+    WORKFLOW_RESUMABLE,
+    Listener,
+    NotifyConfig,
+    Wakeups,
+)
 from .worker import Runner, Worker
 
 logger = logging.getLogger("geste.runtime")
@@ -66,6 +74,23 @@ class RuntimeOptions:
     where waiting in real time for a virtual moment never ends)."""
 
 
+class ResultWaiters(Protocol):
+    """This process's ``result()`` waiters, as the listener tells them of ends elsewhere (the client)."""
+
+    def on_finished(self, instance_id: str) -> None:
+        """The instance ended: its waiters read it now."""
+        ...
+
+    def wake_waiters(self) -> None:
+        """Every waiter reads its instance now: the listener (re)connected, and nothing sent while it was
+        away is replayed."""
+        ...
+
+    async def close_watches(self) -> None:
+        """The runtime closes: forget the waiters' registrations while the database is open."""
+        ...
+
+
 class Runtime(OpenClose):
     """Opens the storage and runs this process's background work while open."""
 
@@ -77,12 +102,17 @@ class Runtime(OpenClose):
         runner: Runner,
         clock: Callable[[], float],
         metrics: Metrics,
+        results: ResultWaiters | None = None,
     ) -> None:
         self.storage = storage
         self.options = options
         self.runner = runner
         self.clock = clock
         self.metrics = metrics
+        self.results = results
+        """Told of the ends the listener hears (``finished`` notifications) and of its catch-ups."""
+        self._results_listener_dead = False
+        """The listener started for ``result()`` in a process without a worker ended by itself: poll."""
         self.is_open = False
         self.worker: Worker | None = None
         self.listener: Listener | None = None
@@ -98,6 +128,7 @@ class Runtime(OpenClose):
         """Open (and migrate) the storage; start the worker, listener, relay and chores if it runs one."""
         await self.storage.open()
         self.is_open = True
+        self._results_listener_dead = False
         if self.options.run_worker:
             try:
                 await self._start()
@@ -154,12 +185,16 @@ class Runtime(OpenClose):
                 on_death=worker.mark_unhealthy,
             )
         if options.notify.enabled:  # before the worker registers, so it shows `connecting`, not `disabled`
+            handlers: dict[str, Callable[[dict[str, Any]], None]] = {WORKFLOW_RESUMABLE: self._resumable}
+            if relay is not None:
+                handlers[OUTBOX_PENDING] = relay.notified
             self.listener = Listener(
                 partial(self.storage.listen, url=options.notify.listen_url),
                 wakeups=wakeups,
                 reconnect_delay=options.notify.reconnect_delay,
                 on_caught_up=partial(self._caught_up, wakeups, relay, worker),
-                handlers={} if relay is None else {OUTBOX_PENDING: relay.notified},
+                handlers=handlers,
+                on_lost=self._results_caught_up,
                 metrics=self.metrics,
                 on_death=worker.mark_unhealthy,
             )
@@ -181,14 +216,82 @@ class Runtime(OpenClose):
             self.relay = self._relay_hook = relay
             relay.start()
 
-    @staticmethod
-    def _caught_up(wakeups: Wakeups, relay: Relay | None, worker: Worker) -> None:
-        """After a (re)connect of the listener: one catch-up round of the worker (and of the relay), for
-        what was sent while it was away; and a heartbeat, so that the other workers learn it listens."""
+    def _caught_up(self, wakeups: Wakeups, relay: Relay | None, worker: Worker) -> None:
+        """After a (re)connect of the listener: one catch-up round of the worker (and of the relay), and
+        a read by every ``result()`` waiter, for what was sent while it was away; and a heartbeat, so that
+        the other workers learn it listens."""
         wakeups.poke(POLL)
         if relay is not None:
             relay.poke()
         worker.announce()
+        self._results_caught_up()
+
+    # -- results awaited here, ended elsewhere (schema 14) -----------------------------------------
+    def listen_for_results(self, start: bool = True) -> bool | None:
+        """Whether an end elsewhere can notify this process's ``result()`` waiters: True while the
+        listener LISTENs; False while it does not (yet: it connects or reconnects, and its catch-up makes
+        the waiters read once it listens; they poll meanwhile); None when no notification can come
+        (SQLite, ``listen_notify`` off, closed, or the listener ended by itself): they poll.
+
+        A process that runs a worker has its listener already. One that runs none (``run_worker=False``)
+        starts one here when ``start`` says a wait needs it (``result()`` of an instance that has not
+        ended) and keeps it, shared by every wait, until it closes. Not at open: a listening connection is
+        a server process, and every notifying commit of the cluster signals every listening backend
+        (pitfall 2), so a client that never awaits a result elsewhere (an HTTP front end, the CLI) opens
+        none. It LISTENs on ``geste_workflow_resumable`` only."""
+        options = self.options
+        if not (self.is_open and options.notify.enabled) or self._results_listener_dead:
+            return None
+        listener = self.listener
+        if listener is None:
+            if options.run_worker or not start:  # a worker's runtime builds its listener in _start
+                return None if options.run_worker else False
+            listener = self.listener = Listener(
+                partial(self.storage.listen, url=options.notify.listen_url),
+                wakeups=Wakeups(  # nothing claims here: the listener keeps its state in it
+                    poll_interval=options.poll_interval,
+                    fallback_interval=options.notify.fallback_interval,
+                    clock=self.clock,
+                ),
+                reconnect_delay=options.notify.reconnect_delay,
+                on_caught_up=self._results_caught_up,
+                handlers={WORKFLOW_RESUMABLE: self._resumable},
+                channels=(WORKFLOW_RESUMABLE,),
+                on_lost=self._results_caught_up,
+                metrics=self.metrics,
+                on_death=self._results_listener_died,
+            )
+            listener.start()
+        return listener.state == ListenerState.LISTENING
+
+    def _resumable(self, body: dict[str, Any]) -> None:
+        """A ``geste_workflow_resumable`` heard: an end (``finished``) of this schema wakes this process's
+        ``result()`` waiters of the instance (a worker's listener checked the schema already; a client's
+        has no router, so it checks here)."""
+        if FINISHED not in body or self.results is None:
+            return
+        instance_id, schema = body.get("instance_id"), body.get("schema")
+        if not isinstance(instance_id, str):
+            return
+        if schema is not None and schema != getattr(self.storage, "schema", schema):
+            return  # another schema's: channels are per database
+        try:
+            self.results.on_finished(instance_id)
+        except Exception:  # the listener's dispatch must survive anything
+            logger.exception("waking the result() waiters of %s failed", instance_id)
+
+    def _results_caught_up(self) -> None:
+        """The listener (re)connected, or lost its connection: every ``result()`` call reads its instance
+        now, and waits for a notification or polls as the listener's state then says."""
+        if self.results is not None:
+            try:
+                self.results.wake_waiters()
+            except Exception:
+                logger.exception("waking the result() waiters after a reconnect failed")
+
+    def _results_listener_died(self, reason: str) -> None:
+        self._results_listener_dead = True
+        self._results_caught_up()  # their next round finds no listener: they poll
 
     async def close(self) -> None:
         """Stop the listener and the chores, drain the worker (finish or release what it runs), stop the
@@ -214,6 +317,8 @@ class Runtime(OpenClose):
             if relay is not None:
                 self._relay_hook = None
                 await relay.stop()
+            if self.results is not None:
+                await self.results.close_watches()
         except asyncio.CancelledError:
             for part in (listener, maintenance, worker, relay):
                 if part is not None:

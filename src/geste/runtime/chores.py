@@ -2,7 +2,7 @@
 
 ``ChannelMaintenance`` re-wakes competing receivers when a message stays unclaimed (the one woken for it
 was cancelled or failed) and deletes what nobody needs any more (old messages, subscriptions, events and
-deliveries), after the retention.
+deliveries, after the retention; the expired registrations of ``result()`` calls whose process died).
 
 Every worker process runs the loop, but each round of each chore is taken by one worker of the cluster
 (``Storage.chore_take``: a conditional upsert of the chore's row in ``geste_chores``, by key): the worker
@@ -122,7 +122,15 @@ class ChannelMaintenance(Loop):
                 break
         if deleted:
             logger.info("cleanup deleted %d old message, subscription, event and delivery row(s)", deleted)
-        return deleted
+        expired = 0
+        for _ in range(CLEANUP_ROUNDS):  # result() registrations of waiters that died (PostgreSQL)
+            done_now = await self.storage.result_waiters_cleanup(now, limit=CLEANUP_BATCH)
+            expired += done_now
+            if done_now < CLEANUP_BATCH:
+                break
+        if expired:
+            logger.info("cleanup deleted %d expired result() registration(s)", expired)
+        return deleted + expired
 
     async def round(self) -> float:
         for chore in self.chores:

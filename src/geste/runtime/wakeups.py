@@ -39,6 +39,9 @@ TIMER_EXPIRED = "geste_timer_expired"
 CHANNEL_MESSAGE = "geste_channel_message"
 OUTBOX_PENDING = "geste_outbox_pending"
 CHANNELS = (WORKFLOW_RESUMABLE, TIMER_EXPIRED, CHANNEL_MESSAGE, OUTBOX_PENDING)
+FINISHED = "finished"
+"""The payload field of a ``geste_workflow_resumable`` sent by an instance's end (its status), for the
+``result()`` waiters of other processes (schema 14): nothing to claim, so no worker claims for it."""
 
 RECONNECT_CAP = 600.0
 """Longest wait between reconnection attempts (the first is ``notify_reconnect_delay``)."""
@@ -333,6 +336,8 @@ class Listener(Loop):
         reconnect_delay: float,
         on_caught_up: Callable[[], None],
         handlers: dict[str, Callable[[dict[str, Any]], None]] | None = None,
+        channels: tuple[str, ...] = CHANNELS,
+        on_lost: Callable[[], None] | None = None,
         probe_interval: float = PROBE_INTERVAL,
         probe_timeout: float = PROBE_TIMEOUT,
         metrics: Metrics | None = None,
@@ -346,6 +351,11 @@ class Listener(Loop):
         self.on_caught_up = on_caught_up
         """Called once LISTENing after each (re)connect: the catch-up poll (what came while away)."""
         self.handlers = handlers or {}
+        self.channels = channels
+        """What it LISTENs on: the four channels (a worker's), or ``geste_workflow_resumable`` alone (a
+        process that runs no worker and listens for the ends of the results it awaits)."""
+        self.on_lost = on_lost
+        """Called when the connection is lost (or cannot be made): what waits for notifications polls."""
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
         self.state = ListenerState.CONNECTING
@@ -362,7 +372,7 @@ class Listener(Loop):
 
     # -- life cycle ----------------------------------------------------------------------------------
     def start(self) -> None:
-        logger.info("LISTEN/NOTIFY configured: listening on %s", ", ".join(CHANNELS))
+        logger.info("LISTEN/NOTIFY configured: listening on %s", ", ".join(self.channels))
         super().start()
 
     def abort(self) -> None:
@@ -401,6 +411,8 @@ class Listener(Loop):
         """The connection is lost (or could not be made): the pollers take over; reconnect later."""
         self.wakeups.listening = False
         self.wakeups.poke(POLL)  # the pollers take over at their normal pace at once
+        if self.on_lost is not None:
+            self.on_lost()
         await self._close()
         self.state = ListenerState.RECONNECTING
         self.connected_since = None
@@ -422,7 +434,7 @@ class Listener(Loop):
 
     async def _connect(self) -> None:
         self._lost.clear()
-        self._conn = await self.connect(CHANNELS, self._on_notification, self._lost.set)
+        self._conn = await self.connect(tuple(self.channels), self._on_notification, self._lost.set)
         self.state = ListenerState.LISTENING
         self.connected_since = time.time()
         self.wakeups.listening = True
@@ -447,7 +459,7 @@ class Listener(Loop):
                     heard = await self._conn.channels()
             except TimeoutError:
                 raise ConnectionError(f"no answer to a probe within {self.probe_timeout}s") from None
-            missing = sorted(set(CHANNELS) - heard)
+            missing = sorted(set(self.channels) - heard)
             if missing:
                 raise ConnectionError(f"the probe found no LISTEN on {', '.join(missing)}")
 
@@ -474,7 +486,7 @@ class Listener(Loop):
             return  # another schema's: channels are per database
         try:
             if channel == WORKFLOW_RESUMABLE:
-                if "finished" not in body:  # an end, for result() waiters: nothing to claim
+                if FINISHED not in body:  # an end, for result() waiters: nothing to claim
                     self._resumable(body, router)
             elif channel == CHANNEL_MESSAGE:
                 self._message(body, router)

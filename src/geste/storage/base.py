@@ -503,6 +503,27 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def get_instance(self, instance_id: str) -> InstanceRow | None: ...
 
+    # -- result() waiters of another process (schema 14) -------------------------------------------
+    async def watch_result(self, instance_id: str, *, waiter: str, process: str, expires_at: float) -> bool:
+        """Register the ``result()`` call ``waiter`` of the App whose worker id is ``process``, so that the
+        instance's end notifies it (``geste_workflow_resumable`` with a ``finished`` field), until
+        ``expires_at`` (a second call renews it). Written only while the instance has not ended; returns
+        whether it was. Locks nothing but its own row. The caller reads the instance again afterwards: an
+        end that committed before this did is seen by that read, one that commits after is notified.
+        Only PostgreSQL notifies: elsewhere ``result()`` reads the instance and never calls this."""
+        from ..errors import ConfigurationError
+
+        raise ConfigurationError(f"{type(self).__name__} has no LISTEN/NOTIFY: result() reads the instance")
+
+    async def unwatch_results(self, waits: Sequence[tuple[str, str]]) -> None:  # noqa: B027
+        """Forget the registrations ``(instance_id, waiter)`` of ``result()`` calls that stopped waiting
+        (the end of an instance forgets its own). Nothing to do without LISTEN/NOTIFY."""
+
+    async def result_waiters_cleanup(self, now: float, *, limit: int) -> int:
+        """Delete at most ``limit`` registrations of ``result()`` calls that expired before ``now`` (their
+        waiter died without forgetting them), oldest first; return how many. None without LISTEN/NOTIFY."""
+        return 0
+
     @abc.abstractmethod
     async def list_instances(
         self,

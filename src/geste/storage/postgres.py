@@ -434,6 +434,28 @@ class PostgresStorage(base.Storage):
 
         return await self._read(go)
 
+    async def watch_result(self, instance_id: str, *, waiter: str, process: str, expires_at: float) -> bool:
+        async def go(conn: Conn) -> bool:
+            found = await conn.fetchval(self._q["watch_result"], instance_id, waiter, process, expires_at)
+            return bool(found)
+
+        return await self._run(go)
+
+    async def unwatch_results(self, waits: Sequence[tuple[str, str]]) -> None:
+        if not waits:
+            return
+
+        async def go(conn: Conn) -> None:
+            await conn.execute(self._q["unwatch_results"], [w[0] for w in waits], [w[1] for w in waits])
+
+        await self._run(go)
+
+    async def result_waiters_cleanup(self, now: float, *, limit: int) -> int:
+        async def go(conn: Conn) -> int:
+            return int(await conn.fetchval(self._q["result_waiters_cleanup"], now, limit))
+
+        return await self._run(go)
+
     async def list_instances(
         self,
         *,
@@ -457,8 +479,7 @@ class PostgresStorage(base.Storage):
 
     async def request_cancel(self, instance_id: str, now: float) -> base.InstanceRow | None:
         async def go(conn: Conn) -> base.InstanceRow | None:
-            done = await conn.execute(self._q["cancel_unstarted"], instance_id, now)
-            if done.endswith(" 0"):
+            if not await conn.fetchval(self._q["cancel_unstarted"], instance_id, now, self.notify):
                 await conn.execute(self._q["flag_cancel"], instance_id, now, self.notify)
             return rows.maybe_instance(await conn.fetchrow(self._q["get_instance"], instance_id))
 
@@ -677,7 +698,7 @@ class PostgresStorage(base.Storage):
         batch: Sequence[_BatchItem],
         one: Callable[[_BatchItem], Awaitable[_T]],
         query: str,
-        columns: Callable[[Sequence[_BatchItem]], tuple[list[Any], ...]],
+        columns: Callable[[Sequence[_BatchItem]], tuple[Any, ...]],
         outcome: Callable[[Any], _T],
         merge: Callable[[_BatchItem, _BatchItem], _BatchItem] | None = None,
     ) -> list[_T | BaseException]:
@@ -809,8 +830,12 @@ class PostgresStorage(base.Storage):
     async def _finish_batch(self, batch: Sequence[_Finish]) -> list[BaseException | None]:
         """Ends of instances: alone (``finish``) or several together (``finish_batch``)."""
         return await self._in_one_statement(
-            batch, self._finish_one, "finish_batch", _finish_columns, lambda row: None
+            batch, self._finish_one, "finish_batch", self._finish_params, lambda row: None
         )
+
+    def _finish_params(self, batch: Sequence[_Finish]) -> tuple[Any, ...]:
+        """``finish_batch``'s parameters: the arrays, then whether it may notify result() waiters."""
+        return (*_finish_columns(batch), self.notify)
 
     async def _finish_one(self, item: _Finish) -> None:
         self.step_commits += 1
@@ -826,6 +851,7 @@ class PostgresStorage(base.Storage):
                 item.error,
                 commit.now,
                 *self._columns(commit.records),
+                self.notify,
             )
             if not done:
                 raise base.LeaseLost(commit.lease.instance_id)

@@ -2,7 +2,8 @@
 -- Single statements run as their own transaction: one round trip, one commit.
 -- NOTIFYs (pg_notify) are sent inside the statement that makes the work claimable, so they reach the
 -- listeners only if it commits, and only once the instance can be claimed. A parameter says whether
--- notifications are on (listen_notify); ordinary step commits (record, finish) never notify.
+-- notifications are on (listen_notify); step commits (record) never notify, and ends (finish) only when a
+-- result() call of another process waits for the instance (geste_result_waiters, schema 14).
 -- Routing (schema 13, docs/design.md "Wake-ups"): a payload that makes an instance runnable also names the
 -- worker that should claim it ("worker": the instance's last_worker, NULL for a new one; the listeners
 -- route a NULL or dead one by a hash over the live workers), a worker that must not ("avoid": one that
@@ -52,6 +53,40 @@ SELECT instance_id, workflow_name, status, input, result, error, created_at, upd
        run_at, locked_by, lock_expires_at, cancel_requested, steps
 FROM {schema}.geste_instances WHERE instance_id = $1;
 
+-- name: watch_result
+-- A result() call ($2, its own id; $3 the worker id of its process) waits for an instance that another
+-- process may end: its row, so that the end notifies it (14). Written only while the instance has not
+-- ended (as this statement's snapshot sees it), renewed ($4, the new expiry) when it is there already. A
+-- plain read of geste_instances: no lock on the instance's row, which a claim must never find locked.
+-- The caller reads the instance again after this commits, so an end that committed before the row was
+-- there is seen by that read; an end that commits after is told (docs/design.md, the race).
+INSERT INTO {schema}.geste_result_waiters (instance_id, waiter, process, expires_at)
+SELECT $1, $2, $3, $4
+WHERE EXISTS (SELECT 1 FROM {schema}.geste_instances
+              WHERE instance_id = $1 AND status NOT IN ('completed', 'failed', 'cancelled'))
+ON CONFLICT (instance_id, waiter) DO UPDATE SET expires_at = excluded.expires_at
+RETURNING true AS watched;
+
+-- name: unwatch_results
+-- result() calls that stopped waiting (a timeout, a cancellation, the App closing, an end found by a
+-- read): their rows, by key ($1 instance ids, $2 waiters).
+DELETE FROM {schema}.geste_result_waiters w
+USING unnest($1::text[], $2::text[]) AS u(instance_id, waiter)
+WHERE w.instance_id = u.instance_id AND w.waiter = u.waiter;
+
+-- name: result_waiters_cleanup
+-- The cleanup chore: at most $2 rows of result() calls whose waiter stopped renewing them before $1 (it
+-- died), oldest first, through geste_result_waiters_by_expiry: the rows read are the rows deleted.
+WITH expired AS (
+    SELECT instance_id, waiter FROM {schema}.geste_result_waiters
+    WHERE expires_at < $1 ORDER BY expires_at LIMIT $2
+), gone AS (
+    DELETE FROM {schema}.geste_result_waiters w USING expired e
+    WHERE w.instance_id = e.instance_id AND w.waiter = e.waiter
+    RETURNING 1
+)
+SELECT count(*) FROM gone;
+
 -- name: list_instances
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps
@@ -70,9 +105,24 @@ SELECT $1, * FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::
                          $7::double precision[]);
 
 -- name: cancel_unstarted
-UPDATE {schema}.geste_instances
-SET status = 'cancelled', cancel_requested = true, run_at = NULL, finished_at = $2, updated_at = $2
-WHERE instance_id = $1 AND status = 'pending' AND lease_id IS NULL;
+-- An instance that never ran ends at once. Its result() waiters (14) go with it; those of other processes
+-- are told, as by finish (the canceller's own are woken in memory, and by the notification too).
+WITH cancelled AS (
+    UPDATE {schema}.geste_instances
+    SET status = 'cancelled', cancel_requested = true, run_at = NULL, finished_at = $2, updated_at = $2
+    WHERE instance_id = $1 AND status = 'pending' AND lease_id IS NULL
+    RETURNING instance_id, workflow_name
+), awaited AS (
+    DELETE FROM {schema}.geste_result_waiters
+    WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM cancelled)
+    RETURNING process
+), notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                       'finished', 'cancelled', 'schema', {schema_name})::text)
+    FROM cancelled WHERE $3 AND EXISTS (SELECT 1 FROM awaited)
+)
+SELECT (SELECT count(*) FROM cancelled) AS cancelled, (SELECT count(*) FROM notified) AS notified;
 
 -- name: flag_cancel
 -- A held instance learns of it at its next step commit; a waiting one is woken (and notified).
@@ -534,14 +584,27 @@ WHERE instance_id = $1 AND lease_id = $2
 RETURNING cancel_requested;
 
 -- name: finish
--- One statement: store the outcome and release, append the last rows, forget timers and waits.
+-- One statement: store the outcome and release, append the last rows, forget timers and waits, and the
+-- instance's result() waiters (14): a probe of their primary key, which finds none unless someone waits.
+-- The ending worker becomes the last worker (SET reads the old locked_by). A waiter of another process
+-- than the ending worker's is told (one geste_workflow_resumable with "finished", whatever the number of
+-- waiters); the ending worker's own process wakes its waiters in memory. No waiter: no NOTIFY.
 WITH done AS (
     UPDATE {schema}.geste_instances
     SET status = $3, result = $4, error = $5, finished_at = $6, updated_at = $6,
-        run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
+        run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, last_worker = locked_by,
         steps = steps + cardinality($7::integer[])
     WHERE instance_id = $1 AND lease_id = $2
-    RETURNING instance_id
+    RETURNING instance_id, workflow_name, last_worker
+), awaited AS (
+    DELETE FROM {schema}.geste_result_waiters WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM done)
+    RETURNING process
+), notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                       'finished', $3::text, 'schema', {schema_name})::text)
+    FROM done
+    WHERE $13 AND EXISTS (SELECT 1 FROM awaited WHERE process IS DISTINCT FROM done.last_worker)
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
     SELECT $1, r.* FROM unnest($7::integer[], $8::text[], $9::text[], $10::text[], $11::boolean[],
@@ -552,12 +615,13 @@ WITH done AS (
 ), waits AS (
     DELETE FROM {schema}.geste_event_waits WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM done)
 )
-SELECT count(*) AS done FROM done;
+SELECT count(*) AS done, (SELECT count(*) FROM notified) AS notified FROM done;
 
 -- name: finish_batch
 -- Group commit of ends: several instances' outcomes in one statement, each under its own lease (locked
 -- in instance_id order, as record_batch), each instance once (the storage sends another lease of an
--- instance in a batch alone). Returns the leases that held.
+-- instance in a batch alone). Returns the leases that held. Forgets and notifies the result() waiters of
+-- each instance as `finish` does ($15: notifications on): one probe of their key per instance.
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::double precision[], $7::integer[])
@@ -570,11 +634,22 @@ WITH input AS (
 ), done AS (
     UPDATE {schema}.geste_instances g
     SET status = i.status, result = i.result, error = i.error, finished_at = i.now, updated_at = i.now,
-        run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, steps = g.steps + i.added
+        run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, steps = g.steps + i.added,
+        last_worker = g.locked_by
     FROM input i
     WHERE g.instance_id = i.instance_id AND g.lease_id = i.lease_id
       AND g.instance_id IN (SELECT instance_id FROM locked)
-    RETURNING g.instance_id, i.lease_id
+    RETURNING g.instance_id, i.lease_id, g.workflow_name, i.status, g.last_worker
+), awaited AS (
+    DELETE FROM {schema}.geste_result_waiters w USING done d WHERE w.instance_id = d.instance_id
+    RETURNING w.instance_id, w.process
+), notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', d.instance_id, 'workflow_name', d.workflow_name,
+                                       'finished', d.status, 'schema', {schema_name})::text)
+    FROM done d
+    WHERE $15 AND EXISTS (SELECT 1 FROM awaited a
+                          WHERE a.instance_id = d.instance_id AND a.process IS DISTINCT FROM d.last_worker)
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
     SELECT r.* FROM unnest($8::text[], $9::integer[], $10::text[], $11::text[], $12::text[],
@@ -586,7 +661,7 @@ WITH input AS (
 ), waits AS (
     DELETE FROM {schema}.geste_event_waits WHERE instance_id IN (SELECT instance_id FROM done)
 )
-SELECT instance_id, lease_id FROM done;
+SELECT instance_id, lease_id, (SELECT count(*) FROM notified) AS notified FROM done;
 
 -- name: insert_event_wait
 -- The wait keeps the instance's event floor: send_event delivers only an event above it. since: when the

@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 13), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 14), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -239,6 +239,21 @@ CREATE TABLE geste_chores (
     next_at  double precision NOT NULL,     -- when the next round is due
     taken_at double precision               -- when the last round was taken
 ) WITH (fillfactor = 50);
+
+-- The result() calls waiting for an instance that another process may end (14): one row per call, written
+-- by the waiting process, deleted by the statement that ends the instance (which notifies when a row of a
+-- process other than the ending worker's was there), by the waiter when it gives up, or by the cleanup
+-- chore once expired (the waiter died). No foreign key to geste_instances: its check would lock the
+-- instance's row, which a claim's SKIP LOCKED would then skip.
+CREATE TABLE geste_result_waiters (
+    instance_id text NOT NULL,
+    waiter      text NOT NULL,              -- the result() call: an id of its own
+    process     text NOT NULL,              -- the worker id of the waiting App
+    expires_at  double precision NOT NULL,  -- renewed while it waits; past it, the chore deletes the row
+    PRIMARY KEY (instance_id, waiter)
+);
+-- the cleanup chore: the expired rows, oldest first (14)
+CREATE INDEX geste_result_waiters_by_expiry ON geste_result_waiters (expires_at);
 
 -- The names of a claim's workflows as a set the planner counts as one row (9): with it the generic plan
 -- of claim_names costs what its custom plans do and is kept (unnest is counted as ten rows).

@@ -190,9 +190,12 @@ WHERE instance_id = :instance_id AND lease_id = :lease_id AND cancel_requested =
 SELECT lease_id = :lease_id AS ours, cancel_requested FROM geste_instances WHERE instance_id = :instance_id;
 
 -- name: finish
+-- The ending worker becomes the last worker, as on PostgreSQL (where it tells which result() waiters the
+-- end must notify: those of other processes; schema 14).
 UPDATE geste_instances
 SET status = :status, result = :result, error = :error, finished_at = :now, updated_at = :now,
-    run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, steps = steps + :steps
+    run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, steps = steps + :steps,
+    last_worker = locked_by
 WHERE instance_id = :instance_id AND lease_id = :lease_id;
 
 -- name: clear_timers

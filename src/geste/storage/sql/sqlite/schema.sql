@@ -1,10 +1,13 @@
--- The geste schema on SQLite as the migrations leave it (schema version 13), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 14), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
 -- tests/test_storage_schema.py applies them all to a fresh file and this file to another, and compares
 -- the two catalogues (tables, columns, indexes), so the two cannot drift apart. A migration that changes
 -- the schema changes this file too, in the same commit.
+--
+-- Schema 14 changes nothing here: its table (geste_result_waiters, the result() calls an instance's end
+-- notifies) is PostgreSQL's only, since SQLite has no LISTEN/NOTIFY and a result() there reads the instance.
 --
 -- Times are Unix seconds (REAL) from the workers' clocks. Booleans are INTEGER 0/1. JSON is TEXT.
 -- Columns added by a later migration come last in their table (SQLite's ADD COLUMN appends), marked with

@@ -1,0 +1,5 @@
+-- geste schema, version 14 (SQLite): nothing changes. On PostgreSQL this version lets a result() awaited in
+-- another process register (geste_result_waiters) so that the instance's end notifies it; SQLite has no
+-- LISTEN/NOTIFY, so a result() awaited in another process keeps reading the instance by its primary key,
+-- after 10 ms, then twice as long each time up to poll_interval. The version is kept so that both backends
+-- number their schemas alike.
