@@ -804,12 +804,16 @@ async def test_probe_unanswered_means_reconnect(pg_url: str, caplog: pytest.LogC
     wakeups = Wakeups(poll_interval=1.0, fallback_interval=30.0, clock=time.time)
     caught_up: list[float] = []
     probes: list[int] = []
-    deaf = False
+    deaf = unlisten = False
 
     async def deaf_when_told(conn: Any) -> set[str]:
+        nonlocal unlisten
         probes.append(conn.connection.get_server_pid())
         if deaf:  # the question is sent and no answer ever comes, as on a half-open connection
             await asyncio.Event().wait()
+        if unlisten:  # on this connection, between two of its own statements
+            unlisten = False
+            await conn.connection.execute(f"UNLISTEN {TIMER_EXPIRED}")
         return await PostgresListening.channels(conn)
 
     listener = Listener(
@@ -843,7 +847,7 @@ async def test_probe_unanswered_means_reconnect(pg_url: str, caplog: pytest.LogC
         # the session stops listening on a channel (an UNLISTEN, a pooler that moved the session): the
         # next probe sees it, and the listener connects and LISTENs again
         reconnects = listener.reconnects
-        await listener._conn.connection.execute(f"UNLISTEN {TIMER_EXPIRED}")
+        unlisten = True
         await wait_until(lambda: listener.reconnects > reconnects, "a reconnect after a lost LISTEN")
         assert TIMER_EXPIRED in (listener.last_error or "")
         await wait_until(lambda: listener.state == "listening", "listening again")
