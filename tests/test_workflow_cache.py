@@ -240,3 +240,45 @@ async def test_new_rows_accepts_only_the_wait_outcome_after_the_step_held() -> N
     run.drop()
     with pytest.raises(Suspended):
         await run.task
+
+
+async def test_a_long_replay_gives_the_event_loop_turns(make_app: MakeApp) -> None:
+    """Without the cache, a wake-up replays the whole history. 2,048 recorded activity steps replay with a
+    turn of the event loop every 256 (the process's other instances, its heartbeat and group commits run
+    meanwhile), where they were one piece of work before: a task that counts the loop's turns sees them.
+    Counted, not timed."""
+    app = make_app(workflow_cache_size=0)
+    turns = 0
+    seen: dict[str, int] = {}
+
+    @app.activity
+    async def one(ctx: geste.ActivityContext, n: int) -> int:
+        return n
+
+    @app.workflow
+    async def long(ctx: geste.WorkflowContext) -> int:
+        before = turns
+        total = 0
+        for n in range(2048):
+            total += await one(ctx, n)
+        if ctx.is_replaying:
+            seen["turns"] = turns - before  # during the replay of the 2,048 steps
+        await ctx.wait_event("tick", match={"id": ctx.instance_id})
+        return total
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async with app:
+        handle = await app.start_workflow("long")
+        await waiting_at(app, handle.instance_id, 2049)
+        counter = asyncio.create_task(count_turns())
+        try:
+            await app.send_event("tick", {"id": handle.instance_id})
+            assert await handle.result(timeout=60) == sum(range(2048))
+        finally:
+            counter.cancel()
+    assert seen["turns"] >= 2048 // 256 - 1, seen
