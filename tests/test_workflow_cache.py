@@ -282,3 +282,32 @@ async def test_a_long_replay_gives_the_event_loop_turns(make_app: MakeApp) -> No
         finally:
             counter.cancel()
     assert seen["turns"] >= 2048 // 256 - 1, seen
+
+
+async def test_a_long_claimed_history_is_parsed_off_the_event_loop(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL claims ship the history as JSON: one longer than ``PARSE_OFF_LOOP`` is parsed in a
+    thread (lowered here so that a short history is long), a shorter one on the loop."""
+    import geste.storage.postgres as postgres
+
+    parsed_off: list[int] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(fn: Any, *args: Any) -> Any:
+        if fn is postgres._history_from_json:
+            parsed_off.append(len(args[0]))
+        return await to_thread(fn, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    monkeypatch.setattr(postgres, "PARSE_OFF_LOOP", 200)
+    app, _ = build(lambda **o: geste.App(pg_url, poll_interval=0.05, **o), workflow_cache_size=0)
+    async with app:
+        handle = await app.start_workflow("looper", 2)
+        await waiting_at(app, handle.instance_id, 2)
+        assert parsed_off == []  # started here: no claim read its history
+        await tick(app, handle.instance_id, 0)
+        await waiting_at(app, handle.instance_id, 5)
+        await tick(app, handle.instance_id, 1)
+        assert await handle.result(timeout=20) == 2
+    assert parsed_off and all(n > 200 for n in parsed_off), parsed_off
