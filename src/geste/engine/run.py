@@ -18,7 +18,7 @@ from ..errors import NonDeterminismError, SerializationError, StorageError, Work
 from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
 from .activities import ActivityRunner
 from .context import WorkflowContext
-from .journal import Abandon, Journal, Suspended
+from .journal import Abandon, ContinuedAsNew, Journal, Suspended
 
 if TYPE_CHECKING:
     from .._definitions import Workflow
@@ -119,13 +119,17 @@ class Engine:
             workflow_name=claim.workflow_name,
             history=history,
             cancel_requested=claim.cancel_requested,
+            run=claim.run,
         )
         ctx = WorkflowContext(journal, self.activities)
         try:
             result = await self._drive(journal, ctx, workflow, claim.input)
-        except (Suspended, Abandon) as signal:
+        except (Suspended, Abandon, ContinuedAsNew) as signal:
             if isinstance(signal, Abandon):
                 await self._abandon(journal, signal)
+            elif isinstance(signal, ContinuedAsNew):
+                self.metrics.workflows_continued.values[journal.workflow_name] += 1
+                logger.debug("instance %s: run %d continued as new", instance_id, journal.run)
             return
         if result is not None:
             self.on_completed(instance_id, claim.workflow_name, result)
