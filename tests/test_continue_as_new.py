@@ -28,7 +28,7 @@ from geste.storage import sqlite as sqlite_storage
 from geste.testing import ReplayStatus, WorkflowEnvironment, check_replay, export_history
 
 from .conftest import die_with_parent
-from .support import raw_query, run_cli, wait_status, wait_until
+from .support import database_at_version, raw_query, run_cli, wait_status, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
@@ -572,6 +572,27 @@ async def test_the_replay_check_replays_the_current_run_and_a_kept_one(
     assert diverged.status == ReplayStatus.DIVERGED
     assert (diverged.seq, diverged.expected) == (2, "continue_as_new 'summing'")
     assert diverged.found == "the end of the workflow (completed)"
+
+
+async def test_the_replay_check_reads_a_database_of_the_schema_before_15(db_url: str) -> None:
+    """A copy of production is checked before its upgrade: its instances have no run number yet."""
+    rows = [
+        "INSERT INTO {t}geste_instances (instance_id, workflow_name, status, input, created_at, updated_at, "
+        "steps) VALUES ('old-1', 'waiter', 'waiting', '{{\"args\": [1], \"kwargs\": {{}}}}', 1.0, 1.0, 1)",
+        "INSERT INTO {t}geste_history (instance_id, seq, kind, name, payload, created_at) "
+        "VALUES ('old-1', 1, 'wait_event', 'next', "
+        '\'{{"match":{{"n":1}},"timeout":null,"deadline":null}}\', 1.0)',
+    ]
+    await database_at_version(db_url, 13, rows)
+    app = geste.App(db_url)
+
+    @app.workflow
+    async def waiter(ctx: geste.WorkflowContext, n: int) -> None:
+        await ctx.wait_event("next", match={"n": n})
+        await ctx.continue_as_new(n + 1)
+
+    report = await check_replay(app, database_url=db_url)
+    assert report.ok and [r.instance_id for r in report.results] == ["old-1"], report.summary()
 
 
 # -- shown by the API over HTTP, the viewer and the CLI ------------------------------------------------------
