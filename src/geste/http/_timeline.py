@@ -303,7 +303,8 @@ def _now_panel(
         else:
             items.append(f"{doing}.")
     elif row.status == Status.PENDING:
-        items.append(["Not started: ready for a worker to claim it", _runnable(row, now), "."])
+        what = "Not started" if row.run == 1 else f"Continued as new: run {row.run} not started yet"
+        items.append([what, ": ready for a worker to claim it", _runnable(row, now), "."])
     else:
         items.extend(_waits(row, steps, extras, now))
     if row.cancel_requested and not row.status.is_finished:
