@@ -514,7 +514,7 @@ class Journal:
         if outcome is Suspension.CANCEL_REQUESTED:
             self._cancel_requested = True
             self.deliver_cancel(seq)
-        self._counted(records)
+        host.metrics.recorded(records)  # not _counted: a run ending by a continue needs no warning
         self.pending = []
         self._suspended = True  # nothing runs after it: a step of a gather's other branch unwinds too
         host.on_suspended(self.instance_id, now)  # the next run, runnable now: this worker claims it
