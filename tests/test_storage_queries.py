@@ -86,7 +86,7 @@ POSTGRES_ONLY = {
     "claim_ids": "a claim by ids with the histories; SQLite: claim_ids_pick, claim_picked, claim_ids_later",
     "heartbeat": "upsert_worker and the read of the other workers in one statement; SQLite: worker_peers",
     "route_wakeups": "a full worker hands its routed wake-ups on: NOTIFYs (SQLite has none)",
-    "continue_as_new": "a run's end and the next's start in one statement; SQLite: lease_state, 8 more",
+    "continue_as_new": "a run's end and the next's start in one statement; SQLite: lease_state, 9 more",
 }
 
 
