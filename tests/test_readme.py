@@ -29,8 +29,14 @@ EXPECTED = {
     ],
     5: ["shipped", "delivered order.shipped ORD-7:1 {'order_id': 'ORD-7'}", "ORD-7:1 delivered 1 None"],
     6: ["published 3 readings", "max 22.0 of [20.5, 22.0, 21.5]"],
-    7: ["retries: 1.0", "completed: 1.0", "steps: 1.0", 'geste_activity_attempts_total{activity="fetch"} 2'],
-    8: [
+    7: [
+        "total: 12",
+        "run 3 input {'args': ['ada'], 'kwargs': {'total': 7}}",
+        "run 1 {} ['wait_event', 'event', 'continue_as_new']",
+        "run 2 {'total': 3} ['wait_event', 'event', 'continue_as_new']",
+    ],
+    8: ["retries: 1.0", "completed: 1.0", "steps: 1.0", 'geste_activity_attempts_total{activity="fetch"} 2'],
+    9: [
         "bob: cancelled",
         "ada: charged ada after 15 days, 0:30:00",
         "3 attempts, from 2030-01-16 00:00:00+00:00",

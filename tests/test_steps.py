@@ -18,6 +18,7 @@ from geste._steps import (
     ActivityStep,
     CancelledStep,
     CompensationStep,
+    ContinueAsNewStep,
     EventStep,
     EventTimeoutStep,
     MessageStep,
@@ -132,6 +133,7 @@ GOLDEN: list[tuple[str, bool, Step, str | None]] = [
         SendEventStep("mine", "a.b", "https://shop.example", "o-1"),
         '{"event_id":"mine","type":"a.b","source":"https://shop.example","subject":"o-1"}',
     ),
+    ("continue_as_new", False, ContinueAsNewStep(ARGS), '{"input":' + ARGS_TEXT + "}"),
 ]
 GOLDEN_IDS = [f"{kind}-{n}" for n, (kind, *_) in enumerate(GOLDEN)]
 
@@ -172,6 +174,7 @@ def test_the_fast_paths_inline_encoded_json() -> None:
     assert message.encode() == GOLDEN[14][3]
     direct = StoredMessage(4, "m-2", "box", '{"for":"me"}', None, "me", 1893456201.0)
     assert message_history_payload(direct) == GOLDEN[15][3]
+    assert ContinueAsNewStep(RawJSON(ARGS_TEXT)).encode() == GOLDEN[-1][3]
     assert (
         _steps.activity_payload(
             {"id": "r-1", "n": 1.5}, None, 1, 1893456000.25, 0.5, ARGS_TEXT, what="result", limit=None
@@ -268,6 +271,8 @@ CORRUPTED: list[tuple[str, bool, str | None, str]] = [
     ("cancelled", False, "{}", "should be null"),
     ("send_event", False, '{"type": "t", "source": "s", "subject": null}', "KeyError: 'event_id'"),
     ("send_event", False, '{"event_id": "e", "type": "t", "source": null, "subject": null}', "not a string"),
+    ("continue_as_new", False, '{"args": [], "kwargs": {}}', "KeyError: 'input'"),
+    ("continue_as_new", False, '{"input": {"args": {}}}', "is not {'args'"),
     ("activity", False, "[" * 100_000 + "]" * 100_000, "RecursionError"),
 ]
 
@@ -358,7 +363,15 @@ async def test_rows_written_live_decode_and_encode_to_the_same_bytes(
     async def cancelled(ctx: geste.WorkflowContext) -> None:
         await ctx.sleep(3600)
 
+    @app.workflow
+    async def twice(ctx: geste.WorkflowContext, n: int) -> int:
+        if n < 2:
+            await ctx.continue_as_new(n + 1)  # its row is in the kept run's history
+        return n
+
     async with app:
+        again = await twice.start(1)
+        assert await again.result(timeout=30) == 2
         handle = await every_kind.start()
         stopped = await cancelled.start()
         await wait_status(app, handle.instance_id, geste.Status.WAITING)
@@ -373,6 +386,7 @@ async def test_rows_written_live_decode_and_encode_to_the_same_bytes(
         rows = [
             *await app.storage.get_history(handle.instance_id),
             *await app.storage.get_history(stopped.instance_id),
+            *await app.storage.get_run_history(again.instance_id, 1),
         ]
 
     kinds = [row.kind for row in rows]

@@ -60,6 +60,12 @@ SQLITE_ONLY = {
     "waits_for_event_target": "send_event, 3/5 (the target's wait); PostgreSQL: send_event",
     "deliver_event": "send_event, 4/5 (per instance handed the event); PostgreSQL: send_event",
     "wake": "send_event, 5/5 (per instance that takes it itself); PostgreSQL: send_event",
+    "continue_archive_run": "continue_as_new, 1/6 (after lease_state); PostgreSQL: continue_as_new",
+    "continue_archive_history": "continue_as_new, 2/6 (after insert_history); PostgreSQL: continue_as_new",
+    "continue_clear_history": "continue_as_new, 3/6; PostgreSQL: continue_as_new",
+    "continue_reopen": "continue_as_new, 4/6 (then clear_timers, clear_event_wait); PostgreSQL: the same",
+    "continue_stop_listening": "continue_as_new, 5/6; PostgreSQL: continue_as_new",
+    "continue_outbox": "continue_as_new, 6/6; PostgreSQL: continue_as_new",
 }
 POSTGRES_ONLY = {
     # one statement where SQLite has several, or what only PostgreSQL needs
@@ -83,6 +89,7 @@ POSTGRES_ONLY = {
     "watch_result": "a result() call registers for the end's NOTIFY (SQLite has none: it reads)",
     "unwatch_results": "result() calls that stopped waiting forget their registrations (SQLite: none)",
     "result_waiters_cleanup": "the cleanup chore's expired result() registrations (SQLite: none)",
+    "continue_as_new": "a run's end and the next's start in one statement; SQLite: lease_state, 9 more",
 }
 
 

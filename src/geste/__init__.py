@@ -12,7 +12,7 @@ from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import MetricFamily, Metrics, MetricSample, MetricsSnapshot
 from ._metrics_http import MetricsServer
-from ._models import Event, HistoryEntry, InstanceInfo, Status, StepKind
+from ._models import Event, HistoryEntry, InstanceInfo, RunInfo, Status, StepKind
 from ._operations import ResumeResult, RetryRecord
 from ._retry import RetryPolicy
 from ._status import LeaseInfo, ListenerState, ListenerStatus, QueueStats, SystemStatus, WorkerInfo
@@ -44,6 +44,7 @@ __all__ = [
     "ResumeResult",
     "RetryPolicy",
     "RetryRecord",
+    "RunInfo",
     "Status",
     "StepKind",
     "SystemStatus",

@@ -18,7 +18,7 @@ from ._client import Client
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics, app_collector
-from ._models import HistoryEntry, InstanceInfo, Status, to_datetime
+from ._models import HistoryEntry, InstanceInfo, RunInfo, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
 from ._registry import Registry
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
@@ -440,12 +440,20 @@ class App(OpenClose):
         """Instances, newest first, optionally of one workflow name and/or status."""
         return await self.client.list_instances(workflow=workflow, status=status, limit=limit, offset=offset)
 
-    async def history(self, instance_id: str) -> list[HistoryEntry]:
-        """The recorded steps of an instance, in order.
+    async def history(self, instance_id: str, *, run: int | None = None) -> list[HistoryEntry]:
+        """The recorded steps of an instance, in order: those of its current run, or with ``run=n`` of its
+        run ``n``, ended with ``ctx.continue_as_new`` and kept (its last step is the ``continue_as_new``).
 
-        Raises ``geste.errors.HistoryCorruptedError`` for a row geste cannot read (changed by hand).
+        Raises ``geste.errors.HistoryCorruptedError`` for a row geste cannot read (changed by hand),
+        ``geste.errors.RunNotFoundError`` for a run it has not kept.
         """
-        return await self.client.history(instance_id)
+        return await self.client.history(instance_id, run=run)
+
+    async def runs(self, instance_id: str) -> list[RunInfo]:
+        """The runs of an instance that ended with ``ctx.continue_as_new``, oldest first: each one's
+        number, input, start, end and step count (``history(instance_id, run=n)`` has its steps). Its
+        current run (``get_instance``: ``run``, ``input``) is not among them."""
+        return await self.client.runs(instance_id)
 
     async def cancel(self, instance_id: str) -> InstanceInfo:
         """Cancel an instance: at once if it never ran, else at its next step, after its compensations."""

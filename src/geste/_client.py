@@ -21,7 +21,7 @@ from . import _operations
 from ._definitions import Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics
-from ._models import HistoryEntry, InstanceInfo, Status, to_datetime
+from ._models import HistoryEntry, InstanceInfo, RunInfo, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
 from ._registry import Registry
 from ._retry import seconds
@@ -34,6 +34,7 @@ from .errors import (
     InstanceAlreadyExistsError,
     InstanceNotFoundError,
     ResultTimeout,
+    RunNotFoundError,
     StorageError,
     UnknownWorkflowError,
     WorkflowCancelled,
@@ -271,16 +272,28 @@ class Client:
         )
         return [instance_info(row) for row in rows]
 
-    async def history(self, instance_id: str) -> list[HistoryEntry]:
-        """The recorded steps of an instance, in order.
+    async def history(self, instance_id: str, *, run: int | None = None) -> list[HistoryEntry]:
+        """The recorded steps of an instance's current run (or of its kept run ``run``), in order.
 
-        Raises ``geste.errors.HistoryCorruptedError`` for a row geste cannot read (changed by hand).
+        Raises ``geste.errors.HistoryCorruptedError`` for a row geste cannot read (changed by hand),
+        ``RunNotFoundError`` for a run number it has not kept.
         """
         self._require_open()
-        if not findable(instance_id, "instance_id") or await self.storage.get_instance(instance_id) is None:
+        if run is not None and (isinstance(run, bool) or not isinstance(run, int) or run < 1):
+            raise ConfigurationError(f"run must be a run number (1, 2, ...), not {run!r:.80}")
+        if not findable(instance_id, "instance_id"):
             raise InstanceNotFoundError(instance_id)
+        instance = await self.storage.get_instance(instance_id)
+        if instance is None:
+            raise InstanceNotFoundError(instance_id)
+        if run is None or run == instance.run:
+            rows = await self.storage.get_history(instance_id)
+        else:
+            rows = await self.storage.get_run_history(instance_id, run)
+            if not rows:  # a kept run has one row at least: its continue_as_new
+                raise RunNotFoundError(instance_id, run)
         entries = []
-        for row in await self.storage.get_history(instance_id):
+        for row in rows:
             kind, payload = read_row(row, instance_id=instance_id)  # an unknown kind, not JSON: corrupted
             entries.append(
                 HistoryEntry(
@@ -293,6 +306,25 @@ class Client:
                 )
             )
         return entries
+
+    async def runs(self, instance_id: str) -> list[RunInfo]:
+        """The runs of an instance that ended with ``ctx.continue_as_new``, oldest first (its current run,
+        ``get_instance`` and ``history``, is not among them)."""
+        self._require_open()
+        if not findable(instance_id, "instance_id") or await self.storage.get_instance(instance_id) is None:
+            raise InstanceNotFoundError(instance_id)
+        return [
+            RunInfo(
+                instance_id=r.instance_id,
+                run=r.run,
+                input=decode(r.input),
+                started_at=to_datetime(r.started_at),  # type: ignore[arg-type]
+                ended_at=to_datetime(r.ended_at),  # type: ignore[arg-type]
+                steps=r.steps,
+                ended_as=r.ended_as,
+            )
+            for r in await self.storage.list_runs(instance_id)
+        ]
 
     # -- operator actions --------------------------------------------------------------------------
     async def cancel(self, instance_id: str) -> InstanceInfo:
@@ -674,4 +706,5 @@ def instance_info(row: InstanceRow) -> InstanceInfo:
         lock_expires_at=to_datetime(row.lock_expires_at),
         cancel_requested=row.cancel_requested,
         steps=row.steps,
+        run=row.run,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._models import HistoryEntry, InstanceInfo, Status
+from ._models import HistoryEntry, InstanceInfo, RunInfo, Status
 
 R = TypeVar("R")
 
@@ -21,7 +21,9 @@ class HandleClient(Protocol):
 
     async def get_instance(self, instance_id: str) -> InstanceInfo: ...
 
-    async def history(self, instance_id: str) -> list[HistoryEntry]: ...
+    async def history(self, instance_id: str, *, run: int | None = None) -> list[HistoryEntry]: ...
+
+    async def runs(self, instance_id: str) -> list[RunInfo]: ...
 
     async def cancel(self, instance_id: str) -> InstanceInfo: ...
 
@@ -50,8 +52,13 @@ class WorkflowHandle(Generic[R]):
     async def status(self) -> Status:
         return (await self.info()).status
 
-    async def history(self) -> list[HistoryEntry]:
-        return await self.client.history(self.instance_id)
+    async def history(self, *, run: int | None = None) -> list[HistoryEntry]:
+        """The steps of its current run, or of its run ``run`` kept by ``continue_as_new``."""
+        return await self.client.history(self.instance_id, run=run)
+
+    async def runs(self) -> list[RunInfo]:
+        """Its runs ended by ``continue_as_new``, oldest first (``app.runs``)."""
+        return await self.client.runs(self.instance_id)
 
     async def cancel(self) -> InstanceInfo:
         return await self.client.cancel(self.instance_id)

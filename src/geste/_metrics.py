@@ -218,6 +218,17 @@ class Metrics:
             "(completed, failed, cancelled).",
             ("workflow", "status"),
         )
+        self.workflows_continued = Counter(
+            "geste_workflows_continued_total",
+            "Runs this process's worker ended with ctx.continue_as_new (the instance goes on in a new run).",
+            ("workflow",),
+        )
+        self.long_histories = Counter(
+            "geste_long_histories_total",
+            "Runs whose history passed 10,000 steps in this process (each warned about once: "
+            "ctx.continue_as_new keeps histories short).",
+            ("workflow",),
+        )
         self.activity_attempts = Counter(
             "geste_activity_attempts_total", "Activity (and compensation) attempts run live.", ("activity",)
         )

@@ -63,6 +63,8 @@ class StepKind(StrEnum):
     RANDOM = "random"
     CANCELLED = "cancelled"
     SEND_EVENT = "send_event"
+    CONTINUE_AS_NEW = "continue_as_new"
+    """The last row of a run that ended with ``ctx.continue_as_new`` (found in its kept history only)."""
 
 
 def to_datetime(ts: float | None) -> datetime | None:
@@ -86,6 +88,27 @@ class InstanceInfo:
     lock_expires_at: datetime | None
     cancel_requested: bool
     steps: int
+    """Rows in the history of its current run."""
+    run: int = 1
+    """The number of its current run: 1, then one more at each ``ctx.continue_as_new`` (whose earlier
+    runs ``app.runs`` lists)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run of an instance that ended with ``ctx.continue_as_new`` (``app.runs``); its history is
+    ``app.history(instance_id, run=run)``, its last entry the ``continue_as_new`` step."""
+
+    instance_id: str
+    run: int
+    """1 for the instance's first run, then 2, ..."""
+    input: dict[str, Any]
+    """What it was started or continued with: ``{"args": [...], "kwargs": {...}}``."""
+    started_at: datetime
+    ended_at: datetime
+    steps: int
+    ended_as: str
+    """``"continued"``: the one way a run ends while its instance goes on."""
 
 
 @dataclass(frozen=True, slots=True)

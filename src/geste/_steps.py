@@ -28,6 +28,8 @@ Payloads by kind (compact JSON; ``…`` stands for a JSON value):
   null ``message_id`` when the target instance does not exist)
 - ``now``, ``random``: a number; ``uuid``: a string
 - ``send_event``: ``{"event_id", "type", "source", "subject"}``
+- ``continue_as_new``: ``{"input": {"args": […], "kwargs": {…}}}``, the next run's input (the last row of
+  a run kept in ``geste_run_history``; never in ``geste_history``)
 """
 
 from __future__ import annotations
@@ -640,6 +642,26 @@ class SendEventStep(_Payload):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ContinueAsNewStep(_Payload):
+    """The end of a run by ``ctx.continue_as_new`` (the row's name is the workflow's): the next run's
+    ``input``, ``{"args": [...], "kwargs": {...}}`` (a ``RawJSON`` text when written)."""
+
+    kind: ClassVar[StepKind] = StepKind.CONTINUE_AS_NEW
+    input: Any
+
+    def encode(self) -> str:
+        return '{"input":' + _raw(self.input, "input") + "}"
+
+    @classmethod
+    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
+        body = _object(body)
+        recorded = _object(body["input"])
+        if type(recorded.get("args", [])) is not list or type(recorded.get("kwargs", {})) is not dict:
+            raise TypeError(f"the input {recorded!r:.80} is not {{'args': [...], 'kwargs': {{...}}}}")
+        return cls(recorded)
+
+
 # -- rows ------------------------------------------------------------------------------------------------
 Step = (
     ActivityStep
@@ -659,6 +681,7 @@ Step = (
     | RandomStep
     | CancelledStep
     | SendEventStep
+    | ContinueAsNewStep
 )
 """The typed payload of a history row, one class per ``StepKind``."""
 
@@ -682,6 +705,7 @@ STEPS: dict[str, type[Step]] = {
         RandomStep,
         CancelledStep,
         SendEventStep,
+        ContinueAsNewStep,
     )
 }
 """The step class of each kind (by its stored value)."""

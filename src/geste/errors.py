@@ -11,6 +11,7 @@ GesteError
 │   ├── NotAGesteDatabaseError  the file / schema holds something that is not geste's
 │   └── SchemaVersionError      written by a newer geste than this one
 ├── InstanceNotFoundError       no instance with that id
+│   └── RunNotFoundError        no kept run of that number (runs end with ctx.continue_as_new)
 ├── InstanceStateError          an operator action its status refuses (retry of an instance not failed)
 │   └── InstanceLeasedError     resume of an instance a live worker holds, without force=True
 ├── InstanceAlreadyExistsError  reserved for callers that ask start() to refuse an existing id
@@ -51,6 +52,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ReceiveTimeout",
     "ResultTimeout",
+    "RunNotFoundError",
     "SchemaVersionError",
     "SerializationError",
     "StorageError",
@@ -122,6 +124,19 @@ class InstanceNotFoundError(GesteError, LookupError):
     def __init__(self, instance_id: str) -> None:
         super().__init__(f"no workflow instance with id {instance_id!r}")
         self.instance_id = instance_id
+
+
+class RunNotFoundError(InstanceNotFoundError):
+    """The instance has no kept run of this number: the runs kept are those it ended with
+    ``ctx.continue_as_new`` (``app.runs``); its current run is read without a number."""
+
+    def __init__(self, instance_id: str, run: int) -> None:
+        GesteError.__init__(self, instance_id, run)  # the args rebuild it from a recorded error
+        self.instance_id = instance_id
+        self.run = run
+
+    def __str__(self) -> str:
+        return f"workflow instance {self.instance_id!r} has no kept run {self.run}"
 
 
 class InstanceStateError(GesteError):

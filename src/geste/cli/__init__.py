@@ -32,6 +32,7 @@ from .._models import HistoryEntry
 from .._steps import (
     ActivityStep,
     CancelledStep,
+    ContinueAsNewStep,
     EventStep,
     EventTimeoutStep,
     MessageStep,
@@ -161,6 +162,8 @@ def _outcome(entry: HistoryEntry) -> str:
         return "timed out"
     if isinstance(step, CancelledStep):
         return "cancellation delivered here"
+    if isinstance(step, ContinueAsNewStep):
+        return "continued as new with " + _js(step.input)
     if isinstance(step, SubscribeStep):
         return step.mode
     if isinstance(step, ReceiveStep):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -10,7 +11,7 @@ import click
 
 from .._app import App
 from .._client import CANCELLABLE
-from .._models import HistoryEntry, InstanceInfo, Status
+from .._models import HistoryEntry, InstanceInfo, RunInfo, Status
 from .._operations import ResumeResult, RetryRecord
 from .._progress import Progress
 from ..errors import UnknownWorkflowError
@@ -74,18 +75,30 @@ def list_(database_url: str, workflow: str | None, status: str | None, limit: in
 @main.command()
 @click.argument("instance_id", metavar="ID")
 @database_url_option
+@click.option(
+    "--run",
+    "run",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Show run N, one the instance ended with continue_as_new (default: its current run).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with error tracebacks).")
-def show(instance_id: str, database_url: str, as_json: bool) -> None:
-    """Show an instance and its history as a timeline."""
+def show(instance_id: str, database_url: str, run: int | None, as_json: bool) -> None:
+    """Show an instance and its history as a timeline (its current run, or its kept run --run N)."""
 
-    async def go() -> tuple[InstanceInfo, list[HistoryEntry], list[RetryRecord]]:
+    async def go() -> tuple[InstanceInfo, list[HistoryEntry], list[RetryRecord], list[RunInfo]]:
         async with _client(database_url) as app:
             info = await app.get_instance(instance_id)
-            return info, await app.history(instance_id), await app.retries(instance_id)
+            history = await app.history(instance_id, run=run)
+            return info, history, await app.retries(instance_id), await app.runs(instance_id)
 
-    info, history, retries = _run(go())
+    info, history, retries, runs = _run(go())
+    kept = next((r for r in runs if r.run == run), None)
+    if kept is not None:
+        _show_run(info, kept, history, runs, as_json)
+        return
     if as_json:
-        click.echo(_dump({"instance": info, "history": history, "retries": retries}))
+        click.echo(_dump({"instance": info, "history": history, "retries": retries, "runs": runs}))
         return
     fields = [
         ("instance", info.instance_id),
@@ -97,6 +110,8 @@ def show(instance_id: str, database_url: str, as_json: bool) -> None:
         ("steps", str(info.steps)),
         ("input", _js(info.input, 200)),
     ]
+    if runs:
+        fields.insert(3, ("run", f"{info.run} (runs before it: geste show {info.instance_id} --run N)"))
     if info.locked_by:
         fields.append(("locked by", f"{info.locked_by} until {_stamp(info.lock_expires_at)}"))
     if info.status == Status.COMPLETED:
@@ -118,6 +133,53 @@ def show(instance_id: str, database_url: str, as_json: bool) -> None:
             f"  {record.retry:>3}  {_stamp(record.retried_at)}  from step {record.from_seq}; "
             f"had failed with {_error_line(record.error)}; removed {removed}"
         )
+    if runs:
+        click.echo("runs before:")
+    for kept_run in runs:
+        click.echo(_run_line(kept_run))
+
+
+def _run_line(run: RunInfo) -> str:
+    return (
+        f"  {run.run:>3}  {_stamp(run.started_at)} to {_stamp(run.ended_at)}  {run.steps} steps, "
+        f"{run.ended_as}; input {_js(run.input, 120)}"
+    )
+
+
+def _show_run(
+    info: InstanceInfo, run: RunInfo, history: list[HistoryEntry], runs: list[RunInfo], as_json: bool
+) -> None:
+    """``geste show ID --run N``: a run the instance ended with ``continue_as_new``. Its JSON's
+    ``instance`` describes that run (its input, start, end and steps), as ``export_history(run=N)`` does,
+    so that ``geste replay-check`` reads it as that run's history."""
+    if as_json:
+        described = dataclasses.replace(
+            info,
+            input=run.input,
+            result=None,
+            error=None,
+            created_at=run.started_at,
+            finished_at=run.ended_at,
+            steps=run.steps,
+            run=run.run,
+        )
+        click.echo(_dump({"instance": described, "run": run, "history": history}))
+        return
+    later = f"run {run.run + 1}" if run.run + 1 < info.run else f"run {info.run}, the current one"
+    fields = [
+        ("instance", info.instance_id),
+        ("workflow", info.workflow_name),
+        ("run", f"{run.run} of {info.run} ({len(runs)} kept); {run.ended_as}: {later}"),
+        ("started", _stamp(run.started_at)),
+        ("ended", _stamp(run.ended_at)),
+        ("steps", str(run.steps)),
+        ("input", _js(run.input, 200)),
+    ]
+    for label, value in fields:
+        click.echo(f"{label:<10} {value}")
+    click.echo("history:")
+    for entry in history:
+        click.echo(_entry_line(entry, run.started_at))
 
 
 _CANCEL_STATUSES = [s.value for s in (Status.PENDING, Status.RUNNING, Status.WAITING, Status.COMPENSATING)]

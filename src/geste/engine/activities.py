@@ -45,10 +45,21 @@ class ActivityContext:
     attempt: int
     max_attempts: int
     is_compensation: bool = False
+    run: int = 1
+    """The instance's run that calls it (1, then one more after each ``continue_as_new``)."""
 
     @property
     def idempotency_key(self) -> str:
-        return f"{self.instance_id}:{self.seq}"
+        """``<instance id>:<seq>``, or ``<instance id>:<run>.<seq>`` from the second run on (whose steps are
+        numbered from 1 again): never the key of another step of the instance."""
+        return step_key(self.instance_id, self.run, self.seq)
+
+
+def step_key(instance_id: str, run: int, seq: int) -> str:
+    """A key of one step of one instance: ``<instance id>:<seq>`` in its first run, ``<instance
+    id>:<run>.<seq>`` in a later one. Unique: a first run's ends with ``:`` and digits, a later one's with
+    ``:`` and ``<digits>.<digits>``, so no instance id can make two keys alike."""
+    return f"{instance_id}:{seq}" if run == 1 else f"{instance_id}:{run}.{seq}"
 
 
 class ActivityRunner:
@@ -122,6 +133,7 @@ class ActivityRunner:
                 attempt=attempt,
                 max_attempts=policy.max_attempts,
                 is_compensation=kind == StepKind.COMPENSATION,
+                run=journal.run,
             )
             error: BaseException | None = None
             try:

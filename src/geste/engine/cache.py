@@ -69,15 +69,15 @@ class CachedRun:
 
     def new_rows(self, claim: Claim, history: Sequence[HistoryRow]) -> list[HistoryRow] | None:
         """The rows ``claim`` continues this run with, or None if it may not: the run must be parked,
-        and the rows after the step it holds (the claim read those only, or the whole history, when it
-        was made before the run parked) at most its wait's outcome, at the step it waits at. Anything
-        else means another worker ran the instance or an operator changed it: the run is dropped and
-        the instance replays."""
+        the instance still on its run (not continued as new meanwhile), and the rows after the step it
+        holds (the claim read those only, or the whole history, when it was made before the run
+        parked) at most its wait's outcome, at the step it waits at. Anything else means another worker
+        ran the instance or an operator changed it: the run is dropped and the instance replays."""
         resume = self._resume
         if resume is None or resume.done() or self.task is None or self.task.done():
             return None
         known = self.known
-        if claim.history_after > known:
+        if claim.run != self.journal.run or claim.history_after > known:  # another run's rows
             return None
         rows = [r for r in history if type(r.seq) is not int or r.seq > known]
         at = self.journal.seq

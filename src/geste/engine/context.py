@@ -15,7 +15,7 @@ import random as _random
 import uuid
 from collections.abc import Coroutine, Mapping, MutableMapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 from .._channels import Message
@@ -63,7 +63,8 @@ from ..storage.base import (
     NewMessage,
     NewOutboxEvent,
 )
-from .activities import ActivityContext, ActivityRunner
+from . import journal as _journal
+from .activities import ActivityContext, ActivityRunner, step_key
 from .journal import RESUMED, Journal, Resumed
 
 if TYPE_CHECKING:
@@ -109,6 +110,18 @@ class WorkflowContext:
     def is_replaying(self) -> bool:
         """True while the workflow re-runs steps it took before (side effects outside steps repeat)."""
         return self._journal.is_replaying
+
+    @property
+    def run(self) -> int:
+        """The number of this run of the instance: 1, then one more after each ``continue_as_new``."""
+        return self._journal.run
+
+    @property
+    def continue_as_new_suggested(self) -> bool:
+        """True once this run's history passed 10,000 steps (``engine.journal.LONG_HISTORY_STEPS``): every
+        resume replays all of them, so a loop that checks this and calls ``continue_as_new`` keeps its
+        wake-ups as cheap as its first ones. Deterministic: it counts the steps taken so far."""
+        return self._journal.seq > _journal.LONG_HISTORY_STEPS
 
     # -- deterministic helpers ---------------------------------------------------------------------
     def now(self) -> datetime:
@@ -174,6 +187,39 @@ class WorkflowContext:
     ) -> Coroutine[Any, Any, Any]:
         """The step of a call of ``activity`` (what ``Activity.__call__`` returns to be awaited)."""
         return self._activities.step(self._journal, activity, args, kwargs)
+
+    # -- continue as new ---------------------------------------------------------------------------
+    async def continue_as_new(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """End this run and start the workflow afresh under the same instance id, with these arguments
+        and a new, empty history; never returns.
+
+        For loops that would otherwise grow one history without end (an entity that takes message after
+        message, a poller, an agent): carry the state the next run needs in its arguments. The arguments
+        are checked as ``start`` checks them (``SerializationError``, ``PayloadTooLargeError``), here,
+        before anything is written. In one transaction with the rows not yet written, this run's history is
+        kept (``app.runs``, ``app.history(id, run=n)``) and the next run is made runnable. What carries
+        over: the events sent to the instance and the messages on its channels that this run did not take
+        (the next run's ``wait_event`` and ``receive`` take them), its channel subscriptions with their
+        positions, and its outbox events (still sent in order). What does not: its timers and waits, the
+        compensations it registered (not run: a continue is no failure). A cancel requested before wins:
+        ``WorkflowCancelled`` is raised here instead, as at any step. ``handle.result()`` waits for the
+        last run's end. It must be awaited by the workflow itself, not inside a ``gather``.
+        """
+        journal = self._journal
+        workflow = self._host.workflows.get(self.workflow_name)
+        if workflow is not None:
+            workflow.signature.bind(args, kwargs, what=f"workflow {self.workflow_name}")
+        stored = encode(
+            {"args": args, "kwargs": kwargs},
+            what=f"input of workflow {self.workflow_name}",
+            limit=self._host.max_payload_bytes,
+        )
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.CONTINUE_AS_NEW, self.workflow_name)
+        if row is None:
+            journal.begin(seq)
+            journal.live(seq)
+        await journal.continue_as_new(seq, stored, recorded=row is not None)
 
     # -- durable timers ----------------------------------------------------------------------------
     async def sleep(self, duration: float | timedelta) -> None:
@@ -278,8 +324,9 @@ class WorkflowContext:
         buffered rows before it), so the event exists exactly when the step is recorded, and a replay
         returns the recorded id without emitting it again. The relay delivers it at least once, after
         this instance's earlier events (README, "The transactional outbox"). ``event_id`` defaults to
-        ``"<instance id>:<seq>"``, the same on every replay; an id already in the outbox is not stored
-        again. ``source`` defaults to ``/geste/<workflow name>``.
+        ``"<instance id>:<seq>"`` (``"<instance id>:<run>.<seq>"`` after a ``continue_as_new``), the same
+        on every replay; an id already in the outbox is not stored again. ``source`` defaults to
+        ``/geste/<workflow name>``.
         """
         check_event_attribute(event_type, "event_type")
         if source is not None:
@@ -300,7 +347,7 @@ class WorkflowContext:
             else encode(data, what=f"data of event {event_type}", limit=self._host.max_payload_bytes)
         )
         journal.live(seq, ordered=False)
-        eid = f"{self.instance_id}:{seq}" if event_id is None else event_id
+        eid = step_key(self.instance_id, journal.run, seq) if event_id is None else event_id
         src = f"/geste/{quote(self.workflow_name, safe='')}" if source is None else source
         now = self._host.clock()
         body = SendEventStep(eid, event_type, src, subject).encode()

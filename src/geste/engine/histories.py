@@ -8,9 +8,13 @@ The file format (``geste-history``, version 1) is one JSON object per instance::
      "history": [{"seq", "kind", "name", "is_error", "created_at", "payload"}, ...]}
 
 ``input``, ``result``, ``error`` and each ``payload`` are the stored JSON values; times are ISO 8601
-strings (numbers of Unix seconds are read too). A payload that is not JSON (a row changed by hand) is
-kept verbatim as ``"payload_text"`` instead, so that the replay check reports it. ``geste show ID --json``
-prints the same ``instance`` and ``history`` objects, so its output is read as well.
+strings (numbers of Unix seconds are read too). A run the instance ended with ``continue_as_new``
+(``export_history(..., run=n)``) has ``"run": n`` in ``instance``, its own ``input``, its start and end as
+``created_at`` and ``finished_at``, and its history ends with its ``continue_as_new`` row; its ``status``
+is the instance's, which the replay check does not go by for such a run. A payload that is not JSON (a
+row changed by hand) is kept verbatim as ``"payload_text"`` instead, so that the replay check reports it.
+``geste show ID --json`` (and ``--run n``) prints the same ``instance`` and ``history`` objects, so its
+output is read as well.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Protocol
 from .._models import InstanceInfo, Status
 from .._serde import encode
 from .._steps import document_payload, payload_from_document
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, RunNotFoundError
 from ..storage import read_histories
 from ..storage._read_only import StoredHistory
 from ..storage.base import HistoryRow, Storage
@@ -61,6 +65,8 @@ class RecordedHistory:
     """Where it was read: ``<database URL without password>#<instance id>``, or the file's path."""
     error_type: str | None = None
     """The dotted type of the recorded error of a failed instance."""
+    run: int | None = None
+    """The run this history is, when one kept by ``continue_as_new``; None: the instance's current run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +97,21 @@ def history_document(instance: dict[str, Any], rows: Sequence[HistoryRow]) -> di
 
 
 async def export_history(
-    app: HistorySource, instance_id: str, path: str | os.PathLike[str] | None = None
+    app: HistorySource,
+    instance_id: str,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    run: int | None = None,
 ) -> dict[str, Any]:
     """Export an instance of an open App with its history as a ``geste-history`` document.
 
     Written to ``path`` (UTF-8 JSON, indented) when given, and returned. Keep such files next to your
     tests and give them to ``geste.testing.check_replay(app, files=[...])`` or ``geste replay-check``:
     they prove that a change of the workflow's code still replays the instances recorded before it.
+    Its current run by default; ``run=n``: the run ``n`` it ended with ``continue_as_new`` (kept), which
+    the check replays to that ``continue_as_new`` (``geste.errors.RunNotFoundError`` if none is kept).
     """
     info = await app.get_instance(instance_id)
-    rows = await app.storage.get_history(instance_id)
     instance = {
         "instance_id": info.instance_id,
         "workflow_name": info.workflow_name,
@@ -111,6 +122,21 @@ async def export_history(
         "created_at": info.created_at.isoformat(),
         "finished_at": None if info.finished_at is None else info.finished_at.isoformat(),
     }
+    if run is None:
+        rows = await app.storage.get_history(instance_id)
+    else:
+        kept = [r for r in await app.storage.list_runs(instance_id) if r.run == run]
+        if not kept:
+            raise RunNotFoundError(instance_id, run)
+        rows = await app.storage.get_run_history(instance_id, run)
+        instance.update(
+            run=run,
+            input=json.loads(kept[0].input),
+            result=None,
+            error=None,
+            created_at=_iso(kept[0].started_at),
+            finished_at=_iso(kept[0].ended_at),
+        )
     document = history_document(instance, rows)
     if path is not None:
         text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
@@ -174,6 +200,9 @@ def _from_document(document: Any, source: str) -> RecordedHistory:
         raise _Bad(f"unknown instance status {instance.get('status')!r:.80}") from None
     error = instance.get("error")
     error_type = error.get("type") if isinstance(error, dict) else None
+    run = instance.get("run")
+    if run is not None and (not isinstance(run, int) or isinstance(run, bool) or run < 1):
+        raise _Bad(f"instance: run is {run!r:.80}, not a run number")
     rows = []
     for position, entry in enumerate(history, 1):
         if not isinstance(entry, dict):
@@ -208,6 +237,7 @@ def _from_document(document: Any, source: str) -> RecordedHistory:
         rows=tuple(rows),
         source=source,
         error_type=error_type if isinstance(error_type, str) else None,
+        run=run,
     )
 
 

@@ -9,18 +9,21 @@ the step that commits: a suspension, a publication, an event sent, the end).
 
 The journal holds the run's state (step numbers, the divergence that stops it, the cancellation and its
 delivery, the compensations registered, the suspension) and makes every storage call that records: one
-place maps what storage raises (the lease lost, a database error) to ``Abandon``.
+place maps what storage raises (the lease lost, a database error) to ``Abandon``. It is also where a run
+ends by ``continue_as_new`` (``ContinuedAsNew``), and where a history that grows past
+``LONG_HISTORY_STEPS`` is noticed (a comparison per commit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from .._metrics import Metrics
 from .._models import Status, StepKind
-from .._steps import STEPS, CancelledStep, Step, decode_step
+from .._steps import STEPS, CancelledStep, ContinueAsNewStep, RawJSON, Step, decode_step
 from ..errors import HistoryCorruptedError, NonDeterminismError, StorageError, WorkflowCancelled
 from ..storage.base import (
     Commit,
@@ -38,7 +41,14 @@ from ..storage.base import (
 )
 
 if TYPE_CHECKING:
-    from .._definitions import Activity
+    from .._definitions import Activity, Workflow
+
+logger = logging.getLogger("geste.engine")
+
+LONG_HISTORY_STEPS = 10_000
+"""A run whose history passes this many steps is warned about, once (a log line and
+``geste_long_histories_total``), and ``ctx.continue_as_new_suggested`` says so: each resume replays the
+whole history, so its cost grows with it (README, "Long-lived workflows: continue as new")."""
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Step)
@@ -85,6 +95,16 @@ Park = Callable[["Journal", int], Awaitable[None]]
 returns when a wake-up here continues it (``Journal.resumed`` was called), raises ``Suspended`` when
 the cache drops it."""
 
+
+class ContinuedAsNew(_Unwind):
+    """The run ended by ``ctx.continue_as_new``: its history is kept, the next run is committed and
+    runnable (``input``, the next run's stored input); unwind the coroutine, keep nothing."""
+
+    def __init__(self, input: str) -> None:
+        super().__init__(input)
+        self.input = input
+
+
 _STORAGE_FAILURES = (LeaseLost, StorageError)
 
 
@@ -126,6 +146,9 @@ class Host(Protocol):
     """Called with the event id after a step recorded an outbox event."""
     retry_wait: Callable[[str, float], Awaitable[None]]
     """How an activity's retry back-off waits, given the instance id and the seconds."""
+    workflows: Mapping[str, Workflow[Any, Any]]
+    """The workflows it runs, by name: ``continue_as_new`` checks the next run's arguments against its
+    workflow's signature, as ``start`` does."""
 
 
 class Journal:
@@ -143,11 +166,14 @@ class Journal:
         workflow_name: str,
         history: Sequence[HistoryRow],
         cancel_requested: bool,
+        run: int = 1,
     ) -> None:
         self.host = host
         self.lease = lease
         self.instance_id = lease.instance_id
         self.workflow_name = workflow_name
+        self.run = run
+        """The number of the instance's run this journal records (1, then one more per continue)."""
         self._history: dict[int, HistoryRow] = {}
         last_recorded = last_wait = 0
         cancel_delivered = False
@@ -169,6 +195,8 @@ class Journal:
         self.last_recorded = last_recorded
         """The number of the last recorded step: the steps up to it replay."""
         self._last_wait = last_wait
+        self._long = last_recorded > LONG_HISTORY_STEPS
+        """The history passed ``LONG_HISTORY_STEPS`` (warned about by the commit that took it there)."""
         self.seq = 0
         """The number of the step taken last (``next``; the activity step counts inline)."""
         self.pending: list[HistoryRow] = []
@@ -342,8 +370,28 @@ class Journal:
         (not where the write ends the lease: a suspension, the end)."""
         return Commit(self.lease, records, now, None if ends_lease else now + self.host.lock_timeout)
 
-    def _recorded(self, records: Sequence[HistoryRow], outcome_cancel_requested: bool) -> None:
+    def _counted(self, records: Sequence[HistoryRow]) -> None:
+        """After a commit of ``records``: count them, and warn once when the history passed
+        ``LONG_HISTORY_STEPS`` (one comparison per commit; the steps are numbered from 1, so the number
+        of the step taken last is the history's length)."""
         self.host.metrics.recorded(records)
+        if self.seq > LONG_HISTORY_STEPS and not self._long:
+            self._long = True
+            self._warn_long()
+
+    def _warn_long(self) -> None:
+        self.host.metrics.long_histories.values[self.workflow_name] += 1
+        logger.warning(
+            "instance %s (workflow %s, run %d): its history passed %d steps; every resume replays all of "
+            "them: end the run with ctx.continue_as_new(...) to go on with a new, empty history",
+            self.instance_id,
+            self.workflow_name,
+            self.run,
+            LONG_HISTORY_STEPS,
+        )
+
+    def _recorded(self, records: Sequence[HistoryRow], outcome_cancel_requested: bool) -> None:
+        self._counted(records)
         if outcome_cancel_requested:
             self._cancel_requested = True
 
@@ -354,7 +402,7 @@ class Journal:
         status = Status.COMPENSATING if self._compensating else None
         with _abandon_on_failure:
             outcome = await host.storage.record(self._commit(records, host.clock()), status=status)
-        host.metrics.recorded(records)
+        self._counted(records)
         if outcome.cancel_requested:
             self._cancel_requested = True
 
@@ -406,7 +454,7 @@ class Journal:
         commit = self._commit(records, host.clock(), ends_lease=True)
         with _abandon_on_failure:
             await host.storage.finish(commit, status=status, result=result, error=error)
-        host.metrics.recorded(records)
+        self._counted(records)
         self.pending = []
 
     # -- waits ---------------------------------------------------------------------------------------------
@@ -456,9 +504,8 @@ class Journal:
         if isinstance(outcome, Suspension):
             await self._waited(outcome, out_seq, deadline)
             return RESUMED
-        metrics = self.host.metrics
-        metrics.recorded(self.pending)
-        metrics.steps.values[kind] += 1
+        self._counted(self.pending)
+        self.host.metrics.steps.values[kind] += 1
         self.pending = []
         return outcome
 
@@ -484,10 +531,36 @@ class Journal:
 
     async def _suspended_until(self, run_at: float | None, known: int) -> None:
         """The suspension committed (every step up to ``known`` is recorded): unwind, or park."""
-        self.host.metrics.recorded(self.pending)
+        self._counted(self.pending)
         self.pending = []
         self._suspended = True
         self.host.on_suspended(self.instance_id, run_at)
         if self.park is None:
             raise Suspended()
         await self.park(self, known)
+
+    # -- continue as new -------------------------------------------------------------------------------
+    async def continue_as_new(self, seq: int, input: str, *, recorded: bool) -> NoReturn:
+        """End the run at step ``seq`` and start the next with ``input`` (stored JSON text), in one
+        transaction with the buffered rows and the ``continue_as_new`` row (unless ``recorded``: a run
+        kept by an earlier continue, replayed), then unwind (``ContinuedAsNew``). A cancel pending wins:
+        nothing is written and it is delivered here, at ``seq``. The compensations registered are not run
+        (a continue is no failure); the next run registers its own."""
+        host = self.host
+        now = host.clock()
+        records = list(self.pending)
+        if not recorded:
+            body = ContinueAsNewStep(RawJSON(input)).encode()
+            records.append(HistoryRow(seq, StepKind.CONTINUE_AS_NEW, self.workflow_name, body, False, now))
+        with _abandon_on_failure:
+            outcome = await host.storage.continue_as_new(
+                self._commit(records, now, ends_lease=True), input=input, last_seq=self.seq
+            )
+        if outcome is Suspension.CANCEL_REQUESTED:
+            self._cancel_requested = True
+            self.deliver_cancel(seq)
+        host.metrics.recorded(records)  # not _counted: a run ending by a continue needs no warning
+        self.pending = []
+        self._suspended = True  # nothing runs after it: a step of a gather's other branch unwinds too
+        host.on_suspended(self.instance_id, now)  # the next run, runnable now: this worker claims it
+        raise ContinuedAsNew(input)

@@ -25,7 +25,7 @@ from ..errors import ConfigurationError, HistoryCorruptedError, NonDeterminismEr
 from ..storage.base import Commit, HistoryRow, Lease, StepResult, Storage
 from .context import WorkflowContext
 from .histories import RecordedHistory, Unreadable, history_files, read_database, read_history_file
-from .journal import Abandon, Journal, Suspended
+from .journal import Abandon, ContinuedAsNew, Journal, Suspended
 from .run import Engine
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 _DIVERGENCE_TYPES = ("geste.errors.NonDeterminismError", "geste.errors.HistoryCorruptedError")
 """Recorded errors of instances stopped by a divergence: their history ends there, not at their end."""
+CONTINUED = "continued as new"
+"""How a run kept by ``continue_as_new`` ended (its last row), and how a replay that reaches it ends."""
 
 
 class ReplayStatus(StrEnum):
@@ -249,6 +251,12 @@ class _ReplayJournal(Journal):
         asked, step = self._asked
         raise _EndOfHistory(seq, step if asked == seq else f"the outcome of the wait at step {asked}")
 
+    async def continue_as_new(self, seq: int, input: str, *, recorded: bool) -> NoReturn:
+        """A run kept by ``continue_as_new`` ends at its recorded row, as it did: nothing is written."""
+        if not recorded:  # pragma: no cover - live() stopped the replay before
+            raise _EndOfHistory(seq, f"continue_as_new {self.workflow_name!r}")
+        raise ContinuedAsNew(input)
+
 
 class _NoDatabase:
     """The storage of a replay: it takes no write. A step that would write is past the history."""
@@ -297,6 +305,7 @@ class _Replay:
             workflow_name=workflow.name,
             history=history.rows,
             cancel_requested=False,
+            run=history.run or 1,
         )
         self.ctx = WorkflowContext(self.journal, self.engine.activities)
 
@@ -317,8 +326,9 @@ class _Replay:
         except _EndOfHistory as end:
             if journal.divergence is not None:  # raised inside a gather's other branch first
                 return _divergence(journal.divergence)
-            if self._ends_with_the_workflow():
-                return _diverged(end.seq, f"the end of the workflow ({history.status.value})", end.step)
+            expected = self._recorded_end()
+            if expected is not None:
+                return _diverged(end.seq, f"the end of the workflow ({expected})", end.step)
             return {"status": ReplayStatus.OK, "message": f"replays its {len(history.rows)} steps"}
         except (Suspended, Abandon) as signal:  # pragma: no cover - nothing here suspends or abandons
             return {"status": ReplayStatus.ERROR, "message": f"unexpected {type(signal).__name__}"}
@@ -328,19 +338,24 @@ class _Replay:
         if leftover:
             row = next(r for r in history.rows if r.seq == leftover[0])
             return _diverged(row.seq, f"{row.kind} {row.name!r}", f"the end of the workflow ({ending})")
-        if self._ends_with_the_workflow() and not ending.startswith(history.status.value):
-            return _diverged(
-                journal.seq + 1, f"the end of the workflow ({history.status.value})", f"{ending}"
-            )
+        expected = self._recorded_end()
+        if expected is not None and not ending.startswith(expected):
+            return _diverged(journal.seq + 1, f"the end of the workflow ({expected})", f"{ending}")
         return {
             "status": ReplayStatus.OK,
             "message": f"replays its {len(history.rows)} steps and ends {ending}",
         }
 
-    def _ends_with_the_workflow(self) -> bool:
-        """Whether the history is the instance's whole run: finished, and not stopped by a divergence."""
+    def _recorded_end(self) -> str | None:
+        """How the history says its run ended, if it holds the whole run: ``continued as new`` (a run kept
+        by ``continue_as_new``: its last row), or the status of a finished instance not stopped by a
+        divergence; None for a run not over."""
         history = self.history
-        return history.status.is_finished and history.error_type not in _DIVERGENCE_TYPES
+        if any(row.kind == StepKind.CONTINUE_AS_NEW for row in history.rows):
+            return CONTINUED
+        if history.status.is_finished and history.error_type not in _DIVERGENCE_TYPES:
+            return history.status.value
+        return None
 
     async def _drive(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
         """Run the workflow as the engine does (its compensations too, on failure); say how it ended."""
@@ -348,6 +363,8 @@ class _Replay:
         try:
             result = await workflow.fn(self.ctx, *args, **kwargs)
             encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)
+        except ContinuedAsNew:
+            return CONTINUED
         except Exception as exc:
             if journal.divergence is not None:
                 return "diverged"

@@ -20,7 +20,7 @@ from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
 from .activities import ActivityRunner
 from .cache import PARKED, CachedRun, WorkflowCache
 from .context import WorkflowContext
-from .journal import Abandon, Journal, Suspended
+from .journal import Abandon, ContinuedAsNew, Journal, Suspended
 
 if TYPE_CHECKING:
     from .._definitions import Workflow
@@ -150,6 +150,7 @@ class Engine:
             workflow_name=claim.workflow_name,
             history=history,
             cancel_requested=claim.cancel_requested,
+            run=claim.run,
         )
         ctx = WorkflowContext(journal, self.activities)
         if self.cache.size:  # in a task of its own, which may outlive this claim, parked at a wait
@@ -162,11 +163,18 @@ class Engine:
             return
         try:
             result = await self._drive(journal, ctx, workflow, claim.input)
-        except (Suspended, Abandon) as signal:
-            if isinstance(signal, Abandon):
-                await self._abandon(journal, signal)
+        except (Suspended, Abandon, ContinuedAsNew) as signal:
+            await self._signalled(journal, signal)
             return
         self._ended(instance_id, claim.workflow_name, result)
+
+    async def _signalled(self, journal: Journal, signal: Suspended | Abandon | ContinuedAsNew) -> None:
+        """A run stopped by one of the engine's signals (a suspension has nothing more to do)."""
+        if isinstance(signal, Abandon):
+            await self._abandon(journal, signal)
+        elif isinstance(signal, ContinuedAsNew):
+            self.metrics.workflows_continued.values[journal.workflow_name] += 1
+            logger.debug("instance %s: run %d continued as new", journal.instance_id, journal.run)
 
     def _ended(self, instance_id: str, workflow_name: str, result: str | None) -> None:
         if result is not None:
@@ -201,9 +209,8 @@ class Engine:
         journal = run.journal
         try:
             outcome = await run.stopped
-        except (Suspended, Abandon) as signal:
-            if isinstance(signal, Abandon):
-                await self._abandon(journal, signal)
+        except (Suspended, Abandon, ContinuedAsNew) as signal:
+            await self._signalled(journal, signal)
             return
         except asyncio.CancelledError:  # this claim's task is cancelled (the worker stops): the run too
             if run.task is not None:

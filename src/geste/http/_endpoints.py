@@ -1,8 +1,8 @@
 """The HTTP endpoints of a geste App, as one ASGI application: CloudEvents in, and the instance API.
 
 Every endpoint goes through the App's public calls (``send_event``, ``start_workflow``, ``get_instance``,
-``list_instances``, ``history``, ``cancel``, ``retry``, ``resume``, a handle's ``result``), which take
-values as parameters: no request text ever becomes SQL.
+``list_instances``, ``history``, ``runs``, ``cancel``, ``retry``, ``resume``, a handle's ``result``), which
+take values as parameters: no request text ever becomes SQL.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from .._access import bearer_matches, is_address_or_localhost, resolve_token
-from .._models import InstanceInfo, Status
+from .._models import InstanceInfo, RunInfo, Status
 from ..errors import (
     AppNotOpenError,
     ConfigurationError,
@@ -103,6 +103,7 @@ class GesteASGI:
         router.add("GET", "/instances", self._list)
         router.add("GET", "/instances/{id}", self._instance)
         router.add("GET", "/instances/{id}/history", self._history)
+        router.add("GET", "/instances/{id}/runs", self._runs)
         router.add("GET", "/instances/{id}/result", self._result)
         router.add("POST", "/instances/{id}/cancel", self._cancel)
         router.add("POST", "/instances/{id}/retry", self._retry)
@@ -258,9 +259,23 @@ class GesteASGI:
         return json_response(200, _instance(await self.app.get_instance(params["id"])))
 
     async def _history(self, request: Request, params: dict[str, str]) -> Response:
+        """The current run's steps; ``?run=n``: those of its run ``n``, kept by ``continue_as_new``."""
+        query = request.query("run")
+        run = None if "run" not in query else _run_number(query["run"])
+        entries = await self.app.history(params["id"], run=run)
+        body: dict[str, Any] = {"instance_id": params["id"], "history": [_entry(e) for e in entries]}
+        if run is not None:
+            body["run"] = run
+        return json_response(200, body)
+
+    async def _runs(self, request: Request, params: dict[str, str]) -> Response:
+        """The runs the instance ended with ``continue_as_new``, oldest first, and its current run."""
         request.query()
-        entries = await self.app.history(params["id"])
-        return json_response(200, {"instance_id": params["id"], "history": [_entry(e) for e in entries]})
+        info = await self.app.get_instance(params["id"])
+        runs = await self.app.runs(info.instance_id)
+        return json_response(
+            200, {"instance_id": info.instance_id, "run": info.run, "runs": [_run(r) for r in runs]}
+        )
 
     async def _result(self, request: Request, params: dict[str, str]) -> Response:
         wait = _wait(request.query("wait").get("wait"))
@@ -388,6 +403,12 @@ def _integer(query: dict[str, str], name: str, default: int) -> int:
     return int(value)
 
 
+def _run_number(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or len(value) > 9 or int(value) < 1:
+        raise bad_request(f"run must be a run number (1, 2, ...), not {value!r}")
+    return int(value)
+
+
 def _wait(value: str | None) -> float:
     if value is None:
         return 0.0
@@ -424,7 +445,7 @@ def _outcome_error(info: InstanceInfo) -> dict[str, Any]:
     }
 
 
-def _fields(value: InstanceInfo | HistoryEntry) -> dict[str, Any]:
+def _fields(value: InstanceInfo | HistoryEntry | RunInfo) -> dict[str, Any]:
     """A dataclass's fields, values as they are: ``dataclasses.asdict`` would deep-copy a result or a
     payload recursively, two frames a level, and fail with RecursionError (a 500) on deep JSON."""
     return {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
@@ -444,3 +465,7 @@ def _entry(entry: HistoryEntry) -> dict[str, Any]:
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         shown["payload"] = {**payload, "error": _public_error(payload["error"])}
     return shown
+
+
+def _run(run: RunInfo) -> dict[str, Any]:
+    return _fields(run)

@@ -1,5 +1,6 @@
 """The web viewer's page of one instance: its facts, what it waits for now, input and outcome, and its
-history as a timeline.
+history as a timeline; and the page of one of its runs ended by ``continue_as_new`` (kept), with the list
+of those runs on both.
 
 Each history row is shown by its kind, from its typed step (``_steps``): an activity's
 timing, attempts, arguments and outcome; a timer's due time; the wait for an event or a message and what
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .._models import Status, StepKind
 from .._steps import (
     ActivityStep,
+    ContinueAsNewStep,
     EventStep,
     MessageStep,
     NowStep,
@@ -33,7 +35,7 @@ from ._html import Child, Html, code_block, duration, join, short, tag, utc, whe
 from ._pages import arguments, frame, status_badge
 
 if TYPE_CHECKING:
-    from ..storage.base import HistoryRow, InstanceExtras, InstanceRow, MessageRow, OutboxRow
+    from ..storage.base import HistoryRow, InstanceExtras, InstanceRow, MessageRow, OutboxRow, RunRow
     from ._viewer import Link
 
 _UNREADABLE = object()
@@ -65,6 +67,7 @@ _CSS_KIND: dict[str, str] = {
     StepKind.RANDOM: "helper",
     StepKind.CANCELLED: "cancel",
     StepKind.SEND_EVENT: "outbox",
+    StepKind.CONTINUE_AS_NEW: "continue",
 }
 
 
@@ -110,16 +113,14 @@ def instance_page(
     now: float,
     signed_in: bool,
     elapsed: float,
+    runs: Sequence[RunRow] = (),
 ) -> Html:
+    """The instance's page: its current run (``runs``: those it ended with ``continue_as_new``)."""
     steps = [_step(r) for r in history]
+    started = runs[-1].ended_at if runs else row.created_at  # the current run began as the last ended
+    title = f"History · {len(steps)} step{'s' if len(steps) != 1 else ''}"
     body = [
-        tag(
-            "p",
-            tag("a", "← Instances", href=link.list()),
-            " · ",
-            tag("a", f"all {row.workflow_name}", href=link.list(workflow=row.workflow_name)),
-            class_="muted",
-        ),
+        _back(link, row),
         tag("h1", row.instance_id, " ", status_badge(row.status)),
         _facts(link, row, extras, now),
         _now_panel(link, row, steps, extras, now),
@@ -131,15 +132,106 @@ def instance_page(
         ),
         tag(
             "section",
-            tag("h2", f"History · {len(steps)} step{'s' if len(steps) != 1 else ''}"),
-            _timeline(link, row, steps, extras, now)
+            tag("h2", f"{title} (run {row.run})" if runs else title),
+            _timeline(link, steps, extras, now, started_at=started, waiting=row.status == Status.WAITING)
             if steps
             else tag("p", "Nothing recorded yet.", class_="muted"),
             class_="panel",
         ),
+        _runs_panel(link, row, runs, shown=row.run),
     ]
     footer = f"{utc(now)} · rendered in {duration(elapsed)}"
     return frame(link, row.instance_id, body, signed_in=signed_in, footer=footer)
+
+
+def run_page(
+    link: Link,
+    *,
+    row: InstanceRow,
+    run: RunRow,
+    runs: Sequence[RunRow],
+    history: Sequence[HistoryRow],
+    extras: InstanceExtras,
+    now: float,
+    signed_in: bool,
+    elapsed: float,
+) -> Html:
+    """The page of run ``run`` of the instance, one it ended with ``continue_as_new`` (kept): its input,
+    its timeline to the continue, and the runs before and after it. ``extras``: the outbox rows and
+    messages of its steps (what it waits for now is the current run's, not shown here)."""
+    steps = [_step(r) for r in history]
+    facts: list[tuple[str, Child]] = [
+        ("Workflow", tag("a", row.workflow_name, href=link.list(workflow=row.workflow_name))),
+        ("Run", f"{run.run} of {row.run}"),
+        ("Started", [when(run.started_at, now), tag("div", utc(run.started_at), class_="muted")]),
+        ("Ended", [when(run.ended_at, now), tag("div", utc(run.ended_at), class_="muted")]),
+        ("Duration", duration(run.ended_at - run.started_at)),
+        ("Steps recorded", str(run.steps)),
+        ("Instance now", status_badge(row.status)),
+    ]
+    following = link.instance(row.instance_id, run=None if run.run + 1 == row.run else run.run + 1)
+    ended = tag("p", "Continued as new: ", tag("a", f"run {run.run + 1}", href=following), ".")
+    body = [
+        _back(link, row),
+        tag("h1", row.instance_id, " ", tag("span", f"run {run.run}", class_="status s-continued")),
+        tag("section", _facts_list(facts), class_="panel"),
+        tag(
+            "div",
+            tag("section", tag("h2", "Input"), code_block(_decode(run.input)), class_="panel"),
+            tag("section", tag("h2", "End"), ended, class_="panel"),
+            class_="cols",
+        ),
+        tag(
+            "section",
+            tag("h2", f"History · {len(steps)} step{'s' if len(steps) != 1 else ''} (run {run.run})"),
+            _timeline(link, steps, extras, now, started_at=run.started_at, waiting=False, continued=following)
+            if steps
+            else tag("p", "Nothing recorded.", class_="muted"),
+            class_="panel",
+        ),
+        _runs_panel(link, row, runs, shown=run.run),
+    ]
+    footer = f"{utc(now)} · rendered in {duration(elapsed)}"
+    return frame(link, f"{row.instance_id} · run {run.run}", body, signed_in=signed_in, footer=footer)
+
+
+def _back(link: Link, row: InstanceRow) -> Html:
+    return tag(
+        "p",
+        tag("a", "← Instances", href=link.list()),
+        " · ",
+        tag("a", f"all {row.workflow_name}", href=link.list(workflow=row.workflow_name)),
+        class_="muted",
+    )
+
+
+def _runs_panel(link: Link, row: InstanceRow, runs: Sequence[RunRow], *, shown: int) -> Html | None:
+    """The instance's runs: those it ended with ``continue_as_new`` (kept), oldest first, then its
+    current one; the run shown is not a link. None for an instance never continued."""
+    if not runs:
+        return None
+    items: list[Html] = []
+    for run in runs:
+        label = f"run {run.run}"
+        name: Child = (
+            tag("strong", label)
+            if run.run == shown
+            else tag("a", label, href=link.instance(row.instance_id, run=run.run))
+        )
+        items.append(
+            tag(
+                "li",
+                name,
+                f": {utc(run.started_at)} to {utc(run.ended_at)}, {run.steps} steps, {run.ended_as}; input ",
+                tag("code", short(json.dumps(_decode(run.input), ensure_ascii=False), 160)),
+            )
+        )
+    current = f"run {row.run}"
+    here = shown == row.run
+    name = tag("strong", current) if here else tag("a", current, href=link.instance(row.instance_id))
+    items.append(tag("li", name, ": the current run, ", status_badge(row.status)))
+    heading = tag("h2", f"Runs · {len(runs) + 1}")
+    return tag("section", heading, tag("ol", items, class_="runs"), class_="panel")
 
 
 # -- facts, now, outcome ----------------------------------------------------------------------------------
@@ -155,6 +247,8 @@ def _facts(link: Link, row: InstanceRow, extras: InstanceExtras, now: float) -> 
         ("Duration", took),
         ("Steps recorded", str(row.steps)),
     ]
+    if row.run > 1:
+        facts.append(("Run", f"{row.run} (continued as new {row.run - 1} times)"))
     if row.locked_by:
         facts.append(
             ("Lease", [tag("span", row.locked_by, class_="mono"), " until ", when(row.lock_expires_at, now)])
@@ -168,11 +262,11 @@ def _facts(link: Link, row: InstanceRow, extras: InstanceExtras, now: float) -> 
                 join(tag("span", tag("code", s.channel), f" ({s.mode})") for s in extras.subscriptions),
             )
         )
-    return tag(
-        "section",
-        tag("dl", [tag("div", tag("dt", name), tag("dd", value)) for name, value in facts], class_="facts"),
-        class_="panel",
-    )
+    return tag("section", _facts_list(facts), class_="panel")
+
+
+def _facts_list(facts: Sequence[tuple[str, Child]]) -> Html:
+    return tag("dl", [tag("div", tag("dt", name), tag("dd", value)) for name, value in facts], class_="facts")
 
 
 def _now_panel(
@@ -209,7 +303,8 @@ def _now_panel(
         else:
             items.append(f"{doing}.")
     elif row.status == Status.PENDING:
-        items.append(["Not started: ready for a worker to claim it", _runnable(row, now), "."])
+        what = "Not started" if row.run == 1 else f"Continued as new: run {row.run} not started yet"
+        items.append([what, ": ready for a worker to claim it", _runnable(row, now), "."])
     else:
         items.extend(_waits(row, steps, extras, now))
     if row.cancel_requested and not row.status.is_finished:
@@ -361,8 +456,17 @@ def error_block(error: Any) -> Html:
 
 # -- the timeline -------------------------------------------------------------------------------------------
 def _timeline(
-    link: Link, row: InstanceRow, steps: Sequence[Step], extras: InstanceExtras, now: float
+    link: Link,
+    steps: Sequence[Step],
+    extras: InstanceExtras,
+    now: float,
+    *,
+    started_at: float,
+    waiting: bool,
+    continued: str | None = None,
 ) -> Html:
+    """The steps of one run, offsets from ``started_at``; ``waiting``: the instance waits at the last
+    one now; ``continued``: the link to the run a ``continue_as_new`` step started."""
     by_seq = {step.seq: step for step in steps}
     pending_timers = {seq for seq, _ in extras.timers}
     outbox = {entry.event_id: entry for entry in extras.outbox}
@@ -382,10 +486,10 @@ def _timeline(
         if step.kind == StepKind.COMPENSATION and not compensating:
             compensating = True
             items.append(_divider("compensating, newest first"))
-        waiting_here = (
-            row.status == Status.WAITING and step.seq == last_seq and step.kind in (*_WAITS, StepKind.SLEEP)
+        waiting_here = waiting and step.seq == last_seq and step.kind in (*_WAITS, StepKind.SLEEP)
+        title, chips, details = _describe(
+            link, step, by_seq, pending_timers, outbox, messages, waiting, now, continued
         )
-        title, chips, details = _describe(link, step, by_seq, pending_timers, outbox, messages, row, now)
         if waiting_here:
             chips.insert(0, tag("span", "waiting now", class_="chip warn"))
         css = ["k-" + _CSS_KIND.get(_kind(step.kind), "helper")]
@@ -393,7 +497,7 @@ def _timeline(
             css.append("error")
         if waiting_here:
             css.append("current")
-        offset = step.at - row.created_at
+        offset = step.at - started_at
         items.append(
             tag(
                 "li",
@@ -456,8 +560,9 @@ def _describe(
     pending_timers: set[int],
     outbox: dict[str, OutboxRow],
     messages: dict[str, MessageRow],
-    row: InstanceRow,
+    waiting: bool,
     now: float,
+    continued: str | None = None,
 ) -> tuple[Child, list[Html], Child]:
     """The title line, the chips beside it and the details below of one step."""
     body, typed = step.body, step.typed
@@ -492,7 +597,7 @@ def _describe(
                 chips.append(_chip("pending", "warn"))
         elif _next_is(by_seq, step.seq, StepKind.CANCELLED):
             chips.append(_chip("interrupted by the cancellation", "bad"))
-        elif any(seq > step.seq for seq in by_seq) or row.status != Status.WAITING:
+        elif any(seq > step.seq for seq in by_seq) or not waiting:
             chips.append(_chip("fired", "good"))
         line = tag("div", "due ", when(due, now), f" · {utc(due)}", class_="line")
         return [label("timer"), f"sleep {duration(secs)}"], chips, line
@@ -562,6 +667,14 @@ def _describe(
         return [label(f"ctx.{'uuid4' if kind == StepKind.UUID else kind}()"), f"→ {value}"], [], None
     if kind == StepKind.CANCELLED:
         return [label("cancellation delivered")], [], None
+    if isinstance(typed, ContinueAsNewStep):
+        call = _call(step.name, typed.input)
+        after: list[Child] = []
+        if len(call) > 160:
+            after.append(tag("details", tag("summary", "Arguments"), code_block(typed.input)))
+        if continued is not None:
+            after.append(tag("div", tag("a", "the next run", href=continued), class_="line"))
+        return [label("continued as new:"), tag("code", short(call, 160))], [_chip("run ended")], after
     return [label(str(step.kind)), step.name], [], code_block(body)
 
 

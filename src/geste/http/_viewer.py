@@ -32,7 +32,7 @@ from .._models import Status, StepKind
 from .._steps import PublishStep, SendEventStep, step_or_none
 from .._validation import storable_text
 from ..errors import AppNotOpenError, InstanceNotFoundError, StorageError
-from ..storage.base import InstanceFilter, InstanceSummary
+from ..storage.base import InstanceExtras, InstanceFilter, InstanceSummary, RunRow
 from . import _pages, _timeline
 from ._html import Html
 from ._routing import HTTPError, Request, Response, Send, bad_request, error_response
@@ -108,8 +108,10 @@ class Link:
         params = {k: v for k, v in query.items() if v}
         return f"{self.root}/ui" + (f"?{urlencode(params)}" if params else "")
 
-    def instance(self, instance_id: str) -> str:
-        return f"{self.root}/ui/instances/{quote(instance_id, safe='')}"
+    def instance(self, instance_id: str, *, run: int | None = None) -> str:
+        """An instance's page: its current run, or (``run``) one it ended with ``continue_as_new``."""
+        page = f"{self.root}/ui/instances/{quote(instance_id, safe='')}"
+        return page if run is None else f"{page}?run={run}"
 
     def login(self) -> str:
         return f"{self.root}/ui/login"
@@ -264,28 +266,54 @@ class Viewer:
         return rows[: view.limit], False, len(rows) > view.limit
 
     async def instance(self, request: Request, params: dict[str, str]) -> Response:
-        """``GET /ui/instances/{id}``: the instance, what it waits for, its history as a timeline."""
+        """``GET /ui/instances/{id}``: the instance, what it waits for, its history as a timeline;
+        ``?run=n``: its run ``n``, one it ended with ``continue_as_new`` (kept)."""
         started = time.perf_counter()
         try:
-            request.query()
+            asked = _run_query(request.query("run"))
         except HTTPError as exc:
             return self._error_page(request, exc.status, exc.message)
         instance_id = params["id"]
         link = _link(request)
         storage = self.app.storage
+        runs: list[RunRow] = []
         try:
             if not storable_text(instance_id):
                 raise InstanceNotFoundError(instance_id)
             row = await storage.get_instance(instance_id)
             if row is None:
                 raise InstanceNotFoundError(instance_id)
-            history = await storage.get_history(instance_id)
+            if row.run > 1:
+                runs = await storage.list_runs(instance_id)
+            shown = next((run for run in runs if run.run == asked), None)
+            if asked is not None and asked != row.run and shown is None:
+                return self._error_page(
+                    request, 404, f"Instance {instance_id!r} has no kept run {asked}.", title="Not found"
+                )
+            if shown is not None:
+                history = await storage.get_run_history(instance_id, shown.run)
+            else:
+                history = await storage.get_history(instance_id)
             event_ids, message_ids = _emitted_ids(history)
             extras = await storage.instance_extras(instance_id, event_ids=event_ids, message_ids=message_ids)
         except InstanceNotFoundError:
             return self._error_page(request, 404, f"There is no instance {instance_id!r}.", title="Not found")
         except (StorageError, AppNotOpenError) as exc:
             return self._unavailable(request, exc)
+        if shown is not None:  # what the instance waits for now is its current run's: not this one's
+            kept = InstanceExtras((), None, (), extras.outbox, extras.messages)
+            markup = _timeline.run_page(
+                link,
+                row=row,
+                run=shown,
+                runs=runs,
+                history=history,
+                extras=kept,
+                now=self._clock(),
+                signed_in=self._signed_in_by_cookie(request),
+                elapsed=time.perf_counter() - started,
+            )
+            return page(200, markup)
         markup = _timeline.instance_page(
             link,
             row=row,
@@ -294,6 +322,7 @@ class Viewer:
             now=self._clock(),
             signed_in=self._signed_in_by_cookie(request),
             elapsed=time.perf_counter() - started,
+            runs=runs,
         )
         return page(200, markup)
 
@@ -384,6 +413,16 @@ def _list_query(query: dict[str, str]) -> ListQuery:
     if before is not None and after is not None:
         raise bad_request("a page is either before a key or after one, not both")
     return ListQuery(workflow, status, created_from, created_to, limit, before, after, from_text, to_text)
+
+
+def _run_query(query: dict[str, str]) -> int | None:
+    """The run an instance's page shows (``?run=n``); None: its current one."""
+    text = query.get("run", "")
+    if not text:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 9 or int(text) < 1:
+        raise bad_request(f"run must be a run number (1, 2, ...), not {text[:100]!r}")
+    return int(text)
 
 
 def _moment(text: str, name: str) -> tuple[float | None, str]:

@@ -30,6 +30,7 @@ from .base import (
     OutboxClaim,
     OutboxRow,
     RetryRow,
+    RunRow,
     StoredEvent,
     StoredMessage,
     SubscriptionRow,
@@ -72,7 +73,18 @@ def instance_row(r: Record) -> InstanceRow:
         lock_expires_at=r["lock_expires_at"],
         cancel_requested=bool(r["cancel_requested"]),
         steps=r["steps"],
+        run=_column(r, "run", 1),
     )
+
+
+def _column(r: Record, name: str, default: Any) -> Any:
+    """A column some records lack: the replay check reads databases of an older schema (before 15, no
+    ``run``) with a query that does not name it. ``sqlite3.Row`` raises IndexError for a name it lacks,
+    asyncpg's ``Record`` KeyError."""
+    try:
+        return r[name]
+    except (IndexError, KeyError):
+        return default
 
 
 def history_row(r: Record) -> HistoryRow:
@@ -113,6 +125,7 @@ def claim(
         r["run_at"],
         lease_expired_at,
         history_after,
+        r["run"],
     )
 
 
@@ -135,6 +148,11 @@ def retry_row(r: Record) -> RetryRow:
     return RetryRow(
         r["instance_id"], r["retry"], r["retried_at"], r["from_seq"], r["error"], r["failed_at"], removed
     )
+
+
+def run_row(r: Record) -> RunRow:
+    """A ``RunRow`` from a record with the columns of ``list_runs``."""
+    return _by_field(RunRow, r)
 
 
 def worker_row(r: Record) -> WorkerRow:

@@ -47,6 +47,8 @@ class InstanceRow:
     lock_expires_at: float | None
     cancel_requested: bool
     steps: int
+    run: int = 1
+    """The number of its current run: 1, then one more at each ``continue_as_new`` (schema 15)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,8 @@ class Claim:
     history_after: int = 0
     """``history`` holds the rows after this step only: the claim was told the worker knows the rows up
     to it (``known``: a run it keeps in memory, ``engine.cache``); 0: the whole history."""
+    run: int = 1
+    """The number of the instance's current run (schema 15): ``input`` and ``history`` are that run's."""
 
 
 class Claims(list[Claim]):
@@ -196,6 +200,21 @@ class RetryRow:
     error: str | None
     failed_at: float | None
     removed: tuple[HistoryRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """A run of an instance that ended by continuing (``geste_runs``, schema 15); its history rows are
+    read apart (``get_run_history``)."""
+
+    instance_id: str
+    run: int
+    input: str
+    started_at: float
+    ended_at: float
+    steps: int
+    ended_as: str
+    """``continued``: the one way a run ends while its instance goes on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,6 +574,14 @@ class Storage(abc.ABC):
         """The retries of an instance, oldest first."""
 
     @abc.abstractmethod
+    async def list_runs(self, instance_id: str) -> list[RunRow]:
+        """The runs of an instance that ended by continuing, oldest first (not its current run)."""
+
+    @abc.abstractmethod
+    async def get_run_history(self, instance_id: str, run: int) -> list[HistoryRow]:
+        """The history rows of run ``run`` of an instance, ended by continuing (none: no such run)."""
+
+    @abc.abstractmethod
     async def resume_instance(
         self, instance_id: str, now: float, *, lock_timeout: float, force: bool
     ) -> ResumeOutcome:
@@ -635,6 +662,20 @@ class Storage(abc.ABC):
         """Append the commit's rows, register the timer, mark the instance waiting and release it.
 
         Refuses (``CANCEL_REQUESTED``, lease kept) when a cancellation is pending, so it is delivered.
+        """
+
+    @abc.abstractmethod
+    async def continue_as_new(self, commit: Commit, *, input: str, last_seq: int) -> Suspension:
+        """End the instance's current run and start the next under the same id, in one transaction: the
+        run's history rows and the commit's (its last, the ``continue_as_new`` row) move to
+        ``geste_run_history`` with a summary in ``geste_runs``; the instance gets ``input``, the next run
+        number, an empty history, and is released, runnable now (``pending``). Its timers and event wait
+        go; its subscriptions stay with their cursors (not waiting); its event deliveries and event floor
+        stay; its outbox events not yet sent are renumbered below the next run's steps (``step_seq`` minus
+        ``last_seq``, the run's last step), so that they still go first. Costs O(rows of the run).
+
+        Refuses (``CANCEL_REQUESTED``, nothing written, lease kept) when a cancellation is pending, so it
+        is delivered at the continue instead.
         """
 
     @abc.abstractmethod

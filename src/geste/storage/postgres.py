@@ -511,6 +511,19 @@ class PostgresStorage(base.Storage):
 
         return await self._read(go)
 
+    async def list_runs(self, instance_id: str) -> list[base.RunRow]:
+        async def go(conn: Conn) -> list[base.RunRow]:
+            return [rows.run_row(r) for r in await conn.fetch(self._q["list_runs"], instance_id)]
+
+        return await self._read(go)
+
+    async def get_run_history(self, instance_id: str, run: int) -> list[base.HistoryRow]:
+        async def go(conn: Conn) -> list[base.HistoryRow]:
+            found = await conn.fetch(self._q["get_run_history"], instance_id, run)
+            return [rows.history_row(r) for r in found]
+
+        return await self._read(go)
+
     async def resume_instance(
         self, instance_id: str, now: float, *, lock_timeout: float, force: bool
     ) -> base.ResumeOutcome:
@@ -778,6 +791,27 @@ class PostgresStorage(base.Storage):
         self, commit: base.Commit, *, run_at: float | None, timer: tuple[int, float] | None = None
     ) -> base.Suspension:
         return await self._run(lambda conn: self._suspend(conn, commit, run_at=run_at, timer=timer))
+
+    async def continue_as_new(self, commit: base.Commit, *, input: str, last_seq: int) -> base.Suspension:
+        lease = commit.lease
+
+        async def go(conn: Conn) -> base.Suspension:
+            row = await conn.fetchrow(
+                self._q["continue_as_new"],
+                lease.instance_id,
+                lease.lease_id,
+                input,
+                commit.now,
+                *self._columns(commit.records),
+                last_seq,
+            )
+            if row["continued"]:
+                return base.Suspension.SUSPENDED
+            if not row["ours"]:
+                raise base.LeaseLost(lease.instance_id)
+            return base.Suspension.CANCEL_REQUESTED
+
+        return await self._run(go)
 
     async def take_event_or_suspend(
         self, commit: base.Commit, wait: base.EventWait
@@ -1289,7 +1323,7 @@ async def read_histories(url: str, workflow: str | None, limit: int) -> list[Sto
             read_only.check_tables(tables)
             read_only.check_version(await conn.fetchrow(Q["get_meta"], "schema_version"), SCHEMA_VERSION)
             by_status = [
-                await conn.fetch(Q["list_instances"], workflow, status.value, limit, 0)
+                await conn.fetch(Q["replay_instances"], workflow, status.value, limit, 0)
                 for status in (*read_only.UNFINISHED, *read_only.FINISHED)
             ]
             found = []

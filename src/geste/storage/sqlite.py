@@ -281,6 +281,16 @@ class SQLiteStorage(base.Storage):
             lambda conn: [rows.retry_row(r) for r in conn.execute(Q["list_retries"], (instance_id,))]
         )
 
+    async def list_runs(self, instance_id: str) -> list[base.RunRow]:
+        return await self._call(
+            lambda conn: [rows.run_row(r) for r in conn.execute(Q["list_runs"], (instance_id,))]
+        )
+
+    async def get_run_history(self, instance_id: str, run: int) -> list[base.HistoryRow]:
+        return await self._call(
+            lambda conn: [rows.history_row(r) for r in conn.execute(Q["get_run_history"], (instance_id, run))]
+        )
+
     async def resume_instance(
         self, instance_id: str, now: float, *, lock_timeout: float, force: bool
     ) -> base.ResumeOutcome:
@@ -505,6 +515,36 @@ class SQLiteStorage(base.Storage):
             if outcome is base.Suspension.SUSPENDED and timer is not None:
                 conn.execute(Q["insert_timer"], (commit.lease.instance_id, timer[0], timer[1]))
             return outcome
+
+        return await self._write(tx)
+
+    async def continue_as_new(self, commit: base.Commit, *, input: str, last_seq: int) -> base.Suspension:
+        lease, records = commit.lease, commit.records
+        params = {
+            "instance_id": lease.instance_id,
+            "lease_id": lease.lease_id,
+            "input": input,
+            "now": commit.now,
+            "added": len(records),
+            "last_seq": last_seq,
+        }
+
+        def tx(conn: sqlite3.Connection) -> base.Suspension:
+            state = conn.execute(Q["lease_state"], params).fetchone()
+            if state is None or not state["ours"]:
+                raise base.LeaseLost(lease.instance_id)
+            if state["cancel_requested"]:
+                return base.Suspension.CANCEL_REQUESTED
+            conn.execute(Q["continue_archive_run"], params)
+            self._insert_history(conn, lease.instance_id, records)
+            conn.execute(Q["continue_archive_history"], params)
+            conn.execute(Q["continue_clear_history"], params)
+            conn.execute(Q["continue_reopen"], params)
+            conn.execute(Q["clear_timers"], (lease.instance_id,))
+            conn.execute(Q["clear_event_wait"], (lease.instance_id,))
+            conn.execute(Q["continue_stop_listening"], params)
+            conn.execute(Q["continue_outbox"], params)
+            return base.Suspension.SUSPENDED
 
         return await self._write(tx)
 
@@ -1030,7 +1070,7 @@ def read_histories(url: str, workflow: str | None, limit: int) -> list[StoredHis
         conn.execute("BEGIN")  # one snapshot for the whole read
         by_status = [
             conn.execute(
-                Q["list_instances"],
+                Q["replay_instances"],
                 {"workflow_name": workflow, "status": status.value, "limit": limit, "offset": 0},
             ).fetchall()
             for status in (*read_only.UNFINISHED, *read_only.FINISHED)

@@ -50,7 +50,7 @@ FROM {schema}.geste_instances WHERE instance_id = $1 AND NOT EXISTS (SELECT 1 FR
 
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run
 FROM {schema}.geste_instances WHERE instance_id = $1;
 
 -- name: watch_result
@@ -88,6 +88,17 @@ WITH expired AS (
 SELECT count(*) FROM gone;
 
 -- name: list_instances
+SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run
+FROM {schema}.geste_instances
+WHERE ($1::text IS NULL OR workflow_name = $1) AND ($2::text IS NULL OR status = $2)
+ORDER BY created_at DESC, instance_id DESC
+LIMIT $3 OFFSET $4;
+
+-- name: replay_instances
+-- The replay check's read (read_histories): list_instances without the columns added since schema 1, so
+-- that a database of an older schema is read too (a copy of production checked before its upgrade). An
+-- instance's input and history are those of its current run, whatever its run number.
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps
 FROM {schema}.geste_instances
@@ -282,7 +293,8 @@ WITH expired AS (
         status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
-    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
+              i.run
 )
 (SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
@@ -293,7 +305,7 @@ WITH expired AS (
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT run_at FROM {schema}.geste_instances
         WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
           AND lease_id IS NULL
@@ -351,7 +363,8 @@ WITH heads AS (
         status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
-    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
+              i.run
 )
 (SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
@@ -362,7 +375,7 @@ WITH heads AS (
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at), NULL, NULL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at), NULL, NULL
 FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.geste_instances
@@ -404,7 +417,8 @@ WITH named AS MATERIALIZED (
         status = CASE WHEN i.status IN ('pending', 'waiting') THEN 'running' ELSE i.status END,
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
-    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
+              i.run
 )
 (SELECT c.*, p.run_at, p.expired_at,
         (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
@@ -415,7 +429,7 @@ WITH named AS MATERIALIZED (
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  ORDER BY p.run_at)
 UNION ALL
-SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, run_at, NULL, NULL
+SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at, NULL, NULL
 FROM named
 WHERE workflow_name = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
@@ -576,6 +590,74 @@ WITH lease AS (
 )
 SELECT EXISTS (SELECT 1 FROM suspended) AS suspended, EXISTS (SELECT 1 FROM lease) AS ours,
        (SELECT count(*) FROM notified) AS notified;
+
+-- name: continue_as_new
+-- ctx.continue_as_new (schema 15), in one statement: the run ends and the next starts under the same id.
+-- The instance's row is locked first ("old": a cancel flagged meanwhile is seen, and one flagged later
+-- waits for this statement); with a cancel pending nothing is written (the engine delivers it at the
+-- continue: the cancel wins). Otherwise the run's rows (those of geste_history and $5..$10, its last ones,
+-- the continue_as_new row among them) move to geste_run_history, its summary goes to geste_runs, and the
+-- instance gets the new input ($3), the next run number and an empty history, released and runnable now
+-- (pending). Its timers and event wait go; its subscriptions stay, cursors and all, none waiting; its
+-- event deliveries and event floor stay (the events it did not take are the next run's); its outbox
+-- events not sent yet (pending or dead, through their partial indexes) go below the next run's steps
+-- (step_seq minus $11, the run's last step), so the relay still sends them first. No notification: the
+-- worker that continued keeps a local wake-up for the next run and claims it at once, like a timer due
+-- before its lease would have run out (see `suspend`); another finds it by polling. Every part reads by
+-- key: O(rows of the run). Returns (continued, lease was ours).
+WITH old AS (
+    SELECT instance_id, run, input, coalesce(run_started_at, created_at) AS started_at, cancel_requested
+    FROM {schema}.geste_instances WHERE instance_id = $1 AND lease_id = $2
+    FOR UPDATE
+), ended AS (
+    SELECT * FROM old WHERE NOT cancel_requested
+), moved AS (
+    DELETE FROM {schema}.geste_history
+    WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM ended)
+    RETURNING seq, kind, name, payload, is_error, created_at
+), archived AS (
+    INSERT INTO {schema}.geste_run_history (instance_id, run, seq, kind, name, payload, is_error, created_at)
+    SELECT $1, e.run, r.*
+    FROM ended e, (SELECT * FROM moved
+                   UNION ALL
+                   SELECT * FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
+                                        $10::double precision[])) AS r
+), summary AS (
+    INSERT INTO {schema}.geste_runs (instance_id, run, input, started_at, ended_at, steps, ended_as)
+    SELECT $1, run, input, started_at, $4, (SELECT count(*) FROM moved) + cardinality($5::integer[]),
+           'continued'
+    FROM ended
+), reopened AS (
+    UPDATE {schema}.geste_instances AS i
+    SET run = i.run + 1, input = $3, run_started_at = $4, steps = 0, status = 'pending',
+        run_at = LEAST($4, {db_clock}), locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
+        updated_at = $4, last_worker = i.locked_by
+    FROM ended e
+    WHERE i.instance_id = e.instance_id
+    RETURNING i.run
+), timers AS (
+    DELETE FROM {schema}.geste_timers WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM ended)
+), waits AS (
+    DELETE FROM {schema}.geste_event_waits WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM ended)
+), listening AS (
+    UPDATE {schema}.geste_channel_subscriptions SET waiting_since = NULL
+    WHERE instance_id = $1 AND waiting_since IS NOT NULL AND EXISTS (SELECT 1 FROM ended)
+), outbox AS (
+    UPDATE {schema}.geste_outbox SET step_seq = step_seq - $11
+    WHERE event_id IN (SELECT event_id FROM {schema}.geste_outbox WHERE instance_id = $1 AND status = 'pending'
+                       UNION ALL
+                       SELECT event_id FROM {schema}.geste_outbox WHERE instance_id = $1 AND status = 'dead')
+      AND EXISTS (SELECT 1 FROM ended)
+)
+SELECT EXISTS (SELECT 1 FROM reopened) AS continued, EXISTS (SELECT 1 FROM old) AS ours;
+
+-- name: list_runs
+SELECT instance_id, run, input, started_at, ended_at, steps, ended_as
+FROM {schema}.geste_runs WHERE instance_id = $1 ORDER BY run;
+
+-- name: get_run_history
+SELECT seq, kind, name, payload, is_error, created_at
+FROM {schema}.geste_run_history WHERE instance_id = $1 AND run = $2 ORDER BY seq;
 
 -- name: touch_lease
 UPDATE {schema}.geste_instances
@@ -1162,7 +1244,10 @@ SELECT pg_advisory_xact_lock(hashtextextended('geste_channel:' || $1, 0));
 
 -- name: channel_subscribe
 -- An explicit ctx.subscribe, in one statement: renew the lease, append the rows, subscribe from the
--- channel's last message on (replacing a subscription left by an attempt whose step was not recorded).
+-- channel's last message on. A subscription there already in the same mode is kept as it is, cursor and
+-- all (schema 15: one an earlier run of the instance made, which continue_as_new carries over, so the
+-- messages it has not taken yet are the new run's); one in the other mode (left by an attempt whose step
+-- was not recorded) is replaced.
 WITH lease AS (
     UPDATE {schema}.geste_instances
     SET lock_expires_at = $3, updated_at = $4, steps = steps + cardinality($5::integer[])
@@ -1180,8 +1265,11 @@ WITH lease AS (
            (SELECT COALESCE(max(seq), 0) FROM {schema}.geste_channel_messages WHERE channel = $11), NULL, $4
     WHERE EXISTS (SELECT 1 FROM lease)
     ON CONFLICT (channel, instance_id) DO UPDATE SET
-        mode = excluded.mode, cursor_seq = excluded.cursor_seq, waiting_since = NULL,
-        created_at = excluded.created_at
+        cursor_seq = CASE WHEN geste_channel_subscriptions.mode = excluded.mode
+                          THEN geste_channel_subscriptions.cursor_seq ELSE excluded.cursor_seq END,
+        created_at = CASE WHEN geste_channel_subscriptions.mode = excluded.mode
+                          THEN geste_channel_subscriptions.created_at ELSE excluded.created_at END,
+        mode = excluded.mode, waiting_since = NULL
 )
 SELECT cancel_requested FROM lease;
 

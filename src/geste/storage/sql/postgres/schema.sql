@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 14), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 15), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -39,7 +39,9 @@ CREATE TABLE geste_instances (
     cancel_requested boolean NOT NULL DEFAULT false,
     steps            integer NOT NULL DEFAULT 0,   -- history rows written
     event_floor      bigint,            -- (8) drawn from geste_events_seq_seq at creation: later events are seen
-    last_worker      text               -- (13) the worker that last ran it: its wake-ups go there
+    last_worker      text,              -- (13) the worker that last ran it: its wake-ups go there
+    run              integer NOT NULL DEFAULT 1,   -- (15) its current run: 1, then one more at each continue_as_new
+    run_started_at   double precision   -- (15) when the current run started; NULL: created_at
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
@@ -64,6 +66,33 @@ CREATE TABLE geste_history (
     is_error    boolean NOT NULL DEFAULT false,
     created_at  double precision NOT NULL,
     PRIMARY KEY (instance_id, seq)
+);
+
+-- The runs an instance ended by continuing (15, ctx.continue_as_new): one row each, what it was given and
+-- how long it ran; the current run is geste_instances' own (its input, run, run_started_at).
+CREATE TABLE geste_runs (
+    instance_id text NOT NULL,
+    run         integer NOT NULL,            -- 1 for the instance's first run, then 2, ...
+    input       text NOT NULL,               -- its input, JSON {"args": [...], "kwargs": {...}}
+    started_at  double precision NOT NULL,
+    ended_at    double precision NOT NULL,
+    steps       integer NOT NULL,            -- its rows in geste_run_history, the continue_as_new row included
+    ended_as    text NOT NULL,               -- 'continued': the one way a run ends while the instance goes on
+    PRIMARY KEY (instance_id, run)
+);
+
+-- Their history rows (15), moved from geste_history by the continue (a run's last row is its
+-- continue_as_new); the current run's rows stay in geste_history.
+CREATE TABLE geste_run_history (
+    instance_id text NOT NULL,
+    run         integer NOT NULL,
+    seq         integer NOT NULL,
+    kind        text NOT NULL,
+    name        text NOT NULL,
+    payload     text,
+    is_error    boolean NOT NULL DEFAULT false,
+    created_at  double precision NOT NULL,
+    PRIMARY KEY (instance_id, run, seq)
 );
 
 -- The timers of waiting instances (a sleep, a wait's deadline).

@@ -24,10 +24,22 @@ ON CONFLICT (instance_id) DO NOTHING;
 
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run
 FROM geste_instances WHERE instance_id = ?;
 
 -- name: list_instances
+SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run
+FROM geste_instances
+WHERE (:workflow_name IS NULL OR workflow_name = :workflow_name)
+  AND (:status IS NULL OR status = :status)
+ORDER BY created_at DESC, instance_id DESC
+LIMIT :limit OFFSET :offset;
+
+-- name: replay_instances
+-- The replay check's read (read_histories): list_instances without the columns added since schema 1, so
+-- that a database of an older schema is read too (a copy of production checked before its upgrade). An
+-- instance's input and history are those of its current run, whatever its run number.
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps
 FROM geste_instances
@@ -137,7 +149,7 @@ SET locked_by = :worker_id,
     status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END,
     updated_at = :now
 WHERE instance_id IN (SELECT value FROM json_each(:ids))
-RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested;
+RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run;
 
 -- name: claim_ids_pick
 -- The instances named (:ids, a JSON array) that claim_pick would take, by primary key (schema 13): what a
@@ -197,6 +209,60 @@ SET status = :status, result = :result, error = :error, finished_at = :now, upda
     run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, steps = steps + :steps,
     last_worker = locked_by
 WHERE instance_id = :instance_id AND lease_id = :lease_id;
+
+-- Continue-as-new (schema 15): the storage's continue_as_new, in one BEGIN IMMEDIATE transaction after
+-- lease_state found the lease ours and no cancel pending: continue_archive_run (the summary, from the row
+-- as the run leaves it), insert_history (the run's last rows, its continue_as_new among them),
+-- continue_archive_history and continue_clear_history (its rows move), continue_reopen, clear_timers,
+-- clear_event_wait, continue_stop_listening, continue_outbox. Each reads by key: O(rows of the run).
+
+-- name: continue_archive_run
+-- Before the run's last rows are inserted: its rows in geste_history plus those (:added).
+INSERT INTO geste_runs (instance_id, run, input, started_at, ended_at, steps, ended_as)
+SELECT instance_id, run, input, coalesce(run_started_at, created_at), :now,
+       (SELECT count(*) FROM geste_history WHERE instance_id = :instance_id) + :added, 'continued'
+FROM geste_instances WHERE instance_id = :instance_id AND lease_id = :lease_id;
+
+-- name: continue_archive_history
+INSERT INTO geste_run_history (instance_id, run, seq, kind, name, payload, is_error, created_at)
+SELECT h.instance_id, i.run, h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at
+FROM geste_history h JOIN geste_instances i ON i.instance_id = h.instance_id
+WHERE h.instance_id = :instance_id;
+
+-- name: continue_clear_history
+DELETE FROM geste_history WHERE instance_id = :instance_id;
+
+-- name: continue_reopen
+-- The next run: its input, its number, an empty history; released and runnable now (pending: a cancel
+-- before it is claimed ends it at once, as nothing of it ran). The worker that continued keeps a local
+-- wake-up for it and becomes its last_worker; another finds it by polling.
+UPDATE geste_instances
+SET run = run + 1, input = :input, run_started_at = :now, steps = 0, status = 'pending',
+    run_at = min(:now, {db_clock}), locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
+    updated_at = :now, last_worker = locked_by
+WHERE instance_id = :instance_id AND lease_id = :lease_id AND cancel_requested = 0;
+
+-- name: continue_stop_listening
+-- Subscriptions carry over with their cursors (the messages not taken yet are the next run's); none waits.
+UPDATE geste_channel_subscriptions SET waiting_since = NULL
+WHERE instance_id = :instance_id AND waiting_since IS NOT NULL;
+
+-- name: continue_outbox
+-- The run's events not sent yet (pending or dead, through their partial indexes) go below the next run's
+-- steps: step_seq minus the run's last step (:last_seq). They keep their order, and the relay still sends
+-- an instance's events in order, these before the next run's.
+UPDATE geste_outbox SET step_seq = step_seq - :last_seq
+WHERE event_id IN (SELECT event_id FROM geste_outbox WHERE instance_id = :instance_id AND status = 'pending'
+                   UNION ALL
+                   SELECT event_id FROM geste_outbox WHERE instance_id = :instance_id AND status = 'dead');
+
+-- name: list_runs
+SELECT instance_id, run, input, started_at, ended_at, steps, ended_as
+FROM geste_runs WHERE instance_id = ? ORDER BY run;
+
+-- name: get_run_history
+SELECT seq, kind, name, payload, is_error, created_at
+FROM geste_run_history WHERE instance_id = ? AND run = ? ORDER BY seq;
 
 -- name: clear_timers
 DELETE FROM geste_timers WHERE instance_id = ?;
@@ -584,14 +650,17 @@ WHERE event_id = :event_id AND status IN ('pending', 'dead');
 -- publish and a receive on the same channel never interleave: no lost wake-up, atomic competing claims.
 
 -- name: channel_subscribe
--- An explicit ctx.subscribe: from the channel's last message on. Replaces a subscription left by an
--- attempt whose step was never recorded.
+-- An explicit ctx.subscribe: from the channel's last message on. A subscription there already in the same
+-- mode is kept as it is, cursor and all (schema 15: one an earlier run of the instance made, which
+-- continue_as_new carries over, so the messages it has not taken yet are the new run's); one in the
+-- other mode (left by an attempt whose step was never recorded) is replaced.
 INSERT INTO geste_channel_subscriptions (channel, instance_id, mode, cursor_seq, waiting_since, created_at)
 VALUES (:channel, :instance_id, :mode,
         (SELECT COALESCE(MAX(seq), 0) FROM geste_channel_messages WHERE channel = :channel), NULL, :now)
 ON CONFLICT (channel, instance_id) DO UPDATE SET
-    mode = excluded.mode, cursor_seq = excluded.cursor_seq, waiting_since = NULL,
-    created_at = excluded.created_at;
+    cursor_seq = CASE WHEN mode = excluded.mode THEN cursor_seq ELSE excluded.cursor_seq END,
+    created_at = CASE WHEN mode = excluded.mode THEN created_at ELSE excluded.created_at END,
+    mode = excluded.mode, waiting_since = NULL;
 
 -- name: channel_ensure_subscription
 -- receive() on a channel: the subscription the workflow made (or the implicit one of a first receive).

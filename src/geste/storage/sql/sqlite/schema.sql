@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 14), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 15), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -39,7 +39,9 @@ CREATE TABLE geste_instances (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     steps            INTEGER NOT NULL DEFAULT 0,   -- history rows written
     event_floor      INTEGER,           -- (8) the last event seq when it was created: it sees the later ones
-    last_worker      TEXT               -- (13) the worker that last ran it: its wake-ups go there
+    last_worker      TEXT,              -- (13) the worker that last ran it: its wake-ups go there
+    run              INTEGER NOT NULL DEFAULT 1,   -- (15) its current run: 1, then one more at each continue_as_new
+    run_started_at   REAL               -- (15) when the current run started; NULL: created_at
 );
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
@@ -64,6 +66,33 @@ CREATE TABLE geste_history (
     is_error    INTEGER NOT NULL DEFAULT 0,
     created_at  REAL NOT NULL,
     PRIMARY KEY (instance_id, seq)
+) WITHOUT ROWID;
+
+-- The runs an instance ended by continuing (15, ctx.continue_as_new): one row each, what it was given and
+-- how long it ran; the current run is geste_instances' own (its input, run, run_started_at).
+CREATE TABLE geste_runs (
+    instance_id TEXT NOT NULL,
+    run         INTEGER NOT NULL,     -- 1 for the instance's first run, then 2, ...
+    input       TEXT NOT NULL,        -- its input, JSON {"args": [...], "kwargs": {...}}
+    started_at  REAL NOT NULL,
+    ended_at    REAL NOT NULL,
+    steps       INTEGER NOT NULL,     -- its rows in geste_run_history, the continue_as_new row included
+    ended_as    TEXT NOT NULL,        -- 'continued': the one way a run ends while the instance goes on
+    PRIMARY KEY (instance_id, run)
+) WITHOUT ROWID;
+
+-- Their history rows (15), moved from geste_history by the continue (a run's last row is its
+-- continue_as_new); the current run's rows stay in geste_history.
+CREATE TABLE geste_run_history (
+    instance_id TEXT NOT NULL,
+    run         INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    payload     TEXT,
+    is_error    INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (instance_id, run, seq)
 ) WITHOUT ROWID;
 
 -- The timers of waiting instances (a sleep, a wait's deadline).
