@@ -220,10 +220,12 @@ async def test_new_rows_accepts_only_the_wait_outcome_after_the_step_held() -> N
     def row(seq: int, kind: str = "event") -> HistoryRow:
         return HistoryRow(seq, kind, "tick", "{}", False, 0.0)
 
-    def claim(after: int) -> Claim:
-        return Claim(Lease("i", "l"), "w", "[]", geste.Status.RUNNING, 0.0, False, history_after=after)
+    def claim(after: int, run: int = 1) -> Claim:
+        return Claim(
+            Lease("i", "l"), "w", "[]", geste.Status.RUNNING, 0.0, False, history_after=after, run=run
+        )
 
-    journal: Any = type("J", (), {"seq": 3, "forget_replayed": lambda self: None})()
+    journal: Any = type("J", (), {"seq": 3, "run": 1, "forget_replayed": lambda self: None})()
     run = CachedRun(journal)
     run.task = asyncio.get_running_loop().create_task(run.park(journal, 2))
     await asyncio.sleep(0)
@@ -237,6 +239,7 @@ async def test_new_rows_accepts_only_the_wait_outcome_after_the_step_held() -> N
     ]
     for after, rows, fits in cases:
         assert (run.new_rows(claim(after), rows) is not None) is fits, (after, rows)
+    assert run.new_rows(claim(2, run=2), []) is None  # the instance continued as new meanwhile
     run.drop()
     with pytest.raises(Suspended):
         await run.task
