@@ -314,3 +314,30 @@ async def test_a_long_claimed_history_is_parsed_off_the_event_loop(
         await tick(app, handle.instance_id, 1)
         assert await handle.result(timeout=20) == 2
     assert parsed_off and all(n > 200 for n in parsed_off), parsed_off
+
+
+async def test_a_suspension_leaves_the_renewed_leases_at_once(make_app: MakeApp) -> None:
+    """The suspension released the lease: the worker stops renewing it at once, not when the claim's task
+    ends. With the cache that task ends a loop turn after the run parks, and a renewal in between took
+    the released lease for a lost one, cancelled the claim and the parked run with it (0 to 16 of
+    10,000 runs parked in a burst, in benchmarks/long_history.py)."""
+    app, _ = build(make_app)
+    renewed_after: list[bool] = []
+    async with app:
+        worker = app._worker
+        assert worker is not None
+        suspended = worker.suspended
+
+        def watched(instance_id: str, run_at: float | None) -> None:
+            suspended(instance_id, run_at)
+            renewed_after.append(instance_id in worker._running)
+
+        worker.suspended = watched  # type: ignore[method-assign]
+        handle = await app.start_workflow("looper", 2)
+        for i in range(2):
+            await waiting_at(app, handle.instance_id, 3 * i + 2)
+            await tick(app, handle.instance_id, i)
+        assert await handle.result(timeout=20) == 2
+        snap = await app.metrics.snapshot()
+    assert renewed_after == [False, False]
+    assert cache_value(snap, "geste_workflow_cache_hits_total") == 2

@@ -208,12 +208,16 @@ class Engine:
         or stopped by a signal, handled as an inline run's."""
         journal = run.journal
         try:
-            outcome = await run.stopped
+            outcome = await asyncio.shield(run.stopped)
         except (Suspended, Abandon, ContinuedAsNew) as signal:
             await self._signalled(journal, signal)
             return
-        except asyncio.CancelledError:  # this claim's task is cancelled (the worker stops): the run too
-            if run.task is not None:
+        except asyncio.CancelledError:  # this claim's task is cancelled (the worker stops)
+            stopped = run.stopped
+            if stopped.done() and not stopped.cancelled() and stopped.exception() is None:
+                if stopped.result() is PARKED:  # parked already, its suspension committed: kept
+                    self.cache.put(journal.instance_id, run)
+            elif run.task is not None:  # mid-step: the run stops with its claim, as an inline one
                 run.task.cancel()
             raise
         if outcome is PARKED:

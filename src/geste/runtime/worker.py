@@ -243,9 +243,13 @@ class Worker(Loop):
             self.wakeups.poke()
 
     def suspended(self, instance_id: str, run_at: float | None) -> None:
-        """An instance running here suspended until ``run_at``: this worker keeps its timer."""
+        """An instance running here suspended until ``run_at``: this worker keeps its timer. The
+        suspension released its lease: it leaves the leases renewed at once, before its claim's task
+        ends (a loop turn later when the cache keeps the run: a renewal in between took the released
+        lease for a lost one and cancelled the claim, and with it the parked run)."""
         if run_at is not None:
             self.wakeups.wake_at(run_at, instance_id, self._names.get(instance_id))
+        self._running.pop(instance_id, None)
 
     def reserve(self) -> Lease | None:
         """A slot and a lease id for an instance this process is about to create and run at once."""
@@ -306,6 +310,7 @@ class Worker(Loop):
             current = self._running.get(instance_id)
             if current is not None and current[0] == claim.lease:
                 del self._running[instance_id]
+            if instance_id not in self._running:  # (a claim of it since runs it here again)
                 self._names.pop(instance_id, None)
             if self._backlog:
                 self.wakeups.poke(BACKLOG)
