@@ -12,14 +12,15 @@ options, concurrency 100, ``@@``-prefixed JSON lines on its stdout) runs ``long_
 history), then ``rounds`` times an activity and a wait for its own event (``match`` on its instance id and
 the round). A client App in this process (``run_worker=False``) starts it with ``first`` = the position
 (10, 1,000, 10,000); for each round it waits until the worker said the wait committed (the engine's
-suspension, hooked in the worker), pauses ``--gap`` (10 ms), sends the event (``send_event``, untargeted:
-the wait is found by its match) and takes ``time.time()`` when the call returns, its transaction
-committed. The wake-up latency is from there to the workflow's next line after ``wait_event`` in the
-worker (``time.time()``: one host, one clock). The r-th wake-up (from 0) finds ``first + 3r + 3`` rows in
-the history (the ``now`` steps; per round an activity, the wait, the event). The first ``--warmup`` (2)
-wake-ups are not counted, then ``--samples`` (20) are. PostgreSQL: LISTEN/NOTIFY on (the default);
-SQLite has no notifications: the worker polls every ``--sqlite-poll`` seconds (0.01, the default
-``poll_interval`` being 1 s), so its latencies include half a poll on average.
+suspension, hooked in the worker), pauses ``--gap`` (10 ms; on SQLite plus a random fraction of a poll
+interval), sends the event (``send_event``, untargeted: the wait is found by its match) and takes
+``time.time()`` when the call returns, its transaction committed. The wake-up latency is from there to
+the workflow's next line after ``wait_event`` in the worker (``time.time()``: one host, one clock). The
+r-th wake-up (from 0) finds ``first + 3r + 3`` rows in the history (the ``now`` steps; per round an
+activity, the wait, the event). The first ``--warmup`` (2) wake-ups are not counted, then ``--samples``
+(20) are. PostgreSQL: LISTEN/NOTIFY on (the default); SQLite has no notifications: the worker polls every
+``--sqlite-poll`` seconds (0.01, the default ``poll_interval`` being 1 s), so its latencies include half
+a poll on average.
 
 The worker also counts, per wake-up: the **history rows it read** (the rows a claim shipped to the engine,
 or that the engine read after a claim without them) and the **runs from the top** of the workflow's code
@@ -55,6 +56,7 @@ import asyncio
 import gc
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -295,6 +297,8 @@ class Session:
     def __init__(self, backend: str, cache: int, args: argparse.Namespace) -> None:
         self.backend, self.cache, self.args = backend, cache, args
         self.seen: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self.polls = backend == "sqlite"
+        self.jitter = random.Random(16)
         self.changed = asyncio.Event()
 
     def on_line(self, kind: str, fields: dict[str, Any]) -> None:
@@ -341,7 +345,10 @@ class Session:
         previous: dict[str, Any] | None = None
         for r in range(rounds):
             await self.reached("suspended", iid, r)
-            await asyncio.sleep(self.args.gap)
+            # SQLite: a random phase against the worker's poll, else each send would fall at the same point
+            await asyncio.sleep(
+                self.args.gap + (self.jitter.random() * self.args.sqlite_poll if self.polls else 0)
+            )
             await self.client.send_event(EVENT, {"id": iid, "round": r})
             sent = time.time()
             woken = await self.reached("woken", iid, r)
