@@ -577,6 +577,13 @@ def memory_table(results: list[Memory]) -> str:
 
 async def bench(args: argparse.Namespace) -> None:
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k not in ("serve",)}}
+    report["run"] = {
+        "began": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "cores": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "geste": os.path.dirname(geste.__file__),
+    }
     positions: list[Position] = []
     for run in range(args.runs if args.positions else 0):
         positions += await positions_run(run, args)
@@ -597,10 +604,22 @@ async def bench(args: argparse.Namespace) -> None:
         print(f"\nMemory of {args.memory:,} runs parked at a wait (RSS of the worker process).\n")
         print(memory_table(memories))
     if args.json:
+        report["run"]["load_average_after"] = os.getloadavg()
         report["positions"] = [asdict(p) for p in positions]
         report["full"] = [asdict(f) | {"first_ms": f.first, "last_ms": f.last} for f in fulls]
         report["memory"] = [asdict(m) | {"per_run_kib": m.per_run_kib} for m in memories]
-        await asyncio.to_thread(Path(args.json).write_text, json.dumps(report, indent=1))
+        await asyncio.to_thread(Path(args.json).write_text, json.dumps(_rounded(report)) + "\n")
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 6 decimals (seconds to the microsecond), for a smaller JSON."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def main() -> None:
