@@ -42,9 +42,9 @@ off the last wake-ups replay some 6,000 rows each: it takes minutes.
 at least N, or 0), reads its RSS (``VmRSS`` of ``/proc/self/status``) after ``gc.collect()``, starts N
 instances of ``long_waiter(0, 1)`` itself (100 at a time) and waits until each committed its wait
 (parked in the cache, or unwound); then ``gc.collect()``, one more second, and its RSS again. Per
-backend, the growth with the cache on minus the growth with it off, over N: what a parked run holds
-(its coroutine, its journal, its task), over the runs in the cache at the end. The done-when: 10,000
-cached runs within 100 MiB.
+backend, the growth with the cache on minus the growth with it off, divided by the runs in the cache at
+the end: what a parked run holds (its coroutine, its journal, its task). The done-when: 10,000 cached
+runs within 100 MiB.
 
 ``--json FILE`` writes every sample and figure. Nothing here asserts a time.
 """
