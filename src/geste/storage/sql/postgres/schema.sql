@@ -73,7 +73,7 @@ CREATE TABLE geste_history (
 CREATE TABLE geste_runs (
     instance_id text NOT NULL,
     run         integer NOT NULL,            -- 1 for the instance's first run, then 2, ...
-    input       text NOT NULL,               -- its input, JSON {"args": [...], "kwargs": {...}}
+    input       text NOT NULL,               -- its input, JSON (args and kwargs)
     started_at  double precision NOT NULL,
     ended_at    double precision NOT NULL,
     steps       integer NOT NULL,            -- its rows in geste_run_history, the continue_as_new row included

@@ -73,7 +73,7 @@ CREATE TABLE geste_history (
 CREATE TABLE geste_runs (
     instance_id TEXT NOT NULL,
     run         INTEGER NOT NULL,     -- 1 for the instance's first run, then 2, ...
-    input       TEXT NOT NULL,        -- its input, JSON {"args": [...], "kwargs": {...}}
+    input       TEXT NOT NULL,        -- its input, JSON (args and kwargs)
     started_at  REAL NOT NULL,
     ended_at    REAL NOT NULL,
     steps       INTEGER NOT NULL,     -- its rows in geste_run_history, the continue_as_new row included
