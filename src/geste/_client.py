@@ -581,10 +581,11 @@ class Client:
                             wait = min(wait, max(0.0, settle_at - time.monotonic()))
                     else:
                         wait = delay
-                    if deadline is not None:
-                        wait = min(wait, deadline - time.monotonic())
-                        if wait <= 0:
+                    if deadline is not None:  # (a wait of 0, a read due now, is no timeout)
+                        left = deadline - time.monotonic()
+                        if left <= 0:
                             raise ResultTimeout(f"instance {instance_id} did not finish within {limit}s")
+                        wait = min(wait, left)
                     try:
                         async with asyncio.timeout(wait):
                             await asyncio.shield(future)
