@@ -69,22 +69,28 @@ async def test_the_claim_loop_survives_an_unexpected_error(
     make_app: MakeApp, caplog: pytest.LogCaptureFixture
 ) -> None:
     worker = build(make_app)
-    real = worker.storage.claim
-    calls = 0
+    real, real_ids = worker.storage.claim, worker.storage.claim_ids
+    calls = whole = 0
 
     async def claim(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
+        nonlocal calls, whole
+        calls, whole = calls + 1, whole + 1
+        if whole == 1:
             raise RuntimeError("a bug in a claim")
         return await real(*args, **kwargs)
 
+    async def claim_ids(*args: Any, **kwargs: Any) -> Any:  # a routed wake-up (PostgreSQL) claims by id
+        nonlocal calls
+        calls += 1
+        return await real_ids(*args, **kwargs)
+
     worker.storage.claim = claim  # type: ignore[method-assign]
+    worker.storage.claim_ids = claim_ids  # type: ignore[method-assign]
     caplog.set_level(logging.ERROR, logger="geste.worker")
     async with build(make_app, run_worker=False) as client, worker:
         handle = await client.start_workflow("double", 21)
         assert await handle.result(timeout=10) == 42
-    assert calls > 1
+    assert calls > 1  # it claimed again after the failure (a whole claim, or by id)
     failures = [r for r in caplog.records if "claiming failed unexpectedly" in r.getMessage()]
     assert failures and failures[0].levelno == logging.ERROR
     assert failures[0].exc_info is not None and "a bug in a claim" in str(failures[0].exc_info[1])
