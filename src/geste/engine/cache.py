@@ -86,7 +86,7 @@ class CachedRun:
         return rows
 
     def resume(self, claim: Claim, rows: Sequence[HistoryRow]) -> None:
-        """Continue the parked run under ``claim`` with ``rows`` (``fits``)."""
+        """Continue the parked run under ``claim`` with ``rows`` (``new_rows``)."""
         assert self._resume is not None
         self.journal.resumed(claim.lease, rows, claim.cancel_requested)
         self.stopped = asyncio.get_running_loop().create_future()
