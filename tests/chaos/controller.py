@@ -48,6 +48,9 @@ class ChaosConfig:
     fault_interval: float = 0.7
     """Seconds between two faults (randomised ±50%)."""
     restart_postgres: bool = True
+    faults: tuple[str, ...] = ("kill", "terminate")
+    """The recurring faults drawn from, each equally likely (those that apply to the backend:
+    ``Controller.FAULTS``); the server restart is apart (``restart_postgres``)."""
     timeout: float = 240.0
     seed: int | None = None
 
@@ -189,9 +192,27 @@ class Controller:
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
+    FAULTS: dict[str, tuple[str, bool]] = {
+        "kill": ("kill_and_restart", False),
+        "terminate": ("terminate_backends", True),
+    }
+    """The recurring faults by name: the method that injects one, and whether it needs PostgreSQL."""
+
+    def recurring(self) -> list[Callable[[], Awaitable[None]]]:
+        """The injectors of ``config.faults`` that apply to this backend."""
+        unknown = set(self.config.faults) - set(self.FAULTS)
+        if unknown:
+            raise ValueError(f"unknown chaos faults {sorted(unknown)}; known: {sorted(self.FAULTS)}")
+        return [
+            getattr(self, method)
+            for name, (method, needs_postgres) in self.FAULTS.items()
+            if name in self.config.faults and (self.postgres or not needs_postgres)
+        ]
+
     async def faults(self, progress: Callable[[], Awaitable[float]]) -> None:
         """Inject faults until the load is done; restart PostgreSQL once, when a third has completed."""
         restarted = not (self.postgres and self.config.restart_postgres)
+        injectors = self.recurring()
         while not self._done.is_set():
             pause = self.config.fault_interval * self.rng.uniform(0.5, 1.5)
             try:
@@ -202,10 +223,8 @@ class Controller:
             if not restarted and await progress() >= 0.33:
                 restarted = True
                 await self.restart_server()
-            elif self.postgres and self.rng.random() < 0.5:
-                await self.terminate_backends()
-            else:
-                await self.kill_and_restart()
+            elif injectors:
+                await self.rng.choice(injectors)()
 
     # -- the client's calls ------------------------------------------------------------------------------
     async def retried(self, call: Callable[[], Awaitable[T]]) -> T:
