@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import geste
-from geste._serde import MAX_NESTING
+from geste._serde import MAX_NESTING, loads
 from geste.errors import (
     ConfigurationError,
     HistoryCorruptedError,
@@ -293,6 +293,31 @@ def depth(value: Any) -> int:
     if isinstance(value, dict):
         return 1 + max((depth(v) for v in value.values()), default=0)
     return 0
+
+
+# -- 0. the parser of stored JSON ---------------------------------------------------------------------------
+@settings(max_examples=400, deadline=None)
+@given(json_values, st.sampled_from([None, 1, "\t"]))
+def test_stored_json_parses_exactly_as_the_standard_library_parses_it(value: Any, indent: Any) -> None:
+    # _serde.loads (msgspec, then json for what msgspec refuses) reads every replayed step: the values it
+    # gives must be json's, type for type (an int past 64 bits stays an int, -0.0 stays -0.0)
+    for text in (compact(value), json.dumps(value, indent=indent), json.dumps(value, ensure_ascii=False)):
+        assert same(loads(text), json.loads(text)), text
+
+
+@pytest.mark.parametrize(
+    "text", ["NaN", "[-Infinity]", "1e400", '"\\ud800"', '{"a":1,"a":2}', " [1 ] ", "2" * 400]
+)
+def test_json_geste_never_writes_parses_as_the_standard_library_parses_it(text: str) -> None:
+    assert repr(loads(text)) == repr(json.loads(text))
+
+
+@pytest.mark.parametrize("text", ["", "{", "[1,]", "nul", '"\\x"', "\ufeff[]", "[" * 3000 + "]" * 3000])
+def test_json_nobody_can_read_raises_what_the_standard_library_raises(text: str) -> None:
+    with pytest.raises(Exception) as expected:
+        json.loads(text)
+    with pytest.raises(expected.type):
+        loads(text)
 
 
 # -- 1. odd input ----------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Protocol, Self
 
 from ._channels import Message
 from ._models import Event, HistoryEntry, StepKind
-from ._serde import encode
+from ._serde import encode, loads
 from ._validation import MODES  # the subscription modes a ``subscribe`` row records
 from .errors import HistoryCorruptedError
 
@@ -136,7 +136,7 @@ def _nothing(body: Any) -> None:
 
 
 def _json(payload: str | None) -> Any:
-    return None if payload is None else json.loads(payload)
+    return None if payload is None else loads(payload)
 
 
 def _with_data(head: dict[str, Any], data: str) -> str:
@@ -732,7 +732,7 @@ def decode_step(row: Row, *, instance_id: str) -> Step:
         raise HistoryCorruptedError(instance_id, row.seq, f"unknown step kind {row.kind!r:.80}")
     payload = row.payload
     try:
-        return cls.from_json(None if payload is None else json.loads(payload), is_error=row.is_error)
+        return cls.from_json(None if payload is None else loads(payload), is_error=row.is_error)
     except UNREADABLE as exc:
         raise _unreadable(row, instance_id, exc) from exc
 

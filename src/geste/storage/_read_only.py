@@ -71,7 +71,7 @@ def stored_history(row: Record, history: Iterable[Record], source: str) -> Store
     instance = rows.instance_row(row)
     return StoredHistory(
         dataclasses.replace(instance, created_at=float(instance.created_at)),
-        tuple(dataclasses.replace(h, created_at=float(h.created_at)) for h in map(rows.history_row, history)),
+        tuple(h._replace(created_at=float(h.created_at)) for h in map(rows.history_row, history)),
         f"{source}#{instance.instance_id}",
     )
 

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._matching import event_keys, wait_key
 from .._models import Status
+from .._serde import loads
 from .._status import QueueStats
 from .._steps import event_history_payload
 from ..errors import ConfigurationError, StorageError
@@ -71,7 +72,7 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
 
 def _history_from_json(text: str | None) -> tuple[base.HistoryRow, ...]:
     """The history aggregated by the claim statement (``json_agg`` of arrays, or NULL when empty)."""
-    return () if text is None else rows.history_from_arrays(json.loads(text))
+    return () if text is None else rows.history_from_arrays(loads(text))
 
 
 PARSE_OFF_LOOP = 256 * 1024
