@@ -46,6 +46,8 @@ from ._serde import encode, loads
 from ._validation import MODES  # the subscription modes a ``subscribe`` row records
 from .errors import HistoryCorruptedError
 
+_new = object.__new__
+
 UNREADABLE = (
     ValueError,
     TypeError,
@@ -241,7 +243,6 @@ class ActivityStep(_Payload):
         return step
 
 
-_new = object.__new__
 _set_result, _set_error, _set_attempts, _set_started_at, _set_duration, _set_input = (
     getattr(ActivityStep, field.name).__set__ for field in fields(ActivityStep)
 )
@@ -310,9 +311,26 @@ class WaitEventStep(_Payload):
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
-        body = _object(body)
-        match = _optional_object(body["match"], "match")
-        return cls(match, _optional_number(body.get("timeout")), _optional_number(body["deadline"]))
+        # the checks inline, the helpers called only to raise (every replayed wait is read here)
+        if type(body) is not dict:
+            _object(body)
+        match, timeout, deadline = body["match"], body.get("timeout"), body["deadline"]
+        if match is not None and type(match) is not dict:
+            _optional_object(match, "match")
+        if timeout is not None and type(timeout) not in _NUMBERS:
+            _number(timeout)
+        if deadline is not None and type(deadline) not in _NUMBERS:
+            _number(deadline)
+        step = _new(cls)
+        _set_wait_match(step, match)
+        _set_wait_timeout(step, timeout)
+        _set_wait_deadline(step, deadline)
+        return step
+
+
+_set_wait_match, _set_wait_timeout, _set_wait_deadline = (
+    getattr(WaitEventStep, field.name).__set__ for field in fields(WaitEventStep)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,27 +357,51 @@ class EventStep(_Payload):
         return _with_data(head, _raw(self.data, "event data"))
 
     def event(self) -> Event:
-        """The ``Event`` that ``ctx.wait_event`` returns."""
-        return Event(
-            event_id=self.event_id,
-            type=self.type,
-            data=self.data,
-            source=self.source,
-            time=None if self.time is None else datetime.fromtimestamp(self.time, UTC),
-            extensions=self.extensions or {},
-        )
+        """The ``Event`` that ``ctx.wait_event`` returns (built as ``Event.__init__`` builds it, without its
+        ``object.__setattr__`` per field: every replayed event is built here)."""
+        event = _new(Event)
+        _set_event_id(event, self.event_id)
+        _set_event_type(event, self.type)
+        _set_event_data(event, self.data)
+        _set_event_source(event, self.source)
+        _set_event_time(event, None if self.time is None else _fromtimestamp(self.time, UTC))
+        _set_event_extensions(event, self.extensions or {})
+        return event
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
-        body = _object(body)
-        return cls(
-            _text(body["event_id"]),
-            _text(body["type"]),
-            _optional_text(body.get("source")),
-            _optional_time(body.get("time")),
-            _optional_object(body.get("extensions"), "extensions"),
-            body.get("data"),
-        )
+        # the checks of _object, _text, _optional_time and _optional_object inline (every replayed event
+        # is read here), the helpers called only to raise; built as ActivityStep.from_json builds it
+        if type(body) is not dict:
+            _object(body)
+        event_id, event_type = body["event_id"], body["type"]
+        if type(event_id) is not str or type(event_type) is not str:
+            _text(event_id), _text(event_type)
+        source, time, extensions = body.get("source"), body.get("time"), body.get("extensions")
+        if source is not None and type(source) is not str:
+            _text(source)
+        if time is not None:
+            _time(time)
+        if extensions is not None and type(extensions) is not dict:
+            _optional_object(extensions, "extensions")
+        step = _new(cls)
+        _set_step_event_id(step, event_id)
+        _set_step_type(step, event_type)
+        _set_step_source(step, source)
+        _set_step_time(step, time)
+        _set_step_extensions(step, extensions)
+        _set_step_data(step, body.get("data"))
+        return step
+
+
+_fromtimestamp = datetime.fromtimestamp
+_set_step_event_id, _set_step_type, _set_step_source, _set_step_time, _set_step_extensions, _set_step_data = (
+    getattr(EventStep, field.name).__set__ for field in fields(EventStep)
+)
+_set_event_id, _set_event_type, _set_event_data, _set_event_source, _set_event_time, _set_event_extensions = (
+    getattr(Event, field.name).__set__ for field in fields(Event)
+)
+"""The slots of EventStep and of Event, in their fields' order, as EventStep fills them."""
 
 
 class StoredEventFields(Protocol):

@@ -70,14 +70,23 @@ def check_mode(mode: object) -> str:
     return str(mode)
 
 
+_EVENT_TYPES: set[str] = set()
+"""Event types accepted already (at most ``_EVENT_TYPES_KEPT``): a replay checks each wait's type again."""
+_EVENT_TYPES_KEPT = 1024
+
+
 def check_event_type(event_type: object) -> str:
     """The type a workflow waits for: what ``app.send_event`` accepts (``check_name``), since a type it
     refuses would be waited for forever."""
+    if type(event_type) is str and event_type in _EVENT_TYPES:
+        return event_type
     if not _is_name(event_type):
         raise TypeError(
             "event_type must be a non-empty string of at most 200 characters, not only spaces "
             "(no NUL, valid UTF-8)"
         )
+    if len(_EVENT_TYPES) < _EVENT_TYPES_KEPT:
+        _EVENT_TYPES.add(event_type)
     return event_type
 
 

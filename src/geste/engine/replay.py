@@ -240,16 +240,19 @@ class _EndOfHistory(BaseException):
 class _ReplayJournal(Journal):
     """The worker's journal, stopped at the first step past the recorded history (its two hooks)."""
 
-    _asked: tuple[int, str] = (0, "")
+    _asked: tuple[int, StepKind | None, str] = (0, None, "")
+    """The last step asked for (said only when the replay stops past the history)."""
 
     def replay(self, seq: int, kind: StepKind, name: str) -> HistoryRow | None:
-        self._asked = (seq, f"{kind.value} {name!r}")
+        self._asked = (seq, kind, name)
         return super().replay(seq, kind, name)
 
     def live(self, seq: int, *, ordered: bool = True) -> None:
         super().live(seq, ordered=ordered)  # a step missing below later ones is corruption
-        asked, step = self._asked
-        raise _EndOfHistory(seq, step if asked == seq else f"the outcome of the wait at step {asked}")
+        asked, kind, name = self._asked
+        if asked == seq and kind is not None:
+            raise _EndOfHistory(seq, f"{kind.value} {name!r}")
+        raise _EndOfHistory(seq, f"the outcome of the wait at step {asked}")
 
     async def continue_as_new(self, seq: int, input: str, *, recorded: bool) -> NoReturn:
         """A run kept by ``continue_as_new`` ends at its recorded row, as it did: nothing is written."""
