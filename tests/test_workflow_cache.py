@@ -287,33 +287,53 @@ async def test_a_long_replay_gives_the_event_loop_turns(make_app: MakeApp) -> No
     assert seen["turns"] >= 2048 // 256 - 1, seen
 
 
-async def test_a_long_claimed_history_is_parsed_off_the_event_loop(
+async def test_a_long_claimed_history_is_built_in_turns_of_the_event_loop(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PostgreSQL claims ship the history as JSON: one longer than ``PARSE_OFF_LOOP`` is parsed in a
-    thread (lowered here so that a short history is long), a shorter one on the loop."""
+    """PostgreSQL claims ship the history as an array per column: its rows are built ``ROWS_PER_TURN``
+    at a time, the event loop given a turn in between (lowered here so that a short history is long),
+    in seq order even if the arrays were not."""
     import geste.storage.postgres as postgres
 
-    parsed_off: list[int] = []
-    to_thread = asyncio.to_thread
+    monkeypatch.setattr(postgres, "ROWS_PER_TURN", 100)
+    n = 1000
+    seqs = list(range(1, n + 1))
+    shuffled = seqs[n // 2 :] + seqs[: n // 2]
+    record: dict[str, Any] = {
+        "h_seq": shuffled,
+        "h_kind": ["now"] * n,
+        "h_name": ["now"] * n,
+        "h_payload": [str(s) for s in shuffled],
+        "h_error": [False] * n,
+        "h_at": [float(s) for s in shuffled],
+    }
+    turns = 0
 
-    async def counted(fn: Any, *args: Any) -> Any:
-        if fn is postgres._history_from_json:
-            parsed_off.append(len(args[0]))
-        return await to_thread(fn, *args)
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
 
-    monkeypatch.setattr(asyncio, "to_thread", counted)
-    monkeypatch.setattr(postgres, "PARSE_OFF_LOOP", 200)
+    counter = asyncio.create_task(count_turns())
+    await asyncio.sleep(0)
+    try:
+        long, empty = await postgres._histories([record, dict.fromkeys(record)])
+    finally:
+        counter.cancel()
+    assert [(r.seq, r.payload, r.created_at) for r in long] == [(s, str(s), float(s)) for s in seqs]
+    assert empty == () and turns >= n // 100 - 1, turns
+    # and a real claim's arrays, in order, through the same reader
     app, _ = build(lambda **o: geste.App(pg_url, poll_interval=0.05, **o), workflow_cache_size=0)
+    monkeypatch.setattr(postgres, "ROWS_PER_TURN", 2)
     async with app:
         handle = await app.start_workflow("looper", 2)
         await waiting_at(app, handle.instance_id, 2)
-        assert parsed_off == []  # started here: no claim read its history
         await tick(app, handle.instance_id, 0)
         await waiting_at(app, handle.instance_id, 5)
         await tick(app, handle.instance_id, 1)
         assert await handle.result(timeout=20) == 2
-    assert parsed_off and all(n > 200 for n in parsed_off), parsed_off
+        assert [e.seq for e in await handle.history()] == list(range(1, 7))
 
 
 async def test_a_suspension_leaves_the_renewed_leases_at_once(make_app: MakeApp) -> None:

@@ -231,10 +231,13 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 -- name: claim
 -- The claim of a worker that registers one workflow ($7, a name), the common case; `claim_names` is the
 -- same for several. FOR UPDATE SKIP LOCKED: concurrent claimers take disjoint sets without waiting on
--- each other. Each claimed instance comes back with its history (JSON), so a wake-up costs one round
--- trip, not two. One more row, with a NULL instance_id, is no claim: its run_at is the next one after $6
--- among free instances (read in the same snapshot, so the instances just picked, still free there, are
--- not counted), for the worker's sleep.
+-- each other. Each claimed instance comes back with its history, so a wake-up costs one round trip, not
+-- two: an array per column (h_seq, ...; NULL for none), which the server builds without escaping anything
+-- and asyncpg reads in C, three times sooner than the JSON it replaces (json_agg: 30 ms of server time
+-- for 6,000 rows). The sorted subquery gives the arrays in seq order (checked by the reader). One more
+-- row, with a NULL instance_id, is no claim: its run_at is the next one after $6 among free instances
+-- (read in the same snapshot, so the instances just picked, still free there, are not counted), for the
+-- worker's sleep.
 -- expired_at: when the previous lease of an instance taken over (expired, not released) ran out; else NULL.
 -- run_at: when it became runnable (the value before this claim, which moves it: see below).
 -- Two ranges of the name, each locked as it is read (schema 11): the leases that ran out
@@ -296,13 +299,15 @@ WITH expired AS (
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
               i.run
 )
-(SELECT c.*, p.run_at, p.expired_at,
-        (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
-                         ORDER BY h.seq)
-         FROM {schema}.geste_history h  -- the rows after the step the worker knows ($8: instance: step)
-         WHERE h.instance_id = c.instance_id AND h.seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0))
-           AS history
+(SELECT c.*, p.run_at, p.expired_at, h.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
+ CROSS JOIN LATERAL (  -- the rows after the step the worker knows ($8: instance: step), column by column
+     SELECT array_agg(x.seq) AS h_seq, array_agg(x.kind) AS h_kind, array_agg(x.name) AS h_name,
+            array_agg(x.payload) AS h_payload, array_agg(x.is_error) AS h_error, array_agg(x.created_at) AS h_at
+     FROM (SELECT * FROM {schema}.geste_history
+           WHERE instance_id = c.instance_id AND seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0)
+           ORDER BY seq) AS x
+ ) AS h
  ORDER BY p.run_at)
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
@@ -311,7 +316,7 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
           AND lease_id IS NULL
           AND status IN ('pending', 'running', 'waiting', 'compensating')
         ORDER BY workflow_name, run_at LIMIT 1),
-       NULL, NULL;
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL;
 
 -- name: claim_names
 -- `claim` for a worker that registers several workflows ($7, their names), with the same result. Per
@@ -366,16 +371,19 @@ WITH heads AS (
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
               i.run
 )
-(SELECT c.*, p.run_at, p.expired_at,
-        (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
-                         ORDER BY h.seq)
-         FROM {schema}.geste_history h  -- the rows after the step the worker knows ($8: instance: step)
-         WHERE h.instance_id = c.instance_id AND h.seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0))
-           AS history
+(SELECT c.*, p.run_at, p.expired_at, h.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
+ CROSS JOIN LATERAL (  -- the rows after the step the worker knows ($8: instance: step), column by column
+     SELECT array_agg(x.seq) AS h_seq, array_agg(x.kind) AS h_kind, array_agg(x.name) AS h_name,
+            array_agg(x.payload) AS h_payload, array_agg(x.is_error) AS h_error, array_agg(x.created_at) AS h_at
+     FROM (SELECT * FROM {schema}.geste_history
+           WHERE instance_id = c.instance_id AND seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0)
+           ORDER BY seq) AS x
+ ) AS h
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at), NULL, NULL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at),
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.geste_instances
@@ -420,16 +428,19 @@ WITH named AS MATERIALIZED (
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
               i.run
 )
-(SELECT c.*, p.run_at, p.expired_at,
-        (SELECT json_agg(json_build_array(h.seq, h.kind, h.name, h.payload, h.is_error, h.created_at)
-                         ORDER BY h.seq)
-         FROM {schema}.geste_history h  -- the rows after the step the worker knows ($9: instance: step)
-         WHERE h.instance_id = c.instance_id AND h.seq > coalesce(($9::jsonb ->> c.instance_id)::integer, 0))
-           AS history
+(SELECT c.*, p.run_at, p.expired_at, h.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
+ CROSS JOIN LATERAL (  -- the rows after the step the worker knows ($9: instance: step), column by column
+     SELECT array_agg(x.seq) AS h_seq, array_agg(x.kind) AS h_kind, array_agg(x.name) AS h_name,
+            array_agg(x.payload) AS h_payload, array_agg(x.is_error) AS h_error, array_agg(x.created_at) AS h_at
+     FROM (SELECT * FROM {schema}.geste_history
+           WHERE instance_id = c.instance_id AND seq > coalesce(($9::jsonb ->> c.instance_id)::integer, 0)
+           ORDER BY seq) AS x
+ ) AS h
  ORDER BY p.run_at)
 UNION ALL
-SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at, NULL, NULL
+SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM named
 WHERE workflow_name = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
