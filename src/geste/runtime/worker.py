@@ -556,9 +556,21 @@ class Worker(Loop):
             for lease in leases:
                 if lease.instance_id not in kept:
                     current = self._running.get(lease.instance_id)
-                    if current is not None and current[0] == lease:
+                    if current is not None and current[0] == lease and await self._taken(lease):
                         logger.warning("instance %s: lease lost; stopping its run here", lease.instance_id)
                         current[1].cancel()
+
+    async def _taken(self, lease: Lease) -> bool:
+        """Whether a lease the renewal did not find is held by another claim now, rather than given back
+        by its own run: an end or a suspension whose commit came before the renewal, while the run's task
+        has not yet resumed to leave the leases renewed (seen under load: a false "lease lost", and the
+        cancel cut the run's last hooks). A lease given back needs no cancel: the run is ending, and
+        any later write of it is refused anyway (the lease id fences it)."""
+        if self._running.get(lease.instance_id, (None,))[0] != lease:
+            return False  # the run left meanwhile
+        row = await self.storage.get_instance(lease.instance_id)
+        current = self._running.get(lease.instance_id)
+        return row is not None and row.locked_by is not None and current is not None and current[0] == lease
 
 
 class Heartbeat(Loop):
