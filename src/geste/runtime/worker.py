@@ -130,6 +130,8 @@ class Worker(Loop):
         """The database's next run_at, from the last whole claim (routing: woken for only if sole)."""
         self.handed_on = 0
         """Routed wake-ups this worker handed on to others (full, or stopping)."""
+        self.clock_offset: float | None = None
+        """This worker's clock minus the database's, measured at start (``check_clock``)."""
 
     @property
     def router(self) -> Router | None:
@@ -144,10 +146,38 @@ class Worker(Loop):
             await self.beat()
         except StorageError as exc:  # the heartbeat tries again: running instances matters more
             logger.warning("worker %s: registering failed (%s)", self.worker_id, exc)
+        await self.check_clock()
         self._cause = POLL
         super().start()
         self._heartbeat.start()
         logger.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
+
+    async def check_clock(self) -> float | None:
+        """Compare this worker's clock with the database's, once at start; warn when it is off by more than
+        ``lock_timeout / 3`` (more than the round trip can explain). Leases tolerate a skew between two
+        workers of less than ``2 * lock_timeout / 3`` (a lease renewed every third of ``lock_timeout``
+        has two thirds left at worst): a worker whose clock runs ahead by more takes over the leases of
+        live workers early (safe: the lease id fences their writes, but their runs stop and start again
+        there). Timers and ``run_at`` move by the skew. Returns the offset measured (None: unknown)."""
+        try:
+            before = self.clock()
+            database = await self.storage.database_clock()
+            after = self.clock()
+        except StorageError as exc:
+            logger.debug("worker %s: the database's clock could not be read (%s)", self.worker_id, exc)
+            return None
+        if database is None:
+            return None
+        self.clock_offset = offset = (before + after) / 2 - database
+        if abs(offset) - (after - before) / 2 > self.lock_timeout / 3:
+            logger.warning(
+                "worker %s: its clock is %+.3fs off the database's; leases tolerate a skew between "
+                "workers below 2/3 of lock_timeout (%.3gs): sync the clocks (NTP) or raise lock_timeout",
+                self.worker_id,
+                offset,
+                self.lock_timeout,
+            )
+        return offset
 
     def mark_unhealthy(self, reason: str) -> None:
         """A loop of this process ended for good: say so in the registry (``geste status``), at once and

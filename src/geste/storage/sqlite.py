@@ -230,6 +230,9 @@ class SQLiteStorage(base.Storage):
 
         return await self._write(tx)
 
+    async def database_clock(self) -> float | None:
+        return float(await self._call(lambda conn: conn.execute(Q["database_clock"]).fetchone()["now"]))
+
     async def get_instance(self, instance_id: str) -> base.InstanceRow | None:
         def read(conn: sqlite3.Connection) -> base.InstanceRow | None:
             return rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
