@@ -163,8 +163,8 @@ class Worker(Loop):
             before = self.clock()
             database = await self.storage.database_clock()
             after = self.clock()
-        except StorageError as exc:
-            logger.debug("worker %s: the database's clock could not be read (%s)", self.worker_id, exc)
+        except Exception as exc:  # a check only: the worker starts whatever happens here
+            logger.debug("worker %s: the database's clock could not be read (%r)", self.worker_id, exc)
             return None
         if database is None:
             return None
