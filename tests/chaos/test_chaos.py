@@ -43,7 +43,7 @@ async def test_sqlite_workers_killed_lose_nothing(tmp_path: Path) -> None:
     assert report.faults[KILLED] >= 5, report.faults
 
 
-SKEWED_OUTAGE = {"skew": 2.0, "outage": 4.0, "duration": 15.0}
+SKEWED_OUTAGE = {"skew": 2.0, "outage": 4.0, "duration": 10.0}
 """Every worker's clock off by up to ±2 s (with one-second leases: live leases are taken over), and the
 outbox destination down for 4 s once (its back-off reaches its 0.5 s cap after 0.75 s)."""
 
@@ -56,7 +56,7 @@ def _check_skew_and_outage(report: ChaosReport) -> None:
 
 @pytest.mark.timeout(600)
 async def test_postgres_clock_skew_and_a_destination_outage_lose_nothing(pg_url: str, tmp_path: Path) -> None:
-    config = ChaosConfig.short(orders=150, restart_postgres=False, **SKEWED_OUTAGE)
+    config = ChaosConfig.short(orders=100, restart_postgres=False, **SKEWED_OUTAGE)
     report = await run_chaos(pg_url, tmp_path, config)
     print(report)
     _check_skew_and_outage(report)
@@ -65,7 +65,7 @@ async def test_postgres_clock_skew_and_a_destination_outage_lose_nothing(pg_url:
 
 @pytest.mark.timeout(600)
 async def test_sqlite_clock_skew_and_a_destination_outage_lose_nothing(tmp_path: Path) -> None:
-    config = ChaosConfig.short(orders=120, listeners=2, competitors=2, jobs=30, **SKEWED_OUTAGE)
+    config = ChaosConfig.short(orders=80, listeners=2, competitors=2, jobs=20, **SKEWED_OUTAGE)
     report = await run_chaos(f"sqlite:///{tmp_path / 'geste.db'}", tmp_path, config)
     print(report)
     _check_skew_and_outage(report)
