@@ -121,8 +121,8 @@ class Controller:
         self._next_worker = 0
         self._done = asyncio.Event()
         self.client: geste.App | None = None
-        self.skews: dict[str, float] = {}
-        """Each worker process's clock offset (the last one drawn for its id)."""
+        self.skews: list[float] = []
+        """The clock offset of each worker process started, in order."""
 
     # -- worker processes ----------------------------------------------------------------------------
     def _worker_url(self, worker_id: str) -> str:
@@ -143,8 +143,8 @@ class Controller:
         cmd += [f"--worker-id={worker_id}", f"--dir={self.folder}"]
         cmd += [f"--lock-timeout={self.config.lock_timeout}"]
         if self.config.skew:
-            self.skews[worker_id] = self.rng.uniform(-self.config.skew, self.config.skew)
-            cmd += [f"--skew={self.skews[worker_id]}"]
+            self.skews.append(self.rng.uniform(-self.config.skew, self.config.skew))
+            cmd += [f"--skew={self.skews[-1]}"]
         with output.open("wb") as out:
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
@@ -388,6 +388,8 @@ class Controller:
                 await wait_until(outbox_drained, "the outbox to drain", timeout=60, interval=0.1)
             finally:
                 self._done.set()
+                if outage is not None:
+                    outage.cancel()  # done already, unless the load failed
                 await fault_task
             codes = self.stop_all()
             self.journal.note("workers stopped (SIGTERM)", f"exit codes {sorted(set(codes))}")

@@ -41,7 +41,7 @@ async def run_chaos(url: str, folder: Path, config: ChaosConfig) -> ChaosReport:
         ) from exc
     counts = controller.journal.counts
     lost = controller.lost_leases()
-    skews = sorted(controller.skews.values())
+    skews = sorted(controller.skews)
     lines = [
         f"chaos run on {backend}: {config.orders} orders, {config.workers} workers, "
         f"{time.monotonic() - began:.1f}s (seed {controller.seed})",
