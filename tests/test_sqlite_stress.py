@@ -61,6 +61,7 @@ async def test_a_full_disk_raises_a_storage_error_corrupts_nothing_and_work_resu
     assert integrity(path) == ["ok"]
     log = done.stderr.decode(errors="replace")
     assert "Traceback" not in log, log[-3000:]
+    assert "storage failed (SQLite error" in log and "the disk is full" in log, log[-3000:]  # the worker too
 
 
 @pytest.mark.timeout(300)
