@@ -5,7 +5,9 @@ starts the orders and feeds them: a ``chaos.paid`` event per order (some sent tw
 news from outside (some published twice, the same id), jobs and the competitors' stops. Meanwhile it
 SIGKILLs random workers and restarts them (under the same id or a new one), terminates the pool's and
 the listener's backends of random workers with ``pg_terminate_backend``, and restarts PostgreSQL once.
-Its own client calls are retried on ``StorageError`` with the same ids, as a user's would be.
+Its own client calls are retried on ``StorageError`` with the same ids, as a user's would be. With
+``skew`` each worker process runs on a clock off by a random offset (``--skew``); with ``outage`` the
+outbox destination refuses every delivery for a while, once (the file ``outage`` in the run's folder).
 """
 
 from __future__ import annotations
