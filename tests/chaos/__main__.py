@@ -31,13 +31,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--orders", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--skew", type=float, default=None, help="workers' clocks off by up to ±S s")
+    parser.add_argument("--outage", type=float, default=None, help="the outbox destination down S s once")
     parser.add_argument("--keep", type=Path, default=None, help="a folder to keep each run's files in")
     args = parser.parse_args(argv)
     # the client's pool logs each failed reconnect during the server restart with a traceback: the report
     # counts the restart and the retried calls instead
     logging.getLogger("asyncpg.pool").setLevel(logging.CRITICAL)
     overrides = {
-        k: v for k, v in (("orders", args.orders), ("workers", args.workers), ("seed", args.seed)) if v
+        k: v
+        for k, v in (
+            ("orders", args.orders),
+            ("workers", args.workers),
+            ("seed", args.seed),
+            ("skew", args.skew),
+            ("outage", args.outage),
+        )
+        if v
     }
     config = ChaosConfig.long(**overrides) if args.long else ChaosConfig.short(**overrides)
     backends = ["postgres", "sqlite"] if args.backend == "both" else [args.backend]

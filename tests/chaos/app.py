@@ -10,6 +10,11 @@ unique to that execution that it also returns; the outbox destination appends ea
 concurrent processes never interleave, and a SIGKILL loses at most the line being written. Activities
 and deliveries fail on purpose now and then (first attempts only), so retries are part of the load.
 The worker writes ``DIR/ready-W`` once it runs (and, on PostgreSQL, listens).
+
+Two faults live here, switched by the controller: ``--skew=S`` runs the worker on a clock ``S`` seconds
+off the machine's (the App's ``clock`` option: leases, timers, ``ctx.now()``, ``run_at``), and while the
+file ``DIR/outage`` exists the outbox destination is down: it refuses every delivery (logged with
+``"refused": "outage"``), as an HTTP endpoint answering 503 would.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -65,9 +71,14 @@ def value_of(step: str, n: int) -> int:
 def build_app(url: str, *, folder: Path, worker_id: str | None = None, **options: Any) -> geste.App:
     effects = folder / "effects.jsonl"
     deliveries = folder / "deliveries.jsonl"
+    outage = folder / "outage"
 
     async def deliver(event: geste.OutboxEvent) -> None:
-        append_line(deliveries, {"event_id": event.event_id, "attempt": event.attempt, "worker": worker_id})
+        line = {"event_id": event.event_id, "attempt": event.attempt, "worker": worker_id}
+        if outage.exists():
+            append_line(deliveries, {**line, "refused": "outage"})
+            raise RuntimeError("the destination is down (503)")
+        append_line(deliveries, line)
         if event.attempt == 1 and flaky("deliver", event.event_id):
             raise RuntimeError("the destination refused (on purpose)")
 
@@ -165,7 +176,8 @@ async def _serve(args: argparse.Namespace) -> None:
         args.url,
         folder=folder,
         worker_id=args.worker_id,
-        lock_timeout=1.0,
+        clock=(lambda: time.time() + args.skew) if args.skew else time.time,
+        lock_timeout=args.lock_timeout,
         poll_interval=0.2,
         shutdown_grace=1.0,
         notify_fallback_interval=1.0,
@@ -189,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("url")
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--dir", required=True)
+    parser.add_argument("--skew", type=float, default=0.0, help="seconds this worker's clock is off")
+    parser.add_argument("--lock-timeout", type=float, default=1.0)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.worker_id} %(name)s %(message)s"

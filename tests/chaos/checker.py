@@ -192,12 +192,19 @@ def outbox_events_delivered(facts: Facts) -> str:
     )
     pending = [r["event_id"] for r in facts.outbox if r["status"] != "delivered"]
     assert not pending, f"not delivered: {pending[:5]}"
-    delivered = Counter(d["event_id"] for d in facts.deliveries)
+    refused = [d for d in facts.deliveries if d.get("refused")]
+    delivered = Counter(d["event_id"] for d in facts.deliveries if not d.get("refused"))
     missing = [i for i in ids if delivered[i] == 0]
     assert not missing, f"no delivery seen for {missing[:5]}"
     extra = sum(delivered.values()) - len(ids)
+    outage = (
+        f"; {len(refused)} attempts on {len({d['event_id'] for d in refused})} events refused by the outage"
+        if refused
+        else ""
+    )
     return (
         f"{len(ids)} outbox events, one per order, each delivered (at least once: {extra} extra deliveries)"
+        + outage
     )
 
 

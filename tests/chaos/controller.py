@@ -5,7 +5,9 @@ starts the orders and feeds them: a ``chaos.paid`` event per order (some sent tw
 news from outside (some published twice, the same id), jobs and the competitors' stops. Meanwhile it
 SIGKILLs random workers and restarts them (under the same id or a new one), terminates the pool's and
 the listener's backends of random workers with ``pg_terminate_backend``, and restarts PostgreSQL once.
-Its own client calls are retried on ``StorageError`` with the same ids, as a user's would be.
+Its own client calls are retried on ``StorageError`` with the same ids, as a user's would be. With
+``skew`` each worker process runs on a clock off by a random offset (``--skew``); with ``outage`` the
+outbox destination refuses every delivery for a while, once (the file ``outage`` in the run's folder).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from .app import LEDGERS, NEWS_EVERY, build_app
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
+OUTAGE_RAMP = 0.05 + 0.1 + 0.2 + 0.4
+"""The chaos workers' outbox back-off until it reaches its cap (0.05 s doubling to 0.5 s, app.py): an
+outage must last longer, so that deliveries are retried at the capped interval for a while."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,14 @@ class ChaosConfig:
     ``Controller.FAULTS``); the server restart is apart (``restart_postgres``)."""
     timeout: float = 240.0
     seed: int | None = None
+    skew: float = 0.0
+    """Clock skew: each worker process runs on a clock off the machine's by a random offset in
+    ``±skew`` seconds, fixed for its life (a restarted worker draws another). 0: no skew."""
+    lock_timeout: float = 1.0
+    """The workers' ``lock_timeout``."""
+    outage: float = 0.0
+    """A destination outage: once per run, the outbox destination refuses every delivery for this many
+    seconds (longer than the relay's whole back-off ramp, ``OUTAGE_RAMP``). 0: no outage."""
 
     @classmethod
     def short(cls, **overrides: Any) -> ChaosConfig:
@@ -110,6 +123,8 @@ class Controller:
         self._next_worker = 0
         self._done = asyncio.Event()
         self.client: geste.App | None = None
+        self.skews: list[float] = []
+        """The clock offset of each worker process started, in order."""
 
     # -- worker processes ----------------------------------------------------------------------------
     def _worker_url(self, worker_id: str) -> str:
@@ -128,6 +143,10 @@ class Controller:
         self.outputs.append(output)
         cmd = [sys.executable, "-m", "tests.chaos.app", self._worker_url(worker_id)]
         cmd += [f"--worker-id={worker_id}", f"--dir={self.folder}"]
+        cmd += [f"--lock-timeout={self.config.lock_timeout}"]
+        if self.config.skew:
+            self.skews.append(self.rng.uniform(-self.config.skew, self.config.skew))
+            cmd += [f"--skew={self.skews[-1]}"]
         with output.open("wb") as out:
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
@@ -188,6 +207,23 @@ class Controller:
         began = time.monotonic()
         await restart_postgres(self.url)
         self.journal.note("PostgreSQL restarted", f"{time.monotonic() - began:.1f}s")
+
+    async def outage(self, after: float) -> None:
+        """Take the outbox destination down for ``config.outage`` seconds, ``after`` seconds from now."""
+        assert self.config.outage > OUTAGE_RAMP, "an outage shorter than the back-off ramp proves little"
+        flag = self.folder / "outage"
+        await asyncio.sleep(after)
+        flag.write_text("down")
+        began = time.monotonic()
+        try:
+            await asyncio.sleep(self.config.outage)
+        finally:
+            flag.unlink()
+        self.journal.note("outbox destination down", f"{time.monotonic() - began:.1f}s")
+
+    def lost_leases(self) -> int:
+        """Leases that live workers lost to another worker, as their logs tell ("lease lost")."""
+        return sum(path.read_text(errors="replace").count("lease lost") for path in self.outputs)
 
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
@@ -332,8 +368,11 @@ class Controller:
                 return await finished() / total
 
             fault_task = asyncio.create_task(self.faults(progress))
+            outage = asyncio.create_task(self.outage(0.3 * config.duration)) if config.outage else None
             try:
                 await self.load(client)
+                if outage is not None:
+                    await outage
 
                 async def all_done() -> bool:
                     if fault_task.done():
@@ -351,6 +390,8 @@ class Controller:
                 await wait_until(outbox_drained, "the outbox to drain", timeout=60, interval=0.1)
             finally:
                 self._done.set()
+                if outage is not None:
+                    outage.cancel()  # done already, unless the load failed
                 await fault_task
             codes = self.stop_all()
             self.journal.note("workers stopped (SIGTERM)", f"exit codes {sorted(set(codes))}")

@@ -16,6 +16,8 @@ class ChaosReport:
     text: str
     faults: Counter[str]
     """How many times the controller did each thing (``"worker SIGKILLed and restarted"``, ...)."""
+    lost_leases: int = 0
+    """Leases live workers lost to another worker (their logs' "lease lost" warnings)."""
 
     def __str__(self) -> str:
         return self.text
@@ -38,13 +40,21 @@ async def run_chaos(url: str, folder: Path, config: ChaosConfig) -> ChaosReport:
             f"-- worker outputs:\n{outputs}"
         ) from exc
     counts = controller.journal.counts
+    lost = controller.lost_leases()
+    skews = sorted(controller.skews)
     lines = [
         f"chaos run on {backend}: {config.orders} orders, {config.workers} workers, "
         f"{time.monotonic() - began:.1f}s (seed {controller.seed})",
         "  what the controller did:",
         *(f"    {n:5d}  {what}" for what, n in sorted(counts.items())),
         f"    {controller.listener_reconnects:5d}  listener reconnects (workers' own count, survivors)",
+        f"    {lost:5d}  leases lost by a live worker to another (workers' logs)",
+        *(
+            [f"    {len(skews):5d}  worker clocks skewed, from {skews[0]:+.2f}s to {skews[-1]:+.2f}s"]
+            if skews
+            else []
+        ),
         "  what the checker verified:",
         *(f"    {line}" for line in checks),
     ]
-    return ChaosReport("\n".join(lines), Counter(counts))
+    return ChaosReport("\n".join(lines), Counter(counts), lost)

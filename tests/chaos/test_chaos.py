@@ -17,7 +17,7 @@ import pytest
 
 from .checker import check
 from .controller import ChaosConfig
-from .run import run_chaos
+from .run import ChaosReport, run_chaos
 
 KILLED = "worker SIGKILLed and restarted"
 
@@ -41,6 +41,35 @@ async def test_sqlite_workers_killed_lose_nothing(tmp_path: Path) -> None:
     report = await run_chaos(f"sqlite:///{tmp_path / 'geste.db'}", tmp_path, config)
     print(report)
     assert report.faults[KILLED] >= 5, report.faults
+
+
+SKEWED_OUTAGE = {"skew": 2.0, "outage": 4.0, "duration": 10.0}
+"""Every worker's clock off by up to ±2 s (with one-second leases: live leases are taken over), and the
+outbox destination down for 4 s once (its back-off reaches its 0.5 s cap after 0.75 s)."""
+
+
+def _check_skew_and_outage(report: ChaosReport) -> None:
+    assert report.faults["outbox destination down"] == 1, report.faults
+    assert "refused by the outage" in report.text  # deliveries were refused, then all were delivered
+    assert "worker clocks skewed" in report.text
+
+
+@pytest.mark.timeout(600)
+async def test_postgres_clock_skew_and_a_destination_outage_lose_nothing(pg_url: str, tmp_path: Path) -> None:
+    config = ChaosConfig.short(orders=100, restart_postgres=False, **SKEWED_OUTAGE)
+    report = await run_chaos(pg_url, tmp_path, config)
+    print(report)
+    _check_skew_and_outage(report)
+    assert report.faults[KILLED] >= 3, report.faults
+
+
+@pytest.mark.timeout(600)
+async def test_sqlite_clock_skew_and_a_destination_outage_lose_nothing(tmp_path: Path) -> None:
+    config = ChaosConfig.short(orders=80, listeners=2, competitors=2, jobs=20, **SKEWED_OUTAGE)
+    report = await run_chaos(f"sqlite:///{tmp_path / 'geste.db'}", tmp_path, config)
+    print(report)
+    _check_skew_and_outage(report)
+    assert report.faults[KILLED] >= 3, report.faults
 
 
 # -- the checker catches what it must --------------------------------------------------------------------
@@ -79,6 +108,14 @@ def _drop_log_line(folder: Path, log: str, keep: Callable[[dict[str, object]], b
     path = folder / log
     lines = [line for line in path.read_text().splitlines() if keep(json.loads(line))]
     path.write_text("".join(line + "\n" for line in lines))
+
+
+def _refused_by_outage(folder: Path, prefix: str) -> None:
+    """Turn the deliveries of an event into attempts the outage refused (it was never delivered after)."""
+    path = folder / "deliveries.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    lines = [{**d, "refused": "outage"} if str(d["event_id"]).startswith(prefix) else d for d in lines]
+    path.write_text("".join(json.dumps(d) + "\n" for d in lines))
 
 
 def _repeat_first_end(folder: Path) -> None:
@@ -142,6 +179,10 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
         lambda f: _drop_log_line(
             f, "deliveries.jsonl", lambda d: not str(d["event_id"]).startswith("order-5:")
         ),
+    ),
+    "an outbox event refused by the outage, never delivered after": (
+        "outbox_events_delivered",
+        lambda f: _refused_by_outage(f, "order-8:"),
     ),
     "an instance left locked": (
         "nothing_left_locked_or_waiting",

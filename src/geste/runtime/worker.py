@@ -130,6 +130,8 @@ class Worker(Loop):
         """The database's next run_at, from the last whole claim (routing: woken for only if sole)."""
         self.handed_on = 0
         """Routed wake-ups this worker handed on to others (full, or stopping)."""
+        self.clock_offset: float | None = None
+        """This worker's clock minus the database's, measured at start (``check_clock``)."""
 
     @property
     def router(self) -> Router | None:
@@ -144,10 +146,38 @@ class Worker(Loop):
             await self.beat()
         except StorageError as exc:  # the heartbeat tries again: running instances matters more
             logger.warning("worker %s: registering failed (%s)", self.worker_id, exc)
+        await self.check_clock()
         self._cause = POLL
         super().start()
         self._heartbeat.start()
         logger.info("worker %s started (concurrency %d)", self.worker_id, self.concurrency)
+
+    async def check_clock(self) -> float | None:
+        """Compare this worker's clock with the database's, once at start; warn when it is off by more than
+        ``lock_timeout / 3`` (more than the round trip can explain). Leases tolerate a skew between two
+        workers of less than ``2 * lock_timeout / 3`` (a lease renewed every third of ``lock_timeout``
+        has two thirds left at worst): a worker whose clock runs ahead by more takes over the leases of
+        live workers early (safe: the lease id fences their writes, but their runs stop and start again
+        there). Timers and ``run_at`` move by the skew. Returns the offset measured (None: unknown)."""
+        try:
+            before = self.clock()
+            database = await self.storage.database_clock()
+            after = self.clock()
+        except Exception as exc:  # a check only: the worker starts whatever happens here
+            logger.debug("worker %s: the database's clock could not be read (%r)", self.worker_id, exc)
+            return None
+        if database is None:
+            return None
+        self.clock_offset = offset = (before + after) / 2 - database
+        if abs(offset) - (after - before) / 2 > self.lock_timeout / 3:
+            logger.warning(
+                "worker %s: its clock is %+.3fs off the database's; leases tolerate a skew between "
+                "workers below 2/3 of lock_timeout (%.3gs): sync the clocks (NTP) or raise lock_timeout",
+                self.worker_id,
+                offset,
+                self.lock_timeout,
+            )
+        return offset
 
     def mark_unhealthy(self, reason: str) -> None:
         """A loop of this process ended for good: say so in the registry (``geste status``), at once and
@@ -556,9 +586,21 @@ class Worker(Loop):
             for lease in leases:
                 if lease.instance_id not in kept:
                     current = self._running.get(lease.instance_id)
-                    if current is not None and current[0] == lease:
+                    if current is not None and current[0] == lease and await self._taken(lease):
                         logger.warning("instance %s: lease lost; stopping its run here", lease.instance_id)
                         current[1].cancel()
+
+    async def _taken(self, lease: Lease) -> bool:
+        """Whether a lease the renewal did not find is held by another claim now, rather than given back
+        by its own run: an end or a suspension whose commit came before the renewal, while the run's task
+        has not yet resumed to leave the leases renewed (seen under load: a false "lease lost", and the
+        cancel cut the run's last hooks). A lease given back needs no cancel: the run is ending, and
+        any later write of it is refused anyway (the lease id fences it)."""
+        if self._running.get(lease.instance_id, (None,))[0] != lease:
+            return False  # the run left meanwhile
+        row = await self.storage.get_instance(lease.instance_id)
+        current = self._running.get(lease.instance_id)
+        return row is not None and row.locked_by is not None and current is not None and current[0] == lease
 
 
 class Heartbeat(Loop):

@@ -524,6 +524,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def get_instance(self, instance_id: str) -> InstanceRow | None: ...
 
+    async def database_clock(self) -> float | None:
+        """The database's own time in Unix seconds (``statement_timestamp()`` on PostgreSQL, the host's
+        time on SQLite), to compare a process's clock with; None where a storage cannot tell."""
+        return None
+
     # -- result() waiters of another process (schema 14) -------------------------------------------
     async def watch_result(self, instance_id: str, *, waiter: str, process: str, expires_at: float) -> bool:
         """Register the ``result()`` call ``waiter`` of the App whose worker id is ``process``, so that the

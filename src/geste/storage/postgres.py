@@ -444,6 +444,12 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
+    async def database_clock(self) -> float | None:
+        async def go(conn: Conn) -> float:
+            return float(await conn.fetchval(self._q["database_clock"]))
+
+        return await self._read(go)
+
     async def get_instance(self, instance_id: str) -> base.InstanceRow | None:
         async def go(conn: Conn) -> base.InstanceRow | None:
             return rows.maybe_instance(await conn.fetchrow(self._q["get_instance"], instance_id))

@@ -38,6 +38,25 @@ _FOREIGN_TABLES = "the database holds tables that are not geste's ({}); point ge
 _SYNCHRONOUS = {"off", "normal", "full", "extra"}
 
 
+def explain(exc: sqlite3.Error) -> str:
+    """sqlite3's message, with what it means for geste where the raw text says little: a failed write
+    (``SQLITE_FULL``, ``SQLITE_IOERR_*``: a full disk gives either, an ``RLIMIT_FSIZE`` gives
+    ``SQLITE_IOERR_WRITE``) and a lock held past ``busy_timeout``."""
+    name = str(getattr(exc, "sqlite_errorname", "") or "")
+    if name == "SQLITE_FULL" or name.startswith("SQLITE_IOERR"):
+        return (
+            f"{exc} ({name}: the disk is full or a file-size limit was reached, or the device failed); "
+            "the transaction was rolled back and nothing of it was written; the workers retry by "
+            "themselves once space returns"
+        )
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return (
+            f"{exc} ({name}: another connection held the database's write lock longer than busy_timeout; "
+            "nothing was written)"
+        )
+    return f"{exc} ({name})" if name else str(exc)
+
+
 def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
     """``sqlite:///relative.db``, ``sqlite:////abs/path.db`` or ``sqlite:///:memory:`` → path, options."""
     if not url.startswith("sqlite://"):
@@ -78,7 +97,7 @@ class SQLiteStorage(base.Storage):
             except sqlite3.Error as exc:
                 if conn.in_transaction:
                     conn.rollback()
-                raise StorageError(f"SQLite error on {self.path}: {exc}") from exc
+                raise StorageError(f"SQLite error on {self.path}: {explain(exc)}") from exc
             except BaseException:
                 if conn.in_transaction:
                     conn.rollback()
@@ -210,6 +229,9 @@ class SQLiteStorage(base.Storage):
             return rows.instance_row(row), created
 
         return await self._write(tx)
+
+    async def database_clock(self) -> float | None:
+        return float(await self._call(lambda conn: conn.execute(Q["database_clock"]).fetchone()["now"]))
 
     async def get_instance(self, instance_id: str) -> base.InstanceRow | None:
         def read(conn: sqlite3.Connection) -> base.InstanceRow | None:

@@ -48,6 +48,10 @@ SELECT false, instance_id, workflow_name, status, input, result, error, created_
        run_at, locked_by, lock_expires_at, cancel_requested, steps, 0
 FROM {schema}.geste_instances WHERE instance_id = $1 AND NOT EXISTS (SELECT 1 FROM inserted);
 
+-- name: database_clock
+-- The database's own time (Unix seconds): a worker compares its clock with it at start.
+SELECT {db_clock} AS now;
+
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps, run

@@ -22,6 +22,10 @@ VALUES (:instance_id, :workflow_name, :status, :input, :now, :now,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0))
 ON CONFLICT (instance_id) DO NOTHING;
 
+-- name: database_clock
+-- The database's own time (Unix seconds): a worker compares its clock with it at start.
+SELECT {db_clock} AS now;
+
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps, run
