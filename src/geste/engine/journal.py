@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from operator import itemgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
@@ -66,6 +67,10 @@ _WAIT_KINDS = frozenset(
     )
 )
 """Rows of waits: a wait is never inside a gather, so everything before one was recorded before it."""
+_INT = frozenset((int,))
+_seq_of = itemgetter(0)
+_kind_of = itemgetter(1)
+"""A ``HistoryRow``'s seq and kind, read in C (a named tuple): a replay's journal looks at every row."""
 
 
 class _Unwind(BaseException):
@@ -174,24 +179,24 @@ class Journal:
         self.workflow_name = workflow_name
         self.run = run
         """The number of the instance's run this journal records (1, then one more per continue)."""
-        self._history: dict[int, HistoryRow] = {}
+        self._history: dict[int, HistoryRow] = dict(zip(map(_seq_of, history), history, strict=True))
         last_recorded = last_wait = 0
-        cancel_delivered = False
+        cancel_delivered = StepKind.CANCELLED in map(_kind_of, history)
         misnumbered: tuple[int, HistoryRow] | None = None
-        for position, row in enumerate(history, 1):  # one pass, no generator: every run does it
-            seq = row.seq
-            self._history[seq] = row
-            kind = row.kind
-            if kind == StepKind.CANCELLED:
-                cancel_delivered = True
-            if type(seq) is not int:  # SQLite keeps what an UPDATE puts
-                if misnumbered is None:
-                    misnumbered = position, row
-                continue
-            if seq > last_recorded:
-                last_recorded = seq
-            if seq > last_wait and kind in _WAIT_KINDS:
-                last_wait = seq
+        if set(map(type, self._history)) <= _INT:  # the common case, in C but for the waits' filter
+            last_recorded = max(self._history, default=0)
+            last_wait = max((row.seq for row in history if row.kind in _WAIT_KINDS), default=0)
+        else:  # a step number that is no int (SQLite keeps what an UPDATE puts): each row looked at
+            for position, row in enumerate(history, 1):
+                seq = row.seq
+                if type(seq) is not int:
+                    if misnumbered is None:
+                        misnumbered = position, row
+                    continue
+                if seq > last_recorded:
+                    last_recorded = seq
+                if seq > last_wait and row.kind in _WAIT_KINDS:
+                    last_wait = seq
         self.last_recorded = last_recorded
         """The number of the last recorded step: the steps up to it replay."""
         self._last_wait = last_wait
