@@ -24,6 +24,8 @@ from geste.errors import (
     WorkflowFailed,
 )
 
+pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
+
 MakeApp = Callable[..., geste.App]
 
 

@@ -49,6 +49,8 @@ from geste.storage.postgres import PostgresStorage, parse_postgres_url
 
 from .support import MovableClock
 
+pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
     sys.path.insert(0, str(ROOT))

@@ -30,6 +30,8 @@ from geste.testing import ReplayStatus, WorkflowEnvironment, check_replay, expor
 from .conftest import die_with_parent
 from .support import database_at_version, raw_query, run_cli, wait_status, wait_until
 
+pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
     sys.path.insert(0, str(ROOT))

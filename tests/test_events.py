@@ -19,6 +19,8 @@ from geste.errors import EventTimeout
 
 from .support import MovableClock, wait_status, wait_until
 
+pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
+
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
 

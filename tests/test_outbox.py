@@ -32,6 +32,8 @@ from tests.apps.outbox_app import build_app
 from tests.conftest import die_with_parent
 from tests.support import wait_status, wait_until
 
+pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
+
 MakeApp = Callable[..., geste.App]
 ROOT = Path(__file__).resolve().parent.parent
 

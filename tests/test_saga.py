@@ -13,6 +13,8 @@ from geste.errors import WorkflowCancelled, WorkflowFailed
 
 from .support import wait_status
 
+pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
+
 MakeApp = Callable[..., geste.App]
 
 

@@ -21,6 +21,8 @@ import geste
 
 from .support import MovableClock, wait_until
 
+pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
+
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
 

@@ -17,6 +17,8 @@ from geste.storage.base import Claim, HistoryRow
 
 from .support import wait_until
 
+pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
+
 MakeApp = Callable[..., geste.App]
 
 
