@@ -79,7 +79,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 PGBOUNCER_MARK = "pgbouncer"
-"""Marks a module (or test) whose ``make_app`` tests run a third time, their Apps through PgBouncer."""
+"""Marks a module (or test) whose ``make_app`` tests run a third time, their Apps through PgBouncer;
+``pgbouncer(False)`` on a test of such a module leaves it out."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -92,8 +93,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    mark = metafunc.definition.get_closest_marker(PGBOUNCER_MARK)
     if (
-        metafunc.definition.get_closest_marker(PGBOUNCER_MARK) is not None
+        mark is not None
+        and mark.args[:1] != (False,)  # pgbouncer(False) on a test of a marked module: not this one
         and "make_app" in metafunc.fixturenames
         and "db_url" in metafunc.fixturenames
     ):

@@ -63,6 +63,7 @@ class PgBouncer:
             f"default_pool_size = {POOL_SIZE}\n"
             "max_client_conn = 1000\n"
             "server_lifetime = 3600\n"
+            f"admin_users = {self.user}\n"  # the chaos controller's fault: KILL and RESUME the database
             "log_connections = 0\n"
             "log_disconnections = 0\n"
         )

@@ -247,6 +247,7 @@ async def test_new_rows_accepts_only_the_wait_outcome_after_the_step_held() -> N
         await run.task
 
 
+@pytest.mark.pgbouncer(False)  # long: the direct run is enough
 async def test_a_long_replay_gives_the_event_loop_turns(make_app: MakeApp) -> None:
     """Without the cache, a wake-up replays the whole history. 2,048 recorded activity steps replay with a
     turn of the event loop every 256 (the process's other instances, its heartbeat and group commits run

@@ -165,6 +165,7 @@ async def _serve(args: argparse.Namespace) -> None:
         args.url,
         folder=folder,
         worker_id=args.worker_id,
+        listen_database_url=args.listen_url,
         lock_timeout=1.0,
         poll_interval=0.2,
         shutdown_grace=1.0,
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("url")
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--dir", required=True)
+    parser.add_argument("--listen-url", default=None, help="the listener's direct URL (the url: a pooler)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.worker_id} %(name)s %(message)s"

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import geste
 
@@ -53,6 +54,10 @@ class ChaosConfig:
     ``Controller.FAULTS``); the server restart is apart (``restart_postgres``)."""
     timeout: float = 240.0
     seed: int | None = None
+    pooler_url: str | None = None
+    """A URL of a PgBouncer in transaction mode in front of the database (the same schema,
+    ``pooler=transaction``): the workers' and the client's pools go through it, their listeners straight
+    to the server. The ``pgbouncer`` fault needs it."""
 
     @classmethod
     def short(cls, **overrides: Any) -> ChaosConfig:
@@ -112,11 +117,16 @@ class Controller:
         self.client: geste.App | None = None
 
     # -- worker processes ----------------------------------------------------------------------------
-    def _worker_url(self, worker_id: str) -> str:
+    def _worker_url(self, worker_id: str, *, direct: bool = False) -> str:
         if not self.postgres:
             return self.url
-        sep = "&" if "?" in self.url else "?"
-        return f"{self.url}{sep}application_name={self.tag}-{worker_id}"
+        url = self.url if direct or self.config.pooler_url is None else self.config.pooler_url
+        sep = "&" if "?" in url else "?"
+        return f"{url}{sep}application_name={self.tag}-{worker_id}"
+
+    def _listen_url(self, worker_id: str) -> str | None:
+        """Through a pooler, the listener's direct URL (named like the pool, for ``terminate_backends``)."""
+        return self._worker_url(worker_id, direct=True) if self.config.pooler_url else None
 
     async def spawn(self, worker_id: str | None = None) -> str:
         if worker_id is None:
@@ -128,6 +138,8 @@ class Controller:
         self.outputs.append(output)
         cmd = [sys.executable, "-m", "tests.chaos.app", self._worker_url(worker_id)]
         cmd += [f"--worker-id={worker_id}", f"--dir={self.folder}"]
+        if self._listen_url(worker_id):
+            cmd.append(f"--listen-url={self._listen_url(worker_id)}")
         with output.open("wb") as out:
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
@@ -189,12 +201,34 @@ class Controller:
         await restart_postgres(self.url)
         self.journal.note("PostgreSQL restarted", f"{time.monotonic() - began:.1f}s")
 
+    async def kill_pooler_connections(self) -> None:
+        """PgBouncer drops every client and server connection to the database at once (``KILL``, then
+        ``RESUME``): all the workers' pools break together, as in a pooler restart; listeners stay."""
+        assert self.config.pooler_url is not None, "the pgbouncer fault needs ChaosConfig.pooler_url"
+        parts = urlsplit(self.config.pooler_url)
+        database = parts.path.lstrip("/")
+        admin = urlunsplit(parts._replace(path="/pgbouncer", query=""))
+
+        async def kill() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(admin, statement_cache_size=0)
+            try:
+                await conn.execute(f"KILL {database}")
+                await conn.execute(f"RESUME {database}")
+            finally:
+                await conn.close()
+
+        await self.retried(kill)
+        self.journal.note("PgBouncer's connections killed (KILL, RESUME)")
+
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
     FAULTS: dict[str, tuple[str, bool]] = {
         "kill": ("kill_and_restart", False),
         "terminate": ("terminate_backends", True),
+        "pgbouncer": ("kill_pooler_connections", True),
     }
     """The recurring faults by name: the method that injects one, and whether it needs PostgreSQL."""
 
@@ -314,7 +348,9 @@ class Controller:
         """Start the workers, send the load with faults, wait until everything finished and drained."""
         config = self.config
         client_url = self._worker_url("client")
-        self.client = client = build_app(client_url, folder=self.folder, run_worker=False)
+        self.client = client = build_app(
+            client_url, folder=self.folder, run_worker=False, listen_database_url=self._listen_url("client")
+        )
         await client.open()
         try:
             for _ in range(config.workers):

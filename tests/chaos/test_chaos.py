@@ -36,6 +36,25 @@ async def test_postgres_workers_killed_disconnected_and_a_server_restart_lose_no
 
 
 @pytest.mark.timeout(600)
+async def test_postgres_through_pgbouncer_workers_killed_and_pooled_connections_dropped_lose_nothing(
+    pg_url: str, pgbouncer_url: str, tmp_path: Path
+) -> None:
+    """The workers' and the client's pools through PgBouncer in transaction mode, their listeners direct.
+    The server is not restarted: PgBouncer's server connections are terminated (``terminate``) and all its
+    connections dropped at once (``pgbouncer``: KILL and RESUME) instead."""
+    config = ChaosConfig.short(
+        orders=150, restart_postgres=False, faults=("kill", "terminate", "pgbouncer"), pooler_url=pgbouncer_url
+    )
+    report = await run_chaos(pg_url, tmp_path, config)
+    print(report)
+    faults = report.faults
+    assert faults[KILLED] >= 2, faults
+    assert faults["PgBouncer's connections killed (KILL, RESUME)"] >= 2, faults
+    terminated = sum(n for what, n in faults.items() if what.startswith("backends terminated"))
+    assert terminated >= 2, faults
+
+
+@pytest.mark.timeout(600)
 async def test_sqlite_workers_killed_lose_nothing(tmp_path: Path) -> None:
     config = ChaosConfig.short(orders=150, listeners=2, competitors=2, jobs=30)
     report = await run_chaos(f"sqlite:///{tmp_path / 'geste.db'}", tmp_path, config)
