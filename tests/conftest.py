@@ -86,9 +86,11 @@ PGBOUNCER_MARK = "pgbouncer"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{PGBOUNCER_MARK}: also run the make_app tests with their Apps through PgBouncer in transaction mode",
+        f"{PGBOUNCER_MARK}: also run the make_app tests with their Apps through PgBouncer (transaction mode)",
     )
-    config.addinivalue_line("markers", "via_pgbouncer: the PgBouncer variant of a test (-m via_pgbouncer: those alone)")
+    config.addinivalue_line(
+        "markers", "via_pgbouncer: the PgBouncer variant of a test (-m via_pgbouncer: those alone)"
+    )
 
 
 @pytest.hookimpl(tryfirst=True)

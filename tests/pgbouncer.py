@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-POOL_SIZE = 5
+POOL_SIZE = 10
 """Server connections per database and user: PostgreSQL's max_connections is shared."""
 
 
@@ -44,7 +44,10 @@ class PgBouncer:
 
     def start(self) -> None:
         if not os.access(PGBOUNCER, os.X_OK):
-            raise RuntimeError(f"pgbouncer is required by the tests and is not installed: bash .ci/ensure-pgbouncer ({PGBOUNCER})")
+            raise RuntimeError(
+                f"pgbouncer is required by the tests and is not installed ({PGBOUNCER}): "
+                "bash .ci/ensure-pgbouncer"
+            )
         self.folder = Path(tempfile.mkdtemp(prefix="geste-pgbouncer-"))
         self.folder.chmod(0o755)  # pgbouncer refuses to run as root: it runs as postgres then, and reads it
         self.port = _free_port()
@@ -63,19 +66,22 @@ class PgBouncer:
             f"default_pool_size = {POOL_SIZE}\n"
             "max_client_conn = 1000\n"
             "server_lifetime = 3600\n"
-            f"admin_users = {self.user}\n"  # the chaos controller's fault: KILL and RESUME the database
             "log_connections = 0\n"
             "log_disconnections = 0\n"
         )
         for name in ("users.txt", "pgbouncer.ini"):
             (self.folder / name).chmod(0o644)
+        self._run()
+
+    def _run(self) -> None:
+        assert self.folder is not None
         cmd = [PGBOUNCER]
         if os.geteuid() == 0:
             cmd += ["-u", "postgres"]
         cmd.append(str(self.folder / "pgbouncer.ini"))
         from .conftest import die_with_parent
 
-        log = (self.folder / "pgbouncer.log").open("wb")
+        log = (self.folder / "pgbouncer.log").open("ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + 15
@@ -85,6 +91,14 @@ class PgBouncer:
                 self.stop()
                 raise RuntimeError(f"pgbouncer did not start on port {self.port}:\n{output}")
             time.sleep(0.05)
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL the process (every client and server connection drops at once) and start it again on
+        the same port: a pooler that crashed and came back."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self._run()
 
     def _accepts(self) -> bool:
         try:

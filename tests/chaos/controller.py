@@ -22,11 +22,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import geste
 
 from ..conftest import die_with_parent
+from ..pgbouncer import PgBouncer
 from ..support import raw_query, restart_postgres, wait_until
 from .app import LEDGERS, NEWS_EVERY, build_app
 
@@ -54,10 +54,6 @@ class ChaosConfig:
     ``Controller.FAULTS``); the server restart is apart (``restart_postgres``)."""
     timeout: float = 240.0
     seed: int | None = None
-    pooler_url: str | None = None
-    """A URL of a PgBouncer in transaction mode in front of the database (the same schema,
-    ``pooler=transaction``): the workers' and the client's pools go through it, their listeners straight
-    to the server. The ``pgbouncer`` fault needs it."""
 
     @classmethod
     def short(cls, **overrides: Any) -> ChaosConfig:
@@ -100,8 +96,13 @@ class Journal:
 class Controller:
     """One chaos run on one database: worker processes, the load, the faults."""
 
-    def __init__(self, url: str, folder: Path, config: ChaosConfig) -> None:
+    def __init__(
+        self, url: str, folder: Path, config: ChaosConfig, *, pooler: PgBouncer | None = None
+    ) -> None:
         self.url = url
+        self.pooler = pooler
+        """A PgBouncer in transaction mode in front of the database: the workers' and the client's pools
+        go through it (``pooler=transaction``), their listeners straight to the server."""
         self.folder = folder
         self.config = config
         self.postgres = url.startswith("postgres")
@@ -120,13 +121,13 @@ class Controller:
     def _worker_url(self, worker_id: str, *, direct: bool = False) -> str:
         if not self.postgres:
             return self.url
-        url = self.url if direct or self.config.pooler_url is None else self.config.pooler_url
+        url = self.url if direct or self.pooler is None else self.pooler.through(self.url)
         sep = "&" if "?" in url else "?"
         return f"{url}{sep}application_name={self.tag}-{worker_id}"
 
     def _listen_url(self, worker_id: str) -> str | None:
         """Through a pooler, the listener's direct URL (named like the pool, for ``terminate_backends``)."""
-        return self._worker_url(worker_id, direct=True) if self.config.pooler_url else None
+        return self._worker_url(worker_id, direct=True) if self.pooler is not None else None
 
     async def spawn(self, worker_id: str | None = None) -> str:
         if worker_id is None:
@@ -201,26 +202,13 @@ class Controller:
         await restart_postgres(self.url)
         self.journal.note("PostgreSQL restarted", f"{time.monotonic() - began:.1f}s")
 
-    async def kill_pooler_connections(self) -> None:
-        """PgBouncer drops every client and server connection to the database at once (``KILL``, then
-        ``RESUME``): all the workers' pools break together, as in a pooler restart; listeners stay."""
-        assert self.config.pooler_url is not None, "the pgbouncer fault needs ChaosConfig.pooler_url"
-        parts = urlsplit(self.config.pooler_url)
-        database = parts.path.lstrip("/")
-        admin = urlunsplit(parts._replace(path="/pgbouncer", query=""))
-
-        async def kill() -> None:
-            import asyncpg
-
-            conn = await asyncpg.connect(admin, statement_cache_size=0)
-            try:
-                await conn.execute(f"KILL {database}")
-                await conn.execute(f"RESUME {database}")
-            finally:
-                await conn.close()
-
-        await self.retried(kill)
-        self.journal.note("PgBouncer's connections killed (KILL, RESUME)")
+    async def crash_pgbouncer(self) -> None:
+        """PgBouncer SIGKILLed and started again on its port: every pool connection of every worker
+        breaks at once (the listeners, direct, stay)."""
+        assert self.pooler is not None, "the pgbouncer fault needs a PgBouncer (run_chaos(pooler=...))"
+        began = time.monotonic()
+        await asyncio.to_thread(self.pooler.crash_and_restart)
+        self.journal.note("PgBouncer crashed and restarted", f"{time.monotonic() - began:.2f}s")
 
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
@@ -228,7 +216,7 @@ class Controller:
     FAULTS: dict[str, tuple[str, bool]] = {
         "kill": ("kill_and_restart", False),
         "terminate": ("terminate_backends", True),
-        "pgbouncer": ("kill_pooler_connections", True),
+        "pgbouncer": ("crash_pgbouncer", True),
     }
     """The recurring faults by name: the method that injects one, and whether it needs PostgreSQL."""
 

@@ -37,19 +37,27 @@ async def test_postgres_workers_killed_disconnected_and_a_server_restart_lose_no
 
 @pytest.mark.timeout(600)
 async def test_postgres_through_pgbouncer_workers_killed_and_pooled_connections_dropped_lose_nothing(
-    pg_url: str, pgbouncer_url: str, tmp_path: Path
+    pg_url: str, tmp_path: Path
 ) -> None:
     """The workers' and the client's pools through PgBouncer in transaction mode, their listeners direct.
-    The server is not restarted: PgBouncer's server connections are terminated (``terminate``) and all its
-    connections dropped at once (``pgbouncer``: KILL and RESUME) instead."""
-    config = ChaosConfig.short(
-        orders=150, restart_postgres=False, faults=("kill", "terminate", "pgbouncer"), pooler_url=pgbouncer_url
-    )
-    report = await run_chaos(pg_url, tmp_path, config)
+    The server is not restarted: the server connections behind PgBouncer are terminated (``terminate``)
+    and PgBouncer itself crashes and restarts (``pgbouncer``) instead."""
+    from ..conftest import POSTGRES_URL
+    from ..pgbouncer import PgBouncer
+
+    pooler = PgBouncer(POSTGRES_URL)  # its own: this run crashes it
+    pooler.start()
+    try:
+        config = ChaosConfig.short(
+            orders=150, restart_postgres=False, faults=("kill", "terminate", "pgbouncer")
+        )
+        report = await run_chaos(pg_url, tmp_path, config, pooler=pooler)
+    finally:
+        pooler.stop()
     print(report)
     faults = report.faults
     assert faults[KILLED] >= 2, faults
-    assert faults["PgBouncer's connections killed (KILL, RESUME)"] >= 2, faults
+    assert faults["PgBouncer crashed and restarted"] >= 2, faults
     terminated = sum(n for what, n in faults.items() if what.startswith("backends terminated"))
     assert terminated >= 2, faults
 

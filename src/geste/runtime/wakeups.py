@@ -114,8 +114,8 @@ class NotifyConfig:
                         "a direct listen_database_url, or set listen_notify=False"
                     )
                 logger.info(
-                    "LISTEN/NOTIFY off: the URL goes through a pooler in transaction mode and no direct "
-                    "listen_database_url is given (polling every poll_interval)"
+                    "LISTEN/NOTIFY off: the listener's URL goes through a pooler in transaction mode "
+                    "(pooler=transaction); give a direct listen_database_url to have it (polling meanwhile)"
                 )
                 enabled = False
         return cls(
