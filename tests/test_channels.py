@@ -222,7 +222,6 @@ async def test_competing_each_message_is_taken_exactly_once(make_app: MakeApp, d
     assert rows == [(jobs + consumers, jobs + consumers)]
 
 
-@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_competing_message_left_by_a_cancelled_receiver_goes_to_another(
     make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -335,7 +334,6 @@ async def test_direct_and_broadcast_messages_come_in_publication_order(make_app:
 # -- durability --------------------------------------------------------------------------------------
 
 
-@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_message_published_before_the_receiver_waits_is_delivered_once(make_app: MakeApp) -> None:
     entered, opened = asyncio.Event(), asyncio.Event()
     app = make_app()

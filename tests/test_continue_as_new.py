@@ -30,8 +30,6 @@ from geste.testing import ReplayStatus, WorkflowEnvironment, check_replay, expor
 from .conftest import die_with_parent
 from .support import database_at_version, raw_query, run_cli, wait_status, wait_until
 
-pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
     sys.path.insert(0, str(ROOT))
@@ -71,6 +69,8 @@ async def counted(url: str, table: str, instance_id: str) -> int:
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_loop_continues_as_new_and_ends_with_its_runs_kept(make_app: MakeApp, db_url: str) -> None:
     app, keys = looping_app(make_app)
     async with app:
@@ -366,6 +366,7 @@ async def test_a_continue_runs_no_compensation(make_app: MakeApp) -> None:
 
 
 # -- events and messages not taken ---------------------------------------------------------------------------
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_events_sent_before_and_after_a_continue_are_taken_once_by_the_runs(
     make_app: MakeApp, db_url: str
 ) -> None:
@@ -395,6 +396,7 @@ async def test_events_sent_before_and_after_a_continue_are_taken_once_by_the_run
     assert await counted(db_url, "geste_event_deliveries", "e-1") == 4
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_messages_published_before_a_continue_are_the_next_runs(make_app: MakeApp) -> None:
     app = make_app()
 

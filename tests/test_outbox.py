@@ -276,7 +276,6 @@ async def test_callable_destination(make_app: MakeApp) -> None:
         assert second.to_cloudevent()["specversion"] == "1.0"
 
 
-@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_the_event_is_in_the_outbox_with_its_step_and_replay_does_not_emit_it_again(
     make_app: MakeApp, receiver: Receiver
 ) -> None:
@@ -303,7 +302,6 @@ async def test_the_event_is_in_the_outbox_with_its_step_and_replay_does_not_emit
         assert kinds == [(1, "send_event"), (2, "sleep"), (3, "send_event")]
 
 
-@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_buffered_rows_commit_with_the_event(make_app: MakeApp) -> None:
     received: list[geste.OutboxEvent] = []
 

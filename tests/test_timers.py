@@ -223,7 +223,6 @@ async def test_an_invalid_sleep_duration_fails_the_workflow(make_app: MakeApp, b
     assert failed.value.error["type"] == "geste.errors.ConfigurationError"
 
 
-@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_claim_takes_what_is_due_within_its_horizon_and_nothing_later(make_app: MakeApp) -> None:
     """The worker claims a timer a little before its time (``due_before``) and waits for it in memory;
     the storage takes exactly what is due by the horizon, and judges leases by ``now`` alone."""

@@ -17,8 +17,6 @@ from geste.storage.base import Claim, HistoryRow
 
 from .support import wait_until
 
-pytestmark = pytest.mark.pgbouncer  # the make_app tests run through PgBouncer too (conftest)
-
 MakeApp = Callable[..., geste.App]
 
 
@@ -76,6 +74,9 @@ def cache_value(snapshot: Any, name: str, **labels: str) -> float:
     return float(snapshot.value(name, **labels))
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_looping_workflow_continues_from_the_cache_reading_only_the_new_rows(
     make_app: MakeApp,
 ) -> None:
@@ -247,7 +248,6 @@ async def test_new_rows_accepts_only_the_wait_outcome_after_the_step_held() -> N
         await run.task
 
 
-@pytest.mark.pgbouncer(False)  # long: the direct run is enough
 async def test_a_long_replay_gives_the_event_loop_turns(make_app: MakeApp) -> None:
     """Without the cache, a wake-up replays the whole history. 2,048 recorded activity steps replay with a
     turn of the event loop every 256 (the process's other instances, its heartbeat and group commits run
