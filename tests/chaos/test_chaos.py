@@ -56,10 +56,10 @@ async def test_postgres_through_pgbouncer_workers_killed_and_pooled_connections_
         pooler.stop()
     print(report)
     faults = report.faults
-    assert faults[KILLED] >= 2, faults
-    assert faults["PgBouncer crashed and restarted"] >= 2, faults
+    assert faults[KILLED] >= 1, faults  # each of the three drawn about 10 times
+    assert faults["PgBouncer crashed and restarted"] >= 1, faults
     terminated = sum(n for what, n in faults.items() if what.startswith("backends terminated"))
-    assert terminated >= 2, faults
+    assert terminated >= 1, faults
 
 
 @pytest.mark.timeout(600)
