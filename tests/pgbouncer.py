@@ -75,10 +75,12 @@ class PgBouncer:
 
     def _run(self) -> None:
         assert self.folder is not None
-        cmd = [PGBOUNCER]
+        cmd = [PGBOUNCER, str(self.folder / "pgbouncer.ini")]
         if os.geteuid() == 0:
-            cmd += ["-u", "postgres"]
-        cmd.append(str(self.folder / "pgbouncer.ini"))
+            # pgbouncer refuses root; its own -u would change user after the exec, which clears the
+            # parent-death signal: setpriv changes user first, then sets it
+            user = ["--reuid=postgres", "--regid=postgres", "--clear-groups", "--pdeathsig=KILL"]
+            cmd = ["setpriv", *user, *cmd]
         from .conftest import die_with_parent
 
         log = (self.folder / "pgbouncer.log").open("ab")
