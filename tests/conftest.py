@@ -70,21 +70,81 @@ def pg_url() -> Iterator[str]:
 
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty database for this test, on each backend."""
+    """A fresh, empty database for this test, on each backend. In the ``pgbouncer`` variant (modules
+    marked ``pgbouncer``) it is the PostgreSQL one: ``make_app``'s Apps reach it through PgBouncer."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'geste.db'}"
     url: str = request.getfixturevalue("pg_url")
     return url
 
 
+PGBOUNCER_MARK = "pgbouncer"
+"""Marks a module (or test) whose ``make_app`` tests run a third time, their Apps through PgBouncer;
+``pgbouncer(False)`` on a test of such a module leaves it out."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{PGBOUNCER_MARK}: also run the make_app tests with their Apps through PgBouncer (transaction mode)",
+    )
+    config.addinivalue_line(
+        "markers", "via_pgbouncer: the PgBouncer variant of a test (-m via_pgbouncer: those alone)"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    mark = metafunc.definition.get_closest_marker(PGBOUNCER_MARK)
+    if (
+        mark is not None
+        and mark.args[:1] != (False,)  # pgbouncer(False) on a test of a marked module: not this one
+        and "make_app" in metafunc.fixturenames
+        and "db_url" in metafunc.fixturenames
+    ):
+        # as a mark, which takes precedence over the fixture's own params (pytest's rule for a test that
+        # parametrizes a fixture directly)
+        variants = [*BACKENDS, pytest.param("pgbouncer", marks=pytest.mark.via_pgbouncer)]
+        metafunc.definition.add_marker(pytest.mark.parametrize("db_url", variants, indirect=True))
+
+
+@pytest.fixture(scope="session")
+def pgbouncer() -> Iterator[Any]:
+    """One PgBouncer in transaction mode for the session (``tests/pgbouncer.py``), started when a test
+    first needs it and stopped at the end."""
+    from .pgbouncer import PgBouncer
+
+    bouncer = PgBouncer(POSTGRES_URL)
+    bouncer.start()
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
 @pytest.fixture
-def make_app(db_url: str) -> Callable[..., geste.App]:
-    """Build an App on the test database with test-friendly timings (fast polls, short leases)."""
+def pgbouncer_url(pg_url: str, pgbouncer: Any) -> str:
+    """The test's schema through PgBouncer in transaction mode (``pooler=transaction``)."""
+    url: str = pgbouncer.through(pg_url)
+    return url
+
+
+@pytest.fixture
+def make_app(request: pytest.FixtureRequest, db_url: str) -> Callable[..., geste.App]:
+    """Build an App on the test database with test-friendly timings (fast polls, short leases). In the
+    ``pgbouncer`` variant its pool goes through PgBouncer and its listener straight to the server."""
+    url = db_url
+    callspec = getattr(request.node, "callspec", None)
+    through_pgbouncer = callspec is not None and callspec.params.get("db_url") == "pgbouncer"
+    if through_pgbouncer:
+        url = request.getfixturevalue("pgbouncer_url")
 
     def make(**options: Any) -> geste.App:
         options.setdefault("poll_interval", 0.05)
         options.setdefault("lock_timeout", 2.0)
         options.setdefault("shutdown_grace", 2.0)
-        return geste.App(db_url, **options)
+        if through_pgbouncer and options.get("listen_notify") is not False:
+            options.setdefault("listen_database_url", db_url)
+        return geste.App(url, **options)
 
     return make

@@ -84,6 +84,14 @@ async def raw_query(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
     from geste.storage.postgres import parse_postgres_url
 
     dsn, options = parse_postgres_url(url)
+    if options["pooler"] == "transaction":  # PgBouncer: no startup parameter, no session state
+        conn = await asyncpg.connect(dsn, statement_cache_size=0)
+        try:
+            async with conn.transaction():
+                await conn.execute(f'SET LOCAL search_path = "{options["schema"]}"')
+                return [dict(r) for r in await conn.fetch(query, *args)]
+        finally:
+            await conn.close()
     conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
     try:
         return [dict(r) for r in await conn.fetch(query, *args)]

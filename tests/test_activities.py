@@ -73,6 +73,7 @@ def retry_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
     return found
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_retries_until_success_with_exponential_backoff(
     make_app: MakeApp, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -223,6 +224,7 @@ async def test_errors_not_listed_as_non_retryable_are_retried(make_app: MakeApp)
     assert attempts == [1, 2, 3]
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 @pytest.mark.parametrize("where", ["policy", "decorator"])
 async def test_an_attempt_past_its_timeout_is_cut_and_retried(make_app: MakeApp, where: str) -> None:
     attempts: list[int] = []
@@ -308,6 +310,7 @@ async def test_a_timeout_error_raised_by_the_activity_itself_is_not_an_activity_
         assert await (await flow.start()).result(timeout=10) == "TimeoutError: the remote side timed out"
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_idempotency_key_is_stable_across_retries_and_a_rerun_after_restart(make_app: MakeApp) -> None:
     """The first App stops while the activity runs (nothing recorded); the second runs it again."""
     seen: list[tuple[str, str, int]] = []
@@ -359,6 +362,7 @@ async def _history_len(make_app: MakeApp, instance_id: str) -> int:
         return len(await app.history(instance_id))
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_pydantic_models_round_trip_through_json_by_type_hints(make_app: MakeApp) -> None:
     received: list[Any] = []
     runs: list[Any] = []

@@ -92,6 +92,7 @@ def received(history: list[geste.HistoryEntry]) -> list[Any]:
 # -- broadcast ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_broadcast_in_order_and_only_after_subscribing(make_app: MakeApp) -> None:
     app = make_app()
 
@@ -170,6 +171,7 @@ async def _all_subscribed(app: geste.App, handles: list[geste.WorkflowHandle[Any
 # -- competing ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_competing_each_message_is_taken_exactly_once(make_app: MakeApp, db_url: str) -> None:
     consumers, jobs = 4, 60
     app = make_app()
@@ -260,6 +262,7 @@ async def test_a_competing_message_left_by_a_cancelled_receiver_goes_to_another(
 # -- direct ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_send_to_reaches_its_target_only_even_before_it_subscribed(make_app: MakeApp) -> None:
     gate = asyncio.Event()
     app = make_app()
@@ -302,6 +305,7 @@ async def _finished(app: geste.App, instance_id: str) -> bool:
     return (await app.get_instance(instance_id)).status.is_finished
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_direct_and_broadcast_messages_come_in_publication_order(make_app: MakeApp) -> None:
     gate = asyncio.Event()
     app = make_app()
@@ -472,6 +476,7 @@ async def test_a_replay_does_not_publish_again(make_app: MakeApp, db_url: str) -
 # -- timeouts ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_receive_timeout_is_catchable_and_fires_without_polling(make_app: MakeApp) -> None:
     app = make_app(poll_interval=30.0)  # only the instance's run_at (a local timer) can wake it in time
 

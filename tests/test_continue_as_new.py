@@ -69,6 +69,8 @@ async def counted(url: str, table: str, instance_id: str) -> int:
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_loop_continues_as_new_and_ends_with_its_runs_kept(make_app: MakeApp, db_url: str) -> None:
     app, keys = looping_app(make_app)
     async with app:
@@ -364,6 +366,7 @@ async def test_a_continue_runs_no_compensation(make_app: MakeApp) -> None:
 
 
 # -- events and messages not taken ---------------------------------------------------------------------------
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_events_sent_before_and_after_a_continue_are_taken_once_by_the_runs(
     make_app: MakeApp, db_url: str
 ) -> None:
@@ -393,6 +396,7 @@ async def test_events_sent_before_and_after_a_continue_are_taken_once_by_the_run
     assert await counted(db_url, "geste_event_deliveries", "e-1") == 4
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_messages_published_before_a_continue_are_the_next_runs(make_app: MakeApp) -> None:
     app = make_app()
 

@@ -100,6 +100,7 @@ async def test_match_filters_events_and_the_others_are_kept(make_app: MakeApp) -
     assert result == [{"order": "A", "carrier": "post", "extra": 1}, {"order": "B", "carrier": "post"}]
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_two_waits_in_a_row_take_two_events_in_order(make_app: MakeApp) -> None:
     entered, opened = asyncio.Event(), asyncio.Event()
     app = make_app()
@@ -166,6 +167,7 @@ async def test_an_uncaught_event_timeout_fails_the_instance(make_app: MakeApp) -
     assert failed.value.error["type"] == "geste.errors.EventTimeout"
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_an_event_in_time_cancels_the_timeout_and_a_timeout_survives_a_restart(
     make_app: MakeApp,
 ) -> None:
@@ -217,6 +219,7 @@ async def test_an_event_in_time_cancels_the_timeout_and_a_timeout_survives_a_res
     ]
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_an_event_id_sent_twice_is_delivered_once(make_app: MakeApp) -> None:
     app = make_app()
 
@@ -258,6 +261,7 @@ async def test_instance_id_targets_one_instance(make_app: MakeApp) -> None:
         assert await second.result(timeout=10) == "for everyone"
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_an_event_is_delivered_to_every_matching_waiting_instance(make_app: MakeApp) -> None:
     app = make_app()
 
@@ -296,6 +300,7 @@ async def test_an_event_sent_before_the_instance_started_is_not_delivered_to_it(
         assert await handle.result(timeout=10) == "after the start"
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_an_event_sent_while_no_worker_runs_is_delivered_when_one_starts(make_app: MakeApp) -> None:
     def register(app: geste.App) -> None:
         @app.workflow

@@ -325,6 +325,7 @@ async def test_buffered_rows_commit_with_the_event(make_app: MakeApp) -> None:
 
 
 # -- retries, dead letters, order -----------------------------------------------------------------
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_failed_attempts_are_retried_with_backoff_then_delivered(make_app: MakeApp) -> None:
     async def respond(d: Delivery) -> int:
         return 503 if len(receiver.deliveries) <= 2 else 200
@@ -435,6 +436,7 @@ async def test_a_failing_handler_is_retried(make_app: MakeApp) -> None:
         assert entry.last_error == "RuntimeError: downstream busy (2)"
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_events_of_an_instance_go_out_in_order(make_app: MakeApp) -> None:
     failed: set[str] = set()
 
@@ -931,6 +933,7 @@ async def test_a_client_app_does_not_relay(make_app: MakeApp) -> None:
 
 
 # -- at least once, never concurrently -------------------------------------------------------------
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_failed_mark_sends_the_event_again(make_app: MakeApp, receiver: Receiver) -> None:
     app = make_app(outbox_endpoint=receiver.url, outbox_timeout=0.5, lock_timeout=0.5)
     emit = register(app)
@@ -1016,6 +1019,7 @@ async def test_relay_killed_after_sending_before_marking_sends_again(db_url: str
             proc.wait(timeout=10)
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_two_relays_never_send_one_event_concurrently(make_app: MakeApp) -> None:
     async def respond(d: Delivery) -> int:
         await asyncio.sleep(0.01)  # widen the window a second sender would hit

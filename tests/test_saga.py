@@ -28,6 +28,7 @@ def steps(history: list[geste.HistoryEntry]) -> list[tuple[str, str]]:
     return [(str(e.kind), e.name) for e in history]
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_compensations_run_newest_first_when_the_workflow_fails(make_app: MakeApp) -> None:
     undone: list[str] = []
     app = make_app()
@@ -177,6 +178,7 @@ async def test_a_compensation_that_keeps_failing_is_recorded_and_the_others_stil
     assert comp_error["message"] == "refund of 30 rejected"
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_cancelling_a_waiting_workflow_runs_its_compensations(make_app: MakeApp) -> None:
     undone: list[str] = []
     after_wait: list[str] = []

@@ -136,6 +136,7 @@ async def test_a_timer_does_not_fire_before_it_is_due(make_app: MakeApp) -> None
         assert await long.result(timeout=10) == 10 * HOUR
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_sleep_survives_the_app_closing(make_app: MakeApp, db_url: str) -> None:
     clock = MovableClock()
     calls: list[str] = []
@@ -171,6 +172,7 @@ async def test_a_sleep_survives_the_app_closing(make_app: MakeApp, db_url: str) 
     assert await timer_rows(db_url, "nap-1") == []
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_short_sleep_resumes_on_the_real_clock(make_app: MakeApp) -> None:
     app = make_app()
     woke_at: list[float] = []
@@ -188,6 +190,7 @@ async def test_a_short_sleep_resumes_on_the_real_clock(make_app: MakeApp) -> Non
     assert len(woke_at) == 1 and woke_at[0] >= expires_at
 
 
+@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_sleep_until_a_past_moment_does_not_wait(make_app: MakeApp, db_url: str) -> None:
     app = make_app()
 

@@ -2,6 +2,7 @@
 
     python -m tests.chaos --long --runs 10             # PostgreSQL, then SQLite, ten times each
     python -m tests.chaos --backend postgres --orders 300
+    python -m tests.chaos --long --backend pgbouncer     # the pools through PgBouncer (transaction mode)
 
 Each run gets a fresh PostgreSQL schema (dropped afterwards when it passed) or SQLite file, in a folder
 under ``--keep`` (default: a temporary one) that keeps the workers' output and the side-effect logs.
@@ -16,9 +17,11 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from ..conftest import POSTGRES_URL, _admin, with_query
+from ..pgbouncer import PgBouncer
 from .controller import ChaosConfig
 from .run import ChaosReport, run_chaos
 
@@ -27,13 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--long", action="store_true", help="the long mode: 600 orders, 4 workers")
     parser.add_argument("--runs", type=int, default=1, help="runs in a row (stops at the first failure)")
-    parser.add_argument("--backend", choices=["postgres", "sqlite", "both"], default="both")
+    parser.add_argument(
+        "--backend",
+        choices=["postgres", "sqlite", "both", "pgbouncer"],
+        default="both",
+        help="pgbouncer: PostgreSQL, the pools through a PgBouncer of the run's own, which crashes too",
+    )
     parser.add_argument("--orders", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--skew", type=float, default=None, help="workers' clocks off by up to ±S s")
     parser.add_argument("--outage", type=float, default=None, help="the outbox destination down S s once")
     parser.add_argument("--keep", type=Path, default=None, help="a folder to keep each run's files in")
+    parser.add_argument(
+        "--no-restart-postgres",
+        action="store_true",
+        help="never restart the PostgreSQL cluster (a shared one)",
+    )
     args = parser.parse_args(argv)
     # the client's pool logs each failed reconnect during the server restart with a traceback: the report
     # counts the restart and the retried calls instead
@@ -49,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if v
     }
+    if args.no_restart_postgres:
+        overrides["restart_postgres"] = False
     config = ChaosConfig.long(**overrides) if args.long else ChaosConfig.short(**overrides)
     backends = ["postgres", "sqlite"] if args.backend == "both" else [args.backend]
     root = args.keep or Path(tempfile.mkdtemp(prefix="geste-chaos-"))
@@ -75,7 +90,17 @@ async def _one(backend: str, folder: Path, config: ChaosConfig) -> ChaosReport:
         return await run_chaos(f"sqlite:///{folder / 'geste.db'}", folder, config)
     schema = f"chaos_{uuid.uuid4().hex[:10]}"
     await asyncio.to_thread(_admin, f'CREATE SCHEMA "{schema}"')
-    report = await run_chaos(with_query(POSTGRES_URL, schema=schema), folder, config)
+    url = with_query(POSTGRES_URL, schema=schema)
+    if backend == "pgbouncer":
+        pooler = PgBouncer(POSTGRES_URL)
+        pooler.start()
+        try:
+            faults = tuple(dict.fromkeys((*config.faults, "pgbouncer")))
+            report = await run_chaos(url, folder, replace(config, faults=faults), pooler=pooler)
+        finally:
+            pooler.stop()
+    else:
+        report = await run_chaos(url, folder, config)
     await asyncio.to_thread(_admin, f'DROP SCHEMA "{schema}" CASCADE')
     return report
 

@@ -178,6 +178,7 @@ async def _serve(args: argparse.Namespace) -> None:
         worker_id=args.worker_id,
         clock=(lambda: time.time() + args.skew) if args.skew else time.time,
         lock_timeout=args.lock_timeout,
+        listen_database_url=args.listen_url,
         poll_interval=0.2,
         shutdown_grace=1.0,
         notify_fallback_interval=1.0,
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--skew", type=float, default=0.0, help="seconds this worker's clock is off")
     parser.add_argument("--lock-timeout", type=float, default=1.0)
+    parser.add_argument("--listen-url", default=None, help="the listener's direct URL (the url: a pooler)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.worker_id} %(name)s %(message)s"

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import geste
 
 from ..conftest import die_with_parent
+from ..pgbouncer import PgBouncer
 from ..support import raw_query, restart_postgres, wait_until
 from .app import LEDGERS, NEWS_EVERY, build_app
 
@@ -108,8 +109,13 @@ class Journal:
 class Controller:
     """One chaos run on one database: worker processes, the load, the faults."""
 
-    def __init__(self, url: str, folder: Path, config: ChaosConfig) -> None:
+    def __init__(
+        self, url: str, folder: Path, config: ChaosConfig, *, pooler: PgBouncer | None = None
+    ) -> None:
         self.url = url
+        self.pooler = pooler
+        """A PgBouncer in transaction mode in front of the database: the workers' and the client's pools
+        go through it (``pooler=transaction``), their listeners straight to the server."""
         self.folder = folder
         self.config = config
         self.postgres = url.startswith("postgres")
@@ -127,11 +133,16 @@ class Controller:
         """The clock offset of each worker process started, in order."""
 
     # -- worker processes ----------------------------------------------------------------------------
-    def _worker_url(self, worker_id: str) -> str:
+    def _worker_url(self, worker_id: str, *, direct: bool = False) -> str:
         if not self.postgres:
             return self.url
-        sep = "&" if "?" in self.url else "?"
-        return f"{self.url}{sep}application_name={self.tag}-{worker_id}"
+        url = self.url if direct or self.pooler is None else self.pooler.through(self.url)
+        sep = "&" if "?" in url else "?"
+        return f"{url}{sep}application_name={self.tag}-{worker_id}"
+
+    def _listen_url(self, worker_id: str) -> str | None:
+        """Through a pooler, the listener's direct URL (named like the pool, for ``terminate_backends``)."""
+        return self._worker_url(worker_id, direct=True) if self.pooler is not None else None
 
     async def spawn(self, worker_id: str | None = None) -> str:
         if worker_id is None:
@@ -147,6 +158,8 @@ class Controller:
         if self.config.skew:
             self.skews.append(self.rng.uniform(-self.config.skew, self.config.skew))
             cmd += [f"--skew={self.skews[-1]}"]
+        if self._listen_url(worker_id):
+            cmd.append(f"--listen-url={self._listen_url(worker_id)}")
         with output.open("wb") as out:
             proc = subprocess.Popen(
                 cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
@@ -225,12 +238,21 @@ class Controller:
         """Leases that live workers lost to another worker, as their logs tell ("lease lost")."""
         return sum(path.read_text(errors="replace").count("lease lost") for path in self.outputs)
 
+    async def crash_pgbouncer(self) -> None:
+        """PgBouncer SIGKILLed and started again on its port: every pool connection of every worker
+        breaks at once (the listeners, direct, stay)."""
+        assert self.pooler is not None, "the pgbouncer fault needs a PgBouncer (run_chaos(pooler=...))"
+        began = time.monotonic()
+        await asyncio.to_thread(self.pooler.crash_and_restart)
+        self.journal.note("PgBouncer crashed and restarted", f"{time.monotonic() - began:.2f}s")
+
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
     FAULTS: dict[str, tuple[str, bool]] = {
         "kill": ("kill_and_restart", False),
         "terminate": ("terminate_backends", True),
+        "pgbouncer": ("crash_pgbouncer", True),
     }
     """The recurring faults by name: the method that injects one, and whether it needs PostgreSQL."""
 
@@ -350,7 +372,9 @@ class Controller:
         """Start the workers, send the load with faults, wait until everything finished and drained."""
         config = self.config
         client_url = self._worker_url("client")
-        self.client = client = build_app(client_url, folder=self.folder, run_worker=False)
+        self.client = client = build_app(
+            client_url, folder=self.folder, run_worker=False, listen_database_url=self._listen_url("client")
+        )
         await client.open()
         try:
             for _ in range(config.workers):

@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..pgbouncer import PgBouncer
 from .checker import check
 from .controller import ChaosConfig, Controller
 
@@ -23,12 +24,17 @@ class ChaosReport:
         return self.text
 
 
-async def run_chaos(url: str, folder: Path, config: ChaosConfig) -> ChaosReport:
+async def run_chaos(
+    url: str, folder: Path, config: ChaosConfig, *, pooler: PgBouncer | None = None
+) -> ChaosReport:
     """Run the load under faults on ``url`` and check it; return the report, or raise ``AssertionError``
-    with the report of what failed (and the controller's journal)."""
+    with the report of what failed (and the controller's journal). With ``pooler``, the workers' and the
+    client's pools go through that PgBouncer (the checker reads ``url`` directly)."""
     backend = "PostgreSQL" if url.startswith("postgres") else "SQLite"
+    if pooler is not None:
+        backend += " through PgBouncer"
     began = time.monotonic()
-    controller = Controller(url, folder, config)
+    controller = Controller(url, folder, config, pooler=pooler)
     try:
         await controller.run()
         checks = await check(url, folder, config)

@@ -36,6 +36,33 @@ async def test_postgres_workers_killed_disconnected_and_a_server_restart_lose_no
 
 
 @pytest.mark.timeout(600)
+async def test_postgres_through_pgbouncer_workers_killed_and_pooled_connections_dropped_lose_nothing(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The workers' and the client's pools through PgBouncer in transaction mode, their listeners direct.
+    The server is not restarted: the server connections behind PgBouncer are terminated (``terminate``)
+    and PgBouncer itself crashes and restarts (``pgbouncer``) instead."""
+    from ..conftest import POSTGRES_URL
+    from ..pgbouncer import PgBouncer
+
+    pooler = PgBouncer(POSTGRES_URL)  # its own: this run crashes it
+    pooler.start()
+    try:
+        config = ChaosConfig.short(
+            orders=150, restart_postgres=False, faults=("kill", "terminate", "pgbouncer")
+        )
+        report = await run_chaos(pg_url, tmp_path, config, pooler=pooler)
+    finally:
+        pooler.stop()
+    print(report)
+    faults = report.faults
+    assert faults[KILLED] >= 1, faults  # each of the three drawn about 10 times
+    assert faults["PgBouncer crashed and restarted"] >= 1, faults
+    terminated = sum(n for what, n in faults.items() if what.startswith("backends terminated"))
+    assert terminated >= 1, faults
+
+
+@pytest.mark.timeout(600)
 async def test_sqlite_workers_killed_lose_nothing(tmp_path: Path) -> None:
     config = ChaosConfig.short(orders=150, listeners=2, competitors=2, jobs=30)
     report = await run_chaos(f"sqlite:///{tmp_path / 'geste.db'}", tmp_path, config)

@@ -101,8 +101,25 @@ class NotifyConfig:
             listen_dsn(listen_database_url)  # its options too, now rather than at open()
         if fallback_interval <= 0 or reconnect_delay <= 0:
             raise ConfigurationError("notify_fallback_interval and notify_reconnect_delay must be > 0")
+        enabled = postgres if listen_notify is None else listen_notify
+        if enabled:
+            from ..storage import through_transaction_pooler
+
+            listener_url = listen_database_url or url
+            if through_transaction_pooler(listener_url):
+                if listen_notify:
+                    raise ConfigurationError(
+                        "LISTEN cannot work through a pooler in transaction mode (pooler=transaction in "
+                        f"{'listen_database_url' if listen_database_url else 'the URL'}): give the listener "
+                        "a direct listen_database_url, or set listen_notify=False"
+                    )
+                logger.info(
+                    "LISTEN/NOTIFY off: the listener's URL goes through a pooler in transaction mode "
+                    "(pooler=transaction); give a direct listen_database_url to have it (polling meanwhile)"
+                )
+                enabled = False
         return cls(
-            enabled=postgres if listen_notify is None else listen_notify,
+            enabled=enabled,
             fallback_interval=fallback_interval,
             reconnect_delay=reconnect_delay,
             max_workflows_per_batch=positive_int(max_workflows_per_batch, "max_workflows_per_batch"),

@@ -51,4 +51,12 @@ def listen_dsn(url: str) -> tuple[str, str]:
     return postgres_listen_dsn(url)
 
 
-__all__ = ["Storage", "create_storage", "listen_dsn", "read_histories"]
+def through_transaction_pooler(url: str) -> bool:
+    """Whether a ``postgresql://`` URL goes through a pooler in transaction mode (``pooler=transaction``):
+    its connections cannot LISTEN."""
+    from .postgres import through_transaction_pooler as postgres_pooled
+
+    return postgres_pooled(url)
+
+
+__all__ = ["Storage", "create_storage", "listen_dsn", "read_histories", "through_transaction_pooler"]

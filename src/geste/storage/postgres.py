@@ -46,7 +46,11 @@ SCHEMA_VERSION = _migrations.load("postgres")[-1].version
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MIGRATION_TIMEOUT = 24 * 3600.0
 """How long a migration (and a process waiting for another's) may take: no ``command_timeout``."""
-_OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout", "application_name"}
+_OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout", "application_name", "pooler"}
+POOLERS = ("none", "transaction")
+"""What stands between geste and the server (the ``pooler`` option): nothing (or a pooler in session mode,
+which keeps one server session per client connection), or a pooler in transaction mode (PgBouncer's
+``pool_mode = transaction``, RDS Proxy), which gives each transaction whichever server session is free."""
 _T = TypeVar("_T")
 
 Conn = Any  # asyncpg.Connection / pool proxy; asyncpg ships no type hints
@@ -66,6 +70,9 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
     name = options.setdefault("application_name", "geste")
     if not name or len(name) > 50 or not name.isprintable() or not name.isascii():
         raise ConfigurationError(f"application_name must be 1-50 printable ASCII characters, not {name!r}")
+    pooler = options.setdefault("pooler", "none")
+    if pooler not in POOLERS:
+        raise ConfigurationError(f"pooler must be one of {', '.join(POOLERS)}, not {pooler!r}")
     for key in ("pool_min_size", "pool_max_size"):
         if key in options and (not options[key].isdigit() or int(options[key]) < 1):
             raise ConfigurationError(f"{key} must be a positive integer, not {options[key]!r}")
@@ -110,7 +117,7 @@ async def _histories(found: Sequence[Any]) -> list[tuple[base.HistoryRow, ...]]:
 
 async def _keep_session(_conn: Any) -> None:
     """The pool's reset: geste leaves no session state on pooled connections (no LISTEN, no session
-    advisory lock past the migration's explicit unlock, no SET), so the default reset query — one
+    advisory lock, no SET but ``SET LOCAL``, no temporary table), so the default reset query — one
     more round trip on every release, half of an idle worker's statements — is skipped. asyncpg still
     rolls back any open transaction before calling this."""
 
@@ -124,6 +131,17 @@ def _is_driver_error(exc: BaseException) -> bool:
         | OSError
         | ConnectionError,
     )
+
+
+def _driver_message(exc: BaseException) -> str:
+    """The ``StorageError`` text of a driver error; a prepared statement lost or found twice is what a
+    transaction pooler does to asyncpg's statement cache: the message says which option fixes it."""
+    text = f"PostgreSQL error: {type(exc).__name__}: {exc}"
+    if asyncpg is not None and isinstance(
+        exc, asyncpg.InvalidSQLStatementNameError | asyncpg.DuplicatePreparedStatementError
+    ):
+        text += " (behind a pooler in transaction mode, such as PgBouncer? add pooler=transaction to the URL)"
+    return text
 
 
 def _is_connection_loss(exc: BaseException) -> bool:
@@ -267,6 +285,8 @@ class PostgresStorage(base.Storage):
             raise ConfigurationError("pool_min_size must not exceed pool_max_size")
         self._command_timeout = float(options.get("command_timeout", "60"))
         self._application_name = options["application_name"]
+        self.pooler = options["pooler"]
+        """``transaction``: a transaction pooler in front (``POOLERS``): no statement cache."""
         quoted = f'"{self.schema}"'
         self._q = schema_queries(self.schema)
         self._migrations = _migrations.load("postgres", lambda script: script.replace("{schema}", quoted))
@@ -298,7 +318,7 @@ class PostgresStorage(base.Storage):
             raise
         except Exception as exc:
             if _is_driver_error(exc):
-                raise StorageError(f"PostgreSQL error: {type(exc).__name__}: {exc}") from exc
+                raise StorageError(_driver_message(exc)) from exc
             raise
 
     async def _run(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
@@ -332,6 +352,9 @@ class PostgresStorage(base.Storage):
                 command_timeout=self._command_timeout,
                 server_settings={"application_name": self._application_name},
                 reset=_keep_session,
+                # Behind a transaction pooler a statement prepared on one server session is unknown to
+                # the next: asyncpg then prepares each one unnamed, in the round trip that runs it.
+                **({"statement_cache_size": 0} if self.pooler == "transaction" else {}),
             )
         except Exception as exc:
             if _is_driver_error(exc):
@@ -344,25 +367,29 @@ class PostgresStorage(base.Storage):
             raise
 
     async def _migrate(self, conn: Conn) -> None:
-        """Apply pending migrations under an advisory lock, so workers starting together migrate once."""
+        """Apply pending migrations under an advisory lock, so workers starting together migrate once.
+
+        The lock is the transaction's (``pg_advisory_xact_lock``), released by its commit or rollback: a
+        session lock taken and released by two statements is, behind a transaction pooler, taken on one
+        server session and "released" on another, and held by the first until the pooler closes it."""
         key = f"geste_migrate:{self.schema}"
-        # Not under command_timeout: an index build on a big table (migration 6) takes minutes, and the
-        # workers starting meanwhile wait for this lock; cut off, the upgrade would roll back and start over.
-        await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", key, timeout=MIGRATION_TIMEOUT)
-        try:
-            async with conn.transaction():
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-                found = await self._read_version(conn)
-                for write in _migrations.migrate(found, self._migrations, self._announce):
-                    if isinstance(write, _migrations.Migration):
-                        script = write.script  # one simple-protocol call runs the whole file
-                        await conn.execute(script, timeout=MIGRATION_TIMEOUT)
-                        if write.name.endswith(decide.EVENT_KEYS_MIGRATION):
-                            await self._key_waits(conn)
-                    else:
-                        await conn.execute(self._q["set_meta"], *write)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+        async with conn.transaction():
+            # Not under command_timeout: an index build on a big table (migration 6) takes minutes, and
+            # the workers starting meanwhile wait for this lock; cut off, the upgrade would roll back and
+            # start over.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key, timeout=MIGRATION_TIMEOUT
+            )
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            found = await self._read_version(conn)
+            for write in _migrations.migrate(found, self._migrations, self._announce):
+                if isinstance(write, _migrations.Migration):
+                    script = write.script  # one simple-protocol call runs the whole file
+                    await conn.execute(script, timeout=MIGRATION_TIMEOUT)
+                    if write.name.endswith(decide.EVENT_KEYS_MIGRATION):
+                        await self._key_waits(conn)
+                else:
+                    await conn.execute(self._q["set_meta"], *write)
 
     async def _key_waits(self, conn: Conn) -> None:
         """Migration 12's part in Python: the match keys of the waits registered before it."""
@@ -1316,6 +1343,12 @@ class PostgresStorage(base.Storage):
         return await self._read(go)
 
 
+def through_transaction_pooler(url: str) -> bool:
+    """Whether ``url`` (a ``postgresql://`` URL) says it goes through a pooler in transaction mode
+    (``pooler=transaction``), where LISTEN cannot work: each statement may run on another server session."""
+    return parse_postgres_url(url)[1]["pooler"] == "transaction"
+
+
 def listen_dsn(url: str) -> tuple[str, str]:
     """The connection string and the application name (``<application_name>-listener``) of the LISTEN
     connection for ``url`` (a ``postgresql://`` URL, geste's options checked)."""
@@ -1325,17 +1358,20 @@ def listen_dsn(url: str) -> tuple[str, str]:
 
 async def read_histories(url: str, workflow: str | None, limit: int) -> list[StoredHistory]:
     """The replay check's read (``_read_only.read_histories``), on a connection of its own whose every
-    transaction is read-only: PostgreSQL itself refuses any write. One repeatable-read snapshot."""
+    transaction is read-only: PostgreSQL itself refuses any write. One repeatable-read snapshot (its
+    transaction declared read-only too: behind a transaction pooler, the only guard)."""
     if asyncpg is None:  # pragma: no cover - the postgres extra is not installed
         raise ConfigurationError("reading PostgreSQL needs asyncpg: pip install 'geste[postgres]'")
     dsn, options = parse_postgres_url(url)
     Q = schema_queries(options["schema"])
     safe = read_only.without_password(url)
     try:
+        settings = {"application_name": "geste-replay-check"}
+        transaction_pooler = options["pooler"] == "transaction"
+        if not transaction_pooler:  # a pooler refuses startup parameters it does not know (PgBouncer does)
+            settings["default_transaction_read_only"] = "on"
         conn = await asyncpg.connect(
-            dsn,
-            timeout=10,
-            server_settings={"default_transaction_read_only": "on", "application_name": "geste-replay-check"},
+            dsn, timeout=10, server_settings=settings, statement_cache_size=0 if transaction_pooler else 100
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise StorageError(f"cannot connect to {safe}: {exc}") from exc
