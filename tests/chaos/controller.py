@@ -5,6 +5,8 @@ starts the orders and feeds them: a ``chaos.paid`` event per order (some sent tw
 news from outside (some published twice, the same id), jobs and the competitors' stops. Meanwhile it
 SIGKILLs random workers and restarts them (under the same id or a new one), terminates the pool's and
 the listener's backends of random workers with ``pg_terminate_backend``, and restarts PostgreSQL once.
+With ``failover`` among the faults (and a ``ReplicatedPair`` to run on), it kills the primary once,
+halfway through, and promotes the standby.
 Its own client calls are retried on ``StorageError`` with the same ids, as a user's would be.
 """
 
@@ -21,7 +23,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncpg
 
 import geste
 
@@ -29,7 +33,19 @@ from ..conftest import die_with_parent
 from ..support import raw_query, restart_postgres, wait_until
 from .app import LEDGERS, NEWS_EVERY, build_app
 
+if TYPE_CHECKING:
+    from .replica import ReplicatedPair
+
 ROOT = Path(__file__).resolve().parents[2]
+ADMIN_RETRIED = (
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+)
+"""Driver errors of the controller's own queries (``raw_query``) while no server takes writes: a failover's
+dead primary and not yet promoted standby (``TargetServerAttributeNotMatched``), retried like a
+``StorageError``."""
 T = TypeVar("T")
 
 
@@ -95,8 +111,12 @@ class Journal:
 class Controller:
     """One chaos run on one database: worker processes, the load, the faults."""
 
-    def __init__(self, url: str, folder: Path, config: ChaosConfig) -> None:
+    def __init__(
+        self, url: str, folder: Path, config: ChaosConfig, *, replicas: ReplicatedPair | None = None
+    ) -> None:
         self.url = url
+        self.replicas = replicas
+        """The primary and standby ``url`` names (a multi-host URL), for the ``failover`` fault."""
         self.folder = folder
         self.config = config
         self.postgres = url.startswith("postgres")
@@ -189,14 +209,29 @@ class Controller:
         await restart_postgres(self.url)
         self.journal.note("PostgreSQL restarted", f"{time.monotonic() - began:.1f}s")
 
+    async def fail_over(self) -> None:
+        """SIGKILL the primary (postmaster and backends: a lost machine) and promote the standby. The
+        workers and the client reconnect through the URL's other host (``target_session_attrs``)."""
+        if self.replicas is None:
+            raise ValueError("the failover fault needs a replicated pair (run_chaos(..., replicas=pair))")
+        began = time.monotonic()
+        killed = await asyncio.to_thread(self.replicas.kill_primary)
+        self.journal.note("primary SIGKILLed", f"{killed} processes")
+        await asyncio.to_thread(self.replicas.promote)
+        self.journal.note("standby promoted", f"{time.monotonic() - began:.2f}s after the kill")
+
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
     FAULTS: dict[str, tuple[str, bool]] = {
         "kill": ("kill_and_restart", False),
         "terminate": ("terminate_backends", True),
+        "failover": ("fail_over", True),
     }
     """The recurring faults by name: the method that injects one, and whether it needs PostgreSQL."""
+    ONCE: dict[str, float] = {"failover": 0.5}
+    """Faults of ``FAULTS`` done once per run, when this fraction of the instances has finished, not drawn
+    again and again: there is one standby to promote."""
 
     def recurring(self) -> list[Callable[[], Awaitable[None]]]:
         """The injectors of ``config.faults`` that apply to this backend."""
@@ -206,13 +241,27 @@ class Controller:
         return [
             getattr(self, method)
             for name, (method, needs_postgres) in self.FAULTS.items()
-            if name in self.config.faults and (self.postgres or not needs_postgres)
+            if name in self.config.faults and (self.postgres or not needs_postgres) and name not in self.ONCE
         ]
+
+    def once(self) -> list[tuple[float, Callable[[], Awaitable[None]]]]:
+        """The faults of ``config.faults`` done once (``ONCE``) that apply to this backend, with when."""
+        chosen = [
+            (self.ONCE[name], getattr(self, method))
+            for name, (method, needs_postgres) in self.FAULTS.items()
+            if name in self.config.faults and name in self.ONCE and (self.postgres or not needs_postgres)
+        ]
+        if chosen and self.config.restart_postgres:
+            raise ValueError("a failover and restart_postgres do not go together: set restart_postgres=False")
+        if chosen and self.replicas is None:
+            raise ValueError("the failover fault needs a replicated pair (run_chaos(..., replicas=pair))")
+        return sorted(chosen, key=lambda pair: pair[0])
 
     async def faults(self, progress: Callable[[], Awaitable[float]]) -> None:
         """Inject faults until the load is done; restart PostgreSQL once, when a third has completed."""
         restarted = not (self.postgres and self.config.restart_postgres)
         injectors = self.recurring()
+        once = self.once()
         while not self._done.is_set():
             pause = self.config.fault_interval * self.rng.uniform(0.5, 1.5)
             try:
@@ -223,6 +272,8 @@ class Controller:
             if not restarted and await progress() >= 0.33:
                 restarted = True
                 await self.restart_server()
+            elif once and await progress() >= once[0][0]:
+                await once.pop(0)[1]()
             elif injectors:
                 await self.rng.choice(injectors)()
 
@@ -233,7 +284,7 @@ class Controller:
         while True:
             try:
                 return await call()
-            except (geste.errors.StorageError, OSError) as exc:
+            except (geste.errors.StorageError, OSError, *ADMIN_RETRIED) as exc:
                 if time.monotonic() > deadline:
                     raise
                 self.journal.note("client call retried", type(exc).__name__)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .checker import check
 from .controller import ChaosConfig, Controller
+from .replica import ReplicatedPair
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,15 @@ class ChaosReport:
         return self.text
 
 
-async def run_chaos(url: str, folder: Path, config: ChaosConfig) -> ChaosReport:
+async def run_chaos(
+    url: str, folder: Path, config: ChaosConfig, *, replicas: ReplicatedPair | None = None
+) -> ChaosReport:
     """Run the load under faults on ``url`` and check it; return the report, or raise ``AssertionError``
-    with the report of what failed (and the controller's journal)."""
+    with the report of what failed (and the controller's journal). ``replicas``: the pair ``url`` names,
+    for the ``failover`` fault."""
     backend = "PostgreSQL" if url.startswith("postgres") else "SQLite"
     began = time.monotonic()
-    controller = Controller(url, folder, config)
+    controller = Controller(url, folder, config, replicas=replicas)
     try:
         await controller.run()
         checks = await check(url, folder, config)
