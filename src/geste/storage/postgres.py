@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -50,13 +51,28 @@ Conn = Any  # asyncpg.Connection / pool proxy; asyncpg ships no type hints
 
 
 def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
-    """Split geste's own options (``schema``, ``pool_min_size``, ...) off a ``postgresql://`` URL."""
+    """Split geste's own options (``schema``, ``pool_min_size``, ...) off a ``postgresql://`` URL.
+
+    A URL naming several hosts (``postgresql://user@h1:5432,h2:5432/db``, or ``?host=h1,h2``: a primary
+    and its standbys)
+    connects only to the one that takes writes unless it says otherwise (``target_session_attrs``, or
+    the ``PGTARGETSESSIONATTRS`` variable): geste writes, and a standby takes no LISTEN. Left to the
+    driver's default (``any``), the pool and the listener would take the first host that answers,
+    which after a failover may be the old primary come back as a standby: every write would fail there.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(f"not a PostgreSQL URL: {url!r}")
     query = parse_qsl(parts.query, keep_blank_values=True)
     options = {k: v for k, v in query if k in _OPTIONS}
     rest = [(k, v) for k, v in query if k not in _OPTIONS]
+    hosts = [parts.netloc.rpartition("@")[2], *(v for k, v in rest if k == "host")]
+    if (
+        any("," in h for h in hosts)
+        and not any(k == "target_session_attrs" for k, _ in rest)
+        and not os.environ.get("PGTARGETSESSIONATTRS")
+    ):
+        rest.append(("target_session_attrs", "read-write"))
     schema = options.setdefault("schema", "public")
     if not _IDENTIFIER.fullmatch(schema):
         raise ConfigurationError(f"schema must be a plain identifier (letters, digits, _), not {schema!r}")
