@@ -131,7 +131,7 @@ class ReplicatedPair:
         self.run(
             str(self.bin / "pg_basebackup"),
             *("-h", HOST, "-p", str(primary.port), "-U", "postgres"),
-            *("-D", str(standby.data), "-R", "-X", "stream"),
+            *("-D", str(standby.data), "-R", "-X", "stream", "--checkpoint=fast"),
         )
         # once promoted, the standby has no standby of its own: it must not wait for one at each commit
         standby.configure(port=standby.port, synchronous_standby_names="", hot_standby="on")
@@ -185,6 +185,13 @@ class ReplicatedPair:
                 raise AssertionError("the primary's processes outlived SIGKILL")
             time.sleep(0.02)
         return len(victims)
+
+    def stop_standby(self) -> None:
+        """Stop the standby (it is cut off: the primary's commits no longer reach it)."""
+        self.standby.ctl("stop", "-m", "fast")
+
+    def start_standby(self) -> None:
+        self.standby.ctl("start")
 
     def promote(self) -> None:
         """Promote the standby (``pg_ctl promote -w``: returns once it accepts writes)."""
