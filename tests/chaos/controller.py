@@ -102,6 +102,8 @@ class Journal:
     started: float = field(default_factory=time.monotonic)
     counts: Counter[str] = field(default_factory=Counter)
     lines: list[str] = field(default_factory=list)
+    remarks: list[str] = field(default_factory=list)
+    """Lines worth a place in the report (a failover's timings)."""
 
     def note(self, what: str, detail: str = "") -> None:
         self.counts[what] += 1
@@ -210,15 +212,24 @@ class Controller:
         self.journal.note("PostgreSQL restarted", f"{time.monotonic() - began:.1f}s")
 
     async def fail_over(self) -> None:
-        """SIGKILL the primary (postmaster and backends: a lost machine) and promote the standby. The
-        workers and the client reconnect through the URL's other host (``target_session_attrs``)."""
+        """SIGKILL the primary (postmaster and backends: a lost machine), leave no server for 0 to 3 s
+        (an operator's or a tool's reaction: the leases of 1 s held at the kill expire in most runs),
+        then promote the standby. The workers and the client reconnect through the URL's other host."""
         if self.replicas is None:
             raise ValueError("the failover fault needs a replicated pair (run_chaos(..., replicas=pair))")
+        outage = self.rng.uniform(0.0, 3.0)
         began = time.monotonic()
         killed = await asyncio.to_thread(self.replicas.kill_primary)
         self.journal.note("primary SIGKILLed", f"{killed} processes")
+        await asyncio.sleep(max(0.0, began + outage - time.monotonic()))
         await asyncio.to_thread(self.replicas.promote)
-        self.journal.note("standby promoted", f"{time.monotonic() - began:.2f}s after the kill")
+        promoted = time.monotonic() - began
+        self.journal.note("standby promoted", f"{promoted:.2f}s after the kill")
+        leased = await self._admin("SELECT count(*) AS n FROM geste_instances WHERE locked_by IS NOT NULL")
+        self.journal.remarks.append(
+            f"failover: the standby promoted {promoted:.2f}s after the primary's kill; "
+            f"{leased[0]['n']} instances leased at the kill (as the new primary has them)"
+        )
 
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))

@@ -48,6 +48,7 @@ async def run_chaos(
         "  what the controller did:",
         *(f"    {n:5d}  {what}" for what, n in sorted(counts.items())),
         f"    {controller.listener_reconnects:5d}  listener reconnects (workers' own count, survivors)",
+        *(f"    {remark}" for remark in controller.journal.remarks),
         "  what the checker verified:",
         *(f"    {line}" for line in checks),
     ]
