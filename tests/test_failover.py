@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 import geste
 from geste.cli import _safe_url
 from geste.storage import listen_dsn
+from geste.storage._hosts import split_hosts
 from geste.storage._read_only import without_password
 from geste.storage.postgres import parse_postgres_url
 
@@ -74,6 +76,56 @@ def test_a_multi_host_url_connects_to_the_primary_unless_it_says_otherwise(
     assert parse_postgres_url("postgresql://geste@db1,db2/shop")[0] == "postgresql://geste@db1,db2/shop"
     for hide in (_safe_url, without_password):
         assert hide(url) == url.replace("secret", "***")
+    assert split_hosts(dsn) == [
+        "postgresql://geste:secret@db1:5432/shop?target_session_attrs=read-write",
+        "postgresql://geste:secret@db2:5433/shop?target_session_attrs=read-write",
+    ]
+    assert split_hosts("postgresql://db1,db2/shop") == ["postgresql://db1/shop", "postgresql://db2/shop"]
+    paired = "postgresql:///shop?host=db1,db2&port=5432,5433"  # the driver pairs hosts and ports itself
+    assert split_hosts(paired) == [paired]
+    with pytest.raises(geste.errors.ConfigurationError, match="connect_timeout"):
+        parse_postgres_url("postgresql://db1/shop?connect_timeout=0")
+
+
+class SilentHost:
+    """A TCP server on 127.0.0.1 that takes connections and never answers: a hung primary, or one whose
+    machine is gone while its address still takes connections."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> SilentHost:
+        self._server = await asyncio.start_server(self._take, HOST, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _take(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.append(writer)
+        await reader.read()  # until the client gives up
+
+    async def __aexit__(self, *exc: object) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._server.close()
+
+
+async def test_a_silent_host_first_in_the_url_is_waited_for_once(pg_url: str) -> None:
+    """The driver's one timeout for all hosts would be spent on the silent one (60 s for the pool, 10 s
+    for the listener), the live one never tried; geste tries each host within ``connect_timeout`` and
+    the one that answered first from then on: the pool's first connection waits 1 s, nothing else."""
+    async with SilentHost() as silent:
+        parts = urlsplit(pg_url)
+        user, _, host = parts.netloc.rpartition("@")
+        netloc = f"{user}@{HOST}:{silent.port},{host}"
+        url = urlunsplit(parts._replace(netloc=netloc, query=parts.query + "&connect_timeout=1"))
+        async with build(url, listen_notify=True) as app:
+            handle = await app.start_workflow("paid", 7, instance_id="p-7")
+            await app.send_event("paid", {"n": 7, "amount": 3})
+            assert await handle.result(timeout=30) == 3
+            await wait_until(lambda: app.listener_status().state == "listening", "the listener")
+        assert silent.accepted == 1
 
 
 async def test_geste_opens_on_the_primary_whichever_host_comes_first(pair: ReplicatedPair) -> None:

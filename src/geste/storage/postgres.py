@@ -10,6 +10,7 @@ costs the operations in flight, not the worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from .._status import QueueStats
 from .._steps import event_history_payload
 from ..errors import ConfigurationError, StorageError
 from . import _decisions as decide
-from . import _migrations, base
+from . import _hosts, _migrations, base
 from . import _read_only as read_only
 from . import _rows as rows
 from ._group_commit import GroupCommit
@@ -44,7 +45,16 @@ SCHEMA_VERSION = _migrations.load("postgres")[-1].version
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MIGRATION_TIMEOUT = 24 * 3600.0
 """How long a migration (and a process waiting for another's) may take: no ``command_timeout``."""
-_OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout", "application_name"}
+_OPTIONS = {
+    "schema",
+    "pool_min_size",
+    "pool_max_size",
+    "command_timeout",
+    "connect_timeout",
+    "application_name",
+}
+CONNECT_TIMEOUT = 10.0
+"""Seconds a new connection may take, per host of a multi-host URL (the URL's ``connect_timeout``)."""
 _T = TypeVar("_T")
 
 Conn = Any  # asyncpg.Connection / pool proxy; asyncpg ships no type hints
@@ -82,7 +92,21 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
     for key in ("pool_min_size", "pool_max_size"):
         if key in options and (not options[key].isdigit() or int(options[key]) < 1):
             raise ConfigurationError(f"{key} must be a positive integer, not {options[key]!r}")
+    if "connect_timeout" in options:
+        connect_timeout(options)
     return urlunsplit(parts._replace(query=urlencode(rest))), options
+
+
+def connect_timeout(options: dict[str, str]) -> float:
+    """The URL's ``connect_timeout`` in seconds (``CONNECT_TIMEOUT`` if absent), checked."""
+    text = options.get("connect_timeout")
+    try:
+        value = CONNECT_TIMEOUT if text is None else float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ConfigurationError(f"connect_timeout must be a positive number of seconds, not {text!r}")
+    return value
 
 
 def _history_from_json(text: str | None) -> tuple[base.HistoryRow, ...]:
@@ -267,6 +291,7 @@ class PostgresStorage(base.Storage):
             raise ConfigurationError("pool_min_size must not exceed pool_max_size")
         self._command_timeout = float(options.get("command_timeout", "60"))
         self._application_name = options["application_name"]
+        self._connect_timeout = connect_timeout(options)
         quoted = f'"{self.schema}"'
         self._q = schema_queries(self.schema)
         self._migrations = _migrations.load("postgres", lambda script: script.replace("{schema}", quoted))
@@ -332,6 +357,7 @@ class PostgresStorage(base.Storage):
                 command_timeout=self._command_timeout,
                 server_settings={"application_name": self._application_name},
                 reset=_keep_session,
+                connect=functools.partial(_hosts.connect, timeout=self._connect_timeout),
             )
         except Exception as exc:
             if _is_driver_error(exc):
@@ -408,7 +434,10 @@ class PostgresStorage(base.Storage):
         from ._listen import listen_postgres
 
         dsn, application_name = listen_dsn(url or self.url)
-        return await listen_postgres(dsn, application_name, channels, on_notification, on_lost)
+        timeout = connect_timeout(parse_postgres_url(url or self.url)[1])
+        return await listen_postgres(
+            dsn, application_name, channels, on_notification, on_lost, connect_timeout=timeout
+        )
 
     async def schema_version(self) -> int:
         return await self._read(self._read_version)
@@ -1326,9 +1355,9 @@ async def read_histories(url: str, workflow: str | None, limit: int) -> list[Sto
     Q = schema_queries(options["schema"])
     safe = read_only.without_password(url)
     try:
-        conn = await asyncpg.connect(
+        conn = await _hosts.connect(
             dsn,
-            timeout=10,
+            timeout=connect_timeout(options),
             server_settings={"default_transaction_read_only": "on", "application_name": "geste-replay-check"},
         )
     except (OSError, asyncpg.PostgresError) as exc:
