@@ -218,6 +218,7 @@ class Controller:
         if self.replicas is None:
             raise ValueError("the failover fault needs a replicated pair (run_chaos(..., replicas=pair))")
         outage = self.rng.uniform(0.0, 3.0)
+        leased = await self._admin("SELECT count(*) AS n FROM geste_instances WHERE locked_by IS NOT NULL")
         began = time.monotonic()
         killed = await asyncio.to_thread(self.replicas.kill_primary)
         self.journal.note("primary SIGKILLed", f"{killed} processes")
@@ -225,10 +226,9 @@ class Controller:
         await asyncio.to_thread(self.replicas.promote)
         promoted = time.monotonic() - began
         self.journal.note("standby promoted", f"{promoted:.2f}s after the kill")
-        leased = await self._admin("SELECT count(*) AS n FROM geste_instances WHERE locked_by IS NOT NULL")
         self.journal.remarks.append(
             f"failover: the standby promoted {promoted:.2f}s after the primary's kill; "
-            f"{leased[0]['n']} instances leased at the kill (as the new primary has them)"
+            f"{leased[0]['n']} instances leased just before the kill"
         )
 
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
