@@ -41,7 +41,7 @@ async def test_postgres_failover_to_a_promoted_standby_loses_no_acknowledged_ste
     """A primary of the test's own, with a synchronous standby; the load through the multi-host URL;
     halfway, the primary SIGKILLed and the standby promoted (and workers killed, backends terminated)."""
     config = ChaosConfig.short(
-        orders=150, duration=15.0, restart_postgres=False, faults=("kill", "terminate", "failover")
+        orders=120, duration=12.0, restart_postgres=False, faults=("kill", "terminate", "failover")
     )
     with ReplicatedPair() as pair:
         report = await run_chaos(pair.url(schema="chaos"), tmp_path, config, replicas=pair)
