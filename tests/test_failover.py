@@ -201,7 +201,7 @@ async def test_synchronous_replication_acknowledges_only_what_the_standby_has(pa
         await asyncio.to_thread(pair.stop_standby)
         start = asyncio.create_task(app.start_workflow("paid", 6, instance_id="held"))
         sync_wait = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
-        await wait_until(lambda: pair.query(pair.primary, sync_wait) == "1", "the commit to wait for SyncRep")
+        await wait_until(lambda: int(pair.query(pair.primary, sync_wait)) >= 1, "the commit to wait")
         assert not start.done()
         await asyncio.to_thread(pair.kill_primary)
         with pytest.raises(geste.errors.StorageError):

