@@ -26,6 +26,7 @@ test: $(STAMP)
 chaos: $(STAMP)
 	bash .ci/ensure-postgres
 	$(BIN)/python -m tests.chaos --long --runs 10
+	$(BIN)/python -m tests.chaos --long --backend postgres --failover --runs 5
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py

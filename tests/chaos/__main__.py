@@ -3,15 +3,21 @@
     python -m tests.chaos --long --runs 10             # PostgreSQL, then SQLite, ten times each
     python -m tests.chaos --backend postgres --orders 300
     python -m tests.chaos --long --backend pgbouncer     # the pools through PgBouncer (transaction mode)
+    python -m tests.chaos --long --backend postgres --failover    # on a primary and standby of its own
 
 Each run gets a fresh PostgreSQL schema (dropped afterwards when it passed) or SQLite file, in a folder
 under ``--keep`` (default: a temporary one) that keeps the workers' output and the side-effect logs.
+With ``--failover``, each PostgreSQL run gets a primary and a synchronous standby of its own
+(``replica.py``, on free ports) instead of the shared server, and the primary is killed and the standby
+promoted halfway through (``--asynchronous``: the standby replicates asynchronously, to see what that
+loses: the checker is expected to fail then).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import tempfile
@@ -23,6 +29,7 @@ from pathlib import Path
 from ..conftest import POSTGRES_URL, _admin, with_query
 from ..pgbouncer import PgBouncer
 from .controller import ChaosConfig
+from .replica import ReplicatedPair
 from .run import ChaosReport, run_chaos
 
 
@@ -41,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--skew", type=float, default=None, help="workers' clocks off by up to ±S s")
     parser.add_argument("--outage", type=float, default=None, help="the outbox destination down S s once")
+    parser.add_argument(
+        "--failover", action="store_true", help="PostgreSQL on a pair of its own: the primary killed once"
+    )
+    parser.add_argument("--asynchronous", action="store_true", help="with --failover: asynchronous standby")
     parser.add_argument("--keep", type=Path, default=None, help="a folder to keep each run's files in")
     parser.add_argument(
         "--no-restart-postgres",
@@ -65,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_restart_postgres:
         overrides["restart_postgres"] = False
     config = ChaosConfig.long(**overrides) if args.long else ChaosConfig.short(**overrides)
+    if args.failover:
+        faults = (*config.faults, "failover")
+        config = dataclasses.replace(config, faults=faults, restart_postgres=False)
     backends = ["postgres", "sqlite"] if args.backend == "both" else [args.backend]
     root = args.keep or Path(tempfile.mkdtemp(prefix="geste-chaos-"))
     began = time.monotonic()
@@ -74,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir(parents=True)
             print(f"== run {run}/{args.runs} on {backend} (files in {folder})", flush=True)
             try:
-                print(asyncio.run(_one(backend, folder, config)), flush=True)
+                print(asyncio.run(_one(backend, folder, config, args.asynchronous)), flush=True)
             except AssertionError as exc:
                 print(f"FAILED after {run - 1} passing run(s):\n{exc}", flush=True)
                 return 1
@@ -85,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _one(backend: str, folder: Path, config: ChaosConfig) -> ChaosReport:
+async def _one(backend: str, folder: Path, config: ChaosConfig, asynchronous: bool) -> ChaosReport:
     if backend == "sqlite":
-        return await run_chaos(f"sqlite:///{folder / 'geste.db'}", folder, config)
+        return await run_chaos(f"sqlite:///{folder / 'geste.db'}", folder, config)  # no failover there
+    if "failover" in config.faults:
+        with ReplicatedPair(synchronous=not asynchronous) as pair:
+            return await run_chaos(pair.url(schema="chaos"), folder, config, replicas=pair)
     schema = f"chaos_{uuid.uuid4().hex[:10]}"
     await asyncio.to_thread(_admin, f'CREATE SCHEMA "{schema}"')
     url = with_query(POSTGRES_URL, schema=schema)

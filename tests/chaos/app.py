@@ -6,9 +6,11 @@ Run as a worker from the repository root (the controller does it)::
 
 Every activity appends a JSON line to ``DIR/effects.jsonl`` when it starts and when it ends, with a token
 unique to that execution that it also returns; the outbox destination appends each delivery to
-``DIR/deliveries.jsonl``. Both are written with one ``write`` on an ``O_APPEND`` file, so lines from
-concurrent processes never interleave, and a SIGKILL loses at most the line being written. Activities
-and deliveries fail on purpose now and then (first attempts only), so retries are part of the load.
+``DIR/deliveries.jsonl``; an order appends to ``DIR/acks.jsonl`` the outcome of an activity once it is
+past a write that committed it (geste acknowledged the step). All are written with one ``write`` on an
+``O_APPEND`` file, so lines from concurrent processes never interleave, and a SIGKILL loses at most the
+line being written. Activities and deliveries fail on purpose now and then (first attempts only), so
+retries are part of the load.
 The worker writes ``DIR/ready-W`` once it runs (and, on PostgreSQL, listens).
 
 Two faults live here, switched by the controller: ``--skew=S`` runs the worker on a clock ``S`` seconds
@@ -72,6 +74,7 @@ def build_app(url: str, *, folder: Path, worker_id: str | None = None, **options
     effects = folder / "effects.jsonl"
     deliveries = folder / "deliveries.jsonl"
     outage = folder / "outage"
+    acks = folder / "acks.jsonl"
 
     async def deliver(event: geste.OutboxEvent) -> None:
         line = {"event_id": event.event_id, "attempt": event.attempt, "worker": worker_id}
@@ -93,6 +96,11 @@ def build_app(url: str, *, folder: Path, worker_id: str | None = None, **options
             raise RuntimeError(f"{step} failed on purpose")
         append_line(effects, {**base, "event": "end", "run": token, "worker": worker_id})
         return {"value": value_of(step, n) if step in ("reserve", "charge", "ship") else n, "run": token}
+
+    def acknowledged(ctx: geste.WorkflowContext, step: str, outcome: dict[str, Any]) -> None:
+        """Log an activity's outcome once the workflow is past a write that committed it: geste has
+        acknowledged that step, which must then stay recorded (the checker compares with the history)."""
+        append_line(acks, {"instance": ctx.instance_id, "step": step, "run": outcome["run"]})
 
     @app.activity(name="reserve", retry=RETRY)
     async def reserve(ctx: geste.ActivityContext, n: int) -> dict[str, Any]:
@@ -120,12 +128,14 @@ def build_app(url: str, *, folder: Path, worker_id: str | None = None, **options
         broadcast, an outbox event, a last activity."""
         reserved = await reserve(ctx, n)
         await ctx.sleep(0.05 + (n % 7) * 0.2)
+        acknowledged(ctx, "reserve", reserved)  # committed with the sleep
         paid = await ctx.wait_event("chaos.paid", match={"order": n})
         charged = await charge(ctx, paid.data["order"])
         await ctx.send_to(f"ledger-{n % LEDGERS}", "ledger", {"order": n})
         if n % NEWS_EVERY == 0:
             await ctx.publish("chaos.news", {"from": f"order-{n}"})
         event_id = await ctx.send_event("chaos.shipped", {"order": n})
+        acknowledged(ctx, "charge", charged)  # committed at the latest with the outbox event
         shipped = await ship(ctx, n)
         steps = (reserved, charged, shipped)
         return {

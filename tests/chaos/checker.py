@@ -32,6 +32,7 @@ class Facts:
     leftovers: dict[str, int]
     effects: list[dict[str, Any]]
     deliveries: list[dict[str, Any]]
+    acks: list[dict[str, Any]]
 
     def result(self, instance_id: str) -> Any:
         return json.loads(self.instances[instance_id]["result"])
@@ -60,6 +61,7 @@ async def gather(url: str, folder: Path, config: ChaosConfig) -> Facts:
         leftovers=leftovers,
         effects=read_lines(folder / "effects.jsonl"),
         deliveries=read_lines(folder / "deliveries.jsonl"),
+        acks=read_lines(folder / "acks.jsonl"),
     )
 
 
@@ -134,6 +136,22 @@ def no_activity_result_recorded_twice(facts: Facts) -> str:
         f"{recorded} activity results recorded once each; {executions} executions started "
         f"({executions - recorded} re-runs after failures, kills or lost leases: at least once)"
     )
+
+
+def acknowledged_steps_kept(facts: Facts) -> str:
+    """Every activity outcome an order saw committed (``acks.jsonl``: the reserve past its sleep, the
+    charge past its outbox event) is the one recorded at the end: no acknowledged step was lost (a lost
+    one would have been run again, and the re-run's outcome recorded instead)."""
+    kept = set()
+    for ack in facts.acks:
+        index = {"reserve": 0, "charge": 1}[ack["step"]]
+        recorded = facts.result(ack["instance"])["runs"][index]
+        assert recorded == ack["run"], (
+            f"{ack['instance']} {ack['step']}: run {ack['run']} was acknowledged, {recorded} is recorded"
+        )
+        kept.add((ack["instance"], ack["step"]))
+    assert len(kept) == 2 * facts.config.orders, f"{len(kept)} acknowledged steps logged"
+    return f"{len(kept)} acknowledged steps (2 per order), each still recorded with the outcome acknowledged"
 
 
 def direct_messages_received_exactly_once(facts: Facts) -> str:
@@ -221,6 +239,7 @@ CHECKS = (
     orders_have_the_right_results,
     histories_are_whole,
     no_activity_result_recorded_twice,
+    acknowledged_steps_kept,
     direct_messages_received_exactly_once,
     broadcasts_received_exactly_once_by_each,
     competing_messages_taken_exactly_once,

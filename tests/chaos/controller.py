@@ -8,6 +8,8 @@ the listener's backends of random workers with ``pg_terminate_backend``, and res
 Its own client calls are retried on ``StorageError`` with the same ids, as a user's would be. With
 ``skew`` each worker process runs on a clock off by a random offset (``--skew``); with ``outage`` the
 outbox destination refuses every delivery for a while, once (the file ``outage`` in the run's folder).
+With ``failover`` among the faults (and a ``ReplicatedPair`` to run on), it kills the primary once,
+halfway through, and promotes the standby.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import asyncpg
 
 import geste
 
@@ -32,7 +36,19 @@ from ..pgbouncer import PgBouncer
 from ..support import raw_query, restart_postgres, wait_until
 from .app import LEDGERS, NEWS_EVERY, build_app
 
+if TYPE_CHECKING:
+    from .replica import ReplicatedPair
+
 ROOT = Path(__file__).resolve().parents[2]
+ADMIN_RETRIED = (
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+)
+"""Driver errors of the controller's own queries (``raw_query``) while no server takes writes: a failover's
+dead primary and not yet promoted standby (``TargetServerAttributeNotMatched``), retried like a
+``StorageError``."""
 T = TypeVar("T")
 OUTAGE_RAMP = 0.05 + 0.1 + 0.2 + 0.4
 """The chaos workers' outbox back-off until it reaches its cap (0.05 s doubling to 0.5 s, app.py): an
@@ -100,6 +116,8 @@ class Journal:
     started: float = field(default_factory=time.monotonic)
     counts: Counter[str] = field(default_factory=Counter)
     lines: list[str] = field(default_factory=list)
+    remarks: list[str] = field(default_factory=list)
+    """Lines worth a place in the report (a failover's timings)."""
 
     def note(self, what: str, detail: str = "") -> None:
         self.counts[what] += 1
@@ -110,12 +128,20 @@ class Controller:
     """One chaos run on one database: worker processes, the load, the faults."""
 
     def __init__(
-        self, url: str, folder: Path, config: ChaosConfig, *, pooler: PgBouncer | None = None
+        self,
+        url: str,
+        folder: Path,
+        config: ChaosConfig,
+        *,
+        pooler: PgBouncer | None = None,
+        replicas: ReplicatedPair | None = None,
     ) -> None:
         self.url = url
         self.pooler = pooler
         """A PgBouncer in transaction mode in front of the database: the workers' and the client's pools
         go through it (``pooler=transaction``), their listeners straight to the server."""
+        self.replicas = replicas
+        """The primary and standby ``url`` names (a multi-host URL), for the ``failover`` fault."""
         self.folder = folder
         self.config = config
         self.postgres = url.startswith("postgres")
@@ -246,6 +272,26 @@ class Controller:
         await asyncio.to_thread(self.pooler.crash_and_restart)
         self.journal.note("PgBouncer crashed and restarted", f"{time.monotonic() - began:.2f}s")
 
+    async def fail_over(self) -> None:
+        """SIGKILL the primary (postmaster and backends: a lost machine), leave no server for 0 to 3 s
+        (an operator's or a tool's reaction: the leases of 1 s held at the kill expire in most runs),
+        then promote the standby. The workers and the client reconnect through the URL's other host."""
+        if self.replicas is None:
+            raise ValueError("the failover fault needs a replicated pair (run_chaos(..., replicas=pair))")
+        outage = self.rng.uniform(0.0, 3.0)
+        leased = await self._admin("SELECT count(*) AS n FROM geste_instances WHERE locked_by IS NOT NULL")
+        began = time.monotonic()
+        killed = await asyncio.to_thread(self.replicas.kill_primary)
+        self.journal.note("primary SIGKILLed", f"{killed} processes")
+        await asyncio.sleep(max(0.0, began + outage - time.monotonic()))
+        await asyncio.to_thread(self.replicas.promote)
+        promoted = time.monotonic() - began
+        self.journal.note("standby promoted", f"{promoted:.2f}s after the kill")
+        self.journal.remarks.append(
+            f"failover: the standby promoted {promoted:.2f}s after the primary's kill; "
+            f"{leased[0]['n']} instances leased just before the kill"
+        )
+
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
@@ -253,8 +299,12 @@ class Controller:
         "kill": ("kill_and_restart", False),
         "terminate": ("terminate_backends", True),
         "pgbouncer": ("crash_pgbouncer", True),
+        "failover": ("fail_over", True),
     }
     """The recurring faults by name: the method that injects one, and whether it needs PostgreSQL."""
+    ONCE: dict[str, float] = {"failover": 0.5}
+    """Faults of ``FAULTS`` done once per run, when this fraction of the instances has finished, not drawn
+    again and again: there is one standby to promote."""
 
     def recurring(self) -> list[Callable[[], Awaitable[None]]]:
         """The injectors of ``config.faults`` that apply to this backend."""
@@ -264,13 +314,27 @@ class Controller:
         return [
             getattr(self, method)
             for name, (method, needs_postgres) in self.FAULTS.items()
-            if name in self.config.faults and (self.postgres or not needs_postgres)
+            if name in self.config.faults and (self.postgres or not needs_postgres) and name not in self.ONCE
         ]
+
+    def once(self) -> list[tuple[float, Callable[[], Awaitable[None]]]]:
+        """The faults of ``config.faults`` done once (``ONCE``) that apply to this backend, with when."""
+        chosen = [
+            (self.ONCE[name], getattr(self, method))
+            for name, (method, needs_postgres) in self.FAULTS.items()
+            if name in self.config.faults and name in self.ONCE and (self.postgres or not needs_postgres)
+        ]
+        if chosen and self.config.restart_postgres:
+            raise ValueError("a failover and restart_postgres do not go together: set restart_postgres=False")
+        if chosen and self.replicas is None:
+            raise ValueError("the failover fault needs a replicated pair (run_chaos(..., replicas=pair))")
+        return sorted(chosen, key=lambda pair: pair[0])
 
     async def faults(self, progress: Callable[[], Awaitable[float]]) -> None:
         """Inject faults until the load is done; restart PostgreSQL once, when a third has completed."""
         restarted = not (self.postgres and self.config.restart_postgres)
         injectors = self.recurring()
+        once = self.once()
         while not self._done.is_set():
             pause = self.config.fault_interval * self.rng.uniform(0.5, 1.5)
             try:
@@ -281,6 +345,8 @@ class Controller:
             if not restarted and await progress() >= 0.33:
                 restarted = True
                 await self.restart_server()
+            elif once and await progress() >= once[0][0]:
+                await once.pop(0)[1]()
             elif injectors:
                 await self.rng.choice(injectors)()
 
@@ -291,7 +357,7 @@ class Controller:
         while True:
             try:
                 return await call()
-            except (geste.errors.StorageError, OSError) as exc:
+            except (geste.errors.StorageError, OSError, *ADMIN_RETRIED) as exc:
                 if time.monotonic() > deadline:
                     raise
                 self.journal.note("client call retried", type(exc).__name__)

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..pgbouncer import PgBouncer
 from .checker import check
 from .controller import ChaosConfig, Controller
+from .replica import ReplicatedPair
 
 
 @dataclass(frozen=True)
@@ -25,16 +26,22 @@ class ChaosReport:
 
 
 async def run_chaos(
-    url: str, folder: Path, config: ChaosConfig, *, pooler: PgBouncer | None = None
+    url: str,
+    folder: Path,
+    config: ChaosConfig,
+    *,
+    pooler: PgBouncer | None = None,
+    replicas: ReplicatedPair | None = None,
 ) -> ChaosReport:
     """Run the load under faults on ``url`` and check it; return the report, or raise ``AssertionError``
     with the report of what failed (and the controller's journal). With ``pooler``, the workers' and the
-    client's pools go through that PgBouncer (the checker reads ``url`` directly)."""
+    client's pools go through that PgBouncer (the checker reads ``url`` directly). ``replicas``: the pair
+    ``url`` names, for the ``failover`` fault."""
     backend = "PostgreSQL" if url.startswith("postgres") else "SQLite"
     if pooler is not None:
         backend += " through PgBouncer"
     began = time.monotonic()
-    controller = Controller(url, folder, config, pooler=pooler)
+    controller = Controller(url, folder, config, pooler=pooler, replicas=replicas)
     try:
         await controller.run()
         checks = await check(url, folder, config)
@@ -60,6 +67,7 @@ async def run_chaos(
             if skews
             else []
         ),
+        *(f"    {remark}" for remark in controller.journal.remarks),
         "  what the checker verified:",
         *(f"    {line}" for line in checks),
     ]

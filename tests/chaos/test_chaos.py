@@ -17,6 +17,7 @@ import pytest
 
 from .checker import check
 from .controller import ChaosConfig
+from .replica import ReplicatedPair
 from .run import ChaosReport, run_chaos
 
 KILLED = "worker SIGKILLed and restarted"
@@ -60,6 +61,21 @@ async def test_postgres_through_pgbouncer_workers_killed_and_pooled_connections_
     assert faults["PgBouncer crashed and restarted"] >= 1, faults
     terminated = sum(n for what, n in faults.items() if what.startswith("backends terminated"))
     assert terminated >= 1, faults
+
+
+@pytest.mark.timeout(600)
+async def test_postgres_failover_to_a_promoted_standby_loses_no_acknowledged_step(tmp_path: Path) -> None:
+    """A primary of the test's own, with a synchronous standby; the load through the multi-host URL;
+    halfway, the primary SIGKILLed and the standby promoted (and workers killed, backends terminated)."""
+    config = ChaosConfig.short(
+        orders=120, duration=12.0, restart_postgres=False, faults=("kill", "terminate", "failover")
+    )
+    with ReplicatedPair() as pair:
+        report = await run_chaos(pair.url(schema="chaos"), tmp_path, config, replicas=pair)
+        assert pair.query(pair.standby, "SELECT pg_is_in_recovery()") == "f"
+    print(report)
+    assert report.faults["primary SIGKILLed"] == 1 and report.faults["standby promoted"] == 1, report.faults
+    assert report.faults[KILLED] >= 2, report.faults  # the other faults go on around it
 
 
 @pytest.mark.timeout(600)
@@ -152,6 +168,11 @@ def _repeat_first_end(folder: Path) -> None:
         log.write(end + "\n")
 
 
+def _lose_an_acknowledged_step(folder: Path) -> None:
+    """What a failover to a standby that lacked a commit does: the step re-run, another outcome recorded."""
+    _result(folder, "order-8", lambda r: {**r, "runs": [r["runs"][0], "a-re-run", r["runs"][2]]})  # type: ignore[index, dict-item]
+
+
 def _other_run(result: object) -> object:
     assert isinstance(result, dict)
     return {**result, "runs": ["not-a-recorded-run", *result["runs"][1:]]}
@@ -183,6 +204,7 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
         lambda f: _sql(f, "DELETE FROM geste_history WHERE instance_id = 'order-4' AND seq = 2"),
     ),
     "an activity execution recorded twice": ("no_activity_result_recorded_twice", _repeat_first_end),
+    "an acknowledged step lost": ("acknowledged_steps_kept", _lose_an_acknowledged_step),
     "a direct message received twice": (
         "direct_messages_received_exactly_once",
         lambda f: _result(f, "ledger-0", _duplicated("orders")),
@@ -223,7 +245,7 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
 
 
 async def test_the_checker_passes_a_good_run(good_run: Path) -> None:
-    assert len(await check(f"sqlite:///{good_run / 'geste.db'}", good_run, CALM)) == 9
+    assert len(await check(f"sqlite:///{good_run / 'geste.db'}", good_run, CALM)) == 10
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

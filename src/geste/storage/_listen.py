@@ -64,12 +64,16 @@ async def listen_postgres(
     channels: Sequence[str],
     on_notification: OnNotification,
     on_lost: Callable[[], None],
+    *,
+    connect_timeout: float = 10.0,
 ) -> PostgresListening:
-    """Connect to ``dsn`` (10 s at most), LISTEN on ``channels``; ``on_lost`` is called if the server
-    closes the connection. A failure to connect or to LISTEN raises (the connection is dropped)."""
-    import asyncpg
+    """Connect to ``dsn`` (``connect_timeout`` at most per host: ``_hosts.connect``), LISTEN on
+    ``channels``; ``on_lost`` is called if the server closes the connection. A failure to connect or to
+    LISTEN raises (the connection is dropped)."""
+    from ._hosts import connect
 
-    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": application_name})
+    settings = {"application_name": application_name}
+    conn = await connect(dsn, timeout=connect_timeout, server_settings=settings)
     listening = PostgresListening(conn)
     try:
         _enable_keepalives(conn)

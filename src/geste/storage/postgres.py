@@ -10,8 +10,10 @@ costs the operations in flight, not the worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import operator
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -28,7 +30,7 @@ from .._status import QueueStats
 from .._steps import event_history_payload
 from ..errors import ConfigurationError, StorageError
 from . import _decisions as decide
-from . import _migrations, base
+from . import _hosts, _migrations, base
 from . import _read_only as read_only
 from . import _rows as rows
 from ._group_commit import GroupCommit
@@ -46,24 +48,49 @@ SCHEMA_VERSION = _migrations.load("postgres")[-1].version
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MIGRATION_TIMEOUT = 24 * 3600.0
 """How long a migration (and a process waiting for another's) may take: no ``command_timeout``."""
-_OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout", "application_name", "pooler"}
+_OPTIONS = {
+    "schema",
+    "pool_min_size",
+    "pool_max_size",
+    "command_timeout",
+    "connect_timeout",
+    "application_name",
+    "pooler",
+}
 POOLERS = ("none", "transaction")
 """What stands between geste and the server (the ``pooler`` option): nothing (or a pooler in session mode,
 which keeps one server session per client connection), or a pooler in transaction mode (PgBouncer's
 ``pool_mode = transaction``, RDS Proxy), which gives each transaction whichever server session is free."""
+CONNECT_TIMEOUT = 10.0
+"""Seconds a new connection may take, per host of a multi-host URL (the URL's ``connect_timeout``)."""
 _T = TypeVar("_T")
 
 Conn = Any  # asyncpg.Connection / pool proxy; asyncpg ships no type hints
 
 
 def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
-    """Split geste's own options (``schema``, ``pool_min_size``, ...) off a ``postgresql://`` URL."""
+    """Split geste's own options (``schema``, ``pool_min_size``, ...) off a ``postgresql://`` URL.
+
+    A URL naming several hosts (``postgresql://user@h1:5432,h2:5432/db``, or ``?host=h1,h2``: a primary
+    and its standbys)
+    connects only to the one that takes writes unless it says otherwise (``target_session_attrs``, or
+    the ``PGTARGETSESSIONATTRS`` variable): geste writes, and a standby takes no LISTEN. Left to the
+    driver's default (``any``), the pool and the listener would take the first host that answers,
+    which after a failover may be the old primary come back as a standby: every write would fail there.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ConfigurationError(f"not a PostgreSQL URL: {url!r}")
     query = parse_qsl(parts.query, keep_blank_values=True)
     options = {k: v for k, v in query if k in _OPTIONS}
     rest = [(k, v) for k, v in query if k not in _OPTIONS]
+    hosts = [parts.netloc.rpartition("@")[2], *(v for k, v in rest if k == "host")]
+    if (
+        any("," in h for h in hosts)
+        and not any(k == "target_session_attrs" for k, _ in rest)
+        and not os.environ.get("PGTARGETSESSIONATTRS")
+    ):
+        rest.append(("target_session_attrs", "read-write"))
     schema = options.setdefault("schema", "public")
     if not _IDENTIFIER.fullmatch(schema):
         raise ConfigurationError(f"schema must be a plain identifier (letters, digits, _), not {schema!r}")
@@ -76,7 +103,21 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
     for key in ("pool_min_size", "pool_max_size"):
         if key in options and (not options[key].isdigit() or int(options[key]) < 1):
             raise ConfigurationError(f"{key} must be a positive integer, not {options[key]!r}")
+    if "connect_timeout" in options:
+        connect_timeout(options)
     return urlunsplit(parts._replace(query=urlencode(rest))), options
+
+
+def connect_timeout(options: dict[str, str]) -> float:
+    """The URL's ``connect_timeout`` in seconds (``CONNECT_TIMEOUT`` if absent), checked."""
+    text = options.get("connect_timeout")
+    try:
+        value = CONNECT_TIMEOUT if text is None else float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ConfigurationError(f"connect_timeout must be a positive number of seconds, not {text!r}")
+    return value
 
 
 ROWS_PER_TURN = 4096
@@ -287,6 +328,7 @@ class PostgresStorage(base.Storage):
         self._application_name = options["application_name"]
         self.pooler = options["pooler"]
         """``transaction``: a transaction pooler in front (``POOLERS``): no statement cache."""
+        self._connect_timeout = connect_timeout(options)
         quoted = f'"{self.schema}"'
         self._q = schema_queries(self.schema)
         self._migrations = _migrations.load("postgres", lambda script: script.replace("{schema}", quoted))
@@ -355,6 +397,7 @@ class PostgresStorage(base.Storage):
                 # Behind a transaction pooler a statement prepared on one server session is unknown to
                 # the next: asyncpg then prepares each one unnamed, in the round trip that runs it.
                 **({"statement_cache_size": 0} if self.pooler == "transaction" else {}),
+                connect=functools.partial(_hosts.connect, timeout=self._connect_timeout),
             )
         except Exception as exc:
             if _is_driver_error(exc):
@@ -435,7 +478,10 @@ class PostgresStorage(base.Storage):
         from ._listen import listen_postgres
 
         dsn, application_name = listen_dsn(url or self.url)
-        return await listen_postgres(dsn, application_name, channels, on_notification, on_lost)
+        timeout = connect_timeout(parse_postgres_url(url or self.url)[1])
+        return await listen_postgres(
+            dsn, application_name, channels, on_notification, on_lost, connect_timeout=timeout
+        )
 
     async def schema_version(self) -> int:
         return await self._read(self._read_version)
@@ -1370,8 +1416,11 @@ async def read_histories(url: str, workflow: str | None, limit: int) -> list[Sto
         transaction_pooler = options["pooler"] == "transaction"
         if not transaction_pooler:  # a pooler refuses startup parameters it does not know (PgBouncer does)
             settings["default_transaction_read_only"] = "on"
-        conn = await asyncpg.connect(
-            dsn, timeout=10, server_settings=settings, statement_cache_size=0 if transaction_pooler else 100
+        conn = await _hosts.connect(
+            dsn,
+            timeout=connect_timeout(options),
+            server_settings=settings,
+            statement_cache_size=0 if transaction_pooler else 100,
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise StorageError(f"cannot connect to {safe}: {exc}") from exc
