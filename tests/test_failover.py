@@ -64,7 +64,7 @@ def test_a_multi_host_url_connects_to_the_primary_unless_it_says_otherwise(
     url = "postgresql://geste:secret@db1:5432,db2:5433/shop?schema=s&application_name=api"
     dsn, options = parse_postgres_url(url)
     assert dsn == "postgresql://geste:secret@db1:5432,db2:5433/shop?target_session_attrs=read-write"
-    assert options == {"schema": "s", "application_name": "api"}
+    assert options == {"schema": "s", "application_name": "api", "pooler": "none"}
     assert listen_dsn(url) == (dsn, "api-listener")
     assert parse_postgres_url("postgresql:///shop?host=db1,db2")[0].endswith(
         "target_session_attrs=read-write"
