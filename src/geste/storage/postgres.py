@@ -23,7 +23,7 @@ from .._matching import event_keys, wait_key
 from .._models import Status
 from .._status import QueueStats
 from .._steps import event_history_payload
-from ..errors import ConfigurationError, StorageError
+from ..errors import ConfigurationError, StorageError, StorageTimeout
 from . import _decisions as decide
 from . import _migrations, base
 from . import _read_only as read_only
@@ -43,6 +43,19 @@ SCHEMA_VERSION = _migrations.load("postgres")[-1].version
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MIGRATION_TIMEOUT = 24 * 3600.0
 """How long a migration (and a process waiting for another's) may take: no ``command_timeout``."""
+MIN_COMMAND_TIMEOUT = 5.0
+"""The shortest ``command_timeout`` derived from a worker's ``lock_timeout``."""
+
+
+def derived_command_timeout(lock_timeout: float | None) -> float:
+    """The ``command_timeout`` of an App that sets none in its URL: twice its ``lock_timeout`` (at
+    least ``MIN_COMMAND_TIMEOUT``), 60 s for a storage opened without one (the CLI). A statement not
+    answered within a lease is most likely on a dead connection (a half-open one after a partition
+    never answers): the renewals it holds up have failed by then anyway, and the step commits queued
+    behind it wait for it (docs/design.md, "Dead connections")."""
+    return 60.0 if lock_timeout is None else max(MIN_COMMAND_TIMEOUT, 2 * lock_timeout)
+
+
 _OPTIONS = {"schema", "pool_min_size", "pool_max_size", "command_timeout", "application_name"}
 _T = TypeVar("_T")
 
@@ -121,6 +134,19 @@ def _is_connection_loss(exc: BaseException) -> bool:
         | OSError
         | ConnectionError,
     )
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A statement (or the rollback after it) timed out: ``exc`` is, or was raised handling, a
+    ``TimeoutError``."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__context__
+    return False
 
 
 READ_ATTEMPTS = 3
@@ -237,7 +263,14 @@ def schema_queries(schema: str) -> dict[str, str]:
 
 
 class PostgresStorage(base.Storage):
-    def __init__(self, url: str, *, pool_size: int | None = None, notify: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int | None = None,
+        notify: bool = True,
+        lock_timeout: float | None = None,
+    ) -> None:
         if asyncpg is None:
             raise ConfigurationError("PostgreSQL needs asyncpg: pip install 'geste[postgres]'")
         self.url = url
@@ -249,7 +282,9 @@ class PostgresStorage(base.Storage):
         self._max_size = int(options.get("pool_max_size", str(pool_size or 10)))
         if self._min_size > self._max_size:
             raise ConfigurationError("pool_min_size must not exceed pool_max_size")
-        self._command_timeout = float(options.get("command_timeout", "60"))
+        given = options.get("command_timeout")
+        self._command_timeout = float(given) if given else derived_command_timeout(lock_timeout)
+        """Seconds a statement may go unanswered (``StorageTimeout``); 0: no limit."""
         self._application_name = options["application_name"]
         quoted = f'"{self.schema}"'
         self._q = schema_queries(self.schema)
@@ -277,10 +312,23 @@ class PostgresStorage(base.Storage):
             raise StorageError("the PostgreSQL storage is not open")
         try:
             async with self._pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except Exception as exc:
+                    if _is_connection_loss(exc):
+                        # Dropped at once: after a timeout, asyncpg would send a cancel request and the
+                        # release would wait for it another command_timeout, over a link that may be
+                        # dead (a half-open connection answers nothing, the cancel neither).
+                        conn.terminate()
+                    raise
         except (base.LeaseLost, StorageError):
             raise
         except Exception as exc:
+            if _timed_out(exc):
+                raise StorageTimeout(
+                    f"PostgreSQL did not answer within command_timeout ({self._command_timeout:g}s); "
+                    "the connection was dropped"
+                ) from exc
             if _is_driver_error(exc):
                 raise StorageError(f"PostgreSQL error: {type(exc).__name__}: {exc}") from exc
             raise
@@ -308,13 +356,20 @@ class PostgresStorage(base.Storage):
     async def open(self) -> None:
         if self._pool is not None:
             return
+        limit = self._command_timeout or None
+        settings = {"application_name": self._application_name}
+        if limit is not None:
+            # A session left in a transaction by a client that vanished (a partition) holds the rows it
+            # locked, an instance's among them, which claims skip: the server ends it after this long.
+            settings["idle_in_transaction_session_timeout"] = str(int(limit * 1000))
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=self._min_size,
                 max_size=self._max_size,
-                command_timeout=self._command_timeout,
-                server_settings={"application_name": self._application_name},
+                command_timeout=limit,
+                timeout=limit or 60.0,  # connecting: a partitioned server accepts nothing either
+                server_settings=settings,
                 reset=_keep_session,
             )
         except Exception as exc:
