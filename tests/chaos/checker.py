@@ -15,7 +15,7 @@ from typing import Any
 
 from ..support import raw_query
 from .app import LEDGERS, NEWS_EVERY, read_lines, value_of
-from .controller import ChaosConfig
+from .controller import FAULT_LOG, LEASE_LOST, ChaosConfig
 
 ACTIVITIES = ("reserve", "charge", "ship", "book", "work")
 
@@ -32,6 +32,10 @@ class Facts:
     leftovers: dict[str, int]
     effects: list[dict[str, Any]]
     deliveries: list[dict[str, Any]]
+    faults: list[dict[str, Any]]
+    """The pauses and partitions (``controller.FAULT_LOG``)."""
+    lost_leases: dict[str, int]
+    """By worker output file: its lines that say a lease was lost."""
 
     def result(self, instance_id: str) -> Any:
         return json.loads(self.instances[instance_id]["result"])
@@ -60,7 +64,16 @@ async def gather(url: str, folder: Path, config: ChaosConfig) -> Facts:
         leftovers=leftovers,
         effects=read_lines(folder / "effects.jsonl"),
         deliveries=read_lines(folder / "deliveries.jsonl"),
+        faults=read_lines(folder / FAULT_LOG),
+        lost_leases=_lost_lease_lines(folder),
     )
+
+
+def _lost_lease_lines(folder: Path) -> dict[str, int]:
+    return {
+        path.name: sum(LEASE_LOST in line for line in path.read_text(errors="replace").splitlines())
+        for path in folder.glob("worker-*.out")
+    }
 
 
 def _activity_rows(facts: Facts, instance_id: str) -> list[dict[str, Any]]:
@@ -209,6 +222,22 @@ def nothing_left_locked_or_waiting(facts: Facts) -> str:
     )
 
 
+def paused_workers_dropped_their_lost_runs(facts: Facts) -> str:
+    """A worker paused while it held leases, which others took over, logs at least one lost lease
+    after it resumes for each such pause (its runs stop, its results are dropped: that none was
+    recorded is the other checks' proof)."""
+    pauses = [f for f in facts.faults if f["fault"] == "pause"]
+    hit = Counter(f["output"] for f in pauses if f["leases"])
+    short = {o: (n, facts.lost_leases.get(o, 0)) for o, n in hit.items() if facts.lost_leases.get(o, 0) < n}
+    assert not short, f"paused workers that logged fewer lost leases than pauses (pauses, lines): {short}"
+    partitions = [f for f in facts.faults if f["fault"] == "partition"]
+    return (
+        f"{len(pauses)} pauses ({sum(hit.values())} with leases in flight, taken over): "
+        f"{sum(facts.lost_leases.get(o, 0) for o in hit)} lost-lease lines in those workers' logs; "
+        f"{len(partitions)} partitions"
+    )
+
+
 CHECKS = (
     every_instance_completed,
     orders_have_the_right_results,
@@ -219,6 +248,7 @@ CHECKS = (
     competing_messages_taken_exactly_once,
     outbox_events_delivered,
     nothing_left_locked_or_waiting,
+    paused_workers_dropped_their_lost_runs,
 )
 
 

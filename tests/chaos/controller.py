@@ -4,7 +4,9 @@ It starts the receivers (ledgers, news listeners, competitors), waits until they
 starts the orders and feeds them: a ``chaos.paid`` event per order (some sent twice, the same id),
 news from outside (some published twice, the same id), jobs and the competitors' stops. Meanwhile it
 SIGKILLs random workers and restarts them (under the same id or a new one), terminates the pool's and
-the listener's backends of random workers with ``pg_terminate_backend``, and restarts PostgreSQL once.
+the listener's backends of random workers with ``pg_terminate_backend``, pauses a worker (SIGSTOP) until
+its leases were taken over, partitions a worker from PostgreSQL (its own TCP proxy, ``tests/proxy.py``,
+stalls or cuts its connections) until the same, and restarts PostgreSQL once.
 Its own client calls are retried on ``StorageError`` with the same ids, as a user's would be.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -26,11 +29,18 @@ from typing import Any, TypeVar
 import geste
 
 from ..conftest import die_with_parent
+from ..proxy import TcpProxy
 from ..support import raw_query, restart_postgres, wait_until
 from .app import LEDGERS, NEWS_EVERY, build_app
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
+WORKER_LOCK_TIMEOUT = 1.0
+"""The workers' ``lock_timeout`` (``app._serve``): a pause or a partition lasts longer."""
+LEASE_LOST = "lease lost"
+"""What a worker logs when it finds an instance's lease taken over (the renewal's or the run's line)."""
+FAULT_LOG = "faults.jsonl"
+"""The pauses and partitions, one JSON line each, for the checker."""
 
 
 @dataclass(frozen=True)
@@ -110,13 +120,19 @@ class Controller:
         self._next_worker = 0
         self._done = asyncio.Event()
         self.client: geste.App | None = None
+        self.proxies: dict[str, TcpProxy] = {}
+        """Each worker's own TCP proxy to PostgreSQL, when partitions are among the faults."""
+        self.output_of: dict[str, Path] = {}
+        self._settling: list[asyncio.Task[None]] = []
 
     # -- worker processes ----------------------------------------------------------------------------
     def _worker_url(self, worker_id: str) -> str:
         if not self.postgres:
             return self.url
-        sep = "&" if "?" in self.url else "?"
-        return f"{self.url}{sep}application_name={self.tag}-{worker_id}"
+        proxy = self.proxies.get(worker_id)
+        url = self.url if proxy is None else proxy.url(self.url)
+        sep = "&" if "?" in url else "?"
+        return f"{url}{sep}application_name={self.tag}-{worker_id}"
 
     async def spawn(self, worker_id: str | None = None) -> str:
         if worker_id is None:
@@ -126,6 +142,9 @@ class Controller:
         ready.unlink(missing_ok=True)
         output = self.folder / f"worker-{worker_id}-{len(self.outputs)}.out"
         self.outputs.append(output)
+        self.output_of[worker_id] = output
+        if self.postgres and "partition" in self.config.faults and worker_id not in self.proxies:
+            self.proxies[worker_id] = await TcpProxy.to_url(self.url)
         cmd = [sys.executable, "-m", "tests.chaos.app", self._worker_url(worker_id)]
         cmd += [f"--worker-id={worker_id}", f"--dir={self.folder}"]
         with output.open("wb") as out:
@@ -192,9 +211,115 @@ class Controller:
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
+    async def _leases_of(self, worker_id: str) -> list[str]:
+        rows = await self._admin("SELECT lease_id FROM geste_instances WHERE locked_by = $1", worker_id)
+        return [r["lease_id"] for r in rows if r["lease_id"] is not None]
+
+    async def _until_taken_over(self, leases: list[str], what: str) -> None:
+        """Wait until none of ``leases`` is held any more (taken over by another worker, which may have
+        ended the instance since); with none, for a little more than a lease."""
+        if not leases:
+            await asyncio.sleep(WORKER_LOCK_TIMEOUT * 1.5)
+            return
+
+        async def gone() -> bool:
+            rows = await self._admin(
+                "SELECT count(*) AS n FROM geste_instances WHERE lease_id = ANY($1::text[])", leases
+            )
+            return rows[0]["n"] == 0
+
+        await wait_until(gone, f"the leases of {what} to be taken over", timeout=60, interval=0.05)
+
+    async def _diagnosed(self, proc: subprocess.Popen[bytes], wait: Awaitable[T]) -> T:
+        """``wait``; if it fails, the worker ``proc`` dumps its tasks' and threads' stacks to its output
+        first (tests/chaos/app.py: SIGUSR1, SIGUSR2)."""
+        try:
+            return await wait
+        except AssertionError:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGUSR1)
+                proc.send_signal(signal.SIGUSR2)
+                await asyncio.sleep(1)
+            raise
+
+    def _lost_lines(self, output: Path) -> int:
+        return sum(LEASE_LOST in line for line in output.read_text(errors="replace").splitlines())
+
+    def _log_fault(self, **fields: Any) -> None:
+        with (self.folder / FAULT_LOG).open("a") as log:
+            log.write(json.dumps(fields) + "\n")
+
+    async def pause_worker(self) -> None:
+        """SIGSTOP a worker until the others took over every lease it held (past its lock_timeout),
+        then SIGCONT it: it must log each lost lease (its writes are refused: the checker proves from
+        the database that nothing was recorded twice)."""
+        live = [w for w, p in self.procs.items() if p.poll() is None]
+        victim = self.rng.choice(live)
+        proc, output = self.procs[victim], self.output_of[victim]
+        leases = await self._leases_of(victim)
+        before = self._lost_lines(output)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            await self._until_taken_over(leases, f"paused {victim}")
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        if leases:
+            await self._diagnosed(
+                proc,
+                wait_until(
+                    lambda: proc.poll() is not None or self._lost_lines(output) > before,
+                    f"resumed {victim} to log a lost lease",
+                    timeout=60,
+                ),
+            )
+        self._log_fault(fault="pause", worker=victim, output=output.name, leases=len(leases), before=before)
+        self.journal.note("worker paused (SIGSTOP) past its lease", f"{victim}: {len(leases)} lease(s) lost")
+        if leases:
+            self.journal.counts["paused worker's leases taken over"] += 1
+
+    async def partition_worker(self) -> None:
+        """Partition a worker from PostgreSQL (its proxy stalls: half-open connections; or cuts them)
+        until the others took over every lease it held, then heal; in the background, wait until it
+        heartbeats again through new connections (``settle``)."""
+        live = [w for w, p in self.procs.items() if p.poll() is None and w in self.proxies]
+        victim = self.rng.choice(live)
+        proxy, proc = self.proxies[victim], self.procs[victim]
+        how = self.rng.choice(["stall", "cut"])
+        leases = await self._leases_of(victim)
+        getattr(proxy, how)()
+        try:
+            await self._until_taken_over(leases, f"partitioned {victim}")
+        finally:
+            proxy.heal()
+        healed = time.time()
+        self._log_fault(fault="partition", how=how, worker=victim, leases=len(leases))
+        self.journal.note(f"worker partitioned from PostgreSQL ({how})", f"{victim}: {len(leases)} lease(s)")
+
+        async def resumed() -> None:
+            async def beats() -> bool:
+                if proc.poll() is not None or self.procs.get(victim) is not proc:
+                    return True  # killed meanwhile: its successor is another process
+                rows = await self._admin(
+                    "SELECT heartbeat_at FROM geste_workers WHERE worker_id = $1", victim
+                )
+                return bool(rows) and rows[0]["heartbeat_at"] > healed
+
+            await self._diagnosed(
+                proc, wait_until(beats, f"{victim} to work again after a partition", timeout=90, interval=0.2)
+            )
+            self.journal.note("partitioned worker heartbeats again", victim)
+
+        self._settling.append(asyncio.create_task(resumed()))
+
+    async def settle(self) -> None:
+        """Wait for what the faults left to verify: partitioned workers working again."""
+        await asyncio.gather(*self._settling)
+
     FAULTS: dict[str, tuple[str, bool]] = {
         "kill": ("kill_and_restart", False),
         "terminate": ("terminate_backends", True),
+        "pause": ("pause_worker", False),
+        "partition": ("partition_worker", True),
     }
     """The recurring faults by name: the method that injects one, and whether it needs PostgreSQL."""
 
@@ -352,6 +477,7 @@ class Controller:
             finally:
                 self._done.set()
                 await fault_task
+                await self.settle()
             codes = self.stop_all()
             self.journal.note("workers stopped (SIGTERM)", f"exit codes {sorted(set(codes))}")
             assert set(codes) == {0}, f"workers did not drain and exit cleanly: exit codes {codes}"
@@ -361,3 +487,7 @@ class Controller:
         finally:
             self.stop_all(kill=True)
             await client.close()
+            for task in self._settling:
+                task.cancel()
+            for proxy in self.proxies.values():
+                await proxy.close()

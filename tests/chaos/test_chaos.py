@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .checker import check
+from .checker import CHECKS, check
 from .controller import ChaosConfig
 from .run import run_chaos
 
@@ -147,6 +147,12 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
         "nothing_left_locked_or_waiting",
         lambda f: _sql(f, "UPDATE geste_instances SET locked_by = 'w9' WHERE instance_id = 'order-6'"),
     ),
+    "a paused worker that logged no lost lease": (
+        "paused_workers_dropped_their_lost_runs",
+        lambda f: (f / "faults.jsonl").write_text(
+            json.dumps({"fault": "pause", "worker": "w1", "output": "worker-w1-0.out", "leases": 2}) + "\n"
+        ),
+    ),
     "a timer left behind": (
         "nothing_left_locked_or_waiting",
         lambda f: _sql(f, "INSERT INTO geste_timers VALUES ('order-7', 99, 0)"),
@@ -155,7 +161,7 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
 
 
 async def test_the_checker_passes_a_good_run(good_run: Path) -> None:
-    assert len(await check(f"sqlite:///{good_run / 'geste.db'}", good_run, CALM)) == 9
+    assert len(await check(f"sqlite:///{good_run / 'geste.db'}", good_run, CALM)) == len(CHECKS)
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

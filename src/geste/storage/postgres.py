@@ -10,6 +10,7 @@ costs the operations in flight, not the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import uuid
@@ -307,19 +308,26 @@ class PostgresStorage(base.Storage):
 
     # -- plumbing ----------------------------------------------------------------------------------
     @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[Conn]:
+    async def _conn(self, *, bounded: bool = True) -> AsyncIterator[Conn]:
+        """A pooled connection for one operation. ``bounded``: the operation (all its statements, the
+        rollback after a failure) has ``command_timeout`` in all, not only each statement: asyncpg runs
+        some round trips without a limit (closing statements its cache evicted), and on a half-open
+        connection such a round trip never ends."""
         if self._pool is None:
             raise StorageError("the PostgreSQL storage is not open")
+        limit = self._command_timeout or None if bounded else None
         try:
             async with self._pool.acquire() as conn:
                 try:
-                    yield conn
+                    async with asyncio.timeout(limit):
+                        yield conn
                 except Exception as exc:
                     if _is_connection_loss(exc):
                         # Dropped at once: after a timeout, asyncpg would send a cancel request and the
                         # release would wait for it another command_timeout, over a link that may be
                         # dead (a half-open connection answers nothing, the cancel neither).
-                        conn.terminate()
+                        with contextlib.suppress(Exception):  # released already if it broke
+                            conn.terminate()
                     raise
         except (base.LeaseLost, StorageError):
             raise
@@ -333,8 +341,8 @@ class PostgresStorage(base.Storage):
                 raise StorageError(f"PostgreSQL error: {type(exc).__name__}: {exc}") from exc
             raise
 
-    async def _run(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
-        async with self._conn() as conn:
+    async def _run(self, fn: Callable[[Conn], Awaitable[_T]], *, bounded: bool = True) -> _T:
+        async with self._conn(bounded=bounded) as conn:
             return await fn(conn)
 
     async def _read(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
@@ -377,7 +385,7 @@ class PostgresStorage(base.Storage):
                 raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
             raise
         try:
-            await self._run(self._migrate)
+            await self._run(self._migrate, bounded=False)
         except BaseException:
             await self.close()
             raise
@@ -1193,8 +1201,12 @@ class PostgresStorage(base.Storage):
 
         async def go(conn: Conn) -> base.StoredMessage | base.Suspension | None:
             await conn.execute(self._q["channel_lock"], wait.channel)
-            row = await conn.fetchrow(self._q["channel_find"], wait.channel, instance_id, wait.mode, now)
-            if row is None:
+            row = await conn.fetchrow(
+                self._q["channel_find"], wait.channel, instance_id, wait.mode, now, lease.lease_id
+            )
+            if not row["ours"]:
+                raise base.LeaseLost(instance_id)
+            if row["mode"] is None:
                 raise StorageError(f"no subscription of {instance_id} to channel {wait.channel!r}")
             if row["seq"] is None and decide.timed_out(wait.deadline, now):
                 await conn.execute(self._q["channel_stop_waiting"], wait.channel, instance_id)
