@@ -9,10 +9,12 @@ resumed, its result is refused and dropped with a log line, and the activity is 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -30,10 +32,12 @@ from geste.storage.base import (
     NewOutboxEvent,
 )
 
+from .proxy import TcpProxy
 from .support import raw_query, wait_status, wait_until
 from .test_crash import Cluster, assert_recorded_once, build_app
 
 INPUT = '{"args":[],"kwargs":{}}'
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -200,3 +204,85 @@ async def test_a_full_routing_worker_with_an_instance_due_keeps_its_event_loop_t
         release.set()
         assert await full.result(timeout=10) == 1
         assert await asleep.result(timeout=10) == 2
+
+
+# -- a network partition between a worker and PostgreSQL ---------------------------------------------------
+async def retried(call: Callable[[], Awaitable[T]]) -> T:
+    """A call retried on ``StorageError`` (a dead pooled connection found after the partition healed:
+    ``StorageTimeout``), as a user would."""
+    for _ in range(5):
+        try:
+            return await call()
+        except geste.errors.StorageError:
+            continue
+    return await call()
+
+
+@pytest.mark.parametrize("how", ["stall", "cut"])
+async def test_a_partitioned_worker_loses_its_lease_records_nothing_and_works_again_once_healed(
+    pg_url: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Worker A reaches PostgreSQL through a proxy that stalls (half-open connections: nothing
+    forwarded, nothing closed) or cuts its connections in the middle of an activity. B takes the
+    instance over and ends it. A's activity then returns: its commit gets no answer within
+    ``command_timeout`` (``StorageTimeout``, the connection dropped) or fails at once; nothing is
+    recorded twice. Healed, A works again through new connections."""
+    proxy = await TcpProxy.to_url(pg_url)
+    runs: list[str] = []
+    gates = {"A": asyncio.Event(), "B": asyncio.Event()}
+
+    def build(url: str, worker: str) -> geste.App:
+        app = geste.App(
+            url, worker_id=worker, lock_timeout=1.0, poll_interval=0.05, notify_reconnect_delay=0.2
+        )
+
+        @app.activity
+        async def step(ctx: geste.ActivityContext, n: int) -> str:
+            runs.append(f"{worker}:{ctx.instance_id}")
+            await gates[worker].wait()
+            return f"{worker} did {n}"
+
+        @app.workflow
+        async def job(ctx: geste.WorkflowContext, n: int) -> str:
+            return await step(ctx, n)
+
+        return app
+
+    a, b = build(proxy.url(pg_url), "A"), build(pg_url, "B")
+    caplog.set_level(logging.INFO, logger="geste")
+    try:
+        await a.open()
+        await a.start_workflow("job", 1, instance_id="x")
+        await wait_until(lambda: runs == ["A:x"], "A to run the activity")
+        getattr(proxy, how)()
+        async with b:
+            await wait_until(lambda: "B:x" in runs, "B to take x over", timeout=30)
+            gates["B"].set()
+            assert await b.get_handle("x").result(timeout=30) == "B did 1"
+            gates["A"].set()  # A's activity returns: its result must be refused or never arrive
+
+            def a_gave_up() -> bool:
+                return any(
+                    r.message.startswith("instance x: ")
+                    and ("storage failed" in r.message or "lease lost" in r.message)
+                    for r in caplog.records
+                )
+
+            await wait_until(a_gave_up, "A to give its run of x up", timeout=30)
+            proxy.heal()
+        # B is gone: A alone must take the next instance, through new connections
+        again = await retried(lambda: a.start_workflow("job", 2, instance_id="y"))
+        assert await retried(lambda: again.result(timeout=60)) == "A did 2"
+    finally:
+        await a.close()
+        await proxy.close()
+    history = await raw_query(
+        pg_url, "SELECT instance_id, seq, kind FROM geste_history ORDER BY instance_id, seq"
+    )
+    assert [(r["instance_id"], r["seq"], r["kind"]) for r in history] == [
+        ("x", 1, "activity"),
+        ("y", 1, "activity"),
+    ]
+    (x,) = await raw_query(pg_url, "SELECT result, last_worker FROM geste_instances WHERE instance_id = 'x'")
+    assert x["last_worker"] == "B" and "B did 1" in x["result"]
+    assert runs == ["A:x", "B:x", "A:y"]

@@ -223,17 +223,20 @@ def nothing_left_locked_or_waiting(facts: Facts) -> str:
 
 
 def paused_workers_dropped_their_lost_runs(facts: Facts) -> str:
-    """A worker paused while it held leases, which others took over, logs at least one lost lease
-    after it resumes for each such pause (its runs stop, its results are dropped: that none was
-    recorded is the other checks' proof)."""
+    """A worker paused while it held leases, which others took over, says so after it resumes ("lease
+    lost": its runs stop, their results are dropped; that none was recorded is the other checks'
+    proof): its log has at least one such line per pause the controller saw it report."""
     pauses = [f for f in facts.faults if f["fault"] == "pause"]
-    hit = Counter(f["output"] for f in pauses if f["leases"])
-    short = {o: (n, facts.lost_leases.get(o, 0)) for o, n in hit.items() if facts.lost_leases.get(o, 0) < n}
+    reported = Counter(f["output"] for f in pauses if f.get("logged"))
+    short = {
+        o: (n, facts.lost_leases.get(o, 0)) for o, n in reported.items() if facts.lost_leases.get(o, 0) < n
+    }
     assert not short, f"paused workers that logged fewer lost leases than pauses (pauses, lines): {short}"
+    caught = sum(1 for f in pauses if f["leases"])
     partitions = [f for f in facts.faults if f["fault"] == "partition"]
     return (
-        f"{len(pauses)} pauses ({sum(hit.values())} with leases in flight, taken over): "
-        f"{sum(facts.lost_leases.get(o, 0) for o in hit)} lost-lease lines in those workers' logs; "
+        f"{len(pauses)} pauses ({caught} with leases taken over, {sum(reported.values())} reported): "
+        f"{sum(facts.lost_leases.get(o, 0) for o in reported)} lost-lease lines in those workers' logs; "
         f"{len(partitions)} partitions"
     )
 

@@ -80,6 +80,7 @@ class ChaosConfig:
             "fault_interval": 0.5,
             "duration": 60.0,
             "timeout": 600.0,
+            "faults": (*cls.faults, "pause", "partition"),
         }
         return cls(**{**values, **overrides})
 
@@ -215,6 +216,14 @@ class Controller:
         rows = await self._admin("SELECT lease_id FROM geste_instances WHERE locked_by = $1", worker_id)
         return [r["lease_id"] for r in rows if r["lease_id"] is not None]
 
+    async def _busiest(self, workers: list[str]) -> tuple[str, list[str]]:
+        """The worker that holds the most leases (a random one if none holds any), and its leases: a
+        pause or a partition then catches runs in flight."""
+        held = {w: await self._leases_of(w) for w in workers}
+        most = max(len(leases) for leases in held.values())
+        victim = self.rng.choice(sorted(w for w, leases in held.items() if len(leases) == most))
+        return victim, held[victim]
+
     async def _until_taken_over(self, leases: list[str], what: str) -> None:
         """Wait until none of ``leases`` is held any more (taken over by another worker, which may have
         ended the instance since); with none, for a little more than a lease."""
@@ -250,42 +259,46 @@ class Controller:
             log.write(json.dumps(fields) + "\n")
 
     async def pause_worker(self) -> None:
-        """SIGSTOP a worker until the others took over every lease it held (past its lock_timeout),
-        then SIGCONT it: it must log each lost lease (its writes are refused: the checker proves from
-        the database that nothing was recorded twice)."""
-        live = [w for w, p in self.procs.items() if p.poll() is None]
-        victim = self.rng.choice(live)
+        """SIGSTOP the worker holding the most leases until the others took over every one of them (past
+        its lock_timeout), then SIGCONT it: it must find out, and say so ("lease lost") for each run it
+        had in flight (its writes are refused: the checker proves from the database that nothing was
+        recorded twice). A lease it held without a run (a claim whose answer came after the statement's
+        timeout, the pause counted) is not its to report: the wait for a line ends when it has renewed
+        its leases twice since it resumed."""
+        victim, leases = await self._busiest([w for w, p in self.procs.items() if p.poll() is None])
         proc, output = self.procs[victim], self.output_of[victim]
-        leases = await self._leases_of(victim)
         before = self._lost_lines(output)
         proc.send_signal(signal.SIGSTOP)
         try:
             await self._until_taken_over(leases, f"paused {victim}")
         finally:
             proc.send_signal(signal.SIGCONT)
+        resumed = time.time()
+
+        async def found_out() -> bool:
+            if proc.poll() is not None or self._lost_lines(output) > before:
+                return True
+            rows = await self._admin("SELECT heartbeat_at FROM geste_workers WHERE worker_id = $1", victim)
+            return bool(rows) and rows[0]["heartbeat_at"] > resumed + WORKER_LOCK_TIMEOUT
+
         if leases:
-            await self._diagnosed(
-                proc,
-                wait_until(
-                    lambda: proc.poll() is not None or self._lost_lines(output) > before,
-                    f"resumed {victim} to log a lost lease",
-                    timeout=60,
-                ),
-            )
-        self._log_fault(fault="pause", worker=victim, output=output.name, leases=len(leases), before=before)
+            await self._diagnosed(proc, wait_until(found_out, f"resumed {victim} to renew", timeout=60))
+        logged = self._lost_lines(output) > before
+        self._log_fault(
+            fault="pause", worker=victim, output=output.name, leases=len(leases), before=before, logged=logged
+        )
         self.journal.note("worker paused (SIGSTOP) past its lease", f"{victim}: {len(leases)} lease(s) lost")
-        if leases:
-            self.journal.counts["paused worker's leases taken over"] += 1
+        if logged:
+            self.journal.counts["paused worker logged its lost leases"] += 1
 
     async def partition_worker(self) -> None:
         """Partition a worker from PostgreSQL (its proxy stalls: half-open connections; or cuts them)
         until the others took over every lease it held, then heal; in the background, wait until it
         heartbeats again through new connections (``settle``)."""
         live = [w for w, p in self.procs.items() if p.poll() is None and w in self.proxies]
-        victim = self.rng.choice(live)
+        victim, leases = await self._busiest(live)
         proxy, proc = self.proxies[victim], self.procs[victim]
         how = self.rng.choice(["stall", "cut"])
-        leases = await self._leases_of(victim)
         getattr(proxy, how)()
         try:
             await self._until_taken_over(leases, f"partitioned {victim}")

@@ -35,6 +35,26 @@ async def test_postgres_workers_killed_disconnected_and_a_server_restart_lose_no
     assert terminated >= 3, faults
 
 
+PAUSED = "worker paused (SIGSTOP) past its lease"
+
+
+@pytest.mark.timeout(600)
+async def test_postgres_workers_paused_and_partitioned_lose_nothing(pg_url: str, tmp_path: Path) -> None:
+    """Workers stopped (SIGSTOP) past their lease and partitioned from PostgreSQL (stalled or cut
+    connections) while they hold instances: the others take those over; resumed or healed, they record
+    nothing of what they did meanwhile (the checker: nothing twice; a lost-lease line per pause that
+    caught runs in flight), and work again."""
+    config = ChaosConfig.short(
+        orders=100, jobs=20, duration=10.0, faults=("pause", "partition"), restart_postgres=False
+    )
+    report = await run_chaos(pg_url, tmp_path, config)
+    print(report)
+    faults = report.faults
+    assert faults[PAUSED] >= 2 and faults["paused worker logged its lost leases"] >= 1, faults
+    partitions = sum(n for what, n in faults.items() if what.startswith("worker partitioned"))
+    assert partitions >= 2 and faults["partitioned worker heartbeats again"] == partitions, faults
+
+
 @pytest.mark.timeout(600)
 async def test_sqlite_workers_killed_lose_nothing(tmp_path: Path) -> None:
     config = ChaosConfig.short(orders=150, listeners=2, competitors=2, jobs=30)
@@ -150,7 +170,7 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
     "a paused worker that logged no lost lease": (
         "paused_workers_dropped_their_lost_runs",
         lambda f: (f / "faults.jsonl").write_text(
-            json.dumps({"fault": "pause", "worker": "w1", "output": "worker-w1-0.out", "leases": 2}) + "\n"
+            json.dumps({"fault": "pause", "output": "worker-w1-0.out", "leases": 2, "logged": True}) + "\n"
         ),
     ),
     "a timer left behind": (
