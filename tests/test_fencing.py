@@ -209,8 +209,8 @@ async def test_a_full_routing_worker_with_an_instance_due_keeps_its_event_loop_t
 # -- a network partition between a worker and PostgreSQL ---------------------------------------------------
 async def retried(call: Callable[[], Awaitable[T]]) -> T:
     """A call retried on ``StorageError`` (a dead pooled connection found after the partition healed:
-    ``StorageTimeout``), as a user would."""
-    for _ in range(5):
+    ``StorageTimeout``: one per stalled connection of its pool at most), as a user would."""
+    for _ in range(12):
         try:
             return await call()
         except geste.errors.StorageError:
