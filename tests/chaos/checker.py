@@ -222,22 +222,29 @@ def nothing_left_locked_or_waiting(facts: Facts) -> str:
     )
 
 
+PAUSE_REPORTED_WITHIN = 4.0
+"""A pause shorter than this (under the workers' 5 s ``command_timeout``) leaves no claim whose answer
+came too late: every lease the worker held is one of its runs, which must report the loss."""
+
+
 def paused_workers_dropped_their_lost_runs(facts: Facts) -> str:
-    """A worker paused while it held leases, which others took over, says so after it resumes ("lease
+    """A worker paused while it held leases that others took over says so after it resumes ("lease
     lost": its runs stop, their results are dropped; that none was recorded is the other checks'
-    proof): its log has at least one such line per pause the controller saw it report."""
+    proof), and its log has at least one such line per pause that found it out."""
     pauses = [f for f in facts.faults if f["fault"] == "pause"]
-    reported = Counter(f["output"] for f in pauses if f.get("logged"))
+    silent = [f for f in pauses if f["taken"] and f["seconds"] < PAUSE_REPORTED_WITHIN and not f["logged"]]
+    assert not silent, f"paused workers whose lost leases went unreported: {silent[:3]}"
+    reported = Counter(f["output"] for f in pauses if f["logged"])
     short = {
         o: (n, facts.lost_leases.get(o, 0)) for o, n in reported.items() if facts.lost_leases.get(o, 0) < n
     }
     assert not short, f"paused workers that logged fewer lost leases than pauses (pauses, lines): {short}"
-    caught = sum(1 for f in pauses if f["leases"])
+    caught = sum(1 for f in pauses if f["taken"])
     partitions = [f for f in facts.faults if f["fault"] == "partition"]
     return (
-        f"{len(pauses)} pauses ({caught} with leases taken over, {sum(reported.values())} reported): "
-        f"{sum(facts.lost_leases.get(o, 0) for o in reported)} lost-lease lines in those workers' logs; "
-        f"{len(partitions)} partitions"
+        f"{len(pauses)} pauses ({caught} with leases taken over by others, {sum(reported.values())} "
+        f"reported): {sum(facts.lost_leases.get(o, 0) for o in reported)} lost-lease lines in those "
+        f"workers' logs; {len(partitions)} partitions"
     )
 
 

@@ -212,19 +212,40 @@ class Controller:
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
-    async def _leases_of(self, worker_id: str) -> list[str]:
-        rows = await self._admin("SELECT lease_id FROM geste_instances WHERE locked_by = $1", worker_id)
-        return [r["lease_id"] for r in rows if r["lease_id"] is not None]
+    async def _leases_of(self, worker_id: str) -> dict[str, str]:
+        """The leases ``worker_id`` holds: lease id by instance id."""
+        rows = await self._admin(
+            "SELECT instance_id, lease_id FROM geste_instances WHERE locked_by = $1 AND lease_id IS NOT NULL",
+            worker_id,
+        )
+        return {r["instance_id"]: r["lease_id"] for r in rows}
 
-    async def _busiest(self, workers: list[str]) -> tuple[str, list[str]]:
-        """The worker that holds the most leases (a random one if none holds any), and its leases: a
-        pause or a partition then catches runs in flight."""
-        held = {w: await self._leases_of(w) for w in workers}
-        most = max(len(leases) for leases in held.values())
+    async def _taken_by_others(self, worker_id: str, leases: dict[str, str]) -> int:
+        """How many of the instances of ``leases`` another worker holds or last ran (taken over), rather
+        than ``worker_id`` itself (ended by its own statements, received before it stopped)."""
+        rows = await self._admin(
+            "SELECT count(*) AS n FROM geste_instances WHERE instance_id = ANY($1::text[]) "
+            "AND coalesce(locked_by, last_worker) IS DISTINCT FROM $2",
+            list(leases),
+            worker_id,
+        )
+        return int(rows[0]["n"])
+
+    async def _busiest(self, workers: list[str]) -> tuple[str, dict[str, str]]:
+        """The worker that holds the most leases, and its leases: a pause or a partition then catches
+        runs in flight. Runs are short (a few milliseconds between a claim and a suspension), so this
+        looks again for up to two seconds while no worker holds any; then any worker."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            held = {w: await self._leases_of(w) for w in workers}
+            most = max(len(leases) for leases in held.values())
+            if most or time.monotonic() > deadline or self._done.is_set():
+                break
+            await asyncio.sleep(0.02)
         victim = self.rng.choice(sorted(w for w, leases in held.items() if len(leases) == most))
         return victim, held[victim]
 
-    async def _until_taken_over(self, leases: list[str], what: str) -> None:
+    async def _until_taken_over(self, leases: dict[str, str], what: str) -> None:
         """Wait until none of ``leases`` is held any more (taken over by another worker, which may have
         ended the instance since); with none, for a little more than a lease."""
         if not leases:
@@ -233,7 +254,8 @@ class Controller:
 
         async def gone() -> bool:
             rows = await self._admin(
-                "SELECT count(*) AS n FROM geste_instances WHERE lease_id = ANY($1::text[])", leases
+                "SELECT count(*) AS n FROM geste_instances WHERE lease_id = ANY($1::text[])",
+                list(leases.values()),
             )
             return rows[0]["n"] == 0
 
@@ -259,21 +281,23 @@ class Controller:
             log.write(json.dumps(fields) + "\n")
 
     async def pause_worker(self) -> None:
-        """SIGSTOP the worker holding the most leases until the others took over every one of them (past
-        its lock_timeout), then SIGCONT it: it must find out, and say so ("lease lost") for each run it
-        had in flight (its writes are refused: the checker proves from the database that nothing was
-        recorded twice). A lease it held without a run (a claim whose answer came after the statement's
-        timeout, the pause counted) is not its to report: the wait for a line ends when it has renewed
+        """SIGSTOP the worker holding the most leases until none of them is its own any more (past its
+        lock_timeout: taken over by others, or ended by its own statements the server had received),
+        then SIGCONT it. For each instance another worker took over it must find out and say so ("lease
+        lost"): its writes are refused, its results dropped (the checker proves from the database that
+        nothing was recorded twice, and counts the lines). The wait for a line ends when it has renewed
         its leases twice since it resumed."""
         victim, leases = await self._busiest([w for w, p in self.procs.items() if p.poll() is None])
         proc, output = self.procs[victim], self.output_of[victim]
         before = self._lost_lines(output)
+        stopped = time.monotonic()
         proc.send_signal(signal.SIGSTOP)
         try:
             await self._until_taken_over(leases, f"paused {victim}")
         finally:
             proc.send_signal(signal.SIGCONT)
-        resumed = time.time()
+        resumed, seconds = time.time(), time.monotonic() - stopped
+        taken = await self._taken_by_others(victim, leases)
 
         async def found_out() -> bool:
             if proc.poll() is not None or self._lost_lines(output) > before:
@@ -281,13 +305,22 @@ class Controller:
             rows = await self._admin("SELECT heartbeat_at FROM geste_workers WHERE worker_id = $1", victim)
             return bool(rows) and rows[0]["heartbeat_at"] > resumed + WORKER_LOCK_TIMEOUT
 
-        if leases:
+        if taken:
             await self._diagnosed(proc, wait_until(found_out, f"resumed {victim} to renew", timeout=60))
         logged = self._lost_lines(output) > before
         self._log_fault(
-            fault="pause", worker=victim, output=output.name, leases=len(leases), before=before, logged=logged
+            fault="pause",
+            worker=victim,
+            output=output.name,
+            leases=len(leases),
+            taken=taken,
+            seconds=round(seconds, 2),
+            logged=logged,
         )
-        self.journal.note("worker paused (SIGSTOP) past its lease", f"{victim}: {len(leases)} lease(s) lost")
+        self.journal.note(
+            "worker paused (SIGSTOP) past its lease",
+            f"{victim}: {taken} of its {len(leases)} lease(s) taken over",
+        )
         if logged:
             self.journal.counts["paused worker logged its lost leases"] += 1
 
@@ -348,9 +381,11 @@ class Controller:
         ]
 
     async def faults(self, progress: Callable[[], Awaitable[float]]) -> None:
-        """Inject faults until the load is done; restart PostgreSQL once, when a third has completed."""
+        """Inject faults until the load is done, each recurring one in turn (in a random order each
+        round: a short run still has them all); restart PostgreSQL once, when a third has completed."""
         restarted = not (self.postgres and self.config.restart_postgres)
         injectors = self.recurring()
+        deck: list[Callable[[], Awaitable[None]]] = []  # each fault once per round, in a random order
         while not self._done.is_set():
             pause = self.config.fault_interval * self.rng.uniform(0.5, 1.5)
             try:
@@ -362,7 +397,9 @@ class Controller:
                 restarted = True
                 await self.restart_server()
             elif injectors:
-                await self.rng.choice(injectors)()
+                if not deck:
+                    deck = self.rng.sample(injectors, len(injectors))
+                await deck.pop()()
 
     # -- the client's calls ------------------------------------------------------------------------------
     async def retried(self, call: Callable[[], Awaitable[T]]) -> T:

