@@ -50,9 +50,9 @@ async def test_postgres_workers_paused_and_partitioned_lose_nothing(pg_url: str,
     report = await run_chaos(pg_url, tmp_path, config)
     print(report)
     faults = report.faults
-    assert faults[PAUSED] >= 2, faults  # each that caught runs in flight reported them: the checker
+    assert faults[PAUSED] >= 1, faults  # each that caught runs in flight reported them: the checker
     partitions = sum(n for what, n in faults.items() if what.startswith("worker partitioned"))
-    assert partitions >= 2 and faults["partitioned worker heartbeats again"] == partitions, faults
+    assert partitions >= 1 and faults["partitioned worker heartbeats again"] == partitions, faults
 
 
 @pytest.mark.timeout(600)

@@ -369,7 +369,8 @@ class PostgresStorage(base.Storage):
         if limit is not None:
             # A session left in a transaction by a client that vanished (a partition) holds the rows it
             # locked, an instance's among them, which claims skip: the server ends it after this long.
-            settings["idle_in_transaction_session_timeout"] = str(int(limit * 1000))
+            # Half the limit: those waiting for its locks get them before their own limit runs out.
+            settings["idle_in_transaction_session_timeout"] = str(int(limit * 500))
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
@@ -1209,7 +1210,7 @@ class PostgresStorage(base.Storage):
             if row["mode"] is None:
                 raise StorageError(f"no subscription of {instance_id} to channel {wait.channel!r}")
             if row["seq"] is None and decide.timed_out(wait.deadline, now):
-                await conn.execute(self._q["channel_stop_waiting"], wait.channel, instance_id)
+                await conn.execute(self._q["channel_stop_waiting"], wait.channel, instance_id, lease.lease_id)
                 return None
             if row["seq"] is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)

@@ -1274,14 +1274,13 @@ WITH lease AS (
 SELECT cancel_requested FROM lease;
 
 -- name: channel_find
--- receive(): prove the lease ($5) and lock the instance's row (the take or the suspension that follows
--- in this transaction updates it anyway), ensure the subscription (a first receive subscribes, from the
--- channel's last message on), then the instance's next message, oldest first: one after its cursor
+-- receive(): prove the lease ($5; read, not locked: the take or the suspension that follows in this
+-- transaction proves it again as it writes), ensure the subscription (a first receive subscribes, from
+-- the channel's last message on), then the instance's next message, oldest first: one after its cursor
 -- (broadcast: every one; competing: one nobody took), or a direct one not yet taken. Returns (lease
--- was ours, mode, message columns or NULLs): a worker whose lease was taken over writes nothing.
+-- was ours, mode, message columns or NULLs): a worker whose lease was taken over subscribes nothing.
 WITH lease AS (
     SELECT instance_id FROM {schema}.geste_instances WHERE instance_id = $2 AND lease_id = $5
-    FOR UPDATE
 ), new_sub AS (
     INSERT INTO {schema}.geste_channel_subscriptions
         (channel, instance_id, mode, cursor_seq, waiting_since, created_at)
@@ -1348,7 +1347,12 @@ SET waiting_since = CASE WHEN channel = $1 THEN $3::double precision END
 WHERE instance_id = $2 AND (channel = $1 OR waiting_since IS NOT NULL);
 
 -- name: channel_stop_waiting
-UPDATE {schema}.geste_channel_subscriptions SET waiting_since = NULL WHERE channel = $1 AND instance_id = $2;
+-- A receive timed out: its wait ends, only while the lease ($3) is still the instance's (a worker whose
+-- lease was taken over must not end the new holder's wait). Returns the row when it was.
+UPDATE {schema}.geste_channel_subscriptions SET waiting_since = NULL
+WHERE channel = $1 AND instance_id = $2
+  AND EXISTS (SELECT 1 FROM {schema}.geste_instances WHERE instance_id = $2 AND lease_id = $3)
+RETURNING instance_id;
 
 -- name: channel_publish
 -- A publish in one statement (after channel_lock): with a lease (ctx.publish / ctx.send_to) renew it and
