@@ -142,7 +142,10 @@ class App(OpenClose):
         self.registry = Registry(self, default_retry=default_retry)
         """The registered workflows and activities (``app.workflows`` and ``app.activities`` copy them)."""
         self._parts = self._assemble(
-            url, create_storage(url, notify=self.notify.enabled), clock=clock, metrics=Metrics()
+            url,
+            create_storage(url, notify=self.notify.enabled, lock_timeout=self.lock_timeout),
+            clock=clock,
+            metrics=Metrics(),
         )
 
     def _runtime_options(self, overrides: Mapping[str, Any]) -> RuntimeOptions:

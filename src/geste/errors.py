@@ -8,6 +8,7 @@ GesteError
 ├── SerializationError          a value that cannot be stored as JSON (or read back)
 │   └── PayloadTooLargeError    an encoded value larger than App(max_payload_bytes=...)
 ├── StorageError                the database failed or is not usable
+│   ├── StorageTimeout          a statement got no answer within command_timeout (connection dropped)
 │   ├── NotAGesteDatabaseError  the file / schema holds something that is not geste's
 │   └── SchemaVersionError      written by a newer geste than this one
 ├── InstanceNotFoundError       no instance with that id
@@ -56,6 +57,7 @@ __all__ = [
     "SchemaVersionError",
     "SerializationError",
     "StorageError",
+    "StorageTimeout",
     "UnknownWorkflowError",
     "WorkflowCancelled",
     "WorkflowFailed",
@@ -101,6 +103,13 @@ class PayloadTooLargeError(SerializationError):
 
 class StorageError(GesteError):
     """The database failed, went away, or cannot be used."""
+
+
+class StorageTimeout(StorageError):
+    """A statement got no answer within the storage's ``command_timeout``: the server is overloaded,
+    or the connection is dead without a word (a half-open TCP connection after a network partition).
+    geste drops that connection at once; the operation's outcome is unknown, as after any lost
+    connection (a step commit not acknowledged is not assumed done: the lease decides)."""
 
 
 class NotAGesteDatabaseError(StorageError):

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import hashlib
+import io
 import json
 import logging
 import os
@@ -200,11 +202,21 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, app.shutdown)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)  # the controller's diagnosis of a stuck worker
+    faulthandler.register(signal.SIGUSR2)  # the threads' stacks, even with the event loop blocked
     await app.open()
     while app.notify.enabled and app.listener_status().state != "listening":
         await asyncio.sleep(0.01)
     (folder / f"ready-{args.worker_id}").write_text(str(os.getpid()))
     await app.run()  # already open: runs until shutdown(), then drains and closes
+
+
+def _dump_tasks() -> None:
+    """Log the stack of every asyncio task (SIGUSR1)."""
+    for task in asyncio.all_tasks():
+        stack = io.StringIO()
+        task.print_stack(limit=12, file=stack)
+        logging.getLogger("chaos").warning("task %s:\n%s", task.get_name(), stack.getvalue())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..support import raw_query
 from .app import LEDGERS, NEWS_EVERY, read_lines, value_of
-from .controller import ChaosConfig
+from .controller import FAULT_LOG, LEASE_LOST, ChaosConfig
 
 ACTIVITIES = ("reserve", "charge", "ship", "book", "work")
 
@@ -33,6 +33,10 @@ class Facts:
     effects: list[dict[str, Any]]
     deliveries: list[dict[str, Any]]
     acks: list[dict[str, Any]]
+    faults: list[dict[str, Any]]
+    """The pauses and partitions (``controller.FAULT_LOG``)."""
+    lost_leases: dict[str, int]
+    """By worker output file: its lines that say a lease was lost."""
 
     def result(self, instance_id: str) -> Any:
         return json.loads(self.instances[instance_id]["result"])
@@ -62,7 +66,16 @@ async def gather(url: str, folder: Path, config: ChaosConfig) -> Facts:
         effects=read_lines(folder / "effects.jsonl"),
         deliveries=read_lines(folder / "deliveries.jsonl"),
         acks=read_lines(folder / "acks.jsonl"),
+        faults=read_lines(folder / FAULT_LOG),
+        lost_leases=_lost_lease_lines(folder),
     )
+
+
+def _lost_lease_lines(folder: Path) -> dict[str, int]:
+    return {
+        path.name: sum(LEASE_LOST in line for line in path.read_text(errors="replace").splitlines())
+        for path in folder.glob("worker-*.out")
+    }
 
 
 def _activity_rows(facts: Facts, instance_id: str) -> list[dict[str, Any]]:
@@ -234,6 +247,32 @@ def nothing_left_locked_or_waiting(facts: Facts) -> str:
     )
 
 
+PAUSE_REPORTED_WITHIN = 4.0
+"""A pause shorter than this (under the workers' 5 s ``command_timeout``) leaves no claim whose answer
+came too late: every lease the worker held is one of its runs, which must report the loss."""
+
+
+def paused_workers_dropped_their_lost_runs(facts: Facts) -> str:
+    """A worker paused while it held leases that others took over says so after it resumes ("lease
+    lost": its runs stop, their results are dropped; that none was recorded is the other checks'
+    proof), and its log has at least one such line per pause that found it out."""
+    pauses = [f for f in facts.faults if f["fault"] == "pause"]
+    silent = [f for f in pauses if f["taken"] and f["seconds"] < PAUSE_REPORTED_WITHIN and not f["logged"]]
+    assert not silent, f"paused workers whose lost leases went unreported: {silent[:3]}"
+    reported = Counter(f["output"] for f in pauses if f["logged"])
+    short = {
+        o: (n, facts.lost_leases.get(o, 0)) for o, n in reported.items() if facts.lost_leases.get(o, 0) < n
+    }
+    assert not short, f"paused workers that logged fewer lost leases than pauses (pauses, lines): {short}"
+    caught = sum(1 for f in pauses if f["taken"])
+    partitions = [f for f in facts.faults if f["fault"] == "partition"]
+    return (
+        f"{len(pauses)} pauses ({caught} with leases taken over by others, {sum(reported.values())} "
+        f"reported): {sum(facts.lost_leases.get(o, 0) for o in reported)} lost-lease lines in those "
+        f"workers' logs; {len(partitions)} partitions"
+    )
+
+
 CHECKS = (
     every_instance_completed,
     orders_have_the_right_results,
@@ -245,6 +284,7 @@ CHECKS = (
     competing_messages_taken_exactly_once,
     outbox_events_delivered,
     nothing_left_locked_or_waiting,
+    paused_workers_dropped_their_lost_runs,
 )
 
 

@@ -4,7 +4,9 @@ It starts the receivers (ledgers, news listeners, competitors), waits until they
 starts the orders and feeds them: a ``chaos.paid`` event per order (some sent twice, the same id),
 news from outside (some published twice, the same id), jobs and the competitors' stops. Meanwhile it
 SIGKILLs random workers and restarts them (under the same id or a new one), terminates the pool's and
-the listener's backends of random workers with ``pg_terminate_backend``, and restarts PostgreSQL once.
+the listener's backends of random workers with ``pg_terminate_backend``, pauses a worker (SIGSTOP) until
+its leases were taken over, partitions a worker from PostgreSQL (its own TCP proxy, ``tests/proxy.py``,
+stalls or cuts its connections) until the same, and restarts PostgreSQL once.
 Its own client calls are retried on ``StorageError`` with the same ids, as a user's would be. With
 ``skew`` each worker process runs on a clock off by a random offset (``--skew``); with ``outage`` the
 outbox destination refuses every delivery for a while, once (the file ``outage`` in the run's folder).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +36,7 @@ import geste
 
 from ..conftest import die_with_parent
 from ..pgbouncer import PgBouncer
+from ..proxy import TcpProxy
 from ..support import raw_query, restart_postgres, wait_until
 from .app import LEDGERS, NEWS_EVERY, build_app
 
@@ -53,6 +57,12 @@ T = TypeVar("T")
 OUTAGE_RAMP = 0.05 + 0.1 + 0.2 + 0.4
 """The chaos workers' outbox back-off until it reaches its cap (0.05 s doubling to 0.5 s, app.py): an
 outage must last longer, so that deliveries are retried at the capped interval for a while."""
+WORKER_LOCK_TIMEOUT = 1.0
+"""The workers' ``lock_timeout`` (``app._serve``): a pause or a partition lasts longer."""
+LEASE_LOST = "lease lost"
+"""What a worker logs when it finds an instance's lease taken over (the renewal's or the run's line)."""
+FAULT_LOG = "faults.jsonl"
+"""The pauses and partitions, one JSON line each, for the checker."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class ChaosConfig:
             "fault_interval": 0.5,
             "duration": 60.0,
             "timeout": 600.0,
+            "faults": (*cls.faults, "pause", "partition"),
         }
         return cls(**{**values, **overrides})
 
@@ -157,12 +168,18 @@ class Controller:
         self.client: geste.App | None = None
         self.skews: list[float] = []
         """The clock offset of each worker process started, in order."""
+        self.proxies: dict[str, TcpProxy] = {}
+        """Each worker's own TCP proxy to PostgreSQL, when partitions are among the faults."""
+        self.output_of: dict[str, Path] = {}
+        self._settling: list[asyncio.Task[None]] = []
 
     # -- worker processes ----------------------------------------------------------------------------
     def _worker_url(self, worker_id: str, *, direct: bool = False) -> str:
         if not self.postgres:
             return self.url
-        url = self.url if direct or self.pooler is None else self.pooler.through(self.url)
+        base = self.url if direct or self.pooler is None else self.pooler.through(self.url)
+        proxy = self.proxies.get(worker_id)
+        url = base if proxy is None else proxy.url(base)
         sep = "&" if "?" in url else "?"
         return f"{url}{sep}application_name={self.tag}-{worker_id}"
 
@@ -178,6 +195,9 @@ class Controller:
         ready.unlink(missing_ok=True)
         output = self.folder / f"worker-{worker_id}-{len(self.outputs)}.out"
         self.outputs.append(output)
+        self.output_of[worker_id] = output
+        if self.postgres and "partition" in self.config.faults and worker_id not in self.proxies:
+            self.proxies[worker_id] = await TcpProxy.to_url(self.url)
         cmd = [sys.executable, "-m", "tests.chaos.app", self._worker_url(worker_id)]
         cmd += [f"--worker-id={worker_id}", f"--dir={self.folder}"]
         cmd += [f"--lock-timeout={self.config.lock_timeout}"]
@@ -295,11 +315,162 @@ class Controller:
     async def _admin(self, query: str, *args: Any) -> list[dict[str, Any]]:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
+    async def _leases_of(self, worker_id: str) -> dict[str, str]:
+        """The leases ``worker_id`` holds: lease id by instance id."""
+        rows = await self._admin(
+            "SELECT instance_id, lease_id FROM geste_instances WHERE locked_by = $1 AND lease_id IS NOT NULL",
+            worker_id,
+        )
+        return {r["instance_id"]: r["lease_id"] for r in rows}
+
+    async def _taken_by_others(self, worker_id: str, leases: dict[str, str]) -> int:
+        """How many of the instances of ``leases`` another worker holds or last ran (taken over), rather
+        than ``worker_id`` itself (ended by its own statements, received before it stopped)."""
+        rows = await self._admin(
+            "SELECT count(*) AS n FROM geste_instances WHERE instance_id = ANY($1::text[]) "
+            "AND coalesce(locked_by, last_worker) IS DISTINCT FROM $2",
+            list(leases),
+            worker_id,
+        )
+        return int(rows[0]["n"])
+
+    async def _busiest(self, workers: list[str]) -> tuple[str, dict[str, str]]:
+        """The worker that holds the most leases, and its leases: a pause or a partition then catches
+        runs in flight. Runs are short (a few milliseconds between a claim and a suspension), so this
+        looks again for up to two seconds while no worker holds any; then any worker."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            held = {w: await self._leases_of(w) for w in workers}
+            most = max(len(leases) for leases in held.values())
+            if most or time.monotonic() > deadline or self._done.is_set():
+                break
+            await asyncio.sleep(0.02)
+        victim = self.rng.choice(sorted(w for w, leases in held.items() if len(leases) == most))
+        return victim, held[victim]
+
+    async def _until_taken_over(self, leases: dict[str, str], what: str) -> None:
+        """Wait until none of ``leases`` is held any more (taken over by another worker, which may have
+        ended the instance since); with none, for a little more than a lease."""
+        if not leases:
+            await asyncio.sleep(WORKER_LOCK_TIMEOUT * 1.5)
+            return
+
+        async def gone() -> bool:
+            rows = await self._admin(
+                "SELECT count(*) AS n FROM geste_instances WHERE lease_id = ANY($1::text[])",
+                list(leases.values()),
+            )
+            return rows[0]["n"] == 0
+
+        await wait_until(gone, f"the leases of {what} to be taken over", timeout=60, interval=0.05)
+
+    async def _diagnosed(self, proc: subprocess.Popen[bytes], wait: Awaitable[T]) -> T:
+        """``wait``; if it fails, the worker ``proc`` dumps its tasks' and threads' stacks to its output
+        first (tests/chaos/app.py: SIGUSR1, SIGUSR2)."""
+        try:
+            return await wait
+        except AssertionError:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGUSR1)
+                proc.send_signal(signal.SIGUSR2)
+                await asyncio.sleep(1)
+            raise
+
+    def _lost_lines(self, output: Path) -> int:
+        return sum(LEASE_LOST in line for line in output.read_text(errors="replace").splitlines())
+
+    def _log_fault(self, **fields: Any) -> None:
+        with (self.folder / FAULT_LOG).open("a") as log:
+            log.write(json.dumps(fields) + "\n")
+
+    async def pause_worker(self) -> None:
+        """SIGSTOP the worker holding the most leases until none of them is its own any more (past its
+        lock_timeout: taken over by others, or ended by its own statements the server had received),
+        then SIGCONT it. For each instance another worker took over it must find out and say so ("lease
+        lost"): its writes are refused, its results dropped (the checker proves from the database that
+        nothing was recorded twice, and counts the lines). The wait for a line ends when it has renewed
+        its leases twice since it resumed."""
+        victim, leases = await self._busiest([w for w, p in self.procs.items() if p.poll() is None])
+        proc, output = self.procs[victim], self.output_of[victim]
+        before = self._lost_lines(output)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            await self._until_taken_over(leases, f"paused {victim}")
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        resumed, seconds = time.time(), time.monotonic() - stopped
+        taken = await self._taken_by_others(victim, leases)
+
+        async def found_out() -> bool:
+            if proc.poll() is not None or self._lost_lines(output) > before:
+                return True
+            rows = await self._admin("SELECT heartbeat_at FROM geste_workers WHERE worker_id = $1", victim)
+            return bool(rows) and rows[0]["heartbeat_at"] > resumed + WORKER_LOCK_TIMEOUT
+
+        if taken:
+            await self._diagnosed(proc, wait_until(found_out, f"resumed {victim} to renew", timeout=60))
+        logged = self._lost_lines(output) > before
+        self._log_fault(
+            fault="pause",
+            worker=victim,
+            output=output.name,
+            leases=len(leases),
+            taken=taken,
+            seconds=round(seconds, 2),
+            logged=logged,
+        )
+        self.journal.note(
+            "worker paused (SIGSTOP) past its lease",
+            f"{victim}: {taken} of its {len(leases)} lease(s) taken over",
+        )
+        if logged:
+            self.journal.counts["paused worker logged its lost leases"] += 1
+
+    async def partition_worker(self) -> None:
+        """Partition a worker from PostgreSQL (its proxy stalls: half-open connections; or cuts them)
+        until the others took over every lease it held, then heal; in the background, wait until it
+        heartbeats again through new connections (``settle``)."""
+        live = [w for w, p in self.procs.items() if p.poll() is None and w in self.proxies]
+        victim, leases = await self._busiest(live)
+        proxy, proc = self.proxies[victim], self.procs[victim]
+        how = self.rng.choice(["stall", "cut"])
+        getattr(proxy, how)()
+        try:
+            await self._until_taken_over(leases, f"partitioned {victim}")
+        finally:
+            proxy.heal()
+        healed = time.time()
+        self._log_fault(fault="partition", how=how, worker=victim, leases=len(leases))
+        self.journal.note(f"worker partitioned from PostgreSQL ({how})", f"{victim}: {len(leases)} lease(s)")
+
+        async def resumed() -> None:
+            async def beats() -> bool:
+                if proc.poll() is not None or self.procs.get(victim) is not proc:
+                    return True  # killed meanwhile: its successor is another process
+                rows = await self._admin(
+                    "SELECT heartbeat_at FROM geste_workers WHERE worker_id = $1", victim
+                )
+                return bool(rows) and rows[0]["heartbeat_at"] > healed
+
+            await self._diagnosed(
+                proc, wait_until(beats, f"{victim} to work again after a partition", timeout=90, interval=0.2)
+            )
+            self.journal.note("partitioned worker heartbeats again", victim)
+
+        self._settling.append(asyncio.create_task(resumed()))
+
+    async def settle(self) -> None:
+        """Wait for what the faults left to verify: partitioned workers working again."""
+        await asyncio.gather(*self._settling)
+
     FAULTS: dict[str, tuple[str, bool]] = {
         "kill": ("kill_and_restart", False),
         "terminate": ("terminate_backends", True),
         "pgbouncer": ("crash_pgbouncer", True),
         "failover": ("fail_over", True),
+        "pause": ("pause_worker", False),
+        "partition": ("partition_worker", True),
     }
     """The recurring faults by name: the method that injects one, and whether it needs PostgreSQL."""
     ONCE: dict[str, float] = {"failover": 0.5}
@@ -331,10 +502,12 @@ class Controller:
         return sorted(chosen, key=lambda pair: pair[0])
 
     async def faults(self, progress: Callable[[], Awaitable[float]]) -> None:
-        """Inject faults until the load is done; restart PostgreSQL once, when a third has completed."""
+        """Inject faults until the load is done, each recurring one in turn (in a random order each
+        round: a short run still has them all); restart PostgreSQL once, when a third has completed."""
         restarted = not (self.postgres and self.config.restart_postgres)
         injectors = self.recurring()
         once = self.once()
+        deck: list[Callable[[], Awaitable[None]]] = []  # each fault once per round, in a random order
         while not self._done.is_set():
             pause = self.config.fault_interval * self.rng.uniform(0.5, 1.5)
             try:
@@ -348,7 +521,9 @@ class Controller:
             elif once and await progress() >= once[0][0]:
                 await once.pop(0)[1]()
             elif injectors:
-                await self.rng.choice(injectors)()
+                if not deck:
+                    deck = self.rng.sample(injectors, len(injectors))
+                await deck.pop()()
 
     # -- the client's calls ------------------------------------------------------------------------------
     async def retried(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -483,6 +658,7 @@ class Controller:
                 if outage is not None:
                     outage.cancel()  # done already, unless the load failed
                 await fault_task
+                await self.settle()
             codes = self.stop_all()
             self.journal.note("workers stopped (SIGTERM)", f"exit codes {sorted(set(codes))}")
             assert set(codes) == {0}, f"workers did not drain and exit cleanly: exit codes {codes}"
@@ -492,3 +668,7 @@ class Controller:
         finally:
             self.stop_all(kill=True)
             await client.close()
+            for task in self._settling:
+                task.cancel()
+            for proxy in self.proxies.values():
+                await proxy.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .checker import check
+from .checker import CHECKS, check
 from .controller import ChaosConfig
 from .replica import ReplicatedPair
 from .run import ChaosReport, run_chaos
@@ -34,6 +34,26 @@ async def test_postgres_workers_killed_disconnected_and_a_server_restart_lose_no
     assert faults[KILLED] >= 3, faults
     terminated = sum(n for what, n in faults.items() if what.startswith("backends terminated"))
     assert terminated >= 3, faults
+
+
+PAUSED = "worker paused (SIGSTOP) past its lease"
+
+
+@pytest.mark.timeout(600)
+async def test_postgres_workers_paused_and_partitioned_lose_nothing(pg_url: str, tmp_path: Path) -> None:
+    """Workers stopped (SIGSTOP) past their lease and partitioned from PostgreSQL (stalled or cut
+    connections) while they hold instances: the others take those over; resumed or healed, they record
+    nothing of what they did meanwhile (the checker: nothing twice; a lost-lease line per pause that
+    caught runs in flight), and work again."""
+    config = ChaosConfig.short(
+        orders=80, jobs=16, duration=8.0, faults=("pause", "partition"), restart_postgres=False
+    )
+    report = await run_chaos(pg_url, tmp_path, config)
+    print(report)
+    faults = report.faults
+    assert faults[PAUSED] >= 1, faults  # each that caught runs in flight reported them: the checker
+    partitions = sum(n for what, n in faults.items() if what.startswith("worker partitioned"))
+    assert partitions >= 1 and faults["partitioned worker heartbeats again"] == partitions, faults
 
 
 @pytest.mark.timeout(600)
@@ -186,6 +206,10 @@ def _duplicated(key: str) -> Callable[[object], object]:
     return change
 
 
+PAUSE_REPORTED = {"fault": "pause", "output": "worker-w1-0.out", "leases": 2, "taken": 2, "seconds": 2.0}
+"""A pause the controller saw reported (``logged``), whose worker's log has no lost lease."""
+PAUSE_REPORTED["logged"] = True
+
 DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
     "an unfinished instance": (
         "every_instance_completed",
@@ -237,6 +261,22 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
         "nothing_left_locked_or_waiting",
         lambda f: _sql(f, "UPDATE geste_instances SET locked_by = 'w9' WHERE instance_id = 'order-6'"),
     ),
+    "a paused worker that logged no lost lease": (
+        "paused_workers_dropped_their_lost_runs",
+        lambda f: (f / "faults.jsonl").write_text(
+            json.dumps(
+                {
+                    "fault": "pause",
+                    "output": "worker-w1-0.out",
+                    "leases": 2,
+                    "taken": 2,
+                    "seconds": 2,
+                    "logged": True,
+                }
+            )
+            + "\n"
+        ),
+    ),
     "a timer left behind": (
         "nothing_left_locked_or_waiting",
         lambda f: _sql(f, "INSERT INTO geste_timers VALUES ('order-7', 99, 0)"),
@@ -245,7 +285,7 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
 
 
 async def test_the_checker_passes_a_good_run(good_run: Path) -> None:
-    assert len(await check(f"sqlite:///{good_run / 'geste.db'}", good_run, CALM)) == 10
+    assert len(await check(f"sqlite:///{good_run / 'geste.db'}", good_run, CALM)) == len(CHECKS)
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

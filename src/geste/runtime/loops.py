@@ -170,11 +170,14 @@ class Loop:
         return retry_in
 
     async def pause(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if woken."""
+        """Wait ``seconds``, or less if woken; at least one turn of the event loop (a loop whose rounds
+        ask for no pause must not keep it from everything else)."""
         if seconds > 0:
             try:
                 async with asyncio.timeout(seconds):
                     await self._wake.wait()
             except TimeoutError:
                 pass
+        else:
+            await asyncio.sleep(0)
         self._wake.clear()

@@ -364,6 +364,8 @@ class Worker(Loop):
                 self._cause = self.wakeups.cause
             except TimeoutError:
                 pass
+        else:
+            await asyncio.sleep(0)  # no round may keep the event loop: the runs and the heartbeat go on
         self.wakeups.event.clear()
 
     async def _claim_round(self, cause: str = POLL) -> float:
@@ -482,7 +484,9 @@ class Worker(Loop):
         if moment is not None and moment - now < until:
             until, self._sleep_cause = moment - now, TIMER
         router = self.router
-        if self._db_next is not None and router is not None and router.sole():
+        # Full, the database's next run_at is no reason to wake (a finishing run pokes): a moment passed
+        # made every round a pause of 0, which never let a run end (the event loop never turned).
+        if self._db_next is not None and router is not None and self._free() > 0 and router.sole():
             due = self._db_next - wakeups.lookahead - now
             if due < until:
                 until, self._sleep_cause = due, TIMER

@@ -9,8 +9,9 @@ from ._read_only import StoredHistory
 from .base import Storage
 
 
-def create_storage(url: str, *, notify: bool = False) -> Storage:
-    """The backend for ``url``: ``sqlite:///path.db`` or ``postgresql://user@host:port/db``."""
+def create_storage(url: str, *, notify: bool = False, lock_timeout: float | None = None) -> Storage:
+    """The backend for ``url``: ``sqlite:///path.db`` or ``postgresql://user@host:port/db``.
+    ``lock_timeout``: the App's, from which PostgreSQL's default ``command_timeout`` is derived."""
     if url.startswith("sqlite://"):
         from .sqlite import SQLiteStorage
 
@@ -18,7 +19,7 @@ def create_storage(url: str, *, notify: bool = False) -> Storage:
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStorage
 
-        return PostgresStorage(url, notify=notify)
+        return PostgresStorage(url, notify=notify, lock_timeout=lock_timeout)
     scheme = url.partition(":")[0]
     raise ConfigurationError(
         f"unsupported database URL scheme {scheme!r} in {url!r}; use sqlite:///path.db or postgresql://..."

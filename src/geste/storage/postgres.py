@@ -10,6 +10,7 @@ costs the operations in flight, not the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import operator
@@ -28,7 +29,7 @@ from .._matching import event_keys, wait_key
 from .._models import Status
 from .._status import QueueStats
 from .._steps import event_history_payload
-from ..errors import ConfigurationError, StorageError
+from ..errors import ConfigurationError, StorageError, StorageTimeout
 from . import _decisions as decide
 from . import _hosts, _migrations, base
 from . import _read_only as read_only
@@ -48,6 +49,19 @@ SCHEMA_VERSION = _migrations.load("postgres")[-1].version
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MIGRATION_TIMEOUT = 24 * 3600.0
 """How long a migration (and a process waiting for another's) may take: no ``command_timeout``."""
+MIN_COMMAND_TIMEOUT = 5.0
+"""The shortest ``command_timeout`` derived from a worker's ``lock_timeout``."""
+
+
+def derived_command_timeout(lock_timeout: float | None) -> float:
+    """The ``command_timeout`` of an App that sets none in its URL: twice its ``lock_timeout`` (at
+    least ``MIN_COMMAND_TIMEOUT``), 60 s for a storage opened without one (the CLI). A statement not
+    answered within a lease is most likely on a dead connection (a half-open one after a partition
+    never answers): the renewals it holds up have failed by then anyway, and the step commits queued
+    behind it wait for it (docs/design.md, "Dead connections")."""
+    return 60.0 if lock_timeout is None else max(MIN_COMMAND_TIMEOUT, 2 * lock_timeout)
+
+
 _OPTIONS = {
     "schema",
     "pool_min_size",
@@ -198,6 +212,19 @@ def _is_connection_loss(exc: BaseException) -> bool:
     )
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """A statement (or the rollback after it) timed out: ``exc`` is, or was raised handling, a
+    ``TimeoutError``."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__context__
+    return False
+
+
 READ_ATTEMPTS = 3
 
 
@@ -312,7 +339,14 @@ def schema_queries(schema: str) -> dict[str, str]:
 
 
 class PostgresStorage(base.Storage):
-    def __init__(self, url: str, *, pool_size: int | None = None, notify: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int | None = None,
+        notify: bool = True,
+        lock_timeout: float | None = None,
+    ) -> None:
         if asyncpg is None:
             raise ConfigurationError("PostgreSQL needs asyncpg: pip install 'geste[postgres]'")
         self.url = url
@@ -324,7 +358,9 @@ class PostgresStorage(base.Storage):
         self._max_size = int(options.get("pool_max_size", str(pool_size or 10)))
         if self._min_size > self._max_size:
             raise ConfigurationError("pool_min_size must not exceed pool_max_size")
-        self._command_timeout = float(options.get("command_timeout", "60"))
+        given = options.get("command_timeout")
+        self._command_timeout = float(given) if given else derived_command_timeout(lock_timeout)
+        """Seconds a statement may go unanswered (``StorageTimeout``); 0: no limit."""
         self._application_name = options["application_name"]
         self.pooler = options["pooler"]
         """``transaction``: a transaction pooler in front (``POOLERS``): no statement cache."""
@@ -350,21 +386,41 @@ class PostgresStorage(base.Storage):
 
     # -- plumbing ----------------------------------------------------------------------------------
     @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[Conn]:
+    async def _conn(self, *, bounded: bool = True) -> AsyncIterator[Conn]:
+        """A pooled connection for one operation. ``bounded``: the operation (all its statements, the
+        rollback after a failure) has ``command_timeout`` in all, not only each statement: asyncpg runs
+        some round trips without a limit (closing statements its cache evicted), and on a half-open
+        connection such a round trip never ends."""
         if self._pool is None:
             raise StorageError("the PostgreSQL storage is not open")
+        limit = self._command_timeout or None if bounded else None
         try:
             async with self._pool.acquire() as conn:
-                yield conn
+                try:
+                    async with asyncio.timeout(limit):
+                        yield conn
+                except Exception as exc:
+                    if _is_connection_loss(exc):
+                        # Dropped at once: after a timeout, asyncpg would send a cancel request and the
+                        # release would wait for it another command_timeout, over a link that may be
+                        # dead (a half-open connection answers nothing, the cancel neither).
+                        with contextlib.suppress(Exception):  # released already if it broke
+                            conn.terminate()
+                    raise
         except (base.LeaseLost, StorageError):
             raise
         except Exception as exc:
+            if _timed_out(exc):
+                raise StorageTimeout(
+                    f"PostgreSQL did not answer within command_timeout ({self._command_timeout:g}s); "
+                    "the connection was dropped"
+                ) from exc
             if _is_driver_error(exc):
                 raise StorageError(_driver_message(exc)) from exc
             raise
 
-    async def _run(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
-        async with self._conn() as conn:
+    async def _run(self, fn: Callable[[Conn], Awaitable[_T]], *, bounded: bool = True) -> _T:
+        async with self._conn(bounded=bounded) as conn:
             return await fn(conn)
 
     async def _read(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
@@ -386,13 +442,22 @@ class PostgresStorage(base.Storage):
     async def open(self) -> None:
         if self._pool is not None:
             return
+        limit = self._command_timeout or None
+        settings = {"application_name": self._application_name}
+        if limit is not None and self.pooler != "transaction":
+            # A session left in a transaction by a client that vanished (a partition) holds the rows it
+            # locked, an instance's among them, which claims skip: the server ends it after this long.
+            # Half the limit: those waiting for its locks get them before their own limit runs out.
+            # (Not through a transaction pooler: PgBouncer refuses startup parameters it does not know;
+            # PgBouncer's idle_transaction_timeout does the same when set.)
+            settings["idle_in_transaction_session_timeout"] = str(int(limit * 500))
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
                 min_size=self._min_size,
                 max_size=self._max_size,
-                command_timeout=self._command_timeout,
-                server_settings={"application_name": self._application_name},
+                command_timeout=limit,  # connecting is bounded by connect_timeout, per host (_hosts)
+                server_settings=settings,
                 reset=_keep_session,
                 # Behind a transaction pooler a statement prepared on one server session is unknown to
                 # the next: asyncpg then prepares each one unnamed, in the round trip that runs it.
@@ -404,7 +469,7 @@ class PostgresStorage(base.Storage):
                 raise StorageError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from exc
             raise
         try:
-            await self._run(self._migrate)
+            await self._run(self._migrate, bounded=False)
         except BaseException:
             await self.close()
             raise
@@ -1233,11 +1298,15 @@ class PostgresStorage(base.Storage):
 
         async def go(conn: Conn) -> base.StoredMessage | base.Suspension | None:
             await conn.execute(self._q["channel_lock"], wait.channel)
-            row = await conn.fetchrow(self._q["channel_find"], wait.channel, instance_id, wait.mode, now)
-            if row is None:
+            row = await conn.fetchrow(
+                self._q["channel_find"], wait.channel, instance_id, wait.mode, now, lease.lease_id
+            )
+            if not row["ours"]:
+                raise base.LeaseLost(instance_id)
+            if row["mode"] is None:
                 raise StorageError(f"no subscription of {instance_id} to channel {wait.channel!r}")
             if row["seq"] is None and decide.timed_out(wait.deadline, now):
-                await conn.execute(self._q["channel_stop_waiting"], wait.channel, instance_id)
+                await conn.execute(self._q["channel_stop_waiting"], wait.channel, instance_id, lease.lease_id)
                 return None
             if row["seq"] is None:
                 timer = None if wait.deadline is None else (wait.outcome_seq, wait.deadline)

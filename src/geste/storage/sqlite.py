@@ -894,6 +894,12 @@ class SQLiteStorage(base.Storage):
         key = {"channel": wait.channel, "instance_id": instance_id}
 
         def tx(conn: sqlite3.Connection) -> base.StoredMessage | base.Suspension | None:
+            # the lease first: a worker whose lease was taken over neither subscribes nor stops waiting
+            state = conn.execute(
+                Q["lease_state"], {"instance_id": instance_id, "lease_id": commit.lease.lease_id}
+            ).fetchone()
+            if state is None or not state["ours"]:
+                raise base.LeaseLost(instance_id)
             conn.execute(Q["channel_ensure_subscription"], {**key, "mode": wait.mode, "now": now})
             sub = conn.execute(Q["channel_subscription"], key).fetchone()
             mode, cursor = sub["mode"], sub["cursor_seq"]

@@ -1289,14 +1289,19 @@ WITH lease AS (
 SELECT cancel_requested FROM lease;
 
 -- name: channel_find
--- receive(): ensure the subscription (a first receive subscribes, from the channel's last message on),
--- then the instance's next message, oldest first: one after its cursor (broadcast: every one;
--- competing: one nobody took), or a direct one not yet taken. Returns (mode, message columns or NULLs).
-WITH new_sub AS (
+-- receive(): prove the lease ($5; read, not locked: the take or the suspension that follows in this
+-- transaction proves it again as it writes), ensure the subscription (a first receive subscribes, from
+-- the channel's last message on), then the instance's next message, oldest first: one after its cursor
+-- (broadcast: every one; competing: one nobody took), or a direct one not yet taken. Returns (lease
+-- was ours, mode, message columns or NULLs): a worker whose lease was taken over subscribes nothing.
+WITH lease AS (
+    SELECT instance_id FROM {schema}.geste_instances WHERE instance_id = $2 AND lease_id = $5
+), new_sub AS (
     INSERT INTO {schema}.geste_channel_subscriptions
         (channel, instance_id, mode, cursor_seq, waiting_since, created_at)
-    VALUES ($1, $2, $3,
-            (SELECT COALESCE(max(seq), 0) FROM {schema}.geste_channel_messages WHERE channel = $1), NULL, $4)
+    SELECT $1, $2, $3,
+           (SELECT COALESCE(max(seq), 0) FROM {schema}.geste_channel_messages WHERE channel = $1), NULL, $4
+    WHERE EXISTS (SELECT 1 FROM lease)
     ON CONFLICT (channel, instance_id) DO NOTHING
     RETURNING mode, cursor_seq
 ), sub AS (
@@ -1305,9 +1310,9 @@ WITH new_sub AS (
     SELECT mode, cursor_seq FROM {schema}.geste_channel_subscriptions WHERE channel = $1 AND instance_id = $2
     LIMIT 1
 )
-SELECT sub.mode, m.seq, m.message_id, m.channel, m.data, m.sender_instance_id, m.target_instance_id,
-       m.created_at
-FROM sub LEFT JOIN LATERAL (
+SELECT EXISTS (SELECT 1 FROM lease) AS ours, sub.mode, m.seq, m.message_id, m.channel, m.data,
+       m.sender_instance_id, m.target_instance_id, m.created_at
+FROM (SELECT 1) AS one LEFT JOIN sub ON true LEFT JOIN LATERAL (
     SELECT * FROM (
         (SELECT seq, message_id, channel, data, sender_instance_id, target_instance_id, created_at
          FROM {schema}.geste_channel_messages
@@ -1357,7 +1362,12 @@ SET waiting_since = CASE WHEN channel = $1 THEN $3::double precision END
 WHERE instance_id = $2 AND (channel = $1 OR waiting_since IS NOT NULL);
 
 -- name: channel_stop_waiting
-UPDATE {schema}.geste_channel_subscriptions SET waiting_since = NULL WHERE channel = $1 AND instance_id = $2;
+-- A receive timed out: its wait ends, only while the lease ($3) is still the instance's (a worker whose
+-- lease was taken over must not end the new holder's wait). Returns the row when it was.
+UPDATE {schema}.geste_channel_subscriptions SET waiting_since = NULL
+WHERE channel = $1 AND instance_id = $2
+  AND EXISTS (SELECT 1 FROM {schema}.geste_instances WHERE instance_id = $2 AND lease_id = $3)
+RETURNING instance_id;
 
 -- name: channel_publish
 -- A publish in one statement (after channel_lock): with a lease (ctx.publish / ctx.send_to) renew it and
