@@ -61,6 +61,18 @@ WORKER_LOCK_TIMEOUT = 1.0
 """The workers' ``lock_timeout`` (``app._serve``): a pause or a partition lasts longer."""
 LEASE_LOST = "lease lost"
 """What a worker logs when it finds an instance's lease taken over (the renewal's or the run's line)."""
+RUN_DROPPED = (LEASE_LOST, "storage failed (")
+"""What a worker logs when one of its runs stops without recording anything more: the lease found taken
+over, or (after a partition left its connection dead) the write that failed, the run abandoned; either
+way its results are dropped. A paused worker reports its lost runs with one of them."""
+
+
+def dropped_lines(output: Path) -> int:
+    """The lines of a worker's output that say a run of it was dropped (``RUN_DROPPED``)."""
+    lines = output.read_text(errors="replace").splitlines()
+    return sum(any(said in line for said in RUN_DROPPED) for line in lines)
+
+
 FAULT_LOG = "faults.jsonl"
 """The pauses and partitions, one JSON line each, for the checker."""
 
@@ -377,7 +389,7 @@ class Controller:
             raise
 
     def _lost_lines(self, output: Path) -> int:
-        return sum(LEASE_LOST in line for line in output.read_text(errors="replace").splitlines())
+        return dropped_lines(output)
 
     def _log_fault(self, **fields: Any) -> None:
         with (self.folder / FAULT_LOG).open("a") as log:
