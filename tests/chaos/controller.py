@@ -183,6 +183,8 @@ class Controller:
         self.proxies: dict[str, TcpProxy] = {}
         """Each worker's own TCP proxy to PostgreSQL, when partitions are among the faults."""
         self.output_of: dict[str, Path] = {}
+        self.spawned_at: dict[str, float] = {}
+        """When each worker id's current process was started (``time.time()``)."""
         self._settling: list[asyncio.Task[None]] = []
 
     # -- worker processes ----------------------------------------------------------------------------
@@ -208,6 +210,7 @@ class Controller:
         output = self.folder / f"worker-{worker_id}-{len(self.outputs)}.out"
         self.outputs.append(output)
         self.output_of[worker_id] = output
+        self.spawned_at[worker_id] = time.time()
         if self.postgres and "partition" in self.config.faults and worker_id not in self.proxies:
             self.proxies[worker_id] = await TcpProxy.to_url(self.url)
         cmd = [sys.executable, "-m", "tests.chaos.app", self._worker_url(worker_id)]
@@ -328,10 +331,15 @@ class Controller:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
     async def _leases_of(self, worker_id: str) -> dict[str, str]:
-        """The leases ``worker_id`` holds: lease id by instance id."""
+        """The live leases ``worker_id``'s current process holds: lease id by instance id. Not those that
+        ran out (a worker recovering from a partition or a restart of the server), nor those a killed
+        process of the same worker id left (taken since its current process started: its runs)."""
         rows = await self._admin(
-            "SELECT instance_id, lease_id FROM geste_instances WHERE locked_by = $1 AND lease_id IS NOT NULL",
+            "SELECT instance_id, lease_id FROM geste_instances WHERE locked_by = $1 AND lease_id IS NOT NULL"
+            " AND lock_expires_at > $2 AND updated_at >= $3",
             worker_id,
+            time.time(),
+            self.spawned_at.get(worker_id, 0.0),
         )
         return {r["instance_id"]: r["lease_id"] for r in rows}
 
