@@ -75,6 +75,8 @@ POOLERS = ("none", "transaction")
 """What stands between geste and the server (the ``pooler`` option): nothing (or a pooler in session mode,
 which keeps one server session per client connection), or a pooler in transaction mode (PgBouncer's
 ``pool_mode = transaction``, RDS Proxy), which gives each transaction whichever server session is free."""
+POOL_CLOSE_TIMEOUT = 5.0
+"""Seconds closing the pool may take before its connections are dropped without a goodbye."""
 CONNECT_TIMEOUT = 10.0
 """Seconds a new connection may take, per host of a multi-host URL (the URL's ``connect_timeout``)."""
 _T = TypeVar("_T")
@@ -523,7 +525,10 @@ class PostgresStorage(base.Storage):
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
-                await pool.close()
+                # bounded, as the listener's: a connection on a half-open link (a partition) never
+                # answers the goodbye that asyncpg's graceful close waits for
+                async with asyncio.timeout(POOL_CLOSE_TIMEOUT):  # not wait_for: it can drop a cancel
+                    await pool.close()
             except Exception:
                 pool.terminate()
 
