@@ -15,7 +15,7 @@ from typing import Any
 
 from ..support import raw_query
 from .app import LEDGERS, NEWS_EVERY, read_lines, value_of
-from .controller import FAULT_LOG, LEASE_LOST, ChaosConfig
+from .controller import FAULT_LOG, ChaosConfig, dropped_lines
 
 ACTIVITIES = ("reserve", "charge", "ship", "book", "work")
 
@@ -72,10 +72,7 @@ async def gather(url: str, folder: Path, config: ChaosConfig) -> Facts:
 
 
 def _lost_lease_lines(folder: Path) -> dict[str, int]:
-    return {
-        path.name: sum(LEASE_LOST in line for line in path.read_text(errors="replace").splitlines())
-        for path in folder.glob("worker-*.out")
-    }
+    return {path.name: dropped_lines(path) for path in folder.glob("worker-*.out")}
 
 
 def _activity_rows(facts: Facts, instance_id: str) -> list[dict[str, Any]]:

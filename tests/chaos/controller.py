@@ -61,6 +61,18 @@ WORKER_LOCK_TIMEOUT = 1.0
 """The workers' ``lock_timeout`` (``app._serve``): a pause or a partition lasts longer."""
 LEASE_LOST = "lease lost"
 """What a worker logs when it finds an instance's lease taken over (the renewal's or the run's line)."""
+RUN_DROPPED = (LEASE_LOST, "storage failed (")
+"""What a worker logs when one of its runs stops without recording anything more: the lease found taken
+over, or (after a partition left its connection dead) the write that failed, the run abandoned; either
+way its results are dropped. A paused worker reports its lost runs with one of them."""
+
+
+def dropped_lines(output: Path) -> int:
+    """The lines of a worker's output that say a run of it was dropped (``RUN_DROPPED``)."""
+    lines = output.read_text(errors="replace").splitlines()
+    return sum(any(said in line for said in RUN_DROPPED) for line in lines)
+
+
 FAULT_LOG = "faults.jsonl"
 """The pauses and partitions, one JSON line each, for the checker."""
 
@@ -171,6 +183,10 @@ class Controller:
         self.proxies: dict[str, TcpProxy] = {}
         """Each worker's own TCP proxy to PostgreSQL, when partitions are among the faults."""
         self.output_of: dict[str, Path] = {}
+        self.spawned_at: dict[str, float] = {}
+        """When each worker id's current process was started (``time.time()``)."""
+        self.skew_of: dict[str, float] = {}
+        """How far each worker id's current process's clock is off: it writes lease times by it."""
         self._settling: list[asyncio.Task[None]] = []
 
     # -- worker processes ----------------------------------------------------------------------------
@@ -196,6 +212,7 @@ class Controller:
         output = self.folder / f"worker-{worker_id}-{len(self.outputs)}.out"
         self.outputs.append(output)
         self.output_of[worker_id] = output
+        self.spawned_at[worker_id] = time.time()
         if self.postgres and "partition" in self.config.faults and worker_id not in self.proxies:
             self.proxies[worker_id] = await TcpProxy.to_url(self.url)
         cmd = [sys.executable, "-m", "tests.chaos.app", self._worker_url(worker_id)]
@@ -204,6 +221,7 @@ class Controller:
         if self.config.skew:
             self.skews.append(self.rng.uniform(-self.config.skew, self.config.skew))
             cmd += [f"--skew={self.skews[-1]}"]
+        self.skew_of[worker_id] = self.skews[-1] if self.config.skew else 0.0
         if self._listen_url(worker_id):
             cmd.append(f"--listen-url={self._listen_url(worker_id)}")
         with output.open("wb") as out:
@@ -316,10 +334,17 @@ class Controller:
         return await self.retried(lambda: raw_query(self.url, query, *args))
 
     async def _leases_of(self, worker_id: str) -> dict[str, str]:
-        """The leases ``worker_id`` holds: lease id by instance id."""
+        """The live leases ``worker_id``'s current process holds: lease id by instance id. Not those that
+        ran out (a worker recovering from a partition or a restart of the server), nor those a killed
+        process of the same worker id left (taken since its current process started: its runs). The
+        worker writes those times by its own clock, so they are read through its skew."""
+        skew = self.skew_of.get(worker_id, 0.0)
         rows = await self._admin(
-            "SELECT instance_id, lease_id FROM geste_instances WHERE locked_by = $1 AND lease_id IS NOT NULL",
+            "SELECT instance_id, lease_id FROM geste_instances WHERE locked_by = $1 AND lease_id IS NOT NULL"
+            " AND lock_expires_at > $2 AND updated_at >= $3",
             worker_id,
+            time.time() + skew,
+            self.spawned_at.get(worker_id, 0.0) + skew,
         )
         return {r["instance_id"]: r["lease_id"] for r in rows}
 
@@ -377,7 +402,7 @@ class Controller:
             raise
 
     def _lost_lines(self, output: Path) -> int:
-        return sum(LEASE_LOST in line for line in output.read_text(errors="replace").splitlines())
+        return dropped_lines(output)
 
     def _log_fault(self, **fields: Any) -> None:
         with (self.folder / FAULT_LOG).open("a") as log:
