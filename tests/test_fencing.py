@@ -60,6 +60,56 @@ async def count(url: str, table: str, where: str = "true") -> int:
     return int((await raw_query(url, f"SELECT count(*) AS n FROM {table} WHERE {where}"))[0]["n"])
 
 
+LATE_STEP = """
+CREATE FUNCTION {s}.late_step() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.locked_by = 'B' AND OLD.locked_by IS DISTINCT FROM 'B' THEN
+        INSERT INTO {s}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+        VALUES (OLD.instance_id, OLD.steps + 1, 'activity', 'late', '{{"result":null}}', false, 0);
+        NEW.steps := OLD.steps + 1;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER late_step BEFORE UPDATE ON {s}.geste_instances FOR EACH ROW EXECUTE FUNCTION {s}.late_step();
+"""
+
+
+@pytest.mark.parametrize("by_id", [False, True], ids=["claim", "claim_ids"])
+async def test_a_claim_reads_the_steps_of_a_commit_it_waited_for(pg_url: str, by_id: bool) -> None:
+    """A claim's lock can wait for a commit that appended steps (the holder of a lease the claimer, its
+    clock ahead, saw run out): the claim then updates the row as that commit left it, but its statement
+    read the history in an earlier snapshot. Found by the chaos suite (a stale replay redid a recorded
+    step, refused by the history's key). A trigger plays that commit inside the claim's own UPDATE,
+    where the claim's reading of the history cannot see it either; the claim must return the row."""
+    a, b = create_storage(pg_url), create_storage(pg_url)
+    await a.open()
+    await b.open()
+    try:
+        await _claim_after_a_late_step(pg_url, a, b, by_id)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def _claim_after_a_late_step(pg_url: str, a: Storage, b: Storage, by_id: bool) -> None:
+    t = time.time()
+    await a.create_instance(
+        NewInstance("x", "wf", INPUT, t), lease=None, worker_id=None, lock_expires_at=None
+    )
+    (first,) = await a.claim("A", t, t + 1, 10, workflows=["wf"])
+    await a.record(Commit(first.lease, [row(1, t, "first")], t, t + 1))
+    schema = pg_url.rsplit("schema=", 1)[1].split("&")[0]
+    for statement in LATE_STEP.format(s=f'"{schema}"').split(";\nCREATE TRIGGER"):
+        sql = statement if statement.startswith("\nCREATE FUNCTION") else "CREATE TRIGGER" + statement
+        await raw_query(pg_url, sql)
+    if by_id:
+        claims = await b.claim_ids("B", t + 2, t + 60, ["x"], workflows=["wf"])
+    else:
+        claims = await b.claim("B", t + 2, t + 60, 10, workflows=["wf"])
+    (second,) = claims
+    assert [(r.seq, r.name) for r in second.history] == [(1, "first"), (2, "late")]
+
+
 async def test_a_lease_taken_over_can_record_nothing(db_url: str, two: tuple[Storage, Storage]) -> None:
     a, b = two
     t = time.time()

@@ -426,12 +426,15 @@ class Controller:
             proc.send_signal(signal.SIGCONT)
         resumed, seconds = time.time(), time.monotonic() - stopped
         taken = await self._taken_by_others(victim, leases)
+        skew = self.skew_of.get(victim, 0.0)
 
         async def found_out() -> bool:
             if proc.poll() is not None or self._lost_lines(output) > before:
                 return True
             rows = await self._admin("SELECT heartbeat_at FROM geste_workers WHERE worker_id = $1", victim)
-            return bool(rows) and rows[0]["heartbeat_at"] > resumed + WORKER_LOCK_TIMEOUT
+            # the worker writes its heartbeat by its own clock: one ahead would seem to have renewed twice
+            # at its first renewal, before it could find out
+            return bool(rows) and rows[0]["heartbeat_at"] - skew > resumed + WORKER_LOCK_TIMEOUT
 
         if taken:
             await self._diagnosed(proc, wait_until(found_out, f"resumed {victim} to renew", timeout=60))
@@ -466,6 +469,7 @@ class Controller:
         finally:
             proxy.heal()
         healed = time.time()
+        skew = self.skew_of.get(victim, 0.0)
         self._log_fault(fault="partition", how=how, worker=victim, leases=len(leases))
         self.journal.note(f"worker partitioned from PostgreSQL ({how})", f"{victim}: {len(leases)} lease(s)")
 
@@ -476,7 +480,7 @@ class Controller:
                 rows = await self._admin(
                     "SELECT heartbeat_at FROM geste_workers WHERE worker_id = $1", victim
                 )
-                return bool(rows) and rows[0]["heartbeat_at"] > healed
+                return bool(rows) and rows[0]["heartbeat_at"] - skew > healed  # by the worker's clock
 
             await self._diagnosed(
                 proc, wait_until(beats, f"{victim} to work again after a partition", timeout=90, interval=0.2)

@@ -114,6 +114,12 @@ LIMIT $3 OFFSET $4;
 SELECT seq, kind, name, payload, is_error, created_at
 FROM {schema}.geste_history WHERE instance_id = $1 ORDER BY seq;
 
+-- name: history_after
+-- The rows of an instance's current run after step $2: a claim's catch-up (`claim`, read in a snapshot that
+-- can miss the rows whose commit it waited for; PostgreSQL's primary key range).
+SELECT seq, kind, name, payload, is_error, created_at
+FROM {schema}.geste_history WHERE instance_id = $1 AND seq > $2 ORDER BY seq;
+
 -- name: insert_history
 INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
 SELECT $1, * FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::boolean[],
@@ -301,7 +307,7 @@ WITH expired AS (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run
+              i.run, i.steps
 )
 (SELECT c.*, p.run_at, p.expired_at, h.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
@@ -314,7 +320,7 @@ WITH expired AS (
  ) AS h
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT run_at FROM {schema}.geste_instances
         WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
           AND lease_id IS NULL
@@ -373,7 +379,7 @@ WITH heads AS (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run
+              i.run, i.steps
 )
 (SELECT c.*, p.run_at, p.expired_at, h.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
@@ -386,7 +392,7 @@ WITH heads AS (
  ) AS h
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at),
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at),
        NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
@@ -430,7 +436,7 @@ WITH named AS MATERIALIZED (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run
+              i.run, i.steps
 )
 (SELECT c.*, p.run_at, p.expired_at, h.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
@@ -443,7 +449,7 @@ WITH named AS MATERIALIZED (
  ) AS h
  ORDER BY p.run_at)
 UNION ALL
-SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
+SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM named
 WHERE workflow_name = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
