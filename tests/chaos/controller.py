@@ -439,6 +439,9 @@ class Controller:
         if taken:
             await self._diagnosed(proc, wait_until(found_out, f"resumed {victim} to renew", timeout=60))
         logged = self._lost_lines(output) > before
+        if taken and not logged and proc.poll() is None:  # the checker fails the run: the stacks tell why
+            proc.send_signal(signal.SIGUSR1)
+            proc.send_signal(signal.SIGUSR2)
         self._log_fault(
             fault="pause",
             worker=victim,
@@ -447,6 +450,8 @@ class Controller:
             taken=taken,
             seconds=round(seconds, 2),
             logged=logged,
+            instances=sorted(leases),
+            resumed=resumed,
         )
         self.journal.note(
             "worker paused (SIGSTOP) past its lease",

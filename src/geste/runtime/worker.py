@@ -595,16 +595,21 @@ class Worker(Loop):
                         current[1].cancel()
 
     async def _taken(self, lease: Lease) -> bool:
-        """Whether a lease the renewal did not find is held by another claim now, rather than given back
-        by its own run: an end or a suspension whose commit came before the renewal, while the run's task
-        has not yet resumed to leave the leases renewed (seen under load: a false "lease lost", and the
-        cancel cut the run's last hooks). A lease given back needs no cancel: the run is ending, and
-        any later write of it is refused anyway (the lease id fences it)."""
+        """Whether a lease the renewal did not find was taken by another claim (held by it now, or given
+        back by another worker since), rather than given back by its own run: an end or a suspension
+        whose commit came before the renewal, while the run's task has not yet resumed to leave the leases
+        renewed (seen under load: a false "lease lost", and the cancel cut the run's last hooks). A lease
+        given back needs no cancel: the run is ending, and any later write of it is refused anyway (the
+        lease id fences it). A lease taken over and given back by the taker, the run still in flight here
+        (a worker paused past its lease), is lost: without the cancel the run would go on until its next
+        write, or stay silent if it never made one."""
         if self._running.get(lease.instance_id, (None,))[0] != lease:
             return False  # the run left meanwhile
         row = await self.storage.get_instance(lease.instance_id)
         current = self._running.get(lease.instance_id)
-        return row is not None and row.locked_by is not None and current is not None and current[0] == lease
+        if row is None or current is None or current[0] != lease:
+            return False
+        return row.locked_by is not None or row.last_worker not in (None, self.worker_id)
 
 
 class Heartbeat(Loop):

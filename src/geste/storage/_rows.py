@@ -74,6 +74,7 @@ def instance_row(r: Record) -> InstanceRow:
         cancel_requested=bool(r["cancel_requested"]),
         steps=r["steps"],
         run=_column(r, "run", 1),
+        last_worker=_column(r, "last_worker", None),
     )
 
 

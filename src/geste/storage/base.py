@@ -49,6 +49,9 @@ class InstanceRow:
     steps: int
     run: int = 1
     """The number of its current run: 1, then one more at each ``continue_as_new`` (schema 15)."""
+    last_worker: str | None = None
+    """The worker that last gave its lease back (schema 13), where the query reads it (``get_instance``):
+    a worker tells a lease taken over from one its own run gave back by it."""
 
 
 class HistoryRow(NamedTuple):

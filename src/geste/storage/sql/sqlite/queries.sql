@@ -28,7 +28,7 @@ SELECT {db_clock} AS now;
 
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker
 FROM geste_instances WHERE instance_id = ?;
 
 -- name: list_instances
