@@ -59,6 +59,8 @@ OUTAGE_RAMP = 0.05 + 0.1 + 0.2 + 0.4
 outage must last longer, so that deliveries are retried at the capped interval for a while."""
 WORKER_LOCK_TIMEOUT = 1.0
 """The workers' ``lock_timeout`` (``app._serve``): a pause or a partition lasts longer."""
+HELD_LIMIT = 8 * WORKER_LOCK_TIMEOUT
+"""How long a pause or a partition waits for the worker's leases to be taken over before it ends anyway."""
 LEASE_LOST = "lease lost"
 """What a worker logs when it finds an instance's lease taken over (the renewal's or the run's line)."""
 RUN_DROPPED = (LEASE_LOST, "storage failed (")
@@ -373,21 +375,30 @@ class Controller:
         victim = self.rng.choice(sorted(w for w, leases in held.items() if len(leases) == most))
         return victim, held[victim]
 
-    async def _until_taken_over(self, leases: dict[str, str], what: str) -> None:
+    async def _until_taken_over(self, leases: dict[str, str], what: str) -> int:
         """Wait until none of ``leases`` is held any more (taken over by another worker, which may have
-        ended the instance since); with none, for a little more than a lease."""
+        ended the instance since), or ``HELD_LIMIT`` seconds; with none, for a little more than a lease.
+        Returns how many are still held then: the rows of a claim whose answer the stopped worker was
+        reading when it stopped stay locked by its session (the server waits to send the rest of the
+        answer, its transaction open, and nothing ends that but the worker reading again or its
+        connection closing), so those instances wait for it."""
         if not leases:
             await asyncio.sleep(WORKER_LOCK_TIMEOUT * 1.5)
-            return
+            return 0
 
-        async def gone() -> bool:
+        async def held() -> int:
             rows = await self._admin(
                 "SELECT count(*) AS n FROM geste_instances WHERE lease_id = ANY($1::text[])",
                 list(leases.values()),
             )
-            return rows[0]["n"] == 0
+            return int(rows[0]["n"])
 
-        await wait_until(gone, f"the leases of {what} to be taken over", timeout=60, interval=0.05)
+        deadline = time.monotonic() + HELD_LIMIT
+        while (left := await held()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if left:
+            self.journal.note(f"leases of {what} still held after {HELD_LIMIT:g}s", str(left))
+        return left
 
     async def _diagnosed(self, proc: subprocess.Popen[bytes], wait: Awaitable[T]) -> T:
         """``wait``; if it fails, the worker ``proc`` dumps its tasks' and threads' stacks to its output
@@ -421,7 +432,7 @@ class Controller:
         stopped = time.monotonic()
         proc.send_signal(signal.SIGSTOP)
         try:
-            await self._until_taken_over(leases, f"paused {victim}")
+            held = await self._until_taken_over(leases, f"paused {victim}")
         finally:
             proc.send_signal(signal.SIGCONT)
         resumed, seconds = time.time(), time.monotonic() - stopped
@@ -452,6 +463,7 @@ class Controller:
             logged=logged,
             instances=sorted(leases),
             resumed=resumed,
+            held=held,
         )
         self.journal.note(
             "worker paused (SIGSTOP) past its lease",
@@ -470,12 +482,12 @@ class Controller:
         how = self.rng.choice(["stall", "cut"])
         getattr(proxy, how)()
         try:
-            await self._until_taken_over(leases, f"partitioned {victim}")
+            held = await self._until_taken_over(leases, f"partitioned {victim}")
         finally:
             proxy.heal()
         healed = time.time()
         skew = self.skew_of.get(victim, 0.0)
-        self._log_fault(fault="partition", how=how, worker=victim, leases=len(leases))
+        self._log_fault(fault="partition", how=how, worker=victim, leases=len(leases), held=held)
         self.journal.note(f"worker partitioned from PostgreSQL ({how})", f"{victim}: {len(leases)} lease(s)")
 
         async def resumed() -> None:
