@@ -221,6 +221,48 @@ async def test_the_pool_runs_at_most_activity_threads_at_once(make_app: Callable
     assert most[0] == 2
 
 
+STUCK_FOREVER = """
+import asyncio, sys, threading
+import geste
+
+app = geste.App(sys.argv[1], lock_timeout=2.0, poll_interval=0.05, shutdown_grace=0.5)
+
+
+@app.activity(timeout=0.2, retry=geste.RetryPolicy(max_attempts=1))
+def stuck(ctx: geste.ActivityContext) -> None:
+    threading.Event().wait()  # never returns: only the process's exit ends this thread
+
+
+@app.workflow
+async def stuck_flow(ctx: geste.WorkflowContext) -> str:
+    try:
+        await stuck(ctx)
+    except geste.errors.ActivityTimeout:
+        return "timed out"
+    return "unreachable"
+
+
+async def main() -> None:
+    async with app:
+        print(await (await stuck_flow.start()).result(timeout=30), flush=True)
+    print("closed", flush=True)
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_def_activity_stuck_for_ever_does_not_hold_the_process_exit(db_url: str, tmp_path: Path) -> None:
+    """The pool's threads are daemons: a thread that never returns does not keep a stopped worker alive."""
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_FOREVER)
+    done = subprocess.run(
+        [sys.executable, str(script), db_url], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["timed", "out", "closed"]
+
+
 @pytest.mark.parametrize("value", [0, -1, True, 2.5])
 def test_a_bad_activity_threads_is_refused(value: Any) -> None:
     with pytest.raises(ConfigurationError, match="activity_threads"):

@@ -14,10 +14,11 @@ import functools
 import inspect
 import json
 import logging
+import queue
 import threading
 import time
-from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -196,6 +197,72 @@ DEFAULT_ACTIVITY_THREADS = 32
 """The threads that run ``def`` activities at most at once, unless ``App(activity_threads=...)``."""
 
 
+class ThreadPool:
+    """At most ``size`` daemon threads, started as work needs them, that run ``def`` activities.
+
+    Not a ``concurrent.futures.ThreadPoolExecutor``: its threads are joined when the interpreter exits, so
+    one ``def`` activity stuck in a call that never returns (its attempt long failed by its timeout) would
+    keep a stopped worker's process alive for ever. Daemon threads do not hold the exit: the activity is
+    cut short as a crash would cut it (at least once: its step was not recorded, it runs again).
+    """
+
+    def __init__(self, size: int, name: str = "geste-activity") -> None:
+        self.size = size
+        self.name = name
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the pool of def activities is closed")
+            self._work.put((future, fn))
+            if self._idle:
+                self._idle -= 1  # an idle thread takes it
+            elif len(self._threads) < self.size:
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self.name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            future, fn = item
+            if future.set_running_or_notify_cancel():  # False: cancelled while it waited for a thread
+                try:
+                    result = fn()
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+                del future, fn, item
+            with self._lock:
+                self._idle += 1
+
+    def close(self) -> None:
+        """Cancel what waits for a thread; let each thread end once its activity returns."""
+        with self._lock:
+            self._closed = True
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+            for _ in self._threads:
+                self._work.put(None)
+
+
 def _call_sync(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     result = fn(*args, **kwargs)
     if inspect.isawaitable(result):  # a callable object whose __call__ is async, say: not a def activity
@@ -215,11 +282,11 @@ class ActivityRunner:
         self.threads = threads
         self.heartbeats = HeartbeatBuffer()
         """The heartbeat details the worker's next renewal writes."""
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ThreadPool | None = None
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> ThreadPool:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="geste-activity")
+            self._pool = ThreadPool(self.threads)
         return self._pool
 
     def close(self) -> None:
@@ -227,12 +294,11 @@ class ActivityRunner:
         later ``def`` activity starts a new pool."""
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.close()
 
     def _in_thread(self, activity: Activity[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        call = functools.partial(_call_sync, activity.fn, args, kwargs)
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executor(), contextvars.copy_context().run, call)
+        call = functools.partial(contextvars.copy_context().run, _call_sync, activity.fn, args, kwargs)
+        return asyncio.wrap_future(self._executor().submit(call))
 
     async def _previous_details(
         self, journal: Journal, activity: Activity[Any, Any], key: str, attempt: int
