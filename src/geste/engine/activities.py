@@ -300,23 +300,17 @@ class ActivityRunner:
         call = functools.partial(contextvars.copy_context().run, _call_sync, activity.fn, args, kwargs)
         return asyncio.wrap_future(self._executor().submit(call))
 
-    async def _previous_details(
-        self, journal: Journal, activity: Activity[Any, Any], key: str, attempt: int
-    ) -> Any:
-        """What the attempts before gave ``heartbeat``: kept here, or (an activity with a
-        ``heartbeat_timeout``, at its first attempt here) read from the database, where another worker's
-        renewals wrote them before it died."""
-        instance_id = journal.instance_id
-        encoded = self.heartbeats.get(instance_id, key)
-        if encoded is None and attempt == 1 and activity.heartbeat_timeout is not None:
-            stored = await self.host.storage.heartbeat_details(instance_id)
-            if stored is not None:
-                encoded_steps = json.loads(stored)
-                found = encoded_steps.get(key) if isinstance(encoded_steps, dict) else None
-                if found is not None:
-                    encoded = json.dumps(found, separators=(",", ":"))
-                    self.heartbeats.seed(instance_id, key, encoded)
-        return None if encoded is None else decode(encoded)
+    async def _stored_details(self, instance_id: str, key: str) -> str | None:
+        """The details of this step that an earlier worker's renewals stored before it died (the first
+        attempt here of an activity with a ``heartbeat_timeout``): one read by primary key."""
+        stored = await self.host.storage.heartbeat_details(instance_id)
+        steps = None if stored is None else json.loads(stored)
+        found = steps.get(key) if isinstance(steps, dict) else None
+        if found is None:
+            return None
+        encoded = json.dumps(found, separators=(",", ":"))
+        self.heartbeats.seed(instance_id, key, encoded)
+        return encoded
 
     async def step(
         self,
@@ -393,11 +387,14 @@ class ActivityRunner:
         while True:
             attempt += 1
             metrics.activity_attempts.values[activity.name] += 1
+            previous = self.heartbeats.get(journal.instance_id, key)  # what the attempts before gave
+            if previous is None and attempt == 1 and beat_limit is not None:
+                previous = await self._stored_details(journal.instance_id, key)
             beat = _Beat(
                 self.heartbeats,
                 journal.instance_id,
                 key,
-                await self._previous_details(journal, activity, key, attempt),
+                None if previous is None else decode(previous),
                 host.max_payload_bytes,
                 f"heartbeat details of activity {activity.name}",
             )
@@ -421,12 +418,10 @@ class ActivityRunner:
                 if timeout is None and beat_limit is None:
                     result = await call
                 else:
-                    scope = asyncio.timeout(None)
+                    scope = asyncio.timeout(timeout)  # None: the heartbeat's watchdog alone expires it
                     watchdog = None
                     try:
                         async with scope:
-                            if timeout is not None:
-                                scope.reschedule(asyncio.get_running_loop().time() + timeout)
                             if beat_limit is not None:
                                 watchdog = _Watchdog(scope, beat, beat_limit)
                             result = await call
