@@ -21,7 +21,7 @@ import pytest
 
 import geste
 from geste.errors import ActivityHeartbeatTimeout, ActivityTimeout, ConfigurationError, SerializationError
-from geste.storage.base import Storage
+from geste.storage.base import Lease, Storage
 from geste.storage.postgres import PostgresStorage
 from geste.storage.sqlite import SQLiteStorage
 
@@ -214,7 +214,15 @@ async def test_a_thousand_heartbeats_cost_no_statement_and_the_renewal_writes_th
             db_url, "SELECT heartbeats FROM geste_instances WHERE instance_id = $1", handle.instance_id
         )
         assert json.loads(rows[0]["heartbeats"]) == {"1.1": {"done": 1000}}
+        await raw_query(  # a mark: a renewal that wrote the column again would overwrite it
+            db_url, "UPDATE geste_instances SET heartbeats = '{\"mark\":1}' WHERE instance_id = $1",
+            handle.instance_id,
+        )  # fmt: skip
         await worker.renew()  # no new details since: the column is left as it is
+        rows = await raw_query(
+            db_url, "SELECT heartbeats FROM geste_instances WHERE instance_id = $1", handle.instance_id
+        )
+        assert json.loads(rows[0]["heartbeats"]) == {"mark": 1}
         renewed.set()
         assert await handle.result(timeout=30) == 1000
 
@@ -261,3 +269,24 @@ async def test_the_details_survive_a_worker_killed_mid_activity(db_url: str, tmp
             proc.kill()
         proc.wait()
     assert result == {"resumed_from": {"done": 3, "worker": "doomed"}, "worker": "survivor", "attempt": 1}
+
+
+async def test_a_renewal_with_a_lease_lost_writes_no_details(make_app: Callable[..., geste.App]) -> None:
+    """The details are fenced as the renewal is: by ``(instance_id, lease_id)``."""
+    app = make_app(run_worker=False)
+
+    @app.workflow
+    async def idle(ctx: geste.WorkflowContext) -> None:
+        return None
+
+    async with app:
+        await idle.start_with_id("fenced")
+        now = app.clock()
+        (claim,) = await app.storage.claim("w1", now, now + 60, 1, workflows=["idle"])
+        stale = Lease("fenced", "not-the-lease")
+        kept = await app.storage.renew([stale], now + 60, now=now, heartbeats={"fenced": '{"1.1":1}'})
+        assert kept == set()
+        assert await app.storage.heartbeat_details("fenced") is None
+        kept = await app.storage.renew([claim.lease], now + 60, now=now, heartbeats={"fenced": '{"1.1":2}'})
+        assert kept == {"fenced"}
+        assert await app.storage.heartbeat_details("fenced") == '{"1.1":2}'
