@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 import geste
+from geste._serde import decode_error
 from geste.errors import ActivityHeartbeatTimeout, ActivityTimeout, ConfigurationError, SerializationError
 from geste.storage.base import Lease, Storage
 from geste.storage.postgres import PostgresStorage
@@ -96,7 +97,12 @@ async def test_every_attempt_hung_fails_the_workflow_with_the_typed_error(
     async with app:
         handle = await stuck_flow.start()
         result = await handle.result(timeout=30)
+        history = await app.history(handle.instance_id)
     assert attempts == [1, 2]
+    (step,) = [e for e in history if e.kind == geste.StepKind.ACTIVITY]
+    assert step.is_error and step.payload["attempts"] == 2
+    rebuilt = decode_error(step.payload["error"])  # what a replay raises in the workflow: the same type
+    assert type(rebuilt) is ActivityHeartbeatTimeout and "gave no heartbeat for 0.2s" in str(rebuilt)
     assert result.startswith("gave up: attempt 2 of activity stuck gave no heartbeat for 0.2s")
 
 
