@@ -263,6 +263,35 @@ def test_a_def_activity_stuck_for_ever_does_not_hold_the_process_exit(db_url: st
     assert done.stdout.split() == ["timed", "out", "closed"]
 
 
+async def test_def_activities_in_a_workflow_environment_and_their_fakes(tmp_path: Path) -> None:
+    """geste.testing runs a def activity as the App does, and swaps fakes of either kind in and out."""
+    from geste.testing import WorkflowEnvironment
+
+    app = geste.App(f"sqlite:///{tmp_path / 'app.db'}")
+
+    @app.activity
+    def lookup(ctx: geste.ActivityContext, key: str) -> str:
+        return f"real {key} in {threading.current_thread().name.rsplit('-', 1)[0]}"
+
+    @app.workflow
+    async def looking(ctx: geste.WorkflowContext, key: str) -> str:
+        return await lookup(ctx, key)
+
+    async def async_fake(ctx: geste.ActivityContext, key: str) -> str:
+        return f"async fake {key}"
+
+    def def_fake(ctx: geste.ActivityContext, key: str) -> str:
+        return f"def fake {key}"
+
+    async with WorkflowEnvironment(app) as env:
+        assert await (await env.start(looking, "a")).result() == "real a in geste-activity"
+    async with WorkflowEnvironment(app, activities={lookup: async_fake}) as env:
+        assert await (await env.start(looking, "b")).result() == "async fake b"
+    async with WorkflowEnvironment(app, activities={"lookup": def_fake}) as env:
+        assert await (await env.start(looking, "c")).result() == "def fake c"
+    assert lookup.fn.__name__ == "lookup" and not lookup.is_async  # given back as it was
+
+
 @pytest.mark.parametrize("value", [0, -1, True, 2.5])
 def test_a_bad_activity_threads_is_refused(value: Any) -> None:
     with pytest.raises(ConfigurationError, match="activity_threads"):

@@ -86,15 +86,24 @@ class Activity(Generic[P, R]):
         heartbeat_timeout: float | None = None,
     ) -> None:
         _check_context_parameter(fn, "activity")
-        self.fn: Callable[..., Any] = fn
-        self.is_async = inspect.iscoroutinefunction(fn)
-        """Whether it runs on the event loop (``async def``), rather than in the thread pool."""
+        self.fn = fn
         self.name = check_name(name, "activity")
         self.retry = retry
         self.heartbeat_timeout = heartbeat_timeout
         self.signature = Signature(fn, skip_first=True)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The function it runs (``geste.testing`` swaps a fake in for a while)."""
+        return self._fn
+
+    @fn.setter
+    def fn(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        """Whether it runs on the event loop (``async def``), rather than in the thread pool."""
 
     def __call__(self, ctx: ActivityCaller, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         call = getattr(ctx, "_activity", None)  # a WorkflowContext (which this core module does not import)
