@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from ._client import Client
 from ._definitions import Activity, Workflow
@@ -24,6 +24,7 @@ from ._registry import Registry
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, ListenerStatus, SystemStatus, WorkerInfo, is_alive
 from ._validation import check_id as _check_id
+from .engine.activities import DEFAULT_ACTIVITY_THREADS
 from .engine.context import ActivityContext, WorkflowContext
 from .engine.run import Engine
 from .errors import AppNotOpenError, ConfigurationError
@@ -63,6 +64,17 @@ def _cache_size(value: int | None) -> int:
     return value
 
 
+class ActivityDecorator(Protocol):
+    """What ``@app.activity(...)`` with options returns: it registers an ``async def`` or a ``def``
+    activity, typed alike (``await my_activity(ctx, ...)`` gives the function's result)."""
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[ActivityContext, P], Awaitable[R]], /) -> Activity[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[ActivityContext, P], R], /) -> Activity[P, R]: ...
+
+
 class App(OpenClose):
     """A geste application: where workflows and activities are registered and run.
 
@@ -100,6 +112,7 @@ class App(OpenClose):
         message_retention: float | timedelta = timedelta(days=7),
         event_retention: float | timedelta = timedelta(days=7),
         workflow_cache_size: int | None = None,
+        activity_threads: int = DEFAULT_ACTIVITY_THREADS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
@@ -123,6 +136,8 @@ class App(OpenClose):
         self.shutdown_grace = seconds(shutdown_grace, what="shutdown_grace")
         self.max_payload_bytes = positive_int(max_payload_bytes, "max_payload_bytes")
         self.workflow_cache_size = _cache_size(workflow_cache_size)
+        self.activity_threads = positive_int(activity_threads, "activity_threads")
+        """The threads that run ``def`` activities at most at once (docs/activities.md)."""
         self.message_retention = seconds(message_retention, what="message_retention")
         self.event_retention = seconds(event_retention, what="event_retention")
         self.outbox_config = OutboxConfig.build(
@@ -217,6 +232,7 @@ class App(OpenClose):
             workflow_cache_size=(
                 self.workflow_cache_size if workflow_cache_size is None else workflow_cache_size
             ),
+            activity_threads=self.activity_threads,
             **({} if retry_wait is None else {"retry_wait": retry_wait}),
         )
         runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics, results=client)
@@ -289,7 +305,12 @@ class App(OpenClose):
         return self.registry.workflow(fn, name=name)
 
     @overload
-    def activity(self, fn: Callable[Concatenate[ActivityContext, P], Awaitable[R]], /) -> Activity[P, R]: ...
+    def activity(  # an async def matches the first: its result is R
+        self, fn: Callable[Concatenate[ActivityContext, P], Awaitable[R]], /
+    ) -> Activity[P, R]: ...
+
+    @overload
+    def activity(self, fn: Callable[Concatenate[ActivityContext, P], R], /) -> Activity[P, R]: ...
 
     @overload
     def activity(
@@ -300,7 +321,8 @@ class App(OpenClose):
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
-    ) -> Callable[[Callable[Concatenate[ActivityContext, P], Awaitable[R]]], Activity[P, R]]: ...
+        heartbeat_timeout: float | timedelta | None = None,
+    ) -> ActivityDecorator: ...
 
     def activity(
         self,
@@ -310,13 +332,18 @@ class App(OpenClose):
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        heartbeat_timeout: float | timedelta | None = None,
     ) -> Any:
-        """Register an ``async def`` activity taking an ``ActivityContext`` first.
+        """Register an activity taking an ``ActivityContext`` first: an ``async def`` one runs on the event
+        loop, a plain ``def`` one in the App's thread pool (``activity_threads``).
 
         ``retry`` defaults to the App's ``default_retry``; ``timeout`` (per attempt) overrides the
-        policy's.
+        policy's. ``heartbeat_timeout``: an attempt that goes that long without ``ctx.heartbeat()`` is
+        failed with ``ActivityHeartbeatTimeout`` and retried by the policy (docs/activities.md).
         """
-        return self.registry.activity(fn, name=name, retry=retry, timeout=timeout)
+        return self.registry.activity(
+            fn, name=name, retry=retry, timeout=timeout, heartbeat_timeout=heartbeat_timeout
+        )
 
     @property
     def workflows(self) -> dict[str, Workflow[Any, Any]]:

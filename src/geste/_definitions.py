@@ -26,6 +26,12 @@ def _check_coroutine_function(fn: Callable[..., Any], what: str) -> None:
         raise ConfigurationError(
             f"{what} {getattr(fn, '__qualname__', fn)!r} must be an `async def` function"
         )
+    _check_context_parameter(fn, what)
+
+
+def _check_context_parameter(fn: Callable[..., Any], what: str) -> None:
+    if not callable(fn):
+        raise ConfigurationError(f"{what} {fn!r} is not a function")
     if not list(inspect.signature(fn).parameters):
         raise ConfigurationError(f"{what} {fn.__qualname__!r} must take the context as first parameter")
 
@@ -64,22 +70,40 @@ class Activity(Generic[P, R]):
     """A step with side effects: run at least once, its outcome recorded exactly once.
 
     Call it from a workflow with the workflow's context first: ``await charge(ctx, order_id)``.
+
+    An ``async def`` function runs on the event loop; a plain ``def`` one (``is_async`` False) in the App's
+    thread pool (``App(activity_threads=...)``), so that its blocking calls stall neither the loop nor the
+    lease renewal. ``heartbeat_timeout`` (seconds, None: none): an attempt that goes that long without
+    ``ctx.heartbeat()`` is failed with ``ActivityHeartbeatTimeout`` and retried by ``retry``.
     """
 
     def __init__(
         self,
-        fn: Callable[Concatenate[Any, P], Awaitable[R]],
+        fn: Callable[Concatenate[Any, P], Awaitable[R]] | Callable[Concatenate[Any, P], R],
         *,
         name: str,
         retry: RetryPolicy,
+        heartbeat_timeout: float | None = None,
     ) -> None:
-        _check_coroutine_function(fn, "activity")
+        _check_context_parameter(fn, "activity")
         self.fn = fn
         self.name = check_name(name, "activity")
         self.retry = retry
+        self.heartbeat_timeout = heartbeat_timeout
         self.signature = Signature(fn, skip_first=True)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The function it runs (``geste.testing`` swaps a fake in for a while)."""
+        return self._fn
+
+    @fn.setter
+    def fn(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        """Whether it runs on the event loop (``async def``), rather than in the thread pool."""
 
     def __call__(self, ctx: ActivityCaller, /, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         call = getattr(ctx, "_activity", None)  # a WorkflowContext (which this core module does not import)

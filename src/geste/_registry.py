@@ -46,10 +46,14 @@ class Registry:
         name: str | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        heartbeat_timeout: float | timedelta | None = None,
     ) -> Any:
         """``@app.activity``: its options are checked at once, even before the function is given."""
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigurationError("retry must be a geste.RetryPolicy")
+        beat = None
+        if heartbeat_timeout is not None:
+            beat = seconds(heartbeat_timeout, what="heartbeat_timeout", allow_zero=False)
         policy = retry or self.default_retry
         if timeout is not None:
             seconds(timeout, what="timeout", allow_zero=False)
@@ -63,7 +67,9 @@ class Registry:
             )
 
         def register(f: Callable[..., Any]) -> Activity[Any, Any]:
-            return self.add_activity(Activity(f, name=name or f.__name__, retry=policy))
+            return self.add_activity(
+                Activity(f, name=name or f.__name__, retry=policy, heartbeat_timeout=beat)
+            )
 
         return register if fn is None else register(fn)
 

@@ -24,6 +24,7 @@ GesteError
 │   └── HistoryCorruptedError   a recorded row geste cannot read (not JSON, wrong shape, a gap)
 ├── ActivityError               a recorded activity error whose exception type cannot be rebuilt
 ├── ActivityTimeout             one attempt of an activity ran past RetryPolicy(timeout=...)
+│   └── ActivityHeartbeatTimeout  an attempt gave no ctx.heartbeat() within its heartbeat_timeout
 ├── EventTimeout                ctx.wait_event(..., timeout=...) ran out
 └── ReceiveTimeout              ctx.receive(..., timeout=...) ran out
 ```
@@ -37,6 +38,7 @@ from typing import Any
 
 __all__ = [
     "ActivityError",
+    "ActivityHeartbeatTimeout",
     "ActivityTimeout",
     "AppNotOpenError",
     "ConfigurationError",
@@ -256,6 +258,12 @@ class ActivityError(GesteError):
 
 class ActivityTimeout(GesteError, TimeoutError):
     """One attempt of an activity ran longer than its policy's ``timeout``."""
+
+
+class ActivityHeartbeatTimeout(ActivityTimeout):
+    """One attempt of an activity declared with ``heartbeat_timeout`` went that long without calling
+    ``ctx.heartbeat()``: taken for stuck, it is failed (its task cancelled; a ``def`` activity's thread is
+    left to finish, its result ignored) and retried by the activity's policy, like any ``ActivityTimeout``."""
 
 
 class EventTimeout(GesteError, TimeoutError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import inspect
 import os
 import shutil
 import tempfile
@@ -76,7 +75,8 @@ class WorkflowEnvironment(OpenClose):
     Time stands still at ``start_at`` (default: now) until ``advance`` moves it: a workflow's ``ctx.now()``,
     its timers, the deadlines of its waits and the back-off between the attempts of an activity all read
     this clock. ``activities`` replaces the code of some activities while the environment is open: give
-    ``{activity or its name: async def fake(ctx, ...)}``.
+    ``{activity or its name: async def fake(ctx, ...)}`` (or a plain ``def``, run in the thread pool as a
+    ``def`` activity is).
 
     The methods that act (``start``, ``send_event``, ``advance``...) return once every instance that could
     run has run until it waits again (for an event, a message, a timer, or an activity's retry), finishes
@@ -169,9 +169,9 @@ class WorkflowEnvironment(OpenClose):
             activity = key if isinstance(key, Activity) else self.app.registry.activities.get(key)
             if activity is None:
                 raise ConfigurationError(f"no activity named {key!r:.80} is registered to replace")
-            if not inspect.iscoroutinefunction(fake):
+            if not callable(fake):
                 raise ConfigurationError(
-                    f"the replacement of activity {activity.name!r} must be an async def"
+                    f"the replacement of activity {activity.name!r} must be a function (async def or def)"
                 )
             found.append((activity, fake))
         return found

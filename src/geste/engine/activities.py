@@ -8,14 +8,24 @@ commits with the workflow's next write (``Journal.buffer``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+import json
 import logging
-from dataclasses import dataclass
+import queue
+import threading
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._models import StepKind
 from .._serde import decode, decode_error, encode, encode_error
 from .._steps import ActivityStep, CompensationStep, RawJSON, activity_payload
-from ..errors import ActivityTimeout, NonDeterminismError, SerializationError
+from ..errors import ActivityHeartbeatTimeout, ActivityTimeout, NonDeterminismError, SerializationError
 from ..storage.base import HistoryRow
 from .journal import Host, Journal
 
@@ -47,6 +57,24 @@ class ActivityContext:
     is_compensation: bool = False
     run: int = 1
     """The instance's run that calls it (1, then one more after each ``continue_as_new``)."""
+    _beat: _Beat | None = field(default=None, repr=False, compare=False)
+    """This attempt's heartbeat state (None: a context built by hand, whose heartbeats go nowhere)."""
+
+    def heartbeat(self, details: Any = None) -> None:
+        """Say this attempt is alive (``heartbeat_timeout``) and, unless ``details`` is None, record
+        how far it got: the next attempt, here or on another worker after a crash, reads the last details
+        given as ``heartbeat_details``. Costs no statement: the worker writes the last details with its
+        next lease renewal. Callable from any thread (a ``def`` activity's). ``details`` must be JSON
+        (``SerializationError`` otherwise, raised here)."""
+        beat = self._beat
+        if beat is not None:
+            beat.beat(details)
+
+    @property
+    def heartbeat_details(self) -> Any:
+        """The last details an earlier attempt of this step gave ``heartbeat`` (as JSON decodes them);
+        None on a first attempt, or when none gave any."""
+        return None if self._beat is None else self._beat.previous
 
     @property
     def idempotency_key(self) -> str:
@@ -62,11 +90,227 @@ def step_key(instance_id: str, run: int, seq: int) -> str:
     return f"{instance_id}:{seq}" if run == 1 else f"{instance_id}:{run}.{seq}"
 
 
-class ActivityRunner:
-    """Runs the activity steps of the runs of one engine (``host``)."""
+class HeartbeatBuffer:
+    """The last heartbeat details of the activities running in this worker, by instance and step, until
+    the worker's next lease renewal writes those of the instances given new ones since (``take``). Thread
+    safe: a ``def`` activity heartbeats from its thread."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._details: dict[str, dict[str, str]] = {}
+        self._dirty: set[str] = set()
+
+    def put(self, instance_id: str, key: str, encoded: str) -> None:
+        with self._lock:
+            self._details.setdefault(instance_id, {})[key] = encoded
+            self._dirty.add(instance_id)
+
+    def seed(self, instance_id: str, key: str, encoded: str) -> None:
+        """Details read from the database: kept for the next attempts, not written back."""
+        with self._lock:
+            self._details.setdefault(instance_id, {}).setdefault(key, encoded)
+
+    def get(self, instance_id: str, key: str) -> str | None:
+        with self._lock:
+            return self._details.get(instance_id, {}).get(key)
+
+    def drop(self, instance_id: str, key: str) -> None:
+        """The step ended (or its run left this worker): forget its details here (the database keeps
+        them until the instance's next write of details)."""
+        with self._lock:
+            steps = self._details.get(instance_id)
+            if steps is not None:
+                steps.pop(key, None)
+                if not steps:
+                    del self._details[instance_id]
+                    self._dirty.discard(instance_id)
+
+    def take(self) -> dict[str, str]:
+        """The details to write, by instance (a JSON object of its steps' details), of the instances given
+        new details since the last ``take``."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            return {
+                instance_id: "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in steps.items()) + "}"
+                for instance_id in dirty
+                if (steps := self._details.get(instance_id))
+            }
+
+    def restore(self, instance_ids: Collection[str]) -> None:
+        """A renewal that carried these failed: write them with the next one."""
+        with self._lock:
+            self._dirty.update(i for i in instance_ids if i in self._details)
+
+
+class _Beat:
+    """One attempt's heartbeat: when it last beat (``time.monotonic``), what the attempts before gave."""
+
+    __slots__ = ("at", "buffer", "instance_id", "key", "limit", "live", "previous", "what")
+
+    def __init__(
+        self, buffer: HeartbeatBuffer, instance_id: str, key: str, previous: Any, limit: int, what: str
+    ) -> None:
+        self.at = time.monotonic()
+        self.buffer = buffer
+        self.instance_id = instance_id
+        self.key = key
+        self.previous = previous
+        self.limit = limit
+        self.what = what
+        self.live = True
+
+    def beat(self, details: Any) -> None:
+        encoded = None if details is None else encode(details, what=self.what, limit=self.limit)
+        if not self.live:  # a thread left to finish after its attempt failed: nobody listens any more
+            return
+        self.at = time.monotonic()
+        if encoded is not None:
+            self.buffer.put(self.instance_id, self.key, encoded)
+
+
+class _Watchdog:
+    """Expires an attempt's timeout scope once ``limit`` seconds pass without a heartbeat: a timer on the
+    event loop checked at the deadline, not at each heartbeat (which may come from a thread)."""
+
+    def __init__(self, scope: asyncio.Timeout, beat: _Beat, limit: float) -> None:
+        self.scope = scope
+        self.beat = beat
+        self.limit = limit
+        self.fired = False
+        self.loop = asyncio.get_running_loop()
+        self.handle = self.loop.call_later(limit, self.check)
+
+    def check(self) -> None:
+        idle = time.monotonic() - self.beat.at
+        if idle < self.limit:
+            self.handle = self.loop.call_later(self.limit - idle, self.check)
+            return
+        self.fired = True
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the scope was left meanwhile
+            self.scope.reschedule(self.loop.time())  # expires at once: the attempt's task is cancelled
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+DEFAULT_ACTIVITY_THREADS = 32
+"""The threads that run ``def`` activities at most at once, unless ``App(activity_threads=...)``."""
+
+
+class ThreadPool:
+    """At most ``size`` daemon threads, started as work needs them, that run ``def`` activities.
+
+    Not a ``concurrent.futures.ThreadPoolExecutor``: its threads are joined when the interpreter exits, so
+    one ``def`` activity stuck in a call that never returns (its attempt long failed by its timeout) would
+    keep a stopped worker's process alive for ever. Daemon threads do not hold the exit: the activity is
+    cut short as a crash would cut it (at least once: its step was not recorded, it runs again).
+    """
+
+    def __init__(self, size: int, name: str = "geste-activity") -> None:
+        self.size = size
+        self.name = name
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the pool of def activities is closed")
+            self._work.put((future, fn))
+            if self._idle:
+                self._idle -= 1  # an idle thread takes it
+            elif len(self._threads) < self.size:
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self.name}-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            future, fn = item
+            if future.set_running_or_notify_cancel():  # False: cancelled while it waited for a thread
+                try:
+                    result = fn()
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+                del future, fn, item
+            with self._lock:
+                self._idle += 1
+
+    def close(self) -> None:
+        """Cancel what waits for a thread; let each thread end once its activity returns."""
+        with self._lock:
+            self._closed = True
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+            for _ in self._threads:
+                self._work.put(None)
+
+
+def _call_sync(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    result = fn(*args, **kwargs)
+    if inspect.isawaitable(result):  # a callable object whose __call__ is async, say: not a def activity
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        raise TypeError(f"the def activity {fn!r} returned an awaitable: declare it with `async def`")
+    return result
+
+
+class ActivityRunner:
+    """Runs the activity steps of the runs of one engine (``host``): ``async def`` activities on the
+    event loop, ``def`` ones in a pool of ``threads`` threads."""
+
+    def __init__(self, host: Host, *, threads: int = DEFAULT_ACTIVITY_THREADS) -> None:
         self.host = host
+        self.threads = threads
+        self.heartbeats = HeartbeatBuffer()
+        """The heartbeat details the worker's next renewal writes."""
+        self._pool: ThreadPool | None = None
+
+    def _executor(self) -> ThreadPool:
+        if self._pool is None:
+            self._pool = ThreadPool(self.threads)
+        return self._pool
+
+    def close(self) -> None:
+        """Let the pool's threads go once their activities return (a thread cannot be stopped); a
+        later ``def`` activity starts a new pool."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _in_thread(self, activity: Activity[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = functools.partial(contextvars.copy_context().run, _call_sync, activity.fn, args, kwargs)
+        return asyncio.wrap_future(self._executor().submit(call))
+
+    async def _stored_details(self, instance_id: str, key: str) -> str | None:
+        """The details of this step that an earlier worker's renewals stored before it died (the first
+        attempt here of an activity with a ``heartbeat_timeout``): one read by primary key."""
+        stored = await self.host.storage.heartbeat_details(instance_id)
+        steps = None if stored is None else json.loads(stored)
+        found = steps.get(key) if isinstance(steps, dict) else None
+        if found is None:
+            return None
+        encoded = json.dumps(found, separators=(",", ":"))
+        self.heartbeats.seed(instance_id, key, encoded)
+        return encoded
 
     async def step(
         self,
@@ -116,15 +360,44 @@ class ActivityRunner:
         encoded_args: str,
     ) -> HistoryRow:
         """Run the activity's attempts to its outcome: the row that records it."""
+        key = f"{journal.run}.{seq}"
+        try:
+            return await self._attempts(journal, activity, seq, kind, args, kwargs, encoded_args, key)
+        finally:
+            self.heartbeats.drop(journal.instance_id, key)
+
+    async def _attempts(
+        self,
+        journal: Journal,
+        activity: Activity[Any, Any],
+        seq: int,
+        kind: StepKind,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        encoded_args: str,
+        key: str,
+    ) -> HistoryRow:
         host = self.host
         policy = activity.retry
         timeout = policy.timeout_seconds
+        beat_limit = activity.heartbeat_timeout
         started = host.clock()
         metrics = host.metrics
         attempt = 0
         while True:
             attempt += 1
             metrics.activity_attempts.values[activity.name] += 1
+            previous = self.heartbeats.get(journal.instance_id, key)  # what the attempts before gave
+            if previous is None and attempt == 1 and beat_limit is not None:
+                previous = await self._stored_details(journal.instance_id, key)
+            beat = _Beat(
+                self.heartbeats,
+                journal.instance_id,
+                key,
+                None if previous is None else decode(previous),
+                host.max_payload_bytes,
+                f"heartbeat details of activity {activity.name}",
+            )
             actx = ActivityContext(
                 instance_id=journal.instance_id,
                 workflow_name=journal.workflow_name,
@@ -134,24 +407,42 @@ class ActivityRunner:
                 max_attempts=policy.max_attempts,
                 is_compensation=kind == StepKind.COMPENSATION,
                 run=journal.run,
+                _beat=beat,
             )
             error: BaseException | None = None
             try:
-                if timeout is None:
-                    result = await activity.fn(actx, *args, **kwargs)
+                if activity.is_async:
+                    call = activity.fn(actx, *args, **kwargs)
                 else:
-                    scope = asyncio.timeout(timeout)
+                    call = self._in_thread(activity, (actx, *args), kwargs)
+                if timeout is None and beat_limit is None:
+                    result = await call
+                else:
+                    scope = asyncio.timeout(timeout)  # None: the heartbeat's watchdog alone expires it
+                    watchdog = None
                     try:
                         async with scope:
-                            result = await activity.fn(actx, *args, **kwargs)
+                            if beat_limit is not None:
+                                watchdog = _Watchdog(scope, beat, beat_limit)
+                            result = await call
                     except TimeoutError as exc:
                         if not scope.expired():
                             raise
+                        if watchdog is not None and watchdog.fired:
+                            raise ActivityHeartbeatTimeout(
+                                f"attempt {attempt} of activity {activity.name} gave no heartbeat "
+                                f"for {beat_limit}s"
+                            ) from exc
                         raise ActivityTimeout(
                             f"attempt {attempt} of activity {activity.name} ran past {timeout}s"
                         ) from exc
+                    finally:
+                        if watchdog is not None:
+                            watchdog.cancel()
             except Exception as exc:
                 error = exc
+            finally:
+                beat.live = False
             if error is None:
                 try:
                     body = activity_payload(  # ActivityStep(...).encode(), the step not built (hot path)

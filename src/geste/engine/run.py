@@ -17,7 +17,7 @@ from .._models import Status
 from .._serde import decode, encode, encode_error
 from ..errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
 from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
-from .activities import ActivityRunner
+from .activities import DEFAULT_ACTIVITY_THREADS, ActivityRunner
 from .cache import PARKED, CachedRun, WorkflowCache
 from .context import WorkflowContext
 from .journal import Abandon, ContinuedAsNew, Journal, Suspended
@@ -77,6 +77,7 @@ class Engine:
         on_outbox: Callable[[str], None] = _ignore_outbox,
         retry_wait: Callable[[str, float], Awaitable[None]] = _retry_sleep,
         workflow_cache_size: int = 0,
+        activity_threads: int = DEFAULT_ACTIVITY_THREADS,
     ) -> None:
         self.storage = storage
         self.metrics = metrics or Metrics()
@@ -101,7 +102,7 @@ class Engine:
         self.retry_wait = retry_wait
         """How an activity's retry back-off waits, given the instance id and the seconds: in real time;
         ``geste.testing`` makes it wait for its virtual clock instead."""
-        self.activities = ActivityRunner(self)
+        self.activities = ActivityRunner(self, threads=activity_threads)
         self.cache = WorkflowCache(workflow_cache_size, self.metrics)
         """The runs parked at a wait in this worker (``cache``; size 0: none)."""
 
@@ -109,13 +110,24 @@ class Engine:
         """For a claim: the last step held by each parked run (of ``instance_ids``), by instance id."""
         return self.cache.known(instance_ids) if self.cache.size else {}
 
+    def take_heartbeats(self) -> dict[str, str]:
+        """For the worker's lease renewal: the activity heartbeat details given since the last one, by
+        instance (``ActivityRunner.heartbeats``)."""
+        return self.activities.heartbeats.take()
+
+    def restore_heartbeats(self, instance_ids: Collection[str]) -> None:
+        """The renewal that carried these details failed: the next one writes them."""
+        self.activities.heartbeats.restore(instance_ids)
+
     async def close(self) -> None:
         """Drop every parked run (the worker stops): their instances replay wherever they wake next. Each
-        unwinds from its wait (its ``finally`` blocks run), for a second at most."""
+        unwinds from its wait (its ``finally`` blocks run), for a second at most. The threads of ``def``
+        activities still running are let go (a thread cannot be stopped)."""
         tasks = [t for t in self.cache.tasks() if not t.done()]
         self.cache.clear()
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_UNWIND)
+        self.activities.close()
 
     async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
         """Run the claimed instance until it suspends, finishes, or cannot go on."""

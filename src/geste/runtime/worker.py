@@ -58,6 +58,14 @@ class Runner(Protocol):
         claim of one of them reads the rows after that step only."""
         ...
 
+    def take_heartbeats(self) -> dict[str, str]:
+        """The activity heartbeat details given since the last call, by instance: the renewal writes them."""
+        ...
+
+    def restore_heartbeats(self, instance_ids: Collection[str]) -> None:
+        """The renewal that carried these details failed: give them to the next one."""
+        ...
+
 
 class Worker(Loop):
     """Claims runnable instances and runs them (its claim loop is this ``Loop``; the heartbeat and the
@@ -586,7 +594,15 @@ class Worker(Loop):
         leases = [lease for lease, _ in self._running.values()]
         if leases:
             now = self.clock()
-            kept = await self.storage.renew(leases, now + self.lock_timeout, now=now)
+            beats = self.runner.take_heartbeats()  # new activity heartbeat details: in the same statement
+            try:
+                kept = await self.storage.renew(
+                    leases, now + self.lock_timeout, now=now, heartbeats=beats or None
+                )
+            except BaseException:
+                if beats:
+                    self.runner.restore_heartbeats(beats)
+                raise
             for lease in leases:
                 if lease.instance_id not in kept:
                     current = self._running.get(lease.instance_id)

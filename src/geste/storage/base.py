@@ -649,12 +649,25 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def renew(
-        self, leases: Sequence[Lease], lock_expires_at: float, *, now: float | None = None
+        self,
+        leases: Sequence[Lease],
+        lock_expires_at: float,
+        *,
+        now: float | None = None,
+        heartbeats: Mapping[str, str] | None = None,
     ) -> set[str]:
         """Extend the given leases; return the instance ids whose lease is still ours. An instance's
         take-over time (its ``run_at`` while held: when a claim may look at it) moves to the new expiry
         too when it is less than half a lease ahead of ``now`` (always without ``now``), so that the
-        claims never read a lease its worker keeps renewing (``_decisions.takeover_threshold``)."""
+        claims never read a lease its worker keeps renewing (``_decisions.takeover_threshold``).
+
+        ``heartbeats`` (schema 18): by instance id, the activity heartbeat details to store (a JSON object,
+        ``heartbeat_details`` reads it back), written in the same statement where the lease holds."""
+
+    @abc.abstractmethod
+    async def heartbeat_details(self, instance_id: str) -> str | None:
+        """The heartbeat details ``renew`` stored for an instance (a JSON object by step key; None: none):
+        one read by primary key."""
 
     @abc.abstractmethod
     async def release(self, leases: Sequence[Lease], now: float, *, run_at: float | None = None) -> None:

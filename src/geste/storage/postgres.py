@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import islice
 from operator import attrgetter
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._matching import event_keys, wait_key
@@ -818,8 +818,15 @@ class PostgresStorage(base.Storage):
         return await self._run(go)
 
     async def renew(
-        self, leases: Sequence[base.Lease], lock_expires_at: float, *, now: float | None = None
+        self,
+        leases: Sequence[base.Lease],
+        lock_expires_at: float,
+        *,
+        now: float | None = None,
+        heartbeats: Mapping[str, str] | None = None,
     ) -> set[str]:
+        details = heartbeats or {}
+
         async def go(conn: Conn) -> set[str]:
             kept = await conn.fetch(
                 self._q["renew"],
@@ -827,10 +834,17 @@ class PostgresStorage(base.Storage):
                 [x.instance_id for x in leases],
                 [x.lease_id for x in leases],
                 decide.takeover_threshold(lock_expires_at, now),
+                [details.get(x.instance_id) for x in leases],
             )
             return {row["instance_id"] for row in kept}
 
         return await self._run(go)
+
+    async def heartbeat_details(self, instance_id: str) -> str | None:
+        async def go(conn: Conn) -> str | None:
+            return cast(str | None, await conn.fetchval(self._q["heartbeats"], instance_id))
+
+        return await self._read(go)
 
     async def release(self, leases: Sequence[base.Lease], now: float, *, run_at: float | None = None) -> None:
         async def go(conn: Conn) -> None:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, quote
 
 from .._matching import event_keys, wait_key
@@ -437,24 +437,43 @@ class SQLiteStorage(base.Storage):
         return await self._write(tx)
 
     async def renew(
-        self, leases: Sequence[base.Lease], lock_expires_at: float, *, now: float | None = None
+        self,
+        leases: Sequence[base.Lease],
+        lock_expires_at: float,
+        *,
+        now: float | None = None,
+        heartbeats: Mapping[str, str] | None = None,
     ) -> set[str]:
         params = {
             "lock_expires_at": lock_expires_at,
             "threshold": decide.takeover_threshold(lock_expires_at, now),
         }
+        details = heartbeats or {}
 
         def tx(conn: sqlite3.Connection) -> set[str]:
             kept = set()
             for lease in leases:
                 found = conn.execute(
-                    Q["renew"], {**params, "instance_id": lease.instance_id, "lease_id": lease.lease_id}
+                    Q["renew"],
+                    {
+                        **params,
+                        "instance_id": lease.instance_id,
+                        "lease_id": lease.lease_id,
+                        "heartbeats": details.get(lease.instance_id),
+                    },
                 )
                 if found.rowcount:
                     kept.add(lease.instance_id)
             return kept
 
         return await self._write(tx)
+
+    async def heartbeat_details(self, instance_id: str) -> str | None:
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(Q["heartbeats"], (instance_id,)).fetchone()
+            return None if row is None else cast(str | None, row["heartbeats"])
+
+        return await self._call(read)
 
     async def release(self, leases: Sequence[base.Lease], now: float, *, run_at: float | None = None) -> None:
         when = now if run_at is None else run_at

@@ -472,18 +472,27 @@ FROM unnest($1::text[], $2::text[]) AS r(instance_id, workflow_name);
 -- new expiry when it is before $4 (half a lease ahead): so it stays past the claims' range while the
 -- worker lives, and changes (an indexed column: not a HOT update) at most every other heartbeat. Step
 -- commits renew lock_expires_at only, which no index holds.
+-- Heartbeats (schema 18): $5 holds, per lease, the instance's activity heartbeat details (a JSON object)
+-- when new ones were given since the last renewal, else NULL (the column is kept): no statement of its
+-- own, and fenced like the renewal.
 WITH locked AS (
-    SELECT i.instance_id FROM {schema}.geste_instances i
-    JOIN unnest($2::text[], $3::text[]) AS l(instance_id, lease_id)
+    SELECT i.instance_id, l.heartbeats FROM {schema}.geste_instances i
+    JOIN unnest($2::text[], $3::text[], $5::text[]) AS l(instance_id, lease_id, heartbeats)
         ON i.instance_id = l.instance_id AND i.lease_id = l.lease_id
     ORDER BY i.instance_id
     FOR UPDATE OF i
 )
 UPDATE {schema}.geste_instances AS i
-SET lock_expires_at = $1, run_at = CASE WHEN i.run_at IS NULL OR i.run_at < $4 THEN $1 ELSE i.run_at END
+SET lock_expires_at = $1, run_at = CASE WHEN i.run_at IS NULL OR i.run_at < $4 THEN $1 ELSE i.run_at END,
+    heartbeats = COALESCE(locked.heartbeats, i.heartbeats)
 FROM locked
 WHERE i.instance_id = locked.instance_id
 RETURNING i.instance_id;
+
+-- name: heartbeats
+-- The heartbeat details recorded for an instance's running activities (schema 18), by primary key: read
+-- by the first attempt of an activity with a heartbeat_timeout.
+SELECT heartbeats FROM {schema}.geste_instances WHERE instance_id = $1;
 
 -- name: release
 -- Leases given back with work left: resumable now (notified after the release commits), or at $1. The

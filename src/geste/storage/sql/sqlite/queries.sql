@@ -175,10 +175,17 @@ WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND workflow_name IN (S
 -- name: renew
 -- A held instance's take-over time (run_at) moves to the new expiry when it is before :threshold (half a
 -- lease ahead, _decisions.takeover_threshold): past the claims' range while the worker lives.
+-- :heartbeats (schema 18): the instance's activity heartbeat details (a JSON object) when new ones were
+-- given since the last renewal, else NULL (the column is kept).
 UPDATE geste_instances
 SET lock_expires_at = :lock_expires_at,
-    run_at = CASE WHEN run_at IS NULL OR run_at < :threshold THEN :lock_expires_at ELSE run_at END
+    run_at = CASE WHEN run_at IS NULL OR run_at < :threshold THEN :lock_expires_at ELSE run_at END,
+    heartbeats = COALESCE(:heartbeats, heartbeats)
 WHERE instance_id = :instance_id AND lease_id = :lease_id;
+
+-- name: heartbeats
+-- The heartbeat details recorded for an instance's running activities (schema 18), by primary key.
+SELECT heartbeats FROM geste_instances WHERE instance_id = ?;
 
 -- name: release
 -- The releaser becomes the instance's last worker (schema 13), as a suspension makes it.
