@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._models import StepKind
 from .._serde import decode, decode_error, encode, encode_error
 from .._steps import ActivityStep, CompensationStep, RawJSON, activity_payload
-from ..errors import ActivityTimeout, NonDeterminismError, SerializationError
+from ..errors import ActivityCancelled, ActivityTimeout, NonDeterminismError, SerializationError
 from ..storage.base import HistoryRow
 from .journal import Host, Journal
 
@@ -28,6 +28,44 @@ if TYPE_CHECKING:
     from .._definitions import Activity
 
 logger = logging.getLogger("geste.workflow")
+
+CANCELLED_TYPE = f"{ActivityCancelled.__module__}.{ActivityCancelled.__qualname__}"
+"""The recorded type of an activity outcome a cancel cut short (``_serde.encode_error``)."""
+
+
+class LiveActivity:
+    """One activity step running live (its attempts and the waits between them): what a cancel of its
+    instance reaches (``Journal.request_cancel``). ``cancelled`` is a plain attribute, written once from
+    the event loop: reading it from any thread (a ``def`` activity's) is safe."""
+
+    __slots__ = ("cancelled", "deadline", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.cancelled = False
+        """A cancel reached this step: its running attempt's task was cancelled, no other attempt runs."""
+        self.deadline = False
+        """The cancel was the workflow's deadline passing."""
+
+    def cancel(self, *, deadline: bool = False) -> None:
+        """Cancel the attempt running now (or the retry wait): the step records ``ActivityCancelled``."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.deadline = deadline
+        if self.task is not None:
+            self.task.cancel()
+
+
+def _ours(live: LiveActivity) -> bool:
+    """Whether the ``CancelledError`` caught in a live step is the one ``live.cancel`` asked for, and no
+    other cancel of the task (the run's own: the worker stops) is pending: then it is taken back."""
+    task = live.task
+    return live.cancelled and task is not None and task.uncancel() == 0
+
+
+_NOT_LIVE = LiveActivity(None)
+"""The state of a context built outside a live step (tests, tools): never cancelled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +85,14 @@ class ActivityContext:
     is_compensation: bool = False
     run: int = 1
     """The instance's run that calls it (1, then one more after each ``continue_as_new``)."""
+    _live: LiveActivity = field(default=_NOT_LIVE, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a cancel of the workflow (or its deadline) reached this attempt. An ``async``
+        activity also gets ``asyncio.CancelledError`` at its current ``await``; code that shields itself
+        from it (or runs in a thread) checks this flag to stop early. Safe to read from any thread."""
+        return self._live.cancelled
 
     @property
     def idempotency_key(self) -> str:
@@ -102,6 +148,8 @@ class ActivityRunner:
             await asyncio.sleep(0)
         step = journal.read(row, ActivityStep)  # a CompensationStep is one
         if step.error is not None:
+            if step.error.get("type") == CANCELLED_TYPE and kind is StepKind.ACTIVITY:
+                raise journal.activity_cancelled(deadline=bool(step.error.get("deadline")))
             raise decode_error(step.error)
         return activity.signature.load_result(step.result)
 
@@ -115,7 +163,29 @@ class ActivityRunner:
         kwargs: dict[str, Any],
         encoded_args: str,
     ) -> HistoryRow:
-        """Run the activity's attempts to its outcome: the row that records it."""
+        """Run the activity's attempts to its outcome: the row that records it. While they run, a cancel
+        of the instance reaches them (``LiveActivity``); a compensation is never cancelled."""
+        live = LiveActivity(asyncio.current_task())
+        if kind is StepKind.COMPENSATION:
+            return await self._attempts(journal, activity, seq, kind, args, kwargs, encoded_args, live)
+        running = journal.live_activities
+        running.add(live)
+        try:
+            return await self._attempts(journal, activity, seq, kind, args, kwargs, encoded_args, live)
+        finally:
+            running.discard(live)
+
+    async def _attempts(
+        self,
+        journal: Journal,
+        activity: Activity[Any, Any],
+        seq: int,
+        kind: StepKind,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        encoded_args: str,
+        live: LiveActivity,
+    ) -> HistoryRow:
         host = self.host
         policy = activity.retry
         timeout = policy.timeout_seconds
@@ -134,6 +204,7 @@ class ActivityRunner:
                 max_attempts=policy.max_attempts,
                 is_compensation=kind == StepKind.COMPENSATION,
                 run=journal.run,
+                _live=live,
             )
             error: BaseException | None = None
             try:
@@ -150,7 +221,13 @@ class ActivityRunner:
                         raise ActivityTimeout(
                             f"attempt {attempt} of activity {activity.name} ran past {timeout}s"
                         ) from exc
+            except asyncio.CancelledError:
+                if not _ours(live):  # the run itself is cancelled (the worker stops, the lease is lost)
+                    raise
+                return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
             except Exception as exc:
+                if live.cancelled:  # the attempt turned the cancel into an error of its own
+                    return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
                 error = exc
             if error is None:
                 try:
@@ -191,7 +268,44 @@ class ActivityRunner:
                 error,
                 delay,
             )
-            await host.retry_wait(journal.instance_id, delay)
+            try:
+                await host.retry_wait(journal.instance_id, delay)
+            except asyncio.CancelledError:  # a cancel ends the wait at once: no further attempt
+                if not _ours(live):
+                    raise
+                return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
+            if live.cancelled:
+                return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
+
+    def _cancelled(
+        self,
+        journal: Journal,
+        activity: Activity[Any, Any],
+        seq: int,
+        kind: StepKind,
+        attempt: int,
+        started: float,
+        encoded_args: str,
+        live: LiveActivity,
+    ) -> HistoryRow:
+        """The row of a step a cancel cut short: an ``ActivityCancelled`` error (``deadline``: the
+        workflow's deadline was the cause), which the step turns into the workflow's cancellation."""
+        host = self.host
+        host.metrics.activity_attempt_failures.values[activity.name] += 1
+        cause = "the workflow's deadline passed" if live.deadline else "the workflow was cancelled"
+        error = encode_error(
+            ActivityCancelled(f"attempt {attempt} of activity {activity.name} was cancelled: {cause}")
+        )
+        error["traceback"] = ""
+        if live.deadline:
+            error["deadline"] = True
+        logger.info(
+            "activity %s of %s: attempt %d cancelled (%s)", activity.name, journal.instance_id, attempt, cause
+        )
+        step = CompensationStep if kind is StepKind.COMPENSATION else ActivityStep
+        outcome = step(None, error, attempt, started, host.clock() - started, RawJSON(encoded_args))
+        body = outcome.encode(what="error", limit=None)
+        return HistoryRow(seq, kind, activity.name, body, True, started)
 
     async def compensate(self, journal: Journal) -> list[dict[str, Any]]:
         """Run the registered compensations newest first; collect (not raise) their final errors."""

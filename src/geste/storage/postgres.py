@@ -594,6 +594,7 @@ class PostgresStorage(base.Storage):
                 starts.lease_id,
                 starts.lock_expires_at,
                 self.notify,
+                new.deadline,
             )
             if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
@@ -819,8 +820,8 @@ class PostgresStorage(base.Storage):
 
     async def renew(
         self, leases: Sequence[base.Lease], lock_expires_at: float, *, now: float | None = None
-    ) -> set[str]:
-        async def go(conn: Conn) -> set[str]:
+    ) -> base.Renewed:
+        async def go(conn: Conn) -> base.Renewed:
             kept = await conn.fetch(
                 self._q["renew"],
                 lock_expires_at,
@@ -828,7 +829,10 @@ class PostgresStorage(base.Storage):
                 [x.lease_id for x in leases],
                 decide.takeover_threshold(lock_expires_at, now),
             )
-            return {row["instance_id"] for row in kept}
+            return base.Renewed(
+                (row["instance_id"] for row in kept),
+                (row["instance_id"] for row in kept if row["cancel_requested"]),
+            )
 
         return await self._run(go)
 

@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 15), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 17), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -41,7 +41,8 @@ CREATE TABLE geste_instances (
     event_floor      bigint,            -- (8) drawn from geste_events_seq_seq at creation: later events are seen
     last_worker      text,              -- (13) the worker that last ran it: its wake-ups go there
     run              integer NOT NULL DEFAULT 1,   -- (15) its current run: 1, then one more at each continue_as_new
-    run_started_at   double precision   -- (15) when the current run started; NULL: created_at
+    run_started_at   double precision,  -- (15) when the current run started; NULL: created_at
+    deadline         double precision   -- (17) when it is cancelled for its deadline; NULL: none
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
