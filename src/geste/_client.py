@@ -108,7 +108,7 @@ class LocalWorker(Protocol):
         one worker, not necessarily this one)."""
         ...
 
-    def cancel_running(self, instance_id: str) -> None:
+    def cancel_running(self, instance_id: str, via: str = ...) -> None:
         """A cancel was requested for an instance: if it runs here, its running activities are cancelled."""
         ...
 
@@ -377,7 +377,7 @@ class Client:
             self._poke_worker()
             worker = self._worker()
             if worker is not None:  # run here: its activities are cancelled now, no notice needed
-                worker.cancel_running(instance_id)
+                worker.cancel_running(instance_id, "local")
         return instance_info(row)
 
     async def cancellable(

@@ -231,6 +231,7 @@ class Journal:
         self._timed_out = deadline is not None and host.clock() >= deadline
         if self._timed_out:
             self._cancel_requested = True
+        self._cancel_reached = False
         self.live_activities: set[Cancellable] = set()
         """The activity steps running live now (``ActivityRunner``): a cancel requested reaches them."""
         self.compensations: list[tuple[Activity[Any, Any], tuple[Any, ...], dict[str, Any]]] = []
@@ -347,15 +348,17 @@ class Journal:
         if self._cancel_requested and not self._cancel_delivered and not self._compensating:
             self.deliver_cancel(seq)
 
-    def request_cancel(self, *, deadline: bool = False) -> None:
+    def request_cancel(self, *, deadline: bool = False) -> bool:
         """A cancel (``deadline``: the workflow's deadline passed) reached the run while it runs: it is
         delivered at the next step, and the activity steps running now are cancelled (their tasks get
-        ``CancelledError``; compensations are never among them)."""
+        ``CancelledError``; compensations are never among them). True the first time (news)."""
         if deadline:
             self._timed_out = True
         self._cancel_requested = True
         for live in list(self.live_activities):
             live.cancel(deadline=self._timed_out)
+        news, self._cancel_reached = not self._cancel_reached, True
+        return news
 
     def activity_cancelled(self, *, deadline: bool) -> WorkflowCancelled:
         """An activity step whose recorded outcome is ``ActivityCancelled`` (live or replayed): the cancel

@@ -43,7 +43,9 @@ async def _retry_sleep(_instance_id: str, delay: float) -> None:
 
 
 def _deadline_passed(journal: Journal) -> None:
-    journal.request_cancel(deadline=True)
+    """The local timer of a deadline, armed while the run is in progress here (``Engine._hold``)."""
+    if journal.request_cancel(deadline=True):
+        logger.info("instance %s: its deadline passed while it runs here; cancelling it", journal.instance_id)
 
 
 def _ignore_completed(_instance_id: str, _workflow_name: str, _result: str) -> None:
@@ -114,12 +116,9 @@ class Engine:
     def cancel(self, instance_id: str) -> bool:
         """A cancel of an instance this engine runs now reached it (the worker's renewal or a notification
         said so): the run delivers it at its next step and its running activities are cancelled at once.
-        False when no run of it is in progress here."""
+        True when that is news to a run in progress here (False: none here, or it knew already)."""
         journal = self.running.get(instance_id)
-        if journal is None:
-            return False
-        journal.request_cancel()
-        return True
+        return journal is not None and journal.request_cancel()
 
     def _hold(self, journal: Journal) -> asyncio.TimerHandle | None:
         """The run of ``journal`` is in progress here: a cancel may reach it, and its deadline (if any) is a

@@ -60,7 +60,7 @@ class Runner(Protocol):
 
     def cancel(self, instance_id: str) -> bool:
         """A cancel of an instance it runs now reached this worker: its running activities are cancelled
-        and the run delivers it at its next step. False when it runs nothing of that instance."""
+        and the run delivers it at its next step. True when that is news to a run in progress here."""
         ...
 
 
@@ -591,11 +591,13 @@ class Worker(Loop):
         else:
             router.update(await self.storage.heartbeat(row, peers_since=router.peers_since(now)))
 
-    def cancel_running(self, instance_id: str) -> None:
-        """A cancel was requested for an instance this worker may run now (a notification routed to its
-        holder, or the renewal): its run gets it at once (its running activities are cancelled)."""
+    def cancel_running(self, instance_id: str, via: str = "notification") -> None:
+        """A cancel was requested for an instance this worker may run now (``via``: a notification routed
+        to its holder, the renewal, or ``local``: requested in this process): its run gets it at once (its
+        running activities are cancelled)."""
         if instance_id in self._running and self.runner.cancel(instance_id):
             self.cancels_delivered += 1
+            logger.info("instance %s: a cancel reached its run here (via %s)", instance_id, via)
 
     async def renew(self) -> None:
         """Extend every lease this worker holds; stop the runs whose lease was lost; pass the cancels
@@ -606,7 +608,7 @@ class Worker(Loop):
             kept = await self.storage.renew(leases, now + self.lock_timeout, now=now)
             for instance_id in kept.cancel_requested:
                 self.renewal_cancels += 1
-                self.cancel_running(instance_id)
+                self.cancel_running(instance_id, "renewal")
             for lease in leases:
                 if lease.instance_id not in kept:
                     current = self._running.get(lease.instance_id)
