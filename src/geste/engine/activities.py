@@ -64,6 +64,14 @@ def _ours(live: LiveActivity) -> bool:
     return live.cancelled and task is not None and task.uncancel() == 0
 
 
+def _swallowed(live: LiveActivity) -> None:
+    """The attempt caught the ``CancelledError`` that ``live.cancel`` threw into it and did not re-raise
+    it: the task's count of pending cancels is taken back, or a later ``asyncio.timeout`` of the run would
+    take its own expiry for an outside cancel."""
+    if live.task is not None and live.task.cancelling():
+        live.task.uncancel()
+
+
 _NOT_LIVE = LiveActivity(None)
 """The state of a context built outside a live step (tests, tools): never cancelled."""
 
@@ -227,8 +235,12 @@ class ActivityRunner:
                 return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
             except Exception as exc:
                 if live.cancelled:  # the attempt turned the cancel into an error of its own
+                    _swallowed(live)
                     return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
                 error = exc
+            else:
+                if live.cancelled:  # it caught the CancelledError and returned: its result is recorded
+                    _swallowed(live)
             if error is None:
                 try:
                     body = activity_payload(  # ActivityStep(...).encode(), the step not built (hot path)
