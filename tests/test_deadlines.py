@@ -309,3 +309,34 @@ async def test_a_worker_killed_mid_activity_the_next_one_fires_the_deadline(
     undo = workers.entries(instance=iid, event="undo")
     assert [(e["what"], e["worker"]) for e in undo] == [("saga", "w2")]
     assert (await started.info()).status == geste.Status.CANCELLED
+
+
+async def test_a_deadline_given_over_http(make_app: MakeApp) -> None:
+    """``POST /workflows/{name}`` takes ``timeout`` (seconds) and ``deadline`` (ISO 8601 with its offset);
+    bad ones are a 400 and write nothing."""
+    from .test_http import assert_error, serving
+
+    app = make_app()
+
+    @app.workflow
+    async def hold(ctx: geste.WorkflowContext) -> object:
+        return await ctx.wait_event("never.sent")
+
+    async with serving(app) as http:
+        answer = await http.post("/workflows/hold", json={"instance_id": "t", "timeout": 3600})
+        assert answer.status_code == 201
+        at = "2030-01-01T00:00:00+00:00"
+        answer = await http.post("/workflows/hold", json={"instance_id": "d", "deadline": at})
+        assert answer.status_code == 201
+        timed, _ = await stored_deadline(app, "t")
+        dated, _ = await stored_deadline(app, "d")
+        assert timed is not None and timed > app.clock() + HOUR - 60
+        assert dated == datetime.fromisoformat(at).timestamp()
+        naive = {"instance_id": "x", "deadline": "2030-01-01T00:00:00"}
+        assert_error(await http.post("/workflows/hold", json=naive), 400, "ConfigurationError", "aware")
+        negative = {"instance_id": "x", "timeout": -1}
+        assert_error(await http.post("/workflows/hold", json=negative), 400, "ConfigurationError")
+        assert_error(await http.post("/workflows/hold", json={"timeout": "soon"}), 400, "BadRequest")
+        assert_error(await http.post("/workflows/hold", json={"deadline": "tomorrow"}), 400, "BadRequest")
+        assert_error(await http.post("/workflows/hold", json={"kwargs": {"timeout": 1}}), 400, "BadRequest")
+        assert {i.instance_id for i in await app.list_instances()} == {"t", "d"}
