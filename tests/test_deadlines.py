@@ -18,7 +18,7 @@ import pytest
 
 import geste
 from geste.errors import ConfigurationError, WorkflowCancelled, WorkflowTimeout
-from geste.testing import WorkflowEnvironment
+from geste.testing import WorkflowEnvironment, check_replay
 
 from .support import MovableClock, raw_query, wait_status, wait_until
 from .test_cancel_running import Workers, cancelled_outcome
@@ -131,6 +131,8 @@ async def test_a_deadline_wakes_a_sleeping_instance_on_the_test_clock(make_app: 
         (geste.StepKind.CANCELLED, "deadline"),
         (geste.StepKind.COMPENSATION, "undo"),
     ]
+    report = await check_replay(app, database_url=app.url)  # the replay ends as the run did
+    assert report.ok and [r.status for r in report.results] == ["ok"], report
 
 
 async def test_a_deadline_wakes_an_instance_waiting_for_an_event(make_app: MakeApp) -> None:
