@@ -342,3 +342,54 @@ async def test_a_deadline_given_over_http(make_app: MakeApp) -> None:
         assert_error(await http.post("/workflows/hold", json={"deadline": "tomorrow"}), 400, "BadRequest")
         assert_error(await http.post("/workflows/hold", json={"kwargs": {"timeout": 1}}), 400, "BadRequest")
         assert {i.instance_id for i in await app.list_instances()} == {"t", "d"}
+
+
+def test_a_deadline_given_on_the_command_line(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``geste start NAME --timeout SECONDS``; a bad one is refused and starts nothing."""
+    from .support import run_cli
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    app_spec = "tests.apps.cancel_app:app"
+    done = run_cli(
+        [
+            "start",
+            "sleepy",
+            "[60]",
+            "--id",
+            "c-1",
+            "--timeout",
+            "3600",
+            "--app",
+            app_spec,
+            "--database-url",
+            db_url,
+        ]
+    )
+    assert done.exit_code == 0, done.output
+    assert "started sleepy instance c-1" in done.output
+    refused = run_cli(
+        [
+            "start",
+            "sleepy",
+            "[60]",
+            "--id",
+            "c-2",
+            "--timeout",
+            "-5",
+            "--app",
+            app_spec,
+            "--database-url",
+            db_url,
+        ]
+    )
+    assert refused.exit_code != 0 and "workflow timeout" in refused.output
+
+    async def read() -> list[dict[str, object]]:
+        return await raw_query(
+            db_url, "SELECT instance_id, deadline FROM geste_instances ORDER BY instance_id"
+        )
+
+    rows = asyncio.run(read())
+    assert [r["instance_id"] for r in rows] == ["c-1"]
+    assert isinstance(rows[0]["deadline"], float)

@@ -78,6 +78,10 @@ def build_app(url: str, *, log: str | None = None, worker_id: str | None = None,
     return app
 
 
+app = build_app("sqlite:///cancel-app.db")
+"""For ``geste start --app tests.apps.cancel_app:app --database-url ...`` (its workflows only)."""
+
+
 async def _serve(args: argparse.Namespace) -> None:
     app = build_app(
         args.url if "://" in args.url else f"sqlite:///{args.url}",
