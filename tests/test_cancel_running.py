@@ -425,3 +425,53 @@ async def test_the_renewal_reports_cancels_in_the_statements_it_had(make_app: Ma
 def test_activity_cancelled_is_in_the_error_tree() -> None:
     assert issubclass(ActivityCancelled, geste.errors.GesteError)
     assert "ActivityCancelled" in geste.errors.__all__
+
+
+async def test_a_cancel_reaches_every_activity_of_a_gather(make_app: MakeApp) -> None:
+    """Two activities run side by side: both are cancelled, both outcomes recorded, the compensation runs
+    once, and a replay of that history (the replay check) ends the same way."""
+    app = make_app(lock_timeout=60.0)
+    running: list[str] = []
+    cancelled: list[str] = []
+    undone: list[str] = []
+
+    @app.activity
+    async def hang(ctx: geste.ActivityContext, name: str) -> None:
+        running.append(name)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(name)
+            raise
+
+    @app.activity
+    async def undo(ctx: geste.ActivityContext) -> None:
+        undone.append(ctx.instance_id)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        ctx.on_failure(undo)
+        await asyncio.gather(hang(ctx, "a"), hang(ctx, "b"))
+
+    async with app:
+        handle = await flow.start()
+        await wait_until(lambda: len(running) == 2, "both activities to run")
+        await app.cancel(handle.instance_id)
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=10)
+        history = await handle.history()
+
+    assert sorted(cancelled) == ["a", "b"]
+    assert undone == [handle.instance_id]
+    assert [(e.kind, e.name) for e in history] == [
+        (geste.StepKind.ACTIVITY, "hang"),
+        (geste.StepKind.ACTIVITY, "hang"),
+        (geste.StepKind.COMPENSATION, "undo"),
+    ]
+    for entry in history[:2]:
+        cancelled_outcome(entry)
+
+    from geste.testing import check_replay
+
+    report = await check_replay(app, database_url=app.url)
+    assert report.ok and len(report.results) == 1, report
