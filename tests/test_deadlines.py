@@ -215,6 +215,21 @@ async def test_a_deadline_with_both_options_takes_the_earlier(make_app: MakeApp)
     assert none is None
 
 
+async def test_starting_an_existing_id_keeps_its_deadline(make_app: MakeApp) -> None:
+    app = make_app(run_worker=False)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        pass
+
+    async with app:
+        first = await flow.options(timeout=HOUR).start_with_id("same")
+        again = await flow.options(timeout=10 * HOUR).start_with_id("same")
+        assert first.created and not again.created
+        kept, _ = await stored_deadline(app, "same")
+    assert kept is not None and kept < app.clock() + 2 * HOUR
+
+
 @pytest.mark.parametrize(
     ("options", "problem"),
     [
