@@ -408,3 +408,30 @@ def test_a_deadline_given_on_the_command_line(db_url: str, monkeypatch: pytest.M
     rows = asyncio.run(read())
     assert [r["instance_id"] for r in rows] == ["c-1"]
     assert isinstance(rows[0]["deadline"], float)
+
+
+async def test_a_continue_as_new_keeps_the_deadline(make_app: MakeApp) -> None:
+    """The deadline is the instance's, not a run's: the third run, asleep, is cancelled at it."""
+    clock = MovableClock()
+    app = make_app(clock=clock)
+
+    @app.workflow
+    async def loop(ctx: geste.WorkflowContext, n: int) -> str:
+        if n < 3:
+            await ctx.continue_as_new(n + 1)
+        await ctx.sleep(10 * HOUR)
+        return "slept"
+
+    async with app:
+        handle = await loop.options(timeout=HOUR).start(1)
+
+        async def third_run_waits() -> bool:
+            info = await handle.info()
+            return info.run == 3 and info.status == geste.Status.WAITING
+
+        await wait_until(third_run_waits, "the third run to sleep")
+        deadline, run_at = await stored_deadline(app, handle.instance_id)
+        assert deadline is not None and run_at == deadline
+        clock.advance(HOUR + 1)
+        with pytest.raises(WorkflowTimeout):
+            await handle.result(timeout=10)
