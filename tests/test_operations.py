@@ -323,9 +323,14 @@ async def test_a_failed_instance_whose_cancel_was_requested_ends_cancelled_when_
     make_app: MakeApp,
 ) -> None:
     """The cancel came while its last activity failed: the retry keeps the request, which is delivered
-    at the first new step, before the failed activity could run again."""
+    at the first new step, before the failed activity could run again. The cancel comes from another App
+    and the worker neither listens nor renews within the test: it does not reach the running activity
+    (which it would cancel, tests/test_cancel_running.py), which fails on its own."""
     switch = Switch()
-    async with build(make_app, switch) as app:
+    async with (
+        build(make_app, switch, lock_timeout=60.0, listen_notify=False) as app,
+        make_app(run_worker=False) as canceller,
+    ):
         entered = asyncio.Event()
 
         @app.activity(retry=geste.RetryPolicy(max_attempts=1))
@@ -342,7 +347,7 @@ async def test_a_failed_instance_whose_cancel_was_requested_ends_cancelled_when_
 
         handle = await late.start_with_id("late")
         await asyncio.wait_for(entered.wait(), 10)
-        await app.cancel("late")
+        await canceller.cancel("late")
         switch.broken = False
         with pytest.raises(geste.errors.WorkflowFailed):
             await handle.result(timeout=10)

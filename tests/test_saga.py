@@ -323,7 +323,9 @@ async def test_the_status_is_compensating_while_compensations_run(make_app: Make
         assert await handle.status() == geste.Status.FAILED
 
 
-async def test_cancelling_a_workflow_inside_an_activity_stops_it_at_its_next_step(make_app: MakeApp) -> None:
+async def test_cancelling_a_workflow_inside_an_activity_cancels_the_activity(make_app: MakeApp) -> None:
+    """The cancel reaches the running activity (issue 18): its task is cancelled, its outcome recorded as
+    ``ActivityCancelled``, no later step runs and the compensations do (tests/test_cancel_running.py)."""
     entered, opened = asyncio.Event(), asyncio.Event()
     done: list[str] = []
     undone: list[str] = []
@@ -361,5 +363,5 @@ async def test_cancelling_a_workflow_inside_an_activity_stops_it_at_its_next_ste
 
     assert done == []
     assert undone == ["gate"]
-    assert steps(history) == [("activity", "gate"), ("cancelled", "cancelled"), ("compensation", "undo")]
-    assert history[0].payload["result"] == "through"
+    assert steps(history) == [("activity", "gate"), ("compensation", "undo")]
+    assert history[0].payload["error"]["type"] == "geste.errors.ActivityCancelled"

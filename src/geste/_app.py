@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
 from ._client import Client
@@ -448,10 +448,21 @@ class App(OpenClose):
 
     # -- starting and looking: delegated to the client -------------------------------------------
     async def start_workflow(
-        self, workflow: str | Workflow[Any, Any], /, *args: Any, instance_id: str | None = None, **kwargs: Any
+        self,
+        workflow: str | Workflow[Any, Any],
+        /,
+        *args: Any,
+        instance_id: str | None = None,
+        timeout: float | timedelta | None = None,
+        deadline: datetime | None = None,
+        **kwargs: Any,
     ) -> WorkflowHandle[Any]:
-        """Start ``workflow`` (an object or a registered name); an existing ``instance_id`` is returned."""
-        return await self.client.start_workflow(workflow, *args, instance_id=instance_id, **kwargs)
+        """Start ``workflow`` (an object or a registered name); an existing ``instance_id`` is returned.
+        ``timeout`` (a duration) / ``deadline`` (an aware datetime): when it passes, the instance is
+        cancelled as by ``cancel`` and ends with ``geste.errors.WorkflowTimeout`` (``Workflow.options``)."""
+        return await self.client.start_workflow(
+            workflow, *args, instance_id=instance_id, timeout=timeout, deadline=deadline, **kwargs
+        )
 
     def get_handle(self, instance_id: str) -> WorkflowHandle[Any]:
         return self.client.get_handle(instance_id)
@@ -486,7 +497,10 @@ class App(OpenClose):
         return await self.client.runs(instance_id)
 
     async def cancel(self, instance_id: str) -> InstanceInfo:
-        """Cancel an instance: at once if it never ran, else at its next step, after its compensations."""
+        """Cancel an instance: at once if it never ran, else at its next step, after its compensations.
+        A running ``async`` activity of it is cancelled too (``asyncio`` cancellation of its task, its
+        outcome recorded as ``ActivityCancelled``), as soon as its worker learns of the cancel: at once on
+        PostgreSQL (a notification to the holder), else at its next lease renewal (``lock_timeout / 3``)."""
         return await self.client.cancel(instance_id)
 
     async def retry(self, instance_id: str) -> RetryRecord:

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from . import _operations
@@ -24,7 +24,7 @@ from ._metrics import Metrics
 from ._models import HistoryEntry, InstanceInfo, RunInfo, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
 from ._registry import Registry
-from ._retry import seconds
+from ._retry import seconds, workflow_deadline
 from ._serde import decode, decode_error, encode
 from ._steps import read_row
 from ._validation import check_channel, check_id, check_name, findable, storable_text
@@ -39,6 +39,7 @@ from .errors import (
     UnknownWorkflowError,
     WorkflowCancelled,
     WorkflowFailed,
+    WorkflowTimeout,
 )
 from .runtime.relay import OutboxEntry, OutboxStatus, entry_from_row
 from .storage.base import (
@@ -74,6 +75,19 @@ the registration did; an end whose statement had read the registrations before t
 after that read is the one neither sees (docs/design.md, "The race"): this read finds it, unless the end's
 statement took longer than this (a lock wait), and then the poll does."""
 
+TIMEOUT_TYPE = f"{WorkflowTimeout.__module__}.{WorkflowTimeout.__qualname__}"
+"""The recorded type of the error of an instance cancelled for its deadline."""
+
+
+def _timed_out(error: str) -> bool:
+    """Whether a cancelled instance's stored error says its deadline passed."""
+    try:
+        recorded = decode(error)
+    except Exception:
+        return False
+    return isinstance(recorded, dict) and recorded.get("type") == TIMEOUT_TYPE
+
+
 CANCELLABLE = (Status.PENDING, Status.RUNNING, Status.WAITING)
 """What a bulk cancel looks at unless told a status: compensating instances are ending already."""
 
@@ -92,6 +106,10 @@ class LocalWorker(Protocol):
     def made_runnable(self) -> None:
         """A write made an instance runnable: look for work now, unless its notification routes it (to
         one worker, not necessarily this one)."""
+        ...
+
+    def cancel_running(self, instance_id: str, via: str = ...) -> None:
+        """A cancel was requested for an instance: if it runs here, its running activities are cancelled."""
         ...
 
 
@@ -173,9 +191,17 @@ class Client:
 
     # -- starting and looking ----------------------------------------------------------------------
     async def start_workflow(
-        self, workflow: str | Workflow[Any, Any], /, *args: Any, instance_id: str | None = None, **kwargs: Any
+        self,
+        workflow: str | Workflow[Any, Any],
+        /,
+        *args: Any,
+        instance_id: str | None = None,
+        timeout: float | timedelta | None = None,
+        deadline: datetime | None = None,
+        **kwargs: Any,
     ) -> WorkflowHandle[Any]:
-        """Start ``workflow`` (an object or a registered name); an existing ``instance_id`` is returned."""
+        """Start ``workflow`` (an object or a registered name); an existing ``instance_id`` is returned.
+        ``timeout`` / ``deadline``: as ``Workflow.options``."""
         if isinstance(workflow, str):
             found = self.registry.workflows.get(workflow)
             if found is None:
@@ -183,7 +209,9 @@ class Client:
             workflow = found
         elif not isinstance(workflow, Workflow):
             raise TypeError(f"start_workflow takes a workflow or its registered name, not {workflow!r:.80}")
-        return await self.start_instance(workflow, args, kwargs, instance_id=instance_id)
+        return await self.start_instance(
+            workflow, args, kwargs, instance_id=instance_id, timeout=timeout, deadline=deadline
+        )
 
     async def start_instance(
         self,
@@ -192,8 +220,11 @@ class Client:
         kwargs: dict[str, Any],
         *,
         instance_id: str | None,
+        timeout: float | timedelta | None = None,
+        deadline: datetime | None = None,
     ) -> WorkflowHandle[R]:
-        """Start an instance of ``workflow`` with these arguments (``Workflow.start`` comes here)."""
+        """Start an instance of ``workflow`` with these arguments (``Workflow.start`` comes here), with
+        the deadline that ``timeout`` / ``deadline`` give (``Workflow.options``)."""
         self._require_open()
         if not self.registry.registered(workflow):
             raise UnknownWorkflowError(workflow.name)
@@ -205,12 +236,13 @@ class Client:
         )
         iid = uuid.uuid4().hex if instance_id is None else check_id(instance_id, "instance_id")
         now = self.clock()
+        due = workflow_deadline(timeout, deadline, now)
         worker = self._worker()
         reserved = worker.reserve() if worker is not None else None
         lease = None if reserved is None else Lease(iid, reserved.lease_id)
         try:
             row, created = await self.storage.create_instance(
-                NewInstance(iid, workflow.name, stored, now),
+                NewInstance(iid, workflow.name, stored, now, due),
                 lease=lease,
                 worker_id=self.worker_id,
                 lock_expires_at=now + self.lock_timeout,
@@ -225,7 +257,11 @@ class Client:
         worker = self._worker()
         if worker is not None:
             if lease is not None:
-                claim = Claim(lease, workflow.name, stored, Status.RUNNING, now, False) if created else None
+                claim = (
+                    Claim(lease, workflow.name, stored, Status.RUNNING, now, False, deadline=due)
+                    if created
+                    else None
+                )
                 worker.run_reserved(claim, ())
             elif created:
                 worker.made_runnable()
@@ -339,6 +375,9 @@ class Client:
             self.on_finished(instance_id)
         else:
             self._poke_worker()
+            worker = self._worker()
+            if worker is not None:  # run here: its activities are cancelled now, no notice needed
+                worker.cancel_running(instance_id, "local")
         return instance_info(row)
 
     async def cancellable(
@@ -651,6 +690,8 @@ class Client:
             return self._completed_value(row.workflow_name, row.result)
         error = decode(row.error) or {}
         if row.status == Status.CANCELLED:
+            if row.error is not None and _timed_out(row.error):
+                raise WorkflowTimeout(f"workflow instance {row.instance_id} ran past its deadline")
             raise WorkflowCancelled(f"workflow instance {row.instance_id} was cancelled")
         failure = WorkflowFailed(row.instance_id, error)
         raise failure from decode_error(error)

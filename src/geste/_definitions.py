@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
-from ._retry import RetryPolicy
+from ._retry import RetryPolicy, workflow_deadline
 from ._serde import Signature
 from ._validation import check_name
 from .errors import ConfigurationError
@@ -55,6 +56,8 @@ class Starter(Protocol):
         kwargs: dict[str, Any],
         *,
         instance_id: str | None,
+        timeout: float | timedelta | None = None,
+        deadline: datetime | None = None,
     ) -> Awaitable[WorkflowHandle[R]]: ...
 
 
@@ -141,5 +144,46 @@ class Workflow(Generic[P, R]):
         """Start the instance ``instance_id``, or return the existing one: it never runs twice."""
         return await self.app.client.start_instance(self, args, kwargs, instance_id=instance_id)
 
+    def options(
+        self, *, timeout: float | timedelta | None = None, deadline: datetime | None = None
+    ) -> WorkflowStarter[P, R]:
+        """Start options: ``timeout`` (a duration from the start) and/or ``deadline`` (an aware datetime;
+        with both, the earlier counts). When it passes, the instance is cancelled as by ``app.cancel``
+        (its compensations run) and ends with ``geste.errors.WorkflowTimeout``. Options are a call of
+        their own because the workflow's arguments take every other keyword:
+        ``await order.options(timeout=30).start(order_id)``."""
+        workflow_deadline(timeout, deadline, 0.0)  # bad values fail here, before any start
+        return WorkflowStarter(self, timeout, deadline)
+
     def __repr__(self) -> str:
         return f"<geste.Workflow {self.name}>"
+
+
+class WorkflowStarter(Generic[P, R]):
+    """A workflow with start options (``Workflow.options``): its ``start`` and ``start_with_id``."""
+
+    __slots__ = ("deadline", "timeout", "workflow")
+
+    def __init__(
+        self, workflow: Workflow[P, R], timeout: float | timedelta | None, deadline: datetime | None
+    ) -> None:
+        self.workflow = workflow
+        self.timeout = timeout
+        self.deadline = deadline
+
+    async def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle[R]:
+        """Start a new instance with a generated id, with these options."""
+        workflow = self.workflow
+        return await workflow.app.client.start_instance(
+            workflow, args, kwargs, instance_id=None, timeout=self.timeout, deadline=self.deadline
+        )
+
+    async def start_with_id(
+        self, instance_id: str, /, *args: P.args, **kwargs: P.kwargs
+    ) -> WorkflowHandle[R]:
+        """Start the instance ``instance_id`` with these options, or return the existing one (whose
+        deadline stays what its start set)."""
+        workflow = self.workflow
+        return await workflow.app.client.start_instance(
+            workflow, args, kwargs, instance_id=instance_id, timeout=self.timeout, deadline=self.deadline
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from .errors import ConfigurationError
 
@@ -22,6 +22,27 @@ def seconds(value: float | timedelta, *, what: str, allow_zero: bool = True) -> 
     if not allow_zero and result == 0:
         raise ConfigurationError(f"{what} must be greater than 0")
     return result
+
+
+def workflow_deadline(
+    timeout: float | timedelta | None, deadline: datetime | None, now: float
+) -> float | None:
+    """When a workflow started at ``now`` with ``timeout`` (a duration > 0) and/or ``deadline`` (an aware
+    datetime) is cancelled for it: the earlier of the two (Unix seconds), None for neither. Bad values
+    raise ``ConfigurationError`` before anything is written."""
+    at: float | None = None
+    if timeout is not None:
+        at = now + seconds(timeout, what="workflow timeout", allow_zero=False)
+    if deadline is not None:
+        if not isinstance(deadline, datetime):
+            raise ConfigurationError(f"workflow deadline must be a datetime, not {deadline!r:.80}")
+        if deadline.tzinfo is None or deadline.utcoffset() is None:
+            raise ConfigurationError(
+                f"workflow deadline must be an aware datetime (with a tzinfo, e.g. UTC), not {deadline!r}"
+            )
+        moment = deadline.timestamp()
+        at = moment if at is None else min(at, moment)
+    return at
 
 
 def positive_int(value: object, what: str) -> int:

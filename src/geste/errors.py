@@ -20,11 +20,13 @@ GesteError
 ├── IdleTimeout                 geste.testing: instances still busy when the wait for them ran out
 ├── WorkflowFailed              handle.result() of a failed instance; .error describes the cause
 ├── WorkflowCancelled           handle.result() of a cancelled instance
+│   └── WorkflowTimeout         its deadline passed (start(timeout=... / deadline=...)): cancelled for it
 ├── NonDeterminismError         replay met a step that differs from the recorded history
 │   └── HistoryCorruptedError   a recorded row geste cannot read (not JSON, wrong shape, a gap)
 ├── ActivityError               a recorded activity error whose exception type cannot be rebuilt
 ├── ActivityTimeout             one attempt of an activity ran past RetryPolicy(timeout=...)
 │   └── ActivityHeartbeatTimeout  an attempt gave no ctx.heartbeat() within its heartbeat_timeout
+├── ActivityCancelled           the recorded outcome of an activity attempt a cancel (or deadline) cut short
 ├── EventTimeout                ctx.wait_event(..., timeout=...) ran out
 └── ReceiveTimeout              ctx.receive(..., timeout=...) ran out
 ```
@@ -37,6 +39,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ActivityCancelled",
     "ActivityError",
     "ActivityHeartbeatTimeout",
     "ActivityTimeout",
@@ -63,6 +66,7 @@ __all__ = [
     "UnknownWorkflowError",
     "WorkflowCancelled",
     "WorkflowFailed",
+    "WorkflowTimeout",
 ]
 
 
@@ -203,6 +207,13 @@ class WorkflowCancelled(GesteError):
     """The workflow was cancelled; raised inside it at a step boundary, and by ``handle.result()``."""
 
 
+class WorkflowTimeout(WorkflowCancelled, TimeoutError):
+    """The workflow's deadline (``start(..., timeout=...)`` or ``deadline=...``) passed: the instance was
+    cancelled for it (its status is ``cancelled``, its compensations ran) and this is its recorded error.
+    Raised inside the workflow where the cancel is delivered, and by ``handle.result()``. A subclass of
+    ``WorkflowCancelled``: code that handles a cancel handles a deadline the same way."""
+
+
 class NonDeterminismError(GesteError):
     """Replaying the workflow reached a step that differs from the one recorded at this position.
 
@@ -264,6 +275,12 @@ class ActivityHeartbeatTimeout(ActivityTimeout):
     """One attempt of an activity declared with ``heartbeat_timeout`` went that long without calling
     ``ctx.heartbeat()``: taken for stuck, it is failed (its task cancelled; a ``def`` activity's thread is
     left to finish, its result ignored) and retried by the activity's policy, like any ``ActivityTimeout``."""
+
+
+class ActivityCancelled(GesteError):
+    """A cancel of the workflow (or its deadline) reached a running attempt of this activity: the attempt's
+    task was cancelled (``asyncio.CancelledError`` inside it), no further attempt runs, and this is the
+    step's recorded outcome. The workflow itself sees ``WorkflowCancelled`` (``WorkflowTimeout``) there."""
 
 
 class EventTimeout(GesteError, TimeoutError):

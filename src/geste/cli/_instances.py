@@ -354,8 +354,20 @@ def resume(instance_id: str, database_url: str, force: bool, as_json: bool) -> N
 )
 @click.option("--database-url", default=None, help="Database to use (default: the App's).")
 @click.option("--wait", type=click.FloatRange(min=0), default=None, help="Seconds to wait for the result.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    help="Seconds from now after which the instance is cancelled (WorkflowTimeout).",
+)
 def start(
-    name: str, args: Any, instance_id: str | None, app_spec: str, database_url: str | None, wait: float | None
+    name: str,
+    args: Any,
+    instance_id: str | None,
+    app_spec: str,
+    database_url: str | None,
+    wait: float | None,
+    timeout: float | None,
 ) -> None:
     """Start workflow NAME. ARGS_JSON: a list of arguments, an object of keyword arguments, or one value."""
     user_app = _load_app(app_spec)
@@ -373,7 +385,9 @@ def start(
 
     async def go() -> None:
         async with client:
-            handle = await client.start_workflow(name, *positional, instance_id=instance_id, **keywords)
+            handle = await client.start_workflow(
+                name, *positional, instance_id=instance_id, timeout=timeout, **keywords
+            )
             if handle.created:
                 click.echo(f"started {name} instance {handle.instance_id}")
             else:

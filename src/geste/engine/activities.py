@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 from .._models import StepKind
 from .._serde import decode, decode_error, encode, encode_error
 from .._steps import ActivityStep, CompensationStep, RawJSON, activity_payload
-from ..errors import ActivityHeartbeatTimeout, ActivityTimeout, NonDeterminismError, SerializationError
+from ..errors import (
+    ActivityCancelled,
+    ActivityHeartbeatTimeout,
+    ActivityTimeout,
+    NonDeterminismError,
+    SerializationError,
+)
 from ..storage.base import HistoryRow
 from .journal import Host, Journal
 
@@ -38,6 +44,52 @@ if TYPE_CHECKING:
     from .._definitions import Activity
 
 logger = logging.getLogger("geste.workflow")
+
+CANCELLED_TYPE = f"{ActivityCancelled.__module__}.{ActivityCancelled.__qualname__}"
+"""The recorded type of an activity outcome a cancel cut short (``_serde.encode_error``)."""
+
+
+class LiveActivity:
+    """One activity step running live (its attempts and the waits between them): what a cancel of its
+    instance reaches (``Journal.request_cancel``). ``cancelled`` is a plain attribute, written once from
+    the event loop: reading it from any thread (a ``def`` activity's) is safe."""
+
+    __slots__ = ("cancelled", "deadline", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.cancelled = False
+        """A cancel reached this step: its running attempt's task was cancelled, no other attempt runs."""
+        self.deadline = False
+        """The cancel was the workflow's deadline passing."""
+
+    def cancel(self, *, deadline: bool = False) -> None:
+        """Cancel the attempt running now (or the retry wait): the step records ``ActivityCancelled``."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.deadline = deadline
+        if self.task is not None:
+            self.task.cancel()
+
+
+def _ours(live: LiveActivity) -> bool:
+    """Whether the ``CancelledError`` caught in a live step is the one ``live.cancel`` asked for, and no
+    other cancel of the task (the run's own: the worker stops) is pending: then it is taken back."""
+    task = live.task
+    return live.cancelled and task is not None and task.uncancel() == 0
+
+
+def _swallowed(live: LiveActivity) -> None:
+    """The attempt caught the ``CancelledError`` that ``live.cancel`` threw into it and did not re-raise
+    it: the task's count of pending cancels is taken back, or a later ``asyncio.timeout`` of the run would
+    take its own expiry for an outside cancel."""
+    if live.task is not None and live.task.cancelling():
+        live.task.uncancel()
+
+
+_NOT_LIVE = LiveActivity(None)
+"""The state of a context built outside a live step (tests, tools): never cancelled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +127,15 @@ class ActivityContext:
         """The last details an earlier attempt of this step gave ``heartbeat`` (as JSON decodes them);
         None on a first attempt, or when none gave any."""
         return None if self._beat is None else self._beat.previous
+
+    _live: LiveActivity = field(default=_NOT_LIVE, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a cancel of the workflow (or its deadline) reached this attempt. An ``async``
+        activity also gets ``asyncio.CancelledError`` at its current ``await``; code that shields itself
+        from it (or runs in a thread) checks this flag to stop early. Safe to read from any thread."""
+        return self._live.cancelled
 
     @property
     def idempotency_key(self) -> str:
@@ -346,6 +407,8 @@ class ActivityRunner:
             await asyncio.sleep(0)
         step = journal.read(row, ActivityStep)  # a CompensationStep is one
         if step.error is not None:
+            if step.error.get("type") == CANCELLED_TYPE and kind is StepKind.ACTIVITY:
+                raise journal.activity_cancelled(deadline=bool(step.error.get("deadline")))
             raise decode_error(step.error)
         return activity.signature.load_result(step.result)
 
@@ -359,10 +422,23 @@ class ActivityRunner:
         kwargs: dict[str, Any],
         encoded_args: str,
     ) -> HistoryRow:
-        """Run the activity's attempts to its outcome: the row that records it."""
+        """Run the activity's attempts to its outcome: the row that records it. While they run, a cancel
+        of the instance reaches them (``LiveActivity``); a compensation is never cancelled."""
         key = f"{journal.run}.{seq}"
+        live = LiveActivity(asyncio.current_task())
         try:
-            return await self._attempts(journal, activity, seq, kind, args, kwargs, encoded_args, key)
+            if kind is StepKind.COMPENSATION:
+                return await self._attempts(
+                    journal, activity, seq, kind, args, kwargs, encoded_args, key, live
+                )
+            running = journal.live_activities
+            running.add(live)
+            try:
+                return await self._attempts(
+                    journal, activity, seq, kind, args, kwargs, encoded_args, key, live
+                )
+            finally:
+                running.discard(live)
         finally:
             self.heartbeats.drop(journal.instance_id, key)
 
@@ -376,6 +452,7 @@ class ActivityRunner:
         kwargs: dict[str, Any],
         encoded_args: str,
         key: str,
+        live: LiveActivity,
     ) -> HistoryRow:
         host = self.host
         policy = activity.retry
@@ -408,6 +485,7 @@ class ActivityRunner:
                 is_compensation=kind == StepKind.COMPENSATION,
                 run=journal.run,
                 _beat=beat,
+                _live=live,
             )
             error: BaseException | None = None
             try:
@@ -439,8 +517,18 @@ class ActivityRunner:
                     finally:
                         if watchdog is not None:
                             watchdog.cancel()
+            except asyncio.CancelledError:
+                if not _ours(live):  # the run itself is cancelled (the worker stops, the lease is lost)
+                    raise
+                return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
             except Exception as exc:
+                if live.cancelled:  # the attempt turned the cancel into an error of its own
+                    _swallowed(live)
+                    return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
                 error = exc
+            else:
+                if live.cancelled:  # it caught the CancelledError and returned: its result is recorded
+                    _swallowed(live)
             finally:
                 beat.live = False
             if error is None:
@@ -482,7 +570,44 @@ class ActivityRunner:
                 error,
                 delay,
             )
-            await host.retry_wait(journal.instance_id, delay)
+            try:
+                await host.retry_wait(journal.instance_id, delay)
+            except asyncio.CancelledError:  # a cancel ends the wait at once: no further attempt
+                if not _ours(live):
+                    raise
+                return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
+            if live.cancelled:
+                return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
+
+    def _cancelled(
+        self,
+        journal: Journal,
+        activity: Activity[Any, Any],
+        seq: int,
+        kind: StepKind,
+        attempt: int,
+        started: float,
+        encoded_args: str,
+        live: LiveActivity,
+    ) -> HistoryRow:
+        """The row of a step a cancel cut short: an ``ActivityCancelled`` error (``deadline``: the
+        workflow's deadline was the cause), which the step turns into the workflow's cancellation."""
+        host = self.host
+        host.metrics.activity_attempt_failures.values[activity.name] += 1
+        cause = "the workflow's deadline passed" if live.deadline else "the workflow was cancelled"
+        error = encode_error(
+            ActivityCancelled(f"attempt {attempt} of activity {activity.name} was cancelled: {cause}")
+        )
+        error["traceback"] = ""
+        if live.deadline:
+            error["deadline"] = True
+        logger.info(
+            "activity %s of %s: attempt %d cancelled (%s)", activity.name, journal.instance_id, attempt, cause
+        )
+        step = CompensationStep if kind is StepKind.COMPENSATION else ActivityStep
+        outcome = step(None, error, attempt, started, host.clock() - started, RawJSON(encoded_args))
+        body = outcome.encode(what="error", limit=None)
+        return HistoryRow(seq, kind, activity.name, body, True, started)
 
     async def compensate(self, journal: Journal) -> list[dict[str, Any]]:
         """Run the registered compensations newest first; collect (not raise) their final errors."""

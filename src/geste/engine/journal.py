@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 from .._metrics import Metrics
 from .._models import Status, StepKind
 from .._steps import STEPS, CancelledStep, ContinueAsNewStep, RawJSON, Step, decode_step
-from ..errors import HistoryCorruptedError, NonDeterminismError, StorageError, WorkflowCancelled
+from ..errors import (
+    HistoryCorruptedError,
+    NonDeterminismError,
+    StorageError,
+    WorkflowCancelled,
+    WorkflowTimeout,
+)
 from ..storage.base import (
     Commit,
     EventWait,
@@ -101,6 +107,17 @@ returns when a wake-up here continues it (``Journal.resumed`` was called), raise
 the cache drops it."""
 
 
+class Cancellable(Protocol):
+    """A live activity step (``activities.LiveActivity``): what a cancel of its instance reaches."""
+
+    def cancel(self, *, deadline: bool = False) -> None: ...
+
+
+DEADLINE = "deadline"
+"""The name of a ``cancelled`` row delivered because the workflow's deadline passed (else ``cancelled``):
+a replay raises ``WorkflowTimeout`` there, as the live run did."""
+
+
 class ContinuedAsNew(_Unwind):
     """The run ended by ``ctx.continue_as_new``: its history is kept, the next run is committed and
     runnable (``input``, the next run's stored input); unwind the coroutine, keep nothing."""
@@ -172,6 +189,7 @@ class Journal:
         history: Sequence[HistoryRow],
         cancel_requested: bool,
         run: int = 1,
+        deadline: float | None = None,
     ) -> None:
         self.host = host
         self.lease = lease
@@ -208,6 +226,14 @@ class Journal:
         """The rows buffered for the next commit (``buffer``; the activity step appends inline)."""
         self._cancel_requested = cancel_requested
         self._cancel_delivered = cancel_delivered
+        self.deadline = deadline
+        """When the instance's deadline passes (its clock; None: none): then it is cancelled for it."""
+        self._timed_out = deadline is not None and host.clock() >= deadline
+        if self._timed_out:
+            self._cancel_requested = True
+        self._cancel_reached = False
+        self.live_activities: set[Cancellable] = set()
+        """The activity steps running live now (``ActivityRunner``): a cancel requested reaches them."""
         self.compensations: list[tuple[Activity[Any, Any], tuple[Any, ...], dict[str, Any]]] = []
         """The compensations the workflow registered (``on_failure``), oldest first."""
         self._compensating = False
@@ -264,7 +290,7 @@ class Journal:
         if row.kind != kind or row.name != name:  # (the row of the step asked for is of a known kind)
             self.row(seq)  # a kind geste never writes is corruption
             if row.kind == StepKind.CANCELLED:
-                raise self.cancelled()
+                raise self.cancelled(row)
             raise self.diverged(
                 NonDeterminismError(seq, f"{row.kind} {row.name!r}", f"{kind.value} {name!r}")
             )
@@ -322,6 +348,25 @@ class Journal:
         if self._cancel_requested and not self._cancel_delivered and not self._compensating:
             self.deliver_cancel(seq)
 
+    def request_cancel(self, *, deadline: bool = False) -> bool:
+        """A cancel (``deadline``: the workflow's deadline passed) reached the run while it runs: it is
+        delivered at the next step, and the activity steps running now are cancelled (their tasks get
+        ``CancelledError``; compensations are never among them). True the first time (news)."""
+        if deadline:
+            self._timed_out = True
+        self._cancel_requested = True
+        for live in list(self.live_activities):
+            live.cancel(deadline=self._timed_out)
+        news, self._cancel_reached = not self._cancel_reached, True
+        return news
+
+    def activity_cancelled(self, *, deadline: bool) -> WorkflowCancelled:
+        """An activity step whose recorded outcome is ``ActivityCancelled`` (live or replayed): the cancel
+        is delivered there (the workflow gets ``WorkflowCancelled``, or ``WorkflowTimeout``)."""
+        self._cancel_requested = True
+        self._cancel_delivered = True
+        return self.cancelled(deadline=deadline)
+
     def cancel_if_requested(self, seq: int) -> None:
         """Deliver a cancel requested and not delivered yet at ``seq``."""
         if self._cancel_requested and not self._cancel_delivered and not self._compensating:
@@ -335,12 +380,16 @@ class Journal:
         """Record the cancellation at ``seq`` (with the next commit) and raise it in the workflow."""
         self._cancel_delivered = True
         payload = CancelledStep().encode()
-        self.pending.append(
-            HistoryRow(seq, StepKind.CANCELLED, "cancelled", payload, False, self.host.clock())
-        )
-        raise self.cancelled()
+        name = DEADLINE if self._timed_out else "cancelled"
+        self.pending.append(HistoryRow(seq, StepKind.CANCELLED, name, payload, False, self.host.clock()))
+        raise self.cancelled(deadline=self._timed_out)
 
-    def cancelled(self) -> WorkflowCancelled:
+    def cancelled(self, row: HistoryRow | None = None, *, deadline: bool = False) -> WorkflowCancelled:
+        """The error a delivered cancel raises in the workflow (as recorded by ``row``, if given)."""
+        if row is not None:
+            deadline = row.name == DEADLINE
+        if deadline:
+            return WorkflowTimeout(f"workflow instance {self.instance_id} ran past its deadline")
         return WorkflowCancelled(f"workflow instance {self.instance_id} was cancelled")
 
     def cancelled_here(self) -> None:
@@ -348,7 +397,7 @@ class Journal:
         after = self._history.get(self.seq + 1)
         if after is not None and after.kind == StepKind.CANCELLED:
             self.seq += 1
-            raise self.cancelled()
+            raise self.cancelled(after)
 
     def compensate(self) -> None:
         """From now on the compensations run: a cancel is not delivered, the status says so."""
@@ -476,7 +525,7 @@ class Journal:
                 self.deliver_cancel(seq)
             return None
         if out.kind == StepKind.CANCELLED:
-            raise self.cancelled()
+            raise self.cancelled(out)
         if out.name == name and (out.kind == taken or out.kind == timed_out):
             return out
         raise self.diverged(NonDeterminismError(seq, f"{out.kind} {out.name!r}", f"{waited_for} {name!r}"))
@@ -539,6 +588,9 @@ class Journal:
         self._counted(self.pending)
         self.pending = []
         self._suspended = True
+        deadline = self.deadline  # the storage woke it at its deadline too (its run_at): the timer here
+        if deadline is not None and (run_at is None or deadline < run_at):
+            run_at = deadline
         self.host.on_suspended(self.instance_id, run_at)
         if self.park is None:
             raise Suspended()

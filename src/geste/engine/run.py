@@ -42,6 +42,12 @@ async def _retry_sleep(_instance_id: str, delay: float) -> None:
     await asyncio.sleep(delay)
 
 
+def _deadline_passed(journal: Journal) -> None:
+    """The local timer of a deadline, armed while the run is in progress here (``Engine._hold``)."""
+    if journal.request_cancel(deadline=True):
+        logger.info("instance %s: its deadline passed while it runs here; cancelling it", journal.instance_id)
+
+
 def _ignore_completed(_instance_id: str, _workflow_name: str, _result: str) -> None:
     pass
 
@@ -105,6 +111,34 @@ class Engine:
         self.activities = ActivityRunner(self, threads=activity_threads)
         self.cache = WorkflowCache(workflow_cache_size, self.metrics)
         """The runs parked at a wait in this worker (``cache``; size 0: none)."""
+        self.running: dict[str, Journal] = {}
+        """The journal of each run in progress here, by instance id: what a cancel reaches (``cancel``)."""
+
+    def cancel(self, instance_id: str) -> bool:
+        """A cancel of an instance this engine runs now reached it (the worker's renewal or a notification
+        said so): the run delivers it at its next step and its running activities are cancelled at once.
+        True when that is news to a run in progress here (False: none here, or it knew already)."""
+        journal = self.running.get(instance_id)
+        return journal is not None and journal.request_cancel()
+
+    def _hold(self, journal: Journal) -> asyncio.TimerHandle | None:
+        """The run of ``journal`` is in progress here: a cancel may reach it, and its deadline (if any) is a
+        local timer that cancels it as a cancel does (or now, when it passed already)."""
+        self.running[journal.instance_id] = journal
+        deadline = journal.deadline
+        if deadline is None:
+            return None
+        delay = deadline - self.clock()
+        if delay <= 0:
+            journal.request_cancel(deadline=True)
+            return None
+        return asyncio.get_running_loop().call_later(delay, _deadline_passed, journal)
+
+    def _unhold(self, journal: Journal, timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()
+        if self.running.get(journal.instance_id) is journal:
+            del self.running[journal.instance_id]
 
     def cached(self, instance_ids: Collection[str] | None = None) -> dict[str, int]:
         """For a claim: the last step held by each parked run (of ``instance_ids``), by instance id."""
@@ -138,7 +172,11 @@ class Engine:
             if rows is not None:
                 self.metrics.workflow_cache_hits.values[()] += 1
                 cached.resume(claim, rows)
-                await self._until_stopped(cached, claim.workflow_name)
+                timer = self._hold(cached.journal)
+                try:
+                    await self._until_stopped(cached, claim.workflow_name)
+                finally:
+                    self._unhold(cached.journal, timer)
                 return
             self.cache.drop(cached, "stale")
         if claim.history_after:  # the claim read past a run this worker no longer holds: read it all
@@ -163,7 +201,19 @@ class Engine:
             history=history,
             cancel_requested=claim.cancel_requested,
             run=claim.run,
+            deadline=claim.deadline,
         )
+        timer = self._hold(journal)
+        try:
+            await self._run_new(journal, claim)
+        finally:
+            self._unhold(journal, timer)
+
+    async def _run_new(self, journal: Journal, claim: Claim) -> None:
+        """Run a new journal's instance (replayed from its history): in a task of its own when a cache may
+        keep it, else inline."""
+        instance_id = journal.instance_id
+        workflow = self.workflows[claim.workflow_name]
         ctx = WorkflowContext(journal, self.activities)
         if self.cache.size:  # in a task of its own, which may outlive this claim, parked at a wait
             run = CachedRun(journal)

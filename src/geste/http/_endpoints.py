@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
@@ -223,9 +224,12 @@ class GesteASGI:
             body = {}
         if not isinstance(body, dict):
             raise bad_request('the body must be a JSON object: {"args": [...], "kwargs": {...}}')
-        unknown = sorted(set(body) - {"args", "kwargs", "instance_id"})
+        unknown = sorted(set(body) - {"args", "kwargs", "instance_id", "timeout", "deadline"})
         if unknown:
-            raise bad_request(f"unknown field(s) {', '.join(unknown)}: expected args, kwargs, instance_id")
+            raise bad_request(
+                f"unknown field(s) {', '.join(unknown)}: "
+                "expected args, kwargs, instance_id, timeout, deadline"
+            )
         args = body.get("args", [])
         kwargs = body.get("kwargs", {})
         instance_id = body.get("instance_id")
@@ -237,7 +241,15 @@ class GesteASGI:
             raise bad_request("kwargs cannot hold instance_id: give that argument in args")
         if instance_id is not None and not isinstance(instance_id, str):
             raise bad_request("instance_id must be a string")
-        handle = await self.app.start_workflow(params["name"], *args, instance_id=instance_id, **kwargs)
+        if "timeout" in kwargs or "deadline" in kwargs:
+            raise bad_request("kwargs cannot hold timeout or deadline: give those as fields of the body")
+        timeout = body.get("timeout")
+        if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool)):
+            raise bad_request("timeout must be a number of seconds")
+        deadline = _deadline(body.get("deadline"))
+        handle = await self.app.start_workflow(
+            params["name"], *args, instance_id=instance_id, timeout=timeout, deadline=deadline, **kwargs
+        )
         return json_response(
             201 if handle.created else 200,
             {"instance_id": handle.instance_id, "created": handle.created},
@@ -383,6 +395,19 @@ def _origin_netloc(origin: str) -> str | None:
         return urlsplit(origin.strip().lower()).netloc
     except ValueError:
         return None
+
+
+def _deadline(value: object) -> datetime | None:
+    """A start's ``deadline`` field: an ISO 8601 date and time with its UTC offset (``start_workflow``
+    refuses one without)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad_request("deadline must be an ISO 8601 date and time with its offset, as a string")
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise bad_request(f"deadline {value[:80]!r} is not an ISO 8601 date and time") from None
 
 
 def _error_response(exc: GesteError) -> Response:

@@ -666,6 +666,8 @@ def _describe(
             value = utc(float(typed.value))
         return [label(f"ctx.{'uuid4' if kind == StepKind.UUID else kind}()"), f"→ {value}"], [], None
     if kind == StepKind.CANCELLED:
+        if step.name == "deadline":  # the workflow's deadline passed (start(timeout=... / deadline=...))
+            return [label("deadline passed: cancellation delivered")], [], None
         return [label("cancellation delivered")], [], None
     if isinstance(typed, ContinueAsNewStep):
         call = _call(step.name, typed.input)

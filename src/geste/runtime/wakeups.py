@@ -39,6 +39,9 @@ TIMER_EXPIRED = "geste_timer_expired"
 CHANNEL_MESSAGE = "geste_channel_message"
 OUTBOX_PENDING = "geste_outbox_pending"
 CHANNELS = (WORKFLOW_RESUMABLE, TIMER_EXPIRED, CHANNEL_MESSAGE, OUTBOX_PENDING)
+CANCEL = "cancel"
+"""The key of a ``geste_workflow_resumable`` notification that a cancel was requested for a held instance
+(schema 17): routed to its holder (``worker``), which cancels its running activities; nothing to claim."""
 FINISHED = "finished"
 """The payload field of a ``geste_workflow_resumable`` sent by an instance's end (its status), for the
 ``result()`` waiters of other processes (schema 14): nothing to claim, so no worker claims for it."""
@@ -152,6 +155,10 @@ class Routed:
     """When it was routed here (a full worker hands on only what waited ``HAND_ON_AFTER``)."""
 
 
+def _ignore_cancel(_instance_id: str) -> None:
+    pass
+
+
 class Wakeups:
     """The worker's alarm clock: pokes, local timers, routed wake-ups, and the poll interval that fits
     the listener.
@@ -194,6 +201,9 @@ class Wakeups:
         self._seq = 0
         self._messages = False
         self._generic = False
+        self.on_cancel: Callable[[str], None] = _ignore_cancel
+        """Called with the instance id of a notification that a cancel was requested for an instance this
+        worker holds (schema 17): set by the worker, which cancels its running activities."""
 
     @property
     def routing(self) -> bool:
@@ -503,7 +513,9 @@ class Listener(Loop):
             return  # another schema's: channels are per database
         try:
             if channel == WORKFLOW_RESUMABLE:
-                if FINISHED not in body:  # an end, for result() waiters: nothing to claim
+                if CANCEL in body:  # a cancel of a held instance: for its holder, nothing to claim
+                    self._cancel(body, router)
+                elif FINISHED not in body:  # an end, for result() waiters: nothing to claim
                     self._resumable(body, router)
             elif channel == CHANNEL_MESSAGE:
                 self._message(body, router)
@@ -530,6 +542,13 @@ class Listener(Loop):
             self.wakeups.poke(NOTIFY)
         elif router.mine(instance_id, workflow, body.get("worker"), body.get("avoid")):
             self.wakeups.route(instance_id, workflow, NOTIFY, forwardable=not body.get("forwarded"))
+
+    def _cancel(self, body: dict[str, Any], router: Router | None) -> None:
+        """A cancel requested for a held instance: its holder (``worker``) cancels what runs of it now (a
+        process without a router acts on every such notice: the worker ignores those it does not hold)."""
+        instance_id = body.get("instance_id")
+        if isinstance(instance_id, str) and (router is None or body.get("worker") == router.worker_id):
+            self.wakeups.on_cancel(instance_id)
 
     def _message(self, body: dict[str, Any], router: Router | None) -> None:
         instance_id, workflow = self._names(body)

@@ -66,6 +66,11 @@ class Runner(Protocol):
         """The renewal that carried these details failed: give them to the next one."""
         ...
 
+    def cancel(self, instance_id: str) -> bool:
+        """A cancel of an instance it runs now reached this worker: its running activities are cancelled
+        and the run delivers it at its next step. True when that is news to a run in progress here."""
+        ...
+
 
 class Worker(Loop):
     """Claims runnable instances and runs them (its claim loop is this ``Loop``; the heartbeat and the
@@ -140,6 +145,11 @@ class Worker(Loop):
         """Routed wake-ups this worker handed on to others (full, or stopping)."""
         self.clock_offset: float | None = None
         """This worker's clock minus the database's, measured at start (``check_clock``)."""
+        self.cancels_delivered = 0
+        self.renewal_cancels = 0
+        """Of which the renewal told of (a cancel requested for a held instance: seen at each renewal)."""
+        """Cancels of running instances this worker passed to its runs (a renewal or a notification)."""
+        wakeups.on_cancel = self.cancel_running
 
     @property
     def router(self) -> Router | None:
@@ -589,8 +599,17 @@ class Worker(Loop):
         else:
             router.update(await self.storage.heartbeat(row, peers_since=router.peers_since(now)))
 
+    def cancel_running(self, instance_id: str, via: str = "notification") -> None:
+        """A cancel was requested for an instance this worker may run now (``via``: a notification routed
+        to its holder, the renewal, or ``local``: requested in this process): its run gets it at once (its
+        running activities are cancelled)."""
+        if instance_id in self._running and self.runner.cancel(instance_id):
+            self.cancels_delivered += 1
+            logger.info("instance %s: a cancel reached its run here (via %s)", instance_id, via)
+
     async def renew(self) -> None:
-        """Extend every lease this worker holds; stop the runs whose lease was lost."""
+        """Extend every lease this worker holds; stop the runs whose lease was lost; pass the cancels
+        requested for held instances to their runs (the same statement says which: no extra round trip)."""
         leases = [lease for lease, _ in self._running.values()]
         if leases:
             now = self.clock()
@@ -603,6 +622,9 @@ class Worker(Loop):
                 if beats:
                     self.runner.restore_heartbeats(beats)
                 raise
+            for instance_id in kept.cancel_requested:
+                self.renewal_cancels += 1
+                self.cancel_running(instance_id, "renewal")
             for lease in leases:
                 if lease.instance_id not in kept:
                     current = self._running.get(lease.instance_id)

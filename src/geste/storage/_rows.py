@@ -127,6 +127,7 @@ def claim(
         lease_expired_at,
         history_after,
         r["run"],
+        r["deadline"],
     )
 
 

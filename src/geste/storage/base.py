@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
@@ -81,6 +81,16 @@ class Commit:
     lock_expires_at: float | None = None
 
 
+class Renewed(set[str]):
+    """What ``Storage.renew`` returns: the instance ids whose lease is still ours (a set of them), and in
+    ``cancel_requested`` those of them a cancel was requested for: the renewal is how a worker learns of
+    a cancel of what it runs on every backend (PostgreSQL also notifies the holder at once)."""
+
+    def __init__(self, kept: Iterable[str] = (), cancel_requested: Iterable[str] = ()) -> None:
+        super().__init__(kept)
+        self.cancel_requested = frozenset(cancel_requested)
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """An instance this worker now holds: what the engine needs to run it."""
@@ -103,6 +113,8 @@ class Claim:
     to it (``known``: a run it keeps in memory, ``engine.cache``); 0: the whole history."""
     run: int = 1
     """The number of the instance's current run (schema 15): ``input`` and ``history`` are that run's."""
+    deadline: float | None = None
+    """When the instance's deadline passes (schema 17; None: none): then its run cancels it."""
 
 
 class Claims(list[Claim]):
@@ -134,6 +146,8 @@ class NewInstance:
     workflow_name: str
     input: str
     now: float
+    deadline: float | None = None
+    """When the instance is cancelled for its deadline (``start(timeout=... / deadline=...)``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -655,8 +669,9 @@ class Storage(abc.ABC):
         *,
         now: float | None = None,
         heartbeats: Mapping[str, str] | None = None,
-    ) -> set[str]:
-        """Extend the given leases; return the instance ids whose lease is still ours. An instance's
+    ) -> Renewed:
+        """Extend the given leases; return the instance ids whose lease is still ours, and (in the same
+        statement: no extra round trip) which of them have a cancel requested. An instance's
         take-over time (its ``run_at`` while held: when a claim may look at it) moves to the new expiry
         too when it is less than half a lease ahead of ``now`` (always without ``now``), so that the
         claims never read a lease its worker keeps renewing (``_decisions.takeover_threshold``).

@@ -594,6 +594,7 @@ class PostgresStorage(base.Storage):
                 starts.lease_id,
                 starts.lock_expires_at,
                 self.notify,
+                new.deadline,
             )
             if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
@@ -824,10 +825,10 @@ class PostgresStorage(base.Storage):
         *,
         now: float | None = None,
         heartbeats: Mapping[str, str] | None = None,
-    ) -> set[str]:
+    ) -> base.Renewed:
         details = heartbeats or {}
 
-        async def go(conn: Conn) -> set[str]:
+        async def go(conn: Conn) -> base.Renewed:
             kept = await conn.fetch(
                 self._q["renew"],
                 lock_expires_at,
@@ -836,7 +837,10 @@ class PostgresStorage(base.Storage):
                 decide.takeover_threshold(lock_expires_at, now),
                 [details.get(x.instance_id) for x in leases],
             )
-            return {row["instance_id"] for row in kept}
+            return base.Renewed(
+                (row["instance_id"] for row in kept),
+                (row["instance_id"] for row in kept if row["cancel_requested"]),
+            )
 
         return await self._run(go)
 

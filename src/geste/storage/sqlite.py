@@ -221,6 +221,7 @@ class SQLiteStorage(base.Storage):
             "locked_by": starts.locked_by,
             "lease_id": starts.lease_id,
             "lock_expires_at": starts.lock_expires_at,
+            "deadline": new.deadline,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
@@ -443,15 +444,15 @@ class SQLiteStorage(base.Storage):
         *,
         now: float | None = None,
         heartbeats: Mapping[str, str] | None = None,
-    ) -> set[str]:
+    ) -> base.Renewed:
         params = {
             "lock_expires_at": lock_expires_at,
             "threshold": decide.takeover_threshold(lock_expires_at, now),
         }
         details = heartbeats or {}
 
-        def tx(conn: sqlite3.Connection) -> set[str]:
-            kept = set()
+        def tx(conn: sqlite3.Connection) -> base.Renewed:
+            kept, cancelled = [], []
             for lease in leases:
                 found = conn.execute(
                     Q["renew"],
@@ -461,10 +462,12 @@ class SQLiteStorage(base.Storage):
                         "lease_id": lease.lease_id,
                         "heartbeats": details.get(lease.instance_id),
                     },
-                )
-                if found.rowcount:
-                    kept.add(lease.instance_id)
-            return kept
+                ).fetchone()
+                if found is not None:
+                    kept.append(lease.instance_id)
+                    if found["cancel_requested"]:
+                        cancelled.append(lease.instance_id)
+            return base.Renewed(kept, cancelled)
 
         return await self._write(tx)
 

@@ -30,9 +30,9 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
-         locked_by, lease_id, lock_expires_at, event_floor)
+         locked_by, lease_id, lock_expires_at, event_floor, deadline)
     VALUES ($1, $2, $3, $4, $5, $5, CASE WHEN $7::text IS NULL THEN LEAST($5, {db_clock}) ELSE $8 END,
-            $6, $7, $8, nextval('{schema}.geste_events_seq_seq'))
+            $6, $7, $8, nextval('{schema}.geste_events_seq_seq'), $10)
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
               run_at, locked_by, lock_expires_at, cancel_requested, steps
@@ -146,7 +146,8 @@ WITH cancelled AS (
 SELECT (SELECT count(*) FROM cancelled) AS cancelled, (SELECT count(*) FROM notified) AS notified;
 
 -- name: flag_cancel
--- A held instance learns of it at its next step commit; a waiting one is woken (and notified).
+-- A waiting instance is woken (and notified). A held one's holder is told at once ('cancel': true, routed
+-- to locked_by, schema 17: it cancels the running activities), else at its next renewal or step commit.
 -- Runnable "now" is the earlier of the caller's clock and the database's ({db_clock}): a caller whose
 -- clock runs ahead of the workers' must not make them wait. LEAST ignores a NULL run_at. A held instance's
 -- run_at (its take-over time, schema 11) is left as it is: its holder goes on, or its lease runs out.
@@ -155,13 +156,18 @@ WITH flagged AS (
     SET cancel_requested = true, updated_at = $2,
         run_at = CASE WHEN lease_id IS NULL THEN LEAST(run_at, $2, {db_clock}) ELSE run_at END
     WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating')
-    RETURNING instance_id, workflow_name, lease_id, last_worker
+    RETURNING instance_id, workflow_name, lease_id, last_worker, locked_by
 )
-SELECT count(pg_notify('geste_workflow_resumable',
-                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
-                                         'worker', last_worker, 'schema', {schema_name})::text))
-       AS notified
-FROM flagged WHERE $3 AND lease_id IS NULL;
+SELECT count(CASE WHEN lease_id IS NULL
+                  THEN pg_notify('geste_workflow_resumable',
+                                 json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                                   'worker', last_worker, 'schema', {schema_name})::text)
+                  ELSE pg_notify('geste_workflow_resumable',
+                                 json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                                   'worker', locked_by, 'cancel', true,
+                                                   'schema', {schema_name})::text)
+             END) AS notified
+FROM flagged WHERE $3;
 
 -- Operator actions (app.retry, app.resume): one transaction each, which first locks the instance's row
 -- (lock_instance). Its later statements take their snapshot after the lock was granted, so of two
@@ -307,7 +313,7 @@ WITH expired AS (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run, i.steps
+              i.run, i.steps, i.deadline
 )
 (SELECT c.*, p.run_at, p.expired_at, h.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
@@ -320,7 +326,7 @@ WITH expired AS (
  ) AS h
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT run_at FROM {schema}.geste_instances
         WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
           AND lease_id IS NULL
@@ -379,7 +385,7 @@ WITH heads AS (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run, i.steps
+              i.run, i.steps, i.deadline
 )
 (SELECT c.*, p.run_at, p.expired_at, h.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
@@ -392,7 +398,7 @@ WITH heads AS (
  ) AS h
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at),
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at),
        NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
@@ -436,7 +442,7 @@ WITH named AS MATERIALIZED (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run, i.steps
+              i.run, i.steps, i.deadline
 )
 (SELECT c.*, p.run_at, p.expired_at, h.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
@@ -449,7 +455,7 @@ WITH named AS MATERIALIZED (
  ) AS h
  ORDER BY p.run_at)
 UNION ALL
-SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
+SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM named
 WHERE workflow_name = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
@@ -471,7 +477,8 @@ FROM unnest($1::text[], $2::text[]) AS r(instance_id, workflow_name);
 -- the same rows) never deadlock. A held instance's take-over time (its run_at, schema 11) moves to the
 -- new expiry when it is before $4 (half a lease ahead): so it stays past the claims' range while the
 -- worker lives, and changes (an indexed column: not a HOT update) at most every other heartbeat. Step
--- commits renew lock_expires_at only, which no index holds.
+-- commits renew lock_expires_at only, which no index holds. Each row kept says whether a cancel is
+-- requested (schema 17's cancel of a running activity: the holder learns of it here on every backend).
 -- Heartbeats (schema 18): $5 holds, per lease, the instance's activity heartbeat details (a JSON object)
 -- when new ones were given since the last renewal, else NULL (the column is kept): no statement of its
 -- own, and fenced like the renewal.
@@ -487,7 +494,7 @@ SET lock_expires_at = $1, run_at = CASE WHEN i.run_at IS NULL OR i.run_at < $4 T
     heartbeats = COALESCE(locked.heartbeats, i.heartbeats)
 FROM locked
 WHERE i.instance_id = locked.instance_id
-RETURNING i.instance_id;
+RETURNING i.instance_id, i.cancel_requested;
 
 -- name: heartbeats
 -- The heartbeat details recorded for an instance's running activities (schema 18), by primary key: read
@@ -588,13 +595,16 @@ FROM unnest(hashtextextended('geste_event:' || $1, 0) || $2::bigint[], $3::boole
 -- (`lease`: the row as this statement's snapshot has it, before the UPDATE): the others learn of a
 -- worker's death about a lease after its last heartbeat (two heartbeat periods and a slack), so a note
 -- of an earlier timer would almost never be used, and every notifying commit makes every listening
--- backend of the database read the notification queue (docs/design.md, "Routing").
+-- backend of the database read the notification queue (docs/design.md, "Routing"). The run_at is the
+-- earlier of the suspension's and the instance's deadline (schema 17; LEAST ignores a NULL): a waiting
+-- instance becomes due when its deadline passes, and the claim that takes it then cancels it.
 WITH lease AS (
     SELECT lock_expires_at FROM {schema}.geste_instances WHERE instance_id = $1 AND lease_id = $2
 ), suspended AS (
     UPDATE {schema}.geste_instances
-    SET status = 'waiting', run_at = $3, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
-        updated_at = $4, steps = steps + cardinality($5::integer[]), last_worker = locked_by
+    SET status = 'waiting', run_at = LEAST($3, deadline), locked_by = NULL, lease_id = NULL,
+        lock_expires_at = NULL, updated_at = $4, steps = steps + cardinality($5::integer[]),
+        last_worker = locked_by
     WHERE instance_id = $1 AND lease_id = $2 AND NOT cancel_requested
     RETURNING instance_id, workflow_name, last_worker
 ), rows AS (

@@ -42,6 +42,7 @@ CREATE TABLE geste_instances (
     last_worker      text,              -- (13) the worker that last ran it: its wake-ups go there
     run              integer NOT NULL DEFAULT 1,   -- (15) its current run: 1, then one more at each continue_as_new
     run_started_at   double precision,  -- (15) when the current run started; NULL: created_at
+    deadline         double precision,  -- (17) when it is cancelled for its deadline; NULL: none
     heartbeats       text               -- (18) the last ctx.heartbeat details of its running activities
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)

@@ -1,4 +1,3 @@
--- A placeholder, so that branch wt-beat (issue 18, heartbeats: migration 0018) numbers its migrations
--- 1..n on its own. Schema 16 belongs to another branch of issue 18 (child workflows, workflow
--- deadlines): DELETE THIS FILE when merging, the other branch's 0016_*.sql takes its place.
+-- PLACEHOLDER of this branch (wt-cancel) only: version 16 belongs to another change of issue 18 (child
+-- workflows), merged separately; at the merge, that migration replaces this file. It changes nothing.
 SELECT 1;

@@ -15,11 +15,11 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- time, as a claim sets it (schema 11).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
-     locked_by, lease_id, lock_expires_at, event_floor)
+     locked_by, lease_id, lock_expires_at, event_floor, deadline)
 VALUES (:instance_id, :workflow_name, :status, :input, :now, :now,
         CASE WHEN :lease_id IS NULL THEN min(:now, {db_clock}) ELSE :lock_expires_at END,
         :locked_by, :lease_id, :lock_expires_at,
-        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0))
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :deadline)
 ON CONFLICT (instance_id) DO NOTHING;
 
 -- name: database_clock
@@ -153,7 +153,7 @@ SET locked_by = :worker_id,
     status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END,
     updated_at = :now
 WHERE instance_id IN (SELECT value FROM json_each(:ids))
-RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run;
+RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run, deadline;
 
 -- name: claim_ids_pick
 -- The instances named (:ids, a JSON array) that claim_pick would take, by primary key (schema 13): what a
@@ -174,14 +174,16 @@ WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND workflow_name IN (S
 
 -- name: renew
 -- A held instance's take-over time (run_at) moves to the new expiry when it is before :threshold (half a
--- lease ahead, _decisions.takeover_threshold): past the claims' range while the worker lives.
+-- lease ahead, _decisions.takeover_threshold): past the claims' range while the worker lives. It returns
+-- whether a cancel is requested (schema 17): how the holder learns of it while an activity runs.
 -- :heartbeats (schema 18): the instance's activity heartbeat details (a JSON object) when new ones were
 -- given since the last renewal, else NULL (the column is kept).
 UPDATE geste_instances
 SET lock_expires_at = :lock_expires_at,
     run_at = CASE WHEN run_at IS NULL OR run_at < :threshold THEN :lock_expires_at ELSE run_at END,
     heartbeats = COALESCE(:heartbeats, heartbeats)
-WHERE instance_id = :instance_id AND lease_id = :lease_id;
+WHERE instance_id = :instance_id AND lease_id = :lease_id
+RETURNING cancel_requested;
 
 -- name: heartbeats
 -- The heartbeat details recorded for an instance's running activities (schema 18), by primary key.
@@ -203,9 +205,13 @@ WHERE instance_id = :instance_id AND lease_id = :lease_id
 RETURNING cancel_requested;
 
 -- name: suspend
--- The suspending worker becomes the instance's last_worker (schema 13; SET reads the old row).
+-- The suspending worker becomes the instance's last_worker (schema 13; SET reads the old row). Its run_at
+-- is the earlier of the suspension's and the instance's deadline (schema 17): due when the deadline passes.
 UPDATE geste_instances
-SET status = 'waiting', run_at = :run_at, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
+SET status = 'waiting',
+    run_at = CASE WHEN deadline IS NOT NULL AND (:run_at IS NULL OR deadline < :run_at)
+                  THEN deadline ELSE :run_at END,
+    locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
     updated_at = :now, steps = steps + :steps, last_worker = locked_by
 WHERE instance_id = :instance_id AND lease_id = :lease_id AND cancel_requested = 0;
 

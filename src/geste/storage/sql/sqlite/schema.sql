@@ -42,6 +42,7 @@ CREATE TABLE geste_instances (
     last_worker      TEXT,              -- (13) the worker that last ran it: its wake-ups go there
     run              INTEGER NOT NULL DEFAULT 1,   -- (15) its current run: 1, then one more at each continue_as_new
     run_started_at   REAL,              -- (15) when the current run started; NULL: created_at
+    deadline         REAL,              -- (17) when it is cancelled for its deadline; NULL: none
     heartbeats       TEXT               -- (18) the last ctx.heartbeat details of its running activities
 );
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)

@@ -1,0 +1,477 @@
+"""A cancel reaches a running ``async def`` activity (issue 18): the holder of the instance's lease learns
+of it (a notification routed to it on PostgreSQL; its lease renewal on both backends; at once when the
+cancel is requested in its own process), cancels the activity's task, records ``ActivityCancelled`` as
+the step's outcome, runs no further attempt, and the workflow's cancellation goes on as before (its
+compensations run, never cancelled themselves). Cooperative code reads ``ctx.cancelled``.
+
+Across processes the workers run ``tests/apps/cancel_app.py``; how each cancel reached the worker is read
+from its log ("via notification" / "via renewal"): the mechanism is asserted, never a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import geste
+from geste.errors import ActivityCancelled, WorkflowCancelled
+from geste.storage.postgres import PostgresStorage
+from geste.storage.sqlite import SQLiteStorage
+
+from .conftest import die_with_parent
+from .support import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.apps.cancel_app import build_app  # noqa: E402
+from tests.apps.crash_app import read_log  # noqa: E402
+
+MakeApp = Callable[..., geste.App]
+CANCELLED_TYPE = "geste.errors.ActivityCancelled"
+
+
+class Workers:
+    """Worker processes of ``tests.apps.cancel_app`` on one database, with their side-effect log."""
+
+    def __init__(self, folder: Path, url: str) -> None:
+        self.folder = folder
+        self.url = url
+        self.log = folder / "side-effects.jsonl"
+        self.markers = folder / "markers"
+        self.markers.mkdir()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.outputs: dict[int, Path] = {}
+
+    async def spawn(self, worker_id: str, **options: Any) -> subprocess.Popen[bytes]:
+        ready = self.markers / f"ready-{worker_id}"
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.apps.cancel_app",
+            self.url,
+            f"--worker-id={worker_id}",
+            f"--log={self.log}",
+            f"--markers={self.markers}",
+            *(f"--{key.replace('_', '-')}={value}" for key, value in options.items()),
+        ]
+        output = self.folder / f"worker-{worker_id}-{len(self.procs)}.out"
+        with output.open("wb") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            )
+        self.procs.append(proc)
+        self.outputs[proc.pid] = output
+
+        def started() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"worker {worker_id} exited with {proc.returncode}:\n{self.output(proc)}"
+                )
+            return ready.exists()
+
+        await wait_until(started, f"worker {worker_id} to be ready")
+        return proc
+
+    def output(self, proc: subprocess.Popen[bytes]) -> str:
+        return self.outputs[proc.pid].read_text(errors="replace")
+
+    def entries(self, **where: Any) -> list[dict[str, Any]]:
+        return [e for e in read_log(self.log) if all(e[key] == value for key, value in where.items())]
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+async def workers(tmp_path: Path, db_url: str) -> AsyncIterator[Workers]:
+    group = Workers(tmp_path, db_url)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+@pytest.fixture
+async def client(workers: Workers) -> AsyncIterator[geste.App]:
+    """An App of the test process that starts, cancels and reads (no worker); it creates the schema."""
+    async with build_app(workers.url, run_worker=False, poll_interval=0.05) as app:
+        yield app
+
+
+def cancelled_outcome(entry: geste.HistoryEntry) -> dict[str, Any]:
+    assert entry.kind == geste.StepKind.ACTIVITY and entry.is_error, entry
+    error: dict[str, Any] = entry.payload["error"]
+    assert error["type"] == CANCELLED_TYPE, error
+    return error
+
+
+@pytest.mark.parametrize("listen", [True, False], ids=["listening", "listener-off"])
+async def test_a_cancel_from_another_process_reaches_the_running_activity(
+    workers: Workers, client: geste.App, db_url: str, listen: bool
+) -> None:
+    """The activity blocks on an ``asyncio.Event`` nobody sets, with two attempts left. A cancel from the
+    test process reaches it in the worker process: its task gets ``CancelledError`` (and ``ctx.cancelled``
+    is True), its outcome is ``ActivityCancelled`` after one attempt, the compensation runs there.
+
+    PostgreSQL listening: by the notification to the holder (a lease of 30 s: no renewal within the
+    test's wait). SQLite, or the listener off: by the lease renewal (every lock_timeout / 3)."""
+    postgres = db_url.startswith("postgresql")
+    if not postgres and not listen:
+        pytest.skip("SQLite has no listener: the renewal is its one path (the other variant)")
+    by_notification = postgres and listen
+    proc = await workers.spawn("w1", lock_timeout=30.0 if by_notification else 1.5, listen_notify=int(listen))
+    handle = await client.start_workflow("saga")
+    iid = handle.instance_id
+    await wait_until(lambda: workers.entries(instance=iid, event="start"), "the activity to start")
+
+    info = await client.cancel(iid)
+    assert info.cancel_requested and not info.status.is_finished
+    with pytest.raises(WorkflowCancelled):
+        await handle.result(timeout=20)
+
+    assert (await handle.info()).status == geste.Status.CANCELLED
+    starts = workers.entries(instance=iid, event="start")
+    assert [e["attempt"] for e in starts] == [1]  # two attempts were left: none ran
+    (seen,) = workers.entries(instance=iid, event="cancelled")
+    assert seen["flag"] is True and seen["worker"] == "w1"
+    assert [e["what"] for e in workers.entries(instance=iid, event="undo")] == ["saga"]
+    history = await client.history(iid)
+    assert [(e.kind, e.name) for e in history] == [
+        (geste.StepKind.ACTIVITY, "hang"),
+        (geste.StepKind.COMPENSATION, "undo"),
+    ]
+    error = cancelled_outcome(history[0])
+    assert history[0].payload["attempts"] == 1 and "deadline" not in error
+    via = "notification" if by_notification else "renewal"
+    assert f"{iid}: a cancel reached its run here (via {via})" in workers.output(proc)
+
+
+async def test_a_cancel_requested_in_the_worker_process_reaches_it_at_once(make_app: MakeApp) -> None:
+    """Requested where the instance runs: no notification or renewal needed (a lease of 60 s, the listener
+    off). The activity's own task sees ``CancelledError``; the workflow sees ``WorkflowCancelled`` at the
+    activity's step, and its ``except`` there runs like any cancel's."""
+    app = make_app(lock_timeout=60.0, listen_notify=False)
+    started, saw = asyncio.Event(), []
+
+    @app.activity(retry=geste.RetryPolicy(max_attempts=5, initial_interval=0.01))
+    async def hang(ctx: geste.ActivityContext) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            saw.append(("CancelledError", ctx.cancelled))
+            raise
+
+    @app.activity
+    async def undo(ctx: geste.ActivityContext) -> None:
+        saw.append(("undo", ctx.cancelled))
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> str:
+        ctx.on_failure(undo)
+        try:
+            await hang(ctx)
+        except WorkflowCancelled as exc:
+            saw.append(("workflow", type(exc).__name__))
+            raise
+        return "done"
+
+    async with app:
+        handle = await flow.start()
+        await asyncio.wait_for(started.wait(), 10)
+        await app.cancel(handle.instance_id)
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=10)
+        history = await handle.history()
+        worker = app._worker
+        assert worker is not None and worker.renewal_cancels == 0
+
+    assert saw == [("CancelledError", True), ("workflow", "WorkflowCancelled"), ("undo", False)]
+    assert [(e.kind, e.name) for e in history] == [
+        (geste.StepKind.ACTIVITY, "hang"),
+        (geste.StepKind.COMPENSATION, "undo"),
+    ]
+    cancelled_outcome(history[0])
+
+
+async def test_cooperative_code_reads_ctx_cancelled(make_app: MakeApp) -> None:
+    """An activity that shields itself from ``CancelledError`` (here: swallows it) sees ``ctx.cancelled``
+    and stops on its own; what it returns then is its recorded result, and the cancel is delivered at the
+    workflow's next step (no later activity runs)."""
+    app = make_app(lock_timeout=60.0)
+    started, flags, later = asyncio.Event(), [], []
+
+    @app.activity
+    async def careful(ctx: geste.ActivityContext) -> str:
+        flags.append(ctx.cancelled)
+        started.set()
+        while not ctx.cancelled:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                flags.append("swallowed")
+        flags.append(ctx.cancelled)
+        return "stopped cleanly"
+
+    @app.activity
+    async def after(ctx: geste.ActivityContext) -> None:
+        later.append(ctx.instance_id)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> str:
+        await careful(ctx)
+        await after(ctx)
+        return "done"
+
+    async with app:
+        handle = await flow.start()
+        await asyncio.wait_for(started.wait(), 10)
+        await app.cancel(handle.instance_id)
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=10)
+        history = await handle.history()
+
+    assert flags == [False, "swallowed", True]
+    assert later == []
+    assert [(e.kind, e.name) for e in history] == [
+        (geste.StepKind.ACTIVITY, "careful"),
+        (geste.StepKind.CANCELLED, "cancelled"),
+    ]
+    assert history[0].payload["result"] == "stopped cleanly"
+
+
+async def test_a_cancel_ends_a_retry_wait_at_once(make_app: MakeApp) -> None:
+    """Between attempts (a back-off of an hour), a cancel ends the wait: no further attempt, the outcome
+    ``ActivityCancelled`` after the attempts made."""
+    app = make_app(lock_timeout=60.0)
+    attempts: list[int] = []
+
+    @app.activity(retry=geste.RetryPolicy(max_attempts=10, initial_interval=3600.0))
+    async def flaky(ctx: geste.ActivityContext) -> None:
+        attempts.append(ctx.attempt)
+        raise RuntimeError("down")
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        await flaky(ctx)
+
+    async with app:
+        handle = await flow.start()
+        await wait_until(lambda: attempts, "the first attempt")
+        await app.cancel(handle.instance_id)
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=10)
+        history = await handle.history()
+
+    assert attempts == [1]
+    assert len(history) == 1
+    cancelled_outcome(history[0])
+    assert history[0].payload["attempts"] == 1
+
+
+async def test_compensations_are_not_cancelled(make_app: MakeApp) -> None:
+    """A cancel that comes while a compensation runs (the workflow failed on its own) does not reach it:
+    the compensation finishes and its result is recorded."""
+    app = make_app(lock_timeout=60.0)
+    compensating, release = asyncio.Event(), asyncio.Event()
+    seen: list[bool] = []
+
+    @app.activity(retry=geste.RetryPolicy(max_attempts=1))
+    async def boom(ctx: geste.ActivityContext) -> None:
+        raise ValueError("no")
+
+    @app.activity
+    async def undo(ctx: geste.ActivityContext) -> str:
+        compensating.set()
+        await release.wait()
+        seen.append(ctx.cancelled)
+        return "undone"
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        ctx.on_failure(undo)
+        await boom(ctx)
+
+    async with app:
+        handle = await flow.start()
+        await asyncio.wait_for(compensating.wait(), 10)
+        await app.cancel(handle.instance_id)
+        release.set()
+        with pytest.raises(geste.errors.WorkflowFailed):
+            await handle.result(timeout=10)
+        history = await handle.history()
+
+    assert seen == [False]
+    assert history[-1].kind == geste.StepKind.COMPENSATION and history[-1].payload["result"] == "undone"
+
+
+async def test_a_recorded_cancelled_activity_replays_as_the_cancel(make_app: MakeApp) -> None:
+    """The history ends with the ``ActivityCancelled`` row (the end not committed: the worker stopped):
+    a replay delivers the cancel there again (``WorkflowCancelled`` in the workflow, not the activity's
+    error), and the compensations run."""
+    app = make_app(lock_timeout=60.0)
+    started = asyncio.Event()
+    caught: list[str] = []
+
+    @app.activity
+    async def hang(ctx: geste.ActivityContext) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    @app.activity
+    async def undo(ctx: geste.ActivityContext) -> None:
+        caught.append("undo")
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        ctx.on_failure(undo)
+        try:
+            await hang(ctx)
+        except Exception as exc:
+            caught.append(type(exc).__name__)
+            raise
+
+    async with app:
+        handle = await flow.start()
+        await asyncio.wait_for(started.wait(), 10)
+        await app.cancel(handle.instance_id)
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=10)
+        history = await handle.history()
+    cancelled_outcome(history[0])
+    assert caught == ["WorkflowCancelled", "undo"]
+
+    from geste.testing import check_replay
+
+    report = await check_replay(app, database_url=app.url)
+    assert report.ok and len(report.results) == 1, report
+
+
+async def _count_statements(storage: Any, call: Callable[[], Any]) -> tuple[int, Any]:
+    """The statements ``call`` runs on the storage's connections (PostgreSQL: every asyncpg call;
+    SQLite: the statements of its connection's trace)."""
+    count = 0
+    if isinstance(storage, PostgresStorage):
+        import asyncpg
+
+        originals = {
+            name: getattr(asyncpg.Connection, name) for name in ("execute", "fetch", "fetchrow", "fetchval")
+        }
+
+        def counting(original: Any) -> Any:
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                nonlocal count
+                count += 1
+                return await original(*args, **kwargs)
+
+            return wrapper
+
+        try:
+            for name, original in originals.items():
+                setattr(asyncpg.Connection, name, counting(original))
+            result = await call()
+        finally:
+            for name, original in originals.items():
+                setattr(asyncpg.Connection, name, original)
+        return count, result
+    assert isinstance(storage, SQLiteStorage)
+    traced: list[str] = []
+    conn = storage._conn
+    assert conn is not None
+    conn.set_trace_callback(traced.append)
+    try:
+        result = await call()
+    finally:
+        conn.set_trace_callback(None)
+    return sum(1 for sql in traced if sql.lstrip().upper().startswith(("UPDATE", "SELECT", "INSERT"))), result
+
+
+async def test_the_renewal_reports_cancels_in_the_statements_it_had(make_app: MakeApp, db_url: str) -> None:
+    """The renewal of 5 held leases, one of them cancelled: PostgreSQL runs one statement, SQLite one
+    UPDATE per lease (as before), and the result names the cancelled instance."""
+    app = make_app(run_worker=False)
+    async with app:
+        storage = app.storage
+        now = app.clock()
+        leases = []
+        for n in range(5):
+            lease = geste.storage.base.Lease(f"i{n}", f"lease-{n}")
+            await storage.create_instance(
+                geste.storage.base.NewInstance(f"i{n}", "w", "{}", now),
+                lease=lease,
+                worker_id="w1",
+                lock_expires_at=now + 30,
+            )
+            leases.append(lease)
+        await storage.request_cancel("i3", now)
+        statements, kept = await _count_statements(storage, lambda: storage.renew(leases, now + 60, now=now))
+    assert kept == {f"i{n}" for n in range(5)}
+    assert kept.cancel_requested == {"i3"}
+    assert statements == (1 if db_url.startswith("postgresql") else 5)
+
+
+def test_activity_cancelled_is_in_the_error_tree() -> None:
+    assert issubclass(ActivityCancelled, geste.errors.GesteError)
+    assert "ActivityCancelled" in geste.errors.__all__
+
+
+async def test_a_cancel_reaches_every_activity_of_a_gather(make_app: MakeApp) -> None:
+    """Two activities run side by side: both are cancelled, both outcomes recorded, the compensation runs
+    once, and a replay of that history (the replay check) ends the same way."""
+    app = make_app(lock_timeout=60.0)
+    running: list[str] = []
+    cancelled: list[str] = []
+    undone: list[str] = []
+
+    @app.activity
+    async def hang(ctx: geste.ActivityContext, name: str) -> None:
+        running.append(name)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(name)
+            raise
+
+    @app.activity
+    async def undo(ctx: geste.ActivityContext) -> None:
+        undone.append(ctx.instance_id)
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        ctx.on_failure(undo)
+        await asyncio.gather(hang(ctx, "a"), hang(ctx, "b"))
+
+    async with app:
+        handle = await flow.start()
+        await wait_until(lambda: len(running) == 2, "both activities to run")
+        await app.cancel(handle.instance_id)
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=10)
+        history = await handle.history()
+
+    assert sorted(cancelled) == ["a", "b"]
+    assert undone == [handle.instance_id]
+    assert [(e.kind, e.name) for e in history] == [
+        (geste.StepKind.ACTIVITY, "hang"),
+        (geste.StepKind.ACTIVITY, "hang"),
+        (geste.StepKind.COMPENSATION, "undo"),
+    ]
+    for entry in history[:2]:
+        cancelled_outcome(entry)
+
+    from geste.testing import check_replay
+
+    report = await check_replay(app, database_url=app.url)
+    assert report.ok and len(report.results) == 1, report
