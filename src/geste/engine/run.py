@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._metrics import Metrics
-from .._models import Status
+from .._models import ParentClose, Status
 from .._serde import decode, encode, encode_error
 from ..errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
 from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
@@ -232,6 +232,8 @@ class Engine:
         try:
             args, kwargs = workflow.signature.load_args(decode(stored_input))
             result = await workflow.fn(ctx, *args, **kwargs)
+            if journal.children:  # the children started with ParentClose.WAIT and not awaited
+                await ctx._wait_for_children()
             encoded = encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)
         except NonDeterminismError as exc:
             # Leave the history as it is: an operator decides (fix the code and retry, or cancel).
@@ -282,6 +284,17 @@ class Engine:
             error=None if error is None else encode(error, what="error"),
         )
         self.metrics.workflows_ended.values[(journal.workflow_name, status)] += 1
+        if ParentClose.CANCEL in journal.children.values():
+            await self._cancel_children(journal)
+
+    async def _cancel_children(self, journal: Journal) -> None:
+        """The parent-close policy ``cancel``: after the end committed, the children it did not await
+        are asked to cancel (one statement by ``geste_instances_by_parent``). Not in the end's own
+        transaction: a crash between the two leaves them running (docs/child-workflows.md)."""
+        try:
+            await self.storage.cancel_children(journal.instance_id, self.clock())
+        except (StorageError, LeaseLost) as exc:
+            logger.warning("instance %s: its children were not cancelled: %s", journal.instance_id, exc)
 
     async def _abandon(self, journal: Journal, signal: Abandon) -> None:
         cause = signal.args[0] if signal.args else signal

@@ -75,6 +75,7 @@ def instance_row(r: Record) -> InstanceRow:
         steps=r["steps"],
         run=_column(r, "run", 1),
         last_worker=_column(r, "last_worker", None),
+        parent_id=_column(r, "parent_id", None),
     )
 
 
