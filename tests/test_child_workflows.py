@@ -4,7 +4,11 @@ parent/child link, on both backends; across worker processes in tests/test_child
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +22,10 @@ from geste.errors import (
     WorkflowCancelled,
 )
 
+from .conftest import die_with_parent
 from .support import raw_query, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MakeApp = Callable[..., geste.App]
 
@@ -215,3 +222,137 @@ async def test_the_parent_close_policy_applies_at_the_parents_end(make_app: Make
         if policy == "cancel":
             await wait_status(app, "pc:1", geste.Status.CANCELLED, timeout=30)
         assert (await app.get_instance("pc:1")).status == expected[policy]
+
+
+async def test_the_replay_check_replays_child_steps_and_stops_at_a_childs_wait(tmp_path: Any) -> None:
+    """A parent waiting for its child, one finished, one whose child failed: all replay ok (with the
+    parent's workflow alone, as the check runs each); code that takes another step there diverges."""
+    from geste.testing import check_replay
+
+    url = f"sqlite:///{tmp_path / 'replay.db'}"
+    app = family(lambda **options: geste.App(url, poll_interval=0.05, **options))
+    async with app:
+        done = await app.workflows["parent"].start_with_id("r-done", 2)
+        await done.result(timeout=30)
+        failed = await app.workflows["catches"].start_with_id("r-failed")
+        await failed.result(timeout=30)
+        await app.workflows["awaits_waiter"].start_with_id("r-waiting")
+        await wait_status(app, "r-waiting", geste.Status.WAITING)
+    report = await check_replay(app, database_url=url)
+    by_id = {r.instance_id: str(r.status) for r in report.results}
+    assert {i: by_id[i] for i in ("r-done", "r-failed", "r-waiting")} == {
+        "r-done": "ok",
+        "r-failed": "ok",
+        "r-waiting": "ok",
+    }, report.summary()
+
+    changed = geste.App(url)
+
+    @changed.workflow(name="awaits_waiter")
+    async def awaits_waiter(ctx: geste.WorkflowContext) -> str:
+        await ctx.sleep(1)  # a sleep where a start_child was recorded
+        return ""
+
+    report = await check_replay(changed, database_url=url, workflow="awaits_waiter")
+    assert [str(r.status) for r in report.results] == ["diverged"], report.summary()
+
+
+# -- across worker processes ------------------------------------------------------------------------------
+class Workers:
+    """Worker processes of tests/apps/child_app.py on one database, killed at the end."""
+
+    def __init__(self, folder: Path, url: str) -> None:
+        self.folder, self.url = folder, url
+        self.markers = folder / "markers"
+        self.markers.mkdir()
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    async def spawn(self, worker_id: str, *options: str) -> subprocess.Popen[bytes]:
+        out = (self.folder / f"{worker_id}.out").open("wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.apps.child_app",
+                self.url,
+                f"--worker-id={worker_id}",
+                f"--markers={self.markers}",
+                *options,
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+        out.close()
+        self.procs.append(proc)
+        ready = self.markers / f"ready-{worker_id}"
+        await wait_until(lambda: ready.exists() or proc.poll() is not None, f"{worker_id} to start")
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def workers(tmp_path: Path, db_url: str) -> Iterator[Workers]:
+    group = Workers(tmp_path, db_url)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+async def count_children(url: str, parent: str) -> int:
+    found = await raw_query(url, "SELECT count(*) AS n FROM geste_instances WHERE parent_id = $1", parent)
+    return int(found[0]["n"])
+
+
+async def test_a_child_on_another_worker_wakes_a_parent_whose_worker_was_killed_mid_wait(
+    workers: Workers, db_url: str
+) -> None:
+    """Worker A runs the parent, which waits; its child holds on A. A is killed (SIGKILL) mid-wait; worker
+    B takes the child over, ends it, and the parent, woken by that end, completes on B: one child."""
+    from tests.apps.child_app import build_app
+
+    first = await workers.spawn("A")
+
+    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
+    async with starter:
+        handle = await starter.workflows["parent"].start_with_id("xp", 4)
+        await wait_status(starter, "xp", geste.Status.WAITING)
+        await wait_status(starter, "xp:1", geste.Status.RUNNING)
+        first.kill()
+        first.wait()
+        (workers.markers / "go-xp:1").touch()
+        await workers.spawn("B")
+        assert await handle.result(timeout=60) == 8
+        assert (workers.markers / "ran-xp:1-B").exists()
+        assert not (workers.markers / "ran-xp:1-A").exists()
+        assert await count_children(db_url, "xp") == 1
+        kinds = [e.kind for e in await handle.history()]
+        assert kinds == [geste.StepKind.START_CHILD, geste.StepKind.CHILD]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_a_worker_killed_at_the_child_start_leaves_exactly_one_child(
+    workers: Workers, db_url: str, when: str
+) -> None:
+    """The parent's worker exits inside start_child's transaction (before it is sent, or once it
+    committed); another worker takes the parent over: one child, with the derived id, and the result."""
+    from tests.apps.child_app import build_app
+
+    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
+    crashing = await workers.spawn("A", f"--crash={when}")
+    async with starter:
+        handle = await starter.workflows["quick_parent"].start_with_id("qp", 1)
+        await asyncio.to_thread(crashing.wait, 30)
+        assert crashing.returncode == 9
+        assert await count_children(db_url, "qp") == (1 if when == "after" else 0)
+        await workers.spawn("B")
+        assert await handle.result(timeout=60) == 2
+        assert await count_children(db_url, "qp") == 1
+        assert [c.instance_id for c in await starter.children("qp")] == ["qp:1"]

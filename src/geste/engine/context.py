@@ -287,8 +287,6 @@ class WorkflowContext:
             raise TypeError(
                 f"start_child takes a workflow (decorated with @app.workflow), not {workflow!r:.80}"
             )
-        if self._host.workflows.get(workflow.name) is not workflow:
-            raise UnknownWorkflowError(workflow.name)
         try:
             policy = ParentClose(parent_close)
         except ValueError:
@@ -313,6 +311,8 @@ class WorkflowContext:
                 raise InstanceAlreadyExistsError(started.error)
             journal.children[started.child_id] = started.parent_close
             return ChildHandle(self, started.child_id, workflow.name, workflow)
+        if self._host.workflows.get(workflow.name) is not workflow:  # (a replay check has the parent only)
+            raise UnknownWorkflowError(workflow.name)
         journal.begin(seq)
         journal.live(seq, ordered=False)
         cid = step_key(self.instance_id, journal.run, seq) if child_id is None else child_id
