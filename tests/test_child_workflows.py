@@ -356,3 +356,48 @@ async def test_a_worker_killed_at_the_child_start_leaves_exactly_one_child(
         assert await handle.result(timeout=60) == 2
         assert await count_children(db_url, "qp") == 1
         assert [c.instance_id for c in await starter.children("qp")] == ["qp:1"]
+
+
+# -- costs ------------------------------------------------------------------------------------------------
+async def test_a_child_round_trip_costs_one_start_two_waits_and_two_ends(
+    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pinned as tests/test_costs.py pins a workflow's commits: the parent's start_child (one statement on
+    PostgreSQL), its wait that suspends, the child's end (which wakes the parent in its own statement),
+    the parent's wait again, which finds the child ended and writes nothing, and the parent's end with
+    the ``child`` row. No record, no suspend, no poll of the child."""
+    from collections import Counter
+
+    from geste.storage.postgres import PostgresStorage
+    from geste.storage.sqlite import SQLiteStorage
+
+    counts: Counter[str] = Counter()
+    names = ("start_child", "take_child_or_suspend", "finish", "record", "suspend")
+    for cls in (SQLiteStorage, PostgresStorage):
+        for name in names:
+            original = getattr(cls, name)
+
+            def counting(original: Any = original, name: str = name) -> Callable[..., Any]:
+                async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    counts[name] += 1
+                    return await original(*args, **kwargs)
+
+                return wrapper
+
+            monkeypatch.setattr(cls, name, counting())
+    app = family(make_app, lock_timeout=30.0)
+    async with app:
+        handle = await app.workflows["awaits_waiter"].start_with_id("cost")
+        await wait_status(app, "cost:1", geste.Status.WAITING)
+        await wait_status(app, "cost", geste.Status.WAITING)
+        counts.clear()
+        await app.send_event("go", "x", instance_id="cost:1")
+        await wait_until(lambda: counts["finish"] == 2, "both ends")
+        assert dict(counts) == {"take_child_or_suspend": 1, "finish": 2}
+        assert await handle.result(timeout=30) == "x"
+        counts.clear()
+        again = await app.workflows["awaits_waiter"].start_with_id("cost-2")
+        await wait_status(app, "cost-2", geste.Status.WAITING)
+        await wait_status(app, "cost-2:1", geste.Status.WAITING)
+        assert (counts["start_child"], counts["take_child_or_suspend"], counts["record"]) == (1, 1, 0)
+        await again.cancel()

@@ -1089,32 +1089,26 @@ class PostgresStorage(base.Storage):
         lease = commit.lease
 
         async def go(conn: Conn) -> base.ChildState | None:
-            created = await conn.fetchrow(
-                self._q["insert_child"],
+            started = await conn.fetchrow(
+                self._q["start_child"],
                 child.instance_id,
                 child.workflow_name,
                 child.input,
                 child.now,
                 lease.instance_id,
+                lease.lease_id,
+                commit.lock_expires_at,
+                *self._columns(commit.records),
                 parent_close,
                 self.notify,
             )
-            if not created["created"]:
+            if not started["created"]:
                 return _child_state(await conn.fetchrow(self._q["child_state"], child.instance_id))
-            touched = await conn.fetchrow(
-                self._q["touch_lease"],
-                lease.instance_id,
-                lease.lease_id,
-                commit.lock_expires_at,
-                commit.now,
-                len(commit.records),
-            )
-            if touched is None:
+            if not started["touched"]:
                 raise base.LeaseLost(lease.instance_id)
-            await self._insert_history(conn, lease.instance_id, commit.records)
             return None
 
-        return await self._tx(go)
+        return await self._run(go)
 
     async def take_child_or_suspend(
         self, commit: base.Commit, child_id: str

@@ -658,7 +658,7 @@ class SQLiteStorage(base.Storage):
         }
 
         def tx(conn: sqlite3.Connection) -> base.ChildState | None:
-            if conn.execute(Q["insert_child"], params).rowcount != 1:
+            if conn.execute(Q["start_child"], params).rowcount != 1:
                 return _child_state(conn.execute(Q["child_state"], (child.instance_id,)).fetchone())
             self._append(conn, commit)
             return None

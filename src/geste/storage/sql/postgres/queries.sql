@@ -1811,25 +1811,40 @@ FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY
 
 -- Child workflows (16; docs/design.md, "Child workflows").
 
--- name: insert_child
--- ctx.start_child, in one transaction with touch_lease and insert_history of the parent's start_child row:
--- the child is created free and runnable (notified to any worker, as a client's start), or not (its id is
--- taken: the caller reads who has it). One probe of the primary key.
+-- name: start_child
+-- ctx.start_child in one statement: the child is created free and runnable (notified to any worker, as a
+-- client's start) and, only if it was, the parent's rows are appended under its lease (proved here, and
+-- renewed). Not created (its id is taken): nothing else is written and the caller reads who has it. The
+-- lease lost: the child stays and its parent's next holder, replaying the step with the same id, finds it
+-- its own (parent_id, workflow) and records the step then. One probe of the primary key each.
+-- $1-$3: the child's id, workflow, input; $4: now; $5 the parent, $6 its lease, $7 the lease's new expiry;
+-- $8-$13 the history columns; $14 the policy; $15 notify.
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
          parent_id, parent_close)
     VALUES ($1, $2, 'pending', $3, $4, $4, LEAST($4, {db_clock}), nextval('{schema}.geste_events_seq_seq'),
-            $5, $6)
+            $5, $14)
     ON CONFLICT (instance_id) DO NOTHING
-    RETURNING instance_id, workflow_name
+    RETURNING instance_id
+), touched AS (
+    UPDATE {schema}.geste_instances
+    SET lock_expires_at = $7, updated_at = $4, steps = steps + cardinality($8::integer[])
+    WHERE instance_id = $5 AND lease_id = $6 AND EXISTS (SELECT 1 FROM inserted)
+    RETURNING cancel_requested
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $5, r.* FROM unnest($8::integer[], $9::text[], $10::text[], $11::text[], $12::boolean[],
+                               $13::double precision[]) AS r
+    WHERE EXISTS (SELECT 1 FROM touched)
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
                      json_build_object('instance_id', $1::text, 'workflow_name', $2::text, 'worker', NULL,
                                        'schema', {schema_name})::text)
-    FROM inserted WHERE $7
+    FROM inserted WHERE $15
 )
-SELECT EXISTS (SELECT 1 FROM inserted) AS created, (SELECT count(*) FROM notified) AS notified;
+SELECT EXISTS (SELECT 1 FROM inserted) AS created, EXISTS (SELECT 1 FROM touched) AS touched,
+       (SELECT count(*) FROM notified) AS notified;
 
 -- name: child_state
 -- The state of an awaited child: one probe of the primary key.

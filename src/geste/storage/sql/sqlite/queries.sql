@@ -1059,7 +1059,7 @@ FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?))
 
 -- Child workflows (16; docs/design.md, "Child workflows").
 
--- name: insert_child
+-- name: start_child
 -- ctx.start_child, in the BEGIN IMMEDIATE transaction of touch_lease and insert_history of the parent's
 -- start_child row: the child is created free and runnable, or not (its id is taken). One primary-key probe.
 INSERT INTO geste_instances
