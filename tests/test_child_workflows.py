@@ -401,3 +401,38 @@ async def test_a_child_round_trip_costs_one_start_two_waits_and_two_ends(
         await wait_status(app, "cost-2:1", geste.Status.WAITING)
         assert (counts["start_child"], counts["take_child_or_suspend"], counts["record"]) == (1, 1, 0)
         await again.cancel()
+
+
+# -- the link, where operators look -----------------------------------------------------------------------
+async def test_geste_show_the_viewer_and_the_api_link_parent_and_children(
+    make_app: MakeApp, db_url: str
+) -> None:
+    import httpx
+
+    from .support import run_cli
+
+    app = family(make_app)
+    async with app:
+        await (await app.workflows["parent"].start_with_id("v1", 1)).result(timeout=30)
+        transport = httpx.ASGITransport(app=app.asgi())
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            parent = (await http.get("/instances/v1")).json()
+            assert parent["parent_id"] is None
+            assert [(c["instance_id"], c["status"]) for c in parent["children"]] == [
+                ("v1:1", "completed"),
+                ("v1-second", "completed"),
+            ]
+            kid = (await http.get("/instances/v1:1")).json()
+            assert (kid["parent_id"], kid["children"]) == ("v1", [])
+            page = (await http.get("/ui/instances/v1", headers={"accept": "text/html"})).text
+            assert "Children · 2" in page and 'href="/ui/instances/v1%3A1"' in page
+            assert "starts child" in page and "child ended" in page
+            kid_page = (await http.get("/ui/instances/v1:1", headers={"accept": "text/html"})).text
+            assert "Parent" in kid_page and 'href="/ui/instances/v1"' in kid_page
+    shown = await asyncio.to_thread(run_cli, ["show", "v1", "--database-url", db_url])
+    assert shown.exit_code == 0, shown.output
+    assert "children:\n  v1:1  child  completed\n  v1-second  child  completed" in shown.output
+    assert "started child v1:1 (parent close: cancel" in shown.output
+    assert "child child completed → 2" in shown.output
+    shown = await asyncio.to_thread(run_cli, ["show", "v1:1", "--database-url", db_url])
+    assert "parent     v1 (geste show v1)" in shown.output
