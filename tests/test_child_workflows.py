@@ -42,6 +42,11 @@ async def wait_status(app: geste.App, instance_id: str, status: geste.Status, ti
 
 def family(make_app: MakeApp, **options: Any) -> geste.App:
     app = make_app(**options)
+    other = geste.App("sqlite:///:memory:")
+
+    @other.workflow()
+    async def stranger(ctx: geste.WorkflowContext, n: int) -> int:
+        return n
 
     @app.activity()
     async def double(ctx: geste.ActivityContext, n: int) -> int:
@@ -104,7 +109,11 @@ def family(make_app: MakeApp, **options: Any) -> geste.App:
     async def bad(ctx: geste.WorkflowContext, what: str) -> str:
         try:
             if what == "unknown":
-                await ctx.start_child("child", 1)  # type: ignore[arg-type]
+                await ctx.start_child(object(), 1)  # type: ignore[call-overload]
+            elif what == "unregistered":
+                await ctx.start_child(stranger, 1)
+            elif what == "name":
+                await ctx.start_child("", 1)
             elif what == "id":
                 await ctx.start_child(child, 1, child_id="")
             elif what == "policy":
@@ -178,6 +187,8 @@ async def test_bad_calls_raise_typed_errors_at_the_call(make_app: MakeApp) -> No
         await app.workflows["child"].start_with_id("taken", 1)
         for what, expected in [
             ("unknown", "TypeError"),
+            ("unregistered", "UnknownWorkflowError"),
+            ("name", "ConfigurationError"),
             ("id", "ConfigurationError"),
             ("policy", "ConfigurationError"),
             ("args", "SerializationError"),

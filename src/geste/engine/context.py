@@ -16,7 +16,7 @@ import random as _random
 import uuid
 from collections.abc import Coroutine, Mapping, MutableMapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 from urllib.parse import quote
 
 from .._channels import Message
@@ -258,6 +258,7 @@ class WorkflowContext:
         await journal.continue_as_new(seq, stored, recorded=row is not None)
 
     # -- child workflows -----------------------------------------------------------------------------
+    @overload
     async def start_child(
         self,
         workflow: Workflow[Any, R],
@@ -266,26 +267,57 @@ class WorkflowContext:
         child_id: str | None = None,
         parent_close: ParentClose | str = ParentClose.CANCEL,
         **kwargs: Any,
-    ) -> ChildHandle[R]:
-        """Start ``workflow`` (registered on this app) as a child of this instance; return its handle.
+    ) -> ChildHandle[R]: ...
+    @overload
+    async def start_child(
+        self,
+        workflow: str,
+        /,
+        *args: Any,
+        child_id: str | None = None,
+        parent_close: ParentClose | str = ParentClose.CANCEL,
+        **kwargs: Any,
+    ) -> ChildHandle[Any]: ...
+    async def start_child(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        /,
+        *args: Any,
+        child_id: str | None = None,
+        parent_close: ParentClose | str = ParentClose.CANCEL,
+        **kwargs: Any,
+    ) -> ChildHandle[Any]:
+        """Start ``workflow`` as a child of this instance; return its handle.
 
-        A step of its own: the child's instance and this step's history row commit in one transaction,
-        so a replay, or a rerun after a crash, never starts a second child. ``child_id`` defaults to one
-        derived from this instance's id, run and step number (``"<id>:<seq>"``, ``"<id>:<run>.<seq>"``
-        after a ``continue_as_new``), the same on every replay. The child runs on any worker that
-        registers its workflow. ``parent_close`` (``ParentClose``) says what this instance's end does to
-        the child if it still runs: cancel it (default), abandon it, or wait for it. Raises, before
-        anything is written, ``UnknownWorkflowError`` (not registered here), ``SerializationError`` (arguments
-        that do not fit its signature, or not JSON), ``ConfigurationError`` (a bad ``child_id`` or policy),
-        ``SerializationError``; ``InstanceAlreadyExistsError`` (recorded: a replay raises it again) when
-        ``child_id`` names an instance that is not this step's child.
+        ``workflow`` is a workflow registered on this app (its arguments are checked against its
+        signature, its result typed and validated), or the name of one that only other workers register
+        (neither checked nor typed: a name no worker registers stays pending until one does, as a start
+        of it by ``app.start_workflow`` would). A step of its own: the child's instance and this step's
+        history row commit in one transaction, so a replay, or a rerun after a crash, never starts a
+        second child. ``child_id`` defaults to one derived from this instance's id, run and step number
+        (``"<id>:<seq>"``, ``"<id>:<run>.<seq>"`` after a ``continue_as_new``), the same on every replay.
+        The child runs on any worker that registers its workflow. ``parent_close`` (``ParentClose``)
+        says what this instance's end does to the child if it still runs: cancel it (default), abandon
+        it, or wait for it. Raises, before anything is written: ``UnknownWorkflowError`` (a workflow
+        object this app does not register), ``SerializationError`` (arguments that do not fit its
+        signature, or are not JSON), ``ConfigurationError`` (a bad ``child_id``, name or policy), and
+        ``InstanceAlreadyExistsError`` (recorded: a replay raises it again) when ``child_id`` names an
+        instance that is not this step's child.
         """
         from .._definitions import Workflow
+        from .._validation import check_name
         from ..errors import UnknownWorkflowError
 
-        if not isinstance(workflow, Workflow):
+        known: Workflow[Any, Any] | None
+        if isinstance(workflow, str):
+            name = check_name(workflow, "workflow")
+            known = self._host.workflows.get(name)
+        elif isinstance(workflow, Workflow):
+            name, known = workflow.name, workflow
+        else:
             raise TypeError(
-                f"start_child takes a workflow (decorated with @app.workflow), not {workflow!r:.80}"
+                "start_child takes a workflow (decorated with @app.workflow) or its name, "
+                f"not {workflow!r:.80}"
             )
         try:
             policy = ParentClose(parent_close)
@@ -296,46 +328,51 @@ class WorkflowContext:
             ) from None
         if child_id is not None:
             check_id(child_id, "child_id")
-        workflow.signature.bind(args, kwargs, what=f"workflow {workflow.name}")
+        if known is not None:
+            known.signature.bind(args, kwargs, what=f"workflow {name}")
         stored = encode(
             {"args": args, "kwargs": kwargs},
-            what=f"input of workflow {workflow.name}",
+            what=f"input of workflow {name}",
             limit=self._host.max_payload_bytes,
         )
         journal = self._journal
         seq = journal.next()
-        row = journal.replay(seq, StepKind.START_CHILD, workflow.name)
+        row = journal.replay(seq, StepKind.START_CHILD, name)
         if row is not None:
             started = journal.read(row, StartChildStep)
             if started.error is not None:
                 raise InstanceAlreadyExistsError(started.error)
             journal.children[started.child_id] = started.parent_close
-            return ChildHandle(self, started.child_id, workflow.name, workflow)
-        if self._host.workflows.get(workflow.name) is not workflow:  # (a replay check has the parent only)
-            raise UnknownWorkflowError(workflow.name)
+            return ChildHandle(self, started.child_id, name, known)
+        if isinstance(workflow, Workflow) and self._host.workflows.get(name) is not workflow:
+            raise UnknownWorkflowError(name)  # (checked live only: a replay check has the parent alone)
         journal.begin(seq)
         journal.live(seq, ordered=False)
         cid = step_key(self.instance_id, journal.run, seq) if child_id is None else child_id
         now = self._host.clock()
         done = HistoryRow(
-            seq, StepKind.START_CHILD, workflow.name, StartChildStep(cid, policy.value).encode(), False, now
+            seq, StepKind.START_CHILD, name, StartChildStep(cid, policy.value).encode(), False, now
         )
-        taken = await journal.start_child(done, NewInstance(cid, workflow.name, stored, now), policy.value)
+        taken = await journal.start_child(done, NewInstance(cid, name, stored, now), policy.value)
         if taken is not None:
-            if taken.parent_id != self.instance_id or taken.workflow_name != workflow.name:
+            if taken.parent_id != self.instance_id or taken.workflow_name != name:
                 problem = (
                     f"instance {cid!r} exists already (a {taken.workflow_name!r} workflow"
                     f"{'' if taken.parent_id is None else f' started by {taken.parent_id!r}'}): it cannot be "
-                    f"the child {workflow.name!r} of {self.instance_id!r}"
+                    f"the child {name!r} of {self.instance_id!r}"
                 )
                 body = StartChildStep(cid, policy.value, problem).encode()
-                await journal.commit(HistoryRow(seq, StepKind.START_CHILD, workflow.name, body, True, now))
+                await journal.commit(HistoryRow(seq, StepKind.START_CHILD, name, body, True, now))
                 raise InstanceAlreadyExistsError(problem)
             await journal.commit(done)  # our own child, its step's row lost: recorded again
         journal.children[cid] = policy.value
-        return ChildHandle(self, cid, workflow.name, workflow)
+        return ChildHandle(self, cid, name, known)
 
-    async def run_child(self, workflow: Workflow[Any, R], /, *args: Any, **kwargs: Any) -> R:
+    @overload
+    async def run_child(self, workflow: Workflow[Any, R], /, *args: Any, **kwargs: Any) -> R: ...
+    @overload
+    async def run_child(self, workflow: str, /, *args: Any, **kwargs: Any) -> Any: ...
+    async def run_child(self, workflow: Workflow[Any, Any] | str, /, *args: Any, **kwargs: Any) -> Any:
         """``start_child`` then ``result()``: start ``workflow`` as a child and wait for its result (the
         options of ``start_child`` are taken here too)."""
         handle = await self.start_child(workflow, *args, **kwargs)
