@@ -93,12 +93,14 @@ class ChildHandle(Generic[R]):
     ``geste.errors.ChildWorkflowError`` if it failed or was cancelled. Only the workflow that started it
     awaits it (a handle is no value to keep in a workflow's arguments: keep ``handle.id``)."""
 
-    __slots__ = ("_ctx", "_workflow", "id", "workflow_name")
+    __slots__ = ("_ctx", "_fresh", "_workflow", "id", "workflow_name")
 
     def __init__(
         self, ctx: WorkflowContext, child_id: str, workflow_name: str, workflow: Workflow[Any, R] | None
     ):
         self._ctx = ctx
+        self._fresh = False
+        """Started live by this run a moment ago: its first wait expects no end yet (no read first)."""
         self._workflow = workflow
         self.id = child_id
         """The child's instance id (``app.get_handle(id)`` reaches it from outside)."""
@@ -366,7 +368,9 @@ class WorkflowContext:
                 raise InstanceAlreadyExistsError(problem)
             await journal.commit(done)  # our own child, its step's row lost: recorded again
         journal.children[cid] = policy.value
-        return ChildHandle(self, cid, name, known)
+        handle: ChildHandle[Any] = ChildHandle(self, cid, name, known)
+        handle._fresh = True
+        return handle
 
     @overload
     async def run_child(self, workflow: Workflow[Any, R], /, *args: Any, **kwargs: Any) -> R: ...
@@ -385,12 +389,17 @@ class WorkflowContext:
             raise ConfigurationError("a child is awaited by the workflow run that started it")
         journal = self._journal
         seq = journal.next()
+        fresh, handle._fresh = handle._fresh, False
         while True:  # again when a cached run continues here (woken by a child's end, or a cancel)
             out = journal.wait_outcome(seq, handle.id, StepKind.CHILD, StepKind.CHILD, "child")
             if out is not None:
                 return self._child_outcome(handle, journal.read(out, ChildStep))
             journal.running()
-            taken = await journal.take_child_or_suspend(handle.id, seq)
+            # A wait resumed (woken, most likely by the child's end) reads the child first: one probe
+            # of its key rather than the suspension's transaction; a child just started is not read.
+            ended = None if fresh else await journal.child_ended(handle.id)
+            fresh = False
+            taken = ended if ended is not None else await journal.take_child_or_suspend(handle.id, seq)
             if isinstance(taken, ChildState):
                 break
         error = None if taken.error is None else decode(taken.error)

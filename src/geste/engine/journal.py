@@ -469,6 +469,15 @@ class Journal:
             self._counted(records)
         return taken
 
+    async def child_ended(self, child_id: str) -> ChildState | None:
+        """The child's state if it has ended (one read by primary key, nothing written), else None: a
+        wait woken by the child's end finds it so, without the suspension's transaction."""
+        with _abandon_on_failure:
+            row = await self.host.storage.get_instance(child_id)
+        if row is None or not row.status.is_finished:
+            return None
+        return ChildState(row.workflow_name, row.status, row.result, row.error, row.parent_id)
+
     async def take_child_or_suspend(self, child_id: str, out_seq: int) -> ChildState | Resumed:
         """The awaited child's state once it has ended (the caller buffers its ``child`` row), or the
         buffered rows are committed with a suspension until its end wakes the instance (``Suspended``, or
