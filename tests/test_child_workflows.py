@@ -447,3 +447,37 @@ async def test_geste_show_the_viewer_and_the_api_link_parent_and_children(
     assert "child child completed → 2" in shown.output
     shown = await asyncio.to_thread(run_cli, ["show", "v1:1", "--database-url", db_url])
     assert "parent     v1 (geste show v1)" in shown.output
+
+
+async def test_the_children_of_an_instance_are_read_by_the_parent_index(pg_url: str) -> None:
+    """Among 20,000 waiting instances of which 40 are children of 2 parents, listing one parent's children
+    and cancelling them read its 20 rows by geste_instances_by_parent, not the table (EXPLAIN ANALYZE)."""
+    import json as _json
+
+    import asyncpg
+
+    from .support import instances_read, plan_nodes
+
+    app = geste.App(pg_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        schema = storage.schema
+        conn = await asyncpg.connect(pg_url.split("?", 1)[0])
+        try:
+            await conn.execute(
+                f"""INSERT INTO "{schema}".geste_instances
+                    (instance_id, workflow_name, status, input, created_at, updated_at,
+                     parent_id, parent_close)
+                SELECT 'i' || n, 'w', 'waiting', '{{}}', n, n,
+                       CASE WHEN n % 500 = 0 THEN 'p' || (n % 1000 / 500) END,
+                       CASE WHEN n % 500 = 0 THEN 'cancel' END
+                FROM generate_series(1, 20000) AS n"""
+            )
+            await conn.execute(f'ANALYZE "{schema}".geste_instances')
+            for name, args in (("list_children", ("p0", 1000)), ("cancel_children", ("p0", 1.0, False))):
+                plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {storage._q[name]}", *args)
+                nodes = plan_nodes(_json.loads(plan)[0]["Plan"])
+                assert "geste_instances_by_parent" in {n.get("Index Name") for n in nodes}, (name, nodes)
+                assert instances_read(nodes) <= 20, (name, instances_read(nodes))
+        finally:
+            await conn.close()
