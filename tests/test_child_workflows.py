@@ -481,3 +481,34 @@ async def test_the_children_of_an_instance_are_read_by_the_parent_index(pg_url: 
                 assert instances_read(nodes) <= 20, (name, instances_read(nodes))
         finally:
             await conn.close()
+
+
+async def test_a_parent_and_its_child_ending_in_one_group_commit_both_end(pg_url: str) -> None:
+    """PostgreSQL's finish_batch wakes the parents of the children it ends, but not a parent it ends in
+    the same statement: a row updated twice by one statement keeps one of the two updates, which one is
+    not said, so the parent's end could be lost (a guard: PostgreSQL kept the end when we tried)."""
+    import time as _time
+
+    from geste.storage import postgres as pg
+    from geste.storage.base import Commit, Lease, NewInstance
+
+    app = geste.App(pg_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        now = _time.time()
+        leases = [Lease("bp", "lease-p"), Lease("bp:1", "lease-c")]
+        for lease in leases:
+            await storage.create_instance(
+                NewInstance(lease.instance_id, "w", '{"args":[],"kwargs":{}}', now),
+                lease=lease,
+                worker_id="me",
+                lock_expires_at=now + 60,
+            )
+        await raw_query(pg_url, "UPDATE geste_instances SET parent_id = 'bp' WHERE instance_id = 'bp:1'")
+        ends = [pg._Finish(Commit(lease, [], now), geste.Status.COMPLETED, "1", None) for lease in leases]
+        assert await storage._finish_batch(ends) == [None, None]
+        rows = await raw_query(pg_url, "SELECT instance_id, status, lease_id FROM geste_instances ORDER BY 1")
+        assert rows == [
+            {"instance_id": "bp", "status": "completed", "lease_id": None},
+            {"instance_id": "bp:1", "status": "completed", "lease_id": None},
+        ]

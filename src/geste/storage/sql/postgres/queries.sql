@@ -767,11 +767,12 @@ WITH input AS (
     WHERE g.instance_id = i.instance_id AND g.lease_id = i.lease_id
       AND g.instance_id IN (SELECT instance_id FROM locked)
     RETURNING g.instance_id, i.lease_id, g.workflow_name, i.status, g.last_worker, g.parent_id, i.now
-), parent AS (  -- (16) as in finish: the waiting parents of the children that end are made runnable
+), parent AS (  -- (16) as in finish: the waiting parents of the children that end are made runnable; a
+    -- parent ending in this batch too is left to `done` (one statement must not update a row twice)
     UPDATE {schema}.geste_instances p
     SET run_at = CASE WHEN p.lease_id IS NULL AND p.status = 'waiting' THEN LEAST(p.run_at, d.now, {db_clock})
                       ELSE p.run_at END
-    FROM done d WHERE p.instance_id = d.parent_id
+    FROM done d WHERE p.instance_id = d.parent_id AND p.instance_id <> ALL($1::text[])
     RETURNING p.instance_id, p.workflow_name, p.last_worker, p.lease_id IS NULL AND p.status = 'waiting' AS woken
 ), parent_notified AS (
     SELECT pg_notify('geste_workflow_resumable',
