@@ -210,7 +210,11 @@ async def test_a_cancelled_parent_cancels_its_children(make_app: MakeApp) -> Non
             await handle.result(timeout=30)
         await wait_status(app, "cp:1", geste.Status.CANCELLED, timeout=30)
         assert [e.kind for e in await app.history("cp")][-1] == geste.StepKind.CANCELLED
-        assert [e.kind for e in await app.history("cp:1")][-1] == geste.StepKind.CANCELLED
+        last = (await app.history("cp:1"))[-1]  # the child's history says its parent cancelled it
+        assert (last.kind, last.payload) == (geste.StepKind.CANCELLED, {"by_parent": "cp"})
+        kid = await app.get_instance("cp:1")
+        assert kid.error is not None and kid.error["cancelled_by_parent"] == "cp"
+        assert "by its parent cp" in kid.error["message"]
 
 
 @pytest.mark.parametrize("policy", ["cancel", "abandon", "wait"])

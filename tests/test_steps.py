@@ -137,6 +137,7 @@ GOLDEN: list[tuple[str, bool, Step, str | None]] = [
     ),
     ("continue_as_new", False, ContinueAsNewStep(ARGS), '{"input":' + ARGS_TEXT + "}"),
     ("start_child", False, StartChildStep("p:1", "cancel"), '{"child_id":"p:1","parent_close":"cancel"}'),
+    ("cancelled", False, CancelledStep("p"), '{"by_parent":"p"}'),
     (
         "start_child",
         True,
@@ -195,7 +196,7 @@ def test_the_fast_paths_inline_encoded_json() -> None:
     assert message.encode() == GOLDEN[14][3]
     direct = StoredMessage(4, "m-2", "box", '{"for":"me"}', None, "me", 1893456201.0)
     assert message_history_payload(direct) == GOLDEN[15][3]
-    assert ContinueAsNewStep(RawJSON(ARGS_TEXT)).encode() == GOLDEN[-5][3]
+    assert ContinueAsNewStep(RawJSON(ARGS_TEXT)).encode() == GOLDEN[-6][3]
     assert ChildStep("kid", "completed", RawJSON('{"a":1}'), None).encode() == GOLDEN[-2][3]
     assert (
         _steps.activity_payload(
@@ -290,7 +291,7 @@ CORRUPTED: list[tuple[str, bool, str | None, str]] = [
     ("uuid", False, '"not-a-uuid"', "ValueError"),
     ("uuid", False, "42", "42 is not a string"),
     ("random", False, '"0.5"', "is not a number"),
-    ("cancelled", False, "{}", "should be null"),
+    ("cancelled", False, "{}", "KeyError: 'by_parent'"),
     ("send_event", False, '{"type": "t", "source": "s", "subject": null}', "KeyError: 'event_id'"),
     ("send_event", False, '{"event_id": "e", "type": "t", "source": null, "subject": null}', "not a string"),
     ("continue_as_new", False, '{"args": [], "kwargs": {}}', "KeyError: 'input'"),

@@ -20,7 +20,8 @@ Payloads by kind (compact JSON; ``…`` stands for a JSON value):
 - ``sleep``: ``{"seconds": s, "expires_at": t}``
 - ``wait_event``: ``{"match": {…} | null, "timeout": s | null, "deadline": t | null}``
 - ``event``: ``{"event_id", "type", "source", "time", "extensions": {…} | null, "data": …}``
-- ``event_timeout``, ``receive_timeout`` (``is_error``), ``cancelled``: no payload (NULL)
+- ``event_timeout``, ``receive_timeout`` (``is_error``), ``cancelled``: no payload (NULL); a child
+  cancelled by its parent's end: ``cancelled`` with ``{"by_parent": id}``
 - ``subscribe``: ``{"mode": "broadcast" | "competing"}``, plus ``"implicit": true`` for a first receive's
 - ``receive``: ``{"timeout": s | null, "deadline": t | null}``
 - ``message``: ``{"message_id", "channel", "sender_instance_id", "published_at", "direct", "data": …}``
@@ -657,10 +658,21 @@ class RandomStep(_Payload):
 
 
 @dataclass(frozen=True, slots=True)
-class CancelledStep(_NoPayload):
-    """Where the cancellation was delivered (no payload)."""
+class CancelledStep(_Payload):
+    """Where the cancellation was delivered: no payload (NULL), or ``{"by_parent": id}`` for a child
+    workflow cancelled by its parent's end (``ParentClose.CANCEL``)."""
 
     kind: ClassVar[StepKind] = StepKind.CANCELLED
+    by_parent: str | None = None
+
+    def encode(self) -> str | None:
+        return None if self.by_parent is None else encode({"by_parent": self.by_parent}, what="cancelled")
+
+    @classmethod
+    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
+        if body is None:
+            return cls()
+        return cls(_text(_object(body)["by_parent"]))
 
 
 @dataclass(frozen=True, slots=True)

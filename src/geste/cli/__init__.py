@@ -163,7 +163,8 @@ def _outcome(entry: HistoryEntry) -> str:
     if isinstance(step, EventTimeoutStep | ReceiveTimeoutStep):
         return "timed out"
     if isinstance(step, CancelledStep):
-        return "cancellation delivered here"
+        by = "" if step.by_parent is None else f" (by its parent {step.by_parent})"
+        return "cancellation delivered here" + by
     if isinstance(step, ContinueAsNewStep):
         return "continued as new with " + _js(step.input)
     if isinstance(step, StartChildStep):

@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._metrics import Metrics
-from .._models import ParentClose, Status
+from .._models import ParentClose, Status, StepKind
 from .._serde import decode, encode, encode_error
+from .._steps import CancelledStep
 from ..errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
 from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
 from .activities import ActivityRunner
@@ -254,6 +255,11 @@ class Engine:
     async def _fail(self, journal: Journal, ctx: WorkflowContext, exc: Exception) -> None:
         cancelled = isinstance(exc, WorkflowCancelled)
         error = encode_error(exc)
+        if cancelled:
+            by_parent = await self._cancelled_by_parent(journal)
+            if by_parent is not None:
+                error["message"] = f"{error.get('message')}: by its parent {by_parent} (parent_close=cancel)"
+                error["cancelled_by_parent"] = by_parent
         if journal.compensations:
             try:
                 failures = await self.activities.compensate(journal)
@@ -266,6 +272,21 @@ class Engine:
         if not cancelled and not isinstance(exc, SerializationError):
             ctx.logger.info("failed: %s: %s", type(exc).__name__, exc)
         await self._finish(journal, Status.CANCELLED if cancelled else Status.FAILED, error=error)
+
+    async def _cancelled_by_parent(self, journal: Journal) -> str | None:
+        """A child cancelled by its parent's end (``ParentClose.CANCEL``; one read of its row, on a
+        cancellation only): the parent's id, also written into the ``cancelled`` row delivered now."""
+        try:
+            row = await self.storage.get_instance(journal.instance_id)
+        except StorageError:
+            return None
+        if row is None or row.parent_id is None or row.parent_close != "cancelled":
+            return None
+        for n, pending in enumerate(journal.pending):
+            if pending.kind == StepKind.CANCELLED:
+                body = CancelledStep(row.parent_id).encode()
+                journal.pending[n] = pending._replace(payload=body)
+        return row.parent_id
 
     async def _finish(
         self,

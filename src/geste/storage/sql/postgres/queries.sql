@@ -54,7 +54,8 @@ SELECT {db_clock} AS now;
 
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id,
+       parent_close
 FROM {schema}.geste_instances WHERE instance_id = $1;
 
 -- name: watch_result
@@ -1866,7 +1867,7 @@ LIMIT $2;
 -- geste_instances_by_parent.
 WITH flagged AS (
     UPDATE {schema}.geste_instances
-    SET cancel_requested = true, updated_at = $2,
+    SET cancel_requested = true, updated_at = $2, parent_close = 'cancelled',
         run_at = CASE WHEN lease_id IS NULL THEN LEAST(run_at, $2, {db_clock}) ELSE run_at END
     WHERE parent_id = $1 AND parent_close = 'cancel'
       AND status IN ('pending', 'running', 'waiting', 'compensating') AND NOT cancel_requested

@@ -28,7 +28,8 @@ SELECT {db_clock} AS now;
 
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id,
+       parent_close
 FROM geste_instances WHERE instance_id = ?;
 
 -- name: list_instances
@@ -1088,7 +1089,7 @@ LIMIT ?;
 
 -- name: cancel_children
 UPDATE geste_instances
-SET cancel_requested = 1, updated_at = :now,
+SET cancel_requested = 1, updated_at = :now, parent_close = 'cancelled',
     run_at = CASE WHEN lease_id IS NULL AND (run_at IS NULL OR run_at > min(:now, {db_clock}))
                   THEN min(:now, {db_clock}) ELSE run_at END
 WHERE parent_id = :instance_id AND parent_close = 'cancel'
