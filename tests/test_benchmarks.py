@@ -235,3 +235,20 @@ def test_compare_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     ]
     notes = lines[lines.index("n/a:") + 1 :]
     assert "  edda: failed: RuntimeError: boom" in notes and "  edda: no queue" in notes
+
+
+def test_child_benchmark_smoke() -> None:
+    """benchmarks/child.py at a tiny size on both backends: a parent here, its child in a worker process."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "child.py"), "--samples", "3", "--postgres", POSTGRES_URL],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-3000:]
+    results = json.loads(lines[0][len("RESULT ") :])["results"]
+    assert [r["backend"] for r in results] == ["postgres", "sqlite"]
+    assert all(r["n"] == 3 and 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in results)
+    assert "child round trip over 3 samples: p50" in proc.stdout

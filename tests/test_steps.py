@@ -17,6 +17,7 @@ from geste import _steps
 from geste._steps import (
     ActivityStep,
     CancelledStep,
+    ChildStep,
     CompensationStep,
     ContinueAsNewStep,
     EventStep,
@@ -31,6 +32,7 @@ from geste._steps import (
     SendEventStep,
     SendToStep,
     SleepStep,
+    StartChildStep,
     Step,
     SubscribeStep,
     UuidStep,
@@ -134,6 +136,26 @@ GOLDEN: list[tuple[str, bool, Step, str | None]] = [
         '{"event_id":"mine","type":"a.b","source":"https://shop.example","subject":"o-1"}',
     ),
     ("continue_as_new", False, ContinueAsNewStep(ARGS), '{"input":' + ARGS_TEXT + "}"),
+    ("start_child", False, StartChildStep("p:1", "cancel"), '{"child_id":"p:1","parent_close":"cancel"}'),
+    ("cancelled", False, CancelledStep("p"), '{"by_parent":"p"}'),
+    (
+        "start_child",
+        True,
+        StartChildStep("x", "wait", "taken"),
+        '{"child_id":"x","parent_close":"wait","error":"taken"}',
+    ),
+    (
+        "child",
+        False,
+        ChildStep("kid", "completed", {"a": 1}, None),
+        '{"workflow":"kid","status":"completed","error":null,"result":{"a":1}}',
+    ),
+    (
+        "child",
+        True,
+        ChildStep("kid", "failed", None, {"type": "E", "message": "m"}),
+        '{"workflow":"kid","status":"failed","error":{"type":"E","message":"m"},"result":null}',
+    ),
 ]
 GOLDEN_IDS = [f"{kind}-{n}" for n, (kind, *_) in enumerate(GOLDEN)]
 
@@ -174,7 +196,8 @@ def test_the_fast_paths_inline_encoded_json() -> None:
     assert message.encode() == GOLDEN[14][3]
     direct = StoredMessage(4, "m-2", "box", '{"for":"me"}', None, "me", 1893456201.0)
     assert message_history_payload(direct) == GOLDEN[15][3]
-    assert ContinueAsNewStep(RawJSON(ARGS_TEXT)).encode() == GOLDEN[-1][3]
+    assert ContinueAsNewStep(RawJSON(ARGS_TEXT)).encode() == GOLDEN[-6][3]
+    assert ChildStep("kid", "completed", RawJSON('{"a":1}'), None).encode() == GOLDEN[-2][3]
     assert (
         _steps.activity_payload(
             {"id": "r-1", "n": 1.5}, None, 1, 1893456000.25, 0.5, ARGS_TEXT, what="result", limit=None
@@ -268,7 +291,7 @@ CORRUPTED: list[tuple[str, bool, str | None, str]] = [
     ("uuid", False, '"not-a-uuid"', "ValueError"),
     ("uuid", False, "42", "42 is not a string"),
     ("random", False, '"0.5"', "is not a number"),
-    ("cancelled", False, "{}", "should be null"),
+    ("cancelled", False, "{}", "KeyError: 'by_parent'"),
     ("send_event", False, '{"type": "t", "source": "s", "subject": null}', "KeyError: 'event_id'"),
     ("send_event", False, '{"event_id": "e", "type": "t", "source": null, "subject": null}', "not a string"),
     ("continue_as_new", False, '{"args": [], "kwargs": {}}', "KeyError: 'input'"),
@@ -356,6 +379,7 @@ async def test_rows_written_live_decode_and_encode_to_the_same_bytes(
         with pytest.raises(geste.errors.InstanceNotFoundError):
             await ctx.send_to("ghost", "box", None)
         await ctx.send_event("order.paid", {"total": 9.5}, subject="o-1")
+        assert await ctx.run_child(twice, 2) == 2  # a start_child row, then a child row
         ctx.on_failure(undo, "everything")
         await explode(ctx)
 

@@ -60,6 +60,7 @@ SQLITE_ONLY = {
     "waits_for_event_target": "send_event, 3/5 (the target's wait); PostgreSQL: send_event",
     "deliver_event": "send_event, 4/5 (per instance handed the event); PostgreSQL: send_event",
     "wake": "send_event, 5/5 (per instance that takes it itself); PostgreSQL: send_event",
+    "wake_parent": "a child's end (finish, cancel_unstarted) wakes its parent; PostgreSQL: inside those",
     "continue_archive_run": "continue_as_new, 1/6 (after lease_state); PostgreSQL: continue_as_new",
     "continue_archive_history": "continue_as_new, 2/6 (after insert_history); PostgreSQL: continue_as_new",
     "continue_clear_history": "continue_as_new, 3/6; PostgreSQL: continue_as_new",

@@ -12,11 +12,11 @@ from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import MetricFamily, Metrics, MetricSample, MetricsSnapshot
 from ._metrics_http import MetricsServer
-from ._models import Event, HistoryEntry, InstanceInfo, RunInfo, Status, StepKind
+from ._models import Event, HistoryEntry, InstanceInfo, ParentClose, RunInfo, Status, StepKind
 from ._operations import ResumeResult, RetryRecord
 from ._retry import RetryPolicy
 from ._status import LeaseInfo, ListenerState, ListenerStatus, QueueStats, SystemStatus, WorkerInfo
-from .engine.context import ActivityContext, WorkflowContext
+from .engine.context import ActivityContext, ChildHandle, WorkflowContext
 from .runtime.relay import OutboxEntry, OutboxEvent, OutboxStatus
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "Activity",
     "ActivityContext",
     "App",
+    "ChildHandle",
     "Event",
     "HistoryEntry",
     "InstanceInfo",
@@ -40,6 +41,7 @@ __all__ = [
     "OutboxEntry",
     "OutboxEvent",
     "OutboxStatus",
+    "ParentClose",
     "QueueStats",
     "ResumeResult",
     "RetryPolicy",

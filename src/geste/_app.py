@@ -236,6 +236,7 @@ class App(OpenClose):
             **({} if retry_wait is None else {"retry_wait": retry_wait}),
         )
         runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics, results=client)
+        storage.made_runnable = runtime.poke  # a child's end woke its parent here (SQLite)
         return _Parts(url, storage, clock, metrics, client, engine, runtime, dict(overrides))
 
     def _swap(self, parts: _Parts) -> _Parts:
@@ -489,6 +490,11 @@ class App(OpenClose):
         ``geste.errors.RunNotFoundError`` for a run it has not kept.
         """
         return await self.client.history(instance_id, run=run)
+
+    async def children(self, instance_id: str, *, limit: int = 1000) -> list[InstanceInfo]:
+        """The child workflows an instance started (``ctx.start_child``), oldest first; each one's
+        ``parent_id`` is ``instance_id``. One range of an index on the parent's id."""
+        return await self.client.children(instance_id, limit=limit)
 
     async def runs(self, instance_id: str) -> list[RunInfo]:
         """The runs of an instance that ended with ``ctx.continue_as_new``, oldest first: each one's

@@ -274,6 +274,12 @@ class Client:
     def get_handle(self, instance_id: str) -> WorkflowHandle[Any]:
         return WorkflowHandle(self, instance_id, created=False)
 
+    async def children(self, instance_id: str, *, limit: int = 1000) -> list[InstanceInfo]:
+        self._require_open()
+        if not findable(instance_id, "instance_id"):
+            return []
+        return [instance_info(row) for row in await self.storage.list_children(instance_id, limit=limit)]
+
     async def get_instance(self, instance_id: str) -> InstanceInfo:
         self._require_open()
         if not findable(instance_id, "instance_id"):
@@ -749,4 +755,5 @@ def instance_info(row: InstanceRow) -> InstanceInfo:
         cancel_requested=row.cancel_requested,
         steps=row.steps,
         run=row.run,
+        parent_id=row.parent_id,
     )

@@ -63,8 +63,24 @@ class StepKind(StrEnum):
     RANDOM = "random"
     CANCELLED = "cancelled"
     SEND_EVENT = "send_event"
+    START_CHILD = "start_child"
+    """``ctx.start_child``: the child instance it created (or found, created by this step before)."""
+    CHILD = "child"
+    """The end of a child the workflow awaited (``handle.result()``): its status and result or error."""
     CONTINUE_AS_NEW = "continue_as_new"
     """The last row of a run that ended with ``ctx.continue_as_new`` (found in its kept history only)."""
+
+
+class ParentClose(StrEnum):
+    """What a parent's end (completed, failed or cancelled) does to a child it started that still runs
+    (``ctx.start_child(..., parent_close=...)``); the values are what the database stores."""
+
+    CANCEL = "cancel"
+    """Request its cancellation, as ``app.cancel`` would (the default)."""
+    ABANDON = "abandon"
+    """Leave it running on its own."""
+    WAIT = "wait"
+    """The parent, once its code returned, waits for it before it completes."""
 
 
 def to_datetime(ts: float | None) -> datetime | None:
@@ -92,6 +108,9 @@ class InstanceInfo:
     run: int = 1
     """The number of its current run: 1, then one more at each ``ctx.continue_as_new`` (whose earlier
     runs ``app.runs`` lists)."""
+    parent_id: str | None = None
+    """The instance that started it as its child (``ctx.start_child``); None for one a client started.
+    ``app.children(instance_id)`` lists the children of an instance."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ Payloads by kind (compact JSON; ``…`` stands for a JSON value):
 - ``sleep``: ``{"seconds": s, "expires_at": t}``
 - ``wait_event``: ``{"match": {…} | null, "timeout": s | null, "deadline": t | null}``
 - ``event``: ``{"event_id", "type", "source", "time", "extensions": {…} | null, "data": …}``
-- ``event_timeout``, ``receive_timeout`` (``is_error``), ``cancelled``: no payload (NULL)
+- ``event_timeout``, ``receive_timeout`` (``is_error``), ``cancelled``: no payload (NULL); a child
+  cancelled by its parent's end: ``cancelled`` with ``{"by_parent": id}``
 - ``subscribe``: ``{"mode": "broadcast" | "competing"}``, plus ``"implicit": true`` for a first receive's
 - ``receive``: ``{"timeout": s | null, "deadline": t | null}``
 - ``message``: ``{"message_id", "channel", "sender_instance_id", "published_at", "direct", "data": …}``
@@ -28,6 +29,10 @@ Payloads by kind (compact JSON; ``…`` stands for a JSON value):
   null ``message_id`` when the target instance does not exist)
 - ``now``, ``random``: a number; ``uuid``: a string
 - ``send_event``: ``{"event_id", "type", "source", "subject"}``
+- ``start_child`` (the row's name is the child's workflow): ``{"child_id", "parent_close"}``; ``is_error``
+  with an ``"error"`` text when the id belonged to another instance already
+- ``child`` (the row's name is the child's id): ``{"workflow", "status", "result": …, "error": {…} | null}``,
+  ``is_error`` unless the child completed
 - ``continue_as_new``: ``{"input": {"args": […], "kwargs": {…}}}``, the next run's input (the last row of
   a run kept in ``geste_run_history``; never in ``geste_history``)
 """
@@ -653,10 +658,21 @@ class RandomStep(_Payload):
 
 
 @dataclass(frozen=True, slots=True)
-class CancelledStep(_NoPayload):
-    """Where the cancellation was delivered (no payload)."""
+class CancelledStep(_Payload):
+    """Where the cancellation was delivered: no payload (NULL), or ``{"by_parent": id}`` for a child
+    workflow cancelled by its parent's end (``ParentClose.CANCEL``)."""
 
     kind: ClassVar[StepKind] = StepKind.CANCELLED
+    by_parent: str | None = None
+
+    def encode(self) -> str | None:
+        return None if self.by_parent is None else encode({"by_parent": self.by_parent}, what="cancelled")
+
+    @classmethod
+    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
+        if body is None:
+            return cls()
+        return cls(_text(_object(body)["by_parent"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -704,6 +720,62 @@ class ContinueAsNewStep(_Payload):
         return cls(recorded)
 
 
+# -- child workflows -------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class StartChildStep(_Payload):
+    """``ctx.start_child``: the id of the child it created (the row's name is the child's workflow) and
+    what the parent's end does to it; ``error`` (an ``is_error`` row) when that id was another's."""
+
+    kind: ClassVar[StepKind] = StepKind.START_CHILD
+    child_id: str
+    parent_close: str
+    error: str | None = None
+
+    def encode(self) -> str:
+        body: dict[str, Any] = {"child_id": self.child_id, "parent_close": self.parent_close}
+        if self.error is not None:
+            body["error"] = self.error
+        return encode(body, what="child")
+
+    @classmethod
+    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
+        body = _object(body)
+        error = _text(body["error"]) if is_error else None
+        return cls(_text(body["child_id"]), _text(body["parent_close"]), error)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildStep(_Payload):
+    """The end of an awaited child (the row's name is its id): its workflow, final status, and its result
+    (``RawJSON`` when written from the stored one) or error."""
+
+    kind: ClassVar[StepKind] = StepKind.CHILD
+    workflow: str
+    status: str
+    result: Any
+    error: dict[str, Any] | None
+
+    @property
+    def is_error(self) -> bool:
+        return self.status != "completed"
+
+    def encode(self) -> str:
+        head = json.dumps(
+            {"workflow": self.workflow, "status": self.status, "error": self.error}, separators=(",", ":")
+        )
+        return head[:-1] + ',"result":' + _raw(self.result, "child result") + "}"
+
+    @classmethod
+    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
+        body = _object(body)
+        return cls(
+            _text(body["workflow"]),
+            _text(body["status"]),
+            body.get("result"),
+            _optional_object(body.get("error"), "error"),
+        )
+
+
 # -- rows ------------------------------------------------------------------------------------------------
 Step = (
     ActivityStep
@@ -724,6 +796,8 @@ Step = (
     | CancelledStep
     | SendEventStep
     | ContinueAsNewStep
+    | StartChildStep
+    | ChildStep
 )
 """The typed payload of a history row, one class per ``StepKind``."""
 
@@ -748,6 +822,8 @@ STEPS: dict[str, type[Step]] = {
         CancelledStep,
         SendEventStep,
         ContinueAsNewStep,
+        StartChildStep,
+        ChildStep,
     )
 }
 """The step class of each kind (by its stored value)."""

@@ -28,7 +28,8 @@ GesteError
 │   └── ActivityHeartbeatTimeout  an attempt gave no ctx.heartbeat() within its heartbeat_timeout
 ├── ActivityCancelled           the recorded outcome of an activity attempt a cancel (or deadline) cut short
 ├── EventTimeout                ctx.wait_event(..., timeout=...) ran out
-└── ReceiveTimeout              ctx.receive(..., timeout=...) ran out
+├── ReceiveTimeout              ctx.receive(..., timeout=...) ran out
+└── ChildWorkflowError          a child workflow awaited by its parent failed or was cancelled
 ```
 
 Driver exceptions never escape raw: storage backends map them at their boundary with ``raise ... from``.
@@ -44,6 +45,7 @@ __all__ = [
     "ActivityHeartbeatTimeout",
     "ActivityTimeout",
     "AppNotOpenError",
+    "ChildWorkflowError",
     "ConfigurationError",
     "EventTimeout",
     "GesteError",
@@ -289,3 +291,28 @@ class EventTimeout(GesteError, TimeoutError):
 
 class ReceiveTimeout(GesteError, TimeoutError):
     """No message arrived on the channel before the receive's timeout."""
+
+
+class ChildWorkflowError(GesteError):
+    """A child workflow (``ctx.start_child``) that its parent awaited failed or was cancelled.
+
+    Raised in the parent by ``handle.result()`` / ``ctx.run_child``, recorded in the parent's history, so
+    a replay raises it again. ``child_id`` and ``workflow_name`` name the child; ``status`` is
+    ``"failed"`` or ``"cancelled"``; ``error`` is the child's recorded error (``type``, ``message``, ...),
+    ``error_type`` and ``error_message`` its two main fields. A parent may catch it and go on.
+    """
+
+    def __init__(self, child_id: str, workflow_name: str, status: str, error: dict[str, Any] | None) -> None:
+        self.child_id = child_id
+        self.workflow_name = workflow_name
+        self.status = status
+        self.error = dict(error or {})
+        self.error_type = str(self.error.get("type", "WorkflowCancelled" if status == "cancelled" else ""))
+        self.error_message = str(self.error.get("message", ""))
+        super().__init__(
+            f"child workflow {workflow_name!r} ({child_id!r}) {status}: "
+            f"{self.error_type}: {self.error_message}"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.child_id, self.workflow_name, self.status, self.error))

@@ -32,6 +32,7 @@ from .._models import HistoryEntry
 from .._steps import (
     ActivityStep,
     CancelledStep,
+    ChildStep,
     ContinueAsNewStep,
     EventStep,
     EventTimeoutStep,
@@ -40,6 +41,7 @@ from .._steps import (
     ReceiveStep,
     ReceiveTimeoutStep,
     SleepStep,
+    StartChildStep,
     SubscribeStep,
     WaitEventStep,
     entry_step,
@@ -161,9 +163,21 @@ def _outcome(entry: HistoryEntry) -> str:
     if isinstance(step, EventTimeoutStep | ReceiveTimeoutStep):
         return "timed out"
     if isinstance(step, CancelledStep):
-        return "cancellation delivered here"
+        by = "" if step.by_parent is None else f" (by its parent {step.by_parent})"
+        return "cancellation delivered here" + by
     if isinstance(step, ContinueAsNewStep):
         return "continued as new with " + _js(step.input)
+    if isinstance(step, StartChildStep):
+        if step.error is not None:
+            return "not started: " + step.error
+        return (
+            f"started child {step.child_id} (parent close: {step.parent_close}; geste show {step.child_id})"
+        )
+    if isinstance(step, ChildStep):
+        if step.status == "completed":
+            return f"child {step.workflow} completed → " + _js(step.result)
+        error = "" if step.error is None else ": " + _error_line(step.error)
+        return f"child {step.workflow} {step.status}{error}"
     if isinstance(step, SubscribeStep):
         return step.mode
     if isinstance(step, ReceiveStep):

@@ -86,19 +86,25 @@ def list_(database_url: str, workflow: str | None, status: str | None, limit: in
 def show(instance_id: str, database_url: str, run: int | None, as_json: bool) -> None:
     """Show an instance and its history as a timeline (its current run, or its kept run --run N)."""
 
-    async def go() -> tuple[InstanceInfo, list[HistoryEntry], list[RetryRecord], list[RunInfo]]:
+    async def go() -> tuple[
+        InstanceInfo, list[HistoryEntry], list[RetryRecord], list[RunInfo], list[InstanceInfo]
+    ]:
         async with _client(database_url) as app:
             info = await app.get_instance(instance_id)
             history = await app.history(instance_id, run=run)
-            return info, history, await app.retries(instance_id), await app.runs(instance_id)
+            retries, runs = await app.retries(instance_id), await app.runs(instance_id)
+            return info, history, retries, runs, await app.children(instance_id)
 
-    info, history, retries, runs = _run(go())
+    info, history, retries, runs, children = _run(go())
     kept = next((r for r in runs if r.run == run), None)
     if kept is not None:
         _show_run(info, kept, history, runs, as_json)
         return
     if as_json:
-        click.echo(_dump({"instance": info, "history": history, "retries": retries, "runs": runs}))
+        document = {"instance": info, "history": history, "retries": retries, "runs": runs}
+        if children:
+            document["children"] = [_child_summary(child) for child in children]
+        click.echo(_dump(document))
         return
     fields = [
         ("instance", info.instance_id),
@@ -112,6 +118,8 @@ def show(instance_id: str, database_url: str, run: int | None, as_json: bool) ->
     ]
     if runs:
         fields.insert(3, ("run", f"{info.run} (runs before it: geste show {info.instance_id} --run N)"))
+    if info.parent_id is not None:
+        fields.append(("parent", f"{info.parent_id} (geste show {info.parent_id})"))
     if info.locked_by:
         fields.append(("locked by", f"{info.locked_by} until {_stamp(info.lock_expires_at)}"))
     if info.status == Status.COMPLETED:
@@ -137,6 +145,19 @@ def show(instance_id: str, database_url: str, run: int | None, as_json: bool) ->
         click.echo("runs before:")
     for kept_run in runs:
         click.echo(_run_line(kept_run))
+    if children:
+        click.echo("children:")
+    for child in children:
+        click.echo(f"  {child.instance_id}  {child.workflow_name}  {child.status.value}")
+
+
+def _child_summary(child: InstanceInfo) -> dict[str, str]:
+    """A child in ``geste show --json``: enough to find it (``geste show <id>``)."""
+    return {
+        "instance_id": child.instance_id,
+        "workflow_name": child.workflow_name,
+        "status": child.status.value,
+    }
 
 
 def _run_line(run: RunInfo) -> str:

@@ -10,30 +10,34 @@ the activity runner (``activities``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random as _random
 import uuid
 from collections.abc import Coroutine, Mapping, MutableMapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 from urllib.parse import quote
 
 from .._channels import Message
-from .._models import Event, StepKind
+from .._models import Event, ParentClose, Status, StepKind
 from .._retry import seconds
-from .._serde import encode
+from .._serde import decode, encode
 from .._steps import (
+    ChildStep,
     EventStep,
     EventTimeoutStep,
     MessageStep,
     NowStep,
     PublishStep,
     RandomStep,
+    RawJSON,
     ReceiveStep,
     ReceiveTimeoutStep,
     SendEventStep,
     SendToStep,
     SleepStep,
+    StartChildStep,
     SubscribeStep,
     UuidStep,
     WaitEventStep,
@@ -46,20 +50,25 @@ from .._validation import (
     check_event_attribute,
     check_event_id,
     check_event_type,
+    check_id,
     check_instance_id,
     check_mode,
 )
 from ..errors import (
+    ChildWorkflowError,
     ConfigurationError,
     EventTimeout,
+    InstanceAlreadyExistsError,
     InstanceNotFoundError,
     NonDeterminismError,
     ReceiveTimeout,
 )
 from ..storage.base import (
+    ChildState,
     EventWait,
     HistoryRow,
     MessageWait,
+    NewInstance,
     NewMessage,
     NewOutboxEvent,
 )
@@ -68,13 +77,42 @@ from .activities import ActivityContext, ActivityRunner, step_key
 from .journal import RESUMED, Journal, Resumed
 
 if TYPE_CHECKING:
-    from .._definitions import Activity
+    from .._definitions import Activity, Workflow
 
-__all__ = ["ActivityContext", "WorkflowContext"]
+__all__ = ["ActivityContext", "ChildHandle", "WorkflowContext"]
 
 logger = logging.getLogger("geste.workflow")
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ChildHandle(Generic[R]):
+    """A child workflow started by ``ctx.start_child``: ``await handle.result()`` waits durably for its
+    end and returns its result (typed by the child's ``Workflow[P, R]``), or raises
+    ``geste.errors.ChildWorkflowError`` if it failed or was cancelled. Only the workflow that started it
+    awaits it (a handle is no value to keep in a workflow's arguments: keep ``handle.id``)."""
+
+    __slots__ = ("_ctx", "_fresh", "_workflow", "id", "workflow_name")
+
+    def __init__(
+        self, ctx: WorkflowContext, child_id: str, workflow_name: str, workflow: Workflow[Any, R] | None
+    ):
+        self._ctx = ctx
+        self._fresh = False
+        """Started live by this run a moment ago: its first wait expects no end yet (no read first)."""
+        self._workflow = workflow
+        self.id = child_id
+        """The child's instance id (``app.get_handle(id)`` reaches it from outside)."""
+        self.workflow_name = workflow_name
+
+    async def result(self) -> R:
+        """The child's result: a durable wait (the parent is released until the child's end wakes it),
+        recorded in the parent's history; at once if the child has ended already."""
+        return await self._ctx._wait_child(self)
+
+    def __repr__(self) -> str:
+        return f"<geste.ChildHandle {self.workflow_name} {self.id}>"
 
 
 class _ReplayQuietLogger(logging.LoggerAdapter[logging.Logger]):
@@ -220,6 +258,172 @@ class WorkflowContext:
             journal.begin(seq)
             journal.live(seq)
         await journal.continue_as_new(seq, stored, recorded=row is not None)
+
+    # -- child workflows -----------------------------------------------------------------------------
+    @overload
+    async def start_child(
+        self,
+        workflow: Workflow[Any, R],
+        /,
+        *args: Any,
+        child_id: str | None = None,
+        parent_close: ParentClose | str = ParentClose.CANCEL,
+        **kwargs: Any,
+    ) -> ChildHandle[R]: ...
+    @overload
+    async def start_child(
+        self,
+        workflow: str,
+        /,
+        *args: Any,
+        child_id: str | None = None,
+        parent_close: ParentClose | str = ParentClose.CANCEL,
+        **kwargs: Any,
+    ) -> ChildHandle[Any]: ...
+    async def start_child(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        /,
+        *args: Any,
+        child_id: str | None = None,
+        parent_close: ParentClose | str = ParentClose.CANCEL,
+        **kwargs: Any,
+    ) -> ChildHandle[Any]:
+        """Start ``workflow`` as a child of this instance; return its handle.
+
+        ``workflow`` is a workflow registered on this app (its arguments are checked against its
+        signature, its result typed and validated), or the name of one that only other workers register
+        (neither checked nor typed: a name no worker registers stays pending until one does, as a start
+        of it by ``app.start_workflow`` would). A step of its own: the child's instance and this step's
+        history row commit in one transaction, so a replay, or a rerun after a crash, never starts a
+        second child. ``child_id`` defaults to one derived from this instance's id, run and step number
+        (``"<id>:<seq>"``, ``"<id>:<run>.<seq>"`` after a ``continue_as_new``), the same on every replay.
+        The child runs on any worker that registers its workflow. ``parent_close`` (``ParentClose``)
+        says what this instance's end does to the child if it still runs: cancel it (default), abandon
+        it, or wait for it. Raises, before anything is written: ``UnknownWorkflowError`` (a workflow
+        object this app does not register), ``SerializationError`` (arguments that do not fit its
+        signature, or are not JSON), ``ConfigurationError`` (a bad ``child_id``, name or policy), and
+        ``InstanceAlreadyExistsError`` (recorded: a replay raises it again) when ``child_id`` names an
+        instance that is not this step's child.
+        """
+        from .._definitions import Workflow
+        from .._validation import check_name
+        from ..errors import UnknownWorkflowError
+
+        known: Workflow[Any, Any] | None
+        if isinstance(workflow, str):
+            name = check_name(workflow, "workflow")
+            known = self._host.workflows.get(name)
+        elif isinstance(workflow, Workflow):
+            name, known = workflow.name, workflow
+        else:
+            raise TypeError(
+                "start_child takes a workflow (decorated with @app.workflow) or its name, "
+                f"not {workflow!r:.80}"
+            )
+        try:
+            policy = ParentClose(parent_close)
+        except ValueError:
+            choices = ", ".join(repr(p.value) for p in ParentClose)
+            raise ConfigurationError(
+                f"parent_close must be one of {choices}, not {parent_close!r:.80}"
+            ) from None
+        if child_id is not None:
+            check_id(child_id, "child_id")
+        if known is not None:
+            known.signature.bind(args, kwargs, what=f"workflow {name}")
+        stored = encode(
+            {"args": args, "kwargs": kwargs},
+            what=f"input of workflow {name}",
+            limit=self._host.max_payload_bytes,
+        )
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.START_CHILD, name)
+        if row is not None:
+            started = journal.read(row, StartChildStep)
+            if started.error is not None:
+                raise InstanceAlreadyExistsError(started.error)
+            journal.children[started.child_id] = started.parent_close
+            return ChildHandle(self, started.child_id, name, known)
+        if isinstance(workflow, Workflow) and self._host.workflows.get(name) is not workflow:
+            raise UnknownWorkflowError(name)  # (checked live only: a replay check has the parent alone)
+        journal.begin(seq)
+        journal.live(seq, ordered=False)
+        cid = step_key(self.instance_id, journal.run, seq) if child_id is None else child_id
+        now = self._host.clock()
+        done = HistoryRow(
+            seq, StepKind.START_CHILD, name, StartChildStep(cid, policy.value).encode(), False, now
+        )
+        taken = await journal.start_child(done, NewInstance(cid, name, stored, now), policy.value)
+        if taken is not None:
+            if taken.parent_id != self.instance_id or taken.workflow_name != name:
+                problem = (
+                    f"instance {cid!r} exists already (a {taken.workflow_name!r} workflow"
+                    f"{'' if taken.parent_id is None else f' started by {taken.parent_id!r}'}): it cannot be "
+                    f"the child {name!r} of {self.instance_id!r}"
+                )
+                body = StartChildStep(cid, policy.value, problem).encode()
+                await journal.commit(HistoryRow(seq, StepKind.START_CHILD, name, body, True, now))
+                raise InstanceAlreadyExistsError(problem)
+            await journal.commit(done)  # our own child, its step's row lost: recorded again
+        journal.children[cid] = policy.value
+        handle: ChildHandle[Any] = ChildHandle(self, cid, name, known)
+        handle._fresh = True
+        return handle
+
+    @overload
+    async def run_child(self, workflow: Workflow[Any, R], /, *args: Any, **kwargs: Any) -> R: ...
+    @overload
+    async def run_child(self, workflow: str, /, *args: Any, **kwargs: Any) -> Any: ...
+    async def run_child(self, workflow: Workflow[Any, Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+        """``start_child`` then ``result()``: start ``workflow`` as a child and wait for its result (the
+        options of ``start_child`` are taken here too)."""
+        handle = await self.start_child(workflow, *args, **kwargs)
+        return await handle.result()
+
+    async def _wait_child(self, handle: ChildHandle[R]) -> R:
+        """A durable wait for ``handle``'s end: its outcome is a ``child`` row, found in the history on a
+        replay, or read from the child (then buffered) once it has ended."""
+        if handle._ctx is not self:
+            raise ConfigurationError("a child is awaited by the workflow run that started it")
+        journal = self._journal
+        seq = journal.next()
+        fresh, handle._fresh = handle._fresh, False
+        while True:  # again when a cached run continues here (woken by a child's end, or a cancel)
+            out = journal.wait_outcome(seq, handle.id, StepKind.CHILD, StepKind.CHILD, "child")
+            if out is not None:
+                return self._child_outcome(handle, journal.read(out, ChildStep))
+            journal.running()
+            # A wait resumed (woken, most likely by the child's end) reads the child first: one probe
+            # of its key rather than the suspension's transaction; a child just started is not read.
+            ended = None if fresh else await journal.child_ended(handle.id)
+            fresh = False
+            taken = ended if ended is not None else await journal.take_child_or_suspend(handle.id, seq)
+            if isinstance(taken, ChildState):
+                break
+        error = None if taken.error is None else decode(taken.error)
+        result = None if taken.result is None else RawJSON(taken.result)
+        body = ChildStep(taken.workflow_name, str(taken.status), result, error).encode()
+        step = ChildStep.decode(body)
+        journal.buffer(HistoryRow(seq, StepKind.CHILD, handle.id, body, step.is_error, self._host.clock()))
+        return self._child_outcome(handle, step)
+
+    def _child_outcome(self, handle: ChildHandle[R], step: ChildStep) -> R:
+        self._journal.children.pop(handle.id, None)
+        if step.status != Status.COMPLETED:
+            raise ChildWorkflowError(handle.id, step.workflow, step.status, step.error)
+        workflow = handle._workflow
+        return step.result if workflow is None else workflow.signature.load_result(step.result)  # type: ignore[no-any-return]
+
+    async def _wait_for_children(self) -> None:
+        """At the end of the workflow's code: wait for the children started with ``ParentClose.WAIT``
+        that it did not await (their failures are not its own)."""
+        for cid, policy in list(self._journal.children.items()):
+            if policy == ParentClose.WAIT:
+                handle: ChildHandle[Any] = ChildHandle(self, cid, "", None)
+                with contextlib.suppress(ChildWorkflowError):
+                    await self._wait_child(handle)
 
     # -- durable timers ----------------------------------------------------------------------------
     async def sleep(self, duration: float | timedelta) -> None:

@@ -33,12 +33,14 @@ from ..errors import (
     WorkflowTimeout,
 )
 from ..storage.base import (
+    ChildState,
     Commit,
     EventWait,
     HistoryRow,
     Lease,
     LeaseLost,
     MessageWait,
+    NewInstance,
     NewMessage,
     NewOutboxEvent,
     Storage,
@@ -70,6 +72,7 @@ _WAIT_KINDS = frozenset(
         StepKind.RECEIVE,
         StepKind.MESSAGE,
         StepKind.RECEIVE_TIMEOUT,
+        StepKind.CHILD,
     )
 )
 """Rows of waits: a wait is never inside a gather, so everything before one was recorded before it."""
@@ -234,6 +237,9 @@ class Journal:
         self._cancel_reached = False
         self.live_activities: set[Cancellable] = set()
         """The activity steps running live now (``ActivityRunner``): a cancel requested reaches them."""
+        self.children: dict[str, str] = {}
+        """The children this run started (``ctx.start_child``, replayed or live): id -> parent-close
+        policy; those it awaited to their end are dropped, so the run's end applies the policy to the rest."""
         self.compensations: list[tuple[Activity[Any, Any], tuple[Any, ...], dict[str, Any]]] = []
         """The compensations the workflow registered (``on_failure``), oldest first."""
         self._compensating = False
@@ -497,6 +503,42 @@ class Journal:
         if result.woken:
             host.on_channel_woken()
         return True
+
+    async def start_child(self, row: HistoryRow, child: NewInstance, parent_close: str) -> ChildState | None:
+        """Record the ``start_child`` step ``row`` and create ``child`` in one transaction; None when
+        done, else (nothing written) the instance that has the child's id already."""
+        records = [*self.pending, row]
+        host = self.host
+        with _abandon_on_failure:
+            taken = await host.storage.start_child(
+                self._commit(records, child.now), child, parent_close=parent_close
+            )
+        if taken is None:
+            self.pending = []
+            self._counted(records)
+        return taken
+
+    async def child_ended(self, child_id: str) -> ChildState | None:
+        """The child's state if it has ended (one read by primary key, nothing written), else None: a
+        wait woken by the child's end finds it so, without the suspension's transaction."""
+        with _abandon_on_failure:
+            row = await self.host.storage.get_instance(child_id)
+        if row is None or not row.status.is_finished:
+            return None
+        return ChildState(row.workflow_name, row.status, row.result, row.error, row.parent_id)
+
+    async def take_child_or_suspend(self, child_id: str, out_seq: int) -> ChildState | Resumed:
+        """The awaited child's state once it has ended (the caller buffers its ``child`` row), or the
+        buffered rows are committed with a suspension until its end wakes the instance (``Suspended``, or
+        ``RESUMED`` once a cached run goes on), or a cancel pending is delivered at ``out_seq``."""
+        host = self.host
+        commit = self._commit(self.pending, host.clock(), ends_lease=True)
+        with _abandon_on_failure:
+            outcome = await host.storage.take_child_or_suspend(commit, child_id)
+        if isinstance(outcome, Suspension):
+            await self._waited(outcome, out_seq, None)
+            return RESUMED
+        return outcome
 
     async def finish(
         self, status: Status, *, discard: bool, result: str | None = None, error: str | None = None

@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._metrics import Metrics
-from .._models import Status
+from .._models import ParentClose, Status, StepKind
 from .._serde import decode, encode, encode_error
+from .._steps import CancelledStep
 from ..errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
 from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
 from .activities import DEFAULT_ACTIVITY_THREADS, ActivityRunner
@@ -294,6 +295,8 @@ class Engine:
         try:
             args, kwargs = workflow.signature.load_args(decode(stored_input))
             result = await workflow.fn(ctx, *args, **kwargs)
+            if journal.children:  # the children started with ParentClose.WAIT and not awaited
+                await ctx._wait_for_children()
             encoded = encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)
         except NonDeterminismError as exc:
             # Leave the history as it is: an operator decides (fix the code and retry, or cancel).
@@ -314,6 +317,11 @@ class Engine:
     async def _fail(self, journal: Journal, ctx: WorkflowContext, exc: Exception) -> None:
         cancelled = isinstance(exc, WorkflowCancelled)
         error = encode_error(exc)
+        if cancelled:
+            by_parent = await self._cancelled_by_parent(journal)
+            if by_parent is not None:
+                error["message"] = f"{error.get('message')}: by its parent {by_parent} (parent_close=cancel)"
+                error["cancelled_by_parent"] = by_parent
         if journal.compensations:
             try:
                 failures = await self.activities.compensate(journal)
@@ -326,6 +334,21 @@ class Engine:
         if not cancelled and not isinstance(exc, SerializationError):
             ctx.logger.info("failed: %s: %s", type(exc).__name__, exc)
         await self._finish(journal, Status.CANCELLED if cancelled else Status.FAILED, error=error)
+
+    async def _cancelled_by_parent(self, journal: Journal) -> str | None:
+        """A child cancelled by its parent's end (``ParentClose.CANCEL``; one read of its row, on a
+        cancellation only): the parent's id, also written into the ``cancelled`` row delivered now."""
+        try:
+            row = await self.storage.get_instance(journal.instance_id)
+        except StorageError:
+            return None
+        if row is None or row.parent_id is None or row.parent_close != "cancelled":
+            return None
+        for n, pending in enumerate(journal.pending):
+            if pending.kind == StepKind.CANCELLED:
+                body = CancelledStep(row.parent_id).encode()
+                journal.pending[n] = pending._replace(payload=body)
+        return row.parent_id
 
     async def _finish(
         self,
@@ -344,6 +367,17 @@ class Engine:
             error=None if error is None else encode(error, what="error"),
         )
         self.metrics.workflows_ended.values[(journal.workflow_name, status)] += 1
+        if ParentClose.CANCEL in journal.children.values():
+            await self._cancel_children(journal)
+
+    async def _cancel_children(self, journal: Journal) -> None:
+        """The parent-close policy ``cancel``: after the end committed, the children it did not await
+        are asked to cancel (one statement by ``geste_instances_by_parent``). Not in the end's own
+        transaction: a crash between the two leaves them running (docs/child-workflows.md)."""
+        try:
+            await self.storage.cancel_children(journal.instance_id, self.clock())
+        except (StorageError, LeaseLost) as exc:
+            logger.warning("instance %s: its children were not cancelled: %s", journal.instance_id, exc)
 
     async def _abandon(self, journal: Journal, signal: Abandon) -> None:
         cause = signal.args[0] if signal.args else signal

@@ -268,7 +268,12 @@ class GesteASGI:
 
     async def _instance(self, request: Request, params: dict[str, str]) -> Response:
         request.query()
-        return json_response(200, _instance(await self.app.get_instance(params["id"])))
+        shown = _instance(await self.app.get_instance(params["id"]))
+        shown["children"] = [  # (its parent is parent_id) one range of geste_instances_by_parent
+            {"instance_id": c.instance_id, "workflow_name": c.workflow_name, "status": c.status.value}
+            for c in await self.app.children(params["id"])
+        ]
+        return json_response(200, shown)
 
     async def _history(self, request: Request, params: dict[str, str]) -> Response:
         """The current run's steps; ``?run=n``: those of its run ``n``, kept by ``continue_as_new``."""

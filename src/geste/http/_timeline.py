@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .._models import Status, StepKind
 from .._steps import (
     ActivityStep,
+    ChildStep,
     ContinueAsNewStep,
     EventStep,
     MessageStep,
@@ -27,6 +28,7 @@ from .._steps import (
     ReceiveStep,
     SendEventStep,
     SleepStep,
+    StartChildStep,
     SubscribeStep,
     WaitEventStep,
     step_or_none,
@@ -68,6 +70,8 @@ _CSS_KIND: dict[str, str] = {
     StepKind.CANCELLED: "cancel",
     StepKind.SEND_EVENT: "outbox",
     StepKind.CONTINUE_AS_NEW: "continue",
+    StepKind.START_CHILD: "helper",
+    StepKind.CHILD: "helper",
 }
 
 
@@ -114,8 +118,10 @@ def instance_page(
     signed_in: bool,
     elapsed: float,
     runs: Sequence[RunRow] = (),
+    children: Sequence[InstanceRow] = (),
 ) -> Html:
-    """The instance's page: its current run (``runs``: those it ended with ``continue_as_new``)."""
+    """The instance's page: its current run (``runs``: those it ended with ``continue_as_new``; its
+    ``children``: the child workflows it started, linked, as its parent is in its facts)."""
     steps = [_step(r) for r in history]
     started = runs[-1].ended_at if runs else row.created_at  # the current run began as the last ended
     title = f"History · {len(steps)} step{'s' if len(steps) != 1 else ''}"
@@ -139,9 +145,26 @@ def instance_page(
             class_="panel",
         ),
         _runs_panel(link, row, runs, shown=row.run),
+        _children_panel(link, children),
     ]
     footer = f"{utc(now)} · rendered in {duration(elapsed)}"
     return frame(link, row.instance_id, body, signed_in=signed_in, footer=footer)
+
+
+def _children_panel(link: Link, children: Sequence[InstanceRow]) -> Html | None:
+    """The child workflows the instance started (``ctx.start_child``), oldest first; None: none."""
+    if not children:
+        return None
+    items = [
+        tag(
+            "li",
+            tag("a", child.instance_id, href=link.instance(child.instance_id)),
+            f" {child.workflow_name} ",
+            status_badge(child.status),
+        )
+        for child in children
+    ]
+    return tag("section", tag("h2", f"Children · {len(children)}"), tag("ul", *items), class_="panel")
 
 
 def run_page(
@@ -247,6 +270,8 @@ def _facts(link: Link, row: InstanceRow, extras: InstanceExtras, now: float) -> 
         ("Duration", took),
         ("Steps recorded", str(row.steps)),
     ]
+    if row.parent_id is not None:
+        facts.append(("Parent", tag("a", row.parent_id, href=link.instance(row.parent_id), class_="mono")))
     if row.run > 1:
         facts.append(("Run", f"{row.run} (continued as new {row.run - 1} times)"))
     if row.locked_by:
@@ -669,6 +694,25 @@ def _describe(
         if step.name == "deadline":  # the workflow's deadline passed (start(timeout=... / deadline=...))
             return [label("deadline passed: cancellation delivered")], [], None
         return [label("cancellation delivered")], [], None
+    if isinstance(typed, StartChildStep):
+        child = tag("a", typed.child_id, href=link.instance(typed.child_id), class_="mono")
+        if typed.error is not None:
+            return [label("child not started"), tag("code", step.name)], [_chip("failed", "bad")], typed.error
+        chips = [_chip(f"parent close: {typed.parent_close}")]
+        return [label("starts child"), tag("code", step.name), " ", child], chips, None
+    if isinstance(typed, ChildStep):
+        child = tag("a", step.name, href=link.instance(step.name), class_="mono")
+        tone = "good" if typed.status == Status.COMPLETED else "bad"
+        outcome: Child = (
+            _value_line("Result", typed.result)
+            if typed.status == Status.COMPLETED
+            else error_block(typed.error or {})
+        )
+        return (
+            [label("child ended"), tag("code", typed.workflow), " ", child],
+            [_chip(typed.status, tone)],
+            outcome,
+        )
     if isinstance(typed, ContinueAsNewStep):
         call = _call(step.name, typed.input)
         after: list[Child] = []

@@ -296,6 +296,7 @@ class Viewer:
                 history = await storage.get_history(instance_id)
             event_ids, message_ids = _emitted_ids(history)
             extras = await storage.instance_extras(instance_id, event_ids=event_ids, message_ids=message_ids)
+            children = [] if shown is not None else await storage.list_children(instance_id, limit=100)
         except InstanceNotFoundError:
             return self._error_page(request, 404, f"There is no instance {instance_id!r}.", title="Not found")
         except (StorageError, AppNotOpenError) as exc:
@@ -323,6 +324,7 @@ class Viewer:
             signed_in=self._signed_in_by_cookie(request),
             elapsed=time.perf_counter() - started,
             runs=runs,
+            children=children,
         )
         return page(200, markup)
 

@@ -75,6 +75,8 @@ def instance_row(r: Record) -> InstanceRow:
         steps=r["steps"],
         run=_column(r, "run", 1),
         last_worker=_column(r, "last_worker", None),
+        parent_id=_column(r, "parent_id", None),
+        parent_close=_column(r, "parent_close", None),
     )
 
 

@@ -52,6 +52,11 @@ class InstanceRow:
     last_worker: str | None = None
     """The worker that last gave its lease back (schema 13), where the query reads it (``get_instance``):
     a worker tells a lease taken over from one its own run gave back by it."""
+    parent_id: str | None = None
+    """The instance that started it with ``ctx.start_child`` (schema 16), where the query reads it."""
+    parent_close: str | None = None
+    """A child's parent-close policy (schema 16), ``"cancelled"`` once its parent's end applied
+    ``cancel`` to it (``get_instance``)."""
 
 
 class HistoryRow(NamedTuple):
@@ -148,6 +153,17 @@ class NewInstance:
     now: float
     deadline: float | None = None
     """When the instance is cancelled for its deadline (``start(timeout=... / deadline=...)``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChildState:
+    """What a parent reads of a child (``start_child``, ``take_child_or_suspend``; schema 16)."""
+
+    workflow_name: str
+    status: Status
+    result: str | None
+    error: str | None
+    parent_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -732,6 +748,34 @@ class Storage(abc.ABC):
         self, commit: Commit, *, status: Status, result: str | None = None, error: str | None = None
     ) -> None:
         """Append the commit's rows, store the outcome, release the instance and forget its waits."""
+
+    # -- child workflows (schema 16) ------------------------------------------------------------------
+    made_runnable: Callable[[], None] | None = None
+    """Set by the App: called after a write of this process made an instance runnable that no
+    notification announces (SQLite: a child's end waking its parent), so the local worker looks now."""
+
+    @abc.abstractmethod
+    async def start_child(
+        self, commit: Commit, child: NewInstance, *, parent_close: str
+    ) -> ChildState | None:
+        """Create ``child`` (free, runnable) as a child of the commit's instance and append the commit's
+        rows, in one transaction; None when done. When ``child``'s id is taken, nothing is written and
+        the instance that has it is returned."""
+
+    @abc.abstractmethod
+    async def take_child_or_suspend(self, commit: Commit, child_id: str) -> ChildState | Suspension:
+        """The child's state if it has ended (nothing written: the caller records it), else the commit
+        suspends the instance (no timer) until the child's end wakes it. The check and the suspension
+        are ordered against the child's end (docs/design.md, "Child workflows"): no end is missed."""
+
+    @abc.abstractmethod
+    async def list_children(self, instance_id: str, *, limit: int = 1000) -> list[InstanceRow]:
+        """The children of an instance, oldest first (``geste_instances_by_parent``)."""
+
+    @abc.abstractmethod
+    async def cancel_children(self, instance_id: str, now: float) -> int:
+        """Request the cancellation of the instance's running children whose parent-close policy is
+        ``cancel`` (after its end); return how many were flagged."""
 
     # -- events ------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -142,6 +142,14 @@ as the bytes came); building the rows of a long history in one piece would hold 
 of the process (a 100,000-step history: about 40 ms)."""
 
 
+def _child_state(row: Any) -> base.ChildState | None:
+    if row is None:
+        return None
+    return base.ChildState(
+        row["workflow_name"], Status.stored(row["status"]), row["result"], row["error"], row["parent_id"]
+    )
+
+
 def _in_order(seqs: Sequence[int]) -> bool:
     return all(map(operator.lt, seqs, islice(seqs, 1, None)))
 
@@ -1091,6 +1099,73 @@ class PostgresStorage(base.Storage):
                 raise base.LeaseLost(commit.lease.instance_id)
 
         await self._run(go)
+
+    # -- child workflows (schema 16) ------------------------------------------------------------------
+    async def start_child(
+        self, commit: base.Commit, child: base.NewInstance, *, parent_close: str
+    ) -> base.ChildState | None:
+        lease = commit.lease
+
+        async def go(conn: Conn) -> base.ChildState | None:
+            started = await conn.fetchrow(
+                self._q["start_child"],
+                child.instance_id,
+                child.workflow_name,
+                child.input,
+                child.now,
+                lease.instance_id,
+                lease.lease_id,
+                commit.lock_expires_at,
+                *self._columns(commit.records),
+                parent_close,
+                self.notify,
+            )
+            if not started["created"]:
+                return _child_state(await conn.fetchrow(self._q["child_state"], child.instance_id))
+            if not started["touched"]:
+                raise base.LeaseLost(lease.instance_id)
+            return None
+
+        return await self._run(go)
+
+    async def take_child_or_suspend(
+        self, commit: base.Commit, child_id: str
+    ) -> base.ChildState | base.Suspension:
+        async def go(conn: Conn) -> base.ChildState | base.Suspension:
+            # The suspension first: it locks the parent's row, so a child's end that has not committed
+            # yet waits for this transaction and then sees the parent waiting (and wakes it); the read
+            # of the child after it, a statement of its own, sees every end committed before.
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                outcome = await self._suspend(conn, commit, run_at=None, timer=None)
+                if outcome is base.Suspension.SUSPENDED:
+                    state = _child_state(await conn.fetchrow(self._q["child_state"], child_id))
+                    if state is not None and state.status.is_finished:
+                        await tx.rollback()  # nothing written: the parent goes on with its lease
+                        return state
+            except BaseException:
+                await tx.rollback()
+                raise
+            await tx.commit()
+            return outcome
+
+        return await self._run(go)
+
+    async def list_children(self, instance_id: str, *, limit: int = 1000) -> list[base.InstanceRow]:
+        async def go(conn: Conn) -> list[base.InstanceRow]:
+            return [
+                rows.instance_row(r) for r in await conn.fetch(self._q["list_children"], instance_id, limit)
+            ]
+
+        return await self._read(go)
+
+    async def cancel_children(self, instance_id: str, now: float) -> int:
+        async def go(conn: Conn) -> int:
+            row = await conn.fetchrow(self._q["cancel_children"], instance_id, now, self.notify)
+            return int(row["flagged"])
+
+        return await self._run(go)
 
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:

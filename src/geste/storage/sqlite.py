@@ -76,6 +76,14 @@ def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
     return rest, options
 
 
+def _child_state(row: sqlite3.Row | None) -> base.ChildState | None:
+    if row is None:
+        return None
+    return base.ChildState(
+        row["workflow_name"], Status.stored(row["status"]), row["result"], row["error"], row["parent_id"]
+    )
+
+
 class SQLiteStorage(base.Storage):
     def __init__(self, url: str) -> None:
         self.url = url
@@ -273,12 +281,19 @@ class SQLiteStorage(base.Storage):
     async def request_cancel(self, instance_id: str, now: float) -> base.InstanceRow | None:
         params = {"instance_id": instance_id, "now": now}
 
+        woke: list[bool] = []
+
         def tx(conn: sqlite3.Connection) -> base.InstanceRow | None:
             if conn.execute(Q["cancel_unstarted"], params).rowcount == 0:
                 conn.execute(Q["flag_cancel"], params)
+            else:  # a child that never ran: its waiting parent is woken (16)
+                woke.append(conn.execute(Q["wake_parent"], params).rowcount > 0)
             return rows.maybe_instance(conn.execute(Q["get_instance"], (instance_id,)).fetchone())
 
-        return await self._write(tx)
+        found = await self._write(tx)
+        if any(woke):
+            self._made_runnable()
+        return found
 
     # -- operator actions --------------------------------------------------------------------------
     async def retry_instance(self, instance_id: str, now: float) -> base.RetryOutcome:
@@ -640,14 +655,65 @@ class SQLiteStorage(base.Storage):
             "steps": len(records),
         }
 
-        def tx(conn: sqlite3.Connection) -> None:
+        def tx(conn: sqlite3.Connection) -> bool:
             if conn.execute(Q["finish"], params).rowcount == 0:
                 raise base.LeaseLost(lease.instance_id)
             self._insert_history(conn, lease.instance_id, records)
             conn.execute(Q["clear_timers"], (lease.instance_id,))
             conn.execute(Q["clear_event_wait"], (lease.instance_id,))
+            return conn.execute(Q["wake_parent"], params).rowcount > 0  # a child's end (16)
 
-        await self._write(tx)
+        if await self._write(tx):
+            self._made_runnable()
+
+    # -- child workflows (schema 16) ------------------------------------------------------------------
+    async def start_child(
+        self, commit: base.Commit, child: base.NewInstance, *, parent_close: str
+    ) -> base.ChildState | None:
+        params = {
+            "instance_id": child.instance_id,
+            "workflow_name": child.workflow_name,
+            "input": child.input,
+            "now": child.now,
+            "parent_id": commit.lease.instance_id,
+            "parent_close": parent_close,
+        }
+
+        def tx(conn: sqlite3.Connection) -> base.ChildState | None:
+            if conn.execute(Q["start_child"], params).rowcount != 1:
+                return _child_state(conn.execute(Q["child_state"], (child.instance_id,)).fetchone())
+            self._append(conn, commit)
+            return None
+
+        return await self._write(tx)
+
+    async def take_child_or_suspend(
+        self, commit: base.Commit, child_id: str
+    ) -> base.ChildState | base.Suspension:
+        def tx(conn: sqlite3.Connection) -> base.ChildState | base.Suspension:
+            # one BEGIN IMMEDIATE transaction: a child's end comes before it (read here) or after (wakes us)
+            state = _child_state(conn.execute(Q["child_state"], (child_id,)).fetchone())
+            if state is not None and state.status.is_finished:
+                return state
+            return self._suspend_tx(conn, commit, run_at=None)
+
+        return await self._write(tx)
+
+    async def list_children(self, instance_id: str, *, limit: int = 1000) -> list[base.InstanceRow]:
+        return await self._call(
+            lambda c: [rows.instance_row(r) for r in c.execute(Q["list_children"], (instance_id, limit))]
+        )
+
+    async def cancel_children(self, instance_id: str, now: float) -> int:
+        params = {"instance_id": instance_id, "now": now}
+        flagged = await self._write(lambda conn: conn.execute(Q["cancel_children"], params).rowcount)
+        if flagged:
+            self._made_runnable()
+        return int(flagged)
+
+    def _made_runnable(self) -> None:
+        if self.made_runnable is not None:
+            self.made_runnable()
 
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:

@@ -54,7 +54,8 @@ SELECT {db_clock} AS now;
 
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id,
+       parent_close
 FROM {schema}.geste_instances WHERE instance_id = $1;
 
 -- name: watch_result
@@ -132,7 +133,18 @@ WITH cancelled AS (
     UPDATE {schema}.geste_instances
     SET status = 'cancelled', cancel_requested = true, run_at = NULL, finished_at = $2, updated_at = $2
     WHERE instance_id = $1 AND status = 'pending' AND lease_id IS NULL
-    RETURNING instance_id, workflow_name
+    RETURNING instance_id, workflow_name, parent_id
+), parent AS (  -- (16) a child cancelled before it ran: its waiting parent is made runnable, as by finish
+    UPDATE {schema}.geste_instances p
+    SET run_at = CASE WHEN p.lease_id IS NULL AND p.status = 'waiting' THEN LEAST(p.run_at, $2, {db_clock})
+                      ELSE p.run_at END
+    FROM cancelled c WHERE p.instance_id = c.parent_id
+    RETURNING p.instance_id, p.workflow_name, p.last_worker, p.lease_id IS NULL AND p.status = 'waiting' AS woken
+), parent_notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                       'worker', last_worker, 'schema', {schema_name})::text)
+    FROM parent WHERE $3 AND woken
 ), awaited AS (
     DELETE FROM {schema}.geste_result_waiters
     WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM cancelled)
@@ -143,7 +155,8 @@ WITH cancelled AS (
                                        'finished', 'cancelled', 'schema', {schema_name})::text)
     FROM cancelled WHERE $3 AND EXISTS (SELECT 1 FROM awaited)
 )
-SELECT (SELECT count(*) FROM cancelled) AS cancelled, (SELECT count(*) FROM notified) AS notified;
+SELECT (SELECT count(*) FROM cancelled) AS cancelled,
+       (SELECT count(*) FROM notified) + (SELECT count(*) FROM parent_notified) AS notified;
 
 -- name: flag_cancel
 -- A waiting instance is woken (and notified). A held one's holder is told at once ('cancel': true, routed
@@ -717,7 +730,18 @@ WITH done AS (
         run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, last_worker = locked_by,
         steps = steps + cardinality($7::integer[])
     WHERE instance_id = $1 AND lease_id = $2
-    RETURNING instance_id, workflow_name, last_worker
+    RETURNING instance_id, workflow_name, last_worker, parent_id
+), parent AS (  -- (16) a child's end makes its parent runnable if it waits: see wake_parent below
+    UPDATE {schema}.geste_instances p
+    SET run_at = CASE WHEN p.lease_id IS NULL AND p.status = 'waiting' THEN LEAST(p.run_at, $6, {db_clock})
+                      ELSE p.run_at END
+    FROM done WHERE p.instance_id = done.parent_id
+    RETURNING p.instance_id, p.workflow_name, p.last_worker, p.lease_id IS NULL AND p.status = 'waiting' AS woken
+), parent_notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                       'worker', last_worker, 'schema', {schema_name})::text)
+    FROM parent WHERE $13 AND woken
 ), awaited AS (
     DELETE FROM {schema}.geste_result_waiters WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM done)
     RETURNING process
@@ -737,7 +761,8 @@ WITH done AS (
 ), waits AS (
     DELETE FROM {schema}.geste_event_waits WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM done)
 )
-SELECT count(*) AS done, (SELECT count(*) FROM notified) AS notified FROM done;
+SELECT count(*) AS done, (SELECT count(*) FROM notified) + (SELECT count(*) FROM parent_notified) AS notified
+FROM done;
 
 -- name: finish_batch
 -- Group commit of ends: several instances' outcomes in one statement, each under its own lease (locked
@@ -761,7 +786,19 @@ WITH input AS (
     FROM input i
     WHERE g.instance_id = i.instance_id AND g.lease_id = i.lease_id
       AND g.instance_id IN (SELECT instance_id FROM locked)
-    RETURNING g.instance_id, i.lease_id, g.workflow_name, i.status, g.last_worker
+    RETURNING g.instance_id, i.lease_id, g.workflow_name, i.status, g.last_worker, g.parent_id, i.now
+), parent AS (  -- (16) as in finish: the waiting parents of the children that end are made runnable; a
+    -- parent ending in this batch too is left to `done` (one statement must not update a row twice)
+    UPDATE {schema}.geste_instances p
+    SET run_at = CASE WHEN p.lease_id IS NULL AND p.status = 'waiting' THEN LEAST(p.run_at, d.now, {db_clock})
+                      ELSE p.run_at END
+    FROM done d WHERE p.instance_id = d.parent_id AND p.instance_id <> ALL($1::text[])
+    RETURNING p.instance_id, p.workflow_name, p.last_worker, p.lease_id IS NULL AND p.status = 'waiting' AS woken
+), parent_notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                       'worker', last_worker, 'schema', {schema_name})::text)
+    FROM parent WHERE $15 AND woken
 ), awaited AS (
     DELETE FROM {schema}.geste_result_waiters w USING done d WHERE w.instance_id = d.instance_id
     RETURNING w.instance_id, w.process
@@ -783,7 +820,8 @@ WITH input AS (
 ), waits AS (
     DELETE FROM {schema}.geste_event_waits WHERE instance_id IN (SELECT instance_id FROM done)
 )
-SELECT instance_id, lease_id, (SELECT count(*) FROM notified) AS notified FROM done;
+SELECT instance_id, lease_id, (SELECT count(*) FROM notified) + (SELECT count(*) FROM parent_notified) AS notified
+FROM done;
 
 -- name: insert_event_wait
 -- The wait keeps the instance's event floor: send_event delivers only an event above it. since: when the
@@ -1791,3 +1829,72 @@ FROM {schema}.geste_outbox WHERE event_id = ANY($1::text[]) ORDER BY step_seq;
 -- By their unique message_id: the messages the instance published (those not yet deleted).
 SELECT message_id, channel, data, sender_instance_id, target_instance_id, created_at, claimed_by
 FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY seq;
+
+-- Child workflows (16; docs/design.md, "Child workflows").
+
+-- name: start_child
+-- ctx.start_child in one statement: the child is created free and runnable (notified to any worker, as a
+-- client's start) and, only if it was, the parent's rows are appended under its lease (proved here, and
+-- renewed). Not created (its id is taken): nothing else is written and the caller reads who has it. The
+-- lease lost: the child stays and its parent's next holder, replaying the step with the same id, finds it
+-- its own (parent_id, workflow) and records the step then. One probe of the primary key each.
+-- $1-$3: the child's id, workflow, input; $4: now; $5 the parent, $6 its lease, $7 the lease's new expiry;
+-- $8-$13 the history columns; $14 the policy; $15 notify.
+WITH inserted AS (
+    INSERT INTO {schema}.geste_instances
+        (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
+         parent_id, parent_close)
+    VALUES ($1, $2, 'pending', $3, $4, $4, LEAST($4, {db_clock}), nextval('{schema}.geste_events_seq_seq'),
+            $5, $14)
+    ON CONFLICT (instance_id) DO NOTHING
+    RETURNING instance_id
+), touched AS (
+    UPDATE {schema}.geste_instances
+    SET lock_expires_at = $7, updated_at = $4, steps = steps + cardinality($8::integer[])
+    WHERE instance_id = $5 AND lease_id = $6 AND EXISTS (SELECT 1 FROM inserted)
+    RETURNING cancel_requested
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $5, r.* FROM unnest($8::integer[], $9::text[], $10::text[], $11::text[], $12::boolean[],
+                               $13::double precision[]) AS r
+    WHERE EXISTS (SELECT 1 FROM touched)
+), notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', $1::text, 'workflow_name', $2::text, 'worker', NULL,
+                                       'schema', {schema_name})::text)
+    FROM inserted WHERE $15
+)
+SELECT EXISTS (SELECT 1 FROM inserted) AS created, EXISTS (SELECT 1 FROM touched) AS touched,
+       (SELECT count(*) FROM notified) AS notified;
+
+-- name: child_state
+-- The state of an awaited child: one probe of the primary key.
+SELECT workflow_name, status, result, error, parent_id FROM {schema}.geste_instances WHERE instance_id = $1;
+
+-- name: list_children
+-- The children of an instance, oldest first: a range of geste_instances_by_parent (partial: parent_id set).
+SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id
+FROM {schema}.geste_instances
+WHERE parent_id = $1
+ORDER BY created_at, instance_id
+LIMIT $2;
+
+-- name: cancel_children
+-- The parent-close policy 'cancel' (16): after the parent's end, its children still running with that
+-- policy are flagged cancelled as flag_cancel flags one (a free one made runnable and notified). A range of
+-- geste_instances_by_parent.
+WITH flagged AS (
+    UPDATE {schema}.geste_instances
+    SET cancel_requested = true, updated_at = $2, parent_close = 'cancelled',
+        run_at = CASE WHEN lease_id IS NULL THEN LEAST(run_at, $2, {db_clock}) ELSE run_at END
+    WHERE parent_id = $1 AND parent_close = 'cancel'
+      AND status IN ('pending', 'running', 'waiting', 'compensating') AND NOT cancel_requested
+    RETURNING instance_id, workflow_name, lease_id, last_worker
+)
+SELECT count(*) AS flagged,
+       count(pg_notify('geste_workflow_resumable',
+                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                         'worker', last_worker, 'schema', {schema_name})::text))
+           FILTER (WHERE $3 AND lease_id IS NULL) AS notified
+FROM flagged;

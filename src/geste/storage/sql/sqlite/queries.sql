@@ -28,7 +28,8 @@ SELECT {db_clock} AS now;
 
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id,
+       parent_close
 FROM geste_instances WHERE instance_id = ?;
 
 -- name: list_instances
@@ -1069,3 +1070,40 @@ FROM geste_outbox WHERE event_id IN (SELECT value FROM json_each(?)) ORDER BY st
 -- By their unique message_id (a JSON array): the messages the instance published (those not deleted).
 SELECT message_id, channel, data, sender_instance_id, target_instance_id, created_at, claimed_by
 FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?)) ORDER BY seq;
+
+-- Child workflows (16; docs/design.md, "Child workflows").
+
+-- name: start_child
+-- ctx.start_child, in the BEGIN IMMEDIATE transaction of touch_lease and insert_history of the parent's
+-- start_child row: the child is created free and runnable, or not (its id is taken). One primary-key probe.
+INSERT INTO geste_instances
+    (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
+     parent_id, parent_close)
+VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now, min(:now, {db_clock}),
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close)
+ON CONFLICT (instance_id) DO NOTHING;
+
+-- name: child_state
+SELECT workflow_name, status, result, error, parent_id FROM geste_instances WHERE instance_id = ?;
+
+-- name: wake_parent
+-- A child's end (finish, cancel_unstarted) makes its waiting parent runnable, in the same transaction.
+UPDATE geste_instances SET run_at = min(coalesce(run_at, :now), :now, {db_clock})
+WHERE instance_id = (SELECT parent_id FROM geste_instances WHERE instance_id = :instance_id)
+  AND lease_id IS NULL AND status = 'waiting';
+
+-- name: list_children
+SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id
+FROM geste_instances
+WHERE parent_id = ?
+ORDER BY created_at, instance_id
+LIMIT ?;
+
+-- name: cancel_children
+UPDATE geste_instances
+SET cancel_requested = 1, updated_at = :now, parent_close = 'cancelled',
+    run_at = CASE WHEN lease_id IS NULL AND (run_at IS NULL OR run_at > min(:now, {db_clock}))
+                  THEN min(:now, {db_clock}) ELSE run_at END
+WHERE parent_id = :instance_id AND parent_close = 'cancel'
+  AND status IN ('pending', 'running', 'waiting', 'compensating') AND cancel_requested = 0;

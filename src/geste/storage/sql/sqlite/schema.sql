@@ -42,6 +42,8 @@ CREATE TABLE geste_instances (
     last_worker      TEXT,              -- (13) the worker that last ran it: its wake-ups go there
     run              INTEGER NOT NULL DEFAULT 1,   -- (15) its current run: 1, then one more at each continue_as_new
     run_started_at   REAL,              -- (15) when the current run started; NULL: created_at
+    parent_id        TEXT,              -- (16) the instance that started it as its child (ctx.start_child)
+    parent_close     TEXT,              -- (16) its parent's end: 'cancel', 'abandon' or 'wait' it
     deadline         REAL,              -- (17) when it is cancelled for its deadline; NULL: none
     heartbeats       TEXT               -- (18) the last ctx.heartbeat details of its running activities
 );
@@ -57,6 +59,9 @@ CREATE INDEX geste_instances_runnable_by_name ON geste_instances (workflow_name,
 -- and its held instances in take-over order: a claim reads the leases that ran out only (11)
 CREATE INDEX geste_instances_leased_by_name ON geste_instances (workflow_name, run_at)
     WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
+-- the children of an instance, oldest first (16): clients' instances are not in it
+CREATE INDEX geste_instances_by_parent ON geste_instances (parent_id, created_at, instance_id)
+    WHERE parent_id IS NOT NULL;
 
 -- The journal: one row per step of an instance, numbered from 1.
 CREATE TABLE geste_history (
