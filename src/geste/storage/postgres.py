@@ -180,21 +180,6 @@ async def _histories(found: Sequence[Any]) -> list[tuple[base.HistoryRow, ...]]:
     return histories
 
 
-async def _caught_up(
-    conn: Any, query: str, r: Any, history: tuple[base.HistoryRow, ...], after: int
-) -> tuple[base.HistoryRow, ...]:
-    """``history`` with the rows a claim's snapshot missed. A claim's lock on an instance's row can wait
-    for a concurrent commit that appended steps (the holder of a lease the claimer, its clock ahead, saw
-    run out; a send handing an event to an instance already due): the claim then updates the row as that
-    commit left it (its ``steps``), but reads the history in the snapshot the statement began with, before
-    those rows. Replaying that would redo a recorded step; the rows are read again instead (a second
-    statement, only then)."""
-    last = history[-1].seq if history else after
-    if r["steps"] is None or r["steps"] <= last:
-        return history
-    return history + tuple(rows.history_row(x) for x in await conn.fetch(query, r["instance_id"], last))
-
-
 async def _keep_session(_conn: Any) -> None:
     """The pool's reset: geste leaves no session state on pooled connections (no LISTEN, no session
     advisory lock, no SET but ``SET LOCAL``, no temporary table), so the default reset query — one
@@ -767,12 +752,28 @@ class PostgresStorage(base.Storage):
                     later = r["run_at"]
                     continue
                 after = known.get(r["instance_id"], 0) if known else 0
-                history = await _caught_up(conn, self._q["history_after"], r, history, after)
+                history = await self._caught_up(conn, r, history, after)
                 claims.append(rows.claim(r, history, r["expired_at"], after))
             claims.next_run_at = later
             return claims
 
         return await self._run(go)
+
+    async def _caught_up(
+        self, conn: Conn, r: Any, history: tuple[base.HistoryRow, ...], after: int
+    ) -> tuple[base.HistoryRow, ...]:
+        """``history`` with the rows a claim's snapshot missed. A claim's lock on an instance's row can wait
+        for a concurrent commit that appended steps (the holder of a lease the claimer, its clock ahead, saw
+        run out; a send handing an event to an instance already due): the claim then updates the row as that
+        commit left it (its ``steps``), but reads the history in the snapshot the statement began with, before
+        those rows. Replaying that would redo a recorded step; the rows are read again instead (a second
+        statement, only then)."""
+        last = history[-1].seq if history else after
+        if r["steps"] is None or r["steps"] <= last:
+            return history
+        return history + tuple(
+            rows.history_row(x) for x in await conn.fetch(self._q["history_after"], r["instance_id"], last)
+        )
 
     async def claim_ids(
         self,
@@ -808,7 +809,7 @@ class PostgresStorage(base.Storage):
                     claims.later[r["instance_id"]] = r["run_at"]
                 else:
                     after = known.get(r["instance_id"], 0) if known else 0
-                    history = await _caught_up(conn, self._q["history_after"], r, history, after)
+                    history = await self._caught_up(conn, r, history, after)
                     claims.append(rows.claim(r, history, r["expired_at"], after))
             return claims
 
