@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["restart_postgres"] = False
     config = ChaosConfig.long(**overrides) if args.long else ChaosConfig.short(**overrides)
     if args.failover:
-        faults = (*config.faults, "failover")
+        # not the partition: each worker's proxy fronts one server, and the pair has two behind one URL
+        faults = (*(f for f in config.faults if f != "partition"), "failover")
         config = dataclasses.replace(config, faults=faults, restart_postgres=False)
     backends = ["postgres", "sqlite"] if args.backend == "both" else [args.backend]
     root = args.keep or Path(tempfile.mkdtemp(prefix="geste-chaos-"))

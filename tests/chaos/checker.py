@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..support import raw_query
 from .app import LEDGERS, NEWS_EVERY, read_lines, value_of
-from .controller import FAULT_LOG, ChaosConfig, dropped_lines
+from .controller import FAULT_LOG, RUN_DROPPED, ChaosConfig, dropped_lines
 
 ACTIVITIES = ("reserve", "charge", "ship", "book", "work")
 
@@ -66,13 +67,45 @@ async def gather(url: str, folder: Path, config: ChaosConfig) -> Facts:
         effects=read_lines(folder / "effects.jsonl"),
         deliveries=read_lines(folder / "deliveries.jsonl"),
         acks=read_lines(folder / "acks.jsonl"),
-        faults=read_lines(folder / FAULT_LOG),
+        faults=[_reported_later(folder, fault) for fault in read_lines(folder / FAULT_LOG)],
         lost_leases=_lost_lease_lines(folder),
     )
 
 
 def _lost_lease_lines(folder: Path) -> dict[str, int]:
     return {path.name: dropped_lines(path) for path in folder.glob("worker-*.out")}
+
+
+ENDED_WITHIN = 10.0
+"""A paused worker whose output ends this soon after it resumed (killed by a later fault, or the run's
+end) may not have had the time to find out: its silence is excused (``ended``), and counted."""
+
+
+def _reported_later(folder: Path, fault: dict[str, Any]) -> dict[str, Any]:
+    """A pause the controller saw no report of when it stopped waiting (two renewals after the resume:
+    a run's next write can come later): the report may have come after (``logged``, ``late``), or the
+    worker's output ended before it could (``ended``)."""
+    if fault["fault"] != "pause" or not fault["taken"] or fault["logged"] or "resumed" not in fault:
+        return fault
+    lines = _timed_lines(folder / fault["output"])
+    if any(at >= fault["resumed"] - 1.0 and any(said in line for said in RUN_DROPPED) for at, line in lines):
+        return {**fault, "logged": True, "late": True}
+    if lines and lines[-1][0] < fault["resumed"] + ENDED_WITHIN:
+        return {**fault, "ended": True}
+    return fault
+
+
+def _timed_lines(output: Path) -> list[tuple[float, str]]:
+    """The log lines of a worker's output with their time (``logging``'s ``asctime``, the machine's true
+    clock: a worker's skew is its App's clock only)."""
+    timed = []
+    for line in output.read_text(errors="replace").splitlines():
+        try:
+            at = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue  # a traceback's line, a stack dump's
+        timed.append((at, line))
+    return timed
 
 
 def _activity_rows(facts: Facts, instance_id: str) -> list[dict[str, Any]]:
@@ -254,8 +287,13 @@ def paused_workers_dropped_their_lost_runs(facts: Facts) -> str:
     lost": its runs stop, their results are dropped; that none was recorded is the other checks'
     proof), and its log has at least one such line per pause that found it out."""
     pauses = [f for f in facts.faults if f["fault"] == "pause"]
-    silent = [f for f in pauses if f["taken"] and f["seconds"] < PAUSE_REPORTED_WITHIN and not f["logged"]]
+    silent = [
+        f
+        for f in pauses
+        if f["taken"] and f["seconds"] < PAUSE_REPORTED_WITHIN and not f["logged"] and not f.get("ended")
+    ]
     assert not silent, f"paused workers whose lost leases went unreported: {silent[:3]}"
+    late, ended = sum(1 for f in pauses if f.get("late")), sum(1 for f in pauses if f.get("ended"))
     reported = Counter(f["output"] for f in pauses if f["logged"])
     short = {
         o: (n, facts.lost_leases.get(o, 0)) for o, n in reported.items() if facts.lost_leases.get(o, 0) < n
@@ -265,7 +303,9 @@ def paused_workers_dropped_their_lost_runs(facts: Facts) -> str:
     partitions = [f for f in facts.faults if f["fault"] == "partition"]
     return (
         f"{len(pauses)} pauses ({caught} with leases taken over by others, {sum(reported.values())} "
-        f"reported): {sum(facts.lost_leases.get(o, 0) for o in reported)} lost-lease lines in those "
+        f"reported, {late} of them after the controller stopped waiting; {ended} whose worker's output "
+        f"ended within {ENDED_WITHIN:g}s, killed before it could tell): "
+        f"{sum(facts.lost_leases.get(o, 0) for o in reported)} lost-lease lines in those "
         f"workers' logs; {len(partitions)} partitions"
     )
 
