@@ -26,8 +26,8 @@ test: $(STAMP)
 chaos: $(STAMP)
 	bash .ci/ensure-postgres
 	$(BIN)/python -m tests.chaos --long --runs 10 --skew 2 --outage 10
-	$(BIN)/python -m tests.chaos --long --backend postgres --failover --runs 5
-	$(BIN)/python -m tests.chaos --long --backend pgbouncer --no-restart-postgres --runs 3
+	$(BIN)/python -m tests.chaos --long --backend postgres --failover --runs 5 --skew 2 --outage 10
+	$(BIN)/python -m tests.chaos --long --backend pgbouncer --no-restart-postgres --runs 3 --skew 2 --outage 10
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
