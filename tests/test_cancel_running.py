@@ -473,3 +473,83 @@ async def test_a_cancel_reaches_every_activity_of_a_gather(make_app: MakeApp) ->
 
     report = await check_replay(app, database_url=app.url)
     assert report.ok and len(report.results) == 1, report
+
+
+# -- what follows a cancel delivered ----------------------------------------------------------------------
+async def test_cleanup_steps_after_a_caught_cancel_are_not_cancelled_by_renewals(make_app: MakeApp) -> None:
+    """A workflow may catch the cancel and clean up with more steps. The database's flag stays set while
+    it runs, and every lease renewal reports it again: a cleanup activity that spans several renewals
+    must run to its end (before, each renewal cancelled it again, and the workflow ended cancelled)."""
+    app = make_app(lock_timeout=0.6)  # a renewal every 0.2 s
+    renewals = 0
+    started, cleaned = asyncio.Event(), asyncio.Event()
+
+    @app.activity
+    async def work(ctx: geste.ActivityContext) -> None:
+        started.set()
+        await asyncio.Event().wait()  # only the cancel ends it
+
+    @app.activity
+    async def cleanup(ctx: geste.ActivityContext) -> str:
+        seen = renewals
+        await wait_until(lambda: renewals >= seen + 3, "three renewals during the cleanup", timeout=20)
+        cleaned.set()
+        return "cleaned"
+
+    @app.workflow
+    async def careful(ctx: geste.WorkflowContext) -> str:
+        try:
+            await work(ctx)
+        except WorkflowCancelled:
+            return await cleanup(ctx)
+        return "not cancelled"
+
+    async with app:
+        real_renew = app.storage.renew
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal renewals
+            kept = await real_renew(*args, **kwargs)
+            renewals += 1
+            return kept
+
+        app.storage.renew = counted  # type: ignore[method-assign]
+        handle = await careful.start_with_id("careful")
+        await asyncio.wait_for(started.wait(), 10)
+        await app.cancel("careful")
+        assert await handle.result(timeout=30) == "cleaned"
+    assert cleaned.is_set()
+
+
+async def test_a_cancel_during_the_read_of_stored_heartbeat_details_is_recorded(make_app: MakeApp) -> None:
+    """The first attempt of an activity with a ``heartbeat_timeout`` reads the details a crashed attempt
+    left; a cancel that comes during that read is the activity's cancel like any other (before, the
+    ``CancelledError`` escaped the step and killed the run without a word, the lease left to expire)."""
+    app = make_app()
+    reading, go_on = asyncio.Event(), asyncio.Event()
+
+    @app.activity(heartbeat_timeout=30)
+    async def beats(ctx: geste.ActivityContext) -> str:
+        return "ran"
+
+    @app.workflow
+    async def beating(ctx: geste.WorkflowContext) -> str:
+        return await beats(ctx)
+
+    async with app:
+        real_read = app.storage.heartbeat_details
+
+        async def slow_read(instance_id: str) -> Any:
+            reading.set()
+            await go_on.wait()  # never set: only the cancel ends it
+            return await real_read(instance_id)
+
+        app.storage.heartbeat_details = slow_read  # type: ignore[method-assign]
+        handle = await beating.start_with_id("beating")
+        await asyncio.wait_for(reading.wait(), 10)
+        await app.cancel("beating")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=30)
+        history = await app.history("beating")
+    (step,) = [e for e in history if e.kind == "activity"]
+    assert step.payload["error"]["type"] == CANCELLED_TYPE

@@ -253,12 +253,20 @@ async def test_the_replay_check_replays_child_steps_and_stops_at_a_childs_wait(t
         await failed.result(timeout=30)
         await app.workflows["awaits_waiter"].start_with_id("r-waiting")
         await wait_status(app, "r-waiting", geste.Status.WAITING)
+        # a parent whose code ends with a ParentClose.WAIT child it never awaited: the engine waits for it
+        # there (a `child` row after the code's end), and so must the replay
+        kept = await app.workflows["leaves"].start_with_id("r-kept", "wait")
+        await wait_status(app, "r-kept:1", geste.Status.WAITING, timeout=30)
+        await wait_status(app, "r-kept", geste.Status.WAITING, timeout=30)
+        await app.send_event("go", "now", instance_id="r-kept:1")
+        assert await kept.result(timeout=30) == "r-kept:1"
     report = await check_replay(app, database_url=url)
     by_id = {r.instance_id: str(r.status) for r in report.results}
-    assert {i: by_id[i] for i in ("r-done", "r-failed", "r-waiting")} == {
+    assert {i: by_id[i] for i in ("r-done", "r-failed", "r-waiting", "r-kept")} == {
         "r-done": "ok",
         "r-failed": "ok",
         "r-waiting": "ok",
+        "r-kept": "ok",
     }, report.summary()
 
     changed = geste.App(url)

@@ -466,7 +466,12 @@ class ActivityRunner:
             metrics.activity_attempts.values[activity.name] += 1
             previous = self.heartbeats.get(journal.instance_id, key)  # what the attempts before gave
             if previous is None and attempt == 1 and beat_limit is not None:
-                previous = await self._stored_details(journal.instance_id, key)
+                try:
+                    previous = await self._stored_details(journal.instance_id, key)
+                except asyncio.CancelledError:  # a cancel that came during the read: as during the attempt
+                    if not _ours(live):
+                        raise
+                    return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
             beat = _Beat(
                 self.heartbeats,
                 journal.instance_id,

@@ -361,8 +361,11 @@ class Journal:
         if deadline:
             self._timed_out = True
         self._cancel_requested = True
-        for live in list(self.live_activities):
-            live.cancel(deadline=self._timed_out)
+        # Delivered already (the workflow caught it and cleans up with more steps) or compensating: the
+        # flag stays set in the database and every renewal reports it again, and those steps must run.
+        if not self._cancel_delivered and not self._compensating:
+            for live in list(self.live_activities):
+                live.cancel(deadline=self._timed_out)
         news, self._cancel_reached = not self._cancel_reached, True
         return news
 

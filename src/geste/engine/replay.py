@@ -365,6 +365,8 @@ class _Replay:
         journal, workflow = self.journal, self.workflow
         try:
             result = await workflow.fn(self.ctx, *args, **kwargs)
+            if journal.children:  # as the engine does: the ParentClose.WAIT children not awaited
+                await self.ctx._wait_for_children()
             encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)
         except ContinuedAsNew:
             return CONTINUED
