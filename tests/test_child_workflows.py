@@ -524,3 +524,39 @@ async def test_a_parent_and_its_child_ending_in_one_group_commit_both_end(pg_url
             {"instance_id": "bp", "status": "completed", "lease_id": None},
             {"instance_id": "bp:1", "status": "completed", "lease_id": None},
         ]
+
+
+async def test_a_parents_end_reaches_a_childs_running_activity_at_once_on_postgres(pg_url: str) -> None:
+    """A child running a long activity when its parent ends (ParentClose.CANCEL): on PostgreSQL its holder
+    is told at once, as for ``app.cancel`` (a ``"cancel": true`` notification routed to it), not at its
+    next lease renewal: with 60 s leases (a renewal every 20 s) the child's activity is cancelled and the
+    child ends cancelled well before."""
+    app = geste.App(pg_url, poll_interval=0.05, lock_timeout=60.0)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    @app.activity
+    async def long_task(ctx: geste.ActivityContext) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    @app.workflow
+    async def busy_child(ctx: geste.WorkflowContext) -> None:
+        await long_task(ctx)
+
+    @app.workflow
+    async def short_parent(ctx: geste.WorkflowContext) -> str:
+        handle = await ctx.start_child(busy_child)
+        await ctx.wait_event("end-parent")
+        return handle.id
+
+    async with app:
+        parent = await short_parent.start_with_id("sp")
+        await asyncio.wait_for(started.wait(), 10)
+        await app.send_event("end-parent", None, instance_id="sp")
+        assert await parent.result(timeout=10) == "sp:1"
+        await asyncio.wait_for(cancelled.wait(), 10)  # a renewal would come only after 20 s
+        await wait_status(app, "sp:1", geste.Status.CANCELLED, timeout=10)

@@ -1882,19 +1882,25 @@ LIMIT $2;
 
 -- name: cancel_children
 -- The parent-close policy 'cancel' (16): after the parent's end, its children still running with that
--- policy are flagged cancelled as flag_cancel flags one (a free one made runnable and notified). A range of
--- geste_instances_by_parent.
+-- policy are flagged cancelled as flag_cancel flags one: a free one made runnable and notified, a held
+-- one's holder told at once ('cancel': true, routed to locked_by: it cancels the running activities). A
+-- range of geste_instances_by_parent.
 WITH flagged AS (
     UPDATE {schema}.geste_instances
     SET cancel_requested = true, updated_at = $2, parent_close = 'cancelled',
         run_at = CASE WHEN lease_id IS NULL THEN LEAST(run_at, $2, {db_clock}) ELSE run_at END
     WHERE parent_id = $1 AND parent_close = 'cancel'
       AND status IN ('pending', 'running', 'waiting', 'compensating') AND NOT cancel_requested
-    RETURNING instance_id, workflow_name, lease_id, last_worker
+    RETURNING instance_id, workflow_name, lease_id, last_worker, locked_by
 )
 SELECT count(*) AS flagged,
-       count(pg_notify('geste_workflow_resumable',
-                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
-                                         'worker', last_worker, 'schema', {schema_name})::text))
-           FILTER (WHERE $3 AND lease_id IS NULL) AS notified
+       count(CASE WHEN lease_id IS NULL
+                  THEN pg_notify('geste_workflow_resumable',
+                                 json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                                   'worker', last_worker, 'schema', {schema_name})::text)
+                  ELSE pg_notify('geste_workflow_resumable',
+                                 json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                                   'worker', locked_by, 'cancel', true,
+                                                   'schema', {schema_name})::text)
+             END) FILTER (WHERE $3) AS notified
 FROM flagged;
