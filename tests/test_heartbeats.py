@@ -296,3 +296,19 @@ async def test_a_renewal_with_a_lease_lost_writes_no_details(make_app: Callable[
         kept = await app.storage.renew([claim.lease], now + 60, now=now, heartbeats={"fenced": '{"1.1":2}'})
         assert kept == {"fenced"}
         assert await app.storage.heartbeat_details("fenced") == '{"1.1":2}'
+
+
+def test_a_beat_after_its_attempt_ended_puts_nothing_back() -> None:
+    """A ``def`` activity's thread can heartbeat just as its attempt ends: the buffer checks the attempt
+    is live under its lock, so the entry the step's end dropped is never put back (a leak, and a stale
+    write of details at a later renewal)."""
+    from geste.engine.activities import HeartbeatBuffer, _Beat
+
+    buffer = HeartbeatBuffer()
+    beat = _Beat(buffer, "i", "1.3", None, 1000, "details")
+    beat.beat({"done": 1})
+    assert buffer.take() == {"i": '{"1.3":{"done":1}}'}
+    beat.live = False  # the attempt ended
+    buffer.drop("i", "1.3")
+    buffer.put(beat, '{"done":2}')  # the thread's late beat, past its check outside the lock
+    assert buffer.get("i", "1.3") is None and buffer.take() == {}

@@ -161,10 +161,14 @@ class HeartbeatBuffer:
         self._details: dict[str, dict[str, str]] = {}
         self._dirty: set[str] = set()
 
-    def put(self, instance_id: str, key: str, encoded: str) -> None:
+    def put(self, beat: _Beat, encoded: str) -> None:
+        """``beat``'s details, unless its attempt is over: checked under the lock, so that a ``def``
+        activity's thread that heartbeats as its attempt ends never puts back the entry ``drop`` took."""
         with self._lock:
-            self._details.setdefault(instance_id, {})[key] = encoded
-            self._dirty.add(instance_id)
+            if not beat.live:
+                return
+            self._details.setdefault(beat.instance_id, {})[beat.key] = encoded
+            self._dirty.add(beat.instance_id)
 
     def seed(self, instance_id: str, key: str, encoded: str) -> None:
         """Details read from the database: kept for the next attempts, not written back."""
@@ -226,7 +230,7 @@ class _Beat:
             return
         self.at = time.monotonic()
         if encoded is not None:
-            self.buffer.put(self.instance_id, self.key, encoded)
+            self.buffer.put(self, encoded)
 
 
 class _Watchdog:
