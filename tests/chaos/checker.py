@@ -67,7 +67,7 @@ async def gather(url: str, folder: Path, config: ChaosConfig) -> Facts:
         effects=read_lines(folder / "effects.jsonl"),
         deliveries=read_lines(folder / "deliveries.jsonl"),
         acks=read_lines(folder / "acks.jsonl"),
-        faults=[_reported_later(folder, fault) for fault in read_lines(folder / FAULT_LOG)],
+        faults=_reported_later(folder, read_lines(folder / FAULT_LOG)),
         lost_leases=_lost_lease_lines(folder),
     )
 
@@ -77,22 +77,44 @@ def _lost_lease_lines(folder: Path) -> dict[str, int]:
 
 
 ENDED_WITHIN = 10.0
-"""A paused worker whose output ends this soon after it resumed (killed by a later fault, or the run's
-end) may not have had the time to find out: its silence is excused (``ended``), and counted."""
+"""A paused worker told to end this soon after it resumed (killed by a later fault, or the run's end; else
+its output's last line) may not have had the time to find out: its silence is excused (``ended``), and
+counted."""
 
 
-def _reported_later(folder: Path, fault: dict[str, Any]) -> dict[str, Any]:
-    """A pause the controller saw no report of when it stopped waiting (two renewals after the resume:
-    a run's next write can come later): the report may have come after (``logged``, ``late``), or the
-    worker's output ended before it could (``ended``)."""
+def _reported_later(folder: Path, faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pauses the controller saw no report of when it stopped waiting (two renewals after the resume:
+    a run's next write can come later): the report may have come after (``logged``, ``late``); or the run
+    of one of its leases was dropped just before the pause (a failed write, its release failed too: the
+    lease stayed, with no run left to report it; ``logged``, ``before``); or the worker was told to end
+    before it could (killed by a later fault, or the run's end: ``ended``)."""
+    ends: dict[str, float] = {}
+    for fault in faults:
+        if fault["fault"] == "end":
+            ends.setdefault(fault["output"], fault["at"])
+    return [_pause_reported_later(folder, fault, ends) for fault in faults]
+
+
+def _pause_reported_later(folder: Path, fault: dict[str, Any], ends: dict[str, float]) -> dict[str, Any]:
     if fault["fault"] != "pause" or not fault["taken"] or fault["logged"] or "resumed" not in fault:
         return fault
     lines = _timed_lines(folder / fault["output"])
-    if any(at >= fault["resumed"] - 1.0 and any(said in line for said in RUN_DROPPED) for at, line in lines):
+    dropped = [(at, line) for at, line in lines if any(said in line for said in RUN_DROPPED)]
+    if any(at >= fault["resumed"] - 1.0 for at, _ in dropped):
         return {**fault, "logged": True, "late": True}
-    if lines and lines[-1][0] < fault["resumed"] + ENDED_WITHIN:
+    stopped = fault["resumed"] - fault["seconds"]
+    named = [f"instance {instance_id}:" for instance_id in fault.get("instances", ())]
+    if any(at >= stopped - DROPPED_BEFORE and any(n in line for n in named) for at, line in dropped):
+        return {**fault, "logged": True, "before": True}
+    ended = ends.get(fault["output"], lines[-1][0] if lines else None)
+    if ended is not None and ended < fault["resumed"] + ENDED_WITHIN:
         return {**fault, "ended": True}
     return fault
+
+
+DROPPED_BEFORE = 2.0
+"""How long before a pause a run of one of its leases may have been dropped (and said so) for that line
+to be the pause's report."""
 
 
 def _timed_lines(output: Path) -> list[tuple[float, str]]:
@@ -294,6 +316,7 @@ def paused_workers_dropped_their_lost_runs(facts: Facts) -> str:
     ]
     assert not silent, f"paused workers whose lost leases went unreported: {silent[:3]}"
     late, ended = sum(1 for f in pauses if f.get("late")), sum(1 for f in pauses if f.get("ended"))
+    before = sum(1 for f in pauses if f.get("before"))
     reported = Counter(f["output"] for f in pauses if f["logged"])
     short = {
         o: (n, facts.lost_leases.get(o, 0)) for o, n in reported.items() if facts.lost_leases.get(o, 0) < n
@@ -303,8 +326,8 @@ def paused_workers_dropped_their_lost_runs(facts: Facts) -> str:
     partitions = [f for f in facts.faults if f["fault"] == "partition"]
     return (
         f"{len(pauses)} pauses ({caught} with leases taken over by others, {sum(reported.values())} "
-        f"reported, {late} of them after the controller stopped waiting; {ended} whose worker's output "
-        f"ended within {ENDED_WITHIN:g}s, killed before it could tell): "
+        f"reported, {late} of them after the controller stopped waiting, {before} by a run dropped just "
+        f"before the pause; {ended} whose worker was told to end within {ENDED_WITHIN:g}s of the resume): "
         f"{sum(facts.lost_leases.get(o, 0) for o in reported)} lost-lease lines in those "
         f"workers' logs; {len(partitions)} partitions"
     )

@@ -245,8 +245,9 @@ class Controller:
     def stop_all(self, *, kill: bool = False) -> list[int]:
         """Stop every worker (SIGTERM: drain; or SIGKILL) and return their exit codes."""
         codes = []
-        for proc in self.procs.values():
+        for worker_id, proc in self.procs.items():
             if proc.poll() is None:
+                self._log_end(worker_id)
                 if kill:
                     proc.kill()
                 else:
@@ -263,6 +264,7 @@ class Controller:
     async def kill_and_restart(self) -> None:
         live = [w for w, p in self.procs.items() if p.poll() is None]
         victim = self.rng.choice(live)
+        self._log_end(victim)
         self.procs[victim].kill()
         self.procs[victim].wait()
         same = self.rng.random() < 0.5
@@ -414,6 +416,13 @@ class Controller:
 
     def _lost_lines(self, output: Path) -> int:
         return dropped_lines(output)
+
+    def _log_end(self, worker_id: str) -> None:
+        """When a worker process is told to end (killed, or stopped at the run's end): the checker excuses
+        a pause its worker had no time to report before it."""
+        output = self.output_of.get(worker_id)
+        if output is not None:
+            self._log_fault(fault="end", output=output.name, at=time.time())
 
     def _log_fault(self, **fields: Any) -> None:
         with (self.folder / FAULT_LOG).open("a") as log:
