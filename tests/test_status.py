@@ -163,6 +163,39 @@ async def test_a_graceful_stop_marks_the_worker_stopped(
     assert [w.worker_id for w in (await client.status()).workers] == ["graceful"]  # one row per id
 
 
+async def test_a_beat_in_flight_as_the_worker_stops_lands_before_its_stop_mark(
+    make_app: Callable[..., geste.App], client: geste.App
+) -> None:
+    """An announce (the listener connected) or a health report beats in a task of its own; a stop right
+    after it must wait for that beat, or the beat, landing after the stop mark, says the worker is alive
+    (found by CI: the listener connected as ``async with app: pass`` closed)."""
+    app = make_app(worker_id="in-flight")
+    async with app:
+        storage = app.storage
+        marked = asyncio.Event()
+        heartbeat, mark_stopped = storage.heartbeat, storage.mark_worker_stopped
+
+        async def late_heartbeat(*args: Any, **kwargs: Any) -> Any:
+            try:  # held until the stop is marked; with the fix nothing is marked before it: a bound
+                await asyncio.wait_for(marked.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+            return await heartbeat(*args, **kwargs)
+
+        async def marking(worker_id: str, now: float) -> None:
+            await mark_stopped(worker_id, now)
+            marked.set()
+
+        storage.heartbeat = late_heartbeat  # type: ignore[method-assign]
+        storage.mark_worker_stopped = marking  # type: ignore[method-assign]
+        worker = app._parts.runtime.worker
+        assert worker is not None
+        worker.announce()
+    stopped = find(await client.status(), "in-flight")
+    assert stopped is not None
+    assert (stopped.state, stopped.alive) == ("stopped", False)
+
+
 async def test_workers_not_heard_from_for_a_week_are_forgotten_at_the_next_start(
     make_app: Callable[..., geste.App], client: geste.App
 ) -> None:

@@ -250,6 +250,8 @@ class Worker(Loop):
             logger.info("worker %s draining %d running instance(s)", self.worker_id, len(running))
             await asyncio.wait(running, timeout=self.shutdown_grace)
         await self._heartbeat.stop()
+        if self._reports:  # a beat of an announce or a health report still in flight: it must land
+            await asyncio.gather(*self._reports, return_exceptions=True)  # before the stop, not after it
         leftover = list(self._running.values())
         for _, task in leftover:
             task.cancel()
@@ -273,6 +275,8 @@ class Worker(Loop):
         cut short expire by themselves after ``lock_timeout``."""
         super().abort()
         self._heartbeat.abort()
+        for task in self._reports:
+            task.cancel()
         for _, task in self._running.values():
             task.cancel()
 
