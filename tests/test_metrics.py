@@ -525,7 +525,7 @@ async def test_a_lease_taken_over_from_a_killed_worker_is_counted(db_url: str, t
             cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )  # fmt: skip
         try:
-            await wait_until(lambda: (markers / "ready-w1").exists(), "worker w1 to start")
+            await wait_until(lambda: (markers / "ready-w1").exists(), "worker w1 to start", timeout=60)
             handle = await client.start_workflow("pipeline", 7)
             started = await wait_until(
                 lambda: [e for e in read_log(log) if e["activity"] == "block" and e["event"] == "start"],
@@ -544,12 +544,28 @@ async def test_a_lease_taken_over_from_a_killed_worker_is_counted(db_url: str, t
         )
         (markers / f"go-{handle.instance_id}").touch()
 
+        # w2's own lease is long (a stall of w2 under load must not expire it: it would take the instance
+        # over from itself and count twice); its poll net stays at 1 s on PostgreSQL
         second = build_app(
-            db_url, log=str(log), markers=str(markers), worker_id="w2", lock_timeout=1.0, poll_interval=0.05
+            db_url,
+            log=str(log),
+            markers=str(markers),
+            worker_id="w2",
+            lock_timeout=30.0,
+            notify_fallback_interval=1.0,
+            poll_interval=0.05,
         )
         async with second:
-            assert await handle.result(timeout=15) == ["one:7", "two:7", "block:7", "three:7"]
-            snap = await second.metrics.snapshot()
+            assert await handle.result(timeout=30) == ["one:7", "two:7", "block:7", "three:7"]
+
+            # the client (another App) can read the end as soon as it commits, before w2's run resumes
+            # from that commit and counts it (its steps, its end): wait for w2 to have counted the end
+            async def counted() -> geste.MetricsSnapshot | None:
+                found = await second.metrics.snapshot()
+                ended = found.value("geste_workflows_ended_total", workflow="pipeline", status="completed")
+                return found if ended == 1 else None
+
+            snap = await wait_until(counted, "w2 to count the end of the run")
             now = second.clock()
     assert snap.value("geste_lease_takeovers_total", workflow="pipeline") == 1
     assert snap.value("geste_lease_takeovers_total") == 1
