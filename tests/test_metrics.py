@@ -742,7 +742,9 @@ async def test_geste_worker_serves_its_metrics(db_url: str, tmp_path: Path) -> N
             preexec_fn=die_with_parent,
         )  # fmt: skip
     try:
-        await wait_until(lambda: "started" in log.read_text() or process.poll() is not None, "the worker")
+        await wait_until(
+            lambda: "started" in log.read_text() or process.poll() is not None, "the worker", timeout=60
+        )
         assert process.poll() is None, log.read_text()
         client = geste.App(db_url, run_worker=False)
 
@@ -752,9 +754,18 @@ async def test_geste_worker_serves_its_metrics(db_url: str, tmp_path: Path) -> N
 
         async with client:
             assert await (await compute.start(5)).result(timeout=15) == {"x": 5, "y": 10}
-        answer = await asyncio.to_thread(_get, port)
-        assert answer.status_code == 200, log.read_text()
-        families = parse_exposition(answer.text)
+
+        # the end is read from the database as it commits; the worker process counts it (its steps, its
+        # end) and frees the slot once its run resumes from that commit: scrape until it has
+        async def scraped() -> dict[str, Family] | None:
+            answer = await asyncio.to_thread(_get, port)
+            assert answer.status_code == 200, log.read_text()
+            families = parse_exposition(answer.text)
+            ended = families["geste_workflows_ended_total"].samples  # none before the first end
+            done = ended and families["geste_worker_running"].value() == 0
+            return families if done else None
+
+        families = await wait_until(scraped, "the worker to count the end of the run")
         assert families["geste_workflows_ended_total"].value(workflow="compute", status="completed") == 1
         assert families["geste_steps_total"].value(kind="activity") == 1
         assert families["geste_steps_total"].value(kind="sleep") == 1
