@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,9 @@ async def test_a_worker_registers_with_its_listener_state(
 async def test_the_heartbeat_refreshes_the_row_with_what_runs(
     make_app: Callable[..., geste.App], client: geste.App
 ) -> None:
-    app = make_app(lock_timeout=0.6)  # a heartbeat every 0.2 s
+    # a heartbeat every second; the lease survives a stall of 2 s under load (with 0.6 s, a renewal 0.4 s
+    # late let it expire, and the status counted no lease held)
+    app = make_app(lock_timeout=3.0)
     release = asyncio.Event()
 
     @app.activity
@@ -480,7 +483,17 @@ def test_geste_status_end_to_end(
         found = status_json(cli, db_url)
         return found if found["queue"]["counts"]["waiting"] == 1 else None
 
-    found = wait_for(waiting, "the approval to wait")
+    wait_for(waiting, "the approval to wait")
+    suspended = time.time()
+
+    def beat_since() -> dict[str, Any] | None:
+        # the registry's running count is the last heartbeat's: one during the run (under load a run
+        # takes a while) says 1 running until the next, 0.67 s later; a beat after the suspension says 0
+        found = status_json(cli, db_url)
+        beats = [datetime.fromisoformat(w["heartbeat_at"]).timestamp() for w in found["workers"]]
+        return found if beats and min(beats) > suspended else None
+
+    found = wait_for(beat_since, "a heartbeat after the suspension")
     assert found["queue"]["counts"] == {
         "pending": 0,
         "running": 0,
