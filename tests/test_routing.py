@@ -648,7 +648,15 @@ async def test_a_lost_notification_is_found_by_the_poll_net_while_routed_rounds_
         quiet = (await worker.start_workflow("cycle", 1)).instance_id
         steps = await settled(pg_url, busy, 0)
         await settled(pg_url, quiet, 0)
-        before = await worker.metrics.snapshot()
+        whole: list[str] = []  # what the worker's whole claims took from here on (the poll net's)
+        claim = worker.storage.claim
+
+        async def recorded(*args: Any, **kwargs: Any) -> Any:
+            claims = await claim(*args, **kwargs)
+            whole.extend(c.lease.instance_id for c in claims)
+            return claims
+
+        worker.storage.claim = recorded  # type: ignore[method-assign]
         sent = time.monotonic()
         await silent.send_event("routing.go", {"n": 0}, instance_id=quiet)
         done = asyncio.ensure_future(worker.get_handle(quiet).result(timeout=10))
@@ -657,11 +665,10 @@ async def test_a_lost_notification_is_found_by_the_poll_net_while_routed_rounds_
             steps = await settled(pg_url, busy, steps)
         assert await done == [os.getpid()]
         took = time.monotonic() - sent
-        after = await worker.metrics.snapshot()
-        polled = after.value("geste_wakeup_latency_seconds_count", cause="poll") - before.value(
-            "geste_wakeup_latency_seconds_count", cause="poll"
-        )
-        assert polled == 1
+        # a whole claim (the poll net: nothing else asks for one here) took the quiet instance. Not counted
+        # by the metrics' causes: the net may also take a wake-up of the busy one (due as it ran, its
+        # claim by id later under load), and a net round that a late local timer began counts as a timer
+        assert quiet in whole, whole
         assert took < fallback + 0.2 + 1.5 + 2.0, took  # the net, the sleep, one busy round, slack
 
 
