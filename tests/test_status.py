@@ -27,7 +27,7 @@ import pytest
 from click.testing import Result
 
 import geste
-from geste.storage.base import Commit, HistoryRow, Lease, NewInstance
+from geste.storage.base import Commit, HistoryRow, Lease, NewInstance, WorkerRow
 from geste.storage.sqlite import SCHEMA_VERSION
 from tests.conftest import die_with_parent
 from tests.support import database_at_version, raw_query, run_cli
@@ -195,6 +195,53 @@ async def test_a_beat_in_flight_as_the_worker_stops_lands_before_its_stop_mark(
         assert worker is not None
         worker.announce()
     stopped = find(await client.status(), "in-flight")
+    assert stopped is not None
+    assert (stopped.state, stopped.alive) == ("stopped", False)
+
+
+async def test_a_heartbeat_in_flight_as_the_worker_stops_lands_before_its_stop_mark(
+    make_app: Callable[..., geste.App], client: geste.App
+) -> None:
+    """The heartbeat loop's own beat, its statement sent as the worker stops: the stop cancels the loop,
+    but a statement the database received runs all the same (cancelling the call does not undo it; on
+    PostgreSQL the pool gives up waiting for the cancel after 0.1 s). The stop must wait for the beat, or
+    it lands after the stop mark and says the worker is alive."""
+    app = make_app(worker_id="beating", lock_timeout=0.6)  # a heartbeat every 0.2 s
+    async with app:
+        storage = app.storage
+        entered, marked = asyncio.Event(), asyncio.Event()
+        statements: list[asyncio.Future[None]] = []
+        mark_stopped = storage.mark_worker_stopped
+
+        async def beat(row: WorkerRow, **kwargs: Any) -> list[WorkerRow]:
+            task = asyncio.current_task()
+            if task is not None and task.get_name().startswith(("geste-announce-", "geste-health-")):
+                await client.storage.upsert_worker(row)  # not the heartbeat loop's
+                return []
+
+            async def statement() -> None:  # sent: it runs whatever becomes of its caller
+                entered.set()
+                try:  # held until the stop is marked; with the fix nothing is marked before it: a bound
+                    await asyncio.wait_for(marked.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+                # the database runs it (the client's connection stands in for the worker's, closed by then)
+                await client.storage.upsert_worker(row)
+
+            statements.append(asyncio.ensure_future(statement()))
+            await asyncio.shield(statements[-1])
+            return []
+
+        async def marking(worker_id: str, now: float) -> None:
+            await mark_stopped(worker_id, now)
+            marked.set()
+
+        storage.upsert_worker = beat  # type: ignore[method-assign]
+        storage.heartbeat = beat  # type: ignore[method-assign]
+        storage.mark_worker_stopped = marking  # type: ignore[method-assign]
+        await asyncio.wait_for(entered.wait(), timeout=30)
+    await asyncio.gather(*statements)  # what was sent has run
+    stopped = find(await client.status(), "beating")
     assert stopped is not None
     assert (stopped.state, stopped.alive) == ("stopped", False)
 

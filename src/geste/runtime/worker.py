@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from .._metrics import BACKLOG, POLL, START, TIMER, Metrics
@@ -203,11 +203,7 @@ class Worker(Loop):
         if self.stopping:
             return
         self.health = reason if self.health is None else f"{self.health}; {reason}"
-        task = asyncio.get_running_loop().create_task(
-            self._report_health(), name=f"geste-health-{self.worker_id}"
-        )
-        self._reports.add(task)  # held until done: the loop keeps only a weak reference to a task
-        task.add_done_callback(self._reports.discard)
+        self.track(self._report_health(), f"geste-health-{self.worker_id}")
 
     async def _report_health(self) -> None:
         try:
@@ -221,11 +217,16 @@ class Worker(Loop):
         worker's view of them is fresh."""
         if self.stopping or not self._started_at:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._announce(), name=f"geste-announce-{self.worker_id}"
-        )
-        self._reports.add(task)
+        self.track(self._announce(), f"geste-announce-{self.worker_id}")
+
+    def track(self, beat: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run a beat in a task of its own, which ``stop`` waits for before it marks the worker stopped: a
+        beat's statement, once sent, runs whatever becomes of its caller (a cancel does not undo it), and
+        one landing after the stop mark would say the worker is alive."""
+        task = asyncio.get_running_loop().create_task(beat, name=name)
+        self._reports.add(task)  # held until done: the loop keeps only a weak reference to a task
         task.add_done_callback(self._reports.discard)
+        return task
 
     async def _announce(self) -> None:
         try:
@@ -249,9 +250,9 @@ class Worker(Loop):
         if running:
             logger.info("worker %s draining %d running instance(s)", self.worker_id, len(running))
             await asyncio.wait(running, timeout=self.shutdown_grace)
-        await self._heartbeat.stop()
-        if self._reports:  # a beat of an announce or a health report still in flight: it must land
-            await asyncio.gather(*self._reports, return_exceptions=True)  # before the stop, not after it
+        await self._heartbeat.stop()  # cancelled; a beat of its in flight goes on, in its own task
+        if self._reports:  # a beat (the heartbeat's, an announce, a health report) still in flight: it
+            await asyncio.gather(*self._reports, return_exceptions=True)  # must land before the stop mark
         leftover = list(self._running.values())
         for _, task in leftover:
             task.cancel()
@@ -671,7 +672,7 @@ class Heartbeat(Loop):
         interval = worker.lock_timeout / 3
         await asyncio.sleep(interval)
         try:
-            await worker.beat()
+            await asyncio.shield(worker.track(worker.beat(), f"geste-beat-{worker.worker_id}"))
         except Exception as exc:
             failed(logger, f"worker {worker.worker_id}: heartbeat", exc, interval)
         try:
