@@ -75,6 +75,18 @@ class Db:
             await asyncio.sleep(0.01)
         raise AssertionError("the statement never waited for a lock")
 
+    async def blocking(self, conn: Any) -> None:
+        """Until a statement of another connection (the storage's pool) waits for a lock ``conn`` holds."""
+        for _ in range(3000):
+            blocked = await self.conns[0].fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                conn.get_server_pid(),
+            )
+            if blocked:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no statement waited for the lock")
+
 
 @pytest.fixture
 async def db(pg_url: str) -> AsyncIterator[Db]:
@@ -169,7 +181,7 @@ async def test_a_discard_waits_for_the_round_holding_the_next_event_then_makes_i
     round_conn = await db.connect()
     tx = await db.round_in(round_conn, "A", NOW)
     discard = asyncio.create_task(db.storage.outbox_discard("b", NOW + 1))
-    await asyncio.sleep(0.2)  # it waits for the round's lock on b (without it, o was left held)
+    await db.blocking(round_conn)  # it waits for the round's lock on b (without it, o was left held)
     await tx.commit()
     assert await discard is True
     assert await db.row("o") == ("pending", NOW + 1, None)
@@ -183,7 +195,7 @@ async def test_a_retry_racing_a_round_sends_the_retried_event_first(db: Db) -> N
     round_conn = await db.connect()
     tx = await db.round_in(round_conn, "A", NOW)
     retry = asyncio.create_task(db.storage.outbox_retry("b", NOW + 1))
-    await asyncio.sleep(0.2)  # it waits for the round's lock on b
+    await db.blocking(round_conn)  # it waits for the round's lock on b
     await tx.commit()
     assert await retry is True
     assert await db.row("o") == ("pending", None, None)
