@@ -714,8 +714,23 @@ async def test_a_wait_that_ended_early_costs_no_claim_at_its_deadline(own_databa
             return "timed out"
 
     named: list[str] = []
+    caught_up: list[bool] = []  # the whole claims done, each: whether it began while the listener listened
+    whole_claim = worker.storage.claim
+
+    async def whole(*args: Any, **kwargs: Any) -> Any:
+        listening = worker.listener_status().state == "listening"
+        try:
+            return await whole_claim(*args, **kwargs)
+        finally:
+            caught_up.append(listening)
+
+    worker.storage.claim = whole  # type: ignore[method-assign]
     async with worker, build_app(pg_url, run_worker=False) as client:
         await wait_until(lambda: worker.listener_status().state == "listening", "the listener")
+        # the listener's catch-up claim (a whole claim) is over before the wait begins: later, it took the
+        # instance woken by the event, or read the wait's deadline as the database's next run_at, which
+        # this worker (the only one) woke for, and claimed at (both under load)
+        await wait_until(lambda: any(caught_up), "the catch-up claim after the listener connected")
         claim_ids = worker.storage.claim_ids
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
