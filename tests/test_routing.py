@@ -767,11 +767,8 @@ async def test_an_outbox_event_is_claimed_by_one_relay(own_database: str) -> Non
         delivered.append(event.event_id)
 
     claims: Counter[str] = Counter()
-    # heartbeats every 10 s: each relay's view of the others stays routable for 21 s, however late a
-    # heartbeat comes under load (with 1 s beats, one 1 s late made a relay route around another, and
-    # both claimed); the relays' polls (every 30 s, after one at the start) stay out of the windows
     apps = [
-        build_app(pg_url, worker_id=f"r{n}", lock_timeout=30.0, outbox_handler=handler, outbox_max_attempts=1)
+        build_app(pg_url, worker_id=f"r{n}", lock_timeout=3.0, outbox_handler=handler, outbox_max_attempts=1)
         for n in range(3)
     ]
     for app in apps:
@@ -798,7 +795,7 @@ async def test_an_outbox_event_is_claimed_by_one_relay(own_database: str) -> Non
 
         await wait_until(converged, "the relays to register")
         since = time.time()
-        await wait_until(lambda: _beat_since(pg_url, since, 3), "every worker to read the others", timeout=30)
+        await wait_until(lambda: _beat_since(pg_url, since, 3), "every worker to read the others", timeout=10)
         before = Counter(claims)
         event_id = await (await apps[1].start_workflow("emit", 1)).result(timeout=10)
         await wait_until(lambda: event_id in delivered, "the delivery")
