@@ -560,3 +560,79 @@ async def test_a_parents_end_reaches_a_childs_running_activity_at_once_on_postgr
         assert await parent.result(timeout=10) == "sp:1"
         await asyncio.wait_for(cancelled.wait(), 10)  # a renewal would come only after 20 s
         await wait_status(app, "sp:1", geste.Status.CANCELLED, timeout=10)
+
+
+async def test_a_cancel_flagged_before_a_child_start_commits_is_delivered_at_the_next_step(
+    make_app: MakeApp, db_url: str
+) -> None:
+    """The child start's commit says, as every commit does, whether a cancel of the parent was requested:
+    a cancel flagged while the parent ran, its notice lost (written straight into the row; 60 s leases,
+    no renewal to tell it), is delivered at the step after the start, so the activity there never runs."""
+    app = make_app(lock_timeout=60.0)
+    ran: list[str] = []
+
+    @app.activity
+    async def flag_own(ctx: geste.ActivityContext, instance_id: str) -> None:
+        query = "UPDATE geste_instances SET cancel_requested = true WHERE instance_id = $1"
+        await raw_query(db_url, query, instance_id)
+
+    @app.activity
+    async def after(ctx: geste.ActivityContext) -> None:
+        ran.append("after")
+
+    @app.workflow
+    async def kid(ctx: geste.WorkflowContext) -> None:
+        await ctx.wait_event("never")
+
+    @app.workflow
+    async def starter(ctx: geste.WorkflowContext) -> None:
+        await flag_own(ctx, ctx.instance_id)  # its row is buffered: the child's start commits it
+        await ctx.start_child(kid)
+        await after(ctx)
+
+    async with app:
+        handle = await starter.start_with_id("cs")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=30)
+        kinds = [e.kind for e in await app.history("cs")]
+    assert ran == []
+    assert kinds[-2:] == [geste.StepKind.START_CHILD, geste.StepKind.CANCELLED]
+
+
+async def test_an_activity_cancelling_its_own_instance_ends_it_at_the_next_step(make_app: MakeApp) -> None:
+    """``app.cancel`` of its own instance from inside an activity (run by this worker: the cancel goes to
+    the run at once): the activity's result is recorded and the cancel is delivered at the next step (or
+    the cancel's notice, on PostgreSQL, cancels the call still in flight). Before, the task's cancel of
+    itself was thrown at the run's next await, after the attempt had returned, and the run stopped with
+    its lease held (60 s here)."""
+    app = make_app(lock_timeout=60.0)
+    ran: list[str] = []
+
+    @app.activity
+    async def cancel_own(ctx: geste.ActivityContext, instance_id: str) -> str:
+        await app.cancel(instance_id)
+        return "asked"
+
+    @app.activity
+    async def after(ctx: geste.ActivityContext) -> None:
+        ran.append("after")
+
+    @app.workflow
+    async def self_cancelling(ctx: geste.WorkflowContext) -> None:
+        await cancel_own(ctx, ctx.instance_id)
+        await after(ctx)
+
+    async with app:
+        handle = await self_cancelling.start_with_id("sc")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=30)
+        history = await app.history("sc")
+    assert ran == []
+    first = history[0]
+    assert (first.kind, first.name) == (geste.StepKind.ACTIVITY, "cancel_own")
+    if first.is_error:  # on PostgreSQL the cancel's notice may come back while the call still awaits
+        assert first.payload is not None and first.payload["error"]["type"].endswith("ActivityCancelled")
+        assert len(history) == 1  # the cancel delivered at that step
+    else:  # the attempt returned: its result recorded, the cancel delivered at the next step
+        assert first.payload is not None and first.payload["result"] == "asked"
+        assert [e.kind for e in history[1:]] == [geste.StepKind.CANCELLED]

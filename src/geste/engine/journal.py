@@ -513,13 +513,14 @@ class Journal:
         records = [*self.pending, row]
         host = self.host
         with _abandon_on_failure:
-            taken = await host.storage.start_child(
+            outcome = await host.storage.start_child(
                 self._commit(records, child.now), child, parent_close=parent_close
             )
-        if taken is None:
-            self.pending = []
-            self._counted(records)
-        return taken
+        if isinstance(outcome, ChildState):
+            return outcome
+        self.pending = []
+        self._recorded(records, outcome.cancel_requested)
+        return None
 
     async def child_ended(self, child_id: str) -> ChildState | None:
         """The child's state if it has ended (one read by primary key, nothing written), else None: a

@@ -757,10 +757,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def start_child(
         self, commit: Commit, child: NewInstance, *, parent_close: str
-    ) -> ChildState | None:
+    ) -> ChildState | StepResult:
         """Create ``child`` (free, runnable) as a child of the commit's instance and append the commit's
-        rows, in one transaction; None when done. When ``child``'s id is taken, nothing is written and
-        the instance that has it is returned."""
+        rows, in one transaction; a ``StepResult`` when done (whether a cancel of the parent is
+        requested, as every commit says). When ``child``'s id is taken, nothing is written and the
+        instance that has it is returned."""
 
     @abc.abstractmethod
     async def take_child_or_suspend(self, commit: Commit, child_id: str) -> ChildState | Suspension:

@@ -1104,10 +1104,10 @@ class PostgresStorage(base.Storage):
     # -- child workflows (schema 16) ------------------------------------------------------------------
     async def start_child(
         self, commit: base.Commit, child: base.NewInstance, *, parent_close: str
-    ) -> base.ChildState | None:
+    ) -> base.ChildState | base.StepResult:
         lease = commit.lease
 
-        async def go(conn: Conn) -> base.ChildState | None:
+        async def go(conn: Conn) -> base.ChildState | base.StepResult:
             started = await conn.fetchrow(
                 self._q["start_child"],
                 child.instance_id,
@@ -1122,10 +1122,13 @@ class PostgresStorage(base.Storage):
                 self.notify,
             )
             if not started["created"]:
-                return _child_state(await conn.fetchrow(self._q["child_state"], child.instance_id))
+                state = _child_state(await conn.fetchrow(self._q["child_state"], child.instance_id))
+                if state is None:  # taken by an instance deleted since (retention): a rare race, retried
+                    raise base.LeaseLost(lease.instance_id)
+                return state
             if not started["touched"]:
                 raise base.LeaseLost(lease.instance_id)
-            return None
+            return base.StepResult(cancel_requested=bool(started["cancel_requested"]))
 
         return await self._run(go)
 

@@ -669,7 +669,7 @@ class SQLiteStorage(base.Storage):
     # -- child workflows (schema 16) ------------------------------------------------------------------
     async def start_child(
         self, commit: base.Commit, child: base.NewInstance, *, parent_close: str
-    ) -> base.ChildState | None:
+    ) -> base.ChildState | base.StepResult:
         params = {
             "instance_id": child.instance_id,
             "workflow_name": child.workflow_name,
@@ -679,11 +679,12 @@ class SQLiteStorage(base.Storage):
             "parent_close": parent_close,
         }
 
-        def tx(conn: sqlite3.Connection) -> base.ChildState | None:
+        def tx(conn: sqlite3.Connection) -> base.ChildState | base.StepResult:
             if conn.execute(Q["start_child"], params).rowcount != 1:
-                return _child_state(conn.execute(Q["child_state"], (child.instance_id,)).fetchone())
-            self._append(conn, commit)
-            return None
+                state = _child_state(conn.execute(Q["child_state"], (child.instance_id,)).fetchone())
+                assert state is not None  # the insert was refused: the row exists, in this transaction
+                return state
+            return base.StepResult(cancel_requested=self._append(conn, commit))
 
         return await self._write(tx)
 

@@ -1865,6 +1865,7 @@ WITH inserted AS (
     FROM inserted WHERE $15
 )
 SELECT EXISTS (SELECT 1 FROM inserted) AS created, EXISTS (SELECT 1 FROM touched) AS touched,
+       (SELECT bool_or(cancel_requested) FROM touched) AS cancel_requested,
        (SELECT count(*) FROM notified) AS notified;
 
 -- name: child_state
