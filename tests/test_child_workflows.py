@@ -106,6 +106,29 @@ def family(make_app: MakeApp, **options: Any) -> geste.App:
         return await ctx.run_child(waits)
 
     @app.workflow()
+    async def waits_then(ctx: geste.WorkflowContext) -> str:
+        event = await ctx.wait_event("go")
+        if event.data == "fail":
+            raise RuntimeError("the child's own failure")
+        return str(event.data)
+
+    @app.activity()
+    async def undo(ctx: geste.ActivityContext, what: str) -> str:
+        return what
+
+    @app.workflow()
+    async def fails_with_a_wait_child(ctx: geste.WorkflowContext) -> None:
+        await ctx.start_child(waits_then, parent_close="wait")
+        ctx.on_failure(undo, "the parent's work")
+        raise ValueError("the parent's own failure")
+
+    @app.workflow()
+    async def holds_three(ctx: geste.WorkflowContext) -> list[str]:
+        started = [(await ctx.start_child(waits, parent_close=p)).id for p in ("cancel", "wait", "abandon")]
+        await ctx.wait_event("never")
+        return started
+
+    @app.workflow()
     async def bad(ctx: geste.WorkflowContext, what: str) -> str:
         try:
             if what == "unknown":
@@ -260,13 +283,21 @@ async def test_the_replay_check_replays_child_steps_and_stops_at_a_childs_wait(t
         await wait_status(app, "r-kept", geste.Status.WAITING, timeout=30)
         await app.send_event("go", "now", instance_id="r-kept:1")
         assert await kept.result(timeout=30) == "r-kept:1"
+        # a parent whose code raised with a WAIT child: the wait (then its compensation) after the raise
+        failing = await app.workflows["fails_with_a_wait_child"].start_with_id("r-fails")
+        await wait_status(app, "r-fails:1", geste.Status.WAITING, timeout=30)
+        await wait_status(app, "r-fails", geste.Status.WAITING, timeout=30)
+        await app.send_event("go", "now", instance_id="r-fails:1")
+        with pytest.raises(geste.errors.WorkflowFailed):
+            await failing.result(timeout=30)
     report = await check_replay(app, database_url=url)
     by_id = {r.instance_id: str(r.status) for r in report.results}
-    assert {i: by_id[i] for i in ("r-done", "r-failed", "r-waiting", "r-kept")} == {
+    assert {i: by_id[i] for i in ("r-done", "r-failed", "r-waiting", "r-kept", "r-fails")} == {
         "r-done": "ok",
         "r-failed": "ok",
         "r-waiting": "ok",
         "r-kept": "ok",
+        "r-fails": "ok",
     }, report.summary()
 
     changed = geste.App(url)
@@ -278,6 +309,103 @@ async def test_the_replay_check_replays_child_steps_and_stops_at_a_childs_wait(t
 
     report = await check_replay(changed, database_url=url, workflow="awaits_waiter")
     assert [str(r.status) for r in report.results] == ["diverged"], report.summary()
+
+
+async def settled(app: geste.App, instance_id: str) -> geste.Status:
+    """The instance's status once it is neither pending nor running (waiting, or ended)."""
+    found: list[geste.Status] = []
+
+    async def done() -> bool:
+        status = (await app.get_instance(instance_id)).status
+        found[:] = [status]
+        return status not in (geste.Status.PENDING, geste.Status.RUNNING)
+
+    await wait_until(done, f"{instance_id} to wait or end")
+    return found[0]
+
+
+@pytest.mark.parametrize("child_ends", ["completed", "failed"])
+async def test_a_failing_parent_waits_for_its_wait_children_then_fails_with_its_own_error(
+    make_app: MakeApp, child_ends: str
+) -> None:
+    """ParentClose.WAIT on a failure: the parent's code raised, yet it waits (durably) for its WAIT child
+    before its failure and its compensation are recorded; the child's outcome, a failure included, is
+    not the parent's: its error is its own."""
+    app = family(make_app)
+    async with app:
+        handle = await app.workflows["fails_with_a_wait_child"].start_with_id("fw")
+        await wait_status(app, "fw:1", geste.Status.WAITING)
+        assert await settled(app, "fw") == geste.Status.WAITING  # not failed: waiting for its child
+        await app.send_event("go", "fail" if child_ends == "failed" else "ok", instance_id="fw:1")
+        with pytest.raises(geste.errors.WorkflowFailed) as failed:
+            await handle.result(timeout=30)
+        assert (failed.value.error["type"], failed.value.error["message"]) == (
+            "builtins.ValueError",
+            "the parent's own failure",
+        )
+        assert (await app.get_instance("fw:1")).status == geste.Status(child_ends)
+        history = await handle.history()
+        assert [(e.kind, e.name) for e in history] == [
+            (geste.StepKind.START_CHILD, "waits_then"),
+            (geste.StepKind.CHILD, "fw:1"),  # the child's end, then the compensation
+            (geste.StepKind.COMPENSATION, "undo"),
+        ]
+        assert history[1].payload["status"] == child_ends
+
+
+async def test_a_parent_cancelled_while_it_waits_for_its_wait_children_after_a_failure(
+    make_app: MakeApp,
+) -> None:
+    """A cancel that reaches a failing parent at that wait wins, as at a completion: the parent ends
+    cancelled (its compensation runs), and its cancel reaches the WAIT child."""
+    app = family(make_app)
+    async with app:
+        handle = await app.workflows["fails_with_a_wait_child"].start_with_id("fc")
+        await wait_status(app, "fc:1", geste.Status.WAITING)
+        assert await settled(app, "fc") == geste.Status.WAITING
+        await app.cancel("fc")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=30)
+        assert [e.kind for e in await handle.history()] == [
+            geste.StepKind.START_CHILD,
+            geste.StepKind.CANCELLED,
+            geste.StepKind.COMPENSATION,
+        ]
+        await wait_status(app, "fc:1", geste.Status.CANCELLED)
+        kid = await app.get_instance("fc:1")
+        assert kid.error is not None and kid.error["cancelled_by_parent"] == "fc"
+
+
+async def test_a_cancelled_parent_cancels_its_wait_children_too_but_not_the_abandoned(
+    make_app: MakeApp, db_url: str
+) -> None:
+    """A cancel reaches every child but the abandoned ones: the parent's cancellation flags its CANCEL and
+    its WAIT children (not awaited: a cancel waits for nothing), in its end's transaction."""
+    app = family(make_app)
+    async with app:
+        handle = await app.workflows["holds_three"].start_with_id("h3")
+        for kid in ("h3:1", "h3:2", "h3:3"):
+            await wait_status(app, kid, geste.Status.WAITING)
+        await wait_status(app, "h3", geste.Status.WAITING)
+        await app.cancel("h3")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=30)
+        flags = await raw_query(
+            db_url,
+            "SELECT instance_id, cancel_requested, parent_close FROM geste_instances "
+            "WHERE parent_id = $1 ORDER BY instance_id",
+            "h3",
+        )
+        assert [(r["instance_id"], bool(r["cancel_requested"]), r["parent_close"]) for r in flags] == [
+            ("h3:1", True, "cancelled"),
+            ("h3:2", True, "cancelled"),  # ParentClose.WAIT: cancelled, not awaited
+            ("h3:3", False, "abandon"),
+        ]
+        for kid in ("h3:1", "h3:2"):
+            await wait_status(app, kid, geste.Status.CANCELLED)
+            error = (await app.get_instance(kid)).error
+            assert error is not None and error["cancelled_by_parent"] == "h3", kid
+        assert (await app.get_instance("h3:3")).status == geste.Status.WAITING
 
 
 # -- across worker processes ------------------------------------------------------------------------------
@@ -381,6 +509,47 @@ async def test_a_worker_killed_at_the_child_start_leaves_exactly_one_child(
         assert [c.instance_id for c in await starter.children("qp")] == ["qp:1"]
 
 
+@pytest.mark.parametrize("end", ["completed", "cancelled"])
+async def test_a_parents_end_cancels_its_children_in_its_own_transaction_even_if_its_worker_dies_then(
+    workers: Workers, db_url: str, end: str
+) -> None:
+    """The parent-close policies commit with the parent's end, not after it: worker A exits (os._exit)
+    right after the parent's end committed, and its children are flagged already (CANCEL ones on a
+    completion, CANCEL and WAIT ones on a cancellation; never the abandoned one). Worker B then runs them:
+    they end cancelled, by their parent."""
+    from tests.apps.child_app import build_app
+
+    dying = await workers.spawn("A", "--die-after-end=ce")
+    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
+    policies = ["cancel", "abandon"] + (["wait"] if end == "cancelled" else [])
+    async with starter:
+        handle = await starter.workflows["closer"].start_with_id("ce", policies, end == "cancelled")
+        if end == "cancelled":
+            await wait_status(starter, "ce", geste.Status.WAITING)  # its children started
+            await starter.cancel("ce")
+        await asyncio.to_thread(dying.wait, 30)
+        assert dying.returncode == 9
+        assert (await starter.get_instance("ce")).status == geste.Status(end)
+        flags = await raw_query(
+            db_url,
+            "SELECT instance_id, cancel_requested, parent_close FROM geste_instances "
+            "WHERE parent_id = $1 ORDER BY instance_id",
+            "ce",
+        )
+        expected = [("ce:1", True, "cancelled"), ("ce:2", False, "abandon")]
+        if end == "cancelled":
+            expected.append(("ce:3", True, "cancelled"))
+        assert [(r["instance_id"], bool(r["cancel_requested"]), r["parent_close"]) for r in flags] == expected
+        await workers.spawn("B")
+        for kid, flagged in [(kid, flagged) for kid, flagged, _ in expected]:
+            if flagged:
+                await wait_status(starter, kid, geste.Status.CANCELLED, timeout=60)
+                error = (await starter.get_instance(kid)).error
+                assert error is not None and error["cancelled_by_parent"] == "ce"
+        if end == "completed":
+            assert await handle.result(timeout=10) == ["ce:1", "ce:2"]
+
+
 # -- costs ------------------------------------------------------------------------------------------------
 async def test_a_child_round_trip_costs_one_start_one_suspension_and_two_ends(
     make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
@@ -463,7 +632,7 @@ async def test_geste_show_the_viewer_and_the_api_link_parent_and_children(
 
 async def test_the_children_of_an_instance_are_read_by_the_parent_index(pg_url: str) -> None:
     """Among 20,000 waiting instances of which 40 are children of 2 parents, listing one parent's children
-    and cancelling them read its 20 rows by geste_instances_by_parent, not the table (EXPLAIN ANALYZE)."""
+    reads its 20 rows by geste_instances_by_parent, not the table (EXPLAIN ANALYZE)."""
     import json as _json
 
     import asyncpg
@@ -486,11 +655,84 @@ async def test_the_children_of_an_instance_are_read_by_the_parent_index(pg_url: 
                 FROM generate_series(1, 20000) AS n"""
             )
             await conn.execute(f'ANALYZE "{schema}".geste_instances')
-            for name, args in (("list_children", ("p0", 1000)), ("cancel_children", ("p0", 1.0, False))):
-                plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {storage._q[name]}", *args)
-                nodes = plan_nodes(_json.loads(plan)[0]["Plan"])
-                assert "geste_instances_by_parent" in {n.get("Index Name") for n in nodes}, (name, nodes)
-                assert instances_read(nodes) <= 20, (name, instances_read(nodes))
+            plan = await conn.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {storage._q['list_children']}", "p0", 1000
+            )
+            nodes = plan_nodes(_json.loads(plan)[0]["Plan"])
+            assert "geste_instances_by_parent" in {n.get("Index Name") for n in nodes}, nodes
+            assert instances_read(nodes) <= 20, instances_read(nodes)
+        finally:
+            await conn.close()
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_an_end_probes_only_the_children_it_cancels_on_postgres(
+    pg_url: str, plan_cache_mode: str
+) -> None:
+    """EXPLAIN ANALYZE of ``finish`` and ``finish_batch`` among 20,000 instances, with the custom plan and
+    the generic one asyncpg switches to: with no child to cancel, the gate (an empty array) is a one-time
+    filter and the end reads its own row alone (each batched end its own row, locked then updated); with
+    20 children to cancel, it reads those 20 (locked with the parent by their key, in instance_id order,
+    then flagged: by key or by the parent's range of geste_instances_by_parent), never the table."""
+    import json as _json
+
+    import asyncpg
+
+    from .support import instances_read, plan_nodes
+
+    app = geste.App(pg_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        conn = await asyncpg.connect(pg_url.split("?", 1)[0])
+        try:
+            await conn.execute(
+                f"""INSERT INTO "{storage.schema}".geste_instances
+                    (instance_id, workflow_name, status, input, created_at, updated_at, lease_id,
+                     parent_id, parent_close)
+                SELECT CASE WHEN n <= 20 THEN 'fp:' || n WHEN n <= 22 THEN 'fp' || n ELSE 'i' || n END,
+                       'w', CASE WHEN n BETWEEN 21 AND 22 THEN 'running' ELSE 'waiting' END, '{{}}', n, n,
+                       CASE WHEN n BETWEEN 21 AND 22 THEN 'lease' END,
+                       CASE WHEN n <= 20 THEN 'fp21' END, CASE WHEN n <= 20 THEN 'cancel' END
+                FROM generate_series(1, 20000) AS n"""
+            )
+            await conn.execute(f'ANALYZE "{storage.schema}".geste_instances')
+            await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
+            kids = "ARRAY[" + ", ".join(f"'fp:{n}'" for n in range(1, 21)) + "]"
+            empty = "'{}'"
+            one = "'fp21', 'lease', 'completed', NULL, NULL, 1.0, " + ", ".join([empty] * 6) + ", false, "
+            batch = (
+                "ARRAY['fp21', 'fp22'], ARRAY['lease', 'lease'], ARRAY['completed', 'completed'], "
+                "ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::text[], ARRAY[1.0, 1.0], ARRAY[0, 0], "
+                + ", ".join([empty] * 7)
+                + ", false, "
+            )
+            for name, call, most in (
+                ("finish", one + empty, 1),
+                ("finish", one + kids, 1 + 21 + 20),
+                ("finish_batch", batch + empty, 2 + 2),
+                ("finish_batch", batch + kids, 2 + 20 + 2 + 2 * 20),
+            ):
+                transaction = conn.transaction()
+                await transaction.start()
+                try:
+                    await conn.execute(f"PREPARE end_under_test AS {storage._q[name]}")
+                    found = await conn.fetchval(
+                        f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE end_under_test({call})"
+                    )
+                finally:
+                    await transaction.rollback()
+                    await conn.execute("DEALLOCATE end_under_test")
+                nodes = plan_nodes(_json.loads(found)[0]["Plan"])
+                on_table = [n for n in nodes if n.get("Relation Name") == "geste_instances"]
+                shown = (
+                    name,
+                    call[-12:],
+                    [(n["Node Type"], n.get("Index Name"), instances_read([n])) for n in on_table],
+                )
+                assert not any(n["Node Type"] == "Seq Scan" for n in on_table), shown
+                assert instances_read(nodes) <= most, (instances_read(nodes), shown)
+                if call.endswith(empty):
+                    assert any("One-Time Filter" in n for n in nodes), shown
         finally:
             await conn.close()
 
@@ -523,6 +765,61 @@ async def test_a_parent_and_its_child_ending_in_one_group_commit_both_end(pg_url
         assert rows == [
             {"instance_id": "bp", "status": "completed", "lease_id": None},
             {"instance_id": "bp:1", "status": "completed", "lease_id": None},
+        ]
+
+
+async def test_a_group_commit_of_ends_cancels_the_children_of_the_parents_it_ends(pg_url: str) -> None:
+    """PostgreSQL's finish_batch flags the children each end cancels in its one statement (one counted:
+    not split into ends alone), where that end's lease held; a child ending in the same batch is left to
+    its own end (one statement must not update a row twice)."""
+    import time as _time
+
+    from geste.storage import postgres as pg
+    from geste.storage.base import Commit, Lease, LeaseLost, NewInstance
+
+    app = geste.App(pg_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        now = _time.time()
+        held = [Lease("gp", "lease-p"), Lease("gp:2", "lease-c"), Lease("gx", "lease-x")]
+        for lease in held:
+            await storage.create_instance(
+                NewInstance(lease.instance_id, "w", '{"args":[],"kwargs":{}}', now),
+                lease=lease,
+                worker_id="me",
+                lock_expires_at=now + 60,
+            )
+        for free in ("gp:1", "gx:1"):
+            await storage.create_instance(
+                NewInstance(free, "w", '{"args":[],"kwargs":{}}', now),
+                lease=None,
+                worker_id=None,
+                lock_expires_at=None,
+            )
+        await raw_query(
+            pg_url,
+            "UPDATE geste_instances SET parent_id = split_part(instance_id, ':', 1), parent_close = 'cancel' "
+            "WHERE instance_id LIKE '%:%'",
+        )
+        ends = [
+            pg._Finish(Commit(held[0], [], now), geste.Status.COMPLETED, "1", None, ("gp:1", "gp:2")),
+            pg._Finish(Commit(held[1], [], now), geste.Status.COMPLETED, "2", None),
+            pg._Finish(Commit(Lease("gx", "stale"), [], now), geste.Status.FAILED, None, "{}", ("gx:1",)),
+        ]
+        before = storage.step_commits
+        outcomes = await storage._finish_batch(ends)
+        assert storage.step_commits == before + 1
+        assert outcomes[:2] == [None, None] and isinstance(outcomes[2], LeaseLost)
+        rows = await raw_query(
+            pg_url,
+            "SELECT instance_id, status, cancel_requested, parent_close FROM geste_instances ORDER BY 1",
+        )
+        assert [(r["instance_id"], r["status"], r["cancel_requested"], r["parent_close"]) for r in rows] == [
+            ("gp", "completed", False, None),
+            ("gp:1", "pending", True, "cancelled"),
+            ("gp:2", "completed", False, "cancel"),
+            ("gx", "running", False, None),
+            ("gx:1", "pending", False, "cancel"),
         ]
 
 

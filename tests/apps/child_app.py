@@ -8,7 +8,8 @@ It writes ``DIR/ready-W`` once its App is open and runs until SIGTERM/SIGINT. Th
 ``hold`` activity waits until the file ``DIR/go-<instance id>`` exists and writes ``DIR/ran-<instance
 id>-<worker id>`` when it returns, so a test can kill a worker mid-wait and see who ran the child.
 ``--crash before``: the process exits (``os._exit``) at its first ``start_child`` transaction, before
-it is sent; ``after``: right after it committed, before the run goes on.
+it is sent; ``after``: right after it committed, before the run goes on. ``--die-after-end ID``: it exits
+right after the end of instance ID committed, before anything else is written.
 """
 
 from __future__ import annotations
@@ -50,7 +51,30 @@ def build_app(url: str, *, markers: str, **options: Any) -> geste.App:
     async def quick_parent(ctx: geste.WorkflowContext, n: int) -> int:
         return await ctx.run_child(quick, n)
 
+    @app.workflow()
+    async def idle(ctx: geste.WorkflowContext) -> None:
+        await ctx.wait_event("never")
+
+    @app.workflow()
+    async def closer(ctx: geste.WorkflowContext, policies: list[str], then_wait: bool) -> list[str]:
+        """Starts an idle child with each policy, then ends (or waits, for a cancel)."""
+        started = [(await ctx.start_child(idle, parent_close=policy)).id for policy in policies]
+        if then_wait:
+            await ctx.wait_event("never")
+        return started
+
     return app
+
+
+def die_after_end(app: geste.App, instance_id: str) -> None:
+    real = app.storage.finish
+
+    async def finish(commit: Any, **kwargs: Any) -> None:
+        await real(commit, **kwargs)
+        if commit.lease.instance_id == instance_id:
+            os._exit(9)
+
+    app.storage.finish = finish  # type: ignore[method-assign]
 
 
 def crash_at_start_child(app: geste.App, when: str) -> None:
@@ -80,6 +104,8 @@ async def _serve(args: argparse.Namespace) -> None:
     await app.open()
     if args.crash:
         crash_at_start_child(app, args.crash)
+    if args.die_after_end:
+        die_after_end(app, args.die_after_end)
     (Path(args.markers) / f"ready-{args.worker_id}").write_text(str(os.getpid()))
     await app.run()
 
@@ -92,6 +118,7 @@ def main() -> None:
     parser.add_argument("--lock-timeout", type=float, default=1.0)
     parser.add_argument("--poll-interval", type=float, default=0.05)
     parser.add_argument("--crash", choices=["before", "after"], default=None)
+    parser.add_argument("--die-after-end", default=None)
     asyncio.run(_serve(parser.parse_args()))
 
 

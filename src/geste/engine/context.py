@@ -62,6 +62,7 @@ from ..errors import (
     InstanceNotFoundError,
     NonDeterminismError,
     ReceiveTimeout,
+    WorkflowCancelled,
 )
 from ..storage.base import (
     ChildState,
@@ -424,6 +425,20 @@ class WorkflowContext:
                 handle: ChildHandle[Any] = ChildHandle(self, cid, "", None)
                 with contextlib.suppress(ChildWorkflowError):
                     await self._wait_child(handle)
+
+    async def _wait_for_children_after(self, error: Exception) -> Exception:
+        """The workflow's code raised ``error``: unless it is a cancellation (which cancels them instead:
+        ``ParentClose``), the ``ParentClose.WAIT`` children it did not await are awaited first, as at
+        its completion, durable waits that a replay finds again (their failures are not its own). What
+        ends the run is returned: ``error``, or the cancellation delivered at such a wait (a cancel
+        wins there, as at completion). A divergence found meanwhile is raised."""
+        if isinstance(error, WorkflowCancelled) or ParentClose.WAIT not in self._journal.children.values():
+            return error
+        try:
+            await self._wait_for_children()
+        except WorkflowCancelled as cancelled:
+            return cancelled
+        return error
 
     # -- durable timers ----------------------------------------------------------------------------
     async def sleep(self, duration: float | timedelta) -> None:

@@ -370,8 +370,12 @@ class _Replay:
             encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)
         except ContinuedAsNew:
             return CONTINUED
-        except Exception as exc:
+        except Exception as failure:
             if journal.divergence is not None:
+                return "diverged"
+            try:  # as the engine does: the ParentClose.WAIT children not awaited, before the failure
+                exc = await self.ctx._wait_for_children_after(failure)
+            except NonDeterminismError:  # kept in journal.divergence
                 return "diverged"
             if journal.compensations:
                 try:

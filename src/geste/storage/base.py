@@ -745,9 +745,21 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def finish(
-        self, commit: Commit, *, status: Status, result: str | None = None, error: str | None = None
+        self,
+        commit: Commit,
+        *,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+        cancel_children: Sequence[str] = (),
     ) -> None:
-        """Append the commit's rows, store the outcome, release the instance and forget its waits."""
+        """Append the commit's rows, store the outcome, release the instance and forget its waits.
+
+        ``cancel_children``: children of the instance whose cancellation its end requests (the
+        parent-close policies, docs/child-workflows.md), in the same transaction: those still running
+        and not asked already are flagged as ``flag_cancel`` flags one (a free one made runnable, a held
+        one's holder told) and their ``parent_close`` set to ``'cancelled'``. None: nothing more is
+        written or read."""
 
     # -- child workflows (schema 16) ------------------------------------------------------------------
     made_runnable: Callable[[], None] | None = None
@@ -772,11 +784,6 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def list_children(self, instance_id: str, *, limit: int = 1000) -> list[InstanceRow]:
         """The children of an instance, oldest first (``geste_instances_by_parent``)."""
-
-    @abc.abstractmethod
-    async def cancel_children(self, instance_id: str, now: float) -> int:
-        """Request the cancellation of the instance's running children whose parent-close policy is
-        ``cancel`` (after its end); return how many were flagged."""
 
     # -- events ------------------------------------------------------------------------------------
     @abc.abstractmethod

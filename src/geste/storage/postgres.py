@@ -267,6 +267,8 @@ class _Finish(_Queued):
     status: Status
     result: str | None
     error: str | None
+    children: tuple[str, ...] = ()
+    """The children whose cancellation the end requests (``Storage.finish``'s ``cancel_children``)."""
 
 
 def _queued(commit: base.Commit) -> base.Commit:
@@ -1066,9 +1068,15 @@ class PostgresStorage(base.Storage):
         return await self._tx(go)
 
     async def finish(
-        self, commit: base.Commit, *, status: Status, result: str | None = None, error: str | None = None
+        self,
+        commit: base.Commit,
+        *,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+        cancel_children: Sequence[str] = (),
     ) -> None:
-        await self._finishes.submit(_Finish(_queued(commit), status, result, error))
+        await self._finishes.submit(_Finish(_queued(commit), status, result, error, tuple(cancel_children)))
 
     async def _finish_batch(self, batch: Sequence[_Finish]) -> list[BaseException | None]:
         """Ends of instances: alone (``finish``) or several together (``finish_batch``)."""
@@ -1077,8 +1085,9 @@ class PostgresStorage(base.Storage):
         )
 
     def _finish_params(self, batch: Sequence[_Finish]) -> tuple[Any, ...]:
-        """``finish_batch``'s parameters: the arrays, then whether it may notify result() waiters."""
-        return (*_finish_columns(batch), self.notify)
+        """``finish_batch``'s parameters: the arrays, whether it may notify, then the children to cancel
+        (of all the batch's ends: each is flagged only where its parent's end held)."""
+        return (*_finish_columns(batch), self.notify, [cid for item in batch for cid in item.children])
 
     async def _finish_one(self, item: _Finish) -> None:
         self.step_commits += 1
@@ -1095,6 +1104,7 @@ class PostgresStorage(base.Storage):
                 commit.now,
                 *self._columns(commit.records),
                 self.notify,
+                list(item.children),
             )
             if not done:
                 raise base.LeaseLost(commit.lease.instance_id)
@@ -1163,13 +1173,6 @@ class PostgresStorage(base.Storage):
             ]
 
         return await self._read(go)
-
-    async def cancel_children(self, instance_id: str, now: float) -> int:
-        async def go(conn: Conn) -> int:
-            row = await conn.fetchrow(self._q["cancel_children"], instance_id, now, self.notify)
-            return int(row["flagged"])
-
-        return await self._run(go)
 
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:

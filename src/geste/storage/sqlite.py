@@ -642,7 +642,13 @@ class SQLiteStorage(base.Storage):
         return await self._write(tx)
 
     async def finish(
-        self, commit: base.Commit, *, status: Status, result: str | None = None, error: str | None = None
+        self,
+        commit: base.Commit,
+        *,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+        cancel_children: Sequence[str] = (),
     ) -> None:
         lease, records = commit.lease, commit.records
         params = {
@@ -661,7 +667,11 @@ class SQLiteStorage(base.Storage):
             self._insert_history(conn, lease.instance_id, records)
             conn.execute(Q["clear_timers"], (lease.instance_id,))
             conn.execute(Q["clear_event_wait"], (lease.instance_id,))
-            return conn.execute(Q["wake_parent"], params).rowcount > 0  # a child's end (16)
+            woken = conn.execute(Q["wake_parent"], params).rowcount > 0  # a child's end (16)
+            if cancel_children:  # the parent-close policies (16), in the end's transaction
+                closing = {**params, "children": json.dumps(list(cancel_children))}
+                woken = conn.execute(Q["cancel_children"], closing).rowcount > 0 or woken
+            return woken
 
         if await self._write(tx):
             self._made_runnable()
@@ -704,13 +714,6 @@ class SQLiteStorage(base.Storage):
         return await self._call(
             lambda c: [rows.instance_row(r) for r in c.execute(Q["list_children"], (instance_id, limit))]
         )
-
-    async def cancel_children(self, instance_id: str, now: float) -> int:
-        params = {"instance_id": instance_id, "now": now}
-        flagged = await self._write(lambda conn: conn.execute(Q["cancel_children"], params).rowcount)
-        if flagged:
-            self._made_runnable()
-        return int(flagged)
 
     def _made_runnable(self) -> None:
         if self.made_runnable is not None:

@@ -1101,9 +1101,12 @@ ORDER BY created_at, instance_id
 LIMIT ?;
 
 -- name: cancel_children
+-- The parent-close policies (16), in the parent's end's transaction (finish): the children named
+-- (:children, a JSON array: those the end cancels) still running and not asked already are flagged as
+-- flag_cancel flags one, and their parent_close set to 'cancelled'. One probe of the key per child.
 UPDATE geste_instances
 SET cancel_requested = 1, updated_at = :now, parent_close = 'cancelled',
     run_at = CASE WHEN lease_id IS NULL AND (run_at IS NULL OR run_at > min(:now, {db_clock}))
                   THEN min(:now, {db_clock}) ELSE run_at END
-WHERE parent_id = :instance_id AND parent_close = 'cancel'
+WHERE instance_id IN (SELECT value FROM json_each(:children)) AND parent_id = :instance_id
   AND status IN ('pending', 'running', 'waiting', 'compensating') AND cancel_requested = 0;
