@@ -301,11 +301,12 @@ class WorkflowContext:
         (``"<id>:<seq>"``, ``"<id>:<run>.<seq>"`` after a ``continue_as_new``), the same on every replay.
         The child runs on any worker that registers its workflow. ``parent_close`` (``ParentClose``)
         says what this instance's end does to the child if it still runs: cancel it (default), abandon
-        it, or wait for it. Raises, before anything is written: ``UnknownWorkflowError`` (a workflow
-        object this app does not register), ``SerializationError`` (arguments that do not fit its
-        signature, or are not JSON), ``ConfigurationError`` (a bad ``child_id``, name or policy), and
-        ``InstanceAlreadyExistsError`` (recorded: a replay raises it again) when ``child_id`` names an
-        instance that is not this step's child.
+        it, or wait for it (cancel it if this instance is cancelled). Raises, before anything is
+        written: ``UnknownWorkflowError`` (a workflow object this app does not register),
+        ``SerializationError`` (arguments that do not fit its signature, or are not JSON),
+        ``ConfigurationError`` (a bad ``child_id``, name or policy), and ``InstanceAlreadyExistsError``
+        (recorded: a replay raises it again) when ``child_id`` names an instance that is not this step's
+        child.
         """
         from .._definitions import Workflow
         from .._validation import check_name

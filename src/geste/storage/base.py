@@ -55,8 +55,8 @@ class InstanceRow:
     parent_id: str | None = None
     """The instance that started it with ``ctx.start_child`` (schema 16), where the query reads it."""
     parent_close: str | None = None
-    """A child's parent-close policy (schema 16), ``"cancelled"`` once its parent's end applied
-    ``cancel`` to it (``get_instance``)."""
+    """A child's parent-close policy (schema 16), ``"cancelled"`` once its parent's end cancelled it
+    (``get_instance``)."""
 
 
 class HistoryRow(NamedTuple):
