@@ -823,6 +823,83 @@ async def test_a_group_commit_of_ends_cancels_the_children_of_the_parents_it_end
         ]
 
 
+async def test_an_end_aborted_to_break_a_deadlock_with_its_childs_end_is_written_again(pg_url: str) -> None:
+    """The one lock order left that can deadlock (docs/design.md, "Parent close"): a child's end holds
+    the child's row and then updates its parent's (the wake-up), while the parent's end, which cancels
+    that child, holds the parent's row (its id sorts first) and waits for the child's. PostgreSQL aborts
+    the parent's end (it waited first; the child's side waits 20 s before it looks); the storage writes
+    it again at once, and it goes through once the child's transaction has committed."""
+    import time as _time
+
+    import asyncpg
+
+    from geste.storage.base import Commit, Lease, NewInstance
+
+    app = geste.App(pg_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        now = _time.time()
+        lease = Lease("dp", "lease-p")
+        await storage.create_instance(
+            NewInstance("dp", "w", '{"args":[],"kwargs":{}}', now),
+            lease=lease,
+            worker_id="me",
+            lock_expires_at=now + 60,
+        )
+        await storage.create_instance(
+            NewInstance("dp:1", "w", '{"args":[],"kwargs":{}}', now),
+            lease=None,
+            worker_id=None,
+            lock_expires_at=None,
+        )
+        await raw_query(
+            pg_url,
+            "UPDATE geste_instances SET parent_id = 'dp', parent_close = 'cancel' WHERE instance_id = 'dp:1'",
+        )
+        child_side = await asyncpg.connect(
+            pg_url.split("?", 1)[0], server_settings={"search_path": storage.schema}
+        )
+        try:
+            await child_side.execute("SET deadlock_timeout = '20s'")
+            transaction = child_side.transaction()
+            await transaction.start()
+            await child_side.execute(
+                "UPDATE geste_instances SET updated_at = updated_at WHERE instance_id = 'dp:1'"
+            )
+            ending = asyncio.create_task(
+                storage.finish(
+                    Commit(lease, [], now),
+                    status=geste.Status.COMPLETED,
+                    result="1",
+                    cancel_children=["dp:1"],
+                )
+            )
+
+            async def blocked() -> bool:
+                found = await raw_query(
+                    pg_url,
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE $1",
+                    f'%"{storage.schema}".geste_instances%closing%',
+                )
+                return int(found[0]["n"]) > 0
+
+            await wait_until(blocked, "the parent's end to wait for the child's row")
+            # the child's end wakes its parent: it waits for the parent's row, held by the parent's end
+            await child_side.execute("UPDATE geste_instances SET run_at = run_at WHERE instance_id = 'dp'")
+            await transaction.commit()
+            await asyncio.wait_for(ending, 30)
+        finally:
+            await child_side.close()
+        rows = await raw_query(
+            pg_url, "SELECT instance_id, status, cancel_requested FROM geste_instances ORDER BY 1"
+        )
+        assert [(r["instance_id"], r["status"], r["cancel_requested"]) for r in rows] == [
+            ("dp", "completed", False),
+            ("dp:1", "pending", True),
+        ]
+
+
 async def test_a_parents_end_reaches_a_childs_running_activity_at_once_on_postgres(pg_url: str) -> None:
     """A child running a long activity when its parent ends (ParentClose.CANCEL): on PostgreSQL its holder
     is told at once, as for ``app.cancel`` (a ``"cancel": true`` notification routed to it), not at its

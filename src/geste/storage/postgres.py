@@ -237,6 +237,9 @@ def _timed_out(exc: BaseException) -> bool:
 
 READ_ATTEMPTS = 3
 
+DEADLOCK = "40P01"
+"""SQLSTATE of a transaction PostgreSQL aborted to break a deadlock: nothing of it was written."""
+
 
 GROUP_COMMIT_MAX = 100
 """At most this many instances' step commits in one statement."""
@@ -1090,6 +1093,19 @@ class PostgresStorage(base.Storage):
         return (*_finish_columns(batch), self.notify, [cid for item in batch for cid in item.children])
 
     async def _finish_one(self, item: _Finish) -> None:
+        """One end in its own statement; written once more if PostgreSQL aborted it to break a deadlock
+        (nothing of it was written): an end that flags its children locks them after its own row when
+        its id sorts first, while a child's end at that moment locks the child, then the parent
+        (docs/design.md, "Parent close"): the end goes through once the child's has, not a second
+        later through an abandoned run."""
+        try:
+            await self._finish_once(item)
+        except StorageError as exc:
+            if getattr(exc.__cause__, "sqlstate", None) != DEADLOCK:
+                raise
+            await self._finish_once(item)
+
+    async def _finish_once(self, item: _Finish) -> None:
         self.step_commits += 1
         commit = item.commit
 
