@@ -21,6 +21,7 @@ from geste.errors import (
     UnknownWorkflowError,
     WorkflowCancelled,
 )
+from geste.testing import check_replay
 
 from .conftest import die_with_parent
 from .support import raw_query, wait_until
@@ -271,6 +272,8 @@ async def test_a_child_cancelled_before_it_ran_records_its_parent(
     assert (
         kid.error["type"] == "geste.errors.WorkflowCancelled" and "by its parent rp" in kid.error["message"]
     )
+    report = await check_replay(children, database_url=children.url, workflow=child_workflow)
+    assert report.ok and [r.status for r in report.results] == ["ok"], report  # replayed as it ran
 
 
 @pytest.mark.parametrize("policy", ["cancel", "abandon", "wait"])
