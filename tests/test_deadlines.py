@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
 import geste
@@ -77,6 +78,17 @@ async def test_a_deadline_passing_while_an_activity_runs_cancels_it(make_app: Ma
         history = await handle.history()
         worker = app._worker
         assert worker is not None and worker.renewal_cancels == 0  # nothing asked the database to cancel
+        transport = httpx.ASGITransport(app=app.asgi())
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            page = (
+                await http.get(f"/ui/instances/{handle.instance_id}", headers={"accept": "text/html"})
+            ).text
+        step = page[page.index('id="step-1"') - 40 : page.index('id="step-2"')]  # the cancelled activity
+        assert (
+            '<li class="k-activity cancelled"' in step
+            and '<span class="chip cancel">cancelled: deadline' in step
+        )
+        assert ">failed<" not in step
 
     assert info.status == geste.Status.CANCELLED and not info.cancel_requested
     assert info.error is not None and info.error["type"] == "geste.errors.WorkflowTimeout"
