@@ -21,6 +21,7 @@ from geste.errors import (
     UnknownWorkflowError,
     WorkflowCancelled,
 )
+from geste.testing import check_replay
 
 from .conftest import die_with_parent
 from .support import raw_query, wait_until
@@ -238,6 +239,64 @@ async def test_a_cancelled_parent_cancels_its_children(make_app: MakeApp) -> Non
         kid = await app.get_instance("cp:1")
         assert kid.error is not None and kid.error["cancelled_by_parent"] == "cp"
         assert "by its parent cp" in kid.error["message"]
+
+
+@pytest.mark.parametrize("child_workflow", ["one_step", "no_step"])
+async def test_a_child_cancelled_before_it_ran_records_its_parent(
+    make_app: MakeApp, child_workflow: str
+) -> None:
+    """A child still pending when its parent's end cancels it (no worker had its workflow yet) never
+    runs its code: the first worker that takes it delivers the cancel at its first step, recorded as by
+    its parent (the ``cancelled`` row's ``by_parent``, the error's ``cancelled_by_parent``), as for a
+    child that ran. A workflow with no step at all too (its code would complete it)."""
+    parents = make_app()
+    ran: list[str] = []
+
+    @parents.workflow()
+    async def leaves_remote(ctx: geste.WorkflowContext, name: str) -> str:
+        return (await ctx.start_child(name)).id  # by name: a workflow only the other worker registers
+
+    children = make_app()
+
+    @children.activity()
+    async def work(ctx: geste.ActivityContext) -> None:
+        ran.append("work")
+
+    @children.workflow()
+    async def one_step(ctx: geste.WorkflowContext) -> None:
+        ran.append("one_step")
+        await work(ctx)
+
+    @children.workflow()
+    async def no_step(ctx: geste.WorkflowContext) -> str:
+        ran.append("no_step")
+        return "completed"
+
+    async with parents:
+        handle = await parents.workflows["leaves_remote"].start_with_id("rp", child_workflow)
+        assert await handle.result(timeout=30) == "rp:1"
+
+        async def flagged() -> bool:
+            return (await parents.get_instance("rp:1")).cancel_requested
+
+        await wait_until(flagged, "the pending child flagged by its parent's end", 30)
+        assert (await parents.get_instance("rp:1")).status == geste.Status.PENDING
+    async with children:
+        await wait_status(children, "rp:1", geste.Status.CANCELLED, timeout=30)
+        history = await children.history("rp:1")
+        kid = await children.get_instance("rp:1")
+        listed = {info.instance_id: info.parent_id for info in await children.list_instances()}
+    assert listed == {"rp": None, "rp:1": "rp"}  # the lists read the link too
+    assert ran == []  # its code never started
+    assert [(e.kind, e.name, e.payload) for e in history] == [
+        (geste.StepKind.CANCELLED, "cancelled", {"by_parent": "rp"})
+    ]
+    assert kid.error is not None and kid.error["cancelled_by_parent"] == "rp"
+    assert (
+        kid.error["type"] == "geste.errors.WorkflowCancelled" and "by its parent rp" in kid.error["message"]
+    )
+    report = await check_replay(children, database_url=children.url, workflow=child_workflow)
+    assert report.ok and [r.status for r in report.results] == ["ok"], report  # replayed as it ran
 
 
 @pytest.mark.parametrize("policy", ["cancel", "abandon", "wait"])

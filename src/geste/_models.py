@@ -113,6 +113,9 @@ class InstanceInfo:
     parent_id: str | None = None
     """The instance that started it as its child (``ctx.start_child``); None for one a client started.
     ``app.children(instance_id)`` lists the children of an instance."""
+    deadline: datetime | None = None
+    """When the instance is cancelled for its deadline (``timeout=`` or ``deadline=`` at its start;
+    ``WorkflowTimeout``); None: it has none."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -306,6 +306,13 @@ class Engine:
     ) -> str | None:
         """Run the workflow's code to its end (or a suspension, raised); the stored result if it completed."""
         try:
+            if journal.last_recorded == 0 and journal.cancel_pending():
+                # Cancelled before it ever ran (a child still pending when its parent's end cancelled it,
+                # a deadline passed before any worker took it): its code does not start, as an
+                # `app.cancel` of a pending instance ends it unstarted. Delivered at its first step, so
+                # a workflow with no step at all is cancelled too (it would complete), and `_fail`
+                # records by whom (`_cancelled_by_parent`).
+                journal.deliver_cancel(journal.next())
             args, kwargs = workflow.signature.load_args(decode(stored_input))
             result = await workflow.fn(ctx, *args, **kwargs)
             if journal.children:  # the children started with ParentClose.WAIT and not awaited

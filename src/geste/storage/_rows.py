@@ -77,6 +77,7 @@ def instance_row(r: Record) -> InstanceRow:
         last_worker=_column(r, "last_worker", None),
         parent_id=_column(r, "parent_id", None),
         parent_close=_column(r, "parent_close", None),
+        deadline=_column(r, "deadline", None),
     )
 
 

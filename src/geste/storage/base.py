@@ -57,6 +57,9 @@ class InstanceRow:
     parent_close: str | None = None
     """A child's parent-close policy (schema 16), ``"cancelled"`` once its parent's end cancelled it
     (``get_instance``)."""
+    deadline: float | None = None
+    """When the instance is cancelled for its deadline (schema 17; None: none), where the query reads it
+    (``get_instance``, ``list_instances``, ``list_children``)."""
 
 
 class HistoryRow(NamedTuple):

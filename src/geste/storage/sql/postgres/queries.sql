@@ -55,7 +55,7 @@ SELECT {db_clock} AS now;
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id,
-       parent_close
+       parent_close, deadline
 FROM {schema}.geste_instances WHERE instance_id = $1;
 
 -- name: watch_result
@@ -94,7 +94,7 @@ SELECT count(*) FROM gone;
 
 -- name: list_instances
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, parent_id, deadline
 FROM {schema}.geste_instances
 WHERE ($1::text IS NULL OR workflow_name = $1) AND ($2::text IS NULL OR status = $2)
 ORDER BY created_at DESC, instance_id DESC
@@ -1928,7 +1928,7 @@ SELECT workflow_name, status, result, error, parent_id FROM {schema}.geste_insta
 -- name: list_children
 -- The children of an instance, oldest first: a range of geste_instances_by_parent (partial: parent_id set).
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id, deadline
 FROM {schema}.geste_instances
 WHERE parent_id = $1
 ORDER BY created_at, instance_id

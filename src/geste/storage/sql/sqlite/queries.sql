@@ -29,12 +29,12 @@ SELECT {db_clock} AS now;
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id,
-       parent_close
+       parent_close, deadline
 FROM geste_instances WHERE instance_id = ?;
 
 -- name: list_instances
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, parent_id, deadline
 FROM geste_instances
 WHERE (:workflow_name IS NULL OR workflow_name = :workflow_name)
   AND (:status IS NULL OR status = :status)
@@ -1094,7 +1094,7 @@ WHERE instance_id = (SELECT parent_id FROM geste_instances WHERE instance_id = :
 
 -- name: list_children
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id, deadline
 FROM geste_instances
 WHERE parent_id = ?
 ORDER BY created_at, instance_id
