@@ -55,12 +55,14 @@ __all__ = [
     "InstanceLeasedError",
     "InstanceNotFoundError",
     "InstanceStateError",
+    "InvalidScheduleError",
     "NonDeterminismError",
     "NotAGesteDatabaseError",
     "PayloadTooLargeError",
     "ReceiveTimeout",
     "ResultTimeout",
     "RunNotFoundError",
+    "ScheduleNotFoundError",
     "SchemaVersionError",
     "SerializationError",
     "StorageError",
@@ -78,6 +80,19 @@ class GesteError(Exception):
 
 class ConfigurationError(GesteError, ValueError):
     """An option has a value geste cannot work with; raised at construction, never later."""
+
+
+class InvalidScheduleError(ConfigurationError):
+    """A schedule cannot be made as given: a bad cron expression, an unknown time zone, an unknown
+    ``missed`` or ``overlap`` policy, or a workflow that takes arguments other than the tick."""
+
+
+class ScheduleNotFoundError(GesteError, LookupError):
+    """No schedule of this name exists in the database."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no schedule named {name!r}")
+        self.name = name
 
 
 class AppNotOpenError(GesteError, RuntimeError):

@@ -1533,6 +1533,110 @@ class PostgresStorage(base.Storage):
 
         await self._run(go)
 
+    # -- cron schedules (schema 20) ----------------------------------------------------------------
+    async def schedule_upsert(self, row: base.ScheduleRow, now: float) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.execute(
+                self._q["schedule_upsert"],
+                row.name,
+                row.workflow_name,
+                row.cron,
+                row.timezone,
+                row.missed,
+                row.overlap,
+                row.pass_tick,
+                row.next_tick,
+                now,
+            )
+
+        await self._run(go)
+
+    async def schedules_due(self, now: float, *, limit: int) -> list[base.ScheduleRow]:
+        async def go(conn: Conn) -> list[base.ScheduleRow]:
+            return [rows.schedule_row(r) for r in await conn.fetch(self._q["schedules_due"], now, limit)]
+
+        return await self._read(go)
+
+    async def schedule_next_tick(self) -> float | None:
+        async def go(conn: Conn) -> float | None:
+            found = await conn.fetchval(self._q["schedule_next_tick"])
+            return None if found is None else float(found)
+
+        return await self._read(go)
+
+    async def schedule_fire(
+        self,
+        name: str,
+        *,
+        expected: float,
+        next_tick: float,
+        starts: Sequence[base.ScheduleStart],
+        skip_if_running: bool,
+        now: float,
+    ) -> list[str] | None:
+        async def go(conn: Conn) -> list[str] | None:
+            moved = await conn.fetchrow(self._q["schedule_advance"], name, next_tick, expected, now)
+            if moved is None:
+                return None
+            last = moved["last_instance_id"]
+            if skip_if_running and last is not None:
+                previous = await conn.fetchrow(self._q["get_instance"], last)
+                if previous is not None and not Status.stored(previous["status"]).is_finished:
+                    return []
+            created = []
+            for start in starts:
+                new = start.instance
+                row = await conn.fetchrow(
+                    self._q["insert_instance"],
+                    new.instance_id,
+                    new.workflow_name,
+                    str(Status.PENDING),
+                    new.input,
+                    new.now,
+                    None,
+                    None,
+                    None,
+                    self.notify,
+                    new.deadline,
+                )
+                if row is not None and row["created"]:
+                    created.append(new.instance_id)
+                await conn.execute(self._q["schedule_started"], name, start.tick, new.instance_id)
+            return created
+
+        return await self._tx(go)
+
+    async def get_schedule(self, name: str) -> base.ScheduleRow | None:
+        async def go(conn: Conn) -> base.ScheduleRow | None:
+            row = await conn.fetchrow(self._q["get_schedule"], name)
+            return None if row is None else rows.schedule_row(row)
+
+        return await self._read(go)
+
+    async def list_schedules(self, *, limit: int) -> list[base.ScheduleRow]:
+        async def go(conn: Conn) -> list[base.ScheduleRow]:
+            return [rows.schedule_row(r) for r in await conn.fetch(self._q["list_schedules"], limit)]
+
+        return await self._read(go)
+
+    async def schedule_pause(self, name: str, now: float) -> bool:
+        async def go(conn: Conn) -> bool:
+            return str(await conn.execute(self._q["schedule_pause"], name, now)) != "UPDATE 0"
+
+        return await self._run(go)
+
+    async def schedule_resume(self, name: str, next_tick: float, now: float) -> bool:
+        async def go(conn: Conn) -> bool:
+            return str(await conn.execute(self._q["schedule_resume"], name, next_tick, now)) != "UPDATE 0"
+
+        return await self._run(go)
+
+    async def schedule_delete(self, name: str) -> bool:
+        async def go(conn: Conn) -> bool:
+            return str(await conn.execute(self._q["schedule_delete"], name)) != "DELETE 0"
+
+        return await self._run(go)
+
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(
         self,

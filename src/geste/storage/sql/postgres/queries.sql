@@ -1933,3 +1933,59 @@ FROM {schema}.geste_instances
 WHERE parent_id = $1
 ORDER BY created_at, instance_id
 LIMIT $2;
+
+-- == cron schedules (migration 20) ================================================================
+-- name: schedule_upsert
+-- A declared schedule (at App open) or app.create_schedule: its definition written; its next tick kept
+-- while it ticks at the same moments (a restart does not lose the ticks it missed), recomputed otherwise.
+-- A paused schedule stays paused.
+INSERT INTO {schema}.geste_schedules AS s
+    (name, workflow_name, cron, timezone, missed, overlap, pass_tick, next_tick, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+ON CONFLICT (name) DO UPDATE
+SET workflow_name = excluded.workflow_name, missed = excluded.missed, overlap = excluded.overlap,
+    pass_tick = excluded.pass_tick, updated_at = excluded.updated_at,
+    next_tick = CASE WHEN s.cron = excluded.cron AND s.timezone = excluded.timezone
+                     THEN s.next_tick ELSE excluded.next_tick END,
+    cron = excluded.cron, timezone = excluded.timezone;
+
+-- name: schedules_due
+-- Through geste_schedules_due: the due schedules, earliest first, at most $2.
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM {schema}.geste_schedules WHERE NOT paused AND next_tick <= $1
+ORDER BY next_tick LIMIT $2;
+
+-- name: schedule_next_tick
+-- Through geste_schedules_due: its first entry.
+SELECT min(next_tick) AS next_tick FROM {schema}.geste_schedules WHERE NOT paused;
+
+-- name: schedule_advance
+-- The round's claim on a tick: moves next_tick from the value it read ($3). A concurrent round waits for
+-- the row, then finds it moved (READ COMMITTED reads the row again) and updates nothing.
+UPDATE {schema}.geste_schedules SET next_tick = $2, updated_at = $4
+WHERE name = $1 AND next_tick = $3 AND NOT paused
+RETURNING last_instance_id;
+
+-- name: schedule_started
+UPDATE {schema}.geste_schedules SET last_tick = $2, last_instance_id = $3 WHERE name = $1;
+
+-- name: get_schedule
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM {schema}.geste_schedules WHERE name = $1;
+
+-- name: list_schedules
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM {schema}.geste_schedules ORDER BY name LIMIT $1;
+
+-- name: schedule_pause
+UPDATE {schema}.geste_schedules SET paused = true, updated_at = $2 WHERE name = $1;
+
+-- name: schedule_resume
+-- Resumed: its next tick is the first to come (the ticks that passed while paused are not started).
+UPDATE {schema}.geste_schedules SET paused = false, next_tick = $2, updated_at = $3 WHERE name = $1;
+
+-- name: schedule_delete
+DELETE FROM {schema}.geste_schedules WHERE name = $1;

@@ -1110,3 +1110,58 @@ SET cancel_requested = 1, updated_at = :now, parent_close = 'cancelled',
                   THEN min(:now, {db_clock}) ELSE run_at END
 WHERE instance_id IN (SELECT value FROM json_each(:children)) AND parent_id = :instance_id
   AND status IN ('pending', 'running', 'waiting', 'compensating') AND cancel_requested = 0;
+
+-- == cron schedules (migration 20) ================================================================
+-- name: schedule_upsert
+-- A declared schedule (at App open) or app.create_schedule: its definition written; its next tick kept
+-- while it ticks at the same moments (a restart does not lose the ticks it missed), recomputed otherwise.
+-- A paused schedule stays paused.
+INSERT INTO geste_schedules
+    (name, workflow_name, cron, timezone, missed, overlap, pass_tick, next_tick, created_at, updated_at)
+VALUES (:name, :workflow_name, :cron, :timezone, :missed, :overlap, :pass_tick, :next_tick, :now, :now)
+ON CONFLICT (name) DO UPDATE
+SET workflow_name = excluded.workflow_name, missed = excluded.missed, overlap = excluded.overlap,
+    pass_tick = excluded.pass_tick, updated_at = excluded.updated_at,
+    next_tick = CASE WHEN geste_schedules.cron = excluded.cron AND geste_schedules.timezone = excluded.timezone
+                     THEN geste_schedules.next_tick ELSE excluded.next_tick END,
+    cron = excluded.cron, timezone = excluded.timezone;
+
+-- name: schedules_due
+-- Through geste_schedules_due: the due schedules, earliest first, at most :limit.
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM geste_schedules WHERE paused = 0 AND next_tick <= :now
+ORDER BY next_tick LIMIT :limit;
+
+-- name: schedule_next_tick
+-- Through geste_schedules_due: its first entry.
+SELECT min(next_tick) AS next_tick FROM geste_schedules WHERE paused = 0;
+
+-- name: schedule_advance
+-- The round's claim on a tick: moves next_tick from the value it read; no row: another worker did first.
+UPDATE geste_schedules SET next_tick = :next_tick, updated_at = :now
+WHERE name = :name AND next_tick = :expected AND paused = 0
+RETURNING last_instance_id;
+
+-- name: schedule_started
+UPDATE geste_schedules SET last_tick = :tick, last_instance_id = :instance_id WHERE name = :name;
+
+-- name: get_schedule
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM geste_schedules WHERE name = :name;
+
+-- name: list_schedules
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM geste_schedules ORDER BY name LIMIT :limit;
+
+-- name: schedule_pause
+UPDATE geste_schedules SET paused = 1, updated_at = :now WHERE name = :name;
+
+-- name: schedule_resume
+-- Resumed: its next tick is the first to come (the ticks that passed while paused are not started).
+UPDATE geste_schedules SET paused = 0, next_tick = :next_tick, updated_at = :now WHERE name = :name;
+
+-- name: schedule_delete
+DELETE FROM geste_schedules WHERE name = :name;
