@@ -14,7 +14,11 @@ import pytest
 
 import geste
 from geste._schedules import BACKFILL_LIMIT, instance_id, ticks_after
-from geste.errors import ConfigurationError, InvalidScheduleError, ScheduleNotFoundError
+from geste.errors import ConfigurationError, InvalidScheduleError, ScheduleNotFoundError, StorageError
+from geste.runtime.schedules import tick_input
+from geste.storage import sqlite as sqlite_storage
+from geste.storage.base import NewInstance, ScheduleStart
+from geste.storage.postgres import PostgresStorage
 from geste.testing import WorkflowEnvironment
 from tests.support import raw_query
 
@@ -121,6 +125,75 @@ async def test_two_workers_racing_on_one_database_start_each_tick_once(
         assert await scheduled_ids(db_url, "hourly") == hourly
         assert await scheduled_ids(db_url, "backfilled") == backfilled
         await all_finished(apps[0], hourly + backfilled)
+
+
+async def test_a_round_that_read_a_tick_another_round_started_writes_nothing(
+    make_app: Callable[..., geste.App], db_url: str
+) -> None:
+    """Both rounds read the tick; the first moves it, the second's conditional move finds it moved and
+    creates nothing, not even an instance of another id (say, a later tick its clock saw as latest)."""
+    clock = FrozenClock(T0)
+    app = scheduled_app(make_app, clock)
+
+    @app.schedule("0 * * * *")
+    @app.workflow
+    async def job(ctx: geste.WorkflowContext) -> None:
+        return None
+
+    async with app:
+        loop = app.runtime.schedules
+        assert loop is not None
+        await loop.stop()
+        clock.now += HOUR
+        (row,) = await app.storage.schedules_due(clock.now, limit=10)
+        (again,) = await app.storage.schedules_due(clock.now, limit=10)  # another worker's round
+        other = NewInstance("not-started", "job", tick_input(again, 0), 0)
+        assert await loop._fire(row, clock.now) is False
+        assert await app.storage.schedule_fire(
+            again.name,
+            expected=again.next_tick,
+            next_tick=again.next_tick + HOUR,
+            starts=[ScheduleStart(again.next_tick, other)],
+            skip_if_running=False,
+            now=clock.now,
+        ) is None  # fmt: skip
+        assert await scheduled_ids(db_url, "job") == ["sched:job:2026-06-01T01:00:00Z"]
+        assert (
+            await raw_query(db_url, "SELECT 1 FROM geste_instances WHERE instance_id = 'not-started'") == []
+        )
+        await all_finished(app, ["sched:job:2026-06-01T01:00:00Z"])
+
+
+async def test_a_round_that_fails_mid_write_leaves_nothing_and_the_tick_starts_once(
+    make_app: Callable[..., geste.App], db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The move of the next tick and the tick's instance are one transaction: a round cut short after the
+    insert (a failing statement, as a crash would) leaves neither, and the next round starts the tick."""
+    clock = FrozenClock(T0)
+    app = scheduled_app(make_app, clock)
+
+    @app.schedule("0 * * * *")
+    @app.workflow
+    async def job(ctx: geste.WorkflowContext) -> None:
+        return None
+
+    async with app:
+        loop = app.runtime.schedules
+        assert loop is not None
+        await loop.stop()  # the test drives the rounds
+        storage = app.storage
+        queries = storage._q if isinstance(storage, PostgresStorage) else sqlite_storage.Q
+        monkeypatch.setitem(queries, "schedule_started", "UPDATE geste_schedules SET no_such_column = 1")
+        clock.now += HOUR
+        with pytest.raises(StorageError):
+            await loop.fire_due()
+        assert await scheduled_ids(db_url, "job") == []
+        assert [s.next_tick for s in await app.list_schedules()] == [T0 + timedelta(minutes=30)]
+        monkeypatch.undo()
+        await loop.catch_up()
+        await loop.catch_up()
+        assert await scheduled_ids(db_url, "job") == ["sched:job:2026-06-01T01:00:00Z"]
+        await all_finished(app, ["sched:job:2026-06-01T01:00:00Z"])
 
 
 # -- missed ticks ----------------------------------------------------------------------------------------
