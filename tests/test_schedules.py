@@ -105,7 +105,7 @@ async def test_two_workers_racing_on_one_database_start_each_tick_once(
     apps = [scheduled_app(make_app, clock), scheduled_app(make_app, clock)]
     for app in apps:
 
-        @app.schedule("0 * * * *", name="hourly")
+        @app.schedule("0 * * * *", name="hourly", overlap="alongside")  # the workers run in real time
         @app.workflow(name="tick")
         async def tick(ctx: geste.WorkflowContext) -> int:
             return 1
@@ -319,6 +319,7 @@ async def test_create_pause_resume_delete(make_app: Callable[..., geste.App], db
         clock.now += HOUR  # 01:30
         await rounds(app)
         assert len(await scheduled_ids(db_url, "reports")) == 1
+        await all_finished(app, await scheduled_ids(db_url, "reports"))  # overlap="skip" would skip 04:00
 
         await app.pause_schedule("reports")
         assert [s.paused for s in await app.list_schedules()] == [True]
