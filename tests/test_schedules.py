@@ -400,6 +400,13 @@ def test_a_workflow_of_more_than_the_tick_is_refused() -> None:
     with pytest.raises(InvalidScheduleError, match="declared already"):
         app.schedule("0 * * * *", name="none")(_no_args(app, "other"))
 
+    @app.schedule("0 * * * *")
+    async def plain(ctx: geste.WorkflowContext) -> None:  # registered as a workflow by the decorator
+        return None
+
+    assert app.workflows["plain"] is plain
+    assert sorted(app.schedules.declared) == ["none", "plain"]
+
 
 def _no_args(app: geste.App, name: str = "none") -> geste.Workflow[[], None]:
     async def fn(ctx: geste.WorkflowContext) -> None:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
 from ._client import Client
 from ._definitions import Activity, Workflow
@@ -75,6 +75,19 @@ class ActivityDecorator(Protocol):
 
     @overload
     def __call__(self, fn: Callable[Concatenate[ActivityContext, P], R], /) -> Activity[P, R]: ...
+
+
+class ScheduleDecorator(Protocol):
+    """What ``@app.schedule(...)`` returns: on a workflow it returns the workflow; on an ``async def`` it
+    registers it as a workflow first and returns that."""
+
+    @overload
+    def __call__(self, target: Workflow[P, R], /) -> Workflow[P, R]: ...
+
+    @overload
+    def __call__(
+        self, target: Callable[Concatenate[WorkflowContext, P], Awaitable[R]], /
+    ) -> Workflow[P, R]: ...
 
 
 class App(OpenClose):
@@ -358,7 +371,7 @@ class App(OpenClose):
         name: str | None = None,
         missed: str = "latest",
         overlap: str = "skip",
-    ) -> Callable[[Any], Workflow[Any, Any]]:
+    ) -> ScheduleDecorator:
         """``@app.schedule("0 2 * * *", timezone="Europe/Paris")`` on a workflow: start it at each tick of
         the cron expression, read in ``timezone``, once across every worker (docs/schedules.md). The
         workflow takes no argument, or one: the tick (an aware UTC datetime). ``name`` defaults to the
@@ -366,7 +379,8 @@ class App(OpenClose):
         recent), ``"skip"`` or ``"all"`` (each, a backfill). ``overlap``: a tick while the previous run is
         unfinished: ``"skip"`` it or run ``"alongside"``. Written to the database at each open. Bad input
         raises ``geste.errors.InvalidScheduleError`` here."""
-        return self.schedules.decorator(cron, timezone=timezone, name=name, missed=missed, overlap=overlap)
+        declare = self.schedules.decorator(cron, timezone=timezone, name=name, missed=missed, overlap=overlap)
+        return cast(ScheduleDecorator, declare)
 
     async def create_schedule(
         self,

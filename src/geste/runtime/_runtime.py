@@ -1,4 +1,5 @@
-"""The runtime of one process: the worker, its wake-ups, the listener, the outbox relay and the chores.
+"""The runtime of one process: the worker, its wake-ups, the listener, the outbox relay, the chores and
+the schedule loop.
 
 ``Runtime`` is built from a storage, its options and the engine's ``Runner`` (it never imports the
 engine); ``open`` opens the storage and starts the loops, ``close`` stops them at a boundary and closes the
