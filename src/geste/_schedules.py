@@ -146,7 +146,8 @@ def plan(schedule: Schedule, next_tick: float, now: float) -> Plan:
             fire.append(tick)
         return Plan(fire, _far_future(now))
     latest = latest_at_or_before(schedule.cron, schedule.timezone, now)
-    latest = next_tick if latest is None or latest < next_tick else latest
+    if latest is None or not next_tick <= latest <= now:  # (a DST fix-up may step past ``now``)
+        latest = next_tick
     upcoming = next(iter(ticks_after(schedule.cron, schedule.timezone, now)), None)
     following = _far_future(now) if upcoming is None else upcoming
     if schedule.missed == "skip" and now - latest >= MISSED_GRACE:
