@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import geste
-from geste._schedules import BACKFILL_LIMIT, instance_id, ticks_after
+from geste._schedules import BACKFILL_LIMIT, Schedule, first_after, instance_id, plan, ticks_after
 from geste.errors import ConfigurationError, InvalidScheduleError, ScheduleNotFoundError, StorageError
 from geste.runtime.schedules import tick_input
 from geste.storage import sqlite as sqlite_storage
@@ -430,3 +430,22 @@ async def test_create_schedule_refuses_bad_input(make_app: Callable[..., geste.A
         with pytest.raises(geste.errors.UnknownWorkflowError):
             await app.create_schedule("x", "nope", "0 * * * *")
         assert await app.list_schedules() == []
+
+
+@pytest.mark.parametrize("cron", ["*/15 * * * *", "30 2 * * *", "0 * * * *", "59 1 * * *"])
+@pytest.mark.parametrize("missed", ["latest", "skip", "all"])
+def test_rounds_every_7_minutes_through_both_transitions_start_only_due_ticks(cron: str, missed: str) -> None:
+    """``plan`` through the two Paris DST days: it starts only ticks already due, in order, each once, and
+    leaves a next tick to come (the backfill aside, cut at its limit)."""
+    for day in (datetime(2026, 3, 28, 20, tzinfo=UTC), datetime(2026, 10, 24, 20, tzinfo=UTC)):
+        schedule = Schedule("s", "w", cron, "Europe/Paris", missed)
+        now = day.timestamp()
+        next_tick, started = first_after(cron, "Europe/Paris", now), [now]
+        for _ in range(12 * 60 // 7):
+            now += 7 * 60
+            if next_tick <= now:
+                decided = plan(schedule, next_tick, now)
+                assert all(started[-1] < tick <= now for tick in decided.fire)
+                started.extend(decided.fire)
+                assert decided.next_tick > now or len(decided.fire) == BACKFILL_LIMIT
+                next_tick = decided.next_tick
