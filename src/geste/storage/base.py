@@ -508,7 +508,7 @@ class Cleanup:
 
 @dataclass(frozen=True, slots=True)
 class ScheduleRow:
-    """A row of ``geste_schedules`` (schema 20): a schedule's definition and where it stands."""
+    """A row of ``geste_schedules`` (schema 19): a schedule's definition and where it stands."""
 
     name: str
     workflow_name: str
@@ -992,7 +992,7 @@ class Storage(abc.ABC):
         """Give back the chores ``worker_id`` holds (it stops): another worker takes each at its next
         round, without waiting for it to be late."""
 
-    # -- cron schedules (schema 20) ----------------------------------------------------------------
+    # -- cron schedules (schema 19) ----------------------------------------------------------------
     @abc.abstractmethod
     async def schedule_upsert(self, row: ScheduleRow, now: float) -> None:
         """Write a schedule's definition; keep its next tick while its cron and time zone are the same

@@ -1533,7 +1533,7 @@ class PostgresStorage(base.Storage):
 
         await self._run(go)
 
-    # -- cron schedules (schema 20) ----------------------------------------------------------------
+    # -- cron schedules (schema 19) ----------------------------------------------------------------
     async def schedule_upsert(self, row: base.ScheduleRow, now: float) -> None:
         async def go(conn: Conn) -> None:
             await conn.execute(

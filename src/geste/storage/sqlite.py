@@ -1100,7 +1100,7 @@ class SQLiteStorage(base.Storage):
     async def chore_release(self, worker_id: str) -> None:
         await self._write(lambda conn: conn.execute(Q["chore_release"], {"worker": worker_id}))
 
-    # -- cron schedules (schema 20) ----------------------------------------------------------------
+    # -- cron schedules (schema 19) ----------------------------------------------------------------
     async def schedule_upsert(self, row: base.ScheduleRow, now: float) -> None:
         params = {
             "name": row.name,

@@ -1934,7 +1934,7 @@ WHERE parent_id = $1
 ORDER BY created_at, instance_id
 LIMIT $2;
 
--- == cron schedules (migration 20) ================================================================
+-- == cron schedules (migration 19) ================================================================
 -- name: schedule_upsert
 -- A declared schedule (at App open) or app.create_schedule: its definition written; its next tick kept
 -- while it ticks at the same moments (a restart does not lose the ticks it missed), recomputed otherwise.

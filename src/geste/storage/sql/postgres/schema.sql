@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 20), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 19), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -291,10 +291,9 @@ CREATE TABLE geste_result_waiters (
 -- the cleanup chore: the expired rows, oldest first (14)
 CREATE INDEX geste_result_waiters_by_expiry ON geste_result_waiters (expires_at);
 
--- Cron schedules (20; docs/schedules.md): one row per schedule, its definition and the next tick it
+-- Cron schedules (19; docs/schedules.md): one row per schedule, its definition and the next tick it
 -- starts. A worker's schedule loop reads the due rows (geste_schedules_due) and moves next_tick with a
 -- conditional update in the transaction that creates the tick's instance (id sched:<name>:<tick>).
--- Schema 19 changes nothing here (a placeholder on this branch).
 CREATE TABLE geste_schedules (
     name             text PRIMARY KEY,
     workflow_name    text NOT NULL,

@@ -1111,7 +1111,7 @@ SET cancel_requested = 1, updated_at = :now, parent_close = 'cancelled',
 WHERE instance_id IN (SELECT value FROM json_each(:children)) AND parent_id = :instance_id
   AND status IN ('pending', 'running', 'waiting', 'compensating') AND cancel_requested = 0;
 
--- == cron schedules (migration 20) ================================================================
+-- == cron schedules (migration 19) ================================================================
 -- name: schedule_upsert
 -- A declared schedule (at App open) or app.create_schedule: its definition written; its next tick kept
 -- while it ticks at the same moments (a restart does not lose the ticks it missed), recomputed otherwise.

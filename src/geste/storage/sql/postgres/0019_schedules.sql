@@ -1,4 +1,4 @@
--- geste schema, version 20 (PostgreSQL): cron schedules (issue 19; docs/schedules.md). One row per
+-- geste schema, version 19 (PostgreSQL): cron schedules (issue 19; docs/schedules.md). One row per
 -- schedule: its definition (cron expression, time zone, workflow, policies), whether it is paused, and
 -- next_tick, the next tick it starts (Unix seconds). A round of a worker's schedule loop reads the due
 -- rows through geste_schedules_due, and moves next_tick with a conditional update (WHERE next_tick = the
