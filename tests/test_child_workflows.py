@@ -1069,3 +1069,36 @@ async def test_an_activity_cancelling_its_own_instance_ends_it_at_the_next_step(
     else:  # the attempt returned: its result recorded, the cancel delivered at the next step
         assert first.payload is not None and first.payload["result"] == "asked"
         assert [e.kind for e in history[1:]] == [geste.StepKind.CANCELLED]
+
+
+async def test_a_child_started_with_options_has_a_deadline_of_its_own(make_app: MakeApp) -> None:
+    """``ctx.start_child(workflow.options(timeout=...))``: the child's deadline counts from the start
+    step's time; when it passes the child is cancelled with ``WorkflowTimeout`` (not blamed on its
+    parent), and the parent's wait raises ``ChildWorkflowError`` carrying that error."""
+    app = make_app()
+
+    @app.workflow
+    async def slow_child(ctx: geste.WorkflowContext) -> str:
+        await ctx.wait_event("never-sent")
+        return "done"
+
+    @app.workflow
+    async def impatient(ctx: geste.WorkflowContext) -> dict[str, Any]:
+        try:
+            await ctx.run_child(slow_child.options(timeout=0.5))
+        except ChildWorkflowError as exc:
+            return {"status": str(exc.status), "error": (exc.error or {}).get("type")}
+        return {"status": "completed"}
+
+    async with app:
+        handle = await impatient.start_with_id("dl")
+        assert await handle.result(timeout=30) == {
+            "status": "cancelled",
+            "error": "geste.errors.WorkflowTimeout",
+        }
+        child = await app.get_instance("dl:1")
+        start = next(e for e in await app.history("dl") if e.kind == geste.StepKind.START_CHILD)
+    assert child.deadline is not None
+    assert child.deadline.timestamp() == pytest.approx(start.created_at.timestamp() + 0.5, abs=0.01)
+    assert child.error is not None and "cancelled_by_parent" not in child.error
+    assert child.status == geste.Status.CANCELLED

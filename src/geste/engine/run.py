@@ -16,7 +16,13 @@ from .._metrics import Metrics
 from .._models import ParentClose, Status, StepKind
 from .._serde import decode, encode, encode_error
 from .._steps import CancelledStep
-from ..errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
+from ..errors import (
+    NonDeterminismError,
+    SerializationError,
+    StorageError,
+    WorkflowCancelled,
+    WorkflowTimeout,
+)
 from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
 from .activities import DEFAULT_ACTIVITY_THREADS, ActivityRunner
 from .cache import PARKED, CachedRun, WorkflowCache
@@ -343,7 +349,7 @@ class Engine:
             return
         cancelled = isinstance(exc, WorkflowCancelled)
         error = encode_error(exc)
-        if cancelled:
+        if cancelled and not isinstance(exc, WorkflowTimeout):  # its own deadline: not its parent's doing
             by_parent = await self._cancelled_by_parent(journal)
             if by_parent is not None:
                 error["message"] = f"{error.get('message')}: by its parent {by_parent}, which ended"

@@ -1146,6 +1146,7 @@ class PostgresStorage(base.Storage):
                 *self._columns(commit.records),
                 parent_close,
                 self.notify,
+                child.deadline,
             )
             if not started["created"]:
                 state = _child_state(await conn.fetchrow(self._q["child_state"], child.instance_id))

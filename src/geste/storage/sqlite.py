@@ -687,6 +687,7 @@ class SQLiteStorage(base.Storage):
             "now": child.now,
             "parent_id": commit.lease.instance_id,
             "parent_close": parent_close,
+            "deadline": child.deadline,
         }
 
         def tx(conn: sqlite3.Connection) -> base.ChildState | base.StepResult:

@@ -1892,13 +1892,13 @@ FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY
 -- lease lost: the child stays and its parent's next holder, replaying the step with the same id, finds it
 -- its own (parent_id, workflow) and records the step then. One probe of the primary key each.
 -- $1-$3: the child's id, workflow, input; $4: now; $5 the parent, $6 its lease, $7 the lease's new expiry;
--- $8-$13 the history columns; $14 the policy; $15 notify.
+-- $8-$13 the history columns; $14 the policy; $15 notify; $16 the child's deadline (17; NULL: none).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-         parent_id, parent_close)
+         parent_id, parent_close, deadline)
     VALUES ($1, $2, 'pending', $3, $4, $4, LEAST($4, {db_clock}), nextval('{schema}.geste_events_seq_seq'),
-            $5, $14)
+            $5, $14, $16)
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id
 ), touched AS (

@@ -1078,9 +1078,10 @@ FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?))
 -- start_child row: the child is created free and runnable, or not (its id is taken). One primary-key probe.
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-     parent_id, parent_close)
+     parent_id, parent_close, deadline)
 VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now, min(:now, {db_clock}),
-        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close)
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close,
+        :deadline)
 ON CONFLICT (instance_id) DO NOTHING;
 
 -- name: child_state
