@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.apps.cancel_app import build_app  # noqa: E402
-from tests.apps.crash_app import read_log  # noqa: E402
+from tests.apps.worker import read_log  # noqa: E402
 
 MakeApp = Callable[..., geste.App]
 CANCELLED_TYPE = "geste.errors.ActivityCancelled"

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.apps.crash_app import read_log  # noqa: E402
+from tests.apps.worker import read_log  # noqa: E402
 
 REWAKE = 0.3
 CLEANUP = 0.5

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pyte
     sys.path.insert(0, str(ROOT))
 
 from tests.apps import continue_app  # noqa: E402
-from tests.apps.crash_app import read_log  # noqa: E402
+from tests.apps.worker import read_log  # noqa: E402
 
 MakeApp = Callable[..., geste.App]
 
