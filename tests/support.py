@@ -71,6 +71,17 @@ async def wait_status(app: geste.App, instance_id: str, status: geste.Status, ti
     await wait_until(reached, f"{instance_id} to be {status}", timeout)
 
 
+CANCELLED_TYPE = "geste.errors.ActivityCancelled"
+
+
+def cancelled_outcome(entry: geste.HistoryEntry) -> dict[str, Any]:
+    """The error of an activity step whose outcome is ``ActivityCancelled`` (asserted)."""
+    assert entry.kind == geste.StepKind.ACTIVITY and entry.is_error, entry
+    error: dict[str, Any] = entry.payload["error"]
+    assert error["type"] == CANCELLED_TYPE, error
+    return error
+
+
 async def raw_query(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
     """Rows read straight from the database, past geste (``$n`` parameters on both backends)."""
     if url.startswith("sqlite"):
