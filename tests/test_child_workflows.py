@@ -5,10 +5,7 @@ parent/child link, on both backends; across worker processes in tests/test_child
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,10 +19,8 @@ from geste.errors import (
     WorkflowCancelled,
 )
 
-from .conftest import die_with_parent
+from .processes import WorkerProcesses, worker_processes
 from .support import raw_query, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
 
 MakeApp = Callable[..., geste.App]
 
@@ -281,52 +276,7 @@ async def test_the_replay_check_replays_child_steps_and_stops_at_a_childs_wait(t
 
 
 # -- across worker processes ------------------------------------------------------------------------------
-class Workers:
-    """Worker processes of tests/apps/child_app.py on one database, killed at the end."""
-
-    def __init__(self, folder: Path, url: str) -> None:
-        self.folder, self.url = folder, url
-        self.markers = folder / "markers"
-        self.markers.mkdir()
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    async def spawn(self, worker_id: str, *options: str) -> subprocess.Popen[bytes]:
-        out = (self.folder / f"{worker_id}.out").open("wb")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.apps.child_app",
-                self.url,
-                f"--worker-id={worker_id}",
-                f"--markers={self.markers}",
-                *options,
-            ],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-        out.close()
-        self.procs.append(proc)
-        ready = self.markers / f"ready-{worker_id}"
-        await wait_until(lambda: ready.exists() or proc.poll() is not None, f"{worker_id} to start")
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def workers(tmp_path: Path, db_url: str) -> Iterator[Workers]:
-    group = Workers(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop()
+workers = worker_processes("child_app")
 
 
 async def count_children(url: str, parent: str) -> int:
@@ -335,22 +285,20 @@ async def count_children(url: str, parent: str) -> int:
 
 
 async def test_a_child_on_another_worker_wakes_a_parent_whose_worker_was_killed_mid_wait(
-    workers: Workers, db_url: str
+    workers: WorkerProcesses, db_url: str
 ) -> None:
     """Worker A runs the parent, which waits; its child holds on A. A is killed (SIGKILL) mid-wait; worker
     B takes the child over, ends it, and the parent, woken by that end, completes on B: one child."""
-    from tests.apps.child_app import build_app
-
     first = await workers.spawn("A")
 
-    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
+    starter = workers.client()
     async with starter:
         handle = await starter.workflows["parent"].start_with_id("xp", 4)
         await wait_status(starter, "xp", geste.Status.WAITING)
         await wait_status(starter, "xp:1", geste.Status.RUNNING)
         first.kill()
         first.wait()
-        (workers.markers / "go-xp:1").touch()
+        workers.go("xp:1")
         await workers.spawn("B")
         assert await handle.result(timeout=60) == 8
         assert (workers.markers / "ran-xp:1-B").exists()
@@ -362,14 +310,12 @@ async def test_a_child_on_another_worker_wakes_a_parent_whose_worker_was_killed_
 
 @pytest.mark.parametrize("when", ["before", "after"])
 async def test_a_worker_killed_at_the_child_start_leaves_exactly_one_child(
-    workers: Workers, db_url: str, when: str
+    workers: WorkerProcesses, db_url: str, when: str
 ) -> None:
     """The parent's worker exits inside start_child's transaction (before it is sent, or once it
     committed); another worker takes the parent over: one child, with the derived id, and the result."""
-    from tests.apps.child_app import build_app
-
-    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
-    crashing = await workers.spawn("A", f"--crash={when}")
+    starter = workers.client()
+    crashing = await workers.spawn("A", crash=when)
     async with starter:
         handle = await starter.workflows["quick_parent"].start_with_id("qp", 1)
         await asyncio.to_thread(crashing.wait, 30)
