@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -26,14 +24,9 @@ from geste.storage.base import Lease, Storage
 from geste.storage.postgres import PostgresStorage
 from geste.storage.sqlite import SQLiteStorage
 
-from .conftest import die_with_parent
+from .apps.heartbeat_app import build_app
+from .processes import WorkerProcesses
 from .support import raw_query, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.heartbeat_app import build_app  # noqa: E402
 
 FAST_RETRY = geste.RetryPolicy(max_attempts=3, initial_interval=0.01)
 
@@ -235,23 +228,9 @@ async def test_a_thousand_heartbeats_cost_no_statement_and_the_renewal_writes_th
 
 # -- across processes: the details survive the worker ------------------------------------------------
 async def test_the_details_survive_a_worker_killed_mid_activity(db_url: str, tmp_path: Path) -> None:
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    output = tmp_path / "worker.out"
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.apps.heartbeat_app", db_url, "--worker-id=doomed",
-             f"--markers={markers}", "--stop-at=3"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-        )  # fmt: skip
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"the worker exited with {proc.returncode}:\n{output.read_text()}")
-            return (markers / "ready-doomed").exists()
-
-        await wait_until(ready, "the worker to be ready")
+    with WorkerProcesses(tmp_path, db_url, "heartbeat_app") as workers:
+        proc = await workers.spawn("doomed", stop_at=3)
+        markers = workers.markers
         starter = build_app(db_url, worker_id="starter", markers=markers)
         starter.run_worker = False
         async with starter:
@@ -270,10 +249,6 @@ async def test_the_details_survive_a_worker_killed_mid_activity(db_url: str, tmp
         survivor = build_app(db_url, worker_id="survivor", markers=markers)
         async with survivor:  # takes the dead worker's lease over once it expires, runs the activity again
             result = await survivor.get_handle(handle.instance_id).result(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
     assert result == {"resumed_from": {"done": 3, "worker": "doomed"}, "worker": "survivor", "attempt": 1}
 
 
