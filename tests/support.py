@@ -62,6 +62,19 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """``wait_until`` for synchronous tests: call ``condition`` until it returns something truthy, and
+    return that value; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
 async def wait_status(app: geste.App, instance_id: str, status: geste.Status, timeout: float = 10.0) -> None:
     """Wait until the instance has ``status`` in the database."""
 

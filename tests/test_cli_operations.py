@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from click.testing import Result
@@ -25,7 +25,7 @@ import geste
 from geste._progress import Progress
 from geste.storage.base import WorkerRow
 from tests.apps.operations_app import build_app
-from tests.support import run_cli
+from tests.support import run_cli, wait_for
 
 from .conftest import die_with_parent
 
@@ -72,17 +72,6 @@ def with_client(db_url: str, action: Callable[[geste.App], Awaitable[T]]) -> T:
             return await action(client)
 
     return asyncio.run(go())
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def status_of(db_url: str, instance_id: str) -> str:
