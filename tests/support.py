@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
+
+import pytest
 
 import geste
 
@@ -93,6 +96,29 @@ def cancelled_outcome(entry: geste.HistoryEntry) -> dict[str, Any]:
     error: dict[str, Any] = entry.payload["error"]
     assert error["type"] == CANCELLED_TYPE, error
     return error
+
+
+def count_storage_calls(monkeypatch: pytest.MonkeyPatch, names: Iterable[str]) -> Counter[str]:
+    """Count, by name, the calls of the storage operations ``names`` (async methods, each one statement or
+    more) on both backends' storages, for the rest of the test."""
+    from geste.storage.postgres import PostgresStorage
+    from geste.storage.sqlite import SQLiteStorage
+
+    counts: Counter[str] = Counter()
+    for name in names:
+        for cls in (SQLiteStorage, PostgresStorage):
+            original = getattr(cls, name)
+            assert asyncio.iscoroutinefunction(original), (cls, name)
+
+            def counting(original: Any = original, name: str = name) -> Callable[..., Any]:
+                async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    counts[name] += 1
+                    return await original(*args, **kwargs)
+
+                return wrapper
+
+            monkeypatch.setattr(cls, name, counting())
+    return counts
 
 
 async def raw_query(url: str, query: str, *args: Any) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from geste.errors import (
 )
 
 from .processes import WorkerProcesses, worker_processes
-from .support import raw_query, wait_until
+from .support import count_storage_calls, raw_query, wait_until
 
 MakeApp = Callable[..., geste.App]
 
@@ -335,25 +335,9 @@ async def test_a_child_round_trip_costs_one_start_one_suspension_and_two_ends(
     PostgreSQL), its wait that suspends, the child's end (which wakes the parent in its own statement),
     the parent's wait again, which reads the child by its key and writes nothing, and the parent's end
     with the ``child`` row. No record, no suspend, no poll of the child."""
-    from collections import Counter
 
-    from geste.storage.postgres import PostgresStorage
-    from geste.storage.sqlite import SQLiteStorage
-
-    counts: Counter[str] = Counter()
     names = ("start_child", "take_child_or_suspend", "finish", "record", "suspend")
-    for cls in (SQLiteStorage, PostgresStorage):
-        for name in names:
-            original = getattr(cls, name)
-
-            def counting(original: Any = original, name: str = name) -> Callable[..., Any]:
-                async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    counts[name] += 1
-                    return await original(*args, **kwargs)
-
-                return wrapper
-
-            monkeypatch.setattr(cls, name, counting())
+    counts = count_storage_calls(monkeypatch, names)
     app = family(make_app, lock_timeout=30.0)
     async with app:
         handle = await app.workflows["awaits_waiter"].start_with_id("cost")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,10 @@ import geste
 from geste._serde import decode_error
 from geste.errors import ActivityHeartbeatTimeout, ActivityTimeout, ConfigurationError, SerializationError
 from geste.storage.base import Lease, Storage
-from geste.storage.postgres import PostgresStorage
-from geste.storage.sqlite import SQLiteStorage
 
 from .apps.heartbeat_app import build_app
 from .processes import WorkerProcesses
-from .support import raw_query, wait_until
+from .support import count_storage_calls, raw_query, wait_until
 
 FAST_RETRY = geste.RetryPolicy(max_attempts=3, initial_interval=0.01)
 
@@ -157,24 +155,12 @@ def test_a_context_built_by_hand_takes_heartbeats_and_has_no_details() -> None:
 
 # -- cost: no statement per heartbeat ------------------------------------------------------------------
 @pytest.fixture
-def operations(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+def operations(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Every storage operation (each one statement or more), by name, on both backends."""
-    counts: Counter[str] = Counter()
-    for cls in (SQLiteStorage, PostgresStorage):
-        for name in dir(Storage):
-            original = getattr(cls, name, None)
-            if name.startswith("_") or not asyncio.iscoroutinefunction(original):
-                continue
-
-            def counting(original: Any = original, name: str = name) -> Callable[..., Any]:
-                async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    counts[name] += 1
-                    return await original(*args, **kwargs)
-
-                return wrapper
-
-            monkeypatch.setattr(cls, name, counting())
-    yield counts
+    names = [
+        n for n in dir(Storage) if not n.startswith("_") and asyncio.iscoroutinefunction(getattr(Storage, n))
+    ]
+    return count_storage_calls(monkeypatch, names)
 
 
 async def test_a_thousand_heartbeats_cost_no_statement_and_the_renewal_writes_the_last(
