@@ -61,7 +61,6 @@ async def counted(url: str, table: str, instance_id: str) -> int:
 
 # -- the loop ------------------------------------------------------------------------------------------------
 @pytest.mark.pgbouncer  # also through PgBouncer (conftest)
-@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_loop_continues_as_new_and_ends_with_its_runs_kept(make_app: MakeApp, db_url: str) -> None:
     app, keys = looping_app(make_app)
     async with app:
