@@ -11,6 +11,7 @@ at the end (or stopped with SIGTERM where the group says so), and dies with the 
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -31,6 +32,45 @@ ROOT = Path(__file__).resolve().parents[1]
 """The repository root: the workers' working directory, where ``tests.apps`` is importable."""
 
 READY_TIMEOUT = 30.0
+
+
+def start_process(
+    args: list[str], *, output: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Run ``python -m ARGS`` from the repository root (``env`` added to this process's environment), its
+    stdout and stderr in ``output``; it is killed if the test process dies."""
+    with output.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", *args],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env},
+            preexec_fn=die_with_parent,
+        )
+
+
+async def wait_ready(
+    proc: subprocess.Popen[bytes],
+    ready: Path,
+    *,
+    output: Path,
+    what: str,
+    timeout: float = READY_TIMEOUT,
+    exits_on_its_own: bool = False,
+) -> None:
+    """Wait until the process writes ``ready``; one that exits first fails the test with its ``output``
+    (unless ``exits_on_its_own`` and it wrote ``ready`` before it exited)."""
+
+    def started() -> bool:
+        exited = proc.poll() is not None
+        if exited and not (exits_on_its_own and ready.exists()):
+            raise AssertionError(
+                f"{what} exited with {proc.returncode}:\n{output.read_text(errors='replace')}"
+            )
+        return ready.exists()
+
+    await wait_until(started, f"{what} to be ready", timeout)
 
 
 class WorkerProcesses:
@@ -71,8 +111,6 @@ class WorkerProcesses:
         ready = self.markers / f"ready-{worker_id}"
         ready.unlink(missing_ok=True)
         cmd = [
-            sys.executable,
-            "-m",
             self.module,
             self.url,
             f"--worker-id={worker_id}",
@@ -84,23 +122,12 @@ class WorkerProcesses:
             ),
         ]
         output = self.folder / f"worker-{worker_id}-{len(self.procs)}.out"
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-            )
+        proc = start_process(cmd, output=output)
         self.procs.append(proc)
         self.by_id[worker_id] = proc
         self.outputs[proc.pid] = output
-
-        def started() -> bool:
-            exited = proc.poll() is not None
-            if exited and not (self.exits_on_its_own and ready.exists()):
-                raise AssertionError(
-                    f"worker {worker_id} exited with {proc.returncode}:\n{self.output(proc)}"
-                )
-            return ready.exists()
-
-        await wait_until(started, f"worker {worker_id} to be ready", READY_TIMEOUT)
+        what = f"worker {worker_id}"
+        await wait_ready(proc, ready, output=output, what=what, exits_on_its_own=self.exits_on_its_own)
         return proc
 
     def output(self, proc: subprocess.Popen[bytes]) -> str:

@@ -34,6 +34,7 @@ from geste.runtime.routing import ROUTABLE_SLACK, Router, score
 from geste.runtime.wakeups import TIMER_EXPIRED, WORKFLOW_RESUMABLE, Listener, Wakeups
 from geste.storage.base import WorkerRow
 
+from .processes import start_process, wait_ready
 from .support import plan_nodes, raw_query, sql_literal, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pyte
     sys.path.insert(0, str(ROOT))
 
 from tests.apps.routing_app import build_app, herd, read_lines  # noqa: E402
-from tests.conftest import POSTGRES_URL, _admin, die_with_parent  # noqa: E402
+from tests.conftest import POSTGRES_URL, _admin  # noqa: E402
 
 LISTENING = json.dumps({"state": "listening"})
 
@@ -336,8 +337,6 @@ class Fleet:
         ready = self.folder / f"ready-{worker_id}"
         output = self.folder / f"{worker_id}.out"
         cmd = [
-            sys.executable,
-            "-m",
             "tests.apps.routing_app",
             self.url,
             f"--worker-id={worker_id}",
@@ -345,23 +344,9 @@ class Fleet:
             f"--report={self.reports}",
             *args,
         ]
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-                preexec_fn=die_with_parent,
-            )
+        proc = start_process(cmd, output=output, env=env or {})
         self.procs[worker_id] = proc
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"{worker_id} exited with {proc.returncode}:\n{output.read_text()}")
-            return ready.exists()
-
-        await wait_until(started, f"{worker_id} to listen", timeout=30)
+        await wait_ready(proc, ready, output=output, what=f"{worker_id} (listening)", timeout=30)
         return proc.pid
 
     async def report(self, worker_id: str) -> dict[str, Any]:
