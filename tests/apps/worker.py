@@ -9,6 +9,9 @@ defines ``build_app(url, *, log=None, markers=None, worker_id=None, **options)``
 It writes ``DIR/ready-W`` (its pid) once its App is open, and runs until SIGTERM/SIGINT
 (``app.shutdown()``: it drains, releases its leases and exits 0). Its log lines (INFO, stderr) name the
 worker. Activities append JSON lines to ``LOG``, one ``write`` each, atomic between processes.
+
+The apps with command lines of their own (``--ready FILE``: notify, routing, channels, operations, outbox)
+share the rest: ``run_worker``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +113,26 @@ def serve(
     app = build_app(
         url if "://" in url else f"sqlite:///{url}", markers=markers, worker_id=worker_id, **options
     )
-    asyncio.run(_run(app, Path(markers) / f"ready-{worker_id}"))
+    asyncio.run(run_worker(app, Path(markers) / f"ready-{worker_id}"))
 
 
-async def _run(app: geste.App, ready: Path) -> None:
+async def run_worker(
+    app: geste.App,
+    ready: str | Path,
+    *,
+    listening: bool = False,
+    before_ready: Callable[[geste.App], Awaitable[object]] | None = None,
+) -> None:
+    """Open ``app``, write its pid to ``ready`` and run its worker until SIGTERM/SIGINT (``app.shutdown()``:
+    it drains and closes). ``listening``: ``ready`` only once its listener listens (where it has one);
+    ``before_ready`` runs on the open App first (to start instances)."""
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, app.shutdown)
     await app.open()
-    ready.write_text(str(os.getpid()))  # noqa: ASYNC240 (a few bytes, once, before the worker runs)
+    while listening and app.notify.enabled and app.listener_status().state != "listening":
+        await asyncio.sleep(0.01)
+    if before_ready is not None:
+        await before_ready(app)
+    await asyncio.to_thread(Path(ready).write_text, str(os.getpid()))
     await app.run()  # already open: runs until shutdown(), then drains and closes
