@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
     sys.path.insert(0, str(ROOT))
 
-from tests.apps.routing_app import build_app, herd, read_lines  # noqa: E402
+from tests.apps.routing_app import build_app, herd  # noqa: E402
+from tests.apps.worker import read_log  # noqa: E402
 from tests.conftest import POSTGRES_URL, _admin  # noqa: E402
 
 LISTENING = json.dumps({"state": "listening"})
@@ -351,11 +352,11 @@ class Fleet:
 
     async def report(self, worker_id: str) -> dict[str, Any]:
         """What the worker counted so far (its claim rounds and runs by cause, what it handed on)."""
-        seen = len(read_lines(self.reports))
+        seen = len(read_log(self.reports))
         self.procs[worker_id].send_signal(signal.SIGUSR1)
 
         def written() -> dict[str, Any] | None:
-            lines = [r for r in read_lines(self.reports)[seen:] if r["worker"] == worker_id]
+            lines = [r for r in read_log(self.reports)[seen:] if r["worker"] == worker_id]
             return lines[-1] if lines else None
 
         found: dict[str, Any] = await wait_until(written, f"a report of {worker_id}")

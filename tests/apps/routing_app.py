@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -29,7 +28,7 @@ from typing import Any
 import geste
 from geste._metrics import WAKE_CAUSES
 
-from .worker import run_worker
+from .worker import append_line, run_worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import herd  # the benchmark's in-process statement counter
@@ -90,12 +89,7 @@ def report(app: geste.App, path: str) -> None:
             "handed_on": 0 if worker is None else worker.handed_on,
             "statements": dict(herd.STATEMENTS),
         }
-        data = (json.dumps(line) + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        append_line(path, line)
 
     task = asyncio.get_running_loop().create_task(write())
     REPORTS.add(task)
@@ -103,14 +97,6 @@ def report(app: geste.App, path: str) -> None:
 
 
 REPORTS: set[asyncio.Task[None]] = set()
-
-
-def read_lines(path: str | Path) -> list[dict[str, Any]]:
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 async def _serve(args: argparse.Namespace) -> None:
