@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ from geste.storage.base import WorkerRow
 from tests.apps.operations_app import build_app
 from tests.support import run_cli, wait_for
 
-from .conftest import die_with_parent
+from .processes import start_process, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -92,24 +90,10 @@ def markers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def worker(db_url: str, tmp_path: Path, markers: Path) -> Iterator[subprocess.Popen[bytes]]:
     ready, output = tmp_path / "ready", tmp_path / "worker.out"
-    command = [sys.executable, "-m", "tests.apps.operations_app", db_url, f"--ready={ready}"]
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            [*command, f"--markers={markers}"],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ},
-            preexec_fn=die_with_parent,
-        )
+    command = ["tests.apps.operations_app", db_url, f"--ready={ready}", f"--markers={markers}"]
+    proc = start_process(command, output=output, env={})  # with the markers' variable set just now
     try:
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode}:\n{output.read_text()}")
-            return ready.exists()
-
-        wait_for(started, "the worker process to start", timeout=20)
+        asyncio.run(wait_ready(proc, ready, output=output, what="the worker process", timeout=20))
         yield proc
     finally:
         if proc.poll() is None:
