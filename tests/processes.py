@@ -7,6 +7,9 @@ A group of workers shares one database, one marker folder and one side-effect lo
 marker (a worker that exits first fails the test with its output), ``entries`` reads the side-effect log,
 ``output`` a worker's own output, ``go`` lets a ``block``/``hold`` activity return. Every process is killed
 at the end (or stopped with SIGTERM where the group says so), and dies with the test process anyway.
+
+The apps with command lines of their own (notify, routing, channels, operations, events) are started with
+the two steps ``spawn`` is made of: ``start_process`` and ``wait_ready``.
 """
 
 from __future__ import annotations
