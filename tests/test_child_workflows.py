@@ -5,10 +5,7 @@ parent/child link, on both backends; across worker processes in tests/test_child
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,10 +20,8 @@ from geste.errors import (
 )
 from geste.testing import check_replay
 
-from .conftest import die_with_parent
-from .support import raw_query, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
+from .processes import WorkerProcesses, worker_processes
+from .support import count_storage_calls, raw_query, wait_until
 
 MakeApp = Callable[..., geste.App]
 
@@ -468,52 +463,7 @@ async def test_a_cancelled_parent_cancels_its_wait_children_too_but_not_the_aban
 
 
 # -- across worker processes ------------------------------------------------------------------------------
-class Workers:
-    """Worker processes of tests/apps/child_app.py on one database, killed at the end."""
-
-    def __init__(self, folder: Path, url: str) -> None:
-        self.folder, self.url = folder, url
-        self.markers = folder / "markers"
-        self.markers.mkdir()
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    async def spawn(self, worker_id: str, *options: str) -> subprocess.Popen[bytes]:
-        out = (self.folder / f"{worker_id}.out").open("wb")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.apps.child_app",
-                self.url,
-                f"--worker-id={worker_id}",
-                f"--markers={self.markers}",
-                *options,
-            ],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-        out.close()
-        self.procs.append(proc)
-        ready = self.markers / f"ready-{worker_id}"
-        await wait_until(lambda: ready.exists() or proc.poll() is not None, f"{worker_id} to start")
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def workers(tmp_path: Path, db_url: str) -> Iterator[Workers]:
-    group = Workers(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop()
+workers = worker_processes("child_app")
 
 
 async def count_children(url: str, parent: str) -> int:
@@ -522,22 +472,20 @@ async def count_children(url: str, parent: str) -> int:
 
 
 async def test_a_child_on_another_worker_wakes_a_parent_whose_worker_was_killed_mid_wait(
-    workers: Workers, db_url: str
+    workers: WorkerProcesses, db_url: str
 ) -> None:
     """Worker A runs the parent, which waits; its child holds on A. A is killed (SIGKILL) mid-wait; worker
     B takes the child over, ends it, and the parent, woken by that end, completes on B: one child."""
-    from tests.apps.child_app import build_app
-
     first = await workers.spawn("A")
 
-    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
+    starter = workers.client()
     async with starter:
         handle = await starter.workflows["parent"].start_with_id("xp", 4)
         await wait_status(starter, "xp", geste.Status.WAITING)
         await wait_status(starter, "xp:1", geste.Status.RUNNING)
         first.kill()
         first.wait()
-        (workers.markers / "go-xp:1").touch()
+        workers.go("xp:1")
         await workers.spawn("B")
         assert await handle.result(timeout=60) == 8
         assert (workers.markers / "ran-xp:1-B").exists()
@@ -549,14 +497,12 @@ async def test_a_child_on_another_worker_wakes_a_parent_whose_worker_was_killed_
 
 @pytest.mark.parametrize("when", ["before", "after"])
 async def test_a_worker_killed_at_the_child_start_leaves_exactly_one_child(
-    workers: Workers, db_url: str, when: str
+    workers: WorkerProcesses, db_url: str, when: str
 ) -> None:
     """The parent's worker exits inside start_child's transaction (before it is sent, or once it
     committed); another worker takes the parent over: one child, with the derived id, and the result."""
-    from tests.apps.child_app import build_app
-
-    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
-    crashing = await workers.spawn("A", f"--crash={when}")
+    starter = workers.client()
+    crashing = await workers.spawn("A", crash=when)
     async with starter:
         handle = await starter.workflows["quick_parent"].start_with_id("qp", 1)
         await asyncio.to_thread(crashing.wait, 30)
@@ -570,7 +516,7 @@ async def test_a_worker_killed_at_the_child_start_leaves_exactly_one_child(
 
 @pytest.mark.parametrize("end", ["completed", "cancelled"])
 async def test_a_parents_end_cancels_its_children_in_its_own_transaction_even_if_its_worker_dies_then(
-    workers: Workers, db_url: str, end: str
+    workers: WorkerProcesses, db_url: str, end: str
 ) -> None:
     """The parent-close policies commit with the parent's end, not after it: worker A exits (os._exit)
     right after the parent's end committed, and its children are flagged already (CANCEL ones on a
@@ -578,7 +524,7 @@ async def test_a_parents_end_cancels_its_children_in_its_own_transaction_even_if
     they end cancelled, by their parent."""
     from tests.apps.child_app import build_app
 
-    dying = await workers.spawn("A", "--die-after-end=ce")
+    dying = await workers.spawn("A", die_after_end="ce")
     starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
     policies = ["cancel", "abandon"] + (["wait"] if end == "cancelled" else [])
     async with starter:
@@ -617,25 +563,9 @@ async def test_a_child_round_trip_costs_one_start_one_suspension_and_two_ends(
     PostgreSQL), its wait that suspends, the child's end (which wakes the parent in its own statement),
     the parent's wait again, which reads the child by its key and writes nothing, and the parent's end
     with the ``child`` row. No record, no suspend, no poll of the child."""
-    from collections import Counter
 
-    from geste.storage.postgres import PostgresStorage
-    from geste.storage.sqlite import SQLiteStorage
-
-    counts: Counter[str] = Counter()
     names = ("start_child", "take_child_or_suspend", "finish", "record", "suspend")
-    for cls in (SQLiteStorage, PostgresStorage):
-        for name in names:
-            original = getattr(cls, name)
-
-            def counting(original: Any = original, name: str = name) -> Callable[..., Any]:
-                async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    counts[name] += 1
-                    return await original(*args, **kwargs)
-
-                return wrapper
-
-            monkeypatch.setattr(cls, name, counting())
+    counts = count_storage_calls(monkeypatch, names)
     app = family(make_app, lock_timeout=30.0)
     async with app:
         handle = await app.workflows["awaits_waiter"].start_with_id("cost")

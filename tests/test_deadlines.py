@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,14 +21,8 @@ import geste
 from geste.errors import ConfigurationError, WorkflowCancelled, WorkflowTimeout
 from geste.testing import WorkflowEnvironment, check_replay
 
-from .support import MovableClock, raw_query, wait_status, wait_until
-from .test_cancel_running import Workers, cancelled_outcome
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.cancel_app import build_app  # noqa: E402
+from .processes import ROOT, WorkerProcesses, worker_processes, workers_client
+from .support import MovableClock, cancelled_outcome, raw_query, wait_status, wait_until
 
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
@@ -280,23 +273,12 @@ def test_workflow_timeout_is_a_cancel_in_the_error_tree() -> None:
 # -- across processes --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def workers(tmp_path: Path, db_url: str) -> AsyncIterator[Workers]:
-    group = Workers(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop_all()
-
-
-@pytest.fixture
-async def client(workers: Workers) -> AsyncIterator[geste.App]:
-    async with build_app(workers.url, run_worker=False, poll_interval=0.05) as app:
-        yield app
+workers = worker_processes("cancel_app")
+client = workers_client()
 
 
 async def test_a_worker_killed_before_the_deadline_another_fires_it(
-    workers: Workers, client: geste.App
+    workers: WorkerProcesses, client: geste.App
 ) -> None:
     """w1 runs the instance to its sleep (it keeps the timer) and is killed; w2, started then, never
     heard of it: the instance's run_at (capped by the deadline) makes it due, w2 claims it and cancels it
@@ -323,7 +305,7 @@ async def test_a_worker_killed_before_the_deadline_another_fires_it(
 
 
 async def test_a_worker_killed_mid_activity_the_next_one_fires_the_deadline(
-    workers: Workers, client: geste.App
+    workers: WorkerProcesses, client: geste.App
 ) -> None:
     """The deadline passes while nobody holds a live lease (w1 killed in the activity): w2 takes the
     instance over at the lease's expiry and cancels it there for its deadline."""
