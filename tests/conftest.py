@@ -13,11 +13,14 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import geste
+
+if TYPE_CHECKING:
+    from .processes import Cluster
 
 POSTGRES_URL = os.environ.get("GESTE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgres"]
@@ -50,6 +53,16 @@ def die_with_parent() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, db_url: str) -> Iterator[Cluster]:
+    """Worker processes of ``tests/apps/crash_app.py`` on the test's database (``tests/processes.py``),
+    killed at the end."""
+    from .processes import Cluster
+
+    with Cluster(tmp_path, db_url) as group:
+        yield group
 
 
 def with_query(url: str, **params: str) -> str:

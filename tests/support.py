@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
+
+import pytest
 
 import geste
 
@@ -62,6 +65,19 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """``wait_until`` for synchronous tests: call ``condition`` until it returns something truthy, and
+    return that value; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
 async def wait_status(app: geste.App, instance_id: str, status: geste.Status, timeout: float = 10.0) -> None:
     """Wait until the instance has ``status`` in the database."""
 
@@ -69,6 +85,40 @@ async def wait_status(app: geste.App, instance_id: str, status: geste.Status, ti
         return (await app.get_instance(instance_id)).status == status
 
     await wait_until(reached, f"{instance_id} to be {status}", timeout)
+
+
+CANCELLED_TYPE = "geste.errors.ActivityCancelled"
+
+
+def cancelled_outcome(entry: geste.HistoryEntry) -> dict[str, Any]:
+    """The error of an activity step whose outcome is ``ActivityCancelled`` (asserted)."""
+    assert entry.kind == geste.StepKind.ACTIVITY and entry.is_error, entry
+    error: dict[str, Any] = entry.payload["error"]
+    assert error["type"] == CANCELLED_TYPE, error
+    return error
+
+
+def count_storage_calls(monkeypatch: pytest.MonkeyPatch, names: Iterable[str]) -> Counter[str]:
+    """Count, by name, the calls of the storage operations ``names`` (async methods, each one statement or
+    more) on both backends' storages, for the rest of the test."""
+    from geste.storage.postgres import PostgresStorage
+    from geste.storage.sqlite import SQLiteStorage
+
+    counts: Counter[str] = Counter()
+    for name in names:
+        for cls in (SQLiteStorage, PostgresStorage):
+            original = getattr(cls, name)
+            assert asyncio.iscoroutinefunction(original), (cls, name)
+
+            def counting(original: Any = original, name: str = name) -> Callable[..., Any]:
+                async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                    counts[name] += 1
+                    return await original(*args, **kwargs)
+
+                return wrapper
+
+            monkeypatch.setattr(cls, name, counting())
+    return counts
 
 
 async def raw_query(url: str, query: str, *args: Any) -> list[dict[str, Any]]:

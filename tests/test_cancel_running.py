@@ -4,17 +4,15 @@ cancel is requested in its own process), cancels the activity's task, records ``
 the step's outcome, runs no further attempt, and the workflow's cancellation goes on as before (its
 compensations run, never cancelled themselves). Cooperative code reads ``ctx.cancelled``.
 
-Across processes the workers run ``tests/apps/cancel_app.py``; how each cancel reached the worker is read
-from its log ("via notification" / "via renewal"): the mechanism is asserted, never a time.
+Across processes the workers run ``tests/apps/cancel_app.py`` (``tests/processes.py``); how each cancel
+reached the worker is read from its log ("via notification" / "via renewal"): the mechanism is asserted,
+never a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,102 +22,19 @@ from geste.errors import ActivityCancelled, WorkflowCancelled
 from geste.storage.postgres import PostgresStorage
 from geste.storage.sqlite import SQLiteStorage
 
-from .conftest import die_with_parent
-from .support import wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.cancel_app import build_app  # noqa: E402
-from tests.apps.crash_app import read_log  # noqa: E402
+from .processes import WorkerProcesses, worker_processes, workers_client
+from .support import CANCELLED_TYPE, cancelled_outcome, wait_until
 
 MakeApp = Callable[..., geste.App]
-CANCELLED_TYPE = "geste.errors.ActivityCancelled"
 
-
-class Workers:
-    """Worker processes of ``tests.apps.cancel_app`` on one database, with their side-effect log."""
-
-    def __init__(self, folder: Path, url: str) -> None:
-        self.folder = folder
-        self.url = url
-        self.log = folder / "side-effects.jsonl"
-        self.markers = folder / "markers"
-        self.markers.mkdir()
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.outputs: dict[int, Path] = {}
-
-    async def spawn(self, worker_id: str, **options: Any) -> subprocess.Popen[bytes]:
-        ready = self.markers / f"ready-{worker_id}"
-        ready.unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "tests.apps.cancel_app",
-            self.url,
-            f"--worker-id={worker_id}",
-            f"--log={self.log}",
-            f"--markers={self.markers}",
-            *(f"--{key.replace('_', '-')}={value}" for key, value in options.items()),
-        ]
-        output = self.folder / f"worker-{worker_id}-{len(self.procs)}.out"
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-            )
-        self.procs.append(proc)
-        self.outputs[proc.pid] = output
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"worker {worker_id} exited with {proc.returncode}:\n{self.output(proc)}"
-                )
-            return ready.exists()
-
-        await wait_until(started, f"worker {worker_id} to be ready")
-        return proc
-
-    def output(self, proc: subprocess.Popen[bytes]) -> str:
-        return self.outputs[proc.pid].read_text(errors="replace")
-
-    def entries(self, **where: Any) -> list[dict[str, Any]]:
-        return [e for e in read_log(self.log) if all(e[key] == value for key, value in where.items())]
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-async def workers(tmp_path: Path, db_url: str) -> AsyncIterator[Workers]:
-    group = Workers(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop_all()
-
-
-@pytest.fixture
-async def client(workers: Workers) -> AsyncIterator[geste.App]:
-    """An App of the test process that starts, cancels and reads (no worker); it creates the schema."""
-    async with build_app(workers.url, run_worker=False, poll_interval=0.05) as app:
-        yield app
-
-
-def cancelled_outcome(entry: geste.HistoryEntry) -> dict[str, Any]:
-    assert entry.kind == geste.StepKind.ACTIVITY and entry.is_error, entry
-    error: dict[str, Any] = entry.payload["error"]
-    assert error["type"] == CANCELLED_TYPE, error
-    return error
+workers = worker_processes("cancel_app")
+client = workers_client()
+"""An App of the test process that starts, cancels and reads (no worker); it creates the schema."""
 
 
 @pytest.mark.parametrize("listen", [True, False], ids=["listening", "listener-off"])
 async def test_a_cancel_from_another_process_reaches_the_running_activity(
-    workers: Workers, client: geste.App, db_url: str, listen: bool
+    workers: WorkerProcesses, client: geste.App, db_url: str, listen: bool
 ) -> None:
     """The activity blocks on an ``asyncio.Event`` nobody sets, with two attempts left. A cancel from the
     test process reaches it in the worker process: its task gets ``CancelledError`` (and ``ctx.cancelled``

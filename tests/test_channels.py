@@ -47,6 +47,7 @@ from geste.runtime.worker import Worker
 from geste.storage.base import Claims
 from geste.storage.postgres import PostgresStorage, parse_postgres_url
 
+from .processes import start_process, wait_ready
 from .support import MovableClock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,6 @@ if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pyte
     sys.path.insert(0, str(ROOT))
 
 from tests.apps.channels_app import build_app  # noqa: E402
-from tests.conftest import die_with_parent  # noqa: E402
 from tests.support import wait_status, wait_until  # noqa: E402
 
 MakeApp = Callable[..., geste.App]
@@ -384,24 +384,11 @@ async def spawn_worker(
     index = len(procs)
     ready = folder / f"ready-{index}"
     output = folder / f"worker-{index}.out"
-    cmd = [sys.executable, "-m", "tests.apps.channels_app", url, f"--ready={ready}", *args]
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            preexec_fn=die_with_parent,
-        )
+    proc = start_process(
+        ["tests.apps.channels_app", url, f"--ready={ready}", *args], output=output, env=env or {}
+    )
     procs.append(proc)
-
-    def started() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode}:\n{output.read_text()}")
-        return ready.exists()
-
-    await wait_until(started, "the worker process to start", timeout=20)
+    await wait_ready(proc, ready, output=output, what="the worker process", timeout=20)
     return proc
 
 

@@ -5,10 +5,7 @@ parent/child link, on both backends; across worker processes in tests/test_child
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,11 +18,10 @@ from geste.errors import (
     UnknownWorkflowError,
     WorkflowCancelled,
 )
+from geste.testing import check_replay
 
-from .conftest import die_with_parent
-from .support import raw_query, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
+from .processes import WorkerProcesses, worker_processes
+from .support import count_storage_calls, raw_query, wait_until
 
 MakeApp = Callable[..., geste.App]
 
@@ -104,6 +100,29 @@ def family(make_app: MakeApp, **options: Any) -> geste.App:
     @app.workflow()
     async def awaits_waiter(ctx: geste.WorkflowContext) -> str:
         return await ctx.run_child(waits)
+
+    @app.workflow()
+    async def waits_then(ctx: geste.WorkflowContext) -> str:
+        event = await ctx.wait_event("go")
+        if event.data == "fail":
+            raise RuntimeError("the child's own failure")
+        return str(event.data)
+
+    @app.activity()
+    async def undo(ctx: geste.ActivityContext, what: str) -> str:
+        return what
+
+    @app.workflow()
+    async def fails_with_a_wait_child(ctx: geste.WorkflowContext) -> None:
+        await ctx.start_child(waits_then, parent_close="wait")
+        ctx.on_failure(undo, "the parent's work")
+        raise ValueError("the parent's own failure")
+
+    @app.workflow()
+    async def holds_three(ctx: geste.WorkflowContext) -> list[str]:
+        started = [(await ctx.start_child(waits, parent_close=p)).id for p in ("cancel", "wait", "abandon")]
+        await ctx.wait_event("never")
+        return started
 
     @app.workflow()
     async def bad(ctx: geste.WorkflowContext, what: str) -> str:
@@ -217,6 +236,64 @@ async def test_a_cancelled_parent_cancels_its_children(make_app: MakeApp) -> Non
         assert "by its parent cp" in kid.error["message"]
 
 
+@pytest.mark.parametrize("child_workflow", ["one_step", "no_step"])
+async def test_a_child_cancelled_before_it_ran_records_its_parent(
+    make_app: MakeApp, child_workflow: str
+) -> None:
+    """A child still pending when its parent's end cancels it (no worker had its workflow yet) never
+    runs its code: the first worker that takes it delivers the cancel at its first step, recorded as by
+    its parent (the ``cancelled`` row's ``by_parent``, the error's ``cancelled_by_parent``), as for a
+    child that ran. A workflow with no step at all too (its code would complete it)."""
+    parents = make_app()
+    ran: list[str] = []
+
+    @parents.workflow()
+    async def leaves_remote(ctx: geste.WorkflowContext, name: str) -> str:
+        return (await ctx.start_child(name)).id  # by name: a workflow only the other worker registers
+
+    children = make_app()
+
+    @children.activity()
+    async def work(ctx: geste.ActivityContext) -> None:
+        ran.append("work")
+
+    @children.workflow()
+    async def one_step(ctx: geste.WorkflowContext) -> None:
+        ran.append("one_step")
+        await work(ctx)
+
+    @children.workflow()
+    async def no_step(ctx: geste.WorkflowContext) -> str:
+        ran.append("no_step")
+        return "completed"
+
+    async with parents:
+        handle = await parents.workflows["leaves_remote"].start_with_id("rp", child_workflow)
+        assert await handle.result(timeout=30) == "rp:1"
+
+        async def flagged() -> bool:
+            return (await parents.get_instance("rp:1")).cancel_requested
+
+        await wait_until(flagged, "the pending child flagged by its parent's end", 30)
+        assert (await parents.get_instance("rp:1")).status == geste.Status.PENDING
+    async with children:
+        await wait_status(children, "rp:1", geste.Status.CANCELLED, timeout=30)
+        history = await children.history("rp:1")
+        kid = await children.get_instance("rp:1")
+        listed = {info.instance_id: info.parent_id for info in await children.list_instances()}
+    assert listed == {"rp": None, "rp:1": "rp"}  # the lists read the link too
+    assert ran == []  # its code never started
+    assert [(e.kind, e.name, e.payload) for e in history] == [
+        (geste.StepKind.CANCELLED, "cancelled", {"by_parent": "rp"})
+    ]
+    assert kid.error is not None and kid.error["cancelled_by_parent"] == "rp"
+    assert (
+        kid.error["type"] == "geste.errors.WorkflowCancelled" and "by its parent rp" in kid.error["message"]
+    )
+    report = await check_replay(children, database_url=children.url, workflow=child_workflow)
+    assert report.ok and [r.status for r in report.results] == ["ok"], report  # replayed as it ran
+
+
 @pytest.mark.parametrize("policy", ["cancel", "abandon", "wait"])
 async def test_the_parent_close_policy_applies_at_the_parents_end(make_app: MakeApp, policy: str) -> None:
     app = family(make_app)
@@ -260,13 +337,21 @@ async def test_the_replay_check_replays_child_steps_and_stops_at_a_childs_wait(t
         await wait_status(app, "r-kept", geste.Status.WAITING, timeout=30)
         await app.send_event("go", "now", instance_id="r-kept:1")
         assert await kept.result(timeout=30) == "r-kept:1"
+        # a parent whose code raised with a WAIT child: the wait (then its compensation) after the raise
+        failing = await app.workflows["fails_with_a_wait_child"].start_with_id("r-fails")
+        await wait_status(app, "r-fails:1", geste.Status.WAITING, timeout=30)
+        await wait_status(app, "r-fails", geste.Status.WAITING, timeout=30)
+        await app.send_event("go", "now", instance_id="r-fails:1")
+        with pytest.raises(geste.errors.WorkflowFailed):
+            await failing.result(timeout=30)
     report = await check_replay(app, database_url=url)
     by_id = {r.instance_id: str(r.status) for r in report.results}
-    assert {i: by_id[i] for i in ("r-done", "r-failed", "r-waiting", "r-kept")} == {
+    assert {i: by_id[i] for i in ("r-done", "r-failed", "r-waiting", "r-kept", "r-fails")} == {
         "r-done": "ok",
         "r-failed": "ok",
         "r-waiting": "ok",
         "r-kept": "ok",
+        "r-fails": "ok",
     }, report.summary()
 
     changed = geste.App(url)
@@ -280,53 +365,105 @@ async def test_the_replay_check_replays_child_steps_and_stops_at_a_childs_wait(t
     assert [str(r.status) for r in report.results] == ["diverged"], report.summary()
 
 
-# -- across worker processes ------------------------------------------------------------------------------
-class Workers:
-    """Worker processes of tests/apps/child_app.py on one database, killed at the end."""
+async def settled(app: geste.App, instance_id: str) -> geste.Status:
+    """The instance's status once it is neither pending nor running (waiting, or ended)."""
+    found: list[geste.Status] = []
 
-    def __init__(self, folder: Path, url: str) -> None:
-        self.folder, self.url = folder, url
-        self.markers = folder / "markers"
-        self.markers.mkdir()
-        self.procs: list[subprocess.Popen[bytes]] = []
+    async def done() -> bool:
+        status = (await app.get_instance(instance_id)).status
+        found[:] = [status]
+        return status not in (geste.Status.PENDING, geste.Status.RUNNING)
 
-    async def spawn(self, worker_id: str, *options: str) -> subprocess.Popen[bytes]:
-        out = (self.folder / f"{worker_id}.out").open("wb")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.apps.child_app",
-                self.url,
-                f"--worker-id={worker_id}",
-                f"--markers={self.markers}",
-                *options,
-            ],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
+    await wait_until(done, f"{instance_id} to wait or end")
+    return found[0]
+
+
+@pytest.mark.parametrize("child_ends", ["completed", "failed"])
+async def test_a_failing_parent_waits_for_its_wait_children_then_fails_with_its_own_error(
+    make_app: MakeApp, child_ends: str
+) -> None:
+    """ParentClose.WAIT on a failure: the parent's code raised, yet it waits (durably) for its WAIT child
+    before its failure and its compensation are recorded; the child's outcome, a failure included, is
+    not the parent's: its error is its own."""
+    app = family(make_app)
+    async with app:
+        handle = await app.workflows["fails_with_a_wait_child"].start_with_id("fw")
+        await wait_status(app, "fw:1", geste.Status.WAITING)
+        assert await settled(app, "fw") == geste.Status.WAITING  # not failed: waiting for its child
+        await app.send_event("go", "fail" if child_ends == "failed" else "ok", instance_id="fw:1")
+        with pytest.raises(geste.errors.WorkflowFailed) as failed:
+            await handle.result(timeout=30)
+        assert (failed.value.error["type"], failed.value.error["message"]) == (
+            "builtins.ValueError",
+            "the parent's own failure",
         )
-        out.close()
-        self.procs.append(proc)
-        ready = self.markers / f"ready-{worker_id}"
-        await wait_until(lambda: ready.exists() or proc.poll() is not None, f"{worker_id} to start")
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        assert (await app.get_instance("fw:1")).status == geste.Status(child_ends)
+        history = await handle.history()
+        assert [(e.kind, e.name) for e in history] == [
+            (geste.StepKind.START_CHILD, "waits_then"),
+            (geste.StepKind.CHILD, "fw:1"),  # the child's end, then the compensation
+            (geste.StepKind.COMPENSATION, "undo"),
+        ]
+        assert history[1].payload["status"] == child_ends
 
 
-@pytest.fixture
-def workers(tmp_path: Path, db_url: str) -> Iterator[Workers]:
-    group = Workers(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop()
+async def test_a_parent_cancelled_while_it_waits_for_its_wait_children_after_a_failure(
+    make_app: MakeApp,
+) -> None:
+    """A cancel that reaches a failing parent at that wait wins, as at a completion: the parent ends
+    cancelled (its compensation runs), and its cancel reaches the WAIT child."""
+    app = family(make_app)
+    async with app:
+        handle = await app.workflows["fails_with_a_wait_child"].start_with_id("fc")
+        await wait_status(app, "fc:1", geste.Status.WAITING)
+        assert await settled(app, "fc") == geste.Status.WAITING
+        await app.cancel("fc")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=30)
+        assert [e.kind for e in await handle.history()] == [
+            geste.StepKind.START_CHILD,
+            geste.StepKind.CANCELLED,
+            geste.StepKind.COMPENSATION,
+        ]
+        await wait_status(app, "fc:1", geste.Status.CANCELLED)
+        kid = await app.get_instance("fc:1")
+        assert kid.error is not None and kid.error["cancelled_by_parent"] == "fc"
+
+
+async def test_a_cancelled_parent_cancels_its_wait_children_too_but_not_the_abandoned(
+    make_app: MakeApp, db_url: str
+) -> None:
+    """A cancel reaches every child but the abandoned ones: the parent's cancellation flags its CANCEL and
+    its WAIT children (not awaited: a cancel waits for nothing), in its end's transaction."""
+    app = family(make_app)
+    async with app:
+        handle = await app.workflows["holds_three"].start_with_id("h3")
+        for kid in ("h3:1", "h3:2", "h3:3"):
+            await wait_status(app, kid, geste.Status.WAITING)
+        await wait_status(app, "h3", geste.Status.WAITING)
+        await app.cancel("h3")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=30)
+        flags = await raw_query(
+            db_url,
+            "SELECT instance_id, cancel_requested, parent_close FROM geste_instances "
+            "WHERE parent_id = $1 ORDER BY instance_id",
+            "h3",
+        )
+        assert [(r["instance_id"], bool(r["cancel_requested"]), r["parent_close"]) for r in flags] == [
+            ("h3:1", True, "cancelled"),
+            ("h3:2", True, "cancelled"),  # ParentClose.WAIT: cancelled, not awaited
+            ("h3:3", False, "abandon"),
+        ]
+        for kid in ("h3:1", "h3:2"):
+            await wait_status(app, kid, geste.Status.CANCELLED)
+            error = (await app.get_instance(kid)).error
+            assert error is not None and error["cancelled_by_parent"] == "h3", kid
+        assert (await app.get_instance("h3:3")).status == geste.Status.WAITING
+
+
+# -- across worker processes ------------------------------------------------------------------------------
+workers = worker_processes("child_app")
 
 
 async def count_children(url: str, parent: str) -> int:
@@ -335,22 +472,20 @@ async def count_children(url: str, parent: str) -> int:
 
 
 async def test_a_child_on_another_worker_wakes_a_parent_whose_worker_was_killed_mid_wait(
-    workers: Workers, db_url: str
+    workers: WorkerProcesses, db_url: str
 ) -> None:
     """Worker A runs the parent, which waits; its child holds on A. A is killed (SIGKILL) mid-wait; worker
     B takes the child over, ends it, and the parent, woken by that end, completes on B: one child."""
-    from tests.apps.child_app import build_app
-
     first = await workers.spawn("A")
 
-    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
+    starter = workers.client()
     async with starter:
         handle = await starter.workflows["parent"].start_with_id("xp", 4)
         await wait_status(starter, "xp", geste.Status.WAITING)
         await wait_status(starter, "xp:1", geste.Status.RUNNING)
         first.kill()
         first.wait()
-        (workers.markers / "go-xp:1").touch()
+        workers.go("xp:1")
         await workers.spawn("B")
         assert await handle.result(timeout=60) == 8
         assert (workers.markers / "ran-xp:1-B").exists()
@@ -362,14 +497,12 @@ async def test_a_child_on_another_worker_wakes_a_parent_whose_worker_was_killed_
 
 @pytest.mark.parametrize("when", ["before", "after"])
 async def test_a_worker_killed_at_the_child_start_leaves_exactly_one_child(
-    workers: Workers, db_url: str, when: str
+    workers: WorkerProcesses, db_url: str, when: str
 ) -> None:
     """The parent's worker exits inside start_child's transaction (before it is sent, or once it
     committed); another worker takes the parent over: one child, with the derived id, and the result."""
-    from tests.apps.child_app import build_app
-
-    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
-    crashing = await workers.spawn("A", f"--crash={when}")
+    starter = workers.client()
+    crashing = await workers.spawn("A", crash=when)
     async with starter:
         handle = await starter.workflows["quick_parent"].start_with_id("qp", 1)
         await asyncio.to_thread(crashing.wait, 30)
@@ -381,6 +514,47 @@ async def test_a_worker_killed_at_the_child_start_leaves_exactly_one_child(
         assert [c.instance_id for c in await starter.children("qp")] == ["qp:1"]
 
 
+@pytest.mark.parametrize("end", ["completed", "cancelled"])
+async def test_a_parents_end_cancels_its_children_in_its_own_transaction_even_if_its_worker_dies_then(
+    workers: WorkerProcesses, db_url: str, end: str
+) -> None:
+    """The parent-close policies commit with the parent's end, not after it: worker A exits (os._exit)
+    right after the parent's end committed, and its children are flagged already (CANCEL ones on a
+    completion, CANCEL and WAIT ones on a cancellation; never the abandoned one). Worker B then runs them:
+    they end cancelled, by their parent."""
+    from tests.apps.child_app import build_app
+
+    dying = await workers.spawn("A", die_after_end="ce")
+    starter = build_app(db_url, markers=str(workers.markers), run_worker=False)
+    policies = ["cancel", "abandon"] + (["wait"] if end == "cancelled" else [])
+    async with starter:
+        handle = await starter.workflows["closer"].start_with_id("ce", policies, end == "cancelled")
+        if end == "cancelled":
+            await wait_status(starter, "ce", geste.Status.WAITING)  # its children started
+            await starter.cancel("ce")
+        await asyncio.to_thread(dying.wait, 30)
+        assert dying.returncode == 9
+        assert (await starter.get_instance("ce")).status == geste.Status(end)
+        flags = await raw_query(
+            db_url,
+            "SELECT instance_id, cancel_requested, parent_close FROM geste_instances "
+            "WHERE parent_id = $1 ORDER BY instance_id",
+            "ce",
+        )
+        expected = [("ce:1", True, "cancelled"), ("ce:2", False, "abandon")]
+        if end == "cancelled":
+            expected.append(("ce:3", True, "cancelled"))
+        assert [(r["instance_id"], bool(r["cancel_requested"]), r["parent_close"]) for r in flags] == expected
+        await workers.spawn("B")
+        for kid, flagged in [(kid, flagged) for kid, flagged, _ in expected]:
+            if flagged:
+                await wait_status(starter, kid, geste.Status.CANCELLED, timeout=60)
+                error = (await starter.get_instance(kid)).error
+                assert error is not None and error["cancelled_by_parent"] == "ce"
+        if end == "completed":
+            assert await handle.result(timeout=10) == ["ce:1", "ce:2"]
+
+
 # -- costs ------------------------------------------------------------------------------------------------
 async def test_a_child_round_trip_costs_one_start_one_suspension_and_two_ends(
     make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
@@ -389,25 +563,9 @@ async def test_a_child_round_trip_costs_one_start_one_suspension_and_two_ends(
     PostgreSQL), its wait that suspends, the child's end (which wakes the parent in its own statement),
     the parent's wait again, which reads the child by its key and writes nothing, and the parent's end
     with the ``child`` row. No record, no suspend, no poll of the child."""
-    from collections import Counter
 
-    from geste.storage.postgres import PostgresStorage
-    from geste.storage.sqlite import SQLiteStorage
-
-    counts: Counter[str] = Counter()
     names = ("start_child", "take_child_or_suspend", "finish", "record", "suspend")
-    for cls in (SQLiteStorage, PostgresStorage):
-        for name in names:
-            original = getattr(cls, name)
-
-            def counting(original: Any = original, name: str = name) -> Callable[..., Any]:
-                async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    counts[name] += 1
-                    return await original(*args, **kwargs)
-
-                return wrapper
-
-            monkeypatch.setattr(cls, name, counting())
+    counts = count_storage_calls(monkeypatch, names)
     app = family(make_app, lock_timeout=30.0)
     async with app:
         handle = await app.workflows["awaits_waiter"].start_with_id("cost")
@@ -463,7 +621,7 @@ async def test_geste_show_the_viewer_and_the_api_link_parent_and_children(
 
 async def test_the_children_of_an_instance_are_read_by_the_parent_index(pg_url: str) -> None:
     """Among 20,000 waiting instances of which 40 are children of 2 parents, listing one parent's children
-    and cancelling them read its 20 rows by geste_instances_by_parent, not the table (EXPLAIN ANALYZE)."""
+    reads its 20 rows by geste_instances_by_parent, not the table (EXPLAIN ANALYZE)."""
     import json as _json
 
     import asyncpg
@@ -486,11 +644,84 @@ async def test_the_children_of_an_instance_are_read_by_the_parent_index(pg_url: 
                 FROM generate_series(1, 20000) AS n"""
             )
             await conn.execute(f'ANALYZE "{schema}".geste_instances')
-            for name, args in (("list_children", ("p0", 1000)), ("cancel_children", ("p0", 1.0, False))):
-                plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {storage._q[name]}", *args)
-                nodes = plan_nodes(_json.loads(plan)[0]["Plan"])
-                assert "geste_instances_by_parent" in {n.get("Index Name") for n in nodes}, (name, nodes)
-                assert instances_read(nodes) <= 20, (name, instances_read(nodes))
+            plan = await conn.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {storage._q['list_children']}", "p0", 1000
+            )
+            nodes = plan_nodes(_json.loads(plan)[0]["Plan"])
+            assert "geste_instances_by_parent" in {n.get("Index Name") for n in nodes}, nodes
+            assert instances_read(nodes) <= 20, instances_read(nodes)
+        finally:
+            await conn.close()
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_an_end_probes_only_the_children_it_cancels_on_postgres(
+    pg_url: str, plan_cache_mode: str
+) -> None:
+    """EXPLAIN ANALYZE of ``finish`` and ``finish_batch`` among 20,000 instances, with the custom plan and
+    the generic one asyncpg switches to: with no child to cancel, the gate (an empty array) is a one-time
+    filter and the end reads its own row alone (each batched end its own row, locked then updated); with
+    20 children to cancel, it reads those 20 (locked with the parent by their key, in instance_id order,
+    then flagged: by key or by the parent's range of geste_instances_by_parent), never the table."""
+    import json as _json
+
+    import asyncpg
+
+    from .support import instances_read, plan_nodes
+
+    app = geste.App(pg_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        conn = await asyncpg.connect(pg_url.split("?", 1)[0])
+        try:
+            await conn.execute(
+                f"""INSERT INTO "{storage.schema}".geste_instances
+                    (instance_id, workflow_name, status, input, created_at, updated_at, lease_id,
+                     parent_id, parent_close)
+                SELECT CASE WHEN n <= 20 THEN 'fp:' || n WHEN n <= 22 THEN 'fp' || n ELSE 'i' || n END,
+                       'w', CASE WHEN n BETWEEN 21 AND 22 THEN 'running' ELSE 'waiting' END, '{{}}', n, n,
+                       CASE WHEN n BETWEEN 21 AND 22 THEN 'lease' END,
+                       CASE WHEN n <= 20 THEN 'fp21' END, CASE WHEN n <= 20 THEN 'cancel' END
+                FROM generate_series(1, 20000) AS n"""
+            )
+            await conn.execute(f'ANALYZE "{storage.schema}".geste_instances')
+            await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
+            kids = "ARRAY[" + ", ".join(f"'fp:{n}'" for n in range(1, 21)) + "]"
+            empty = "'{}'"
+            one = "'fp21', 'lease', 'completed', NULL, NULL, 1.0, " + ", ".join([empty] * 6) + ", false, "
+            batch = (
+                "ARRAY['fp21', 'fp22'], ARRAY['lease', 'lease'], ARRAY['completed', 'completed'], "
+                "ARRAY[NULL, NULL]::text[], ARRAY[NULL, NULL]::text[], ARRAY[1.0, 1.0], ARRAY[0, 0], "
+                + ", ".join([empty] * 7)
+                + ", false, "
+            )
+            for name, call, most in (
+                ("finish", one + empty, 1),
+                ("finish", one + kids, 1 + 21 + 20),
+                ("finish_batch", batch + empty, 2 + 2),
+                ("finish_batch", batch + kids, 2 + 20 + 2 + 2 * 20),
+            ):
+                transaction = conn.transaction()
+                await transaction.start()
+                try:
+                    await conn.execute(f"PREPARE end_under_test AS {storage._q[name]}")
+                    found = await conn.fetchval(
+                        f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE end_under_test({call})"
+                    )
+                finally:
+                    await transaction.rollback()
+                    await conn.execute("DEALLOCATE end_under_test")
+                nodes = plan_nodes(_json.loads(found)[0]["Plan"])
+                on_table = [n for n in nodes if n.get("Relation Name") == "geste_instances"]
+                shown = (
+                    name,
+                    call[-12:],
+                    [(n["Node Type"], n.get("Index Name"), instances_read([n])) for n in on_table],
+                )
+                assert not any(n["Node Type"] == "Seq Scan" for n in on_table), shown
+                assert instances_read(nodes) <= most, (instances_read(nodes), shown)
+                if call.endswith(empty):
+                    assert any("One-Time Filter" in n for n in nodes), shown
         finally:
             await conn.close()
 
@@ -523,6 +754,138 @@ async def test_a_parent_and_its_child_ending_in_one_group_commit_both_end(pg_url
         assert rows == [
             {"instance_id": "bp", "status": "completed", "lease_id": None},
             {"instance_id": "bp:1", "status": "completed", "lease_id": None},
+        ]
+
+
+async def test_a_group_commit_of_ends_cancels_the_children_of_the_parents_it_ends(pg_url: str) -> None:
+    """PostgreSQL's finish_batch flags the children each end cancels in its one statement (one counted:
+    not split into ends alone), where that end's lease held; a child ending in the same batch is left to
+    its own end (one statement must not update a row twice)."""
+    import time as _time
+
+    from geste.storage import postgres as pg
+    from geste.storage.base import Commit, Lease, LeaseLost, NewInstance
+
+    app = geste.App(pg_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        now = _time.time()
+        held = [Lease("gp", "lease-p"), Lease("gp:2", "lease-c"), Lease("gx", "lease-x")]
+        for lease in held:
+            await storage.create_instance(
+                NewInstance(lease.instance_id, "w", '{"args":[],"kwargs":{}}', now),
+                lease=lease,
+                worker_id="me",
+                lock_expires_at=now + 60,
+            )
+        for free in ("gp:1", "gx:1"):
+            await storage.create_instance(
+                NewInstance(free, "w", '{"args":[],"kwargs":{}}', now),
+                lease=None,
+                worker_id=None,
+                lock_expires_at=None,
+            )
+        await raw_query(
+            pg_url,
+            "UPDATE geste_instances SET parent_id = split_part(instance_id, ':', 1), parent_close = 'cancel' "
+            "WHERE instance_id LIKE '%:%'",
+        )
+        ends = [
+            pg._Finish(Commit(held[0], [], now), geste.Status.COMPLETED, "1", None, ("gp:1", "gp:2")),
+            pg._Finish(Commit(held[1], [], now), geste.Status.COMPLETED, "2", None),
+            pg._Finish(Commit(Lease("gx", "stale"), [], now), geste.Status.FAILED, None, "{}", ("gx:1",)),
+        ]
+        before = storage.step_commits
+        outcomes = await storage._finish_batch(ends)
+        assert storage.step_commits == before + 1
+        assert outcomes[:2] == [None, None] and isinstance(outcomes[2], LeaseLost)
+        rows = await raw_query(
+            pg_url,
+            "SELECT instance_id, status, cancel_requested, parent_close FROM geste_instances ORDER BY 1",
+        )
+        assert [(r["instance_id"], r["status"], r["cancel_requested"], r["parent_close"]) for r in rows] == [
+            ("gp", "completed", False, None),
+            ("gp:1", "pending", True, "cancelled"),
+            ("gp:2", "completed", False, "cancel"),
+            ("gx", "running", False, None),
+            ("gx:1", "pending", False, "cancel"),
+        ]
+
+
+async def test_an_end_aborted_to_break_a_deadlock_with_its_childs_end_is_written_again(pg_url: str) -> None:
+    """The one lock order left that can deadlock (docs/design.md, "Parent close"): a child's end holds
+    the child's row and then updates its parent's (the wake-up), while the parent's end, which cancels
+    that child, holds the parent's row (its id sorts first) and waits for the child's. PostgreSQL aborts
+    the parent's end (it waited first; the child's side waits 20 s before it looks); the storage writes
+    it again at once, and it goes through once the child's transaction has committed."""
+    import time as _time
+
+    import asyncpg
+
+    from geste.storage.base import Commit, Lease, NewInstance
+
+    app = geste.App(pg_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        now = _time.time()
+        lease = Lease("dp", "lease-p")
+        await storage.create_instance(
+            NewInstance("dp", "w", '{"args":[],"kwargs":{}}', now),
+            lease=lease,
+            worker_id="me",
+            lock_expires_at=now + 60,
+        )
+        await storage.create_instance(
+            NewInstance("dp:1", "w", '{"args":[],"kwargs":{}}', now),
+            lease=None,
+            worker_id=None,
+            lock_expires_at=None,
+        )
+        await raw_query(
+            pg_url,
+            "UPDATE geste_instances SET parent_id = 'dp', parent_close = 'cancel' WHERE instance_id = 'dp:1'",
+        )
+        child_side = await asyncpg.connect(
+            pg_url.split("?", 1)[0], server_settings={"search_path": storage.schema}
+        )
+        try:
+            await child_side.execute("SET deadlock_timeout = '20s'")
+            transaction = child_side.transaction()
+            await transaction.start()
+            await child_side.execute(
+                "UPDATE geste_instances SET updated_at = updated_at WHERE instance_id = 'dp:1'"
+            )
+            ending = asyncio.create_task(
+                storage.finish(
+                    Commit(lease, [], now),
+                    status=geste.Status.COMPLETED,
+                    result="1",
+                    cancel_children=["dp:1"],
+                )
+            )
+
+            async def blocked() -> bool:
+                found = await raw_query(
+                    pg_url,
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE $1",
+                    f'%"{storage.schema}".geste_instances%closing%',
+                )
+                return int(found[0]["n"]) > 0
+
+            await wait_until(blocked, "the parent's end to wait for the child's row")
+            # the child's end wakes its parent: it waits for the parent's row, held by the parent's end
+            await child_side.execute("UPDATE geste_instances SET run_at = run_at WHERE instance_id = 'dp'")
+            await transaction.commit()
+            await asyncio.wait_for(ending, 30)
+        finally:
+            await child_side.close()
+        rows = await raw_query(
+            pg_url, "SELECT instance_id, status, cancel_requested FROM geste_instances ORDER BY 1"
+        )
+        assert [(r["instance_id"], r["status"], r["cancel_requested"]) for r in rows] == [
+            ("dp", "completed", False),
+            ("dp:1", "pending", True),
         ]
 
 
@@ -560,3 +923,112 @@ async def test_a_parents_end_reaches_a_childs_running_activity_at_once_on_postgr
         assert await parent.result(timeout=10) == "sp:1"
         await asyncio.wait_for(cancelled.wait(), 10)  # a renewal would come only after 20 s
         await wait_status(app, "sp:1", geste.Status.CANCELLED, timeout=10)
+
+
+async def test_a_cancel_flagged_before_a_child_start_commits_is_delivered_at_the_next_step(
+    make_app: MakeApp, db_url: str
+) -> None:
+    """The child start's commit says, as every commit does, whether a cancel of the parent was requested:
+    a cancel flagged while the parent ran, its notice lost (written straight into the row; 60 s leases,
+    no renewal to tell it), is delivered at the step after the start, so the activity there never runs."""
+    app = make_app(lock_timeout=60.0)
+    ran: list[str] = []
+
+    @app.activity
+    async def flag_own(ctx: geste.ActivityContext, instance_id: str) -> None:
+        query = "UPDATE geste_instances SET cancel_requested = true WHERE instance_id = $1"
+        await raw_query(db_url, query, instance_id)
+
+    @app.activity
+    async def after(ctx: geste.ActivityContext) -> None:
+        ran.append("after")
+
+    @app.workflow
+    async def kid(ctx: geste.WorkflowContext) -> None:
+        await ctx.wait_event("never")
+
+    @app.workflow
+    async def starter(ctx: geste.WorkflowContext) -> None:
+        await flag_own(ctx, ctx.instance_id)  # its row is buffered: the child's start commits it
+        await ctx.start_child(kid)
+        await after(ctx)
+
+    async with app:
+        handle = await starter.start_with_id("cs")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=30)
+        kinds = [e.kind for e in await app.history("cs")]
+    assert ran == []
+    assert kinds[-2:] == [geste.StepKind.START_CHILD, geste.StepKind.CANCELLED]
+
+
+async def test_an_activity_cancelling_its_own_instance_ends_it_at_the_next_step(make_app: MakeApp) -> None:
+    """``app.cancel`` of its own instance from inside an activity (run by this worker: the cancel goes to
+    the run at once): the activity's result is recorded and the cancel is delivered at the next step (or
+    the cancel's notice, on PostgreSQL, cancels the call still in flight). Before, the task's cancel of
+    itself was thrown at the run's next await, after the attempt had returned, and the run stopped with
+    its lease held (60 s here)."""
+    app = make_app(lock_timeout=60.0)
+    ran: list[str] = []
+
+    @app.activity
+    async def cancel_own(ctx: geste.ActivityContext, instance_id: str) -> str:
+        await app.cancel(instance_id)
+        return "asked"
+
+    @app.activity
+    async def after(ctx: geste.ActivityContext) -> None:
+        ran.append("after")
+
+    @app.workflow
+    async def self_cancelling(ctx: geste.WorkflowContext) -> None:
+        await cancel_own(ctx, ctx.instance_id)
+        await after(ctx)
+
+    async with app:
+        handle = await self_cancelling.start_with_id("sc")
+        with pytest.raises(WorkflowCancelled):
+            await handle.result(timeout=30)
+        history = await app.history("sc")
+    assert ran == []
+    first = history[0]
+    assert (first.kind, first.name) == (geste.StepKind.ACTIVITY, "cancel_own")
+    if first.is_error:  # on PostgreSQL the cancel's notice may come back while the call still awaits
+        assert first.payload is not None and first.payload["error"]["type"].endswith("ActivityCancelled")
+        assert len(history) == 1  # the cancel delivered at that step
+    else:  # the attempt returned: its result recorded, the cancel delivered at the next step
+        assert first.payload is not None and first.payload["result"] == "asked"
+        assert [e.kind for e in history[1:]] == [geste.StepKind.CANCELLED]
+
+
+async def test_a_child_started_with_options_has_a_deadline_of_its_own(make_app: MakeApp) -> None:
+    """``ctx.start_child(workflow.options(timeout=...))``: the child's deadline counts from the start
+    step's time; when it passes the child is cancelled with ``WorkflowTimeout`` (not blamed on its
+    parent), and the parent's wait raises ``ChildWorkflowError`` carrying that error."""
+    app = make_app()
+
+    @app.workflow
+    async def slow_child(ctx: geste.WorkflowContext) -> str:
+        await ctx.wait_event("never-sent")
+        return "done"
+
+    @app.workflow
+    async def impatient(ctx: geste.WorkflowContext) -> dict[str, Any]:
+        try:
+            await ctx.run_child(slow_child.options(timeout=0.5))
+        except ChildWorkflowError as exc:
+            return {"status": str(exc.status), "error": (exc.error or {}).get("type")}
+        return {"status": "completed"}
+
+    async with app:
+        handle = await impatient.start_with_id("dl")
+        assert await handle.result(timeout=30) == {
+            "status": "cancelled",
+            "error": "geste.errors.WorkflowTimeout",
+        }
+        child = await app.get_instance("dl:1")
+        start = next(e for e in await app.history("dl") if e.kind == geste.StepKind.START_CHILD)
+    assert child.deadline is not None
+    assert child.deadline.timestamp() == pytest.approx(start.created_at.timestamp() + 0.5, abs=0.01)
+    assert child.error is not None and "cancelled_by_parent" not in child.error
+    assert child.status == geste.Status.CANCELLED

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,14 +24,8 @@ import pytest
 import geste
 from geste.runtime import chores
 
-from .conftest import die_with_parent
+from .processes import WorkerProcesses
 from .support import raw_query, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.crash_app import read_log  # noqa: E402
 
 REWAKE = 0.3
 CLEANUP = 0.5
@@ -70,46 +62,14 @@ async def test_the_holder_takes_each_round_and_another_only_once_it_is_late_or_g
 
 
 # -- worker processes ----------------------------------------------------------------------------------------
-class Workers:
+class Workers(WorkerProcesses):
     """Worker processes of ``tests/apps/chores_app.py`` on one database, logging to one file."""
 
     def __init__(self, folder: Path, url: str) -> None:
-        self.folder, self.url = folder, url
-        self.log = folder / "chores.jsonl"
-        self.markers = folder / "markers"
-        self.markers.mkdir()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    async def spawn(self, worker_id: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "tests.apps.chores_app",
-            self.url,
-            f"--worker-id={worker_id}",
-            f"--log={self.log}",
-            f"--markers={self.markers}",
-            f"--rewake={REWAKE}",
-            f"--cleanup={CLEANUP}",
-        ]
-        out = (self.folder / f"{worker_id}.out").open("wb")
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-        )
-        self.procs[worker_id] = proc
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                output = (self.folder / f"{worker_id}.out").read_text(errors="replace")
-                raise AssertionError(f"{worker_id} exited with {proc.returncode}:\n{output}")
-            return (self.markers / f"ready-{worker_id}").exists()
-
-        await wait_until(ready, f"{worker_id} to be ready", timeout=30)
+        super().__init__(folder, url, "chores_app", options={"rewake": REWAKE, "cleanup": CLEANUP})
 
     def takes(self, chore: str, **where: Any) -> list[dict[str, Any]]:
-        entries = [e for e in read_log(self.log) if e["event"] == "taken" and e["chore"] == chore]
-        entries = [e for e in entries if all(e[k] == v for k, v in where.items())]
-        return sorted(entries, key=lambda e: e["taken_at"])
+        return sorted(self.entries(event="taken", chore=chore, **where), key=lambda e: e["taken_at"])
 
     async def rounds(self, count: int, *, after: float, by: str | None = None) -> None:
         """Wait until each chore has ``count`` rounds taken after ``after`` (by ``by``, if given)."""
@@ -125,17 +85,11 @@ class Workers:
             enough, f"{count} rounds of each chore after {after}" + (f" by {by}" if by else ""), 60
         )
 
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
 
 def assert_once_a_round(workers: Workers) -> None:
     """Consecutive rounds of each chore, whoever took them, are a whole interval apart (the database lets
     nobody take a round before it is due), and each round taken ran the chore's statements in its worker."""
-    log = read_log(workers.log)
+    log = workers.entries()
     for chore, interval in INTERVALS.items():
         takes = workers.takes(chore)
         gaps = [b["taken_at"] - a["taken_at"] for a, b in itertools.pairwise(takes)]
@@ -148,13 +102,10 @@ def assert_once_a_round(workers: Workers) -> None:
 
 @pytest.fixture
 async def workers(tmp_path: Path, db_url: str) -> AsyncIterator[Workers]:
-    group = Workers(tmp_path, db_url)
     async with geste.App(db_url, run_worker=False):  # migrated once, before the processes start
         pass
-    try:
+    with Workers(tmp_path, db_url) as group:
         yield group
-    finally:
-        group.stop_all()
 
 
 async def test_two_worker_processes_run_each_chore_once_a_round_and_replace_a_killed_or_stopped_holder(
@@ -168,8 +119,8 @@ async def test_two_worker_processes_run_each_chore_once_a_round_and_replace_a_ki
     # the holder of the last re-wake round is killed: the other takes over, a whole round late
     holder = workers.takes(chores.REWAKE)[-1]["worker"]
     other = "w2" if holder == "w1" else "w1"
-    workers.procs[holder].kill()
-    workers.procs[holder].wait()
+    workers.by_id[holder].kill()
+    workers.by_id[holder].wait()
     killed_at = time.time()
     await workers.rounds(3, after=killed_at, by=other)
     assert_once_a_round(workers)
@@ -182,8 +133,8 @@ async def test_two_worker_processes_run_each_chore_once_a_round_and_replace_a_ki
     # a third worker comes, the survivor stops gracefully: it gives its chores back, the third takes them
     await workers.spawn("w3")
     await workers.rounds(2, after=time.time())
-    workers.procs[other].send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(workers.procs[other].wait, 30) == 0
+    workers.by_id[other].send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(workers.by_id[other].wait, 30) == 0
     stopped_at = time.time()
     rows = await raw_query(db_url, "SELECT chore, holder FROM geste_chores ORDER BY chore")
     assert {r["chore"] for r in rows} == set(INTERVALS)

@@ -17,10 +17,9 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from geste._status import UNSERVED_CAP
 from geste.runtime.worker import Worker
 from geste.storage.base import WorkerRow
 
+from .processes import Cluster
 from .support import (
     instance_steps_searching,
     instances_read,
@@ -41,13 +41,6 @@ from .support import (
     vm_steps,
     wait_until,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.crash_app import build_app  # noqa: E402
-from tests.test_crash import Cluster  # noqa: E402
 
 MakeApp = Callable[..., geste.App]
 
@@ -430,15 +423,6 @@ async def test_a_claim_reads_only_its_own_workflows_index_range_on_sqlite(tmp_pa
 
 
 # -- two worker processes racing on a backlog of two workflows --------------------------------------------
-@pytest.fixture
-async def cluster(tmp_path: Path, db_url: str) -> AsyncIterator[Cluster]:
-    group = Cluster(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop_all()
-
-
 async def test_two_worker_processes_race_on_a_backlog_of_two_workflows(cluster: Cluster) -> None:
     """Both processes register the same workflows (``tests/apps/crash_app.py``); a backlog of ``batch``
     and ``long`` instances waits before they start together. Each claim locks only the rows it takes (the
@@ -449,7 +433,7 @@ async def test_two_worker_processes_race_on_a_backlog_of_two_workflows(cluster: 
     the other takes to start after it, so both take part in the race (with no sleep, a worker that
     started first could empty a SQLite backlog alone)."""
     per_workflow = 150 if cluster.url.startswith("postgres") else 75
-    async with build_app(cluster.url, run_worker=False, poll_interval=0.05) as client:
+    async with cluster.client() as client:
         handles: list[geste.WorkflowHandle[Any]] = []
         activities: dict[str, list[str]] = {}
         for i in range(per_workflow):

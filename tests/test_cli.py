@@ -25,24 +25,12 @@ from click.testing import Result
 from geste.cli import _safe_url
 
 from .conftest import die_with_parent
-from .support import run_cli
+from .support import run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.apps.cli_app:app"
 
 Cli = Callable[..., Result]
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def geste_process(

@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from click.testing import Result
@@ -25,9 +23,9 @@ import geste
 from geste._progress import Progress
 from geste.storage.base import WorkerRow
 from tests.apps.operations_app import build_app
-from tests.support import run_cli
+from tests.support import run_cli, wait_for
 
-from .conftest import die_with_parent
+from .processes import start_process, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -74,17 +72,6 @@ def with_client(db_url: str, action: Callable[[geste.App], Awaitable[T]]) -> T:
     return asyncio.run(go())
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def status_of(db_url: str, instance_id: str) -> str:
     async def read(app: geste.App) -> str:
         return (await app.get_instance(instance_id)).status.value
@@ -103,24 +90,10 @@ def markers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def worker(db_url: str, tmp_path: Path, markers: Path) -> Iterator[subprocess.Popen[bytes]]:
     ready, output = tmp_path / "ready", tmp_path / "worker.out"
-    command = [sys.executable, "-m", "tests.apps.operations_app", db_url, f"--ready={ready}"]
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            [*command, f"--markers={markers}"],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ},
-            preexec_fn=die_with_parent,
-        )
+    command = ["tests.apps.operations_app", db_url, f"--ready={ready}", f"--markers={markers}"]
+    proc = start_process(command, output=output, env={})  # with the markers' variable set just now
     try:
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode}:\n{output.read_text()}")
-            return ready.exists()
-
-        wait_for(started, "the worker process to start", timeout=20)
+        asyncio.run(wait_ready(proc, ready, output=output, what="the worker process", timeout=20))
         yield proc
     finally:
         if proc.poll() is None:

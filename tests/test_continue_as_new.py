@@ -12,9 +12,7 @@ import itertools
 import json
 import logging
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +25,8 @@ from geste.errors import PayloadTooLargeError, RunNotFoundError, SerializationEr
 from geste.storage import sqlite as sqlite_storage
 from geste.testing import ReplayStatus, WorkflowEnvironment, check_replay, export_history
 
-from .conftest import die_with_parent
+from .processes import WorkerProcesses, worker_processes
 from .support import database_at_version, raw_query, run_cli, wait_status, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps import continue_app  # noqa: E402
-from tests.apps.crash_app import read_log  # noqa: E402
 
 MakeApp = Callable[..., geste.App]
 
@@ -69,7 +60,6 @@ async def counted(url: str, table: str, instance_id: str) -> int:
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
-@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 @pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_loop_continues_as_new_and_ends_with_its_runs_kept(make_app: MakeApp, db_url: str) -> None:
     app, keys = looping_app(make_app)
@@ -117,76 +107,18 @@ async def test_a_loop_continues_as_new_and_ends_with_its_runs_kept(make_app: Mak
 
 
 # -- a worker killed right after a continue commits --------------------------------------------------------
-class Workers:
-    """Worker processes of ``tests/apps/continue_app.py`` on one database, one side-effect log."""
-
-    def __init__(self, folder: Path, url: str) -> None:
-        self.url = url
-        self.log = folder / "ticks.jsonl"
-        self.markers = folder / "markers"
-        self.markers.mkdir()
-        self.folder = folder
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    async def spawn(self, worker_id: str, *extra: str) -> subprocess.Popen[bytes]:
-        output = (self.folder / f"worker-{worker_id}.out").open("wb")
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.apps.continue_app",
-                self.url,
-                f"--worker-id={worker_id}",
-                f"--log={self.log}",
-                f"--markers={self.markers}",
-                *extra,
-            ],
-            cwd=ROOT,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-        output.close()
-        self.procs.append(proc)
-        ready = self.markers / f"ready-{worker_id}"
-
-        def started() -> bool:
-            if proc.poll() is not None and not ready.exists():
-                out = (self.folder / f"worker-{worker_id}.out").read_text(errors="replace")
-                raise AssertionError(f"worker {worker_id} exited with {proc.returncode}:\n{out}")
-            return ready.exists()
-
-        await wait_until(started, f"worker {worker_id} to be ready")
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@pytest.fixture
-async def workers(tmp_path: Path, db_url: str) -> AsyncIterator[Workers]:
-    group = Workers(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop()
+workers = worker_processes("continue_app", exits_on_its_own=True, stop_gracefully=True)
+"""Workers of ``tests/apps/continue_app.py``; one of them kills itself (``die_after``), the others stop
+with SIGTERM at the end."""
 
 
 async def killed_after_continues(
-    workers: Workers, client: geste.App, count: int
+    workers: WorkerProcesses, client: geste.App, count: int
 ) -> geste.WorkflowHandle[Any]:
     """Start ``counter`` (4 runs) and let a worker run it until it kills itself right after its
     ``count``-th continue committed: the next run is committed, runnable, and nobody holds it."""
     handle = await client.start_workflow("counter", 1, 4, [], instance_id="c-1")
-    doomed = await workers.spawn("doomed", f"--die-after={count}")
+    doomed = await workers.spawn("doomed", die_after=count)
     await wait_until(lambda: doomed.poll() is not None, "the worker to kill itself after a continue")
     assert doomed.returncode == -signal.SIGKILL
     info = await handle.info()
@@ -198,9 +130,9 @@ async def killed_after_continues(
 
 
 async def test_a_worker_killed_right_after_a_continue_commits_loses_and_duplicates_nothing(
-    workers: Workers, db_url: str
+    workers: WorkerProcesses, db_url: str
 ) -> None:
-    async with continue_app.build_app(db_url, run_worker=False, poll_interval=0.05) as client:
+    async with workers.client() as client:
         handle = await killed_after_continues(workers, client, 2)
         await workers.spawn("survivor")  # finds the next run by polling: nobody holds it
         assert await handle.result(timeout=60) == [1, 2, 3, 4]
@@ -211,13 +143,15 @@ async def test_a_worker_killed_right_after_a_continue_commits_loses_and_duplicat
             assert kinds == ["activity", "send_event", "continue_as_new"]
         emitted = sorted(entry.event_id for entry in await client.outbox(instance_id="c-1"))
     assert emitted == ["c-1:2", "c-1:2.2", "c-1:3.2", "c-1:4.2"]
-    ticks = read_log(workers.log)
+    ticks = workers.entries()
     assert sorted(t["key"] for t in ticks) == ["c-1:1", "c-1:2.1", "c-1:3.1", "c-1:4.1"]  # each run once
     assert len({t["pid"] for t in ticks}) == 2  # runs 1-2 by the worker killed, 3-4 by the survivor
 
 
-async def test_a_cancel_between_two_runs_ends_the_instance_at_once(workers: Workers, db_url: str) -> None:
-    async with continue_app.build_app(db_url, run_worker=False, poll_interval=0.05) as client:
+async def test_a_cancel_between_two_runs_ends_the_instance_at_once(
+    workers: WorkerProcesses, db_url: str
+) -> None:
+    async with workers.client() as client:
         handle = await killed_after_continues(workers, client, 1)
         info = await client.cancel("c-1")  # the next run never ran: nothing of it to compensate
         assert (info.status, info.run) == (geste.Status.CANCELLED, 2)

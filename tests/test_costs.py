@@ -6,7 +6,7 @@ Counted by wrapping the storage's write operations (each one transaction), on ea
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,27 +15,14 @@ import geste
 from geste.storage.postgres import PostgresStorage
 from geste.storage.sqlite import SQLiteStorage
 
-from .support import wait_until
+from .support import count_storage_calls, wait_until
 
 WRITES = ("create_instance", "claim", "renew", "release", "record", "suspend", "finish")
 
 
 @pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
-    counts: Counter[str] = Counter()
-    for cls in (SQLiteStorage, PostgresStorage):
-        for name in WRITES:
-            original = getattr(cls, name)
-
-            def counting(original: Any = original, name: str = name) -> Callable[..., Any]:
-                async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    counts[name] += 1
-                    return await original(*args, **kwargs)
-
-                return wrapper
-
-            monkeypatch.setattr(cls, name, counting())
-    yield counts
+def writes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    return count_storage_calls(monkeypatch, WRITES)
 
 
 def _three_steps(app: geste.App) -> geste.Workflow[[int], int]:

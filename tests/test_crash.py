@@ -1,7 +1,8 @@
 """Crash safety on each backend, with workers in subprocesses killed, restarted and stopped.
 
-Workers run ``tests/apps/crash_app.py``; each activity logs its start and end to a side-effect file, so a
-test can count executions (at least once) and compare them with the history (recorded exactly once).
+Workers run ``tests/apps/crash_app.py`` (the ``cluster`` fixture, ``tests/processes.py``); each activity
+logs its start and end to a side-effect file, so a test can count executions (at least once) and compare
+them with the history (recorded exactly once).
 What geste promises is asserted, no more: an activity recorded in the history never runs again, one that
 was not may (a crash, or a lease that ran out on a loaded machine, runs it again). So counts of runs are
 exact for the recorded ones, and for the others only where the test rules a lost lease out (a lease far
@@ -15,113 +16,18 @@ import asyncio
 import itertools
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 import geste
 
-from .conftest import die_with_parent
+from .processes import Cluster, workers_client
 from .support import raw_query, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.crash_app import build_app, read_log  # noqa: E402
-
-LOCK_TIMEOUT = 1.0
-
-
-class Cluster:
-    """One database, a side-effect log, a marker folder and the worker processes started on them."""
-
-    def __init__(self, folder: Path, url: str) -> None:
-        self.folder = folder
-        self.url = url
-        self.log = folder / "side-effects.jsonl"
-        self.markers = folder / "markers"
-        self.markers.mkdir()
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.outputs: dict[int, Path] = {}
-
-    async def spawn(self, worker_id: str, *, lock_timeout: float = LOCK_TIMEOUT, **options: Any) -> Any:
-        ready = self.markers / f"ready-{worker_id}"
-        ready.unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "tests.apps.crash_app",
-            self.url,
-            f"--worker-id={worker_id}",
-            f"--log={self.log}",
-            f"--markers={self.markers}",
-            f"--lock-timeout={lock_timeout}",
-            *(f"--{key.replace('_', '-')}={value}" for key, value in options.items()),
-        ]
-        output = self.folder / f"worker-{worker_id}-{len(self.procs)}.out"
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-            )
-        self.procs.append(proc)
-        self.outputs[proc.pid] = output
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"worker {worker_id} exited with {proc.returncode}:\n{self.output(proc)}"
-                )
-            return ready.exists()
-
-        await wait_until(started, f"worker {worker_id} to be ready")
-        return proc
-
-    def output(self, proc: subprocess.Popen[bytes]) -> str:
-        return self.outputs[proc.pid].read_text(errors="replace")
-
-    def go(self, instance_id: str) -> None:
-        """Let the ``block`` activity of ``instance_id`` return."""
-        (self.markers / f"go-{instance_id}").touch()
-
-    def entries(self, *, event: str = "start", **where: Any) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in read_log(self.log)
-            if e["event"] == event and all(e[key] == value for key, value in where.items())
-        ]
-
-    async def row(self, instance_id: str) -> dict[str, Any]:
-        found = await raw_query(self.url, "SELECT * FROM geste_instances WHERE instance_id = $1", instance_id)
-        assert len(found) == 1, instance_id
-        return found[0]
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path, db_url: str) -> AsyncIterator[Cluster]:
-    group = Cluster(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop_all()
-
-
-@pytest.fixture
-async def client(cluster: Cluster) -> AsyncIterator[geste.App]:
-    """An App that only starts, queries and cancels (no worker); it also creates the schema."""
-    async with build_app(cluster.url, run_worker=False, poll_interval=0.05) as app:
-        yield app
+client = workers_client("cluster")
+"""An App that only starts, queries and cancels (no worker); it also creates the schema."""
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:

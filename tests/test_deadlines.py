@@ -9,25 +9,20 @@ deadline: another fires it.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
+import httpx
 import pytest
 
 import geste
 from geste.errors import ConfigurationError, WorkflowCancelled, WorkflowTimeout
 from geste.testing import WorkflowEnvironment, check_replay
 
-from .support import MovableClock, raw_query, wait_status, wait_until
-from .test_cancel_running import Workers, cancelled_outcome
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.cancel_app import build_app  # noqa: E402
+from .processes import ROOT, WorkerProcesses, worker_processes, workers_client
+from .support import MovableClock, cancelled_outcome, raw_query, wait_status, wait_until
 
 MakeApp = Callable[..., geste.App]
 HOUR = 3600.0
@@ -76,6 +71,17 @@ async def test_a_deadline_passing_while_an_activity_runs_cancels_it(make_app: Ma
         history = await handle.history()
         worker = app._worker
         assert worker is not None and worker.renewal_cancels == 0  # nothing asked the database to cancel
+        transport = httpx.ASGITransport(app=app.asgi())
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            page = (
+                await http.get(f"/ui/instances/{handle.instance_id}", headers={"accept": "text/html"})
+            ).text
+        step = page[page.index('id="step-1"') - 40 : page.index('id="step-2"')]  # the cancelled activity
+        assert (
+            '<li class="k-activity cancelled"' in step
+            and '<span class="chip cancel">cancelled: deadline' in step
+        )
+        assert ">failed<" not in step
 
     assert info.status == geste.Status.CANCELLED and not info.cancel_requested
     assert info.error is not None and info.error["type"] == "geste.errors.WorkflowTimeout"
@@ -267,23 +273,12 @@ def test_workflow_timeout_is_a_cancel_in_the_error_tree() -> None:
 # -- across processes --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def workers(tmp_path: Path, db_url: str) -> AsyncIterator[Workers]:
-    group = Workers(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop_all()
-
-
-@pytest.fixture
-async def client(workers: Workers) -> AsyncIterator[geste.App]:
-    async with build_app(workers.url, run_worker=False, poll_interval=0.05) as app:
-        yield app
+workers = worker_processes("cancel_app")
+client = workers_client()
 
 
 async def test_a_worker_killed_before_the_deadline_another_fires_it(
-    workers: Workers, client: geste.App
+    workers: WorkerProcesses, client: geste.App
 ) -> None:
     """w1 runs the instance to its sleep (it keeps the timer) and is killed; w2, started then, never
     heard of it: the instance's run_at (capped by the deadline) makes it due, w2 claims it and cancels it
@@ -310,7 +305,7 @@ async def test_a_worker_killed_before_the_deadline_another_fires_it(
 
 
 async def test_a_worker_killed_mid_activity_the_next_one_fires_the_deadline(
-    workers: Workers, client: geste.App
+    workers: WorkerProcesses, client: geste.App
 ) -> None:
     """The deadline passes while nobody holds a live lease (w1 killed in the activity): w2 takes the
     instance over at the lease's expiry and cancels it there for its deadline."""
@@ -435,3 +430,63 @@ async def test_a_continue_as_new_keeps_the_deadline(make_app: MakeApp) -> None:
         clock.advance(HOUR + 1)
         with pytest.raises(WorkflowTimeout):
             await handle.result(timeout=10)
+
+
+async def test_the_deadline_is_shown_by_info_lists_the_api_geste_show_and_the_viewer(
+    make_app: MakeApp, db_url: str
+) -> None:
+    """``InstanceInfo.deadline`` (an aware datetime; None: none) is read by ``get_instance``,
+    ``list_instances`` and the handle; ``GET /instances/{id}`` and ``GET /instances`` carry it (ISO 8601),
+    ``geste show`` prints it with how far it is, and the viewer's page has it as a fact."""
+    import re
+
+    import httpx
+
+    from .support import run_cli
+    from .test_viewer import BROWSER, now_panel, plain
+
+    app = make_app(run_worker=False)  # nothing runs: the passed deadline stays unfired, as shown
+
+    @app.workflow
+    async def flow(ctx: geste.WorkflowContext) -> None:
+        pass
+
+    later = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    earlier = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+    async with app:
+        ahead = await flow.options(deadline=later).start_with_id("ahead")
+        await flow.options(deadline=earlier).start_with_id("passed")
+        await flow.start_with_id("none")
+        assert (await ahead.info()).deadline == later
+        assert (await app.get_instance("passed")).deadline == earlier
+        assert (await app.get_instance("none")).deadline is None
+        listed = {info.instance_id: info.deadline for info in await app.list_instances()}
+        assert listed == {"ahead": later, "passed": earlier, "none": None}
+        transport = httpx.ASGITransport(app=app.asgi())
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            assert (await http.get("/instances/ahead")).json()["deadline"] == later.isoformat()
+            assert (await http.get("/instances/none")).json()["deadline"] is None
+            everything = (await http.get("/instances")).json()["instances"]
+            assert {i["instance_id"]: i["deadline"] for i in everything}["passed"] == earlier.isoformat()
+            text = (await http.get("/ui/instances/ahead", headers=BROWSER)).text
+            fact = r"Deadline\s+\S+ \S+ UTC \(\s*in (1 h 59 min|2 h)\s*\)"
+            assert re.search(fact, plain(text)), plain(text)
+            assert re.search(r"Its deadline cancels it in (1 h 59 min|2 h)", now_panel(text))
+            text = (await http.get("/ui/instances/passed", headers=BROWSER)).text
+            assert re.search(r"Deadline\s+\S+ \S+ UTC \(\s*passed\s+5 min( \d+ s)? ago\s*\)", plain(text))
+            passed = r"Its deadline passed 5 min( \d+ s)? ago: it is cancelled when it next runs"
+            assert re.search(passed, now_panel(text))
+            text = (await http.get("/ui/instances/none", headers=BROWSER)).text
+            assert "Deadline" not in plain(text) and "deadline" not in now_panel(text)
+    shown = await asyncio.to_thread(run_cli, ["show", "ahead", "--database-url", db_url])
+    assert shown.exit_code == 0, shown.output
+    stamp = later.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    assert re.search(rf"^deadline   {stamp} \(in (1h 59m|2h 0m)\)$", shown.output, re.MULTILINE), shown.output
+    shown = await asyncio.to_thread(run_cli, ["show", "passed", "--database-url", db_url])
+    assert re.search(r"^deadline   \S+ \S+ \(passed\)$", shown.output, re.MULTILINE), shown.output
+    shown = await asyncio.to_thread(run_cli, ["show", "none", "--database-url", db_url])
+    assert "deadline" not in shown.output
+    as_json = json.loads(
+        (await asyncio.to_thread(run_cli, ["show", "ahead", "--json", "--database-url", db_url])).output
+    )
+    assert as_json["instance"]["deadline"] == later.isoformat()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from geste import _matching
 from geste._matching import canonical, event_keys, matches, pair_text, wait_key
 from geste.storage.base import NewEvent
 
-from .conftest import die_with_parent
+from .processes import start_process
 from .support import database_at_version, raw_query, vm_steps, wait_status, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -653,17 +652,8 @@ def race_events(side: int) -> list[str]:
 @pytest.fixture
 async def race_process(tmp_path: Path, db_url: str) -> AsyncIterator[tuple[Path, subprocess.Popen[bytes]]]:
     output = tmp_path / "other.out"
-    cmd = [sys.executable, "-m", "tests.apps.events_app", db_url, f"--folder={tmp_path}", "--name=other",
-           "--events", *race_events(1)]  # fmt: skip
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ),
-            preexec_fn=die_with_parent,
-        )
+    cmd = ["tests.apps.events_app", db_url, f"--folder={tmp_path}", "--name=other", "--events"]
+    proc = start_process([*cmd, *race_events(1)], output=output)
     try:
         yield tmp_path, proc
     finally:

@@ -13,7 +13,6 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -32,9 +31,10 @@ from geste.storage.base import (
     NewOutboxEvent,
 )
 
+from .processes import Cluster
 from .proxy import TcpProxy
 from .support import raw_query, wait_status, wait_until
-from .test_crash import Cluster, assert_recorded_once, build_app
+from .test_crash import assert_recorded_once
 
 INPUT = '{"args":[],"kwargs":{}}'
 T = TypeVar("T")
@@ -171,19 +171,10 @@ async def test_a_lease_taken_over_can_record_nothing(db_url: str, two: tuple[Sto
 
 
 # -- worker processes --------------------------------------------------------------------------------------
-@pytest.fixture
-async def cluster(tmp_path: Path, db_url: str) -> AsyncIterator[Cluster]:
-    group = Cluster(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop_all()
-
-
 async def test_a_worker_paused_past_its_lease_records_nothing_when_resumed(
     cluster: Cluster, db_url: str
 ) -> None:
-    async with build_app(db_url, run_worker=False, poll_interval=0.05) as client:
+    async with cluster.client() as client:
         first = await cluster.spawn("w1")
         handle = await client.start_workflow("pipeline", 7, instance_id="order-1")
         await wait_until(lambda: cluster.entries(activity="block"), "block to start in w1")

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,17 +21,10 @@ import geste
 from geste._serde import decode_error
 from geste.errors import ActivityHeartbeatTimeout, ActivityTimeout, ConfigurationError, SerializationError
 from geste.storage.base import Lease, Storage
-from geste.storage.postgres import PostgresStorage
-from geste.storage.sqlite import SQLiteStorage
 
-from .conftest import die_with_parent
-from .support import raw_query, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.heartbeat_app import build_app  # noqa: E402
+from .apps.heartbeat_app import build_app
+from .processes import WorkerProcesses
+from .support import count_storage_calls, raw_query, wait_until
 
 FAST_RETRY = geste.RetryPolicy(max_attempts=3, initial_interval=0.01)
 
@@ -164,24 +155,12 @@ def test_a_context_built_by_hand_takes_heartbeats_and_has_no_details() -> None:
 
 # -- cost: no statement per heartbeat ------------------------------------------------------------------
 @pytest.fixture
-def operations(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+def operations(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Every storage operation (each one statement or more), by name, on both backends."""
-    counts: Counter[str] = Counter()
-    for cls in (SQLiteStorage, PostgresStorage):
-        for name in dir(Storage):
-            original = getattr(cls, name, None)
-            if name.startswith("_") or not asyncio.iscoroutinefunction(original):
-                continue
-
-            def counting(original: Any = original, name: str = name) -> Callable[..., Any]:
-                async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                    counts[name] += 1
-                    return await original(*args, **kwargs)
-
-                return wrapper
-
-            monkeypatch.setattr(cls, name, counting())
-    yield counts
+    names = [
+        n for n in dir(Storage) if not n.startswith("_") and asyncio.iscoroutinefunction(getattr(Storage, n))
+    ]
+    return count_storage_calls(monkeypatch, names)
 
 
 async def test_a_thousand_heartbeats_cost_no_statement_and_the_renewal_writes_the_last(
@@ -235,23 +214,9 @@ async def test_a_thousand_heartbeats_cost_no_statement_and_the_renewal_writes_th
 
 # -- across processes: the details survive the worker ------------------------------------------------
 async def test_the_details_survive_a_worker_killed_mid_activity(db_url: str, tmp_path: Path) -> None:
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    output = tmp_path / "worker.out"
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.apps.heartbeat_app", db_url, "--worker-id=doomed",
-             f"--markers={markers}", "--stop-at=3"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-        )  # fmt: skip
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"the worker exited with {proc.returncode}:\n{output.read_text()}")
-            return (markers / "ready-doomed").exists()
-
-        await wait_until(ready, "the worker to be ready")
+    with WorkerProcesses(tmp_path, db_url, "heartbeat_app") as workers:
+        proc = await workers.spawn("doomed", stop_at=3)
+        markers = workers.markers
         starter = build_app(db_url, worker_id="starter", markers=markers)
         starter.run_worker = False
         async with starter:
@@ -270,10 +235,6 @@ async def test_the_details_survive_a_worker_killed_mid_activity(db_url: str, tmp
         survivor = build_app(db_url, worker_id="survivor", markers=markers)
         async with survivor:  # takes the dead worker's lease over once it expires, runs the activity again
             result = await survivor.get_handle(handle.instance_id).result(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
     assert result == {"resumed_from": {"done": 3, "worker": "doomed"}, "worker": "survivor", "attempt": 1}
 
 

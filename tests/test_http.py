@@ -25,7 +25,7 @@ from geste.errors import ConfigurationError, StorageError
 from geste.http import _endpoints
 
 from .conftest import POSTGRES_URL
-from .support import raw_query
+from .support import raw_query, wait_status
 
 MakeApp = Callable[..., geste.App]
 
@@ -96,26 +96,6 @@ async def serving(app: geste.App, **options: Any) -> AsyncIterator[httpx.AsyncCl
         yield http
 
 
-async def until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
-async def wait_status(app: geste.App, instance_id: str, status: str) -> geste.InstanceInfo:
-    async def reached() -> geste.InstanceInfo | None:
-        info = await app.get_instance(instance_id)
-        return info if info.status == status else None
-
-    found: geste.InstanceInfo = await until(reached)
-    return found
-
-
 async def table_counts(db_url: str) -> dict[str, int]:
     """Rows in every geste table of the test database, but the chores' rounds (a row per chore, added
     whenever a chore first comes due: not the request's doing)."""
@@ -168,7 +148,7 @@ async def test_a_binary_mode_event_reaches_the_waiting_workflow(make_app: MakeAp
     app = build(make_app)
     async with serving(app) as http:
         handle = await app.start_workflow("payment", "A-1")
-        await wait_status(app, handle.instance_id, "waiting")
+        await wait_status(app, handle.instance_id, geste.Status.WAITING)
         other = {**EVENT_BODY, "order_id": "B-2"}  # the match filters it out
         answer = await http.post("/events", headers={**EVENT_HEADERS, "ce-id": "evt-0"}, json=other)
         assert answer.status_code == 202
@@ -491,7 +471,7 @@ async def test_a_malformed_event_is_refused_and_changes_nothing(
     app = build(make_app)
     async with serving(app) as http:
         handle = await app.start_workflow("payment", "A-1")
-        await wait_status(app, handle.instance_id, "waiting")
+        await wait_status(app, handle.instance_id, geste.Status.WAITING)
         before = await table_counts(db_url)
         answer = await http.post("/events", headers=headers, content=body)
         assert_error(answer, status, error_type)
@@ -617,7 +597,7 @@ async def test_starting_badly_is_refused_and_writes_nothing(make_app: MakeApp, d
     app = build(make_app)
     async with serving(app) as http:
         await app.start_workflow("hold", instance_id="taken")
-        await wait_status(app, "taken", "waiting")
+        await wait_status(app, "taken", geste.Status.WAITING)
         before = await table_counts(db_url)
         assert_error(await http.post("/workflows/nope", json={}), 404, "UnknownWorkflowError", "nope")
         assert_error(await http.post("/workflows/add", json={"args": []}), 400, "SerializationError")
@@ -671,7 +651,7 @@ async def test_look_at_instances(make_app: MakeApp, db_url: str) -> None:
         done = await app.start_workflow("add", 1, b=2, instance_id="done")
         await done.result(timeout=10)
         await app.start_workflow("hold", instance_id="held")
-        await wait_status(app, "held", "waiting")
+        await wait_status(app, "held", geste.Status.WAITING)
 
         shown = (await http.get("/instances/done")).json()
         assert shown["instance_id"] == "done"
@@ -751,7 +731,7 @@ async def test_cancel(make_app: MakeApp, db_url: str) -> None:
     app = build(make_app)
     async with serving(app) as http:
         await app.start_workflow("hold", instance_id="held")
-        await wait_status(app, "held", "waiting")
+        await wait_status(app, "held", geste.Status.WAITING)
         answer = await http.post("/instances/held/cancel")
         assert answer.status_code == 202
         assert answer.json()["instance_id"] == "held"

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 from click.testing import Result
 
 from .conftest import die_with_parent
-from .support import run_cli
+from .support import run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -36,17 +35,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def call(
@@ -132,7 +120,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             except httpx.TransportError:  # not listening yet
                 return False
 
-        wait_for(healthy, "geste serve to answer /health")
+        wait_for(healthy, "geste serve to answer /health", timeout=20.0)
         return server
 
     try:
@@ -154,7 +142,7 @@ def test_an_event_sent_over_http_completes_the_waiting_workflow(
     def waiting() -> bool:
         return call(f"{server.url}/instances/ORD-7")[1]["status"] == "waiting"
 
-    wait_for(waiting, "the workflow to wait for its event")
+    wait_for(waiting, "the workflow to wait for its event", timeout=20.0)
     attributes = {
         "ce-specversion": "1.0",
         "ce-id": "bank-123",

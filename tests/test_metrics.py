@@ -30,14 +30,10 @@ import geste
 from geste._metrics import Counter, Histogram, MetricFamily, MetricSample, gauge, render
 from geste.errors import ConfigurationError
 
+from .apps.crash_app import build_app
 from .conftest import POSTGRES_URL, _admin, die_with_parent, with_query
+from .processes import ROOT, Cluster
 from .support import MovableClock, raw_query, wait_status, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.crash_app import build_app, read_log  # noqa: E402
 
 MakeApp = Callable[..., geste.App]
 WEIRD = 'we"ird\\name\nwith a newline'
@@ -529,42 +525,24 @@ async def test_a_claim_says_when_it_takes_over_an_expired_lease(make_app: MakeAp
         assert third.lease_expired_at is None  # released, not expired: no take-over
 
 
-async def test_a_lease_taken_over_from_a_killed_worker_is_counted(db_url: str, tmp_path: Path) -> None:
-    log, markers = tmp_path / "side-effects.jsonl", tmp_path / "markers"
-    markers.mkdir()
-    async with build_app(db_url, run_worker=False, poll_interval=0.05) as client:
-        output = (tmp_path / "w1.out").open("wb")
-        first = subprocess.Popen(
-            [sys.executable, "-m", "tests.apps.crash_app", db_url, "--worker-id=w1", f"--log={log}",
-             f"--markers={markers}", "--lock-timeout=1.0"],
-            cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-        )  # fmt: skip
-        try:
-            await wait_until(lambda: (markers / "ready-w1").exists(), "worker w1 to start", timeout=60)
-            handle = await client.start_workflow("pipeline", 7)
-            started = await wait_until(
-                lambda: [e for e in read_log(log) if e["activity"] == "block" and e["event"] == "start"],
-                "block to start in w1",
-            )
-            assert started[0]["worker"] == "w1"
-            first.send_signal(signal.SIGKILL)
-            assert first.wait(timeout=10) == -signal.SIGKILL
-        finally:
-            if first.poll() is None:
-                first.kill()
-                first.wait()
-            output.close()
-        (dead,) = await raw_query(
-            db_url, "SELECT lock_expires_at FROM geste_instances WHERE instance_id = $1", handle.instance_id
-        )
-        (markers / f"go-{handle.instance_id}").touch()
+async def test_a_lease_taken_over_from_a_killed_worker_is_counted(cluster: Cluster, db_url: str) -> None:
+    async with cluster.client() as client:
+        first = await cluster.spawn("w1")
+        handle = await client.start_workflow("pipeline", 7)
+        started = await wait_until(lambda: cluster.entries(activity="block"), "block to start in w1")
+        assert started[0]["worker"] == "w1"
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(timeout=10) == -signal.SIGKILL
+
+        dead = await cluster.row(handle.instance_id)
+        cluster.go(handle.instance_id)
 
         # w2's own lease is long (a stall of w2 under load must not expire it: it would take the instance
         # over from itself and count twice); its poll net stays at 1 s on PostgreSQL
         second = build_app(
             db_url,
-            log=str(log),
-            markers=str(markers),
+            log=str(cluster.log),
+            markers=str(cluster.markers),
             worker_id="w2",
             lock_timeout=30.0,
             notify_fallback_interval=1.0,

@@ -35,6 +35,7 @@ from geste.runtime.wakeups import CHANNELS, TIMER_EXPIRED, WORKFLOW_RESUMABLE, L
 from geste.storage._listen import PostgresListening
 from geste.storage.postgres import PostgresStorage, parse_postgres_url
 
+from .processes import start_process, wait_ready
 from .support import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pyte
     sys.path.insert(0, str(ROOT))
 
 from tests.apps.notify_app import build_app  # noqa: E402
-from tests.conftest import POSTGRES_URL, die_with_parent  # noqa: E402
+from tests.conftest import POSTGRES_URL  # noqa: E402
 
 SLOW = 300.0
 """Poll interval, lock timeout and fallback interval of workers that only a notification may wake."""
@@ -253,24 +254,11 @@ class Worker:
         index = len(self.procs)
         ready = self.folder / f"ready-{index}"
         output = self.folder / f"worker-{index}.out"
-        cmd = [sys.executable, "-m", "tests.apps.notify_app", self.url, f"--ready={ready}", *args]
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-                preexec_fn=die_with_parent,
-            )
+        proc = start_process(
+            ["tests.apps.notify_app", self.url, f"--ready={ready}", *args], output=output, env=env or {}
+        )
         self.procs.append(proc)
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"worker exited with {proc.returncode}:\n{output.read_text()}")
-            return ready.exists()
-
-        await wait_until(started, "the worker process to listen", timeout=20)
+        await wait_ready(proc, ready, output=output, what="the worker process (listening)", timeout=20)
         return proc
 
     def stop_all(self) -> None:

@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,10 +21,9 @@ import geste
 from geste.errors import InstanceLeasedError, InstanceNotFoundError, InstanceStateError
 from geste.storage.base import HistoryRow, WorkerRow, retry_cut
 
-from .conftest import die_with_parent
+from .processes import start_process, wait_ready
 from .support import raw_query, wait_status, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 MakeApp = Callable[..., geste.App]
 
 
@@ -539,20 +537,11 @@ async def test_a_worker_in_another_process_takes_the_retried_instance(
     ready, output = tmp_path / "ready", tmp_path / "worker.out"
     # On PostgreSQL the worker polls every 120 s: only the retry's NOTIFY can wake it within the test's wait.
     timings = ["--poll-interval=120", "--lock-timeout=120", "--fallback-interval=300"]
-    command = [sys.executable, "-m", "tests.apps.operations_app", db_url, f"--ready={ready}"]
+    command = ["tests.apps.operations_app", db_url, f"--ready={ready}"]
     command += [f"--markers={markers}", *(timings if db_url.startswith("postgres") else [])]
-    with output.open("wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-        )
+    proc = start_process(command, output=output)
     procs.append(proc)
-
-    def started() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode}:\n{output.read_text()}")
-        return ready.exists()
-
-    await wait_until(started, "the worker process to start", timeout=20)
+    await wait_ready(proc, ready, output=output, what="the worker process", timeout=20)
     async with build_app(db_url, run_worker=False) as client:
         handle = await client.start_workflow("pipeline", 4, instance_id="remote")
         with pytest.raises(geste.errors.WorkflowFailed, match="the service is down"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,26 +17,13 @@ import pytest
 import geste
 from geste.errors import ActivityError, NonDeterminismError, WorkflowFailed
 
+from .support import wait_status
+
 MakeApp = Callable[..., geste.App]
 
 
 class PaymentDeclined(Exception):
     """Defined at module level, so a recorded error of this type is rebuilt as this type."""
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-async def wait_status(app: geste.App, instance_id: str, status: geste.Status) -> None:
-    async def reached() -> bool:
-        return (await app.get_instance(instance_id)).status == status
-
-    await until(reached)
 
 
 def history_rows(entries: list[geste.HistoryEntry]) -> list[tuple[int, str, str, Any, bool]]:

@@ -34,14 +34,16 @@ from geste.runtime.routing import ROUTABLE_SLACK, Router, score
 from geste.runtime.wakeups import TIMER_EXPIRED, WORKFLOW_RESUMABLE, Listener, Wakeups
 from geste.storage.base import WorkerRow
 
+from .processes import start_process, wait_ready
 from .support import plan_nodes, raw_query, sql_literal, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
     sys.path.insert(0, str(ROOT))
 
-from tests.apps.routing_app import build_app, herd, read_lines  # noqa: E402
-from tests.conftest import POSTGRES_URL, _admin, die_with_parent  # noqa: E402
+from tests.apps.routing_app import build_app, herd  # noqa: E402
+from tests.apps.worker import read_log  # noqa: E402
+from tests.conftest import POSTGRES_URL, _admin  # noqa: E402
 
 LISTENING = json.dumps({"state": "listening"})
 
@@ -336,8 +338,6 @@ class Fleet:
         ready = self.folder / f"ready-{worker_id}"
         output = self.folder / f"{worker_id}.out"
         cmd = [
-            sys.executable,
-            "-m",
             "tests.apps.routing_app",
             self.url,
             f"--worker-id={worker_id}",
@@ -345,32 +345,18 @@ class Fleet:
             f"--report={self.reports}",
             *args,
         ]
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-                preexec_fn=die_with_parent,
-            )
+        proc = start_process(cmd, output=output, env=env or {})
         self.procs[worker_id] = proc
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"{worker_id} exited with {proc.returncode}:\n{output.read_text()}")
-            return ready.exists()
-
-        await wait_until(started, f"{worker_id} to listen", timeout=30)
+        await wait_ready(proc, ready, output=output, what=f"{worker_id} (listening)", timeout=30)
         return proc.pid
 
     async def report(self, worker_id: str) -> dict[str, Any]:
         """What the worker counted so far (its claim rounds and runs by cause, what it handed on)."""
-        seen = len(read_lines(self.reports))
+        seen = len(read_log(self.reports))
         self.procs[worker_id].send_signal(signal.SIGUSR1)
 
         def written() -> dict[str, Any] | None:
-            lines = [r for r in read_lines(self.reports)[seen:] if r["worker"] == worker_id]
+            lines = [r for r in read_log(self.reports)[seen:] if r["worker"] == worker_id]
             return lines[-1] if lines else None
 
         found: dict[str, Any] = await wait_until(written, f"a report of {worker_id}")

@@ -18,7 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,23 +30,11 @@ import geste
 from geste.storage.base import Commit, HistoryRow, Lease, NewInstance, WorkerRow
 from geste.storage.sqlite import SCHEMA_VERSION
 from tests.conftest import die_with_parent
-from tests.support import database_at_version, raw_query, run_cli
+from tests.support import database_at_version, raw_query, run_cli, wait_for, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "tests.apps.cli_app:app"  # lock_timeout=2.0: heartbeats every 0.67 s, stale after 6 s
 APP_LOCK_TIMEOUT = 2.0
-
-
-async def wait_until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 15.0) -> Any:
-    """Await ``check`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def backend(url: str) -> str:
@@ -497,18 +485,6 @@ def status_json(cli: Callable[..., Result], url: str) -> dict[str, Any]:
     assert result.exit_code == 0, result.output
     found: dict[str, Any] = json.loads(result.stdout)
     return found
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Call ``condition`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_geste_status_end_to_end(

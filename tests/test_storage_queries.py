@@ -61,6 +61,7 @@ SQLITE_ONLY = {
     "deliver_event": "send_event, 4/5 (per instance handed the event); PostgreSQL: send_event",
     "wake": "send_event, 5/5 (per instance that takes it itself); PostgreSQL: send_event",
     "wake_parent": "a child's end (finish, cancel_unstarted) wakes its parent; PostgreSQL: inside those",
+    "cancel_children": "a parent's end flags the children it cancels (finish); PostgreSQL: in finish",
     "continue_archive_run": "continue_as_new, 1/6 (after lease_state); PostgreSQL: continue_as_new",
     "continue_archive_history": "continue_as_new, 2/6 (after insert_history); PostgreSQL: continue_as_new",
     "continue_clear_history": "continue_as_new, 3/6; PostgreSQL: continue_as_new",

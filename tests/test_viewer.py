@@ -886,3 +886,84 @@ async def test_a_long_history_shows_its_first_and_last_steps(
         text = await page(http, "/ui/instances/long")
         assert re.findall(r'id="step-(\d+)"', text) == ["1", "2", "9", "10"]
         assert "… 6 steps not shown" in plain(text) and "History · 10 steps" in plain(text)
+
+
+def now_markup(text: str) -> str:
+    found = re.search(r'<section class="panel now[^"]*">(.*?)</section>', text, re.DOTALL)
+    assert found, "no Now panel"
+    return found.group(1)
+
+
+async def test_a_parent_shows_the_child_it_waits_for_and_a_child_the_parent_that_cancelled_it(
+    make_app: MakeApp,
+) -> None:
+    """A parent waiting at ``handle.result()`` registers no wait (the child's end wakes it): its Now panel
+    names the child (linked), or the children it started and has not seen end. A child its parent's end
+    cancelled says so, the parent linked: at its ``cancelled`` row and in its outcome; an activity a
+    cancel cut short (``ActivityCancelled``) shows as cancelled, not failed."""
+    app = make_app()
+
+    @app.activity
+    async def hang(ctx: geste.ActivityContext) -> None:
+        await asyncio.Event().wait()
+
+    @app.workflow
+    async def waits(ctx: geste.WorkflowContext) -> str:
+        return str((await ctx.wait_event("go")).data)
+
+    @app.workflow
+    async def hangs(ctx: geste.WorkflowContext) -> None:
+        await hang(ctx)
+
+    @app.workflow
+    async def one(ctx: geste.WorkflowContext) -> str:
+        return await ctx.run_child(waits)
+
+    @app.workflow
+    async def two(ctx: geste.WorkflowContext) -> list[object]:
+        first = await ctx.start_child(waits)
+        second = await ctx.start_child(hangs)
+        return [await first.result(), await second.result()]
+
+    async with serving(app) as http:
+        await one.start_with_id("p1")
+        await two.start_with_id("p2")
+        for instance_id, status in [
+            ("p1", geste.Status.WAITING),
+            ("p1:1", geste.Status.WAITING),
+            ("p2", geste.Status.WAITING),
+            ("p2:1", geste.Status.WAITING),
+            ("p2:2", geste.Status.RUNNING),
+        ]:
+            await wait_status(app, instance_id, status)
+        text = await page(http, "/ui/instances/p1")
+        assert "The end of its child p1:1 (waits) waiting." in now_panel(text), now_panel(text)
+        assert 'href="/ui/instances/p1%3A1"' in now_markup(text)
+        assert "Nothing is registered" not in now_panel(text)
+        text = await page(http, "/ui/instances/p2")
+        assert (
+            "The end of one of the 2 children it started and has not seen end: "
+            "p2:1 (waits) waiting; p2:2 (hangs) running." in now_panel(text)
+        ), now_panel(text)
+        assert 'href="/ui/instances/p2%3A2"' in now_markup(text)
+
+        await app.cancel("p1")  # the child waits for an event: cancelled between two steps
+        await app.cancel("p2")  # the second child runs an activity: the cancel cuts it short
+        for instance_id in ("p1:1", "p2:1", "p2:2"):
+            await wait_status(app, instance_id, geste.Status.CANCELLED, timeout=30)
+
+        text = await page(http, "/ui/instances/p1:1")
+        shown = plain(text)
+        assert re.search(r"cancellation delivered:\s+cancelled by its parent\s+p1", shown), shown
+        assert re.search(r"Cancelled by its parent\s+p1\s+\(parent close: cancel\)", shown)
+        assert text.count('href="/ui/instances/p1"') == 3  # the Parent fact, the row, the outcome
+
+        text = await page(http, "/ui/instances/p2:2")
+        shown = plain(text)
+        assert re.search(r"Cancelled by its parent\s+p2\s+\(parent close: cancel\)", shown), shown
+        row = re.search(r'<li class="k-activity[^"]*" id="step-1">.*?</li>', text, re.DOTALL)
+        assert row is not None, text
+        assert row.group(0).startswith('<li class="k-activity cancelled"'), row.group(0)[:80]
+        assert '<span class="chip cancel">cancelled</span>' in row.group(0)
+        assert "failed" not in plain(row.group(0))
+        assert "attempt 1 of activity hang was cancelled: the workflow was cancelled" in plain(row.group(0))

@@ -75,8 +75,6 @@ def cache_value(snapshot: Any, name: str, **labels: str) -> float:
 
 
 @pytest.mark.pgbouncer  # also through PgBouncer (conftest)
-@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
-@pytest.mark.pgbouncer  # also through PgBouncer (conftest)
 async def test_a_looping_workflow_continues_from_the_cache_reading_only_the_new_rows(
     make_app: MakeApp,
 ) -> None:

@@ -15,6 +15,7 @@ from ._metrics_http import MetricsServer
 from ._models import Event, HistoryEntry, InstanceInfo, ParentClose, RunInfo, Status, StepKind
 from ._operations import ResumeResult, RetryRecord
 from ._retry import RetryPolicy
+from ._schedules import ScheduleInfo
 from ._status import LeaseInfo, ListenerState, ListenerStatus, QueueStats, SystemStatus, WorkerInfo
 from .engine.context import ActivityContext, ChildHandle, WorkflowContext
 from .runtime.relay import OutboxEntry, OutboxEvent, OutboxStatus
@@ -47,6 +48,7 @@ __all__ = [
     "RetryPolicy",
     "RetryRecord",
     "RunInfo",
+    "ScheduleInfo",
     "Status",
     "StepKind",
     "SystemStatus",

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
 from ._client import Client
 from ._definitions import Activity, Workflow
@@ -22,6 +22,8 @@ from ._models import HistoryEntry, InstanceInfo, RunInfo, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
 from ._registry import Registry
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
+from ._schedules import ScheduleInfo
+from ._scheduling import Schedules
 from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, ListenerStatus, SystemStatus, WorkerInfo, is_alive
 from ._validation import check_id as _check_id
 from .engine.activities import DEFAULT_ACTIVITY_THREADS
@@ -73,6 +75,19 @@ class ActivityDecorator(Protocol):
 
     @overload
     def __call__(self, fn: Callable[Concatenate[ActivityContext, P], R], /) -> Activity[P, R]: ...
+
+
+class ScheduleDecorator(Protocol):
+    """What ``@app.schedule(...)`` returns: on a workflow it returns the workflow; on an ``async def`` it
+    registers it as a workflow first and returns that."""
+
+    @overload
+    def __call__(self, target: Workflow[P, R], /) -> Workflow[P, R]: ...
+
+    @overload
+    def __call__(
+        self, target: Callable[Concatenate[WorkflowContext, P], Awaitable[R]], /
+    ) -> Workflow[P, R]: ...
 
 
 class App(OpenClose):
@@ -156,6 +171,8 @@ class App(OpenClose):
         self.default_retry = default_retry
         self.registry = Registry(self, default_retry=default_retry)
         """The registered workflows and activities (``app.workflows`` and ``app.activities`` copy them)."""
+        self.schedules = Schedules(self)
+        """The schedules declared with ``@app.schedule`` and the calls on the stored ones."""
         self._parts = self._assemble(
             url,
             create_storage(url, notify=self.notify.enabled, lock_timeout=self.lock_timeout),
@@ -346,6 +363,64 @@ class App(OpenClose):
             fn, name=name, retry=retry, timeout=timeout, heartbeat_timeout=heartbeat_timeout
         )
 
+    def schedule(
+        self,
+        cron: str,
+        *,
+        timezone: str = "UTC",
+        name: str | None = None,
+        missed: str = "latest",
+        overlap: str = "skip",
+    ) -> ScheduleDecorator:
+        """``@app.schedule("0 2 * * *", timezone="Europe/Paris")`` on a workflow: start it at each tick of
+        the cron expression, read in ``timezone``, once across every worker (docs/schedules.md). The
+        workflow takes no argument, or one: the tick (an aware UTC datetime). ``name`` defaults to the
+        workflow's. ``missed``: the ticks that passed while no worker ran: ``"latest"`` (start the most
+        recent), ``"skip"`` or ``"all"`` (each, a backfill). ``overlap``: a tick while the previous run is
+        unfinished: ``"skip"`` it or run ``"alongside"``. Written to the database at each open. Bad input
+        raises ``geste.errors.InvalidScheduleError`` here."""
+        declare = self.schedules.decorator(cron, timezone=timezone, name=name, missed=missed, overlap=overlap)
+        return cast(ScheduleDecorator, declare)
+
+    async def create_schedule(
+        self,
+        name: str,
+        workflow: str | Workflow[Any, Any],
+        cron: str,
+        *,
+        timezone: str = "UTC",
+        missed: str = "latest",
+        overlap: str = "skip",
+    ) -> ScheduleInfo:
+        """Create (or update: same name) a schedule of a registered workflow at run time; options as
+        ``schedule``. Its first tick is the first after now; a definition whose expression and time zone
+        are unchanged keeps its next tick."""
+        self._require_open()
+        return await self.schedules.create(
+            name, workflow, cron, timezone=timezone, missed=missed, overlap=overlap
+        )
+
+    async def pause_schedule(self, name: str) -> None:
+        """Stop starting the schedule's ticks (``ScheduleNotFoundError`` if there is none of that name)."""
+        self._require_open()
+        await self.schedules.pause(name)
+
+    async def resume_schedule(self, name: str) -> None:
+        """Start its ticks again from the first to come: those that passed while paused are not started."""
+        self._require_open()
+        await self.schedules.resume(name)
+
+    async def delete_schedule(self, name: str) -> None:
+        """Delete the schedule (the instances it started stay). A schedule declared in code comes back at
+        the App's next open, unless its declaration is removed."""
+        self._require_open()
+        await self.schedules.delete(name)
+
+    async def list_schedules(self) -> list[ScheduleInfo]:
+        """Every stored schedule, by name."""
+        self._require_open()
+        return await self.schedules.list()
+
     @property
     def workflows(self) -> dict[str, Workflow[Any, Any]]:
         return dict(self.registry.workflows)
@@ -361,6 +436,11 @@ class App(OpenClose):
             return
         self.runtime.options = self._runtime_options(self._parts.overrides)
         await self.runtime.open()
+        try:
+            await self.schedules.declare_all()
+        except BaseException:
+            await self.runtime.close()
+            raise
         self._open = True
 
     def listener_status(self) -> ListenerStatus:

@@ -756,4 +756,5 @@ def instance_info(row: InstanceRow) -> InstanceInfo:
         steps=row.steps,
         run=row.run,
         parent_id=row.parent_id,
+        deadline=to_datetime(row.deadline),
     )

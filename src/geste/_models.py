@@ -73,14 +73,16 @@ class StepKind(StrEnum):
 
 class ParentClose(StrEnum):
     """What a parent's end (completed, failed or cancelled) does to a child it started that still runs
-    (``ctx.start_child(..., parent_close=...)``); the values are what the database stores."""
+    (``ctx.start_child(..., parent_close=...)``), in the transaction of that end; the values are what
+    the database stores."""
 
     CANCEL = "cancel"
     """Request its cancellation, as ``app.cancel`` would (the default)."""
     ABANDON = "abandon"
-    """Leave it running on its own."""
+    """Leave it running on its own, whatever the parent's end (a cancel of the parent included)."""
     WAIT = "wait"
-    """The parent, once its code returned, waits for it before it completes."""
+    """The parent, once its code returned or raised, waits for it before it ends; a cancelled parent
+    cancels it instead (a cancel reaches every child but the abandoned ones)."""
 
 
 def to_datetime(ts: float | None) -> datetime | None:
@@ -111,6 +113,9 @@ class InstanceInfo:
     parent_id: str | None = None
     """The instance that started it as its child (``ctx.start_child``); None for one a client started.
     ``app.children(instance_id)`` lists the children of an instance."""
+    deadline: datetime | None = None
+    """When the instance is cancelled for its deadline (``timeout=`` or ``deadline=`` at its start;
+    ``WorkflowTimeout``); None: it has none."""
 
 
 @dataclass(frozen=True, slots=True)

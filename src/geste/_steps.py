@@ -49,7 +49,7 @@ from ._channels import Message
 from ._models import Event, HistoryEntry, StepKind
 from ._serde import encode, loads
 from ._validation import MODES  # the subscription modes a ``subscribe`` row records
-from .errors import HistoryCorruptedError
+from .errors import ActivityCancelled, HistoryCorruptedError
 
 _new = object.__new__
 
@@ -188,6 +188,10 @@ class _NoPayload(_Payload):
 
 
 # -- activities ------------------------------------------------------------------------------------------
+ACTIVITY_CANCELLED = f"{ActivityCancelled.__module__}.{ActivityCancelled.__qualname__}"
+"""The recorded error type of an activity step a cancel cut short (``_serde.encode_error``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ActivityStep(_Payload):
     """An activity's outcome: its ``result``, or its recorded ``error`` (then the row is ``is_error``),
@@ -205,6 +209,13 @@ class ActivityStep(_Payload):
     @property
     def is_error(self) -> bool:
         return self.error is not None
+
+    @property
+    def cancelled(self) -> bool:
+        """The outcome of an attempt a cancel of the workflow (or its deadline) cut short: its recorded
+        error is ``ActivityCancelled``, which is no failure of the activity (shown as cancelled)."""
+        error = self.error
+        return error is not None and error.get("type") == ACTIVITY_CANCELLED
 
     def encode(self, *, what: str = "activity outcome", limit: int | None = None) -> str:
         """The payload; ``what`` and ``limit`` apply to the outcome (the input was checked when encoded)."""

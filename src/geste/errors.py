@@ -3,6 +3,7 @@
 ```
 GesteError
 ├── ConfigurationError          bad options given to App / RetryPolicy / a decorator
+│   └── InvalidScheduleError    a bad cron expression, time zone or policy of a schedule
 ├── AppNotOpenError             an operation that needs the database before `async with app:`
 ├── UnknownWorkflowError        no workflow registered under that name
 ├── SerializationError          a value that cannot be stored as JSON (or read back)
@@ -11,6 +12,7 @@ GesteError
 │   ├── StorageTimeout          a statement got no answer within command_timeout (connection dropped)
 │   ├── NotAGesteDatabaseError  the file / schema holds something that is not geste's
 │   └── SchemaVersionError      written by a newer geste than this one
+├── ScheduleNotFoundError       no schedule of that name (pause / resume / delete_schedule)
 ├── InstanceNotFoundError       no instance with that id
 │   └── RunNotFoundError        no kept run of that number (runs end with ctx.continue_as_new)
 ├── InstanceStateError          an operator action its status refuses (retry of an instance not failed)
@@ -55,12 +57,14 @@ __all__ = [
     "InstanceLeasedError",
     "InstanceNotFoundError",
     "InstanceStateError",
+    "InvalidScheduleError",
     "NonDeterminismError",
     "NotAGesteDatabaseError",
     "PayloadTooLargeError",
     "ReceiveTimeout",
     "ResultTimeout",
     "RunNotFoundError",
+    "ScheduleNotFoundError",
     "SchemaVersionError",
     "SerializationError",
     "StorageError",
@@ -78,6 +82,19 @@ class GesteError(Exception):
 
 class ConfigurationError(GesteError, ValueError):
     """An option has a value geste cannot work with; raised at construction, never later."""
+
+
+class InvalidScheduleError(ConfigurationError):
+    """A schedule cannot be made as given: a bad cron expression, an unknown time zone, an unknown
+    ``missed`` or ``overlap`` policy, or a workflow that takes arguments other than the tick."""
+
+
+class ScheduleNotFoundError(GesteError, LookupError):
+    """No schedule of this name exists in the database."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no schedule named {name!r}")
+        self.name = name
 
 
 class AppNotOpenError(GesteError, RuntimeError):

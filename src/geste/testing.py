@@ -213,9 +213,9 @@ class WorkflowEnvironment(OpenClose):
 
     async def advance(self, duration: float | timedelta) -> None:
         """Move the clock forward by ``duration`` (seconds or a timedelta), firing on the way every timer
-        it makes due, in order: the clock stops at each due moment, the instances due then run until they
-        wait, finish or fail, then it goes on. Returns with the clock at the end and nothing left to run.
-        Nothing sleeps in real time."""
+        (and every tick of a cron schedule) it makes due, in order: the clock stops at each due moment,
+        the instances due then run until they wait, finish or fail, then it goes on. Returns with the
+        clock at the end and nothing left to run. Nothing sleeps in real time."""
         await self._advance_to(self._now + seconds(duration, what="duration"))
 
     async def advance_to(self, moment: datetime) -> None:
@@ -238,12 +238,22 @@ class WorkflowEnvironment(OpenClose):
             last = due
             self._now = max(self._now, due)
             self._fire_retries()
+            await self._fire_schedules()
             self._worker().poke()
             await self.wait_until_idle()
         self._now = max(self._now, target)
+        await self._fire_schedules()  # a tick at the target itself
+        await self.wait_until_idle()
+
+    async def _fire_schedules(self) -> None:
+        """Start the cron schedules' ticks due at the clock's time (their loop would, within a pause)."""
+        schedules = self.app.runtime.schedules
+        if schedules is not None:
+            await schedules.catch_up()
 
     async def next_wakeup(self) -> datetime | None:
-        """When the next timer fires (a sleep, a wait's deadline, a retry), or None when none is set."""
+        """When the next timer fires (a sleep, a wait's deadline, a retry, a schedule's tick), or None when
+        none is set."""
         self._require_open()
         due = await self._next_due()
         return None if due is None else datetime.fromtimestamp(due, UTC)
@@ -255,6 +265,9 @@ class WorkflowEnvironment(OpenClose):
         stored = await self.app.storage.next_run_at()
         if stored is not None:
             candidates.append(stored)
+        tick = await self.app.storage.schedule_next_tick()
+        if tick is not None:
+            candidates.append(tick)
         return min(candidates, default=None)
 
     def _fire_retries(self) -> None:

@@ -17,12 +17,12 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import geste
+
+from .worker import run_worker
 
 
 def build_app(url: str, **options: Any) -> geste.App:
@@ -66,18 +66,14 @@ async def _serve(args: argparse.Namespace) -> None:
         shutdown_grace=args.shutdown_grace,
         notify_reconnect_delay=args.reconnect_delay,
     )
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, app.shutdown)
-    await app.open()
-    while app.listener_status().state != "listening":
-        await asyncio.sleep(0.01)
-    for start in args.start:
-        workflow, instance_id, arg = start.split(":", 2)
-        params = [] if arg == "" else [float(arg) if workflow == "sleeper" else arg]
-        await app.start_workflow(workflow, *params, instance_id=instance_id)
-    await asyncio.to_thread(Path(args.ready).write_text, str(os.getpid()))
-    await app.run()  # already open: runs until shutdown(), then drains and closes
+
+    async def start(app: geste.App) -> None:
+        for start in args.start:
+            workflow, instance_id, arg = start.split(":", 2)
+            params = [] if arg == "" else [float(arg) if workflow == "sleeper" else arg]
+            await app.start_workflow(workflow, *params, instance_id=instance_id)
+
+    await run_worker(app, args.ready, listening=True, before_ready=start)
 
 
 def main(argv: list[str] | None = None) -> None:

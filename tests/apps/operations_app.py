@@ -16,12 +16,13 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import geste
+
+from .worker import run_worker
 
 
 def build_app(url: str, **options: Any) -> geste.App:
@@ -66,14 +67,7 @@ async def _serve(args: argparse.Namespace) -> None:
         notify_fallback_interval=args.fallback_interval,
         shutdown_grace=0.2,
     )
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, app.shutdown)
-    await app.open()
-    while app.notify.enabled and app.listener_status().state != "listening":
-        await asyncio.sleep(0.01)
-    await asyncio.to_thread(Path(args.ready).write_text, str(os.getpid()))
-    await app.run()  # already open: runs until shutdown(), then drains and closes
+    await run_worker(app, args.ready, listening=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import geste
+
+from .worker import run_worker
 
 
 def build_app(url: str, **options: Any) -> geste.App:
@@ -34,10 +33,6 @@ def build_app(url: str, **options: Any) -> geste.App:
     return app
 
 
-def _write(path: str, text: str) -> None:
-    Path(path).write_text(text)
-
-
 async def _serve(args: argparse.Namespace) -> None:
     app = build_app(
         args.url,
@@ -49,12 +44,7 @@ async def _serve(args: argparse.Namespace) -> None:
         poll_interval=args.poll_interval,
         shutdown_grace=1.0,
     )
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, app.shutdown)
-    await app.open()
-    _write(args.ready, str(os.getpid()))
-    await app.run()  # already open: runs until shutdown(), then drains and closes
+    await run_worker(app, args.ready)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -28,6 +27,8 @@ from typing import Any
 
 import geste
 from geste._metrics import WAKE_CAUSES
+
+from .worker import append_line, run_worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import herd  # the benchmark's in-process statement counter
@@ -88,12 +89,7 @@ def report(app: geste.App, path: str) -> None:
             "handed_on": 0 if worker is None else worker.handed_on,
             "statements": dict(herd.STATEMENTS),
         }
-        data = (json.dumps(line) + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        append_line(path, line)
 
     task = asyncio.get_running_loop().create_task(write())
     REPORTS.add(task)
@@ -101,14 +97,6 @@ def report(app: geste.App, path: str) -> None:
 
 
 REPORTS: set[asyncio.Task[None]] = set()
-
-
-def read_lines(path: str | Path) -> list[dict[str, Any]]:
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -123,19 +111,15 @@ async def _serve(args: argparse.Namespace) -> None:
         notify_reconnect_delay=0.2,
         concurrency=args.concurrency,
     )
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, app.shutdown)
-    loop.add_signal_handler(signal.SIGUSR1, report, app, args.report)
-    await app.open()
-    while app.listener_status().state != "listening":
-        await asyncio.sleep(0.01)
-    for start in args.start:
-        workflow, instance_id, arg = start.split(":", 2)
-        params = [] if arg == "" else [float(arg) if workflow == "sleeper" else int(arg)]
-        await app.start_workflow(workflow, *params, instance_id=instance_id)
-    await asyncio.to_thread(Path(args.ready).write_text, str(os.getpid()))
-    await app.run()  # already open: runs until shutdown(), then drains and closes
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, report, app, args.report)
+
+    async def start(app: geste.App) -> None:
+        for start in args.start:
+            workflow, instance_id, arg = start.split(":", 2)
+            params = [] if arg == "" else [float(arg) if workflow == "sleeper" else int(arg)]
+            await app.start_workflow(workflow, *params, instance_id=instance_id)
+
+    await run_worker(app, args.ready, listening=True, before_ready=start)
 
 
 def main(argv: list[str] | None = None) -> None:

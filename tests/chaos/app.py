@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import geste
-from tests.apps.crash_app import append_line
+from tests.apps.worker import append_line
 
 LEDGERS = 4
 """Orders send one direct message each to ``ledger-<order % LEDGERS>``."""

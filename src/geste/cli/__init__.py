@@ -198,6 +198,21 @@ def _entry_line(entry: HistoryEntry, started: datetime) -> str:
     return f"  {entry.seq:>3}  {since:>9}  {entry.kind.value:<12}  {entry.name:<20}  {_outcome(entry)}"
 
 
+def _age(seconds: float | None) -> str:
+    """A duration in seconds, short: ``4.2s``, ``3m 5s``, ``2h 7m``, ``3d 4h``."""
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)  # clocks of two hosts may disagree a little
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h"
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
+
+
 def _stamp(moment: datetime | None) -> str:
     return "-" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 

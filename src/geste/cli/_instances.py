@@ -18,6 +18,7 @@ from ..errors import UnknownWorkflowError
 from . import (
     BadInputError,
     CommandError,
+    _age,
     _client,
     _dump,
     _entry_line,
@@ -120,6 +121,8 @@ def show(instance_id: str, database_url: str, run: int | None, as_json: bool) ->
         fields.insert(3, ("run", f"{info.run} (runs before it: geste show {info.instance_id} --run N)"))
     if info.parent_id is not None:
         fields.append(("parent", f"{info.parent_id} (geste show {info.parent_id})"))
+    if info.deadline is not None:
+        fields.append(("deadline", _deadline_text(info)))
     if info.locked_by:
         fields.append(("locked by", f"{info.locked_by} until {_stamp(info.lock_expires_at)}"))
     if info.status == Status.COMPLETED:
@@ -149,6 +152,13 @@ def show(instance_id: str, database_url: str, run: int | None, as_json: bool) ->
         click.echo("children:")
     for child in children:
         click.echo(f"  {child.instance_id}  {child.workflow_name}  {child.status.value}")
+
+
+def _deadline_text(info: InstanceInfo) -> str:
+    """When the instance is cancelled for its deadline, and how far that is (or that it passed)."""
+    assert info.deadline is not None
+    left = info.deadline.timestamp() - time.time()
+    return f"{_stamp(info.deadline)} ({'in ' + _age(left) if left > 0 else 'passed'})"
 
 
 def _child_summary(child: InstanceInfo) -> dict[str, str]:

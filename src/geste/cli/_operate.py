@@ -25,6 +25,7 @@ from ..storage.base import MigrationStep
 from . import (
     BadInputError,
     CommandError,
+    _age,
     _client,
     _configure_logging,
     _dump,
@@ -216,20 +217,6 @@ def migrate(database_url: str) -> None:
                 progress.__exit__(None, None, None)
 
     click.echo(f"schema version {_run(go())} ({_safe_url(database_url)})")
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0.0, seconds)  # clocks of two hosts may disagree a little
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days}d {hours}h"
-    return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
 
 
 def _notifications(counts: Any) -> str:

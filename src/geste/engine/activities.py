@@ -69,7 +69,10 @@ class LiveActivity:
             return
         self.cancelled = True
         self.deadline = deadline
-        if self.task is not None:
+        # Not the task running now: the attempt itself asked (an activity cancelling its own instance).
+        # A task's cancel of itself is thrown at its next await even once the attempt has returned, so
+        # it would cut the run short; the attempt goes on and its result is recorded, as a caught cancel's.
+        if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
 
 

@@ -62,6 +62,7 @@ from ..errors import (
     InstanceNotFoundError,
     NonDeterminismError,
     ReceiveTimeout,
+    WorkflowCancelled,
 )
 from ..storage.base import (
     ChildState,
@@ -77,7 +78,7 @@ from .activities import ActivityContext, ActivityRunner, step_key
 from .journal import RESUMED, Journal, Resumed
 
 if TYPE_CHECKING:
-    from .._definitions import Activity, Workflow
+    from .._definitions import Activity, Workflow, WorkflowStarter
 
 __all__ = ["ActivityContext", "ChildHandle", "WorkflowContext"]
 
@@ -263,7 +264,7 @@ class WorkflowContext:
     @overload
     async def start_child(
         self,
-        workflow: Workflow[Any, R],
+        workflow: Workflow[Any, R] | WorkflowStarter[Any, R],
         /,
         *args: Any,
         child_id: str | None = None,
@@ -282,7 +283,7 @@ class WorkflowContext:
     ) -> ChildHandle[Any]: ...
     async def start_child(
         self,
-        workflow: Workflow[Any, Any] | str,
+        workflow: Workflow[Any, Any] | WorkflowStarter[Any, Any] | str,
         /,
         *args: Any,
         child_id: str | None = None,
@@ -298,19 +299,27 @@ class WorkflowContext:
         history row commit in one transaction, so a replay, or a rerun after a crash, never starts a
         second child. ``child_id`` defaults to one derived from this instance's id, run and step number
         (``"<id>:<seq>"``, ``"<id>:<run>.<seq>"`` after a ``continue_as_new``), the same on every replay.
+        ``workflow.options(timeout=..., deadline=...)`` gives the child a deadline of its own, from
+        the time of this step (the same on every replay): when it passes, the child is cancelled and
+        ends with ``WorkflowTimeout``, which its parent sees as a ``ChildWorkflowError``.
         The child runs on any worker that registers its workflow. ``parent_close`` (``ParentClose``)
         says what this instance's end does to the child if it still runs: cancel it (default), abandon
-        it, or wait for it. Raises, before anything is written: ``UnknownWorkflowError`` (a workflow
-        object this app does not register), ``SerializationError`` (arguments that do not fit its
-        signature, or are not JSON), ``ConfigurationError`` (a bad ``child_id``, name or policy), and
-        ``InstanceAlreadyExistsError`` (recorded: a replay raises it again) when ``child_id`` names an
-        instance that is not this step's child.
+        it, or wait for it (cancel it if this instance is cancelled). Raises, before anything is
+        written: ``UnknownWorkflowError`` (a workflow object this app does not register),
+        ``SerializationError`` (arguments that do not fit its signature, or are not JSON),
+        ``ConfigurationError`` (a bad ``child_id``, name or policy), and ``InstanceAlreadyExistsError``
+        (recorded: a replay raises it again) when ``child_id`` names an instance that is not this step's
+        child.
         """
-        from .._definitions import Workflow
+        from .._definitions import Workflow, WorkflowStarter
+        from .._retry import workflow_deadline
         from .._validation import check_name
         from ..errors import UnknownWorkflowError
 
         known: Workflow[Any, Any] | None
+        starter = workflow if isinstance(workflow, WorkflowStarter) else None
+        if starter is not None:
+            workflow = starter.workflow
         if isinstance(workflow, str):
             name = check_name(workflow, "workflow")
             known = self._host.workflows.get(name)
@@ -318,8 +327,8 @@ class WorkflowContext:
             name, known = workflow.name, workflow
         else:
             raise TypeError(
-                "start_child takes a workflow (decorated with @app.workflow) or its name, "
-                f"not {workflow!r:.80}"
+                "start_child takes a workflow (decorated with @app.workflow, or its .options(...)) "
+                f"or its name, not {workflow!r:.80}"
             )
         try:
             policy = ParentClose(parent_close)
@@ -352,10 +361,11 @@ class WorkflowContext:
         journal.live(seq, ordered=False)
         cid = step_key(self.instance_id, journal.run, seq) if child_id is None else child_id
         now = self._host.clock()
+        due = None if starter is None else workflow_deadline(starter.timeout, starter.deadline, now)
         done = HistoryRow(
             seq, StepKind.START_CHILD, name, StartChildStep(cid, policy.value).encode(), False, now
         )
-        taken = await journal.start_child(done, NewInstance(cid, name, stored, now), policy.value)
+        taken = await journal.start_child(done, NewInstance(cid, name, stored, now, due), policy.value)
         if taken is not None:
             if taken.parent_id != self.instance_id or taken.workflow_name != name:
                 problem = (
@@ -373,10 +383,14 @@ class WorkflowContext:
         return handle
 
     @overload
-    async def run_child(self, workflow: Workflow[Any, R], /, *args: Any, **kwargs: Any) -> R: ...
+    async def run_child(
+        self, workflow: Workflow[Any, R] | WorkflowStarter[Any, R], /, *args: Any, **kwargs: Any
+    ) -> R: ...
     @overload
     async def run_child(self, workflow: str, /, *args: Any, **kwargs: Any) -> Any: ...
-    async def run_child(self, workflow: Workflow[Any, Any] | str, /, *args: Any, **kwargs: Any) -> Any:
+    async def run_child(
+        self, workflow: Workflow[Any, Any] | WorkflowStarter[Any, Any] | str, /, *args: Any, **kwargs: Any
+    ) -> Any:
         """``start_child`` then ``result()``: start ``workflow`` as a child and wait for its result (the
         options of ``start_child`` are taken here too)."""
         handle = await self.start_child(workflow, *args, **kwargs)
@@ -424,6 +438,20 @@ class WorkflowContext:
                 handle: ChildHandle[Any] = ChildHandle(self, cid, "", None)
                 with contextlib.suppress(ChildWorkflowError):
                     await self._wait_child(handle)
+
+    async def _wait_for_children_after(self, error: Exception) -> Exception:
+        """The workflow's code raised ``error``: unless it is a cancellation (which cancels them instead:
+        ``ParentClose``), the ``ParentClose.WAIT`` children it did not await are awaited first, as at
+        its completion, durable waits that a replay finds again (their failures are not its own). What
+        ends the run is returned: ``error``, or the cancellation delivered at such a wait (a cancel
+        wins there, as at completion). A divergence found meanwhile is raised."""
+        if isinstance(error, WorkflowCancelled) or ParentClose.WAIT not in self._journal.children.values():
+            return error
+        try:
+            await self._wait_for_children()
+        except WorkflowCancelled as cancelled:
+            return cancelled
+        return error
 
     # -- durable timers ----------------------------------------------------------------------------
     async def sleep(self, duration: float | timedelta) -> None:

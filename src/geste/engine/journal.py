@@ -513,13 +513,14 @@ class Journal:
         records = [*self.pending, row]
         host = self.host
         with _abandon_on_failure:
-            taken = await host.storage.start_child(
+            outcome = await host.storage.start_child(
                 self._commit(records, child.now), child, parent_close=parent_close
             )
-        if taken is None:
-            self.pending = []
-            self._counted(records)
-        return taken
+        if isinstance(outcome, ChildState):
+            return outcome
+        self.pending = []
+        self._recorded(records, outcome.cancel_requested)
+        return None
 
     async def child_ended(self, child_id: str) -> ChildState | None:
         """The child's state if it has ended (one read by primary key, nothing written), else None: a
@@ -544,15 +545,24 @@ class Journal:
         return outcome
 
     async def finish(
-        self, status: Status, *, discard: bool, result: str | None = None, error: str | None = None
+        self,
+        status: Status,
+        *,
+        discard: bool,
+        result: str | None = None,
+        error: str | None = None,
+        cancel_children: Sequence[str] = (),
     ) -> None:
         """Store the instance's end with the buffered rows (none if ``discard``: a divergence keeps the
-        history as it is, for an operator to decide)."""
+        history as it is, for an operator to decide), and the cancellation of ``cancel_children`` (the
+        parent-close policies) in the same transaction."""
         records = [] if discard else self.pending
         host = self.host
         commit = self._commit(records, host.clock(), ends_lease=True)
         with _abandon_on_failure:
-            await host.storage.finish(commit, status=status, result=result, error=error)
+            await host.storage.finish(
+                commit, status=status, result=result, error=error, cancel_children=cancel_children
+            )
         self._counted(records)
         self.pending = []
 

@@ -360,18 +360,37 @@ class _Replay:
             return history.status.value
         return None
 
+    def _cancelled_unstarted(self) -> bool:
+        """The run was cancelled before its code started (``Engine._drive``: a cancel pending when a run
+        begins with nothing recorded): its history is that one ``cancelled`` row, and it ended cancelled.
+        A history that goes on after it (code that caught the cancel at its first step, recorded before
+        the engine delivered it so) replays through the code as before."""
+        rows = self.history.rows
+        return (
+            len(rows) == 1
+            and rows[0].seq == 1
+            and rows[0].kind == StepKind.CANCELLED
+            and self.history.status == Status.CANCELLED
+        )
+
     async def _drive(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
         """Run the workflow as the engine does (its compensations too, on failure); say how it ended."""
         journal, workflow = self.journal, self.workflow
         try:
+            if self._cancelled_unstarted():  # as the engine does: the code never started
+                journal.cancelled_here()
             result = await workflow.fn(self.ctx, *args, **kwargs)
             if journal.children:  # as the engine does: the ParentClose.WAIT children not awaited
                 await self.ctx._wait_for_children()
             encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)
         except ContinuedAsNew:
             return CONTINUED
-        except Exception as exc:
+        except Exception as failure:
             if journal.divergence is not None:
+                return "diverged"
+            try:  # as the engine does: the ParentClose.WAIT children not awaited, before the failure
+                exc = await self.ctx._wait_for_children_after(failure)
+            except NonDeterminismError:  # kept in journal.divergence
                 return "diverged"
             if journal.compensations:
                 try:

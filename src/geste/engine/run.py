@@ -16,7 +16,13 @@ from .._metrics import Metrics
 from .._models import ParentClose, Status, StepKind
 from .._serde import decode, encode, encode_error
 from .._steps import CancelledStep
-from ..errors import NonDeterminismError, SerializationError, StorageError, WorkflowCancelled
+from ..errors import (
+    NonDeterminismError,
+    SerializationError,
+    StorageError,
+    WorkflowCancelled,
+    WorkflowTimeout,
+)
 from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
 from .activities import DEFAULT_ACTIVITY_THREADS, ActivityRunner
 from .cache import PARKED, CachedRun, WorkflowCache
@@ -37,6 +43,19 @@ CLOSE_UNWIND = 1.0
 
 UNKNOWN_WORKFLOW_RETRY = 30.0
 """Seconds before an instance of a workflow this worker does not know is offered again (to a peer)."""
+
+
+_CANCELLED_BY_A_CANCEL = frozenset((ParentClose.CANCEL, ParentClose.WAIT))
+_CANCELLED_BY_AN_END = frozenset((ParentClose.CANCEL,))
+
+
+def _closing(children: Mapping[str, str], status: Status) -> list[str]:
+    """The children of this run (not awaited to their end: id -> policy) whose cancellation its end
+    requests: those of policy ``CANCEL``, and on a cancellation (of the parent, or its deadline) those
+    of policy ``WAIT`` too, not awaited then: a cancel reaches every child but the abandoned ones. The
+    ``WAIT`` children of a completion or a failure were awaited before (``_drive``, ``_fail``)."""
+    policies = _CANCELLED_BY_A_CANCEL if status == Status.CANCELLED else _CANCELLED_BY_AN_END
+    return [child_id for child_id, policy in children.items() if policy in policies]
 
 
 async def _retry_sleep(_instance_id: str, delay: float) -> None:
@@ -293,6 +312,13 @@ class Engine:
     ) -> str | None:
         """Run the workflow's code to its end (or a suspension, raised); the stored result if it completed."""
         try:
+            if journal.last_recorded == 0 and journal.cancel_pending():
+                # Cancelled before it ever ran (a child still pending when its parent's end cancelled it,
+                # a deadline passed before any worker took it): its code does not start, as an
+                # `app.cancel` of a pending instance ends it unstarted. Delivered at its first step, so
+                # a workflow with no step at all is cancelled too (it would complete), and `_fail`
+                # records by whom (`_cancelled_by_parent`).
+                journal.deliver_cancel(journal.next())
             args, kwargs = workflow.signature.load_args(decode(stored_input))
             result = await workflow.fn(ctx, *args, **kwargs)
             if journal.children:  # the children started with ParentClose.WAIT and not awaited
@@ -315,12 +341,18 @@ class Engine:
         return encoded
 
     async def _fail(self, journal: Journal, ctx: WorkflowContext, exc: Exception) -> None:
+        try:
+            exc = await ctx._wait_for_children_after(exc)
+        except NonDeterminismError as nd:
+            logger.error("instance %s stopped while it waited for its children: %s", journal.instance_id, nd)
+            await self._finish(journal, Status.FAILED, discard=True, error=encode_error(nd))
+            return
         cancelled = isinstance(exc, WorkflowCancelled)
         error = encode_error(exc)
-        if cancelled:
+        if cancelled and not isinstance(exc, WorkflowTimeout):  # its own deadline: not its parent's doing
             by_parent = await self._cancelled_by_parent(journal)
             if by_parent is not None:
-                error["message"] = f"{error.get('message')}: by its parent {by_parent} (parent_close=cancel)"
+                error["message"] = f"{error.get('message')}: by its parent {by_parent}, which ended"
                 error["cancelled_by_parent"] = by_parent
         if journal.compensations:
             try:
@@ -336,8 +368,9 @@ class Engine:
         await self._finish(journal, Status.CANCELLED if cancelled else Status.FAILED, error=error)
 
     async def _cancelled_by_parent(self, journal: Journal) -> str | None:
-        """A child cancelled by its parent's end (``ParentClose.CANCEL``; one read of its row, on a
-        cancellation only): the parent's id, also written into the ``cancelled`` row delivered now."""
+        """A child cancelled by its parent's end (``ParentClose.CANCEL``, or ``WAIT`` when the parent was
+        cancelled; one read of its row, on a cancellation only): the parent's id, also written into the
+        ``cancelled`` row delivered now."""
         try:
             row = await self.storage.get_instance(journal.instance_id)
         except StorageError:
@@ -359,25 +392,16 @@ class Engine:
         result: str | None = None,
         error: dict[str, Any] | None = None,
     ) -> None:
-        """Store the end (with the buffered rows, unless ``discard``)."""
+        """Store the end (with the buffered rows, unless ``discard``), and in its transaction the
+        cancellation of the children its parent-close policies cancel (``_closing``)."""
         await journal.finish(
             status,
             discard=discard,
             result=result,
             error=None if error is None else encode(error, what="error"),
+            cancel_children=_closing(journal.children, status),
         )
         self.metrics.workflows_ended.values[(journal.workflow_name, status)] += 1
-        if ParentClose.CANCEL in journal.children.values():
-            await self._cancel_children(journal)
-
-    async def _cancel_children(self, journal: Journal) -> None:
-        """The parent-close policy ``cancel``: after the end committed, the children it did not await
-        are asked to cancel (one statement by ``geste_instances_by_parent``). Not in the end's own
-        transaction: a crash between the two leaves them running (docs/child-workflows.md)."""
-        try:
-            await self.storage.cancel_children(journal.instance_id, self.clock())
-        except (StorageError, LeaseLost) as exc:
-            logger.warning("instance %s: its children were not cancelled: %s", journal.instance_id, exc)
 
     async def _abandon(self, journal: Journal, signal: Abandon) -> None:
         cause = signal.args[0] if signal.args else signal

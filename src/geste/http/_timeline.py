@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .._models import Status, StepKind
 from .._steps import (
     ActivityStep,
+    CancelledStep,
     ChildStep,
     ContinueAsNewStep,
     EventStep,
@@ -129,11 +130,11 @@ def instance_page(
         _back(link, row),
         tag("h1", row.instance_id, " ", status_badge(row.status)),
         _facts(link, row, extras, now),
-        _now_panel(link, row, steps, extras, now),
+        _now_panel(link, row, steps, extras, now, children),
         tag(
             "div",
             tag("section", tag("h2", "Input"), code_block(_decode(row.input)), class_="panel"),
-            tag("section", tag("h2", _outcome_title(row.status)), _outcome(row), class_="panel"),
+            tag("section", tag("h2", _outcome_title(row.status)), _outcome(link, row), class_="panel"),
             class_="cols",
         ),
         tag(
@@ -272,6 +273,8 @@ def _facts(link: Link, row: InstanceRow, extras: InstanceExtras, now: float) -> 
     ]
     if row.parent_id is not None:
         facts.append(("Parent", tag("a", row.parent_id, href=link.instance(row.parent_id), class_="mono")))
+    if row.deadline is not None:
+        facts.append(("Deadline", _deadline(row.deadline, now)))
     if row.run > 1:
         facts.append(("Run", f"{row.run} (continued as new {row.run - 1} times)"))
     if row.locked_by:
@@ -290,12 +293,23 @@ def _facts(link: Link, row: InstanceRow, extras: InstanceExtras, now: float) -> 
     return tag("section", _facts_list(facts), class_="panel")
 
 
+def _deadline(deadline: float, now: float) -> Html:
+    """``<UTC time> (in 3 s)``, or ``(passed 2 min ago)``: when the deadline cancels the instance."""
+    ahead: Child = when(deadline, now) if deadline > now else ["passed ", when(deadline, now)]
+    return tag("span", utc(deadline), " (", ahead, ")", class_="deadline")
+
+
 def _facts_list(facts: Sequence[tuple[str, Child]]) -> Html:
     return tag("dl", [tag("div", tag("dt", name), tag("dd", value)) for name, value in facts], class_="facts")
 
 
 def _now_panel(
-    link: Link, row: InstanceRow, steps: Sequence[Step], extras: InstanceExtras, now: float
+    link: Link,
+    row: InstanceRow,
+    steps: Sequence[Step],
+    extras: InstanceExtras,
+    now: float,
+    children: Sequence[InstanceRow] = (),
 ) -> Html:
     items: list[Child] = []
     state = "waiting"
@@ -331,9 +345,15 @@ def _now_panel(
         what = "Not started" if row.run == 1 else f"Continued as new: run {row.run} not started yet"
         items.append([what, ": ready for a worker to claim it", _runnable(row, now), "."])
     else:
-        items.extend(_waits(row, steps, extras, now))
+        items.extend(_waits(link, row, steps, extras, now, children))
     if row.cancel_requested and not row.status.is_finished:
         items.append("Cancellation requested: it is delivered when the instance next runs.")
+    elif row.deadline is not None and not row.status.is_finished:
+        if row.deadline > now:
+            items.append(["Its deadline cancels it ", when(row.deadline, now), f", {utc(row.deadline)}."])
+        else:
+            passed = ": it is cancelled when it next runs."
+            items.append(["Its deadline passed ", when(row.deadline, now), passed])
     return tag(
         "section",
         tag("h2", "Now"),
@@ -348,9 +368,17 @@ def _runnable(row: InstanceRow, now: float) -> Child:
     return [" (runnable ", when(row.run_at, now), ")"]
 
 
-def _waits(row: InstanceRow, steps: Sequence[Step], extras: InstanceExtras, now: float) -> list[Child]:
+def _waits(
+    link: Link,
+    row: InstanceRow,
+    steps: Sequence[Step],
+    extras: InstanceExtras,
+    now: float,
+    children: Sequence[InstanceRow] = (),
+) -> list[Child]:
     """What a waiting instance waits for: its registered event wait, the channels it waits on, its
-    timers (a sleep's, or a wait's timeout)."""
+    timers (a sleep's, or a wait's timeout); with none of those, the end of a child it started and has
+    not seen end (``_awaited_children``)."""
     items: list[Child] = []
     by_seq = {step.seq: step for step in steps}
     wait = extras.event_wait
@@ -401,13 +429,52 @@ def _waits(row: InstanceRow, steps: Sequence[Step], extras: InstanceExtras, now:
         elif wait is None and not any(s.waiting_since is not None for s in extras.subscriptions):
             items.append(["A timer (step ", str(seq), ") due ", when(expires_at, now), "."])
     if not items:
+        items.extend(_child_waits(link, steps, children))
         if row.run_at is not None and row.run_at <= now:
             items.append(["Woken: ready for a worker to resume it (runnable ", when(row.run_at, now), ")."])
-        elif row.run_at is not None:
+        elif row.run_at is not None and row.run_at != row.deadline:  # the deadline has a line of its own
             items.append(["Resumes ", when(row.run_at, now), f", {utc(row.run_at)}."])
-        else:
+        elif not items:
             items.append("Nothing is registered for it to wait for.")
     return items
+
+
+def _awaited_children(steps: Sequence[Step]) -> dict[str, str]:
+    """The children the run started (``start_child``) whose end it has not recorded (no ``child`` row):
+    child id -> workflow, in the order started. A parent suspended at ``handle.result()`` (or, its code
+    done, at its ``ParentClose.WAIT`` children) waits for one of them; which one is not stored (a child
+    wait registers nothing: the child's end wakes its parent), so the page names them all."""
+    started: dict[str, str] = {}
+    for step in steps:
+        if isinstance(step.typed, StartChildStep) and step.typed.error is None:
+            started[step.typed.child_id] = step.name
+        elif isinstance(step.typed, ChildStep):
+            started.pop(step.name, None)
+    return started
+
+
+def _child_waits(link: Link, steps: Sequence[Step], children: Sequence[InstanceRow]) -> list[Child]:
+    """A waiting instance that waits for nothing registered waits for a child's end: the children it
+    started and has not seen end, linked, with their status (read with the page's list of children)."""
+    awaited = _awaited_children(steps)
+    if not awaited:
+        return []
+    status = {child.instance_id: child.status for child in children}
+
+    def one(child_id: str, workflow: str) -> Child:
+        badge = status_badge(status[child_id]) if child_id in status else None
+        return [tag("a", child_id, href=link.instance(child_id), class_="mono"), f" ({workflow}) ", badge]
+
+    if len(awaited) == 1:
+        [(child_id, workflow)] = awaited.items()
+        return [["The end of its child ", one(child_id, workflow), "."]]
+    return [
+        [
+            f"The end of one of the {len(awaited)} children it started and has not seen end: ",
+            join((one(child_id, workflow) for child_id, workflow in awaited.items()), "; "),
+            ".",
+        ]
+    ]
 
 
 def _waiting_since(steps: Sequence[Step], event_type: str, default: float) -> float:
@@ -434,17 +501,26 @@ def _outcome_title(status: Status) -> str:
     return "Result"
 
 
-def _outcome(row: InstanceRow) -> Html:
+def _outcome(link: Link, row: InstanceRow) -> Html:
     if row.status == Status.COMPLETED:
         return code_block(_decode(row.result))
     if row.status in (Status.FAILED, Status.CANCELLED):
         error = _decode(row.error)
+        by_parent = _field(error, "cancelled_by_parent")
+        if isinstance(by_parent, str):  # a child its parent's end cancelled (ParentClose.CANCEL)
+            return tag("div", _by_parent(link, by_parent), error_block(error))
         if isinstance(error, dict):
             return error_block(error)
         if row.status == Status.CANCELLED:
             return tag("p", "Cancelled.", class_="muted")
         return code_block(error)
     return tag("p", "Not finished yet.", class_="muted")
+
+
+def _by_parent(link: Link, parent_id: str) -> Html:
+    """A child cancelled by its parent's end (``ParentClose.CANCEL``), the parent linked."""
+    parent = tag("a", parent_id, href=link.instance(parent_id), class_="mono")
+    return tag("p", "Cancelled by its parent ", parent, " (parent close: cancel).", class_="by-parent")
 
 
 def error_block(error: Any) -> Html:
@@ -518,7 +594,9 @@ def _timeline(
         if waiting_here:
             chips.insert(0, tag("span", "waiting now", class_="chip warn"))
         css = ["k-" + _CSS_KIND.get(_kind(step.kind), "helper")]
-        if step.is_error:
+        if isinstance(step.typed, ActivityStep) and step.typed.cancelled:
+            css.append("cancelled")  # no failure of the activity: the workflow was cancelled
+        elif step.is_error:
             css.append("error")
         if waiting_here:
             css.append("current")
@@ -598,14 +676,20 @@ def _describe(
             return [label(str(step.kind)), step.name], [_chip("unreadable row", "bad")], None
         return [label(str(step.kind)), step.name], [], code_block(body)  # a kind of a newer version
     if isinstance(typed, ActivityStep):  # or a compensation
-        chips = [_chip("failed", "bad") if step.is_error else _chip("ok", "good")]
+        if typed.cancelled:  # ActivityCancelled: the workflow's cancel (or deadline) cut it short
+            why = "cancelled: deadline" if _field(typed.error, "deadline") is True else "cancelled"
+            chips = [_chip(why, "cancel")]
+        else:
+            chips = [_chip("failed", "bad") if step.is_error else _chip("ok", "good")]
         chips.append(_chip(duration(typed.duration)))
         attempts = typed.attempts
         chips.append(
             _chip(f"{attempts} attempt{'s' if attempts != 1 else ''}", "warn" if attempts > 1 else None)
         )
         details: list[Child] = []
-        if step.is_error:
+        if typed.cancelled:
+            details.append(tag("div", str(_field(typed.error, "message") or ""), class_="line"))
+        elif step.is_error:
             details.append(error_block(typed.error))
         else:
             details.append(_value_line("Result", typed.result))
@@ -693,6 +777,9 @@ def _describe(
     if kind == StepKind.CANCELLED:
         if step.name == "deadline":  # the workflow's deadline passed (start(timeout=... / deadline=...))
             return [label("deadline passed: cancellation delivered")], [], None
+        if isinstance(typed, CancelledStep) and typed.by_parent is not None:  # ParentClose.CANCEL
+            parent = tag("a", typed.by_parent, href=link.instance(typed.by_parent), class_="mono")
+            return [label("cancellation delivered:"), " cancelled by its parent ", parent], [], None
         return [label("cancellation delivered")], [], None
     if isinstance(typed, StartChildStep):
         child = tag("a", typed.child_id, href=link.instance(typed.child_id), class_="mono")

@@ -1,4 +1,5 @@
-"""The runtime of one process: the worker, its wake-ups, the listener, the outbox relay and the chores.
+"""The runtime of one process: the worker, its wake-ups, the listener, the outbox relay, the chores and
+the schedule loop.
 
 ``Runtime`` is built from a storage, its options and the engine's ``Runner`` (it never imports the
 engine); ``open`` opens the storage and starts the loops, ``close`` stops them at a boundary and closes the
@@ -22,6 +23,7 @@ from ..storage.base import Claim, HistoryRow, Lease, Storage
 from .chores import ChannelMaintenance
 from .relay import OutboxConfig, Relay
 from .routing import Router
+from .schedules import ScheduleLoop
 from .wakeups import (
     FINISHED,
     OUTBOX_PENDING,
@@ -118,6 +120,8 @@ class Runtime(OpenClose):
         self.listener: Listener | None = None
         self.relay: Relay | None = None
         self.maintenance: ChannelMaintenance | None = None
+        self.schedules: ScheduleLoop | None = None
+        """Starts the cron schedules' ticks (None: closed, or no worker runs here)."""
         self._relay_hook: Relay | None = None
         """The relay that ``outbox_recorded`` pokes (unhooked just before it stops)."""
         self._chores_hook: Worker | None = None
@@ -212,6 +216,10 @@ class Runtime(OpenClose):
         )
         self._chores_hook = worker
         self.maintenance.start()
+        self.schedules = ScheduleLoop(
+            self.storage, clock=self.clock, on_started=worker.made_runnable, on_death=worker.mark_unhealthy
+        )
+        self.schedules.start()
         if relay is not None:
             self.relay = self._relay_hook = relay
             relay.start()
@@ -305,10 +313,13 @@ class Runtime(OpenClose):
         worker, self.worker = self.worker, None
         listener, self.listener = self.listener, None
         maintenance, self.maintenance = self.maintenance, None
+        schedules, self.schedules = self.schedules, None
         relay, self.relay = self.relay, None
         try:
             if listener is not None:
                 await listener.stop()
+            if schedules is not None:
+                await schedules.stop()
             if maintenance is not None:
                 self._chores_hook = None
                 await maintenance.stop()
@@ -320,7 +331,7 @@ class Runtime(OpenClose):
             if self.results is not None:
                 await self.results.close_watches()
         except asyncio.CancelledError:
-            for part in (listener, maintenance, worker, relay):
+            for part in (listener, schedules, maintenance, worker, relay):
                 if part is not None:
                     part.abort()
             self._relay_hook = self._chores_hook = None
@@ -331,10 +342,10 @@ class Runtime(OpenClose):
         await self.storage.close()
 
     def _abort(self) -> None:
-        for part in (self.listener, self.maintenance, self.worker, self.relay):
+        for part in (self.listener, self.schedules, self.maintenance, self.worker, self.relay):
             if part is not None:
                 part.abort()
-        self.worker = self.listener = self.maintenance = self.relay = None
+        self.worker = self.listener = self.maintenance = self.schedules = self.relay = None
         self._relay_hook = self._chores_hook = None
 
     # -- what the engine calls ---------------------------------------------------------------------
@@ -360,6 +371,11 @@ class Runtime(OpenClose):
         """Look for runnable instances now rather than at the next poll (work was made runnable here)."""
         if self.worker is not None:
             self.worker.poke()
+
+    def schedules_changed(self) -> None:
+        """A schedule was declared, created or resumed here: the schedule loop looks now."""
+        if self.schedules is not None:
+            self.schedules.wake()
 
     def poke_relay(self) -> None:
         """Look for due outbox events now (one was re-queued or discarded here)."""

@@ -31,6 +31,7 @@ from .base import (
     OutboxRow,
     RetryRow,
     RunRow,
+    ScheduleRow,
     StoredEvent,
     StoredMessage,
     SubscriptionRow,
@@ -77,6 +78,7 @@ def instance_row(r: Record) -> InstanceRow:
         last_worker=_column(r, "last_worker", None),
         parent_id=_column(r, "parent_id", None),
         parent_close=_column(r, "parent_close", None),
+        deadline=_column(r, "deadline", None),
     )
 
 
@@ -268,3 +270,8 @@ def message_columns(message: NewMessage) -> tuple[Any, ...]:
         message.target_instance_id,
         message.now,
     )
+
+
+def schedule_row(r: Record) -> ScheduleRow:
+    """A ``ScheduleRow`` from a record with the columns of the ``get_schedule`` queries."""
+    return _by_field(ScheduleRow, r, pass_tick=bool(r["pass_tick"]), paused=bool(r["paused"]))

@@ -55,8 +55,11 @@ class InstanceRow:
     parent_id: str | None = None
     """The instance that started it with ``ctx.start_child`` (schema 16), where the query reads it."""
     parent_close: str | None = None
-    """A child's parent-close policy (schema 16), ``"cancelled"`` once its parent's end applied
-    ``cancel`` to it (``get_instance``)."""
+    """A child's parent-close policy (schema 16), ``"cancelled"`` once its parent's end cancelled it
+    (``get_instance``)."""
+    deadline: float | None = None
+    """When the instance is cancelled for its deadline (schema 17; None: none), where the query reads it
+    (``get_instance``, ``list_instances``, ``list_children``)."""
 
 
 class HistoryRow(NamedTuple):
@@ -503,6 +506,31 @@ class Cleanup:
     position: CleanupPosition
 
 
+@dataclass(frozen=True, slots=True)
+class ScheduleRow:
+    """A row of ``geste_schedules`` (schema 19): a schedule's definition and where it stands."""
+
+    name: str
+    workflow_name: str
+    cron: str
+    timezone: str
+    missed: str
+    overlap: str
+    pass_tick: bool
+    paused: bool
+    next_tick: float
+    last_tick: float | None = None
+    last_instance_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleStart:
+    """An instance a schedule's tick starts: the tick (Unix seconds) and the instance."""
+
+    tick: float
+    instance: NewInstance
+
+
 class Storage(abc.ABC):
     """One database holding instances, their histories, timers, event waits and events."""
 
@@ -745,9 +773,21 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def finish(
-        self, commit: Commit, *, status: Status, result: str | None = None, error: str | None = None
+        self,
+        commit: Commit,
+        *,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+        cancel_children: Sequence[str] = (),
     ) -> None:
-        """Append the commit's rows, store the outcome, release the instance and forget its waits."""
+        """Append the commit's rows, store the outcome, release the instance and forget its waits.
+
+        ``cancel_children``: children of the instance whose cancellation its end requests (the
+        parent-close policies, docs/child-workflows.md), in the same transaction: those still running
+        and not asked already are flagged as ``flag_cancel`` flags one (a free one made runnable, a held
+        one's holder told) and their ``parent_close`` set to ``'cancelled'``. None: nothing more is
+        written or read."""
 
     # -- child workflows (schema 16) ------------------------------------------------------------------
     made_runnable: Callable[[], None] | None = None
@@ -757,10 +797,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def start_child(
         self, commit: Commit, child: NewInstance, *, parent_close: str
-    ) -> ChildState | None:
+    ) -> ChildState | StepResult:
         """Create ``child`` (free, runnable) as a child of the commit's instance and append the commit's
-        rows, in one transaction; None when done. When ``child``'s id is taken, nothing is written and
-        the instance that has it is returned."""
+        rows, in one transaction; a ``StepResult`` when done (whether a cancel of the parent is
+        requested, as every commit says). When ``child``'s id is taken, nothing is written and the
+        instance that has it is returned."""
 
     @abc.abstractmethod
     async def take_child_or_suspend(self, commit: Commit, child_id: str) -> ChildState | Suspension:
@@ -771,11 +812,6 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def list_children(self, instance_id: str, *, limit: int = 1000) -> list[InstanceRow]:
         """The children of an instance, oldest first (``geste_instances_by_parent``)."""
-
-    @abc.abstractmethod
-    async def cancel_children(self, instance_id: str, now: float) -> int:
-        """Request the cancellation of the instance's running children whose parent-close policy is
-        ``cancel`` (after its end); return how many were flagged."""
 
     # -- events ------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -955,6 +991,57 @@ class Storage(abc.ABC):
     async def chore_release(self, worker_id: str) -> None:
         """Give back the chores ``worker_id`` holds (it stops): another worker takes each at its next
         round, without waiting for it to be late."""
+
+    # -- cron schedules (schema 19) ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def schedule_upsert(self, row: ScheduleRow, now: float) -> None:
+        """Write a schedule's definition; keep its next tick while its cron and time zone are the same
+        (``row.next_tick`` otherwise, and for a new one); a paused schedule stays paused."""
+
+    @abc.abstractmethod
+    async def schedules_due(self, now: float, *, limit: int) -> list[ScheduleRow]:
+        """The unpaused schedules whose next tick is at or before ``now``, earliest first: one range scan
+        of the due index, reading only those due."""
+
+    @abc.abstractmethod
+    async def schedule_next_tick(self) -> float | None:
+        """The earliest next tick of the unpaused schedules (None: none): the first entry of the index."""
+
+    @abc.abstractmethod
+    async def schedule_fire(
+        self,
+        name: str,
+        *,
+        expected: float,
+        next_tick: float,
+        starts: Sequence[ScheduleStart],
+        skip_if_running: bool,
+        now: float,
+    ) -> list[str] | None:
+        """One transaction: move the schedule's next tick from ``expected`` to ``next_tick`` and create
+        the ``starts`` (ids derived from the ticks: an existing one is left as it is). None: the next
+        tick had moved already (another worker's round did it), nothing written. With
+        ``skip_if_running``, nothing is created while the last instance the schedule started has not
+        finished (the tick is skipped, the next tick moved all the same). Returns the ids created."""
+
+    @abc.abstractmethod
+    async def get_schedule(self, name: str) -> ScheduleRow | None: ...
+
+    @abc.abstractmethod
+    async def list_schedules(self, *, limit: int) -> list[ScheduleRow]:
+        """The schedules by name, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def schedule_pause(self, name: str, now: float) -> bool:
+        """Pause the schedule; False: there is none of that name."""
+
+    @abc.abstractmethod
+    async def schedule_resume(self, name: str, next_tick: float, now: float) -> bool:
+        """Unpause the schedule, its next tick ``next_tick``; False: there is none of that name."""
+
+    @abc.abstractmethod
+    async def schedule_delete(self, name: str) -> bool:
+        """Delete the schedule (its instances stay); False: there was none of that name."""
 
     # -- the web viewer ----------------------------------------------------------------------------
     @abc.abstractmethod

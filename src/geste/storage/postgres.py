@@ -237,6 +237,9 @@ def _timed_out(exc: BaseException) -> bool:
 
 READ_ATTEMPTS = 3
 
+DEADLOCK = "40P01"
+"""SQLSTATE of a transaction PostgreSQL aborted to break a deadlock: nothing of it was written."""
+
 
 GROUP_COMMIT_MAX = 100
 """At most this many instances' step commits in one statement."""
@@ -267,6 +270,8 @@ class _Finish(_Queued):
     status: Status
     result: str | None
     error: str | None
+    children: tuple[str, ...] = ()
+    """The children whose cancellation the end requests (``Storage.finish``'s ``cancel_children``)."""
 
 
 def _queued(commit: base.Commit) -> base.Commit:
@@ -1066,9 +1071,15 @@ class PostgresStorage(base.Storage):
         return await self._tx(go)
 
     async def finish(
-        self, commit: base.Commit, *, status: Status, result: str | None = None, error: str | None = None
+        self,
+        commit: base.Commit,
+        *,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+        cancel_children: Sequence[str] = (),
     ) -> None:
-        await self._finishes.submit(_Finish(_queued(commit), status, result, error))
+        await self._finishes.submit(_Finish(_queued(commit), status, result, error, tuple(cancel_children)))
 
     async def _finish_batch(self, batch: Sequence[_Finish]) -> list[BaseException | None]:
         """Ends of instances: alone (``finish``) or several together (``finish_batch``)."""
@@ -1077,10 +1088,24 @@ class PostgresStorage(base.Storage):
         )
 
     def _finish_params(self, batch: Sequence[_Finish]) -> tuple[Any, ...]:
-        """``finish_batch``'s parameters: the arrays, then whether it may notify result() waiters."""
-        return (*_finish_columns(batch), self.notify)
+        """``finish_batch``'s parameters: the arrays, whether it may notify, then the children to cancel
+        (of all the batch's ends: each is flagged only where its parent's end held)."""
+        return (*_finish_columns(batch), self.notify, [cid for item in batch for cid in item.children])
 
     async def _finish_one(self, item: _Finish) -> None:
+        """One end in its own statement; written once more if PostgreSQL aborted it to break a deadlock
+        (nothing of it was written): an end that flags its children locks them after its own row when
+        its id sorts first, while a child's end at that moment locks the child, then the parent
+        (docs/design.md, "Parent close"): the end goes through once the child's has, not a second
+        later through an abandoned run."""
+        try:
+            await self._finish_once(item)
+        except StorageError as exc:
+            if getattr(exc.__cause__, "sqlstate", None) != DEADLOCK:
+                raise
+            await self._finish_once(item)
+
+    async def _finish_once(self, item: _Finish) -> None:
         self.step_commits += 1
         commit = item.commit
 
@@ -1095,6 +1120,7 @@ class PostgresStorage(base.Storage):
                 commit.now,
                 *self._columns(commit.records),
                 self.notify,
+                list(item.children),
             )
             if not done:
                 raise base.LeaseLost(commit.lease.instance_id)
@@ -1104,10 +1130,10 @@ class PostgresStorage(base.Storage):
     # -- child workflows (schema 16) ------------------------------------------------------------------
     async def start_child(
         self, commit: base.Commit, child: base.NewInstance, *, parent_close: str
-    ) -> base.ChildState | None:
+    ) -> base.ChildState | base.StepResult:
         lease = commit.lease
 
-        async def go(conn: Conn) -> base.ChildState | None:
+        async def go(conn: Conn) -> base.ChildState | base.StepResult:
             started = await conn.fetchrow(
                 self._q["start_child"],
                 child.instance_id,
@@ -1120,12 +1146,16 @@ class PostgresStorage(base.Storage):
                 *self._columns(commit.records),
                 parent_close,
                 self.notify,
+                child.deadline,
             )
             if not started["created"]:
-                return _child_state(await conn.fetchrow(self._q["child_state"], child.instance_id))
+                state = _child_state(await conn.fetchrow(self._q["child_state"], child.instance_id))
+                if state is None:  # taken by an instance deleted since (retention): a rare race, retried
+                    raise base.LeaseLost(lease.instance_id)
+                return state
             if not started["touched"]:
                 raise base.LeaseLost(lease.instance_id)
-            return None
+            return base.StepResult(cancel_requested=bool(started["cancel_requested"]))
 
         return await self._run(go)
 
@@ -1160,13 +1190,6 @@ class PostgresStorage(base.Storage):
             ]
 
         return await self._read(go)
-
-    async def cancel_children(self, instance_id: str, now: float) -> int:
-        async def go(conn: Conn) -> int:
-            row = await conn.fetchrow(self._q["cancel_children"], instance_id, now, self.notify)
-            return int(row["flagged"])
-
-        return await self._run(go)
 
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
@@ -1510,6 +1533,110 @@ class PostgresStorage(base.Storage):
             await conn.execute(self._q["chore_release"], worker_id)
 
         await self._run(go)
+
+    # -- cron schedules (schema 19) ----------------------------------------------------------------
+    async def schedule_upsert(self, row: base.ScheduleRow, now: float) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.execute(
+                self._q["schedule_upsert"],
+                row.name,
+                row.workflow_name,
+                row.cron,
+                row.timezone,
+                row.missed,
+                row.overlap,
+                row.pass_tick,
+                row.next_tick,
+                now,
+            )
+
+        await self._run(go)
+
+    async def schedules_due(self, now: float, *, limit: int) -> list[base.ScheduleRow]:
+        async def go(conn: Conn) -> list[base.ScheduleRow]:
+            return [rows.schedule_row(r) for r in await conn.fetch(self._q["schedules_due"], now, limit)]
+
+        return await self._read(go)
+
+    async def schedule_next_tick(self) -> float | None:
+        async def go(conn: Conn) -> float | None:
+            found = await conn.fetchval(self._q["schedule_next_tick"])
+            return None if found is None else float(found)
+
+        return await self._read(go)
+
+    async def schedule_fire(
+        self,
+        name: str,
+        *,
+        expected: float,
+        next_tick: float,
+        starts: Sequence[base.ScheduleStart],
+        skip_if_running: bool,
+        now: float,
+    ) -> list[str] | None:
+        async def go(conn: Conn) -> list[str] | None:
+            moved = await conn.fetchrow(self._q["schedule_advance"], name, next_tick, expected, now)
+            if moved is None:
+                return None
+            last = moved["last_instance_id"]
+            if skip_if_running and last is not None:
+                previous = await conn.fetchrow(self._q["get_instance"], last)
+                if previous is not None and not Status.stored(previous["status"]).is_finished:
+                    return []
+            created = []
+            for start in starts:
+                new = start.instance
+                row = await conn.fetchrow(
+                    self._q["insert_instance"],
+                    new.instance_id,
+                    new.workflow_name,
+                    str(Status.PENDING),
+                    new.input,
+                    new.now,
+                    None,
+                    None,
+                    None,
+                    self.notify,
+                    new.deadline,
+                )
+                if row is not None and row["created"]:
+                    created.append(new.instance_id)
+                await conn.execute(self._q["schedule_started"], name, start.tick, new.instance_id)
+            return created
+
+        return await self._tx(go)
+
+    async def get_schedule(self, name: str) -> base.ScheduleRow | None:
+        async def go(conn: Conn) -> base.ScheduleRow | None:
+            row = await conn.fetchrow(self._q["get_schedule"], name)
+            return None if row is None else rows.schedule_row(row)
+
+        return await self._read(go)
+
+    async def list_schedules(self, *, limit: int) -> list[base.ScheduleRow]:
+        async def go(conn: Conn) -> list[base.ScheduleRow]:
+            return [rows.schedule_row(r) for r in await conn.fetch(self._q["list_schedules"], limit)]
+
+        return await self._read(go)
+
+    async def schedule_pause(self, name: str, now: float) -> bool:
+        async def go(conn: Conn) -> bool:
+            return str(await conn.execute(self._q["schedule_pause"], name, now)) != "UPDATE 0"
+
+        return await self._run(go)
+
+    async def schedule_resume(self, name: str, next_tick: float, now: float) -> bool:
+        async def go(conn: Conn) -> bool:
+            return str(await conn.execute(self._q["schedule_resume"], name, next_tick, now)) != "UPDATE 0"
+
+        return await self._run(go)
+
+    async def schedule_delete(self, name: str) -> bool:
+        async def go(conn: Conn) -> bool:
+            return str(await conn.execute(self._q["schedule_delete"], name)) != "DELETE 0"
+
+        return await self._run(go)
 
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(

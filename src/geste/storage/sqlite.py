@@ -642,7 +642,13 @@ class SQLiteStorage(base.Storage):
         return await self._write(tx)
 
     async def finish(
-        self, commit: base.Commit, *, status: Status, result: str | None = None, error: str | None = None
+        self,
+        commit: base.Commit,
+        *,
+        status: Status,
+        result: str | None = None,
+        error: str | None = None,
+        cancel_children: Sequence[str] = (),
     ) -> None:
         lease, records = commit.lease, commit.records
         params = {
@@ -661,7 +667,11 @@ class SQLiteStorage(base.Storage):
             self._insert_history(conn, lease.instance_id, records)
             conn.execute(Q["clear_timers"], (lease.instance_id,))
             conn.execute(Q["clear_event_wait"], (lease.instance_id,))
-            return conn.execute(Q["wake_parent"], params).rowcount > 0  # a child's end (16)
+            woken = conn.execute(Q["wake_parent"], params).rowcount > 0  # a child's end (16)
+            if cancel_children:  # the parent-close policies (16), in the end's transaction
+                closing = {**params, "children": json.dumps(list(cancel_children))}
+                woken = conn.execute(Q["cancel_children"], closing).rowcount > 0 or woken
+            return woken
 
         if await self._write(tx):
             self._made_runnable()
@@ -669,7 +679,7 @@ class SQLiteStorage(base.Storage):
     # -- child workflows (schema 16) ------------------------------------------------------------------
     async def start_child(
         self, commit: base.Commit, child: base.NewInstance, *, parent_close: str
-    ) -> base.ChildState | None:
+    ) -> base.ChildState | base.StepResult:
         params = {
             "instance_id": child.instance_id,
             "workflow_name": child.workflow_name,
@@ -677,13 +687,15 @@ class SQLiteStorage(base.Storage):
             "now": child.now,
             "parent_id": commit.lease.instance_id,
             "parent_close": parent_close,
+            "deadline": child.deadline,
         }
 
-        def tx(conn: sqlite3.Connection) -> base.ChildState | None:
+        def tx(conn: sqlite3.Connection) -> base.ChildState | base.StepResult:
             if conn.execute(Q["start_child"], params).rowcount != 1:
-                return _child_state(conn.execute(Q["child_state"], (child.instance_id,)).fetchone())
-            self._append(conn, commit)
-            return None
+                state = _child_state(conn.execute(Q["child_state"], (child.instance_id,)).fetchone())
+                assert state is not None  # the insert was refused: the row exists, in this transaction
+                return state
+            return base.StepResult(cancel_requested=self._append(conn, commit))
 
         return await self._write(tx)
 
@@ -703,13 +715,6 @@ class SQLiteStorage(base.Storage):
         return await self._call(
             lambda c: [rows.instance_row(r) for r in c.execute(Q["list_children"], (instance_id, limit))]
         )
-
-    async def cancel_children(self, instance_id: str, now: float) -> int:
-        params = {"instance_id": instance_id, "now": now}
-        flagged = await self._write(lambda conn: conn.execute(Q["cancel_children"], params).rowcount)
-        if flagged:
-            self._made_runnable()
-        return int(flagged)
 
     def _made_runnable(self) -> None:
         if self.made_runnable is not None:
@@ -1095,6 +1100,97 @@ class SQLiteStorage(base.Storage):
 
     async def chore_release(self, worker_id: str) -> None:
         await self._write(lambda conn: conn.execute(Q["chore_release"], {"worker": worker_id}))
+
+    # -- cron schedules (schema 19) ----------------------------------------------------------------
+    async def schedule_upsert(self, row: base.ScheduleRow, now: float) -> None:
+        params = {
+            "name": row.name,
+            "workflow_name": row.workflow_name,
+            "cron": row.cron,
+            "timezone": row.timezone,
+            "missed": row.missed,
+            "overlap": row.overlap,
+            "pass_tick": int(row.pass_tick),
+            "next_tick": row.next_tick,
+            "now": now,
+        }
+        await self._write(lambda conn: conn.execute(Q["schedule_upsert"], params))
+
+    async def schedules_due(self, now: float, *, limit: int) -> list[base.ScheduleRow]:
+        found = await self._call(
+            lambda conn: conn.execute(Q["schedules_due"], {"now": now, "limit": limit}).fetchall()
+        )
+        return [rows.schedule_row(r) for r in found]
+
+    async def schedule_next_tick(self) -> float | None:
+        row = await self._call(lambda conn: conn.execute(Q["schedule_next_tick"]).fetchone())
+        return None if row["next_tick"] is None else float(row["next_tick"])
+
+    async def schedule_fire(
+        self,
+        name: str,
+        *,
+        expected: float,
+        next_tick: float,
+        starts: Sequence[base.ScheduleStart],
+        skip_if_running: bool,
+        now: float,
+    ) -> list[str] | None:
+        advance = {"name": name, "expected": expected, "next_tick": next_tick, "now": now}
+
+        def tx(conn: sqlite3.Connection) -> list[str] | None:
+            moved = conn.execute(Q["schedule_advance"], advance).fetchone()
+            if moved is None:
+                return None
+            last = moved["last_instance_id"]
+            if skip_if_running and last is not None:
+                previous = conn.execute(Q["get_instance"], (last,)).fetchone()
+                if previous is not None and not Status.stored(previous["status"]).is_finished:
+                    return []
+            created = []
+            for start in starts:
+                new = start.instance
+                params = {
+                    "instance_id": new.instance_id,
+                    "workflow_name": new.workflow_name,
+                    "status": str(Status.PENDING),
+                    "input": new.input,
+                    "now": new.now,
+                    "locked_by": None,
+                    "lease_id": None,
+                    "lock_expires_at": None,
+                    "deadline": new.deadline,
+                }
+                if conn.execute(Q["insert_instance"], params).rowcount == 1:
+                    created.append(new.instance_id)
+                started = {"name": name, "tick": start.tick, "instance_id": new.instance_id}
+                conn.execute(Q["schedule_started"], started)
+            return created
+
+        created = await self._write(tx)
+        if created:
+            self._made_runnable()
+        return created
+
+    async def get_schedule(self, name: str) -> base.ScheduleRow | None:
+        row = await self._call(lambda conn: conn.execute(Q["get_schedule"], {"name": name}).fetchone())
+        return None if row is None else rows.schedule_row(row)
+
+    async def list_schedules(self, *, limit: int) -> list[base.ScheduleRow]:
+        found = await self._call(lambda conn: conn.execute(Q["list_schedules"], {"limit": limit}).fetchall())
+        return [rows.schedule_row(r) for r in found]
+
+    async def schedule_pause(self, name: str, now: float) -> bool:
+        params = {"name": name, "now": now}
+        return bool(await self._write(lambda conn: conn.execute(Q["schedule_pause"], params).rowcount))
+
+    async def schedule_resume(self, name: str, next_tick: float, now: float) -> bool:
+        params = {"name": name, "next_tick": next_tick, "now": now}
+        return bool(await self._write(lambda conn: conn.execute(Q["schedule_resume"], params).rowcount))
+
+    async def schedule_delete(self, name: str) -> bool:
+        params = {"name": name}
+        return bool(await self._write(lambda conn: conn.execute(Q["schedule_delete"], params).rowcount))
 
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(

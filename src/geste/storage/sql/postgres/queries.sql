@@ -55,7 +55,7 @@ SELECT {db_clock} AS now;
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id,
-       parent_close
+       parent_close, deadline
 FROM {schema}.geste_instances WHERE instance_id = $1;
 
 -- name: watch_result
@@ -94,7 +94,7 @@ SELECT count(*) FROM gone;
 
 -- name: list_instances
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, parent_id, deadline
 FROM {schema}.geste_instances
 WHERE ($1::text IS NULL OR workflow_name = $1) AND ($2::text IS NULL OR status = $2)
 ORDER BY created_at DESC, instance_id DESC
@@ -724,13 +724,41 @@ RETURNING cancel_requested;
 -- The ending worker becomes the last worker (SET reads the old locked_by). A waiter of another process
 -- than the ending worker's is told (one geste_workflow_resumable with "finished", whatever the number of
 -- waiters); the ending worker's own process wakes its waiters in memory. No waiter: no NOTIFY.
-WITH done AS (
+-- $14 (16): the children whose cancellation the end requests (the parent-close policies), flagged in this
+-- statement (`closed`); empty (the gate, a one-time filter): nothing more is probed. Then the instance and
+-- those children are locked first, in instance_id order (`closing`), as renew, record_batch and
+-- finish_batch lock their rows, so the end never deadlocks with its worker's renewal.
+WITH closing AS MATERIALIZED (
+    SELECT instance_id FROM {schema}.geste_instances
+    WHERE cardinality($14::text[]) > 0 AND instance_id = ANY(array_prepend($1::text, $14::text[]))
+    ORDER BY instance_id
+    FOR UPDATE
+), done AS (
     UPDATE {schema}.geste_instances
     SET status = $3, result = $4, error = $5, finished_at = $6, updated_at = $6,
         run_at = NULL, locked_by = NULL, lease_id = NULL, lock_expires_at = NULL, last_worker = locked_by,
         steps = steps + cardinality($7::integer[])
-    WHERE instance_id = $1 AND lease_id = $2
+    WHERE instance_id = $1 AND lease_id = $2 AND (SELECT count(*) FROM closing) >= 0  -- (locked first)
     RETURNING instance_id, workflow_name, last_worker, parent_id
+), closed AS (  -- (16) those children still running and not asked already, flagged as flag_cancel flags one
+    -- (a free one made runnable and notified, a held one's holder told at once: 'cancel': true, routed to
+    -- locked_by), parent_close 'cancelled' (the child's cancelled run reads it: cancelled_by_parent)
+    UPDATE {schema}.geste_instances c
+    SET cancel_requested = true, updated_at = $6, parent_close = 'cancelled',
+        run_at = CASE WHEN c.lease_id IS NULL THEN LEAST(c.run_at, $6, {db_clock}) ELSE c.run_at END
+    WHERE cardinality($14::text[]) > 0 AND c.instance_id = ANY($14::text[]) AND c.parent_id = $1
+      AND c.status IN ('pending', 'running', 'waiting', 'compensating') AND NOT c.cancel_requested
+      AND EXISTS (SELECT 1 FROM done)
+    RETURNING c.instance_id, c.workflow_name, c.lease_id, c.last_worker, c.locked_by
+), closed_notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     CASE WHEN lease_id IS NULL
+                          THEN json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                                 'worker', last_worker, 'schema', {schema_name})
+                          ELSE json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                                 'worker', locked_by, 'cancel', true, 'schema', {schema_name})
+                     END::text)
+    FROM closed WHERE $13
 ), parent AS (  -- (16) a child's end makes its parent runnable if it waits: see wake_parent below
     UPDATE {schema}.geste_instances p
     SET run_at = CASE WHEN p.lease_id IS NULL AND p.status = 'waiting' THEN LEAST(p.run_at, $6, {db_clock})
@@ -761,7 +789,9 @@ WITH done AS (
 ), waits AS (
     DELETE FROM {schema}.geste_event_waits WHERE instance_id = $1 AND EXISTS (SELECT 1 FROM done)
 )
-SELECT count(*) AS done, (SELECT count(*) FROM notified) + (SELECT count(*) FROM parent_notified) AS notified
+SELECT count(*) AS done,
+       (SELECT count(*) FROM notified) + (SELECT count(*) FROM parent_notified)
+       + (SELECT count(*) FROM closed_notified) AS notified
 FROM done;
 
 -- name: finish_batch
@@ -769,13 +799,15 @@ FROM done;
 -- in instance_id order, as record_batch), each instance once (the storage sends another lease of an
 -- instance in a batch alone). Returns the leases that held. Forgets and notifies the result() waiters of
 -- each instance as `finish` does ($15: notifications on): one probe of their key per instance.
+-- $16 (16): the children whose cancellation the ends request, flagged as in `finish` (`closed`), locked
+-- with the batch's instances in instance_id order; empty: no probe (a one-time filter).
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                          $6::double precision[], $7::integer[])
         AS i(instance_id, lease_id, status, result, error, now, added)
 ), locked AS (
-    SELECT g.instance_id FROM {schema}.geste_instances g JOIN input i USING (instance_id)
-    WHERE g.lease_id = i.lease_id
+    SELECT g.instance_id FROM {schema}.geste_instances g
+    WHERE g.instance_id = ANY($1::text[] || $16::text[])
     ORDER BY g.instance_id
     FOR UPDATE OF g
 ), done AS (
@@ -787,12 +819,31 @@ WITH input AS (
     WHERE g.instance_id = i.instance_id AND g.lease_id = i.lease_id
       AND g.instance_id IN (SELECT instance_id FROM locked)
     RETURNING g.instance_id, i.lease_id, g.workflow_name, i.status, g.last_worker, g.parent_id, i.now
+), closed AS (  -- (16) as in finish; a child ending in this batch too is left to `done` (one update a row)
+    UPDATE {schema}.geste_instances c
+    SET cancel_requested = true, updated_at = d.now, parent_close = 'cancelled',
+        run_at = CASE WHEN c.lease_id IS NULL THEN LEAST(c.run_at, d.now, {db_clock}) ELSE c.run_at END
+    FROM done d
+    WHERE cardinality($16::text[]) > 0 AND c.instance_id = ANY($16::text[]) AND c.parent_id = d.instance_id
+      AND c.instance_id <> ALL($1::text[])
+      AND c.status IN ('pending', 'running', 'waiting', 'compensating') AND NOT c.cancel_requested
+    RETURNING c.instance_id, c.workflow_name, c.lease_id, c.last_worker, c.locked_by
+), closed_notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     CASE WHEN lease_id IS NULL
+                          THEN json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                                 'worker', last_worker, 'schema', {schema_name})
+                          ELSE json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                                 'worker', locked_by, 'cancel', true, 'schema', {schema_name})
+                     END::text)
+    FROM closed WHERE $15
 ), parent AS (  -- (16) as in finish: the waiting parents of the children that end are made runnable; a
     -- parent ending in this batch too is left to `done` (one statement must not update a row twice)
     UPDATE {schema}.geste_instances p
     SET run_at = CASE WHEN p.lease_id IS NULL AND p.status = 'waiting' THEN LEAST(p.run_at, d.now, {db_clock})
                       ELSE p.run_at END
     FROM done d WHERE p.instance_id = d.parent_id AND p.instance_id <> ALL($1::text[])
+      AND p.instance_id NOT IN (SELECT instance_id FROM closed)  -- flagged there, which wakes it too
     RETURNING p.instance_id, p.workflow_name, p.last_worker, p.lease_id IS NULL AND p.status = 'waiting' AS woken
 ), parent_notified AS (
     SELECT pg_notify('geste_workflow_resumable',
@@ -820,7 +871,9 @@ WITH input AS (
 ), waits AS (
     DELETE FROM {schema}.geste_event_waits WHERE instance_id IN (SELECT instance_id FROM done)
 )
-SELECT instance_id, lease_id, (SELECT count(*) FROM notified) + (SELECT count(*) FROM parent_notified) AS notified
+SELECT instance_id, lease_id,
+       (SELECT count(*) FROM notified) + (SELECT count(*) FROM parent_notified)
+       + (SELECT count(*) FROM closed_notified) AS notified
 FROM done;
 
 -- name: insert_event_wait
@@ -1839,13 +1892,13 @@ FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY
 -- lease lost: the child stays and its parent's next holder, replaying the step with the same id, finds it
 -- its own (parent_id, workflow) and records the step then. One probe of the primary key each.
 -- $1-$3: the child's id, workflow, input; $4: now; $5 the parent, $6 its lease, $7 the lease's new expiry;
--- $8-$13 the history columns; $14 the policy; $15 notify.
+-- $8-$13 the history columns; $14 the policy; $15 notify; $16 the child's deadline (17; NULL: none).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-         parent_id, parent_close)
+         parent_id, parent_close, deadline)
     VALUES ($1, $2, 'pending', $3, $4, $4, LEAST($4, {db_clock}), nextval('{schema}.geste_events_seq_seq'),
-            $5, $14)
+            $5, $14, $16)
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id
 ), touched AS (
@@ -1865,6 +1918,7 @@ WITH inserted AS (
     FROM inserted WHERE $15
 )
 SELECT EXISTS (SELECT 1 FROM inserted) AS created, EXISTS (SELECT 1 FROM touched) AS touched,
+       (SELECT bool_or(cancel_requested) FROM touched) AS cancel_requested,
        (SELECT count(*) FROM notified) AS notified;
 
 -- name: child_state
@@ -1874,33 +1928,64 @@ SELECT workflow_name, status, result, error, parent_id FROM {schema}.geste_insta
 -- name: list_children
 -- The children of an instance, oldest first: a range of geste_instances_by_parent (partial: parent_id set).
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id, deadline
 FROM {schema}.geste_instances
 WHERE parent_id = $1
 ORDER BY created_at, instance_id
 LIMIT $2;
 
--- name: cancel_children
--- The parent-close policy 'cancel' (16): after the parent's end, its children still running with that
--- policy are flagged cancelled as flag_cancel flags one: a free one made runnable and notified, a held
--- one's holder told at once ('cancel': true, routed to locked_by: it cancels the running activities). A
--- range of geste_instances_by_parent.
-WITH flagged AS (
-    UPDATE {schema}.geste_instances
-    SET cancel_requested = true, updated_at = $2, parent_close = 'cancelled',
-        run_at = CASE WHEN lease_id IS NULL THEN LEAST(run_at, $2, {db_clock}) ELSE run_at END
-    WHERE parent_id = $1 AND parent_close = 'cancel'
-      AND status IN ('pending', 'running', 'waiting', 'compensating') AND NOT cancel_requested
-    RETURNING instance_id, workflow_name, lease_id, last_worker, locked_by
-)
-SELECT count(*) AS flagged,
-       count(CASE WHEN lease_id IS NULL
-                  THEN pg_notify('geste_workflow_resumable',
-                                 json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
-                                                   'worker', last_worker, 'schema', {schema_name})::text)
-                  ELSE pg_notify('geste_workflow_resumable',
-                                 json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
-                                                   'worker', locked_by, 'cancel', true,
-                                                   'schema', {schema_name})::text)
-             END) FILTER (WHERE $3) AS notified
-FROM flagged;
+-- == cron schedules (migration 19) ================================================================
+-- name: schedule_upsert
+-- A declared schedule (at App open) or app.create_schedule: its definition written; its next tick kept
+-- while it ticks at the same moments (a restart does not lose the ticks it missed), recomputed otherwise.
+-- A paused schedule stays paused.
+INSERT INTO {schema}.geste_schedules AS s
+    (name, workflow_name, cron, timezone, missed, overlap, pass_tick, next_tick, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+ON CONFLICT (name) DO UPDATE
+SET workflow_name = excluded.workflow_name, missed = excluded.missed, overlap = excluded.overlap,
+    pass_tick = excluded.pass_tick, updated_at = excluded.updated_at,
+    next_tick = CASE WHEN s.cron = excluded.cron AND s.timezone = excluded.timezone
+                     THEN s.next_tick ELSE excluded.next_tick END,
+    cron = excluded.cron, timezone = excluded.timezone;
+
+-- name: schedules_due
+-- Through geste_schedules_due: the due schedules, earliest first, at most $2.
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM {schema}.geste_schedules WHERE NOT paused AND next_tick <= $1
+ORDER BY next_tick LIMIT $2;
+
+-- name: schedule_next_tick
+-- Through geste_schedules_due: its first entry.
+SELECT min(next_tick) AS next_tick FROM {schema}.geste_schedules WHERE NOT paused;
+
+-- name: schedule_advance
+-- The round's claim on a tick: moves next_tick from the value it read ($3). A concurrent round waits for
+-- the row, then finds it moved (READ COMMITTED reads the row again) and updates nothing.
+UPDATE {schema}.geste_schedules SET next_tick = $2, updated_at = $4
+WHERE name = $1 AND next_tick = $3 AND NOT paused
+RETURNING last_instance_id;
+
+-- name: schedule_started
+UPDATE {schema}.geste_schedules SET last_tick = $2, last_instance_id = $3 WHERE name = $1;
+
+-- name: get_schedule
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM {schema}.geste_schedules WHERE name = $1;
+
+-- name: list_schedules
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM {schema}.geste_schedules ORDER BY name LIMIT $1;
+
+-- name: schedule_pause
+UPDATE {schema}.geste_schedules SET paused = true, updated_at = $2 WHERE name = $1;
+
+-- name: schedule_resume
+-- Resumed: its next tick is the first to come (the ticks that passed while paused are not started).
+UPDATE {schema}.geste_schedules SET paused = false, next_tick = $2, updated_at = $3 WHERE name = $1;
+
+-- name: schedule_delete
+DELETE FROM {schema}.geste_schedules WHERE name = $1;

@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 18), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 19), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -290,6 +290,27 @@ CREATE TABLE geste_result_waiters (
 );
 -- the cleanup chore: the expired rows, oldest first (14)
 CREATE INDEX geste_result_waiters_by_expiry ON geste_result_waiters (expires_at);
+
+-- Cron schedules (19; docs/schedules.md): one row per schedule, its definition and the next tick it
+-- starts. A worker's schedule loop reads the due rows (geste_schedules_due) and moves next_tick with a
+-- conditional update in the transaction that creates the tick's instance (id sched:<name>:<tick>).
+CREATE TABLE geste_schedules (
+    name             text PRIMARY KEY,
+    workflow_name    text NOT NULL,
+    cron             text NOT NULL,              -- a cron expression (5 fields, or 6 with seconds first)
+    timezone         text NOT NULL,              -- the IANA time zone the expression is read in
+    missed           text NOT NULL,              -- latest, skip, all: ticks that passed while no worker ran
+    overlap          text NOT NULL,              -- skip, alongside: a tick while the previous run is unfinished
+    pass_tick        boolean NOT NULL DEFAULT false,  -- the workflow takes the tick as its argument
+    paused           boolean NOT NULL DEFAULT false,
+    next_tick        double precision NOT NULL,  -- the next tick to start (Unix seconds)
+    last_tick        double precision,           -- the last tick started
+    last_instance_id text,                       -- the instance it started
+    created_at       double precision NOT NULL,
+    updated_at       double precision NOT NULL
+);
+-- the schedule loop: the due schedules, in next_tick order; paused ones cost it nothing
+CREATE INDEX geste_schedules_due ON geste_schedules (next_tick) WHERE NOT paused;
 
 -- The names of a claim's workflows as a set the planner counts as one row (9): with it the generic plan
 -- of claim_names costs what its custom plans do and is kept (unnest is counted as ten rows).

@@ -29,12 +29,12 @@ SELECT {db_clock} AS now;
 -- name: get_instance
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
        run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id,
-       parent_close
+       parent_close, deadline
 FROM geste_instances WHERE instance_id = ?;
 
 -- name: list_instances
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, parent_id, deadline
 FROM geste_instances
 WHERE (:workflow_name IS NULL OR workflow_name = :workflow_name)
   AND (:status IS NULL OR status = :status)
@@ -1078,9 +1078,10 @@ FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?))
 -- start_child row: the child is created free and runnable, or not (its id is taken). One primary-key probe.
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-     parent_id, parent_close)
+     parent_id, parent_close, deadline)
 VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now, min(:now, {db_clock}),
-        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close)
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close,
+        :deadline)
 ON CONFLICT (instance_id) DO NOTHING;
 
 -- name: child_state
@@ -1094,16 +1095,74 @@ WHERE instance_id = (SELECT parent_id FROM geste_instances WHERE instance_id = :
 
 -- name: list_children
 SELECT instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, run, last_worker, parent_id, deadline
 FROM geste_instances
 WHERE parent_id = ?
 ORDER BY created_at, instance_id
 LIMIT ?;
 
 -- name: cancel_children
+-- The parent-close policies (16), in the parent's end's transaction (finish): the children named
+-- (:children, a JSON array: those the end cancels) still running and not asked already are flagged as
+-- flag_cancel flags one, and their parent_close set to 'cancelled'. One probe of the key per child.
 UPDATE geste_instances
 SET cancel_requested = 1, updated_at = :now, parent_close = 'cancelled',
     run_at = CASE WHEN lease_id IS NULL AND (run_at IS NULL OR run_at > min(:now, {db_clock}))
                   THEN min(:now, {db_clock}) ELSE run_at END
-WHERE parent_id = :instance_id AND parent_close = 'cancel'
+WHERE instance_id IN (SELECT value FROM json_each(:children)) AND parent_id = :instance_id
   AND status IN ('pending', 'running', 'waiting', 'compensating') AND cancel_requested = 0;
+
+-- == cron schedules (migration 19) ================================================================
+-- name: schedule_upsert
+-- A declared schedule (at App open) or app.create_schedule: its definition written; its next tick kept
+-- while it ticks at the same moments (a restart does not lose the ticks it missed), recomputed otherwise.
+-- A paused schedule stays paused.
+INSERT INTO geste_schedules
+    (name, workflow_name, cron, timezone, missed, overlap, pass_tick, next_tick, created_at, updated_at)
+VALUES (:name, :workflow_name, :cron, :timezone, :missed, :overlap, :pass_tick, :next_tick, :now, :now)
+ON CONFLICT (name) DO UPDATE
+SET workflow_name = excluded.workflow_name, missed = excluded.missed, overlap = excluded.overlap,
+    pass_tick = excluded.pass_tick, updated_at = excluded.updated_at,
+    next_tick = CASE WHEN geste_schedules.cron = excluded.cron AND geste_schedules.timezone = excluded.timezone
+                     THEN geste_schedules.next_tick ELSE excluded.next_tick END,
+    cron = excluded.cron, timezone = excluded.timezone;
+
+-- name: schedules_due
+-- Through geste_schedules_due: the due schedules, earliest first, at most :limit.
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM geste_schedules WHERE paused = 0 AND next_tick <= :now
+ORDER BY next_tick LIMIT :limit;
+
+-- name: schedule_next_tick
+-- Through geste_schedules_due: its first entry.
+SELECT min(next_tick) AS next_tick FROM geste_schedules WHERE paused = 0;
+
+-- name: schedule_advance
+-- The round's claim on a tick: moves next_tick from the value it read; no row: another worker did first.
+UPDATE geste_schedules SET next_tick = :next_tick, updated_at = :now
+WHERE name = :name AND next_tick = :expected AND paused = 0
+RETURNING last_instance_id;
+
+-- name: schedule_started
+UPDATE geste_schedules SET last_tick = :tick, last_instance_id = :instance_id WHERE name = :name;
+
+-- name: get_schedule
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM geste_schedules WHERE name = :name;
+
+-- name: list_schedules
+SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
+       last_instance_id
+FROM geste_schedules ORDER BY name LIMIT :limit;
+
+-- name: schedule_pause
+UPDATE geste_schedules SET paused = 1, updated_at = :now WHERE name = :name;
+
+-- name: schedule_resume
+-- Resumed: its next tick is the first to come (the ticks that passed while paused are not started).
+UPDATE geste_schedules SET paused = 0, next_tick = :next_tick, updated_at = :now WHERE name = :name;
+
+-- name: schedule_delete
+DELETE FROM geste_schedules WHERE name = :name;

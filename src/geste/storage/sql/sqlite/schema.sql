@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 18), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 19), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -271,3 +271,24 @@ CREATE TABLE geste_chores (
     next_at  REAL NOT NULL,        -- when the next round is due
     taken_at REAL                  -- when the last round was taken
 ) WITHOUT ROWID;
+
+-- Cron schedules (19; docs/schedules.md): one row per schedule, its definition and the next tick it
+-- starts. A worker's schedule loop reads the due rows (geste_schedules_due) and moves next_tick with a
+-- conditional update in the transaction that creates the tick's instance (id sched:<name>:<tick>).
+CREATE TABLE geste_schedules (
+    name             TEXT PRIMARY KEY,
+    workflow_name    TEXT NOT NULL,
+    cron             TEXT NOT NULL,     -- a cron expression (5 fields, or 6 with seconds first), cronsim's
+    timezone         TEXT NOT NULL,     -- the IANA time zone the expression is read in
+    missed           TEXT NOT NULL,     -- latest, skip, all: the ticks that passed while no worker ran
+    overlap          TEXT NOT NULL,     -- skip, alongside: a tick while the previous run is unfinished
+    pass_tick        INTEGER NOT NULL DEFAULT 0,   -- the workflow takes the tick as its argument
+    paused           INTEGER NOT NULL DEFAULT 0,
+    next_tick        REAL NOT NULL,     -- the next tick to start (Unix seconds)
+    last_tick        REAL,              -- the last tick started
+    last_instance_id TEXT,              -- the instance it started
+    created_at       REAL NOT NULL,
+    updated_at       REAL NOT NULL
+);
+-- the schedule loop: the due schedules, in next_tick order; paused ones cost it nothing
+CREATE INDEX geste_schedules_due ON geste_schedules (next_tick) WHERE paused = 0;
