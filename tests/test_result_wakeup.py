@@ -736,8 +736,8 @@ async def test_an_end_probes_the_waiters_by_key(apps: Apps, pg_url: str) -> None
         q = client.storage._q  # type: ignore[attr-defined]
         rows: list[list[Any]] = [[], [], [], [], [], [], []]
         for name, params in (
-            ("finish", (iid, "l", "completed", "null", None, 1.0, *rows[1:], True)),
-            ("finish_batch", ([iid], ["l"], ["completed"], ["null"], [None], [1.0], [0], *rows, True)),
+            ("finish", (iid, "l", "completed", "null", None, 1.0, *rows[1:], True, [])),  # no children
+            ("finish_batch", ([iid], ["l"], ["completed"], ["null"], [None], [1.0], [0], *rows, True, [])),
         ):
             tx = conn.transaction()
             await tx.start()
