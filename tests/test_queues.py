@@ -299,3 +299,22 @@ async def test_a_worker_admits_no_more_than_its_worker_concurrency(make_app: Any
         handles = [await job.options(queue="per-worker").start(x) for x in range(8)]
         assert [await h.result(timeout=30) for h in handles] == list(range(8))
     assert most == 2
+
+
+async def test_four_worker_processes_never_admit_more_than_the_rate_in_any_window(workers: Workers) -> None:
+    """A queue of 4 admissions per second, and no concurrency limit: whatever window of one second is
+    looked at, the admissions the claims made in it (the times their rate window records) add up to 4 at
+    most; and the queue goes on at its rate (a full window wakes the workers when it has room again)."""
+    options: dict[str, Any] = {"queue_concurrency": None, "rate_limit": 4, "rate_period": 1.0}
+    async with build_app(workers.url, run_worker=False, **options) as client:
+        for n in range(4):
+            await workers.spawn(f"w{n}", queue_concurrency=0, rate_limit=4, rate_period=1.0)
+        handles = [await client.workflows["job"].options(queue=QUEUE).start(i) for i in range(12)]
+        ids = [h.instance_id for h in handles]
+        await wait_until(lambda: all_completed(client, ids), "every queued job to complete", timeout=90)
+    admissions = sorted((e["t"], e["n"]) for e in workers.entries("admit"))
+    assert sum(n for _, n in admissions) == 12
+    for start, _ in admissions:
+        in_window = sum(n for t, n in admissions if start <= t < start + 1.0)
+        assert in_window <= 4, (start, admissions)
+    assert admissions[-1][0] - admissions[0][0] >= 2.0  # 12 at 4 a second: three windows at least

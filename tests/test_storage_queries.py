@@ -56,6 +56,7 @@ SQLITE_ONLY = {
     "queue_limit": "a queue claim, 2/4: its global limit; PostgreSQL: queue_claim",
     "queue_busy": "a queue claim, 3/4: the slots in use; PostgreSQL: queue_claim",
     "queue_take": "a queue claim, 4/4: admit and claim; PostgreSQL: queue_claim",
+    "queue_started": "a queue claim's rate window, after it admitted; PostgreSQL: queue_claim",
     "channel_leftovers": "the re-wake's messages nobody took, before channel_rewake; PostgreSQL: inside it",
     "channel_cleanup_event_keys": "before channel_cleanup_events; PostgreSQL: inside it",
     "insert_event": "send_event, 1/5; PostgreSQL: send_event, one statement after lock_event_keys",

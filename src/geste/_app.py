@@ -202,7 +202,14 @@ class App(OpenClose):
             "message_retention": self.message_retention,
             "event_retention": self.event_retention,
             "queues": tuple(
-                QueueRow(q.name, q.concurrency, q.worker_concurrency) for q in self.queues.values()
+                QueueRow(
+                    q.name,
+                    q.concurrency,
+                    q.worker_concurrency,
+                    q.rate_limit,
+                    None if q.rate_limit is None else q.period,
+                )
+                for q in self.queues.values()
             ),
         }
         return RuntimeOptions(**(settings | dict(overrides)))
@@ -441,12 +448,19 @@ class App(OpenClose):
 
     # -- queues (schema 20) ------------------------------------------------------------------------
     def queue(
-        self, name: str, *, concurrency: int | None = None, worker_concurrency: int | None = None
+        self,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        worker_concurrency: int | None = None,
+        rate_limit: int | None = None,
+        rate_period: float | timedelta = 1.0,
     ) -> Queue:
         """Declare a queue (before ``open``): ``concurrency``, its instances admitted and unfinished at
-        most across the cluster; ``worker_concurrency``, at most per worker process. This App's worker
-        serves it. Start onto it with ``workflow.options(queue=...)`` (docs/queues.md)."""
-        return self._declare_queue(Queue(name, concurrency, worker_concurrency))
+        most across the cluster; ``worker_concurrency``, at most per worker process; ``rate_limit``,
+        admissions at most in any window of ``rate_period``. This App's worker serves it. Start onto it
+        with ``workflow.options(queue=...)`` (docs/queues.md)."""
+        return self._declare_queue(Queue(name, concurrency, worker_concurrency, rate_limit, rate_period))
 
     def _declare_queue(self, queue: Queue) -> Queue:
         if not isinstance(queue, Queue):

@@ -8,6 +8,7 @@ the queue admits it, within the queue's limits; admitted, it holds one of the qu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from ._validation import check_id, check_name
 from .errors import ConfigurationError
@@ -28,17 +29,35 @@ def _limit(value: object, what: str) -> int | None:
 class Queue:
     """A named queue: ``concurrency``, its admitted and unfinished instances at most across every worker
     of the cluster (exact); ``worker_concurrency``, those one worker process admitted and runs now, at
-    most. None: no limit. Declared with ``App(queues=[Queue(...)])`` or ``app.queue(...)``: the App's
-    worker serves it, and its limits are written to the database at open (the last App opened sets them)."""
+    most; ``rate_limit``, admissions at most in any window of ``rate_period`` (seconds or a timedelta),
+    across the cluster. None: no limit. Declared with ``App(queues=[Queue(...)])`` or ``app.queue(...)``:
+    the App's worker serves it, and its limits are written to the database at open (the last App opened
+    sets them)."""
 
     name: str
     concurrency: int | None = None
     worker_concurrency: int | None = None
+    rate_limit: int | None = None
+    rate_period: float | timedelta = 1.0
 
     def __post_init__(self) -> None:
         check_name(self.name, "queue")
         _limit(self.concurrency, "concurrency")
         _limit(self.worker_concurrency, "worker_concurrency")
+        _limit(self.rate_limit, "rate_limit")
+        period = self.period
+        if not period > 0 or period == float("inf"):
+            raise ConfigurationError(f"rate_period must be a positive duration, not {self.rate_period!r:.80}")
+
+    @property
+    def period(self) -> float:
+        """``rate_period`` in seconds."""
+        period = self.rate_period
+        if isinstance(period, timedelta):
+            return period.total_seconds()
+        if isinstance(period, bool) or not isinstance(period, int | float):
+            raise ConfigurationError(f"rate_period must be seconds or a timedelta, not {period!r:.80}")
+        return float(period)
 
 
 def queue_name(queue: Queue | str | None) -> str | None:

@@ -37,12 +37,13 @@ def build_app(
     markers: str | None = None,
     worker_id: str | None = None,
     queue_concurrency: int | None = 3,
+    rate_limit: int | None = None,
+    rate_period: float = 1.0,
     hold: float = 0.05,
     **options: Any,
 ) -> geste.App:
-    app = geste.App(
-        url, worker_id=worker_id, queues=[geste.Queue(QUEUE, concurrency=queue_concurrency)], **options
-    )
+    queue = geste.Queue(QUEUE, concurrency=queue_concurrency, rate_limit=rate_limit, rate_period=rate_period)
+    app = geste.App(url, worker_id=worker_id, queues=[queue], **options)
 
     def note(ctx: geste.ActivityContext, event: str) -> None:
         assert log is not None, "activities run only in a worker built with log="
@@ -82,13 +83,16 @@ async def _serve(args: argparse.Namespace) -> None:
         log=args.log,
         markers=args.markers,
         worker_id=args.worker_id,
-        queue_concurrency=args.queue_concurrency,
+        queue_concurrency=args.queue_concurrency or None,
+        rate_limit=args.rate_limit or None,
+        rate_period=args.rate_period,
         hold=args.hold,
         lock_timeout=args.lock_timeout,
         poll_interval=args.poll_interval,
         concurrency=args.concurrency,
         shutdown_grace=1.0,
     )
+    log_admissions(app, args.log, args.worker_id)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, app.shutdown)
@@ -97,13 +101,29 @@ async def _serve(args: argparse.Namespace) -> None:
     await app.run()
 
 
+def log_admissions(app: geste.App, log: str, worker_id: str) -> None:
+    """Each claim of the queue that admitted instances appends an ``admit`` line: the time the claim was
+    made at (the one its rate window records) and how many it admitted."""
+    real = app.storage.queue_claim
+
+    async def queue_claim(worker: str, now: float, *args: Any, **kwargs: Any) -> Any:
+        claims = await real(worker, now, *args, **kwargs)
+        if claims:
+            append_line(log, {"event": "admit", "t": now, "n": len(claims), "worker": worker_id})
+        return claims
+
+    app.storage.queue_claim = queue_claim  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.apps.queue_app")
     parser.add_argument("url")
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--log", required=True)
     parser.add_argument("--markers", required=True)
-    parser.add_argument("--queue-concurrency", type=int, default=3)
+    parser.add_argument("--queue-concurrency", type=int, default=3, help="0: no limit")
+    parser.add_argument("--rate-limit", type=int, default=0, help="0: no rate")
+    parser.add_argument("--rate-period", type=float, default=1.0)
     parser.add_argument("--hold", type=float, default=0.05)
     parser.add_argument("--lock-timeout", type=float, default=2.0)
     parser.add_argument("--poll-interval", type=float, default=0.05)

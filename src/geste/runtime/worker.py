@@ -154,6 +154,8 @@ class Worker(Loop):
         self.queues: dict[str, int | None] = dict(queues or {})
         """The queues this worker serves (schema 20), each with its per-worker limit (None: none)."""
         wakeups.queues = frozenset(self.queues)
+        self._rate_wakes: dict[str, float] = {}
+        """Per queue whose rate's window was full, the moment this worker set a timer for."""
         self._admitted: dict[str, str] = {}
         """The instances running here that this worker admitted from a queue, with the queue: its
         per-worker limit counts them, and the end of one frees a slot (a claim of the queue is due)."""
@@ -487,9 +489,13 @@ class Worker(Loop):
                 return False
             for claim in claims:
                 self._admitted[claim.lease.instance_id] = name
+            moment = claims.next_run_at  # its rate's window is full: when it has room again
+            if moment is not None and self._rate_wakes.get(name) != moment:  # one timer per moment (a
+                self._rate_wakes[name] = moment  # timer set pokes: a claim again that finds the same one)
+                self.wakeups.wake_at(moment + self.wakeups.lookahead)
             self._count(claims, cause)
             self._spawn_all(claims, {}, cause)
-            more = more or len(claims) == room
+            more = more or (len(claims) == room and moment is None)
         return more
 
     # -- routed rounds -----------------------------------------------------------------------------

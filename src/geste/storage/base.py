@@ -168,11 +168,14 @@ class NewInstance:
 class QueueRow:
     """A declared queue's limits (schema 20; docs/design.md "Queues"): ``concurrency``, its admitted and
     unfinished instances at most across the cluster; ``worker_concurrency``, those one worker admitted
-    and runs now, at most. None: no limit."""
+    and runs now, at most; ``rate_limit``, admissions at most in any window of ``rate_period`` seconds,
+    across the cluster. None: no limit."""
 
     name: str
     concurrency: int | None = None
     worker_concurrency: int | None = None
+    rate_limit: int | None = None
+    rate_period: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -725,9 +728,11 @@ class Storage(abc.ABC):
         self, worker_id: str, now: float, lock_expires_at: float, limit: int, *, queue: str
     ) -> Claims:
         """Admit and claim up to ``limit`` queued instances of ``queue``, in its line's order (priority,
-        then start), never more than its global limit leaves free: exact under concurrent claimers (the
-        count of the slots in use is read under the queue's row lock, in a snapshot taken after it; on
-        SQLite, inside the one writer's transaction). Reads one probe of the line when it is empty."""
+        then start), never more than its global limit and its rate leave free: exact under concurrent
+        claimers (the count of the slots in use and the rate's window are read under the queue's row
+        lock, in a snapshot taken after it; on SQLite, inside the one writer's transaction). Reads one
+        probe of the line when it is empty. ``Claims.next_run_at``: when the rate has room again, if it
+        is what stopped the claim (None otherwise)."""
 
     async def route_wakeups(self, wakeups: Sequence[tuple[str, str]], *, avoid: str) -> int:
         """Hand wake-ups routed to this worker (``(instance_id, workflow_name)``) on to the other workers,

@@ -860,7 +860,13 @@ class PostgresStorage(base.Storage):
     async def queue_upsert(self, queue: base.QueueRow, now: float) -> None:
         async def go(conn: Conn) -> None:
             await conn.execute(
-                self._q["queue_upsert"], queue.name, queue.concurrency, queue.worker_concurrency, now
+                self._q["queue_upsert"],
+                queue.name,
+                queue.concurrency,
+                queue.worker_concurrency,
+                now,
+                queue.rate_limit,
+                queue.rate_period,
             )
 
         await self._run(go)
@@ -881,7 +887,9 @@ class PostgresStorage(base.Storage):
                 now,
                 lock_expires_at,
             )
-            return base.Claims([rows.claim(r, (), None) for r in found])
+            claims = base.Claims([rows.claim(r, (), None) for r in found if r["instance_id"] is not None])
+            claims.next_run_at = next((r["run_at"] for r in found if r["instance_id"] is None), None)
+            return claims
 
         return await self._run(go)
 

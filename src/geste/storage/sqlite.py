@@ -483,6 +483,8 @@ class SQLiteStorage(base.Storage):
             "name": queue.name,
             "concurrency": queue.concurrency,
             "worker_concurrency": queue.worker_concurrency,
+            "rate_limit": queue.rate_limit,
+            "rate_period": queue.rate_period,
             "now": now,
         }
         await self._write(lambda conn: conn.execute(Q["queue_upsert"], params))
@@ -509,10 +511,23 @@ class SQLiteStorage(base.Storage):
             if row is not None and row["concurrency"] is not None:
                 busy = conn.execute(Q["queue_busy"], {**params, "limit": row["concurrency"]}).fetchone()
                 n = min(n, row["concurrency"] - busy["busy"])
+            rate = None if row is None else row["rate_limit"]
+            starts: list[float] = []
+            if rate is not None:  # the admission times of the last window: rate_limit at most
+                starts = sorted(t for t in json.loads(row["starts"]) if t > now - row["rate_period"])
+                if len(starts) >= rate:
+                    return base.Claims(next_run_at=starts[len(starts) - rate] + row["rate_period"])
+                n = min(n, rate - len(starts))
             if n <= 0:
                 return base.Claims()
             taken = conn.execute(Q["queue_take"], {**params, "n": n}).fetchall()
-            return base.Claims([rows.claim(r, (), None) for r in taken])
+            claims = base.Claims([rows.claim(r, (), None) for r in taken])
+            if rate is not None and taken:
+                starts += [now] * len(taken)
+                conn.execute(Q["queue_started"], {"queue": queue, "starts": json.dumps(starts)})
+                if len(starts) >= rate:
+                    claims.next_run_at = starts[len(starts) - rate] + row["rate_period"]
+            return claims
 
         return await self._write(tx)
 

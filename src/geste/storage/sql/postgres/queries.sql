@@ -1992,11 +1992,13 @@ DELETE FROM {schema}.geste_schedules WHERE name = $1;
 
 -- name: queue_upsert
 -- A declared queue's limits (App open, before its worker claims): the last App opened sets them.
-INSERT INTO {schema}.geste_queues AS q (name, concurrency, worker_concurrency, updated_at)
-VALUES ($1, $2, $3, $4)
+-- The admission times of the window (starts) are kept.
+INSERT INTO {schema}.geste_queues AS q
+    (name, concurrency, worker_concurrency, rate_limit, rate_period, updated_at)
+VALUES ($1, $2, $3, $5, $6, $4)
 ON CONFLICT (name) DO UPDATE
 SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_concurrency,
-    updated_at = excluded.updated_at;
+    rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = excluded.updated_at;
 
 -- name: insert_queued
 -- A start onto a queue (schema 20): pending, queued (queued_at) and run_at NULL, so that no claim by
@@ -2027,6 +2029,6 @@ WHERE queue = $1 AND dedup_id = $2 AND status IN ('pending', 'running', 'waiting
 -- name: queue_claim
 -- Admit and claim up to $2 queued instances of the queue $1 within its limit (geste_queue_claim, schema
 -- 20: the row lock, then the count in a fresh snapshot, then the take). A queued instance has no history
--- yet; run_at is NULL (it was queued, not due: the wake-up latency counts from its start).
-SELECT c.*, NULL::double precision AS run_at
-FROM {schema}.geste_queue_claim($1, $2, $3, $4, $5, $6) AS c;
+-- yet; run_at is NULL (it was queued, not due: the wake-up latency counts from its start). A row with a
+-- NULL instance_id is no claim: its run_at is when the queue's rate has room again.
+SELECT * FROM {schema}.geste_queue_claim($1, $2, $3, $4, $5, $6);

@@ -332,6 +332,9 @@ CREATE TABLE geste_queues (
     name               text PRIMARY KEY,
     concurrency        integer,          -- admitted and unfinished instances at most, cluster-wide; NULL: any
     worker_concurrency integer,          -- of those, admitted by one worker and running there; NULL: any
+    rate_limit         integer,          -- admissions at most in any window of rate_period seconds; NULL: any
+    rate_period        double precision,
+    starts             double precision[] NOT NULL DEFAULT '{}',  -- the admission times of the last window
     updated_at         double precision NOT NULL
 );
 -- the waiting line of a queue, in claim order (priority, then first come first served)
@@ -353,20 +356,29 @@ CREATE FUNCTION geste_queue_claim(
 ) RETURNS TABLE (
     instance_id text, lease_id text, workflow_name text, input text, status text,
     created_at double precision, cancel_requested boolean, run integer, steps integer,
-    deadline double precision
+    deadline double precision, run_at double precision
 )
 LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 DECLARE
     v_limit integer;
+    v_rate integer;
+    v_period double precision;
+    v_starts double precision[];
     v_busy integer;
+    v_taken integer;
     v_n integer := p_n;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM geste_instances AS i
                    WHERE i.queue = p_queue AND i.queued_at IS NOT NULL AND i.status = 'pending') THEN
         RETURN;
     END IF;
-    SELECT q.concurrency INTO v_limit FROM geste_queues AS q WHERE q.name = p_queue FOR UPDATE;
+    SELECT q.concurrency, q.rate_limit INTO v_limit, v_rate FROM geste_queues AS q
+    WHERE q.name = p_queue;
+    IF v_limit IS NOT NULL OR v_rate IS NOT NULL THEN
+        SELECT q.concurrency, q.rate_limit, q.rate_period, q.starts INTO v_limit, v_rate, v_period, v_starts
+        FROM geste_queues AS q WHERE q.name = p_queue FOR UPDATE;
+    END IF;
     IF v_limit IS NOT NULL THEN
         SELECT count(*) INTO v_busy FROM (
             SELECT 1 FROM geste_instances AS i
@@ -374,6 +386,17 @@ BEGIN
               AND i.status IN ('pending', 'running', 'waiting', 'compensating')
             LIMIT v_limit) AS x;
         v_n := least(v_n, v_limit - v_busy);
+    END IF;
+    IF v_rate IS NOT NULL THEN
+        v_starts := ARRAY(SELECT s FROM unnest(v_starts) AS s WHERE s > p_now - v_period ORDER BY s);
+        IF cardinality(v_starts) >= v_rate THEN
+            RETURN QUERY SELECT NULL::text, NULL::text, NULL::text, NULL::text, NULL::text,
+                                NULL::double precision, NULL::boolean, NULL::integer, NULL::integer,
+                                NULL::double precision,
+                                v_starts[cardinality(v_starts) - v_rate + 1] + v_period;
+            RETURN;
+        END IF;
+        v_n := least(v_n, v_rate - cardinality(v_starts));
     END IF;
     IF v_n <= 0 THEN
         RETURN;
@@ -390,6 +413,17 @@ BEGIN
         FOR UPDATE SKIP LOCKED))
       AND i.queued_at IS NOT NULL AND i.status = 'pending'
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at,
-              i.cancel_requested, i.run, i.steps, i.deadline;
+              i.cancel_requested, i.run, i.steps, i.deadline, NULL::double precision;
+    GET DIAGNOSTICS v_taken = ROW_COUNT;
+    IF v_rate IS NOT NULL AND v_taken > 0 THEN
+        v_starts := v_starts || array_fill(p_now, ARRAY[v_taken]);
+        UPDATE geste_queues AS q SET starts = v_starts WHERE q.name = p_queue;
+        IF cardinality(v_starts) >= v_rate THEN
+            RETURN QUERY SELECT NULL::text, NULL::text, NULL::text, NULL::text, NULL::text,
+                                NULL::double precision, NULL::boolean, NULL::integer, NULL::integer,
+                                NULL::double precision,
+                                v_starts[cardinality(v_starts) - v_rate + 1] + v_period;
+        END IF;
+    END IF;
 END
 $$;

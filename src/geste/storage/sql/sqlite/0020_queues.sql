@@ -12,6 +12,9 @@ CREATE TABLE geste_queues (
     name               TEXT PRIMARY KEY,
     concurrency        INTEGER,
     worker_concurrency INTEGER,
+    rate_limit         INTEGER,
+    rate_period        REAL,
+    starts             TEXT NOT NULL DEFAULT '[]',
     updated_at         REAL NOT NULL
 );
 

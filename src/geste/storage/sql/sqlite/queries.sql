@@ -1169,11 +1169,12 @@ DELETE FROM geste_schedules WHERE name = :name;
 
 -- name: queue_upsert
 -- A declared queue's limits (App open, before its worker claims): the last App opened sets them.
-INSERT INTO geste_queues (name, concurrency, worker_concurrency, updated_at)
-VALUES (:name, :concurrency, :worker_concurrency, :now)
+-- The admission times of the window (starts) are kept.
+INSERT INTO geste_queues (name, concurrency, worker_concurrency, rate_limit, rate_period, updated_at)
+VALUES (:name, :concurrency, :worker_concurrency, :rate_limit, :rate_period, :now)
 ON CONFLICT (name) DO UPDATE
 SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_concurrency,
-    updated_at = excluded.updated_at;
+    rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = excluded.updated_at;
 
 -- name: insert_queued
 -- A start onto a queue (schema 20): pending, queued (queued_at) and run_at NULL, so that no claim by
@@ -1199,7 +1200,11 @@ WHERE queue = :queue AND queued_at IS NOT NULL AND status = 'pending'
 LIMIT 1;
 
 -- name: queue_limit
-SELECT concurrency FROM geste_queues WHERE name = :queue;
+SELECT concurrency, rate_limit, rate_period, starts FROM geste_queues WHERE name = :queue;
+
+-- name: queue_started
+-- The admission times of the queue's rate window, after a claim that admitted (a JSON array).
+UPDATE geste_queues SET starts = :starts WHERE name = :queue;
 
 -- name: queue_busy
 -- The queue's slots in use (admitted and unfinished), at most :limit of them read.

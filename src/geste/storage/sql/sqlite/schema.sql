@@ -303,6 +303,9 @@ CREATE TABLE geste_queues (
     name               TEXT PRIMARY KEY,
     concurrency        INTEGER,          -- admitted and unfinished instances at most, cluster-wide; NULL: any
     worker_concurrency INTEGER,          -- of those, admitted by one worker and running there; NULL: any
+    rate_limit         INTEGER,          -- admissions at most in any window of rate_period seconds; NULL: any
+    rate_period        REAL,
+    starts             TEXT NOT NULL DEFAULT '[]',  -- the admission times of the last window (JSON)
     updated_at         REAL NOT NULL
 );
 -- the waiting line of a queue, in claim order (priority, then first come first served)
