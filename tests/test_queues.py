@@ -318,3 +318,20 @@ async def test_four_worker_processes_never_admit_more_than_the_rate_in_any_windo
         in_window = sum(n for t, n in admissions if start <= t < start + 1.0)
         assert in_window <= 4, (start, admissions)
     assert admissions[-1][0] - admissions[0][0] >= 2.0  # 12 at 4 a second: three windows at least
+
+
+async def test_a_queued_instance_resumed_stays_queued(make_app: Any, db_url: str) -> None:
+    """``app.resume`` makes an instance runnable now; a queued one waits for its queue's claim, whatever
+    an operator does: made runnable, the ordinary claims would run it outside the queue's limits."""
+    async with make_app(run_worker=False, queues=[geste.Queue("held", concurrency=1)]) as app:
+
+        @app.workflow
+        async def job(ctx: geste.WorkflowContext) -> None:
+            return None
+
+        handle = await job.options(queue="held").start()
+        await app.resume(handle.instance_id, force=True)
+        rows = await raw_query(
+            db_url, "SELECT run_at, queued_at FROM geste_instances WHERE instance_id = $1", handle.instance_id
+        )
+        assert rows[0]["run_at"] is None and rows[0]["queued_at"] is not None

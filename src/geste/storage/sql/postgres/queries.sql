@@ -240,13 +240,15 @@ SELECT heartbeat_at, stopped_at, lock_timeout FROM {schema}.geste_workers WHERE 
 
 -- name: resume
 -- Runnable now (an earlier run_at is kept); with $3 the lease goes too: its holder's next write names a
--- lease_id that is gone, so it stops without writing (LeaseLost). Notified once nobody holds it.
+-- lease_id that is gone, so it stops without writing (LeaseLost). Notified once nobody holds it. A
+-- queued instance (schema 20) stays queued: only its queue's claim admits it.
 WITH resumed AS (
     UPDATE {schema}.geste_instances
     SET locked_by = CASE WHEN $3 THEN NULL ELSE locked_by END,
         lease_id = CASE WHEN $3 THEN NULL ELSE lease_id END,
         lock_expires_at = CASE WHEN $3 THEN NULL ELSE lock_expires_at END,
-        run_at = CASE WHEN $3 THEN LEAST($2, {db_clock}) ELSE LEAST(run_at, $2, {db_clock}) END,
+        run_at = CASE WHEN queued_at IS NOT NULL THEN run_at
+                      WHEN $3 THEN LEAST($2, {db_clock}) ELSE LEAST(run_at, $2, {db_clock}) END,
         updated_at = $2
     WHERE instance_id = $1
     RETURNING instance_id, workflow_name, lease_id, lock_expires_at, last_worker

@@ -114,12 +114,14 @@ SELECT heartbeat_at, stopped_at, lock_timeout FROM geste_workers WHERE worker_id
 
 -- name: resume
 -- Runnable now (an earlier run_at is kept); with :break the lease goes too: its holder's next write
--- names a lease_id that is gone, so it stops without writing (LeaseLost).
+-- names a lease_id that is gone, so it stops without writing (LeaseLost). A queued instance (schema 20)
+-- stays queued: only its queue's claim admits it.
 UPDATE geste_instances
 SET locked_by = CASE WHEN :break THEN NULL ELSE locked_by END,
     lease_id = CASE WHEN :break THEN NULL ELSE lease_id END,
     lock_expires_at = CASE WHEN :break THEN NULL ELSE lock_expires_at END,
-    run_at = CASE WHEN :break OR run_at IS NULL OR run_at > min(:now, {db_clock}) THEN min(:now, {db_clock})
+    run_at = CASE WHEN queued_at IS NOT NULL THEN run_at
+                  WHEN :break OR run_at IS NULL OR run_at > min(:now, {db_clock}) THEN min(:now, {db_clock})
                   ELSE run_at END,
     updated_at = :now
 WHERE instance_id = :instance_id;
