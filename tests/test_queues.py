@@ -335,3 +335,28 @@ async def test_a_queued_instance_resumed_stays_queued(make_app: Any, db_url: str
             db_url, "SELECT run_at, queued_at FROM geste_instances WHERE instance_id = $1", handle.instance_id
         )
         assert rows[0]["run_at"] is None and rows[0]["queued_at"] is not None
+
+
+async def test_the_test_environment_moves_its_clock_to_a_rate_window_with_room(tmp_path: Path) -> None:
+    """Under ``geste.testing``'s virtual clock, ``advance`` stops when a full rate window has room again
+    (the worker's timer for it, which no real time would ring)."""
+    from datetime import timedelta
+
+    from geste.testing import WorkflowEnvironment
+
+    app = geste.App(f"sqlite:///{tmp_path / 'unused.db'}")
+    mail = app.queue("mail", rate_limit=2, rate_period=60)
+
+    @app.workflow
+    async def send(ctx: geste.WorkflowContext, x: int) -> int:
+        return x
+
+    async with WorkflowEnvironment(app) as env:
+        handles = [await send.options(queue=mail).start(x) for x in range(5)]
+        await env.advance(timedelta(seconds=30))
+        done = [(await app.get_instance(h.instance_id)).status for h in handles]
+        assert done.count(geste.Status.COMPLETED) == 2  # the first window's two
+        await env.advance(timedelta(seconds=100))  # two more windows
+        done = [(await app.get_instance(h.instance_id)).status for h in handles]
+        assert done == [geste.Status.COMPLETED] * 5
+        assert [await h.result() for h in handles] == list(range(5))

@@ -312,6 +312,11 @@ class Worker(Loop):
             self.wakeups.wake_at(run_at, instance_id, self._names.get(instance_id))
         self._running.pop(instance_id, None)
 
+    def rate_moments(self) -> list[float]:
+        """When the queues whose rate's window was full at this worker's last claim of them have room
+        again (``geste.testing`` moves its clock to them, as to any timer)."""
+        return list(self._rate_wakes.values())
+
     def reserve(self) -> Lease | None:
         """A slot and a lease id for an instance this process is about to create and run at once."""
         if self.stopping or len(self._running) + self._reserved >= self.concurrency:
