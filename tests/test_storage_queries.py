@@ -52,6 +52,11 @@ SQLITE_ONLY = {
     "channel_delete_subscriptions": "after channel_cleanup_subscriptions; PostgreSQL: inside it",
     "channel_delete_messages": "after channel_cleanup_messages; PostgreSQL: inside it",
     "chore_state": "after chore_take took nothing; PostgreSQL: chore_take returns it",
+    "queue_waiting": "a queue claim, 1/4: an empty line; PostgreSQL: queue_claim (geste_queue_claim)",
+    "queue_limit": "a queue claim, 2/4: its global limit; PostgreSQL: queue_claim",
+    "queue_busy": "a queue claim, 3/4: the slots in use; PostgreSQL: queue_claim",
+    "queue_take": "a queue claim, 4/4: admit and claim; PostgreSQL: queue_claim",
+    "queue_started": "a queue claim's rate window, after it admitted; PostgreSQL: queue_claim",
     "channel_leftovers": "the re-wake's messages nobody took, before channel_rewake; PostgreSQL: inside it",
     "channel_cleanup_event_keys": "before channel_cleanup_events; PostgreSQL: inside it",
     "insert_event": "send_event, 1/5; PostgreSQL: send_event, one statement after lock_event_keys",
@@ -70,6 +75,7 @@ SQLITE_ONLY = {
     "continue_outbox": "continue_as_new, 6/6; PostgreSQL: continue_as_new",
 }
 POSTGRES_ONLY = {
+    "queue_claim": "the queue claim in one call of geste_queue_claim; SQLite: queue_waiting ... queue_take",
     # one statement where SQLite has several, or what only PostgreSQL needs
     "claim": "pick and take for one workflow name, with the histories; SQLite: claim_pick, claim_picked",
     "claim_names": "the same for several names; SQLite: claim_pick, claim_picked",

@@ -14,6 +14,7 @@ from ._metrics import MetricFamily, Metrics, MetricSample, MetricsSnapshot
 from ._metrics_http import MetricsServer
 from ._models import Event, HistoryEntry, InstanceInfo, ParentClose, RunInfo, Status, StepKind
 from ._operations import ResumeResult, RetryRecord
+from ._queues import Queue
 from ._retry import RetryPolicy
 from ._schedules import ScheduleInfo
 from ._status import LeaseInfo, ListenerState, ListenerStatus, QueueStats, SystemStatus, WorkerInfo
@@ -43,6 +44,7 @@ __all__ = [
     "OutboxEvent",
     "OutboxStatus",
     "ParentClose",
+    "Queue",
     "QueueStats",
     "ResumeResult",
     "RetryPolicy",

@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
@@ -20,6 +20,7 @@ from ._handle import WorkflowHandle
 from ._metrics import Metrics, app_collector
 from ._models import HistoryEntry, InstanceInfo, RunInfo, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
+from ._queues import Queue
 from ._registry import Registry
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._schedules import ScheduleInfo
@@ -35,7 +36,7 @@ from .runtime.relay import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatu
 from .runtime.wakeups import NotifyConfig
 from .runtime.worker import Worker
 from .storage import Storage, create_storage
-from .storage.base import WorkerRow
+from .storage.base import QueueRow, WorkerRow
 
 if TYPE_CHECKING:
     from .http import GesteASGI
@@ -128,6 +129,7 @@ class App(OpenClose):
         event_retention: float | timedelta = timedelta(days=7),
         workflow_cache_size: int | None = None,
         activity_threads: int = DEFAULT_ACTIVITY_THREADS,
+        queues: Iterable[Queue] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
@@ -166,6 +168,11 @@ class App(OpenClose):
         )
         self._open = False
         self._stop: asyncio.Event | None = None
+        self.queues: dict[str, Queue] = {}
+        """The queues declared here (``queues=``, ``app.queue``): served by this App's worker, their limits
+        written at open (docs/queues.md)."""
+        for queue in queues:
+            self._declare_queue(queue)
         self._stop_requested = False
         # -- the registry, then the parts it runs on (a client, an engine and a runtime on one storage)
         self.default_retry = default_retry
@@ -194,6 +201,16 @@ class App(OpenClose):
             "outbox": self.outbox_config,
             "message_retention": self.message_retention,
             "event_retention": self.event_retention,
+            "queues": tuple(
+                QueueRow(
+                    q.name,
+                    q.concurrency,
+                    q.worker_concurrency,
+                    q.rate_limit,
+                    None if q.rate_limit is None else q.period,
+                )
+                for q in self.queues.values()
+            ),
         }
         return RuntimeOptions(**(settings | dict(overrides)))
 
@@ -428,6 +445,32 @@ class App(OpenClose):
     @property
     def activities(self) -> dict[str, Activity[Any, Any]]:
         return dict(self.registry.activities)
+
+    # -- queues (schema 20) ------------------------------------------------------------------------
+    def queue(
+        self,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        worker_concurrency: int | None = None,
+        rate_limit: int | None = None,
+        rate_period: float | timedelta = 1.0,
+    ) -> Queue:
+        """Declare a queue (before ``open``): ``concurrency``, its instances admitted and unfinished at
+        most across the cluster; ``worker_concurrency``, at most per worker process; ``rate_limit``,
+        admissions at most in any window of ``rate_period``. This App's worker serves it. Start onto it
+        with ``workflow.options(queue=...)`` (docs/queues.md)."""
+        return self._declare_queue(Queue(name, concurrency, worker_concurrency, rate_limit, rate_period))
+
+    def _declare_queue(self, queue: Queue) -> Queue:
+        if not isinstance(queue, Queue):
+            raise ConfigurationError(f"queues take geste.Queue objects, not {queue!r:.80}")
+        if self._open:
+            raise ConfigurationError("queues are declared before the App opens")
+        if queue.name in self.queues and self.queues[queue.name] != queue:
+            raise ConfigurationError(f"queue {queue.name!r} is declared twice, with different limits")
+        self.queues[queue.name] = queue
+        return queue
 
     # -- life cycle --------------------------------------------------------------------------------
     async def open(self) -> None:

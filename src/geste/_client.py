@@ -222,9 +222,15 @@ class Client:
         instance_id: str | None,
         timeout: float | timedelta | None = None,
         deadline: datetime | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        dedup_id: str | None = None,
     ) -> WorkflowHandle[R]:
         """Start an instance of ``workflow`` with these arguments (``Workflow.start`` comes here), with
-        the deadline that ``timeout`` / ``deadline`` give (``Workflow.options``)."""
+        the deadline that ``timeout`` / ``deadline`` give (``Workflow.options``). Onto a ``queue``, it
+        waits, queued, until a worker serving the queue admits it (never created already claimed here);
+        with a ``dedup_id`` held by an unfinished instance of the queue, that instance's handle comes
+        back (``created`` False)."""
         self._require_open()
         if not self.registry.registered(workflow):
             raise UnknownWorkflowError(workflow.name)
@@ -238,11 +244,11 @@ class Client:
         now = self.clock()
         due = workflow_deadline(timeout, deadline, now)
         worker = self._worker()
-        reserved = worker.reserve() if worker is not None else None
+        reserved = worker.reserve() if worker is not None and queue is None else None
         lease = None if reserved is None else Lease(iid, reserved.lease_id)
         try:
             row, created = await self.storage.create_instance(
-                NewInstance(iid, workflow.name, stored, now, due),
+                NewInstance(iid, workflow.name, stored, now, due, queue, priority, dedup_id),
                 lease=lease,
                 worker_id=self.worker_id,
                 lock_expires_at=now + self.lock_timeout,
@@ -269,7 +275,7 @@ class Client:
             raise InstanceAlreadyExistsError(
                 f"instance {iid!r} exists already as a {row.workflow_name!r} workflow, not {workflow.name!r}"
             )
-        return WorkflowHandle(self, iid, created=created)
+        return WorkflowHandle(self, row.instance_id, created=created)
 
     def get_handle(self, instance_id: str) -> WorkflowHandle[Any]:
         return WorkflowHandle(self, instance_id, created=False)

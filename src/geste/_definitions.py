@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
+from ._queues import Queue, check_queue_start, queue_name
 from ._retry import RetryPolicy, workflow_deadline
 from ._serde import Signature
 from ._validation import check_name
@@ -58,6 +59,9 @@ class Starter(Protocol):
         instance_id: str | None,
         timeout: float | timedelta | None = None,
         deadline: datetime | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        dedup_id: str | None = None,
     ) -> Awaitable[WorkflowHandle[R]]: ...
 
 
@@ -145,15 +149,28 @@ class Workflow(Generic[P, R]):
         return await self.app.client.start_instance(self, args, kwargs, instance_id=instance_id)
 
     def options(
-        self, *, timeout: float | timedelta | None = None, deadline: datetime | None = None
+        self,
+        *,
+        timeout: float | timedelta | None = None,
+        deadline: datetime | None = None,
+        queue: Queue | str | None = None,
+        priority: int = 0,
+        dedup_id: str | None = None,
     ) -> WorkflowStarter[P, R]:
         """Start options: ``timeout`` (a duration from the start) and/or ``deadline`` (an aware datetime;
         with both, the earlier counts). When it passes, the instance is cancelled as by ``app.cancel``
         (its compensations run) and ends with ``geste.errors.WorkflowTimeout``. Options are a call of
         their own because the workflow's arguments take every other keyword:
-        ``await order.options(timeout=30).start(order_id)``."""
+        ``await order.options(timeout=30).start(order_id)``.
+
+        ``queue`` (a ``geste.Queue`` or its name): the instance waits, queued, until a worker serving the
+        queue admits it within the queue's limits (docs/queues.md); ``priority``: its place in the line
+        (lower first, then first come first served); ``dedup_id``: while an instance of the queue holding
+        it is unfinished, a start with it returns that instance's handle instead of starting another."""
         workflow_deadline(timeout, deadline, 0.0)  # bad values fail here, before any start
-        return WorkflowStarter(self, timeout, deadline)
+        name = queue_name(queue)
+        priority, dedup_id = check_queue_start(name, priority, dedup_id)
+        return WorkflowStarter(self, timeout, deadline, name, priority, dedup_id)
 
     def __repr__(self) -> str:
         return f"<geste.Workflow {self.name}>"
@@ -162,20 +179,37 @@ class Workflow(Generic[P, R]):
 class WorkflowStarter(Generic[P, R]):
     """A workflow with start options (``Workflow.options``): its ``start`` and ``start_with_id``."""
 
-    __slots__ = ("deadline", "timeout", "workflow")
+    __slots__ = ("deadline", "dedup_id", "priority", "queue", "timeout", "workflow")
 
     def __init__(
-        self, workflow: Workflow[P, R], timeout: float | timedelta | None, deadline: datetime | None
+        self,
+        workflow: Workflow[P, R],
+        timeout: float | timedelta | None,
+        deadline: datetime | None,
+        queue: str | None = None,
+        priority: int = 0,
+        dedup_id: str | None = None,
     ) -> None:
         self.workflow = workflow
         self.timeout = timeout
         self.deadline = deadline
+        self.queue = queue
+        self.priority = priority
+        self.dedup_id = dedup_id
 
     async def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle[R]:
         """Start a new instance with a generated id, with these options."""
         workflow = self.workflow
         return await workflow.app.client.start_instance(
-            workflow, args, kwargs, instance_id=None, timeout=self.timeout, deadline=self.deadline
+            workflow,
+            args,
+            kwargs,
+            instance_id=None,
+            timeout=self.timeout,
+            deadline=self.deadline,
+            queue=self.queue,
+            priority=self.priority,
+            dedup_id=self.dedup_id,
         )
 
     async def start_with_id(
@@ -185,5 +219,13 @@ class WorkflowStarter(Generic[P, R]):
         deadline stays what its start set)."""
         workflow = self.workflow
         return await workflow.app.client.start_instance(
-            workflow, args, kwargs, instance_id=instance_id, timeout=self.timeout, deadline=self.deadline
+            workflow,
+            args,
+            kwargs,
+            instance_id=instance_id,
+            timeout=self.timeout,
+            deadline=self.deadline,
+            queue=self.queue,
+            priority=self.priority,
+            dedup_id=self.dedup_id,
         )

@@ -268,6 +268,9 @@ class WorkflowEnvironment(OpenClose):
         tick = await self.app.storage.schedule_next_tick()
         if tick is not None:
             candidates.append(tick)
+        worker = self.app._worker  # a queue's rate window with room again (a timer of the worker only)
+        if worker is not None:
+            candidates += [moment for moment in worker.rate_moments() if moment > self._now]
         return min(candidates, default=None)
 
     def _fire_retries(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol, Self
 
 from .._metrics import POLL, Metrics
 from .._status import ListenerState, ListenerStatus, QueueStats
-from ..storage.base import Claim, HistoryRow, Lease, Storage
+from ..storage.base import Claim, HistoryRow, Lease, QueueRow, Storage
 from .chores import ChannelMaintenance
 from .relay import OutboxConfig, Relay
 from .routing import Router
@@ -74,6 +74,9 @@ class RuntimeOptions:
     lookahead: float = TIMER_LOOKAHEAD
     """Seconds before its time a timer wakes the worker (0 under the frozen clock of ``geste.testing``,
     where waiting in real time for a virtual moment never ends)."""
+    queues: tuple[QueueRow, ...] = ()
+    """The queues declared on the App (schema 20): their limits are written at open, before the worker
+    claims, and its worker serves them."""
 
 
 class ResultWaiters(Protocol):
@@ -133,6 +136,13 @@ class Runtime(OpenClose):
         await self.storage.open()
         self.is_open = True
         self._results_listener_dead = False
+        try:  # the limits before any claim: a claim of a queue with no row would admit without one
+            for queue in self.options.queues:
+                await self.storage.queue_upsert(queue, self.clock())
+        except BaseException:
+            self.is_open = False
+            self.storage.terminate()
+            raise
         if self.options.run_worker:
             try:
                 await self._start()
@@ -174,6 +184,7 @@ class Runtime(OpenClose):
             listener_status=lambda: self.listener_status().as_dict(),
             metrics=self.metrics,
             relay=options.outbox.enabled,
+            queues={queue.name: queue.worker_concurrency for queue in options.queues},
         )
         relay = None
         if options.outbox.enabled:

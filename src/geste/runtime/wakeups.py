@@ -45,6 +45,9 @@ CANCEL = "cancel"
 FINISHED = "finished"
 """The payload field of a ``geste_workflow_resumable`` sent by an instance's end (its status), for the
 ``result()`` waiters of other processes (schema 14): nothing to claim, so no worker claims for it."""
+QUEUE = "queue"
+"""The payload field of a ``geste_workflow_resumable`` sent by a start onto a queue (schema 20): the
+workers serving that queue run a whole claim round (which claims their queues); the others nothing."""
 
 RECONNECT_CAP = 600.0
 """Longest wait between reconnection attempts (the first is ``notify_reconnect_delay``)."""
@@ -192,6 +195,9 @@ class Wakeups:
         self.timer_bound = False
         """Whether the last ``interval()`` was cut short by a local timer (else it is the poll period)."""
         self.routed: dict[str, Routed] = {}
+        self.queues: frozenset[str] = frozenset()
+        """The queues this process's worker serves: a start onto one of them (its notification names the
+        queue) makes a whole claim round here, which claims the queues (schema 20)."""
         """Instances routed to this worker and not claimed yet, in arrival order."""
         self._timers: list[tuple[float, int, str | None, str | None, str | None, float]] = []
         """A heap of ``(moment, seq, instance id, workflow, keeper, heard at)``; keeper None: this
@@ -515,6 +521,9 @@ class Listener(Loop):
             if channel == WORKFLOW_RESUMABLE:
                 if CANCEL in body:  # a cancel of a held instance: for its holder, nothing to claim
                     self._cancel(body, router)
+                elif QUEUE in body:  # a start onto a queue: for the workers that serve it
+                    if body[QUEUE] in self.wakeups.queues:
+                        self.wakeups.poke(NOTIFY)
                 elif FINISHED not in body:  # an end, for result() waiters: nothing to claim
                     self._resumable(body, router)
             elif channel == CHANNEL_MESSAGE:

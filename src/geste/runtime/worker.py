@@ -95,6 +95,7 @@ class Worker(Loop):
         listener_status: Callable[[], dict[str, Any]] | None = None,
         metrics: Metrics | None = None,
         relay: bool = False,
+        queues: Mapping[str, int | None] | None = None,
     ) -> None:
         super().__init__(name=f"geste-claim-{worker_id}", what=f"worker {worker_id}: the claim loop")
         self.on_death = self.mark_unhealthy
@@ -150,6 +151,14 @@ class Worker(Loop):
         """Of which the renewal told of (a cancel requested for a held instance: seen at each renewal)."""
         """Cancels of running instances this worker passed to its runs (a renewal or a notification)."""
         wakeups.on_cancel = self.cancel_running
+        self.queues: dict[str, int | None] = dict(queues or {})
+        """The queues this worker serves (schema 20), each with its per-worker limit (None: none)."""
+        wakeups.queues = frozenset(self.queues)
+        self._rate_wakes: dict[str, float] = {}
+        """Per queue whose rate's window was full, the moment this worker set a timer for."""
+        self._admitted: dict[str, str] = {}
+        """The instances running here that this worker admitted from a queue, with the queue: its
+        per-worker limit counts them, and the end of one frees a slot (a claim of the queue is due)."""
 
     @property
     def router(self) -> Router | None:
@@ -304,6 +313,11 @@ class Worker(Loop):
             self.wakeups.wake_at(run_at, instance_id, self._names.get(instance_id))
         self._running.pop(instance_id, None)
 
+    def rate_moments(self) -> list[float]:
+        """When the queues whose rate's window was full at this worker's last claim of them have room
+        again (``geste.testing`` moves its clock to them, as to any timer)."""
+        return list(self._rate_wakes.values())
+
     def reserve(self) -> Lease | None:
         """A slot and a lease id for an instance this process is about to create and run at once."""
         if self.stopping or len(self._running) + self._reserved >= self.concurrency:
@@ -365,6 +379,8 @@ class Worker(Loop):
                 del self._running[instance_id]
             if instance_id not in self._running:  # (a claim of it since runs it here again)
                 self._names.pop(instance_id, None)
+                if self._admitted.pop(instance_id, None) is not None:
+                    self.wakeups.poke(BACKLOG)  # a queue's slot (here, at least) is free: claim it
             if self._backlog:
                 self.wakeups.poke(BACKLOG)
 
@@ -433,6 +449,11 @@ class Worker(Loop):
         self._count(claims, cause)
         self._spawn_all(claims, {}, cause)
         self._db_next = claims.next_run_at
+        if self.queues and await self._claim_queues(cause):
+            self._backlog = True
+            self.wakeups.poke(BACKLOG)  # a whole round again (a routed round claims no queue)
+        if self.stopping:
+            return 0.0
         if len(claims) == batch:
             self._sleep_cause = BACKLOG
             return 0.0
@@ -450,6 +471,38 @@ class Worker(Loop):
         if until < interval:
             self._sleep_cause = TIMER  # the next instance due, known from the database
         return max(0.0, min(interval, until))
+
+    async def _claim_queues(self, cause: str) -> bool:
+        """One claim of each queue this worker serves, within its free slots and each queue's per-worker
+        limit (the global limit is the database's: ``Storage.queue_claim``). True when a claim took all
+        it asked for: more may wait (a backlog)."""
+        more = False
+        for name, per_worker in self.queues.items():
+            if self._free() <= 0:
+                self._backlog = True  # a finishing run pokes
+                break
+            room = min(self._free(), self.max_workflows_per_batch)
+            if per_worker is not None:  # a run of the queue ending here pokes
+                room = min(room, per_worker - sum(1 for q in self._admitted.values() if q == name))
+            if room <= 0:
+                continue
+            now = self.clock()
+            claims = await self.storage.queue_claim(
+                self.worker_id, now, now + self.lock_timeout, room, queue=name
+            )
+            if self.stopping:
+                await self._hand_back(claims)
+                return False
+            for claim in claims:
+                self._admitted[claim.lease.instance_id] = name
+            moment = claims.next_run_at  # its rate's window is full: when it has room again
+            if moment is not None and self._rate_wakes.get(name) != moment:  # one timer per moment (a
+                self._rate_wakes[name] = moment  # timer set pokes: a claim again that finds the same one)
+                self.wakeups.wake_at(moment + self.wakeups.lookahead)
+            self._count(claims, cause)
+            self._spawn_all(claims, {}, cause)
+            more = more or (len(claims) == room and moment is None)
+        return more
 
     # -- routed rounds -----------------------------------------------------------------------------
     async def _routed_round(self, cause: str) -> float:

@@ -156,6 +156,26 @@ class NewInstance:
     now: float
     deadline: float | None = None
     """When the instance is cancelled for its deadline (``start(timeout=... / deadline=...)``)."""
+    queue: str | None = None
+    """The queue it is started onto (schema 20): it waits, queued, until a claim of the queue admits it."""
+    priority: int = 0
+    """Its place in the queue's line: lower first, then first come first served."""
+    dedup_id: str | None = None
+    """At most one unfinished instance of the queue holds it: a second start returns the first."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRow:
+    """A declared queue's limits (schema 20; docs/design.md "Queues"): ``concurrency``, its admitted and
+    unfinished instances at most across the cluster; ``worker_concurrency``, those one worker admitted
+    and runs now, at most; ``rate_limit``, admissions at most in any window of ``rate_period`` seconds,
+    across the cluster. None: no limit."""
+
+    name: str
+    concurrency: int | None = None
+    worker_concurrency: int | None = None
+    rate_limit: int | None = None
+    rate_period: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,6 +718,21 @@ class Storage(abc.ABC):
         of those, the ones of the named ``workflows`` that ``claim`` could take, by primary key, whatever
         else is due; ``Claims.later`` holds the run_at of those nobody holds that are not due yet. Reads
         the rows named, no other."""
+
+    @abc.abstractmethod
+    async def queue_upsert(self, queue: QueueRow, now: float) -> None:
+        """Write a declared queue's limits (App open, before its worker claims)."""
+
+    @abc.abstractmethod
+    async def queue_claim(
+        self, worker_id: str, now: float, lock_expires_at: float, limit: int, *, queue: str
+    ) -> Claims:
+        """Admit and claim up to ``limit`` queued instances of ``queue``, in its line's order (priority,
+        then start), never more than its global limit and its rate leave free: exact under concurrent
+        claimers (the count of the slots in use and the rate's window are read under the queue's row
+        lock, in a snapshot taken after it; on SQLite, inside the one writer's transaction). Reads one
+        probe of the line when it is empty. ``Claims.next_run_at``: when the rate has room again, if it
+        is what stopped the claim (None otherwise)."""
 
     async def route_wakeups(self, wakeups: Sequence[tuple[str, str]], *, avoid: str) -> int:
         """Hand wake-ups routed to this worker (``(instance_id, workflow_name)``) on to the other workers,

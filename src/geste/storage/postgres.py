@@ -45,6 +45,8 @@ except ImportError:  # pragma: no cover - depends on the installation
     asyncpg = None
 
 _QUERIES = load_queries("postgres")
+DEDUP_ATTEMPTS = 5
+"""A queued start meets a dedup id taken, then finds its holder ended: it inserts again, this many times."""
 SCHEMA_VERSION = _migrations.load("postgres")[-1].version
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MIGRATION_TIMEOUT = 24 * 3600.0
@@ -578,6 +580,8 @@ class PostgresStorage(base.Storage):
         worker_id: str | None,
         lock_expires_at: float | None,
     ) -> tuple[base.InstanceRow, bool]:
+        if new.queue is not None:
+            return await self._create_queued(new)
         starts = decide.new_row(lease, worker_id, lock_expires_at)
 
         async def go(conn: Conn) -> tuple[base.InstanceRow, bool]:
@@ -598,6 +602,39 @@ class PostgresStorage(base.Storage):
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
                 return rows.instance_row(existing), False
             return rows.instance_row(row), bool(row["created"])
+
+        return await self._run(go)
+
+    async def _create_queued(self, new: base.NewInstance) -> tuple[base.InstanceRow, bool]:
+        """A start onto a queue (schema 20): inserted queued, or, when its id or its dedup id is taken by
+        an unfinished instance, that instance (not created). An instance holding the dedup id that ends
+        between the insert and the read frees it: the insert is tried again."""
+
+        async def go(conn: Conn) -> tuple[base.InstanceRow, bool]:
+            for _ in range(DEDUP_ATTEMPTS):
+                inserted = await conn.fetchrow(
+                    self._q["insert_queued"],
+                    new.instance_id,
+                    new.workflow_name,
+                    new.input,
+                    new.now,
+                    new.deadline,
+                    new.queue,
+                    new.priority,
+                    new.dedup_id,
+                    self.notify,
+                )
+                existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)
+                if inserted is not None:
+                    return rows.instance_row(existing), True
+                if existing is not None:
+                    return rows.instance_row(existing), False
+                holder = await conn.fetchval(self._q["find_dedup"], new.queue, new.dedup_id)
+                if holder is not None:
+                    found = await conn.fetchrow(self._q["get_instance"], holder)
+                    if found is not None:
+                        return rows.instance_row(found), False
+            raise StorageError(f"instance {new.instance_id}: its dedup id was taken and freed repeatedly")
 
         return await self._run(go)
 
@@ -816,6 +853,42 @@ class PostgresStorage(base.Storage):
                     after = known.get(r["instance_id"], 0) if known else 0
                     history = await self._caught_up(conn, r, history, after)
                     claims.append(rows.claim(r, history, r["expired_at"], after))
+            return claims
+
+        return await self._run(go)
+
+    async def queue_upsert(self, queue: base.QueueRow, now: float) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.execute(
+                self._q["queue_upsert"],
+                queue.name,
+                queue.concurrency,
+                queue.worker_concurrency,
+                now,
+                queue.rate_limit,
+                queue.rate_period,
+            )
+
+        await self._run(go)
+
+    async def queue_claim(
+        self, worker_id: str, now: float, lock_expires_at: float, limit: int, *, queue: str
+    ) -> base.Claims:
+        if limit <= 0:
+            return base.Claims()
+
+        async def go(conn: Conn) -> base.Claims:
+            found = await conn.fetch(
+                self._q["queue_claim"],
+                queue,
+                limit,
+                worker_id,
+                f"{uuid.uuid4().hex[:12]}/",
+                now,
+                lock_expires_at,
+            )
+            claims = base.Claims([rows.claim(r, (), None) for r in found if r["instance_id"] is not None])
+            claims.next_run_at = next((r["run_at"] for r in found if r["instance_id"] is None), None)
             return claims
 
         return await self._run(go)

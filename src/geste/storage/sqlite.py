@@ -219,6 +219,8 @@ class SQLiteStorage(base.Storage):
         worker_id: str | None,
         lock_expires_at: float | None,
     ) -> tuple[base.InstanceRow, bool]:
+        if new.queue is not None:
+            return await self._create_queued(new)
         starts = decide.new_row(lease, worker_id, lock_expires_at)
         params = {
             "instance_id": new.instance_id,
@@ -235,6 +237,30 @@ class SQLiteStorage(base.Storage):
         def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
             created = conn.execute(Q["insert_instance"], params).rowcount == 1
             row = conn.execute(Q["get_instance"], (new.instance_id,)).fetchone()
+            return rows.instance_row(row), created
+
+        return await self._write(tx)
+
+    async def _create_queued(self, new: base.NewInstance) -> tuple[base.InstanceRow, bool]:
+        """A start onto a queue (schema 20): inserted queued, or, when its id or its dedup id is taken by
+        an unfinished instance, that instance (not created). One transaction: nothing ends in between."""
+        params = {
+            "instance_id": new.instance_id,
+            "workflow_name": new.workflow_name,
+            "input": new.input,
+            "now": new.now,
+            "deadline": new.deadline,
+            "queue": new.queue,
+            "priority": new.priority,
+            "dedup_id": new.dedup_id,
+        }
+
+        def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
+            created = conn.execute(Q["insert_queued"], params).rowcount == 1
+            row = conn.execute(Q["get_instance"], (new.instance_id,)).fetchone()
+            if row is None:  # not inserted, and not its id: its dedup id, held by an unfinished instance
+                holder = conn.execute(Q["find_dedup"], params).fetchone()
+                row = conn.execute(Q["get_instance"], (holder["instance_id"],)).fetchone()
             return rows.instance_row(row), created
 
         return await self._write(tx)
@@ -449,6 +475,59 @@ class SQLiteStorage(base.Storage):
             claims.sort(key=lambda c: c.run_at or 0.0)
             later = {r["instance_id"]: r["run_at"] for r in conn.execute(Q["claim_ids_later"], params)}
             return base.Claims(claims, later=later)
+
+        return await self._write(tx)
+
+    async def queue_upsert(self, queue: base.QueueRow, now: float) -> None:
+        params = {
+            "name": queue.name,
+            "concurrency": queue.concurrency,
+            "worker_concurrency": queue.worker_concurrency,
+            "rate_limit": queue.rate_limit,
+            "rate_period": queue.rate_period,
+            "now": now,
+        }
+        await self._write(lambda conn: conn.execute(Q["queue_upsert"], params))
+
+    async def queue_claim(
+        self, worker_id: str, now: float, lock_expires_at: float, limit: int, *, queue: str
+    ) -> base.Claims:
+        if limit <= 0:
+            return base.Claims()
+        params: dict[str, Any] = {
+            "queue": queue,
+            "worker_id": worker_id,
+            "lease_prefix": f"{uuid.uuid4().hex[:12]}/",
+            "lock_expires_at": lock_expires_at,
+            "now": now,
+        }
+
+        def tx(conn: sqlite3.Connection) -> base.Claims:
+            # one writer (BEGIN IMMEDIATE): the count read here holds until the take below commits
+            if conn.execute(Q["queue_waiting"], params).fetchone() is None:
+                return base.Claims()
+            row = conn.execute(Q["queue_limit"], params).fetchone()
+            n = limit
+            if row is not None and row["concurrency"] is not None:
+                busy = conn.execute(Q["queue_busy"], {**params, "limit": row["concurrency"]}).fetchone()
+                n = min(n, row["concurrency"] - busy["busy"])
+            rate = None if row is None else row["rate_limit"]
+            starts: list[float] = []
+            if rate is not None:  # the admission times of the last window: rate_limit at most
+                starts = sorted(t for t in json.loads(row["starts"]) if t > now - row["rate_period"])
+                if len(starts) >= rate:
+                    return base.Claims(next_run_at=starts[len(starts) - rate] + row["rate_period"])
+                n = min(n, rate - len(starts))
+            if n <= 0:
+                return base.Claims()
+            taken = conn.execute(Q["queue_take"], {**params, "n": n}).fetchall()
+            claims = base.Claims([rows.claim(r, (), None) for r in taken])
+            if rate is not None and taken:
+                starts += [now] * len(taken)
+                conn.execute(Q["queue_started"], {"queue": queue, "starts": json.dumps(starts)})
+                if len(starts) >= rate:
+                    claims.next_run_at = starts[len(starts) - rate] + row["rate_period"]
+            return claims
 
         return await self._write(tx)
 

@@ -240,13 +240,15 @@ SELECT heartbeat_at, stopped_at, lock_timeout FROM {schema}.geste_workers WHERE 
 
 -- name: resume
 -- Runnable now (an earlier run_at is kept); with $3 the lease goes too: its holder's next write names a
--- lease_id that is gone, so it stops without writing (LeaseLost). Notified once nobody holds it.
+-- lease_id that is gone, so it stops without writing (LeaseLost). Notified once nobody holds it. A
+-- queued instance (schema 20) stays queued: only its queue's claim admits it.
 WITH resumed AS (
     UPDATE {schema}.geste_instances
     SET locked_by = CASE WHEN $3 THEN NULL ELSE locked_by END,
         lease_id = CASE WHEN $3 THEN NULL ELSE lease_id END,
         lock_expires_at = CASE WHEN $3 THEN NULL ELSE lock_expires_at END,
-        run_at = CASE WHEN $3 THEN LEAST($2, {db_clock}) ELSE LEAST(run_at, $2, {db_clock}) END,
+        run_at = CASE WHEN queued_at IS NOT NULL THEN run_at
+                      WHEN $3 THEN LEAST($2, {db_clock}) ELSE LEAST(run_at, $2, {db_clock}) END,
         updated_at = $2
     WHERE instance_id = $1
     RETURNING instance_id, workflow_name, lease_id, lock_expires_at, last_worker
@@ -1989,3 +1991,46 @@ UPDATE {schema}.geste_schedules SET paused = false, next_tick = $2, updated_at =
 
 -- name: schedule_delete
 DELETE FROM {schema}.geste_schedules WHERE name = $1;
+
+-- name: queue_upsert
+-- A declared queue's limits (App open, before its worker claims): the last App opened sets them.
+-- The admission times of the window (starts) are kept.
+INSERT INTO {schema}.geste_queues AS q
+    (name, concurrency, worker_concurrency, rate_limit, rate_period, updated_at)
+VALUES ($1, $2, $3, $5, $6, $4)
+ON CONFLICT (name) DO UPDATE
+SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_concurrency,
+    rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = excluded.updated_at;
+
+-- name: insert_queued
+-- A start onto a queue (schema 20): pending, queued (queued_at) and run_at NULL, so that no claim by
+-- workflow or by id can take it: only geste_queue_claim admits it. ON CONFLICT DO NOTHING without a target
+-- covers the primary key and the dedup index (one unfinished instance per queue and dedup id): nothing
+-- inserted, the caller reads which of the two it met. The notification names the queue, not the
+-- instance: the workers serving the queue run a claim of it (nothing else can take the instance).
+WITH inserted AS (
+    INSERT INTO {schema}.geste_instances
+        (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
+         queue, priority, queued_at, dedup_id)
+    VALUES ($1, $2, 'pending', $3, $4, $4, NULL, nextval('{schema}.geste_events_seq_seq'), $5,
+            $6, $7, $4, $8)
+    ON CONFLICT DO NOTHING
+    RETURNING instance_id
+), notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('queue', $6::text, 'schema', {schema_name})::text)
+    FROM inserted WHERE $9
+)
+SELECT instance_id, (SELECT count(*) FROM notified) AS notified FROM inserted;
+
+-- name: find_dedup
+-- The unfinished instance of a queue holding a dedup id (the unique partial index, one probe).
+SELECT instance_id FROM {schema}.geste_instances
+WHERE queue = $1 AND dedup_id = $2 AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- name: queue_claim
+-- Admit and claim up to $2 queued instances of the queue $1 within its limit (geste_queue_claim, schema
+-- 20: the row lock, then the count in a fresh snapshot, then the take). A queued instance has no history
+-- yet; run_at is NULL (it was queued, not due: the wake-up latency counts from its start). A row with a
+-- NULL instance_id is no claim: its run_at is when the queue's rate has room again.
+SELECT * FROM {schema}.geste_queue_claim($1, $2, $3, $4, $5, $6);

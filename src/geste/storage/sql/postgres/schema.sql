@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 19), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 20), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -45,7 +45,11 @@ CREATE TABLE geste_instances (
     parent_id        text,              -- (16) the instance that started it as its child (ctx.start_child)
     parent_close     text,              -- (16) its parent's end: 'cancel', 'abandon' or 'wait' it
     deadline         double precision,  -- (17) when it is cancelled for its deadline; NULL: none
-    heartbeats       text               -- (18) the last ctx.heartbeat details of its running activities
+    heartbeats       text,              -- (18) the last ctx.heartbeat details of its running activities
+    queue            text,              -- (20) the queue it was started onto; NULL: none
+    priority         integer NOT NULL DEFAULT 0,   -- (20) its place in the queue's line: lower first
+    queued_at        double precision,  -- (20) while queued (not admitted yet): its start's time
+    dedup_id         text               -- (20) at most one unfinished instance per (queue, dedup_id)
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
@@ -318,5 +322,108 @@ CREATE FUNCTION geste_names(names text[]) RETURNS SETOF text
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE ROWS 1 AS $$
 BEGIN
     RETURN QUERY SELECT unnest(names);
+END
+$$;
+
+-- Queues (20; docs/design.md "Queues"): each declared queue's limits, and the row the claims of a limited
+-- queue take turns on. An instance started onto a queue waits, queued (queued_at set, run_at NULL:
+-- outside both claim indexes), until a claim admits it.
+CREATE TABLE geste_queues (
+    name               text PRIMARY KEY,
+    concurrency        integer,          -- admitted and unfinished instances at most, cluster-wide; NULL: any
+    worker_concurrency integer,          -- of those, admitted by one worker and running there; NULL: any
+    rate_limit         integer,          -- admissions at most in any window of rate_period seconds; NULL: any
+    rate_period        double precision,
+    starts             double precision[] NOT NULL DEFAULT '{}',  -- the admission times of the last window
+    updated_at         double precision NOT NULL
+);
+-- the waiting line of a queue, in claim order (priority, then first come first served)
+CREATE INDEX geste_instances_queued ON geste_instances (queue, priority, queued_at)
+    WHERE queued_at IS NOT NULL AND status = 'pending';
+-- the slots in use: admitted and unfinished (an end, whatever its path, changes the status)
+CREATE INDEX geste_instances_queue_admitted ON geste_instances (queue)
+    WHERE queue IS NOT NULL AND queued_at IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating');
+-- at most one unfinished instance per dedup id and queue
+CREATE UNIQUE INDEX geste_instances_dedup ON geste_instances (queue, dedup_id)
+    WHERE dedup_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- The claim of a queue (20): the count of the slots in use runs in a snapshot taken after the queue's row
+-- lock is held (each statement of a VOLATILE plpgsql function takes its own), so it is exact.
+CREATE FUNCTION geste_queue_claim(
+    p_queue text, p_n integer, p_worker text, p_prefix text, p_now double precision,
+    p_expires double precision
+) RETURNS TABLE (
+    instance_id text, lease_id text, workflow_name text, input text, status text,
+    created_at double precision, cancel_requested boolean, run integer, steps integer,
+    deadline double precision, run_at double precision
+)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    v_limit integer;
+    v_rate integer;
+    v_period double precision;
+    v_starts double precision[];
+    v_busy integer;
+    v_taken integer;
+    v_n integer := p_n;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM geste_instances AS i
+                   WHERE i.queue = p_queue AND i.queued_at IS NOT NULL AND i.status = 'pending') THEN
+        RETURN;
+    END IF;
+    SELECT q.concurrency, q.rate_limit INTO v_limit, v_rate FROM geste_queues AS q
+    WHERE q.name = p_queue;
+    IF v_limit IS NOT NULL OR v_rate IS NOT NULL THEN
+        SELECT q.concurrency, q.rate_limit, q.rate_period, q.starts INTO v_limit, v_rate, v_period, v_starts
+        FROM geste_queues AS q WHERE q.name = p_queue FOR UPDATE;
+    END IF;
+    IF v_limit IS NOT NULL THEN
+        SELECT count(*) INTO v_busy FROM (
+            SELECT 1 FROM geste_instances AS i
+            WHERE i.queue = p_queue AND i.queued_at IS NULL
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating')
+            LIMIT v_limit) AS x;
+        v_n := least(v_n, v_limit - v_busy);
+    END IF;
+    IF v_rate IS NOT NULL THEN
+        v_starts := ARRAY(SELECT s FROM unnest(v_starts) AS s WHERE s > p_now - v_period ORDER BY s);
+        IF cardinality(v_starts) >= v_rate THEN
+            RETURN QUERY SELECT NULL::text, NULL::text, NULL::text, NULL::text, NULL::text,
+                                NULL::double precision, NULL::boolean, NULL::integer, NULL::integer,
+                                NULL::double precision,
+                                v_starts[cardinality(v_starts) - v_rate + 1] + v_period;
+            RETURN;
+        END IF;
+        v_n := least(v_n, v_rate - cardinality(v_starts));
+    END IF;
+    IF v_n <= 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    UPDATE geste_instances AS i
+    SET locked_by = p_worker, lease_id = p_prefix || i.instance_id, lock_expires_at = p_expires,
+        run_at = p_expires, status = 'running', queued_at = NULL, updated_at = p_now
+    WHERE i.instance_id = ANY(ARRAY(
+        SELECT w.instance_id FROM geste_instances AS w
+        WHERE w.queue = p_queue AND w.queued_at IS NOT NULL AND w.status = 'pending'
+        ORDER BY w.queue, w.priority, w.queued_at
+        LIMIT v_n
+        FOR UPDATE SKIP LOCKED))
+      AND i.queued_at IS NOT NULL AND i.status = 'pending'
+    RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at,
+              i.cancel_requested, i.run, i.steps, i.deadline, NULL::double precision;
+    GET DIAGNOSTICS v_taken = ROW_COUNT;
+    IF v_rate IS NOT NULL AND v_taken > 0 THEN
+        v_starts := v_starts || array_fill(p_now, ARRAY[v_taken]);
+        UPDATE geste_queues AS q SET starts = v_starts WHERE q.name = p_queue;
+        IF cardinality(v_starts) >= v_rate THEN
+            RETURN QUERY SELECT NULL::text, NULL::text, NULL::text, NULL::text, NULL::text,
+                                NULL::double precision, NULL::boolean, NULL::integer, NULL::integer,
+                                NULL::double precision,
+                                v_starts[cardinality(v_starts) - v_rate + 1] + v_period;
+        END IF;
+    END IF;
 END
 $$;

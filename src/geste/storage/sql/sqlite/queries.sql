@@ -114,12 +114,14 @@ SELECT heartbeat_at, stopped_at, lock_timeout FROM geste_workers WHERE worker_id
 
 -- name: resume
 -- Runnable now (an earlier run_at is kept); with :break the lease goes too: its holder's next write
--- names a lease_id that is gone, so it stops without writing (LeaseLost).
+-- names a lease_id that is gone, so it stops without writing (LeaseLost). A queued instance (schema 20)
+-- stays queued: only its queue's claim admits it.
 UPDATE geste_instances
 SET locked_by = CASE WHEN :break THEN NULL ELSE locked_by END,
     lease_id = CASE WHEN :break THEN NULL ELSE lease_id END,
     lock_expires_at = CASE WHEN :break THEN NULL ELSE lock_expires_at END,
-    run_at = CASE WHEN :break OR run_at IS NULL OR run_at > min(:now, {db_clock}) THEN min(:now, {db_clock})
+    run_at = CASE WHEN queued_at IS NOT NULL THEN run_at
+                  WHEN :break OR run_at IS NULL OR run_at > min(:now, {db_clock}) THEN min(:now, {db_clock})
                   ELSE run_at END,
     updated_at = :now
 WHERE instance_id = :instance_id;
@@ -1166,3 +1168,70 @@ UPDATE geste_schedules SET paused = 0, next_tick = :next_tick, updated_at = :now
 
 -- name: schedule_delete
 DELETE FROM geste_schedules WHERE name = :name;
+
+-- name: queue_upsert
+-- A declared queue's limits (App open, before its worker claims): the last App opened sets them.
+-- The admission times of the window (starts) are kept.
+INSERT INTO geste_queues (name, concurrency, worker_concurrency, rate_limit, rate_period, updated_at)
+VALUES (:name, :concurrency, :worker_concurrency, :rate_limit, :rate_period, :now)
+ON CONFLICT (name) DO UPDATE
+SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_concurrency,
+    rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = excluded.updated_at;
+
+-- name: insert_queued
+-- A start onto a queue (schema 20): pending, queued (queued_at) and run_at NULL, so that no claim by
+-- workflow or by id can take it: only queue_take admits it. ON CONFLICT DO NOTHING without a target covers
+-- the primary key and the dedup index (one unfinished instance per queue and dedup id).
+INSERT INTO geste_instances
+    (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
+     queue, priority, queued_at, dedup_id)
+VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now, NULL,
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :deadline,
+        :queue, :priority, :now, :dedup_id)
+ON CONFLICT DO NOTHING;
+
+-- name: find_dedup
+-- The unfinished instance of a queue holding a dedup id (the unique partial index, one probe).
+SELECT instance_id FROM geste_instances
+WHERE queue = :queue AND dedup_id = :dedup_id AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- name: queue_waiting
+-- Whether the queue has a queued instance (the head of its line): an idle queue costs this probe only.
+SELECT 1 FROM geste_instances
+WHERE queue = :queue AND queued_at IS NOT NULL AND status = 'pending'
+LIMIT 1;
+
+-- name: queue_limit
+SELECT concurrency, rate_limit, rate_period, starts FROM geste_queues WHERE name = :queue;
+
+-- name: queue_started
+-- The admission times of the queue's rate window, after a claim that admitted (a JSON array).
+UPDATE geste_queues SET starts = :starts WHERE name = :queue;
+
+-- name: queue_busy
+-- The queue's slots in use (admitted and unfinished), at most :limit of them read.
+SELECT count(*) AS busy FROM (
+    SELECT 1 FROM geste_instances
+    WHERE queue = :queue AND queued_at IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    LIMIT :limit
+);
+
+-- name: queue_take
+-- Admit and claim the first :n of the queue's line (priority, then first come first served), inside the
+-- claim's BEGIN IMMEDIATE (one writer: the count read before it is still true).
+UPDATE geste_instances
+SET locked_by = :worker_id,
+    lease_id = :lease_prefix || instance_id,
+    lock_expires_at = :lock_expires_at,
+    run_at = :lock_expires_at,
+    status = 'running',
+    queued_at = NULL,
+    updated_at = :now
+WHERE instance_id IN (
+    SELECT instance_id FROM geste_instances
+    WHERE queue = :queue AND queued_at IS NOT NULL AND status = 'pending'
+    ORDER BY queue, priority, queued_at
+    LIMIT :n)
+RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run, deadline,
+          NULL AS run_at;

@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 19), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 20), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -45,7 +45,11 @@ CREATE TABLE geste_instances (
     parent_id        TEXT,              -- (16) the instance that started it as its child (ctx.start_child)
     parent_close     TEXT,              -- (16) its parent's end: 'cancel', 'abandon' or 'wait' it
     deadline         REAL,              -- (17) when it is cancelled for its deadline; NULL: none
-    heartbeats       TEXT               -- (18) the last ctx.heartbeat details of its running activities
+    heartbeats       TEXT,              -- (18) the last ctx.heartbeat details of its running activities
+    queue            TEXT,              -- (20) the queue it was started onto; NULL: none
+    priority         INTEGER NOT NULL DEFAULT 0,   -- (20) its place in the queue's line: lower first
+    queued_at        REAL,              -- (20) while queued (not admitted yet): its start's time
+    dedup_id         TEXT               -- (20) at most one unfinished instance per (queue, dedup_id)
 );
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
@@ -292,3 +296,25 @@ CREATE TABLE geste_schedules (
 );
 -- the schedule loop: the due schedules, in next_tick order; paused ones cost it nothing
 CREATE INDEX geste_schedules_due ON geste_schedules (next_tick) WHERE paused = 0;
+
+-- Queues (20; docs/design.md "Queues"): each declared queue's limits. An instance started onto a queue
+-- waits, queued (queued_at set, run_at NULL: outside both claim indexes), until a claim admits it.
+CREATE TABLE geste_queues (
+    name               TEXT PRIMARY KEY,
+    concurrency        INTEGER,          -- admitted and unfinished instances at most, cluster-wide; NULL: any
+    worker_concurrency INTEGER,          -- of those, admitted by one worker and running there; NULL: any
+    rate_limit         INTEGER,          -- admissions at most in any window of rate_period seconds; NULL: any
+    rate_period        REAL,
+    starts             TEXT NOT NULL DEFAULT '[]',  -- the admission times of the last window (JSON)
+    updated_at         REAL NOT NULL
+);
+-- the waiting line of a queue, in claim order (priority, then first come first served)
+CREATE INDEX geste_instances_queued ON geste_instances (queue, priority, queued_at)
+    WHERE queued_at IS NOT NULL AND status = 'pending';
+-- the slots in use: admitted and unfinished (an end, whatever its path, changes the status)
+CREATE INDEX geste_instances_queue_admitted ON geste_instances (queue)
+    WHERE queue IS NOT NULL AND queued_at IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating');
+-- at most one unfinished instance per dedup id and queue
+CREATE UNIQUE INDEX geste_instances_dedup ON geste_instances (queue, dedup_id)
+    WHERE dedup_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');

@@ -1,0 +1,139 @@
+"""A sample app for the queue tests (tests/test_queues.py): worker processes racing on one queue.
+
+Run as a worker process from the repository root::
+
+    python -m tests.apps.queue_app DATABASE_URL --worker-id W --log LOG --markers DIR [--concurrency N]
+
+It declares the queue ``limited`` (global concurrency ``--queue-concurrency``), writes ``DIR/ready-W`` once
+its App is open and runs until SIGTERM/SIGINT. Each ``job`` instance runs one activity that appends a
+``start`` and an ``end`` JSON line (instance, worker, time) to ``LOG``, with ``--hold`` seconds between
+them (so that runs can overlap: the test measures the most that ever did); a ``blocked`` instance's
+activity waits for the file ``DIR/go-<instance id>`` (a worker can be killed in the middle of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import geste
+
+from .crash_app import append_line
+
+QUEUE = "limited"
+
+
+def build_app(
+    url: str,
+    *,
+    log: str | None = None,
+    markers: str | None = None,
+    worker_id: str | None = None,
+    queue_concurrency: int | None = 3,
+    rate_limit: int | None = None,
+    rate_period: float = 1.0,
+    hold: float = 0.05,
+    **options: Any,
+) -> geste.App:
+    queue = geste.Queue(QUEUE, concurrency=queue_concurrency, rate_limit=rate_limit, rate_period=rate_period)
+    app = geste.App(url, worker_id=worker_id, queues=[queue], **options)
+
+    def note(ctx: geste.ActivityContext, event: str) -> None:
+        assert log is not None, "activities run only in a worker built with log="
+        append_line(log, {"instance": ctx.instance_id, "event": event, "worker": worker_id, "t": time.time()})
+
+    @app.activity
+    async def work(ctx: geste.ActivityContext, x: int) -> int:
+        note(ctx, "start")
+        await asyncio.sleep(hold)
+        note(ctx, "end")
+        return x
+
+    @app.activity
+    async def wait_for_go(ctx: geste.ActivityContext, x: int) -> int:
+        assert markers is not None
+        note(ctx, "start")
+        go = Path(markers) / f"go-{ctx.instance_id}"
+        while not go.exists():
+            await asyncio.sleep(0.02)
+        note(ctx, "end")
+        return x
+
+    @app.workflow
+    async def job(ctx: geste.WorkflowContext, x: int) -> int:
+        return await work(ctx, x)
+
+    @app.workflow
+    async def blocked(ctx: geste.WorkflowContext, x: int) -> int:
+        return await wait_for_go(ctx, x)
+
+    return app
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    app = build_app(
+        args.url,
+        log=args.log,
+        markers=args.markers,
+        worker_id=args.worker_id,
+        queue_concurrency=args.queue_concurrency or None,
+        rate_limit=args.rate_limit or None,
+        rate_period=args.rate_period,
+        hold=args.hold,
+        lock_timeout=args.lock_timeout,
+        poll_interval=args.poll_interval,
+        concurrency=args.concurrency,
+        shutdown_grace=1.0,
+    )
+    log_admissions(app, args.log, args.worker_id)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, app.shutdown)
+    await app.open()
+    (Path(args.markers) / f"ready-{args.worker_id}").write_text(str(os.getpid()))
+    await app.run()
+
+
+def log_admissions(app: geste.App, log: str, worker_id: str) -> None:
+    """Each claim of the queue that admitted instances appends an ``admit`` line: the time the claim was
+    made at (the one its rate window records) and how many it admitted."""
+    real = app.storage.queue_claim
+
+    async def queue_claim(worker: str, now: float, *args: Any, **kwargs: Any) -> Any:
+        claims = await real(worker, now, *args, **kwargs)
+        if claims:
+            append_line(log, {"event": "admit", "t": now, "n": len(claims), "worker": worker_id})
+        return claims
+
+    app.storage.queue_claim = queue_claim  # type: ignore[method-assign]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.apps.queue_app")
+    parser.add_argument("url")
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("--markers", required=True)
+    parser.add_argument("--queue-concurrency", type=int, default=3, help="0: no limit")
+    parser.add_argument("--rate-limit", type=int, default=0, help="0: no rate")
+    parser.add_argument("--rate-period", type=float, default=1.0)
+    parser.add_argument("--hold", type=float, default=0.05)
+    parser.add_argument("--lock-timeout", type=float, default=2.0)
+    parser.add_argument("--poll-interval", type=float, default=0.05)
+    parser.add_argument("--concurrency", type=int, default=100)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.worker_id} %(name)s %(message)s"
+    )
+    asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()
