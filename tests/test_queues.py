@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,76 +21,28 @@ import geste
 from geste.errors import ConfigurationError
 from geste.storage import create_storage
 
-from .conftest import die_with_parent
+from .processes import WorkerProcesses
 from .support import raw_query, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
     sys.path.insert(0, str(ROOT))
 
-from tests.apps.crash_app import read_log  # noqa: E402
 from tests.apps.queue_app import QUEUE, build_app  # noqa: E402
 
 
-class Workers:
-    """Worker processes of ``tests/apps/queue_app.py`` on one database, a log and a marker folder."""
+class Workers(WorkerProcesses):
+    """Worker processes of ``tests/apps/queue_app.py`` on one database: a log of every run's ``start`` and
+    ``end`` and of every admitting claim (``admit``)."""
 
     def __init__(self, folder: Path, url: str) -> None:
-        self.folder = folder
-        self.url = url
-        self.log = folder / "runs.jsonl"
-        self.markers = folder / "markers"
-        self.markers.mkdir()
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    async def spawn(self, worker_id: str, **options: Any) -> subprocess.Popen[bytes]:
-        ready = self.markers / f"ready-{worker_id}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tests.apps.queue_app",
-            self.url,
-            f"--worker-id={worker_id}",
-            f"--log={self.log}",
-            f"--markers={self.markers}",
-            *(f"--{key.replace('_', '-')}={value}" for key, value in options.items()),
-        ]
-        output = self.folder / f"worker-{worker_id}.out"
-        with output.open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-            )
-        self.procs.append(proc)
-
-        def started() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"worker {worker_id} exited:\n{output.read_text(errors='replace')}")
-            return ready.exists()
-
-        await wait_until(started, f"worker {worker_id} to be ready", timeout=60)
-        return proc
-
-    def entries(self, event: str, **where: Any) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in read_log(self.log)
-            if e["event"] == event and all(e[key] == value for key, value in where.items())
-        ]
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        super().__init__(folder, url, "queue_app")
 
 
 @pytest.fixture
-async def workers(tmp_path: Path, db_url: str) -> AsyncIterator[Workers]:
-    group = Workers(tmp_path, db_url)
-    try:
+def workers(tmp_path: Path, db_url: str) -> Iterator[Workers]:
+    with Workers(tmp_path, db_url) as group:
         yield group
-    finally:
-        group.stop_all()
 
 
 def most_at_once(entries: Iterable[dict[str, Any]]) -> int:
@@ -120,11 +71,11 @@ async def test_four_worker_processes_never_run_more_than_the_global_limit(worker
         ids = [h.instance_id for h in handles]
         await wait_until(lambda: all_completed(client, ids), "every queued job to complete", timeout=90)
         assert [await h.result() for h in handles] == list(range(24))
-    runs = workers.entries("start") + workers.entries("end")
+    runs = workers.entries(event="start") + workers.entries(event="end")
     peak = most_at_once(runs)
     assert peak <= 3, f"{peak} runs of a queue limited to 3 at once"
     assert peak >= 2  # the measure measured something: the queue did run instances side by side
-    assert {e["instance"] for e in workers.entries("end")} == set(ids)
+    assert {e["instance"] for e in workers.entries(event="end")} == set(ids)
 
 
 async def test_concurrent_claimers_admit_no_more_than_the_limit(make_app: Any, db_url: str) -> None:
@@ -232,7 +183,8 @@ async def test_a_dead_workers_slot_comes_back_when_its_lease_runs_out(workers: W
     async with build_app(workers.url, run_worker=False, queue_concurrency=1) as client:
         first = await workers.spawn("first", queue_concurrency=1, lock_timeout=1.0)
         held = await client.workflows["blocked"].options(queue=QUEUE).start(1)
-        await wait_until(lambda: workers.entries("start", instance=held.instance_id), "the first to run")
+        started = lambda: workers.entries(event="start", instance=held.instance_id)  # noqa: E731
+        await wait_until(started, "the first to run")
         waiting = await client.workflows["job"].options(queue=QUEUE).start(2)
         rows = await raw_query(
             workers.url, "SELECT queued_at FROM geste_instances WHERE instance_id = $1", waiting.instance_id
@@ -244,8 +196,8 @@ async def test_a_dead_workers_slot_comes_back_when_its_lease_runs_out(workers: W
         await workers.spawn("second", queue_concurrency=1, lock_timeout=1.0)
         assert await held.result(timeout=60) == 1  # taken over once its lease ran out
         assert await waiting.result(timeout=60) == 2
-    taken_over = workers.entries("end", instance=held.instance_id, worker="second")
-    ran = workers.entries("start", instance=waiting.instance_id)
+    taken_over = workers.entries(event="end", instance=held.instance_id, worker="second")
+    ran = workers.entries(event="start", instance=waiting.instance_id)
     assert taken_over and ran and ran[0]["t"] >= taken_over[0]["t"]
     assert [e["worker"] for e in ran] == ["second"]
 
@@ -312,7 +264,7 @@ async def test_four_worker_processes_never_admit_more_than_the_rate_in_any_windo
         handles = [await client.workflows["job"].options(queue=QUEUE).start(i) for i in range(12)]
         ids = [h.instance_id for h in handles]
         await wait_until(lambda: all_completed(client, ids), "every queued job to complete", timeout=90)
-    admissions = sorted((e["t"], e["n"]) for e in workers.entries("admit"))
+    admissions = sorted((e["t"], e["n"]) for e in workers.entries(event="admit"))
     assert sum(n for _, n in admissions) == 12
     for start, _ in admissions:
         in_window = sum(n for t, n in admissions if start <= t < start + 1.0)

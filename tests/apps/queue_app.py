@@ -13,19 +13,14 @@ activity waits for the file ``DIR/go-<instance id>`` (a worker can be killed in 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import logging
-import os
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import geste
 
-from .crash_app import append_line
+from .worker import append_line, serve
 
 QUEUE = "limited"
 
@@ -42,8 +37,12 @@ def build_app(
     hold: float = 0.05,
     **options: Any,
 ) -> geste.App:
-    queue = geste.Queue(QUEUE, concurrency=queue_concurrency, rate_limit=rate_limit, rate_period=rate_period)
+    queue = geste.Queue(
+        QUEUE, concurrency=queue_concurrency or None, rate_limit=rate_limit or None, rate_period=rate_period
+    )
     app = geste.App(url, worker_id=worker_id, queues=[queue], **options)
+    if log is not None and worker_id is not None:
+        log_admissions(app, log, worker_id)
 
     def note(ctx: geste.ActivityContext, event: str) -> None:
         assert log is not None, "activities run only in a worker built with log="
@@ -77,30 +76,6 @@ def build_app(
     return app
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    app = build_app(
-        args.url,
-        log=args.log,
-        markers=args.markers,
-        worker_id=args.worker_id,
-        queue_concurrency=args.queue_concurrency or None,
-        rate_limit=args.rate_limit or None,
-        rate_period=args.rate_period,
-        hold=args.hold,
-        lock_timeout=args.lock_timeout,
-        poll_interval=args.poll_interval,
-        concurrency=args.concurrency,
-        shutdown_grace=1.0,
-    )
-    log_admissions(app, args.log, args.worker_id)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, app.shutdown)
-    await app.open()
-    (Path(args.markers) / f"ready-{args.worker_id}").write_text(str(os.getpid()))
-    await app.run()
-
-
 def log_admissions(app: geste.App, log: str, worker_id: str) -> None:
     """Each claim of the queue that admitted instances appends an ``admit`` line: the time the claim was
     made at (the one its rate window records) and how many it admitted."""
@@ -116,23 +91,19 @@ def log_admissions(app: geste.App, log: str, worker_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.apps.queue_app")
-    parser.add_argument("url")
-    parser.add_argument("--worker-id", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--markers", required=True)
-    parser.add_argument("--queue-concurrency", type=int, default=3, help="0: no limit")
-    parser.add_argument("--rate-limit", type=int, default=0, help="0: no rate")
-    parser.add_argument("--rate-period", type=float, default=1.0)
-    parser.add_argument("--hold", type=float, default=0.05)
-    parser.add_argument("--lock-timeout", type=float, default=2.0)
-    parser.add_argument("--poll-interval", type=float, default=0.05)
-    parser.add_argument("--concurrency", type=int, default=100)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format=f"%(asctime)s {args.worker_id} %(name)s %(message)s"
+    serve(
+        build_app,
+        argv,
+        prog="python -m tests.apps.queue_app",
+        queue_concurrency=3,  # 0: no limit
+        rate_limit=0,  # 0: no rate
+        rate_period=1.0,
+        hold=0.05,
+        lock_timeout=2.0,
+        poll_interval=0.05,
+        concurrency=100,
+        shutdown_grace=1.0,
     )
-    asyncio.run(_serve(args))
 
 
 if __name__ == "__main__":
