@@ -416,6 +416,11 @@ class App(OpenClose):
         self._require_open()
         await self.schedules.delete(name)
 
+    async def get_schedule(self, name: str) -> ScheduleInfo:
+        """The stored schedule of that name (``ScheduleNotFoundError`` if there is none)."""
+        self._require_open()
+        return await self.schedules.get(name)
+
     async def list_schedules(self) -> list[ScheduleInfo]:
         """Every stored schedule, by name."""
         self._require_open()
