@@ -122,6 +122,7 @@ class GesteASGI:
         self._viewer = Viewer(app, token=self._token)  # the read-only web viewer (HTML), /ui
         router.add("GET", "/ui", self._viewer.instances)
         router.add("GET", "/ui/instances/{id}", self._viewer.instance)
+        router.add("GET", "/ui/schedules", self._viewer.schedules)
         router.add("POST", "/ui/login", self._viewer.login)
         router.add("POST", "/ui/logout", self._viewer.logout)
         self._router = router
