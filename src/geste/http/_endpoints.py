@@ -113,12 +113,12 @@ class GesteASGI:
         router.add("POST", "/instances/{id}/retry", self._retry)
         router.add("POST", "/instances/{id}/resume", self._resume)
         router.add("GET", "/metrics", self._metrics)
-        router.add("GET", "/schedules", self._schedules)
+        router.add("POST", "/schedules/{name}", self._create_schedule)  # (first: a walk of the table
+        router.add("GET", "/schedules", self._schedules)  # in order creates before it reads or deletes)
         router.add("GET", "/schedules/{name}", self._schedule)
-        router.add("POST", "/schedules/{name}", self._create_schedule)
-        router.add("DELETE", "/schedules/{name}", self._delete_schedule)
         router.add("POST", "/schedules/{name}/pause", self._pause_schedule)
         router.add("POST", "/schedules/{name}/resume", self._resume_schedule)
+        router.add("DELETE", "/schedules/{name}", self._delete_schedule)
         self._viewer = Viewer(app, token=self._token)  # the read-only web viewer (HTML), /ui
         router.add("GET", "/ui", self._viewer.instances)
         router.add("GET", "/ui/instances/{id}", self._viewer.instance)
