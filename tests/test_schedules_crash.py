@@ -1,7 +1,7 @@
 """A schedule ticking each second of the real clock, 4 worker processes on one database, one killed with
 SIGKILL at a tick: every tick of the run starts exactly once, none is lost, none twice.
 
-The workers run ``tests/apps/schedules_app.py`` (the pattern of ``tests/test_crash.py``). The victim's
+The workers run ``tests/apps/schedules_app.py`` (the shared harness, ``tests/processes.py``). The victim's
 schedule write hangs at a tick (``before`` it writes it, ``inside`` its transaction, after the move of the
 tick and the insert of its instance and before the commit, or ``after`` it committed it) and the test
 kills it there; the three others go on. On PostgreSQL the victim's server process, asleep in the
@@ -13,82 +13,24 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from geste._schedules import instance_id
 
-from .conftest import die_with_parent
+from .apps.schedules_app import HANG_SQL, SCHEDULE
+from .processes import WorkerProcesses, worker_processes
 from .support import raw_query, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pytest was started
-    sys.path.insert(0, str(ROOT))
-
-from tests.apps.schedules_app import HANG_SQL, SCHEDULE, build_app  # noqa: E402
 
 WORKERS = 4
 HANG_AT = 3
 """The victim hangs at its third tick write (or the first it wins from then on): a few ticks into the run."""
 TICKS_AFTER_KILL = 5
 
-
-class Workers:
-    """The worker processes of one test, on one database; all killed at the end."""
-
-    def __init__(self, folder: Path, url: str) -> None:
-        self.folder, self.url = folder, url
-        self.markers = folder / "markers"
-        self.markers.mkdir()
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def spawn(self, worker_id: str, *options: str) -> subprocess.Popen[bytes]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "tests.apps.schedules_app",
-            self.url,
-            f"--worker-id={worker_id}",
-            f"--markers={self.markers}",
-            *options,
-        ]
-        with (self.folder / f"worker-{worker_id}.out").open("wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-            )
-        self.procs[worker_id] = proc
-        return proc
-
-    def output(self, worker_id: str) -> str:
-        return (self.folder / f"worker-{worker_id}.out").read_text(errors="replace")
-
-    def ready(self) -> bool:
-        for worker_id, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise AssertionError(f"worker {worker_id} exited:\n{self.output(worker_id)}")
-        return all((self.markers / f"ready-{w}").exists() for w in self.procs)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-async def workers(tmp_path: Path, db_url: str) -> AsyncIterator[Workers]:
-    group = Workers(tmp_path, db_url)
-    try:
-        yield group
-    finally:
-        group.stop_all()
+workers = worker_processes("schedules_app")
 
 
 async def started_ids(url: str) -> list[str]:
@@ -106,13 +48,12 @@ def tick_of(iid: str) -> float:
 
 @pytest.mark.parametrize("point", ["before", "inside", "after"])
 async def test_a_worker_killed_at_a_tick_every_tick_starts_exactly_once(
-    workers: Workers, db_url: str, point: str
+    workers: WorkerProcesses, db_url: str, point: str
 ) -> None:
-    async with build_app(db_url, run_worker=False) as client:  # creates the schema and the schedule
+    async with workers.client() as client:  # creates the schema and the schedule
         for n in range(WORKERS - 1):
-            workers.spawn(f"w{n}")
-        victim = workers.spawn("victim", f"--hang-at={HANG_AT}", f"--hang={point}")
-        await wait_until(workers.ready, "the workers to be ready", timeout=60)
+            await workers.spawn(f"w{n}")
+        victim = await workers.spawn("victim", hang_at=HANG_AT, hang=point)
 
         hung = workers.markers / "hung-victim"
         await wait_until(hung.exists, "the victim to hang at a tick", timeout=60)
@@ -140,8 +81,8 @@ async def test_a_worker_killed_at_a_tick_every_tick_starts_exactly_once(
             return last if last is not None and last.timestamp() >= killed_at + TICKS_AFTER_KILL else None
 
         end = await wait_until(ticks_after_kill, "ticks after the kill", timeout=60)
-        for worker_id, proc in workers.procs.items():
-            assert proc.poll() is None or worker_id == "victim", workers.output(worker_id)
+        for proc in workers.procs:
+            assert proc.poll() is None or proc is victim, workers.output(proc)
 
         found = await started_ids(db_url)
         assert len(found) == len(set(found))  # none twice

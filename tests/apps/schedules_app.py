@@ -1,13 +1,13 @@
 """A worker process for the schedules crash test (``tests/test_schedules_crash.py``).
 
-Run from the repository root::
+Run from the repository root (``tests/apps/worker.py``, ``tests/processes.py``)::
 
     python -m tests.apps.schedules_app DATABASE_URL --worker-id W --markers DIR \
         [--hang-at N --hang before|inside|after]
 
 Its App declares the schedule ``every-second`` (``* * * * * *``: a tick each second of the real clock,
 ``missed="all"`` and ``overlap="alongside"``, so that every tick must start whatever the load) and runs
-a worker. It writes ``DIR/ready-W`` once open, and runs until SIGTERM/SIGINT or a SIGKILL.
+a worker, until SIGTERM/SIGINT or a SIGKILL.
 
 With ``--hang-at N`` it is the victim: its ``N``-th schedule write that carries a tick (``before``: as it
 is about to write it; ``inside``: the first such write from the N-th on whose transaction moved the
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -34,17 +32,38 @@ import geste
 from geste.storage import sqlite as sqlite_storage
 from geste.storage.postgres import PostgresStorage
 
+from .worker import serve
+
 SCHEDULE = "every-second"
 
 
-def build_app(url: str, *, worker_id: str | None = None, run_worker: bool = True) -> geste.App:
-    app = geste.App(url, worker_id=worker_id, poll_interval=0.1, lock_timeout=1.0, run_worker=run_worker)
+def build_app(
+    url: str,
+    *,
+    log: str | None = None,
+    markers: str | None = None,
+    worker_id: str | None = None,
+    hang_at: int | None = None,
+    hang: str = "after",
+    **options: Any,
+) -> geste.App:
+    """The App with its schedule; ``hang_at`` and ``hang``: the victim's hang point (module docstring)."""
+    options.setdefault("poll_interval", 0.1)
+    options.setdefault("lock_timeout", 1.0)
+    app = geste.App(url, worker_id=worker_id, **options)
 
     @app.schedule("* * * * * *", name=SCHEDULE, missed="all", overlap="alongside")
     @app.workflow
     async def tick(ctx: geste.WorkflowContext) -> str:
         return "ticked"
 
+    if hang_at is not None:
+        assert markers is not None and hang in ("before", "inside", "after")
+        marker = Path(markers) / f"hung-{worker_id}"
+        if hang == "inside":
+            hang_inside(app, marker, hang_at)
+        else:
+            hang_at_point(app, marker, hang_at, hang)
     return app
 
 
@@ -53,7 +72,7 @@ def mark(marker: Path, instance_ids: list[str]) -> None:
     marker.write_text(json.dumps(instance_ids))
 
 
-def hang_at(app: geste.App, marker: Path, count: int, point: str) -> None:
+def hang_at_point(app: geste.App, marker: Path, count: int, point: str) -> None:
     """Make the ``count``-th tick write of this process hang (module docstring)."""
     storage = app.storage
     fire = storage.schedule_fire
@@ -122,28 +141,13 @@ def hang_inside(app: geste.App, marker: Path, count: int) -> None:
     )
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    app = build_app(args.url, worker_id=args.worker_id)
-    if args.hang_at is not None and args.hang == "inside":
-        hang_inside(app, Path(args.markers) / f"hung-{args.worker_id}", args.hang_at)
-    elif args.hang_at is not None:
-        hang_at(app, Path(args.markers) / f"hung-{args.worker_id}", args.hang_at, args.hang)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, app.shutdown)
-    await app.open()
-    (Path(args.markers) / f"ready-{args.worker_id}").write_text(str(os.getpid()))
-    await app.run()
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hang-at", type=int, default=None)
+    parser.add_argument("--hang", choices=["before", "inside", "after"], default="after")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.apps.schedules_app")
-    parser.add_argument("url")
-    parser.add_argument("--worker-id", required=True)
-    parser.add_argument("--markers", required=True)
-    parser.add_argument("--hang-at", type=int, default=None)
-    parser.add_argument("--hang", choices=["before", "inside", "after"], default="after")
-    asyncio.run(_serve(parser.parse_args(argv)))
+    serve(build_app, argv, prog="python -m tests.apps.schedules_app", arguments=_arguments)
 
 
 if __name__ == "__main__":
