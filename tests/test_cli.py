@@ -270,7 +270,8 @@ def test_migrate_prints_each_migration_and_the_schema_version(cli: Cli, db_url: 
 
 # -- errors ---------------------------------------------------------------------------------------------
 def test_unknown_workflow_name(cli: Cli, db_url: str) -> None:
-    assert_error(start(cli, db_url, "nope"), 1, "no workflow named 'nope'", "known: approval, compute")
+    known = "known: approval, compute, nightly"
+    assert_error(start(cli, db_url, "nope"), 1, "no workflow named 'nope'", known)
 
 
 def test_arguments_that_do_not_fit_the_workflow(cli: Cli, db_url: str) -> None:

@@ -1120,6 +1120,11 @@ def realistic(method: str, pattern: tuple[str, ...]) -> dict[str, Any]:
     if (method, pattern) == ("POST", ("events",)):
         headers = [(k, "evt-token" if k == "ce-id" else v) for k, v in BINARY_HEADERS]
         return {"path": path, "headers": headers, "body": json.dumps(ORDER).encode()}
+    if (method, pattern) == ("POST", ("schedules", "{name}")):
+        body = json.dumps({"workflow": "echo", "cron": "0 * * * *"}).encode()
+        return {"path": path, "headers": [("content-type", "application/json")], "body": body}
+    if method == "POST" and pattern[:1] == ("schedules",):  # pause, resume: no body
+        return {"path": path}
     if method == "POST":
         return {"path": path, "headers": [("content-type", "application/json")], "body": b'{"args": [1, 2]}'}
     return {"path": path}
@@ -1346,6 +1351,12 @@ async def test_an_unexpected_exception_on_any_route_is_a_generic_500_never_raise
             "cancel",
             "retry",
             "resume",
+            "list_schedules",
+            "get_schedule",
+            "create_schedule",
+            "pause_schedule",
+            "resume_schedule",
+            "delete_schedule",
         ):
             monkeypatch.setattr(app, name, broken)
         monkeypatch.setattr(app.metrics, "exposition", broken)

@@ -25,7 +25,16 @@ from ._registry import Registry
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._schedules import ScheduleInfo
 from ._scheduling import Schedules
-from ._status import LEASES_SHOWN, UNSERVED_CAP, LeaseInfo, ListenerStatus, SystemStatus, WorkerInfo, is_alive
+from ._status import (
+    LEASES_SHOWN,
+    SCHEDULES_SHOWN,
+    UNSERVED_CAP,
+    LeaseInfo,
+    ListenerStatus,
+    SystemStatus,
+    WorkerInfo,
+    is_alive,
+)
 from ._validation import check_id as _check_id
 from .engine.activities import DEFAULT_ACTIVITY_THREADS
 from .engine.context import ActivityContext, WorkflowContext
@@ -433,6 +442,11 @@ class App(OpenClose):
         self._require_open()
         await self.schedules.delete(name)
 
+    async def get_schedule(self, name: str) -> ScheduleInfo:
+        """The stored schedule of that name (``ScheduleNotFoundError`` if there is none)."""
+        self._require_open()
+        return await self.schedules.get(name)
+
     async def list_schedules(self) -> list[ScheduleInfo]:
         """Every stored schedule, by name."""
         self._require_open()
@@ -491,8 +505,8 @@ class App(OpenClose):
         return self.runtime.listener_status()
 
     async def status(self) -> SystemStatus:
-        """The queue, the registered workers, the held leases and this process's listener (what
-        ``geste status`` shows).
+        """The queue, the registered workers, the held leases, this process's listener and the cron
+        schedules (what ``geste status`` shows).
 
         A worker is ``alive`` unless it stopped or has not been heard from within 3 x this App's
         ``lock_timeout`` (workers heartbeat every ``lock_timeout / 3``).
@@ -514,6 +528,7 @@ class App(OpenClose):
             served = {name for worker in live for name in worker.workflows or ()}
             runnable = await self.storage.runnable_workflows(now, cap=UNSERVED_CAP, limit=1000)
             unserved = {name: n for name, n in runnable if name not in served}
+        schedules = await self.schedules.list(SCHEDULES_SHOWN)
         return SystemStatus(
             checked_at=to_datetime(now),  # type: ignore[arg-type]
             queue=queue,
@@ -521,6 +536,7 @@ class App(OpenClose):
             listener=self.listener_status(),
             leases=leases,
             unserved=unserved,
+            schedules=schedules,
         )
 
     async def close(self) -> None:

@@ -209,8 +209,14 @@ class Metrics:
         )
         self.workflows_started = Counter(
             "geste_workflows_started_total",
-            "Instances created by this process (start_workflow).",
+            "Instances created by this process (start_workflow, and the ticks of cron schedules).",
             ("workflow",),
+        )
+        self.schedule_ticks = Counter(
+            "geste_schedule_ticks_total",
+            "Ticks of cron schedules whose round this process won, by schedule and outcome: started, "
+            "skipped (the previous run unfinished, overlap=skip), missed (dropped by the missed policy).",
+            ("schedule", "outcome"),
         )
         self.workflows_ended = Counter(
             "geste_workflows_ended_total",

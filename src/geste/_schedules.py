@@ -155,6 +155,26 @@ def plan(schedule: Schedule, next_tick: float, now: float) -> Plan:
     return Plan([latest], following)
 
 
+MISSED_COUNT_LIMIT = 10_000
+"""The most missed ticks ``missed_ticks`` counts for one round (the metrics' count stops there)."""
+
+
+def missed_ticks(schedule: Schedule, next_tick: float, fired: list[float], now: float) -> int:
+    """How many due ticks (``next_tick`` and those after it up to ``now``) a round's plan does not start:
+    the ticks the ``missed`` policy drops (none with ``all``, whose backfill starts each). Counted up to
+    ``MISSED_COUNT_LIMIT``; a round on time walks one tick."""
+    if schedule.missed == "all" or next_tick > now:
+        return 0
+    started = set(fired)
+    count = 0 if next_tick in started else 1
+    for tick in ticks_after(schedule.cron, schedule.timezone, next_tick):
+        if tick > now or count >= MISSED_COUNT_LIMIT:
+            break
+        if tick not in started:
+            count += 1
+    return min(count, MISSED_COUNT_LIMIT)
+
+
 def _far_future(now: float) -> float:
     """The next tick of a schedule with none to come (its expression's last tick passed): never due."""
     return now + 100 * 365 * 86400.0

@@ -171,5 +171,5 @@ class Schedules:
         if not await self.app.storage.schedule_delete(name):
             raise ScheduleNotFoundError(name)
 
-    async def list(self) -> list[ScheduleInfo]:
-        return [info(stored) for stored in await self.app.storage.list_schedules(limit=LIST_LIMIT)]
+    async def list(self, limit: int = LIST_LIMIT) -> list[ScheduleInfo]:
+        return [info(stored) for stored in await self.app.storage.list_schedules(limit=limit)]

@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from ._models import Status
+from ._schedules import ScheduleInfo
 
 STALE_AFTER = 3
 """A worker not heard from for this many ``lock_timeout`` is not alive (it heartbeats every third of one)."""
@@ -200,6 +201,9 @@ class SystemStatus:
     """Workflows with runnable instances that no live worker registers (none claims them), with how
     many (counted up to ``UNSERVED_CAP``); empty when a live worker of a geste older than schema 9,
     which claimed any workflow, is registered."""
+    schedules: list[ScheduleInfo] = field(default_factory=list)
+    """The cron schedules, by name: each with its next tick, whether it is paused, its last tick and the
+    instance that tick started (at most ``SCHEDULES_SHOWN``)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (what ``geste status --json`` prints)."""
@@ -210,4 +214,25 @@ class SystemStatus:
             "listener": self.listener.as_dict(),
             "leases": [lease.as_dict() for lease in self.leases],
             "unserved": dict(self.unserved),
+            "schedules": [schedule_dict(schedule) for schedule in self.schedules],
         }
+
+
+SCHEDULES_SHOWN = 1000
+"""At most this many schedules are listed in a status (``SystemStatus.schedules``)."""
+
+
+def schedule_dict(info: ScheduleInfo) -> dict[str, Any]:
+    """A schedule, JSON-ready (``geste status --json``, ``GET /schedules``): times in ISO 8601 UTC."""
+    return {
+        "name": info.name,
+        "workflow_name": info.workflow_name,
+        "cron": info.cron,
+        "timezone": info.timezone,
+        "missed": info.missed,
+        "overlap": info.overlap,
+        "paused": info.paused,
+        "next_tick": info.next_tick.isoformat(),
+        "last_tick": None if info.last_tick is None else info.last_tick.isoformat(),
+        "last_instance_id": info.last_instance_id,
+    }

@@ -6,6 +6,7 @@ it for worker subprocesses and pass ``--database-url`` to in-process commands.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import geste
@@ -33,3 +34,9 @@ async def approval(ctx: geste.WorkflowContext, order_id: str) -> dict[str, Any]:
     """Waits (up to a minute) for an ``approved`` event about ``order_id``."""
     event = await ctx.wait_event("approved", match={"order_id": order_id}, timeout=60)
     return {"order_id": order_id, "by": event.data.get("by")}
+
+
+@app.workflow
+async def nightly(ctx: geste.WorkflowContext, tick: datetime) -> str:
+    """Started by a schedule (``geste schedule create``): it takes the tick."""
+    return tick.isoformat()

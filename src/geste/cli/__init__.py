@@ -2,7 +2,8 @@
 
 This module holds the command group and what every command shares; ``_instances`` the commands on
 instances (list, show, start, cancel, retry, resume, send-event, publish), ``_operate`` those that run or
-watch the system (demo, worker, serve, migrate, status, replay-check).
+watch the system (demo, worker, serve, migrate, status, replay-check), ``_schedules`` those on cron
+schedules (schedules, schedule create/pause/resume/delete).
 
 Commands that need no user code open ``App(--database-url, run_worker=False)``; ``worker`` and ``start``
 import the user's App (``module:attribute``). Every ``geste.errors.GesteError`` ends the command with a
@@ -258,4 +259,4 @@ def main() -> None:
 
 
 # The commands register themselves on ``main`` when imported (they need it defined first).
-from . import _instances, _operate  # noqa: E402,F401
+from . import _instances, _operate, _schedules  # noqa: E402,F401

@@ -35,6 +35,7 @@ from . import (
     _load_app,
     _run,
     _safe_url,
+    _stamp,
     database_url_option,
     log_level_option,
     main,
@@ -253,7 +254,7 @@ def _worker_row(worker: WorkerInfo, checked_at: datetime) -> tuple[str, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def status(database_url: str, as_json: bool) -> None:
     """Show the queue (instances per status, runnable, leases, oldest wait; the outbox's pending and dead
-    events and its oldest pending one), the workers and the leases.
+    events and its oldest pending one), the workers, the leases and the cron schedules.
 
     A worker is stale when not heard from within 3 x its lock_timeout (it heartbeats every lock_timeout /
     3), at least 45 s (3 x the default of 15 s); stopped when it shut down gracefully.
@@ -298,6 +299,26 @@ def status(database_url: str, as_json: bool) -> None:
                 click.echo(f"  {worker.worker_id} is unhealthy: {worker.health}")
     if found.leases:
         _print_leases(found)
+    if found.schedules:
+        _print_schedules(found)
+
+
+def _print_schedules(found: SystemStatus) -> None:
+    click.echo(f"schedules ({len(found.schedules)}):")
+    header = ("SCHEDULE", "WORKFLOW", "CRON", "TIMEZONE", "PAUSED", "NEXT TICK", "LAST INSTANCE")
+    rows = [
+        (
+            s.name,
+            s.workflow_name,
+            s.cron,
+            s.timezone,
+            "yes" if s.paused else "no",
+            "-" if s.paused else _stamp(s.next_tick),
+            s.last_instance_id or "-",
+        )
+        for s in found.schedules
+    ]
+    _table(header, rows)
 
 
 def _print_workers(found: SystemStatus) -> None:

@@ -1,8 +1,8 @@
 """The HTTP endpoints of a geste App, as one ASGI application: CloudEvents in, and the instance API.
 
 Every endpoint goes through the App's public calls (``send_event``, ``start_workflow``, ``get_instance``,
-``list_instances``, ``history``, ``runs``, ``cancel``, ``retry``, ``resume``, a handle's ``result``), which
-take values as parameters: no request text ever becomes SQL.
+``list_instances``, ``history``, ``runs``, ``cancel``, ``retry``, ``resume``, a handle's ``result``, the
+schedule calls), which take values as parameters: no request text ever becomes SQL.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 
 from .._access import bearer_matches, is_address_or_localhost, resolve_token
 from .._models import InstanceInfo, RunInfo, Status
+from .._status import schedule_dict
 from ..errors import (
     AppNotOpenError,
     ConfigurationError,
@@ -27,6 +28,7 @@ from ..errors import (
     InstanceStateError,
     PayloadTooLargeError,
     ResultTimeout,
+    ScheduleNotFoundError,
     SerializationError,
     StorageError,
     UnknownWorkflowError,
@@ -67,6 +69,7 @@ MAX_RESULT_WAIT = 30.0
 _STATUS_OF_ERROR: tuple[tuple[type[GesteError], int], ...] = (
     (InstanceNotFoundError, 404),
     (UnknownWorkflowError, 404),
+    (ScheduleNotFoundError, 404),
     (PayloadTooLargeError, 413),
     (InstanceAlreadyExistsError, 409),
     (InstanceStateError, 409),  # a retry of an instance that did not fail, a resume a live worker holds
@@ -110,9 +113,16 @@ class GesteASGI:
         router.add("POST", "/instances/{id}/retry", self._retry)
         router.add("POST", "/instances/{id}/resume", self._resume)
         router.add("GET", "/metrics", self._metrics)
+        router.add("POST", "/schedules/{name}", self._create_schedule)  # (first: a walk of the table
+        router.add("GET", "/schedules", self._schedules)  # in order creates before it reads or deletes)
+        router.add("GET", "/schedules/{name}", self._schedule)
+        router.add("POST", "/schedules/{name}/pause", self._pause_schedule)
+        router.add("POST", "/schedules/{name}/resume", self._resume_schedule)
+        router.add("DELETE", "/schedules/{name}", self._delete_schedule)
         self._viewer = Viewer(app, token=self._token)  # the read-only web viewer (HTML), /ui
         router.add("GET", "/ui", self._viewer.instances)
         router.add("GET", "/ui/instances/{id}", self._viewer.instance)
+        router.add("GET", "/ui/schedules", self._viewer.schedules)
         router.add("POST", "/ui/login", self._viewer.login)
         router.add("POST", "/ui/logout", self._viewer.logout)
         self._router = router
@@ -358,6 +368,65 @@ class GesteASGI:
             },
         )
 
+    # -- schedules -----------------------------------------------------------------------------------
+    async def _schedules(self, request: Request, params: dict[str, str]) -> Response:
+        request.query()
+        return json_response(200, {"schedules": [schedule_dict(s) for s in await self.app.list_schedules()]})
+
+    async def _schedule(self, request: Request, params: dict[str, str]) -> Response:
+        request.query()
+        return json_response(200, schedule_dict(await self.app.get_schedule(params["name"])))
+
+    async def _create_schedule(self, request: Request, params: dict[str, str]) -> Response:
+        """Create the schedule, or update the one of that name (201, or 200 for an update)."""
+        request.query()
+        body = await self._json_body(request)
+        if not isinstance(body, dict):
+            raise bad_request(
+                'the body must be a JSON object: {"workflow": ..., "cron": ..., "timezone": ..., '
+                '"missed": ..., "overlap": ...}'
+            )
+        unknown = sorted(set(body) - set(SCHEDULE_FIELDS))
+        if unknown:
+            raise bad_request(f"unknown field(s) {', '.join(unknown)}: expected {', '.join(SCHEDULE_FIELDS)}")
+        for name in SCHEDULE_FIELDS:
+            if name in ("workflow", "cron") and name not in body:
+                raise bad_request(f"{name} is required")
+            if name in body and not isinstance(body[name], str):
+                raise bad_request(f"{name} must be a string")
+        try:
+            existed = bool(await self.app.get_schedule(params["name"]))
+        except ScheduleNotFoundError:
+            existed = False
+        info = await self.app.create_schedule(
+            params["name"],
+            body["workflow"],
+            body["cron"],
+            timezone=body.get("timezone", "UTC"),
+            missed=body.get("missed", "latest"),
+            overlap=body.get("overlap", "skip"),
+        )
+        return json_response(
+            200 if existed else 201,
+            schedule_dict(info),
+            headers=[("location", f"/schedules/{quote(info.name, safe='')}")],
+        )
+
+    async def _pause_schedule(self, request: Request, params: dict[str, str]) -> Response:
+        request.query()
+        await self.app.pause_schedule(params["name"])
+        return json_response(200, schedule_dict(await self.app.get_schedule(params["name"])))
+
+    async def _resume_schedule(self, request: Request, params: dict[str, str]) -> Response:
+        request.query()
+        await self.app.resume_schedule(params["name"])
+        return json_response(200, schedule_dict(await self.app.get_schedule(params["name"])))
+
+    async def _delete_schedule(self, request: Request, params: dict[str, str]) -> Response:
+        request.query()
+        await self.app.delete_schedule(params["name"])
+        return json_response(200, {"name": params["name"], "deleted": True})
+
     async def _json_body(self, request: Request) -> Any:
         """The request's JSON body, None when it has none; a 415 unless it says it is JSON."""
         content_type = request.content_type()
@@ -367,6 +436,10 @@ class GesteASGI:
         if content_type is None or not content_type.is_json or not is_utf8(content_type.charset):
             raise unsupported_media_type("the body must be JSON, sent with Content-Type: application/json")
         return load_json(body, "the body")
+
+
+SCHEDULE_FIELDS = ("workflow", "cron", "timezone", "missed", "overlap")
+"""The fields of ``POST /schedules/{name}``'s body (``workflow`` and ``cron`` required)."""
 
 
 def _refuse_cross_site(request: Request, *, token_set: bool) -> None:

@@ -13,7 +13,7 @@ from .._models import Status
 from ._html import Child, Html, duration, raw, short, tag, utc, when
 
 if TYPE_CHECKING:
-    from ..storage.base import InstanceSummary
+    from ..storage.base import InstanceSummary, ScheduleRow
     from ._viewer import Link, ListQuery
 
 STYLESHEET = resources.files("geste.http").joinpath("viewer.css").read_text(encoding="utf-8")
@@ -33,7 +33,9 @@ def frame(link: Link, title: str, body: Child, *, signed_in: bool = False, foote
     bar = tag(
         "header",
         tag("a", "geste ", tag("span", "viewer"), class_="brand", href=link.list()),
-        tag("nav", tag("a", "Instances", href=link.list())),
+        tag(
+            "nav", tag("a", "Instances", href=link.list()), " ", tag("a", "Schedules", href=link.schedules())
+        ),
         tag("span", class_="spacer"),
         tag("span", "read-only", class_="meta"),
         sign_out,
@@ -231,6 +233,61 @@ def _table(link: Link, rows: Sequence[InstanceSummary], now: float) -> Html:
     return tag(
         "div", tag("table", tag("thead", head), tag("tbody", lines), class_="list"), class_="tablewrap"
     )
+
+
+# -- the schedules ------------------------------------------------------------------------------------
+def schedule_list(
+    link: Link, *, rows: Sequence[ScheduleRow], now: float, signed_in: bool, elapsed: float
+) -> Html:
+    """The cron schedules by name: definition, paused, next tick, last tick and the instance it started."""
+    head = tag(
+        "tr",
+        [
+            tag("th", name)
+            for name in (
+                "Schedule",
+                "Workflow",
+                "Cron",
+                "Time zone",
+                "Missed",
+                "Overlap",
+                "State",
+                "Next tick",
+                "Last tick",
+                "Last instance",
+            )
+        ],
+    )
+    lines = [
+        tag(
+            "tr",
+            tag("td", row.name, class_="mono"),
+            tag("td", tag("a", row.workflow_name, href=link.list(workflow=row.workflow_name))),
+            tag("td", row.cron, class_="mono"),
+            tag("td", row.timezone),
+            tag("td", row.missed),
+            tag("td", row.overlap),
+            tag("td", "paused" if row.paused else "active", class_="paused" if row.paused else None),
+            tag("td", raw('<span class="muted">—</span>') if row.paused else when(row.next_tick, now)),
+            tag("td", when(row.last_tick, now)),
+            tag(
+                "td",
+                tag("a", row.last_instance_id, href=link.instance(row.last_instance_id))
+                if row.last_instance_id is not None
+                else raw('<span class="muted">—</span>'),
+                class_="id mono",
+            ),
+        )
+        for row in rows
+    ]
+    table = (
+        tag("div", tag("table", tag("thead", head), tag("tbody", lines), class_="list"), class_="tablewrap")
+        if rows
+        else tag("div", "No schedule.", class_="empty tablewrap")
+    )
+    body = [tag("h1", "Schedules"), table]
+    footer = f"{utc(now)} · rendered in {duration(elapsed)}"
+    return frame(link, "Schedules", body, signed_in=signed_in, footer=footer)
 
 
 def _input_preview(head: str) -> str:

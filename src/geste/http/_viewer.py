@@ -1,4 +1,5 @@
-"""The read-only web viewer (``/ui``): the list of instances and one instance's page, served as HTML.
+"""The read-only web viewer (``/ui``): the list of instances, one instance's page, and the cron schedules
+(``/ui/schedules``), served as HTML.
 
 It reads only (no page changes an instance), through the App's storage, and escapes everything it shows
 (``_html``). Every page is sent with a strict Content-Security-Policy: no script at all, its one
@@ -52,6 +53,8 @@ COUNT_CAP = 1_000
 """Counts per status stop here (shown as "1,000+"): each costs at most this many index entries, so the
 counts cost the same on a million instances as on a thousand (`geste status` counts them all)."""
 MAX_WORKFLOW_NAMES = 200
+MAX_SCHEDULES = 1000
+"""The most schedules the schedules page lists (by name)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,9 @@ class Link:
         """An instance's page: its current run, or (``run``) one it ended with ``continue_as_new``."""
         page = f"{self.root}/ui/instances/{quote(instance_id, safe='')}"
         return page if run is None else f"{page}?run={run}"
+
+    def schedules(self) -> str:
+        return f"{self.root}/ui/schedules"
 
     def login(self) -> str:
         return f"{self.root}/ui/login"
@@ -243,6 +249,27 @@ class Viewer:
             has_older=has_older,
             now=now,
             page_sizes=PAGE_SIZES,
+            signed_in=self._signed_in_by_cookie(request),
+            elapsed=time.perf_counter() - started,
+        )
+        return page(200, markup)
+
+    async def schedules(self, request: Request, params: dict[str, str]) -> Response:
+        """``GET /ui/schedules``: the cron schedules by name, each with its next tick and a link to the
+        instance its last tick started."""
+        started = time.perf_counter()
+        try:
+            request.query()
+        except HTTPError as exc:
+            return self._error_page(request, exc.status, exc.message)
+        try:
+            rows = await self.app.storage.list_schedules(limit=MAX_SCHEDULES)
+        except (StorageError, AppNotOpenError) as exc:
+            return self._unavailable(request, exc)
+        markup = _pages.schedule_list(
+            _link(request),
+            rows=rows,
+            now=self._clock(),
             signed_in=self._signed_in_by_cookie(request),
             elapsed=time.perf_counter() - started,
         )

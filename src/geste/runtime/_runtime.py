@@ -228,7 +228,11 @@ class Runtime(OpenClose):
         self._chores_hook = worker
         self.maintenance.start()
         self.schedules = ScheduleLoop(
-            self.storage, clock=self.clock, on_started=worker.made_runnable, on_death=worker.mark_unhealthy
+            self.storage,
+            clock=self.clock,
+            on_started=worker.made_runnable,
+            on_death=worker.mark_unhealthy,
+            metrics=self.metrics,
         )
         self.schedules.start()
         if relay is not None:

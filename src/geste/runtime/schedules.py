@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from .._schedules import Schedule, instance_id, plan, tick_datetime
+from .._metrics import Metrics
+from .._schedules import Schedule, instance_id, missed_ticks, plan, tick_datetime
 from .._serde import encode
 from ..errors import InvalidScheduleError
 from ..storage.base import NewInstance, ScheduleRow, ScheduleStart, Storage
@@ -58,9 +59,11 @@ class ScheduleLoop(Loop):
         clock: Callable[[], float],
         on_started: Callable[[], None],
         on_death: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(name="geste-schedules", what="the schedule loop", on_death=on_death)
         self.storage = storage
+        self.metrics = metrics or Metrics()
         self.clock = clock
         self.on_started = on_started
         self.started = 0
@@ -128,6 +131,7 @@ class ScheduleLoop(Loop):
         )
         if created is None:  # another worker's round moved it first
             return False
+        self._count(row, created, starts, missed_ticks(schedule, row.next_tick, decided.fire, now))
         if created:
             self.started += len(created)
             logger.info("schedule %r started %s", row.name, ", ".join(created))
@@ -139,3 +143,15 @@ class ScheduleLoop(Loop):
                 len(starts),
             )
         return decided.next_tick <= now
+
+    def _count(self, row: ScheduleRow, created: list[str], starts: list[ScheduleStart], missed: int) -> None:
+        """The metrics of a round this process won: ticks started (also counted as workflows started, as
+        any start is), skipped by the overlap policy, missed (dropped by the ``missed`` policy)."""
+        ticks = self.metrics.schedule_ticks.values
+        if created:
+            ticks[(row.name, "started")] += len(created)
+            self.metrics.workflows_started.values[row.workflow_name] += len(created)
+        if len(starts) > len(created):
+            ticks[(row.name, "skipped")] += len(starts) - len(created)
+        if missed:
+            ticks[(row.name, "missed")] += missed

@@ -1,0 +1,99 @@
+"""A schedule ticking each second of the real clock, 4 worker processes on one database, one killed with
+SIGKILL at a tick: every tick of the run starts exactly once, none is lost, none twice.
+
+The workers run ``tests/apps/schedules_app.py`` (the shared harness, ``tests/processes.py``). The victim's
+schedule write hangs at a tick (``before`` it writes it, ``inside`` its transaction, after the move of the
+tick and the insert of its instance and before the commit, or ``after`` it committed it) and the test
+kills it there; the three others go on. On PostgreSQL the victim's server process, asleep in the
+transaction, is then terminated, as the server does once it sees the client gone (the others wait on the
+schedule's row lock until then). Every wait is for a condition (a marker file, a row), with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from datetime import UTC, datetime
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from geste._schedules import instance_id
+
+from .apps.schedules_app import HANG_SQL, SCHEDULE
+from .processes import WorkerProcesses, worker_processes
+from .support import raw_query, wait_until
+
+WORKERS = 4
+HANG_AT = 3
+"""The victim hangs at its third tick write (or the first it wins from then on): a few ticks into the run."""
+TICKS_AFTER_KILL = 5
+
+workers = worker_processes("schedules_app")
+
+
+async def started_ids(url: str) -> list[str]:
+    rows = await raw_query(
+        url,
+        "SELECT instance_id FROM geste_instances WHERE instance_id LIKE $1 ORDER BY instance_id",
+        f"sched:{SCHEDULE}:%",
+    )
+    return [row["instance_id"] for row in rows]
+
+
+def tick_of(iid: str) -> float:
+    return datetime.fromisoformat(iid.removeprefix(f"sched:{SCHEDULE}:")).timestamp()
+
+
+@pytest.mark.parametrize("point", ["before", "inside", "after"])
+async def test_a_worker_killed_at_a_tick_every_tick_starts_exactly_once(
+    workers: WorkerProcesses, db_url: str, point: str
+) -> None:
+    async with workers.client() as client:  # creates the schema and the schedule
+        for n in range(WORKERS - 1):
+            await workers.spawn(f"w{n}")
+        victim = await workers.spawn("victim", hang_at=HANG_AT, hang=point)
+
+        hung = workers.markers / "hung-victim"
+        await wait_until(hung.exists, "the victim to hang at a tick", timeout=60)
+        sleeping: list[dict[str, int]] = []
+        schema = parse_qs(urlsplit(db_url).query).get("schema", [""])[0]
+        if point == "inside" and not db_url.startswith("sqlite"):
+            sleeping = await wait_until(
+                lambda: raw_query(
+                    db_url,
+                    "SELECT pid FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1",
+                    f'%"{schema}".geste_schedules%{HANG_SQL}%',
+                ),
+                "the victim's transaction to sleep",
+            )
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+        for backend in sleeping:
+            await raw_query(db_url, "SELECT pg_terminate_backend($1)", backend["pid"])
+        killed_at = time.time()
+        at_kill = json.loads(hung.read_text())
+
+        async def ticks_after_kill() -> datetime | None:
+            (info,) = await client.list_schedules()
+            last = info.last_tick
+            return last if last is not None and last.timestamp() >= killed_at + TICKS_AFTER_KILL else None
+
+        end = await wait_until(ticks_after_kill, "ticks after the kill", timeout=60)
+        for proc in workers.procs:
+            assert proc.poll() is None or proc is victim, workers.output(proc)
+
+        found = await started_ids(db_url)
+        assert len(found) == len(set(found))  # none twice
+        first = min(tick_of(iid) for iid in found)
+        window = [iid for iid in found if tick_of(iid) <= end.timestamp()]
+        expected = [
+            instance_id(SCHEDULE, tick) for tick in range(int(first), int(end.timestamp()) + 1)
+        ]  # each second from the first tick to the last seen: none lost
+        assert window == expected
+        assert len(window) >= HANG_AT + TICKS_AFTER_KILL
+        assert set(at_kill) <= set(window)  # the tick the victim died at: started (by it, or another)
+        for iid in window:  # the victim's leases run out: the others run what it held
+            assert await client.get_handle(iid).result(timeout=60) == "ticked"
+        assert all(datetime.fromtimestamp(tick_of(i), UTC).microsecond == 0 for i in found)
