@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 import geste
+from tests.apps.crash_app import build_app
 
-from .test_crash import ROOT, Cluster, build_app
+from .processes import ROOT, Cluster
 
 PROCESSES = 6
 WAVE = 150
