@@ -16,7 +16,7 @@ CREATE TABLE {schema}.geste_queues (
     worker_concurrency integer,
     rate_limit         integer,
     rate_period        double precision,
-    starts             double precision[] NOT NULL DEFAULT '{}',
+    starts             double precision[] NOT NULL DEFAULT ARRAY[]::double precision[],
     updated_at         double precision NOT NULL
 );
 

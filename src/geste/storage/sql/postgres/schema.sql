@@ -334,7 +334,7 @@ CREATE TABLE geste_queues (
     worker_concurrency integer,          -- of those, admitted by one worker and running there; NULL: any
     rate_limit         integer,          -- admissions at most in any window of rate_period seconds; NULL: any
     rate_period        double precision,
-    starts             double precision[] NOT NULL DEFAULT '{}',  -- the admission times of the last window
+    starts             double precision[] NOT NULL DEFAULT ARRAY[]::double precision[],  -- the admission times of the last window
     updated_at         double precision NOT NULL
 );
 -- the waiting line of a queue, in claim order (priority, then first come first served)
