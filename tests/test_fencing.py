@@ -327,3 +327,14 @@ async def test_a_partitioned_worker_loses_its_lease_records_nothing_and_works_ag
     (x,) = await raw_query(pg_url, "SELECT result, last_worker FROM geste_instances WHERE instance_id = 'x'")
     assert x["last_worker"] == "B" and "B did 1" in x["result"]
     assert runs == ["A:x", "B:x", "A:y"]
+
+
+async def test_a_lease_of_months_still_opens_the_pool_on_postgres(pg_url: str) -> None:
+    """The pool's ``idle_in_transaction_session_timeout`` (half the command timeout, itself twice the
+    lease) is capped at PostgreSQL's largest value: with a lease past about 50 days the server refused
+    every connection ("is outside the valid range")."""
+    app = geste.App(pg_url, lock_timeout=90 * 86400.0, run_worker=False)
+    async with app:
+        assert await app.list_instances(limit=1) is not None
+        rows = await app.storage._pool.fetch("SHOW idle_in_transaction_session_timeout")  # type: ignore[attr-defined]
+    assert rows[0][0] != "0"

@@ -55,6 +55,10 @@ MIN_COMMAND_TIMEOUT = 5.0
 """The shortest ``command_timeout`` derived from a worker's ``lock_timeout``."""
 
 
+MAX_SETTING_MS = 2**31 - 1
+"""The largest value of a PostgreSQL setting in milliseconds (an int): about 24.8 days."""
+
+
 def derived_command_timeout(lock_timeout: float | None) -> float:
     """The ``command_timeout`` of an App that sets none in its URL: twice its ``lock_timeout`` (at
     least ``MIN_COMMAND_TIMEOUT``), 60 s for a storage opened without one (the CLI). A statement not
@@ -467,7 +471,8 @@ class PostgresStorage(base.Storage):
             # Half the limit: those waiting for its locks get them before their own limit runs out.
             # (Not through a transaction pooler: PgBouncer refuses startup parameters it does not know;
             # PgBouncer's idle_transaction_timeout does the same when set.)
-            settings["idle_in_transaction_session_timeout"] = str(int(limit * 500))
+            # (At most PostgreSQL's largest value: a lease of weeks would otherwise open no connection.)
+            settings["idle_in_transaction_session_timeout"] = str(min(int(limit * 500), MAX_SETTING_MS))
         try:
             self._pool = await asyncpg.create_pool(
                 self._dsn,
