@@ -1228,8 +1228,8 @@ class PostgresStorage(base.Storage):
             )
             if not started["created"]:
                 state = _child_state(await conn.fetchrow(self._q["child_state"], child.instance_id))
-                if state is None:  # taken by an instance deleted since (retention): a rare race, retried
-                    raise base.LeaseLost(lease.instance_id)
+                if state is None:  # refused, yet gone at the read (no instance is deleted today): never
+                    raise base.LeaseLost(lease.instance_id)  # report it created; the run is retried
                 return state
             if not started["touched"]:
                 raise base.LeaseLost(lease.instance_id)
