@@ -88,7 +88,7 @@ class CachedRun:
     def resume(self, claim: Claim, rows: Sequence[HistoryRow]) -> None:
         """Continue the parked run under ``claim`` with ``rows`` (``new_rows``)."""
         assert self._resume is not None
-        self.journal.resumed(claim.lease, rows, claim.cancel_requested)
+        self.journal.resumed(claim.lease, rows, claim.cancel_requested, claim.awaited)
         self.stopped = asyncio.get_running_loop().create_future()
         self._resume.set_result(None)
 

@@ -193,6 +193,7 @@ class Journal:
         cancel_requested: bool,
         run: int = 1,
         deadline: float | None = None,
+        awaited: tuple[str, ChildState] | None = None,
     ) -> None:
         self.host = host
         self.lease = lease
@@ -237,6 +238,9 @@ class Journal:
         self._cancel_reached = False
         self.live_activities: set[Cancellable] = set()
         """The activity steps running live now (``ActivityRunner``): a cancel requested reaches them."""
+        self.awaited = awaited
+        """The id and end of the awaited child, read by the claim (``Claim.awaited``): ``child_ended``
+        takes it instead of reading the child."""
         self.children: dict[str, str] = {}
         """The children this run started (``ctx.start_child``, replayed or live): id -> parent-close
         policy; those it awaited to their end are dropped, so the run's end applies the policy to the rest."""
@@ -256,10 +260,18 @@ class Journal:
     def is_replaying(self) -> bool:
         return self.seq < self.last_recorded
 
-    def resumed(self, lease: Lease, rows: Sequence[HistoryRow], cancel_requested: bool) -> None:
+    def resumed(
+        self,
+        lease: Lease,
+        rows: Sequence[HistoryRow],
+        cancel_requested: bool,
+        awaited: tuple[str, ChildState] | None = None,
+    ) -> None:
         """A run parked at a wait continues under a new ``lease`` with the ``rows`` recorded since it
-        parked (its wait's outcome, if any: ``engine.cache`` checked them)."""
+        parked (its wait's outcome, if any: ``engine.cache`` checked them), and the awaited child's end
+        if the claim read it."""
         self.lease = lease
+        self.awaited = awaited
         for row in rows:
             self._history[row.seq] = row
             self.last_recorded = max(self.last_recorded, row.seq)
@@ -524,7 +536,11 @@ class Journal:
 
     async def child_ended(self, child_id: str) -> ChildState | None:
         """The child's state if it has ended (one read by primary key, nothing written), else None: a
-        wait woken by the child's end finds it so, without the suspension's transaction."""
+        wait woken by the child's end finds it so, without the suspension's transaction. The claim that
+        woke the run may have read it already (``awaited``, schema 21): then nothing is read."""
+        awaited, self.awaited = self.awaited, None
+        if awaited is not None and awaited[0] == child_id:
+            return awaited[1]
         with _abandon_on_failure:
             row = await self.host.storage.get_instance(child_id)
         if row is None or not row.status.is_finished:

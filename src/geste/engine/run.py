@@ -222,6 +222,7 @@ class Engine:
             cancel_requested=claim.cancel_requested,
             run=claim.run,
             deadline=claim.deadline,
+            awaited=claim.awaited,
         )
         timer = self._hold(journal)
         try:

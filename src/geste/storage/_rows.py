@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 from .._models import Status
 from .._status import is_alive
 from .base import (
+    ChildState,
     Claim,
     EventWait,
     EventWaitRow,
@@ -132,7 +133,21 @@ def claim(
         history_after,
         r["run"],
         r["deadline"],
+        _awaited(r),
     )
+
+
+def _awaited(r: Record) -> tuple[str, ChildState] | None:
+    """The awaited child's end a claim joined (schema 21: ``a_status``...), if it read one; the claims of
+    a queue and SQLite's claims of a name do not join it (the run then reads the child)."""
+    try:
+        status = r["a_status"]
+    except (KeyError, IndexError):
+        return None
+    if status is None:
+        return None
+    child = ChildState(r["a_workflow"], Status.stored(status), r["a_result"], r["a_error"], r["a_parent"])
+    return r["awaits"], child
 
 
 def stored_event(r: Record) -> StoredEvent:

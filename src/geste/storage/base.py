@@ -123,6 +123,9 @@ class Claim:
     """The number of the instance's current run (schema 15): ``input`` and ``history`` are that run's."""
     deadline: float | None = None
     """When the instance's deadline passes (schema 17; None: none): then its run cancels it."""
+    awaited: tuple[str, ChildState] | None = None
+    """The id and end of the child whose end the instance's suspension awaited, when the claim read it
+    (schema 21): the child had ended, and the parent goes on without reading it. None otherwise."""
 
 
 class Claims(list[Claim]):

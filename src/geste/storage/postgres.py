@@ -48,6 +48,8 @@ _QUERIES = load_queries("postgres")
 DEDUP_ATTEMPTS = 5
 """A queued start meets a dedup id taken, then finds its holder ended: it inserts again, this many times."""
 SCHEMA_VERSION = _migrations.load("postgres")[-1].version
+FINISH_DEADLOCK_TRIES = 3
+"""How many times an end aborted to break a deadlock is written (``PostgresStorage._finish_one``)."""
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 MIGRATION_TIMEOUT = 24 * 3600.0
 """How long a migration (and a process waiting for another's) may take: no ``command_timeout``."""
@@ -1059,7 +1061,13 @@ class PostgresStorage(base.Storage):
         return await self._run(go)
 
     async def _suspend(
-        self, conn: Conn, commit: base.Commit, *, run_at: float | None, timer: tuple[int, float] | None
+        self,
+        conn: Conn,
+        commit: base.Commit,
+        *,
+        run_at: float | None,
+        timer: tuple[int, float] | None,
+        awaits: str | None = None,
     ) -> base.Suspension:
         lease = commit.lease
         row = await conn.fetchrow(
@@ -1072,6 +1080,7 @@ class PostgresStorage(base.Storage):
             None if timer is None else timer[0],
             None if timer is None else timer[1],
             self.notify,
+            awaits,
         )
         if row["suspended"]:
             return base.Suspension.SUSPENDED
@@ -1175,13 +1184,16 @@ class PostgresStorage(base.Storage):
         (nothing of it was written): an end that flags its children locks them after its own row when
         its id sorts first, while a child's end at that moment locks the child, then the parent
         (docs/design.md, "Parent close"): the end goes through once the child's has, not a second
-        later through an abandoned run."""
-        try:
-            await self._finish_once(item)
-        except StorageError as exc:
-            if getattr(exc.__cause__, "sqlstate", None) != DEADLOCK:
-                raise
-            await self._finish_once(item)
+        later through an abandoned run. Written up to ``FINISH_DEADLOCK_TRIES`` times: the end written
+        again can take its own row back before the child's end, which waited for it, gets it, and
+        deadlock once more (seen under load)."""
+        for attempt in range(1, FINISH_DEADLOCK_TRIES + 1):
+            try:
+                await self._finish_once(item)
+                return
+            except StorageError as exc:
+                if getattr(exc.__cause__, "sqlstate", None) != DEADLOCK or attempt == FINISH_DEADLOCK_TRIES:
+                    raise
 
     async def _finish_once(self, item: _Finish) -> None:
         self.step_commits += 1
@@ -1247,7 +1259,7 @@ class PostgresStorage(base.Storage):
             tx = conn.transaction()
             await tx.start()
             try:
-                outcome = await self._suspend(conn, commit, run_at=None, timer=None)
+                outcome = await self._suspend(conn, commit, run_at=None, timer=None, awaits=child_id)
                 if outcome is base.Suspension.SUSPENDED:
                     state = _child_state(await conn.fetchrow(self._q["child_state"], child_id))
                     if state is not None and state.status.is_finished:

@@ -629,7 +629,7 @@ class SQLiteStorage(base.Storage):
         return await self._write(tx)
 
     def _suspend_tx(
-        self, conn: sqlite3.Connection, commit: base.Commit, *, run_at: float | None
+        self, conn: sqlite3.Connection, commit: base.Commit, *, run_at: float | None, awaits: str | None = None
     ) -> base.Suspension:
         lease, records = commit.lease, commit.records
         params = {
@@ -638,6 +638,7 @@ class SQLiteStorage(base.Storage):
             "run_at": run_at,
             "now": commit.now,
             "steps": len(records),
+            "awaits": awaits,
         }
         if conn.execute(Q["suspend"], params).rowcount == 0:
             state = conn.execute(Q["lease_state"], params).fetchone()
@@ -786,7 +787,7 @@ class SQLiteStorage(base.Storage):
             state = _child_state(conn.execute(Q["child_state"], (child_id,)).fetchone())
             if state is not None and state.status.is_finished:
                 return state
-            return self._suspend_tx(conn, commit, run_at=None)
+            return self._suspend_tx(conn, commit, run_at=None, awaits=child_id)
 
         return await self._write(tx)
 

@@ -328,9 +328,9 @@ WITH expired AS (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run, i.steps, i.deadline
+              i.run, i.steps, i.deadline, i.awaits
 )
-(SELECT c.*, p.run_at, p.expired_at, h.*
+(SELECT c.*, p.run_at, p.expired_at, h.*, aw.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  CROSS JOIN LATERAL (  -- the rows after the step the worker knows ($8: instance: step), column by column
      SELECT array_agg(x.seq) AS h_seq, array_agg(x.kind) AS h_kind, array_agg(x.name) AS h_name,
@@ -339,15 +339,21 @@ WITH expired AS (
            WHERE instance_id = c.instance_id AND seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0)
            ORDER BY seq) AS x
  ) AS h
+ LEFT JOIN LATERAL (  -- (21) the end of the child it suspended to await, if it has ended: no read of it
+     SELECT a.workflow_name AS a_workflow, a.status AS a_status, a.result AS a_result, a.error AS a_error,
+            a.parent_id AS a_parent
+     FROM {schema}.geste_instances AS a
+     WHERE a.instance_id = c.awaits AND a.status IN ('completed', 'failed', 'cancelled')
+ ) AS aw ON true
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT run_at FROM {schema}.geste_instances
         WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
           AND lease_id IS NULL
           AND status IN ('pending', 'running', 'waiting', 'compensating')
         ORDER BY workflow_name, run_at LIMIT 1),
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL;
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL;
 
 -- name: claim_names
 -- `claim` for a worker that registers several workflows ($7, their names), with the same result. Per
@@ -400,9 +406,9 @@ WITH heads AS (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run, i.steps, i.deadline
+              i.run, i.steps, i.deadline, i.awaits
 )
-(SELECT c.*, p.run_at, p.expired_at, h.*
+(SELECT c.*, p.run_at, p.expired_at, h.*, aw.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  CROSS JOIN LATERAL (  -- the rows after the step the worker knows ($8: instance: step), column by column
      SELECT array_agg(x.seq) AS h_seq, array_agg(x.kind) AS h_kind, array_agg(x.name) AS h_name,
@@ -411,10 +417,16 @@ WITH heads AS (
            WHERE instance_id = c.instance_id AND seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0)
            ORDER BY seq) AS x
  ) AS h
+ LEFT JOIN LATERAL (  -- (21) the end of the child it suspended to await, if it has ended: no read of it
+     SELECT a.workflow_name AS a_workflow, a.status AS a_status, a.result AS a_result, a.error AS a_error,
+            a.parent_id AS a_parent
+     FROM {schema}.geste_instances AS a
+     WHERE a.instance_id = c.awaits AND a.status IN ('completed', 'failed', 'cancelled')
+ ) AS aw ON true
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at),
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at),
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.geste_instances
@@ -457,9 +469,9 @@ WITH named AS MATERIALIZED (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run, i.steps, i.deadline
+              i.run, i.steps, i.deadline, i.awaits
 )
-(SELECT c.*, p.run_at, p.expired_at, h.*
+(SELECT c.*, p.run_at, p.expired_at, h.*, aw.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
  CROSS JOIN LATERAL (  -- the rows after the step the worker knows ($9: instance: step), column by column
      SELECT array_agg(x.seq) AS h_seq, array_agg(x.kind) AS h_kind, array_agg(x.name) AS h_name,
@@ -468,10 +480,16 @@ WITH named AS MATERIALIZED (
            WHERE instance_id = c.instance_id AND seq > coalesce(($9::jsonb ->> c.instance_id)::integer, 0)
            ORDER BY seq) AS x
  ) AS h
+ LEFT JOIN LATERAL (  -- (21) the end of the child it suspended to await, if it has ended: no read of it
+     SELECT a.workflow_name AS a_workflow, a.status AS a_status, a.result AS a_result, a.error AS a_error,
+            a.parent_id AS a_parent
+     FROM {schema}.geste_instances AS a
+     WHERE a.instance_id = c.awaits AND a.status IN ('completed', 'failed', 'cancelled')
+ ) AS aw ON true
  ORDER BY p.run_at)
 UNION ALL
-SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM named
 WHERE workflow_name = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
@@ -612,14 +630,15 @@ FROM unnest(hashtextextended('geste_event:' || $1, 0) || $2::bigint[], $3::boole
 -- of an earlier timer would almost never be used, and every notifying commit makes every listening
 -- backend of the database read the notification queue (docs/design.md, "Routing"). The run_at is the
 -- earlier of the suspension's and the instance's deadline (schema 17; LEAST ignores a NULL): a waiting
--- instance becomes due when its deadline passes, and the claim that takes it then cancels it.
+-- instance becomes due when its deadline passes, and the claim that takes it then cancels it. awaits
+-- (schema 21): the child this suspension waits for ($14; NULL for any other wait), which the claims join.
 WITH lease AS (
     SELECT lock_expires_at FROM {schema}.geste_instances WHERE instance_id = $1 AND lease_id = $2
 ), suspended AS (
     UPDATE {schema}.geste_instances
     SET status = 'waiting', run_at = LEAST($3, deadline), locked_by = NULL, lease_id = NULL,
         lock_expires_at = NULL, updated_at = $4, steps = steps + cardinality($5::integer[]),
-        last_worker = locked_by
+        last_worker = locked_by, awaits = $14
     WHERE instance_id = $1 AND lease_id = $2 AND NOT cancel_requested
     RETURNING instance_id, workflow_name, last_worker
 ), rows AS (

@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 20), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 21), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -49,7 +49,8 @@ CREATE TABLE geste_instances (
     queue            text,              -- (20) the queue it was started onto; NULL: none
     priority         integer NOT NULL DEFAULT 0,   -- (20) its place in the queue's line: lower first
     queued_at        double precision,  -- (20) while queued (not admitted yet): its start's time
-    dedup_id         text               -- (20) at most one unfinished instance per (queue, dedup_id)
+    dedup_id         text,              -- (20) at most one unfinished instance per (queue, dedup_id)
+    awaits           text               -- (21) the child its last child wait suspended for; NULL: none
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);

@@ -210,12 +210,13 @@ RETURNING cancel_requested;
 -- name: suspend
 -- The suspending worker becomes the instance's last_worker (schema 13; SET reads the old row). Its run_at
 -- is the earlier of the suspension's and the instance's deadline (schema 17): due when the deadline passes.
+-- awaits (schema 21): the child this suspension waits for (NULL for any other wait).
 UPDATE geste_instances
 SET status = 'waiting',
     run_at = CASE WHEN deadline IS NOT NULL AND (:run_at IS NULL OR deadline < :run_at)
                   THEN deadline ELSE :run_at END,
     locked_by = NULL, lease_id = NULL, lock_expires_at = NULL,
-    updated_at = :now, steps = steps + :steps, last_worker = locked_by
+    updated_at = :now, steps = steps + :steps, last_worker = locked_by, awaits = :awaits
 WHERE instance_id = :instance_id AND lease_id = :lease_id AND cancel_requested = 0;
 
 -- name: lease_state
