@@ -629,7 +629,12 @@ class SQLiteStorage(base.Storage):
         return await self._write(tx)
 
     def _suspend_tx(
-        self, conn: sqlite3.Connection, commit: base.Commit, *, run_at: float | None, awaits: str | None = None
+        self,
+        conn: sqlite3.Connection,
+        commit: base.Commit,
+        *,
+        run_at: float | None,
+        awaits: str | None = None,
     ) -> base.Suspension:
         lease, records = commit.lease, commit.records
         params = {
