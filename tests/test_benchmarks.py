@@ -250,5 +250,10 @@ def test_child_benchmark_smoke() -> None:
     assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-3000:]
     results = json.loads(lines[0][len("RESULT ") :])["results"]
     assert [r["backend"] for r in results] == ["postgres", "sqlite"]
-    assert all(r["n"] == 3 and 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] for r in results)
-    assert "child round trip over 3 samples: p50" in proc.stdout
+    for key in ("", "end_to_end_"):
+        assert all(
+            r["n"] == 3 and 0 < r[f"{key}p50_ms"] <= r[f"{key}p90_ms"] <= r[f"{key}p99_ms"] for r in results
+        )
+    assert all(r["p50_ms"] < r["end_to_end_p50_ms"] for r in results)  # the parent's part of the whole
+    assert "round trip in the parent  over 3 samples: p50" in proc.stdout
+    assert "end to end                over 3 samples: p50" in proc.stdout
