@@ -144,7 +144,7 @@ def _awaited(r: Record) -> tuple[str, ChildState] | None:
         status = r["a_status"]
     except (KeyError, IndexError):
         return None
-    if status is None:
+    if status is None or not Status.stored(status).is_finished:  # (the claim reads it by its key only)
         return None
     child = ChildState(r["a_workflow"], Status.stored(status), r["a_result"], r["a_error"], r["a_parent"])
     return r["awaits"], child

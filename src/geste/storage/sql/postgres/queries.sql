@@ -339,11 +339,10 @@ WITH expired AS (
            WHERE instance_id = c.instance_id AND seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0)
            ORDER BY seq) AS x
  ) AS h
- LEFT JOIN LATERAL (  -- (21) the end of the child it suspended to await, if it has ended: no read of it
+ LEFT JOIN LATERAL (  -- (21) the child it suspended to await, by its key (the reader keeps it if it ended)
      SELECT a.workflow_name AS a_workflow, a.status AS a_status, a.result AS a_result, a.error AS a_error,
             a.parent_id AS a_parent
-     FROM {schema}.geste_instances AS a
-     WHERE a.instance_id = c.awaits AND a.status IN ('completed', 'failed', 'cancelled')
+     FROM {schema}.geste_instances AS a WHERE a.instance_id = c.awaits
  ) AS aw ON true
  ORDER BY p.run_at)
 UNION ALL
@@ -417,11 +416,10 @@ WITH heads AS (
            WHERE instance_id = c.instance_id AND seq > coalesce(($8::jsonb ->> c.instance_id)::integer, 0)
            ORDER BY seq) AS x
  ) AS h
- LEFT JOIN LATERAL (  -- (21) the end of the child it suspended to await, if it has ended: no read of it
+ LEFT JOIN LATERAL (  -- (21) the child it suspended to await, by its key (the reader keeps it if it ended)
      SELECT a.workflow_name AS a_workflow, a.status AS a_status, a.result AS a_result, a.error AS a_error,
             a.parent_id AS a_parent
-     FROM {schema}.geste_instances AS a
-     WHERE a.instance_id = c.awaits AND a.status IN ('completed', 'failed', 'cancelled')
+     FROM {schema}.geste_instances AS a WHERE a.instance_id = c.awaits
  ) AS aw ON true
  ORDER BY p.run_at)
 UNION ALL
@@ -480,11 +478,10 @@ WITH named AS MATERIALIZED (
            WHERE instance_id = c.instance_id AND seq > coalesce(($9::jsonb ->> c.instance_id)::integer, 0)
            ORDER BY seq) AS x
  ) AS h
- LEFT JOIN LATERAL (  -- (21) the end of the child it suspended to await, if it has ended: no read of it
+ LEFT JOIN LATERAL (  -- (21) the child it suspended to await, by its key (the reader keeps it if it ended)
      SELECT a.workflow_name AS a_workflow, a.status AS a_status, a.result AS a_result, a.error AS a_error,
             a.parent_id AS a_parent
-     FROM {schema}.geste_instances AS a
-     WHERE a.instance_id = c.awaits AND a.status IN ('completed', 'failed', 'cancelled')
+     FROM {schema}.geste_instances AS a WHERE a.instance_id = c.awaits
  ) AS aw ON true
  ORDER BY p.run_at)
 UNION ALL
