@@ -894,6 +894,95 @@ async def test_an_end_aborted_to_break_a_deadlock_with_its_childs_end_is_written
         ]
 
 
+@pytest.mark.parametrize("child_end", ["before", "after"])
+async def test_a_childs_end_racing_its_parents_suspension_is_never_missed(
+    pg_url: str, child_end: str
+) -> None:
+    """The suspension at a child wait is one statement (schema 21): it locks the parent's row, then reads
+    the child in a fresh snapshot. A child's end holds the parent's row (its wake-up of the parent)
+    while the suspension waits for that row: "before", the end commits and the suspension, which began
+    before that commit, must still see the child ended (a read in the statement's own snapshot would not,
+    and would suspend a parent that nothing wakes: the end saw it held). "after": the end reaches the
+    parent's row once the suspension has committed, and finds it waiting and free, so it wakes it."""
+    import time as _time
+
+    import asyncpg
+
+    from geste.storage.base import ChildState, Commit, Lease, NewInstance, Suspension
+
+    app = geste.App(pg_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        now = _time.time()
+        lease = Lease("rp", "lease-rp")
+        await storage.create_instance(
+            NewInstance("rp", "w", '{"args":[],"kwargs":{}}', now),
+            lease=lease,
+            worker_id="me",
+            lock_expires_at=now + 60,
+        )
+        child_lease = Lease("rp:1", "lease-rp:1")
+        await storage.create_instance(
+            NewInstance("rp:1", "w", '{"args":[],"kwargs":{}}', now),
+            lease=child_lease,
+            worker_id="other",
+            lock_expires_at=now + 60,
+        )
+        await raw_query(pg_url, "UPDATE geste_instances SET parent_id = 'rp' WHERE instance_id = 'rp:1'")
+        child_side = await asyncpg.connect(
+            pg_url.split("?", 1)[0], server_settings={"search_path": storage.schema}
+        )
+        try:
+            if child_end == "before":
+                transaction = child_side.transaction()
+                await transaction.start()
+                await child_side.execute(
+                    "UPDATE geste_instances SET status = 'completed', result = '7' WHERE instance_id = 'rp:1'"
+                )
+                await child_side.execute(
+                    "UPDATE geste_instances SET run_at = run_at WHERE instance_id = 'rp'"
+                )
+                suspending = asyncio.create_task(
+                    storage.take_child_or_suspend(Commit(lease, [], now), "rp:1")
+                )
+
+                async def blocked() -> bool:
+                    found = await raw_query(
+                        pg_url,
+                        "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE $1",
+                        f'%"{storage.schema}".geste_child_now%',
+                    )
+                    return int(found[0]["n"]) > 0
+
+                await wait_until(blocked, "the suspension to wait for the parent's row")
+                await transaction.commit()
+                outcome = await asyncio.wait_for(suspending, 30)
+                assert isinstance(outcome, ChildState)
+                assert (outcome.status, outcome.result) == (geste.Status.COMPLETED, "7")
+                rows = await raw_query(
+                    pg_url, "SELECT status, lease_id FROM geste_instances WHERE instance_id = 'rp'"
+                )
+                assert (rows[0]["status"], rows[0]["lease_id"]) == ("running", "lease-rp")  # nothing written
+            else:
+                outcome = await storage.take_child_or_suspend(Commit(lease, [], now), "rp:1")
+                assert outcome is Suspension.SUSPENDED
+                await storage.finish(Commit(child_lease, [], now), status=geste.Status.COMPLETED, result="7")
+                rows = await raw_query(
+                    pg_url,
+                    "SELECT status, awaits, run_at IS NOT NULL AS due FROM geste_instances"
+                    " WHERE instance_id = 'rp'",
+                )
+                assert (rows[0]["status"], rows[0]["awaits"], rows[0]["due"]) == ("waiting", "rp:1", True)
+                # the claim that takes the woken parent returns its child's end: nothing to read
+                claims = await storage.claim_ids("me", now + 1, now + 61, ["rp"], workflows=["w"])
+                assert [c.awaited for c in claims] == [
+                    ("rp:1", ChildState("w", geste.Status.COMPLETED, "7", None, "rp"))
+                ]
+        finally:
+            await child_side.close()
+
+
 async def test_a_parents_end_reaches_a_childs_running_activity_at_once_on_postgres(pg_url: str) -> None:
     """A child running a long activity when its parent ends (ParentClose.CANCEL): on PostgreSQL its holder
     is told at once, as for ``app.cancel`` (a ``"cancel": true`` notification routed to it), not at its

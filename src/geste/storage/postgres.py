@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import islice
 from operator import attrgetter
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, cast, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._matching import event_keys, wait_key
@@ -1060,6 +1060,20 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
+    @overload
+    async def _suspend(
+        self, conn: Conn, commit: base.Commit, *, run_at: float | None, timer: tuple[int, float] | None
+    ) -> base.Suspension: ...
+    @overload
+    async def _suspend(
+        self,
+        conn: Conn,
+        commit: base.Commit,
+        *,
+        run_at: float | None,
+        timer: tuple[int, float] | None,
+        awaits: str,
+    ) -> base.Suspension | base.ChildState: ...
     async def _suspend(
         self,
         conn: Conn,
@@ -1068,7 +1082,9 @@ class PostgresStorage(base.Storage):
         run_at: float | None,
         timer: tuple[int, float] | None,
         awaits: str | None = None,
-    ) -> base.Suspension:
+    ) -> base.Suspension | base.ChildState:
+        """The suspension, in one statement; at a child wait (``awaits``), the child's end instead when it
+        has ended (nothing written)."""
         lease = commit.lease
         row = await conn.fetchrow(
             self._q["suspend"],
@@ -1086,6 +1102,14 @@ class PostgresStorage(base.Storage):
             return base.Suspension.SUSPENDED
         if not row["ours"]:
             raise base.LeaseLost(lease.instance_id)
+        if row["a_status"] is not None and Status.stored(row["a_status"]).is_finished:
+            return base.ChildState(
+                row["a_workflow"],
+                Status.stored(row["a_status"]),
+                row["a_result"],
+                row["a_error"],
+                row["a_parent"],
+            )
         return base.Suspension.CANCEL_REQUESTED
 
     async def suspend(
@@ -1252,24 +1276,11 @@ class PostgresStorage(base.Storage):
     async def take_child_or_suspend(
         self, commit: base.Commit, child_id: str
     ) -> base.ChildState | base.Suspension:
+        # One statement (`suspend` with the awaited child, schema 21): it locks the parent's row, then
+        # reads the child in a fresh snapshot, and suspends only if the child has not ended; a child's
+        # end that has not reached the parent's row waits for it and then wakes the parent.
         async def go(conn: Conn) -> base.ChildState | base.Suspension:
-            # The suspension first: it locks the parent's row, so a child's end that has not committed
-            # yet waits for this transaction and then sees the parent waiting (and wakes it); the read
-            # of the child after it, a statement of its own, sees every end committed before.
-            tx = conn.transaction()
-            await tx.start()
-            try:
-                outcome = await self._suspend(conn, commit, run_at=None, timer=None, awaits=child_id)
-                if outcome is base.Suspension.SUSPENDED:
-                    state = _child_state(await conn.fetchrow(self._q["child_state"], child_id))
-                    if state is not None and state.status.is_finished:
-                        await tx.rollback()  # nothing written: the parent goes on with its lease
-                        return state
-            except BaseException:
-                await tx.rollback()
-                raise
-            await tx.commit()
-            return outcome
+            return await self._suspend(conn, commit, run_at=None, timer=None, awaits=child_id)
 
         return await self._run(go)
 

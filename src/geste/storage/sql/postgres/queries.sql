@@ -627,16 +627,28 @@ FROM unnest(hashtextextended('geste_event:' || $1, 0) || $2::bigint[], $3::boole
 -- of an earlier timer would almost never be used, and every notifying commit makes every listening
 -- backend of the database read the notification queue (docs/design.md, "Routing"). The run_at is the
 -- earlier of the suspension's and the instance's deadline (schema 17; LEAST ignores a NULL): a waiting
--- instance becomes due when its deadline passes, and the claim that takes it then cancels it. awaits
--- (schema 21): the child this suspension waits for ($14; NULL for any other wait), which the claims join.
+-- instance becomes due when its deadline passes, and the claim that takes it then cancels it.
+-- A child wait (schema 21; $14, the awaited child; NULL for any other wait): awaits = $14, which the claims
+-- join, and the statement suspends only if the child has not ended, read by geste_child_now in a
+-- snapshot taken after the instance's row is locked ("awaited"): a child's end that updated that row (its
+-- wake-up of the parent) committed before the lock was granted and is seen there; one that has not
+-- reached the row waits for this commit and then finds the parent waiting, and wakes it. An ended child
+-- comes back in the a_* columns, with nothing written (the parent goes on under its lease): one round
+-- trip instead of a transaction of four. The InitPlan of "awaited" runs before the UPDATE.
 WITH lease AS (
     SELECT lock_expires_at FROM {schema}.geste_instances WHERE instance_id = $1 AND lease_id = $2
+), awaited AS MATERIALIZED (
+    SELECT c.* FROM (
+        SELECT 1 FROM {schema}.geste_instances
+        WHERE instance_id = $1 AND lease_id = $2 AND $14::text IS NOT NULL FOR UPDATE
+    ) AS locked CROSS JOIN LATERAL {schema}.geste_child_now($14::text) AS c
 ), suspended AS (
     UPDATE {schema}.geste_instances
     SET status = 'waiting', run_at = LEAST($3, deadline), locked_by = NULL, lease_id = NULL,
         lock_expires_at = NULL, updated_at = $4, steps = steps + cardinality($5::integer[]),
         last_worker = locked_by, awaits = $14
     WHERE instance_id = $1 AND lease_id = $2 AND NOT cancel_requested
+      AND NOT EXISTS (SELECT 1 FROM awaited WHERE status IN ('completed', 'failed', 'cancelled'))
     RETURNING instance_id, workflow_name, last_worker
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
@@ -660,7 +672,9 @@ WITH lease AS (
     FROM suspended WHERE $13 AND $11::integer IS NOT NULL AND $12 > (SELECT lock_expires_at FROM lease)
 )
 SELECT EXISTS (SELECT 1 FROM suspended) AS suspended, EXISTS (SELECT 1 FROM lease) AS ours,
-       (SELECT count(*) FROM notified) AS notified;
+       (SELECT count(*) FROM notified) AS notified, a.workflow_name AS a_workflow, a.status AS a_status,
+       a.result AS a_result, a.error AS a_error, a.parent_id AS a_parent
+FROM (SELECT 1) AS one LEFT JOIN awaited AS a ON true;
 
 -- name: continue_as_new
 -- ctx.continue_as_new (schema 15), in one statement: the run ends and the next starts under the same id.

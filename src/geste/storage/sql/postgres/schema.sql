@@ -428,3 +428,16 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The awaited child's state in a fresh snapshot (21), read by the suspension at a child wait after it has
+-- locked the parent's row (each statement of a VOLATILE plpgsql function takes its own snapshot).
+CREATE FUNCTION geste_child_now(p_child text) RETURNS TABLE (
+    workflow_name text, status text, result text, error text, parent_id text
+)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY SELECT i.workflow_name, i.status, i.result, i.error, i.parent_id
+                 FROM geste_instances AS i WHERE i.instance_id = p_child;
+END
+$$;
