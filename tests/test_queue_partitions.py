@@ -24,6 +24,7 @@ import geste
 from geste.errors import ConfigurationError
 from geste.storage import Storage, create_storage
 from geste.storage._sql import load_queries
+from geste.storage.base import Claims
 
 from .support import raw_query, wait_until
 from .test_queues import Workers, all_completed, most_at_once
@@ -83,11 +84,11 @@ async def storages(db_url: str) -> Any:
             await storage.close()
 
 
-async def claim(storage: Storage, queue: str, n: int, now: float, worker: str = "w") -> geste.storage.Claims:
+async def claim(storage: Storage, queue: str, n: int, now: float, worker: str = "w") -> Claims:
     return await storage.queue_claim(worker, now, now + 60, n, queue=queue)
 
 
-def ids_of(claims: Any) -> list[str]:
+def ids_of(claims: Claims) -> list[str]:
     return [c.lease.instance_id for c in claims]
 
 
@@ -316,7 +317,7 @@ async def seed(db_url: str) -> None:
 
 
 async def test_the_partition_claim_reads_the_partition_index(make_app: Any, db_url: str) -> None:
-    """On a seeded line of 200 partitions × 50: the loose scan of the partitions and the probe of a
+    """On a seeded line of 200 partitions of 50: the loose scan of the partitions and the probe of a
     partition's next instance read geste_instances_queued_partition, and the probe reads one entry (rows
     read proportional to the result, not to the partition's backlog)."""
     async with make_app(run_worker=False):
@@ -326,7 +327,13 @@ async def test_the_partition_claim_reads_the_partition_index(make_app: Any, db_u
         queries = load_queries("sqlite")
         with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
             for name in ("queue_partitions", "queue_partition_next"):
-                params = {"queue": "seeded", "key": "k100", "priority": 0, "queued_at": 10.0, "instance_id": ""}
+                params = {
+                    "queue": "seeded",
+                    "key": "k100",
+                    "priority": 0,
+                    "queued_at": 10.0,
+                    "instance_id": "",
+                }
                 plan = " | ".join(r[3] for r in conn.execute(f"EXPLAIN QUERY PLAN {queries[name]}", params))
                 assert "geste_instances_queued_partition" in plan, (name, plan)
                 assert "SCAN geste_instances" not in plan.replace("USING", ""), (name, plan)
