@@ -388,3 +388,67 @@ async def test_the_partition_claim_reads_the_partition_index(make_app: Any, db_u
         assert len({i.split("-")[1] for i in ids_of(taken)}) == 5
     finally:
         await storage.close()
+
+
+async def test_an_upgrade_from_schema_20_puts_unfinished_queue_rows_in_the_key_less_partition(
+    db_url: str,
+) -> None:
+    """Queue rows written by schema 20 (one admitted and running, one queued) are in their queue's
+    key-less partition once upgraded: with 1 per partition, the queued one waits for the running one."""
+    from geste.storage.base import QueueRow
+
+    from .support import database_at_version
+
+    insert = "INSERT INTO {t}geste_instances "
+    insert += "(instance_id, workflow_name, status, input, created_at, updated_at, queue, queued_at) VALUES "
+    await database_at_version(
+        db_url,
+        20,
+        [
+            insert + "('held', 'w', 'running', 'null', 1, 1, 'up', NULL)",
+            insert + "('line', 'w', 'pending', 'null', 2, 2, 'up', 2)",
+            "INSERT INTO {t}geste_queues (name, updated_at) VALUES ('up', 0)",
+        ],
+    )
+    storage = create_storage(db_url)
+    await storage.open()
+    try:
+        rows = await raw_query(db_url, "SELECT instance_id, partition_key FROM geste_instances ORDER BY 1")
+        assert [(r["instance_id"], r["partition_key"]) for r in rows] == [("held", ""), ("line", "")]
+        await storage.queue_upsert(QueueRow("up", partition_concurrency=1), 0.0)
+        assert await claim(storage, "up", 5, 1e9) == []  # the running one holds the partition's slot
+        await raw_query(db_url, "UPDATE geste_instances SET status = 'completed' WHERE instance_id = 'held'")
+        assert ids_of(await claim(storage, "up", 5, 1e9)) == ["line"]
+    finally:
+        await storage.close()
+
+
+async def test_a_worker_wakes_when_a_partitions_rate_window_has_room(tmp_path: Path) -> None:
+    """Under the virtual clock: 1 admission per partition a minute, two partitions of 3. The claim that
+    found both windows full told the worker when one has room again; ``advance`` stops there (no real
+    time, no poll would ring it), and each minute admits one more of each."""
+    from datetime import timedelta
+
+    from geste.testing import WorkflowEnvironment
+
+    app = geste.App(f"sqlite:///{tmp_path / 'unused.db'}")
+    mail = app.queue("mail", partition_rate_limit=1, rate_period=60)
+
+    @app.workflow
+    async def send(ctx: geste.WorkflowContext, x: int) -> int:
+        return x
+
+    async with WorkflowEnvironment(app) as env:
+        handles = [await send.options(queue=mail, partition_key=k).start(x) for x in range(3) for k in "ab"]
+
+        async def completed() -> int:
+            done = [(await app.get_instance(h.instance_id)).status for h in handles]
+            return done.count(geste.Status.COMPLETED)
+
+        await env.advance(timedelta(seconds=30))
+        assert await completed() == 2  # one of each partition in the first window
+        await env.advance(timedelta(seconds=60))
+        assert await completed() == 4
+        await env.advance(timedelta(seconds=60))
+        assert await completed() == 6
+        assert [await h.result() for h in handles] == [0, 0, 1, 1, 2, 2]
