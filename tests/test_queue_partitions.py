@@ -452,3 +452,17 @@ async def test_a_worker_wakes_when_a_partitions_rate_window_has_room(tmp_path: P
         await env.advance(timedelta(seconds=60))
         assert await completed() == 6
         assert [await h.result() for h in handles] == [0, 0, 1, 1, 2, 2]
+
+
+async def test_start_with_id_takes_the_partition_key(make_app: Any, db_url: str) -> None:
+    async with make_app(run_worker=False, queues=[geste.Queue("ids", partition_concurrency=1)]) as app:
+
+        @app.workflow
+        async def noop(ctx: geste.WorkflowContext) -> None:
+            return None
+
+        first = await noop.options(queue="ids", partition_key="customer-7").start_with_id("order-1")
+        again = await noop.options(queue="ids", partition_key="customer-7").start_with_id("order-1")
+        assert first.created and not again.created
+    rows = await raw_query(db_url, "SELECT partition_key FROM geste_instances WHERE instance_id = 'order-1'")
+    assert rows == [{"partition_key": "customer-7"}]
