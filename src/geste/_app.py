@@ -216,7 +216,9 @@ class App(OpenClose):
                     q.concurrency,
                     q.worker_concurrency,
                     q.rate_limit,
-                    None if q.rate_limit is None else q.period,
+                    None if q.rate_limit is None and q.partition_rate_limit is None else q.period,
+                    q.partition_concurrency,
+                    q.partition_rate_limit,
                 )
                 for q in self.queues.values()
             ),
@@ -469,12 +471,25 @@ class App(OpenClose):
         worker_concurrency: int | None = None,
         rate_limit: int | None = None,
         rate_period: float | timedelta = 1.0,
+        partition_concurrency: int | None = None,
+        partition_rate_limit: int | None = None,
     ) -> Queue:
         """Declare a queue (before ``open``): ``concurrency``, its instances admitted and unfinished at
         most across the cluster; ``worker_concurrency``, at most per worker process; ``rate_limit``,
-        admissions at most in any window of ``rate_period``. This App's worker serves it. Start onto it
-        with ``workflow.options(queue=...)`` (docs/queues.md)."""
-        return self._declare_queue(Queue(name, concurrency, worker_concurrency, rate_limit, rate_period))
+        admissions at most in any window of ``rate_period``; ``partition_concurrency`` and
+        ``partition_rate_limit``, the same per partition key. This App's worker serves it. Start onto it
+        with ``workflow.options(queue=..., partition_key=...)`` (docs/queues.md)."""
+        return self._declare_queue(
+            Queue(
+                name,
+                concurrency,
+                worker_concurrency,
+                rate_limit,
+                rate_period,
+                partition_concurrency,
+                partition_rate_limit,
+            )
+        )
 
     def _declare_queue(self, queue: Queue) -> Queue:
         if not isinstance(queue, Queue):

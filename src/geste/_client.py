@@ -225,6 +225,7 @@ class Client:
         queue: str | None = None,
         priority: int = 0,
         dedup_id: str | None = None,
+        partition_key: str = "",
     ) -> WorkflowHandle[R]:
         """Start an instance of ``workflow`` with these arguments (``Workflow.start`` comes here), with
         the deadline that ``timeout`` / ``deadline`` give (``Workflow.options``). Onto a ``queue``, it
@@ -248,7 +249,7 @@ class Client:
         lease = None if reserved is None else Lease(iid, reserved.lease_id)
         try:
             row, created = await self.storage.create_instance(
-                NewInstance(iid, workflow.name, stored, now, due, queue, priority, dedup_id),
+                NewInstance(iid, workflow.name, stored, now, due, queue, priority, dedup_id, partition_key),
                 lease=lease,
                 worker_id=self.worker_id,
                 lock_expires_at=now + self.lock_timeout,

@@ -30,21 +30,27 @@ class Queue:
     """A named queue: ``concurrency``, its admitted and unfinished instances at most across every worker
     of the cluster (exact); ``worker_concurrency``, those one worker process admitted and runs now, at
     most; ``rate_limit``, admissions at most in any window of ``rate_period`` (seconds or a timedelta),
-    across the cluster. None: no limit. Declared with ``App(queues=[Queue(...)])`` or ``app.queue(...)``:
-    the App's worker serves it, and its limits are written to the database at open (the last App opened
-    sets them)."""
+    across the cluster. ``partition_concurrency`` and ``partition_rate_limit``: the same two limits for
+    each partition of the queue (the instances started with one ``partition_key``: "one import per
+    customer at a time"), under the queue's own. None: no limit. Declared with
+    ``App(queues=[Queue(...)])`` or ``app.queue(...)``: the App's worker serves it, and its limits are
+    written to the database at open (the last App opened sets them)."""
 
     name: str
     concurrency: int | None = None
     worker_concurrency: int | None = None
     rate_limit: int | None = None
     rate_period: float | timedelta = 1.0
+    partition_concurrency: int | None = None
+    partition_rate_limit: int | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "queue")
         _limit(self.concurrency, "concurrency")
         _limit(self.worker_concurrency, "worker_concurrency")
         _limit(self.rate_limit, "rate_limit")
+        _limit(self.partition_concurrency, "partition_concurrency")
+        _limit(self.partition_rate_limit, "partition_rate_limit")
         period = self.period
         if not period > 0 or period == float("inf"):
             raise ConfigurationError(f"rate_period must be a positive duration, not {self.rate_period!r:.80}")
@@ -74,3 +80,13 @@ def check_queue_start(queue: str | None, priority: object, dedup_id: object) -> 
     if queue is None and (priority or dedup_id is not None):
         raise ConfigurationError("priority and dedup_id apply to a start onto a queue: give queue=...")
     return priority, None if dedup_id is None else check_id(dedup_id, "dedup_id")
+
+
+def check_partition_key(queue: str | None, partition_key: object) -> str:
+    """A start's ``partition_key``, checked: it means something only on a queue. None is stored as "",
+    the partition of the starts that give no key (a given key is never empty)."""
+    if partition_key is None:
+        return ""
+    if queue is None:
+        raise ConfigurationError("partition_key applies to a start onto a queue: give queue=...")
+    return check_id(partition_key, "partition_key")

@@ -4,7 +4,8 @@ Run as a worker process from the repository root::
 
     python -m tests.apps.queue_app DATABASE_URL --worker-id W --log LOG --markers DIR [--concurrency N]
 
-It declares the queue ``limited`` (global concurrency ``--queue-concurrency``), writes ``DIR/ready-W`` once
+It declares the queue ``limited`` (global concurrency ``--queue-concurrency``, per partition
+``--partition-concurrency``), writes ``DIR/ready-W`` once
 its App is open and runs until SIGTERM/SIGINT. Each ``job`` instance runs one activity that appends a
 ``start`` and an ``end`` JSON line (instance, worker, time) to ``LOG``, with ``--hold`` seconds between
 them (so that runs can overlap: the test measures the most that ever did); a ``blocked`` instance's
@@ -34,11 +35,16 @@ def build_app(
     queue_concurrency: int | None = 3,
     rate_limit: int | None = None,
     rate_period: float = 1.0,
+    partition_concurrency: int | None = None,
     hold: float = 0.05,
     **options: Any,
 ) -> geste.App:
     queue = geste.Queue(
-        QUEUE, concurrency=queue_concurrency or None, rate_limit=rate_limit or None, rate_period=rate_period
+        QUEUE,
+        concurrency=queue_concurrency or None,
+        rate_limit=rate_limit or None,
+        rate_period=rate_period,
+        partition_concurrency=partition_concurrency or None,
     )
     app = geste.App(url, worker_id=worker_id, queues=[queue], **options)
     if log is not None and worker_id is not None:
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         queue_concurrency=3,  # 0: no limit
         rate_limit=0,  # 0: no rate
         rate_period=1.0,
+        partition_concurrency=0,  # 0: no limit per partition
         hold=0.05,
         lock_timeout=2.0,
         poll_interval=0.05,

@@ -165,6 +165,9 @@ class NewInstance:
     """Its place in the queue's line: lower first, then first come first served."""
     dedup_id: str | None = None
     """At most one unfinished instance of the queue holds it: a second start returns the first."""
+    partition_key: str = ""
+    """Its partition of the queue (schema 22): the queue's per-partition limits count it with the others
+    of this key; "" is the partition of the starts that give none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +175,16 @@ class QueueRow:
     """A declared queue's limits (schema 20; docs/design.md "Queues"): ``concurrency``, its admitted and
     unfinished instances at most across the cluster; ``worker_concurrency``, those one worker admitted
     and runs now, at most; ``rate_limit``, admissions at most in any window of ``rate_period`` seconds,
-    across the cluster. None: no limit."""
+    across the cluster; ``partition_concurrency`` and ``partition_rate_limit`` (schema 22), the same two
+    per partition key. None: no limit."""
 
     name: str
     concurrency: int | None = None
     worker_concurrency: int | None = None
     rate_limit: int | None = None
     rate_period: float | None = None
+    partition_concurrency: int | None = None
+    partition_rate_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -733,9 +739,11 @@ class Storage(abc.ABC):
         """Admit and claim up to ``limit`` queued instances of ``queue``, in its line's order (priority,
         then start), never more than its global limit and its rate leave free: exact under concurrent
         claimers (the count of the slots in use and the rate's window are read under the queue's row
-        lock, in a snapshot taken after it; on SQLite, inside the one writer's transaction). Reads one
-        probe of the line when it is empty. ``Claims.next_run_at``: when the rate has room again, if it
-        is what stopped the claim (None otherwise)."""
+        lock, in a snapshot taken after it; on SQLite, inside the one writer's transaction). On a queue
+        with partition limits, each partition's too (under its own row lock), the partitions taking turns
+        (docs/design.md "Queues", "Partitions"). Reads one probe of the line when it is empty.
+        ``Claims.next_run_at``: when the rate (or a partition's) has room again, if it is what stopped
+        the claim (None otherwise)."""
 
     async def route_wakeups(self, wakeups: Sequence[tuple[str, str]], *, avoid: str) -> int:
         """Hand wake-ups routed to this worker (``(instance_id, workflow_name)``) on to the other workers,

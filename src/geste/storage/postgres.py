@@ -630,6 +630,7 @@ class PostgresStorage(base.Storage):
                     new.priority,
                     new.dedup_id,
                     self.notify,
+                    new.partition_key,
                 )
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)
                 if inserted is not None:
@@ -874,6 +875,8 @@ class PostgresStorage(base.Storage):
                 now,
                 queue.rate_limit,
                 queue.rate_period,
+                queue.partition_concurrency,
+                queue.partition_rate_limit,
             )
 
         await self._run(go)
@@ -895,7 +898,7 @@ class PostgresStorage(base.Storage):
                 lock_expires_at,
             )
             claims = base.Claims([rows.claim(r, (), None) for r in found if r["instance_id"] is not None])
-            claims.next_run_at = next((r["run_at"] for r in found if r["instance_id"] is None), None)
+            claims.next_run_at = min((r["run_at"] for r in found if r["instance_id"] is None), default=None)
             return claims
 
         return await self._run(go)

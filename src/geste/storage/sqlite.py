@@ -253,6 +253,7 @@ class SQLiteStorage(base.Storage):
             "queue": new.queue,
             "priority": new.priority,
             "dedup_id": new.dedup_id,
+            "partition_key": new.partition_key,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
@@ -485,6 +486,8 @@ class SQLiteStorage(base.Storage):
             "worker_concurrency": queue.worker_concurrency,
             "rate_limit": queue.rate_limit,
             "rate_period": queue.rate_period,
+            "partition_concurrency": queue.partition_concurrency,
+            "partition_rate_limit": queue.partition_rate_limit,
             "now": now,
         }
         await self._write(lambda conn: conn.execute(Q["queue_upsert"], params))
@@ -520,16 +523,94 @@ class SQLiteStorage(base.Storage):
                 n = min(n, rate - len(starts))
             if n <= 0:
                 return base.Claims()
-            taken = conn.execute(Q["queue_take"], {**params, "n": n}).fetchall()
+            wait = None
+            if row is not None and (row["partition_concurrency"] or row["partition_rate_limit"]):
+                taken, wait = self._partition_take(conn, params, row, n)
+            else:
+                taken = conn.execute(Q["queue_take"], {**params, "n": n}).fetchall()
             claims = base.Claims([rows.claim(r, (), None) for r in taken])
+            if wait is not None and len(taken) < n:  # a partition's window was full: when it has room
+                claims.next_run_at = wait
             if rate is not None and taken:
                 starts += [now] * len(taken)
                 conn.execute(Q["queue_started"], {"queue": queue, "starts": json.dumps(starts)})
                 if len(starts) >= rate:
-                    claims.next_run_at = starts[len(starts) - rate] + row["rate_period"]
+                    moment = starts[len(starts) - rate] + row["rate_period"]
+                    claims.next_run_at = min(moment, claims.next_run_at or moment)
             return claims
 
         return await self._write(tx)
+
+    @staticmethod
+    def _partition_take(
+        conn: sqlite3.Connection, params: dict[str, Any], row: sqlite3.Row, n: int
+    ) -> tuple[list[sqlite3.Row], float | None]:
+        """A partitioned queue's take (schema 22), as ``geste_queue_claim`` does it on PostgreSQL: the
+        partitions holding queued work in the order of their heads, each one's room (its limit minus its
+        slots in use, its rate minus its window), until as many have room as the claim may admit; then
+        turns, one instance of each per turn. Returns the admitted rows and, if a partition's window was
+        full, when the first such has room again."""
+        queue, now = params["queue"], params["now"]
+        limit, rate, period = row["partition_concurrency"], row["partition_rate_limit"], row["rate_period"]
+        rooms: dict[str, int] = {}
+        windows: dict[str, list[float]] = {}
+        waits: list[float] = []
+        for part in conn.execute(Q["queue_partitions"], params).fetchall():
+            if len(rooms) >= n:
+                break
+            key, room = part["partition_key"], n
+            if limit is not None:
+                busy = conn.execute(Q["queue_partition_busy"], {"queue": queue, "key": key, "limit": limit})
+                room = min(room, limit - busy.fetchone()["busy"])
+            if rate is not None:
+                found = conn.execute(Q["queue_partition_window"], {"queue": queue, "key": key}).fetchone()
+                window = sorted(t for t in json.loads(found["starts"] if found else "[]") if t > now - period)
+                if len(window) >= rate:
+                    waits.append(window[len(window) - rate] + period)
+                windows[key] = window
+                room = min(room, rate - len(window))
+            if room > 0:
+                rooms[key] = room
+        picked: dict[str, str] = {}  # instance id: its partition, in the order picked
+        last = {key: (-(2**31), float("-inf"), "") for key in rooms}
+        while rooms and len(picked) < n:
+            for key in list(rooms):
+                if len(picked) >= n:
+                    break
+                priority, queued_at, instance_id = last[key]
+                nxt = conn.execute(
+                    Q["queue_partition_next"],
+                    {
+                        "queue": queue,
+                        "key": key,
+                        "priority": priority,
+                        "queued_at": queued_at,
+                        "instance_id": instance_id,
+                    },
+                ).fetchone()
+                if nxt is None:
+                    del rooms[key]
+                    continue
+                picked[nxt["instance_id"]] = key
+                last[key] = (nxt["priority"], nxt["queued_at"], nxt["instance_id"])
+                rooms[key] -= 1
+                if rooms[key] <= 0:
+                    del rooms[key]
+        if not picked:
+            return [], min(waits, default=None)
+        taken = conn.execute(Q["queue_take_ids"], {**params, "ids": json.dumps(list(picked))}).fetchall()
+        if rate is not None:  # each partition's window: its admissions now
+            admitted: dict[str, int] = {}
+            for r in taken:
+                key = picked[r["instance_id"]]
+                admitted[key] = admitted.get(key, 0) + 1
+            for key, count in admitted.items():
+                window = windows[key] + [now] * count
+                started = {"queue": queue, "key": key, "starts": json.dumps(window)}
+                conn.execute(Q["queue_partition_started"], started)
+                if len(window) >= rate:
+                    waits.append(window[len(window) - rate] + period)
+        return taken, min(waits, default=None)
 
     async def renew(
         self,

@@ -2024,28 +2024,41 @@ DELETE FROM {schema}.geste_schedules WHERE name = $1;
 
 -- name: queue_upsert
 -- A declared queue's limits (App open, before its worker claims): the last App opened sets them.
--- The admission times of the window (starts) are kept.
+-- The admission times of the window (starts) are kept. The row of its key-less partition is made here
+-- (schema 22): the claims lock it, never insert it.
+WITH partition AS (
+    INSERT INTO {schema}.geste_queue_partitions (queue, key) VALUES ($1, '') ON CONFLICT DO NOTHING
+)
 INSERT INTO {schema}.geste_queues AS q
-    (name, concurrency, worker_concurrency, rate_limit, rate_period, updated_at)
-VALUES ($1, $2, $3, $5, $6, $4)
+    (name, concurrency, worker_concurrency, rate_limit, rate_period, updated_at, partition_concurrency,
+     partition_rate_limit)
+VALUES ($1, $2, $3, $5, $6, $4, $7, $8)
 ON CONFLICT (name) DO UPDATE
 SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_concurrency,
-    rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = excluded.updated_at;
+    rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = excluded.updated_at,
+    partition_concurrency = excluded.partition_concurrency,
+    partition_rate_limit = excluded.partition_rate_limit;
 
 -- name: insert_queued
 -- A start onto a queue (schema 20): pending, queued (queued_at) and run_at NULL, so that no claim by
 -- workflow or by id can take it: only geste_queue_claim admits it. ON CONFLICT DO NOTHING without a target
 -- covers the primary key and the dedup index (one unfinished instance per queue and dedup id): nothing
 -- inserted, the caller reads which of the two it met. The notification names the queue, not the
--- instance: the workers serving the queue run a claim of it (nothing else can take the instance).
+-- instance: the workers serving the queue run a claim of it (nothing else can take the instance). Its
+-- partition ($10: '' without a key, schema 22): the first start of a key makes the key's row (a probe of
+-- its primary key afterwards), which the claims lock.
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
-         queue, priority, queued_at, dedup_id)
+         queue, priority, queued_at, dedup_id, partition_key)
     VALUES ($1, $2, 'pending', $3, $4, $4, NULL, nextval('{schema}.geste_events_seq_seq'), $5,
-            $6, $7, $4, $8)
+            $6, $7, $4, $8, $10)
     ON CONFLICT DO NOTHING
     RETURNING instance_id
+), partition AS (
+    INSERT INTO {schema}.geste_queue_partitions (queue, key)
+    SELECT $6, $10 FROM inserted WHERE $10 <> ''
+    ON CONFLICT DO NOTHING
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
                      json_build_object('queue', $6::text, 'schema', {schema_name})::text)

@@ -1173,11 +1173,16 @@ DELETE FROM geste_schedules WHERE name = :name;
 -- name: queue_upsert
 -- A declared queue's limits (App open, before its worker claims): the last App opened sets them.
 -- The admission times of the window (starts) are kept.
-INSERT INTO geste_queues (name, concurrency, worker_concurrency, rate_limit, rate_period, updated_at)
-VALUES (:name, :concurrency, :worker_concurrency, :rate_limit, :rate_period, :now)
+INSERT INTO geste_queues
+    (name, concurrency, worker_concurrency, rate_limit, rate_period, updated_at, partition_concurrency,
+     partition_rate_limit)
+VALUES (:name, :concurrency, :worker_concurrency, :rate_limit, :rate_period, :now, :partition_concurrency,
+        :partition_rate_limit)
 ON CONFLICT (name) DO UPDATE
 SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_concurrency,
-    rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = excluded.updated_at;
+    rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = excluded.updated_at,
+    partition_concurrency = excluded.partition_concurrency,
+    partition_rate_limit = excluded.partition_rate_limit;
 
 -- name: insert_queued
 -- A start onto a queue (schema 20): pending, queued (queued_at) and run_at NULL, so that no claim by
@@ -1185,10 +1190,10 @@ SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_con
 -- the primary key and the dedup index (one unfinished instance per queue and dedup id).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
-     queue, priority, queued_at, dedup_id)
+     queue, priority, queued_at, dedup_id, partition_key)
 VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now, NULL,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :deadline,
-        :queue, :priority, :now, :dedup_id)
+        :queue, :priority, :now, :dedup_id, :partition_key)
 ON CONFLICT DO NOTHING;
 
 -- name: find_dedup
@@ -1203,7 +1208,73 @@ WHERE queue = :queue AND queued_at IS NOT NULL AND status = 'pending'
 LIMIT 1;
 
 -- name: queue_limit
-SELECT concurrency, rate_limit, rate_period, starts FROM geste_queues WHERE name = :queue;
+SELECT concurrency, rate_limit, rate_period, starts, partition_concurrency, partition_rate_limit
+FROM geste_queues WHERE name = :queue;
+
+-- name: queue_partitions
+-- The partitions of the queue holding queued work (schema 22), in the order of their heads (priority,
+-- then start): a loose scan of geste_instances_queued_partition, one probe per partition, then one probe
+-- for each one's head.
+WITH RECURSIVE parts(k) AS (
+    SELECT (SELECT partition_key FROM geste_instances
+            WHERE queue = :queue AND queued_at IS NOT NULL AND status = 'pending'
+            ORDER BY partition_key LIMIT 1)
+    UNION ALL
+    SELECT (SELECT partition_key FROM geste_instances
+            WHERE queue = :queue AND queued_at IS NOT NULL AND status = 'pending' AND partition_key > parts.k
+            ORDER BY partition_key LIMIT 1)
+    FROM parts WHERE parts.k IS NOT NULL
+)
+SELECT k AS partition_key,
+       (SELECT priority FROM geste_instances
+        WHERE queue = :queue AND partition_key = parts.k AND queued_at IS NOT NULL AND status = 'pending'
+        ORDER BY priority, queued_at LIMIT 1) AS priority,
+       (SELECT queued_at FROM geste_instances
+        WHERE queue = :queue AND partition_key = parts.k AND queued_at IS NOT NULL AND status = 'pending'
+        ORDER BY priority, queued_at LIMIT 1) AS queued_at
+FROM parts WHERE k IS NOT NULL
+ORDER BY 2, 3, 1;
+
+-- name: queue_partition_busy
+-- A partition's slots in use (admitted and unfinished), at most :limit of them read.
+SELECT count(*) AS busy FROM (
+    SELECT 1 FROM geste_instances
+    WHERE queue = :queue AND partition_key = :key AND queued_at IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+    LIMIT :limit
+);
+
+-- name: queue_partition_window
+-- A partition's rate window (the admission times of the last window, a JSON array), if it has one.
+SELECT starts FROM geste_queue_partitions WHERE queue = :queue AND key = :key;
+
+-- name: queue_partition_next
+-- A partition's next queued instance after the one last taken (a keyset probe of its line).
+SELECT instance_id, priority, queued_at FROM geste_instances
+WHERE queue = :queue AND partition_key = :key AND queued_at IS NOT NULL AND status = 'pending'
+  AND (priority, queued_at, instance_id) > (:priority, :queued_at, :instance_id)
+ORDER BY priority, queued_at, instance_id
+LIMIT 1;
+
+-- name: queue_partition_started
+-- A partition's rate window after a claim that admitted from it.
+INSERT INTO geste_queue_partitions (queue, key, starts) VALUES (:queue, :key, :starts)
+ON CONFLICT (queue, key) DO UPDATE SET starts = excluded.starts;
+
+-- name: queue_take_ids
+-- Admit and claim the instances a partitioned claim picked (a JSON array of ids), inside its BEGIN
+-- IMMEDIATE.
+UPDATE geste_instances
+SET locked_by = :worker_id,
+    lease_id = :lease_prefix || instance_id,
+    lock_expires_at = :lock_expires_at,
+    run_at = :lock_expires_at,
+    status = 'running',
+    queued_at = NULL,
+    updated_at = :now
+WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND queued_at IS NOT NULL AND status = 'pending'
+RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run, deadline,
+          NULL AS run_at;
 
 -- name: queue_started
 -- The admission times of the queue's rate window, after a claim that admitted (a JSON array).

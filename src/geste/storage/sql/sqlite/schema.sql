@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 21), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 22), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -50,7 +50,8 @@ CREATE TABLE geste_instances (
     priority         INTEGER NOT NULL DEFAULT 0,   -- (20) its place in the queue's line: lower first
     queued_at        REAL,              -- (20) while queued (not admitted yet): its start's time
     dedup_id         TEXT,              -- (20) at most one unfinished instance per (queue, dedup_id)
-    awaits           TEXT               -- (21) the child its last child wait suspended for; NULL: none
+    awaits           TEXT,              -- (21) the child its last child wait suspended for; NULL: none
+    partition_key    TEXT               -- (22) its partition of the queue; '': started without a key
 );
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
@@ -307,15 +308,28 @@ CREATE TABLE geste_queues (
     rate_limit         INTEGER,          -- admissions at most in any window of rate_period seconds; NULL: any
     rate_period        REAL,
     starts             TEXT NOT NULL DEFAULT '[]',  -- the admission times of the last window (JSON)
-    updated_at         REAL NOT NULL
+    updated_at         REAL NOT NULL,
+    partition_concurrency INTEGER,       -- (22) admitted and unfinished instances at most per partition
+    partition_rate_limit  INTEGER        -- (22) admissions at most per partition in any window of rate_period
+);
+-- (22) a partition's rate window, made at its first admission on a queue with a partition rate
+CREATE TABLE geste_queue_partitions (
+    queue  TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    starts TEXT NOT NULL DEFAULT '[]',
+    PRIMARY KEY (queue, key)
 );
 -- the waiting line of a queue, in claim order (priority, then first come first served)
 CREATE INDEX geste_instances_queued ON geste_instances (queue, priority, queued_at)
     WHERE queued_at IS NOT NULL AND status = 'pending';
 -- the slots in use: admitted and unfinished (an end, whatever its path, changes the status)
-CREATE INDEX geste_instances_queue_admitted ON geste_instances (queue)
+CREATE INDEX geste_instances_queue_admitted ON geste_instances (queue, partition_key)
     WHERE queue IS NOT NULL AND queued_at IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating');
 -- at most one unfinished instance per dedup id and queue
 CREATE UNIQUE INDEX geste_instances_dedup ON geste_instances (queue, dedup_id)
     WHERE dedup_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
+-- (22) each partition's waiting line, in claim order
+CREATE INDEX geste_instances_queued_partition
+    ON geste_instances (queue, partition_key, priority, queued_at, instance_id)
+    WHERE queued_at IS NOT NULL AND status = 'pending';
