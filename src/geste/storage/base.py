@@ -190,6 +190,14 @@ class ChildState:
 
 
 @dataclass(frozen=True, slots=True)
+class DedupHeld:
+    """A child start onto a queue refused (``start_child``, schema 20): the unfinished instance
+    ``instance_id`` of the queue holds the child's dedup id."""
+
+    instance_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewEvent:
     event_id: str
     event_type: str
@@ -832,11 +840,12 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def start_child(
         self, commit: Commit, child: NewInstance, *, parent_close: str
-    ) -> ChildState | StepResult:
-        """Create ``child`` (free, runnable) as a child of the commit's instance and append the commit's
-        rows, in one transaction; a ``StepResult`` when done (whether a cancel of the parent is
-        requested, as every commit says). When ``child``'s id is taken, nothing is written and the
-        instance that has it is returned."""
+    ) -> ChildState | DedupHeld | StepResult:
+        """Create ``child`` (free, runnable; queued when it names a queue) as a child of the commit's
+        instance and append the commit's rows, in one transaction; a ``StepResult`` when done (whether a
+        cancel of the parent is requested, as every commit says). When ``child``'s id is taken, nothing
+        is written and the instance that has it is returned; when its queue's dedup id is held by an
+        unfinished instance, nothing is written and that instance's id is (``DedupHeld``)."""
 
     @abc.abstractmethod
     async def take_child_or_suspend(self, commit: Commit, child_id: str) -> ChildState | Suspension:

@@ -758,7 +758,7 @@ class SQLiteStorage(base.Storage):
     # -- child workflows (schema 16) ------------------------------------------------------------------
     async def start_child(
         self, commit: base.Commit, child: base.NewInstance, *, parent_close: str
-    ) -> base.ChildState | base.StepResult:
+    ) -> base.ChildState | base.DedupHeld | base.StepResult:
         params = {
             "instance_id": child.instance_id,
             "workflow_name": child.workflow_name,
@@ -767,13 +767,19 @@ class SQLiteStorage(base.Storage):
             "parent_id": commit.lease.instance_id,
             "parent_close": parent_close,
             "deadline": child.deadline,
+            "queue": child.queue,
+            "priority": child.priority,
+            "dedup_id": child.dedup_id,
         }
 
-        def tx(conn: sqlite3.Connection) -> base.ChildState | base.StepResult:
+        def tx(conn: sqlite3.Connection) -> base.ChildState | base.DedupHeld | base.StepResult:
             if conn.execute(Q["start_child"], params).rowcount != 1:
                 state = _child_state(conn.execute(Q["child_state"], (child.instance_id,)).fetchone())
-                assert state is not None  # the insert was refused: the row exists, in this transaction
-                return state
+                if state is not None:
+                    return state
+                # not its id: its queue's dedup id (20), held by an unfinished instance (this transaction)
+                holder = conn.execute(Q["find_dedup"], params).fetchone()
+                return base.DedupHeld(holder["instance_id"])
             return base.StepResult(cancel_requested=self._append(conn, commit))
 
         return await self._write(tx)

@@ -1889,19 +1889,25 @@ FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY
 
 -- name: start_child
 -- ctx.start_child in one statement: the child is created free and runnable (notified to any worker, as a
--- client's start) and, only if it was, the parent's rows are appended under its lease (proved here, and
--- renewed). Not created (its id is taken): nothing else is written and the caller reads who has it. The
--- lease lost: the child stays and its parent's next holder, replaying the step with the same id, finds it
--- its own (parent_id, workflow) and records the step then. One probe of the primary key each.
+-- client's start), or queued onto $17 (schema 20: run_at NULL, queued_at set, as insert_queued; the
+-- notification names the queue), and, only if it was, the parent's rows are appended under its lease
+-- (proved here, and renewed). Not created (its id is taken, or its queue's dedup id $19: ON CONFLICT
+-- without a target covers the primary key and the dedup index): nothing else is written and the caller
+-- reads who has it. The lease lost: the child stays and its parent's next holder, replaying the step with
+-- the same id, finds it its own (parent_id, workflow) and records the step then. One probe of the primary
+-- key each (and of the dedup index for a queued child).
 -- $1-$3: the child's id, workflow, input; $4: now; $5 the parent, $6 its lease, $7 the lease's new expiry;
--- $8-$13 the history columns; $14 the policy; $15 notify; $16 the child's deadline (17; NULL: none).
+-- $8-$13 the history columns; $14 the policy; $15 notify; $16 the child's deadline (17; NULL: none);
+-- $17-$19 its queue, priority and dedup id (20; NULL queue: none).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-         parent_id, parent_close, deadline)
-    VALUES ($1, $2, 'pending', $3, $4, $4, LEAST($4, {db_clock}), nextval('{schema}.geste_events_seq_seq'),
-            $5, $14, $16)
-    ON CONFLICT (instance_id) DO NOTHING
+         parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id)
+    VALUES ($1, $2, 'pending', $3, $4, $4,
+            CASE WHEN $17::text IS NULL THEN LEAST($4, {db_clock}) END,
+            nextval('{schema}.geste_events_seq_seq'), $5, $14, $16,
+            $17, $18, CASE WHEN $17::text IS NOT NULL THEN $4::double precision END, $19)
+    ON CONFLICT DO NOTHING
     RETURNING instance_id
 ), touched AS (
     UPDATE {schema}.geste_instances
@@ -1915,8 +1921,11 @@ WITH inserted AS (
     WHERE EXISTS (SELECT 1 FROM touched)
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', $1::text, 'workflow_name', $2::text, 'worker', NULL,
-                                       'schema', {schema_name})::text)
+                     CASE WHEN $17::text IS NULL
+                          THEN json_build_object('instance_id', $1::text, 'workflow_name', $2::text,
+                                                 'worker', NULL, 'schema', {schema_name})
+                          ELSE json_build_object('queue', $17::text, 'schema', {schema_name})
+                     END::text)
     FROM inserted WHERE $15
 )
 SELECT EXISTS (SELECT 1 FROM inserted) AS created, EXISTS (SELECT 1 FROM touched) AS touched,

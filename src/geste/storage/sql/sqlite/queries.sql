@@ -1077,14 +1077,17 @@ FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?))
 
 -- name: start_child
 -- ctx.start_child, in the BEGIN IMMEDIATE transaction of touch_lease and insert_history of the parent's
--- start_child row: the child is created free and runnable, or not (its id is taken). One primary-key probe.
+-- start_child row: the child is created free and runnable, or queued onto :queue (schema 20: run_at NULL,
+-- queued_at set, as insert_queued), or not (its id is taken, or its queue's dedup id: ON CONFLICT without
+-- a target covers the primary key and the dedup index). One primary-key probe (and one of the dedup index).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-     parent_id, parent_close, deadline)
-VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now, min(:now, {db_clock}),
+     parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id)
+VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now,
+        CASE WHEN :queue IS NULL THEN min(:now, {db_clock}) END,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close,
-        :deadline)
-ON CONFLICT (instance_id) DO NOTHING;
+        :deadline, :queue, :priority, CASE WHEN :queue IS NOT NULL THEN :now END, :dedup_id)
+ON CONFLICT DO NOTHING;
 
 -- name: child_state
 SELECT workflow_name, status, result, error, parent_id FROM geste_instances WHERE instance_id = ?;

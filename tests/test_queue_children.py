@@ -1,0 +1,140 @@
+"""Children started onto a queue from a workflow (``ctx.start_child(wf.options(queue=...))``, schema 20),
+on each backend: the queue's limit holds for them, the start is a recorded step (a replay in another App,
+with nothing in memory, starts nothing again), and a held dedup id is a recorded ``QueueDeduplicated``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import geste
+from geste.errors import QueueDeduplicated
+
+from .support import raw_query, wait_until
+
+MakeApp = Callable[..., geste.App]
+
+
+def declare(app: geste.App, log: list[tuple[str, int]]) -> dict[str, Any]:
+    """The workflows of these tests on ``app``; ``log`` gets ("start" | "end", x) of each child's work."""
+
+    @app.activity()
+    async def work(ctx: geste.ActivityContext, x: int) -> int:
+        log.append(("start", x))
+        await asyncio.sleep(0.02)  # room for another child to start meanwhile, were it admitted
+        log.append(("end", x))
+        return x
+
+    @app.workflow()
+    async def child(ctx: geste.WorkflowContext, x: int) -> int:
+        return await work(ctx, x)
+
+    @app.workflow()
+    async def fan_out(ctx: geste.WorkflowContext, n: int) -> list[int]:
+        handles = [await ctx.start_child(child.options(queue="one"), x) for x in range(n)]
+        return [await h.result() for h in handles]
+
+    @app.workflow()
+    async def starts_then_waits(ctx: geste.WorkflowContext) -> int:
+        handle = await ctx.start_child(child.options(queue="one", dedup_id="only"), 7)
+        await ctx.wait_event("go")
+        return await handle.result() + await ctx.run_child(child.options(queue="one"), 1)
+
+    @app.workflow()
+    async def deduplicated(ctx: geste.WorkflowContext) -> list[str]:
+        try:
+            await ctx.start_child(child.options(queue="one", dedup_id="held"), 9)
+        except QueueDeduplicated as exc:
+            caught = [exc.queue, exc.dedup_id, exc.instance_id]
+        else:
+            caught = ["started"]
+        await ctx.wait_event("go")
+        return caught
+
+    return {"child": child, "fan_out": fan_out, "starts_then_waits": starts_then_waits, "dedup": deduplicated}
+
+
+def most_at_once(log: list[tuple[str, int]]) -> int:
+    running = peak = 0
+    for what, _ in log:
+        running += 1 if what == "start" else -1
+        peak = max(peak, running)
+    return peak
+
+
+async def children_of(url: str, parent: str) -> list[dict[str, Any]]:
+    return [
+        dict(row)
+        for row in await raw_query(
+            url, "SELECT instance_id, queue, status FROM geste_instances WHERE parent_id = $1", parent
+        )
+    ]
+
+
+async def test_children_started_onto_a_queue_keep_to_its_limit(make_app: MakeApp, db_url: str) -> None:
+    log: list[tuple[str, int]] = []
+    app = make_app(queues=[geste.Queue("one", concurrency=1)])
+    flows = declare(app, log)
+    async with app:
+        handle = await flows["fan_out"].start(6)
+        assert sorted(await handle.result(timeout=60)) == list(range(6))
+    assert most_at_once(log) == 1  # one child at a time, as the queue's limit says
+    assert [x for what, x in log if what == "start"] == list(range(6))  # first come, first served
+    children = await children_of(db_url, handle.instance_id)
+    assert len(children) == 6 and {c["queue"] for c in children} == {"one"}
+
+
+async def test_a_child_start_onto_a_queue_is_recorded_and_never_repeated(
+    make_app: MakeApp, db_url: str
+) -> None:
+    """The parent starts a child onto a queue no worker serves yet, then waits; a new App (nothing in
+    memory: the parent replays its history) serves the queue: the child runs once, the replayed start
+    starts nothing (its dedup id would refuse a second start too, and the step would fail)."""
+    log: list[tuple[str, int]] = []
+    first = make_app()  # serves no queue: the child stays queued
+    flows = declare(first, log)
+    async with first:
+        handle = await flows["starts_then_waits"].start()
+
+        async def waits() -> bool:
+            return (await first.get_instance(handle.instance_id)).status == geste.Status.WAITING
+
+        await wait_until(waits, "the parent to wait for its event")
+        children = await children_of(db_url, handle.instance_id)
+        assert [(c["queue"], c["status"]) for c in children] == [("one", "pending")]  # queued, not run
+    second = make_app(queues=[geste.Queue("one", concurrency=1)])
+    flows = declare(second, log)
+    async with second:
+        await second.send_event("go", instance_id=handle.instance_id)
+        assert await second.get_handle(handle.instance_id).result(timeout=60) == 8
+    children = await children_of(db_url, handle.instance_id)
+    assert len(children) == 2 and {c["status"] for c in children} == {"completed"}
+    assert [x for what, x in log if what == "start"] == [7, 1]
+
+
+async def test_a_held_dedup_id_is_a_recorded_error_of_the_child_start(make_app: MakeApp, db_url: str) -> None:
+    """An unfinished instance of the queue holds the dedup id: the child start raises
+    ``QueueDeduplicated`` naming it, recorded; the replay in a new App raises it again, though the holder
+    has ended meanwhile (a live start would now succeed)."""
+    log: list[tuple[str, int]] = []
+    first = make_app()
+    flows = declare(first, log)
+    async with first:
+        holder = await flows["child"].options(queue="one", dedup_id="held").start(0)
+        handle = await flows["dedup"].start()
+
+        async def waits() -> bool:
+            return (await first.get_instance(handle.instance_id)).status == geste.Status.WAITING
+
+        await wait_until(waits, "the parent to wait for its event")
+        await first.cancel(holder.instance_id)  # the dedup id is free now
+    second = make_app(queues=[geste.Queue("one", concurrency=1)])
+    flows = declare(second, log)
+    async with second:
+        await second.send_event("go", instance_id=handle.instance_id)
+        caught = await second.get_handle(handle.instance_id).result(timeout=60)
+    assert caught == ["one", "held", holder.instance_id]
+    assert await children_of(db_url, handle.instance_id) == []  # nothing was started
+    assert log == []
