@@ -138,3 +138,24 @@ async def test_a_held_dedup_id_is_a_recorded_error_of_the_child_start(make_app: 
     assert caught == ["one", "held", holder.instance_id]
     assert await children_of(db_url, handle.instance_id) == []  # nothing was started
     assert log == []
+
+
+async def test_a_queued_child_is_cancelled_by_its_parents_end(make_app: MakeApp, db_url: str) -> None:
+    """The parent ends while its child still waits in a queue that no worker serves: the parent-close
+    policy (cancel) ends the child, cancelled, without it ever running."""
+    log: list[tuple[str, int]] = []
+    app = make_app()
+    flows = declare(app, log)
+
+    @app.workflow()
+    async def leaves(ctx: geste.WorkflowContext) -> str:
+        return (await ctx.start_child(flows["child"].options(queue="one"), 3)).id
+
+    async with app:
+        child_id = await (await leaves.start()).result(timeout=30)
+
+        async def cancelled() -> bool:
+            return (await app.get_instance(child_id)).status == geste.Status.CANCELLED
+
+        await wait_until(cancelled, "the queued child to be cancelled")
+    assert log == []

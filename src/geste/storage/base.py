@@ -742,6 +742,23 @@ class Storage(abc.ABC):
         probe of the line when it is empty. ``Claims.next_run_at``: when the rate has room again, if it
         is what stopped the claim (None otherwise)."""
 
+    @abc.abstractmethod
+    async def queue_runnable(
+        self,
+        queues: Sequence[str],
+        now: float,
+        limit: int,
+        *,
+        due_before: float | None = None,
+        workflows: Sequence[str],
+    ) -> tuple[list[str], float | None]:
+        """For a worker that serves no instance outside a queue (``serve_unqueued=False``): the ids of at
+        most ``limit`` instances admitted by ``queues`` and unfinished, of the named ``workflows``, that
+        ``claim`` could take (free and due by ``due_before``, default ``now``, or held by a lease that ran
+        out at ``now``), earliest first, and the earliest ``run_at`` after ``due_before`` among the free
+        ones (None: none). Reads the queues' admitted entries (their slots in use); locks nothing: the
+        worker takes them with ``claim_ids``."""
+
     async def route_wakeups(self, wakeups: Sequence[tuple[str, str]], *, avoid: str) -> int:
         """Hand wake-ups routed to this worker (``(instance_id, workflow_name)``) on to the other workers,
         naming this one as the worker to ``avoid`` (it is full or stopping); return how many were sent.

@@ -876,6 +876,32 @@ class PostgresStorage(base.Storage):
 
         await self._run(go)
 
+    async def queue_runnable(
+        self,
+        queues: Sequence[str],
+        now: float,
+        limit: int,
+        *,
+        due_before: float | None = None,
+        workflows: Sequence[str],
+    ) -> tuple[list[str], float | None]:
+        if not queues or not workflows or limit <= 0:
+            return [], None
+
+        async def go(conn: Conn) -> tuple[list[str], float | None]:
+            found = await conn.fetch(
+                self._q["queue_runnable"],
+                sorted(set(queues)),
+                now,
+                now if due_before is None else due_before,
+                limit,
+                sorted(set(workflows)),
+            )
+            ids = [r["instance_id"] for r in found if r["instance_id"] is not None]
+            return ids, next((r["run_at"] for r in found if r["instance_id"] is None), None)
+
+        return await self._read(go)
+
     async def queue_claim(
         self, worker_id: str, now: float, lock_expires_at: float, limit: int, *, queue: str
     ) -> base.Claims:

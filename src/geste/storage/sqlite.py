@@ -489,6 +489,32 @@ class SQLiteStorage(base.Storage):
         }
         await self._write(lambda conn: conn.execute(Q["queue_upsert"], params))
 
+    async def queue_runnable(
+        self,
+        queues: Sequence[str],
+        now: float,
+        limit: int,
+        *,
+        due_before: float | None = None,
+        workflows: Sequence[str],
+    ) -> tuple[list[str], float | None]:
+        if not queues or not workflows or limit <= 0:
+            return [], None
+        params = {
+            "queues": json.dumps(sorted(set(queues))),
+            "names": json.dumps(sorted(set(workflows))),
+            "now": now,
+            "due": now if due_before is None else due_before,
+            "limit": limit,
+        }
+
+        def read(conn: sqlite3.Connection) -> tuple[list[str], float | None]:
+            found = conn.execute(Q["queue_runnable"], params).fetchall()
+            ids = [r["instance_id"] for r in found if r["instance_id"] is not None]
+            return ids, next((r["run_at"] for r in found if r["instance_id"] is None), None)
+
+        return await self._call(read)
+
     async def queue_claim(
         self, worker_id: str, now: float, lock_expires_at: float, limit: int, *, queue: str
     ) -> base.Claims:

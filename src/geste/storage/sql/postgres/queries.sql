@@ -2037,6 +2037,25 @@ SELECT instance_id, (SELECT count(*) FROM notified) AS notified FROM inserted;
 SELECT instance_id FROM {schema}.geste_instances
 WHERE queue = $1 AND dedup_id = $2 AND status IN ('pending', 'running', 'waiting', 'compensating');
 
+-- name: queue_runnable
+-- A worker that serves no instance outside a queue (serve_unqueued=False) finds the instances it may run
+-- here, not in the claim indexes of every workflow: those admitted by the queues it serves ($1) and
+-- unfinished (geste_instances_queue_admitted: the slots in use), of the workflows it registers ($5), free
+-- and due by $3 or held by a lease that ran out at $2, earliest first, at most $4 (claim_ids takes them,
+-- under its lock); then one row with a NULL id, the earliest run_at after $3 among the free ones (its
+-- sleep). Reads the queues' admitted entries: R per queue, at most its concurrency limit.
+(SELECT instance_id, run_at FROM {schema}.geste_instances
+ WHERE queue = ANY($1::text[]) AND queue IS NOT NULL AND queued_at IS NULL
+   AND status IN ('pending', 'running', 'waiting', 'compensating') AND workflow_name = ANY($5::text[])
+   AND ((lease_id IS NULL AND run_at <= $3) OR (lease_id IS NOT NULL AND lock_expires_at <= $2))
+ ORDER BY run_at
+ LIMIT $4)
+UNION ALL
+SELECT NULL, min(run_at) FROM {schema}.geste_instances
+WHERE queue = ANY($1::text[]) AND queue IS NOT NULL AND queued_at IS NULL
+  AND status IN ('pending', 'running', 'waiting', 'compensating') AND workflow_name = ANY($5::text[])
+  AND lease_id IS NULL AND run_at > $3;
+
 -- name: queue_claim
 -- Admit and claim up to $2 queued instances of the queue $1 within its limit (geste_queue_claim, schema
 -- 20: the row lock, then the count in a fresh snapshot, then the take). A queued instance has no history

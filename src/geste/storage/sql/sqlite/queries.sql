@@ -1198,6 +1198,26 @@ ON CONFLICT DO NOTHING;
 SELECT instance_id FROM geste_instances
 WHERE queue = :queue AND dedup_id = :dedup_id AND status IN ('pending', 'running', 'waiting', 'compensating');
 
+-- name: queue_runnable
+-- serve_unqueued=False: the instances admitted by the served queues (:queues, a JSON array) and
+-- unfinished (geste_instances_queue_admitted), of the registered workflows (:names), free and due by :due
+-- or held by a lease that ran out at :now, earliest first, at most :limit; then one row with a NULL id,
+-- the earliest run_at after :due among the free ones. claim_ids takes them.
+SELECT * FROM (
+    SELECT instance_id, run_at FROM geste_instances
+    WHERE queue IN (SELECT value FROM json_each(:queues)) AND queue IS NOT NULL AND queued_at IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+      AND workflow_name IN (SELECT value FROM json_each(:names))
+      AND ((lease_id IS NULL AND run_at <= :due) OR (lease_id IS NOT NULL AND lock_expires_at <= :now))
+    ORDER BY run_at
+    LIMIT :limit)
+UNION ALL
+SELECT NULL, min(run_at) FROM geste_instances
+WHERE queue IN (SELECT value FROM json_each(:queues)) AND queue IS NOT NULL AND queued_at IS NULL
+  AND status IN ('pending', 'running', 'waiting', 'compensating')
+  AND workflow_name IN (SELECT value FROM json_each(:names))
+  AND lease_id IS NULL AND run_at > :due;
+
 -- name: queue_waiting
 -- Whether the queue has a queued instance (the head of its line): an idle queue costs this probe only.
 SELECT 1 FROM geste_instances
