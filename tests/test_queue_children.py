@@ -9,6 +9,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 import geste
 from geste.errors import QueueDeduplicated
 
@@ -159,3 +161,50 @@ async def test_a_queued_child_is_cancelled_by_its_parents_end(make_app: MakeApp,
 
         await wait_until(cancelled, "the queued child to be cancelled")
     assert log == []
+
+
+async def test_the_storage_creates_a_queued_child_once_and_names_a_dedup_holder(db_url: str) -> None:
+    """``Storage.start_child`` onto a queue: a lost lease writes no step (PostgreSQL keeps the child,
+    which the next holder finds its own; SQLite writes nothing); the start again leaves one queued child;
+    another parent's child with the same dedup id is refused, nothing written, the holder named."""
+    import time
+
+    from geste.storage.base import ChildState, Commit, DedupHeld, Lease, LeaseLost, NewInstance, StepResult
+
+    app = geste.App(db_url, run_worker=False)
+    async with app:
+        storage: Any = app.storage
+        now = time.time()
+        parents = [Lease("p", "lease-p"), Lease("p2", "lease-p2")]
+        for lease in parents:
+            await storage.create_instance(
+                NewInstance(lease.instance_id, "w", '{"args":[],"kwargs":{}}', now),
+                lease=lease,
+                worker_id="me",
+                lock_expires_at=now + 60,
+            )
+        child = NewInstance("p:1", "c", '{"args":[],"kwargs":{}}', now, None, "q", 3, "d")
+        with pytest.raises(LeaseLost):
+            await storage.start_child(Commit(Lease("p", "stale"), [], now), child, parent_close="cancel")
+        again = await storage.start_child(Commit(parents[0], [], now), child, parent_close="cancel")
+        assert isinstance(again, StepResult | ChildState)
+        if isinstance(again, ChildState):  # PostgreSQL: the child of the lost step, its own
+            assert again.parent_id == "p" and again.workflow_name == "c"
+        rows = await raw_query(
+            db_url,
+            "SELECT instance_id, queue, priority, dedup_id, run_at, queued_at, parent_id "
+            "FROM geste_instances WHERE instance_id LIKE 'p%:%'",
+        )
+        assert len(rows) == 1
+        (found,) = rows
+        assert (found["queue"], found["priority"], found["dedup_id"], found["parent_id"]) == (
+            "q",
+            3,
+            "d",
+            "p",
+        )
+        assert found["run_at"] is None and found["queued_at"] is not None  # queued: no claim takes it
+        other = NewInstance("p2:1", "c", '{"args":[],"kwargs":{}}', now, None, "q", 0, "d")
+        refused = await storage.start_child(Commit(parents[1], [], now), other, parent_close="cancel")
+        assert refused == DedupHeld("p:1")
+        assert await raw_query(db_url, "SELECT 1 FROM geste_instances WHERE instance_id = 'p2:1'") == []
