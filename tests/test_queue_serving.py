@@ -81,6 +81,22 @@ async def test_a_worker_without_unqueued_runs_its_queues_only(db_url: str) -> No
         await assert_untouched(db_url, [b.instance_id], [free.instance_id])
 
 
+async def test_a_worker_without_unqueued_takes_over_its_queues_instances_from_a_dead_worker(
+    db_url: str,
+) -> None:
+    """An instance of a served queue admitted by a worker that died at once (its lease runs out in half
+    a second, nothing ran): a worker serving no unqueued instance takes it over and runs it."""
+    async with build_app(db_url, run_worker=False) as client:
+        handle = await client.workflows["job"].options(queue="a").start(5)
+        now = client.clock()
+        storage: Any = client.storage
+        assert len(await storage.queue_claim("dead", now, now + 0.5, 1, queue="a")) == 1
+    async with build_app(db_url, serve_queues=["a"], serve_unqueued=False) as app:
+        assert await app.get_handle(handle.instance_id).result(timeout=30) == 5
+    found = await row(db_url, handle.instance_id)
+    assert found["status"] == "completed" and found["last_worker"] == app.worker_id
+
+
 async def test_serving_options_are_checked(db_url: str) -> None:
     with pytest.raises(ConfigurationError, match=r"'c'.*declared: a, b"):
         async with build_app(db_url, serve_queues=["a", "c"]):
