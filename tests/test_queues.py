@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import geste
-from geste.errors import ConfigurationError
+from geste.errors import ConfigurationError, InstanceAlreadyExistsError, QueueDeduplicated
 from geste.storage import create_storage
 
 from .processes import WorkerProcesses
@@ -312,3 +312,34 @@ async def test_the_test_environment_moves_its_clock_to_a_rate_window_with_room(t
         done = [(await app.get_instance(h.instance_id)).status for h in handles]
         assert done == [geste.Status.COMPLETED] * 5
         assert [await h.result() for h in handles] == list(range(5))
+
+
+async def test_a_dedup_id_held_raises_with_the_raise_policy(make_app: Any) -> None:
+    """``on_duplicate="raise"``: a start whose dedup id an unfinished instance of the queue holds starts
+    nothing and raises ``QueueDeduplicated`` naming the queue, the id and the holder; a start of the
+    holder's own id again is no duplicate (it returns it, as any start of an existing id does)."""
+    async with make_app(run_worker=False, queues=[geste.Queue("strict", concurrency=1)]) as app:
+
+        @app.workflow
+        async def job(ctx: geste.WorkflowContext, x: int) -> int:
+            return x
+
+        strict = job.options(queue="strict", dedup_id="cart-7", on_duplicate="raise")
+        first = await strict.start(1)
+        assert first.created
+        with pytest.raises(QueueDeduplicated) as raised:
+            await strict.start(2)
+        assert isinstance(raised.value, InstanceAlreadyExistsError)
+        error = raised.value
+        assert (error.queue, error.dedup_id, error.instance_id) == ("strict", "cart-7", first.instance_id)
+        again = await strict.start_with_id(first.instance_id, 1)  # its own id: not a duplicate
+        assert again.instance_id == first.instance_id and not again.created
+        rows = await app.list_instances(workflow="job")
+        assert [r.instance_id for r in rows] == [first.instance_id]  # the refused start wrote nothing
+        await app.cancel(first.instance_id)  # ended: the id is free again
+        later = await strict.start(3)
+        assert later.created and later.instance_id != first.instance_id
+        with pytest.raises(ConfigurationError):
+            job.options(queue="strict", on_duplicate="raise")  # nothing to deduplicate
+        with pytest.raises(ConfigurationError):
+            job.options(queue="strict", dedup_id="x", on_duplicate="ignore")  # type: ignore[arg-type]

@@ -100,6 +100,14 @@ class ScheduleDecorator(Protocol):
     ) -> Workflow[P, R]: ...
 
 
+def _served_name(queue: object) -> str:
+    if isinstance(queue, Queue):
+        return queue.name
+    if isinstance(queue, str):
+        return queue
+    raise ConfigurationError(f"serve_queues takes geste.Queue objects or queue names, not {queue!r:.80}")
+
+
 class App(OpenClose):
     """A geste application: where workflows and activities are registered and run.
 
@@ -139,6 +147,8 @@ class App(OpenClose):
         workflow_cache_size: int | None = None,
         activity_threads: int = DEFAULT_ACTIVITY_THREADS,
         queues: Iterable[Queue] = (),
+        serve_queues: Iterable[Queue | str] | None = None,
+        serve_unqueued: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
@@ -182,6 +192,17 @@ class App(OpenClose):
         written at open (docs/queues.md)."""
         for queue in queues:
             self._declare_queue(queue)
+        self.serve_queues: frozenset[str] | None = (
+            None if serve_queues is None else frozenset(_served_name(q) for q in serve_queues)
+        )
+        """The declared queues this App's worker serves (None: every one; ``geste worker --queues`` sets
+        it). A queue it does not serve, it never admits from; its limits are written at open all the
+        same. Each name must be a declared queue's (checked at open)."""
+        if not isinstance(serve_unqueued, bool):
+            raise ConfigurationError(f"serve_unqueued must be True or False, not {serve_unqueued!r:.80}")
+        self.serve_unqueued = serve_unqueued
+        """Whether this App's worker also runs the instances outside any queue (default). False: it runs
+        the instances of the queues it serves only (``geste worker --queues ... --no-unqueued``)."""
         self._stop_requested = False
         # -- the registry, then the parts it runs on (a client, an engine and a runtime on one storage)
         self.default_retry = default_retry
@@ -222,6 +243,10 @@ class App(OpenClose):
                 )
                 for q in self.queues.values()
             ),
+            "serve_queues": tuple(
+                name for name in self.queues if self.serve_queues is None or name in self.serve_queues
+            ),
+            "serve_unqueued": self.serve_unqueued,
         }
         return RuntimeOptions(**(settings | dict(overrides)))
 
@@ -501,11 +526,29 @@ class App(OpenClose):
         self.queues[queue.name] = queue
         return queue
 
+    def check_served_queues(self) -> None:
+        """Raise ``ConfigurationError`` when ``serve_queues`` names a queue this App does not declare
+        (a typo would leave a queue unserved, silently), or when this App's worker, serving no instance
+        outside a queue, would serve nothing at all."""
+        unknown = sorted((self.serve_queues or frozenset()) - set(self.queues))
+        if unknown:
+            declared = ", ".join(sorted(self.queues)) or "none"
+            raise ConfigurationError(
+                f"queue(s) {', '.join(map(repr, unknown))} to serve are not declared on this App "
+                f"(declared: {declared}); declare them with App(queues=[...]) or app.queue(...)"
+            )
+        served = set(self.queues) if self.serve_queues is None else self.serve_queues
+        if not self.serve_unqueued and not served and self.run_worker:
+            raise ConfigurationError(
+                "serve_unqueued=False and no queue to serve: this worker would run nothing"
+            )
+
     # -- life cycle --------------------------------------------------------------------------------
     async def open(self) -> None:
         """Open (and migrate) the database; start the worker unless ``run_worker=False``."""
         if self._open:
             return
+        self.check_served_queues()
         self.runtime.options = self._runtime_options(self._parts.overrides)
         await self.runtime.open()
         try:

@@ -23,6 +23,7 @@ from ._handle import WorkflowHandle
 from ._metrics import Metrics
 from ._models import HistoryEntry, InstanceInfo, RunInfo, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
+from ._queues import OnDuplicate
 from ._registry import Registry
 from ._retry import seconds, workflow_deadline
 from ._serde import decode, decode_error, encode
@@ -33,6 +34,7 @@ from .errors import (
     ConfigurationError,
     InstanceAlreadyExistsError,
     InstanceNotFoundError,
+    QueueDeduplicated,
     ResultTimeout,
     RunNotFoundError,
     StorageError,
@@ -226,12 +228,13 @@ class Client:
         priority: int = 0,
         dedup_id: str | None = None,
         partition_key: str = "",
+        on_duplicate: OnDuplicate = "return",
     ) -> WorkflowHandle[R]:
         """Start an instance of ``workflow`` with these arguments (``Workflow.start`` comes here), with
         the deadline that ``timeout`` / ``deadline`` give (``Workflow.options``). Onto a ``queue``, it
         waits, queued, until a worker serving the queue admits it (never created already claimed here);
-        with a ``dedup_id`` held by an unfinished instance of the queue, that instance's handle comes
-        back (``created`` False)."""
+        with a ``dedup_id`` held by another unfinished instance of the queue, that instance's handle
+        comes back (``created`` False), or, ``on_duplicate="raise"``, ``QueueDeduplicated`` names it."""
         self._require_open()
         if not self.registry.registered(workflow):
             raise UnknownWorkflowError(workflow.name)
@@ -272,7 +275,10 @@ class Client:
                 worker.run_reserved(claim, ())
             elif created:
                 worker.made_runnable()
-        if not created and row.workflow_name != workflow.name:
+        if not created and row.instance_id != iid and queue is not None and dedup_id is not None:
+            if on_duplicate == "raise":  # another instance holds the dedup id (not a start of this id again)
+                raise QueueDeduplicated(queue, dedup_id, row.instance_id)
+        elif not created and row.workflow_name != workflow.name:
             raise InstanceAlreadyExistsError(
                 f"instance {iid!r} exists already as a {row.workflow_name!r} workflow, not {workflow.name!r}"
             )

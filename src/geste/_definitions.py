@@ -10,7 +10,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
-from ._queues import Queue, check_partition_key, check_queue_start, queue_name
+from ._queues import (
+    OnDuplicate,
+    Queue,
+    check_on_duplicate,
+    check_partition_key,
+    check_queue_start,
+    queue_name,
+)
 from ._retry import RetryPolicy, workflow_deadline
 from ._serde import Signature
 from ._validation import check_name
@@ -63,6 +70,7 @@ class Starter(Protocol):
         priority: int = 0,
         dedup_id: str | None = None,
         partition_key: str = "",
+        on_duplicate: OnDuplicate = "return",
     ) -> Awaitable[WorkflowHandle[R]]: ...
 
 
@@ -158,6 +166,7 @@ class Workflow(Generic[P, R]):
         priority: int = 0,
         dedup_id: str | None = None,
         partition_key: str | None = None,
+        on_duplicate: OnDuplicate = "return",
     ) -> WorkflowStarter[P, R]:
         """Start options: ``timeout`` (a duration from the start) and/or ``deadline`` (an aware datetime;
         with both, the earlier counts). When it passes, the instance is cancelled as by ``app.cancel``
@@ -168,14 +177,18 @@ class Workflow(Generic[P, R]):
         ``queue`` (a ``geste.Queue`` or its name): the instance waits, queued, until a worker serving the
         queue admits it within the queue's limits (docs/queues.md); ``priority``: its place in the line
         (lower first, then first come first served); ``dedup_id``: while an instance of the queue holding
-        it is unfinished, a start with it returns that instance's handle instead of starting another;
+        it is unfinished, a start with it starts nothing and, by ``on_duplicate``, returns that instance's
+        handle (``"return"``, the default: ``handle.created`` is False) or raises
+        ``geste.errors.QueueDeduplicated`` (``"raise"``), which names the instance holding it. A child
+        start (``ctx.start_child``) always raises on a held dedup id: the holder is not its child.
         ``partition_key`` (a customer, a tenant): the queue's per-partition limits count it with the
         other instances of that key (without one, with the others started without one)."""
         workflow_deadline(timeout, deadline, 0.0)  # bad values fail here, before any start
         name = queue_name(queue)
         priority, dedup_id = check_queue_start(name, priority, dedup_id)
         key = check_partition_key(name, partition_key)
-        return WorkflowStarter(self, timeout, deadline, name, priority, dedup_id, key)
+        policy = check_on_duplicate(on_duplicate, dedup_id)
+        return WorkflowStarter(self, timeout, deadline, name, priority, dedup_id, key, policy)
 
     def __repr__(self) -> str:
         return f"<geste.Workflow {self.name}>"
@@ -184,7 +197,16 @@ class Workflow(Generic[P, R]):
 class WorkflowStarter(Generic[P, R]):
     """A workflow with start options (``Workflow.options``): its ``start`` and ``start_with_id``."""
 
-    __slots__ = ("deadline", "dedup_id", "partition_key", "priority", "queue", "timeout", "workflow")
+    __slots__ = (
+        "deadline",
+        "dedup_id",
+        "on_duplicate",
+        "partition_key",
+        "priority",
+        "queue",
+        "timeout",
+        "workflow",
+    )
 
     def __init__(
         self,
@@ -195,6 +217,7 @@ class WorkflowStarter(Generic[P, R]):
         priority: int = 0,
         dedup_id: str | None = None,
         partition_key: str = "",
+        on_duplicate: OnDuplicate = "return",
     ) -> None:
         self.workflow = workflow
         self.timeout = timeout
@@ -203,6 +226,7 @@ class WorkflowStarter(Generic[P, R]):
         self.priority = priority
         self.dedup_id = dedup_id
         self.partition_key = partition_key
+        self.on_duplicate: OnDuplicate = on_duplicate
 
     async def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle[R]:
         """Start a new instance with a generated id, with these options."""
@@ -218,6 +242,7 @@ class WorkflowStarter(Generic[P, R]):
             priority=self.priority,
             dedup_id=self.dedup_id,
             partition_key=self.partition_key,
+            on_duplicate=self.on_duplicate,
         )
 
     async def start_with_id(
@@ -237,4 +262,5 @@ class WorkflowStarter(Generic[P, R]):
             priority=self.priority,
             dedup_id=self.dedup_id,
             partition_key=self.partition_key,
+            on_duplicate=self.on_duplicate,
         )

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
 from ._validation import check_id, check_name
 from .errors import ConfigurationError
+
+OnDuplicate = Literal["return", "raise"]
+"""What a start onto a queue does when an unfinished instance of the queue holds its ``dedup_id``: return
+that instance's handle (``created`` False), or raise ``geste.errors.QueueDeduplicated``."""
 
 MAX_PRIORITY = 2**31 - 1
 """Priorities are stored as 32-bit integers (lower first)."""
@@ -90,3 +95,14 @@ def check_partition_key(queue: str | None, partition_key: object) -> str:
     if queue is None:
         raise ConfigurationError("partition_key applies to a start onto a queue: give queue=...")
     return check_id(partition_key, "partition_key")
+
+
+def check_on_duplicate(on_duplicate: object, dedup_id: str | None) -> OnDuplicate:
+    """A start's ``on_duplicate``, checked: ``"raise"`` means something only with a ``dedup_id``."""
+    if on_duplicate == "return":
+        return "return"
+    if on_duplicate == "raise":
+        if dedup_id is None:
+            raise ConfigurationError('on_duplicate="raise" applies to a start with a dedup_id')
+        return "raise"
+    raise ConfigurationError(f'on_duplicate must be "return" or "raise", not {on_duplicate!r:.80}')

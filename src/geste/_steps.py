@@ -735,24 +735,34 @@ class ContinueAsNewStep(_Payload):
 @dataclass(frozen=True, slots=True)
 class StartChildStep(_Payload):
     """``ctx.start_child``: the id of the child it created (the row's name is the child's workflow) and
-    what the parent's end does to it; ``error`` (an ``is_error`` row) when that id was another's."""
+    what the parent's end does to it; ``error`` (an ``is_error`` row) when that id was another's, or, with
+    ``dedup`` (``[queue, dedup_id, holder]``, schema 20), when its queue's dedup id was held."""
 
     kind: ClassVar[StepKind] = StepKind.START_CHILD
     child_id: str
     parent_close: str
     error: str | None = None
+    dedup: tuple[str, str, str] | None = None
 
     def encode(self) -> str:
         body: dict[str, Any] = {"child_id": self.child_id, "parent_close": self.parent_close}
         if self.error is not None:
             body["error"] = self.error
+        if self.dedup is not None:
+            body["dedup"] = list(self.dedup)
         return encode(body, what="child")
 
     @classmethod
     def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
         body = _object(body)
         error = _text(body["error"]) if is_error else None
-        return cls(_text(body["child_id"]), _text(body["parent_close"]), error)
+        dedup = None
+        if is_error and body.get("dedup") is not None:
+            found = body["dedup"]
+            if not isinstance(found, list) or len(found) != 3:
+                raise TypeError(f"a start_child row's dedup is [queue, dedup_id, holder], not {found!r:.80}")
+            dedup = (_text(found[0]), _text(found[1]), _text(found[2]))
+        return cls(_text(body["child_id"]), _text(body["parent_close"]), error, dedup)
 
 
 @dataclass(frozen=True, slots=True)

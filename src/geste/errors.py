@@ -18,6 +18,7 @@ GesteError
 ├── InstanceStateError          an operator action its status refuses (retry of an instance not failed)
 │   └── InstanceLeasedError     resume of an instance a live worker holds, without force=True
 ├── InstanceAlreadyExistsError  reserved for callers that ask start() to refuse an existing id
+│   └── QueueDeduplicated       a start onto a queue whose dedup id an unfinished instance holds
 ├── ResultTimeout               handle.result(timeout=...) ran out (also a builtins.TimeoutError)
 ├── IdleTimeout                 geste.testing: instances still busy when the wait for them ran out
 ├── WorkflowFailed              handle.result() of a failed instance; .error describes the cause
@@ -61,6 +62,7 @@ __all__ = [
     "NonDeterminismError",
     "NotAGesteDatabaseError",
     "PayloadTooLargeError",
+    "QueueDeduplicated",
     "ReceiveTimeout",
     "ResultTimeout",
     "RunNotFoundError",
@@ -199,6 +201,24 @@ class InstanceLeasedError(InstanceStateError):
 
 class InstanceAlreadyExistsError(GesteError):
     """An instance with this id exists already (raised only when the caller asked to refuse)."""
+
+
+class QueueDeduplicated(InstanceAlreadyExistsError):
+    """A start onto ``queue`` with ``dedup_id`` (``options(..., on_duplicate="raise")``, or a child
+    start) found an unfinished instance of the queue holding that id, ``instance_id``: nothing was
+    started. Once that instance ends, the id is free again."""
+
+    def __init__(self, queue: str, dedup_id: str, instance_id: str) -> None:
+        super().__init__(queue, dedup_id, instance_id)  # the args rebuild it from a recorded error
+        self.queue = queue
+        self.dedup_id = dedup_id
+        self.instance_id = instance_id
+
+    def __str__(self) -> str:
+        return (
+            f"queue {self.queue!r}: dedup id {self.dedup_id!r} is held by the unfinished instance "
+            f"{self.instance_id!r}"
+        )
 
 
 class ResultTimeout(GesteError, TimeoutError):

@@ -21,6 +21,7 @@ from .._demo import run_demo
 from .._models import Status
 from .._progress import Progress
 from .._status import SystemStatus, WorkerInfo
+from ..errors import ConfigurationError
 from ..storage.base import MigrationStep
 from . import (
     BadInputError,
@@ -63,6 +64,17 @@ def demo(database_url: str | None, decline: bool) -> None:
 @click.argument("app_spec", metavar="MODULE:APP")
 @click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Instances run at once.")
 @click.option(
+    "--queues",
+    default=None,
+    metavar="A,B",
+    help="Serve only these of the App's declared queues (comma-separated; default: every one).",
+)
+@click.option(
+    "--unqueued/--no-unqueued",
+    default=None,
+    help="Also run the instances outside any queue (default: as the App says, which is yes).",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
@@ -78,6 +90,8 @@ def demo(database_url: str | None, decline: bool) -> None:
 def worker(
     app_spec: str,
     concurrency: int | None,
+    queues: str | None,
+    unqueued: bool | None,
     metrics_port: int | None,
     metrics_host: str,
     metrics_token: str | None,
@@ -87,13 +101,25 @@ def worker(
 
     On the signal it stops claiming, lets running instances finish (up to the App's
     ``shutdown_grace``), releases the rest and exits 0. With --metrics-port it also serves its
-    metrics for Prometheus.
+    metrics for Prometheus. --queues a,b: it admits from those of the App's declared queues only;
+    --no-unqueued: it runs no instance outside a queue (docs/queues.md).
     """
     app = _load_app(app_spec)
     _configure_logging(log_level)
     app.run_worker = True
     if concurrency is not None:
         app.concurrency = concurrency
+    if queues is not None:
+        names = [name.strip() for name in queues.split(",")]
+        if not all(names):
+            raise BadInputError(f"--queues takes queue names separated by commas, not {queues!r}")
+        app.serve_queues = frozenset(names)
+    if unqueued is not None:
+        app.serve_unqueued = unqueued
+    try:
+        app.check_served_queues()
+    except ConfigurationError as exc:
+        raise BadInputError(str(exc)) from None
     metrics = None if metrics_port is None else (metrics_host, metrics_port, metrics_token)
     _run(_work(app, metrics=metrics))
 

@@ -61,11 +61,13 @@ from ..errors import (
     InstanceAlreadyExistsError,
     InstanceNotFoundError,
     NonDeterminismError,
+    QueueDeduplicated,
     ReceiveTimeout,
     WorkflowCancelled,
 )
 from ..storage.base import (
     ChildState,
+    DedupHeld,
     EventWait,
     HistoryRow,
     MessageWait,
@@ -302,6 +304,10 @@ class WorkflowContext:
         ``workflow.options(timeout=..., deadline=...)`` gives the child a deadline of its own, from
         the time of this step (the same on every replay): when it passes, the child is cancelled and
         ends with ``WorkflowTimeout``, which its parent sees as a ``ChildWorkflowError``.
+        ``workflow.options(queue=..., priority=..., dedup_id=...)`` starts the child onto a queue
+        (docs/queues.md): it waits, queued, until a worker serving the queue admits it. A dedup id held
+        by an unfinished instance of the queue raises ``QueueDeduplicated`` (recorded: a replay raises it
+        again), whatever ``on_duplicate`` says: the holder is not this instance's child.
         The child runs on any worker that registers its workflow. ``parent_close`` (``ParentClose``)
         says what this instance's end does to the child if it still runs: cancel it (default), abandon
         it, or wait for it (cancel it if this instance is cancelled). Raises, before anything is
@@ -351,6 +357,8 @@ class WorkflowContext:
         row = journal.replay(seq, StepKind.START_CHILD, name)
         if row is not None:
             started = journal.read(row, StartChildStep)
+            if started.dedup is not None:
+                raise QueueDeduplicated(*started.dedup)
             if started.error is not None:
                 raise InstanceAlreadyExistsError(started.error)
             journal.children[started.child_id] = started.parent_close
@@ -365,7 +373,17 @@ class WorkflowContext:
         done = HistoryRow(
             seq, StepKind.START_CHILD, name, StartChildStep(cid, policy.value).encode(), False, now
         )
-        taken = await journal.start_child(done, NewInstance(cid, name, stored, now, due), policy.value)
+        queue, priority, dedup_id = (None, 0, None)
+        if starter is not None:  # onto a queue (20): created queued, admitted by a claim of the queue
+            queue, priority, dedup_id = starter.queue, starter.priority, starter.dedup_id
+        child = NewInstance(cid, name, stored, now, due, queue, priority, dedup_id)
+        taken = await journal.start_child(done, child, policy.value)
+        if isinstance(taken, DedupHeld):  # another instance holds its queue's dedup id: recorded, raised
+            assert queue is not None and dedup_id is not None
+            held = QueueDeduplicated(queue, dedup_id, taken.instance_id)
+            body = StartChildStep(cid, policy.value, str(held), (queue, dedup_id, taken.instance_id)).encode()
+            await journal.commit(HistoryRow(seq, StepKind.START_CHILD, name, body, True, now))
+            raise held
         if taken is not None:
             if taken.parent_id != self.instance_id or taken.workflow_name != name:
                 problem = (

@@ -35,6 +35,7 @@ from ..errors import (
 from ..storage.base import (
     ChildState,
     Commit,
+    DedupHeld,
     EventWait,
     HistoryRow,
     Lease,
@@ -519,16 +520,19 @@ class Journal:
             host.on_channel_woken()
         return True
 
-    async def start_child(self, row: HistoryRow, child: NewInstance, parent_close: str) -> ChildState | None:
+    async def start_child(
+        self, row: HistoryRow, child: NewInstance, parent_close: str
+    ) -> ChildState | DedupHeld | None:
         """Record the ``start_child`` step ``row`` and create ``child`` in one transaction; None when
-        done, else (nothing written) the instance that has the child's id already."""
+        done, else (nothing written) the instance that has the child's id already, or the one holding its
+        queue's dedup id."""
         records = [*self.pending, row]
         host = self.host
         with _abandon_on_failure:
             outcome = await host.storage.start_child(
                 self._commit(records, child.now), child, parent_close=parent_close
             )
-        if isinstance(outcome, ChildState):
+        if isinstance(outcome, ChildState | DedupHeld):
             return outcome
         self.pending = []
         self._recorded(records, outcome.cancel_requested)

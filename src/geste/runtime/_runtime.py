@@ -76,7 +76,11 @@ class RuntimeOptions:
     where waiting in real time for a virtual moment never ends)."""
     queues: tuple[QueueRow, ...] = ()
     """The queues declared on the App (schema 20): their limits are written at open, before the worker
-    claims, and its worker serves them."""
+    claims."""
+    serve_queues: tuple[str, ...] | None = None
+    """Of those, the ones the worker serves (admits from); None: every one."""
+    serve_unqueued: bool = True
+    """Whether the worker runs instances outside any queue too (else only those of the queues it serves)."""
 
 
 class ResultWaiters(Protocol):
@@ -161,9 +165,10 @@ class Runtime(OpenClose):
             lookahead=options.lookahead,
         )
         if options.notify.enabled:  # wake-ups routed to one worker while the listener listens
+            unqueued = options.serve_unqueued  # serving no instance outside a queue: routed none
             wakeups.router = Router(
                 options.worker_id,
-                workflows=lambda: self.runner.workflows,
+                workflows=lambda: self.runner.workflows if unqueued else (),
                 relay=options.outbox.enabled,
                 lock_timeout=options.lock_timeout,
                 clock=self.clock,
@@ -184,7 +189,12 @@ class Runtime(OpenClose):
             listener_status=lambda: self.listener_status().as_dict(),
             metrics=self.metrics,
             relay=options.outbox.enabled,
-            queues={queue.name: queue.worker_concurrency for queue in options.queues},
+            queues={
+                queue.name: queue.worker_concurrency
+                for queue in options.queues
+                if options.serve_queues is None or queue.name in options.serve_queues
+            },
+            serve_unqueued=options.serve_unqueued,
         )
         relay = None
         if options.outbox.enabled:

@@ -96,6 +96,7 @@ class Worker(Loop):
         metrics: Metrics | None = None,
         relay: bool = False,
         queues: Mapping[str, int | None] | None = None,
+        serve_unqueued: bool = True,
     ) -> None:
         super().__init__(name=f"geste-claim-{worker_id}", what=f"worker {worker_id}: the claim loop")
         self.on_death = self.mark_unhealthy
@@ -154,6 +155,11 @@ class Worker(Loop):
         self.queues: dict[str, int | None] = dict(queues or {})
         """The queues this worker serves (schema 20), each with its per-worker limit (None: none)."""
         wakeups.queues = frozenset(self.queues)
+        self.serve_unqueued = serve_unqueued
+        """Whether this worker runs instances outside any queue (``App(serve_unqueued=...)``). Without,
+        it runs the instances of the queues it serves only: admitted here, or resumed and taken over
+        (``Storage.queue_runnable``, then ``claim_ids``), and registers no workflow for routed wake-ups
+        (none of another instance is sent here; its own are found by its claims)."""
         self._rate_wakes: dict[str, float] = {}
         """Per queue whose rate's window was full, the moment this worker set a timer for."""
         self._admitted: dict[str, str] = {}
@@ -319,8 +325,13 @@ class Worker(Loop):
         return list(self._rate_wakes.values())
 
     def reserve(self) -> Lease | None:
-        """A slot and a lease id for an instance this process is about to create and run at once."""
-        if self.stopping or len(self._running) + self._reserved >= self.concurrency:
+        """A slot and a lease id for an instance this process is about to create and run at once (one
+        outside any queue: None when this worker serves none of those)."""
+        if (
+            self.stopping
+            or not self.serve_unqueued
+            or len(self._running) + self._reserved >= self.concurrency
+        ):
             return None
         self._reserved += 1
         return Lease("", uuid.uuid4().hex)
@@ -429,15 +440,18 @@ class Worker(Loop):
             limit = self.max_messages_per_batch
         batch = min(free, limit)
         now = self.clock()
-        claims = await self.storage.claim(
-            self.worker_id,
-            now,
-            now + self.lock_timeout,
-            batch,
-            due_before=now + self.wakeups.lookahead,
-            workflows=list(self.runner.workflows),
-            known=self.runner.cached(),
-        )
+        if self.serve_unqueued:
+            claims = await self.storage.claim(
+                self.worker_id,
+                now,
+                now + self.lock_timeout,
+                batch,
+                due_before=now + self.wakeups.lookahead,
+                workflows=list(self.runner.workflows),
+                known=self.runner.cached(),
+            )
+        else:
+            claims = await self._claim_queued_runs(now, batch)
         if self.stopping:  # stopped while the claim ran: hand its instances back at once, unrun
             if claims:
                 await self.storage.release([claim.lease for claim in claims], self.clock())
@@ -471,6 +485,29 @@ class Worker(Loop):
         if until < interval:
             self._sleep_cause = TIMER  # the next instance due, known from the database
         return max(0.0, min(interval, until))
+
+    async def _claim_queued_runs(self, now: float, batch: int) -> Claims:
+        """``serve_unqueued=False``: in place of the claim of every runnable instance of its workflows,
+        the admitted instances of the queues it serves that are runnable (woken, due, or whose lease ran
+        out), by id; ``next_run_at`` is the earliest of the others."""
+        workflows = list(self.runner.workflows)
+        due = now + self.wakeups.lookahead
+        ids, next_run_at = await self.storage.queue_runnable(
+            list(self.queues), now, batch, due_before=due, workflows=workflows
+        )
+        claims = Claims(next_run_at=next_run_at)
+        if ids:
+            taken = await self.storage.claim_ids(
+                self.worker_id,
+                now,
+                now + self.lock_timeout,
+                ids,
+                due_before=due,
+                workflows=workflows,
+                known=self.runner.cached(ids),
+            )
+            claims.extend(taken)
+        return claims
 
     async def _claim_queues(self, cause: str) -> bool:
         """One claim of each queue this worker serves, within its free slots and each queue's per-worker
@@ -647,7 +684,8 @@ class Worker(Loop):
             concurrency=self.concurrency,
             listener=listener,
             lock_timeout=self.lock_timeout,
-            workflows=json.dumps(sorted(self.runner.workflows)),
+            # serving no instance outside a queue, it is routed no instance's wake-up: it registers none
+            workflows=json.dumps(sorted(self.runner.workflows) if self.serve_unqueued else []),
             health=self.health,
             relay=self.relay,
         )

@@ -199,6 +199,14 @@ class ChildState:
 
 
 @dataclass(frozen=True, slots=True)
+class DedupHeld:
+    """A child start onto a queue refused (``start_child``, schema 20): the unfinished instance
+    ``instance_id`` of the queue holds the child's dedup id."""
+
+    instance_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewEvent:
     event_id: str
     event_type: str
@@ -745,6 +753,23 @@ class Storage(abc.ABC):
         ``Claims.next_run_at``: when the rate (or a partition's) has room again, if it is what stopped
         the claim (None otherwise)."""
 
+    @abc.abstractmethod
+    async def queue_runnable(
+        self,
+        queues: Sequence[str],
+        now: float,
+        limit: int,
+        *,
+        due_before: float | None = None,
+        workflows: Sequence[str],
+    ) -> tuple[list[str], float | None]:
+        """For a worker that serves no instance outside a queue (``serve_unqueued=False``): the ids of at
+        most ``limit`` instances admitted by ``queues`` and unfinished, of the named ``workflows``, that
+        ``claim`` could take (free and due by ``due_before``, default ``now``, or held by a lease that ran
+        out at ``now``), earliest first, and the earliest ``run_at`` after ``due_before`` among the free
+        ones (None: none). Reads the queues' admitted entries (their slots in use); locks nothing: the
+        worker takes them with ``claim_ids``."""
+
     async def route_wakeups(self, wakeups: Sequence[tuple[str, str]], *, avoid: str) -> int:
         """Hand wake-ups routed to this worker (``(instance_id, workflow_name)``) on to the other workers,
         naming this one as the worker to ``avoid`` (it is full or stopping); return how many were sent.
@@ -843,11 +868,12 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def start_child(
         self, commit: Commit, child: NewInstance, *, parent_close: str
-    ) -> ChildState | StepResult:
-        """Create ``child`` (free, runnable) as a child of the commit's instance and append the commit's
-        rows, in one transaction; a ``StepResult`` when done (whether a cancel of the parent is
-        requested, as every commit says). When ``child``'s id is taken, nothing is written and the
-        instance that has it is returned."""
+    ) -> ChildState | DedupHeld | StepResult:
+        """Create ``child`` (free, runnable; queued when it names a queue) as a child of the commit's
+        instance and append the commit's rows, in one transaction; a ``StepResult`` when done (whether a
+        cancel of the parent is requested, as every commit says). When ``child``'s id is taken, nothing
+        is written and the instance that has it is returned; when its queue's dedup id is held by an
+        unfinished instance, nothing is written and that instance's id is (``DedupHeld``)."""
 
     @abc.abstractmethod
     async def take_child_or_suspend(self, commit: Commit, child_id: str) -> ChildState | Suspension:

@@ -881,6 +881,32 @@ class PostgresStorage(base.Storage):
 
         await self._run(go)
 
+    async def queue_runnable(
+        self,
+        queues: Sequence[str],
+        now: float,
+        limit: int,
+        *,
+        due_before: float | None = None,
+        workflows: Sequence[str],
+    ) -> tuple[list[str], float | None]:
+        if not queues or not workflows or limit <= 0:
+            return [], None
+
+        async def go(conn: Conn) -> tuple[list[str], float | None]:
+            found = await conn.fetch(
+                self._q["queue_runnable"],
+                sorted(set(queues)),
+                now,
+                now if due_before is None else due_before,
+                limit,
+                sorted(set(workflows)),
+            )
+            ids = [r["instance_id"] for r in found if r["instance_id"] is not None]
+            return ids, next((r["run_at"] for r in found if r["instance_id"] is None), None)
+
+        return await self._read(go)
+
     async def queue_claim(
         self, worker_id: str, now: float, lock_expires_at: float, limit: int, *, queue: str
     ) -> base.Claims:
@@ -1247,32 +1273,43 @@ class PostgresStorage(base.Storage):
     # -- child workflows (schema 16) ------------------------------------------------------------------
     async def start_child(
         self, commit: base.Commit, child: base.NewInstance, *, parent_close: str
-    ) -> base.ChildState | base.StepResult:
+    ) -> base.ChildState | base.DedupHeld | base.StepResult:
         lease = commit.lease
 
-        async def go(conn: Conn) -> base.ChildState | base.StepResult:
-            started = await conn.fetchrow(
-                self._q["start_child"],
-                child.instance_id,
-                child.workflow_name,
-                child.input,
-                child.now,
-                lease.instance_id,
-                lease.lease_id,
-                commit.lock_expires_at,
-                *self._columns(commit.records),
-                parent_close,
-                self.notify,
-                child.deadline,
-            )
-            if not started["created"]:
+        async def go(conn: Conn) -> base.ChildState | base.DedupHeld | base.StepResult:
+            for _ in range(DEDUP_ATTEMPTS):
+                started = await conn.fetchrow(
+                    self._q["start_child"],
+                    child.instance_id,
+                    child.workflow_name,
+                    child.input,
+                    child.now,
+                    lease.instance_id,
+                    lease.lease_id,
+                    commit.lock_expires_at,
+                    *self._columns(commit.records),
+                    parent_close,
+                    self.notify,
+                    child.deadline,
+                    child.queue,
+                    child.priority,
+                    child.dedup_id,
+                )
+                if started["created"]:
+                    if not started["touched"]:
+                        raise base.LeaseLost(lease.instance_id)
+                    return base.StepResult(cancel_requested=bool(started["cancel_requested"]))
                 state = _child_state(await conn.fetchrow(self._q["child_state"], child.instance_id))
-                if state is None:  # refused, yet gone at the read (no instance is deleted today): never
-                    raise base.LeaseLost(lease.instance_id)  # report it created; the run is retried
-                return state
-            if not started["touched"]:
-                raise base.LeaseLost(lease.instance_id)
-            return base.StepResult(cancel_requested=bool(started["cancel_requested"]))
+                if state is not None:
+                    return state
+                if child.dedup_id is not None:  # refused for its dedup id (20): who holds it
+                    holder = await conn.fetchval(self._q["find_dedup"], child.queue, child.dedup_id)
+                    if holder is not None:
+                        return base.DedupHeld(holder)
+                    continue  # the holder ended in between: the id is free, try again
+                # refused, yet gone at the read (no instance is deleted today): never report it created;
+                raise base.LeaseLost(lease.instance_id)  # the run is retried
+            raise StorageError(f"instance {child.instance_id}: its dedup id was taken and freed repeatedly")
 
         return await self._run(go)
 

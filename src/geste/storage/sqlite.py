@@ -492,6 +492,32 @@ class SQLiteStorage(base.Storage):
         }
         await self._write(lambda conn: conn.execute(Q["queue_upsert"], params))
 
+    async def queue_runnable(
+        self,
+        queues: Sequence[str],
+        now: float,
+        limit: int,
+        *,
+        due_before: float | None = None,
+        workflows: Sequence[str],
+    ) -> tuple[list[str], float | None]:
+        if not queues or not workflows or limit <= 0:
+            return [], None
+        params = {
+            "queues": json.dumps(sorted(set(queues))),
+            "names": json.dumps(sorted(set(workflows))),
+            "now": now,
+            "due": now if due_before is None else due_before,
+            "limit": limit,
+        }
+
+        def read(conn: sqlite3.Connection) -> tuple[list[str], float | None]:
+            found = conn.execute(Q["queue_runnable"], params).fetchall()
+            ids = [r["instance_id"] for r in found if r["instance_id"] is not None]
+            return ids, next((r["run_at"] for r in found if r["instance_id"] is None), None)
+
+        return await self._call(read)
+
     async def queue_claim(
         self, worker_id: str, now: float, lock_expires_at: float, limit: int, *, queue: str
     ) -> base.Claims:
@@ -845,7 +871,7 @@ class SQLiteStorage(base.Storage):
     # -- child workflows (schema 16) ------------------------------------------------------------------
     async def start_child(
         self, commit: base.Commit, child: base.NewInstance, *, parent_close: str
-    ) -> base.ChildState | base.StepResult:
+    ) -> base.ChildState | base.DedupHeld | base.StepResult:
         params = {
             "instance_id": child.instance_id,
             "workflow_name": child.workflow_name,
@@ -854,13 +880,19 @@ class SQLiteStorage(base.Storage):
             "parent_id": commit.lease.instance_id,
             "parent_close": parent_close,
             "deadline": child.deadline,
+            "queue": child.queue,
+            "priority": child.priority,
+            "dedup_id": child.dedup_id,
         }
 
-        def tx(conn: sqlite3.Connection) -> base.ChildState | base.StepResult:
+        def tx(conn: sqlite3.Connection) -> base.ChildState | base.DedupHeld | base.StepResult:
             if conn.execute(Q["start_child"], params).rowcount != 1:
                 state = _child_state(conn.execute(Q["child_state"], (child.instance_id,)).fetchone())
-                assert state is not None  # the insert was refused: the row exists, in this transaction
-                return state
+                if state is not None:
+                    return state
+                # not its id: its queue's dedup id (20), held by an unfinished instance (this transaction)
+                holder = conn.execute(Q["find_dedup"], params).fetchone()
+                return base.DedupHeld(holder["instance_id"])
             return base.StepResult(cancel_requested=self._append(conn, commit))
 
         return await self._write(tx)

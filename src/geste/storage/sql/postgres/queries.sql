@@ -1919,19 +1919,25 @@ FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY
 
 -- name: start_child
 -- ctx.start_child in one statement: the child is created free and runnable (notified to any worker, as a
--- client's start) and, only if it was, the parent's rows are appended under its lease (proved here, and
--- renewed). Not created (its id is taken): nothing else is written and the caller reads who has it. The
--- lease lost: the child stays and its parent's next holder, replaying the step with the same id, finds it
--- its own (parent_id, workflow) and records the step then. One probe of the primary key each.
+-- client's start), or queued onto $17 (schema 20: run_at NULL, queued_at set, as insert_queued; the
+-- notification names the queue), and, only if it was, the parent's rows are appended under its lease
+-- (proved here, and renewed). Not created (its id is taken, or its queue's dedup id $19: ON CONFLICT
+-- without a target covers the primary key and the dedup index): nothing else is written and the caller
+-- reads who has it. The lease lost: the child stays and its parent's next holder, replaying the step with
+-- the same id, finds it its own (parent_id, workflow) and records the step then. One probe of the primary
+-- key each (and of the dedup index for a queued child).
 -- $1-$3: the child's id, workflow, input; $4: now; $5 the parent, $6 its lease, $7 the lease's new expiry;
--- $8-$13 the history columns; $14 the policy; $15 notify; $16 the child's deadline (17; NULL: none).
+-- $8-$13 the history columns; $14 the policy; $15 notify; $16 the child's deadline (17; NULL: none);
+-- $17-$19 its queue, priority and dedup id (20; NULL queue: none).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-         parent_id, parent_close, deadline)
-    VALUES ($1, $2, 'pending', $3, $4, $4, LEAST($4, {db_clock}), nextval('{schema}.geste_events_seq_seq'),
-            $5, $14, $16)
-    ON CONFLICT (instance_id) DO NOTHING
+         parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id)
+    VALUES ($1, $2, 'pending', $3, $4, $4,
+            CASE WHEN $17::text IS NULL THEN LEAST($4, {db_clock}) END,
+            nextval('{schema}.geste_events_seq_seq'), $5, $14, $16,
+            $17, $18, CASE WHEN $17::text IS NOT NULL THEN $4::double precision END, $19)
+    ON CONFLICT DO NOTHING
     RETURNING instance_id
 ), touched AS (
     UPDATE {schema}.geste_instances
@@ -1945,8 +1951,11 @@ WITH inserted AS (
     WHERE EXISTS (SELECT 1 FROM touched)
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', $1::text, 'workflow_name', $2::text, 'worker', NULL,
-                                       'schema', {schema_name})::text)
+                     CASE WHEN $17::text IS NULL
+                          THEN json_build_object('instance_id', $1::text, 'workflow_name', $2::text,
+                                                 'worker', NULL, 'schema', {schema_name})
+                          ELSE json_build_object('queue', $17::text, 'schema', {schema_name})
+                     END::text)
     FROM inserted WHERE $15
 )
 SELECT EXISTS (SELECT 1 FROM inserted) AS created, EXISTS (SELECT 1 FROM touched) AS touched,
@@ -2070,6 +2079,25 @@ SELECT instance_id, (SELECT count(*) FROM notified) AS notified FROM inserted;
 -- The unfinished instance of a queue holding a dedup id (the unique partial index, one probe).
 SELECT instance_id FROM {schema}.geste_instances
 WHERE queue = $1 AND dedup_id = $2 AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- name: queue_runnable
+-- A worker that serves no instance outside a queue (serve_unqueued=False) finds the instances it may run
+-- here, not in the claim indexes of every workflow: those admitted by the queues it serves ($1) and
+-- unfinished (geste_instances_queue_admitted: the slots in use), of the workflows it registers ($5), free
+-- and due by $3 or held by a lease that ran out at $2, earliest first, at most $4 (claim_ids takes them,
+-- under its lock); then one row with a NULL id, the earliest run_at after $3 among the free ones (its
+-- sleep). Reads the queues' admitted entries: R per queue, at most its concurrency limit.
+(SELECT instance_id, run_at FROM {schema}.geste_instances
+ WHERE queue = ANY($1::text[]) AND queue IS NOT NULL AND queued_at IS NULL
+   AND status IN ('pending', 'running', 'waiting', 'compensating') AND workflow_name = ANY($5::text[])
+   AND ((lease_id IS NULL AND run_at <= $3) OR (lease_id IS NOT NULL AND lock_expires_at <= $2))
+ ORDER BY run_at
+ LIMIT $4)
+UNION ALL
+SELECT NULL, min(run_at) FROM {schema}.geste_instances
+WHERE queue = ANY($1::text[]) AND queue IS NOT NULL AND queued_at IS NULL
+  AND status IN ('pending', 'running', 'waiting', 'compensating') AND workflow_name = ANY($5::text[])
+  AND lease_id IS NULL AND run_at > $3;
 
 -- name: queue_claim
 -- Admit and claim up to $2 queued instances of the queue $1 within its limit (geste_queue_claim, schema

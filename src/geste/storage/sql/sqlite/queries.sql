@@ -1078,14 +1078,17 @@ FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?))
 
 -- name: start_child
 -- ctx.start_child, in the BEGIN IMMEDIATE transaction of touch_lease and insert_history of the parent's
--- start_child row: the child is created free and runnable, or not (its id is taken). One primary-key probe.
+-- start_child row: the child is created free and runnable, or queued onto :queue (schema 20: run_at NULL,
+-- queued_at set, as insert_queued), or not (its id is taken, or its queue's dedup id: ON CONFLICT without
+-- a target covers the primary key and the dedup index). One primary-key probe (and one of the dedup index).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-     parent_id, parent_close, deadline)
-VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now, min(:now, {db_clock}),
+     parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id)
+VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now,
+        CASE WHEN :queue IS NULL THEN min(:now, {db_clock}) END,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close,
-        :deadline)
-ON CONFLICT (instance_id) DO NOTHING;
+        :deadline, :queue, :priority, CASE WHEN :queue IS NOT NULL THEN :now END, :dedup_id)
+ON CONFLICT DO NOTHING;
 
 -- name: child_state
 SELECT workflow_name, status, result, error, parent_id FROM geste_instances WHERE instance_id = ?;
@@ -1200,6 +1203,26 @@ ON CONFLICT DO NOTHING;
 -- The unfinished instance of a queue holding a dedup id (the unique partial index, one probe).
 SELECT instance_id FROM geste_instances
 WHERE queue = :queue AND dedup_id = :dedup_id AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- name: queue_runnable
+-- serve_unqueued=False: the instances admitted by the served queues (:queues, a JSON array) and
+-- unfinished (geste_instances_queue_admitted), of the registered workflows (:names), free and due by :due
+-- or held by a lease that ran out at :now, earliest first, at most :limit; then one row with a NULL id,
+-- the earliest run_at after :due among the free ones. claim_ids takes them.
+SELECT * FROM (
+    SELECT instance_id, run_at FROM geste_instances
+    WHERE queue IN (SELECT value FROM json_each(:queues)) AND queue IS NOT NULL AND queued_at IS NULL
+      AND status IN ('pending', 'running', 'waiting', 'compensating')
+      AND workflow_name IN (SELECT value FROM json_each(:names))
+      AND ((lease_id IS NULL AND run_at <= :due) OR (lease_id IS NOT NULL AND lock_expires_at <= :now))
+    ORDER BY run_at
+    LIMIT :limit)
+UNION ALL
+SELECT NULL, min(run_at) FROM geste_instances
+WHERE queue IN (SELECT value FROM json_each(:queues)) AND queue IS NOT NULL AND queued_at IS NULL
+  AND status IN ('pending', 'running', 'waiting', 'compensating')
+  AND workflow_name IN (SELECT value FROM json_each(:names))
+  AND lease_id IS NULL AND run_at > :due;
 
 -- name: queue_waiting
 -- Whether the queue has a queued instance (the head of its line): an idle queue costs this probe only.
