@@ -208,3 +208,39 @@ async def test_the_storage_creates_a_queued_child_once_and_names_a_dedup_holder(
         refused = await storage.start_child(Commit(parents[1], [], now), other, parent_close="cancel")
         assert refused == DedupHeld("p:1")
         assert await raw_query(db_url, "SELECT 1 FROM geste_instances WHERE instance_id = 'p2:1'") == []
+
+
+async def test_children_started_onto_a_partitioned_queue_keep_to_each_partitions_limit(
+    make_app: MakeApp, db_url: str
+) -> None:
+    """``partition_key`` reaches a child's row (schema 22) like a client's start: one child per key at
+    once, whatever the other key runs."""
+    log: list[tuple[str, str]] = []
+    app = make_app(queues=[geste.Queue("parts", partition_concurrency=1)])
+
+    @app.activity()
+    async def load(ctx: geste.ActivityContext, key: str) -> str:
+        log.append(("start", key))
+        await asyncio.sleep(0.02)  # room for another child of the key to start meanwhile, were it admitted
+        log.append(("end", key))
+        return key
+
+    @app.workflow()
+    async def kid(ctx: geste.WorkflowContext, key: str) -> str:
+        return await load(ctx, key)
+
+    @app.workflow()
+    async def per_key(ctx: geste.WorkflowContext, n: int) -> list[str]:
+        keys = [f"k{x % 2}" for x in range(n)]
+        handles = [await ctx.start_child(kid.options(queue="parts", partition_key=k), k) for k in keys]
+        return [await h.result() for h in handles]
+
+    async with app:
+        handle = await per_key.start(6)
+        assert await handle.result(timeout=60) == ["k0", "k1"] * 3
+    for key in ("k0", "k1"):
+        assert most_at_once([(what, 0) for what, k in log if k == key]) == 1
+    rows = await raw_query(
+        db_url, "SELECT partition_key FROM geste_instances WHERE parent_id = $1", handle.instance_id
+    )
+    assert sorted(r["partition_key"] for r in rows) == ["k0", "k0", "k0", "k1", "k1", "k1"]

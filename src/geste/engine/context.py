@@ -373,10 +373,11 @@ class WorkflowContext:
         done = HistoryRow(
             seq, StepKind.START_CHILD, name, StartChildStep(cid, policy.value).encode(), False, now
         )
-        queue, priority, dedup_id = (None, 0, None)
+        queue, priority, dedup_id, key = (None, 0, None, "")
         if starter is not None:  # onto a queue (20): created queued, admitted by a claim of the queue
             queue, priority, dedup_id = starter.queue, starter.priority, starter.dedup_id
-        child = NewInstance(cid, name, stored, now, due, queue, priority, dedup_id)
+            key = starter.partition_key  # its partition (22)
+        child = NewInstance(cid, name, stored, now, due, queue, priority, dedup_id, key)
         taken = await journal.start_child(done, child, policy.value)
         if isinstance(taken, DedupHeld):  # another instance holds its queue's dedup id: recorded, raised
             assert queue is not None and dedup_id is not None

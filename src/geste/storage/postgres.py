@@ -1294,6 +1294,7 @@ class PostgresStorage(base.Storage):
                     child.queue,
                     child.priority,
                     child.dedup_id,
+                    child.partition_key,
                 )
                 if started["created"]:
                     if not started["touched"]:

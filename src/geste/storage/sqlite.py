@@ -883,6 +883,7 @@ class SQLiteStorage(base.Storage):
             "queue": child.queue,
             "priority": child.priority,
             "dedup_id": child.dedup_id,
+            "partition_key": child.partition_key,
         }
 
         def tx(conn: sqlite3.Connection) -> base.ChildState | base.DedupHeld | base.StepResult:

@@ -1928,17 +1928,23 @@ FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY
 -- key each (and of the dedup index for a queued child).
 -- $1-$3: the child's id, workflow, input; $4: now; $5 the parent, $6 its lease, $7 the lease's new expiry;
 -- $8-$13 the history columns; $14 the policy; $15 notify; $16 the child's deadline (17; NULL: none);
--- $17-$19 its queue, priority and dedup id (20; NULL queue: none).
+-- $17-$19 its queue, priority and dedup id (20; NULL queue: none); $20 its partition of the queue (22:
+-- '' without a key; the first start of a key makes the key's row, as insert_queued does).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-         parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id)
+         parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id, partition_key)
     VALUES ($1, $2, 'pending', $3, $4, $4,
             CASE WHEN $17::text IS NULL THEN LEAST($4, {db_clock}) END,
             nextval('{schema}.geste_events_seq_seq'), $5, $14, $16,
-            $17, $18, CASE WHEN $17::text IS NOT NULL THEN $4::double precision END, $19)
+            $17, $18, CASE WHEN $17::text IS NOT NULL THEN $4::double precision END, $19,
+            CASE WHEN $17::text IS NOT NULL THEN $20::text END)
     ON CONFLICT DO NOTHING
     RETURNING instance_id
+), partition AS (
+    INSERT INTO {schema}.geste_queue_partitions (queue, key)
+    SELECT $17, $20 FROM inserted WHERE $17::text IS NOT NULL AND $20::text <> ''
+    ON CONFLICT DO NOTHING
 ), touched AS (
     UPDATE {schema}.geste_instances
     SET lock_expires_at = $7, updated_at = $4, steps = steps + cardinality($8::integer[])

@@ -1083,11 +1083,12 @@ FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?))
 -- a target covers the primary key and the dedup index). One primary-key probe (and one of the dedup index).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-     parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id)
+     parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id, partition_key)
 VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now,
         CASE WHEN :queue IS NULL THEN min(:now, {db_clock}) END,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close,
-        :deadline, :queue, :priority, CASE WHEN :queue IS NOT NULL THEN :now END, :dedup_id)
+        :deadline, :queue, :priority, CASE WHEN :queue IS NOT NULL THEN :now END, :dedup_id,
+        CASE WHEN :queue IS NOT NULL THEN :partition_key END)
 ON CONFLICT DO NOTHING;
 
 -- name: child_state
