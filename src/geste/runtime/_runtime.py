@@ -432,5 +432,7 @@ class Runtime(OpenClose):
         if not self.is_open:
             return None
         now = self.clock()
-        found = await self.storage.list_queues(now, cap=QUEUE_COUNT_CAP + 1, limit=limit, levels=PRIORITY_LEVELS)
+        found = await self.storage.list_queues(
+            now, cap=QUEUE_COUNT_CAP + 1, limit=limit, levels=PRIORITY_LEVELS
+        )
         return [queue_info(stored, now) for stored in found]
