@@ -297,6 +297,11 @@ def schedule_list(
 
 
 # -- the queues ---------------------------------------------------------------------------------------
+def _rate(queue: QueueInfo) -> str:
+    """The admissions of the rate's current window against its budget: ``3 / 10 per 1 min``."""
+    return f"{queue.rate_used or 0} / {queue.rate_limit or 0:,} per {duration(queue.rate_period or 0.0)}"
+
+
 def queue_list(
     link: Link, *, queues: Sequence[QueueInfo], cap: int, now: float, signed_in: bool, elapsed: float
 ) -> Html:
@@ -330,12 +335,7 @@ def queue_list(
             count(queue.admitted, queue.admitted_capped),
             limit(queue.concurrency),
             limit(queue.worker_concurrency),
-            tag(
-                "td",
-                none
-                if queue.rate_limit is None
-                else f"{queue.rate_used or 0} / {queue.rate_limit:,} per {duration(queue.rate_period or 0.0)}",
-            ),
+            tag("td", none if queue.rate_limit is None else _rate(queue)),
             tag(
                 "td",
                 when(None if queue.oldest_queued_at is None else queue.oldest_queued_at.timestamp(), now),
