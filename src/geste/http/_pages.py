@@ -303,10 +303,11 @@ def _rate(queue: QueueInfo) -> str:
 
 
 def queue_list(
-    link: Link, *, queues: Sequence[QueueInfo], cap: int, now: float, signed_in: bool, elapsed: float
+    link: Link, *, queues: Sequence[QueueInfo], now: float, signed_in: bool, elapsed: float
 ) -> Html:
-    """The queues by name: queued and admitted instances (counted up to ``cap``), limits, the rate
-    window's admissions against its budget, and since when the oldest queued instance waits."""
+    """The queues by name: queued and admitted instances (counted up to ``QUEUE_COUNT_CAP``), limits, the rate
+    window's admissions against its budget, and since when the oldest queued instance waits (a count
+    that stopped at the cap is shown with a ``+``)."""
     head = tag(
         "tr",
         [
@@ -317,7 +318,7 @@ def queue_list(
     none = raw('<span class="muted">—</span>')
 
     def count(n: int, capped: bool) -> Html:
-        return tag("td", f"{cap:,}+" if capped else f"{n:,}", class_="num")
+        return tag("td", f"{n:,}+" if capped else f"{n:,}", class_="num")
 
     def limit(value: int | None) -> Html:
         return tag("td", none if value is None else f"{value:,}", class_="num")

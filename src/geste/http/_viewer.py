@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from .._models import Status, StepKind
-from .._queues import QUEUE_COUNT_CAP
 from .._steps import PublishStep, SendEventStep, step_or_none
 from .._validation import storable_text
 from ..errors import AppNotOpenError, InstanceNotFoundError, StorageError
@@ -295,7 +294,6 @@ class Viewer:
         markup = _pages.queue_list(
             _link(request),
             queues=queues,
-            cap=QUEUE_COUNT_CAP,
             now=self._clock(),
             signed_in=self._signed_in_by_cookie(request),
             elapsed=time.perf_counter() - started,

@@ -435,4 +435,4 @@ class Runtime(OpenClose):
         found = await self.storage.list_queues(
             now, cap=QUEUE_COUNT_CAP + 1, limit=limit, levels=PRIORITY_LEVELS
         )
-        return [queue_info(stored, now) for stored in found]
+        return [queue_info(stored, now, cap=QUEUE_COUNT_CAP) for stored in found]
