@@ -397,8 +397,9 @@ whose cost grows with the queues and the counts' cap (``QUEUE_COUNT_CAP``), neve
 
 
 def app_collector(source: GaugeSource) -> Collector:
-    """The gauges of an App read at collection time: its worker's slots, its listener, and the queue
-    (``storage.queue_stats``: one snapshot read, only while the App is open)."""
+    """The gauges of an App read at collection time: its worker's slots, its listener, the queue
+    (``storage.queue_stats``: one snapshot read) and the named queues (``storage.list_queues``: one
+    statement, at most ``METRICS_QUEUES`` queues), the last two only while the App is open."""
     from ._models import Status
     from .errors import StorageError
 
