@@ -120,10 +120,15 @@ async def test_each_queue_shows_its_queued_admitted_limits_rate_and_oldest(
         assert (pay.queued, pay.admitted, pay.rate_used) == (2, 2, 1)  # pay-1 and pay-0 hold the slots
         assert pay.oldest_queued_at == datetime.fromtimestamp(T0 + 20, UTC) and pay.oldest_age == 91.0
 
+        claims = await app.storage.queue_claim("w1", clock.now, clock.now + 1e6, 1, queue="adhoc")
+        assert [c.lease.instance_id for c in claims] == ["adhoc-0"]
+        adhoc = by_name(await app.list_queues())["adhoc"]  # named by an admitted instance only: still listed
+        assert (adhoc.declared, adhoc.queued, adhoc.admitted, adhoc.oldest_queued_at) == (False, 0, 1, None)
+
         status = await app.status()
         assert status.queues == await app.list_queues()
         shown = status.as_dict()["queues"]
-        assert [q["name"] for q in shown] == ["adhoc", "idle<b>", "pay"]
+        assert [(q["name"], q["admitted"]) for q in shown] == [("adhoc", 1), ("idle<b>", 0), ("pay", 2)]
         assert shown[2] == {
             "name": "pay",
             "declared": True,
@@ -392,3 +397,27 @@ async def test_the_queues_read_the_partial_indexes_only_on_sqlite(tmp_path: Path
             steps = vm_steps(conn, Q["list_queues"], params)
             assert steps * 10 < one_pass, (steps, one_pass)
         assert_the_big_queue(await app.storage.list_queues(time.time(), cap=CAP, limit=1000, levels=100))
+
+
+async def test_a_database_that_does_not_answer(make_app: MakeApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queues cannot be read: the scrape says so (``geste_queue_up`` 0, no per-queue series), the API
+    answers 503 and the viewer its "unavailable" page; nothing is raised to the scraper."""
+    from geste.errors import StorageError
+
+    clock = FrozenClock(T0)
+    app = queue_app(make_app, clock)
+    async with app:
+        await seed(app, clock)
+
+        async def unreadable(*args: Any, **kwargs: Any) -> Any:
+            raise StorageError("the database went away")
+
+        monkeypatch.setattr(app.storage, "list_queues", unreadable)
+        snapshot = await app.metrics.snapshot()
+        assert snapshot.value("geste_queue_up") == 0 and "geste_queue_queued" not in snapshot.families
+        transport = httpx.ASGITransport(app=app.asgi())
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            answer = await http.get("/queues")
+            assert answer.status_code == 503 and answer.json()["error"]["type"] == "StorageError"
+            assert "the database went away" not in answer.text
+            await page(http, "/ui/queues", 503)
