@@ -1357,6 +1357,7 @@ async def test_an_unexpected_exception_on_any_route_is_a_generic_500_never_raise
             "pause_schedule",
             "resume_schedule",
             "delete_schedule",
+            "list_queues",
         ):
             monkeypatch.setattr(app, name, broken)
         monkeypatch.setattr(app.metrics, "exposition", broken)

@@ -14,7 +14,7 @@ from ._metrics import MetricFamily, Metrics, MetricSample, MetricsSnapshot
 from ._metrics_http import MetricsServer
 from ._models import Event, HistoryEntry, InstanceInfo, ParentClose, RunInfo, Status, StepKind
 from ._operations import ResumeResult, RetryRecord
-from ._queues import Queue
+from ._queues import Queue, QueueInfo
 from ._retry import RetryPolicy
 from ._schedules import ScheduleInfo
 from ._status import LeaseInfo, ListenerState, ListenerStatus, QueueStats, SystemStatus, WorkerInfo
@@ -45,6 +45,7 @@ __all__ = [
     "OutboxStatus",
     "ParentClose",
     "Queue",
+    "QueueInfo",
     "QueueStats",
     "ResumeResult",
     "RetryPolicy",

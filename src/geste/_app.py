@@ -20,7 +20,7 @@ from ._handle import WorkflowHandle
 from ._metrics import Metrics, app_collector
 from ._models import HistoryEntry, InstanceInfo, RunInfo, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
-from ._queues import Queue
+from ._queues import Queue, QueueInfo
 from ._registry import Registry
 from ._retry import DEFAULT_RETRY, RetryPolicy, positive_int, seconds
 from ._schedules import ScheduleInfo
@@ -516,6 +516,15 @@ class App(OpenClose):
             )
         )
 
+    async def list_queues(self) -> list[QueueInfo]:
+        """The queues by name (at most ``QUEUES_SHOWN``): those declared by an App (the last opened set
+        their limits) and those instances were started onto by name; each with its limits, its queued
+        and admitted instances (counted up to ``QUEUE_COUNT_CAP``), the admissions of its current rate
+        window and the age of its oldest queued instance. One statement, whose cost grows with the
+        queues, never with the instances (docs/design.md, "Queues")."""
+        self._require_open()
+        return await self.runtime.queues() or []
+
     def _declare_queue(self, queue: Queue) -> Queue:
         if not isinstance(queue, Queue):
             raise ConfigurationError(f"queues take geste.Queue objects, not {queue!r:.80}")
@@ -563,8 +572,8 @@ class App(OpenClose):
         return self.runtime.listener_status()
 
     async def status(self) -> SystemStatus:
-        """The queue, the registered workers, the held leases, this process's listener and the cron
-        schedules (what ``geste status`` shows).
+        """The queue, the registered workers, the held leases, this process's listener, the cron
+        schedules and the queues (what ``geste status`` shows).
 
         A worker is ``alive`` unless it stopped or has not been heard from within 3 x this App's
         ``lock_timeout`` (workers heartbeat every ``lock_timeout / 3``).
@@ -587,6 +596,7 @@ class App(OpenClose):
             runnable = await self.storage.runnable_workflows(now, cap=UNSERVED_CAP, limit=1000)
             unserved = {name: n for name, n in runnable if name not in served}
         schedules = await self.schedules.list(SCHEDULES_SHOWN)
+        queues = await self.runtime.queues()
         return SystemStatus(
             checked_at=to_datetime(now),  # type: ignore[arg-type]
             queue=queue,
@@ -595,6 +605,7 @@ class App(OpenClose):
             leases=leases,
             unserved=unserved,
             schedules=schedules,
+            queues=queues or [],
         )
 
     async def close(self) -> None:

@@ -4,8 +4,9 @@ What happens in this process (steps recorded, activity attempts, claims, wake-up
 commits, outbox deliveries) is counted where it happens, by adding to an entry of a dict: no lock (one
 event loop), no allocation beyond a small key, no database access. What the database knows (instances per
 status, the runnable queue, held leases, the oldest wait, the outbox's pending and dead events and its
-oldest pending one) is read only when the metrics are collected (a scrape): one snapshot read,
-``storage.queue_stats``.
+oldest pending one; per named queue, its queued and admitted instances, limits, rate window and oldest
+wait) is read only when the metrics are collected (a scrape): one snapshot read, ``storage.queue_stats``,
+and one statement, ``storage.list_queues``.
 
 ``app.metrics`` is the App's ``Metrics``; ``await app.metrics.snapshot()`` returns the values as typed
 objects, ``await app.metrics.exposition()`` the Prometheus text (format 0.0.4) that ``GET /metrics``
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ._metrics_http import MetricsServer
+    from ._queues import QueueInfo
     from ._status import QueueStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -383,10 +385,21 @@ class GaugeSource(Protocol):
         """The queue (one snapshot read; raises ``StorageError``); None while closed."""
         ...
 
+    async def queues(self, limit: int = ...) -> list[QueueInfo] | None:
+        """The named queues, at most ``limit`` (one statement; raises ``StorageError``); None while
+        closed."""
+        ...
+
+
+METRICS_QUEUES = 100
+"""The most queues (by name) the per-queue gauges show: at most 6 series each, one statement per scrape
+whose cost grows with the queues and the counts' cap (``QUEUE_COUNT_CAP``), never with the instances."""
+
 
 def app_collector(source: GaugeSource) -> Collector:
-    """The gauges of an App read at collection time: its worker's slots, its listener, and the queue
-    (``storage.queue_stats``: one snapshot read, only while the App is open)."""
+    """The gauges of an App read at collection time: its worker's slots, its listener, the queue
+    (``storage.queue_stats``: one snapshot read) and the named queues (``storage.list_queues``: one
+    statement, at most ``METRICS_QUEUES`` queues), the last two only while the App is open."""
     from ._models import Status
     from .errors import StorageError
 
@@ -414,6 +427,7 @@ def app_collector(source: GaugeSource) -> Collector:
         )
         try:
             queue = await source.queue_stats()
+            queues = await source.queues(METRICS_QUEUES)
         except StorageError:
             families.append(
                 gauge("geste_queue_up", "1 when the queue could be read at this scrape.", {(): 0})
@@ -463,9 +477,54 @@ def app_collector(source: GaugeSource) -> Collector:
                 {(): queue.outbox_oldest_pending_age or 0.0},
             ),
         ]
-        return families
+        return families + queue_families(queues or [])
 
     return collect
+
+
+def queue_families(queues: Sequence[QueueInfo]) -> list[MetricFamily]:
+    """The per-queue gauges (docs/queues.md): what waits, what holds a slot, the limits, the rate window
+    and the oldest wait, labelled by queue name. A limit's series exists only where the limit is set."""
+    by = ("queue",)
+    return [
+        gauge(
+            "geste_queue_queued",
+            "Instances queued, waiting for admission, per queue (counted up to 1,000 per queue).",
+            {q.name: q.queued for q in queues},
+            by,
+        ),
+        gauge(
+            "geste_queue_admitted",
+            "Instances admitted and not ended per queue: the slots in use, running, sleeping or waiting "
+            "(counted up to 1,000 per queue).",
+            {q.name: q.admitted for q in queues},
+            by,
+        ),
+        gauge(
+            "geste_queue_concurrency_limit",
+            "The most instances a queue admits at once across the cluster (queues with a limit only).",
+            {q.name: q.concurrency for q in queues if q.concurrency is not None},
+            by,
+        ),
+        gauge(
+            "geste_queue_rate_limit",
+            "The most admissions a queue makes per window of its rate period (queues with a rate only).",
+            {q.name: q.rate_limit for q in queues if q.rate_limit is not None},
+            by,
+        ),
+        gauge(
+            "geste_queue_rate_window_admissions",
+            "Admissions within a queue's current rate window (queues with a rate only).",
+            {q.name: q.rate_used or 0 for q in queues if q.rate_limit is not None},
+            by,
+        ),
+        gauge(
+            "geste_queue_oldest_queued_seconds",
+            "How long a queue's oldest queued instance has waited (0 when none waits).",
+            {q.name: q.oldest_age or 0.0 for q in queues},
+            by,
+        ),
+    ]
 
 
 # -- the text format -------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ the queue admits it, within the queue's limits; admitted, it holds one of the qu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Literal
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
 
 from ._validation import check_id, check_name
 from .errors import ConfigurationError
@@ -106,3 +106,114 @@ def check_on_duplicate(on_duplicate: object, dedup_id: str | None) -> OnDuplicat
             raise ConfigurationError('on_duplicate="raise" applies to a start with a dedup_id')
         return "raise"
     raise ConfigurationError(f'on_duplicate must be "return" or "raise", not {on_duplicate!r:.80}')
+
+
+QUEUE_COUNT_CAP = 1_000
+"""A queue's queued and admitted instances are counted up to this many (``QueueInfo.queued_capped``):
+each count reads at most this many entries of its partial index, so a queue a million deep costs
+``geste status``, a metrics scrape or the viewer what one a thousand deep does (the viewer's own cap)."""
+
+QUEUES_SHOWN = 1_000
+"""At most this many queues are listed (by name): ``app.list_queues``, ``geste status``, the metrics."""
+
+PRIORITY_LEVELS = 100
+"""The oldest queued instance is looked for among the first this many priorities of the line (one index
+probe each): exact for any queue using fewer distinct priorities, a lower bound of the age beyond."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    """A queue as the database shows it (``await app.list_queues()``, ``geste queues``): its limits as
+    declared (the last App opened wrote them), its instances waiting and holding slots, its rate window,
+    and how long the oldest one has waited. A queue that instances were started onto by name but that no
+    App declared is listed too (``declared`` False, no limits)."""
+
+    name: str
+    declared: bool
+    """Whether an App declared it (its limits are stored); False: only instances name it."""
+    concurrency: int | None
+    """The most instances admitted and unfinished at once, across the cluster (None: no limit)."""
+    worker_concurrency: int | None
+    """The most one worker process admitted and runs now (None: no limit)."""
+    rate_limit: int | None
+    """The most admissions in any window of ``rate_period`` seconds (None: no rate)."""
+    rate_period: float | None
+    queued: int
+    """Instances waiting to be admitted, counted up to ``QUEUE_COUNT_CAP`` (``queued_capped``: more)."""
+    admitted: int
+    """Instances admitted and not ended, the slots in use: running now, sleeping durably or waiting for an
+    event (what ``concurrency`` limits), counted up to ``QUEUE_COUNT_CAP`` (``admitted_capped``: more)."""
+    rate_used: int | None
+    """Admissions within the current window of ``rate_period`` (None without a ``rate_limit``)."""
+    oldest_queued_at: datetime | None
+    """When the longest-waiting queued instance was started (None: nothing is queued)."""
+    oldest_age: float | None
+    """Seconds it has waited, when read (None: nothing is queued)."""
+    queued_capped: bool = False
+    """More than ``QUEUE_COUNT_CAP`` are queued: ``queued`` is the cap."""
+    admitted_capped: bool = False
+    """More than ``QUEUE_COUNT_CAP`` are admitted: ``admitted`` is the cap."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (``geste queues --json``, ``GET /queues``, ``geste status --json``)."""
+        return {
+            "name": self.name,
+            "declared": self.declared,
+            "concurrency": self.concurrency,
+            "worker_concurrency": self.worker_concurrency,
+            "rate_limit": self.rate_limit,
+            "rate_period": self.rate_period,
+            "queued": self.queued,
+            "queued_capped": self.queued_capped,
+            "admitted": self.admitted,
+            "admitted_capped": self.admitted_capped,
+            "rate_used": self.rate_used,
+            "oldest_queued_at": None if self.oldest_queued_at is None else self.oldest_queued_at.isoformat(),
+            "oldest_age": self.oldest_age,
+        }
+
+
+class StoredQueue(Protocol):
+    """A queue as the storage reads it (``storage.base.QueueState``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def declared(self) -> bool: ...
+    @property
+    def concurrency(self) -> int | None: ...
+    @property
+    def worker_concurrency(self) -> int | None: ...
+    @property
+    def rate_limit(self) -> int | None: ...
+    @property
+    def rate_period(self) -> float | None: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def admitted(self) -> int: ...
+    @property
+    def rate_used(self) -> int: ...
+    @property
+    def oldest_queued_at(self) -> float | None: ...
+
+
+def queue_info(stored: StoredQueue, now: float, *, cap: int = QUEUE_COUNT_CAP) -> QueueInfo:
+    """A stored queue whose counts were read up to ``cap + 1`` (so that "more than ``cap``" shows), as
+    reported at ``now``."""
+    oldest = stored.oldest_queued_at
+    return QueueInfo(
+        name=stored.name,
+        declared=stored.declared,
+        concurrency=stored.concurrency,
+        worker_concurrency=stored.worker_concurrency,
+        rate_limit=stored.rate_limit,
+        rate_period=stored.rate_period,
+        queued=min(stored.queued, cap),
+        admitted=min(stored.admitted, cap),
+        rate_used=None if stored.rate_limit is None else stored.rate_used,
+        oldest_queued_at=None if oldest is None else datetime.fromtimestamp(oldest, UTC),
+        oldest_age=None if oldest is None else max(0.0, now - oldest),
+        queued_capped=stored.queued > cap,
+        admitted_capped=stored.admitted > cap,
+    )

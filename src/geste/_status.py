@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from ._models import Status
+from ._queues import QueueInfo
 from ._schedules import ScheduleInfo
 
 STALE_AFTER = 3
@@ -204,6 +205,10 @@ class SystemStatus:
     schedules: list[ScheduleInfo] = field(default_factory=list)
     """The cron schedules, by name: each with its next tick, whether it is paused, its last tick and the
     instance that tick started (at most ``SCHEDULES_SHOWN``)."""
+    queues: list[QueueInfo] = field(default_factory=list)
+    """The queues (docs/queues.md), by name: declared ones and those instances were started onto; each
+    with its limits, its queued and admitted instances (counted up to ``QUEUE_COUNT_CAP``), its rate
+    window and the age of its oldest queued instance (at most ``QUEUES_SHOWN``)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (what ``geste status --json`` prints)."""
@@ -215,6 +220,7 @@ class SystemStatus:
             "leases": [lease.as_dict() for lease in self.leases],
             "unserved": dict(self.unserved),
             "schedules": [schedule_dict(schedule) for schedule in self.schedules],
+            "queues": [queue.as_dict() for queue in self.queues],
         }
 
 

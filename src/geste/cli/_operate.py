@@ -280,7 +280,8 @@ def _worker_row(worker: WorkerInfo, checked_at: datetime) -> tuple[str, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def status(database_url: str, as_json: bool) -> None:
     """Show the queue (instances per status, runnable, leases, oldest wait; the outbox's pending and dead
-    events and its oldest pending one), the workers, the leases and the cron schedules.
+    events and its oldest pending one), the workers, the leases, the cron schedules and the queues (queued,
+    admitted, limits, rate, oldest queued; counts stop at 1,000).
 
     A worker is stale when not heard from within 3 x its lock_timeout (it heartbeats every lock_timeout /
     3), at least 45 s (3 x the default of 15 s); stopped when it shut down gracefully.
@@ -327,6 +328,18 @@ def status(database_url: str, as_json: bool) -> None:
         _print_leases(found)
     if found.schedules:
         _print_schedules(found)
+    if found.queues:
+        _print_queues(found)
+
+
+def _print_queues(found: SystemStatus) -> None:
+    from ._queues import UNDECLARED, queue_row, table
+
+    click.echo(f"queues ({len(found.queues)}):")
+    for line in table([queue_row(queue) for queue in found.queues], indent="  "):
+        click.echo(line)
+    if not all(queue.declared for queue in found.queues):
+        click.echo(f"  {UNDECLARED}")
 
 
 def _print_schedules(found: SystemStatus) -> None:

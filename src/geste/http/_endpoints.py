@@ -2,7 +2,7 @@
 
 Every endpoint goes through the App's public calls (``send_event``, ``start_workflow``, ``get_instance``,
 ``list_instances``, ``history``, ``runs``, ``cancel``, ``retry``, ``resume``, a handle's ``result``, the
-schedule calls), which take values as parameters: no request text ever becomes SQL.
+schedule calls, ``list_queues``), which take values as parameters: no request text ever becomes SQL.
 """
 
 from __future__ import annotations
@@ -119,10 +119,12 @@ class GesteASGI:
         router.add("POST", "/schedules/{name}/pause", self._pause_schedule)
         router.add("POST", "/schedules/{name}/resume", self._resume_schedule)
         router.add("DELETE", "/schedules/{name}", self._delete_schedule)
+        router.add("GET", "/queues", self._queues)
         self._viewer = Viewer(app, token=self._token)  # the read-only web viewer (HTML), /ui
         router.add("GET", "/ui", self._viewer.instances)
         router.add("GET", "/ui/instances/{id}", self._viewer.instance)
         router.add("GET", "/ui/schedules", self._viewer.schedules)
+        router.add("GET", "/ui/queues", self._viewer.queues)
         router.add("POST", "/ui/login", self._viewer.login)
         router.add("POST", "/ui/logout", self._viewer.logout)
         self._router = router
@@ -367,6 +369,12 @@ class GesteASGI:
                 "already_runnable": result.already_runnable,
             },
         )
+
+    # -- queues --------------------------------------------------------------------------------------
+    async def _queues(self, request: Request, params: dict[str, str]) -> Response:
+        """The queues by name (``app.list_queues``): limits, queued, admitted, rate window, oldest age."""
+        request.query()
+        return json_response(200, {"queues": [queue.as_dict() for queue in await self.app.list_queues()]})
 
     # -- schedules -----------------------------------------------------------------------------------
     async def _schedules(self, request: Request, params: dict[str, str]) -> Response:

@@ -13,6 +13,7 @@ from .._models import Status
 from ._html import Child, Html, duration, raw, short, tag, utc, when
 
 if TYPE_CHECKING:
+    from .._queues import QueueInfo
     from ..storage.base import InstanceSummary, ScheduleRow
     from ._viewer import Link, ListQuery
 
@@ -34,7 +35,12 @@ def frame(link: Link, title: str, body: Child, *, signed_in: bool = False, foote
         "header",
         tag("a", "geste ", tag("span", "viewer"), class_="brand", href=link.list()),
         tag(
-            "nav", tag("a", "Instances", href=link.list()), " ", tag("a", "Schedules", href=link.schedules())
+            "nav",
+            tag("a", "Instances", href=link.list()),
+            " ",
+            tag("a", "Schedules", href=link.schedules()),
+            " ",
+            tag("a", "Queues", href=link.queues()),
         ),
         tag("span", class_="spacer"),
         tag("span", "read-only", class_="meta"),
@@ -288,6 +294,64 @@ def schedule_list(
     body = [tag("h1", "Schedules"), table]
     footer = f"{utc(now)} · rendered in {duration(elapsed)}"
     return frame(link, "Schedules", body, signed_in=signed_in, footer=footer)
+
+
+# -- the queues ---------------------------------------------------------------------------------------
+def _rate(queue: QueueInfo) -> str:
+    """The admissions of the rate's current window against its budget: ``3 / 10 per 1 min``."""
+    return f"{queue.rate_used or 0} / {queue.rate_limit or 0:,} per {duration(queue.rate_period or 0.0)}"
+
+
+def queue_list(
+    link: Link, *, queues: Sequence[QueueInfo], now: float, signed_in: bool, elapsed: float
+) -> Html:
+    """The queues by name: queued and admitted instances (counted up to ``QUEUE_COUNT_CAP``), limits, the rate
+    window's admissions against its budget, and since when the oldest queued instance waits (a count
+    that stopped at the cap is shown with a ``+``)."""
+    head = tag(
+        "tr",
+        [
+            tag("th", name)
+            for name in ("Queue", "Queued", "Admitted", "Limit", "Per worker", "Rate", "Oldest queued")
+        ],
+    )
+    none = raw('<span class="muted">—</span>')
+
+    def count(n: int, capped: bool) -> Html:
+        return tag("td", f"{n:,}+" if capped else f"{n:,}", class_="num")
+
+    def limit(value: int | None) -> Html:
+        return tag("td", none if value is None else f"{value:,}", class_="num")
+
+    lines = [
+        tag(
+            "tr",
+            tag(
+                "td",
+                queue.name,
+                None if queue.declared else tag("span", " (not declared)", class_="muted"),
+                class_="mono",
+            ),
+            count(queue.queued, queue.queued_capped),
+            count(queue.admitted, queue.admitted_capped),
+            limit(queue.concurrency),
+            limit(queue.worker_concurrency),
+            tag("td", none if queue.rate_limit is None else _rate(queue)),
+            tag(
+                "td",
+                when(None if queue.oldest_queued_at is None else queue.oldest_queued_at.timestamp(), now),
+            ),
+        )
+        for queue in queues
+    ]
+    table = (
+        tag("div", tag("table", tag("thead", head), tag("tbody", lines), class_="list"), class_="tablewrap")
+        if queues
+        else tag("div", "No queue.", class_="empty tablewrap")
+    )
+    body = [tag("h1", "Queues"), table]
+    footer = f"{utc(now)} · rendered in {duration(elapsed)}"
+    return frame(link, "Queues", body, signed_in=signed_in, footer=footer)
 
 
 def _input_preview(head: str) -> str:

@@ -1,5 +1,5 @@
-"""The read-only web viewer (``/ui``): the list of instances, one instance's page, and the cron schedules
-(``/ui/schedules``), served as HTML.
+"""The read-only web viewer (``/ui``): the list of instances, one instance's page, the cron schedules
+(``/ui/schedules``) and the queues (``/ui/queues``), served as HTML.
 
 It reads only (no page changes an instance), through the App's storage, and escapes everything it shows
 (``_html``). Every page is sent with a strict Content-Security-Policy: no script at all, its one
@@ -118,6 +118,9 @@ class Link:
 
     def schedules(self) -> str:
         return f"{self.root}/ui/schedules"
+
+    def queues(self) -> str:
+        return f"{self.root}/ui/queues"
 
     def login(self) -> str:
         return f"{self.root}/ui/login"
@@ -269,6 +272,28 @@ class Viewer:
         markup = _pages.schedule_list(
             _link(request),
             rows=rows,
+            now=self._clock(),
+            signed_in=self._signed_in_by_cookie(request),
+            elapsed=time.perf_counter() - started,
+        )
+        return page(200, markup)
+
+    async def queues(self, request: Request, params: dict[str, str]) -> Response:
+        """``GET /ui/queues``: the queues by name, each with its queued and admitted instances, its limits,
+        its rate window and since when its oldest queued instance waits (``app.list_queues``: counts
+        stopped at ``QUEUE_COUNT_CAP``, as the list's are at ``COUNT_CAP``)."""
+        started = time.perf_counter()
+        try:
+            request.query()
+        except HTTPError as exc:
+            return self._error_page(request, exc.status, exc.message)
+        try:
+            queues = await self.app.list_queues()
+        except (StorageError, AppNotOpenError) as exc:
+            return self._unavailable(request, exc)
+        markup = _pages.queue_list(
+            _link(request),
+            queues=queues,
             now=self._clock(),
             signed_in=self._signed_in_by_cookie(request),
             elapsed=time.perf_counter() - started,

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from .._metrics import POLL, Metrics
+from .._queues import PRIORITY_LEVELS, QUEUE_COUNT_CAP, QUEUES_SHOWN, QueueInfo, queue_info
 from .._status import ListenerState, ListenerStatus, QueueStats
 from ..storage.base import Claim, HistoryRow, Lease, QueueRow, Storage
 from .chores import ChannelMaintenance
@@ -434,3 +435,14 @@ class Runtime(OpenClose):
     async def queue_stats(self) -> QueueStats | None:
         """The queue now (``storage.queue_stats``: one snapshot read); None while closed."""
         return await self.storage.queue_stats(self.clock()) if self.is_open else None
+
+    async def queues(self, limit: int = QUEUES_SHOWN) -> list[QueueInfo] | None:
+        """The queues by name, at most ``limit`` (``storage.list_queues``: one statement, each count
+        stopped at ``QUEUE_COUNT_CAP``); None while closed."""
+        if not self.is_open:
+            return None
+        now = self.clock()
+        found = await self.storage.list_queues(
+            now, cap=QUEUE_COUNT_CAP + 1, limit=limit, levels=PRIORITY_LEVELS
+        )
+        return [queue_info(stored, now, cap=QUEUE_COUNT_CAP) for stored in found]

@@ -30,6 +30,7 @@ from .base import (
     NewMessage,
     OutboxClaim,
     OutboxRow,
+    QueueState,
     RetryRow,
     RunRow,
     ScheduleRow,
@@ -290,3 +291,8 @@ def message_columns(message: NewMessage) -> tuple[Any, ...]:
 def schedule_row(r: Record) -> ScheduleRow:
     """A ``ScheduleRow`` from a record with the columns of the ``get_schedule`` queries."""
     return _by_field(ScheduleRow, r, pass_tick=bool(r["pass_tick"]), paused=bool(r["paused"]))
+
+
+def queue_state(r: Record) -> QueueState:
+    """A ``list_queues`` record (the rate window counted only where a rate is set)."""
+    return _by_field(QueueState, r, declared=bool(r["declared"]), rate_used=int(r["rate_used"] or 0))

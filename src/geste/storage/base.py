@@ -188,6 +188,24 @@ class QueueRow:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueState:
+    """A queue as ``list_queues`` reads it (schema 20): its stored limits (None, ``declared`` False, when
+    only instances name it), its queued and admitted instances counted up to the cap asked, the admissions
+    of its current rate window, and the start of its oldest queued instance."""
+
+    name: str
+    declared: bool
+    concurrency: int | None
+    worker_concurrency: int | None
+    rate_limit: int | None
+    rate_period: float | None
+    queued: int
+    admitted: int
+    rate_used: int
+    oldest_queued_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class ChildState:
     """What a parent reads of a child (``start_child``, ``take_child_or_suspend``; schema 16)."""
 
@@ -944,6 +962,15 @@ class Storage(abc.ABC):
         with the instances of the statuses counted, the finished ones included) or a partial index of
         ``geste_outbox`` (its cost grows with the pending and dead events, not the delivered ones).
         """
+
+    @abc.abstractmethod
+    async def list_queues(self, now: float, *, cap: int, limit: int, levels: int) -> list[QueueState]:
+        """Up to ``limit`` queues by name: those declared (``geste_queues``) and those that queued or
+        admitted instances name. Each count reads at most ``cap`` entries of its partial index
+        (``geste_instances_queued``, ``geste_instances_queue_admitted``); the queue names of instances
+        come from a loose scan of both (one probe per distinct name); the oldest queued instance is the
+        oldest of the first ``levels`` priorities of the line (one probe per priority). Read in one
+        statement: the cost grows with the queues and the cap, never with the instances."""
 
     # -- the transactional outbox ------------------------------------------------------------------
     @abc.abstractmethod

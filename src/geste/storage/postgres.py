@@ -1436,6 +1436,14 @@ class PostgresStorage(base.Storage):
 
         return await self._read(go)
 
+    async def list_queues(self, now: float, *, cap: int, limit: int, levels: int) -> list[base.QueueState]:
+        async def go(conn: Conn) -> list[base.QueueState]:
+            return [
+                rows.queue_state(r) for r in await conn.fetch(self._q["list_queues"], now, cap, limit, levels)
+            ]
+
+        return await self._read(go)
+
     # -- the transactional outbox ------------------------------------------------------------------
     async def outbox_record(
         self, commit: base.Commit, event: base.NewOutboxEvent, *, status: Status | None = None

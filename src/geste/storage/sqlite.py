@@ -1035,6 +1035,10 @@ class SQLiteStorage(base.Storage):
 
         return await self._call(read)
 
+    async def list_queues(self, now: float, *, cap: int, limit: int, levels: int) -> list[base.QueueState]:
+        params = {"now": now, "cap": cap, "limit": limit, "levels": levels}
+        return await self._call(lambda c: [rows.queue_state(r) for r in c.execute(Q["list_queues"], params)])
+
     # -- the transactional outbox ------------------------------------------------------------------
     async def outbox_record(
         self, commit: base.Commit, event: base.NewOutboxEvent, *, status: Status | None = None

@@ -2111,3 +2111,64 @@ WHERE queue = ANY($1::text[]) AND queue IS NOT NULL AND queued_at IS NULL
 -- yet; run_at is NULL (it was queued, not due: the wake-up latency counts from its start). A row with a
 -- NULL instance_id is no claim: its run_at is when the queue's rate has room again.
 SELECT * FROM {schema}.geste_queue_claim($1, $2, $3, $4, $5, $6);
+
+-- name: list_queues
+-- The queues by name, at most $3 (geste status, the metrics, the viewer, app.list_queues): those declared
+-- (geste_queues) and those named by queued or admitted instances, found by a loose scan of the two partial
+-- indexes (one probe per distinct name; a queue started onto by name and never declared is listed too).
+-- Per queue: its queued and its admitted instances, at most $2 index entries read each (a count that
+-- costs the same on a million as on a thousand, "at least $2" beyond: the ORDER BY is the index's, as in
+-- count_instances_all); the admissions of its rate window after $1 - rate_period; the start of its oldest
+-- queued instance: the line is in (priority, queued_at) order, so the first entry of each priority is its
+-- oldest; a loose scan of the first $4 priorities (one probe each) finds them.
+WITH RECURSIVE waiting(name) AS (
+    SELECT (SELECT min(queue) FROM {schema}.geste_instances
+            WHERE queued_at IS NOT NULL AND status = 'pending')
+    UNION ALL
+    SELECT (SELECT min(i.queue) FROM {schema}.geste_instances i
+            WHERE i.queued_at IS NOT NULL AND i.status = 'pending' AND i.queue > w.name)
+    FROM waiting w WHERE w.name IS NOT NULL
+), busy(name) AS (
+    SELECT (SELECT min(queue) FROM {schema}.geste_instances
+            WHERE queue IS NOT NULL AND queued_at IS NULL
+              AND status IN ('pending', 'running', 'waiting', 'compensating'))
+    UNION ALL
+    SELECT (SELECT min(i.queue) FROM {schema}.geste_instances i
+            WHERE i.queue IS NOT NULL AND i.queued_at IS NULL
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating') AND i.queue > b.name)
+    FROM busy b WHERE b.name IS NOT NULL
+), names(name) AS (
+    (SELECT name FROM {schema}.geste_queues ORDER BY name LIMIT $3)
+    UNION
+    (SELECT name FROM waiting WHERE name IS NOT NULL LIMIT $3)
+    UNION
+    (SELECT name FROM busy WHERE name IS NOT NULL LIMIT $3)
+)
+SELECT n.name, q.name IS NOT NULL AS declared, q.concurrency, q.worker_concurrency, q.rate_limit,
+       q.rate_period,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM {schema}.geste_instances i
+            WHERE i.queue = n.name AND i.queued_at IS NOT NULL AND i.status = 'pending'
+            ORDER BY i.queue, i.priority, i.queued_at
+            LIMIT $2) AS c) AS queued,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM {schema}.geste_instances i
+            WHERE i.queue = n.name AND i.queued_at IS NULL
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating')
+            LIMIT $2) AS c) AS admitted,
+       (SELECT count(*) FROM unnest(q.starts) AS s WHERE s > $1 - q.rate_period) AS rate_used,
+       (WITH RECURSIVE levels(priority, oldest) AS (
+            (SELECT i.priority, i.queued_at FROM {schema}.geste_instances i
+             WHERE i.queue = n.name AND i.queued_at IS NOT NULL AND i.status = 'pending'
+             ORDER BY i.queue, i.priority, i.queued_at LIMIT 1)
+            UNION ALL
+            SELECT x.priority, x.queued_at FROM levels l CROSS JOIN LATERAL (
+                SELECT i.priority, i.queued_at FROM {schema}.geste_instances i
+                WHERE i.queue = n.name AND i.priority > l.priority
+                  AND i.queued_at IS NOT NULL AND i.status = 'pending'
+                ORDER BY i.queue, i.priority, i.queued_at LIMIT 1) AS x
+        )
+        SELECT min(oldest) FROM (SELECT oldest FROM levels LIMIT $4) AS y) AS oldest_queued_at
+FROM names n LEFT JOIN {schema}.geste_queues q ON q.name = n.name
+ORDER BY n.name
+LIMIT $3;

@@ -1331,3 +1331,64 @@ WHERE instance_id IN (
     LIMIT :n)
 RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run, deadline,
           NULL AS run_at;
+
+-- name: list_queues
+-- The queues by name, at most :limit, as the PostgreSQL query says: declared or named by queued or admitted
+-- instances (a loose scan of the two partial indexes), each with its queued and admitted instances (at most
+-- :cap index entries read each), the admissions of its rate window after :now - rate_period, and the start
+-- of its oldest queued instance, the oldest of the first entries of the first :levels priorities of its
+-- line (two probes each: the next priority, then its first entry).
+WITH RECURSIVE waiting(name) AS (
+    SELECT (SELECT min(queue) FROM geste_instances WHERE queued_at IS NOT NULL AND status = 'pending')
+    UNION ALL
+    SELECT (SELECT min(i.queue) FROM geste_instances i
+            WHERE i.queued_at IS NOT NULL AND i.status = 'pending' AND i.queue > w.name)
+    FROM waiting w WHERE w.name IS NOT NULL
+), busy(name) AS (
+    SELECT (SELECT min(queue) FROM geste_instances
+            WHERE queue IS NOT NULL AND queued_at IS NULL
+              AND status IN ('pending', 'running', 'waiting', 'compensating'))
+    UNION ALL
+    SELECT (SELECT min(i.queue) FROM geste_instances i
+            WHERE i.queue IS NOT NULL AND i.queued_at IS NULL
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating') AND i.queue > b.name)
+    FROM busy b WHERE b.name IS NOT NULL
+), names(name) AS (
+    SELECT * FROM (SELECT name FROM geste_queues ORDER BY name LIMIT :limit)
+    UNION
+    SELECT * FROM (SELECT name FROM waiting WHERE name IS NOT NULL LIMIT :limit)
+    UNION
+    SELECT * FROM (SELECT name FROM busy WHERE name IS NOT NULL LIMIT :limit)
+)
+SELECT n.name, q.name IS NOT NULL AS declared, q.concurrency, q.worker_concurrency, q.rate_limit,
+       q.rate_period,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM geste_instances i
+            WHERE i.queue = n.name AND i.queued_at IS NOT NULL AND i.status = 'pending'
+            ORDER BY i.queue, i.priority, i.queued_at
+            LIMIT :cap)) AS queued,
+       (SELECT count(*) FROM (
+            SELECT 1 FROM geste_instances i
+            WHERE i.queue = n.name AND i.queued_at IS NULL
+              AND i.status IN ('pending', 'running', 'waiting', 'compensating')
+            LIMIT :cap)) AS admitted,
+       (SELECT count(*) FROM json_each(q.starts) AS s WHERE s.value > :now - q.rate_period) AS rate_used,
+       (WITH RECURSIVE levels(p) AS (
+            SELECT (SELECT i.priority FROM geste_instances i
+                    WHERE i.queue = n.name AND i.queued_at IS NOT NULL AND i.status = 'pending'
+                    ORDER BY i.queue, i.priority, i.queued_at LIMIT 1)
+            UNION ALL
+            SELECT (SELECT i.priority FROM geste_instances i
+                    WHERE i.queue = n.name AND i.priority > l.p
+                      AND i.queued_at IS NOT NULL AND i.status = 'pending'
+                    ORDER BY i.queue, i.priority, i.queued_at LIMIT 1)
+            FROM levels l WHERE l.p IS NOT NULL
+        )
+        SELECT min((SELECT i.queued_at FROM geste_instances i
+                    WHERE i.queue = n.name AND i.priority = x.p
+                      AND i.queued_at IS NOT NULL AND i.status = 'pending'
+                    ORDER BY i.queue, i.priority, i.queued_at LIMIT 1))
+        FROM (SELECT p FROM levels WHERE p IS NOT NULL LIMIT :levels) AS x) AS oldest_queued_at
+FROM names n LEFT JOIN geste_queues q ON q.name = n.name
+ORDER BY n.name
+LIMIT :limit;
