@@ -2155,6 +2155,7 @@ SELECT n.name, q.name IS NOT NULL AS declared, q.concurrency, q.worker_concurren
             SELECT 1 FROM {schema}.geste_instances i
             WHERE i.queue = n.name AND i.queued_at IS NULL
               AND i.status IN ('pending', 'running', 'waiting', 'compensating')
+            ORDER BY i.queue, i.partition_key  -- the index's order: an index-only scan, not a bitmap
             LIMIT $2) AS c) AS admitted,
        (SELECT count(*) FROM unnest(q.starts) AS s WHERE s > $1 - q.rate_period) AS rate_used,
        (WITH RECURSIVE levels(priority, oldest) AS (
