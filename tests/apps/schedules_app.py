@@ -86,11 +86,11 @@ def hang_at_point(app: geste.App, marker: Path, count: int, point: str) -> None:
         if calls >= count and point == "before":
             mark(marker, [start.instance.instance_id for start in kwargs["starts"]])
             await asyncio.Event().wait()  # killed here, about to write
-        created = await fire(name, **kwargs)
-        if calls >= count and point == "after" and created:
-            mark(marker, created)
+        fired = await fire(name, **kwargs)
+        if calls >= count and point == "after" and fired is not None and fired.created:
+            mark(marker, fired.created)
             await asyncio.Event().wait()  # killed here, the tick committed
-        return created
+        return fired
 
     storage.schedule_fire = schedule_fire  # type: ignore[method-assign]
 
