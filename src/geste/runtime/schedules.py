@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable
 
 from .._metrics import Metrics
-from .._schedules import Schedule, instance_id, missed_ticks, plan, tick_datetime
+from .._schedules import QUEUE_LIMIT, Schedule, instance_id, missed_ticks, plan, tick_datetime
 from .._serde import encode
 from ..errors import InvalidScheduleError
 from ..storage.base import Fired, NewInstance, ScheduleRow, ScheduleStart, Storage
@@ -83,6 +83,8 @@ class ScheduleLoop(Loop):
         """Instances this loop created (ticks started here, or released after their wait)."""
         self.waiting = False
         """The last round saw ticks waiting for a run to end (``overlap="queue"``)."""
+        self.queue_limit = QUEUE_LIMIT
+        """The most ticks of one schedule that wait at once (``_schedules.QUEUE_LIMIT``)."""
 
     async def round(self) -> float:
         more = await self.fire_due()
@@ -190,6 +192,7 @@ class ScheduleLoop(Loop):
             starts=starts,
             overlap=row.overlap,
             now=now,
+            queue_limit=self.queue_limit,
         )
         if fired is None:  # another worker's round moved it first
             return False
