@@ -17,8 +17,9 @@ import geste
 from geste._schedules import instance_id
 from geste.runtime.schedules import ScheduleLoop
 from geste.testing import WorkflowEnvironment
-from tests.support import raw_query, wait_until
+from tests.support import raw_query, run_cli, wait_until
 from tests.test_schedules import HOUR, T0, FrozenClock, all_finished, rounds, scheduled_app, scheduled_ids
+from tests.test_viewer import page, serving
 
 MINUTE = 60.0
 
@@ -242,10 +243,23 @@ async def test_the_settings_and_the_waiting_ticks_outlive_a_restart(
             await rounds(app)
         await wait_until(lambda: ("start", first) in log, "the first run")
     client = make_app(clock=clock, run_worker=False)  # no declaration: what is stored
-    async with client:
+    async with serving(client) as http:
         (info,) = await client.list_schedules()
         assert (info.overlap, info.queue, info.priority, info.waiting) == ("queue", "q", 4, 2)
         assert info.last_instance_id == first
+        (shown,) = (await client.status()).as_dict()["schedules"]
+        assert {k: shown[k] for k in ("overlap", "queue", "priority", "waiting")} == {
+            "overlap": "queue",
+            "queue": "q",
+            "priority": 4,
+            "waiting": 2,
+        }
+        row = (await page(http, "/ui/schedules")).split("<tbody>")[1]
+        assert "<td>queue (2 waiting)</td>" in row and "q (priority 4)</td>" in row
+    table = await asyncio.to_thread(run_cli, ["status", "--database-url", db_url])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[lines.index("schedules (1):") + 2].split()[-2:] == ["q", "2"]
     held[first].set()
     async with gated_app(make_app, clock) as app:  # the first run, handed back at the close, runs again
         await app.get_handle(first).result(timeout=30)
