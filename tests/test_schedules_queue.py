@@ -15,7 +15,10 @@ import pytest
 
 import geste
 from geste._schedules import instance_id
+from geste.errors import StorageError
 from geste.runtime.schedules import ScheduleLoop
+from geste.storage import sqlite as sqlite_storage
+from geste.storage.postgres import PostgresStorage
 from geste.testing import WorkflowEnvironment
 from tests.support import raw_query, run_cli, wait_until
 from tests.test_schedules import HOUR, T0, FrozenClock, all_finished, rounds, scheduled_app, scheduled_ids
@@ -271,3 +274,39 @@ async def test_the_settings_and_the_waiting_ticks_outlive_a_restart(
         await rounds(app)
         await all_finished(app, [second, third])
         assert await waiting_ticks(db_url, "gated") == []
+
+
+async def test_a_release_that_fails_mid_write_leaves_the_tick_waiting_and_it_starts_once(
+    make_app: Callable[..., geste.App], db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiting row's delete and the tick's instance are one transaction: a release cut short at its
+    last statement (as a crash would) leaves the tick waiting and no instance; the next one starts it."""
+    clock = FrozenClock(T0)
+    log.clear()
+    held.clear()
+    first, second = (instance_id("gated", hour(h).timestamp()) for h in (1, 2))
+    async with gated_app(make_app, clock) as app:
+        loop = app.runtime.schedules
+        assert loop is not None
+        await loop.stop()  # the test drives the rounds
+        for _ in range(2):
+            clock.now += HOUR
+            await loop.catch_up()
+        held.setdefault(first, asyncio.Event()).set()
+        await app.get_handle(first).result(timeout=30)
+        storage = app.storage
+        queries = storage._q if isinstance(storage, PostgresStorage) else sqlite_storage.Q
+        monkeypatch.setitem(queries, "insert_queued", "UPDATE geste_schedules SET no_such_column = 1")
+        with pytest.raises(StorageError):
+            await loop.release_waiting()
+        assert await scheduled_ids(db_url, "gated") == [first]
+        assert await waiting_ticks(db_url, "gated") == [hour(2).timestamp()]
+        (info,) = await app.list_schedules()
+        assert (info.waiting, info.last_instance_id) == (1, first)
+        monkeypatch.undo()
+        await loop.catch_up()
+        await loop.catch_up()
+        assert await scheduled_ids(db_url, "gated") == [first, second]
+        assert await waiting_ticks(db_url, "gated") == []
+        held.setdefault(second, asyncio.Event()).set()
+        await all_finished(app, [second])
