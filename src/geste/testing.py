@@ -133,6 +133,9 @@ class WorkflowEnvironment(OpenClose):
                 self._swapped.append((activity, activity.fn))
                 activity.fn = fake
             await app.open()
+            schedules = app.runtime.schedules
+            if schedules is not None:  # this environment runs its rounds, at each moment it stops at: the
+                await schedules.stop()  # loop's own, in real time, would race them (a tick released late)
         except BaseException:
             await self._restore()
             raise
