@@ -78,8 +78,10 @@ def test_create_list_pause_resume_delete(cli: Cli, db_url: str) -> None:
 
     lines = ok(cli("schedules")).splitlines()
     assert lines[0].split() == [
-        "NAME", "WORKFLOW", "CRON", "TIMEZONE", "PAUSED", "NEXT", "TICK", "LAST", "TICK", "LAST", "INSTANCE"
+        "NAME", "WORKFLOW", "CRON", "TIMEZONE", "PAUSED", "NEXT", "TICK", "LAST", "TICK", "LAST", "INSTANCE",
+        "QUEUE", "WAITING",
     ]  # fmt: skip
+    assert lines[1].split()[-3:] == ["-", "-", "0"]  # no last instance, no queue, no tick waiting
     assert lines[1].split()[:9] == ["nightly-paris", "nightly", "0", "2", "*", "*", "*", "Europe/Paris", "no"]
     (listed,) = json.loads(ok(cli("schedules", "--json")))
     assert (listed["name"], listed["paused"], listed["last_instance_id"]) == ("nightly-paris", False, None)
@@ -101,6 +103,13 @@ def test_create_updates_a_schedule_of_that_name(cli: Cli, db_url: str) -> None:
     info = json.loads(ok(cli(*create, "--cron", "15 * * * *", "--json")))
     assert (info["cron"], info["paused"]) == ("15 * * * *", True)
     assert [s.cron for s in stored(db_url)] == ["15 * * * *"]
+    onto = ("--overlap", "queue", "--queue", "reports", "--priority", "-1")
+    out = ok(cli(*create, "--cron", "15 * * * *", *onto))
+    assert out.startswith("schedule job: nightly at '15 * * * *' in UTC onto queue reports (paused)\n")
+    (stored_info,) = stored(db_url)
+    assert (stored_info.overlap, stored_info.queue, stored_info.priority) == ("queue", "reports", -1)
+    assert ok(cli("schedules")).splitlines()[1].split()[-2:] == ["reports", "0"]
+    assert json.loads(ok(cli("schedules", "--json")))[0]["queue"] == "reports"
 
 
 @pytest.mark.parametrize("command", ["pause", "resume", "delete"])
@@ -115,7 +124,8 @@ def test_an_unknown_schedule(cli: Cli, command: str) -> None:
         (["--cron", "0 0 30 2 *"], 1, "bad cron expression"),  # never ticks
         (["--cron", "0 * * * *", "--timezone", "Mars/Olympus"], 1, "unknown time zone 'Mars/Olympus'"),
         (["--cron", "0 * * * *", "--missed", "sometimes"], 2, "'sometimes' is not one of"),
-        (["--cron", "0 * * * *", "--overlap", "queue"], 2, "'queue' is not one of"),
+        (["--cron", "0 * * * *", "--overlap", "sometimes"], 2, "'sometimes' is not one of"),
+        (["--cron", "0 * * * *", "--priority", "3"], 1, "apply to a start onto a queue"),
         (["--cron", "0 * * * *", "--workflow", "nope"], 1, "no workflow named 'nope'"),
         (["--cron", "0 * * * *", "--app", "tests.apps.cli_app:not_an_app"], 2, "not a geste.App"),
     ],

@@ -77,9 +77,25 @@ async def test_create_list_pause_resume_delete(make_app: MakeApp) -> None:
         paused = await http.post("/schedules/nightly/pause")
         assert paused.status_code == 200 and paused.json()["paused"] is True
         assert [s.paused for s in await app.list_schedules()] == [True]
-        updated = await http.post("/schedules/nightly", json={"workflow": "report", "cron": "0 3 * * *"})
+        assert (shown["queue"], shown["priority"], shown["waiting"]) == (None, 0, 0)
+        body = {
+            "workflow": "report",
+            "cron": "0 3 * * *",
+            "overlap": "queue",
+            "queue": "reports",
+            "priority": -2,
+        }
+        updated = await http.post("/schedules/nightly", json=body)
         assert updated.status_code == 200  # an update: paused still
         assert (updated.json()["cron"], updated.json()["paused"]) == ("0 3 * * *", True)
+        assert {k: updated.json()[k] for k in ("overlap", "queue", "priority", "waiting")} == {
+            "overlap": "queue",
+            "queue": "reports",
+            "priority": -2,
+            "waiting": 0,
+        }
+        (info,) = await app.list_schedules()
+        assert (info.overlap, info.queue, info.priority) == ("queue", "reports", -2)
         resumed = await http.post("/schedules/nightly/resume")
         assert resumed.status_code == 200 and resumed.json()["paused"] is False
         deleted = await http.delete("/schedules/nightly")
@@ -104,8 +120,14 @@ async def test_an_unknown_schedule_is_a_404(make_app: MakeApp) -> None:
          "unknown time zone"),
         ({"workflow": "report", "cron": "0 * * * *", "missed": "sometimes"}, 400, "InvalidScheduleError",
          "missed must be one of"),
-        ({"workflow": "report", "cron": "0 * * * *", "overlap": "queue"}, 400, "InvalidScheduleError",
+        ({"workflow": "report", "cron": "0 * * * *", "overlap": "sometimes"}, 400, "InvalidScheduleError",
          "overlap must be one of"),
+        ({"workflow": "report", "cron": "0 * * * *", "queue": 3}, 400, "BadRequest",
+         "queue must be a string or null"),
+        ({"workflow": "report", "cron": "0 * * * *", "queue": "q", "priority": "1"}, 400, "BadRequest",
+         "priority must be an integer"),
+        ({"workflow": "report", "cron": "0 * * * *", "priority": 1}, 400, "InvalidScheduleError",
+         "apply to a start onto a queue"),
         ({"workflow": "two", "cron": "0 * * * *"}, 400, "InvalidScheduleError", "takes 2 arguments"),
         ({"workflow": "nope", "cron": "0 * * * *"}, 404, "UnknownWorkflowError", "no workflow named 'nope'"),
         ({"cron": "0 * * * *"}, 400, "BadRequest", "workflow is required"),

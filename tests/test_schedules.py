@@ -154,7 +154,7 @@ async def test_a_round_that_read_a_tick_another_round_started_writes_nothing(
             expected=again.next_tick,
             next_tick=again.next_tick + HOUR,
             starts=[ScheduleStart(again.next_tick, other)],
-            skip_if_running=False,
+            overlap="alongside",
             now=clock.now,
         ) is None  # fmt: skip
         assert await scheduled_ids(db_url, "job") == ["sched:job:2026-06-01T01:00:00Z"]
@@ -376,10 +376,15 @@ async def test_a_changed_declaration_moves_the_next_tick(make_app: Callable[...,
         {"timezone": "Mars/Olympus"},
         {"timezone": ""},
         {"missed": "sometimes"},
-        {"overlap": "queue"},
+        {"overlap": "sometimes"},
+        {"queue": ""},
+        {"queue": 3},
+        {"priority": 1},  # without a queue
+        {"queue": "q", "priority": "high"},
+        {"queue": "q", "priority": 2**40},
     ],
 )
-def test_bad_input_is_refused_at_declaration(options: dict[str, str]) -> None:
+def test_bad_input_is_refused_at_declaration(options: dict[str, object]) -> None:
     app = geste.App("sqlite:///unused.db")
     arguments = {"cron": "0 * * * *"} | options
     with pytest.raises(InvalidScheduleError) as raised:

@@ -11,6 +11,7 @@ schedule's row lock until then). Every wait is for a condition (a marker file, a
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
@@ -97,3 +98,71 @@ async def test_a_worker_killed_at_a_tick_every_tick_starts_exactly_once(
         for iid in window:  # the victim's leases run out: the others run what it held
             assert await client.get_handle(iid).result(timeout=60) == "ticked"
         assert all(datetime.fromtimestamp(tick_of(i), UTC).microsecond == 0 for i in found)
+
+
+queued = worker_processes("schedules_app", name="queued", options={"overlap": "queue", "run_seconds": 1.5})
+RUNS_BEFORE_KILL = 2
+RUNS_AFTER_KILL = 4
+
+
+async def test_overlap_queue_across_four_workers_one_killed_mid_run(
+    queued: WorkerProcesses, db_url: str
+) -> None:
+    """``overlap="queue"``, a tick each second, runs of 1.5 s: 4 worker processes race for the ticks and
+    for the releases; the worker running a scheduled run is killed with SIGKILL, its run taken over once
+    its lease ends. Every tick of the run is started once or still waits, in tick order, and no run
+    starts before the previous one ended (the activity log's times, one machine's clock)."""
+    async with queued.client(overlap="queue", run_seconds=1.5):  # creates the schema and the schedule
+        for n in range(WORKERS):
+            await queued.spawn(f"w{n}")
+        await wait_until(
+            lambda: len(queued.entries(event="end")) >= RUNS_BEFORE_KILL, "runs before the kill", timeout=60
+        )
+
+        def running() -> dict[str, object] | None:
+            ended = {entry["instance"] for entry in queued.entries(event="end")}
+            unended = [entry for entry in queued.entries(event="start") if entry["instance"] not in ended]
+            return unended[-1] if unended else None
+
+        holder = await wait_until(running, "a run to kill", timeout=30)
+        victim = queued.by_id[str(holder["worker"])]
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+        await wait_until(
+            lambda: holder["instance"] in {entry["instance"] for entry in queued.entries(event="end")},
+            "the killed run to be taken over and end",
+            timeout=60,
+        )
+        ends = len(queued.entries(event="end"))
+        await wait_until(
+            lambda: len(queued.entries(event="end")) >= ends + RUNS_AFTER_KILL,
+            "runs after the kill",
+            timeout=60,
+        )
+        for proc in queued.procs:
+            assert proc.poll() is None or proc is victim, queued.output(proc)
+    queued.stop_all()  # nothing moves while the database is read
+
+    found = await started_ids(db_url)
+    (row,) = await raw_query(
+        db_url, "SELECT next_tick, waiting FROM geste_schedules WHERE name = $1", SCHEDULE
+    )
+    waits = await raw_query(db_url, "SELECT tick FROM geste_schedule_waiting WHERE name = $1", SCHEDULE)
+    waiting = sorted(float(w["tick"]) for w in waits)
+    assert row["waiting"] == len(waiting) > 0  # the runs are slower than the ticks: a backlog
+    started = sorted(tick_of(iid) for iid in found)
+    assert len(started) == len(set(started)) >= RUNS_BEFORE_KILL + RUNS_AFTER_KILL
+    assert max(started) < min(waiting)  # released in tick order
+    first = int(started[0])
+    assert [*started, *waiting] == [float(t) for t in range(first, int(row["next_tick"]))]  # none lost
+
+    by_instance: dict[str, list[dict[str, object]]] = {}
+    for entry in queued.entries(event="start") + queued.entries(event="end"):
+        by_instance.setdefault(str(entry["instance"]), []).append(entry)
+    order = sorted(found, key=tick_of)
+    assert set(by_instance) <= set(order)
+    for before, after in itertools.pairwise(order):
+        ended = [float(e["t"]) for e in by_instance.get(before, []) if e["event"] == "end"]
+        began = [float(e["t"]) for e in by_instance.get(after, []) if e["event"] == "start"]
+        if began:
+            assert ended and min(began) >= max(ended), (before, after)  # never two runs at once

@@ -124,10 +124,11 @@ async def test_status_and_metrics_of_schedules(make_app: Callable[..., geste.App
     lines = table.stdout.splitlines()
     row = lines.index("schedules (3):")
     assert lines[row + 1].split() == [
-        "SCHEDULE", "WORKFLOW", "CRON", "TIMEZONE", "PAUSED", "NEXT", "TICK", "LAST", "INSTANCE"
+        "SCHEDULE", "WORKFLOW", "CRON", "TIMEZONE", "PAUSED", "NEXT", "TICK", "LAST", "INSTANCE", "QUEUE",
+        "WAITING",
     ]  # fmt: skip
-    assert lines[row + 2].split()[-1] == "sched:late:2026-06-01T05:00:00Z"
-    assert lines[row + 3].split()[-3:] == ["yes", "-", "-"]  # paused: no next tick; never started
+    assert lines[row + 2].split()[-3:] == ["sched:late:2026-06-01T05:00:00Z", "-", "0"]  # no queue
+    assert lines[row + 3].split()[-5:] == ["yes", "-", "-", "-", "0"]  # paused: no next tick; never started
 
 
 async def test_a_round_another_worker_won_counts_nothing(

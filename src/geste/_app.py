@@ -424,15 +424,27 @@ class App(OpenClose):
         name: str | None = None,
         missed: str = "latest",
         overlap: str = "skip",
+        queue: Queue | str | None = None,
+        priority: int = 0,
     ) -> ScheduleDecorator:
         """``@app.schedule("0 2 * * *", timezone="Europe/Paris")`` on a workflow: start it at each tick of
         the cron expression, read in ``timezone``, once across every worker (docs/schedules.md). The
         workflow takes no argument, or one: the tick (an aware UTC datetime). ``name`` defaults to the
         workflow's. ``missed``: the ticks that passed while no worker ran: ``"latest"`` (start the most
         recent), ``"skip"`` or ``"all"`` (each, a backfill). ``overlap``: a tick while the previous run is
-        unfinished: ``"skip"`` it or run ``"alongside"``. Written to the database at each open. Bad input
+        unfinished: ``"skip"`` it, run ``"alongside"``, or ``"queue"`` it (it starts once that run has
+        ended, each waiting tick in turn). ``queue`` (a ``geste.Queue`` or its name) and ``priority``:
+        each tick's instance is started onto that queue. Written to the database at each open. Bad input
         raises ``geste.errors.InvalidScheduleError`` here."""
-        declare = self.schedules.decorator(cron, timezone=timezone, name=name, missed=missed, overlap=overlap)
+        declare = self.schedules.decorator(
+            cron,
+            timezone=timezone,
+            name=name,
+            missed=missed,
+            overlap=overlap,
+            queue=queue,
+            priority=priority,
+        )
         return cast(ScheduleDecorator, declare)
 
     async def create_schedule(
@@ -444,13 +456,22 @@ class App(OpenClose):
         timezone: str = "UTC",
         missed: str = "latest",
         overlap: str = "skip",
+        queue: Queue | str | None = None,
+        priority: int = 0,
     ) -> ScheduleInfo:
         """Create (or update: same name) a schedule of a registered workflow at run time; options as
         ``schedule``. Its first tick is the first after now; a definition whose expression and time zone
         are unchanged keeps its next tick."""
         self._require_open()
         return await self.schedules.create(
-            name, workflow, cron, timezone=timezone, missed=missed, overlap=overlap
+            name,
+            workflow,
+            cron,
+            timezone=timezone,
+            missed=missed,
+            overlap=overlap,
+            queue=queue,
+            priority=priority,
         )
 
     async def pause_schedule(self, name: str) -> None:

@@ -216,8 +216,10 @@ class Metrics:
         )
         self.schedule_ticks = Counter(
             "geste_schedule_ticks_total",
-            "Ticks of cron schedules whose round this process won, by schedule and outcome: started, "
-            "skipped (the previous run unfinished, overlap=skip), missed (dropped by the missed policy).",
+            "Ticks of cron schedules whose round this process won, by schedule and outcome: started "
+            "(or released after a wait, overlap=queue), queued (put to wait for the previous run, "
+            "overlap=queue), skipped (the previous run unfinished, overlap=skip, or the queue's wait at "
+            "its limit), missed (dropped by the missed policy).",
             ("schedule", "outcome"),
         )
         self.workflows_ended = Counter(

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from ._queues import check_queue_start
 from ._validation import check_name
 from .errors import InvalidScheduleError
 
@@ -28,8 +29,12 @@ MISSED = ("latest", "skip", "all")
 """What a round does with the ticks that passed while no worker ran: start only the most recent of them,
 none (the schedule goes on at its next tick to come), or each of them (a backfill, ``BACKFILL_LIMIT`` a
 round)."""
-OVERLAP = ("skip", "alongside")
-"""What a tick does while the schedule's previous run has not finished: nothing, or start all the same."""
+OVERLAP = ("skip", "alongside", "queue")
+"""What a tick does while the schedule's previous run has not finished: nothing, start all the same, or
+wait for it to end (then start, each waiting tick in turn: at most ``QUEUE_LIMIT`` wait)."""
+QUEUE_LIMIT = 1000
+"""``overlap="queue"``: the most ticks of one schedule that wait for its previous run at once; a tick
+beyond them is skipped (its runs never keep up: a backlog growing without end helps no one)."""
 
 MISSED_GRACE = 60.0
 """A due tick is *missed* once it is this many seconds old when a round sees it (or a later tick is due
@@ -52,10 +57,17 @@ class Schedule:
     overlap: str = "skip"
     pass_tick: bool = False
     """Whether the workflow takes the tick (an aware UTC datetime) as its one argument."""
+    queue: str | None = None
+    """The queue each tick's instance is started onto (None: none)."""
+    priority: int = 0
+    """Its place in that queue's line (lower first)."""
 
     def __post_init__(self) -> None:
         try:
             check_name(self.name, "schedule")
+            if self.queue is not None:
+                check_name(self.queue, "queue")
+            check_queue_start(self.queue, self.priority, None)
         except ValueError as exc:
             raise InvalidScheduleError(str(exc)) from None
         if self.missed not in MISSED:
@@ -205,3 +217,8 @@ class ScheduleInfo:
     next_tick: datetime
     last_tick: datetime | None
     last_instance_id: str | None
+    queue: str | None = None
+    """The queue each tick's instance is started onto (None: none), and its ``priority`` there."""
+    priority: int = 0
+    waiting: int = 0
+    """``overlap="queue"``: the ticks that wait for the last run to end, each to start in turn."""

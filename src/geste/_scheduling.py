@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._definitions import Workflow
+from ._queues import Queue
 from ._registry import Registry
 from ._schedules import Schedule, ScheduleInfo, first_after, tick_datetime
 from .errors import InvalidScheduleError, ScheduleNotFoundError, UnknownWorkflowError
@@ -50,16 +51,28 @@ def define(
     timezone: str,
     missed: str,
     overlap: str,
+    queue: Queue | str | None = None,
+    priority: int = 0,
 ) -> Schedule:
-    """A schedule of ``workflow``, checked: its expression, time zone and policies, and the workflow's
-    parameters (none, or one: the tick)."""
+    """A schedule of ``workflow``, checked: its expression, time zone and policies, its queue, and the
+    workflow's parameters (none, or one: the tick)."""
     params = len(workflow.signature.param_hints)
     if params > 1:
         raise InvalidScheduleError(
             f"workflow {workflow.name!r} takes {params} arguments: a scheduled workflow takes none, or one "
             "(the tick, an aware UTC datetime)"
         )
-    return Schedule(name or workflow.name, workflow.name, cron, timezone, missed, overlap, params == 1)
+    return Schedule(
+        name or workflow.name,
+        workflow.name,
+        cron,
+        timezone,
+        missed,
+        overlap,
+        params == 1,
+        _queue_name(queue),
+        priority,
+    )
 
 
 def row(schedule: Schedule, now: float) -> ScheduleRow:
@@ -74,6 +87,8 @@ def row(schedule: Schedule, now: float) -> ScheduleRow:
         schedule.pass_tick,
         False,
         first_after(schedule.cron, schedule.timezone, now),
+        queue=schedule.queue,
+        priority=schedule.priority,
     )
 
 
@@ -90,7 +105,14 @@ def info(stored: ScheduleRow) -> ScheduleInfo:
         tick_datetime(stored.next_tick),
         last,
         stored.last_instance_id,
+        stored.queue,
+        stored.priority,
+        stored.waiting,
     )
+
+
+def _queue_name(queue: Queue | str | None) -> str | None:
+    return queue.name if isinstance(queue, Queue) else queue
 
 
 class Schedules:
@@ -101,17 +123,28 @@ class Schedules:
         self.declared: dict[str, Schedule] = {}
 
     def decorator(
-        self, cron: str, *, timezone: str, name: str | None, missed: str, overlap: str
+        self,
+        cron: str,
+        *,
+        timezone: str,
+        name: str | None,
+        missed: str,
+        overlap: str,
+        queue: Queue | str | None,
+        priority: int,
     ) -> Callable[[Any], Workflow[Any, Any]]:
         """``@app.schedule(...)``: on a workflow (or a function, registered as one first). Every option is
         checked at once, before the function is given."""
-        Schedule(name or "-", "-", cron, timezone, missed, overlap)
+        options: dict[str, Any] = dict(
+            timezone=timezone, missed=missed, overlap=overlap, queue=queue, priority=priority
+        )
+        Schedule(name or "-", "-", cron, timezone, missed, overlap, False, _queue_name(queue), priority)
 
         def declare(target: Any) -> Workflow[Any, Any]:
             workflow = target if isinstance(target, Workflow) else self.app.workflow(target)
             if not self.app.registry.registered(workflow):
                 raise UnknownWorkflowError(workflow.name)
-            schedule = define(workflow, cron, name=name, timezone=timezone, missed=missed, overlap=overlap)
+            schedule = define(workflow, cron, name=name, **options)
             if schedule.name in self.declared:
                 raise InvalidScheduleError(f"a schedule named {schedule.name!r} is declared already")
             self.declared[schedule.name] = schedule
@@ -136,11 +169,22 @@ class Schedules:
         timezone: str,
         missed: str,
         overlap: str,
+        queue: Queue | str | None = None,
+        priority: int = 0,
     ) -> ScheduleInfo:
         found = self.app.registry.workflows.get(workflow) if isinstance(workflow, str) else workflow
         if found is None or not self.app.registry.registered(found):
             raise UnknownWorkflowError(workflow if isinstance(workflow, str) else workflow.name)
-        schedule = define(found, cron, name=name, timezone=timezone, missed=missed, overlap=overlap)
+        schedule = define(
+            found,
+            cron,
+            name=name,
+            timezone=timezone,
+            missed=missed,
+            overlap=overlap,
+            queue=queue,
+            priority=priority,
+        )
         now = self.app.clock()
         await self.app.storage.schedule_upsert(row(schedule, now), now)
         self.app.runtime.schedules_changed()

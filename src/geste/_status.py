@@ -241,4 +241,7 @@ def schedule_dict(info: ScheduleInfo) -> dict[str, Any]:
         "next_tick": info.next_tick.isoformat(),
         "last_tick": None if info.last_tick is None else info.last_tick.isoformat(),
         "last_instance_id": info.last_instance_id,
+        "queue": info.queue,
+        "priority": info.priority,
+        "waiting": info.waiting,
     }

@@ -133,6 +133,9 @@ class WorkflowEnvironment(OpenClose):
                 self._swapped.append((activity, activity.fn))
                 activity.fn = fake
             await app.open()
+            schedules = app.runtime.schedules
+            if schedules is not None:  # this environment runs its rounds, at each moment it stops at: the
+                await schedules.stop()  # loop's own, in real time, would race them (a tick released late)
         except BaseException:
             await self._restore()
             raise
@@ -240,16 +243,24 @@ class WorkflowEnvironment(OpenClose):
             self._fire_retries()
             await self._fire_schedules()
             self._worker().poke()
-            await self.wait_until_idle()
+            await self._settle()
         self._now = max(self._now, target)
         await self._fire_schedules()  # a tick at the target itself
-        await self.wait_until_idle()
+        await self._settle()
 
-    async def _fire_schedules(self) -> None:
-        """Start the cron schedules' ticks due at the clock's time (their loop would, within a pause)."""
+    async def _settle(self) -> None:
+        """Until idle, and no schedule tick waiting for a run that ended is left unstarted
+        (``overlap="queue"``: an end releases the next tick, at the same moment)."""
+        await self.wait_until_idle()
+        while await self._fire_schedules():
+            self._worker().poke()
+            await self.wait_until_idle()
+
+    async def _fire_schedules(self) -> int:
+        """Start the cron schedules' ticks due at the clock's time, and release the waiting ticks whose
+        previous run ended (their loop would, within a pause). Returns the instances started."""
         schedules = self.app.runtime.schedules
-        if schedules is not None:
-            await schedules.catch_up()
+        return 0 if schedules is None else await schedules.catch_up()
 
     async def next_wakeup(self) -> datetime | None:
         """When the next timer fires (a sleep, a wait's deadline, a retry, a schedule's tick), or None when
@@ -362,7 +373,7 @@ class WorkflowEnvironment(OpenClose):
         """Start an instance (a generated id), and return once it waits, finishes or fails."""
         self._require_open()
         handle = await self.app.client.start_instance(workflow, args, kwargs, instance_id=None)
-        await self.wait_until_idle()
+        await self._settle()
         return handle
 
     async def start_with_id(
@@ -371,19 +382,19 @@ class WorkflowEnvironment(OpenClose):
         """Start the instance ``instance_id`` (or find it), and return once it waits, finishes or fails."""
         self._require_open()
         handle = await self.app.client.start_instance(workflow, args, kwargs, instance_id=instance_id)
-        await self.wait_until_idle()
+        await self._settle()
         return handle
 
     async def send_event(self, event_type: str, data: Any = None, **options: Any) -> str:
         """``app.send_event``, then wait until the instances it woke have run (see ``wait_until_idle``)."""
         event_id = await self.app.send_event(event_type, data, **options)
-        await self.wait_until_idle()
+        await self._settle()
         return event_id
 
     async def publish(self, channel: str, data: Any = None, *, message_id: str | None = None) -> str:
         """``app.publish``, then wait until the instances it woke have run."""
         message = await self.app.publish(channel, data, message_id=message_id)
-        await self.wait_until_idle()
+        await self._settle()
         return message
 
     async def send_to(
@@ -391,13 +402,13 @@ class WorkflowEnvironment(OpenClose):
     ) -> str:
         """``app.send_to``, then wait until the instance has run."""
         message = await self.app.send_to(instance_id, channel, data, message_id=message_id)
-        await self.wait_until_idle()
+        await self._settle()
         return message
 
     async def cancel(self, instance_id: str) -> InstanceInfo:
         """``app.cancel``, then wait until the instance (and its compensations) have run."""
         await self.app.cancel(instance_id)
-        await self.wait_until_idle()
+        await self._settle()
         return await self.app.get_instance(instance_id)
 
     async def result(
@@ -413,7 +424,7 @@ class WorkflowEnvironment(OpenClose):
         self._require_open()
         limit = self._now + seconds(max_advance, what="max_advance")
         while True:
-            await self.wait_until_idle()
+            await self._settle()
             info = await self.app.get_instance(handle.instance_id)
             if info.status.is_finished:
                 return await handle.result()

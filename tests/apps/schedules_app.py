@@ -9,6 +9,10 @@ Its App declares the schedule ``every-second`` (``* * * * * *``: a tick each sec
 ``missed="all"`` and ``overlap="alongside"``, so that every tick must start whatever the load) and runs
 a worker, until SIGTERM/SIGINT or a SIGKILL.
 
+``--overlap queue --run-seconds S`` (``tests/test_schedules_queue.py``): the schedule's overlap policy,
+and each run an activity that logs its ``start``, sleeps S seconds and logs its ``end`` (a run longer
+than the period; without it, a run does nothing).
+
 With ``--hang-at N`` it is the victim: its ``N``-th schedule write that carries a tick (``before``: as it
 is about to write it; ``inside``: the first such write from the N-th on whose transaction moved the
 tick and inserted its instance, before its commit; ``after``: the first such write from the N-th on that
@@ -32,7 +36,7 @@ import geste
 from geste.storage import sqlite as sqlite_storage
 from geste.storage.postgres import PostgresStorage
 
-from .worker import serve
+from .worker import activity_log, serve
 
 SCHEDULE = "every-second"
 
@@ -45,16 +49,28 @@ def build_app(
     worker_id: str | None = None,
     hang_at: int | None = None,
     hang: str = "after",
+    overlap: str = "alongside",
+    run_seconds: float = 0.0,
     **options: Any,
 ) -> geste.App:
-    """The App with its schedule; ``hang_at`` and ``hang``: the victim's hang point (module docstring)."""
+    """The App with its schedule; ``hang_at`` and ``hang``: the victim's hang point, ``overlap`` and
+    ``run_seconds``: its policy and how long a run takes (module docstring)."""
     options.setdefault("poll_interval", 0.1)
     options.setdefault("lock_timeout", 1.0)
     app = geste.App(url, worker_id=worker_id, **options)
+    note = activity_log(log, worker_id)
 
-    @app.schedule("* * * * * *", name=SCHEDULE, missed="all", overlap="alongside")
+    @app.activity
+    async def work(ctx: geste.ActivityContext) -> None:
+        note(ctx, "start")
+        await asyncio.sleep(run_seconds)
+        note(ctx, "end")
+
+    @app.schedule("* * * * * *", name=SCHEDULE, missed="all", overlap=overlap)
     @app.workflow
     async def tick(ctx: geste.WorkflowContext) -> str:
+        if run_seconds:
+            await work(ctx)
         return "ticked"
 
     if hang_at is not None:
@@ -86,11 +102,11 @@ def hang_at_point(app: geste.App, marker: Path, count: int, point: str) -> None:
         if calls >= count and point == "before":
             mark(marker, [start.instance.instance_id for start in kwargs["starts"]])
             await asyncio.Event().wait()  # killed here, about to write
-        created = await fire(name, **kwargs)
-        if calls >= count and point == "after" and created:
-            mark(marker, created)
+        fired = await fire(name, **kwargs)
+        if calls >= count and point == "after" and fired is not None and fired.created:
+            mark(marker, fired.created)
             await asyncio.Event().wait()  # killed here, the tick committed
-        return created
+        return fired
 
     storage.schedule_fire = schedule_fire  # type: ignore[method-assign]
 
@@ -144,6 +160,8 @@ def hang_inside(app: geste.App, marker: Path, count: int) -> None:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hang-at", type=int, default=None)
     parser.add_argument("--hang", choices=["before", "inside", "after"], default="after")
+    parser.add_argument("--overlap", default="alongside")
+    parser.add_argument("--run-seconds", type=float, default=0.0)
 
 
 def main(argv: list[str] | None = None) -> None:

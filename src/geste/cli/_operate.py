@@ -344,7 +344,17 @@ def _print_queues(found: SystemStatus) -> None:
 
 def _print_schedules(found: SystemStatus) -> None:
     click.echo(f"schedules ({len(found.schedules)}):")
-    header = ("SCHEDULE", "WORKFLOW", "CRON", "TIMEZONE", "PAUSED", "NEXT TICK", "LAST INSTANCE")
+    header = (
+        "SCHEDULE",
+        "WORKFLOW",
+        "CRON",
+        "TIMEZONE",
+        "PAUSED",
+        "NEXT TICK",
+        "LAST INSTANCE",
+        "QUEUE",
+        "WAITING",
+    )
     rows = [
         (
             s.name,
@@ -354,6 +364,8 @@ def _print_schedules(found: SystemStatus) -> None:
             "yes" if s.paused else "no",
             "-" if s.paused else _stamp(s.next_tick),
             s.last_instance_id or "-",
+            s.queue or "-",
+            str(s.waiting),
         )
         for s in found.schedules
     ]

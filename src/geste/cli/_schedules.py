@@ -30,6 +30,8 @@ def _row(info: ScheduleInfo) -> tuple[str, ...]:
         "-" if info.paused else _stamp(info.next_tick),
         _stamp(info.last_tick),
         info.last_instance_id or "-",
+        info.queue or "-",
+        str(info.waiting),
     )
 
 
@@ -38,7 +40,8 @@ def _row(info: ScheduleInfo) -> tuple[str, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def schedules(database_url: str, as_json: bool) -> None:
     """List the cron schedules by name: workflow, expression, time zone, paused, next tick, last tick and
-    the instance it started (times in local time)."""
+    the instance it started (times in local time), the queue its ticks start onto, and its ticks waiting
+    for the previous run to end (--overlap queue)."""
 
     async def go() -> list[ScheduleInfo]:
         async with _client(database_url) as app:
@@ -51,7 +54,18 @@ def schedules(database_url: str, as_json: bool) -> None:
     if not infos:
         click.echo("no schedules")
         return
-    header = ("NAME", "WORKFLOW", "CRON", "TIMEZONE", "PAUSED", "NEXT TICK", "LAST TICK", "LAST INSTANCE")
+    header = (
+        "NAME",
+        "WORKFLOW",
+        "CRON",
+        "TIMEZONE",
+        "PAUSED",
+        "NEXT TICK",
+        "LAST TICK",
+        "LAST INSTANCE",
+        "QUEUE",
+        "WAITING",
+    )
     rows = [header, *(_row(info) for info in infos)]
     widths = [max(len(row[n]) for row in rows) for n in range(len(header))]
     for row in rows:
@@ -70,6 +84,10 @@ def schedule() -> None:
 @click.option("--timezone", default="UTC", show_default=True, help="IANA time zone the expression reads.")
 @click.option("--missed", type=click.Choice(MISSED), default="latest", show_default=True)
 @click.option("--overlap", type=click.Choice(OVERLAP), default="skip", show_default=True)
+@click.option("--queue", default=None, help="The queue each tick's instance is started onto.")
+@click.option(
+    "--priority", type=int, default=0, show_default=True, help="Its place in the queue's line (lower first)."
+)
 @click.option(
     "--app",
     "app_spec",
@@ -87,6 +105,8 @@ def create(
     timezone: str,
     missed: str,
     overlap: str,
+    queue: str | None,
+    priority: int,
     app_spec: str,
     database_url: str | None,
     as_json: bool,
@@ -94,7 +114,8 @@ def create(
     """Create schedule NAME of a workflow, or update the one of that name (a paused one stays paused).
 
     Its first tick is the first after now; --missed says what happens to ticks no worker started in time,
-    --overlap to a tick while the previous run is unfinished.
+    --overlap to a tick while the previous run is unfinished (queue: it starts once that run ended);
+    --queue starts each tick's instance onto that queue, at --priority.
     """
     user_app = _load_app(app_spec)
     if workflow_name not in user_app.workflows:
@@ -108,7 +129,14 @@ def create(
     async def go() -> ScheduleInfo:
         async with client:
             return await client.create_schedule(
-                name, workflow_name, cron, timezone=timezone, missed=missed, overlap=overlap
+                name,
+                workflow_name,
+                cron,
+                timezone=timezone,
+                missed=missed,
+                overlap=overlap,
+                queue=queue,
+                priority=priority,
             )
 
     info = _run(go())
@@ -116,7 +144,10 @@ def create(
         click.echo(_dump(info))
         return
     paused = " (paused)" if info.paused else ""
-    click.echo(f"schedule {info.name}: {info.workflow_name} at {info.cron!r} in {info.timezone}{paused}")
+    onto = "" if info.queue is None else f" onto queue {info.queue}"
+    click.echo(
+        f"schedule {info.name}: {info.workflow_name} at {info.cron!r} in {info.timezone}{onto}{paused}"
+    )
     click.echo(f"next tick {_stamp(info.next_tick)}")
 
 

@@ -392,7 +392,7 @@ class GesteASGI:
         if not isinstance(body, dict):
             raise bad_request(
                 'the body must be a JSON object: {"workflow": ..., "cron": ..., "timezone": ..., '
-                '"missed": ..., "overlap": ...}'
+                '"missed": ..., "overlap": ..., "queue": ..., "priority": ...}'
             )
         unknown = sorted(set(body) - set(SCHEDULE_FIELDS))
         if unknown:
@@ -400,8 +400,15 @@ class GesteASGI:
         for name in SCHEDULE_FIELDS:
             if name in ("workflow", "cron") and name not in body:
                 raise bad_request(f"{name} is required")
-            if name in body and not isinstance(body[name], str):
-                raise bad_request(f"{name} must be a string")
+            if name == "priority":
+                if name in body and (isinstance(body[name], bool) or not isinstance(body[name], int)):
+                    raise bad_request("priority must be an integer")
+            elif (
+                name in body
+                and not isinstance(body[name], str)
+                and not (name == "queue" and body[name] is None)
+            ):
+                raise bad_request(f"{name} must be a string" + (" or null" if name == "queue" else ""))
         try:
             existed = bool(await self.app.get_schedule(params["name"]))
         except ScheduleNotFoundError:
@@ -413,6 +420,8 @@ class GesteASGI:
             timezone=body.get("timezone", "UTC"),
             missed=body.get("missed", "latest"),
             overlap=body.get("overlap", "skip"),
+            queue=body.get("queue"),
+            priority=body.get("priority", 0),
         )
         return json_response(
             200 if existed else 201,
@@ -446,7 +455,7 @@ class GesteASGI:
         return load_json(body, "the body")
 
 
-SCHEDULE_FIELDS = ("workflow", "cron", "timezone", "missed", "overlap")
+SCHEDULE_FIELDS = ("workflow", "cron", "timezone", "missed", "overlap", "queue", "priority")
 """The fields of ``POST /schedules/{name}``'s body (``workflow`` and ``cron`` required)."""
 
 

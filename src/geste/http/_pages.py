@@ -242,6 +242,13 @@ def _table(link: Link, rows: Sequence[InstanceSummary], now: float) -> Html:
 
 
 # -- the schedules ------------------------------------------------------------------------------------
+def _schedule_queue(row: ScheduleRow) -> Html | str:
+    """The queue a schedule's ticks are started onto, with their priority there when it is not 0."""
+    if row.queue is None:
+        return raw('<span class="muted">—</span>')
+    return row.queue if not row.priority else f"{row.queue} (priority {row.priority})"
+
+
 def schedule_list(
     link: Link, *, rows: Sequence[ScheduleRow], now: float, signed_in: bool, elapsed: float
 ) -> Html:
@@ -257,6 +264,7 @@ def schedule_list(
                 "Time zone",
                 "Missed",
                 "Overlap",
+                "Queue",
                 "State",
                 "Next tick",
                 "Last tick",
@@ -272,7 +280,8 @@ def schedule_list(
             tag("td", row.cron, class_="mono"),
             tag("td", row.timezone),
             tag("td", row.missed),
-            tag("td", row.overlap),
+            tag("td", row.overlap if not row.waiting else f"{row.overlap} ({row.waiting} waiting)"),
+            tag("td", _schedule_queue(row), class_="mono"),
             tag("td", "paused" if row.paused else "active", class_="paused" if row.paused else None),
             tag("td", raw('<span class="muted">—</span>') if row.paused else when(row.next_tick, now)),
             tag("td", when(row.last_tick, now)),

@@ -245,6 +245,7 @@ class Runtime(OpenClose):
             on_death=worker.mark_unhealthy,
             metrics=self.metrics,
         )
+        worker.on_run_ended = self.schedules.run_ended
         self.schedules.start()
         if relay is not None:
             self.relay = self._relay_hook = relay

@@ -14,6 +14,14 @@ that; one created, resumed or declared here wakes it at once. With no schedule d
 one index probe per ``MAX_PAUSE`` (or per tick); a round costs one statement plus one transaction per
 due schedule, whatever the table holds. A backfill (``missed="all"``) starts at most
 ``_schedules.BACKFILL_LIMIT`` ticks of a schedule per round, the next round coming at once.
+
+``overlap="queue"`` (schema 24): a tick whose schedule's last run is unfinished (or behind which ticks
+wait already) is put to wait in the round's transaction (``geste_schedule_waiting``). Each round then
+reads the schedules with ticks waiting (``schedules_waiting``: a scan of the ``waiting`` index) and, for
+each whose last run has ended, releases its oldest tick (``schedule_release``: under the schedule's row
+lock, the tick's waiting row deleted and its instance created in one transaction, so a tick is released
+once). The end of a scheduled run in this process wakes the loop (``run_ended``); an end elsewhere is
+seen within ``WAITING_PAUSE`` while ticks wait (the loop sleeps no longer then).
 """
 
 from __future__ import annotations
@@ -22,10 +30,10 @@ import logging
 from collections.abc import Callable
 
 from .._metrics import Metrics
-from .._schedules import Schedule, instance_id, missed_ticks, plan, tick_datetime
+from .._schedules import QUEUE_LIMIT, Schedule, instance_id, missed_ticks, plan, tick_datetime
 from .._serde import encode
 from ..errors import InvalidScheduleError
-from ..storage.base import NewInstance, ScheduleRow, ScheduleStart, Storage
+from ..storage.base import Fired, NewInstance, ScheduleRow, ScheduleStart, Storage
 from .loops import Loop
 
 logger = logging.getLogger("geste.schedules")
@@ -34,6 +42,11 @@ MAX_PAUSE = 60.0
 """The longest the loop sleeps: a schedule another process created or resumed is seen within it."""
 BATCH = 100
 """The most due schedules a round reads; more are read by the next round, at once."""
+WAITING_PAUSE = 5.0
+"""While ticks wait (``overlap="queue"``): the longest the loop sleeps, so that the end of a last run in
+another process (one without a worker: a cancel through the API) releases the next tick within it."""
+SCHEDULED = "sched:"
+"""The prefix of the instance ids a schedule starts (``_schedules.instance_id``)."""
 BROKEN_RETRY = 3600.0
 """A stored schedule that cannot be read (its expression refused by this version): looked at again after
 this long, rather than at every round."""
@@ -67,16 +80,26 @@ class ScheduleLoop(Loop):
         self.clock = clock
         self.on_started = on_started
         self.started = 0
-        """Instances this loop created (ticks started here)."""
+        """Instances this loop created (ticks started here, or released after their wait)."""
+        self.waiting = False
+        """The last round saw ticks waiting for a run to end (``overlap="queue"``)."""
+        self.queue_limit = QUEUE_LIMIT
+        """The most ticks of one schedule that wait at once (``_schedules.QUEUE_LIMIT``)."""
 
     async def round(self) -> float:
         more = await self.fire_due()
+        more = await self.release_waiting() or more
         if more:
             return 0.0
         upcoming = await self.storage.schedule_next_tick()
-        if upcoming is None:
-            return MAX_PAUSE
-        return max(0.0, min(upcoming - self.clock(), MAX_PAUSE))
+        pause = MAX_PAUSE if upcoming is None else max(0.0, min(upcoming - self.clock(), MAX_PAUSE))
+        return min(pause, WAITING_PAUSE) if self.waiting else pause
+
+    def run_ended(self, instance_id: str) -> None:
+        """A run of ``instance_id`` ended here (or suspended): if a schedule started it, a tick may wait
+        for it (``overlap="queue"``): look now."""
+        if instance_id.startswith(SCHEDULED):
+            self.wake()
 
     async def fire_due(self) -> bool:
         """One round: start the due ticks of at most ``BATCH`` schedules. Returns whether some may still be
@@ -88,18 +111,64 @@ class ScheduleLoop(Loop):
             more = await self._fire(row, now) or more
         return more
 
-    async def catch_up(self) -> None:
-        """Rounds until nothing is due at the clock's time (``geste.testing`` moves the clock, then calls
-        this). Each round moves the next tick of every schedule it reads, so this ends."""
+    async def catch_up(self) -> int:
+        """Rounds until nothing is due at the clock's time and no waiting tick can be released
+        (``geste.testing`` moves the clock, then calls this, and again once the runs are idle: an ended
+        run may release a tick). Each round moves the next tick of every schedule it reads, and a
+        release makes the schedule's last run unfinished, so this ends. Returns the instances created."""
+        before = self.started
         more = True
         while more:
             more = await self.fire_due()
+            more = await self.release_waiting() or more
+        return self.started - before
+
+    async def release_waiting(self) -> bool:
+        """Release the oldest waiting tick of each schedule whose last run has ended (``overlap="queue"``),
+        at most ``BATCH`` schedules. Returns whether more may be ready (a full batch, all ready)."""
+        found = await self.storage.schedules_waiting(limit=BATCH)
+        self.waiting = bool(found)
+        now = self.clock()
+        for waiting in found:
+            if not waiting.ready:
+                break  # (those ready come first)
+            row, tick = waiting.schedule, waiting.tick
+            start = self._instance(row, tick, now)
+            if await self.storage.schedule_release(row.name, tick=tick, start=start, now=now):
+                self.started += 1
+                self.metrics.schedule_ticks.values[(row.name, "started")] += 1
+                self.metrics.workflows_started.values[row.workflow_name] += 1
+                logger.info(
+                    "schedule %r started %s, after its previous run ended", row.name, start.instance_id
+                )
+                self.on_started()
+        return len(found) == BATCH and found[-1].ready
+
+    @staticmethod
+    def _instance(row: ScheduleRow, tick: float, now: float) -> NewInstance:
+        """The instance of ``tick`` of the schedule ``row``: its derived id, onto the schedule's queue."""
+        return NewInstance(
+            instance_id(row.name, tick),
+            row.workflow_name,
+            tick_input(row, tick),
+            now,
+            queue=row.queue,
+            priority=row.priority,
+        )
 
     async def _fire(self, row: ScheduleRow, now: float) -> bool:
         """Start the ticks of one due schedule; returns whether it is still due (a backfill cut)."""
         try:
             schedule = Schedule(
-                row.name, row.workflow_name, row.cron, row.timezone, row.missed, row.overlap, row.pass_tick
+                row.name,
+                row.workflow_name,
+                row.cron,
+                row.timezone,
+                row.missed,
+                row.overlap,
+                row.pass_tick,
+                row.queue,
+                row.priority,
             )
             decided = plan(schedule, row.next_tick, now)
         except InvalidScheduleError as exc:
@@ -111,47 +180,55 @@ class ScheduleLoop(Loop):
                 expected=row.next_tick,
                 next_tick=now + BROKEN_RETRY,
                 starts=(),
-                skip_if_running=False,
+                overlap="alongside",
                 now=now,
             )
             return False
-        starts = [
-            ScheduleStart(
-                tick, NewInstance(instance_id(row.name, tick), row.workflow_name, tick_input(row, tick), now)
-            )
-            for tick in decided.fire
-        ]
-        created = await self.storage.schedule_fire(
+        starts = [ScheduleStart(tick, self._instance(row, tick, now)) for tick in decided.fire]
+        fired = await self.storage.schedule_fire(
             row.name,
             expected=row.next_tick,
             next_tick=decided.next_tick,
             starts=starts,
-            skip_if_running=row.overlap == "skip",
+            overlap=row.overlap,
             now=now,
+            queue_limit=self.queue_limit,
         )
-        if created is None:  # another worker's round moved it first
+        if fired is None:  # another worker's round moved it first
             return False
-        self._count(row, created, starts, missed_ticks(schedule, row.next_tick, decided.fire, now))
+        created = fired.created
+        self._count(row, fired, starts, missed_ticks(schedule, row.next_tick, decided.fire, now))
         if created:
             self.started += len(created)
             logger.info("schedule %r started %s", row.name, ", ".join(created))
             self.on_started()
-        elif starts:
+        if fired.waiting:
+            self.waiting = True
             logger.info(
-                "schedule %r started none of %d tick(s): its previous run is unfinished",
+                "schedule %r: %d tick(s) wait for its previous run to end", row.name, len(fired.waiting)
+            )
+        skipped = len(starts) - len(created) - len(fired.waiting)
+        if skipped > 0:
+            logger.info(
+                "schedule %r started none of %d tick(s): its previous run is unfinished%s",
                 row.name,
-                len(starts),
+                skipped,
+                " and the ticks waiting for it are at their limit" if row.overlap == "queue" else "",
             )
         return decided.next_tick <= now
 
-    def _count(self, row: ScheduleRow, created: list[str], starts: list[ScheduleStart], missed: int) -> None:
+    def _count(self, row: ScheduleRow, fired: Fired, starts: list[ScheduleStart], missed: int) -> None:
         """The metrics of a round this process won: ticks started (also counted as workflows started, as
-        any start is), skipped by the overlap policy, missed (dropped by the ``missed`` policy)."""
+        any start is), put to wait (``overlap="queue"``: counted as started once released), skipped by
+        the overlap policy, missed (dropped by the ``missed`` policy)."""
         ticks = self.metrics.schedule_ticks.values
+        created = len(fired.created)
         if created:
-            ticks[(row.name, "started")] += len(created)
-            self.metrics.workflows_started.values[row.workflow_name] += len(created)
-        if len(starts) > len(created):
-            ticks[(row.name, "skipped")] += len(starts) - len(created)
+            ticks[(row.name, "started")] += created
+            self.metrics.workflows_started.values[row.workflow_name] += created
+        if fired.waiting:
+            ticks[(row.name, "queued")] += len(fired.waiting)
+        if len(starts) > created + len(fired.waiting):
+            ticks[(row.name, "skipped")] += len(starts) - created - len(fired.waiting)
         if missed:
             ticks[(row.name, "missed")] += missed

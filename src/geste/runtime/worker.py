@@ -165,6 +165,9 @@ class Worker(Loop):
         self._admitted: dict[str, str] = {}
         """The instances running here that this worker admitted from a queue, with the queue: its
         per-worker limit counts them, and the end of one frees a slot (a claim of the queue is due)."""
+        self.on_run_ended: Callable[[str], None] | None = None
+        """Told the instance id when a run here ends or suspends (the schedule loop: a tick may wait
+        for that run, ``overlap="queue"``)."""
 
     @property
     def router(self) -> Router | None:
@@ -394,6 +397,8 @@ class Worker(Loop):
                     self.wakeups.poke(BACKLOG)  # a queue's slot (here, at least) is free: claim it
             if self._backlog:
                 self.wakeups.poke(BACKLOG)
+            if self.on_run_ended is not None:
+                self.on_run_ended(instance_id)
 
     async def round(self) -> float:
         if self.wakeups.routing:

@@ -12,11 +12,12 @@ import abc
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple
 
 from .._models import Status
+from .._schedules import QUEUE_LIMIT
 from .._status import QueueStats
 from ._listen import Listening
 
@@ -576,6 +577,11 @@ class ScheduleRow:
     next_tick: float
     last_tick: float | None = None
     last_instance_id: str | None = None
+    queue: str | None = None
+    """(schema 24) The queue each tick's instance is started onto, and its ``priority`` there."""
+    priority: int = 0
+    waiting: int = 0
+    """(schema 24) Its ticks waiting for its last run to end (``overlap="queue"``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +590,25 @@ class ScheduleStart:
 
     tick: float
     instance: NewInstance
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """What ``schedule_fire`` wrote: the instances it created, and the ticks it put to wait for the
+    schedule's last run to end (``overlap="queue"``). The other ticks of its ``starts`` were skipped."""
+
+    created: list[str]
+    waiting: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingTick:
+    """A schedule with ticks waiting (schema 24): its row, its oldest waiting tick, and whether its last
+    run has ended (the tick can be released: ``schedule_release``)."""
+
+    schedule: ScheduleRow
+    tick: float
+    ready: bool
 
 
 class Storage(abc.ABC):
@@ -1114,14 +1139,30 @@ class Storage(abc.ABC):
         expected: float,
         next_tick: float,
         starts: Sequence[ScheduleStart],
-        skip_if_running: bool,
+        overlap: str,
         now: float,
-    ) -> list[str] | None:
+        queue_limit: int = QUEUE_LIMIT,
+    ) -> Fired | None:
         """One transaction: move the schedule's next tick from ``expected`` to ``next_tick`` and create
-        the ``starts`` (ids derived from the ticks: an existing one is left as it is). None: the next
-        tick had moved already (another worker's round did it), nothing written. With
-        ``skip_if_running``, nothing is created while the last instance the schedule started has not
-        finished (the tick is skipped, the next tick moved all the same). Returns the ids created."""
+        the ``starts`` (ids derived from the ticks: an existing one is left as it is), in order. None: the
+        next tick had moved already (another worker's round did it), nothing written. ``overlap``:
+        ``"skip"``, nothing is created while the last instance the schedule started has not finished
+        (the ticks are skipped, the next tick moved all the same); ``"queue"``, while it has not
+        finished, or ticks wait already, each tick is put to wait (``geste_schedule_waiting``, at most
+        ``queue_limit``: the others are skipped), and at most one is created (it becomes the last run);
+        ``"alongside"``, each is created."""
+
+    @abc.abstractmethod
+    async def schedules_waiting(self, *, limit: int) -> list[WaitingTick]:
+        """The unpaused schedules with ticks waiting (``geste_schedules_waiting``), those whose last run has
+        ended first, then by name; at most ``limit``."""
+
+    @abc.abstractmethod
+    async def schedule_release(self, name: str, *, tick: float, start: NewInstance, now: float) -> bool:
+        """One transaction, under the schedule's row lock: if the schedule is not paused, its last run has
+        ended and ``tick`` waits, take the tick off the waiting ones and create ``start`` (its instance),
+        which becomes the schedule's last. False: nothing written (another worker released it, or the
+        last run is unfinished again)."""
 
     @abc.abstractmethod
     async def get_schedule(self, name: str) -> ScheduleRow | None: ...
@@ -1140,7 +1181,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def schedule_delete(self, name: str) -> bool:
-        """Delete the schedule (its instances stay); False: there was none of that name."""
+        """Delete the schedule and its waiting ticks (its instances stay); False: there was none of that
+        name."""
 
     # -- the web viewer ----------------------------------------------------------------------------
     @abc.abstractmethod

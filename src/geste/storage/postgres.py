@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._matching import event_keys, wait_key
 from .._models import Status
+from .._schedules import QUEUE_LIMIT
 from .._status import QueueStats
 from .._steps import event_history_payload
 from ..errors import ConfigurationError, StorageError, StorageTimeout
@@ -1698,6 +1699,8 @@ class PostgresStorage(base.Storage):
                 row.pass_tick,
                 row.next_tick,
                 now,
+                row.queue,
+                row.priority,
             )
 
         await self._run(go)
@@ -1722,38 +1725,91 @@ class PostgresStorage(base.Storage):
         expected: float,
         next_tick: float,
         starts: Sequence[base.ScheduleStart],
-        skip_if_running: bool,
+        overlap: str,
         now: float,
-    ) -> list[str] | None:
-        async def go(conn: Conn) -> list[str] | None:
+        queue_limit: int = QUEUE_LIMIT,
+    ) -> base.Fired | None:
+        async def go(conn: Conn) -> base.Fired | None:
             moved = await conn.fetchrow(self._q["schedule_advance"], name, next_tick, expected, now)
             if moved is None:
                 return None
-            last = moved["last_instance_id"]
-            if skip_if_running and last is not None:
-                previous = await conn.fetchrow(self._q["get_instance"], last)
-                if previous is not None and not Status.stored(previous["status"]).is_finished:
-                    return []
-            created = []
+            last, waiting = moved["last_instance_id"], moved["waiting"]
+            busy = False
+            if overlap != "alongside" and last is not None and not (overlap == "queue" and waiting):
+                busy = await conn.fetchval(self._q["schedule_last_unfinished"], last) is not None
+            if busy and overlap == "skip":
+                return base.Fired([])
+            created: list[str] = []
+            wait: list[float] = []
             for start in starts:
-                new = start.instance
-                row = await conn.fetchrow(
-                    self._q["insert_instance"],
-                    new.instance_id,
-                    new.workflow_name,
-                    str(Status.PENDING),
-                    new.input,
-                    new.now,
-                    None,
-                    None,
-                    None,
-                    self.notify,
-                    new.deadline,
-                )
-                if row is not None and row["created"]:
-                    created.append(new.instance_id)
-                await conn.execute(self._q["schedule_started"], name, start.tick, new.instance_id)
-            return created
+                if overlap == "queue" and (busy or waiting):
+                    if waiting + len(wait) < queue_limit:
+                        wait.append(start.tick)
+                    continue
+                if await self._insert_scheduled(conn, start.instance):
+                    created.append(start.instance.instance_id)
+                await conn.execute(self._q["schedule_started"], name, start.tick, start.instance.instance_id)
+                busy = True
+            if wait:
+                await conn.fetchval(self._q["schedule_wait"], name, wait)
+            return base.Fired(created, wait)
+
+        return await self._tx(go)
+
+    async def _insert_scheduled(self, conn: Conn, new: base.NewInstance) -> bool:
+        """Insert a tick's instance, runnable or queued onto the schedule's queue; False: its id exists."""
+        if new.queue is not None:
+            inserted = await conn.fetchrow(
+                self._q["insert_queued"],
+                new.instance_id,
+                new.workflow_name,
+                new.input,
+                new.now,
+                new.deadline,
+                new.queue,
+                new.priority,
+                None,
+                self.notify,
+            )
+            return inserted is not None
+        row = await conn.fetchrow(
+            self._q["insert_instance"],
+            new.instance_id,
+            new.workflow_name,
+            str(Status.PENDING),
+            new.input,
+            new.now,
+            None,
+            None,
+            None,
+            self.notify,
+            new.deadline,
+        )
+        return row is not None and bool(row["created"])
+
+    async def schedules_waiting(self, *, limit: int) -> list[base.WaitingTick]:
+        async def go(conn: Conn) -> list[base.WaitingTick]:
+            found = await conn.fetch(self._q["schedules_waiting"], limit)
+            return [
+                base.WaitingTick(rows.schedule_row(r), float(r["first_tick"]), bool(r["ready"]))
+                for r in found
+                if r["first_tick"] is not None
+            ]
+
+        return await self._read(go)
+
+    async def schedule_release(self, name: str, *, tick: float, start: base.NewInstance, now: float) -> bool:
+        async def go(conn: Conn) -> bool:
+            locked = await conn.fetchrow(self._q["schedule_lock"], name)
+            if locked is None or locked["paused"]:
+                return False
+            last = locked["last_instance_id"]
+            if last is not None and await conn.fetchval(self._q["schedule_last_unfinished"], last):
+                return False
+            if await conn.fetchval(self._q["schedule_unwait"], name, tick, start.instance_id, now) is None:
+                return False
+            await self._insert_scheduled(conn, start)
+            return True
 
         return await self._tx(go)
 

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, quote
 
 from .._matching import event_keys, wait_key
 from .._models import Status
+from .._schedules import QUEUE_LIMIT
 from .._status import QueueStats
 from ..errors import ConfigurationError, NotAGesteDatabaseError, StorageError
 from . import _decisions as decide
@@ -1316,6 +1317,8 @@ class SQLiteStorage(base.Storage):
             "pass_tick": int(row.pass_tick),
             "next_tick": row.next_tick,
             "now": now,
+            "queue": row.queue,
+            "priority": row.priority,
         }
         await self._write(lambda conn: conn.execute(Q["schedule_upsert"], params))
 
@@ -1336,44 +1339,74 @@ class SQLiteStorage(base.Storage):
         expected: float,
         next_tick: float,
         starts: Sequence[base.ScheduleStart],
-        skip_if_running: bool,
+        overlap: str,
         now: float,
-    ) -> list[str] | None:
+        queue_limit: int = QUEUE_LIMIT,
+    ) -> base.Fired | None:
         advance = {"name": name, "expected": expected, "next_tick": next_tick, "now": now}
 
-        def tx(conn: sqlite3.Connection) -> list[str] | None:
+        def tx(conn: sqlite3.Connection) -> base.Fired | None:
             moved = conn.execute(Q["schedule_advance"], advance).fetchone()
             if moved is None:
                 return None
-            last = moved["last_instance_id"]
-            if skip_if_running and last is not None:
-                previous = conn.execute(Q["get_instance"], (last,)).fetchone()
-                if previous is not None and not Status.stored(previous["status"]).is_finished:
-                    return []
-            created = []
+            last, waiting = moved["last_instance_id"], moved["waiting"]
+            busy = False
+            if overlap != "alongside" and last is not None and not (overlap == "queue" and waiting):
+                busy = _unfinished(conn, last)
+            if busy and overlap == "skip":
+                return base.Fired([])
+            created: list[str] = []
+            wait: list[float] = []
             for start in starts:
-                new = start.instance
-                params = {
-                    "instance_id": new.instance_id,
-                    "workflow_name": new.workflow_name,
-                    "status": str(Status.PENDING),
-                    "input": new.input,
-                    "now": new.now,
-                    "locked_by": None,
-                    "lease_id": None,
-                    "lock_expires_at": None,
-                    "deadline": new.deadline,
-                }
-                if conn.execute(Q["insert_instance"], params).rowcount == 1:
-                    created.append(new.instance_id)
-                started = {"name": name, "tick": start.tick, "instance_id": new.instance_id}
+                if overlap == "queue" and (busy or waiting):
+                    if waiting + len(wait) < queue_limit:
+                        wait.append(start.tick)
+                    continue
+                if _insert_scheduled(conn, start.instance):
+                    created.append(start.instance.instance_id)
+                started = {"name": name, "tick": start.tick, "instance_id": start.instance.instance_id}
                 conn.execute(Q["schedule_started"], started)
-            return created
+                busy = True
+            added = sum(conn.execute(Q["schedule_wait"], {"name": name, "tick": t}).rowcount for t in wait)
+            if added:
+                conn.execute(Q["schedule_waiting_add"], {"name": name, "added": added})
+            return base.Fired(created, wait)
 
-        created = await self._write(tx)
-        if created:
+        fired = await self._write(tx)
+        if fired is not None and fired.created:
             self._made_runnable()
-        return created
+        return fired
+
+    async def schedules_waiting(self, *, limit: int) -> list[base.WaitingTick]:
+        found = await self._call(
+            lambda conn: conn.execute(Q["schedules_waiting"], {"limit": limit}).fetchall()
+        )
+        return [
+            base.WaitingTick(rows.schedule_row(r), float(r["first_tick"]), bool(r["ready"]))
+            for r in found
+            if r["first_tick"] is not None
+        ]
+
+    async def schedule_release(self, name: str, *, tick: float, start: base.NewInstance, now: float) -> bool:
+        params = {"name": name, "tick": tick, "instance_id": start.instance_id, "now": now}
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            locked = conn.execute(Q["schedule_lock"], params).fetchone()
+            if locked is None or locked["paused"]:
+                return False
+            last = locked["last_instance_id"]
+            if last is not None and _unfinished(conn, last):
+                return False
+            if conn.execute(Q["schedule_unwait_tick"], params).rowcount == 0:
+                return False
+            conn.execute(Q["schedule_unwait"], params)
+            _insert_scheduled(conn, start)
+            return True
+
+        released = await self._write(tx)
+        if released:
+            self._made_runnable()
+        return released
 
     async def get_schedule(self, name: str) -> base.ScheduleRow | None:
         row = await self._call(lambda conn: conn.execute(Q["get_schedule"], {"name": name}).fetchone())
@@ -1393,7 +1426,12 @@ class SQLiteStorage(base.Storage):
 
     async def schedule_delete(self, name: str) -> bool:
         params = {"name": name}
-        return bool(await self._write(lambda conn: conn.execute(Q["schedule_delete"], params).rowcount))
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            conn.execute(Q["schedule_delete_waiting"], params)
+            return bool(conn.execute(Q["schedule_delete"], params).rowcount)
+
+        return await self._write(tx)
 
     # -- the web viewer ----------------------------------------------------------------------------
     async def page_instances(
@@ -1506,3 +1544,27 @@ def read_histories(url: str, workflow: str | None, limit: int) -> list[StoredHis
         raise StorageError(f"cannot read SQLite database {path}: {exc}") from exc
     finally:
         conn.close()
+
+
+def _unfinished(conn: sqlite3.Connection, instance_id: str) -> bool:
+    """Whether a schedule's last instance has not ended (overlap skip and queue)."""
+    return conn.execute(Q["schedule_last_unfinished"], {"instance_id": instance_id}).fetchone() is not None
+
+
+def _insert_scheduled(conn: sqlite3.Connection, new: base.NewInstance) -> bool:
+    """Insert a tick's instance, runnable or queued onto the schedule's queue; False: its id exists."""
+    params = {
+        "instance_id": new.instance_id,
+        "workflow_name": new.workflow_name,
+        "status": str(Status.PENDING),
+        "input": new.input,
+        "now": new.now,
+        "locked_by": None,
+        "lease_id": None,
+        "lock_expires_at": None,
+        "deadline": new.deadline,
+        "queue": new.queue,
+        "priority": new.priority,
+        "dedup_id": None,
+    }
+    return bool(conn.execute(Q["insert_queued" if new.queue else "insert_instance"], params).rowcount == 1)

@@ -1987,11 +1987,13 @@ LIMIT $2;
 -- while it ticks at the same moments (a restart does not lose the ticks it missed), recomputed otherwise.
 -- A paused schedule stays paused.
 INSERT INTO {schema}.geste_schedules AS s
-    (name, workflow_name, cron, timezone, missed, overlap, pass_tick, next_tick, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+    (name, workflow_name, cron, timezone, missed, overlap, pass_tick, next_tick, created_at, updated_at,
+     queue, priority)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11)
 ON CONFLICT (name) DO UPDATE
 SET workflow_name = excluded.workflow_name, missed = excluded.missed, overlap = excluded.overlap,
-    pass_tick = excluded.pass_tick, updated_at = excluded.updated_at,
+    pass_tick = excluded.pass_tick, updated_at = excluded.updated_at, queue = excluded.queue,
+    priority = excluded.priority,
     next_tick = CASE WHEN s.cron = excluded.cron AND s.timezone = excluded.timezone
                      THEN s.next_tick ELSE excluded.next_tick END,
     cron = excluded.cron, timezone = excluded.timezone;
@@ -1999,7 +2001,7 @@ SET workflow_name = excluded.workflow_name, missed = excluded.missed, overlap = 
 -- name: schedules_due
 -- Through geste_schedules_due: the due schedules, earliest first, at most $2.
 SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
-       last_instance_id
+       last_instance_id, queue, priority, waiting
 FROM {schema}.geste_schedules WHERE NOT paused AND next_tick <= $1
 ORDER BY next_tick LIMIT $2;
 
@@ -2012,19 +2014,68 @@ SELECT min(next_tick) AS next_tick FROM {schema}.geste_schedules WHERE NOT pause
 -- the row, then finds it moved (READ COMMITTED reads the row again) and updates nothing.
 UPDATE {schema}.geste_schedules SET next_tick = $2, updated_at = $4
 WHERE name = $1 AND next_tick = $3 AND NOT paused
-RETURNING last_instance_id;
+RETURNING last_instance_id, waiting;
 
 -- name: schedule_started
 UPDATE {schema}.geste_schedules SET last_tick = $2, last_instance_id = $3 WHERE name = $1;
 
+-- name: schedule_last_unfinished
+-- Whether the schedule's last instance has not ended (overlap skip and queue): one primary-key probe.
+SELECT 1 FROM {schema}.geste_instances
+WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- name: schedule_wait
+-- overlap = 'queue' (schema 24): ticks put to wait for the last run to end, in the round's transaction
+-- (after schedule_advance: the schedule's row is locked), and counted in the row.
+WITH added AS (
+    INSERT INTO {schema}.geste_schedule_waiting (name, tick)
+    SELECT $1, tick FROM unnest($2::double precision[]) AS t (tick)
+    ON CONFLICT DO NOTHING
+    RETURNING tick
+)
+UPDATE {schema}.geste_schedules SET waiting = waiting + (SELECT count(*) FROM added)
+WHERE name = $1
+RETURNING waiting;
+
+-- name: schedules_waiting
+-- Through geste_schedules_waiting: the unpaused schedules with ticks waiting, each with its oldest tick
+-- (the primary key's first entry for the name) and whether its last run has ended (a probe by id); those
+-- ended first. Reads every schedule with ticks waiting (the ORDER BY needs the probe of each).
+SELECT s.name, s.workflow_name, s.cron, s.timezone, s.missed, s.overlap, s.pass_tick, s.paused,
+       s.next_tick, s.last_tick, s.last_instance_id, s.queue, s.priority, s.waiting,
+       (SELECT min(w.tick) FROM {schema}.geste_schedule_waiting AS w WHERE w.name = s.name) AS first_tick,
+       NOT EXISTS (SELECT 1 FROM {schema}.geste_instances AS i
+                   WHERE i.instance_id = s.last_instance_id
+                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS ready
+FROM {schema}.geste_schedules AS s
+WHERE s.waiting > 0 AND NOT s.paused
+ORDER BY ready DESC, s.name
+LIMIT $1;
+
+-- name: schedule_lock
+-- A release's first statement: the schedule's row locked (the release of the same tick by another worker,
+-- and a round's schedule_advance, wait for this transaction), then read.
+SELECT paused, last_instance_id FROM {schema}.geste_schedules WHERE name = $1 FOR UPDATE;
+
+-- name: schedule_unwait
+-- A release (schema 24): the tick taken off the waiting ones; the row counts one less, and the tick's
+-- instance is its last. No row: the tick was released already.
+WITH taken AS (
+    DELETE FROM {schema}.geste_schedule_waiting WHERE name = $1 AND tick = $2 RETURNING tick
+)
+UPDATE {schema}.geste_schedules
+SET waiting = waiting - 1, last_tick = $2, last_instance_id = $3, updated_at = $4
+WHERE name = $1 AND EXISTS (SELECT 1 FROM taken)
+RETURNING waiting;
+
 -- name: get_schedule
 SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
-       last_instance_id
+       last_instance_id, queue, priority, waiting
 FROM {schema}.geste_schedules WHERE name = $1;
 
 -- name: list_schedules
 SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
-       last_instance_id
+       last_instance_id, queue, priority, waiting
 FROM {schema}.geste_schedules ORDER BY name LIMIT $1;
 
 -- name: schedule_pause
@@ -2035,6 +2086,8 @@ UPDATE {schema}.geste_schedules SET paused = true, updated_at = $2 WHERE name = 
 UPDATE {schema}.geste_schedules SET paused = false, next_tick = $2, updated_at = $3 WHERE name = $1;
 
 -- name: schedule_delete
+-- The schedule and its waiting ticks (schema 24); its instances stay.
+WITH waiting AS (DELETE FROM {schema}.geste_schedule_waiting WHERE name = $1)
 DELETE FROM {schema}.geste_schedules WHERE name = $1;
 
 -- name: queue_upsert

@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 22), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 24), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -306,17 +306,30 @@ CREATE TABLE geste_schedules (
     cron             text NOT NULL,              -- a cron expression (5 fields, or 6 with seconds first)
     timezone         text NOT NULL,              -- the IANA time zone the expression is read in
     missed           text NOT NULL,              -- latest, skip, all: ticks that passed while no worker ran
-    overlap          text NOT NULL,              -- skip, alongside: a tick while the previous run is unfinished
+    overlap          text NOT NULL,              -- skip, alongside, queue (24): a tick while the last run is unfinished
     pass_tick        boolean NOT NULL DEFAULT false,  -- the workflow takes the tick as its argument
     paused           boolean NOT NULL DEFAULT false,
     next_tick        double precision NOT NULL,  -- the next tick to start (Unix seconds)
     last_tick        double precision,           -- the last tick started
     last_instance_id text,                       -- the instance it started
     created_at       double precision NOT NULL,
-    updated_at       double precision NOT NULL
+    updated_at       double precision NOT NULL,
+    queue            text,                       -- (24) the queue each tick's instance is started onto
+    priority         integer NOT NULL DEFAULT 0, -- (24) its place in that queue's line
+    waiting          integer NOT NULL DEFAULT 0  -- (24) its ticks in geste_schedule_waiting
 );
 -- the schedule loop: the due schedules, in next_tick order; paused ones cost it nothing
 CREATE INDEX geste_schedules_due ON geste_schedules (next_tick) WHERE NOT paused;
+-- the schedule loop's release scan: the schedules with ticks waiting (24)
+CREATE INDEX geste_schedules_waiting ON geste_schedules (name) WHERE waiting > 0 AND NOT paused;
+
+-- The ticks of a schedule with overlap = 'queue' that wait for its last run to end, oldest first (24); the
+-- release that creates a tick's instance deletes its row in the same transaction.
+CREATE TABLE geste_schedule_waiting (
+    name text NOT NULL,
+    tick double precision NOT NULL,
+    PRIMARY KEY (name, tick)
+);
 
 -- The names of a claim's workflows as a set the planner counts as one row (9): with it the generic plan
 -- of claim_names costs what its custom plans do and is kept (unnest is counted as ten rows).

@@ -1125,11 +1125,14 @@ WHERE instance_id IN (SELECT value FROM json_each(:children)) AND parent_id = :i
 -- while it ticks at the same moments (a restart does not lose the ticks it missed), recomputed otherwise.
 -- A paused schedule stays paused.
 INSERT INTO geste_schedules
-    (name, workflow_name, cron, timezone, missed, overlap, pass_tick, next_tick, created_at, updated_at)
-VALUES (:name, :workflow_name, :cron, :timezone, :missed, :overlap, :pass_tick, :next_tick, :now, :now)
+    (name, workflow_name, cron, timezone, missed, overlap, pass_tick, next_tick, created_at, updated_at,
+     queue, priority)
+VALUES (:name, :workflow_name, :cron, :timezone, :missed, :overlap, :pass_tick, :next_tick, :now, :now,
+        :queue, :priority)
 ON CONFLICT (name) DO UPDATE
 SET workflow_name = excluded.workflow_name, missed = excluded.missed, overlap = excluded.overlap,
-    pass_tick = excluded.pass_tick, updated_at = excluded.updated_at,
+    pass_tick = excluded.pass_tick, updated_at = excluded.updated_at, queue = excluded.queue,
+    priority = excluded.priority,
     next_tick = CASE WHEN geste_schedules.cron = excluded.cron AND geste_schedules.timezone = excluded.timezone
                      THEN geste_schedules.next_tick ELSE excluded.next_tick END,
     cron = excluded.cron, timezone = excluded.timezone;
@@ -1137,7 +1140,7 @@ SET workflow_name = excluded.workflow_name, missed = excluded.missed, overlap = 
 -- name: schedules_due
 -- Through geste_schedules_due: the due schedules, earliest first, at most :limit.
 SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
-       last_instance_id
+       last_instance_id, queue, priority, waiting
 FROM geste_schedules WHERE paused = 0 AND next_tick <= :now
 ORDER BY next_tick LIMIT :limit;
 
@@ -1149,19 +1152,57 @@ SELECT min(next_tick) AS next_tick FROM geste_schedules WHERE paused = 0;
 -- The round's claim on a tick: moves next_tick from the value it read; no row: another worker did first.
 UPDATE geste_schedules SET next_tick = :next_tick, updated_at = :now
 WHERE name = :name AND next_tick = :expected AND paused = 0
-RETURNING last_instance_id;
+RETURNING last_instance_id, waiting;
 
 -- name: schedule_started
 UPDATE geste_schedules SET last_tick = :tick, last_instance_id = :instance_id WHERE name = :name;
 
+-- name: schedule_last_unfinished
+-- Whether the schedule's last instance has not ended (overlap skip and queue): one primary-key probe.
+SELECT 1 FROM geste_instances
+WHERE instance_id = :instance_id AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- name: schedule_wait
+-- overlap = 'queue' (schema 24): a tick put to wait for the last run to end, in the round's transaction.
+INSERT INTO geste_schedule_waiting (name, tick) VALUES (:name, :tick) ON CONFLICT DO NOTHING;
+
+-- name: schedule_waiting_add
+UPDATE geste_schedules SET waiting = waiting + :added WHERE name = :name;
+
+-- name: schedules_waiting
+-- Through geste_schedules_waiting: the unpaused schedules with ticks waiting, each with its oldest tick
+-- and whether its last run has ended; those ended first.
+SELECT s.name, s.workflow_name, s.cron, s.timezone, s.missed, s.overlap, s.pass_tick, s.paused,
+       s.next_tick, s.last_tick, s.last_instance_id, s.queue, s.priority, s.waiting,
+       (SELECT min(w.tick) FROM geste_schedule_waiting AS w WHERE w.name = s.name) AS first_tick,
+       NOT EXISTS (SELECT 1 FROM geste_instances AS i
+                   WHERE i.instance_id = s.last_instance_id
+                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS ready
+FROM geste_schedules AS s
+WHERE s.waiting > 0 AND s.paused = 0
+ORDER BY ready DESC, s.name
+LIMIT :limit;
+
+-- name: schedule_lock
+SELECT paused, last_instance_id FROM geste_schedules WHERE name = :name;
+
+-- name: schedule_unwait_tick
+-- A release (schema 24): the tick taken off the waiting ones (no row deleted: released already).
+DELETE FROM geste_schedule_waiting WHERE name = :name AND tick = :tick;
+
+-- name: schedule_unwait
+UPDATE geste_schedules
+SET waiting = waiting - 1, last_tick = :tick, last_instance_id = :instance_id, updated_at = :now
+WHERE name = :name;
+
 -- name: get_schedule
 SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
-       last_instance_id
+       last_instance_id, queue, priority, waiting
 FROM geste_schedules WHERE name = :name;
 
 -- name: list_schedules
 SELECT name, workflow_name, cron, timezone, missed, overlap, pass_tick, paused, next_tick, last_tick,
-       last_instance_id
+       last_instance_id, queue, priority, waiting
 FROM geste_schedules ORDER BY name LIMIT :limit;
 
 -- name: schedule_pause
@@ -1170,6 +1211,10 @@ UPDATE geste_schedules SET paused = 1, updated_at = :now WHERE name = :name;
 -- name: schedule_resume
 -- Resumed: its next tick is the first to come (the ticks that passed while paused are not started).
 UPDATE geste_schedules SET paused = 0, next_tick = :next_tick, updated_at = :now WHERE name = :name;
+
+-- name: schedule_delete_waiting
+-- Its waiting ticks (schema 24), in the transaction that deletes the schedule.
+DELETE FROM geste_schedule_waiting WHERE name = :name;
 
 -- name: schedule_delete
 DELETE FROM geste_schedules WHERE name = :name;

@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 22), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 24), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -287,17 +287,30 @@ CREATE TABLE geste_schedules (
     cron             TEXT NOT NULL,     -- a cron expression (5 fields, or 6 with seconds first), cronsim's
     timezone         TEXT NOT NULL,     -- the IANA time zone the expression is read in
     missed           TEXT NOT NULL,     -- latest, skip, all: the ticks that passed while no worker ran
-    overlap          TEXT NOT NULL,     -- skip, alongside: a tick while the previous run is unfinished
+    overlap          TEXT NOT NULL,     -- skip, alongside, queue (24): a tick while the last run is unfinished
     pass_tick        INTEGER NOT NULL DEFAULT 0,   -- the workflow takes the tick as its argument
     paused           INTEGER NOT NULL DEFAULT 0,
     next_tick        REAL NOT NULL,     -- the next tick to start (Unix seconds)
     last_tick        REAL,              -- the last tick started
     last_instance_id TEXT,              -- the instance it started
     created_at       REAL NOT NULL,
-    updated_at       REAL NOT NULL
+    updated_at       REAL NOT NULL,
+    queue            TEXT,              -- (24) the queue each tick's instance is started onto
+    priority         INTEGER NOT NULL DEFAULT 0,   -- (24) its place in that queue's line
+    waiting          INTEGER NOT NULL DEFAULT 0    -- (24) its ticks in geste_schedule_waiting
 );
 -- the schedule loop: the due schedules, in next_tick order; paused ones cost it nothing
 CREATE INDEX geste_schedules_due ON geste_schedules (next_tick) WHERE paused = 0;
+-- the schedule loop's release scan: the schedules with ticks waiting (24)
+CREATE INDEX geste_schedules_waiting ON geste_schedules (name) WHERE waiting > 0 AND paused = 0;
+
+-- The ticks of a schedule with overlap = 'queue' that wait for its last run to end, oldest first (24); the
+-- release that creates a tick's instance deletes its row in the same transaction.
+CREATE TABLE geste_schedule_waiting (
+    name TEXT NOT NULL,
+    tick REAL NOT NULL,
+    PRIMARY KEY (name, tick)
+);
 
 -- Queues (20; docs/design.md "Queues"): each declared queue's limits. An instance started onto a queue
 -- waits, queued (queued_at set, run_at NULL: outside both claim indexes), until a claim admits it.
