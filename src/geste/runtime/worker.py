@@ -379,8 +379,9 @@ class Worker(Loop):
                 del self._running[instance_id]
             if instance_id not in self._running:  # (a claim of it since runs it here again)
                 self._names.pop(instance_id, None)
-                if self._admitted.pop(instance_id, None) is not None:
-                    self.wakeups.poke(BACKLOG)  # a queue's slot (here, at least) is free: claim it
+                queue = self._admitted.pop(instance_id, None)
+                if queue is not None:  # a queue's slot (here, at least) is free: claim the queue
+                    self._slot_freed(queue)
             if self._backlog:
                 self.wakeups.poke(BACKLOG)
 
@@ -449,9 +450,8 @@ class Worker(Loop):
         self._count(claims, cause)
         self._spawn_all(claims, {}, cause)
         self._db_next = claims.next_run_at
-        if self.queues and await self._claim_queues(cause):
-            self._backlog = True
-            self.wakeups.poke(BACKLOG)  # a whole round again (a routed round claims no queue)
+        if self.queues:
+            self._more_queued(await self._claim_queues(cause))
         if self.stopping:
             return 0.0
         if len(claims) == batch:
@@ -472,15 +472,39 @@ class Worker(Loop):
             self._sleep_cause = TIMER  # the next instance due, known from the database
         return max(0.0, min(interval, until))
 
-    async def _claim_queues(self, cause: str) -> bool:
-        """One claim of each queue this worker serves, within its free slots and each queue's per-worker
-        limit (the global limit is the database's: ``Storage.queue_claim``). True when a claim took all
-        it asked for: more may wait (a backlog)."""
-        more = False
+    def _slot_freed(self, queue: str) -> None:
+        """A run this worker admitted from ``queue`` ended here: a claim of the queue is due (routing: of
+        that queue alone; else a whole round, which claims every queue)."""
+        if self.wakeups.routing:
+            self.wakeups.route_queue(queue, BACKLOG)
+        else:
+            self.wakeups.poke(BACKLOG)
+
+    def _more_queued(self, more: Collection[str]) -> None:
+        """The claims of these queues took all they asked for: more may wait (a backlog), claim them again
+        (routing: those queues alone; else a whole round)."""
+        if not more:
+            return
+        if self.wakeups.routing:
+            for name in more:
+                self.wakeups.route_queue(name, BACKLOG)
+        else:
+            self._backlog = True
+            self.wakeups.poke(BACKLOG)
+
+    async def _claim_queues(self, cause: str, names: Collection[str] | None = None) -> list[str]:
+        """One claim of each queue this worker serves (of ``names`` only, if given), within its free slots
+        and each queue's per-worker limit (the global limit is the database's: ``Storage.queue_claim``).
+        Returns the queues whose claim took all it asked for: more may wait (a backlog). A queue this
+        round leaves unclaimed, for want of a free slot, stays routed here (``Wakeups.queued``)."""
+        more: list[str] = []
         for name, per_worker in self.queues.items():
+            if names is not None and name not in names:
+                continue
             if self._free() <= 0:
                 self._backlog = True  # a finishing run pokes
                 break
+            self.wakeups.queued.pop(name, None)  # claimed now: whatever asked for it is served
             room = min(self._free(), self.max_workflows_per_batch)
             if per_worker is not None:  # a run of the queue ending here pokes
                 room = min(room, per_worker - sum(1 for q in self._admitted.values() if q == name))
@@ -492,7 +516,7 @@ class Worker(Loop):
             )
             if self.stopping:
                 await self._hand_back(claims)
-                return False
+                return []
             for claim in claims:
                 self._admitted[claim.lease.instance_id] = name
             moment = claims.next_run_at  # its rate's window is full: when it has room again
@@ -501,7 +525,8 @@ class Worker(Loop):
                 self.wakeups.wake_at(moment + self.wakeups.lookahead)
             self._count(claims, cause)
             self._spawn_all(claims, {}, cause)
-            more = more or (len(claims) == room and moment is None)
+            if len(claims) == room and moment is None:
+                more.append(name)
         return more
 
     # -- routed rounds -----------------------------------------------------------------------------
@@ -519,8 +544,17 @@ class Worker(Loop):
             or (db_due and router is not None and router.sole())
         ):
             return await self._claim_round(cause)
+        if wakeups.queued:  # starts onto a queue routed here, a backlog, a slot freed: claim those queues
+            if self._free() <= 0:
+                self._backlog = True  # a finishing run pokes a whole round, which claims them
+            else:
+                queued = dict(wakeups.queued)
+                more = await self._claim_queues(next(iter(queued.values())), queued)
+                if self.stopping:
+                    return 0.0
+                self._more_queued(more)
         if not wakeups.routed:
-            return self._routed_sleep()  # a timer was set or watched: sleep again, claiming nothing
+            return 0.0 if wakeups.queued and self._free() > 0 else self._routed_sleep()
         free = self._free()
         if free <= 0:
             self._backlog = True  # a finishing run pokes: a whole claim takes what waits then
@@ -547,7 +581,7 @@ class Worker(Loop):
         self._spawn_all(claims, taken, TIMER)
         for instance_id, run_at in claims.later.items():  # not due yet by this clock: when it is
             wakeups.wake_at(run_at, instance_id, taken[instance_id].workflow)
-        return 0.0 if wakeups.routed else self._routed_sleep()
+        return 0.0 if wakeups.routed or wakeups.queued else self._routed_sleep()
 
     def _routed_sleep(self) -> float:
         """How long a routing worker may sleep: until the poll net, its earliest local timer, or the
@@ -650,6 +684,7 @@ class Worker(Loop):
             workflows=json.dumps(sorted(self.runner.workflows)),
             health=self.health,
             relay=self.relay,
+            queues=json.dumps(sorted(self.queues)),
         )
         router = self.router
         if router is None:

@@ -245,6 +245,9 @@ class WorkerRow:
     """None while all its background loops run; else why one ended (schema version 9)."""
     relay: bool = False
     """Whether it runs an outbox relay (schema version 13: outbox notifications go to one relay)."""
+    queues: str | None = None
+    """The queues it serves, a JSON array (None in rows written before schema version 23): a start onto a
+    queue is routed to one of the live workers that serve it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1322,13 +1322,15 @@ class PostgresStorage(base.Storage):
 
     async def upsert_worker(self, worker: base.WorkerRow) -> None:
         async def go(conn: Conn) -> None:
-            await conn.execute(self._q["upsert_worker"], *self._worker_columns(worker))
+            await conn.execute(self._q["upsert_worker"], *self._worker_columns(worker), worker.queues)
 
         await self._run(go)
 
     async def heartbeat(self, worker: base.WorkerRow, *, peers_since: float) -> list[base.WorkerRow]:
         async def go(conn: Conn) -> list[base.WorkerRow]:
-            found = await conn.fetch(self._q["heartbeat"], *self._worker_columns(worker), peers_since)
+            found = await conn.fetch(
+                self._q["heartbeat"], *self._worker_columns(worker), peers_since, worker.queues
+            )
             return [rows.worker_row(r) for r in found]
 
         return await self._run(go)

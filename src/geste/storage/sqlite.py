@@ -866,6 +866,7 @@ class SQLiteStorage(base.Storage):
             "workflows": worker.workflows,
             "health": worker.health,
             "relay": int(worker.relay),
+            "queues": worker.queues,
         }
 
     async def upsert_worker(self, worker: base.WorkerRow) -> None:

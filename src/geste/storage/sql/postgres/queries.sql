@@ -1041,32 +1041,35 @@ FROM names n WHERE n.name IS NOT NULL;
 -- worker id seen again (a restart) starts afresh.
 INSERT INTO {schema}.geste_workers
     (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout,
-     workflows, health, relay)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12)
+     workflows, health, relay, queues)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12, $13)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
     listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
-    workflows = excluded.workflows, health = excluded.health, relay = excluded.relay;
+    workflows = excluded.workflows, health = excluded.health, relay = excluded.relay,
+    queues = excluded.queues;
 
 -- name: heartbeat
--- upsert_worker, and in the same statement the other workers heard from since $13 and not stopped: what
+-- upsert_worker ($14: its queues), and in the same statement the other workers heard from since $13 and not
+-- stopped: what
 -- the worker routes wake-ups over (schema 13; the routing view, docs/design.md "Wake-ups"). The SELECT
 -- reads the snapshot from before the upsert, which it does not need (it leaves this worker out). A
 -- sequential scan of a table as small as the fleet (pruned of the workers silent for a week).
 WITH beat AS (
     INSERT INTO {schema}.geste_workers
         (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-         lock_timeout, workflows, health, relay)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12)
+         lock_timeout, workflows, health, relay, queues)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12, $14)
     ON CONFLICT (worker_id) DO UPDATE SET
         host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
         heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
         listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
-        workflows = excluded.workflows, health = excluded.health, relay = excluded.relay
+        workflows = excluded.workflows, health = excluded.health, relay = excluded.relay,
+        queues = excluded.queues
 )
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay
+       lock_timeout, workflows, health, relay, queues
 FROM {schema}.geste_workers
 WHERE worker_id <> $1 AND stopped_at IS NULL AND heartbeat_at >= $13
 ORDER BY worker_id LIMIT 1000;
@@ -1080,7 +1083,7 @@ DELETE FROM {schema}.geste_workers WHERE heartbeat_at < $1;
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay
+       lock_timeout, workflows, health, relay, queues
 FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 
 -- name: count_by_status
@@ -2006,8 +2009,9 @@ SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_con
 -- A start onto a queue (schema 20): pending, queued (queued_at) and run_at NULL, so that no claim by
 -- workflow or by id can take it: only geste_queue_claim admits it. ON CONFLICT DO NOTHING without a target
 -- covers the primary key and the dedup index (one unfinished instance per queue and dedup id): nothing
--- inserted, the caller reads which of the two it met. The notification names the queue, not the
--- instance: the workers serving the queue run a claim of it (nothing else can take the instance).
+-- inserted, the caller reads which of the two it met. The notification names the queue (and the instance,
+-- which only spreads the starts over the serving workers: schema 23): one live worker serving the queue,
+-- chosen by rendezvous on the instance id, runs a claim of the queue (nothing else can take the instance).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
@@ -2018,7 +2022,8 @@ WITH inserted AS (
     RETURNING instance_id
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('queue', $6::text, 'schema', {schema_name})::text)
+                     json_build_object('queue', $6::text, 'instance_id', $1::text,
+                                       'schema', {schema_name})::text)
     FROM inserted WHERE $9
 )
 SELECT instance_id, (SELECT count(*) FROM notified) AS notified FROM inserted;

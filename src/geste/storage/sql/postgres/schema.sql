@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 20), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 23), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -183,7 +183,8 @@ CREATE TABLE geste_workers (
     lock_timeout double precision,             -- (7) its own; NULL in rows written before
     workflows    text,                         -- (9) the names it registers, a JSON array
     health       text,                         -- (9) NULL while every background loop runs, else why one ended
-    relay        boolean NOT NULL DEFAULT false -- (13) it runs an outbox relay
+    relay        boolean NOT NULL DEFAULT false, -- (13) it runs an outbox relay
+    queues       text                          -- (23) the queues it serves, a JSON array
 ) WITH (fillfactor = 50);
 
 -- Channels (3): every published message in publication order. claimed_by: the instance that took a
