@@ -57,17 +57,24 @@ import geste
 SCRIPT = os.path.abspath(__file__)
 STEP_TIMEOUT = 120.0
 GATE = "gate"
+CLAIM_US = "(claim time)"
 QUEUES = ("limited", "free")
 RAN: dict[str, float] = {}
 """In a worker process: when the code of each instance first ran here."""
+CLAIM_TIME = [0.0]
+"""In a worker process: the seconds spent in ``queue_claim`` calls (round trips included)."""
 
 
-def build_app(url: str, limit: int, **options: Any) -> geste.App:
+def build_app(url: str, limit: int, activity: bool = False, **options: Any) -> geste.App:
     app = geste.App(
         url,
         queues=[geste.Queue("limited", concurrency=limit), geste.Queue("free")],
         **options,
     )
+
+    @app.activity
+    async def step(ctx: geste.ActivityContext) -> None:
+        return None
 
     @app.workflow
     async def noop(ctx: geste.WorkflowContext, report: bool) -> None:
@@ -75,20 +82,37 @@ def build_app(url: str, limit: int, **options: Any) -> geste.App:
             RAN[ctx.instance_id] = time.time()
             if report:  # the start-to-run samples: at once (the backlog's are read at the end)
                 emit("ran", id=ctx.instance_id, at=RAN[ctx.instance_id])
+        if activity:
+            await step(ctx)
 
     return app
 
 
-def serve(url: str, worker_id: str, limit: int) -> None:
+def time_claims(app: geste.App) -> None:
+    """Add the time of each ``queue_claim`` call of this process to ``CLAIM_TIME``."""
+    real = app.storage.queue_claim
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return await real(*args, **kwargs)
+        finally:
+            CLAIM_TIME[0] += time.perf_counter() - began
+
+    app.storage.queue_claim = timed  # type: ignore[method-assign]
+
+
+def serve(url: str, worker_id: str, limit: int, activity: bool) -> None:
     count_statements()
-    app = build_app(url, limit, worker_id=worker_id)
+    app = build_app(url, limit, activity, worker_id=worker_id)
+    time_claims(app)
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, app.shutdown)
 
         def report() -> None:
-            emit("counts", statements=dict(STATEMENTS), ran=RAN)
+            emit("counts", statements=dict(STATEMENTS), ran=RAN, claim_time=CLAIM_TIME[0])
 
         loop.add_signal_handler(signal.SIGUSR1, report)
 
@@ -109,8 +133,15 @@ def serve(url: str, worker_id: str, limit: int) -> None:
 class Worker:
     """A worker process of this script."""
 
-    def __init__(self, url: str, worker_id: str, limit: int, ran: dict[str, float], changed: asyncio.Event):
-        self.url, self.worker_id, self.limit = url, worker_id, limit
+    def __init__(
+        self,
+        url: str,
+        worker_id: str,
+        args: argparse.Namespace,
+        ran: dict[str, float],
+        changed: asyncio.Event,
+    ):
+        self.url, self.worker_id, self.limit, self.activity = url, worker_id, args.limit, args.activity
         self.ran, self.changed = ran, changed
         self.ready = asyncio.Event()
         self.counts: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -125,6 +156,7 @@ class Worker:
             self.worker_id,
             "--limit",
             str(self.limit),
+            *(["--activity"] if self.activity else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=64 * 1024 * 1024,
@@ -162,11 +194,14 @@ class Worker:
 
 
 async def _snapshot(procs: list[Worker]) -> tuple[Counter[str], dict[str, float]]:
+    """Every worker's counts: statements (and, under ``(claim time)``, the microseconds spent in
+    ``queue_claim``), and when each instance's code ran."""
     statements: Counter[str] = Counter()
     ran: dict[str, float] = {}
     for proc in procs:
         found = await proc.snapshot()
         statements += Counter(found["statements"])
+        statements[CLAIM_US] += int(found["claim_time"] * 1e6)
         for iid, at in found["ran"].items():
             ran[iid] = min(at, ran.get(iid, at))
     return statements, ran
@@ -194,10 +229,12 @@ async def _one(args: argparse.Namespace) -> dict[str, Any]:
     await _admin(f'CREATE DATABASE "{name}"', SERVER)
     ran: dict[str, float] = {}
     changed = asyncio.Event()
-    procs = [Worker(url, f"queues-{n}", args.limit, ran, changed) for n in range(args.workers)]
+    procs = [Worker(url, f"queues-{n}", args, ran, changed) for n in range(args.workers)]
     found: dict[str, Any] = {}
     try:
-        async with build_app(url, args.limit, run_worker=False) as client:  # migrates, declares the queues
+        async with build_app(
+            url, args.limit, args.activity, run_worker=False
+        ) as client:  # migrates, declares the queues
             for proc in procs:
                 await proc.start()
             async with asyncio.timeout(STEP_TIMEOUT):
@@ -226,6 +263,7 @@ async def _one(args: argparse.Namespace) -> dict[str, Any]:
                 spent = max(fresh) - released
                 stmts = after - before
                 claims = stmts["queue_claim"]
+                claim_us = stmts.pop(CLAIM_US, 0)
                 stmts.pop(TRANSACTIONS, 0)
                 backlog = {
                     "admitted": len(fresh),
@@ -233,6 +271,7 @@ async def _one(args: argparse.Namespace) -> dict[str, Any]:
                     "admissions_per_s": len(fresh) / spent,
                     "queue_claims_per_s": claims / spent,
                     "admitted_per_claim": len(fresh) / claims if claims else 0.0,
+                    "claim_ms": claim_us / 1000 / claims if claims else 0.0,
                     "statements_per_admission": stmts.total() / len(fresh),
                     "statements": dict(stmts),
                 }
@@ -253,6 +292,7 @@ async def _one(args: argparse.Namespace) -> dict[str, Any]:
                 after, _ = await _snapshot(procs)
                 stmts = after - before
                 stmts.pop(TRANSACTIONS, 0)
+                stmts.pop(CLAIM_US, 0)
                 found[queue] = {
                     **backlog,
                     "p50_ms": _percentile(latencies, 50) * 1000,
@@ -273,6 +313,7 @@ FIGURES = (
     ("admissions_per_s", "admit/s", 8, ".0f"),
     ("queue_claims_per_s", "claims/s", 8, ".0f"),
     ("admitted_per_claim", "per claim", 9, ".1f"),
+    ("claim_ms", "claim ms", 8, ".2f"),
     ("statements_per_admission", "stmts/adm", 9, ".2f"),
     ("p50_ms", "p50 ms", 7, ".2f"),
     ("p90_ms", "p90 ms", 7, ".2f"),
@@ -310,7 +351,8 @@ async def bench(args: argparse.Namespace) -> None:
         f"{min(loads):.2f} to {max(loads):.2f}"
     )
     print(
-        f"{args.workers} worker processes; a backlog of {args.backlog} per queue released at once; then "
+        f"{args.workers} worker processes; a workflow of {'one activity' if args.activity else 'no step'}; "
+        f"a backlog of {args.backlog} per queue released at once; then "
         f"{args.starts} starts one at a time (capacity free). Medians of {args.runs} run(s)."
     )
     print(table(results, args.limit))
@@ -323,6 +365,7 @@ async def bench(args: argparse.Namespace) -> None:
         "backlog": args.backlog,
         "limit": args.limit,
         "starts": args.starts,
+        "activity": args.activity,
         "runs": args.runs,
         "load_average": [min(loads), max(loads)],
         "medians": medians,
@@ -344,12 +387,13 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=0.02, help="seconds between two starts")
     parser.add_argument("--settle", type=float, default=6.0, help="seconds for the workers' views to settle")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--activity", action="store_true", help="the workflow runs one (empty) activity")
     parser.add_argument("--json", help="write every run's figures to this file")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--worker-id", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.worker_id, args.limit)
+        serve(args.serve, args.worker_id, args.limit, args.activity)
         return
     asyncio.run(bench(args))
 

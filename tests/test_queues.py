@@ -410,3 +410,36 @@ async def test_a_start_routed_to_a_frozen_worker_is_admitted_by_the_poll_net(
             finally:
                 frozen.send_signal(signal.SIGCONT)
     assert [e["worker"] for e in workers.entries(event="end", instance=key)] == ["w1"]
+
+
+async def test_a_backlog_that_fills_its_worker_is_handed_on_to_another(
+    tmp_path: Path, own_database: str
+) -> None:
+    """A backlog of 4 with one notification, routed to w0, whose 2 slots it fills: w0's claim took all it
+    asked for and left it full, so it hands the queue on (one notification, avoiding itself), and w1
+    admits the other 2 after it (its poll net, every lock_timeout here, would take them later)."""
+    with Workers(tmp_path, own_database) as workers:
+        async with build_app(own_database, run_worker=False) as client:
+            for worker_id in ("w0", "w1"):
+                await workers.spawn(worker_id, queue_concurrency=0, concurrency=2, lock_timeout=3.0)
+            await views_settled(own_database, ["w0", "w1"])
+            handles = [await client.workflows["blocked"].options(queue="gate").start(n) for n in range(4)]
+            key = next(k for n in range(1000) if score(k := f"b-{n}", "w0") > score(k, "w1"))
+            payload = json.dumps({"queue": QUEUE, "instance_id": key, "schema": "public"})
+            await raw_query(
+                own_database,
+                "WITH moved AS (UPDATE geste_instances SET queue = $1 WHERE queue = 'gate' RETURNING 1) "
+                "SELECT pg_notify('geste_workflow_resumable', $2), (SELECT count(*) FROM moved)",
+                QUEUE,
+                payload,
+            )
+            started = lambda: len(workers.entries(event="start")) == 4  # noqa: E731
+            await wait_until(started, "the 4 to start on the 2 workers", timeout=15)
+            for handle in handles:
+                workers.go(handle.instance_id)
+            assert [await h.result(timeout=30) for h in handles] == list(range(4))
+    assert Counter(e["worker"] for e in workers.entries(event="start")) == {"w0": 2, "w1": 2}
+    hand_on = min(workers.entries(event="hand_on"), key=lambda e: e["t"])  # (a stop hands on its rest)
+    assert hand_on["worker"] == "w0" and hand_on["queue"] == QUEUE
+    (taken,) = [e for e in workers.entries(event="claim", worker="w1") if e["n"]]
+    assert taken["n"] == 2 and taken["t"] >= hand_on["t"]

@@ -229,14 +229,19 @@ class Router:
             return False
         return self._chosen(instance_id, None, workflow, keeper) == self.worker_id
 
-    def queue_target(self, queue: str, key: str, *, serving: bool) -> str | None:
+    def queue_target(self, queue: str, key: str, *, serving: bool, avoid: object = None) -> str | None:
         """The one worker a start onto ``queue`` goes to: the highest rendezvous score of ``key`` (the
         started instance's id: the starts spread over the serving workers) among the routable workers that
-        serve the queue, this one included when it does (``serving``). None: no routable worker serves it
-        (the poll net of whichever serves it later admits the instance)."""
+        serve the queue, this one included when it does (``serving``), less ``avoid`` (a full worker that
+        hands the queue's backlog on). None: no routable worker serves it (the poll net of whichever serves
+        it admits the instance)."""
         now = self.clock()
-        candidates = [p.worker_id for p in self.peers.values() if queue in p.queues and self.routable(p, now)]
-        if serving:
+        candidates = [
+            p.worker_id
+            for p in self.peers.values()
+            if queue in p.queues and p.worker_id != avoid and self.routable(p, now)
+        ]
+        if serving and self.worker_id != avoid:
             candidates.append(self.worker_id)
         return _highest(key, candidates) if candidates else None
 

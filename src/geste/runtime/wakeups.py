@@ -575,7 +575,9 @@ class Listener(Loop):
                 self.wakeups.poke(NOTIFY)
             return
         key = body.get("instance_id")
-        target = router.queue_target(queue, key if isinstance(key, str) else queue, serving=serving)
+        target = router.queue_target(
+            queue, key if isinstance(key, str) else queue, serving=serving, avoid=body.get("avoid")
+        )
         if serving and target == router.worker_id:
             self.wakeups.route_queue(queue, NOTIFY)
 

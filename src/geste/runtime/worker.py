@@ -255,6 +255,9 @@ class Worker(Loop):
                 await self._hand_on(list(self.wakeups.routed.items()))
             except StorageError as exc:
                 logger.warning("worker %s could not hand its wake-ups on (%s)", self.worker_id, exc)
+        if self.wakeups.queued and self.wakeups.routing:  # queues routed here and not claimed: the same
+            await self._hand_on_queues(list(self.wakeups.queued))
+            self.wakeups.queued.clear()
         running = [task for _, task in self._running.values()]
         if running:
             logger.info("worker %s draining %d running instance(s)", self.worker_id, len(running))
@@ -488,9 +491,22 @@ class Worker(Loop):
         if self.wakeups.routing:
             for name in more:
                 self.wakeups.route_queue(name, BACKLOG)
+            if self._free() <= 0:  # full: another worker serving these queues takes the rest meanwhile
+                self.track(self._hand_on_queues(list(more)), f"geste-hand-on-{self.worker_id}")
         else:
             self._backlog = True
             self.wakeups.poke(BACKLOG)
+
+    async def _hand_on_queues(self, names: list[str]) -> None:
+        """This worker is full and these queues have more waiting: one notification each, routed to
+        another live worker serving the queue (a worker claims all it can take at once, so a backlog
+        spreads over the cluster one fill-up at a time, not one notification per instance)."""
+        for name in names:
+            try:
+                if await self.storage.hand_on_queue(name, uuid.uuid4().hex, avoid=self.worker_id):
+                    self.handed_on += 1
+            except StorageError as exc:  # the others' poll nets find the backlog
+                logger.warning("worker %s could not hand queue %s on (%s)", self.worker_id, name, exc)
 
     async def _claim_queues(self, cause: str, names: Collection[str] | None = None) -> list[str]:
         """One claim of each queue this worker serves (of ``names`` only, if given), within its free slots
@@ -504,16 +520,21 @@ class Worker(Loop):
             if self._free() <= 0:
                 self._backlog = True  # a finishing run pokes
                 break
-            self.wakeups.queued.pop(name, None)  # claimed now: whatever asked for it is served
+            asked = self.wakeups.queued.pop(name, None)  # claimed now: whatever asked for it is served
             room = min(self._free(), self.max_workflows_per_batch)
             if per_worker is not None:  # a run of the queue ending here pokes
                 room = min(room, per_worker - sum(1 for q in self._admitted.values() if q == name))
             if room <= 0:
                 continue
             now = self.clock()
-            claims = await self.storage.queue_claim(
-                self.worker_id, now, now + self.lock_timeout, room, queue=name
-            )
+            try:
+                claims = await self.storage.queue_claim(
+                    self.worker_id, now, now + self.lock_timeout, room, queue=name
+                )
+            except BaseException:
+                if asked is not None:  # not served: the next round claims it (after the loop's back-off)
+                    self.wakeups.queued.setdefault(name, asked)
+                raise
             if self.stopping:
                 await self._hand_back(claims)
                 return []

@@ -743,6 +743,11 @@ class Storage(abc.ABC):
         Without LISTEN/NOTIFY nothing can be handed on: the other workers' polls find them."""
         return 0
 
+    async def hand_on_queue(self, queue: str, key: str, *, avoid: str) -> bool:
+        """Hand a queue's backlog on to another live worker serving it (this one, ``avoid``, is full): one
+        notification, routed by ``key``. False without LISTEN/NOTIFY: the other workers' polls find it."""
+        return False
+
     @abc.abstractmethod
     async def renew(
         self,

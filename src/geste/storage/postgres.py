@@ -910,6 +910,16 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
+    async def hand_on_queue(self, queue: str, key: str, *, avoid: str) -> bool:
+        if not self.notify:
+            return False
+
+        async def go(conn: Conn) -> bool:
+            await conn.execute(self._q["hand_on_queue"], queue, key, avoid)
+            return True
+
+        return await self._run(go)
+
     async def renew(
         self,
         leases: Sequence[base.Lease],

@@ -486,6 +486,15 @@ SELECT count(pg_notify('geste_workflow_resumable',
                                          'schema', {schema_name})::text)) AS notified
 FROM unnest($1::text[], $2::text[]) AS r(instance_id, workflow_name);
 
+-- name: hand_on_queue
+-- A worker whose claim of a queue took all it asked for and left it full hands the queue's backlog on,
+-- once: one geste_workflow_resumable naming the queue, a key to route by ($2: spreads the hand-ons) and
+-- this worker as the one to avoid ($3), so that the listeners route it to another live worker serving
+-- the queue (schema 23), which claims it.
+SELECT pg_notify('geste_workflow_resumable',
+                 json_build_object('queue', $1::text, 'instance_id', $2::text, 'avoid', $3::text,
+                                   'schema', {schema_name})::text);
+
 -- name: renew
 -- The heartbeat's renewal of every lease a worker holds: its rows are locked in instance_id order, as
 -- record_batch and finish_batch lock theirs, so the worker's renewal and its group commits (which touch
