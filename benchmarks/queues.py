@@ -232,9 +232,8 @@ async def _one(args: argparse.Namespace) -> dict[str, Any]:
     procs = [Worker(url, f"queues-{n}", args, ran, changed) for n in range(args.workers)]
     found: dict[str, Any] = {}
     try:
-        async with build_app(
-            url, args.limit, args.activity, run_worker=False
-        ) as client:  # migrates, declares the queues
+        # the client App migrates the database and declares the queues
+        async with build_app(url, args.limit, args.activity, run_worker=False) as client:
             for proc in procs:
                 await proc.start()
             async with asyncio.timeout(STEP_TIMEOUT):
