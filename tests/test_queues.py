@@ -443,3 +443,25 @@ async def test_a_backlog_that_fills_its_worker_is_handed_on_to_another(
     assert hand_on["worker"] == "w0" and hand_on["queue"] == QUEUE
     (taken,) = [e for e in workers.entries(event="claim", worker="w1") if e["n"]]
     assert taken["n"] == 2 and taken["t"] >= hand_on["t"]
+
+
+async def test_the_registry_lists_the_queues_a_worker_serves(make_app: Any, db_url: str) -> None:
+    """Schema 23, both backends: each worker's row lists its queues (sorted), what the listeners route a
+    queue's starts over; a worker serving none lists none."""
+    queues = [geste.Queue("mail", rate_limit=5), geste.Queue("alpha", concurrency=2)]
+    async with make_app(worker_id="served", queues=queues) as app:
+
+        @app.workflow
+        async def noop(ctx: geste.WorkflowContext) -> None:
+            return None
+
+        rows = await raw_query(db_url, "SELECT queues FROM geste_workers WHERE worker_id = $1", "served")
+        assert [json.loads(r["queues"]) for r in rows] == [["alpha", "mail"]]
+        rows = await app.storage.list_workers(10)
+        assert [json.loads(r.queues or "null") for r in rows if r.worker_id == "served"] == [
+            ["alpha", "mail"]
+        ]
+    async with make_app(worker_id="none") as plain:
+        rows = await raw_query(db_url, "SELECT queues FROM geste_workers WHERE worker_id = $1", "none")
+        assert [json.loads(r["queues"]) for r in rows] == [[]]
+        assert plain.queues == {}
