@@ -143,7 +143,8 @@ class Worker(Loop):
         self._db_next: float | None = None
         """The database's next run_at, from the last whole claim (routing: woken for only if sole)."""
         self.handed_on = 0
-        """Routed wake-ups this worker handed on to others (full, or stopping)."""
+        """Routed wake-ups (and queue backlogs, schema 23) this worker handed on to others (full, or
+        stopping)."""
         self.clock_offset: float | None = None
         """This worker's clock minus the database's, measured at start (``check_clock``)."""
         self.cancels_delivered = 0
