@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -257,3 +258,24 @@ def test_child_benchmark_smoke() -> None:
     assert all(r["p50_ms"] < r["end_to_end_p50_ms"] for r in results)  # the parent's part of the whole
     assert "round trip in the parent  over 3 samples: p50" in proc.stdout
     assert "end to end                over 3 samples: p50" in proc.stdout
+
+
+def test_queue_benchmark_smoke() -> None:
+    """benchmarks/queues.py at a tiny size: 2 worker processes, a backlog of 40 per queue, 3 starts each."""
+    sizes = ["--runs", "1", "--workers", "2", "--backlog", "40", "--starts", "3", "--settle", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "queues.py"), *sizes],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "GESTE_BENCH_POSTGRES_SERVER": SERVER},
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-3000:]
+    medians = json.loads(lines[0][len("RESULT ") :])["medians"]
+    assert set(medians) == {"limited", "free"}
+    for figures in medians.values():
+        assert figures["admissions_per_s"] > 0 and figures["admitted_per_claim"] >= 1
+        assert 0 < figures["p50_ms"] <= figures["p90_ms"] and figures["queue_claims_per_start"] >= 1
+    assert "limited (50)" in proc.stdout and "free (none)" in proc.stdout

@@ -9,16 +9,22 @@ dead worker's slot coming back once its lease ran out. Every wait is for a condi
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
+import time
+import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 import geste
 from geste.errors import ConfigurationError, InstanceAlreadyExistsError, QueueDeduplicated
+from geste.runtime.routing import score
 from geste.storage import create_storage
 
 from .processes import WorkerProcesses
@@ -29,6 +35,7 @@ if str(ROOT) not in sys.path:  # so that `tests.apps` is importable however pyte
     sys.path.insert(0, str(ROOT))
 
 from tests.apps.queue_app import QUEUE, build_app  # noqa: E402
+from tests.conftest import POSTGRES_URL, _admin  # noqa: E402
 
 
 class Workers(WorkerProcesses):
@@ -343,3 +350,149 @@ async def test_a_dedup_id_held_raises_with_the_raise_policy(make_app: Any) -> No
             job.options(queue="strict", on_duplicate="raise")  # nothing to deduplicate
         with pytest.raises(ConfigurationError):
             job.options(queue="strict", dedup_id="x", on_duplicate="ignore")  # type: ignore[arg-type]
+
+
+# -- routed queue wake-ups (schema 23), PostgreSQL --------------------------------------------------------
+@pytest.fixture
+def own_database() -> Iterator[str]:
+    """A PostgreSQL database of this test's own, for the tests that count claims: channels are per
+    database, and other test runs in a shared one send notifications an older geste formats without a
+    schema (each makes every worker here run a whole claim round)."""
+    name = f"geste_queues_{uuid.uuid4().hex[:12]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(POSTGRES_URL)._replace(path=f"/{name}"))
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def views_settled(url: str, worker_ids: list[str]) -> None:
+    """Wait until every worker's row says it listens and serves the queue, then until each has heartbeated
+    since (its heartbeat reads the others' rows: from then on every view holds every worker)."""
+
+    async def all_listed() -> float | None:
+        rows = await raw_query(url, "SELECT worker_id, listener, queues FROM geste_workers")
+        ready = {
+            r["worker_id"]
+            for r in rows
+            if r["listener"]
+            and json.loads(r["listener"]).get("state") == "listening"
+            and QUEUE in json.loads(r["queues"] or "[]")
+        }
+        return time.time() if ready >= set(worker_ids) else None
+
+    since: float = await wait_until(all_listed, "every worker to listen and list its queues", timeout=30)
+
+    async def all_beat() -> bool:
+        rows = await raw_query(url, "SELECT worker_id, heartbeat_at FROM geste_workers")
+        return all(r["heartbeat_at"] > since for r in rows if r["worker_id"] in worker_ids)
+
+    await wait_until(all_beat, "every worker to heartbeat again", timeout=30)
+
+
+async def test_a_start_onto_a_queue_costs_one_claim_whatever_the_workers(
+    tmp_path: Path, own_database: str
+) -> None:
+    """Four worker processes serve the queue; starts one at a time, each awaited. Each start costs the
+    cluster one claim of the queue (the routed one, which admits it) plus one at its end (the slot freed:
+    the admitting worker claims the queue again, an index probe when nothing waits): 2 per start, whatever
+    the workers. Before routing, every serving worker ran a whole claim round at each start: 4 + 1."""
+    starts = 12
+    with Workers(tmp_path, own_database) as workers:
+        async with build_app(own_database, run_worker=False) as client:
+            ids = [f"w{n}" for n in range(4)]
+            for worker_id in ids:
+                await workers.spawn(worker_id, queue_concurrency=3, hold=0.01, lock_timeout=3.0)
+            await views_settled(own_database, ids)
+            before = len(workers.entries(event="claim"))
+            for n in range(starts):
+                handle = await client.workflows["job"].options(queue=QUEUE).start(n)
+                assert await handle.result(timeout=30) == n
+            claims = lambda: workers.entries(event="claim")[before:]  # noqa: E731
+            await wait_until(lambda: len(claims()) >= 2 * starts, "each run's end to claim the queue")
+            found = claims()
+    admitting = [e for e in found if e["n"]]
+    print(
+        f"{len(found)} queue claims for {starts} starts with 4 workers; admitted by",
+        Counter(e["worker"] for e in admitting),
+    )
+    assert len(admitting) == starts and all(e["n"] == 1 for e in admitting)
+    assert len(found) <= 2 * starts + 2, found  # a view changing mid-test may cost one more
+    assert len({e["worker"] for e in admitting}) >= 2  # spread by the instance id, not one worker's
+
+
+async def test_a_start_routed_to_a_frozen_worker_is_admitted_by_the_poll_net(
+    tmp_path: Path, own_database: str
+) -> None:
+    """The worker a start is routed to is frozen (SIGSTOP) when its notification comes: the other worker
+    does not claim for it, but its poll net (a whole round claims its queues) admits the instance."""
+    with Workers(tmp_path, own_database) as workers:
+        async with build_app(own_database, run_worker=False) as client:
+            frozen = await workers.spawn("w0", lock_timeout=3.0, notify_fallback_interval=1.0)
+            await workers.spawn("w1", lock_timeout=3.0, notify_fallback_interval=1.0)
+            await views_settled(own_database, ["w0", "w1"])
+            key = next(
+                k for n in range(1000) if score(k := f"q-{n}", "w0") > score(k, "w1")
+            )  # its start is routed to w0
+            frozen.send_signal(signal.SIGSTOP)
+            try:
+                handle = await client.workflows["job"].options(queue=QUEUE).start_with_id(key, 7)
+                assert await handle.result(timeout=30) == 7
+            finally:
+                frozen.send_signal(signal.SIGCONT)
+    assert [e["worker"] for e in workers.entries(event="end", instance=key)] == ["w1"]
+
+
+async def test_a_backlog_that_fills_its_worker_is_handed_on_to_another(
+    tmp_path: Path, own_database: str
+) -> None:
+    """A backlog of 4 with one notification, routed to w0, whose 2 slots it fills: w0's claim took all it
+    asked for and left it full, so it hands the queue on (one notification, avoiding itself), and w1
+    admits the other 2 after it (its poll net, every lock_timeout here, would take them later)."""
+    with Workers(tmp_path, own_database) as workers:
+        async with build_app(own_database, run_worker=False) as client:
+            for worker_id in ("w0", "w1"):
+                await workers.spawn(worker_id, queue_concurrency=0, concurrency=2, lock_timeout=3.0)
+            await views_settled(own_database, ["w0", "w1"])
+            handles = [await client.workflows["blocked"].options(queue="gate").start(n) for n in range(4)]
+            key = next(k for n in range(1000) if score(k := f"b-{n}", "w0") > score(k, "w1"))
+            payload = json.dumps({"queue": QUEUE, "instance_id": key, "schema": "public"})
+            await raw_query(
+                own_database,
+                "WITH moved AS (UPDATE geste_instances SET queue = $1 WHERE queue = 'gate' RETURNING 1) "
+                "SELECT pg_notify('geste_workflow_resumable', $2), (SELECT count(*) FROM moved)",
+                QUEUE,
+                payload,
+            )
+            started = lambda: len(workers.entries(event="start")) == 4  # noqa: E731
+            await wait_until(started, "the 4 to start on the 2 workers", timeout=15)
+            for handle in handles:
+                workers.go(handle.instance_id)
+            assert [await h.result(timeout=30) for h in handles] == list(range(4))
+    assert Counter(e["worker"] for e in workers.entries(event="start")) == {"w0": 2, "w1": 2}
+    hand_on = min(workers.entries(event="hand_on"), key=lambda e: e["t"])  # (a stop hands on its rest)
+    assert hand_on["worker"] == "w0" and hand_on["queue"] == QUEUE
+    (taken,) = [e for e in workers.entries(event="claim", worker="w1") if e["n"]]
+    assert taken["n"] == 2 and taken["t"] >= hand_on["t"]
+
+
+async def test_the_registry_lists_the_queues_a_worker_serves(make_app: Any, db_url: str) -> None:
+    """Schema 23, both backends: each worker's row lists its queues (sorted), what the listeners route a
+    queue's starts over; a worker serving none lists none."""
+    queues = [geste.Queue("mail", rate_limit=5), geste.Queue("alpha", concurrency=2)]
+    async with make_app(worker_id="served", queues=queues) as app:
+
+        @app.workflow
+        async def noop(ctx: geste.WorkflowContext) -> None:
+            return None
+
+        rows = await raw_query(db_url, "SELECT queues FROM geste_workers WHERE worker_id = $1", "served")
+        assert [json.loads(r["queues"]) for r in rows] == [["alpha", "mail"]]
+        rows = await app.storage.list_workers(10)
+        assert [json.loads(r.queues or "null") for r in rows if r.worker_id == "served"] == [
+            ["alpha", "mail"]
+        ]
+    async with make_app(worker_id="none") as plain:
+        rows = await raw_query(db_url, "SELECT queues FROM geste_workers WHERE worker_id = $1", "none")
+        assert [json.loads(r["queues"]) for r in rows] == [[]]
+        assert plain.queues == {}

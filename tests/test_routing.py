@@ -269,6 +269,82 @@ def test_the_listener_routes_by_the_payload_and_ignores_other_schemas() -> None:
     assert not wakeups.take_generic()
 
 
+def test_a_start_onto_a_queue_goes_to_exactly_one_live_worker_serving_it() -> None:
+    """Schema 23: the registry lists the queues each worker serves; a start onto a queue goes to one
+    routable worker among those that serve it (spread by the instance id), never to one that does not
+    serve it, nor to a stale or deaf one; with none, to nobody (the poll net admits it)."""
+    clock = Clock()
+    served = {"a": ("q",), "b": ("q", "r"), "c": (), "d": ("q",)}
+    views = {}
+    for name in served:
+        router = Router(name, workflows=lambda: ("w",), relay=False, lock_timeout=3.0, clock=clock)
+        router.update(
+            [
+                row(other, at=clock.now, queues=json.dumps(list(q)))
+                for other, q in served.items()
+                if other != name
+            ]
+        )
+        views[name] = router
+
+    def takers(queue: str, key: str) -> set[str]:
+        return {
+            name
+            for name, r in views.items()
+            if r.queue_target(queue, key, serving=queue in served[name]) == name
+        }
+
+    chosen = Counter()
+    for key in KEYS:
+        (taker,) = takers("q", key)  # exactly one, whichever view decides
+        chosen[taker] += 1
+        assert takers("r", key) == {"b"}
+        assert not takers("none-serves-it", key)
+    assert set(chosen) == {"a", "b", "d"} and min(chosen.values()) > len(KEYS) / 6  # spread
+    # d's heartbeat goes stale, b's listener stops: the others route around them
+    clock.now += 10
+    for name in ("a", "c"):
+        views[name].update(
+            [
+                row("b", at=clock.now, queues=json.dumps(["q", "r"]), listener=json.dumps({"state": "x"})),
+                row("d", at=clock.now - 10, queues=json.dumps(["q"])),
+                *(row(o, at=clock.now, queues=json.dumps(list(served[o]))) for o in ("a", "c") if o != name),
+            ]
+        )
+    assert all(views["a"].queue_target("q", key, serving=True) == "a" for key in KEYS)
+    assert all(views["c"].queue_target("q", key, serving=False) == "a" for key in KEYS)
+    # a row written before schema 23 serves no queue
+    old = Router("o", workflows=lambda: ("w",), relay=False, lock_timeout=3.0, clock=clock)
+    old.update([row("p", at=clock.now)])
+    assert old.queue_target("q", "k", serving=False) is None
+
+
+def test_the_listener_routes_a_queue_start_to_one_worker_and_pokes_without_a_router() -> None:
+    clock = Clock()
+    wakeups = Wakeups(poll_interval=1.0, fallback_interval=30.0, clock=clock, lookahead=0.0)
+    wakeups.router = Router("me", workflows=lambda: ("w",), relay=False, lock_timeout=3.0, clock=clock)
+    wakeups.router.update([row("other", at=clock.now, queues=json.dumps(["q"]))])
+    wakeups.listening = True
+    wakeups.queues = frozenset({"q"})
+    listener = Listener(lambda *a: None, wakeups=wakeups, reconnect_delay=1.0, on_caught_up=lambda: None)  # type: ignore[arg-type,return-value]
+
+    def hear(**body: Any) -> None:
+        listener._on_notification(WORKFLOW_RESUMABLE, json.dumps(body))
+
+    mine = [k for k in KEYS if wakeups.router.queue_target("q", k, serving=True) == "me"]
+    theirs = [k for k in KEYS if wakeups.router.queue_target("q", k, serving=True) == "other"]
+    hear(queue="q", instance_id=theirs[0])
+    hear(queue="elsewhere", instance_id=mine[0])
+    assert not wakeups.queued and not wakeups.take_generic() and not wakeups.event.is_set()
+    hear(queue="q", instance_id=mine[0])
+    assert wakeups.queued == {"q": "notify"} and not wakeups.take_generic() and not wakeups.routed
+    # the listener down (or no router: SQLite never hears one): every serving worker runs a whole round
+    wakeups.queued.clear()
+    wakeups.listening = False
+    hear(queue="q", instance_id=theirs[0])
+    assert wakeups.take_generic() and not wakeups.queued
+
+
 def test_a_routing_error_falls_back_to_a_whole_claim(caplog: pytest.LogCaptureFixture) -> None:
     """Whatever goes wrong in the routing of a notification (a bug, a view in a state nobody foresaw), the
     listener logs it and asks for a whole claim round, which finds the work: it never stops listening."""

@@ -83,17 +83,27 @@ def build_app(
 
 
 def log_admissions(app: geste.App, log: str, worker_id: str) -> None:
-    """Each claim of the queue that admitted instances appends an ``admit`` line: the time the claim was
-    made at (the one its rate window records) and how many it admitted."""
+    """Each claim of the queue appends a ``claim`` line (how many it admitted: the claims a start costs
+    the cluster are counted from these), and one that admitted instances an ``admit`` line too: the time
+    the claim was made at (the one its rate window records) and how many it admitted. Each hand-on of a
+    queue's backlog (the worker full) appends a ``hand_on`` line."""
     real = app.storage.queue_claim
 
     async def queue_claim(worker: str, now: float, *args: Any, **kwargs: Any) -> Any:
         claims = await real(worker, now, *args, **kwargs)
+        append_line(log, {"event": "claim", "t": now, "n": len(claims), "worker": worker_id})
         if claims:
             append_line(log, {"event": "admit", "t": now, "n": len(claims), "worker": worker_id})
         return claims
 
     app.storage.queue_claim = queue_claim  # type: ignore[method-assign]
+    real_hand_on = app.storage.hand_on_queue
+
+    async def hand_on_queue(queue: str, key: str, *, avoid: str) -> bool:  # a ``hand_on`` line each
+        append_line(log, {"event": "hand_on", "t": time.time(), "queue": queue, "worker": worker_id})
+        return await real_hand_on(queue, key, avoid=avoid)
+
+    app.storage.hand_on_queue = hand_on_queue  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         poll_interval=0.05,
         concurrency=100,
         shutdown_grace=1.0,
+        notify_fallback_interval=30.0,
     )
 
 

@@ -62,6 +62,8 @@ class Peer:
     listening: bool
     has_room: bool
     """Whether it ran fewer instances than its concurrency at its last heartbeat."""
+    queues: frozenset[str] = frozenset()
+    """The queues it serves (schema 23; none in a row written before)."""
 
     @classmethod
     def from_row(cls, row: WorkerRow, default_lock_timeout: float) -> Peer:
@@ -79,6 +81,13 @@ class Peer:
                 listening = isinstance(state, dict) and state.get("state") == "listening"
             except ValueError:
                 listening = False
+        queues: frozenset[str] = frozenset()
+        if row.queues is not None:
+            try:
+                served = json.loads(row.queues)
+                queues = frozenset(q for q in served if isinstance(q, str))
+            except (ValueError, TypeError):
+                queues = frozenset()
         return cls(
             worker_id=row.worker_id,
             heartbeat_at=row.heartbeat_at,
@@ -88,6 +97,7 @@ class Peer:
             relay=row.relay,
             listening=listening,
             has_room=row.running < row.concurrency,
+            queues=queues,
         )
 
     def serves(self, workflow: str | None) -> bool:
@@ -218,6 +228,22 @@ class Router:
         if peer is not None and self.routable(peer, self.clock()) and peer.started_at <= heard_at:
             return False
         return self._chosen(instance_id, None, workflow, keeper) == self.worker_id
+
+    def queue_target(self, queue: str, key: str, *, serving: bool, avoid: object = None) -> str | None:
+        """The one worker a start onto ``queue`` goes to: the highest rendezvous score of ``key`` (the
+        started instance's id: the starts spread over the serving workers) among the routable workers that
+        serve the queue, this one included when it does (``serving``), less ``avoid`` (a full worker that
+        hands the queue's backlog on). None: no routable worker serves it (the poll net of whichever serves
+        it admits the instance)."""
+        now = self.clock()
+        candidates = [
+            p.worker_id
+            for p in self.peers.values()
+            if queue in p.queues and p.worker_id != avoid and self.routable(p, now)
+        ]
+        if serving and self.worker_id != avoid:
+            candidates.append(self.worker_id)
+        return _highest(key, candidates) if candidates else None
 
     def relay_mine(self, key: str, worker: object = None) -> bool:
         """Whether this process's relay takes an outbox notification: the recording worker's relay when

@@ -46,8 +46,10 @@ FINISHED = "finished"
 """The payload field of a ``geste_workflow_resumable`` sent by an instance's end (its status), for the
 ``result()`` waiters of other processes (schema 14): nothing to claim, so no worker claims for it."""
 QUEUE = "queue"
-"""The payload field of a ``geste_workflow_resumable`` sent by a start onto a queue (schema 20): the
-workers serving that queue run a whole claim round (which claims their queues); the others nothing."""
+"""The payload field of a ``geste_workflow_resumable`` sent by a start onto a queue (schema 20): while
+routing, the one live worker serving that queue that the rendezvous of the instance id picks claims the
+queue (schema 23, ``Router.queue_target``); without a router, every worker serving it runs a whole claim
+round (which claims its queues); the others nothing."""
 
 RECONNECT_CAP = 600.0
 """Longest wait between reconnection attempts (the first is ``notify_reconnect_delay``)."""
@@ -195,10 +197,13 @@ class Wakeups:
         self.timer_bound = False
         """Whether the last ``interval()`` was cut short by a local timer (else it is the poll period)."""
         self.routed: dict[str, Routed] = {}
+        """Instances routed to this worker and not claimed yet, in arrival order."""
         self.queues: frozenset[str] = frozenset()
         """The queues this process's worker serves: a start onto one of them (its notification names the
-        queue) makes a whole claim round here, which claims the queues (schema 20)."""
-        """Instances routed to this worker and not claimed yet, in arrival order."""
+        queue) is routed here, or makes a whole claim round without routing (schema 20)."""
+        self.queued: dict[str, str] = {}
+        """While routing: the queues to claim at the next round (routed starts, a backlog, a slot freed
+        here), with the wake-up cause of each; a claim of the queue ends it."""
         self._timers: list[tuple[float, int, str | None, str | None, str | None, float]] = []
         """A heap of ``(moment, seq, instance id, workflow, keeper, heard at)``; keeper None: this
         worker's own timer; another worker's id: a timer it keeps, watched here (``Router.takes_over``)."""
@@ -231,6 +236,11 @@ class Wakeups:
     ) -> None:
         """Claim this instance by id at the next round (many before it runs make one claim)."""
         self.routed[instance_id] = Routed(workflow, cause, forwardable, self.clock())
+        self._set(cause)
+
+    def route_queue(self, queue: str, cause: str = NOTIFY) -> None:
+        """Claim this queue at the next round (a routed round claims it alone, not the whole claim)."""
+        self.queued.setdefault(queue, cause)
         self._set(cause)
 
     def wake_at(
@@ -521,9 +531,8 @@ class Listener(Loop):
             if channel == WORKFLOW_RESUMABLE:
                 if CANCEL in body:  # a cancel of a held instance: for its holder, nothing to claim
                     self._cancel(body, router)
-                elif QUEUE in body:  # a start onto a queue: for the workers that serve it
-                    if body[QUEUE] in self.wakeups.queues:
-                        self.wakeups.poke(NOTIFY)
+                elif QUEUE in body:  # a start onto a queue: for one worker that serves it
+                    self._queue(body, router)
                 elif FINISHED not in body:  # an end, for result() waiters: nothing to claim
                     self._resumable(body, router)
             elif channel == CHANNEL_MESSAGE:
@@ -551,6 +560,26 @@ class Listener(Loop):
             self.wakeups.poke(NOTIFY)
         elif router.mine(instance_id, workflow, body.get("worker"), body.get("avoid")):
             self.wakeups.route(instance_id, workflow, NOTIFY, forwardable=not body.get("forwarded"))
+
+    def _queue(self, body: dict[str, Any], router: Router | None) -> None:
+        """A start onto a queue: routed, one claim of the queue by the one live worker serving it that the
+        rendezvous of the instance id picks (the others do nothing); unrouted, a whole claim round in each
+        worker serving it. A start whose target died, or whose views disagree for a heartbeat, is admitted
+        by the poll net (every serving worker's whole round claims its queues)."""
+        queue = body[QUEUE]
+        if not isinstance(queue, str):
+            return
+        serving = queue in self.wakeups.queues
+        if router is None or not self.wakeups.routing:
+            if serving:
+                self.wakeups.poke(NOTIFY)
+            return
+        key = body.get("instance_id")
+        target = router.queue_target(
+            queue, key if isinstance(key, str) else queue, serving=serving, avoid=body.get("avoid")
+        )
+        if serving and target == router.worker_id:
+            self.wakeups.route_queue(queue, NOTIFY)
 
     def _cancel(self, body: dict[str, Any], router: Router | None) -> None:
         """A cancel requested for a held instance: its holder (``worker``) cancels what runs of it now (a

@@ -144,7 +144,8 @@ class Worker(Loop):
         self._db_next: float | None = None
         """The database's next run_at, from the last whole claim (routing: woken for only if sole)."""
         self.handed_on = 0
-        """Routed wake-ups this worker handed on to others (full, or stopping)."""
+        """Routed wake-ups (and queue backlogs, schema 23) this worker handed on to others (full, or
+        stopping)."""
         self.clock_offset: float | None = None
         """This worker's clock minus the database's, measured at start (``check_clock``)."""
         self.cancels_delivered = 0
@@ -264,6 +265,9 @@ class Worker(Loop):
                 await self._hand_on(list(self.wakeups.routed.items()))
             except StorageError as exc:
                 logger.warning("worker %s could not hand its wake-ups on (%s)", self.worker_id, exc)
+        if self.wakeups.queued and self.wakeups.routing:  # queues routed here and not claimed: the same
+            await self._hand_on_queues(list(self.wakeups.queued))
+            self.wakeups.queued.clear()
         running = [task for _, task in self._running.values()]
         if running:
             logger.info("worker %s draining %d running instance(s)", self.worker_id, len(running))
@@ -393,8 +397,9 @@ class Worker(Loop):
                 del self._running[instance_id]
             if instance_id not in self._running:  # (a claim of it since runs it here again)
                 self._names.pop(instance_id, None)
-                if self._admitted.pop(instance_id, None) is not None:
-                    self.wakeups.poke(BACKLOG)  # a queue's slot (here, at least) is free: claim it
+                queue = self._admitted.pop(instance_id, None)
+                if queue is not None:  # a queue's slot (here, at least) is free: claim the queue
+                    self._slot_freed(queue)
             if self._backlog:
                 self.wakeups.poke(BACKLOG)
             if self.on_run_ended is not None:
@@ -468,9 +473,8 @@ class Worker(Loop):
         self._count(claims, cause)
         self._spawn_all(claims, {}, cause)
         self._db_next = claims.next_run_at
-        if self.queues and await self._claim_queues(cause):
-            self._backlog = True
-            self.wakeups.poke(BACKLOG)  # a whole round again (a routed round claims no queue)
+        if self.queues:
+            self._more_queued(await self._claim_queues(cause))
         if self.stopping:
             return 0.0
         if len(claims) == batch:
@@ -514,27 +518,69 @@ class Worker(Loop):
             claims.extend(taken)
         return claims
 
-    async def _claim_queues(self, cause: str) -> bool:
-        """One claim of each queue this worker serves, within its free slots and each queue's per-worker
-        limit (the global limit is the database's: ``Storage.queue_claim``). True when a claim took all
-        it asked for: more may wait (a backlog)."""
-        more = False
+    def _slot_freed(self, queue: str) -> None:
+        """A run this worker admitted from ``queue`` ended here: a claim of the queue is due (routing: of
+        that queue alone; else a whole round, which claims every queue)."""
+        if self.wakeups.routing:
+            self.wakeups.route_queue(queue, BACKLOG)
+        else:
+            self.wakeups.poke(BACKLOG)
+
+    def _more_queued(self, more: Collection[str]) -> None:
+        """The claims of these queues took all they asked for: more may wait (a backlog), claim them again
+        (routing: those queues alone; else a whole round)."""
+        if not more:
+            return
+        if self.wakeups.routing:
+            for name in more:
+                self.wakeups.route_queue(name, BACKLOG)
+            if self._free() <= 0:  # full: another worker serving these queues takes the rest meanwhile
+                self.track(self._hand_on_queues(list(more)), f"geste-hand-on-{self.worker_id}")
+        else:
+            self._backlog = True
+            self.wakeups.poke(BACKLOG)
+
+    async def _hand_on_queues(self, names: list[str]) -> None:
+        """This worker is full and these queues have more waiting: one notification each, routed to
+        another live worker serving the queue (a worker claims all it can take at once, so a backlog
+        spreads over the cluster one fill-up at a time, not one notification per instance)."""
+        for name in names:
+            try:
+                if await self.storage.hand_on_queue(name, uuid.uuid4().hex, avoid=self.worker_id):
+                    self.handed_on += 1
+            except StorageError as exc:  # the others' poll nets find the backlog
+                logger.warning("worker %s could not hand queue %s on (%s)", self.worker_id, name, exc)
+
+    async def _claim_queues(self, cause: str, names: Collection[str] | None = None) -> list[str]:
+        """One claim of each queue this worker serves (of ``names`` only, if given), within its free slots
+        and each queue's per-worker limit (the global limit is the database's: ``Storage.queue_claim``).
+        Returns the queues whose claim took all it asked for: more may wait (a backlog). A queue this
+        round leaves unclaimed, for want of a free slot, stays routed here (``Wakeups.queued``)."""
+        more: list[str] = []
         for name, per_worker in self.queues.items():
+            if names is not None and name not in names:
+                continue
             if self._free() <= 0:
                 self._backlog = True  # a finishing run pokes
                 break
+            asked = self.wakeups.queued.pop(name, None)  # claimed now: whatever asked for it is served
             room = min(self._free(), self.max_workflows_per_batch)
             if per_worker is not None:  # a run of the queue ending here pokes
                 room = min(room, per_worker - sum(1 for q in self._admitted.values() if q == name))
             if room <= 0:
                 continue
             now = self.clock()
-            claims = await self.storage.queue_claim(
-                self.worker_id, now, now + self.lock_timeout, room, queue=name
-            )
+            try:
+                claims = await self.storage.queue_claim(
+                    self.worker_id, now, now + self.lock_timeout, room, queue=name
+                )
+            except BaseException:
+                if asked is not None:  # not served: the next round claims it (after the loop's back-off)
+                    self.wakeups.queued.setdefault(name, asked)
+                raise
             if self.stopping:
                 await self._hand_back(claims)
-                return False
+                return []
             for claim in claims:
                 self._admitted[claim.lease.instance_id] = name
             moment = claims.next_run_at  # its rate's window is full: when it has room again
@@ -543,7 +589,8 @@ class Worker(Loop):
                 self.wakeups.wake_at(moment + self.wakeups.lookahead)
             self._count(claims, cause)
             self._spawn_all(claims, {}, cause)
-            more = more or (len(claims) == room and moment is None)
+            if len(claims) == room and moment is None:
+                more.append(name)
         return more
 
     # -- routed rounds -----------------------------------------------------------------------------
@@ -561,8 +608,17 @@ class Worker(Loop):
             or (db_due and router is not None and router.sole())
         ):
             return await self._claim_round(cause)
+        if wakeups.queued:  # starts onto a queue routed here, a backlog, a slot freed: claim those queues
+            if self._free() <= 0:
+                self._backlog = True  # a finishing run pokes a whole round, which claims them
+            else:
+                queued = dict(wakeups.queued)
+                more = await self._claim_queues(next(iter(queued.values())), queued)
+                if self.stopping:
+                    return 0.0
+                self._more_queued(more)
         if not wakeups.routed:
-            return self._routed_sleep()  # a timer was set or watched: sleep again, claiming nothing
+            return 0.0 if wakeups.queued and self._free() > 0 else self._routed_sleep()
         free = self._free()
         if free <= 0:
             self._backlog = True  # a finishing run pokes: a whole claim takes what waits then
@@ -589,7 +645,7 @@ class Worker(Loop):
         self._spawn_all(claims, taken, TIMER)
         for instance_id, run_at in claims.later.items():  # not due yet by this clock: when it is
             wakeups.wake_at(run_at, instance_id, taken[instance_id].workflow)
-        return 0.0 if wakeups.routed else self._routed_sleep()
+        return 0.0 if wakeups.routed or wakeups.queued else self._routed_sleep()
 
     def _routed_sleep(self) -> float:
         """How long a routing worker may sleep: until the poll net, its earliest local timer, or the
@@ -693,6 +749,7 @@ class Worker(Loop):
             workflows=json.dumps(sorted(self.runner.workflows) if self.serve_unqueued else []),
             health=self.health,
             relay=self.relay,
+            queues=json.dumps(sorted(self.queues)),
         )
         router = self.router
         if router is None:

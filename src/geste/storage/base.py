@@ -281,6 +281,9 @@ class WorkerRow:
     """None while all its background loops run; else why one ended (schema version 9)."""
     relay: bool = False
     """Whether it runs an outbox relay (schema version 13: outbox notifications go to one relay)."""
+    queues: str | None = None
+    """The queues it serves, a JSON array (None in rows written before schema version 23): a start onto a
+    queue is routed to one of the live workers that serve it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -818,6 +821,11 @@ class Storage(abc.ABC):
         naming this one as the worker to ``avoid`` (it is full or stopping); return how many were sent.
         Without LISTEN/NOTIFY nothing can be handed on: the other workers' polls find them."""
         return 0
+
+    async def hand_on_queue(self, queue: str, key: str, *, avoid: str) -> bool:
+        """Hand a queue's backlog on to another live worker serving it (this one, ``avoid``, is full): one
+        notification, routed by ``key``. False without LISTEN/NOTIFY: the other workers' polls find it."""
+        return False
 
     @abc.abstractmethod
     async def renew(

@@ -942,6 +942,16 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
+    async def hand_on_queue(self, queue: str, key: str, *, avoid: str) -> bool:
+        if not self.notify:
+            return False
+
+        async def go(conn: Conn) -> bool:
+            await conn.execute(self._q["hand_on_queue"], queue, key, avoid)
+            return True
+
+        return await self._run(go)
+
     async def renew(
         self,
         leases: Sequence[base.Lease],
@@ -1387,13 +1397,15 @@ class PostgresStorage(base.Storage):
 
     async def upsert_worker(self, worker: base.WorkerRow) -> None:
         async def go(conn: Conn) -> None:
-            await conn.execute(self._q["upsert_worker"], *self._worker_columns(worker))
+            await conn.execute(self._q["upsert_worker"], *self._worker_columns(worker), worker.queues)
 
         await self._run(go)
 
     async def heartbeat(self, worker: base.WorkerRow, *, peers_since: float) -> list[base.WorkerRow]:
         async def go(conn: Conn) -> list[base.WorkerRow]:
-            found = await conn.fetch(self._q["heartbeat"], *self._worker_columns(worker), peers_since)
+            found = await conn.fetch(
+                self._q["heartbeat"], *self._worker_columns(worker), peers_since, worker.queues
+            )
             return [rows.worker_row(r) for r in found]
 
         return await self._run(go)
@@ -1770,6 +1782,7 @@ class PostgresStorage(base.Storage):
                 new.priority,
                 None,
                 self.notify,
+                new.partition_key,
             )
             return inserted is not None
         row = await conn.fetchrow(

@@ -987,6 +987,7 @@ class SQLiteStorage(base.Storage):
             "workflows": worker.workflows,
             "health": worker.health,
             "relay": int(worker.relay),
+            "queues": worker.queues,
         }
 
     async def upsert_worker(self, worker: base.WorkerRow) -> None:
@@ -1566,5 +1567,6 @@ def _insert_scheduled(conn: sqlite3.Connection, new: base.NewInstance) -> bool:
         "queue": new.queue,
         "priority": new.priority,
         "dedup_id": None,
+        "partition_key": new.partition_key,
     }
     return bool(conn.execute(Q["insert_queued" if new.queue else "insert_instance"], params).rowcount == 1)

@@ -501,6 +501,15 @@ SELECT count(pg_notify('geste_workflow_resumable',
                                          'schema', {schema_name})::text)) AS notified
 FROM unnest($1::text[], $2::text[]) AS r(instance_id, workflow_name);
 
+-- name: hand_on_queue
+-- A worker whose claim of a queue took all it asked for and left it full hands the queue's backlog on,
+-- once: one geste_workflow_resumable naming the queue, a key to route by ($2: spreads the hand-ons) and
+-- this worker as the one to avoid ($3), so that the listeners route it to another live worker serving
+-- the queue (schema 23), which claims it.
+SELECT pg_notify('geste_workflow_resumable',
+                 json_build_object('queue', $1::text, 'instance_id', $2::text, 'avoid', $3::text,
+                                   'schema', {schema_name})::text);
+
 -- name: renew
 -- The heartbeat's renewal of every lease a worker holds: its rows are locked in instance_id order, as
 -- record_batch and finish_batch lock theirs, so the worker's renewal and its group commits (which touch
@@ -1071,32 +1080,35 @@ FROM names n WHERE n.name IS NOT NULL;
 -- worker id seen again (a restart) starts afresh.
 INSERT INTO {schema}.geste_workers
     (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout,
-     workflows, health, relay)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12)
+     workflows, health, relay, queues)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12, $13)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
     listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
-    workflows = excluded.workflows, health = excluded.health, relay = excluded.relay;
+    workflows = excluded.workflows, health = excluded.health, relay = excluded.relay,
+    queues = excluded.queues;
 
 -- name: heartbeat
--- upsert_worker, and in the same statement the other workers heard from since $13 and not stopped: what
+-- upsert_worker ($14: its queues), and in the same statement the other workers heard from since $13 and not
+-- stopped: what
 -- the worker routes wake-ups over (schema 13; the routing view, docs/design.md "Wake-ups"). The SELECT
 -- reads the snapshot from before the upsert, which it does not need (it leaves this worker out). A
 -- sequential scan of a table as small as the fleet (pruned of the workers silent for a week).
 WITH beat AS (
     INSERT INTO {schema}.geste_workers
         (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-         lock_timeout, workflows, health, relay)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12)
+         lock_timeout, workflows, health, relay, queues)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12, $14)
     ON CONFLICT (worker_id) DO UPDATE SET
         host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
         heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
         listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
-        workflows = excluded.workflows, health = excluded.health, relay = excluded.relay
+        workflows = excluded.workflows, health = excluded.health, relay = excluded.relay,
+        queues = excluded.queues
 )
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay
+       lock_timeout, workflows, health, relay, queues
 FROM {schema}.geste_workers
 WHERE worker_id <> $1 AND stopped_at IS NULL AND heartbeat_at >= $13
 ORDER BY worker_id LIMIT 1000;
@@ -1110,7 +1122,7 @@ DELETE FROM {schema}.geste_workers WHERE heartbeat_at < $1;
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay
+       lock_timeout, workflows, health, relay, queues
 FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 
 -- name: count_by_status
@@ -1960,7 +1972,8 @@ WITH inserted AS (
                      CASE WHEN $17::text IS NULL
                           THEN json_build_object('instance_id', $1::text, 'workflow_name', $2::text,
                                                  'worker', NULL, 'schema', {schema_name})
-                          ELSE json_build_object('queue', $17::text, 'schema', {schema_name})
+                          ELSE json_build_object('queue', $17::text, 'instance_id', $1::text,
+                                                 'schema', {schema_name})
                      END::text)
     FROM inserted WHERE $15
 )
@@ -2111,10 +2124,11 @@ SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_con
 -- A start onto a queue (schema 20): pending, queued (queued_at) and run_at NULL, so that no claim by
 -- workflow or by id can take it: only geste_queue_claim admits it. ON CONFLICT DO NOTHING without a target
 -- covers the primary key and the dedup index (one unfinished instance per queue and dedup id): nothing
--- inserted, the caller reads which of the two it met. The notification names the queue, not the
--- instance: the workers serving the queue run a claim of it (nothing else can take the instance). Its
--- partition ($10: '' without a key, schema 22): the first start of a key makes the key's row (a probe of
--- its primary key afterwards), which the claims lock.
+-- inserted, the caller reads which of the two it met. The notification names the queue (and the instance,
+-- which only spreads the starts over the serving workers: schema 23): one live worker serving the queue,
+-- chosen by rendezvous on the instance id, runs a claim of the queue (nothing else can take the instance).
+-- Its partition ($10: '' without a key, schema 22): the first start of a key makes the key's row (a probe
+-- of its primary key afterwards), which the claims lock.
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
@@ -2129,7 +2143,8 @@ WITH inserted AS (
     ON CONFLICT DO NOTHING
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('queue', $6::text, 'schema', {schema_name})::text)
+                     json_build_object('queue', $6::text, 'instance_id', $1::text,
+                                       'schema', {schema_name})::text)
     FROM inserted WHERE $9
 )
 SELECT instance_id, (SELECT count(*) FROM notified) AS notified FROM inserted;

@@ -185,7 +185,8 @@ CREATE TABLE geste_workers (
     lock_timeout double precision,             -- (7) its own; NULL in rows written before
     workflows    text,                         -- (9) the names it registers, a JSON array
     health       text,                         -- (9) NULL while every background loop runs, else why one ended
-    relay        boolean NOT NULL DEFAULT false -- (13) it runs an outbox relay
+    relay        boolean NOT NULL DEFAULT false, -- (13) it runs an outbox relay
+    queues       text                          -- (23) the queues it serves, a JSON array
 ) WITH (fillfactor = 50);
 
 -- Channels (3): every published message in publication order. claimed_by: the instance that took a

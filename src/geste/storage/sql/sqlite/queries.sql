@@ -419,21 +419,22 @@ FROM names n WHERE n.name IS NOT NULL;
 -- Registration and every heartbeat: one statement. A worker id seen again (a restart) starts afresh.
 INSERT INTO geste_workers
     (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout,
-     workflows, health, relay)
+     workflows, health, relay, queues)
 VALUES (:worker_id, :host, :pid, :started_at, :heartbeat_at, :running, :concurrency, :listener, NULL,
-        :lock_timeout, :workflows, :health, :relay)
+        :lock_timeout, :workflows, :health, :relay, :queues)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
     listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
-    workflows = excluded.workflows, health = excluded.health, relay = excluded.relay;
+    workflows = excluded.workflows, health = excluded.health, relay = excluded.relay,
+    queues = excluded.queues;
 
 -- name: worker_peers
 -- The heartbeat's read of the other workers heard from since :since and not stopped, after its
 -- upsert_worker in the same transaction (schema 13: what a worker routes wake-ups over; PostgreSQL reads
 -- them in its `heartbeat` statement).
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay
+       lock_timeout, workflows, health, relay, queues
 FROM geste_workers
 WHERE worker_id <> :worker_id AND stopped_at IS NULL AND heartbeat_at >= :since
 ORDER BY worker_id LIMIT 1000;
@@ -447,7 +448,7 @@ DELETE FROM geste_workers WHERE heartbeat_at < ?;
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay
+       lock_timeout, workflows, health, relay, queues
 FROM geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT ?;
 
 -- name: count_by_status

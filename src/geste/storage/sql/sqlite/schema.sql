@@ -184,7 +184,8 @@ CREATE TABLE geste_workers (
     lock_timeout REAL,                         -- (7) its own; NULL in rows written before
     workflows    TEXT,                         -- (9) the names it registers, a JSON array
     health       TEXT,                         -- (9) NULL while every background loop runs, else why one ended
-    relay        INTEGER NOT NULL DEFAULT 0    -- (13) it runs an outbox relay
+    relay        INTEGER NOT NULL DEFAULT 0,   -- (13) it runs an outbox relay
+    queues       TEXT                          -- (23) the queues it serves, a JSON array
 );
 
 -- Channels (3): every published message in publication order. claimed_by: the instance that took a
