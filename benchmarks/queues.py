@@ -15,8 +15,9 @@ trivial workflow (no activity: its code runs once and it completes). For each qu
   ran; one host, one clock). Also counted in the workers: the ``queue_claim`` statements, whence the
   claims/s and the instances admitted per claim, and every statement the workers sent per admission.
 - **start to run** (capacity free): then ``--starts`` instances started one at a time onto the queue by a
-  client App (``run_worker=False``) in this process, each once the one before has run: from ``start()``
-  returning (its insert committed) to the instance's code running in a worker, p50 and p90; with the
+  client App (``run_worker=False``) in this process, each once the one before has run: from the call of
+  ``start()`` (its insert's round trip included: the run can begin before the call returns) to the
+  instance's code running in a worker, p50 and p90; with the
   ``queue_claim`` statements the workers ran per start (how many workers acted on the start's
   notification: one is herd-free).
 
@@ -280,8 +281,8 @@ async def _one(args: argparse.Namespace) -> dict[str, Any]:
                 onto = noop.options(queue=queue)
                 for _ in range(args.starts):
                     await asyncio.sleep(args.gap)
+                    started = time.time()  # before the call: the run can begin before start() returns
                     handle = await onto.start(True)
-                    started = time.time()
                     async with asyncio.timeout(STEP_TIMEOUT):
                         while handle.instance_id not in ran:
                             changed.clear()
