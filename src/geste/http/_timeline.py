@@ -73,6 +73,7 @@ _CSS_KIND: dict[str, str] = {
     StepKind.CONTINUE_AS_NEW: "continue",
     StepKind.START_CHILD: "helper",
     StepKind.CHILD: "helper",
+    StepKind.SET_STATE: "state",
 }
 
 
