@@ -298,3 +298,69 @@ async def test_a_lost_notification_is_covered_by_the_poll(
         )
         await client.send_event("go", {"id": handle.instance_id})
         assert (await waiting).value["done"] == 1
+
+
+# -- HTTP and the viewer --------------------------------------------------------------------------------
+async def test_http_reads_and_waits_for_state(make_app: MakeApp) -> None:
+    from tests.test_http import assert_error, serving
+
+    app = build(make_app())
+    async with serving(app) as http:
+        handle = await app.start_workflow("publisher", 1, instance_id="p")
+        await handle.wait_state("status", timeout=30)
+        answer = await http.get("/instances/p/state/status")
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body.pop("set_at").endswith("+00:00")
+        assert body == {"instance_id": "p", "key": "status", "value": "started", "version": 1, "run": 1}
+        assert_error(await http.get("/instances/p/state/progress"), 404, "StateNotFound", "progress")
+        answer = await http.get("/instances/p/state/progress", params={"wait": 0})  # not yet: ask again
+        assert (answer.status_code, answer.json()) == (
+            202,
+            {"instance_id": "p", "key": "progress", "after": 0},
+        )
+        await wait_status(app, "p", geste.Status.WAITING)
+        waiting = asyncio.create_task(
+            http.get("/instances/p/state/progress", params={"after": 0, "wait": 20})
+        )
+        await app.send_event("go", {"id": "p"})
+        answer = await waiting
+        assert answer.status_code == 200 and answer.json()["value"] == {"done": 1}
+        await handle.result(timeout=30)
+        assert_error(
+            await http.get("/instances/p/state/progress", params={"after": 1, "wait": 5}),
+            409,
+            "StateEndedError",
+        )
+        assert (await http.get("/instances/p/state/progress", params={"version": 1})).status_code == 200
+        assert_error(
+            await http.get("/instances/p/state/progress", params={"version": 2}), 404, "StateNotFound"
+        )
+        listed = (await http.get("/instances/p/state")).json()
+        assert [(s["key"], s["version"]) for s in listed["state"]] == [("progress", 1), ("status", 1)]
+        for params in (
+            {"version": "0"},
+            {"after": "-1"},
+            {"after": "x"},
+            {"version": "1", "wait": "1"},
+            {"w": "1"},
+        ):
+            assert_error(await http.get("/instances/p/state/status", params=params), 400, "BadRequest")
+        assert_error(await http.get("/instances/p/state/" + "k" * 201), 400, "ConfigurationError")
+        assert_error(await http.get("/instances/nope/state/k"), 404, "InstanceNotFoundError")
+        assert_error(await http.get("/instances/nope/state"), 404, "InstanceNotFoundError")
+
+
+async def test_the_viewer_shows_an_instances_state(make_app: MakeApp) -> None:
+    from tests.test_viewer import page, serving
+
+    app = build(make_app())
+    async with serving(app) as http:
+        handle = await app.start_workflow("publisher", 1, instance_id="p")
+        await handle.wait_state("status", timeout=30)
+        text = await page(http, "/ui/instances/p")
+        assert "State · 1 key" in text
+        assert "<code>status</code>" in text and "started" in text
+        bare = await app.start_workflow("setter", "", 1)  # refused: no state
+        assert await bare.result(timeout=30) == "ConfigurationError"
+        assert "State ·" not in await page(http, f"/ui/instances/{bare.instance_id}")
