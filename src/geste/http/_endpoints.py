@@ -74,11 +74,8 @@ _STATUS_OF_ERROR: tuple[tuple[type[GesteError], int], ...] = (
     (ScheduleNotFoundError, 404),
     (PayloadTooLargeError, 413),
     (InstanceAlreadyExistsError, 409),
-    (InstanceStateError, 409),
-    (
-        StateEndedError,
-        409,
-    ),  # a wait for a value of an instance that ended: none will come  # a retry of an instance that did not fail, a resume a live worker holds
+    (InstanceStateError, 409),  # a retry of an instance that did not fail, a resume a live worker holds
+    (StateEndedError, 409),  # a wait for a value of an instance that ended: none will come
     (WorkflowFailed, 409),
     (WorkflowCancelled, 409),
     (AppNotOpenError, 503),
