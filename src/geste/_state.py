@@ -134,7 +134,7 @@ class StateWaits:
                             raise StateEndedError(instance_id, key, str(status))
                         if listening is False:
                             listening = client._listen(True)
-                        if listening is not None:
+                        if listening is not None and (deadline is None or time.monotonic() < deadline):
                             if waiter is None or client.clock() >= renew_at:
                                 first = waiter is None
                                 waiter = await self._watch(instance_id, key, waiter)
