@@ -1115,7 +1115,8 @@ BAD_CREDENTIALS: list[list[tuple[str, str | bytes]]] = [
 
 def realistic(method: str, pattern: tuple[str, ...]) -> dict[str, Any]:
     """A request to this route that would do its work with the right token: A-1 as the id, a registered
-    workflow as the name, a key A-1 set ("stage") as the state key, a valid event or valid arguments as the body."""
+    workflow as the name, a key A-1 set ("stage") as the state key, a valid event or valid arguments as
+    the body."""
     values = {"id": "A-1", "name": "add", "key": "stage"}
     path = "/" + "/".join(values.get(part[1:-1], "A-1") if part.startswith("{") else part for part in pattern)
     if (method, pattern) == ("POST", ("events",)):
