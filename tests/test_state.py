@@ -118,6 +118,38 @@ async def test_values_are_versioned_kept_and_never_written_twice_by_a_replay(
     assert again.version == 2
 
 
+async def test_a_crash_right_after_the_commit_replays_without_writing_again(
+    make_app: MakeApp, db_url: str
+) -> None:
+    """The value and the step's row committed, then the worker lost its run (a storage error after the
+    commit: the run is abandoned, as by a crash): the next claim replays the step and writes nothing."""
+    from geste.errors import StorageError
+
+    app = build(make_app(lock_timeout=1.0))
+    original = app.storage.state_set
+    failed: list[int] = []
+
+    async def committed_then_lost(*args: Any, **kwargs: Any) -> Any:
+        outcome = await original(*args, **kwargs)
+        if not failed:
+            failed.append(outcome.version)
+            raise StorageError("connection lost after the commit")
+        return outcome
+
+    app.storage.state_set = committed_then_lost  # type: ignore[method-assign]
+    async with app:
+        handle = await app.start_workflow("setter", "k", {"a": 1})
+        assert await handle.result(timeout=30) == "set"
+    assert failed == [1]
+    assert await state_rows(db_url, handle.instance_id, "k") == [1]
+    rows = await raw_query(
+        db_url,
+        "SELECT count(*) AS n FROM geste_history WHERE instance_id = $1 AND kind = 'set_state'",
+        handle.instance_id,
+    )
+    assert rows[0]["n"] == 1
+
+
 async def test_set_state_in_a_gather_numbers_each_value_once(app: geste.App, db_url: str) -> None:
     handle = await app.start_workflow("gathered")
     await handle.result(timeout=30)
@@ -364,3 +396,23 @@ async def test_the_viewer_shows_an_instances_state(make_app: MakeApp) -> None:
         bare = await app.start_workflow("setter", "", 1)  # refused: no state
         assert await bare.result(timeout=30) == "ConfigurationError"
         assert "State ·" not in await page(http, f"/ui/instances/{bare.instance_id}")
+
+
+async def test_a_wait_elsewhere_is_woken_by_the_instances_end(
+    pg_workers: WorkerProcesses, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No value comes: the end (a cancel) deletes the registration and notifies; the wait raises."""
+    monkeypatch.setattr(geste._client, "SETTLE_READ", SLOW)
+    await pg_workers.spawn("w1")
+    async with pg_workers.client(poll_interval=SLOW, notify_fallback_interval=SLOW) as client:
+        handle = await client.start_workflow("publisher", 1)
+        await handle.wait_state("status", timeout=60)
+        waiting = asyncio.create_task(handle.wait_state("progress", timeout=3 * FAST_BOUND))
+        await wait_until(
+            lambda: registered_for(pg_url, handle.instance_id, "progress", client), "the wait to register"
+        )
+        await client.cancel(handle.instance_id)
+        with pytest.raises(StateEndedError) as ended:
+            await promptly(waiting)
+        assert ended.value.status == "cancelled"
+        assert not await registered_for(pg_url, handle.instance_id, "progress", client)  # the end's delete
