@@ -96,7 +96,7 @@ class StateWaits:
         (``Storage.watch_state``), reads again at once, ``SETTLE_READ`` later, and then every
         ``poll_interval`` only; otherwise it reads after 10 ms, then twice as long each time up to
         ``poll_interval``. It deletes its registration when it stops waiting."""
-        from ._client import RESULT_WATCH_TTL, SETTLE_READ
+        from ._client import RESULT_WATCH_TTL, SETTLE_READ  # result()'s, read at each call (tests set them)
 
         client = self._client
         client._require_open()
