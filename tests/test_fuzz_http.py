@@ -278,6 +278,7 @@ def build(db_url: str, **options: Any) -> geste.App:
 
     @app.workflow
     async def payment(ctx: geste.WorkflowContext, order_id: str) -> dict[str, Any]:
+        await ctx.set_state("stage", "awaiting payment")  # what GET /instances/{id}/state/{key} reads
         event = await ctx.wait_event("payment.confirmed", match={"order_id": order_id}, timeout=3600)
         return {"data": event.data, "event_id": event.event_id}
 
@@ -1114,8 +1115,9 @@ BAD_CREDENTIALS: list[list[tuple[str, str | bytes]]] = [
 
 def realistic(method: str, pattern: tuple[str, ...]) -> dict[str, Any]:
     """A request to this route that would do its work with the right token: A-1 as the id, a registered
-    workflow as the name, a valid event or valid arguments as the body."""
-    values = {"id": "A-1", "name": "add"}
+    workflow as the name, a key A-1 set ("stage") as the state key, a valid event or valid arguments as
+    the body."""
+    values = {"id": "A-1", "name": "add", "key": "stage"}
     path = "/" + "/".join(values.get(part[1:-1], "A-1") if part.startswith("{") else part for part in pattern)
     if (method, pattern) == ("POST", ("events",)):
         headers = [(k, "evt-token" if k == "ce-id" else v) for k, v in BINARY_HEADERS]
@@ -1358,6 +1360,9 @@ async def test_an_unexpected_exception_on_any_route_is_a_generic_500_never_raise
             "resume_schedule",
             "delete_schedule",
             "list_queues",
+            "get_state",
+            "wait_state",
+            "list_state",
         ):
             monkeypatch.setattr(app, name, broken)
         monkeypatch.setattr(app.metrics, "exposition", broken)

@@ -18,7 +18,7 @@ from ._client import Client
 from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics, app_collector
-from ._models import HistoryEntry, InstanceInfo, RunInfo, Status, to_datetime
+from ._models import HistoryEntry, InstanceInfo, RunInfo, StateValue, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
 from ._queues import Queue, QueueInfo
 from ._registry import Registry
@@ -297,6 +297,7 @@ class App(OpenClose):
             on_finished=client.on_finished,
             on_completed=client.on_completed,
             on_outbox=lambda event_id: runtime.outbox_recorded(event_id),
+            on_state=client.on_state,
             on_channel_woken=lambda: runtime.channel_woken(),
             metrics=metrics,
             workflow_cache_size=(
@@ -699,6 +700,21 @@ class App(OpenClose):
 
     async def get_instance(self, instance_id: str) -> InstanceInfo:
         return await self.client.get_instance(instance_id)
+
+    async def get_state(self, instance_id: str, key: str, *, version: int | None = None) -> StateValue | None:
+        """``app.get_handle(instance_id).get_state(key, version=...)``: the latest value (or value
+        ``version``) the instance published under ``key``, None when there is none (docs/state.md)."""
+        return await self.client.get_state(instance_id, key, version=version)
+
+    async def wait_state(
+        self, instance_id: str, key: str, *, after: int = 0, timeout: float | timedelta | None = None
+    ) -> StateValue:
+        """``app.get_handle(instance_id).wait_state(key, after=..., timeout=...)`` (docs/state.md)."""
+        return await self.client.wait_state(instance_id, key, after=after, timeout=timeout)
+
+    async def list_state(self, instance_id: str, *, limit: int = 1000) -> list[StateValue]:
+        """The latest value of each key the instance published, by key (at most ``limit`` keys)."""
+        return await self.client.list_state(instance_id, limit=limit)
 
     async def list_instances(
         self,

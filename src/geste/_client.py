@@ -21,12 +21,13 @@ from . import _operations
 from ._definitions import Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics
-from ._models import HistoryEntry, InstanceInfo, RunInfo, Status, to_datetime
+from ._models import HistoryEntry, InstanceInfo, RunInfo, StateValue, Status, to_datetime
 from ._operations import ResumeResult, RetryRecord
 from ._queues import OnDuplicate
 from ._registry import Registry
 from ._retry import seconds, workflow_deadline
 from ._serde import decode, decode_error, encode
+from ._state import StateWaits
 from ._steps import read_row
 from ._validation import check_channel, check_id, check_name, findable, storable_text
 from .errors import (
@@ -178,6 +179,8 @@ class Client:
         """The registrations for an end (``geste_result_waiters``) this process's waiting calls hold:
         instance id by waiter id."""
         self._unwatching: set[asyncio.Task[None]] = set()
+        self.states = StateWaits(self)
+        """The ``wait_state`` calls waiting, and the reads of published state (``geste._state``)."""
         self._completed: dict[str, tuple[str, str]] = {}
         """Workflow name and stored result of instances this process completed lately (a completion is
         final): ``result()`` of one of them needs no read. Oldest dropped past ``COMPLETED_KEPT``."""
@@ -575,6 +578,18 @@ class Client:
             self._poke_worker()
         return mid
 
+    # -- published state (geste._state) ----------------------------------------------------------------
+    async def get_state(self, instance_id: str, key: str, *, version: int | None = None) -> StateValue | None:
+        return await self.states.get(instance_id, key, version=version)
+
+    async def wait_state(
+        self, instance_id: str, key: str, *, after: int = 0, timeout: float | timedelta | None = None
+    ) -> StateValue:
+        return await self.states.wait(instance_id, key, after=after, timeout=timeout)
+
+    async def list_state(self, instance_id: str, *, limit: int = 1000) -> list[StateValue]:
+        return await self.states.list(instance_id, limit=limit)
+
     # -- results -----------------------------------------------------------------------------------
     async def result(self, instance_id: str, timeout: float | timedelta | None) -> Any:
         """Wait for the instance to finish and return its result (``WorkflowHandle.result``).
@@ -728,17 +743,25 @@ class Client:
         """An instance ended (in this process, or elsewhere and notified): its ``result()`` waiters look
         at it now. The end forgot their registrations for it."""
         self._wake(self._waiters.get(instance_id, ()), ended=True)
+        self.states.on_instance(instance_id, ended=True)
+
+    def on_state(self, instance_id: str, key: str) -> None:
+        """A value of ``key`` was published (in this process, or elsewhere and notified): its
+        ``wait_state`` calls read it now."""
+        self.states.on_state(instance_id, key)
 
     def on_released(self, instance_id: str) -> None:
         """An instance this process ran suspended: it may end in another process now, so its ``result()``
         waiters here look at it again (and register for that end)."""
         self._wake(self._waiters.get(instance_id, ()))
+        self.states.on_instance(instance_id)
 
     def wake_waiters(self) -> None:
         """Every ``result()`` waiter reads its instance now (the listener connected or reconnected: an end
         notified while it was away is not replayed)."""
         for futures in self._waiters.values():
             self._wake(futures)
+        self.states.wake_all()
 
     def release_waiters(self) -> None:
         """The App closed: every ``result()`` waiter wakes, and sees it closed."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._models import HistoryEntry, InstanceInfo, RunInfo, Status
+from ._models import HistoryEntry, InstanceInfo, RunInfo, StateValue, Status
 
 R = TypeVar("R")
 
@@ -26,6 +26,14 @@ class HandleClient(Protocol):
     async def runs(self, instance_id: str) -> list[RunInfo]: ...
 
     async def cancel(self, instance_id: str) -> InstanceInfo: ...
+
+    async def get_state(
+        self, instance_id: str, key: str, *, version: int | None = None
+    ) -> StateValue | None: ...
+
+    async def wait_state(
+        self, instance_id: str, key: str, *, after: int = 0, timeout: float | timedelta | None = None
+    ) -> StateValue: ...
 
 
 class WorkflowHandle(Generic[R]):
@@ -62,6 +70,22 @@ class WorkflowHandle(Generic[R]):
 
     async def cancel(self) -> InstanceInfo:
         return await self.client.cancel(self.instance_id)
+
+    async def get_state(self, key: str, *, version: int | None = None) -> StateValue | None:
+        """The latest value the instance published under ``key`` with ``ctx.set_state`` (or its value
+        ``version``), with its version; None when there is none (docs/state.md). One read by primary key.
+        Raises ``InstanceNotFoundError``, and ``ConfigurationError`` for a bad key or version."""
+        return await self.client.get_state(self.instance_id, key, version=version)
+
+    async def wait_state(
+        self, key: str, *, after: int = 0, timeout: float | timedelta | None = None
+    ) -> StateValue:
+        """The first value of ``key`` whose version is past ``after`` (0: any value), waiting for one if
+        there is none yet: pass the version you have to wait for the next. Woken by the ``set_state``
+        itself (in memory in this process, by NOTIFY on PostgreSQL, by reads otherwise). Raises
+        ``StateTimeout`` once ``timeout`` runs out, ``StateEndedError`` if the instance ended without
+        one (none will come), ``InstanceNotFoundError``."""
+        return await self.client.wait_state(self.instance_id, key, after=after, timeout=timeout)
 
     def __repr__(self) -> str:
         return f"<WorkflowHandle {self.instance_id}>"

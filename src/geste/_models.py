@@ -69,6 +69,8 @@ class StepKind(StrEnum):
     """The end of a child the workflow awaited (``handle.result()``): its status and result or error."""
     CONTINUE_AS_NEW = "continue_as_new"
     """The last row of a run that ended with ``ctx.continue_as_new`` (found in its kept history only)."""
+    SET_STATE = "set_state"
+    """``ctx.set_state``: a value published under a key (the row's name); the value is in ``geste_state``."""
 
 
 class ParentClose(StrEnum):
@@ -83,6 +85,19 @@ class ParentClose(StrEnum):
     WAIT = "wait"
     """The parent, once its code returned or raised, waits for it before it ends; a cancelled parent
     cancels it instead (a cancel reaches every child but the abandoned ones)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateValue:
+    """A value an instance published under ``key`` with ``ctx.set_state`` (``handle.get_state``,
+    ``handle.wait_state``): ``version`` numbers the key's values from 1 (``wait_state(after=version)``
+    waits for the next one); ``run`` is the run that set it (``continue_as_new``)."""
+
+    key: str
+    value: Any
+    version: int
+    set_at: datetime
+    run: int
 
 
 def to_datetime(ts: float | None) -> datetime | None:

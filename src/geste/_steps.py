@@ -639,6 +639,25 @@ class NowStep(_Payload):
 
 
 @dataclass(frozen=True, slots=True)
+class SetStateStep(_Payload):
+    """``ctx.set_state``: a value published under a key (the row's name). The value itself is stored
+    with its version in ``geste_state`` by the same transaction; the row keeps its encoded size."""
+
+    kind: ClassVar[StepKind] = StepKind.SET_STATE
+    size: int
+
+    def encode(self) -> str:
+        return encode({"size": self.size}, what="set_state")
+
+    @classmethod
+    def from_json(cls, body: Any, *, is_error: bool = False) -> Self:
+        size = _object(body)["size"]
+        if type(size) is not int:
+            raise TypeError(f"size {size!r:.80} is not an integer")
+        return cls(size)
+
+
+@dataclass(frozen=True, slots=True)
 class UuidStep(_Payload):
     """``ctx.uuid4()``: the UUID it returned."""
 
@@ -819,6 +838,7 @@ Step = (
     | ContinueAsNewStep
     | StartChildStep
     | ChildStep
+    | SetStateStep
 )
 """The typed payload of a history row, one class per ``StepKind``."""
 
@@ -845,6 +865,7 @@ STEPS: dict[str, type[Step]] = {
         ContinueAsNewStep,
         StartChildStep,
         ChildStep,
+        SetStateStep,
     )
 }
 """The step class of each kind (by its stored value)."""

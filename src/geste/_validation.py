@@ -125,6 +125,20 @@ MAX_ID_LENGTH = 200
 """The longest instance or worker id."""
 
 
+MAX_STATE_KEY_LENGTH = 200
+
+
+def check_state_key(key: object) -> str:
+    """A state key (``ctx.set_state``, ``get_state``): a non-empty string of at most 200 characters that
+    every backend stores verbatim (it goes into a NOTIFY payload too, whose limit is 8,000 bytes)."""
+    if not isinstance(key, str) or not key or len(key) > MAX_STATE_KEY_LENGTH or not storable_text(key):
+        raise ConfigurationError(
+            f"a state key must be a non-empty string of at most {MAX_STATE_KEY_LENGTH} characters "
+            f"(no NUL, valid UTF-8), not {key!r:.80}"
+        )
+    return key
+
+
 def check_id(value: object, what: str) -> str:
     if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH or not storable_text(value):
         raise ConfigurationError(

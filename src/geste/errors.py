@@ -20,6 +20,8 @@ GesteError
 ├── InstanceAlreadyExistsError  reserved for callers that ask start() to refuse an existing id
 │   └── QueueDeduplicated       a start onto a queue whose dedup id an unfinished instance holds
 ├── ResultTimeout               handle.result(timeout=...) ran out (also a builtins.TimeoutError)
+├── StateTimeout                handle.wait_state(timeout=...) ran out (also a builtins.TimeoutError)
+├── StateEndedError             handle.wait_state() of an instance that ended: no newer value will come
 ├── IdleTimeout                 geste.testing: instances still busy when the wait for them ran out
 ├── WorkflowFailed              handle.result() of a failed instance; .error describes the cause
 ├── WorkflowCancelled           handle.result() of a cancelled instance
@@ -69,6 +71,8 @@ __all__ = [
     "ScheduleNotFoundError",
     "SchemaVersionError",
     "SerializationError",
+    "StateEndedError",
+    "StateTimeout",
     "StorageError",
     "StorageTimeout",
     "UnknownWorkflowError",
@@ -223,6 +227,26 @@ class QueueDeduplicated(InstanceAlreadyExistsError):
 
 class ResultTimeout(GesteError, TimeoutError):
     """The instance did not finish within the time given to ``handle.result()``."""
+
+
+class StateTimeout(GesteError, TimeoutError):
+    """No value of the key newer than ``after`` was published within the time given to
+    ``handle.wait_state()``."""
+
+
+class StateEndedError(GesteError):
+    """``handle.wait_state()`` of an instance that has ended (completed, failed or cancelled) with no value
+    of the key newer than ``after``: none will come. Its last value, if any, is still read by
+    ``get_state``."""
+
+    def __init__(self, instance_id: str, key: str, status: str) -> None:
+        super().__init__(instance_id, key, status)
+        self.instance_id = instance_id
+        self.key = key
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"instance {self.instance_id} ended ({self.status}) with no newer value of {self.key!r}"
 
 
 class IdleTimeout(GesteError, TimeoutError):

@@ -36,6 +36,7 @@ from .._steps import (
     ReceiveTimeoutStep,
     SendEventStep,
     SendToStep,
+    SetStateStep,
     SleepStep,
     StartChildStep,
     SubscribeStep,
@@ -53,6 +54,7 @@ from .._validation import (
     check_id,
     check_instance_id,
     check_mode,
+    check_state_key,
 )
 from ..errors import (
     ChildWorkflowError,
@@ -608,6 +610,33 @@ class WorkflowContext:
             now,
         )
         return eid
+
+    # -- published state -------------------------------------------------------------------------------
+    async def set_state(self, key: str, value: Any) -> None:
+        """Publish ``value`` (JSON-serialisable) under ``key``: ``handle.get_state(key)`` reads it from any
+        process, ``handle.wait_state(key, after=...)`` wakes on it (docs/state.md).
+
+        A step of its own: the value, the key's next version (1, 2, ...) and the step's history row
+        commit in one transaction, so a replay writes nothing and a value is never written twice. Every
+        value is kept (``get_state(key, version=n)``); they stay after the instance's end and across
+        ``continue_as_new`` (versions go on). Raises, before anything is written,
+        ``ConfigurationError`` for a bad key (a non-empty string of at most 200 characters),
+        ``SerializationError`` for a value that is not JSON, ``PayloadTooLargeError`` past
+        ``App(max_payload_bytes=...)``.
+        """
+        check_state_key(key)
+        journal = self._journal
+        seq = journal.next()
+        row = journal.replay(seq, StepKind.SET_STATE, key)
+        if row is not None:
+            journal.read(row, SetStateStep)
+            return
+        journal.begin(seq)
+        encoded = encode(value, what=f"value of state {key}", limit=self._host.max_payload_bytes)
+        journal.live(seq, ordered=False)
+        now = self._host.clock()
+        body = SetStateStep(len(encoded)).encode()
+        await journal.set_state(HistoryRow(seq, StepKind.SET_STATE, key, body, False, now), key, encoded, now)
 
     # -- channels ------------------------------------------------------------------------------------
     async def subscribe(self, channel: str, mode: str = "broadcast") -> None:

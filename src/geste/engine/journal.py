@@ -16,6 +16,7 @@ ends by ``continue_as_new`` (``ContinuedAsNew``), and where a history that grows
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from operator import itemgetter
@@ -170,6 +171,8 @@ class Host(Protocol):
     """Called after a step published a message that made receivers runnable."""
     on_outbox: Callable[[str], None]
     """Called with the event id after a step recorded an outbox event."""
+    on_state: Callable[[str, str], None]
+    """Called with the instance id and the key after a ``set_state`` step committed a value."""
     retry_wait: Callable[[str, float], Awaitable[None]]
     """How an activity's retry back-off waits, given the instance id and the seconds."""
     workflows: Mapping[str, Workflow[Any, Any]]
@@ -245,6 +248,7 @@ class Journal:
         self.children: dict[str, str] = {}
         """The children this run started (``ctx.start_child``, replayed or live): id -> parent-close
         policy; those it awaited to their end are dropped, so the run's end applies the policy to the rest."""
+        self._state_lock = asyncio.Lock()
         self.compensations: list[tuple[Activity[Any, Any], tuple[Any, ...], dict[str, Any]]] = []
         """The compensations the workflow registered (``on_failure``), oldest first."""
         self._compensating = False
@@ -493,6 +497,22 @@ class Journal:
             )
         self._recorded(records, outcome.cancel_requested)
         host.on_outbox(event.event_id)
+
+    async def set_state(self, row: HistoryRow, key: str, value: str, now: float) -> int:
+        """Record the ``set_state`` step ``row`` and the key's next value in one transaction; return its
+        version. One at a time per run (``_state_lock``): versions are numbered by the statement, which
+        must see the previous one committed (two of a gather would otherwise both read the same last)."""
+        async with self._state_lock:
+            self.pending.append(row)
+            records, self.pending = self.pending, []
+            host = self.host
+            with _abandon_on_failure:
+                outcome = await host.storage.state_set(
+                    self._commit(records, now), key=key, value=value, run=self.run, seq=row.seq
+                )
+        self._recorded(records, outcome.cancel_requested)
+        host.on_state(self.instance_id, key)
+        return outcome.version
 
     async def subscribe(self, row: HistoryRow, channel: str, mode: str, now: float) -> None:
         """Record the ``subscribe`` step ``row`` and the subscription in one transaction."""

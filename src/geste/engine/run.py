@@ -80,6 +80,10 @@ def _ignore_outbox(_event_id: str) -> None:
     pass
 
 
+def _ignore_state(_instance_id: str, _key: str) -> None:
+    pass
+
+
 class Engine:
     """Runs claimed instances (``run``): what it needs of the rest of geste it is given here.
 
@@ -101,6 +105,7 @@ class Engine:
         on_completed: Callable[[str, str, str], None] = _ignore_completed,
         on_channel_woken: Callable[[], None] = _ignore_woken,
         on_outbox: Callable[[str], None] = _ignore_outbox,
+        on_state: Callable[[str, str], None] = _ignore_state,
         retry_wait: Callable[[str, float], Awaitable[None]] = _retry_sleep,
         workflow_cache_size: int = 0,
         activity_threads: int = DEFAULT_ACTIVITY_THREADS,
@@ -125,6 +130,9 @@ class Engine:
         """Called after a step published a message that made receivers runnable: the App pokes its worker."""
         self.on_outbox = on_outbox
         """Called with the event id after a step recorded an outbox event: the App pokes its relay."""
+        self.on_state = on_state
+        """Called with the instance id and key after a ``set_state`` step committed: the App wakes its
+        ``wait_state`` calls of that key without a read of the database."""
         self.retry_wait = retry_wait
         """How an activity's retry back-off waits, given the instance id and the seconds: in real time;
         ``geste.testing`` makes it wait for its virtual clock instead."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from .._access import bearer_matches, is_address_or_localhost, resolve_token
-from .._models import InstanceInfo, RunInfo, Status
+from .._models import InstanceInfo, RunInfo, StateValue, Status
 from .._status import schedule_dict
 from ..errors import (
     AppNotOpenError,
@@ -30,6 +30,8 @@ from ..errors import (
     ResultTimeout,
     ScheduleNotFoundError,
     SerializationError,
+    StateEndedError,
+    StateTimeout,
     StorageError,
     UnknownWorkflowError,
     WorkflowCancelled,
@@ -73,6 +75,7 @@ _STATUS_OF_ERROR: tuple[tuple[type[GesteError], int], ...] = (
     (PayloadTooLargeError, 413),
     (InstanceAlreadyExistsError, 409),
     (InstanceStateError, 409),  # a retry of an instance that did not fail, a resume a live worker holds
+    (StateEndedError, 409),  # a wait for a value of an instance that ended: none will come
     (WorkflowFailed, 409),
     (WorkflowCancelled, 409),
     (AppNotOpenError, 503),
@@ -109,6 +112,8 @@ class GesteASGI:
         router.add("GET", "/instances/{id}/history", self._history)
         router.add("GET", "/instances/{id}/runs", self._runs)
         router.add("GET", "/instances/{id}/result", self._result)
+        router.add("GET", "/instances/{id}/state", self._states)
+        router.add("GET", "/instances/{id}/state/{key}", self._state)
         router.add("POST", "/instances/{id}/cancel", self._cancel)
         router.add("POST", "/instances/{id}/retry", self._retry)
         router.add("POST", "/instances/{id}/resume", self._resume)
@@ -320,6 +325,39 @@ class GesteASGI:
         if info.status.is_finished:
             return json_response(409, {**body, "error": _outcome_error(info)})
         return json_response(202, body)
+
+    async def _states(self, request: Request, params: dict[str, str]) -> Response:
+        """The latest value of each key the instance published (``ctx.set_state``), by key."""
+        request.query()
+        values = await self.app.list_state(params["id"])
+        return json_response(200, {"instance_id": params["id"], "state": [_state_value(v) for v in values]})
+
+    async def _state(self, request: Request, params: dict[str, str]) -> Response:
+        """A value the instance published under ``key``: the latest, or ``?version=n``; with ``?after=n``
+        and/or ``?wait=s`` (at most 30 s), the first value whose version is past ``after`` (default 0),
+        waited for: 200 with it, 202 when none came within the wait (ask again), 409 when the instance
+        ended without one. A plain read of a key never set is a 404."""
+        query = request.query("version", "after", "wait")
+        instance_id, key = params["id"], params["key"]
+        if "version" in query:
+            if "after" in query or "wait" in query:
+                raise bad_request("version cannot be combined with after or wait")
+            version = _whole(query["version"], "version", least=1)
+            found = await self.app.get_state(instance_id, key, version=version)
+        elif "after" in query or "wait" in query:
+            after = _whole(query.get("after", "0"), "after", least=0)
+            wait = _wait(query.get("wait"))
+            try:
+                found = await self.app.wait_state(instance_id, key, after=after, timeout=wait)
+            except StateTimeout:
+                return json_response(202, {"instance_id": instance_id, "key": key, "after": after})
+        else:
+            found = await self.app.get_state(instance_id, key)
+        if found is None:
+            return error_response(
+                404, "StateNotFound", f"instance {instance_id} has no such value of {key!r}"
+            )
+        return json_response(200, {"instance_id": instance_id, **_state_value(found)})
 
     async def _cancel(self, request: Request, params: dict[str, str]) -> Response:
         request.query()
@@ -539,6 +577,22 @@ def _wait(value: str | None) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise bad_request(f"wait must be a number of seconds >= 0, not {value!r}")
     return min(seconds, MAX_RESULT_WAIT)
+
+
+def _whole(value: str, what: str, *, least: int) -> int:
+    if not value.isascii() or not value.isdigit() or len(value) > 9 or int(value) < least:
+        raise bad_request(f"{what} must be a whole number >= {least}, not {value!r:.80}")
+    return int(value)
+
+
+def _state_value(value: StateValue) -> dict[str, Any]:
+    return {
+        "key": value.key,
+        "value": value.value,
+        "version": value.version,
+        "set_at": value.set_at.isoformat(),
+        "run": value.run,
+    }
 
 
 def _public_error(error: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -38,7 +38,15 @@ from ._html import Child, Html, code_block, duration, join, short, tag, utc, whe
 from ._pages import arguments, frame, status_badge
 
 if TYPE_CHECKING:
-    from ..storage.base import HistoryRow, InstanceExtras, InstanceRow, MessageRow, OutboxRow, RunRow
+    from ..storage.base import (
+        HistoryRow,
+        InstanceExtras,
+        InstanceRow,
+        MessageRow,
+        OutboxRow,
+        RunRow,
+        StateRow,
+    )
     from ._viewer import Link
 
 _UNREADABLE = object()
@@ -73,6 +81,7 @@ _CSS_KIND: dict[str, str] = {
     StepKind.CONTINUE_AS_NEW: "continue",
     StepKind.START_CHILD: "helper",
     StepKind.CHILD: "helper",
+    StepKind.SET_STATE: "state",
 }
 
 
@@ -120,9 +129,11 @@ def instance_page(
     elapsed: float,
     runs: Sequence[RunRow] = (),
     children: Sequence[InstanceRow] = (),
+    state: Sequence[StateRow] = (),
 ) -> Html:
     """The instance's page: its current run (``runs``: those it ended with ``continue_as_new``; its
-    ``children``: the child workflows it started, linked, as its parent is in its facts)."""
+    ``children``: the child workflows it started, linked, as its parent is in its facts; ``state``: the
+    latest value of each key it published with ``ctx.set_state``)."""
     steps = [_step(r) for r in history]
     started = runs[-1].ended_at if runs else row.created_at  # the current run began as the last ended
     title = f"History · {len(steps)} step{'s' if len(steps) != 1 else ''}"
@@ -145,11 +156,39 @@ def instance_page(
             else tag("p", "Nothing recorded yet.", class_="muted"),
             class_="panel",
         ),
+        _state_panel(state, now),
         _runs_panel(link, row, runs, shown=row.run),
         _children_panel(link, children),
     ]
     footer = f"{utc(now)} · rendered in {duration(elapsed)}"
     return frame(link, row.instance_id, body, signed_in=signed_in, footer=footer)
+
+
+def _state_panel(state: Sequence[StateRow], now: float) -> Html | None:
+    """The latest value of each key the instance published (``ctx.set_state``), by key; None: none."""
+    if not state:
+        return None
+    head = tag("tr", [tag("th", name) for name in ("Key", "Version", "Set", "Value")])
+    lines = [
+        tag(
+            "tr",
+            tag("td", tag("code", value.key)),
+            tag("td", str(value.version)),
+            tag("td", when(value.created_at, now), tag("div", f"run {value.run}", class_="muted")),
+            tag("td", code_block(_decode(value.value))),
+            class_="state",
+        )
+        for value in state
+    ]
+    table = tag(
+        "div", tag("table", tag("thead", head), tag("tbody", lines), class_="list"), class_="tablewrap"
+    )
+    return tag(
+        "section",
+        tag("h2", f"State · {len(state)} key{'s' if len(state) != 1 else ''}"),
+        table,
+        class_="panel",
+    )
 
 
 def _children_panel(link: Link, children: Sequence[InstanceRow]) -> Html | None:

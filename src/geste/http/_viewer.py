@@ -55,6 +55,8 @@ counts cost the same on a million instances as on a thousand (`geste status` cou
 MAX_WORKFLOW_NAMES = 200
 MAX_SCHEDULES = 1000
 """The most schedules the schedules page lists (by name)."""
+MAX_STATE_KEYS = 100
+"""Keys an instance's page shows at most in its State section (their latest values), by key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +351,7 @@ class Viewer:
             event_ids, message_ids = _emitted_ids(history)
             extras = await storage.instance_extras(instance_id, event_ids=event_ids, message_ids=message_ids)
             children = [] if shown is not None else await storage.list_children(instance_id, limit=100)
+            state = [] if shown is not None else await storage.list_state(instance_id, limit=MAX_STATE_KEYS)
         except InstanceNotFoundError:
             return self._error_page(request, 404, f"There is no instance {instance_id!r}.", title="Not found")
         except (StorageError, AppNotOpenError) as exc:
@@ -377,6 +380,7 @@ class Viewer:
             elapsed=time.perf_counter() - started,
             runs=runs,
             children=children,
+            state=state,
         )
         return page(200, markup)
 

@@ -28,6 +28,7 @@ from .schedules import ScheduleLoop
 from .wakeups import (
     FINISHED,
     OUTBOX_PENDING,
+    STATE,
     TIMER_LOOKAHEAD,
     WORKFLOW_RESUMABLE,
     Listener,
@@ -89,6 +90,10 @@ class ResultWaiters(Protocol):
 
     def on_finished(self, instance_id: str) -> None:
         """The instance ended: its waiters read it now."""
+        ...
+
+    def on_state(self, instance_id: str, key: str) -> None:
+        """A value of ``key`` was published: its ``wait_state`` waiters read it now."""
         ...
 
     def wake_waiters(self) -> None:
@@ -301,9 +306,10 @@ class Runtime(OpenClose):
 
     def _resumable(self, body: dict[str, Any]) -> None:
         """A ``geste_workflow_resumable`` heard: an end (``finished``) of this schema wakes this process's
-        ``result()`` waiters of the instance (a worker's listener checked the schema already; a client's
+        ``result()`` and ``wait_state()`` waiters of the instance, a value (``state``, 27) its
+        ``wait_state()`` waiters of the key (a worker's listener checked the schema already; a client's
         has no router, so it checks here)."""
-        if FINISHED not in body or self.results is None:
+        if (FINISHED not in body and STATE not in body) or self.results is None:
             return
         instance_id, schema = body.get("instance_id"), body.get("schema")
         if not isinstance(instance_id, str):
@@ -311,7 +317,11 @@ class Runtime(OpenClose):
         if schema is not None and schema != getattr(self.storage, "schema", schema):
             return  # another schema's: channels are per database
         try:
-            self.results.on_finished(instance_id)
+            key = body.get(STATE)
+            if FINISHED in body:
+                self.results.on_finished(instance_id)
+            elif isinstance(key, str):  # a set_state (25), for the wait_state() calls of its key
+                self.results.on_state(instance_id, key)
         except Exception:  # the listener's dispatch must survive anything
             logger.exception("waking the result() waiters of %s failed", instance_id)
 

@@ -45,6 +45,10 @@ CANCEL = "cancel"
 FINISHED = "finished"
 """The payload field of a ``geste_workflow_resumable`` sent by an instance's end (its status), for the
 ``result()`` waiters of other processes (schema 14): nothing to claim, so no worker claims for it."""
+STATE = "state"
+"""The payload field of a ``geste_workflow_resumable`` sent by a ``set_state`` (schema 25: the key), for
+the ``wait_state`` calls of other processes: nothing to claim, so no worker claims for it. (A worker of a
+geste before it takes it for a wake-up of the instance: one claim round that finds nothing.)"""
 QUEUE = "queue"
 """The payload field of a ``geste_workflow_resumable`` sent by a start onto a queue (schema 20): while
 routing, the one live worker serving that queue that the rendezvous of the instance id picks claims the
@@ -533,7 +537,7 @@ class Listener(Loop):
                     self._cancel(body, router)
                 elif QUEUE in body:  # a start onto a queue: for one worker that serves it
                     self._queue(body, router)
-                elif FINISHED not in body:  # an end, for result() waiters: nothing to claim
+                elif FINISHED not in body and STATE not in body:  # an end or a value: nothing to claim
                     self._resumable(body, router)
             elif channel == CHANNEL_MESSAGE:
                 self._message(body, router)

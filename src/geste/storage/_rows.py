@@ -34,6 +34,7 @@ from .base import (
     RetryRow,
     RunRow,
     ScheduleRow,
+    StateRow,
     StoredEvent,
     StoredMessage,
     SubscriptionRow,
@@ -296,3 +297,15 @@ def schedule_row(r: Record) -> ScheduleRow:
 def queue_state(r: Record) -> QueueState:
     """A ``list_queues`` record (the rate window counted only where a rate is set)."""
     return _by_field(QueueState, r, declared=bool(r["declared"]), rate_used=int(r["rate_used"] or 0))
+
+
+def state(r: Any) -> StateRow:
+    """A value of ``geste_state`` (schema 25)."""
+    return StateRow(r["key"], r["version"], r["value"], r["run"], r["seq"], r["created_at"])
+
+
+def instance_state(r: Any) -> tuple[Status, StateRow | None] | None:
+    """``get_state``'s row: the instance's status and the value found (None: none); None: no instance."""
+    if r is None:
+        return None
+    return Status(r["status"]), None if r["version"] is None else state(r)

@@ -614,6 +614,26 @@ class WaitingTick:
     ready: bool
 
 
+@dataclass(frozen=True, slots=True)
+class StateRow:
+    """One value of a key an instance published (``geste_state``, schema 25)."""
+
+    key: str
+    version: int
+    value: str
+    run: int
+    seq: int
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StateSet:
+    """What a ``state_set`` wrote: the value's version, and whether a cancel was requested meanwhile."""
+
+    version: int
+    cancel_requested: bool
+
+
 class Storage(abc.ABC):
     """One database holding instances, their histories, timers, event waits and events."""
 
@@ -1004,6 +1024,38 @@ class Storage(abc.ABC):
         come from a loose scan of both (one probe per distinct name); the oldest queued instance is the
         oldest of the first ``levels`` priorities of the line (one probe per priority). Read in one
         statement: the cost grows with the queues and the cap, never with the instances."""
+
+    # -- published state (schema 25) ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def state_set(self, commit: Commit, *, key: str, value: str, run: int, seq: int) -> StateSet:
+        """``record`` plus the next version of ``key``'s value (stored JSON), in one transaction; on
+        PostgreSQL a ``geste_workflow_resumable`` with a ``state`` field too, only when a ``wait_state``
+        call of another process than the writer's is registered for the key (``watch_state``)."""
+
+    @abc.abstractmethod
+    async def get_state(
+        self, instance_id: str, key: str, *, version: int | None = None
+    ) -> tuple[Status, StateRow | None] | None:
+        """The instance's status and the latest value of ``key`` (or its value ``version``; None: no such
+        value), in one read by primary key; None when the instance does not exist."""
+
+    @abc.abstractmethod
+    async def list_state(self, instance_id: str, *, limit: int) -> list[StateRow]:
+        """The latest value of each of the instance's keys (at most ``limit`` keys, by key): for the
+        viewer and the HTTP API. Reads every value of the instance's keys (the primary key's prefix)."""
+
+    async def watch_state(
+        self, instance_id: str, key: str, *, waiter: str, process: str, expires_at: float
+    ) -> bool:
+        """Register the ``wait_state`` call ``waiter`` of the App whose worker id is ``process`` for the
+        values of ``key`` (a row of ``geste_result_waiters`` with its ``state_key``): a ``set_state`` of
+        the key notifies it, and so does the instance's end, which deletes it. As ``watch_result``:
+        written only while the instance has not ended (returns whether it was), renewed by a second call,
+        forgotten by ``unwatch_results``, expired rows deleted by ``result_waiters_cleanup``. Only
+        PostgreSQL notifies: elsewhere ``wait_state`` reads and never calls this."""
+        from ..errors import ConfigurationError
+
+        raise ConfigurationError(f"{type(self).__name__} has no LISTEN/NOTIFY: wait_state() reads")
 
     # -- the transactional outbox ------------------------------------------------------------------
     @abc.abstractmethod

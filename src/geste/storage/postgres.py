@@ -1457,6 +1457,44 @@ class PostgresStorage(base.Storage):
 
         return await self._read(go)
 
+    # -- published state (schema 25) ---------------------------------------------------------------
+    async def state_set(
+        self, commit: base.Commit, *, key: str, value: str, run: int, seq: int
+    ) -> base.StateSet:
+        async def go(conn: Conn) -> base.StateSet:
+            row = await conn.fetchrow(
+                self._q["state_set"], *self._lease_columns(commit), None, key, value, run, seq, self.notify
+            )
+            if row is None:
+                raise base.LeaseLost(commit.lease.instance_id)
+            return base.StateSet(version=row["version"], cancel_requested=row["cancel_requested"])
+
+        return await self._run(go)
+
+    async def get_state(
+        self, instance_id: str, key: str, *, version: int | None = None
+    ) -> tuple[Status, base.StateRow | None] | None:
+        async def go(conn: Conn) -> tuple[Status, base.StateRow | None] | None:
+            return rows.instance_state(await conn.fetchrow(self._q["get_state"], instance_id, key, version))
+
+        return await self._read(go)
+
+    async def list_state(self, instance_id: str, *, limit: int) -> list[base.StateRow]:
+        async def go(conn: Conn) -> list[base.StateRow]:
+            return [rows.state(r) for r in await conn.fetch(self._q["list_state"], instance_id, limit)]
+
+        return await self._read(go)
+
+    async def watch_state(
+        self, instance_id: str, key: str, *, waiter: str, process: str, expires_at: float
+    ) -> bool:
+        async def go(conn: Conn) -> bool:
+            return bool(
+                await conn.fetchval(self._q["watch_state"], instance_id, key, waiter, process, expires_at)
+            )
+
+        return await self._run(go)
+
     # -- the transactional outbox ------------------------------------------------------------------
     async def outbox_record(
         self, commit: base.Commit, event: base.NewOutboxEvent, *, status: Status | None = None

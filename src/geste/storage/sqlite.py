@@ -1145,6 +1145,45 @@ class SQLiteStorage(base.Storage):
         return await self._write(tx)
 
     # -- channels (every write inside BEGIN IMMEDIATE: publishes and receives never interleave) -------
+    # -- published state (schema 25) ---------------------------------------------------------------
+    async def state_set(
+        self, commit: base.Commit, *, key: str, value: str, run: int, seq: int
+    ) -> base.StateSet:
+        params = {
+            "instance_id": commit.lease.instance_id,
+            "key": key,
+            "value": value,
+            "run": run,
+            "seq": seq,
+            "now": commit.now,
+        }
+
+        def tx(conn: sqlite3.Connection) -> base.StateSet:
+            cancel = self._append(conn, commit)
+            version = conn.execute(Q["state_insert"], params).fetchone()["version"]
+            return base.StateSet(version=int(version), cancel_requested=cancel)
+
+        return await self._write(tx)
+
+    async def get_state(
+        self, instance_id: str, key: str, *, version: int | None = None
+    ) -> tuple[Status, base.StateRow | None] | None:
+        params = {"instance_id": instance_id, "key": key, "version": version}
+
+        def read(conn: sqlite3.Connection) -> tuple[Status, base.StateRow | None] | None:
+            return rows.instance_state(conn.execute(Q["get_state"], params).fetchone())
+
+        return await self._call(read)
+
+    async def list_state(self, instance_id: str, *, limit: int) -> list[base.StateRow]:
+        params = {"instance_id": instance_id, "limit": limit}
+
+        def read(conn: sqlite3.Connection) -> list[base.StateRow]:
+            return [rows.state(r) for r in conn.execute(Q["list_state"], params).fetchall()]
+
+        return await self._call(read)
+
+    # -- channels ----------------------------------------------------------------------------------
     async def channel_subscribe(self, commit: base.Commit, *, channel: str, mode: str) -> base.StepResult:
         params = {
             "channel": channel,

@@ -2241,3 +2241,75 @@ SELECT n.name, q.name IS NOT NULL AS declared, q.concurrency, q.worker_concurren
 FROM names n LEFT JOIN {schema}.geste_queues q ON q.name = n.name
 ORDER BY n.name
 LIMIT $3;
+
+-- Published state (schema 25; docs/state.md, docs/design.md "Published state").
+
+-- name: state_set
+-- ctx.set_state in one statement: the step commit of `record` (prove and renew the lease, append the
+-- rows) plus the key's next version ($12 key, $13 the value's JSON, $14 the run, $15 the step's seq): one
+-- backward probe of the primary key for the last version. Versions of one instance never race: the
+-- journal sends one set_state of a run at a time, and only the lease holder writes. A
+-- geste_workflow_resumable with a "state" field ($16: notifications on) only when a wait_state call of
+-- another process than the writer's is registered for the key (a probe of geste_result_waiters by the
+-- instance's prefix): none, the common case, and the commit takes no notify lock.
+WITH lease AS (
+    UPDATE {schema}.geste_instances
+    SET lock_expires_at = $3, updated_at = $4, steps = steps + cardinality($5::integer[]),
+        status = COALESCE($11, status)
+    WHERE instance_id = $1 AND lease_id = $2
+    RETURNING cancel_requested, locked_by
+), rows AS (
+    INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
+    SELECT $1, r.* FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
+                               $10::double precision[]) AS r
+    WHERE EXISTS (SELECT 1 FROM lease)
+), state AS (
+    INSERT INTO {schema}.geste_state (instance_id, key, version, value, run, seq, created_at)
+    SELECT $1, $12,
+           COALESCE((SELECT version FROM {schema}.geste_state
+                     WHERE instance_id = $1 AND key = $12 ORDER BY version DESC LIMIT 1), 0) + 1,
+           $13, $14, $15, $4
+    WHERE EXISTS (SELECT 1 FROM lease)
+    RETURNING version
+), notified AS (
+    SELECT pg_notify('geste_workflow_resumable',
+                     json_build_object('instance_id', $1::text, 'state', $12::text, 'version', version,
+                                       'schema', {schema_name})::text)
+    FROM state
+    WHERE $16 AND EXISTS (SELECT 1 FROM {schema}.geste_result_waiters w
+                          WHERE w.instance_id = $1 AND w.state_key = $12
+                            AND w.process IS DISTINCT FROM (SELECT locked_by FROM lease))
+)
+SELECT cancel_requested, (SELECT version FROM state) AS version, (SELECT count(*) FROM notified) AS notified
+FROM lease;
+
+-- name: get_state
+-- handle.get_state / wait_state: the instance's status and the latest value of key $2 (or version $3), by
+-- primary keys; no row when the instance does not exist.
+SELECT i.status, s.key, s.version, s.value, s.run, s.seq, s.created_at
+FROM {schema}.geste_instances i
+LEFT JOIN LATERAL (
+    SELECT key, version, value, run, seq, created_at FROM {schema}.geste_state
+    WHERE instance_id = i.instance_id AND key = $2 AND ($3::integer IS NULL OR version = $3)
+    ORDER BY version DESC LIMIT 1
+) s ON true
+WHERE i.instance_id = $1;
+
+-- name: list_state
+-- The latest value of each of the instance's keys, at most $2 keys by key: the viewer's and the HTTP
+-- API's. Reads every value of the instance (the primary key's prefix).
+SELECT DISTINCT ON (key) key, version, value, run, seq, created_at
+FROM {schema}.geste_state WHERE instance_id = $1
+ORDER BY key, version DESC
+LIMIT $2;
+
+-- name: watch_state
+-- A wait_state call ($3, its own id; $4 the worker id of its process) waits for values of key $2: its row
+-- in geste_result_waiters, as watch_result's (written only while the instance has not ended; renewed, $5
+-- the new expiry, when it is there already), with the key it waits for.
+INSERT INTO {schema}.geste_result_waiters (instance_id, waiter, process, expires_at, state_key)
+SELECT $1, $3, $4, $5, $2
+WHERE EXISTS (SELECT 1 FROM {schema}.geste_instances
+              WHERE instance_id = $1 AND status NOT IN ('completed', 'failed', 'cancelled'))
+ON CONFLICT (instance_id, waiter) DO UPDATE SET expires_at = excluded.expires_at
+RETURNING true AS watched;

@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 24), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 25), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -293,6 +293,7 @@ CREATE TABLE geste_result_waiters (
     waiter      text NOT NULL,              -- the result() call: an id of its own
     process     text NOT NULL,              -- the worker id of the waiting App
     expires_at  double precision NOT NULL,  -- renewed while it waits; past it, the chore deletes the row
+    state_key   text,                       -- (25) a wait_state call: the key it waits for; NULL: result()
     PRIMARY KEY (instance_id, waiter)
 );
 -- the cleanup chore: the expired rows, oldest first (14)
@@ -613,3 +614,18 @@ BEGIN
                  FROM geste_instances AS i WHERE i.instance_id = p_child;
 END
 $$;
+
+-- Published state (27; docs/state.md): each value a workflow publishes under a key (ctx.set_state, a step),
+-- numbered per (instance, key) from 1, written by the statement that records the step's history row.
+-- Never updated: the history of values is kept; the latest is the highest version (a backward probe of
+-- the primary key). Kept after the instance's end and across continue_as_new (versions go on).
+CREATE TABLE geste_state (
+    instance_id text NOT NULL,
+    key         text NOT NULL,
+    version     integer NOT NULL,           -- 1, 2, ... per (instance, key): wait_state(after=...) takes it
+    value       text NOT NULL,              -- JSON
+    run         integer NOT NULL,           -- the run that set it (continue_as_new)
+    seq         integer NOT NULL,           -- the set_state step in that run's history
+    created_at  double precision NOT NULL,
+    PRIMARY KEY (instance_id, key, version)
+);

@@ -1438,3 +1438,34 @@ SELECT n.name, q.name IS NOT NULL AS declared, q.concurrency, q.worker_concurren
 FROM names n LEFT JOIN geste_queues q ON q.name = n.name
 ORDER BY n.name
 LIMIT :limit;
+
+-- Published state (schema 25; docs/state.md, docs/design.md "Published state").
+
+-- name: state_insert
+-- ctx.set_state, after the step commit (`_append`) in the same transaction: the key's next version (one
+-- backward probe of the primary key; the one writer of SQLite, and the lease, serialise them).
+INSERT INTO geste_state (instance_id, key, version, value, run, seq, created_at)
+SELECT :instance_id, :key,
+       COALESCE((SELECT version FROM geste_state
+                 WHERE instance_id = :instance_id AND key = :key ORDER BY version DESC LIMIT 1), 0) + 1,
+       :value, :run, :seq, :now
+RETURNING version;
+
+-- name: get_state
+-- handle.get_state / wait_state: the instance's status and the latest value of :key (or :version), by
+-- primary keys; no row when the instance does not exist.
+SELECT i.status, s.key, s.version, s.value, s.run, s.seq, s.created_at
+FROM geste_instances i
+LEFT JOIN geste_state s
+    ON s.instance_id = i.instance_id AND s.key = :key
+   AND s.version = COALESCE(:version, (SELECT max(version) FROM geste_state
+                                       WHERE instance_id = :instance_id AND key = :key))
+WHERE i.instance_id = :instance_id;
+
+-- name: list_state
+-- The latest value of each of the instance's keys, at most :limit keys by key (the viewer's, the HTTP
+-- API's): SQLite's bare columns of a max() aggregate are those of the row holding the max.
+SELECT key, max(version) AS version, value, run, seq, created_at
+FROM geste_state WHERE instance_id = :instance_id
+GROUP BY key ORDER BY key
+LIMIT :limit;

@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 24), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 25), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -347,3 +347,18 @@ CREATE UNIQUE INDEX geste_instances_dedup ON geste_instances (queue, dedup_id)
 CREATE INDEX geste_instances_queued_partition
     ON geste_instances (queue, partition_key, priority, queued_at, instance_id)
     WHERE queued_at IS NOT NULL AND status = 'pending';
+
+-- Published state (27; docs/state.md): each value a workflow publishes under a key (ctx.set_state, a step),
+-- numbered per (instance, key) from 1, written in the transaction that records the step's history row.
+-- Never updated: the history of values is kept; the latest is the highest version. Kept after the
+-- instance's end and across continue_as_new (versions go on).
+CREATE TABLE geste_state (
+    instance_id TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    version     INTEGER NOT NULL,  -- 1, 2, ... per (instance, key): wait_state(after=...) takes it
+    value       TEXT NOT NULL,     -- JSON
+    run         INTEGER NOT NULL,  -- the run that set it (continue_as_new)
+    seq         INTEGER NOT NULL,  -- the set_state step in that run's history
+    created_at  REAL NOT NULL,
+    PRIMARY KEY (instance_id, key, version)
+) WITHOUT ROWID;
