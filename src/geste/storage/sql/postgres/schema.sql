@@ -615,7 +615,7 @@ BEGIN
 END
 $$;
 
--- Published state (27; docs/state.md): each value a workflow publishes under a key (ctx.set_state, a step),
+-- Published state (25; docs/state.md): each value a workflow publishes under a key (ctx.set_state, a step),
 -- numbered per (instance, key) from 1, written by the statement that records the step's history row.
 -- Never updated: the history of values is kept; the latest is the highest version (a backward probe of
 -- the primary key). Kept after the instance's end and across continue_as_new (versions go on).

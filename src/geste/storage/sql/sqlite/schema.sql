@@ -348,7 +348,7 @@ CREATE INDEX geste_instances_queued_partition
     ON geste_instances (queue, partition_key, priority, queued_at, instance_id)
     WHERE queued_at IS NOT NULL AND status = 'pending';
 
--- Published state (27; docs/state.md): each value a workflow publishes under a key (ctx.set_state, a step),
+-- Published state (25; docs/state.md): each value a workflow publishes under a key (ctx.set_state, a step),
 -- numbered per (instance, key) from 1, written in the transaction that records the step's history row.
 -- Never updated: the history of values is kept; the latest is the highest version. Kept after the
 -- instance's end and across continue_as_new (versions go on).
