@@ -111,6 +111,7 @@ POSTGRES_ONLY = {
     "result_waiters_cleanup": "the cleanup chore's expired result() registrations (SQLite: none)",
     "continue_as_new": "a run's end and the next's start in one statement; SQLite: lease_state, 9 more",
     "history_after": "a claim's catch-up past its snapshot (SQLite's claim reads in its write transaction)",
+    "hand_on_queue": "a full worker hands a queue's backlog on: a NOTIFY (SQLite has none: it polls)",
 }
 
 
