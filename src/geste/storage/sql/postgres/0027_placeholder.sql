@@ -1,0 +1,2 @@
+-- placeholder (the lead renumbers at merge)
+SELECT 1;
