@@ -35,6 +35,7 @@ from ._status import (
     WorkerInfo,
     is_alive,
 )
+from ._streams import Streams
 from ._validation import check_id as _check_id
 from .engine.activities import DEFAULT_ACTIVITY_THREADS
 from .engine.context import ActivityContext, WorkflowContext
@@ -306,6 +307,17 @@ class App(OpenClose):
             **({} if retry_wait is None else {"retry_wait": retry_wait}),
         )
         runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics, results=client)
+        streams = Streams(
+            storage,
+            clock=clock,
+            process=options.worker_id,
+            poll_interval=options.poll_interval,
+            fallback_interval=options.notify.fallback_interval,
+            max_payload_bytes=self.max_payload_bytes,
+            is_open=lambda: self._open,
+            listen=runtime.listen_for_streams,
+        )
+        runtime.streams = client.streams = engine.streams = streams
         storage.made_runnable = runtime.poke  # a child's end woke its parent here (SQLite)
         return _Parts(url, storage, clock, metrics, client, engine, runtime, dict(overrides))
 
