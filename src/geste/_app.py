@@ -316,6 +316,7 @@ class App(OpenClose):
             max_payload_bytes=self.max_payload_bytes,
             is_open=lambda: self._open,
             listen=runtime.listen_for_streams,
+            wait_end=lambda instance_id: client.result(instance_id, None),
         )
         runtime.streams = client.streams = engine.streams = streams
         storage.made_runnable = runtime.poke  # a child's end woke its parent here (SQLite)

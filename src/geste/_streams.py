@@ -27,10 +27,11 @@ A stream ends for its readers at its close, or when the instance has ended and e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from ._models import StreamEntry
@@ -78,6 +79,7 @@ class Streams:
         max_payload_bytes: int,
         is_open: Callable[[], bool],
         listen: Callable[[], bool | None] = lambda: None,
+        wait_end: Callable[[str], Awaitable[Any]] | None = None,
     ) -> None:
         self.storage = storage
         self.clock = clock
@@ -87,6 +89,9 @@ class Streams:
         self.max_payload_bytes = max_payload_bytes
         self.is_open = is_open
         self.listen = listen
+        self.wait_end = wait_end
+        """Returns (or raises) once the instance ended: ``result()``, woken by the end's notification
+        (schema 14). A notified reader waits for it too, the end of an instance closing its streams."""
         self.commits: GroupCommit[StreamWrite, None] = GroupCommit(
             self._flush, max_in_flight=1, max_batch=MAX_BATCH
         )
@@ -157,6 +162,7 @@ class Streams:
         stream = (instance_id, key)
         loop = asyncio.get_running_loop()
         reader: str | None = None  # this reader's registration, once written
+        end_watch: asyncio.Task[None] | None = None  # wakes this reader when the instance ends
         renew_at = 0.0
         delay = FIRST_POLL
         ended = False
@@ -199,6 +205,8 @@ class Streams:
                         renew_at = self.clock() + READER_TTL / 2
                         if first:
                             continue  # read again: an item committed before the registration is seen
+                    if listening and end_watch is None and self.wait_end is not None:
+                        end_watch = loop.create_task(self._await_end(instance_id, stream))
                     if listening:
                         wait = self.fallback_interval
                     else:
@@ -215,8 +223,16 @@ class Streams:
                         if not waiters:
                             del self._waiters[stream]
         finally:
+            if end_watch is not None:
+                end_watch.cancel()
             if reader is not None:
                 self._forget(instance_id, key, reader)
+
+    async def _await_end(self, instance_id: str, stream: tuple[str, str]) -> None:
+        assert self.wait_end is not None
+        with contextlib.suppress(Exception):  # failed, cancelled, the App closing: the reader reads now
+            await self.wait_end(instance_id)
+        self._wake({stream})
 
     def _forget(self, instance_id: str, key: str, reader: str) -> None:
         """A reader stopped: its registration is deleted in the background (it expires otherwise)."""
