@@ -45,6 +45,9 @@ logger = logging.getLogger("geste.streams")
 
 MAX_BATCH = 2000
 """Items at most per write statement."""
+GATHER_TICKS = 4
+"""Event-loop turns a write batch waits for before it leaves (after the first of a drain): the writers the
+last batch resumed write again meanwhile and join it (a token loop takes about three turns)."""
 READ_BATCH = 500
 """Items at most per read."""
 FIRST_POLL = 0.005
@@ -93,7 +96,7 @@ class Streams:
         """Returns (or raises) once the instance ended: ``result()``, woken by the end's notification
         (schema 14). A notified reader waits for it too, the end of an instance closing its streams."""
         self.commits: GroupCommit[StreamWrite, None] = GroupCommit(
-            self._flush, max_in_flight=1, max_batch=MAX_BATCH
+            self._flush, max_in_flight=1, max_batch=MAX_BATCH, gather_ticks=GATHER_TICKS
         )
         self.notifications = 0
         """Notifications sent so far (tests and benchmarks: notifications per write batch)."""
