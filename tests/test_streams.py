@@ -377,3 +377,23 @@ async def test_a_reader_in_another_process_resumes_after_a_crash(make_app: MakeA
         await app.send_to(handle.instance_id, "go")
         out, _ = await asyncio.to_thread(second.communicate, timeout=60)
         assert out.split("\n")[:-1] == [f"{i} {i}" for i in range(10, 20)] + ["end"]
+
+
+async def test_the_viewer_shows_an_instances_streams(make_app: MakeApp) -> None:
+    app = make_app()
+    w = register(app)
+    async with app:
+        handle = await w["agent"].start(2)
+        await handle.result(timeout=10)
+        transport = httpx.ASGITransport(app=app.asgi())
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            response = await http.get(f"/ui/instances/{handle.instance_id}", headers={"accept": "text/html"})
+        assert response.status_code == 200
+        text = response.text
+        assert "Streams · 1" in text
+        assert "<strong>tokens</strong> · 7 items · " in text
+        assert f"/instances/{handle.instance_id}/streams/tokens" in text
+        # the last five items, numbered by position
+        for position, item in [(2, "attempt1-0"), (6, "attempt2-4")]:
+            assert f'<li value="{position}"><code>&quot;{item}&quot;</code></li>' in text
+        assert "&quot;1&quot;" not in text and '<li value="1">' not in text
