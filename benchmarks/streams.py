@@ -111,6 +111,8 @@ def serve(url: str, instance_id: str, poll_interval: float) -> None:
         app = build_app(url, poll_interval=poll_interval)
         async with app:
             print("ready", flush=True)
+            while await app.storage.stream_instance_status(instance_id) is None:
+                await asyncio.sleep(0.01)  # until the client started it
             await app.get_handle(instance_id).result(timeout=600)
         print(json.dumps(WRITTEN), flush=True)
 
