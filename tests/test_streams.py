@@ -397,3 +397,37 @@ async def test_the_viewer_shows_an_instances_streams(make_app: MakeApp) -> None:
         for position, item in [(2, "attempt1-0"), (6, "attempt2-4")]:
             assert f'<li value="{position}"><code>&quot;{item}&quot;</code></li>' in text
         assert "&quot;1&quot;" not in text and '<li value="1">' not in text
+
+
+async def test_a_failed_write_abandons_the_run_and_its_replay_writes_once(
+    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database error on a workflow's write stops the run, as on a step commit (not a failure of the
+    workflow): the run is taken again once its lease expires, replays, and its rewrites write nothing."""
+    from geste.errors import StorageError
+
+    app = make_app(lock_timeout=1.0)
+
+    @app.workflow
+    async def three(ctx: geste.WorkflowContext) -> int:
+        for i in range(3):
+            await ctx.write_stream("s", i)
+        return 3
+
+    failed: list[int] = []
+
+    async with app:
+        storage = app.storage
+        original = storage.stream_write
+
+        async def failing_once(writes: Any, now: float) -> Any:
+            if any(w.writer == "1:2" for w in writes) and not failed:
+                failed.append(1)
+                raise StorageError("the database went away")
+            return await original(writes, now)
+
+        monkeypatch.setattr(storage, "stream_write", failing_once)
+        handle = await three.start()
+        assert await handle.result(timeout=20) == 3
+        assert failed == [1]
+        assert [(e.position, e.item) async for e in handle.stream_entries("s")] == [(0, 0), (1, 1), (2, 2)]

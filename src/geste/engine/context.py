@@ -630,7 +630,8 @@ class WorkflowContext:
         stored = encode(item, what=f"an item of stream {key!r:.80}", limit=self._host.max_payload_bytes)
         sink: StreamSink | None = getattr(self._host, "streams", None)
         if sink is not None:
-            await sink.write(self.instance_id, key, f"{self.run}:{n}", stored)
+            with _journal._abandon_on_failure:  # a database error stops the run: its replay writes again
+                await sink.write(self.instance_id, key, f"{self.run}:{n}", stored)
 
     async def close_stream(self, key: str) -> None:
         """Close the stream ``key``: its readers' loops end once they read what came before (the
@@ -639,7 +640,8 @@ class WorkflowContext:
         self._closed_streams.add(key)
         sink: StreamSink | None = getattr(self._host, "streams", None)
         if sink is not None:
-            await sink.write(self.instance_id, key, "close", None)
+            with _journal._abandon_on_failure:
+                await sink.write(self.instance_id, key, "close", None)
 
     async def subscribe(self, channel: str, mode: str = "broadcast") -> None:
         """Subscribe this instance to ``channel``: it receives the messages published from now on.
