@@ -431,3 +431,49 @@ async def test_a_failed_write_abandons_the_run_and_its_replay_writes_once(
         assert await handle.result(timeout=20) == 3
         assert failed == [1]
         assert [(e.position, e.item) async for e in handle.stream_entries("s")] == [(0, 0), (1, 1), (2, 2)]
+
+
+async def test_server_sent_events_come_as_written_and_stop_when_the_client_goes(make_app: MakeApp) -> None:
+    """Called as an ASGI server calls it: each item is sent when it is written (the stream still open),
+    and the client going away ends the response (and the read)."""
+    app = make_app()
+    w = register(app)
+    async with app:
+        handle = await w["unclosed"].start()
+        asgi = app.asgi()
+        sent: list[dict[str, Any]] = []
+        gone = asyncio.Event()
+        first = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if not sent:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if b"event: item" in message.get("body", b""):
+                first.set()
+
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "GET",
+            "path": f"/instances/{handle.instance_id}/streams/s",
+            "raw_path": f"/instances/{handle.instance_id}/streams/s".encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"127.0.0.1")],
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8000),
+        }
+        call = asyncio.create_task(asgi(scope, receive, send))
+        await asyncio.wait_for(first.wait(), 10)
+        assert sent[0]["status"] == 200
+        assert b'data: "only"' in sent[1]["body"] and sent[1]["more_body"]
+        assert not call.done()  # open: the instance waits, the stream may go on
+        gone.set()
+        await asyncio.wait_for(call, 10)
+        await app.send_to(handle.instance_id, "go")
+        await handle.result(timeout=10)
