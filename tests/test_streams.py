@@ -477,3 +477,17 @@ async def test_server_sent_events_come_as_written_and_stop_when_the_client_goes(
         await asyncio.wait_for(call, 10)
         await app.send_to(handle.instance_id, "go")
         await handle.result(timeout=10)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+async def test_the_registrations_of_dead_readers_expire(make_app: MakeApp) -> None:
+    """A reader that died leaves its row; past its expiry the cleanup chore deletes it (oldest first)."""
+    app = make_app()
+    async with app:
+        storage = app.storage
+        await storage.stream_watch("i", "k", reader="dead", process="p", expires_at=10.0)
+        await storage.stream_watch("i", "k", reader="alive", process="p", expires_at=1e12)
+        assert await storage.stream_write([StreamWrite("i", "k", "1:0", "1")], 1.0) == [("i", "k")]
+        assert await storage.stream_readers_cleanup(100.0, limit=10) == 1
+        await storage.stream_unwatch([("i", "k", "alive")])
+        assert await storage.stream_write([StreamWrite("i", "k", "1:1", "2")], 2.0) == []  # nobody reads
