@@ -108,7 +108,7 @@ POSTGRES_ONLY = {
     "result_waiters_cleanup": "the cleanup chore's expired result() registrations (SQLite: none)",
     "continue_as_new": "a run's end and the next's start in one statement; SQLite: lease_state, 9 more",
     "history_after": "a claim's catch-up past its snapshot (SQLite's claim reads in its write transaction)",
-    "stream_write": "a stream write batch in one statement; SQLite: stream_head, stream_insert, stream_set_head",
+    "stream_write": "a stream write batch in one statement; SQLite: stream_head and two more",
     "stream_watch": "a stream reader registers for the writes' NOTIFY (SQLite has none: it polls)",
     "stream_unwatch": "stream readers that stopped waiting forget their registrations (SQLite: none)",
     "stream_readers_cleanup": "the cleanup chore's expired stream reader registrations (SQLite: none)",

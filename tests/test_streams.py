@@ -491,3 +491,26 @@ async def test_the_registrations_of_dead_readers_expire(make_app: MakeApp) -> No
         assert await storage.stream_readers_cleanup(100.0, limit=10) == 1
         await storage.stream_unwatch([("i", "k", "alive")])
         assert await storage.stream_write([StreamWrite("i", "k", "1:1", "2")], 2.0) == []  # nobody reads
+
+
+async def test_closing_the_app_ends_a_waiting_reader(make_app: MakeApp) -> None:
+    from geste.errors import AppNotOpenError
+
+    writer = make_app()
+    w = register(writer)
+    reader_app = make_app(run_worker=False, notify_fallback_interval=60.0, poll_interval=60.0)
+    async with writer:
+        handle = await w["unclosed"].start()
+        await reader_app.open()
+        got: list[Any] = []
+
+        async def read() -> None:
+            async for item in reader_app.get_handle(handle.instance_id).read_stream("s"):
+                got.append(item)
+
+        reading = asyncio.create_task(read())
+        await wait_until(lambda: got, "the first item is read")
+        await reader_app.close()
+        with pytest.raises(AppNotOpenError):
+            await asyncio.wait_for(reading, 10)  # not after a 60 s poll
+        await writer.send_to(handle.instance_id, "go")

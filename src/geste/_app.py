@@ -638,6 +638,8 @@ class App(OpenClose):
 
     def _closed(self) -> None:
         self.client.release_waiters()  # wake result() waiters: they see the App closed
+        if self.client.streams is not None:
+            self.client.streams.wake_all()  # and stream readers
         self._open = False
 
     async def run(self) -> None:

@@ -176,7 +176,20 @@ class Streams:
                 future: asyncio.Future[None] = loop.create_future()
                 self._waiters.setdefault(stream, []).append(future)  # before the read: no write unseen
                 try:
-                    rows = await self.storage.stream_read(instance_id, key, position, READ_BATCH)
+                    try:
+                        rows = await self.storage.stream_read(instance_id, key, position, READ_BATCH)
+                        if len(rows) < READ_BATCH and not (rows and rows[-1][1] is None) and not ended:
+                            status = await self.storage.stream_instance_status(instance_id)
+                        else:
+                            status = None
+                    except StorageError as exc:
+                        if not self.is_open():
+                            raise AppNotOpenError("the App closed while reading a stream") from exc
+                        logger.warning("reading stream %r of %s: %s; trying again", key, instance_id, exc)
+                        with contextlib.suppress(TimeoutError):  # a wake-up (the App closing) ends it
+                            async with asyncio.timeout(self.poll_interval):
+                                await asyncio.shield(future)
+                        continue
                     for at, item in rows:
                         if item is None:
                             return  # closed
@@ -188,7 +201,6 @@ class Streams:
                         delay = FIRST_POLL
                     if ended:
                         return  # read everything after the end
-                    status = await self.storage.stream_instance_status(instance_id)
                     if status is None:
                         raise InstanceNotFoundError(instance_id)
                     if status.is_finished:
@@ -198,15 +210,19 @@ class Streams:
                     if listening and (reader is None or self.clock() >= renew_at):
                         first = reader is None
                         reader = reader or uuid.uuid4().hex
-                        await self.storage.stream_watch(
-                            instance_id,
-                            key,
-                            reader=reader,
-                            process=self.process,
-                            expires_at=self.clock() + READER_TTL,
-                        )
+                        try:
+                            await self.storage.stream_watch(
+                                instance_id,
+                                key,
+                                reader=reader,
+                                process=self.process,
+                                expires_at=self.clock() + READER_TTL,
+                            )
+                        except StorageError as exc:  # not registered: poll this round
+                            logger.info("a stream reader could not register: %s", exc)
+                            listening = False
                         renew_at = self.clock() + READER_TTL / 2
-                        if first:
+                        if first and listening:
                             continue  # read again: an item committed before the registration is seen
                     if listening and end_watch is None and self.wait_end is not None:
                         end_watch = loop.create_task(self._await_end(instance_id, stream))
@@ -255,8 +271,8 @@ class Streams:
             logger.info("could not forget %d stream reader(s): %s", len(readers), exc)
 
     async def close(self) -> None:
-        """The App closes: wake every reader (they see it closed), finish the notifier and the unwatches."""
-        self.wake_all()
+        """The runtime closes: finish the notifier and the unwatches (the App wakes the readers once it is
+        closed: they see it then)."""
         pending = [t for t in (self._notifier, *self._tasks) if t is not None and not t.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
