@@ -228,12 +228,7 @@ async def test_a_reader_of_another_app_gets_the_items_written_while_it_waits(mak
         await asyncio.wait_for(first_half.wait(), 10)
         postgres = writer.url.startswith("postgresql")
         if postgres:  # registered: the second half is notified, not found by a 30 s poll
-            await wait_until(
-                lambda: (
-                    reader_app.runtime.stream_listener is not None and reader_app.runtime.listen_for_streams()
-                ),
-                "the reader listens",
-            )
+            await wait_until(lambda: _readers(writer), "the reader registered")
         await writer.send_to(handle.instance_id, "go")
         await asyncio.wait_for(reading, 10)
         assert got == list(range(20))
