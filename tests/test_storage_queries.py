@@ -48,6 +48,9 @@ SQLITE_ONLY = {
     "channel_wake_receivers": "publish, 3/3; PostgreSQL: channel_publish",
     "channel_cleanup_event_deliveries": "before channel_cleanup_events; PostgreSQL: inside it",
     "claim_ids_pick": "a claim by ids, 1/3 (then claim_picked); PostgreSQL: claim_ids",
+    "stream_head": "a stream write batch, 1/3 per stream; PostgreSQL: stream_write",
+    "stream_insert": "a stream write batch, 2/3 per item; PostgreSQL: stream_write",
+    "stream_set_head": "a stream write batch, 3/3; PostgreSQL: stream_write",
     "claim_ids_later": "a claim by ids, 3/3: the named instances not due yet; PostgreSQL: claim_ids",
     "worker_peers": "the heartbeat's read of the other workers, after upsert_worker; PostgreSQL: heartbeat",
     "channel_delete_subscriptions": "after channel_cleanup_subscriptions; PostgreSQL: inside it",
@@ -112,6 +115,11 @@ POSTGRES_ONLY = {
     "continue_as_new": "a run's end and the next's start in one statement; SQLite: lease_state, 9 more",
     "history_after": "a claim's catch-up past its snapshot (SQLite's claim reads in its write transaction)",
     "hand_on_queue": "a full worker hands a queue's backlog on: a NOTIFY (SQLite has none: it polls)",
+    "stream_write": "a stream write batch in one statement; SQLite: stream_head and two more",
+    "stream_watch": "a stream reader registers for the writes' NOTIFY (SQLite has none: it polls)",
+    "stream_unwatch": "stream readers that stopped waiting forget their registrations (SQLite: none)",
+    "stream_readers_cleanup": "the cleanup chore's expired stream reader registrations (SQLite: none)",
+    "stream_notify": "the batched notification of the streams written (SQLite has no NOTIFY)",
 }
 
 

@@ -12,7 +12,17 @@ from ._definitions import Activity, Workflow
 from ._handle import WorkflowHandle
 from ._metrics import MetricFamily, Metrics, MetricSample, MetricsSnapshot
 from ._metrics_http import MetricsServer
-from ._models import Event, HistoryEntry, InstanceInfo, ParentClose, RunInfo, StateValue, Status, StepKind
+from ._models import (
+    Event,
+    HistoryEntry,
+    InstanceInfo,
+    ParentClose,
+    RunInfo,
+    StateValue,
+    Status,
+    StepKind,
+    StreamEntry,
+)
 from ._operations import ResumeResult, RetryRecord
 from ._queues import Queue, QueueInfo
 from ._retry import RetryPolicy
@@ -55,6 +65,7 @@ __all__ = [
     "StateValue",
     "Status",
     "StepKind",
+    "StreamEntry",
     "SystemStatus",
     "WorkerInfo",
     "Workflow",

@@ -35,6 +35,7 @@ from ._status import (
     WorkerInfo,
     is_alive,
 )
+from ._streams import Streams
 from ._validation import check_id as _check_id
 from .engine.activities import DEFAULT_ACTIVITY_THREADS
 from .engine.context import ActivityContext, WorkflowContext
@@ -307,6 +308,18 @@ class App(OpenClose):
             **({} if retry_wait is None else {"retry_wait": retry_wait}),
         )
         runtime = Runtime(storage, options, runner=engine, clock=clock, metrics=metrics, results=client)
+        streams = Streams(
+            storage,
+            clock=clock,
+            process=options.worker_id,
+            poll_interval=options.poll_interval,
+            fallback_interval=options.notify.fallback_interval,
+            max_payload_bytes=self.max_payload_bytes,
+            is_open=lambda: self._open,
+            listen=runtime.listen_for_streams,
+            wait_end=lambda instance_id: client.result(instance_id, None),
+        )
+        runtime.streams = client.streams = engine.streams = streams
         storage.made_runnable = runtime.poke  # a child's end woke its parent here (SQLite)
         return _Parts(url, storage, clock, metrics, client, engine, runtime, dict(overrides))
 
@@ -647,6 +660,8 @@ class App(OpenClose):
 
     def _closed(self) -> None:
         self.client.release_waiters()  # wake result() waiters: they see the App closed
+        if self.client.streams is not None:
+            self.client.streams.wake_all()  # and stream readers
         self._open = False
 
     async def run(self) -> None:

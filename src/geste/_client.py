@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -21,7 +21,7 @@ from . import _operations
 from ._definitions import Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics
-from ._models import HistoryEntry, InstanceInfo, RunInfo, StateValue, Status, to_datetime
+from ._models import HistoryEntry, InstanceInfo, RunInfo, StateValue, Status, StreamEntry, to_datetime
 from ._operations import ResumeResult, RetryRecord
 from ._queues import OnDuplicate
 from ._registry import Registry
@@ -29,6 +29,7 @@ from ._retry import seconds, workflow_deadline
 from ._serde import decode, decode_error, encode
 from ._state import StateWaits
 from ._steps import read_row
+from ._streams import Streams
 from ._validation import check_channel, check_id, check_name, findable, storable_text
 from .errors import (
     AppNotOpenError,
@@ -55,6 +56,7 @@ from .storage.base import (
     NewInstance,
     NewMessage,
     Storage,
+    StreamHead,
 )
 
 R = TypeVar("R")
@@ -181,6 +183,8 @@ class Client:
         self._unwatching: set[asyncio.Task[None]] = set()
         self.states = StateWaits(self)
         """The ``wait_state`` calls waiting, and the reads of published state (``geste._state``)."""
+        self.streams: Streams | None = None
+        """The App's streams (set when it is assembled): ``stream_entries`` reads through them."""
         self._completed: dict[str, tuple[str, str]] = {}
         """Workflow name and stored result of instances this process completed lately (a completion is
         final): ``result()`` of one of them needs no read. Oldest dropped past ``COMPLETED_KEPT``."""
@@ -589,6 +593,24 @@ class Client:
 
     async def list_state(self, instance_id: str, *, limit: int = 1000) -> list[StateValue]:
         return await self.states.list(instance_id, limit=limit)
+
+    # -- streams -----------------------------------------------------------------------------------
+    async def stream_entries(self, instance_id: str, key: str, start: int = 0) -> AsyncIterator[StreamEntry]:
+        """The items of the instance's stream ``key`` from position ``start`` on, with their positions,
+        until the stream is closed or the instance ended (``WorkflowHandle.stream_entries``)."""
+        self._require_open()
+        if not findable(instance_id, "instance_id"):
+            raise InstanceNotFoundError(instance_id)
+        assert self.streams is not None, "the App assembles its streams with its client"
+        async for entry in self.streams.entries(instance_id, key, start):
+            yield entry
+
+    async def stream_list(self, instance_id: str, *, limit: int = 100) -> list[StreamHead]:
+        """The streams of an instance, by key: how many positions each used, whether it is closed."""
+        self._require_open()
+        if not findable(instance_id, "instance_id"):
+            return []
+        return await self.storage.stream_list(instance_id, limit=limit)
 
     # -- results -----------------------------------------------------------------------------------
     async def result(self, instance_id: str, timeout: float | timedelta | None) -> Any:

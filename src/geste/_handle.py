@@ -6,10 +6,11 @@ what it returns."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
-from ._models import HistoryEntry, InstanceInfo, RunInfo, StateValue, Status
+from ._models import HistoryEntry, InstanceInfo, RunInfo, StateValue, Status, StreamEntry
 
 R = TypeVar("R")
 
@@ -34,6 +35,8 @@ class HandleClient(Protocol):
     async def wait_state(
         self, instance_id: str, key: str, *, after: int = 0, timeout: float | timedelta | None = None
     ) -> StateValue: ...
+
+    def stream_entries(self, instance_id: str, key: str, start: int = 0) -> AsyncIterator[StreamEntry]: ...
 
 
 class WorkflowHandle(Generic[R]):
@@ -95,3 +98,15 @@ class WorkflowHandle(Generic[R]):
 
     def __hash__(self) -> int:
         return hash(self.instance_id)
+
+    async def read_stream(self, key: str, start: int = 0) -> AsyncIterator[Any]:
+        """The items of its durable stream ``key`` (``ctx.write_stream``) from position ``start`` on, in
+        order, each once, waiting for more until the stream is closed (``ctx.close_stream``) or the instance
+        has ended. Reads from any process; ``start`` resumes where a reader stopped (docs/streams.md)."""
+        async for entry in self.client.stream_entries(self.instance_id, key, start):
+            yield entry.item
+
+    def stream_entries(self, key: str, start: int = 0) -> AsyncIterator[StreamEntry]:
+        """As ``read_stream``, each item with its position (``StreamEntry``): what a reader keeps to resume
+        after a crash (``start=entry.position + 1``)."""
+        return self.client.stream_entries(self.instance_id, key, start)

@@ -172,3 +172,12 @@ class Event:
     source: str | None = None
     time: datetime | None = None
     extensions: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """An item of a durable stream with its position (``handle.stream_entries``): ``start=position + 1``
+    resumes after it."""
+
+    position: int
+    item: Any

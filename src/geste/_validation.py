@@ -155,3 +155,20 @@ def findable(value: object, what: str) -> bool:
     if not isinstance(value, str):
         raise ConfigurationError(f"{what} must be a string, not {type(value).__name__}")
     return storable_text(value)
+
+
+def check_stream_key(key: object) -> str:
+    """A stream key: a non-empty string of at most 200 characters that every backend stores verbatim."""
+    if not isinstance(key, str) or not key or len(key) > MAX_CHANNEL_LENGTH or not storable_text(key):
+        raise ConfigurationError(
+            f"a stream key must be a non-empty string of at most {MAX_CHANNEL_LENGTH} characters "
+            f"(no NUL, valid UTF-8), not {key!r:.80}"
+        )
+    return key
+
+
+def check_position(start: object) -> int:
+    """A position in a stream to read from: an int >= 0."""
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise ConfigurationError(f"start must be a position, an int >= 0, not {start!r:.80}")
+    return start

@@ -75,6 +75,7 @@ __all__ = [
     "StateTimeout",
     "StorageError",
     "StorageTimeout",
+    "StreamClosedError",
     "UnknownWorkflowError",
     "WorkflowCancelled",
     "WorkflowFailed",
@@ -377,3 +378,8 @@ class ChildWorkflowError(GesteError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.child_id, self.workflow_name, self.status, self.error))
+
+
+class StreamClosedError(GesteError):
+    """``ctx.write_stream`` to a stream this workflow closed with ``ctx.close_stream``: nothing after the
+    close is read, so the write is refused rather than lost (docs/streams.md)."""

@@ -33,7 +33,7 @@ from ..errors import (
     SerializationError,
 )
 from ..storage.base import HistoryRow
-from .journal import Host, Journal
+from .journal import Host, Journal, StreamSink
 
 REPLAY_SLICE_MASK = 255
 """A replayed activity step whose number is a multiple of 256 yields to the event loop: replaying a long
@@ -139,6 +139,25 @@ class ActivityContext:
         activity also gets ``asyncio.CancelledError`` at its current ``await``; code that shields itself
         from it (or runs in a thread) checks this flag to stop early. Safe to read from any thread."""
         return self._live.cancelled
+
+    _streams: StreamSink | None = field(default=None, repr=False, compare=False)
+    """Where ``write_stream`` writes (None: a context built by hand, whose writes go nowhere)."""
+    _stream_writes: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    async def write_stream(self, key: str, item: Any) -> None:
+        """Append ``item`` (JSON) to the instance's durable stream ``key``; return once it committed
+        (``ctx.write_stream`` of the workflow, docs/streams.md). The n-th write of this step is written
+        once whatever the attempt: a retried attempt's first writes, those an earlier attempt made, write
+        nothing, so readers never get a position twice (an activity whose items differ between attempts
+        writes to a key of its own per attempt, ``f"{key}-{ctx.attempt}"``). ``async`` activities only."""
+        from .._validation import check_stream_key
+
+        key = check_stream_key(key)
+        n = self._stream_writes.get(key, 0)
+        self._stream_writes[key] = n + 1
+        stored = encode(item, what=f"an item of stream {key!r:.80}")
+        if self._streams is not None:
+            await self._streams.write(self.instance_id, key, f"{self.run}.{self.seq}:{n}", stored)
 
     @property
     def idempotency_key(self) -> str:
@@ -498,6 +517,7 @@ class ActivityRunner:
                 run=journal.run,
                 _beat=beat,
                 _live=live,
+                _streams=getattr(host, "streams", None),
             )
             error: BaseException | None = None
             try:

@@ -55,6 +55,7 @@ from .._validation import (
     check_instance_id,
     check_mode,
     check_state_key,
+    check_stream_key,
 )
 from ..errors import (
     ChildWorkflowError,
@@ -65,6 +66,7 @@ from ..errors import (
     NonDeterminismError,
     QueueDeduplicated,
     ReceiveTimeout,
+    StreamClosedError,
     WorkflowCancelled,
 )
 from ..storage.base import (
@@ -79,7 +81,7 @@ from ..storage.base import (
 )
 from . import journal as _journal
 from .activities import ActivityContext, ActivityRunner, step_key
-from .journal import RESUMED, Journal, Resumed
+from .journal import RESUMED, Journal, Resumed, StreamSink
 
 if TYPE_CHECKING:
     from .._definitions import Activity, Workflow, WorkflowStarter
@@ -144,6 +146,9 @@ class WorkflowContext:
         self._activities = activities
         self.instance_id = journal.instance_id
         self.workflow_name = journal.workflow_name
+        self._stream_writes: dict[str, int] = {}
+        """Writes of this run to each stream so far: the n-th is keyed ``<run>:<n>`` (a replay's no-op)."""
+        self._closed_streams: set[str] = set()
         self._subscriptions: dict[str, str] = {}
         """channel -> mode of this instance's subscriptions, rebuilt by the replay of its steps."""
         self.logger = _ReplayQuietLogger(self)
@@ -639,6 +644,34 @@ class WorkflowContext:
         await journal.set_state(HistoryRow(seq, StepKind.SET_STATE, key, body, False, now), key, encoded, now)
 
     # -- channels ------------------------------------------------------------------------------------
+    # -- durable streams (docs/streams.md) ----------------------------------------------------------
+    async def write_stream(self, key: str, item: Any) -> None:
+        """Append ``item`` (JSON) to this instance's durable stream ``key``; return once it committed.
+
+        Not a step (nothing in the history): the n-th write of this run to ``key`` is keyed ``<run>:<n>``,
+        so a replay, which writes again, writes nothing, and each item is in the stream once. Any process
+        reads it with ``handle.read_stream(key)``. ``StreamClosedError`` after ``close_stream(key)``."""
+        key = check_stream_key(key)
+        if key in self._closed_streams:
+            raise StreamClosedError(f"stream {key!r:.80} of instance {self.instance_id} was closed")
+        n = self._stream_writes.get(key, 0)
+        self._stream_writes[key] = n + 1
+        stored = encode(item, what=f"an item of stream {key!r:.80}", limit=self._host.max_payload_bytes)
+        sink: StreamSink | None = getattr(self._host, "streams", None)
+        if sink is not None:
+            with _journal._abandon_on_failure:  # a database error stops the run: its replay writes again
+                await sink.write(self.instance_id, key, f"{self.run}:{n}", stored)
+
+    async def close_stream(self, key: str) -> None:
+        """Close the stream ``key``: its readers' loops end once they read what came before (the
+        instance's end closes every stream of it too). Idempotent; later writes raise."""
+        key = check_stream_key(key)
+        self._closed_streams.add(key)
+        sink: StreamSink | None = getattr(self._host, "streams", None)
+        if sink is not None:
+            with _journal._abandon_on_failure:
+                await sink.write(self.instance_id, key, "close", None)
+
     async def subscribe(self, channel: str, mode: str = "broadcast") -> None:
         """Subscribe this instance to ``channel``: it receives the messages published from now on.
 

@@ -155,6 +155,16 @@ class _AbandonOnStorageFailure:
 _abandon_on_failure = _AbandonOnStorageFailure()
 
 
+class StreamSink(Protocol):
+    """Where the writes to durable streams go (``geste._streams.Streams``, as the engine's ``streams``): a
+    host without one (the replay check's) writes nothing."""
+
+    async def write(self, instance_id: str, key: str, writer: str, item: str | None) -> None:
+        """Append ``item`` (stored JSON; None closes) under the idempotency key ``writer``; return once
+        committed."""
+        ...
+
+
 class Host(Protocol):
     """What a run uses of the engine that runs it (``Engine`` is one; the replay check builds its own)."""
 

@@ -27,7 +27,7 @@ from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
 from .activities import DEFAULT_ACTIVITY_THREADS, ActivityRunner
 from .cache import PARKED, CachedRun, WorkflowCache
 from .context import WorkflowContext
-from .journal import Abandon, ContinuedAsNew, Journal, Suspended
+from .journal import Abandon, ContinuedAsNew, Journal, StreamSink, Suspended
 
 if TYPE_CHECKING:
     from .._definitions import Workflow
@@ -111,6 +111,8 @@ class Engine:
         activity_threads: int = DEFAULT_ACTIVITY_THREADS,
     ) -> None:
         self.storage = storage
+        self.streams: StreamSink | None = None
+        """Where ``ctx.write_stream`` writes (the App's streams); None: nowhere."""
         self.metrics = metrics or Metrics()
         """Counted here, by the journals and the activity runner: steps recorded, activity attempts,
         instances ended."""

@@ -7,17 +7,21 @@ schedule calls, ``list_queues``), which take values as parameters: no request te
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import math
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from .._access import bearer_matches, is_address_or_localhost, resolve_token
-from .._models import InstanceInfo, RunInfo, StateValue, Status
+from .._models import InstanceInfo, RunInfo, StateValue, Status, StreamEntry
 from .._status import schedule_dict
+from .._validation import check_stream_key
 from ..errors import (
     AppNotOpenError,
     ConfigurationError,
@@ -114,6 +118,7 @@ class GesteASGI:
         router.add("GET", "/instances/{id}/result", self._result)
         router.add("GET", "/instances/{id}/state", self._states)
         router.add("GET", "/instances/{id}/state/{key}", self._state)
+        router.add("GET", "/instances/{id}/streams/{key}", self._stream)
         router.add("POST", "/instances/{id}/cancel", self._cancel)
         router.add("POST", "/instances/{id}/retry", self._retry)
         router.add("POST", "/instances/{id}/resume", self._resume)
@@ -359,6 +364,28 @@ class GesteASGI:
             )
         return json_response(200, {"instance_id": instance_id, **_state_value(found)})
 
+    async def _stream(self, request: Request, params: dict[str, str]) -> Response:
+        """A durable stream as Server-Sent Events (docs/streams.md): one ``item`` event per item, its
+        position as the event's id, from ``?start=n`` or after the ``Last-Event-ID`` a reconnecting
+        browser sends; an ``end`` event once the stream is closed or the instance ended; a comment every
+        ``SSE_KEEPALIVE`` seconds while nothing comes. A missing instance is a 404 before the stream."""
+        start = _integer(request.query("start"), "start", 0)
+        last = request.header("last-event-id")
+        if last is not None:
+            if not last.isascii() or not last.isdigit() or len(last) > 18:
+                raise bad_request(f"Last-Event-ID must be a stream position, not {last!r:.40}")
+            start = int(last) + 1
+        key = check_stream_key(params["key"])
+        await self.app.get_instance(params["id"])  # a 404 now, not an error event later
+        entries = self.app.get_handle(params["id"]).stream_entries(key, start)
+
+        async def stream(send: Send) -> None:
+            await _send_events(entries, send, request.disconnected)
+
+        return Response(
+            200, b"", [("x-accel-buffering", "no")], content_type="text/event-stream", stream=stream
+        )
+
     async def _cancel(self, request: Request, params: dict[str, str]) -> Response:
         request.query()
         info = await self.app.cancel(params["id"])
@@ -541,6 +568,60 @@ def _deadline(value: object) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError:
         raise bad_request(f"deadline {value[:80]!r} is not an ISO 8601 date and time") from None
+
+
+SSE_KEEPALIVE = 15.0
+"""Seconds without an item after which a Server-Sent Events stream sends a comment (proxies close idle
+connections)."""
+
+
+async def _send_events(
+    entries: AsyncIterator[StreamEntry], send: Send, disconnected: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    """Send ``entries`` as Server-Sent Events until the stream ends or the client goes away. The reader
+    runs in a task of its own feeding a queue: the keepalive never interrupts a read."""
+    queue: asyncio.Queue[StreamEntry | BaseException | None] = asyncio.Queue(maxsize=100)
+
+    async def read() -> None:
+        try:
+            async for entry in entries:
+                await queue.put(entry)
+            await queue.put(None)
+        except Exception as exc:
+            await queue.put(exc)
+
+    async def pump() -> None:
+        while True:
+            try:
+                async with asyncio.timeout(SSE_KEEPALIVE):
+                    got = await queue.get()
+            except TimeoutError:
+                await send({"type": "http.response.body", "body": b": keepalive\n\n", "more_body": True})
+                continue
+            if isinstance(got, StreamEntry):
+                data = json.dumps(got.item, separators=(",", ":"))
+                chunk = f"id: {got.position}\nevent: item\ndata: {data}\n\n"
+            elif got is None:
+                chunk = "event: end\ndata: {}\n\n"
+            else:
+                logger.warning("a stream read over HTTP failed: %s", got)
+                error = {"type": type(got).__name__, "message": "the stream could not be read"}
+                chunk = f"event: error\ndata: {json.dumps(error)}\n\n"
+            await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
+            if not isinstance(got, StreamEntry):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+
+    tasks = [asyncio.create_task(read()), asyncio.create_task(pump()), asyncio.create_task(disconnected())]
+    try:
+        await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        aclose = getattr(entries, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _error_response(exc: GesteError) -> Response:

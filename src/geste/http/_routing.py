@@ -48,16 +48,20 @@ class Response:
     body: bytes
     headers: Sequence[tuple[str, str]] = ()
     content_type: str = "application/json"
+    stream: Callable[[Send], Awaitable[None]] | None = None
+    """A body sent in parts as it comes (Server-Sent Events): it sends each with ``more_body`` and the
+    last without; the response has no content-length then."""
 
     async def send(self, send: Send) -> None:
-        headers = [
-            (b"content-type", self.content_type.encode("latin-1")),
-            (b"content-length", str(len(self.body)).encode("ascii")),
-            (b"cache-control", b"no-store"),
-            (b"x-content-type-options", b"nosniff"),
-        ]
+        headers = [(b"content-type", self.content_type.encode("latin-1"))]
+        if self.stream is None:
+            headers.append((b"content-length", str(len(self.body)).encode("ascii")))
+        headers += [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
         headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in self.headers]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        if self.stream is not None:
+            await self.stream(send)
+            return
         await send({"type": "http.response.body", "body": self.body})
 
 
@@ -186,6 +190,13 @@ class Request:
         self._receive = receive
         self.max_body_bytes = max_body_bytes
         self._body_read = False
+
+    async def disconnected(self) -> None:
+        """Return once the client went away (a streamed response stops then)."""
+        while True:
+            message = await self._receive()
+            if message.get("type") == "http.disconnect":
+                return
 
     def header_values(self, name: bytes) -> list[bytes]:
         return [value for key, value in self.raw_headers if key == name]

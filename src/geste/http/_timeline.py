@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         OutboxRow,
         RunRow,
         StateRow,
+        StreamHead,
     )
     from ._viewer import Link
 
@@ -130,10 +131,11 @@ def instance_page(
     runs: Sequence[RunRow] = (),
     children: Sequence[InstanceRow] = (),
     state: Sequence[StateRow] = (),
+    streams: Sequence[tuple[StreamHead, Sequence[tuple[int, Any]]]] = (),
 ) -> Html:
     """The instance's page: its current run (``runs``: those it ended with ``continue_as_new``; its
     ``children``: the child workflows it started, linked, as its parent is in its facts; ``state``: the
-    latest value of each key it published with ``ctx.set_state``)."""
+    latest value of each key it published with ``ctx.set_state``; its ``streams`` with their last items)."""
     steps = [_step(r) for r in history]
     started = runs[-1].ended_at if runs else row.created_at  # the current run began as the last ended
     title = f"History · {len(steps)} step{'s' if len(steps) != 1 else ''}"
@@ -159,6 +161,7 @@ def instance_page(
         _state_panel(state, now),
         _runs_panel(link, row, runs, shown=row.run),
         _children_panel(link, children),
+        _streams_panel(link, row, streams),
     ]
     footer = f"{utc(now)} · rendered in {duration(elapsed)}"
     return frame(link, row.instance_id, body, signed_in=signed_in, footer=footer)
@@ -189,6 +192,42 @@ def _state_panel(state: Sequence[StateRow], now: float) -> Html | None:
         table,
         class_="panel",
     )
+
+
+def _streams_panel(
+    link: Link, row: InstanceRow, streams: Sequence[tuple[StreamHead, Sequence[tuple[int, Any]]]]
+) -> Html | None:
+    """The instance's durable streams (``ctx.write_stream``): each key, its length, open or closed, its
+    last items and the path of its Server-Sent Events; None: none."""
+    if not streams:
+        return None
+    items = []
+    for head, tail in streams:
+        closed = head.closed or row.status.is_finished
+        count = head.length - (1 if head.closed else 0)  # the close takes a position
+        items.append(
+            tag(
+                "li",
+                tag("strong", head.key),
+                f" · {count} item{'s' if count != 1 else ''} · ",
+                tag("span", "closed" if closed else "open", class_="muted" if closed else None),
+                " · ",
+                tag("code", link.stream(row.instance_id, head.key)),
+                tag(
+                    "ol",
+                    *(tag("li", tag("code", _preview(item)), value=str(at)) for at, item in tail),
+                    start=str(tail[0][0]) if tail else "0",
+                )
+                if tail
+                else None,
+            )
+        )
+    return tag("section", tag("h2", f"Streams · {len(streams)}"), tag("ul", *items), class_="panel")
+
+
+def _preview(item: Any) -> str:
+    text = json.dumps(item, ensure_ascii=False)
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _children_panel(link: Link, children: Sequence[InstanceRow]) -> Html | None:

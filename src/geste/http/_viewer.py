@@ -33,7 +33,7 @@ from .._models import Status, StepKind
 from .._steps import PublishStep, SendEventStep, step_or_none
 from .._validation import storable_text
 from ..errors import AppNotOpenError, InstanceNotFoundError, StorageError
-from ..storage.base import InstanceExtras, InstanceFilter, InstanceSummary, RunRow
+from ..storage.base import InstanceExtras, InstanceFilter, InstanceSummary, RunRow, Storage, StreamHead
 from . import _pages, _timeline
 from ._html import Html
 from ._routing import HTTPError, Request, Response, Send, bad_request, error_response
@@ -118,6 +118,10 @@ class Link:
         page = f"{self.root}/ui/instances/{quote(instance_id, safe='')}"
         return page if run is None else f"{page}?run={run}"
 
+    def stream(self, instance_id: str, key: str) -> str:
+        """A stream's Server-Sent Events (the API's: a token, if set, as a bearer)."""
+        return f"{self.root}/instances/{quote(instance_id, safe='')}/streams/{quote(key, safe='')}"
+
     def schedules(self) -> str:
         return f"{self.root}/ui/schedules"
 
@@ -129,6 +133,28 @@ class Link:
 
     def logout(self) -> str:
         return f"{self.root}/ui/logout"
+
+
+STREAMS_SHOWN = 20
+"""Streams at most on an instance's page (by key), each with its last ``STREAM_TAIL`` items."""
+STREAM_TAIL = 5
+
+
+async def _stream_tails(storage: Storage, instance_id: str) -> list[tuple[StreamHead, list[tuple[int, Any]]]]:
+    """The instance's streams and the last items of each: one read of the heads (by the primary key),
+    one range of each stream's primary key."""
+    shown = []
+    for head in await storage.stream_list(instance_id, limit=STREAMS_SHOWN):
+        rows = await storage.stream_read(instance_id, head.key, max(0, head.length - STREAM_TAIL - 1), 10)
+        shown.append((head, [(at, _decode_item(item)) for at, item in rows if item is not None]))
+    return shown
+
+
+def _decode_item(item: str) -> Any:
+    try:
+        return json.loads(item)
+    except ValueError:
+        return item
 
 
 class Viewer:
@@ -352,6 +378,7 @@ class Viewer:
             extras = await storage.instance_extras(instance_id, event_ids=event_ids, message_ids=message_ids)
             children = [] if shown is not None else await storage.list_children(instance_id, limit=100)
             state = [] if shown is not None else await storage.list_state(instance_id, limit=MAX_STATE_KEYS)
+            streams = [] if shown is not None else await _stream_tails(storage, instance_id)
         except InstanceNotFoundError:
             return self._error_page(request, 404, f"There is no instance {instance_id!r}.", title="Not found")
         except (StorageError, AppNotOpenError) as exc:
@@ -381,6 +408,7 @@ class Viewer:
             runs=runs,
             children=children,
             state=state,
+            streams=streams,
         )
         return page(200, markup)
 

@@ -29,6 +29,7 @@ from .wakeups import (
     FINISHED,
     OUTBOX_PENDING,
     STATE,
+    STREAM_WRITTEN,
     TIMER_LOOKAHEAD,
     WORKFLOW_RESUMABLE,
     Listener,
@@ -106,6 +107,22 @@ class ResultWaiters(Protocol):
         ...
 
 
+class StreamReaders(Protocol):
+    """This process's stream readers, as their listener tells them of writes elsewhere (``_streams``)."""
+
+    def notified(self, body: dict[str, Any]) -> None:
+        """A ``geste_stream_written`` heard: the readers of the streams it names read now."""
+        ...
+
+    def wake_all(self) -> None:
+        """Every reader reads now: the listener (re)connected or was lost."""
+        ...
+
+    async def close(self) -> None:
+        """The runtime closes: wake the readers, finish the notifications and unwatches under way."""
+        ...
+
+
 class Runtime(OpenClose):
     """Opens the storage and runs this process's background work while open."""
 
@@ -128,6 +145,11 @@ class Runtime(OpenClose):
         """Told of the ends the listener hears (``finished`` notifications) and of its catch-ups."""
         self._results_listener_dead = False
         """The listener started for ``result()`` in a process without a worker ended by itself: poll."""
+        self.streams: StreamReaders | None = None
+        """Told of the stream writes its own listener hears (set by the App)."""
+        self.stream_listener: Listener | None = None
+        """LISTENs on ``geste_stream_written`` once a stream reader of this process waits (schema 26)."""
+        self._stream_listener_dead = False
         self.is_open = False
         self.worker: Worker | None = None
         self.listener: Listener | None = None
@@ -146,6 +168,7 @@ class Runtime(OpenClose):
         await self.storage.open()
         self.is_open = True
         self._results_listener_dead = False
+        self._stream_listener_dead = False
         try:  # the limits before any claim: a claim of a queue with no row would admit without one
             for queue in self.options.queues:
                 await self.storage.queue_upsert(queue, self.clock())
@@ -304,6 +327,42 @@ class Runtime(OpenClose):
             listener.start()
         return listener.state == ListenerState.LISTENING
 
+    # -- stream readers (schema 26) -----------------------------------------------------------------
+    def listen_for_streams(self) -> bool | None:
+        """Whether a write elsewhere can notify this process's stream readers: True while listening,
+        False while not (yet), None never (SQLite, ``listen_notify`` off, closed, the listener ended by
+        itself): they poll. Its listener, on ``geste_stream_written`` alone, starts on the first reader's
+        wait and is kept until close: a process that reads no stream LISTENs to no write, and the
+        workers' listeners never hear them (docs/design.md "Streams")."""
+        options = self.options
+        streams = self.streams
+        if not (self.is_open and options.notify.enabled) or self._stream_listener_dead or streams is None:
+            return None
+        listener = self.stream_listener
+        if listener is None:
+
+            def died(_reason: str) -> None:
+                self._stream_listener_dead = True
+                streams.wake_all()
+
+            listener = self.stream_listener = Listener(
+                partial(self.storage.listen, url=options.notify.listen_url),
+                wakeups=Wakeups(
+                    poll_interval=options.poll_interval,
+                    fallback_interval=options.notify.fallback_interval,
+                    clock=self.clock,
+                ),
+                reconnect_delay=options.notify.reconnect_delay,
+                on_caught_up=streams.wake_all,
+                handlers={STREAM_WRITTEN: streams.notified},
+                channels=(STREAM_WRITTEN,),
+                on_lost=streams.wake_all,
+                metrics=self.metrics,
+                on_death=died,
+            )
+            listener.start()
+        return listener.state == ListenerState.LISTENING
+
     def _resumable(self, body: dict[str, Any]) -> None:
         """A ``geste_workflow_resumable`` heard: an end (``finished``) of this schema wakes this process's
         ``result()`` and ``wait_state()`` waiters of the instance, a value (``state``, 27) its
@@ -349,12 +408,17 @@ class Runtime(OpenClose):
             return
         worker, self.worker = self.worker, None
         listener, self.listener = self.listener, None
+        stream_listener, self.stream_listener = self.stream_listener, None
         maintenance, self.maintenance = self.maintenance, None
         schedules, self.schedules = self.schedules, None
         relay, self.relay = self.relay, None
         try:
             if listener is not None:
                 await listener.stop()
+            if stream_listener is not None:
+                await stream_listener.stop()
+            if self.streams is not None:
+                await self.streams.close()
             if schedules is not None:
                 await schedules.stop()
             if maintenance is not None:
@@ -368,7 +432,7 @@ class Runtime(OpenClose):
             if self.results is not None:
                 await self.results.close_watches()
         except asyncio.CancelledError:
-            for part in (listener, schedules, maintenance, worker, relay):
+            for part in (listener, stream_listener, schedules, maintenance, worker, relay):
                 if part is not None:
                     part.abort()
             self._relay_hook = self._chores_hook = None
@@ -379,9 +443,17 @@ class Runtime(OpenClose):
         await self.storage.close()
 
     def _abort(self) -> None:
-        for part in (self.listener, self.schedules, self.maintenance, self.worker, self.relay):
+        for part in (
+            self.listener,
+            self.stream_listener,
+            self.schedules,
+            self.maintenance,
+            self.worker,
+            self.relay,
+        ):
             if part is not None:
                 part.abort()
+        self.stream_listener = None
         self.worker = self.listener = self.maintenance = self.schedules = self.relay = None
         self._relay_hook = self._chores_hook = None
 

@@ -128,8 +128,13 @@ class ChannelMaintenance(Loop):
             expired += done_now
             if done_now < CLEANUP_BATCH:
                 break
+        for _ in range(CLEANUP_ROUNDS):  # stream readers that died (PostgreSQL, schema 26)
+            done_now = await self.storage.stream_readers_cleanup(now, limit=CLEANUP_BATCH)
+            expired += done_now
+            if done_now < CLEANUP_BATCH:
+                break
         if expired:
-            logger.info("cleanup deleted %d expired result() registration(s)", expired)
+            logger.info("cleanup deleted %d expired result() or stream reader registration(s)", expired)
         return deleted + expired
 
     async def round(self) -> float:

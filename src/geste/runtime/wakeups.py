@@ -39,6 +39,9 @@ TIMER_EXPIRED = "geste_timer_expired"
 CHANNEL_MESSAGE = "geste_channel_message"
 OUTBOX_PENDING = "geste_outbox_pending"
 CHANNELS = (WORKFLOW_RESUMABLE, TIMER_EXPIRED, CHANNEL_MESSAGE, OUTBOX_PENDING)
+STREAM_WRITTEN = "geste_stream_written"
+"""Writes to streams that readers of other processes wait for (schema 26): LISTENed by the stream readers'
+own listener only (``Runtime.listen_for_streams``), never by a worker's."""
 CANCEL = "cancel"
 """The key of a ``geste_workflow_resumable`` notification that a cancel was requested for a held instance
 (schema 17): routed to its holder (``worker``), which cancels its running activities; nothing to claim."""

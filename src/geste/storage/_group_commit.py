@@ -24,10 +24,15 @@ class GroupCommit(Generic[Item, Result]):
         *,
         max_in_flight: int,
         max_batch: int,
+        gather_ticks: int = 0,
     ) -> None:
         self._flush = flush
         self._max_in_flight = max_in_flight
         self._max_batch = max_batch
+        self._gather_ticks = gather_ticks
+        """Event-loop turns a drain lets pass before each batch after its first: the callers its last batch
+        resumed submit again meanwhile and join the next (a writer in a loop), rather than each leaving
+        almost alone. 0: none (a caller resumed by a commit has other work to do first)."""
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -50,7 +55,12 @@ class GroupCommit(Generic[Item, Result]):
     async def _drain(self) -> None:
         """Send batches until the queue is empty; at most ``max_in_flight`` of these run at once."""
         try:
+            first = True
             while self._queue:
+                if not first:
+                    for _ in range(self._gather_ticks):
+                        await asyncio.sleep(0)
+                first = False
                 batch = [(item, f) for item, f in self._queue[: self._max_batch] if not f.cancelled()]
                 del self._queue[: self._max_batch]
                 if not batch:

@@ -454,6 +454,26 @@ class PublishResult:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamWrite:
+    """One item of a write batch to a stream (schema 26): ``writer`` is its idempotency key, unique in
+    the stream (a second write of it writes nothing); ``item`` the stored JSON, None to close the stream."""
+
+    instance_id: str
+    key: str
+    writer: str
+    item: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHead:
+    """A stream of an instance as the viewer lists it: its key, how many positions it used, closed."""
+
+    key: str
+    length: int
+    closed: bool
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceFilter:
     """Which instances a page or a count covers; ``created_from`` is inclusive, ``created_to`` exclusive."""
 
@@ -713,6 +733,45 @@ class Storage(abc.ABC):
         """Delete at most ``limit`` registrations of ``result()`` calls that expired before ``now`` (their
         waiter died without forgetting them), oldest first; return how many. None without LISTEN/NOTIFY."""
         return 0
+
+    # -- streams (schema 26) -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def stream_write(self, writes: Sequence[StreamWrite], now: float) -> list[tuple[str, str]]:
+        """Append ``writes`` in one transaction, in order (each stream's new items take its next
+        positions): an item whose writer its stream holds already, or whose stream is closed, is dropped.
+        Returns the streams written that a reader of another process waits for (``stream_watch``): the
+        caller notifies them (``stream_notify``) after this returned. Empty without LISTEN/NOTIFY."""
+
+    @abc.abstractmethod
+    async def stream_read(
+        self, instance_id: str, key: str, start: int, limit: int
+    ) -> list[tuple[int, str | None]]:
+        """At most ``limit`` items of the stream from position ``start`` on, in order, as (position,
+        stored JSON; None for the close)."""
+
+    @abc.abstractmethod
+    async def stream_instance_status(self, instance_id: str) -> Status | None:
+        """The status of the instance a reader reads (an ended one closed its streams), None if none."""
+
+    @abc.abstractmethod
+    async def stream_list(self, instance_id: str, *, limit: int = 100) -> list[StreamHead]:
+        """The streams of an instance, by key."""
+
+    async def stream_watch(  # noqa: B027
+        self, instance_id: str, key: str, *, reader: str, process: str, expires_at: float
+    ) -> None:
+        """Register the reader ``reader`` of the process ``process`` as waiting for the stream until
+        ``expires_at`` (a second call renews it): writes to it then notify. Only with LISTEN/NOTIFY."""
+
+    async def stream_unwatch(self, readers: Sequence[tuple[str, str, str]]) -> None:  # noqa: B027
+        """Forget the registrations ``(instance_id, key, reader)`` of readers that stopped waiting."""
+
+    async def stream_readers_cleanup(self, now: float, *, limit: int) -> int:
+        """Delete at most ``limit`` reader registrations that expired before ``now``; return how many."""
+        return 0
+
+    async def stream_notify(self, payloads: Sequence[str]) -> None:  # noqa: B027
+        """Send one ``geste_stream_written`` notification per payload (each names streams written)."""
 
     @abc.abstractmethod
     async def list_instances(

@@ -681,6 +681,84 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
+    # -- streams (schema 26) -------------------------------------------------------------------------
+    async def stream_write(self, writes: Sequence[base.StreamWrite], now: float) -> list[tuple[str, str]]:
+        if not writes:
+            return []
+
+        async def go(conn: Conn) -> list[tuple[str, str]]:
+            found = await conn.fetch(
+                self._q["stream_write"],
+                [w.instance_id for w in writes],
+                [w.key for w in writes],
+                [w.writer for w in writes],
+                [w.item for w in writes],
+                now,
+            )
+            return [(r["instance_id"], r["key"]) for r in found]
+
+        return await self._run(go)
+
+    async def stream_read(
+        self, instance_id: str, key: str, start: int, limit: int
+    ) -> list[tuple[int, str | None]]:
+        async def go(conn: Conn) -> list[tuple[int, str | None]]:
+            found = await conn.fetch(self._q["stream_read"], instance_id, key, start, limit)
+            return [(int(r["position"]), r["item"]) for r in found]
+
+        return await self._read(go)
+
+    async def stream_instance_status(self, instance_id: str) -> Status | None:
+        async def go(conn: Conn) -> Status | None:
+            found = await conn.fetchval(self._q["stream_instance_status"], instance_id)
+            return None if found is None else Status.stored(found)
+
+        return await self._read(go)
+
+    async def stream_list(self, instance_id: str, *, limit: int = 100) -> list[base.StreamHead]:
+        async def go(conn: Conn) -> list[base.StreamHead]:
+            found = await conn.fetch(self._q["stream_list"], instance_id, limit)
+            return [base.StreamHead(r["key"], int(r["next_position"]), bool(r["closed"])) for r in found]
+
+        return await self._read(go)
+
+    async def stream_watch(
+        self, instance_id: str, key: str, *, reader: str, process: str, expires_at: float
+    ) -> None:
+        async def go(conn: Conn) -> None:
+            await conn.execute(self._q["stream_watch"], instance_id, key, reader, process, expires_at)
+
+        await self._run(go)
+
+    async def stream_unwatch(self, readers: Sequence[tuple[str, str, str]]) -> None:
+        if not readers:
+            return
+
+        async def go(conn: Conn) -> None:
+            await conn.execute(
+                self._q["stream_unwatch"],
+                [r[0] for r in readers],
+                [r[1] for r in readers],
+                [r[2] for r in readers],
+            )
+
+        await self._run(go)
+
+    async def stream_readers_cleanup(self, now: float, *, limit: int) -> int:
+        async def go(conn: Conn) -> int:
+            return int(await conn.fetchval(self._q["stream_readers_cleanup"], now, limit))
+
+        return await self._run(go)
+
+    async def stream_notify(self, payloads: Sequence[str]) -> None:
+        if not payloads:
+            return
+
+        async def go(conn: Conn) -> None:
+            await conn.execute(self._q["stream_notify"], list(payloads))
+
+        await self._run(go)
+
     async def list_instances(
         self,
         *,

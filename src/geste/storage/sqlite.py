@@ -276,6 +276,53 @@ class SQLiteStorage(base.Storage):
 
         return await self._call(read)
 
+    # -- streams (schema 26) -------------------------------------------------------------------------
+    async def stream_write(self, writes: Sequence[base.StreamWrite], now: float) -> list[tuple[str, str]]:
+        if not writes:
+            return []
+
+        def tx(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            heads: dict[tuple[str, str], list[int]] = {}  # stream -> [next position, closed]
+            for write in writes:
+                stream = (write.instance_id, write.key)
+                head = heads.get(stream)
+                if head is None:
+                    row = conn.execute(Q["stream_head"], stream).fetchone()
+                    head = heads[stream] = [0, 0] if row is None else [row[0], row[1]]
+                if head[1]:
+                    continue  # closed: dropped
+                cursor = conn.execute(Q["stream_insert"], (*stream, head[0], write.writer, write.item, now))
+                if cursor.rowcount:
+                    head[0] += 1
+                    head[1] = int(write.item is None)
+            conn.executemany(Q["stream_set_head"], [(*k, v[0], v[1]) for k, v in heads.items()])
+            return []
+
+        return await self._write(tx)
+
+    async def stream_read(
+        self, instance_id: str, key: str, start: int, limit: int
+    ) -> list[tuple[int, str | None]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[int, str | None]]:
+            found = conn.execute(Q["stream_read"], (instance_id, key, start, limit)).fetchall()
+            return [(int(r[0]), r[1]) for r in found]
+
+        return await self._call(read)
+
+    async def stream_instance_status(self, instance_id: str) -> Status | None:
+        def read(conn: sqlite3.Connection) -> Status | None:
+            row = conn.execute(Q["stream_instance_status"], (instance_id,)).fetchone()
+            return None if row is None else Status.stored(row[0])
+
+        return await self._call(read)
+
+    async def stream_list(self, instance_id: str, *, limit: int = 100) -> list[base.StreamHead]:
+        def read(conn: sqlite3.Connection) -> list[base.StreamHead]:
+            found = conn.execute(Q["stream_list"], (instance_id, limit)).fetchall()
+            return [base.StreamHead(r[0], int(r[1]), bool(r[2])) for r in found]
+
+        return await self._call(read)
+
     async def list_instances(
         self,
         *,

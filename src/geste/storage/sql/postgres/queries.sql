@@ -2313,3 +2313,93 @@ WHERE EXISTS (SELECT 1 FROM {schema}.geste_instances
               WHERE instance_id = $1 AND status NOT IN ('completed', 'failed', 'cancelled'))
 ON CONFLICT (instance_id, waiter) DO UPDATE SET expires_at = excluded.expires_at
 RETURNING true AS watched;
+
+-- name: stream_write
+-- A batch of stream writes (26; docs/design.md "Streams"): $1..$4 one element per item (instance id,
+-- stream key, writer, item; a NULL item closes the stream), $5 the time. An item whose writer the stream
+-- holds already (a replay's or a retried activity's rewrite) or whose stream is closed is dropped. Each
+-- stream's head row is locked by the upsert until the commit, so a stream's positions follow its commits
+-- (a later batch's items come after, and commit after). A concurrent duplicate (two processes writing one
+-- writer) is dropped by ON CONFLICT and leaves a gap, which readers skip. Returns the streams written that
+-- have a reader registered (geste_stream_readers, by key): the caller notifies those after the commit.
+WITH input AS (
+    SELECT u.instance_id, u.key, u.writer, u.item, u.ord
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+         WITH ORDINALITY AS u(instance_id, key, writer, item, ord)
+), fresh AS (
+    SELECT i.* FROM input i
+    WHERE NOT EXISTS (SELECT 1 FROM {schema}.geste_streams s
+                      WHERE s.instance_id = i.instance_id AND s.key = i.key AND s.writer = i.writer)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.geste_stream_heads h
+                      WHERE h.instance_id = i.instance_id AND h.key = i.key AND h.closed)
+), counts AS (
+    SELECT instance_id, key, count(*) AS n, bool_or(item IS NULL) AS closing
+    FROM fresh GROUP BY instance_id, key
+), heads AS (
+    INSERT INTO {schema}.geste_stream_heads AS h (instance_id, key, next_position, closed)
+    SELECT instance_id, key, n, closing FROM counts
+    ON CONFLICT (instance_id, key) DO UPDATE
+        SET next_position = h.next_position + excluded.next_position, closed = h.closed OR excluded.closed
+    RETURNING h.instance_id, h.key, h.next_position
+), written AS (
+    INSERT INTO {schema}.geste_streams (instance_id, key, position, writer, item, written_at)
+    SELECT f.instance_id, f.key,
+           h.next_position - c.n - 1 + row_number() OVER (PARTITION BY f.instance_id, f.key ORDER BY f.ord),
+           f.writer, f.item, $5
+    FROM fresh f
+    JOIN counts c ON c.instance_id = f.instance_id AND c.key = f.key
+    JOIN heads h ON h.instance_id = f.instance_id AND h.key = f.key
+    ON CONFLICT DO NOTHING
+    RETURNING instance_id, key
+)
+SELECT DISTINCT w.instance_id, w.key FROM written w
+WHERE EXISTS (SELECT 1 FROM {schema}.geste_stream_readers r
+              WHERE r.instance_id = w.instance_id AND r.key = w.key);
+
+-- name: stream_read
+-- The items of a stream from position $3 on, in order, $4 at most: a range scan of the primary key.
+SELECT position, item FROM {schema}.geste_streams
+WHERE instance_id = $1 AND key = $2 AND position >= $3
+ORDER BY position LIMIT $4;
+
+-- name: stream_instance_status
+-- A reader that read everything: has the instance ended (which closes its streams)? Its primary key.
+SELECT status FROM {schema}.geste_instances WHERE instance_id = $1;
+
+-- name: stream_list
+-- The streams of an instance (the viewer): their heads, by key.
+SELECT key, next_position, closed FROM {schema}.geste_stream_heads
+WHERE instance_id = $1 ORDER BY key LIMIT $2;
+
+-- name: stream_watch
+-- A reader ($3, its own id; $4 the worker id of its process) waits for a stream: its row, renewed ($5 the
+-- new expiry) when there already. The caller reads the stream again after this commits: an item that
+-- committed before is seen by that read, one after is notified.
+INSERT INTO {schema}.geste_stream_readers (instance_id, key, reader, process, expires_at)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (instance_id, key, reader) DO UPDATE SET expires_at = excluded.expires_at;
+
+-- name: stream_unwatch
+-- Readers that stopped waiting: their rows, by key.
+DELETE FROM {schema}.geste_stream_readers r
+USING unnest($1::text[], $2::text[], $3::text[]) AS u(instance_id, key, reader)
+WHERE r.instance_id = u.instance_id AND r.key = u.key AND r.reader = u.reader;
+
+-- name: stream_readers_cleanup
+-- The cleanup chore: at most $2 rows of readers that stopped renewing them before $1 (they died), oldest
+-- first, through geste_stream_readers_by_expiry.
+WITH expired AS (
+    SELECT instance_id, key, reader FROM {schema}.geste_stream_readers
+    WHERE expires_at < $1 ORDER BY expires_at LIMIT $2
+), gone AS (
+    DELETE FROM {schema}.geste_stream_readers r USING expired e
+    WHERE r.instance_id = e.instance_id AND r.key = e.key AND r.reader = e.reader
+    RETURNING 1
+)
+SELECT count(*) FROM gone;
+
+-- name: stream_notify
+-- Wake the readers of the streams just written (one payload per element of $1, each naming many streams):
+-- its own statement after the writes committed, one for many write batches, so that the write path takes
+-- no notify lock at its commits.
+SELECT pg_notify('geste_stream_written', p) FROM unnest($1::text[]) AS p;

@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 25), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 26), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -629,3 +629,37 @@ CREATE TABLE geste_state (
     created_at  double precision NOT NULL,
     PRIMARY KEY (instance_id, key, version)
 );
+
+-- Durable streams (26; docs/streams.md): one row per item of an instance's named stream, read in position
+-- order from any position through the primary key. writer: the write's idempotency key, unique per stream
+-- (a replay's or a retried activity's rewrite writes nothing); item NULL: the stream's close.
+CREATE TABLE geste_streams (
+    instance_id text NOT NULL,
+    key         text NOT NULL,
+    position    bigint NOT NULL,
+    writer      text NOT NULL,
+    item        text,                        -- JSON; NULL: the close
+    written_at  double precision NOT NULL,
+    PRIMARY KEY (instance_id, key, position)
+);
+CREATE UNIQUE INDEX geste_streams_by_writer ON geste_streams (instance_id, key, writer);
+-- (26) each stream's next position and whether it is closed: a write batch locks its row, so a stream's
+-- positions follow the order of its commits
+CREATE TABLE geste_stream_heads (
+    instance_id   text NOT NULL,
+    key           text NOT NULL,
+    next_position bigint NOT NULL,
+    closed        boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (instance_id, key)
+);
+-- (26) the readers of another process waiting for a stream, registered only while they wait: a write batch
+-- probes this by key and, when a row is there, notifies geste_stream_written after its commit (batched)
+CREATE TABLE geste_stream_readers (
+    instance_id text NOT NULL,
+    key         text NOT NULL,
+    reader      text NOT NULL,
+    process     text NOT NULL,
+    expires_at  double precision NOT NULL,
+    PRIMARY KEY (instance_id, key, reader)
+);
+CREATE INDEX geste_stream_readers_by_expiry ON geste_stream_readers (expires_at);

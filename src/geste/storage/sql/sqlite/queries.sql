@@ -1469,3 +1469,32 @@ SELECT key, max(version) AS version, value, run, seq, created_at
 FROM geste_state WHERE instance_id = :instance_id
 GROUP BY key ORDER BY key
 LIMIT :limit;
+
+-- name: stream_head
+-- A stream's head (26): its next position and whether it is closed.
+SELECT next_position, closed FROM geste_stream_heads WHERE instance_id = ? AND key = ?;
+
+-- name: stream_insert
+-- One item of a write batch at the position given, unless the stream holds its writer already (a replay's
+-- or a retried activity's rewrite: nothing written).
+INSERT INTO geste_streams (instance_id, key, position, writer, item, written_at)
+SELECT ?1, ?2, ?3, ?4, ?5, ?6
+WHERE NOT EXISTS (SELECT 1 FROM geste_streams WHERE instance_id = ?1 AND key = ?2 AND writer = ?4);
+
+-- name: stream_set_head
+INSERT INTO geste_stream_heads (instance_id, key, next_position, closed) VALUES (?, ?, ?, ?)
+ON CONFLICT (instance_id, key) DO UPDATE
+    SET next_position = excluded.next_position, closed = excluded.closed;
+
+-- name: stream_read
+-- The items of a stream from a position on, in order: a range scan of the primary key.
+SELECT position, item FROM geste_streams
+WHERE instance_id = ? AND key = ? AND position >= ?
+ORDER BY position LIMIT ?;
+
+-- name: stream_instance_status
+SELECT status FROM geste_instances WHERE instance_id = ?;
+
+-- name: stream_list
+SELECT key, next_position, closed FROM geste_stream_heads
+WHERE instance_id = ? ORDER BY key LIMIT ?;

@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 25), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 26), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -362,3 +362,25 @@ CREATE TABLE geste_state (
     created_at  REAL NOT NULL,
     PRIMARY KEY (instance_id, key, version)
 ) WITHOUT ROWID;
+
+-- Durable streams (26; docs/streams.md): one row per item of an instance's named stream, read in position
+-- order from any position through the primary key. writer: the write's idempotency key, unique per stream
+-- (a replay's or a retried activity's rewrite writes nothing); item NULL: the stream's close.
+CREATE TABLE geste_streams (
+    instance_id TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    position    INTEGER NOT NULL,
+    writer      TEXT NOT NULL,
+    item        TEXT,                -- JSON; NULL: the close
+    written_at  REAL NOT NULL,
+    PRIMARY KEY (instance_id, key, position)
+);
+CREATE UNIQUE INDEX geste_streams_by_writer ON geste_streams (instance_id, key, writer);
+-- (26) each stream's next position and whether it is closed
+CREATE TABLE geste_stream_heads (
+    instance_id   TEXT NOT NULL,
+    key           TEXT NOT NULL,
+    next_position INTEGER NOT NULL,
+    closed        INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (instance_id, key)
+);
