@@ -69,6 +69,8 @@ class StepKind(StrEnum):
     """The end of a child the workflow awaited (``handle.result()``): its status and result or error."""
     CONTINUE_AS_NEW = "continue_as_new"
     """The last row of a run that ended with ``ctx.continue_as_new`` (found in its kept history only)."""
+    PATCH = "patch"
+    """A patch marker (``ctx.patched(id)``, the row's name): this run took the patched code's branch."""
 
 
 class ParentClose(StrEnum):

@@ -457,6 +457,13 @@ class EventTimeoutStep(_NoPayload):
     kind: ClassVar[StepKind] = StepKind.EVENT_TIMEOUT
 
 
+@dataclass(frozen=True, slots=True)
+class PatchStep(_NoPayload):
+    """A patch marker (``ctx.patched``): the run took the patched branch of the id (the row's name)."""
+
+    kind: ClassVar[StepKind] = StepKind.PATCH
+
+
 # -- channels --------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SubscribeStep(_Payload):
@@ -845,6 +852,7 @@ STEPS: dict[str, type[Step]] = {
         ContinueAsNewStep,
         StartChildStep,
         ChildStep,
+        PatchStep,
     )
 }
 """The step class of each kind (by its stored value)."""

@@ -1176,7 +1176,7 @@ class Storage(abc.ABC):
         of the given ids (the events it emitted and the messages it published)."""
 
 
-RETRY_SAFE_KINDS = frozenset({"activity", "now", "uuid", "random"})
+RETRY_SAFE_KINDS = frozenset({"activity", "now", "uuid", "random", "patch"})
 """Rows a retry may remove to have them taken again: activities (at least once, as after a crash) and the
 deterministic helpers. A received event or message, a publication, an outbox event or a subscription left
 traces outside the history (a delivery, a cursor, a claim, a stored message) that a re-run would not find
