@@ -112,7 +112,7 @@ async def record_patched_golden(folder: Path) -> None:
     recorded by its ``patched`` version, with the marker."""
     from .test_replay_check import record_v1
 
-    folder.mkdir(exist_ok=True)
+    await asyncio.to_thread(folder.mkdir, exist_ok=True)
     app = replay_app.build("patched")
     async with WorkflowEnvironment(app, start_at=T0) as env:
         await record_v1(app, env.advance)
@@ -154,7 +154,12 @@ def test_the_patched_golden_histories_hold_the_marker() -> None:
     for instance_id in IDS:
         document = json.loads((PATCHED / f"order-{instance_id}.json").read_text())
         first = document["history"][0]
-        assert (first["seq"], first["kind"], first["name"], first["payload"]) == (1, "patch", "fraud-check", None)
+        assert (first["seq"], first["kind"], first["name"], first["payload"]) == (
+            1,
+            "patch",
+            "fraud-check",
+            None,
+        )
 
 
 if __name__ == "__main__":  # python -m tests.test_patches: rewrite tests/golden/patched

@@ -826,6 +826,7 @@ Step = (
     | ContinueAsNewStep
     | StartChildStep
     | ChildStep
+    | PatchStep
 )
 """The typed payload of a history row, one class per ``StepKind``."""
 

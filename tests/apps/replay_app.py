@@ -66,9 +66,7 @@ def build(version: str, url: str = "sqlite:///replay-app-never-opened.db", **opt
             payment = await pay(ctx, f"r-{item}")
             await reserve(ctx, item)
         else:
-            if version == "added":
-                await check_fraud(ctx, item)
-            elif version in ("patched", "patched-late") and ctx.patched("fraud-check"):
+            if version == "added" or (version in ("patched", "patched-late") and ctx.patched("fraud-check")):
                 await check_fraud(ctx, item)
             elif version == "deprecated":
                 ctx.deprecate_patch("fraud-check")

@@ -317,6 +317,11 @@ def status(database_url: str, as_json: bool) -> None:
     if found.unserved:
         shown = ", ".join(f"{name} {n}" for name, n in sorted(found.unserved.items()))
         click.echo(f"  runnable, but no live worker registers the workflow: {shown}")
+    for version, names in sorted(found.unserved_versions.items()):
+        shown = ", ".join(f"{name} {n}" for name, n in sorted(names.items()))
+        click.echo(
+            f"  runnable, pinned to version {version}, but no live worker of it registers them: {shown}"
+        )
     if not found.workers:
         click.echo("workers: none registered")
     else:

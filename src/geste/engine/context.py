@@ -55,6 +55,7 @@ from .._validation import (
     check_mode,
     check_name,
 )
+from .._versions import Versioning
 from ..errors import (
     ChildWorkflowError,
     ConfigurationError,
@@ -397,7 +398,10 @@ class WorkflowContext:
         if starter is not None:  # onto a queue (20): created queued, admitted by a claim of the queue
             queue, priority, dedup_id = starter.queue, starter.priority, starter.dedup_id
             key = starter.partition_key  # its partition (22)
-        child = NewInstance(cid, name, stored, now, due, queue, priority, dedup_id, key)
+        pinned = known is not None and known.versioning is Versioning.PINNED
+        child = NewInstance(
+            cid, name, stored, now, due, queue, priority, dedup_id, key, self._host.version(), pinned
+        )
         taken = await journal.start_child(done, child, policy.value)
         if isinstance(taken, DedupHeld):  # another instance holds its queue's dedup id: recorded, raised
             assert queue is not None and dedup_id is not None

@@ -175,6 +175,8 @@ class Host(Protocol):
     workflows: Mapping[str, Workflow[Any, Any]]
     """The workflows it runs, by name: ``continue_as_new`` checks the next run's arguments against its
     workflow's signature, as ``start`` does."""
+    version: Callable[[], str | None]
+    """The version of the code it runs: the children it starts record it (docs/versioning.md)."""
 
 
 class Journal:

@@ -168,6 +168,10 @@ class NewInstance:
     partition_key: str = ""
     """Its partition of the queue (schema 22): the queue's per-partition limits count it with the others
     of this key; "" is the partition of the starts that give none."""
+    version: str | None = None
+    """The version of the code that starts it (schema 26: ``App(version=...)``, the starting App's)."""
+    pinned: bool = False
+    """Only workers of ``version`` claim it (its workflow's ``versioning="pinned"``, schema 26)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +284,9 @@ class WorkerRow:
     """None while all its background loops run; else why one ended (schema version 9)."""
     relay: bool = False
     """Whether it runs an outbox relay (schema version 13: outbox notifications go to one relay)."""
+    version: str | None = None
+    """The version of its code (schema 26, ``App(version=...)``); ``workflows`` then holds its claim keys
+    (``runner_key``): each workflow's name, and the name with this version for a pinned one."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -604,6 +604,8 @@ class PostgresStorage(base.Storage):
                 starts.lock_expires_at,
                 self.notify,
                 new.deadline,
+                new.version,
+                new.pinned,
             )
             if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
@@ -631,6 +633,8 @@ class PostgresStorage(base.Storage):
                     new.dedup_id,
                     self.notify,
                     new.partition_key,
+                    new.version,
+                    new.pinned,
                 )
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)
                 if inserted is not None:
@@ -1295,6 +1299,8 @@ class PostgresStorage(base.Storage):
                     child.priority,
                     child.dedup_id,
                     child.partition_key,
+                    child.version,
+                    child.pinned,
                 )
                 if started["created"]:
                     if not started["touched"]:
@@ -1382,6 +1388,7 @@ class PostgresStorage(base.Storage):
             worker.workflows,
             worker.health,
             worker.relay,
+            worker.version,
         )
 
     async def upsert_worker(self, worker: base.WorkerRow) -> None:
@@ -1749,6 +1756,8 @@ class PostgresStorage(base.Storage):
                     None,
                     self.notify,
                     new.deadline,
+                    new.version,
+                    new.pinned,
                 )
                 if row is not None and row["created"]:
                     created.append(new.instance_id)

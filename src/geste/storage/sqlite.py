@@ -232,6 +232,8 @@ class SQLiteStorage(base.Storage):
             "lease_id": starts.lease_id,
             "lock_expires_at": starts.lock_expires_at,
             "deadline": new.deadline,
+            "version": new.version,
+            "pinned": new.pinned,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
@@ -254,6 +256,8 @@ class SQLiteStorage(base.Storage):
             "priority": new.priority,
             "dedup_id": new.dedup_id,
             "partition_key": new.partition_key,
+            "version": new.version,
+            "pinned": new.pinned,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
@@ -884,6 +888,8 @@ class SQLiteStorage(base.Storage):
             "priority": child.priority,
             "dedup_id": child.dedup_id,
             "partition_key": child.partition_key,
+            "version": child.version,
+            "pinned": child.pinned,
         }
 
         def tx(conn: sqlite3.Connection) -> base.ChildState | base.DedupHeld | base.StepResult:
@@ -986,6 +992,7 @@ class SQLiteStorage(base.Storage):
             "workflows": worker.workflows,
             "health": worker.health,
             "relay": int(worker.relay),
+            "version": worker.version,
         }
 
     async def upsert_worker(self, worker: base.WorkerRow) -> None:
@@ -1363,6 +1370,8 @@ class SQLiteStorage(base.Storage):
                     "lease_id": None,
                     "lock_expires_at": None,
                     "deadline": new.deadline,
+                    "version": new.version,
+                    "pinned": new.pinned,
                 }
                 if conn.execute(Q["insert_instance"], params).rowcount == 1:
                     created.append(new.instance_id)
