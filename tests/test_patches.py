@@ -9,6 +9,7 @@ The versions of the ``order`` workflow are in ``tests/apps/replay_app.py``.
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import geste
 from geste.testing import ReplayReport, WorkflowEnvironment, check_replay, export_history
 
 from .apps import replay_app
-from .support import wait_status
+from .support import run_cli, wait_status
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 PATCHED = GOLDEN / "patched"
@@ -106,6 +107,38 @@ async def test_patched_is_decided_once_per_run_and_checks_its_id() -> None:
             await handle.result()
 
 
+async def test_patches_lists_the_old_runs_until_they_end(db_url: str) -> None:
+    """``app.patches()`` and ``geste patches``: each patch id of a workflow with the unfinished instances
+    started before its first marker that lack it (old runs); once they end, none: it can be deprecated."""
+    async with replay_app.build("v1", db_url, poll_interval=0.05) as old:
+        await old.workflows["order"].start_with_id("old", "pen")
+        await wait_status(old, "old", geste.Status.WAITING)
+        assert await old.patches() == []
+    async with replay_app.build("patched", db_url, poll_interval=0.05) as new:
+        await new.workflows["order"].start_with_id("new", "book")
+        await wait_status(new, "new", geste.Status.WAITING)
+        (found,) = await new.patches()
+        assert (found.workflow_name, found.patch_id, found.marked, found.old_runs) == (
+            "order",
+            "fraud-check",
+            1,
+            1,
+        )
+        result = await asyncio.to_thread(run_cli, ["patches", "--database-url", db_url])
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert lines[0].split() == ["WORKFLOW", "PATCH", "FIRST", "MARKED", "MARKED", "OLD", "RUNS"]
+        assert lines[1].split()[:2] == ["order", "fraud-check"] and lines[1].split()[-2:] == ["1", "1"]
+        await new.send_event("shipped", {"item": "pen"}, event_id="shipped-pen")
+        await new.get_handle("old").result(timeout=10)
+        (found,) = await new.patches()
+        assert (found.marked, found.old_runs) == (1, 0)
+        result = await asyncio.to_thread(run_cli, ["patches", "--database-url", db_url, "--json"])
+        assert json.loads(result.output) == [found.as_dict()]
+        with pytest.raises(geste.errors.ConfigurationError):
+            await new.patches(limit=0)
+
+
 # -- the replay check on the golden histories of both ---------------------------------------------------
 async def record_patched_golden(folder: Path) -> None:
     """(Re)write ``tests/golden/patched`` (this module's ``__main__``): the order workflow's histories
@@ -149,8 +182,6 @@ async def test_golden_histories_before_and_after_the_patch(
 
 
 def test_the_patched_golden_histories_hold_the_marker() -> None:
-    import json
-
     for instance_id in IDS:
         document = json.loads((PATCHED / f"order-{instance_id}.json").read_text())
         first = document["history"][0]
@@ -164,3 +195,19 @@ def test_the_patched_golden_histories_hold_the_marker() -> None:
 
 if __name__ == "__main__":  # python -m tests.test_patches: rewrite tests/golden/patched
     asyncio.run(record_patched_golden(PATCHED))
+
+
+def test_the_replay_check_command_understands_markers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``geste replay-check``: the patched code passes on the histories from before and after the patch;
+    the code from before fails on those recorded with it, at the marker."""
+    from .test_replay_check import replay_cli
+
+    result = replay_cli(monkeypatch, "tests.apps.replay_app:patched", "tests/golden", "tests/golden/patched")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "6 histories replayed: 6 ok"
+    result = replay_cli(monkeypatch, "tests.apps.replay_app:app", "tests/golden/patched", "-v")
+    assert result.exit_code == 1, result.output
+    assert any(
+        "history has patch 'fraud-check', the code now does activity 'reserve'" in line
+        for line in result.stdout.splitlines()
+    )

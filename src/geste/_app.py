@@ -36,7 +36,7 @@ from ._status import (
     is_alive,
 )
 from ._validation import check_id as _check_id
-from ._versions import Versioning, check_version, runner_key, split_runner
+from ._versions import PatchInfo, Versioning, check_version, runner_key, split_runner
 from .engine.activities import DEFAULT_ACTIVITY_THREADS
 from .engine.context import ActivityContext, WorkflowContext
 from .engine.run import Engine
@@ -597,6 +597,18 @@ class App(OpenClose):
     def listener_status(self) -> ListenerStatus:
         """State of this process's LISTEN/NOTIFY connection (``disabled`` when it has none)."""
         return self.runtime.listener_status()
+
+    async def patches(self, *, limit: int = 1000) -> list[PatchInfo]:
+        """The patch ids (``ctx.patched``) the histories hold, by workflow, each with its old runs: the
+        unfinished instances started before its first marker whose history lacks it (docs/versioning.md).
+        An explicit read, not part of ``status``: it reads every marker of the current runs and, per
+        patch, the unfinished instances of its workflow started before it (docs/design.md "Versions")."""
+        self._require_open()
+        rows = await self.storage.patches(limit=positive_int(limit, "limit"))
+        return [
+            PatchInfo(r.workflow_name, r.patch_id, to_datetime(r.first_at), r.marked, r.old_runs)  # type: ignore[arg-type]
+            for r in rows
+        ]
 
     async def status(self) -> SystemStatus:
         """The queue, the registered workers, the held leases, this process's listener, the cron

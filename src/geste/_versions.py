@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from types import CodeType
 from typing import TYPE_CHECKING, Any
@@ -109,6 +111,31 @@ def claim_keys(workflows: Mapping[str, Workflow[Any, Any]], version: str | None)
         if workflow.versioning is Versioning.PINNED:
             keys.append(runner_key(name, version, True))
     return sorted(keys)
+
+
+@dataclass(frozen=True, slots=True)
+class PatchInfo:
+    """A patch id (``ctx.patched``) of a workflow, as ``app.patches()`` and ``geste patches`` list it."""
+
+    workflow_name: str
+    patch_id: str
+    first_marked_at: datetime
+    """When the first marker of it still held by a current run's history was recorded."""
+    marked: int
+    """Instances whose current run's history holds the marker (finished ones too, until purged)."""
+    old_runs: int
+    """Unfinished instances of the workflow whose current run started before that first marker and whose
+    history lacks it: they may still take the old branch. At 0, the patch can be deprecated
+    (``ctx.deprecate_patch``); while some remain, the old branch must stay."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "workflow_name": self.workflow_name,
+            "patch_id": self.patch_id,
+            "first_marked_at": self.first_marked_at.isoformat(),
+            "marked": self.marked,
+            "old_runs": self.old_runs,
+        }
 
 
 def split_runner(key: str) -> tuple[str, str | None]:

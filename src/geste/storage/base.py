@@ -175,6 +175,19 @@ class NewInstance:
 
 
 @dataclass(frozen=True, slots=True)
+class PatchRow:
+    """A patch id of a workflow as ``patches`` reads it (schema 26): the markers of it in the current runs'
+    histories, when the first was recorded, and the unfinished instances of the workflow that started
+    before it and lack it (its old runs)."""
+
+    workflow_name: str
+    patch_id: str
+    first_at: float
+    marked: int
+    old_runs: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueueRow:
     """A declared queue's limits (schema 20; docs/design.md "Queues"): ``concurrency``, its admitted and
     unfinished instances at most across the cluster; ``worker_concurrency``, those one worker admitted
@@ -1170,6 +1183,12 @@ class Storage(abc.ABC):
     async def count_instances(self, which: InstanceFilter, *, cap: int) -> dict[Status, int]:
         """Instances per status (``which.status`` ignored), each count stopping at ``cap``: at most
         ``cap`` index entries read per status, however many instances there are."""
+
+    @abc.abstractmethod
+    async def patches(self, *, limit: int) -> list[PatchRow]:
+        """Up to ``limit`` patch ids (by workflow, then id) with their markers and old runs (``PatchRow``):
+        reads every marker of the current runs (``geste_history_patches``) and, per patch, the unfinished
+        instances of its workflow started before it (``geste patches``; docs/design.md "Versions")."""
 
     @abc.abstractmethod
     async def workflow_names(self, *, limit: int) -> list[str]:

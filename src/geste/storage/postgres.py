@@ -1837,6 +1837,12 @@ class PostgresStorage(base.Storage):
 
         return await self._read(go)
 
+    async def patches(self, *, limit: int) -> list[base.PatchRow]:
+        async def go(conn: Conn) -> list[base.PatchRow]:
+            return [base.PatchRow(*r) for r in await conn.fetch(self._q["patches"], limit)]
+
+        return await self._read(go)
+
     async def workflow_names(self, *, limit: int) -> list[str]:
         async def go(conn: Conn) -> list[str]:
             return [r["name"] for r in await conn.fetch(self._q["workflow_names"], limit)]

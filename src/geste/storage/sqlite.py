@@ -1441,6 +1441,11 @@ class SQLiteStorage(base.Storage):
         params = {"now": now, "cap": cap, "limit": limit}
         return await self._call(lambda c: decide.runnable_by_name(c.execute(Q["runnable_workflows"], params)))
 
+    async def patches(self, *, limit: int) -> list[base.PatchRow]:
+        return await self._call(
+            lambda c: [base.PatchRow(*r) for r in c.execute(Q["patches"], {"limit": limit}).fetchall()]
+        )
+
     async def workflow_names(self, *, limit: int) -> list[str]:
         return await self._call(
             lambda c: [r["name"] for r in c.execute(Q["workflow_names"], {"limit": limit})]

@@ -2176,3 +2176,29 @@ SELECT n.name, q.name IS NOT NULL AS declared, q.concurrency, q.worker_concurren
 FROM names n LEFT JOIN {schema}.geste_queues q ON q.name = n.name
 ORDER BY n.name
 LIMIT $3;
+
+-- name: patches
+-- `geste patches` (schema 26; docs/versioning.md): per workflow and patch id, its markers in the current
+-- runs' histories (a scan of geste_history_patches: one entry per marker, joined to its instance by key)
+-- with the first one's time, and its old runs: the unfinished instances of the workflow whose current run
+-- started before that first marker and whose history lacks it (a range of
+-- geste_instances_by_name_status per unfinished status, each instance probed in geste_history_patches).
+-- At most $1 patches.
+WITH marked AS (
+    SELECT i.workflow_name, h.name AS patch_id, min(h.created_at) AS first_at, count(*) AS marked
+    FROM {schema}.geste_history AS h JOIN {schema}.geste_instances AS i ON i.instance_id = h.instance_id
+    WHERE h.kind = 'patch'
+    GROUP BY i.workflow_name, h.name
+    ORDER BY i.workflow_name, h.name
+    LIMIT $1
+)
+SELECT m.workflow_name, m.patch_id, m.first_at, m.marked,
+       (SELECT count(*) FROM {schema}.geste_instances AS o
+        WHERE o.workflow_name = m.workflow_name
+          AND o.status IN ('pending', 'running', 'waiting', 'compensating')
+          AND o.created_at < m.first_at AND coalesce(o.run_started_at, o.created_at) < m.first_at
+          AND NOT EXISTS (SELECT 1 FROM {schema}.geste_history AS x
+                          WHERE x.kind = 'patch' AND x.name = m.patch_id AND x.instance_id = o.instance_id)
+       ) AS old_runs
+FROM marked AS m
+ORDER BY m.workflow_name, m.patch_id;

@@ -86,6 +86,8 @@ CREATE TABLE geste_history (
     created_at  double precision NOT NULL,
     PRIMARY KEY (instance_id, seq)
 );
+-- the patch markers, by patch id (26): what `geste patches` reads
+CREATE INDEX geste_history_patches ON geste_history (name, instance_id) WHERE kind = 'patch';
 
 -- The runs an instance ended by continuing (15, ctx.continue_as_new): one row each, what it was given and
 -- how long it ran; the current run is geste_instances' own (its input, run, run_started_at).

@@ -17,3 +17,7 @@ CREATE INDEX geste_instances_runnable_by_name ON geste_instances (runner, run_at
       AND status IN ('pending', 'running', 'waiting', 'compensating');
 CREATE INDEX geste_instances_leased_by_name ON geste_instances (runner, run_at)
     WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
+
+-- the patch markers (ctx.patched, StepKind 'patch') of the histories, by patch id: what `geste patches`
+-- reads (only those rows are in it; any other row's insert only tests the predicate)
+CREATE INDEX geste_history_patches ON geste_history (name, instance_id) WHERE kind = 'patch';

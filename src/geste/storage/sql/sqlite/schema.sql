@@ -122,6 +122,8 @@ CREATE TABLE geste_timers (
     PRIMARY KEY (instance_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX geste_timers_due ON geste_timers (expires_at);
+-- the patch markers, by patch id (26): what `geste patches` reads
+CREATE INDEX geste_history_patches ON geste_history (name, instance_id) WHERE kind = 'patch';
 
 -- An instance's registered wait for an event (at most one).
 CREATE TABLE geste_event_waits (
