@@ -272,6 +272,7 @@ def _worker_row(worker: WorkerInfo, checked_at: datetime) -> tuple[str, ...]:
         last_age,
         _notifications(listener.get("notifications")),
         _age(worker.heartbeat_age) + " ago",
+        worker.version or "-",
     )
 
 
@@ -379,6 +380,7 @@ def _print_workers(found: SystemStatus) -> None:
         "LAST NOTIFICATION",
         "NOTIFICATIONS",
         "HEARTBEAT",
+        "VERSION",
     )
     rows = [_worker_row(worker, found.checked_at) for worker in found.workers]
     _table(header, rows)
