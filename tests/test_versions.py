@@ -49,7 +49,7 @@ async def test_a_rolling_deploy_of_two_versions(tmp_path: Path, db_url: str) -> 
                 "p2": ("v2", True),
             }
             assert rows["p1"]["runner"] == f"pinned_flow{SEPARATOR}v1"
-            assert rows["u1"]["runner"] == "upgrading_flow"
+            assert rows["u1"]["runner"] is None  # a claim matches coalesce(runner, workflow_name)
 
             group.by_id["w1"].send_signal(signal.SIGTERM)  # the v1 workers go
             assert group.by_id["w1"].wait(timeout=30) == 0

@@ -3,10 +3,11 @@
 A worker declares the version of its code (``App(version=...)``), or it is derived from the source of
 the workflows it registers (``source_version``). An instance records the version of the App that started
 it; a workflow registered with ``versioning="pinned"`` is pinned to it: only workers of that version
-claim it. A claim matches an instance's ``runner`` (a generated column): its workflow's name, or, pinned,
-the name and its version (``runner_key``). A worker claims its ``claim_keys``: the name of each workflow
-it registers, and, for a pinned one, the name with its own version too; the claim indexes are keyed on
-the runner, so a claim never reads a pinned instance of another version.
+claim it. A claim matches an instance's ``coalesce(runner, workflow_name)`` (``runner``, a generated
+column, is the name and the version of a pinned instance, NULL for the others): its workflow's name, or,
+pinned, the name and its version (``runner_key``). A worker claims its ``claim_keys``: the name of each
+workflow it registers, and, for a pinned one, the name with its own version too; the claim indexes are
+keyed on that expression, so a claim never reads a pinned instance of another version.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _digest_code(digest: Any, code: CodeType) -> None:
 
 
 def runner_key(workflow_name: str, version: str | None, pinned: bool) -> str:
-    """What a claim matches of an instance (its ``runner`` column, as the database computes it)."""
+    """What a claim matches of an instance (``coalesce(runner, workflow_name)``, as the database computes
+    it)."""
     return f"{workflow_name}{SEPARATOR}{version or ''}" if pinned else workflow_name
 
 

@@ -299,19 +299,19 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 WITH expired AS (
     SELECT instance_id, run_at, lock_expires_at AS expired_at
     FROM {schema}.geste_instances
-    WHERE runner = ANY(ARRAY[$7::text]) AND lease_id IS NOT NULL
+    WHERE coalesce(runner, workflow_name) = ANY(ARRAY[$7::text]) AND lease_id IS NOT NULL
       AND run_at <= $3 AND run_at > '-Infinity'
       AND lock_expires_at <= $3 AND status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY runner, run_at
+    ORDER BY coalesce(runner, workflow_name), run_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ), free AS (
     SELECT instance_id, run_at, NULL::double precision AS expired_at
     FROM {schema}.geste_instances
-    WHERE runner = ANY(ARRAY[$7::text]) AND lease_id IS NULL
+    WHERE coalesce(runner, workflow_name) = ANY(ARRAY[$7::text]) AND lease_id IS NULL
       AND run_at <= $6 AND run_at > '-Infinity'
       AND status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY runner, run_at
+    ORDER BY coalesce(runner, workflow_name), run_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ), picked AS (
@@ -348,10 +348,10 @@ WITH expired AS (
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT run_at FROM {schema}.geste_instances
-        WHERE runner = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
+        WHERE coalesce(runner, workflow_name) = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
           AND lease_id IS NULL
           AND status IN ('pending', 'running', 'waiting', 'compensating')
-        ORDER BY runner, run_at LIMIT 1),
+        ORDER BY coalesce(runner, workflow_name), run_at LIMIT 1),
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL;
 
 -- name: claim_names
@@ -372,18 +372,18 @@ WITH heads AS (
     CROSS JOIN LATERAL (
         (SELECT instance_id, run_at
          FROM {schema}.geste_instances
-         WHERE runner = ANY(ARRAY[n.name]) AND lease_id IS NOT NULL
+         WHERE coalesce(runner, workflow_name) = ANY(ARRAY[n.name]) AND lease_id IS NOT NULL
            AND run_at <= $3 AND run_at > '-Infinity'
            AND lock_expires_at <= $3 AND status IN ('pending', 'running', 'waiting', 'compensating')
-         ORDER BY runner, run_at
+         ORDER BY coalesce(runner, workflow_name), run_at
          LIMIT $5)
         UNION ALL
         (SELECT instance_id, run_at
          FROM {schema}.geste_instances
-         WHERE runner = ANY(ARRAY[n.name]) AND lease_id IS NULL
+         WHERE coalesce(runner, workflow_name) = ANY(ARRAY[n.name]) AND lease_id IS NULL
            AND run_at <= $6 AND run_at > '-Infinity'
            AND status IN ('pending', 'running', 'waiting', 'compensating')
-         ORDER BY runner, run_at
+         ORDER BY coalesce(runner, workflow_name), run_at
          LIMIT $5)
     ) AS h
 ), wanted AS MATERIALIZED (
@@ -428,9 +428,9 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.r
 FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.geste_instances
-    WHERE runner = ANY(ARRAY[w.name]) AND run_at > $6 AND run_at < 'Infinity' AND lease_id IS NULL
+    WHERE coalesce(runner, workflow_name) = ANY(ARRAY[w.name]) AND run_at > $6 AND run_at < 'Infinity' AND lease_id IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY runner, run_at LIMIT 1
+    ORDER BY coalesce(runner, workflow_name), run_at LIMIT 1
 ) AS n;
 
 -- name: claim_ids
@@ -446,7 +446,7 @@ CROSS JOIN LATERAL (
 -- claimed row is the value it had; the UPDATE makes it the lease's expiry ($4), the take-over time, as
 -- `claim` does (schema 11).
 WITH named AS MATERIALIZED (
-    SELECT instance_id, runner, status, run_at, lease_id
+    SELECT instance_id, coalesce(runner, workflow_name) AS runner, status, run_at, lease_id
     FROM {schema}.geste_instances WHERE instance_id = ANY($7::text[])
 ), picked AS (
     SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
@@ -1051,19 +1051,19 @@ SELECT EXISTS (SELECT 1 FROM event) AS stored,
 -- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
 -- name with a free instance that has a run_at (a loose scan of the same index).
 WITH RECURSIVE names(name) AS (
-    SELECT min(runner) FROM {schema}.geste_instances
+    SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
     WHERE run_at IS NOT NULL AND lease_id IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     UNION ALL
-    SELECT (SELECT min(i.runner) FROM {schema}.geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.runner > n.name
+    SELECT (SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
               AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT i.run_at FROM {schema}.geste_instances i
-            WHERE i.runner = ANY(ARRAY[n.name]) AND i.run_at IS NOT NULL AND i.lease_id IS NULL
+            WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.run_at IS NOT NULL AND i.lease_id IS NULL
               AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-            ORDER BY i.runner, i.run_at LIMIT 1)) AS run_at
+            ORDER BY coalesce(i.runner, i.workflow_name), i.run_at LIMIT 1)) AS run_at
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: upsert_worker
@@ -1125,25 +1125,25 @@ SELECT status, count(*) AS n FROM {schema}.geste_instances GROUP BY status;
 -- instances due by $1 and the leases that ran out by $1. It reads the runnable instances, never the
 -- finished ones, nor those waiting for later, nor the leases still held.
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
-    SELECT LEAST((SELECT min(runner) FROM {schema}.geste_instances
+    SELECT LEAST((SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
                   WHERE run_at IS NOT NULL AND lease_id IS NULL
                     AND status IN ('pending', 'running', 'waiting', 'compensating')),
-                 (SELECT min(runner) FROM {schema}.geste_instances
+                 (SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
                   WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating')))
     UNION ALL
-    SELECT LEAST((SELECT min(i.runner) FROM {schema}.geste_instances i
-                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.runner > n.name
+    SELECT LEAST((SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')),
-                 (SELECT min(i.runner) FROM {schema}.geste_instances i
-                  WHERE i.lease_id IS NOT NULL AND i.runner > n.name
+                 (SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+                  WHERE i.lease_id IS NOT NULL AND coalesce(i.runner, i.workflow_name) > n.name
                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT coalesce(sum((SELECT count(*) FROM {schema}.geste_instances i
-                     WHERE i.runner = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
+                     WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
                        AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
                     + (SELECT count(*) FROM {schema}.geste_instances i
-                       WHERE i.runner = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL
+                       WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL
                          AND i.run_at <= $1 AND i.lock_expires_at <= $1
                          AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)::bigint AS n
 FROM names n WHERE n.name IS NOT NULL;
@@ -1861,29 +1861,29 @@ FROM unnest($4::text[]) AS s(status);
 -- each index per name, the two ranges a claim reads (matched and ordered as in the claim, so that the
 -- planner can neither walk another index nor scan the table).
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
-    SELECT LEAST((SELECT min(runner) FROM {schema}.geste_instances
+    SELECT LEAST((SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
                   WHERE run_at IS NOT NULL AND lease_id IS NULL
                     AND status IN ('pending', 'running', 'waiting', 'compensating')),
-                 (SELECT min(runner) FROM {schema}.geste_instances
+                 (SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
                   WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating')))
     UNION ALL
-    SELECT LEAST((SELECT min(i.runner) FROM {schema}.geste_instances i
-                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.runner > n.name
+    SELECT LEAST((SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')),
-                 (SELECT min(i.runner) FROM {schema}.geste_instances i
-                  WHERE i.lease_id IS NOT NULL AND i.runner > n.name
+                 (SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+                  WHERE i.lease_id IS NOT NULL AND coalesce(i.runner, i.workflow_name) > n.name
                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT n.name AS workflow_name, LEAST($2, (SELECT count(*) FROM (
     SELECT 1 FROM {schema}.geste_instances i
-    WHERE i.runner = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
+    WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY i.runner, i.run_at LIMIT $2) AS c) + (SELECT count(*) FROM (
+    ORDER BY coalesce(i.runner, i.workflow_name), i.run_at LIMIT $2) AS c) + (SELECT count(*) FROM (
     SELECT 1 FROM {schema}.geste_instances i
-    WHERE i.runner = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL AND i.run_at <= $1
+    WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL AND i.run_at <= $1
       AND i.lock_expires_at <= $1 AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY i.runner, i.run_at LIMIT $2) AS e)) AS runnable
+    ORDER BY coalesce(i.runner, i.workflow_name), i.run_at LIMIT $2) AS e)) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT $3;
 
 -- name: workflow_names
@@ -2099,14 +2099,14 @@ WHERE queue = $1 AND dedup_id = $2 AND status IN ('pending', 'running', 'waiting
 -- sleep). Reads the queues' admitted entries: R per queue, at most its concurrency limit.
 (SELECT instance_id, run_at FROM {schema}.geste_instances
  WHERE queue = ANY($1::text[]) AND queue IS NOT NULL AND queued_at IS NULL
-   AND status IN ('pending', 'running', 'waiting', 'compensating') AND runner = ANY($5::text[])
+   AND status IN ('pending', 'running', 'waiting', 'compensating') AND coalesce(runner, workflow_name) = ANY($5::text[])
    AND ((lease_id IS NULL AND run_at <= $3) OR (lease_id IS NOT NULL AND lock_expires_at <= $2))
  ORDER BY run_at
  LIMIT $4)
 UNION ALL
 SELECT NULL, min(run_at) FROM {schema}.geste_instances
 WHERE queue = ANY($1::text[]) AND queue IS NOT NULL AND queued_at IS NULL
-  AND status IN ('pending', 'running', 'waiting', 'compensating') AND runner = ANY($5::text[])
+  AND status IN ('pending', 'running', 'waiting', 'compensating') AND coalesce(runner, workflow_name) = ANY($5::text[])
   AND lease_id IS NULL AND run_at > $3;
 
 -- name: queue_claim

@@ -54,8 +54,8 @@ CREATE TABLE geste_instances (
     partition_key    text,              -- (22) its partition of the queue; '': started without a key
     version          text,              -- (26) the version of the code it started on (the starting App's)
     pinned           boolean NOT NULL DEFAULT false,  -- (26) only workers of its version claim it
-    runner           text GENERATED ALWAYS AS (  -- (26) what a claim matches: the name, or name U+001F version
-        CASE WHEN pinned THEN workflow_name || chr(31) || coalesce(version, '') ELSE workflow_name END
+    runner           text GENERATED ALWAYS AS (  -- (26) pinned: name U+001F version; NULL: not pinned
+        CASE WHEN pinned THEN workflow_name || chr(31) || coalesce(version, '') END
     ) STORED
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
@@ -64,12 +64,14 @@ CREATE INDEX geste_instances_by_name ON geste_instances (workflow_name, created_
 CREATE INDEX geste_instances_by_created ON geste_instances (created_at, instance_id);
 CREATE INDEX geste_instances_by_name_status ON geste_instances (workflow_name, status, created_at, instance_id);
 -- the claim of a worker: per workflow it registers, its free instances in run_at order (9; free only: 11;
--- by runner, the name and the pinned version: 26)
-CREATE INDEX geste_instances_runnable_by_name ON geste_instances (runner, run_at)
+-- by coalesce(runner, workflow_name), the name or the name and the pinned version: 26)
+CREATE INDEX geste_instances_runnable_by_name
+    ON geste_instances ((coalesce(runner, workflow_name)), run_at)
     WHERE run_at IS NOT NULL AND lease_id IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating');
 -- and its held instances in take-over order: a claim reads the leases that ran out only (11)
-CREATE INDEX geste_instances_leased_by_name ON geste_instances (runner, run_at)
+CREATE INDEX geste_instances_leased_by_name
+    ON geste_instances ((coalesce(runner, workflow_name)), run_at)
     WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
 -- the children of an instance, oldest first (16): clients' instances are not in it
 CREATE INDEX geste_instances_by_parent ON geste_instances (parent_id, created_at, instance_id)

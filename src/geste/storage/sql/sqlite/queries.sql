@@ -135,13 +135,13 @@ WHERE instance_id = :instance_id;
 -- claim merges the heads of its names and takes the earliest (claim_picked), in the same transaction.
 SELECT * FROM (
     SELECT instance_id, lock_expires_at AS expired_at, run_at FROM geste_instances
-    WHERE runner = :name AND lease_id IS NOT NULL AND run_at <= :now AND lock_expires_at <= :now
+    WHERE coalesce(runner, workflow_name) = :name AND lease_id IS NOT NULL AND run_at <= :now AND lock_expires_at <= :now
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY run_at LIMIT :limit)
 UNION ALL
 SELECT * FROM (
     SELECT instance_id, NULL AS expired_at, run_at FROM geste_instances
-    WHERE runner = :name AND lease_id IS NULL AND run_at <= :due
+    WHERE coalesce(runner, workflow_name) = :name AND lease_id IS NULL AND run_at <= :due
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY run_at LIMIT :limit);
 
@@ -164,7 +164,7 @@ RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cance
 -- named that are not due yet.
 SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at, run_at
 FROM geste_instances
-WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND runner IN (SELECT value FROM json_each(:names))
+WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND coalesce(runner, workflow_name) IN (SELECT value FROM json_each(:names))
   AND ((lease_id IS NULL AND run_at <= :due) OR (lease_id IS NOT NULL AND lock_expires_at <= :now))
   AND status IN ('pending', 'running', 'waiting', 'compensating')
 ORDER BY run_at
@@ -172,7 +172,7 @@ LIMIT :limit;
 
 -- name: claim_ids_later
 SELECT instance_id, run_at FROM geste_instances
-WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND runner IN (SELECT value FROM json_each(:names))
+WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND coalesce(runner, workflow_name) IN (SELECT value FROM json_each(:names))
   AND run_at > :due AND lease_id IS NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: renew
@@ -394,24 +394,24 @@ WHERE instance_id = :instance_id AND status IN ('waiting', 'running') AND lease_
 -- After a claim that took less than it asked for, in its transaction: how long the worker may sleep.
 -- One probe of geste_instances_runnable_by_name per registered workflow (:name).
 SELECT MIN(run_at) AS run_at FROM geste_instances
-WHERE runner = :name AND run_at > :due AND lease_id IS NULL
+WHERE coalesce(runner, workflow_name) = :name AND run_at > :due AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: next_run_at
 -- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
 -- name with a free instance that has a run_at (a loose scan of the same index).
 WITH RECURSIVE names(name) AS (
-    SELECT min(runner) FROM geste_instances
+    SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
     WHERE run_at IS NOT NULL AND lease_id IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     UNION ALL
-    SELECT (SELECT min(i.runner) FROM geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.runner > n.name
+    SELECT (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
               AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT min(i.run_at) FROM geste_instances i
-            WHERE i.runner = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL
+            WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL
               AND i.status IN ('pending', 'running', 'waiting', 'compensating'))) AS run_at
 FROM names n WHERE n.name IS NOT NULL;
 
@@ -462,27 +462,27 @@ SELECT status, count(*) AS n FROM geste_instances GROUP BY status;
 -- finished ones, nor those waiting for later, nor the leases still held.
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
     SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
-        SELECT (SELECT min(runner) FROM geste_instances
+        SELECT (SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
                 WHERE run_at IS NOT NULL AND lease_id IS NULL
                   AND status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
-               (SELECT min(runner) FROM geste_instances
+               (SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
                 WHERE lease_id IS NOT NULL
                   AND status IN ('pending', 'running', 'waiting', 'compensating')) AS h)
     UNION ALL
     SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
-        SELECT (SELECT min(i.runner) FROM geste_instances i
-                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.runner > n.name
+        SELECT (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
                   AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
-               (SELECT min(i.runner) FROM geste_instances i
-                WHERE i.lease_id IS NOT NULL AND i.runner > n.name
+               (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+                WHERE i.lease_id IS NOT NULL AND coalesce(i.runner, i.workflow_name) > n.name
                   AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT coalesce(sum((SELECT count(*) FROM geste_instances i
-                     WHERE i.runner = n.name AND i.lease_id IS NULL AND i.run_at <= :now
+                     WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.lease_id IS NULL AND i.run_at <= :now
                        AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
                     + (SELECT count(*) FROM geste_instances i
-                       WHERE i.runner = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
+                       WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
                          AND i.lock_expires_at <= :now
                          AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0) AS n
 FROM names n WHERE n.name IS NOT NULL;
@@ -1017,29 +1017,29 @@ FROM (SELECT value AS status FROM json_each(:statuses)) AS s;
 -- each index per name, the two ranges a claim reads.
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
     SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
-        SELECT (SELECT min(runner) FROM geste_instances
+        SELECT (SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
                 WHERE run_at IS NOT NULL AND lease_id IS NULL
                   AND status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
-               (SELECT min(runner) FROM geste_instances
+               (SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
                 WHERE lease_id IS NOT NULL
                   AND status IN ('pending', 'running', 'waiting', 'compensating')) AS h)
     UNION ALL
     SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
-        SELECT (SELECT min(i.runner) FROM geste_instances i
-                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.runner > n.name
+        SELECT (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
                   AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
-               (SELECT min(i.runner) FROM geste_instances i
-                WHERE i.lease_id IS NOT NULL AND i.runner > n.name
+               (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+                WHERE i.lease_id IS NOT NULL AND coalesce(i.runner, i.workflow_name) > n.name
                   AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT n.name AS workflow_name, min(:cap, (SELECT count(*) FROM (
     SELECT 1 FROM geste_instances i
-    WHERE i.runner = n.name AND i.lease_id IS NULL AND i.run_at <= :now
+    WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.lease_id IS NULL AND i.run_at <= :now
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
     LIMIT :cap)) + (SELECT count(*) FROM (
     SELECT 1 FROM geste_instances i
-    WHERE i.runner = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
+    WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
       AND i.lock_expires_at <= :now AND i.status IN ('pending', 'running', 'waiting', 'compensating')
     LIMIT :cap))) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT :limit;
@@ -1215,7 +1215,7 @@ SELECT * FROM (
     SELECT instance_id, run_at FROM geste_instances
     WHERE queue IN (SELECT value FROM json_each(:queues)) AND queue IS NOT NULL AND queued_at IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating')
-      AND runner IN (SELECT value FROM json_each(:names))
+      AND coalesce(runner, workflow_name) IN (SELECT value FROM json_each(:names))
       AND ((lease_id IS NULL AND run_at <= :due) OR (lease_id IS NOT NULL AND lock_expires_at <= :now))
     ORDER BY run_at
     LIMIT :limit)
@@ -1223,7 +1223,7 @@ UNION ALL
 SELECT NULL, min(run_at) FROM geste_instances
 WHERE queue IN (SELECT value FROM json_each(:queues)) AND queue IS NOT NULL AND queued_at IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating')
-  AND runner IN (SELECT value FROM json_each(:names))
+  AND coalesce(runner, workflow_name) IN (SELECT value FROM json_each(:names))
   AND lease_id IS NULL AND run_at > :due;
 
 -- name: queue_waiting
