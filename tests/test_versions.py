@@ -266,3 +266,21 @@ def json_loads(text: str) -> Any:
     import json
 
     return json.loads(text)
+
+
+async def test_a_schedules_tick_records_the_version_of_the_code_that_fires_it() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from geste.testing import WorkflowEnvironment
+
+    app = geste.App("sqlite:///never-opened.db", version="v3")
+
+    @app.schedule("0 * * * *")
+    @app.workflow(versioning="pinned")
+    async def hourly(ctx: geste.WorkflowContext) -> str:
+        return "done"
+
+    async with WorkflowEnvironment(app, start_at=datetime(2030, 1, 1, tzinfo=UTC)) as env:
+        await env.advance(timedelta(hours=2))
+        found = await raw_query(env.database_url, "SELECT status, version, pinned FROM geste_instances")
+    assert [(r["status"], r["version"], bool(r["pinned"])) for r in found] == [("completed", "v3", True)] * 2

@@ -16,7 +16,7 @@ from .._metrics import Metrics
 from .._models import ParentClose, Status, StepKind
 from .._serde import decode, encode, encode_error
 from .._steps import CancelledStep
-from .._versions import claim_keys
+from .._versions import Versioning, claim_keys
 from ..errors import (
     NonDeterminismError,
     SerializationError,
@@ -176,6 +176,10 @@ class Engine:
 
     def code_version(self) -> str | None:
         return self.version()
+
+    def start_version(self, workflow_name: str) -> tuple[str | None, bool]:
+        workflow = self.workflows.get(workflow_name)
+        return self.version(), workflow is not None and workflow.versioning is Versioning.PINNED
 
     def cached(self, instance_ids: Collection[str] | None = None) -> dict[str, int]:
         """For a claim: the last step held by each parked run (of ``instance_ids``), by instance id."""

@@ -244,6 +244,7 @@ class Runtime(OpenClose):
             on_started=worker.made_runnable,
             on_death=worker.mark_unhealthy,
             metrics=self.metrics,
+            version_of=self.runner.start_version,
         )
         self.schedules.start()
         if relay is not None:

@@ -45,6 +45,10 @@ def tick_input(row: ScheduleRow, tick: float) -> str:
     return encode({"args": args, "kwargs": {}}, what=f"input of schedule {row.name}")
 
 
+def _no_version(workflow_name: str) -> tuple[str | None, bool]:
+    return None, False
+
+
 class ScheduleLoop(Loop):
     """Starts the due ticks of the cron schedules (module docstring). ``on_started`` is told when a round
     created instances (the worker looks for runnable work now)."""
@@ -60,8 +64,12 @@ class ScheduleLoop(Loop):
         on_started: Callable[[], None],
         on_death: Callable[[str], None] | None = None,
         metrics: Metrics | None = None,
+        version_of: Callable[[str], tuple[str | None, bool]] = _no_version,
     ) -> None:
         super().__init__(name="geste-schedules", what="the schedule loop", on_death=on_death)
+        self.version_of = version_of
+        """The version a tick's instance of a workflow records, and whether it is pinned to it (schema 26:
+        this process's code, as a start from it would)."""
         self.storage = storage
         self.metrics = metrics or Metrics()
         self.clock = clock
@@ -115,9 +123,18 @@ class ScheduleLoop(Loop):
                 now=now,
             )
             return False
+        version, pinned = self.version_of(row.workflow_name)
         starts = [
             ScheduleStart(
-                tick, NewInstance(instance_id(row.name, tick), row.workflow_name, tick_input(row, tick), now)
+                tick,
+                NewInstance(
+                    instance_id(row.name, tick),
+                    row.workflow_name,
+                    tick_input(row, tick),
+                    now,
+                    version=version,
+                    pinned=pinned,
+                ),
             )
             for tick in decided.fire
         ]

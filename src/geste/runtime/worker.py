@@ -58,6 +58,11 @@ class Runner(Protocol):
         """The version of the code it runs (registered with the worker)."""
         ...
 
+    def start_version(self, workflow_name: str) -> tuple[str | None, bool]:
+        """What an instance of ``workflow_name`` started here records: this code's version, and whether
+        the workflow is pinned to it (a schedule's tick)."""
+        ...
+
     async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
         """Run one claimed instance until it suspends, finishes, or cannot go on."""
         ...
