@@ -5,6 +5,8 @@ the claim keys a worker registers, and the status of pinned instances no live wo
 
 from __future__ import annotations
 
+import asyncio
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import geste
 from geste._versions import SEPARATOR, claim_keys, source_version
 
 from .processes import WorkerProcesses
-from .support import raw_query, wait_status
+from .support import raw_query, run_cli, wait_status
 
 
 def steps(group: WorkerProcesses, instance_id: str) -> list[tuple[str, str, str]]:
@@ -284,3 +286,38 @@ async def test_a_schedules_tick_records_the_version_of_the_code_that_fires_it() 
         await env.advance(timedelta(hours=2))
         found = await raw_query(env.database_url, "SELECT status, version, pinned FROM geste_instances")
     assert [(r["status"], r["version"], bool(r["pinned"])) for r in found] == [("completed", "v3", True)] * 2
+
+
+async def test_the_viewer_and_the_cli_show_versions_and_pinned_instances_no_worker_runs(
+    make_app: Any, db_url: str
+) -> None:
+    """A v2 worker runs; a v1 process started a pinned instance: ``/ui/versions`` lists the v2 worker and
+    the instance pinned to v1 that no live worker runs, as ``geste status`` does."""
+    import httpx
+
+    from .test_viewer import page
+
+    worker = make_app(version="v2")
+    client = make_app(version="v1", run_worker=False)
+    for app in (worker, client):
+
+        @app.workflow(name="flow", versioning="pinned")
+        async def flow(ctx: geste.WorkflowContext) -> str:
+            return "done"
+
+    async with worker, client:
+        await client.start_workflow("flow", instance_id="f1")
+        transport = httpx.ASGITransport(app=worker.asgi())
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            body = await page(http, "/ui/versions")
+            assert '<a href="/ui/versions">Versions</a>' in await page(http, "/ui")  # in the bar
+        assert "<h1>Versions</h1>" in body
+        live, stuck = body.split("<tbody>")[1:3]
+        assert ">v2<" in live and worker.worker_id in live and ">flow<" in live
+        cells = [re.sub(r"<[^>]+>", "", cell) for cell in stuck.split("</td>")[:3]]
+        assert cells == ["v1", "flow", "1"], cells
+        result = await asyncio.to_thread(run_cli, ["status", "--database-url", db_url])
+        assert (
+            "runnable, pinned to version v1, but no live worker of it registers them: flow 1" in result.output
+        )
+        assert (await worker.get_instance("f1")).status is geste.Status.PENDING
