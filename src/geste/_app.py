@@ -37,6 +37,7 @@ from ._status import (
 )
 from ._streams import Streams
 from ._validation import check_id as _check_id
+from ._versions import PatchInfo, Versioning, check_version, runner_key, split_runner
 from .engine.activities import DEFAULT_ACTIVITY_THREADS
 from .engine.context import ActivityContext, WorkflowContext
 from .engine.run import Engine
@@ -150,6 +151,7 @@ class App(OpenClose):
         queues: Iterable[Queue] = (),
         serve_queues: Iterable[Queue | str] | None = None,
         serve_unqueued: bool = True,
+        version: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         url = url or os.environ.get("GESTE_DATABASE_URL") or DEFAULT_URL
@@ -208,6 +210,7 @@ class App(OpenClose):
         # -- the registry, then the parts it runs on (a client, an engine and a runtime on one storage)
         self.default_retry = default_retry
         self.registry = Registry(self, default_retry=default_retry)
+        self.registry.version = None if version is None else check_version(version)
         """The registered workflows and activities (``app.workflows`` and ``app.activities`` copy them)."""
         self.schedules = Schedules(self)
         """The schedules declared with ``@app.schedule`` and the calls on the stored ones."""
@@ -291,6 +294,7 @@ class App(OpenClose):
         engine = Engine(
             storage=storage,
             workflows=self.registry.workflows,
+            version=self.registry.code_version,
             clock=clock,
             lock_timeout=options.lock_timeout,
             max_payload_bytes=self.max_payload_bytes,
@@ -332,6 +336,13 @@ class App(OpenClose):
         return previous
 
     # -- what the App runs on (one object, swapped whole) ----------------------------------------
+    @property
+    def version(self) -> str:
+        """The version of this App's code (docs/versioning.md): ``App(version=...)``, else derived from
+        the source of the workflows it registers (``src-`` and 12 hex digits). Its starts record it, its
+        worker registers it and claims the instances pinned to it."""
+        return self.registry.code_version()
+
     @property
     def url(self) -> str:
         """The database URL."""
@@ -382,12 +393,28 @@ class App(OpenClose):
 
     @overload
     def workflow(
-        self, fn: None = None, /, *, name: str | None = None
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        versioning: Versioning | str = Versioning.UPGRADING,
     ) -> Callable[[Callable[Concatenate[WorkflowContext, P], Awaitable[R]]], Workflow[P, R]]: ...
 
-    def workflow(self, fn: Any = None, /, *, name: str | None = None) -> Any:
-        """Register an ``async def`` workflow taking a ``WorkflowContext`` first."""
-        return self.registry.workflow(fn, name=name)
+    def workflow(
+        self,
+        fn: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        versioning: Versioning | str = Versioning.UPGRADING,
+    ) -> Any:
+        """Register an ``async def`` workflow taking a ``WorkflowContext`` first.
+
+        ``versioning`` (docs/versioning.md): ``"upgrading"`` (default), any worker runs its instances,
+        whatever its version (change their steps with ``ctx.patched``); ``"pinned"``, only workers of the
+        version each instance started on (``App(version=...)``)."""
+        return self.registry.workflow(fn, name=name, versioning=versioning)
 
     @overload
     def activity(  # an async def matches the first: its result is R
@@ -606,6 +633,18 @@ class App(OpenClose):
         """State of this process's LISTEN/NOTIFY connection (``disabled`` when it has none)."""
         return self.runtime.listener_status()
 
+    async def patches(self, *, limit: int = 1000) -> list[PatchInfo]:
+        """The patch ids (``ctx.patched``) the histories hold, by workflow, each with its old runs: the
+        unfinished instances started before its first marker whose history lacks it (docs/versioning.md).
+        An explicit read, not part of ``status``: it reads every marker of the current runs and, per
+        patch, the unfinished instances of its workflow started before it (docs/design.md "Versions")."""
+        self._require_open()
+        rows = await self.storage.patches(limit=positive_int(limit, "limit"))
+        return [
+            PatchInfo(r.workflow_name, r.patch_id, to_datetime(r.first_at), r.marked, r.old_runs)  # type: ignore[arg-type]
+            for r in rows
+        ]
+
     async def status(self) -> SystemStatus:
         """The queue, the registered workers, the held leases, this process's listener, the cron
         schedules and the queues (what ``geste status`` shows).
@@ -626,10 +665,18 @@ class App(OpenClose):
         ]
         live = [worker for worker in workers if worker.alive]
         unserved: dict[str, int] = {}
+        unserved_versions: dict[str, dict[str, int]] = {}
         if all(worker.workflows is not None for worker in live):  # an older worker claims any workflow
             served = {name for worker in live for name in worker.workflows or ()}
+            served |= {runner_key(n, w.version, True) for w in live for n in w.pinned}
             runnable = await self.storage.runnable_workflows(now, cap=UNSERVED_CAP, limit=1000)
-            unserved = {name: n for name, n in runnable if name not in served}
+            for runner, n in runnable:  # by runner (schema 27): a pinned one names its version
+                if runner not in served:
+                    name, version = split_runner(runner)
+                    if version is None:
+                        unserved[name] = n
+                    else:
+                        unserved_versions.setdefault(version, {})[name] = n
         schedules = await self.schedules.list(SCHEDULES_SHOWN)
         queues = await self.runtime.queues()
         return SystemStatus(
@@ -639,6 +686,7 @@ class App(OpenClose):
             listener=self.listener_status(),
             leases=leases,
             unserved=unserved,
+            unserved_versions=unserved_versions,
             schedules=schedules,
             queues=queues or [],
         )
@@ -891,6 +939,9 @@ class _Parts:
 
 
 def _worker_info(row: WorkerRow, now: float, lock_timeout: float, leases: dict[str, int]) -> WorkerInfo:
+    keys = _names(row.workflows)  # its claim keys (schema 27): names, and names with its version
+    runners = [split_runner(key) for key in keys or ()]
+    names = None if keys is None else tuple(sorted({name for name, _ in runners}))
     try:
         listener = json.loads(row.listener) if row.listener else {}
     except ValueError:
@@ -911,8 +962,10 @@ def _worker_info(row: WorkerRow, now: float, lock_timeout: float, leases: dict[s
         ),
         leases=leases.get(row.worker_id, 0),
         lock_timeout=row.lock_timeout,
-        workflows=_names(row.workflows),
+        workflows=names,
         health=row.health,
+        version=row.version,
+        pinned=tuple(sorted(name for name, version in runners if version is not None)),
     )
 
 

@@ -31,6 +31,7 @@ from ._state import StateWaits
 from ._steps import read_row
 from ._streams import Streams
 from ._validation import check_channel, check_id, check_name, findable, storable_text
+from ._versions import Versioning
 from .errors import (
     AppNotOpenError,
     ConfigurationError,
@@ -259,7 +260,19 @@ class Client:
         lease = None if reserved is None else Lease(iid, reserved.lease_id)
         try:
             row, created = await self.storage.create_instance(
-                NewInstance(iid, workflow.name, stored, now, due, queue, priority, dedup_id, partition_key),
+                NewInstance(
+                    iid,
+                    workflow.name,
+                    stored,
+                    now,
+                    due,
+                    queue,
+                    priority,
+                    dedup_id,
+                    partition_key,
+                    self.registry.code_version(),
+                    workflow.versioning is Versioning.PINNED,
+                ),
                 lease=lease,
                 worker_id=self.worker_id,
                 lock_expires_at=now + self.lock_timeout,

@@ -21,6 +21,7 @@ from ._queues import (
 from ._retry import RetryPolicy, workflow_deadline
 from ._serde import Signature
 from ._validation import check_name
+from ._versions import SEPARATOR, Versioning, check_versioning
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -138,11 +139,23 @@ class Activity(Generic[P, R]):
 class Workflow(Generic[P, R]):
     """A durable function: replayed from its recorded history wherever and whenever it resumes."""
 
-    def __init__(self, app: Owner, fn: Callable[Concatenate[Any, P], Awaitable[R]], *, name: str) -> None:
+    def __init__(
+        self,
+        app: Owner,
+        fn: Callable[Concatenate[Any, P], Awaitable[R]],
+        *,
+        name: str,
+        versioning: Versioning | str = Versioning.UPGRADING,
+    ) -> None:
         _check_coroutine_function(fn, "workflow")
         self.app = app
         self.fn = fn
         self.name = check_name(name, "workflow")
+        if SEPARATOR in self.name:
+            raise ConfigurationError("a workflow name cannot hold U+001F (it separates a pinned version)")
+        self.versioning = check_versioning(versioning)
+        """Which workers may run its instances (docs/versioning.md): any (``upgrading``), or only those of
+        the version each instance started on (``pinned``)."""
         self.signature = Signature(fn, skip_first=True)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn

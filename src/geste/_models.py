@@ -71,6 +71,8 @@ class StepKind(StrEnum):
     """The last row of a run that ended with ``ctx.continue_as_new`` (found in its kept history only)."""
     SET_STATE = "set_state"
     """``ctx.set_state``: a value published under a key (the row's name); the value is in ``geste_state``."""
+    PATCH = "patch"
+    """A patch marker (``ctx.patched(id)``, the row's name): this run took the patched code's branch."""
 
 
 class ParentClose(StrEnum):

@@ -13,6 +13,7 @@ from typing import Any
 
 from ._definitions import Activity, Owner, Workflow
 from ._retry import RetryPolicy, seconds
+from ._versions import Versioning, check_versioning, source_version
 from .errors import ConfigurationError
 
 
@@ -28,13 +29,24 @@ class Registry:
         self._workflows: dict[str, Workflow[Any, Any]] = {}
         self._activities: dict[str, Activity[Any, Any]] = {}
         self.workflows: Mapping[str, Workflow[Any, Any]] = MappingProxyType(self._workflows)
+        self.version: str | None = None
+        """The version of the code (``App(version=...)``); None: derived from the workflows' source."""
+        self._derived: tuple[tuple[int, ...], str] | None = None
         self.activities: Mapping[str, Activity[Any, Any]] = MappingProxyType(self._activities)
 
-    def workflow(self, fn: Any = None, /, *, name: str | None = None) -> Any:
+    def workflow(
+        self,
+        fn: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        versioning: Versioning | str = Versioning.UPGRADING,
+    ) -> Any:
         """``@app.workflow``: register ``fn`` (or return the decorator that does, when ``fn`` is None)."""
+        policy = check_versioning(versioning)
 
         def register(f: Callable[..., Any]) -> Workflow[Any, Any]:
-            return self.add_workflow(Workflow(self.owner, f, name=name or f.__name__))
+            return self.add_workflow(Workflow(self.owner, f, name=name or f.__name__, versioning=policy))
 
         return register if fn is None else register(fn)
 
@@ -90,6 +102,16 @@ class Registry:
         of the App's registry."""
         self._workflows.update(other._workflows)
         self._activities.update(other._activities)
+
+    def code_version(self) -> str:
+        """The version of this code: the one declared, else ``source_version`` of the workflows registered
+        (computed again only when they change)."""
+        if self.version is not None:
+            return self.version
+        key = tuple(id(w) for w in self._workflows.values())
+        if self._derived is None or self._derived[0] != key:
+            self._derived = key, source_version(self._workflows.values())
+        return self._derived[1]
 
     def registered(self, workflow: Workflow[Any, Any]) -> bool:
         """Whether this very object is registered (not another workflow of the same name)."""

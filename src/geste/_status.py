@@ -132,6 +132,10 @@ class WorkerInfo:
     """The workflows it registers (and claims); None for a row of an older geste (it claimed any)."""
     health: str | None = None
     """None while all its background loops run; else why one ended (it no longer does that work)."""
+    version: str | None = None
+    """The version of its code (``App(version=...)``; schema 27; None for a row of an older geste)."""
+    pinned: tuple[str, ...] = ()
+    """The pinned workflows it registers: it claims their instances pinned to its ``version``."""
 
     @property
     def state(self) -> str:
@@ -161,6 +165,8 @@ class WorkerInfo:
             "listener": dict(self.listener),
             "workflows": None if self.workflows is None else list(self.workflows),
             "health": self.health,
+            "version": self.version,
+            "pinned": list(self.pinned),
         }
 
 
@@ -202,6 +208,10 @@ class SystemStatus:
     """Workflows with runnable instances that no live worker registers (none claims them), with how
     many (counted up to ``UNSERVED_CAP``); empty when a live worker of a geste older than schema 9,
     which claimed any workflow, is registered."""
+    unserved_versions: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Runnable instances pinned to a version (docs/versioning.md) that no live worker of that version
+    registers: version -> workflow -> how many (counted up to ``UNSERVED_CAP``). A rolling deploy that
+    stopped every worker of an old version too soon leaves its pinned instances here."""
     schedules: list[ScheduleInfo] = field(default_factory=list)
     """The cron schedules, by name: each with its next tick, whether it is paused, its last tick and the
     instance that tick started (at most ``SCHEDULES_SHOWN``)."""
@@ -219,6 +229,7 @@ class SystemStatus:
             "listener": self.listener.as_dict(),
             "leases": [lease.as_dict() for lease in self.leases],
             "unserved": dict(self.unserved),
+            "unserved_versions": {v: dict(names) for v, names in self.unserved_versions.items()},
             "schedules": [schedule_dict(schedule) for schedule in self.schedules],
             "queues": [queue.as_dict() for queue in self.queues],
         }

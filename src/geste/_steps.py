@@ -457,6 +457,13 @@ class EventTimeoutStep(_NoPayload):
     kind: ClassVar[StepKind] = StepKind.EVENT_TIMEOUT
 
 
+@dataclass(frozen=True, slots=True)
+class PatchStep(_NoPayload):
+    """A patch marker (``ctx.patched``): the run took the patched branch of the id (the row's name)."""
+
+    kind: ClassVar[StepKind] = StepKind.PATCH
+
+
 # -- channels --------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SubscribeStep(_Payload):
@@ -839,6 +846,7 @@ Step = (
     | StartChildStep
     | ChildStep
     | SetStateStep
+    | PatchStep
 )
 """The typed payload of a history row, one class per ``StepKind``."""
 
@@ -866,6 +874,7 @@ STEPS: dict[str, type[Step]] = {
         StartChildStep,
         ChildStep,
         SetStateStep,
+        PatchStep,
     )
 }
 """The step class of each kind (by its stored value)."""

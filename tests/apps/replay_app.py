@@ -1,6 +1,8 @@
 """Versions of one ``order`` workflow, for the replay check's tests: ``app`` is the code the golden
 histories of ``tests/golden`` were recorded with; each other App changes it the way a careless deploy
-would. None of them is ever opened by the replay check (``geste replay-check tests.apps.replay_app:renamed``).
+would; ``patched``, ``patched-late`` and ``deprecated`` change it safely, with patches (docs/versioning.md),
+and ``patched`` recorded the histories of ``tests/golden/patched``. None of them is ever opened by the
+replay check (``geste replay-check tests.apps.replay_app:renamed``).
 
 Every activity appends its name to ``CALLS``: the replay check must never run one.
 """
@@ -64,7 +66,10 @@ def build(version: str, url: str = "sqlite:///replay-app-never-opened.db", **opt
             payment = await pay(ctx, f"r-{item}")
             await reserve(ctx, item)
         else:
-            if version == "added":
+            if version == "added" or (version in ("patched", "patched-late") and ctx.patched("fraud-check")):
+                await check_fraud(ctx, item)
+            elif version == "deprecated":
+                ctx.deprecate_patch("fraud-check")
                 await check_fraud(ctx, item)
             reservation = await (reserve_stock if version == "renamed" else reserve)(ctx, item)
             payment = "unpaid" if version == "removed" else await pay(ctx, reservation)
@@ -74,6 +79,8 @@ def build(version: str, url: str = "sqlite:///replay-app-never-opened.db", **opt
         except geste.errors.EventTimeout:
             raise RuntimeError(f"{item} was never shipped") from None
         await notify(ctx, item)
+        if version == "patched-late" and ctx.patched("notify-twice"):
+            await notify(ctx, item)
         if version == "extended":
             await notify(ctx, item)
         return payment
@@ -88,3 +95,6 @@ added = build("added")
 reordered = build("reordered")
 extended = build("extended")
 retyped = build("retyped")
+patched = build("patched")
+patched_late = build("patched-late")
+deprecated = build("deprecated")

@@ -272,6 +272,7 @@ def _worker_row(worker: WorkerInfo, checked_at: datetime) -> tuple[str, ...]:
         last_age,
         _notifications(listener.get("notifications")),
         _age(worker.heartbeat_age) + " ago",
+        worker.version or "-",
     )
 
 
@@ -317,6 +318,11 @@ def status(database_url: str, as_json: bool) -> None:
     if found.unserved:
         shown = ", ".join(f"{name} {n}" for name, n in sorted(found.unserved.items()))
         click.echo(f"  runnable, but no live worker registers the workflow: {shown}")
+    for version, names in sorted(found.unserved_versions.items()):
+        shown = ", ".join(f"{name} {n}" for name, n in sorted(names.items()))
+        click.echo(
+            f"  runnable, pinned to version {version}, but no live worker of it registers them: {shown}"
+        )
     if not found.workers:
         click.echo("workers: none registered")
     else:
@@ -386,6 +392,7 @@ def _print_workers(found: SystemStatus) -> None:
         "LAST NOTIFICATION",
         "NOTIFICATIONS",
         "HEARTBEAT",
+        "VERSION",
     )
     rows = [_worker_row(worker, found.checked_at) for worker in found.workers]
     _table(header, rows)

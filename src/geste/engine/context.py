@@ -54,9 +54,11 @@ from .._validation import (
     check_id,
     check_instance_id,
     check_mode,
+    check_name,
     check_state_key,
     check_stream_key,
 )
+from .._versions import Versioning
 from ..errors import (
     ChildWorkflowError,
     ConfigurationError,
@@ -170,6 +172,26 @@ class WorkflowContext:
         resume replays all of them, so a loop that checks this and calls ``continue_as_new`` keeps its
         wake-ups as cheap as its first ones. Deterministic: it counts the steps taken so far."""
         return self._journal.seq > _journal.LONG_HISTORY_STEPS
+
+    # -- evolving code: patches -------------------------------------------------------------------
+    def patched(self, patch_id: str) -> bool:
+        """Whether this run takes the new branch of a code change named ``patch_id`` (docs/versioning.md).
+
+        ``if ctx.patched("id"): <new code> else: <old code>`` lets a deploy change a workflow's steps
+        under its running instances. A new run (one that reaches this point live) gets True, and a
+        marker row is recorded (with the next commit, no round trip of its own); a replay of a history
+        that holds the marker here gets True; a replay of a history recorded before the patch (it holds
+        another step here, or the whole run, without the marker) gets False, and takes no step, so its
+        recorded steps still match the old branch. Decided once per run: asked again, the same answer.
+        """
+        return self._journal.patched(check_name(patch_id, "patch"))
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """Keep only the new branch of ``patch_id`` once no old run remains (``geste patches`` says):
+        replace ``if ctx.patched(id): new else: old`` by ``ctx.deprecate_patch(id); new``. Histories that
+        hold the marker here take it; those without (recorded since) go on: nothing is required or
+        recorded. Once no unfinished instance holds the marker either, the call can go too."""
+        self._journal.deprecate_patch(check_name(patch_id, "patch"))
 
     # -- deterministic helpers ---------------------------------------------------------------------
     def now(self) -> datetime:
@@ -326,7 +348,6 @@ class WorkflowContext:
         """
         from .._definitions import Workflow, WorkflowStarter
         from .._retry import workflow_deadline
-        from .._validation import check_name
         from ..errors import UnknownWorkflowError
 
         known: Workflow[Any, Any] | None
@@ -384,7 +405,10 @@ class WorkflowContext:
         if starter is not None:  # onto a queue (20): created queued, admitted by a claim of the queue
             queue, priority, dedup_id = starter.queue, starter.priority, starter.dedup_id
             key = starter.partition_key  # its partition (22)
-        child = NewInstance(cid, name, stored, now, due, queue, priority, dedup_id, key)
+        pinned = known is not None and known.versioning is Versioning.PINNED
+        child = NewInstance(
+            cid, name, stored, now, due, queue, priority, dedup_id, key, self._host.version(), pinned
+        )
         taken = await journal.start_child(done, child, policy.value)
         if isinstance(taken, DedupHeld):  # another instance holds its queue's dedup id: recorded, raised
             assert queue is not None and dedup_id is not None

@@ -188,6 +188,8 @@ class Host(Protocol):
     workflows: Mapping[str, Workflow[Any, Any]]
     """The workflows it runs, by name: ``continue_as_new`` checks the next run's arguments against its
     workflow's signature, as ``start`` does."""
+    version: Callable[[], str | None]
+    """The version of the code it runs: the children it starts record it (docs/versioning.md)."""
 
 
 class Journal:
@@ -208,6 +210,7 @@ class Journal:
         run: int = 1,
         deadline: float | None = None,
         awaited: tuple[str, ChildState] | None = None,
+        complete: bool = False,
     ) -> None:
         self.host = host
         self.lease = lease
@@ -238,6 +241,12 @@ class Journal:
         self._last_wait = last_wait
         self._long = last_recorded > LONG_HISTORY_STEPS
         """The history passed ``LONG_HISTORY_STEPS`` (warned about by the commit that took it there)."""
+        self.complete = complete
+        """The history holds the whole run (the replay check of a finished one): every step is a replay,
+        so a patch whose marker it lacks is an old run's (``patched``)."""
+        self.patches: dict[str, bool] = {}
+        """What ``patched`` (or ``deprecate_patch``: True) said of each patch id in this run, kept: asked
+        again, the same answer, and no step."""
         self.seq = 0
         """The number of the step taken last (``next``; the activity step counts inline)."""
         self.pending: list[HistoryRow] = []
@@ -328,6 +337,45 @@ class Journal:
                 NonDeterminismError(seq, f"{row.kind} {row.name!r}", f"{kind.value} {name!r}")
             )
         return row
+
+    def patched(self, patch_id: str) -> bool:
+        """Whether this run takes the patched branch of ``patch_id`` (``ctx.patched``), decided once per
+        run, with no step when asked again. The next step's row is a marker of ``patch_id``: True (the
+        marker is that step). It is another step, or the history holds later steps (a hole), or the whole
+        run (``complete``): False, an old run, and no step is taken. Past the history: True, and a marker
+        is buffered, written with the next commit (no round trip of its own). A hook of the replay check."""
+        known = self.patches.get(patch_id)
+        if known is not None:
+            return known
+        if self.divergence is not None:
+            raise self.divergence
+        seq = self.seq + 1
+        row = self.row(seq)
+        if row is not None and row.kind == StepKind.PATCH and row.name == patch_id:
+            self.seq = seq
+            taken = True
+        elif row is not None or seq <= self.last_recorded or self.complete:
+            taken = False
+        else:
+            self.running()
+            self.live(seq)
+            self.seq = seq
+            self.buffer(HistoryRow(seq, StepKind.PATCH, patch_id, None, False, self.host.clock()))
+            taken = True
+        self.patches[patch_id] = taken
+        return taken
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """``ctx.deprecate_patch``: the marker of ``patch_id`` is taken (as a replayed step) if it is the
+        next step's row, else nothing: no marker is written and none is required."""
+        if patch_id in self.patches:
+            return
+        if self.divergence is not None:
+            raise self.divergence
+        row = self.row(self.seq + 1)
+        if row is not None and row.kind == StepKind.PATCH and row.name == patch_id:
+            self.seq += 1
+        self.patches[patch_id] = True
 
     def row(self, seq: int) -> HistoryRow | None:
         """The recorded row at ``seq``, if any; one of a kind geste never writes is corruption."""

@@ -247,6 +247,11 @@ class _ReplayJournal(Journal):
         self._asked = (seq, kind, name)
         return super().replay(seq, kind, name)
 
+    def patched(self, patch_id: str) -> bool:
+        if patch_id not in self.patches:
+            self._asked = (self.seq + 1, StepKind.PATCH, patch_id)
+        return super().patched(patch_id)
+
     def live(self, seq: int, *, ordered: bool = True) -> None:
         super().live(seq, ordered=ordered)  # a step missing below later ones is corruption
         asked, kind, name = self._asked
@@ -310,6 +315,7 @@ class _Replay:
             cancel_requested=False,
             run=history.run or 1,
         )
+        self.journal.complete = self._recorded_end() is not None
         self.ctx = WorkflowContext(self.journal, self.engine.activities)
 
     async def run(self) -> dict[str, Any]:

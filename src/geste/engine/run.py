@@ -16,6 +16,7 @@ from .._metrics import Metrics
 from .._models import ParentClose, Status, StepKind
 from .._serde import decode, encode, encode_error
 from .._steps import CancelledStep
+from .._versions import Versioning, claim_keys
 from ..errors import (
     NonDeterminismError,
     SerializationError,
@@ -84,6 +85,10 @@ def _ignore_state(_instance_id: str, _key: str) -> None:
     pass
 
 
+def _no_version() -> str | None:
+    return None
+
+
 class Engine:
     """Runs claimed instances (``run``): what it needs of the rest of geste it is given here.
 
@@ -109,10 +114,14 @@ class Engine:
         retry_wait: Callable[[str, float], Awaitable[None]] = _retry_sleep,
         workflow_cache_size: int = 0,
         activity_threads: int = DEFAULT_ACTIVITY_THREADS,
+        version: Callable[[], str | None] = _no_version,
     ) -> None:
         self.storage = storage
         self.streams: StreamSink | None = None
         """Where ``ctx.write_stream`` writes (the App's streams); None: nowhere."""
+        self.version = version
+        """The version of the code it runs (docs/versioning.md): recorded by the children it starts, and
+        what its worker claims of the pinned workflows (``claim_keys``)."""
         self.metrics = metrics or Metrics()
         """Counted here, by the journals and the activity runner: steps recorded, activity attempts,
         instances ended."""
@@ -169,6 +178,18 @@ class Engine:
             timer.cancel()
         if self.running.get(journal.instance_id) is journal:
             del self.running[journal.instance_id]
+
+    def claim_keys(self) -> list[str]:
+        """What its worker claims (``_versions.claim_keys``): the workflows' names, and, for the pinned
+        ones, the names with this code's version."""
+        return claim_keys(self.workflows, self.version())
+
+    def code_version(self) -> str | None:
+        return self.version()
+
+    def start_version(self, workflow_name: str) -> tuple[str | None, bool]:
+        workflow = self.workflows.get(workflow_name)
+        return self.version(), workflow is not None and workflow.versioning is Versioning.PINNED
 
     def cached(self, instance_ids: Collection[str] | None = None) -> dict[str, int]:
         """For a claim: the last step held by each parked run (of ``instance_ids``), by instance id."""

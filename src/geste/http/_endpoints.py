@@ -135,6 +135,7 @@ class GesteASGI:
         router.add("GET", "/ui/instances/{id}", self._viewer.instance)
         router.add("GET", "/ui/schedules", self._viewer.schedules)
         router.add("GET", "/ui/queues", self._viewer.queues)
+        router.add("GET", "/ui/versions", self._viewer.versions)
         router.add("POST", "/ui/login", self._viewer.login)
         router.add("POST", "/ui/logout", self._viewer.logout)
         self._router = router

@@ -14,6 +14,7 @@ from ._html import Child, Html, duration, raw, short, tag, utc, when
 
 if TYPE_CHECKING:
     from .._queues import QueueInfo
+    from .._status import SystemStatus
     from ..storage.base import InstanceSummary, ScheduleRow
     from ._viewer import Link, ListQuery
 
@@ -41,6 +42,8 @@ def frame(link: Link, title: str, body: Child, *, signed_in: bool = False, foote
             tag("a", "Schedules", href=link.schedules()),
             " ",
             tag("a", "Queues", href=link.queues()),
+            " ",
+            tag("a", "Versions", href=link.versions()),
         ),
         tag("span", class_="spacer"),
         tag("span", "read-only", class_="meta"),
@@ -303,6 +306,67 @@ def schedule_list(
     body = [tag("h1", "Schedules"), table]
     footer = f"{utc(now)} · rendered in {duration(elapsed)}"
     return frame(link, "Schedules", body, signed_in=signed_in, footer=footer)
+
+
+# -- versions ------------------------------------------------------------------------------------------
+def version_list(link: Link, *, status: SystemStatus, now: float, signed_in: bool, elapsed: float) -> Html:
+    """The live workers by version (docs/versioning.md), and the runnable instances pinned to a version no
+    live worker of it runs (``SystemStatus.unserved_versions``)."""
+    live = [worker for worker in status.workers if worker.alive]
+    head = tag("tr", [tag("th", name) for name in ("Version", "Worker", "Host", "Workflows", "Pinned")])
+    lines = [
+        tag(
+            "tr",
+            tag("td", worker.version or "—", class_="mono"),
+            tag("td", worker.worker_id, class_="mono"),
+            tag("td", worker.host),
+            tag("td", ", ".join(worker.workflows or ()) or "—"),
+            tag("td", ", ".join(worker.pinned) or "—"),
+        )
+        for worker in sorted(live, key=lambda w: (w.version or "", w.worker_id))
+    ]
+    workers = (
+        tag("div", tag("table", tag("thead", head), tag("tbody", lines), class_="list"), class_="tablewrap")
+        if lines
+        else tag("div", "No live worker.", class_="empty tablewrap")
+    )
+    stuck = [
+        tag(
+            "tr",
+            tag("td", version, class_="mono"),
+            tag("td", tag("a", name, href=link.list(workflow=name))),
+            tag("td", f"{n:,}"),
+        )
+        for version, names in sorted(status.unserved_versions.items())
+        for name, n in sorted(names.items())
+    ]
+    unserved = (
+        tag(
+            "div",
+            tag(
+                "table",
+                tag("thead", tag("tr", [tag("th", h) for h in ("Pinned to", "Workflow", "Runnable")])),
+                tag("tbody", stuck),
+                class_="list",
+            ),
+            class_="tablewrap",
+        )
+        if stuck
+        else tag(
+            "div",
+            "Every runnable pinned instance has a live worker of its version.",
+            class_="empty tablewrap",
+        )
+    )
+    body = [
+        tag("h1", "Versions"),
+        tag("h2", "Live workers"),
+        workers,
+        tag("h2", "Runnable, pinned to a version no live worker runs"),
+        unserved,
+    ]
+    footer = f"{utc(now)} · rendered in {duration(elapsed)}"
+    return frame(link, "Versions", body, signed_in=signed_in, footer=footer)
 
 
 # -- the queues ---------------------------------------------------------------------------------------

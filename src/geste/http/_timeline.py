@@ -83,6 +83,7 @@ _CSS_KIND: dict[str, str] = {
     StepKind.START_CHILD: "helper",
     StepKind.CHILD: "helper",
     StepKind.SET_STATE: "state",
+    StepKind.PATCH: "helper",
 }
 
 
@@ -852,6 +853,8 @@ def _describe(
         if isinstance(typed, NowStep):
             value = utc(float(typed.value))
         return [label(f"ctx.{'uuid4' if kind == StepKind.UUID else kind}()"), f"→ {value}"], [], None
+    if kind == StepKind.PATCH:
+        return [label("patch marker"), tag("code", step.name)], [], None
     if kind == StepKind.CANCELLED:
         if step.name == "deadline":  # the workflow's deadline passed (start(timeout=... / deadline=...))
             return [label("deadline passed: cancellation delivered")], [], None

@@ -1,5 +1,5 @@
 """The read-only web viewer (``/ui``): the list of instances, one instance's page, the cron schedules
-(``/ui/schedules``) and the queues (``/ui/queues``), served as HTML.
+(``/ui/schedules``), the queues (``/ui/queues``) and the versions (``/ui/versions``), served as HTML.
 
 It reads only (no page changes an instance), through the App's storage, and escapes everything it shows
 (``_html``). Every page is sent with a strict Content-Security-Policy: no script at all, its one
@@ -127,6 +127,9 @@ class Link:
 
     def queues(self) -> str:
         return f"{self.root}/ui/queues"
+
+    def versions(self) -> str:
+        return f"{self.root}/ui/versions"
 
     def login(self) -> str:
         return f"{self.root}/ui/login"
@@ -322,6 +325,27 @@ class Viewer:
         markup = _pages.queue_list(
             _link(request),
             queues=queues,
+            now=self._clock(),
+            signed_in=self._signed_in_by_cookie(request),
+            elapsed=time.perf_counter() - started,
+        )
+        return page(200, markup)
+
+    async def versions(self, request: Request, params: dict[str, str]) -> Response:
+        """``GET /ui/versions``: the live workers by version, and the runnable instances pinned to a
+        version no live worker of it runs (``app.status()``: the cost of ``geste status``)."""
+        started = time.perf_counter()
+        try:
+            request.query()
+        except HTTPError as exc:
+            return self._error_page(request, exc.status, exc.message)
+        try:
+            status = await self.app.status()
+        except (StorageError, AppNotOpenError) as exc:
+            return self._unavailable(request, exc)
+        markup = _pages.version_list(
+            _link(request),
+            status=status,
             now=self._clock(),
             signed_in=self._signed_in_by_cookie(request),
             elapsed=time.perf_counter() - started,

@@ -272,6 +272,7 @@ class Runtime(OpenClose):
             on_started=worker.made_runnable,
             on_death=worker.mark_unhealthy,
             metrics=self.metrics,
+            version_of=self.runner.start_version,
         )
         worker.on_run_ended = self.schedules.run_ended
         self.schedules.start()

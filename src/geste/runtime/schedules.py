@@ -58,6 +58,10 @@ def tick_input(row: ScheduleRow, tick: float) -> str:
     return encode({"args": args, "kwargs": {}}, what=f"input of schedule {row.name}")
 
 
+def _no_version(workflow_name: str) -> tuple[str | None, bool]:
+    return None, False
+
+
 class ScheduleLoop(Loop):
     """Starts the due ticks of the cron schedules (module docstring). ``on_started`` is told when a round
     created instances (the worker looks for runnable work now)."""
@@ -73,8 +77,12 @@ class ScheduleLoop(Loop):
         on_started: Callable[[], None],
         on_death: Callable[[str], None] | None = None,
         metrics: Metrics | None = None,
+        version_of: Callable[[str], tuple[str | None, bool]] = _no_version,
     ) -> None:
         super().__init__(name="geste-schedules", what="the schedule loop", on_death=on_death)
+        self.version_of = version_of
+        """The version a tick's instance of a workflow records, and whether it is pinned to it (schema 27:
+        this process's code, as a start from it would)."""
         self.storage = storage
         self.metrics = metrics or Metrics()
         self.clock = clock
@@ -144,9 +152,10 @@ class ScheduleLoop(Loop):
                 self.on_started()
         return len(found) == BATCH and found[-1].ready
 
-    @staticmethod
-    def _instance(row: ScheduleRow, tick: float, now: float) -> NewInstance:
-        """The instance of ``tick`` of the schedule ``row``: its derived id, onto the schedule's queue."""
+    def _instance(self, row: ScheduleRow, tick: float, now: float) -> NewInstance:
+        """The instance of ``tick`` of the schedule ``row``: its derived id, onto the schedule's queue,
+        with the version of this worker's code (and its pin, for a pinned workflow: docs/versioning.md)."""
+        version, pinned = self.version_of(row.workflow_name)
         return NewInstance(
             instance_id(row.name, tick),
             row.workflow_name,
@@ -154,6 +163,8 @@ class ScheduleLoop(Loop):
             now,
             queue=row.queue,
             priority=row.priority,
+            version=version,
+            pinned=pinned,
         )
 
     async def _fire(self, row: ScheduleRow, now: float) -> bool:

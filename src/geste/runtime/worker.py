@@ -49,6 +49,20 @@ class Runner(Protocol):
         """The workflows it can run, by name: the worker claims instances of these only."""
         ...
 
+    def claim_keys(self) -> list[str]:
+        """What the worker claims (schema 27): the workflows' names, and for the pinned ones, the names
+        with the version of its code (``_versions.claim_keys``)."""
+        ...
+
+    def code_version(self) -> str | None:
+        """The version of the code it runs (registered with the worker)."""
+        ...
+
+    def start_version(self, workflow_name: str) -> tuple[str | None, bool]:
+        """What an instance of ``workflow_name`` started here records: this code's version, and whether
+        the workflow is pinned to it (a schedule's tick)."""
+        ...
+
     async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
         """Run one claimed instance until it suspends, finishes, or cannot go on."""
         ...
@@ -457,7 +471,7 @@ class Worker(Loop):
                 now + self.lock_timeout,
                 batch,
                 due_before=now + self.wakeups.lookahead,
-                workflows=list(self.runner.workflows),
+                workflows=self.runner.claim_keys(),
                 known=self.runner.cached(),
             )
         else:
@@ -499,7 +513,7 @@ class Worker(Loop):
         """``serve_unqueued=False``: in place of the claim of every runnable instance of its workflows,
         the admitted instances of the queues it serves that are runnable (woken, due, or whose lease ran
         out), by id; ``next_run_at`` is the earliest of the others."""
-        workflows = list(self.runner.workflows)
+        workflows = self.runner.claim_keys()
         due = now + self.wakeups.lookahead
         ids, next_run_at = await self.storage.queue_runnable(
             list(self.queues), now, batch, due_before=due, workflows=workflows
@@ -624,7 +638,7 @@ class Worker(Loop):
             self._backlog = True  # a finishing run pokes: a whole claim takes what waits then
             await self._hand_on_if_full()
             return self._routed_sleep()
-        workflows = list(self.runner.workflows)
+        workflows = self.runner.claim_keys()
         if not workflows:
             wakeups.routed.clear()
             return self._routed_sleep()
@@ -746,10 +760,11 @@ class Worker(Loop):
             listener=listener,
             lock_timeout=self.lock_timeout,
             # serving no instance outside a queue, it is routed no instance's wake-up: it registers none
-            workflows=json.dumps(sorted(self.runner.workflows) if self.serve_unqueued else []),
+            workflows=json.dumps(self.runner.claim_keys() if self.serve_unqueued else []),
             health=self.health,
             relay=self.relay,
             queues=json.dumps(sorted(self.queues)),
+            version=self.runner.code_version(),
         )
         router = self.router
         if router is None:

@@ -169,6 +169,23 @@ class NewInstance:
     partition_key: str = ""
     """Its partition of the queue (schema 22): the queue's per-partition limits count it with the others
     of this key; "" is the partition of the starts that give none."""
+    version: str | None = None
+    """The version of the code that starts it (schema 27: ``App(version=...)``, the starting App's)."""
+    pinned: bool = False
+    """Only workers of ``version`` claim it (its workflow's ``versioning="pinned"``, schema 27)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PatchRow:
+    """A patch id of a workflow as ``patches`` reads it (schema 27): the markers of it in the current runs'
+    histories, when the first was recorded, and the unfinished instances of the workflow that started
+    before it and lack it (its old runs)."""
+
+    workflow_name: str
+    patch_id: str
+    first_at: float
+    marked: int
+    old_runs: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +301,9 @@ class WorkerRow:
     queues: str | None = None
     """The queues it serves, a JSON array (None in rows written before schema version 23): a start onto a
     queue is routed to one of the live workers that serve it."""
+    version: str | None = None
+    """The version of its code (schema 27, ``App(version=...)``); ``workflows`` then holds its claim keys
+    (``runner_key``): each workflow's name, and the name with this version for a pinned one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1326,6 +1346,12 @@ class Storage(abc.ABC):
         ``cap`` index entries read per status, however many instances there are."""
 
     @abc.abstractmethod
+    async def patches(self, *, limit: int) -> list[PatchRow]:
+        """Up to ``limit`` patch ids (by workflow, then id) with their markers and old runs (``PatchRow``):
+        reads every marker of the current runs (``geste_history_patches``) and, per patch, the unfinished
+        instances of its workflow started before it (``geste patches``; docs/design.md "Versions")."""
+
+    @abc.abstractmethod
     async def workflow_names(self, *, limit: int) -> list[str]:
         """The distinct workflow names of the instances, sorted (one index probe per name)."""
 
@@ -1337,7 +1363,7 @@ class Storage(abc.ABC):
         of the given ids (the events it emitted and the messages it published)."""
 
 
-RETRY_SAFE_KINDS = frozenset({"activity", "now", "uuid", "random"})
+RETRY_SAFE_KINDS = frozenset({"activity", "now", "uuid", "random", "patch"})
 """Rows a retry may remove to have them taken again: activities (at least once, as after a crash) and the
 deterministic helpers. A received event or message, a publication, an outbox event or a subscription left
 traces outside the history (a delivery, a cursor, a claim, a stored message) that a re-run would not find

@@ -605,6 +605,8 @@ class PostgresStorage(base.Storage):
                 starts.lock_expires_at,
                 self.notify,
                 new.deadline,
+                new.version,
+                new.pinned,
             )
             if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
@@ -632,6 +634,8 @@ class PostgresStorage(base.Storage):
                     new.dedup_id,
                     self.notify,
                     new.partition_key,
+                    new.version,
+                    new.pinned,
                 )
                 existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)
                 if inserted is not None:
@@ -1384,6 +1388,8 @@ class PostgresStorage(base.Storage):
                     child.priority,
                     child.dedup_id,
                     child.partition_key,
+                    child.version,
+                    child.pinned,
                 )
                 if started["created"]:
                     if not started["touched"]:
@@ -1471,6 +1477,7 @@ class PostgresStorage(base.Storage):
             worker.workflows,
             worker.health,
             worker.relay,
+            worker.version,
         )
 
     async def upsert_worker(self, worker: base.WorkerRow) -> None:
@@ -1899,6 +1906,8 @@ class PostgresStorage(base.Storage):
                 None,
                 self.notify,
                 new.partition_key,
+                new.version,
+                new.pinned,
             )
             return inserted is not None
         row = await conn.fetchrow(
@@ -1913,6 +1922,8 @@ class PostgresStorage(base.Storage):
             None,
             self.notify,
             new.deadline,
+            new.version,
+            new.pinned,
         )
         return row is not None and bool(row["created"])
 
@@ -2010,6 +2021,12 @@ class PostgresStorage(base.Storage):
     async def runnable_workflows(self, now: float, *, cap: int, limit: int) -> list[tuple[str, int]]:
         async def go(conn: Conn) -> list[tuple[str, int]]:
             return decide.runnable_by_name(await conn.fetch(self._q["runnable_workflows"], now, cap, limit))
+
+        return await self._read(go)
+
+    async def patches(self, *, limit: int) -> list[base.PatchRow]:
+        async def go(conn: Conn) -> list[base.PatchRow]:
+            return [base.PatchRow(*r) for r in await conn.fetch(self._q["patches"], limit)]
 
         return await self._read(go)
 

@@ -233,6 +233,8 @@ class SQLiteStorage(base.Storage):
             "lease_id": starts.lease_id,
             "lock_expires_at": starts.lock_expires_at,
             "deadline": new.deadline,
+            "version": new.version,
+            "pinned": new.pinned,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
@@ -255,6 +257,8 @@ class SQLiteStorage(base.Storage):
             "priority": new.priority,
             "dedup_id": new.dedup_id,
             "partition_key": new.partition_key,
+            "version": new.version,
+            "pinned": new.pinned,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
@@ -932,6 +936,8 @@ class SQLiteStorage(base.Storage):
             "priority": child.priority,
             "dedup_id": child.dedup_id,
             "partition_key": child.partition_key,
+            "version": child.version,
+            "pinned": child.pinned,
         }
 
         def tx(conn: sqlite3.Connection) -> base.ChildState | base.DedupHeld | base.StepResult:
@@ -1035,6 +1041,7 @@ class SQLiteStorage(base.Storage):
             "health": worker.health,
             "relay": int(worker.relay),
             "queues": worker.queues,
+            "version": worker.version,
         }
 
     async def upsert_worker(self, worker: base.WorkerRow) -> None:
@@ -1557,6 +1564,11 @@ class SQLiteStorage(base.Storage):
         params = {"now": now, "cap": cap, "limit": limit}
         return await self._call(lambda c: decide.runnable_by_name(c.execute(Q["runnable_workflows"], params)))
 
+    async def patches(self, *, limit: int) -> list[base.PatchRow]:
+        return await self._call(
+            lambda c: [base.PatchRow(*r) for r in c.execute(Q["patches"], {"limit": limit}).fetchall()]
+        )
+
     async def workflow_names(self, *, limit: int) -> list[str]:
         return await self._call(
             lambda c: [r["name"] for r in c.execute(Q["workflow_names"], {"limit": limit})]
@@ -1654,5 +1666,7 @@ def _insert_scheduled(conn: sqlite3.Connection, new: base.NewInstance) -> bool:
         "priority": new.priority,
         "dedup_id": None,
         "partition_key": new.partition_key,
+        "version": new.version,
+        "pinned": new.pinned,
     }
     return bool(conn.execute(Q["insert_queued" if new.queue else "insert_instance"], params).rowcount == 1)

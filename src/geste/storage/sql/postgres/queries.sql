@@ -30,9 +30,9 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
-         locked_by, lease_id, lock_expires_at, event_floor, deadline)
+         locked_by, lease_id, lock_expires_at, event_floor, deadline, version, pinned)
     VALUES ($1, $2, $3, $4, $5, $5, CASE WHEN $7::text IS NULL THEN LEAST($5, {db_clock}) ELSE $8 END,
-            $6, $7, $8, nextval('{schema}.geste_events_seq_seq'), $10)
+            $6, $7, $8, nextval('{schema}.geste_events_seq_seq'), $10, $11, $12)
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
               run_at, locked_by, lock_expires_at, cancel_requested, steps
@@ -299,19 +299,19 @@ FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
 WITH expired AS (
     SELECT instance_id, run_at, lock_expires_at AS expired_at
     FROM {schema}.geste_instances
-    WHERE workflow_name = ANY(ARRAY[$7::text]) AND lease_id IS NOT NULL
+    WHERE coalesce(runner, workflow_name) = ANY(ARRAY[$7::text]) AND lease_id IS NOT NULL
       AND run_at <= $3 AND run_at > '-Infinity'
       AND lock_expires_at <= $3 AND status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY workflow_name, run_at
+    ORDER BY coalesce(runner, workflow_name), run_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ), free AS (
     SELECT instance_id, run_at, NULL::double precision AS expired_at
     FROM {schema}.geste_instances
-    WHERE workflow_name = ANY(ARRAY[$7::text]) AND lease_id IS NULL
+    WHERE coalesce(runner, workflow_name) = ANY(ARRAY[$7::text]) AND lease_id IS NULL
       AND run_at <= $6 AND run_at > '-Infinity'
       AND status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY workflow_name, run_at
+    ORDER BY coalesce(runner, workflow_name), run_at
     LIMIT $5
     FOR UPDATE SKIP LOCKED
 ), picked AS (
@@ -348,10 +348,10 @@ WITH expired AS (
 UNION ALL
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT run_at FROM {schema}.geste_instances
-        WHERE workflow_name = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
+        WHERE coalesce(runner, workflow_name) = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
           AND lease_id IS NULL
           AND status IN ('pending', 'running', 'waiting', 'compensating')
-        ORDER BY workflow_name, run_at LIMIT 1),
+        ORDER BY coalesce(runner, workflow_name), run_at LIMIT 1),
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL;
 
 -- name: claim_names
@@ -372,18 +372,18 @@ WITH heads AS (
     CROSS JOIN LATERAL (
         (SELECT instance_id, run_at
          FROM {schema}.geste_instances
-         WHERE workflow_name = ANY(ARRAY[n.name]) AND lease_id IS NOT NULL
+         WHERE coalesce(runner, workflow_name) = ANY(ARRAY[n.name]) AND lease_id IS NOT NULL
            AND run_at <= $3 AND run_at > '-Infinity'
            AND lock_expires_at <= $3 AND status IN ('pending', 'running', 'waiting', 'compensating')
-         ORDER BY workflow_name, run_at
+         ORDER BY coalesce(runner, workflow_name), run_at
          LIMIT $5)
         UNION ALL
         (SELECT instance_id, run_at
          FROM {schema}.geste_instances
-         WHERE workflow_name = ANY(ARRAY[n.name]) AND lease_id IS NULL
+         WHERE coalesce(runner, workflow_name) = ANY(ARRAY[n.name]) AND lease_id IS NULL
            AND run_at <= $6 AND run_at > '-Infinity'
            AND status IN ('pending', 'running', 'waiting', 'compensating')
-         ORDER BY workflow_name, run_at
+         ORDER BY coalesce(runner, workflow_name), run_at
          LIMIT $5)
     ) AS h
 ), wanted AS MATERIALIZED (
@@ -428,9 +428,9 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.r
 FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.geste_instances
-    WHERE workflow_name = ANY(ARRAY[w.name]) AND run_at > $6 AND run_at < 'Infinity' AND lease_id IS NULL
+    WHERE coalesce(runner, workflow_name) = ANY(ARRAY[w.name]) AND run_at > $6 AND run_at < 'Infinity' AND lease_id IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY workflow_name, run_at LIMIT 1
+    ORDER BY coalesce(runner, workflow_name), run_at LIMIT 1
 ) AS n;
 
 -- name: claim_ids
@@ -446,12 +446,12 @@ CROSS JOIN LATERAL (
 -- claimed row is the value it had; the UPDATE makes it the lease's expiry ($4), the take-over time, as
 -- `claim` does (schema 11).
 WITH named AS MATERIALIZED (
-    SELECT instance_id, workflow_name, status, run_at, lease_id
+    SELECT instance_id, coalesce(runner, workflow_name) AS runner, status, run_at, lease_id
     FROM {schema}.geste_instances WHERE instance_id = ANY($7::text[])
 ), picked AS (
     SELECT instance_id, run_at, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at
     FROM {schema}.geste_instances
-    WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM named WHERE workflow_name = ANY($8::text[])))
+    WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM named WHERE runner = ANY($8::text[])))
       AND ((lease_id IS NULL AND run_at <= $6) OR (lease_id IS NOT NULL AND lock_expires_at <= $3))
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY run_at
@@ -488,7 +488,7 @@ UNION ALL
 SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM named
-WHERE workflow_name = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
+WHERE runner = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: route_wakeups
@@ -1060,19 +1060,19 @@ SELECT EXISTS (SELECT 1 FROM event) AS stored,
 -- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
 -- name with a free instance that has a run_at (a loose scan of the same index).
 WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM {schema}.geste_instances
+    SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
     WHERE run_at IS NOT NULL AND lease_id IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+    SELECT (SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
               AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT i.run_at FROM {schema}.geste_instances i
-            WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.run_at IS NOT NULL AND i.lease_id IS NULL
+            WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.run_at IS NOT NULL AND i.lease_id IS NULL
               AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-            ORDER BY i.workflow_name, i.run_at LIMIT 1)) AS run_at
+            ORDER BY coalesce(i.runner, i.workflow_name), i.run_at LIMIT 1)) AS run_at
 FROM names n WHERE n.name IS NOT NULL;
 
 -- name: upsert_worker
@@ -1080,17 +1080,17 @@ FROM names n WHERE n.name IS NOT NULL;
 -- worker id seen again (a restart) starts afresh.
 INSERT INTO {schema}.geste_workers
     (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout,
-     workflows, health, relay, queues)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12, $13)
+     workflows, health, relay, version, queues)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12, $13, $14)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
     listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
     workflows = excluded.workflows, health = excluded.health, relay = excluded.relay,
-    queues = excluded.queues;
+    version = excluded.version, queues = excluded.queues;
 
 -- name: heartbeat
--- upsert_worker ($14: its queues), and in the same statement the other workers heard from since $13 and not
+-- upsert_worker ($15: its queues), and in the same statement the other workers heard from since $14 and not
 -- stopped: what
 -- the worker routes wake-ups over (schema 13; the routing view, docs/design.md "Wake-ups"). The SELECT
 -- reads the snapshot from before the upsert, which it does not need (it leaves this worker out). A
@@ -1098,19 +1098,19 @@ ON CONFLICT (worker_id) DO UPDATE SET
 WITH beat AS (
     INSERT INTO {schema}.geste_workers
         (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-         lock_timeout, workflows, health, relay, queues)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12, $14)
+         lock_timeout, workflows, health, relay, version, queues)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, $11, $12, $13, $15)
     ON CONFLICT (worker_id) DO UPDATE SET
         host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
         heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
         listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
         workflows = excluded.workflows, health = excluded.health, relay = excluded.relay,
-        queues = excluded.queues
+        version = excluded.version, queues = excluded.queues
 )
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay, queues
+       lock_timeout, workflows, health, relay, version, queues
 FROM {schema}.geste_workers
-WHERE worker_id <> $1 AND stopped_at IS NULL AND heartbeat_at >= $13
+WHERE worker_id <> $1 AND stopped_at IS NULL AND heartbeat_at >= $14
 ORDER BY worker_id LIMIT 1000;
 
 -- name: mark_worker_stopped
@@ -1122,7 +1122,7 @@ DELETE FROM {schema}.geste_workers WHERE heartbeat_at < $1;
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay, queues
+       lock_timeout, workflows, health, relay, version, queues
 FROM {schema}.geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT $1;
 
 -- name: count_by_status
@@ -1135,25 +1135,25 @@ SELECT status, count(*) AS n FROM {schema}.geste_instances GROUP BY status;
 -- instances due by $1 and the leases that ran out by $1. It reads the runnable instances, never the
 -- finished ones, nor those waiting for later, nor the leases still held.
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
-    SELECT LEAST((SELECT min(workflow_name) FROM {schema}.geste_instances
+    SELECT LEAST((SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
                   WHERE run_at IS NOT NULL AND lease_id IS NULL
                     AND status IN ('pending', 'running', 'waiting', 'compensating')),
-                 (SELECT min(workflow_name) FROM {schema}.geste_instances
+                 (SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
                   WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating')))
     UNION ALL
-    SELECT LEAST((SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+    SELECT LEAST((SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')),
-                 (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-                  WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+                 (SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+                  WHERE i.lease_id IS NOT NULL AND coalesce(i.runner, i.workflow_name) > n.name
                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT coalesce(sum((SELECT count(*) FROM {schema}.geste_instances i
-                     WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
+                     WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
                        AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
                     + (SELECT count(*) FROM {schema}.geste_instances i
-                       WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL
+                       WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL
                          AND i.run_at <= $1 AND i.lock_expires_at <= $1
                          AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0)::bigint AS n
 FROM names n WHERE n.name IS NOT NULL;
@@ -1871,29 +1871,29 @@ FROM unnest($4::text[]) AS s(status);
 -- each index per name, the two ranges a claim reads (matched and ordered as in the claim, so that the
 -- planner can neither walk another index nor scan the table).
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
-    SELECT LEAST((SELECT min(workflow_name) FROM {schema}.geste_instances
+    SELECT LEAST((SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
                   WHERE run_at IS NOT NULL AND lease_id IS NULL
                     AND status IN ('pending', 'running', 'waiting', 'compensating')),
-                 (SELECT min(workflow_name) FROM {schema}.geste_instances
+                 (SELECT min(coalesce(runner, workflow_name)) FROM {schema}.geste_instances
                   WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating')))
     UNION ALL
-    SELECT LEAST((SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+    SELECT LEAST((SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+                  WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')),
-                 (SELECT min(i.workflow_name) FROM {schema}.geste_instances i
-                  WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+                 (SELECT min(coalesce(i.runner, i.workflow_name)) FROM {schema}.geste_instances i
+                  WHERE i.lease_id IS NOT NULL AND coalesce(i.runner, i.workflow_name) > n.name
                     AND i.status IN ('pending', 'running', 'waiting', 'compensating')))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT n.name AS workflow_name, LEAST($2, (SELECT count(*) FROM (
     SELECT 1 FROM {schema}.geste_instances i
-    WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
+    WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.lease_id IS NULL AND i.run_at <= $1
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS c) + (SELECT count(*) FROM (
+    ORDER BY coalesce(i.runner, i.workflow_name), i.run_at LIMIT $2) AS c) + (SELECT count(*) FROM (
     SELECT 1 FROM {schema}.geste_instances i
-    WHERE i.workflow_name = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL AND i.run_at <= $1
+    WHERE coalesce(i.runner, i.workflow_name) = ANY(ARRAY[n.name]) AND i.lease_id IS NOT NULL AND i.run_at <= $1
       AND i.lock_expires_at <= $1 AND i.status IN ('pending', 'running', 'waiting', 'compensating')
-    ORDER BY i.workflow_name, i.run_at LIMIT $2) AS e)) AS runnable
+    ORDER BY coalesce(i.runner, i.workflow_name), i.run_at LIMIT $2) AS e)) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT $3;
 
 -- name: workflow_names
@@ -1941,16 +1941,18 @@ FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY
 -- $1-$3: the child's id, workflow, input; $4: now; $5 the parent, $6 its lease, $7 the lease's new expiry;
 -- $8-$13 the history columns; $14 the policy; $15 notify; $16 the child's deadline (17; NULL: none);
 -- $17-$19 its queue, priority and dedup id (20; NULL queue: none); $20 its partition of the queue (22:
--- '' without a key; the first start of a key makes the key's row, as insert_queued does).
+-- '' without a key; the first start of a key makes the key's row, as insert_queued does); $21-$22 its
+-- version and whether it is pinned to it (27).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-         parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id, partition_key)
+         parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id, partition_key, version,
+         pinned)
     VALUES ($1, $2, 'pending', $3, $4, $4,
             CASE WHEN $17::text IS NULL THEN LEAST($4, {db_clock}) END,
             nextval('{schema}.geste_events_seq_seq'), $5, $14, $16,
             $17, $18, CASE WHEN $17::text IS NOT NULL THEN $4::double precision END, $19,
-            CASE WHEN $17::text IS NOT NULL THEN $20::text END)
+            CASE WHEN $17::text IS NOT NULL THEN $20::text END, $21, $22)
     ON CONFLICT DO NOTHING
     RETURNING instance_id
 ), partition AS (
@@ -2132,9 +2134,9 @@ SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_con
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
-         queue, priority, queued_at, dedup_id, partition_key)
+         queue, priority, queued_at, dedup_id, partition_key, version, pinned)
     VALUES ($1, $2, 'pending', $3, $4, $4, NULL, nextval('{schema}.geste_events_seq_seq'), $5,
-            $6, $7, $4, $8, $10)
+            $6, $7, $4, $8, $10, $11, $12)
     ON CONFLICT DO NOTHING
     RETURNING instance_id
 ), partition AS (
@@ -2163,14 +2165,14 @@ WHERE queue = $1 AND dedup_id = $2 AND status IN ('pending', 'running', 'waiting
 -- sleep). Reads the queues' admitted entries: R per queue, at most its concurrency limit.
 (SELECT instance_id, run_at FROM {schema}.geste_instances
  WHERE queue = ANY($1::text[]) AND queue IS NOT NULL AND queued_at IS NULL
-   AND status IN ('pending', 'running', 'waiting', 'compensating') AND workflow_name = ANY($5::text[])
+   AND status IN ('pending', 'running', 'waiting', 'compensating') AND coalesce(runner, workflow_name) = ANY($5::text[])
    AND ((lease_id IS NULL AND run_at <= $3) OR (lease_id IS NOT NULL AND lock_expires_at <= $2))
  ORDER BY run_at
  LIMIT $4)
 UNION ALL
 SELECT NULL, min(run_at) FROM {schema}.geste_instances
 WHERE queue = ANY($1::text[]) AND queue IS NOT NULL AND queued_at IS NULL
-  AND status IN ('pending', 'running', 'waiting', 'compensating') AND workflow_name = ANY($5::text[])
+  AND status IN ('pending', 'running', 'waiting', 'compensating') AND coalesce(runner, workflow_name) = ANY($5::text[])
   AND lease_id IS NULL AND run_at > $3;
 
 -- name: queue_claim
@@ -2403,3 +2405,29 @@ SELECT count(*) FROM gone;
 -- its own statement after the writes committed, one for many write batches, so that the write path takes
 -- no notify lock at its commits.
 SELECT pg_notify('geste_stream_written', p) FROM unnest($1::text[]) AS p;
+
+-- name: patches
+-- `geste patches` (schema 27; docs/versioning.md): per workflow and patch id, its markers in the current
+-- runs' histories (a scan of geste_history_patches: one entry per marker, joined to its instance by key)
+-- with the first one's time, and its old runs: the unfinished instances of the workflow whose current run
+-- started before that first marker and whose history lacks it (a range of
+-- geste_instances_by_name_status per unfinished status, each instance probed in geste_history_patches).
+-- At most $1 patches.
+WITH marked AS (
+    SELECT i.workflow_name, h.name AS patch_id, min(h.created_at) AS first_at, count(*) AS marked
+    FROM {schema}.geste_history AS h JOIN {schema}.geste_instances AS i ON i.instance_id = h.instance_id
+    WHERE h.kind = 'patch'
+    GROUP BY i.workflow_name, h.name
+    ORDER BY i.workflow_name, h.name
+    LIMIT $1
+)
+SELECT m.workflow_name, m.patch_id, m.first_at, m.marked,
+       (SELECT count(*) FROM {schema}.geste_instances AS o
+        WHERE o.workflow_name = m.workflow_name
+          AND o.status IN ('pending', 'running', 'waiting', 'compensating')
+          AND o.created_at < m.first_at AND coalesce(o.run_started_at, o.created_at) < m.first_at
+          AND NOT EXISTS (SELECT 1 FROM {schema}.geste_history AS x
+                          WHERE x.kind = 'patch' AND x.name = m.patch_id AND x.instance_id = o.instance_id)
+       ) AS old_runs
+FROM marked AS m
+ORDER BY m.workflow_name, m.patch_id;

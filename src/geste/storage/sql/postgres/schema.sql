@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 26), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 27), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -51,19 +51,27 @@ CREATE TABLE geste_instances (
     queued_at        double precision,  -- (20) while queued (not admitted yet): its start's time
     dedup_id         text,              -- (20) at most one unfinished instance per (queue, dedup_id)
     awaits           text,              -- (21) the child its last child wait suspended for; NULL: none
-    partition_key    text               -- (22) its partition of the queue; '': started without a key
+    partition_key    text,              -- (22) its partition of the queue; '': started without a key
+    version          text,              -- (27) the version of the code it started on (the starting App's)
+    pinned           boolean NOT NULL DEFAULT false,  -- (27) only workers of its version claim it
+    runner           text GENERATED ALWAYS AS (  -- (27) pinned: name U+001F version; NULL: not pinned
+        CASE WHEN pinned THEN workflow_name || chr(31) || coalesce(version, '') END
+    ) STORED
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
 CREATE INDEX geste_instances_by_name ON geste_instances (workflow_name, created_at, instance_id);
 CREATE INDEX geste_instances_by_created ON geste_instances (created_at, instance_id);
 CREATE INDEX geste_instances_by_name_status ON geste_instances (workflow_name, status, created_at, instance_id);
--- the claim of a worker: per workflow it registers, its free instances in run_at order (9; free only: 11)
-CREATE INDEX geste_instances_runnable_by_name ON geste_instances (workflow_name, run_at)
+-- the claim of a worker: per workflow it registers, its free instances in run_at order (9; free only: 11;
+-- by coalesce(runner, workflow_name), the name or the name and the pinned version: 27)
+CREATE INDEX geste_instances_runnable_by_name
+    ON geste_instances ((coalesce(runner, workflow_name)), run_at)
     WHERE run_at IS NOT NULL AND lease_id IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating');
 -- and its held instances in take-over order: a claim reads the leases that ran out only (11)
-CREATE INDEX geste_instances_leased_by_name ON geste_instances (workflow_name, run_at)
+CREATE INDEX geste_instances_leased_by_name
+    ON geste_instances ((coalesce(runner, workflow_name)), run_at)
     WHERE lease_id IS NOT NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
 -- the children of an instance, oldest first (16): clients' instances are not in it
 CREATE INDEX geste_instances_by_parent ON geste_instances (parent_id, created_at, instance_id)
@@ -80,6 +88,8 @@ CREATE TABLE geste_history (
     created_at  double precision NOT NULL,
     PRIMARY KEY (instance_id, seq)
 );
+-- the patch markers, by patch id (27): what `geste patches` reads
+CREATE INDEX geste_history_patches ON geste_history (name, instance_id) WHERE kind = 'patch';
 
 -- The runs an instance ended by continuing (15, ctx.continue_as_new): one row each, what it was given and
 -- how long it ran; the current run is geste_instances' own (its input, run, run_started_at).
@@ -186,7 +196,8 @@ CREATE TABLE geste_workers (
     workflows    text,                         -- (9) the names it registers, a JSON array
     health       text,                         -- (9) NULL while every background loop runs, else why one ended
     relay        boolean NOT NULL DEFAULT false, -- (13) it runs an outbox relay
-    queues       text                          -- (23) the queues it serves, a JSON array
+    queues       text,                         -- (23) the queues it serves, a JSON array
+    version      text                          -- (27) the version of its code (App(version=...))
 ) WITH (fillfactor = 50);
 
 -- Channels (3): every published message in publication order. claimed_by: the instance that took a

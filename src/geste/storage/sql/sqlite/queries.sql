@@ -15,11 +15,11 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- time, as a claim sets it (schema 11).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
-     locked_by, lease_id, lock_expires_at, event_floor, deadline)
+     locked_by, lease_id, lock_expires_at, event_floor, deadline, version, pinned)
 VALUES (:instance_id, :workflow_name, :status, :input, :now, :now,
         CASE WHEN :lease_id IS NULL THEN min(:now, {db_clock}) ELSE :lock_expires_at END,
         :locked_by, :lease_id, :lock_expires_at,
-        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :deadline)
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :deadline, :version, :pinned)
 ON CONFLICT (instance_id) DO NOTHING;
 
 -- name: database_clock
@@ -135,13 +135,13 @@ WHERE instance_id = :instance_id;
 -- claim merges the heads of its names and takes the earliest (claim_picked), in the same transaction.
 SELECT * FROM (
     SELECT instance_id, lock_expires_at AS expired_at, run_at FROM geste_instances
-    WHERE workflow_name = :name AND lease_id IS NOT NULL AND run_at <= :now AND lock_expires_at <= :now
+    WHERE coalesce(runner, workflow_name) = :name AND lease_id IS NOT NULL AND run_at <= :now AND lock_expires_at <= :now
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY run_at LIMIT :limit)
 UNION ALL
 SELECT * FROM (
     SELECT instance_id, NULL AS expired_at, run_at FROM geste_instances
-    WHERE workflow_name = :name AND lease_id IS NULL AND run_at <= :due
+    WHERE coalesce(runner, workflow_name) = :name AND lease_id IS NULL AND run_at <= :due
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     ORDER BY run_at LIMIT :limit);
 
@@ -164,7 +164,7 @@ RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cance
 -- named that are not due yet.
 SELECT instance_id, CASE WHEN lease_id IS NOT NULL THEN lock_expires_at END AS expired_at, run_at
 FROM geste_instances
-WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND workflow_name IN (SELECT value FROM json_each(:names))
+WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND coalesce(runner, workflow_name) IN (SELECT value FROM json_each(:names))
   AND ((lease_id IS NULL AND run_at <= :due) OR (lease_id IS NOT NULL AND lock_expires_at <= :now))
   AND status IN ('pending', 'running', 'waiting', 'compensating')
 ORDER BY run_at
@@ -172,7 +172,7 @@ LIMIT :limit;
 
 -- name: claim_ids_later
 SELECT instance_id, run_at FROM geste_instances
-WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND workflow_name IN (SELECT value FROM json_each(:names))
+WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND coalesce(runner, workflow_name) IN (SELECT value FROM json_each(:names))
   AND run_at > :due AND lease_id IS NULL AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: renew
@@ -394,24 +394,24 @@ WHERE instance_id = :instance_id AND status IN ('waiting', 'running') AND lease_
 -- After a claim that took less than it asked for, in its transaction: how long the worker may sleep.
 -- One probe of geste_instances_runnable_by_name per registered workflow (:name).
 SELECT MIN(run_at) AS run_at FROM geste_instances
-WHERE workflow_name = :name AND run_at > :due AND lease_id IS NULL
+WHERE coalesce(runner, workflow_name) = :name AND run_at > :due AND lease_id IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating');
 
 -- name: next_run_at
 -- One probe of geste_instances_runnable_by_name (free instances only, schema 11) per distinct workflow
 -- name with a free instance that has a run_at (a loose scan of the same index).
 WITH RECURSIVE names(name) AS (
-    SELECT min(workflow_name) FROM geste_instances
+    SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
     WHERE run_at IS NOT NULL AND lease_id IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating')
     UNION ALL
-    SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+    SELECT (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+            WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
               AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT min((SELECT min(i.run_at) FROM geste_instances i
-            WHERE i.workflow_name = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL
+            WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.run_at IS NOT NULL AND i.lease_id IS NULL
               AND i.status IN ('pending', 'running', 'waiting', 'compensating'))) AS run_at
 FROM names n WHERE n.name IS NOT NULL;
 
@@ -419,22 +419,22 @@ FROM names n WHERE n.name IS NOT NULL;
 -- Registration and every heartbeat: one statement. A worker id seen again (a restart) starts afresh.
 INSERT INTO geste_workers
     (worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at, lock_timeout,
-     workflows, health, relay, queues)
+     workflows, health, relay, version, queues)
 VALUES (:worker_id, :host, :pid, :started_at, :heartbeat_at, :running, :concurrency, :listener, NULL,
-        :lock_timeout, :workflows, :health, :relay, :queues)
+        :lock_timeout, :workflows, :health, :relay, :version, :queues)
 ON CONFLICT (worker_id) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, started_at = excluded.started_at,
     heartbeat_at = excluded.heartbeat_at, running = excluded.running, concurrency = excluded.concurrency,
     listener = excluded.listener, stopped_at = NULL, lock_timeout = excluded.lock_timeout,
     workflows = excluded.workflows, health = excluded.health, relay = excluded.relay,
-    queues = excluded.queues;
+    version = excluded.version, queues = excluded.queues;
 
 -- name: worker_peers
 -- The heartbeat's read of the other workers heard from since :since and not stopped, after its
 -- upsert_worker in the same transaction (schema 13: what a worker routes wake-ups over; PostgreSQL reads
 -- them in its `heartbeat` statement).
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay, queues
+       lock_timeout, workflows, health, relay, version, queues
 FROM geste_workers
 WHERE worker_id <> :worker_id AND stopped_at IS NULL AND heartbeat_at >= :since
 ORDER BY worker_id LIMIT 1000;
@@ -448,7 +448,7 @@ DELETE FROM geste_workers WHERE heartbeat_at < ?;
 -- name: list_workers
 -- The table holds the workers heard from within a week (pruned at each start): a small scan.
 SELECT worker_id, host, pid, started_at, heartbeat_at, running, concurrency, listener, stopped_at,
-       lock_timeout, workflows, health, relay, queues
+       lock_timeout, workflows, health, relay, version, queues
 FROM geste_workers ORDER BY heartbeat_at DESC, worker_id LIMIT ?;
 
 -- name: count_by_status
@@ -462,27 +462,27 @@ SELECT status, count(*) AS n FROM geste_instances GROUP BY status;
 -- finished ones, nor those waiting for later, nor the leases still held.
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
     SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
-        SELECT (SELECT min(workflow_name) FROM geste_instances
+        SELECT (SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
                 WHERE run_at IS NOT NULL AND lease_id IS NULL
                   AND status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
-               (SELECT min(workflow_name) FROM geste_instances
+               (SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
                 WHERE lease_id IS NOT NULL
                   AND status IN ('pending', 'running', 'waiting', 'compensating')) AS h)
     UNION ALL
     SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
-        SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+        SELECT (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
                   AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
-               (SELECT min(i.workflow_name) FROM geste_instances i
-                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+               (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+                WHERE i.lease_id IS NOT NULL AND coalesce(i.runner, i.workflow_name) > n.name
                   AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT coalesce(sum((SELECT count(*) FROM geste_instances i
-                     WHERE i.workflow_name = n.name AND i.lease_id IS NULL AND i.run_at <= :now
+                     WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.lease_id IS NULL AND i.run_at <= :now
                        AND i.status IN ('pending', 'running', 'waiting', 'compensating'))
                     + (SELECT count(*) FROM geste_instances i
-                       WHERE i.workflow_name = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
+                       WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
                          AND i.lock_expires_at <= :now
                          AND i.status IN ('pending', 'running', 'waiting', 'compensating'))), 0) AS n
 FROM names n WHERE n.name IS NOT NULL;
@@ -1017,29 +1017,29 @@ FROM (SELECT value AS status FROM json_each(:statuses)) AS s;
 -- each index per name, the two ranges a claim reads.
 WITH RECURSIVE names(name) AS (  -- a loose scan of both indexes: one probe of each per distinct name
     SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
-        SELECT (SELECT min(workflow_name) FROM geste_instances
+        SELECT (SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
                 WHERE run_at IS NOT NULL AND lease_id IS NULL
                   AND status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
-               (SELECT min(workflow_name) FROM geste_instances
+               (SELECT min(coalesce(runner, workflow_name)) FROM geste_instances
                 WHERE lease_id IS NOT NULL
                   AND status IN ('pending', 'running', 'waiting', 'compensating')) AS h)
     UNION ALL
     SELECT (SELECT min(coalesce(f, h), coalesce(h, f)) FROM (
-        SELECT (SELECT min(i.workflow_name) FROM geste_instances i
-                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND i.workflow_name > n.name
+        SELECT (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+                WHERE i.run_at IS NOT NULL AND i.lease_id IS NULL AND coalesce(i.runner, i.workflow_name) > n.name
                   AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS f,
-               (SELECT min(i.workflow_name) FROM geste_instances i
-                WHERE i.lease_id IS NOT NULL AND i.workflow_name > n.name
+               (SELECT min(coalesce(i.runner, i.workflow_name)) FROM geste_instances i
+                WHERE i.lease_id IS NOT NULL AND coalesce(i.runner, i.workflow_name) > n.name
                   AND i.status IN ('pending', 'running', 'waiting', 'compensating')) AS h))
     FROM names n WHERE n.name IS NOT NULL
 )
 SELECT n.name AS workflow_name, min(:cap, (SELECT count(*) FROM (
     SELECT 1 FROM geste_instances i
-    WHERE i.workflow_name = n.name AND i.lease_id IS NULL AND i.run_at <= :now
+    WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.lease_id IS NULL AND i.run_at <= :now
       AND i.status IN ('pending', 'running', 'waiting', 'compensating')
     LIMIT :cap)) + (SELECT count(*) FROM (
     SELECT 1 FROM geste_instances i
-    WHERE i.workflow_name = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
+    WHERE coalesce(i.runner, i.workflow_name) = n.name AND i.lease_id IS NOT NULL AND i.run_at <= :now
       AND i.lock_expires_at <= :now AND i.status IN ('pending', 'running', 'waiting', 'compensating')
     LIMIT :cap))) AS runnable
 FROM names n WHERE n.name IS NOT NULL LIMIT :limit;
@@ -1084,12 +1084,12 @@ FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?))
 -- a target covers the primary key and the dedup index). One primary-key probe (and one of the dedup index).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-     parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id, partition_key)
+     parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id, partition_key, version, pinned)
 VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now,
         CASE WHEN :queue IS NULL THEN min(:now, {db_clock}) END,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close,
         :deadline, :queue, :priority, CASE WHEN :queue IS NOT NULL THEN :now END, :dedup_id,
-        CASE WHEN :queue IS NOT NULL THEN :partition_key END)
+        CASE WHEN :queue IS NOT NULL THEN :partition_key END, :version, :pinned)
 ON CONFLICT DO NOTHING;
 
 -- name: child_state
@@ -1240,10 +1240,10 @@ SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_con
 -- the primary key and the dedup index (one unfinished instance per queue and dedup id).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
-     queue, priority, queued_at, dedup_id, partition_key)
+     queue, priority, queued_at, dedup_id, partition_key, version, pinned)
 VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now, NULL,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :deadline,
-        :queue, :priority, :now, :dedup_id, :partition_key)
+        :queue, :priority, :now, :dedup_id, :partition_key, :version, :pinned)
 ON CONFLICT DO NOTHING;
 
 -- name: find_dedup
@@ -1260,7 +1260,7 @@ SELECT * FROM (
     SELECT instance_id, run_at FROM geste_instances
     WHERE queue IN (SELECT value FROM json_each(:queues)) AND queue IS NOT NULL AND queued_at IS NULL
       AND status IN ('pending', 'running', 'waiting', 'compensating')
-      AND workflow_name IN (SELECT value FROM json_each(:names))
+      AND coalesce(runner, workflow_name) IN (SELECT value FROM json_each(:names))
       AND ((lease_id IS NULL AND run_at <= :due) OR (lease_id IS NOT NULL AND lock_expires_at <= :now))
     ORDER BY run_at
     LIMIT :limit)
@@ -1268,7 +1268,7 @@ UNION ALL
 SELECT NULL, min(run_at) FROM geste_instances
 WHERE queue IN (SELECT value FROM json_each(:queues)) AND queue IS NOT NULL AND queued_at IS NULL
   AND status IN ('pending', 'running', 'waiting', 'compensating')
-  AND workflow_name IN (SELECT value FROM json_each(:names))
+  AND coalesce(runner, workflow_name) IN (SELECT value FROM json_each(:names))
   AND lease_id IS NULL AND run_at > :due;
 
 -- name: queue_waiting
@@ -1498,3 +1498,29 @@ SELECT status FROM geste_instances WHERE instance_id = ?;
 -- name: stream_list
 SELECT key, next_position, closed FROM geste_stream_heads
 WHERE instance_id = ? ORDER BY key LIMIT ?;
+
+-- name: patches
+-- `geste patches` (schema 27; docs/versioning.md): per workflow and patch id, its markers in the current
+-- runs' histories (a scan of geste_history_patches: one entry per marker, joined to its instance by key)
+-- with the first one's time, and its old runs: the unfinished instances of the workflow whose current run
+-- started before that first marker and whose history lacks it (a range of
+-- geste_instances_by_name_status per unfinished status, each instance probed in geste_history_patches).
+-- At most :limit patches.
+WITH marked AS (
+    SELECT i.workflow_name, h.name AS patch_id, min(h.created_at) AS first_at, count(*) AS marked
+    FROM geste_history AS h JOIN geste_instances AS i ON i.instance_id = h.instance_id
+    WHERE h.kind = 'patch'
+    GROUP BY i.workflow_name, h.name
+    ORDER BY i.workflow_name, h.name
+    LIMIT :limit
+)
+SELECT m.workflow_name, m.patch_id, m.first_at, m.marked,
+       (SELECT count(*) FROM geste_instances AS o
+        WHERE o.workflow_name = m.workflow_name
+          AND o.status IN ('pending', 'running', 'waiting', 'compensating')
+          AND o.created_at < m.first_at AND coalesce(o.run_started_at, o.created_at) < m.first_at
+          AND NOT EXISTS (SELECT 1 FROM geste_history AS x
+                          WHERE x.kind = 'patch' AND x.name = m.patch_id AND x.instance_id = o.instance_id)
+       ) AS old_runs
+FROM marked AS m
+ORDER BY m.workflow_name, m.patch_id;
