@@ -16,7 +16,7 @@ import pytest
 import geste
 from geste._schedules import instance_id
 from geste.errors import StorageError
-from geste.runtime.schedules import ScheduleLoop
+from geste.runtime.schedules import tick_instance
 from geste.storage import sqlite as sqlite_storage
 from geste.storage.postgres import PostgresStorage
 from geste.testing import WorkflowEnvironment
@@ -192,7 +192,7 @@ async def release(app: geste.App, iid: str, now: float) -> bool:
     ready would)."""
     (row,) = [row for row in await app.storage.list_schedules(limit=10) if row.name == "gated"]
     tick = datetime.fromisoformat(iid.removeprefix("sched:gated:")).timestamp()
-    start = ScheduleLoop._instance(row, tick, now)
+    start = tick_instance(row, tick, now)
     return await app.storage.schedule_release("gated", tick=tick, start=start, now=now)
 
 

@@ -24,6 +24,7 @@ from geste._steps import (
     EventTimeoutStep,
     MessageStep,
     NowStep,
+    PatchStep,
     PublishStep,
     RandomStep,
     RawJSON,
@@ -158,6 +159,7 @@ GOLDEN: list[tuple[str, bool, Step, str | None]] = [
         '{"workflow":"kid","status":"failed","error":{"type":"E","message":"m"},"result":null}',
     ),
     ("set_state", False, SetStateStep(12), '{"size":12}'),
+    ("patch", False, PatchStep(), None),
 ]
 GOLDEN_IDS = [f"{kind}-{n}" for n, (kind, *_) in enumerate(GOLDEN)]
 
@@ -198,8 +200,8 @@ def test_the_fast_paths_inline_encoded_json() -> None:
     assert message.encode() == GOLDEN[14][3]
     direct = StoredMessage(4, "m-2", "box", '{"for":"me"}', None, "me", 1893456201.0)
     assert message_history_payload(direct) == GOLDEN[15][3]
-    assert ContinueAsNewStep(RawJSON(ARGS_TEXT)).encode() == GOLDEN[-7][3]
-    assert ChildStep("kid", "completed", RawJSON('{"a":1}'), None).encode() == GOLDEN[-3][3]
+    assert ContinueAsNewStep(RawJSON(ARGS_TEXT)).encode() == GOLDEN[-8][3]
+    assert ChildStep("kid", "completed", RawJSON('{"a":1}'), None).encode() == GOLDEN[-4][3]
     assert (
         _steps.activity_payload(
             {"id": "r-1", "n": 1.5}, None, 1, 1893456000.25, 0.5, ARGS_TEXT, what="result", limit=None
@@ -382,6 +384,7 @@ async def test_rows_written_live_decode_and_encode_to_the_same_bytes(
             await ctx.send_to("ghost", "box", None)
         await ctx.send_event("order.paid", {"total": 9.5}, subject="o-1")
         await ctx.set_state("progress", {"done": "é"})
+        assert ctx.patched("v2")  # a new run: a patch marker
         assert await ctx.run_child(twice, 2) == 2  # a start_child row, then a child row
         ctx.on_failure(undo, "everything")
         await explode(ctx)

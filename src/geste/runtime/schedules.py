@@ -62,6 +62,22 @@ def _no_version(workflow_name: str) -> tuple[str | None, bool]:
     return None, False
 
 
+def tick_instance(
+    row: ScheduleRow, tick: float, now: float, *, version: str | None = None, pinned: bool = False
+) -> NewInstance:
+    """The instance of ``tick`` of the schedule ``row``: its derived id, onto the schedule's queue."""
+    return NewInstance(
+        instance_id(row.name, tick),
+        row.workflow_name,
+        tick_input(row, tick),
+        now,
+        queue=row.queue,
+        priority=row.priority,
+        version=version,
+        pinned=pinned,
+    )
+
+
 class ScheduleLoop(Loop):
     """Starts the due ticks of the cron schedules (module docstring). ``on_started`` is told when a round
     created instances (the worker looks for runnable work now)."""
@@ -153,19 +169,10 @@ class ScheduleLoop(Loop):
         return len(found) == BATCH and found[-1].ready
 
     def _instance(self, row: ScheduleRow, tick: float, now: float) -> NewInstance:
-        """The instance of ``tick`` of the schedule ``row``: its derived id, onto the schedule's queue,
-        with the version of this worker's code (and its pin, for a pinned workflow: docs/versioning.md)."""
+        """The instance of ``tick`` of the schedule ``row`` (``tick_instance``), with the version of this
+        worker's code (and its pin, for a pinned workflow: docs/versioning.md)."""
         version, pinned = self.version_of(row.workflow_name)
-        return NewInstance(
-            instance_id(row.name, tick),
-            row.workflow_name,
-            tick_input(row, tick),
-            now,
-            queue=row.queue,
-            priority=row.priority,
-            version=version,
-            pinned=pinned,
-        )
+        return tick_instance(row, tick, now, version=version, pinned=pinned)
 
     async def _fire(self, row: ScheduleRow, now: float) -> bool:
         """Start the ticks of one due schedule; returns whether it is still due (a backfill cut)."""
