@@ -63,7 +63,9 @@ def build_app(
 
 
 def main() -> None:
-    serve(build_app, prog="version_app", code="v1", poll_interval=0.05)
+    # a wake-up routed to a worker that has just stopped (the others learn of it at their next beat) is
+    # found by the poll net: a short one keeps the rolling deploy's waits well inside their timeouts
+    serve(build_app, prog="version_app", code="v1", poll_interval=0.05, notify_fallback_interval=1.0)
 
 
 if __name__ == "__main__":

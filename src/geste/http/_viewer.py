@@ -23,10 +23,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from .._models import Status, StepKind
@@ -41,6 +41,7 @@ from ._routing import HTTPError, Request, Response, Send, bad_request, error_res
 if TYPE_CHECKING:
     from .._app import App
 
+_T = TypeVar("_T")
 logger = logging.getLogger("geste.http")
 
 COOKIE = "geste_viewer"
@@ -291,61 +292,48 @@ class Viewer:
     async def schedules(self, request: Request, params: dict[str, str]) -> Response:
         """``GET /ui/schedules``: the cron schedules by name, each with its next tick and a link to the
         instance its last tick started."""
-        started = time.perf_counter()
-        try:
-            request.query()
-        except HTTPError as exc:
-            return self._error_page(request, exc.status, exc.message)
-        try:
-            rows = await self.app.storage.list_schedules(limit=MAX_SCHEDULES)
-        except (StorageError, AppNotOpenError) as exc:
-            return self._unavailable(request, exc)
-        markup = _pages.schedule_list(
-            _link(request),
-            rows=rows,
-            now=self._clock(),
-            signed_in=self._signed_in_by_cookie(request),
-            elapsed=time.perf_counter() - started,
+        return await self._listing(
+            request,
+            lambda: self.app.storage.list_schedules(limit=MAX_SCHEDULES),
+            lambda link, rows, **common: _pages.schedule_list(link, rows=rows, **common),
         )
-        return page(200, markup)
 
     async def queues(self, request: Request, params: dict[str, str]) -> Response:
         """``GET /ui/queues``: the queues by name, each with its queued and admitted instances, its limits,
         its rate window and since when its oldest queued instance waits (``app.list_queues``: counts
         stopped at ``QUEUE_COUNT_CAP``, as the list's are at ``COUNT_CAP``)."""
-        started = time.perf_counter()
-        try:
-            request.query()
-        except HTTPError as exc:
-            return self._error_page(request, exc.status, exc.message)
-        try:
-            queues = await self.app.list_queues()
-        except (StorageError, AppNotOpenError) as exc:
-            return self._unavailable(request, exc)
-        markup = _pages.queue_list(
-            _link(request),
-            queues=queues,
-            now=self._clock(),
-            signed_in=self._signed_in_by_cookie(request),
-            elapsed=time.perf_counter() - started,
+        return await self._listing(
+            request,
+            self.app.list_queues,
+            lambda link, queues, **common: _pages.queue_list(link, queues=queues, **common),
         )
-        return page(200, markup)
 
     async def versions(self, request: Request, params: dict[str, str]) -> Response:
         """``GET /ui/versions``: the live workers by version, and the runnable instances pinned to a
         version no live worker of it runs (``app.status()``: the cost of ``geste status``)."""
+        return await self._listing(
+            request,
+            self.app.status,
+            lambda link, status, **common: _pages.version_list(link, status=status, **common),
+        )
+
+    async def _listing(
+        self, request: Request, read: Callable[[], Awaitable[_T]], render: Callable[..., Html]
+    ) -> Response:
+        """A page of one read and no query parameter (schedules, queues, versions): a bad query is a 400
+        page, a database that does not answer the "unavailable" page."""
         started = time.perf_counter()
         try:
             request.query()
         except HTTPError as exc:
             return self._error_page(request, exc.status, exc.message)
         try:
-            status = await self.app.status()
+            found = await read()
         except (StorageError, AppNotOpenError) as exc:
             return self._unavailable(request, exc)
-        markup = _pages.version_list(
+        markup = render(
             _link(request),
-            status=status,
+            found,
             now=self._clock(),
             signed_in=self._signed_in_by_cookie(request),
             elapsed=time.perf_counter() - started,
