@@ -637,7 +637,9 @@ def test_the_listener_turns_a_channel_message_into_a_batch_of_message_size() -> 
         )
         storage = Storage()
         worker = Worker(
-            runner=SimpleNamespace(workflows={"w": None}, cached=lambda ids=None: {}),  # type: ignore[arg-type]
+            runner=SimpleNamespace(  # type: ignore[arg-type]
+                workflows={"w": None}, cached=lambda ids=None: {}, claim_keys=lambda: ["w"]
+            ),
             storage=storage,  # type: ignore[arg-type]
             worker_id="w",
             clock=time.time,
