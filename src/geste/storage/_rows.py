@@ -143,13 +143,19 @@ def _awaited(r: Record) -> tuple[str, ChildState] | None:
     """The awaited child's end a claim joined (schema 21: ``a_status``...), if it read one; the claims of
     a queue and SQLite's claims of a name do not join it (the run then reads the child)."""
     try:
-        status = r["a_status"]
+        child = ended_child(r)
     except (KeyError, IndexError):
         return None
-    if status is None or not Status.stored(status).is_finished:  # (the claim reads it by its key only)
+    return None if child is None else (r["awaits"], child)
+
+
+def ended_child(r: Record) -> ChildState | None:
+    """The awaited child in the ``a_*`` columns (schema 21: a claim's join, the suspension at a child
+    wait), if it has ended; None if none was read or it runs still (both read it by its key only)."""
+    status = r["a_status"]
+    if status is None or not Status.stored(status).is_finished:
         return None
-    child = ChildState(r["a_workflow"], Status.stored(status), r["a_result"], r["a_error"], r["a_parent"])
-    return r["awaits"], child
+    return ChildState(r["a_workflow"], Status.stored(status), r["a_result"], r["a_error"], r["a_parent"])
 
 
 def stored_event(r: Record) -> StoredEvent:

@@ -1224,15 +1224,8 @@ class PostgresStorage(base.Storage):
             return base.Suspension.SUSPENDED
         if not row["ours"]:
             raise base.LeaseLost(lease.instance_id)
-        if row["a_status"] is not None and Status.stored(row["a_status"]).is_finished:
-            return base.ChildState(
-                row["a_workflow"],
-                Status.stored(row["a_status"]),
-                row["a_result"],
-                row["a_error"],
-                row["a_parent"],
-            )
-        return base.Suspension.CANCEL_REQUESTED
+        ended = rows.ended_child(row)
+        return base.Suspension.CANCEL_REQUESTED if ended is None else ended
 
     async def suspend(
         self, commit: base.Commit, *, run_at: float | None, timer: tuple[int, float] | None = None
