@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 27), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 28), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -395,6 +395,7 @@ CREATE INDEX geste_instances_queued_partition
 -- The claim of a queue (20; partitions 22): the count of the slots in use runs in a snapshot taken after
 -- the queue's row lock is held (each statement of a VOLATILE plpgsql function takes its own), so it is
 -- exact; a partitioned queue's counts likewise, each after its partition's row lock (SKIP LOCKED).
+-- (28) The admitting UPDATE finds its rows by primary key only: see 0028_queue_claim_by_key.sql.
 CREATE FUNCTION geste_queue_claim(
     p_queue text, p_n integer, p_worker text, p_prefix text, p_now double precision,
     p_expires double precision
@@ -477,8 +478,7 @@ BEGIN
             WHERE w.queue = p_queue AND w.queued_at IS NOT NULL AND w.status = 'pending'
             ORDER BY w.queue, w.priority, w.queued_at
             LIMIT v_n
-            FOR UPDATE SKIP LOCKED))
-          AND i.queued_at IS NOT NULL AND i.status = 'pending'
+            FOR UPDATE SKIP LOCKED))  -- (28) locked, and so still queued: the rows by key alone
         RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at,
                   i.cancel_requested, i.run, i.steps, i.deadline, NULL::double precision;
         GET DIAGNOSTICS v_taken = ROW_COUNT;
@@ -572,7 +572,11 @@ BEGIN
         UPDATE geste_instances AS i
         SET locked_by = p_worker, lease_id = p_prefix || i.instance_id, lock_expires_at = p_expires,
             run_at = p_expires, status = 'running', queued_at = NULL, updated_at = p_now
-        WHERE i.instance_id = ANY(v_ids) AND i.queued_at IS NOT NULL AND i.status = 'pending'
+        WHERE i.instance_id = ANY(ARRAY(  -- (28) each pick locked by key, if it is still queued
+            SELECT w.instance_id FROM unnest(v_ids) AS v(id) CROSS JOIN LATERAL (
+                SELECT w.instance_id FROM geste_instances AS w
+                WHERE w.instance_id = v.id AND w.queued_at IS NOT NULL AND w.status = 'pending'
+                FOR UPDATE) AS w))
         RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at,
                   i.cancel_requested, i.run, i.steps, i.deadline, NULL::double precision;
         GET DIAGNOSTICS v_taken = ROW_COUNT;

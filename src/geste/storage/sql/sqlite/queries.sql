@@ -1333,7 +1333,8 @@ ON CONFLICT (queue, key) DO UPDATE SET starts = excluded.starts;
 
 -- name: queue_take_ids
 -- Admit and claim the instances a partitioned claim picked (a JSON array of ids), inside its BEGIN
--- IMMEDIATE.
+-- IMMEDIATE. By primary key: the unary + keeps the status and queue conditions off every index (with
+-- them indexable, SQLite searched the status index and read every pending instance).
 UPDATE geste_instances
 SET locked_by = :worker_id,
     lease_id = :lease_prefix || instance_id,
@@ -1342,7 +1343,7 @@ SET locked_by = :worker_id,
     status = 'running',
     queued_at = NULL,
     updated_at = :now
-WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND queued_at IS NOT NULL AND status = 'pending'
+WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND +queued_at IS NOT NULL AND +status = 'pending'
 RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run, deadline,
           NULL AS run_at;
 

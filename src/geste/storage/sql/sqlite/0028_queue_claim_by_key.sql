@@ -1,0 +1,3 @@
+-- geste schema, version 28 (SQLite): nothing changes in the schema. On PostgreSQL this version makes the
+-- queue claim find the rows it admits by primary key only; SQLite's claim does it in its queries
+-- (queue_take, queue_take_ids).
