@@ -31,6 +31,9 @@ def is_alive(
 
 
 class ListenerState(StrEnum):
+    """The state of this process's LISTEN/NOTIFY connection (PostgreSQL): disabled (SQLite, or
+    ``listen_notify=False``), connecting, listening, or reconnecting after a loss (polling covers the gap)."""
+
     DISABLED = "disabled"
     CONNECTING = "connecting"
     LISTENING = "listening"
