@@ -35,11 +35,11 @@ BROWSER = {"accept": "text/html"}
 
 
 @contextlib.asynccontextmanager
-async def running(app: geste.App) -> AsyncIterator[httpx.AsyncClient]:
+async def running(app: geste.App, *, root_path: str = "") -> AsyncIterator[httpx.AsyncClient]:
     """The example's FastAPI application around ``app``, started as a server starts it (the lifespan's
-    startup), a client to it, and its shutdown at the end."""
+    startup), a client to it, and its shutdown at the end; ``root_path``: served under a proxy's prefix."""
     async with LifespanManager(create_api(app), startup_timeout=60, shutdown_timeout=60) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
+        transport = httpx.ASGITransport(app=manager.app, root_path=root_path)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
             yield http
 
@@ -179,6 +179,23 @@ async def test_geste_answers_under_its_prefix_and_the_routes_map_its_outcomes(ma
         assert (await http.get("/orders/desk-1", params={"wait": 31})).status_code == 422
         assert (await http.post("/orders", json={"item": "", "amount": 1})).status_code == 422
         assert (await http.post("/orders", json={"item": "x", "amount": -1})).status_code == 422
+
+
+async def test_behind_a_proxy_prefix_too_geste_keeps_both_prefixes(make_app: MakeApp) -> None:
+    """The FastAPI application itself served under /shop (uvicorn's ``--root-path`` behind a proxy), geste
+    mounted at /geste in it: geste routes below /shop/geste and writes that prefix into what it sends."""
+    app = make_app()
+    async with running(app, root_path="/shop") as http:
+        started = await http.post(
+            "/shop/geste/workflows/order", json={"args": ["mat", 2.0], "instance_id": "m"}
+        )
+        assert started.status_code == 201, started.text
+        assert started.headers["location"] == "/shop/geste/instances/m"
+        assert (await http.get("/shop/orders/m")).status_code == 202
+        text = (await http.get("/shop/geste/ui", headers=BROWSER)).text
+        assert 'href="/shop/geste/ui/instances/m"' in text
+        hrefs = re.findall(r'(?:href|action)="([^"]*)"', text)
+        assert hrefs and all(h.startswith(("/shop/geste/ui", "data:")) for h in hrefs), hrefs
 
 
 def test_the_guide_shows_the_example_as_it_is() -> None:
