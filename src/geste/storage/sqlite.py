@@ -34,6 +34,24 @@ from ._sql import load_queries
 Q = load_queries("sqlite")
 MIGRATIONS = _migrations.load("sqlite")
 SCHEMA_VERSION = MIGRATIONS[-1].version
+PRUNE_DELETES = tuple(
+    f"prune_delete_{table}"
+    for table in (
+        "history",
+        "runs",
+        "run_history",
+        "timers",
+        "event_waits",
+        "event_deliveries",
+        "channel_subscriptions",
+        "outbox",
+        "retries",
+        "state",
+        "streams",
+        "stream_heads",
+    )
+)
+"""The rows of the instances a retention batch deletes, table by table (``prune_instances``)."""
 _T = TypeVar("_T")
 _FOREIGN_TABLES = "the database holds tables that are not geste's ({}); point geste at its own file"
 _SYNCHRONOUS = {"off", "normal", "full", "extra"}
@@ -1378,6 +1396,32 @@ class SQLiteStorage(base.Storage):
                 deleted_events,
                 deleted_events + deliveries,
             )
+
+        return await self._write(tx)
+
+    # -- the retention of finished instances (schema 29) ------------------------------------------
+    async def prune_instances(
+        self,
+        before: float,
+        *,
+        limit: int,
+        position: tuple[float, str] = base.PRUNE_START,
+        apply: bool = True,
+    ) -> base.Pruned:
+        at, after = position
+
+        def tx(conn: sqlite3.Connection) -> base.Pruned:
+            rows = conn.execute(
+                Q["prune_instances_examine"], {"before": before, "at": at, "id": after, "limit": limit}
+            ).fetchall()
+            free = [r["instance_id"] for r in rows if r["free"]]
+            instances = deleted = 0
+            if free and apply:
+                ids = {"ids": json.dumps(free)}
+                instances = conn.execute(Q["prune_delete_instances"], ids).rowcount
+                deleted = instances + sum(conn.execute(Q[name], ids).rowcount for name in PRUNE_DELETES)
+            last = (rows[-1]["finished_at"], rows[-1]["instance_id"]) if rows else (None, None)
+            return decide.pruned(limit, len(rows), len(free), instances, deleted, last)
 
         return await self._write(tx)
 
