@@ -34,22 +34,19 @@ from ._sql import load_queries
 Q = load_queries("sqlite")
 MIGRATIONS = _migrations.load("sqlite")
 SCHEMA_VERSION = MIGRATIONS[-1].version
-PRUNE_DELETES = tuple(
-    f"prune_delete_{table}"
-    for table in (
-        "history",
-        "runs",
-        "run_history",
-        "timers",
-        "event_waits",
-        "event_deliveries",
-        "channel_subscriptions",
-        "outbox",
-        "retries",
-        "state",
-        "streams",
-        "stream_heads",
-    )
+PRUNE_DELETES = (
+    "prune_delete_history",
+    "prune_delete_runs",
+    "prune_delete_run_history",
+    "prune_delete_timers",
+    "prune_delete_event_waits",
+    "prune_delete_event_deliveries",
+    "prune_delete_channel_subscriptions",
+    "prune_delete_outbox",
+    "prune_delete_retries",
+    "prune_delete_state",
+    "prune_delete_streams",
+    "prune_delete_stream_heads",
 )
 """The rows of the instances a retention batch deletes, table by table (``prune_instances``)."""
 _T = TypeVar("_T")
