@@ -311,3 +311,58 @@ def test_geste_prune_command(db_url: str) -> None:
         assert "--older-than" in refused.output
     assert run_cli(["prune", *url]).exit_code == 2  # --older-than is required
     assert run_cli(["prune", "--older-than", "1d", "--batch", "0", *url]).exit_code == 2
+
+
+async def test_real_instances_go_with_every_row_they_wrote(make_app: MakeApp, db_url: str) -> None:
+    """Workflows that write history, state, a stream, an outbox event (delivered) and children: a parent
+    that abandoned a child still waiting is kept, and so is the child; once the child ends, both go, and
+    no row of any of them is left in any table."""
+    delivered: list[str] = []
+
+    async def deliver(event: geste.OutboxEvent) -> None:
+        delivered.append(event.event_id)
+
+    app = make_app(outbox_handler=deliver)
+
+    @app.activity
+    async def double(ctx: geste.ActivityContext, n: int) -> int:
+        return 2 * n
+
+    @app.workflow
+    async def child(ctx: geste.WorkflowContext, n: int) -> int:
+        await ctx.set_state("n", n)
+        return await double(ctx, n)
+
+    @app.workflow
+    async def waiting_child(ctx: geste.WorkflowContext) -> str:
+        await ctx.wait_event("go")
+        return "went"
+
+    @app.workflow
+    async def parent(ctx: geste.WorkflowContext) -> int:
+        await ctx.write_stream("s", "item")
+        await ctx.send_event("t", {"x": 1})
+        await ctx.start_child(waiting_child, child_id="left", parent_close=geste.ParentClose.ABANDON)
+        return await ctx.run_child(child, 21, child_id="helper")
+
+    async with app:
+        handle = await parent.start_with_id("P")
+        assert await handle.result(timeout=10) == 42
+        await wait_until(lambda: delivered, "the outbox event's delivery")
+        await wait_until(
+            lambda: raw_query(db_url, "SELECT 1 FROM geste_outbox WHERE status = 'delivered'"), "delivered"
+        )
+        before = await rows_of(db_url)
+        ids = {"P", "helper", "left"}
+        assert {k for t in before.values() for k in t} == ids
+        # every finished one is past an age of 0; the parent has an unfinished child, the child is waiting
+        done = await app.prune(0)
+        assert (done.instances, done.kept) == (1, 1)  # helper went; P is kept for its child "left"
+        after = await rows_of(db_url)
+        assert {k for t in after.values() for k in t} == {"P", "left"}
+        assert after["geste_history"]["P"] == before["geste_history"]["P"]
+        await app.send_event("go", {})
+        assert await app.get_handle("left").result(timeout=10) == "went"
+        done = await app.prune(0)
+        assert (done.instances, done.kept) == (2, 0)
+        assert {k for t in (await rows_of(db_url)).values() for k in t} == set()
