@@ -275,6 +275,9 @@ async def test_the_chore_prunes_with_the_retention_set(make_app: MakeApp, db_url
         await wait_until(pruned, "the retention chore's round")
     # the channel cleanup deleted the subscriptions of the finished instances it kept meanwhile
     check_pruned(before, await rows_of(db_url), ignore=("geste_channel_subscriptions",))
+    # the message the old instance sent stays: the waiting instance's subscription has not taken it yet
+    messages = await raw_query(db_url, "SELECT message_id FROM geste_channel_messages")
+    assert [m["message_id"] for m in messages] == ["m1"]
     chores = await raw_query(db_url, "SELECT chore FROM geste_chores ORDER BY chore")
     assert "instance_retention" in [c["chore"] for c in chores]
 
