@@ -19,6 +19,8 @@ import pytest
 
 import geste
 
+from . import tiers
+
 if TYPE_CHECKING:
     from .processes import Cluster
 
@@ -104,6 +106,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "via_pgbouncer: the PgBouncer variant of a test (-m via_pgbouncer: those alone)"
     )
+    for tier in tiers.NAMES:
+        config.addinivalue_line("markers", f"{tier}: a test of the {tier} tier (tests/tiers.py)")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test gets its module's tier as a marker (tests/tiers.py): ``pytest -m unit``."""
+    for item in items:
+        item.add_marker(tiers.tier_of(item.path.stem))
 
 
 @pytest.hookimpl(tryfirst=True)

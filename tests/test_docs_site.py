@@ -37,3 +37,13 @@ def test_the_site_builds_strictly_with_every_guide_and_the_api_reference(tmp_pat
     missing = {f"geste.{name}" for name in geste.__all__ if not name.startswith("_")} - documented
     assert not missing, missing  # every public name has its entry
     assert "geste.errors.GesteError" in documented
+
+
+def test_every_tier_names_only_test_modules_that_exist() -> None:
+    """tests/tiers.py: a module renamed or removed must leave its tier too (else ``-m`` selects nothing)."""
+    from . import tiers
+
+    modules = {p.stem for p in (ROOT / "tests").glob("test_*.py")}
+    named = set().union(*tiers.TIERS.values())
+    assert named <= modules, named - modules
+    assert sum(len(m) for m in tiers.TIERS.values()) == len(named)  # each in one tier
