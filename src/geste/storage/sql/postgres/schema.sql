@@ -55,7 +55,7 @@ CREATE TABLE geste_instances (
     version          text,              -- (27) the version of the code it started on (the starting App's)
     pinned           boolean NOT NULL DEFAULT false,  -- (27) only workers of its version claim it
     runner           text GENERATED ALWAYS AS (  -- (27) pinned: name U+001F version; NULL: not pinned
-        CASE WHEN pinned THEN workflow_name || chr(29) || coalesce(version, '') END
+        CASE WHEN pinned THEN workflow_name || chr(31) || coalesce(version, '') END
     ) STORED
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)

@@ -55,7 +55,7 @@ CREATE TABLE geste_instances (
     version          TEXT,              -- (27) the version of the code it started on (the starting App's)
     pinned           INTEGER NOT NULL DEFAULT 0,  -- (27) only workers of its version claim it
     runner           TEXT GENERATED ALWAYS AS (  -- (27) pinned: name U+001F version; NULL: not pinned
-        CASE WHEN pinned THEN workflow_name || char(29) || coalesce(version, '') END
+        CASE WHEN pinned THEN workflow_name || char(31) || coalesce(version, '') END
     ) VIRTUAL
 );
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
