@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test wheel-check lint check bench compare chaos clean
+.PHONY: demo test wheel-check docs lint check bench compare chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,8 @@ demo: $(STAMP)
 	$(BIN)/geste demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/python .ci/check-wheel  # the built sdist and wheel as a user gets them (docs/releasing.md)
@@ -26,6 +26,9 @@ test: $(STAMP)
 
 wheel-check: $(STAMP)
 	$(BIN)/python .ci/check-wheel
+
+docs: $(STAMP)  # the documentation site at http://127.0.0.1:8000, rebuilt as docs/ changes
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 chaos: $(STAMP)
 	bash .ci/ensure-postgres
@@ -40,4 +43,4 @@ compare: $(STAMP)
 	$(BIN)/python benchmarks/compare.py
 
 clean:
-	rm -rf $(VENV) build dist src/geste.egg-info geste.db geste.db-wal geste.db-shm .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) site build dist src/geste.egg-info geste.db geste.db-wal geste.db-shm .pytest_cache .mypy_cache .ruff_cache
