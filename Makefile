@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test docs lint check bench compare chaos clean
+.PHONY: demo test wheel-check docs lint check bench compare chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ test: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/python .ci/check-wheel  # the built sdist and wheel as a user gets them (docs/releasing.md)
 	$(BIN)/pytest -q
 	GESTE_WORKFLOW_CACHE_SIZE=0 $(BIN)/pytest -q  # again without the cache of suspended runs
+
+wheel-check: $(STAMP)
+	$(BIN)/python .ci/check-wheel
 
 docs: $(STAMP)  # the documentation site at http://127.0.0.1:8000, rebuilt as docs/ changes
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
@@ -39,4 +43,4 @@ compare: $(STAMP)
 	$(BIN)/python benchmarks/compare.py
 
 clean:
-	rm -rf $(VENV) site geste.db geste.db-wal geste.db-shm .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) site build dist src/geste.egg-info geste.db geste.db-wal geste.db-shm .pytest_cache .mypy_cache .ruff_cache
