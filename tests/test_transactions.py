@@ -361,3 +361,16 @@ async def test_sqlite_offers_no_transaction(tmp_path: Path) -> None:
         assert await app.list_instances() == []
         with pytest.raises(InstanceNotFoundError):
             await app.get_instance("S-1")
+
+
+async def test_events_and_messages_need_read_committed(pg_url: str) -> None:
+    """Under repeatable read the snapshot predates the lock: an event or a message is refused (nothing
+    written, the transaction goes on); a start is not."""
+    async with opened(pg_url) as (app, conn):
+        async with conn.transaction(isolation="repeatable_read"):
+            with pytest.raises(TransactionUnusableError, match="read committed"):
+                await app.send_event("order.paid", {"order": "H-1"}, connection=conn)
+            with pytest.raises(TransactionUnusableError, match="read committed"):
+                await app.publish("news", "x", connection=conn)
+            handle = await wf(app, "greet").options(connection=conn).start("H-1")
+        assert await handle.result(timeout=RESULT_WAIT) == "hello H-1"

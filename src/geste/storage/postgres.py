@@ -2172,7 +2172,20 @@ class UserTransaction(base.TransactionWrites):
         return None if row is None else rows.instance_row(row)
 
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
+        await self._read_committed("an event")
         return await _in_user_transaction(self._storage._send_event(self._conn, event=event))
 
     async def channel_publish(self, message: base.NewMessage) -> base.PublishResult:
+        await self._read_committed("a message")
         return await _in_user_transaction(self._storage._publish(self._conn, message=message, commit=None))
+
+    async def _read_committed(self, what: str) -> None:
+        """An event or a message finds its receivers with the statement after its lock, which must see
+        every wait committed before the lock was granted: a snapshot taken at the transaction's start
+        (repeatable read, serializable) would miss a wait registered meanwhile, a wake-up lost."""
+        level = await _in_user_transaction(self._conn.fetchval(self._storage._q["transaction_isolation"]))
+        if level != "read committed":
+            raise TransactionUnusableError(
+                f"{what} is written only in a read committed transaction, not {level}: a snapshot older "
+                "than its lock could miss a workflow that began waiting meanwhile"
+            )
