@@ -325,9 +325,9 @@ async def test_unusable_connections(pg_url: str) -> None:
 
 
 async def test_failed_statement_is_a_storage_error(pg_url: str) -> None:
-    """A geste statement that fails in the caller's transaction (here: a connection to another schema's
-    database objects is fine, but a dropped geste table is not) raises StorageError, which says the
-    caller's transaction is aborted."""
+    """A geste statement that fails in the caller's transaction (here: geste's table dropped inside a
+    savepoint of the caller's) raises StorageError, which says the caller's transaction is aborted; once
+    the caller rolled back to its savepoint, the publish goes through."""
     async with opened(pg_url) as (app, conn):
         schema = parse_postgres_url(pg_url)[1]["schema"]
         async with conn.transaction():
