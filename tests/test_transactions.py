@@ -143,6 +143,8 @@ async def test_start_commits_with_the_business_data(pg_url: str) -> None:
                 assert handle.created
                 with pytest.raises(InstanceNotFoundError):  # not there for anybody else yet
                     await app.get_instance(handle.instance_id)
+                now = app.clock() + 60.0  # a claim of another worker, as late as it likes, takes nothing
+                assert list(await app.storage.claim("probe", now, now + 1.0, 10, workflows=["greet"])) == []
                 assert (await conn.fetchrow("SELECT count(*) AS n FROM orders"))["n"] == 1
             assert await handle.result(timeout=RESULT_WAIT) == "hello A-1"
         finally:
