@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint check bench compare chaos clean
+.PHONY: demo test docs lint check bench compare chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,15 @@ demo: $(STAMP)
 	$(BIN)/geste demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 	GESTE_WORKFLOW_CACHE_SIZE=0 $(BIN)/pytest -q  # again without the cache of suspended runs
+
+docs: $(STAMP)  # the documentation site at http://127.0.0.1:8000, rebuilt as docs/ changes
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 chaos: $(STAMP)
 	bash .ci/ensure-postgres
@@ -36,4 +39,4 @@ compare: $(STAMP)
 	$(BIN)/python benchmarks/compare.py
 
 clean:
-	rm -rf $(VENV) geste.db geste.db-wal geste.db-shm .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) site geste.db geste.db-wal geste.db-shm .pytest_cache .mypy_cache .ruff_cache

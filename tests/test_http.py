@@ -22,7 +22,7 @@ import pytest
 
 import geste
 from geste.errors import ConfigurationError, StorageError
-from geste.http import _endpoints
+from geste.http import _endpoints, _routing
 
 from .conftest import POSTGRES_URL
 from .support import raw_query, wait_status
@@ -591,6 +591,59 @@ async def test_start_a_workflow_by_name(make_app: MakeApp) -> None:
         assert generated.status_code == 201
         assert await app.get_handle(generated.json()["instance_id"]).result(timeout=10) == 1
         assert (await http.post("/workflows/hold")).status_code == 201  # no body: no arguments
+
+
+@pytest.mark.parametrize(
+    ("root_path", "path", "raw_path", "local"),
+    [
+        ("", "/instances/a/b", b"/instances/a%2Fb", "/instances/a%2Fb"),
+        # Starlette's Mount (and the servers): `path` and `raw_path` hold the prefix
+        ("/geste", "/geste/instances/a/b", b"/geste/instances/a%2Fb", "/instances/a%2Fb"),
+        ("/geste", "/geste/instances/a/b", b"/geste/instances/a%2Fb?wait=1", "/instances/a%2Fb"),
+        ("/geste/", "/geste/ui", b"/geste/ui", "/ui"),
+        ("/geste", "/geste", b"/geste", ""),
+        ("/my app", "/my app/ui/instances/é", b"/my%20app/ui/instances/%C3%A9", "/ui/instances/%C3%A9"),
+        # a prefix of two segments, one of them a proxy's that it stripped from `raw_path`
+        ("/api/geste", "/api/geste/instances/x%2Fy", b"/geste/instances/x%252Fy", "/instances/x%252Fy"),
+        ("/api/geste", "/api/geste/ui", b"/ui", "/ui"),  # all of it stripped
+        # the older convention: `path` without the prefix
+        ("/geste", "/instances/x", b"/instances/x", "/instances/x"),
+        ("/geste", "/gestes/x", b"/gestes/x", "/gestes/x"),  # not under the prefix: a longer segment
+        # no `raw_path`: the decoded path, each character of it an id's own (a "%" is no escape)
+        ("/geste", "/geste/instances/50%", None, "/instances/50%25"),
+        # paths that disagree: the decoded one routes
+        ("/geste", "/geste/ui", b"/elsewhere", "/ui"),
+    ],
+)
+def test_the_path_below_the_mount_point(
+    root_path: str, path: str, raw_path: bytes | None, local: str
+) -> None:
+    """What routes a request to an App mounted under a prefix (a FastAPI app's ``mount``, a proxy's
+    ``--root-path``): the path below it, percent-encoded as sent, so that an id keeps its ``%2F``."""
+    scope: dict[str, Any] = {"type": "http", "path": path, "root_path": root_path}
+    if raw_path is not None:
+        scope["raw_path"] = raw_path
+    assert _routing.local_path(scope) == local
+
+
+async def test_under_a_prefix_the_locations_keep_it(make_app: MakeApp) -> None:
+    """Mounted at /geste (as Starlette's Mount does it: the full path, ``root_path`` the prefix), the
+    API routes below it and its ``Location`` headers point under it."""
+    app = build(make_app)
+    async with app:
+        transport = httpx.ASGITransport(app=app.asgi(), root_path="/geste")
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+            answer = await http.post("/geste/workflows/add", json={"args": [2, 3], "instance_id": "s/1"})
+            assert answer.status_code == 201, answer.text
+            assert answer.headers["location"] == "/geste/instances/s%2F1"
+            followed = await http.get(answer.headers["location"] + "/result", params={"wait": 10})
+            assert followed.json() == {"instance_id": "s/1", "status": "completed", "result": 5}
+            schedule = await http.post(
+                "/geste/schedules/nightly", json={"workflow": "hold", "cron": "0 3 * * *"}
+            )
+            assert schedule.status_code == 201, schedule.text
+            assert schedule.headers["location"] == "/geste/schedules/nightly"
+            assert (await http.get("/geste/schedules/nightly")).json()["name"] == "nightly"
 
 
 async def test_starting_badly_is_refused_and_writes_nothing(make_app: MakeApp, db_url: str) -> None:

@@ -821,6 +821,24 @@ async def test_under_a_root_path_the_links_and_the_cookie_keep_the_prefix(make_a
             assert ids_on(text.replace('href="/geste/ui/', 'href="/ui/')) == ["r-1"]
             hrefs = re.findall(r'(?:href|action)="([^"]*)"', text)
             assert hrefs and all(h.startswith("/geste/ui") or h.startswith("data:") for h in hrefs), hrefs
+            # signed out, a page asked for comes back after the sign-in: its prefix once, its id's %2F kept
+            asked = "/geste/ui/instances/a%2Fb?run=1"
+            http.cookies.clear()
+            answer = await http.get(asked, headers=BROWSER)
+            assert answer.status_code == 401
+            assert f'name="next" value="{html.escape(asked)}"' in answer.text, answer.text[-600:]
+            answer = await http.post("/geste/ui/login", data={"token": TOKEN, "next": asked})
+            assert answer.headers["location"] == asked
+
+
+async def test_signed_out_a_page_of_an_id_with_a_slash_comes_back_after_the_sign_in(
+    make_app: MakeApp,
+) -> None:
+    app = make_app(run_worker=False)
+    async with serving(app, token=TOKEN) as http:
+        answer = await http.get("/ui/instances/a%2Fb", headers=BROWSER)
+        assert answer.status_code == 401
+        assert 'name="next" value="/ui/instances/a%2Fb"' in answer.text
 
 
 async def test_a_cancelled_instance_shows_the_interrupted_timer_and_the_failed_compensations(

@@ -27,7 +27,15 @@ from ._operations import ResumeResult, RetryRecord
 from ._queues import Queue, QueueInfo
 from ._retry import RetryPolicy
 from ._schedules import ScheduleInfo
-from ._status import LeaseInfo, ListenerState, ListenerStatus, QueueStats, SystemStatus, WorkerInfo
+from ._status import (
+    LeaseInfo,
+    ListenerState,
+    ListenerStatus,
+    PruneResult,
+    QueueStats,
+    SystemStatus,
+    WorkerInfo,
+)
 from .engine.context import ActivityContext, ChildHandle, WorkflowContext
 from .runtime.relay import OutboxEntry, OutboxEvent, OutboxStatus
 
@@ -54,6 +62,7 @@ __all__ = [
     "OutboxEvent",
     "OutboxStatus",
     "ParentClose",
+    "PruneResult",
     "Queue",
     "QueueInfo",
     "QueueStats",

@@ -31,6 +31,7 @@ from ._status import (
     UNSERVED_CAP,
     LeaseInfo,
     ListenerStatus,
+    PruneResult,
     SystemStatus,
     WorkerInfo,
     is_alive,
@@ -47,7 +48,7 @@ from .runtime.relay import OutboxConfig, OutboxEntry, OutboxHandler, OutboxStatu
 from .runtime.wakeups import NotifyConfig
 from .runtime.worker import Worker
 from .storage import Storage, create_storage
-from .storage.base import QueueRow, WorkerRow
+from .storage.base import PRUNE_START, QueueRow, WorkerRow
 
 if TYPE_CHECKING:
     from .http import GesteASGI
@@ -146,6 +147,7 @@ class App(OpenClose):
         outbox_timeout: float | timedelta = 10.0,
         message_retention: float | timedelta = timedelta(days=7),
         event_retention: float | timedelta = timedelta(days=7),
+        retention: float | timedelta | None = None,
         workflow_cache_size: int | None = None,
         activity_threads: int = DEFAULT_ACTIVITY_THREADS,
         queues: Iterable[Queue] = (),
@@ -179,6 +181,9 @@ class App(OpenClose):
         """The threads that run ``def`` activities at most at once (docs/activities.md)."""
         self.message_retention = seconds(message_retention, what="message_retention")
         self.event_retention = seconds(event_retention, what="event_retention")
+        self.retention = None if retention is None else seconds(retention, what="retention", allow_zero=False)
+        """Seconds after its end a finished instance is deleted with its rows by the workers' retention
+        chore (docs/retention.md); None (the default): finished instances are kept."""
         self.outbox_config = OutboxConfig.build(
             endpoint=outbox_endpoint,
             handler=outbox_handler,
@@ -235,6 +240,7 @@ class App(OpenClose):
             "outbox": self.outbox_config,
             "message_retention": self.message_retention,
             "event_retention": self.event_retention,
+            "retention": self.retention,
             "queues": tuple(
                 QueueRow(
                     q.name,
@@ -644,6 +650,33 @@ class App(OpenClose):
             PatchInfo(r.workflow_name, r.patch_id, to_datetime(r.first_at), r.marked, r.old_runs)  # type: ignore[arg-type]
             for r in rows
         ]
+
+    async def prune(
+        self, older_than: float | timedelta, *, batch: int = 1000, dry_run: bool = False
+    ) -> PruneResult:
+        """Delete the finished instances (completed, failed, cancelled) that ended more than
+        ``older_than`` ago, each with every row of its own (docs/retention.md), as the retention chore
+        does: in batches of ``batch`` instances, one transaction each, until the end. Kept whatever
+        their age: an instance whose parent or one of whose children is unfinished, or whose outbox
+        holds an event not delivered yet (pending or dead). ``dry_run``: nothing is deleted; the result
+        counts the instances that would be."""
+        self._require_open()
+        age = seconds(older_than, what="older_than")
+        size = positive_int(batch, "batch")
+        before = self.clock() - age
+        position = PRUNE_START
+        examined = instances = deleted = batches = 0
+        while True:
+            done = await self.storage.prune_instances(
+                before, limit=size, position=position, apply=not dry_run
+            )
+            batches += 1
+            examined += done.examined
+            instances += done.free if dry_run else done.instances
+            deleted += done.deleted
+            if not done.full:
+                return PruneResult(instances, deleted, examined - instances, batches, dry_run)
+            position = done.position
 
     async def status(self) -> SystemStatus:
         """The queue, the registered workers, the held leases, this process's listener, the cron

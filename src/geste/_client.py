@@ -12,10 +12,11 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from functools import partial
+from typing import Any, Generic, Protocol, TypeVar
 
 from . import _operations
 from ._definitions import Workflow
@@ -134,6 +135,20 @@ class SentEvent:
 
     event_id: str
     stored: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Done(Generic[R]):
+    """What a read of ``Client.wait_loop`` returns when the wait is over: the value the call returns."""
+
+    value: R
+
+
+class Register(Protocol):
+    """A call's registration with the database (``Storage.watch_result`` or ``watch_state``, the
+    instance and the key bound): written only while the instance has not ended; whether it was."""
+
+    def __call__(self, *, waiter: str, process: str, expires_at: float) -> Awaitable[bool]: ...
 
 
 class Client:
@@ -675,53 +690,107 @@ class Client:
         notification, reading again ``SETTLE_READ`` after registering and every ``poll_interval`` (the net
         for a lost notification), and deletes its registration when it stops waiting. Otherwise,
         and while the listener is not listening, it reads the instance after 10 ms, then twice as long each
-        time up to ``poll_interval``.
+        time up to ``poll_interval`` (``wait_loop``).
         """
         self._require_open()
         if not findable(instance_id, "instance_id"):  # else PostgreSQL's refusal looks like an outage
             raise InstanceNotFoundError(instance_id)
         limit = None if timeout is None else seconds(timeout, what="timeout")
-        deadline = None if limit is None else time.monotonic() + limit
+
+        async def read() -> Done[Any] | bool:
+            completed = self._completed.get(instance_id)
+            if completed is not None:  # completed here: the committed result, without a read
+                return Done(self._completed_value(*completed))
+            row = await self.storage.get_instance(instance_id)
+            if row is None:
+                raise InstanceNotFoundError(instance_id)
+            if row.status.is_finished:
+                return Done(self._outcome(row))
+            return row.locked_by != self.worker_id  # else its end here wakes this call in memory
+
+        def add(future: asyncio.Future[bool]) -> None:
+            self._waiters.setdefault(instance_id, []).append(future)
+
+        def drop(future: asyncio.Future[bool]) -> None:
+            waiters = self._waiters.get(instance_id)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiters[instance_id]
+
+        def timed_out() -> ResultTimeout:
+            return ResultTimeout(f"instance {instance_id} did not finish within {limit}s")
+
+        return await self.wait_loop(
+            instance_id,
+            what=instance_id,
+            read=read,
+            register=partial(self.storage.watch_result, instance_id),
+            add=add,
+            drop=drop,
+            deadline=None if limit is None else time.monotonic() + limit,
+            timed_out=timed_out,
+        )
+
+    async def wait_loop(
+        self,
+        instance_id: str,
+        *,
+        what: str,
+        read: Callable[[], Awaitable[Done[R] | bool]],
+        register: Register,
+        add: Callable[[asyncio.Future[bool]], None],
+        drop: Callable[[asyncio.Future[bool]], None],
+        deadline: float | None,
+        timed_out: Callable[[], Exception],
+    ) -> R:
+        """The wait of ``result()`` and of ``wait_state`` (``StateWaits.wait``), round by round, until
+        ``read`` returns ``Done``; its value is returned.
+
+        Each round adds a future (``add``: where the wake-ups of this call set it) before it reads (a
+        change committed after the read wakes it), and drops it (``drop``) at the round's end. ``read``
+        returns ``Done``, raises, or says whether the call may register with the database (``register``,
+        ``Storage.watch_result`` or ``watch_state`` of the instance; False: a wake-up in memory will
+        come). Once the listener listens and the call may, it registers, reads again at once, again
+        ``SETTLE_READ`` later, then every ``poll_interval``, renewing every ``RESULT_WATCH_TTL / 2``;
+        otherwise it reads after 10 ms, then twice as long each time up to ``poll_interval``. Past
+        ``deadline`` (monotonic) it raises ``timed_out()``; a ``StorageError`` is logged (``what`` is
+        waited for) and the call keeps waiting. It deletes its registration when it stops waiting."""
         delay = 0.01
         loop = asyncio.get_running_loop()
-        waiter: str | None = None  # this call's registration for the end, once written
+        waiter: str | None = None  # this call's registration, once written
         renew_at = 0.0  # when it renews it (the App's clock)
         settle_at: float | None = None  # a read is due then (monotonic), SETTLE_READ after registering
         ended = False  # woken by the end, which forgot the registrations it saw
         try:
             while True:
                 self._require_open()
-                completed = self._completed.get(instance_id)
-                if completed is not None:  # completed here: the committed result, without a read
-                    return self._completed_value(*completed)
                 future: asyncio.Future[bool] = loop.create_future()
-                self._waiters.setdefault(instance_id, []).append(future)  # before the read: no end unseen
+                add(future)  # before the read: no change unseen
                 try:
                     listening = self._listen(False)
-                    notified = False  # an end elsewhere notifies this call: it waits for that
+                    notified = False  # a change elsewhere notifies this call: it waits for that
                     read_at = time.monotonic()
                     if settle_at is not None and read_at >= settle_at - 0.001:  # (timers fire a hair early)
                         settle_at = None  # this is the read after the registration settled
                     try:
-                        row = await self.storage.get_instance(instance_id)
-                        if row is None:
-                            raise InstanceNotFoundError(instance_id)
-                        if row.status.is_finished:
-                            return self._outcome(row)
+                        found = await read()
+                        if isinstance(found, Done):
+                            return found.value
                         if listening is False:  # a wait is needed: a process without a worker listens
                             listening = self._listen(True)
-                        if listening is not None and row.locked_by != self.worker_id:  # else its end here
-                            if waiter is None or self.clock() >= renew_at:  # wakes this call in memory
+                        if listening is not None and found:
+                            if waiter is None or self.clock() >= renew_at:
                                 first = waiter is None
-                                waiter = await self._watch(instance_id, waiter)
+                                waiter = await self._watch(instance_id, waiter, register)
                                 renew_at = self.clock() + RESULT_WATCH_TTL / 2
                                 if first:
                                     settle_at = time.monotonic() + SETTLE_READ
                                 if first or waiter is None:
-                                    continue  # read again now: an end that committed meanwhile is seen
+                                    continue  # read again now: a change committed meanwhile is seen
                             notified = bool(listening)
                     except StorageError as exc:  # the database went away: keep waiting, it may come back
-                        logger.warning("waiting for %s: %s; trying again", instance_id, exc)
+                        logger.warning("waiting for %s: %s; trying again", what, exc)
                     if notified:
                         wait = min(self.poll_interval, max(0.0, renew_at - self.clock()))
                         if settle_at is not None:
@@ -731,7 +800,7 @@ class Client:
                     if deadline is not None:  # (a wait of 0, a read due now, is no timeout)
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            raise ResultTimeout(f"instance {instance_id} did not finish within {limit}s")
+                            raise timed_out()
                         wait = min(wait, left)
                     try:
                         async with asyncio.timeout(wait):
@@ -742,21 +811,17 @@ class Client:
                 finally:
                     if future.done() and future.result():
                         ended = True
-                    waiters = self._waiters.get(instance_id)
-                    if waiters is not None and future in waiters:
-                        waiters.remove(future)
-                        if not waiters:
-                            del self._waiters[instance_id]
+                    drop(future)
         finally:
             if waiter is not None:
                 self._forget_watch(waiter, deleted=ended)
 
-    async def _watch(self, instance_id: str, waiter: str | None) -> str | None:
-        """Register this call for the instance's end (``waiter``: renew its registration); return its
-        waiter id, or None when nothing was written (the instance had ended)."""
+    async def _watch(self, instance_id: str, waiter: str | None, register: Register) -> str | None:
+        """Register this call with the database (``waiter``: renew its registration); return its waiter
+        id, or None when nothing was written (the instance had ended)."""
         waiter = waiter or uuid.uuid4().hex
-        written = await self.storage.watch_result(
-            instance_id, waiter=waiter, process=self.worker_id, expires_at=self.clock() + RESULT_WATCH_TTL
+        written = await register(
+            waiter=waiter, process=self.worker_id, expires_at=self.clock() + RESULT_WATCH_TTL
         )
         if not written:
             self._watches.pop(waiter, None)

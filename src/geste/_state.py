@@ -12,24 +12,21 @@ reads again, as ``result()`` does (docs/design.md, "Published state").
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ._models import StateValue, to_datetime
 from ._retry import seconds
 from ._serde import decode
 from ._validation import check_state_key, findable
-from .errors import ConfigurationError, InstanceNotFoundError, StateEndedError, StateTimeout, StorageError
+from .errors import ConfigurationError, InstanceNotFoundError, StateEndedError, StateTimeout
 from .storage.base import StateRow
 
 if TYPE_CHECKING:
     from ._client import Client
-
-logger = logging.getLogger("geste.app")
 
 MAX_KEYS_LISTED = 1_000
 """Keys ``list_state`` returns at most (the viewer's section, the HTTP API's list)."""
@@ -91,12 +88,12 @@ class StateWaits:
     ) -> StateValue:
         """The first value of ``key`` whose version is past ``after`` (``handle.wait_state``).
 
-        Each round registers a future first, then reads (a value committed after the read wakes the
-        future). On PostgreSQL, once the listener listens, the call registers for the key
-        (``Storage.watch_state``), reads again at once, ``SETTLE_READ`` later, and then every
-        ``poll_interval`` only; otherwise it reads after 10 ms, then twice as long each time up to
-        ``poll_interval``. It deletes its registration when it stops waiting."""
-        from ._client import RESULT_WATCH_TTL, SETTLE_READ  # result()'s, read at each call (tests set them)
+        The wait of ``result()`` (``Client.wait_loop``): each round registers a future first, then reads
+        (a value committed after the read wakes the future). On PostgreSQL, once the listener listens,
+        the call registers for the key (``Storage.watch_state``), reads again at once, ``SETTLE_READ``
+        later, and then every ``poll_interval`` only; otherwise it reads after 10 ms, then twice as long
+        each time up to ``poll_interval``. It deletes its registration when it stops waiting."""
+        from ._client import Done  # (at the call: the client module imports this one)
 
         client = self._client
         client._require_open()
@@ -106,93 +103,36 @@ class StateWaits:
             raise InstanceNotFoundError(instance_id)
         limit = None if timeout is None else seconds(timeout, what="timeout")
         deadline = None if limit is None else time.monotonic() + limit
-        delay = 0.01
-        loop = asyncio.get_running_loop()
-        waiter: str | None = None
-        renew_at = 0.0
-        settle_at: float | None = None
-        ended = False
-        try:
-            while True:
-                client._require_open()
-                future: asyncio.Future[bool] = loop.create_future()
-                futures = self._waiters.setdefault(instance_id, {}).setdefault(key, [])
-                futures.append(future)
-                try:
-                    listening = client._listen(False)
-                    notified = False
-                    if settle_at is not None and time.monotonic() >= settle_at - 0.001:
-                        settle_at = None
-                    try:
-                        found = await client.storage.get_state(instance_id, key)
-                        if found is None:
-                            raise InstanceNotFoundError(instance_id)
-                        status, row = found
-                        if row is not None and row.version > after:
-                            return state_value(row)
-                        if status.is_finished:
-                            raise StateEndedError(instance_id, key, str(status))
-                        if listening is False:
-                            listening = client._listen(True)
-                        if listening is not None and (deadline is None or time.monotonic() < deadline):
-                            if waiter is None or client.clock() >= renew_at:
-                                first = waiter is None
-                                waiter = await self._watch(instance_id, key, waiter)
-                                renew_at = client.clock() + RESULT_WATCH_TTL / 2
-                                if first:
-                                    settle_at = time.monotonic() + SETTLE_READ
-                                if first or waiter is None:
-                                    continue  # read again now: a value committed meanwhile is seen
-                            notified = bool(listening)
-                    except StorageError as exc:  # the database went away: keep waiting, it may come back
-                        logger.warning("waiting for state %r of %s: %s; trying again", key, instance_id, exc)
-                    if notified:
-                        wait = min(client.poll_interval, max(0.0, renew_at - client.clock()))
-                        if settle_at is not None:
-                            wait = min(wait, max(0.0, settle_at - time.monotonic()))
-                    else:
-                        wait = delay
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise StateTimeout(
-                                f"no value of {key!r} newer than version {after} from instance "
-                                f"{instance_id} within {limit}s"
-                            )
-                        wait = min(wait, left)
-                    try:
-                        async with asyncio.timeout(wait):
-                            await asyncio.shield(future)
-                    except TimeoutError:
-                        if not notified:
-                            delay = min(delay * 2, client.poll_interval)
-                finally:
-                    if future.done() and future.result():
-                        ended = True
-                    self._drop(instance_id, key, future)
-        finally:
-            if waiter is not None:
-                client._forget_watch(waiter, deleted=ended)
 
-    async def _watch(self, instance_id: str, key: str, waiter: str | None) -> str | None:
-        """Register this call for the values of ``key`` (``waiter``: renew it); its waiter id, or None
-        when nothing was written (the instance had ended)."""
-        from ._client import RESULT_WATCH_TTL
+        async def read() -> Done[StateValue] | bool:
+            found = await client.storage.get_state(instance_id, key)
+            if found is None:
+                raise InstanceNotFoundError(instance_id)
+            status, row = found
+            if row is not None and row.version > after:
+                return Done(state_value(row))
+            if status.is_finished:
+                raise StateEndedError(instance_id, key, str(status))
+            return deadline is None or time.monotonic() < deadline  # else it times out now: no registration
 
-        client = self._client
-        waiter = waiter or uuid.uuid4().hex
-        written = await client.storage.watch_state(
+        def add(future: asyncio.Future[bool]) -> None:
+            self._waiters.setdefault(instance_id, {}).setdefault(key, []).append(future)
+
+        def timed_out() -> StateTimeout:
+            return StateTimeout(
+                f"no value of {key!r} newer than version {after} from instance {instance_id} within {limit}s"
+            )
+
+        return await client.wait_loop(
             instance_id,
-            key,
-            waiter=waiter,
-            process=client.worker_id,
-            expires_at=client.clock() + RESULT_WATCH_TTL,
+            what=f"state {key!r} of {instance_id}",
+            read=read,
+            register=partial(client.storage.watch_state, instance_id, key),
+            add=add,
+            drop=partial(self._drop, instance_id, key),
+            deadline=deadline,
+            timed_out=timed_out,
         )
-        if not written:
-            client._watches.pop(waiter, None)
-            return None
-        client._watches[waiter] = instance_id  # forgotten, and deleted at close, with result()'s
-        return waiter
 
     def _drop(self, instance_id: str, key: str, future: asyncio.Future[bool]) -> None:
         keys = self._waiters.get(instance_id)

@@ -31,6 +31,9 @@ def is_alive(
 
 
 class ListenerState(StrEnum):
+    """The state of this process's LISTEN/NOTIFY connection (PostgreSQL): disabled (SQLite, or
+    ``listen_notify=False``), connecting, listening, or reconnecting after a loss (polling covers the gap)."""
+
     DISABLED = "disabled"
     CONNECTING = "connecting"
     LISTENING = "listening"
@@ -256,3 +259,26 @@ def schedule_dict(info: ScheduleInfo) -> dict[str, Any]:
         "priority": info.priority,
         "waiting": info.waiting,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What ``App.prune`` (``geste prune``) did: the finished instances it deleted (with a dry run: would
+    delete), every row it deleted (the instances' own included; 0 with a dry run), the finished instances
+    past the age it kept (something still needs them: an unfinished parent or child, an outbox event not
+    delivered), and the batches (transactions) it took."""
+
+    instances: int
+    rows: int
+    kept: int
+    batches: int
+    dry_run: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "instances": self.instances,
+            "rows": self.rows,
+            "kept": self.kept,
+            "batches": self.batches,
+            "dry_run": self.dry_run,
+        }

@@ -259,4 +259,4 @@ def main() -> None:
 
 
 # The commands register themselves on ``main`` when imported (they need it defined first).
-from . import _instances, _operate, _patches, _queues, _schedules  # noqa: E402,F401
+from . import _instances, _operate, _patches, _prune, _queues, _schedules  # noqa: E402,F401

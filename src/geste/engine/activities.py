@@ -95,6 +95,13 @@ _NOT_LIVE = LiveActivity(None)
 """The state of a context built outside a live step (tests, tools): never cancelled."""
 
 
+CURRENT_ACTIVITY: contextvars.ContextVar[ActivityContext | None] = contextvars.ContextVar(
+    "geste_current_activity", default=None
+)
+"""The context of the ``async`` activity attempt running in this task (None outside one): how an
+integration that cannot be handed the context (pydantic-ai's event handlers) finds it."""
+
+
 @dataclass(frozen=True, slots=True)
 class ActivityContext:
     """What an activity knows about the call it serves.
@@ -520,6 +527,7 @@ class ActivityRunner:
                 _streams=getattr(host, "streams", None),
             )
             error: BaseException | None = None
+            token = CURRENT_ACTIVITY.set(actx)  # reset in the finally below
             try:
                 if activity.is_async:
                     call = activity.fn(actx, *args, **kwargs)
@@ -563,6 +571,7 @@ class ActivityRunner:
                     _swallowed(live)
             finally:
                 beat.live = False
+                CURRENT_ACTIVITY.reset(token)
             if error is None:
                 try:
                     body = activity_payload(  # ActivityStep(...).encode(), the step not built (hot path)

@@ -11,6 +11,7 @@ the activity runner (``activities``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import random as _random
 import uuid
@@ -136,6 +137,14 @@ class _ReplayQuietLogger(logging.LoggerAdapter[logging.Logger]):
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
         return f"[{self._ctx.workflow_name} {self._ctx.instance_id}] {msg}", kwargs
+
+
+CURRENT_WORKFLOW: contextvars.ContextVar[WorkflowContext | None] = contextvars.ContextVar(
+    "geste_current_workflow", default=None
+)
+"""The context of the workflow whose code runs in this task (None outside one; its activities see it
+too): how an integration that cannot be handed the context (pydantic-ai's durability capability) finds
+it. Set once per run by the engine, in the run's own task."""
 
 
 class WorkflowContext:

@@ -27,7 +27,7 @@ from ..errors import (
 from ..storage.base import Claim, HistoryRow, LeaseLost, Storage
 from .activities import DEFAULT_ACTIVITY_THREADS, ActivityRunner
 from .cache import PARKED, CachedRun, WorkflowCache
-from .context import WorkflowContext
+from .context import CURRENT_WORKFLOW, WorkflowContext
 from .journal import Abandon, ContinuedAsNew, Journal, StreamSink, Suspended
 
 if TYPE_CHECKING:
@@ -352,7 +352,11 @@ class Engine:
                 # records by whom (`_cancelled_by_parent`).
                 journal.deliver_cancel(journal.next())
             args, kwargs = workflow.signature.load_args(decode(stored_input))
-            result = await workflow.fn(ctx, *args, **kwargs)
+            token = CURRENT_WORKFLOW.set(ctx)
+            try:
+                result = await workflow.fn(ctx, *args, **kwargs)
+            finally:
+                CURRENT_WORKFLOW.reset(token)
             if journal.children:  # the children started with ParentClose.WAIT and not awaited
                 await ctx._wait_for_children()
             encoded = encode(result, what=f"result of workflow {workflow.name}", limit=self.max_payload_bytes)

@@ -276,7 +276,7 @@ class GesteASGI:
         return json_response(
             201 if handle.created else 200,
             {"instance_id": handle.instance_id, "created": handle.created},
-            headers=[("location", f"/instances/{quote(handle.instance_id, safe='')}")],
+            headers=[("location", f"{request.mount}/instances/{quote(handle.instance_id, safe='')}")],
         )
 
     async def _list(self, request: Request, params: dict[str, str]) -> Response:
@@ -492,7 +492,7 @@ class GesteASGI:
         return json_response(
             200 if existed else 201,
             schedule_dict(info),
-            headers=[("location", f"/schedules/{quote(info.name, safe='')}")],
+            headers=[("location", f"{request.mount}/schedules/{quote(info.name, safe='')}")],
         )
 
     async def _pause_schedule(self, request: Request, params: dict[str, str]) -> Response:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, quote, unquote
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -191,6 +191,12 @@ class Request:
         self.max_body_bytes = max_body_bytes
         self._body_read = False
 
+    @property
+    def mount(self) -> str:
+        """Where the application is mounted (the ASGI ``root_path``, percent-encoded; "" at the root), for
+        the paths of its own URLs (``Location``)."""
+        return quote(str(self.scope.get("root_path", "")).rstrip("/"), safe="/")
+
     async def disconnected(self) -> None:
         """Return once the client went away (a streamed response stops then)."""
         while True:
@@ -287,14 +293,40 @@ class Request:
         )
 
 
+def local_path(scope: Scope) -> str:
+    """The request's path below where the application is mounted (the ASGI ``root_path``), still
+    percent-encoded as the client sent it: ``/instances/a%2Fb`` for the instance ``a/b``.
+
+    ASGI's ``path`` holds the ``root_path`` (Starlette's ``Mount`` and the servers keep the full path;
+    servers of the older convention leave it out), decoded. ``raw_path``, when given, is the path as it
+    arrived: with the prefix, or without it behind a proxy that stripped it while the server adds it
+    to ``path`` (``--root-path``). The answer is the tail of ``raw_path`` that decodes to ``path`` less
+    ``root_path``, found in one pass over the part it leaves out.
+    """
+    path: str = scope["path"]
+    root = str(scope.get("root_path", "")).rstrip("/")
+    rest = path[len(root) :] if root and (path == root or path.startswith(f"{root}/")) else path
+    raw_bytes = scope.get("raw_path")
+    if not raw_bytes:
+        return quote(rest, safe="/")
+    raw: str = raw_bytes.decode("latin-1").split("?", 1)[0]
+    decoded = unquote(raw)
+    if not decoded.endswith(rest):  # a server whose two paths disagree: the decoded one routes
+        return quote(rest, safe="/")
+    skip = len(decoded) - len(rest)  # decoded characters of the prefix to pass over, whole segments
+    start = 0
+    while skip > 0 and start < len(raw):
+        end = raw.find("/", start + 1)
+        end = len(raw) if end < 0 else end
+        skip -= len(unquote(raw[start:end]))  # (an escape never spans a "/", so segments add up)
+        start = end
+    return raw[start:] if skip == 0 else quote(rest, safe="/")
+
+
 def path_segments(scope: Scope) -> tuple[str, ...]:
-    """The path's segments, each percent-decoded on its own, so that an id may hold an encoded ``/``."""
-    raw = scope.get("raw_path")
-    path = raw.decode("latin-1").split("?", 1)[0] if raw else scope["path"]
-    segments = path.split("/")[1:]
-    root = scope.get("root_path", "")
-    if root and scope["path"].startswith(root):  # mounted under a prefix that `path` still includes
-        segments = segments[len([part for part in root.split("/") if part]) :]
+    """The path's segments below the mount point, each percent-decoded on its own, so that an id may
+    hold an encoded ``/``."""
+    segments = local_path(scope).split("/")[1:]
     try:
         decoded = tuple(unquote(segment, errors="strict") for segment in segments)
     except UnicodeDecodeError:

@@ -36,7 +36,7 @@ from ..errors import AppNotOpenError, InstanceNotFoundError, StorageError
 from ..storage.base import InstanceExtras, InstanceFilter, InstanceSummary, RunRow, Storage, StreamHead
 from . import _pages, _timeline
 from ._html import Html
-from ._routing import HTTPError, Request, Response, Send, bad_request, error_response
+from ._routing import HTTPError, Request, Response, Send, bad_request, error_response, local_path
 
 if TYPE_CHECKING:
     from .._app import App
@@ -567,7 +567,8 @@ def _link(request: Request) -> Link:
 
 
 def _current_url(request: Request) -> str:
-    path = f"{request.scope.get('root_path', '')}{request.path}"
+    """The page asked for, as the browser has it (its prefix once, its escapes kept: an id's ``%2F``)."""
+    path = f"{request.scope.get('root_path', '')}{local_path(request.scope)}"
     query = request.scope.get("query_string", b"").decode("latin-1")
     return f"{path}?{query}" if query else path
 

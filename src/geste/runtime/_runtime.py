@@ -74,6 +74,8 @@ class RuntimeOptions:
     outbox: OutboxConfig
     message_retention: float
     event_retention: float
+    retention: float | None = None
+    """Seconds after its end a finished instance is deleted (the retention chore); None: never."""
     lookahead: float = TIMER_LOOKAHEAD
     """Seconds before its time a timer wakes the worker (0 under the frozen clock of ``geste.testing``,
     where waiting in real time for a virtual moment never ends)."""
@@ -259,6 +261,7 @@ class Runtime(OpenClose):
             clock=self.clock,
             message_retention=options.message_retention,
             event_retention=options.event_retention,
+            retention=options.retention,
             on_woken=worker.poke,
             worker_id=options.worker_id,
             batch=options.notify.max_messages_per_batch,

@@ -2,7 +2,8 @@
 
 ``ChannelMaintenance`` re-wakes competing receivers when a message stays unclaimed (the one woken for it
 was cancelled or failed) and deletes what nobody needs any more (old messages, subscriptions, events and
-deliveries, after the retention; the expired registrations of ``result()`` calls whose process died).
+deliveries, after the retention; the expired registrations of ``result()`` calls whose process died);
+with ``App(retention=...)``, it also deletes the finished instances past that age (``prune``).
 
 Every worker process runs the loop, but each round of each chore is taken by one worker of the cluster
 (``Storage.chore_take``: a conditional upsert of the chore's row in ``geste_chores``, by key): the worker
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..errors import StorageError
-from ..storage.base import CLEANUP_START, Storage
+from ..storage.base import CLEANUP_START, PRUNE_START, Storage
 from .loops import Loop, failed
 
 logger = logging.getLogger("geste.channels")
@@ -36,8 +37,16 @@ CLEANUP_BATCH = 1000
 """Rows read per statement; a cleanup runs at most ``CLEANUP_ROUNDS`` statements of each kind."""
 CLEANUP_ROUNDS = 10
 
+PRUNE_INTERVAL = 60.0
+"""Seconds between two rounds of the retention of finished instances (``App(retention=...)``)."""
+PRUNE_BATCH = 100
+"""Finished instances read per batch (one transaction, which deletes them with all their rows: their
+histories can be long, so fewer than the cleanup's rows); a round runs at most ``PRUNE_ROUNDS`` batches."""
+PRUNE_ROUNDS = 10
+
 REWAKE = "channel_rewake"
 CLEANUP = "channel_cleanup"
+PRUNE = "instance_retention"
 
 
 @dataclass
@@ -77,6 +86,7 @@ class ChannelMaintenance(Loop):
         worker_id: str = "",
         batch: int = 100,
         on_death: Callable[[str], None] | None = None,
+        retention: float | None = None,
     ) -> None:
         super().__init__(name="geste-channel-maintenance", what="channel maintenance", on_death=on_death)
         self.storage = storage
@@ -93,6 +103,11 @@ class ChannelMaintenance(Loop):
             Chore(CLEANUP, lambda: CLEANUP_INTERVAL, self.cleanup),
             Chore(REWAKE, lambda: REWAKE_INTERVAL, self.rewake),
         ]
+        self.retention = retention
+        self.prune_position = PRUNE_START
+        """Where the retention's walk of the finished instances stopped (kept by the holder)."""
+        if retention is not None:
+            self.chores.append(Chore(PRUNE, lambda: PRUNE_INTERVAL, self.prune))
 
     async def rewake(self) -> list[str]:
         """Re-wake idle competing receivers of messages unclaimed for longer than the sweep interval."""
@@ -137,6 +152,25 @@ class ChannelMaintenance(Loop):
             logger.info("cleanup deleted %d expired result() or stream reader registration(s)", expired)
         return deleted + expired
 
+    async def prune(self) -> int:
+        """Delete the finished instances that ended more than ``retention`` ago and nothing needs, with
+        their rows, in at most ``PRUNE_ROUNDS`` bounded batches: returns the instances deleted. The walk
+        goes on where the last round stopped (instances kept for an unfinished parent or child are
+        stepped over), from the first again once it reaches the end."""
+        assert self.retention is not None
+        before = self.clock() - self.retention
+        instances = rows = 0
+        for _ in range(PRUNE_ROUNDS):
+            done = await self.storage.prune_instances(before, limit=PRUNE_BATCH, position=self.prune_position)
+            self.prune_position = done.position
+            instances += done.instances
+            rows += done.deleted
+            if not done.full:
+                break
+        if instances:
+            logger.info("retention deleted %d finished instance(s), %d row(s) in all", instances, rows)
+        return instances
+
     async def round(self) -> float:
         for chore in self.chores:
             if self.clock() >= chore.next_try:
@@ -153,6 +187,8 @@ class ChannelMaintenance(Loop):
         if not turn.taken:
             if chore.held and chore.name == CLEANUP:  # another worker took it over: its walks start afresh
                 self.position = CLEANUP_START
+            if chore.held and chore.name == PRUNE:
+                self.prune_position = PRUNE_START
             chore.held = False
             soon = interval / 10
             if turn.holder is None or turn.holder == self.worker_id:

@@ -22,6 +22,7 @@ from . import _rows as rows
 from ._rows import Record
 from .base import (
     CLEANUP_START,
+    PRUNE_START,
     Cleanup,
     CleanupPosition,
     EventWait,
@@ -32,6 +33,7 @@ from .base import (
     Lease,
     MessageWait,
     NewEvent,
+    Pruned,
     ResumeOutcome,
     RetryOutcome,
     RetryRow,
@@ -296,3 +298,14 @@ def cleanup(
             last_message if messages_read >= limit else start.message,
         ),
     )
+
+
+def pruned(
+    limit: int, examined: int, free: int, instances: int, deleted: int, last: tuple[float | None, str | None]
+) -> Pruned:
+    """A batch of ``prune_instances`` from what its statements report: the next goes on after the last
+    instance read, or from the start once this one read fewer than ``limit`` (it reached the end)."""
+    at, instance_id = last
+    if examined >= limit and at is not None and instance_id is not None:
+        return Pruned(examined, free, instances, deleted, (at, instance_id))
+    return Pruned(examined, free, instances, deleted, PRUNE_START)

@@ -607,6 +607,29 @@ class Cleanup:
 
 
 @dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one batch of ``prune_instances`` did: the instances it read (at most its limit), those
+    nothing still needed (``free``), the instances it deleted and the rows it deleted in all (theirs
+    included), and where the next batch goes on: after the last instance read, ``(finished_at,
+    instance_id)``, or ``PRUNE_START`` once it read fewer than its limit (the end was reached)."""
+
+    examined: int
+    free: int
+    instances: int
+    deleted: int
+    position: tuple[float, str]
+
+    @property
+    def full(self) -> bool:
+        """Whether the batch stopped at its limit rather than at the end of what is due."""
+        return self.position != PRUNE_START
+
+
+PRUNE_START: tuple[float, str] = (-math.inf, "")
+"""The retention's position before its first batch: before every finished instance."""
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduleRow:
     """A row of ``geste_schedules`` (schema 19): a schedule's definition and where it stands."""
 
@@ -1274,6 +1297,20 @@ class Storage(abc.ABC):
         ``events_before``, with their deliveries. Each statement reads at most ``limit`` rows of its
         table (and a few index probes per row), whatever the tables hold; the position returned goes on
         after the last subscription and message read, or from the start once the end was reached."""
+
+    # -- the retention of finished instances (schema 29) ------------------------------------------
+    @abc.abstractmethod
+    async def prune_instances(
+        self, before: float, *, limit: int, position: tuple[float, str] = PRUNE_START, apply: bool = True
+    ) -> Pruned:
+        """One bounded batch of the retention: of the ``limit`` finished instances (completed, failed,
+        cancelled) that ended before ``before``, after ``position`` in (finished_at, instance_id) order,
+        delete those nothing still needs with every row of theirs (history, runs, timers, waits, event
+        deliveries, subscriptions, delivered or discarded outbox rows, retries, result waiters, state,
+        streams). Kept: an instance whose parent or one of whose children is unfinished, or whose outbox
+        holds a pending or dead event. ``apply`` False: nothing is deleted (a dry run; ``free`` counts
+        what would be). One transaction, reading ``limit`` instances and a few index probes each, whatever
+        the tables hold."""
 
     # -- chores ------------------------------------------------------------------------------------
     @abc.abstractmethod

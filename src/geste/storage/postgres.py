@@ -1802,6 +1802,28 @@ class PostgresStorage(base.Storage):
 
         return await self._run(go)
 
+    # -- the retention of finished instances (schema 29) ------------------------------------------
+    async def prune_instances(
+        self,
+        before: float,
+        *,
+        limit: int,
+        position: tuple[float, str] = base.PRUNE_START,
+        apply: bool = True,
+    ) -> base.Pruned:
+        async def go(conn: Conn) -> base.Pruned:
+            row = await conn.fetchrow(self._q["prune_instances"], before, *position, limit, apply)
+            return decide.pruned(
+                limit,
+                row["examined"],
+                row["free"],
+                row["instances"],
+                row["deleted"],
+                (row["last_at"], row["last_id"]),
+            )
+
+        return await self._run(go)
+
     # -- chores ------------------------------------------------------------------------------------
     async def chore_take(
         self, chore: str, worker_id: str, now: float, *, interval: float, grace: float

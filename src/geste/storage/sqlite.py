@@ -34,6 +34,21 @@ from ._sql import load_queries
 Q = load_queries("sqlite")
 MIGRATIONS = _migrations.load("sqlite")
 SCHEMA_VERSION = MIGRATIONS[-1].version
+PRUNE_DELETES = (
+    "prune_delete_history",
+    "prune_delete_runs",
+    "prune_delete_run_history",
+    "prune_delete_timers",
+    "prune_delete_event_waits",
+    "prune_delete_event_deliveries",
+    "prune_delete_channel_subscriptions",
+    "prune_delete_outbox",
+    "prune_delete_retries",
+    "prune_delete_state",
+    "prune_delete_streams",
+    "prune_delete_stream_heads",
+)
+"""The rows of the instances a retention batch deletes, table by table (``prune_instances``)."""
 _T = TypeVar("_T")
 _FOREIGN_TABLES = "the database holds tables that are not geste's ({}); point geste at its own file"
 _SYNCHRONOUS = {"off", "normal", "full", "extra"}
@@ -1378,6 +1393,32 @@ class SQLiteStorage(base.Storage):
                 deleted_events,
                 deleted_events + deliveries,
             )
+
+        return await self._write(tx)
+
+    # -- the retention of finished instances (schema 29) ------------------------------------------
+    async def prune_instances(
+        self,
+        before: float,
+        *,
+        limit: int,
+        position: tuple[float, str] = base.PRUNE_START,
+        apply: bool = True,
+    ) -> base.Pruned:
+        at, after = position
+
+        def tx(conn: sqlite3.Connection) -> base.Pruned:
+            rows = conn.execute(
+                Q["prune_instances_examine"], {"before": before, "at": at, "id": after, "limit": limit}
+            ).fetchall()
+            free = [r["instance_id"] for r in rows if r["free"]]
+            instances = deleted = 0
+            if free and apply:
+                ids = {"ids": json.dumps(free)}
+                instances = conn.execute(Q["prune_delete_instances"], ids).rowcount
+                deleted = instances + sum(conn.execute(Q[name], ids).rowcount for name in PRUNE_DELETES)
+            last = (rows[-1]["finished_at"], rows[-1]["instance_id"]) if rows else (None, None)
+            return decide.pruned(limit, len(rows), len(free), instances, deleted, last)
 
         return await self._write(tx)
 

@@ -12,7 +12,7 @@ ALTER TABLE {schema}.geste_instances
     ADD COLUMN version text,
     ADD COLUMN pinned boolean NOT NULL DEFAULT false,
     ADD COLUMN runner text GENERATED ALWAYS AS (
-        CASE WHEN pinned THEN workflow_name || chr(31) || coalesce(version, '') END
+        CASE WHEN pinned THEN workflow_name || chr(29) || coalesce(version, '') END
     ) STORED;
 ALTER TABLE {schema}.geste_workers ADD COLUMN version text;
 

@@ -1728,6 +1728,104 @@ WITH events AS (
 SELECT (SELECT count(*) FROM events) AS events,
        (SELECT count(*) FROM events) + (SELECT count(*) FROM deliveries) AS deleted;
 
+-- == the retention of finished instances (schema 29) ==================================================
+
+-- name: prune_instances
+-- One bounded batch of the retention (docs/design.md "Retention of finished instances"): of the $4
+-- finished instances (completed, failed, cancelled) that ended before $1, after the position ($2, $3) in
+-- (finished_at, instance_id) order (a range of geste_instances_finished: no unfinished row is read),
+-- those nothing still needs are deleted with every row of theirs; $5 false: none is (a dry run), the
+-- count is the same. An instance is kept while its parent is unfinished (the parent reads its outcome),
+-- while one of its children is unfinished (it reports to it), and while its outbox holds a pending or
+-- dead event (the relay or an operator still sends it); each a probe by index per instance read
+-- (geste_instances pkey, geste_instances_by_parent up to the first unfinished child,
+-- geste_outbox_pending_by_instance, geste_outbox_dead_by_instance), as scalar subqueries (never hashed).
+-- A kept instance is stepped over: the next batch goes on after the last one read (returned), from the
+-- start again once a batch reads fewer than $4. The DELETE of the instances checks their status again
+-- under their row locks (an operator's retry that committed first keeps its instance), and the rows of
+-- the other tables go by the instances it deleted, each through an index led by instance_id. Channel
+-- messages are not an instance's: the channel cleanup deletes them once no subscriber needs them.
+WITH examined AS MATERIALIZED (
+    SELECT i.instance_id, i.finished_at,
+           (i.parent_id IS NULL
+            OR coalesce((SELECT p.status FROM {schema}.geste_instances p WHERE p.instance_id = i.parent_id)
+                        IN ('completed', 'failed', 'cancelled'), true))
+           AND (SELECT c.instance_id FROM {schema}.geste_instances c
+                WHERE c.parent_id = i.instance_id AND c.status IN ('pending', 'running', 'waiting', 'compensating')
+                LIMIT 1) IS NULL
+           AND (SELECT o.step_seq FROM {schema}.geste_outbox o
+                WHERE o.instance_id = i.instance_id AND o.status = 'pending' LIMIT 1) IS NULL
+           AND (SELECT o.step_seq FROM {schema}.geste_outbox o
+                WHERE o.instance_id = i.instance_id AND o.status = 'dead' LIMIT 1) IS NULL AS free
+    FROM {schema}.geste_instances i
+    WHERE i.status IN ('completed', 'failed', 'cancelled') AND i.finished_at < $1
+      AND (i.finished_at, i.instance_id) > ($2, $3)
+    ORDER BY i.finished_at, i.instance_id
+    LIMIT $4
+), gone AS (  -- by primary key (= ANY(ARRAY(..)): "IN (..)" let the planner hash the table)
+    DELETE FROM {schema}.geste_instances
+    WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM examined WHERE free AND $5::boolean))
+      AND status IN ('completed', 'failed', 'cancelled')
+    RETURNING instance_id
+), history AS (
+    DELETE FROM {schema}.geste_history WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), runs AS (
+    DELETE FROM {schema}.geste_runs WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), run_history AS (
+    DELETE FROM {schema}.geste_run_history WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), timers AS (
+    DELETE FROM {schema}.geste_timers WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), event_waits AS (
+    DELETE FROM {schema}.geste_event_waits WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), deliveries AS (
+    DELETE FROM {schema}.geste_event_deliveries WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), subscriptions AS (
+    DELETE FROM {schema}.geste_channel_subscriptions
+    WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), outbox AS (
+    DELETE FROM {schema}.geste_outbox
+    WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone)) AND status IN ('delivered', 'discarded')
+    RETURNING 1
+), retries AS (
+    DELETE FROM {schema}.geste_retries WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), waiters AS (
+    DELETE FROM {schema}.geste_result_waiters WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), state AS (
+    DELETE FROM {schema}.geste_state WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), streams AS (
+    DELETE FROM {schema}.geste_streams WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), heads AS (
+    DELETE FROM {schema}.geste_stream_heads WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), readers AS (
+    DELETE FROM {schema}.geste_stream_readers WHERE instance_id = ANY(ARRAY(SELECT instance_id FROM gone))
+    RETURNING 1
+), last AS (
+    SELECT finished_at, instance_id FROM examined ORDER BY finished_at DESC, instance_id DESC LIMIT 1
+)
+SELECT (SELECT count(*) FROM examined) AS examined,
+       (SELECT count(*) FROM examined WHERE free) AS free,
+       (SELECT count(*) FROM gone) AS instances,
+       (SELECT count(*) FROM gone) + (SELECT count(*) FROM history) + (SELECT count(*) FROM runs)
+       + (SELECT count(*) FROM run_history) + (SELECT count(*) FROM timers)
+       + (SELECT count(*) FROM event_waits) + (SELECT count(*) FROM deliveries)
+       + (SELECT count(*) FROM subscriptions) + (SELECT count(*) FROM outbox)
+       + (SELECT count(*) FROM retries) + (SELECT count(*) FROM waiters) + (SELECT count(*) FROM state)
+       + (SELECT count(*) FROM streams) + (SELECT count(*) FROM heads) + (SELECT count(*) FROM readers)
+       AS deleted,
+       (SELECT finished_at FROM last) AS last_at, (SELECT instance_id FROM last) AS last_id;
+
 -- == chores (schema 11) ===============================================================================
 -- Each periodic chore (runtime/chores.py) runs in one worker of the cluster at a time: a round is taken
 -- with one upsert of its row in geste_chores, by primary key, whatever the tables hold.

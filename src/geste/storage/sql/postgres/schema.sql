@@ -1,4 +1,4 @@
--- The geste schema on PostgreSQL as the migrations leave it (schema version 28), written for a reader.
+-- The geste schema on PostgreSQL as the migrations leave it (schema version 29), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), under an advisory lock, which record their
@@ -55,7 +55,7 @@ CREATE TABLE geste_instances (
     version          text,              -- (27) the version of the code it started on (the starting App's)
     pinned           boolean NOT NULL DEFAULT false,  -- (27) only workers of its version claim it
     runner           text GENERATED ALWAYS AS (  -- (27) pinned: name U+001F version; NULL: not pinned
-        CASE WHEN pinned THEN workflow_name || chr(31) || coalesce(version, '') END
+        CASE WHEN pinned THEN workflow_name || chr(29) || coalesce(version, '') END
     ) STORED
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
@@ -76,6 +76,9 @@ CREATE INDEX geste_instances_leased_by_name
 -- the children of an instance, oldest first (16): clients' instances are not in it
 CREATE INDEX geste_instances_by_parent ON geste_instances (parent_id, created_at, instance_id)
     WHERE parent_id IS NOT NULL;
+-- the retention (29): the finished instances in the order they ended
+CREATE INDEX geste_instances_finished ON geste_instances (finished_at, instance_id)
+    WHERE status IN ('completed', 'failed', 'cancelled');
 
 -- The journal: one row per step of an instance, numbered from 1.
 CREATE TABLE geste_history (
@@ -271,6 +274,9 @@ CREATE INDEX geste_outbox_dead_by_instance ON geste_outbox (instance_id, step_se
 CREATE INDEX geste_outbox_by_created ON geste_outbox (created_at);
 CREATE INDEX geste_outbox_pending_by_created ON geste_outbox (created_at)
     WHERE status = 'pending';
+-- the retention (29): the delivered or discarded events of an instance, deleted with it
+CREATE INDEX geste_outbox_done_by_instance ON geste_outbox (instance_id)
+    WHERE status IN ('delivered', 'discarded');
 
 -- The audit trail of operator retries (7): what each retry removed and cleared.
 CREATE TABLE geste_retries (

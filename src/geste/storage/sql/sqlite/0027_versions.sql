@@ -6,7 +6,7 @@
 ALTER TABLE geste_instances ADD COLUMN version TEXT;
 ALTER TABLE geste_instances ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE geste_instances ADD COLUMN runner TEXT GENERATED ALWAYS AS (
-    CASE WHEN pinned THEN workflow_name || char(31) || coalesce(version, '') END
+    CASE WHEN pinned THEN workflow_name || char(29) || coalesce(version, '') END
 ) VIRTUAL;
 ALTER TABLE geste_workers ADD COLUMN version TEXT;
 

@@ -875,6 +875,74 @@ DELETE FROM geste_events WHERE seq IN (
     SELECT seq FROM geste_events WHERE created_at < :before ORDER BY created_at LIMIT :limit
 );
 
+-- == the retention of finished instances (schema 29) ==================================================
+
+-- name: prune_instances_examine
+-- One bounded batch of the retention (docs/design.md "Retention of finished instances"): the :limit
+-- finished instances (completed, failed, cancelled) that ended before :before, after the position
+-- (:at, :id) in (finished_at, instance_id) order (a range of geste_instances_finished), each with whether
+-- nothing still needs it (free): not while its parent is unfinished (the parent reads its outcome), one
+-- of its children is unfinished (it reports to it), or its outbox holds a pending or dead event (the
+-- relay or an operator still sends it); each a probe by index. The storage deletes the free ones with
+-- their rows (prune_delete_*, in the same transaction) and goes on after the last one read at the next
+-- batch, from the start again once a batch reads fewer than :limit.
+SELECT i.instance_id, i.finished_at,
+       (i.parent_id IS NULL
+        OR coalesce((SELECT p.status FROM geste_instances p WHERE p.instance_id = i.parent_id)
+                    IN ('completed', 'failed', 'cancelled'), 1))
+       AND NOT EXISTS (SELECT 1 FROM geste_instances c
+                       WHERE c.parent_id = i.instance_id
+                         AND c.status IN ('pending', 'running', 'waiting', 'compensating'))
+       AND NOT EXISTS (SELECT 1 FROM geste_outbox o WHERE o.instance_id = i.instance_id AND o.status = 'pending')
+       AND NOT EXISTS (SELECT 1 FROM geste_outbox o WHERE o.instance_id = i.instance_id AND o.status = 'dead')
+       AS free
+FROM geste_instances i
+WHERE i.status IN ('completed', 'failed', 'cancelled') AND i.finished_at < :before
+  AND (i.finished_at, i.instance_id) > (:at, :id)
+ORDER BY i.finished_at, i.instance_id
+LIMIT :limit;
+
+-- name: prune_delete_instances
+-- The free instances of a batch (:ids, a JSON array), by primary key, still finished.
+DELETE FROM geste_instances
+WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND status IN ('completed', 'failed', 'cancelled');
+
+-- name: prune_delete_history
+DELETE FROM geste_history WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_runs
+DELETE FROM geste_runs WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_run_history
+DELETE FROM geste_run_history WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_timers
+DELETE FROM geste_timers WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_event_waits
+DELETE FROM geste_event_waits WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_event_deliveries
+DELETE FROM geste_event_deliveries WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_channel_subscriptions
+DELETE FROM geste_channel_subscriptions WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_outbox
+DELETE FROM geste_outbox WHERE instance_id IN (SELECT value FROM json_each(:ids)) AND status IN ('delivered', 'discarded');
+
+-- name: prune_delete_retries
+DELETE FROM geste_retries WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_state
+DELETE FROM geste_state WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_streams
+DELETE FROM geste_streams WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
+-- name: prune_delete_stream_heads
+DELETE FROM geste_stream_heads WHERE instance_id IN (SELECT value FROM json_each(:ids));
+
 -- == chores (schema 11) ===============================================================================
 -- Each periodic chore (runtime/chores.py) runs in one worker at a time, whichever process of those that
 -- share this file it lives in: a round is taken with one upsert of its row in geste_chores.
