@@ -135,6 +135,7 @@ POSTGRES_ONLY = {
     "stream_unwatch": "stream readers that stopped waiting forget their registrations (SQLite: none)",
     "stream_readers_cleanup": "the cleanup chore's expired stream reader registrations (SQLite: none)",
     "stream_notify": "the batched notification of the streams written (SQLite has no NOTIFY)",
+    "transaction_isolation": "a caller's transaction must be read committed (SQLite offers no writes in one)",
 }
 
 

@@ -888,15 +888,26 @@ class App(OpenClose):
         event_id: str | None = None,
         instance_id: str | None = None,
         extensions: dict[str, Any] | None = None,
+        connection: object = None,
     ) -> str:
         """Send an event to the workflows waiting (now or later) for ``event_type``.
 
         It is kept for every instance started before it that waits for it with a matching ``match``;
         with ``instance_id`` it goes to that instance only. An ``event_id`` sent twice is stored once
         (duplicate deliveries are harmless). Returns the event id.
+
+        ``connection`` (PostgreSQL: an asyncpg connection inside a transaction of yours): the event is
+        written in that transaction, so it exists, and wakes its waiters, exactly when your transaction
+        commits (docs/transactions.md); ``geste.errors.TransactionUnusableError`` otherwise.
         """
         sent = await self.client.send_event(
-            event_type, data, source=source, event_id=event_id, instance_id=instance_id, extensions=extensions
+            event_type,
+            data,
+            source=source,
+            event_id=event_id,
+            instance_id=instance_id,
+            extensions=extensions,
+            connection=connection,
         )
         return sent.event_id
 
@@ -925,23 +936,35 @@ class App(OpenClose):
         return await self.client.discard_outbox_event(event_id)
 
     # -- channels ----------------------------------------------------------------------------------
-    async def publish(self, channel: str, data: Any = None, *, message_id: str | None = None) -> str:
+    async def publish(
+        self, channel: str, data: Any = None, *, message_id: str | None = None, connection: object = None
+    ) -> str:
         """Publish ``data`` (JSON-serialisable) on ``channel`` from outside a workflow; return its id.
 
         Every broadcast subscriber of the channel gets it, one of its competing subscribers takes it
         (README, "Channels"); the waiting ones are woken. A ``message_id`` published twice is stored once.
+        ``connection``: written in your transaction, as ``send_event`` (docs/transactions.md).
         """
-        return await self.client.publish(channel, data, message_id=message_id)
+        return await self.client.publish(channel, data, message_id=message_id, connection=connection)
 
     async def send_to(
-        self, instance_id: str, channel: str, data: Any = None, *, message_id: str | None = None
+        self,
+        instance_id: str,
+        channel: str,
+        data: Any = None,
+        *,
+        message_id: str | None = None,
+        connection: object = None,
     ) -> str:
         """Send ``data`` on ``channel`` to instance ``instance_id`` only; return the message id.
 
         The instance takes it with ``ctx.receive(channel)`` whenever it does; it is kept until then.
-        Raises ``geste.errors.InstanceNotFoundError`` when no instance has that id.
+        Raises ``geste.errors.InstanceNotFoundError`` when no instance has that id (an instance started
+        in the same transaction counts). ``connection``: written in your transaction, as ``send_event``.
         """
-        return await self.client.send_to(instance_id, channel, data, message_id=message_id)
+        return await self.client.send_to(
+            instance_id, channel, data, message_id=message_id, connection=connection
+        )
 
     def asgi(self, *, token: str | None = None, max_body_bytes: int | None = None) -> GesteASGI:
         """This App as an ASGI application: CloudEvents at ``POST /events``, and endpoints to start,

@@ -252,13 +252,17 @@ class Client:
         dedup_id: str | None = None,
         partition_key: str = "",
         on_duplicate: OnDuplicate = "return",
+        connection: object = None,
     ) -> WorkflowHandle[R]:
         """Start an instance of ``workflow`` with these arguments (``Workflow.start`` comes here), with
         the deadline that ``timeout`` / ``deadline`` give (``Workflow.options``). Onto a ``queue``, it
         waits, queued, until a worker serving the queue admits it (never created already claimed here);
         with a ``dedup_id`` held by another unfinished instance of the queue, that instance's handle
-        comes back (``created`` False), or, ``on_duplicate="raise"``, ``QueueDeduplicated`` names it."""
+        comes back (``created`` False), or, ``on_duplicate="raise"``, ``QueueDeduplicated`` names it.
+        With a ``connection`` (the caller's, inside the caller's transaction) the instance is written
+        there, unclaimed: it exists, and its notification goes out, when that transaction commits."""
         self._require_open()
+        writes = None if connection is None else self.storage.in_transaction(connection)
         if not self.registry.registered(workflow):
             raise UnknownWorkflowError(workflow.name)
         workflow.signature.bind(args, kwargs, what=f"workflow {workflow.name}")
@@ -270,27 +274,28 @@ class Client:
         iid = uuid.uuid4().hex if instance_id is None else check_id(instance_id, "instance_id")
         now = self.clock()
         due = workflow_deadline(timeout, deadline, now)
+        new = NewInstance(
+            iid,
+            workflow.name,
+            stored,
+            now,
+            due,
+            queue,
+            priority,
+            dedup_id,
+            partition_key,
+            self.registry.code_version(),
+            workflow.versioning is Versioning.PINNED,
+        )
+        if writes is not None:  # no local run at once, no poke: nothing is there before the commit
+            row, created = await writes.create_instance(new)
+            return self._started(workflow, iid, row, created, queue, dedup_id, on_duplicate)
         worker = self._worker()
         reserved = worker.reserve() if worker is not None and queue is None else None
         lease = None if reserved is None else Lease(iid, reserved.lease_id)
         try:
             row, created = await self.storage.create_instance(
-                NewInstance(
-                    iid,
-                    workflow.name,
-                    stored,
-                    now,
-                    due,
-                    queue,
-                    priority,
-                    dedup_id,
-                    partition_key,
-                    self.registry.code_version(),
-                    workflow.versioning is Versioning.PINNED,
-                ),
-                lease=lease,
-                worker_id=self.worker_id,
-                lock_expires_at=now + self.lock_timeout,
+                new, lease=lease, worker_id=self.worker_id, lock_expires_at=now + self.lock_timeout
             )
         except BaseException:
             worker = self._worker()  # read again after the write: the App may have closed meanwhile
@@ -310,6 +315,19 @@ class Client:
                 worker.run_reserved(claim, ())
             elif created:
                 worker.made_runnable()
+        return self._started(workflow, iid, row, created, queue, dedup_id, on_duplicate)
+
+    def _started(
+        self,
+        workflow: Workflow[Any, R],
+        iid: str,
+        row: InstanceRow,
+        created: bool,
+        queue: str | None,
+        dedup_id: str | None,
+        on_duplicate: OnDuplicate,
+    ) -> WorkflowHandle[R]:
+        """The handle of a start that wrote ``row`` (``created``), or the error a start found instead."""
         if not created and row.instance_id != iid and queue is not None and dedup_id is not None:
             if on_duplicate == "raise":  # another instance holds the dedup id (not a start of this id again)
                 raise QueueDeduplicated(queue, dedup_id, row.instance_id)
@@ -510,9 +528,12 @@ class Client:
         event_id: str | None = None,
         instance_id: str | None = None,
         extensions: dict[str, Any] | None = None,
+        connection: object = None,
     ) -> SentEvent:
-        """``App.send_event``, also saying whether the event was stored (False: its id was there already)."""
+        """``App.send_event``, also saying whether the event was stored (False: its id was there already).
+        With a ``connection``: written in the caller's transaction (``start_instance``)."""
         self._require_open()
+        writes = None if connection is None else self.storage.in_transaction(connection)
         check_name(event_type, "event type")
         eid = uuid.uuid4().hex if event_id is None else check_id(event_id, "event_id")
         if source is not None and (not isinstance(source, str) or not storable_text(source)):
@@ -523,13 +544,16 @@ class Client:
             if extensions is None
             else encode(extensions, what="event extensions", limit=self.max_payload_bytes)
         )
+        reader = self.storage if writes is None else writes  # an instance the transaction started is seen
         if instance_id is not None and (
-            not findable(instance_id, "instance_id") or await self.storage.get_instance(instance_id) is None
+            not findable(instance_id, "instance_id") or await reader.get_instance(instance_id) is None
         ):
             raise InstanceNotFoundError(instance_id)
-        stored, woken = await self.storage.send_event(
-            NewEvent(eid, event_type, body, source, instance_id, ext, self.clock())
-        )
+        event = NewEvent(eid, event_type, body, source, instance_id, ext, self.clock())
+        if writes is not None:  # the woken are claimable once it commits: its notifications tell them
+            stored, _ = await writes.send_event(event)
+            return SentEvent(eid, stored)
+        stored, woken = await self.storage.send_event(event)
         if woken:
             self._poke_worker()
         return SentEvent(eid, stored)
@@ -586,27 +610,42 @@ class Client:
             relay.made_due()
 
     # -- channels ----------------------------------------------------------------------------------
-    async def publish(self, channel: str, data: Any = None, *, message_id: str | None = None) -> str:
+    async def publish(
+        self, channel: str, data: Any = None, *, message_id: str | None = None, connection: object = None
+    ) -> str:
         """``App.publish``: publish ``data`` on ``channel`` from outside a workflow; return its id."""
-        return await self._publish(channel, data, target=None, message_id=message_id)
+        return await self._publish(channel, data, target=None, message_id=message_id, connection=connection)
 
     async def send_to(
-        self, instance_id: str, channel: str, data: Any = None, *, message_id: str | None = None
+        self,
+        instance_id: str,
+        channel: str,
+        data: Any = None,
+        *,
+        message_id: str | None = None,
+        connection: object = None,
     ) -> str:
         """``App.send_to``: send ``data`` on ``channel`` to instance ``instance_id`` only; return its id."""
         target = check_id(instance_id, "instance_id")
-        return await self._publish(channel, data, target=target, message_id=message_id)
+        return await self._publish(channel, data, target=target, message_id=message_id, connection=connection)
 
-    async def _publish(self, channel: str, data: Any, *, target: str | None, message_id: str | None) -> str:
+    async def _publish(
+        self, channel: str, data: Any, *, target: str | None, message_id: str | None, connection: object
+    ) -> str:
+        """With a ``connection``: written in the caller's transaction (``start_instance``)."""
         self._require_open()
+        writes = None if connection is None else self.storage.in_transaction(connection)
         check_channel(channel)
         mid = uuid.uuid4().hex if message_id is None else check_id(message_id, "message_id")
         body = encode(data, what=f"data of a message on channel {channel}", limit=self.max_payload_bytes)
         message = NewMessage(mid, channel, body, None, target, self.clock())
-        result = await self.storage.channel_publish(message)
+        if writes is None:
+            result = await self.storage.channel_publish(message)
+        else:
+            result = await writes.channel_publish(message)
         if result.target_missing:
             raise InstanceNotFoundError(str(target))
-        if result.woken:
+        if result.woken and writes is None:
             self._poke_worker()
         return mid
 

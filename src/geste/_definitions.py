@@ -72,6 +72,7 @@ class Starter(Protocol):
         dedup_id: str | None = None,
         partition_key: str = "",
         on_duplicate: OnDuplicate = "return",
+        connection: object = None,
     ) -> Awaitable[WorkflowHandle[R]]: ...
 
 
@@ -180,6 +181,7 @@ class Workflow(Generic[P, R]):
         dedup_id: str | None = None,
         partition_key: str | None = None,
         on_duplicate: OnDuplicate = "return",
+        connection: object = None,
     ) -> WorkflowStarter[P, R]:
         """Start options: ``timeout`` (a duration from the start) and/or ``deadline`` (an aware datetime;
         with both, the earlier counts). When it passes, the instance is cancelled as by ``app.cancel``
@@ -195,13 +197,20 @@ class Workflow(Generic[P, R]):
         ``geste.errors.QueueDeduplicated`` (``"raise"``), which names the instance holding it. A child
         start (``ctx.start_child``) always raises on a held dedup id: the holder is not its child.
         ``partition_key`` (a customer, a tenant): the queue's per-partition limits count it with the
-        other instances of that key (without one, with the others started without one)."""
+        other instances of that key (without one, with the others started without one).
+
+        ``connection`` (PostgreSQL: an asyncpg connection inside a transaction of yours, e.g. one from
+        your pool in ``async with conn.transaction():``): the instance is written in that transaction,
+        so it exists exactly when your transaction commits (the transactional-outbox pattern), and a
+        rollback leaves nothing; it is never run before the commit (docs/transactions.md). A connection
+        geste cannot use (not asyncpg, not in a transaction, an App on SQLite) raises
+        ``geste.errors.TransactionUnusableError`` at the start."""
         workflow_deadline(timeout, deadline, 0.0)  # bad values fail here, before any start
         name = queue_name(queue)
         priority, dedup_id = check_queue_start(name, priority, dedup_id)
         key = check_partition_key(name, partition_key)
         policy = check_on_duplicate(on_duplicate, dedup_id)
-        return WorkflowStarter(self, timeout, deadline, name, priority, dedup_id, key, policy)
+        return WorkflowStarter(self, timeout, deadline, name, priority, dedup_id, key, policy, connection)
 
     def __repr__(self) -> str:
         return f"<geste.Workflow {self.name}>"
@@ -211,6 +220,7 @@ class WorkflowStarter(Generic[P, R]):
     """A workflow with start options (``Workflow.options``): its ``start`` and ``start_with_id``."""
 
     __slots__ = (
+        "connection",
         "deadline",
         "dedup_id",
         "on_duplicate",
@@ -231,6 +241,7 @@ class WorkflowStarter(Generic[P, R]):
         dedup_id: str | None = None,
         partition_key: str = "",
         on_duplicate: OnDuplicate = "return",
+        connection: object = None,
     ) -> None:
         self.workflow = workflow
         self.timeout = timeout
@@ -240,6 +251,7 @@ class WorkflowStarter(Generic[P, R]):
         self.dedup_id = dedup_id
         self.partition_key = partition_key
         self.on_duplicate: OnDuplicate = on_duplicate
+        self.connection = connection
 
     async def start(self, *args: P.args, **kwargs: P.kwargs) -> WorkflowHandle[R]:
         """Start a new instance with a generated id, with these options."""
@@ -256,6 +268,7 @@ class WorkflowStarter(Generic[P, R]):
             dedup_id=self.dedup_id,
             partition_key=self.partition_key,
             on_duplicate=self.on_duplicate,
+            connection=self.connection,
         )
 
     async def start_with_id(
@@ -276,4 +289,5 @@ class WorkflowStarter(Generic[P, R]):
             dedup_id=self.dedup_id,
             partition_key=self.partition_key,
             on_duplicate=self.on_duplicate,
+            connection=self.connection,
         )

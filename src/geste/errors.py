@@ -3,7 +3,9 @@
 ```
 GesteError
 ├── ConfigurationError          bad options given to App / RetryPolicy / a decorator
-│   └── InvalidScheduleError    a bad cron expression, time zone or policy of a schedule
+│   ├── InvalidScheduleError    a bad cron expression, time zone or policy of a schedule
+│   └── TransactionUnusableError  connection= that geste cannot write in (not asyncpg, no transaction,
+│                                  SQLite)
 ├── AppNotOpenError             an operation that needs the database before `async with app:`
 ├── UnknownWorkflowError        no workflow registered under that name
 ├── SerializationError          a value that cannot be stored as JSON (or read back)
@@ -76,6 +78,7 @@ __all__ = [
     "StorageError",
     "StorageTimeout",
     "StreamClosedError",
+    "TransactionUnusableError",
     "UnknownWorkflowError",
     "WorkflowCancelled",
     "WorkflowFailed",
@@ -94,6 +97,14 @@ class ConfigurationError(GesteError, ValueError):
 class InvalidScheduleError(ConfigurationError):
     """A schedule cannot be made as given: a bad cron expression, an unknown time zone, an unknown
     ``missed`` or ``overlap`` policy, or a workflow that takes arguments other than the tick."""
+
+
+class TransactionUnusableError(ConfigurationError):
+    """A start, event or message given ``connection=`` cannot be written in that connection's
+    transaction: it is not an asyncpg connection (a ``Pool.acquire()`` one is), it is closed, it is not
+    inside a transaction (geste never commits a user's connection: outside one, each statement would
+    commit on its own), or the App is on SQLite, which offers no writes in a user's transaction
+    (docs/transactions.md). Nothing was written."""
 
 
 class ScheduleNotFoundError(GesteError, LookupError):

@@ -362,6 +362,8 @@ class WorkflowContext:
         known: Workflow[Any, Any] | None
         starter = workflow if isinstance(workflow, WorkflowStarter) else None
         if starter is not None:
+            if starter.connection is not None:  # the child is written with the parent's step, by geste
+                raise ConfigurationError("start_child takes no connection= option (docs/transactions.md)")
             workflow = starter.workflow
         if isinstance(workflow, str):
             name = check_name(workflow, "workflow")

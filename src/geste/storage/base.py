@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 from .._models import Status
 from .._schedules import QUEUE_LIMIT
 from .._status import QueueStats
+from ..errors import TransactionUnusableError
 from ._listen import Listening
 
 
@@ -697,6 +698,30 @@ class StateSet:
     cancel_requested: bool
 
 
+class TransactionWrites(abc.ABC):
+    """The writes geste can make on a user's own connection inside the user's transaction
+    (``Storage.in_transaction``): a start, an event, a message, and the read a send to one instance
+    needs. They commit, notifications and all, with the user's transaction, or vanish with its rollback;
+    nothing here commits or rolls back."""
+
+    @abc.abstractmethod
+    async def create_instance(self, new: NewInstance) -> tuple[InstanceRow, bool]:
+        """``Storage.create_instance`` without a lease: the instance is left for a worker to claim once
+        the transaction commits (its notification goes out with that commit)."""
+
+    @abc.abstractmethod
+    async def get_instance(self, instance_id: str) -> InstanceRow | None:
+        """The instance as the user's transaction sees it (one it started itself included)."""
+
+    @abc.abstractmethod
+    async def send_event(self, event: NewEvent) -> tuple[bool, list[str]]:
+        """``Storage.send_event``."""
+
+    @abc.abstractmethod
+    async def channel_publish(self, message: NewMessage) -> PublishResult:
+        """``Storage.channel_publish`` from outside a workflow."""
+
+
 class Storage(abc.ABC):
     """One database holding instances, their histories, timers, event waits and events."""
 
@@ -750,6 +775,15 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def get_instance(self, instance_id: str) -> InstanceRow | None: ...
+
+    def in_transaction(self, connection: object) -> TransactionWrites:
+        """The writes of a start, an event or a message on ``connection``, a connection of the user's
+        inside the user's transaction (docs/transactions.md); ``TransactionUnusableError`` when this
+        backend offers none (SQLite) or the connection cannot be used."""
+        raise TransactionUnusableError(
+            f"{type(self).__name__} offers no writes in a transaction of the caller's (connection=): "
+            "only PostgreSQL does (docs/transactions.md)"
+        )
 
     async def database_clock(self) -> float | None:
         """The database's own time in Unix seconds (``statement_timestamp()`` on PostgreSQL, the host's

@@ -30,7 +30,7 @@ from .._models import Status
 from .._schedules import QUEUE_LIMIT
 from .._status import QueueStats
 from .._steps import event_history_payload
-from ..errors import ConfigurationError, StorageError, StorageTimeout
+from ..errors import ConfigurationError, StorageError, StorageTimeout, TransactionUnusableError
 from . import _decisions as decide
 from . import _hosts, _migrations, base
 from . import _read_only as read_only
@@ -589,67 +589,69 @@ class PostgresStorage(base.Storage):
         lock_expires_at: float | None,
     ) -> tuple[base.InstanceRow, bool]:
         if new.queue is not None:
-            return await self._create_queued(new)
+            return await self._run(functools.partial(self._insert_queued, new=new))
         starts = decide.new_row(lease, worker_id, lock_expires_at)
+        return await self._run(functools.partial(self._insert_instance, new=new, starts=starts))
 
-        async def go(conn: Conn) -> tuple[base.InstanceRow, bool]:
-            row = await conn.fetchrow(
-                self._q["insert_instance"],
-                new.instance_id,
-                new.workflow_name,
-                str(starts.status),
-                new.input,
-                new.now,
-                starts.locked_by,
-                starts.lease_id,
-                starts.lock_expires_at,
-                self.notify,
-                new.deadline,
-                new.version,
-                new.pinned,
-            )
-            if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
-                existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
-                return rows.instance_row(existing), False
-            return rows.instance_row(row), bool(row["created"])
+    async def _insert_instance(
+        self, conn: Conn, *, new: base.NewInstance, starts: decide.NewRow
+    ) -> tuple[base.InstanceRow, bool]:
+        row = await conn.fetchrow(
+            self._q["insert_instance"],
+            new.instance_id,
+            new.workflow_name,
+            str(starts.status),
+            new.input,
+            new.now,
+            starts.locked_by,
+            starts.lease_id,
+            starts.lock_expires_at,
+            self.notify,
+            new.deadline,
+            new.version,
+            new.pinned,
+        )
+        if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
+            existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
+            if existing is None:  # (only in a user's transaction, whose snapshot may be older)
+                raise StorageError(f"instance {new.instance_id} is being started by another transaction")
+            return rows.instance_row(existing), False
+        return rows.instance_row(row), bool(row["created"])
 
-        return await self._run(go)
-
-    async def _create_queued(self, new: base.NewInstance) -> tuple[base.InstanceRow, bool]:
+    async def _insert_queued(self, conn: Conn, *, new: base.NewInstance) -> tuple[base.InstanceRow, bool]:
         """A start onto a queue (schema 20): inserted queued, or, when its id or its dedup id is taken by
         an unfinished instance, that instance (not created). An instance holding the dedup id that ends
         between the insert and the read frees it: the insert is tried again."""
+        for _ in range(DEDUP_ATTEMPTS):
+            inserted = await conn.fetchrow(
+                self._q["insert_queued"],
+                new.instance_id,
+                new.workflow_name,
+                new.input,
+                new.now,
+                new.deadline,
+                new.queue,
+                new.priority,
+                new.dedup_id,
+                self.notify,
+                new.partition_key,
+                new.version,
+                new.pinned,
+            )
+            existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)
+            if inserted is not None:
+                return rows.instance_row(existing), True
+            if existing is not None:
+                return rows.instance_row(existing), False
+            holder = await conn.fetchval(self._q["find_dedup"], new.queue, new.dedup_id)
+            if holder is not None:
+                found = await conn.fetchrow(self._q["get_instance"], holder)
+                if found is not None:
+                    return rows.instance_row(found), False
+        raise StorageError(f"instance {new.instance_id}: its dedup id was taken and freed repeatedly")
 
-        async def go(conn: Conn) -> tuple[base.InstanceRow, bool]:
-            for _ in range(DEDUP_ATTEMPTS):
-                inserted = await conn.fetchrow(
-                    self._q["insert_queued"],
-                    new.instance_id,
-                    new.workflow_name,
-                    new.input,
-                    new.now,
-                    new.deadline,
-                    new.queue,
-                    new.priority,
-                    new.dedup_id,
-                    self.notify,
-                    new.partition_key,
-                    new.version,
-                    new.pinned,
-                )
-                existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)
-                if inserted is not None:
-                    return rows.instance_row(existing), True
-                if existing is not None:
-                    return rows.instance_row(existing), False
-                holder = await conn.fetchval(self._q["find_dedup"], new.queue, new.dedup_id)
-                if holder is not None:
-                    found = await conn.fetchrow(self._q["get_instance"], holder)
-                    if found is not None:
-                        return rows.instance_row(found), False
-            raise StorageError(f"instance {new.instance_id}: its dedup id was taken and freed repeatedly")
-
-        return await self._run(go)
+    def in_transaction(self, connection: object) -> base.TransactionWrites:
+        return UserTransaction(self, _checked_connection(connection))
 
     async def database_clock(self) -> float | None:
         async def go(conn: Conn) -> float:
@@ -1423,6 +1425,10 @@ class PostgresStorage(base.Storage):
 
     # -- events ------------------------------------------------------------------------------------
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
+        return await self._tx(functools.partial(self._send_event, event=event))
+
+    async def _send_event(self, conn: Conn, *, event: base.NewEvent) -> tuple[bool, list[str]]:
+        """The event's two statements, in the caller's transaction: its keys' locks, then the send."""
         keys = event_keys(event.event_type, json.loads(event.data))
         payload = event_history_payload(decide.stored_event(event, 0))
         # each key shared (the type's lock exclusively for a wide event): waits of those keys wait for us
@@ -1431,21 +1437,17 @@ class PostgresStorage(base.Storage):
             if keys.wide
             else (event.event_type, keys.lookup, False, [False] * len(keys.lookup))
         )
-
-        async def go(conn: Conn) -> tuple[bool, list[str]]:
-            await conn.execute(self._q["lock_event_keys"], *lock)
-            row = await conn.fetchrow(
-                self._q["send_event"],
-                *rows.event_columns(event),
-                list(keys.keys),
-                keys.lookup,
-                list(keys.pairs),
-                payload,
-                self.notify,
-            )
-            return row["stored"], list(row["woken"])
-
-        return await self._tx(go)
+        await conn.execute(self._q["lock_event_keys"], *lock)
+        row = await conn.fetchrow(
+            self._q["send_event"],
+            *rows.event_columns(event),
+            list(keys.keys),
+            keys.lookup,
+            list(keys.pairs),
+            payload,
+            self.notify,
+        )
+        return row["stored"], list(row["woken"])
 
     async def next_run_at(self) -> float | None:
         async def go(conn: Conn) -> float | None:
@@ -1687,26 +1689,29 @@ class PostgresStorage(base.Storage):
     async def channel_publish(
         self, message: base.NewMessage, *, commit: base.Commit | None = None
     ) -> base.PublishResult:
-        async def go(conn: Conn) -> base.PublishResult:
-            await conn.execute(self._q["channel_lock"], message.channel)
-            row = await conn.fetchrow(
-                self._q["channel_publish"],
-                *rows.message_columns(message),
-                self.notify,
-                None if commit is None else commit.lease.instance_id,
-                None if commit is None else commit.lease.lease_id,
-                None if commit is None else commit.lock_expires_at,
-                *self._columns(() if commit is None else commit.records),
-            )
-            if not row["target_ok"]:
-                return base.PublishResult(stored=False, woken=[], target_missing=True)
-            if commit is not None and row["cancel_requested"] is None:
-                raise base.LeaseLost(commit.lease.instance_id)
-            return base.PublishResult(
-                stored=row["stored"], woken=list(row["woken"]), cancel_requested=bool(row["cancel_requested"])
-            )
+        return await self._tx(functools.partial(self._publish, message=message, commit=commit))
 
-        return await self._tx(go)
+    async def _publish(
+        self, conn: Conn, *, message: base.NewMessage, commit: base.Commit | None
+    ) -> base.PublishResult:
+        """The publish's two statements, in the caller's transaction: the channel's lock, then the write."""
+        await conn.execute(self._q["channel_lock"], message.channel)
+        row = await conn.fetchrow(
+            self._q["channel_publish"],
+            *rows.message_columns(message),
+            self.notify,
+            None if commit is None else commit.lease.instance_id,
+            None if commit is None else commit.lease.lease_id,
+            None if commit is None else commit.lock_expires_at,
+            *self._columns(() if commit is None else commit.records),
+        )
+        if not row["target_ok"]:
+            return base.PublishResult(stored=False, woken=[], target_missing=True)
+        if commit is not None and row["cancel_requested"] is None:
+            raise base.LeaseLost(commit.lease.instance_id)
+        return base.PublishResult(
+            stored=row["stored"], woken=list(row["woken"]), cancel_requested=bool(row["cancel_requested"])
+        )
 
     async def channel_take_or_suspend(
         self, commit: base.Commit, wait: base.MessageWait
@@ -2121,3 +2126,88 @@ async def read_histories(url: str, workflow: str | None, limit: int) -> list[Sto
         raise StorageError(f"cannot read {safe}: {exc}") from exc
     finally:
         await conn.close()
+
+
+# -- writes in a user's transaction (docs/transactions.md) ------------------------------------------------
+def _checked_connection(connection: object) -> Conn:
+    """``connection`` if geste can write in its transaction, else ``TransactionUnusableError``: an
+    asyncpg connection (a pool's proxy passes ``isinstance``), open, inside a transaction. Outside one
+    each statement would commit on its own, and a start's instance would run whatever the caller's
+    later statements do: geste refuses rather than commit anything of the caller's."""
+    if asyncpg is None or not isinstance(connection, asyncpg.Connection):
+        raise TransactionUnusableError(
+            "connection= takes an asyncpg connection (or one acquired from an asyncpg pool), "
+            f"not {type(connection).__name__}"
+        )
+    try:
+        closed = connection.is_closed()
+        in_transaction = connection.is_in_transaction()
+    except asyncpg.InterfaceError as exc:  # a pool's proxy released back to its pool
+        raise TransactionUnusableError(f"connection= cannot be used: {exc}") from exc
+    if closed:
+        raise TransactionUnusableError("connection= is closed")
+    if not in_transaction:
+        raise TransactionUnusableError(
+            "connection= is not inside a transaction: open one (async with connection.transaction(): ...); "
+            "geste writes in the caller's transaction and commits nothing itself"
+        )
+    return connection
+
+
+async def _in_user_transaction(call: Awaitable[_T]) -> _T:
+    """``call``'s value, a driver error raised as ``StorageError`` (as ``_conn`` does for the pool's
+    connections, but the connection is the caller's: it is neither timed out nor dropped here)."""
+    try:
+        return await call
+    except (base.LeaseLost, StorageError):
+        raise
+    except Exception as exc:
+        if not _is_driver_error(exc):
+            raise
+        text = _driver_message(exc)
+        if isinstance(exc, asyncpg.UndefinedTableError):
+            text += " (is connection= on the App's database, and the App open, its schema migrated?)"
+        if isinstance(exc, asyncpg.PostgresError):
+            text += "; the caller's transaction is aborted: roll it back"
+        raise StorageError(text) from exc
+
+
+class UserTransaction(base.TransactionWrites):
+    """``PostgresStorage``'s statements of a start, an event and a message run on a caller's connection,
+    inside the caller's transaction: the same statements as on the pool (schema-qualified, so the
+    connection's ``search_path`` does not matter), their ``pg_notify`` sent with the caller's commit.
+    A start is never made claimed (no local run at once): a worker claims it once it committed."""
+
+    def __init__(self, storage: PostgresStorage, connection: Conn) -> None:
+        self._storage = storage
+        self._conn = connection
+
+    async def create_instance(self, new: base.NewInstance) -> tuple[base.InstanceRow, bool]:
+        storage, conn = self._storage, self._conn
+        if new.queue is not None:
+            return await _in_user_transaction(storage._insert_queued(conn, new=new))
+        starts = decide.new_row(None, None, None)
+        return await _in_user_transaction(storage._insert_instance(conn, new=new, starts=starts))
+
+    async def get_instance(self, instance_id: str) -> base.InstanceRow | None:
+        row = await _in_user_transaction(self._conn.fetchrow(self._storage._q["get_instance"], instance_id))
+        return None if row is None else rows.instance_row(row)
+
+    async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
+        await self._read_committed("an event")
+        return await _in_user_transaction(self._storage._send_event(self._conn, event=event))
+
+    async def channel_publish(self, message: base.NewMessage) -> base.PublishResult:
+        await self._read_committed("a message")
+        return await _in_user_transaction(self._storage._publish(self._conn, message=message, commit=None))
+
+    async def _read_committed(self, what: str) -> None:
+        """An event or a message finds its receivers with the statement after its lock, which must see
+        every wait committed before the lock was granted: a snapshot taken at the transaction's start
+        (repeatable read, serializable) would miss a wait registered meanwhile, a wake-up lost."""
+        level = await _in_user_transaction(self._conn.fetchval(self._storage._q["transaction_isolation"]))
+        if level != "read committed":
+            raise TransactionUnusableError(
+                f"{what} is written only in a read committed transaction, not {level}: a snapshot older "
+                "than its lock could miss a workflow that began waiting meanwhile"
+            )

@@ -48,6 +48,11 @@ SELECT false, instance_id, workflow_name, status, input, result, error, created_
        run_at, locked_by, lock_expires_at, cancel_requested, steps, 0
 FROM {schema}.geste_instances WHERE instance_id = $1 AND NOT EXISTS (SELECT 1 FROM inserted);
 
+-- name: transaction_isolation
+-- The isolation of a caller's transaction (docs/transactions.md): an event or a message is written there
+-- only under read committed, where the statement after a lock sees what committed before it was granted.
+SELECT current_setting('transaction_isolation');
+
 -- name: database_clock
 -- The database's own time (Unix seconds): a worker compares its clock with it at start.
 SELECT {db_clock} AS now;
