@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 28), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 33), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
