@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from . import _operations
+from . import _operations, _tracing
 from ._definitions import Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics
@@ -255,6 +255,11 @@ class Client:
         iid = uuid.uuid4().hex if instance_id is None else check_id(instance_id, "instance_id")
         now = self.clock()
         due = workflow_deadline(timeout, deadline, now)
+        tracer = _tracing.tracer()
+        span = None
+        if tracer is not None:  # the start span, under the caller's: its context is recorded with the row
+            attrs = _tracing.attributes(iid, workflow.name, queue=queue)
+            span = _tracing.start_span(tracer, f"geste.start {workflow.name}", attrs, current=True)
         worker = self._worker()
         reserved = worker.reserve() if worker is not None and queue is None else None
         lease = None if reserved is None else Lease(iid, reserved.lease_id)
@@ -272,16 +277,22 @@ class Client:
                     partition_key,
                     self.registry.code_version(),
                     workflow.versioning is Versioning.PINNED,
+                    None if span is None else _tracing.dump(span),
                 ),
                 lease=lease,
                 worker_id=self.worker_id,
                 lock_expires_at=now + self.lock_timeout,
             )
-        except BaseException:
+        except BaseException as exc:
+            if span is not None:
+                _tracing.end(span, exc)
             worker = self._worker()  # read again after the write: the App may have closed meanwhile
             if worker is not None and lease is not None:
                 worker.run_reserved(None)
             raise
+        if span is not None:
+            span.set_attribute("geste.created", created)
+            _tracing.end(span)
         if created:
             self.metrics.workflows_started.values[workflow.name] += 1
         worker = self._worker()

@@ -56,7 +56,8 @@ CREATE TABLE geste_instances (
     pinned           boolean NOT NULL DEFAULT false,  -- (27) only workers of its version claim it
     runner           text GENERATED ALWAYS AS (  -- (27) pinned: name U+001F version; NULL: not pinned
         CASE WHEN pinned THEN workflow_name || chr(31) || coalesce(version, '') END
-    ) STORED
+    ) STORED,
+    trace_context    text               -- (33) the W3C trace context of the span that started it (docs/tracing.md)
 ) WITH (fillfactor = 80);
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
