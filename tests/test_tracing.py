@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from opentelemetry.trace import StatusCode
 import geste
 from geste import _tracing
 
-from .support import raw_query, wait_until
+from .support import count_storage_calls, raw_query, wait_until
 
 MakeApp = Callable[..., geste.App]
 
@@ -35,6 +36,12 @@ def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
     monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
     yield found
     provider.shutdown()
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """The reads of a trace context (``Storage.trace_context``), on both backends."""
+    return count_storage_calls(monkeypatch, ["trace_context"])
 
 
 class Boom(Exception):
@@ -87,7 +94,7 @@ async def waits_for_event(app: geste.App, instance_id: str) -> bool:
 
 @pytest.mark.parametrize("cache", [0, 100])
 async def test_one_trace_across_runs_workers_and_children(
-    make_app: MakeApp, db_url: str, exporter: InMemorySpanExporter, cache: int
+    make_app: MakeApp, db_url: str, exporter: InMemorySpanExporter, reads: Counter[str], cache: int
 ) -> None:
     """An instance with a retried activity, a sleep and an event wait, resumed on a second App (another
     worker), with a child: every span is of the caller's trace; the start span is the caller's child."""
@@ -144,20 +151,26 @@ async def test_one_trace_across_runs_workers_and_children(
     (doubled,) = named(ours, "geste.activity double")
     assert parent_id(doubled) in {span_id(r) for r in child_runs}
 
+    assert reads["trace_context"] == len(runs) + len(child_runs)  # one read by primary key per run
     stored = await raw_query(
         db_url, "SELECT instance_id, trace_context FROM geste_instances ORDER BY created_at"
     )
     assert [r["trace_context"].split("-")[1] for r in stored] == [format(trace_id, "032x")] * 2
 
 
-async def test_a_start_without_a_current_span_is_a_root(
+async def test_a_start_without_a_current_span_is_a_root_and_activity_code_nests(
     make_app: MakeApp, exporter: InMemorySpanExporter
 ) -> None:
     app = make_app()
 
+    @app.activity()
+    def blocking(ctx: geste.ActivityContext) -> str:
+        with trace.get_tracer("user code").start_as_current_span("inside"):
+            return "done"
+
     @app.workflow()
     async def alone(ctx: geste.WorkflowContext) -> str:
-        return "done"
+        return await blocking(ctx)
 
     async with app:
         handle = await alone.start()
@@ -167,9 +180,12 @@ async def test_a_start_without_a_current_span_is_a_root(
     assert start.parent is None
     (run,) = named(spans, "geste.run alone")
     assert parent_id(run) == span_id(start)
+    (attempt,) = named(spans, "geste.activity blocking")
+    (inside,) = named(spans, "inside")  # a def activity's own span, in its thread: the attempt's child
+    assert parent_id(attempt) == span_id(run) and parent_id(inside) == span_id(attempt)
 
 
-async def test_not_configured_records_nothing(make_app: MakeApp, db_url: str) -> None:
+async def test_not_configured_records_nothing(make_app: MakeApp, db_url: str, reads: Counter[str]) -> None:
     """The API installed but no tracer provider set (its default, a no-op): no span, no trace context
     stored, no error; the engine skips even the read of the trace context."""
     assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
@@ -183,6 +199,7 @@ async def test_not_configured_records_nothing(make_app: MakeApp, db_url: str) ->
         await wait_until(lambda: waits_for_event(app, handle.instance_id), "the event wait")
         await app.send_event("go", 10)
         assert await handle.result(timeout=30) == 24
+    assert reads["trace_context"] == 0
     stored = await raw_query(db_url, "SELECT trace_context FROM geste_instances")
     assert [r["trace_context"] for r in stored] == [None, None]
 
