@@ -204,8 +204,10 @@ async def test_not_configured_records_nothing(make_app: MakeApp, db_url: str, re
     assert [r["trace_context"] for r in stored] == [None, None]
 
 
-def test_without_the_api_geste_works_and_never_imports_it(tmp_path: Any) -> None:
-    """The extra absent (opentelemetry cannot be imported): a workflow runs, nothing tries to trace."""
+@pytest.mark.parametrize("api", ["absent", "unused"])
+def test_without_the_api_geste_works_and_never_imports_it(tmp_path: Any, api: str) -> None:
+    """The extra absent (opentelemetry cannot be imported), or installed but never imported by the
+    application: a workflow runs, and geste imports no module of OpenTelemetry."""
     script = textwrap.dedent(
         f"""
         import asyncio, sys
@@ -216,7 +218,8 @@ def test_without_the_api_geste_works_and_never_imports_it(tmp_path: Any) -> None
                     raise ImportError("no opentelemetry here")
                 return None
 
-        sys.meta_path.insert(0, NoOtel())
+        if {api == "absent"}:
+            sys.meta_path.insert(0, NoOtel())
         import geste
         from geste import _tracing
 

@@ -285,7 +285,7 @@ class Client:
             )
         except BaseException as exc:
             if span is not None:
-                _tracing.end(span, exc)
+                _tracing.end(span, exc if isinstance(exc, Exception) else None)
             worker = self._worker()  # read again after the write: the App may have closed meanwhile
             if worker is not None and lease is not None:
                 worker.run_reserved(None)

@@ -1,7 +1,9 @@
 """OpenTelemetry spans of geste (docs/tracing.md), with ``opentelemetry-api`` as an optional extra.
 
-Tracing is on when ``opentelemetry-api`` is installed and the application set a tracer provider
-(``trace.set_tracer_provider``). Otherwise every function here answers None at the cost of one check, and
+Tracing is on when the application set a tracer provider (``trace.set_tracer_provider``, which imports
+``opentelemetry.trace``). geste never imports OpenTelemetry itself until then: ``tracer()`` first looks for
+``opentelemetry.trace`` among the modules already imported (one dict lookup), so an application that does
+not trace, whether the API is installed or not, pays that lookup per start and per run and nothing else;
 the engine's per-step hooks test a None (``Journal.trace``): no span object, no context, no read.
 
 One instance is one trace. Its start span (``geste.start``) is a child of the caller's current span; its
@@ -12,15 +14,9 @@ spans, and through them the children's spans) descends from that stored context.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-
-try:
-    from opentelemetry import context as otel_context
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-except ImportError:  # the extra is absent: tracing is off
-    trace = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -35,9 +31,11 @@ _tracer: tuple[object, Tracer] | None = None
 
 
 def tracer() -> Tracer | None:
-    """The tracer when tracing is on (the API installed, a tracer provider set), else None."""
+    """The tracer when tracing is on (a tracer provider set), else None. Imports nothing: an application
+    that set a provider imported ``opentelemetry.trace`` to do it."""
     global _tracer
-    if trace is None:
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:  # the API absent, or never used by the application: tracing is off
         return None
     provider = trace.get_tracer_provider()
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
@@ -45,12 +43,14 @@ def tracer() -> Tracer | None:
     cached = _tracer
     if cached is not None and cached[0] is provider:
         return cached[1]
-    found = provider.get_tracer(INSTRUMENTATION)
+    found: Tracer = provider.get_tracer(INSTRUMENTATION)
     _tracer = (provider, found)
     return found
 
 
 def _propagator() -> Any:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
     return TraceContextTextMapPropagator()
 
 
@@ -60,7 +60,7 @@ def dump(span: Span) -> str | None:
     if not span.get_span_context().is_valid:
         return None
     carrier: dict[str, str] = {}
-    _propagator().inject(carrier, context=trace.set_span_in_context(span))
+    _propagator().inject(carrier, context=in_context(span))
     parent = carrier.get("traceparent")
     if parent is None:
         return None
@@ -101,8 +101,10 @@ def start_span(
 ) -> Span:
     """A span of ``tracer``, child of ``parent`` (``current``: of the caller's current span instead; else
     a root span when ``parent`` is None), started now or at ``start_time`` (seconds since the epoch)."""
+    from opentelemetry import context, trace
+
     if not current and parent is None:
-        parent = otel_context.Context()  # not the current span's: a root
+        parent = context.Context()  # not the current span's: a root
     return tracer.start_span(
         name,
         context=parent,
@@ -114,6 +116,8 @@ def start_span(
 
 def in_context(span: Span) -> Context:
     """A context whose current span is ``span``: the parent of the spans it contains."""
+    from opentelemetry import trace
+
     found: Context = trace.set_span_in_context(span)
     return found
 
@@ -121,16 +125,22 @@ def in_context(span: Span) -> Context:
 def attach(span: Span) -> object:
     """Make ``span`` the current one (what user code under it sees, its own spans' parent); ``detach``
     with the token undoes it."""
-    return otel_context.attach(trace.set_span_in_context(span))
+    from opentelemetry import context
+
+    return context.attach(in_context(span))
 
 
 def detach(token: object) -> None:
-    otel_context.detach(token)  # type: ignore[arg-type]
+    from opentelemetry import context
+
+    context.detach(token)  # type: ignore[arg-type]
 
 
 def end(span: Span, error: BaseException | None = None, *, end_time: float | None = None) -> None:
     """End ``span``; with ``error``, its status is ERROR and the error is recorded as its exception."""
     if error is not None:
+        from opentelemetry import trace
+
         span.record_exception(error)
         span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
     span.end(end_time=None if end_time is None else int(end_time * 1e9))

@@ -426,7 +426,7 @@ class WorkflowContext:
         )
         try:
             taken = await journal.start_child(done, child, policy.value)
-        except BaseException as exc:
+        except BaseException as exc:  # Abandon (a storage failure), a cancellation: ended, as an error
             if span is not None:
                 _tracing.end(span, exc)
             raise

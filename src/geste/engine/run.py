@@ -231,10 +231,10 @@ class Engine:
             await self._run(claim, history, None)
             return
         span = trace.begin_run(claim.run, cached=bool(self.cache.size and self.cache.known((instance_id,))))
-        error: BaseException | None = None
+        error: Exception | None = None
         try:
             await self._run(claim, history, trace)
-        except BaseException as exc:
+        except Exception as exc:  # not a cancellation: the worker stops, the run stops with it
             error = exc
             raise
         finally:
