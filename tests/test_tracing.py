@@ -185,6 +185,41 @@ async def test_a_start_without_a_current_span_is_a_root_and_activity_code_nests(
     assert parent_id(attempt) == span_id(run) and parent_id(inside) == span_id(attempt)
 
 
+async def test_an_instance_started_untraced_has_one_trace_drawn_from_its_id(
+    make_app: MakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started while tracing was off (or by a schedule): no context stored; once tracing is on, its runs
+    share one trace whose ids come from its id (the same on any worker), under a parent never recorded."""
+    app = make_app(workflow_cache_size=0)
+
+    @app.workflow()
+    async def late(ctx: geste.WorkflowContext) -> str:
+        await ctx.wait_event("go")
+        await ctx.sleep(0.05)
+        return "done"
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with app:
+        handle = await late.start()
+        await wait_until(lambda: waits_for_event(app, handle.instance_id), "the event wait")
+        monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)  # tracing on from now
+        await app.send_event("go")
+        assert await handle.result(timeout=30) == "done"
+    provider.shutdown()
+
+    spans = list(exporter.get_finished_spans())
+    runs = named(spans, "geste.run late")
+    assert len(runs) == 2  # after the event (until the sleep), after the sleep
+    expected = trace.get_current_span(_tracing.derived(handle.instance_id)).get_span_context()
+    assert {r.context.trace_id for r in runs if r.context is not None} == {expected.trace_id}
+    assert {parent_id(r) for r in runs} == {expected.span_id}
+    assert not named(spans, "geste.start late")
+    (waited,) = named(spans, "geste.wait sleep")
+    assert waited.context is not None and waited.context.trace_id == expected.trace_id
+
+
 async def test_not_configured_records_nothing(make_app: MakeApp, db_url: str, reads: Counter[str]) -> None:
     """The API installed but no tracer provider set (its default, a no-op): no span, no trace context
     stored, no error; the engine skips even the read of the trace context."""

@@ -14,6 +14,7 @@ spans, and through them the children's spans) descends from that stored context.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,22 @@ def load(stored: str | None) -> Context | None:
     if state:
         carrier["tracestate"] = state
     found: Context = _propagator().extract(carrier)
+    return found
+
+
+def derived(instance_id: str) -> Context:
+    """The context of an instance that has none stored (started by a schedule, or while tracing was off):
+    a remote parent whose trace and span ids are drawn from the instance id (BLAKE2b), sampled, so that all
+    its runs still make one trace, the same wherever they run, with no write. The parent span itself is
+    never recorded (a trace viewer shows its runs under a missing root)."""
+    from opentelemetry import trace
+
+    digest = hashlib.blake2b(instance_id.encode(), digest_size=24, person=b"geste-trace").digest()
+    trace_id = int.from_bytes(digest[:16], "big") or 1
+    span_id = int.from_bytes(digest[16:], "big") or 1
+    flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+    parent = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
+    found: Context = trace.set_span_in_context(trace.NonRecordingSpan(parent))
     return found
 
 
@@ -148,8 +165,9 @@ def end(span: Span, error: BaseException | None = None, *, end_time: float | Non
 
 class RunTrace:
     """The tracing of one run of an instance (``Journal.trace``, None when tracing is off): the stored
-    context of the instance (``parent``: its start span) and the span of the run under the current claim
-    (``span``: the parent of its activity attempts and of its children's start spans)."""
+    context of the instance (``parent``: its start span; ``derived`` when none is stored) and the span of
+    the run under the current claim (``span``: the parent of its activity attempts and of its children's
+    start spans)."""
 
     __slots__ = ("instance_id", "parent", "span", "tracer", "workflow_name")
 
@@ -157,7 +175,7 @@ class RunTrace:
         self.tracer = tracer
         self.instance_id = instance_id
         self.workflow_name = workflow_name
-        self.parent = load(stored)
+        self.parent = load(stored) or derived(instance_id)
         self.span: Span | None = None
 
     def begin_run(self, run: int, *, cached: bool) -> Span:
