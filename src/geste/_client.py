@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
-from . import _operations
+from . import _operations, _tracing
 from ._definitions import Workflow
 from ._handle import WorkflowHandle
 from ._metrics import Metrics
@@ -274,6 +274,11 @@ class Client:
         iid = uuid.uuid4().hex if instance_id is None else check_id(instance_id, "instance_id")
         now = self.clock()
         due = workflow_deadline(timeout, deadline, now)
+        tracer = _tracing.tracer()
+        span = None
+        if tracer is not None:  # the start span, under the caller's: its context is recorded with the row
+            attrs = _tracing.attributes(iid, workflow.name, queue=queue)
+            span = _tracing.start_span(tracer, f"geste.start {workflow.name}", attrs, current=True)
         new = NewInstance(
             iid,
             workflow.name,
@@ -286,9 +291,18 @@ class Client:
             partition_key,
             self.registry.code_version(),
             workflow.versioning is Versioning.PINNED,
+            None if span is None else _tracing.dump(span),
         )
         if writes is not None:  # no local run at once, no poke: nothing is there before the commit
-            row, created = await writes.create_instance(new)
+            try:
+                row, created = await writes.create_instance(new)
+            except BaseException as exc:
+                if span is not None:
+                    _tracing.end(span, exc if isinstance(exc, Exception) else None)
+                raise
+            if span is not None:
+                span.set_attribute("geste.created", created)
+                _tracing.end(span)
             return self._started(workflow, iid, row, created, queue, dedup_id, on_duplicate)
         worker = self._worker()
         reserved = worker.reserve() if worker is not None and queue is None else None
@@ -297,11 +311,16 @@ class Client:
             row, created = await self.storage.create_instance(
                 new, lease=lease, worker_id=self.worker_id, lock_expires_at=now + self.lock_timeout
             )
-        except BaseException:
+        except BaseException as exc:
+            if span is not None:
+                _tracing.end(span, exc if isinstance(exc, Exception) else None)
             worker = self._worker()  # read again after the write: the App may have closed meanwhile
             if worker is not None and lease is not None:
                 worker.run_reserved(None)
             raise
+        if span is not None:
+            span.set_attribute("geste.created", created)
+            _tracing.end(span)
         if created:
             self.metrics.workflows_started.values[workflow.name] += 1
         worker = self._worker()

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import _tracing
 from .._models import StepKind
 from .._serde import decode, decode_error, encode, encode_error
 from .._steps import ActivityStep, CompensationStep, RawJSON, activity_payload
@@ -527,7 +528,15 @@ class ActivityRunner:
                 _streams=getattr(host, "streams", None),
             )
             error: BaseException | None = None
-            token = CURRENT_ACTIVITY.set(actx)  # reset in the finally below
+            current = CURRENT_ACTIVITY.set(actx)  # reset in the finally below
+            span: _tracing.Span | None = None
+            token: object = None
+            failure: BaseException | None = None
+            if journal.trace is not None:  # the attempt's span, current while it runs (its code's spans nest)
+                span = journal.trace.attempt(
+                    activity.name, seq, attempt, compensation=kind is StepKind.COMPENSATION
+                )
+                token = _tracing.attach(span)
             try:
                 if activity.is_async:
                     call = activity.fn(actx, *args, **kwargs)
@@ -557,11 +566,13 @@ class ActivityRunner:
                     finally:
                         if watchdog is not None:
                             watchdog.cancel()
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
+                failure = exc
                 if not _ours(live):  # the run itself is cancelled (the worker stops, the lease is lost)
                     raise
                 return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
             except Exception as exc:
+                failure = exc
                 if live.cancelled:  # the attempt turned the cancel into an error of its own
                     _swallowed(live)
                     return self._cancelled(journal, activity, seq, kind, attempt, started, encoded_args, live)
@@ -571,7 +582,10 @@ class ActivityRunner:
                     _swallowed(live)
             finally:
                 beat.live = False
-                CURRENT_ACTIVITY.reset(token)
+                CURRENT_ACTIVITY.reset(current)
+                if span is not None:
+                    _tracing.detach(token)
+                    _tracing.end(span, failure)
             if error is None:
                 try:
                     body = activity_payload(  # ActivityStep(...).encode(), the step not built (hot path)

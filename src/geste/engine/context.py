@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 from urllib.parse import quote
 
+from .. import _tracing
 from .._channels import Message
 from .._models import Event, ParentClose, Status, StepKind
 from .._retry import seconds
@@ -417,10 +418,32 @@ class WorkflowContext:
             queue, priority, dedup_id = starter.queue, starter.priority, starter.dedup_id
             key = starter.partition_key  # its partition (22)
         pinned = known is not None and known.versioning is Versioning.PINNED
+        trace, span = journal.trace, None
+        if trace is not None:  # the child's start span, in this run's: the child's spans are of this trace
+            span = trace.child_start(cid, name, seq)
         child = NewInstance(
-            cid, name, stored, now, due, queue, priority, dedup_id, key, self._host.version(), pinned
+            cid,
+            name,
+            stored,
+            now,
+            due,
+            queue,
+            priority,
+            dedup_id,
+            key,
+            self._host.version(),
+            pinned,
+            None if span is None else _tracing.dump(span),
         )
-        taken = await journal.start_child(done, child, policy.value)
+        try:
+            taken = await journal.start_child(done, child, policy.value)
+        except BaseException as exc:  # Abandon (a storage failure), a cancellation: ended, as an error
+            if span is not None:
+                _tracing.end(span, exc)
+            raise
+        if span is not None:
+            span.set_attribute("geste.created", taken is None)
+            _tracing.end(span)
         if isinstance(taken, DedupHeld):  # another instance holds its queue's dedup id: recorded, raised
             assert queue is not None and dedup_id is not None
             held = QueueDeduplicated(queue, dedup_id, taken.instance_id)
@@ -521,7 +544,7 @@ class WorkflowContext:
         journal = self._journal
         seq = journal.next()
         row = journal.replay(seq, StepKind.SLEEP, "sleep")
-        now = self._host.clock()
+        now = started = self._host.clock()
         if row is None:
             journal.begin(seq)
             journal.live(seq)
@@ -534,11 +557,14 @@ class WorkflowContext:
             if journal.last_recorded > seq:
                 journal.cancelled_here()
                 return
+            started = row.created_at
         while now < expires_at:  # again after a wake-up that continues a cached run early
             if journal.cancel_pending():
                 journal.deliver_cancel(journal.next())
             await journal.suspend(run_at=expires_at, timer=(seq, expires_at))
             now = self._host.clock()
+        if journal.trace is not None:  # this run is the first past it (a later step would return above)
+            journal.trace.wait("sleep", None, seq, started, now, seconds=secs)
 
     async def sleep_until(self, when: datetime) -> None:
         """Wait durably until ``when`` (an aware datetime; a naive one is taken as UTC)."""
@@ -570,7 +596,7 @@ class WorkflowContext:
         row = journal.replay(seq, StepKind.WAIT_EVENT, event_type)
         if row is None:
             journal.begin(seq)
-            now = self._host.clock()
+            now = started = self._host.clock()
             deadline = None if secs is None else now + secs
             body = WaitEventStep(match_dict, secs, deadline).encode(limit=self._host.max_payload_bytes)
             journal.live(seq)
@@ -581,11 +607,15 @@ class WorkflowContext:
         else:
             wait = journal.read(row, WaitEventStep)
             deadline, match_dict = _optional_float(wait.deadline), wait.match
+            started = row.created_at
         out_seq = journal.next()
         while True:  # once more when a cached run continues here: its outcome is recorded now
             out = journal.wait_outcome(out_seq, event_type, StepKind.EVENT, StepKind.EVENT_TIMEOUT, "event")
             if out is not None:
-                if out.kind == StepKind.EVENT_TIMEOUT:
+                timed_out = out.kind == StepKind.EVENT_TIMEOUT
+                if journal.trace is not None:
+                    self._traced_wait("event", event_type, seq, started, out_seq, timed_out)
+                if timed_out:
                     raise EventTimeout(f"no {event_type!r} event arrived within {secs}s")
                 return journal.read(out, EventStep).event()
             now = self._host.clock()
@@ -593,6 +623,8 @@ class WorkflowContext:
             taken = await journal.take_event_or_suspend(event_wait, now)
             if taken is not RESUMED:
                 break
+        if journal.trace is not None:
+            self._traced_wait("event", event_type, seq, started, out_seq, taken is None)
         if taken is not None:
             assert not isinstance(taken, Resumed)
             return EventStep.decode(event_history_payload(taken)).event()
@@ -765,25 +797,31 @@ class WorkflowContext:
         if row is None:
             journal.begin(seq)
             journal.live(seq)
-            now = self._host.clock()
+            now = started = self._host.clock()
             deadline = None if secs is None else now + secs
             body = ReceiveStep(secs, deadline).encode()
             journal.buffer(HistoryRow(seq, StepKind.RECEIVE, channel, body, False, now))
         else:
             deadline = _optional_float(journal.read(row, ReceiveStep).deadline)
+            started = row.created_at
         out_seq = journal.next()
         while True:  # once more when a cached run continues here: its outcome is recorded now
             out = journal.wait_outcome(
                 out_seq, channel, StepKind.MESSAGE, StepKind.RECEIVE_TIMEOUT, "message on channel"
             )
             if out is not None:
-                if out.kind == StepKind.RECEIVE_TIMEOUT:
+                timed_out = out.kind == StepKind.RECEIVE_TIMEOUT
+                if journal.trace is not None:
+                    self._traced_wait("message", channel, seq, started, out_seq, timed_out)
+                if timed_out:
                     raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
                 return journal.read(out, MessageStep).message()
             now = self._host.clock()
             taken = await journal.take_message_or_suspend(MessageWait(channel, mode, deadline, out_seq), now)
             if taken is not RESUMED:
                 break
+        if journal.trace is not None:
+            self._traced_wait("message", channel, seq, started, out_seq, taken is None)
         if taken is not None:
             assert not isinstance(taken, Resumed)
             return MessageStep.decode(message_history_payload(taken)).message()
@@ -791,6 +829,15 @@ class WorkflowContext:
             HistoryRow(out_seq, StepKind.RECEIVE_TIMEOUT, channel, ReceiveTimeoutStep().encode(), True, now)
         )
         raise ReceiveTimeout(f"no message on channel {channel!r} within {secs}s")
+
+    def _traced_wait(
+        self, kind: str, name: str, seq: int, started: float, out_seq: int, timed_out: bool
+    ) -> None:
+        """The span of a wait (``geste.wait <kind>``) whose outcome (step ``out_seq``) this run is the
+        first to go past: the outcome is the last step recorded, or is taken now."""
+        journal = self._journal
+        if journal.trace is not None and out_seq >= journal.last_recorded:
+            journal.trace.wait(kind, name, seq, started, self._host.clock(), timed_out=timed_out)
 
     async def publish(self, channel: str, data: Any = None) -> str:
         """Publish ``data`` (JSON-serialisable) on ``channel``; return the message id.

@@ -53,6 +53,7 @@ from ..storage.base import (
 
 if TYPE_CHECKING:
     from .._definitions import Activity, Workflow
+    from .._tracing import RunTrace
 
 logger = logging.getLogger("geste.engine")
 
@@ -276,6 +277,8 @@ class Journal:
         """Set by the engine when a cache may keep the run at a wait (else a suspension unwinds)."""
         self.divergence: NonDeterminismError | None = None
         """The divergence (or corruption) that stops the run, even if the workflow swallowed it."""
+        self.trace: RunTrace | None = None
+        """The tracing of the run under the current claim (set by the engine); None: tracing is off."""
         if misnumbered is not None:  # fail the run like a divergence, not the engine at every claim
             position, row = misnumbered
             self.corrupted(position, f"the row in position {position} has the step number {row.seq!r:.80}")

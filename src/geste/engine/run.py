@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .. import _tracing
 from .._metrics import Metrics
 from .._models import ParentClose, Status, StepKind
 from .._serde import decode, encode, encode_error
@@ -216,6 +217,32 @@ class Engine:
 
     async def run(self, claim: Claim, history: Sequence[HistoryRow] | None = None) -> None:
         """Run the claimed instance until it suspends, finishes, or cannot go on."""
+        tracer = _tracing.tracer()
+        if tracer is None:
+            await self._run(claim, history, None)
+            return
+        instance_id = claim.lease.instance_id
+        try:
+            trace = _tracing.RunTrace(
+                tracer, instance_id, claim.workflow_name, await self.storage.trace_context(instance_id)
+            )
+        except StorageError as exc:  # the run goes on untraced, as it would without the read
+            logger.warning("instance %s: its trace context could not be read (%s)", instance_id, exc)
+            await self._run(claim, history, None)
+            return
+        span = trace.begin_run(claim.run, cached=bool(self.cache.size and self.cache.known((instance_id,))))
+        error: Exception | None = None
+        try:
+            await self._run(claim, history, trace)
+        except Exception as exc:  # not a cancellation: the worker stops, the run stops with it
+            error = exc
+            raise
+        finally:
+            _tracing.end(span, error)
+
+    async def _run(
+        self, claim: Claim, history: Sequence[HistoryRow] | None, trace: _tracing.RunTrace | None
+    ) -> None:
         instance_id = claim.lease.instance_id
         cached = self.cache.take(instance_id) if self.cache.size else None
         if cached is not None:
@@ -223,6 +250,7 @@ class Engine:
             if rows is not None:
                 self.metrics.workflow_cache_hits.values[()] += 1
                 cached.resume(claim, rows)
+                cached.journal.trace = trace
                 timer = self._hold(cached.journal)
                 try:
                     await self._until_stopped(cached, claim.workflow_name)
@@ -255,6 +283,7 @@ class Engine:
             deadline=claim.deadline,
             awaited=claim.awaited,
         )
+        journal.trace = trace
         timer = self._hold(journal)
         try:
             await self._run_new(journal, claim)

@@ -174,6 +174,8 @@ class NewInstance:
     """The version of the code that starts it (schema 27: ``App(version=...)``, the starting App's)."""
     pinned: bool = False
     """Only workers of ``version`` claim it (its workflow's ``versioning="pinned"``, schema 27)."""
+    trace_context: str | None = None
+    """The W3C trace context of the span that started it (schema 30; docs/tracing.md); None: no tracing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1005,6 +1007,11 @@ class Storage(abc.ABC):
     async def heartbeat_details(self, instance_id: str) -> str | None:
         """The heartbeat details ``renew`` stored for an instance (a JSON object by step key; None: none):
         one read by primary key."""
+
+    @abc.abstractmethod
+    async def trace_context(self, instance_id: str) -> str | None:
+        """The W3C trace context recorded at the instance's start (schema 30; None: none, or no such
+        instance): one read by primary key, at the start of a run when tracing is on (docs/tracing.md)."""
 
     @abc.abstractmethod
     async def release(self, leases: Sequence[Lease], now: float, *, run_at: float | None = None) -> None:

@@ -610,6 +610,7 @@ class PostgresStorage(base.Storage):
             new.deadline,
             new.version,
             new.pinned,
+            new.trace_context,
         )
         if row is None:  # a concurrent insert of this id committed after the statement's snapshot:
             existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)  # a new one sees it
@@ -637,6 +638,7 @@ class PostgresStorage(base.Storage):
                 new.partition_key,
                 new.version,
                 new.pinned,
+                new.trace_context,
             )
             existing = await conn.fetchrow(self._q["get_instance"], new.instance_id)
             if inserted is not None:
@@ -1068,6 +1070,12 @@ class PostgresStorage(base.Storage):
 
         return await self._read(go)
 
+    async def trace_context(self, instance_id: str) -> str | None:
+        async def go(conn: Conn) -> str | None:
+            return cast(str | None, await conn.fetchval(self._q["trace_context"], instance_id))
+
+        return await self._read(go)
+
     async def release(self, leases: Sequence[base.Lease], now: float, *, run_at: float | None = None) -> None:
         async def go(conn: Conn) -> None:
             await conn.execute(
@@ -1385,6 +1393,7 @@ class PostgresStorage(base.Storage):
                     child.partition_key,
                     child.version,
                     child.pinned,
+                    child.trace_context,
                 )
                 if started["created"]:
                     if not started["touched"]:
@@ -1928,6 +1937,7 @@ class PostgresStorage(base.Storage):
                 new.partition_key,
                 new.version,
                 new.pinned,
+                new.trace_context,
             )
             return inserted is not None
         row = await conn.fetchrow(
@@ -1944,6 +1954,7 @@ class PostgresStorage(base.Storage):
             new.deadline,
             new.version,
             new.pinned,
+            new.trace_context,
         )
         return row is not None and bool(row["created"])
 

@@ -250,6 +250,7 @@ class SQLiteStorage(base.Storage):
             "deadline": new.deadline,
             "version": new.version,
             "pinned": new.pinned,
+            "trace_context": new.trace_context,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
@@ -274,6 +275,7 @@ class SQLiteStorage(base.Storage):
             "partition_key": new.partition_key,
             "version": new.version,
             "pinned": new.pinned,
+            "trace_context": new.trace_context,
         }
 
         def tx(conn: sqlite3.Connection) -> tuple[base.InstanceRow, bool]:
@@ -746,6 +748,13 @@ class SQLiteStorage(base.Storage):
 
         return await self._call(read)
 
+    async def trace_context(self, instance_id: str) -> str | None:
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(Q["trace_context"], (instance_id,)).fetchone()
+            return None if row is None else cast(str | None, row["trace_context"])
+
+        return await self._call(read)
+
     async def release(self, leases: Sequence[base.Lease], now: float, *, run_at: float | None = None) -> None:
         when = now if run_at is None else run_at
 
@@ -953,6 +962,7 @@ class SQLiteStorage(base.Storage):
             "partition_key": child.partition_key,
             "version": child.version,
             "pinned": child.pinned,
+            "trace_context": child.trace_context,
         }
 
         def tx(conn: sqlite3.Connection) -> base.ChildState | base.DedupHeld | base.StepResult:
@@ -1709,5 +1719,6 @@ def _insert_scheduled(conn: sqlite3.Connection, new: base.NewInstance) -> bool:
         "partition_key": new.partition_key,
         "version": new.version,
         "pinned": new.pinned,
+        "trace_context": new.trace_context,
     }
     return bool(conn.execute(Q["insert_queued" if new.queue else "insert_instance"], params).rowcount == 1)

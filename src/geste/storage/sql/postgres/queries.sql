@@ -30,9 +30,9 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
-         locked_by, lease_id, lock_expires_at, event_floor, deadline, version, pinned)
+         locked_by, lease_id, lock_expires_at, event_floor, deadline, version, pinned, trace_context)
     VALUES ($1, $2, $3, $4, $5, $5, CASE WHEN $7::text IS NULL THEN LEAST($5, {db_clock}) ELSE $8 END,
-            $6, $7, $8, nextval('{schema}.geste_events_seq_seq'), $10, $11, $12)
+            $6, $7, $8, nextval('{schema}.geste_events_seq_seq'), $10, $11, $12, $13)
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
               run_at, locked_by, lock_expires_at, cancel_requested, steps
@@ -2045,17 +2045,17 @@ FROM {schema}.geste_channel_messages WHERE message_id = ANY($1::text[]) ORDER BY
 -- $8-$13 the history columns; $14 the policy; $15 notify; $16 the child's deadline (17; NULL: none);
 -- $17-$19 its queue, priority and dedup id (20; NULL queue: none); $20 its partition of the queue (22:
 -- '' without a key; the first start of a key makes the key's row, as insert_queued does); $21-$22 its
--- version and whether it is pinned to it (27).
+-- version and whether it is pinned to it (27); $23 its trace context (30: docs/tracing.md).
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
          parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id, partition_key, version,
-         pinned)
+         pinned, trace_context)
     VALUES ($1, $2, 'pending', $3, $4, $4,
             CASE WHEN $17::text IS NULL THEN LEAST($4, {db_clock}) END,
             nextval('{schema}.geste_events_seq_seq'), $5, $14, $16,
             $17, $18, CASE WHEN $17::text IS NOT NULL THEN $4::double precision END, $19,
-            CASE WHEN $17::text IS NOT NULL THEN $20::text END, $21, $22)
+            CASE WHEN $17::text IS NOT NULL THEN $20::text END, $21, $22, $23)
     ON CONFLICT DO NOTHING
     RETURNING instance_id
 ), partition AS (
@@ -2237,9 +2237,9 @@ SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_con
 WITH inserted AS (
     INSERT INTO {schema}.geste_instances
         (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
-         queue, priority, queued_at, dedup_id, partition_key, version, pinned)
+         queue, priority, queued_at, dedup_id, partition_key, version, pinned, trace_context)
     VALUES ($1, $2, 'pending', $3, $4, $4, NULL, nextval('{schema}.geste_events_seq_seq'), $5,
-            $6, $7, $4, $8, $10, $11, $12)
+            $6, $7, $4, $8, $10, $11, $12, $13)
     ON CONFLICT DO NOTHING
     RETURNING instance_id
 ), partition AS (
@@ -2534,3 +2534,8 @@ SELECT m.workflow_name, m.patch_id, m.first_at, m.marked,
        ) AS old_runs
 FROM marked AS m
 ORDER BY m.workflow_name, m.patch_id;
+
+-- name: trace_context
+-- The W3C trace context recorded at the instance's start (schema 30; docs/tracing.md): read at the start of
+-- a run when tracing is on, never otherwise. One primary-key probe.
+SELECT trace_context FROM {schema}.geste_instances WHERE instance_id = $1;

@@ -15,11 +15,12 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 -- time, as a claim sets it (schema 11).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at,
-     locked_by, lease_id, lock_expires_at, event_floor, deadline, version, pinned)
+     locked_by, lease_id, lock_expires_at, event_floor, deadline, version, pinned, trace_context)
 VALUES (:instance_id, :workflow_name, :status, :input, :now, :now,
         CASE WHEN :lease_id IS NULL THEN min(:now, {db_clock}) ELSE :lock_expires_at END,
         :locked_by, :lease_id, :lock_expires_at,
-        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :deadline, :version, :pinned)
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :deadline, :version, :pinned,
+        :trace_context)
 ON CONFLICT (instance_id) DO NOTHING;
 
 -- name: database_clock
@@ -1152,12 +1153,13 @@ FROM geste_channel_messages WHERE message_id IN (SELECT value FROM json_each(?))
 -- a target covers the primary key and the dedup index). One primary-key probe (and one of the dedup index).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor,
-     parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id, partition_key, version, pinned)
+     parent_id, parent_close, deadline, queue, priority, queued_at, dedup_id, partition_key, version, pinned,
+     trace_context)
 VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now,
         CASE WHEN :queue IS NULL THEN min(:now, {db_clock}) END,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :parent_id, :parent_close,
         :deadline, :queue, :priority, CASE WHEN :queue IS NOT NULL THEN :now END, :dedup_id,
-        CASE WHEN :queue IS NOT NULL THEN :partition_key END, :version, :pinned)
+        CASE WHEN :queue IS NOT NULL THEN :partition_key END, :version, :pinned, :trace_context)
 ON CONFLICT DO NOTHING;
 
 -- name: child_state
@@ -1308,10 +1310,10 @@ SET concurrency = excluded.concurrency, worker_concurrency = excluded.worker_con
 -- the primary key and the dedup index (one unfinished instance per queue and dedup id).
 INSERT INTO geste_instances
     (instance_id, workflow_name, status, input, created_at, updated_at, run_at, event_floor, deadline,
-     queue, priority, queued_at, dedup_id, partition_key, version, pinned)
+     queue, priority, queued_at, dedup_id, partition_key, version, pinned, trace_context)
 VALUES (:instance_id, :workflow_name, 'pending', :input, :now, :now, NULL,
         coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'geste_events'), 0), :deadline,
-        :queue, :priority, :now, :dedup_id, :partition_key, :version, :pinned)
+        :queue, :priority, :now, :dedup_id, :partition_key, :version, :pinned, :trace_context)
 ON CONFLICT DO NOTHING;
 
 -- name: find_dedup
@@ -1593,3 +1595,8 @@ SELECT m.workflow_name, m.patch_id, m.first_at, m.marked,
        ) AS old_runs
 FROM marked AS m
 ORDER BY m.workflow_name, m.patch_id;
+
+-- name: trace_context
+-- The W3C trace context recorded at the instance's start (schema 30; docs/tracing.md): read at the start of
+-- a run when tracing is on, never otherwise. One primary-key probe.
+SELECT trace_context FROM geste_instances WHERE instance_id = ?;

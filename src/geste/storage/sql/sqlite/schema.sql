@@ -1,4 +1,4 @@
--- The geste schema on SQLite as the migrations leave it (schema version 29), written for a reader.
+-- The geste schema on SQLite as the migrations leave it (schema version 30), written for a reader.
 --
 -- Documentation and test oracle only: never applied at runtime. A database is created and upgraded by the
 -- numbered migrations beside this file (0001_initial.sql ...), which record their version in geste_meta;
@@ -56,7 +56,8 @@ CREATE TABLE geste_instances (
     pinned           INTEGER NOT NULL DEFAULT 0,  -- (27) only workers of its version claim it
     runner           TEXT GENERATED ALWAYS AS (  -- (27) pinned: name U+001F version; NULL: not pinned
         CASE WHEN pinned THEN workflow_name || char(31) || coalesce(version, '') END
-    ) VIRTUAL
+    ) VIRTUAL,
+    trace_context    TEXT               -- (30) the W3C trace context of the span that started it (docs/tracing.md)
 );
 -- keyset pages of the viewer and the status counts: one index per filter combination (6)
 CREATE INDEX geste_instances_by_status ON geste_instances (status, created_at, instance_id);
