@@ -509,3 +509,131 @@ async def test_closing_the_app_ends_a_waiting_reader(make_app: MakeApp) -> None:
         with pytest.raises(AppNotOpenError):
             await asyncio.wait_for(reading, 10)  # not after a 60 s poll
         await writer.send_to(handle.instance_id, "go")
+
+
+async def test_positions_are_exact_across_batches_streams_and_rewrites(make_app: MakeApp) -> None:
+    """Several batches over several streams, each with rewrites of writers stored before (a replay), a
+    writer twice in one batch, a close followed in its batch and in later ones by items (dropped) while
+    another stream of the same batch goes on: every stream's positions are 0, 1, 2, ... in the order of its
+    writes, each item once, and a read from any position (inside a batch too) starts exactly there."""
+    app = make_app()
+    async with app:
+        storage = app.storage
+
+        def w(stream: str, writer: str, item: str | None) -> StreamWrite:
+            return StreamWrite("i1" if stream != "other" else "i2", stream, writer, item)
+
+        await storage.stream_write([w("a", "r:0", '"a0"'), w("b", "r:0", '"b0"'), w("a", "r:1", '"a1"')], 1.0)
+        await storage.stream_write(
+            [
+                w("a", "r:0", '"a0 again"'),  # stored: nothing
+                w("a", "r:2", '"a2"'),
+                w("b", "r:1", '"b1"'),
+                w("other", "r:0", '"o0"'),
+                w("b", "r:1", '"b1 twice in the batch"'),
+                w("a", "r:1", '"a1 again"'),
+                w("a", "r:3", '"a3"'),
+            ],
+            2.0,
+        )
+        await storage.stream_write(
+            [
+                w("b", "r:2", '"b2"'),
+                w("b", "close", None),
+                w("b", "r:3", '"after the close"'),
+                w("a", "r:4", '"a4"'),
+            ],
+            3.0,
+        )
+        await storage.stream_write(
+            [
+                w("b", "r:4", '"after"'),
+                w("b", "close", None),
+                w("a", "r:5", '"a5"'),
+                w("other", "r:1", '"o1"'),
+            ],
+            4.0,
+        )
+        a = [(p, f'"a{p}"') for p in range(6)]
+        assert await storage.stream_read("i1", "a", 0, 100) == a
+        assert await storage.stream_read("i1", "b", 0, 100) == [
+            (0, '"b0"'),
+            (1, '"b1"'),
+            (2, '"b2"'),
+            (3, None),
+        ]
+        assert await storage.stream_read("i2", "other", 0, 100) == [(0, '"o0"'), (1, '"o1"')]
+        for start in range(7):  # resumes at every position, those inside a batch among them
+            assert await storage.stream_read("i1", "a", start, 2) == a[start : start + 2]
+        heads = {h.key: (h.length, h.closed) for h in await storage.stream_list("i1")}
+        assert heads == {"a": (6, False), "b": (4, True)}
+
+
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_a_write_batch_probes_the_writer_index_per_item_on_postgres(
+    pg_url: str, plan_cache_mode: str
+) -> None:
+    """EXPLAIN ANALYZE of the real statement, 64 items into 64 streams as the benchmark's batches are, over
+    64,000 stored items and 1,000 closed streams, with the custom plan and the generic one asyncpg switches
+    to: geste_streams is read only by one probe of the writer index per item (never a scan, nor a hash of
+    the whole table), the heads only by the upsert (no probe per item), the insert checks the writer index
+    only (positions come from the locked heads), and with no reader registered the readers' table is not
+    probed per stream."""
+    import asyncpg
+
+    from geste.storage.postgres import parse_postgres_url, schema_queries
+
+    from .support import plan_nodes, sql_literal
+
+    dsn, options = parse_postgres_url(pg_url)
+    query = schema_queries(options["schema"])["stream_write"]
+    async with geste.App(pg_url, run_worker=False):  # migrated
+        conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
+        try:
+            await conn.execute(
+                "INSERT INTO geste_streams (instance_id, key, position, writer, item, written_at) "
+                "SELECT 'i' || s, 'tokens', b, '1:' || b, '\"t\"', 1 "
+                "FROM generate_series(0, 63) s, generate_series(0, 999) b"
+            )
+            await conn.execute(
+                "INSERT INTO geste_stream_heads SELECT 'i' || s, 'tokens', 1000, false "
+                "FROM generate_series(0, 63) s UNION ALL "
+                "SELECT 'c' || s, 'tokens', 0, true FROM generate_series(0, 999) s"
+            )
+            await conn.execute("VACUUM ANALYZE geste_streams")
+            await conn.execute("VACUUM ANALYZE geste_stream_heads")
+            await conn.execute(f"SET plan_cache_mode = {plan_cache_mode}")
+            ids = [f"i{s}" for s in range(64)]
+            params = (ids, ["tokens"] * 64, ["1:1000"] * 64, ['"t"'] * 64, 2.0)
+            arguments = ", ".join(sql_literal(value) for value in params)
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await conn.execute(f"PREPARE plan_under_test AS {query}")
+                found = await conn.fetchval(
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE plan_under_test({arguments})"
+                )
+                written = await conn.fetchval("SELECT count(*) FROM geste_streams WHERE writer = '1:1000'")
+            finally:
+                await transaction.rollback()
+        finally:
+            await conn.close()
+        nodes = plan_nodes(json.loads(found)[0]["Plan"])
+        shown = [
+            (n["Node Type"], n.get("Relation Name"), n.get("Index Name"), n["Actual Loops"]) for n in nodes
+        ]
+        assert written == 64
+        reads = [
+            n for n in nodes if n.get("Relation Name") == "geste_streams" and n["Node Type"] != "ModifyTable"
+        ]
+        assert [(n["Node Type"], n["Index Name"], n["Actual Loops"]) for n in reads] == [
+            ("Index Only Scan", "geste_streams_by_writer", 64)
+        ], shown
+        heads = [n for n in nodes if n.get("Relation Name") == "geste_stream_heads"]
+        assert [n["Node Type"] for n in heads] == ["ModifyTable"], shown
+        insert = next(
+            n for n in nodes if n["Node Type"] == "ModifyTable" and n["Relation Name"] == "geste_streams"
+        )
+        assert insert["Conflict Arbiter Indexes"] == ["geste_streams_by_writer"], insert
+        probes = [n for n in nodes if n.get("Index Name") == "geste_stream_readers_pkey"]
+        assert all(n["Actual Loops"] == 0 for n in probes), shown

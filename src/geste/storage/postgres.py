@@ -693,6 +693,19 @@ class PostgresStorage(base.Storage):
     async def stream_write(self, writes: Sequence[base.StreamWrite], now: float) -> list[tuple[str, str]]:
         if not writes:
             return []
+        # As SQLite does: a writer twice in one batch is written once (the statement counts each item it
+        # does not find stored: a second copy would take a position its ON CONFLICT then leaves empty), and
+        # the items after a close of their stream in the batch are dropped (the statement checks the heads
+        # before the batch only).
+        kept: dict[tuple[str, str, str], base.StreamWrite] = {}
+        closing: set[tuple[str, str]] = set()
+        for w in writes:
+            if (w.instance_id, w.key) not in closing:
+                kept.setdefault((w.instance_id, w.key, w.writer), w)
+                if w.item is None:
+                    closing.add((w.instance_id, w.key))
+        if len(kept) < len(writes):
+            writes = list(kept.values())
 
         async def go(conn: Conn) -> list[tuple[str, str]]:
             found = await conn.fetch(

@@ -2424,9 +2424,15 @@ RETURNING true AS watched;
 -- stream key, writer, item; a NULL item closes the stream), $5 the time. An item whose writer the stream
 -- holds already (a replay's or a retried activity's rewrite) or whose stream is closed is dropped. Each
 -- stream's head row is locked by the upsert until the commit, so a stream's positions follow its commits
--- (a later batch's items come after, and commit after). A concurrent duplicate (two processes writing one
--- writer) is dropped by ON CONFLICT and leaves a gap, which readers skip. Returns the streams written that
--- have a reader registered (geste_stream_readers, by key): the caller notifies those after the commit.
+-- (a later batch's items come after, and commit after); the upserts go in key order, so two batches of two
+-- processes lock their common heads in one order (no deadlock). A closed head is not updated, so no row of
+-- it is returned and its items are joined away (no probe of the heads per item). A concurrent duplicate
+-- (two processes writing one writer) is dropped by ON CONFLICT on the writer index and leaves a gap, which
+-- readers skip; positions cannot conflict (the locked head gives them), so the primary key is not an
+-- arbiter (no check of it before each insert). The writer probe is one index probe per item (OFFSET 0: a
+-- subplan, never a hash of the whole table, which the planner picks while the table is small). Returns the
+-- streams written that have a reader registered (geste_stream_readers, by key, probed only when the table
+-- has a row at all): the caller notifies those after the commit.
 WITH input AS (
     SELECT u.instance_id, u.key, u.writer, u.item, u.ord
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
@@ -2434,17 +2440,18 @@ WITH input AS (
 ), fresh AS (
     SELECT i.* FROM input i
     WHERE NOT EXISTS (SELECT 1 FROM {schema}.geste_streams s
-                      WHERE s.instance_id = i.instance_id AND s.key = i.key AND s.writer = i.writer)
-      AND NOT EXISTS (SELECT 1 FROM {schema}.geste_stream_heads h
-                      WHERE h.instance_id = i.instance_id AND h.key = i.key AND h.closed)
+                      WHERE s.instance_id = i.instance_id AND s.key = i.key AND s.writer = i.writer
+                      OFFSET 0)
 ), counts AS (
     SELECT instance_id, key, count(*) AS n, bool_or(item IS NULL) AS closing
     FROM fresh GROUP BY instance_id, key
+    ORDER BY instance_id, key
 ), heads AS (
     INSERT INTO {schema}.geste_stream_heads AS h (instance_id, key, next_position, closed)
     SELECT instance_id, key, n, closing FROM counts
     ON CONFLICT (instance_id, key) DO UPDATE
-        SET next_position = h.next_position + excluded.next_position, closed = h.closed OR excluded.closed
+        SET next_position = h.next_position + excluded.next_position, closed = excluded.closed
+        WHERE NOT h.closed
     RETURNING h.instance_id, h.key, h.next_position
 ), written AS (
     INSERT INTO {schema}.geste_streams (instance_id, key, position, writer, item, written_at)
@@ -2454,11 +2461,12 @@ WITH input AS (
     FROM fresh f
     JOIN counts c ON c.instance_id = f.instance_id AND c.key = f.key
     JOIN heads h ON h.instance_id = f.instance_id AND h.key = f.key
-    ON CONFLICT DO NOTHING
+    ON CONFLICT (instance_id, key, writer) DO NOTHING
     RETURNING instance_id, key
 )
 SELECT DISTINCT w.instance_id, w.key FROM written w
-WHERE EXISTS (SELECT 1 FROM {schema}.geste_stream_readers r
+WHERE EXISTS (SELECT 1 FROM {schema}.geste_stream_readers)
+  AND EXISTS (SELECT 1 FROM {schema}.geste_stream_readers r
               WHERE r.instance_id = w.instance_id AND r.key = w.key);
 
 -- name: stream_read
