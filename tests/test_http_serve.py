@@ -1,7 +1,8 @@
 """``geste serve`` end to end: a real uvicorn subprocess, driven over HTTP (httpx), stopped with signals.
 
-Also the README's HTTP example, run as written (its ``curl`` commands, read as curl reads them and sent
-with httpx, against ``geste serve shop:app``: no curl needed), and the command's one-line errors.
+Also the HTTP guide's example (docs/http.md), run as written (its ``curl`` commands, read as curl reads
+them and sent with httpx, against ``geste serve shop:app``: no curl needed), and the command's one-line
+errors.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .conftest import die_with_parent
 from .support import run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+HTTP_GUIDE = ROOT / "docs" / "http.md"
 
 
 def free_port() -> int:
@@ -53,8 +54,8 @@ def call(
 
 
 def curl_command(command: str) -> tuple[str, str, dict[str, str], str | None]:
-    """A README ``curl`` command read as curl reads it: (method, URL, headers, data). An option this
-    test does not know fails it (the README would then need checking by hand)."""
+    """A ``curl`` command of the HTTP guide read as curl reads it: (method, URL, headers, data). An option
+    this test does not know fails it (the guide would then need checking by hand)."""
     words = shlex.split(command.replace("\\\n", " "))
     assert words[0] == "curl", command
     method, url, headers, data = "", "", {}, None
@@ -164,9 +165,8 @@ def test_an_event_sent_over_http_completes_the_waiting_workflow(
     assert "Traceback" not in log
 
 
-def test_the_readme_http_example_runs_as_written(serve: Callable[..., Server], tmp_path: Path) -> None:
-    section = README.read_text(encoding="utf-8").split("## HTTP: CloudEvents and the API", 1)[1]
-    section = section.split("\n## ", 1)[0]
+def test_the_http_guide_example_runs_as_written(serve: Callable[..., Server], tmp_path: Path) -> None:
+    section = HTTP_GUIDE.read_text(encoding="utf-8")  # docs/http.md, the guide (the README's section once)
     (code,) = re.findall(r"```py\n(.*?)```", section, re.DOTALL)
     blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
     assert "geste serve shop:app" in blocks[0]

@@ -366,7 +366,7 @@ class App(OpenClose):
 
     @property
     def metrics(self) -> Metrics:
-        """This App's metrics (README, "Metrics"): ``await app.metrics.snapshot()``; ``GET /metrics``."""
+        """This App's metrics (docs/metrics.md): ``await app.metrics.snapshot()``; ``GET /metrics``."""
         return self._parts.metrics
 
     @property
@@ -942,7 +942,8 @@ class App(OpenClose):
         """Publish ``data`` (JSON-serialisable) on ``channel`` from outside a workflow; return its id.
 
         Every broadcast subscriber of the channel gets it, one of its competing subscribers takes it
-        (README, "Channels"); the waiting ones are woken. A ``message_id`` published twice is stored once.
+        (docs/guide.md, "Channels"); the waiting ones are woken. A ``message_id`` published twice is
+        stored once.
         ``connection``: written in your transaction, as ``send_event`` (docs/transactions.md).
         """
         return await self.client.publish(channel, data, message_id=message_id, connection=connection)
@@ -968,7 +969,7 @@ class App(OpenClose):
 
     def asgi(self, *, token: str | None = None, max_body_bytes: int | None = None) -> GesteASGI:
         """This App as an ASGI application: CloudEvents at ``POST /events``, and endpoints to start,
-        look at and cancel instances (README, "HTTP: CloudEvents and the API"); ``geste serve`` runs it.
+        look at and cancel instances (docs/http.md, "HTTP: CloudEvents and the API"); ``geste serve`` runs it.
 
         ``token`` (default ``$GESTE_HTTP_TOKEN``) makes every endpoint but ``/health`` require
         ``Authorization: Bearer <token>``; bodies over ``max_body_bytes`` (default ``max_payload_bytes``

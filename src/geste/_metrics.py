@@ -41,7 +41,7 @@ TIMER = "timer"
 POLL = "poll"
 BACKLOG = "backlog"
 WAKE_CAUSES = (START, NOTIFY, LOCAL, TIMER, POLL, BACKLOG)
-"""Why a worker ran a claim round (or, for ``start``, an instance at all); see the README's "Metrics"."""
+"""Why a worker ran a claim round (or, for ``start``, an instance at all); see docs/metrics.md, "Metrics"."""
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Upper bounds (seconds) of the wake-up latency histogram: from a millisecond (a notification) to a

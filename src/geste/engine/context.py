@@ -648,7 +648,7 @@ class WorkflowContext:
         A step of its own: its history row and the outbox row commit in one transaction (with the
         buffered rows before it), so the event exists exactly when the step is recorded, and a replay
         returns the recorded id without emitting it again. The relay delivers it at least once, after
-        this instance's earlier events (README, "The transactional outbox"). ``event_id`` defaults to
+        this instance's earlier events (docs/guide.md, "The transactional outbox"). ``event_id`` defaults to
         ``"<instance id>:<seq>"`` (``"<instance id>:<run>.<seq>"`` after a ``continue_as_new``), the same
         on every replay; an id already in the outbox is not stored again. ``source`` defaults to
         ``/geste/<workflow name>``.

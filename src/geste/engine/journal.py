@@ -60,7 +60,7 @@ logger = logging.getLogger("geste.engine")
 LONG_HISTORY_STEPS = 10_000
 """A run whose history passes this many steps is warned about, once (a log line and
 ``geste_long_histories_total``), and ``ctx.continue_as_new_suggested`` says so: each resume replays the
-whole history, so its cost grows with it (README, "Long-lived workflows: continue as new")."""
+whole history, so its cost grows with it (docs/guide.md, "Long-lived workflows: continue as new")."""
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Step)

@@ -89,7 +89,7 @@ _STATUS_OF_ERROR: tuple[tuple[type[GesteError], int], ...] = (
 
 
 class GesteASGI:
-    """An App served over HTTP (``app.asgi()``); see the README's "HTTP: CloudEvents and the API".
+    """An App served over HTTP (``app.asgi()``); see docs/http.md, "HTTP: CloudEvents and the API".
 
     ``token`` (default: ``$GESTE_HTTP_TOKEN``) makes every endpoint but ``GET /health`` require
     ``Authorization: Bearer <token>``. Request bodies over ``max_body_bytes`` (default: the App's
