@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -17,7 +20,7 @@ import geste
 from geste._versions import SEPARATOR, claim_keys, source_version
 
 from .processes import WorkerProcesses
-from .support import raw_query, run_cli, wait_status
+from .support import raw_query, run_cli, wait_status, wait_until
 
 
 def steps(group: WorkerProcesses, instance_id: str) -> list[tuple[str, str, str]]:
@@ -321,3 +324,118 @@ async def test_the_viewer_and_the_cli_show_versions_and_pinned_instances_no_work
             "runnable, pinned to version v1, but no live worker of it registers them: flow 1" in result.output
         )
         assert (await worker.get_instance("f1")).status is geste.Status.PENDING
+
+
+# -- a pinned instance's wake-up is routed to a worker of its version ------------------------------------
+@pytest.fixture
+def own_database() -> Iterator[str]:
+    """A PostgreSQL database of this test's own: a notification of another test run without a schema (an
+    older geste's) would make every worker here run a whole claim, which could take the instance."""
+    from .conftest import POSTGRES_URL, _admin
+
+    name = f"geste_versions_{uuid.uuid4().hex[:12]}"
+    _admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(POSTGRES_URL)._replace(path=f"/{name}"))
+    finally:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def versioned_app(url: str, version: str, **options: Any) -> geste.App:
+    """An App of ``version`` whose two pinned workflows say which version ran them. Its poll net runs
+    every minute (``min(notify_fallback_interval, lock_timeout)``): never within a test's wait."""
+    app = geste.App(
+        url,
+        version=version,
+        worker_id=f"worker-{version}",
+        lock_timeout=60.0,
+        notify_fallback_interval=60.0,
+        **options,
+    )
+
+    @app.workflow(versioning="pinned")
+    async def leaf(ctx: geste.WorkflowContext) -> str:
+        return version
+
+    @app.workflow(versioning="pinned")
+    async def trunk(ctx: geste.WorkflowContext, child_id: str) -> list[str]:
+        child = await ctx.start_child(leaf, child_id=child_id)
+        return [version, await child.result()]
+
+    return app
+
+
+def hashed_to(worker: str, among: list[str], prefix: str) -> str:
+    """An instance id whose wake-up, routed by a hash over ``among``, goes to ``worker``."""
+    from geste.runtime.routing import score
+
+    for n in range(10_000):
+        key = f"{prefix}-{n}"
+        if max(among, key=lambda w: score(key, w)) == worker:
+            return key
+    raise AssertionError("no key found")  # pragma: no cover
+
+
+async def test_a_pinned_instances_wake_ups_are_routed_to_a_worker_of_its_version(own_database: str) -> None:
+    """Workers of v1 and v2 run, both registering the pinned workflows. A client of v1 starts an instance
+    (its notification names no worker: routed by a hash), which starts a child (the same), whose end
+    wakes the parent. Both ids hash to the v2 worker among the workers of the workflow's name: routed by
+    name, v2 got the wake-ups and could not claim them (claim_ids matches the runner), and they waited
+    for v1's poll net, a minute away. Routed by runner, v1's worker is the only candidate: it claims each
+    by id at once, v2's never hears of them, and no whole claim (a poll) takes them."""
+    v1, v2 = versioned_app(own_database, "v1"), versioned_app(own_database, "v2")
+    client = versioned_app(own_database, "v1", run_worker=False)
+    by_id: dict[str, list[str]] = {"worker-v1": [], "worker-v2": []}
+    by_poll: list[str] = []
+    for app in (v1, v2):
+        claim_ids = app.storage.claim_ids
+
+        async def counted(*args: Any, _claim: Any = claim_ids, _w: str = app.worker_id, **kw: Any) -> Any:
+            by_id[_w].extend(args[3])
+            return await _claim(*args, **kw)
+
+        app.storage.claim_ids = counted  # type: ignore[method-assign]
+        whole_claim = app.storage.claim
+
+        async def whole(*args: Any, _claim: Any = whole_claim, **kw: Any) -> Any:
+            taken = await _claim(*args, **kw)
+            by_poll.extend(c.lease.instance_id for c in taken)
+            return taken
+
+        app.storage.claim = whole  # type: ignore[method-assign]
+
+    async with v1, v2, client:
+
+        async def listening() -> bool:
+            rows = await raw_query(own_database, "SELECT listener FROM geste_workers")
+            return len(rows) == 2 and all('"listening"' in (r["listener"] or "") for r in rows)
+
+        await wait_until(listening, "both workers to register as listening")
+        for app in (v1, v2):  # then each reads the other as listening: the views agree
+            worker = app._worker
+            assert worker is not None
+            await worker.beat()
+        workers = ["worker-v1", "worker-v2"]
+        trunk_id, leaf_id = hashed_to("worker-v2", workers, "trunk"), hashed_to("worker-v2", workers, "leaf")
+        for app in (v1, v2):
+            router = app._worker.router  # type: ignore[union-attr]
+            assert router is not None
+            assert router.target(trunk_id, "trunk") == "worker-v2"  # by name: v2, which cannot claim it
+            assert router.target(leaf_id, "leaf") == "worker-v2"
+            assert router.target(trunk_id, f"trunk{SEPARATOR}v1") == "worker-v1"  # by runner: v1 only
+            assert router.target(trunk_id, f"trunk{SEPARATOR}v2") == "worker-v2"
+
+        handle = await client.workflows["trunk"].start_with_id(trunk_id, leaf_id)
+        assert await handle.result(timeout=20) == ["v1", "v1"]
+
+    assert by_id["worker-v2"] == []  # never routed to the worker of the other version
+    assert by_id["worker-v1"].count(trunk_id) == 2  # its start, then the child's end
+    assert by_id["worker-v1"].count(leaf_id) == 1  # its start
+    assert trunk_id not in by_poll and leaf_id not in by_poll
+    rows = await raw_query(
+        own_database, "SELECT instance_id, runner, last_worker FROM geste_instances ORDER BY instance_id"
+    )
+    assert {r["instance_id"]: (r["runner"], r["last_worker"]) for r in rows} == {
+        trunk_id: (f"trunk{SEPARATOR}v1", "worker-v1"),
+        leaf_id: (f"leaf{SEPARATOR}v1", "worker-v1"),
+    }

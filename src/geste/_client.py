@@ -32,7 +32,7 @@ from ._state import StateWaits
 from ._steps import read_row
 from ._streams import Streams
 from ._validation import check_channel, check_id, check_name, findable, storable_text
-from ._versions import Versioning
+from ._versions import Versioning, runner_key
 from .errors import (
     AppNotOpenError,
     ConfigurationError,
@@ -327,7 +327,16 @@ class Client:
         if worker is not None:
             if lease is not None:
                 claim = (
-                    Claim(lease, workflow.name, stored, Status.RUNNING, now, False, deadline=due)
+                    Claim(
+                        lease,
+                        workflow.name,
+                        stored,
+                        Status.RUNNING,
+                        now,
+                        False,
+                        deadline=due,
+                        runner=runner_key(workflow.name, new.version, True) if new.pinned else None,
+                    )
                     if created
                     else None
                 )

@@ -200,6 +200,7 @@ class Runtime(OpenClose):
             wakeups.router = Router(
                 options.worker_id,
                 workflows=lambda: self.runner.workflows if unqueued else (),
+                claim_keys=lambda: self.runner.claim_keys() if unqueued else (),
                 relay=options.outbox.enabled,
                 lock_timeout=options.lock_timeout,
                 clock=self.clock,

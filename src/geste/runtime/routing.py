@@ -6,14 +6,20 @@ nothing (no claim statement). The wake-up of an instance goes to:
 
 - the worker the notification names (``worker``: the instance's ``last_worker``, the one that suspended
   it or gave it back; for a timer, the worker that keeps it), when that worker is routable and registers
-  the instance's workflow: a run it may still hold in memory goes back to it;
+  the instance's key: a run it may still hold in memory goes back to it;
 - otherwise the highest score of a hash of the instance id with each routable worker that registers the
-  workflow (rendezvous hashing), leaving out ``avoid`` (the worker that gave the instance back or handed
+  key (rendezvous hashing), leaving out ``avoid`` (the worker that gave the instance back or handed
   it on). When a worker joins, only the instances whose new highest score is its own move, to it; when
   one leaves, only its own move. Two views that differ by a joining worker therefore agree on everything
   but what moves to it, which both it and the worker it moves from may claim: harmless, a claim is
   ``FOR UPDATE SKIP LOCKED``. Views that differ by a leaving worker may leave an instance to nobody until
   they agree (at most ``ROUTABLE_SLACK`` plus two heartbeat periods): the poll net takes it meanwhile.
+
+The key (the payload's ``workflow_name``) is what a claim matches, ``coalesce(runner, workflow_name)``
+(schema 27): the workflow's name, or, for an instance pinned to a version, the name U+001F the version. A
+worker registers its claim keys (``geste_workers.workflows``): its workflows' names, and each pinned one's
+name with its own version. So a pinned instance's wake-up goes only to a worker of its version (the others
+could not claim it), and an unpinned one's as before, by name.
 
 A worker is **routable** while it has heartbeated within two of its heartbeat periods (its
 ``lock_timeout / 3``; or one of its periods plus one of this worker's, if longer, as this view is only
@@ -39,6 +45,9 @@ from typing import Any
 
 from ..storage.base import WorkerRow
 
+RUNNER_SEPARATOR = "\x1f"
+"""Between the name and the version in a pinned instance's runner (``_versions.SEPARATOR``, which no
+workflow name holds): a key without it is a name."""
 ROUTABLE_SLACK = 1.0
 """Seconds of lateness a heartbeat may have (a busy process, a slow statement) before its worker stops
 being routable. Too short costs duplicate claims (harmless), too long delays routing around a dead worker."""
@@ -57,7 +66,8 @@ class Peer:
     period: float
     """Its heartbeat period (its ``lock_timeout / 3``)."""
     workflows: frozenset[str] | None
-    """What it registers (None: a geste older than schema 9, which claimed any workflow)."""
+    """What it registers: its claim keys (schema 27: names, and a pinned workflow's name with the worker's
+    version; None: a geste older than schema 9, which claimed any workflow)."""
     relay: bool
     listening: bool
     has_room: bool
@@ -143,6 +153,7 @@ class Router:
         worker_id: str,
         *,
         workflows: Callable[[], Collection[str]],
+        claim_keys: Callable[[], Collection[str]] | None = None,
         relay: bool,
         lock_timeout: float,
         clock: Callable[[], float],
@@ -150,8 +161,11 @@ class Router:
     ) -> None:
         self.worker_id = worker_id
         self.workflows = workflows
-        """The workflows this worker registers now (read at each decision: a registration on an open App
-        counts at once)."""
+        """The workflows this worker registers now, by name (read at each decision: a registration on an
+        open App counts at once)."""
+        self.claim_keys = claim_keys
+        """What it claims (``Runner.claim_keys``: the names, and the pinned ones' runners of its version),
+        read only for a pinned instance's key: an unpinned one's key is its name (``workflows``)."""
         self.relay = relay
         self.lock_timeout = lock_timeout
         self.clock = clock
@@ -178,13 +192,23 @@ class Router:
         stale = max(2 * peer.period, peer.period + self.lock_timeout / 3) + ROUTABLE_SLACK
         return peer.listening and now - peer.heartbeat_at <= stale
 
+    def claims(self, key: str | None) -> bool:
+        """Whether this worker claims the instances routed by ``key``: a name it registers (one lookup, as
+        before schema 27), or a runner (name U+001F version) among its claim keys: a pinned workflow
+        registered by a worker of that version."""
+        if key is None:
+            return False
+        if key in self.workflows():
+            return True
+        return RUNNER_SEPARATOR in key and self.claim_keys is not None and key in self.claim_keys()
+
     def _candidates(self, workflow: str | None, avoid: object, now: float) -> list[str]:
         found = [
             p.worker_id
             for p in self.peers.values()
             if p.worker_id != avoid and p.serves(workflow) and self.routable(p, now)
         ]
-        if self.worker_id != avoid and workflow is not None and workflow in self.workflows():
+        if self.worker_id != avoid and self.claims(workflow):
             found.append(self.worker_id)
         return found
 
@@ -192,7 +216,7 @@ class Router:
         now = self.clock()
         if isinstance(worker, str) and worker != avoid:
             if worker == self.worker_id:
-                if workflow is not None and workflow in self.workflows():
+                if self.claims(workflow):
                     return worker
             else:
                 peer = self.peers.get(worker)
@@ -210,7 +234,8 @@ class Router:
     def target(
         self, instance_id: str, workflow: str | None, worker: object = None, avoid: object = None
     ) -> str | None:
-        """The worker the wake-up of ``instance_id`` goes to (None: no routable worker registers it)."""
+        """The worker the wake-up of ``instance_id`` goes to (None: no routable worker registers it).
+        ``workflow`` is the key it is routed by: its name, or a pinned instance's runner."""
         return self._chosen(instance_id, worker, workflow, avoid)
 
     def mine(

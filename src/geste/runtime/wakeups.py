@@ -160,6 +160,8 @@ class Routed:
     """A wake-up routed to this worker: the instance to claim by id, and why."""
 
     workflow: str | None
+    """What it is routed by: its workflow's name, or, for a pinned instance, its runner (name U+001F
+    version: the notifications name ``coalesce(runner, workflow_name)``, schema 27)."""
     cause: str
     forwardable: bool = True
     """Whether a full worker may hand it on (not one handed on already: once is enough)."""
@@ -554,8 +556,10 @@ class Listener(Loop):
 
     @staticmethod
     def _names(body: dict[str, Any]) -> tuple[str | None, str | None]:
-        """The instance id and workflow name a payload routes by (None: a payload without them, of an
-        older geste, which every worker acts on as it did)."""
+        """The instance id and the key a payload routes by (None: a payload without them, of an older
+        geste, which every worker acts on as it did). The key is the payload's ``workflow_name``, which
+        holds ``coalesce(runner, workflow_name)`` (schema 27): the name, or, for a pinned instance, the
+        name and its version, which only the workers of that version register (``Router``)."""
         instance_id, workflow = body.get("instance_id"), body.get("workflow_name")
         if isinstance(instance_id, str) and isinstance(workflow, str):
             return instance_id, workflow

@@ -152,7 +152,8 @@ class Worker(Loop):
         self.relay = relay
         """Whether this process runs an outbox relay (shown in the registry: outbox wake-ups go to one)."""
         self._names: dict[str, str] = {}
-        """The workflow of each instance running here (its timer, if it suspends, is routed with it)."""
+        """What each instance running here is routed by (``Claim.route_key``: its workflow's name, or its
+        runner when pinned): its timer, if it suspends, is routed with it (handed on, if ever, by it)."""
         self._poll_at = 0.0
         """While routing: when the next whole claim round (the poll net) is due."""
         self._db_next: float | None = None
@@ -371,7 +372,7 @@ class Worker(Loop):
         instance_id = claim.lease.instance_id
         task = asyncio.create_task(self._run(claim, history, cause), name=f"geste-run-{instance_id}")
         self._running[instance_id] = (claim.lease, task)
-        self._names[instance_id] = claim.workflow_name
+        self._names[instance_id] = claim.route_key
 
     async def _run(self, claim: Claim, history: Sequence[HistoryRow] | None, cause: str) -> None:
         instance_id = claim.lease.instance_id
@@ -404,7 +405,7 @@ class Worker(Loop):
             with contextlib.suppress(Exception):  # else the lease expires by itself
                 run_at = self.clock() + delay
                 await self.storage.release([claim.lease], self.clock(), run_at=run_at)
-                self.wakeups.wake_at(run_at, instance_id, claim.workflow_name)  # this worker's timer
+                self.wakeups.wake_at(run_at, instance_id, claim.route_key)  # this worker's timer
         finally:
             current = self._running.get(instance_id)
             if current is not None and current[0] == claim.lease:

@@ -136,6 +136,7 @@ def claim(
         r["run"],
         r["deadline"],
         _awaited(r),
+        _column(r, "runner", None),
     )
 
 

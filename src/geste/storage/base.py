@@ -128,6 +128,15 @@ class Claim:
     awaited: tuple[str, ChildState] | None = None
     """The id and end of the child whose end the instance's suspension awaited, when the claim read it
     (schema 21): the child had ended, and the parent goes on without reading it. None otherwise."""
+    runner: str | None = None
+    """Its ``runner`` (schema 27): the name and the version of a pinned instance, None for the others (and
+    in a queue's claim, which does not read it). A wake-up of the instance is routed by ``route_key``."""
+
+    @property
+    def route_key(self) -> str:
+        """What its wake-ups are routed by, as the notifications name it: ``coalesce(runner, workflow_name)``
+        (only the workers of a pinned instance's version register its runner)."""
+        return self.runner or self.workflow_name
 
 
 class Claims(list[Claim]):

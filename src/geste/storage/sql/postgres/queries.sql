@@ -35,17 +35,18 @@ WITH inserted AS (
             $6, $7, $8, nextval('{schema}.geste_events_seq_seq'), $10, $11, $12, $13)
     ON CONFLICT (instance_id) DO NOTHING
     RETURNING instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-              run_at, locked_by, lock_expires_at, cancel_requested, steps
+              run_at, locked_by, lock_expires_at, cancel_requested, steps, runner
 ), notified AS (  -- a new instance nobody holds: a worker elsewhere may take it at once
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', $1::text, 'workflow_name', $2::text, 'worker', NULL,
+                     json_build_object('instance_id', $1::text, 'workflow_name', coalesce(runner, $2::text),
+                                       'worker', NULL,
                                        'schema', {schema_name})::text)
     FROM inserted WHERE $9 AND $7::text IS NULL
 )
 SELECT true AS created, *, (SELECT count(*) FROM notified) AS notified FROM inserted
 UNION ALL
 SELECT false, instance_id, workflow_name, status, input, result, error, created_at, updated_at, finished_at,
-       run_at, locked_by, lock_expires_at, cancel_requested, steps, 0
+       run_at, locked_by, lock_expires_at, cancel_requested, steps, runner, 0
 FROM {schema}.geste_instances WHERE instance_id = $1 AND NOT EXISTS (SELECT 1 FROM inserted);
 
 -- name: transaction_isolation
@@ -144,10 +145,12 @@ WITH cancelled AS (
     SET run_at = CASE WHEN p.lease_id IS NULL AND p.status = 'waiting' THEN LEAST(p.run_at, $2, {db_clock})
                       ELSE p.run_at END
     FROM cancelled c WHERE p.instance_id = c.parent_id
-    RETURNING p.instance_id, p.workflow_name, p.last_worker, p.lease_id IS NULL AND p.status = 'waiting' AS woken
+    RETURNING p.instance_id, p.workflow_name, p.runner, p.last_worker,
+              p.lease_id IS NULL AND p.status = 'waiting' AS woken
 ), parent_notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                     json_build_object('instance_id', instance_id,
+                                       'workflow_name', coalesce(runner, workflow_name),
                                        'worker', last_worker, 'schema', {schema_name})::text)
     FROM parent WHERE $3 AND woken
 ), awaited AS (
@@ -174,11 +177,12 @@ WITH flagged AS (
     SET cancel_requested = true, updated_at = $2,
         run_at = CASE WHEN lease_id IS NULL THEN LEAST(run_at, $2, {db_clock}) ELSE run_at END
     WHERE instance_id = $1 AND status IN ('pending', 'running', 'waiting', 'compensating')
-    RETURNING instance_id, workflow_name, lease_id, last_worker, locked_by
+    RETURNING instance_id, workflow_name, runner, lease_id, last_worker, locked_by
 )
 SELECT count(CASE WHEN lease_id IS NULL
                   THEN pg_notify('geste_workflow_resumable',
-                                 json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                 json_build_object('instance_id', instance_id,
+                                                   'workflow_name', coalesce(runner, workflow_name),
                                                    'worker', last_worker, 'schema', {schema_name})::text)
                   ELSE pg_notify('geste_workflow_resumable',
                                  json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
@@ -224,10 +228,11 @@ WITH cut AS (
         updated_at = $2,
         steps = steps - (SELECT count(*) FROM removed)
     WHERE instance_id = $1 AND status = 'failed'
-    RETURNING instance_id, workflow_name, last_worker
+    RETURNING instance_id, workflow_name, runner, last_worker
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                     json_build_object('instance_id', instance_id,
+                                       'workflow_name', coalesce(runner, workflow_name),
                                        'worker', last_worker, 'schema', {schema_name})::text)
     FROM reopened WHERE $3
 )
@@ -256,10 +261,11 @@ WITH resumed AS (
                       WHEN $3 THEN LEAST($2, {db_clock}) ELSE LEAST(run_at, $2, {db_clock}) END,
         updated_at = $2
     WHERE instance_id = $1
-    RETURNING instance_id, workflow_name, lease_id, lock_expires_at, last_worker
+    RETURNING instance_id, workflow_name, runner, lease_id, lock_expires_at, last_worker
 )
 SELECT count(pg_notify('geste_workflow_resumable',
-                       json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                       json_build_object('instance_id', instance_id,
+                                         'workflow_name', coalesce(runner, workflow_name),
                                          'worker', last_worker, 'schema', {schema_name})::text))
        AS notified
 FROM resumed WHERE $4 AND (lease_id IS NULL OR lock_expires_at <= $2);
@@ -333,7 +339,7 @@ WITH expired AS (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run, i.steps, i.deadline, i.awaits
+              i.run, i.steps, i.deadline, i.awaits, i.runner
 )
 (SELECT c.*, p.run_at, p.expired_at, h.*, aw.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
@@ -351,7 +357,7 @@ WITH expired AS (
  ) AS aw ON true
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT run_at FROM {schema}.geste_instances
         WHERE coalesce(runner, workflow_name) = ANY(ARRAY[$7::text]) AND run_at > $6 AND run_at < 'Infinity'
           AND lease_id IS NULL
@@ -410,7 +416,7 @@ WITH heads AS (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run, i.steps, i.deadline, i.awaits
+              i.run, i.steps, i.deadline, i.awaits, i.runner
 )
 (SELECT c.*, p.run_at, p.expired_at, h.*, aw.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
@@ -428,7 +434,7 @@ WITH heads AS (
  ) AS aw ON true
  ORDER BY p.run_at)
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at),
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, min(n.run_at),
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM {schema}.geste_names($7::text[]) AS w(name)
 CROSS JOIN LATERAL (
@@ -472,7 +478,7 @@ WITH named AS MATERIALIZED (
         updated_at = $3
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM picked))
     RETURNING i.instance_id, i.lease_id, i.workflow_name, i.input, i.status, i.created_at, i.cancel_requested,
-              i.run, i.steps, i.deadline, i.awaits
+              i.run, i.steps, i.deadline, i.awaits, i.runner
 )
 (SELECT c.*, p.run_at, p.expired_at, h.*, aw.*
  FROM claimed c JOIN picked p ON p.instance_id = c.instance_id
@@ -490,7 +496,7 @@ WITH named AS MATERIALIZED (
  ) AS aw ON true
  ORDER BY p.run_at)
 UNION ALL
-SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
+SELECT instance_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, run_at,
        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM named
 WHERE runner = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
@@ -498,8 +504,9 @@ WHERE runner = ANY($8::text[]) AND run_at > $6 AND lease_id IS NULL
 
 -- name: route_wakeups
 -- A worker that cannot take the instances routed to it (full, or stopping) hands them on, once: one
--- geste_workflow_resumable per instance ($1 ids, $2 workflow names), naming it as the worker to avoid
--- ($3), so that the listeners route each to another live worker (schema 13).
+-- geste_workflow_resumable per instance ($1 ids, $2 what each is routed by: coalesce(runner,
+-- workflow_name), as the notification or the claim that brought it here gave it), naming it as the worker
+-- to avoid ($3), so that the listeners route each to another live worker (schema 13).
 SELECT count(pg_notify('geste_workflow_resumable',
                        json_build_object('instance_id', r.instance_id, 'workflow_name', r.workflow_name,
                                          'worker', NULL, 'avoid', $3::text, 'forwarded', true,
@@ -555,16 +562,16 @@ WITH released AS (
         last_worker = i.locked_by
     FROM unnest($3::text[], $4::text[]) AS l(instance_id, lease_id)
     WHERE i.instance_id = l.instance_id AND i.lease_id = l.lease_id
-    RETURNING i.instance_id, i.workflow_name, i.last_worker
+    RETURNING i.instance_id, coalesce(i.runner, i.workflow_name) AS runner, i.last_worker
 )
 SELECT count(CASE WHEN $1 <= $2
                   THEN pg_notify('geste_workflow_resumable',
-                                 json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                                 json_build_object('instance_id', instance_id, 'workflow_name', runner,
                                                    'worker', NULL, 'avoid', last_worker,
                                                    'schema', {schema_name})::text)
                   ELSE pg_notify('geste_timer_expired',
                                  json_build_object('instance_id', instance_id, 'timer_id', NULL,
-                                                   'expires_at', $1, 'workflow_name', workflow_name,
+                                                   'expires_at', $1, 'workflow_name', runner,
                                                    'worker', last_worker, 'schema', {schema_name})::text)
              END) AS notified
 FROM released WHERE $5;
@@ -663,7 +670,7 @@ WITH lease AS (
         last_worker = locked_by, awaits = $14
     WHERE instance_id = $1 AND lease_id = $2 AND NOT cancel_requested
       AND NOT EXISTS (SELECT 1 FROM awaited WHERE status IN ('completed', 'failed', 'cancelled'))
-    RETURNING instance_id, workflow_name, last_worker
+    RETURNING instance_id, coalesce(runner, workflow_name) AS runner, last_worker
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
     SELECT $1, r.* FROM unnest($5::integer[], $6::text[], $7::text[], $8::text[], $9::boolean[],
@@ -681,7 +688,7 @@ WITH lease AS (
 ), notified AS (  -- the suspender keeps a precise local wake-up at expires_at; the others watch a long one
     SELECT pg_notify('geste_timer_expired',
                      json_build_object('instance_id', $1::text, 'timer_id', $11::integer,
-                                       'expires_at', $12::double precision, 'workflow_name', workflow_name,
+                                       'expires_at', $12::double precision, 'workflow_name', runner,
                                        'worker', last_worker, 'schema', {schema_name})::text)
     FROM suspended WHERE $13 AND $11::integer IS NOT NULL AND $12 > (SELECT lock_expires_at FROM lease)
 )
@@ -795,11 +802,12 @@ WITH closing AS MATERIALIZED (
     WHERE cardinality($14::text[]) > 0 AND c.instance_id = ANY($14::text[]) AND c.parent_id = $1
       AND c.status IN ('pending', 'running', 'waiting', 'compensating') AND NOT c.cancel_requested
       AND EXISTS (SELECT 1 FROM done)
-    RETURNING c.instance_id, c.workflow_name, c.lease_id, c.last_worker, c.locked_by
+    RETURNING c.instance_id, c.workflow_name, c.runner, c.lease_id, c.last_worker, c.locked_by
 ), closed_notified AS (
     SELECT pg_notify('geste_workflow_resumable',
                      CASE WHEN lease_id IS NULL
-                          THEN json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                          THEN json_build_object('instance_id', instance_id,
+                                                 'workflow_name', coalesce(runner, workflow_name),
                                                  'worker', last_worker, 'schema', {schema_name})
                           ELSE json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
                                                  'worker', locked_by, 'cancel', true, 'schema', {schema_name})
@@ -810,10 +818,12 @@ WITH closing AS MATERIALIZED (
     SET run_at = CASE WHEN p.lease_id IS NULL AND p.status = 'waiting' THEN LEAST(p.run_at, $6, {db_clock})
                       ELSE p.run_at END
     FROM done WHERE p.instance_id = done.parent_id
-    RETURNING p.instance_id, p.workflow_name, p.last_worker, p.lease_id IS NULL AND p.status = 'waiting' AS woken
+    RETURNING p.instance_id, p.workflow_name, p.runner, p.last_worker,
+              p.lease_id IS NULL AND p.status = 'waiting' AS woken
 ), parent_notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                     json_build_object('instance_id', instance_id,
+                                       'workflow_name', coalesce(runner, workflow_name),
                                        'worker', last_worker, 'schema', {schema_name})::text)
     FROM parent WHERE $13 AND woken
 ), awaited AS (
@@ -873,11 +883,12 @@ WITH input AS (
     WHERE cardinality($16::text[]) > 0 AND c.instance_id = ANY($16::text[]) AND c.parent_id = d.instance_id
       AND c.instance_id <> ALL($1::text[])
       AND c.status IN ('pending', 'running', 'waiting', 'compensating') AND NOT c.cancel_requested
-    RETURNING c.instance_id, c.workflow_name, c.lease_id, c.last_worker, c.locked_by
+    RETURNING c.instance_id, c.workflow_name, c.runner, c.lease_id, c.last_worker, c.locked_by
 ), closed_notified AS (
     SELECT pg_notify('geste_workflow_resumable',
                      CASE WHEN lease_id IS NULL
-                          THEN json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                          THEN json_build_object('instance_id', instance_id,
+                                                 'workflow_name', coalesce(runner, workflow_name),
                                                  'worker', last_worker, 'schema', {schema_name})
                           ELSE json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
                                                  'worker', locked_by, 'cancel', true, 'schema', {schema_name})
@@ -890,10 +901,12 @@ WITH input AS (
                       ELSE p.run_at END
     FROM done d WHERE p.instance_id = d.parent_id AND p.instance_id <> ALL($1::text[])
       AND p.instance_id NOT IN (SELECT instance_id FROM closed)  -- flagged there, which wakes it too
-    RETURNING p.instance_id, p.workflow_name, p.last_worker, p.lease_id IS NULL AND p.status = 'waiting' AS woken
+    RETURNING p.instance_id, p.workflow_name, p.runner, p.last_worker,
+              p.lease_id IS NULL AND p.status = 'waiting' AS woken
 ), parent_notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                     json_build_object('instance_id', instance_id,
+                                       'workflow_name', coalesce(runner, workflow_name),
                                        'worker', last_worker, 'schema', {schema_name})::text)
     FROM parent WHERE $15 AND woken
 ), awaited AS (
@@ -1040,7 +1053,7 @@ WITH event AS (
     WHERE i.instance_id = ANY(ARRAY(SELECT instance_id FROM locked)) AND i.instance_id = l.instance_id
       AND i.status IN ('waiting', 'running') AND i.lease_id IS NULL
       AND (l.handed OR i.run_at IS NULL OR i.run_at > LEAST($7, {db_clock}))
-    RETURNING i.instance_id, i.workflow_name, i.lease_id, i.last_worker, l.outcome_seq, l.handed
+    RETURNING i.instance_id, i.workflow_name, i.runner, i.lease_id, i.last_worker, l.outcome_seq, l.handed
 ), rows AS (
     INSERT INTO {schema}.geste_history (instance_id, seq, kind, name, payload, is_error, created_at)
     SELECT instance_id, outcome_seq, 'event', $2, $11, false, $7 FROM touched WHERE handed
@@ -1053,7 +1066,8 @@ WITH event AS (
     DELETE FROM {schema}.geste_timers tm USING touched t WHERE tm.instance_id = t.instance_id AND t.handed
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
-                     json_build_object('instance_id', instance_id, 'workflow_name', workflow_name,
+                     json_build_object('instance_id', instance_id,
+                                       'workflow_name', coalesce(runner, workflow_name),
                                        'worker', last_worker, 'schema', {schema_name})::text)
     FROM touched WHERE $12 AND lease_id IS NULL
 )
@@ -1580,12 +1594,12 @@ WITH target_ok AS (
     UPDATE {schema}.geste_instances SET run_at = LEAST($6, {db_clock}), updated_at = $6
     WHERE instance_id IN (SELECT instance_id FROM chosen) AND status = 'waiting'
       AND (run_at IS NULL OR run_at > LEAST($6, {db_clock}))
-    RETURNING instance_id, lease_id, workflow_name, last_worker
+    RETURNING instance_id, lease_id, coalesce(runner, workflow_name) AS runner, last_worker
 ), notified AS (
     SELECT pg_notify('geste_channel_message',
                      json_build_object('channel_name', $2::text, 'message_id', $1::text,
                                        'target_instance_id', $5::text, 'instance_id', instance_id,
-                                       'workflow_name', workflow_name, 'worker', last_worker,
+                                       'workflow_name', runner, 'worker', last_worker,
                                        'schema', {schema_name})::text)
     FROM woken WHERE $7 AND lease_id IS NULL
 )
@@ -2057,7 +2071,7 @@ WITH inserted AS (
             $17, $18, CASE WHEN $17::text IS NOT NULL THEN $4::double precision END, $19,
             CASE WHEN $17::text IS NOT NULL THEN $20::text END, $21, $22, $23)
     ON CONFLICT DO NOTHING
-    RETURNING instance_id
+    RETURNING instance_id, runner
 ), partition AS (
     INSERT INTO {schema}.geste_queue_partitions (queue, key)
     SELECT $17, $20 FROM inserted WHERE $17::text IS NOT NULL AND $20::text <> ''
@@ -2075,7 +2089,8 @@ WITH inserted AS (
 ), notified AS (
     SELECT pg_notify('geste_workflow_resumable',
                      CASE WHEN $17::text IS NULL
-                          THEN json_build_object('instance_id', $1::text, 'workflow_name', $2::text,
+                          THEN json_build_object('instance_id', $1::text,
+                                                 'workflow_name', coalesce(runner, $2::text),
                                                  'worker', NULL, 'schema', {schema_name})
                           ELSE json_build_object('queue', $17::text, 'instance_id', $1::text,
                                                  'schema', {schema_name})

@@ -157,7 +157,8 @@ SET locked_by = :worker_id,
     status = CASE WHEN status IN ('pending', 'waiting') THEN 'running' ELSE status END,
     updated_at = :now
 WHERE instance_id IN (SELECT value FROM json_each(:ids))
-RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run, deadline;
+RETURNING instance_id, lease_id, workflow_name, input, status, created_at, cancel_requested, run, deadline,
+          runner;
 
 -- name: claim_ids_pick
 -- The instances named (:ids, a JSON array) that claim_pick would take, by primary key (schema 13): what a
