@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 
 import geste
-from geste.runtime.routing import ROUTABLE_SLACK, Router, score
+from geste.runtime.routing import ROUTABLE_SLACK, RUNNER_SEPARATOR, Router, score
 from geste.runtime.wakeups import TIMER_EXPIRED, WORKFLOW_RESUMABLE, Listener, Wakeups
 from geste.storage.base import WorkerRow
 
@@ -167,6 +167,47 @@ def test_only_the_workers_of_a_workflow_are_chosen() -> None:
     assert {a.target(key, "v") for key in KEYS} == {"b", "old"}
     assert not any(a.mine(key, "v") for key in KEYS)  # a does not run v: never its
     assert {a.target(key, "nobody-runs-this") for key in KEYS} == {"old"}
+
+
+def test_a_pinned_instances_wake_up_goes_only_to_a_worker_of_its_version() -> None:
+    """Workers register their claim keys (schema 27): a pinned workflow's name and its runner, the name
+    with the worker's version. A payload of a pinned instance names its runner: every view sends it to a
+    worker of that version, by the hash among them or to its named worker; never to a worker of another
+    version, even one it names (its last worker, redeployed), nor to nobody while one of its version lives.
+    An unpinned instance's key is the name: hashed over all of them, as before."""
+    clock = Clock()
+    keys = {v: ("w", f"w{RUNNER_SEPARATOR}{v}") for v in ("v1", "v2")}
+    versions = {"a": "v1", "b": "v2", "c": "v2", "d": "v1"}
+    views = {}
+    for name, version in versions.items():
+        router = Router(
+            name,
+            workflows=lambda: ("w",),
+            claim_keys=lambda v=version: keys[v],  # type: ignore[misc]
+            relay=False,
+            lock_timeout=3.0,
+            clock=clock,
+        )
+        router.update([row(o, at=clock.now, workflows=keys[versions[o]]) for o in versions if o != name])
+        views[name] = router
+    for version in ("v1", "v2"):
+        runner = f"w{RUNNER_SEPARATOR}{version}"
+        of_version = {n for n, v in versions.items() if v == version}
+        found = {key: {n for n, r in views.items() if r.mine(key, runner)} for key in KEYS}
+        assert all(len(who) == 1 and who <= of_version for who in found.values()), found
+        assert set().union(*found.values()) == of_version  # spread over the workers of the version
+        other = next(n for n in versions if n not in of_version)
+        named = {key: {n for n, r in views.items() if r.mine(key, runner, other)} for key in KEYS[:50]}
+        assert all(len(who) == 1 and who <= of_version for who in named.values()), named
+        assert {views[other].target(key, runner, worker=other) for key in KEYS} == of_version
+    unpinned = {key: {n for n, r in views.items() if r.mine(key, "w")} for key in KEYS}
+    assert all(len(who) == 1 for who in unpinned.values())
+    assert set().union(*unpinned.values()) == set(versions)
+    # a version no live worker runs: nobody (its instances wait for such a worker, counted in status())
+    assert all(r.target(key, f"w{RUNNER_SEPARATOR}v3") is None for r in views.values() for key in KEYS[:20])
+    # a router given no claim keys (a client, or a worker serving queues only) claims no runner
+    bare = Router("e", workflows=lambda: ("w",), relay=False, lock_timeout=3.0, clock=clock)
+    assert not bare.claims(f"w{RUNNER_SEPARATOR}v1") and bare.claims("w") and not bare.claims(None)
 
 
 def test_a_timer_is_taken_over_only_when_its_keeper_is_gone_or_restarted() -> None:
@@ -998,3 +1039,12 @@ async def test_only_a_timer_that_outlives_the_lease_is_announced(own_database: s
             assert await long.result(timeout=20) == 6.0
     finally:
         await other.close()
+
+
+def test_the_runner_separator_is_the_versions_one() -> None:
+    """The router tells a runner from a name by the separator ``_versions`` puts between name and version
+    (the runtime cannot import it: layers)."""
+    from geste._versions import SEPARATOR, runner_key
+
+    assert RUNNER_SEPARATOR == SEPARATOR
+    assert runner_key("w", "v1", True) == f"w{RUNNER_SEPARATOR}v1"

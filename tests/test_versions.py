@@ -9,6 +9,7 @@ import asyncio
 import re
 import signal
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -439,3 +440,110 @@ async def test_a_pinned_instances_wake_ups_are_routed_to_a_worker_of_its_version
         trunk_id: (f"trunk{SEPARATOR}v1", "worker-v1"),
         leaf_id: (f"leaf{SEPARATOR}v1", "worker-v1"),
     }
+
+
+async def test_every_wake_up_notification_of_a_pinned_instance_names_its_runner(pg_url: str) -> None:
+    """What the listeners route by is the payload's ``workflow_name``: for a pinned instance it must be
+    its runner (``coalesce(runner, workflow_name)``) in every statement that makes it runnable: a
+    client's start, an event, a timer announced, a child's start and its end waking the parent, a
+    channel message, a retry, a resume, a cancel. An unpinned instance's names its workflow, as before."""
+    import asyncpg
+
+    from geste.storage.postgres import parse_postgres_url
+
+    dsn, options = parse_postgres_url(pg_url)
+    heard: list[tuple[str, dict[str, Any]]] = []
+    conn = await asyncpg.connect(dsn)
+
+    def hear(_conn: Any, _pid: int, channel: str, payload: str) -> None:
+        body = json_loads(payload)
+        if body.get("schema") == options["schema"]:
+            heard.append((channel, body))
+
+    channels = ("geste_workflow_resumable", "geste_timer_expired", "geste_channel_message")
+    for channel in channels:
+        await conn.add_listener(channel, hear)
+    app = geste.App(pg_url, version="v1", lock_timeout=2.0)  # a 3 s sleep outlives its lease: announced
+    client = geste.App(pg_url, version="v1", run_worker=False)
+    for each in (app, client):
+
+        @each.workflow(versioning="pinned")
+        async def kid(ctx: geste.WorkflowContext) -> str:
+            return "kid"
+
+        @each.workflow(versioning="pinned")
+        async def flow(ctx: geste.WorkflowContext) -> str:
+            await ctx.wait_event("go")
+            await ctx.sleep(3.0)
+            child = await ctx.start_child("kid", child_id=f"{ctx.instance_id}-kid")
+            await child.result()
+            return str((await ctx.receive("pings")).data)
+
+        @each.workflow(versioning="pinned")
+        async def fragile(ctx: geste.WorkflowContext) -> None:
+            await ctx.wait_event("go")
+            raise RuntimeError("again")
+
+        @each.workflow(versioning="pinned")
+        async def waiter(ctx: geste.WorkflowContext) -> None:
+            await ctx.wait_event("never")
+
+        @each.workflow
+        async def plain(ctx: geste.WorkflowContext) -> None:
+            await ctx.wait_event("go")
+
+    async def settled(instance_id: str, status: str) -> bool:
+        rows = await raw_query(
+            pg_url,
+            "SELECT status, run_at, locked_by FROM geste_instances WHERE instance_id = $1",
+            instance_id,
+        )
+        return bool(
+            rows[0]["status"] == status and rows[0]["run_at"] is None and rows[0]["locked_by"] is None
+        )
+
+    try:
+        async with app, client:
+            await wait_until(lambda: app.listener_status().state == "listening", "the listener")
+            for name in ("flow", "fragile", "waiter", "plain"):
+                await client.workflows[name].start_with_id(name)
+                await wait_status(client, name, geste.Status.WAITING)
+            for name in ("flow", "fragile", "plain"):
+                await client.send_event("go", None, instance_id=name)
+            await wait_status(client, "fragile", geste.Status.FAILED)
+            await client.retry("fragile")  # runs again from its failed step, and fails again
+            await wait_until(lambda: settled("fragile", "failed"), "fragile to fail again")
+            await client.resume("waiter")  # runnable now: it runs, and waits again
+            await wait_until(lambda: settled("waiter", "waiting"), "the waiter to wait again")
+            await client.cancel("waiter")  # nobody holds it: woken, routed
+            await wait_status(client, "waiter", geste.Status.CANCELLED)
+
+            async def receiving() -> bool:
+                rows = await raw_query(
+                    pg_url, "SELECT run_at, steps FROM geste_instances WHERE instance_id = 'flow'"
+                )
+                return bool(rows[0]["run_at"] is None and rows[0]["steps"] >= 5)
+
+            await wait_until(receiving, "flow to wait for its message")
+            await client.publish("pings", "pong")
+            assert await client.get_handle("flow").result(timeout=20) == "pong"
+            await wait_status(client, "plain", geste.Status.COMPLETED)
+    finally:
+        await conn.close()
+    rows = await raw_query(pg_url, "SELECT instance_id, workflow_name, runner FROM geste_instances")
+    key = {r["instance_id"]: r["runner"] or r["workflow_name"] for r in rows}
+    assert key["flow"] == f"flow{SEPARATOR}v1" and key["plain"] == "plain"
+    routed = [
+        (channel, body["instance_id"], body["workflow_name"])
+        for channel, body in heard
+        if "workflow_name" in body and not {"finished", "cancel", "queue", "state"} & body.keys()
+    ]
+    assert [r for r in routed if r[2] != key[r[1]]] == []  # each named by its key
+    kinds = Counter((channel.removeprefix("geste_"), iid) for channel, iid, _ in routed)
+    assert kinds["workflow_resumable", "flow"] >= 3  # its start, the event, the child's end
+    assert kinds["timer_expired", "flow"] >= 1  # the 3 s sleep, announced (it outlives the lease)
+    assert kinds["channel_message", "flow"] == 1
+    assert kinds["workflow_resumable", "flow-kid"] == 1  # started by its parent
+    assert kinds["workflow_resumable", "fragile"] >= 3  # start, event, retry
+    assert kinds["workflow_resumable", "waiter"] >= 3  # start, resume, cancel
+    assert kinds["workflow_resumable", "plain"] >= 2  # unpinned: its name
