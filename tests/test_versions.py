@@ -430,8 +430,9 @@ async def test_a_pinned_instances_wake_ups_are_routed_to_a_worker_of_its_version
         assert await handle.result(timeout=20) == ["v1", "v1"]
 
     assert by_id["worker-v2"] == []  # never routed to the worker of the other version
-    assert by_id["worker-v1"].count(trunk_id) == 2  # its start, then the child's end
-    assert by_id["worker-v1"].count(leaf_id) == 1  # its start
+    # its start (then the child's end, unless the child ended before the parent suspended to await it:
+    # the suspension then goes on at once), and the child's start
+    assert by_id["worker-v1"].count(trunk_id) in (1, 2) and by_id["worker-v1"].count(leaf_id) == 1
     assert trunk_id not in by_poll and leaf_id not in by_poll
     rows = await raw_query(
         own_database, "SELECT instance_id, runner, last_worker FROM geste_instances ORDER BY instance_id"
