@@ -470,6 +470,7 @@ async def test_every_wake_up_notification_of_a_pinned_instance_names_its_runner(
 
         @each.workflow(versioning="pinned")
         async def kid(ctx: geste.WorkflowContext) -> str:
+            await ctx.wait_event("go")  # so that its parent waits for its end: woken by it
             return "kid"
 
         @each.workflow(versioning="pinned")
@@ -500,7 +501,10 @@ async def test_every_wake_up_notification_of_a_pinned_instance_names_its_runner(
             instance_id,
         )
         return bool(
-            rows[0]["status"] == status and rows[0]["run_at"] is None and rows[0]["locked_by"] is None
+            rows
+            and rows[0]["status"] == status
+            and rows[0]["run_at"] is None
+            and rows[0]["locked_by"] is None
         )
 
     try:
@@ -518,6 +522,10 @@ async def test_every_wake_up_notification_of_a_pinned_instance_names_its_runner(
             await wait_until(lambda: settled("waiter", "waiting"), "the waiter to wait again")
             await client.cancel("waiter")  # nobody holds it: woken, routed
             await wait_status(client, "waiter", geste.Status.CANCELLED)
+
+            await wait_until(lambda: settled("flow-kid", "waiting"), "the child to wait")
+            await wait_until(lambda: settled("flow", "waiting"), "the parent to await the child")
+            await client.send_event("go", None, instance_id="flow-kid")  # its end wakes the parent
 
             async def receiving() -> bool:
                 rows = await raw_query(
@@ -544,7 +552,7 @@ async def test_every_wake_up_notification_of_a_pinned_instance_names_its_runner(
     assert kinds["workflow_resumable", "flow"] >= 3  # its start, the event, the child's end
     assert kinds["timer_expired", "flow"] >= 1  # the 3 s sleep, announced (it outlives the lease)
     assert kinds["channel_message", "flow"] == 1
-    assert kinds["workflow_resumable", "flow-kid"] == 1  # started by its parent
+    assert kinds["workflow_resumable", "flow-kid"] == 2  # started by its parent, its event
     assert kinds["workflow_resumable", "fragile"] >= 3  # start, event, retry
     assert kinds["workflow_resumable", "waiter"] >= 3  # start, resume, cancel
     assert kinds["workflow_resumable", "plain"] >= 2  # unpinned: its name
