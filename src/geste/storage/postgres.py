@@ -2205,6 +2205,7 @@ class UserTransaction(base.TransactionWrites):
     def __init__(self, storage: PostgresStorage, connection: Conn) -> None:
         self._storage = storage
         self._conn = connection
+        self._q = storage._q  # the storage's named queries (its schema filled in)
 
     async def create_instance(self, new: base.NewInstance) -> tuple[base.InstanceRow, bool]:
         storage, conn = self._storage, self._conn
@@ -2214,7 +2215,7 @@ class UserTransaction(base.TransactionWrites):
         return await _in_user_transaction(storage._insert_instance(conn, new=new, starts=starts))
 
     async def get_instance(self, instance_id: str) -> base.InstanceRow | None:
-        row = await _in_user_transaction(self._conn.fetchrow(self._storage._q["get_instance"], instance_id))
+        row = await _in_user_transaction(self._conn.fetchrow(self._q["get_instance"], instance_id))
         return None if row is None else rows.instance_row(row)
 
     async def send_event(self, event: base.NewEvent) -> tuple[bool, list[str]]:
@@ -2229,7 +2230,7 @@ class UserTransaction(base.TransactionWrites):
         """An event or a message finds its receivers with the statement after its lock, which must see
         every wait committed before the lock was granted: a snapshot taken at the transaction's start
         (repeatable read, serializable) would miss a wait registered meanwhile, a wake-up lost."""
-        level = await _in_user_transaction(self._conn.fetchval(self._storage._q["transaction_isolation"]))
+        level = await _in_user_transaction(self._conn.fetchval(self._q["transaction_isolation"]))
         if level != "read committed":
             raise TransactionUnusableError(
                 f"{what} is written only in a read committed transaction, not {level}: a snapshot older "
