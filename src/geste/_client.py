@@ -293,24 +293,17 @@ class Client:
             workflow.versioning is Versioning.PINNED,
             None if span is None else _tracing.dump(span),
         )
-        if writes is not None:  # no local run at once, no poke: nothing is there before the commit
-            try:
-                row, created = await writes.create_instance(new)
-            except BaseException as exc:
-                if span is not None:
-                    _tracing.end(span, exc if isinstance(exc, Exception) else None)
-                raise
-            if span is not None:
-                span.set_attribute("geste.created", created)
-                _tracing.end(span)
-            return self._started(workflow, iid, row, created, queue, dedup_id, on_duplicate)
-        worker = self._worker()
+        # In the caller's transaction: no local run at once, no poke (nothing is there before the commit).
+        worker = self._worker() if writes is None else None
         reserved = worker.reserve() if worker is not None and queue is None else None
         lease = None if reserved is None else Lease(iid, reserved.lease_id)
         try:
-            row, created = await self.storage.create_instance(
-                new, lease=lease, worker_id=self.worker_id, lock_expires_at=now + self.lock_timeout
-            )
+            if writes is not None:
+                row, created = await writes.create_instance(new)
+            else:
+                row, created = await self.storage.create_instance(
+                    new, lease=lease, worker_id=self.worker_id, lock_expires_at=now + self.lock_timeout
+                )
         except BaseException as exc:
             if span is not None:
                 _tracing.end(span, exc if isinstance(exc, Exception) else None)
@@ -321,6 +314,8 @@ class Client:
         if span is not None:
             span.set_attribute("geste.created", created)
             _tracing.end(span)
+        if writes is not None:
+            return self._started(workflow, iid, row, created, queue, dedup_id, on_duplicate)
         if created:
             self.metrics.workflows_started.values[workflow.name] += 1
         worker = self._worker()
