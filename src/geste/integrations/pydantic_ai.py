@@ -166,10 +166,9 @@ class GesteDurability(BaseDurabilityCapability[AgentDepsT]):
         return CURRENT_ACTIVITY.get() is not None or bool(super().in_durable_unit)
 
     def get_default_run_id(self) -> str | None:
-        ctx = CURRENT_WORKFLOW.get()
-        if ctx is None or CURRENT_ACTIVITY.get() is not None:
+        if not self.in_durable_context:
             return None
-        return str(ctx.uuid4())  # recorded: the same id on every replay
+        return str(workflow_context().uuid4())  # recorded: the same id on every replay
 
     def get_default_conversation_id(self, run_id: str) -> str | None:
         return conversation_id_from_run_id(run_id) if self.in_durable_context else None
