@@ -284,11 +284,13 @@ SEED_PARTITIONS = 200
 SEED_PER_PARTITION = 50
 
 
-async def seed(db_url: str) -> None:
+async def seed(db_url: str, *, keyed: bool = True, statistics: str = "after") -> None:
     """A queue whose line holds 200 partitions of 50 queued instances each (10,000 rows), written
-    straight to the table."""
+    straight to the table; without ``keyed``, all in the key-less partition. ``statistics``: the
+    table's statistics taken ``"after"`` the rows are in, or ``"before"`` (PostgreSQL: while it was
+    empty, as right after a burst of starts, before autovacuum analyses it)."""
     rows = [
-        (f"i-{p}-{n}", "w", "pending", "{}", 1.0, 1.0, "seeded", f"k{p:03}", 0, float(n))
+        (f"i-{p}-{n}", "w", "pending", "{}", 1.0, 1.0, "seeded", f"k{p:03}" if keyed else "", 0, float(n))
         for p in range(SEED_PARTITIONS)
         for n in range(SEED_PER_PARTITION)
     ]
@@ -308,10 +310,13 @@ async def seed(db_url: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(f'SET search_path = "{options["schema"]}"')
+        if statistics == "before":
+            await conn.execute("ANALYZE geste_instances")
         await conn.copy_records_to_table(
             "geste_instances", records=rows, columns=[c.strip() for c in columns.split(",")]
         )
-        await conn.execute("ANALYZE geste_instances")
+        if statistics == "after":
+            await conn.execute("ANALYZE geste_instances")
     finally:
         await conn.close()
 
@@ -390,34 +395,6 @@ async def test_the_partition_claim_reads_the_partition_index(make_app: Any, db_u
         await storage.close()
 
 
-async def seed_after_empty_statistics(db_url: str, partitioned: bool) -> None:
-    """The seeded line (10,000 queued), with the table's statistics taken while it was empty: the state
-    right after a burst of starts, before autovacuum analyses it. A queue row of that kind."""
-    import asyncpg
-
-    from geste.storage.postgres import parse_postgres_url
-
-    rows = [
-        (f"i-{p}-{n}", "w", "pending", "{}", 1.0, 1.0, "seeded", f"k{p:03}" if partitioned else "", 0, n)
-        for p in range(SEED_PARTITIONS)
-        for n in range(SEED_PER_PARTITION)
-    ]
-    columns = ["instance_id", "workflow_name", "status", "input", "created_at", "updated_at", "queue"]
-    columns += ["partition_key", "priority", "queued_at"]
-    limits = "partition_concurrency" if partitioned else "concurrency"
-    dsn, options = parse_postgres_url(db_url)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'SET search_path = "{options["schema"]}"')
-        await conn.execute("ANALYZE geste_instances")
-        await conn.copy_records_to_table("geste_instances", records=rows, columns=columns)
-        await conn.execute(
-            f"INSERT INTO geste_queues (name, {limits}, updated_at) VALUES ('seeded', 1000, 0)"
-        )
-    finally:
-        await conn.close()
-
-
 async def nested_plans(db_url: str, query: str, *args: Any) -> list[dict[str, Any]]:
     """Run ``query`` and return the plans (EXPLAIN ANALYZE, JSON) of every statement it ran, those of
     the plpgsql functions it called included (auto_explain, loaded in this session only)."""
@@ -473,7 +450,10 @@ async def test_the_claim_admits_its_picks_by_key_whatever_the_statistics(
                 assert not any("geste_instances_by_status" in step for step in plan), (name, plan)
         conn.close()
         return
-    await seed_after_empty_statistics(db_url, partitioned)
+    await seed(db_url, keyed=partitioned, statistics="before")
+    limits = "partition_concurrency" if partitioned else "concurrency"
+    row = f"INSERT INTO geste_queues (name, {limits}, updated_at) VALUES ('seeded', 1000, 0)"
+    await raw_query(db_url, row)
     plans = await nested_plans(
         db_url, "SELECT * FROM geste_queue_claim('seeded', 50, 'w', 'p/', 1e9, 1e9 + 60)"
     )

@@ -21,6 +21,7 @@ import pytest
 from geste import Status
 from geste.storage import Storage, create_storage
 from geste.storage.base import (
+    Claim,
     Commit,
     EventWait,
     HistoryRow,
@@ -64,6 +65,14 @@ async def new(storage: Storage, instance_id: str, now: float) -> None:
     await storage.create_instance(
         NewInstance(instance_id, "wf", INPUT, now), lease=None, worker_id=None, lock_expires_at=None
     )
+
+
+async def claimed(storage: Storage) -> tuple[float, Claim]:
+    """Now, and instance ``a`` created then claimed by worker ``A`` until now + 10."""
+    t = time.time()
+    await new(storage, "a", t)
+    (claim,) = await storage.claim("A", t, t + 10, 10, workflows=WORKFLOWS)
+    return t, claim
 
 
 async def test_an_instance_is_created_once_per_id(storage: Storage) -> None:
@@ -120,9 +129,7 @@ async def test_a_claim_takes_only_its_workflows_and_at_most_its_limit(storage: S
 async def test_a_commit_appends_its_rows_in_order_and_a_claim_returns_them(
     storage: Storage, other: Storage
 ) -> None:
-    t = time.time()
-    await new(storage, "a", t)
-    (claim,) = await storage.claim("A", t, t + 10, 10, workflows=WORKFLOWS)
+    t, claim = await claimed(storage)
     await storage.record(Commit(claim.lease, [step(1, t, "one", 1), step(2, t, "two", 2)], t, t + 10))
     await storage.record(Commit(claim.lease, [step(3, t, "three", 3)], t, t + 10))
     history = await storage.get_history("a")
@@ -142,9 +149,7 @@ async def test_a_commit_appends_its_rows_in_order_and_a_claim_returns_them(
 
 
 async def test_a_suspension_is_invisible_to_claims_until_it_is_due(storage: Storage) -> None:
-    t = time.time()
-    await new(storage, "a", t)
-    (claim,) = await storage.claim("A", t, t + 10, 10, workflows=WORKFLOWS)
+    t, claim = await claimed(storage)
     outcome = await storage.suspend(
         Commit(claim.lease, [step(1, t, "before")], t), run_at=t + 100, timer=(2, t + 100)
     )
@@ -160,9 +165,7 @@ async def test_a_suspension_is_invisible_to_claims_until_it_is_due(storage: Stor
 async def test_an_event_wakes_its_waiter_once_and_lands_in_its_history(
     storage: Storage, other: Storage
 ) -> None:
-    t = time.time()
-    await new(storage, "a", t)
-    (claim,) = await storage.claim("A", t, t + 10, 10, workflows=WORKFLOWS)
+    t, claim = await claimed(storage)
     waited = await storage.take_event_or_suspend(
         Commit(claim.lease, [], t + 1), EventWait("paid", {"order": "o-1"}, None, 1)
     )
@@ -204,9 +207,7 @@ async def test_an_event_sent_before_the_wait_is_taken_without_sleeping(
 
 
 async def test_an_end_is_final_and_leaves_nothing_to_claim(storage: Storage, other: Storage) -> None:
-    t = time.time()
-    await new(storage, "a", t)
-    (claim,) = await storage.claim("A", t, t + 10, 10, workflows=WORKFLOWS)
+    t, claim = await claimed(storage)
     await storage.finish(Commit(claim.lease, [step(1, t)], t + 1), status=Status.COMPLETED, result='"done"')
     info = await other.get_instance("a")
     assert info is not None and info.status == Status.COMPLETED and info.result == '"done"'
